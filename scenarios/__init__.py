@@ -1,0 +1,1 @@
+"""What users run: the embedded lab, the transfer scenario and its strategies, the CLI."""

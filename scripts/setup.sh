@@ -1,0 +1,40 @@
+#!/usr/bin/env bash
+# Installs what twopc needs and is missing: Debian packages (PostgreSQL, ActiveMQ,
+# a Java runtime) and a virtual environment (.venv) with the project in it.
+# Idempotent: a second run installs nothing and takes a second.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+need_packages=()
+ls /usr/lib/postgresql/*/bin/postgres >/dev/null 2>&1 || command -v postgres >/dev/null \
+  || need_packages+=(postgresql)
+[ -e /usr/share/activemq/bin/activemq.jar ] || need_packages+=(activemq)
+command -v java >/dev/null || need_packages+=(default-jre-headless)
+
+if [ ${#need_packages[@]} -gt 0 ]; then
+  if [ "$(id -u)" -eq 0 ]; then
+    echo "setup: installing Debian packages: ${need_packages[*]}"
+    export DEBIAN_FRONTEND=noninteractive
+    apt-get update -qq
+    # The packages' own services are not wanted: the lab runs private instances.
+    apt-get install -y -q --no-install-recommends "${need_packages[@]}" >/dev/null
+  else
+    echo "setup: missing Debian packages: ${need_packages[*]}" >&2
+    echo "setup: install them with: sudo apt-get install -y ${need_packages[*]}" >&2
+    exit 1
+  fi
+fi
+
+python=${PYTHON:-python3}
+if ! "$python" -c 'import sys; sys.exit(sys.version_info < (3, 11))'; then
+  echo "setup: twopc needs Python 3.11 or newer; $("$python" --version) found (set PYTHON=...)" >&2
+  exit 1
+fi
+[ -x .venv/bin/python ] || "$python" -m venv .venv
+stamp=.venv/.twopc-installed
+want=$(sha256sum pyproject.toml | cut -d' ' -f1)
+if [ "$(cat "$stamp" 2>/dev/null)" != "$want" ]; then
+  echo "setup: installing twopc and its dependencies into .venv"
+  .venv/bin/python -m pip install -q --disable-pip-version-check -e '.[dev]'
+  echo "$want" > "$stamp"
+fi

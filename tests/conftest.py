@@ -1,0 +1,85 @@
+"""Shared fixtures: the real lab (two PostgreSQL clusters and ActiveMQ) for the whole session.
+
+The lab is brought up once in a temporary TWOPC_HOME on free ports and taken
+down at the end. Set TWOPC_TEST_HOME to reuse a lab you keep running between
+test runs (it is then left up).
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import socket
+import tempfile
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import pytest
+
+from scenarios.config import Settings
+from scenarios.lab import BROKER, OPENWIRE_SETTING, PG_A, PG_B, Lab
+
+
+def free_port() -> int:
+    """A port nothing listens on right now."""
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+@dataclass
+class BrokerControl:
+    """Kill and restart the lab's broker (fault injection)."""
+
+    lab: Lab
+
+    def kill(self) -> None:
+        self.lab.kill("activemq")
+
+    def start(self) -> None:
+        self.lab.start_service("activemq")
+
+
+@pytest.fixture(scope="session")
+def lab() -> Iterator[Lab]:
+    """The running lab; its settings are exported to os.environ for child processes."""
+    reuse = os.environ.get("TWOPC_TEST_HOME")
+    if reuse:
+        home = Path(reuse)
+    else:
+        # /tmp itself, not pytest's tmp_path: PostgreSQL runs as an unprivileged user
+        # when the tests run as root, and must be able to reach its data directory.
+        home = Path(tempfile.mkdtemp(prefix="twopc-test-", dir="/tmp"))
+        home.chmod(0o755)
+        for service in (PG_A, PG_B, BROKER):
+            os.environ[service.port_setting] = str(free_port())
+        os.environ[OPENWIRE_SETTING] = str(free_port())
+    os.environ["TWOPC_HOME"] = str(home)
+    the_lab = Lab(home)
+    the_lab.up()
+    os.environ.update(the_lab.settings_env())
+    yield the_lab
+    if not reuse:
+        the_lab.down()
+        shutil.rmtree(home, ignore_errors=True)
+
+
+@pytest.fixture(scope="session")
+def settings(lab: Lab) -> Settings:
+    """Connection settings pointing at the lab."""
+    return Settings.load()
+
+
+@pytest.fixture(scope="session")
+def stomp_addr(settings: Settings) -> str:
+    """host:port of the lab broker's STOMP connector."""
+    return settings.stomp
+
+
+@pytest.fixture
+def broker_control(lab: Lab) -> Iterator[BrokerControl]:
+    """Kill/start the broker; it is running again when the test ends."""
+    control = BrokerControl(lab)
+    yield control
+    lab.start_service("activemq")

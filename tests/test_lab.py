@@ -1,0 +1,134 @@
+"""The embedded lab: idempotent up, restart after kill -9, port clashes, env exports, down."""
+
+from __future__ import annotations
+
+import json
+import os
+import socket
+import subprocess
+import sys
+import tempfile
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from scenarios.lab import Lab, LabError, pg_answers, processes_of, stomp_connect_ok
+from tests.conftest import free_port
+
+pytestmark = pytest.mark.lab
+
+TWOPC = [sys.executable, "-m", "scenarios.cli"]
+
+
+def pids(lab: Lab) -> dict[str, int | None]:
+    return {s.name: s.pid for s in lab.status()}
+
+
+def test_up_is_idempotent(lab: Lab) -> None:
+    """A second 'up' starts nothing new: the same pids, all three services up."""
+    before = pids(lab)
+    statuses = lab.up()
+    assert {s.name: s.pid for s in statuses} == before
+    assert [s.state for s in statuses] == ["up", "up", "up"]
+
+
+@pytest.mark.parametrize("service", ["pg-a", "activemq"])
+def test_up_restarts_a_killed_service(lab: Lab, service: str) -> None:
+    """After kill -9 of a service, 'up' starts it again on the same port, and it answers."""
+    old_pid = lab.kill(service)
+    status = {s.name: s for s in lab.up()}
+    assert status[service].pid not in (None, old_pid)
+    assert status[service].state == "up"
+    if service == "activemq":
+        assert stomp_connect_ok("127.0.0.1", lab.ports.stomp)
+    else:
+        assert pg_answers(lab.ports.pg_a)
+
+
+def test_status_json_lists_three_services_up(lab: Lab) -> None:
+    """'twopc lab status --json' reports each service with its port, pid and state."""
+    out = subprocess.run(
+        [*TWOPC, "lab", "status", "--json"], capture_output=True, text=True, check=True
+    ).stdout
+    services = json.loads(out)
+    assert [s["name"] for s in services] == ["pg-a", "pg-b", "activemq"]
+    assert all(s["state"] == "up" and isinstance(s["pid"], int) for s in services)
+    assert services[0]["port"] == lab.ports.pg_a
+
+
+def test_env_output_is_usable_by_eval(lab: Lab) -> None:
+    """eval "$(twopc lab env)" exports connection settings that reach the lab."""
+    script = (
+        f'eval "$({" ".join(TWOPC)} lab env)" && '
+        f'{sys.executable} -c "import os, psycopg; '
+        "c = psycopg.connect(os.environ['TWOPC_PG_B']); "
+        "print(c.execute('show max_prepared_transactions').fetchone()[0], "
+        "os.environ['TWOPC_STOMP'])\""
+    )
+    env = {k: v for k, v in os.environ.items() if not k.startswith("TWOPC_PG")}
+    out = subprocess.run(
+        ["bash", "-c", script], capture_output=True, text=True, check=True, env=env
+    ).stdout.split()
+    assert int(out[0]) >= 100
+    assert out[1] == f"127.0.0.1:{lab.ports.stomp}"
+
+
+@pytest.fixture
+def spare_home() -> Iterator[Path]:
+    home = Path(tempfile.mkdtemp(prefix="twopc-spare-", dir="/tmp"))
+    home.chmod(0o755)
+    yield home
+    Lab(home).down()
+
+
+def spare_env(home: Path, **ports: int) -> dict[str, str]:
+    env = dict(os.environ, TWOPC_HOME=str(home))
+    names = {
+        "pg_a": "TWOPC_LAB_PG_A_PORT",
+        "pg_b": "TWOPC_LAB_PG_B_PORT",
+        "stomp": "TWOPC_LAB_STOMP_PORT",
+        "openwire": "TWOPC_LAB_OPENWIRE_PORT",
+    }
+    for key, name in names.items():
+        env[name] = str(ports.get(key) or free_port())
+    return env
+
+
+def test_port_clash_is_a_clear_error_and_starts_nothing(spare_home: Path) -> None:
+    """A taken port fails 'up' with the port and the setting to change; nothing is left running."""
+    with socket.socket() as squatter:
+        squatter.bind(("127.0.0.1", 0))
+        squatter.listen()
+        taken = squatter.getsockname()[1]
+        lab = Lab(spare_home, spare_env(spare_home, stomp=taken))
+        with pytest.raises(LabError) as info:
+            lab.up()
+    message = str(info.value)
+    assert f"port {taken}" in message
+    assert "TWOPC_LAB_STOMP_PORT" in message
+    assert list(processes_of(spare_home)) == []
+
+
+def test_missing_activemq_names_the_install_command(spare_home: Path) -> None:
+    """Without ActiveMQ's jar, 'up' says which package to install and starts nothing."""
+    env = spare_env(spare_home)
+    env["TWOPC_ACTIVEMQ_JAR"] = "/nonexistent/activemq.jar"
+    result = subprocess.run(
+        [*TWOPC, "lab", "up"], capture_output=True, text=True, env=env, check=False
+    )
+    assert result.returncode == 2
+    assert "apt-get install -y activemq" in result.stderr
+    assert list(processes_of(spare_home)) == []
+
+
+@pytest.mark.slow
+def test_down_leaves_no_process_behind(spare_home: Path) -> None:
+    """'up' then 'down' on a fresh state folder: three services ran, none is left."""
+    lab = Lab(spare_home, spare_env(spare_home))
+    assert [s.state for s in lab.up()] == ["up", "up", "up"]
+    running = list(processes_of(spare_home))
+    assert len(running) >= 3
+    assert sorted(lab.down()) == ["activemq", "pg-a", "pg-b"]
+    assert list(processes_of(spare_home)) == []
+    assert [s.state for s in lab.status()] == ["down", "down", "down"]
