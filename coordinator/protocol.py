@@ -5,8 +5,8 @@ Two kinds of participant take part in a global transaction:
 * **XA resources** (PostgreSQL): each transaction gets one :class:`XABranch`
   from :meth:`XAResource.begin`. Call order on a branch::
 
-      begin -> (work) -> prepare -> commit_prepared | rollback
-      begin -> (work) -> commit_one_phase | rollback        # one-phase path
+      begin -> (work) -> [read_only] -> prepare -> commit_prepared | rollback
+      begin -> (work) -> [read_only] -> commit_one_phase | rollback   # one-phase path
 
   ``prepare`` returns YES or READ_ONLY and raises :class:`PrepareFailed` for a
   NO vote (the branch is then already rolled back). ``commit_prepared`` may
@@ -53,6 +53,10 @@ class XABranch(Protocol):
     @property
     def xid(self) -> Xid:
         """The branch's Xid."""
+        ...
+
+    def read_only(self) -> bool:
+        """True when the branch wrote nothing (it may then commit one-phase, early)."""
         ...
 
     def prepare(self) -> Vote:
