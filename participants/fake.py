@@ -1,0 +1,280 @@
+"""In-memory participants that can fail or crash at any step: for the state machine's tests.
+
+A :class:`FakeStore` is the "durable" side of a fake database or broker: it
+outlives a simulated coordinator crash, as a real server would. Faults are
+armed per step with :meth:`FakeResource.fail` / :meth:`FakeBroker.fail`:
+
+* ``"error"``  the call raises ParticipantError (ParticipantUnavailable)
+* ``"no"``     prepare votes NO (PrepareFailed)
+* ``"crash"``  the call raises CrashInjected before doing anything
+* ``"crash-after"``  the call takes effect, then CrashInjected
+* broker commit only: ``"refuse"`` (ERROR: CommitRefused, nothing committed),
+  ``"lost-committed"`` (committed, but OutcomeUnknown), ``"lost-not-committed"``
+"""
+
+from __future__ import annotations
+
+import threading
+from collections.abc import Collection, Mapping
+from dataclasses import dataclass, field
+
+from coordinator import failpoints
+from coordinator.errors import (
+    CommitRefused,
+    CrashInjected,
+    OutcomeUnknown,
+    ParticipantError,
+    ParticipantUnavailable,
+    PrepareFailed,
+)
+from coordinator.states import Vote
+from coordinator.xid import Xid
+
+
+@dataclass
+class FakeStore:
+    """What a fake server keeps across coordinator crashes."""
+
+    committed: dict[str, list[str]] = field(default_factory=dict)  # gtrid -> ops
+    prepared: dict[Xid, list[str]] = field(default_factory=dict)
+    rolled_back: set[str] = field(default_factory=set)
+    markers: set[str] = field(default_factory=set)
+    messages: list[tuple[str, str, dict[str, str]]] = field(default_factory=list)  # broker
+    live_holder: bool = False  # broker: a paused coordinator still holds its client-ids
+    lock: threading.Lock = field(default_factory=threading.Lock)
+
+
+class _Faults:
+    def __init__(self) -> None:
+        self._armed: dict[str, list[str]] = {}
+
+    def arm(self, step: str, action: str, times: int = 1) -> None:
+        self._armed.setdefault(step, []).extend([action] * times)
+
+    def take(self, step: str) -> str | None:
+        queue = self._armed.get(step)
+        return queue.pop(0) if queue else None
+
+
+def _raise_for(action: str | None, step: str, name: str, gtrid: str) -> None:
+    if action == "crash":
+        raise CrashInjected(f"fake {name}: crash at {step}")
+    if action == "error":
+        raise ParticipantUnavailable(f"fake failure at {step}", participant=name, gtrid=gtrid)
+
+
+class FakeResource:
+    """A fake database that can prepare (an XAResource)."""
+
+    def __init__(self, name: str, store: FakeStore | None = None) -> None:
+        self._name = name
+        self.store = store or FakeStore()
+        self.faults = _Faults()
+
+    @property
+    def name(self) -> str:
+        return self._name
+
+    def fail(self, step: str, action: str, times: int = 1) -> None:
+        """Arm a fault at ``step`` (begin, prepare, commit_prepared, rollback, ...)."""
+        self.faults.arm(step, action, times)
+
+    def begin(self, xid: Xid) -> FakeBranch:
+        _raise_for(self.faults.take("begin"), "begin", self._name, xid.gtrid)
+        return FakeBranch(self, xid)
+
+    def recover(self, format_id: int, gtrid_prefix: str) -> list[Xid]:
+        _raise_for(self.faults.take("recover"), "recover", self._name, "")
+        with self.store.lock:
+            return [
+                x
+                for x in self.store.prepared
+                if x.format_id == format_id and x.gtrid.startswith(gtrid_prefix)
+            ]
+
+    def _finish(self, xid: Xid, commit: bool, step: str) -> bool:
+        action = self.faults.take(step)
+        _raise_for(action, step, self._name, xid.gtrid)
+        with self.store.lock:
+            ops = self.store.prepared.pop(xid, None)
+            if ops is not None:
+                if commit:
+                    self.store.committed[xid.gtrid] = ops
+                else:
+                    self.store.rolled_back.add(xid.gtrid)
+        if action == "crash-after":
+            raise CrashInjected(f"fake {self._name}: crash after {step}")
+        return ops is not None
+
+    def commit_recovered(self, xid: Xid) -> bool:
+        return self._finish(xid, True, "commit_recovered")
+
+    def rollback_recovered(self, xid: Xid) -> bool:
+        return self._finish(xid, False, "rollback_recovered")
+
+    def close(self) -> None:
+        pass
+
+
+class FakeBranch:
+    """One branch of a fake database: records operations, prepares into the store."""
+
+    def __init__(self, resource: FakeResource, xid: Xid) -> None:
+        self.resource = resource
+        self._xid = xid
+        self.ops: list[str] = []
+        self.failure: BaseException | None = None
+        self.state = "active"
+
+    @property
+    def name(self) -> str:
+        return self.resource.name
+
+    @property
+    def xid(self) -> Xid:
+        return self._xid
+
+    def execute(self, op: str, params: object = None) -> None:
+        """Record one write."""
+        self.ops.append(op)
+
+    def read_only(self) -> bool:
+        return not self.ops and self.failure is None
+
+    def _fault(self, step: str) -> str | None:
+        action = self.resource.faults.take(step)
+        _raise_for(action, step, self.name, self._xid.gtrid)
+        return action
+
+    def prepare(self) -> Vote:
+        action = self._fault("prepare")
+        if action == "no" or self.failure is not None:
+            self.state = "rolled back"
+            raise PrepareFailed("voted NO", participant=self.name, gtrid=self._xid.gtrid)
+        with self.resource.store.lock:
+            self.resource.store.prepared[self._xid] = list(self.ops)
+        self.state = "prepared"
+        if action == "crash-after":
+            raise CrashInjected(f"fake {self.name}: crash after prepare")
+        return Vote.YES
+
+    def commit_one_phase(self) -> None:
+        self._fault("commit_one_phase")
+        with self.resource.store.lock:
+            self.resource.store.committed[self._xid.gtrid] = list(self.ops)
+        self.state = "committed"
+
+    def commit_prepared(self) -> None:
+        action = self._fault("commit_prepared")
+        if not self.resource._finish(self._xid, True, "commit_prepared.inner"):
+            raise ParticipantError(
+                "no prepared branch", participant=self.name, gtrid=self._xid.gtrid
+            )
+        self.state = "committed"
+        if action == "crash-after":
+            raise CrashInjected(f"fake {self.name}: crash after commit_prepared")
+
+    def rollback(self) -> None:
+        try:
+            self._fault("rollback")
+        except ParticipantError:
+            return  # left for recovery, as the contract allows
+        with self.resource.store.lock:
+            if self.resource.store.prepared.pop(self._xid, None) is not None or self.ops:
+                self.resource.store.rolled_back.add(self._xid.gtrid)
+        self.state = "rolled back"
+
+    def release(self) -> None:
+        pass
+
+
+class FakeBroker:
+    """A fake broker that commits last, with markers (a LastResource)."""
+
+    def __init__(self, name: str = "mq", store: FakeStore | None = None) -> None:
+        self._name = name
+        self.store = store or FakeStore()
+        self.faults = _Faults()
+
+    @property
+    def name(self) -> str:
+        return self._name
+
+    def fail(self, step: str, action: str, times: int = 1) -> None:
+        """Arm a fault at ``step`` (begin, commit, fence, markers)."""
+        self.faults.arm(step, action, times)
+
+    def begin(self, gtrid: str) -> FakeBrokerSession:
+        _raise_for(self.faults.take("begin"), "begin", self._name, gtrid)
+        return FakeBrokerSession(self, gtrid)
+
+    def fence(self, timeout: float) -> None:
+        _raise_for(self.faults.take("fence"), "fence", self._name, "")
+        if self.store.live_holder:
+            raise ParticipantError(
+                "a live coordinator still holds its client-ids", participant=self._name
+            )
+
+    def markers(self) -> set[str]:
+        _raise_for(self.faults.take("markers"), "markers", self._name, "")
+        with self.store.lock:
+            return set(self.store.markers)
+
+    def remove_markers(self, gtrids: Collection[str]) -> int:
+        with self.store.lock:
+            present = self.store.markers & set(gtrids)
+            self.store.markers -= present
+        return len(present)
+
+    def close(self) -> None:
+        pass
+
+
+class FakeBrokerSession:
+    """A fake broker transaction."""
+
+    def __init__(self, broker: FakeBroker, gtrid: str) -> None:
+        self.broker = broker
+        self.gtrid = gtrid
+        self.pending: list[tuple[str, str, dict[str, str]]] = []
+
+    @property
+    def name(self) -> str:
+        return self.broker.name
+
+    @property
+    def has_work(self) -> bool:
+        return bool(self.pending)
+
+    def send(self, destination: str, body: str, headers: Mapping[str, str] | None = None) -> None:
+        self.pending.append((destination, body, dict(headers or {})))
+
+    def _commit(self, marker: str | None) -> None:
+        action = self.broker.faults.take("commit")
+        _raise_for(action, "commit", self.name, self.gtrid)
+        if action == "refuse":
+            raise CommitRefused("ERROR frame", participant=self.name, gtrid=self.gtrid)
+        if action == "lost-not-committed":
+            raise OutcomeUnknown("no RECEIPT", participant=self.name, gtrid=self.gtrid)
+        with self.broker.store.lock:
+            self.broker.store.messages.extend(self.pending)
+            if marker is not None:
+                self.broker.store.markers.add(marker)
+        if action == "lost-committed":
+            raise OutcomeUnknown("no RECEIPT", participant=self.name, gtrid=self.gtrid)
+        if action == "crash-after":
+            raise CrashInjected("fake broker: crash after commit")
+
+    def commit_with_marker(self, gtrid: str, timeout: float) -> None:
+        failpoints.hit("before_broker_commit")
+        self._commit(gtrid)
+        failpoints.hit("after_broker_commit")  # committed; the receipt is "not yet seen"
+
+    def commit(self, timeout: float) -> None:
+        self._commit(None)
+
+    def abort(self) -> None:
+        self.pending = []
+
+    def release(self) -> None:
+        pass

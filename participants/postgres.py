@@ -1,0 +1,350 @@
+"""PostgreSQL as an XA participant: psycopg's tpc_* API over a small connection pool."""
+
+from __future__ import annotations
+
+import contextlib
+import queue
+import threading
+from collections.abc import Iterator
+from typing import Any, LiteralString
+
+import psycopg
+from psycopg import errors as pg_errors
+from psycopg import pq
+
+from coordinator.errors import (
+    ConfigurationError,
+    DuplicateGtrid,
+    ParticipantError,
+    ParticipantUnavailable,
+    PrepareFailed,
+)
+from coordinator.events import get_logger
+from coordinator.states import Vote
+from coordinator.xid import Xid
+
+_log = get_logger(component="postgres")
+
+# Command tags that mean the statement changed data: the branch then needs a
+# real prepare. Anything else (SELECT, SHOW, ...) is checked with one query at
+# commit time, because a SELECT can call a function that writes.
+_WRITE_TAGS = (
+    "INSERT",
+    "UPDATE",
+    "DELETE",
+    "MERGE",
+    "COPY",
+    "CREATE",
+    "ALTER",
+    "DROP",
+    "TRUNCATE",
+    "GRANT",
+    "REVOKE",
+    "COMMENT",
+    "LOCK",
+)
+
+
+def describe_dsn(dsn: str) -> str:
+    """host:port/dbname of a connection string, for messages (never the password)."""
+    try:
+        info = psycopg.conninfo.conninfo_to_dict(dsn)
+    except psycopg.ProgrammingError:
+        return "(unparsable connection string)"
+    return f"{info.get('host', 'localhost')}:{info.get('port', 5432)}/{info.get('dbname', '')}"
+
+
+class PostgresResource:
+    """One PostgreSQL database taking part in global transactions (an XAResource)."""
+
+    def __init__(
+        self,
+        name: str,
+        dsn: str,
+        *,
+        setting: str | None = None,
+        pool_size: int = 40,
+        connect_timeout: float = 5.0,
+    ) -> None:
+        self._name = name
+        self.dsn = dsn
+        self.setting = setting or f"TWOPC_PG_{name.upper()}"
+        self.pool_size = pool_size
+        self.connect_timeout = connect_timeout
+        self._idle: queue.LifoQueue[psycopg.Connection[Any]] = queue.LifoQueue()
+        self._checked = False
+        self._admin: psycopg.Connection[Any] | None = None
+        self._admin_lock = threading.Lock()
+
+    @property
+    def name(self) -> str:
+        return self._name
+
+    def __repr__(self) -> str:
+        return f"PostgresResource({self._name!r}, {describe_dsn(self.dsn)})"
+
+    # -- connections: the one place that opens them ---------------------------
+
+    def connect(self, *, autocommit: bool = False) -> psycopg.Connection[Any]:
+        """A new connection; the first one checks that the server can prepare."""
+        try:
+            conn = psycopg.connect(
+                self.dsn, autocommit=autocommit, connect_timeout=int(self.connect_timeout)
+            )
+        except psycopg.OperationalError as exc:
+            raise ParticipantUnavailable(
+                f"cannot reach PostgreSQL at {describe_dsn(self.dsn)}: "
+                f"{str(exc).strip().splitlines()[-1] if str(exc).strip() else exc!r}. "
+                f"Start the lab with 'twopc lab up' or check {self.setting}",
+                participant=self._name,
+            ) from exc
+        if not self._checked:
+            self._check_server(conn)
+        return conn
+
+    def _check_server(self, conn: psycopg.Connection[Any]) -> None:
+        row = conn.execute("SELECT current_setting('max_prepared_transactions')::int").fetchone()
+        conn.rollback()
+        if row is None or row[0] == 0:
+            conn.close()
+            raise ConfigurationError(
+                f"PostgreSQL {self._name!r} at {describe_dsn(self.dsn)} has "
+                "max_prepared_transactions = 0, so it cannot PREPARE TRANSACTION and cannot "
+                "take part in two-phase commit. Set max_prepared_transactions (at least the "
+                "number of concurrent transactions, e.g. 100) in postgresql.conf and restart it"
+            )
+        self._checked = True
+
+    def _acquire(self) -> psycopg.Connection[Any]:
+        while True:
+            try:
+                conn = self._idle.get_nowait()
+            except queue.Empty:
+                return self.connect()
+            if not conn.closed and conn.info.transaction_status == pq.TransactionStatus.IDLE:
+                return conn
+            conn.close()
+
+    def _release(self, conn: psycopg.Connection[Any]) -> None:
+        healthy = not conn.closed and conn.info.transaction_status == pq.TransactionStatus.IDLE
+        if healthy and self._idle.qsize() < self.pool_size:
+            self._idle.put(conn)
+        else:
+            conn.close()
+
+    @contextlib.contextmanager
+    def _admin_connection(self) -> Iterator[psycopg.Connection[Any]]:
+        """The one autocommit connection recovery uses for this database."""
+        with self._admin_lock:
+            if self._admin is None or self._admin.closed:
+                self._admin = self.connect(autocommit=True)
+            try:
+                yield self._admin
+            except psycopg.OperationalError:
+                self._admin.close()
+                self._admin = None
+                raise
+
+    # -- XAResource ------------------------------------------------------------
+
+    def begin(self, xid: Xid) -> PostgresBranch:
+        conn = self._acquire()
+        try:
+            conn.tpc_begin(conn.xid(xid.format_id, xid.gtrid, xid.bqual))
+        except psycopg.Error as exc:
+            conn.close()
+            raise ParticipantUnavailable(
+                f"cannot begin the branch: {exc}", participant=self._name, gtrid=xid.gtrid
+            ) from exc
+        return PostgresBranch(self, conn, xid)
+
+    def recover(self, format_id: int, gtrid_prefix: str) -> list[Xid]:
+        return [x for x, _ in self.recover_detailed(format_id, gtrid_prefix)]
+
+    def recover_detailed(self, format_id: int, gtrid_prefix: str) -> list[tuple[Xid, Any]]:
+        """Prepared branches with their prepared-at timestamps (for ``twopc indoubt``)."""
+        try:
+            with self._admin_connection() as conn:
+                found = conn.tpc_recover()
+        except psycopg.Error as exc:
+            raise ParticipantUnavailable(
+                f"cannot list prepared transactions: {exc}", participant=self._name
+            ) from exc
+        result = []
+        for x in found:
+            if x.format_id != format_id or not x.gtrid.startswith(gtrid_prefix):
+                continue
+            if x.database not in (None, conn.info.dbname):
+                continue  # prepared in another database of the same server
+            result.append((Xid(x.format_id, x.gtrid, x.bqual or ""), x.prepared))
+        return result
+
+    def _finish_recovered(self, xid: Xid, action: str) -> bool:
+        try:
+            with self._admin_connection() as conn:
+                pg_xid = conn.xid(xid.format_id, xid.gtrid, xid.bqual)
+                if action == "commit":
+                    conn.tpc_commit(pg_xid)
+                else:
+                    conn.tpc_rollback(pg_xid)
+        except pg_errors.UndefinedObject:  # 42704: no prepared transaction with that gid
+            return False
+        except psycopg.Error as exc:
+            raise ParticipantUnavailable(
+                f"{action.upper()} PREPARED failed: {exc}", participant=self._name, gtrid=xid.gtrid
+            ) from exc
+        return True
+
+    def commit_recovered(self, xid: Xid) -> bool:
+        return self._finish_recovered(xid, "commit")
+
+    def rollback_recovered(self, xid: Xid) -> bool:
+        return self._finish_recovered(xid, "rollback")
+
+    def close(self) -> None:
+        while True:
+            try:
+                self._idle.get_nowait().close()
+            except queue.Empty:
+                break
+        with self._admin_lock:
+            if self._admin is not None:
+                self._admin.close()
+                self._admin = None
+
+
+class PostgresBranch:
+    """One branch: a pooled connection inside ``tpc_begin(xid)``."""
+
+    def __init__(self, resource: PostgresResource, conn: psycopg.Connection[Any], xid: Xid) -> None:
+        self.resource = resource
+        self.conn = conn
+        self._xid = xid
+        self._wrote = False
+        self._prepared = False
+        self._finished = False
+        self.failure: BaseException | None = None
+
+    @property
+    def name(self) -> str:
+        return self.resource.name
+
+    @property
+    def xid(self) -> Xid:
+        return self._xid
+
+    def execute(self, query: LiteralString | Any, params: Any = None) -> psycopg.Cursor[Any]:
+        """Run one statement in the branch; a failure makes the branch vote NO."""
+        try:
+            cursor = self.conn.execute(query, params)
+        except psycopg.Error as exc:
+            self.failure = exc
+            raise
+        if not self._wrote and (cursor.statusmessage or "").startswith(_WRITE_TAGS):
+            self._wrote = True
+        return cursor
+
+    def read_only(self) -> bool:
+        if self._wrote or self.failure is not None:
+            return False
+        # SELECT can call functions that write: ask the server whether an xid exists.
+        row = self.conn.execute("SELECT pg_current_xact_id_if_assigned() IS NULL").fetchone()
+        return bool(row and row[0])
+
+    def _in_error(self) -> bool:
+        return self.conn.info.transaction_status == pq.TransactionStatus.INERROR
+
+    def prepare(self) -> Vote:
+        gtrid = self._xid.gtrid
+        if self.failure is not None or self._in_error():
+            reason = self.failure or "the transaction is in an aborted state"
+            self.rollback()
+            raise PrepareFailed(
+                f"voted NO: the branch's work failed: {reason}", participant=self.name, gtrid=gtrid
+            )
+        try:
+            self.conn.tpc_prepare()
+        except pg_errors.DuplicateObject as exc:  # 42710: gid already in use
+            self.rollback()
+            raise DuplicateGtrid(
+                f"gtrid {gtrid} is already prepared in PostgreSQL {self.name!r}; "
+                "use a new gtrid, or run 'twopc recover' if it was left by a crash"
+            ) from exc
+        except psycopg.Error as exc:
+            self.rollback()
+            raise PrepareFailed(
+                f"PREPARE TRANSACTION failed: {exc}", participant=self.name, gtrid=gtrid
+            ) from exc
+        self._prepared = True
+        return Vote.YES
+
+    def commit_one_phase(self) -> None:
+        try:
+            self.conn.tpc_commit()
+        except psycopg.Error as exc:
+            raise ParticipantError(
+                f"one-phase COMMIT failed: {exc}", participant=self.name, gtrid=self._xid.gtrid
+            ) from exc
+        self._finished = True
+
+    def commit_prepared(self) -> None:
+        """COMMIT PREPARED, on this connection or, if it broke, on a fresh one."""
+        if self.conn.closed or self.conn.broken:
+            if not self.resource.commit_recovered(self._xid):
+                raise ParticipantError(
+                    "COMMIT PREPARED found no prepared branch",
+                    participant=self.name,
+                    gtrid=self._xid.gtrid,
+                )
+            self._finished = True
+            return
+        try:
+            self.conn.tpc_commit()
+        except pg_errors.UndefinedObject as exc:
+            raise ParticipantError(
+                "COMMIT PREPARED found no prepared branch",
+                participant=self.name,
+                gtrid=self._xid.gtrid,
+            ) from exc
+        except psycopg.Error as exc:
+            raise ParticipantUnavailable(
+                f"COMMIT PREPARED failed: {exc}", participant=self.name, gtrid=self._xid.gtrid
+            ) from exc
+        self._finished = True
+
+    def rollback(self) -> None:
+        if self._finished:
+            return
+        try:
+            if self.conn.closed or self.conn.broken:
+                if self._prepared:
+                    self.resource.rollback_recovered(self._xid)
+            else:
+                self.conn.tpc_rollback()
+        except (psycopg.Error, ParticipantError) as exc:
+            # An active branch dies with its session; a prepared one is left to recovery.
+            _log.warning(
+                "tpc.rollback.failed",
+                participant=self.name,
+                gtrid=self._xid.gtrid,
+                error=str(exc),
+                prepared=self._prepared,
+            )
+            return
+        self._finished = True
+
+    def cancel(self) -> None:
+        """Cancel the statement running now (from another thread: the timeout watchdog)."""
+        with contextlib.suppress(psycopg.Error):
+            self.conn.cancel_safe(timeout=2.0)
+
+    def release(self) -> None:
+        with contextlib.suppress(Exception):
+            if not self._finished and not self._prepared:
+                self.rollback()
+            if self._prepared and not self._finished:
+                # Phase 2 was deferred to recovery: the prepared transaction lives on
+                # in the server without this session, which is simply closed.
+                self.conn.close()
+            else:
+                self.resource._release(self.conn)

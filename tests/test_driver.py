@@ -1,0 +1,251 @@
+"""The commit sequence and recovery over fake participants and the in-memory log."""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable, Iterator
+
+import pytest
+import structlog
+
+from coordinator import events, failpoints
+from coordinator.coordinator import Coordinator
+from coordinator.errors import (
+    CrashInjected,
+    DuplicateGtrid,
+    InvalidXid,
+    TransactionAborted,
+    TransactionInDoubt,
+    TwoPhaseCommitError,
+    UnknownParticipant,
+)
+from coordinator.log.memory import MemoryDecisionLog
+from coordinator.states import Outcome
+from participants.fake import FakeBroker, FakeResource, FakeStore
+
+
+class World:
+    """Fake servers that outlive coordinators, and a log that outlives them too."""
+
+    def __init__(self) -> None:
+        self.a = FakeStore()
+        self.b = FakeStore()
+        self.mq = FakeStore()
+        self.log = MemoryDecisionLog()
+
+    def coordinator(
+        self, *, broker: bool = True, recover: bool = True, **kw: object
+    ) -> Coordinator:
+        self.ra = FakeResource("a", self.a)
+        self.rb = FakeResource("b", self.b)
+        self.broker = FakeBroker("mq", self.mq) if broker else None
+        return Coordinator(
+            "t1", self.log, [self.ra, self.rb], self.broker, recover_on_start=recover, **kw
+        )  # type: ignore[arg-type]
+
+    def restart(self, **kw: object) -> Coordinator:
+        """A new coordinator after a crash: only what the log forced survives."""
+        self.log = self.log.reopen()
+        return self.coordinator(**kw)
+
+
+@pytest.fixture
+def world() -> Iterator[World]:
+    failpoints.disarm()
+    yield World()
+    failpoints.disarm()
+
+
+def transfer(tx_work: Callable[..., None] | None = None) -> Callable[..., None]:
+    def work(tx: object) -> None:
+        tx.execute("a", "debit")  # type: ignore[attr-defined]
+        tx.execute("b", "credit")  # type: ignore[attr-defined]
+        tx.send("/queue/transfers", "{}", {"transfer-id": "t"})  # type: ignore[attr-defined]
+
+    return tx_work or work
+
+
+def test_happy_path_commits_everywhere_and_ends(world: World) -> None:
+    """Two writers and a broker: both branches committed, message and marker sent, END logged."""
+    coord = world.coordinator()
+    with coord.transaction() as tx:
+        transfer()(tx)
+    assert tx.outcome is Outcome.COMMITTED
+    assert world.a.committed[tx.gtrid] == ["debit"]
+    assert world.b.committed[tx.gtrid] == ["credit"]
+    assert world.a.prepared == {} and world.b.prepared == {}
+    assert [m[0] for m in world.mq.messages] == ["/queue/transfers"]
+    assert tx.gtrid in world.mq.markers
+    assert world.log.pending() == {}
+    coord.close()
+    assert world.mq.markers == set()  # swept once the transaction ended
+
+
+def test_no_vote_aborts_and_leaves_nothing(world: World) -> None:
+    """A NO vote rolls back the prepared branch and the broker; nothing is logged."""
+    coord = world.coordinator()
+    world.rb.fail("prepare", "no")
+    with pytest.raises(TransactionAborted), coord.transaction() as tx:
+        transfer()(tx)
+    assert tx.outcome is Outcome.ABORTED
+    assert world.a.committed == {} and world.b.committed == {}
+    assert world.a.prepared == {} and world.b.prepared == {}
+    assert world.mq.messages == [] and world.mq.markers == set()
+    assert world.log.forced_writes == 0
+
+
+def test_broker_error_at_commit_point_aborts(world: World) -> None:
+    """An ERROR answer to the broker's COMMIT rolls back phase 1."""
+    coord = world.coordinator()
+    world.broker.fail("commit", "refuse")  # type: ignore[union-attr]
+    with pytest.raises(TransactionAborted), coord.transaction() as tx:
+        transfer()(tx)
+    assert world.a.prepared == {} and world.b.prepared == {}
+    assert world.a.committed == {} and world.mq.messages == []
+
+
+@pytest.mark.parametrize(
+    ("fault", "expected"), [("lost-committed", "commit"), ("lost-not-committed", "rollback")]
+)
+def test_lost_receipt_is_in_doubt_and_recovery_follows_the_marker(
+    world: World, fault: str, expected: str
+) -> None:
+    """No answer to COMMIT: IN_DOUBT, branches stay prepared; recovery decides by the marker."""
+    coord = world.coordinator()
+    world.broker.fail("commit", fault)  # type: ignore[union-attr]
+    with pytest.raises(TransactionInDoubt) as info, coord.transaction() as tx:
+        transfer()(tx)
+    assert info.value.gtrid == tx.gtrid and "twopc recover" in str(info.value)
+    assert len(world.a.prepared) == 1 and len(world.b.prepared) == 1
+    report = coord.recover()
+    (item,) = report.items
+    assert item.decision.value == expected
+    assert world.a.prepared == {} and world.b.prepared == {}
+    if expected == "commit":
+        assert tx.gtrid in world.a.committed and tx.gtrid in world.b.committed
+        assert world.mq.markers == set()
+    else:
+        assert world.a.committed == {} and world.b.committed == {}
+
+
+def test_without_broker_the_forced_log_record_is_the_commit_point(world: World) -> None:
+    """Two databases, no broker: one forced decision write per commit, END lazy."""
+    coord = world.coordinator(broker=False)
+    for _ in range(3):
+        with coord.transaction() as tx:
+            tx.execute("a", "x")
+            tx.execute("b", "y")
+    assert world.log.forced_writes == 3
+    assert len(world.a.committed) == 3 and len(world.b.committed) == 3
+
+
+def test_read_only_and_single_writer_skip_phase_one(world: World) -> None:
+    """A read-only branch commits one-phase; a single writer commits one-phase; no log write."""
+    coord = world.coordinator()
+    with coord.transaction() as tx:
+        tx.branch("a")  # begun, nothing written
+        tx.execute("b", "only-writer")
+    assert tx.outcome is Outcome.COMMITTED
+    assert world.b.committed[tx.gtrid] == ["only-writer"]
+    assert world.a.prepared == {} and world.b.prepared == {}
+    assert world.log.forced_writes == 0 and world.mq.markers == set()
+
+
+def test_phase_two_failure_never_aborts(world: World) -> None:
+    """COMMIT PREPARED failing every retry: still COMMITTED; recovery finishes it."""
+    coord = world.coordinator()
+    world.rb.fail("commit_prepared", "error", times=3)
+    with coord.transaction() as tx:
+        transfer()(tx)
+    assert tx.outcome is Outcome.COMMITTED
+    assert tx.gtrid in world.a.committed and len(world.b.prepared) == 1
+    coord.close()  # retries what was deferred
+    assert tx.gtrid in world.b.committed and world.b.prepared == {}
+
+
+@pytest.mark.parametrize(
+    ("point", "expected_committed"),
+    [
+        ("after_begin", False),
+        ("after_prepare", False),
+        ("before_broker_commit", False),
+        ("after_broker_commit", True),
+        ("after_decision", True),
+        ("after_commit_prepared", True),
+        ("before_end", True),
+    ],
+)
+def test_crash_at_each_step_then_recovery_agrees(
+    world: World, point: str, expected_committed: bool
+) -> None:
+    """A crash at any step, then a new coordinator: all committed or all rolled back."""
+    coord = world.coordinator()
+    failpoints.arm(point, "raise")
+    with pytest.raises(CrashInjected), coord.transaction() as tx:
+        transfer()(tx)
+    gtrid = tx.gtrid
+    world.restart()
+    assert world.a.prepared == {} and world.b.prepared == {}
+    committed = [gtrid in s.committed for s in (world.a, world.b)]
+    assert committed == [expected_committed] * 2
+    assert bool(world.mq.messages) is expected_committed
+    assert world.mq.markers == set()
+    assert world.log.pending() == {}
+
+
+def test_timeout_before_commit_point_aborts(world: World) -> None:
+    """A transaction past its deadline is rolled back, not committed."""
+    coord = world.coordinator(timeout=0.05)
+    with pytest.raises(TransactionAborted) as info, coord.transaction() as tx:
+        transfer()(tx)
+        time.sleep(0.1)
+    assert "timeout" in info.value.reason
+    assert world.a.prepared == {} and world.a.committed == {}
+
+
+def test_exception_in_work_rolls_back_and_propagates(world: World) -> None:
+    """An error raised by the caller's work rolls everything back and is re-raised."""
+    coord = world.coordinator()
+    with pytest.raises(ZeroDivisionError), coord.transaction() as tx:
+        tx.execute("a", "debit")
+        1 / 0  # noqa: B018
+    assert tx.outcome is Outcome.ABORTED and world.a.committed == {}
+
+
+def test_bad_input_is_refused_before_anything_starts(world: World) -> None:
+    """Malformed and foreign gtrids, duplicates and unknown participants are clear errors."""
+    coord = world.coordinator()
+    with pytest.raises(InvalidXid, match="contains"):
+        coord.begin("t1.'; COMMIT PREPARED 'x")
+    with pytest.raises(InvalidXid, match="65 characters"):
+        coord.begin("t1." + "x" * 62)
+    with pytest.raises(TwoPhaseCommitError, match=r"must start with 't1\.'"):
+        coord.begin("other.1")
+    tx = coord.begin("t1.dup")
+    with pytest.raises(DuplicateGtrid):
+        coord.begin("t1.dup")
+    with pytest.raises(UnknownParticipant, match="no participant named 'c'"):
+        tx.branch("c")
+    tx.rollback()
+    assert world.a.prepared == {} and world.a.committed == {}
+
+
+def test_every_protocol_step_emits_an_event_with_the_gtrid(world: World) -> None:
+    """Events in protocol order, each carrying the gtrid."""
+    events.configure("DEBUG")
+    coord = world.coordinator()
+    with structlog.testing.capture_logs() as logs, coord.transaction() as tx:
+        transfer()(tx)
+    names = [e["event"] for e in logs if e.get("gtrid") == tx.gtrid]
+    expected = [
+        events.BEGIN,
+        events.PREPARE_STARTED,
+        events.COMMIT_POINT_STARTED,
+        events.COMMIT_POINT_REACHED,
+        events.DECISION_LOGGED,
+        events.PHASE2_COMMITTED,
+        events.END,
+    ]
+    positions = [names.index(name) for name in expected]
+    assert positions == sorted(positions)
+    events.configure()
