@@ -88,5 +88,215 @@ def lab_env() -> None:
         click.echo(f"export {name}={shlex.quote(value)}")
 
 
+# -- the coordinator's tools ---------------------------------------------------
+
+
+def _settings() -> Any:
+    from scenarios.config import Settings
+
+    return Settings.load()
+
+
+def read_pending(path: Any) -> dict[str, tuple[str, ...]]:
+    """COMMIT-without-END records of the log at ``path``, read without taking its lock."""
+    from coordinator.log import format as log_format
+
+    try:
+        data = path.read_bytes()
+    except FileNotFoundError:
+        return {}
+    return log_format.replay(log_format.scan(data, str(path)).records)
+
+
+def _print_recovery(items: list[Any], as_json: bool, extra: dict[str, Any]) -> None:
+    if as_json:
+        click.echo(json.dumps({**extra, "transactions": [i.as_dict() for i in items]}, indent=2))
+        return
+    if not items:
+        console.print("nothing in doubt")
+    else:
+        table = Table()
+        for column in (
+            "gtrid",
+            "age",
+            "prepared in",
+            "COMMIT logged",
+            "marker",
+            "decision",
+            "done",
+        ):
+            table.add_column(column)
+        for item in items:
+            d = item.as_dict()
+            age = "-" if d["age_seconds"] is None else f"{d['age_seconds']:.1f}s"
+            table.add_row(
+                d["gtrid"],
+                age,
+                ",".join(d["prepared_in"]) or "-",
+                "yes" if d["logged_commit"] else "no",
+                "yes" if d["marker"] else "no",
+                d["decision"],
+                "; ".join(d["done"]) or (d["error"] or "-"),
+            )
+        console.print(table)
+    for key, value in extra.items():
+        console.print(f"{key}: {value}")
+
+
+@main.command()
+@click.option("--json", "as_json", is_flag=True, help="Print the report as JSON.")
+@click.option(
+    "--fence-timeout",
+    default=30.0,
+    show_default=True,
+    help="Seconds to wait for a dead coordinator's broker sessions to be released.",
+)
+def recover(as_json: bool, fence_timeout: float) -> None:
+    """Resolve every in-doubt transaction of this coordinator and say what was done."""
+    from scenarios.wiring import open_coordinator
+
+    coordinator = open_coordinator(recover=False)
+    try:
+        report = coordinator.recover(fence_timeout=fence_timeout)
+    finally:
+        coordinator.close()
+    _print_recovery(
+        report.items,
+        as_json,
+        {
+            "fenced": report.fenced,
+            "seconds": round(report.seconds, 3),
+            "orphan_markers_removed": report.orphan_markers_removed,
+            "resolved": report.resolved,
+        },
+    )
+    if not report.resolved:
+        sys.exit(1)
+
+
+@main.command()
+@click.option("--json", "as_json", is_flag=True, help="Print the list as JSON.")
+def indoubt(as_json: bool) -> None:
+    """List what is in doubt and what recovery would do; changes nothing."""
+    from coordinator.recovery import Recovery
+    from participants.activemq import ActiveMQ
+    from participants.postgres import PostgresResource
+
+    settings = _settings()
+    resources = [PostgresResource("a", settings.pg_a), PostgresResource("b", settings.pg_b)]
+    broker = ActiveMQ(settings.stomp, settings.coordinator_id, pool_size=1)
+    try:
+        pending = read_pending(settings.log_path)
+        items, _ = Recovery(
+            settings.coordinator_id, None, resources, broker, pending=pending
+        ).gather(fence=False)
+    finally:
+        for resource in resources:
+            resource.close()
+        broker.close()
+    _print_recovery(
+        items,
+        as_json,
+        {}
+        if as_json
+        else {"note": "markers were read without fencing: a live coordinator may still commit"},
+    )
+
+
+# -- the transfer scenario -------------------------------------------------------
+
+
+@main.command()
+@click.option(
+    "--reset",
+    "do_reset",
+    is_flag=True,
+    help="(Re)create the schema and balances and empty the queue.",
+)
+@click.option("--accounts", default=100, show_default=True, help="Accounts per database.")
+@click.option("--balance", default=10_000, show_default=True, help="Starting balance.")
+@click.option("--count", default=0, show_default=True, help="Transfers to run.")
+@click.option("--concurrency", default=8, show_default=True, help="Concurrent transfers.")
+@click.option("--seed", type=int, default=None, help="Seed for accounts and amounts.")
+@click.option(
+    "--strategy",
+    default="2pc",
+    show_default=True,
+    type=click.Choice(["2pc"]),
+    help="How the transfer is made atomic.",
+)
+@click.option("--json", "as_json", is_flag=True, help="Print the result as JSON.")
+@click.option(
+    "--check/--no-check",
+    default=True,
+    show_default=True,
+    help="Read A, B and the queue back and check the invariants.",
+)
+def transfer(
+    do_reset: bool,
+    accounts: int,
+    balance: int,
+    count: int,
+    concurrency: int,
+    seed: int | None,
+    strategy: str,
+    as_json: bool,
+    check: bool,
+) -> None:
+    """Run transfers: debit A, credit B, announce on /queue/transfers — atomically."""
+    from scenarios import transfer as scenario
+    from scenarios.wiring import open_coordinator
+
+    settings = _settings()
+    if concurrency < 1:
+        raise click.BadParameter("must be at least 1", param_hint="--concurrency")
+    if do_reset:
+        open_coordinator(settings).close()  # recovery first: prepared rows hold locks
+        scenario.reset(settings, accounts=accounts, balance=balance)
+        if not as_json:
+            console.print(f"reset: {accounts} accounts of {balance} in A and in B, queue empty")
+    output: dict[str, Any] = {"strategy": strategy}
+    if count:
+        coordinator = open_coordinator(settings, sessions=max(concurrency, 1))
+        try:
+            plan = scenario.plan(count, accounts=accounts, seed=seed)
+            result = scenario.run_batch(
+                plan, lambda t: scenario.transfer_2pc(coordinator, t), concurrency=concurrency
+            )
+            output.update(result.as_dict())
+            output["coordinator"] = dict(coordinator.stats())
+        finally:
+            coordinator.close()
+        if check:
+            output["invariants"] = scenario.gather_evidence(settings).as_dict()
+    if as_json:
+        click.echo(json.dumps(output, indent=2))
+    elif count:
+        _print_batch(output)
+    if check and count and not output["invariants"]["ok"]:
+        sys.exit(1)
+
+
+def _print_batch(output: dict[str, Any]) -> None:
+    lat = output.get("latency_ms", {})
+    console.print(
+        f"[bold]{output['strategy']}[/]: {output['committed']} committed, "
+        f"{output['aborted']} aborted, {output['in_doubt']} in doubt "
+        f"in {output['seconds']:.2f} s ({output['throughput_per_s']}/s)"
+    )
+    if lat:
+        console.print("latency ms: " + ", ".join(f"{k} {v:.2f}" for k, v in lat.items()))
+    if output.get("abort_reasons"):
+        console.print(f"abort reasons: {output['abort_reasons']}")
+    inv = output.get("invariants")
+    if inv:
+        verdict = "[green]all hold[/]" if inv["ok"] else "[red]VIOLATED[/]"
+        console.print(
+            f"invariants {verdict}: money conserved {inv['money_conserved']}, "
+            f"atomicity violations {inv['atomicity_violations']}, duplicates "
+            f"{inv['duplicate_messages']}, prepared left {len(inv['prepared_left'])}"
+        )
+
+
 if __name__ == "__main__":
     main()

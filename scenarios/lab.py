@@ -264,7 +264,8 @@ ACTIVEMQ_XML = """<beans xmlns="http://www.springframework.org/schema/beans"
           useJmx="false" persistent="true" dataDirectory="{data}">
     <destinationPolicy>
       <policyMap><policyEntries>
-        <policyEntry queue=">" producerFlowControl="false"/>
+        <!-- a browse returns at most maxBrowsePageSize messages (default 400) -->
+        <policyEntry queue=">" producerFlowControl="false" maxBrowsePageSize="1000000"/>
       </policyEntries></policyMap>
     </destinationPolicy>
     <persistenceAdapter>

@@ -1,0 +1,364 @@
+"""The transfer: debit an account in A, credit one in B, announce it on /queue/transfers.
+
+This module holds what every strategy shares (the plan of transfers, the
+schema reset, running a batch with latencies, reading the evidence back from
+the real services) and the 2PC strategy itself.
+"""
+
+from __future__ import annotations
+
+import json
+import random
+import secrets
+import threading
+import time
+from collections import Counter
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import psycopg
+from psycopg import errors as pg_errors
+
+from coordinator.coordinator import Coordinator
+from coordinator.errors import ParticipantError, TransactionAborted, TransactionInDoubt
+from coordinator.states import Outcome
+from coordinator.xid import FORMAT_ID, gtrid_prefix
+from participants.postgres import PostgresResource
+from participants.stomp_client import StompClient
+from scenarios import schema
+from scenarios.config import Settings
+
+QUEUE = "/queue/transfers"
+MARKER_QUEUE = "/queue/twopc.markers"
+
+DEBIT = (
+    "WITH debited AS (UPDATE accounts SET balance = balance - %(amount)s "
+    "WHERE id = %(account)s RETURNING id) "
+    "INSERT INTO transfers (transfer_id, amount) SELECT %(tid)s, %(amount)s FROM debited"
+)
+CREDIT = (
+    "WITH credited AS (UPDATE accounts SET balance = balance + %(amount)s "
+    "WHERE id = %(account)s RETURNING id) "
+    "INSERT INTO transfers (transfer_id, amount) SELECT %(tid)s, %(amount)s FROM credited"
+)
+
+
+@dataclass(frozen=True)
+class Transfer:
+    """One planned transfer."""
+
+    transfer_id: str
+    source: str  # account in A
+    target: str  # account in B
+    amount: int
+
+    def body(self) -> str:
+        return json.dumps(
+            {
+                "transfer_id": self.transfer_id,
+                "from": self.source,
+                "to": self.target,
+                "amount": self.amount,
+            },
+            separators=(",", ":"),
+        )
+
+
+def account_id(n: int) -> str:
+    return f"acc-{n:05d}"
+
+
+def new_run_id() -> str:
+    """A short id that makes this run's transfer ids unique across runs."""
+    return time.strftime("%H%M%S") + secrets.token_hex(3)
+
+
+def plan(
+    count: int,
+    *,
+    accounts: int,
+    seed: int | None = None,
+    run_id: str | None = None,
+    max_amount: int = 100,
+) -> list[Transfer]:
+    """``count`` random transfers between the first ``accounts`` accounts (reproducible)."""
+    rng = random.Random(seed)
+    run = run_id or new_run_id()
+    return [
+        Transfer(
+            f"{run}-{i:06d}",
+            account_id(rng.randrange(accounts)),
+            account_id(rng.randrange(accounts)),
+            rng.randint(1, max_amount),
+        )
+        for i in range(count)
+    ]
+
+
+# -- set-up ------------------------------------------------------------------
+
+
+def reset(settings: Settings, *, accounts: int = 100, balance: int = 10_000) -> None:
+    """(Re)create both databases' tables and balances and empty the queue.
+
+    Run with no coordinator running: prepared transactions would hold locks
+    on the tables (open a coordinator first so that recovery resolves them).
+    """
+    for dsn, statements in ((settings.pg_a, schema.SCHEMA_A), (settings.pg_b, schema.SCHEMA_B)):
+        with psycopg.connect(dsn) as conn:
+            conn.execute("SET lock_timeout = '10s'")
+            for statement in statements:
+                conn.execute(statement)
+            conn.execute(
+                "INSERT INTO accounts (id, balance) "
+                "SELECT 'acc-' || lpad(n::text, 5, '0'), %s FROM generate_series(0, %s - 1) n",
+                (balance, accounts),
+            )
+            if statements is schema.SCHEMA_A:
+                conn.execute(
+                    "INSERT INTO scenario_meta (key, value) VALUES ('total', %s)",
+                    (2 * accounts * balance,),
+                )
+    drain(settings, QUEUE)
+
+
+def drain(settings: Settings, destination: str) -> int:
+    """Consume and drop every message on ``destination``; return how many."""
+    with StompClient.open(settings.stomp) as client:
+        subscription = client.subscribe(destination, ack="auto", prefetch=1000)
+        count = 0
+        while subscription.get(1.0) is not None:
+            count += 1
+        subscription.unsubscribe(timeout=5.0)
+    return count
+
+
+# -- the 2PC strategy --------------------------------------------------------
+
+
+def transfer_2pc(coordinator: Coordinator, transfer: Transfer) -> tuple[Outcome, str]:
+    """One transfer as one global transaction; insufficient funds in A is a NO vote."""
+    gtrid = gtrid_prefix(coordinator.coordinator_id) + transfer.transfer_id
+    try:
+        with coordinator.transaction(gtrid) as tx:
+            a = tx.branch("a")
+            try:
+                a.execute(
+                    DEBIT,
+                    {
+                        "amount": transfer.amount,
+                        "account": transfer.source,
+                        "tid": transfer.transfer_id,
+                    },
+                )
+            except pg_errors.CheckViolation:
+                pass  # the branch remembers the failure and votes NO at prepare
+            else:
+                tx.execute(
+                    "b",
+                    CREDIT,
+                    {
+                        "amount": transfer.amount,
+                        "account": transfer.target,
+                        "tid": transfer.transfer_id,
+                    },
+                )
+                tx.send(QUEUE, transfer.body(), {"transfer-id": transfer.transfer_id})
+    except TransactionAborted as exc:
+        return Outcome.ABORTED, exc.reason
+    except TransactionInDoubt as exc:
+        return Outcome.IN_DOUBT, exc.reason
+    except ParticipantError as exc:  # raised during the work: everything was rolled back
+        return Outcome.ABORTED, str(exc)
+    return Outcome.COMMITTED, ""
+
+
+# -- running a batch ---------------------------------------------------------
+
+
+@dataclass
+class BatchResult:
+    """Outcomes and client-visible latencies of one batch."""
+
+    outcomes: Counter[str] = field(default_factory=Counter)
+    latencies_ms: list[float] = field(default_factory=list)  # committed transfers only
+    reasons: Counter[str] = field(default_factory=Counter)
+    seconds: float = 0.0
+
+    def percentiles(self) -> dict[str, float]:
+        return percentiles(self.latencies_ms)
+
+    def as_dict(self) -> dict[str, Any]:
+        return {
+            "committed": self.outcomes["committed"],
+            "aborted": self.outcomes["aborted"],
+            "in_doubt": self.outcomes["in-doubt"],
+            "seconds": round(self.seconds, 3),
+            "throughput_per_s": round(self.outcomes["committed"] / self.seconds, 1)
+            if self.seconds
+            else 0.0,
+            "latency_ms": self.percentiles(),
+            "abort_reasons": dict(self.reasons.most_common(5)),
+        }
+
+
+def percentiles(values: Sequence[float]) -> dict[str, float]:
+    """p50, p90, p99, p99.9 and max of ``values`` (nearest rank)."""
+    if not values:
+        return {}
+    ordered = sorted(values)
+
+    def rank(q: float) -> float:
+        return ordered[min(len(ordered) - 1, max(0, round(q * len(ordered)) - 1))]
+
+    return {
+        "p50": rank(0.50),
+        "p90": rank(0.90),
+        "p99": rank(0.99),
+        "p99.9": rank(0.999),
+        "max": ordered[-1],
+    }
+
+
+def run_batch(
+    transfers: Sequence[Transfer],
+    run_one: Callable[[Transfer], tuple[Outcome, str]],
+    *,
+    concurrency: int,
+    on_done: Callable[[], None] | None = None,
+) -> BatchResult:
+    """Run ``transfers`` on ``concurrency`` threads; collect outcomes and latencies."""
+    result = BatchResult()
+    lock = threading.Lock()
+    cursor = iter(transfers)
+
+    def worker() -> None:
+        while True:
+            with lock:
+                transfer = next(cursor, None)
+            if transfer is None:
+                return
+            start = time.perf_counter()
+            outcome, reason = run_one(transfer)
+            elapsed = (time.perf_counter() - start) * 1000
+            with lock:
+                result.outcomes[outcome.value] += 1
+                if outcome is Outcome.COMMITTED:
+                    result.latencies_ms.append(elapsed)
+                elif reason:
+                    result.reasons[reason.split(":")[0][:80]] += 1
+            if on_done is not None:
+                on_done()
+
+    started = time.perf_counter()
+    threads = [threading.Thread(target=worker, name=f"transfer-{i}") for i in range(concurrency)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    result.seconds = time.perf_counter() - started
+    return result
+
+
+# -- evidence ----------------------------------------------------------------
+
+
+@dataclass
+class Evidence:
+    """What the real services hold after a run, and the invariants checked on it."""
+
+    total_expected: int
+    total_now: int
+    in_a: set[str]
+    in_b: set[str]
+    on_queue: Counter[str]
+    prepared: list[str]
+    markers: set[str]
+
+    @property
+    def atomicity_violations(self) -> list[str]:
+        ids = self.in_a | self.in_b | set(self.on_queue)
+        return sorted(
+            t
+            for t in ids
+            if not (t in self.in_a and t in self.in_b and self.on_queue.get(t, 0) >= 1)
+        )
+
+    @property
+    def duplicates(self) -> list[str]:
+        return sorted(t for t, n in self.on_queue.items() if n > 1)
+
+    @property
+    def ok(self) -> bool:
+        return (
+            self.total_now == self.total_expected
+            and not self.atomicity_violations
+            and not self.duplicates
+            and not self.prepared
+        )
+
+    def as_dict(self) -> dict[str, Any]:
+        return {
+            "money_conserved": self.total_now == self.total_expected,
+            "total_expected": self.total_expected,
+            "total_now": self.total_now,
+            "transfers_in_a": len(self.in_a),
+            "transfers_in_b": len(self.in_b),
+            "messages_on_queue": sum(self.on_queue.values()),
+            "atomicity_violations": len(self.atomicity_violations),
+            "duplicate_messages": len(self.duplicates),
+            "prepared_left": self.prepared,
+            "markers_left": len(self.markers),
+            "ok": self.ok,
+        }
+
+
+def transfer_ids(dsn: str) -> set[str]:
+    with psycopg.connect(dsn) as conn:
+        return {row[0] for row in conn.execute("SELECT transfer_id FROM transfers")}
+
+
+def balance_sum(dsn: str) -> int:
+    with psycopg.connect(dsn) as conn:
+        row = conn.execute("SELECT coalesce(sum(balance), 0) FROM accounts").fetchone()
+        return int(row[0]) if row else 0
+
+
+def queued_transfer_ids(settings: Settings, destination: str = QUEUE) -> Counter[str]:
+    """transfer-id header -> number of messages with it on the queue (a full browse)."""
+    with StompClient.open(settings.stomp) as client:
+        messages = client.browse(destination, idle_timeout=10.0)
+    return Counter(m.headers.get("transfer-id", "?") for m in messages)
+
+
+def prepared_of(settings: Settings) -> list[str]:
+    """'<db>:<gtrid>' of every prepared transaction this coordinator owns, in A and B."""
+    prefix = gtrid_prefix(settings.coordinator_id)
+    found = []
+    for name, dsn in (("a", settings.pg_a), ("b", settings.pg_b)):
+        resource = PostgresResource(name, dsn)
+        try:
+            found += [f"{name}:{x.gtrid}" for x in resource.recover(FORMAT_ID, prefix)]
+        finally:
+            resource.close()
+    return sorted(found)
+
+
+def gather_evidence(settings: Settings) -> Evidence:
+    """Read A, B, the queue and pg_prepared_xacts (for the 2PC and naive strategies)."""
+    with psycopg.connect(settings.pg_a) as conn:
+        row = conn.execute("SELECT value FROM scenario_meta WHERE key = 'total'").fetchone()
+    with StompClient.open(settings.stomp) as client:
+        markers = {
+            m.headers.get("gtrid", "") for m in client.browse(MARKER_QUEUE, idle_timeout=10.0)
+        }
+    return Evidence(
+        total_expected=int(row[0]) if row else 0,
+        total_now=balance_sum(settings.pg_a) + balance_sum(settings.pg_b),
+        in_a=transfer_ids(settings.pg_a),
+        in_b=transfer_ids(settings.pg_b),
+        on_queue=queued_transfer_ids(settings),
+        prepared=prepared_of(settings),
+        markers={m for m in markers if m.startswith(gtrid_prefix(settings.coordinator_id))},
+    )
