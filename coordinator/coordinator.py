@@ -215,6 +215,13 @@ class Coordinator:
         """Resolve what is in doubt (see coordinator.recovery); return the report."""
         from coordinator.recovery import Recovery
 
+        if self.active:
+            # A prepared branch of a running transaction would look in doubt and be
+            # rolled back under its feet: recovery runs only while nothing is in flight.
+            raise TwoPhaseCommitError(
+                f"recovery needs the coordinator idle; {len(self.active)} transactions "
+                "are running"
+            )
         report = Recovery(
             self.coordinator_id, self.log, list(self.resources.values()), self.broker
         ).run(fence_timeout=fence_timeout)
