@@ -42,7 +42,7 @@ class InDoubt:
     gtrid: str
     logged_commit: bool
     prepared: dict[str, datetime | None] = field(default_factory=dict)  # where -> since
-    marker: bool = False
+    marker: bool | None = None  # None: not read (every gtrid's COMMIT was logged)
     decision: Decision = Decision.ROLLBACK
     done: list[str] = field(default_factory=list)  # "a: committed", "b: already gone", ...
     error: str | None = None
@@ -135,7 +135,7 @@ class Recovery:
             for item in items.values():
                 item.marker = item.gtrid in markers
         for item in items.values():
-            item.decision = decide(item.logged_commit, item.marker)
+            item.decision = decide(item.logged_commit, bool(item.marker))
             self.events.info(events.RECOVERY_FOUND, **item.as_dict())
         return sorted(items.values(), key=lambda i: i.gtrid), fenced
 

@@ -133,6 +133,11 @@ class Transaction:
         if exc_type is not None:
             if self.state is TxState.ACTIVE and isinstance(exc, Exception):
                 self.rollback(f"{exc_type.__name__} in the transaction's work: {exc}")
+            if self.timed_out and not isinstance(exc, TwoPhaseCommitError):
+                # The watchdog cancelled the running statement: say why it failed.
+                raise TransactionTimeout(
+                    f"transaction {self.gtrid} exceeded its timeout and was rolled back"
+                ) from exc
             return
         if self.state is TxState.ACTIVE:
             self.commit()

@@ -403,6 +403,7 @@ class Lab:
     def start_service(self, name: str, timeout: float = 120.0) -> None:
         """Start one service if it is not running and wait until it answers."""
         service = self._service(name)
+        self.run_dir.mkdir(parents=True, exist_ok=True)
         if not self._running(service):
             self._check_ports_free([service])
             self._start(service)

@@ -1,0 +1,284 @@
+"""Scenario scripts: short stories of one transfer each, told with evidence from the real services.
+
+``twopc scenario list`` names them; ``twopc scenario run NAME`` runs one.
+Each returns its lines and whether what it showed is what 2PC promises.
+"""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+import psycopg
+from psycopg import errors as pg_errors
+
+from coordinator.states import Outcome
+from coordinator.xid import gtrid_prefix
+from scenarios import transfer as scenario
+from scenarios.config import Settings, home_dir
+from scenarios.lab import Lab
+from scenarios.wiring import open_coordinator
+
+
+@dataclass
+class Story:
+    """What a scenario told and whether the promises held."""
+
+    name: str
+    lines: list[str] = field(default_factory=list)
+    ok: bool = True
+
+    def say(self, line: str) -> None:
+        self.lines.append(line)
+
+    def expect(self, condition: bool, line: str) -> None:
+        """Say ``line``, marked as a broken promise when ``condition`` is false."""
+        self.lines.append(line if condition else f"UNEXPECTED: {line}")
+        self.ok = self.ok and condition
+
+
+# -- evidence helpers -----------------------------------------------------------
+
+
+def rows_for(dsn: str, transfer_id: str) -> int:
+    with psycopg.connect(dsn) as conn:
+        row = conn.execute(
+            "SELECT count(*) FROM transfers WHERE transfer_id = %s", (transfer_id,)
+        ).fetchone()
+    return int(row[0]) if row else 0
+
+
+def balance(dsn: str, account: str) -> int:
+    with psycopg.connect(dsn) as conn:
+        row = conn.execute("SELECT balance FROM accounts WHERE id = %s", (account,)).fetchone()
+    return int(row[0]) if row else 0
+
+
+def prepared_gids(dsn: str, gtrid: str) -> int:
+    """How many prepared transactions of ``gtrid`` the server lists (pg_prepared_xacts)."""
+    with psycopg.connect(dsn) as conn:
+        return sum(1 for x in conn.tpc_recover() if x.gtrid == gtrid)
+
+
+def messages_for(settings: Settings, transfer_id: str) -> int:
+    return scenario.queued_transfer_ids(settings).get(transfer_id, 0)
+
+
+def evidence(story: Story, settings: Settings, t: scenario.Transfer, *, committed: bool) -> None:
+    """Read A, B, the queue and pg_prepared_xacts for ``t``; say what they hold."""
+    gtrid = gtrid_prefix(settings.coordinator_id) + t.transfer_id
+    in_a, in_b = rows_for(settings.pg_a, t.transfer_id), rows_for(settings.pg_b, t.transfer_id)
+    queued = messages_for(settings, t.transfer_id)
+    prepared = prepared_gids(settings.pg_a, gtrid) + prepared_gids(settings.pg_b, gtrid)
+    want = 1 if committed else 0
+    story.expect(
+        (in_a, in_b, queued, prepared) == (want, want, want, 0),
+        f"evidence: A.transfers {in_a} row, B.transfers {in_b} row, "
+        f"/queue/transfers {queued} message, pg_prepared_xacts {prepared} entries",
+    )
+
+
+def one_transfer(settings: Settings, t: scenario.Transfer) -> tuple[Outcome, str]:
+    coordinator = open_coordinator(settings, sessions=2)
+    try:
+        return scenario.transfer_2pc(coordinator, t)
+    finally:
+        coordinator.close()
+
+
+def run_child(t: scenario.Transfer, failpoints: str) -> int:
+    """Run one transfer in a child ``twopc`` process that dies at ``failpoints``."""
+    env = dict(os.environ, TWOPC_FAILPOINTS=failpoints)
+    child = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "scenarios.stories",
+            "one",
+            t.transfer_id,
+            t.source,
+            t.target,
+            str(t.amount),
+        ],
+        env=env,
+        capture_output=True,
+        text=True,
+        check=False,
+        timeout=120,
+    )
+    return child.returncode
+
+
+def recover(story: Story, settings: Settings) -> None:
+    coordinator = open_coordinator(settings, recover=False, sessions=2)
+    try:
+        report = coordinator.recover()
+    finally:
+        coordinator.close()
+    for item in report.items:
+        story.say(
+            f"recovery: {item.gtrid}: COMMIT logged {'yes' if item.logged_commit else 'no'}, "
+            f"marker {({True: 'yes', False: 'no', None: 'not needed'})[item.marker]} -> "
+            f"{item.decision.value} "
+            f"({'; '.join(item.done)})"
+        )
+    story.expect(report.resolved, f"recovery resolved everything in {report.seconds:.2f} s")
+
+
+def new_transfer(amount: int = 10, source: int = 0, target: int = 1) -> scenario.Transfer:
+    return scenario.Transfer(
+        f"story-{scenario.new_run_id()}",
+        scenario.account_id(source),
+        scenario.account_id(target),
+        amount,
+    )
+
+
+# -- the stories -----------------------------------------------------------------
+
+
+def happy(settings: Settings) -> Story:
+    """A transfer commits in A, B and the queue together."""
+    story = Story("happy")
+    t = new_transfer()
+    outcome, _ = one_transfer(settings, t)
+    story.expect(outcome is Outcome.COMMITTED, f"transfer {t.transfer_id}: {outcome.value}")
+    evidence(story, settings, t, committed=True)
+    return story
+
+
+def no_vote(settings: Settings) -> Story:
+    """Insufficient funds in A: A votes NO, nothing is visible anywhere."""
+    story = Story("no-vote")
+    t = new_transfer()
+    before = balance(settings.pg_a, t.source)
+    t = scenario.Transfer(t.transfer_id, t.source, t.target, before + 1)
+    outcome, reason = one_transfer(settings, t)
+    story.expect(
+        outcome is Outcome.ABORTED,
+        f"transfer of {t.amount} from {t.source} (balance {before}): {outcome.value}",
+    )
+    story.say(f"why: {reason}")
+    evidence(story, settings, t, committed=False)
+    story.expect(balance(settings.pg_a, t.source) == before, "A's balance is unchanged")
+    return story
+
+
+def coordinator_dies_after_prepare(settings: Settings) -> Story:
+    """The coordinator dies with both branches prepared: their rows stay locked until recovery."""
+    story = Story("coordinator-dies-after-prepare")
+    t = new_transfer(source=2, target=3)
+    gtrid = gtrid_prefix(settings.coordinator_id) + t.transfer_id
+    code = run_child(t, "after_prepare=kill@2")
+    story.say(f"coordinator process killed (SIGKILL, exit {code}) after both branches prepared")
+    prepared = prepared_gids(settings.pg_a, gtrid) + prepared_gids(settings.pg_b, gtrid)
+    story.expect(prepared == 2, f"pg_prepared_xacts lists {prepared} branches of {gtrid}")
+    waited = try_update(settings.pg_a, t.source, lock_timeout_ms=1000)
+    story.expect(
+        waited is None,
+        "another writer of account "
+        f"{t.source} in A waited 1 s for the prepared branch's row lock and gave up",
+    )
+    recover(story, settings)
+    waited = try_update(settings.pg_a, t.source, lock_timeout_ms=1000)
+    story.expect(
+        waited is not None,
+        f"after recovery the same writer gets the row at once ({waited or 0:.1f} ms)",
+    )
+    evidence(story, settings, t, committed=False)
+    return story
+
+
+def try_update(dsn: str, account: str, *, lock_timeout_ms: int) -> float | None:
+    """Milliseconds a no-op UPDATE of ``account`` took, or None if it hit the lock timeout."""
+    with psycopg.connect(dsn) as conn:
+        conn.execute(f"SET lock_timeout = {int(lock_timeout_ms)}")
+        start = time.perf_counter()
+        try:
+            conn.execute("UPDATE accounts SET balance = balance WHERE id = %s", (account,))
+        except pg_errors.LockNotAvailable:
+            return None
+        finally:
+            conn.rollback()
+        return (time.perf_counter() - start) * 1000
+
+
+def broker_down_at_commit_point(settings: Settings) -> Story:
+    """The broker dies after phase 1: no COMMIT reached it, so the transaction aborts."""
+    story = Story("broker-down-at-commit-point")
+    lab = Lab(home_dir())
+    t = new_transfer(source=4, target=5)
+    coordinator = open_coordinator(settings, sessions=2)
+    try:
+        tx = coordinator.begin(gtrid_prefix(settings.coordinator_id) + t.transfer_id)
+        tx.execute(
+            "a", scenario.DEBIT, {"amount": t.amount, "account": t.source, "tid": t.transfer_id}
+        )
+        tx.execute(
+            "b", scenario.CREDIT, {"amount": t.amount, "account": t.target, "tid": t.transfer_id}
+        )
+        tx.send(scenario.QUEUE, t.body(), {"transfer-id": t.transfer_id})
+        pid = lab.kill("activemq")
+        story.say(f"work done; the broker (pid {pid}) is killed before the commit")
+        outcome = tx.commit()
+        story.expect(outcome is not Outcome.COMMITTED, f"outcome: {outcome.value} ({tx.reason})")
+    finally:
+        coordinator.close()
+        lab.start_service("activemq")
+    story.say("broker restarted")
+    if outcome is Outcome.IN_DOUBT:
+        recover(story, settings)
+    evidence(story, settings, t, committed=False)
+    return story
+
+
+def postgres_restart_while_prepared(settings: Settings) -> Story:
+    """PostgreSQL B restarts with a branch prepared and the decision made: recovery commits it."""
+    story = Story("postgres-restart-while-prepared")
+    lab = Lab(home_dir())
+    t = new_transfer(source=6, target=7)
+    gtrid = gtrid_prefix(settings.coordinator_id) + t.transfer_id
+    code = run_child(t, "after_decision=kill")
+    story.say(f"coordinator killed (exit {code}) after the commit point, before phase 2")
+    lab.stop_service("pg-b", immediate=True)
+    lab.start_service("pg-b")
+    survived = prepared_gids(settings.pg_b, gtrid)
+    story.expect(
+        survived == 1,
+        f"PostgreSQL B stopped (immediate) and restarted: "
+        f"its prepared branch survived ({survived} in pg_prepared_xacts)",
+    )
+    recover(story, settings)
+    evidence(story, settings, t, committed=True)
+    return story
+
+
+STORIES: dict[str, Callable[[Settings], Story]] = {
+    "happy": happy,
+    "no-vote": no_vote,
+    "coordinator-dies-after-prepare": coordinator_dies_after_prepare,
+    "broker-down-at-commit-point": broker_down_at_commit_point,
+    "postgres-restart-while-prepared": postgres_restart_while_prepared,
+}
+
+
+def describe(name: str) -> str:
+    doc = STORIES[name].__doc__ or ""
+    return doc.strip().splitlines()[0]
+
+
+def _child(argv: list[str]) -> None:
+    """``python -m scenarios.stories one ID SOURCE TARGET AMOUNT``: one transfer, then exit."""
+    if len(argv) != 5 or argv[0] != "one":
+        raise SystemExit("usage: python -m scenarios.stories one ID SOURCE TARGET AMOUNT")
+    t = scenario.Transfer(argv[1], argv[2], argv[3], int(argv[4]))
+    outcome, _ = one_transfer(Settings.load(), t)
+    print(outcome.value)
+
+
+if __name__ == "__main__":
+    _child(sys.argv[1:])

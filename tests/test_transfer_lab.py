@@ -1,0 +1,256 @@
+"""The 2PC transfer on the real lab: atomicity, conservation, recovery after kill -9, bad input."""
+
+from __future__ import annotations
+
+import json
+import os
+import random
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import psycopg
+import pytest
+
+from coordinator.errors import (
+    ConfigurationError,
+    DecisionLogLocked,
+    ParticipantUnavailable,
+    TransactionTimeout,
+)
+from coordinator.states import Outcome
+from participants.postgres import PostgresResource
+from scenarios import transfer as scenario
+from scenarios.config import Settings
+from scenarios.lab import Lab, postgres_bindir
+from scenarios.stories import STORIES
+from scenarios.wiring import open_coordinator
+from tests.conftest import free_port
+
+pytestmark = pytest.mark.lab
+
+TWOPC = [sys.executable, "-m", "scenarios.cli"]
+ACCOUNTS = 50
+
+
+@pytest.fixture
+def fresh(settings: Settings) -> Settings:
+    """Tables reset (recovery first), 50 accounts of 1,000 in A and B, queue empty."""
+    open_coordinator(settings).close()
+    scenario.reset(settings, accounts=ACCOUNTS, balance=1_000)
+    return settings
+
+
+def test_thousand_transfers_at_concurrency_8_keep_every_invariant(fresh: Settings) -> None:
+    """1,000 transfers: money conserved; ids in A iff in B iff one message; nothing prepared."""
+    coordinator = open_coordinator(fresh, sessions=8)
+    try:
+        plan = scenario.plan(1000, accounts=ACCOUNTS, seed=7)
+        result = scenario.run_batch(
+            plan, lambda t: scenario.transfer_2pc(coordinator, t), concurrency=8
+        )
+        stats = coordinator.stats()
+    finally:
+        coordinator.close()
+    assert sum(result.outcomes.values()) == 1000
+    assert result.outcomes["committed"] > 0 and result.outcomes["in-doubt"] == 0
+    evidence = scenario.gather_evidence(fresh)
+    assert evidence.total_now == evidence.total_expected == 2 * ACCOUNTS * 1_000
+    assert evidence.atomicity_violations == [] and evidence.duplicates == []
+    assert len(evidence.in_a) == result.outcomes["committed"]
+    assert evidence.prepared == [] and evidence.markers == set()
+    # Presumed abort with the broker as commit point: no forced log write per commit.
+    assert stats["forced_log_writes"] <= 2
+    assert stats["marker_messages"] == result.outcomes["committed"]
+
+
+def test_kill_9_of_a_running_transfer_then_recover_keeps_every_invariant(
+    fresh: Settings,
+) -> None:
+    """Repeatedly kill -9 a running 'twopc transfer' at a random moment, then 'twopc recover'."""
+    rng = random.Random(11)
+    for _ in range(3):
+        child = subprocess.Popen(
+            [
+                *TWOPC,
+                "transfer",
+                "--count",
+                "2000",
+                "--concurrency",
+                "8",
+                "--accounts",
+                str(ACCOUNTS),
+                "--no-check",
+                "--json",
+            ],
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL,
+        )
+        time.sleep(rng.uniform(0.8, 2.0))
+        child.send_signal(signal.SIGKILL)
+        child.wait()
+        recovered = subprocess.run(
+            [*TWOPC, "recover", "--json"], capture_output=True, text=True, check=False
+        )
+        assert recovered.returncode == 0, recovered.stderr
+        assert json.loads(recovered.stdout)["resolved"] is True
+        evidence = scenario.gather_evidence(fresh)
+        assert evidence.ok, evidence.as_dict()
+        assert evidence.markers == set()
+
+
+def test_insufficient_funds_is_a_no_vote_with_nothing_visible(fresh: Settings) -> None:
+    """Debiting more than the balance aborts: no row, no message, no prepared branch."""
+    coordinator = open_coordinator(fresh, sessions=2)
+    try:
+        t = scenario.Transfer("poor-1", scenario.account_id(0), scenario.account_id(1), 1_001)
+        outcome, reason = scenario.transfer_2pc(coordinator, t)
+    finally:
+        coordinator.close()
+    assert outcome is Outcome.ABORTED and "voted NO" in reason
+    evidence = scenario.gather_evidence(fresh)
+    assert "poor-1" not in evidence.in_a | evidence.in_b | set(evidence.on_queue)
+    assert evidence.prepared == [] and evidence.total_now == evidence.total_expected
+
+
+@pytest.mark.parametrize("name", list(STORIES))
+def test_scenario_scripts_keep_their_promises(fresh: Settings, name: str) -> None:
+    """Each scenario script runs on the real services and its evidence matches 2PC's promise."""
+    story = STORIES[name](fresh)
+    assert story.ok, "\n".join(story.lines)
+    assert any(line.startswith("evidence:") for line in story.lines)
+
+
+def test_unreachable_database_is_a_clear_error_and_commits_nothing(fresh: Settings) -> None:
+    """A database that does not answer: ParticipantUnavailable naming it and what to do."""
+    dead = f"host=127.0.0.1 port={free_port()} user=twopc dbname=twopc connect_timeout=2"
+    settings = Settings(fresh.home, fresh.pg_a, dead, fresh.stomp, fresh.openwire)
+    with pytest.raises(ParticipantUnavailable) as info:
+        open_coordinator(settings)
+    message = str(info.value)
+    assert "participant 'b'" in message and "TWOPC_PG_B" in message
+    assert "twopc lab up" in message
+
+
+def test_broker_down_makes_transfers_abort_cleanly(fresh: Settings, lab: Lab) -> None:
+    """With the broker stopped, a transfer aborts with a clear error and leaves nothing."""
+    coordinator = open_coordinator(fresh, sessions=2)
+    try:
+        lab.stop_service("activemq")
+        t = scenario.Transfer("nobroker-1", scenario.account_id(0), scenario.account_id(1), 5)
+        outcome, reason = scenario.transfer_2pc(coordinator, t)
+    finally:
+        coordinator.close()
+        lab.start_service("activemq")
+    assert outcome is Outcome.ABORTED
+    assert "broker" in reason.lower() or "stomp" in reason.lower()
+    evidence = scenario.gather_evidence(fresh)
+    assert "nobroker-1" not in evidence.in_a | evidence.in_b
+    assert evidence.prepared == []
+
+
+def test_second_coordinator_on_the_same_log_is_refused(settings: Settings) -> None:
+    """One coordinator per decision log: a second one gets DecisionLogLocked naming the pid."""
+    first = open_coordinator(settings, sessions=1)
+    try:
+        with pytest.raises(DecisionLogLocked, match=str(os.getpid())):
+            open_coordinator(settings, sessions=1)
+    finally:
+        first.close()
+
+
+def test_corrupt_log_is_refused_with_the_offset(settings: Settings, tmp_path: Path) -> None:
+    """'twopc recover' on a log damaged in the middle exits 2 naming the byte offset."""
+    from coordinator.log import format as log_format
+
+    home = tmp_path / "home"
+    home.mkdir()
+    good = log_format.encode(log_format.Commit("twopc.x1", ("a", "b")))
+    damaged = bytearray(good)
+    damaged[-1] ^= 0xFF
+    (home / "decisions.log").write_bytes(log_format.HEADER + bytes(damaged) + good)
+    env = {**os.environ, **settings.as_env(), "TWOPC_HOME": str(home)}
+    result = subprocess.run(
+        [*TWOPC, "recover"], capture_output=True, text=True, env=env, check=False
+    )
+    assert result.returncode == 2
+    assert f"offset {len(log_format.HEADER)}" in result.stderr
+
+
+def test_rollback_on_error_in_work_leaves_nothing(fresh: Settings) -> None:
+    """An exception inside the transaction block rolls back both branches and the send."""
+    coordinator = open_coordinator(fresh, sessions=2)
+    try:
+        with pytest.raises(RuntimeError), coordinator.transaction() as tx:
+            tx.execute("a", "INSERT INTO transfers (transfer_id, amount) VALUES ('err-1', 1)")
+            tx.execute("b", "INSERT INTO transfers (transfer_id, amount) VALUES ('err-1', 1)")
+            tx.send(scenario.QUEUE, "{}", {"transfer-id": "err-1"})
+            raise RuntimeError("the caller changed its mind")
+        with pytest.raises(TransactionTimeout), coordinator.transaction(timeout=0.2) as tx:
+            tx.execute("a", "SELECT pg_sleep(0.5)")
+            tx.execute("b", "INSERT INTO transfers (transfer_id, amount) VALUES ('err-2', 1)")
+            tx.send(scenario.QUEUE, "{}", {"transfer-id": "err-2"})
+    finally:
+        coordinator.close()
+    evidence = scenario.gather_evidence(fresh)
+    assert not {"err-1", "err-2"} & (evidence.in_a | evidence.in_b | set(evidence.on_queue))
+
+
+@pytest.fixture
+def server_without_prepared_transactions(lab: Lab) -> Iterator[str]:
+    """A real PostgreSQL started with max_prepared_transactions = 0 (as a user's may be)."""
+    import tempfile
+
+    home = Path(tempfile.mkdtemp(prefix="twopc-mpt0-", dir="/tmp"))
+    home.chmod(0o755)
+    port = free_port()
+    env = {
+        **os.environ,
+        "TWOPC_HOME": str(home),
+        "TWOPC_LAB_PG_A_PORT": str(port),
+        "TWOPC_LAB_PG_B_PORT": str(free_port()),
+        "TWOPC_LAB_STOMP_PORT": str(free_port()),
+        "TWOPC_LAB_OPENWIRE_PORT": str(free_port()),
+    }
+    zero = Lab(home, env)
+    assert postgres_bindir()
+    zero.start_service("pg-a")  # initdb and a first start, then the same cluster with 0:
+    zero.stop_service("pg-a")
+    data = home / "pg-a" / "data"
+    user = zero._lab_user()
+    run_as = {"user": user.pw_uid, "group": user.pw_gid, "extra_groups": []} if user else {}
+    server = subprocess.Popen(
+        [str(postgres_bindir() / "postgres"), "-D", str(data), "-c", "max_prepared_transactions=0"],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+        start_new_session=True,
+        **run_as,
+    )
+    dsn = f"host=127.0.0.1 port={port} user=twopc dbname=postgres connect_timeout=2"
+    deadline = time.monotonic() + 30
+    while True:
+        try:
+            psycopg.connect(dsn).close()
+            break
+        except psycopg.OperationalError:
+            if time.monotonic() > deadline:
+                raise
+            time.sleep(0.2)
+    yield dsn
+    server.send_signal(signal.SIGINT)
+    server.wait(timeout=30)
+    shutil.rmtree(home, ignore_errors=True)
+
+
+def test_max_prepared_transactions_zero_is_refused_with_the_reason(
+    server_without_prepared_transactions: str,
+) -> None:
+    """A server with max_prepared_transactions = 0 gets a clear error saying why 2PC needs it."""
+    resource = PostgresResource("a", server_without_prepared_transactions)
+    with pytest.raises(ConfigurationError, match="max_prepared_transactions = 0") as info:
+        resource.connect()
+    assert "PREPARE TRANSACTION" in str(info.value)
