@@ -1,0 +1,215 @@
+"""One conformance suite for the participant contract, run against the fake and the real ones."""
+
+from __future__ import annotations
+
+import secrets
+from collections.abc import Iterator
+from dataclasses import dataclass
+from typing import Any, Protocol
+
+import psycopg
+import pytest
+
+from coordinator.errors import PrepareFailed
+from coordinator.protocol import LastResource, XAResource
+from coordinator.states import Vote
+from coordinator.xid import FORMAT_ID, Xid
+from participants.fake import FakeBroker, FakeResource
+from participants.postgres import PostgresResource
+from scenarios.config import Settings
+
+
+class XAHarness(Protocol):
+    """How the suite writes through a branch and reads what became visible."""
+
+    resource: XAResource
+
+    def write(self, branch: Any, key: str) -> None: ...
+
+    def fail(self, branch: Any) -> None: ...
+
+    def visible(self, key: str) -> bool: ...
+
+
+@dataclass
+class FakeHarness:
+    resource: FakeResource
+
+    def write(self, branch: Any, key: str) -> None:
+        branch.execute(key)
+
+    def fail(self, branch: Any) -> None:
+        branch.failure = RuntimeError("the work failed")
+
+    def visible(self, key: str) -> bool:
+        return any(key in ops for ops in self.resource.store.committed.values())
+
+
+@dataclass
+class PostgresHarness:
+    resource: PostgresResource
+
+    def write(self, branch: Any, key: str) -> None:
+        branch.execute("INSERT INTO conformance (k) VALUES (%s)", (key,))
+
+    def fail(self, branch: Any) -> None:
+        with pytest.raises(psycopg.errors.DivisionByZero):
+            branch.execute("SELECT 1 / 0")
+
+    def visible(self, key: str) -> bool:
+        with psycopg.connect(self.resource.dsn) as conn:
+            return (
+                conn.execute("SELECT 1 FROM conformance WHERE k = %s", (key,)).fetchone()
+                is not None
+            )
+
+
+@pytest.fixture(params=["fake", pytest.param("postgres", marks=pytest.mark.lab)])
+def xa(request: pytest.FixtureRequest) -> Iterator[XAHarness]:
+    if request.param == "fake":
+        yield FakeHarness(FakeResource("a"))
+        return
+    settings: Settings = request.getfixturevalue("settings")
+    with psycopg.connect(settings.pg_a, autocommit=True) as conn:
+        conn.execute("CREATE TABLE IF NOT EXISTS conformance (k text PRIMARY KEY)")
+    resource = PostgresResource("a", settings.pg_a)
+    yield PostgresHarness(resource)
+    resource.close()
+
+
+def new_xid() -> Xid:
+    return Xid.branch(f"conf.{secrets.token_hex(8)}", "a")
+
+
+def prepared(resource: XAResource) -> set[Xid]:
+    return set(resource.recover(FORMAT_ID, "conf."))
+
+
+def test_prepare_then_commit_prepared_makes_the_write_visible(xa: XAHarness) -> None:
+    """begin -> write -> prepare (YES, listed by recover) -> commit_prepared (visible, unlisted)."""
+    xid = new_xid()
+    branch = xa.resource.begin(xid)
+    xa.write(branch, xid.gtrid)
+    assert branch.read_only() is False
+    assert branch.prepare() is Vote.YES
+    assert xid in prepared(xa.resource)
+    assert not xa.visible(xid.gtrid)
+    branch.commit_prepared()
+    branch.release()
+    assert xid not in prepared(xa.resource)
+    assert xa.visible(xid.gtrid)
+
+
+def test_prepared_branch_rolls_back(xa: XAHarness) -> None:
+    """A prepared branch rolled back leaves nothing visible and nothing prepared."""
+    xid = new_xid()
+    branch = xa.resource.begin(xid)
+    xa.write(branch, xid.gtrid)
+    branch.prepare()
+    branch.rollback()
+    branch.release()
+    assert xid not in prepared(xa.resource)
+    assert not xa.visible(xid.gtrid)
+
+
+def test_recovered_branch_is_resolved_by_xid_alone(xa: XAHarness) -> None:
+    """commit_recovered / rollback_recovered work from the xid; a second call says 'gone'."""
+    committed, rolled_back = new_xid(), new_xid()
+    for xid in (committed, rolled_back):
+        branch = xa.resource.begin(xid)
+        xa.write(branch, xid.gtrid)
+        branch.prepare()
+        branch.release()  # the session goes; the prepared branch stays
+    assert {committed, rolled_back} <= prepared(xa.resource)
+    assert xa.resource.commit_recovered(committed) is True
+    assert xa.resource.rollback_recovered(rolled_back) is True
+    assert xa.resource.commit_recovered(committed) is False
+    assert xa.resource.rollback_recovered(rolled_back) is False
+    assert xa.visible(committed.gtrid) and not xa.visible(rolled_back.gtrid)
+
+
+def test_branch_without_writes_is_read_only_and_commits_one_phase(xa: XAHarness) -> None:
+    """A branch that wrote nothing reports read_only() and commits without prepare."""
+    xid = new_xid()
+    branch = xa.resource.begin(xid)
+    assert branch.read_only() is True
+    branch.commit_one_phase()
+    branch.release()
+    assert xid not in prepared(xa.resource)
+
+
+def test_failed_work_votes_no_and_leaves_nothing(xa: XAHarness) -> None:
+    """A branch whose work failed raises PrepareFailed and is rolled back."""
+    xid = new_xid()
+    branch = xa.resource.begin(xid)
+    xa.write(branch, xid.gtrid)
+    xa.fail(branch)
+    with pytest.raises(PrepareFailed, match="participant 'a'"):
+        branch.prepare()
+    branch.release()
+    assert xid not in prepared(xa.resource)
+    assert not xa.visible(xid.gtrid)
+
+
+def test_one_phase_commit_of_a_writer(xa: XAHarness) -> None:
+    """A single writer commits one-phase: visible, never prepared."""
+    xid = new_xid()
+    branch = xa.resource.begin(xid)
+    xa.write(branch, xid.gtrid)
+    branch.commit_one_phase()
+    branch.release()
+    assert xa.visible(xid.gtrid) and xid not in prepared(xa.resource)
+
+
+# -- the last resource --------------------------------------------------------------
+
+
+@pytest.fixture(params=["fake", pytest.param("activemq", marks=pytest.mark.lab)])
+def broker(request: pytest.FixtureRequest) -> Iterator[LastResource]:
+    if request.param == "fake":
+        yield FakeBroker("mq")
+        return
+    from participants.activemq import ActiveMQ
+
+    settings: Settings = request.getfixturevalue("settings")
+    queue = f"/queue/conformance.markers.{secrets.token_hex(4)}"
+    resource = ActiveMQ(
+        settings.stomp, f"conf-{secrets.token_hex(3)}", pool_size=2, marker_queue=queue
+    )
+    yield resource
+    resource.close()
+
+
+def test_commit_with_marker_leaves_a_marker_until_removed(broker: LastResource) -> None:
+    """The commit point: the marker is on the marker queue until remove_markers takes it."""
+    gtrid = f"conf.{secrets.token_hex(6)}"
+    session = broker.begin(gtrid)
+    assert session.has_work is False
+    session.send(f"/queue/conformance.{secrets.token_hex(4)}", "{}", {"k": "v"})
+    assert session.has_work is True
+    session.commit_with_marker(gtrid, 5.0)
+    session.release()
+    assert gtrid in broker.markers()
+    assert broker.remove_markers([gtrid]) == 1
+    assert gtrid not in broker.markers()
+
+
+def test_abort_leaves_no_marker(broker: LastResource) -> None:
+    """An aborted broker transaction leaves no marker."""
+    gtrid = f"conf.{secrets.token_hex(6)}"
+    session = broker.begin(gtrid)
+    session.send(f"/queue/conformance.{secrets.token_hex(4)}", "{}", None)
+    session.abort()
+    session.release()
+    assert gtrid not in broker.markers()
+
+
+def test_fence_succeeds_when_no_other_process_holds_the_sessions(broker: LastResource) -> None:
+    """Fencing our own idle sessions succeeds, and the broker is usable afterwards."""
+    broker.fence(10.0)
+    gtrid = f"conf.{secrets.token_hex(6)}"
+    session = broker.begin(gtrid)
+    session.send(f"/queue/conformance.{secrets.token_hex(4)}", "{}", None)
+    session.commit_with_marker(gtrid, 5.0)
+    session.release()
+    assert gtrid in broker.markers()
