@@ -1,0 +1,1 @@
+"""Resource adapters: PostgreSQL branches, the ActiveMQ last resource, and their STOMP client."""

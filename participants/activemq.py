@@ -1,0 +1,530 @@
+"""ActiveMQ over STOMP as the last resource: transaction, commit marker, receipts, fencing.
+
+STOMP has BEGIN/COMMIT/ABORT and no PREPARE, so the broker cannot vote: it
+commits last and its COMMIT is the commit point. Inside the broker transaction
+the coordinator SENDs a *commit marker* (header ``gtrid``) to the marker queue;
+after a crash, a marker on the queue means "committed".
+
+Sessions live in a pool of long-lived STOMP connections. Slot ``i`` always
+CONNECTs with client-id ``twopc-<coordinator id>-<i>``, and ActiveMQ refuses a
+second live connection with a client-id it still holds: :meth:`ActiveMQ.fence`
+CONNECTs with the client-id of every slot a pool may have (``MAX_POOL_SIZE``),
+and once it gets them all, the broker has finished with every frame a dead
+session sent, so the marker queue is final.
+
+BEGIN is sent lazily, with the first SEND (or with the marker): a session
+that sends nothing costs no frame at all, and aborting it sends nothing.
+
+A session whose connection is in an unknown state (no answer in time, an
+ERROR frame, a dropped socket, a simulated crash) is dropped when released,
+never reused.
+"""
+
+from __future__ import annotations
+
+import enum
+import threading
+import time
+from collections.abc import Collection, Mapping
+from dataclasses import dataclass
+from typing import Any
+
+from coordinator import events, failpoints
+from coordinator.errors import (
+    CommitRefused,
+    ConfigurationError,
+    HeuristicMixed,
+    InvalidTransition,
+    OutcomeUnknown,
+    ParticipantError,
+    ParticipantUnavailable,
+)
+from coordinator.xid import validate_coordinator_id, validate_id
+from participants.stomp_client import ClientIdInUse, StompClient, parse_address
+
+MARKER_QUEUE = "/queue/twopc.markers"
+
+#: The largest pool. fence() takes over this many client-ids whatever its own
+#: pool size, so that recovery with a small pool still fences every session a
+#: crashed coordinator with a large pool may have had.
+MAX_POOL_SIZE = 64
+
+# Event names of this participant (per-step ones are DEBUG).
+CONNECTED = "mq.connected"
+SENT = "mq.send"
+COMMITTED = "mq.commit.committed"
+COMMIT_REFUSED = "mq.commit.refused"
+COMMIT_UNKNOWN = "mq.commit.unknown"
+ABORTED = "mq.abort"
+ABORT_FAILED = "mq.abort.failed"
+SESSION_DROPPED = "mq.session.dropped"
+FENCE_STARTED = "mq.fence.started"
+FENCE_RETRY = "mq.fence.retry"
+FENCE_DONE = "mq.fence.done"
+FENCE_REFUSED = "mq.fence.refused"
+
+
+class CommitNotSent(CommitRefused, ParticipantUnavailable):
+    """The connection was lost before the COMMIT frame was written: nothing was committed."""
+
+
+class FenceRefused(ParticipantError):
+    """A live connection (a running or paused coordinator) still holds one of our client-ids."""
+
+    def __init__(self, client_id: str, timeout: float, *, participant: str) -> None:
+        super().__init__(
+            f"client-id {client_id} is still held by a live connection after {timeout:g} s: "
+            "a live coordinator (maybe paused) still holds it. Stop that coordinator (or let "
+            "it finish) and run 'twopc recover' again",
+            participant=participant,
+        )
+        self.client_id = client_id
+
+
+def client_id_for(coordinator_id: str, slot: int) -> str:
+    """The fixed client-id of pool slot ``slot`` of ``coordinator_id``."""
+    return f"twopc-{coordinator_id}-{slot}"
+
+
+@dataclass
+class _Slot:
+    """One place in the pool: a fixed client-id and, when connected, its connection."""
+
+    index: int
+    client_id: str
+    client: StompClient | None = None
+
+
+class _State(enum.Enum):
+    ACTIVE = "active"
+    COMMITTING = "committing"  # COMMIT about to be sent or sent, no answer yet
+    COMMITTED = "committed"
+    ABORTED = "aborted"
+    IN_DOUBT = "in doubt"
+    RELEASED = "released"
+
+
+class ActiveMQSession:
+    """The broker transaction of one gtrid on one pooled connection (a LastResourceSession)."""
+
+    def __init__(self, resource: ActiveMQ, slot: _Slot, client: StompClient, gtrid: str) -> None:
+        self._resource = resource
+        self._slot = slot
+        self._client = client
+        self._gtrid = gtrid
+        self._state = _State.ACTIVE
+        self._begun = False
+        self._sent = 0
+        self._healthy = True
+        self._errors_before = client.error_count
+        self._log = resource._log.bind(gtrid=gtrid, slot=slot.index)
+
+    @property
+    def name(self) -> str:
+        return self._resource.name
+
+    @property
+    def gtrid(self) -> str:
+        """The global transaction this session belongs to (also the STOMP transaction id)."""
+        return self._gtrid
+
+    @property
+    def has_work(self) -> bool:
+        """True once a message was sent inside the transaction."""
+        return self._sent > 0
+
+    def send(self, destination: str, body: str, headers: Mapping[str, str] | None = None) -> None:
+        """SEND a persistent message inside the transaction (fire-and-forget: no receipt)."""
+        self._require(_State.ACTIVE, "send")
+        try:
+            self._begin_once()
+            self._client.send(
+                destination, body, headers, transaction=self._gtrid, gtrid=self._gtrid
+            )
+        except ParticipantError:
+            self._healthy = False
+            raise
+        self._sent += 1
+        self._log.debug(SENT, destination=destination)
+
+    def commit_with_marker(self, gtrid: str, timeout: float) -> None:
+        """The commit point: SEND the marker, COMMIT, wait for the RECEIPT.
+
+        CommitRefused: the broker answered with an ERROR (or the connection was
+        lost before the COMMIT went out): nothing was committed. OutcomeUnknown:
+        the COMMIT went out and no answer came within ``timeout``.
+        """
+        if gtrid != self._gtrid:
+            raise InvalidTransition(
+                f"broker session of gtrid {self._gtrid} asked to commit the marker of {gtrid}"
+            )
+        self._commit(timeout, marker=True)
+
+    def commit(self, timeout: float) -> None:
+        """One-phase COMMIT, without marker; with nothing sent it sends nothing."""
+        self._commit(timeout, marker=False)
+
+    def abort(self) -> None:
+        """ABORT the transaction (waiting for the receipt); never raises."""
+        if self._state is not _State.ACTIVE:
+            return
+        self._state = _State.ABORTED
+        if not self._begun:
+            return
+        if not self._client.alive:
+            self._healthy = False  # the broker rolls back a lost connection's transaction
+            return
+        try:
+            self._client.abort(self._gtrid, self._resource.receipt_timeout, gtrid=self._gtrid)
+        except ParticipantError as exc:
+            # Not aborted by us: the broker rolls it back when the connection is dropped.
+            self._healthy = False
+            self._log.warning(ABORT_FAILED, error=str(exc))
+            return
+        self._log.debug(ABORTED)
+
+    def release(self) -> None:
+        """Return the connection to the pool, or drop it if its state is unknown. Never raises."""
+        if self._state is _State.RELEASED:
+            return
+        if self._state is _State.ACTIVE:
+            self.abort()
+        if self._state in (_State.COMMITTING, _State.IN_DOUBT):
+            self._healthy = False
+        self._state = _State.RELEASED
+        self._resource._release(self._slot, healthy=self._healthy)
+
+    def _commit(self, timeout: float, *, marker: bool) -> None:
+        self._require(_State.ACTIVE, "commit")
+        if not marker and not self._begun:
+            self._state = _State.COMMITTED  # read-only: no transaction was ever begun
+            return
+        try:
+            self._begin_once()
+            if marker:
+                self._client.send(
+                    self._resource.marker_queue,
+                    "",
+                    {"gtrid": self._gtrid},
+                    transaction=self._gtrid,
+                    gtrid=self._gtrid,
+                )
+        except ParticipantUnavailable as exc:
+            self._fail(_State.ABORTED)
+            raise CommitNotSent(
+                f"the connection to the broker at {self._resource.address} was lost before "
+                "the COMMIT was sent: nothing was committed",
+                participant=self.name,
+                gtrid=self._gtrid,
+            ) from exc
+        refused = self._client.errors_since(self._errors_before)
+        if refused:
+            self.abort()
+            self._fail(_State.ABORTED)
+            raise CommitRefused(
+                f"the broker refused a frame of the transaction ({refused[0]}); "
+                "it was aborted instead of committed",
+                participant=self.name,
+                gtrid=self._gtrid,
+            )
+        self._state = _State.COMMITTING
+        failpoints.hit("before_broker_commit")
+        try:
+            self._client.commit(
+                self._gtrid,
+                timeout,
+                gtrid=self._gtrid,
+                after_send=lambda: failpoints.hit("after_broker_commit"),
+            )
+        except CommitRefused as exc:
+            self._fail(_State.ABORTED)
+            self._log.warning(COMMIT_REFUSED, error=str(exc))
+            raise
+        except OutcomeUnknown as exc:
+            self._fail(_State.IN_DOUBT)
+            self._log.warning(COMMIT_UNKNOWN, error=str(exc))
+            raise
+        except ParticipantUnavailable as exc:
+            self._fail(_State.ABORTED)
+            raise CommitNotSent(
+                f"the connection to the broker at {self._resource.address} was lost before "
+                "the whole COMMIT was sent: nothing was committed",
+                participant=self.name,
+                gtrid=self._gtrid,
+            ) from exc
+        self._state = _State.COMMITTED
+        late = self._client.errors_since(self._errors_before)
+        if late:
+            # An ERROR for a SEND without receipt arrived after the COMMIT had gone
+            # out: the broker committed the transaction without that message.
+            self._healthy = False
+            raise HeuristicMixed(
+                f"the broker committed the transaction but refused a message in it ({late[0]})",
+                participant=self.name,
+                gtrid=self._gtrid,
+            )
+        self._log.debug(COMMITTED, marker=marker, messages=self._sent)
+
+    def _begin_once(self) -> None:
+        if not self._begun:
+            self._client.begin(self._gtrid, gtrid=self._gtrid)
+            self._begun = True
+
+    def _fail(self, state: _State) -> None:
+        self._state = state
+        self._healthy = False
+
+    def _require(self, state: _State, action: str) -> None:
+        if self._state is not state:
+            raise InvalidTransition(
+                f"can't {action} broker transaction {self._gtrid}: it is {self._state.value}"
+            )
+
+
+class ActiveMQ:
+    """The ActiveMQ last resource: a pool of STOMP sessions with fixed client-ids."""
+
+    def __init__(
+        self,
+        stomp_addr: str,
+        coordinator_id: str,
+        *,
+        name: str = "mq",
+        pool_size: int = 8,
+        receipt_timeout: float = 5.0,
+        marker_queue: str = MARKER_QUEUE,
+        connect_timeout: float = 5.0,
+        acquire_timeout: float = 30.0,
+    ) -> None:
+        parse_address(stomp_addr)
+        validate_coordinator_id(coordinator_id)
+        if not 1 <= pool_size <= MAX_POOL_SIZE:
+            raise ConfigurationError(
+                f"broker pool size must be between 1 and {MAX_POOL_SIZE}, not {pool_size}"
+            )
+        if not marker_queue.startswith("/queue/"):
+            raise ConfigurationError(f"marker queue {marker_queue!r} must be a /queue/<name>")
+        self.address = stomp_addr
+        self.coordinator_id = coordinator_id
+        self.receipt_timeout = receipt_timeout
+        self.marker_queue = marker_queue
+        self._name = name
+        self._connect_timeout = connect_timeout
+        self._acquire_timeout = acquire_timeout
+        self._slots = [_Slot(i, client_id_for(coordinator_id, i)) for i in range(pool_size)]
+        self._free = list(reversed(self._slots))  # a stack: warm low slots are reused first
+        self._cond = threading.Condition()
+        self._closed = False
+        self._log: Any = events.get_logger(participant=name)
+
+    @property
+    def name(self) -> str:
+        return self._name
+
+    @property
+    def client_ids(self) -> list[str]:
+        """Every client-id this coordinator's sessions connect with."""
+        return [slot.client_id for slot in self._slots]
+
+    def begin(self, gtrid: str) -> ActiveMQSession:
+        """A session for ``gtrid`` (BEGIN goes out with its first frame). ParticipantUnavailable."""
+        validate_id("gtrid", gtrid)
+        slot = self._acquire(gtrid)
+        try:
+            client = self._ready_client(slot)
+        except BaseException:
+            self._put_back(slot)
+            raise
+        return ActiveMQSession(self, slot, client, gtrid)
+
+    def fence(self, timeout: float) -> None:
+        """CONNECT with every client-id of this coordinator, so no earlier COMMIT is in flight.
+
+        Our own pooled connections are closed first (they hold client-ids);
+        while the broker still holds one for a dead connection, CONNECT is
+        retried until ``timeout``. All ``MAX_POOL_SIZE`` client-ids are taken
+        over, whatever this pool's size; the pool keeps the connections of its
+        own slots. FenceRefused if a live connection still holds a client-id.
+        """
+        deadline = time.monotonic() + timeout
+        self._log.info(FENCE_STARTED, client_ids=MAX_POOL_SIZE, timeout=timeout)
+        slots = self._take_all(deadline)
+        try:
+            for slot in slots:
+                if slot.client is not None:
+                    slot.client.close(self.receipt_timeout)
+                    slot.client = None
+            for index in range(MAX_POOL_SIZE):
+                client_id = client_id_for(self.coordinator_id, index)
+                try:
+                    client = self._connect(client_id, deadline - time.monotonic())
+                except ClientIdInUse as exc:
+                    self._log.warning(FENCE_REFUSED, client_id=client_id, error=str(exc))
+                    raise FenceRefused(client_id, timeout, participant=self.name) from exc
+                if index < len(self._slots):
+                    self._slots[index].client = client
+                else:
+                    client.close(self.receipt_timeout)
+        finally:
+            for slot in slots:
+                self._put_back(slot)
+        self._log.info(FENCE_DONE, client_ids=MAX_POOL_SIZE)
+
+    def markers(self) -> set[str]:
+        """The gtrids whose commit marker is on the marker queue (a full browse, no selector).
+
+        BrowseIncomplete if the broker cut the browse short (its maxBrowsePageSize):
+        an incomplete list would make recovery roll back committed transactions.
+        """
+        with self._plain_client() as client:
+            found = client.browse_complete(
+                self.marker_queue,
+                idle_timeout=self.receipt_timeout,
+                receipt_timeout=self.receipt_timeout,
+            )
+        return {gtrid for message in found if (gtrid := message.headers.get("gtrid"))}
+
+    def remove_markers(self, gtrids: Collection[str]) -> int:
+        """Consume the markers of ``gtrids`` and leave every other marker; return how many.
+
+        A browse says where the wanted markers sit; a client-individual
+        subscription with a prefetch reaching the last of them receives them in
+        queue order; only wanted ones (and browse sentinels) are ACKed; the
+        UNSUBSCRIBE receipt proves the ACKs were processed, and the unacked
+        markers go back to the queue. Markers beyond a browse the broker cut
+        short stay for a later call.
+        """
+        wanted = set(gtrids)
+        if not wanted:
+            return 0
+        with self._plain_client() as client:
+            queued = client.browse(self.marker_queue, idle_timeout=self.receipt_timeout)
+            positions = [i for i, m in enumerate(queued) if m.headers.get("gtrid") in wanted]
+            if not positions:
+                return 0
+            subscription = client.subscribe(
+                self.marker_queue,
+                ack="client-individual",
+                prefetch=positions[-1] + 1,
+                timeout=self.receipt_timeout,
+            )
+            removed = 0
+            while removed < len(positions):
+                message = subscription.get(self.receipt_timeout)
+                if message is None:
+                    break  # someone else consumed the rest meanwhile
+                if message.headers.get("gtrid") in wanted:
+                    client.ack(message)
+                    removed += 1
+                elif message.is_sentinel:
+                    client.ack(message)
+            subscription.unsubscribe(timeout=self.receipt_timeout)
+        self._log.info(events.MARKERS_REMOVED, count=removed, asked=len(wanted))
+        return removed
+
+    def close(self) -> None:
+        """Close the idle sessions; sessions still in use are dropped when released."""
+        with self._cond:
+            self._closed = True
+            idle, self._free = self._free, []
+            self._cond.notify_all()
+        for slot in idle:
+            if slot.client is not None:
+                slot.client.close(self.receipt_timeout)
+                slot.client = None
+
+    # -- the pool --------------------------------------------------------------
+
+    def _acquire(self, gtrid: str) -> _Slot:
+        deadline = time.monotonic() + self._acquire_timeout
+        with self._cond:
+            while not self._free:
+                remaining = deadline - time.monotonic()
+                if self._closed or remaining <= 0:
+                    why = (
+                        "is closed"
+                        if self._closed
+                        else f"stayed busy for {self._acquire_timeout:g} s"
+                    )
+                    raise ParticipantUnavailable(
+                        f"every one of the {len(self._slots)} broker sessions {why}",
+                        participant=self.name,
+                        gtrid=gtrid,
+                    )
+                self._cond.wait(remaining)
+            if self._closed:
+                raise ParticipantUnavailable(
+                    "the broker resource is closed", participant=self.name, gtrid=gtrid
+                )
+            return self._free.pop()
+
+    def _take_all(self, deadline: float) -> list[_Slot]:
+        with self._cond:
+            while len(self._free) < len(self._slots):
+                remaining = deadline - time.monotonic()
+                if remaining <= 0:
+                    busy = sorted(set(self.client_ids) - {s.client_id for s in self._free})
+                    raise ParticipantError(
+                        f"cannot fence: broker sessions {', '.join(busy)} are in use by running "
+                        "transactions of this process",
+                        participant=self.name,
+                    )
+                self._cond.wait(remaining)
+            taken, self._free = self._free, []
+            return taken
+
+    def _release(self, slot: _Slot, *, healthy: bool) -> None:
+        if (not healthy or self._closed) and slot.client is not None:
+            self._log.debug(SESSION_DROPPED, client_id=slot.client_id, healthy=healthy)
+            slot.client.drop()
+            slot.client = None
+        self._put_back(slot)
+
+    def _put_back(self, slot: _Slot) -> None:
+        with self._cond:
+            if not self._closed:
+                self._free.append(slot)
+            self._cond.notify()
+
+    def _ready_client(self, slot: _Slot) -> StompClient:
+        """The slot's connection, reconnecting it if it was dropped or died while idle."""
+        if slot.client is not None and slot.client.alive:
+            return slot.client
+        if slot.client is not None:
+            slot.client.drop()
+            slot.client = None
+        slot.client = self._connect(slot.client_id, self._connect_timeout)
+        return slot.client
+
+    def _connect(self, client_id: str, timeout: float) -> StompClient:
+        """CONNECT with ``client_id``, retrying until ``timeout`` while the broker still holds it.
+
+        The broker keeps a dropped connection's client-id until it has processed
+        every frame that connection sent: seconds, sometimes.
+        """
+        deadline = time.monotonic() + timeout
+        delay = 0.05
+        while True:
+            try:
+                client = StompClient.open(
+                    self.address,
+                    participant=self.name,
+                    client_id=client_id,
+                    connect_timeout=self._connect_timeout,
+                )
+            except ClientIdInUse as exc:
+                remaining = deadline - time.monotonic()
+                if remaining <= 0:
+                    raise
+                self._log.debug(FENCE_RETRY, client_id=client_id, error=exc.args[0])
+                time.sleep(min(delay, remaining))
+                delay = min(delay * 2, 0.5)
+                continue
+            self._log.debug(CONNECTED, client_id=client_id, address=self.address)
+            return client
+
+    def _plain_client(self) -> StompClient:
+        """A connection without client-id, for reading and trimming the marker queue."""
+        return StompClient.open(
+            self.address, participant=self.name, connect_timeout=self._connect_timeout
+        )

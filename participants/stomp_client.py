@@ -1,0 +1,683 @@
+"""The one place that opens STOMP connections: receipts with timeouts, errors as twopc errors.
+
+stomp.py supplies frames and a receiver thread, but no safe way to wait: its
+``WaitingListener`` waits forever and ignores ERROR frames and disconnects.
+:class:`StompClient` wraps one ``stomp.Connection12`` and adds what the last
+resource, the outbox relays and the consumers need:
+
+* TCP_NODELAY on the socket. stomp.py leaves Nagle's algorithm on, and a COMMIT
+  sent right after a SEND then waits for the broker's delayed ACK: 45 ms per
+  commit instead of about 1.5 ms.
+* Receipts waited with a timeout. The RECEIPT, an ERROR frame answering the
+  request (ActiveMQ copies the ``receipt`` into the ERROR's ``receipt-id``), or
+  the connection dropping wakes the waiter; nothing waits forever.
+* CONNECT with an optional ``client-id``. ActiveMQ refuses a second live
+  connection with the same client-id (``InvalidClientIDException``, then it
+  closes the socket): that is :class:`ClientIdInUse`, the error fencing retries on.
+* Subscriptions whose MESSAGE frames go to a queue (``Subscription.get``) or to a
+  callback, acks, and queue browses. ActiveMQ browses with the SUBSCRIBE
+  header ``browser:true`` and ends the browse with a MESSAGE carrying
+  ``browser:end`` -- also when its ``maxBrowsePageSize`` (400 by default once a
+  policyEntry matches the queue) cut the browse short, which
+  :meth:`StompClient.browse_complete` detects. No selectors: a selector browse
+  or a selector consumer misses messages deep in a queue (the broker pages a
+  few hundred at a time).
+
+Every SEND is ``persistent:true``; a non-persistent message is lost when the
+broker is killed. Failures leave this module as coordinator.errors types naming
+the participant and, when the caller passes one, the gtrid.
+
+Listener callbacks run on stomp.py's receiver thread; they only record and
+signal, never block.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import itertools
+import queue
+import socket
+import threading
+import uuid
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
+from typing import Any, Literal
+
+import stomp
+from stomp.exception import StompException
+
+from coordinator.errors import (
+    CommitRefused,
+    ConfigurationError,
+    OutcomeUnknown,
+    ParticipantError,
+    ParticipantUnavailable,
+)
+from coordinator.events import get_logger
+
+AckMode = Literal["auto", "client-individual"]
+
+#: What a user can do when the broker cannot be reached.
+UNAVAILABLE_HINT = "run 'twopc lab up', or check TWOPC_STOMP"
+
+#: Destinations a SEND may name. ActiveMQ drops the whole connection for some
+#: malformed names ("/queue/") and, worse, answers others with an ERROR while
+#: the rest of the transaction still commits, so they are refused here.
+DESTINATION_PREFIXES = ("/queue/", "/topic/")
+
+#: Header of the message :meth:`StompClient.browse_complete` appends to a queue.
+SENTINEL_HEADER = "twopc-browse-sentinel"
+
+
+def _log() -> Any:
+    # Looked up at each use, so that a later events.configure() takes effect here too.
+    return get_logger(component="stomp")
+
+
+def parse_address(address: str) -> tuple[str, int]:
+    """Split ``"host:port"`` into its parts; ConfigurationError if it is not one."""
+    host, sep, port = address.rpartition(":")
+    if not sep or not host or not port.isdigit():
+        raise ConfigurationError(
+            f"STOMP address {address!r} must be host:port, such as 127.0.0.1:61613 "
+            "(set TWOPC_STOMP)"
+        )
+    return host, int(port)
+
+
+class ClientIdInUse(ParticipantUnavailable):
+    """The broker refused CONNECT: another live connection holds the same client-id."""
+
+    def __init__(self, client_id: str, broker_message: str, *, participant: str) -> None:
+        super().__init__(
+            f"the broker refused client-id {client_id!r}: another connection still holds it "
+            f"({broker_message})",
+            participant=participant,
+        )
+        self.client_id = client_id
+
+
+class BrokerRefused(ParticipantError):
+    """The broker answered a request with an ERROR frame; carries the broker's message."""
+
+    def __init__(
+        self, what: str, broker_message: str, *, participant: str, gtrid: str | None = None
+    ) -> None:
+        super().__init__(
+            f"the broker refused {what}: {broker_message}", participant=participant, gtrid=gtrid
+        )
+        self.broker_message = broker_message
+
+
+class BrowseIncomplete(ParticipantError):
+    """The broker ended a browse before the end of the queue (its maxBrowsePageSize)."""
+
+    def __init__(self, destination: str, seen: int, *, participant: str) -> None:
+        super().__init__(
+            f"the broker ended the browse of {destination} after {seen} messages, before the "
+            "end of the queue: its destination policy caps browsing (maxBrowsePageSize, 400 "
+            "by default once a policyEntry matches the queue). Raise maxBrowsePageSize above "
+            "the queue's depth in activemq.xml",
+            participant=participant,
+        )
+        self.destination = destination
+        self.seen = seen
+
+
+@dataclass(frozen=True, slots=True)
+class Message:
+    """One MESSAGE frame: its headers and its text body."""
+
+    headers: Mapping[str, str]
+    body: str
+
+    @property
+    def message_id(self) -> str:
+        """The broker's message id."""
+        return self.headers.get("message-id", "")
+
+    @property
+    def ack_id(self) -> str:
+        """The id an ACK must name (STOMP 1.2 ``ack`` header; client ack modes only)."""
+        return self.headers.get("ack", "")
+
+    @property
+    def is_sentinel(self) -> bool:
+        """True for a message :meth:`StompClient.browse_complete` left on a queue."""
+        return SENTINEL_HEADER in self.headers
+
+    @property
+    def is_browse_end(self) -> bool:
+        """True for the MESSAGE that ends an ActiveMQ browse."""
+        return self.headers.get("browser") == "end"
+
+
+class _Pending:
+    """A receipt the broker owes us; set by the receiver thread."""
+
+    __slots__ = ("done", "error", "lost")
+
+    def __init__(self) -> None:
+        self.done = threading.Event()
+        self.error: str | None = None
+        self.lost = False
+
+
+class _ConnectionLost:
+    """Queued to subscriptions when the connection drops."""
+
+
+_LOST = _ConnectionLost()
+
+
+class _NoAnswer(Exception):
+    """No RECEIPT and no ERROR: timeout or connection lost. Internal; translated by callers."""
+
+
+class _Refused(Exception):
+    """An ERROR frame answered the request. Internal; translated by callers."""
+
+
+class Subscription:
+    """One SUBSCRIBE: MESSAGE frames arrive in a queue (``get``) unless a callback took them."""
+
+    def __init__(
+        self,
+        client: StompClient,
+        sub_id: str,
+        destination: str,
+        on_message: Callable[[Message], None] | None,
+    ) -> None:
+        self.client = client
+        self.id = sub_id
+        self.destination = destination
+        self._on_message = on_message
+        self._queue: queue.SimpleQueue[Message | _ConnectionLost] = queue.SimpleQueue()
+
+    def get(self, timeout: float) -> Message | None:
+        """The next message, or None after ``timeout`` seconds; ParticipantUnavailable if lost."""
+        try:
+            item = self._queue.get(timeout=timeout)
+        except queue.Empty:
+            return None
+        if isinstance(item, _ConnectionLost):
+            self._queue.put(item)  # every later get() fails the same way
+            raise self.client.unavailable(f"connection lost while reading {self.destination}")
+        return item
+
+    def unsubscribe(self, timeout: float | None = None) -> None:
+        """UNSUBSCRIBE; with a ``timeout``, wait for the receipt (all earlier ACKs processed)."""
+        self.client.request(
+            "UNSUBSCRIBE", {"id": self.id}, timeout=timeout, what=f"UNSUBSCRIBE {self.destination}"
+        )
+
+    def _deliver(self, message: Message) -> None:
+        if self._on_message is None:
+            self._queue.put(message)
+            return
+        try:
+            self._on_message(message)
+        except Exception as exc:
+            # An exception escaping into stomp.py's receiver loop closes the socket.
+            _log().error("stomp.callback.failed", destination=self.destination, error=repr(exc))
+
+    def _lost(self) -> None:
+        self._queue.put(_LOST)
+
+
+class _Listener(stomp.ConnectionListener):  # type: ignore[misc]
+    """Runs on stomp.py's receiver thread: routes frames to waiters and subscriptions."""
+
+    def __init__(self, client: StompClient) -> None:
+        self.client = client
+
+    def on_connecting(self, host_and_port: tuple[str, int]) -> None:
+        self.client._set_nodelay()
+
+    def on_connected(self, frame: Any) -> None:
+        self.client._established = True
+        self.client._ready.set()
+
+    def on_receipt(self, frame: Any) -> None:
+        self.client._answer(frame.headers.get("receipt-id"), None)
+
+    def on_error(self, frame: Any) -> None:
+        message = frame.headers.get("message") or str(frame.body).split("\n", 1)[0]
+        if not self.client._answer(frame.headers.get("receipt-id"), message):
+            self.client._unsolicited_error(message, str(frame.body))
+
+    def on_message(self, frame: Any) -> None:
+        self.client._deliver(Message(dict(frame.headers), str(frame.body or "")))
+
+    def on_disconnected(self) -> None:
+        self.client._peer_closed.set()
+        self.client._on_lost()
+
+
+class StompClient:
+    """One STOMP 1.2 connection to the broker, opened by :meth:`open`."""
+
+    def __init__(
+        self,
+        address: str,
+        *,
+        participant: str = "mq",
+        client_id: str | None = None,
+        heartbeats: tuple[int, int] = (0, 0),
+        connect_timeout: float = 5.0,
+    ) -> None:
+        """Prepare a connection (nothing is sent until :meth:`open` or ``_connect``)."""
+        self.address = address
+        self.participant = participant
+        self.client_id = client_id
+        self._host_port = parse_address(address)
+        self._connect_timeout = connect_timeout
+        self._conn: Any = stomp.Connection12(
+            [self._host_port],
+            reconnect_attempts_max=1,
+            timeout=connect_timeout,
+            heartbeats=heartbeats,
+        )
+        self._conn.set_listener("twopc", _Listener(self))
+        self._ready = threading.Event()  # CONNECTED, an ERROR instead, or the socket closed
+        self._established = False
+        self._connect_error: tuple[str, str] | None = None
+        self._lost = False
+        self._peer_closed = threading.Event()  # stomp.py's receiver saw the socket close
+        self._lock = threading.Lock()
+        self._pending: dict[str, _Pending] = {}
+        self._subscriptions: dict[str, Subscription] = {}
+        self._ids = itertools.count(1)
+        self._unsolicited: list[str] = []
+
+    @classmethod
+    def open(
+        cls,
+        address: str,
+        *,
+        participant: str = "mq",
+        client_id: str | None = None,
+        heartbeats: tuple[int, int] = (0, 0),
+        connect_timeout: float = 5.0,
+    ) -> StompClient:
+        """CONNECT to ``address``; ParticipantUnavailable (ClientIdInUse) if refused."""
+        client = cls(
+            address,
+            participant=participant,
+            client_id=client_id,
+            heartbeats=heartbeats,
+            connect_timeout=connect_timeout,
+        )
+        client._connect()
+        return client
+
+    # -- state ---------------------------------------------------------------
+
+    @property
+    def alive(self) -> bool:
+        """True while the connection is up (an ERROR frame does not end it; a drop does)."""
+        return self._established and not self._lost
+
+    @property
+    def tcp_socket(self) -> socket.socket | None:
+        """The TCP socket (for diagnostics: tests read its options)."""
+        sock: socket.socket | None = self._conn.transport.socket
+        return sock
+
+    @property
+    def error_count(self) -> int:
+        """How many ERROR frames came that answered no request (a SEND without receipt)."""
+        return len(self._unsolicited)
+
+    def errors_since(self, count: int) -> list[str]:
+        """The messages of the unanswered ERROR frames after the first ``count``."""
+        with self._lock:
+            return self._unsolicited[count:]
+
+    def unavailable(self, reason: str, gtrid: str | None = None) -> ParticipantUnavailable:
+        """A ParticipantUnavailable naming the broker address and what to do."""
+        return ParticipantUnavailable(
+            f"STOMP broker at {self.address}: {reason}; {UNAVAILABLE_HINT}",
+            participant=self.participant,
+            gtrid=gtrid,
+        )
+
+    # -- frames --------------------------------------------------------------
+
+    def send(
+        self,
+        destination: str,
+        body: str,
+        headers: Mapping[str, str] | None = None,
+        *,
+        transaction: str | None = None,
+        receipt_timeout: float | None = None,
+        gtrid: str | None = None,
+    ) -> None:
+        """SEND a persistent message, inside ``transaction`` if given.
+
+        With ``receipt_timeout`` the broker's RECEIPT is awaited (the message
+        is then stored); without it the SEND is fire-and-forget and an ERROR for
+        it shows up only in :meth:`errors_since`.
+        """
+        if not destination.startswith(DESTINATION_PREFIXES) or destination.endswith("/"):
+            raise ConfigurationError(
+                f"STOMP destination {destination!r} must be /queue/<name> or /topic/<name>"
+            )
+        frame_headers = dict(headers or {})
+        frame_headers["destination"] = destination
+        frame_headers["persistent"] = "true"
+        if transaction is not None:
+            # stomp.py's send() has no transaction parameter: it is a plain header.
+            frame_headers["transaction"] = transaction
+        if body:
+            # stomp.py recomputes it from the encoded body; its presence is what counts.
+            frame_headers["content-length"] = str(len(body))
+        self.request(
+            "SEND",
+            frame_headers,
+            body,
+            timeout=receipt_timeout,
+            what=f"SEND to {destination}",
+            gtrid=gtrid,
+        )
+
+    def begin(self, transaction: str, *, gtrid: str | None = None) -> None:
+        """BEGIN ``transaction`` (no receipt: an ERROR would fail the COMMIT anyway)."""
+        self.request("BEGIN", {"transaction": transaction}, what="BEGIN", gtrid=gtrid)
+
+    def commit(
+        self,
+        transaction: str,
+        timeout: float,
+        *,
+        gtrid: str | None = None,
+        after_send: Callable[[], None] | None = None,
+    ) -> None:
+        """COMMIT ``transaction`` and wait for the receipt; ``after_send`` runs in between.
+
+        RECEIPT: committed. ERROR: CommitRefused, nothing was committed. No answer
+        within ``timeout``, or the connection dropped after the COMMIT was written:
+        OutcomeUnknown. If the COMMIT frame could not be written whole:
+        ParticipantUnavailable (a broker never commits on a partial frame).
+        """
+        headers = {"transaction": transaction}
+        pending = self._expect_receipt(headers)
+        self._transmit("COMMIT", headers, "", gtrid)
+        if after_send is not None:
+            after_send()
+        try:
+            self._wait(pending, timeout)
+        except _Refused as exc:
+            raise CommitRefused(
+                f"the broker refused the COMMIT: {exc}; nothing was committed",
+                participant=self.participant,
+                gtrid=gtrid,
+            ) from None
+        except _NoAnswer as exc:
+            raise OutcomeUnknown(
+                f"COMMIT sent to the STOMP broker at {self.address}, but {exc}; whether it "
+                "committed is known only after fencing ('twopc recover' resolves it)",
+                participant=self.participant,
+                gtrid=gtrid,
+            ) from None
+
+    def abort(self, transaction: str, timeout: float, *, gtrid: str | None = None) -> None:
+        """ABORT ``transaction`` and wait for the receipt; raises ParticipantError on failure."""
+        self.request(
+            "ABORT", {"transaction": transaction}, timeout=timeout, what="ABORT", gtrid=gtrid
+        )
+
+    def subscribe(
+        self,
+        destination: str,
+        *,
+        ack: AckMode = "auto",
+        prefetch: int | None = None,
+        selector: str | None = None,
+        headers: Mapping[str, str] | None = None,
+        on_message: Callable[[Message], None] | None = None,
+        timeout: float | None = 5.0,
+    ) -> Subscription:
+        """SUBSCRIBE to ``destination``; waits for the receipt so a refusal raises here.
+
+        ``prefetch`` is ActiveMQ's ``activemq.prefetchSize`` (how many unacked
+        messages the broker pushes). ``on_message`` runs on the receiver thread
+        and must not block (its exceptions are logged and dropped); without it,
+        read with :meth:`Subscription.get`.
+        """
+        sub_id = f"sub-{next(self._ids)}"
+        subscription = Subscription(self, sub_id, destination, on_message)
+        frame_headers = dict(headers or {})
+        frame_headers.update({"destination": destination, "id": sub_id, "ack": ack})
+        if prefetch is not None:
+            frame_headers["activemq.prefetchSize"] = str(prefetch)
+        if selector is not None:
+            frame_headers["selector"] = selector
+        with self._lock:
+            self._subscriptions[sub_id] = subscription
+        try:
+            self.request(
+                "SUBSCRIBE", frame_headers, timeout=timeout, what=f"SUBSCRIBE to {destination}"
+            )
+        except BaseException:
+            with self._lock:
+                self._subscriptions.pop(sub_id, None)
+            raise
+        return subscription
+
+    def ack(self, message: Message, *, receipt_timeout: float | None = None) -> None:
+        """ACK ``message`` (client and client-individual modes)."""
+        self.request("ACK", {"id": message.ack_id}, timeout=receipt_timeout, what="ACK")
+
+    def browse(
+        self, destination: str, *, idle_timeout: float = 10.0, prefetch: int = 1000
+    ) -> list[Message]:
+        """The messages a browser may see on queue ``destination``, in queue order, unconsumed.
+
+        ActiveMQ ends a browse after the destination policy's ``maxBrowsePageSize``
+        messages (400 by default once any policyEntry matches the queue) with the
+        same ``browser:end`` as a finished one: when a missing message matters, use
+        :meth:`browse_complete`. ParticipantUnavailable if nothing (not even the
+        end of the browse) came for ``idle_timeout`` seconds.
+        """
+        subscription = self.subscribe(
+            destination, prefetch=prefetch, headers={"browser": "true"}, timeout=idle_timeout
+        )
+        found: list[Message] = []
+        while True:
+            message = subscription.get(idle_timeout)
+            if message is None:
+                raise self.unavailable(
+                    f"the browse of {destination} stopped after {len(found)} messages: "
+                    f"nothing came for {idle_timeout:g} s"
+                )
+            if message.is_browse_end:
+                break
+            found.append(message)
+        with self._lock:
+            self._subscriptions.pop(subscription.id, None)
+        return found
+
+    def browse_complete(
+        self, destination: str, *, idle_timeout: float = 10.0, receipt_timeout: float = 5.0
+    ) -> list[Message]:
+        """Every message on queue ``destination`` (sentinels left out); BrowseIncomplete if cut.
+
+        A sentinel message is stored at the tail of the queue first: the browse
+        is complete when it reaches that sentinel. Sentinels stay on the queue;
+        every browse leaves them out, and whoever consumes the queue drops them.
+        """
+        token = uuid.uuid4().hex
+        self.send(destination, "", {SENTINEL_HEADER: token}, receipt_timeout=receipt_timeout)
+        found = self.browse(destination, idle_timeout=idle_timeout)
+        if not any(message.headers.get(SENTINEL_HEADER) == token for message in found):
+            raise BrowseIncomplete(destination, len(found), participant=self.participant)
+        return [message for message in found if not message.is_sentinel]
+
+    def request(
+        self,
+        command: str,
+        headers: dict[str, str],
+        body: str = "",
+        *,
+        timeout: float | None = None,
+        what: str,
+        gtrid: str | None = None,
+    ) -> None:
+        """Send one frame; with a ``timeout``, wait for its receipt.
+
+        BrokerRefused if the broker answered with an ERROR; ParticipantUnavailable
+        if the frame could not be written or no answer came (the connection's
+        state is then unknown: drop it).
+        """
+        pending = self._expect_receipt(headers) if timeout is not None else None
+        self._transmit(command, headers, body, gtrid)
+        if pending is None or timeout is None:
+            return
+        try:
+            self._wait(pending, timeout)
+        except _Refused as exc:
+            raise BrokerRefused(what, str(exc), participant=self.participant, gtrid=gtrid) from None
+        except _NoAnswer as exc:
+            raise self.unavailable(f"{what}: {exc}", gtrid) from None
+
+    # -- closing -------------------------------------------------------------
+
+    def close(self, timeout: float = 2.0) -> None:
+        """DISCONNECT, wait up to ``timeout`` for its receipt, then close. Never raises."""
+        if self.alive:
+            with contextlib.suppress(ParticipantError):
+                self.request("DISCONNECT", {}, timeout=timeout, what="DISCONNECT")
+                self._peer_closed.wait(timeout)  # ActiveMQ closes the socket after the receipt
+        self.drop()
+
+    def drop(self) -> None:
+        """Close the socket now, without DISCONNECT (state unknown, or fencing). Never raises."""
+        try:
+            if not self._peer_closed.is_set():
+                self._conn.transport.disconnect_socket()
+        except Exception as exc:  # best effort: the connection is being thrown away
+            _log().debug("stomp.drop.failed", address=self.address, error=repr(exc))
+        self._on_lost()
+
+    def __enter__(self) -> StompClient:
+        return self
+
+    def __exit__(self, *exc_info: object) -> None:
+        self.close()
+
+    # -- internals -----------------------------------------------------------
+
+    def _connect(self) -> None:
+        """Open the socket, send CONNECT, wait for CONNECTED; translate every failure."""
+        headers = {"client-id": self.client_id} if self.client_id else {}
+        try:
+            self._conn.connect(headers=headers, with_connect_command=True, wait=False)
+        except (StompException, OSError) as exc:
+            self.drop()
+            # stomp.py logs the socket error and raises a bare ConnectFailedException.
+            raise self.unavailable(
+                f"cannot connect ({str(exc) or 'connection refused or timed out'})"
+            ) from None
+        self._ready.wait(self._connect_timeout)
+        if self._connect_error is not None:
+            message, body = self._connect_error
+            self._peer_closed.wait(1.0)  # ActiveMQ closes the socket after this ERROR
+            self.drop()
+            if "InvalidClientIDException" in body and self.client_id:
+                raise ClientIdInUse(self.client_id, message, participant=self.participant)
+            raise BrokerRefused("CONNECT", message, participant=self.participant)
+        if not self.alive:
+            self.drop()
+            raise self.unavailable(
+                f"no CONNECTED frame within {self._connect_timeout:g} s"
+                if not self._lost
+                else "the connection closed during CONNECT"
+            )
+        _log().debug("stomp.connected", address=self.address, client_id=self.client_id)
+
+    def _set_nodelay(self) -> None:
+        sock = self.tcp_socket
+        if sock is not None:
+            sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+
+    def _expect_receipt(self, headers: dict[str, str]) -> _Pending:
+        """Add a ``receipt`` header to the frame and register its waiter."""
+        receipt_id = f"r-{next(self._ids)}"
+        headers["receipt"] = receipt_id
+        pending = _Pending()
+        with self._lock:
+            self._pending[receipt_id] = pending
+        return pending
+
+    def _transmit(
+        self, command: str, headers: dict[str, str], body: str, gtrid: str | None
+    ) -> None:
+        if self._lost:
+            failure = f"cannot send {command}: the connection is closed"
+        else:
+            try:
+                self._conn.send_frame(command, headers, body)
+                return
+            except (StompException, OSError) as exc:
+                self._on_lost()
+                failure = f"connection lost while sending {command} ({type(exc).__name__})"
+        with self._lock:
+            self._pending.pop(headers.get("receipt", ""), None)
+        raise self.unavailable(failure, gtrid)
+
+    def _wait(self, pending: _Pending, timeout: float) -> None:
+        if not pending.done.wait(timeout):
+            with self._lock:
+                for receipt_id, waiting in list(self._pending.items()):
+                    if waiting is pending:
+                        del self._pending[receipt_id]
+            raise _NoAnswer(f"no answer came within {timeout:g} s")
+        if pending.error is not None:
+            raise _Refused(pending.error)
+        if pending.lost:
+            raise _NoAnswer("the connection was lost before the answer came")
+
+    # -- called on the receiver thread ---------------------------------------
+
+    def _answer(self, receipt_id: str | None, error: str | None) -> bool:
+        """Wake the waiter of ``receipt_id``; False if nobody waits for it."""
+        if receipt_id is None:
+            return False
+        with self._lock:
+            pending = self._pending.pop(receipt_id, None)
+        if pending is None:
+            return False
+        pending.error = error
+        pending.done.set()
+        return True
+
+    def _unsolicited_error(self, message: str, body: str) -> None:
+        if not self._established:
+            self._connect_error = (message, body)
+            self._ready.set()
+            return
+        with self._lock:
+            self._unsolicited.append(message)
+        _log().warning("stomp.error", address=self.address, error=message)
+
+    def _deliver(self, message: Message) -> None:
+        with self._lock:
+            subscription = self._subscriptions.get(message.headers.get("subscription", ""))
+        if subscription is not None:
+            subscription._deliver(message)
+
+    def _on_lost(self) -> None:
+        with self._lock:
+            if self._lost:
+                return
+            self._lost = True
+            pending, self._pending = list(self._pending.values()), {}
+            subscriptions = list(self._subscriptions.values())
+        for waiting in pending:
+            waiting.lost = True
+            waiting.done.set()
+        for subscription in subscriptions:
+            subscription._lost()
+        self._ready.set()  # wakes a CONNECT still waiting

@@ -1,0 +1,425 @@
+"""The ActiveMQ last resource and its STOMP client, against the real broker."""
+
+from __future__ import annotations
+
+import os
+import signal
+import socket
+import statistics
+import subprocess
+import sys
+import textwrap
+import time
+import uuid
+from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+from typing import Any
+
+import pytest
+from structlog.testing import capture_logs
+
+from coordinator import failpoints
+from coordinator.errors import (
+    CommitRefused,
+    CrashInjected,
+    InvalidTransition,
+    OutcomeUnknown,
+    ParticipantUnavailable,
+)
+from coordinator.protocol import LastResource, LastResourceSession
+from participants.activemq import MAX_POOL_SIZE, ActiveMQ, FenceRefused, client_id_for
+from participants.stomp_client import ClientIdInUse, StompClient
+
+pytestmark = pytest.mark.lab
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def unique(prefix: str) -> str:
+    return f"{prefix}{uuid.uuid4().hex[:12]}"
+
+
+def browse(stomp_addr: str, destination: str) -> list[Any]:
+    with StompClient.open(stomp_addr) as client:
+        return client.browse(destination)
+
+
+@pytest.fixture
+def queue_name() -> str:
+    """A queue no other test uses."""
+    return unique("/queue/test.")
+
+
+@pytest.fixture(autouse=True)
+def _disarm() -> Iterator[None]:
+    yield
+    failpoints.disarm()
+
+
+@pytest.fixture
+def mq(stomp_addr: str) -> Iterator[ActiveMQ]:
+    """An ActiveMQ resource with its own coordinator id and marker queue."""
+    resource = ActiveMQ(
+        stomp_addr,
+        unique("t"),
+        pool_size=2,
+        receipt_timeout=5.0,
+        marker_queue=unique("/queue/test.markers."),
+    )
+    yield resource
+    resource.close()
+
+
+def commit_one(mq: ActiveMQ, destination: str, body: str = "hello") -> str:
+    gtrid = unique("t.")
+    session = mq.begin(gtrid)
+    try:
+        session.send(destination, body, {"transfer-id": gtrid})
+        session.commit_with_marker(gtrid, timeout=5.0)
+    finally:
+        session.release()
+    return gtrid
+
+
+def fill_markers(stomp_addr: str, marker_queue: str, gtrids: list[str]) -> None:
+    """Put one marker per gtrid on the marker queue, in one transaction."""
+    with StompClient.open(stomp_addr) as client:
+        client.begin("fill")
+        for gtrid in gtrids:
+            client.send(marker_queue, "", {"gtrid": gtrid}, transaction="fill")
+        client.commit("fill", timeout=30.0)
+
+
+def test_commit_with_marker_makes_message_and_marker_visible(
+    mq: ActiveMQ, stomp_addr: str, queue_name: str
+) -> None:
+    """commit_with_marker makes the message and its marker browsable, the message consumable."""
+    assert isinstance(mq, LastResource)
+    gtrid = commit_one(mq, queue_name, "débit 10")
+    [message] = browse(stomp_addr, queue_name)
+    assert message.body == "débit 10"
+    assert message.headers["transfer-id"] == gtrid
+    assert message.headers["persistent"] == "true"
+    assert mq.markers() == {gtrid}
+    with StompClient.open(stomp_addr) as client:
+        subscription = client.subscribe(queue_name)
+        consumed = subscription.get(timeout=5.0)
+    assert consumed is not None
+    assert consumed.body == "débit 10"
+    assert browse(stomp_addr, queue_name) == []
+
+
+def test_abort_leaves_nothing(mq: ActiveMQ, stomp_addr: str, queue_name: str) -> None:
+    """An aborted transaction leaves no message and no marker."""
+    gtrid = unique("t.")
+    session = mq.begin(gtrid)
+    session.send(queue_name, "never")
+    assert session.has_work
+    session.abort()
+    session.release()
+    assert browse(stomp_addr, queue_name) == []
+    assert gtrid not in mq.markers()
+
+
+def test_session_without_sends_has_no_work(mq: ActiveMQ, stomp_addr: str) -> None:
+    """A session that sent nothing has no work; its one-phase commit sends nothing."""
+    session = mq.begin(unique("t."))
+    assert not session.has_work
+    session.commit(timeout=5.0)
+    with pytest.raises(InvalidTransition, match="committed"):
+        session.send("/queue/test.late", "too late")
+    session.release()
+    assert mq.markers() == set()
+
+
+def test_error_frame_on_commit_is_commit_refused(mq: ActiveMQ, queue_name: str) -> None:
+    """An ERROR frame answering the COMMIT (transaction unknown to the broker) is CommitRefused."""
+    gtrid = unique("t.")
+    session = mq.begin(gtrid)
+    session.send(queue_name, "x")
+    # End the broker transaction behind the session's back: the COMMIT then names
+    # a transaction the broker does not know, and it answers with an ERROR frame.
+    session._client.abort(gtrid, timeout=5.0)
+    with pytest.raises(CommitRefused, match="Invalid transaction id") as raised:
+        session.commit_with_marker(gtrid, timeout=5.0)
+    assert raised.value.gtrid == gtrid
+    assert raised.value.participant == "mq"
+    session.release()
+    assert gtrid not in mq.markers()
+
+
+def test_no_receipt_in_time_is_outcome_unknown(
+    mq: ActiveMQ, stomp_addr: str, queue_name: str
+) -> None:
+    """No RECEIPT in time is OutcomeUnknown; after fencing, the marker says it committed."""
+    gtrid = unique("t.")
+    session = mq.begin(gtrid)
+    session.send(queue_name, "maybe")
+    with pytest.raises(OutcomeUnknown, match="twopc recover") as raised:
+        session.commit_with_marker(gtrid, timeout=0.0)  # no receipt can come in 0 s
+    assert raised.value.gtrid == gtrid
+    session.release()
+    mq.fence(timeout=10.0)
+    assert gtrid in mq.markers()
+    assert [m.body for m in browse(stomp_addr, queue_name)] == ["maybe"]
+
+
+@pytest.mark.parametrize(
+    ("failpoint", "committed"), [("before_broker_commit", False), ("after_broker_commit", True)]
+)
+def test_crash_around_the_broker_commit(
+    mq: ActiveMQ, stomp_addr: str, queue_name: str, failpoint: str, committed: bool
+) -> None:
+    """A crash before the COMMIT frame commits nothing; one after it commits (the marker tells)."""
+    gtrid = unique("t.")
+    session = mq.begin(gtrid)
+    session.send(queue_name, "crash")
+    failpoints.arm(failpoint)
+    with pytest.raises(CrashInjected):
+        session.commit_with_marker(gtrid, timeout=5.0)
+    session.release()  # drops the connection, as the crash would have
+    mq.fence(timeout=10.0)
+    assert (gtrid in mq.markers()) is committed
+    assert len(browse(stomp_addr, queue_name)) == int(committed)
+
+
+def test_refused_send_aborts_instead_of_committing_the_rest(
+    mq: ActiveMQ, stomp_addr: str, queue_name: str
+) -> None:
+    """An ERROR for a SEND inside the transaction makes the commit CommitRefused, not partial."""
+    gtrid = unique("t.")
+    session = mq.begin(gtrid)
+    assert isinstance(session, LastResourceSession)
+    session.send(queue_name, "kept only if all is kept")
+    # A SEND the broker answers with an ERROR while keeping the connection (and the
+    # transaction) open; send() refuses such destinations, so write the frame raw.
+    headers = {"destination": "/remote-temp-queue/ID:gone", "transaction": gtrid}
+    session._client.request("SEND", headers, "x", what="SEND")
+    time.sleep(0.5)  # let the ERROR arrive before the commit
+    with pytest.raises(CommitRefused, match="refused a frame"):
+        session.commit_with_marker(gtrid, timeout=5.0)
+    session.release()
+    assert browse(stomp_addr, queue_name) == []
+    assert gtrid not in mq.markers()
+
+
+def test_concurrent_transactions_share_the_pool(
+    mq: ActiveMQ, stomp_addr: str, queue_name: str
+) -> None:
+    """Eight threads committing through a pool of two sessions: every message and marker lands."""
+
+    def work(_: int) -> list[str]:
+        return [commit_one(mq, queue_name) for _ in range(10)]
+
+    with ThreadPoolExecutor(8) as pool:
+        gtrids = {g for batch in pool.map(work, range(8)) for g in batch}
+    assert len(gtrids) == 80
+    assert mq.markers() == gtrids
+    assert {m.headers["transfer-id"] for m in browse(stomp_addr, queue_name)} == gtrids
+
+
+def test_client_commit_of_unknown_transaction_is_commit_refused(stomp_addr: str) -> None:
+    """The client turns the ERROR answering a COMMIT into CommitRefused; the connection stays up."""
+    with StompClient.open(stomp_addr) as client:
+        with pytest.raises(CommitRefused, match="Invalid transaction id"):
+            client.commit("no-such-tx", timeout=5.0, gtrid="g.1")
+        assert client.alive
+
+
+def test_begin_with_broker_down_is_unavailable() -> None:
+    """begin() where no broker listens raises ParticipantUnavailable with the address and advice."""
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    mq = ActiveMQ(f"127.0.0.1:{port}", "down", connect_timeout=2.0)
+    with pytest.raises(ParticipantUnavailable) as raised:
+        mq.begin("down.1")
+    message = str(raised.value)
+    assert f"127.0.0.1:{port}" in message
+    assert "twopc lab up" in message and "TWOPC_STOMP" in message
+    mq.close()
+
+
+@pytest.mark.slow
+def test_broker_killed_between_send_and_commit(
+    mq: ActiveMQ, stomp_addr: str, queue_name: str, broker_control: Any
+) -> None:
+    """A broker killed before the COMMIT: the commit fails; after restart nothing of it is left."""
+    gtrid = unique("t.")
+    session = mq.begin(gtrid)
+    session.send(queue_name, "lost")
+    broker_control.kill()
+    with pytest.raises((OutcomeUnknown, ParticipantUnavailable)) as raised:
+        session.commit_with_marker(gtrid, timeout=2.0)
+    assert raised.value.gtrid == gtrid
+    session.release()
+    broker_control.start()
+    assert browse(stomp_addr, queue_name) == []
+    assert gtrid not in mq.markers()
+    # The pool drops the dead connection and reconnects.
+    later = commit_one(mq, queue_name)
+    assert mq.markers() == {later}
+
+
+@pytest.mark.slow
+def test_committed_message_survives_broker_kill(
+    mq: ActiveMQ, stomp_addr: str, queue_name: str, broker_control: Any
+) -> None:
+    """A message whose COMMIT got its receipt survives kill -9 of the broker and a restart."""
+    gtrid = commit_one(mq, queue_name, "durable")
+    broker_control.kill()
+    broker_control.start()
+    assert [m.body for m in browse(stomp_addr, queue_name)] == ["durable"]
+    assert gtrid in mq.markers()
+
+
+def start_holder(stomp_addr: str, client_id: str, code: str = "") -> subprocess.Popen[str]:
+    """A child process that CONNECTs with ``client_id``, runs ``code``, prints 'ready', sleeps."""
+    script = textwrap.dedent(
+        f"""
+        import sys, time
+        from participants.stomp_client import StompClient
+        client = StompClient.open({stomp_addr!r}, client_id={client_id!r})
+        """
+    )
+    script += textwrap.dedent(code) + "\nprint('ready', flush=True)\ntime.sleep(600)\n"
+    env = {**os.environ, "PYTHONPATH": str(REPO)}
+    child = subprocess.Popen(
+        [sys.executable, "-c", script], stdout=subprocess.PIPE, text=True, env=env, cwd=REPO
+    )
+    assert child.stdout is not None
+    assert child.stdout.readline().strip() == "ready"
+    return child
+
+
+def stop_child(child: subprocess.Popen[str]) -> None:
+    child.kill()
+    child.wait()
+    if child.stdout is not None:
+        child.stdout.close()
+
+
+@pytest.mark.slow
+def test_fence_succeeds_after_holder_is_killed(
+    mq: ActiveMQ, stomp_addr: str, queue_name: str
+) -> None:
+    """After SIGKILL of a process firing COMMITs unawaited, fence succeeds and markers agree."""
+    client_id = client_id_for(mq.coordinator_id, 0)
+    fire_commits = f"""
+        for i in range(300):
+            tx = f"dead.{{i}}"
+            client.begin(tx)
+            client.send({queue_name!r}, "m", {{"gtrid": tx}}, transaction=tx)
+            client.send({mq.marker_queue!r}, "", {{"gtrid": tx}}, transaction=tx)
+            client.request("COMMIT", {{"transaction": tx}}, what="COMMIT")
+    """
+    child = start_holder(stomp_addr, client_id, fire_commits)
+    child.send_signal(signal.SIGKILL)
+    stop_child(child)
+    mq.fence(timeout=30.0)
+    business = {m.headers["gtrid"] for m in browse(stomp_addr, queue_name)}
+    assert mq.markers() == business
+    commit_one(mq, queue_name)  # the fenced sessions are kept in the pool and work
+
+
+def test_fence_covers_client_ids_beyond_its_own_pool(mq: ActiveMQ, stomp_addr: str) -> None:
+    """fence() also takes over client-ids a larger pool of the same coordinator would use."""
+    client_id = client_id_for(mq.coordinator_id, MAX_POOL_SIZE - 1)
+    child = start_holder(stomp_addr, client_id)
+    try:
+        with pytest.raises(FenceRefused, match=client_id):
+            mq.fence(timeout=1.0)
+    finally:
+        stop_child(child)
+    mq.fence(timeout=10.0)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("pause", [False, True], ids=["alive", "stopped"])
+def test_fence_refuses_while_holder_lives(mq: ActiveMQ, stomp_addr: str, pause: bool) -> None:
+    """A live (or SIGSTOPped) process holding a client-id makes fence raise after its timeout."""
+    client_id = client_id_for(mq.coordinator_id, 1)
+    child = start_holder(stomp_addr, client_id)
+    try:
+        if pause:
+            child.send_signal(signal.SIGSTOP)
+        started = time.monotonic()
+        with (
+            capture_logs() as logs,
+            pytest.raises(FenceRefused, match=f"{client_id} is still held") as raised,
+        ):
+            mq.fence(timeout=2.0)
+        assert time.monotonic() - started >= 2.0
+        assert "twopc recover" in str(raised.value)
+        assert raised.value.client_id == client_id
+        [refused] = [e for e in logs if e["event"] == "mq.fence.refused"]
+        assert refused["client_id"] == client_id
+    finally:
+        stop_child(child)
+
+
+def test_second_connection_with_same_client_id_is_refused(stomp_addr: str) -> None:
+    """The broker refuses a second live connection with a client-id: ClientIdInUse."""
+    client_id = unique("test-")
+    with (
+        StompClient.open(stomp_addr, client_id=client_id),
+        pytest.raises(ClientIdInUse, match=client_id),
+    ):
+        StompClient.open(stomp_addr, client_id=client_id)
+    StompClient.open(stomp_addr, client_id=client_id).close()  # free again once closed
+
+
+def test_markers_finds_a_marker_deep_in_the_queue(mq: ActiveMQ, stomp_addr: str) -> None:
+    """markers() browses the whole queue: a marker behind 1,200 others is found."""
+    fillers = [f"f.{i}" for i in range(1200)]
+    fill_markers(stomp_addr, mq.marker_queue, fillers)
+    gtrid = commit_one(mq, unique("/queue/test."))
+    assert mq.markers() == {*fillers, gtrid}
+
+
+@pytest.mark.slow
+def test_remove_markers_removes_exactly_the_given_ones(mq: ActiveMQ, stomp_addr: str) -> None:
+    """remove_markers() takes exactly the named ones of 2,000 markers; none is dead-lettered."""
+    gtrids = [f"g.{i}" for i in range(2000)]
+    fill_markers(stomp_addr, mq.marker_queue, gtrids)
+    ended = set(gtrids[::3]) | {gtrids[-1]}
+    assert mq.remove_markers(ended | {"never.there"}) == len(ended)
+    assert mq.markers() == set(gtrids) - ended
+    assert mq.remove_markers([]) == 0
+    assert mq.remove_markers(["never.there"]) == 0
+    assert mq.remove_markers(gtrids[1:3]) == 2
+    assert mq.markers() == set(gtrids) - ended - set(gtrids[1:3])
+    dead = {m.headers.get("gtrid") for m in browse(stomp_addr, "/queue/ActiveMQ.DLQ")}
+    assert not dead & set(gtrids)
+
+
+def test_browse_sentinels_are_left_out_and_cleaned_up(mq: ActiveMQ, stomp_addr: str) -> None:
+    """markers() leaves a sentinel behind, never reports it; remove_markers() acks it on its way."""
+    fill_markers(stomp_addr, mq.marker_queue, ["a.1", "a.2"])
+    assert mq.markers() == {"a.1", "a.2"}
+    assert mq.markers() == {"a.1", "a.2"}
+    later = commit_one(mq, unique("/queue/test."))
+    assert sum(m.is_sentinel for m in browse(stomp_addr, mq.marker_queue)) == 2
+    assert mq.remove_markers([later]) == 1
+    assert [m.headers["gtrid"] for m in browse(stomp_addr, mq.marker_queue)] == ["a.1", "a.2"]
+
+
+def test_socket_has_nodelay_and_commits_are_fast(mq: ActiveMQ, stomp_addr: str) -> None:
+    """TCP_NODELAY is set; a COMMIT-with-receipt round trip takes milliseconds, not Nagle's 45."""
+    with StompClient.open(stomp_addr) as client:
+        assert client.tcp_socket is not None
+        assert client.tcp_socket.getsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY) != 0
+    destination = unique("/queue/test.")
+    durations = []
+    for _ in range(50):
+        gtrid = unique("t.")
+        session = mq.begin(gtrid)
+        session.send(destination, "x")
+        started = time.perf_counter()
+        session.commit_with_marker(gtrid, timeout=5.0)
+        durations.append(time.perf_counter() - started)
+        session.release()
+    median_ms = statistics.median(durations) * 1000
+    print(f"marker + COMMIT with receipt: median {median_ms:.2f} ms over 50 commits")
+    assert median_ms < 40
