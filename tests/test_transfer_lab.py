@@ -254,3 +254,27 @@ def test_max_prepared_transactions_zero_is_refused_with_the_reason(
     with pytest.raises(ConfigurationError, match="max_prepared_transactions = 0") as info:
         resource.connect()
     assert "PREPARE TRANSACTION" in str(info.value)
+
+
+def test_indoubt_lists_without_changing_and_recover_resolves(fresh: Settings) -> None:
+    """'twopc indoubt' shows a branch left prepared by a killed coordinator; 'recover' ends it."""
+    from scenarios.stories import prepared_gids, run_child
+
+    t = scenario.Transfer("doubt-1", scenario.account_id(0), scenario.account_id(1), 5)
+    gtrid = f"{fresh.coordinator_id}.doubt-1"
+    assert run_child(t, "after_prepare=kill@2") == -signal.SIGKILL
+    for _ in range(2):  # listing twice changes nothing
+        listed = subprocess.run(
+            [*TWOPC, "indoubt", "--json"], capture_output=True, text=True, check=True
+        )
+        (item,) = json.loads(listed.stdout)["transactions"]
+        assert item["gtrid"] == gtrid and item["prepared_in"] == ["a", "b"]
+        assert item["logged_commit"] is False and item["marker"] is False
+        assert item["decision"] == "rollback" and item["age_seconds"] >= 0
+        assert prepared_gids(fresh.pg_a, gtrid) == 1
+    recovered = subprocess.run(
+        [*TWOPC, "recover", "--json"], capture_output=True, text=True, check=True
+    )
+    (done,) = json.loads(recovered.stdout)["transactions"]
+    assert done["done"] == ["a: rolled back", "b: rolled back"]
+    assert prepared_gids(fresh.pg_a, gtrid) == 0 and prepared_gids(fresh.pg_b, gtrid) == 0
