@@ -59,7 +59,10 @@ class Coordinator:
             executor=self._executor,
             failpoint=self.failpoint,
             receipt_timeout=receipt_timeout,
+            defer=self._defer,
         )
+        self._deferred: list[Transaction] = []  # committed; phase 2 to finish later
+        self._in_doubt: list[Transaction] = []  # the broker's COMMIT got no answer
         self._active: dict[str, Transaction] = {}
         self._lock = threading.Lock()
         self._ended_with_marker: list[str] = []
@@ -128,6 +131,9 @@ class Coordinator:
                 raise
         tx.outcome = outcome
         self.outcomes[outcome] += 1
+        if outcome is Outcome.IN_DOUBT and tx.broker is not None and tx.branches:
+            with self._lock:
+                self._in_doubt.append(tx)
         if outcome is Outcome.COMMITTED:
             self.messages["business"] += tx.messages_sent
             self.messages["marker"] += tx.marker_sent
@@ -174,8 +180,11 @@ class Coordinator:
         return removed
 
     def _watch_timeouts(self) -> None:
-        """Cancel the statements of transactions that outlive their deadline."""
+        """Cancel the statements of transactions that outlive their deadline; every
+        second, finish deferred phase 2s and resolve in-doubt transactions."""
+        ticks = 0
         while not self._closed.wait(0.2):
+            ticks += 1
             now = time.monotonic()
             with self._lock:
                 late = [
@@ -192,22 +201,86 @@ class Coordinator:
                     cancel = getattr(branch, "cancel", None)
                     if cancel is not None:
                         cancel()
+            if ticks % 5 == 0:
+                self.retry_deferred()
+                self.resolve_in_doubt()
+
+    def _defer(self, tx: Transaction) -> None:
+        with self._lock:
+            self._deferred.append(tx)
 
     def retry_deferred(self) -> int:
         """Finish phase 2 of committed transactions whose participants failed; return count."""
+        with self._lock:
+            pending, self._deferred = self._deferred, []
         done = 0
-        pending, self.config.deferred = self.config.deferred, []
         for tx in pending:
             try:
-                for name in tx.branches:
-                    xid = tx.branches[name].xid
-                    self.resources[name].commit_recovered(xid)
+                for name, branch in tx.branches.items():
+                    self.resources[name].commit_recovered(branch.xid)
             except TwoPhaseCommitError:
-                self.config.deferred.append(tx)
+                self._defer(tx)
                 continue
             self.log.log_end(tx.gtrid)
+            tx.move(TxState.COMPLETED)
             done += 1
         return done
+
+    def resolve_in_doubt(self, timeout: float = 10.0) -> int:
+        """Decide transactions whose broker COMMIT got no answer, by their marker.
+
+        The session is fenced first (its client-id re-registered), so its COMMIT
+        has been processed or discarded and the marker queue is final for it.
+        Transactions that cannot be decided yet stay for the next attempt.
+        """
+        with self._lock:
+            pending, self._in_doubt = self._in_doubt, []
+        if not pending or self.broker is None:
+            return 0
+        resolved = 0
+        try:
+            for tx in pending:
+                assert tx.broker is not None
+                self.broker.settle(tx.broker, timeout)
+            markers = self.broker.markers()
+        except TwoPhaseCommitError as exc:
+            events.get_logger().warning(events.RECOVERY_RESOLVED, error=str(exc))
+            with self._lock:
+                self._in_doubt.extend(pending)
+            return 0
+        for tx in pending:
+            try:
+                self._resolve_one(tx, committed=tx.gtrid in markers)
+            except TwoPhaseCommitError as exc:
+                tx.log.warning(events.RECOVERY_RESOLVED, error=str(exc))
+                with self._lock:
+                    self._in_doubt.append(tx)
+                continue
+            resolved += 1
+        return resolved
+
+    def _resolve_one(self, tx: Transaction, *, committed: bool) -> None:
+        if committed:
+            self.log.log_commit(tx.gtrid, list(tx.branches), force=True)
+            tx.move(TxState.COMMITTED)
+            for name, branch in tx.branches.items():
+                self.resources[name].commit_recovered(branch.xid)
+            self.log.log_end(tx.gtrid)
+            tx.move(TxState.COMPLETED)
+            with self._lock:
+                self._ended_with_marker.append(tx.gtrid)
+        else:
+            tx.move(TxState.ABORTING)
+            for name, branch in tx.branches.items():
+                self.resources[name].rollback_recovered(branch.xid)
+            tx.move(TxState.ABORTED)
+        tx.log.info(events.RECOVERY_RESOLVED, decision="commit" if committed else "rollback")
+
+    @property
+    def in_doubt(self) -> list[str]:
+        """Gtrids this coordinator still has to resolve."""
+        with self._lock:
+            return [tx.gtrid for tx in self._in_doubt]
 
     # -- recovery -------------------------------------------------------------
 
@@ -219,9 +292,10 @@ class Coordinator:
             # A prepared branch of a running transaction would look in doubt and be
             # rolled back under its feet: recovery runs only while nothing is in flight.
             raise TwoPhaseCommitError(
-                f"recovery needs the coordinator idle; {len(self.active)} transactions "
-                "are running"
+                f"recovery needs the coordinator idle; {len(self.active)} transactions are running"
             )
+        with self._lock:  # a full pass fences and decides these too
+            self._in_doubt.clear()
         report = Recovery(
             self.coordinator_id, self.log, list(self.resources.values()), self.broker
         ).run(fence_timeout=fence_timeout)
@@ -255,7 +329,9 @@ class Coordinator:
         if self._closed.is_set():
             return
         self._closed.set()
+        self._watchdog.join()
         self.retry_deferred()
+        self.resolve_in_doubt()
         self.sweep_markers()
         self.log.flush()
         self._executor.shutdown(wait=True)

@@ -10,7 +10,7 @@ from __future__ import annotations
 import time
 from collections.abc import Callable, Sequence
 from concurrent.futures import Executor, Future
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from functools import partial
 from typing import TypeVar
 
@@ -40,7 +40,7 @@ class DriverConfig:
     receipt_timeout: float = 5.0
     phase2_attempts: int = 3
     phase2_backoff: float = 0.05
-    deferred: list[Transaction] = field(default_factory=list)  # phase 2 left to recovery
+    defer: Callable[[Transaction], None] = lambda tx: None  # phase 2 left for later
 
 
 def run_parallel(executor: Executor, calls: Sequence[Callable[[], T]]) -> list[T | BaseException]:
@@ -151,7 +151,7 @@ def commit(tx: Transaction, cfg: DriverConfig) -> Outcome:
         log.warning(
             events.PHASE2_DEFERRED, errors=[str(r) for r in results if isinstance(r, BaseException)]
         )
-        cfg.deferred.append(tx)
+        cfg.defer(tx)
         return Outcome.COMMITTED
     cfg.failpoint("before_end")
     cfg.log.log_end(tx.gtrid)

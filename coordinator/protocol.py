@@ -161,6 +161,13 @@ class LastResource(Protocol):
         """
         ...
 
+    def settle(self, session: LastResourceSession, timeout: float) -> None:
+        """Fence one session whose COMMIT got no answer: on return, the broker has
+        processed or discarded everything it sent, so the marker queue is final for
+        its gtrid. Raises ParticipantError if that cannot be known within ``timeout``.
+        """
+        ...
+
     def markers(self) -> set[str]:
         """The gtrids whose commit marker is on the marker queue (a full browse)."""
         ...

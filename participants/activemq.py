@@ -39,6 +39,7 @@ from coordinator.errors import (
     ParticipantError,
     ParticipantUnavailable,
 )
+from coordinator.protocol import LastResourceSession
 from coordinator.xid import validate_coordinator_id, validate_id
 from participants.stomp_client import ClientIdInUse, StompClient, parse_address
 
@@ -369,6 +370,38 @@ class ActiveMQ:
             for slot in slots:
                 self._put_back(slot)
         self._log.info(FENCE_DONE, client_ids=MAX_POOL_SIZE)
+
+    def settle(self, session: LastResourceSession, timeout: float) -> None:
+        """Re-register the client-id of ``session``'s slot, so its last COMMIT is final.
+
+        The session was dropped when its COMMIT got no answer; the broker keeps
+        the dead connection's client-id until it has processed every frame that
+        connection sent. Connecting with that client-id again proves it has.
+        """
+        if not isinstance(session, ActiveMQSession):
+            raise InvalidTransition(f"{session!r} is not a session of this broker")
+        slot = session._slot
+        deadline = time.monotonic() + timeout
+        with self._cond:
+            while slot not in self._free:
+                remaining = deadline - time.monotonic()
+                if remaining <= 0 or self._closed:
+                    raise ParticipantError(
+                        f"cannot settle client-id {slot.client_id}: its slot stayed busy",
+                        participant=self.name,
+                        gtrid=session.gtrid,
+                    )
+                self._cond.wait(remaining)
+            self._free.remove(slot)
+        try:
+            if slot.client is None or not slot.client.alive:
+                if slot.client is not None:
+                    slot.client.drop()
+                slot.client = self._connect(slot.client_id, deadline - time.monotonic())
+        except ClientIdInUse as exc:
+            raise FenceRefused(slot.client_id, timeout, participant=self.name) from exc
+        finally:
+            self._put_back(slot)
 
     def markers(self) -> set[str]:
         """The gtrids whose commit marker is on the marker queue (a full browse, no selector).

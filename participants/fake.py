@@ -215,6 +215,9 @@ class FakeBroker:
                 "a live coordinator still holds its client-ids", participant=self._name
             )
 
+    def settle(self, session: object, timeout: float) -> None:
+        _raise_for(self.faults.take("settle"), "settle", self._name, "")
+
     def markers(self) -> set[str]:
         _raise_for(self.faults.take("markers"), "markers", self._name, "")
         with self.store.lock:

@@ -249,3 +249,35 @@ def test_every_protocol_step_emits_an_event_with_the_gtrid(world: World) -> None
     positions = [names.index(name) for name in expected]
     assert positions == sorted(positions)
     events.configure()
+
+
+@pytest.mark.parametrize(
+    ("fault", "committed"), [("lost-committed", True), ("lost-not-committed", False)]
+)
+def test_running_coordinator_resolves_its_own_in_doubt_transactions(
+    world: World, fault: str, committed: bool
+) -> None:
+    """Without a restart, the coordinator fences the session, reads the marker and decides."""
+    coord = world.coordinator()
+    world.broker.fail("commit", fault)  # type: ignore[union-attr]
+    with pytest.raises(TransactionInDoubt), coord.transaction() as tx:
+        transfer()(tx)
+    assert coord.in_doubt == [tx.gtrid]
+    assert coord.resolve_in_doubt() == 1
+    assert coord.in_doubt == [] and world.a.prepared == {} and world.b.prepared == {}
+    assert (tx.gtrid in world.a.committed) is committed
+    assert (tx.gtrid in world.b.committed) is committed
+    coord.close()
+    assert world.log.reopen().pending() == {} and world.mq.markers == set()
+
+
+def test_in_doubt_stays_in_doubt_while_the_session_cannot_be_fenced(world: World) -> None:
+    """If the broker cannot be fenced yet, nothing is decided and the branches stay prepared."""
+    coord = world.coordinator()
+    world.broker.fail("commit", "lost-committed")  # type: ignore[union-attr]
+    with pytest.raises(TransactionInDoubt), coord.transaction() as tx:
+        transfer()(tx)
+    world.broker.fail("settle", "error")  # type: ignore[union-attr]
+    assert coord.resolve_in_doubt() == 0
+    assert coord.in_doubt == [tx.gtrid] and len(world.a.prepared) == 1
+    assert coord.resolve_in_doubt() == 1 and world.a.prepared == {}

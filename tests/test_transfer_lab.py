@@ -278,3 +278,32 @@ def test_indoubt_lists_without_changing_and_recover_resolves(fresh: Settings) ->
     (done,) = json.loads(recovered.stdout)["transactions"]
     assert done["done"] == ["a: rolled back", "b: rolled back"]
     assert prepared_gids(fresh.pg_a, gtrid) == 0 and prepared_gids(fresh.pg_b, gtrid) == 0
+
+
+def test_paused_broker_at_commit_point_is_in_doubt_then_resolved(fresh: Settings, lab: Lab) -> None:
+    """A broker paused (SIGSTOP) at COMMIT: IN_DOUBT, never a guess; after SIGCONT the running
+    coordinator fences the session, finds the marker and commits both branches."""
+    coordinator = open_coordinator(fresh, sessions=2, receipt_timeout=1.0)
+    t = scenario.Transfer("paused-1", scenario.account_id(0), scenario.account_id(1), 5)
+    try:
+        tx = coordinator.begin(f"{fresh.coordinator_id}.paused-1")
+        tx.execute("a", scenario.DEBIT, {"amount": 5, "account": t.source, "tid": t.transfer_id})
+        tx.execute("b", scenario.CREDIT, {"amount": 5, "account": t.target, "tid": t.transfer_id})
+        tx.send(scenario.QUEUE, t.body(), {"transfer-id": t.transfer_id})
+        lab.kill("activemq", signal.SIGSTOP)
+        try:
+            outcome = tx.commit()
+        finally:
+            lab.kill("activemq", signal.SIGCONT)
+        assert outcome is Outcome.IN_DOUBT and "COMMIT" in tx.reason
+        assert coordinator.in_doubt == [tx.gtrid]
+        deadline = time.monotonic() + 30
+        while coordinator.in_doubt and time.monotonic() < deadline:
+            time.sleep(0.2)  # the coordinator's own housekeeping resolves it
+        assert coordinator.in_doubt == []
+    finally:
+        coordinator.close()
+    evidence = scenario.gather_evidence(fresh)
+    assert "paused-1" in evidence.in_a and "paused-1" in evidence.in_b
+    assert evidence.on_queue["paused-1"] == 1
+    assert evidence.ok and evidence.markers == set()
