@@ -54,6 +54,9 @@ def configure(level: str | None = None, *, json: bool | None = None) -> None:
         if use_json
         else structlog.dev.ConsoleRenderer(colors=False)
     )
+    # stomp.py warns through stdlib logging when it closes a socket twice, which
+    # our deliberate drops of sessions in an unknown state do; its errors still show.
+    logging.getLogger("stomp.py").setLevel(max(numeric, logging.ERROR))
     structlog.configure(
         processors=[
             structlog.contextvars.merge_contextvars,
