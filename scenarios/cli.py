@@ -222,8 +222,8 @@ def indoubt(as_json: bool) -> None:
     "--strategy",
     default="2pc",
     show_default=True,
-    type=click.Choice(["2pc"]),
-    help="How the transfer is made atomic.",
+    type=click.Choice(["2pc", "outbox-status", "outbox-last-id", "cdc", "naive"]),
+    help="How the transfer is made atomic (non-2pc: see scenarios.strategies).",
 )
 @click.option("--json", "as_json", is_flag=True, help="Print the result as JSON.")
 @click.option(
@@ -256,7 +256,12 @@ def transfer(
         if not as_json:
             console.print(f"reset: {accounts} accounts of {balance} in A and in B, queue empty")
     output: dict[str, Any] = {"strategy": strategy}
-    if count:
+    if count and strategy != "2pc":
+        from scenarios.strategies import run_transfers
+
+        plan = scenario.plan(count, accounts=accounts, seed=seed)
+        output = run_transfers(settings, strategy, plan, concurrency=concurrency, check=check)
+    elif count:
         coordinator = open_coordinator(settings, sessions=max(concurrency, 1))
         try:
             plan = scenario.plan(count, accounts=accounts, seed=seed)
@@ -381,6 +386,15 @@ def demo(count: int, concurrency: int) -> None:
     console.print("[green]every promise held[/]" if ok else "[red]something failed[/]")
     if not ok:
         sys.exit(1)
+
+
+# -- the outbox's relays, consumer and failure log (scenarios.cli_outbox) ---------------
+
+from scenarios import cli_outbox  # noqa: E402  (kept beside the registrations below)
+
+main.add_command(cli_outbox.relay)
+main.add_command(cli_outbox.consumer)
+main.add_command(cli_outbox.outbox)
 
 
 if __name__ == "__main__":

@@ -23,5 +23,86 @@ META = [
     "CREATE TABLE scenario_meta (key text PRIMARY KEY, value bigint NOT NULL)",
 ]
 
-SCHEMA_A = [*BUSINESS, *META]
-SCHEMA_B = list(BUSINESS)
+#: The logical replication slot the CDC relay reads A's changes from (test_decoding).
+CDC_SLOT = "twopc_cdc"
+
+#: How many partitions the last-id relays share out (one recorded position each).
+LAST_ID_PARTITIONS = 4
+
+# Database A: what the outbox and CDC strategies write beside the business tables.
+# The slot is dropped on reset (it would hold back WAL forever when nothing reads
+# it); the CDC strategy creates it again before its first write.
+OUTBOX = [
+    f"SELECT pg_drop_replication_slot(slot_name) FROM pg_replication_slots "
+    f"WHERE slot_name = '{CDC_SLOT}'",
+    "DROP TABLE IF EXISTS outbox, cdc_events, outbox_failures, relay_positions",
+    # status: 'pending' until the status relay sends it; NULL for rows the last-id
+    # relay tracks by position instead. txid orders rows by the writer's transaction,
+    # which is what lets the last-id relay prove it skips nothing.
+    f"""CREATE TABLE outbox (
+        id bigserial PRIMARY KEY,
+        txid xid8 NOT NULL DEFAULT pg_current_xact_id(),
+        part smallint GENERATED ALWAYS AS (id % {LAST_ID_PARTITIONS}) STORED,
+        transfer_id text NOT NULL UNIQUE,
+        destination text NOT NULL,
+        body text NOT NULL,
+        status text CHECK (status IN ('pending', 'sent', 'failed', 'ignored')),
+        created_at timestamptz NOT NULL DEFAULT clock_timestamp(),
+        sent_at timestamptz
+    )""",
+    "CREATE INDEX outbox_pending ON outbox (id) WHERE status = 'pending'",
+    "CREATE INDEX outbox_commit_order ON outbox (part, txid, id) WHERE status IS NULL",
+    # Read by nobody in SQL: the CDC relay sees its inserts in the WAL.
+    """CREATE TABLE cdc_events (
+        id bigserial PRIMARY KEY,
+        transfer_id text NOT NULL UNIQUE,
+        destination text NOT NULL,
+        body text NOT NULL,
+        created_at timestamptz NOT NULL DEFAULT clock_timestamp()
+    )""",
+    # The failure log: messages a relay gave up on, for 'twopc outbox retry'.
+    """CREATE TABLE outbox_failures (
+        transfer_id text PRIMARY KEY,
+        source text NOT NULL,
+        destination text NOT NULL,
+        body text NOT NULL,
+        attempts integer NOT NULL,
+        last_error text NOT NULL,
+        failed_at timestamptz NOT NULL DEFAULT clock_timestamp(),
+        resent_at timestamptz
+    )""",
+    # Where each position-tracking relay got to: last-id partitions and the CDC slot.
+    """CREATE TABLE relay_positions (
+        name text PRIMARY KEY,
+        last_txid xid8,
+        last_id bigint,
+        lsn pg_lsn,
+        updated_at timestamptz NOT NULL DEFAULT clock_timestamp()
+    )""",
+    f"INSERT INTO relay_positions (name, last_txid, last_id) "
+    f"SELECT 'last-id:' || p, '0', 0 FROM generate_series(0, {LAST_ID_PARTITIONS - 1}) p",
+    "INSERT INTO relay_positions (name) VALUES ('cdc')",
+    # Wake sleeping relays at commit; NOTIFY with the same payload is sent once per
+    # transaction, so a statement-level trigger costs one notification per transfer.
+    """CREATE OR REPLACE FUNCTION outbox_notify() RETURNS trigger LANGUAGE plpgsql AS $$
+    BEGIN PERFORM pg_notify('twopc_outbox', ''); RETURN NULL; END $$""",
+    "CREATE TRIGGER outbox_notify AFTER INSERT ON outbox "
+    "FOR EACH STATEMENT EXECUTE FUNCTION outbox_notify()",
+    "CREATE TRIGGER cdc_events_notify AFTER INSERT ON cdc_events "
+    "FOR EACH STATEMENT EXECUTE FUNCTION outbox_notify()",
+]
+
+# Database B: the consumer's inbox, one row per transfer id ever applied.
+INBOX = [
+    "DROP TABLE IF EXISTS inbox",
+    """CREATE TABLE inbox (
+        transfer_id text PRIMARY KEY,
+        message_id text NOT NULL,
+        outcome text NOT NULL,
+        duplicates integer NOT NULL DEFAULT 0,
+        applied_at timestamptz NOT NULL DEFAULT clock_timestamp()
+    )""",
+]
+
+SCHEMA_A = [*BUSINESS, *META, *OUTBOX]
+SCHEMA_B = [*BUSINESS, *INBOX]

@@ -1,0 +1,211 @@
+"""What every transfer strategy shares: the Strategy protocol, a connection pool, injected crashes.
+
+A strategy makes one transfer (debit in A, credit in B, one message on
+/queue/transfers) with its own guarantee. Its life cycle::
+
+    strategy = new_strategy("outbox-status")   # scenarios.strategies
+    strategy.prepare(settings, concurrency=16)  # opens what run_one needs
+    outcome, reason = strategy.run_one(transfer)  # from any number of threads
+    strategy.close()
+
+``run_one`` returns when the client's work is done: for 2PC and the naive
+dual write B is credited by then; for the outbox and CDC strategies
+(``relay_mode`` set) B is credited later, by a relay and the consumer (see
+scenarios.strategies.pipeline). ``committed_at`` holds the wall-clock time
+(``time.time()``) at which each committed transfer's client commit returned,
+the start of its convergence latency.
+"""
+
+from __future__ import annotations
+
+import os
+import queue
+import signal
+import threading
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
+from typing import Literal, Protocol
+
+import psycopg
+
+from coordinator.errors import ConfigurationError, ParticipantUnavailable
+from coordinator.states import Outcome
+from scenarios.config import Settings
+from scenarios.transfer import Transfer
+
+RelayMode = Literal["status", "last-id", "cdc"]
+RELAY_MODES: tuple[RelayMode, ...] = ("status", "last-id", "cdc")
+
+CrashAction = Literal["abandon", "kill"]
+
+#: Environment variable arming a writer crash in a ``twopc transfer`` process:
+#: ``point=action@n``, e.g. ``after-a-commit=kill@5`` (see Strategy.arm_crash).
+CRASH_SETTING = "TWOPC_STRATEGY_CRASH"
+
+
+class Strategy(Protocol):
+    """One way to make the transfer; see the module docstring for the life cycle."""
+
+    #: The registry name ("2pc", "outbox-status", "outbox-last-id", "cdc", "naive").
+    name: str
+    #: The relay B's credit depends on, or None when run_one credits B itself.
+    relay_mode: RelayMode | None
+    #: Where arm_crash can make the writer die, in the order run_one passes them.
+    crash_points: tuple[str, ...]
+    #: transfer id -> time.time() when its client commit returned (committed only).
+    committed_at: dict[str, float]
+
+    def prepare(self, settings: Settings, *, concurrency: int = 8) -> None:
+        """Open connections for ``concurrency`` concurrent run_one calls."""
+
+    def run_one(self, transfer: Transfer) -> tuple[Outcome, str]:
+        """Make one transfer; (COMMITTED, ""), (ABORTED, why) or (IN_DOUBT, why).
+
+        IN_DOUBT is also what an injected crash returns: the client never heard.
+        """
+        ...
+
+    def arm_crash(self, point: str, *, every: int = 1, action: CrashAction = "abandon") -> None:
+        """Crash the writer at ``point`` (one of crash_points).
+
+        ``abandon``: every ``every``-th transfer stops at the point as if its process
+        died there (open transactions roll back, later steps never run) and run_one
+        returns IN_DOUBT. ``kill``: the ``every``-th hit SIGKILLs this process.
+        """
+
+    def close(self) -> None:
+        """Release everything prepare opened (idempotent)."""
+
+
+# -- injected crashes ----------------------------------------------------------------
+
+
+@dataclass
+class _ArmedCrash:
+    action: CrashAction
+    every: int
+    hits: int = 0
+
+
+class CrashPlan:
+    """The crash points a strategy's writer passes, and which of them are armed."""
+
+    def __init__(self, strategy: str, points: tuple[str, ...]) -> None:
+        self.strategy = strategy
+        self.points = points
+        self._armed: dict[str, _ArmedCrash] = {}
+        self._lock = threading.Lock()
+
+    def arm(self, point: str, *, every: int = 1, action: CrashAction = "abandon") -> None:
+        if point not in self.points:
+            known = ", ".join(self.points) or "none"
+            raise ConfigurationError(
+                f"strategy {self.strategy!r} has no crash point {point!r}; known: {known}"
+            )
+        if action not in ("abandon", "kill"):
+            raise ConfigurationError(f"crash action {action!r} must be 'abandon' or 'kill'")
+        if every < 1:
+            raise ConfigurationError(f"crash at {point}: every must be >= 1, not {every}")
+        with self._lock:
+            self._armed[point] = _ArmedCrash(action, every)
+
+    def arm_from_env(self, setting: str = CRASH_SETTING) -> None:
+        """Arm what ``setting`` names (``point=action@n``, comma-separated; action: kill)."""
+        for item in filter(None, (p.strip() for p in os.environ.get(setting, "").split(","))):
+            point, _, rest = item.partition("=")
+            action, _, count = (rest or "kill").partition("@")
+            if action not in ("abandon", "kill") or (count and not count.isdigit()):
+                raise ConfigurationError(
+                    f"{setting} item {item!r} must look like point=kill@5 or point=abandon@3"
+                )
+            self.arm(point.strip(), every=int(count or 1), action=action)  # type: ignore[arg-type]
+
+    def disarm(self) -> None:
+        with self._lock:
+            self._armed.clear()
+
+    def hit(self, point: str) -> bool:
+        """True when the writer must die here (abandon); never returns when armed to kill."""
+        if not self._armed:
+            return False
+        with self._lock:
+            armed = self._armed.get(point)
+            if armed is None:
+                return False
+            armed.hits += 1
+            if armed.hits % armed.every:
+                return False
+        if armed.action == "kill":
+            os.kill(os.getpid(), signal.SIGKILL)
+        return True
+
+
+def crashed(point: str) -> tuple[Outcome, str]:
+    """What run_one returns for a transfer whose writer was made to die at ``point``."""
+    return Outcome.IN_DOUBT, f"crash injected at {point}"
+
+
+# -- connections ---------------------------------------------------------------------
+
+
+class ConnectionPool:
+    """A fixed number of psycopg connections to one database, shared by writer threads."""
+
+    def __init__(self, dsn: str, size: int, *, setting: str) -> None:
+        self.dsn = dsn
+        self.setting = setting
+        self._free: queue.LifoQueue[psycopg.Connection] = queue.LifoQueue()
+        self._slots = threading.BoundedSemaphore(max(size, 1))
+        self._all: list[psycopg.Connection] = []
+        self._lock = threading.Lock()
+        self._closed = False
+
+    @contextmanager
+    def connection(self) -> Iterator[psycopg.Connection]:
+        """A connection with no transaction open; one that broke is replaced next time."""
+        self._slots.acquire()
+        try:
+            try:
+                conn = self._free.get_nowait()
+            except queue.Empty:
+                conn = self._connect()
+            try:
+                yield conn
+            except BaseException:
+                self._discard(conn)
+                raise
+            if conn.closed or conn.info.transaction_status != psycopg.pq.TransactionStatus.IDLE:
+                self._discard(conn)
+            else:
+                self._free.put(conn)
+        finally:
+            self._slots.release()
+
+    def _connect(self) -> psycopg.Connection:
+        if self._closed:
+            raise ConfigurationError("the connection pool is closed")
+        try:
+            conn = psycopg.connect(self.dsn)
+        except psycopg.OperationalError as exc:
+            raise ParticipantUnavailable(
+                f"cannot connect to {self.setting}: {exc}; run 'twopc lab up' or check "
+                f"{self.setting}",
+                participant=self.setting,
+            ) from None
+        with self._lock:
+            self._all.append(conn)
+        return conn
+
+    def _discard(self, conn: psycopg.Connection) -> None:
+        with self._lock:
+            if conn in self._all:
+                self._all.remove(conn)
+        conn.close()
+
+    def close(self) -> None:
+        self._closed = True
+        with self._lock:
+            conns, self._all = self._all, []
+        for conn in conns:
+            conn.close()

@@ -1,0 +1,113 @@
+"""The naive dual write: commit A, then commit B, then send — with no coordination at all.
+
+The baseline: each step is durable on its own, and a crash (or a failure)
+between two steps leaves A, B and the queue disagreeing for good. Nothing
+retries and nothing repairs; the anomaly count of the report comes from here.
+"""
+
+from __future__ import annotations
+
+import queue
+import threading
+import time
+
+import psycopg
+from psycopg import errors as pg_errors
+
+from coordinator.errors import ParticipantError
+from coordinator.states import Outcome
+from participants.stomp_client import StompClient
+from scenarios.config import Settings
+from scenarios.strategies.base import ConnectionPool, CrashAction, CrashPlan, RelayMode, crashed
+from scenarios.transfer import CREDIT, DEBIT, QUEUE, Transfer
+
+RECEIPT_TIMEOUT = 10.0
+
+
+class NaiveStrategy:
+    """Three independent commits: A, B, the broker."""
+
+    name = "naive"
+    relay_mode: RelayMode | None = None
+    crash_points: tuple[str, ...] = ("after-a-commit", "after-b-commit")
+
+    def __init__(self) -> None:
+        self.committed_at: dict[str, float] = {}
+        self._crashes = CrashPlan(self.name, self.crash_points)
+        self._a: ConnectionPool | None = None
+        self._b: ConnectionPool | None = None
+        self._stomp_address = ""
+        self._clients: queue.LifoQueue[StompClient] = queue.LifoQueue()
+        self._lock = threading.Lock()
+        self._opened: list[StompClient] = []
+
+    def prepare(self, settings: Settings, *, concurrency: int = 8) -> None:
+        self.close()
+        self._crashes.arm_from_env()
+        self._a = ConnectionPool(settings.pg_a, concurrency, setting="TWOPC_PG_A")
+        self._b = ConnectionPool(settings.pg_b, concurrency, setting="TWOPC_PG_B")
+        self._stomp_address = settings.stomp
+
+    def arm_crash(self, point: str, *, every: int = 1, action: CrashAction = "abandon") -> None:
+        self._crashes.arm(point, every=every, action=action)
+
+    def run_one(self, transfer: Transfer) -> tuple[Outcome, str]:
+        if self._a is None or self._b is None:
+            raise RuntimeError("strategy naive: call prepare(settings) before run_one")
+        params = {"amount": transfer.amount, "tid": transfer.transfer_id}
+        with self._a.connection() as conn:
+            try:
+                inserted = conn.execute(DEBIT, {**params, "account": transfer.source}).rowcount
+            except pg_errors.CheckViolation:
+                conn.rollback()
+                return Outcome.ABORTED, "insufficient funds in A"
+            if inserted != 1:
+                conn.rollback()
+                return Outcome.ABORTED, f"no account {transfer.source} in A"
+            conn.commit()
+        if self._crashes.hit("after-a-commit"):
+            return crashed("after-a-commit")
+        try:
+            with self._b.connection() as conn:
+                conn.execute(CREDIT, {**params, "account": transfer.target})
+                conn.commit()
+        except psycopg.Error as exc:
+            return Outcome.IN_DOUBT, f"A committed, B failed: {type(exc).__name__}"
+        if self._crashes.hit("after-b-commit"):
+            return crashed("after-b-commit")
+        try:
+            self._send(transfer)
+        except ParticipantError as exc:
+            return Outcome.IN_DOUBT, f"A and B committed, the SEND failed: {exc}"
+        self.committed_at[transfer.transfer_id] = time.time()
+        return Outcome.COMMITTED, ""
+
+    def _send(self, transfer: Transfer) -> None:
+        try:
+            client = self._clients.get_nowait()
+        except queue.Empty:
+            client = StompClient.open(self._stomp_address)
+            with self._lock:
+                self._opened.append(client)
+        try:
+            client.send(
+                QUEUE,
+                transfer.body(),
+                {"transfer-id": transfer.transfer_id},
+                receipt_timeout=RECEIPT_TIMEOUT,
+            )
+        except BaseException:
+            client.drop()
+            raise
+        self._clients.put(client)
+
+    def close(self) -> None:
+        for pool in (self._a, self._b):
+            if pool is not None:
+                pool.close()
+        self._a = self._b = None
+        with self._lock:
+            clients, self._opened = self._opened, []
+        for client in clients:
+            client.close()
+        self._clients = queue.LifoQueue()

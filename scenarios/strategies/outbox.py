@@ -1,0 +1,144 @@
+"""The transactional outbox writers: debit, A's transfers row and an outbox row, one local commit.
+
+Two ways to mark what the relay has sent (scenarios.relay):
+
+* ``outbox-status``: the row is written ``status = 'pending'``; the status
+  relay sends it and sets ``'sent'``.
+* ``outbox-last-id``: the row is written with no status; the last-id relay
+  remembers how far it got instead (per partition, in ``relay_positions``).
+
+Nothing here touches B or the broker: a relay publishes the row and the
+consumer (scenarios.consumer) credits B.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable
+
+import psycopg
+from psycopg import errors as pg_errors
+
+from coordinator.states import Outcome
+from scenarios.config import Settings
+from scenarios.strategies.base import (
+    ConnectionPool,
+    CrashAction,
+    CrashPlan,
+    RelayMode,
+    crashed,
+)
+from scenarios.transfer import DEBIT, QUEUE, Transfer
+
+OUTBOX_INSERT = (
+    "INSERT INTO outbox (transfer_id, destination, body, status) "
+    "VALUES (%(tid)s, %(destination)s, %(body)s, %(status)s)"
+)
+
+
+class LocalCommitWriter:
+    """Debit A and record the message in a table of A, in one local transaction.
+
+    ``before_commit`` runs after the writes and before COMMIT (tests use it to
+    hold transactions open, so that they commit out of id order).
+    """
+
+    crash_points: tuple[str, ...] = ("before-commit", "after-commit")
+
+    def __init__(
+        self,
+        name: str,
+        relay_mode: RelayMode,
+        insert: str,
+        *,
+        status: str | None = None,
+        before_commit: Callable[[], None] | None = None,
+    ) -> None:
+        self.name = name
+        self.relay_mode: RelayMode | None = relay_mode
+        self.committed_at: dict[str, float] = {}
+        self._insert = insert
+        self._status = status
+        self._before_commit = before_commit
+        self._crashes = CrashPlan(name, self.crash_points)
+        self._pool: ConnectionPool | None = None
+
+    def prepare(self, settings: Settings, *, concurrency: int = 8) -> None:
+        self.close()
+        self._crashes.arm_from_env()
+        self._pool = ConnectionPool(settings.pg_a, concurrency, setting="TWOPC_PG_A")
+
+    def arm_crash(self, point: str, *, every: int = 1, action: CrashAction = "abandon") -> None:
+        self._crashes.arm(point, every=every, action=action)
+
+    def run_one(self, transfer: Transfer) -> tuple[Outcome, str]:
+        if self._pool is None:
+            raise RuntimeError(f"strategy {self.name}: call prepare(settings) before run_one")
+        with self._pool.connection() as conn:
+            try:
+                with conn.cursor() as cur:
+                    cur.execute(
+                        DEBIT,
+                        {
+                            "amount": transfer.amount,
+                            "account": transfer.source,
+                            "tid": transfer.transfer_id,
+                        },
+                    )
+                    if cur.rowcount != 1:
+                        conn.rollback()
+                        return Outcome.ABORTED, f"no account {transfer.source} in A"
+                    cur.execute(
+                        self._insert,
+                        {
+                            "tid": transfer.transfer_id,
+                            "destination": QUEUE,
+                            "body": transfer.body(),
+                            "status": self._status,
+                        },
+                    )
+            except pg_errors.CheckViolation:
+                conn.rollback()
+                return Outcome.ABORTED, "insufficient funds in A"
+            except pg_errors.UniqueViolation:
+                conn.rollback()
+                return Outcome.ABORTED, f"transfer {transfer.transfer_id} was already made"
+            if self._before_commit is not None:
+                self._before_commit()
+            if self._crashes.hit("before-commit"):
+                return crashed("before-commit")  # the pool closes the connection: rollback
+            try:
+                conn.commit()
+            except psycopg.OperationalError as exc:
+                return Outcome.IN_DOUBT, f"A's COMMIT got no answer: {exc}"
+        self.committed_at[transfer.transfer_id] = time.time()
+        if self._crashes.hit("after-commit"):
+            return crashed("after-commit")
+        return Outcome.COMMITTED, ""
+
+    def close(self) -> None:
+        if self._pool is not None:
+            self._pool.close()
+            self._pool = None
+
+
+class OutboxStatusStrategy(LocalCommitWriter):
+    """Outbox rows marked by a status column; any number of status relays share them."""
+
+    def __init__(self, *, before_commit: Callable[[], None] | None = None) -> None:
+        super().__init__(
+            "outbox-status",
+            "status",
+            OUTBOX_INSERT,
+            status="pending",
+            before_commit=before_commit,
+        )
+
+
+class OutboxLastIdStrategy(LocalCommitWriter):
+    """Outbox rows tracked by the last-id relays' recorded positions."""
+
+    def __init__(self, *, before_commit: Callable[[], None] | None = None) -> None:
+        super().__init__(
+            "outbox-last-id", "last-id", OUTBOX_INSERT, status=None, before_commit=before_commit
+        )

@@ -1,0 +1,332 @@
+"""What makes an asynchronous strategy converge: its relays and the consumer, and how to watch them.
+
+:class:`Pipeline` runs the relays of one mode and the consumer, either as
+threads of this process (cheap, for tests and quick runs) or as child
+processes ``python -m scenarios.cli relay|consumer`` (real crashes: SIGKILL one,
+start it again). Then:
+
+* :func:`wait_converged` waits until B's inbox holds every transfer A committed;
+* :func:`convergence_latencies` gives, per transfer, the milliseconds from the
+  client's commit (``Strategy.committed_at``) to B's commit of the credit
+  (``inbox.applied_at``, taken just before that commit; the ACK follows it);
+* :func:`gather_outbox_evidence` and :func:`anomalies` check the invariants
+  once everything has converged.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import threading
+import time
+from collections import Counter
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass, field
+from typing import Any
+
+import psycopg
+
+from coordinator.errors import TwoPhaseCommitError
+from scenarios.config import Settings
+from scenarios.consumer import Consumer
+from scenarios.relay import Relay, RelayConfig, make_relay
+from scenarios.strategies.base import RelayMode
+from scenarios.transfer import balance_sum, gather_evidence, queued_transfer_ids, transfer_ids
+
+
+@dataclass
+class _Worker:
+    """One relay or consumer: a thread with its stop event, or a child process."""
+
+    kind: str  # "relay" or "consumer"
+    thread: threading.Thread | None = None
+    stop: threading.Event | None = None
+    process: subprocess.Popen[bytes] | None = None
+    runner: Relay | Consumer | None = None
+
+
+@dataclass
+class Pipeline:
+    """``relays`` relays of ``mode`` plus one consumer, started by :meth:`start`."""
+
+    settings: Settings
+    mode: RelayMode
+    relays: int = 1
+    processes: bool = False
+    config: RelayConfig = field(default_factory=RelayConfig)
+    env: Mapping[str, str] = field(default_factory=dict)  # extra environment for processes
+    log_dir: str | None = None  # where child processes write their logs (default: discard)
+    workers: list[_Worker] = field(default_factory=list)
+
+    def start(self) -> Pipeline:
+        """Start the consumer and the relays; returns self (use as a context manager)."""
+        self.workers = [self._start("consumer", 0)]
+        self.workers += [self._start("relay", i) for i in range(self.relays)]
+        return self
+
+    def _start(self, kind: str, index: int) -> _Worker:
+        if self.processes:
+            return _Worker(kind, process=self._spawn(kind, index))
+        stop = threading.Event()
+        runner: Relay | Consumer
+        if kind == "consumer":
+            runner = Consumer(self.settings)
+        else:
+            config = RelayConfig(
+                batch_size=self.config.batch_size,
+                poll_interval=self.config.poll_interval,
+                retry=self.config.retry,
+                name=f"{self.mode}-{index}",
+            )
+            runner = make_relay(self.mode, self.settings, config)
+        thread = threading.Thread(
+            target=runner.run, args=(stop,), name=f"{kind}-{index}", daemon=True
+        )
+        thread.start()
+        return _Worker(kind, thread=thread, stop=stop, runner=runner)
+
+    def command(self, kind: str) -> list[str]:
+        """The command line of a relay or consumer child process."""
+        base = [sys.executable, "-m", "scenarios.cli"]
+        if kind == "consumer":
+            return [*base, "consumer"]
+        retry = self.config.retry
+        return [
+            *base,
+            "relay",
+            "--mode",
+            self.mode,
+            "--batch-size",
+            str(self.config.batch_size),
+            "--poll-interval",
+            str(self.config.poll_interval),
+            "--policy",
+            retry.policy.value,
+            "--max-attempts",
+            str(retry.max_attempts),
+            "--backoff",
+            str(retry.first_delay),
+        ]
+
+    def _spawn(self, kind: str, index: int) -> subprocess.Popen[bytes]:
+        env = {**os.environ, **self.settings.as_env(), **self.env}
+        out: Any = subprocess.DEVNULL
+        if self.log_dir:
+            out = open(os.path.join(self.log_dir, f"{kind}-{index}.log"), "ab")  # noqa: SIM115
+        try:
+            return subprocess.Popen(self.command(kind), env=env, stdout=out, stderr=out)
+        finally:
+            if out is not subprocess.DEVNULL:
+                out.close()
+
+    # -- faults ------------------------------------------------------------------------
+
+    def relay_workers(self) -> list[_Worker]:
+        return [w for w in self.workers if w.kind == "relay"]
+
+    def kill(self, kind: str = "relay", index: int = 0) -> None:
+        """SIGKILL a relay or the consumer (child processes only) and reap it."""
+        worker = [w for w in self.workers if w.kind == kind][index]
+        if worker.process is None:
+            raise TwoPhaseCommitError("kill() needs a pipeline of processes (processes=True)")
+        worker.process.send_signal(signal.SIGKILL)
+        worker.process.wait(10)
+
+    def restart(self, kind: str = "relay", index: int = 0) -> None:
+        """Start a relay or the consumer again in place of one that died or was killed."""
+        same = [i for i, w in enumerate(self.workers) if w.kind == kind]
+        position = same[index]
+        old = self.workers[position]
+        if old.process is not None and old.process.poll() is None:
+            raise TwoPhaseCommitError(f"{kind} {index} is still running: kill() it first")
+        if old.thread is not None and old.thread.is_alive():
+            raise TwoPhaseCommitError(f"{kind} {index} is still running")
+        self.workers[position] = self._start(kind, index)
+
+    def alive(self) -> list[bool]:
+        """Per worker (consumer first, then relays): is it running?"""
+        return [
+            (w.process.poll() is None)
+            if w.process is not None
+            else bool(w.thread and w.thread.is_alive())
+            for w in self.workers
+        ]
+
+    # -- stopping ----------------------------------------------------------------------
+
+    def stop(self, timeout: float = 15.0) -> list[int | None]:
+        """Ask everything to stop (SIGTERM / stop event) and wait; returns exit codes."""
+        for worker in self.workers:
+            if worker.stop is not None:
+                worker.stop.set()
+            if worker.process is not None and worker.process.poll() is None:
+                worker.process.send_signal(signal.SIGTERM)
+        codes: list[int | None] = []
+        deadline = time.monotonic() + timeout
+        for worker in self.workers:
+            left = max(0.1, deadline - time.monotonic())
+            if worker.thread is not None:
+                worker.thread.join(left)
+                codes.append(None if worker.thread.is_alive() else 0)
+            elif worker.process is not None:
+                try:
+                    codes.append(worker.process.wait(left))
+                except subprocess.TimeoutExpired:
+                    worker.process.kill()
+                    codes.append(worker.process.wait(5))
+        return codes
+
+    def __enter__(self) -> Pipeline:
+        return self.start()
+
+    def __exit__(self, *exc_info: object) -> None:
+        self.stop()
+
+
+# -- convergence -------------------------------------------------------------------------
+
+
+def inbox_ids(dsn: str) -> set[str]:
+    with psycopg.connect(dsn) as conn:
+        return {row[0] for row in conn.execute("SELECT transfer_id FROM inbox")}
+
+
+def wait_converged(
+    settings: Settings,
+    ids: Iterable[str] | None = None,
+    *,
+    timeout: float = 60.0,
+    interval: float = 0.05,
+) -> set[str]:
+    """Wait until B's inbox holds ``ids`` (default: every transfer in A); return what is missing.
+
+    An empty set means converged: each of those transfers is credited in B and
+    its message was consumed.
+    """
+    wanted = set(ids) if ids is not None else transfer_ids(settings.pg_a)
+    deadline = time.monotonic() + timeout
+    with psycopg.connect(settings.pg_b, autocommit=True) as conn:
+        while True:
+            missing = wanted - {
+                row[0]
+                for row in conn.execute(
+                    "SELECT transfer_id FROM inbox WHERE transfer_id = ANY(%s)", (list(wanted),)
+                )
+            }
+            if not missing or time.monotonic() >= deadline:
+                return missing
+            time.sleep(interval)
+            if ids is None:  # A may still be committing: take its newest rows too
+                wanted |= transfer_ids(settings.pg_a)
+
+
+def convergence_latencies(
+    settings: Settings, committed_at: Mapping[str, float]
+) -> dict[str, float]:
+    """transfer id -> ms from the client's commit to B's commit of the credit.
+
+    ``committed_at`` is a Strategy's (time.time() when run_one's commit
+    returned); transfers not in B's inbox yet are left out. Both clocks are this
+    machine's wall clock.
+    """
+    if not committed_at:
+        return {}
+    with psycopg.connect(settings.pg_b) as conn:
+        rows = conn.execute(
+            "SELECT transfer_id, extract(epoch FROM applied_at)::float8 FROM inbox "
+            "WHERE transfer_id = ANY(%s)",
+            (list(committed_at),),
+        ).fetchall()
+    return {tid: max(0.0, (applied - committed_at[tid]) * 1000) for tid, applied in rows}
+
+
+# -- evidence ------------------------------------------------------------------------------
+
+
+@dataclass
+class OutboxEvidence:
+    """A, B, the inbox, the outbox and the queue after an outbox or CDC run."""
+
+    total_expected: int
+    total_now: int
+    in_a: set[str]
+    in_b: set[str]
+    inbox: dict[str, tuple[str, int]]  # transfer id -> (outcome, duplicates absorbed)
+    pending: int  # outbox rows still waiting for the status relay
+    failures: int  # failure-log rows not sent again yet
+    on_queue: Counter[str]
+
+    @property
+    def violations(self) -> list[str]:
+        """Transfer ids where A, B and the inbox disagree."""
+        ids = self.in_a | self.in_b | set(self.inbox)
+        applied = {t for t, (outcome, _) in self.inbox.items() if outcome == "applied"}
+        return sorted(t for t in ids if not (t in self.in_a and t in self.in_b and t in applied))
+
+    @property
+    def ok(self) -> bool:
+        return self.total_now == self.total_expected and not self.violations
+
+    def as_dict(self) -> dict[str, Any]:
+        return {
+            "money_conserved": self.total_now == self.total_expected,
+            "total_expected": self.total_expected,
+            "total_now": self.total_now,
+            "transfers_in_a": len(self.in_a),
+            "transfers_in_b": len(self.in_b),
+            "inbox_rows": len(self.inbox),
+            "duplicates_absorbed": sum(d for _, d in self.inbox.values()),
+            "messages_on_queue": sum(self.on_queue.values()),
+            "outbox_pending": self.pending,
+            "failure_log": self.failures,
+            "atomicity_violations": len(self.violations),
+            "duplicate_messages": 0,  # the inbox's primary key: a transfer is applied once
+            "prepared_left": [],
+            "ok": self.ok,
+        }
+
+
+def gather_outbox_evidence(settings: Settings) -> OutboxEvidence:
+    """Read A, B, the inbox, the outbox, the failure log and the queue."""
+    with psycopg.connect(settings.pg_a) as conn:
+        total = conn.execute("SELECT value FROM scenario_meta WHERE key = 'total'").fetchone()
+        counts = conn.execute(
+            "SELECT (SELECT count(*) FROM outbox WHERE status = 'pending'), "
+            "(SELECT count(*) FROM outbox_failures WHERE resent_at IS NULL)"
+        ).fetchone()
+    with psycopg.connect(settings.pg_b) as conn:
+        inbox = {
+            row[0]: (row[1], row[2])
+            for row in conn.execute("SELECT transfer_id, outcome, duplicates FROM inbox")
+        }
+    pending, failures = counts if counts else (0, 0)
+    return OutboxEvidence(
+        total_expected=int(total[0]) if total else 0,
+        total_now=balance_sum(settings.pg_a) + balance_sum(settings.pg_b),
+        in_a=transfer_ids(settings.pg_a),
+        in_b=transfer_ids(settings.pg_b),
+        inbox=inbox,
+        pending=int(pending),
+        failures=int(failures),
+        on_queue=queued_transfer_ids(settings),
+    )
+
+
+def anomalies(settings: Settings, relay_mode: RelayMode | None) -> list[str]:
+    """Transfer ids where A, B and the queue (or the inbox) disagree, after convergence.
+
+    ``relay_mode`` is the strategy's: None reads the queue (2PC, naive), a mode
+    reads the inbox. Money that is not conserved counts as one anomaly,
+    ``"money"``.
+    """
+    if relay_mode is None:
+        evidence = gather_evidence(settings)
+        found = evidence.atomicity_violations + evidence.duplicates
+        conserved = evidence.total_now == evidence.total_expected
+    else:
+        outbox = gather_outbox_evidence(settings)
+        found = outbox.violations
+        conserved = outbox.total_now == outbox.total_expected
+    return found + ([] if conserved else ["money"])
