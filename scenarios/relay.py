@@ -229,10 +229,14 @@ class Relay:
         raise NotImplementedError
 
     def _connect(self) -> None:
+        # The name shows in pg_stat_activity: which relay holds which advisory lock.
+        name = f"twopc relay {self.name}"[:63]
         if self._conn is None or self._conn.closed:
-            self._conn = psycopg.connect(self.settings.pg_a, autocommit=True)
+            self._conn = psycopg.connect(self.settings.pg_a, autocommit=True, application_name=name)
         if self.listens and (self._listen is None or self._listen.closed):
-            self._listen = psycopg.connect(self.settings.pg_a, autocommit=True)
+            self._listen = psycopg.connect(
+                self.settings.pg_a, autocommit=True, application_name=name
+            )
             self._listen.execute(f"LISTEN {CHANNEL}")
 
     def _disconnect(self) -> None:
