@@ -1,0 +1,703 @@
+"""What twopc's coordinator costs beyond 2PC itself: ``twopc bench --overhead``.
+
+One process, one lab, one run, the same transfer work through:
+
+- ``floor``: the hand-written minimal 2PC (scenarios.bench.floor), decision
+  fsync'd; ``floor-marker``: the same by hand with the coordinator's own
+  protocol (the broker's COMMIT of a marker is the decision, the log is lazy);
+- ``coordinator``: twopc (A, B and the broker);
+- ``floor-db``, ``coordinator-db`` and ``peer`` (SQLAlchemy's two-phase
+  Session): A and B only, where the coordinator forces its decision record;
+- ``local-commit`` and ``outbox-commit``: the debit alone in one local
+  transaction on A, without and with an outbox row, for scale.
+
+Latency percentiles and CPU per transaction come from an interleaved run at
+concurrency 1 (every contender in shuffled blocks, so that the noise of a
+shared machine hits all of them alike); the ratios are computed per block too,
+which gives their spread. Throughput comes from closed-loop runs at 1, 8 and
+32 concurrent transfers, with the decision log's forced writes per commit.
+A last run checks the forced writes and messages per transaction by outcome
+against the presumed-abort figures (DESIGN §3).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import itertools
+import os
+import queue
+import random
+import threading
+import time
+from collections.abc import Callable, Iterator, Mapping
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from typing import Any, Protocol
+
+import psycopg
+from psycopg import errors as pg_errors
+from rich.progress import Progress
+
+from coordinator.coordinator import Coordinator
+from coordinator.errors import ParticipantError, TransactionAborted, TransactionInDoubt
+from coordinator.log.file import FileDecisionLog
+from coordinator.transaction import Transaction
+from coordinator.xid import gtrid_prefix
+from participants.postgres import PostgresResource
+from scenarios import transfer as scenario
+from scenarios.bench import measure
+from scenarios.bench.floor import Floor
+from scenarios.bench.peer import Peer
+from scenarios.config import Settings
+from scenarios.transfer import CREDIT, DEBIT, QUEUE, Transfer
+from scenarios.wiring import open_coordinator
+
+#: The coordinator id of the two-database coordinator (its own log and gtrids).
+DB_ONLY_COORDINATOR = "benchdb"
+#: Phases of Transaction.timings, in protocol order; "work" is the rest of the total.
+PHASES = ("work", "prepare", "commit_point", "decision_log", "phase2")
+
+ACCOUNTS = 10_000
+BALANCE = 1_000_000_000
+
+
+class Contender(Protocol):
+    """One way to run the transfer work in the benchmark."""
+
+    name: str
+
+    def run_one(self, t: Transfer) -> bool: ...
+
+    def close(self) -> None: ...
+
+
+# -- the transfers ------------------------------------------------------------------
+
+
+class TransferSource:
+    """Endless unique transfers between random accounts (thread-safe)."""
+
+    def __init__(self, *, accounts: int = ACCOUNTS, seed: int = 1) -> None:
+        self.accounts = accounts
+        self.run_id = scenario.new_run_id()
+        self._rng = random.Random(seed)
+        self._ids = itertools.count()
+        self._lock = threading.Lock()
+
+    def next(self) -> Transfer:
+        with self._lock:
+            n = next(self._ids)
+            source, target = self._rng.randrange(self.accounts), self._rng.randrange(self.accounts)
+            amount = self._rng.randint(1, 100)
+        return Transfer(
+            f"{self.run_id}-{n:07d}",
+            scenario.account_id(source),
+            scenario.account_id(target),
+            amount,
+        )
+
+
+# -- contenders: the coordinator ----------------------------------------------------
+
+
+@dataclass
+class PhaseSplit:
+    """Per-phase latency histograms of committed 2PC transactions (Transaction.timings)."""
+
+    phases: dict[str, measure.Latencies] = field(
+        default_factory=lambda: {p: measure.Latencies(p) for p in PHASES}
+    )
+
+    def record(self, tx: Transaction, total: float) -> None:
+        timed = sum(tx.timings.values())
+        self.phases["work"].record(max(total - timed, 0.0))
+        for phase in PHASES[1:]:
+            if phase in tx.timings:
+                self.phases[phase].record(tx.timings[phase])
+
+    def summary(self) -> dict[str, dict[str, float]]:
+        return {name: lat.summary() for name, lat in self.phases.items() if lat.count}
+
+
+class CoordinatorContender:
+    """twopc's coordinator making the transfer: A, B and the message, or A and B only."""
+
+    def __init__(self, settings: Settings, *, concurrency: int, broker: bool = True) -> None:
+        self.broker = broker
+        self.name = "coordinator" if broker else "coordinator-db"
+        self.split = PhaseSplit()
+        self.by_outcome: dict[str, dict[str, int]] = {}
+        if broker:
+            self.coordinator = open_coordinator(settings, sessions=max(concurrency, 1))
+        else:
+            self.coordinator = db_only_coordinator(settings, concurrency=concurrency)
+        self.prefix = gtrid_prefix(self.coordinator.coordinator_id)
+        self._lock = threading.Lock()
+
+    def run_one(self, t: Transfer) -> bool:
+        start = time.perf_counter()
+        tx = self.coordinator.begin(self.prefix + t.transfer_id)
+        params = {"amount": t.amount, "tid": t.transfer_id}
+        try:
+            with tx:
+                try:
+                    tx.branch("a").execute(DEBIT, {**params, "account": t.source})
+                except pg_errors.CheckViolation:
+                    pass  # the branch votes NO at prepare
+                else:
+                    tx.execute("b", CREDIT, {**params, "account": t.target})
+                    if self.broker:
+                        tx.send(QUEUE, t.body(), {"transfer-id": t.transfer_id})
+        except (TransactionAborted, TransactionInDoubt, ParticipantError):
+            return False
+        self.split.record(tx, time.perf_counter() - start)
+        return True
+
+    @property
+    def forced_writes(self) -> int:
+        return int(self.coordinator.log.forced_writes)
+
+    def close(self) -> None:
+        self.coordinator.close()
+
+
+def db_only_coordinator(settings: Settings, *, concurrency: int) -> Coordinator:
+    """A coordinator over A and B with no broker: its decision record is forced (fsync)."""
+    log = FileDecisionLog(settings.home / "bench-db-decisions.log")
+    resources = [
+        PostgresResource("a", settings.pg_a, pool_size=concurrency + 8),
+        PostgresResource("b", settings.pg_b, pool_size=concurrency + 8),
+    ]
+    try:
+        return Coordinator(
+            DB_ONLY_COORDINATOR, log, resources, None, max_workers=max(concurrency, 4)
+        )
+    except BaseException:
+        for resource in resources:
+            resource.close()
+        log.close()
+        raise
+
+
+# -- contenders: the floor, the peer, and local commits ----------------------------
+
+
+class _Adapter:
+    """A Floor or a Peer as a Contender."""
+
+    def __init__(self, inner: Floor | Peer) -> None:
+        self.inner = inner
+        self.name = inner.name
+
+    def run_one(self, t: Transfer) -> bool:
+        return self.inner.run_one(t)
+
+    def close(self) -> None:
+        self.inner.close()
+
+
+class LocalCommit:
+    """The debit alone in one local transaction on A; with ``outbox``, plus an outbox row."""
+
+    def __init__(self, settings: Settings, *, concurrency: int, outbox: bool = False) -> None:
+        self.name = "outbox-commit" if outbox else "local-commit"
+        self.outbox = outbox
+        self._pool: queue.LifoQueue[psycopg.Connection[Any]] = queue.LifoQueue()
+        for _ in range(concurrency):
+            self._pool.put(psycopg.connect(settings.pg_a))
+
+    @contextmanager
+    def _connection(self) -> Iterator[psycopg.Connection[Any]]:
+        conn = self._pool.get()
+        try:
+            yield conn
+        finally:
+            self._pool.put(conn)
+
+    def run_one(self, t: Transfer) -> bool:
+        with self._connection() as conn:
+            try:
+                conn.execute(DEBIT, {"amount": t.amount, "account": t.source, "tid": t.transfer_id})
+                if self.outbox:
+                    conn.execute(
+                        "INSERT INTO outbox (transfer_id, destination, body, status) "
+                        "VALUES (%s, %s, %s, 'pending')",
+                        (t.transfer_id, QUEUE, t.body()),
+                    )
+            except pg_errors.CheckViolation:
+                conn.rollback()
+                return False
+            conn.commit()
+        return True
+
+    def close(self) -> None:
+        while True:
+            try:
+                self._pool.get_nowait().close()
+            except queue.Empty:
+                return
+
+
+Factory = Callable[[int], Contender]
+
+
+def contenders(settings: Settings) -> dict[str, Factory]:
+    """Every contender of the overhead benchmark: name -> factory(concurrency)."""
+    return {
+        "floor": lambda c: _Adapter(Floor(settings, concurrency=c)),
+        "floor-marker": lambda c: _Adapter(Floor(settings, concurrency=c, decision="marker")),
+        "coordinator": lambda c: CoordinatorContender(settings, concurrency=c),
+        "floor-db": lambda c: _Adapter(Floor(settings, concurrency=c, broker=False)),
+        "coordinator-db": lambda c: CoordinatorContender(settings, concurrency=c, broker=False),
+        "peer": lambda c: _Adapter(Peer(settings, concurrency=c)),
+        "local-commit": lambda c: LocalCommit(settings, concurrency=c),
+        "outbox-commit": lambda c: LocalCommit(settings, concurrency=c, outbox=True),
+    }
+
+
+#: Contenders whose throughput is measured at every concurrency (the floors stay at 1
+#: in the quick run: their throughput tells the same as the coordinator's).
+THROUGHPUT_FULL = (
+    "floor",
+    "coordinator",
+    "floor-db",
+    "coordinator-db",
+    "peer",
+    "local-commit",
+    "outbox-commit",
+)
+THROUGHPUT_QUICK = ("coordinator", "coordinator-db", "peer", "local-commit")
+
+
+# -- the plan of a run ---------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Plan:
+    """How much of everything to run."""
+
+    rounds: int  # interleaved blocks at concurrency 1
+    per_round: int  # transfers per contender per block
+    seconds: float  # length of each throughput run
+    concurrencies: tuple[int, ...]
+    throughput_of: tuple[str, ...]
+    outcome_checks: int  # transactions per outcome in the R* check
+
+    @classmethod
+    def for_mode(cls, quick: bool) -> Plan:
+        if quick:
+            return cls(8, 15, 1.5, (1, 8, 32), THROUGHPUT_QUICK, 10)
+        return cls(30, 40, 5.0, (1, 8, 32), THROUGHPUT_FULL, 50)
+
+
+# -- costs read from the servers -----------------------------------------------------
+
+
+def wal_bytes(settings: Settings) -> dict[str, int]:
+    """pg_stat_wal.wal_bytes of A and B (cluster totals since the last stats reset)."""
+    out = {}
+    for name, dsn in (("a", settings.pg_a), ("b", settings.pg_b)):
+        with psycopg.connect(dsn) as conn:
+            row = conn.execute("SELECT wal_bytes FROM pg_stat_wal").fetchone()
+            out[name] = int(row[0]) if row else 0
+    return out
+
+
+def service_cpu(settings: Settings) -> measure.ServiceCpu:
+    """CPU accounting of the lab's services when they run on this machine (else none)."""
+    from scenarios.lab import Lab
+
+    try:
+        statuses = Lab(settings.home).status()
+    except Exception:  # not an embedded lab: the servers are elsewhere
+        return measure.ServiceCpu({})
+    return measure.ServiceCpu({s.label: s.pid for s in statuses if s.pid is not None})
+
+
+def prepare_lab(settings: Settings, *, accounts: int = ACCOUNTS) -> None:
+    """Resolve leftovers of earlier runs, then reset the tables with ample balances."""
+    open_coordinator(settings).close()  # recovery of the main coordinator
+    db_only_coordinator(settings, concurrency=1).close()  # ... and of the benchmark's own
+    scenario.reset(settings, accounts=accounts, balance=BALANCE)
+
+
+# -- the benchmark -------------------------------------------------------------------
+
+
+def op_of(contender: Contender, source: TransferSource) -> measure.Op:
+    """The contender's transfer of the next transfer of ``source``, as a measure.Op."""
+    return lambda _i: contender.run_one(source.next())
+
+
+def _tick(progress: Progress | None, description: str, total: float) -> tuple[Any, Any]:
+    if progress is None:
+        return None, None
+    task = progress.add_task(description, total=total)
+    return task, lambda: progress.advance(task)
+
+
+def run_latency(
+    settings: Settings, plan: Plan, source: TransferSource, progress: Progress | None = None
+) -> dict[str, Any]:
+    """The interleaved run at concurrency 1: percentiles, ratios with spread, CPU, phases."""
+    factories = contenders(settings)
+    made: dict[str, Contender] = {}
+    try:
+        for name, factory in factories.items():
+            made[name] = factory(1)
+        ops = {name: op_of(c, source) for name, c in made.items()}
+        # A short warm-up: connections, caches, the JIT-less but lazy imports.
+        measure.interleaved(ops, rounds=1, per_round=3)
+        for c in made.values():
+            if isinstance(c, CoordinatorContender):
+                c.split = PhaseSplit()
+        task, tick = _tick(
+            progress,
+            "latency, concurrency 1 (interleaved)",
+            plan.rounds * len(ops) * plan.per_round,
+        )
+        blocks = measure.interleaved_blocks(
+            ops, rounds=plan.rounds, per_round=plan.per_round, tick=tick
+        )
+        if progress is not None:
+            progress.remove_task(task)
+        results = {name: measure.merge_blocks(name, bs) for name, bs in blocks.items()}
+        phases = {
+            name: c.split.summary()
+            for name, c in made.items()
+            if isinstance(c, CoordinatorContender)
+        }
+    finally:
+        for c in made.values():
+            c.close()
+    return {
+        "contenders": {name: r.as_dict() for name, r in results.items()},
+        "ratios": _ratios(blocks),
+        "phases": phases,
+        "results": results,
+    }
+
+
+#: (numerator, denominator) pairs of the ratios the issue asks for, and two more.
+RATIOS = (
+    ("coordinator", "floor"),
+    ("coordinator", "floor-marker"),
+    ("coordinator-db", "peer"),
+    ("coordinator-db", "floor-db"),
+    ("outbox-commit", "local-commit"),
+    ("coordinator", "outbox-commit"),
+)
+
+
+def _ratios(blocks: Mapping[str, list[measure.RunResult]]) -> dict[str, dict[str, Any]]:
+    """p50 and p99 ratios of the merged runs, and the spread of the per-block p50 ratio."""
+    out: dict[str, dict[str, Any]] = {}
+    for top, bottom in RATIOS:
+        if top not in blocks or bottom not in blocks:
+            continue
+        merged_top = measure.merged(blocks[top])
+        merged_bottom = measure.merged(blocks[bottom])
+        per_block = [
+            r
+            for t, b in zip(blocks[top], blocks[bottom], strict=True)
+            if t.latencies.count and b.latencies.count
+            if (r := measure.ratio(t.latencies.percentile(50), b.latencies.percentile(50)))
+            is not None
+        ]
+        out[f"{top}/{bottom}"] = {
+            "p50": measure.ratio(merged_top.percentile(50), merged_bottom.percentile(50)),
+            "p99": measure.ratio(merged_top.percentile(99), merged_bottom.percentile(99)),
+            "p50_added_ms": round(merged_top.percentile(50) - merged_bottom.percentile(50), 3),
+            "p99_added_ms": round(merged_top.percentile(99) - merged_bottom.percentile(99), 3),
+            "per_block_p50": measure.spread(per_block),
+        }
+    return out
+
+
+def run_throughput(
+    settings: Settings, plan: Plan, source: TransferSource, progress: Progress | None = None
+) -> dict[str, Any]:
+    """Closed-loop runs at each concurrency: throughput, latency, CPU, forced writes."""
+    factories = contenders(settings)
+    cpu = service_cpu(settings)
+    runs = [(name, c) for c in plan.concurrencies for name in plan.throughput_of]
+    task, _ = _tick(progress, "throughput, concurrency 1/8/32", len(runs))
+    table: dict[str, dict[str, Any]] = {}
+    results: list[measure.RunResult] = []
+    for name, concurrency in runs:
+        contender = factories[name](concurrency)
+        try:
+            # Warm every connection of the pool before the clock starts.
+            measure.closed_loop(
+                name,
+                op_of(contender, source),
+                concurrency=concurrency,
+                count=2 * concurrency,
+            )
+            forced_before = getattr(contender, "forced_writes", 0)
+            cpu_before = cpu.snapshot()
+            result = measure.closed_loop(
+                name,
+                op_of(contender, source),
+                concurrency=concurrency,
+                duration=plan.seconds,
+            )
+            forced = getattr(contender, "forced_writes", 0) - forced_before
+            cpu_by_process = cpu.per_op_ms(cpu_before, cpu.snapshot(), result.committed)
+        finally:
+            contender.close()
+        row = result.as_dict()
+        row["cpu_ms_per_op_by_process"] = cpu_by_process
+        if isinstance(contender, CoordinatorContender):
+            row["forced_log_writes_per_commit"] = (
+                round(forced / result.committed, 4) if result.committed else None
+            )
+        table.setdefault(name, {})[str(concurrency)] = row
+        results.append(result)
+        if progress is not None:
+            progress.advance(task)
+    if progress is not None:
+        progress.remove_task(task)
+    scaling = {
+        name: measure.ratio(
+            by_c.get(str(max(plan.concurrencies)), {}).get("throughput_per_s", 0.0),
+            by_c.get(str(min(plan.concurrencies)), {}).get("throughput_per_s", 0.0),
+        )
+        for name, by_c in table.items()
+    }
+    return {"runs": table, "scaling_max_over_1": scaling, "results": results}
+
+
+# -- forced writes and messages by outcome (the R* check) ---------------------------
+
+
+def run_outcome_costs(
+    settings: Settings, plan: Plan, source: TransferSource
+) -> dict[str, dict[str, dict[str, float]]]:
+    """Forced log writes and messages per transaction, by outcome, with and without broker.
+
+    commit: the transfer. abort: B credited and the message sent, then A's debit
+    breaks its CHECK, so A votes NO. read-only: a SELECT on A and on B.
+    Expected (presumed abort, DESIGN §3): with the broker 0 forced writes for
+    every outcome (the marker is the decision); without it 1 per commit, 0 per
+    abort and per read-only transaction (at concurrency 1: no group commit).
+    """
+    out: dict[str, dict[str, dict[str, float]]] = {}
+    for broker in (True, False):
+        contender = CoordinatorContender(settings, concurrency=1, broker=broker)
+        try:
+            out[contender.name] = {
+                kind: _outcome_cost(contender, kind, plan.outcome_checks, source, broker)
+                for kind in ("commit", "abort", "read-only")
+            }
+        finally:
+            contender.close()
+    return out
+
+
+def _outcome_cost(
+    contender: CoordinatorContender, kind: str, n: int, source: TransferSource, broker: bool
+) -> dict[str, float]:
+    coordinator = contender.coordinator
+    forced_before = contender.forced_writes
+    business = markers = 0
+    outcomes: dict[str, int] = {}
+    for _ in range(n):
+        t = source.next()
+        tx = coordinator.begin(contender.prefix + t.transfer_id)
+        params = {"amount": t.amount, "tid": t.transfer_id}
+        try:
+            with tx:
+                if kind == "read-only":
+                    tx.execute("a", "SELECT balance FROM accounts WHERE id = %s", (t.source,))
+                    tx.execute("b", "SELECT balance FROM accounts WHERE id = %s", (t.target,))
+                else:
+                    tx.execute("b", CREDIT, {**params, "account": t.target})
+                    if broker:
+                        tx.send(QUEUE, t.body(), {"transfer-id": t.transfer_id})
+                    amount = BALANCE * 10 if kind == "abort" else t.amount
+                    with contextlib.suppress(pg_errors.CheckViolation):  # A votes NO
+                        tx.branch("a").execute(
+                            DEBIT, {**params, "amount": amount, "account": t.source}
+                        )
+        except (TransactionAborted, TransactionInDoubt):
+            pass
+        outcome = tx.outcome.value if tx.outcome is not None else "none"
+        outcomes[outcome] = outcomes.get(outcome, 0) + 1
+        if tx.outcome is not None and tx.outcome.value == "committed":
+            business += tx.messages_sent
+            markers += int(tx.marker_sent)
+    forced = contender.forced_writes - forced_before
+    return {
+        "transactions": n,
+        "outcomes": outcomes,  # type: ignore[dict-item]
+        "forced_log_writes_per_tx": round(forced / n, 3),
+        "business_messages_per_tx": round(business / n, 3),
+        "marker_messages_per_tx": round(markers / n, 3),
+    }
+
+
+# -- the whole benchmark --------------------------------------------------------------
+
+
+def run(settings: Settings, *, quick: bool, progress: Progress | None = None) -> dict[str, Any]:
+    """The overhead benchmark; returns a JSON-able dict (RunResults under "_results")."""
+    plan = Plan.for_mode(quick)
+    started = time.time()
+    load_before = os.getloadavg()
+    prepare_lab(settings)
+    source = TransferSource()
+    wal_before = wal_bytes(settings)
+    latency = run_latency(settings, plan, source, progress)
+    throughput = run_throughput(settings, plan, source, progress)
+    outcome_costs = run_outcome_costs(settings, plan, source)
+    wal_after = wal_bytes(settings)
+    results = [*latency.pop("results").values(), *throughput.pop("results")]
+    return {
+        "benchmark": "overhead",
+        "quick": quick,
+        "plan": plan.__dict__,
+        "started": started,
+        "seconds": round(time.time() - started, 1),
+        "latency_c1": latency,
+        "throughput": throughput,
+        "by_outcome": outcome_costs,
+        "targets": targets(latency, throughput),
+        "load_average": {"before": load_before, "after": os.getloadavg()},
+        "wal_bytes_total": {k: wal_after[k] - wal_before[k] for k in wal_after},
+        "_results": results,
+    }
+
+
+def targets(latency: Mapping[str, Any], throughput: Mapping[str, Any]) -> list[dict[str, Any]]:
+    """Issue 6's targets, each with the measured figure and whether it is met."""
+    ratios = latency["ratios"]
+    runs = throughput["runs"]
+    out: list[dict[str, Any]] = []
+
+    def add(target: str, figure: float | None, ok: bool | None) -> None:
+        out.append({"target": target, "measured": figure, "met": ok})
+
+    floor = ratios.get("coordinator/floor", {}).get("p50")
+    add("p50 at concurrency 1: coordinator <= 1.10 x floor", floor, _le(floor, 1.10))
+    marker = ratios.get("coordinator/floor-marker", {}).get("p50")
+    add("(stricter) coordinator <= 1.10 x floor-marker at p50", marker, _le(marker, 1.10))
+    peer = ratios.get("coordinator-db/peer", {}).get("p50")
+    add("p50 two-database work: coordinator-db <= peer (SQLAlchemy)", peer, _le(peer, 1.0))
+    for name in ("coordinator", "coordinator-db"):
+        by_c = runs.get(name, {})
+        top = max((int(c) for c in by_c), default=0)
+        if not top:
+            continue
+        forced = by_c[str(top)].get("forced_log_writes_per_commit")
+        add(
+            f"{name}: forced decision-log writes per commit at concurrency {top} <= 0.25",
+            forced,
+            _le(forced, 0.25),
+        )
+        scale = measure.ratio(
+            by_c[str(top)]["throughput_per_s"], by_c.get("1", {}).get("throughput_per_s", 0.0)
+        )
+        add(
+            f"{name}: throughput at concurrency {top} >= 4 x concurrency 1",
+            scale,
+            None if scale is None else scale >= 4.0,
+        )
+    return out
+
+
+def _le(value: float | None, bound: float) -> bool | None:
+    return None if value is None else value <= bound
+
+
+# -- output ---------------------------------------------------------------------------
+
+
+def _fmt(value: Any, digits: int = 2) -> str:
+    if value is None:
+        return "-"
+    if isinstance(value, float):
+        return f"{value:.{digits}f}"
+    return str(value)
+
+
+def render_markdown(result: Mapping[str, Any], command: str) -> str:
+    """The overhead benchmark's figures as a Markdown page."""
+    lat = result["latency_c1"]
+    lines = [
+        "# twopc overhead benchmark",
+        "",
+        f"Command: `{command}` ({result['seconds']} s; load average before "
+        f"{_fmt(result['load_average']['before'][0])}, after "
+        f"{_fmt(result['load_average']['after'][0])} on {os.cpu_count()} cores).",
+        "",
+        "## Latency at concurrency 1 (interleaved blocks), ms",
+        "",
+        "| contender | n | p50 | p90 | p99 | p99.9 | max | CPU ms/tx |",
+        "| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: |",
+    ]
+    for name, row in lat["contenders"].items():
+        ms = row["latency_ms"]
+        lines.append(
+            f"| {name} | {ms.get('count', 0)} | "
+            + " | ".join(_fmt(ms.get(k)) for k in ("p50", "p90", "p99", "p99.9", "max"))
+            + f" | {_fmt(row['cpu_ms_per_op'])} |"
+        )
+    lines += [
+        "",
+        "## Ratios at concurrency 1",
+        "",
+        "| ratio | p50 | p99 | added at p50 (ms) | per-block p50 ratio: median [min-max] |",
+        "| --- | ---: | ---: | ---: | --- |",
+    ]
+    for name, r in lat["ratios"].items():
+        pb = r["per_block_p50"]
+        lines.append(
+            f"| {name} | {_fmt(r['p50'])} | {_fmt(r['p99'])} | {_fmt(r['p50_added_ms'])} | "
+            f"{_fmt(pb.get('median'))} [{_fmt(pb.get('min'))}-{_fmt(pb.get('max'))}] |"
+        )
+    lines += ["", "## 2PC phases of the coordinator (p50 / p99, ms)", ""]
+    lines += ["| coordinator | " + " | ".join(PHASES) + " |"]
+    lines += ["| --- |" + " ---: |" * len(PHASES)]
+    for name, phases in lat["phases"].items():
+        cells = [
+            f"{_fmt(phases.get(p, {}).get('p50'))} / {_fmt(phases.get(p, {}).get('p99'))}"
+            for p in PHASES
+        ]
+        lines.append(f"| {name} | " + " | ".join(cells) + " |")
+    lines += [
+        "",
+        "## Throughput (closed loop)",
+        "",
+        "| contender | concurrency | tx/s | p50 ms | p99 ms | forced log writes/commit | "
+        "CPU ms/tx by process |",
+        "| --- | ---: | ---: | ---: | ---: | ---: | --- |",
+    ]
+    for name, by_c in result["throughput"]["runs"].items():
+        for c, row in by_c.items():
+            cpu = ", ".join(
+                f"{k} {v:.2f}" for k, v in row.get("cpu_ms_per_op_by_process", {}).items()
+            )
+            lines.append(
+                f"| {name} | {c} | {_fmt(row['throughput_per_s'], 0)} | "
+                f"{_fmt(row['latency_ms'].get('p50'))} | {_fmt(row['latency_ms'].get('p99'))} | "
+                f"{_fmt(row.get('forced_log_writes_per_commit'), 3)} | {cpu} |"
+            )
+    lines += [
+        "",
+        "## Forced decision-log writes and messages per transaction, by outcome (concurrency 1)",
+        "",
+        "| coordinator | outcome | forced writes/tx | business msgs/tx | marker msgs/tx |",
+        "| --- | --- | ---: | ---: | ---: |",
+    ]
+    for name, kinds in result["by_outcome"].items():
+        for kind, row in kinds.items():
+            lines.append(
+                f"| {name} | {kind} | {_fmt(row['forced_log_writes_per_tx'], 3)} | "
+                f"{_fmt(row['business_messages_per_tx'])} | {_fmt(row['marker_messages_per_tx'])} |"
+            )
+    lines += ["", "## Targets (issue 6)", "", "| target | measured | met |", "| --- | ---: | --- |"]
+    for t in result["targets"]:
+        met = {True: "yes", False: "**no**", None: "-"}[t["met"]]
+        lines.append(f"| {t['target']} | {_fmt(t['measured'], 3)} | {met} |")
+    return "\n".join(lines) + "\n"
