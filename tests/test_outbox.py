@@ -20,7 +20,7 @@ from pathlib import Path
 import psycopg
 import pytest
 
-from coordinator.errors import ParticipantUnavailable
+from coordinator.errors import ConfigurationError, ParticipantUnavailable
 from coordinator.states import Outcome
 from participants.stomp_client import Message
 from scenarios import transfer as scenario
@@ -36,7 +36,7 @@ from scenarios.outbox_failures import (
 )
 from scenarios.relay import RELAY_CRASH_SETTING, RelayConfig
 from scenarios.strategies import STRATEGIES, new_strategy
-from scenarios.strategies.base import RelayMode, Strategy
+from scenarios.strategies.base import CRASH_SETTING, CrashPlan, RelayMode, Strategy
 from scenarios.strategies.outbox import OutboxLastIdStrategy, OutboxStatusStrategy
 from scenarios.strategies.pipeline import (
     Pipeline,
@@ -390,3 +390,27 @@ def test_injected_writer_crashes_break_naive_but_not_the_outbox(settings: Settin
         assert_exactly_once(settings)
     assert anomalies(settings, "status") == []
     assert len(convergence_latencies(settings, outbox.committed_at)) == len(outbox.committed_at)
+
+
+def test_crash_points_are_checked_and_read_from_the_environment(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """Arming an unknown crash point names the known ones; the env form arms kill@n."""
+    strategy = new_strategy("naive")
+    with pytest.raises(ConfigurationError, match="after-a-commit"):
+        strategy.arm_crash("nowhere")
+    plan = CrashPlan("naive", ("after-a-commit",))
+    monkeypatch.setenv(CRASH_SETTING, "after-a-commit=abandon@2")
+    plan.arm_from_env()
+    assert [plan.hit("after-a-commit") for _ in range(4)] == [False, True, False, True]
+
+
+@pytest.mark.lab
+def test_2pc_strategy_from_the_registry_commits_atomically(settings: Settings) -> None:
+    """The registry's 2pc wraps transfer_2pc: A, B and the queue agree; commit times recorded."""
+    fresh(settings)
+    strategy = new_strategy("2pc")
+    result = run_writers(settings, strategy, 20, concurrency=4)
+    assert result.outcomes["committed"] == 20
+    assert len(strategy.committed_at) == 20
+    assert anomalies(settings, None) == []
