@@ -319,16 +319,20 @@ def test_consumer_applies_a_redelivered_message_once(settings: Settings) -> None
 
 
 @pytest.mark.lab
+@pytest.mark.parametrize(
+    ("mode", "strategy_name"),
+    [("status", "outbox-status"), ("last-id", "outbox-last-id"), ("cdc", "cdc")],
+)
 def test_broker_down_fills_the_failure_log_and_outbox_retry_delivers(
-    settings: Settings, broker_control: BrokerControl
+    settings: Settings, broker_control: BrokerControl, mode: RelayMode, strategy_name: str
 ) -> None:
     """Broker down: retries with backoff, then the failure log; 'twopc outbox retry' sends them."""
     fresh(settings)
     control = broker_control
     control.kill()
     config = fast_config(policy=FailurePolicy.FAILURE_LOG, max_attempts=3, first_delay=0.05)
-    with Pipeline(settings, "status", config=config) as pipeline:
-        run_writers(settings, OutboxStatusStrategy(), 30, concurrency=4)
+    with Pipeline(settings, mode, config=config) as pipeline:
+        run_writers(settings, new_strategy(strategy_name), 30, concurrency=4)
         wait_for(lambda: len(list_failures(settings.pg_a)) == 30, 30, "the failure log")
         relay = pipeline.relay_workers()[0].runner
         assert relay is not None and relay.stats.failed == 30  # type: ignore[union-attr]
