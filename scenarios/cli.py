@@ -396,6 +396,9 @@ main.add_command(cli_outbox.relay)
 main.add_command(cli_outbox.consumer)
 main.add_command(cli_outbox.outbox)
 
+from scenarios.cli_bench import bench  # noqa: E402  (registered with the commands above)
+
+main.add_command(bench)
 
 if __name__ == "__main__":
     main()

@@ -21,6 +21,7 @@ Without a broker (``broker=False``) the decision is always the fsync'd record.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import queue
 import threading
@@ -34,11 +35,15 @@ from psycopg import errors as pg_errors
 
 from participants.stomp_client import StompClient
 from scenarios.config import Settings
-from scenarios.transfer import CREDIT, DEBIT, MARKER_QUEUE, QUEUE, Transfer
+from scenarios.transfer import CREDIT, DEBIT, QUEUE, Transfer, drain
 
 #: The floor's own XA format id ("flor"), so that the coordinator's recovery never
 #: sees its branches and :func:`roll_back_leftovers` finds exactly them.
 FLOOR_FORMAT_ID = 0x666C6F72
+
+#: The floor's markers have their own queue: on the coordinator's, they would
+#: slow down its marker sweeps and recovery's browse.
+FLOOR_MARKER_QUEUE = "/queue/bench.floor.markers"
 
 Decision = Literal["fsync", "marker"]
 
@@ -75,7 +80,6 @@ class Floor:
         self.log_path = log_path or settings.home / "bench-floor.log"
         self.forced_writes = 0
         self._count_lock = threading.Lock()
-        roll_back_leftovers(settings)
         self._fd = os.open(self.log_path, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o644)
         # Phase 1 and 2 on B run here while A's run on the caller's thread.
         self._helper = ThreadPoolExecutor(max_workers=concurrency, thread_name_prefix="floor")
@@ -128,7 +132,7 @@ class Floor:
             self._append(record, force=True)
             lane.mq.commit(gtrid, self.receipt_timeout)
         else:
-            lane.mq.send(MARKER_QUEUE, "", {"gtrid": gtrid}, transaction=gtrid)
+            lane.mq.send(FLOOR_MARKER_QUEUE, "", {"gtrid": gtrid}, transaction=gtrid)
             lane.mq.commit(gtrid, self.receipt_timeout)
             self._append(record, force=False)
 
@@ -159,16 +163,26 @@ class Floor:
         if self._fd >= 0:
             os.close(self._fd)
             self._fd = -1
-        roll_back_leftovers(self.settings)
+        if self.decision == "marker":
+            drain_markers(self.settings)
+
+
+def drain_markers(settings: Settings) -> int:
+    """Remove the floor's commit markers (nothing recovers the floor: they only pile up)."""
+    return drain(settings, FLOOR_MARKER_QUEUE)
 
 
 def roll_back_leftovers(settings: Settings) -> int:
-    """Roll back prepared branches of the floor left by an interrupted run; return how many."""
+    """Roll back prepared branches an interrupted floor left; return how many.
+
+    Only while no floor runs: a running floor's branches look the same.
+    """
     done = 0
     for dsn in (settings.pg_a, settings.pg_b):
         with psycopg.connect(dsn, autocommit=True) as conn:
             for xid in conn.tpc_recover():
                 if xid.format_id == FLOOR_FORMAT_ID and xid.database == conn.info.dbname:
-                    conn.tpc_rollback(xid)
-                    done += 1
+                    with contextlib.suppress(pg_errors.UndefinedObject):  # finished meanwhile
+                        conn.tpc_rollback(xid)
+                        done += 1
     return done

@@ -45,7 +45,7 @@ from coordinator.transaction import Transaction
 from coordinator.xid import gtrid_prefix
 from participants.postgres import PostgresResource
 from scenarios import transfer as scenario
-from scenarios.bench import measure
+from scenarios.bench import floor, measure, peer
 from scenarios.bench.floor import Floor
 from scenarios.bench.peer import Peer
 from scenarios.config import Settings
@@ -318,6 +318,9 @@ def prepare_lab(settings: Settings, *, accounts: int = ACCOUNTS) -> None:
     """Resolve leftovers of earlier runs, then reset the tables with ample balances."""
     open_coordinator(settings).close()  # recovery of the main coordinator
     db_only_coordinator(settings, concurrency=1).close()  # ... and of the benchmark's own
+    floor.roll_back_leftovers(settings)  # ... and what an interrupted run left prepared
+    floor.drain_markers(settings)
+    peer.roll_back_leftovers(settings)
     scenario.reset(settings, accounts=accounts, balance=BALANCE)
 
 

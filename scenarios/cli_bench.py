@@ -1,0 +1,95 @@
+"""``twopc bench``: the strategies' comparison report, or the coordinator's overhead benchmark."""
+
+from __future__ import annotations
+
+import json
+import shlex
+import sys
+from pathlib import Path
+from typing import Any
+
+import click
+from rich.console import Console
+from rich.markdown import Markdown
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+
+DEFAULT_OUT = "twopc-report"
+
+
+def invoked_command() -> str:
+    """The command line as the user typed it (``twopc`` and its arguments)."""
+    return shlex.join(["twopc", *sys.argv[1:]])
+
+
+def progress_bars() -> Progress:
+    """Progress bars on stderr, so that ``--json`` leaves stdout clean."""
+    return Progress(
+        TextColumn("{task.description}"),
+        BarColumn(),
+        MofNCompleteColumn(),
+        TimeElapsedColumn(),
+        console=Console(stderr=True),
+        transient=False,
+    )
+
+
+@click.command("bench")
+@click.option(
+    "--overhead",
+    is_flag=True,
+    help="Measure the coordinator against a hand-written 2PC, SQLAlchemy and local commits.",
+)
+@click.option("--quick", is_flag=True, help="A short run (under two minutes).")
+@click.option(
+    "--out",
+    "out",
+    type=click.Path(file_okay=False, path_type=Path),
+    default=DEFAULT_OUT,
+    show_default=True,
+    help="Folder for the report, plots, raw data and histogram logs.",
+)
+@click.option("--json", "as_json", is_flag=True, help="Print the results as JSON on stdout.")
+def bench(overhead: bool, quick: bool, out: Path, as_json: bool) -> None:
+    """Measure every transfer strategy (or, with --overhead, the coordinator's own cost).
+
+    Runs on the lab (or whatever TWOPC_PG_A/B and TWOPC_STOMP point at) and
+    resets the scenario's tables first. Progress goes to stderr.
+    """
+    from scenarios.config import Settings
+
+    settings = Settings.load()
+    command = invoked_command()
+    out.mkdir(parents=True, exist_ok=True)
+    if overhead:
+        result = _run_overhead(settings, quick=quick, out=out, command=command, show=not as_json)
+    else:
+        from scenarios.bench import report as strategy_report
+
+        with progress_bars() as progress:
+            result = strategy_report.run_report(
+                settings, quick=quick, out=out, command=command, progress=progress
+            )
+        if not as_json:
+            Console().print(f"report: {out / 'report.html'} and {out / 'report.md'}")
+    if as_json:
+        click.echo(json.dumps(result, indent=2, default=str))
+
+
+def _run_overhead(
+    settings: Any, *, quick: bool, out: Path, command: str, show: bool
+) -> dict[str, Any]:
+    from scenarios.bench import measure, overhead
+
+    with progress_bars() as progress:
+        result = overhead.run(settings, quick=quick, progress=progress)
+    results = result.pop("_results")
+    result["command"] = command
+    measure.write_histogram_log(out / "overhead.hlog", results, comment=command)
+    (out / "overhead.json").write_text(json.dumps(result, indent=2, default=str))
+    markdown = overhead.render_markdown(result, command)
+    (out / "overhead.md").write_text(markdown)
+    if show:
+        console = Console()
+        console.print(Markdown(markdown))
+        console.print(f"written: {out / 'overhead.md'}, overhead.json, overhead.hlog")
+    return result
