@@ -543,9 +543,15 @@ def _outcome_cost(
 # -- the whole benchmark --------------------------------------------------------------
 
 
-def run(settings: Settings, *, quick: bool, progress: Progress | None = None) -> dict[str, Any]:
+def run(
+    settings: Settings,
+    *,
+    quick: bool,
+    progress: Progress | None = None,
+    plan: Plan | None = None,
+) -> dict[str, Any]:
     """The overhead benchmark; returns a JSON-able dict (RunResults under "_results")."""
-    plan = Plan.for_mode(quick)
+    plan = plan or Plan.for_mode(quick)
     started = time.time()
     load_before = os.getloadavg()
     prepare_lab(settings)

@@ -1,0 +1,196 @@
+"""The benchmark: histograms and runners, and tiny real runs of both benchmarks on the lab."""
+
+from __future__ import annotations
+
+import json
+import threading
+import time
+from pathlib import Path
+
+import pytest
+from click.testing import CliRunner
+from hdrh.histogram import HdrHistogram
+
+from scenarios.bench import measure, overhead, report
+from scenarios.cli import main
+
+# -- the measuring code, no services -----------------------------------------------------
+
+
+def test_latencies_read_percentiles_back_in_milliseconds() -> None:
+    """1..1000 ms recorded: p50 ~500 ms, p99 ~990 ms, max ~1000 ms (3 significant digits)."""
+    lat = measure.Latencies("x")
+    for ms in range(1, 1001):
+        lat.record(ms / 1000)
+    summary = lat.summary()
+    assert summary["count"] == 1000
+    assert summary["p50"] == pytest.approx(500, rel=0.01)
+    assert summary["p99"] == pytest.approx(990, rel=0.01)
+    assert summary["max"] == pytest.approx(1000, rel=0.01)
+    assert measure.Latencies().summary() == {}
+
+
+def test_open_loop_times_each_operation_from_its_intended_start() -> None:
+    """One 200 ms stall on the only worker shows in the operations scheduled behind it."""
+    stalled = threading.Event()
+
+    def op(index: int) -> bool:
+        if index == 0 and not stalled.is_set():
+            stalled.set()
+            time.sleep(0.2)
+        return True
+
+    result = measure.open_loop("stall", op, rate=100, duration=0.2, workers=1)
+    assert result.committed == 20
+    # A closed-loop timer would see 19 operations of ~0 ms; from the intended start,
+    # the ones queued behind the stall waited up to ~190 ms.
+    assert result.latencies.percentile(50) > 50
+    assert result.latencies.summary()["max"] >= 190
+
+
+def test_closed_loop_stops_at_its_count_and_counts_failures() -> None:
+    """Every index runs once on the worker threads; False results are failures, not latencies."""
+    seen: list[int] = []
+    lock = threading.Lock()
+
+    def op(index: int) -> bool:
+        with lock:
+            seen.append(index)
+        return index % 2 == 0
+
+    result = measure.closed_loop("count", op, concurrency=4, count=50)
+    assert sorted(seen) == list(range(50))
+    assert (result.committed, result.failed, result.latencies.count) == (25, 25, 25)
+
+
+def test_interleaved_blocks_alternate_and_keep_one_result_per_block() -> None:
+    """Blocks of each op alternate (shuffled per round); each block holds its own histogram."""
+    order: list[str] = []
+    ops = {name: (lambda n: lambda _i: order.append(n) is None)(name) for name in ("a", "b")}
+    blocks = measure.interleaved_blocks(ops, rounds=5, per_round=3)
+    assert [len(blocks[n]) for n in ("a", "b")] == [5, 5]
+    assert all(b.latencies.count == 3 for n in ("a", "b") for b in blocks[n])
+    runs = [order[i] for i in range(0, 30, 3)]
+    assert sorted(runs[0:2]) == ["a", "b"] and sorted(runs[8:10]) == ["a", "b"]
+    merged = measure.merge_blocks("a", blocks["a"])
+    assert merged.committed == 15 and merged.latencies.count == 15
+
+
+def test_histogram_log_lines_decode_to_the_recorded_histograms(tmp_path: Path) -> None:
+    """Each tagged line of the log decodes back to a histogram with the run's count."""
+    result = measure.closed_loop("decode", lambda _i: True, concurrency=1, count=7)
+    path = tmp_path / "h.hlog"
+    measure.write_histogram_log(path, [result], comment="test")
+    lines = [line for line in path.read_text().splitlines() if line.startswith("Tag=")]
+    assert len(lines) == 1 and lines[0].startswith("Tag=decode/closed/c1,")
+    decoded = HdrHistogram.decode(lines[0].rsplit(",", 1)[1])
+    assert decoded.get_total_count() == 7
+
+
+def test_spread_and_ratio_summarise_repeated_runs() -> None:
+    """spread gives median/min/max/stdev; ratio is None when the denominator is 0."""
+    assert measure.spread([3.0, 1.0, 2.0]) == {
+        "median": 2.0,
+        "min": 1.0,
+        "max": 3.0,
+        "stdev": 1.0,
+        "n": 3,
+    }
+    assert measure.ratio(3.0, 2.0) == 1.5
+    assert measure.ratio(1.0, 0.0) is None
+
+
+# -- tiny real runs on the lab -------------------------------------------------------------
+
+TINY_OVERHEAD = overhead.Plan(
+    rounds=2,
+    per_round=4,
+    seconds=0.4,
+    concurrencies=(1, 4),
+    throughput_of=("coordinator", "coordinator-db", "peer"),
+    outcome_checks=3,
+)
+
+TINY_REPORT = report.ReportPlan(
+    latency_count=8,
+    repeats=2,
+    concurrencies=(1, 4),
+    seconds=0.3,
+    rates=(40.0,),
+    open_seconds=0.4,
+    crash_transfers=9,
+    crash_every=3,
+    two_pc_crashes=("after_broker_commit",),
+    phase_count=8,
+)
+
+
+@pytest.mark.lab
+def test_bench_overhead_writes_measured_figures(
+    lab: object, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """twopc bench --overhead: every contender measured, R* counts by outcome, files written."""
+    monkeypatch.setattr(overhead.Plan, "for_mode", classmethod(lambda cls, quick: TINY_OVERHEAD))
+    outcome = CliRunner().invoke(main, ["bench", "--overhead", "--quick", "--out", str(tmp_path)])
+    assert outcome.exit_code == 0, outcome.output
+    data = json.loads((tmp_path / "overhead.json").read_text())
+    contenders = data["latency_c1"]["contenders"]
+    assert list(contenders) == [
+        "floor",
+        "floor-marker",
+        "coordinator",
+        "floor-db",
+        "coordinator-db",
+        "peer",
+        "local-commit",
+        "outbox-commit",
+    ]
+    for name, row in contenders.items():
+        latency = row["latency_ms"]
+        assert latency["count"] == 8 and 0 < latency["p50"] <= latency["max"], name
+        assert row["cpu_ms_per_op"] > 0, name
+    assert data["latency_c1"]["ratios"]["coordinator/floor"]["p50"] > 0
+    assert data["throughput"]["runs"]["coordinator"]["4"]["committed"] > 0
+    by = data["by_outcome"]
+    # Presumed abort: one forced write per commit without a broker, none otherwise.
+    assert by["coordinator-db"]["commit"]["forced_log_writes_per_tx"] == 1.0
+    assert by["coordinator-db"]["abort"]["outcomes"] == {"aborted": 3}
+    assert by["coordinator-db"]["abort"]["forced_log_writes_per_tx"] == 0.0
+    assert by["coordinator-db"]["read-only"]["forced_log_writes_per_tx"] == 0.0
+    assert by["coordinator"]["commit"]["forced_log_writes_per_tx"] == 0.0
+    assert by["coordinator"]["commit"]["marker_messages_per_tx"] == 1.0
+    assert all(t["measured"] is not None for t in data["targets"])
+    assert (tmp_path / "overhead.md").read_text().startswith("# twopc overhead benchmark")
+    assert "Tag=coordinator/interleaved/c1," in (tmp_path / "overhead.hlog").read_text()
+
+
+@pytest.mark.lab
+def test_bench_report_compares_strategies_and_counts_crash_anomalies(
+    lab: object, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """twopc bench: report files with measured latency, convergence, cost; naive breaks, 2PC not."""
+    from scenarios.strategies import STRATEGIES
+
+    subset = {name: STRATEGIES[name] for name in ("2pc", "outbox-status", "naive")}
+    monkeypatch.setattr(report, "registry", lambda: subset)
+    monkeypatch.setattr(report.ReportPlan, "for_mode", classmethod(lambda cls, quick: TINY_REPORT))
+    outcome = CliRunner().invoke(main, ["bench", "--quick", "--out", str(tmp_path)])
+    assert outcome.exit_code == 0, outcome.output
+    for name in ("report.md", "report.html", "data.json", "histograms.hlog", "latency.png"):
+        assert (tmp_path / name).stat().st_size > 0, name
+    data = json.loads((tmp_path / "data.json").read_text())
+    assert list(data["strategies"]) == ["2pc", "outbox-status", "naive"]
+    for name, figures in data["strategies"].items():
+        latency = figures["commit_latency_ms"]
+        assert latency["count"] == 16 and 0 < latency["p50"] <= latency["max"], name
+        assert figures["cost"]["wal_bytes_per_transfer_total"] > 0, name
+    outbox = data["strategies"]["outbox-status"]
+    assert outbox["not_converged"] == 0 and outbox["convergence_ms_c1"]["p50"] > 0
+    assert data["strategies"]["2pc"]["cost"]["messages_per_transfer"] == 2.0
+    assert data["phases_2pc"]["1"]["prepare"]["count"] == 8
+    crashes = data["crashes"]
+    assert crashes["2pc"]["after_broker_commit"]["anomalies"] == 0
+    assert crashes["outbox-status"]["after-commit"]["anomalies"] == 0
+    assert sum(p["anomalies"] for p in crashes["naive"].values()) > 0
+    markdown = (tmp_path / "report.md").read_text()
+    assert "## Verdict" in markdown and "![" in markdown and data["command"] in markdown
