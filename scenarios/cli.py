@@ -400,5 +400,9 @@ from scenarios.cli_bench import bench  # noqa: E402  (registered with the comman
 
 main.add_command(bench)
 
+from scenarios.cli_torture import torture  # noqa: E402  (registered with the commands above)
+
+main.add_command(torture)
+
 if __name__ == "__main__":
     main()

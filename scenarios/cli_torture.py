@@ -1,0 +1,162 @@
+"""``twopc torture``: the crash torture on the lab, with a progress bar and the result table."""
+
+from __future__ import annotations
+
+import json
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import click
+from rich.console import Console
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+from rich.table import Table
+
+
+@click.command("torture")
+@click.option(
+    "--schedules",
+    default=100,
+    show_default=True,
+    help="Random schedules to run after the matrix.",
+)
+@click.option("--seed", default=0, show_default=True, help="Seed of the matrix and the schedules.")
+@click.option("--json", "as_json", is_flag=True, help="Print the figures as JSON.")
+@click.option(
+    "--matrix/--no-matrix",
+    default=True,
+    show_default=True,
+    help="Run every failpoint as a kill and each fault kind once, first.",
+)
+@click.option(
+    "--count",
+    default=60,
+    show_default=True,
+    help="Transfers per failpoint schedule (timed faults run at least 150).",
+)
+@click.option("--concurrency", default=8, show_default=True, help="Concurrent transfers.")
+@click.option(
+    "--accounts",
+    default=1000,
+    show_default=True,
+    help="Accounts per database (fewer: more lock contention, slower batches).",
+)
+@click.option(
+    "--reset/--no-reset",
+    default=True,
+    show_default=True,
+    help="Recreate the tables and empty the queue first.",
+)
+@click.option("--fail-fast", is_flag=True, help="Stop at the first schedule that fails.")
+@click.option(
+    "--results",
+    type=click.Path(dir_okay=False, path_type=Path),
+    default=None,
+    help="Append every schedule's result to this file, one JSON object a line.",
+)
+def torture(
+    schedules: int,
+    seed: int,
+    as_json: bool,
+    matrix: bool,
+    count: int,
+    concurrency: int,
+    accounts: int,
+    reset: bool,
+    fail_fast: bool,
+    results: Path | None,
+) -> None:
+    """Crash the 2PC transfer every way we know, recover, check every invariant.
+
+    Runs the matrix (every failpoint a transfer or its recovery passes, as a
+    kill; coordinator SIGKILL; PostgreSQL A and B stopped in immediate mode;
+    the broker SIGKILLed; connections reset, blackholed and delayed through a
+    proxy; the coordinator paused) and SCHEDULES random combinations, each
+    followed by 'twopc recover' until resolved and a check of A, B, the queue,
+    pg_prepared_xacts, the markers and the decision log. Exit status 1 if any
+    invariant failed. Needs the lab ('twopc lab up'); it resets its tables.
+    """
+    from scenarios import torture as t
+    from scenarios.config import Settings
+    from scenarios.torture_report import rows, summary
+
+    if schedules < 0 or count < 1 or concurrency < 1 or accounts < 1:
+        raise click.BadParameter(
+            "--schedules must be >= 0; --count, --concurrency, --accounts >= 1"
+        )
+    err = Console(stderr=True)
+    settings = Settings.load()
+    lab = t.lab_for(settings)
+    if lab is None:
+        err.print(
+            "[yellow]the settings do not point at a running lab: PostgreSQL stops and broker "
+            "kills are left out ('twopc lab up' and TWOPC_HOME to include them)[/]"
+        )
+    plan: list[t.Schedule] = []
+    if matrix:
+        plan += t.matrix(seed, count=count, concurrency=concurrency)
+    plan += t.random_schedules(schedules, seed, lab=lab is not None)
+    plan = [s for s in plan if lab is not None or not s.fault.needs_lab]
+    if not plan:
+        raise click.UsageError("nothing to run: give --schedules N or leave --matrix on")
+
+    done: list[t.ScheduleResult] = []
+    started = time.monotonic()
+    sink = results.open("a") if results is not None else None
+    try:
+        with (
+            t.Torture(settings, lab=lab, accounts=accounts, reset=reset) as runner,
+            Progress(
+                TextColumn("[bold]torture[/]"),
+                BarColumn(),
+                MofNCompleteColumn(),
+                TimeElapsedColumn(),
+                TextColumn("{task.fields[failed]} failed  {task.description}"),
+                console=err,
+                transient=as_json,
+            ) as progress,
+        ):
+            task = progress.add_task("", total=len(plan), failed=0)
+            for schedule in plan:
+                progress.update(task, description=schedule.name)
+                result = runner.run(schedule)
+                done.append(result)
+                if sink is not None:
+                    sink.write(json.dumps(result.as_dict()) + "\n")
+                    sink.flush()
+                if not result.ok:
+                    err.print(f"[red]{schedule.name}[/] ({schedule.describe()}):")
+                    for problem in result.problems:
+                        err.print(f"  {problem}", highlight=False)
+                progress.update(task, advance=1, failed=sum(not r.ok for r in done))
+                if fail_fast and not result.ok:
+                    break
+    finally:
+        if sink is not None:
+            sink.close()
+    seconds = time.monotonic() - started
+    report = summary(done, seconds)
+    if as_json:
+        click.echo(json.dumps(report, indent=2))
+    else:
+        _print_table(rows(done, seconds), report)
+    if not report["ok"]:
+        sys.exit(1)
+
+
+def _print_table(table_rows: list[Any], report: dict[str, Any]) -> None:
+    console = Console()
+    table = Table(title="twopc torture")
+    table.add_column("figure")
+    table.add_column("value", justify="right")
+    for row in table_rows:
+        value = row.shown()
+        if row.invariant:
+            value = f"[red]{value}[/]" if row.failed else f"[green]{value}[/]"
+        table.add_row(row.label, value)
+    console.print(table)
+    for failed in report["failed_schedules"][:20]:
+        console.print(f"[red]{failed['name']}[/]: {'; '.join(failed['problems'])}")
+    verdict = "[green]every invariant held[/]" if report["ok"] else "[red]invariants VIOLATED[/]"
+    console.print(verdict)

@@ -1,0 +1,80 @@
+"""The process the crash torture kills: a transfer batch that logs each outcome as it is told.
+
+It runs exactly what ``twopc transfer --count N --concurrency C`` runs (the
+coordinator from :func:`scenarios.wiring.open_coordinator`, failpoints armed
+from ``TWOPC_FAILPOINTS``, :func:`scenarios.transfer.transfer_2pc` on
+:func:`scenarios.transfer.run_batch`), and appends one JSON line per transfer
+to ``--outcomes`` the moment its caller is told the outcome. Each line is
+one ``write`` to a file opened with O_APPEND, so what a process reported
+before it was killed survives it: the torture then checks that every
+transfer reported COMMITTED is durable and every one reported ABORTED left
+nothing behind.
+
+Lines: ``{"ready": <seconds since start>}`` once the coordinator is open (and
+its start-up recovery done), then ``{"id": <transfer id>, "outcome":
+"committed"|"aborted"|"in-doubt"}`` (or ``"error"`` with the exception, when
+something other than an outcome reached the caller), then ``{"done": true}``.
+
+    python -m scenarios.torture_child --count 60 --concurrency 8 --outcomes FILE
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import time
+from typing import Any
+
+from coordinator.states import Outcome
+from scenarios import transfer as scenario
+from scenarios.config import Settings
+from scenarios.wiring import open_coordinator
+
+
+def _writer(path: str) -> Any:
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o644)
+
+    def write(record: dict[str, Any]) -> None:
+        os.write(fd, (json.dumps(record, separators=(",", ":")) + "\n").encode())
+
+    return write
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Run the batch; exit 0 when it ran to the end (whatever the outcomes)."""
+    parser = argparse.ArgumentParser(prog="python -m scenarios.torture_child")
+    parser.add_argument("--count", type=int, required=True)
+    parser.add_argument("--concurrency", type=int, default=8)
+    parser.add_argument("--accounts", type=int, default=100)
+    parser.add_argument("--seed", type=int, default=None)
+    parser.add_argument("--run-id", default=None, help="prefix of the transfer ids")
+    parser.add_argument("--outcomes", required=True, help="file to append outcome lines to")
+    args = parser.parse_args(argv)
+
+    started = time.monotonic()
+    write = _writer(args.outcomes)
+    settings = Settings.load()
+    coordinator = open_coordinator(settings, sessions=max(args.concurrency, 1))
+    write({"ready": round(time.monotonic() - started, 3)})
+    try:
+        plan = scenario.plan(args.count, accounts=args.accounts, seed=args.seed, run_id=args.run_id)
+
+        def run_one(t: scenario.Transfer) -> tuple[Outcome, str]:
+            try:
+                outcome, reason = scenario.transfer_2pc(coordinator, t)
+            except Exception as exc:  # an error the caller did not expect: record it
+                write({"id": t.transfer_id, "outcome": "error", "error": repr(exc)[:300]})
+                return Outcome.IN_DOUBT, f"unexpected {type(exc).__name__}"
+            write({"id": t.transfer_id, "outcome": outcome.value})
+            return outcome, reason
+
+        scenario.run_batch(plan, run_one, concurrency=args.concurrency)
+    finally:
+        coordinator.close()
+    write({"done": True})
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,236 @@
+"""The crash torture's ledger: a deduplicating consumer and the invariants on the real services.
+
+The torture never resets between schedules: transfer ids are unique per run
+and money is conserved, so the invariants hold over *everything* since the
+start. After each schedule's recovery, :meth:`Ledger.check`:
+
+- consumes every message on ``/queue/transfers`` as the business consumer
+  would, deduplicating by the ``transfer-id`` header (an inbox keyed by
+  transfer id); the queue stays short, so checks stay cheap;
+- reads every transfer id and amount in A and in B, the sum of balances,
+  ``pg_prepared_xacts``, the commit-marker queue and the decision log;
+- checks (DESIGN §6): every transfer id is in A, in B and delivered, or in
+  none of them, with the same amount (atomicity); the money is conserved;
+  nothing of ours is prepared; no marker is left; the decision log reopens
+  with nothing pending; every transfer a caller was told COMMITTED is there,
+  and every one told ABORTED left nothing.
+
+Violations are counted once, in the schedule whose check first saw them.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+import uuid
+from collections import Counter
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from typing import Any
+
+import psycopg
+
+from coordinator.log.file import FileDecisionLog
+from coordinator.xid import gtrid_prefix
+from participants.stomp_client import SENTINEL_HEADER, Message, StompClient
+from scenarios.config import Settings
+from scenarios.transfer import MARKER_QUEUE, QUEUE, balance_sum, prepared_of
+
+DRAIN_TIMEOUT = 30.0
+
+
+@dataclass
+class Check:
+    """What one check found that no earlier check had."""
+
+    atomicity_violations: list[str] = field(default_factory=list)  # transfer ids
+    money_conserved: bool = True
+    total_expected: int = 0
+    total_now: int = 0
+    prepared_left: list[str] = field(default_factory=list)  # "<db>:<gtrid>"
+    markers_left: int = 0
+    lost_messages: list[str] = field(default_factory=list)  # in A and B, never delivered
+    delivered: int = 0  # messages consumed by this check
+    duplicates_before_dedup: int = 0  # extra copies delivered
+    duplicates_after_dedup: int = 0  # extra copies the inbox could not recognise
+    committed_not_durable: list[str] = field(default_factory=list)
+    aborted_but_visible: list[str] = field(default_factory=list)
+    log_pending: list[str] = field(default_factory=list)  # COMMIT without END after recovery
+    log_error: str | None = None  # the decision log did not reopen
+    seconds: float = 0.0
+
+    def problems(self) -> list[str]:
+        """One line per violated invariant (empty: all hold)."""
+        found = []
+        if self.atomicity_violations:
+            found.append(f"atomicity violated for {_some(self.atomicity_violations)}")
+        if not self.money_conserved:
+            found.append(
+                f"money not conserved: the sum of balances is {self.total_now}, "
+                f"it was {self.total_expected} at the reset"
+            )
+        if self.prepared_left:
+            found.append(f"prepared transactions left: {_some(self.prepared_left)}")
+        if self.markers_left:
+            found.append(f"{self.markers_left} commit markers left on {MARKER_QUEUE}")
+        if self.lost_messages:
+            found.append(f"messages lost for {_some(self.lost_messages)}")
+        if self.duplicates_after_dedup:
+            found.append(f"{self.duplicates_after_dedup} duplicates the inbox let through")
+        if self.committed_not_durable:
+            found.append(f"reported COMMITTED but not durable: {_some(self.committed_not_durable)}")
+        if self.aborted_but_visible:
+            found.append(f"reported ABORTED but visible: {_some(self.aborted_but_visible)}")
+        if self.log_pending:
+            found.append(f"decision log still has COMMIT without END: {_some(self.log_pending)}")
+        if self.log_error:
+            found.append(f"decision log does not reopen: {self.log_error}")
+        return found
+
+    def as_dict(self) -> dict[str, Any]:
+        return {
+            "atomicity_violations": self.atomicity_violations,
+            "money_conserved": self.money_conserved,
+            "total_expected": self.total_expected,
+            "total_now": self.total_now,
+            "prepared_left": self.prepared_left,
+            "markers_left": self.markers_left,
+            "lost_messages": self.lost_messages,
+            "delivered": self.delivered,
+            "duplicates_before_dedup": self.duplicates_before_dedup,
+            "duplicates_after_dedup": self.duplicates_after_dedup,
+            "committed_not_durable": self.committed_not_durable,
+            "aborted_but_visible": self.aborted_but_visible,
+            "log_pending": self.log_pending,
+            "log_error": self.log_error,
+            "seconds": round(self.seconds, 3),
+        }
+
+
+def _some(items: list[str], limit: int = 5) -> str:
+    shown = ", ".join(items[:limit])
+    return f"{shown} (+{len(items) - limit} more)" if len(items) > limit else shown
+
+
+class Ledger:
+    """Everything delivered and reported since the torture started, and the checks over it."""
+
+    def __init__(self, settings: Settings) -> None:
+        self.settings = settings
+        self.deliveries: Counter[str] = Counter()  # transfer id -> copies delivered
+        self.reported: dict[str, str] = {}  # transfer id -> outcome a caller was told
+        self._flagged: set[str] = set()  # ids already counted as violations
+        self._lost_flagged: set[str] = set()
+        self._duplicates_seen = 0
+        self._money_offset = 0  # total now minus total at reset, as of the last check
+        self._prefix = gtrid_prefix(settings.coordinator_id)
+
+    # -- the business consumer ------------------------------------------------------
+
+    def drain(self) -> tuple[int, int]:
+        """Consume the whole transfers queue; return (messages delivered, undeduplicable extras).
+
+        A sentinel is stored at the tail first; with no producer running, the
+        queue is drained when the sentinel comes back (no idle timeout to guess).
+        """
+        token = uuid.uuid4().hex
+        delivered = undeduplicable = 0
+        with StompClient.open(self.settings.stomp) as client:
+            client.send(QUEUE, "", {SENTINEL_HEADER: token}, receipt_timeout=10.0)
+            subscription = client.subscribe(QUEUE, ack="auto", prefetch=1000)
+            deadline = time.monotonic() + DRAIN_TIMEOUT
+            while True:
+                message = subscription.get(max(0.1, deadline - time.monotonic()))
+                if message is None:
+                    raise TimeoutError(
+                        f"draining {QUEUE}: the sentinel did not come back in {DRAIN_TIMEOUT:g} s"
+                    )
+                if message.is_sentinel:
+                    if message.headers.get(SENTINEL_HEADER) == token:
+                        break
+                    continue
+                delivered += 1
+                key = self._dedup_key(message)
+                if key is None:
+                    undeduplicable += 1
+                    continue
+                self.deliveries[key] += 1
+            subscription.unsubscribe(timeout=10.0)
+        return delivered, undeduplicable
+
+    @staticmethod
+    def _dedup_key(message: Message) -> str | None:
+        """The inbox key: the transfer-id header, which must agree with the body's."""
+        header = message.headers.get("transfer-id")
+        try:
+            body = json.loads(message.body).get("transfer_id")
+        except (ValueError, AttributeError):
+            body = None
+        return header if header and header == body else None
+
+    # -- the check ---------------------------------------------------------------------
+
+    def check(self, reported: Mapping[str, str]) -> Check:
+        """Consume, read every service, compare; ``reported`` is this schedule's outcomes."""
+        started = time.monotonic()
+        self.reported.update(reported)
+        result = Check()
+        result.delivered, result.duplicates_after_dedup = self.drain()
+        duplicates = sum(n - 1 for n in self.deliveries.values() if n > 1)
+        result.duplicates_before_dedup = duplicates - self._duplicates_seen
+        self._duplicates_seen = duplicates
+
+        in_a, in_b = _transfers(self.settings.pg_a), _transfers(self.settings.pg_b)
+        delivered = set(self.deliveries)
+        everything = set(in_a) | set(in_b) | delivered
+        broken = {
+            t
+            for t in everything
+            if not (t in in_a and t in in_b and t in delivered) or in_a[t] != in_b[t]
+        }
+        result.atomicity_violations = sorted(broken - self._flagged)
+        self._flagged |= broken
+        lost = {t for t in set(in_a) & set(in_b) if t not in delivered}
+        result.lost_messages = sorted(lost - self._lost_flagged)
+        self._lost_flagged |= lost
+
+        with psycopg.connect(self.settings.pg_a) as conn:
+            row = conn.execute("SELECT value FROM scenario_meta WHERE key = 'total'").fetchone()
+        result.total_expected = int(row[0]) if row else 0
+        result.total_now = balance_sum(self.settings.pg_a) + balance_sum(self.settings.pg_b)
+        # A conservation failure persists: blame only the schedule during which the sum moved.
+        offset = result.total_now - result.total_expected
+        result.money_conserved = offset == self._money_offset
+        self._money_offset = offset
+
+        result.prepared_left = prepared_of(self.settings)
+        with StompClient.open(self.settings.stomp) as client:
+            markers = client.browse(MARKER_QUEUE, idle_timeout=10.0)
+        result.markers_left = sum(
+            1 for m in markers if m.headers.get("gtrid", "").startswith(self._prefix)
+        )
+        result.committed_not_durable = sorted(
+            t
+            for t, outcome in reported.items()
+            if outcome == "committed" and not (t in in_a and t in in_b and t in delivered)
+        )
+        result.aborted_but_visible = sorted(
+            t
+            for t, outcome in reported.items()
+            if outcome == "aborted" and (t in in_a or t in in_b or t in delivered)
+        )
+        try:
+            with FileDecisionLog(self.settings.log_path) as log:
+                result.log_pending = sorted(log.pending())
+        except Exception as exc:  # any failure to reopen is the finding itself
+            result.log_error = f"{type(exc).__name__}: {exc}"
+        result.seconds = time.monotonic() - started
+        return result
+
+
+def _transfers(dsn: str) -> dict[str, int]:
+    """transfer id -> amount of every row in ``transfers``."""
+    with psycopg.connect(dsn) as conn:
+        return {
+            row[0]: int(row[1]) for row in conn.execute("SELECT transfer_id, amount FROM transfers")
+        }
