@@ -294,11 +294,18 @@ class Plan:
 
 
 def wal_bytes(settings: Settings) -> dict[str, int]:
-    """pg_stat_wal.wal_bytes of A and B (cluster totals since the last stats reset)."""
+    """The WAL insert position of A and B, in bytes: deltas are the WAL written in between.
+
+    Not pg_stat_wal.wal_bytes, although it counts the same bytes: backends
+    report into it at most once a second (an idle one even later), so a delta
+    taken right after a run misses part of it. The insert position is exact.
+    """
     out = {}
     for name, dsn in (("a", settings.pg_a), ("b", settings.pg_b)):
         with psycopg.connect(dsn) as conn:
-            row = conn.execute("SELECT wal_bytes FROM pg_stat_wal").fetchone()
+            row = conn.execute(
+                "SELECT pg_wal_lsn_diff(pg_current_wal_insert_lsn(), '0/0')::bigint"
+            ).fetchone()
             out[name] = int(row[0]) if row else 0
     return out
 

@@ -10,7 +10,7 @@ journal synced on every commit, persistent messages):
   has taken the message; relays and consumer run as child processes);
 - throughput against concurrency (closed loop) and latency against offered
   load (open loop, timed from the intended start);
-- cost per transfer: WAL bytes (pg_stat_wal of A and B), decision-log
+- cost per transfer: WAL bytes (the WAL insert position of A and B), decision-log
   forced writes, messages;
 - anomalies under injected crashes, once everything has converged;
 - for 2PC, the latency split by phase (a coordinator doing the same work).

@@ -80,7 +80,7 @@ def verdict(strategies: Mapping[str, Any], crashes: Mapping[str, Any]) -> list[d
                     f"{n} {c.get('wal_bytes_per_transfer_total', 0) / 1024:.1f} KiB"
                     for n, c in costs.items()
                 ),
-                "figures": "pg_stat_wal.wal_bytes deltas / committed transfers",
+                "figures": "WAL insert position deltas / committed transfers",
             }
         )
     bad = {n: sum(p["anomalies"] for p in points.values()) for n, points in crashes.items()}
@@ -399,7 +399,7 @@ def sections(data: Mapping[str, Any], plots: Mapping[str, str]) -> list[Section]
                 for name, d in strategies.items()
                 if d.get("cost")
             ],
-            note="WAL from pg_stat_wal over the whole measurement of the strategy (relays' "
+            note="WAL from the insert position of A and B over the whole measurement (relays' "
             "and consumer's writes included, checkpoints' full-page images too).",
             plot=plots.get("wal"),
         )
