@@ -16,7 +16,7 @@ from coordinator.log import DecisionLog
 from coordinator.protocol import LastResource, XAResource
 from coordinator.states import TERMINAL, Outcome, TxState
 from coordinator.transaction import Transaction
-from coordinator.xid import gtrid_prefix, new_gtrid, validate_coordinator_id, validate_id
+from coordinator.xid import Xid, gtrid_prefix, new_gtrid, validate_coordinator_id, validate_id
 
 
 class Coordinator:
@@ -63,6 +63,7 @@ class Coordinator:
         )
         self._deferred: list[Transaction] = []  # committed; phase 2 to finish later
         self._in_doubt: list[Transaction] = []  # the broker's COMMIT got no answer
+        self._unrolled: list[tuple[str, Xid]] = []  # aborted branches a rollback missed
         self._active: dict[str, Transaction] = {}
         self._lock = threading.Lock()
         self._ended_with_marker: list[str] = []
@@ -134,6 +135,10 @@ class Coordinator:
         if outcome is Outcome.IN_DOUBT and tx.broker is not None and tx.branches:
             with self._lock:
                 self._in_doubt.append(tx)
+        if outcome is Outcome.ABORTED:
+            missed = [(n, b.xid) for n, b in tx.branches.items() if getattr(b, "left_prepared", 0)]
+            with self._lock:
+                self._unrolled.extend(missed)
         if outcome is Outcome.COMMITTED:
             self.messages["business"] += tx.messages_sent
             self.messages["marker"] += tx.marker_sent
@@ -203,6 +208,7 @@ class Coordinator:
                         cancel()
             if ticks % 5 == 0:
                 self.retry_deferred()
+                self.retry_rollbacks()
                 self.resolve_in_doubt()
 
     def _defer(self, tx: Transaction) -> None:
@@ -223,6 +229,21 @@ class Coordinator:
                 continue
             self.log.log_end(tx.gtrid)
             tx.move(TxState.COMPLETED)
+            done += 1
+        return done
+
+    def retry_rollbacks(self) -> int:
+        """Roll back, by xid, prepared branches of aborted transactions whose session died."""
+        with self._lock:
+            pending, self._unrolled = self._unrolled, []
+        done = 0
+        for name, xid in pending:
+            try:
+                self.resources[name].rollback_recovered(xid)
+            except TwoPhaseCommitError:
+                with self._lock:
+                    self._unrolled.append((name, xid))
+                continue
             done += 1
         return done
 
@@ -331,6 +352,7 @@ class Coordinator:
         self._closed.set()
         self._watchdog.join()
         self.retry_deferred()
+        self.retry_rollbacks()
         self.resolve_in_doubt()
         self.sweep_markers()
         self.log.flush()

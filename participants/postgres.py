@@ -222,6 +222,7 @@ class PostgresBranch:
         self._xid = xid
         self._wrote = False
         self._prepared = False
+        self._maybe_prepared = False  # PREPARE was sent: the server may hold the branch
         self._finished = False
         self.failure: BaseException | None = None
 
@@ -239,7 +240,13 @@ class PostgresBranch:
             cursor = self.conn.execute(query, params)
         except psycopg.Error as exc:
             self.failure = exc
-            raise
+            if self.conn.closed or self.conn.broken:
+                raise ParticipantUnavailable(
+                    f"the session was lost during the work: {exc}",
+                    participant=self.name,
+                    gtrid=self._xid.gtrid,
+                ) from exc
+            raise  # the caller's SQL failed: theirs to handle; the branch will vote NO
         if not self._wrote and (cursor.statusmessage or "").startswith(_WRITE_TAGS):
             self._wrote = True
         return cursor
@@ -262,21 +269,31 @@ class PostgresBranch:
             raise PrepareFailed(
                 f"voted NO: the branch's work failed: {reason}", participant=self.name, gtrid=gtrid
             )
+        self._maybe_prepared = True
         try:
             self.conn.tpc_prepare()
-        except pg_errors.DuplicateObject as exc:  # 42710: gid already in use
-            self.rollback()
-            raise DuplicateGtrid(
-                f"gtrid {gtrid} is already prepared in PostgreSQL {self.name!r}; "
-                "use a new gtrid, or run 'twopc recover' if it was left by a crash"
-            ) from exc
         except psycopg.Error as exc:
-            self.rollback()
+            self._after_failed_prepare()
+            if isinstance(exc, pg_errors.DuplicateObject):  # 42710: gid already in use
+                raise DuplicateGtrid(
+                    f"gtrid {gtrid} is already prepared in PostgreSQL {self.name!r}; "
+                    "use a new gtrid, or run 'twopc recover' if it was left by a crash"
+                ) from exc
             raise PrepareFailed(
                 f"PREPARE TRANSACTION failed: {exc}", participant=self.name, gtrid=gtrid
             ) from exc
         self._prepared = True
         return Vote.YES
+
+    def _after_failed_prepare(self) -> None:
+        """PREPARE raised. On a live session the server has rolled the transaction back;
+        on a lost one it may have prepared it first, and rollback() resolves it by xid."""
+        if self.conn.closed or self.conn.broken:
+            self.rollback()
+            return
+        self._maybe_prepared = False
+        self._finished = True
+        self.conn.close()  # psycopg still believes it is in a prepared transaction
 
     def commit_one_phase(self) -> None:
         try:
@@ -312,26 +329,44 @@ class PostgresBranch:
             ) from exc
         self._finished = True
 
+    @property
+    def left_prepared(self) -> bool:
+        """True when a rollback could not reach a branch that may be prepared."""
+        return self._maybe_prepared and not self._finished
+
     def rollback(self) -> None:
         if self._finished:
             return
-        try:
-            if self.conn.closed or self.conn.broken:
-                if self._prepared:
-                    self.resource.rollback_recovered(self._xid)
-            else:
+        if not (self.conn.closed or self.conn.broken):
+            try:
                 self.conn.tpc_rollback()
-        except (psycopg.Error, ParticipantError) as exc:
-            # An active branch dies with its session; a prepared one is left to recovery.
-            _log.warning(
-                "tpc.rollback.failed",
-                participant=self.name,
-                gtrid=self._xid.gtrid,
-                error=str(exc),
-                prepared=self._prepared,
-            )
+            except psycopg.Error as exc:
+                if not (self.conn.closed or self.conn.broken):
+                    self._warn_rollback(exc)
+                    return
+            else:
+                self._finished = True
+                return
+        # The session is gone. An active branch died with it; a prepared one lives on
+        # in the server and is rolled back by xid on another connection.
+        if not self._maybe_prepared:
+            self._finished = True
+            return
+        try:
+            self.resource.rollback_recovered(self._xid)
+        except ParticipantError as exc:
+            self._warn_rollback(exc)  # left_prepared stays True: the coordinator retries
             return
         self._finished = True
+
+    def _warn_rollback(self, exc: Exception) -> None:
+        _log.warning(
+            "tpc.rollback.failed",
+            participant=self.name,
+            gtrid=self._xid.gtrid,
+            error=str(exc),
+            prepared=self._maybe_prepared,
+        )
 
     def cancel(self) -> None:
         """Cancel the statement running now (from another thread: the timeout watchdog)."""
