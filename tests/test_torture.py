@@ -6,7 +6,7 @@ once (coordinator SIGKILL, PostgreSQL A and B stopped in immediate mode, the
 broker SIGKILLed, connections reset / blackholed / delayed through the proxy,
 the coordinator paused); after ``twopc recover`` the invariants are checked
 on PostgreSQL and ActiveMQ themselves. The last tests are reproductions of
-coordinator bugs the torture found, marked xfail until they are fixed.
+coordinator bugs the torture found, kept as regression tests.
 """
 
 from __future__ import annotations
@@ -182,12 +182,6 @@ def _terminate_application(dsn: str, name: str) -> None:
         )
 
 
-@pytest.mark.xfail(
-    strict=True,
-    raises=psycopg.OperationalError,
-    reason="PostgresBranch.execute re-raises a lost connection as psycopg.OperationalError, "
-    "which transfer_2pc does not catch: the caller gets an exception, not ABORTED",
-)
 def test_a_connection_lost_during_the_work_makes_the_transfer_abort(torture: Torture) -> None:
     """A's session dies between BEGIN and the debit (a reset, a restart): the transfer ABORTs."""
     settings = torture.settings
@@ -221,12 +215,6 @@ NO_VOTE_B = [
 ]
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="PostgresBranch.rollback gives up when tpc_rollback fails on a connection that "
-    "broke after PREPARE: the prepared branch (and its row locks) stays until the next "
-    "recovery, i.e. the next process start",
-)
 def test_abort_rolls_back_a_prepared_branch_whose_connection_broke(
     settings: Settings, tmp_path: Path
 ) -> None:
