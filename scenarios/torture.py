@@ -16,6 +16,8 @@ net-blackhole      the target's proxy holds all traffic for ``duration``; then
                    ``heal`` (held bytes flow), ``reset`` (they are dropped), or
                    ``kill`` (the child is killed inside the partition and
                    recovery is tried there before it heals)
+net-refuse         the target unreachable: its connections reset, new ones refused
+                   for ``duration``
 net-delay          ``duration`` seconds of latency on every chunk, the whole batch
 pause              SIGSTOP of the child; recovery meanwhile must be refused (the
                    log's lock is held by a live process); then SIGCONT
@@ -36,6 +38,7 @@ from __future__ import annotations
 
 import contextlib
 import enum
+import fcntl
 import json
 import os
 import random
@@ -53,6 +56,7 @@ import psycopg
 
 from coordinator.events import get_logger
 from coordinator.failpoints import NAMES
+from coordinator.log.file import LOCK_SUFFIX
 from scenarios import transfer as scenario
 from scenarios.config import Settings
 from scenarios.lab import Lab
@@ -97,12 +101,13 @@ class Fault(enum.Enum):
     BROKER_KILL = "broker-kill"
     NET_RESET = "net-reset"
     NET_BLACKHOLE = "net-blackhole"
+    NET_REFUSE = "net-refuse"
     NET_DELAY = "net-delay"
     PAUSE = "pause"
 
     @property
     def via_proxy(self) -> bool:
-        return self in (Fault.NET_RESET, Fault.NET_BLACKHOLE, Fault.NET_DELAY)
+        return self in (Fault.NET_RESET, Fault.NET_BLACKHOLE, Fault.NET_REFUSE, Fault.NET_DELAY)
 
     @property
     def needs_lab(self) -> bool:
@@ -132,7 +137,7 @@ class Schedule:
             parts.append(self.target)
         if self.variant:
             parts.append(self.variant)
-        if self.fault not in (Fault.FAILPOINT,) and self.fault is not Fault.NET_DELAY:
+        if self.fault not in (Fault.FAILPOINT, Fault.NET_DELAY):
             parts.append(f"after {self.after} outcomes + {self.at:.2f}s")
         if self.duration:
             parts.append(f"for {self.duration:.2f}s")
@@ -247,6 +252,7 @@ def matrix(seed: int = 0, *, count: int = 60, concurrency: int = 8) -> list[Sche
         timed(
             "net-blackhole broker, kill", Fault.NET_BLACKHOLE, "activemq", for_=1.0, variant="kill"
         ),
+        timed("net-refuse pg-b", Fault.NET_REFUSE, "pg-b", for_=1.0),
         Schedule("net-delay all", Fault.NET_DELAY, target="all", duration=0.01, **common),
         timed("pause, resume", Fault.PAUSE, variant="resume"),
         timed("pause, kill", Fault.PAUSE, variant="kill"),
@@ -281,6 +287,8 @@ def random_schedule(rng: random.Random, index: int, *, lab: bool = True) -> Sche
         target = rng.choice((*SERVICES, "all"))
         variant = rng.choice(("heal", "reset", "kill"))
         duration = round(rng.uniform(0.2, 3.0), 2)
+    elif fault is Fault.NET_REFUSE:
+        target, duration = rng.choice((*SERVICES, "all")), round(rng.uniform(0.2, 2.0), 2)
     elif fault is Fault.NET_DELAY:
         target, duration = rng.choice((*SERVICES, "all")), rng.choice((0.001, 0.005, 0.02))
     elif fault is Fault.PAUSE:
@@ -647,6 +655,14 @@ class Torture:
                 resets += sum(p.reset() for p in self._targets(s))
             notes["connections_reset"] = resets
             return False
+        if s.fault is Fault.NET_REFUSE:
+            for proxy in self._targets(s):
+                proxy.refuse()
+            notes["connections_reset"] = sum(p.reset() for p in self._targets(s))
+            time.sleep(s.duration)
+            for proxy in self._targets(s):
+                proxy.heal()
+            return False
         if s.fault is Fault.NET_BLACKHOLE:
             for proxy in self._targets(s):
                 proxy.blackhole()
@@ -668,9 +684,15 @@ class Torture:
             child.send_signal(signal.SIGSTOP)
             killed = False
             try:
-                attempt = self._recover_pass("", fence_timeout=2.0)
-                notes["paused_recovery"] = "ran" if attempt.exit_code in (0, 1) else "refused"
-                notes["paused_recovery_error"] = attempt.error
+                if self._log_lock_free():
+                    # Stopped after it closed its log (the batch had just ended): the
+                    # lock is rightly free, so this pause proves nothing either way.
+                    notes["paused_recovery"] = "child had closed its log"
+                else:
+                    attempt = self._recover_pass("", fence_timeout=2.0)
+                    ran = attempt.exit_code in (0, 1)
+                    notes["paused_recovery"] = "ran" if ran else "refused"
+                    notes["paused_recovery_error"] = attempt.error
             finally:
                 if s.variant == "kill":
                     killed = _kill(child)  # SIGKILL ends a stopped process too
@@ -678,6 +700,17 @@ class Torture:
                     child.send_signal(signal.SIGCONT)
             return killed
         raise AssertionError(f"unknown fault {s.fault}")  # pragma: no cover
+
+    def _log_lock_free(self) -> bool:
+        """Whether nobody holds the decision log's lock (taken and released at once)."""
+        fd = os.open(f"{self.settings.log_path}{LOCK_SUFFIX}", os.O_RDWR | os.O_CREAT, 0o644)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            return False
+        finally:
+            os.close(fd)  # closing drops the lock if we got it
+        return True
 
     def _heal_all(self) -> None:
         for proxy in self.proxies.values():

@@ -55,6 +55,8 @@ class Check:
     duplicates_after_dedup: int = 0  # extra copies the inbox could not recognise
     committed_not_durable: list[str] = field(default_factory=list)
     aborted_but_visible: list[str] = field(default_factory=list)
+    in_doubt_committed: int = 0  # told IN_DOUBT, resolved to committed (all three there)
+    in_doubt_rolled_back: int = 0  # told IN_DOUBT, resolved to rolled back (none there)
     log_pending: list[str] = field(default_factory=list)  # COMMIT without END after recovery
     log_error: str | None = None  # the decision log did not reopen
     seconds: float = 0.0
@@ -101,6 +103,8 @@ class Check:
             "duplicates_after_dedup": self.duplicates_after_dedup,
             "committed_not_durable": self.committed_not_durable,
             "aborted_but_visible": self.aborted_but_visible,
+            "in_doubt_committed": self.in_doubt_committed,
+            "in_doubt_rolled_back": self.in_doubt_rolled_back,
             "log_pending": self.log_pending,
             "log_error": self.log_error,
             "seconds": round(self.seconds, 3),
@@ -218,6 +222,11 @@ class Ledger:
             t
             for t, outcome in reported.items()
             if outcome == "aborted" and (t in in_a or t in in_b or t in delivered)
+        )
+        in_doubt = [t for t, outcome in reported.items() if outcome == "in-doubt"]
+        result.in_doubt_committed = sum(t in in_a and t not in broken for t in in_doubt)
+        result.in_doubt_rolled_back = sum(
+            not (t in in_a or t in in_b or t in delivered) for t in in_doubt
         )
         try:
             with FileDecisionLog(self.settings.log_path) as log:

@@ -48,7 +48,7 @@ def rows(results: Sequence[ScheduleResult], seconds: float) -> list[Row]:
     wall = [r.recovery.seconds for r in results]
     in_process = [r.recovery.in_process_seconds for r in results]
     batch = [float(r.notes.get("batch_seconds", 0.0)) for r in results]
-    paused = [r for r in results if "paused_recovery" in r.notes]
+    paused = [r for r in results if r.notes.get("paused_recovery") in ("refused", "ran")]
     partitioned = [r for r in results if "partition_recovery" in r.notes]
     kinds = Counter(r.schedule.fault.value for r in results)
 
@@ -124,6 +124,12 @@ def rows(results: Sequence[ScheduleResult], seconds: float) -> list[Row]:
             log_bad,
             log_bad > 0,
             True,
+        ),
+        Row(
+            "in_doubt_told",
+            "told IN_DOUBT: committed / rolled back",
+            f"{sum(c.in_doubt_committed for c in checks)} / "
+            f"{sum(c.in_doubt_rolled_back for c in checks)}",
         ),
         Row(
             "in_doubt_resolved",
