@@ -319,7 +319,12 @@ def interleaved_blocks(
 
 def merge_blocks(name: str, blocks: Sequence[RunResult]) -> RunResult:
     """One RunResult adding up ``blocks`` (their histograms, counts and times)."""
-    total = RunResult(name, blocks[0].mode if blocks else "interleaved", 1, merged(blocks, name))
+    total = RunResult(
+        name,
+        blocks[0].mode if blocks else "interleaved",
+        blocks[0].concurrency if blocks else 1,
+        merged(blocks, name),
+    )
     if blocks:
         total.started_at = blocks[0].started_at
     for block in blocks:

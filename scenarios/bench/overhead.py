@@ -278,16 +278,17 @@ class Plan:
 
     rounds: int  # interleaved blocks at concurrency 1
     per_round: int  # transfers per contender per block
-    seconds: float  # length of each throughput run
+    seconds: float  # length of the throughput run at each concurrency
     concurrencies: tuple[int, ...]
     throughput_of: tuple[str, ...]
     outcome_checks: int  # transactions per outcome in the R* check
+    slices: int = 1  # the throughput runs alternate concurrencies in this many slices
 
     @classmethod
     def for_mode(cls, quick: bool) -> Plan:
         if quick:
-            return cls(8, 15, 1.5, (1, 8, 32), THROUGHPUT_QUICK, 10)
-        return cls(30, 40, 5.0, (1, 8, 32), THROUGHPUT_FULL, 50)
+            return cls(8, 15, 1.5, (1, 8, 32), THROUGHPUT_QUICK, 10, slices=3)
+        return cls(30, 40, 6.0, (1, 8, 32), THROUGHPUT_FULL, 50, slices=6)
 
 
 # -- costs read from the servers -----------------------------------------------------
@@ -427,50 +428,71 @@ def _ratios(blocks: Mapping[str, list[measure.RunResult]]) -> dict[str, dict[str
 def run_throughput(
     settings: Settings, plan: Plan, source: TransferSource, progress: Progress | None = None
 ) -> dict[str, Any]:
-    """Closed-loop runs at each concurrency: throughput, latency, CPU, forced writes."""
+    """Closed-loop runs at each concurrency: throughput, latency, CPU, forced writes.
+
+    One contender (pools sized for the highest concurrency) per name; its
+    concurrencies alternate in ``plan.slices`` shuffled slices of
+    ``plan.seconds / plan.slices``, so that a burst of load from elsewhere on a
+    shared machine does not land on one concurrency only and fake a scaling ratio.
+    """
     factories = contenders(settings)
     cpu = service_cpu(settings)
-    runs = [(name, c) for c in plan.concurrencies for name in plan.throughput_of]
-    task, _ = _tick(progress, "throughput, concurrency 1/8/32", len(runs))
+    rng = random.Random(7)
+    top = max(plan.concurrencies)
+    task, _ = _tick(
+        progress,
+        "throughput, concurrency " + "/".join(map(str, plan.concurrencies)),
+        len(plan.throughput_of) * plan.slices * len(plan.concurrencies),
+    )
     table: dict[str, dict[str, Any]] = {}
     results: list[measure.RunResult] = []
-    for name, concurrency in runs:
-        contender = factories[name](concurrency)
+    for name in plan.throughput_of:
+        contender = factories[name](top)
+        slices: dict[int, list[measure.RunResult]] = {c: [] for c in plan.concurrencies}
+        forced = dict.fromkeys(plan.concurrencies, 0)
+        cpu_used: dict[int, dict[str, float]] = {c: {} for c in plan.concurrencies}
         try:
-            # Warm every connection of the pool before the clock starts.
-            measure.closed_loop(
-                name,
-                op_of(contender, source),
-                concurrency=concurrency,
-                count=2 * concurrency,
-            )
-            forced_before = getattr(contender, "forced_writes", 0)
-            cpu_before = cpu.snapshot()
-            result = measure.closed_loop(
-                name,
-                op_of(contender, source),
-                concurrency=concurrency,
-                duration=plan.seconds,
-            )
-            forced = getattr(contender, "forced_writes", 0) - forced_before
-            cpu_by_process = cpu.per_op_ms(cpu_before, cpu.snapshot(), result.committed)
+            # Warm every connection of the pools before the clock starts.
+            measure.closed_loop(name, op_of(contender, source), concurrency=top, count=2 * top)
+            for _ in range(plan.slices):
+                order = list(plan.concurrencies)
+                rng.shuffle(order)
+                for concurrency in order:
+                    forced_before = getattr(contender, "forced_writes", 0)
+                    cpu_before = cpu.snapshot()
+                    run = measure.closed_loop(
+                        name,
+                        op_of(contender, source),
+                        concurrency=concurrency,
+                        duration=plan.seconds / plan.slices,
+                    )
+                    cpu_after = cpu.snapshot()
+                    forced[concurrency] += getattr(contender, "forced_writes", 0) - forced_before
+                    for key, value in cpu_after.items():
+                        used = cpu_used[concurrency]
+                        used[key] = used.get(key, 0.0) + value - cpu_before[key]
+                    slices[concurrency].append(run)
+                    if progress is not None:
+                        progress.advance(task)
         finally:
             contender.close()
-        row = result.as_dict()
-        row["cpu_ms_per_op_by_process"] = cpu_by_process
-        if isinstance(contender, CoordinatorContender):
-            row["forced_log_writes_per_commit"] = (
-                round(forced / result.committed, 4) if result.committed else None
+        for concurrency, runs in slices.items():
+            result = measure.merge_blocks(name, runs)
+            row = result.as_dict()
+            row["cpu_ms_per_op_by_process"] = measure.ServiceCpu.per_op_ms(
+                dict.fromkeys(cpu_used[concurrency], 0.0), cpu_used[concurrency], result.committed
             )
-        table.setdefault(name, {})[str(concurrency)] = row
-        results.append(result)
-        if progress is not None:
-            progress.advance(task)
+            if isinstance(contender, CoordinatorContender):
+                row["forced_log_writes_per_commit"] = (
+                    round(forced[concurrency] / result.committed, 4) if result.committed else None
+                )
+            table.setdefault(name, {})[str(concurrency)] = row
+            results.append(result)
     if progress is not None:
         progress.remove_task(task)
     scaling = {
         name: measure.ratio(
-            by_c.get(str(max(plan.concurrencies)), {}).get("throughput_per_s", 0.0),
+            by_c.get(str(top), {}).get("throughput_per_s", 0.0),
             by_c.get(str(min(plan.concurrencies)), {}).get("throughput_per_s", 0.0),
         )
         for name, by_c in table.items()

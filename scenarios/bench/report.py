@@ -72,6 +72,7 @@ class ReportPlan:
     crash_every: int  # the n-th transfer crashes
     two_pc_crashes: tuple[str, ...]
     phase_count: int  # transfers of the 2PC phase-split run
+    slices: int = 1  # throughput runs alternate the concurrencies in this many slices
 
     @classmethod
     def for_mode(cls, quick: bool) -> ReportPlan:
@@ -92,13 +93,14 @@ class ReportPlan:
             latency_count=300,
             repeats=5,
             concurrencies=(1, 2, 4, 8, 16, 32),
-            seconds=4.0,
+            seconds=6.0,
             rates=(50.0, 100.0, 200.0, 300.0, 400.0, 500.0),
             open_seconds=5.0,
             crash_transfers=200,
             crash_every=7,
             two_pc_crashes=TWO_PC_CRASHES_FULL,
             phase_count=400,
+            slices=4,
         )
 
 
@@ -184,10 +186,20 @@ def measure_strategy(
             for key in ("p50", "p99")
         }
         out["commit_latency_cdf"] = latency.cdf(60)
-        # Throughput against concurrency.
+        # Throughput against concurrency, in alternating slices (noise hits all alike).
+        slices: dict[int, list[measure.RunResult]] = {c: [] for c in plan.concurrencies}
+        order = list(plan.concurrencies)
+        for _ in range(plan.slices):
+            for concurrency in order:
+                slices[concurrency].append(
+                    measure.closed_loop(
+                        name, op, concurrency=concurrency, duration=plan.seconds / plan.slices
+                    )
+                )
+            order.reverse()
         out["throughput"] = {}
-        for concurrency in plan.concurrencies:
-            run = measure.closed_loop(name, op, concurrency=concurrency, duration=plan.seconds)
+        for concurrency, runs in slices.items():
+            run = measure.merge_blocks(name, runs)
             results.append(run)
             out["throughput"][str(concurrency)] = run.as_dict()
             step()

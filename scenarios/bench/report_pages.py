@@ -339,7 +339,8 @@ def sections(data: Mapping[str, Any], plots: Mapping[str, str]) -> list[Section]
                 + [_f(d["throughput"][str(max(concurrencies))]["latency_ms"].get("p99"))]
                 for name, d in strategies.items()
             ],
-            note=f"{data['plan']['seconds']} s per point.",
+            note=f"{data['plan']['seconds']} s per point, run in "
+            f"{data['plan'].get('slices', 1)} slices alternating the concurrencies.",
             plot=plots.get("throughput"),
         )
     )
