@@ -23,7 +23,7 @@ class Row:
 
     def shown(self) -> str:
         if isinstance(self.value, float):
-            return f"{self.value:.3f}"
+            return f"{self.value:.3f}".rstrip("0").rstrip(".")
         if isinstance(self.value, dict):
             return ", ".join(f"{k}: {v}" for k, v in self.value.items()) or "-"
         return str(self.value)
