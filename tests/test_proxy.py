@@ -92,6 +92,16 @@ def connect(p: FaultProxy, timeout: float = 5.0) -> socket.socket:
     return sock
 
 
+def is_refused(p: FaultProxy) -> bool:
+    """True when a new connection is reset or closed before it answers (at any step)."""
+    try:
+        with connect(p) as sock:
+            sock.sendall(b"x")
+            return sock.recv(10) == b""
+    except ConnectionError:
+        return True
+
+
 def round_trip(sock: socket.socket, data: bytes = b"ping") -> bytes:
     sock.sendall(data)
     got = b""
@@ -190,10 +200,7 @@ def test_refuse_resets_new_connections_only(proxy: FaultProxy) -> None:
     with connect(proxy) as old:
         assert round_trip(old) == b"ping"
         proxy.refuse()
-        with connect(proxy) as new, pytest.raises(ConnectionError):
-            new.sendall(b"x")
-            if not new.recv(10):
-                raise ConnectionResetError("closed")
+        assert is_refused(proxy)
         assert round_trip(old) == b"ping"
         proxy.heal()
     assert proxy.stats.refused == 1
@@ -215,10 +222,8 @@ def test_upstream_down_is_a_reset_for_the_client() -> None:
     with socket.socket() as spare:
         spare.bind(("127.0.0.1", 0))
         dead = f"127.0.0.1:{spare.getsockname()[1]}"
-    with FaultProxy(dead, name="dead") as p, connect(p) as sock, pytest.raises(ConnectionError):
-        sock.sendall(b"x")
-        if not sock.recv(10):
-            raise ConnectionResetError("closed")
+    with FaultProxy(dead, name="dead") as p:
+        assert is_refused(p)
 
 
 @pytest.mark.lab
