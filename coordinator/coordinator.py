@@ -76,7 +76,12 @@ class Coordinator:
         self._watchdog.start()
         self.last_recovery: Any = None
         if recover_on_start:
-            self.recover()
+            try:
+                self.recover()
+            except BaseException:
+                self._closed.set()  # no thread outlives a coordinator that failed to start
+                self._executor.shutdown(wait=False)
+                raise
 
     # -- transactions ---------------------------------------------------------
 
@@ -104,7 +109,9 @@ class Coordinator:
                 )
         tx = Transaction(self, gtrid, self.timeout if timeout is None else timeout)
         with self._lock:
-            if gtrid in self._active or gtrid in self.log.pending():
+            in_doubt = {t.gtrid for t in self._in_doubt}
+            marked = set(self._ended_with_marker) | in_doubt
+            if gtrid in self._active or gtrid in marked or gtrid in self.log.pending():
                 raise DuplicateGtrid(
                     f"gtrid {gtrid} is already in use by a transaction of this coordinator"
                 )
@@ -229,6 +236,9 @@ class Coordinator:
                 continue
             self.log.log_end(tx.gtrid)
             tx.move(TxState.COMPLETED)
+            if tx.marker_sent:
+                with self._lock:
+                    self._ended_with_marker.append(tx.gtrid)
             done += 1
         return done
 

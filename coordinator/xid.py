@@ -60,7 +60,11 @@ class Xid:
     bqual: str
 
     def __post_init__(self) -> None:
-        if not isinstance(self.format_id, int) or not 0 <= self.format_id < 2**31:
+        if (
+            isinstance(self.format_id, bool)
+            or not isinstance(self.format_id, int)
+            or not 0 <= self.format_id < 2**31
+        ):
             raise InvalidXid(f"format id {self.format_id!r} must be an integer in [0, 2**31)")
         validate_id("gtrid", self.gtrid)
         validate_id("bqual", self.bqual)

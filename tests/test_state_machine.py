@@ -478,11 +478,6 @@ def watchdogs() -> set[threading.Thread]:
     return {t for t in threading.enumerate() if t.name == "twopc-watchdog"}
 
 
-@pytest.mark.xfail(
-    reason="known bug: Coordinator.__init__ starts its watchdog before recovery, and leaks "
-    "it when recovery raises",
-    strict=True,
-)
 def test_failed_recovery_at_start_leaves_no_thread_behind(disarmed: None) -> None:
     """A coordinator whose recovery at start fails does not leave its watchdog thread running."""
     before = watchdogs()
@@ -495,11 +490,6 @@ def test_failed_recovery_at_start_leaves_no_thread_behind(disarmed: None) -> Non
     assert not [t for t in started if t.is_alive()]
 
 
-@pytest.mark.xfail(
-    reason="known bug: a reused gtrid is accepted while the marker of its earlier, committed "
-    "use is still on the queue; recovery then commits the new transaction by that marker",
-    strict=True,
-)
 def test_reused_gtrid_is_not_committed_by_the_marker_of_its_earlier_use(disarmed: None) -> None:
     """A gtrid reused before its old marker is swept is refused, or never committed by it."""
     a, b, mq = FakeStore(), FakeStore(), FakeStore()
@@ -530,11 +520,6 @@ def test_reused_gtrid_is_not_committed_by_the_marker_of_its_earlier_use(disarmed
     assert [body for _, body, _ in mq.messages] == ["first"]
 
 
-@pytest.mark.xfail(
-    reason="known bug: retry_deferred ends a transaction without queueing its marker for the "
-    "sweep, so the marker outlives a clean close (until the next recovery)",
-    strict=True,
-)
 def test_marker_of_a_transaction_finished_by_retry_is_swept_on_close(disarmed: None) -> None:
     """A transaction whose phase 2 was retried to completion leaves no marker after close()."""
     mq = FakeStore()
