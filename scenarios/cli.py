@@ -349,8 +349,15 @@ def scenario_run(name: str) -> None:
 @main.command()
 @click.option("--count", default=500, show_default=True, help="Transfers in the batch.")
 @click.option("--concurrency", default=8, show_default=True)
-def demo(count: int, concurrency: int) -> None:
-    """Bring the lab up, set up the schema, run the scenarios and a batch of transfers."""
+@click.option(
+    "--bench/--no-bench",
+    default=True,
+    show_default=True,
+    help="End with 'twopc bench --quick' (about two minutes).",
+)
+@click.pass_context
+def demo(ctx: click.Context, count: int, concurrency: int, bench: bool) -> None:
+    """Bring the lab up, set up the schema, run the scenarios, a batch and a quick benchmark."""
     from scenarios import transfer as scenario
     from scenarios.stories import STORIES
     from scenarios.wiring import open_coordinator
@@ -386,6 +393,11 @@ def demo(count: int, concurrency: int) -> None:
     console.print("[green]every promise held[/]" if ok else "[red]something failed[/]")
     if not ok:
         sys.exit(1)
+    if bench:
+        from scenarios.cli_bench import bench as bench_command
+
+        console.rule("twopc bench --quick: 2PC against the outbox, CDC and naive dual write")
+        ctx.invoke(bench_command, quick=True)
 
 
 # -- the outbox's relays, consumer and failure log (scenarios.cli_outbox) ---------------
