@@ -63,8 +63,8 @@ def _raise_for(action: str | None, step: str, name: str, gtrid: str) -> None:
         raise ParticipantUnavailable(f"fake failure at {step}", participant=name, gtrid=gtrid)
 
 
-class FakeResource:
-    """A fake database that can prepare (an XAResource)."""
+class _FakeServer:
+    """What a fake database and a fake broker share: a name, a store, armed faults."""
 
     def __init__(self, name: str, store: FakeStore | None = None) -> None:
         self._name = name
@@ -76,8 +76,12 @@ class FakeResource:
         return self._name
 
     def fail(self, step: str, action: str, times: int = 1) -> None:
-        """Arm a fault at ``step`` (begin, prepare, commit_prepared, rollback, ...)."""
+        """Arm a fault at ``step`` (begin, prepare, commit_prepared, commit, fence, ...)."""
         self.faults.arm(step, action, times)
+
+
+class FakeResource(_FakeServer):
+    """A fake database that can prepare (an XAResource)."""
 
     def begin(self, xid: Xid) -> FakeBranch:
         _raise_for(self.faults.take("begin"), "begin", self._name, xid.gtrid)
@@ -188,21 +192,11 @@ class FakeBranch:
         pass
 
 
-class FakeBroker:
+class FakeBroker(_FakeServer):
     """A fake broker that commits last, with markers (a LastResource)."""
 
     def __init__(self, name: str = "mq", store: FakeStore | None = None) -> None:
-        self._name = name
-        self.store = store or FakeStore()
-        self.faults = _Faults()
-
-    @property
-    def name(self) -> str:
-        return self._name
-
-    def fail(self, step: str, action: str, times: int = 1) -> None:
-        """Arm a fault at ``step`` (begin, commit, fence, markers)."""
-        self.faults.arm(step, action, times)
+        super().__init__(name, store)
 
     def begin(self, gtrid: str) -> FakeBrokerSession:
         _raise_for(self.faults.take("begin"), "begin", self._name, gtrid)

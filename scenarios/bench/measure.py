@@ -178,23 +178,8 @@ def closed_loop(
                     return
                 index = next_index
                 next_index += 1
-            begin = time.perf_counter()
-            try:
-                ok = op(index)
-            except BaseException as exc:
-                with lock:
-                    errors.append(exc)
+            if not _measure(op, index, time.perf_counter(), result, lock, errors, tick):
                 return
-            end = time.perf_counter()
-            if ok:
-                result.latencies.record(end - begin)
-            with lock:
-                if ok:
-                    result.committed += 1
-                else:
-                    result.failed += 1
-            if tick is not None:
-                tick()
 
     cpu = time.process_time()
     _run_threads(worker, concurrency, name)
@@ -203,6 +188,35 @@ def closed_loop(
     if errors:
         raise errors[0]
     return result
+
+
+def _measure(
+    op: Op,
+    index: int,
+    start: float,
+    result: Any,
+    lock: threading.Lock,
+    errors: list[BaseException],
+    tick: Tick | None,
+) -> bool:
+    """Run ``op(index)`` and record its latency from ``start``; False if it raised."""
+    try:
+        ok = op(index)
+    except BaseException as exc:
+        with lock:
+            errors.append(exc)
+        return False
+    end = time.perf_counter()
+    if ok:
+        result.latencies.record(end - start)
+    with lock:
+        if ok:
+            result.committed += 1
+        else:
+            result.failed += 1
+    if tick is not None:
+        tick()
+    return True
 
 
 def open_loop(
@@ -248,22 +262,8 @@ def open_loop(
                 continue
             if intended > now:
                 time.sleep(intended - now)
-            try:
-                ok = op(index)
-            except BaseException as exc:
-                with lock:
-                    errors.append(exc)
+            if not _measure(op, index, intended, result, lock, errors, tick):
                 return
-            end = time.perf_counter()
-            if ok:
-                result.latencies.record(end - intended)
-            with lock:
-                if ok:
-                    result.committed += 1
-                else:
-                    result.failed += 1
-            if tick is not None:
-                tick()
 
     cpu = time.process_time()
     _run_threads(worker, workers, name)
