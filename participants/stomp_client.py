@@ -590,6 +590,15 @@ class StompClient:
             raise BrokerRefused("CONNECT", message, participant=self.participant)
         if not self.alive:
             self.drop()
+            if self._lost and self.client_id:
+                # ActiveMQ answers a held client-id with an ERROR and closes the socket;
+                # the close can win the race with the ERROR frame. Either way the id is
+                # not ours yet, and fencing may retry (it succeeds only on CONNECTED).
+                raise ClientIdInUse(
+                    self.client_id,
+                    "the broker closed the connection during CONNECT",
+                    participant=self.participant,
+                )
             raise self.unavailable(
                 f"no CONNECTED frame within {self._connect_timeout:g} s"
                 if not self._lost
