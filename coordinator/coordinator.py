@@ -38,6 +38,7 @@ class Coordinator:
         max_workers: int = 32,
         recover_on_start: bool = True,
         marker_batch: int = 500,
+        housekeeping_interval: float | None = 1.0,
     ) -> None:
         self.coordinator_id = validate_coordinator_id(coordinator_id)
         self.prefix = gtrid_prefix(coordinator_id)
@@ -51,6 +52,9 @@ class Coordinator:
         self.broker = broker
         self.timeout = timeout
         self.marker_batch = marker_batch
+        # Seconds between the watchdog's retries of deferred phase 2s, missed rollbacks
+        # and in-doubt transactions; None leaves them to explicit calls (tests do).
+        self.housekeeping_interval = housekeeping_interval
         self._executor = ThreadPoolExecutor(
             max_workers=max_workers, thread_name_prefix="twopc-phase"
         )
@@ -193,10 +197,9 @@ class Coordinator:
 
     def _watch_timeouts(self) -> None:
         """Cancel the statements of transactions that outlive their deadline; every
-        second, finish deferred phase 2s and resolve in-doubt transactions."""
-        ticks = 0
+        ``housekeeping_interval``, finish deferred phase 2s and resolve in-doubt ones."""
+        last_chores = time.monotonic()
         while not self._closed.wait(0.2):
-            ticks += 1
             now = time.monotonic()
             with self._lock:
                 late = [
@@ -213,7 +216,9 @@ class Coordinator:
                     cancel = getattr(branch, "cancel", None)
                     if cancel is not None:
                         cancel()
-            if ticks % 5 == 0:
+            interval = self.housekeeping_interval
+            if interval is not None and now - last_chores >= interval:
+                last_chores = now
                 self.retry_deferred()
                 self.retry_rollbacks()
                 self.resolve_in_doubt()

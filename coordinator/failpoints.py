@@ -2,9 +2,11 @@
 
 ``TWOPC_FAILPOINTS="after_prepare=kill,before_broker_commit=raise"`` arms
 failpoints in a ``twopc`` process; tests call :func:`arm`. An armed failpoint
-either raises :class:`CrashInjected` (in-process crash: no clean-up runs) or
-kills the process with SIGKILL. ``name=kill@3`` fires on the third hit.
-Unarmed, :func:`hit` costs one dictionary lookup.
+either raises :class:`CrashInjected` (in-process crash: no clean-up runs),
+kills the process with SIGKILL, or (armed from a test with a callable) runs
+that callable and goes on, e.g. to cut a connection at that exact step.
+``name=kill@3`` fires on the third hit. Unarmed, :func:`hit` costs one
+dictionary lookup.
 """
 
 from __future__ import annotations
@@ -12,6 +14,7 @@ from __future__ import annotations
 import os
 import signal
 import threading
+from collections.abc import Callable
 from dataclasses import dataclass
 
 from coordinator.errors import ConfigurationError, CrashInjected
@@ -36,7 +39,7 @@ ACTIONS = ("raise", "kill")
 
 @dataclass
 class _Armed:
-    action: str
+    action: str | Callable[[], None]
     remaining: int  # fires when it reaches 1
 
 
@@ -44,11 +47,14 @@ _armed: dict[str, _Armed] = {}
 _lock = threading.Lock()
 
 
-def arm(name: str, action: str = "raise", *, on_hit: int = 1) -> None:
-    """Arm failpoint ``name`` to ``action`` ('raise' or 'kill') on its ``on_hit``-th hit."""
+def arm(name: str, action: str | Callable[[], None] = "raise", *, on_hit: int = 1) -> None:
+    """Arm failpoint ``name`` to ``action`` on its ``on_hit``-th hit.
+
+    ``action`` is 'raise', 'kill', or a callable to run there (the step then goes on).
+    """
     if name not in NAMES:
         raise ConfigurationError(f"unknown failpoint {name!r}; known: {', '.join(NAMES)}")
-    if action not in ACTIONS:
+    if not callable(action) and action not in ACTIONS:
         raise ConfigurationError(f"failpoint action {action!r} must be one of {ACTIONS}")
     if on_hit < 1:
         raise ConfigurationError(f"failpoint {name}: on_hit must be >= 1, not {on_hit}")
@@ -82,6 +88,9 @@ def hit(name: str) -> None:
             armed.remaining -= 1
             return
         del _armed[name]
+    if callable(armed.action):
+        armed.action()
+        return
     if armed.action == "kill":
         os.kill(os.getpid(), signal.SIGKILL)
     raise CrashInjected(f"failpoint {name} fired")

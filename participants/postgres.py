@@ -5,8 +5,8 @@ from __future__ import annotations
 import contextlib
 import queue
 import threading
-from collections.abc import Iterator
-from typing import Any, LiteralString
+from collections.abc import Callable
+from typing import Any, LiteralString, TypeVar
 
 import psycopg
 from psycopg import errors as pg_errors
@@ -24,6 +24,11 @@ from coordinator.states import Vote
 from coordinator.xid import Xid
 
 _log = get_logger(component="postgres")
+T = TypeVar("T")
+
+#: Event names: a kept connection was found lost (the server ended it) and is replaced.
+ADMIN_RECONNECT = "postgres.admin.reconnect"
+POOLED_LOST = "postgres.pooled.lost"
 
 # Command tags that mean the statement changed data: the branch then needs a
 # real prepare. Anything else (SELECT, SHOW, ...) is checked with one query at
@@ -115,14 +120,15 @@ class PostgresResource:
             )
         self._checked = True
 
-    def _acquire(self) -> psycopg.Connection[Any]:
+    def _acquire(self) -> tuple[psycopg.Connection[Any], bool]:
+        """A connection, and whether it was kept in the pool (rather than opened now)."""
         while True:
             try:
                 conn = self._idle.get_nowait()
             except queue.Empty:
-                return self.connect()
+                return self.connect(), False
             if not conn.closed and conn.info.transaction_status == pq.TransactionStatus.IDLE:
-                return conn
+                return conn, True
             conn.close()
 
     def _release(self, conn: psycopg.Connection[Any]) -> None:
@@ -132,40 +138,62 @@ class PostgresResource:
         else:
             conn.close()
 
-    @contextlib.contextmanager
-    def _admin_connection(self) -> Iterator[psycopg.Connection[Any]]:
-        """The one autocommit connection recovery uses for this database."""
+    def _on_admin(self, work: Callable[[psycopg.Connection[Any]], T]) -> T:
+        """Run ``work`` on the one autocommit connection recovery uses for this database.
+
+        That connection is kept between calls, so the server may have ended it
+        meanwhile (a restart, an administrator): if a kept connection turns out
+        lost, ``work`` runs once more on a new one. ``work`` is idempotent (list,
+        COMMIT PREPARED or ROLLBACK PREPARED by gid), so a repeat is harmless.
+        """
         with self._admin_lock:
-            if self._admin is None or self._admin.closed:
-                self._admin = self.connect(autocommit=True)
-            try:
-                yield self._admin
-            except psycopg.OperationalError:
-                self._admin.close()
-                self._admin = None
-                raise
+            while True:
+                kept = self._admin is not None and not self._admin.closed
+                if not kept:
+                    self._admin = self.connect(autocommit=True)
+                conn = self._admin
+                assert conn is not None
+                try:
+                    return work(conn)
+                except psycopg.OperationalError:
+                    if not conn.broken:
+                        raise  # a statement failed; the connection itself is fine
+                    conn.close()
+                    self._admin = None
+                    if not kept:
+                        raise
+                    _log.info(ADMIN_RECONNECT, participant=self._name)
 
     # -- XAResource ------------------------------------------------------------
 
     def begin(self, xid: Xid) -> PostgresBranch:
-        conn = self._acquire()
-        try:
-            conn.tpc_begin(conn.xid(xid.format_id, xid.gtrid, xid.bqual))
-        except psycopg.Error as exc:
-            conn.close()
-            raise ParticipantUnavailable(
-                f"cannot begin the branch: {exc}", participant=self._name, gtrid=xid.gtrid
-            ) from exc
-        return PostgresBranch(self, conn, xid)
+        while True:
+            conn, kept = self._acquire()
+            try:
+                conn.tpc_begin(conn.xid(xid.format_id, xid.gtrid, xid.bqual))
+            except psycopg.Error as exc:
+                lost = conn.broken
+                conn.close()
+                if kept and lost:
+                    # An idle connection the server ended meanwhile (a restart, an
+                    # administrator): BEGIN never ran there. Take the next one.
+                    _log.info(POOLED_LOST, participant=self._name, gtrid=xid.gtrid)
+                    continue
+                raise ParticipantUnavailable(
+                    f"cannot begin the branch: {exc}", participant=self._name, gtrid=xid.gtrid
+                ) from exc
+            return PostgresBranch(self, conn, xid)
 
     def recover(self, format_id: int, gtrid_prefix: str) -> list[Xid]:
         return [x for x, _ in self.recover_detailed(format_id, gtrid_prefix)]
 
     def recover_detailed(self, format_id: int, gtrid_prefix: str) -> list[tuple[Xid, Any]]:
         """Prepared branches with their prepared-at timestamps (for ``twopc indoubt``)."""
+        def listing(conn: psycopg.Connection[Any]) -> tuple[list[psycopg.Xid], str]:
+            return conn.tpc_recover(), conn.info.dbname
+
         try:
-            with self._admin_connection() as conn:
-                found = conn.tpc_recover()
+            found, dbname = self._on_admin(listing)
         except psycopg.Error as exc:
             raise ParticipantUnavailable(
                 f"cannot list prepared transactions: {exc}", participant=self._name
@@ -174,19 +202,21 @@ class PostgresResource:
         for x in found:
             if x.format_id != format_id or not x.gtrid.startswith(gtrid_prefix):
                 continue
-            if x.database not in (None, conn.info.dbname):
+            if x.database not in (None, dbname):
                 continue  # prepared in another database of the same server
             result.append((Xid(x.format_id, x.gtrid, x.bqual or ""), x.prepared))
         return result
 
     def _finish_recovered(self, xid: Xid, action: str) -> bool:
+        def finish(conn: psycopg.Connection[Any]) -> None:
+            pg_xid = conn.xid(xid.format_id, xid.gtrid, xid.bqual)
+            if action == "commit":
+                conn.tpc_commit(pg_xid)
+            else:
+                conn.tpc_rollback(pg_xid)
+
         try:
-            with self._admin_connection() as conn:
-                pg_xid = conn.xid(xid.format_id, xid.gtrid, xid.bqual)
-                if action == "commit":
-                    conn.tpc_commit(pg_xid)
-                else:
-                    conn.tpc_rollback(pg_xid)
+            self._on_admin(finish)
         except pg_errors.UndefinedObject:  # 42704: no prepared transaction with that gid
             return False
         except psycopg.Error as exc:

@@ -193,6 +193,26 @@ def test_crash_at_each_step_then_recovery_agrees(
     assert world.log.pending() == {}
 
 
+def test_failpoint_armed_with_a_callable_runs_it_there_and_goes_on(world: World) -> None:
+    """A callable failpoint runs at its step, once, on its n-th hit; the commit then goes on."""
+    coord = world.coordinator()
+    seen: list[tuple[bool, bool]] = []  # (a and b prepared, anything committed) at each run
+
+    def look() -> None:
+        prepared = bool(world.a.prepared) and bool(world.b.prepared)
+        seen.append((prepared, bool(world.a.committed or world.b.committed)))
+
+    failpoints.arm("after_prepare", look, on_hit=2)
+    with coord.transaction() as tx:
+        transfer()(tx)
+    assert tx.outcome is Outcome.COMMITTED
+    assert seen == [(True, False)]  # after the second of two prepares, before phase 2
+    assert not failpoints.is_armed("after_prepare")
+    with coord.transaction() as tx:
+        transfer()(tx)
+    assert len(seen) == 1  # fired once only
+
+
 def test_timeout_before_commit_point_aborts(world: World) -> None:
     """A transaction past its deadline is rolled back, not committed."""
     coord = world.coordinator(timeout=0.05)
@@ -269,6 +289,23 @@ def test_running_coordinator_resolves_its_own_in_doubt_transactions(
     assert (tx.gtrid in world.b.committed) is committed
     coord.close()
     assert world.log.reopen().pending() == {} and world.mq.markers == set()
+
+
+@pytest.mark.parametrize("interval", [0.2, None])
+def test_watchdog_housekeeping_runs_every_interval_or_only_when_called(
+    world: World, interval: float | None
+) -> None:
+    """The watchdog retries a deferred phase 2 every interval; with None, only a call does."""
+    coord = world.coordinator(housekeeping_interval=interval)
+    world.rb.fail("commit_prepared", "error", times=3)
+    with coord.transaction() as tx:
+        transfer()(tx)
+    assert len(world.b.prepared) == 1
+    time.sleep(0.8)  # four intervals of 0.2 s
+    assert (world.b.prepared == {}) is (interval is not None)
+    assert coord.retry_deferred() == (0 if interval is not None else 1)
+    assert tx.gtrid in world.b.committed and world.b.prepared == {}
+    coord.close()
 
 
 def test_in_doubt_stays_in_doubt_while_the_session_cannot_be_fenced(world: World) -> None:

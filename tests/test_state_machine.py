@@ -31,8 +31,9 @@ from __future__ import annotations
 import enum
 import os
 import threading
+from collections import Counter
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import pytest
@@ -57,7 +58,6 @@ from coordinator.errors import (
 from coordinator.log.memory import MemoryDecisionLog
 from coordinator.states import Outcome
 from coordinator.transaction import Transaction
-from coordinator.xid import Xid
 from participants.fake import FakeBroker, FakeResource, FakeStore
 
 COORDINATOR_ID = "t1"
@@ -143,6 +143,27 @@ FAULTS = st.sampled_from(
     ]
 )
 
+
+@dataclass
+class Seen:
+    """What the servers hold of this machine's transactions, read at one moment."""
+
+    committed: dict[str, dict[str, list[str]]]  # database -> gtrid -> its visible writes
+    prepared: dict[str, set[str]]  # database -> gtrids with a branch prepared there
+    messages: Counter[str] = field(default_factory=Counter)  # gtrid -> business messages
+    markers: set[str] = field(default_factory=set)  # gtrids with a commit marker
+
+    def visible(self, db: str, gtrid: str) -> list[str]:
+        """``gtrid``'s writes visible in ``db`` ([] for none, or a read-only branch)."""
+        return self.committed[db].get(gtrid, [])
+
+    def gtrids(self) -> set[str]:
+        found = set(self.messages) | self.markers
+        for db in self.committed:
+            found |= set(self.committed[db]) | self.prepared[db]
+        return found
+
+
 #: What a step returns when an injected crash killed the process during it.
 DIED = object()
 
@@ -157,17 +178,25 @@ def bury(coordinator: Coordinator) -> None:
 
 
 class CommitUnderCrashes(RuleBasedStateMachine):
-    """One coordinator at a time over servers and a log that outlive it."""
+    """One coordinator at a time over servers and a log that outlive it.
+
+    The servers here are fakes; ``test_state_machine_lab`` runs the same
+    rules and invariants on the lab's PostgreSQL and ActiveMQ by overriding
+    the hooks marked below.
+    """
+
+    prefix = PREFIX
+    queue = QUEUE
 
     def __init__(self) -> None:
         super().__init__()
         failpoints.disarm()
         self.stores = {"a": FakeStore(), "b": FakeStore()}
         self.mq = FakeStore()
-        self.log = MemoryDecisionLog()
+        self.log: Any = MemoryDecisionLog()
         self.coordinator: Coordinator | None = None
-        self.resources: dict[str, FakeResource] = {}
-        self.broker: FakeBroker | None = None
+        self.resources: dict[str, Any] = {}
+        self.broker: Any = None
         # "up": a coordinator runs; "dead": its process died (the log is as it left it).
         self.state = "dead"
         self.model: dict[str, Entry] = {}
@@ -177,7 +206,55 @@ class CommitUnderCrashes(RuleBasedStateMachine):
     def teardown(self) -> None:
         failpoints.disarm()
         if self.coordinator is not None:
-            bury(self.coordinator)
+            self._bury()
+
+    # -- hooks: the servers, the log and faults (overridden for the lab) ------------
+
+    def _participants(self) -> tuple[list[Any], Any]:
+        """New participant objects (a new process's) over the same servers."""
+        resources = [FakeResource(db, self.stores[db]) for db in DATABASES]
+        return resources, FakeBroker("mq", self.mq)
+
+    def _bury(self) -> None:
+        """The process is gone: its threads stop; it cleans nothing up."""
+        assert self.coordinator is not None
+        bury(self.coordinator)
+
+    def _write(self, tx: Transaction, db: str, op: str) -> None:
+        tx.execute(db, op)
+
+    def _reopen_log(self, how: str) -> None:
+        """The log as the next process finds it after the last one stopped ``how``."""
+        if how == "machine":  # only forced records survive
+            self.log = self.log.crash()
+            return
+        if how == "torn":  # the machine died mid-write: the last unforced records are lost
+            torn = sum(self.log.tear_tail() for _ in range(2))
+            event(f"torn records: {torn}")
+        self.log = self.log.reopen()  # a process crash or clean stop: everything written
+
+    def _arm(self, fault: Fault) -> None:
+        if fault.where == "coordinator":
+            failpoints.arm(fault.step, fault.action, on_hit=fault.times)
+        elif fault.where == "mq":
+            assert self.broker is not None
+            self.broker.fail(fault.step, fault.action, fault.times)
+        else:
+            self.resources[fault.where].fail(fault.step, fault.action, fault.times)
+
+    def look(self) -> Seen:
+        """What the servers hold now."""
+        seen = Seen(
+            committed={
+                db: {g: ops for g, ops in s.committed.items()} for db, s in self.stores.items()
+            },
+            prepared={
+                db: {x.gtrid for x in s.prepared if x.bqual == db} for db, s in self.stores.items()
+            },
+            markers={m for m in self.mq.markers if m.startswith(self.prefix)},
+        )
+        seen.messages.update(h["gtrid"] for _, _, h in self.mq.messages)
+        return seen
 
     # -- helpers -----------------------------------------------------------------
 
@@ -187,7 +264,7 @@ class CommitUnderCrashes(RuleBasedStateMachine):
             self.model[gtrid].told = Told.NO_ANSWER
         self.open.clear()
         if self.coordinator is not None:
-            bury(self.coordinator)
+            self._bury()
         self.coordinator = None
         self.state = "dead"
 
@@ -222,30 +299,21 @@ class CommitUnderCrashes(RuleBasedStateMachine):
 
     def _start(self) -> None:
         """A new coordinator over the same servers and log; it recovers first."""
-        self.resources = {db: FakeResource(db, self.stores[db]) for db in DATABASES}
-        self.broker = FakeBroker("mq", self.mq)
+        resources, self.broker = self._participants()
+        self.resources = {r.name: r for r in resources}
         # recover_on_start=False and recover() below is what the constructor does; done
         # in two steps so a crash inside recovery leaves an object whose threads we stop.
         self.coordinator = Coordinator(
-            COORDINATOR_ID,
+            self.prefix[:-1],
             self.log,
-            list(self.resources.values()),
+            resources,
             self.broker,
             recover_on_start=False,
+            housekeeping_interval=None,  # the housekeeping rule runs the chores: reproducible
         )
         self.coordinator.config.phase2_backoff = 0.0
         self.state = "up"
         self._recover()
-
-    def _reopen_log(self, how: str) -> None:
-        """The log as the next process finds it after the last one stopped ``how``."""
-        if how == "machine":  # only forced records survive
-            self.log = self.log.crash()
-            return
-        if how == "torn":  # the machine died mid-write: the last unforced records are lost
-            torn = sum(self.log.tear_tail() for _ in range(2))
-            event(f"torn records: {torn}")
-        self.log = self.log.reopen()  # a process crash or clean stop: everything written
 
     @precondition(lambda self: self.state == "up")
     @rule(how=st.sampled_from(["close", "process", "machine"]))
@@ -273,7 +341,7 @@ class CommitUnderCrashes(RuleBasedStateMachine):
         """Begin a transaction and do its work; its gtrid, or None if it ended already."""
         assert self.coordinator is not None
         self.counter += 1
-        gtrid = f"{PREFIX}{self.counter:04d}"
+        gtrid = f"{self.prefix}{self.counter:04d}"
         shape = {"a": a, "b": b}
         entry = Entry({db: [] for db, n in shape.items() if n is not None}, send)
         for db, n in shape.items():
@@ -286,9 +354,9 @@ class CommitUnderCrashes(RuleBasedStateMachine):
             for db, ops in entry.ops.items():
                 tx.branch(db)
                 for op in ops:
-                    tx.execute(db, op)
+                    self._write(tx, db, op)
             if send:
-                tx.send(QUEUE, f"transfer {gtrid}", {"gtrid": gtrid})
+                tx.send(self.queue, f"transfer {gtrid}", {"gtrid": gtrid})
 
         try:
             if self._guarded(work) is DIED:
@@ -310,15 +378,6 @@ class CommitUnderCrashes(RuleBasedStateMachine):
         if outcome is not DIED:
             entry.told = TOLD[outcome]
             event(f"told {outcome.value}: {len(entry.writers)} writers, send={entry.send}")
-
-    def _arm(self, fault: Fault) -> None:
-        if fault.where == "coordinator":
-            failpoints.arm(fault.step, fault.action, on_hit=fault.times)
-        elif fault.where == "mq":
-            assert self.broker is not None
-            self.broker.fail(fault.step, fault.action, fault.times)
-        else:
-            self.resources[fault.where].fail(fault.step, fault.action, fault.times)
 
     @precondition(lambda self: self.state == "up")
     @rule(a=BRANCH_SHAPES, b=BRANCH_SHAPES, send=st.booleans(), fault=FAULTS)
@@ -384,45 +443,49 @@ class CommitUnderCrashes(RuleBasedStateMachine):
             failpoints.disarm(crash_at)  # it did not get that far: nothing was in doubt
 
     @precondition(lambda self: self.state == "up")
-    @rule(chore=st.sampled_from(["sweep_markers", "retry_deferred"]))
+    @rule(
+        chore=st.sampled_from(
+            ["sweep_markers", "retry_deferred", "retry_rollbacks", "resolve_in_doubt"]
+        )
+    )
     def housekeeping(self, chore: str) -> None:
-        """Markers of ended transactions removed in a batch; failed phase 2 retried."""
+        """A chore of the watchdog: sweep markers, retry phase 2 or rollbacks, settle in-doubt."""
         assert self.coordinator is not None
         self._guarded(getattr(self.coordinator, chore))
 
-    # -- what the servers hold -------------------------------------------------------------
-
-    def committed(self, db: str, gtrid: str) -> bool:
-        """Whether ``gtrid``'s writes are visible in database ``db`` (exactly them)."""
-        ops = self.stores[db].committed.get(gtrid)
-        if not ops:  # absent, or a read-only branch's empty one-phase commit
-            return False
-        assert ops == self.model[gtrid].ops.get(db), f"{gtrid}: {db} holds {ops}"
-        return True
-
-    def prepared(self, db: str, gtrid: str) -> bool:
-        return Xid.branch(gtrid, db) in self.stores[db].prepared
-
-    def messages(self, gtrid: str) -> int:
-        return sum(1 for _, _, headers in self.mq.messages if headers.get("gtrid") == gtrid)
-
     # -- invariants --------------------------------------------------------------------------
 
+    def committed(self, seen: Seen, db: str, gtrid: str) -> bool:
+        """Whether ``gtrid``'s writes are visible in database ``db`` (exactly them)."""
+        ops = seen.visible(db, gtrid)
+        if not ops:  # absent, or a read-only branch's empty one-phase commit
+            return False
+        assert sorted(ops) == sorted(self.model[gtrid].ops.get(db, [])), (
+            f"{gtrid}: {db} holds {ops}"
+        )
+        return True
+
     @invariant()
-    def nothing_is_half_undone(self) -> None:
+    def servers_agree_with_what_callers_were_told(self) -> None:
+        """Read the servers once, then check every transaction against the model."""
+        seen = self.look()
+        self.nothing_is_half_undone(seen)
+        self.every_gtrid_in_the_servers_is_known(seen)
+
+    def nothing_is_half_undone(self, seen: Seen) -> None:
         """Visible somewhere => visible or prepared everywhere; ABORTED is visible nowhere."""
         for gtrid, entry in self.model.items():
-            messages = self.messages(gtrid)
-            marker = gtrid in self.mq.markers
+            messages = seen.messages[gtrid]
+            marker = gtrid in seen.markers
             assert messages <= int(entry.send), f"{gtrid}: {messages} messages"
             for db in DATABASES:
                 if db not in entry.writers:
-                    assert not self.committed(db, gtrid), f"{gtrid}: wrote nothing to {db}"
-                    assert not self.prepared(db, gtrid), f"{gtrid}: {db} prepared, read-only"
-            visible = messages > 0 or any(self.committed(db, gtrid) for db in entry.writers)
+                    assert not self.committed(seen, db, gtrid), f"{gtrid}: wrote nothing to {db}"
+                    assert gtrid not in seen.prepared[db], f"{gtrid}: {db} prepared, read-only"
+            visible = messages > 0 or any(self.committed(seen, db, gtrid) for db in entry.writers)
             if visible or entry.told is Told.COMMITTED:
                 for db in entry.writers:
-                    assert self.committed(db, gtrid) or self.prepared(db, gtrid), (
+                    assert self.committed(seen, db, gtrid) or gtrid in seen.prepared[db], (
                         f"{gtrid} ({entry.told}): visible elsewhere, gone from {db}"
                     )
                 assert messages == int(entry.send), f"{gtrid} ({entry.told}): message missing"
@@ -431,26 +494,22 @@ class CommitUnderCrashes(RuleBasedStateMachine):
             if entry.told is Told.ABORTED:
                 assert not visible and not marker, f"{gtrid} was ABORTED but is visible"
 
-    @invariant()
-    def every_gtrid_in_the_servers_is_known(self) -> None:
+    def every_gtrid_in_the_servers_is_known(self, seen: Seen) -> None:
         """The servers hold nothing the model does not know (no stray or renamed branch)."""
-        seen = set(self.mq.markers) | {h["gtrid"] for _, _, h in self.mq.messages}
-        for store in self.stores.values():
-            seen |= set(store.committed) | {x.gtrid for x in store.prepared}
-        assert seen <= set(self.model)
+        assert seen.gtrids() <= set(self.model), seen.gtrids() - set(self.model)
 
     def check_recovered(self) -> None:
         """After a recovery that resolved everything: all-or-nothing, nothing left over."""
         assert self.coordinator is not None
-        for db, store in self.stores.items():
-            leftover = [x for x in store.prepared if x.gtrid.startswith(PREFIX)]
-            assert not leftover, f"still prepared in {db} after recovery: {leftover}"
-        assert not {m for m in self.mq.markers if m.startswith(PREFIX)}, "markers left over"
+        seen = self.look()
+        for db, prepared in seen.prepared.items():
+            assert not prepared, f"still prepared in {db} after recovery: {sorted(prepared)}"
+        assert not seen.markers, f"markers left over: {sorted(seen.markers)}"
         assert self.log.pending() == {}, "the log still has COMMITs without END"
         for gtrid, entry in self.model.items():
-            parts = [self.committed(db, gtrid) for db in entry.writers]
+            parts = [self.committed(seen, db, gtrid) for db in entry.writers]
             if entry.send:
-                parts.append(self.messages(gtrid) == 1)
+                parts.append(seen.messages[gtrid] == 1)
             assert len(set(parts)) <= 1, f"{gtrid} ({entry.told}) is half committed: {parts}"
             if entry.told is Told.COMMITTED:
                 assert all(parts), f"{gtrid} was COMMITTED but is not everywhere"

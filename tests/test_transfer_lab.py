@@ -22,7 +22,8 @@ from coordinator.errors import (
     ParticipantUnavailable,
     TransactionTimeout,
 )
-from coordinator.states import Outcome
+from coordinator.states import Outcome, Vote
+from coordinator.xid import FORMAT_ID, Xid
 from participants.postgres import PostgresResource
 from scenarios import transfer as scenario
 from scenarios.config import Settings
@@ -244,6 +245,33 @@ def server_without_prepared_transactions(lab: Lab) -> Iterator[str]:
     server.send_signal(signal.SIGINT)
     server.wait(timeout=30)
     shutil.rmtree(home, ignore_errors=True)
+
+
+def test_sessions_the_server_ended_are_replaced_by_begin_and_recovery(settings: Settings) -> None:
+    """Idle pooled and recovery sessions ended by the server are replaced; nothing fails."""
+    app = f"twopc-test-{os.getpid()}-{time.monotonic_ns()}"
+    resource = PostgresResource("a", f"{settings.pg_a} application_name={app}")
+    prefix = f"ended{os.getpid()}."
+    first = resource.begin(Xid.branch(f"{prefix}1", "a"))
+    first.execute("CREATE TABLE IF NOT EXISTS ended_probe (x int)")  # a write: it is prepared
+    assert first.prepare() is Vote.YES
+    first.commit_prepared()
+    first.release()  # back to the pool, idle
+    assert resource.recover(FORMAT_ID, prefix) == []  # the recovery session is kept too
+    with psycopg.connect(settings.pg_a, autocommit=True) as admin:
+        ended = admin.execute(
+            "SELECT count(*) FILTER (WHERE pg_terminate_backend(pid, 5000))"
+            " FROM pg_stat_activity WHERE application_name = %s",
+            (app,),
+        ).fetchone()
+    assert ended == (2,)  # the pooled session and the recovery session
+    second = resource.begin(Xid.branch(f"{prefix}2", "a"))
+    second.execute("INSERT INTO ended_probe VALUES (1)")
+    assert second.prepare() is Vote.YES
+    assert [x.gtrid for x in resource.recover(FORMAT_ID, prefix)] == [f"{prefix}2"]
+    assert resource.rollback_recovered(Xid.branch(f"{prefix}2", "a")) is True
+    second.release()
+    resource.close()
 
 
 def test_max_prepared_transactions_zero_is_refused_with_the_reason(

@@ -132,6 +132,15 @@ class FileDecisionLog:
                 self._mark_unusable(DecisionLogError, f"decision log {self.path} is closed")
                 self._release()
 
+    def abandon(self) -> None:
+        """Drop the files as a process that dies would: no flush, the lock released.
+
+        What was written stays in the file; what was not fsync'd may be lost
+        only if the machine fails too. For crash tests; idempotent.
+        """
+        with self._cond:
+            self._abandon("was abandoned")
+
     def __enter__(self) -> FileDecisionLog:
         return self
 
@@ -350,13 +359,14 @@ class FileDecisionLog:
         try:
             yield
         except CrashInjected:
-            self._mark_unusable(
-                DecisionLogError,
-                f"decision log {self.path} was abandoned by an injected crash; open it again",
-            )
-            self._release()
-            self._cond.notify_all()
+            self._abandon("was abandoned by an injected crash")
             raise
+
+    def _abandon(self, why: str) -> None:
+        """Unusable from now on; the files closed without a flush (lock held)."""
+        self._mark_unusable(DecisionLogError, f"decision log {self.path} {why}; open it again")
+        self._release()
+        self._cond.notify_all()
 
     def _release(self) -> None:
         """Close the log and the lock file (closing the lock file releases the flock)."""
