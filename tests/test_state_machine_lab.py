@@ -27,6 +27,8 @@ import functools
 import itertools
 import os
 import stat
+import threading
+import time
 import uuid
 from collections import Counter
 from collections.abc import Iterator
@@ -79,6 +81,7 @@ RUN = uuid.uuid4().hex[:6]  # machines of different test runs never share a gtri
 _machines = itertools.count(1)
 #: What the machines of this run went through: deaths, cuts, what callers were told.
 TALLY: Counter[str] = Counter()
+_tally_lock = threading.Lock()
 
 # Where a fault can strike: every failpoint, hit once or twice, as a crash of the process or
 # as a service cutting the coordinator's connections right there; or a cut at once.
@@ -205,9 +208,9 @@ class LabCommitUnderCrashes(CommitUnderCrashes):
         broker = TrackedActiveMQ(
             self.lab.stomp,
             self.prefix[:-1],
-            pool_size=6,
+            pool_size=12,
             marker_queue=self.marker_queue,
-            acquire_timeout=1.0,
+            acquire_timeout=0.2,
         )
         return resources, broker
 
@@ -252,10 +255,19 @@ class LabCommitUnderCrashes(CommitUnderCrashes):
         participant = self.broker if where == "mq" else self.resources.get(where)
         if participant is not None:
             cut = participant.terminate_sessions()
-            TALLY[f"sessions cut ({'broker' if where == 'mq' else 'database'})"] += cut
-            event(f"cut {where}: {cut} sessions")
+            # Not hypothesis.event(): this may run on a phase-2 thread, outside the test.
+            with _tally_lock:
+                TALLY[f"sessions cut ({'broker' if where == 'mq' else 'database'})"] += cut
 
     def look(self) -> Seen:
+        started = time.monotonic()
+        seen = self._look()
+        with _tally_lock:
+            TALLY["look ms"] += round((time.monotonic() - started) * 1000)
+            TALLY["looks"] += 1
+        return seen
+
+    def _look(self) -> Seen:
         seen = Seen(committed={}, prepared={})
         for db, conn in self.checkers.items():
             # pg_prepared_xacts first: a branch committed in between is then seen twice,
