@@ -189,6 +189,7 @@ class PostgresResource:
 
     def recover_detailed(self, format_id: int, gtrid_prefix: str) -> list[tuple[Xid, Any]]:
         """Prepared branches with their prepared-at timestamps (for ``twopc indoubt``)."""
+
         def listing(conn: psycopg.Connection[Any]) -> tuple[list[psycopg.Xid], str]:
             return conn.tpc_recover(), conn.info.dbname
 

@@ -225,9 +225,17 @@ class LabCommitUnderCrashes(CommitUnderCrashes):
 
     def _bury(self) -> None:
         super()._bury()  # its threads are stopped: nothing uses the connections any more
-        assert self.coordinator is not None
+        self._process_gone()
+
+    def _died(self) -> None:
+        super()._died()
+        self._process_gone()  # also after a clean close: transactions left open die too
+
+    def _process_gone(self) -> None:
+        """The kernel closes the sockets and files of the process that ran the coordinator."""
         for participant in [*self.resources.values(), self.broker]:
-            participant.die()
+            if participant is not None:
+                participant.die()
         self.log.abandon()
 
     def _write(self, tx: Transaction, db: str, op: str) -> None:
