@@ -74,6 +74,8 @@ class Coordinator:
         self.outcomes: Counter[Outcome] = Counter()
         self.messages: Counter[str] = Counter()  # "business" / "marker", committed only
         self._closed = threading.Event()
+        self._finishing = 0  # commit or rollback sequences running now (guarded by _lock)
+        self._none_finishing = threading.Condition(self._lock)
         self._watchdog = threading.Thread(
             target=self._watch_timeouts, name="twopc-watchdog", daemon=True
         )
@@ -123,7 +125,28 @@ class Coordinator:
         return tx
 
     def finish(self, tx: Transaction, *, commit: bool) -> Outcome:
-        """Run the commit (or rollback) sequence; called by Transaction.commit/rollback."""
+        """Run the commit (or rollback) sequence; called by Transaction.commit/rollback.
+
+        After close() has begun, a transaction that was still open is rolled
+        back instead of committed (its reason says so): its decision could no
+        longer be logged.
+        """
+        with self._lock:
+            closed = self._closed.is_set()
+            if not closed:
+                self._finishing += 1
+        if closed and commit:
+            commit = False
+            tx.reason = "the coordinator was closed before this transaction committed"
+        try:
+            return self._finish(tx, commit=commit)
+        finally:
+            if not closed:
+                with self._lock:
+                    self._finishing -= 1
+                    self._none_finishing.notify_all()
+
+    def _finish(self, tx: Transaction, *, commit: bool) -> Outcome:
         try:
             if commit:
                 outcome = driver.commit(tx, self.config)
@@ -168,7 +191,7 @@ class Coordinator:
                 sweep = len(self._ended_with_marker) >= self.marker_batch
             else:
                 sweep = False
-        if sweep:
+        if sweep and not self._closed.is_set():  # close() sweeps what is left
             self._executor.submit(self.sweep_markers)
 
     def failpoint(self, name: str) -> None:
@@ -361,10 +384,16 @@ class Coordinator:
             return [g for g, tx in self._active.items() if tx.state not in TERMINAL]
 
     def close(self) -> None:
-        """Finish housekeeping and release connections, threads and the log's lock."""
-        if self._closed.is_set():
-            return
-        self._closed.set()
+        """Finish housekeeping and release connections, threads and the log's lock.
+
+        Commits already running finish first (up to ``timeout`` seconds); a
+        transaction still open is rolled back when its owner ends it.
+        """
+        with self._lock:
+            if self._closed.is_set():
+                return
+            self._closed.set()
+            self._none_finishing.wait_for(lambda: self._finishing == 0, timeout=self.timeout)
         self._watchdog.join()
         self.retry_deferred()
         self.retry_rollbacks()

@@ -43,9 +43,22 @@ class DriverConfig:
     defer: Callable[[Transaction], None] = lambda tx: None  # phase 2 left for later
 
 
+def _submit(executor: Executor, call: Callable[[], T]) -> Future[T]:
+    """``call`` on the executor, or here and now once it is shut down (a closed coordinator)."""
+    try:
+        return executor.submit(call)
+    except RuntimeError:
+        done: Future[T] = Future()
+        try:
+            done.set_result(call())
+        except BaseException as exc:
+            done.set_exception(exc)
+        return done
+
+
 def run_parallel(executor: Executor, calls: Sequence[Callable[[], T]]) -> list[T | BaseException]:
     """Run ``calls`` at once (the last one on this thread); return results or exceptions."""
-    futures: list[Future[T]] = [executor.submit(call) for call in calls[:-1]]
+    futures: list[Future[T]] = [_submit(executor, call) for call in calls[:-1]]
     results: list[T | BaseException] = []
     last: T | BaseException
     try:

@@ -80,6 +80,7 @@ class PostgresResource:
         self._checked = False
         self._admin: psycopg.Connection[Any] | None = None
         self._admin_lock = threading.Lock()
+        self._closed = False  # connections released after close() are closed, not kept
 
     @property
     def name(self) -> str:
@@ -133,7 +134,7 @@ class PostgresResource:
 
     def _release(self, conn: psycopg.Connection[Any]) -> None:
         healthy = not conn.closed and conn.info.transaction_status == pq.TransactionStatus.IDLE
-        if healthy and self._idle.qsize() < self.pool_size:
+        if healthy and not self._closed and self._idle.qsize() < self.pool_size:
             self._idle.put(conn)
         else:
             conn.close()
@@ -233,6 +234,8 @@ class PostgresResource:
         return self._finish_recovered(xid, "rollback")
 
     def close(self) -> None:
+        """Close the idle connections; those in use are closed when released."""
+        self._closed = True
         while True:
             try:
                 self._idle.get_nowait().close()

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import threading
 import time
 from collections.abc import Callable, Iterator
 
@@ -211,6 +212,40 @@ def test_failpoint_armed_with_a_callable_runs_it_there_and_goes_on(world: World)
     with coord.transaction() as tx:
         transfer()(tx)
     assert len(seen) == 1  # fired once only
+
+
+def test_transaction_still_open_at_close_is_rolled_back_when_ended(world: World) -> None:
+    """Committing a transaction after its coordinator closed rolls it back, saying why."""
+    coord = world.coordinator()
+    with pytest.raises(TransactionAborted) as info, coord.transaction() as tx:
+        transfer()(tx)
+        coord.close()
+    assert "the coordinator was closed before this transaction committed" in str(info.value)
+    assert tx.outcome is Outcome.ABORTED
+    assert world.a.committed == {} and world.b.committed == {}
+    assert world.a.prepared == {} and world.b.prepared == {} and world.mq.messages == []
+
+
+def test_close_lets_a_commit_already_running_finish(world: World) -> None:
+    """close() waits for a commit past its start; it commits everywhere and logs its END."""
+    coord = world.coordinator()
+    prepared = threading.Event()
+
+    def pause() -> None:  # the commit has prepared both branches; close() starts meanwhile
+        prepared.set()
+        time.sleep(0.3)
+
+    failpoints.arm("after_prepare", pause, on_hit=2)
+    tx = coord.begin()
+    transfer()(tx)
+    committer = threading.Thread(target=tx.commit)
+    committer.start()
+    assert prepared.wait(5)
+    coord.close()
+    assert tx.outcome is Outcome.COMMITTED  # set before close() returned
+    committer.join()
+    assert tx.gtrid in world.a.committed and tx.gtrid in world.b.committed
+    assert world.log.reopen().pending() == {}
 
 
 def test_timeout_before_commit_point_aborts(world: World) -> None:
