@@ -15,6 +15,7 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
+import psycopg
 import pytest
 
 from scenarios.config import Settings
@@ -26,6 +27,19 @@ def free_port() -> int:
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
         return int(sock.getsockname()[1])
+
+
+def end_sessions(dsn: str, pids: list[int]) -> int:
+    """The server ends the sessions with these backend pids (as an admin would); how many."""
+    if not pids:
+        return 0
+    with psycopg.connect(dsn, autocommit=True) as admin:
+        row = admin.execute(
+            "SELECT count(*) FILTER (WHERE pg_terminate_backend(pid, 5000))"
+            " FROM unnest(%s::int[]) AS pid",
+            (pids,),
+        ).fetchone()
+    return int(row[0]) if row else 0
 
 
 @dataclass

@@ -164,6 +164,9 @@ class Seen:
         return found
 
 
+#: A fault drawn from the running machine's ``faults`` (subclasses bring their own).
+THIS_MACHINES_FAULTS = st.runner().flatmap(lambda machine: machine.faults)
+
 #: What a step returns when an injected crash killed the process during it.
 DIED = object()
 
@@ -187,6 +190,7 @@ class CommitUnderCrashes(RuleBasedStateMachine):
 
     prefix = PREFIX
     queue = QUEUE
+    faults = FAULTS  # what arm_fault and transfer draw from (the lab has its own)
 
     def __init__(self) -> None:
         super().__init__()
@@ -245,9 +249,7 @@ class CommitUnderCrashes(RuleBasedStateMachine):
     def look(self) -> Seen:
         """What the servers hold now."""
         seen = Seen(
-            committed={
-                db: {g: ops for g, ops in s.committed.items()} for db, s in self.stores.items()
-            },
+            committed={db: dict(s.committed) for db, s in self.stores.items()},
             prepared={
                 db: {x.gtrid for x in s.prepared if x.bqual == db} for db, s in self.stores.items()
             },
@@ -380,7 +382,7 @@ class CommitUnderCrashes(RuleBasedStateMachine):
             event(f"told {outcome.value}: {len(entry.writers)} writers, send={entry.send}")
 
     @precondition(lambda self: self.state == "up")
-    @rule(a=BRANCH_SHAPES, b=BRANCH_SHAPES, send=st.booleans(), fault=FAULTS)
+    @rule(a=BRANCH_SHAPES, b=BRANCH_SHAPES, send=st.booleans(), fault=THIS_MACHINES_FAULTS)
     def transfer(self, a: int | None, b: int | None, send: bool, fault: Fault) -> None:
         """Arm a fault, then begin, work and commit at once."""
         self._arm(fault)
@@ -416,7 +418,7 @@ class CommitUnderCrashes(RuleBasedStateMachine):
     # -- faults --------------------------------------------------------------------------
 
     @precondition(lambda self: self.state == "up")
-    @rule(fault=FAULTS)
+    @rule(fault=THIS_MACHINES_FAULTS)
     def arm_fault(self, fault: Fault) -> None:
         """A participant step or a coordinator failpoint will fail or crash when next reached."""
         self._arm(fault)

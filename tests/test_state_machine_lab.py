@@ -39,7 +39,7 @@ import psycopg
 import pytest
 from hypothesis import HealthCheck, event, settings
 from hypothesis import strategies as st
-from hypothesis.stateful import precondition, rule, run_state_machine_as_test
+from hypothesis.stateful import run_state_machine_as_test
 
 from coordinator import failpoints
 from coordinator.log.file import FileDecisionLog
@@ -49,8 +49,8 @@ from participants.activemq import ActiveMQ
 from participants.postgres import PostgresResource
 from participants.stomp_client import StompClient
 from scenarios.config import Settings
+from tests.conftest import end_sessions
 from tests.test_state_machine import (
-    BRANCH_SHAPES,
     DIED,
     CommitUnderCrashes,
     Fault,
@@ -114,16 +114,7 @@ class TrackedPostgres(PostgresResource):
 
     def terminate_sessions(self) -> int:
         """The server ends every live session of ours (as an admin or a restart would)."""
-        pids = [c.info.backend_pid for c in self.opened if not c.closed]
-        if not pids:
-            return 0
-        with psycopg.connect(self.dsn, autocommit=True) as admin:
-            row = admin.execute(
-                "SELECT count(*) FILTER (WHERE pg_terminate_backend(pid, 5000))"
-                " FROM unnest(%s::int[]) AS pid",
-                (pids,),
-            ).fetchone()
-        return int(row[0]) if row else 0
+        return end_sessions(self.dsn, [c.info.backend_pid for c in self.opened if not c.closed])
 
     def die(self) -> None:
         """The process died: the kernel closes its sockets; the server rolls back what was open."""
@@ -183,6 +174,8 @@ class Disk:
 
 class LabCommitUnderCrashes(CommitUnderCrashes):
     """CommitUnderCrashes with PostgreSQL a and b, ActiveMQ and a decision log file."""
+
+    faults = LAB_FAULTS
 
     def __init__(self, lab: Settings, directory: Path) -> None:
         self.lab = lab
@@ -303,23 +296,6 @@ class LabCommitUnderCrashes(CommitUnderCrashes):
                 if m.headers.get("gtrid", "").startswith(self.prefix)
             }
         return seen
-
-    # -- rules with the lab's faults instead of the fakes' ----------------------------
-
-    @precondition(lambda self: self.state == "up")
-    @rule(a=BRANCH_SHAPES, b=BRANCH_SHAPES, send=st.booleans(), fault=LAB_FAULTS)
-    def transfer(self, a: int | None, b: int | None, send: bool, fault: Fault) -> None:
-        """Arm a fault, then begin, work and commit at once."""
-        self._arm(fault)
-        gtrid = self._begin(a, b, send)
-        if gtrid is not None:
-            self._commit(gtrid)
-
-    @precondition(lambda self: self.state == "up")
-    @rule(fault=LAB_FAULTS)
-    def arm_fault(self, fault: Fault) -> None:
-        """A failpoint will crash the process, or a service cut its connections, when reached."""
-        self._arm(fault)
 
     def teardown(self) -> None:
         """Resolve what the example left, as the next process would, and check it."""

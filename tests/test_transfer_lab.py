@@ -30,7 +30,7 @@ from scenarios.config import Settings
 from scenarios.lab import Lab, postgres_bindir
 from scenarios.stories import STORIES
 from scenarios.wiring import open_coordinator
-from tests.conftest import free_port
+from tests.conftest import end_sessions, free_port
 
 pytestmark = pytest.mark.lab
 
@@ -259,12 +259,10 @@ def test_sessions_the_server_ended_are_replaced_by_begin_and_recovery(settings: 
     first.release()  # back to the pool, idle
     assert resource.recover(FORMAT_ID, prefix) == []  # the recovery session is kept too
     with psycopg.connect(settings.pg_a, autocommit=True) as admin:
-        ended = admin.execute(
-            "SELECT count(*) FILTER (WHERE pg_terminate_backend(pid, 5000))"
-            " FROM pg_stat_activity WHERE application_name = %s",
-            (app,),
-        ).fetchone()
-    assert ended == (2,)  # the pooled session and the recovery session
+        sessions = admin.execute(
+            "SELECT pid FROM pg_stat_activity WHERE application_name = %s", (app,)
+        ).fetchall()
+    assert end_sessions(settings.pg_a, [pid for (pid,) in sessions]) == 2  # pooled, recovery
     second = resource.begin(Xid.branch(f"{prefix}2", "a"))
     second.execute("INSERT INTO ended_probe VALUES (1)")
     assert second.prepare() is Vote.YES
