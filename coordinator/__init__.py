@@ -1,1 +1,87 @@
-"""twopc's engine: the two-phase-commit coordinator, its decision log and its recovery."""
+"""twopc's engine: the two-phase-commit coordinator, its decision log and its recovery.
+
+The public API. Build a coordinator from participants of your choosing::
+
+    from coordinator import Coordinator, FileDecisionLog
+    from participants.activemq import ActiveMQ
+    from participants.postgres import PostgresResource
+
+    coordinator = Coordinator(
+        "orders",
+        FileDecisionLog("/var/lib/orders/decisions.log"),
+        [PostgresResource("billing", BILLING_DSN), PostgresResource("stock", STOCK_DSN)],
+        ActiveMQ("127.0.0.1:61613", "orders"),
+    )
+"""
+
+from coordinator.coordinator import Coordinator
+from coordinator.errors import (
+    CommitRefused,
+    ConfigurationError,
+    DecisionLogCorrupt,
+    DecisionLogError,
+    DecisionLogLocked,
+    DuplicateGtrid,
+    FsyncFailed,
+    HeuristicMixed,
+    InvalidTransition,
+    InvalidXid,
+    OutcomeUnknown,
+    ParticipantError,
+    ParticipantUnavailable,
+    PrepareFailed,
+    TransactionAborted,
+    TransactionInDoubt,
+    TransactionTimeout,
+    TwoPhaseCommitError,
+    UnknownParticipant,
+)
+from coordinator.log import DecisionLog
+from coordinator.log.file import FileDecisionLog, read_pending
+from coordinator.log.memory import MemoryDecisionLog
+from coordinator.protocol import LastResource, LastResourceSession, XABranch, XAResource
+from coordinator.recovery import Decision, InDoubt, Recovery, RecoveryReport
+from coordinator.states import Outcome, TxState, Vote
+from coordinator.transaction import Transaction
+from coordinator.xid import FORMAT_ID, Xid
+
+__all__ = [
+    "FORMAT_ID",
+    "CommitRefused",
+    "ConfigurationError",
+    "Coordinator",
+    "Decision",
+    "DecisionLog",
+    "DecisionLogCorrupt",
+    "DecisionLogError",
+    "DecisionLogLocked",
+    "DuplicateGtrid",
+    "FileDecisionLog",
+    "FsyncFailed",
+    "HeuristicMixed",
+    "InDoubt",
+    "InvalidTransition",
+    "InvalidXid",
+    "LastResource",
+    "LastResourceSession",
+    "MemoryDecisionLog",
+    "Outcome",
+    "OutcomeUnknown",
+    "ParticipantError",
+    "ParticipantUnavailable",
+    "PrepareFailed",
+    "Recovery",
+    "RecoveryReport",
+    "Transaction",
+    "TransactionAborted",
+    "TransactionInDoubt",
+    "TransactionTimeout",
+    "TwoPhaseCommitError",
+    "TxState",
+    "UnknownParticipant",
+    "Vote",
+    "XABranch",
+    "XAResource",
+    "Xid",
+    "read_pending",
+]

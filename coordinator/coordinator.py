@@ -1,4 +1,12 @@
-"""The coordinator: owns the participants, the decision log and the threads; runs transactions."""
+"""The coordinator: owns the participants, the decision log and the threads; runs transactions.
+
+The walk of one gtrid: :meth:`Coordinator.begin` makes a
+:class:`~coordinator.transaction.Transaction`; its work runs on the
+participants' branches; :meth:`Coordinator.finish` hands it to the commit
+sequence (:mod:`coordinator.driver`); whatever that could not finish goes to
+the :class:`~coordinator.recovery.Backlog`, and a crash leaves it to
+:class:`~coordinator.recovery.Recovery` at the next start.
+"""
 
 from __future__ import annotations
 
@@ -11,12 +19,19 @@ from contextlib import contextmanager
 from typing import Any
 
 from coordinator import driver, events, failpoints
-from coordinator.errors import CrashInjected, DuplicateGtrid, TwoPhaseCommitError
+from coordinator.errors import (
+    ConfigurationError,
+    CrashInjected,
+    DuplicateGtrid,
+    InvalidTransition,
+    InvalidXid,
+)
 from coordinator.log import DecisionLog
 from coordinator.protocol import LastResource, XAResource
+from coordinator.recovery import Backlog, Recovery, RecoveryReport
 from coordinator.states import TERMINAL, Outcome, TxState
 from coordinator.transaction import Transaction
-from coordinator.xid import Xid, gtrid_prefix, new_gtrid, validate_coordinator_id, validate_id
+from coordinator.xid import gtrid_prefix, new_gtrid, validate_coordinator_id, validate_id
 
 
 class Coordinator:
@@ -43,15 +58,14 @@ class Coordinator:
         self.coordinator_id = validate_coordinator_id(coordinator_id)
         self.prefix = gtrid_prefix(coordinator_id)
         self.log = log
-        self.resources: dict[str, XAResource] = {}
+        self._resources: dict[str, XAResource] = {}
         for resource in resources:
             validate_id("participant name", resource.name)
-            if resource.name in self.resources:
-                raise TwoPhaseCommitError(f"two participants are named {resource.name!r}")
-            self.resources[resource.name] = resource
-        self.broker = broker
+            if resource.name in self._resources:
+                raise ConfigurationError(f"two participants are named {resource.name!r}")
+            self._resources[resource.name] = resource
+        self._broker = broker
         self.timeout = timeout
-        self.marker_batch = marker_batch
         # Seconds between the watchdog's retries of deferred phase 2s, missed rollbacks
         # and in-doubt transactions; None leaves them to explicit calls (tests do).
         self.housekeeping_interval = housekeeping_interval
@@ -63,14 +77,11 @@ class Coordinator:
             executor=self._executor,
             failpoint=self.failpoint,
             receipt_timeout=receipt_timeout,
-            defer=self._defer,
         )
-        self._deferred: list[Transaction] = []  # committed; phase 2 to finish later
-        self._in_doubt: list[Transaction] = []  # the broker's COMMIT got no answer
-        self._unrolled: list[tuple[str, Xid]] = []  # aborted branches a rollback missed
+        self.backlog = Backlog(self._resources, log, broker, marker_batch=marker_batch)
+        self.config.defer = self.backlog.defer
         self._active: dict[str, Transaction] = {}
         self._lock = threading.Lock()
-        self._ended_with_marker: list[str] = []
         self.outcomes: Counter[Outcome] = Counter()
         self.messages: Counter[str] = Counter()  # "business" / "marker", committed only
         self._closed = threading.Event()
@@ -80,7 +91,7 @@ class Coordinator:
             target=self._watch_timeouts, name="twopc-watchdog", daemon=True
         )
         self._watchdog.start()
-        self.last_recovery: Any = None
+        self.last_recovery: RecoveryReport | None = None
         if recover_on_start:
             try:
                 self.recover()
@@ -103,26 +114,35 @@ class Coordinator:
     def begin(self, gtrid: str | None = None, *, timeout: float | None = None) -> Transaction:
         """Start a global transaction; ``gtrid`` must carry this coordinator's prefix."""
         if self._closed.is_set():
-            raise TwoPhaseCommitError("the coordinator is closed")
+            raise InvalidTransition("cannot begin a transaction: the coordinator is closed")
         if gtrid is None:
             gtrid = new_gtrid(self.coordinator_id)
         else:
             validate_id("gtrid", gtrid)
             if not gtrid.startswith(self.prefix):
-                raise TwoPhaseCommitError(
+                raise InvalidXid(
                     f"gtrid {gtrid!r} must start with {self.prefix!r} so that this "
                     "coordinator's recovery can find it"
                 )
         tx = Transaction(self, gtrid, self.timeout if timeout is None else timeout)
         with self._lock:
-            in_doubt = {t.gtrid for t in self._in_doubt}
-            marked = set(self._ended_with_marker) | in_doubt
-            if gtrid in self._active or gtrid in marked or gtrid in self.log.pending():
+            taken = gtrid in self._active or self.backlog.holds(gtrid)
+            if taken or gtrid in self.log.pending():
                 raise DuplicateGtrid(
                     f"gtrid {gtrid} is already in use by a transaction of this coordinator"
                 )
             self._active[gtrid] = tx
         return tx
+
+    @property
+    def resources(self) -> Mapping[str, XAResource]:
+        """The XA participants, by name."""
+        return self._resources
+
+    @property
+    def broker(self) -> LastResource | None:
+        """The last resource, if any."""
+        return self._broker
 
     def finish(self, tx: Transaction, *, commit: bool) -> Outcome:
         """Run the commit (or rollback) sequence; called by Transaction.commit/rollback.
@@ -135,44 +155,43 @@ class Coordinator:
             closed = self._closed.is_set()
             if not closed:
                 self._finishing += 1
+        reason = tx.reason
         if closed and commit:
             commit = False
-            tx.reason = "the coordinator was closed before this transaction committed"
+            reason = "the coordinator was closed before this transaction committed"
         try:
-            return self._finish(tx, commit=commit)
+            return self._finish(tx, commit=commit, reason=reason)
         finally:
             if not closed:
                 with self._lock:
                     self._finishing -= 1
                     self._none_finishing.notify_all()
 
-    def _finish(self, tx: Transaction, *, commit: bool) -> Outcome:
+    def _finish(self, tx: Transaction, *, commit: bool, reason: str) -> Outcome:
         try:
             if commit:
                 outcome = driver.commit(tx, self.config)
             else:
-                outcome = driver.abort(tx, self.config, tx.reason)
+                outcome = driver.abort(tx, self.config, reason)
         except CrashInjected:
             raise  # a simulated death: no clean-up, exactly like a real one
         except Exception as exc:
             if tx.state in (TxState.ACTIVE, TxState.PREPARING):
                 outcome = driver.abort(tx, self.config, f"{type(exc).__name__}: {exc}")
             elif tx.state is TxState.COMMITTING:
-                tx.move(TxState.IN_DOUBT)
-                tx.reason = f"{type(exc).__name__} at the commit point: {exc}"
+                tx.doubt_because(f"{type(exc).__name__} at the commit point: {exc}")
                 outcome = Outcome.IN_DOUBT
             else:
                 self._forget(tx)
                 raise
-        tx.outcome = outcome
+        tx.finished(outcome)
         self.outcomes[outcome] += 1
         if outcome is Outcome.IN_DOUBT and tx.broker is not None and tx.branches:
-            with self._lock:
-                self._in_doubt.append(tx)
+            self.backlog.doubt(tx)
         if outcome is Outcome.ABORTED:
-            missed = [(n, b.xid) for n, b in tx.branches.items() if getattr(b, "left_prepared", 0)]
-            with self._lock:
-                self._unrolled.extend(missed)
+            for name, branch in tx.branches.items():
+                if branch.left_prepared:
+                    self.backlog.missed_rollback(name, branch.xid)
         if outcome is Outcome.COMMITTED:
             self.messages["business"] += tx.messages_sent
             self.messages["marker"] += tx.marker_sent
@@ -186,41 +205,39 @@ class Coordinator:
             tx.broker.release()
         with self._lock:
             self._active.pop(tx.gtrid, None)
-            if tx.state is TxState.COMPLETED and tx.marker_sent:
-                self._ended_with_marker.append(tx.gtrid)
-                sweep = len(self._ended_with_marker) >= self.marker_batch
-            else:
-                sweep = False
-        if sweep and not self._closed.is_set():  # close() sweeps what is left
-            self._executor.submit(self.sweep_markers)
+        ended = tx.state is TxState.COMPLETED and tx.marker_sent
+        if ended and self.backlog.ended(tx.gtrid) and not self._closed.is_set():
+            self._executor.submit(self.sweep_markers)  # close() sweeps what is left
 
     def failpoint(self, name: str) -> None:
         failpoints.hit(name)
 
-    # -- housekeeping -----------------------------------------------------------
+    # -- housekeeping (the backlog's chores, also callable directly) -----------------
 
     def sweep_markers(self) -> int:
         """Remove the commit markers of transactions that ended (in batches)."""
-        if self.broker is None:
-            return 0
-        with self._lock:
-            batch, self._ended_with_marker = self._ended_with_marker, []
-        if not batch:
-            return 0
-        self.log.flush()  # the END records first: a marker may go only once END is durable
-        try:
-            removed = self.broker.remove_markers(batch)
-        except TwoPhaseCommitError as exc:
-            events.get_logger().warning(events.MARKERS_REMOVED, error=str(exc))
-            with self._lock:
-                self._ended_with_marker.extend(batch)
-            return 0
-        events.get_logger().debug(events.MARKERS_REMOVED, count=removed)
-        return removed
+        return self.backlog.sweep_markers()
+
+    def retry_deferred(self) -> int:
+        """Finish phase 2 of committed transactions whose participants failed; return count."""
+        return self.backlog.retry_deferred()
+
+    def retry_rollbacks(self) -> int:
+        """Roll back, by xid, prepared branches of aborted transactions whose session died."""
+        return self.backlog.retry_rollbacks()
+
+    def resolve_in_doubt(self, timeout: float = 10.0) -> int:
+        """Decide transactions whose broker COMMIT got no answer, by their marker."""
+        return self.backlog.resolve_in_doubt(timeout)
+
+    @property
+    def in_doubt(self) -> list[str]:
+        """Gtrids this coordinator still has to resolve."""
+        return self.backlog.in_doubt
 
     def _watch_timeouts(self) -> None:
         """Cancel the statements of transactions that outlive their deadline; every
-        ``housekeeping_interval``, finish deferred phase 2s and resolve in-doubt ones."""
+        ``housekeeping_interval``, work off the backlog."""
         last_chores = time.monotonic()
         while not self._closed.wait(0.2):
             now = time.monotonic()
@@ -231,132 +248,29 @@ class Coordinator:
                     if tx.state is TxState.ACTIVE and now > tx.deadline and not tx.timed_out
                 ]
             for tx in late:
-                tx.timed_out = True
                 tx.log.warning(events.TIMEOUT, seconds=round(now - tx.started, 3))
-                with tx.lock:
-                    branches = list(tx.branches.values())
-                for branch in branches:
-                    cancel = getattr(branch, "cancel", None)
-                    if cancel is not None:
-                        cancel()
+                for branch in tx.time_out():
+                    branch.cancel()
             interval = self.housekeeping_interval
             if interval is not None and now - last_chores >= interval:
                 last_chores = now
-                self.retry_deferred()
-                self.retry_rollbacks()
-                self.resolve_in_doubt()
-
-    def _defer(self, tx: Transaction) -> None:
-        with self._lock:
-            self._deferred.append(tx)
-
-    def retry_deferred(self) -> int:
-        """Finish phase 2 of committed transactions whose participants failed; return count."""
-        with self._lock:
-            pending, self._deferred = self._deferred, []
-        done = 0
-        for tx in pending:
-            try:
-                for name, branch in tx.branches.items():
-                    self.resources[name].commit_recovered(branch.xid)
-            except TwoPhaseCommitError:
-                self._defer(tx)
-                continue
-            self.log.log_end(tx.gtrid)
-            tx.move(TxState.COMPLETED)
-            if tx.marker_sent:
-                with self._lock:
-                    self._ended_with_marker.append(tx.gtrid)
-            done += 1
-        return done
-
-    def retry_rollbacks(self) -> int:
-        """Roll back, by xid, prepared branches of aborted transactions whose session died."""
-        with self._lock:
-            pending, self._unrolled = self._unrolled, []
-        done = 0
-        for name, xid in pending:
-            try:
-                self.resources[name].rollback_recovered(xid)
-            except TwoPhaseCommitError:
-                with self._lock:
-                    self._unrolled.append((name, xid))
-                continue
-            done += 1
-        return done
-
-    def resolve_in_doubt(self, timeout: float = 10.0) -> int:
-        """Decide transactions whose broker COMMIT got no answer, by their marker.
-
-        The session is fenced first (its client-id re-registered), so its COMMIT
-        has been processed or discarded and the marker queue is final for it.
-        Transactions that cannot be decided yet stay for the next attempt.
-        """
-        with self._lock:
-            pending, self._in_doubt = self._in_doubt, []
-        if not pending or self.broker is None:
-            return 0
-        resolved = 0
-        try:
-            for tx in pending:
-                assert tx.broker is not None
-                self.broker.settle(tx.broker, timeout)
-            markers = self.broker.markers()
-        except TwoPhaseCommitError as exc:
-            events.get_logger().warning(events.RECOVERY_RESOLVED, error=str(exc))
-            with self._lock:
-                self._in_doubt.extend(pending)
-            return 0
-        for tx in pending:
-            try:
-                self._resolve_one(tx, committed=tx.gtrid in markers)
-            except TwoPhaseCommitError as exc:
-                tx.log.warning(events.RECOVERY_RESOLVED, error=str(exc))
-                with self._lock:
-                    self._in_doubt.append(tx)
-                continue
-            resolved += 1
-        return resolved
-
-    def _resolve_one(self, tx: Transaction, *, committed: bool) -> None:
-        if committed:
-            self.log.log_commit(tx.gtrid, list(tx.branches), force=True)
-            tx.move(TxState.COMMITTED)
-            for name, branch in tx.branches.items():
-                self.resources[name].commit_recovered(branch.xid)
-            self.log.log_end(tx.gtrid)
-            tx.move(TxState.COMPLETED)
-            with self._lock:
-                self._ended_with_marker.append(tx.gtrid)
-        else:
-            tx.move(TxState.ABORTING)
-            for name, branch in tx.branches.items():
-                self.resources[name].rollback_recovered(branch.xid)
-            tx.move(TxState.ABORTED)
-        tx.log.info(events.RECOVERY_RESOLVED, decision="commit" if committed else "rollback")
-
-    @property
-    def in_doubt(self) -> list[str]:
-        """Gtrids this coordinator still has to resolve."""
-        with self._lock:
-            return [tx.gtrid for tx in self._in_doubt]
+                self.backlog.work()
 
     # -- recovery -------------------------------------------------------------
 
-    def recover(self, *, fence_timeout: float = 30.0) -> Any:
+    def recover(self, *, fence_timeout: float = 30.0) -> RecoveryReport:
         """Resolve what is in doubt (see coordinator.recovery); return the report."""
-        from coordinator.recovery import Recovery
-
-        if self.active:
+        running = self.active
+        if running:
             # A prepared branch of a running transaction would look in doubt and be
             # rolled back under its feet: recovery runs only while nothing is in flight.
-            raise TwoPhaseCommitError(
-                f"recovery needs the coordinator idle; {len(self.active)} transactions are running"
+            raise InvalidTransition(
+                f"cannot recover: recovery needs the coordinator idle; {len(running)} "
+                "transactions are running"
             )
-        with self._lock:  # a full pass fences and decides these too
-            self._in_doubt.clear()
+        self.backlog.forget_in_doubt()  # a full pass fences and decides these too
         report = Recovery(
-            self.coordinator_id, self.log, list(self.resources.values()), self.broker
+            self.coordinator_id, self.log, list(self._resources.values()), self._broker
         ).run(fence_timeout=fence_timeout)
         self.last_recovery = report
         return report
@@ -395,16 +309,14 @@ class Coordinator:
             self._closed.set()
             self._none_finishing.wait_for(lambda: self._finishing == 0, timeout=self.timeout)
         self._watchdog.join()
-        self.retry_deferred()
-        self.retry_rollbacks()
-        self.resolve_in_doubt()
+        self.backlog.work()
         self.sweep_markers()
         self.log.flush()
         self._executor.shutdown(wait=True)
-        for resource in self.resources.values():
+        for resource in self._resources.values():
             resource.close()
-        if self.broker is not None:
-            self.broker.close()
+        if self._broker is not None:
+            self._broker.close()
         self.log.close()
 
     def __enter__(self) -> Coordinator:

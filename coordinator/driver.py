@@ -2,11 +2,14 @@
 
 Presumed abort (DESIGN §2): nothing is logged for an abort; the commit point
 is the broker's COMMIT of the transaction carrying the commit marker, or,
-without a broker writer, the forced COMMIT record in the decision log.
+without a broker writer, the forced COMMIT record in the decision log. The
+failpoints around the commit point are the driver's: a participant only calls
+the callbacks it is handed.
 """
 
 from __future__ import annotations
 
+import contextvars
 import time
 from collections.abc import Callable, Sequence
 from concurrent.futures import Executor, Future
@@ -14,16 +17,19 @@ from dataclasses import dataclass
 from functools import partial
 from typing import TypeVar
 
+from structlog.contextvars import bound_contextvars
+
 from coordinator import events
 from coordinator.errors import (
     CommitRefused,
     CrashInjected,
+    HeuristicMixed,
     OutcomeUnknown,
     ParticipantError,
     TwoPhaseCommitError,
 )
-from coordinator.log import DecisionLog
-from coordinator.protocol import XABranch
+from coordinator.log import DecisionLog, commit_record_participants
+from coordinator.protocol import LastResourceSession, XABranch
 from coordinator.states import Outcome, TxState
 from coordinator.transaction import Transaction
 
@@ -43,10 +49,226 @@ class DriverConfig:
     defer: Callable[[Transaction], None] = lambda tx: None  # phase 2 left for later
 
 
-def _submit(executor: Executor, call: Callable[[], T]) -> Future[T]:
-    """``call`` on the executor, or here and now once it is shut down (a closed coordinator)."""
+class _Abort(Exception):
+    """A step found that the transaction must roll back."""
+
+
+class _Doubt(Exception):
+    """The commit point got no clear answer: the outcome is unknown."""
+
+
+# -- the sequence ----------------------------------------------------------------------
+
+
+def commit(tx: Transaction, cfg: DriverConfig) -> Outcome:
+    """Commit ``tx``; every exit path leaves it COMPLETED/COMMITTED, ABORTED or IN_DOUBT."""
+    with bound_contextvars(gtrid=tx.gtrid):
+        try:
+            _check_votes_so_far(tx)
+            writers, broker = _commit_read_only(tx)
+            if len(writers) + (broker is not None) <= 1:
+                return _commit_one_phase(tx, cfg, writers, broker)
+            _prepare_all(tx, cfg, writers)
+            _reach_commit_point(tx, cfg, writers, broker)
+        except _Abort as refusal:
+            return abort(tx, cfg, str(refusal))
+        except _Doubt as doubt:
+            tx.doubt_because(str(doubt))
+            return Outcome.IN_DOUBT
+        cfg.failpoint("after_decision")
+        if not _phase2(tx, cfg, writers):
+            cfg.defer(tx)
+            return Outcome.COMMITTED
+        _end(tx, cfg)
+        return Outcome.COMMITTED
+
+
+def abort(tx: Transaction, cfg: DriverConfig, reason: str) -> Outcome:
+    """Roll back every branch (active or prepared) and the broker; nothing is logged."""
+    with bound_contextvars(gtrid=tx.gtrid):
+        tx.abandon_because(reason)
+        tx.log.info(events.ABORT, reason=reason)
+        branches = list(tx.branches.values())
+        if branches:
+            run_parallel(cfg.executor, [b.rollback for b in branches])
+        if tx.broker is not None:
+            tx.broker.abort()
+        tx.move(TxState.ABORTED)
+        return Outcome.ABORTED
+
+
+# -- the steps ------------------------------------------------------------------------
+
+
+def _check_votes_so_far(tx: Transaction) -> None:
+    """A transaction past its deadline, or whose work failed somewhere, cannot commit."""
+    if tx.timed_out or time.monotonic() > tx.deadline:
+        raise _Abort("the transaction exceeded its timeout before its commit point")
+    failed = [b for b in tx.branches.values() if b.failure is not None]
+    for branch in failed:
+        tx.log.debug(events.PREPARE_VOTED, participant=branch.name, vote="no")
+    if failed:
+        raise _Abort(f"participant {failed[0].name!r} voted NO: {failed[0].failure}")
+
+
+def _commit_read_only(tx: Transaction) -> tuple[list[XABranch], LastResourceSession | None]:
+    """Commit the branches that wrote nothing (they leave the protocol); return the writers."""
+    writers: list[XABranch] = []
+    with tx.timed("prepare"):
+        for branch in tx.branches.values():
+            if branch.read_only():
+                branch.commit_one_phase()
+                tx.log.debug(events.PREPARE_VOTED, participant=branch.name, vote="read-only")
+            else:
+                writers.append(branch)
+    broker = tx.broker if tx.broker is not None and tx.broker.has_work else None
+    if tx.broker is not None and broker is None:
+        tx.broker.abort()  # nothing was sent: nothing to commit
+    return writers, broker
+
+
+def _prepare_all(tx: Transaction, cfg: DriverConfig, writers: list[XABranch]) -> None:
+    """Phase 1: prepare every XA writer in parallel; any NO vote or failure aborts."""
+    tx.move(TxState.PREPARING)
+    tx.log.debug(events.PREPARE_STARTED, participants=[b.name for b in writers])
+    with tx.timed("prepare"):
+        votes = run_parallel(cfg.executor, [partial(_prepare_one, b, cfg) for b in writers])
+    refusals = [v for v in votes if isinstance(v, BaseException)]
+    if refusals:
+        raise _Abort(f"phase 1 failed: {refusals[0]}")
+    if time.monotonic() > tx.deadline:
+        raise _Abort("the transaction exceeded its timeout during phase 1")
+
+
+def _prepare_one(branch: XABranch, cfg: DriverConfig) -> None:
+    branch.prepare()
+    cfg.failpoint("after_prepare")
+
+
+def _reach_commit_point(
+    tx: Transaction,
+    cfg: DriverConfig,
+    writers: list[XABranch],
+    broker: LastResourceSession | None,
+) -> None:
+    """The decision becomes durable: the broker's marker commit, or a forced log record."""
+    tx.move(TxState.COMMITTING)
+    prepared = [b.name for b in writers]
+    if broker is not None:
+        tx.log.debug(events.COMMIT_POINT_STARTED, via="broker-marker", participant=broker.name)
+        with tx.timed("commit_point"):
+            _commit_marker(tx, cfg, broker)
+        tx.decided(by_marker=True)
+        tx.log.debug(events.COMMIT_POINT_REACHED, via="broker-marker")
+        with tx.timed("decision_log"):  # the marker is the decision: the record may be lazy
+            cfg.log.log_commit(
+                tx.gtrid, commit_record_participants(prepared, broker.name), force=False
+            )
+    else:
+        tx.log.debug(events.COMMIT_POINT_STARTED, via="decision-log")
+        with tx.timed("decision_log"):
+            try:
+                cfg.log.log_commit(tx.gtrid, commit_record_participants(prepared, None), force=True)
+            except TwoPhaseCommitError as exc:  # FsyncFailed is fatal: the caller must stop
+                tx.doubt_because(f"the decision log failed: {exc}")
+                raise
+        tx.decided(by_marker=False)
+        tx.log.debug(events.COMMIT_POINT_REACHED, via="decision-log")
+    tx.log.debug(events.DECISION_LOGGED, participants=prepared, forced=broker is None)
+
+
+def _commit_marker(tx: Transaction, cfg: DriverConfig, broker: LastResourceSession) -> None:
     try:
-        return executor.submit(call)
+        broker.commit_with_marker(
+            tx.gtrid,
+            cfg.receipt_timeout,
+            before_commit=partial(cfg.failpoint, "before_broker_commit"),
+            commit_sent=partial(cfg.failpoint, "after_broker_commit"),
+        )
+    except CommitRefused as exc:
+        tx.log.warning(events.COMMIT_POINT_REFUSED, participant=broker.name, error=str(exc))
+        raise _Abort(f"the broker refused the commit: {exc}") from exc
+    except HeuristicMixed as exc:
+        # The broker committed without one of the transaction's messages: whether the
+        # marker went in decides the databases, and only recovery can read it.
+        tx.log.warning(events.COMMIT_POINT_HEURISTIC, participant=broker.name, error=str(exc))
+        raise _Doubt(f"heuristic outcome at the broker's COMMIT ({exc})") from exc
+    except (OutcomeUnknown, ParticipantError) as exc:
+        tx.log.warning(events.COMMIT_POINT_UNKNOWN, participant=broker.name, error=str(exc))
+        raise _Doubt(f"no answer to the broker's COMMIT ({exc})") from exc
+
+
+def _phase2(tx: Transaction, cfg: DriverConfig, writers: list[XABranch]) -> bool:
+    """COMMIT PREPARED everywhere, in parallel; False if some of it is left for later."""
+    with tx.timed("phase2"):
+        results = run_parallel(
+            cfg.executor, [partial(_commit_prepared, tx, b, cfg) for b in writers]
+        )
+    errors = [str(r) for r in results if isinstance(r, BaseException)]
+    if errors:
+        tx.log.warning(events.PHASE2_DEFERRED, errors=errors)
+    return not errors
+
+
+def _commit_prepared(tx: Transaction, branch: XABranch, cfg: DriverConfig) -> None:
+    for attempt in range(1, cfg.phase2_attempts + 1):
+        try:
+            branch.commit_prepared()
+        except ParticipantError as exc:
+            if attempt == cfg.phase2_attempts:
+                raise
+            tx.log.info(
+                events.PHASE2_RETRY, participant=branch.name, attempt=attempt, error=str(exc)
+            )
+            time.sleep(cfg.phase2_backoff * attempt)
+            continue
+        tx.log.debug(events.PHASE2_COMMITTED, participant=branch.name)
+        cfg.failpoint("after_commit_prepared")
+        return
+
+
+def _end(tx: Transaction, cfg: DriverConfig) -> None:
+    cfg.failpoint("before_end")
+    cfg.log.log_end(tx.gtrid)
+    tx.move(TxState.COMPLETED)
+    tx.log.debug(events.END)
+
+
+def _commit_one_phase(
+    tx: Transaction,
+    cfg: DriverConfig,
+    writers: list[XABranch],
+    broker: LastResourceSession | None,
+) -> Outcome:
+    """Zero or one writer: no phase 1, no log; the writer's own commit decides."""
+    tx.move(TxState.COMMITTING)
+    try:
+        with tx.timed("commit_point"):
+            if broker is not None:
+                tx.log.debug(events.ONE_PHASE, participant=broker.name)
+                broker.commit(cfg.receipt_timeout)
+            for branch in writers:
+                tx.log.debug(events.ONE_PHASE, participant=branch.name)
+                branch.commit_one_phase()
+    except CommitRefused as exc:
+        raise _Abort(f"one-phase commit refused: {exc}") from exc
+    except ParticipantError as exc:
+        tx.log.warning(events.COMMIT_POINT_UNKNOWN, error=str(exc))
+        raise _Doubt(f"no answer to the one-phase commit of the only writer ({exc})") from exc
+    tx.decided(by_marker=False)
+    tx.move(TxState.COMPLETED)
+    return Outcome.COMMITTED
+
+
+# -- running calls in parallel -----------------------------------------------------------
+
+
+def _submit(executor: Executor, call: Callable[[], T]) -> Future[T]:
+    """``call`` on the executor in a copy of this context (so the gtrid stays bound),
+    or here and now once the executor is shut down (a closed coordinator)."""
+    context = contextvars.copy_context()
+    try:
+        return executor.submit(context.run, call)
     except RuntimeError:
         done: Future[T] = Future()
         try:
@@ -75,162 +297,3 @@ def run_parallel(executor: Executor, calls: Sequence[Callable[[], T]]) -> list[T
         if isinstance(item, CrashInjected):
             raise item
     return results
-
-
-def _timed(tx: Transaction, phase: str, start: float) -> None:
-    tx.timings[phase] = tx.timings.get(phase, 0.0) + time.perf_counter() - start
-
-
-def commit(tx: Transaction, cfg: DriverConfig) -> Outcome:
-    """Commit ``tx``; every exit path leaves it COMMITTED/COMPLETED, ABORTED or IN_DOUBT."""
-    log = tx.log
-    if tx.timed_out or time.monotonic() > tx.deadline:
-        return abort(tx, cfg, "the transaction exceeded its timeout before its commit point")
-    failed = [b for b in tx.branches.values() if getattr(b, "failure", None) is not None]
-    if failed:
-        for b in failed:
-            log.debug(events.PREPARE_VOTED, participant=b.name, vote="no")
-        return abort(
-            tx, cfg, f"participant {failed[0].name!r} voted NO: {getattr(failed[0], 'failure', '')}"
-        )
-
-    start = time.perf_counter()
-    writers: list[XABranch] = []
-    for branch in tx.branches.values():
-        if branch.read_only():
-            branch.commit_one_phase()
-            log.debug(events.PREPARE_VOTED, participant=branch.name, vote="read-only")
-        else:
-            writers.append(branch)
-    broker = tx.broker if tx.broker is not None and tx.broker.has_work else None
-    if tx.broker is not None and broker is None:
-        tx.broker.abort()  # nothing was sent: nothing to commit
-    if len(writers) + (broker is not None) <= 1:
-        return _commit_one_phase(tx, cfg, writers, start)
-
-    # Phase 1: prepare every XA writer in parallel.
-    tx.move(TxState.PREPARING)
-    log.debug(events.PREPARE_STARTED, participants=[b.name for b in writers])
-    votes = run_parallel(cfg.executor, [partial(_prepare_one, b, cfg) for b in writers])
-    _timed(tx, "prepare", start)
-    refusals = [v for v in votes if isinstance(v, BaseException)]
-    if refusals:
-        return abort(tx, cfg, f"phase 1 failed: {refusals[0]}")
-    if time.monotonic() > tx.deadline:
-        return abort(tx, cfg, "the transaction exceeded its timeout during phase 1")
-
-    # The commit point.
-    tx.move(TxState.COMMITTING)
-    start = time.perf_counter()
-    participants = [b.name for b in writers]
-    if broker is not None:
-        log.debug(events.COMMIT_POINT_STARTED, via="broker-marker", participant=broker.name)
-        try:
-            broker.commit_with_marker(tx.gtrid, cfg.receipt_timeout)
-        except CommitRefused as exc:
-            log.warning(events.COMMIT_POINT_REFUSED, participant=broker.name, error=str(exc))
-            return abort(tx, cfg, f"the broker refused the commit: {exc}")
-        except (OutcomeUnknown, ParticipantError) as exc:
-            log.warning(events.COMMIT_POINT_UNKNOWN, participant=broker.name, error=str(exc))
-            tx.move(TxState.IN_DOUBT)
-            tx.reason = f"no answer to the broker's COMMIT ({exc})"
-            return Outcome.IN_DOUBT
-        tx.marker_sent = True
-        _timed(tx, "commit_point", start)
-        log.debug(events.COMMIT_POINT_REACHED, via="broker-marker")
-        # The marker is the durable decision; the log record may be lazy.
-        start = time.perf_counter()
-        cfg.log.log_commit(tx.gtrid, [*participants, broker.name], force=False)
-        _timed(tx, "decision_log", start)
-    else:
-        log.debug(events.COMMIT_POINT_STARTED, via="decision-log")
-        try:
-            cfg.log.log_commit(tx.gtrid, participants, force=True)
-        except TwoPhaseCommitError as exc:  # FsyncFailed is fatal: the caller must stop
-            tx.move(TxState.IN_DOUBT)
-            tx.reason = f"the decision log failed: {exc}"
-            raise
-        _timed(tx, "decision_log", start)
-        log.debug(events.COMMIT_POINT_REACHED, via="decision-log")
-    tx.move(TxState.COMMITTED)
-    log.debug(events.DECISION_LOGGED, participants=participants, forced=broker is None)
-    cfg.failpoint("after_decision")
-
-    # Phase 2: never turns into an abort.
-    start = time.perf_counter()
-    results = run_parallel(cfg.executor, [partial(_commit_prepared, tx, b, cfg) for b in writers])
-    _timed(tx, "phase2", start)
-    if any(isinstance(r, BaseException) for r in results):
-        log.warning(
-            events.PHASE2_DEFERRED, errors=[str(r) for r in results if isinstance(r, BaseException)]
-        )
-        cfg.defer(tx)
-        return Outcome.COMMITTED
-    cfg.failpoint("before_end")
-    cfg.log.log_end(tx.gtrid)
-    tx.move(TxState.COMPLETED)
-    log.debug(events.END)
-    return Outcome.COMMITTED
-
-
-def _prepare_one(branch: XABranch, cfg: DriverConfig) -> None:
-    branch.prepare()
-    cfg.failpoint("after_prepare")
-
-
-def _commit_prepared(tx: Transaction, branch: XABranch, cfg: DriverConfig) -> None:
-    for attempt in range(1, cfg.phase2_attempts + 1):
-        try:
-            branch.commit_prepared()
-        except ParticipantError as exc:
-            if attempt == cfg.phase2_attempts:
-                raise
-            tx.log.info(
-                events.PHASE2_RETRY, participant=branch.name, attempt=attempt, error=str(exc)
-            )
-            time.sleep(cfg.phase2_backoff * attempt)
-            continue
-        tx.log.debug(events.PHASE2_COMMITTED, participant=branch.name)
-        cfg.failpoint("after_commit_prepared")
-        return
-
-
-def _commit_one_phase(
-    tx: Transaction, cfg: DriverConfig, writers: list[XABranch], start: float
-) -> Outcome:
-    """Zero or one writer: no phase 1, no log; the writer's own commit decides."""
-    tx.move(TxState.COMMITTING)
-    broker = tx.broker if tx.broker is not None and tx.broker.has_work else None
-    try:
-        if broker is not None:
-            tx.log.debug(events.ONE_PHASE, participant=broker.name)
-            broker.commit(cfg.receipt_timeout)
-        for branch in writers:
-            tx.log.debug(events.ONE_PHASE, participant=branch.name)
-            branch.commit_one_phase()
-    except CommitRefused as exc:
-        return abort(tx, cfg, f"one-phase commit refused: {exc}")
-    except ParticipantError as exc:
-        # The only writer's commit got no clear answer: the outcome is unknown.
-        tx.move(TxState.IN_DOUBT)
-        tx.reason = f"no answer to the one-phase commit of the only writer ({exc})"
-        tx.log.warning(events.COMMIT_POINT_UNKNOWN, error=str(exc))
-        return Outcome.IN_DOUBT
-    _timed(tx, "commit_point", start)
-    tx.move(TxState.COMMITTED)
-    tx.move(TxState.COMPLETED)
-    return Outcome.COMMITTED
-
-
-def abort(tx: Transaction, cfg: DriverConfig, reason: str) -> Outcome:
-    """Roll back every branch (active or prepared) and the broker; nothing is logged."""
-    tx.move(TxState.ABORTING)
-    tx.reason = tx.reason or reason
-    tx.log.info(events.ABORT, reason=reason)
-    branches = list(tx.branches.values())
-    if branches:
-        run_parallel(cfg.executor, [b.rollback for b in branches])
-    if tx.broker is not None:
-        tx.broker.abort()
-    tx.move(TxState.ABORTED)
-    return Outcome.ABORTED

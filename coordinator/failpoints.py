@@ -1,7 +1,10 @@
 """Named failpoints at every protocol step, armed from tests or from TWOPC_FAILPOINTS.
 
 ``TWOPC_FAILPOINTS="after_prepare=kill,before_broker_commit=raise"`` arms
-failpoints in a ``twopc`` process; tests call :func:`arm`. An armed failpoint
+failpoints in a ``twopc`` process, but only one that also sets the test switch
+``TWOPC_TEST_FAILPOINTS=1``: without it the setting is refused, so that a
+stray variable cannot make a production process kill itself. Tests call
+:func:`arm`. An armed failpoint
 either raises :class:`CrashInjected` (in-process crash: no clean-up runs),
 kills the process with SIGKILL, or (armed from a test with a callable) runs
 that callable and goes on, e.g. to cut a connection at that exact step.
@@ -35,6 +38,10 @@ NAMES: tuple[str, ...] = (
 )
 
 ACTIONS = ("raise", "kill")
+
+#: The setting that arms failpoints, and the test switch it needs beside it.
+SETTING = "TWOPC_FAILPOINTS"
+TEST_SWITCH = "TWOPC_TEST_FAILPOINTS"
 
 
 @dataclass
@@ -97,8 +104,20 @@ def hit(name: str) -> None:
 
 
 def arm_from_env(value: str | None = None) -> None:
-    """Arm what ``TWOPC_FAILPOINTS`` (or ``value``) names: ``name=action[@hit],...``."""
-    spec = os.environ.get("TWOPC_FAILPOINTS", "") if value is None else value
+    """Arm what ``TWOPC_FAILPOINTS`` (or ``value``) names: ``name=action[@hit],...``.
+
+    Reading the environment requires ``TWOPC_TEST_FAILPOINTS=1``; otherwise a
+    non-empty ``TWOPC_FAILPOINTS`` raises ConfigurationError.
+    """
+    if value is None:
+        value = os.environ.get(SETTING, "")
+        if value.strip() and os.environ.get(TEST_SWITCH) != "1":
+            raise ConfigurationError(
+                f"{SETTING}={value!r} is set, but failpoints crash the process on purpose and "
+                f"are armed only in a test process that also sets {TEST_SWITCH}=1; "
+                f"unset {SETTING} (or set {TEST_SWITCH}=1 in a test)"
+            )
+    spec = value
     for item in filter(None, (part.strip() for part in spec.split(","))):
         name, _, rest = item.partition("=")
         action, _, count = (rest or "raise").partition("@")
@@ -109,3 +128,14 @@ def arm_from_env(value: str | None = None) -> None:
                 f"TWOPC_FAILPOINTS item {item!r}: the hit count after '@' must be an integer"
             ) from None
         arm(name.strip(), action.strip(), on_hit=on_hit)
+
+
+def failpoint_env(spec: str | None) -> dict[str, str]:
+    """Environment entries that arm ``spec`` in a child process (empty: arm nothing).
+
+    A child started with these (over a copy of ``os.environ``) runs with the
+    test switch set, so :func:`arm_from_env` accepts the setting there.
+    """
+    if not spec:
+        return {SETTING: "", TEST_SWITCH: ""}
+    return {SETTING: spec, TEST_SWITCH: "1"}

@@ -1,44 +1,74 @@
-"""The participant contract, written once: what the driver and recovery call, in which order.
+"""The participant contract, written once: everything the coordinator calls, in which order.
 
-Two kinds of participant take part in a global transaction:
+The driver (the commit sequence), the coordinator and recovery call
+participants through these protocols only; nothing is looked up by
+``getattr``. Two kinds of participant take part in a global transaction.
 
-* **XA resources** (PostgreSQL): each transaction gets one :class:`XABranch`
-  from :meth:`XAResource.begin`. Call order on a branch::
+**XA resources** (PostgreSQL). Each transaction gets one :class:`XABranch`
+from :meth:`XAResource.begin`. Call order on a branch::
 
-      begin -> (work) -> [read_only] -> prepare -> commit_prepared | rollback
-      begin -> (work) -> [read_only] -> commit_one_phase | rollback   # one-phase path
+    begin -> execute* -> read_only -> prepare -> commit_prepared | rollback
+    begin -> execute* -> read_only -> commit_one_phase | rollback     # one-phase path
+    ... -> release                                                    # always, last
 
-  ``prepare`` returns YES or READ_ONLY and raises :class:`PrepareFailed` for a
-  NO vote (the branch is then already rolled back). ``commit_prepared`` may
-  fail (connection lost): the driver retries and leaves the rest to recovery;
-  it never turns into an abort. ``rollback`` must not raise for a branch that
-  is already gone. ``release`` is always called last and must not raise.
+* ``execute`` may raise anything the database raises (the caller's SQL is
+  theirs); the branch then records :attr:`XABranch.failure` and votes NO.
+* ``prepare`` returns YES and raises :class:`~coordinator.errors.PrepareFailed`
+  for a NO vote; the branch is then rolled back (or will be, by the server,
+  when its session ends).
+* ``commit_one_phase`` raises ParticipantError when the commit got no clear
+  answer: for the only writer that makes the outcome unknown.
+* ``commit_prepared`` may raise ParticipantError (a lost connection): the driver
+  retries and then hands the branch to recovery. It never turns into an abort.
+* ``rollback`` must not raise, and does nothing for a branch already gone. If it
+  could not reach a branch that may be prepared, :attr:`XABranch.left_prepared`
+  stays True and recovery rolls it back by xid later.
+* ``cancel`` may be called from another thread (the timeout watchdog) at any
+  time before ``release``; it must not raise.
+* ``release`` is always called last and must not raise.
 
-* **One last resource** (ActiveMQ over STOMP): it cannot prepare. Its commit
-  is the commit point. Call order on a session::
+Resource-level calls, used by recovery and by the background retries:
+``recover`` lists the prepared branches with their age; ``commit_recovered`` /
+``rollback_recovered`` resolve one by xid and return False when it is already
+gone (they raise ParticipantError when the database cannot be reached).
 
-      begin -> send* -> commit_with_marker | commit | abort ; release
+**One last resource** (ActiveMQ over STOMP). It cannot prepare; its commit is
+the commit point. Call order on a session::
 
-  ``commit_with_marker`` sends the commit marker for the gtrid inside the
-  transaction, then COMMIT, and waits for the RECEIPT. It raises
-  :class:`CommitRefused` when the broker answered with an ERROR (nothing was
-  committed) and :class:`OutcomeUnknown` when no answer came in time (the
-  transaction is in doubt: only the marker, read after fencing, tells).
+    begin -> send* -> commit_with_marker | commit | abort ; release
 
-Recovery uses the resource-level calls: ``XAResource.recover`` lists the
-prepared branches, ``commit_recovered`` / ``rollback_recovered`` resolve one
-(returning False when the branch is already gone), ``LastResource.fence``
-takes over the dead coordinator's broker sessions so that the marker queue is
-final, and ``LastResource.markers`` reads it with a full browse.
+* ``commit_with_marker`` sends the commit marker for the gtrid inside the
+  transaction, calls ``before_commit``, sends COMMIT, calls ``commit_sent``,
+  and waits for the RECEIPT. The two callbacks are the driver's failpoints
+  around the commit point. It raises :class:`~coordinator.errors.CommitRefused`
+  when nothing was committed (an ERROR, or the connection lost before COMMIT
+  went out), :class:`~coordinator.errors.OutcomeUnknown` when no answer came in
+  time (only the marker, read after fencing, tells), and
+  :class:`~coordinator.errors.HeuristicMixed` when the broker committed but
+  refused a message of the transaction.
+* ``abort`` and ``release`` never raise.
+
+Resource-level calls on the broker, used by recovery: ``fence`` takes over
+every session of this coordinator so that no COMMIT is in flight; ``settle``
+does the same for one session whose COMMIT got no answer; ``markers`` reads
+the marker queue with a full browse; ``remove_markers`` consumes the markers
+of ended transactions.
 """
 
 from __future__ import annotations
 
-from collections.abc import Collection, Mapping
-from typing import Protocol, runtime_checkable
+from collections.abc import Callable, Collection, Mapping
+from datetime import datetime
+from typing import Any, Protocol, runtime_checkable
+
+import psycopg
 
 from coordinator.states import Vote
 from coordinator.xid import Xid
+
+
+def no_callback() -> None:
+    """The default commit-point callback: nothing to run at that step."""
 
 
 @runtime_checkable
@@ -55,16 +85,26 @@ class XABranch(Protocol):
         """The branch's Xid."""
         ...
 
+    @property
+    def failure(self) -> BaseException | None:
+        """The error of the branch's work, if any: the branch will vote NO."""
+        ...
+
+    @property
+    def left_prepared(self) -> bool:
+        """True when a rollback could not reach a branch that may be prepared."""
+        ...
+
+    def execute(self, query: Any, params: Any = None) -> psycopg.Cursor[Any]:
+        """Run one statement in the branch and return its cursor."""
+        ...
+
     def read_only(self) -> bool:
-        """True when the branch wrote nothing (it may then commit one-phase, early)."""
+        """True when the branch wrote nothing (it then commits one-phase, early)."""
         ...
 
     def prepare(self) -> Vote:
-        """Phase 1: YES (prepared) or READ_ONLY (committed already, leaves the protocol).
-
-        Raises PrepareFailed for a NO vote or any failure; the branch is then
-        rolled back (or will be, by the server, when its session ends).
-        """
+        """Phase 1: YES, or PrepareFailed for a NO vote (the branch is rolled back)."""
         ...
 
     def commit_one_phase(self) -> None:
@@ -72,11 +112,15 @@ class XABranch(Protocol):
         ...
 
     def commit_prepared(self) -> None:
-        """Phase 2 commit of the prepared branch. May raise; the caller retries."""
+        """Phase 2 commit of the prepared branch. May raise ParticipantError; never aborts."""
         ...
 
     def rollback(self) -> None:
-        """Roll back, whether active or prepared. Never raises for a branch already gone."""
+        """Roll back, whether active or prepared. Never raises."""
+        ...
+
+    def cancel(self) -> None:
+        """Cancel the statement running now (from the watchdog's thread). Never raises."""
         ...
 
     def release(self) -> None:
@@ -95,8 +139,11 @@ class XAResource(Protocol):
         """Start branch ``xid`` on a pooled connection. Raises ParticipantUnavailable."""
         ...
 
-    def recover(self, format_id: int, gtrid_prefix: str) -> list[Xid]:
-        """The prepared branches with ``format_id`` whose gtrid starts with the prefix."""
+    def recover(self, format_id: int, gtrid_prefix: str) -> dict[Xid, datetime | None]:
+        """The prepared branches with ``format_id`` and the gtrid prefix -> when prepared.
+
+        Raises ParticipantUnavailable when the database cannot be reached.
+        """
         ...
 
     def commit_recovered(self, xid: Xid) -> bool:
@@ -107,7 +154,9 @@ class XAResource(Protocol):
         """ROLLBACK PREPARED ``xid``; False if no such prepared branch exists."""
         ...
 
-    def close(self) -> None: ...
+    def close(self) -> None:
+        """Close the idle connections; those in use close when released. Never raises."""
+        ...
 
 
 @runtime_checkable
@@ -123,11 +172,18 @@ class LastResourceSession(Protocol):
         ...
 
     def send(self, destination: str, body: str, headers: Mapping[str, str] | None = None) -> None:
-        """SEND a persistent message inside the transaction."""
+        """SEND a persistent message inside the transaction. Raises ParticipantError."""
         ...
 
-    def commit_with_marker(self, gtrid: str, timeout: float) -> None:
-        """The commit point: marker, COMMIT, RECEIPT. Raises CommitRefused / OutcomeUnknown."""
+    def commit_with_marker(
+        self,
+        gtrid: str,
+        timeout: float,
+        *,
+        before_commit: Callable[[], None] = no_callback,
+        commit_sent: Callable[[], None] = no_callback,
+    ) -> None:
+        """The commit point: marker, COMMIT, RECEIPT (see the module's docstring)."""
         ...
 
     def commit(self, timeout: float) -> None:
@@ -176,4 +232,6 @@ class LastResource(Protocol):
         """Consume the markers of ``gtrids`` (ended transactions); return how many."""
         ...
 
-    def close(self) -> None: ...
+    def close(self) -> None:
+        """Close every session. Never raises."""
+        ...

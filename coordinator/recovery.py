@@ -1,25 +1,38 @@
-"""Recovery: the log, the participants' prepared lists and the broker's markers -> decisions.
+"""Recovery: every unresolved gtrid, from what is known of it, to one decision and its acts.
 
-A scan in the manner of Narayana's recovery modules: gather every gtrid of
-this coordinator that is logged as committed without END or prepared in some
-database, fence the broker so its marker queue is final, decide each one
-(presumed abort: COMMIT logged or marker present -> commit; otherwise roll
-back), act, and record END. Idempotent; may itself crash at any step.
+One rule decides (:func:`decide`, presumed abort: COMMIT logged or marker
+present -> commit; otherwise roll back) and one function acts on a decision
+(:func:`resolve`). Everything that resolves a transaction goes through them:
+
+* :class:`Recovery` -- the full scan, in the manner of Narayana's recovery
+  modules: gather every gtrid of this coordinator that is logged as committed
+  without END or prepared in some database, fence the broker so its marker
+  queue is final, decide, act, record END. It runs at start-up and for
+  ``twopc recover``; ``twopc indoubt`` runs the same scan as a dry run, over a
+  log read without its lock and without fencing.
+* :class:`Backlog` -- what a running coordinator's commit sequence could not
+  finish: a deferred phase 2, a rollback that missed a prepared branch, a
+  commit point with no answer. The watchdog works it off in the background.
+
+Idempotent; may itself crash at any step (failpoints ``recovery_*``).
 """
 
 from __future__ import annotations
 
 import enum
+import threading
 import time
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from typing import Any
 
 from coordinator import events, failpoints
-from coordinator.errors import TwoPhaseCommitError
-from coordinator.log import DecisionLog
+from coordinator.errors import ConfigurationError, TwoPhaseCommitError
+from coordinator.log import DecisionLog, commit_record_participants
 from coordinator.protocol import LastResource, XAResource
+from coordinator.states import TxState
+from coordinator.transaction import Transaction
 from coordinator.xid import FORMAT_ID, Xid, gtrid_prefix
 
 
@@ -37,7 +50,7 @@ def decide(logged_commit: bool, marker: bool) -> Decision:
 
 @dataclass
 class InDoubt:
-    """One gtrid recovery found, what it knows of it and what it did."""
+    """One unresolved gtrid: what is known of it, the decision and what was done."""
 
     gtrid: str
     logged_commit: bool
@@ -46,6 +59,11 @@ class InDoubt:
     decision: Decision = Decision.ROLLBACK
     done: list[str] = field(default_factory=list)  # "a: committed", "b: already gone", ...
     error: str | None = None
+
+    def decided(self) -> InDoubt:
+        """Set :attr:`decision` from what is known; return self."""
+        self.decision = decide(self.logged_commit, bool(self.marker))
+        return self
 
     def age_seconds(self, now: datetime | None = None) -> float | None:
         stamps = [t for t in self.prepared.values() if t is not None]
@@ -68,6 +86,55 @@ class InDoubt:
         }
 
 
+def resolve(
+    item: InDoubt,
+    resources: Mapping[str, XAResource],
+    log: DecisionLog,
+    *,
+    marker_holder: str | None,
+    failpoint: Callable[[str], None] = failpoints.hit,
+) -> None:
+    """Act on ``item.decision``: COMMIT or ROLLBACK PREPARED every branch, by xid.
+
+    A commit decided by a marker is logged (forced) before anything is acted
+    on, since the marker may be swept later; END follows the last commit.
+    Raises TwoPhaseCommitError (naming participant and gtrid) when a branch
+    cannot be resolved now; a later pass finishes it.
+    """
+    names = sorted(item.prepared)
+    for name in names:
+        if name not in resources:
+            raise ConfigurationError(
+                f"gtrid {item.gtrid} is prepared in participant {name!r}, which this "
+                "coordinator was not given; configure it and run 'twopc recover' again"
+            )
+    if item.decision is Decision.COMMIT:
+        if not item.logged_commit:
+            participants = commit_record_participants(names, marker_holder)
+            log.log_commit(item.gtrid, participants, force=True)
+            item.logged_commit = True
+        for name in names:
+            found = resources[name].commit_recovered(Xid.branch(item.gtrid, name))
+            item.done.append(f"{name}: {'committed' if found else 'already gone'}")
+            failpoint("recovery_after_resolve_one")
+        log.log_end(item.gtrid)
+    else:
+        for name in names:
+            found = resources[name].rollback_recovered(Xid.branch(item.gtrid, name))
+            item.done.append(f"{name}: {'rolled back' if found else 'already gone'}")
+            failpoint("recovery_after_resolve_one")
+    events.get_logger(gtrid=item.gtrid).info(
+        events.RECOVERY_RESOLVED, decision=item.decision.value, done=item.done
+    )
+
+
+def _no_failpoint(name: str) -> None:
+    """The background's resolutions pass no recovery failpoint."""
+
+
+# -- the full scan --------------------------------------------------------------------
+
+
 @dataclass
 class RecoveryReport:
     """What one recovery pass found and did."""
@@ -76,6 +143,7 @@ class RecoveryReport:
     fenced: bool
     seconds: float
     orphan_markers_removed: int = 0
+    dry_run: bool = False
 
     @property
     def resolved(self) -> bool:
@@ -92,7 +160,11 @@ class RecoveryReport:
 
 
 class Recovery:
-    """One recovery pass over a coordinator's log, databases and broker."""
+    """One recovery pass over a coordinator's log, databases and broker.
+
+    ``pending`` is the log's COMMIT-without-END set; by default it is read
+    from ``log``. A dry run (``log=None``, for ``twopc indoubt``) needs it given.
+    """
 
     def __init__(
         self,
@@ -105,7 +177,9 @@ class Recovery:
     ) -> None:
         self.prefix = gtrid_prefix(coordinator_id)
         self.log = log
-        self.pending = dict(log.pending() if pending is None and log is not None else pending or {})
+        if pending is None:
+            pending = log.pending() if log is not None else {}
+        self.pending = dict(pending)
         self.resources = {r.name: r for r in resources}
         self.broker = broker
         self.events = events.get_logger(component="recovery")
@@ -116,13 +190,7 @@ class Recovery:
             gtrid: InDoubt(gtrid, logged_commit=True) for gtrid in self.pending
         }
         for name, resource in self.resources.items():
-            detailed = getattr(resource, "recover_detailed", None)
-            found: list[tuple[Xid, datetime | None]] = (
-                detailed(FORMAT_ID, self.prefix)
-                if detailed is not None
-                else [(x, None) for x in resource.recover(FORMAT_ID, self.prefix)]
-            )
-            for xid, since in found:
+            for xid, since in resource.recover(FORMAT_ID, self.prefix).items():
                 item = items.setdefault(xid.gtrid, InDoubt(xid.gtrid, logged_commit=False))
                 item.prepared[name] = since
         fenced = False
@@ -135,29 +203,39 @@ class Recovery:
             for item in items.values():
                 item.marker = item.gtrid in markers
         for item in items.values():
-            item.decision = decide(item.logged_commit, bool(item.marker))
-            self.events.info(events.RECOVERY_FOUND, **item.as_dict())
+            self.events.info(events.RECOVERY_FOUND, **item.decided().as_dict())
         return sorted(items.values(), key=lambda i: i.gtrid), fenced
 
-    def run(self, *, fence_timeout: float = 30.0) -> RecoveryReport:
-        """Gather, decide and act; record END for what was committed."""
-        if self.log is None:
-            raise TwoPhaseCommitError("recovery needs the decision log (and its lock)")
+    def run(self, *, fence_timeout: float = 30.0, dry_run: bool = False) -> RecoveryReport:
+        """Gather, decide and act; record END for what was committed.
+
+        With ``dry_run`` nothing is fenced or changed: the report says what a
+        real pass would decide (a live coordinator may still commit meanwhile).
+        """
         started = time.monotonic()
-        self.events.info(events.RECOVERY_STARTED, logged=len(self.pending))
+        self.events.info(events.RECOVERY_STARTED, logged=len(self.pending), dry_run=dry_run)
+        if dry_run:
+            items, _ = self.gather(fence=False)
+            return RecoveryReport(items, False, time.monotonic() - started, dry_run=True)
+        log = self.log
+        if log is None:
+            raise ConfigurationError("recovery needs the decision log (and its lock)")
         items, fenced = self.gather(fence=True, fence_timeout=fence_timeout)
         failpoints.hit("recovery_after_gather")
         committed_with_marker: list[str] = []
         for item in items:
+            holder = self.broker.name if self.broker is not None and item.marker else None
             try:
-                self._resolve(item)
+                resolve(item, self.resources, log, marker_holder=holder)
             except TwoPhaseCommitError as exc:
                 item.error = str(exc)
-                self.events.warning(events.RECOVERY_RESOLVED, gtrid=item.gtrid, error=str(exc))
+                self.events.warning(
+                    events.RECOVERY_RESOLVE_FAILED, gtrid=item.gtrid, error=str(exc)
+                )
                 continue
             if item.decision is Decision.COMMIT and item.marker:
                 committed_with_marker.append(item.gtrid)
-        self.log.flush()
+        log.flush()
         orphans = self._remove_markers(committed_with_marker, items)
         report = RecoveryReport(items, fenced, time.monotonic() - started, orphans)
         self.events.info(
@@ -168,36 +246,6 @@ class Recovery:
             seconds=round(report.seconds, 3),
         )
         return report
-
-    def _resolve(self, item: InDoubt) -> None:
-        assert self.log is not None
-        if item.decision is Decision.COMMIT:
-            if not item.logged_commit:
-                # Record the decision before acting: the marker may be swept later.
-                self.log.log_commit(item.gtrid, sorted(item.prepared), force=True)
-                item.logged_commit = True
-            for name in sorted(item.prepared):
-                found = self._resource(name, item).commit_recovered(Xid.branch(item.gtrid, name))
-                item.done.append(f"{name}: {'committed' if found else 'already gone'}")
-                failpoints.hit("recovery_after_resolve_one")
-            self.log.log_end(item.gtrid)
-        else:
-            for name in sorted(item.prepared):
-                found = self._resource(name, item).rollback_recovered(Xid.branch(item.gtrid, name))
-                item.done.append(f"{name}: {'rolled back' if found else 'already gone'}")
-                failpoints.hit("recovery_after_resolve_one")
-        self.events.info(
-            events.RECOVERY_RESOLVED, gtrid=item.gtrid, decision=item.decision.value, done=item.done
-        )
-
-    def _resource(self, name: str, item: InDoubt) -> XAResource:
-        resource = self.resources.get(name)
-        if resource is None:
-            raise TwoPhaseCommitError(
-                f"gtrid {item.gtrid} is prepared in participant {name!r}, which this "
-                "coordinator was not given; configure it and run 'twopc recover' again"
-            )
-        return resource
 
     def _remove_markers(self, committed: list[str], items: list[InDoubt]) -> int:
         """Markers of what was just resolved, and orphans of transactions long ended."""
@@ -212,3 +260,186 @@ class Recovery:
         removed = self.broker.remove_markers(stale)
         self.events.info(events.MARKERS_REMOVED, count=removed)
         return removed
+
+
+# -- what a running coordinator left behind -------------------------------------------------
+
+
+class Backlog:
+    """Transactions of a running coordinator that its commit sequence could not finish.
+
+    * deferred: COMMITTED, phase 2 unfinished (a participant failed): commit by xid, END;
+    * missed rollbacks: aborted, a branch that may be prepared was unreachable: roll back;
+    * in doubt: the broker's COMMIT got no answer: settle the session, read the marker,
+      decide;
+    * ended with a marker: done, the marker waits to be swept in a batch.
+
+    Thread-safe; the watchdog calls :meth:`work` every housekeeping interval.
+    """
+
+    def __init__(
+        self,
+        resources: Mapping[str, XAResource],
+        log: DecisionLog,
+        broker: LastResource | None,
+        *,
+        marker_batch: int = 500,
+    ) -> None:
+        self._resources = resources
+        self._log = log
+        self._broker = broker
+        self.marker_batch = marker_batch
+        self._lock = threading.Lock()
+        self._deferred: list[Transaction] = []
+        self._missed_rollbacks: list[tuple[str, Xid]] = []
+        self._in_doubt: list[Transaction] = []
+        self._ended_with_marker: list[str] = []
+
+    # -- filled by the coordinator ---------------------------------------------------
+
+    def defer(self, tx: Transaction) -> None:
+        """``tx`` is committed but some branch is still prepared."""
+        with self._lock:
+            self._deferred.append(tx)
+
+    def missed_rollback(self, name: str, xid: Xid) -> None:
+        """An aborted branch may still be prepared in ``name``."""
+        with self._lock:
+            self._missed_rollbacks.append((name, xid))
+
+    def doubt(self, tx: Transaction) -> None:
+        """``tx``'s commit point got no answer."""
+        with self._lock:
+            self._in_doubt.append(tx)
+
+    def ended(self, gtrid: str) -> bool:
+        """``gtrid`` ended and its marker may go; True when a batch is due."""
+        with self._lock:
+            self._ended_with_marker.append(gtrid)
+            return len(self._ended_with_marker) >= self.marker_batch
+
+    def holds(self, gtrid: str) -> bool:
+        """True while ``gtrid`` may still have a marker on the queue (not reusable yet)."""
+        with self._lock:
+            return gtrid in self._ended_with_marker or any(
+                tx.gtrid == gtrid for tx in self._in_doubt
+            )
+
+    @property
+    def in_doubt(self) -> list[str]:
+        with self._lock:
+            return [tx.gtrid for tx in self._in_doubt]
+
+    def forget_in_doubt(self) -> None:
+        """A full recovery pass is about to fence and decide these too."""
+        with self._lock:
+            self._in_doubt.clear()
+
+    # -- worked off in the background ------------------------------------------------
+
+    def work(self, settle_timeout: float = 10.0) -> None:
+        """One round of every chore."""
+        self.retry_deferred()
+        self.retry_rollbacks()
+        self.resolve_in_doubt(settle_timeout)
+
+    def retry_deferred(self) -> int:
+        """Finish phase 2 of committed transactions whose participants failed; return count."""
+        with self._lock:
+            pending, self._deferred = self._deferred, []
+        done = 0
+        for tx in pending:
+            item = InDoubt(tx.gtrid, logged_commit=True, prepared=dict.fromkeys(tx.branches))
+            if not self._resolve(item.decided()):
+                self.defer(tx)
+                continue
+            tx.move(TxState.COMPLETED)
+            if tx.marker_sent:
+                self.ended(tx.gtrid)
+            done += 1
+        return done
+
+    def retry_rollbacks(self) -> int:
+        """Roll back, by xid, prepared branches of aborted transactions whose session died."""
+        with self._lock:
+            pending, self._missed_rollbacks = self._missed_rollbacks, []
+        done = 0
+        for name, xid in pending:
+            item = InDoubt(xid.gtrid, logged_commit=False, prepared={name: None}, marker=False)
+            if not self._resolve(item.decided()):
+                self.missed_rollback(name, xid)
+                continue
+            done += 1
+        return done
+
+    def resolve_in_doubt(self, timeout: float = 10.0) -> int:
+        """Decide transactions whose broker COMMIT got no answer, by their marker.
+
+        The session is fenced first (its client-id re-registered), so its COMMIT
+        has been processed or discarded and the marker queue is final for it.
+        Transactions that cannot be decided yet stay for the next attempt.
+        """
+        with self._lock:
+            pending, self._in_doubt = self._in_doubt, []
+        if not pending or self._broker is None:
+            return 0
+        try:
+            for tx in pending:
+                assert tx.broker is not None
+                self._broker.settle(tx.broker, timeout)
+            markers = self._broker.markers()
+        except TwoPhaseCommitError as exc:
+            events.get_logger().warning(events.RECOVERY_RESOLVE_FAILED, error=str(exc))
+            with self._lock:
+                self._in_doubt.extend(pending)
+            return 0
+        resolved = 0
+        for tx in pending:
+            item = InDoubt(
+                tx.gtrid,
+                logged_commit=False,
+                prepared=dict.fromkeys(tx.branches),
+                marker=tx.gtrid in markers,
+            )
+            if not self._resolve(item.decided()):
+                self.doubt(tx)
+                continue
+            if item.decision is Decision.COMMIT:
+                tx.decided(by_marker=True)
+                tx.move(TxState.COMPLETED)
+                self.ended(tx.gtrid)
+            else:
+                tx.abandon_because(tx.reason)
+                tx.move(TxState.ABORTED)
+            resolved += 1
+        return resolved
+
+    def sweep_markers(self) -> int:
+        """Remove the commit markers of transactions that ended (in batches)."""
+        if self._broker is None:
+            return 0
+        with self._lock:
+            batch, self._ended_with_marker = self._ended_with_marker, []
+        if not batch:
+            return 0
+        self._log.flush()  # the END records first: a marker may go only once END is durable
+        try:
+            removed = self._broker.remove_markers(batch)
+        except TwoPhaseCommitError as exc:
+            events.get_logger().warning(events.MARKERS_REMOVE_FAILED, error=str(exc))
+            with self._lock:
+                self._ended_with_marker.extend(batch)
+            return 0
+        events.get_logger().debug(events.MARKERS_REMOVED, count=removed)
+        return removed
+
+    def _resolve(self, item: InDoubt) -> bool:
+        holder = self._broker.name if self._broker is not None and item.marker else None
+        try:
+            resolve(item, self._resources, self._log, marker_holder=holder, failpoint=_no_failpoint)
+        except TwoPhaseCommitError as exc:
+            events.get_logger(gtrid=item.gtrid).warning(
+                events.RECOVERY_RESOLVE_FAILED, decision=item.decision.value, error=str(exc)
+            )
+            return False
+        return True

@@ -56,17 +56,17 @@ def check_transition(current: TxState, target: TxState, *, gtrid: str = "?") -> 
     """Return ``target`` if ``current -> target`` is allowed, else raise InvalidTransition."""
     if target not in TRANSITIONS[current]:
         raise InvalidTransition(
-            f"transaction {gtrid}: cannot go from {current.value} to {target.value}"
+            f"cannot go from {current.value} to {target.value}: transaction {gtrid} is "
+            f"{current.value}"
         )
     return target
 
 
-def outcome_of(state: TxState) -> Outcome:
-    """The outcome a caller is given for a transaction that stopped in ``state``."""
-    if state in (TxState.COMMITTED, TxState.COMPLETED):
-        return Outcome.COMMITTED
-    if state is TxState.ABORTED:
-        return Outcome.ABORTED
-    if state is TxState.IN_DOUBT:
-        return Outcome.IN_DOUBT
-    raise InvalidTransition(f"state {state.value} has no outcome yet")
+def require(current: TxState, allowed: TxState, *, action: str, gtrid: str) -> None:
+    """Guard a caller's request: raise InvalidTransition unless the state is ``allowed``.
+
+    The message names the request and the state, as psycopg's guards do:
+    "cannot commit: transaction twopc.1f2e is committing".
+    """
+    if current is not allowed:
+        raise InvalidTransition(f"cannot {action}: transaction {gtrid} is {current.value}")

@@ -1,12 +1,22 @@
-"""One global transaction as its user sees it: branches, broker sends, commit on exit."""
+"""One global transaction as its user sees it: branches, broker sends, commit on exit.
+
+The transaction holds its own state; every change of it goes through its
+methods (:meth:`Transaction.move`, :meth:`Transaction.abandon_because`, ...),
+called by the user, the driver and recovery. It knows its coordinator only
+through :class:`TransactionHost`, so this module imports no coordinator.
+"""
 
 from __future__ import annotations
 
 import threading
 import time
-from collections.abc import Mapping
-from types import TracebackType
-from typing import TYPE_CHECKING, Any
+from collections.abc import Iterator, Mapping
+from contextlib import contextmanager
+from types import MappingProxyType, TracebackType
+from typing import Any, Protocol
+
+import psycopg
+from structlog.contextvars import bound_contextvars
 
 from coordinator import events
 from coordinator.errors import (
@@ -16,12 +26,23 @@ from coordinator.errors import (
     TwoPhaseCommitError,
     UnknownParticipant,
 )
-from coordinator.protocol import LastResourceSession, XABranch
-from coordinator.states import Outcome, TxState, check_transition, outcome_of
+from coordinator.protocol import LastResource, LastResourceSession, XABranch, XAResource
+from coordinator.states import Outcome, TxState, check_transition, require
 from coordinator.xid import Xid
 
-if TYPE_CHECKING:
-    from coordinator.coordinator import Coordinator
+
+class TransactionHost(Protocol):
+    """What a transaction needs from the coordinator that runs it."""
+
+    @property
+    def resources(self) -> Mapping[str, XAResource]: ...
+
+    @property
+    def broker(self) -> LastResource | None: ...
+
+    def finish(self, tx: Transaction, *, commit: bool) -> Outcome: ...
+
+    def failpoint(self, name: str) -> None: ...
 
 
 class Transaction:
@@ -32,8 +53,8 @@ class Transaction:
     leaving it with an exception rolls everything back and lets it propagate.
     """
 
-    def __init__(self, coordinator: Coordinator, gtrid: str, timeout: float) -> None:
-        self.coordinator = coordinator
+    def __init__(self, host: TransactionHost, gtrid: str, timeout: float) -> None:
+        self._host = host
         self.gtrid = gtrid
         self.state = TxState.ACTIVE
         self.outcome: Outcome | None = None
@@ -41,85 +62,119 @@ class Transaction:
         self.started = time.monotonic()
         self.deadline = self.started + timeout
         self.timed_out = False
-        self.branches: dict[str, XABranch] = {}
+        self._branches: dict[str, XABranch] = {}
         self.broker: LastResourceSession | None = None
         self.messages_sent = 0
         self.marker_sent = False
         self.timings: dict[str, float] = {}  # phase name -> seconds (for the benchmark)
-        self.lock = threading.Lock()  # guards branch creation against the watchdog
-        self.log = events.get_logger(gtrid=gtrid)
+        self._lock = threading.Lock()  # guards branch creation against the watchdog
+        self.log = events.get_logger(gtrid=gtrid)  # for threads outside the bound context
 
-    # -- state ----------------------------------------------------------------
+    @property
+    def branches(self) -> Mapping[str, XABranch]:
+        """The XA branches begun so far, by participant name (read-only)."""
+        return MappingProxyType(self._branches)
+
+    # -- state: every change goes through these ------------------------------------
 
     def move(self, target: TxState) -> None:
         """Go to ``target`` if the transition table allows it."""
         self.state = check_transition(self.state, target, gtrid=self.gtrid)
+
+    def abandon_because(self, reason: str) -> None:
+        """Start rolling back, keeping the first reason given."""
+        self.move(TxState.ABORTING)
+        self.reason = self.reason or reason
+
+    def doubt_because(self, reason: str) -> None:
+        """The commit point got no clear answer: recovery decides."""
+        self.move(TxState.IN_DOUBT)
+        self.reason = reason
+
+    def decided(self, *, by_marker: bool) -> None:
+        """The decision to commit is durable (the broker's marker, or the log)."""
+        self.move(TxState.COMMITTED)
+        self.marker_sent = self.marker_sent or by_marker
+
+    def finished(self, outcome: Outcome) -> None:
+        """Record what the caller is told."""
+        self.outcome = outcome
+
+    def time_out(self) -> list[XABranch]:
+        """Mark the transaction as timed out; return the branches whose work to cancel."""
+        self.timed_out = True
+        with self._lock:
+            return list(self._branches.values())
+
+    @contextmanager
+    def timed(self, phase: str) -> Iterator[None]:
+        """Add the time spent in the block to ``timings[phase]``."""
+        start = time.perf_counter()
+        try:
+            yield
+        finally:
+            self.timings[phase] = self.timings.get(phase, 0.0) + time.perf_counter() - start
 
     def _check_active(self) -> None:
         if self.timed_out:
             raise TransactionTimeout(
                 f"transaction {self.gtrid} exceeded its timeout and was rolled back"
             )
-        if self.state is not TxState.ACTIVE:
-            raise TwoPhaseCommitError(
-                f"transaction {self.gtrid} is {self.state.value}; no more work can be added"
-            )
+        require(self.state, TxState.ACTIVE, action="add work", gtrid=self.gtrid)
 
     # -- work -----------------------------------------------------------------
 
-    def branch(self, name: str) -> Any:
+    def branch(self, name: str) -> XABranch:
         """The branch on database ``name`` ('a', 'b', ...), begun on first use."""
         self._check_active()
-        found = self.branches.get(name)
+        found = self._branches.get(name)
         if found is not None:
             return found
-        resource = self.coordinator.resources.get(name)
+        resource = self._host.resources.get(name)
         if resource is None:
-            known = ", ".join(sorted(self.coordinator.resources)) or "none"
+            known = ", ".join(sorted(self._host.resources)) or "none"
             raise UnknownParticipant(
                 f"transaction {self.gtrid}: no participant named {name!r} (known: {known})"
             )
-        with self.lock:
-            branch = resource.begin(Xid.branch(self.gtrid, name))
-            self.branches[name] = branch
-        self.log.debug(events.BEGIN, participant=name)
-        self.coordinator.failpoint("after_begin")
+        with bound_contextvars(gtrid=self.gtrid):
+            with self._lock:
+                branch = resource.begin(Xid.branch(self.gtrid, name))
+                self._branches[name] = branch
+            self.log.debug(events.BEGIN, participant=name)
+            self._host.failpoint("after_begin")
         return branch
 
-    def execute(self, name: str, query: Any, params: Any = None) -> Any:
-        """Run one statement on branch ``name``; returns the psycopg cursor."""
+    def execute(self, name: str, query: Any, params: Any = None) -> psycopg.Cursor[Any]:
+        """Run one statement on branch ``name``; returns its psycopg cursor."""
         return self.branch(name).execute(query, params)
 
     def send(self, destination: str, body: str, headers: Mapping[str, str] | None = None) -> None:
         """Send a persistent message inside the broker's transaction."""
         self._check_active()
-        if self.broker is None:
-            if self.coordinator.broker is None:
-                raise UnknownParticipant(
-                    f"transaction {self.gtrid}: this coordinator has no broker participant"
-                )
-            self.broker = self.coordinator.broker.begin(self.gtrid)
-            self.log.debug(events.BEGIN, participant=self.broker.name)
-        self.broker.send(destination, body, headers)
+        with bound_contextvars(gtrid=self.gtrid):
+            if self.broker is None:
+                broker = self._host.broker
+                if broker is None:
+                    raise UnknownParticipant(
+                        f"transaction {self.gtrid}: this coordinator has no broker participant"
+                    )
+                self.broker = broker.begin(self.gtrid)
+                self.log.debug(events.BEGIN, participant=self.broker.name)
+            self.broker.send(destination, body, headers)
         self.messages_sent += 1
 
     # -- ending ---------------------------------------------------------------
 
     def commit(self) -> Outcome:
         """Run the commit protocol; return COMMITTED, ABORTED or IN_DOUBT (never a guess)."""
-        if self.state is not TxState.ACTIVE:
-            raise TwoPhaseCommitError(f"transaction {self.gtrid} is already {self.state.value}")
-        return self.coordinator.finish(self, commit=True)
+        require(self.state, TxState.ACTIVE, action="commit", gtrid=self.gtrid)
+        return self._host.finish(self, commit=True)
 
     def rollback(self, reason: str = "rolled back by the caller") -> Outcome:
         """Roll back every branch and the broker's transaction."""
-        if self.state is not TxState.ACTIVE:
-            raise TwoPhaseCommitError(f"transaction {self.gtrid} is already {self.state.value}")
+        require(self.state, TxState.ACTIVE, action="roll back", gtrid=self.gtrid)
         self.reason = reason
-        return self.coordinator.finish(self, commit=False)
-
-    def result(self) -> Outcome:
-        return outcome_of(self.state)
+        return self._host.finish(self, commit=False)
 
     def __enter__(self) -> Transaction:
         return self

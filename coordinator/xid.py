@@ -84,7 +84,3 @@ def new_gtrid(coordinator_id: str) -> str:
     """A fresh gtrid owned by ``coordinator_id``: its prefix plus 96 random bits."""
     return gtrid_prefix(coordinator_id) + secrets.token_hex(12)
 
-
-def owned_by(gtrid: str, coordinator_id: str) -> bool:
-    """True when ``gtrid`` belongs to ``coordinator_id`` (recovery touches nothing else)."""
-    return gtrid.startswith(gtrid_prefix(coordinator_id))

@@ -25,11 +25,11 @@ from __future__ import annotations
 import enum
 import threading
 import time
-from collections.abc import Collection, Mapping
+from collections.abc import Callable, Collection, Mapping
 from dataclasses import dataclass
 from typing import Any
 
-from coordinator import events, failpoints
+from coordinator import events
 from coordinator.errors import (
     CommitRefused,
     ConfigurationError,
@@ -39,8 +39,9 @@ from coordinator.errors import (
     ParticipantError,
     ParticipantUnavailable,
 )
-from coordinator.protocol import LastResourceSession
+from coordinator.protocol import LastResourceSession, no_callback
 from coordinator.xid import validate_coordinator_id, validate_id
+from participants import events as ev
 from participants.stomp_client import ClientIdInUse, StompClient, parse_address
 
 MARKER_QUEUE = "/queue/twopc.markers"
@@ -49,21 +50,6 @@ MARKER_QUEUE = "/queue/twopc.markers"
 #: pool size, so that recovery with a small pool still fences every session a
 #: crashed coordinator with a large pool may have had.
 MAX_POOL_SIZE = 64
-
-# Event names of this participant (per-step ones are DEBUG).
-CONNECTED = "mq.connected"
-SENT = "mq.send"
-COMMITTED = "mq.commit.committed"
-COMMIT_REFUSED = "mq.commit.refused"
-COMMIT_UNKNOWN = "mq.commit.unknown"
-ABORTED = "mq.abort"
-ABORT_FAILED = "mq.abort.failed"
-SESSION_DROPPED = "mq.session.dropped"
-FENCE_STARTED = "mq.fence.started"
-FENCE_RETRY = "mq.fence.retry"
-FENCE_DONE = "mq.fence.done"
-FENCE_REFUSED = "mq.fence.refused"
-
 
 class CommitNotSent(CommitRefused, ParticipantUnavailable):
     """The connection was lost before the COMMIT frame was written: nothing was committed."""
@@ -146,24 +132,34 @@ class ActiveMQSession:
             self._healthy = False
             raise
         self._sent += 1
-        self._log.debug(SENT, destination=destination)
+        self._log.debug(ev.MQ_SENT, destination=destination)
 
-    def commit_with_marker(self, gtrid: str, timeout: float) -> None:
+    def commit_with_marker(
+        self,
+        gtrid: str,
+        timeout: float,
+        *,
+        before_commit: Callable[[], None] = no_callback,
+        commit_sent: Callable[[], None] = no_callback,
+    ) -> None:
         """The commit point: SEND the marker, COMMIT, wait for the RECEIPT.
 
         CommitRefused: the broker answered with an ERROR (or the connection was
         lost before the COMMIT went out): nothing was committed. OutcomeUnknown:
         the COMMIT went out and no answer came within ``timeout``.
+        ``before_commit`` runs once the marker is sent, ``commit_sent`` once the
+        COMMIT frame is written (the receipt not yet seen).
         """
         if gtrid != self._gtrid:
             raise InvalidTransition(
-                f"broker session of gtrid {self._gtrid} asked to commit the marker of {gtrid}"
+                f"cannot commit the marker of {gtrid}: broker session {self._gtrid} is "
+                f"{self._state.value}"
             )
-        self._commit(timeout, marker=True)
+        self._commit(timeout, marker=True, before_commit=before_commit, commit_sent=commit_sent)
 
     def commit(self, timeout: float) -> None:
         """One-phase COMMIT, without marker; with nothing sent it sends nothing."""
-        self._commit(timeout, marker=False)
+        self._commit(timeout, marker=False, before_commit=no_callback, commit_sent=no_callback)
 
     def abort(self) -> None:
         """ABORT the transaction (waiting for the receipt); never raises."""
@@ -180,9 +176,9 @@ class ActiveMQSession:
         except ParticipantError as exc:
             # Not aborted by us: the broker rolls it back when the connection is dropped.
             self._healthy = False
-            self._log.warning(ABORT_FAILED, error=str(exc))
+            self._log.warning(ev.MQ_ABORT_FAILED, error=str(exc))
             return
-        self._log.debug(ABORTED)
+        self._log.debug(ev.MQ_ABORTED)
 
     def release(self) -> None:
         """Return the connection to the pool, or drop it if its state is unknown. Never raises."""
@@ -195,7 +191,14 @@ class ActiveMQSession:
         self._state = _State.RELEASED
         self._resource._release(self._slot, healthy=self._healthy)
 
-    def _commit(self, timeout: float, *, marker: bool) -> None:
+    def _commit(
+        self,
+        timeout: float,
+        *,
+        marker: bool,
+        before_commit: Callable[[], None],
+        commit_sent: Callable[[], None],
+    ) -> None:
         self._require(_State.ACTIVE, "commit")
         if not marker and not self._begun:
             self._state = _State.COMMITTED  # read-only: no transaction was ever begun
@@ -229,21 +232,16 @@ class ActiveMQSession:
                 gtrid=self._gtrid,
             )
         self._state = _State.COMMITTING
-        failpoints.hit("before_broker_commit")
+        before_commit()
         try:
-            self._client.commit(
-                self._gtrid,
-                timeout,
-                gtrid=self._gtrid,
-                after_send=lambda: failpoints.hit("after_broker_commit"),
-            )
+            self._client.commit(self._gtrid, timeout, gtrid=self._gtrid, after_send=commit_sent)
         except CommitRefused as exc:
             self._fail(_State.ABORTED)
-            self._log.warning(COMMIT_REFUSED, error=str(exc))
+            self._log.warning(ev.MQ_COMMIT_REFUSED, error=str(exc))
             raise
         except OutcomeUnknown as exc:
             self._fail(_State.IN_DOUBT)
-            self._log.warning(COMMIT_UNKNOWN, error=str(exc))
+            self._log.warning(ev.MQ_COMMIT_UNKNOWN, error=str(exc))
             raise
         except ParticipantUnavailable as exc:
             self._fail(_State.ABORTED)
@@ -264,7 +262,7 @@ class ActiveMQSession:
                 participant=self.name,
                 gtrid=self._gtrid,
             )
-        self._log.debug(COMMITTED, marker=marker, messages=self._sent)
+        self._log.debug(ev.MQ_COMMITTED, marker=marker, messages=self._sent)
 
     def _begin_once(self) -> None:
         if not self._begun:
@@ -278,7 +276,7 @@ class ActiveMQSession:
     def _require(self, state: _State, action: str) -> None:
         if self._state is not state:
             raise InvalidTransition(
-                f"can't {action} broker transaction {self._gtrid}: it is {self._state.value}"
+                f"cannot {action}: broker transaction {self._gtrid} is {self._state.value}"
             )
 
 
@@ -348,7 +346,7 @@ class ActiveMQ:
         own slots. FenceRefused if a live connection still holds a client-id.
         """
         deadline = time.monotonic() + timeout
-        self._log.info(FENCE_STARTED, client_ids=MAX_POOL_SIZE, timeout=timeout)
+        self._log.info(ev.MQ_FENCE_STARTED, client_ids=MAX_POOL_SIZE, timeout=timeout)
         slots = self._take_all(deadline)
         try:
             for slot in slots:
@@ -360,7 +358,7 @@ class ActiveMQ:
                 try:
                     client = self._connect(client_id, deadline - time.monotonic())
                 except ClientIdInUse as exc:
-                    self._log.warning(FENCE_REFUSED, client_id=client_id, error=str(exc))
+                    self._log.warning(ev.MQ_FENCE_REFUSED, client_id=client_id, error=str(exc))
                     raise FenceRefused(client_id, timeout, participant=self.name) from exc
                 if index < len(self._slots):
                     self._slots[index].client = client
@@ -369,7 +367,7 @@ class ActiveMQ:
         finally:
             for slot in slots:
                 self._put_back(slot)
-        self._log.info(FENCE_DONE, client_ids=MAX_POOL_SIZE)
+        self._log.info(ev.MQ_FENCE_DONE, client_ids=MAX_POOL_SIZE)
 
     def settle(self, session: LastResourceSession, timeout: float) -> None:
         """Re-register the client-id of ``session``'s slot, so its last COMMIT is final.
@@ -452,7 +450,7 @@ class ActiveMQ:
                 elif message.is_sentinel:
                     client.ack(message)
             subscription.unsubscribe(timeout=self.receipt_timeout)
-        self._log.info(events.MARKERS_REMOVED, count=removed, asked=len(wanted))
+        self._log.info(ev.MQ_MARKERS_REMOVED, count=removed, asked=len(wanted))
         return removed
 
     def close(self) -> None:
@@ -508,7 +506,7 @@ class ActiveMQ:
 
     def _release(self, slot: _Slot, *, healthy: bool) -> None:
         if (not healthy or self._closed) and slot.client is not None:
-            self._log.debug(SESSION_DROPPED, client_id=slot.client_id, healthy=healthy)
+            self._log.debug(ev.MQ_SESSION_DROPPED, client_id=slot.client_id, healthy=healthy)
             slot.client.drop()
             slot.client = None
         self._put_back(slot)
@@ -549,11 +547,11 @@ class ActiveMQ:
                 remaining = deadline - time.monotonic()
                 if remaining <= 0:
                     raise
-                self._log.debug(FENCE_RETRY, client_id=client_id, error=exc.args[0])
+                self._log.debug(ev.MQ_FENCE_RETRY, client_id=client_id, error=exc.args[0])
                 time.sleep(min(delay, remaining))
                 delay = min(delay * 2, 0.5)
                 continue
-            self._log.debug(CONNECTED, client_id=client_id, address=self.address)
+            self._log.debug(ev.MQ_CONNECTED, client_id=client_id, address=self.address)
             return client
 
     def _plain_client(self) -> StompClient:

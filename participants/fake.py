@@ -15,10 +15,11 @@ armed per step with :meth:`FakeResource.fail` / :meth:`FakeBroker.fail`:
 from __future__ import annotations
 
 import threading
-from collections.abc import Collection, Mapping
+from collections.abc import Callable, Collection, Mapping
 from dataclasses import dataclass, field
+from datetime import datetime
+from typing import Any
 
-from coordinator import failpoints
 from coordinator.errors import (
     CommitRefused,
     CrashInjected,
@@ -27,6 +28,7 @@ from coordinator.errors import (
     ParticipantUnavailable,
     PrepareFailed,
 )
+from coordinator.protocol import no_callback
 from coordinator.states import Vote
 from coordinator.xid import Xid
 
@@ -87,14 +89,14 @@ class FakeResource(_FakeServer):
         _raise_for(self.faults.take("begin"), "begin", self._name, xid.gtrid)
         return FakeBranch(self, xid)
 
-    def recover(self, format_id: int, gtrid_prefix: str) -> list[Xid]:
+    def recover(self, format_id: int, gtrid_prefix: str) -> dict[Xid, datetime | None]:
         _raise_for(self.faults.take("recover"), "recover", self._name, "")
         with self.store.lock:
-            return [
-                x
+            return {
+                x: None
                 for x in self.store.prepared
                 if x.format_id == format_id and x.gtrid.startswith(gtrid_prefix)
-            ]
+            }
 
     def _finish(self, xid: Xid, commit: bool, step: str) -> bool:
         action = self.faults.take(step)
@@ -128,6 +130,7 @@ class FakeBranch:
         self._xid = xid
         self.ops: list[str] = []
         self.failure: BaseException | None = None
+        self.left_prepared = False
         self.state = "active"
 
     @property
@@ -138,9 +141,10 @@ class FakeBranch:
     def xid(self) -> Xid:
         return self._xid
 
-    def execute(self, op: str, params: object = None) -> None:
-        """Record one write."""
-        self.ops.append(op)
+    def execute(self, op: object, params: object = None) -> Any:
+        """Record one write; a fake has no cursor to return (None)."""
+        self.ops.append(str(op))
+        return None
 
     def read_only(self) -> bool:
         return not self.ops and self.failure is None
@@ -182,11 +186,16 @@ class FakeBranch:
         try:
             self._fault("rollback")
         except ParticipantError:
-            return  # left for recovery, as the contract allows
+            self.left_prepared = self.state == "prepared"  # rolled back by xid later
+            return
         with self.resource.store.lock:
             if self.resource.store.prepared.pop(self._xid, None) is not None or self.ops:
                 self.resource.store.rolled_back.add(self._xid.gtrid)
         self.state = "rolled back"
+        self.left_prepared = False
+
+    def cancel(self) -> None:
+        """Nothing runs inside a fake branch: nothing to cancel."""
 
     def release(self) -> None:
         pass
@@ -262,10 +271,17 @@ class FakeBrokerSession:
         if action == "crash-after":
             raise CrashInjected("fake broker: crash after commit")
 
-    def commit_with_marker(self, gtrid: str, timeout: float) -> None:
-        failpoints.hit("before_broker_commit")
+    def commit_with_marker(
+        self,
+        gtrid: str,
+        timeout: float,
+        *,
+        before_commit: Callable[[], None] = no_callback,
+        commit_sent: Callable[[], None] = no_callback,
+    ) -> None:
+        before_commit()
         self._commit(gtrid)
-        failpoints.hit("after_broker_commit")  # committed; the receipt is "not yet seen"
+        commit_sent()  # committed; the receipt is "not yet seen"
 
     def commit(self, timeout: float) -> None:
         self._commit(None)

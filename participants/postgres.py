@@ -6,6 +6,7 @@ import contextlib
 import queue
 import threading
 from collections.abc import Callable
+from datetime import datetime
 from typing import Any, LiteralString, TypeVar
 
 import psycopg
@@ -22,13 +23,14 @@ from coordinator.errors import (
 from coordinator.events import get_logger
 from coordinator.states import Vote
 from coordinator.xid import Xid
+from participants import events as ev
 
-_log = get_logger(component="postgres")
+
+def _log() -> Any:
+    # Looked up at each use, so that the application's later structlog set-up applies.
+    return get_logger(component="postgres")
+
 T = TypeVar("T")
-
-#: Event names: a kept connection was found lost (the server ended it) and is replaced.
-ADMIN_RECONNECT = "postgres.admin.reconnect"
-POOLED_LOST = "postgres.pooled.lost"
 
 # Command tags that mean the statement changed data: the branch then needs a
 # real prepare. Anything else (SELECT, SHOW, ...) is checked with one query at
@@ -163,7 +165,7 @@ class PostgresResource:
                     self._admin = None
                     if not kept:
                         raise
-                    _log.info(ADMIN_RECONNECT, participant=self._name)
+                    _log().info(ev.PG_ADMIN_RECONNECT, participant=self._name)
 
     # -- XAResource ------------------------------------------------------------
 
@@ -178,18 +180,15 @@ class PostgresResource:
                 if kept and lost:
                     # An idle connection the server ended meanwhile (a restart, an
                     # administrator): BEGIN never ran there. Take the next one.
-                    _log.info(POOLED_LOST, participant=self._name, gtrid=xid.gtrid)
+                    _log().info(ev.PG_POOLED_LOST, participant=self._name, gtrid=xid.gtrid)
                     continue
                 raise ParticipantUnavailable(
                     f"cannot begin the branch: {exc}", participant=self._name, gtrid=xid.gtrid
                 ) from exc
             return PostgresBranch(self, conn, xid)
 
-    def recover(self, format_id: int, gtrid_prefix: str) -> list[Xid]:
-        return [x for x, _ in self.recover_detailed(format_id, gtrid_prefix)]
-
-    def recover_detailed(self, format_id: int, gtrid_prefix: str) -> list[tuple[Xid, Any]]:
-        """Prepared branches with their prepared-at timestamps (for ``twopc indoubt``)."""
+    def recover(self, format_id: int, gtrid_prefix: str) -> dict[Xid, datetime | None]:
+        """This database's prepared branches with ``format_id`` and the prefix -> prepared at."""
 
         def listing(conn: psycopg.Connection[Any]) -> tuple[list[psycopg.Xid], str]:
             return conn.tpc_recover(), conn.info.dbname
@@ -200,13 +199,13 @@ class PostgresResource:
             raise ParticipantUnavailable(
                 f"cannot list prepared transactions: {exc}", participant=self._name
             ) from exc
-        result = []
+        result: dict[Xid, datetime | None] = {}
         for x in found:
             if x.format_id != format_id or not x.gtrid.startswith(gtrid_prefix):
                 continue
             if x.database not in (None, dbname):
                 continue  # prepared in another database of the same server
-            result.append((Xid(x.format_id, x.gtrid, x.bqual or ""), x.prepared))
+            result[Xid(x.format_id, x.gtrid, x.bqual or "")] = x.prepared
         return result
 
     def _finish_recovered(self, xid: Xid, action: str) -> bool:
@@ -394,8 +393,8 @@ class PostgresBranch:
         self._finished = True
 
     def _warn_rollback(self, exc: Exception) -> None:
-        _log.warning(
-            "tpc.rollback.failed",
+        _log().warning(
+            ev.PG_ROLLBACK_FAILED,
             participant=self.name,
             gtrid=self._xid.gtrid,
             error=str(exc),

@@ -54,6 +54,7 @@ from coordinator.errors import (
     ParticipantUnavailable,
 )
 from coordinator.events import get_logger
+from participants import events as ev
 
 AckMode = Literal["auto", "client-individual"]
 
@@ -70,7 +71,7 @@ SENTINEL_HEADER = "twopc-browse-sentinel"
 
 
 def _log() -> Any:
-    # Looked up at each use, so that a later events.configure() takes effect here too.
+    # Looked up at each use, so that the application's later structlog set-up applies.
     return get_logger(component="stomp")
 
 
@@ -219,7 +220,7 @@ class Subscription:
             self._on_message(message)
         except Exception as exc:
             # An exception escaping into stomp.py's receiver loop closes the socket.
-            _log().error("stomp.callback.failed", destination=self.destination, error=repr(exc))
+            _log().error(ev.STOMP_CALLBACK_FAILED, destination=self.destination, error=repr(exc))
 
     def _lost(self) -> None:
         self._queue.put(_LOST)
@@ -558,7 +559,7 @@ class StompClient:
             if not self._peer_closed.is_set():
                 self._conn.transport.disconnect_socket()
         except Exception as exc:  # best effort: the connection is being thrown away
-            _log().debug("stomp.drop.failed", address=self.address, error=repr(exc))
+            _log().debug(ev.STOMP_DROP_FAILED, address=self.address, error=repr(exc))
         self._on_lost()
 
     def __enter__(self) -> StompClient:
@@ -604,7 +605,7 @@ class StompClient:
                 if not self._lost
                 else "the connection closed during CONNECT"
             )
-        _log().debug("stomp.connected", address=self.address, client_id=self.client_id)
+        _log().debug(ev.STOMP_CONNECTED, address=self.address, client_id=self.client_id)
 
     def _set_nodelay(self) -> None:
         sock = self.tcp_socket
@@ -669,7 +670,7 @@ class StompClient:
             return
         with self._lock:
             self._unsolicited.append(message)
-        _log().warning("stomp.error", address=self.address, error=message)
+        _log().warning(ev.STOMP_ERROR, address=self.address, error=message)
 
     def _deliver(self, message: Message) -> None:
         with self._lock:

@@ -13,6 +13,7 @@ from rich.table import Table
 
 from coordinator.errors import TwoPhaseCommitError
 from scenarios.config import home_dir
+from scenarios.log_setup import configure as configure_logging
 
 console = Console()
 
@@ -31,6 +32,7 @@ class TwopcGroup(click.Group):
 @click.group(cls=TwopcGroup)
 def main() -> None:
     """twopc: a durable two-phase-commit coordinator for PostgreSQL and ActiveMQ."""
+    configure_logging()
 
 
 # -- lab ---------------------------------------------------------------------
@@ -95,17 +97,6 @@ def _settings() -> Any:
     from scenarios.config import Settings
 
     return Settings.load()
-
-
-def read_pending(path: Any) -> dict[str, tuple[str, ...]]:
-    """COMMIT-without-END records of the log at ``path``, read without taking its lock."""
-    from coordinator.log import format as log_format
-
-    try:
-        data = path.read_bytes()
-    except FileNotFoundError:
-        return {}
-    return log_format.replay(log_format.scan(data, str(path)).records)
 
 
 def _print_recovery(items: list[Any], as_json: bool, extra: dict[str, Any]) -> None:
@@ -178,6 +169,7 @@ def recover(as_json: bool, fence_timeout: float) -> None:
 @click.option("--json", "as_json", is_flag=True, help="Print the list as JSON.")
 def indoubt(as_json: bool) -> None:
     """List what is in doubt and what recovery would do; changes nothing."""
+    from coordinator.log.file import read_pending
     from coordinator.recovery import Recovery
     from participants.activemq import ActiveMQ
     from participants.postgres import PostgresResource
@@ -186,16 +178,19 @@ def indoubt(as_json: bool) -> None:
     resources = [PostgresResource("a", settings.pg_a), PostgresResource("b", settings.pg_b)]
     broker = ActiveMQ(settings.stomp, settings.coordinator_id, pool_size=1)
     try:
-        pending = read_pending(settings.log_path)
-        items, _ = Recovery(
-            settings.coordinator_id, None, resources, broker, pending=pending
-        ).gather(fence=False)
+        report = Recovery(
+            settings.coordinator_id,
+            None,
+            resources,
+            broker,
+            pending=read_pending(settings.log_path),
+        ).run(dry_run=True)
     finally:
         for resource in resources:
             resource.close()
         broker.close()
     _print_recovery(
-        items,
+        report.items,
         as_json,
         {}
         if as_json

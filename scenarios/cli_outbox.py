@@ -20,6 +20,7 @@ from rich.console import Console
 from rich.table import Table
 
 from coordinator import events
+from scenarios.log_setup import configure as configure_logging
 
 console = Console()
 
@@ -44,7 +45,7 @@ def _stop_on_signals() -> threading.Event:
 
 
 def _configure_logs(log_json: bool) -> None:
-    events.configure(os.environ.get("TWOPC_LOG_LEVEL", "INFO"), json=log_json or None)
+    configure_logging(os.environ.get("TWOPC_LOG_LEVEL", "INFO"), json=log_json or None)
 
 
 @click.command()

@@ -16,11 +16,13 @@ from dataclasses import dataclass, field
 import psycopg
 from psycopg import errors as pg_errors
 
+from coordinator.failpoints import failpoint_env
 from coordinator.states import Outcome
 from coordinator.xid import gtrid_prefix
 from scenarios import transfer as scenario
 from scenarios.config import Settings, home_dir
 from scenarios.lab import Lab
+from scenarios.log_setup import configure as configure_logging
 from scenarios.wiring import open_coordinator
 
 
@@ -92,7 +94,7 @@ def one_transfer(settings: Settings, t: scenario.Transfer) -> tuple[Outcome, str
 
 def run_child(t: scenario.Transfer, failpoints: str) -> int:
     """Run one transfer in a child ``twopc`` process that dies at ``failpoints``."""
-    env = dict(os.environ, TWOPC_FAILPOINTS=failpoints)
+    env = {**os.environ, **failpoint_env(failpoints)}
     child = subprocess.run(
         [
             sys.executable,
@@ -275,6 +277,7 @@ def _child(argv: list[str]) -> None:
     """``python -m scenarios.stories one ID SOURCE TARGET AMOUNT``: one transfer, then exit."""
     if len(argv) != 5 or argv[0] != "one":
         raise SystemExit("usage: python -m scenarios.stories one ID SOURCE TARGET AMOUNT")
+    configure_logging()
     t = scenario.Transfer(argv[1], argv[2], argv[3], int(argv[4]))
     outcome, _ = one_transfer(Settings.load(), t)
     print(outcome.value)

@@ -55,7 +55,7 @@ from typing import Any
 import psycopg
 
 from coordinator.events import get_logger
-from coordinator.failpoints import NAMES
+from coordinator.failpoints import NAMES, failpoint_env
 from coordinator.log.file import LOCK_SUFFIX
 from scenarios import transfer as scenario
 from scenarios.config import Settings
@@ -587,10 +587,8 @@ class Torture:
 
     def _child_env(self, schedule: Schedule, *, failpoints: str | None = None) -> dict[str, str]:
         env = {**os.environ, **self.settings.as_env()}
-        env.pop("TWOPC_FAILPOINTS", None)
         armed = schedule.failpoints if failpoints is None else failpoints
-        if armed:
-            env["TWOPC_FAILPOINTS"] = armed
+        env.update(failpoint_env(armed))
         if schedule.fault.via_proxy:
             a, b = self.proxies["pg-a"], self.proxies["pg-b"]
             env["TWOPC_PG_A"] = psycopg.conninfo.make_conninfo(
@@ -742,9 +740,7 @@ class Torture:
 
     def _recover_pass(self, failpoints: str, fence_timeout: float) -> RecoveryPass:
         env = {**os.environ, **self.settings.as_env()}
-        env.pop("TWOPC_FAILPOINTS", None)
-        if failpoints:
-            env["TWOPC_FAILPOINTS"] = failpoints
+        env.update(failpoint_env(failpoints))
         started = time.monotonic()
         done = subprocess.run(
             [*TWOPC, "recover", "--json", "--fence-timeout", str(fence_timeout)],

@@ -29,6 +29,7 @@ from typing import Any
 from coordinator.states import Outcome
 from scenarios import transfer as scenario
 from scenarios.config import Settings
+from scenarios.log_setup import configure as configure_logging
 from scenarios.wiring import open_coordinator
 
 
@@ -52,6 +53,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--outcomes", required=True, help="file to append outcome lines to")
     args = parser.parse_args(argv)
 
+    configure_logging()
     started = time.monotonic()
     write = _writer(args.outcomes)
     settings = Settings.load()

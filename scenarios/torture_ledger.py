@@ -30,7 +30,7 @@ from typing import Any
 
 import psycopg
 
-from coordinator.log.file import FileDecisionLog
+from coordinator.log.file import read_pending
 from coordinator.xid import gtrid_prefix
 from participants.stomp_client import SENTINEL_HEADER, Message, StompClient
 from scenarios.config import Settings
@@ -229,8 +229,7 @@ class Ledger:
             not (t in in_a or t in in_b or t in delivered) for t in in_doubt
         )
         try:
-            with FileDecisionLog(self.settings.log_path) as log:
-                result.log_pending = sorted(log.pending())
+            result.log_pending = sorted(read_pending(self.settings.log_path))
         except Exception as exc:  # any failure to reopen is the finding itself
             result.log_error = f"{type(exc).__name__}: {exc}"
         result.seconds = time.monotonic() - started

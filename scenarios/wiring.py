@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from coordinator import events, failpoints
+from coordinator import failpoints
 from coordinator.coordinator import Coordinator
 from coordinator.log.file import FileDecisionLog
 from participants.activemq import ActiveMQ
@@ -23,10 +23,9 @@ def open_coordinator(
 
     ``sessions`` is the number of broker sessions (and of concurrent
     transactions with a broker branch); ``options`` go to Coordinator.
-    Failpoints named in TWOPC_FAILPOINTS are armed here.
+    Failpoints named in TWOPC_FAILPOINTS are armed here (in a test process only).
     """
     settings = settings or Settings.load()
-    events.configure()
     failpoints.arm_from_env()
     log = FileDecisionLog(settings.log_path)
     resources = [

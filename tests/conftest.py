@@ -20,6 +20,12 @@ import pytest
 
 from scenarios.config import Settings
 from scenarios.lab import BROKER, OPENWIRE_SETTING, PG_A, PG_B, Lab
+from scenarios.log_setup import configure as configure_logging
+
+
+def pytest_configure(config: pytest.Config) -> None:
+    """Tests log as twopc's own processes do (WARNING and up, to stderr)."""
+    configure_logging()
 
 
 def free_port() -> int:

@@ -13,6 +13,7 @@ import time
 import uuid
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -177,7 +178,12 @@ def test_crash_around_the_broker_commit(
     session.send(queue_name, "crash")
     failpoints.arm(failpoint)
     with pytest.raises(CrashInjected):
-        session.commit_with_marker(gtrid, timeout=5.0)
+        session.commit_with_marker(  # the driver's failpoints, as the driver passes them
+            gtrid,
+            timeout=5.0,
+            before_commit=partial(failpoints.hit, "before_broker_commit"),
+            commit_sent=partial(failpoints.hit, "after_broker_commit"),
+        )
     session.release()  # drops the connection, as the crash would have
     mq.fence(timeout=10.0)
     assert (gtrid in mq.markers()) is committed

@@ -6,8 +6,11 @@ in-memory decision log, and the file log on a temporary directory.
 
 from __future__ import annotations
 
+import os
 import re
 import struct
+import subprocess
+import sys
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -20,6 +23,7 @@ from coordinator.errors import (
     ConfigurationError,
     DecisionLogCorrupt,
     DuplicateGtrid,
+    InvalidTransition,
     InvalidXid,
     TwoPhaseCommitError,
     UnknownParticipant,
@@ -348,16 +352,16 @@ def test_send_without_a_broker_is_refused(coordinator: Coordinator) -> None:
 
 
 def test_work_after_commit_is_refused(coordinator: Coordinator) -> None:
-    """A finished transaction takes no more work and cannot be committed twice."""
+    """A finished transaction takes no more work and cannot be ended twice: InvalidTransition."""
     tx = coordinator.begin()
     tx.execute("a", "debit")
     assert tx.commit() is Outcome.COMMITTED
-    gtrid = re.escape(tx.gtrid)
-    with pytest.raises(TwoPhaseCommitError, match=rf"^transaction {gtrid} is completed; no more"):
+    state = rf"transaction {re.escape(tx.gtrid)} is completed$"
+    with pytest.raises(InvalidTransition, match=rf"^cannot add work: {state}"):
         tx.execute("b", "credit")
-    with pytest.raises(TwoPhaseCommitError, match=rf"^transaction {gtrid} is already completed$"):
+    with pytest.raises(InvalidTransition, match=rf"^cannot commit: {state}"):
         tx.commit()
-    with pytest.raises(TwoPhaseCommitError, match=rf"^transaction {gtrid} is already completed$"):
+    with pytest.raises(InvalidTransition, match=rf"^cannot roll back: {state}"):
         tx.rollback()
 
 
@@ -365,7 +369,9 @@ def test_begin_on_a_closed_coordinator_is_refused() -> None:
     """A closed coordinator starts nothing."""
     coord = Coordinator("t1", MemoryDecisionLog(), [FakeResource("a")])
     coord.close()
-    with pytest.raises(TwoPhaseCommitError, match=r"^the coordinator is closed$"):
+    with pytest.raises(
+        InvalidTransition, match=r"^cannot begin a transaction: the coordinator is closed$"
+    ):
         coord.begin()
 
 
@@ -391,6 +397,45 @@ def test_bad_failpoint_settings_are_refused(spec: str, message: str) -> None:
     with pytest.raises(ConfigurationError, match=message):
         failpoints.arm_from_env(spec)
     assert not any(failpoints.is_armed(name) for name in failpoints.NAMES)
+
+
+def test_failpoints_from_the_environment_need_the_test_switch(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """TWOPC_FAILPOINTS without TWOPC_TEST_FAILPOINTS=1 is refused; with it, it arms."""
+    monkeypatch.setenv("TWOPC_FAILPOINTS", "after_begin=kill")
+    monkeypatch.delenv("TWOPC_TEST_FAILPOINTS", raising=False)
+    message = (
+        r"^TWOPC_FAILPOINTS='after_begin=kill' is set, but failpoints crash the process on "
+        r"purpose and are armed only in a test process that also sets TWOPC_TEST_FAILPOINTS=1"
+    )
+    with pytest.raises(ConfigurationError, match=message):
+        failpoints.arm_from_env()
+    assert not failpoints.is_armed("after_begin")
+    monkeypatch.setenv("TWOPC_FAILPOINTS", "after_begin=raise")
+    monkeypatch.setenv("TWOPC_TEST_FAILPOINTS", "1")
+    try:
+        failpoints.arm_from_env()
+        assert failpoints.is_armed("after_begin")
+    finally:
+        failpoints.disarm()
+
+
+def test_cli_refuses_failpoints_without_the_test_switch(tmp_path: Path) -> None:
+    """A twopc command started with TWOPC_FAILPOINTS alone stops at once with a clear error."""
+    env = {**os.environ, "TWOPC_FAILPOINTS": "after_prepare=kill", "TWOPC_HOME": str(tmp_path)}
+    env.pop("TWOPC_TEST_FAILPOINTS", None)
+    env.update(TWOPC_PG_A="host=127.0.0.1 port=1", TWOPC_PG_B="host=127.0.0.1 port=1")
+    env.update(TWOPC_STOMP="127.0.0.1:1", TWOPC_OPENWIRE="127.0.0.1:1")
+    done = subprocess.run(
+        [sys.executable, "-m", "scenarios.cli", "recover"],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert done.returncode == 2
+    assert "TWOPC_TEST_FAILPOINTS=1" in done.stderr and "Traceback" not in done.stderr
 
 
 # -- decision log records --------------------------------------------------------------------------

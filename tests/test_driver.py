@@ -23,6 +23,7 @@ from coordinator.errors import (
 from coordinator.log.memory import MemoryDecisionLog
 from coordinator.states import Outcome
 from participants.fake import FakeBroker, FakeResource, FakeStore
+from scenarios.log_setup import configure as configure_logging
 
 
 class World:
@@ -287,7 +288,7 @@ def test_bad_input_is_refused_before_anything_starts(world: World) -> None:
 
 def test_every_protocol_step_emits_an_event_with_the_gtrid(world: World) -> None:
     """Events in protocol order, each carrying the gtrid."""
-    events.configure("DEBUG")
+    configure_logging("DEBUG")
     coord = world.coordinator()
     with structlog.testing.capture_logs() as logs, coord.transaction() as tx:
         transfer()(tx)
@@ -303,7 +304,7 @@ def test_every_protocol_step_emits_an_event_with_the_gtrid(world: World) -> None
     ]
     positions = [names.index(name) for name in expected]
     assert positions == sorted(positions)
-    events.configure()
+    configure_logging()
 
 
 @pytest.mark.parametrize(

@@ -257,7 +257,7 @@ def test_sessions_the_server_ended_are_replaced_by_begin_and_recovery(settings: 
     assert first.prepare() is Vote.YES
     first.commit_prepared()
     first.release()  # back to the pool, idle
-    assert resource.recover(FORMAT_ID, prefix) == []  # the recovery session is kept too
+    assert resource.recover(FORMAT_ID, prefix) == {}  # the recovery session is kept too
     with psycopg.connect(settings.pg_a, autocommit=True) as admin:
         sessions = admin.execute(
             "SELECT pid FROM pg_stat_activity WHERE application_name = %s", (app,)

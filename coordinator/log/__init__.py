@@ -1,9 +1,29 @@
-"""The decision log: what the coordinator decided, durable before anyone is told."""
+"""The decision log: what the coordinator decided, durable before anyone is told.
+
+Implementations: :class:`~coordinator.log.file.FileDecisionLog` (a file, with
+group commit) and :class:`~coordinator.log.memory.MemoryDecisionLog` (tests).
+Tools that only look at a log (``twopc indoubt``, the torture's checks) read it
+with :func:`~coordinator.log.file.read_pending`, which takes no lock.
+"""
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
 from typing import Protocol
+
+
+def commit_record_participants(
+    prepared: Iterable[str], last_resource: str | None
+) -> tuple[str, ...]:
+    """The one rule for what a COMMIT record lists.
+
+    The XA participants that were prepared when the decision was taken, sorted,
+    then the last resource whose commit carried the decision (its marker), if
+    any. Every writer of a COMMIT record (the driver, recovery, the background
+    resolution) builds the list here.
+    """
+    names = sorted(set(prepared))
+    return (*names, last_resource) if last_resource is not None else tuple(names)
 
 
 class DecisionLog(Protocol):

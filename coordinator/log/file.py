@@ -414,3 +414,18 @@ def _read_all(fd: int) -> bytes:
         chunks.append(chunk)
         offset += len(chunk)
     return b"".join(chunks)
+
+
+def read_pending(path: str | os.PathLike[str]) -> dict[str, tuple[str, ...]]:
+    """COMMIT-without-END records of the log at ``path``, read without taking its lock.
+
+    For tools that only look (``twopc indoubt``, checks after a crash): a torn
+    tail is ignored as opening would truncate it; damage in the middle raises
+    DecisionLogCorrupt; a missing file holds nothing.
+    """
+    try:
+        with open(path, "rb") as file:
+            data = file.read()
+    except FileNotFoundError:
+        return {}
+    return fmt.replay(fmt.scan(data, os.fspath(path)).records)

@@ -38,6 +38,7 @@ from typing import Any
 import psycopg
 from rich.progress import Progress
 
+from coordinator.failpoints import failpoint_env
 from coordinator.states import Outcome
 from scenarios import transfer as scenario
 from scenarios.bench import measure, overhead
@@ -348,7 +349,7 @@ def _crash_2pc_child(settings: Settings, point: str, plan: ReportPlan) -> dict[s
     env = {
         **os.environ,
         **settings.as_env(),
-        "TWOPC_FAILPOINTS": f"{point}=kill@{plan.crash_every}",
+        **failpoint_env(f"{point}=kill@{plan.crash_every}"),
     }
     command = [
         sys.executable,
