@@ -88,6 +88,10 @@ class DecisionLogError(TwoPhaseCommitError):
     """The decision log cannot be used (corrupt, locked by another coordinator, unwritable)."""
 
 
+class UnloggableRecord(DecisionLogError, ValueError):
+    """A record the log's format cannot hold (an empty or oversized field); nothing was written."""
+
+
 class DecisionLogCorrupt(DecisionLogError):
     """A record in the middle of the decision log is damaged; carries the byte offset."""
 

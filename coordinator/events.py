@@ -36,7 +36,6 @@ PHASE2_RETRY = "tpc.phase2.retry"
 PHASE2_DEFERRED = "tpc.phase2.deferred"
 END = "tpc.end"
 ABORT = "tpc.abort"
-ROLLBACK_FAILED = "tpc.rollback.failed"
 TIMEOUT = "tpc.timeout"
 
 # Recovery: the start-up scan, 'twopc recover', 'twopc indoubt' and the background.

@@ -62,6 +62,7 @@ from datetime import datetime
 from typing import Any, Protocol, runtime_checkable
 
 import psycopg
+from psycopg.abc import Params, Query
 
 from coordinator.states import Vote
 from coordinator.xid import Xid
@@ -95,7 +96,7 @@ class XABranch(Protocol):
         """True when a rollback could not reach a branch that may be prepared."""
         ...
 
-    def execute(self, query: Any, params: Any = None) -> psycopg.Cursor[Any]:
+    def execute(self, query: Query, params: Params | None = None) -> psycopg.Cursor[Any]:
         """Run one statement in the branch and return its cursor."""
         ...
 

@@ -16,6 +16,7 @@ from types import MappingProxyType, TracebackType
 from typing import Any, Protocol
 
 import psycopg
+from psycopg.abc import Params, Query
 from structlog.contextvars import bound_contextvars
 
 from coordinator import events
@@ -144,7 +145,9 @@ class Transaction:
             self._host.failpoint("after_begin")
         return branch
 
-    def execute(self, name: str, query: Any, params: Any = None) -> psycopg.Cursor[Any]:
+    def execute(
+        self, name: str, query: Query, params: Params | None = None
+    ) -> psycopg.Cursor[Any]:
         """Run one statement on branch ``name``; returns its psycopg cursor."""
         return self.branch(name).execute(query, params)
 

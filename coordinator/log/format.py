@@ -54,7 +54,7 @@ from enum import IntEnum
 
 from crc32c import crc32c
 
-from coordinator.errors import DecisionLogCorrupt
+from coordinator.errors import DecisionLogCorrupt, UnloggableRecord
 
 MAGIC = b"TWOPCLOG"
 VERSION = 1
@@ -131,13 +131,13 @@ def replay(records: Iterable[Record]) -> dict[str, tuple[str, ...]]:
 def _str(value: str, what: str) -> bytes:
     raw = value.encode("utf-8")
     if not raw or len(raw) > 0xFFFF:
-        raise ValueError(f"{what} {value[:20]!r} must be 1 to 65535 bytes of UTF-8")
+        raise UnloggableRecord(f"{what} {value[:20]!r} must be 1 to 65535 bytes of UTF-8")
     return _U16.pack(len(raw)) + raw
 
 
 def _commit_payload(commit: Commit) -> bytes:
     if len(commit.participants) > 0xFFFF:
-        raise ValueError(f"transaction {commit.gtrid} has too many participants")
+        raise UnloggableRecord(f"transaction {commit.gtrid} has too many participants")
     parts = [_str(commit.gtrid, "gtrid"), _U16.pack(len(commit.participants))]
     parts += (_str(name, "participant name") for name in commit.participants)
     return b"".join(parts)
@@ -153,7 +153,7 @@ def encode(record: Record) -> bytes:
         body = b"".join(_commit_payload(c) for c in record.pending)
         rtype, payload = RecordType.CHECKPOINT, _U32.pack(len(record.pending)) + body
     if len(payload) > MAX_PAYLOAD:
-        raise ValueError(f"{rtype.name} record of {len(payload)} bytes exceeds {MAX_PAYLOAD}")
+        raise UnloggableRecord(f"{rtype.name} record of {len(payload)} bytes exceeds {MAX_PAYLOAD}")
     typed = bytes([rtype]) + payload
     return _U32.pack(len(payload)) + typed + _U32.pack(crc32c(typed))
 
