@@ -101,7 +101,7 @@ class Settings:
 
         values = {name: pick(name) for name in SETTING_NAMES}
         if any(v is None for v in values.values()):
-            from scenarios.lab import lab_settings  # the lab is only the default
+            from scenarios.lab.services import lab_settings  # the lab is only the default
 
             lab = lab_settings(home, env)
             values = {name: values[name] or lab[name] for name in SETTING_NAMES}

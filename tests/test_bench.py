@@ -12,7 +12,7 @@ from click.testing import CliRunner
 from hdrh.histogram import HdrHistogram
 
 from scenarios.bench import measure, overhead, report
-from scenarios.cli import main
+from scenarios.cli.main import main
 
 # -- the measuring code, no services -----------------------------------------------------
 

@@ -23,10 +23,9 @@ import pytest
 from coordinator.errors import ConfigurationError, ParticipantUnavailable
 from coordinator.states import Outcome
 from participants.stomp_client import Message
-from scenarios import transfer as scenario
 from scenarios.config import Settings
-from scenarios.consumer import CONSUMER_CRASH_SETTING, apply, inbox_counts
-from scenarios.outbox_failures import (
+from scenarios.outbox.consumer import CONSUMER_CRASH_SETTING, apply, inbox_counts
+from scenarios.outbox.failures import (
     Disposition,
     FailurePolicy,
     OutMessage,
@@ -34,17 +33,18 @@ from scenarios.outbox_failures import (
     deliver,
     list_failures,
 )
-from scenarios.relay import RELAY_CRASH_SETTING, RelayConfig
-from scenarios.strategies import STRATEGIES, new_strategy
-from scenarios.strategies.base import CRASH_SETTING, CrashPlan, RelayMode, Strategy
-from scenarios.strategies.outbox import OutboxLastIdStrategy, OutboxStatusStrategy
-from scenarios.strategies.pipeline import (
+from scenarios.outbox.pipeline import (
     Pipeline,
     anomalies,
     convergence_latencies,
     gather_outbox_evidence,
     wait_converged,
 )
+from scenarios.outbox.relay import RELAY_CRASH_SETTING, RelayConfig
+from scenarios.strategies import STRATEGIES, new_strategy
+from scenarios.strategies.base import CRASH_SETTING, CrashPlan, RelayMode, Strategy
+from scenarios.strategies.outbox import OutboxLastIdStrategy, OutboxStatusStrategy
+from scenarios.transfer import model as scenario
 from tests.conftest import BrokerControl
 
 ACCOUNTS = 50
@@ -186,7 +186,7 @@ def test_policy_setting_is_read_from_the_environment() -> None:
 
 def test_registry_names_match_the_cli_choice() -> None:
     """Every strategy in the registry is offered by 'twopc transfer --strategy'."""
-    from scenarios.cli import transfer
+    from scenarios.cli.main import transfer
 
     option = next(p for p in transfer.params if p.name == "strategy")
     assert sorted(option.type.choices) == sorted(STRATEGIES)  # type: ignore[attr-defined]

@@ -25,10 +25,11 @@ from coordinator.errors import (
 from coordinator.states import Outcome, Vote
 from coordinator.xid import FORMAT_ID, Xid
 from participants.postgres import PostgresResource
-from scenarios import transfer as scenario
 from scenarios.config import Settings
-from scenarios.lab import Lab, postgres_bindir
-from scenarios.stories import STORIES
+from scenarios.lab.services import Lab, postgres_bindir
+from scenarios.strategies.twopc import transfer_2pc
+from scenarios.transfer import model as scenario
+from scenarios.transfer.stories import STORIES
 from scenarios.wiring import open_coordinator
 from tests.conftest import end_sessions, free_port
 
@@ -51,9 +52,7 @@ def test_thousand_transfers_at_concurrency_8_keep_every_invariant(fresh: Setting
     coordinator = open_coordinator(fresh, sessions=8)
     try:
         plan = scenario.plan(1000, accounts=ACCOUNTS, seed=7)
-        result = scenario.run_batch(
-            plan, lambda t: scenario.transfer_2pc(coordinator, t), concurrency=8
-        )
+        result = scenario.run_batch(plan, lambda t: transfer_2pc(coordinator, t), concurrency=8)
         stats = coordinator.stats()
     finally:
         coordinator.close()
@@ -109,7 +108,7 @@ def test_insufficient_funds_is_a_no_vote_with_nothing_visible(fresh: Settings) -
     coordinator = open_coordinator(fresh, sessions=2)
     try:
         t = scenario.Transfer("poor-1", scenario.account_id(0), scenario.account_id(1), 1_001)
-        outcome, reason = scenario.transfer_2pc(coordinator, t)
+        outcome, reason = transfer_2pc(coordinator, t)
     finally:
         coordinator.close()
     assert outcome is Outcome.ABORTED and "voted NO" in reason
@@ -143,7 +142,7 @@ def test_broker_down_makes_transfers_abort_cleanly(fresh: Settings, lab: Lab) ->
     try:
         lab.stop_service("activemq")
         t = scenario.Transfer("nobroker-1", scenario.account_id(0), scenario.account_id(1), 5)
-        outcome, reason = scenario.transfer_2pc(coordinator, t)
+        outcome, reason = transfer_2pc(coordinator, t)
     finally:
         coordinator.close()
         lab.start_service("activemq")
@@ -284,7 +283,7 @@ def test_max_prepared_transactions_zero_is_refused_with_the_reason(
 
 def test_indoubt_lists_without_changing_and_recover_resolves(fresh: Settings) -> None:
     """'twopc indoubt' shows a branch left prepared by a killed coordinator; 'recover' ends it."""
-    from scenarios.stories import prepared_gids, run_child
+    from scenarios.transfer.stories import prepared_gids, run_child
 
     t = scenario.Transfer("doubt-1", scenario.account_id(0), scenario.account_id(1), 5)
     gtrid = f"{fresh.coordinator_id}.doubt-1"

@@ -44,12 +44,12 @@ from coordinator.log.file import FileDecisionLog
 from coordinator.transaction import Transaction
 from coordinator.xid import gtrid_prefix
 from participants.postgres import PostgresResource
-from scenarios import transfer as scenario
 from scenarios.bench import floor, measure, peer
 from scenarios.bench.floor import Floor
 from scenarios.bench.peer import Peer
 from scenarios.config import Settings
-from scenarios.transfer import CREDIT, DEBIT, QUEUE, Transfer
+from scenarios.transfer import model as scenario
+from scenarios.transfer.model import CREDIT, DEBIT, QUEUE, Transfer
 from scenarios.wiring import open_coordinator
 
 #: The coordinator id of the two-database coordinator (its own log and gtrids).
@@ -322,7 +322,7 @@ def wal_bytes(settings: Settings) -> dict[str, int]:
 
 def service_cpu(settings: Settings) -> measure.ServiceCpu:
     """CPU accounting of the lab's services when they run on this machine (else none)."""
-    from scenarios.lab import Lab
+    from scenarios.lab.services import Lab
 
     try:
         statuses = Lab(settings.home).status()

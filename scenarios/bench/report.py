@@ -39,10 +39,10 @@ import psycopg
 from rich.progress import Progress
 
 from coordinator.states import Outcome
-from scenarios import transfer as scenario
 from scenarios.bench import measure, overhead
 from scenarios.bench import report_pages as pages
 from scenarios.config import Settings
+from scenarios.transfer import model as scenario
 from scenarios.wiring import open_coordinator
 
 ACCOUNTS = 10_000
@@ -142,7 +142,7 @@ def measure_strategy(
     seed: int,
 ) -> tuple[dict[str, Any], list[measure.RunResult], dict[str, measure.Latencies]]:
     """Latency, throughput, open-loop, convergence and cost figures of strategy ``name``."""
-    from scenarios.strategies import pipeline
+    from scenarios.outbox import pipeline
 
     reset_lab(settings)
     strategy = registry()[name]()
@@ -315,7 +315,7 @@ def _crash_in_process(
     settings: Settings, name: str, point: str, plan: ReportPlan, seed: int
 ) -> dict[str, Any]:
     """The writer abandons every n-th transfer at ``point``; then relays converge; count."""
-    from scenarios.strategies import pipeline
+    from scenarios.outbox import pipeline
 
     strategy = registry()[name]()
     strategy.prepare(settings, concurrency=4)
@@ -343,7 +343,7 @@ def _crash_in_process(
 
 def _crash_2pc_child(settings: Settings, point: str, plan: ReportPlan) -> dict[str, Any]:
     """SIGKILL a ``twopc transfer`` child at failpoint ``point``, recover, then count."""
-    from scenarios.strategies import pipeline
+    from scenarios.outbox import pipeline
 
     env = {
         **os.environ,

@@ -19,7 +19,7 @@ from coordinator.states import Outcome
 from participants.stomp_client import StompClient
 from scenarios.config import Settings
 from scenarios.strategies.base import ConnectionPool, CrashAction, CrashPlan, RelayMode, crashed
-from scenarios.transfer import CREDIT, DEBIT, QUEUE, Transfer
+from scenarios.transfer.model import CREDIT, DEBIT, QUEUE, Transfer
 
 RECEIPT_TIMEOUT = 10.0
 

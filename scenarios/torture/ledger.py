@@ -34,7 +34,7 @@ from coordinator.log.file import FileDecisionLog
 from coordinator.xid import gtrid_prefix
 from participants.stomp_client import SENTINEL_HEADER, Message, StompClient
 from scenarios.config import Settings
-from scenarios.transfer import MARKER_QUEUE, QUEUE, balance_sum, prepared_of
+from scenarios.transfer.model import MARKER_QUEUE, QUEUE, balance_sum, prepared_of
 
 DRAIN_TIMEOUT = 30.0
 

@@ -18,9 +18,10 @@ from psycopg import errors as pg_errors
 
 from coordinator.states import Outcome
 from coordinator.xid import gtrid_prefix
-from scenarios import transfer as scenario
 from scenarios.config import Settings, home_dir
-from scenarios.lab import Lab
+from scenarios.lab.services import Lab
+from scenarios.strategies.twopc import transfer_2pc
+from scenarios.transfer import model as scenario
 from scenarios.wiring import open_coordinator
 
 
@@ -85,7 +86,7 @@ def evidence(story: Story, settings: Settings, t: scenario.Transfer, *, committe
 def one_transfer(settings: Settings, t: scenario.Transfer) -> tuple[Outcome, str]:
     coordinator = open_coordinator(settings, sessions=2)
     try:
-        return scenario.transfer_2pc(coordinator, t)
+        return transfer_2pc(coordinator, t)
     finally:
         coordinator.close()
 
@@ -97,7 +98,7 @@ def run_child(t: scenario.Transfer, failpoints: str) -> int:
         [
             sys.executable,
             "-m",
-            "scenarios.stories",
+            "scenarios.transfer.stories",
             "one",
             t.transfer_id,
             t.source,
@@ -272,9 +273,9 @@ def describe(name: str) -> str:
 
 
 def _child(argv: list[str]) -> None:
-    """``python -m scenarios.stories one ID SOURCE TARGET AMOUNT``: one transfer, then exit."""
+    """``python -m scenarios.transfer.stories one ID SOURCE TARGET AMOUNT``: one transfer."""
     if len(argv) != 5 or argv[0] != "one":
-        raise SystemExit("usage: python -m scenarios.stories one ID SOURCE TARGET AMOUNT")
+        raise SystemExit("usage: python -m scenarios.transfer.stories one ID SOURCE TARGET AMOUNT")
     t = scenario.Transfer(argv[1], argv[2], argv[3], int(argv[4]))
     outcome, _ = one_transfer(Settings.load(), t)
     print(outcome.value)

@@ -18,16 +18,13 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import psycopg
-from psycopg import errors as pg_errors
 
-from coordinator.coordinator import Coordinator
-from coordinator.errors import ParticipantError, TransactionAborted, TransactionInDoubt
 from coordinator.states import Outcome
 from coordinator.xid import FORMAT_ID, gtrid_prefix
 from participants.postgres import PostgresResource
 from participants.stomp_client import StompClient
-from scenarios import schema
 from scenarios.config import Settings
+from scenarios.transfer import schema
 
 QUEUE = "/queue/transfers"
 MARKER_QUEUE = "/queue/twopc.markers"
@@ -132,46 +129,6 @@ def drain(settings: Settings, destination: str) -> int:
             count += 1
         subscription.unsubscribe(timeout=5.0)
     return count
-
-
-# -- the 2PC strategy --------------------------------------------------------
-
-
-def transfer_2pc(coordinator: Coordinator, transfer: Transfer) -> tuple[Outcome, str]:
-    """One transfer as one global transaction; insufficient funds in A is a NO vote."""
-    gtrid = gtrid_prefix(coordinator.coordinator_id) + transfer.transfer_id
-    try:
-        with coordinator.transaction(gtrid) as tx:
-            a = tx.branch("a")
-            try:
-                a.execute(
-                    DEBIT,
-                    {
-                        "amount": transfer.amount,
-                        "account": transfer.source,
-                        "tid": transfer.transfer_id,
-                    },
-                )
-            except pg_errors.CheckViolation:
-                pass  # the branch remembers the failure and votes NO at prepare
-            else:
-                tx.execute(
-                    "b",
-                    CREDIT,
-                    {
-                        "amount": transfer.amount,
-                        "account": transfer.target,
-                        "tid": transfer.transfer_id,
-                    },
-                )
-                tx.send(QUEUE, transfer.body(), {"transfer-id": transfer.transfer_id})
-    except TransactionAborted as exc:
-        return Outcome.ABORTED, exc.reason
-    except TransactionInDoubt as exc:
-        return Outcome.IN_DOUBT, exc.reason
-    except ParticipantError as exc:  # raised during the work: everything was rolled back
-        return Outcome.ABORTED, str(exc)
-    return Outcome.COMMITTED, ""
 
 
 # -- running a batch ---------------------------------------------------------

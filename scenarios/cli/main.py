@@ -42,7 +42,7 @@ def lab() -> None:
 
 
 def _lab() -> Any:
-    from scenarios.lab import Lab
+    from scenarios.lab.services import Lab
 
     return Lab(home_dir())
 
@@ -244,7 +244,8 @@ def transfer(
     check: bool,
 ) -> None:
     """Run transfers: debit A, credit B, announce on /queue/transfers — atomically."""
-    from scenarios import transfer as scenario
+    from scenarios.strategies.twopc import transfer_2pc
+    from scenarios.transfer import model as scenario
     from scenarios.wiring import open_coordinator
 
     settings = _settings()
@@ -266,7 +267,7 @@ def transfer(
         try:
             plan = scenario.plan(count, accounts=accounts, seed=seed)
             result = scenario.run_batch(
-                plan, lambda t: scenario.transfer_2pc(coordinator, t), concurrency=concurrency
+                plan, lambda t: transfer_2pc(coordinator, t), concurrency=concurrency
             )
             output.update(result.as_dict())
             output["coordinator"] = dict(coordinator.stats())
@@ -314,14 +315,14 @@ def scenario() -> None:
 @scenario.command("list")
 def scenario_list() -> None:
     """Name and describe every scenario."""
-    from scenarios.stories import STORIES, describe
+    from scenarios.transfer.stories import STORIES, describe
 
     for name in STORIES:
         click.echo(f"{name:34} {describe(name)}")
 
 
 def _run_story(name: str) -> bool:
-    from scenarios.stories import STORIES
+    from scenarios.transfer.stories import STORIES
 
     story = STORIES[name](_settings())
     colour = "green" if story.ok else "red"
@@ -335,7 +336,7 @@ def _run_story(name: str) -> bool:
 @click.argument("name")
 def scenario_run(name: str) -> None:
     """Run scenario NAME ('all' runs every one)."""
-    from scenarios.stories import STORIES
+    from scenarios.transfer.stories import STORIES
 
     names = list(STORIES) if name == "all" else [name]
     unknown = [n for n in names if n not in STORIES]
@@ -358,8 +359,9 @@ def scenario_run(name: str) -> None:
 @click.pass_context
 def demo(ctx: click.Context, count: int, concurrency: int, bench: bool) -> None:
     """Bring the lab up, set up the schema, run the scenarios, a batch and a quick benchmark."""
-    from scenarios import transfer as scenario
-    from scenarios.stories import STORIES
+    from scenarios.strategies.twopc import transfer_2pc
+    from scenarios.transfer import model as scenario
+    from scenarios.transfer.stories import STORIES
     from scenarios.wiring import open_coordinator
 
     console.rule("twopc demo: the lab")
@@ -375,7 +377,7 @@ def demo(ctx: click.Context, count: int, concurrency: int, bench: bool) -> None:
     try:
         plan = scenario.plan(count, accounts=100, seed=1)
         batch = scenario.run_batch(
-            plan, lambda t: scenario.transfer_2pc(coordinator, t), concurrency=concurrency
+            plan, lambda t: transfer_2pc(coordinator, t), concurrency=concurrency
         )
         output: dict[str, Any] = {
             "strategy": "2pc",
@@ -394,27 +396,24 @@ def demo(ctx: click.Context, count: int, concurrency: int, bench: bool) -> None:
     if not ok:
         sys.exit(1)
     if bench:
-        from scenarios.cli_bench import bench as bench_command
+        from scenarios.cli.bench import bench as bench_command
 
         console.rule("twopc bench --quick: 2PC against the outbox, CDC and naive dual write")
         ctx.invoke(bench_command, quick=True)
 
 
-# -- the outbox's relays, consumer and failure log (scenarios.cli_outbox) ---------------
+# -- the outbox's relays, consumer and failure log (scenarios.cli.outbox) ---------
 
-from scenarios import cli_outbox  # noqa: E402  (kept beside the registrations below)
+from scenarios.cli import outbox as cli_outbox  # noqa: E402  (kept beside the registrations below)
 
 main.add_command(cli_outbox.relay)
 main.add_command(cli_outbox.consumer)
 main.add_command(cli_outbox.outbox)
 
-from scenarios.cli_bench import bench  # noqa: E402  (registered with the commands above)
+from scenarios.cli.bench import bench  # noqa: E402  (registered with the commands above)
 
 main.add_command(bench)
 
-from scenarios.cli_torture import torture  # noqa: E402  (registered with the commands above)
+from scenarios.cli.torture import torture  # noqa: E402  (registered with the commands above)
 
 main.add_command(torture)
-
-if __name__ == "__main__":
-    main()

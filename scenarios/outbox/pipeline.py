@@ -30,10 +30,10 @@ import psycopg
 
 from coordinator.errors import TwoPhaseCommitError
 from scenarios.config import Settings
-from scenarios.consumer import Consumer
-from scenarios.relay import Relay, RelayConfig, make_relay
+from scenarios.outbox.consumer import Consumer
+from scenarios.outbox.relay import Relay, RelayConfig, make_relay
 from scenarios.strategies.base import RelayMode
-from scenarios.transfer import balance_sum, gather_evidence, queued_transfer_ids, transfer_ids
+from scenarios.transfer.model import balance_sum, gather_evidence, queued_transfer_ids, transfer_ids
 
 
 @dataclass
