@@ -29,6 +29,7 @@ from scenarios.config import Settings
 from scenarios.lab.services import Lab, postgres_bindir
 from scenarios.strategies.twopc import transfer_2pc
 from scenarios.transfer import model as scenario
+from scenarios.transfer.invariants import gather_evidence
 from scenarios.transfer.stories import STORIES
 from scenarios.wiring import open_coordinator
 from tests.conftest import end_sessions, free_port
@@ -58,7 +59,7 @@ def test_thousand_transfers_at_concurrency_8_keep_every_invariant(fresh: Setting
         coordinator.close()
     assert sum(result.outcomes.values()) == 1000
     assert result.outcomes["committed"] > 0 and result.outcomes["in-doubt"] == 0
-    evidence = scenario.gather_evidence(fresh)
+    evidence = gather_evidence(fresh)
     assert evidence.total_now == evidence.total_expected == 2 * ACCOUNTS * 1_000
     assert evidence.atomicity_violations == [] and evidence.duplicates == []
     assert len(evidence.in_a) == result.outcomes["committed"]
@@ -98,7 +99,7 @@ def test_kill_9_of_a_running_transfer_then_recover_keeps_every_invariant(
         )
         assert recovered.returncode == 0, recovered.stderr
         assert json.loads(recovered.stdout)["resolved"] is True
-        evidence = scenario.gather_evidence(fresh)
+        evidence = gather_evidence(fresh)
         assert evidence.ok, evidence.as_dict()
         assert evidence.markers == set()
 
@@ -112,7 +113,7 @@ def test_insufficient_funds_is_a_no_vote_with_nothing_visible(fresh: Settings) -
     finally:
         coordinator.close()
     assert outcome is Outcome.ABORTED and "voted NO" in reason
-    evidence = scenario.gather_evidence(fresh)
+    evidence = gather_evidence(fresh)
     assert "poor-1" not in evidence.in_a | evidence.in_b | set(evidence.on_queue)
     assert evidence.prepared == [] and evidence.total_now == evidence.total_expected
 
@@ -148,7 +149,7 @@ def test_broker_down_makes_transfers_abort_cleanly(fresh: Settings, lab: Lab) ->
         lab.start_service("activemq")
     assert outcome is Outcome.ABORTED
     assert "broker" in reason.lower() or "stomp" in reason.lower()
-    evidence = scenario.gather_evidence(fresh)
+    evidence = gather_evidence(fresh)
     assert "nobroker-1" not in evidence.in_a | evidence.in_b
     assert evidence.prepared == []
 
@@ -196,7 +197,7 @@ def test_rollback_on_error_in_work_leaves_nothing(fresh: Settings) -> None:
             tx.send(scenario.QUEUE, "{}", {"transfer-id": "err-2"})
     finally:
         coordinator.close()
-    evidence = scenario.gather_evidence(fresh)
+    evidence = gather_evidence(fresh)
     assert not {"err-1", "err-2"} & (evidence.in_a | evidence.in_b | set(evidence.on_queue))
 
 
@@ -328,7 +329,7 @@ def test_paused_broker_at_commit_point_is_in_doubt_then_resolved(fresh: Settings
         assert coordinator.in_doubt == []
     finally:
         coordinator.close()
-    evidence = scenario.gather_evidence(fresh)
+    evidence = gather_evidence(fresh)
     assert "paused-1" in evidence.in_a and "paused-1" in evidence.in_b
     assert evidence.on_queue["paused-1"] == 1
     assert evidence.ok and evidence.markers == set()

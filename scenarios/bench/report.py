@@ -42,6 +42,7 @@ from coordinator.states import Outcome
 from scenarios.bench import measure, overhead
 from scenarios.bench import report_pages as pages
 from scenarios.config import Settings
+from scenarios.transfer import invariants
 from scenarios.transfer import model as scenario
 from scenarios.wiring import open_coordinator
 
@@ -329,7 +330,7 @@ def _crash_in_process(
     if strategy.relay_mode is not None:
         with pipeline.Pipeline(settings, strategy.relay_mode):
             missing = pipeline.wait_converged(settings, timeout=60.0)
-    found = pipeline.anomalies(settings, strategy.relay_mode)
+    found = invariants.anomalies(settings, strategy.relay_mode)
     return {
         "how": f"abandon every {plan.crash_every}th transfer at {point}",
         "transfers": len(transfers),
@@ -343,7 +344,6 @@ def _crash_in_process(
 
 def _crash_2pc_child(settings: Settings, point: str, plan: ReportPlan) -> dict[str, Any]:
     """SIGKILL a ``twopc transfer`` child at failpoint ``point``, recover, then count."""
-    from scenarios.outbox import pipeline
 
     env = {
         **os.environ,
@@ -368,13 +368,13 @@ def _crash_2pc_child(settings: Settings, point: str, plan: ReportPlan) -> dict[s
     coordinator = open_coordinator(settings)  # recovery resolves what the kill left
     recovery = coordinator.last_recovery
     coordinator.close()
-    found = pipeline.anomalies(settings, None)
+    found = invariants.anomalies(settings, None)
     return {
         "how": f"SIGKILL of the coordinator's process at {point} (hit {plan.crash_every}), "
         "then recovery",
         "transfers": plan.crash_transfers,
         "crashed": 1 if child.returncode == -9 else 0,
-        "committed": len(scenario.transfer_ids(settings.pg_a)),
+        "committed": len(invariants.transfer_amounts(settings.pg_a)),
         "recovered_in_doubt": len(getattr(recovery, "items", []) or []),
         "not_converged": 0,
         "anomalies": len(found),

@@ -246,6 +246,7 @@ def transfer(
     """Run transfers: debit A, credit B, announce on /queue/transfers — atomically."""
     from scenarios.strategies.twopc import transfer_2pc
     from scenarios.transfer import model as scenario
+    from scenarios.transfer.invariants import gather_evidence
     from scenarios.wiring import open_coordinator
 
     settings = _settings()
@@ -274,7 +275,7 @@ def transfer(
         finally:
             coordinator.close()
         if check:
-            output["invariants"] = scenario.gather_evidence(settings).as_dict()
+            output["invariants"] = gather_evidence(settings).as_dict()
     if as_json:
         click.echo(json.dumps(output, indent=2))
     elif count:
@@ -361,6 +362,7 @@ def demo(ctx: click.Context, count: int, concurrency: int, bench: bool) -> None:
     """Bring the lab up, set up the schema, run the scenarios, a batch and a quick benchmark."""
     from scenarios.strategies.twopc import transfer_2pc
     from scenarios.transfer import model as scenario
+    from scenarios.transfer.invariants import gather_evidence
     from scenarios.transfer.stories import STORIES
     from scenarios.wiring import open_coordinator
 
@@ -386,7 +388,7 @@ def demo(ctx: click.Context, count: int, concurrency: int, bench: bool) -> None:
         }
     finally:
         coordinator.close()
-    output["invariants"] = scenario.gather_evidence(settings).as_dict()
+    output["invariants"] = gather_evidence(settings).as_dict()
     _print_batch(output)
     console.rule("summary")
     for name, ok in results.items():

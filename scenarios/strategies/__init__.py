@@ -19,6 +19,7 @@ from scenarios.strategies.cdc import CdcStrategy
 from scenarios.strategies.naive import NaiveStrategy
 from scenarios.strategies.outbox import OutboxLastIdStrategy, OutboxStatusStrategy
 from scenarios.strategies.twopc import TwoPhaseCommitStrategy
+from scenarios.transfer.invariants import gather_evidence
 from scenarios.transfer.model import Transfer, run_batch
 
 __all__ = ["STRATEGIES", "Strategy", "TwoPhaseCommitStrategy", "new_strategy", "run_transfers"]
@@ -82,10 +83,6 @@ def run_transfers(
             running.stop()
         strategy.close()
     if check:
-        if strategy.relay_mode is None:
-            from scenarios.transfer.model import gather_evidence
-
-            output["invariants"] = gather_evidence(settings).as_dict()
-        else:
-            output["invariants"] = pipeline.gather_outbox_evidence(settings).as_dict()
+        inbox = strategy.relay_mode is not None
+        output["invariants"] = gather_evidence(settings, inbox=inbox).as_dict()
     return output

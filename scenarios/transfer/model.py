@@ -1,8 +1,8 @@
 """The transfer: debit an account in A, credit one in B, announce it on /queue/transfers.
 
-This module holds what every strategy shares (the plan of transfers, the
-schema reset, running a batch with latencies, reading the evidence back from
-the real services) and the 2PC strategy itself.
+This module holds what every strategy shares: the plan of transfers, the SQL
+of the debit and the credit, the schema reset, and running a batch with
+latencies. The invariants are checked by scenarios.transfer.invariants.
 """
 
 from __future__ import annotations
@@ -20,14 +20,11 @@ from typing import Any
 import psycopg
 
 from coordinator.states import Outcome
-from coordinator.xid import FORMAT_ID, gtrid_prefix
-from participants.postgres import PostgresResource
 from participants.stomp_client import StompClient
 from scenarios.config import Settings
 from scenarios.transfer import schema
 
 QUEUE = "/queue/transfers"
-MARKER_QUEUE = "/queue/twopc.markers"
 
 DEBIT = (
     "WITH debited AS (UPDATE accounts SET balance = balance - %(amount)s "
@@ -216,106 +213,3 @@ def run_batch(
         thread.join()
     result.seconds = time.perf_counter() - started
     return result
-
-
-# -- evidence ----------------------------------------------------------------
-
-
-@dataclass
-class Evidence:
-    """What the real services hold after a run, and the invariants checked on it."""
-
-    total_expected: int
-    total_now: int
-    in_a: set[str]
-    in_b: set[str]
-    on_queue: Counter[str]
-    prepared: list[str]
-    markers: set[str]
-
-    @property
-    def atomicity_violations(self) -> list[str]:
-        ids = self.in_a | self.in_b | set(self.on_queue)
-        return sorted(
-            t
-            for t in ids
-            if not (t in self.in_a and t in self.in_b and self.on_queue.get(t, 0) >= 1)
-        )
-
-    @property
-    def duplicates(self) -> list[str]:
-        return sorted(t for t, n in self.on_queue.items() if n > 1)
-
-    @property
-    def ok(self) -> bool:
-        return (
-            self.total_now == self.total_expected
-            and not self.atomicity_violations
-            and not self.duplicates
-            and not self.prepared
-        )
-
-    def as_dict(self) -> dict[str, Any]:
-        return {
-            "money_conserved": self.total_now == self.total_expected,
-            "total_expected": self.total_expected,
-            "total_now": self.total_now,
-            "transfers_in_a": len(self.in_a),
-            "transfers_in_b": len(self.in_b),
-            "messages_on_queue": sum(self.on_queue.values()),
-            "atomicity_violations": len(self.atomicity_violations),
-            "duplicate_messages": len(self.duplicates),
-            "prepared_left": self.prepared,
-            "markers_left": len(self.markers),
-            "ok": self.ok,
-        }
-
-
-def transfer_ids(dsn: str) -> set[str]:
-    with psycopg.connect(dsn) as conn:
-        return {row[0] for row in conn.execute("SELECT transfer_id FROM transfers")}
-
-
-def balance_sum(dsn: str) -> int:
-    with psycopg.connect(dsn) as conn:
-        row = conn.execute("SELECT coalesce(sum(balance), 0) FROM accounts").fetchone()
-        return int(row[0]) if row else 0
-
-
-def queued_transfer_ids(settings: Settings, destination: str = QUEUE) -> Counter[str]:
-    """transfer-id header -> number of messages with it on the queue (a full browse)."""
-    with StompClient.open(settings.stomp) as client:
-        messages = client.browse(destination, idle_timeout=10.0)
-    return Counter(m.headers.get("transfer-id", "?") for m in messages)
-
-
-def prepared_of(settings: Settings) -> list[str]:
-    """'<db>:<gtrid>' of every prepared transaction this coordinator owns, in A and B."""
-    prefix = gtrid_prefix(settings.coordinator_id)
-    found = []
-    for name, dsn in (("a", settings.pg_a), ("b", settings.pg_b)):
-        resource = PostgresResource(name, dsn)
-        try:
-            found += [f"{name}:{x.gtrid}" for x in resource.recover(FORMAT_ID, prefix)]
-        finally:
-            resource.close()
-    return sorted(found)
-
-
-def gather_evidence(settings: Settings) -> Evidence:
-    """Read A, B, the queue and pg_prepared_xacts (for the 2PC and naive strategies)."""
-    with psycopg.connect(settings.pg_a) as conn:
-        row = conn.execute("SELECT value FROM scenario_meta WHERE key = 'total'").fetchone()
-    with StompClient.open(settings.stomp) as client:
-        markers = {
-            m.headers.get("gtrid", "") for m in client.browse(MARKER_QUEUE, idle_timeout=10.0)
-        }
-    return Evidence(
-        total_expected=int(row[0]) if row else 0,
-        total_now=balance_sum(settings.pg_a) + balance_sum(settings.pg_b),
-        in_a=transfer_ids(settings.pg_a),
-        in_b=transfer_ids(settings.pg_b),
-        on_queue=queued_transfer_ids(settings),
-        prepared=prepared_of(settings),
-        markers={m for m in markers if m.startswith(gtrid_prefix(settings.coordinator_id))},
-    )

@@ -22,6 +22,7 @@ from scenarios.config import Settings, home_dir
 from scenarios.lab.services import Lab
 from scenarios.strategies.twopc import transfer_2pc
 from scenarios.transfer import model as scenario
+from scenarios.transfer.invariants import gather_evidence
 from scenarios.wiring import open_coordinator
 
 
@@ -45,14 +46,6 @@ class Story:
 # -- evidence helpers -----------------------------------------------------------
 
 
-def rows_for(dsn: str, transfer_id: str) -> int:
-    with psycopg.connect(dsn) as conn:
-        row = conn.execute(
-            "SELECT count(*) FROM transfers WHERE transfer_id = %s", (transfer_id,)
-        ).fetchone()
-    return int(row[0]) if row else 0
-
-
 def balance(dsn: str, account: str) -> int:
     with psycopg.connect(dsn) as conn:
         row = conn.execute("SELECT balance FROM accounts WHERE id = %s", (account,)).fetchone()
@@ -65,16 +58,13 @@ def prepared_gids(dsn: str, gtrid: str) -> int:
         return sum(1 for x in conn.tpc_recover() if x.gtrid == gtrid)
 
 
-def messages_for(settings: Settings, transfer_id: str) -> int:
-    return scenario.queued_transfer_ids(settings).get(transfer_id, 0)
-
-
 def evidence(story: Story, settings: Settings, t: scenario.Transfer, *, committed: bool) -> None:
-    """Read A, B, the queue and pg_prepared_xacts for ``t``; say what they hold."""
+    """Read A, B, the queue and the prepared branches for ``t``; say what they hold."""
     gtrid = gtrid_prefix(settings.coordinator_id) + t.transfer_id
-    in_a, in_b = rows_for(settings.pg_a, t.transfer_id), rows_for(settings.pg_b, t.transfer_id)
-    queued = messages_for(settings, t.transfer_id)
-    prepared = prepared_gids(settings.pg_a, gtrid) + prepared_gids(settings.pg_b, gtrid)
+    found = gather_evidence(settings)
+    in_a, in_b = int(t.transfer_id in found.in_a), int(t.transfer_id in found.in_b)
+    queued = found.on_queue.get(t.transfer_id, 0)
+    prepared = sum(p.split(":", 1)[1] == gtrid for p in found.prepared)
     want = 1 if committed else 0
     story.expect(
         (in_a, in_b, queued, prepared) == (want, want, want, 0),
