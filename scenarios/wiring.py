@@ -1,15 +1,35 @@
-"""Builds a coordinator from settings: the two PostgreSQL databases, ActiveMQ and the log."""
+"""Builds from settings: the participants (PostgreSQL A and B, ActiveMQ), the coordinator, recovery.
+
+This is the one place that turns :class:`~scenarios.config.Settings` into
+participants: the coordinator, ``twopc indoubt``, the invariant checker and
+the overhead benchmark all take theirs from here.
+"""
 
 from __future__ import annotations
 
+from pathlib import Path
 from typing import Any
 
 from coordinator import events, failpoints
 from coordinator.coordinator import Coordinator
 from coordinator.log.file import FileDecisionLog
+from coordinator.recovery import InDoubt, Recovery, RecoveryReport
 from participants.activemq import ActiveMQ
 from participants.postgres import PostgresResource
 from scenarios.config import Settings
+
+
+def databases(settings: Settings, *, pool_size: int) -> list[PostgresResource]:
+    """Databases A and B as the resources 'a' and 'b'; each keeps ``pool_size`` idle sessions."""
+    return [
+        PostgresResource("a", settings.pg_a, setting="TWOPC_PG_A", pool_size=pool_size),
+        PostgresResource("b", settings.pg_b, setting="TWOPC_PG_B", pool_size=pool_size),
+    ]
+
+
+def broker(settings: Settings, *, pool_size: int) -> ActiveMQ:
+    """The broker as the last resource 'mq', with ``pool_size`` STOMP sessions."""
+    return ActiveMQ(settings.stomp, settings.coordinator_id, pool_size=pool_size)
 
 
 def open_coordinator(
@@ -29,17 +49,14 @@ def open_coordinator(
     events.configure()
     failpoints.arm_from_env()
     log = FileDecisionLog(settings.log_path)
-    resources = [
-        PostgresResource("a", settings.pg_a, setting="TWOPC_PG_A", pool_size=sessions + 8),
-        PostgresResource("b", settings.pg_b, setting="TWOPC_PG_B", pool_size=sessions + 8),
-    ]
-    broker = ActiveMQ(settings.stomp, settings.coordinator_id, pool_size=sessions)
+    resources = databases(settings, pool_size=sessions + 8)
+    mq = broker(settings, pool_size=sessions)
     try:
         return Coordinator(
             settings.coordinator_id,
             log,
             resources,
-            broker,
+            mq,
             recover_on_start=recover,
             max_workers=max(sessions, 4),
             **options,
@@ -47,6 +64,49 @@ def open_coordinator(
     except BaseException:
         for resource in resources:
             resource.close()
-        broker.close()
+        mq.close()
         log.close()
         raise
+
+
+def read_pending(path: Path) -> dict[str, tuple[str, ...]]:
+    """COMMIT-without-END records of the log at ``path``, read without taking its lock."""
+    from coordinator.log import format as log_format
+
+    try:
+        data = path.read_bytes()
+    except FileNotFoundError:
+        return {}
+    return log_format.replay(log_format.scan(data, str(path)).records)
+
+
+def in_doubt(settings: Settings) -> list[InDoubt]:
+    """What is in doubt and what recovery would do, read without fencing; changes nothing."""
+    resources = databases(settings, pool_size=1)
+    mq = broker(settings, pool_size=1)
+    try:
+        pending = read_pending(settings.log_path)
+        items, _ = Recovery(settings.coordinator_id, None, resources, mq, pending=pending).gather(
+            fence=False
+        )
+    finally:
+        for resource in resources:
+            resource.close()
+        mq.close()
+    return items
+
+
+def recover(
+    settings: Settings | None = None, *, fence_timeout: float = 30.0, sessions: int = 32
+) -> RecoveryReport:
+    """Resolve every in-doubt transaction of this coordinator and report what was done.
+
+    The coordinator is opened without its start-up recovery, so that the
+    report covers everything found, and closed again.
+    """
+    coordinator = open_coordinator(settings, recover=False, sessions=sessions)
+    try:
+        report: RecoveryReport = coordinator.recover(fence_timeout=fence_timeout)
+        return report
+    finally:
+        coordinator.close()

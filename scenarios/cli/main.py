@@ -97,17 +97,6 @@ def _settings() -> Any:
     return Settings.load()
 
 
-def read_pending(path: Any) -> dict[str, tuple[str, ...]]:
-    """COMMIT-without-END records of the log at ``path``, read without taking its lock."""
-    from coordinator.log import format as log_format
-
-    try:
-        data = path.read_bytes()
-    except FileNotFoundError:
-        return {}
-    return log_format.replay(log_format.scan(data, str(path)).records)
-
-
 def _print_recovery(items: list[Any], as_json: bool, extra: dict[str, Any]) -> None:
     if as_json:
         click.echo(json.dumps({**extra, "transactions": [i.as_dict() for i in items]}, indent=2))
@@ -153,13 +142,9 @@ def _print_recovery(items: list[Any], as_json: bool, extra: dict[str, Any]) -> N
 )
 def recover(as_json: bool, fence_timeout: float) -> None:
     """Resolve every in-doubt transaction of this coordinator and say what was done."""
-    from scenarios.wiring import open_coordinator
+    from scenarios.wiring import recover as run_recovery
 
-    coordinator = open_coordinator(recover=False)
-    try:
-        report = coordinator.recover(fence_timeout=fence_timeout)
-    finally:
-        coordinator.close()
+    report = run_recovery(fence_timeout=fence_timeout)
     _print_recovery(
         report.items,
         as_json,
@@ -178,24 +163,10 @@ def recover(as_json: bool, fence_timeout: float) -> None:
 @click.option("--json", "as_json", is_flag=True, help="Print the list as JSON.")
 def indoubt(as_json: bool) -> None:
     """List what is in doubt and what recovery would do; changes nothing."""
-    from coordinator.recovery import Recovery
-    from participants.activemq import ActiveMQ
-    from participants.postgres import PostgresResource
+    from scenarios.wiring import in_doubt
 
-    settings = _settings()
-    resources = [PostgresResource("a", settings.pg_a), PostgresResource("b", settings.pg_b)]
-    broker = ActiveMQ(settings.stomp, settings.coordinator_id, pool_size=1)
-    try:
-        pending = read_pending(settings.log_path)
-        items, _ = Recovery(
-            settings.coordinator_id, None, resources, broker, pending=pending
-        ).gather(fence=False)
-    finally:
-        for resource in resources:
-            resource.close()
-        broker.close()
     _print_recovery(
-        items,
+        in_doubt(_settings()),
         as_json,
         {}
         if as_json
@@ -244,38 +215,20 @@ def transfer(
     check: bool,
 ) -> None:
     """Run transfers: debit A, credit B, announce on /queue/transfers — atomically."""
-    from scenarios.strategies.twopc import transfer_2pc
-    from scenarios.transfer import model as scenario
-    from scenarios.transfer.invariants import gather_evidence
-    from scenarios.wiring import open_coordinator
+    from scenarios.strategies import run_transfers
+    from scenarios.transfer.model import plan, recover_and_reset
 
     settings = _settings()
     if concurrency < 1:
         raise click.BadParameter("must be at least 1", param_hint="--concurrency")
     if do_reset:
-        open_coordinator(settings).close()  # recovery first: prepared rows hold locks
-        scenario.reset(settings, accounts=accounts, balance=balance)
+        recover_and_reset(settings, accounts=accounts, balance=balance)
         if not as_json:
             console.print(f"reset: {accounts} accounts of {balance} in A and in B, queue empty")
     output: dict[str, Any] = {"strategy": strategy}
-    if count and strategy != "2pc":
-        from scenarios.strategies import run_transfers
-
-        plan = scenario.plan(count, accounts=accounts, seed=seed)
-        output = run_transfers(settings, strategy, plan, concurrency=concurrency, check=check)
-    elif count:
-        coordinator = open_coordinator(settings, sessions=max(concurrency, 1))
-        try:
-            plan = scenario.plan(count, accounts=accounts, seed=seed)
-            result = scenario.run_batch(
-                plan, lambda t: transfer_2pc(coordinator, t), concurrency=concurrency
-            )
-            output.update(result.as_dict())
-            output["coordinator"] = dict(coordinator.stats())
-        finally:
-            coordinator.close()
-        if check:
-            output["invariants"] = gather_evidence(settings).as_dict()
+    if count:
+        transfers = plan(count, accounts=accounts, seed=seed)
+        output = run_transfers(settings, strategy, transfers, concurrency=concurrency, check=check)
     if as_json:
         click.echo(json.dumps(output, indent=2))
     elif count:
@@ -360,35 +313,20 @@ def scenario_run(name: str) -> None:
 @click.pass_context
 def demo(ctx: click.Context, count: int, concurrency: int, bench: bool) -> None:
     """Bring the lab up, set up the schema, run the scenarios, a batch and a quick benchmark."""
-    from scenarios.strategies.twopc import transfer_2pc
-    from scenarios.transfer import model as scenario
-    from scenarios.transfer.invariants import gather_evidence
+    from scenarios.strategies import run_transfers
+    from scenarios.transfer.model import plan, recover_and_reset
     from scenarios.transfer.stories import STORIES
-    from scenarios.wiring import open_coordinator
 
     console.rule("twopc demo: the lab")
     _print_status(_lab().up(), False)
     settings = _settings()
-    open_coordinator(settings).close()  # recover whatever an earlier run left
-    scenario.reset(settings, accounts=100, balance=10_000)
+    recover_and_reset(settings, accounts=100, balance=10_000)
     console.print("schema reset: 100 accounts of 10000 in A and in B; /queue/transfers empty")
     console.rule("scenarios")
     results = {name: _run_story(name) for name in STORIES}
     console.rule(f"a batch: {count} transfers at concurrency {concurrency}")
-    coordinator = open_coordinator(settings, sessions=concurrency)
-    try:
-        plan = scenario.plan(count, accounts=100, seed=1)
-        batch = scenario.run_batch(
-            plan, lambda t: transfer_2pc(coordinator, t), concurrency=concurrency
-        )
-        output: dict[str, Any] = {
-            "strategy": "2pc",
-            **batch.as_dict(),
-            "coordinator": dict(coordinator.stats()),
-        }
-    finally:
-        coordinator.close()
-    output["invariants"] = gather_evidence(settings).as_dict()
+    transfers = plan(count, accounts=100, seed=1)
+    output = run_transfers(settings, "2pc", transfers, concurrency=concurrency)
     _print_batch(output)
     console.rule("summary")
     for name, ok in results.items():

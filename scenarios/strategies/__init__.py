@@ -70,6 +70,7 @@ def run_transfers(
     try:
         result = run_batch(transfers, strategy.run_one, concurrency=concurrency)
         output.update(result.as_dict())
+        output.update(strategy.stats())
         if running is not None:
             ids = set(strategy.committed_at)
             missing = pipeline.wait_converged(settings, ids, timeout=converge_timeout)

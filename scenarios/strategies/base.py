@@ -25,7 +25,7 @@ import threading
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
-from typing import Literal, Protocol
+from typing import Any, Literal, Protocol
 
 import psycopg
 
@@ -73,6 +73,10 @@ class Strategy(Protocol):
         died there (open transactions roll back, later steps never run) and run_one
         returns IN_DOUBT. ``kill``: the ``every``-th hit SIGKILLs this process.
         """
+
+    def stats(self) -> dict[str, Any]:
+        """Figures to print beside the batch's, by name (2PC: its coordinator's counters)."""
+        ...
 
     def close(self) -> None:
         """Release everything prepare opened (idempotent)."""

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import time
 from collections.abc import Callable
+from typing import Any
 
 import psycopg
 from psycopg import errors as pg_errors
@@ -115,6 +116,9 @@ class LocalCommitWriter:
         if self._crashes.hit("after-commit"):
             return crashed("after-commit")
         return Outcome.COMMITTED, ""
+
+    def stats(self) -> dict[str, Any]:
+        return {}
 
     def close(self) -> None:
         if self._pool is not None:

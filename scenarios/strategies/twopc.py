@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import time
+from typing import Any
 
 from psycopg import errors as pg_errors
 
@@ -99,6 +100,11 @@ class TwoPhaseCommitStrategy:
         if outcome is Outcome.COMMITTED:
             self.committed_at[transfer.transfer_id] = time.time()
         return outcome, reason
+
+    def stats(self) -> dict[str, Any]:
+        if self.coordinator is None:
+            return {}
+        return {"coordinator": dict(self.coordinator.stats())}
 
     def close(self) -> None:
         if self.coordinator is not None:

@@ -28,10 +28,10 @@ import psycopg
 
 from coordinator.xid import FORMAT_ID, gtrid_prefix
 from participants.activemq import MARKER_QUEUE
-from participants.postgres import PostgresResource
 from participants.stomp_client import StompClient
 from scenarios.config import Settings
 from scenarios.transfer.model import QUEUE
+from scenarios.wiring import databases
 
 
 @dataclass
@@ -182,10 +182,9 @@ def prepared_of(settings: Settings) -> list[str]:
     """'<db>:<gtrid>' of every prepared transaction this coordinator owns, in A and B."""
     prefix = gtrid_prefix(settings.coordinator_id)
     found = []
-    for name, dsn in (("a", settings.pg_a), ("b", settings.pg_b)):
-        resource = PostgresResource(name, dsn)
+    for resource in databases(settings, pool_size=1):
         try:
-            found += [f"{name}:{x.gtrid}" for x in resource.recover(FORMAT_ID, prefix)]
+            found += [f"{resource.name}:{x.gtrid}" for x in resource.recover(FORMAT_ID, prefix)]
         finally:
             resource.close()
     return sorted(found)

@@ -117,6 +117,14 @@ def reset(settings: Settings, *, accounts: int = 100, balance: int = 10_000) -> 
     drain(settings, QUEUE)
 
 
+def recover_and_reset(settings: Settings, *, accounts: int = 100, balance: int = 10_000) -> None:
+    """Resolve what an earlier run left in doubt (its prepared rows hold locks), then reset."""
+    from scenarios.wiring import open_coordinator
+
+    open_coordinator(settings).close()
+    reset(settings, accounts=accounts, balance=balance)
+
+
 def drain(settings: Settings, destination: str) -> int:
     """Consume and drop every message on ``destination``; return how many."""
     with StompClient.open(settings.stomp) as client:

@@ -24,6 +24,7 @@ from scenarios.strategies.twopc import transfer_2pc
 from scenarios.transfer import model as scenario
 from scenarios.transfer.invariants import gather_evidence
 from scenarios.wiring import open_coordinator
+from scenarios.wiring import recover as run_recovery
 
 
 @dataclass
@@ -105,11 +106,7 @@ def run_child(t: scenario.Transfer, failpoints: str) -> int:
 
 
 def recover(story: Story, settings: Settings) -> None:
-    coordinator = open_coordinator(settings, recover=False, sessions=2)
-    try:
-        report = coordinator.recover()
-    finally:
-        coordinator.close()
+    report = run_recovery(settings, sessions=2)
     for item in report.items:
         story.say(
             f"recovery: {item.gtrid}: COMMIT logged {'yes' if item.logged_commit else 'no'}, "
