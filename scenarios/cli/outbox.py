@@ -169,6 +169,3 @@ def outbox_retry(transfer_ids: tuple[str, ...], as_json: bool) -> None:
             console.print(f"last error: {report.error}")
     if report.failed:
         raise SystemExit(1)
-
-
-COMMANDS = [relay, consumer, outbox]

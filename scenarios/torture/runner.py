@@ -233,11 +233,6 @@ class Torture:
     def __exit__(self, *exc: object) -> None:
         self.close()
 
-    @property
-    def service_faults(self) -> bool:
-        """Whether PostgreSQL and the broker can be stopped and started (the lab is ours)."""
-        return self.lab is not None
-
     # -- one schedule ----------------------------------------------------------------
 
     def run(self, schedule: Schedule) -> ScheduleResult:
