@@ -40,6 +40,7 @@ from scenarios.strategies.base import CRASH_SETTING, CrashPlan, RelayMode, Strat
 from scenarios.strategies.outbox import OutboxLastIdStrategy, OutboxStatusStrategy
 from scenarios.transfer import invariants
 from scenarios.transfer import model as scenario
+from scenarios.transfer.batch import BatchResult, run_batch
 from scenarios.transfer.invariants import anomalies, gather_evidence
 from tests.conftest import BrokerControl
 
@@ -61,12 +62,12 @@ def jitter_before_commit() -> None:
 
 def run_writers(
     settings: Settings, strategy: Strategy, count: int, *, concurrency: int = 16
-) -> scenario.BatchResult:
+) -> BatchResult:
     """``count`` transfers through ``strategy`` on ``concurrency`` threads."""
     strategy.prepare(settings, concurrency=concurrency)
     try:
         plan = scenario.plan(count, accounts=ACCOUNTS, seed=random.randrange(1 << 30))
-        return scenario.run_batch(plan, strategy.run_one, concurrency=concurrency)
+        return run_batch(plan, strategy.run_one, concurrency=concurrency)
     finally:
         strategy.close()
 

@@ -29,6 +29,7 @@ from scenarios.config import Settings
 from scenarios.lab.services import Lab, postgres_bindir
 from scenarios.strategies.twopc import transfer_2pc
 from scenarios.transfer import model as scenario
+from scenarios.transfer.batch import run_batch
 from scenarios.transfer.invariants import gather_evidence
 from scenarios.transfer.stories import STORIES
 from scenarios.wiring import open_coordinator
@@ -53,7 +54,7 @@ def test_thousand_transfers_at_concurrency_8_keep_every_invariant(fresh: Setting
     coordinator = open_coordinator(fresh, sessions=8)
     try:
         plan = scenario.plan(1000, accounts=ACCOUNTS, seed=7)
-        result = scenario.run_batch(plan, lambda t: transfer_2pc(coordinator, t), concurrency=8)
+        result = run_batch(plan, lambda t: transfer_2pc(coordinator, t), concurrency=8)
         stats = coordinator.stats()
     finally:
         coordinator.close()

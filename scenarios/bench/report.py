@@ -44,6 +44,7 @@ from scenarios.bench import report_pages as pages
 from scenarios.config import Settings
 from scenarios.transfer import invariants
 from scenarios.transfer import model as scenario
+from scenarios.transfer.batch import run_batch
 from scenarios.wiring import open_coordinator
 
 ACCOUNTS = 10_000
@@ -323,7 +324,7 @@ def _crash_in_process(
     strategy.arm_crash(point, every=plan.crash_every, action="abandon")
     transfers = scenario.plan(plan.crash_transfers, accounts=ACCOUNTS, seed=seed)
     try:
-        batch = scenario.run_batch(transfers, strategy.run_one, concurrency=4)
+        batch = run_batch(transfers, strategy.run_one, concurrency=4)
     finally:
         strategy.close()
     missing: set[str] = set()

@@ -19,8 +19,9 @@ from scenarios.strategies.cdc import CdcStrategy
 from scenarios.strategies.naive import NaiveStrategy
 from scenarios.strategies.outbox import OutboxLastIdStrategy, OutboxStatusStrategy
 from scenarios.strategies.twopc import TwoPhaseCommitStrategy
+from scenarios.transfer.batch import percentiles, run_batch
 from scenarios.transfer.invariants import gather_evidence
-from scenarios.transfer.model import Transfer, run_batch
+from scenarios.transfer.model import Transfer
 
 __all__ = ["STRATEGIES", "Strategy", "TwoPhaseCommitStrategy", "new_strategy", "run_transfers"]
 
@@ -75,8 +76,6 @@ def run_transfers(
             ids = set(strategy.committed_at)
             missing = pipeline.wait_converged(settings, ids, timeout=converge_timeout)
             latencies = pipeline.convergence_latencies(settings, strategy.committed_at)
-            from scenarios.transfer.model import percentiles
-
             output["convergence_ms"] = percentiles(list(latencies.values()))
             output["not_converged"] = len(missing)
     finally:

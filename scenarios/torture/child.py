@@ -3,7 +3,7 @@
 It runs exactly what ``twopc transfer --count N --concurrency C`` runs (the
 coordinator from :func:`scenarios.wiring.open_coordinator`, failpoints armed
 from ``TWOPC_FAILPOINTS``, :func:`scenarios.strategies.twopc.transfer_2pc` on
-:func:`scenarios.transfer.model.run_batch`), and appends one JSON line per transfer
+:func:`scenarios.transfer.batch.run_batch`), and appends one JSON line per transfer
 to ``--outcomes`` the moment its caller is told the outcome. Each line is
 one ``write`` to a file opened with O_APPEND, so what a process reported
 before it was killed survives it: the torture then checks that every
@@ -30,6 +30,7 @@ from coordinator.states import Outcome
 from scenarios.config import Settings
 from scenarios.strategies.twopc import transfer_2pc
 from scenarios.transfer import model as scenario
+from scenarios.transfer.batch import run_batch
 from scenarios.wiring import open_coordinator
 
 
@@ -70,7 +71,7 @@ def main(argv: list[str] | None = None) -> int:
             write({"id": t.transfer_id, "outcome": outcome.value})
             return outcome, reason
 
-        scenario.run_batch(plan, run_one, concurrency=args.concurrency)
+        run_batch(plan, run_one, concurrency=args.concurrency)
     finally:
         coordinator.close()
     write({"done": True})

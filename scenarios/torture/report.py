@@ -8,7 +8,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from scenarios.torture.runner import ScheduleResult
-from scenarios.transfer.model import percentiles
+from scenarios.transfer.batch import percentiles
 
 
 @dataclass(frozen=True)
