@@ -12,6 +12,9 @@ from rich.console import Console
 from rich.table import Table
 
 from coordinator.errors import TwoPhaseCommitError
+from scenarios.cli import bench as cli_bench
+from scenarios.cli import outbox as cli_outbox
+from scenarios.cli import torture as cli_torture
 from scenarios.config import home_dir
 
 console = Console()
@@ -336,24 +339,14 @@ def demo(ctx: click.Context, count: int, concurrency: int, bench: bool) -> None:
     if not ok:
         sys.exit(1)
     if bench:
-        from scenarios.cli.bench import bench as bench_command
-
         console.rule("twopc bench --quick: 2PC against the outbox, CDC and naive dual write")
-        ctx.invoke(bench_command, quick=True)
+        ctx.invoke(cli_bench.bench, quick=True)
 
 
-# -- the outbox's relays, consumer and failure log (scenarios.cli.outbox) ---------
-
-from scenarios.cli import outbox as cli_outbox  # noqa: E402  (kept beside the registrations below)
+# -- the commands of the other cli modules -------------------------------------
 
 main.add_command(cli_outbox.relay)
 main.add_command(cli_outbox.consumer)
 main.add_command(cli_outbox.outbox)
-
-from scenarios.cli.bench import bench  # noqa: E402  (registered with the commands above)
-
-main.add_command(bench)
-
-from scenarios.cli.torture import torture  # noqa: E402  (registered with the commands above)
-
-main.add_command(torture)
+main.add_command(cli_bench.bench)
+main.add_command(cli_torture.torture)
