@@ -22,6 +22,7 @@ from pathlib import Path
 
 from coordinator.errors import ConfigurationError
 from coordinator.xid import validate_coordinator_id
+from participants.stomp_client import parse_address
 
 SETTING_NAMES = ("TWOPC_PG_A", "TWOPC_PG_B", "TWOPC_STOMP", "TWOPC_OPENWIRE")
 DEFAULT_HOME = ".twopc"
@@ -34,11 +35,14 @@ def home_dir(env: Mapping[str, str] | None = None) -> Path:
 
 
 def parse_host_port(value: str, setting: str) -> tuple[str, int]:
-    """Split ``host:port``; raise ConfigurationError naming ``setting`` when malformed."""
-    host, sep, port = value.rpartition(":")
-    if not sep or not host or not port.isdigit() or not 0 < int(port) < 65536:
+    """Split ``host:port`` as the STOMP client does; ConfigurationError naming ``setting``."""
+    try:
+        host, port = parse_address(value)
+    except ConfigurationError:
+        host, port = "", 0
+    if not 0 < port < 65536:
         raise ConfigurationError(f"{setting}={value!r} must look like host:port (127.0.0.1:26613)")
-    return host, int(port)
+    return host, port
 
 
 def read_config_file(path: Path) -> dict[str, str]:
@@ -73,10 +77,6 @@ class Settings:
         """The coordinator's decision log."""
         return self.home / "decisions.log"
 
-    @property
-    def stomp_address(self) -> tuple[str, int]:
-        return parse_host_port(self.stomp, "TWOPC_STOMP")
-
     def as_env(self) -> dict[str, str]:
         """The settings as environment variables (for child processes and ``twopc lab env``)."""
         return {
@@ -101,7 +101,7 @@ class Settings:
 
         values = {name: pick(name) for name in SETTING_NAMES}
         if any(v is None for v in values.values()):
-            from scenarios.lab import lab_settings  # the lab is only the default
+            from scenarios.lab.services import lab_settings  # the lab is only the default
 
             lab = lab_settings(home, env)
             values = {name: values[name] or lab[name] for name in SETTING_NAMES}

@@ -1,4 +1,9 @@
-"""Builds a coordinator from settings: the two PostgreSQL databases, ActiveMQ and the log."""
+"""Builds from settings: the participants (PostgreSQL A and B, ActiveMQ), the coordinator, recovery.
+
+This is the one place that turns :class:`~scenarios.config.Settings` into
+participants: the coordinator, ``twopc indoubt``, the invariant checker and
+the overhead benchmark all take theirs from here.
+"""
 
 from __future__ import annotations
 
@@ -6,10 +11,24 @@ from typing import Any
 
 from coordinator import failpoints
 from coordinator.coordinator import Coordinator
-from coordinator.log.file import FileDecisionLog
+from coordinator.log.file import FileDecisionLog, read_pending
+from coordinator.recovery import InDoubt, Recovery, RecoveryReport
 from participants.activemq import ActiveMQ
 from participants.postgres import PostgresResource
 from scenarios.config import Settings
+
+
+def databases(settings: Settings, *, pool_size: int) -> list[PostgresResource]:
+    """Databases A and B as the resources 'a' and 'b'; each keeps ``pool_size`` idle sessions."""
+    return [
+        PostgresResource("a", settings.pg_a, setting="TWOPC_PG_A", pool_size=pool_size),
+        PostgresResource("b", settings.pg_b, setting="TWOPC_PG_B", pool_size=pool_size),
+    ]
+
+
+def broker(settings: Settings, *, pool_size: int) -> ActiveMQ:
+    """The broker as the last resource 'mq', with ``pool_size`` STOMP sessions."""
+    return ActiveMQ(settings.stomp, settings.coordinator_id, pool_size=pool_size)
 
 
 def open_coordinator(
@@ -28,17 +47,14 @@ def open_coordinator(
     settings = settings or Settings.load()
     failpoints.arm_from_env()
     log = FileDecisionLog(settings.log_path)
-    resources = [
-        PostgresResource("a", settings.pg_a, setting="TWOPC_PG_A", pool_size=sessions + 8),
-        PostgresResource("b", settings.pg_b, setting="TWOPC_PG_B", pool_size=sessions + 8),
-    ]
-    broker = ActiveMQ(settings.stomp, settings.coordinator_id, pool_size=sessions)
+    resources = databases(settings, pool_size=sessions + 8)
+    mq = broker(settings, pool_size=sessions)
     try:
         return Coordinator(
             settings.coordinator_id,
             log,
             resources,
-            broker,
+            mq,
             recover_on_start=recover,
             max_workers=max(sessions, 4),
             **options,
@@ -46,6 +62,37 @@ def open_coordinator(
     except BaseException:
         for resource in resources:
             resource.close()
-        broker.close()
+        mq.close()
         log.close()
         raise
+
+
+def in_doubt(settings: Settings) -> list[InDoubt]:
+    """What is in doubt and what recovery would do, read without fencing; changes nothing."""
+    resources = databases(settings, pool_size=1)
+    mq = broker(settings, pool_size=1)
+    try:
+        pending = read_pending(settings.log_path)
+        report = Recovery(settings.coordinator_id, None, resources, mq, pending=pending).run(
+            dry_run=True
+        )
+    finally:
+        for resource in resources:
+            resource.close()
+        mq.close()
+    return report.items
+
+
+def recover(
+    settings: Settings | None = None, *, fence_timeout: float = 30.0, sessions: int = 32
+) -> RecoveryReport:
+    """Resolve every in-doubt transaction of this coordinator and report what was done.
+
+    The coordinator is opened without its start-up recovery, so that the
+    report covers everything found, and closed again.
+    """
+    coordinator = open_coordinator(settings, recover=False, sessions=sessions)
+    try:
+        return coordinator.recover(fence_timeout=fence_timeout)
+    finally:
+        coordinator.close()

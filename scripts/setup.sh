@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # Installs what twopc needs and is missing: Debian packages (PostgreSQL, ActiveMQ,
-# a Java runtime) and a virtual environment (.venv) with the project in it.
+# a Java runtime) and a virtual environment (.venv) with the project, its
+# development tools and the bench extra in it.
 # Idempotent: a second run installs nothing and takes a second.
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -35,6 +36,6 @@ stamp=.venv/.twopc-installed
 want=$(sha256sum pyproject.toml | cut -d' ' -f1)
 if [ "$(cat "$stamp" 2>/dev/null)" != "$want" ]; then
   echo "setup: installing twopc and its dependencies into .venv"
-  .venv/bin/python -m pip install -q --disable-pip-version-check -e '.[dev]'
+  .venv/bin/python -m pip install -q --disable-pip-version-check -e '.[dev,bench]'
   echo "$want" > "$stamp"
 fi

@@ -19,7 +19,7 @@ import psycopg
 import pytest
 
 from scenarios.config import Settings
-from scenarios.lab import BROKER, OPENWIRE_SETTING, PG_A, PG_B, Lab
+from scenarios.lab.services import BROKER, OPENWIRE_SETTING, PG_A, PG_B, Lab
 from scenarios.log_setup import configure as configure_logging
 
 

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import json
+import subprocess
+import sys
 import threading
 import time
 from pathlib import Path
@@ -12,7 +14,7 @@ from click.testing import CliRunner
 from hdrh.histogram import HdrHistogram
 
 from scenarios.bench import measure, overhead, report
-from scenarios.cli import main
+from scenarios.cli.main import main
 
 # -- the measuring code, no services -----------------------------------------------------
 
@@ -194,3 +196,40 @@ def test_bench_report_compares_strategies_and_counts_crash_anomalies(
     assert sum(p["anomalies"] for p in crashes["naive"].values()) > 0
     markdown = (tmp_path / "report.md").read_text()
     assert "## Verdict" in markdown and "![" in markdown and data["command"] in markdown
+
+
+# -- the bench extra ---------------------------------------------------------------------
+
+
+def test_bench_without_its_extra_says_in_one_line_what_to_install(
+    monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
+    """hdrhistogram missing (an ImportError): 'twopc bench' exits 2 with one line naming it."""
+    monkeypatch.setitem(sys.modules, "hdrh", None)  # 'import hdrh' now raises ImportError
+    out = tmp_path / "report"
+    outcome = CliRunner().invoke(main, ["bench", "--quick", "--out", str(out)])
+    assert outcome.exit_code == 2
+    assert outcome.stderr == (
+        "twopc: error: twopc bench needs the bench extra (hdrhistogram missing): "
+        "pip install 'twopc[bench]'\n"
+    )
+    assert not out.exists()
+
+
+def test_the_core_commands_import_nothing_of_the_bench_extra() -> None:
+    """The CLI and the modules its core commands use import no hdrh, SQLAlchemy or matplotlib."""
+    code = (
+        "import sys\n"
+        "from click.testing import CliRunner\n"
+        "import scenarios.cli.main, scenarios.wiring, scenarios.strategies\n"
+        "import scenarios.outbox.pipeline, scenarios.transfer.stories, scenarios.lab.services\n"
+        "import scenarios.torture.runner, scenarios.torture.report\n"
+        "for name in ('lab', 'recover', 'indoubt', 'transfer', 'scenario', 'bench', 'torture'):\n"
+        "    args = [name, '--help']\n"
+        "    assert CliRunner().invoke(scenarios.cli.main.main, args).exit_code == 0, args\n"
+        "print(sorted(m for m in ('hdrh', 'sqlalchemy', 'matplotlib') if m in sys.modules))\n"
+    )
+    done = subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, check=True, timeout=60
+    )
+    assert done.stdout.strip() == "[]"

@@ -18,11 +18,12 @@ import psycopg
 import pytest
 
 from scenarios.config import Settings
-from scenarios.consumer import inbox_counts
-from scenarios.relay import CDC_LOCK, LOCK_CLASS, RELAY_CRASH_SETTING, _lsn
-from scenarios.schema import CDC_SLOT
-from scenarios.strategies.cdc import CdcStrategy, drop_slot, parse_insert
-from scenarios.strategies.pipeline import Pipeline
+from scenarios.outbox.cdc import drop_slot, parse_insert
+from scenarios.outbox.consumer import inbox_counts
+from scenarios.outbox.pipeline import Pipeline
+from scenarios.outbox.relay import CDC_LOCK, LOCK_CLASS, RELAY_CRASH_SETTING, _lsn
+from scenarios.strategies.cdc import CdcStrategy
+from scenarios.transfer.schema import CDC_SLOT
 from tests.test_outbox import (
     all_ids,
     assert_exactly_once,

@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pytest
 
-from scenarios.lab import Lab, LabError, pg_answers, processes_of, stomp_connect_ok
+from scenarios.lab.services import Lab, LabError, pg_answers, processes_of, stomp_connect_ok
 from tests.conftest import free_port
 
 pytestmark = pytest.mark.lab

@@ -23,10 +23,9 @@ import pytest
 from coordinator.errors import ConfigurationError, ParticipantUnavailable
 from coordinator.states import Outcome
 from participants.stomp_client import Message
-from scenarios import transfer as scenario
 from scenarios.config import Settings
-from scenarios.consumer import CONSUMER_CRASH_SETTING, apply, inbox_counts
-from scenarios.outbox_failures import (
+from scenarios.outbox.consumer import CONSUMER_CRASH_SETTING, apply, inbox_counts
+from scenarios.outbox.failures import (
     Disposition,
     FailurePolicy,
     OutMessage,
@@ -34,17 +33,15 @@ from scenarios.outbox_failures import (
     deliver,
     list_failures,
 )
-from scenarios.relay import RELAY_CRASH_SETTING, RelayConfig
+from scenarios.outbox.pipeline import Pipeline, convergence_latencies, wait_converged
+from scenarios.outbox.relay import RELAY_CRASH_SETTING, RelayConfig
 from scenarios.strategies import STRATEGIES, new_strategy
 from scenarios.strategies.base import CRASH_SETTING, CrashPlan, RelayMode, Strategy
 from scenarios.strategies.outbox import OutboxLastIdStrategy, OutboxStatusStrategy
-from scenarios.strategies.pipeline import (
-    Pipeline,
-    anomalies,
-    convergence_latencies,
-    gather_outbox_evidence,
-    wait_converged,
-)
+from scenarios.transfer import invariants
+from scenarios.transfer import model as scenario
+from scenarios.transfer.batch import BatchResult, run_batch
+from scenarios.transfer.invariants import anomalies, gather_evidence
 from tests.conftest import BrokerControl
 
 ACCOUNTS = 50
@@ -65,12 +62,12 @@ def jitter_before_commit() -> None:
 
 def run_writers(
     settings: Settings, strategy: Strategy, count: int, *, concurrency: int = 16
-) -> scenario.BatchResult:
+) -> BatchResult:
     """``count`` transfers through ``strategy`` on ``concurrency`` threads."""
     strategy.prepare(settings, concurrency=concurrency)
     try:
         plan = scenario.plan(count, accounts=ACCOUNTS, seed=random.randrange(1 << 30))
-        return scenario.run_batch(plan, strategy.run_one, concurrency=concurrency)
+        return run_batch(plan, strategy.run_one, concurrency=concurrency)
     finally:
         strategy.close()
 
@@ -80,13 +77,13 @@ def assert_exactly_once(settings: Settings, *, timeout: float = 60.0) -> None:
     missing = wait_converged(settings, timeout=timeout)
     assert not missing, f"{len(missing)} transfers never reached B"
     # Redelivered duplicates may still be on their way through the consumer.
-    wait_for(lambda: not scenario.queued_transfer_ids(settings), timeout, "an empty queue")
-    evidence = gather_outbox_evidence(settings)
+    wait_for(lambda: not invariants.queued_transfer_ids(settings), timeout, "an empty queue")
+    evidence = gather_evidence(settings, inbox=True)
     assert evidence.total_now == evidence.total_expected, "money was created or destroyed"
     assert evidence.in_a == evidence.in_b
     assert set(evidence.inbox) == evidence.in_a
     assert all(outcome == "applied" for outcome, _ in evidence.inbox.values())
-    assert evidence.violations == []
+    assert evidence.atomicity_violations == []
     assert sum(evidence.on_queue.values()) == 0, "messages left unconsumed"
 
 
@@ -186,7 +183,7 @@ def test_policy_setting_is_read_from_the_environment() -> None:
 
 def test_registry_names_match_the_cli_choice() -> None:
     """Every strategy in the registry is offered by 'twopc transfer --strategy'."""
-    from scenarios.cli import transfer
+    from scenarios.cli.main import transfer
 
     option = next(p for p in transfer.params if p.name == "strategy")
     assert sorted(option.type.choices) == sorted(STRATEGIES)  # type: ignore[attr-defined]
@@ -310,11 +307,11 @@ def test_consumer_applies_a_redelivered_message_once(settings: Settings) -> None
     fresh(settings)
     transfer = scenario.Transfer("dup-1", "acc-00000", "acc-00001", 7)
     message = Message({"transfer-id": "dup-1", "message-id": "m-1", "ack": "a-1"}, transfer.body())
-    before = scenario.balance_sum(settings.pg_b)
+    before = invariants.balance_sum(settings.pg_b)
     with psycopg.connect(settings.pg_b) as db:
         assert apply(db, [message, message]) == ["applied", "duplicate"]
         assert apply(db, [message]) == ["duplicate"]
-    assert scenario.balance_sum(settings.pg_b) == before + 7
+    assert invariants.balance_sum(settings.pg_b) == before + 7
     assert inbox_counts(settings.pg_b) == {"rows": 1, "duplicates": 2, "rejected": 0}
 
 
@@ -353,7 +350,7 @@ def test_broker_down_fills_the_failure_log_and_outbox_retry_delivers(
         assert '"sent": 30' in retried.stdout
         assert_exactly_once(settings)
     assert list_failures(settings.pg_a) == []
-    assert gather_outbox_evidence(settings).pending == 0
+    assert gather_evidence(settings, inbox=True).pending == 0
 
 
 @pytest.mark.lab

@@ -13,7 +13,7 @@ import pytest
 
 from participants.stomp_client import ClientIdInUse, StompClient
 from scenarios.config import Settings
-from scenarios.proxy import FaultProxy, Mode
+from scenarios.lab.proxy import FaultProxy, Mode
 
 
 class EchoServer:

@@ -29,21 +29,22 @@ from coordinator.states import Outcome
 from coordinator.xid import FORMAT_ID
 from participants.postgres import PostgresResource
 from participants.stomp_client import StompClient
-from scenarios import transfer as scenario
 from scenarios.config import Settings
-from scenarios.lab import Lab
-from scenarios.torture import (
+from scenarios.lab.services import Lab
+from scenarios.strategies.twopc import transfer_2pc
+from scenarios.torture.ledger import Ledger
+from scenarios.torture.report import summary
+from scenarios.torture.runner import Torture
+from scenarios.torture.schedules import (
     LOG_FAILPOINTS,
     RECOVERY_FAILPOINTS,
     TRANSFER_FAILPOINTS,
     Fault,
     Schedule,
-    Torture,
     matrix,
     random_schedules,
 )
-from scenarios.torture_ledger import Ledger
-from scenarios.torture_report import summary
+from scenarios.transfer import model as scenario
 from scenarios.wiring import open_coordinator
 
 pytestmark = pytest.mark.lab
@@ -202,7 +203,7 @@ def test_a_connection_lost_during_the_work_makes_the_transfer_abort(torture: Tor
     coordinator.failpoint = kill_a_session  # type: ignore[method-assign]
     try:
         transfer = scenario.Transfer(f"repro-{uuid.uuid4().hex[:8]}", "acc-00001", "acc-00002", 1)
-        outcome, _ = scenario.transfer_2pc(coordinator, transfer)
+        outcome, _ = transfer_2pc(coordinator, transfer)
     finally:
         coordinator.close()
     assert fired and outcome is Outcome.ABORTED

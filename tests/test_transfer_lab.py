@@ -25,10 +25,13 @@ from coordinator.errors import (
 from coordinator.states import Outcome, Vote
 from coordinator.xid import FORMAT_ID, Xid
 from participants.postgres import PostgresResource
-from scenarios import transfer as scenario
 from scenarios.config import Settings
-from scenarios.lab import Lab, postgres_bindir
-from scenarios.stories import STORIES
+from scenarios.lab.services import Lab, postgres_bindir
+from scenarios.strategies.twopc import transfer_2pc
+from scenarios.transfer import model as scenario
+from scenarios.transfer.batch import run_batch
+from scenarios.transfer.invariants import gather_evidence
+from scenarios.transfer.stories import STORIES
 from scenarios.wiring import open_coordinator
 from tests.conftest import end_sessions, free_port
 
@@ -51,15 +54,13 @@ def test_thousand_transfers_at_concurrency_8_keep_every_invariant(fresh: Setting
     coordinator = open_coordinator(fresh, sessions=8)
     try:
         plan = scenario.plan(1000, accounts=ACCOUNTS, seed=7)
-        result = scenario.run_batch(
-            plan, lambda t: scenario.transfer_2pc(coordinator, t), concurrency=8
-        )
+        result = run_batch(plan, lambda t: transfer_2pc(coordinator, t), concurrency=8)
         stats = coordinator.stats()
     finally:
         coordinator.close()
     assert sum(result.outcomes.values()) == 1000
     assert result.outcomes["committed"] > 0 and result.outcomes["in-doubt"] == 0
-    evidence = scenario.gather_evidence(fresh)
+    evidence = gather_evidence(fresh)
     assert evidence.total_now == evidence.total_expected == 2 * ACCOUNTS * 1_000
     assert evidence.atomicity_violations == [] and evidence.duplicates == []
     assert len(evidence.in_a) == result.outcomes["committed"]
@@ -99,7 +100,7 @@ def test_kill_9_of_a_running_transfer_then_recover_keeps_every_invariant(
         )
         assert recovered.returncode == 0, recovered.stderr
         assert json.loads(recovered.stdout)["resolved"] is True
-        evidence = scenario.gather_evidence(fresh)
+        evidence = gather_evidence(fresh)
         assert evidence.ok, evidence.as_dict()
         assert evidence.markers == set()
 
@@ -109,11 +110,11 @@ def test_insufficient_funds_is_a_no_vote_with_nothing_visible(fresh: Settings) -
     coordinator = open_coordinator(fresh, sessions=2)
     try:
         t = scenario.Transfer("poor-1", scenario.account_id(0), scenario.account_id(1), 1_001)
-        outcome, reason = scenario.transfer_2pc(coordinator, t)
+        outcome, reason = transfer_2pc(coordinator, t)
     finally:
         coordinator.close()
     assert outcome is Outcome.ABORTED and "voted NO" in reason
-    evidence = scenario.gather_evidence(fresh)
+    evidence = gather_evidence(fresh)
     assert "poor-1" not in evidence.in_a | evidence.in_b | set(evidence.on_queue)
     assert evidence.prepared == [] and evidence.total_now == evidence.total_expected
 
@@ -143,13 +144,13 @@ def test_broker_down_makes_transfers_abort_cleanly(fresh: Settings, lab: Lab) ->
     try:
         lab.stop_service("activemq")
         t = scenario.Transfer("nobroker-1", scenario.account_id(0), scenario.account_id(1), 5)
-        outcome, reason = scenario.transfer_2pc(coordinator, t)
+        outcome, reason = transfer_2pc(coordinator, t)
     finally:
         coordinator.close()
         lab.start_service("activemq")
     assert outcome is Outcome.ABORTED
     assert "broker" in reason.lower() or "stomp" in reason.lower()
-    evidence = scenario.gather_evidence(fresh)
+    evidence = gather_evidence(fresh)
     assert "nobroker-1" not in evidence.in_a | evidence.in_b
     assert evidence.prepared == []
 
@@ -197,7 +198,7 @@ def test_rollback_on_error_in_work_leaves_nothing(fresh: Settings) -> None:
             tx.send(scenario.QUEUE, "{}", {"transfer-id": "err-2"})
     finally:
         coordinator.close()
-    evidence = scenario.gather_evidence(fresh)
+    evidence = gather_evidence(fresh)
     assert not {"err-1", "err-2"} & (evidence.in_a | evidence.in_b | set(evidence.on_queue))
 
 
@@ -284,7 +285,7 @@ def test_max_prepared_transactions_zero_is_refused_with_the_reason(
 
 def test_indoubt_lists_without_changing_and_recover_resolves(fresh: Settings) -> None:
     """'twopc indoubt' shows a branch left prepared by a killed coordinator; 'recover' ends it."""
-    from scenarios.stories import prepared_gids, run_child
+    from scenarios.transfer.stories import prepared_gids, run_child
 
     t = scenario.Transfer("doubt-1", scenario.account_id(0), scenario.account_id(1), 5)
     gtrid = f"{fresh.coordinator_id}.doubt-1"
@@ -329,7 +330,7 @@ def test_paused_broker_at_commit_point_is_in_doubt_then_resolved(fresh: Settings
         assert coordinator.in_doubt == []
     finally:
         coordinator.close()
-    evidence = scenario.gather_evidence(fresh)
+    evidence = gather_evidence(fresh)
     assert "paused-1" in evidence.in_a and "paused-1" in evidence.in_b
     assert evidence.on_queue["paused-1"] == 1
     assert evidence.ok and evidence.markers == set()

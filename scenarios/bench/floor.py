@@ -35,7 +35,7 @@ from psycopg import errors as pg_errors
 
 from participants.stomp_client import StompClient
 from scenarios.config import Settings
-from scenarios.transfer import CREDIT, DEBIT, QUEUE, Transfer, drain
+from scenarios.transfer.model import CREDIT, DEBIT, QUEUE, Transfer, drain
 
 #: The floor's own XA format id ("flor"), so that the coordinator's recovery never
 #: sees its branches and :func:`roll_back_leftovers` finds exactly them.

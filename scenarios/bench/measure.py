@@ -32,6 +32,8 @@ from typing import Any, TextIO
 
 from hdrh.histogram import HdrHistogram
 
+from scenarios.lab import procfs
+
 #: One unit of work: called with its index, returns True when it committed.
 Op = Callable[[int], bool]
 #: Called after each operation (progress bars).
@@ -423,26 +425,15 @@ def _write_log(out: TextIO, results: Iterable[RunResult], comment: str) -> None:
 _TICKS = os.sysconf("SC_CLK_TCK")
 
 
-def _stat_fields(pid: int) -> list[str] | None:
-    try:
-        text = Path(f"/proc/{pid}/stat").read_text()
-    except OSError:
-        return None
-    # The command name may hold spaces and parentheses: split after the last ')'.
-    return text.rsplit(")", 1)[1].split()
-
-
 def tree_cpu_seconds(root: int) -> float:
     """CPU seconds used by ``root``, its live descendants and the children it reaped."""
     children: dict[int, list[int]] = {}
     own: dict[int, float] = {}
-    for entry in Path("/proc").iterdir():
-        if not entry.name.isdigit():
-            continue
-        fields = _stat_fields(int(entry.name))
+    for pid in procfs.pids():
+        fields = procfs.stat_fields(pid)
         if fields is None:
             continue
-        pid, ppid = int(entry.name), int(fields[1])
+        ppid = int(fields[1])
         children.setdefault(ppid, []).append(pid)
         # utime, stime (fields 14, 15 of stat; 0-based 11, 12 after the name)
         own[pid] = (int(fields[11]) + int(fields[12])) / _TICKS

@@ -43,14 +43,13 @@ from coordinator.errors import ParticipantError, TransactionAborted, Transaction
 from coordinator.log.file import FileDecisionLog
 from coordinator.transaction import Transaction
 from coordinator.xid import gtrid_prefix
-from participants.postgres import PostgresResource
-from scenarios import transfer as scenario
 from scenarios.bench import floor, measure, peer
 from scenarios.bench.floor import Floor
 from scenarios.bench.peer import Peer
 from scenarios.config import Settings
-from scenarios.transfer import CREDIT, DEBIT, QUEUE, Transfer
-from scenarios.wiring import open_coordinator
+from scenarios.transfer import model as scenario
+from scenarios.transfer.model import CREDIT, DEBIT, QUEUE, Transfer
+from scenarios.wiring import databases, open_coordinator
 
 #: The coordinator id of the two-database coordinator (its own log and gtrids).
 DB_ONLY_COORDINATOR = "benchdb"
@@ -173,10 +172,7 @@ class CoordinatorContender:
 def db_only_coordinator(settings: Settings, *, concurrency: int) -> Coordinator:
     """A coordinator over A and B with no broker: its decision record is forced (fsync)."""
     log = FileDecisionLog(settings.home / "bench-db-decisions.log")
-    resources = [
-        PostgresResource("a", settings.pg_a, pool_size=concurrency + 8),
-        PostgresResource("b", settings.pg_b, pool_size=concurrency + 8),
-    ]
+    resources = databases(settings, pool_size=concurrency + 8)
     try:
         return Coordinator(
             DB_ONLY_COORDINATOR, log, resources, None, max_workers=max(concurrency, 4)
@@ -322,7 +318,7 @@ def wal_bytes(settings: Settings) -> dict[str, int]:
 
 def service_cpu(settings: Settings) -> measure.ServiceCpu:
     """CPU accounting of the lab's services when they run on this machine (else none)."""
-    from scenarios.lab import Lab
+    from scenarios.lab.services import Lab
 
     try:
         statuses = Lab(settings.home).status()

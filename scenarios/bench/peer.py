@@ -22,7 +22,7 @@ from sqlalchemy.orm import Session
 from sqlalchemy.pool import QueuePool
 
 from scenarios.config import Settings
-from scenarios.transfer import CREDIT, DEBIT, Transfer
+from scenarios.transfer.model import CREDIT, DEBIT, Transfer
 
 #: SQLAlchemy's gids ("_sa_" + 32 hex digits, sqlalchemy.engine.default.create_xid).
 SQLALCHEMY_GID_PREFIX = "_sa_"

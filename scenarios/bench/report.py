@@ -40,10 +40,12 @@ from rich.progress import Progress
 
 from coordinator.failpoints import failpoint_env
 from coordinator.states import Outcome
-from scenarios import transfer as scenario
 from scenarios.bench import measure, overhead
 from scenarios.bench import report_pages as pages
 from scenarios.config import Settings
+from scenarios.transfer import invariants
+from scenarios.transfer import model as scenario
+from scenarios.transfer.batch import run_batch
 from scenarios.wiring import open_coordinator
 
 ACCOUNTS = 10_000
@@ -143,7 +145,7 @@ def measure_strategy(
     seed: int,
 ) -> tuple[dict[str, Any], list[measure.RunResult], dict[str, measure.Latencies]]:
     """Latency, throughput, open-loop, convergence and cost figures of strategy ``name``."""
-    from scenarios.strategies import pipeline
+    from scenarios.outbox import pipeline
 
     reset_lab(settings)
     strategy = registry()[name]()
@@ -316,21 +318,21 @@ def _crash_in_process(
     settings: Settings, name: str, point: str, plan: ReportPlan, seed: int
 ) -> dict[str, Any]:
     """The writer abandons every n-th transfer at ``point``; then relays converge; count."""
-    from scenarios.strategies import pipeline
+    from scenarios.outbox import pipeline
 
     strategy = registry()[name]()
     strategy.prepare(settings, concurrency=4)
     strategy.arm_crash(point, every=plan.crash_every, action="abandon")
     transfers = scenario.plan(plan.crash_transfers, accounts=ACCOUNTS, seed=seed)
     try:
-        batch = scenario.run_batch(transfers, strategy.run_one, concurrency=4)
+        batch = run_batch(transfers, strategy.run_one, concurrency=4)
     finally:
         strategy.close()
     missing: set[str] = set()
     if strategy.relay_mode is not None:
         with pipeline.Pipeline(settings, strategy.relay_mode):
             missing = pipeline.wait_converged(settings, timeout=60.0)
-    found = pipeline.anomalies(settings, strategy.relay_mode)
+    found = invariants.anomalies(settings, strategy.relay_mode)
     return {
         "how": f"abandon every {plan.crash_every}th transfer at {point}",
         "transfers": len(transfers),
@@ -344,7 +346,6 @@ def _crash_in_process(
 
 def _crash_2pc_child(settings: Settings, point: str, plan: ReportPlan) -> dict[str, Any]:
     """SIGKILL a ``twopc transfer`` child at failpoint ``point``, recover, then count."""
-    from scenarios.strategies import pipeline
 
     env = {
         **os.environ,
@@ -369,13 +370,13 @@ def _crash_2pc_child(settings: Settings, point: str, plan: ReportPlan) -> dict[s
     coordinator = open_coordinator(settings)  # recovery resolves what the kill left
     recovery = coordinator.last_recovery
     coordinator.close()
-    found = pipeline.anomalies(settings, None)
+    found = invariants.anomalies(settings, None)
     return {
         "how": f"SIGKILL of the coordinator's process at {point} (hit {plan.crash_every}), "
         "then recovery",
         "transfers": plan.crash_transfers,
         "crashed": 1 if child.returncode == -9 else 0,
-        "committed": len(scenario.transfer_ids(settings.pg_a)),
+        "committed": len(invariants.transfer_amounts(settings.pg_a)),
         "recovered_in_doubt": len(getattr(recovery, "items", []) or []),
         "not_converged": 0,
         "anomalies": len(found),

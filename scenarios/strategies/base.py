@@ -11,7 +11,7 @@ A strategy makes one transfer (debit in A, credit in B, one message on
 ``run_one`` returns when the client's work is done: for 2PC and the naive
 dual write B is credited by then; for the outbox and CDC strategies
 (``relay_mode`` set) B is credited later, by a relay and the consumer (see
-scenarios.strategies.pipeline). ``committed_at`` holds the wall-clock time
+scenarios.outbox.pipeline). ``committed_at`` holds the wall-clock time
 (``time.time()``) at which each committed transfer's client commit returned,
 the start of its convergence latency.
 """
@@ -25,14 +25,14 @@ import threading
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
-from typing import Literal, Protocol
+from typing import Any, Literal, Protocol
 
 import psycopg
 
 from coordinator.errors import ConfigurationError, ParticipantUnavailable
 from coordinator.states import Outcome
 from scenarios.config import Settings
-from scenarios.transfer import Transfer
+from scenarios.transfer.model import Transfer
 
 RelayMode = Literal["status", "last-id", "cdc"]
 RELAY_MODES: tuple[RelayMode, ...] = ("status", "last-id", "cdc")
@@ -73,6 +73,10 @@ class Strategy(Protocol):
         died there (open transactions roll back, later steps never run) and run_one
         returns IN_DOUBT. ``kill``: the ``every``-th hit SIGKILLs this process.
         """
+
+    def stats(self) -> dict[str, Any]:
+        """Figures to print beside the batch's, by name (2PC: its coordinator's counters)."""
+        ...
 
     def close(self) -> None:
         """Release everything prepare opened (idempotent)."""

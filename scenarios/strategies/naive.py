@@ -10,6 +10,7 @@ from __future__ import annotations
 import queue
 import threading
 import time
+from typing import Any
 
 import psycopg
 from psycopg import errors as pg_errors
@@ -19,7 +20,7 @@ from coordinator.states import Outcome
 from participants.stomp_client import StompClient
 from scenarios.config import Settings
 from scenarios.strategies.base import ConnectionPool, CrashAction, CrashPlan, RelayMode, crashed
-from scenarios.transfer import CREDIT, DEBIT, QUEUE, Transfer
+from scenarios.transfer.model import CREDIT, DEBIT, QUEUE, Transfer
 
 RECEIPT_TIMEOUT = 10.0
 
@@ -100,6 +101,9 @@ class NaiveStrategy:
             client.drop()
             raise
         self._clients.put(client)
+
+    def stats(self) -> dict[str, Any]:
+        return {}
 
     def close(self) -> None:
         for pool in (self._a, self._b):

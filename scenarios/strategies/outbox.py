@@ -1,6 +1,6 @@
 """The transactional outbox writers: debit, A's transfers row and an outbox row, one local commit.
 
-Two ways to mark what the relay has sent (scenarios.relay):
+Two ways to mark what the relay has sent (scenarios.outbox.relay):
 
 * ``outbox-status``: the row is written ``status = 'pending'``; the status
   relay sends it and sets ``'sent'``.
@@ -8,13 +8,14 @@ Two ways to mark what the relay has sent (scenarios.relay):
   remembers how far it got instead (per partition, in ``relay_positions``).
 
 Nothing here touches B or the broker: a relay publishes the row and the
-consumer (scenarios.consumer) credits B.
+consumer (scenarios.outbox.consumer) credits B.
 """
 
 from __future__ import annotations
 
 import time
 from collections.abc import Callable
+from typing import Any
 
 import psycopg
 from psycopg import errors as pg_errors
@@ -28,7 +29,7 @@ from scenarios.strategies.base import (
     RelayMode,
     crashed,
 )
-from scenarios.transfer import DEBIT, QUEUE, Transfer
+from scenarios.transfer.model import DEBIT, QUEUE, Transfer
 
 OUTBOX_INSERT = (
     "INSERT INTO outbox (transfer_id, destination, body, status) "
@@ -115,6 +116,9 @@ class LocalCommitWriter:
         if self._crashes.hit("after-commit"):
             return crashed("after-commit")
         return Outcome.COMMITTED, ""
+
+    def stats(self) -> dict[str, Any]:
+        return {}
 
     def close(self) -> None:
         if self._pool is not None:

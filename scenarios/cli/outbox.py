@@ -84,8 +84,8 @@ def relay(
     log_json: bool,
 ) -> None:
     """Publish what A committed to /queue/transfers, until SIGTERM."""
-    from scenarios.outbox_failures import RetrySettings
-    from scenarios.relay import RelayConfig, make_relay
+    from scenarios.outbox.failures import RetrySettings
+    from scenarios.outbox.relay import RelayConfig, make_relay
 
     _configure_logs(log_json)
     if batch_size < 1 or poll_interval <= 0:
@@ -107,7 +107,7 @@ def relay(
 @click.option("--log-json", is_flag=True, help="Log JSON lines.")
 def consumer(prefetch: int, batch_size: int, log_json: bool) -> None:
     """Credit B from /queue/transfers, exactly once in effect, until SIGTERM."""
-    from scenarios.consumer import Consumer
+    from scenarios.outbox.consumer import Consumer
 
     _configure_logs(log_json)
     stop = _stop_on_signals()
@@ -124,7 +124,7 @@ def outbox() -> None:
 @click.option("--json", "as_json", is_flag=True, help="Print JSON.")
 def outbox_failed(include_resent: bool, as_json: bool) -> None:
     """List the messages the relays gave up on."""
-    from scenarios.outbox_failures import list_failures
+    from scenarios.outbox.failures import list_failures
 
     failures = list_failures(_settings().pg_a, include_resent=include_resent)
     if as_json:
@@ -153,8 +153,8 @@ def outbox_failed(include_resent: bool, as_json: bool) -> None:
 @click.option("--json", "as_json", is_flag=True, help="Print JSON.")
 def outbox_retry(transfer_ids: tuple[str, ...], as_json: bool) -> None:
     """Send the failure log's messages again (all, or the TRANSFER_IDS given)."""
-    from scenarios.outbox_failures import retry_failures
-    from scenarios.relay import StompPublisher
+    from scenarios.outbox.failures import retry_failures
+    from scenarios.outbox.relay import StompPublisher
 
     settings = _settings()
     publisher = StompPublisher(settings.stomp)
@@ -170,6 +170,3 @@ def outbox_retry(transfer_ids: tuple[str, ...], as_json: bool) -> None:
             console.print(f"last error: {report.error}")
     if report.failed:
         raise SystemExit(1)
-
-
-COMMANDS = [relay, consumer, outbox]

@@ -1,4 +1,4 @@
-"""The crash torture's ledger: a deduplicating consumer and the invariants on the real services.
+"""The crash torture's ledger: a deduplicating consumer and the checks on top of the invariants.
 
 The torture never resets between schedules: transfer ids are unique per run
 and money is conserved, so the invariants hold over *everything* since the
@@ -7,13 +7,13 @@ start. After each schedule's recovery, :meth:`Ledger.check`:
 - consumes every message on ``/queue/transfers`` as the business consumer
   would, deduplicating by the ``transfer-id`` header (an inbox keyed by
   transfer id); the queue stays short, so checks stay cheap;
-- reads every transfer id and amount in A and in B, the sum of balances,
-  ``pg_prepared_xacts``, the commit-marker queue and the decision log;
-- checks (DESIGN §6): every transfer id is in A, in B and delivered, or in
-  none of them, with the same amount (atomicity); the money is conserved;
-  nothing of ours is prepared; no marker is left; the decision log reopens
-  with nothing pending; every transfer a caller was told COMMITTED is there,
-  and every one told ABORTED left nothing.
+- checks the transfer's invariants (scenarios.transfer.invariants) with what
+  it consumed as the deliveries (DESIGN §6): every transfer id is in A, in B
+  and delivered, or in none of them, with the same amount (atomicity); the
+  money is conserved; nothing of ours is prepared; no marker is left;
+- and, on top of them: the decision log reopens with nothing pending; every
+  transfer a caller was told COMMITTED is there, and every one told ABORTED
+  left nothing.
 
 Violations are counted once, in the schedule whose check first saw them.
 """
@@ -28,13 +28,12 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
-import psycopg
-
 from coordinator.log.file import read_pending
-from coordinator.xid import gtrid_prefix
+from participants.activemq import MARKER_QUEUE
 from participants.stomp_client import SENTINEL_HEADER, Message, StompClient
 from scenarios.config import Settings
-from scenarios.transfer import MARKER_QUEUE, QUEUE, balance_sum, prepared_of
+from scenarios.transfer.invariants import gather_evidence
+from scenarios.transfer.model import QUEUE
 
 DRAIN_TIMEOUT = 30.0
 
@@ -127,7 +126,6 @@ class Ledger:
         self._lost_flagged: set[str] = set()
         self._duplicates_seen = 0
         self._money_offset = 0  # total now minus total at reset, as of the last check
-        self._prefix = gtrid_prefix(settings.coordinator_id)
 
     # -- the business consumer ------------------------------------------------------
 
@@ -184,35 +182,23 @@ class Ledger:
         result.duplicates_before_dedup = duplicates - self._duplicates_seen
         self._duplicates_seen = duplicates
 
-        in_a, in_b = _transfers(self.settings.pg_a), _transfers(self.settings.pg_b)
-        delivered = set(self.deliveries)
-        everything = set(in_a) | set(in_b) | delivered
-        broken = {
-            t
-            for t in everything
-            if not (t in in_a and t in in_b and t in delivered) or in_a[t] != in_b[t]
-        }
+        evidence = gather_evidence(self.settings, delivered=self.deliveries)
+        in_a, in_b, delivered = evidence.in_a, evidence.in_b, evidence.delivered
+        broken = set(evidence.atomicity_violations)
         result.atomicity_violations = sorted(broken - self._flagged)
         self._flagged |= broken
-        lost = {t for t in set(in_a) & set(in_b) if t not in delivered}
+        lost = set(evidence.lost_messages)
         result.lost_messages = sorted(lost - self._lost_flagged)
         self._lost_flagged |= lost
 
-        with psycopg.connect(self.settings.pg_a) as conn:
-            row = conn.execute("SELECT value FROM scenario_meta WHERE key = 'total'").fetchone()
-        result.total_expected = int(row[0]) if row else 0
-        result.total_now = balance_sum(self.settings.pg_a) + balance_sum(self.settings.pg_b)
+        result.total_expected, result.total_now = evidence.total_expected, evidence.total_now
         # A conservation failure persists: blame only the schedule during which the sum moved.
         offset = result.total_now - result.total_expected
         result.money_conserved = offset == self._money_offset
         self._money_offset = offset
 
-        result.prepared_left = prepared_of(self.settings)
-        with StompClient.open(self.settings.stomp) as client:
-            markers = client.browse(MARKER_QUEUE, idle_timeout=10.0)
-        result.markers_left = sum(
-            1 for m in markers if m.headers.get("gtrid", "").startswith(self._prefix)
-        )
+        result.prepared_left = evidence.prepared
+        result.markers_left = len(evidence.markers)
         result.committed_not_durable = sorted(
             t
             for t, outcome in reported.items()
@@ -234,11 +220,3 @@ class Ledger:
             result.log_error = f"{type(exc).__name__}: {exc}"
         result.seconds = time.monotonic() - started
         return result
-
-
-def _transfers(dsn: str) -> dict[str, int]:
-    """transfer id -> amount of every row in ``transfers``."""
-    with psycopg.connect(dsn) as conn:
-        return {
-            row[0]: int(row[1]) for row in conn.execute("SELECT transfer_id, amount FROM transfers")
-        }

@@ -19,11 +19,14 @@ from psycopg import errors as pg_errors
 from coordinator.failpoints import failpoint_env
 from coordinator.states import Outcome
 from coordinator.xid import gtrid_prefix
-from scenarios import transfer as scenario
 from scenarios.config import Settings, home_dir
-from scenarios.lab import Lab
+from scenarios.lab.services import Lab
 from scenarios.log_setup import configure as configure_logging
+from scenarios.strategies.twopc import transfer_2pc
+from scenarios.transfer import model as scenario
+from scenarios.transfer.invariants import gather_evidence
 from scenarios.wiring import open_coordinator
+from scenarios.wiring import recover as run_recovery
 
 
 @dataclass
@@ -46,14 +49,6 @@ class Story:
 # -- evidence helpers -----------------------------------------------------------
 
 
-def rows_for(dsn: str, transfer_id: str) -> int:
-    with psycopg.connect(dsn) as conn:
-        row = conn.execute(
-            "SELECT count(*) FROM transfers WHERE transfer_id = %s", (transfer_id,)
-        ).fetchone()
-    return int(row[0]) if row else 0
-
-
 def balance(dsn: str, account: str) -> int:
     with psycopg.connect(dsn) as conn:
         row = conn.execute("SELECT balance FROM accounts WHERE id = %s", (account,)).fetchone()
@@ -66,16 +61,13 @@ def prepared_gids(dsn: str, gtrid: str) -> int:
         return sum(1 for x in conn.tpc_recover() if x.gtrid == gtrid)
 
 
-def messages_for(settings: Settings, transfer_id: str) -> int:
-    return scenario.queued_transfer_ids(settings).get(transfer_id, 0)
-
-
 def evidence(story: Story, settings: Settings, t: scenario.Transfer, *, committed: bool) -> None:
-    """Read A, B, the queue and pg_prepared_xacts for ``t``; say what they hold."""
+    """Read A, B, the queue and the prepared branches for ``t``; say what they hold."""
     gtrid = gtrid_prefix(settings.coordinator_id) + t.transfer_id
-    in_a, in_b = rows_for(settings.pg_a, t.transfer_id), rows_for(settings.pg_b, t.transfer_id)
-    queued = messages_for(settings, t.transfer_id)
-    prepared = prepared_gids(settings.pg_a, gtrid) + prepared_gids(settings.pg_b, gtrid)
+    found = gather_evidence(settings)
+    in_a, in_b = int(t.transfer_id in found.in_a), int(t.transfer_id in found.in_b)
+    queued = found.on_queue.get(t.transfer_id, 0)
+    prepared = sum(p.split(":", 1)[1] == gtrid for p in found.prepared)
     want = 1 if committed else 0
     story.expect(
         (in_a, in_b, queued, prepared) == (want, want, want, 0),
@@ -87,7 +79,7 @@ def evidence(story: Story, settings: Settings, t: scenario.Transfer, *, committe
 def one_transfer(settings: Settings, t: scenario.Transfer) -> tuple[Outcome, str]:
     coordinator = open_coordinator(settings, sessions=2)
     try:
-        return scenario.transfer_2pc(coordinator, t)
+        return transfer_2pc(coordinator, t)
     finally:
         coordinator.close()
 
@@ -99,7 +91,7 @@ def run_child(t: scenario.Transfer, failpoints: str) -> int:
         [
             sys.executable,
             "-m",
-            "scenarios.stories",
+            "scenarios.transfer.stories",
             "one",
             t.transfer_id,
             t.source,
@@ -116,11 +108,7 @@ def run_child(t: scenario.Transfer, failpoints: str) -> int:
 
 
 def recover(story: Story, settings: Settings) -> None:
-    coordinator = open_coordinator(settings, recover=False, sessions=2)
-    try:
-        report = coordinator.recover()
-    finally:
-        coordinator.close()
+    report = run_recovery(settings, sessions=2)
     for item in report.items:
         story.say(
             f"recovery: {item.gtrid}: COMMIT logged {'yes' if item.logged_commit else 'no'}, "
@@ -274,9 +262,9 @@ def describe(name: str) -> str:
 
 
 def _child(argv: list[str]) -> None:
-    """``python -m scenarios.stories one ID SOURCE TARGET AMOUNT``: one transfer, then exit."""
+    """``python -m scenarios.transfer.stories one ID SOURCE TARGET AMOUNT``: one transfer."""
     if len(argv) != 5 or argv[0] != "one":
-        raise SystemExit("usage: python -m scenarios.stories one ID SOURCE TARGET AMOUNT")
+        raise SystemExit("usage: python -m scenarios.transfer.stories one ID SOURCE TARGET AMOUNT")
     configure_logging()
     t = scenario.Transfer(argv[1], argv[2], argv[3], int(argv[4]))
     outcome, _ = one_transfer(Settings.load(), t)

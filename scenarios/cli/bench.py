@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import importlib
 import json
 import shlex
 import sys
@@ -13,7 +14,27 @@ from rich.console import Console
 from rich.markdown import Markdown
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
+from coordinator.errors import ConfigurationError
+
 DEFAULT_OUT = "twopc-report"
+
+#: What the bench extra installs: module imported -> distribution to install.
+BENCH_EXTRA = {"hdrh": "hdrhistogram", "sqlalchemy": "SQLAlchemy", "matplotlib": "matplotlib"}
+
+
+def require_bench_extra() -> None:
+    """ConfigurationError, in one line, when a package of the bench extra is not installed."""
+    missing = []
+    for module, distribution in BENCH_EXTRA.items():
+        try:
+            importlib.import_module(module)
+        except ImportError:
+            missing.append(distribution)
+    if missing:
+        raise ConfigurationError(
+            f"twopc bench needs the bench extra ({', '.join(missing)} missing): "
+            "pip install 'twopc[bench]'"
+        )
 
 
 def invoked_command() -> str:
@@ -57,6 +78,7 @@ def bench(overhead: bool, quick: bool, out: Path, as_json: bool) -> None:
     """
     from scenarios.config import Settings
 
+    require_bench_extra()
     settings = Settings.load()
     command = invoked_command()
     out.mkdir(parents=True, exist_ok=True)

@@ -8,9 +8,10 @@ start it again). Then:
 * :func:`wait_converged` waits until B's inbox holds every transfer A committed;
 * :func:`convergence_latencies` gives, per transfer, the milliseconds from the
   client's commit (``Strategy.committed_at``) to B's commit of the credit
-  (``inbox.applied_at``, taken just before that commit; the ACK follows it);
-* :func:`gather_outbox_evidence` and :func:`anomalies` check the invariants
-  once everything has converged.
+  (``inbox.applied_at``, taken just before that commit; the ACK follows it).
+
+Once everything has converged, scenarios.transfer.invariants checks the
+invariants (``gather_evidence(settings, inbox=True)``).
 """
 
 from __future__ import annotations
@@ -21,7 +22,6 @@ import subprocess
 import sys
 import threading
 import time
-from collections import Counter
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
@@ -30,10 +30,10 @@ import psycopg
 
 from coordinator.errors import TwoPhaseCommitError
 from scenarios.config import Settings
-from scenarios.consumer import Consumer
-from scenarios.relay import Relay, RelayConfig, make_relay
+from scenarios.outbox.consumer import Consumer
+from scenarios.outbox.relay import Relay, RelayConfig, make_relay
 from scenarios.strategies.base import RelayMode
-from scenarios.transfer import balance_sum, gather_evidence, queued_transfer_ids, transfer_ids
+from scenarios.transfer.invariants import transfer_amounts
 
 
 @dataclass
@@ -188,11 +188,6 @@ class Pipeline:
 # -- convergence -------------------------------------------------------------------------
 
 
-def inbox_ids(dsn: str) -> set[str]:
-    with psycopg.connect(dsn) as conn:
-        return {row[0] for row in conn.execute("SELECT transfer_id FROM inbox")}
-
-
 def wait_converged(
     settings: Settings,
     ids: Iterable[str] | None = None,
@@ -205,7 +200,7 @@ def wait_converged(
     An empty set means converged: each of those transfers is credited in B and
     its message was consumed.
     """
-    wanted = set(ids) if ids is not None else transfer_ids(settings.pg_a)
+    wanted = set(ids) if ids is not None else set(transfer_amounts(settings.pg_a))
     deadline = time.monotonic() + timeout
     with psycopg.connect(settings.pg_b, autocommit=True) as conn:
         while True:
@@ -219,7 +214,7 @@ def wait_converged(
                 return missing
             time.sleep(interval)
             if ids is None:  # A may still be committing: take its newest rows too
-                wanted |= transfer_ids(settings.pg_a)
+                wanted |= transfer_amounts(settings.pg_a).keys()
 
 
 def convergence_latencies(
@@ -240,93 +235,3 @@ def convergence_latencies(
             (list(committed_at),),
         ).fetchall()
     return {tid: max(0.0, (applied - committed_at[tid]) * 1000) for tid, applied in rows}
-
-
-# -- evidence ------------------------------------------------------------------------------
-
-
-@dataclass
-class OutboxEvidence:
-    """A, B, the inbox, the outbox and the queue after an outbox or CDC run."""
-
-    total_expected: int
-    total_now: int
-    in_a: set[str]
-    in_b: set[str]
-    inbox: dict[str, tuple[str, int]]  # transfer id -> (outcome, duplicates absorbed)
-    pending: int  # outbox rows still waiting for the status relay
-    failures: int  # failure-log rows not sent again yet
-    on_queue: Counter[str]
-
-    @property
-    def violations(self) -> list[str]:
-        """Transfer ids where A, B and the inbox disagree."""
-        ids = self.in_a | self.in_b | set(self.inbox)
-        applied = {t for t, (outcome, _) in self.inbox.items() if outcome == "applied"}
-        return sorted(t for t in ids if not (t in self.in_a and t in self.in_b and t in applied))
-
-    @property
-    def ok(self) -> bool:
-        return self.total_now == self.total_expected and not self.violations
-
-    def as_dict(self) -> dict[str, Any]:
-        return {
-            "money_conserved": self.total_now == self.total_expected,
-            "total_expected": self.total_expected,
-            "total_now": self.total_now,
-            "transfers_in_a": len(self.in_a),
-            "transfers_in_b": len(self.in_b),
-            "inbox_rows": len(self.inbox),
-            "duplicates_absorbed": sum(d for _, d in self.inbox.values()),
-            "messages_on_queue": sum(self.on_queue.values()),
-            "outbox_pending": self.pending,
-            "failure_log": self.failures,
-            "atomicity_violations": len(self.violations),
-            "duplicate_messages": 0,  # the inbox's primary key: a transfer is applied once
-            "prepared_left": [],
-            "ok": self.ok,
-        }
-
-
-def gather_outbox_evidence(settings: Settings) -> OutboxEvidence:
-    """Read A, B, the inbox, the outbox, the failure log and the queue."""
-    with psycopg.connect(settings.pg_a) as conn:
-        total = conn.execute("SELECT value FROM scenario_meta WHERE key = 'total'").fetchone()
-        counts = conn.execute(
-            "SELECT (SELECT count(*) FROM outbox WHERE status = 'pending'), "
-            "(SELECT count(*) FROM outbox_failures WHERE resent_at IS NULL)"
-        ).fetchone()
-    with psycopg.connect(settings.pg_b) as conn:
-        inbox = {
-            row[0]: (row[1], row[2])
-            for row in conn.execute("SELECT transfer_id, outcome, duplicates FROM inbox")
-        }
-    pending, failures = counts if counts else (0, 0)
-    return OutboxEvidence(
-        total_expected=int(total[0]) if total else 0,
-        total_now=balance_sum(settings.pg_a) + balance_sum(settings.pg_b),
-        in_a=transfer_ids(settings.pg_a),
-        in_b=transfer_ids(settings.pg_b),
-        inbox=inbox,
-        pending=int(pending),
-        failures=int(failures),
-        on_queue=queued_transfer_ids(settings),
-    )
-
-
-def anomalies(settings: Settings, relay_mode: RelayMode | None) -> list[str]:
-    """Transfer ids where A, B and the queue (or the inbox) disagree, after convergence.
-
-    ``relay_mode`` is the strategy's: None reads the queue (2PC, naive), a mode
-    reads the inbox. Money that is not conserved counts as one anomaly,
-    ``"money"``.
-    """
-    if relay_mode is None:
-        evidence = gather_evidence(settings)
-        found = evidence.atomicity_violations + evidence.duplicates
-        conserved = evidence.total_now == evidence.total_expected
-    else:
-        outbox = gather_outbox_evidence(settings)
-        found = outbox.violations
-        conserved = outbox.total_now == outbox.total_expected
-    return found + ([] if conserved else ["money"])

@@ -2,8 +2,8 @@
 
 It runs exactly what ``twopc transfer --count N --concurrency C`` runs (the
 coordinator from :func:`scenarios.wiring.open_coordinator`, failpoints armed
-from ``TWOPC_FAILPOINTS``, :func:`scenarios.transfer.transfer_2pc` on
-:func:`scenarios.transfer.run_batch`), and appends one JSON line per transfer
+from ``TWOPC_FAILPOINTS``, :func:`scenarios.strategies.twopc.transfer_2pc` on
+:func:`scenarios.transfer.batch.run_batch`), and appends one JSON line per transfer
 to ``--outcomes`` the moment its caller is told the outcome. Each line is
 one ``write`` to a file opened with O_APPEND, so what a process reported
 before it was killed survives it: the torture then checks that every
@@ -15,7 +15,7 @@ its start-up recovery done), then ``{"id": <transfer id>, "outcome":
 "committed"|"aborted"|"in-doubt"}`` (or ``"error"`` with the exception, when
 something other than an outcome reached the caller), then ``{"done": true}``.
 
-    python -m scenarios.torture_child --count 60 --concurrency 8 --outcomes FILE
+    python -m scenarios.torture.child --count 60 --concurrency 8 --outcomes FILE
 """
 
 from __future__ import annotations
@@ -27,9 +27,11 @@ import time
 from typing import Any
 
 from coordinator.states import Outcome
-from scenarios import transfer as scenario
 from scenarios.config import Settings
 from scenarios.log_setup import configure as configure_logging
+from scenarios.strategies.twopc import transfer_2pc
+from scenarios.transfer import model as scenario
+from scenarios.transfer.batch import run_batch
 from scenarios.wiring import open_coordinator
 
 
@@ -44,7 +46,7 @@ def _writer(path: str) -> Any:
 
 def main(argv: list[str] | None = None) -> int:
     """Run the batch; exit 0 when it ran to the end (whatever the outcomes)."""
-    parser = argparse.ArgumentParser(prog="python -m scenarios.torture_child")
+    parser = argparse.ArgumentParser(prog="python -m scenarios.torture.child")
     parser.add_argument("--count", type=int, required=True)
     parser.add_argument("--concurrency", type=int, default=8)
     parser.add_argument("--accounts", type=int, default=100)
@@ -64,14 +66,14 @@ def main(argv: list[str] | None = None) -> int:
 
         def run_one(t: scenario.Transfer) -> tuple[Outcome, str]:
             try:
-                outcome, reason = scenario.transfer_2pc(coordinator, t)
+                outcome, reason = transfer_2pc(coordinator, t)
             except Exception as exc:  # an error the caller did not expect: record it
                 write({"id": t.transfer_id, "outcome": "error", "error": repr(exc)[:300]})
                 return Outcome.IN_DOUBT, f"unexpected {type(exc).__name__}"
             write({"id": t.transfer_id, "outcome": outcome.value})
             return outcome, reason
 
-        scenario.run_batch(plan, run_one, concurrency=args.concurrency)
+        run_batch(plan, run_one, concurrency=args.concurrency)
     finally:
         coordinator.close()
     write({"done": True})

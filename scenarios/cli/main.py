@@ -12,6 +12,9 @@ from rich.console import Console
 from rich.table import Table
 
 from coordinator.errors import TwoPhaseCommitError
+from scenarios.cli import bench as cli_bench
+from scenarios.cli import outbox as cli_outbox
+from scenarios.cli import torture as cli_torture
 from scenarios.config import home_dir
 from scenarios.log_setup import configure as configure_logging
 
@@ -44,7 +47,7 @@ def lab() -> None:
 
 
 def _lab() -> Any:
-    from scenarios.lab import Lab
+    from scenarios.lab.services import Lab
 
     return Lab(home_dir())
 
@@ -144,13 +147,9 @@ def _print_recovery(items: list[Any], as_json: bool, extra: dict[str, Any]) -> N
 )
 def recover(as_json: bool, fence_timeout: float) -> None:
     """Resolve every in-doubt transaction of this coordinator and say what was done."""
-    from scenarios.wiring import open_coordinator
+    from scenarios.wiring import recover as run_recovery
 
-    coordinator = open_coordinator(recover=False)
-    try:
-        report = coordinator.recover(fence_timeout=fence_timeout)
-    finally:
-        coordinator.close()
+    report = run_recovery(fence_timeout=fence_timeout)
     _print_recovery(
         report.items,
         as_json,
@@ -169,28 +168,10 @@ def recover(as_json: bool, fence_timeout: float) -> None:
 @click.option("--json", "as_json", is_flag=True, help="Print the list as JSON.")
 def indoubt(as_json: bool) -> None:
     """List what is in doubt and what recovery would do; changes nothing."""
-    from coordinator.log.file import read_pending
-    from coordinator.recovery import Recovery
-    from participants.activemq import ActiveMQ
-    from participants.postgres import PostgresResource
+    from scenarios.wiring import in_doubt
 
-    settings = _settings()
-    resources = [PostgresResource("a", settings.pg_a), PostgresResource("b", settings.pg_b)]
-    broker = ActiveMQ(settings.stomp, settings.coordinator_id, pool_size=1)
-    try:
-        report = Recovery(
-            settings.coordinator_id,
-            None,
-            resources,
-            broker,
-            pending=read_pending(settings.log_path),
-        ).run(dry_run=True)
-    finally:
-        for resource in resources:
-            resource.close()
-        broker.close()
     _print_recovery(
-        report.items,
+        in_doubt(_settings()),
         as_json,
         {}
         if as_json
@@ -239,36 +220,20 @@ def transfer(
     check: bool,
 ) -> None:
     """Run transfers: debit A, credit B, announce on /queue/transfers — atomically."""
-    from scenarios import transfer as scenario
-    from scenarios.wiring import open_coordinator
+    from scenarios.strategies import run_transfers
+    from scenarios.transfer.model import plan, recover_and_reset
 
     settings = _settings()
     if concurrency < 1:
         raise click.BadParameter("must be at least 1", param_hint="--concurrency")
     if do_reset:
-        open_coordinator(settings).close()  # recovery first: prepared rows hold locks
-        scenario.reset(settings, accounts=accounts, balance=balance)
+        recover_and_reset(settings, accounts=accounts, balance=balance)
         if not as_json:
             console.print(f"reset: {accounts} accounts of {balance} in A and in B, queue empty")
     output: dict[str, Any] = {"strategy": strategy}
-    if count and strategy != "2pc":
-        from scenarios.strategies import run_transfers
-
-        plan = scenario.plan(count, accounts=accounts, seed=seed)
-        output = run_transfers(settings, strategy, plan, concurrency=concurrency, check=check)
-    elif count:
-        coordinator = open_coordinator(settings, sessions=max(concurrency, 1))
-        try:
-            plan = scenario.plan(count, accounts=accounts, seed=seed)
-            result = scenario.run_batch(
-                plan, lambda t: scenario.transfer_2pc(coordinator, t), concurrency=concurrency
-            )
-            output.update(result.as_dict())
-            output["coordinator"] = dict(coordinator.stats())
-        finally:
-            coordinator.close()
-        if check:
-            output["invariants"] = scenario.gather_evidence(settings).as_dict()
+    if count:
+        transfers = plan(count, accounts=accounts, seed=seed)
+        output = run_transfers(settings, strategy, transfers, concurrency=concurrency, check=check)
     if as_json:
         click.echo(json.dumps(output, indent=2))
     elif count:
@@ -309,14 +274,14 @@ def scenario() -> None:
 @scenario.command("list")
 def scenario_list() -> None:
     """Name and describe every scenario."""
-    from scenarios.stories import STORIES, describe
+    from scenarios.transfer.stories import STORIES, describe
 
     for name in STORIES:
         click.echo(f"{name:34} {describe(name)}")
 
 
 def _run_story(name: str) -> bool:
-    from scenarios.stories import STORIES
+    from scenarios.transfer.stories import STORIES
 
     story = STORIES[name](_settings())
     colour = "green" if story.ok else "red"
@@ -330,7 +295,7 @@ def _run_story(name: str) -> bool:
 @click.argument("name")
 def scenario_run(name: str) -> None:
     """Run scenario NAME ('all' runs every one)."""
-    from scenarios.stories import STORIES
+    from scenarios.transfer.stories import STORIES
 
     names = list(STORIES) if name == "all" else [name]
     unknown = [n for n in names if n not in STORIES]
@@ -353,33 +318,20 @@ def scenario_run(name: str) -> None:
 @click.pass_context
 def demo(ctx: click.Context, count: int, concurrency: int, bench: bool) -> None:
     """Bring the lab up, set up the schema, run the scenarios, a batch and a quick benchmark."""
-    from scenarios import transfer as scenario
-    from scenarios.stories import STORIES
-    from scenarios.wiring import open_coordinator
+    from scenarios.strategies import run_transfers
+    from scenarios.transfer.model import plan, recover_and_reset
+    from scenarios.transfer.stories import STORIES
 
     console.rule("twopc demo: the lab")
     _print_status(_lab().up(), False)
     settings = _settings()
-    open_coordinator(settings).close()  # recover whatever an earlier run left
-    scenario.reset(settings, accounts=100, balance=10_000)
+    recover_and_reset(settings, accounts=100, balance=10_000)
     console.print("schema reset: 100 accounts of 10000 in A and in B; /queue/transfers empty")
     console.rule("scenarios")
     results = {name: _run_story(name) for name in STORIES}
     console.rule(f"a batch: {count} transfers at concurrency {concurrency}")
-    coordinator = open_coordinator(settings, sessions=concurrency)
-    try:
-        plan = scenario.plan(count, accounts=100, seed=1)
-        batch = scenario.run_batch(
-            plan, lambda t: scenario.transfer_2pc(coordinator, t), concurrency=concurrency
-        )
-        output: dict[str, Any] = {
-            "strategy": "2pc",
-            **batch.as_dict(),
-            "coordinator": dict(coordinator.stats()),
-        }
-    finally:
-        coordinator.close()
-    output["invariants"] = scenario.gather_evidence(settings).as_dict()
+    transfers = plan(count, accounts=100, seed=1)
+    output = run_transfers(settings, "2pc", transfers, concurrency=concurrency)
     _print_batch(output)
     console.rule("summary")
     for name, ok in results.items():
@@ -389,27 +341,14 @@ def demo(ctx: click.Context, count: int, concurrency: int, bench: bool) -> None:
     if not ok:
         sys.exit(1)
     if bench:
-        from scenarios.cli_bench import bench as bench_command
-
         console.rule("twopc bench --quick: 2PC against the outbox, CDC and naive dual write")
-        ctx.invoke(bench_command, quick=True)
+        ctx.invoke(cli_bench.bench, quick=True)
 
 
-# -- the outbox's relays, consumer and failure log (scenarios.cli_outbox) ---------------
-
-from scenarios import cli_outbox  # noqa: E402  (kept beside the registrations below)
+# -- the commands of the other cli modules -------------------------------------
 
 main.add_command(cli_outbox.relay)
 main.add_command(cli_outbox.consumer)
 main.add_command(cli_outbox.outbox)
-
-from scenarios.cli_bench import bench  # noqa: E402  (registered with the commands above)
-
-main.add_command(bench)
-
-from scenarios.cli_torture import torture  # noqa: E402  (registered with the commands above)
-
-main.add_command(torture)
-
-if __name__ == "__main__":
-    main()
+main.add_command(cli_bench.bench)
+main.add_command(cli_torture.torture)

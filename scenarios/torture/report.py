@@ -7,8 +7,8 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
-from scenarios.torture import ScheduleResult
-from scenarios.transfer import percentiles
+from scenarios.torture.runner import ScheduleResult
+from scenarios.transfer.batch import percentiles
 
 
 @dataclass(frozen=True)

@@ -34,6 +34,7 @@ from typing import Any
 import psycopg
 
 from coordinator.errors import TwoPhaseCommitError
+from scenarios.lab import procfs
 
 LAB_USER = "twopc-lab"  # the unprivileged user PostgreSQL runs as when twopc runs as root
 DB_USER = "twopc"
@@ -124,11 +125,9 @@ _STARTED: list[subprocess.Popen[bytes]] = []
 
 def _start_time(pid: int) -> int | None:
     """The process's start time in clock ticks (field 22 of /proc/pid/stat), None if gone."""
-    try:
-        stat = Path(f"/proc/{pid}/stat").read_text()
-    except OSError:
+    fields = procfs.stat_fields(pid)
+    if fields is None:
         return None
-    fields = stat.rsplit(")", 1)[1].split()
     if fields[0] == "Z":  # a zombie is dead; reap it if it is our child
         with contextlib.suppress(ChildProcessError):
             os.waitpid(pid, os.WNOHANG)
@@ -157,12 +156,6 @@ def _port_free(port: int) -> bool:
                 return False
             raise
     return True
-
-
-def _port_answers(port: int) -> bool:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
-        sock.settimeout(0.5)
-        return sock.connect_ex(("127.0.0.1", port)) == 0
 
 
 def stomp_connect_ok(host: str, port: int, timeout: float = 2.0) -> bool:
@@ -705,13 +698,12 @@ def processes_of(home: Path) -> Iterator[int]:
     """Pids of live processes whose command line mentions ``home`` (for leak checks)."""
     marker = str(home.resolve()).encode()
     me = os.getpid()
-    for entry in Path("/proc").iterdir():
-        if not entry.name.isdigit() or int(entry.name) == me:
+    for pid in procfs.pids():
+        if pid == me:
             continue
-        try:
-            cmdline = (entry / "cmdline").read_bytes()
-            state = (entry / "stat").read_text().rsplit(")", 1)[1].split()[0]
-        except OSError:
+        command = procfs.cmdline(pid)
+        fields = procfs.stat_fields(pid)
+        if command is None or fields is None:
             continue
-        if marker in cmdline and state != "Z":
-            yield int(entry.name)
+        if marker in command and fields[0] != "Z":
+            yield pid

@@ -77,9 +77,10 @@ def torture(
     pg_prepared_xacts, the markers and the decision log. Exit status 1 if any
     invariant failed. Needs the lab ('twopc lab up'); it resets its tables.
     """
-    from scenarios import torture as t
     from scenarios.config import Settings
-    from scenarios.torture_report import rows, summary
+    from scenarios.torture import schedules as plans
+    from scenarios.torture.report import rows, summary
+    from scenarios.torture.runner import ScheduleResult, Torture, lab_for
 
     if schedules < 0 or count < 1 or concurrency < 1 or accounts < 1:
         raise click.BadParameter(
@@ -87,26 +88,26 @@ def torture(
         )
     err = Console(stderr=True)
     settings = Settings.load()
-    lab = t.lab_for(settings)
+    lab = lab_for(settings)
     if lab is None:
         err.print(
             "[yellow]the settings do not point at a running lab: PostgreSQL stops and broker "
             "kills are left out ('twopc lab up' and TWOPC_HOME to include them)[/]"
         )
-    plan: list[t.Schedule] = []
+    plan: list[plans.Schedule] = []
     if matrix:
-        plan += t.matrix(seed, count=count, concurrency=concurrency)
-    plan += t.random_schedules(schedules, seed, lab=lab is not None)
+        plan += plans.matrix(seed, count=count, concurrency=concurrency)
+    plan += plans.random_schedules(schedules, seed, lab=lab is not None)
     plan = [s for s in plan if lab is not None or not s.fault.needs_lab]
     if not plan:
         raise click.UsageError("nothing to run: give --schedules N or leave --matrix on")
 
-    done: list[t.ScheduleResult] = []
+    done: list[ScheduleResult] = []
     started = time.monotonic()
     sink = results.open("a") if results is not None else None
     try:
         with (
-            t.Torture(settings, lab=lab, accounts=accounts, reset=reset) as runner,
+            Torture(settings, lab=lab, accounts=accounts, reset=reset) as runner,
             Progress(
                 TextColumn("[bold]torture[/]"),
                 BarColumn(),

@@ -27,7 +27,7 @@ from coordinator.events import get_logger
 from participants.stomp_client import Message, StompClient, Subscription
 from scenarios.config import Settings
 from scenarios.strategies.base import CrashPlan
-from scenarios.transfer import CREDIT, QUEUE
+from scenarios.transfer.model import CREDIT, QUEUE
 
 #: Environment variable arming a consumer crash: ``after-b-commit=kill@3`` SIGKILLs the
 #: consumer after its third B commit, before the acknowledgements.

@@ -63,16 +63,16 @@ from coordinator.errors import ConfigurationError, ParticipantError, TwoPhaseCom
 from coordinator.events import get_logger
 from participants.stomp_client import StompClient
 from scenarios.config import Settings
-from scenarios.outbox_failures import (
+from scenarios.outbox.cdc import ensure_slot, parse_insert
+from scenarios.outbox.failures import (
     Disposition,
     OutMessage,
     RetrySettings,
     deliver,
     record_failures,
 )
-from scenarios.schema import CDC_SLOT, LAST_ID_PARTITIONS
 from scenarios.strategies.base import RELAY_MODES, CrashPlan, RelayMode
-from scenarios.strategies.cdc import ensure_slot, parse_insert
+from scenarios.transfer.schema import CDC_SLOT, LAST_ID_PARTITIONS
 
 #: The channel the outbox triggers NOTIFY on.
 CHANNEL = "twopc_outbox"

@@ -1,0 +1,1 @@
+"""The ``twopc`` command line: click commands that parse arguments, call and print."""

@@ -1,0 +1,5 @@
+"""``python -m scenarios.cli``: the ``twopc`` command."""
+
+from scenarios.cli.main import main
+
+main()

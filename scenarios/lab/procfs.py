@@ -1,0 +1,37 @@
+"""Reading /proc: the live pids and a process's stat fields (Linux only)."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from pathlib import Path
+
+PROC = Path("/proc")
+
+
+def pids() -> Iterator[int]:
+    """Every pid listed in /proc at this moment (some may be gone by the time they are read)."""
+    for entry in PROC.iterdir():
+        if entry.name.isdigit():
+            yield int(entry.name)
+
+
+def stat_fields(pid: int) -> list[str] | None:
+    """The fields of /proc/<pid>/stat after the command name, None if the process is gone.
+
+    The command name may hold spaces and parentheses, so the line is split
+    after its last ')': index 0 is the state (field 3 of proc(5)), 1 the ppid,
+    11 and 12 utime and stime, 13 and 14 cutime and cstime, 19 the start time.
+    """
+    try:
+        text = (PROC / str(pid) / "stat").read_text()
+    except OSError:
+        return None
+    return text.rsplit(")", 1)[1].split()
+
+
+def cmdline(pid: int) -> bytes | None:
+    """The raw command line of ``pid`` (NUL-separated), None if the process is gone."""
+    try:
+        return (PROC / str(pid) / "cmdline").read_bytes()
+    except OSError:
+        return None

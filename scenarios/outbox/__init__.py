@@ -1,0 +1,1 @@
+"""The outbox's moving parts: the relays, the consumer, the failure log and CDC decoding."""

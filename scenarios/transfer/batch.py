@@ -1,0 +1,97 @@
+"""Running a batch of transfers on threads: outcomes, client-visible latencies, percentiles."""
+
+from __future__ import annotations
+
+import threading
+import time
+from collections import Counter
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+from coordinator.states import Outcome
+from scenarios.transfer.model import Transfer
+
+
+@dataclass
+class BatchResult:
+    """Outcomes and client-visible latencies of one batch."""
+
+    outcomes: Counter[str] = field(default_factory=Counter)
+    latencies_ms: list[float] = field(default_factory=list)  # committed transfers only
+    reasons: Counter[str] = field(default_factory=Counter)
+    seconds: float = 0.0
+
+    def percentiles(self) -> dict[str, float]:
+        return percentiles(self.latencies_ms)
+
+    def as_dict(self) -> dict[str, Any]:
+        return {
+            "committed": self.outcomes["committed"],
+            "aborted": self.outcomes["aborted"],
+            "in_doubt": self.outcomes["in-doubt"],
+            "seconds": round(self.seconds, 3),
+            "throughput_per_s": round(self.outcomes["committed"] / self.seconds, 1)
+            if self.seconds
+            else 0.0,
+            "latency_ms": self.percentiles(),
+            "abort_reasons": dict(self.reasons.most_common(5)),
+        }
+
+
+def percentiles(values: Sequence[float]) -> dict[str, float]:
+    """p50, p90, p99, p99.9 and max of ``values`` (nearest rank)."""
+    if not values:
+        return {}
+    ordered = sorted(values)
+
+    def rank(q: float) -> float:
+        return ordered[min(len(ordered) - 1, max(0, round(q * len(ordered)) - 1))]
+
+    return {
+        "p50": rank(0.50),
+        "p90": rank(0.90),
+        "p99": rank(0.99),
+        "p99.9": rank(0.999),
+        "max": ordered[-1],
+    }
+
+
+def run_batch(
+    transfers: Sequence[Transfer],
+    run_one: Callable[[Transfer], tuple[Outcome, str]],
+    *,
+    concurrency: int,
+    on_done: Callable[[], None] | None = None,
+) -> BatchResult:
+    """Run ``transfers`` on ``concurrency`` threads; collect outcomes and latencies."""
+    result = BatchResult()
+    lock = threading.Lock()
+    cursor = iter(transfers)
+
+    def worker() -> None:
+        while True:
+            with lock:
+                transfer = next(cursor, None)
+            if transfer is None:
+                return
+            start = time.perf_counter()
+            outcome, reason = run_one(transfer)
+            elapsed = (time.perf_counter() - start) * 1000
+            with lock:
+                result.outcomes[outcome.value] += 1
+                if outcome is Outcome.COMMITTED:
+                    result.latencies_ms.append(elapsed)
+                elif reason:
+                    result.reasons[reason.split(":")[0][:80]] += 1
+            if on_done is not None:
+                on_done()
+
+    started = time.perf_counter()
+    threads = [threading.Thread(target=worker, name=f"transfer-{i}") for i in range(concurrency)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    result.seconds = time.perf_counter() - started
+    return result

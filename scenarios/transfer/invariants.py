@@ -1,0 +1,243 @@
+"""The transfer's invariants: one checker that reads A, B and the queue and says what holds.
+
+For every strategy, after everything has settled:
+
+- atomicity: every transfer id is in A, in B (with the same amount) and
+  delivered, or in none of them;
+- conservation: the sum of A's and B's balances is what the reset put there
+  (``scenario_meta.total`` in A);
+- no duplicates: no transfer was delivered twice;
+- nothing of this coordinator is left prepared in PostgreSQL, and no commit
+  marker is left on the broker (reported; not part of ``ok``).
+
+*Delivered* means a message on ``/queue/transfers`` for the synchronous
+strategies (2PC, the naive dual write), and an applied row of B's inbox for the
+asynchronous ones (outbox, CDC), whose consumer takes the messages off the
+queue. A caller that consumes the queue itself (the torture's ledger) passes
+what it consumed instead.
+"""
+
+from __future__ import annotations
+
+from collections import Counter
+from collections.abc import Collection, Mapping
+from dataclasses import dataclass
+from typing import Any
+
+import psycopg
+
+from coordinator.xid import FORMAT_ID, gtrid_prefix
+from participants.activemq import MARKER_QUEUE
+from participants.stomp_client import StompClient
+from scenarios.config import Settings
+from scenarios.transfer.model import QUEUE
+from scenarios.wiring import databases
+
+
+@dataclass
+class Evidence:
+    """What the real services hold after a run, and the invariants checked on it."""
+
+    total_expected: int
+    total_now: int
+    amounts_a: dict[str, int]  # transfer id -> amount, A's transfers table
+    amounts_b: dict[str, int]  # transfer id -> amount, B's transfers table
+    on_queue: Counter[str]  # transfer id -> messages (on the queue, or consumed by the caller)
+    prepared: list[str]  # "<db>:<gtrid>" of this coordinator's prepared branches
+    markers: set[str]  # gtrids of this coordinator's commit markers left on the broker
+    #: B's inbox for the asynchronous strategies: transfer id -> (outcome, duplicates absorbed).
+    inbox: dict[str, tuple[str, int]] | None = None
+    pending: int = 0  # outbox rows still waiting for the status relay
+    failures: int = 0  # failure-log rows not sent again yet
+
+    @property
+    def in_a(self) -> set[str]:
+        return set(self.amounts_a)
+
+    @property
+    def in_b(self) -> set[str]:
+        return set(self.amounts_b)
+
+    @property
+    def delivered(self) -> set[str]:
+        """Transfer ids whose message reached B's side: applied in the inbox, or on the queue."""
+        if self.inbox is not None:
+            return {t for t, (outcome, _) in self.inbox.items() if outcome == "applied"}
+        return {t for t, n in self.on_queue.items() if n >= 1}
+
+    @property
+    def atomicity_violations(self) -> list[str]:
+        """Transfer ids that are not in A, in B and delivered with one amount, nor in none."""
+        seen = set(self.inbox) if self.inbox is not None else set(self.on_queue)
+        return atomicity_violations(self.amounts_a, self.amounts_b, self.delivered, seen)
+
+    @property
+    def duplicates(self) -> list[str]:
+        """Transfer ids delivered more than once (an inbox absorbs its duplicates: none)."""
+        if self.inbox is not None:
+            return []
+        return sorted(t for t, n in self.on_queue.items() if n > 1)
+
+    @property
+    def lost_messages(self) -> list[str]:
+        """Transfer ids in A and in B whose message was never delivered."""
+        delivered = self.delivered
+        return sorted(
+            t for t in self.amounts_a.keys() & self.amounts_b.keys() if t not in delivered
+        )
+
+    @property
+    def money_conserved(self) -> bool:
+        return self.total_now == self.total_expected
+
+    @property
+    def ok(self) -> bool:
+        return (
+            self.money_conserved
+            and not self.atomicity_violations
+            and not self.duplicates
+            and not self.prepared
+        )
+
+    def anomalies(self) -> list[str]:
+        """Ids where A, B and the queue (or inbox) disagree, and ``"money"`` if not conserved."""
+        found = self.atomicity_violations + self.duplicates
+        return found + ([] if self.money_conserved else ["money"])
+
+    def as_dict(self) -> dict[str, Any]:
+        out: dict[str, Any] = {
+            "money_conserved": self.money_conserved,
+            "total_expected": self.total_expected,
+            "total_now": self.total_now,
+            "transfers_in_a": len(self.amounts_a),
+            "transfers_in_b": len(self.amounts_b),
+        }
+        if self.inbox is not None:
+            out["inbox_rows"] = len(self.inbox)
+            out["duplicates_absorbed"] = sum(d for _, d in self.inbox.values())
+        out["messages_on_queue"] = sum(self.on_queue.values())
+        if self.inbox is not None:
+            out["outbox_pending"] = self.pending
+            out["failure_log"] = self.failures
+        out.update(
+            {
+                "atomicity_violations": len(self.atomicity_violations),
+                "duplicate_messages": len(self.duplicates),
+                "prepared_left": self.prepared,
+                "markers_left": len(self.markers),
+                "ok": self.ok,
+            }
+        )
+        return out
+
+
+def atomicity_violations(
+    amounts_a: Mapping[str, int],
+    amounts_b: Mapping[str, int],
+    delivered: Collection[str],
+    seen: Collection[str] = (),
+) -> list[str]:
+    """Ids in A, B, ``delivered`` or ``seen`` that are not in all three with one amount."""
+    ids = amounts_a.keys() | amounts_b.keys() | set(delivered) | set(seen)
+    return sorted(
+        t
+        for t in ids
+        if not (t in amounts_a and t in amounts_b and t in delivered)
+        or amounts_a[t] != amounts_b[t]
+    )
+
+
+# -- reading the services -----------------------------------------------------------
+
+
+def transfer_amounts(dsn: str) -> dict[str, int]:
+    """transfer id -> amount of every row in the database's ``transfers`` table."""
+    with psycopg.connect(dsn) as conn:
+        return {
+            row[0]: int(row[1]) for row in conn.execute("SELECT transfer_id, amount FROM transfers")
+        }
+
+
+def balance_sum(dsn: str) -> int:
+    with psycopg.connect(dsn) as conn:
+        row = conn.execute("SELECT coalesce(sum(balance), 0) FROM accounts").fetchone()
+        return int(row[0]) if row else 0
+
+
+def expected_total(settings: Settings) -> int:
+    """The sum of balances the reset put in A and B (``scenario_meta.total`` in A)."""
+    with psycopg.connect(settings.pg_a) as conn:
+        row = conn.execute("SELECT value FROM scenario_meta WHERE key = 'total'").fetchone()
+    return int(row[0]) if row else 0
+
+
+def queued_transfer_ids(settings: Settings, destination: str = QUEUE) -> Counter[str]:
+    """transfer-id header -> number of messages with it on the queue (a full browse)."""
+    with StompClient.open(settings.stomp) as client:
+        messages = client.browse(destination, idle_timeout=10.0)
+    return Counter(m.headers.get("transfer-id", "?") for m in messages)
+
+
+def prepared_of(settings: Settings) -> list[str]:
+    """'<db>:<gtrid>' of every prepared transaction this coordinator owns, in A and B."""
+    prefix = gtrid_prefix(settings.coordinator_id)
+    found = []
+    for resource in databases(settings, pool_size=1):
+        try:
+            found += [f"{resource.name}:{x.gtrid}" for x in resource.recover(FORMAT_ID, prefix)]
+        finally:
+            resource.close()
+    return sorted(found)
+
+
+def markers_of(settings: Settings) -> set[str]:
+    """gtrids of this coordinator's commit markers on the broker's marker queue."""
+    with StompClient.open(settings.stomp) as client:
+        gtrids = {
+            m.headers.get("gtrid", "") for m in client.browse(MARKER_QUEUE, idle_timeout=10.0)
+        }
+    prefix = gtrid_prefix(settings.coordinator_id)
+    return {g for g in gtrids if g.startswith(prefix)}
+
+
+def gather_evidence(
+    settings: Settings,
+    *,
+    inbox: bool = False,
+    delivered: Counter[str] | None = None,
+) -> Evidence:
+    """Read A, B, the queue, the prepared branches and the markers into one :class:`Evidence`.
+
+    ``inbox``: the strategy is asynchronous; read B's inbox, the outbox backlog
+    and the failure log too, and count an applied inbox row as the delivery.
+    ``delivered``: what the caller consumed from the queue itself; then the
+    queue is not browsed.
+    """
+    evidence = Evidence(
+        total_expected=expected_total(settings),
+        total_now=balance_sum(settings.pg_a) + balance_sum(settings.pg_b),
+        amounts_a=transfer_amounts(settings.pg_a),
+        amounts_b=transfer_amounts(settings.pg_b),
+        on_queue=queued_transfer_ids(settings) if delivered is None else delivered,
+        prepared=prepared_of(settings),
+        markers=markers_of(settings),
+    )
+    if inbox:
+        with psycopg.connect(settings.pg_a) as conn:
+            counts = conn.execute(
+                "SELECT (SELECT count(*) FROM outbox WHERE status = 'pending'), "
+                "(SELECT count(*) FROM outbox_failures WHERE resent_at IS NULL)"
+            ).fetchone()
+        with psycopg.connect(settings.pg_b) as conn:
+            evidence.inbox = {
+                row[0]: (row[1], row[2])
+                for row in conn.execute("SELECT transfer_id, outcome, duplicates FROM inbox")
+            }
+        pending, failures = counts if counts else (0, 0)
+        evidence.pending, evidence.failures = int(pending), int(failures)
+    return evidence
+
+
+def anomalies(settings: Settings, relay_mode: str | None) -> list[str]:
+    """The anomalies of a strategy with ``relay_mode`` (None: 2PC, naive), after convergence."""
+    return gather_evidence(settings, inbox=relay_mode is not None).anomalies()
