@@ -13,7 +13,7 @@ from __future__ import annotations
 import threading
 import time
 from collections import Counter
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
 from typing import Any
@@ -207,7 +207,7 @@ class Coordinator:
             self._active.pop(tx.gtrid, None)
         ended = tx.state is TxState.COMPLETED and tx.marker_sent
         if ended and self.backlog.ended(tx.gtrid) and not self._closed.is_set():
-            self._executor.submit(self.sweep_markers)  # close() sweeps what is left
+            self._executor.submit(self._contained, self.sweep_markers)  # close() sweeps the rest
 
     def failpoint(self, name: str) -> None:
         failpoints.hit(name)
@@ -254,7 +254,25 @@ class Coordinator:
             interval = self.housekeeping_interval
             if interval is not None and now - last_chores >= interval:
                 last_chores = now
-                self.backlog.work()
+                self._contained(self.backlog.work)
+
+    @staticmethod
+    def _contained(chore: Callable[[], object]) -> None:
+        """Run a background chore; an unexpected error is logged, never kills the thread.
+
+        The chore's own failures (a participant down) are retried by the next
+        round already; this catches the rest, so the watchdog keeps enforcing
+        timeouts and the next round retries.
+        """
+        try:
+            chore()
+        except Exception as exc:
+            events.get_logger().error(
+                events.HOUSEKEEPING_FAILED,
+                chore=getattr(chore, "__name__", repr(chore)),
+                error=f"{type(exc).__name__}: {exc}",
+                exc_info=True,
+            )
 
     # -- recovery -------------------------------------------------------------
 

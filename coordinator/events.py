@@ -46,9 +46,14 @@ RECOVERY_RESOLVED = "tpc.recovery.resolved"
 RECOVERY_RESOLVE_FAILED = "tpc.recovery.resolve_failed"
 RECOVERY_FINISHED = "tpc.recovery.finished"
 
-# Housekeeping of the broker's commit markers.
+# The decision log.
+LOG_TORN_HEADER_REINITIALISED = "tpc.log.torn_header_reinitialised"
+LOG_COMPACTION_FAILED = "tpc.log.compaction_failed"
+
+# Housekeeping of the broker's commit markers, and the watchdog's chores.
 MARKERS_REMOVED = "tpc.markers.removed"
 MARKERS_REMOVE_FAILED = "tpc.markers.remove_failed"
+HOUSEKEEPING_FAILED = "tpc.housekeeping.failed"
 
 
 def get_logger(**bound: Any) -> Any:

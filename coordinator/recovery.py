@@ -388,7 +388,7 @@ class Backlog:
                 assert tx.broker is not None
                 self._broker.settle(tx.broker, timeout)
             markers = self._broker.markers()
-        except TwoPhaseCommitError as exc:
+        except Exception as exc:  # kept for the next round, whatever failed
             events.get_logger().warning(events.RECOVERY_RESOLVE_FAILED, error=str(exc))
             with self._lock:
                 self._in_doubt.extend(pending)
@@ -434,12 +434,20 @@ class Backlog:
         return removed
 
     def _resolve(self, item: InDoubt) -> bool:
+        """Resolve ``item``; False (logged) if it must wait for the next round.
+
+        Any error keeps the item: a participant that is down, but also an
+        unexpected one (a bug), which is logged with its traceback.
+        """
         holder = self._broker.name if self._broker is not None and item.marker else None
         try:
             resolve(item, self._resources, self._log, marker_holder=holder, failpoint=_no_failpoint)
-        except TwoPhaseCommitError as exc:
+        except Exception as exc:
             events.get_logger(gtrid=item.gtrid).warning(
-                events.RECOVERY_RESOLVE_FAILED, decision=item.decision.value, error=str(exc)
+                events.RECOVERY_RESOLVE_FAILED,
+                decision=item.decision.value,
+                error=str(exc) if isinstance(exc, TwoPhaseCommitError) else repr(exc),
+                exc_info=not isinstance(exc, TwoPhaseCommitError),
             )
             return False
         return True

@@ -22,6 +22,7 @@ from coordinator.errors import (
 )
 from coordinator.log.memory import MemoryDecisionLog
 from coordinator.states import Outcome
+from coordinator.xid import Xid
 from participants.fake import FakeBroker, FakeResource, FakeStore
 from scenarios.log_setup import configure as configure_logging
 
@@ -354,3 +355,61 @@ def test_in_doubt_stays_in_doubt_while_the_session_cannot_be_fenced(world: World
     assert coord.resolve_in_doubt() == 0
     assert coord.in_doubt == [tx.gtrid] and len(world.a.prepared) == 1
     assert coord.resolve_in_doubt() == 1 and world.a.prepared == {}
+
+
+def test_an_unexpected_error_while_resolving_keeps_the_work_for_the_next_round(
+    world: World,
+) -> None:
+    """A bug raising from a participant during a background retry is logged, and the
+    transaction stays in the backlog: the next round of the watchdog finishes it."""
+    coord = world.coordinator(housekeeping_interval=0.2)
+    world.rb.fail("commit_prepared", "error", times=3)  # phase 2 of b is deferred
+    calls = 0
+    commit_recovered = world.rb.commit_recovered
+
+    def first_call_breaks(xid: Xid) -> bool:
+        nonlocal calls
+        calls += 1
+        if calls == 1:
+            raise RuntimeError("a bug in a participant")
+        return commit_recovered(xid)
+
+    world.rb.commit_recovered = first_call_breaks  # type: ignore[method-assign]
+    with structlog.testing.capture_logs() as logs:
+        with coord.transaction() as tx:
+            transfer()(tx)
+        deadline = time.monotonic() + 5.0
+        while world.b.prepared and time.monotonic() < deadline:
+            time.sleep(0.05)
+    failed = [e for e in logs if e["event"] == events.RECOVERY_RESOLVE_FAILED]
+    assert failed and "a bug in a participant" in failed[0]["error"]
+    assert world.b.prepared == {} and tx.gtrid in world.b.committed and calls >= 2
+    coord.close()
+
+
+def test_an_unexpected_error_in_a_chore_leaves_the_watchdog_running(world: World) -> None:
+    """A chore that raises is logged as tpc.housekeeping.failed; the watchdog thread goes on
+    and its next round does the work."""
+    coord = world.coordinator(housekeeping_interval=0.2)
+    world.rb.fail("commit_prepared", "error", times=3)  # phase 2 of b is deferred
+    rounds = 0
+    work = coord.backlog.work
+
+    def first_round_breaks(settle_timeout: float = 10.0) -> None:
+        nonlocal rounds
+        rounds += 1
+        if rounds == 1:
+            raise RuntimeError("a bug in a chore")
+        work(settle_timeout)
+
+    coord.backlog.work = first_round_breaks  # type: ignore[method-assign]
+    with structlog.testing.capture_logs() as logs:
+        with coord.transaction() as tx:
+            transfer()(tx)
+        deadline = time.monotonic() + 5.0
+        while world.b.prepared and time.monotonic() < deadline:
+            time.sleep(0.05)
+    failed = [e for e in logs if e["event"] == events.HOUSEKEEPING_FAILED]
+    assert failed and failed[0]["error"] == "RuntimeError: a bug in a chore"
+    assert world.b.prepared == {} and tx.gtrid in world.b.committed and rounds >= 2
+    coord.close()

@@ -278,7 +278,7 @@ class FileDecisionLog:
         if found.end == 0:  # empty, or a torn header: the log was never initialised
             os.close(fd)
             if data:
-                events.get_logger().warning("tpc.log.torn_header_reinitialised", path=self.path)
+                events.get_logger().warning(events.LOG_TORN_HEADER_REINITIALISED, path=self.path)
             return self._replace_with(fmt.HEADER), fmt.HEADER_SIZE, {}
         return fd, found.end, fmt.replay(found.records)
 
@@ -330,7 +330,9 @@ class FileDecisionLog:
             new_fd = self._replace_with(content)
         except OSError as exc:  # e.g. disk full: keep appending to the old file, retry later
             self._compact_at = 2 * self._size
-            events.get_logger().warning("tpc.log.compaction_failed", path=self.path, error=str(exc))
+            events.get_logger().warning(
+                events.LOG_COMPACTION_FAILED, path=self.path, error=str(exc)
+            )
             return
         assert self._fd is not None
         os.close(self._fd)

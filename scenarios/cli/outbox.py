@@ -20,6 +20,7 @@ from rich.console import Console
 from rich.table import Table
 
 from coordinator import events
+from scenarios import events as ev
 from scenarios.log_setup import configure as configure_logging
 
 console = Console()
@@ -36,7 +37,7 @@ def _stop_on_signals() -> threading.Event:
     stop = threading.Event()
 
     def handler(signum: int, frame: FrameType | None) -> None:
-        events.get_logger(component="cli").info("shutdown.requested", signal=signum)
+        events.get_logger(component="cli").info(ev.SHUTDOWN_REQUESTED, signal=signum)
         stop.set()
 
     signal.signal(signal.SIGTERM, handler)

@@ -35,6 +35,7 @@ from dataclasses import dataclass, field
 from typing import Any, TypeVar
 
 from coordinator.events import get_logger
+from scenarios import events as ev
 from scenarios.config import parse_host_port
 
 T = TypeVar("T")
@@ -42,9 +43,6 @@ T = TypeVar("T")
 CHUNK = 64 * 1024
 CONTROL_TIMEOUT = 10.0
 
-# Event names.
-PROXY_STARTED = "proxy.started"
-PROXY_FAULT = "proxy.fault"
 
 
 class Mode(enum.Enum):
@@ -150,7 +148,7 @@ class FaultProxy:
             self._thread.join()
             self._thread = None
             raise OSError(f"proxy {self.name} cannot listen: {failure[0]}") from failure[0]
-        self._log.debug(PROXY_STARTED, port=self.port, upstream=self.upstream)
+        self._log.debug(ev.PROXY_STARTED, port=self.port, upstream=self.upstream)
         return self
 
     def close(self) -> None:
@@ -197,29 +195,29 @@ class FaultProxy:
 
     def reset(self) -> int:
         """Reset every open connection (both sides); return how many."""
-        self._log.info(PROXY_FAULT, fault="reset", connections=len(self._connections))
+        self._log.info(ev.PROXY_FAULT, fault="reset", connections=len(self._connections))
         return self._call(self._reset_all())
 
     def blackhole(self) -> None:
         """Hold all traffic, closes and new connections until :meth:`heal`."""
-        self._log.info(PROXY_FAULT, fault="blackhole")
+        self._log.info(ev.PROXY_FAULT, fault="blackhole")
         self._call(self._set_mode(Mode.BLACKHOLE))
 
     def refuse(self) -> None:
         """Reset new connections at once until :meth:`heal`; open ones keep flowing."""
-        self._log.info(PROXY_FAULT, fault="refuse")
+        self._log.info(ev.PROXY_FAULT, fault="refuse")
         self._call(self._set_mode(Mode.REFUSE))
 
     def heal(self, *, reset: bool = False) -> int:
         """Back to passing traffic; with ``reset``, held connections are reset first."""
-        self._log.info(PROXY_FAULT, fault="heal", reset=reset)
+        self._log.info(ev.PROXY_FAULT, fault="heal", reset=reset)
         return self._call(self._heal(reset))
 
     def delay(self, seconds: float) -> None:
         """Deliver every chunk ``seconds`` after it was read (0 removes the delay)."""
         if seconds < 0:
             raise ValueError(f"proxy delay must be >= 0 seconds, not {seconds}")
-        self._log.info(PROXY_FAULT, fault="delay", seconds=seconds)
+        self._log.info(ev.PROXY_FAULT, fault="delay", seconds=seconds)
         self._delay = seconds
 
     def _call(self, coro: Coroutine[Any, Any, T]) -> T:

@@ -25,6 +25,7 @@ import psycopg
 from coordinator.errors import ParticipantError
 from coordinator.events import get_logger
 from participants.stomp_client import Message, StompClient, Subscription
+from scenarios import events as ev
 from scenarios.config import Settings
 from scenarios.strategies.base import CrashPlan
 from scenarios.transfer.model import CREDIT, QUEUE
@@ -105,7 +106,7 @@ class Consumer:
         """Consume until ``stop`` is set (checked every 0.25 s)."""
         stop = stop or threading.Event()
         self.crashes.arm_from_env(CONSUMER_CRASH_SETTING)
-        self.log.info("consumer.started", destination=self.destination)
+        self.log.info(ev.CONSUMER_STARTED, destination=self.destination)
         failures = 0
         try:
             while not stop.is_set():
@@ -119,12 +120,12 @@ class Consumer:
                 except (ParticipantError, psycopg.OperationalError, psycopg.InterfaceError) as exc:
                     failures += 1
                     self.stats.reconnects += 1
-                    self.log.warning("consumer.connection.lost", error=str(exc), attempt=failures)
+                    self.log.warning(ev.CONSUMER_CONNECTION_LOST, error=str(exc), attempt=failures)
                     self._disconnect()  # unacknowledged messages go back to the queue
                     stop.wait(min(5.0, 0.2 * 2 ** min(failures, 5)))
         finally:
             self._disconnect(graceful=True)
-            self.log.info("consumer.stopped", **self.stats.as_dict())
+            self.log.info(ev.CONSUMER_STOPPED, **self.stats.as_dict())
         return self.stats
 
     def _connect(self) -> Subscription:
@@ -171,13 +172,13 @@ class Consumer:
                 self.stats.duplicates += 1
             else:
                 self.stats.rejected += 1
-                self.log.error("consumer.rejected", outcome=outcome)
+                self.log.error(ev.CONSUMER_REJECTED, outcome=outcome)
         if self.crashes.hit("after-b-commit"):
             # As if the process died here: no ACK, so the broker redelivers the batch.
             raise ParticipantError("crash injected after B's commit", participant="consumer")
         for message in batch:
             self._client.ack(message)
-        self.log.debug("consumer.batch", messages=len(batch))
+        self.log.debug(ev.CONSUMER_BATCH, messages=len(batch))
 
 
 def apply(db: psycopg.Connection, batch: Sequence[Message]) -> list[str]:

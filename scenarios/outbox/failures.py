@@ -31,6 +31,7 @@ import psycopg
 
 from coordinator.errors import ConfigurationError, TwoPhaseCommitError
 from coordinator.events import get_logger
+from scenarios import events as ev
 
 POLICY_SETTING = "TWOPC_OUTBOX_POLICY"
 MAX_ATTEMPTS_SETTING = "TWOPC_OUTBOX_MAX_ATTEMPTS"
@@ -136,10 +137,10 @@ def deliver(
             error = str(exc)
         else:
             if attempt > 1:
-                log.info("relay.publish.recovered", attempts=attempt, messages=len(batch))
+                log.info(ev.RELAY_PUBLISH_RECOVERED, attempts=attempt, messages=len(batch))
             return Disposition.SENT, attempt, ""
         log.warning(
-            "relay.publish.failed",
+            ev.RELAY_PUBLISH_FAILED,
             attempt=attempt,
             messages=len(batch),
             policy=retry.policy.value,
@@ -176,7 +177,7 @@ def record_failures(
             [(m.transfer_id, source, m.destination, m.body, attempts, error) for m in batch],
         )
     get_logger(component="relay", source=source).error(
-        "relay.failure_logged",
+        ev.RELAY_FAILURE_LOGGED,
         messages=len(batch),
         attempts=attempts,
         error=error,
@@ -300,4 +301,4 @@ def retry_failures(
             )
             conn.commit()
             report.sent += ids
-            get_logger(component="outbox").info("outbox.failures.resent", messages=len(ids))
+            get_logger(component="outbox").info(ev.OUTBOX_FAILURES_RESENT, messages=len(ids))

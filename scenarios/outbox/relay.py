@@ -62,6 +62,7 @@ from psycopg import errors as pg_errors
 from coordinator.errors import ConfigurationError, ParticipantError, TwoPhaseCommitError
 from coordinator.events import get_logger
 from participants.stomp_client import StompClient
+from scenarios import events as ev
 from scenarios.config import Settings
 from scenarios.outbox.cdc import ensure_slot, parse_insert
 from scenarios.outbox.failures import (
@@ -199,7 +200,7 @@ class Relay:
         """Relay until ``stop`` is set; survives A and the broker going away and coming back."""
         self._stop = stop or threading.Event()
         self.crashes.arm_from_env(RELAY_CRASH_SETTING)
-        self.log.info("relay.started", policy=self.config.retry.policy.value)
+        self.log.info(ev.RELAY_STARTED, policy=self.config.retry.policy.value)
         failures = 0
         try:
             while not self._stop.is_set():
@@ -214,14 +215,14 @@ class Relay:
                 except (psycopg.OperationalError, psycopg.InterfaceError) as exc:
                     failures += 1
                     self.log.warning(
-                        "relay.database.lost", error=str(exc).strip(), attempt=failures
+                        ev.RELAY_DATABASE_LOST, error=str(exc).strip(), attempt=failures
                     )
                     self._disconnect()
                     self._stop.wait(self.config.retry.delay(min(failures, 6)))
         finally:
             self._disconnect()
             self.publisher.close()
-            self.log.info("relay.stopped", **self.stats.as_dict())
+            self.log.info(ev.RELAY_STOPPED, **self.stats.as_dict())
         return self.stats
 
     def pump_once(self) -> int:
@@ -282,8 +283,8 @@ class Relay:
             self.stats.failed += len(batch)
         else:
             self.stats.ignored += len(batch)
-            self.log.warning("relay.ignored", messages=len(batch), error=error)
-        self.log.debug("relay.batch", messages=len(batch), outcome=disposition.value)
+            self.log.warning(ev.RELAY_IGNORED, messages=len(batch), error=error)
+        self.log.debug(ev.RELAY_BATCH, messages=len(batch), outcome=disposition.value)
         return disposition, attempts, error
 
 
@@ -436,7 +437,7 @@ class CdcRelay(Relay):
         except pg_errors.UndefinedObject:
             if ensure_slot(self.settings.pg_a, self.slot):
                 self.log.warning(
-                    "relay.cdc.slot_created",
+                    ev.RELAY_CDC_SLOT_CREATED,
                     slot=self.slot,
                     note="changes committed before now were not decoded",
                 )
@@ -480,10 +481,10 @@ class CdcRelay(Relay):
             self._leader = bool(row and row[0])
             if self._leader:
                 ensure_slot(self.settings.pg_a, self.slot)
-                self.log.info("relay.cdc.leading", slot=self.slot)
+                self.log.info(ev.RELAY_CDC_LEADING, slot=self.slot)
             elif not self._standby_logged:
                 self._standby_logged = True
-                self.log.info("relay.cdc.standby", note="another relay decodes the slot")
+                self.log.info(ev.RELAY_CDC_STANDBY, note="another relay decodes the slot")
         return self._leader
 
     def _decode(self, rows: Sequence[tuple[Any, str]]) -> list[_DecodedTransaction]:

@@ -31,6 +31,7 @@ import psycopg
 from coordinator.events import get_logger
 from coordinator.failpoints import failpoint_env
 from coordinator.log.file import LOCK_SUFFIX
+from scenarios import events as ev
 from scenarios.config import Settings
 from scenarios.lab.proxy import FaultProxy
 from scenarios.lab.services import Lab
@@ -43,9 +44,6 @@ MAX_RECOVERY_PASSES = 6
 TWOPC = [sys.executable, "-m", "scenarios.cli"]
 CHILD = [sys.executable, "-m", "scenarios.torture.child"]
 
-# Event names.
-SCHEDULE_STARTED = "torture.schedule.started"
-SCHEDULE_FINISHED = "torture.schedule.finished"
 
 
 # -- results -------------------------------------------------------------------------
@@ -244,7 +242,7 @@ class Torture:
                 "('twopc lab up' with TWOPC_HOME pointing at it)"
             )
         started = time.monotonic()
-        self._log.info(SCHEDULE_STARTED, schedule=schedule.name, describe=schedule.describe())
+        self._log.info(ev.SCHEDULE_STARTED, schedule=schedule.name, describe=schedule.describe())
         outcomes_path = self.workdir / f"{schedule.name.replace(' ', '_')}.jsonl"
         outcomes_path.unlink(missing_ok=True)
         stderr_path = outcomes_path.with_suffix(".stderr")
@@ -305,7 +303,7 @@ class Torture:
             seconds=time.monotonic() - started,
         )
         self._log.info(
-            SCHEDULE_FINISHED,
+            ev.SCHEDULE_FINISHED,
             schedule=schedule.name,
             ok=result.ok,
             problems=result.problems,

@@ -1,0 +1,37 @@
+"""The names of the structlog events the scenarios emit: relays, consumers, the fault proxy,
+the torture and the CLI. The coordinator's are in ``coordinator.events``, the participants'
+in ``participants.events``."""
+
+from __future__ import annotations
+
+# Relays (scenarios.outbox.relay, scenarios.outbox.failures).
+RELAY_STARTED = "relay.started"
+RELAY_STOPPED = "relay.stopped"
+RELAY_BATCH = "relay.batch"
+RELAY_IGNORED = "relay.ignored"
+RELAY_DATABASE_LOST = "relay.database.lost"
+RELAY_CDC_LEADING = "relay.cdc.leading"
+RELAY_CDC_STANDBY = "relay.cdc.standby"
+RELAY_CDC_SLOT_CREATED = "relay.cdc.slot_created"
+RELAY_PUBLISH_RECOVERED = "relay.publish.recovered"
+RELAY_PUBLISH_FAILED = "relay.publish.failed"
+RELAY_FAILURE_LOGGED = "relay.failure_logged"
+OUTBOX_FAILURES_RESENT = "outbox.failures.resent"
+
+# The outbox consumer (scenarios.outbox.consumer).
+CONSUMER_STARTED = "consumer.started"
+CONSUMER_STOPPED = "consumer.stopped"
+CONSUMER_BATCH = "consumer.batch"
+CONSUMER_CONNECTION_LOST = "consumer.connection.lost"
+CONSUMER_REJECTED = "consumer.rejected"
+
+# The fault proxy (scenarios.lab.proxy).
+PROXY_STARTED = "proxy.started"
+PROXY_FAULT = "proxy.fault"
+
+# The crash torture (scenarios.torture.runner).
+SCHEDULE_STARTED = "torture.schedule.started"
+SCHEDULE_FINISHED = "torture.schedule.finished"
+
+# Long-running commands (scenarios.cli).
+SHUTDOWN_REQUESTED = "shutdown.requested"
