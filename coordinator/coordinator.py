@@ -72,14 +72,14 @@ class Coordinator:
         self._executor = ThreadPoolExecutor(
             max_workers=max_workers, thread_name_prefix="twopc-phase"
         )
+        self.backlog = Backlog(self._resources, log, broker, marker_batch=marker_batch)
         self.config = driver.DriverConfig(
             log=log,
             executor=self._executor,
             failpoint=self.failpoint,
             receipt_timeout=receipt_timeout,
+            defer=self.backlog.defer,
         )
-        self.backlog = Backlog(self._resources, log, broker, marker_batch=marker_batch)
-        self.config.defer = self.backlog.defer
         self._active: dict[str, Transaction] = {}
         self._lock = threading.Lock()
         self.outcomes: Counter[Outcome] = Counter()
