@@ -17,7 +17,6 @@ from typing import Any, Protocol
 
 import psycopg
 from psycopg.abc import Params, Query
-from structlog.contextvars import bound_contextvars
 
 from coordinator import events
 from coordinator.errors import (
@@ -69,7 +68,7 @@ class Transaction:
         self.marker_sent = False
         self.timings: dict[str, float] = {}  # phase name -> seconds (for the benchmark)
         self._lock = threading.Lock()  # guards branch creation against the watchdog
-        self.log = events.get_logger(gtrid=gtrid)  # for threads outside the bound context
+        self.log = events.get_logger(gtrid=gtrid)
 
     @property
     def branches(self) -> Mapping[str, XABranch]:
@@ -137,12 +136,11 @@ class Transaction:
             raise UnknownParticipant(
                 f"transaction {self.gtrid}: no participant named {name!r} (known: {known})"
             )
-        with bound_contextvars(gtrid=self.gtrid):
-            with self._lock:
-                branch = resource.begin(Xid.branch(self.gtrid, name))
-                self._branches[name] = branch
-            self.log.debug(events.BEGIN, participant=name)
-            self._host.failpoint("after_begin")
+        with self._lock:
+            branch = resource.begin(Xid.branch(self.gtrid, name))
+            self._branches[name] = branch
+        self.log.debug(events.BEGIN, participant=name)
+        self._host.failpoint("after_begin")
         return branch
 
     def execute(
@@ -154,16 +152,15 @@ class Transaction:
     def send(self, destination: str, body: str, headers: Mapping[str, str] | None = None) -> None:
         """Send a persistent message inside the broker's transaction."""
         self._check_active()
-        with bound_contextvars(gtrid=self.gtrid):
-            if self.broker is None:
-                broker = self._host.broker
-                if broker is None:
-                    raise UnknownParticipant(
-                        f"transaction {self.gtrid}: this coordinator has no broker participant"
-                    )
-                self.broker = broker.begin(self.gtrid)
-                self.log.debug(events.BEGIN, participant=self.broker.name)
-            self.broker.send(destination, body, headers)
+        if self.broker is None:
+            broker = self._host.broker
+            if broker is None:
+                raise UnknownParticipant(
+                    f"transaction {self.gtrid}: this coordinator has no broker participant"
+                )
+            self.broker = broker.begin(self.gtrid)
+            self.log.debug(events.BEGIN, participant=self.broker.name)
+        self.broker.send(destination, body, headers)
         self.messages_sent += 1
 
     # -- ending ---------------------------------------------------------------
