@@ -99,7 +99,10 @@ class DecisionLogCorrupt(DecisionLogError):
         super().__init__(
             f"decision log {path} is corrupt at byte offset {offset}: {reason}. "
             "Records after it cannot be trusted, so the coordinator refuses to start. "
-            "Keep a copy of the file for inspection; see the README's 'Recovery' section."
+            "Keep a copy of the file, look at it with 'twopc log dump', and once you know "
+            "what the records after the damage decided, cut it there with "
+            f"'twopc log truncate --at {offset} --i-know' (see the README's 'The decision "
+            "log' section)."
         )
         self.path = path
         self.offset = offset

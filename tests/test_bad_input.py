@@ -6,6 +6,7 @@ in-memory decision log, and the file log on a temporary directory.
 
 from __future__ import annotations
 
+import json
 import os
 import re
 import struct
@@ -625,5 +626,84 @@ def test_corrupt_log_message_tells_the_operator_what_to_do(tmp_path: Path) -> No
     assert str(caught.value).startswith(f"decision log {path} is corrupt at byte offset 36: ")
     assert str(caught.value).endswith(
         ". Records after it cannot be trusted, so the coordinator refuses to start. "
-        "Keep a copy of the file for inspection; see the README's 'Recovery' section."
+        "Keep a copy of the file, look at it with 'twopc log dump', and once you know what "
+        "the records after the damage decided, cut it there with "
+        "'twopc log truncate --at 36 --i-know' (see the README's 'The decision log' section)."
     )
+
+
+# -- the decision log from the outside: twopc log dump | verify | truncate ----------------------
+
+
+def twopc_log(home: Path, *args: str) -> subprocess.CompletedProcess[str]:
+    """Run ``twopc log ARGS`` on the decision log in ``home``."""
+    return subprocess.run(
+        [sys.executable, "-m", "scenarios.cli", "log", *args],
+        env={**os.environ, "TWOPC_HOME": str(home)},
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+
+
+def test_log_dump_shows_every_record_and_the_damage_with_offsets(tmp_path: Path) -> None:
+    """dump lists each record and a damaged stretch at their byte offsets, past the damage."""
+    offsets = write_log(tmp_path / "decisions.log", R1, with_crc(ENCODED_R2, BAD_CRC), E1)
+    done = twopc_log(tmp_path, "dump", "--json")
+    assert done.returncode == 0, done.stderr
+    entries = json.loads(done.stdout)["entries"]
+    assert [(e["offset"], e["type"]) for e in entries] == [
+        (offsets[0], "COMMIT"),
+        (offsets[1], "DAMAGED"),
+        (offsets[2], "END"),
+    ]
+    assert entries[0]["gtrid"] == R1.gtrid and entries[0]["participants"] == ["a", "b"]
+    assert entries[1]["problem"].startswith("record CRC mismatch")
+
+
+def test_log_verify_passes_a_clean_log_and_a_torn_tail(tmp_path: Path) -> None:
+    """verify exits 0 for intact records, and for a torn tail that the next open truncates."""
+    path = tmp_path / "decisions.log"
+    write_log(path, R1, E1)
+    clean = twopc_log(tmp_path, "verify")
+    assert clean.returncode == 0 and "2 records, all intact; 0 COMMIT without END" in clean.stdout
+    write_log(path, R1, ENCODED_R2[:-3])
+    torn = twopc_log(tmp_path, "verify")
+    assert torn.returncode == 0 and "then a torn tail at byte offset 36" in torn.stdout
+
+
+def test_log_verify_fails_on_damage_in_the_middle_and_names_the_repair(tmp_path: Path) -> None:
+    """verify exits 1 on mid-log damage and names the offset and the truncate command."""
+    write_log(tmp_path / "decisions.log", R1, with_crc(ENCODED_R2, BAD_CRC), E1)
+    done = twopc_log(tmp_path, "verify")
+    assert done.returncode == 1 and "Traceback" not in done.stderr
+    assert "damaged at byte offset 36: record CRC mismatch" in done.stderr
+    assert "'twopc log truncate --at 36 --i-know'" in done.stderr
+
+
+def test_log_truncate_needs_i_know_then_cuts_at_a_record_start(tmp_path: Path) -> None:
+    """Without --i-know nothing changes (usage error); with it the log opens again, shorter."""
+    path = tmp_path / "decisions.log"
+    write_log(path, R1, with_crc(ENCODED_R2, BAD_CRC), E1)
+    before = path.read_bytes()
+    refused = twopc_log(tmp_path, "truncate", "--at", "36")
+    assert refused.returncode == 2 and "add --i-know" in refused.stderr
+    assert path.read_bytes() == before
+    inside = twopc_log(tmp_path, "truncate", "--at", "37", "--i-know")
+    assert inside.returncode != 0 and "is inside a record" in inside.stderr
+    done = twopc_log(tmp_path, "truncate", "--at", "36", "--i-know")
+    assert done.returncode == 0 and "2 entries dropped" in done.stdout
+    assert path.read_bytes() == before[:36]
+    with FileDecisionLog(path) as log:
+        assert log.pending() == {R1.gtrid: R1.participants}
+
+
+def test_log_truncate_is_refused_while_a_coordinator_holds_the_log(tmp_path: Path) -> None:
+    """truncate takes the log's lock: with a coordinator on the log it changes nothing."""
+    path = tmp_path / "decisions.log"
+    with FileDecisionLog(path) as log:
+        log.log_commit(R1.gtrid, R1.participants, force=True)
+        size = path.stat().st_size
+        done = twopc_log(tmp_path, "truncate", "--at", str(fmt.HEADER_SIZE), "--i-know")
+        assert done.returncode != 0 and "is locked by process" in done.stderr
+        assert path.stat().st_size == size

@@ -431,3 +431,44 @@ def read_pending(path: str | os.PathLike[str]) -> dict[str, tuple[str, ...]]:
     except FileNotFoundError:
         return {}
     return fmt.replay(fmt.scan(data, os.fspath(path)).records)
+
+
+def read_entries(path: str | os.PathLike[str]) -> list[fmt.Entry]:
+    """Every record and damaged stretch of the log at ``path``, read without its lock."""
+    with open(path, "rb") as file:
+        data = file.read()
+    return list(fmt.walk(data, os.fspath(path)))
+
+
+def truncate_at(path: str | os.PathLike[str], offset: int) -> list[fmt.Entry]:
+    """Cut the log at ``path`` at byte ``offset``; return the entries that were cut off.
+
+    The documented repair of a log damaged in the middle, once an operator
+    knows what the records after the damage decided. It takes the log's lock
+    (DecisionLogLocked while a coordinator runs on it) and syncs the file.
+    """
+    name = os.fspath(path)
+    lock_fd = _take_lock(name)
+    try:
+        entries = read_entries(name)
+        size = os.path.getsize(name)
+        if not fmt.HEADER_SIZE <= offset <= size:
+            raise DecisionLogError(
+                f"offset {offset} is outside the records of {name} "
+                f"({fmt.HEADER_SIZE} to {size} bytes)"
+            )
+        starts = {entry.offset for entry in entries} | {size}
+        if offset not in starts:
+            raise DecisionLogError(
+                f"offset {offset} of {name} is inside a record; 'twopc log dump' shows where "
+                "each record starts"
+            )
+        fd = os.open(name, os.O_WRONLY)
+        try:
+            os.ftruncate(fd, offset)
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+        return [entry for entry in entries if entry.offset >= offset]
+    finally:
+        os.close(lock_fd)

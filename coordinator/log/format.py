@@ -48,7 +48,7 @@ offset 0.
 from __future__ import annotations
 
 import struct
-from collections.abc import Iterable
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from enum import IntEnum
 
@@ -203,6 +203,52 @@ def scan(data: bytes, path: str) -> Scan:
     return Scan(records, pos)
 
 
+@dataclass(frozen=True, slots=True)
+class Entry:
+    """One stretch of a log image, for tools that look at a damaged log.
+
+    Either a record that decodes (``record``) or a stretch of damage
+    (``problem``) running to the next valid frame or to the end of the file.
+    """
+
+    offset: int
+    size: int
+    record: Record | None = None
+    problem: str | None = None
+
+
+def walk(data: bytes, path: str) -> Iterator[Entry]:
+    """Every record and every damaged stretch of a log image, in order; never raises.
+
+    Unlike :func:`scan`, it goes on past damage (to the next valid frame), so
+    an operator sees what the records after a damaged one say.
+    """
+    try:
+        if len(data) < HEADER_SIZE and HEADER.startswith(data):
+            return
+        scan(data[:HEADER_SIZE], path)
+    except DecisionLogCorrupt as exc:
+        yield Entry(0, len(data), problem=exc.reason)
+        return
+    view = memoryview(data)
+    pos = HEADER_SIZE
+    while pos < len(data):
+        frame = _frame_at(view, pos)
+        if isinstance(frame, str):
+            following = _next_frame(view, pos)
+            end = len(data) if following is None else following
+            tail = " (a torn tail: the next open truncates it)" if following is None else ""
+            yield Entry(pos, end - pos, problem=frame + tail)
+            pos = end
+            continue
+        rtype, payload, after = frame
+        try:
+            yield Entry(pos, after - pos, record=_decode(rtype, payload, path, pos))
+        except DecisionLogCorrupt as exc:
+            yield Entry(pos, after - pos, problem=exc.reason)
+        pos = after
+
+
 def _frame_at(view: memoryview, pos: int) -> tuple[int, memoryview, int] | str:
     """(type, payload, offset after) of the record at ``pos``, or why it does not frame."""
     available = len(view) - pos
@@ -226,10 +272,15 @@ def _frame_at(view: memoryview, pos: int) -> tuple[int, memoryview, int] | str:
 
 def _any_frame_after(view: memoryview, pos: int) -> bool:
     """Whether a valid frame starts anywhere after ``pos`` (see the module docstring)."""
-    return any(
-        not isinstance(_frame_at(view, p), str)
-        for p in range(pos + 1, len(view) - RECORD_OVERHEAD + 1)
-    )
+    return _next_frame(view, pos) is not None
+
+
+def _next_frame(view: memoryview, pos: int) -> int | None:
+    """The offset of the first valid frame after ``pos``, if any."""
+    for p in range(pos + 1, len(view) - RECORD_OVERHEAD + 1):
+        if not isinstance(_frame_at(view, p), str):
+            return p
+    return None
 
 
 class _Reader:

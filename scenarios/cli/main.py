@@ -13,6 +13,7 @@ from rich.table import Table
 
 from coordinator.errors import TwoPhaseCommitError
 from scenarios.cli import bench as cli_bench
+from scenarios.cli import log as cli_log
 from scenarios.cli import outbox as cli_outbox
 from scenarios.cli import torture as cli_torture
 from scenarios.config import home_dir
@@ -352,3 +353,4 @@ main.add_command(cli_outbox.consumer)
 main.add_command(cli_outbox.outbox)
 main.add_command(cli_bench.bench)
 main.add_command(cli_torture.torture)
+main.add_command(cli_log.log)

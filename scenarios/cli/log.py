@@ -1,0 +1,118 @@
+"""``twopc log dump | verify | truncate``: the decision log from the outside, without a coordinator.
+
+``dump`` and ``verify`` read the file without its lock (a running coordinator
+is not disturbed); ``truncate`` is the documented repair of a log damaged in
+the middle, and takes the lock.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+from typing import Any
+
+import click
+from rich.console import Console
+from rich.table import Table
+
+from coordinator.log import format as fmt
+from coordinator.log.file import read_entries, truncate_at
+
+console = Console()
+
+
+def _log_path() -> Any:
+    from scenarios.config import Settings
+
+    return Settings.load().log_path
+
+
+def _describe(entry: fmt.Entry) -> dict[str, Any]:
+    record = entry.record
+    described: dict[str, Any] = {"offset": entry.offset, "bytes": entry.size}
+    if isinstance(record, fmt.Commit):
+        described.update(type="COMMIT", gtrid=record.gtrid, participants=list(record.participants))
+    elif isinstance(record, fmt.End):
+        described.update(type="END", gtrid=record.gtrid)
+    elif isinstance(record, fmt.Checkpoint):
+        described.update(type="CHECKPOINT", pending=[c.gtrid for c in record.pending])
+    else:
+        described.update(type="DAMAGED", problem=entry.problem)
+    return described
+
+
+def _entries() -> tuple[Any, list[fmt.Entry]]:
+    path = _log_path()
+    try:
+        return path, read_entries(path)
+    except FileNotFoundError:
+        raise click.ClickException(f"no decision log at {path} (TWOPC_HOME)") from None
+
+
+def _print(entries: list[dict[str, Any]]) -> None:
+    table = Table()
+    for column in ("offset", "bytes", "type", "gtrid / problem", "participants / pending"):
+        table.add_column(column)
+    for e in entries:
+        detail = e.get("gtrid") or e.get("problem") or ""
+        extra = e.get("participants") or e.get("pending") or []
+        table.add_row(str(e["offset"]), str(e["bytes"]), e["type"], detail, ", ".join(extra))
+    console.print(table)
+
+
+@click.group("log")
+def log() -> None:
+    """The decision log: dump its records, verify it, repair it."""
+
+
+@log.command("dump")
+@click.option("--json", "as_json", is_flag=True, help="Print the records as JSON.")
+def dump(as_json: bool) -> None:
+    """Every record with its byte offset, and every damaged stretch (no lock taken)."""
+    path, entries = _entries()
+    described = [_describe(e) for e in entries]
+    if as_json:
+        click.echo(json.dumps({"path": str(path), "entries": described}, indent=2))
+    else:
+        console.print(f"decision log {path}")
+        _print(described)
+
+
+@log.command("verify")
+def verify() -> None:
+    """Check every record's frame and CRC; exit 1 at damage a coordinator would refuse."""
+    path, entries = _entries()
+    damaged = [e for e in entries if e.problem is not None]
+    pending = fmt.replay(e.record for e in entries if e.record is not None)
+    if not damaged:
+        click.echo(f"{path}: {len(entries)} records, all intact; {len(pending)} COMMIT without END")
+        return
+    first = damaged[0]
+    if first is entries[-1] and "torn tail" in (first.problem or ""):
+        click.echo(
+            f"{path}: {len(entries) - 1} records intact, then a torn tail at byte offset "
+            f"{first.offset} ({first.problem}); the next open truncates it"
+        )
+        return
+    click.echo(
+        f"{path}: damaged at byte offset {first.offset}: {first.problem}. "
+        f"'twopc log dump' shows the records after it; once you know what they decided, "
+        f"'twopc log truncate --at {first.offset} --i-know' cuts the log there.",
+        err=True,
+    )
+    sys.exit(1)
+
+
+@log.command("truncate")
+@click.option("--at", "offset", type=int, required=True, help="Byte offset to cut the log at.")
+@click.option("--i-know", is_flag=True, help="Confirm: the records from OFFSET on are dropped.")
+def truncate(offset: int, i_know: bool) -> None:
+    """Cut the log at OFFSET (a record's start), dropping every record from there on."""
+    path, entries = _entries()
+    dropped = [_describe(e) for e in entries if e.offset >= offset]
+    if not i_know:
+        click.echo(f"would drop {len(dropped)} entries of {path} from byte offset {offset}:")
+        _print(dropped)
+        raise click.UsageError("add --i-know to cut the log; keep a copy of the file first")
+    cut = truncate_at(path, offset)
+    click.echo(f"{path}: cut at byte offset {offset}; {len(cut)} entries dropped")
