@@ -212,13 +212,16 @@ def _print_dead_letters(letters: list[Any] | None, unreachable: str) -> None:
         console.print(f"{dlq} is empty")
         return
     table = Table(title=f"{len(letters)} messages in {dlq}")
-    for column in ("transfer id", "type", "dead-lettered at", "attempts", "reason"):
-        table.add_column(column)
+    table.add_column("transfer id", no_wrap=True)
+    table.add_column("type")
+    table.add_column("dead-lettered at (UTC)")
+    table.add_column("tries")
+    table.add_column("reason", min_width=30)
     for d in letters:
         table.add_row(
             d.transfer_id or "-",
             d.kind or "-",
-            d.dead_lettered_at,
+            d.dead_lettered_at[:19].replace("T", " "),
             str(d.attempts),
             d.reason[:100],
         )

@@ -28,7 +28,7 @@ from __future__ import annotations
 import contextlib
 import secrets
 import time
-from collections.abc import Collection, Mapping, Sequence
+from collections.abc import Collection, Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from typing import Any
@@ -298,12 +298,3 @@ def requeue(
         ev.DEAD_LETTERS_REQUEUED, destination=destination, messages=len(report.requeued)
     )
     return report
-
-
-def reasons(letters: Sequence[DeadLetter]) -> Mapping[str, int]:
-    """How many dead letters per reason (the reasons' text up to the first colon)."""
-    counts: dict[str, int] = {}
-    for letter in letters:
-        key = letter.reason.split(":", 1)[0]
-        counts[key] = counts.get(key, 0) + 1
-    return counts
