@@ -16,6 +16,7 @@ RELAY_CDC_SLOT_CREATED = "relay.cdc.slot_created"
 RELAY_PUBLISH_RECOVERED = "relay.publish.recovered"
 RELAY_PUBLISH_FAILED = "relay.publish.failed"
 RELAY_FAILURE_LOGGED = "relay.failure_logged"
+RELAY_FAILED = "relay.failed"
 OUTBOX_FAILURES_RESENT = "outbox.failures.resent"
 
 # The outbox consumer (scenarios.outbox.consumer).
@@ -23,7 +24,16 @@ CONSUMER_STARTED = "consumer.started"
 CONSUMER_STOPPED = "consumer.stopped"
 CONSUMER_BATCH = "consumer.batch"
 CONSUMER_CONNECTION_LOST = "consumer.connection.lost"
-CONSUMER_REJECTED = "consumer.rejected"
+CONSUMER_RETRYING = "consumer.retrying"
+CONSUMER_DATABASE_UNREACHABLE = "consumer.database.unreachable"
+CONSUMER_DEAD_LETTERED = "consumer.dead_lettered"
+CONSUMER_FAILED = "consumer.failed"
+
+# The dead-letter queue (scenarios.outbox.deadletter).
+DEAD_LETTERS_REQUEUED = "outbox.dead_letters.requeued"
+
+# Relay and consumer threads of one process (scenarios.outbox.pipeline).
+PIPELINE_WORKER_FAILED = "pipeline.worker.failed"
 
 # The fault proxy (scenarios.lab.proxy).
 PROXY_STARTED = "proxy.started"

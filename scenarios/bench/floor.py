@@ -35,7 +35,15 @@ from psycopg import errors as pg_errors
 
 from participants.stomp_client import StompClient
 from scenarios.config import Settings
-from scenarios.transfer.model import CREDIT, DEBIT, QUEUE, Transfer, drain
+from scenarios.transfer.model import (
+    CREDIT,
+    DEBIT,
+    QUEUE,
+    TRANSFER_COMPLETED,
+    TYPE_HEADER,
+    Transfer,
+    drain,
+)
 
 #: The floor's own XA format id ("flor"), so that the coordinator's recovery never
 #: sees its branches and :func:`roll_back_leftovers` finds exactly them.
@@ -119,7 +127,8 @@ class Floor:
         lane.b.execute(CREDIT, {**params, "account": t.target})
         if lane.mq is not None:
             lane.mq.begin(gtrid)
-            lane.mq.send(QUEUE, t.body(), {"transfer-id": t.transfer_id}, transaction=gtrid)
+            headers = {"transfer-id": t.transfer_id, TYPE_HEADER: TRANSFER_COMPLETED}
+            lane.mq.send(QUEUE, t.body(), headers, transaction=gtrid)
 
         prepared_b = self._helper.submit(lane.b.tpc_prepare)
         lane.a.tpc_prepare()

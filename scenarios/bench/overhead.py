@@ -48,7 +48,14 @@ from scenarios.bench.floor import Floor
 from scenarios.bench.peer import Peer
 from scenarios.config import Settings
 from scenarios.transfer import model as scenario
-from scenarios.transfer.model import CREDIT, DEBIT, QUEUE, Transfer
+from scenarios.transfer.model import (
+    CREDIT,
+    DEBIT,
+    QUEUE,
+    TRANSFER_COMPLETED,
+    TYPE_HEADER,
+    Transfer,
+)
 from scenarios.wiring import databases, open_coordinator
 
 #: The coordinator id of the two-database coordinator (its own log and gtrids).
@@ -155,7 +162,11 @@ class CoordinatorContender:
                 else:
                     tx.execute("b", CREDIT, {**params, "account": t.target})
                     if self.broker:
-                        tx.send(QUEUE, t.body(), {"transfer-id": t.transfer_id})
+                        tx.send(
+                            QUEUE,
+                            t.body(),
+                            {"transfer-id": t.transfer_id, TYPE_HEADER: TRANSFER_COMPLETED},
+                        )
         except (TransactionAborted, TransactionInDoubt, ParticipantError):
             return False
         self.split.record(tx, time.perf_counter() - start)
@@ -551,7 +562,11 @@ def _outcome_cost(
                 else:
                     tx.execute("b", CREDIT, {**params, "account": t.target})
                     if broker:
-                        tx.send(QUEUE, t.body(), {"transfer-id": t.transfer_id})
+                        tx.send(
+                            QUEUE,
+                            t.body(),
+                            {"transfer-id": t.transfer_id, TYPE_HEADER: TRANSFER_COMPLETED},
+                        )
                     amount = BALANCE * 10 if kind == "abort" else t.amount
                     with contextlib.suppress(pg_errors.CheckViolation):  # A votes NO
                         tx.branch("a").execute(

@@ -1,7 +1,9 @@
-"""``twopc relay``, ``twopc consumer``, ``twopc outbox failed|retry``: the outbox's processes.
+"""``twopc relay``, ``twopc consumer``, ``twopc outbox ...``: the outbox's processes and tools.
 
 The relay and the consumer are long-lived: they run until SIGTERM or SIGINT,
-finish the batch in hand (or roll it back), log what they did and exit 0.
+finish the batch in hand (or roll it back), log what they did and exit 0 (the
+consumer prints its counts, dead letters included). An error they cannot work
+around stops them with one line and exit status 1.
 Their logs are structlog events on stderr (``--log-json`` for JSON lines;
 level from TWOPC_LOG_LEVEL, INFO by default).
 """
@@ -105,32 +107,129 @@ def relay(
 @click.command()
 @click.option("--prefetch", default=500, show_default=True, help="Unacknowledged messages held.")
 @click.option("--batch-size", default=200, show_default=True, help="Messages per B commit.")
+@click.option(
+    "--max-attempts",
+    type=click.IntRange(min=1),
+    default=None,
+    help="Tries at a message that fails transiently before it is dead-lettered "
+    "[default: TWOPC_CONSUMER_MAX_ATTEMPTS or 6].",
+)
 @click.option("--log-json", is_flag=True, help="Log JSON lines.")
-def consumer(prefetch: int, batch_size: int, log_json: bool) -> None:
-    """Credit B from /queue/transfers, exactly once in effect, until SIGTERM."""
-    from scenarios.outbox.consumer import Consumer
+def consumer(prefetch: int, batch_size: int, max_attempts: int | None, log_json: bool) -> None:
+    """Credit B from /queue/transfers, exactly once in effect, until SIGTERM.
+
+    A message it cannot apply goes to /queue/DLQ.transfers ('twopc outbox failed').
+    """
+    from scenarios.outbox.consumer import (
+        DEFAULT_MAX_ATTEMPTS,
+        MAX_ATTEMPTS_SETTING,
+        Consumer,
+        ConsumerFailed,
+    )
 
     _configure_logs(log_json)
+    if max_attempts is None:
+        setting = os.environ.get(MAX_ATTEMPTS_SETTING) or str(DEFAULT_MAX_ATTEMPTS)
+        if not setting.isdigit() or int(setting) < 1:
+            raise click.BadParameter(
+                f"{MAX_ATTEMPTS_SETTING}={setting!r} must be a whole number >= 1",
+                param_hint="--max-attempts",
+            )
+        max_attempts = int(setting)
     stop = _stop_on_signals()
-    Consumer(_settings(), prefetch=prefetch, batch_size=batch_size).run(stop)
+    worker = Consumer(
+        _settings(), prefetch=prefetch, batch_size=batch_size, max_attempts=max_attempts
+    )
+    try:
+        worker.run(stop)
+    except ConsumerFailed as exc:
+        _print_consumer_stats(worker.stats.as_dict())
+        click.echo(f"twopc: error: {exc}", err=True)
+        raise SystemExit(1) from None
+    _print_consumer_stats(worker.stats.as_dict())
+
+
+def _print_consumer_stats(stats: dict[str, int]) -> None:
+    console.print(", ".join(f"{key.replace('_', ' ')} {value}" for key, value in stats.items()))
+    if stats.get("dead_lettered"):
+        console.print(
+            "'twopc outbox failed' lists the dead letters; 'twopc outbox requeue' "
+            "sends them back once the cause is fixed"
+        )
 
 
 @click.group()
 def outbox() -> None:
-    """The relays' failure log: what could not be sent, and sending it again."""
+    """What did not get through: the relays' failure log and the consumer's dead letters."""
 
 
 @outbox.command("failed")
 @click.option("--all", "include_resent", is_flag=True, help="Also list what was sent again.")
 @click.option("--json", "as_json", is_flag=True, help="Print JSON.")
 def outbox_failed(include_resent: bool, as_json: bool) -> None:
-    """List the messages the relays gave up on."""
+    """List the messages the relays gave up on, and those the consumer dead-lettered."""
     from scenarios.outbox.failures import list_failures
 
-    failures = list_failures(_settings().pg_a, include_resent=include_resent)
+    settings = _settings()
+    failures = list_failures(settings.pg_a, include_resent=include_resent)
+    letters, unreachable = _dead_letters(settings)
     if as_json:
-        click.echo(json.dumps([f.as_dict() for f in failures], indent=2))
+        out: dict[str, Any] = {
+            "failure_log": [f.as_dict() for f in failures],
+            "dead_letters": None if letters is None else [d.as_dict() for d in letters],
+        }
+        if unreachable:
+            out["dead_letters_error"] = unreachable
+        click.echo(json.dumps(out, indent=2))
         return
+    _print_failures(failures)
+    _print_dead_letters(letters, unreachable)
+
+
+def _dead_letters(settings: Any) -> tuple[list[Any] | None, str]:
+    """The dead letters of /queue/transfers, or None and why the broker could not say."""
+    from coordinator.errors import ParticipantError
+    from participants.stomp_client import StompClient
+    from scenarios.outbox.deadletter import list_dead_letters
+    from scenarios.transfer.model import QUEUE
+
+    try:
+        with StompClient.open(settings.stomp, participant="dead-letters") as client:
+            return list_dead_letters(client, QUEUE), ""
+    except ParticipantError as exc:  # the failure log is worth showing without the broker
+        return None, str(exc)
+
+
+def _print_dead_letters(letters: list[Any] | None, unreachable: str) -> None:
+    from scenarios.outbox.deadletter import dead_letter_queue
+    from scenarios.transfer.model import QUEUE
+
+    dlq = dead_letter_queue(QUEUE)
+    if letters is None:
+        console.print(f"{dlq}: cannot be read ({unreachable})")
+        return
+    if not letters:
+        console.print(f"{dlq} is empty")
+        return
+    table = Table(title=f"{len(letters)} messages in {dlq}")
+    table.add_column("transfer id", no_wrap=True)
+    table.add_column("type")
+    table.add_column("dead-lettered at (UTC)")
+    table.add_column("tries")
+    table.add_column("reason", min_width=30)
+    for d in letters:
+        table.add_row(
+            d.transfer_id or "-",
+            d.kind or "-",
+            d.dead_lettered_at[:19].replace("T", " "),
+            str(d.attempts),
+            d.reason[:100],
+        )
+    console.print(table)
+    console.print("'twopc outbox requeue' sends them back once the cause is fixed")
+
+
+def _print_failures(failures: list[Any]) -> None:
     if not failures:
         console.print("the failure log is empty")
         return
@@ -170,4 +269,36 @@ def outbox_retry(transfer_ids: tuple[str, ...], as_json: bool) -> None:
         if report.error:
             console.print(f"last error: {report.error}")
     if report.failed:
+        raise SystemExit(1)
+
+
+@outbox.command("requeue")
+@click.option(
+    "--id",
+    "transfer_ids",
+    multiple=True,
+    metavar="TRANSFER_ID",
+    help="Requeue only this transfer's dead letter (repeatable); default: all.",
+)
+@click.option("--json", "as_json", is_flag=True, help="Print JSON.")
+def outbox_requeue(transfer_ids: tuple[str, ...], as_json: bool) -> None:
+    """Send dead letters back to the queue they came from, once their cause is fixed.
+
+    Each is taken off /queue/DLQ.transfers and sent back in one broker
+    transaction. Exit status 1 if a TRANSFER_ID given has no dead letter.
+    """
+    from participants.stomp_client import StompClient
+    from scenarios.outbox.deadletter import requeue
+    from scenarios.transfer.model import QUEUE
+
+    settings = _settings()
+    with StompClient.open(settings.stomp, participant="requeue") as client:
+        report = requeue(client, QUEUE, transfer_ids or None)
+    if as_json:
+        click.echo(json.dumps(report.as_dict(), indent=2))
+    else:
+        console.print(f"requeued {len(report.requeued)} dead letters to {QUEUE}")
+        if report.not_found:
+            console.print(f"no dead letter for: {', '.join(report.not_found)}")
+    if report.not_found:
         raise SystemExit(1)

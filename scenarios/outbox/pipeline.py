@@ -12,6 +12,12 @@ start it again). Then:
 
 Once everything has converged, scenarios.transfer.invariants checks the
 invariants (``gather_evidence(settings, inbox=True)``).
+
+A relay or consumer thread that stops on an error it cannot contain does not
+die silently: the error is logged (``pipeline.worker.failed``) and kept, and
+:meth:`Pipeline.check` (which :func:`wait_converged` calls when given it) and
+:meth:`Pipeline.stop` raise it as :class:`WorkerFailed`, one line that names
+the worker.
 """
 
 from __future__ import annotations
@@ -22,18 +28,25 @@ import subprocess
 import sys
 import threading
 import time
-from collections.abc import Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
 import psycopg
 
 from coordinator.errors import TwoPhaseCommitError
+from coordinator.events import get_logger
+from scenarios import events as ev
 from scenarios.config import Settings
 from scenarios.outbox.consumer import Consumer
+from scenarios.outbox.deadletter import one_line
 from scenarios.outbox.relay import Relay, RelayConfig, make_relay
 from scenarios.strategies.base import RelayMode
 from scenarios.transfer.invariants import transfer_amounts
+
+
+class WorkerFailed(TwoPhaseCommitError):
+    """A relay or consumer thread of the pipeline stopped on an error."""
 
 
 @dataclass
@@ -45,6 +58,20 @@ class _Worker:
     stop: threading.Event | None = None
     process: subprocess.Popen[bytes] | None = None
     runner: Relay | Consumer | None = None
+    error: str = ""  # why the thread stopped, if it stopped on an error
+
+
+def _run_contained(worker: _Worker, name: str) -> None:
+    """The thread's body: run the worker; an error ends it logged and kept, never silently."""
+    if worker.runner is None or worker.stop is None:
+        return
+    try:
+        worker.runner.run(worker.stop)
+    except BaseException as exc:  # kept for check() and stop(); nothing else reads it
+        worker.error = one_line(f"{name} stopped: {type(exc).__name__}: {exc}")
+        get_logger(component="pipeline").error(
+            ev.PIPELINE_WORKER_FAILED, worker=name, error=worker.error
+        )
 
 
 @dataclass
@@ -81,11 +108,13 @@ class Pipeline:
                 name=f"{self.mode}-{index}",
             )
             runner = make_relay(self.mode, self.settings, config)
-        thread = threading.Thread(
-            target=runner.run, args=(stop,), name=f"{kind}-{index}", daemon=True
+        worker = _Worker(kind, stop=stop, runner=runner)
+        name = f"{kind}-{index}"
+        worker.thread = threading.Thread(
+            target=_run_contained, args=(worker, name), name=name, daemon=True
         )
-        thread.start()
-        return _Worker(kind, thread=thread, stop=stop, runner=runner)
+        worker.thread.start()
+        return worker
 
     def command(self, kind: str) -> list[str]:
         """The command line of a relay or consumer child process."""
@@ -154,10 +183,24 @@ class Pipeline:
             for w in self.workers
         ]
 
+    def failures(self) -> list[str]:
+        """Why each relay or consumer thread that stopped on an error stopped."""
+        return [w.error for w in self.workers if w.error]
+
+    def check(self) -> None:
+        """WorkerFailed if a relay or consumer thread stopped on an error."""
+        failures = self.failures()
+        if failures:
+            raise WorkerFailed("; ".join(failures))
+
     # -- stopping ----------------------------------------------------------------------
 
     def stop(self, timeout: float = 15.0) -> list[int | None]:
-        """Ask everything to stop (SIGTERM / stop event) and wait; returns exit codes."""
+        """Ask everything to stop (SIGTERM / stop event) and wait; returns exit codes.
+
+        A thread's code is 0, 1 if it stopped on an error (then WorkerFailed is
+        raised once everything has stopped), or None if it is still running.
+        """
         for worker in self.workers:
             if worker.stop is not None:
                 worker.stop.set()
@@ -169,20 +212,25 @@ class Pipeline:
             left = max(0.1, deadline - time.monotonic())
             if worker.thread is not None:
                 worker.thread.join(left)
-                codes.append(None if worker.thread.is_alive() else 0)
+                codes.append(None if worker.thread.is_alive() else 1 if worker.error else 0)
             elif worker.process is not None:
                 try:
                     codes.append(worker.process.wait(left))
                 except subprocess.TimeoutExpired:
                     worker.process.kill()
                     codes.append(worker.process.wait(5))
+        self.check()
         return codes
 
     def __enter__(self) -> Pipeline:
         return self.start()
 
     def __exit__(self, *exc_info: object) -> None:
-        self.stop()
+        try:
+            self.stop()
+        except WorkerFailed:
+            if exc_info[0] is None:  # otherwise the error already on its way is the news
+                raise
 
 
 # -- convergence -------------------------------------------------------------------------
@@ -194,11 +242,13 @@ def wait_converged(
     *,
     timeout: float = 60.0,
     interval: float = 0.05,
+    check: Callable[[], None] | None = None,
 ) -> set[str]:
     """Wait until B's inbox holds ``ids`` (default: every transfer in A); return what is missing.
 
     An empty set means converged: each of those transfers is credited in B and
-    its message was consumed.
+    its message was consumed. ``check`` runs between polls (a Pipeline's
+    :meth:`~Pipeline.check`: stop waiting for a consumer that has died).
     """
     wanted = set(ids) if ids is not None else set(transfer_amounts(settings.pg_a))
     deadline = time.monotonic() + timeout
@@ -212,6 +262,8 @@ def wait_converged(
             }
             if not missing or time.monotonic() >= deadline:
                 return missing
+            if check is not None:
+                check()
             time.sleep(interval)
             if ids is None:  # A may still be committing: take its newest rows too
                 wanted |= transfer_amounts(settings.pg_a).keys()

@@ -73,6 +73,7 @@ from scenarios.outbox.failures import (
     record_failures,
 )
 from scenarios.strategies.base import RELAY_MODES, CrashPlan, RelayMode
+from scenarios.transfer.model import CREDIT_COMMAND, TYPE_HEADER
 from scenarios.transfer.schema import CDC_SLOT, LAST_ID_PARTITIONS
 
 #: The channel the outbox triggers NOTIFY on.
@@ -100,6 +101,8 @@ class StompPublisher:
     def publish(self, messages: Sequence[OutMessage]) -> None:
         """SEND every message (persistent) and COMMIT with a receipt; raises ParticipantError.
 
+        Each message is a command to credit B (``type: transfer.credit``).
+
         After any failure the outcome of the batch is unknown: the connection is
         dropped and the caller sends the whole batch again (duplicates are fine).
         """
@@ -116,7 +119,7 @@ class StompPublisher:
                 client.send(
                     message.destination,
                     message.body,
-                    {"transfer-id": message.transfer_id},
+                    {"transfer-id": message.transfer_id, TYPE_HEADER: CREDIT_COMMAND},
                     transaction=transaction,
                 )
             client.commit(transaction, self.receipt_timeout)
@@ -170,6 +173,10 @@ class _Stopped(Exception):
     """Shutdown was asked in the middle of a batch: roll back, record nothing."""
 
 
+class RelayFailed(TwoPhaseCommitError):
+    """The relay met an error it cannot work around (A without its tables, a bug) and stopped."""
+
+
 class Relay:
     """The loop every mode shares: pump batches until none is left, then wait for work."""
 
@@ -197,7 +204,10 @@ class Relay:
     # -- the loop ------------------------------------------------------------------
 
     def run(self, stop: threading.Event | None = None) -> RelayStats:
-        """Relay until ``stop`` is set; survives A and the broker going away and coming back."""
+        """Relay until ``stop`` is set; survives A and the broker going away and coming back.
+
+        Any other error stops it as RelayFailed, one line that says what happened.
+        """
         self._stop = stop or threading.Event()
         self.crashes.arm_from_env(RELAY_CRASH_SETTING)
         self.log.info(ev.RELAY_STARTED, policy=self.config.retry.policy.value)
@@ -219,6 +229,16 @@ class Relay:
                     )
                     self._disconnect()
                     self._stop.wait(self.config.retry.delay(min(failures, 6)))
+        except Exception as exc:
+            hint = (
+                "; run 'twopc transfer --reset' to create the tables"
+                if isinstance(exc, pg_errors.UndefinedTable)
+                else ""
+            )
+            error = " ".join(f"{type(exc).__name__}: {exc}".split())
+            failed = RelayFailed(f"relay {self.name} stopped: {error}{hint}")
+            self.log.error(ev.RELAY_FAILED, error=str(failed))
+            raise failed from exc
         finally:
             self._disconnect()
             self.publisher.close()

@@ -74,7 +74,9 @@ def run_transfers(
         output.update(strategy.stats())
         if running is not None:
             ids = set(strategy.committed_at)
-            missing = pipeline.wait_converged(settings, ids, timeout=converge_timeout)
+            missing = pipeline.wait_converged(
+                settings, ids, timeout=converge_timeout, check=running.check
+            )
             latencies = pipeline.convergence_latencies(settings, strategy.committed_at)
             output["convergence_ms"] = percentiles(list(latencies.values()))
             output["not_converged"] = len(missing)

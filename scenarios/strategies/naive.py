@@ -20,7 +20,7 @@ from coordinator.states import Outcome
 from participants.stomp_client import StompClient
 from scenarios.config import Settings
 from scenarios.strategies.base import ConnectionPool, CrashAction, CrashPlan, RelayMode, crashed
-from scenarios.transfer.model import CREDIT, DEBIT, QUEUE, Transfer
+from scenarios.transfer.model import CREDIT, DEBIT, QUEUE, TRANSFER_COMPLETED, TYPE_HEADER, Transfer
 
 RECEIPT_TIMEOUT = 10.0
 
@@ -94,7 +94,7 @@ class NaiveStrategy:
             client.send(
                 QUEUE,
                 transfer.body(),
-                {"transfer-id": transfer.transfer_id},
+                {"transfer-id": transfer.transfer_id, TYPE_HEADER: TRANSFER_COMPLETED},
                 receipt_timeout=RECEIPT_TIMEOUT,
             )
         except BaseException:

@@ -20,7 +20,14 @@ from coordinator.states import Outcome
 from coordinator.xid import gtrid_prefix
 from scenarios.config import Settings
 from scenarios.strategies.base import CrashAction, RelayMode
-from scenarios.transfer.model import CREDIT, DEBIT, QUEUE, Transfer
+from scenarios.transfer.model import (
+    CREDIT,
+    DEBIT,
+    QUEUE,
+    TRANSFER_COMPLETED,
+    TYPE_HEADER,
+    Transfer,
+)
 from scenarios.wiring import open_coordinator
 
 
@@ -51,7 +58,11 @@ def transfer_2pc(coordinator: Coordinator, transfer: Transfer) -> tuple[Outcome,
                         "tid": transfer.transfer_id,
                     },
                 )
-                tx.send(QUEUE, transfer.body(), {"transfer-id": transfer.transfer_id})
+                tx.send(
+                    QUEUE,
+                    transfer.body(),
+                    {"transfer-id": transfer.transfer_id, TYPE_HEADER: TRANSFER_COMPLETED},
+                )
     except TransactionAborted as exc:
         return Outcome.ABORTED, exc.reason
     except TransactionInDoubt as exc:

@@ -9,8 +9,13 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
+from coordinator.errors import TwoPhaseCommitError
 from coordinator.states import Outcome
 from scenarios.transfer.model import Transfer
+
+
+class BatchFailed(TwoPhaseCommitError):
+    """A transfer of the batch raised instead of returning an outcome; the batch stopped."""
 
 
 @dataclass
@@ -64,19 +69,32 @@ def run_batch(
     concurrency: int,
     on_done: Callable[[], None] | None = None,
 ) -> BatchResult:
-    """Run ``transfers`` on ``concurrency`` threads; collect outcomes and latencies."""
+    """Run ``transfers`` on ``concurrency`` threads; collect outcomes and latencies.
+
+    ``run_one`` returns an outcome; if it raises instead, the other threads finish
+    the transfer in hand and take no more, and BatchFailed names the transfer.
+    """
     result = BatchResult()
     lock = threading.Lock()
     cursor = iter(transfers)
+    failures: list[BatchFailed] = []
 
     def worker() -> None:
         while True:
             with lock:
-                transfer = next(cursor, None)
+                transfer = None if failures else next(cursor, None)
             if transfer is None:
                 return
             start = time.perf_counter()
-            outcome, reason = run_one(transfer)
+            try:
+                outcome, reason = run_one(transfer)
+            except Exception as exc:  # raised in the caller's thread, not lost with this one
+                error = " ".join(f"{type(exc).__name__}: {exc}".split())
+                failed = BatchFailed(f"transfer {transfer.transfer_id} raised {error}")
+                failed.__cause__ = exc
+                with lock:
+                    failures.append(failed)
+                return
             elapsed = (time.perf_counter() - start) * 1000
             with lock:
                 result.outcomes[outcome.value] += 1
@@ -94,4 +112,6 @@ def run_batch(
     for thread in threads:
         thread.join()
     result.seconds = time.perf_counter() - started
+    if failures:
+        raise failures[0]
     return result

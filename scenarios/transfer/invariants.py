@@ -15,13 +15,19 @@ strategies (2PC, the naive dual write), and an applied row of B's inbox for the
 asynchronous ones (outbox, CDC), whose consumer takes the messages off the
 queue. A caller that consumes the queue itself (the torture's ledger) passes
 what it consumed instead.
+
+On a lab where both kinds ran, the consumer moves the synchronous strategies'
+announcements (``type: transfer.completed``, an event: B already holds the
+transfer) to the dead-letter queue, since it takes only credit commands. The
+asynchronous check therefore also counts an announcement as the delivery of
+its transfer, wherever it is: still on the queue, or dead-lettered.
 """
 
 from __future__ import annotations
 
 from collections import Counter
 from collections.abc import Collection, Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import psycopg
@@ -30,7 +36,8 @@ from coordinator.xid import FORMAT_ID, gtrid_prefix
 from participants.activemq import MARKER_QUEUE
 from participants.stomp_client import StompClient
 from scenarios.config import Settings
-from scenarios.transfer.model import QUEUE
+from scenarios.outbox.deadletter import dead_letter_queue
+from scenarios.transfer.model import QUEUE, TRANSFER_COMPLETED, TYPE_HEADER
 from scenarios.wiring import databases
 
 
@@ -49,6 +56,9 @@ class Evidence:
     inbox: dict[str, tuple[str, int]] | None = None
     pending: int = 0  # outbox rows still waiting for the status relay
     failures: int = 0  # failure-log rows not sent again yet
+    #: With ``inbox``: transfer id -> announcements (events) on the queue or dead-lettered.
+    announced: Counter[str] = field(default_factory=Counter)
+    dead_letters: int = 0  # with ``inbox``: messages on the queue's dead-letter queue
 
     @property
     def in_a(self) -> set[str]:
@@ -62,20 +72,23 @@ class Evidence:
     def delivered(self) -> set[str]:
         """Transfer ids whose message reached B's side: applied in the inbox, or on the queue."""
         if self.inbox is not None:
-            return {t for t, (outcome, _) in self.inbox.items() if outcome == "applied"}
+            applied = {t for t, (outcome, _) in self.inbox.items() if outcome == "applied"}
+            return applied | {t for t, n in self.announced.items() if n >= 1}
         return {t for t, n in self.on_queue.items() if n >= 1}
 
     @property
     def atomicity_violations(self) -> list[str]:
         """Transfer ids that are not in A, in B and delivered with one amount, nor in none."""
-        seen = set(self.inbox) if self.inbox is not None else set(self.on_queue)
+        seen = (
+            set(self.inbox) | set(self.announced) if self.inbox is not None else set(self.on_queue)
+        )
         return atomicity_violations(self.amounts_a, self.amounts_b, self.delivered, seen)
 
     @property
     def duplicates(self) -> list[str]:
         """Transfer ids delivered more than once (an inbox absorbs its duplicates: none)."""
         if self.inbox is not None:
-            return []
+            return sorted(t for t, n in self.announced.items() if n > 1)
         return sorted(t for t, n in self.on_queue.items() if n > 1)
 
     @property
@@ -119,6 +132,7 @@ class Evidence:
         if self.inbox is not None:
             out["outbox_pending"] = self.pending
             out["failure_log"] = self.failures
+            out["dead_lettered"] = self.dead_letters
         out.update(
             {
                 "atomicity_violations": len(self.atomicity_violations),
@@ -178,6 +192,20 @@ def queued_transfer_ids(settings: Settings, destination: str = QUEUE) -> Counter
     return Counter(m.headers.get("transfer-id", "?") for m in messages)
 
 
+def announcements(settings: Settings, destination: str = QUEUE) -> tuple[Counter[str], int]:
+    """Transfer id -> announcements (events) on ``destination`` and its dead-letter queue,
+    and how many messages the dead-letter queue holds (two full browses)."""
+    with StompClient.open(settings.stomp) as client:
+        queued = client.browse(destination, idle_timeout=10.0)
+        dead = client.browse(dead_letter_queue(destination), idle_timeout=10.0)
+    found = Counter(
+        m.headers.get("transfer-id", "?")
+        for m in (*queued, *dead)
+        if m.headers.get(TYPE_HEADER) == TRANSFER_COMPLETED
+    )
+    return found, sum(1 for m in dead if not m.is_sentinel)
+
+
 def prepared_of(settings: Settings) -> list[str]:
     """'<db>:<gtrid>' of every prepared transaction this coordinator owns, in A and B."""
     prefix = gtrid_prefix(settings.coordinator_id)
@@ -208,8 +236,9 @@ def gather_evidence(
 ) -> Evidence:
     """Read A, B, the queue, the prepared branches and the markers into one :class:`Evidence`.
 
-    ``inbox``: the strategy is asynchronous; read B's inbox, the outbox backlog
-    and the failure log too, and count an applied inbox row as the delivery.
+    ``inbox``: the strategy is asynchronous; read B's inbox, the outbox backlog,
+    the failure log and the dead-letter queue too, and count an applied inbox
+    row, or an announcement on the queue or dead-lettered, as the delivery.
     ``delivered``: what the caller consumed from the queue itself; then the
     queue is not browsed.
     """
@@ -235,6 +264,7 @@ def gather_evidence(
             }
         pending, failures = counts if counts else (0, 0)
         evidence.pending, evidence.failures = int(pending), int(failures)
+        evidence.announced, evidence.dead_letters = announcements(settings)
     return evidence
 
 

@@ -18,9 +18,17 @@ import psycopg
 
 from participants.stomp_client import StompClient
 from scenarios.config import Settings
+from scenarios.outbox.deadletter import dead_letter_queue
 from scenarios.transfer import schema
 
 QUEUE = "/queue/transfers"
+
+#: Every message on QUEUE names its kind in this header (DESIGN §8). 2PC and the naive
+#: dual write announce a transfer B already holds (an event); the relays carry the
+#: command to credit B, which is all the consumer takes.
+TYPE_HEADER = "type"
+TRANSFER_COMPLETED = "transfer.completed"
+CREDIT_COMMAND = "transfer.credit"
 
 DEBIT = (
     "WITH debited AS (UPDATE accounts SET balance = balance - %(amount)s "
@@ -90,7 +98,7 @@ def plan(
 
 
 def reset(settings: Settings, *, accounts: int = 100, balance: int = 10_000) -> None:
-    """(Re)create both databases' tables and balances and empty the queue.
+    """(Re)create both databases' tables and balances; empty the queue and its dead letters.
 
     Run with no coordinator running: prepared transactions would hold locks
     on the tables (open a coordinator first so that recovery resolves them).
@@ -111,6 +119,7 @@ def reset(settings: Settings, *, accounts: int = 100, balance: int = 10_000) -> 
                     (2 * accounts * balance,),
                 )
     drain(settings, QUEUE)
+    drain(settings, dead_letter_queue(QUEUE))  # letters of the transfers just dropped
 
 
 def recover_and_reset(settings: Settings, *, accounts: int = 100, balance: int = 10_000) -> None:

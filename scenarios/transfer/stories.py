@@ -211,7 +211,11 @@ def broker_down_at_commit_point(settings: Settings) -> Story:
         tx.execute(
             "b", scenario.CREDIT, {"amount": t.amount, "account": t.target, "tid": t.transfer_id}
         )
-        tx.send(scenario.QUEUE, t.body(), {"transfer-id": t.transfer_id})
+        tx.send(
+            scenario.QUEUE,
+            t.body(),
+            {"transfer-id": t.transfer_id, scenario.TYPE_HEADER: scenario.TRANSFER_COMPLETED},
+        )
         pid = lab.kill("activemq")
         story.say(f"work done; the broker (pid {pid}) is killed before the commit")
         outcome = tx.commit()

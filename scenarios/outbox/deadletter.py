@@ -1,0 +1,300 @@
+"""The dead-letter queue: where the consumer moves a message it cannot apply, and the way back.
+
+A message the consumer cannot apply (a malformed body, a missing or invalid
+header, a kind it does not take, a constraint of B it violates, an account B
+does not have, or a transient failure that outlasted its retries) goes from
+``/queue/<name>`` to ``/queue/DLQ.<name>``. The move is one STOMP transaction:
+the ACK of the original and the SEND of its copy commit together, so a crash
+in between leaves the original on its queue (redelivered) and no copy; the
+COMMIT's receipt says both happened.
+
+The copy keeps the body and the application headers (``transfer-id``,
+``type``) and adds:
+
+* ``twopc-dlq-reason``: why it could not be applied (one line);
+* ``twopc-dlq-destination``: where it came from;
+* ``twopc-dlq-attempts``: how many times applying it was tried;
+* ``twopc-dlq-at``: when it was dead-lettered (UTC, ISO 8601);
+* ``twopc-dlq-message-id``: the broker's id of the original.
+
+:func:`list_dead_letters` browses a dead-letter queue (``twopc outbox
+failed``); :func:`requeue` sends messages back to their original destination
+once the cause is fixed (``twopc outbox requeue``), again ACK and SEND in one
+transaction per message.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import secrets
+import time
+from collections.abc import Collection, Sequence
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
+from typing import Any
+
+from coordinator.errors import ConfigurationError, ParticipantError
+from coordinator.events import get_logger
+from participants.stomp_client import Message, StompClient
+from scenarios import events as ev
+
+QUEUE_PREFIX = "/queue/"
+DLQ_PREFIX = "/queue/DLQ."
+
+REASON_HEADER = "twopc-dlq-reason"
+DESTINATION_HEADER = "twopc-dlq-destination"
+ATTEMPTS_HEADER = "twopc-dlq-attempts"
+AT_HEADER = "twopc-dlq-at"
+MESSAGE_ID_HEADER = "twopc-dlq-message-id"
+DLQ_HEADERS = (REASON_HEADER, DESTINATION_HEADER, ATTEMPTS_HEADER, AT_HEADER, MESSAGE_ID_HEADER)
+
+#: Headers the broker sets on a delivered MESSAGE (or the client sets per frame): a copy
+#: gets fresh ones from its own SEND.
+BROKER_HEADERS = frozenset(
+    {
+        "ack",
+        "content-length",
+        "content-type",
+        "destination",
+        "expires",
+        "message-id",
+        "persistent",
+        "priority",
+        "receipt",
+        "redelivered",
+        "subscription",
+        "timestamp",
+        "transaction",
+    }
+)
+
+#: Longest reason kept in a header (an exception's text can be long).
+MAX_REASON = 500
+
+
+def dead_letter_queue(destination: str) -> str:
+    """``/queue/DLQ.<name>`` for the queue ``/queue/<name>``."""
+    name = destination.removeprefix(QUEUE_PREFIX)
+    if name == destination or not name or destination.startswith(DLQ_PREFIX):
+        raise ConfigurationError(
+            f"no dead-letter queue for {destination!r}: it must be a /queue/<name> "
+            "that is not itself a dead-letter queue"
+        )
+    return DLQ_PREFIX + name
+
+
+def one_line(text: str, limit: int = MAX_REASON) -> str:
+    """``text`` on one line (headers and log lines), cut to ``limit`` characters."""
+    flat = " ".join(text.split())
+    return flat if len(flat) <= limit else flat[: limit - 3] + "..."
+
+
+def application_headers(message: Message) -> dict[str, str]:
+    """The headers a copy of ``message`` keeps: neither the broker's nor a dead letter's."""
+    return {
+        key: value
+        for key, value in message.headers.items()
+        if key not in BROKER_HEADERS and key not in DLQ_HEADERS
+    }
+
+
+@dataclass(frozen=True)
+class Rejection:
+    """A message the consumer gives up on, why, and after how many attempts."""
+
+    message: Message
+    reason: str
+    attempts: int = 1
+
+    @property
+    def transfer_id(self) -> str:
+        return self.message.headers.get("transfer-id", "")
+
+
+def dead_letter(
+    client: StompClient,
+    rejections: Sequence[Rejection],
+    *,
+    destination: str,
+    receipt_timeout: float = 10.0,
+) -> None:
+    """Move ``rejections`` (delivered from ``destination``) to its dead-letter queue.
+
+    One STOMP transaction: each original's ACK and its copy's SEND, each with a
+    receipt so that a refused frame aborts the whole transaction, then COMMIT.
+    Raises ParticipantError if the move did not certainly happen; the caller
+    drops the connection, and the originals come back (redelivered).
+    """
+    if not rejections:
+        return
+    dlq = dead_letter_queue(destination)
+    transaction = f"dlq-{secrets.token_hex(8)}"
+    at = datetime.now(UTC).isoformat(timespec="milliseconds")
+    client.begin(transaction)
+    try:
+        for rejection in rejections:
+            message = rejection.message
+            client.request(
+                "ACK",
+                {"id": message.ack_id, "transaction": transaction},
+                timeout=receipt_timeout,
+                what=f"ACK of {message.message_id}",
+            )
+            headers = application_headers(message)
+            headers.update(
+                {
+                    REASON_HEADER: one_line(rejection.reason),
+                    DESTINATION_HEADER: destination,
+                    ATTEMPTS_HEADER: str(rejection.attempts),
+                    AT_HEADER: at,
+                    MESSAGE_ID_HEADER: message.message_id,
+                }
+            )
+            client.send(
+                dlq,
+                message.body,
+                headers,
+                transaction=transaction,
+                receipt_timeout=receipt_timeout,
+            )
+    except ParticipantError:
+        if client.alive:  # otherwise the broker aborts it when the connection is dropped
+            with contextlib.suppress(ParticipantError):
+                client.abort(transaction, receipt_timeout)
+        raise
+    client.commit(transaction, receipt_timeout)
+
+
+# -- reading and requeueing ---------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class DeadLetter:
+    """One message on a dead-letter queue, as ``twopc outbox failed`` shows it."""
+
+    transfer_id: str
+    kind: str  # the ``type`` header
+    reason: str
+    destination: str  # where it came from, and where requeue sends it
+    attempts: int
+    dead_lettered_at: str  # UTC, ISO 8601
+    message_id: str  # the copy's id on the dead-letter queue
+    body: str
+
+    @classmethod
+    def of(cls, message: Message) -> DeadLetter:
+        headers = message.headers
+        try:
+            attempts = int(headers.get(ATTEMPTS_HEADER, "0"))
+        except ValueError:
+            attempts = 0
+        return cls(
+            transfer_id=headers.get("transfer-id", ""),
+            kind=headers.get("type", ""),
+            reason=headers.get(REASON_HEADER, ""),
+            destination=headers.get(DESTINATION_HEADER, ""),
+            attempts=attempts,
+            dead_lettered_at=headers.get(AT_HEADER, ""),
+            message_id=message.message_id,
+            body=message.body,
+        )
+
+    def as_dict(self) -> dict[str, Any]:
+        return {
+            "transfer_id": self.transfer_id,
+            "type": self.kind,
+            "reason": self.reason,
+            "destination": self.destination,
+            "attempts": self.attempts,
+            "dead_lettered_at": self.dead_lettered_at,
+            "message_id": self.message_id,
+        }
+
+
+def list_dead_letters(client: StompClient, destination: str) -> list[DeadLetter]:
+    """Every message on ``destination``'s dead-letter queue, oldest first (a full browse)."""
+    return [
+        DeadLetter.of(m)
+        for m in client.browse_complete(dead_letter_queue(destination))
+        if not m.is_sentinel
+    ]
+
+
+@dataclass
+class RequeueReport:
+    """What :func:`requeue` did: transfer ids sent back, and ids asked for but not found."""
+
+    requeued: list[str] = field(default_factory=list)
+    not_found: list[str] = field(default_factory=list)
+
+    def as_dict(self) -> dict[str, Any]:
+        return {"requeued": self.requeued, "not_found": self.not_found}
+
+
+def requeue(
+    client: StompClient,
+    destination: str,
+    transfer_ids: Collection[str] | None = None,
+    *,
+    idle_timeout: float = 2.0,
+    receipt_timeout: float = 10.0,
+) -> RequeueReport:
+    """Send dead letters of ``destination`` back to where they came from (all, or these ids).
+
+    Each one is consumed from the dead-letter queue and sent back without its
+    ``twopc-dlq-*`` headers in one STOMP transaction (ACK and SEND, then
+    COMMIT with a receipt). Messages not asked for are left where they are.
+    Browse sentinels met on the way are dropped.
+    """
+    dlq = dead_letter_queue(destination)
+    wanted = {
+        m.message_id: m
+        for m in list_dead_letters(client, destination)
+        if transfer_ids is None or m.transfer_id in transfer_ids
+    }
+    report = RequeueReport()
+    subscription = client.subscribe(dlq, ack="client-individual", prefetch=100)
+    deadline = time.monotonic() + max(idle_timeout, 0.1)
+    while wanted and time.monotonic() < deadline:
+        message = subscription.get(0.2)
+        if message is None:
+            continue
+        deadline = time.monotonic() + idle_timeout
+        if message.is_sentinel:
+            client.ack(message, receipt_timeout=receipt_timeout)
+            continue
+        letter = wanted.pop(message.message_id, None)
+        if letter is None:
+            continue  # not asked for: back on the queue when this subscription ends
+        target = letter.destination or destination
+        transaction = f"requeue-{secrets.token_hex(8)}"
+        client.begin(transaction)
+        client.request(
+            "ACK",
+            {"id": message.ack_id, "transaction": transaction},
+            timeout=receipt_timeout,
+            what=f"ACK of {message.message_id}",
+        )
+        client.send(
+            target,
+            message.body,
+            application_headers(message),
+            transaction=transaction,
+            receipt_timeout=receipt_timeout,
+        )
+        client.commit(transaction, receipt_timeout)
+        report.requeued.append(letter.transfer_id or letter.message_id)
+    subscription.unsubscribe(timeout=receipt_timeout)
+    found = set(report.requeued) | {m.transfer_id for m in wanted.values()}
+    if transfer_ids is not None:
+        report.not_found = sorted(set(transfer_ids) - found)
+    if wanted:
+        raise ParticipantError(
+            f"{len(wanted)} dead letters of {dlq} were browsed but not delivered within "
+            f"{idle_timeout:g} s (another consumer holds them?); run the requeue again",
+            participant="requeue",
+        )
+    get_logger(component="outbox").info(
+        ev.DEAD_LETTERS_REQUEUED, destination=destination, messages=len(report.requeued)
+    )
+    return report
