@@ -11,7 +11,7 @@ import click
 from rich.console import Console
 from rich.table import Table
 
-from coordinator.errors import TwoPhaseCommitError
+from coordinator.errors import ConfigurationError, TwoPhaseCommitError
 from scenarios.cli import bench as cli_bench
 from scenarios.cli import outbox as cli_outbox
 from scenarios.cli import torture as cli_torture
@@ -189,7 +189,13 @@ def indoubt(as_json: bool) -> None:
     is_flag=True,
     help="(Re)create the schema and balances and empty the queue.",
 )
-@click.option("--accounts", default=100, show_default=True, help="Accounts per database.")
+@click.option(
+    "--accounts",
+    type=click.IntRange(min=1),
+    default=None,
+    help="Accounts per database [default: with --reset 100, else the count the last reset "
+    "stored; transfers to accounts beyond it abort].",
+)
 @click.option("--balance", default=10_000, show_default=True, help="Starting balance.")
 @click.option("--count", default=0, show_default=True, help="Transfers to run.")
 @click.option("--concurrency", default=8, show_default=True, help="Concurrent transfers.")
@@ -210,7 +216,7 @@ def indoubt(as_json: bool) -> None:
 )
 def transfer(
     do_reset: bool,
-    accounts: int,
+    accounts: int | None,
     balance: int,
     count: int,
     concurrency: int,
@@ -221,17 +227,19 @@ def transfer(
 ) -> None:
     """Run transfers: debit A, credit B, announce on /queue/transfers — atomically."""
     from scenarios.strategies import run_transfers
-    from scenarios.transfer.model import plan, recover_and_reset
+    from scenarios.transfer.model import DEFAULT_ACCOUNTS, plan, recover_and_reset
 
     settings = _settings()
     if concurrency < 1:
         raise click.BadParameter("must be at least 1", param_hint="--concurrency")
     if do_reset:
+        accounts = accounts or DEFAULT_ACCOUNTS
         recover_and_reset(settings, accounts=accounts, balance=balance)
         if not as_json:
             console.print(f"reset: {accounts} accounts of {balance} in A and in B, queue empty")
     output: dict[str, Any] = {"strategy": strategy}
     if count:
+        accounts = accounts or _stored_accounts(settings)
         transfers = plan(count, accounts=accounts, seed=seed)
         output = run_transfers(settings, strategy, transfers, concurrency=concurrency, check=check)
     if as_json:
@@ -240,6 +248,19 @@ def transfer(
         _print_batch(output)
     if check and count and not output["invariants"]["ok"]:
         sys.exit(1)
+
+
+def _stored_accounts(settings: Any) -> int:
+    """The account count the last reset stored, or a ConfigurationError saying to reset."""
+    from scenarios.transfer.model import stored_accounts
+
+    stored = stored_accounts(settings)
+    if stored is None:
+        raise ConfigurationError(
+            "the schema records no account count (it predates this version); run "
+            "'twopc transfer --reset' or give --accounts"
+        )
+    return stored
 
 
 def _print_batch(output: dict[str, Any]) -> None:
