@@ -154,9 +154,15 @@ def reset(settings: Settings, *, accounts: int = DEFAULT_ACCOUNTS, balance: int 
 
 
 def stored_accounts(settings: Settings) -> int | None:
-    """The account count the last reset recorded in A, or None if it recorded none."""
+    """The account count the last reset recorded in A, or None if it recorded none.
+
+    Also the check that both databases have the scenario's tables: a missing one
+    raises psycopg's UndefinedTable (the CLI says to run 'twopc transfer --reset').
+    """
     with psycopg.connect(settings.pg_a) as conn:
         row = conn.execute("SELECT value FROM scenario_meta WHERE key = 'accounts'").fetchone()
+    with psycopg.connect(settings.pg_b) as conn:
+        conn.execute("SELECT 1 FROM accounts LIMIT 1")
     return None if row is None else int(row[0])
 
 
