@@ -16,9 +16,12 @@ at your own servers is a matter of setting these four.
 from __future__ import annotations
 
 import os
+import re
 from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
+
+import psycopg
 
 from coordinator.errors import ConfigurationError
 from coordinator.xid import validate_coordinator_id
@@ -43,6 +46,29 @@ def parse_host_port(value: str, setting: str) -> tuple[str, int]:
     if not 0 < port < 65536:
         raise ConfigurationError(f"{setting}={value!r} must look like host:port (127.0.0.1:26613)")
     return host, port
+
+
+def check_dsn(value: str, setting: str) -> None:
+    """A libpq connection string libpq can parse, with numeric ports; else ConfigurationError.
+
+    The message names ``setting`` and never repeats the password.
+    """
+    example = "e.g. 'host=127.0.0.1 port=5432 dbname=postgres'"
+    try:
+        info = psycopg.conninfo.conninfo_to_dict(value)
+    except psycopg.ProgrammingError as exc:
+        reason = str(exc).strip().splitlines()[0] if str(exc).strip() else "unparsable"
+        if "password" in value.lower() or "@" in value:  # libpq quotes what it could not read
+            reason = re.sub(r'"[^"]*"', '"..."', reason)
+        raise ConfigurationError(
+            f"{setting} is not a libpq connection string ({reason}); set it to {example}"
+        ) from None
+    for port in str(info.get("port") or "").split(","):
+        if port and not (port.strip().isdigit() and 0 < int(port) < 65536):
+            raise ConfigurationError(
+                f"{setting} has port {port!r}, not a TCP port number (1-65535); "
+                f"set it to {example}"
+            )
 
 
 def read_config_file(path: Path) -> dict[str, str]:
@@ -114,6 +140,8 @@ class Settings:
             openwire=str(values["TWOPC_OPENWIRE"]),
             coordinator_id=coordinator_id,
         )
+        check_dsn(settings.pg_a, "TWOPC_PG_A")
+        check_dsn(settings.pg_b, "TWOPC_PG_B")
         parse_host_port(settings.stomp, "TWOPC_STOMP")
         parse_host_port(settings.openwire, "TWOPC_OPENWIRE")
         return settings

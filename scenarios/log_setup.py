@@ -13,18 +13,27 @@ from typing import Any
 
 import structlog
 
+from coordinator.errors import ConfigurationError
+
+#: The values TWOPC_LOG_LEVEL takes (any case).
+LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL")
+
 
 def configure(level: str | None = None, *, json: bool | None = None) -> None:
     """Set up structlog: level from ``TWOPC_LOG_LEVEL`` (default WARNING), to stderr.
 
     Per-step events are DEBUG so the commit path pays almost nothing for them
     unless asked; outcomes of recovery are INFO; failures WARNING or ERROR.
-    ``TWOPC_LOG_FORMAT=json`` renders JSON lines.
+    ``TWOPC_LOG_FORMAT=json`` renders JSON lines. A level that is not one of
+    :data:`LEVELS` is a ConfigurationError naming TWOPC_LOG_LEVEL.
     """
-    level_name = (level or os.environ.get("TWOPC_LOG_LEVEL", "WARNING")).upper()
-    numeric = logging.getLevelName(level_name)
-    if not isinstance(numeric, int):
-        numeric = logging.WARNING
+    value = level or os.environ.get("TWOPC_LOG_LEVEL") or "WARNING"
+    if value.strip().upper() not in LEVELS:
+        raise ConfigurationError(
+            f"TWOPC_LOG_LEVEL={value!r} is not a log level; set it to one of "
+            f"{', '.join(LEVELS)} (or unset it for WARNING)"
+        )
+    numeric = logging.getLevelName(value.strip().upper())
     use_json = json if json is not None else os.environ.get("TWOPC_LOG_FORMAT") == "json"
     renderer: Any = (
         structlog.processors.JSONRenderer()

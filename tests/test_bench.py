@@ -204,11 +204,11 @@ def test_bench_report_compares_strategies_and_counts_crash_anomalies(
 def test_bench_without_its_extra_says_in_one_line_what_to_install(
     monkeypatch: pytest.MonkeyPatch, tmp_path: Path
 ) -> None:
-    """hdrhistogram missing (an ImportError): 'twopc bench' exits 2 with one line naming it."""
+    """hdrhistogram missing (an ImportError): 'twopc bench' exits 1 with one line naming it."""
     monkeypatch.setitem(sys.modules, "hdrh", None)  # 'import hdrh' now raises ImportError
     out = tmp_path / "report"
     outcome = CliRunner().invoke(main, ["bench", "--quick", "--out", str(out)])
-    assert outcome.exit_code == 2
+    assert outcome.exit_code == 1
     assert outcome.stderr == (
         "twopc: error: twopc bench needs the bench extra (hdrhistogram missing): "
         "pip install 'twopc[bench]'\n"

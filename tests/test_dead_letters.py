@@ -160,7 +160,7 @@ def test_poison_messages_are_dead_lettered_and_the_good_ones_in_their_batch_appl
             "unknown type 'refund'",
         ),
         "no-id": ((credit("no-id")[0], {TYPE_HEADER: CREDIT_COMMAND}), "no transfer-id header"),
-        "ghost": (credit("ghost", "acc-99999"), "no account acc-99999 in B"),
+        "ghost": (credit("ghost", "acc-99999"), "account acc-99999 does not exist in database b"),
         "negative": (credit("negative", amount=-3), "amount must be > 0"),
         "fraction": (
             (credit("fraction")[0].replace('"amount":5', '"amount":2.5'), credit("fraction")[1]),
@@ -214,7 +214,7 @@ def test_a_refused_message_is_left_out_and_the_rest_of_its_batch_applied(
         outcomes = consumer_module.apply(db, batch)
     assert outcomes == [
         "applied",
-        "rejected: no account acc-99999 in B (transfer nobody)",
+        "rejected: account acc-99999 does not exist in database b (transfer nobody)",
         "applied",
     ]
     assert invariants.balance_sum(settings.pg_b) == before + 10
@@ -306,8 +306,8 @@ def test_outbox_failed_lists_and_requeue_sends_back_a_credit_once_its_account_ex
         assert listed.returncode == 0, listed.stderr
         letters = json.loads(listed.stdout)["dead_letters"]
         assert {d["transfer_id"]: d["reason"] for d in letters} == {
-            "later": "no account acc-77777 in B (transfer later)",
-            "other": "no account acc-88888 in B (transfer other)",
+            "later": "account acc-77777 does not exist in database b (transfer later)",
+            "other": "account acc-88888 does not exist in database b (transfer other)",
         }
         assert all(d["dead_lettered_at"] and d["attempts"] == 1 for d in letters)
         with psycopg.connect(settings.pg_b, autocommit=True) as conn:

@@ -166,7 +166,7 @@ def test_second_coordinator_on_the_same_log_is_refused(settings: Settings) -> No
 
 
 def test_corrupt_log_is_refused_with_the_offset(settings: Settings, tmp_path: Path) -> None:
-    """'twopc recover' on a log damaged in the middle exits 2 naming the byte offset."""
+    """'twopc recover' on a log damaged in the middle exits 1 naming the byte offset."""
     from coordinator.log import format as log_format
 
     home = tmp_path / "home"
@@ -179,7 +179,7 @@ def test_corrupt_log_is_refused_with_the_offset(settings: Settings, tmp_path: Pa
     result = subprocess.run(
         [*TWOPC, "recover"], capture_output=True, text=True, env=env, check=False
     )
-    assert result.returncode == 2
+    assert result.returncode == 1
     assert f"offset {len(log_format.HEADER)}" in result.stderr
 
 
@@ -284,7 +284,8 @@ def test_max_prepared_transactions_zero_is_refused_with_the_reason(
 
 
 def test_indoubt_lists_without_changing_and_recover_resolves(fresh: Settings) -> None:
-    """'twopc indoubt' shows a branch left prepared by a killed coordinator; 'recover' ends it."""
+    """'twopc indoubt' shows a branch left prepared by a killed coordinator (exit 3); 'recover'
+    ends it, and 'indoubt' then exits 0."""
     from scenarios.transfer.stories import prepared_gids, run_child
 
     t = scenario.Transfer("doubt-1", scenario.account_id(0), scenario.account_id(1), 5)
@@ -292,8 +293,9 @@ def test_indoubt_lists_without_changing_and_recover_resolves(fresh: Settings) ->
     assert run_child(t, "after_prepare=kill@2") == -signal.SIGKILL
     for _ in range(2):  # listing twice changes nothing
         listed = subprocess.run(
-            [*TWOPC, "indoubt", "--json"], capture_output=True, text=True, check=True
+            [*TWOPC, "indoubt", "--json"], capture_output=True, text=True, check=False
         )
+        assert listed.returncode == 3, listed.stderr
         (item,) = json.loads(listed.stdout)["transactions"]
         assert item["gtrid"] == gtrid and item["prepared_in"] == ["a", "b"]
         assert item["logged_commit"] is False and item["marker"] is False
@@ -305,6 +307,11 @@ def test_indoubt_lists_without_changing_and_recover_resolves(fresh: Settings) ->
     (done,) = json.loads(recovered.stdout)["transactions"]
     assert done["done"] == ["a: rolled back", "b: rolled back"]
     assert prepared_gids(fresh.pg_a, gtrid) == 0 and prepared_gids(fresh.pg_b, gtrid) == 0
+    nothing = subprocess.run(
+        [*TWOPC, "indoubt", "--json"], capture_output=True, text=True, check=False
+    )
+    assert nothing.returncode == 0, nothing.stderr
+    assert json.loads(nothing.stdout)["transactions"] == []
 
 
 def test_paused_broker_at_commit_point_is_in_doubt_then_resolved(fresh: Settings, lab: Lab) -> None:

@@ -11,11 +11,12 @@ import click
 from rich.console import Console
 from rich.table import Table
 
-from coordinator.errors import TwoPhaseCommitError
+from coordinator.errors import ConfigurationError
 from scenarios.cli import bench as cli_bench
 from scenarios.cli import log as cli_log
 from scenarios.cli import outbox as cli_outbox
 from scenarios.cli import torture as cli_torture
+from scenarios.cli.errors import EXIT_IN_DOUBT, EXIT_RUNTIME_ERROR, explain
 from scenarios.config import home_dir
 from scenarios.log_setup import configure as configure_logging
 
@@ -23,14 +24,23 @@ console = Console()
 
 
 class TwopcGroup(click.Group):
-    """Turns twopc's own errors into one clear line and exit status 2, not a traceback."""
+    """Turns what a user can cause into one clear line and exit status 1, not a traceback.
+
+    Usage errors stay click's (exit status 2); scenarios.cli.errors says which
+    errors are the user's and words them.
+    """
 
     def invoke(self, ctx: click.Context) -> Any:
         try:
             return super().invoke(ctx)
-        except TwoPhaseCommitError as exc:
-            click.echo(f"twopc: error: {exc}", err=True)
-            sys.exit(2)
+        except (click.exceptions.ClickException, click.exceptions.Exit, click.exceptions.Abort):
+            raise
+        except Exception as exc:
+            message = explain(exc)
+            if message is None:
+                raise
+            click.echo(f"twopc: error: {message}", err=True)
+            sys.exit(EXIT_RUNTIME_ERROR)
 
 
 @click.group(cls=TwopcGroup)
@@ -168,16 +178,22 @@ def recover(as_json: bool, fence_timeout: float) -> None:
 @main.command()
 @click.option("--json", "as_json", is_flag=True, help="Print the list as JSON.")
 def indoubt(as_json: bool) -> None:
-    """List what is in doubt and what recovery would do; changes nothing."""
+    """List what is in doubt and what recovery would do; changes nothing.
+
+    Exits 0 when nothing is in doubt and 3 when something is (for a cron job's alert).
+    """
     from scenarios.wiring import in_doubt
 
+    items = in_doubt(_settings())
     _print_recovery(
-        in_doubt(_settings()),
+        items,
         as_json,
         {}
         if as_json
         else {"note": "markers were read without fencing: a live coordinator may still commit"},
     )
+    if items:
+        sys.exit(EXIT_IN_DOUBT)
 
 
 # -- the transfer scenario -------------------------------------------------------
@@ -190,7 +206,13 @@ def indoubt(as_json: bool) -> None:
     is_flag=True,
     help="(Re)create the schema and balances and empty the queue.",
 )
-@click.option("--accounts", default=100, show_default=True, help="Accounts per database.")
+@click.option(
+    "--accounts",
+    type=click.IntRange(min=1),
+    default=None,
+    help="Accounts per database [default: with --reset 100, else the count the last reset "
+    "stored; transfers to accounts beyond it abort].",
+)
 @click.option("--balance", default=10_000, show_default=True, help="Starting balance.")
 @click.option("--count", default=0, show_default=True, help="Transfers to run.")
 @click.option("--concurrency", default=8, show_default=True, help="Concurrent transfers.")
@@ -211,7 +233,7 @@ def indoubt(as_json: bool) -> None:
 )
 def transfer(
     do_reset: bool,
-    accounts: int,
+    accounts: int | None,
     balance: int,
     count: int,
     concurrency: int,
@@ -222,17 +244,19 @@ def transfer(
 ) -> None:
     """Run transfers: debit A, credit B, announce on /queue/transfers — atomically."""
     from scenarios.strategies import run_transfers
-    from scenarios.transfer.model import plan, recover_and_reset
+    from scenarios.transfer.model import DEFAULT_ACCOUNTS, plan, recover_and_reset
 
     settings = _settings()
     if concurrency < 1:
         raise click.BadParameter("must be at least 1", param_hint="--concurrency")
     if do_reset:
+        accounts = accounts or DEFAULT_ACCOUNTS
         recover_and_reset(settings, accounts=accounts, balance=balance)
         if not as_json:
             console.print(f"reset: {accounts} accounts of {balance} in A and in B, queue empty")
     output: dict[str, Any] = {"strategy": strategy}
     if count:
+        accounts = _plan_accounts(settings, accounts)
         transfers = plan(count, accounts=accounts, seed=seed)
         output = run_transfers(settings, strategy, transfers, concurrency=concurrency, check=check)
     if as_json:
@@ -241,6 +265,21 @@ def transfer(
         _print_batch(output)
     if check and count and not output["invariants"]["ok"]:
         sys.exit(1)
+
+
+def _plan_accounts(settings: Any, given: int | None) -> int:
+    """--accounts if given, else the count the last reset stored (checking A's and B's tables)."""
+    from scenarios.transfer.model import stored_accounts
+
+    stored = stored_accounts(settings)
+    if given is not None:
+        return given
+    if stored is None:
+        raise ConfigurationError(
+            "the schema records no account count (it predates this version); run "
+            "'twopc transfer --reset' or give --accounts"
+        )
+    return stored
 
 
 def _print_batch(output: dict[str, Any]) -> None:

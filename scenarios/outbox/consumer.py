@@ -56,6 +56,8 @@ from scenarios.transfer.model import (
     QUEUE,
     TRANSFER_COMPLETED,
     TYPE_HEADER,
+    MissingAccount,
+    require_applied,
 )
 
 #: Environment variable arming a consumer crash: ``after-b-commit=kill@3`` SIGKILLs the
@@ -80,15 +82,6 @@ REJECTED = "rejected: "  # the prefix of every other outcome, followed by the re
 #: Failures worth another attempt: the connection lost, a serialization failure, a
 #: deadlock, a lock or statement timeout (all OperationalError in psycopg).
 TRANSIENT_ERRORS: tuple[type[Exception], ...] = (psycopg.OperationalError, psycopg.InterfaceError)
-
-
-class NoSuchAccount(Exception):
-    """A credit names an account B does not have: the UPDATE touched no row."""
-
-    def __init__(self, account: str, transfer_id: str) -> None:
-        super().__init__(f"no account {account} in B (transfer {transfer_id})")
-        self.account = account
-        self.transfer_id = transfer_id
 
 
 class ConsumerFailed(TwoPhaseCommitError):
@@ -440,10 +433,9 @@ def _apply_once(
                     CREDIT,
                     {"amount": item.amount, "account": item.target, "tid": item.transfer_id},
                 )
-                if cur.rowcount != 1:  # the UPDATE touched no row
-                    raise NoSuchAccount(item.target, item.transfer_id)
-            except NoSuchAccount as exc:
-                raise _Refused(i, str(exc)) from exc
+                require_applied(cur.rowcount, item.target, "b")
+            except MissingAccount as exc:  # the UPDATE touched no row
+                raise _Refused(i, f"{exc} (transfer {item.transfer_id})") from exc
             except psycopg.IntegrityError as exc:
                 constraint = exc.diag.constraint_name or type(exc).__name__
                 raise _Refused(i, f"violates {constraint} in B: {one_line(str(exc), 200)}") from exc

@@ -32,7 +32,7 @@ import psycopg
 from coordinator.errors import ConfigurationError, ParticipantUnavailable
 from coordinator.states import Outcome
 from scenarios.config import Settings
-from scenarios.transfer.model import Transfer
+from scenarios.transfer.model import Transfer, account_ids
 
 RelayMode = Literal["status", "last-id", "cdc"]
 RELAY_MODES: tuple[RelayMode, ...] = ("status", "last-id", "cdc")
@@ -213,3 +213,15 @@ class ConnectionPool:
             conns, self._all = self._all, []
         for conn in conns:
             conn.close()
+
+
+def accounts_of(dsn: str, *, setting: str) -> frozenset[str]:
+    """The account ids of one database, read once; an unreachable one names ``setting``."""
+    pool = ConnectionPool(dsn, 1, setting=setting)
+    try:
+        with pool.connection() as conn:
+            ids = account_ids(conn)
+            conn.rollback()
+        return ids
+    finally:
+        pool.close()

@@ -3,6 +3,9 @@
 The baseline: each step is durable on its own, and a crash (or a failure)
 between two steps leaves A, B and the queue disagreeing for good. Nothing
 retries and nothing repairs; the anomaly count of the report comes from here.
+Wrong input is another matter: a transfer to an account B does not have (its
+ids are read at prepare) or from one A does not have is refused before any
+commit, so that only crashes and failures make the anomalies.
 """
 
 from __future__ import annotations
@@ -19,8 +22,24 @@ from coordinator.errors import ParticipantError
 from coordinator.states import Outcome
 from participants.stomp_client import StompClient
 from scenarios.config import Settings
-from scenarios.strategies.base import ConnectionPool, CrashAction, CrashPlan, RelayMode, crashed
-from scenarios.transfer.model import CREDIT, DEBIT, QUEUE, TRANSFER_COMPLETED, TYPE_HEADER, Transfer
+from scenarios.strategies.base import (
+    ConnectionPool,
+    CrashAction,
+    CrashPlan,
+    RelayMode,
+    accounts_of,
+    crashed,
+)
+from scenarios.transfer.model import (
+    CREDIT,
+    DEBIT,
+    QUEUE,
+    TRANSFER_COMPLETED,
+    TYPE_HEADER,
+    MissingAccount,
+    Transfer,
+    require_applied,
+)
 
 RECEIPT_TIMEOUT = 10.0
 
@@ -37,6 +56,7 @@ class NaiveStrategy:
         self._crashes = CrashPlan(self.name, self.crash_points)
         self._a: ConnectionPool | None = None
         self._b: ConnectionPool | None = None
+        self._targets: frozenset[str] = frozenset()
         self._stomp_address = ""
         self._clients: queue.LifoQueue[StompClient] = queue.LifoQueue()
         self._lock = threading.Lock()
@@ -45,6 +65,7 @@ class NaiveStrategy:
     def prepare(self, settings: Settings, *, concurrency: int = 8) -> None:
         self.close()
         self._crashes.arm_from_env()
+        self._targets = accounts_of(settings.pg_b, setting="TWOPC_PG_B")
         self._a = ConnectionPool(settings.pg_a, concurrency, setting="TWOPC_PG_A")
         self._b = ConnectionPool(settings.pg_b, concurrency, setting="TWOPC_PG_B")
         self._stomp_address = settings.stomp
@@ -55,22 +76,29 @@ class NaiveStrategy:
     def run_one(self, transfer: Transfer) -> tuple[Outcome, str]:
         if self._a is None or self._b is None:
             raise RuntimeError("strategy naive: call prepare(settings) before run_one")
-        params = {"amount": transfer.amount, "tid": transfer.transfer_id}
+        if transfer.target not in self._targets:
+            return Outcome.ABORTED, str(MissingAccount(transfer.target, "b"))
         with self._a.connection() as conn:
             try:
-                inserted = conn.execute(DEBIT, {**params, "account": transfer.source}).rowcount
+                require_applied(
+                    conn.execute(DEBIT, transfer.debit()).rowcount, transfer.source, "a"
+                )
+            except MissingAccount as exc:
+                conn.rollback()
+                return Outcome.ABORTED, str(exc)
             except pg_errors.CheckViolation:
                 conn.rollback()
                 return Outcome.ABORTED, "insufficient funds in A"
-            if inserted != 1:
-                conn.rollback()
-                return Outcome.ABORTED, f"no account {transfer.source} in A"
             conn.commit()
         if self._crashes.hit("after-a-commit"):
             return crashed("after-a-commit")
         try:
             with self._b.connection() as conn:
-                conn.execute(CREDIT, {**params, "account": transfer.target})
+                credited = conn.execute(CREDIT, transfer.credit()).rowcount
+                if credited != 1:  # the account was there at prepare: gone since
+                    conn.rollback()
+                    gone = MissingAccount(transfer.target, "b")
+                    return Outcome.IN_DOUBT, f"A committed, B failed: {gone}"
                 conn.commit()
         except psycopg.Error as exc:
             return Outcome.IN_DOUBT, f"A committed, B failed: {type(exc).__name__}"

@@ -7,8 +7,11 @@ Two ways to mark what the relay has sent (scenarios.outbox.relay):
 * ``outbox-last-id``: the row is written with no status; the last-id relay
   remembers how far it got instead (per partition, in ``relay_positions``).
 
-Nothing here touches B or the broker: a relay publishes the row and the
-consumer (scenarios.outbox.consumer) credits B.
+Nothing here writes to B or the broker: a relay publishes the row and the
+consumer (scenarios.outbox.consumer) credits B. The writer reads B's account
+ids once, at prepare, so that a transfer to an account B does not have is
+refused before A is debited (the consumer could only dead-letter it, after A
+had already paid).
 """
 
 from __future__ import annotations
@@ -27,9 +30,16 @@ from scenarios.strategies.base import (
     CrashAction,
     CrashPlan,
     RelayMode,
+    accounts_of,
     crashed,
 )
-from scenarios.transfer.model import DEBIT, QUEUE, Transfer
+from scenarios.transfer.model import (
+    DEBIT,
+    QUEUE,
+    MissingAccount,
+    Transfer,
+    require_applied,
+)
 
 OUTBOX_INSERT = (
     "INSERT INTO outbox (transfer_id, destination, body, status) "
@@ -63,10 +73,12 @@ class LocalCommitWriter:
         self._before_commit = before_commit
         self._crashes = CrashPlan(name, self.crash_points)
         self._pool: ConnectionPool | None = None
+        self._targets: frozenset[str] = frozenset()
 
     def prepare(self, settings: Settings, *, concurrency: int = 8) -> None:
         self.close()
         self._crashes.arm_from_env()
+        self._targets = accounts_of(settings.pg_b, setting="TWOPC_PG_B")
         self._pool = ConnectionPool(settings.pg_a, concurrency, setting="TWOPC_PG_A")
 
     def arm_crash(self, point: str, *, every: int = 1, action: CrashAction = "abandon") -> None:
@@ -75,20 +87,13 @@ class LocalCommitWriter:
     def run_one(self, transfer: Transfer) -> tuple[Outcome, str]:
         if self._pool is None:
             raise RuntimeError(f"strategy {self.name}: call prepare(settings) before run_one")
+        if transfer.target not in self._targets:
+            return Outcome.ABORTED, str(MissingAccount(transfer.target, "b"))
         with self._pool.connection() as conn:
             try:
                 with conn.cursor() as cur:
-                    cur.execute(
-                        DEBIT,
-                        {
-                            "amount": transfer.amount,
-                            "account": transfer.source,
-                            "tid": transfer.transfer_id,
-                        },
-                    )
-                    if cur.rowcount != 1:
-                        conn.rollback()
-                        return Outcome.ABORTED, f"no account {transfer.source} in A"
+                    cur.execute(DEBIT, transfer.debit())
+                    require_applied(cur.rowcount, transfer.source, "a")
                     cur.execute(
                         self._insert,
                         {
@@ -98,6 +103,9 @@ class LocalCommitWriter:
                             "status": self._status,
                         },
                     )
+            except MissingAccount as exc:
+                conn.rollback()
+                return Outcome.ABORTED, str(exc)
             except pg_errors.CheckViolation:
                 conn.rollback()
                 return Outcome.ABORTED, "insufficient funds in A"

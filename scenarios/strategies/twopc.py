@@ -26,43 +26,38 @@ from scenarios.transfer.model import (
     QUEUE,
     TRANSFER_COMPLETED,
     TYPE_HEADER,
+    MissingAccount,
     Transfer,
+    require_applied,
 )
 from scenarios.wiring import open_coordinator
 
 
 def transfer_2pc(coordinator: Coordinator, transfer: Transfer) -> tuple[Outcome, str]:
-    """One transfer as one global transaction; insufficient funds in A is a NO vote."""
+    """One transfer as one global transaction.
+
+    Insufficient funds in A is a NO vote at prepare; an account missing in A or
+    B (its UPDATE touched no row) rolls the transaction back during the work,
+    and the reason names the account and the database.
+    """
     gtrid = gtrid_prefix(coordinator.coordinator_id) + transfer.transfer_id
     try:
         with coordinator.transaction(gtrid) as tx:
-            a = tx.branch("a")
             try:
-                a.execute(
-                    DEBIT,
-                    {
-                        "amount": transfer.amount,
-                        "account": transfer.source,
-                        "tid": transfer.transfer_id,
-                    },
-                )
+                debited = tx.execute("a", DEBIT, transfer.debit()).rowcount
             except pg_errors.CheckViolation:
                 pass  # the branch remembers the failure and votes NO at prepare
             else:
-                tx.execute(
-                    "b",
-                    CREDIT,
-                    {
-                        "amount": transfer.amount,
-                        "account": transfer.target,
-                        "tid": transfer.transfer_id,
-                    },
-                )
+                require_applied(debited, transfer.source, "a")
+                credited = tx.execute("b", CREDIT, transfer.credit()).rowcount
+                require_applied(credited, transfer.target, "b")
                 tx.send(
                     QUEUE,
                     transfer.body(),
                     {"transfer-id": transfer.transfer_id, TYPE_HEADER: TRANSFER_COMPLETED},
                 )
+    except MissingAccount as exc:  # raised in the work: everything was rolled back
+        return Outcome.ABORTED, str(exc)
     except TransactionAborted as exc:
         return Outcome.ABORTED, exc.reason
     except TransactionInDoubt as exc:

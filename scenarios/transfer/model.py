@@ -16,6 +16,7 @@ from dataclasses import dataclass
 
 import psycopg
 
+from coordinator.errors import TwoPhaseCommitError
 from participants.stomp_client import StompClient
 from scenarios.config import Settings
 from scenarios.outbox.deadletter import dead_letter_queue
@@ -42,6 +43,34 @@ CREDIT = (
 )
 
 
+#: The account count the last reset made when none is given or stored.
+DEFAULT_ACCOUNTS = 100
+
+
+class MissingAccount(TwoPhaseCommitError, LookupError):
+    """A debit or credit named an account that does not exist in that database.
+
+    Raised instead of letting the UPDATE match no row (which would create or
+    destroy money); every strategy turns it into an abort with this message.
+    """
+
+    def __init__(self, account: str, database: str) -> None:
+        super().__init__(f"account {account} does not exist in database {database}")
+        self.account = account
+        self.database = database
+
+
+def require_applied(rowcount: int, account: str, database: str) -> None:
+    """Raise MissingAccount unless the DEBIT or CREDIT just run touched its one row."""
+    if rowcount != 1:
+        raise MissingAccount(account, database)
+
+
+def account_ids(conn: psycopg.Connection) -> frozenset[str]:
+    """Every account id in the database ``conn`` is connected to."""
+    return frozenset(row[0] for row in conn.execute("SELECT id FROM accounts"))
+
+
 @dataclass(frozen=True)
 class Transfer:
     """One planned transfer."""
@@ -61,6 +90,14 @@ class Transfer:
             },
             separators=(",", ":"),
         )
+
+    def debit(self) -> dict[str, object]:
+        """The parameters of DEBIT for this transfer (database A)."""
+        return {"amount": self.amount, "account": self.source, "tid": self.transfer_id}
+
+    def credit(self) -> dict[str, object]:
+        """The parameters of CREDIT for this transfer (database B)."""
+        return {"amount": self.amount, "account": self.target, "tid": self.transfer_id}
 
 
 def account_id(n: int) -> str:
@@ -97,8 +134,11 @@ def plan(
 # -- set-up ------------------------------------------------------------------
 
 
-def reset(settings: Settings, *, accounts: int = 100, balance: int = 10_000) -> None:
+def reset(settings: Settings, *, accounts: int = DEFAULT_ACCOUNTS, balance: int = 10_000) -> None:
     """(Re)create both databases' tables and balances; empty the queue and its dead letters.
+
+    A's ``scenario_meta`` records the total money ('total') and the account
+    count ('accounts'), which later runs plan over (:func:`stored_accounts`).
 
     Run with no coordinator running: prepared transactions would hold locks
     on the tables (open a coordinator first so that recovery resolves them).
@@ -115,14 +155,29 @@ def reset(settings: Settings, *, accounts: int = 100, balance: int = 10_000) -> 
             )
             if statements is schema.SCHEMA_A:
                 conn.execute(
-                    "INSERT INTO scenario_meta (key, value) VALUES ('total', %s)",
-                    (2 * accounts * balance,),
+                    "INSERT INTO scenario_meta (key, value) VALUES ('total', %s), ('accounts', %s)",
+                    (2 * accounts * balance, accounts),
                 )
     drain(settings, QUEUE)
     drain(settings, dead_letter_queue(QUEUE))  # letters of the transfers just dropped
 
 
-def recover_and_reset(settings: Settings, *, accounts: int = 100, balance: int = 10_000) -> None:
+def stored_accounts(settings: Settings) -> int | None:
+    """The account count the last reset recorded in A, or None if it recorded none.
+
+    Also the check that both databases have the scenario's tables: a missing one
+    raises psycopg's UndefinedTable (the CLI says to run 'twopc transfer --reset').
+    """
+    with psycopg.connect(settings.pg_a) as conn:
+        row = conn.execute("SELECT value FROM scenario_meta WHERE key = 'accounts'").fetchone()
+    with psycopg.connect(settings.pg_b) as conn:
+        conn.execute("SELECT 1 FROM accounts LIMIT 1")
+    return None if row is None else int(row[0])
+
+
+def recover_and_reset(
+    settings: Settings, *, accounts: int = DEFAULT_ACCOUNTS, balance: int = 10_000
+) -> None:
     """Resolve what an earlier run left in doubt (its prepared rows hold locks), then reset."""
     from scenarios.wiring import open_coordinator
 

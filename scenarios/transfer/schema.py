@@ -17,7 +17,8 @@ BUSINESS = [
     )""",
 ]
 
-# Database A: what the scenario remembers about itself (the money it started with).
+# Database A: what the scenario remembers about itself: the money it started with
+# ('total') and how many accounts each database holds ('accounts').
 META = [
     "DROP TABLE IF EXISTS scenario_meta",
     "CREATE TABLE scenario_meta (key text PRIMARY KEY, value bigint NOT NULL)",
