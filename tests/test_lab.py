@@ -41,7 +41,10 @@ def test_up_restarts_a_killed_service(lab: Lab, service: str) -> None:
     assert status[service].pid not in (None, old_pid)
     assert status[service].state == "up"
     if service == "activemq":
-        assert stomp_connect_ok("127.0.0.1", lab.ports.stomp)
+        login = lab.credentials()
+        assert stomp_connect_ok(
+            "127.0.0.1", lab.ports.stomp, login=login.stomp_user, passcode=login.stomp_password
+        )
     else:
         assert pg_answers(lab.ports.pg_a)
 
@@ -89,6 +92,7 @@ def spare_env(home: Path, **ports: int) -> dict[str, str]:
         "pg_b": "TWOPC_LAB_PG_B_PORT",
         "stomp": "TWOPC_LAB_STOMP_PORT",
         "openwire": "TWOPC_LAB_OPENWIRE_PORT",
+        "stomp_tls": "TWOPC_LAB_STOMP_TLS_PORT",
     }
     for key, name in names.items():
         env[name] = str(ports.get(key) or free_port())

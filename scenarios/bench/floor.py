@@ -36,6 +36,7 @@ from psycopg import errors as pg_errors
 from participants.stomp_client import StompClient
 from scenarios.config import Settings
 from scenarios.transfer.model import CREDIT, DEBIT, QUEUE, Transfer, drain
+from scenarios.wiring import open_stomp
 
 #: The floor's own XA format id ("flor"), so that the coordinator's recovery never
 #: sees its branches and :func:`roll_back_leftovers` finds exactly them.
@@ -89,7 +90,7 @@ class Floor:
                 _Lane(
                     psycopg.connect(settings.pg_a),
                     psycopg.connect(settings.pg_b),
-                    StompClient.open(settings.stomp, participant="floor") if broker else None,
+                    open_stomp(settings, participant="floor") if broker else None,
                 )
             )
 

@@ -158,7 +158,7 @@ def outbox_retry(transfer_ids: tuple[str, ...], as_json: bool) -> None:
     from scenarios.outbox.relay import StompPublisher
 
     settings = _settings()
-    publisher = StompPublisher(settings.stomp)
+    publisher = StompPublisher(settings)
     try:
         report = retry_failures(settings.pg_a, publisher.publish, transfer_ids or None)
     finally:

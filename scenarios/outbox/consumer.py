@@ -29,6 +29,7 @@ from scenarios import events as ev
 from scenarios.config import Settings
 from scenarios.strategies.base import CrashPlan
 from scenarios.transfer.model import CREDIT, QUEUE
+from scenarios.wiring import open_stomp
 
 #: Environment variable arming a consumer crash: ``after-b-commit=kill@3`` SIGKILLs the
 #: consumer after its third B commit, before the acknowledgements.
@@ -131,7 +132,7 @@ class Consumer:
     def _connect(self) -> Subscription:
         self._disconnect()
         self._db = psycopg.connect(self.settings.pg_b)
-        self._client = StompClient.open(self.settings.stomp, participant="consumer-broker")
+        self._client = open_stomp(self.settings, participant="consumer-broker")
         return self._client.subscribe(
             self.destination, ack="client-individual", prefetch=self.prefetch
         )

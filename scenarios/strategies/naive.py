@@ -21,6 +21,7 @@ from participants.stomp_client import StompClient
 from scenarios.config import Settings
 from scenarios.strategies.base import ConnectionPool, CrashAction, CrashPlan, RelayMode, crashed
 from scenarios.transfer.model import CREDIT, DEBIT, QUEUE, Transfer
+from scenarios.wiring import open_stomp
 
 RECEIPT_TIMEOUT = 10.0
 
@@ -37,7 +38,7 @@ class NaiveStrategy:
         self._crashes = CrashPlan(self.name, self.crash_points)
         self._a: ConnectionPool | None = None
         self._b: ConnectionPool | None = None
-        self._stomp_address = ""
+        self._settings: Settings | None = None
         self._clients: queue.LifoQueue[StompClient] = queue.LifoQueue()
         self._lock = threading.Lock()
         self._opened: list[StompClient] = []
@@ -47,7 +48,7 @@ class NaiveStrategy:
         self._crashes.arm_from_env()
         self._a = ConnectionPool(settings.pg_a, concurrency, setting="TWOPC_PG_A")
         self._b = ConnectionPool(settings.pg_b, concurrency, setting="TWOPC_PG_B")
-        self._stomp_address = settings.stomp
+        self._settings = settings
 
     def arm_crash(self, point: str, *, every: int = 1, action: CrashAction = "abandon") -> None:
         self._crashes.arm(point, every=every, action=action)
@@ -87,7 +88,8 @@ class NaiveStrategy:
         try:
             client = self._clients.get_nowait()
         except queue.Empty:
-            client = StompClient.open(self._stomp_address)
+            assert self._settings is not None  # run_one checked prepare() ran
+            client = open_stomp(self._settings)
             with self._lock:
                 self._opened.append(client)
         try:

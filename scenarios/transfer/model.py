@@ -16,9 +16,9 @@ from dataclasses import dataclass
 
 import psycopg
 
-from participants.stomp_client import StompClient
 from scenarios.config import Settings
 from scenarios.transfer import schema
+from scenarios.wiring import open_stomp
 
 QUEUE = "/queue/transfers"
 
@@ -123,7 +123,7 @@ def recover_and_reset(settings: Settings, *, accounts: int = 100, balance: int =
 
 def drain(settings: Settings, destination: str) -> int:
     """Consume and drop every message on ``destination``; return how many."""
-    with StompClient.open(settings.stomp) as client:
+    with open_stomp(settings) as client:
         subscription = client.subscribe(destination, ack="auto", prefetch=1000)
         count = 0
         while subscription.get(1.0) is not None:
