@@ -41,6 +41,7 @@ signal, never block.
 from __future__ import annotations
 
 import contextlib
+import functools
 import itertools
 import os
 import queue
@@ -80,6 +81,9 @@ LOGIN_HINT = (
 #: malformed names ("/queue/") and, worse, answers others with an ERROR while
 #: the rest of the transaction still commits, so they are refused here.
 DESTINATION_PREFIXES = ("/queue/", "/topic/")
+
+#: Bytes read at once from a TLS socket.
+TLS_RECV_BYTES = 64 * 1024
 
 #: Header of the message :meth:`StompClient.browse_complete` appends to a queue.
 SENTINEL_HEADER = "twopc-browse-sentinel"
@@ -146,6 +150,28 @@ def tls_context(ca_file: str | None) -> ssl.SSLContext:
     else:
         context.load_default_certs()
     return context
+
+
+def _tls_receive(transport: Any) -> bytes | None:
+    """stomp.py's ``receive`` for a TLS socket, ending the receiver loop at end of stream.
+
+    Over TLS stomp.py switches to non-blocking I/O and treats an empty read as
+    "no data yet": it never notices that the broker closed the connection,
+    and its loop spins on the readable socket. Here an empty read or a socket
+    error stops that loop, which then reports the disconnect as it does for TCP.
+    """
+    sock = transport.socket
+    if not isinstance(sock, ssl.SSLSocket) or transport.blocking:
+        return transport.__class__.receive(transport)  # type: ignore[no-any-return]
+    try:
+        data: bytes = sock.recv(TLS_RECV_BYTES)
+    except (ssl.SSLWantReadError, ssl.SSLWantWriteError):
+        raise  # no whole TLS record yet: stomp.py waits for the socket
+    except OSError:
+        data = b""
+    if not data:
+        transport.running = False
+    return data
 
 
 class BrokerRefused(ParticipantError):
@@ -343,6 +369,7 @@ class StompClient:
             heartbeats=heartbeats,
         )
         if tls:
+            self._conn.transport.receive = functools.partial(_tls_receive, self._conn.transport)
             if ca_file is not None and not os.path.isfile(ca_file):
                 raise ConfigurationError(
                     f"the certificate file to trust for the broker, {ca_file!r}, does not "
