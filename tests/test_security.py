@@ -21,11 +21,14 @@ from coordinator.states import Outcome
 from participants.stomp_client import BrokerLoginRefused, BrokerTlsRefused, StompClient
 from scenarios.config import Settings
 from scenarios.lab.services import (
+    ACTIVEMQ_HOME,
     CERTIFICATE,
     CREDENTIALS_FILE,
     LAB_USER,
     Lab,
     LabError,
+    activemq_jar,
+    java_binary,
     make_self_signed,
 )
 from scenarios.wiring import open_coordinator, open_stomp
@@ -123,6 +126,43 @@ def test_lab_env_exports_the_login_it_generated(lab: Lab) -> None:
         passcode=credentials.stomp_password,
     ) as client:
         assert client.alive
+
+
+def openwire_producer(lab: Lab, tmp_path: Path, *login: str) -> str:
+    """Run ActiveMQ's own 'producer' command (an OpenWire client) once; its output."""
+    command = [
+        java_binary(),
+        f"-Dactivemq.home={ACTIVEMQ_HOME}",
+        *(f"-Dactivemq.{name}={tmp_path}" for name in ("base", "conf", "data")),
+        "-jar",
+        str(activemq_jar()),
+        "producer",
+        "--brokerUrl",
+        f"tcp://127.0.0.1:{lab.ports.openwire}",
+        "--destination",
+        "queue://test.security.openwire",
+        "--messageCount",
+        "1",
+        *login,
+    ]
+    result = subprocess.run(command, capture_output=True, text=True, timeout=60, check=False)
+    return result.stdout + result.stderr
+
+
+def test_openwire_connector_requires_the_login_too(lab: Lab, tmp_path: Path) -> None:
+    """An OpenWire client without the login is refused; with it, it sends."""
+    refused = openwire_producer(lab, tmp_path)
+    assert "JMSSecurityException" in refused and "password is invalid" in refused
+    credentials = lab.credentials()
+    sent = openwire_producer(
+        lab,
+        tmp_path,
+        "--user",
+        credentials.stomp_user,
+        "--password",
+        credentials.stomp_password,
+    )
+    assert "Exception" not in sent, sent
 
 
 # -- TLS -------------------------------------------------------------------------
