@@ -294,7 +294,14 @@ class ActiveMQ:
         marker_queue: str = MARKER_QUEUE,
         connect_timeout: float = 5.0,
         acquire_timeout: float = 30.0,
+        login: str | None = None,
+        passcode: str | None = None,
+        tls: bool = False,
+        ca_file: str | None = None,
     ) -> None:
+        """``login``/``passcode``: the broker's credentials (None: no login); ``tls``:
+        connect over TLS, verifying the broker against ``ca_file`` (None: system CAs).
+        """
         parse_address(stomp_addr)
         validate_coordinator_id(coordinator_id)
         if not 1 <= pool_size <= MAX_POOL_SIZE:
@@ -310,6 +317,10 @@ class ActiveMQ:
         self._name = name
         self._connect_timeout = connect_timeout
         self._acquire_timeout = acquire_timeout
+        self._login = login
+        self._passcode = passcode
+        self._tls = tls
+        self._ca_file = ca_file
         self._slots = [_Slot(i, client_id_for(coordinator_id, i)) for i in range(pool_size)]
         self._free = list(reversed(self._slots))  # a stack: warm low slots are reused first
         self._cond = threading.Condition()
@@ -537,12 +548,7 @@ class ActiveMQ:
         delay = 0.05
         while True:
             try:
-                client = StompClient.open(
-                    self.address,
-                    participant=self.name,
-                    client_id=client_id,
-                    connect_timeout=self._connect_timeout,
-                )
+                client = self._open(client_id)
             except ClientIdInUse as exc:
                 remaining = deadline - time.monotonic()
                 if remaining <= 0:
@@ -556,6 +562,16 @@ class ActiveMQ:
 
     def _plain_client(self) -> StompClient:
         """A connection without client-id, for reading and trimming the marker queue."""
+        return self._open(None)
+
+    def _open(self, client_id: str | None) -> StompClient:
         return StompClient.open(
-            self.address, participant=self.name, connect_timeout=self._connect_timeout
+            self.address,
+            participant=self.name,
+            client_id=client_id,
+            connect_timeout=self._connect_timeout,
+            login=self._login,
+            passcode=self._passcode,
+            tls=self._tls,
+            ca_file=self._ca_file,
         )

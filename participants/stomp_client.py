@@ -11,6 +11,13 @@ resource, the outbox relays and the consumers need:
 * Receipts waited with a timeout. The RECEIPT, an ERROR frame answering the
   request (ActiveMQ copies the ``receipt`` into the ERROR's ``receipt-id``), or
   the connection dropping wakes the waiter; nothing waits forever.
+* CONNECT with an optional ``login``/``passcode``. A broker that refuses them
+  (ActiveMQ: ERROR "User name [...] or password is invalid.") is
+  :class:`BrokerLoginRefused`, a ConfigurationError naming the settings to fix
+  and never the password.
+* TLS with ``tls=True``: the broker's certificate is verified against
+  ``ca_file`` (else the system's trusted CAs) and its host name or IP address;
+  a certificate that does not verify is :class:`BrokerTlsRefused`.
 * CONNECT with an optional ``client-id``. ActiveMQ refuses a second live
   connection with the same client-id (``InvalidClientIDException``, then it
   closes the socket): that is :class:`ClientIdInUse`, the error fencing retries on.
@@ -34,9 +41,12 @@ signal, never block.
 from __future__ import annotations
 
 import contextlib
+import functools
 import itertools
+import os
 import queue
 import socket
+import ssl
 import threading
 import uuid
 from collections.abc import Callable, Mapping
@@ -61,10 +71,19 @@ AckMode = Literal["auto", "client-individual"]
 #: What a user can do when the broker cannot be reached.
 UNAVAILABLE_HINT = "run 'twopc lab up', or check TWOPC_STOMP"
 
+#: What a user can do when the broker refuses the login.
+LOGIN_HINT = (
+    "set TWOPC_STOMP_USER and TWOPC_STOMP_PASSWORD to a user the broker knows "
+    "(for the lab: eval \"$(twopc lab env)\")"
+)
+
 #: Destinations a SEND may name. ActiveMQ drops the whole connection for some
 #: malformed names ("/queue/") and, worse, answers others with an ERROR while
 #: the rest of the transaction still commits, so they are refused here.
 DESTINATION_PREFIXES = ("/queue/", "/topic/")
+
+#: Bytes read at once from a TLS socket.
+TLS_RECV_BYTES = 64 * 1024
 
 #: Header of the message :meth:`StompClient.browse_complete` appends to a queue.
 SENTINEL_HEADER = "twopc-browse-sentinel"
@@ -96,6 +115,63 @@ class ClientIdInUse(ParticipantUnavailable):
             participant=participant,
         )
         self.client_id = client_id
+
+
+class BrokerSecurityError(ConfigurationError):
+    """The broker refused our credentials or we refused its certificate: fix the settings.
+
+    A ConfigurationError, not a ParticipantUnavailable: retrying cannot help.
+    """
+
+    def __init__(self, message: str, *, participant: str) -> None:
+        super().__init__(f"{message} (participant {participant!r})")
+        self.participant = participant
+
+
+class BrokerLoginRefused(BrokerSecurityError):
+    """The broker refused CONNECT's login and passcode (wrong, or missing)."""
+
+
+class BrokerTlsRefused(BrokerSecurityError):
+    """The TLS handshake failed: the broker's certificate is not trusted, or no TLS there."""
+
+
+def _is_login_error(message: str, body: str) -> bool:
+    """True for ActiveMQ's answer to a CONNECT with a wrong or missing login."""
+    text = f"{message}\n{body}"
+    return "SecurityException" in text or "password is invalid" in text
+
+
+def tls_context(ca_file: str | None) -> ssl.SSLContext:
+    """The client context stomp.py builds: verify the chain and the host name."""
+    context = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)  # CERT_REQUIRED, check_hostname
+    if ca_file:
+        context.load_verify_locations(ca_file)
+    else:
+        context.load_default_certs()
+    return context
+
+
+def _tls_receive(transport: Any) -> bytes | None:
+    """stomp.py's ``receive`` for a TLS socket, ending the receiver loop at end of stream.
+
+    Over TLS stomp.py switches to non-blocking I/O and treats an empty read as
+    "no data yet": it never notices that the broker closed the connection,
+    and its loop spins on the readable socket. Here an empty read or a socket
+    error stops that loop, which then reports the disconnect as it does for TCP.
+    """
+    sock = transport.socket
+    if not isinstance(sock, ssl.SSLSocket) or transport.blocking:
+        return transport.__class__.receive(transport)  # type: ignore[no-any-return]
+    try:
+        data: bytes = sock.recv(TLS_RECV_BYTES)
+    except (ssl.SSLWantReadError, ssl.SSLWantWriteError):
+        raise  # no whole TLS record yet: stomp.py waits for the socket
+    except OSError:
+        data = b""
+    if not data:
+        transport.running = False
+    return data
 
 
 class BrokerRefused(ParticipantError):
@@ -266,19 +342,41 @@ class StompClient:
         client_id: str | None = None,
         heartbeats: tuple[int, int] = (0, 0),
         connect_timeout: float = 5.0,
+        login: str | None = None,
+        passcode: str | None = None,
+        tls: bool = False,
+        ca_file: str | None = None,
     ) -> None:
-        """Prepare a connection (nothing is sent until :meth:`open` or ``_connect``)."""
+        """Prepare a connection (nothing is sent until :meth:`open` or ``_connect``).
+
+        ``login``/``passcode``: the CONNECT credentials (None: no login).
+        ``tls``: speak TLS to ``address``, verifying the broker's certificate
+        against ``ca_file`` (None: the system's trusted CAs).
+        """
         self.address = address
         self.participant = participant
         self.client_id = client_id
         self._host_port = parse_address(address)
         self._connect_timeout = connect_timeout
+        self._login = login
+        self._passcode = passcode
+        self.tls = tls
+        self._ca_file = ca_file
         self._conn: Any = stomp.Connection12(
             [self._host_port],
             reconnect_attempts_max=1,
             timeout=connect_timeout,
             heartbeats=heartbeats,
         )
+        if tls:
+            self._conn.transport.receive = functools.partial(_tls_receive, self._conn.transport)
+            if ca_file is not None and not os.path.isfile(ca_file):
+                raise ConfigurationError(
+                    f"the certificate file to trust for the broker, {ca_file!r}, does not "
+                    "exist: set TWOPC_STOMP_CA to the broker's certificate in PEM (for the "
+                    "lab: eval \"$(twopc lab env)\")"
+                )
+            self._conn.set_ssl(for_hosts=[self._host_port], ca_certs=ca_file)
         self._conn.set_listener("twopc", _Listener(self))
         self._ready = threading.Event()  # CONNECTED, an ERROR instead, or the socket closed
         self._established = False
@@ -300,14 +398,26 @@ class StompClient:
         client_id: str | None = None,
         heartbeats: tuple[int, int] = (0, 0),
         connect_timeout: float = 5.0,
+        login: str | None = None,
+        passcode: str | None = None,
+        tls: bool = False,
+        ca_file: str | None = None,
     ) -> StompClient:
-        """CONNECT to ``address``; ParticipantUnavailable (ClientIdInUse) if refused."""
+        """CONNECT to ``address``; ParticipantUnavailable (ClientIdInUse) if refused.
+
+        BrokerLoginRefused if the broker refuses the login, BrokerTlsRefused if
+        the TLS handshake fails.
+        """
         client = cls(
             address,
             participant=participant,
             client_id=client_id,
             heartbeats=heartbeats,
             connect_timeout=connect_timeout,
+            login=login,
+            passcode=passcode,
+            tls=tls,
+            ca_file=ca_file,
         )
         client._connect()
         return client
@@ -573,10 +683,15 @@ class StompClient:
     def _connect(self) -> None:
         """Open the socket, send CONNECT, wait for CONNECTED; translate every failure."""
         headers = {"client-id": self.client_id} if self.client_id else {}
+        if self._login is not None:
+            headers["login"] = self._login
+            headers["passcode"] = self._passcode or ""
         try:
             self._conn.connect(headers=headers, with_connect_command=True, wait=False)
         except (StompException, OSError) as exc:
             self.drop()
+            if self.tls:
+                self._raise_tls_failure()
             # stomp.py logs the socket error and raises a bare ConnectFailedException.
             raise self.unavailable(
                 f"cannot connect ({str(exc) or 'connection refused or timed out'})"
@@ -588,6 +703,8 @@ class StompClient:
             self.drop()
             if "InvalidClientIDException" in body and self.client_id:
                 raise ClientIdInUse(self.client_id, message, participant=self.participant)
+            if _is_login_error(message, body):
+                raise self._login_refused()
             raise BrokerRefused("CONNECT", message, participant=self.participant)
         if not self.alive:
             self.drop()
@@ -606,6 +723,54 @@ class StompClient:
                 else "the connection closed during CONNECT"
             )
         _log().debug(ev.STOMP_CONNECTED, address=self.address, client_id=self.client_id)
+
+    def _login_refused(self) -> BrokerLoginRefused:
+        """The error for a refused login: names the settings, never the password."""
+        if self._login is None:
+            what = "requires a login and none was given"
+        elif not self._passcode:
+            what = f"refused user {self._login!r} without a password"
+        else:
+            what = f"refused the login of user {self._login!r}: wrong user name or password"
+        return BrokerLoginRefused(
+            f"the STOMP broker at {self.address} {what}; {LOGIN_HINT}",
+            participant=self.participant,
+        )
+
+    def _raise_tls_failure(self) -> None:
+        """Find out why the TLS connection failed (stomp.py only logs it) and raise that.
+
+        Repeats the handshake with the same context on a socket of its own;
+        returns when the reason is not TLS (the broker is not reachable at all).
+        """
+        host, port = self._host_port
+        context = tls_context(self._ca_file)
+        try:
+            raw = socket.create_connection((host, port), timeout=self._connect_timeout)
+        except OSError:
+            return  # not a TLS problem: the broker cannot be reached
+        try:
+            with context.wrap_socket(raw, server_hostname=host):
+                return
+        except ssl.SSLCertVerificationError as exc:
+            trusted = f"the certificate in {self._ca_file}" if self._ca_file else "the system CAs"
+            raise BrokerTlsRefused(
+                f"the STOMP broker at {self.address} presented a certificate that does not "
+                f"verify against {trusted} ({exc.verify_message}); set TWOPC_STOMP_CA to the "
+                "broker's certificate or the CA that signed it (the lab's is "
+                "$TWOPC_HOME/activemq/broker-cert.pem)",
+                participant=self.participant,
+            ) from None
+        except OSError as exc:  # ssl.SSLError, or the peer closed or reset the handshake
+            reason = getattr(exc, "reason", None) or str(exc) or type(exc).__name__
+            raise BrokerTlsRefused(
+                f"the TLS handshake with the STOMP broker at {self.address} failed ({reason}); "
+                "with TWOPC_STOMP_TLS=1, TWOPC_STOMP must be the broker's TLS connector (the "
+                "lab's is TWOPC_STOMP_TLS_ADDRESS in 'twopc lab env')",
+                participant=self.participant,
+            ) from None
+        finally:
+            raw.close()
 
     def _set_nodelay(self) -> None:
         sock = self.tcp_socket

@@ -7,10 +7,18 @@ Every component takes its connections from four settings::
     TWOPC_STOMP      host:port of the broker's STOMP connector
     TWOPC_OPENWIRE   host:port of the broker's OpenWire connector
 
+and how to talk to the broker::
+
+    TWOPC_STOMP_USER, TWOPC_STOMP_PASSWORD   the broker login (unset: no login)
+    TWOPC_STOMP_TLS                          1: STOMP over TLS, the certificate verified
+    TWOPC_STOMP_CA                           the certificate (PEM) to trust with TLS
+
 Each comes from the environment first, then from the config file
 (``TWOPC_CONFIG``, default ``$TWOPC_HOME/twopc.conf``; ``NAME=value`` lines,
-``#`` comments), then from the embedded lab's recorded ports. Pointing twopc
-at your own servers is a matter of setting these four.
+``#`` comments), then from the embedded lab (its recorded ports, and its
+credentials and certificate -- those only when ``TWOPC_STOMP`` is the lab's
+broker). Pointing twopc at your own servers is a matter of setting these.
+No secret appears in a Settings' repr: passwords are masked.
 """
 
 from __future__ import annotations
@@ -18,8 +26,9 @@ from __future__ import annotations
 import os
 import re
 from collections.abc import Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
+from typing import TypedDict
 
 import psycopg
 
@@ -28,7 +37,46 @@ from coordinator.xid import validate_coordinator_id
 from participants.stomp_client import parse_address
 
 SETTING_NAMES = ("TWOPC_PG_A", "TWOPC_PG_B", "TWOPC_STOMP", "TWOPC_OPENWIRE")
+STOMP_USER = "TWOPC_STOMP_USER"
+STOMP_PASSWORD = "TWOPC_STOMP_PASSWORD"
+STOMP_TLS = "TWOPC_STOMP_TLS"
+STOMP_CA = "TWOPC_STOMP_CA"
+STOMP_TLS_ADDRESS = "TWOPC_STOMP_TLS_ADDRESS"  # exported by 'twopc lab env', for reference
 DEFAULT_HOME = ".twopc"
+MASK = "********"
+
+_TRUE = ("1", "true", "yes", "on")
+_FALSE = ("", "0", "false", "no", "off")
+
+
+class StompOptions(TypedDict):
+    """How to log in to the broker and whether to use TLS: StompClient's and ActiveMQ's keywords."""
+
+    login: str | None
+    passcode: str | None
+    tls: bool
+    ca_file: str | None
+
+
+def parse_flag(value: str | None, setting: str) -> bool:
+    """A yes/no setting (1/0, true/false, yes/no, on/off); ConfigurationError naming it."""
+    text = (value or "").strip().lower()
+    if text in _TRUE:
+        return True
+    if text in _FALSE:
+        return False
+    raise ConfigurationError(f"{setting}={value!r} must be 1 or 0")
+
+
+def redact_dsn(dsn: str) -> str:
+    """A libpq connection string (key=value or URI) with its password masked."""
+    try:
+        info = psycopg.conninfo.conninfo_to_dict(dsn)
+    except psycopg.ProgrammingError:
+        return "(unparsable connection string)"
+    if "password" in info:
+        info["password"] = MASK
+    return psycopg.conninfo.make_conninfo("", **info)
 
 
 def home_dir(env: Mapping[str, str] | None = None) -> Path:
@@ -97,6 +145,31 @@ class Settings:
     stomp: str
     openwire: str
     coordinator_id: str = "twopc"
+    stomp_user: str | None = None
+    stomp_password: str | None = field(default=None, repr=False)
+    stomp_tls: bool = False
+    stomp_ca: str | None = None
+
+    def __repr__(self) -> str:
+        password = None if self.stomp_password is None else MASK
+        return (
+            f"Settings(home={str(self.home)!r}, pg_a={redact_dsn(self.pg_a)!r}, "
+            f"pg_b={redact_dsn(self.pg_b)!r}, stomp={self.stomp!r}, openwire={self.openwire!r}, "
+            f"coordinator_id={self.coordinator_id!r}, stomp_user={self.stomp_user!r}, "
+            f"stomp_password={password!r}, stomp_tls={self.stomp_tls!r}, "
+            f"stomp_ca={self.stomp_ca!r})"
+        )
+
+    __str__ = __repr__
+
+    def stomp_options(self) -> StompOptions:
+        """Keywords for StompClient.open and ActiveMQ: the login and the TLS choice."""
+        return StompOptions(
+            login=self.stomp_user,
+            passcode=self.stomp_password,
+            tls=self.stomp_tls,
+            ca_file=self.stomp_ca,
+        )
 
     @property
     def log_path(self) -> Path:
@@ -112,6 +185,10 @@ class Settings:
             "TWOPC_STOMP": self.stomp,
             "TWOPC_OPENWIRE": self.openwire,
             "TWOPC_COORDINATOR_ID": self.coordinator_id,
+            STOMP_USER: self.stomp_user or "",
+            STOMP_PASSWORD: self.stomp_password or "",
+            STOMP_TLS: "1" if self.stomp_tls else "0",
+            STOMP_CA: self.stomp_ca or "",
         }
 
     @classmethod
@@ -126,11 +203,24 @@ class Settings:
             return env.get(name) or from_file.get(name)
 
         values = {name: pick(name) for name in SETTING_NAMES}
-        if any(v is None for v in values.values()):
+        tls = parse_flag(pick(STOMP_TLS), STOMP_TLS)
+        user, password, ca = pick(STOMP_USER), pick(STOMP_PASSWORD), pick(STOMP_CA)
+        if any(v is None for v in values.values()) or user is password is None or ca is None:
             from scenarios.lab.services import lab_settings  # the lab is only the default
 
-            lab = lab_settings(home, env)
+            lab = lab_settings(home, env, tls=tls)
             values = {name: values[name] or lab[name] for name in SETTING_NAMES}
+            # The lab's secrets go to the lab's broker only, never to another address.
+            if values["TWOPC_STOMP"] in (lab["TWOPC_STOMP"], lab[STOMP_TLS_ADDRESS]):
+                if user is password is None:
+                    user, password = lab.get(STOMP_USER), lab.get(STOMP_PASSWORD)
+                if ca is None and values["TWOPC_STOMP"] == lab[STOMP_TLS_ADDRESS]:
+                    ca = lab.get(STOMP_CA)
+        if password is not None and user is None:
+            raise ConfigurationError(
+                f"{STOMP_PASSWORD} is set but {STOMP_USER} is not: set both, or neither for "
+                "a broker without login"
+            )
         coordinator_id = validate_coordinator_id(pick("TWOPC_COORDINATOR_ID") or "twopc")
         settings = cls(
             home=home,
@@ -139,6 +229,10 @@ class Settings:
             stomp=str(values["TWOPC_STOMP"]),
             openwire=str(values["TWOPC_OPENWIRE"]),
             coordinator_id=coordinator_id,
+            stomp_user=user,
+            stomp_password=password,
+            stomp_tls=tls,
+            stomp_ca=ca,
         )
         check_dsn(settings.pg_a, "TWOPC_PG_A")
         check_dsn(settings.pg_b, "TWOPC_PG_B")

@@ -15,6 +15,7 @@ from coordinator.log.file import FileDecisionLog, read_pending
 from coordinator.recovery import InDoubt, Recovery, RecoveryReport
 from participants.activemq import ActiveMQ
 from participants.postgres import PostgresResource
+from participants.stomp_client import StompClient
 from scenarios.config import Settings
 
 
@@ -28,7 +29,28 @@ def databases(settings: Settings, *, pool_size: int) -> list[PostgresResource]:
 
 def broker(settings: Settings, *, pool_size: int) -> ActiveMQ:
     """The broker as the last resource 'mq', with ``pool_size`` STOMP sessions."""
-    return ActiveMQ(settings.stomp, settings.coordinator_id, pool_size=pool_size)
+    return ActiveMQ(
+        settings.stomp, settings.coordinator_id, pool_size=pool_size, **settings.stomp_options()
+    )
+
+
+def open_stomp(
+    settings: Settings,
+    *,
+    participant: str = "mq",
+    client_id: str | None = None,
+    address: str | None = None,
+    connect_timeout: float = 5.0,
+) -> StompClient:
+    """A STOMP connection to the broker (or to ``address``, e.g. a proxy in front of it),
+    logged in and over TLS as the settings say."""
+    return StompClient.open(
+        address or settings.stomp,
+        participant=participant,
+        client_id=client_id,
+        connect_timeout=connect_timeout,
+        **settings.stomp_options(),
+    )
 
 
 def open_coordinator(

@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # Installs what twopc needs and is missing: Debian packages (PostgreSQL, ActiveMQ,
-# a Java runtime) and a virtual environment (.venv) with the project, its
+# a Java runtime with keytool) and a virtual environment (.venv) with the project, its
 # development tools and the bench extra in it.
 # Idempotent: a second run installs nothing and takes a second.
 set -euo pipefail
@@ -10,7 +10,9 @@ need_packages=()
 ls /usr/lib/postgresql/*/bin/postgres >/dev/null 2>&1 || command -v postgres >/dev/null \
   || need_packages+=(postgresql)
 [ -e /usr/share/activemq/bin/activemq.jar ] || need_packages+=(activemq)
-command -v java >/dev/null || need_packages+=(default-jre-headless)
+# The JDK's keytool makes the broker's TLS certificate; the headless runtime has it.
+{ command -v java >/dev/null && command -v keytool >/dev/null; } \
+  || need_packages+=(default-jre-headless)
 
 if [ ${#need_packages[@]} -gt 0 ]; then
   if [ "$(id -u)" -eq 0 ]; then

@@ -14,12 +14,14 @@ import tempfile
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import psycopg
 import pytest
 
-from scenarios.config import Settings
-from scenarios.lab.services import BROKER, OPENWIRE_SETTING, PG_A, PG_B, Lab
+from participants.stomp_client import StompClient
+from scenarios.config import Settings, StompOptions
+from scenarios.lab.services import BROKER, OPENWIRE_SETTING, PG_A, PG_B, STOMP_TLS_SETTING, Lab
 from scenarios.log_setup import configure as configure_logging
 
 
@@ -46,6 +48,16 @@ def end_sessions(dsn: str, pids: list[int]) -> int:
             (pids,),
         ).fetchone()
     return int(row[0]) if row else 0
+
+
+def stomp_login() -> StompOptions:
+    """The broker's login and TLS choice, from the settings the lab fixture exported."""
+    return Settings.load().stomp_options()
+
+
+def open_stomp_client(address: str, **options: Any) -> StompClient:
+    """StompClient.open with the lab broker's login (``options`` win)."""
+    return StompClient.open(address, **{**stomp_login(), **options})
 
 
 @dataclass
@@ -75,6 +87,7 @@ def lab() -> Iterator[Lab]:
         for service in (PG_A, PG_B, BROKER):
             os.environ[service.port_setting] = str(free_port())
         os.environ[OPENWIRE_SETTING] = str(free_port())
+        os.environ[STOMP_TLS_SETTING] = str(free_port())
     os.environ["TWOPC_HOME"] = str(home)
     the_lab = Lab(home)
     the_lab.up()

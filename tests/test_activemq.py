@@ -30,7 +30,8 @@ from coordinator.errors import (
 )
 from coordinator.protocol import LastResource, LastResourceSession
 from participants.activemq import MAX_POOL_SIZE, ActiveMQ, FenceRefused, client_id_for
-from participants.stomp_client import ClientIdInUse, StompClient
+from participants.stomp_client import ClientIdInUse
+from tests.conftest import open_stomp_client, stomp_login
 
 pytestmark = pytest.mark.lab
 
@@ -42,7 +43,7 @@ def unique(prefix: str) -> str:
 
 
 def browse(stomp_addr: str, destination: str) -> list[Any]:
-    with StompClient.open(stomp_addr) as client:
+    with open_stomp_client(stomp_addr) as client:
         return client.browse(destination)
 
 
@@ -67,6 +68,7 @@ def mq(stomp_addr: str) -> Iterator[ActiveMQ]:
         pool_size=2,
         receipt_timeout=5.0,
         marker_queue=unique("/queue/test.markers."),
+        **stomp_login(),
     )
     yield resource
     resource.close()
@@ -85,7 +87,7 @@ def commit_one(mq: ActiveMQ, destination: str, body: str = "hello") -> str:
 
 def fill_markers(stomp_addr: str, marker_queue: str, gtrids: list[str]) -> None:
     """Put one marker per gtrid on the marker queue, in one transaction."""
-    with StompClient.open(stomp_addr) as client:
+    with open_stomp_client(stomp_addr) as client:
         client.begin("fill")
         for gtrid in gtrids:
             client.send(marker_queue, "", {"gtrid": gtrid}, transaction="fill")
@@ -103,7 +105,7 @@ def test_commit_with_marker_makes_message_and_marker_visible(
     assert message.headers["transfer-id"] == gtrid
     assert message.headers["persistent"] == "true"
     assert mq.markers() == {gtrid}
-    with StompClient.open(stomp_addr) as client:
+    with open_stomp_client(stomp_addr) as client:
         subscription = client.subscribe(queue_name)
         consumed = subscription.get(timeout=5.0)
     assert consumed is not None
@@ -227,7 +229,7 @@ def test_concurrent_transactions_share_the_pool(
 
 def test_client_commit_of_unknown_transaction_is_commit_refused(stomp_addr: str) -> None:
     """The client turns the ERROR answering a COMMIT into CommitRefused; the connection stays up."""
-    with StompClient.open(stomp_addr) as client:
+    with open_stomp_client(stomp_addr) as client:
         with pytest.raises(CommitRefused, match="Invalid transaction id"):
             client.commit("no-such-tx", timeout=5.0, gtrid="g.1")
         assert client.alive
@@ -286,7 +288,10 @@ def start_holder(stomp_addr: str, client_id: str, code: str = "") -> subprocess.
         f"""
         import sys, time
         from participants.stomp_client import StompClient
-        client = StompClient.open({stomp_addr!r}, client_id={client_id!r})
+        from scenarios.config import Settings
+        client = StompClient.open(
+            {stomp_addr!r}, client_id={client_id!r}, **Settings.load().stomp_options()
+        )
         """
     )
     script += textwrap.dedent(code) + "\nprint('ready', flush=True)\ntime.sleep(600)\n"
@@ -369,11 +374,11 @@ def test_second_connection_with_same_client_id_is_refused(stomp_addr: str) -> No
     """The broker refuses a second live connection with a client-id: ClientIdInUse."""
     client_id = unique("test-")
     with (
-        StompClient.open(stomp_addr, client_id=client_id),
+        open_stomp_client(stomp_addr, client_id=client_id),
         pytest.raises(ClientIdInUse, match=client_id),
     ):
-        StompClient.open(stomp_addr, client_id=client_id)
-    StompClient.open(stomp_addr, client_id=client_id).close()  # free again once closed
+        open_stomp_client(stomp_addr, client_id=client_id)
+    open_stomp_client(stomp_addr, client_id=client_id).close()  # free again once closed
 
 
 def test_markers_finds_a_marker_deep_in_the_queue(mq: ActiveMQ, stomp_addr: str) -> None:
@@ -413,7 +418,7 @@ def test_browse_sentinels_are_left_out_and_cleaned_up(mq: ActiveMQ, stomp_addr: 
 
 def test_socket_has_nodelay_and_commits_are_fast(mq: ActiveMQ, stomp_addr: str) -> None:
     """TCP_NODELAY is set; a COMMIT-with-receipt round trip takes milliseconds, not Nagle's 45."""
-    with StompClient.open(stomp_addr) as client:
+    with open_stomp_client(stomp_addr) as client:
         assert client.tcp_socket is not None
         assert client.tcp_socket.getsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY) != 0
     destination = unique("/queue/test.")

@@ -174,7 +174,11 @@ def broker(request: pytest.FixtureRequest) -> Iterator[LastResource]:
     settings: Settings = request.getfixturevalue("settings")
     queue = f"/queue/conformance.markers.{secrets.token_hex(4)}"
     resource = ActiveMQ(
-        settings.stomp, f"conf-{secrets.token_hex(3)}", pool_size=2, marker_queue=queue
+        settings.stomp,
+        f"conf-{secrets.token_hex(3)}",
+        pool_size=2,
+        marker_queue=queue,
+        **settings.stomp_options(),
     )
     yield resource
     resource.close()

@@ -25,7 +25,7 @@ import pytest
 from psycopg import errors as pg_errors
 
 from coordinator.states import Outcome
-from participants.stomp_client import Message, StompClient
+from participants.stomp_client import Message
 from scenarios.config import Settings
 from scenarios.outbox import consumer as consumer_module
 from scenarios.outbox.consumer import Consumer, inbox_counts
@@ -45,6 +45,7 @@ from scenarios.transfer import model as scenario
 from scenarios.transfer.batch import BatchFailed, run_batch
 from scenarios.transfer.invariants import gather_evidence
 from scenarios.transfer.model import CREDIT_COMMAND, TRANSFER_COMPLETED, TYPE_HEADER
+from tests.conftest import open_stomp_client
 from tests.test_outbox import ACCOUNTS, fresh, wait_for
 
 
@@ -69,13 +70,13 @@ def put(
     settings: Settings, destination: str, messages: Sequence[tuple[str, dict[str, str]]]
 ) -> None:
     """Store ``messages`` (body, headers) on ``destination``."""
-    with StompClient.open(settings.stomp) as client:
+    with open_stomp_client(settings.stomp) as client:
         for body, headers in messages:
             client.send(destination, body, headers, receipt_timeout=5)
 
 
 def browse(settings: Settings, destination: str) -> list[Message]:
-    with StompClient.open(settings.stomp) as client:
+    with open_stomp_client(settings.stomp) as client:
         return [m for m in client.browse(destination) if not m.is_sentinel]
 
 
@@ -263,7 +264,7 @@ def test_dead_letter_move_is_all_or_nothing_on_activemq(
     """ACK and SEND in one STOMP transaction: a drop before COMMIT keeps the original only."""
     put(settings, private_queue, [credit("move-1")])
     dlq = dead_letter_queue(private_queue)
-    with StompClient.open(settings.stomp) as client:
+    with open_stomp_client(settings.stomp) as client:
         message = client.subscribe(private_queue, ack="client-individual").get(5)
         assert message is not None
         client.begin("half-move")
@@ -281,7 +282,7 @@ def test_dead_letter_move_is_all_or_nothing_on_activemq(
     )
     assert browse(settings, dlq) == []
 
-    with StompClient.open(settings.stomp) as client:
+    with open_stomp_client(settings.stomp) as client:
         message = client.subscribe(private_queue, ack="client-individual").get(5)
         assert message is not None and message.headers.get("redelivered") == "true"
         dead_letter(client, [Rejection(message, "test reason", 2)], destination=private_queue)
@@ -321,7 +322,7 @@ def test_outbox_failed_lists_and_requeue_sends_back_a_credit_once_its_account_ex
     with psycopg.connect(settings.pg_b) as conn:
         row = conn.execute("SELECT balance FROM accounts WHERE id = 'acc-77777'").fetchone()
     assert row == (9,)
-    with StompClient.open(settings.stomp) as client:
+    with open_stomp_client(settings.stomp) as client:
         assert [d.transfer_id for d in list_dead_letters(client, scenario.QUEUE)] == ["other"]
 
 
@@ -406,7 +407,7 @@ def test_every_strategy_and_stray_messages_on_one_lab_every_invariant_holds(
     assert evidence.ok and evidence.atomicity_violations == [] and evidence.money_conserved
     assert len(evidence.in_a) == len(evidence.in_b) == 60 - sum(o["aborted"] for o in outputs)
     assert sum(evidence.on_queue.values()) == 0
-    with StompClient.open(settings.stomp) as client:
+    with open_stomp_client(settings.stomp) as client:
         letters = list_dead_letters(client, scenario.QUEUE)
     stray_ids = {
         "stray-body",

@@ -655,3 +655,27 @@ def test_memory_log_passes_the_same_failpoints(
         log.log_commit("tx-1", ["pg-a"], force=True)
     assert log.reopen().pending() == after_reopen
     assert log.crash().pending() == {}
+
+
+def test_new_log_and_lock_are_owner_only(tmp_path: Path) -> None:
+    """A new log and its lock file are 0600, and the folders the log creates are 0700."""
+    path = tmp_path / "state" / "decisions.log"
+    with FileDecisionLog(path, compact_threshold_bytes=200) as log:
+        for i in range(20):  # past the threshold: a compaction replaces the file
+            log.log_commit(f"g{i}", ["a", "b"], force=True)
+    assert (path.stat().st_mode & 0o777) == 0o600
+    assert (Path(f"{path}{LOCK_SUFFIX}").stat().st_mode & 0o777) == 0o600
+    assert (path.parent.stat().st_mode & 0o777) == 0o700
+
+
+def test_open_tightens_an_existing_log_and_lock(tmp_path: Path) -> None:
+    """Opening a log left world-readable by an older version makes it and its lock 0600."""
+    path = tmp_path / "decisions.log"
+    FileDecisionLog(path).close()
+    lock = Path(f"{path}{LOCK_SUFFIX}")
+    path.chmod(0o644)
+    lock.chmod(0o666)
+    with FileDecisionLog(path) as log:
+        assert log.pending() == {}
+    assert (path.stat().st_mode & 0o777) == 0o600
+    assert (lock.stat().st_mode & 0o777) == 0o600

@@ -12,8 +12,8 @@ from pathlib import Path
 import psycopg
 import pytest
 
-from participants.stomp_client import StompClient
 from scenarios.config import Settings
+from tests.conftest import open_stomp_client
 
 ROOT = Path(__file__).resolve().parent.parent
 EXAMPLE = ROOT / "docs" / "examples" / "embed.py"
@@ -117,7 +117,7 @@ def test_example_commits_atomically_on_the_lab(settings: Settings, tmp_path: Pat
         with psycopg.connect(dsn) as conn:
             row = conn.execute("SELECT amount FROM shop_ledger WHERE id = %s", (order,)).fetchone()
         assert row is not None
-    with StompClient.open(settings.stomp) as client:
+    with open_stomp_client(settings.stomp) as client:
         messages = client.browse("/queue/shop.orders", idle_timeout=5.0)
     assert [m.headers.get("order-id") for m in messages].count(order) == 1
     assert (tmp_path / "shop-decisions.log").exists()

@@ -41,7 +41,10 @@ def test_up_restarts_a_killed_service(lab: Lab, service: str) -> None:
     assert status[service].pid not in (None, old_pid)
     assert status[service].state == "up"
     if service == "activemq":
-        assert stomp_connect_ok("127.0.0.1", lab.ports.stomp)
+        login = lab.credentials()
+        assert stomp_connect_ok(
+            "127.0.0.1", lab.ports.stomp, login=login.stomp_user, passcode=login.stomp_password
+        )
     else:
         assert pg_answers(lab.ports.pg_a)
 
@@ -89,6 +92,7 @@ def spare_env(home: Path, **ports: int) -> dict[str, str]:
         "pg_b": "TWOPC_LAB_PG_B_PORT",
         "stomp": "TWOPC_LAB_STOMP_PORT",
         "openwire": "TWOPC_LAB_OPENWIRE_PORT",
+        "stomp_tls": "TWOPC_LAB_STOMP_TLS_PORT",
     }
     for key, name in names.items():
         env[name] = str(ports.get(key) or free_port())
@@ -132,3 +136,25 @@ def test_down_leaves_no_process_behind(spare_home: Path) -> None:
     assert sorted(lab.down()) == ["activemq", "pg-a", "pg-b"]
     assert list(processes_of(spare_home)) == []
     assert [s.state for s in lab.status()] == ["down", "down", "down"]
+
+
+@pytest.mark.slow
+def test_up_upgrades_a_running_lab_without_credentials(spare_home: Path) -> None:
+    """A lab whose state has no credentials: 'up' makes them, rewrites and restarts the broker."""
+    lab = Lab(spare_home, spare_env(spare_home))
+    lab.up()
+    old = lab.credentials()
+    broker_pid = pids(lab)["activemq"]
+    (spare_home / "credentials.json").unlink()  # as a state folder from before the login
+    statuses = {s.name: s for s in lab.up()}
+    new = lab.credentials()
+    assert new.stomp_user != old.stomp_user and new.stomp_password != old.stomp_password
+    assert statuses["activemq"].pid not in (None, broker_pid)
+    assert statuses["activemq"].state == "up"
+    assert ((spare_home / "credentials.json").stat().st_mode & 0o777) == 0o600
+    stomp = lab.ports.stomp
+    assert not stomp_connect_ok("127.0.0.1", stomp)
+    assert not stomp_connect_ok(
+        "127.0.0.1", stomp, login=old.stomp_user, passcode=old.stomp_password
+    )
+    assert stomp_connect_ok("127.0.0.1", stomp, login=new.stomp_user, passcode=new.stomp_password)

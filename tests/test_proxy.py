@@ -11,9 +11,10 @@ from collections.abc import Iterator
 import psycopg
 import pytest
 
-from participants.stomp_client import ClientIdInUse, StompClient
+from participants.stomp_client import ClientIdInUse
 from scenarios.config import Settings
 from scenarios.lab.proxy import FaultProxy, Mode
+from tests.conftest import open_stomp_client
 
 
 class EchoServer:
@@ -250,16 +251,16 @@ def test_broker_keeps_a_client_id_while_its_dead_client_is_partitioned(settings:
     """Behind a blackhole the broker never learns that a client went: its client-id stays taken."""
     client_id = f"proxy-test-{time.monotonic_ns()}"
     with FaultProxy(settings.stomp, name="stomp") as p:
-        client = StompClient.open(p.address, client_id=client_id)
+        client = open_stomp_client(p.address, client_id=client_id)
         p.blackhole()
         client.drop()  # the client is gone, but its close is held in the partition
         with pytest.raises(ClientIdInUse):
-            StompClient.open(settings.stomp, client_id=client_id).close()
+            open_stomp_client(settings.stomp, client_id=client_id).close()
         p.heal()
         deadline = time.monotonic() + 10
         while True:
             try:
-                StompClient.open(settings.stomp, client_id=client_id).close()
+                open_stomp_client(settings.stomp, client_id=client_id).close()
                 break
             except ClientIdInUse:
                 if time.monotonic() > deadline:

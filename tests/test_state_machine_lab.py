@@ -49,7 +49,7 @@ from participants.activemq import ActiveMQ
 from participants.postgres import PostgresResource
 from participants.stomp_client import StompClient
 from scenarios.config import Settings
-from tests.conftest import end_sessions
+from tests.conftest import end_sessions, open_stomp_client, stomp_login
 from tests.test_state_machine import (
     DIED,
     CommitUnderCrashes,
@@ -204,6 +204,7 @@ class LabCommitUnderCrashes(CommitUnderCrashes):
             pool_size=12,
             marker_queue=self.marker_queue,
             acquire_timeout=0.2,
+            **stomp_login(),
         )
         return resources, broker
 
@@ -286,7 +287,7 @@ class LabCommitUnderCrashes(CommitUnderCrashes):
             seen.committed[db] = {}
             for gtrid, op in rows:
                 seen.committed[db].setdefault(gtrid, []).append(op)
-        with StompClient.open(self.lab.stomp) as client:
+        with open_stomp_client(self.lab.stomp) as client:
             seen.messages.update(
                 m.headers.get("gtrid", "?") for m in client.browse_complete(self.queue)
             )

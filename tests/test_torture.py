@@ -11,6 +11,7 @@ coordinator bugs the torture found, kept as regression tests.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import subprocess
 import sys
@@ -28,7 +29,6 @@ from coordinator.log.file import FileDecisionLog
 from coordinator.states import Outcome
 from coordinator.xid import FORMAT_ID
 from participants.postgres import PostgresResource
-from participants.stomp_client import StompClient
 from scenarios.config import Settings
 from scenarios.lab.services import Lab
 from scenarios.strategies.twopc import transfer_2pc
@@ -46,6 +46,7 @@ from scenarios.torture.schedules import (
 )
 from scenarios.transfer import model as scenario
 from scenarios.wiring import open_coordinator
+from tests.conftest import open_stomp_client
 
 pytestmark = pytest.mark.lab
 
@@ -119,7 +120,7 @@ def test_checks_catch_each_kind_of_violation(torture: Torture, settings: Setting
     with psycopg.connect(settings.pg_a) as conn:
         conn.execute("INSERT INTO transfers (transfer_id, amount) VALUES (%s, 1)", (orphan,))
         conn.execute("UPDATE accounts SET balance = balance + 1 WHERE id = 'acc-00000'")
-    with StompClient.open(settings.stomp) as client:
+    with open_stomp_client(settings.stomp) as client:
         body = json.dumps({"transfer_id": copied})
         for _ in range(2):  # one message twice, and one the inbox cannot key
             client.send(scenario.QUEUE, body, {"transfer-id": copied}, receipt_timeout=5)
@@ -191,7 +192,7 @@ def test_a_connection_lost_during_the_work_makes_the_transfer_abort(torture: Tor
     settings = torture.settings
     dsn = psycopg.conninfo.make_conninfo(settings.pg_a, application_name="torture-repro")
     coordinator = open_coordinator(
-        Settings(settings.home, dsn, settings.pg_b, settings.stomp, settings.openwire), sessions=1
+        dataclasses.replace(settings, pg_a=dsn), sessions=1
     )
     fired: list[str] = []
 

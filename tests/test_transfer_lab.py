@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import random
@@ -130,7 +131,7 @@ def test_scenario_scripts_keep_their_promises(fresh: Settings, name: str) -> Non
 def test_unreachable_database_is_a_clear_error_and_commits_nothing(fresh: Settings) -> None:
     """A database that does not answer: ParticipantUnavailable naming it and what to do."""
     dead = f"host=127.0.0.1 port={free_port()} user=twopc dbname=twopc connect_timeout=2"
-    settings = Settings(fresh.home, fresh.pg_a, dead, fresh.stomp, fresh.openwire)
+    settings = dataclasses.replace(fresh, pg_b=dead)
     with pytest.raises(ParticipantUnavailable) as info:
         open_coordinator(settings)
     message = str(info.value)

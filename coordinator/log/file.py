@@ -10,6 +10,10 @@ Files, for a log at ``PATH``:
   renamed over ``PATH`` once synced. A leftover one is an interrupted
   replacement: ``PATH`` is still whole, so open deletes it.
 
+Each file is created with mode 0600 (owner only: the log names every
+transaction), and open tightens an existing log or lock file to 0600;
+directories the log creates are 0700.
+
 Durability: records are written at once and become durable in :meth:`_force`,
 the only place that calls fsync. Forced commits share fsyncs (group commit):
 a caller whose record is not yet durable either becomes the leader and syncs
@@ -32,6 +36,8 @@ from coordinator.errors import CrashInjected, DecisionLogError, DecisionLogLocke
 from coordinator.log import format as fmt
 
 DEFAULT_COMPACT_THRESHOLD = 4 * 1024 * 1024
+FILE_MODE = 0o600  # the log, its lock and a replacement: the owner only
+DIRECTORY_MODE = 0o700  # directories the log creates
 LOCK_SUFFIX = ".lock"
 REPLACEMENT_SUFFIX = ".compact"
 
@@ -249,7 +255,7 @@ class FileDecisionLog:
             missing.append(directory)
             directory = os.path.dirname(directory)
         for created in reversed(missing):
-            os.mkdir(created)
+            os.mkdir(created, DIRECTORY_MODE)
             self._sync_dir(os.path.dirname(created))
 
     def _open_or_create(self) -> tuple[int, int, dict[str, tuple[str, ...]]]:
@@ -261,6 +267,7 @@ class FileDecisionLog:
         except FileNotFoundError:
             return self._replace_with(fmt.HEADER), fmt.HEADER_SIZE, {}
         try:
+            _tighten(fd)
             data = _read_all(fd)
             found = fmt.scan(data, self.path)
             if 0 < found.end < len(data):
@@ -289,7 +296,7 @@ class FileDecisionLog:
         point leaves either the old file or the new one, each complete.
         """
         replacement = self.path + REPLACEMENT_SUFFIX
-        fd = os.open(replacement, os.O_RDWR | os.O_CREAT | os.O_TRUNC | os.O_APPEND, 0o644)
+        fd = os.open(replacement, os.O_RDWR | os.O_CREAT | os.O_TRUNC | os.O_APPEND, FILE_MODE)
         try:
             _write_all(fd, content)
             self._force(fd)
@@ -381,8 +388,9 @@ class FileDecisionLog:
 def _take_lock(path: str) -> int:
     """Lock ``path`` for this process (non-blocking) and record our pid; return the lock fd."""
     lock_path = path + LOCK_SUFFIX
-    fd = os.open(lock_path, os.O_RDWR | os.O_CREAT, 0o644)
+    fd = os.open(lock_path, os.O_RDWR | os.O_CREAT, FILE_MODE)
     try:
+        _tighten(fd)
         fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
     except BlockingIOError:
         holder = os.pread(fd, 32, 0).decode("ascii", "replace").strip()
@@ -399,6 +407,12 @@ def _take_lock(path: str) -> int:
     os.ftruncate(fd, 0)
     os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
     return fd
+
+
+def _tighten(fd: int) -> None:
+    """Make a file created before with a wider mode (or another umask) owner-only."""
+    if os.fstat(fd).st_mode & 0o777 & ~FILE_MODE:
+        os.fchmod(fd, FILE_MODE)
 
 
 def _write_all(fd: int, data: bytes) -> None:

@@ -31,6 +31,10 @@ configured = structlog.get_config()
 BILLING = os.environ["TWOPC_PG_A"]  # libpq connection strings
 STOCK = os.environ["TWOPC_PG_B"]
 BROKER = os.environ["TWOPC_STOMP"]  # host:port of ActiveMQ's STOMP connector
+LOGIN = os.environ.get("TWOPC_STOMP_USER")  # None: a broker that takes anyone
+PASSCODE = os.environ.get("TWOPC_STOMP_PASSWORD")
+TLS = os.environ.get("TWOPC_STOMP_TLS") == "1"  # then BROKER is its TLS connector
+CA_FILE = os.environ.get("TWOPC_STOMP_CA")  # the certificate to trust (None: the system's)
 
 for dsn in (BILLING, STOCK):
     with psycopg.connect(dsn, autocommit=True) as conn:
@@ -41,7 +45,7 @@ coordinator = Coordinator(
     "shop",  # prefixes this coordinator's gtrids and broker client-ids
     FileDecisionLog("shop-decisions.log"),  # one coordinator per log; recovery runs at start
     [PostgresResource("billing", BILLING), PostgresResource("stock", STOCK)],
-    ActiveMQ(BROKER, "shop"),
+    ActiveMQ(BROKER, "shop", login=LOGIN, passcode=PASSCODE, tls=TLS, ca_file=CA_FILE),
 )
 with coordinator:
     with coordinator.transaction() as tx:  # commits when the block ends

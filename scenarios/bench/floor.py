@@ -44,6 +44,7 @@ from scenarios.transfer.model import (
     Transfer,
     drain,
 )
+from scenarios.wiring import open_stomp
 
 #: The floor's own XA format id ("flor"), so that the coordinator's recovery never
 #: sees its branches and :func:`roll_back_leftovers` finds exactly them.
@@ -97,7 +98,7 @@ class Floor:
                 _Lane(
                     psycopg.connect(settings.pg_a),
                     psycopg.connect(settings.pg_b),
-                    StompClient.open(settings.stomp, participant="floor") if broker else None,
+                    open_stomp(settings, participant="floor") if broker else None,
                 )
             )
 

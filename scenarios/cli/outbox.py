@@ -189,12 +189,12 @@ def outbox_failed(include_resent: bool, as_json: bool) -> None:
 def _dead_letters(settings: Any) -> tuple[list[Any] | None, str]:
     """The dead letters of /queue/transfers, or None and why the broker could not say."""
     from coordinator.errors import ParticipantError
-    from participants.stomp_client import StompClient
     from scenarios.outbox.deadletter import list_dead_letters
     from scenarios.transfer.model import QUEUE
+    from scenarios.wiring import open_stomp
 
     try:
-        with StompClient.open(settings.stomp, participant="dead-letters") as client:
+        with open_stomp(settings, participant="dead-letters") as client:
             return list_dead_letters(client, QUEUE), ""
     except ParticipantError as exc:  # the failure log is worth showing without the broker
         return None, str(exc)
@@ -257,7 +257,7 @@ def outbox_retry(transfer_ids: tuple[str, ...], as_json: bool) -> None:
     from scenarios.outbox.relay import StompPublisher
 
     settings = _settings()
-    publisher = StompPublisher(settings.stomp)
+    publisher = StompPublisher(settings)
     try:
         report = retry_failures(settings.pg_a, publisher.publish, transfer_ids or None)
     finally:
@@ -287,12 +287,12 @@ def outbox_requeue(transfer_ids: tuple[str, ...], as_json: bool) -> None:
     Each is taken off /queue/DLQ.transfers and sent back in one broker
     transaction. Exit status 1 if a TRANSFER_ID given has no dead letter.
     """
-    from participants.stomp_client import StompClient
     from scenarios.outbox.deadletter import requeue
     from scenarios.transfer.model import QUEUE
+    from scenarios.wiring import open_stomp
 
     settings = _settings()
-    with StompClient.open(settings.stomp, participant="requeue") as client:
+    with open_stomp(settings, participant="requeue") as client:
         report = requeue(client, QUEUE, transfer_ids or None)
     if as_json:
         click.echo(json.dumps(report.as_dict(), indent=2))

@@ -3,11 +3,21 @@
 Everything lives in the state folder (``TWOPC_HOME``, default ``./.twopc``)::
 
     lab.json                 ports chosen at the first ``up``
+    credentials.json         the broker's user and password, the keystore password (0600)
     pg-a/data, pg-b/data     the clusters (owned by an unprivileged user when run as root)
     pg-a/server.log, ...     their logs
-    activemq/conf            broker configuration (STOMP + OpenWire, KahaDB with journal syncs)
+    activemq/conf            broker configuration (STOMP, STOMP+TLS and OpenWire, each
+                             requiring the login; KahaDB with journal syncs)
+    activemq/broker.p12      the broker's key and self-signed certificate (keytool)
+    activemq/broker-cert.pem that certificate, for clients to trust (TWOPC_STOMP_CA)
     activemq/data            broker persistence
     run/<service>.json       pid and process start time of what ``up`` started
+
+The state folder is 0700, the activemq folder too, and credentials.json 0600.
+When twopc runs as root, PostgreSQL runs as ``twopc-lab`` and must traverse
+the state folder to reach its clusters: the folder is then 0710 with group
+``twopc-lab`` -- that user may pass through it, nobody else may even do that,
+and only root reads or lists it. The clusters' folders belong to ``twopc-lab``.
 
 ``up`` is idempotent and restarts what died (stale pid files are recognised by
 the process start time); ``down`` stops exactly the processes it recorded.
@@ -18,22 +28,34 @@ from __future__ import annotations
 import contextlib
 import errno
 import glob
+import html
 import json
 import os
 import pwd
+import secrets
 import shutil
 import signal
 import socket
+import stat
 import subprocess
 import time
 from collections.abc import Iterator, Mapping
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
 import psycopg
 
 from coordinator.errors import TwoPhaseCommitError
+from scenarios.config import (
+    STOMP_CA,
+    STOMP_PASSWORD,
+    STOMP_TLS,
+    STOMP_TLS_ADDRESS,
+    STOMP_USER,
+    parse_flag,
+    read_config_file,
+)
 from scenarios.lab import procfs
 
 LAB_USER = "twopc-lab"  # the unprivileged user PostgreSQL runs as when twopc runs as root
@@ -62,7 +84,14 @@ PG_B = Service("pg-b", "TWOPC_LAB_PG_B_PORT", 25433, "PostgreSQL B")
 BROKER = Service("activemq", "TWOPC_LAB_STOMP_PORT", 26613, "ActiveMQ (STOMP)")
 OPENWIRE_SETTING = "TWOPC_LAB_OPENWIRE_PORT"
 OPENWIRE_DEFAULT = 26616
+STOMP_TLS_SETTING = "TWOPC_LAB_STOMP_TLS_PORT"
+STOMP_TLS_DEFAULT = 26614
 SERVICES = (PG_A, PG_B, BROKER)
+
+HOME_MODE = 0o700  # the state folder; 0710 with group twopc-lab when run as root
+CREDENTIALS_FILE = "credentials.json"
+KEYSTORE = "activemq/broker.p12"
+CERTIFICATE = "activemq/broker-cert.pem"
 
 
 @dataclass(frozen=True)
@@ -71,6 +100,7 @@ class Ports:
     pg_b: int
     stomp: int
     openwire: int
+    stomp_tls: int = STOMP_TLS_DEFAULT
 
     def of(self, service: Service) -> int:
         return {"pg-a": self.pg_a, "pg-b": self.pg_b, "activemq": self.stomp}[service.name]
@@ -97,6 +127,9 @@ def resolve_ports(home: Path, env: Mapping[str, str]) -> Ports:
         pg_b=_env_port(env, PG_B.port_setting, recorded.get("pg_b", PG_B.default_port)),
         stomp=_env_port(env, BROKER.port_setting, recorded.get("stomp", BROKER.default_port)),
         openwire=_env_port(env, OPENWIRE_SETTING, recorded.get("openwire", OPENWIRE_DEFAULT)),
+        stomp_tls=_env_port(
+            env, STOMP_TLS_SETTING, recorded.get("stomp_tls", STOMP_TLS_DEFAULT)
+        ),
     )
 
 
@@ -104,15 +137,74 @@ def pg_dsn(port: int) -> str:
     return f"host=127.0.0.1 port={port} user={DB_USER} dbname={DB_NAME} connect_timeout=5"
 
 
-def lab_settings(home: Path, env: Mapping[str, str]) -> dict[str, str]:
-    """The four connection settings that point at the lab in ``home``."""
+@dataclass(frozen=True)
+class Credentials:
+    """The secrets ``up`` generates: the broker's one user, and the keystore's password."""
+
+    stomp_user: str
+    stomp_password: str = field(repr=False)
+    keystore_password: str = field(repr=False)
+
+    @classmethod
+    def generate(cls) -> Credentials:
+        return cls(
+            stomp_user=f"twopc-{secrets.token_hex(3)}",
+            stomp_password=secrets.token_urlsafe(24),
+            keystore_password=secrets.token_urlsafe(24),
+        )
+
+
+def read_credentials(home: Path) -> Credentials | None:
+    """The lab's credentials, or None before the first ``up`` (or from an older lab)."""
+    try:
+        data = json.loads((home / CREDENTIALS_FILE).read_text())
+        return Credentials(
+            str(data["stomp_user"]), str(data["stomp_password"]), str(data["keystore_password"])
+        )
+    except (OSError, ValueError, KeyError, TypeError):
+        return None
+
+
+def write_private(path: Path, text: str) -> None:
+    """Replace ``path`` by ``text`` in a file only its owner may read (0600), atomically."""
+    tmp = path.with_name(f".{path.name}.tmp")
+    tmp.unlink(missing_ok=True)
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+    with os.fdopen(fd, "w") as out:
+        out.write(text)
+    tmp.replace(path)
+
+
+def lab_settings(
+    home: Path, env: Mapping[str, str], *, tls: bool | None = None
+) -> dict[str, str]:
+    """The connection settings that point at the lab in ``home``.
+
+    The four addresses; ``TWOPC_STOMP_TLS_ADDRESS`` (the TLS connector); once
+    ``up`` made them, the login (``TWOPC_STOMP_USER``, ``TWOPC_STOMP_PASSWORD``)
+    and the certificate to trust (``TWOPC_STOMP_CA``). With ``tls`` (default:
+    ``TWOPC_STOMP_TLS`` of ``env``), ``TWOPC_STOMP`` is the TLS connector.
+    """
+    if tls is None:
+        tls = parse_flag(env.get(STOMP_TLS), STOMP_TLS)
     ports = resolve_ports(home, env)
-    return {
+    tls_address = f"127.0.0.1:{ports.stomp_tls}"
+    values = {
         "TWOPC_PG_A": pg_dsn(ports.pg_a),
         "TWOPC_PG_B": pg_dsn(ports.pg_b),
-        "TWOPC_STOMP": f"127.0.0.1:{ports.stomp}",
+        "TWOPC_STOMP": tls_address if tls else f"127.0.0.1:{ports.stomp}",
         "TWOPC_OPENWIRE": f"127.0.0.1:{ports.openwire}",
+        STOMP_TLS_ADDRESS: tls_address,
     }
+    if tls:
+        values[STOMP_TLS] = "1"
+    credentials = read_credentials(home)
+    if credentials is not None:
+        values[STOMP_USER] = credentials.stomp_user
+        values[STOMP_PASSWORD] = credentials.stomp_password
+    if (home / CERTIFICATE).exists():
+        values[STOMP_CA] = str(home / CERTIFICATE)
+    return values
 
 
 # -- processes ---------------------------------------------------------------
@@ -158,11 +250,21 @@ def _port_free(port: int) -> bool:
     return True
 
 
-def stomp_connect_ok(host: str, port: int, timeout: float = 2.0) -> bool:
-    """True when a STOMP CONNECT on host:port gets CONNECTED."""
+def stomp_connect_ok(
+    host: str,
+    port: int,
+    timeout: float = 2.0,
+    *,
+    login: str | None = None,
+    passcode: str | None = None,
+) -> bool:
+    """True when a STOMP CONNECT on host:port (with ``login``, if given) gets CONNECTED."""
+    frame = "CONNECT\naccept-version:1.2\nhost:localhost\n"
+    if login is not None:
+        frame += f"login:{login}\npasscode:{passcode or ''}\n"
     try:
         with socket.create_connection((host, port), timeout=timeout) as sock:
-            sock.sendall(b"CONNECT\naccept-version:1.2\nhost:localhost\n\n\x00")
+            sock.sendall(frame.encode() + b"\n\x00")
             data = b""
             while b"\x00" not in data:
                 chunk = sock.recv(4096)
@@ -234,6 +336,59 @@ def java_binary() -> str:
     return java
 
 
+def keytool_binary() -> str:
+    """The JDK's keytool: next to the java that runs the broker, else on PATH."""
+    beside = Path(java_binary()).resolve().parent / "keytool"
+    if beside.exists():
+        return str(beside)
+    found = shutil.which("keytool")
+    if found is None:
+        raise LabError(
+            "keytool (the JDK's key tool, which makes the broker's TLS certificate) is not "
+            f"installed. Install it with: {_install_hint('default-jre-headless')}"
+        )
+    return found
+
+
+def make_self_signed(keystore: Path, certificate: Path, password: str, *, name: str) -> None:
+    """A key and self-signed certificate for 127.0.0.1/localhost in a PKCS12 ``keystore``,
+    and the certificate in PEM at ``certificate``; made with keytool."""
+    keytool = keytool_binary()
+    keystore.unlink(missing_ok=True)
+    env = {**os.environ, "TWOPC_KEYSTORE_PASSWORD": password}  # not on the command line
+    common = ["-keystore", str(keystore), "-storetype", "PKCS12", "-alias", "broker"]
+    common += ["-storepass:env", "TWOPC_KEYSTORE_PASSWORD"]
+    steps = [
+        [
+            keytool,
+            "-genkeypair",
+            *common,
+            "-keypass:env",
+            "TWOPC_KEYSTORE_PASSWORD",
+            "-keyalg",
+            "EC",
+            "-groupname",
+            "secp256r1",
+            "-validity",
+            "3650",
+            "-dname",
+            f"CN={name}",
+            "-ext",
+            "SAN=IP:127.0.0.1,DNS:localhost",
+            "-noprompt",
+        ],
+        [keytool, "-exportcert", "-rfc", *common, "-file", str(certificate)],
+    ]
+    for command in steps:
+        result = subprocess.run(command, capture_output=True, text=True, env=env, check=False)
+        if result.returncode != 0:
+            raise LabError(
+                f"keytool could not make the broker's TLS key and certificate "
+                f"({keystore}): {(result.stdout + result.stderr).strip()}"
+            )
+    os.chmod(keystore, 0o600)
+
+
 def activemq_jar() -> Path:
     jar = Path(os.environ.get("TWOPC_ACTIVEMQ_JAR") or ACTIVEMQ_JAR)
     if not jar.exists():
@@ -269,9 +424,23 @@ ACTIVEMQ_XML = """<beans xmlns="http://www.springframework.org/schema/beans"
       <storeUsage><storeUsage limit="4 gb"/></storeUsage>
       <tempUsage><tempUsage limit="1 gb"/></tempUsage>
     </systemUsage></systemUsage>
+    <plugins>
+      <!-- every connector, OpenWire included, and the broker's own vm:// connections
+           need this login: there is no anonymous access -->
+      <simpleAuthenticationPlugin anonymousAccessAllowed="false">
+        <users>
+          <authenticationUser username="{user}" password="{password}" groups="users,admins"/>
+        </users>
+      </simpleAuthenticationPlugin>
+    </plugins>
+    <sslContext>
+      <sslContext keyStore="{keystore}" keyStorePassword="{keystore_password}"
+                  keyStoreType="PKCS12"/>
+    </sslContext>
     <transportConnectors>
       <transportConnector name="openwire" uri="tcp://127.0.0.1:{openwire}"/>
       <transportConnector name="stomp" uri="stomp://127.0.0.1:{stomp}"/>
+      <transportConnector name="stomp+ssl" uri="stomp+ssl://127.0.0.1:{stomp_tls}"/>
     </transportConnectors>
   </broker>
 </beans>
@@ -329,7 +498,16 @@ class Lab:
     # -- public -----------------------------------------------------------
 
     def settings_env(self) -> dict[str, str]:
-        return {"TWOPC_HOME": str(self.home), **lab_settings(self.home, self.env)}
+        """What ``twopc lab env`` exports (the password included: it is the point).
+
+        ``TWOPC_STOMP_TLS=1`` in the environment or the config file makes
+        ``TWOPC_STOMP`` the TLS connector.
+        """
+        config = Path(self.env.get("TWOPC_CONFIG") or self.home / "twopc.conf")
+        tls = parse_flag(
+            self.env.get(STOMP_TLS) or read_config_file(config).get(STOMP_TLS), STOMP_TLS
+        )
+        return {"TWOPC_HOME": str(self.home), **lab_settings(self.home, self.env, tls=tls)}
 
     def status(self) -> list[ServiceStatus]:
         result = []
@@ -347,9 +525,16 @@ class Lab:
         return result
 
     def up(self, timeout: float = 120.0) -> list[ServiceStatus]:
-        """Start what is not running, wait until all three answer; idempotent."""
-        self.home.mkdir(parents=True, exist_ok=True)
+        """Start what is not running, wait until all three answer; idempotent.
+
+        Makes the broker's credentials, key and certificate if missing (a lab
+        from before they existed is upgraded), and restarts a running broker
+        whose configuration changed.
+        """
+        self._prepare_home()
         self.run_dir.mkdir(exist_ok=True)
+        if self._write_broker_files() and self._running(BROKER):
+            self._stop(BROKER, timeout=60)  # started with an older configuration
         to_start = [s for s in SERVICES if not self._running(s)]
         self._check_ports_free(to_start)
         self._record_ports()
@@ -411,6 +596,78 @@ class Lab:
                 return service
         raise LabError(f"unknown lab service {name!r}; known: pg-a, pg-b, activemq")
 
+    def _prepare_home(self) -> None:
+        """Create the state folder or tighten it: 0700, or 0710 for the lab user's group."""
+        try:
+            if self.home.exists():
+                mode = self.home.stat().st_mode
+                if mode & (stat.S_IWOTH | stat.S_ISVTX):
+                    raise LabError(
+                        f"TWOPC_HOME={self.home} is a folder every user may write to; the lab "
+                        "keeps secrets in its state folder and makes it private. Set "
+                        "TWOPC_HOME to a folder of its own (e.g. /var/tmp/twopc)"
+                    )
+            else:
+                self.home.mkdir(parents=True, mode=HOME_MODE)
+            user = self._lab_user()
+            if user is None:
+                self.home.chmod(HOME_MODE)
+            else:
+                os.chown(self.home, -1, user.pw_gid)
+                self.home.chmod(HOME_MODE | stat.S_IXGRP)
+        except OSError as exc:
+            raise LabError(
+                f"cannot make the state folder {self.home} private ({exc}); set TWOPC_HOME "
+                "to a folder you own"
+            ) from exc
+
+    def credentials(self) -> Credentials:
+        """The lab's credentials, generated (0600) if the state folder has none yet."""
+        existing = read_credentials(self.home)
+        path = self.home / CREDENTIALS_FILE
+        if existing is not None:
+            if path.stat().st_mode & 0o077:
+                path.chmod(0o600)
+            return existing
+        created = Credentials.generate()
+        # A keystore left from other credentials cannot be opened with the new password.
+        for leftover in (KEYSTORE, CERTIFICATE):
+            (self.home / leftover).unlink(missing_ok=True)
+        write_private(path, json.dumps(asdict(created), indent=2) + "\n")
+        return created
+
+    def _write_broker_files(self) -> bool:
+        """Credentials, keystore, certificate and activemq.xml; True if the XML changed."""
+        credentials = self.credentials()
+        base = self.home / "activemq"
+        conf = base / "conf"
+        conf.mkdir(parents=True, exist_ok=True)
+        base.chmod(0o700)
+        keystore, certificate = self.home / KEYSTORE, self.home / CERTIFICATE
+        if not (keystore.exists() and certificate.exists()):
+            make_self_signed(
+                keystore, certificate, credentials.keystore_password, name="twopc lab broker"
+            )
+        values = {
+            "{data}": str(base / "data"),
+            "{stomp}": str(self.ports.stomp),
+            "{stomp_tls}": str(self.ports.stomp_tls),
+            "{openwire}": str(self.ports.openwire),
+            "{user}": credentials.stomp_user,
+            "{password}": credentials.stomp_password,
+            "{keystore}": str(keystore),
+            "{keystore_password}": credentials.keystore_password,
+        }
+        xml = ACTIVEMQ_XML
+        for placeholder, value in values.items():
+            xml = xml.replace(placeholder, html.escape(value))
+        path = conf / "activemq.xml"
+        with contextlib.suppress(OSError):
+            if path.read_text() == xml:
+                return False
+        write_private(path, xml)
+        return True
+
     def _pid_file(self, service: Service) -> Path:
         return self.run_dir / f"{service.name}.json"
 
@@ -427,7 +684,14 @@ class Lab:
 
     def _answers(self, service: Service) -> bool:
         if service is BROKER:
-            return stomp_connect_ok("127.0.0.1", self.ports.stomp, timeout=1.0)
+            credentials = read_credentials(self.home)
+            return stomp_connect_ok(
+                "127.0.0.1",
+                self.ports.stomp,
+                timeout=1.0,
+                login=credentials.stomp_user if credentials else None,
+                passcode=credentials.stomp_password if credentials else None,
+            )
         return pg_answers(self.ports.of(service))
 
     def _check_ports_free(self, services: list[Service]) -> None:
@@ -436,6 +700,7 @@ class Lab:
         ]
         if BROKER in services:
             checks.append((self.ports.openwire, "ActiveMQ (OpenWire)", OPENWIRE_SETTING))
+            checks.append((self.ports.stomp_tls, "ActiveMQ (STOMP+TLS)", STOMP_TLS_SETTING))
         seen: dict[int, str] = {}
         for port, label, setting in checks:
             if port in seen:
@@ -506,7 +771,15 @@ class Lab:
         except KeyError:
             useradd = shutil.which("useradd") or "/usr/sbin/useradd"
             subprocess.run(
-                [useradd, "--system", "--no-create-home", "--shell", "/usr/sbin/nologin", LAB_USER],
+                [
+                    useradd,
+                    "--system",
+                    "--user-group",  # its own group: the one the state folder lets through
+                    "--no-create-home",
+                    "--shell",
+                    "/usr/sbin/nologin",
+                    LAB_USER,
+                ],
                 check=True,
                 capture_output=True,
             )
@@ -600,13 +873,8 @@ class Lab:
         base = self.home / "activemq"
         conf = base / "conf"
         data = base / "data"
-        conf.mkdir(parents=True, exist_ok=True)
+        self._write_broker_files()
         data.mkdir(parents=True, exist_ok=True)
-        (conf / "activemq.xml").write_text(
-            ACTIVEMQ_XML.replace("{data}", str(data))
-            .replace("{stomp}", str(self.ports.stomp))
-            .replace("{openwire}", str(self.ports.openwire))
-        )
         (conf / "log4j.properties").write_text(LOG4J_PROPERTIES.format(log=base / "activemq.log"))
         command = [
             java,

@@ -59,6 +59,7 @@ from scenarios.transfer.model import (
     MissingAccount,
     require_applied,
 )
+from scenarios.wiring import open_stomp
 
 #: Environment variable arming a consumer crash: ``after-b-commit=kill@3`` SIGKILLs the
 #: consumer after its third B commit, before the acknowledgements.
@@ -240,7 +241,7 @@ class Consumer:
     def _connect(self) -> Subscription:
         self._disconnect()
         self._db = psycopg.connect(self.settings.pg_b)
-        self._client = StompClient.open(self.settings.stomp, participant="consumer-broker")
+        self._client = open_stomp(self.settings, participant="consumer-broker")
         return self._client.subscribe(
             self.destination, ack="client-individual", prefetch=self.prefetch
         )

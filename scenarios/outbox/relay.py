@@ -75,6 +75,7 @@ from scenarios.outbox.failures import (
 from scenarios.strategies.base import RELAY_MODES, CrashPlan, RelayMode
 from scenarios.transfer.model import CREDIT_COMMAND, TYPE_HEADER
 from scenarios.transfer.schema import CDC_SLOT, LAST_ID_PARTITIONS
+from scenarios.wiring import open_stomp
 
 #: The channel the outbox triggers NOTIFY on.
 CHANNEL = "twopc_outbox"
@@ -92,8 +93,9 @@ RELAY_CRASH_POINTS = ("after-publish",)
 class StompPublisher:
     """Publishes a batch of messages in one broker transaction; reconnects after a failure."""
 
-    def __init__(self, address: str, *, receipt_timeout: float = 10.0) -> None:
-        self.address = address
+    def __init__(self, settings: Settings, *, receipt_timeout: float = 10.0) -> None:
+        self.settings = settings
+        self.address = settings.stomp
         self.receipt_timeout = receipt_timeout
         self._client: StompClient | None = None
         self.messages_sent = 0
@@ -110,7 +112,7 @@ class StompPublisher:
             return
         client = self._client
         if client is None or not client.alive:
-            client = self._client = StompClient.open(self.address, participant="relay-broker")
+            client = self._client = open_stomp(self.settings, participant="relay-broker")
         transaction = f"relay-{secrets.token_hex(8)}"
         errors_before = client.error_count
         try:
@@ -192,7 +194,7 @@ class Relay:
     ) -> None:
         self.settings = settings
         self.config = config or RelayConfig()
-        self.publisher = publisher or StompPublisher(settings.stomp)
+        self.publisher = publisher or StompPublisher(settings)
         self.name = self.config.name or f"{self.mode}-{secrets.token_hex(2)}"
         self.stats = RelayStats()
         self.crashes = CrashPlan(f"relay {self.mode}", RELAY_CRASH_POINTS)

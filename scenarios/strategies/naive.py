@@ -40,6 +40,7 @@ from scenarios.transfer.model import (
     Transfer,
     require_applied,
 )
+from scenarios.wiring import open_stomp
 
 RECEIPT_TIMEOUT = 10.0
 
@@ -57,7 +58,7 @@ class NaiveStrategy:
         self._a: ConnectionPool | None = None
         self._b: ConnectionPool | None = None
         self._targets: frozenset[str] = frozenset()
-        self._stomp_address = ""
+        self._settings: Settings | None = None
         self._clients: queue.LifoQueue[StompClient] = queue.LifoQueue()
         self._lock = threading.Lock()
         self._opened: list[StompClient] = []
@@ -68,7 +69,7 @@ class NaiveStrategy:
         self._targets = accounts_of(settings.pg_b, setting="TWOPC_PG_B")
         self._a = ConnectionPool(settings.pg_a, concurrency, setting="TWOPC_PG_A")
         self._b = ConnectionPool(settings.pg_b, concurrency, setting="TWOPC_PG_B")
-        self._stomp_address = settings.stomp
+        self._settings = settings
 
     def arm_crash(self, point: str, *, every: int = 1, action: CrashAction = "abandon") -> None:
         self._crashes.arm(point, every=every, action=action)
@@ -115,7 +116,8 @@ class NaiveStrategy:
         try:
             client = self._clients.get_nowait()
         except queue.Empty:
-            client = StompClient.open(self._stomp_address)
+            assert self._settings is not None  # run_one checked prepare() ran
+            client = open_stomp(self._settings)
             with self._lock:
                 self._opened.append(client)
         try:

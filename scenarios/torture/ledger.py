@@ -30,10 +30,11 @@ from typing import Any
 
 from coordinator.log.file import read_pending
 from participants.activemq import MARKER_QUEUE
-from participants.stomp_client import SENTINEL_HEADER, Message, StompClient
+from participants.stomp_client import SENTINEL_HEADER, Message
 from scenarios.config import Settings
 from scenarios.transfer.invariants import gather_evidence
 from scenarios.transfer.model import QUEUE
+from scenarios.wiring import open_stomp
 
 DRAIN_TIMEOUT = 30.0
 
@@ -137,7 +138,7 @@ class Ledger:
         """
         token = uuid.uuid4().hex
         delivered = undeduplicable = 0
-        with StompClient.open(self.settings.stomp) as client:
+        with open_stomp(self.settings) as client:
             client.send(QUEUE, "", {SENTINEL_HEADER: token}, receipt_timeout=10.0)
             subscription = client.subscribe(QUEUE, ack="auto", prefetch=1000)
             deadline = time.monotonic() + DRAIN_TIMEOUT

@@ -34,11 +34,10 @@ import psycopg
 
 from coordinator.xid import FORMAT_ID, gtrid_prefix
 from participants.activemq import MARKER_QUEUE
-from participants.stomp_client import StompClient
 from scenarios.config import Settings
 from scenarios.outbox.deadletter import dead_letter_queue
 from scenarios.transfer.model import QUEUE, TRANSFER_COMPLETED, TYPE_HEADER
-from scenarios.wiring import databases
+from scenarios.wiring import databases, open_stomp
 
 
 @dataclass
@@ -187,7 +186,7 @@ def expected_total(settings: Settings) -> int:
 
 def queued_transfer_ids(settings: Settings, destination: str = QUEUE) -> Counter[str]:
     """transfer-id header -> number of messages with it on the queue (a full browse)."""
-    with StompClient.open(settings.stomp) as client:
+    with open_stomp(settings) as client:
         messages = client.browse(destination, idle_timeout=10.0)
     return Counter(m.headers.get("transfer-id", "?") for m in messages)
 
@@ -195,7 +194,7 @@ def queued_transfer_ids(settings: Settings, destination: str = QUEUE) -> Counter
 def announcements(settings: Settings, destination: str = QUEUE) -> tuple[Counter[str], int]:
     """Transfer id -> announcements (events) on ``destination`` and its dead-letter queue,
     and how many messages the dead-letter queue holds (two full browses)."""
-    with StompClient.open(settings.stomp) as client:
+    with open_stomp(settings) as client:
         queued = client.browse(destination, idle_timeout=10.0)
         dead = client.browse(dead_letter_queue(destination), idle_timeout=10.0)
     found = Counter(
@@ -220,7 +219,7 @@ def prepared_of(settings: Settings) -> list[str]:
 
 def markers_of(settings: Settings) -> set[str]:
     """gtrids of this coordinator's commit markers on the broker's marker queue."""
-    with StompClient.open(settings.stomp) as client:
+    with open_stomp(settings) as client:
         gtrids = {
             m.headers.get("gtrid", "") for m in client.browse(MARKER_QUEUE, idle_timeout=10.0)
         }

@@ -17,10 +17,10 @@ from dataclasses import dataclass
 import psycopg
 
 from coordinator.errors import TwoPhaseCommitError
-from participants.stomp_client import StompClient
 from scenarios.config import Settings
 from scenarios.outbox.deadletter import dead_letter_queue
 from scenarios.transfer import schema
+from scenarios.wiring import open_stomp
 
 QUEUE = "/queue/transfers"
 
@@ -187,7 +187,7 @@ def recover_and_reset(
 
 def drain(settings: Settings, destination: str) -> int:
     """Consume and drop every message on ``destination``; return how many."""
-    with StompClient.open(settings.stomp) as client:
+    with open_stomp(settings) as client:
         subscription = client.subscribe(destination, ack="auto", prefetch=1000)
         count = 0
         while subscription.get(1.0) is not None:

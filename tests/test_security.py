@@ -1,0 +1,321 @@
+"""Security on the lab: the broker login, STOMP over TLS, private files, no secret in output."""
+
+from __future__ import annotations
+
+import dataclasses
+import grp
+import os
+import secrets
+import ssl
+import stat
+import subprocess
+import sys
+import time
+import uuid
+from pathlib import Path
+
+import pytest
+
+from coordinator.errors import ConfigurationError
+from coordinator.states import Outcome
+from participants.stomp_client import BrokerLoginRefused, BrokerTlsRefused, StompClient
+from scenarios.config import Settings
+from scenarios.lab.services import (
+    ACTIVEMQ_HOME,
+    CERTIFICATE,
+    CREDENTIALS_FILE,
+    LAB_USER,
+    Lab,
+    LabError,
+    activemq_jar,
+    java_binary,
+    make_self_signed,
+)
+from scenarios.wiring import open_coordinator, open_stomp
+
+pytestmark = pytest.mark.lab
+
+TWOPC = [sys.executable, "-m", "scenarios.cli"]
+QUEUE = "/queue/test.security"
+
+
+def mode(path: Path) -> int:
+    return stat.S_IMODE(path.stat().st_mode)
+
+
+def tls_settings(settings: Settings, lab: Lab) -> Settings:
+    """The lab's settings with TLS on: the TLS connector, the lab's certificate to trust."""
+    return dataclasses.replace(
+        settings,
+        stomp=f"127.0.0.1:{lab.ports.stomp_tls}",
+        stomp_tls=True,
+        stomp_ca=str(lab.home / CERTIFICATE),
+    )
+
+
+def twopc(*args: str, env: dict[str, str] | None = None) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [*TWOPC, *args], capture_output=True, text=True, env=env or dict(os.environ), check=False
+    )
+
+
+# -- the login -------------------------------------------------------------------
+
+
+def test_wrong_password_names_the_settings_and_hides_the_password(settings: Settings) -> None:
+    """A wrong password is a ConfigurationError naming both settings, without the password."""
+    wrong = f"wrong-{secrets.token_hex(8)}"
+    with pytest.raises(BrokerLoginRefused) as info:
+        open_stomp(dataclasses.replace(settings, stomp_password=wrong))
+    message = str(info.value)
+    assert isinstance(info.value, ConfigurationError)
+    assert "TWOPC_STOMP_USER" in message and "TWOPC_STOMP_PASSWORD" in message
+    assert "wrong user name or password" in message
+    assert wrong not in message
+    assert settings.stomp_password is not None and settings.stomp_password not in message
+
+
+def test_wrong_password_stops_the_cli_with_one_clear_line() -> None:
+    """'twopc recover' with a wrong TWOPC_STOMP_PASSWORD fails naming it, never printing it."""
+    wrong = f"wrong-{secrets.token_hex(8)}"
+    result = twopc("recover", "--json", env={**os.environ, "TWOPC_STOMP_PASSWORD": wrong})
+    assert result.returncode != 0
+    assert "TWOPC_STOMP_PASSWORD" in result.stderr
+    assert "Traceback" not in result.stderr
+    assert wrong not in result.stdout + result.stderr
+
+
+def test_missing_login_is_refused_with_what_to_set(settings: Settings) -> None:
+    """A client without login is refused; the error says which two settings to set."""
+    with pytest.raises(BrokerLoginRefused) as info:
+        open_stomp(dataclasses.replace(settings, stomp_user=None, stomp_password=None))
+    message = str(info.value)
+    assert "requires a login and none was given" in message
+    assert "TWOPC_STOMP_USER" in message and "TWOPC_STOMP_PASSWORD" in message
+
+
+def test_missing_password_is_refused_without_echoing_anything(settings: Settings) -> None:
+    """A user without a password is refused, and the coordinator does not start."""
+    with pytest.raises(BrokerLoginRefused) as info:
+        open_coordinator(dataclasses.replace(settings, stomp_password=None), sessions=1)
+    assert "without a password" in str(info.value)
+    assert "TWOPC_STOMP_PASSWORD" in str(info.value)
+
+
+def test_lab_credentials_go_only_to_the_labs_broker(settings: Settings, tmp_path: Path) -> None:
+    """Another state folder pointing at the lab's broker gets no login from the lab by itself."""
+    env = {**settings.as_env(), "TWOPC_HOME": str(tmp_path)}
+    del env["TWOPC_STOMP_USER"], env["TWOPC_STOMP_PASSWORD"]
+    loaded = Settings.load(env)
+    assert loaded.stomp == settings.stomp
+    assert loaded.stomp_user is None and loaded.stomp_password is None
+    with pytest.raises(BrokerLoginRefused):
+        open_stomp(loaded)
+
+
+def test_lab_env_exports_the_login_it_generated(lab: Lab) -> None:
+    """'twopc lab env' exports the user and password in credentials.json, and they log in."""
+    out = twopc("lab", "env").stdout
+    credentials = lab.credentials()
+    assert f"export TWOPC_STOMP_USER={credentials.stomp_user}" in out.splitlines()
+    assert f"export TWOPC_STOMP_PASSWORD={credentials.stomp_password}" in out.splitlines()
+    assert f"export TWOPC_STOMP_TLS_ADDRESS=127.0.0.1:{lab.ports.stomp_tls}" in out.splitlines()
+    with StompClient.open(
+        f"127.0.0.1:{lab.ports.stomp}",
+        login=credentials.stomp_user,
+        passcode=credentials.stomp_password,
+    ) as client:
+        assert client.alive
+
+
+def openwire_producer(lab: Lab, tmp_path: Path, *login: str) -> str:
+    """Run ActiveMQ's own 'producer' command (an OpenWire client) once; its output."""
+    command = [
+        java_binary(),
+        f"-Dactivemq.home={ACTIVEMQ_HOME}",
+        *(f"-Dactivemq.{name}={tmp_path}" for name in ("base", "conf", "data")),
+        "-jar",
+        str(activemq_jar()),
+        "producer",
+        "--brokerUrl",
+        f"tcp://127.0.0.1:{lab.ports.openwire}",
+        "--destination",
+        "queue://test.security.openwire",
+        "--messageCount",
+        "1",
+        *login,
+    ]
+    result = subprocess.run(command, capture_output=True, text=True, timeout=60, check=False)
+    return result.stdout + result.stderr
+
+
+def test_openwire_connector_requires_the_login_too(lab: Lab, tmp_path: Path) -> None:
+    """An OpenWire client without the login is refused; with it, it sends."""
+    refused = openwire_producer(lab, tmp_path)
+    assert "JMSSecurityException" in refused and "password is invalid" in refused
+    credentials = lab.credentials()
+    sent = openwire_producer(
+        lab,
+        tmp_path,
+        "--user",
+        credentials.stomp_user,
+        "--password",
+        credentials.stomp_password,
+    )
+    assert "Exception" not in sent, sent
+
+
+# -- TLS -------------------------------------------------------------------------
+
+
+def test_coordinator_commits_over_tls(settings: Settings, lab: Lab) -> None:
+    """With TWOPC_STOMP_TLS on, a transaction commits through the TLS connector, verified."""
+    secure = tls_settings(settings, lab)
+    body = uuid.uuid4().hex
+    with open_coordinator(secure, sessions=2) as coordinator:
+        with coordinator.transaction() as tx:
+            tx.send(QUEUE, body, {"test": "tls"})
+        assert tx.outcome is Outcome.COMMITTED
+    with open_stomp(secure) as client:
+        assert isinstance(client.tcp_socket, ssl.SSLSocket)
+        assert body in [m.body for m in client.browse(QUEUE, idle_timeout=2.0)]
+
+
+def test_tls_connection_sees_the_broker_close_it(settings: Settings, lab: Lab) -> None:
+    """Over TLS the client notices the broker closing the connection (close takes no 2 s wait)."""
+    client = open_stomp(tls_settings(settings, lab))
+    started = time.monotonic()
+    client.close(timeout=2.0)  # DISCONNECT, then wait for the broker to close the socket
+    assert time.monotonic() - started < 1.0
+    assert not client.alive
+
+
+def test_tls_settings_from_the_environment_point_at_the_tls_connector(lab: Lab) -> None:
+    """TWOPC_STOMP_TLS=1 with the lab's defaults: TLS address, the lab's certificate, the login."""
+    env = {
+        k: v
+        for k, v in os.environ.items()
+        if k not in ("TWOPC_STOMP", "TWOPC_STOMP_CA", "TWOPC_STOMP_USER", "TWOPC_STOMP_PASSWORD")
+    }
+    env["TWOPC_STOMP_TLS"] = "1"
+    loaded = Settings.load(env)
+    assert loaded.stomp == f"127.0.0.1:{lab.ports.stomp_tls}"
+    assert loaded.stomp_ca == str(lab.home / CERTIFICATE)
+    assert loaded.stomp_user == lab.credentials().stomp_user
+    with open_stomp(loaded) as client:
+        assert isinstance(client.tcp_socket, ssl.SSLSocket)
+    exported = twopc("lab", "env", env=env).stdout.splitlines()
+    assert f"export TWOPC_STOMP=127.0.0.1:{lab.ports.stomp_tls}" in exported
+    assert "export TWOPC_STOMP_TLS=1" in exported
+
+
+def test_client_trusting_another_certificate_is_refused(
+    settings: Settings, lab: Lab, tmp_path: Path
+) -> None:
+    """A client that trusts another self-signed certificate refuses the broker, saying why."""
+    other = tmp_path / "other.pem"
+    make_self_signed(tmp_path / "other.p12", other, secrets.token_hex(8), name="someone else")
+    secure = dataclasses.replace(tls_settings(settings, lab), stomp_ca=str(other))
+    with pytest.raises(BrokerTlsRefused) as info:
+        open_stomp(secure)
+    message = str(info.value)
+    assert "certificate" in message and "TWOPC_STOMP_CA" in message
+    assert str(other) in message
+    with pytest.raises(BrokerTlsRefused):
+        open_coordinator(secure, sessions=1)
+
+
+def test_tls_to_the_plain_connector_is_a_clear_error(settings: Settings) -> None:
+    """TLS spoken to the plain STOMP port fails the handshake and names TWOPC_STOMP."""
+    with pytest.raises(BrokerTlsRefused) as info:
+        open_stomp(dataclasses.replace(settings, stomp_tls=True), connect_timeout=2.0)
+    assert "TLS handshake" in str(info.value) and "TWOPC_STOMP" in str(info.value)
+
+
+# -- files -----------------------------------------------------------------------
+
+
+def test_state_folder_and_secrets_are_private(lab: Lab, settings: Settings) -> None:
+    """The state folder lets nobody else in; credentials, keystore and decision log are 0600."""
+    open_coordinator(settings, sessions=1).close()
+    home_mode = mode(lab.home)
+    if os.geteuid() == 0:  # PostgreSQL runs as the lab user and must pass through
+        assert home_mode == 0o710
+        assert grp.getgrgid(lab.home.stat().st_gid).gr_name == LAB_USER
+    else:
+        assert home_mode == 0o700
+    assert mode(lab.home / CREDENTIALS_FILE) == 0o600
+    assert mode(lab.home / "activemq") == 0o700
+    assert mode(lab.home / "activemq" / "broker.p12") == 0o600
+    assert mode(lab.home / "activemq" / "conf" / "activemq.xml") == 0o600
+    assert mode(settings.log_path) == 0o600
+    assert mode(Path(f"{settings.log_path}.lock")) == 0o600
+
+
+def test_up_tightens_a_loose_state_folder_and_credentials(lab: Lab) -> None:
+    """'up' on a state folder and credentials file left readable makes them private again."""
+    (lab.home / CREDENTIALS_FILE).chmod(0o644)
+    lab.home.chmod(0o755)
+    lab.up()
+    assert mode(lab.home) & 0o077 in (0, 0o010)
+    assert mode(lab.home / CREDENTIALS_FILE) == 0o600
+
+
+def test_a_shared_folder_is_refused_as_state_folder() -> None:
+    """TWOPC_HOME=/tmp (world-writable, sticky) is refused before anything changes."""
+    before = mode(Path("/tmp"))
+    with pytest.raises(LabError, match="TWOPC_HOME=/tmp "):
+        Lab(Path("/tmp")).up()
+    assert mode(Path("/tmp")) == before
+
+
+# -- no secret in any output -------------------------------------------------------
+
+
+def test_settings_repr_shows_no_password() -> None:
+    """Settings' repr and str mask the passwords of both connection strings and the broker."""
+    pg_secret, uri_secret, mq_secret = (secrets.token_hex(8) for _ in range(3))
+    settings = Settings(
+        home=Path("/nowhere"),
+        pg_a=f"host=db user=app password={pg_secret} dbname=a",
+        pg_b=f"postgresql://app:{uri_secret}@db:5432/b",
+        stomp="mq:61613",
+        openwire="mq:61616",
+        stomp_user="app",
+        stomp_password=mq_secret,
+    )
+    for text in (repr(settings), str(settings)):
+        for secret in (pg_secret, uri_secret, mq_secret):
+            assert secret not in text
+        assert "host=db" in text and "stomp_user='app'" in text
+
+
+def test_no_password_in_any_output(settings: Settings, lab: Lab) -> None:
+    """Passwords from TWOPC_PG_A/B and TWOPC_STOMP_PASSWORD appear in no output of twopc."""
+    pg_secret = f"pg-{secrets.token_hex(8)}"  # the lab trusts local users: it is never checked
+    env = {
+        **os.environ,
+        "TWOPC_PG_A": f"{settings.pg_a} password={pg_secret}",
+        "TWOPC_PG_B": f"{settings.pg_b} password={pg_secret}",
+        "TWOPC_LOG_LEVEL": "DEBUG",
+    }
+    mq_secret = lab.credentials().stomp_password
+    outputs = [
+        twopc("lab", "status", "--json", env=env),
+        twopc("indoubt", "--json", env=env),
+        twopc("transfer", "--reset", "--accounts", "20", "--count", "5", "--json", env=env),
+        twopc("transfer", "--count", "3", "--accounts", "20", "--strategy", "naive", env=env),
+    ]
+    wrong = f"wrong-{secrets.token_hex(8)}"
+    refused = twopc("recover", env={**env, "TWOPC_STOMP_PASSWORD": wrong})
+    assert refused.returncode != 0 and "TWOPC_STOMP_PASSWORD" in refused.stderr
+    outputs.append(refused)
+    for result in outputs:
+        text = result.stdout + result.stderr
+        assert pg_secret not in text, result.args
+        assert mq_secret not in text, result.args
+        assert wrong not in text, result.args
+    transfer = outputs[2]
+    assert transfer.returncode == 0, transfer.stderr
+    assert '"committed": 5' in transfer.stdout
+    assert "tpc." in transfer.stderr  # the DEBUG events were there to be searched
