@@ -153,7 +153,7 @@ def measure_strategy(
     running = None
     if strategy.relay_mode is not None:
         # Relays and the consumer in their own processes, as they would be deployed.
-        running = pipeline.Pipeline(settings, strategy.relay_mode, processes=True).start()
+        running = pipeline.for_strategy(settings, strategy, processes=True).start()
     transfers = _Transfers(seed)
     op = transfers.op(strategy)
     steps = plan.repeats + len(plan.concurrencies) + len(plan.rates) + 1
@@ -330,7 +330,7 @@ def _crash_in_process(
         strategy.close()
     missing: set[str] = set()
     if strategy.relay_mode is not None:
-        with pipeline.Pipeline(settings, strategy.relay_mode):
+        with pipeline.for_strategy(settings, strategy):
             missing = pipeline.wait_converged(settings, timeout=60.0)
     found = invariants.anomalies(settings, strategy.relay_mode)
     return {

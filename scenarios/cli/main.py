@@ -13,6 +13,7 @@ from rich.table import Table
 
 from coordinator.errors import ConfigurationError
 from scenarios.cli import bench as cli_bench
+from scenarios.cli import fanout as cli_fanout
 from scenarios.cli import log as cli_log
 from scenarios.cli import outbox as cli_outbox
 from scenarios.cli import torture as cli_torture
@@ -389,6 +390,7 @@ def demo(ctx: click.Context, count: int, concurrency: int, bench: bool) -> None:
 
 main.add_command(cli_outbox.relay)
 main.add_command(cli_outbox.consumer)
+main.add_command(cli_fanout.fanout)
 main.add_command(cli_outbox.outbox)
 main.add_command(cli_bench.bench)
 main.add_command(cli_torture.torture)

@@ -15,7 +15,7 @@ from typing import Any
 from coordinator.errors import ConfigurationError
 from scenarios.config import Settings
 from scenarios.strategies.base import Strategy
-from scenarios.strategies.cdc import CdcStrategy
+from scenarios.strategies.cdc import CdcFanoutStrategy, CdcStrategy
 from scenarios.strategies.naive import NaiveStrategy
 from scenarios.strategies.outbox import OutboxLastIdStrategy, OutboxStatusStrategy
 from scenarios.strategies.twopc import TwoPhaseCommitStrategy
@@ -31,6 +31,7 @@ STRATEGIES: dict[str, Callable[[], Strategy]] = {
     "outbox-status": OutboxStatusStrategy,
     "outbox-last-id": OutboxLastIdStrategy,
     "cdc": CdcStrategy,
+    "cdc-fanout": CdcFanoutStrategy,
     "naive": NaiveStrategy,
 }
 
@@ -43,6 +44,32 @@ def new_strategy(name: str) -> Strategy:
         raise ConfigurationError(
             f"unknown strategy {name!r}; one of {', '.join(STRATEGIES)}"
         ) from None
+
+
+def fanout_report(
+    settings: Settings, committed_at: dict[str, float], running: Any, timeout: float = 120.0
+) -> dict[str, Any]:
+    """Per fan-out consumer: its lag (ms from A's commit to its processing) once all caught up.
+
+    Also how far each consumer had got when the credit consumer had converged:
+    the slow one behind, the others done.
+    """
+    from scenarios.outbox import fanout
+
+    when_credited = fanout.processed_counts(settings, committed_at, running.fanout)
+    missing = fanout.wait_all(
+        settings, committed_at, running.fanout, timeout=timeout, check=running.check
+    )
+    lags = fanout.fanout_lags(settings, committed_at, running.fanout)
+    consumers = {
+        name: {
+            "lag_ms": percentiles(list(lags[name].values())),
+            "processed_when_b_converged": when_credited[name],
+            "not_processed": len(missing[name]),
+        }
+        for name in running.fanout
+    }
+    return {"consumers": consumers, "duplicate_effects": fanout.duplicate_effects(settings)}
 
 
 def run_transfers(
@@ -66,7 +93,7 @@ def run_transfers(
     strategy.prepare(settings, concurrency=concurrency)
     running = None
     if strategy.relay_mode is not None:
-        running = pipeline.Pipeline(settings, strategy.relay_mode).start()
+        running = pipeline.for_strategy(settings, strategy).start()
     output: dict[str, Any] = {"strategy": name}
     try:
         result = run_batch(transfers, strategy.run_one, concurrency=concurrency)
@@ -80,6 +107,8 @@ def run_transfers(
             latencies = pipeline.convergence_latencies(settings, strategy.committed_at)
             output["convergence_ms"] = percentiles(list(latencies.values()))
             output["not_converged"] = len(missing)
+            if running.fanout:
+                output["fanout"] = fanout_report(settings, strategy.committed_at, running)
     finally:
         if running is not None:
             running.stop()

@@ -160,6 +160,9 @@ def reset(settings: Settings, *, accounts: int = DEFAULT_ACCOUNTS, balance: int 
                 )
     drain(settings, QUEUE)
     drain(settings, dead_letter_queue(QUEUE))  # letters of the transfers just dropped
+    from scenarios.outbox.fanout import drain_consumer_queues
+
+    drain_consumer_queues(settings)  # the CDC fan-out's queues (subscribing creates them)
 
 
 def stored_accounts(settings: Settings) -> int | None:

@@ -105,5 +105,21 @@ INBOX = [
     )""",
 ]
 
+# Database B: the CDC fan-out's audit log and slow consumer (scenarios.outbox.fanout), one
+# row per (consumer, transfer id) they processed; a redelivery only counts a duplicate.
+AUDIT = [
+    "DROP TABLE IF EXISTS audit_log",
+    """CREATE TABLE audit_log (
+        consumer text NOT NULL,
+        transfer_id text NOT NULL,
+        message_id text NOT NULL,
+        kind text NOT NULL,
+        body text NOT NULL,
+        duplicates integer NOT NULL DEFAULT 0,
+        processed_at timestamptz NOT NULL DEFAULT clock_timestamp(),
+        PRIMARY KEY (consumer, transfer_id)
+    )""",
+]
+
 SCHEMA_A = [*BUSINESS, *META, *OUTBOX]
-SCHEMA_B = [*BUSINESS, *INBOX]
+SCHEMA_B = [*BUSINESS, *INBOX, *AUDIT]
