@@ -251,12 +251,62 @@ def postgres_restart_while_prepared(settings: Settings) -> Story:
     return story
 
 
+def slow_cdc_consumer(settings: Settings) -> Story:
+    """CDC fan-out: a slow consumer lags on its own queue; the others do not wait; none lost."""
+    from scenarios.outbox import fanout
+    from scenarios.outbox.pipeline import Pipeline, wait_converged
+    from scenarios.strategies.cdc import CdcFanoutStrategy
+    from scenarios.transfer.batch import percentiles, run_batch
+
+    story = Story("slow-cdc-consumer")
+    strategy = CdcFanoutStrategy()
+    strategy.prepare(settings, concurrency=4)
+    transfers = [new_transfer(amount=1) for _ in range(30)]
+    story.say(
+        f"30 transfers commit on A; the CDC relay publishes each once to {fanout.TOPIC}, "
+        f"copied to the queues of {', '.join(fanout.CONSUMERS)} (the slow one waits 0.1 s "
+        "before each message)"
+    )
+    try:
+        with Pipeline(settings, "cdc", fanout=fanout.CONSUMERS, slow_delay=0.1) as running:
+            run_batch(transfers, strategy.run_one, concurrency=4)
+            ids = set(strategy.committed_at)
+            missing = wait_converged(settings, ids, timeout=60, check=running.check)
+            counts = fanout.processed_counts(settings, ids)
+            story.expect(
+                not missing and counts[fanout.AUDIT] == len(ids),
+                f"B credited and the audit log complete: {counts[fanout.CREDIT]} and "
+                f"{counts[fanout.AUDIT]} of {len(ids)}",
+            )
+            story.expect(
+                counts[fanout.SLOW] < len(ids),
+                f"meanwhile the slow consumer has processed {counts[fanout.SLOW]}: the rest "
+                "wait in its own queue",
+            )
+            left = fanout.wait_all(settings, ids, timeout=60, check=running.check)
+            story.expect(
+                not any(left.values()), "it catches up: every consumer processed every event"
+            )
+    finally:
+        strategy.close()
+    lags = fanout.fanout_lags(settings, strategy.committed_at)
+    for name in fanout.CONSUMERS:
+        p = percentiles(list(lags[name].values()))
+        story.say(f"{name} lag from A's commit: p50 {p['p50']:.0f} ms, p99 {p['p99']:.0f} ms")
+    story.expect(
+        fanout.duplicate_effects(settings) == 0,
+        "evidence: no effect twice in B (inbox and audit_log rows unique per consumer)",
+    )
+    return story
+
+
 STORIES: dict[str, Callable[[Settings], Story]] = {
     "happy": happy,
     "no-vote": no_vote,
     "coordinator-dies-after-prepare": coordinator_dies_after_prepare,
     "broker-down-at-commit-point": broker_down_at_commit_point,
     "postgres-restart-while-prepared": postgres_restart_while_prepared,
+    "slow-cdc-consumer": slow_cdc_consumer,
 }
 
 
