@@ -101,6 +101,8 @@ class LocalCommitWriter:
                             "destination": QUEUE,
                             "body": transfer.body(),
                             "status": self._status,
+                            "target": transfer.target,
+                            "amount": transfer.amount,
                         },
                     )
             except MissingAccount as exc:
