@@ -222,7 +222,9 @@ def indoubt(as_json: bool) -> None:
     "--strategy",
     default="2pc",
     show_default=True,
-    type=click.Choice(["2pc", "outbox-status", "outbox-last-id", "cdc", "naive"]),
+    type=click.Choice(
+        ["2pc", "outbox-status", "outbox-last-id", "cdc", "naive", "batch", "thread", "thread-sync"]
+    ),
     help="How the transfer is made atomic (non-2pc: see scenarios.strategies).",
 )
 @click.option("--json", "as_json", is_flag=True, help="Print the result as JSON.")
@@ -394,6 +396,7 @@ def demo(ctx: click.Context, count: int, concurrency: int, bench: bool) -> None:
 main.add_command(cli_outbox.relay)
 main.add_command(cli_outbox.consumer)
 main.add_command(cli_fanout.fanout)
+main.add_command(cli_outbox.batch)
 main.add_command(cli_outbox.outbox)
 main.add_command(cli_bench.bench)
 main.add_command(cli_torture.torture)

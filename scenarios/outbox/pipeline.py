@@ -38,6 +38,7 @@ from coordinator.errors import TwoPhaseCommitError
 from coordinator.events import get_logger
 from scenarios import events as ev
 from scenarios.config import Settings
+from scenarios.outbox.batchjob import BatchConfig, BatchJob
 from scenarios.outbox.consumer import Consumer
 from scenarios.outbox.deadletter import one_line
 from scenarios.outbox.relay import Relay, RelayConfig, make_relay
@@ -57,7 +58,7 @@ class _Worker:
     thread: threading.Thread | None = None
     stop: threading.Event | None = None
     process: subprocess.Popen[bytes] | None = None
-    runner: Relay | Consumer | None = None
+    runner: Relay | Consumer | BatchJob | None = None
     error: str = ""  # why the thread stopped, if it stopped on an error
 
 
@@ -94,7 +95,14 @@ class Pipeline:
     workers: list[_Worker] = field(default_factory=list)
 
     def start(self) -> Pipeline:
-        """Start the consumers and the relays; returns self (use as a context manager)."""
+        """Start the consumers and the relays; returns self (use as a context manager).
+
+        Mode ``batch`` has neither: one batch job (``config.poll_interval`` is its
+        interval, ``config.batch_size`` its chunk) writes B's credits and inbox rows.
+        """
+        if self.mode == "batch":
+            self.workers = [self._start("batch", 0)]
+            return self
         consumers = len(self.fanout) or 1
         self.workers = [self._start("consumer", i) for i in range(consumers)]
         self.workers += [self._start("relay", i) for i in range(self.relays)]
@@ -104,13 +112,22 @@ class Pipeline:
         if self.processes:
             return _Worker(kind, process=self._spawn(kind, index))
         stop = threading.Event()
-        runner: Relay | Consumer
+        runner: Relay | Consumer | BatchJob
         if kind == "consumer" and self.fanout:
             from scenarios.outbox.fanout import make_consumer
 
             runner = make_consumer(self.settings, self.fanout[index], delay=self.slow_delay)
         elif kind == "consumer":
             runner = Consumer(self.settings)
+        elif kind == "batch":
+            runner = BatchJob(
+                self.settings,
+                BatchConfig(
+                    interval=self.config.poll_interval,
+                    chunk=self.config.batch_size,
+                    name=f"batch-{index}",
+                ),
+            )
         else:
             config = RelayConfig(
                 batch_size=self.config.batch_size,
@@ -135,6 +152,15 @@ class Pipeline:
             return [*base, "fanout", "--consumer", self.fanout[index], *delay]
         if kind == "consumer":
             return [*base, "consumer"]
+        if kind == "batch":
+            return [
+                *base,
+                "batch",
+                "--interval",
+                str(self.config.poll_interval),
+                "--chunk",
+                str(self.config.batch_size),
+            ]
         retry = self.config.retry
         return [
             *base,

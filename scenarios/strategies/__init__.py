@@ -1,4 +1,5 @@
-"""The transfer strategies by name: 2PC, the two outboxes, CDC and the naive dual write.
+"""The transfer strategies by name: 2PC, the two outboxes, CDC, the batch job, the thread pool
+(and its synchronous remedy) and the naive dual write.
 
 ``STRATEGIES`` maps each name to a factory of a fresh :class:`Strategy`
 (see scenarios.strategies.base for the protocol, one module per strategy, and
@@ -15,9 +16,11 @@ from typing import Any
 from coordinator.errors import ConfigurationError
 from scenarios.config import Settings
 from scenarios.strategies.base import Strategy
+from scenarios.strategies.batch import BatchStrategy
 from scenarios.strategies.cdc import CdcFanoutStrategy, CdcStrategy
 from scenarios.strategies.naive import NaiveStrategy
 from scenarios.strategies.outbox import OutboxLastIdStrategy, OutboxStatusStrategy
+from scenarios.strategies.thread import ThreadStrategy, ThreadSyncStrategy
 from scenarios.strategies.twopc import TwoPhaseCommitStrategy
 from scenarios.transfer.batch import percentiles, run_batch
 from scenarios.transfer.invariants import gather_evidence
@@ -33,6 +36,9 @@ STRATEGIES: dict[str, Callable[[], Strategy]] = {
     "cdc": CdcStrategy,
     "cdc-fanout": CdcFanoutStrategy,
     "naive": NaiveStrategy,
+    "batch": BatchStrategy,
+    "thread": ThreadStrategy,
+    "thread-sync": ThreadSyncStrategy,
 }
 
 
@@ -84,8 +90,10 @@ def run_transfers(
     """Run ``transfers`` with strategy ``name``; the result as ``twopc transfer`` prints it.
 
     An asynchronous strategy gets one relay and the consumer in this process
-    for the run (relays already running elsewhere share the work), and the
-    result says how long B took to converge.
+    for the run (relays already running elsewhere share the work), or the
+    batch job, and the result says how long B took to converge. For the thread
+    pool, that is how long its queued work took after the caller heard
+    "committed".
     """
     from scenarios.outbox import pipeline
 
@@ -98,6 +106,16 @@ def run_transfers(
     try:
         result = run_batch(transfers, strategy.run_one, concurrency=concurrency)
         output.update(result.as_dict())
+        drain = getattr(strategy, "drain", None)
+        if drain is not None:  # the pool's work, the caller did not wait for
+            drain(converge_timeout)
+            converged_at: dict[str, float] = getattr(strategy, "converged_at", {})
+            lags = [
+                max(0.0, (converged_at[t] - at) * 1000)
+                for t, at in strategy.committed_at.items()
+                if t in converged_at
+            ]
+            output["convergence_ms"] = percentiles(lags)
         output.update(strategy.stats())
         if running is not None:
             ids = set(strategy.committed_at)

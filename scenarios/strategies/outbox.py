@@ -103,6 +103,8 @@ class LocalCommitWriter:
                             "destination": self.destination,
                             "body": transfer.body(),
                             "status": self._status,
+                            "target": transfer.target,
+                            "amount": transfer.amount,
                         },
                     )
             except MissingAccount as exc:
