@@ -29,6 +29,12 @@ CONSUMER_DATABASE_UNREACHABLE = "consumer.database.unreachable"
 CONSUMER_DEAD_LETTERED = "consumer.dead_lettered"
 CONSUMER_FAILED = "consumer.failed"
 
+# The consumer inside a global transaction (scenarios.outbox.consumer_2pc).
+CONSUMER_2PC_APPLIED = "consumer.2pc.applied"
+CONSUMER_2PC_ABORTED = "consumer.2pc.aborted"
+CONSUMER_2PC_IN_DOUBT = "consumer.2pc.in_doubt"
+CONSUMER_2PC_RECOVERED = "consumer.2pc.recovered"
+
 # The dead-letter queue (scenarios.outbox.deadletter).
 DEAD_LETTERS_REQUEUED = "outbox.dead_letters.requeued"
 
