@@ -35,8 +35,14 @@ gone (they raise ParticipantError when the database cannot be reached).
 **One last resource** (ActiveMQ over STOMP). It cannot prepare; its commit is
 the commit point. Call order on a session::
 
-    begin -> send* -> commit_with_marker | commit | abort ; release
+    begin -> (send | ack)* -> commit_with_marker | commit | abort ; release
 
+* ``ack`` acknowledges, inside the transaction, a message delivered on the
+  session's own connection (by its ack id): the message is consumed only if
+  the transaction commits; after an ABORT, or if the connection dies first,
+  the broker keeps it (DESIGN §8). An ACK counts as work, like a SEND: a
+  transaction that consumes a message and prepares a database branch reaches
+  its commit point with the ACK and the marker in one broker COMMIT.
 * ``commit_with_marker`` sends the commit marker for the gtrid inside the
   transaction, calls ``before_commit``, sends COMMIT, calls ``commit_sent``,
   and waits for the RECEIPT. The two callbacks are the driver's failpoints
@@ -169,11 +175,16 @@ class LastResourceSession(Protocol):
 
     @property
     def has_work(self) -> bool:
-        """True once anything was sent inside the transaction."""
+        """True once anything was sent or acknowledged inside the transaction."""
         ...
 
     def send(self, destination: str, body: str, headers: Mapping[str, str] | None = None) -> None:
         """SEND a persistent message inside the transaction. Raises ParticipantError."""
+        ...
+
+    def ack(self, ack_id: str) -> None:
+        """ACK, inside the transaction, the message whose ack id is ``ack_id`` (delivered
+        on this session's connection). Raises ParticipantError."""
         ...
 
     def commit_with_marker(

@@ -151,6 +151,14 @@ class Transaction:
 
     def send(self, destination: str, body: str, headers: Mapping[str, str] | None = None) -> None:
         """Send a persistent message inside the broker's transaction."""
+        self._broker_session().send(destination, body, headers)
+        self.messages_sent += 1
+
+    def ack(self, ack_id: str) -> None:
+        """Acknowledge a received message inside the broker's transaction (consumed on commit)."""
+        self._broker_session().ack(ack_id)
+
+    def _broker_session(self) -> LastResourceSession:
         self._check_active()
         if self.broker is None:
             broker = self._host.broker
@@ -160,8 +168,7 @@ class Transaction:
                 )
             self.broker = broker.begin(self.gtrid)
             self.log.debug(events.BEGIN, participant=self.broker.name)
-        self.broker.send(destination, body, headers)
-        self.messages_sent += 1
+        return self.broker
 
     # -- ending ---------------------------------------------------------------
 

@@ -42,7 +42,7 @@ from coordinator.errors import (
 from coordinator.protocol import LastResourceSession, no_callback
 from coordinator.xid import validate_coordinator_id, validate_id
 from participants import events as ev
-from participants.stomp_client import ClientIdInUse, StompClient, parse_address
+from participants.stomp_client import ClientIdInUse, StompClient, Subscription, parse_address
 
 MARKER_QUEUE = "/queue/twopc.markers"
 
@@ -102,6 +102,7 @@ class ActiveMQSession:
         self._state = _State.ACTIVE
         self._begun = False
         self._sent = 0
+        self._acked = 0
         self._healthy = True
         self._errors_before = client.error_count
         self._log = resource._log.bind(gtrid=gtrid, slot=slot.index)
@@ -117,8 +118,8 @@ class ActiveMQSession:
 
     @property
     def has_work(self) -> bool:
-        """True once a message was sent inside the transaction."""
-        return self._sent > 0
+        """True once a message was sent or acknowledged inside the transaction."""
+        return self._sent + self._acked > 0
 
     def send(self, destination: str, body: str, headers: Mapping[str, str] | None = None) -> None:
         """SEND a persistent message inside the transaction (fire-and-forget: no receipt)."""
@@ -133,6 +134,29 @@ class ActiveMQSession:
             raise
         self._sent += 1
         self._log.debug(ev.MQ_SENT, destination=destination)
+
+    def ack(self, ack_id: str) -> None:
+        """ACK inside the transaction a message delivered on this session's connection
+        (no receipt: an ERROR for it makes the COMMIT refuse, as for a SEND).
+
+        ActiveMQ consumes the message only when the transaction commits; after an
+        ABORT the message stays delivered to this connection, unacknowledged, and
+        goes back to the queue when the connection closes (tests/test_consume_2pc.py).
+        """
+        self._require(_State.ACTIVE, "ack")
+        try:
+            self._begin_once()
+            self._client.request(
+                "ACK",
+                {"id": ack_id, "transaction": self._gtrid},
+                what=f"ACK of {ack_id}",
+                gtrid=self._gtrid,
+            )
+        except ParticipantError:
+            self._healthy = False
+            raise
+        self._acked += 1
+        self._log.debug(ev.MQ_ACKED, ack_id=ack_id)
 
     def commit_with_marker(
         self,
@@ -262,7 +286,7 @@ class ActiveMQSession:
                 participant=self.name,
                 gtrid=self._gtrid,
             )
-        self._log.debug(ev.MQ_COMMITTED, marker=marker, messages=self._sent)
+        self._log.debug(ev.MQ_COMMITTED, marker=marker, messages=self._sent, acks=self._acked)
 
     def _begin_once(self) -> None:
         if not self._begun:
@@ -346,6 +370,36 @@ class ActiveMQ:
             self._put_back(slot)
             raise
         return ActiveMQSession(self, slot, client, gtrid)
+
+    def subscribe(self, destination: str, *, prefetch: int = 1) -> Subscription:
+        """SUBSCRIBE (``client-individual``) on the connection of this broker's one session.
+
+        For a coordinator that consumes inside its transactions: the pool must
+        have a single session, so that every transaction's :meth:`ActiveMQSession.ack`
+        goes out on the connection the message was delivered on. If a session
+        is dropped (its state unknown), the subscription reports the connection
+        lost and the caller subscribes again; unacknowledged messages go back
+        to the queue.
+        """
+        if len(self._slots) != 1:
+            raise ConfigurationError(
+                f"a consuming broker needs a pool of one session, not {len(self._slots)}: "
+                "an ACK must go out on the connection its message was delivered on"
+            )
+        slot = self._acquire(f"subscribe to {destination}")
+        try:
+            client = self._ready_client(slot)
+            subscription = client.subscribe(
+                destination,
+                ack="client-individual",
+                prefetch=prefetch,
+                timeout=self.receipt_timeout,
+            )
+        except BaseException:
+            self._release(slot, healthy=False)
+            raise
+        self._put_back(slot)
+        return subscription
 
     def fence(self, timeout: float) -> None:
         """CONNECT with every client-id of this coordinator, so no earlier COMMIT is in flight.

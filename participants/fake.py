@@ -42,6 +42,7 @@ class FakeStore:
     rolled_back: set[str] = field(default_factory=set)
     markers: set[str] = field(default_factory=set)
     messages: list[tuple[str, str, dict[str, str]]] = field(default_factory=list)  # broker
+    acked: list[str] = field(default_factory=list)  # broker: ack ids consumed by a commit
     live_holder: bool = False  # broker: a paused coordinator still holds its client-ids
     lock: threading.Lock = field(default_factory=threading.Lock)
 
@@ -243,6 +244,7 @@ class FakeBrokerSession:
         self.broker = broker
         self.gtrid = gtrid
         self.pending: list[tuple[str, str, dict[str, str]]] = []
+        self.pending_acks: list[str] = []
 
     @property
     def name(self) -> str:
@@ -250,10 +252,14 @@ class FakeBrokerSession:
 
     @property
     def has_work(self) -> bool:
-        return bool(self.pending)
+        return bool(self.pending or self.pending_acks)
 
     def send(self, destination: str, body: str, headers: Mapping[str, str] | None = None) -> None:
         self.pending.append((destination, body, dict(headers or {})))
+
+    def ack(self, ack_id: str) -> None:
+        _raise_for(self.broker.faults.take("ack"), "ack", self.name, self.gtrid)
+        self.pending_acks.append(ack_id)
 
     def _commit(self, marker: str | None) -> None:
         action = self.broker.faults.take("commit")
@@ -264,6 +270,7 @@ class FakeBrokerSession:
             raise OutcomeUnknown("no RECEIPT", participant=self.name, gtrid=self.gtrid)
         with self.broker.store.lock:
             self.broker.store.messages.extend(self.pending)
+            self.broker.store.acked.extend(self.pending_acks)
             if marker is not None:
                 self.broker.store.markers.add(marker)
         if action == "lost-committed":
@@ -288,6 +295,7 @@ class FakeBrokerSession:
 
     def abort(self) -> None:
         self.pending = []
+        self.pending_acks = []
 
     def release(self) -> None:
         pass

@@ -40,6 +40,12 @@ BATCH_FAILED = "batch.failed"
 THREAD_TASK_FAILED = "thread.task.failed"
 THREAD_WORK_DROPPED = "thread.work.dropped"
 
+# The consumer inside a global transaction (scenarios.outbox.consumer_2pc).
+CONSUMER_2PC_APPLIED = "consumer.2pc.applied"
+CONSUMER_2PC_ABORTED = "consumer.2pc.aborted"
+CONSUMER_2PC_IN_DOUBT = "consumer.2pc.in_doubt"
+CONSUMER_2PC_RECOVERED = "consumer.2pc.recovered"
+
 # The dead-letter queue (scenarios.outbox.deadletter).
 DEAD_LETTERS_REQUEUED = "outbox.dead_letters.requeued"
 

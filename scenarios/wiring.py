@@ -7,6 +7,7 @@ the overhead benchmark all take theirs from here.
 
 from __future__ import annotations
 
+from pathlib import Path
 from typing import Any
 
 from coordinator import failpoints
@@ -87,6 +88,43 @@ def open_coordinator(
         mq.close()
         log.close()
         raise
+
+
+#: What the consuming coordinator's id adds to the settings' coordinator id.
+CONSUMER_ID_SUFFIX = "-consumer"
+
+
+def consumer_coordinator_id(settings: Settings) -> str:
+    """The id of the coordinator ``twopc consumer --mode 2pc`` runs: its own gtrid prefix,
+    client-id and decision log, so that its recovery and the writers' never meet."""
+    return settings.coordinator_id[: 24 - len(CONSUMER_ID_SUFFIX)] + CONSUMER_ID_SUFFIX
+
+
+def consumer_log_path(settings: Settings) -> Path:
+    """The decision log of the consuming coordinator."""
+    return settings.home / "consumer-decisions.log"
+
+
+def open_consuming_coordinator(
+    settings: Settings, *, recover: bool = True, **options: Any
+) -> tuple[Coordinator, ActiveMQ]:
+    """A coordinator over database 'b' and the broker, with one broker session to
+    subscribe and acknowledge on (ActiveMQ.subscribe), recovered and ready."""
+    failpoints.arm_from_env()
+    coordinator_id = consumer_coordinator_id(settings)
+    log = FileDecisionLog(consumer_log_path(settings))
+    b = PostgresResource("b", settings.pg_b, setting="TWOPC_PG_B", pool_size=2)
+    mq = ActiveMQ(settings.stomp, coordinator_id, pool_size=1, **settings.stomp_options())
+    try:
+        coordinator = Coordinator(
+            coordinator_id, log, [b], mq, recover_on_start=recover, max_workers=4, **options
+        )
+    except BaseException:
+        b.close()
+        mq.close()
+        log.close()
+        raise
+    return coordinator, mq
 
 
 def in_doubt(settings: Settings) -> list[InDoubt]:

@@ -223,7 +223,17 @@ def indoubt(as_json: bool) -> None:
     default="2pc",
     show_default=True,
     type=click.Choice(
-        ["2pc", "outbox-status", "outbox-last-id", "cdc", "naive", "batch", "thread", "thread-sync"]
+        [
+            "2pc",
+            "outbox-status",
+            "outbox-last-id",
+            "cdc",
+            "cdc-fanout",
+            "naive",
+            "batch",
+            "thread",
+            "thread-sync",
+        ]
     ),
     help="How the transfer is made atomic (non-2pc: see scenarios.strategies).",
 )

@@ -105,6 +105,14 @@ def relay(
 
 
 @click.command()
+@click.option(
+    "--mode",
+    type=click.Choice(["inbox", "2pc"]),
+    default="inbox",
+    show_default=True,
+    help="inbox: one local B transaction per batch, duplicates absorbed by B's inbox table; "
+    "2pc: each message in a global transaction (B's XA branch, the ACK in the broker's).",
+)
 @click.option("--prefetch", default=500, show_default=True, help="Unacknowledged messages held.")
 @click.option("--batch-size", default=200, show_default=True, help="Messages per B commit.")
 @click.option(
@@ -115,10 +123,13 @@ def relay(
     "[default: TWOPC_CONSUMER_MAX_ATTEMPTS or 6].",
 )
 @click.option("--log-json", is_flag=True, help="Log JSON lines.")
-def consumer(prefetch: int, batch_size: int, max_attempts: int | None, log_json: bool) -> None:
+def consumer(
+    mode: str, prefetch: int, batch_size: int, max_attempts: int | None, log_json: bool
+) -> None:
     """Credit B from /queue/transfers, exactly once in effect, until SIGTERM.
 
     A message it cannot apply goes to /queue/DLQ.transfers ('twopc outbox failed').
+    In 2pc mode it first recovers what an earlier 2pc consumer left prepared on B.
     """
     from scenarios.outbox.consumer import (
         DEFAULT_MAX_ATTEMPTS,
@@ -137,9 +148,15 @@ def consumer(prefetch: int, batch_size: int, max_attempts: int | None, log_json:
             )
         max_attempts = int(setting)
     stop = _stop_on_signals()
-    worker = Consumer(
-        _settings(), prefetch=prefetch, batch_size=batch_size, max_attempts=max_attempts
-    )
+    worker: Any
+    if mode == "2pc":
+        from scenarios.outbox.consumer_2pc import TwoPhaseConsumer
+
+        worker = TwoPhaseConsumer(_settings(), max_attempts=max_attempts)
+    else:
+        worker = Consumer(
+            _settings(), prefetch=prefetch, batch_size=batch_size, max_attempts=max_attempts
+        )
     try:
         worker.run(stop)
     except ConsumerFailed as exc:

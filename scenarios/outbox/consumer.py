@@ -62,9 +62,10 @@ from scenarios.transfer.model import (
 from scenarios.wiring import open_stomp
 
 #: Environment variable arming a consumer crash: ``after-b-commit=kill@3`` SIGKILLs the
-#: consumer after its third B commit, before the acknowledgements.
+#: consumer after its third B commit, before the acknowledgements; ``after-receipt``
+#: (2pc mode) after a message arrived, before its transaction began.
 CONSUMER_CRASH_SETTING = "TWOPC_CONSUMER_CRASH"
-CONSUMER_CRASH_POINTS = ("after-b-commit",)
+CONSUMER_CRASH_POINTS = ("after-b-commit", "after-receipt")
 
 #: Attempts at a message that fails transiently before it is dead-lettered.
 MAX_ATTEMPTS_SETTING = "TWOPC_CONSUMER_MAX_ATTEMPTS"

@@ -23,6 +23,7 @@ from scenarios.transfer import schema
 from scenarios.wiring import open_stomp
 
 QUEUE = "/queue/transfers"
+CREDIT_QUEUE = QUEUE
 
 #: Every message on QUEUE names its kind in this header (DESIGN §8). 2PC and the naive
 #: dual write announce a transfer B already holds (an event); the relays carry the

@@ -1,0 +1,215 @@
+"""Consuming inside a global transaction: the ACK in the broker's transaction, the credit in
+B's XA branch, and a SIGKILL at every step leaving the message either queued with nothing
+applied or consumed with the credit applied once.
+
+Also the two ActiveMQ behaviours the consumer relies on, shown against the real broker.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+
+import psycopg
+import pytest
+
+from coordinator.coordinator import Coordinator
+from coordinator.failpoints import failpoint_env
+from coordinator.log.memory import MemoryDecisionLog
+from participants.fake import FakeBroker, FakeResource
+from scenarios.config import Settings
+from scenarios.outbox.consumer import CONSUMER_CRASH_SETTING
+from scenarios.outbox.consumer_2pc import TwoPhaseConsumer
+from scenarios.outbox.deadletter import REASON_HEADER, dead_letter_queue
+from scenarios.transfer import model as scenario
+from scenarios.transfer.model import CREDIT_QUEUE
+from tests.conftest import open_stomp_client
+from tests.test_dead_letters import Running, browse, credit, private_queue, put
+from tests.test_outbox import fresh, wait_for
+
+__all__ = ["private_queue"]  # the fixture, imported for this module's tests
+
+
+def b_state(settings: Settings) -> tuple[dict[str, int], list[str], int]:
+    """B's balances, the transfer ids it holds, and its prepared transactions."""
+    with psycopg.connect(settings.pg_b) as conn:
+        balances = dict(conn.execute("SELECT id, balance FROM accounts").fetchall())
+        ids = [r[0] for r in conn.execute("SELECT transfer_id FROM transfers ORDER BY 1")]
+        prepared = conn.execute("SELECT count(*) FROM pg_prepared_xacts").fetchone()
+    return balances, ids, int(prepared[0]) if prepared else 0
+
+
+@pytest.fixture
+def clean(settings: Settings) -> Iterator[None]:
+    """A fresh lab; the credit queue and its dead letters drained afterwards."""
+    fresh(settings)
+    yield
+    scenario.drain(settings, CREDIT_QUEUE)
+    scenario.drain(settings, dead_letter_queue(CREDIT_QUEUE))
+
+
+# -- the broker's behaviour ------------------------------------------------------------
+
+
+@pytest.mark.lab
+def test_activemq_an_ack_in_an_aborted_transaction_leaves_the_message_unconsumed(
+    settings: Settings, private_queue: str
+) -> None:
+    """ACK then ABORT: the message stays delivered to the connection, and returns when it closes."""
+    put(settings, private_queue, [credit("abort-1")])
+    with open_stomp_client(settings.stomp) as client:
+        subscription = client.subscribe(private_queue, ack="client-individual", prefetch=1)
+        message = subscription.get(5)
+        assert message is not None
+        client.begin("acked-then-aborted")
+        client.request(
+            "ACK", {"id": message.ack_id, "transaction": "acked-then-aborted"}, what="ACK"
+        )
+        client.abort("acked-then-aborted", 5)
+        assert subscription.get(1) is None  # not redelivered on this connection
+    wait_for(
+        lambda: [m.headers["transfer-id"] for m in browse(settings, private_queue)] == ["abort-1"],
+        10,
+        "the message back on its queue once the connection closed",
+    )
+    with open_stomp_client(settings.stomp) as client:
+        again = client.subscribe(private_queue, ack="client-individual").get(5)
+        assert again is not None and again.headers.get("redelivered") == "true"
+        client.begin("acked-and-committed")
+        client.request(
+            "ACK", {"id": again.ack_id, "transaction": "acked-and-committed"}, what="ACK"
+        )
+        client.commit("acked-and-committed", 5)
+    assert browse(settings, private_queue) == []
+
+
+@pytest.mark.lab
+def test_activemq_an_unacked_message_returns_to_the_queue_when_its_connection_dies(
+    settings: Settings, private_queue: str
+) -> None:
+    """A message delivered and never acknowledged is redelivered once its connection drops."""
+    put(settings, private_queue, [credit("dies-1")])
+    client = open_stomp_client(settings.stomp)
+    message = client.subscribe(private_queue, ack="client-individual").get(5)
+    assert message is not None
+    client.drop()  # no DISCONNECT: the socket closes, as when the process is killed
+    with open_stomp_client(settings.stomp) as other:
+        again = other.subscribe(private_queue, ack="client-individual").get(10)
+        assert again is not None
+        assert again.headers["transfer-id"] == "dies-1"
+        assert again.headers.get("redelivered") == "true"
+        other.ack(again, receipt_timeout=5)
+
+
+# -- the contract on fakes -------------------------------------------------------------
+
+
+def test_an_ack_is_broker_work_committed_with_the_marker_or_dropped_by_an_abort() -> None:
+    """Transaction.ack goes into the broker session: consumed with the commit, not with abort."""
+    broker = FakeBroker()
+    b = FakeResource("b")
+    with Coordinator("t", MemoryDecisionLog(), [b], broker, housekeeping_interval=None) as coord:
+        with coord.transaction() as tx:
+            tx.execute("b", "credit")
+            tx.ack("ack-1")
+        assert broker.store.acked == ["ack-1"] and broker.store.markers
+        tx = coord.begin()
+        tx.execute("b", "credit")
+        tx.ack("ack-2")
+        tx.rollback()
+        assert broker.store.acked == ["ack-1"]
+
+
+# -- the consumer on the lab -----------------------------------------------------------
+
+
+@pytest.mark.lab
+def test_2pc_consumer_credits_once_absorbs_duplicates_and_dead_letters_poison(
+    settings: Settings, clean: None
+) -> None:
+    """Credits applied once with no inbox row, a duplicate acknowledged, poison dead-lettered."""
+    good = [credit(f"x-{i}", f"acc-{i:05d}", 10 + i) for i in range(4)]
+    poison = credit("poor", "acc-99999", 5)  # no such account in B
+    put(settings, CREDIT_QUEUE, [*good, good[0], poison])
+    before, _, _ = b_state(settings)
+    consumer = TwoPhaseConsumer(settings)
+    with Running(consumer):  # type: ignore[arg-type]
+        wait_for(
+            lambda: consumer.stats.applied == 4 and consumer.stats.dead_lettered == 1,
+            30,
+            "four credits and one dead letter",
+        )
+        wait_for(lambda: consumer.stats.duplicates == 1, 10, "the duplicate absorbed")
+    after, ids, prepared = b_state(settings)
+    assert ids == [f"x-{i}" for i in range(4)] and prepared == 0
+    for i in range(4):
+        assert after[f"acc-{i:05d}"] - before[f"acc-{i:05d}"] == 10 + i
+    with psycopg.connect(settings.pg_b) as conn:
+        assert conn.execute("SELECT count(*) FROM inbox").fetchone() == (0,)
+    assert browse(settings, CREDIT_QUEUE) == []
+    [letter] = browse(settings, dead_letter_queue(CREDIT_QUEUE))
+    assert letter.headers["transfer-id"] == "poor"
+    assert "acc-99999" in letter.headers[REASON_HEADER]
+
+
+def run_consumer_cli(settings: Settings, env: dict[str, str]) -> subprocess.Popen[str]:
+    """``twopc consumer --mode 2pc`` as a process of its own."""
+    return subprocess.Popen(
+        [sys.executable, "-m", "scenarios.cli", "consumer", "--mode", "2pc"],
+        env={**os.environ, **settings.as_env(), "TWOPC_LOG_LEVEL": "WARNING", **env},
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+
+
+CRASHES = {
+    "after-receipt": {CONSUMER_CRASH_SETTING: "after-receipt=kill@3", **failpoint_env(None)},
+    "after-prepare": failpoint_env("after_prepare=kill@3"),
+    "before-broker-commit": failpoint_env("before_broker_commit=kill@3"),
+    "after-broker-commit": failpoint_env("after_broker_commit=kill@3"),
+    "before-b-commit": failpoint_env("after_decision=kill@3"),
+}
+
+
+@pytest.mark.lab
+@pytest.mark.parametrize("point", list(CRASHES))
+def test_a_2pc_consumer_killed_at_each_step_applies_every_credit_exactly_once(
+    settings: Settings, clean: None, point: str
+) -> None:
+    """SIGKILL at the step, restart: each credit applied once, nothing prepared, nothing lost."""
+    count = 6
+    messages = [credit(f"k-{i}", f"acc-{i:05d}", 1 + i) for i in range(count)]
+    put(settings, CREDIT_QUEUE, messages)
+    before, _, _ = b_state(settings)
+    killed = run_consumer_cli(settings, {CONSUMER_CRASH_SETTING: "", **CRASHES[point]})
+    try:
+        _, err = killed.communicate(timeout=60)
+    finally:
+        killed.kill()
+    assert killed.returncode == -signal.SIGKILL, err
+    _, ids, prepared = b_state(settings)
+    assert len(ids) in (2, 3)  # the first two committed; the third is in flight
+    restarted = run_consumer_cli(settings, {CONSUMER_CRASH_SETTING: "", **failpoint_env(None)})
+    try:
+        wait_for(
+            lambda: len(b_state(settings)[1]) == count and not browse(settings, CREDIT_QUEUE),
+            60,
+            "every credit applied and the queue empty",
+        )
+        time.sleep(0.5)
+    finally:
+        restarted.send_signal(signal.SIGTERM)
+        out, err = restarted.communicate(30)
+    assert restarted.returncode == 0, err
+    after, ids, prepared = b_state(settings)
+    assert ids == sorted(f"k-{i}" for i in range(count))
+    assert prepared == 0
+    for i in range(count):
+        assert after[f"acc-{i:05d}"] - before[f"acc-{i:05d}"] == 1 + i
+    assert browse(settings, dead_letter_queue(CREDIT_QUEUE)) == []
+    assert "applied" in out
