@@ -299,7 +299,11 @@ def test_outbox_failed_lists_and_requeue_sends_back_a_credit_once_its_account_ex
 ) -> None:
     """A credit to a missing account is dead-lettered; created, 'outbox requeue --id' applies it."""
     fresh(settings)
-    put(settings, scenario.QUEUE, [credit("later", "acc-77777", 9), credit("other", "acc-88888")])
+    put(
+        settings,
+        scenario.CREDIT_QUEUE,
+        [credit("later", "acc-77777", 9), credit("other", "acc-88888")],
+    )
     consumer = Consumer(settings)
     with Running(consumer):
         wait_for(lambda: consumer.stats.dead_lettered == 2, 30, "two dead letters")
@@ -323,7 +327,8 @@ def test_outbox_failed_lists_and_requeue_sends_back_a_credit_once_its_account_ex
         row = conn.execute("SELECT balance FROM accounts WHERE id = 'acc-77777'").fetchone()
     assert row == (9,)
     with open_stomp_client(settings.stomp) as client:
-        assert [d.transfer_id for d in list_dead_letters(client, scenario.QUEUE)] == ["other"]
+        letters = list_dead_letters(client, scenario.CREDIT_QUEUE)
+        assert [d.transfer_id for d in letters] == ["other"]
 
 
 # -- threads that stop ---------------------------------------------------------------------
@@ -348,7 +353,7 @@ def test_a_consumer_that_cannot_go_on_stops_the_transfer_command_with_one_line(
         assert time.monotonic() - started < 60, "the command waited for a dead consumer"
 
         pipeline = Pipeline(settings, "status").start()
-        put(settings, scenario.QUEUE, [credit("no-inbox")])
+        put(settings, scenario.CREDIT_QUEUE, [credit("no-inbox")])
         wait_for(lambda: bool(pipeline.failures()), 30, "the consumer's failure")
         with pytest.raises(WorkerFailed, match="consumer-0 stopped: ConsumerFailed"):
             pipeline.check()
@@ -395,9 +400,9 @@ def test_every_strategy_and_stray_messages_on_one_lab_every_invariant_holds(
         credit("stray-account", "acc-55555"),
         ("", {"transfer-id": "stray-empty", TYPE_HEADER: CREDIT_COMMAND}),
     ]
-    put(settings, scenario.QUEUE, strays)
+    put(settings, scenario.CREDIT_QUEUE, strays)
     run("outbox-status", 15, 2)
-    put(settings, scenario.QUEUE, [credit("stray-late", "acc-55556")])
+    put(settings, scenario.CREDIT_QUEUE, [credit("stray-late", "acc-55556")])
     run("outbox-last-id", 15, 3)
     run("cdc", 15, 4)
     for output in outputs:
@@ -408,7 +413,7 @@ def test_every_strategy_and_stray_messages_on_one_lab_every_invariant_holds(
     assert len(evidence.in_a) == len(evidence.in_b) == 60 - sum(o["aborted"] for o in outputs)
     assert sum(evidence.on_queue.values()) == 0
     with open_stomp_client(settings.stomp) as client:
-        letters = list_dead_letters(client, scenario.QUEUE)
+        letters = list_dead_letters(client, scenario.CREDIT_QUEUE)
     stray_ids = {
         "stray-body",
         "stray-type",

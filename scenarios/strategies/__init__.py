@@ -53,38 +53,58 @@ def run_transfers(
     concurrency: int,
     check: bool = True,
     converge_timeout: float = 120.0,
+    pipeline_here: bool = True,
+    consumer: str = "inbox",
 ) -> dict[str, Any]:
     """Run ``transfers`` with strategy ``name``; the result as ``twopc transfer`` prints it.
 
     An asynchronous strategy gets one relay and the consumer in this process
     for the run (relays already running elsewhere share the work), and the
     result says how long B took to converge.
+
+    ``pipeline_here`` False (``--no-pipeline``): only write; relays and consumers run
+    elsewhere (``twopc relay``, ``twopc consumer --mode <consumer>``) and the checks
+    wait up to ``converge_timeout`` for the convergence they bring about; if it does
+    not come, ``convergence_error`` says what is missing and what to start.
     """
     from scenarios.outbox import pipeline
 
     strategy = new_strategy(name)
     strategy.prepare(settings, concurrency=concurrency)
     running = None
-    if strategy.relay_mode is not None:
+    if strategy.relay_mode is not None and pipeline_here:
         running = pipeline.Pipeline(settings, strategy.relay_mode).start()
     output: dict[str, Any] = {"strategy": name}
     try:
         result = run_batch(transfers, strategy.run_one, concurrency=concurrency)
         output.update(result.as_dict())
         output.update(strategy.stats())
-        if running is not None:
+        if strategy.relay_mode is not None:
             ids = set(strategy.committed_at)
             missing = pipeline.wait_converged(
-                settings, ids, timeout=converge_timeout, check=running.check
+                settings,
+                ids,
+                timeout=converge_timeout,
+                check=running.check if running is not None else None,
+                consumer=consumer,
             )
-            latencies = pipeline.convergence_latencies(settings, strategy.committed_at)
+            latencies = pipeline.convergence_latencies(settings, strategy.committed_at, consumer)
             output["convergence_ms"] = percentiles(list(latencies.values()))
             output["not_converged"] = len(missing)
+            if missing and running is None:
+                output["convergence_error"] = (
+                    f"{len(missing)} of {len(ids)} transfers (e.g. {min(missing)}) were not "
+                    f"credited in B within {converge_timeout:g} s: with --no-pipeline, run "
+                    f"'twopc relay --mode {strategy.relay_mode}' and "
+                    f"'twopc consumer --mode {consumer}' elsewhere"
+                )
     finally:
         if running is not None:
             running.stop()
         strategy.close()
     if check:
         inbox = strategy.relay_mode is not None
-        output["invariants"] = gather_evidence(settings, inbox=inbox).as_dict()
+        output["invariants"] = gather_evidence(
+            settings, inbox=inbox, consumer=consumer
+        ).as_dict()
     return output

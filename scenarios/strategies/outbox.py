@@ -34,8 +34,8 @@ from scenarios.strategies.base import (
     crashed,
 )
 from scenarios.transfer.model import (
+    CREDIT_QUEUE,
     DEBIT,
-    QUEUE,
     MissingAccount,
     Transfer,
     require_applied,
@@ -98,7 +98,7 @@ class LocalCommitWriter:
                         self._insert,
                         {
                             "tid": transfer.transfer_id,
-                            "destination": QUEUE,
+                            "destination": CREDIT_QUEUE,
                             "body": transfer.body(),
                             "status": self._status,
                         },

@@ -10,7 +10,7 @@ For every strategy, after everything has settled:
 - nothing of this coordinator is left prepared in PostgreSQL, and no commit
   marker is left on the broker (reported; not part of ``ok``).
 
-*Delivered* means a message on ``/queue/transfers`` for the synchronous
+*Delivered* means a message on ``/queue/transfers.completed`` for the synchronous
 strategies (2PC, the naive dual write), and an applied row of B's inbox for the
 asynchronous ones (outbox, CDC), whose consumer takes the messages off the
 queue. A caller that consumes the queue itself (the torture's ledger) passes
@@ -36,7 +36,7 @@ from coordinator.xid import FORMAT_ID, gtrid_prefix
 from participants.activemq import MARKER_QUEUE
 from scenarios.config import Settings
 from scenarios.outbox.deadletter import dead_letter_queue
-from scenarios.transfer.model import QUEUE, TRANSFER_COMPLETED, TYPE_HEADER
+from scenarios.transfer.model import EVENT_QUEUE, TRANSFER_COMPLETED, TYPE_HEADER
 from scenarios.wiring import databases, open_stomp
 
 
@@ -184,14 +184,14 @@ def expected_total(settings: Settings) -> int:
     return int(row[0]) if row else 0
 
 
-def queued_transfer_ids(settings: Settings, destination: str = QUEUE) -> Counter[str]:
+def queued_transfer_ids(settings: Settings, destination: str = EVENT_QUEUE) -> Counter[str]:
     """transfer-id header -> number of messages with it on the queue (a full browse)."""
     with open_stomp(settings) as client:
         messages = client.browse(destination, idle_timeout=10.0)
     return Counter(m.headers.get("transfer-id", "?") for m in messages)
 
 
-def announcements(settings: Settings, destination: str = QUEUE) -> tuple[Counter[str], int]:
+def announcements(settings: Settings, destination: str = EVENT_QUEUE) -> tuple[Counter[str], int]:
     """Transfer id -> announcements (events) on ``destination`` and its dead-letter queue,
     and how many messages the dead-letter queue holds (two full browses)."""
     with open_stomp(settings) as client:
@@ -232,6 +232,7 @@ def gather_evidence(
     *,
     inbox: bool = False,
     delivered: Counter[str] | None = None,
+    consumer: str = "inbox",
 ) -> Evidence:
     """Read A, B, the queue, the prepared branches and the markers into one :class:`Evidence`.
 
@@ -239,7 +240,9 @@ def gather_evidence(
     the failure log and the dead-letter queue too, and count an applied inbox
     row, or an announcement on the queue or dead-lettered, as the delivery.
     ``delivered``: what the caller consumed from the queue itself; then the
-    queue is not browsed.
+    queue is not browsed. ``consumer`` "2pc": the credits were consumed in global
+    transactions that keep no inbox: a transfer B holds is one whose message was
+    consumed with it (same commit), and counts as an applied inbox row.
     """
     evidence = Evidence(
         total_expected=expected_total(settings),
@@ -261,6 +264,8 @@ def gather_evidence(
                 row[0]: (row[1], row[2])
                 for row in conn.execute("SELECT transfer_id, outcome, duplicates FROM inbox")
             }
+        if consumer == "2pc":
+            evidence.inbox.update((t, ("applied", 0)) for t in evidence.amounts_b)
         pending, failures = counts if counts else (0, 0)
         evidence.pending, evidence.failures = int(pending), int(failures)
         evidence.announced, evidence.dead_letters = announcements(settings)

@@ -72,7 +72,7 @@ def evidence(story: Story, settings: Settings, t: scenario.Transfer, *, committe
     story.expect(
         (in_a, in_b, queued, prepared) == (want, want, want, 0),
         f"evidence: A.transfers {in_a} row, B.transfers {in_b} row, "
-        f"/queue/transfers {queued} message, pg_prepared_xacts {prepared} entries",
+        f"/queue/transfers.completed {queued} message, pg_prepared_xacts {prepared} entries",
     )
 
 
@@ -212,7 +212,7 @@ def broker_down_at_commit_point(settings: Settings) -> Story:
             "b", scenario.CREDIT, {"amount": t.amount, "account": t.target, "tid": t.transfer_id}
         )
         tx.send(
-            scenario.QUEUE,
+            scenario.EVENT_QUEUE,
             t.body(),
             {"transfer-id": t.transfer_id, scenario.TYPE_HEADER: scenario.TRANSFER_COMPLETED},
         )
