@@ -29,6 +29,17 @@ CONSUMER_DATABASE_UNREACHABLE = "consumer.database.unreachable"
 CONSUMER_DEAD_LETTERED = "consumer.dead_lettered"
 CONSUMER_FAILED = "consumer.failed"
 
+# The batch job (scenarios.outbox.batchjob).
+BATCH_STARTED = "batch.started"
+BATCH_STOPPED = "batch.stopped"
+BATCH_CHUNK = "batch.chunk"
+BATCH_DATABASE_LOST = "batch.database.lost"
+BATCH_FAILED = "batch.failed"
+
+# The fire-and-forget thread pool (scenarios.strategies.thread).
+THREAD_TASK_FAILED = "thread.task.failed"
+THREAD_WORK_DROPPED = "thread.work.dropped"
+
 # The consumer inside a global transaction (scenarios.outbox.consumer_2pc).
 CONSUMER_2PC_APPLIED = "consumer.2pc.applied"
 CONSUMER_2PC_ABORTED = "consumer.2pc.aborted"

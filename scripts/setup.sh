@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # Installs what twopc needs and is missing: Debian packages (PostgreSQL, ActiveMQ,
-# a Java runtime with keytool) and a virtual environment (.venv) with the project, its
+# a Java runtime with keytool, Chromium for the report's browser test) and a virtual environment (.venv) with the project, its
 # development tools and the bench extra in it.
 # Idempotent: a second run installs nothing and takes a second.
 set -euo pipefail
@@ -13,6 +13,9 @@ ls /usr/lib/postgresql/*/bin/postgres >/dev/null 2>&1 || command -v postgres >/d
 # The JDK's keytool makes the broker's TLS certificate; the headless runtime has it.
 { command -v java >/dev/null && command -v keytool >/dev/null; } \
   || need_packages+=(default-jre-headless)
+# The report test opens report.html in headless Chromium.
+{ command -v chromium >/dev/null || command -v chromium-browser >/dev/null; } \
+  || need_packages+=(chromium)
 
 if [ ${#need_packages[@]} -gt 0 ]; then
   if [ "$(id -u)" -eq 0 ]; then

@@ -15,6 +15,7 @@ from hdrh.histogram import HdrHistogram
 
 from scenarios.bench import measure, overhead, report
 from scenarios.cli.main import main
+from tests.browser import open_page
 
 # -- the measuring code, no services -----------------------------------------------------
 
@@ -166,18 +167,27 @@ def test_bench_overhead_writes_measured_figures(
     assert "Tag=coordinator/interleaved/c1," in (tmp_path / "overhead.hlog").read_text()
 
 
-@pytest.mark.lab
-def test_bench_report_compares_strategies_and_counts_crash_anomalies(
-    lab: object, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
-) -> None:
-    """twopc bench: report files with measured latency, convergence, cost; naive breaks, 2PC not."""
+@pytest.fixture(scope="module")
+def tiny_report(lab: object, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A tiny real 'twopc bench' run of 2pc, outbox-status and naive; its output directory."""
     from scenarios.strategies import STRATEGIES
 
+    out = tmp_path_factory.mktemp("report")
     subset = {name: STRATEGIES[name] for name in ("2pc", "outbox-status", "naive")}
-    monkeypatch.setattr(report, "registry", lambda: subset)
-    monkeypatch.setattr(report.ReportPlan, "for_mode", classmethod(lambda cls, quick: TINY_REPORT))
-    outcome = CliRunner().invoke(main, ["bench", "--quick", "--out", str(tmp_path)])
+    with pytest.MonkeyPatch.context() as monkeypatch:
+        monkeypatch.setattr(report, "registry", lambda: subset)
+        monkeypatch.setattr(
+            report.ReportPlan, "for_mode", classmethod(lambda cls, quick: TINY_REPORT)
+        )
+        outcome = CliRunner().invoke(main, ["bench", "--quick", "--out", str(out)])
     assert outcome.exit_code == 0, outcome.output
+    return out
+
+
+@pytest.mark.lab
+def test_bench_report_compares_strategies_and_counts_crash_anomalies(tiny_report: Path) -> None:
+    """twopc bench: report files with measured latency, convergence, cost; naive breaks, 2PC not."""
+    tmp_path = tiny_report
     for name in ("report.md", "report.html", "data.json", "histograms.hlog", "latency.png"):
         assert (tmp_path / name).stat().st_size > 0, name
     data = json.loads((tmp_path / "data.json").read_text())
@@ -196,6 +206,72 @@ def test_bench_report_compares_strategies_and_counts_crash_anomalies(
     assert sum(p["anomalies"] for p in crashes["naive"].values()) > 0
     markdown = (tmp_path / "report.md").read_text()
     assert "## Verdict" in markdown and "![" in markdown and data["command"] in markdown
+
+
+@pytest.mark.lab
+def test_report_html_opens_in_headless_chromium(tiny_report: Path) -> None:
+    """report.html in headless Chromium: every image loads and the console stays silent."""
+    page = open_page(tiny_report / "report.html")
+    assert len(page.images) >= 4, page.images
+    assert all(width > 0 for _, width in page.images), f"images not loaded: {page.images}"
+    assert page.console == [], page.console
+
+
+@pytest.mark.lab
+def test_report_verdict_text_columns_are_left_aligned(tiny_report: Path) -> None:
+    """The verdict's text columns are left-aligned in Markdown and in HTML; figures right."""
+    markdown = (tiny_report / "report.md").read_text()
+    verdict = markdown.split("## Verdict", 1)[1].split("##", 1)[0]
+    assert "| finding | behind it |\n| :--- | :--- |" in verdict
+    assert "| strategy | n | p50 |" in markdown and "| :--- | ---: | ---: |" in markdown
+    page = (tiny_report / "report.html").read_text()
+    assert "<th class=text>finding</th><th class=text>behind it</th>" in page
+    assert "td.text,th.text{text-align:left}" in page
+
+
+def test_every_plot_draws_a_strategy_in_one_colour_and_style() -> None:
+    """style_of: fixed for known strategies, distinct among them, stable for unknown names."""
+    from scenarios.bench.report_pages import STYLES, style_of
+
+    known = ["2pc", "outbox-status", "outbox-last-id", "cdc", "cdc-fanout", "naive"]
+    assert len({style_of(name) for name in known}) == len(known)
+    assert all(style_of(name) == STYLES[name] for name in known)
+    assert style_of("some-future-strategy") == style_of("some-future-strategy")
+    code = (
+        "from scenarios.bench.report_pages import style_of; print(style_of('some-future-strategy'))"
+    )
+    again = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert again.stdout.strip() == str(style_of("some-future-strategy")), "not stable across runs"
+
+
+def test_latency_and_convergence_plots_give_a_strategy_the_same_line(tmp_path: Path) -> None:
+    """The same strategy has the same colour and line style in the latency and convergence plots."""
+    from scenarios.bench import report_pages
+
+    drawn: list[tuple[str, str, str]] = []
+    plt = report_pages._pyplot()
+    real = plt.Axes.plot
+
+    def spy(ax: object, *args: object, **kwargs: object) -> object:
+        drawn.append(
+            (str(kwargs.get("label")), str(kwargs.get("color")), str(kwargs.get("linestyle")))
+        )
+        return real(ax, *args, **kwargs)
+
+    cdf = [[50.0, 1.0], [99.0, 2.0]]
+    figures = {
+        "commit_latency_cdf": cdf,
+        "convergence_cdf": cdf,
+        "throughput": {"1": {"throughput_per_s": 10.0}},
+        "open_loop": {"5": {"latency_ms": {"p50": 1.0, "p99": 2.0}}},
+    }
+    data = {"strategies": {"2pc": figures, "outbox-status": figures, "cdc": figures}}
+    with pytest.MonkeyPatch.context() as monkeypatch:
+        monkeypatch.setattr(plt.Axes, "plot", spy)
+        report_pages.make_plots(tmp_path, data)
+    for name in data["strategies"]:
+        looks = {(c, s) for label, c, s in drawn if label.split(" ")[0] == name}
+        assert looks == {report_pages.style_of(name)}, (name, looks)
 
 
 # -- the bench extra ---------------------------------------------------------------------

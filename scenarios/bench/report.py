@@ -153,7 +153,7 @@ def measure_strategy(
     running = None
     if strategy.relay_mode is not None:
         # Relays and the consumer in their own processes, as they would be deployed.
-        running = pipeline.Pipeline(settings, strategy.relay_mode, processes=True).start()
+        running = pipeline.for_strategy(settings, strategy, processes=True).start()
     transfers = _Transfers(seed)
     op = transfers.op(strategy)
     steps = plan.repeats + len(plan.concurrencies) + len(plan.rates) + 1
@@ -228,6 +228,24 @@ def measure_strategy(
                 histograms[f"{name}/convergence-{label}"] = hist
                 out[f"convergence_ms_{label}"] = hist.summary()
             out["convergence_cdf"] = histograms[f"{name}/convergence-c1"].cdf(60)
+            if strategy.relay_mode == "batch":
+                interval = running.config.poll_interval
+                out["convergence_note"] = (
+                    f"the batch interval ({interval:g} s): the next run copies it"
+                )
+        elif hasattr(strategy, "drain") and not getattr(strategy, "synchronous", True):
+            # The thread pool: the caller heard "committed" before B's credit and the send.
+            strategy.drain(120.0)
+            converged_at: dict[str, float] = strategy.converged_at
+            out["not_converged"] = len(set(committed_at) - set(converged_at))
+            for label, ids in (("c1", unloaded_ids), ("all", set(committed_at))):
+                hist = measure.Latencies(f"{name}/convergence-{label}")
+                for tid in ids & set(converged_at):
+                    hist.record(max(0.0, converged_at[tid] - committed_at[tid]))
+                histograms[f"{name}/convergence-{label}"] = hist
+                out[f"convergence_ms_{label}"] = hist.summary()
+            out["convergence_cdf"] = histograms[f"{name}/convergence-c1"].cdf(60)
+            out["convergence_note"] = "the pool's queue: B's credit and the send after the answer"
         else:
             out["not_converged"] = 0
             out["convergence_ms_c1"] = out["convergence_ms_all"] = {}
@@ -327,20 +345,27 @@ def _crash_in_process(
     try:
         batch = run_batch(transfers, strategy.run_one, concurrency=4)
     finally:
-        strategy.close()
+        strategy.close()  # the thread pool runs what is still queued first
+    unseen = strategy.stats()  # the thread pool's errors nobody heard of, work dropped
     missing: set[str] = set()
     if strategy.relay_mode is not None:
-        with pipeline.Pipeline(settings, strategy.relay_mode):
+        with pipeline.for_strategy(settings, strategy):
             missing = pipeline.wait_converged(settings, timeout=60.0)
     found = invariants.anomalies(settings, strategy.relay_mode)
+    how = f"abandon every {plan.crash_every}th transfer at {point}"
+    if unseen.get("unseen_errors"):
+        how += f"; {unseen['unseen_errors']} errors in the pool never reached the caller"
+    if unseen.get("work_dropped"):
+        how += f"; {unseen['work_dropped']} queued transfers died with the process"
     return {
-        "how": f"abandon every {plan.crash_every}th transfer at {point}",
+        "how": how,
         "transfers": len(transfers),
         "crashed": batch.outcomes["in-doubt"],
         "committed": batch.outcomes["committed"],
         "not_converged": len(missing),
         "anomalies": len(found),
         "examples": found[:5],
+        **{k: v for k, v in unseen.items() if k in ("unseen_errors", "work_dropped")},
     }
 
 

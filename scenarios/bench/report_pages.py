@@ -14,6 +14,43 @@ from typing import Any
 
 from scenarios.bench.overhead import PHASES
 
+# -- one look per strategy -------------------------------------------------------------------
+
+#: Each strategy's (colour, line style) in every plot. Related strategies share a colour
+#: family and differ in style; a name not listed gets a stable one from :func:`style_of`.
+STYLES: dict[str, tuple[str, str]] = {
+    "2pc": ("#1f77b4", "-"),
+    "outbox-status": ("#ff7f0e", "-"),
+    "outbox-last-id": ("#ff7f0e", "--"),
+    "cdc": ("#2ca02c", "-"),
+    "cdc-fanout": ("#2ca02c", "--"),
+    "naive": ("#d62728", "-"),
+    "batch": ("#9467bd", "-"),
+    "thread": ("#8c564b", "-"),
+    "thread-sync": ("#8c564b", "--"),
+    "consumer-2pc": ("#1f77b4", "--"),
+    "consumer-inbox": ("#ff7f0e", ":"),
+}
+
+#: What a strategy not in STYLES draws from: colours none of the above uses, and styles.
+FALLBACK_COLOURS = ("#e377c2", "#7f7f7f", "#bcbd22", "#17becf", "#393b79", "#637939")
+FALLBACK_STYLES = ("-", "--", "-.", ":")
+
+
+def style_of(name: str) -> tuple[str, str]:
+    """(colour, line style) of strategy ``name``: the same in every plot and every run.
+
+    Unknown names hash (not Python's salted hash) into the fallback colours and styles.
+    """
+    if name in STYLES:
+        return STYLES[name]
+    import zlib
+
+    code = zlib.crc32(name.encode())
+    colour = FALLBACK_COLOURS[code % len(FALLBACK_COLOURS)]
+    return colour, FALLBACK_STYLES[(code // len(FALLBACK_COLOURS)) % len(FALLBACK_STYLES)]
+
+
 # -- the verdict ---------------------------------------------------------------------------
 
 
@@ -152,7 +189,8 @@ def make_plots(out: Path, data: Mapping[str, Any]) -> dict[str, str]:
     fig, ax = plt.subplots(figsize=(7, 4.2))
     for name, d in strategies.items():
         xs, ys = _cdf_xy(d.get("commit_latency_cdf", []))
-        ax.plot(xs, ys, label=name)
+        colour, style = style_of(name)
+        ax.plot(xs, ys, label=name, color=colour, linestyle=style)
     _nines_axis(ax)
     ax.set_yscale("log")
     ax.set_ylabel("client commit latency (ms, log)")
@@ -166,7 +204,8 @@ def make_plots(out: Path, data: Mapping[str, Any]) -> dict[str, str]:
         fig, ax = plt.subplots(figsize=(7, 4.2))
         for name, d in relayed.items():
             xs, ys = _cdf_xy(d["convergence_cdf"])
-            ax.plot(xs, ys, label=name)
+            colour, style = style_of(name)
+            ax.plot(xs, ys, label=name, color=colour, linestyle=style)
         _nines_axis(ax)
         ax.set_yscale("log")
         ax.set_ylabel("client commit -> B credited (ms, log)")
@@ -178,7 +217,15 @@ def make_plots(out: Path, data: Mapping[str, Any]) -> dict[str, str]:
     fig, ax = plt.subplots(figsize=(7, 4.2))
     for name, d in strategies.items():
         points = sorted((int(c), r["throughput_per_s"]) for c, r in d["throughput"].items())
-        ax.plot([c for c, _ in points], [t for _, t in points], marker="o", label=name)
+        colour, style = style_of(name)
+        ax.plot(
+            [c for c, _ in points],
+            [t for _, t in points],
+            marker="o",
+            label=name,
+            color=colour,
+            linestyle=style,
+        )
     ax.set_xscale("log", base=2)
     ax.set_xlabel("concurrent clients")
     ax.set_ylabel("committed transfers / s")
@@ -193,18 +240,22 @@ def make_plots(out: Path, data: Mapping[str, Any]) -> dict[str, str]:
             (float(r), row["latency_ms"].get("p99", float("nan")), row["latency_ms"].get("p50"))
             for r, row in d["open_loop"].items()
         )
-        line = ax.plot(
+        colour, style = style_of(name)
+        ax.plot(
             [r for r, _, _ in loads],
             [p99 for _, p99, _ in loads],
             marker="o",
+            color=colour,
+            linestyle=style,
             label=f"{name} p99",
         )
-        ax.plot(
+        ax.plot(  # the same colour and style, thinner, with small markers
             [r for r, _, _ in loads],
             [p50 for _, _, p50 in loads],
             marker=".",
-            linestyle="--",
-            color=line[0].get_color(),
+            color=colour,
+            linestyle=style,
+            linewidth=0.8,
             label=f"{name} p50",
         )
     ax.set_yscale("log")
@@ -265,6 +316,11 @@ class Section:
     rows: list[list[str]]
     note: str = ""
     plot: str | None = None
+    text_columns: tuple[int, ...] = (0,)  # left-aligned; the other columns are figures
+
+
+def _text(part: Section, column: int) -> bool:
+    return column in part.text_columns
 
 
 def _f(value: Any, digits: int = 2) -> str:
@@ -283,6 +339,7 @@ def sections(data: Mapping[str, Any], plots: Mapping[str, str]) -> list[Section]
             "Verdict",
             ["finding", "behind it"],
             [[v["finding"], v["figures"]] for v in data["verdict"]],
+            text_columns=(0, 1),
         )
     ]
     rows = []
@@ -326,6 +383,7 @@ def sections(data: Mapping[str, Any], plots: Mapping[str, str]) -> list[Section]
             note="'all runs' includes the throughput and open-loop runs, where relays lag "
             "behind bursts. Relays and consumer run as separate processes.",
             plot=plots.get("convergence"),
+            text_columns=(0, 6),
         )
     )
     concurrencies = data["plan"]["concurrencies"]
@@ -403,6 +461,7 @@ def sections(data: Mapping[str, Any], plots: Mapping[str, str]) -> list[Section]
             note="WAL from the insert position of A and B over the whole measurement (relays' "
             "and consumer's writes included, checkpoints' full-page images too).",
             plot=plots.get("wal"),
+            text_columns=(0, 5),
         )
     )
     crash_rows = []
@@ -434,6 +493,7 @@ def sections(data: Mapping[str, Any], plots: Mapping[str, str]) -> list[Section]
                 "examples",
             ],
             crash_rows,
+            text_columns=(0, 1, 2, 7),
             note="An anomaly is a transfer whose debit in A, credit in B and message "
             "(queue, or the consumer's inbox) disagree, or money not conserved ('money').",
         )
@@ -455,6 +515,7 @@ def sections(data: Mapping[str, Any], plots: Mapping[str, str]) -> list[Section]
                     f"{machine['load_average'][0]:.2f} / {data['load_after'][0]:.2f}",
                 ],
             ],
+            text_columns=(0, 1),
             note="The machine is shared: a load average above the core count means other "
             "work ran during the measurement; compare the spread columns before trusting "
             "a small difference.",
@@ -475,7 +536,12 @@ def render_markdown(data: Mapping[str, Any], parts: Sequence[Section]) -> str:
     for part in parts:
         lines += ["", f"## {part.title}", ""]
         lines.append("| " + " | ".join(part.headers) + " |")
-        lines.append("|" + " --- |" * len(part.headers))
+        lines.append(
+            "|"
+            + "".join(
+                " :--- |" if _text(part, i) else " ---: |" for i in range(len(part.headers))
+            )
+        )
         for row in part.rows:
             lines.append("| " + " | ".join(c.replace("|", "/") for c in row) + " |")
         if part.note:
@@ -496,9 +562,18 @@ def render_html(data: Mapping[str, Any], parts: Sequence[Section]) -> str:
     ]
     for part in parts:
         body.append(f"<h2>{e(part.title)}</h2>")
-        body.append("<table><tr>" + "".join(f"<th>{e(h)}</th>" for h in part.headers) + "</tr>")
+        def cls(i: int, part: Section = part) -> str:
+            return " class=text" if _text(part, i) else ""
+
+        body.append(
+            "<table><tr>"
+            + "".join(f"<th{cls(i)}>{e(h)}</th>" for i, h in enumerate(part.headers))
+            + "</tr>"
+        )
         for row in part.rows:
-            body.append("<tr>" + "".join(f"<td>{e(c)}</td>" for c in row) + "</tr>")
+            body.append(
+                "<tr>" + "".join(f"<td{cls(i)}>{e(c)}</td>" for i, c in enumerate(row)) + "</tr>"
+            )
         body.append("</table>")
         if part.note:
             body.append(f"<p class=note>{e(part.note)}</p>")
@@ -507,7 +582,7 @@ def render_html(data: Mapping[str, Any], parts: Sequence[Section]) -> str:
     style = (
         "body{font-family:sans-serif;max-width:60em;margin:2em auto;color:#222}"
         "table{border-collapse:collapse;margin:.5em 0}td,th{border:1px solid #ccc;"
-        "padding:.25em .5em;text-align:right}td:first-child,th:first-child{text-align:left}"
+        "padding:.25em .5em;text-align:right}td.text,th.text{text-align:left}"
         ".note{color:#555;font-size:.9em}img{max-width:100%}"
     )
     return (

@@ -166,6 +166,52 @@ def consumer(
     _print_consumer_stats(worker.stats.as_dict())
 
 
+@click.command()
+@click.option(
+    "--interval",
+    type=click.FloatRange(min=0, min_open=True),
+    default=1.0,
+    show_default=True,
+    help="Seconds between runs (a transfer reaches B up to this long after A committed it).",
+)
+@click.option(
+    "--chunk",
+    type=click.IntRange(min=1),
+    default=500,
+    show_default=True,
+    help="Rows copied per B transaction.",
+)
+@click.option("--once", is_flag=True, help="Run once (copy everything committed) and exit.")
+@click.option("--log-json", is_flag=True, help="Log JSON lines.")
+def batch(interval: float, chunk: int, once: bool, log_json: bool) -> None:
+    """Copy A's committed debits to B as credits, every --interval seconds, until SIGTERM.
+
+    Reads A as the read-only role twopc_batch_reader ('twopc transfer --reset'
+    creates it) from the position recorded in B's batch_positions.
+    """
+    import psycopg
+
+    from scenarios.outbox.batchjob import BATCH_CRASH_SETTING, BatchConfig, BatchFailed, BatchJob
+
+    _configure_logs(log_json)
+    job = BatchJob(
+        _settings(), BatchConfig(interval=interval, chunk=chunk, name=f"batch-{os.getpid()}")
+    )
+    try:
+        if once:
+            job.crashes.arm_from_env(BATCH_CRASH_SETTING)
+            try:
+                job.run_once()
+            finally:
+                job.close()
+        else:
+            job.run(_stop_on_signals())
+    except (BatchFailed, psycopg.Error) as exc:
+        click.echo(f"twopc: error: {' '.join(str(exc).split())}", err=True)
+        raise SystemExit(1) from None
+    console.print(", ".join(f"{key} {value}" for key, value in job.stats.as_dict().items()))
+
+
 def _print_consumer_stats(stats: dict[str, int]) -> None:
     console.print(", ".join(f"{key.replace('_', ' ')} {value}" for key, value in stats.items()))
     if stats.get("dead_lettered"):

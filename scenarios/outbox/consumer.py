@@ -165,7 +165,12 @@ def parse(message: Message) -> _Parsed:
 
 
 class Consumer:
-    """Applies transfers to B from the queue until stopped; reconnects after failures."""
+    """Applies transfers to B from the queue until stopped; reconnects after failures.
+
+    ``problem_of`` (which messages it takes) and ``apply_batch`` (what a batch
+    does to B, one outcome per message) are what a consumer of another kind
+    replaces (scenarios.outbox.fanout: the audit log).
+    """
 
     def __init__(
         self,
@@ -192,6 +197,7 @@ class Consumer:
         self.max_attempts = max_attempts
         self.retry_delay = retry_delay
         self.max_delay = max_delay
+        self.name = name
         self.stats = ConsumerStats()
         self.crashes = CrashPlan("consumer", CONSUMER_CRASH_POINTS)
         self.log = get_logger(component="consumer", consumer=name)
@@ -235,6 +241,14 @@ class Consumer:
             self._disconnect(graceful=True)
             self.log.info(ev.CONSUMER_STOPPED, **self.stats.as_dict())
         return self.stats
+
+    def problem_of(self, message: Message) -> str:
+        """Why this consumer does not take ``message``; empty if it does (credit commands)."""
+        return kind_problem(message)
+
+    def apply_batch(self, db: psycopg.Connection, messages: Sequence[Message]) -> list[str]:
+        """Apply ``messages`` in one B transaction; each one's outcome (see :func:`apply`)."""
+        return apply(db, messages)
 
     def _delay(self, attempt: int) -> float:
         return float(min(self.max_delay, self.retry_delay * 2 ** (min(attempt, 10) - 1)))
@@ -301,7 +315,7 @@ class Consumer:
             if message.is_sentinel:
                 done.append(message)  # left by a browse of the queue: dropped
                 continue
-            problem = kind_problem(message)
+            problem = self.problem_of(message)
             if problem:
                 rejections.append(Rejection(message, problem.removeprefix(REJECTED)))
             else:
@@ -347,7 +361,7 @@ class Consumer:
             attempt += 1
             db = self._database()
             try:
-                return [(outcome, attempt) for outcome in apply(db, messages)]
+                return [(outcome, attempt) for outcome in self.apply_batch(db, messages)]
             except TRANSIENT_ERRORS as exc:
                 error = one_line(f"{type(exc).__name__}: {exc}", 300)
                 self.stats.retries += 1

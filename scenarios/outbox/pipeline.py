@@ -38,6 +38,7 @@ from coordinator.errors import TwoPhaseCommitError
 from coordinator.events import get_logger
 from scenarios import events as ev
 from scenarios.config import Settings
+from scenarios.outbox.batchjob import BatchConfig, BatchJob
 from scenarios.outbox.consumer import Consumer
 from scenarios.outbox.deadletter import one_line
 from scenarios.outbox.relay import Relay, RelayConfig, make_relay
@@ -57,7 +58,7 @@ class _Worker:
     thread: threading.Thread | None = None
     stop: threading.Event | None = None
     process: subprocess.Popen[bytes] | None = None
-    runner: Relay | Consumer | None = None
+    runner: Relay | Consumer | BatchJob | None = None
     error: str = ""  # why the thread stopped, if it stopped on an error
 
 
@@ -76,7 +77,11 @@ def _run_contained(worker: _Worker, name: str) -> None:
 
 @dataclass
 class Pipeline:
-    """``relays`` relays of ``mode`` plus one consumer, started by :meth:`start`."""
+    """``relays`` relays of ``mode`` plus one consumer, started by :meth:`start`.
+
+    With ``fanout`` (consumer names, scenarios.outbox.fanout), one consumer per
+    name instead, each on its own queue of the virtual topic.
+    """
 
     settings: Settings
     mode: RelayMode
@@ -85,11 +90,21 @@ class Pipeline:
     config: RelayConfig = field(default_factory=RelayConfig)
     env: Mapping[str, str] = field(default_factory=dict)  # extra environment for processes
     log_dir: str | None = None  # where child processes write their logs (default: discard)
+    fanout: tuple[str, ...] = ()  # the fan-out's consumers, by name (empty: transfers.credit)
+    slow_delay: float | None = None  # the slow fan-out consumer's delay (None: the setting)
     workers: list[_Worker] = field(default_factory=list)
 
     def start(self) -> Pipeline:
-        """Start the consumer and the relays; returns self (use as a context manager)."""
-        self.workers = [self._start("consumer", 0)]
+        """Start the consumers and the relays; returns self (use as a context manager).
+
+        Mode ``batch`` has neither: one batch job (``config.poll_interval`` is its
+        interval, ``config.batch_size`` its chunk) writes B's credits and inbox rows.
+        """
+        if self.mode == "batch":
+            self.workers = [self._start("batch", 0)]
+            return self
+        consumers = len(self.fanout) or 1
+        self.workers = [self._start("consumer", i) for i in range(consumers)]
         self.workers += [self._start("relay", i) for i in range(self.relays)]
         return self
 
@@ -97,9 +112,22 @@ class Pipeline:
         if self.processes:
             return _Worker(kind, process=self._spawn(kind, index))
         stop = threading.Event()
-        runner: Relay | Consumer
-        if kind == "consumer":
+        runner: Relay | Consumer | BatchJob
+        if kind == "consumer" and self.fanout:
+            from scenarios.outbox.fanout import make_consumer
+
+            runner = make_consumer(self.settings, self.fanout[index], delay=self.slow_delay)
+        elif kind == "consumer":
             runner = Consumer(self.settings)
+        elif kind == "batch":
+            runner = BatchJob(
+                self.settings,
+                BatchConfig(
+                    interval=self.config.poll_interval,
+                    chunk=self.config.batch_size,
+                    name=f"batch-{index}",
+                ),
+            )
         else:
             config = RelayConfig(
                 batch_size=self.config.batch_size,
@@ -116,11 +144,23 @@ class Pipeline:
         worker.thread.start()
         return worker
 
-    def command(self, kind: str) -> list[str]:
+    def command(self, kind: str, index: int = 0) -> list[str]:
         """The command line of a relay or consumer child process."""
         base = [sys.executable, "-m", "scenarios.cli"]
+        if kind == "consumer" and self.fanout:
+            delay = [] if self.slow_delay is None else ["--delay", str(self.slow_delay)]
+            return [*base, "fanout", "--consumer", self.fanout[index], *delay]
         if kind == "consumer":
             return [*base, "consumer"]
+        if kind == "batch":
+            return [
+                *base,
+                "batch",
+                "--interval",
+                str(self.config.poll_interval),
+                "--chunk",
+                str(self.config.batch_size),
+            ]
         retry = self.config.retry
         return [
             *base,
@@ -145,7 +185,7 @@ class Pipeline:
         if self.log_dir:
             out = open(os.path.join(self.log_dir, f"{kind}-{index}.log"), "ab")  # noqa: SIM115
         try:
-            return subprocess.Popen(self.command(kind), env=env, stdout=out, stderr=out)
+            return subprocess.Popen(self.command(kind, index), env=env, stdout=out, stderr=out)
         finally:
             if out is not subprocess.DEVNULL:
                 out.close()
@@ -231,6 +271,19 @@ class Pipeline:
         except WorkerFailed:
             if exc_info[0] is None:  # otherwise the error already on its way is the news
                 raise
+
+
+def for_strategy(
+    settings: Settings, strategy: Any, *, processes: bool = False, **options: Any
+) -> Pipeline:
+    """The relays and consumers ``strategy`` needs (its relay mode; its fan-out, if any)."""
+    return Pipeline(
+        settings,
+        strategy.relay_mode,
+        processes=processes,
+        fanout=tuple(getattr(strategy, "fanout", ())),
+        **options,
+    )
 
 
 # -- convergence -------------------------------------------------------------------------

@@ -1,4 +1,5 @@
-"""The transfer strategies by name: 2PC, the two outboxes, CDC and the naive dual write.
+"""The transfer strategies by name: 2PC, the two outboxes, CDC, the batch job, the thread pool
+(and its synchronous remedy) and the naive dual write.
 
 ``STRATEGIES`` maps each name to a factory of a fresh :class:`Strategy`
 (see scenarios.strategies.base for the protocol, one module per strategy, and
@@ -15,9 +16,11 @@ from typing import Any
 from coordinator.errors import ConfigurationError
 from scenarios.config import Settings
 from scenarios.strategies.base import Strategy
-from scenarios.strategies.cdc import CdcStrategy
+from scenarios.strategies.batch import BatchStrategy
+from scenarios.strategies.cdc import CdcFanoutStrategy, CdcStrategy
 from scenarios.strategies.naive import NaiveStrategy
 from scenarios.strategies.outbox import OutboxLastIdStrategy, OutboxStatusStrategy
+from scenarios.strategies.thread import ThreadStrategy, ThreadSyncStrategy
 from scenarios.strategies.twopc import TwoPhaseCommitStrategy
 from scenarios.transfer.batch import percentiles, run_batch
 from scenarios.transfer.invariants import gather_evidence
@@ -31,7 +34,11 @@ STRATEGIES: dict[str, Callable[[], Strategy]] = {
     "outbox-status": OutboxStatusStrategy,
     "outbox-last-id": OutboxLastIdStrategy,
     "cdc": CdcStrategy,
+    "cdc-fanout": CdcFanoutStrategy,
     "naive": NaiveStrategy,
+    "batch": BatchStrategy,
+    "thread": ThreadStrategy,
+    "thread-sync": ThreadSyncStrategy,
 }
 
 
@@ -43,6 +50,44 @@ def new_strategy(name: str) -> Strategy:
         raise ConfigurationError(
             f"unknown strategy {name!r}; one of {', '.join(STRATEGIES)}"
         ) from None
+
+
+def fanout_report(
+    settings: Settings, committed_at: dict[str, float], running: Any, timeout: float = 120.0
+) -> dict[str, Any]:
+    """Per fan-out consumer: its lag (ms from A's commit to its processing) once all caught up.
+
+    Also how far each consumer had got when the credit consumer had converged:
+    the slow one behind, the others done.
+    """
+    from scenarios.outbox import fanout
+
+    when_credited = fanout.processed_counts(settings, committed_at, running.fanout)
+    missing = fanout.wait_all(
+        settings, committed_at, running.fanout, timeout=timeout, check=running.check
+    )
+    lags = fanout.fanout_lags(settings, committed_at, running.fanout)
+    consumers = {
+        name: {
+            "lag_ms": percentiles(list(lags[name].values())),
+            "processed_when_b_converged": when_credited[name],
+            "not_processed": len(missing[name]),
+        }
+        for name in running.fanout
+    }
+    return {"consumers": consumers, "duplicate_effects": fanout.duplicate_effects(settings)}
+
+
+def _run_elsewhere(strategy: Any, consumer: str) -> str:
+    """The commands that make ``strategy`` converge when ``twopc transfer`` starts none."""
+    if strategy.relay_mode == "batch":
+        return "'twopc batch'"
+    relay = f"'twopc relay --mode {strategy.relay_mode}'"
+    fanout: tuple[str, ...] = tuple(getattr(strategy, "fanout", ()))
+    if fanout:
+        consumers = ", ".join(f"'twopc fanout --consumer {name}'" for name in fanout)
+        return f"{relay} and {consumers}"
+    return f"{relay} and 'twopc consumer --mode {consumer}'"
 
 
 def run_transfers(
@@ -59,8 +104,10 @@ def run_transfers(
     """Run ``transfers`` with strategy ``name``; the result as ``twopc transfer`` prints it.
 
     An asynchronous strategy gets one relay and the consumer in this process
-    for the run (relays already running elsewhere share the work), and the
-    result says how long B took to converge.
+    for the run (relays already running elsewhere share the work), or the
+    batch job, and the result says how long B took to converge. For the thread
+    pool, that is how long its queued work took after the caller heard
+    "committed".
 
     ``pipeline_here`` False (``--no-pipeline``): only write; relays and consumers run
     elsewhere (``twopc relay``, ``twopc consumer --mode <consumer>``) and the checks
@@ -73,11 +120,21 @@ def run_transfers(
     strategy.prepare(settings, concurrency=concurrency)
     running = None
     if strategy.relay_mode is not None and pipeline_here:
-        running = pipeline.Pipeline(settings, strategy.relay_mode).start()
+        running = pipeline.for_strategy(settings, strategy).start()
     output: dict[str, Any] = {"strategy": name}
     try:
         result = run_batch(transfers, strategy.run_one, concurrency=concurrency)
         output.update(result.as_dict())
+        drain = getattr(strategy, "drain", None)
+        if drain is not None:  # the pool's work, the caller did not wait for
+            drain(converge_timeout)
+            converged_at: dict[str, float] = getattr(strategy, "converged_at", {})
+            lags = [
+                max(0.0, (converged_at[t] - at) * 1000)
+                for t, at in strategy.committed_at.items()
+                if t in converged_at
+            ]
+            output["convergence_ms"] = percentiles(lags)
         output.update(strategy.stats())
         if strategy.relay_mode is not None:
             ids = set(strategy.committed_at)
@@ -95,9 +152,10 @@ def run_transfers(
                 output["convergence_error"] = (
                     f"{len(missing)} of {len(ids)} transfers (e.g. {min(missing)}) were not "
                     f"credited in B within {converge_timeout:g} s: with --no-pipeline, run "
-                    f"'twopc relay --mode {strategy.relay_mode}' and "
-                    f"'twopc consumer --mode {consumer}' elsewhere"
+                    f"{_run_elsewhere(strategy, consumer)} elsewhere"
                 )
+            if running is not None and running.fanout:
+                output["fanout"] = fanout_report(settings, strategy.committed_at, running)
     finally:
         if running is not None:
             running.stop()

@@ -34,7 +34,9 @@ from coordinator.states import Outcome
 from scenarios.config import Settings
 from scenarios.transfer.model import Transfer, account_ids
 
-RelayMode = Literal["status", "last-id", "cdc"]
+#: What brings B up to date for an asynchronous strategy: a relay of that mode and the
+#: consumer, or ("batch") the periodic batch job alone (scenarios.outbox.batchjob).
+RelayMode = Literal["status", "last-id", "cdc", "batch"]
 RELAY_MODES: tuple[RelayMode, ...] = ("status", "last-id", "cdc")
 
 CrashAction = Literal["abandon", "kill"]

@@ -63,9 +63,11 @@ class LocalCommitWriter:
         insert: str,
         *,
         status: str | None = None,
+        destination: str = CREDIT_QUEUE,
         before_commit: Callable[[], None] | None = None,
     ) -> None:
         self.name = name
+        self.destination = destination
         self.relay_mode: RelayMode | None = relay_mode
         self.committed_at: dict[str, float] = {}
         self._insert = insert
@@ -98,9 +100,11 @@ class LocalCommitWriter:
                         self._insert,
                         {
                             "tid": transfer.transfer_id,
-                            "destination": CREDIT_QUEUE,
+                            "destination": self.destination,
                             "body": transfer.body(),
                             "status": self._status,
+                            "target": transfer.target,
+                            "amount": transfer.amount,
                         },
                     )
             except MissingAccount as exc:

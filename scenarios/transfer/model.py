@@ -165,6 +165,9 @@ def reset(settings: Settings, *, accounts: int = DEFAULT_ACCOUNTS, balance: int 
     for queue in (EVENT_QUEUE, CREDIT_QUEUE):
         drain(settings, queue)
         drain(settings, dead_letter_queue(queue))  # letters of the transfers just dropped
+    from scenarios.outbox.fanout import drain_consumer_queues
+
+    drain_consumer_queues(settings)  # the CDC fan-out's queues (subscribing creates them)
 
 
 def stored_accounts(settings: Settings) -> int | None:

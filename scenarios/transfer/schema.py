@@ -105,5 +105,70 @@ INBOX = [
     )""",
 ]
 
-SCHEMA_A = [*BUSINESS, *META, *OUTBOX]
-SCHEMA_B = [*BUSINESS, *INBOX]
+# Database B: the CDC fan-out's audit log and slow consumer (scenarios.outbox.fanout), one
+# row per (consumer, transfer id) they processed; a redelivery only counts a duplicate.
+AUDIT = [
+    "DROP TABLE IF EXISTS audit_log",
+    """CREATE TABLE audit_log (
+        consumer text NOT NULL,
+        transfer_id text NOT NULL,
+        message_id text NOT NULL,
+        kind text NOT NULL,
+        body text NOT NULL,
+        duplicates integer NOT NULL DEFAULT 0,
+        processed_at timestamptz NOT NULL DEFAULT clock_timestamp(),
+        PRIMARY KEY (consumer, transfer_id)
+    )""",
+]
+
+
+#: The role the batch job reads A as: SELECT on batch_export only, and every transaction
+#: read-only by default (the chapter's "open the database read-only"). The lab trusts
+#: local connections, so the role has no password here; a real A would give it one.
+BATCH_READER = "twopc_batch_reader"
+
+# Database A: what the batch strategy's writer records beside the debit, for the batch
+# job to copy. txid orders rows by the writer's transaction, as in the outbox: the job
+# reads only below the oldest running transaction, so its position skips nothing.
+BATCH_A = [
+    "DROP TABLE IF EXISTS batch_export",
+    """CREATE TABLE batch_export (
+        id bigserial PRIMARY KEY,
+        txid xid8 NOT NULL DEFAULT pg_current_xact_id(),
+        transfer_id text NOT NULL UNIQUE,
+        target text NOT NULL,
+        amount bigint NOT NULL,
+        created_at timestamptz NOT NULL DEFAULT clock_timestamp()
+    )""",
+    "CREATE INDEX batch_export_commit_order ON batch_export (txid, id)",
+    # Roles belong to the cluster: made once, kept across resets (a race with another
+    # reset making it at the same moment is harmless).
+    f"""DO $$ BEGIN
+        IF NOT EXISTS (SELECT FROM pg_roles WHERE rolname = '{BATCH_READER}') THEN
+            CREATE ROLE {BATCH_READER} LOGIN;
+        END IF;
+    EXCEPTION WHEN duplicate_object OR unique_violation THEN NULL;
+    END $$""",
+    f"ALTER ROLE {BATCH_READER} SET default_transaction_read_only = on",
+    f"REVOKE ALL ON ALL TABLES IN SCHEMA public FROM {BATCH_READER}",
+    f"GRANT USAGE ON SCHEMA public TO {BATCH_READER}",
+    f"GRANT SELECT ON batch_export TO {BATCH_READER}",
+]
+
+# Database B: where the batch job got to in A, updated in the same B transaction as the
+# credits it copied (and their inbox rows), so that a crash loses both or neither.
+BATCH_B = [
+    "DROP TABLE IF EXISTS batch_positions",
+    """CREATE TABLE batch_positions (
+        name text PRIMARY KEY,
+        last_txid xid8 NOT NULL DEFAULT '0',
+        last_id bigint NOT NULL DEFAULT 0,
+        copied bigint NOT NULL DEFAULT 0,
+        runs bigint NOT NULL DEFAULT 0,
+        updated_at timestamptz NOT NULL DEFAULT clock_timestamp()
+    )""",
+    "INSERT INTO batch_positions (name) VALUES ('batch')",
+]
+
+SCHEMA_A = [*BUSINESS, *META, *OUTBOX, *BATCH_A]
+SCHEMA_B = [*BUSINESS, *INBOX, *AUDIT, *BATCH_B]

@@ -251,12 +251,150 @@ def postgres_restart_while_prepared(settings: Settings) -> Story:
     return story
 
 
+def slow_cdc_consumer(settings: Settings) -> Story:
+    """CDC fan-out: a slow consumer lags on its own queue; the others do not wait; none lost."""
+    from scenarios.outbox import fanout
+    from scenarios.outbox.pipeline import Pipeline, wait_converged
+    from scenarios.strategies.cdc import CdcFanoutStrategy
+    from scenarios.transfer.batch import percentiles, run_batch
+
+    story = Story("slow-cdc-consumer")
+    strategy = CdcFanoutStrategy()
+    strategy.prepare(settings, concurrency=4)
+    transfers = [new_transfer(amount=1) for _ in range(30)]
+    story.say(
+        f"30 transfers commit on A; the CDC relay publishes each once to {fanout.TOPIC}, "
+        f"copied to the queues of {', '.join(fanout.CONSUMERS)} (the slow one waits 0.1 s "
+        "before each message)"
+    )
+    try:
+        with Pipeline(settings, "cdc", fanout=fanout.CONSUMERS, slow_delay=0.1) as running:
+            run_batch(transfers, strategy.run_one, concurrency=4)
+            ids = set(strategy.committed_at)
+            missing = wait_converged(settings, ids, timeout=60, check=running.check)
+            counts = fanout.processed_counts(settings, ids)
+            story.expect(
+                not missing and counts[fanout.AUDIT] == len(ids),
+                f"B credited and the audit log complete: {counts[fanout.CREDIT]} and "
+                f"{counts[fanout.AUDIT]} of {len(ids)}",
+            )
+            story.expect(
+                counts[fanout.SLOW] < len(ids),
+                f"meanwhile the slow consumer has processed {counts[fanout.SLOW]}: the rest "
+                "wait in its own queue",
+            )
+            left = fanout.wait_all(settings, ids, timeout=60, check=running.check)
+            story.expect(
+                not any(left.values()), "it catches up: every consumer processed every event"
+            )
+    finally:
+        strategy.close()
+    lags = fanout.fanout_lags(settings, strategy.committed_at)
+    for name in fanout.CONSUMERS:
+        p = percentiles(list(lags[name].values()))
+        story.say(f"{name} lag from A's commit: p50 {p['p50']:.0f} ms, p99 {p['p99']:.0f} ms")
+    story.expect(
+        fanout.duplicate_effects(settings) == 0,
+        "evidence: no effect twice in B (inbox and audit_log rows unique per consumer)",
+    )
+    return story
+
+
+def _child_env(settings: Settings, setting: str, value: str) -> dict[str, str]:
+    return {**os.environ, **settings.as_env(), setting: value}
+
+
+def thread_pool_dies_with_work_queued(settings: Settings) -> Story:
+    """Fire-and-forget on a thread pool: the process dies with credits queued, and they are lost."""
+    from scenarios.strategies.base import CRASH_SETTING
+
+    story = Story("thread-pool-dies-with-work-queued")
+    before = gather_evidence(settings)
+    lost_before = before.in_a - before.in_b
+    story.say(
+        "a 'twopc transfer --strategy thread' process commits each debit in A, queues B's "
+        "credit and the message on a pool of 4 threads, and answers 'committed' at once"
+    )
+    command = [
+        sys.executable, "-m", "scenarios.cli", "transfer", "--strategy", "thread",
+        "--count", "60", "--concurrency", "8", "--no-check",
+    ]  # fmt: skip
+    env = _child_env(settings, CRASH_SETTING, "process-dies-with-queue=kill@10")
+    child = subprocess.run(command, env=env, capture_output=True, timeout=120, check=False)
+    story.expect(child.returncode == -9, "SIGKILL of the process while its pool's queue held work")
+    after = gather_evidence(settings)
+    lost = (after.in_a - after.in_b) - lost_before
+    story.expect(bool(lost), f"{len(lost)} transfers debited in A were never credited in B")
+    story.say(
+        f"evidence: A holds {len(after.in_a - before.in_a)} new transfers, B "
+        f"{len(after.in_b - before.in_b)}; money now {after.total_now} of {after.total_expected}; "
+        f"the lost ones (e.g. {', '.join(sorted(lost)[:2])}) are atomicity violations"
+    )
+    story.say(
+        "nothing recorded the queued work: no retry can find it; the remedy (--strategy "
+        "thread-sync) runs it on the caller's thread, or an outbox makes it durable first"
+    )
+    return story
+
+
+def batch_rerun_after_crash(settings: Settings) -> Story:
+    """The batch job is SIGKILLed between reading A and committing B; the re-run copies once."""
+    from scenarios.outbox.batchjob import BATCH_CRASH_SETTING, BatchConfig, BatchJob, position
+    from scenarios.strategies.batch import BatchStrategy
+    from scenarios.transfer.batch import run_batch
+
+    story = Story("batch-rerun-after-crash")
+    accounts = scenario.stored_accounts(settings) or scenario.DEFAULT_ACCOUNTS
+    strategy = BatchStrategy()
+    strategy.prepare(settings, concurrency=4)
+    try:
+        result = run_batch(
+            scenario.plan(30, accounts=accounts, seed=13), strategy.run_one, concurrency=4
+        )
+    finally:
+        strategy.close()
+    _, _, copied_before = position(settings)
+    story.say(f"A committed {result.outcomes['committed']} debits with their batch_export rows")
+    command = [sys.executable, "-m", "scenarios.cli", "batch", "--once", "--chunk", "10"]
+    env = _child_env(settings, BATCH_CRASH_SETTING, "after-read=kill@2")
+    child = subprocess.run(command, env=env, capture_output=True, timeout=60, check=False)
+    story.expect(child.returncode == -9, "'twopc batch --once' SIGKILLed after reading chunk 2")
+    _, _, copied = position(settings)
+    story.expect(copied - copied_before == 10, "B kept chunk 1 and its position; chunk 2 is gone")
+    env.pop(BATCH_CRASH_SETTING)
+    rerun = subprocess.run(command, env=env, capture_output=True, timeout=60, check=False)
+    txid, last_id, copied = position(settings)
+    story.expect(
+        rerun.returncode == 0 and copied - copied_before == result.outcomes["committed"],
+        f"the re-run began at the recorded position and copied the rest (now {txid}/{last_id})",
+    )
+    with psycopg.connect(settings.pg_b) as conn:
+        conn.execute("UPDATE batch_positions SET last_txid = '0', last_id = 0")
+    job = BatchJob(settings, BatchConfig(chunk=100))
+    try:
+        job.run_once()
+    finally:
+        job.close()
+    story.expect(job.stats.copied == 0, "a run over everything again credits nothing twice")
+    evidence = gather_evidence(settings, inbox=True)
+    story.expect(
+        evidence.money_conserved and evidence.in_a <= evidence.in_b,
+        f"evidence: A {len(evidence.in_a)} transfers, B {len(evidence.in_b)}, "
+        f"{job.stats.duplicates} found in B's inbox already; money {evidence.total_now} of "
+        f"{evidence.total_expected}",
+    )
+    return story
+
+
 STORIES: dict[str, Callable[[Settings], Story]] = {
     "happy": happy,
     "no-vote": no_vote,
     "coordinator-dies-after-prepare": coordinator_dies_after_prepare,
     "broker-down-at-commit-point": broker_down_at_commit_point,
     "postgres-restart-while-prepared": postgres_restart_while_prepared,
+    "slow-cdc-consumer": slow_cdc_consumer,
+    "thread-pool-dies-with-work-queued": thread_pool_dies_with_work_queued,
+    "batch-rerun-after-crash": batch_rerun_after_crash,
 }
 
 

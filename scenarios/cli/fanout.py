@@ -1,0 +1,53 @@
+"""``twopc fanout``: one consumer of the CDC fan-out, on its own queue of the virtual topic.
+
+``twopc transfer --strategy cdc-fanout`` runs the whole fan-out in one process
+(the CDC relay and the credit, audit and slow consumers) and reports each
+consumer's lag; this command runs one consumer apart, until SIGTERM or SIGINT,
+e.g. to kill it and start it again: it resumes from its queue.
+"""
+
+from __future__ import annotations
+
+import click
+
+from scenarios.cli.outbox import (
+    _configure_logs,
+    _print_consumer_stats,
+    _settings,
+    _stop_on_signals,
+)
+
+
+@click.command()
+@click.option(
+    "--consumer",
+    "name",
+    required=True,
+    help="credit (credits B), slow (a slow audit log) or any other name (an audit log); "
+    "it reads /queue/Consumer.<name>.VirtualTopic.transfers.",
+)
+@click.option(
+    "--delay",
+    type=click.FloatRange(0, 60),
+    default=None,
+    help="Seconds the slow consumer waits before each message "
+    "[default: TWOPC_FANOUT_SLOW_DELAY or 0.02].",
+)
+@click.option("--log-json", is_flag=True, help="Log JSON lines.")
+def fanout(name: str, delay: float | None, log_json: bool) -> None:
+    """Consume the CDC fan-out as consumer NAME, idempotently, until SIGTERM."""
+    from scenarios.outbox.consumer import ConsumerFailed
+    from scenarios.outbox.fanout import ensure_queues, make_consumer
+
+    _configure_logs(log_json)
+    settings = _settings()
+    worker = make_consumer(settings, name, delay=delay)
+    ensure_queues(settings, [name])
+    stop = _stop_on_signals()
+    try:
+        worker.run(stop)
+    except ConsumerFailed as exc:
+        _print_consumer_stats(worker.stats.as_dict())
+        click.echo(f"twopc: error: {exc}", err=True)
+        raise SystemExit(1) from None
+    _print_consumer_stats(worker.stats.as_dict())

@@ -1,0 +1,258 @@
+"""CDC fan-out: A's changes published once to a virtual topic, read by consumers at their own pace.
+
+The ``cdc-fanout`` writer (scenarios.strategies.cdc) records each transfer in
+``cdc_events`` with the destination :data:`TOPIC`; the CDC relay decodes it
+from the WAL and publishes it there once. :data:`TOPIC` is an ActiveMQ 5
+*virtual topic*: the broker's default virtual destination interceptor (no
+configuration needed: the lab's activemq.xml declares no interceptors, so the
+default ``VirtualTopic.>`` one applies) copies every message sent to
+``/topic/VirtualTopic.transfers`` into each queue named
+``/queue/Consumer.<name>.VirtualTopic.transfers`` that exists at that moment.
+
+So each consumer has a durable queue of its own, and its position is that
+queue, kept by the broker:
+
+* a consumer killed and restarted resumes from its queue (what it had not
+  acknowledged is redelivered, and it is idempotent);
+* a slow consumer's backlog grows in its own queue only. The lab's queues have
+  ``producerFlowControl="false"``, so a long queue spills to the store rather
+  than blocking the relay's send, which would hold up every consumer;
+* a queue that does not exist yet receives nothing: :func:`ensure_queues`
+  creates them (a SUBSCRIBE creates a queue) before the first write.
+
+The consumers (:data:`CONSUMERS`):
+
+``credit``
+    The outbox consumer (scenarios.outbox.consumer) on its own queue: credits
+    B exactly once in effect through the inbox.
+``audit``
+    Writes every message to B's ``audit_log``, keyed by (consumer, transfer
+    id): a redelivery only counts a duplicate.
+``slow``
+    The audit log again, one message at a time, waiting :data:`SLOW_DELAY_SETTING`
+    seconds (default :data:`DEFAULT_SLOW_DELAY`) before each.
+
+Each consumer's lag is measured from the client's commit on A to its
+processing (``inbox.applied_at`` or ``audit_log.processed_at``):
+:func:`fanout_lags`.
+"""
+
+from __future__ import annotations
+
+import os
+import time
+from collections.abc import Callable, Iterable, Mapping, Sequence
+
+import psycopg
+
+from coordinator.errors import ConfigurationError
+from participants.stomp_client import Message
+from scenarios.config import Settings
+from scenarios.outbox.consumer import (
+    APPLIED,
+    DUPLICATE,
+    Consumer,
+    _Stopped,
+    kind_problem,
+)
+from scenarios.transfer.model import TYPE_HEADER, drain
+from scenarios.wiring import open_stomp
+
+#: The virtual topic the CDC relay publishes the fan-out's messages to.
+TOPIC = "/topic/VirtualTopic.transfers"
+
+#: The fan-out's consumers, each with its own queue.
+CREDIT, AUDIT, SLOW = "credit", "audit", "slow"
+CONSUMERS: tuple[str, ...] = (CREDIT, AUDIT, SLOW)
+
+#: Seconds the slow consumer waits before each message.
+SLOW_DELAY_SETTING = "TWOPC_FANOUT_SLOW_DELAY"
+DEFAULT_SLOW_DELAY = 0.02
+
+AUDIT_INSERT = (
+    "INSERT INTO audit_log (consumer, transfer_id, message_id, kind, body) "
+    "VALUES (%s, %s, %s, %s, %s) "
+    "ON CONFLICT (consumer, transfer_id) DO UPDATE SET duplicates = audit_log.duplicates + 1 "
+    "RETURNING (xmax = 0)"  # true for a fresh insert, false when the row was there
+)
+
+
+def consumer_queue(name: str) -> str:
+    """``/queue/Consumer.<name>.VirtualTopic.transfers``: where consumer ``name`` reads."""
+    if not name or not name.replace("-", "").replace("_", "").isalnum():
+        raise ConfigurationError(
+            f"fan-out consumer name {name!r}: use letters, digits, '-' and '_' only"
+        )
+    return f"/queue/Consumer.{name}.{TOPIC.removeprefix('/topic/')}"
+
+
+def slow_delay() -> float:
+    """The slow consumer's delay per message, from TWOPC_FANOUT_SLOW_DELAY (seconds)."""
+    raw = os.environ.get(SLOW_DELAY_SETTING, "")
+    try:
+        delay = float(raw) if raw else DEFAULT_SLOW_DELAY
+    except ValueError:
+        delay = -1.0
+    if not 0 <= delay <= 60:
+        raise ConfigurationError(f"{SLOW_DELAY_SETTING}={raw!r}: seconds between 0 and 60")
+    return delay
+
+
+def ensure_queues(settings: Settings, names: Iterable[str] = CONSUMERS) -> None:
+    """Create each consumer's queue (a SUBSCRIBE creates it), so that none misses a message.
+
+    The UNSUBSCRIBE's receipt says the broker has processed the SUBSCRIBE.
+    """
+    with open_stomp(settings, participant="fanout-broker") as client:
+        for name in names:
+            client.subscribe(consumer_queue(name), ack="client-individual", prefetch=1).unsubscribe(
+                timeout=5.0
+            )
+
+
+def drain_consumer_queues(settings: Settings, names: Iterable[str] = CONSUMERS) -> int:
+    """Drop every message on the consumer queues (a reset); creates them too."""
+    return sum(drain(settings, consumer_queue(name)) for name in names)
+
+
+class AuditConsumer(Consumer):
+    """Writes every message with a transfer id to B's audit_log, once per (consumer, transfer)."""
+
+    def __init__(
+        self, settings: Settings, name: str = AUDIT, *, prefetch: int = 500, batch_size: int = 200
+    ) -> None:
+        super().__init__(
+            settings,
+            destination=consumer_queue(name),
+            name=name,
+            prefetch=prefetch,
+            batch_size=batch_size,
+        )
+
+    def problem_of(self, message: Message) -> str:
+        """The kind the credit consumer takes, checked alike: what the relay publishes to the
+        topic is ``type: transfer.credit``; anything else (an event, no kind, an unknown kind,
+        no transfer id) is dead-lettered by every fan-out consumer."""
+        return kind_problem(message)
+
+    def apply_batch(self, db: psycopg.Connection, messages: Sequence[Message]) -> list[str]:
+        outcomes: list[str] = []
+        with db.transaction(), db.cursor() as cur:
+            for message in messages:
+                cur.execute(
+                    AUDIT_INSERT,
+                    (
+                        self.name,
+                        message.headers["transfer-id"],
+                        message.message_id,
+                        message.headers.get(TYPE_HEADER, ""),
+                        message.body,
+                    ),
+                )
+                row = cur.fetchone()
+                outcomes.append(APPLIED if row and row[0] else DUPLICATE)
+        return outcomes
+
+
+class SlowConsumer(AuditConsumer):
+    """The audit log, one message at a time, ``delay`` seconds before each: a slow reader."""
+
+    def __init__(self, settings: Settings, name: str = SLOW, *, delay: float = 0.0) -> None:
+        super().__init__(settings, name, prefetch=1, batch_size=1)
+        self.delay = delay
+
+    def apply_batch(self, db: psycopg.Connection, messages: Sequence[Message]) -> list[str]:
+        if self._stop.wait(self.delay * len(messages)):
+            raise _Stopped()  # unacknowledged: redelivered to the next run
+        return super().apply_batch(db, messages)
+
+
+def make_consumer(settings: Settings, name: str, *, delay: float | None = None) -> Consumer:
+    """The fan-out consumer called ``name``: credit, slow, or (any other name) an audit log."""
+    if name == CREDIT:
+        return Consumer(settings, destination=consumer_queue(name), name=name)
+    if name == SLOW:
+        return SlowConsumer(settings, name, delay=slow_delay() if delay is None else delay)
+    return AuditConsumer(settings, name)
+
+
+# -- watching them ---------------------------------------------------------------------
+
+
+def _processed(conn: psycopg.Connection, name: str, ids: list[str]) -> list[tuple[str, float]]:
+    """(transfer id, epoch of processing) of ``ids`` that consumer ``name`` has processed."""
+    if name == CREDIT:
+        query = (
+            "SELECT transfer_id, extract(epoch FROM applied_at)::float8 FROM inbox "
+            "WHERE transfer_id = ANY(%s)"
+        )
+        rows = conn.execute(query, (ids,)).fetchall()
+    else:
+        query = (
+            "SELECT transfer_id, extract(epoch FROM processed_at)::float8 FROM audit_log "
+            "WHERE consumer = %s AND transfer_id = ANY(%s)"
+        )
+        rows = conn.execute(query, (name, ids)).fetchall()
+    return [(str(tid), float(at)) for tid, at in rows]
+
+
+def wait_all(
+    settings: Settings,
+    ids: Iterable[str],
+    names: Iterable[str] = CONSUMERS,
+    *,
+    timeout: float = 60.0,
+    check: Callable[[], None] | None = None,
+) -> dict[str, set[str]]:
+    """Wait until every consumer has processed ``ids``; per consumer, what is still missing."""
+    wanted = list(set(ids))
+    deadline = time.monotonic() + timeout
+    with psycopg.connect(settings.pg_b, autocommit=True) as conn:
+        while True:
+            missing = {
+                name: set(wanted) - {tid for tid, _ in _processed(conn, name, wanted)}
+                for name in names
+            }
+            if not any(missing.values()) or time.monotonic() >= deadline:
+                return missing
+            if check is not None:
+                check()
+            time.sleep(0.05)
+
+
+def processed_counts(
+    settings: Settings, ids: Iterable[str], names: Iterable[str] = CONSUMERS
+) -> dict[str, int]:
+    """How many of ``ids`` each consumer has processed so far."""
+    wanted = list(set(ids))
+    with psycopg.connect(settings.pg_b, autocommit=True) as conn:
+        return {name: len(_processed(conn, name, wanted)) for name in names}
+
+
+def fanout_lags(
+    settings: Settings, committed_at: Mapping[str, float], names: Iterable[str] = CONSUMERS
+) -> dict[str, dict[str, float]]:
+    """consumer -> transfer id -> ms from the client's commit on A to the consumer's processing."""
+    ids = list(committed_at)
+    with psycopg.connect(settings.pg_b, autocommit=True) as conn:
+        return {
+            name: {
+                tid: max(0.0, (at - committed_at[tid]) * 1000)
+                for tid, at in _processed(conn, name, ids)
+            }
+            for name in names
+        }
+
+
+def duplicate_effects(settings: Settings) -> int:
+    """Rows of audit_log or inbox that exist twice for one (consumer, transfer): always 0.
+
+    The primary keys forbid it; this reads it back as evidence. Redeliveries show
+    as ``duplicates`` counts instead.
+    """
+    with psycopg.connect(settings.pg_b) as conn:
+        row = conn.execute(
+            "SELECT (SELECT count(*) - count(DISTINCT (consumer, transfer_id)) FROM audit_log)"
+            " + (SELECT count(*) - count(DISTINCT transfer_id) FROM inbox)"
+        ).fetchone()
+    return int(row[0]) if row else 0
