@@ -285,3 +285,16 @@ def test_no_pipeline_only_writes_and_its_checks_wait_for_a_separate_2pc_consumer
     assert len(ids) == 12 and prepared == 0  # the first five too, once the relay ran
     with psycopg.connect(settings.pg_b) as conn:
         assert conn.execute("SELECT count(*) FROM inbox").fetchone() == (0,)
+
+
+def test_no_pipeline_error_names_what_each_strategy_needs_started() -> None:
+    """The --no-pipeline error names the relay and consumer, the batch job, or the fan-out."""
+    from scenarios.strategies import converge_commands, new_strategy
+
+    assert converge_commands(new_strategy("outbox-status"), "2pc") == (
+        "'twopc relay --mode status' and 'twopc consumer --mode 2pc'"
+    )
+    assert converge_commands(new_strategy("batch"), "inbox") == "'twopc batch'"
+    fanout = converge_commands(new_strategy("cdc-fanout"), "inbox")
+    assert fanout.startswith("'twopc relay --mode cdc' and 'twopc fanout --consumer credit'")
+    assert "'twopc fanout --consumer slow'" in fanout

@@ -78,7 +78,7 @@ def fanout_report(
     return {"consumers": consumers, "duplicate_effects": fanout.duplicate_effects(settings)}
 
 
-def _run_elsewhere(strategy: Any, consumer: str) -> str:
+def converge_commands(strategy: Any, consumer: str) -> str:
     """The commands that make ``strategy`` converge when ``twopc transfer`` starts none."""
     if strategy.relay_mode == "batch":
         return "'twopc batch'"
@@ -152,7 +152,7 @@ def run_transfers(
                 output["convergence_error"] = (
                     f"{len(missing)} of {len(ids)} transfers (e.g. {min(missing)}) were not "
                     f"credited in B within {converge_timeout:g} s: with --no-pipeline, run "
-                    f"{_run_elsewhere(strategy, consumer)} elsewhere"
+                    f"{converge_commands(strategy, consumer)} elsewhere"
                 )
             if running is not None and running.fanout:
                 output["fanout"] = fanout_report(settings, strategy.committed_at, running)
