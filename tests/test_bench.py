@@ -126,6 +126,7 @@ TINY_REPORT = report.ReportPlan(
     crash_every=3,
     two_pc_crashes=("after_broker_commit",),
     phase_count=8,
+    consumer_counts=(10, 2),
 )
 
 
@@ -207,6 +208,17 @@ def test_bench_report_compares_strategies_and_counts_crash_anomalies(tiny_report
     assert sum(p["anomalies"] for p in crashes["naive"].values()) > 0
     markdown = (tmp_path / "report.md").read_text()
     assert "## Verdict" in markdown and "![" in markdown and data["command"] in markdown
+
+
+@pytest.mark.lab
+def test_bench_report_compares_the_inbox_consumer_with_the_2pc_consumer(tiny_report: Path) -> None:
+    """twopc bench: the report measures both consumer modes side by side in one section."""
+    data = json.loads((tiny_report / "data.json").read_text())
+    assert [c["mode"] for c in data["consumers"]] == ["inbox", "2pc"]
+    assert all(c["count"] == 10 and c["throughput_per_s"] > 0 for c in data["consumers"])
+    markdown = (tiny_report / "report.md").read_text()
+    assert "## Consuming: the inbox consumer against the 2pc consumer" in markdown
+    assert "| --mode 2pc | 10 |" in markdown
 
 
 @pytest.mark.lab
