@@ -247,8 +247,9 @@ def indoubt(as_json: bool) -> None:
 @click.option(
     "--no-pipeline",
     is_flag=True,
-    help="Only write: start no relay or consumer here (they run elsewhere: 'twopc relay', "
-    "'twopc consumer'); the checks wait for the convergence they bring about.",
+    help="Only write: start no relay, consumer or batch job here (they run elsewhere: "
+    "'twopc relay' and 'twopc consumer', 'twopc fanout', 'twopc batch'); the checks wait "
+    "for the convergence they bring about.",
 )
 @click.option(
     "--consumer-mode",
