@@ -298,3 +298,30 @@ def test_no_pipeline_error_names_what_each_strategy_needs_started() -> None:
     fanout = converge_commands(new_strategy("cdc-fanout"), "inbox")
     assert fanout.startswith("'twopc relay --mode cdc' and 'twopc fanout --consumer credit'")
     assert "'twopc fanout --consumer slow'" in fanout
+
+
+@pytest.mark.lab
+def test_no_pipeline_batch_starts_no_job_and_a_separate_batch_run_converges_it(
+    settings: Settings, clean: None
+) -> None:
+    """--no-pipeline with batch copies nothing, names 'twopc batch', which then credits B."""
+    alone = twopc_cli(
+        settings,
+        "transfer",
+        "--strategy",
+        "batch",
+        "--count",
+        "5",
+        "--no-pipeline",
+        "--converge-timeout",
+        "1",
+        "--json",
+    )
+    assert alone.returncode == 1, alone.stderr
+    assert "not credited in B within 1 s" in alone.stderr and "'twopc batch'" in alone.stderr
+    with psycopg.connect(settings.pg_b) as conn:
+        assert conn.execute("SELECT count(*) FROM inbox").fetchone() == (0,)
+    job = twopc_cli(settings, "batch", "--once")
+    assert job.returncode == 0, job.stderr
+    with psycopg.connect(settings.pg_b) as conn:
+        assert conn.execute("SELECT count(*) FROM inbox").fetchone() == (5,)
