@@ -308,7 +308,7 @@ def test_gtrid_whose_phase_two_is_still_pending_is_refused() -> None:
         tx = coord.begin(PREFIX + "dup")
         tx.execute("a", "debit")
         tx.execute("b", "credit")
-        tx.send("/queue/transfers", "{}")
+        tx.send("/queue/transfers.completed", "{}")
         assert tx.commit() is Outcome.COMMITTED
         with pytest.raises(DuplicateGtrid, match=r"^gtrid t1\.dup is already in use"):
             coord.begin(PREFIX + "dup")
@@ -347,7 +347,7 @@ def test_send_without_a_broker_is_refused(coordinator: Coordinator) -> None:
     tx = coordinator.begin()
     message = rf"^transaction {re.escape(tx.gtrid)}: this coordinator has no broker participant$"
     with pytest.raises(UnknownParticipant, match=message):
-        tx.send("/queue/transfers", "{}")
+        tx.send("/queue/transfers.completed", "{}")
     assert tx.messages_sent == 0
     tx.rollback()
 

@@ -13,6 +13,7 @@ import pytest
 from click.testing import CliRunner
 from hdrh.histogram import HdrHistogram
 
+from coordinator.errors import ConfigurationError
 from scenarios.bench import measure, overhead, report
 from scenarios.cli.main import main
 from tests.browser import open_page
@@ -125,6 +126,7 @@ TINY_REPORT = report.ReportPlan(
     crash_every=3,
     two_pc_crashes=("after_broker_commit",),
     phase_count=8,
+    consumer_counts=(10, 2),
 )
 
 
@@ -206,6 +208,17 @@ def test_bench_report_compares_strategies_and_counts_crash_anomalies(tiny_report
     assert sum(p["anomalies"] for p in crashes["naive"].values()) > 0
     markdown = (tmp_path / "report.md").read_text()
     assert "## Verdict" in markdown and "![" in markdown and data["command"] in markdown
+
+
+@pytest.mark.lab
+def test_bench_report_compares_the_inbox_consumer_with_the_2pc_consumer(tiny_report: Path) -> None:
+    """twopc bench: the report measures both consumer modes side by side in one section."""
+    data = json.loads((tiny_report / "data.json").read_text())
+    assert [c["mode"] for c in data["consumers"]] == ["inbox", "2pc"]
+    assert all(c["count"] == 10 and c["throughput_per_s"] > 0 for c in data["consumers"])
+    markdown = (tiny_report / "report.md").read_text()
+    assert "## Consuming: the inbox consumer against the 2pc consumer" in markdown
+    assert "| --mode 2pc | 10 |" in markdown
 
 
 @pytest.mark.lab
@@ -309,3 +322,30 @@ def test_the_core_commands_import_nothing_of_the_bench_extra() -> None:
         [sys.executable, "-c", code], capture_output=True, text=True, check=True, timeout=60
     )
     assert done.stdout.strip() == "[]"
+
+
+@pytest.mark.lab
+def test_bench_consumers_measures_both_modes_side_by_side(
+    lab: object, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """twopc bench --consumers: inbox and 2pc measured side by side, files written."""
+    from scenarios.cli import bench as bench_cli
+
+    monkeypatch.setitem(bench_cli.CONSUMER_COUNTS, True, (20, 3))
+    outcome = CliRunner().invoke(main, ["bench", "--consumers", "--quick", "--out", str(tmp_path)])
+    assert outcome.exit_code == 0, outcome.output
+    rows = json.loads((tmp_path / "consumers.json").read_text())["consumers"]
+    assert [r["mode"] for r in rows] == ["inbox", "2pc"]
+    for row in rows:
+        assert row["count"] == 20 and row["throughput_per_s"] > 0, row
+        assert row["wal_bytes_per_message"] > 0, row
+        assert 0 < row["latency_ms"]["p50"] <= row["latency_ms"]["max"], row
+    assert "| `--mode 2pc` | 20 |" in (tmp_path / "consumers.md").read_text()
+
+
+def test_bench_consumers_refuses_unbounded_counts() -> None:
+    """The consumer bench takes bounded counts only, and says which in one line."""
+    from scenarios.bench import consumers
+
+    with pytest.raises(ConfigurationError, match=r"1\.\.5000 messages"):
+        consumers.compare(None, count=10**6, latency_count=1)  # type: ignore[arg-type]

@@ -7,6 +7,7 @@ Also the two ActiveMQ behaviours the consumer relies on, shown against the real 
 
 from __future__ import annotations
 
+import json
 import os
 import signal
 import subprocess
@@ -213,3 +214,114 @@ def test_a_2pc_consumer_killed_at_each_step_applies_every_credit_exactly_once(
         assert after[f"acc-{i:05d}"] - before[f"acc-{i:05d}"] == 1 + i
     assert browse(settings, dead_letter_queue(CREDIT_QUEUE)) == []
     assert "applied" in out
+
+
+def twopc_cli(settings: Settings, *args: str) -> subprocess.CompletedProcess[str]:
+    """``twopc ARGS`` run to its end."""
+    return subprocess.run(
+        [sys.executable, "-m", "scenarios.cli", *args],
+        env={**os.environ, **settings.as_env(), **failpoint_env(None)},
+        capture_output=True,
+        text=True,
+        timeout=240,
+    )
+
+
+@pytest.mark.lab
+def test_no_pipeline_only_writes_and_its_checks_wait_for_a_separate_2pc_consumer(
+    settings: Settings, clean: None
+) -> None:
+    """--no-pipeline starts no relay nor consumer; with 'consumer --mode 2pc' elsewhere it holds."""
+    alone = twopc_cli(
+        settings,
+        "transfer",
+        "--strategy",
+        "outbox-status",
+        "--count",
+        "5",
+        "--no-pipeline",
+        "--consumer-mode",
+        "2pc",
+        "--converge-timeout",
+        "2",
+        "--json",
+    )
+    assert alone.returncode == 1, alone.stderr
+    assert "not credited in B within 2 s" in alone.stderr
+    assert "twopc consumer --mode 2pc" in alone.stderr
+    with psycopg.connect(settings.pg_a) as conn:  # nothing relayed: still pending
+        assert conn.execute("SELECT count(*) FROM outbox WHERE status = 'pending'").fetchone() == (
+            5,
+        )
+    relay = subprocess.Popen(
+        [sys.executable, "-m", "scenarios.cli", "relay", "--mode", "status"],
+        env={**os.environ, **settings.as_env(), "TWOPC_LOG_LEVEL": "WARNING"},
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
+    consumer = run_consumer_cli(settings, {CONSUMER_CRASH_SETTING: "", **failpoint_env(None)})
+    try:
+        together = twopc_cli(
+            settings,
+            "transfer",
+            "--strategy",
+            "outbox-status",
+            "--count",
+            "7",
+            "--no-pipeline",
+            "--consumer-mode",
+            "2pc",
+            "--json",
+        )
+    finally:
+        for process in (relay, consumer):
+            process.send_signal(signal.SIGTERM)
+        relay.wait(30)
+        consumer.communicate(timeout=30)
+    assert together.returncode == 0, together.stderr
+    out = json.loads(together.stdout)
+    assert out["not_converged"] == 0 and out["invariants"]["ok"]
+    _, ids, prepared = b_state(settings)
+    assert len(ids) == 12 and prepared == 0  # the first five too, once the relay ran
+    with psycopg.connect(settings.pg_b) as conn:
+        assert conn.execute("SELECT count(*) FROM inbox").fetchone() == (0,)
+
+
+def test_no_pipeline_error_names_what_each_strategy_needs_started() -> None:
+    """The --no-pipeline error names the relay and consumer, the batch job, or the fan-out."""
+    from scenarios.strategies import converge_commands, new_strategy
+
+    assert converge_commands(new_strategy("outbox-status"), "2pc") == (
+        "'twopc relay --mode status' and 'twopc consumer --mode 2pc'"
+    )
+    assert converge_commands(new_strategy("batch"), "inbox") == "'twopc batch'"
+    fanout = converge_commands(new_strategy("cdc-fanout"), "inbox")
+    assert fanout.startswith("'twopc relay --mode cdc' and 'twopc fanout --consumer credit'")
+    assert "'twopc fanout --consumer slow'" in fanout
+
+
+@pytest.mark.lab
+def test_no_pipeline_batch_starts_no_job_and_a_separate_batch_run_converges_it(
+    settings: Settings, clean: None
+) -> None:
+    """--no-pipeline with batch copies nothing, names 'twopc batch', which then credits B."""
+    alone = twopc_cli(
+        settings,
+        "transfer",
+        "--strategy",
+        "batch",
+        "--count",
+        "5",
+        "--no-pipeline",
+        "--converge-timeout",
+        "1",
+        "--json",
+    )
+    assert alone.returncode == 1, alone.stderr
+    assert "not credited in B within 1 s" in alone.stderr and "'twopc batch'" in alone.stderr
+    with psycopg.connect(settings.pg_b) as conn:
+        assert conn.execute("SELECT count(*) FROM inbox").fetchone() == (0,)
+    job = twopc_cli(settings, "batch", "--once")
+    assert job.returncode == 0, job.stderr
+    with psycopg.connect(settings.pg_b) as conn:
+        assert conn.execute("SELECT count(*) FROM inbox").fetchone() == (5,)

@@ -66,6 +66,27 @@ def test_consumer_queue_follows_the_virtual_topic_naming() -> None:
         fanout.consumer_queue("")
 
 
+def test_every_fanout_consumer_takes_the_same_kind_and_refuses_the_others() -> None:
+    """credit, audit and slow accept what the relay publishes and refuse other kinds alike."""
+    from participants.stomp_client import Message
+    from scenarios.transfer.model import CREDIT_COMMAND, TRANSFER_COMPLETED, TYPE_HEADER
+
+    settings = Settings.load()
+    consumers = [fanout.make_consumer(settings, name, delay=0) for name in fanout.CONSUMERS]
+    relayed = Message({"transfer-id": "t-1", TYPE_HEADER: CREDIT_COMMAND}, "{}")
+    others = [
+        Message({"transfer-id": "t-2", TYPE_HEADER: TRANSFER_COMPLETED}, "{}"),
+        Message({"transfer-id": "t-3"}, "{}"),
+        Message({"transfer-id": "t-4", TYPE_HEADER: "hello"}, "{}"),
+        Message({TYPE_HEADER: CREDIT_COMMAND}, "{}"),
+    ]
+    for consumer in consumers:
+        assert consumer.problem_of(relayed) == "", consumer.name
+        reasons = [consumer.problem_of(m) for m in others]
+        assert all(reasons), consumer.name
+        assert reasons == [consumers[0].problem_of(m) for m in others], consumer.name
+
+
 @pytest.mark.lab
 def test_slow_consumer_lags_alone_and_catches_up_with_nothing_lost(settings: Settings) -> None:
     """The slow consumer lags while credit and audit converge; then all hold every event once."""

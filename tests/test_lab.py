@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import socket
 import subprocess
 import sys
@@ -83,6 +84,7 @@ def spare_home() -> Iterator[Path]:
     home.chmod(0o755)
     yield home
     Lab(home).down()
+    shutil.rmtree(home, ignore_errors=True)  # about 90 MB of clusters and broker data
 
 
 def spare_env(home: Path, **ports: int) -> dict[str, str]:

@@ -77,7 +77,11 @@ def assert_exactly_once(settings: Settings, *, timeout: float = 60.0) -> None:
     missing = wait_converged(settings, timeout=timeout)
     assert not missing, f"{len(missing)} transfers never reached B"
     # Redelivered duplicates may still be on their way through the consumer.
-    wait_for(lambda: not invariants.queued_transfer_ids(settings), timeout, "an empty queue")
+    wait_for(
+        lambda: not invariants.queued_transfer_ids(settings, scenario.CREDIT_QUEUE),
+        timeout,
+        "an empty queue",
+    )
     evidence = gather_evidence(settings, inbox=True)
     assert evidence.total_now == evidence.total_expected, "money was created or destroyed"
     assert evidence.in_a == evidence.in_b

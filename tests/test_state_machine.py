@@ -63,7 +63,7 @@ from participants.fake import FakeBroker, FakeResource, FakeStore
 COORDINATOR_ID = "t1"
 PREFIX = COORDINATOR_ID + "."
 DATABASES = ("a", "b")
-QUEUE = "/queue/transfers"
+QUEUE = "/queue/transfers.completed"
 
 PROFILES = {
     "default": settings(max_examples=600, stateful_step_count=30, deadline=None),

@@ -191,12 +191,12 @@ def test_rollback_on_error_in_work_leaves_nothing(fresh: Settings) -> None:
         with pytest.raises(RuntimeError), coordinator.transaction() as tx:
             tx.execute("a", "INSERT INTO transfers (transfer_id, amount) VALUES ('err-1', 1)")
             tx.execute("b", "INSERT INTO transfers (transfer_id, amount) VALUES ('err-1', 1)")
-            tx.send(scenario.QUEUE, "{}", {"transfer-id": "err-1"})
+            tx.send(scenario.EVENT_QUEUE, "{}", {"transfer-id": "err-1"})
             raise RuntimeError("the caller changed its mind")
         with pytest.raises(TransactionTimeout), coordinator.transaction(timeout=0.2) as tx:
             tx.execute("a", "SELECT pg_sleep(0.5)")
             tx.execute("b", "INSERT INTO transfers (transfer_id, amount) VALUES ('err-2', 1)")
-            tx.send(scenario.QUEUE, "{}", {"transfer-id": "err-2"})
+            tx.send(scenario.EVENT_QUEUE, "{}", {"transfer-id": "err-2"})
     finally:
         coordinator.close()
     evidence = gather_evidence(fresh)
@@ -324,7 +324,7 @@ def test_paused_broker_at_commit_point_is_in_doubt_then_resolved(fresh: Settings
         tx = coordinator.begin(f"{fresh.coordinator_id}.paused-1")
         tx.execute("a", scenario.DEBIT, {"amount": 5, "account": t.source, "tid": t.transfer_id})
         tx.execute("b", scenario.CREDIT, {"amount": 5, "account": t.target, "tid": t.transfer_id})
-        tx.send(scenario.QUEUE, t.body(), {"transfer-id": t.transfer_id})
+        tx.send(scenario.EVENT_QUEUE, t.body(), {"transfer-id": t.transfer_id})
         lab.kill("activemq", signal.SIGSTOP)
         try:
             outcome = tx.commit()

@@ -38,7 +38,7 @@ from scenarios.config import Settings
 from scenarios.transfer.model import (
     CREDIT,
     DEBIT,
-    QUEUE,
+    EVENT_QUEUE,
     TRANSFER_COMPLETED,
     TYPE_HEADER,
     Transfer,
@@ -129,7 +129,7 @@ class Floor:
         if lane.mq is not None:
             lane.mq.begin(gtrid)
             headers = {"transfer-id": t.transfer_id, TYPE_HEADER: TRANSFER_COMPLETED}
-            lane.mq.send(QUEUE, t.body(), headers, transaction=gtrid)
+            lane.mq.send(EVENT_QUEUE, t.body(), headers, transaction=gtrid)
 
         prepared_b = self._helper.submit(lane.b.tpc_prepare)
         lane.a.tpc_prepare()

@@ -51,7 +51,7 @@ from scenarios.transfer import model as scenario
 from scenarios.transfer.model import (
     CREDIT,
     DEBIT,
-    QUEUE,
+    EVENT_QUEUE,
     TRANSFER_COMPLETED,
     TYPE_HEADER,
     Transfer,
@@ -163,7 +163,7 @@ class CoordinatorContender:
                     tx.execute("b", CREDIT, {**params, "account": t.target})
                     if self.broker:
                         tx.send(
-                            QUEUE,
+                            EVENT_QUEUE,
                             t.body(),
                             {"transfer-id": t.transfer_id, TYPE_HEADER: TRANSFER_COMPLETED},
                         )
@@ -238,7 +238,7 @@ class LocalCommit:
                     conn.execute(
                         "INSERT INTO outbox (transfer_id, destination, body, status) "
                         "VALUES (%s, %s, %s, 'pending')",
-                        (t.transfer_id, QUEUE, t.body()),
+                        (t.transfer_id, EVENT_QUEUE, t.body()),
                     )
             except pg_errors.CheckViolation:
                 conn.rollback()
@@ -563,7 +563,7 @@ def _outcome_cost(
                     tx.execute("b", CREDIT, {**params, "account": t.target})
                     if broker:
                         tx.send(
-                            QUEUE,
+                            EVENT_QUEUE,
                             t.body(),
                             {"transfer-id": t.transfer_id, TYPE_HEADER: TRANSFER_COMPLETED},
                         )

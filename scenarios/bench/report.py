@@ -76,6 +76,9 @@ class ReportPlan:
     two_pc_crashes: tuple[str, ...]
     phase_count: int  # transfers of the 2PC phase-split run
     slices: int = 1  # throughput runs alternate the concurrencies in this many slices
+    #: The consume side (scenarios.bench.consumers): messages for the throughput and for
+    #: the latency of each consumer mode; (0, 0) leaves the section out.
+    consumer_counts: tuple[int, int] = (300, 30)
 
     @classmethod
     def for_mode(cls, quick: bool) -> ReportPlan:
@@ -104,6 +107,7 @@ class ReportPlan:
             two_pc_crashes=TWO_PC_CRASHES_FULL,
             phase_count=400,
             slices=4,
+            consumer_counts=(2_000, 200),
         )
 
 
@@ -538,6 +542,12 @@ def run_report(
         data["crashes"][name] = crash_anomalies(settings, name, plan, seed)
         if progress is not None and overall is not None:
             progress.advance(overall)
+    count, latency_count = plan.consumer_counts
+    if count and latency_count:
+        from scenarios.bench import consumers
+
+        data["consumers"] = consumers.compare(settings, count=count, latency_count=latency_count)
+        reset_lab(settings)
     data["verdict"] = pages.verdict(data["strategies"], data["crashes"])
     data["load_after"] = list(os.getloadavg())
     data["seconds"] = time.time() - started

@@ -498,6 +498,24 @@ def sections(data: Mapping[str, Any], plots: Mapping[str, str]) -> list[Section]
             "(queue, or the consumer's inbox) disagree, or money not conserved ('money').",
         )
     )
+    if data.get("consumers"):
+        out.append(
+            Section(
+                "Consuming: the inbox consumer against the 2pc consumer",
+                ["consumer", "messages", "msg/s", "WAL bytes/msg on B", "p50 ms", "p99 ms", "max"],
+                [
+                    [f"--mode {c['mode']}", _f(c["count"]), _f(c["throughput_per_s"], 1)]
+                    + [_f(c["wal_bytes_per_message"], 1)]
+                    + [_f(c["latency_ms"].get(k)) for k in ("p50", "p99", "max")]
+                    for c in data["consumers"]
+                ],
+                note="'twopc consumer' in each mode over the same credit commands: the "
+                "throughput from a stored backlog until B holds it all, B's WAL bytes over "
+                "that phase per message, and the latency of one command at a time to an "
+                "idle consumer (send to B's row visible). 'twopc bench --consumers' runs "
+                "this section alone.",
+            )
+        )
     machine = data["machine"]
     out.append(
         Section(

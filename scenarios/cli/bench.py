@@ -69,8 +69,14 @@ def progress_bars() -> Progress:
     show_default=True,
     help="Folder for the report, plots, raw data and histogram logs.",
 )
+@click.option(
+    "--consumers",
+    is_flag=True,
+    help="Measure 'twopc consumer --mode inbox' against '--mode 2pc': latency per message, "
+    "throughput, WAL bytes per message on B.",
+)
 @click.option("--json", "as_json", is_flag=True, help="Print the results as JSON on stdout.")
-def bench(overhead: bool, quick: bool, out: Path, as_json: bool) -> None:
+def bench(overhead: bool, quick: bool, out: Path, consumers: bool, as_json: bool) -> None:
     """Measure every transfer strategy (or, with --overhead, the coordinator's own cost).
 
     Runs on the lab (or whatever TWOPC_PG_A/B and TWOPC_STOMP point at) and
@@ -82,7 +88,9 @@ def bench(overhead: bool, quick: bool, out: Path, as_json: bool) -> None:
     settings = Settings.load()
     command = invoked_command()
     out.mkdir(parents=True, exist_ok=True)
-    if overhead:
+    if consumers:
+        result = _run_consumers(settings, quick=quick, out=out, command=command, show=not as_json)
+    elif overhead:
         result = _run_overhead(settings, quick=quick, out=out, command=command, show=not as_json)
     else:
         from scenarios.bench import report as strategy_report
@@ -114,4 +122,26 @@ def _run_overhead(
         console = Console()
         console.print(Markdown(markdown))
         console.print(f"written: {out / 'overhead.md'}, overhead.json, overhead.hlog")
+    return result
+
+
+#: ``--consumers``: (messages for the throughput, messages for the latency), normal and quick.
+CONSUMER_COUNTS = {False: (2_000, 200), True: (300, 30)}
+
+
+def _run_consumers(
+    settings: Any, *, quick: bool, out: Path, command: str, show: bool
+) -> dict[str, Any]:
+    from scenarios.bench import consumers
+
+    count, latency_count = CONSUMER_COUNTS[quick]
+    results = consumers.compare(settings, count=count, latency_count=latency_count)
+    markdown = consumers.render_markdown(results, command)
+    (out / "consumers.md").write_text(markdown)
+    result: dict[str, Any] = {"command": command, "consumers": results}
+    (out / "consumers.json").write_text(json.dumps(result, indent=2))
+    if show:
+        console = Console()
+        console.print(Markdown(markdown))
+        console.print(f"written: {out / 'consumers.md'}, consumers.json")
     return result

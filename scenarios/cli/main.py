@@ -244,6 +244,28 @@ def indoubt(as_json: bool) -> None:
     show_default=True,
     help="Read A, B and the queue back and check the invariants.",
 )
+@click.option(
+    "--no-pipeline",
+    is_flag=True,
+    help="Only write: start no relay, consumer or batch job here (they run elsewhere: "
+    "'twopc relay' and 'twopc consumer', 'twopc fanout', 'twopc batch'); the checks wait "
+    "for the convergence they bring about.",
+)
+@click.option(
+    "--consumer-mode",
+    type=click.Choice(["inbox", "2pc"]),
+    default="inbox",
+    show_default=True,
+    help="With --no-pipeline: the mode of the consumer running elsewhere (where B records "
+    "what it applied).",
+)
+@click.option(
+    "--converge-timeout",
+    type=click.FloatRange(min=0),
+    default=120.0,
+    show_default=True,
+    help="Seconds the checks wait for B to converge.",
+)
 def transfer(
     do_reset: bool,
     accounts: int | None,
@@ -254,8 +276,11 @@ def transfer(
     strategy: str,
     as_json: bool,
     check: bool,
+    no_pipeline: bool,
+    consumer_mode: str,
+    converge_timeout: float,
 ) -> None:
-    """Run transfers: debit A, credit B, announce on /queue/transfers — atomically."""
+    """Run transfers: debit A, credit B, announce on /queue/transfers.completed — atomically."""
     from scenarios.strategies import run_transfers
     from scenarios.transfer.model import DEFAULT_ACCOUNTS, plan, recover_and_reset
 
@@ -271,11 +296,23 @@ def transfer(
     if count:
         accounts = _plan_accounts(settings, accounts)
         transfers = plan(count, accounts=accounts, seed=seed)
-        output = run_transfers(settings, strategy, transfers, concurrency=concurrency, check=check)
+        output = run_transfers(
+            settings,
+            strategy,
+            transfers,
+            concurrency=concurrency,
+            check=check,
+            converge_timeout=converge_timeout,
+            pipeline_here=not no_pipeline,
+            consumer=consumer_mode,
+        )
     if as_json:
         click.echo(json.dumps(output, indent=2))
     elif count:
         _print_batch(output)
+    if count and output.get("convergence_error"):
+        click.echo(f"twopc: error: {output['convergence_error']}", err=True)
+        sys.exit(1)
     if check and count and not output["invariants"]["ok"]:
         sys.exit(1)
 
@@ -379,7 +416,7 @@ def demo(ctx: click.Context, count: int, concurrency: int, bench: bool) -> None:
     _print_status(_lab().up(), False)
     settings = _settings()
     recover_and_reset(settings, accounts=100, balance=10_000)
-    console.print("schema reset: 100 accounts of 10000 in A and in B; /queue/transfers empty")
+    console.print("schema reset: 100 accounts of 10000 in A and in B; the transfer queues empty")
     console.rule("scenarios")
     results = {name: _run_story(name) for name in STORIES}
     console.rule(f"a batch: {count} transfers at concurrency {concurrency}")

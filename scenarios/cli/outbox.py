@@ -86,7 +86,7 @@ def relay(
     name: str,
     log_json: bool,
 ) -> None:
-    """Publish what A committed to /queue/transfers, until SIGTERM."""
+    """Publish what A committed to /queue/transfers.credit, until SIGTERM."""
     from scenarios.outbox.failures import RetrySettings
     from scenarios.outbox.relay import RelayConfig, make_relay
 
@@ -126,9 +126,9 @@ def relay(
 def consumer(
     mode: str, prefetch: int, batch_size: int, max_attempts: int | None, log_json: bool
 ) -> None:
-    """Credit B from /queue/transfers, exactly once in effect, until SIGTERM.
+    """Credit B from /queue/transfers.credit, exactly once in effect, until SIGTERM.
 
-    A message it cannot apply goes to /queue/DLQ.transfers ('twopc outbox failed').
+    A message it cannot apply goes to /queue/DLQ.transfers.credit ('twopc outbox failed').
     In 2pc mode it first recovers what an earlier 2pc consumer left prepared on B.
     """
     from scenarios.outbox.consumer import (
@@ -250,10 +250,10 @@ def outbox_failed(include_resent: bool, as_json: bool) -> None:
 
 
 def _dead_letters(settings: Any) -> tuple[list[Any] | None, str]:
-    """The dead letters of /queue/transfers, or None and why the broker could not say."""
+    """The dead letters of /queue/transfers.credit, or None and why the broker could not say."""
     from coordinator.errors import ParticipantError
     from scenarios.outbox.deadletter import list_dead_letters
-    from scenarios.transfer.model import QUEUE
+    from scenarios.transfer.model import CREDIT_QUEUE as QUEUE
     from scenarios.wiring import open_stomp
 
     try:
@@ -265,7 +265,7 @@ def _dead_letters(settings: Any) -> tuple[list[Any] | None, str]:
 
 def _print_dead_letters(letters: list[Any] | None, unreachable: str) -> None:
     from scenarios.outbox.deadletter import dead_letter_queue
-    from scenarios.transfer.model import QUEUE
+    from scenarios.transfer.model import CREDIT_QUEUE as QUEUE
 
     dlq = dead_letter_queue(QUEUE)
     if letters is None:
@@ -347,11 +347,11 @@ def outbox_retry(transfer_ids: tuple[str, ...], as_json: bool) -> None:
 def outbox_requeue(transfer_ids: tuple[str, ...], as_json: bool) -> None:
     """Send dead letters back to the queue they came from, once their cause is fixed.
 
-    Each is taken off /queue/DLQ.transfers and sent back in one broker
+    Each is taken off /queue/DLQ.transfers.credit and sent back in one broker
     transaction. Exit status 1 if a TRANSFER_ID given has no dead letter.
     """
     from scenarios.outbox.deadletter import requeue
-    from scenarios.transfer.model import QUEUE
+    from scenarios.transfer.model import CREDIT_QUEUE as QUEUE
     from scenarios.wiring import open_stomp
 
     settings = _settings()

@@ -1,4 +1,4 @@
-"""The consumer: takes credit commands off /queue/transfers and credits B, exactly once in effect.
+"""The consumer: takes credit commands off /queue/transfers.credit, credits B exactly once.
 
 Each message is applied in one local transaction on B: an ``inbox`` row keyed
 by the message's ``transfer-id`` header, the credit, and B's ``transfers``
@@ -27,7 +27,7 @@ its batch:
   what still fails is rejected. While B cannot be reached at all, the
   consumer waits without counting attempts.
 
-Rejected messages go to the dead-letter queue ``/queue/DLQ.transfers``
+Rejected messages go to the dead-letter queue ``/queue/DLQ.transfers.credit``
 (scenarios.outbox.deadletter), counted and logged (``consumer.dead_lettered``).
 What the consumer cannot work around at all (B without its tables, a bug)
 stops it with :class:`ConsumerFailed`, one line that names the message.
@@ -53,7 +53,7 @@ from scenarios.strategies.base import CrashPlan
 from scenarios.transfer.model import (
     CREDIT,
     CREDIT_COMMAND,
-    QUEUE,
+    CREDIT_QUEUE,
     TRANSFER_COMPLETED,
     TYPE_HEADER,
     MissingAccount,
@@ -176,7 +176,7 @@ class Consumer:
         self,
         settings: Settings,
         *,
-        destination: str = QUEUE,
+        destination: str = CREDIT_QUEUE,
         prefetch: int = 500,
         batch_size: int = 200,
         name: str = "consumer",

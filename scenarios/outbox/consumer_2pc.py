@@ -55,7 +55,7 @@ from scenarios.outbox.consumer import (
 )
 from scenarios.outbox.deadletter import Rejection, dead_letter, dead_letter_queue, one_line
 from scenarios.strategies.base import CrashPlan
-from scenarios.transfer.model import CREDIT, QUEUE, MissingAccount, require_applied
+from scenarios.transfer.model import CREDIT, CREDIT_QUEUE, MissingAccount, require_applied
 from scenarios.wiring import open_consuming_coordinator
 
 #: B already holds the transfer: the command is a duplicate (a relay's retry or replay).
@@ -85,7 +85,7 @@ class TwoPhaseConsumer:
         self,
         settings: Settings,
         *,
-        destination: str = QUEUE,
+        destination: str = CREDIT_QUEUE,
         name: str = "consumer-2pc",
         max_attempts: int = DEFAULT_MAX_ATTEMPTS,
         retry_delay: float = 0.2,

@@ -51,9 +51,9 @@ from scenarios.config import Settings
 from scenarios.outbox.consumer import (
     APPLIED,
     DUPLICATE,
-    REJECTED,
     Consumer,
     _Stopped,
+    kind_problem,
 )
 from scenarios.transfer.model import TYPE_HEADER, drain
 from scenarios.wiring import open_stomp
@@ -130,10 +130,10 @@ class AuditConsumer(Consumer):
         )
 
     def problem_of(self, message: Message) -> str:
-        """Any kind is audited; only a message without a transfer id is refused."""
-        if not message.headers.get("transfer-id"):
-            return f"{REJECTED}no transfer-id header"
-        return ""
+        """The kind the credit consumer takes, checked alike: what the relay publishes to the
+        topic is ``type: transfer.credit``; anything else (an event, no kind, an unknown kind,
+        no transfer id) is dead-lettered by every fan-out consumer."""
+        return kind_problem(message)
 
     def apply_batch(self, db: psycopg.Connection, messages: Sequence[Message]) -> list[str]:
         outcomes: list[str] = []

@@ -90,7 +90,7 @@ class Pipeline:
     config: RelayConfig = field(default_factory=RelayConfig)
     env: Mapping[str, str] = field(default_factory=dict)  # extra environment for processes
     log_dir: str | None = None  # where child processes write their logs (default: discard)
-    fanout: tuple[str, ...] = ()  # the fan-out's consumers, by name (empty: /queue/transfers)
+    fanout: tuple[str, ...] = ()  # the fan-out's consumers, by name (empty: transfers.credit)
     slow_delay: float | None = None  # the slow fan-out consumer's delay (None: the setting)
     workers: list[_Worker] = field(default_factory=list)
 
@@ -296,8 +296,12 @@ def wait_converged(
     timeout: float = 60.0,
     interval: float = 0.05,
     check: Callable[[], None] | None = None,
+    consumer: str = "inbox",
 ) -> set[str]:
     """Wait until B's inbox holds ``ids`` (default: every transfer in A); return what is missing.
+
+    ``consumer`` "2pc": B's ``transfers`` table instead (a consumer in 2pc mode keeps
+    no inbox; B holds the transfer exactly when its message was consumed).
 
     An empty set means converged: each of those transfers is credited in B and
     its message was consumed. ``check`` runs between polls (a Pipeline's
@@ -310,7 +314,9 @@ def wait_converged(
             missing = wanted - {
                 row[0]
                 for row in conn.execute(
-                    "SELECT transfer_id FROM inbox WHERE transfer_id = ANY(%s)", (list(wanted),)
+                    f"SELECT transfer_id FROM {_applied_table(consumer)} "
+                    "WHERE transfer_id = ANY(%s)",
+                    (list(wanted),),
                 )
             }
             if not missing or time.monotonic() >= deadline:
@@ -322,8 +328,15 @@ def wait_converged(
                 wanted |= transfer_amounts(settings.pg_a).keys()
 
 
+def _applied_table(consumer: str) -> str:
+    """Where B records an applied credit for a consumer in ``consumer`` mode."""
+    if consumer not in ("inbox", "2pc"):
+        raise ValueError(f"consumer mode {consumer!r} must be 'inbox' or '2pc'")
+    return "inbox" if consumer == "inbox" else "transfers"
+
+
 def convergence_latencies(
-    settings: Settings, committed_at: Mapping[str, float]
+    settings: Settings, committed_at: Mapping[str, float], consumer: str = "inbox"
 ) -> dict[str, float]:
     """transfer id -> ms from the client's commit to B's commit of the credit.
 
@@ -333,9 +346,11 @@ def convergence_latencies(
     """
     if not committed_at:
         return {}
+    table = _applied_table(consumer)
+    stamp = "applied_at" if table == "inbox" else "created_at"
     with psycopg.connect(settings.pg_b) as conn:
         rows = conn.execute(
-            "SELECT transfer_id, extract(epoch FROM applied_at)::float8 FROM inbox "
+            f"SELECT transfer_id, extract(epoch FROM {stamp})::float8 FROM {table} "
             "WHERE transfer_id = ANY(%s)",
             (list(committed_at),),
         ).fetchall()

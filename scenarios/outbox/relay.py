@@ -1,4 +1,4 @@
-"""The relays: read what A committed for the broker, publish it to /queue/transfers, remember it.
+"""The relays: read what A committed for the broker, publish it to /queue/transfers.credit.
 
 Delivery is at least once in every mode (a relay can die after publishing and
 before recording that it did); the consumer's inbox makes the effect exactly

@@ -78,6 +78,18 @@ def fanout_report(
     return {"consumers": consumers, "duplicate_effects": fanout.duplicate_effects(settings)}
 
 
+def converge_commands(strategy: Any, consumer: str) -> str:
+    """The commands that make ``strategy`` converge when ``twopc transfer`` starts none."""
+    if strategy.relay_mode == "batch":
+        return "'twopc batch'"
+    relay = f"'twopc relay --mode {strategy.relay_mode}'"
+    fanout: tuple[str, ...] = tuple(getattr(strategy, "fanout", ()))
+    if fanout:
+        consumers = ", ".join(f"'twopc fanout --consumer {name}'" for name in fanout)
+        return f"{relay} and {consumers}"
+    return f"{relay} and 'twopc consumer --mode {consumer}'"
+
+
 def run_transfers(
     settings: Settings,
     name: str,
@@ -86,6 +98,8 @@ def run_transfers(
     concurrency: int,
     check: bool = True,
     converge_timeout: float = 120.0,
+    pipeline_here: bool = True,
+    consumer: str = "inbox",
 ) -> dict[str, Any]:
     """Run ``transfers`` with strategy ``name``; the result as ``twopc transfer`` prints it.
 
@@ -94,13 +108,18 @@ def run_transfers(
     batch job, and the result says how long B took to converge. For the thread
     pool, that is how long its queued work took after the caller heard
     "committed".
+
+    ``pipeline_here`` False (``--no-pipeline``): only write; relays and consumers run
+    elsewhere (``twopc relay``, ``twopc consumer --mode <consumer>``) and the checks
+    wait up to ``converge_timeout`` for the convergence they bring about; if it does
+    not come, ``convergence_error`` says what is missing and what to start.
     """
     from scenarios.outbox import pipeline
 
     strategy = new_strategy(name)
     strategy.prepare(settings, concurrency=concurrency)
     running = None
-    if strategy.relay_mode is not None:
+    if strategy.relay_mode is not None and pipeline_here:
         running = pipeline.for_strategy(settings, strategy).start()
     output: dict[str, Any] = {"strategy": name}
     try:
@@ -117,15 +136,25 @@ def run_transfers(
             ]
             output["convergence_ms"] = percentiles(lags)
         output.update(strategy.stats())
-        if running is not None:
+        if strategy.relay_mode is not None:
             ids = set(strategy.committed_at)
             missing = pipeline.wait_converged(
-                settings, ids, timeout=converge_timeout, check=running.check
+                settings,
+                ids,
+                timeout=converge_timeout,
+                check=running.check if running is not None else None,
+                consumer=consumer,
             )
-            latencies = pipeline.convergence_latencies(settings, strategy.committed_at)
+            latencies = pipeline.convergence_latencies(settings, strategy.committed_at, consumer)
             output["convergence_ms"] = percentiles(list(latencies.values()))
             output["not_converged"] = len(missing)
-            if running.fanout:
+            if missing and running is None:
+                output["convergence_error"] = (
+                    f"{len(missing)} of {len(ids)} transfers (e.g. {min(missing)}) were not "
+                    f"credited in B within {converge_timeout:g} s: with --no-pipeline, run "
+                    f"{converge_commands(strategy, consumer)} elsewhere"
+                )
+            if running is not None and running.fanout:
                 output["fanout"] = fanout_report(settings, strategy.committed_at, running)
     finally:
         if running is not None:
@@ -133,5 +162,7 @@ def run_transfers(
         strategy.close()
     if check:
         inbox = strategy.relay_mode is not None
-        output["invariants"] = gather_evidence(settings, inbox=inbox).as_dict()
+        output["invariants"] = gather_evidence(
+            settings, inbox=inbox, consumer=consumer
+        ).as_dict()
     return output

@@ -1,7 +1,7 @@
 """What every transfer strategy shares: the Strategy protocol, a connection pool, injected crashes.
 
 A strategy makes one transfer (debit in A, credit in B, one message on
-/queue/transfers) with its own guarantee. Its life cycle::
+/queue/transfers.completed or /queue/transfers.credit) with its own guarantee. Its life cycle::
 
     strategy = new_strategy("outbox-status")   # scenarios.strategies
     strategy.prepare(settings, concurrency=16)  # opens what run_one needs

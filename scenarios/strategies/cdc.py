@@ -28,7 +28,7 @@ CDC_INSERT = (
 class CdcStrategy(LocalCommitWriter):
     """A local commit in A; the CDC relay turns the committed insert into the message."""
 
-    #: The consumers of a fan-out (none: the one consumer of /queue/transfers).
+    #: The consumers of a fan-out (none: the one consumer of /queue/transfers.credit).
     fanout: tuple[str, ...] = ()
 
     def __init__(self, *, before_commit: Callable[[], None] | None = None) -> None:

@@ -33,7 +33,7 @@ from scenarios.strategies.base import (
 from scenarios.transfer.model import (
     CREDIT,
     DEBIT,
-    QUEUE,
+    EVENT_QUEUE,
     TRANSFER_COMPLETED,
     TYPE_HEADER,
     MissingAccount,
@@ -122,7 +122,7 @@ class NaiveStrategy:
                 self._opened.append(client)
         try:
             client.send(
-                QUEUE,
+                EVENT_QUEUE,
                 transfer.body(),
                 {"transfer-id": transfer.transfer_id, TYPE_HEADER: TRANSFER_COMPLETED},
                 receipt_timeout=RECEIPT_TIMEOUT,

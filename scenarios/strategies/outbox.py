@@ -34,8 +34,8 @@ from scenarios.strategies.base import (
     crashed,
 )
 from scenarios.transfer.model import (
+    CREDIT_QUEUE,
     DEBIT,
-    QUEUE,
     MissingAccount,
     Transfer,
     require_applied,
@@ -63,7 +63,7 @@ class LocalCommitWriter:
         insert: str,
         *,
         status: str | None = None,
-        destination: str = QUEUE,
+        destination: str = CREDIT_QUEUE,
         before_commit: Callable[[], None] | None = None,
     ) -> None:
         self.name = name

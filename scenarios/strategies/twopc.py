@@ -23,7 +23,7 @@ from scenarios.strategies.base import CrashAction, RelayMode
 from scenarios.transfer.model import (
     CREDIT,
     DEBIT,
-    QUEUE,
+    EVENT_QUEUE,
     TRANSFER_COMPLETED,
     TYPE_HEADER,
     MissingAccount,
@@ -52,7 +52,7 @@ def transfer_2pc(coordinator: Coordinator, transfer: Transfer) -> tuple[Outcome,
                 credited = tx.execute("b", CREDIT, transfer.credit()).rowcount
                 require_applied(credited, transfer.target, "b")
                 tx.send(
-                    QUEUE,
+                    EVENT_QUEUE,
                     transfer.body(),
                     {"transfer-id": transfer.transfer_id, TYPE_HEADER: TRANSFER_COMPLETED},
                 )

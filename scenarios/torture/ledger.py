@@ -4,7 +4,7 @@ The torture never resets between schedules: transfer ids are unique per run
 and money is conserved, so the invariants hold over *everything* since the
 start. After each schedule's recovery, :meth:`Ledger.check`:
 
-- consumes every message on ``/queue/transfers`` as the business consumer
+- consumes every message on ``/queue/transfers.completed`` as the business consumer
   would, deduplicating by the ``transfer-id`` header (an inbox keyed by
   transfer id); the queue stays short, so checks stay cheap;
 - checks the transfer's invariants (scenarios.transfer.invariants) with what
@@ -33,7 +33,7 @@ from participants.activemq import MARKER_QUEUE
 from participants.stomp_client import SENTINEL_HEADER, Message
 from scenarios.config import Settings
 from scenarios.transfer.invariants import gather_evidence
-from scenarios.transfer.model import QUEUE
+from scenarios.transfer.model import EVENT_QUEUE as QUEUE
 from scenarios.wiring import open_stomp
 
 DRAIN_TIMEOUT = 30.0

@@ -10,17 +10,18 @@ For every strategy, after everything has settled:
 - nothing of this coordinator is left prepared in PostgreSQL, and no commit
   marker is left on the broker (reported; not part of ``ok``).
 
-*Delivered* means a message on ``/queue/transfers`` for the synchronous
-strategies (2PC, the naive dual write), and an applied row of B's inbox for the
-asynchronous ones (outbox, CDC), whose consumer takes the messages off the
-queue. A caller that consumes the queue itself (the torture's ledger) passes
-what it consumed instead.
+*Delivered* means an event (``type: transfer.completed``) on
+``/queue/transfers.completed`` for the synchronous strategies (2PC, the naive
+dual write, the thread pool), and an applied row of B's inbox for the
+asynchronous ones (outbox, CDC, batch), whose consumer takes the credit
+commands off ``/queue/transfers.credit``. A caller that consumes the queue
+itself (the torture's ledger) passes what it consumed instead.
 
-On a lab where both kinds ran, the consumer moves the synchronous strategies'
-announcements (``type: transfer.completed``, an event: B already holds the
-transfer) to the dead-letter queue, since it takes only credit commands. The
-asynchronous check therefore also counts an announcement as the delivery of
-its transfer, wherever it is: still on the queue, or dead-lettered.
+On a lab where both kinds ran, the synchronous strategies' events stay on their
+own queue (the credit consumer never sees them), so the asynchronous check also
+counts an event as the delivery of its transfer, wherever it is: on the event
+queue, on its dead-letter queue, or dead-lettered by the credit consumer (an
+event sent to the credit queue by mistake is refused as one).
 """
 
 from __future__ import annotations
@@ -36,7 +37,7 @@ from coordinator.xid import FORMAT_ID, gtrid_prefix
 from participants.activemq import MARKER_QUEUE
 from scenarios.config import Settings
 from scenarios.outbox.deadletter import dead_letter_queue
-from scenarios.transfer.model import QUEUE, TRANSFER_COMPLETED, TYPE_HEADER
+from scenarios.transfer.model import CREDIT_QUEUE, EVENT_QUEUE, TRANSFER_COMPLETED, TYPE_HEADER
 from scenarios.wiring import databases, open_stomp
 
 
@@ -48,7 +49,9 @@ class Evidence:
     total_now: int
     amounts_a: dict[str, int]  # transfer id -> amount, A's transfers table
     amounts_b: dict[str, int]  # transfer id -> amount, B's transfers table
-    on_queue: Counter[str]  # transfer id -> messages (on the queue, or consumed by the caller)
+    #: transfer id -> messages on the strategy's queue (the events' for 2PC, naive and thread,
+    #: the credit commands' with ``inbox``), or what the caller consumed itself.
+    on_queue: Counter[str]
     prepared: list[str]  # "<db>:<gtrid>" of this coordinator's prepared branches
     markers: set[str]  # gtrids of this coordinator's commit markers left on the broker
     #: B's inbox for the asynchronous strategies: transfer id -> (outcome, duplicates absorbed).
@@ -57,7 +60,7 @@ class Evidence:
     failures: int = 0  # failure-log rows not sent again yet
     #: With ``inbox``: transfer id -> announcements (events) on the queue or dead-lettered.
     announced: Counter[str] = field(default_factory=Counter)
-    dead_letters: int = 0  # with ``inbox``: messages on the queue's dead-letter queue
+    dead_letters: int = 0  # with ``inbox``: what the credit consumer dead-lettered
 
     @property
     def in_a(self) -> set[str]:
@@ -184,22 +187,26 @@ def expected_total(settings: Settings) -> int:
     return int(row[0]) if row else 0
 
 
-def queued_transfer_ids(settings: Settings, destination: str = QUEUE) -> Counter[str]:
+def queued_transfer_ids(settings: Settings, destination: str = EVENT_QUEUE) -> Counter[str]:
     """transfer-id header -> number of messages with it on the queue (a full browse)."""
     with open_stomp(settings) as client:
         messages = client.browse(destination, idle_timeout=10.0)
     return Counter(m.headers.get("transfer-id", "?") for m in messages)
 
 
-def announcements(settings: Settings, destination: str = QUEUE) -> tuple[Counter[str], int]:
-    """Transfer id -> announcements (events) on ``destination`` and its dead-letter queue,
-    and how many messages the dead-letter queue holds (two full browses)."""
+def announcements(
+    settings: Settings, destination: str = EVENT_QUEUE, consumed: str = CREDIT_QUEUE
+) -> tuple[Counter[str], int]:
+    """Transfer id -> announcements (events) on ``destination``, on its dead-letter queue or
+    dead-lettered by the consumer of ``consumed`` (an event sent there by mistake), and how
+    many messages the consumer of ``consumed`` dead-lettered (three full browses)."""
     with open_stomp(settings) as client:
         queued = client.browse(destination, idle_timeout=10.0)
-        dead = client.browse(dead_letter_queue(destination), idle_timeout=10.0)
+        dead_events = client.browse(dead_letter_queue(destination), idle_timeout=10.0)
+        dead = client.browse(dead_letter_queue(consumed), idle_timeout=10.0)
     found = Counter(
         m.headers.get("transfer-id", "?")
-        for m in (*queued, *dead)
+        for m in (*queued, *dead_events, *dead)
         if m.headers.get(TYPE_HEADER) == TRANSFER_COMPLETED
     )
     return found, sum(1 for m in dead if not m.is_sentinel)
@@ -232,6 +239,7 @@ def gather_evidence(
     *,
     inbox: bool = False,
     delivered: Counter[str] | None = None,
+    consumer: str = "inbox",
 ) -> Evidence:
     """Read A, B, the queue, the prepared branches and the markers into one :class:`Evidence`.
 
@@ -239,14 +247,20 @@ def gather_evidence(
     the failure log and the dead-letter queue too, and count an applied inbox
     row, or an announcement on the queue or dead-lettered, as the delivery.
     ``delivered``: what the caller consumed from the queue itself; then the
-    queue is not browsed.
+    queue is not browsed. ``consumer`` "2pc": the credits were consumed in global
+    transactions that keep no inbox: a transfer B holds is one whose message was
+    consumed with it (same commit), and counts as an applied inbox row.
     """
     evidence = Evidence(
         total_expected=expected_total(settings),
         total_now=balance_sum(settings.pg_a) + balance_sum(settings.pg_b),
         amounts_a=transfer_amounts(settings.pg_a),
         amounts_b=transfer_amounts(settings.pg_b),
-        on_queue=queued_transfer_ids(settings) if delivered is None else delivered,
+        on_queue=(
+            queued_transfer_ids(settings, CREDIT_QUEUE if inbox else EVENT_QUEUE)
+            if delivered is None
+            else delivered
+        ),
         prepared=prepared_of(settings),
         markers=markers_of(settings),
     )
@@ -261,6 +275,8 @@ def gather_evidence(
                 row[0]: (row[1], row[2])
                 for row in conn.execute("SELECT transfer_id, outcome, duplicates FROM inbox")
             }
+        if consumer == "2pc":
+            evidence.inbox.update((t, ("applied", 0)) for t in evidence.amounts_b)
         pending, failures = counts if counts else (0, 0)
         evidence.pending, evidence.failures = int(pending), int(failures)
         evidence.announced, evidence.dead_letters = announcements(settings)

@@ -1,4 +1,4 @@
-"""The transfer: debit an account in A, credit one in B, announce it on /queue/transfers.
+"""The transfer: debit an account in A, credit one in B, and say so on the broker.
 
 This module holds what every strategy shares: the plan of transfers, the SQL
 of the debit and the credit, and the schema reset. Batches run with
@@ -22,12 +22,15 @@ from scenarios.outbox.deadletter import dead_letter_queue
 from scenarios.transfer import schema
 from scenarios.wiring import open_stomp
 
-QUEUE = "/queue/transfers"
-CREDIT_QUEUE = QUEUE
+#: Each destination carries one kind of message (DESIGN §8). Events ("this happened"):
+#: 2PC and the naive dual write announce a transfer B already holds.
+EVENT_QUEUE = "/queue/transfers.completed"
+#: Commands ("do this"): the outbox and CDC relays carry the credit B must apply, which is
+#: all the consumers (inbox and 2pc mode) take.
+CREDIT_QUEUE = "/queue/transfers.credit"
 
-#: Every message on QUEUE names its kind in this header (DESIGN §8). 2PC and the naive
-#: dual write announce a transfer B already holds (an event); the relays carry the
-#: command to credit B, which is all the consumer takes.
+#: Every message names its kind in this header: TRANSFER_COMPLETED on EVENT_QUEUE,
+#: CREDIT_COMMAND on CREDIT_QUEUE. A consumer dead-letters a kind it does not take.
 TYPE_HEADER = "type"
 TRANSFER_COMPLETED = "transfer.completed"
 CREDIT_COMMAND = "transfer.credit"
@@ -159,8 +162,9 @@ def reset(settings: Settings, *, accounts: int = DEFAULT_ACCOUNTS, balance: int 
                     "INSERT INTO scenario_meta (key, value) VALUES ('total', %s), ('accounts', %s)",
                     (2 * accounts * balance, accounts),
                 )
-    drain(settings, QUEUE)
-    drain(settings, dead_letter_queue(QUEUE))  # letters of the transfers just dropped
+    for queue in (EVENT_QUEUE, CREDIT_QUEUE):
+        drain(settings, queue)
+        drain(settings, dead_letter_queue(queue))  # letters of the transfers just dropped
     from scenarios.outbox.fanout import drain_consumer_queues
 
     drain_consumer_queues(settings)  # the CDC fan-out's queues (subscribing creates them)

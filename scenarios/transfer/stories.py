@@ -9,7 +9,9 @@ from __future__ import annotations
 import os
 import subprocess
 import sys
+import threading
 import time
+from collections import Counter
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
@@ -25,7 +27,7 @@ from scenarios.log_setup import configure as configure_logging
 from scenarios.strategies.twopc import transfer_2pc
 from scenarios.transfer import model as scenario
 from scenarios.transfer.invariants import gather_evidence
-from scenarios.wiring import open_coordinator
+from scenarios.wiring import open_coordinator, open_stomp
 from scenarios.wiring import recover as run_recovery
 
 
@@ -72,7 +74,7 @@ def evidence(story: Story, settings: Settings, t: scenario.Transfer, *, committe
     story.expect(
         (in_a, in_b, queued, prepared) == (want, want, want, 0),
         f"evidence: A.transfers {in_a} row, B.transfers {in_b} row, "
-        f"/queue/transfers {queued} message, pg_prepared_xacts {prepared} entries",
+        f"/queue/transfers.completed {queued} message, pg_prepared_xacts {prepared} entries",
     )
 
 
@@ -212,7 +214,7 @@ def broker_down_at_commit_point(settings: Settings) -> Story:
             "b", scenario.CREDIT, {"amount": t.amount, "account": t.target, "tid": t.transfer_id}
         )
         tx.send(
-            scenario.QUEUE,
+            scenario.EVENT_QUEUE,
             t.body(),
             {"transfer-id": t.transfer_id, scenario.TYPE_HEADER: scenario.TRANSFER_COMPLETED},
         )
@@ -298,6 +300,13 @@ def slow_cdc_consumer(settings: Settings) -> Story:
         "evidence: no effect twice in B (inbox and audit_log rows unique per consumer)",
     )
     return story
+
+
+def scenario_queued(settings: Settings) -> Counter[str]:
+    """transfer id -> credit commands on /queue/transfers.credit (a browse)."""
+    from scenarios.transfer.invariants import queued_transfer_ids
+
+    return queued_transfer_ids(settings, scenario.CREDIT_QUEUE)
 
 
 def _child_env(settings: Settings, setting: str, value: str) -> dict[str, str]:
@@ -399,6 +408,81 @@ def _amounts(dsn: str, transfer_ids: list[str]) -> dict[str, int]:
     return {row[0]: int(row[1]) for row in rows}
 
 
+def consumer_2pc_dies_after_prepare(settings: Settings) -> Story:
+    """A 2PC consumer dies between B's PREPARE and the commit; recovery, then it credits once."""
+    from scenarios.outbox.consumer import CONSUMER_CRASH_SETTING
+    from scenarios.outbox.consumer_2pc import TwoPhaseConsumer
+    from scenarios.wiring import consumer_coordinator_id
+
+    story = Story("consumer-2pc-dies-after-prepare")
+    t = new_transfer(amount=7, source=2, target=3)
+    prefix = gtrid_prefix(consumer_coordinator_id(settings))
+
+    def b_prepared() -> int:
+        with psycopg.connect(settings.pg_b) as conn:
+            return sum(1 for x in conn.tpc_recover() if x.gtrid.startswith(prefix))
+
+    def on_queue() -> int:
+        return scenario_queued(settings).get(t.transfer_id, 0)
+
+    scenario.drain(settings, scenario.CREDIT_QUEUE)  # this story's command alone on the queue
+    b_before = balance(settings.pg_b, t.target)
+    with open_stomp(settings, participant="story-broker") as client:
+        client.send(
+            scenario.CREDIT_QUEUE,
+            t.body(),
+            {"transfer-id": t.transfer_id, scenario.TYPE_HEADER: scenario.CREDIT_COMMAND},
+            receipt_timeout=10.0,
+        )
+    story.say(f"a credit command for {t.transfer_id} ({t.amount} to {t.target}) is on the queue")
+    command = [sys.executable, "-m", "scenarios.cli", "consumer", "--mode", "2pc"]
+    env = {
+        **_child_env(settings, CONSUMER_CRASH_SETTING, ""),
+        "TWOPC_LOG_LEVEL": "WARNING",
+        **failpoint_env("after_prepare=kill@1"),
+    }
+    child = subprocess.run(command, env=env, capture_output=True, timeout=120, check=False)
+    story.expect(
+        child.returncode == -9,
+        "'twopc consumer --mode 2pc' received it, credited B in an XA branch, ACKed it in the "
+        "broker transaction, PREPAREd B, and was SIGKILLed before the commit point",
+    )
+    story.expect(
+        (b_prepared(), balance(settings.pg_b, t.target) - b_before, on_queue()) == (1, 0, 1),
+        f"after the crash: B pg_prepared_xacts {b_prepared()} entry (the credit, invisible), "
+        f"balance of {t.target} +{balance(settings.pg_b, t.target) - b_before}, the message "
+        f"back on /queue/transfers.credit ({on_queue()}: its ACK died uncommitted with the "
+        "connection)",
+    )
+    consumer = TwoPhaseConsumer(settings, name="story-consumer")
+    stop = threading.Event()
+    worker = threading.Thread(target=consumer.run, args=(stop,), daemon=True)
+    worker.start()
+    deadline = time.monotonic() + 60
+    while consumer.stats.applied < 1 and worker.is_alive() and time.monotonic() < deadline:
+        time.sleep(0.05)
+    stop.set()
+    worker.join(30)
+    recovered = consumer.recovered
+    story.expect(
+        recovered.get("rolled_back", 0) == 1 and recovered.get("committed", 0) == 0,
+        f"a consumer started again recovers first: no commit marker for the prepared branch, so "
+        f"it rolls back ({recovered}); then it takes the redelivered message",
+    )
+    with psycopg.connect(settings.pg_b) as conn:
+        rows = conn.execute(
+            "SELECT count(*) FROM transfers WHERE transfer_id = %s", (t.transfer_id,)
+        ).fetchone()
+    in_b = int(rows[0]) if rows else 0
+    credited = balance(settings.pg_b, t.target) - b_before
+    story.expect(
+        (in_b, credited, b_prepared(), on_queue()) == (1, t.amount, 0, 0),
+        f"evidence: B.transfers {in_b} row, {t.target} credited +{credited} (once), "
+        f"pg_prepared_xacts {b_prepared()} entries, /queue/transfers.credit {on_queue()} message",
+    )
+    return story
+
+
 STORIES: dict[str, Callable[[Settings], Story]] = {
     "happy": happy,
     "no-vote": no_vote,
@@ -408,6 +492,7 @@ STORIES: dict[str, Callable[[Settings], Story]] = {
     "slow-cdc-consumer": slow_cdc_consumer,
     "thread-pool-dies-with-work-queued": thread_pool_dies_with_work_queued,
     "batch-rerun-after-crash": batch_rerun_after_crash,
+    "consumer-2pc-dies-after-prepare": consumer_2pc_dies_after_prepare,
 }
 
 
