@@ -164,6 +164,15 @@ def parse(message: Message) -> _Parsed:
     return _Parsed(message, transfer_id, target, amount, "")
 
 
+def check_retries(max_attempts: int, retry_delay: float, max_delay: float) -> None:
+    """Refuse retry settings a consumer (inbox or 2pc) cannot work with."""
+    if max_attempts < 1 or retry_delay <= 0 or max_delay < retry_delay:
+        raise ConfigurationError(
+            f"consumer retries: max attempts must be >= 1 (not {max_attempts}) and "
+            f"0 < retry delay <= max delay (not {retry_delay}, {max_delay})"
+        )
+
+
 class Consumer:
     """Applies transfers to B from the queue until stopped; reconnects after failures.
 
@@ -184,11 +193,7 @@ class Consumer:
         retry_delay: float = 0.2,
         max_delay: float = 5.0,
     ) -> None:
-        if max_attempts < 1 or retry_delay <= 0 or max_delay < retry_delay:
-            raise ConfigurationError(
-                f"consumer retries: max attempts must be >= 1 (not {max_attempts}) and "
-                f"0 < retry delay <= max delay (not {retry_delay}, {max_delay})"
-            )
+        check_retries(max_attempts, retry_delay, max_delay)
         self.settings = settings
         self.destination = destination
         self.dead_letter_queue = dead_letter_queue(destination)

@@ -36,7 +36,7 @@ from dataclasses import dataclass, field
 import psycopg
 
 from coordinator.coordinator import Coordinator
-from coordinator.errors import ConfigurationError, ParticipantError, TwoPhaseCommitError
+from coordinator.errors import ParticipantError, TwoPhaseCommitError
 from coordinator.events import get_logger
 from coordinator.recovery import Decision
 from coordinator.states import Outcome
@@ -50,6 +50,7 @@ from scenarios.outbox.consumer import (
     REJECTED,
     ConsumerFailed,
     ConsumerStats,
+    check_retries,
     kind_problem,
     parse,
 )
@@ -91,11 +92,7 @@ class TwoPhaseConsumer:
         retry_delay: float = 0.2,
         max_delay: float = 5.0,
     ) -> None:
-        if max_attempts < 1 or retry_delay <= 0 or max_delay < retry_delay:
-            raise ConfigurationError(
-                f"consumer retries: max attempts must be >= 1 (not {max_attempts}) and "
-                f"0 < retry delay <= max delay (not {retry_delay}, {max_delay})"
-            )
+        check_retries(max_attempts, retry_delay, max_delay)
         self.settings = settings
         self.destination = destination
         self.dead_letter_queue = dead_letter_queue(destination)

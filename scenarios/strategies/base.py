@@ -28,11 +28,18 @@ from dataclasses import dataclass
 from typing import Any, Literal, Protocol
 
 import psycopg
+from psycopg import errors as pg_errors
 
 from coordinator.errors import ConfigurationError, ParticipantUnavailable
 from coordinator.states import Outcome
 from scenarios.config import Settings
-from scenarios.transfer.model import Transfer, account_ids
+from scenarios.transfer.model import (
+    DEBIT,
+    MissingAccount,
+    Transfer,
+    account_ids,
+    require_applied,
+)
 
 #: What brings B up to date for an asynchronous strategy: a relay of that mode and the
 #: consumer, or ("batch") the periodic batch job alone (scenarios.outbox.batchjob).
@@ -145,6 +152,25 @@ class CrashPlan:
         if armed.action == "kill":
             os.kill(os.getpid(), signal.SIGKILL)
         return True
+
+
+def commit_debit(pool: ConnectionPool, transfer: Transfer) -> str | None:
+    """Debit A in its own local transaction and commit; the reason it was refused, or None.
+
+    The first step of the strategies without a global transaction (naive, thread): a
+    missing account or insufficient funds rolls back and is the transfer's abort reason.
+    """
+    with pool.connection() as conn:
+        try:
+            require_applied(conn.execute(DEBIT, transfer.debit()).rowcount, transfer.source, "a")
+        except MissingAccount as exc:
+            conn.rollback()
+            return str(exc)
+        except pg_errors.CheckViolation:
+            conn.rollback()
+            return "insufficient funds in A"
+        conn.commit()
+    return None
 
 
 def crashed(point: str) -> tuple[Outcome, str]:

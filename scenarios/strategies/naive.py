@@ -16,7 +16,6 @@ import time
 from typing import Any
 
 import psycopg
-from psycopg import errors as pg_errors
 
 from coordinator.errors import ParticipantError
 from coordinator.states import Outcome
@@ -28,17 +27,16 @@ from scenarios.strategies.base import (
     CrashPlan,
     RelayMode,
     accounts_of,
+    commit_debit,
     crashed,
 )
 from scenarios.transfer.model import (
     CREDIT,
-    DEBIT,
     EVENT_QUEUE,
     TRANSFER_COMPLETED,
     TYPE_HEADER,
     MissingAccount,
     Transfer,
-    require_applied,
 )
 from scenarios.wiring import open_stomp
 
@@ -79,18 +77,9 @@ class NaiveStrategy:
             raise RuntimeError("strategy naive: call prepare(settings) before run_one")
         if transfer.target not in self._targets:
             return Outcome.ABORTED, str(MissingAccount(transfer.target, "b"))
-        with self._a.connection() as conn:
-            try:
-                require_applied(
-                    conn.execute(DEBIT, transfer.debit()).rowcount, transfer.source, "a"
-                )
-            except MissingAccount as exc:
-                conn.rollback()
-                return Outcome.ABORTED, str(exc)
-            except pg_errors.CheckViolation:
-                conn.rollback()
-                return Outcome.ABORTED, "insufficient funds in A"
-            conn.commit()
+        refused = commit_debit(self._a, transfer)
+        if refused is not None:
+            return Outcome.ABORTED, refused
         if self._crashes.hit("after-a-commit"):
             return crashed("after-a-commit")
         try:

@@ -28,16 +28,15 @@ from concurrent.futures import Future, ThreadPoolExecutor
 from typing import Any
 
 import psycopg
-from psycopg import errors as pg_errors
 
 from coordinator.errors import ParticipantError, TwoPhaseCommitError
 from coordinator.events import get_logger
 from coordinator.states import Outcome
 from scenarios import events as ev
 from scenarios.config import Settings
-from scenarios.strategies.base import crashed
+from scenarios.strategies.base import commit_debit, crashed
 from scenarios.strategies.naive import NaiveStrategy
-from scenarios.transfer.model import CREDIT, DEBIT, MissingAccount, Transfer, require_applied
+from scenarios.transfer.model import CREDIT, MissingAccount, Transfer
 
 #: Threads of the pool, and how much work may wait for one before submit blocks.
 POOL_THREADS = 4
@@ -100,18 +99,9 @@ class ThreadStrategy(NaiveStrategy):
             raise RuntimeError(f"strategy {self.name}: call prepare(settings) before run_one")
         if transfer.target not in self._targets:
             return Outcome.ABORTED, str(MissingAccount(transfer.target, "b"))
-        with self._a.connection() as conn:
-            try:
-                require_applied(
-                    conn.execute(DEBIT, transfer.debit()).rowcount, transfer.source, "a"
-                )
-            except MissingAccount as exc:
-                conn.rollback()
-                return Outcome.ABORTED, str(exc)
-            except pg_errors.CheckViolation:
-                conn.rollback()
-                return Outcome.ABORTED, "insufficient funds in A"
-            conn.commit()
+        refused = commit_debit(self._a, transfer)
+        if refused is not None:
+            return Outcome.ABORTED, refused
         work = _Work(self, transfer)
         if self.synchronous:
             return self._run_here(work)
