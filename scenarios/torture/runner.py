@@ -33,6 +33,7 @@ from coordinator.failpoints import failpoint_env
 from coordinator.log.file import LOCK_SUFFIX
 from scenarios import events as ev
 from scenarios.config import Settings
+from scenarios.lab import procfs
 from scenarios.lab.proxy import FaultProxy
 from scenarios.lab.services import Lab
 from scenarios.torture.ledger import Check, Ledger
@@ -406,9 +407,13 @@ class Torture:
                 notes["paused_recovery"] = "child already finished"
                 return False
             child.send_signal(signal.SIGSTOP)
+            stopped = _wait_stopped(child.pid)  # the signal is asynchronous: see it land
             killed = False
             try:
-                if self._log_lock_free():
+                if not stopped:
+                    # It died first (an armed failpoint's own SIGKILL): no pause to test.
+                    notes["paused_recovery"] = "child died before it stopped"
+                elif self._log_lock_free():
                     # Stopped after it closed its log (the batch had just ended): the
                     # lock is rightly free, so this pause proves nothing either way.
                     notes["paused_recovery"] = "child had closed its log"
@@ -486,6 +491,19 @@ class Torture:
             lines = (done.stderr or done.stdout).strip().splitlines()
             error = lines[-1][:300] if lines else f"exit status {done.returncode}"
         return RecoveryPass(done.returncode, seconds, report, error)
+
+
+def _wait_stopped(pid: int, timeout: float = 2.0) -> bool:
+    """Wait until ``pid`` is stopped (state T in /proc); False if it ended or never stopped."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        fields = procfs.stat_fields(pid)
+        if fields is None or fields[0] in ("Z", "X"):
+            return False
+        if fields[0] in ("T", "t"):
+            return True
+        time.sleep(0.005)
+    return False
 
 
 def _kill(child: subprocess.Popen[bytes]) -> bool:
