@@ -13,6 +13,11 @@ and how to talk to the broker::
     TWOPC_STOMP_TLS                          1: STOMP over TLS, the certificate verified
     TWOPC_STOMP_CA                           the certificate (PEM) to trust with TLS
 
+and, for operations::
+
+    TWOPC_BROKER_CONFIG   the broker's activemq.xml, which 'twopc doctor' reads
+    TWOPC_METRICS_PORT    long-running commands serve Prometheus /metrics on this port
+
 Each comes from the environment first, then from the config file
 (``TWOPC_CONFIG``, default ``$TWOPC_HOME/twopc.conf``; ``NAME=value`` lines,
 ``#`` comments), then from the embedded lab (its recorded ports, and its
@@ -42,6 +47,8 @@ STOMP_PASSWORD = "TWOPC_STOMP_PASSWORD"
 STOMP_TLS = "TWOPC_STOMP_TLS"
 STOMP_CA = "TWOPC_STOMP_CA"
 STOMP_TLS_ADDRESS = "TWOPC_STOMP_TLS_ADDRESS"  # exported by 'twopc lab env', for reference
+BROKER_CONFIG = "TWOPC_BROKER_CONFIG"
+METRICS_PORT = "TWOPC_METRICS_PORT"
 DEFAULT_HOME = ".twopc"
 MASK = "********"
 
@@ -94,6 +101,16 @@ def parse_host_port(value: str, setting: str) -> tuple[str, int]:
     if not 0 < port < 65536:
         raise ConfigurationError(f"{setting}={value!r} must look like host:port (127.0.0.1:26613)")
     return host, port
+
+
+def parse_port(value: str | None, setting: str) -> int | None:
+    """A TCP port number setting (unset or empty: None); ConfigurationError naming it."""
+    text = (value or "").strip()
+    if not text:
+        return None
+    if not (text.isdigit() and 0 < int(text) < 65536):
+        raise ConfigurationError(f"{setting}={value!r} must be a TCP port number (1-65535)")
+    return int(text)
 
 
 def check_dsn(value: str, setting: str) -> None:
@@ -149,6 +166,8 @@ class Settings:
     stomp_password: str | None = field(default=None, repr=False)
     stomp_tls: bool = False
     stomp_ca: str | None = None
+    broker_config: str | None = None
+    metrics_port: int | None = None
 
     def __repr__(self) -> str:
         password = None if self.stomp_password is None else MASK
@@ -157,7 +176,8 @@ class Settings:
             f"pg_b={redact_dsn(self.pg_b)!r}, stomp={self.stomp!r}, openwire={self.openwire!r}, "
             f"coordinator_id={self.coordinator_id!r}, stomp_user={self.stomp_user!r}, "
             f"stomp_password={password!r}, stomp_tls={self.stomp_tls!r}, "
-            f"stomp_ca={self.stomp_ca!r})"
+            f"stomp_ca={self.stomp_ca!r}, broker_config={self.broker_config!r}, "
+            f"metrics_port={self.metrics_port!r})"
         )
 
     __str__ = __repr__
@@ -189,6 +209,8 @@ class Settings:
             STOMP_PASSWORD: self.stomp_password or "",
             STOMP_TLS: "1" if self.stomp_tls else "0",
             STOMP_CA: self.stomp_ca or "",
+            BROKER_CONFIG: self.broker_config or "",
+            METRICS_PORT: "" if self.metrics_port is None else str(self.metrics_port),
         }
 
     @classmethod
@@ -205,7 +227,13 @@ class Settings:
         values = {name: pick(name) for name in SETTING_NAMES}
         tls = parse_flag(pick(STOMP_TLS), STOMP_TLS)
         user, password, ca = pick(STOMP_USER), pick(STOMP_PASSWORD), pick(STOMP_CA)
-        if any(v is None for v in values.values()) or user is password is None or ca is None:
+        broker_config = pick(BROKER_CONFIG)
+        if (
+            any(v is None for v in values.values())
+            or user is password is None
+            or ca is None
+            or broker_config is None
+        ):
             from scenarios.lab.services import lab_settings  # the lab is only the default
 
             lab = lab_settings(home, env, tls=tls)
@@ -216,6 +244,8 @@ class Settings:
                     user, password = lab.get(STOMP_USER), lab.get(STOMP_PASSWORD)
                 if ca is None and values["TWOPC_STOMP"] == lab[STOMP_TLS_ADDRESS]:
                     ca = lab.get(STOMP_CA)
+                if broker_config is None:
+                    broker_config = lab.get(BROKER_CONFIG)
         if password is not None and user is None:
             raise ConfigurationError(
                 f"{STOMP_PASSWORD} is set but {STOMP_USER} is not: set both, or neither for "
@@ -233,6 +263,8 @@ class Settings:
             stomp_password=password,
             stomp_tls=tls,
             stomp_ca=ca,
+            broker_config=broker_config,
+            metrics_port=parse_port(pick(METRICS_PORT), METRICS_PORT),
         )
         check_dsn(settings.pg_a, "TWOPC_PG_A")
         check_dsn(settings.pg_b, "TWOPC_PG_B")

@@ -54,11 +54,15 @@ def open_stomp(
     )
 
 
+#: The broker sessions of a coordinator, so the most transactions it runs at once.
+DEFAULT_SESSIONS = 32
+
+
 def open_coordinator(
     settings: Settings | None = None,
     *,
     recover: bool = True,
-    sessions: int = 32,
+    sessions: int = DEFAULT_SESSIONS,
     **options: Any,
 ) -> Coordinator:
     """A coordinator over databases 'a' and 'b' and the broker 'mq', recovered and ready.
@@ -144,7 +148,10 @@ def in_doubt(settings: Settings) -> list[InDoubt]:
 
 
 def recover(
-    settings: Settings | None = None, *, fence_timeout: float = 30.0, sessions: int = 32
+    settings: Settings | None = None,
+    *,
+    fence_timeout: float = 30.0,
+    sessions: int = DEFAULT_SESSIONS,
 ) -> RecoveryReport:
     """Resolve every in-doubt transaction of this coordinator and report what was done.
 

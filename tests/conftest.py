@@ -9,8 +9,11 @@ from __future__ import annotations
 
 import os
 import shutil
+import signal
 import socket
+import subprocess
 import tempfile
+import time
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -21,7 +24,15 @@ import pytest
 
 from participants.stomp_client import StompClient
 from scenarios.config import Settings, StompOptions
-from scenarios.lab.services import BROKER, OPENWIRE_SETTING, PG_A, PG_B, STOMP_TLS_SETTING, Lab
+from scenarios.lab.services import (
+    BROKER,
+    OPENWIRE_SETTING,
+    PG_A,
+    PG_B,
+    STOMP_TLS_SETTING,
+    Lab,
+    postgres_bindir,
+)
 from scenarios.log_setup import configure as configure_logging
 
 
@@ -116,3 +127,47 @@ def broker_control(lab: Lab) -> Iterator[BrokerControl]:
     control = BrokerControl(lab)
     yield control
     lab.start_service("activemq")
+
+
+@pytest.fixture
+def server_without_prepared_transactions(lab: Lab) -> Iterator[str]:
+    """A real PostgreSQL started with max_prepared_transactions = 0 (as a user's may be)."""
+    home = Path(tempfile.mkdtemp(prefix="twopc-mpt0-", dir="/tmp"))
+    home.chmod(0o755)
+    port = free_port()
+    env = {
+        **os.environ,
+        "TWOPC_HOME": str(home),
+        "TWOPC_LAB_PG_A_PORT": str(port),
+        "TWOPC_LAB_PG_B_PORT": str(free_port()),
+        "TWOPC_LAB_STOMP_PORT": str(free_port()),
+        "TWOPC_LAB_OPENWIRE_PORT": str(free_port()),
+    }
+    zero = Lab(home, env)
+    assert postgres_bindir()
+    zero.start_service("pg-a")  # initdb and a first start, then the same cluster with 0:
+    zero.stop_service("pg-a")
+    data = home / "pg-a" / "data"
+    user = zero._lab_user()
+    run_as = {"user": user.pw_uid, "group": user.pw_gid, "extra_groups": []} if user else {}
+    server = subprocess.Popen(
+        [str(postgres_bindir() / "postgres"), "-D", str(data), "-c", "max_prepared_transactions=0"],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+        start_new_session=True,
+        **run_as,
+    )
+    dsn = f"host=127.0.0.1 port={port} user=twopc dbname=postgres connect_timeout=2"
+    deadline = time.monotonic() + 30
+    while True:
+        try:
+            psycopg.connect(dsn).close()
+            break
+        except psycopg.OperationalError:
+            if time.monotonic() > deadline:
+                raise
+            time.sleep(0.2)
+    yield dsn
+    server.send_signal(signal.SIGINT)
+    server.wait(timeout=30)
+    shutil.rmtree(home, ignore_errors=True)

@@ -6,12 +6,10 @@ import dataclasses
 import json
 import os
 import random
-import shutil
 import signal
 import subprocess
 import sys
 import time
-from collections.abc import Iterator
 from pathlib import Path
 
 import psycopg
@@ -27,7 +25,7 @@ from coordinator.states import Outcome, Vote
 from coordinator.xid import FORMAT_ID, Xid
 from participants.postgres import PostgresResource
 from scenarios.config import Settings
-from scenarios.lab.services import Lab, postgres_bindir
+from scenarios.lab.services import Lab
 from scenarios.strategies.twopc import transfer_2pc
 from scenarios.transfer import model as scenario
 from scenarios.transfer.batch import run_batch
@@ -201,52 +199,6 @@ def test_rollback_on_error_in_work_leaves_nothing(fresh: Settings) -> None:
         coordinator.close()
     evidence = gather_evidence(fresh)
     assert not {"err-1", "err-2"} & (evidence.in_a | evidence.in_b | set(evidence.on_queue))
-
-
-@pytest.fixture
-def server_without_prepared_transactions(lab: Lab) -> Iterator[str]:
-    """A real PostgreSQL started with max_prepared_transactions = 0 (as a user's may be)."""
-    import tempfile
-
-    home = Path(tempfile.mkdtemp(prefix="twopc-mpt0-", dir="/tmp"))
-    home.chmod(0o755)
-    port = free_port()
-    env = {
-        **os.environ,
-        "TWOPC_HOME": str(home),
-        "TWOPC_LAB_PG_A_PORT": str(port),
-        "TWOPC_LAB_PG_B_PORT": str(free_port()),
-        "TWOPC_LAB_STOMP_PORT": str(free_port()),
-        "TWOPC_LAB_OPENWIRE_PORT": str(free_port()),
-    }
-    zero = Lab(home, env)
-    assert postgres_bindir()
-    zero.start_service("pg-a")  # initdb and a first start, then the same cluster with 0:
-    zero.stop_service("pg-a")
-    data = home / "pg-a" / "data"
-    user = zero._lab_user()
-    run_as = {"user": user.pw_uid, "group": user.pw_gid, "extra_groups": []} if user else {}
-    server = subprocess.Popen(
-        [str(postgres_bindir() / "postgres"), "-D", str(data), "-c", "max_prepared_transactions=0"],
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.DEVNULL,
-        start_new_session=True,
-        **run_as,
-    )
-    dsn = f"host=127.0.0.1 port={port} user=twopc dbname=postgres connect_timeout=2"
-    deadline = time.monotonic() + 30
-    while True:
-        try:
-            psycopg.connect(dsn).close()
-            break
-        except psycopg.OperationalError:
-            if time.monotonic() > deadline:
-                raise
-            time.sleep(0.2)
-    yield dsn
-    server.send_signal(signal.SIGINT)
-    server.wait(timeout=30)
-    shutil.rmtree(home, ignore_errors=True)
 
 
 def test_sessions_the_server_ended_are_replaced_by_begin_and_recovery(settings: Settings) -> None:

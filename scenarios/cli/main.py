@@ -13,6 +13,7 @@ from rich.table import Table
 
 from coordinator.errors import ConfigurationError
 from scenarios.cli import bench as cli_bench
+from scenarios.cli import doctor as cli_doctor
 from scenarios.cli import fanout as cli_fanout
 from scenarios.cli import log as cli_log
 from scenarios.cli import outbox as cli_outbox
@@ -448,3 +449,4 @@ main.add_command(cli_outbox.outbox)
 main.add_command(cli_bench.bench)
 main.add_command(cli_torture.torture)
 main.add_command(cli_log.log)
+main.add_command(cli_doctor.doctor)

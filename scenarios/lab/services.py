@@ -48,6 +48,7 @@ import psycopg
 
 from coordinator.errors import TwoPhaseCommitError
 from scenarios.config import (
+    BROKER_CONFIG,
     STOMP_CA,
     STOMP_PASSWORD,
     STOMP_TLS,
@@ -90,6 +91,7 @@ SERVICES = (PG_A, PG_B, BROKER)
 
 HOME_MODE = 0o700  # the state folder; 0710 with group twopc-lab when run as root
 CREDENTIALS_FILE = "credentials.json"
+BROKER_XML = "activemq/conf/activemq.xml"  # the broker's configuration, in the state folder
 KEYSTORE = "activemq/broker.p12"
 CERTIFICATE = "activemq/broker-cert.pem"
 
@@ -204,6 +206,8 @@ def lab_settings(
         values[STOMP_PASSWORD] = credentials.stomp_password
     if (home / CERTIFICATE).exists():
         values[STOMP_CA] = str(home / CERTIFICATE)
+    if (home / BROKER_XML).exists():
+        values[BROKER_CONFIG] = str(home / BROKER_XML)
     return values
 
 
@@ -661,7 +665,7 @@ class Lab:
         xml = ACTIVEMQ_XML
         for placeholder, value in values.items():
             xml = xml.replace(placeholder, html.escape(value))
-        path = conf / "activemq.xml"
+        path = self.home / BROKER_XML
         with contextlib.suppress(OSError):
             if path.read_text() == xml:
                 return False

@@ -1,0 +1,212 @@
+"""twopc doctor: each check's finding names the fix; the command passes on the lab and fails,
+naming the fix, on a PostgreSQL without prepared transactions."""
+
+from __future__ import annotations
+
+import json
+import os
+import stat
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from scenarios import doctor
+from scenarios.doctor import Status
+from scenarios.lab.services import ACTIVEMQ_XML, Lab
+
+TWOPC = [sys.executable, "-m", "scenarios.cli"]
+
+BROKER_XML = """<beans xmlns="http://www.springframework.org/schema/beans">
+  <broker xmlns="http://activemq.apache.org/schema/core" {broker}>
+    <destinationPolicy><policyMap><policyEntries>{policies}</policyEntries></policyMap>
+    </destinationPolicy>
+    <persistenceAdapter><kahaDB directory="/d" {kahadb}/></persistenceAdapter>
+    <transportConnectors>
+      <transportConnector name="stomp" uri="stomp://0.0.0.0:61613{uri}" {connector}/>
+    </transportConnectors>
+  </broker>
+</beans>"""
+
+
+def broker_xml(
+    *, broker: str = "", policies: str = "", kahadb: str = "", uri: str = "", connector: str = ""
+) -> doctor.ET.Element:
+    return doctor.parse_broker_config(
+        BROKER_XML.format(
+            broker=broker, policies=policies, kahadb=kahadb, uri=uri, connector=connector
+        )
+    )
+
+
+GOOD_POLICY = '<policyEntry queue=">" maxBrowsePageSize="1000000"/>'
+
+
+def test_max_prepared_zero_is_a_finding_naming_the_setting() -> None:
+    """max_prepared_transactions = 0 is a finding whose fix sets it in postgresql.conf."""
+    check = doctor.max_prepared_check("a", "TWOPC_PG_A", 0, 0, 32)
+    assert check.status is Status.FINDING
+    assert "PREPARE TRANSACTION is disabled" in check.detail
+    assert "set max_prepared_transactions = 64" in check.fix
+    assert "postgresql.conf" in check.fix
+
+
+def test_max_prepared_below_concurrency_plus_prepared_is_a_finding() -> None:
+    """Room for fewer prepared branches than the concurrency is a finding; enough room is ok."""
+    short = doctor.max_prepared_check("b", "TWOPC_PG_B", 40, 10, 32)
+    assert short.status is Status.FINDING
+    assert "room for only 30 more" in short.detail
+    assert doctor.max_prepared_check("b", "TWOPC_PG_B", 42, 10, 32).status is Status.OK
+
+
+def test_wal_level_replica_is_a_finding_for_cdc() -> None:
+    """wal_level other than logical is a finding naming the CDC strategies; logical is ok."""
+    check = doctor.wal_level_check("a", "TWOPC_PG_A", "replica")
+    assert check.failed and "cdc" in check.detail
+    assert "wal_level = logical" in check.fix
+    assert not doctor.wal_level_check("a", "TWOPC_PG_A", "logical").failed
+
+
+def test_clock_skew_beyond_the_limit_is_a_finding() -> None:
+    """A skew past --max-skew (either sign) is a finding pointing at NTP; within it is ok."""
+    assert doctor.clock_skew_check("a", "TWOPC_PG_A", -2.5, 1.0).failed
+    check = doctor.clock_skew_check("b", "TWOPC_PG_B", 1.5, 1.0)
+    assert check.failed and "+1.500 s" in check.detail and "NTP" in check.fix
+    assert not doctor.clock_skew_check("a", "TWOPC_PG_A", 0.2, 1.0).failed
+
+
+def test_login_failures_name_the_settings_to_check() -> None:
+    """A refused database or broker login names the settings to fix, never a password."""
+    db = doctor.database_login_check(
+        "b", "TWOPC_PG_B", "host=db port=5 dbname=x password=hunter2", "password failed"
+    )
+    assert db.failed and "TWOPC_PG_B" in db.fix and "db:5/x" in db.detail
+    assert "hunter2" not in db.detail + db.fix
+    mq = doctor.broker_login_check("mq:61613", "login refused")
+    assert mq.failed and "TWOPC_STOMP_USER and TWOPC_STOMP_PASSWORD" in mq.fix
+
+
+@pytest.mark.parametrize(
+    ("kahadb", "broker", "expected"),
+    [
+        ('enableJournalDiskSyncs="false"', "", 'enableJournalDiskSyncs="false"'),
+        ('journalDiskSyncStrategy="periodic"', "", 'journalDiskSyncStrategy="periodic"'),
+        ("", 'persistent="false"', "not persistent"),
+    ],
+)
+def test_journal_without_sync_is_a_finding(kahadb: str, broker: str, expected: str) -> None:
+    """A KahaDB that does not sync on commit (or no persistence) is a finding with the fix."""
+    check = doctor.journal_sync_check(broker_xml(kahadb=kahadb, broker=broker), "x.xml")
+    assert check.failed and expected in check.detail
+    assert "restart the broker" in check.fix
+
+
+def test_journal_synced_always_is_ok() -> None:
+    """The default (and 'always') sync strategy passes."""
+    assert not doctor.journal_sync_check(broker_xml(), "x.xml").failed
+    always = broker_xml(kahadb='journalDiskSyncStrategy="always"')
+    assert not doctor.journal_sync_check(always, "x.xml").failed
+
+
+def test_browse_page_default_or_small_is_a_finding() -> None:
+    """No matching policyEntry (default 400) or a small maxBrowsePageSize is a finding."""
+    none = doctor.browse_page_check(broker_xml(), "x.xml")
+    assert none.failed and "400" in none.detail and "maxBrowsePageSize" in none.fix
+    small = broker_xml(policies='<policyEntry queue="twopc.>" maxBrowsePageSize="500"/>')
+    check = doctor.browse_page_check(small, "x.xml")
+    assert check.failed and "first 500" in check.detail
+    other = broker_xml(policies='<policyEntry queue="orders.>" maxBrowsePageSize="9999999"/>')
+    assert doctor.browse_page_check(other, "x.xml").failed
+
+
+def test_the_most_specific_policy_entry_decides_the_browse_page() -> None:
+    """A specific entry for the marker queue wins over a wildcard one."""
+    policies = GOOD_POLICY + '<policyEntry queue="twopc.markers" maxBrowsePageSize="400"/>'
+    assert doctor.browse_page_check(broker_xml(policies=policies), "x.xml").failed
+    assert not doctor.browse_page_check(broker_xml(policies=GOOD_POLICY), "x.xml").failed
+
+
+@pytest.mark.parametrize(
+    ("uri", "connector"),
+    [("?allowLinkStealing=true", ""), ("", 'allowLinkStealing="true"')],
+)
+def test_link_stealing_on_a_stomp_connector_is_a_finding(uri: str, connector: str) -> None:
+    """allowLinkStealing on STOMP (URI option or attribute) is a finding naming fencing."""
+    check = doctor.link_stealing_config_check(broker_xml(uri=uri, connector=connector), "x.xml")
+    assert check.failed and "fencing" in check.detail and "allowLinkStealing" in check.fix
+    assert not doctor.link_stealing_config_check(broker_xml(), "x.xml").failed
+
+
+def test_link_stealing_seen_live_is_a_finding() -> None:
+    """A broker that let a second connection take a held client-id is a finding."""
+    assert doctor.link_stealing_probe_check("mq:1", True).failed
+    assert not doctor.link_stealing_probe_check("mq:1", False).failed
+
+
+def test_lab_broker_configuration_passes_every_config_check(tmp_path: Path) -> None:
+    """The lab's own activemq.xml template passes the three configuration checks."""
+    path = tmp_path / "activemq.xml"
+    path.write_text(ACTIVEMQ_XML)
+    checks = doctor.broker_config_checks(str(path))
+    assert [c.status for c in checks] == [Status.OK] * 3
+
+
+def test_unset_broker_config_is_skipped_and_says_which_setting() -> None:
+    """Without TWOPC_BROKER_CONFIG the configuration checks are skipped, not passed."""
+    checks = doctor.broker_config_checks(None)
+    assert {c.status for c in checks} == {Status.SKIPPED}
+    assert all("TWOPC_BROKER_CONFIG" in c.fix for c in checks)
+
+
+def test_unreadable_broker_config_is_a_finding(tmp_path: Path) -> None:
+    """A TWOPC_BROKER_CONFIG that cannot be read or parsed is a finding."""
+    (bad := tmp_path / "bad.xml").write_text("<broker")
+    for path in (bad, tmp_path / "missing.xml"):
+        (check,) = doctor.broker_config_checks(str(path))
+        assert check.failed and "TWOPC_BROKER_CONFIG" in check.fix
+
+
+def test_state_folder_findings() -> None:
+    """A missing, foreign or world-writable state folder is a finding with the command to run."""
+    home = Path("/srv/twopc")
+    missing = doctor.state_folder_check(home, None, None, 1000)
+    assert missing.failed and "mkdir -p -m 700 /srv/twopc" in missing.fix
+    folder = stat.S_IFDIR
+    foreign = doctor.state_folder_check(home, folder | 0o700, 0, 1000)
+    assert foreign.failed and "chown 1000" in foreign.fix
+    open_to_all = doctor.state_folder_check(home, folder | 0o777, 1000, 1000)
+    assert open_to_all.failed and "chmod go-w" in open_to_all.fix
+    assert not doctor.state_folder_check(home, folder | 0o700, 1000, 1000).failed
+
+
+@pytest.mark.lab
+def test_doctor_passes_on_the_lab(lab: Lab) -> None:
+    """'twopc doctor' on the lab exits 0 with every check ok, the broker's XML read."""
+    result = subprocess.run(
+        [*TWOPC, "doctor", "--json"], capture_output=True, text=True, check=False
+    )
+    assert result.returncode == 0, result.stdout + result.stderr
+    report = json.loads(result.stdout)
+    assert report["ok"] is True
+    statuses = {c["check"]: c["status"] for c in report["checks"]}
+    assert set(statuses.values()) == {"ok"}
+    for name in ("max_prepared_transactions (a)", "broker journal sync", "link stealing (broker)"):
+        assert name in statuses
+
+
+@pytest.mark.lab
+def test_doctor_fails_naming_the_fix_without_prepared_transactions(
+    server_without_prepared_transactions: str,
+) -> None:
+    """Against a PostgreSQL started with max_prepared_transactions=0, doctor exits 1 and
+    prints the finding for that database with the setting to change."""
+    env = {**os.environ, "TWOPC_PG_A": server_without_prepared_transactions}
+    result = subprocess.run([*TWOPC, "doctor"], capture_output=True, text=True, env=env)
+    assert result.returncode == 1, result.stdout + result.stderr
+    lines = result.stdout.splitlines()
+    at = lines.index(next(line for line in lines if "max_prepared_transactions (a)" in line))
+    assert lines[at].startswith("FAIL") and "PREPARE TRANSACTION is disabled" in lines[at]
+    assert "set max_prepared_transactions = 64" in lines[at + 1]
+    assert any(line.startswith("ok   max_prepared_transactions (b)") for line in lines)
+    assert "finding(s)" in lines[-1]
