@@ -84,6 +84,8 @@ class Coordinator:
         self._lock = threading.Lock()
         self.outcomes: Counter[Outcome] = Counter()
         self.messages: Counter[str] = Counter()  # "business" / "marker", committed only
+        # Called with each finished transaction and its outcome (metrics, tracing).
+        self._listeners: list[Callable[[Transaction, Outcome], None]] = []
         self._closed = threading.Event()
         self._finishing = 0  # commit or rollback sequences running now (guarded by _lock)
         self._none_finishing = threading.Condition(self._lock)
@@ -133,6 +135,11 @@ class Coordinator:
                 )
             self._active[gtrid] = tx
         return tx
+
+    def add_listener(self, listener: Callable[[Transaction, Outcome], None]) -> None:
+        """Call ``listener(tx, outcome)`` after each transaction finishes (on the caller's
+        thread, after the outcome is final). A listener that raises is logged, not fatal."""
+        self._listeners.append(listener)
 
     @property
     def resources(self) -> Mapping[str, XAResource]:
@@ -196,6 +203,11 @@ class Coordinator:
             self.messages["business"] += tx.messages_sent
             self.messages["marker"] += tx.marker_sent
         self._forget(tx)
+        for listener in self._listeners:
+            try:
+                listener(tx, outcome)
+            except Exception as exc:  # an observer never changes what happened
+                tx.log.warning(events.LISTENER_FAILED, listener=repr(listener), error=str(exc))
         return outcome
 
     def _forget(self, tx: Transaction) -> None:

@@ -55,6 +55,9 @@ MARKERS_REMOVED = "tpc.markers.removed"
 MARKERS_REMOVE_FAILED = "tpc.markers.remove_failed"
 HOUSEKEEPING_FAILED = "tpc.housekeeping.failed"
 
+# An observer (metrics, tracing) of finished transactions raised; the transaction is unaffected.
+LISTENER_FAILED = "tpc.listener.failed"
+
 
 def get_logger(**bound: Any) -> Any:
     """twopc's structlog logger with ``bound`` values, as the application configured structlog.

@@ -7,6 +7,7 @@ the overhead benchmark all take theirs from here.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -54,6 +55,16 @@ def open_stomp(
     )
 
 
+#: Called with every coordinator opened here (scenarios.metrics counts its transactions).
+COORDINATOR_OBSERVERS: list[Callable[[Coordinator], None]] = []
+
+
+def _observed(coordinator: Coordinator) -> Coordinator:
+    for observe in COORDINATOR_OBSERVERS:
+        observe(coordinator)
+    return coordinator
+
+
 #: The broker sessions of a coordinator, so the most transactions it runs at once.
 DEFAULT_SESSIONS = 32
 
@@ -77,14 +88,16 @@ def open_coordinator(
     resources = databases(settings, pool_size=sessions + 8)
     mq = broker(settings, pool_size=sessions)
     try:
-        return Coordinator(
-            settings.coordinator_id,
-            log,
-            resources,
-            mq,
-            recover_on_start=recover,
-            max_workers=max(sessions, 4),
-            **options,
+        return _observed(
+            Coordinator(
+                settings.coordinator_id,
+                log,
+                resources,
+                mq,
+                recover_on_start=recover,
+                max_workers=max(sessions, 4),
+                **options,
+            )
         )
     except BaseException:
         for resource in resources:
@@ -128,7 +141,7 @@ def open_consuming_coordinator(
         mq.close()
         log.close()
         raise
-    return coordinator, mq
+    return _observed(coordinator), mq
 
 
 def in_doubt(settings: Settings) -> list[InDoubt]:

@@ -41,6 +41,6 @@ stamp=.venv/.twopc-installed
 want=$(sha256sum pyproject.toml | cut -d' ' -f1)
 if [ "$(cat "$stamp" 2>/dev/null)" != "$want" ]; then
   echo "setup: installing twopc and its dependencies into .venv"
-  .venv/bin/python -m pip install -q --disable-pip-version-check -e '.[dev,bench]'
+  .venv/bin/python -m pip install -q --disable-pip-version-check -e '.[dev,bench,metrics,tracing,pool]'
   echo "$want" > "$stamp"
 fi

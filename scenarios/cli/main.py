@@ -297,16 +297,21 @@ def transfer(
     if count:
         accounts = _plan_accounts(settings, accounts)
         transfers = plan(count, accounts=accounts, seed=seed)
-        output = run_transfers(
-            settings,
-            strategy,
-            transfers,
-            concurrency=concurrency,
-            check=check,
-            converge_timeout=converge_timeout,
-            pipeline_here=not no_pipeline,
-            consumer=consumer_mode,
-        )
+        metrics = cli_outbox.serve_metrics(settings)  # a long run is watched like a worker
+        try:
+            output = run_transfers(
+                settings,
+                strategy,
+                transfers,
+                concurrency=concurrency,
+                check=check,
+                converge_timeout=converge_timeout,
+                pipeline_here=not no_pipeline,
+                consumer=consumer_mode,
+            )
+        finally:
+            if metrics is not None:
+                metrics.close()
     if as_json:
         click.echo(json.dumps(output, indent=2))
     elif count:

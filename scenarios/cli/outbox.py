@@ -22,6 +22,7 @@ from rich.console import Console
 from rich.table import Table
 
 from coordinator import events
+from coordinator.errors import ConfigurationError
 from scenarios import events as ev
 from scenarios.log_setup import configure as configure_logging
 
@@ -45,6 +46,20 @@ def _stop_on_signals() -> threading.Event:
     signal.signal(signal.SIGTERM, handler)
     signal.signal(signal.SIGINT, handler)
     return stop
+
+
+def serve_metrics(settings: Any) -> Any:
+    """Serve Prometheus /metrics on TWOPC_METRICS_PORT when it is set (None otherwise)."""
+    if settings.metrics_port is None:
+        return None
+    try:
+        from scenarios.metrics import serve
+    except ImportError as exc:
+        raise ConfigurationError(
+            f"TWOPC_METRICS_PORT is set but {exc.name or 'prometheus_client'} is not "
+            "installed: pip install 'twopc[metrics]'"
+        ) from exc
+    return serve(settings, settings.metrics_port)
 
 
 def _configure_logs(log_json: bool) -> None:
@@ -101,7 +116,16 @@ def relay(
         name=name or f"{mode}-{os.getpid()}",
     )
     stop = _stop_on_signals()
-    make_relay(mode, _settings(), config).run(stop)  # type: ignore[arg-type]
+    settings = _settings()
+    worker = make_relay(mode, settings, config)  # type: ignore[arg-type]
+    metrics = serve_metrics(settings)
+    if metrics is not None:
+        metrics.watch_relay(worker)
+    try:
+        worker.run(stop)
+    finally:
+        if metrics is not None:
+            metrics.close()
 
 
 @click.command()
@@ -148,21 +172,28 @@ def consumer(
             )
         max_attempts = int(setting)
     stop = _stop_on_signals()
+    settings = _settings()
     worker: Any
     if mode == "2pc":
         from scenarios.outbox.consumer_2pc import TwoPhaseConsumer
 
-        worker = TwoPhaseConsumer(_settings(), max_attempts=max_attempts)
+        worker = TwoPhaseConsumer(settings, max_attempts=max_attempts)
     else:
         worker = Consumer(
-            _settings(), prefetch=prefetch, batch_size=batch_size, max_attempts=max_attempts
+            settings, prefetch=prefetch, batch_size=batch_size, max_attempts=max_attempts
         )
+    metrics = serve_metrics(settings)
+    if metrics is not None:
+        metrics.watch_consumer(worker)
     try:
         worker.run(stop)
     except ConsumerFailed as exc:
         _print_consumer_stats(worker.stats.as_dict())
         click.echo(f"twopc: error: {exc}", err=True)
         raise SystemExit(1) from None
+    finally:
+        if metrics is not None:
+            metrics.close()
     _print_consumer_stats(worker.stats.as_dict())
 
 

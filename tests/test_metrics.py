@@ -1,0 +1,198 @@
+"""Prometheus metrics: counted as transactions finish, read from the servers at each scrape,
+served on /metrics by 'twopc consumer' with TWOPC_METRICS_PORT; the alert rules use them."""
+
+from __future__ import annotations
+
+import os
+import re
+import signal
+import subprocess
+import sys
+import time
+import urllib.request
+from collections.abc import Iterator
+from pathlib import Path
+
+import psycopg
+import pytest
+import yaml
+from prometheus_client.parser import text_string_to_metric_families
+
+from coordinator.xid import Xid
+from participants.postgres import PostgresResource
+from scenarios import metrics
+from scenarios.config import Settings
+from scenarios.outbox.failures import OutMessage
+from scenarios.outbox.relay import StompPublisher
+from scenarios.transfer import model as scenario
+from scenarios.wiring import COORDINATOR_OBSERVERS, open_coordinator
+from tests.conftest import free_port
+
+TWOPC = [sys.executable, "-m", "scenarios.cli"]
+ALERTS = Path(__file__).resolve().parent.parent / "docs" / "alerts.yml"
+
+
+def scrape(port: int) -> dict[tuple[str, tuple[tuple[str, str], ...]], float]:
+    """GET /metrics: every sample by name and sorted labels."""
+    with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=10) as answer:
+        text = answer.read().decode()
+    return {
+        (sample.name, tuple(sorted(sample.labels.items()))): sample.value
+        for family in text_string_to_metric_families(text)
+        for sample in family.samples
+    }
+
+
+def value(
+    samples: dict[tuple[str, tuple[tuple[str, str], ...]], float], name: str, **labels: str
+) -> float:
+    return samples[(name, tuple(sorted(labels.items())))]
+
+
+def test_alert_rules_parse_and_use_only_exported_metrics() -> None:
+    """docs/alerts.yml is valid rule YAML, alerts on in-doubt and prepared age, and every
+    metric its expressions name is one twopc exports."""
+    rules = [
+        rule for group in yaml.safe_load(ALERTS.read_text())["groups"] for rule in group["rules"]
+    ]
+    assert {"TwopcInDoubt", "TwopcPreparedTooOld"} <= {rule["alert"] for rule in rules}
+    named = {name for rule in rules for name in re.findall(r"\btwopc_\w+", rule["expr"])}
+    assert named and named <= set(metrics.METRIC_NAMES)
+    for rule in rules:
+        assert set(rule) >= {"alert", "expr", "labels", "annotations"}
+
+
+@pytest.fixture
+def probe_tables(settings: Settings) -> Iterator[str]:
+    """A table 'metrics_probe' in A and in B for the test's writes."""
+    for dsn in (settings.pg_a, settings.pg_b):
+        with psycopg.connect(dsn, autocommit=True) as conn:
+            conn.execute("CREATE TABLE IF NOT EXISTS metrics_probe (x int)")
+    yield "metrics_probe"
+
+
+@pytest.mark.lab
+def test_transactions_phases_and_forced_writes_are_counted(
+    settings: Settings, probe_tables: str
+) -> None:
+    """With /metrics served, a coordinator from wiring counts its commits and aborts, the
+    phase times and the decision log's forced writes."""
+    server = metrics.serve(settings, 0, address="127.0.0.1")
+    coordinator = open_coordinator(settings, sessions=2)
+    try:
+        for _ in range(3):
+            with coordinator.transaction() as tx:  # no broker: the COMMIT record is forced
+                tx.execute("a", "INSERT INTO metrics_probe VALUES (1)")
+                tx.execute("b", "INSERT INTO metrics_probe VALUES (1)")
+        tx = coordinator.begin()
+        tx.execute("a", "INSERT INTO metrics_probe VALUES (2)")
+        tx.rollback()
+        samples = scrape(server.port)
+    finally:
+        coordinator.close()
+        server.close()
+    cid = settings.coordinator_id
+    assert value(samples, "twopc_transactions_total", coordinator=cid, outcome="committed") == 3
+    assert value(samples, "twopc_transactions_total", coordinator=cid, outcome="aborted") == 1
+    assert value(samples, "twopc_phase_seconds_count", coordinator=cid, phase="prepare") == 3
+    assert value(samples, "twopc_phase_seconds_sum", coordinator=cid, phase="phase2") > 0
+    forced = value(samples, "twopc_decision_log_forced_writes_total", coordinator=cid)
+    assert forced >= 3
+    assert server.transactions.observe not in COORDINATOR_OBSERVERS  # close() unhooks
+
+
+@pytest.mark.lab
+def test_prepared_branches_their_age_headroom_and_in_doubt_are_read_live(
+    settings: Settings, probe_tables: str
+) -> None:
+    """A branch left prepared shows in the prepared count, the oldest age, the headroom and
+    (past the in-doubt age) the in-doubt count; resolved, the figures go back."""
+    collector = metrics.ServerCollector(settings, in_doubt_after=0.2)
+    before = collector.read().gauges
+    resource = PostgresResource("a", settings.pg_a)
+    xid = Xid.branch(f"{settings.coordinator_id}.metrics-{os.getpid()}", "a")
+    branch = resource.begin(xid)
+    try:
+        branch.execute("INSERT INTO metrics_probe VALUES (3)")
+        branch.prepare()
+        branch.release()
+        time.sleep(0.5)
+        during = collector.read()
+    finally:
+        assert resource.rollback_recovered(xid)
+        resource.close()
+    after = collector.read().gauges
+
+    def a(gauges: dict[str, list[tuple[dict[str, str], float]]], name: str) -> float:
+        return next(v for labels, v in gauges[name] if labels.get("database") == "a")
+
+    assert during.up == {"database a": True, "database b": True, "broker": True}
+    assert a(during.gauges, "twopc_prepared_branches") == a(before, "twopc_prepared_branches") + 1
+    assert a(during.gauges, "twopc_oldest_prepared_age_seconds") >= 0.5
+    assert a(during.gauges, "twopc_prepared_headroom") == a(before, "twopc_prepared_headroom") - 1
+    assert during.gauges["twopc_in_doubt_transactions"][0][1] >= 1
+    assert a(after, "twopc_prepared_branches") == a(before, "twopc_prepared_branches")
+
+
+def wait_for(check: object, timeout: float = 30.0) -> None:
+    deadline = time.monotonic() + timeout
+    while True:
+        try:
+            if check():  # type: ignore[operator]
+                return
+        except OSError:
+            pass
+        if time.monotonic() > deadline:
+            raise AssertionError("timed out waiting")
+        time.sleep(0.2)
+
+
+@pytest.mark.lab
+def test_consumer_serves_live_metrics(settings: Settings) -> None:
+    """'twopc consumer' with TWOPC_METRICS_PORT serves /metrics: the applied count rises by
+    the credit commands sent, and the servers' figures are there and up."""
+    scenario.reset(settings, accounts=10, balance=1_000)
+    port = free_port()
+    env = {**os.environ, "TWOPC_METRICS_PORT": str(port)}
+    consumer = subprocess.Popen(
+        [*TWOPC, "consumer"], env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT
+    )
+    try:
+        wait_for(lambda: scrape(port))
+        before = scrape(port)
+        applied = value(
+            before, "twopc_consumer_messages_total", consumer="consumer", outcome="applied"
+        )
+        publisher = StompPublisher(settings)
+        sent = [
+            scenario.Transfer(
+                f"metrics-{os.getpid()}-{i}", scenario.account_id(0), scenario.account_id(1), 1
+            )
+            for i in range(5)
+        ]
+        publisher.publish(
+            [OutMessage(t.transfer_id, scenario.CREDIT_QUEUE, t.body()) for t in sent]
+        )
+        publisher.close()
+
+        def rose() -> bool:
+            now = value(
+                scrape(port),
+                "twopc_consumer_messages_total",
+                consumer="consumer",
+                outcome="applied",
+            )
+            return now == applied + 5
+
+        wait_for(rose)
+        after = scrape(port)
+    finally:
+        consumer.send_signal(signal.SIGTERM)
+        output = consumer.communicate(timeout=30)[0].decode()
+    assert consumer.returncode == 0, output
+    for source in ("database a", "database b", "broker"):
+        assert value(after, "twopc_source_up", source=source) == 1
+    assert value(after, "twopc_max_prepared_transactions", database="b") == 200
+    assert value(after, "twopc_consumer_queue_depth") == 0
+    assert ("twopc_marker_queue_depth", ()) in after
+    assert "applied 5" in output
