@@ -18,7 +18,7 @@ from typing import Any, Protocol
 import psycopg
 from psycopg.abc import Params, Query
 
-from coordinator import events
+from coordinator import events, tracing
 from coordinator.errors import (
     TransactionAborted,
     TransactionInDoubt,
@@ -69,6 +69,7 @@ class Transaction:
         self.timings: dict[str, float] = {}  # phase name -> seconds (for the benchmark)
         self._lock = threading.Lock()  # guards branch creation against the watchdog
         self.log = events.get_logger(gtrid=gtrid)
+        self.span = tracing.start_transaction(gtrid)  # None without OpenTelemetry
 
     @property
     def branches(self) -> Mapping[str, XABranch]:
@@ -99,6 +100,7 @@ class Transaction:
     def finished(self, outcome: Outcome) -> None:
         """Record what the caller is told."""
         self.outcome = outcome
+        tracing.end_transaction(self.span, outcome.value, self.reason)
 
     def time_out(self) -> list[XABranch]:
         """Mark the transaction as timed out; return the branches whose work to cancel."""
@@ -108,10 +110,11 @@ class Transaction:
 
     @contextmanager
     def timed(self, phase: str) -> Iterator[None]:
-        """Add the time spent in the block to ``timings[phase]``."""
+        """Add the time spent in the block to ``timings[phase]`` (and trace it as a span)."""
         start = time.perf_counter()
         try:
-            yield
+            with tracing.phase(self.span, phase):
+                yield
         finally:
             self.timings[phase] = self.timings.get(phase, 0.0) + time.perf_counter() - start
 
@@ -150,8 +153,13 @@ class Transaction:
         return self.branch(name).execute(query, params)
 
     def send(self, destination: str, body: str, headers: Mapping[str, str] | None = None) -> None:
-        """Send a persistent message inside the broker's transaction."""
-        self._broker_session().send(destination, body, headers)
+        """Send a persistent message inside the broker's transaction.
+
+        The broker adds the ``gtrid`` header and, with tracing, ``traceparent``.
+        """
+        session = self._broker_session()
+        with tracing.active(self.span):
+            session.send(destination, body, headers)
         self.messages_sent += 1
 
     def ack(self, ack_id: str) -> None:

@@ -29,7 +29,7 @@ from collections.abc import Callable, Collection, Mapping
 from dataclasses import dataclass
 from typing import Any
 
-from coordinator import events
+from coordinator import events, tracing
 from coordinator.errors import (
     CommitRefused,
     ConfigurationError,
@@ -122,12 +122,18 @@ class ActiveMQSession:
         return self._sent + self._acked > 0
 
     def send(self, destination: str, body: str, headers: Mapping[str, str] | None = None) -> None:
-        """SEND a persistent message inside the transaction (fire-and-forget: no receipt)."""
+        """SEND a persistent message inside the transaction (fire-and-forget: no receipt).
+
+        The message carries the ``gtrid`` header and, when tracing is on, the
+        current span's ``traceparent`` (coordinator.tracing), for its consumer.
+        """
         self._require(_State.ACTIVE, "send")
+        stamped = {**(headers or {}), tracing.GTRID_HEADER: self._gtrid}
+        tracing.inject(stamped)
         try:
             self._begin_once()
             self._client.send(
-                destination, body, headers, transaction=self._gtrid, gtrid=self._gtrid
+                destination, body, stamped, transaction=self._gtrid, gtrid=self._gtrid
             )
         except ParticipantError:
             self._healthy = False

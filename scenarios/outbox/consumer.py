@@ -43,6 +43,7 @@ from typing import Any
 
 import psycopg
 
+from coordinator import tracing
 from coordinator.errors import ConfigurationError, ParticipantError, TwoPhaseCommitError
 from coordinator.events import get_logger
 from participants.stomp_client import Message, StompClient, Subscription
@@ -309,7 +310,21 @@ class Consumer:
 
     def handle(self, batch: Sequence[Message]) -> None:
         """Apply the batch's credit commands in one B transaction, acknowledge them, and
-        move what cannot be applied to the dead-letter queue."""
+        move what cannot be applied to the dead-letter queue.
+
+        With tracing, each message's span continues the trace its sender started.
+        """
+        spans = tracing.continue_each(
+            "twopc.consume",
+            (m.headers for m in batch if not m.is_sentinel),
+            **{"twopc.consumer": self.name, "messaging.destination": self.destination},
+        )
+        try:
+            self._handle(batch)
+        finally:
+            tracing.end_all(spans)
+
+    def _handle(self, batch: Sequence[Message]) -> None:
         if self._client is None:
             raise RuntimeError("the consumer is not connected")
         client = self._client

@@ -35,6 +35,7 @@ from dataclasses import dataclass, field
 
 import psycopg
 
+from coordinator import tracing
 from coordinator.coordinator import Coordinator
 from coordinator.errors import ParticipantError, TwoPhaseCommitError
 from coordinator.events import get_logger
@@ -153,7 +154,21 @@ class TwoPhaseConsumer:
     def handle(
         self, coordinator: Coordinator, subscription: Subscription, message: Message
     ) -> None:
-        """Apply one message in one global transaction, or dead-letter it."""
+        """Apply one message in one global transaction, or dead-letter it.
+
+        With tracing, the message's span continues its sender's trace and the
+        global transaction that applies it is a child of that span.
+        """
+        with tracing.continued(
+            "twopc.consume",
+            message.headers,
+            **{"twopc.consumer": "consumer-2pc", "messaging.destination": self.destination},
+        ):
+            self._handle(coordinator, subscription, message)
+
+    def _handle(
+        self, coordinator: Coordinator, subscription: Subscription, message: Message
+    ) -> None:
         started = time.perf_counter()
         if message.is_sentinel:  # left by a browse of the queue: consumed, nothing applied
             with coordinator.transaction() as tx:
