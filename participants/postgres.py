@@ -1,4 +1,16 @@
-"""PostgreSQL as an XA participant: psycopg's tpc_* API over a small connection pool."""
+"""PostgreSQL as an XA participant: psycopg's tpc_* API over a small connection pool.
+
+The connections come from one of three sources, given as ``PostgresResource``'s
+second argument:
+
+* a libpq connection string: the resource opens its own connections and keeps
+  up to ``pool_size`` idle ones, plus one autocommit connection for recovery;
+* a ``psycopg_pool.ConnectionPool`` (the application's): every connection,
+  the recovery one included, is borrowed from it and given back; the resource
+  opens none and keeps none idle, so it never holds more than the pool allows;
+* a connection factory (a callable returning a new ``psycopg.Connection``):
+  called wherever the resource would open a connection itself.
+"""
 
 from __future__ import annotations
 
@@ -7,7 +19,7 @@ import queue
 import threading
 from collections.abc import Callable
 from datetime import datetime
-from typing import Any, LiteralString, TypeVar
+from typing import Any, LiteralString, Protocol, TypeVar
 
 import psycopg
 from psycopg import errors as pg_errors
@@ -61,20 +73,51 @@ def describe_dsn(dsn: str) -> str:
     return f"{info.get('host', 'localhost')}:{info.get('port', 5432)}/{info.get('dbname', '')}"
 
 
+class ConnectionPoolLike(Protocol):
+    """What PostgresResource uses of a ``psycopg_pool.ConnectionPool``."""
+
+    conninfo: str
+
+    @property
+    def kwargs(self) -> dict[str, Any] | None: ...
+
+    def getconn(self, timeout: float | None = None) -> psycopg.Connection[Any]: ...
+
+    def putconn(self, conn: psycopg.Connection[Any]) -> None: ...
+
+
+#: Where a PostgresResource takes its connections from (see the module docstring).
+ConnectionSource = str | ConnectionPoolLike | Callable[[], psycopg.Connection[Any]]
+
+
 class PostgresResource:
     """One PostgreSQL database taking part in global transactions (an XAResource)."""
 
     def __init__(
         self,
         name: str,
-        dsn: str,
+        dsn: ConnectionSource,
         *,
         setting: str | None = None,
         pool_size: int = 40,
         connect_timeout: float = 5.0,
     ) -> None:
         self._name = name
-        self.dsn = dsn
+        self._pool: ConnectionPoolLike | None = None
+        self._factory: Callable[[], psycopg.Connection[Any]] | None = None
+        if isinstance(dsn, str):
+            self.dsn = dsn
+        elif hasattr(dsn, "getconn") and hasattr(dsn, "putconn"):
+            self._pool = dsn  # type: ignore[assignment]
+            self.dsn = str(getattr(dsn, "conninfo", ""))
+        elif callable(dsn):
+            self._factory = dsn
+            self.dsn = ""
+        else:
+            raise ConfigurationError(
+                f"PostgreSQL {name!r}: expected a connection string, a "
+                f"psycopg_pool.ConnectionPool or a connection factory, got {type(dsn).__name__}"
+            )
         self.setting = setting or f"TWOPC_PG_{name.upper()}"
         self.pool_size = pool_size
         self.connect_timeout = connect_timeout
@@ -123,12 +166,41 @@ class PostgresResource:
             )
         self._checked = True
 
+    def _given(self, *, autocommit: bool) -> psycopg.Connection[Any]:
+        """A connection from the application's pool or factory, checked like connect()'s."""
+        where = "the connection pool" if self._pool is not None else "the connection factory"
+        try:
+            if self._pool is not None:
+                conn = self._pool.getconn()
+            else:
+                assert self._factory is not None
+                conn = self._factory()
+        except psycopg.OperationalError as exc:  # psycopg_pool.PoolTimeout included
+            raise ParticipantUnavailable(
+                f"cannot get a connection to PostgreSQL from {where}: "
+                f"{str(exc).strip() or type(exc).__name__}",
+                participant=self._name,
+            ) from exc
+        try:
+            if conn.autocommit != autocommit:
+                conn.autocommit = autocommit
+            if not self._checked:
+                self._check_server(conn)
+        except BaseException:
+            self._release(conn)
+            raise
+        return conn
+
     def _acquire(self) -> tuple[psycopg.Connection[Any], bool]:
         """A connection, and whether it was kept in the pool (rather than opened now)."""
+        if self._pool is not None:
+            return self._given(autocommit=False), True  # the pool's may have gone stale
         while True:
             try:
                 conn = self._idle.get_nowait()
             except queue.Empty:
+                if self._factory is not None:
+                    return self._given(autocommit=False), False
                 return self.connect(), False
             if not conn.closed and conn.info.transaction_status == pq.TransactionStatus.IDLE:
                 return conn, True
@@ -136,6 +208,11 @@ class PostgresResource:
 
     def _release(self, conn: psycopg.Connection[Any]) -> None:
         healthy = not conn.closed and conn.info.transaction_status == pq.TransactionStatus.IDLE
+        if self._pool is not None:  # back to the application's pool, as it lent it
+            if healthy:
+                conn.autocommit = bool((self._pool.kwargs or {}).get("autocommit", False))
+            self._pool.putconn(conn)  # the pool replaces a closed or broken one
+            return
         if healthy and not self._closed and self._idle.qsize() < self.pool_size:
             self._idle.put(conn)
         else:
@@ -149,11 +226,25 @@ class PostgresResource:
         lost, ``work`` runs once more on a new one. ``work`` is idempotent (list,
         COMMIT PREPARED or ROLLBACK PREPARED by gid), so a repeat is harmless.
         """
+        if self._pool is not None:  # borrowed for this call only: no connection is kept
+            for attempt in (1, 2):
+                borrowed = self._given(autocommit=True)
+                try:
+                    return work(borrowed)
+                except psycopg.OperationalError:
+                    if not borrowed.broken or attempt == 2:
+                        raise
+                    _log().info(ev.PG_ADMIN_RECONNECT, participant=self._name)
+                finally:
+                    self._release(borrowed)
         with self._admin_lock:
             while True:
                 kept = self._admin is not None and not self._admin.closed
                 if not kept:
-                    self._admin = self.connect(autocommit=True)
+                    if self._factory is not None:
+                        self._admin = self._given(autocommit=True)
+                    else:
+                        self._admin = self.connect(autocommit=True)
                 conn = self._admin
                 assert conn is not None
                 try:
@@ -177,6 +268,7 @@ class PostgresResource:
             except psycopg.Error as exc:
                 lost = conn.broken
                 conn.close()
+                self._release(conn)  # a pool's slot is given back (and refilled)
                 if kept and lost:
                     # An idle connection the server ended meanwhile (a restart, an
                     # administrator): BEGIN never ran there. Take the next one.
@@ -414,5 +506,6 @@ class PostgresBranch:
                 # Phase 2 was deferred to recovery: the prepared transaction lives on
                 # in the server without this session, which is simply closed.
                 self.conn.close()
+                self.resource._release(self.conn)  # a pool's slot is given back
             else:
                 self.resource._release(self.conn)
