@@ -291,15 +291,18 @@ class ActiveMQSession:
         if self._solo:
             return
         self._solo = True
+        try:
+            self._client.begin(self._gtrid, gtrid=self._gtrid)
+        except ParticipantError:
+            self._healthy = False
+            raise
+        self._begun = True
         outbox, self._outbox = self._outbox, []
         for destination, body, headers in outbox:
             self._transmit(destination, body, headers)
 
     def _transmit(self, destination: str, body: str, headers: dict[str, str]) -> None:
         try:
-            if not self._begun:
-                self._client.begin(self._gtrid, gtrid=self._gtrid)
-                self._begun = True
             self._client.send(
                 destination, body, headers, transaction=self._gtrid, gtrid=self._gtrid
             )
@@ -367,6 +370,7 @@ class ActiveMQ:
         #: Sessions reaching their commit point together share one broker transaction.
         self.group_commit: GroupCommit[_Member] = GroupCommit(self._commit_members)
         self._kept_for_group: set[str] = set()  # ended, but their group's marker stays
+        self._sweeping = threading.Lock()
 
     @property
     def name(self) -> str:
@@ -683,8 +687,12 @@ class ActiveMQ:
         gtrid it names has been asked for: until then this resource keeps the
         gtrids asked so far, and a later call that completes the group removes it.
         """
+        with self._sweeping:  # one sweep at a time: each reads and rewrites the kept set
+            return self._remove_markers(set(gtrids))
+
+    def _remove_markers(self, asked: set[str]) -> int:
         with self._cond:
-            wanted = set(gtrids) | self._kept_for_group
+            wanted = asked | self._kept_for_group
         if not wanted:
             return 0
 
