@@ -196,3 +196,22 @@ def test_consumer_serves_live_metrics(settings: Settings) -> None:
     assert value(after, "twopc_consumer_queue_depth") == 0
     assert ("twopc_marker_queue_depth", ()) in after
     assert "applied 5" in output
+
+
+def test_metrics_port_setting_is_read_and_checked(tmp_path: Path) -> None:
+    """TWOPC_METRICS_PORT is read into the settings; a value that is not a port is refused
+    with its name."""
+    from coordinator.errors import ConfigurationError
+
+    env = {
+        "TWOPC_HOME": str(tmp_path),
+        "TWOPC_PG_A": "host=127.0.0.1 port=5432 dbname=a",
+        "TWOPC_PG_B": "host=127.0.0.1 port=5432 dbname=b",
+        "TWOPC_STOMP": "127.0.0.1:61613",
+        "TWOPC_OPENWIRE": "127.0.0.1:61616",
+    }
+    assert Settings.load(env).metrics_port is None
+    assert Settings.load({**env, "TWOPC_METRICS_PORT": "9464"}).metrics_port == 9464
+    for bad in ("http", "0", "70000"):
+        with pytest.raises(ConfigurationError, match="TWOPC_METRICS_PORT"):
+            Settings.load({**env, "TWOPC_METRICS_PORT": bad})
