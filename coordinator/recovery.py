@@ -293,7 +293,7 @@ class Backlog:
         self._deferred: list[Transaction] = []
         self._missed_rollbacks: list[tuple[str, Xid]] = []
         self._in_doubt: list[Transaction] = []
-        self._ended_with_marker: list[str] = []
+        self._ended_with_marker: set[str] = set()  # a set: holds() runs at every begin
 
     # -- filled by the coordinator ---------------------------------------------------
 
@@ -315,7 +315,7 @@ class Backlog:
     def ended(self, gtrid: str) -> bool:
         """``gtrid`` ended and its marker may go; True when a batch is due."""
         with self._lock:
-            self._ended_with_marker.append(gtrid)
+            self._ended_with_marker.add(gtrid)
             return len(self._ended_with_marker) >= self.marker_batch
 
     def holds(self, gtrid: str) -> bool:
@@ -419,7 +419,7 @@ class Backlog:
         if self._broker is None:
             return 0
         with self._lock:
-            batch, self._ended_with_marker = self._ended_with_marker, []
+            batch, self._ended_with_marker = self._ended_with_marker, set()
         if not batch:
             return 0
         self._log.flush()  # the END records first: a marker may go only once END is durable
@@ -428,7 +428,7 @@ class Backlog:
         except TwoPhaseCommitError as exc:
             events.get_logger().warning(events.MARKERS_REMOVE_FAILED, error=str(exc))
             with self._lock:
-                self._ended_with_marker.extend(batch)
+                self._ended_with_marker.update(batch)
             return 0
         events.get_logger().debug(events.MARKERS_REMOVED, count=removed)
         return removed
