@@ -417,9 +417,14 @@ class ActiveMQ:
         the gtrids that asked for one, one COMMIT and one RECEIPT; an outcome per member.
 
         The transaction runs on the first member's connection; the others' connections
-        carried nothing. A refusal aborts every member, which is a correct outcome for
-        each; no answer leaves every member in doubt, and its marker decides them all.
+        carried nothing. Its frames leave in one write, with the COMMIT. A refusal
+        aborts every member, which is a correct outcome for each; no answer leaves
+        every member in doubt, and its marker decides them all.
         """
+        with members[0].session._client.corked():
+            return self._commit_transaction(members)
+
+    def _commit_transaction(self, members: Sequence[_Member]) -> Outcomes:
         carrier = members[0].session
         client = carrier._client
         txid = carrier.gtrid

@@ -142,13 +142,13 @@ def test_error_frame_on_commit_is_commit_refused(mq: ActiveMQ, queue_name: str) 
     gtrid = unique("t.")
     session = mq.begin(gtrid)
     session.send(queue_name, "x")
-    # End the broker transaction behind the session's back, once its frames went
-    # out: the COMMIT then names a transaction the broker does not know, and it
-    # answers with an ERROR frame.
+    # Begin the transaction on the session's own connection, then end it behind
+    # the session's back: the COMMIT then names a transaction the broker does not
+    # know, and it answers with an ERROR frame.
+    session._go_solo()
+    session._client.abort(gtrid, timeout=5.0)
     with pytest.raises(CommitRefused, match="Invalid transaction id") as raised:
-        session.commit_with_marker(
-            gtrid, timeout=5.0, before_commit=lambda: session._client.abort(gtrid, timeout=5.0)
-        )
+        session.commit_with_marker(gtrid, timeout=5.0)
     assert raised.value.gtrid == gtrid
     assert raised.value.participant == "mq"
     session.release()
@@ -282,6 +282,47 @@ def test_a_shared_marker_goes_only_when_every_gtrid_it_names_ended(
     assert mq.remove_markers(["g.2"]) == 2  # g.1 was asked before: the marker goes now
     assert mq.markers() == set()
     mq.begin("g.1").release()
+
+
+def test_a_transaction_leaves_in_one_write_with_its_commit(
+    mq: ActiveMQ, stomp_addr: str, queue_name: str
+) -> None:
+    """BEGIN, the SENDs, the marker and the COMMIT of a session go to the socket in one write."""
+    gtrid = unique("t.")
+    session = mq.begin(gtrid)
+    client = session._client
+    writes: list[bytes] = []
+    write = client._write
+    client._write = lambda data: (writes.append(data), write(data))[1]
+    try:
+        session.send(queue_name, "one")
+        session.send(queue_name, "two")
+        session.commit_with_marker(gtrid, timeout=5.0)
+    finally:
+        client._write = write
+        session.release()
+    assert len(writes) == 1
+    frames = [frame.lstrip(b"\n") for frame in writes[0].split(b"\x00") if frame.strip()]
+    assert [frame.split(b"\n", 1)[0] for frame in frames] == [
+        b"BEGIN",
+        b"SEND",
+        b"SEND",
+        b"SEND",
+        b"COMMIT",
+    ]
+    assert len(browse(stomp_addr, queue_name)) == 2 and gtrid in mq.markers()
+
+
+def test_frames_kept_in_a_cork_that_raises_never_reach_the_broker(
+    stomp_addr: str, queue_name: str
+) -> None:
+    """A corked block that raises drops its frames: the broker never sees them."""
+    with open_stomp_client(stomp_addr) as client:
+        with pytest.raises(RuntimeError), client.corked():
+            client.send(queue_name, "never")
+            raise RuntimeError("stop before the write")
+        client.send(queue_name, "sent", receipt_timeout=5.0)
+    assert [m.body for m in browse(stomp_addr, queue_name)] == ["sent"]
 
 
 def test_client_commit_of_unknown_transaction_is_commit_refused(stomp_addr: str) -> None:
