@@ -30,6 +30,7 @@ def _log() -> Any:
     # Looked up at each use, so that the application's later structlog set-up applies.
     return get_logger(component="postgres")
 
+
 T = TypeVar("T")
 
 # Command tags that mean the statement changed data: the branch then needs a
@@ -72,9 +73,13 @@ class PostgresResource:
         setting: str | None = None,
         pool_size: int = 40,
         connect_timeout: float = 5.0,
+        application_name: str | None = None,
     ) -> None:
         self._name = name
         self.dsn = dsn
+        # Every session says whose it is (the coordinator id), so that a peer can end
+        # them all when it fences this coordinator (DESIGN §7).
+        self.application_name = application_name
         self.setting = setting or f"TWOPC_PG_{name.upper()}"
         self.pool_size = pool_size
         self.connect_timeout = connect_timeout
@@ -97,7 +102,10 @@ class PostgresResource:
         """A new connection; the first one checks that the server can prepare."""
         try:
             conn = psycopg.connect(
-                self.dsn, autocommit=autocommit, connect_timeout=int(self.connect_timeout)
+                self.dsn,
+                autocommit=autocommit,
+                connect_timeout=int(self.connect_timeout),
+                application_name=self.application_name,  # None: libpq's default
             )
         except psycopg.OperationalError as exc:
             raise ParticipantUnavailable(

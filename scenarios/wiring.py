@@ -21,10 +21,19 @@ from scenarios.config import Settings
 
 
 def databases(settings: Settings, *, pool_size: int) -> list[PostgresResource]:
-    """Databases A and B as the resources 'a' and 'b'; each keeps ``pool_size`` idle sessions."""
+    """Databases A and B as the resources 'a' and 'b'; each keeps ``pool_size`` idle sessions.
+
+    Every session they open carries the coordinator id as its ``application_name``.
+    """
     return [
-        PostgresResource("a", settings.pg_a, setting="TWOPC_PG_A", pool_size=pool_size),
-        PostgresResource("b", settings.pg_b, setting="TWOPC_PG_B", pool_size=pool_size),
+        PostgresResource(
+            name,
+            dsn,
+            setting=f"TWOPC_PG_{name.upper()}",
+            pool_size=pool_size,
+            application_name=settings.coordinator_id,
+        )
+        for name, dsn in (("a", settings.pg_a), ("b", settings.pg_b))
     ]
 
 
@@ -113,7 +122,9 @@ def open_consuming_coordinator(
     failpoints.arm_from_env()
     coordinator_id = consumer_coordinator_id(settings)
     log = FileDecisionLog(consumer_log_path(settings))
-    b = PostgresResource("b", settings.pg_b, setting="TWOPC_PG_B", pool_size=2)
+    b = PostgresResource(
+        "b", settings.pg_b, setting="TWOPC_PG_B", pool_size=2, application_name=coordinator_id
+    )
     mq = ActiveMQ(settings.stomp, coordinator_id, pool_size=1, **settings.stomp_options())
     try:
         coordinator = Coordinator(
