@@ -27,6 +27,7 @@ from coordinator.errors import (
     InvalidXid,
 )
 from coordinator.log import DecisionLog
+from coordinator.peers import Membership
 from coordinator.protocol import LastResource, XAResource
 from coordinator.recovery import Backlog, Recovery, RecoveryReport
 from coordinator.states import TERMINAL, Outcome, TxState
@@ -54,6 +55,7 @@ class Coordinator:
         recover_on_start: bool = True,
         marker_batch: int = 500,
         housekeeping_interval: float | None = 1.0,
+        membership: Membership | None = None,
     ) -> None:
         self.coordinator_id = validate_coordinator_id(coordinator_id)
         self.prefix = gtrid_prefix(coordinator_id)
@@ -65,6 +67,7 @@ class Coordinator:
                 raise ConfigurationError(f"two participants are named {resource.name!r}")
             self._resources[resource.name] = resource
         self._broker = broker
+        self.membership = membership
         self.timeout = timeout
         # Seconds between the watchdog's retries of deferred phase 2s, missed rollbacks
         # and in-doubt transactions; None leaves them to explicit calls (tests do).
@@ -79,6 +82,7 @@ class Coordinator:
             failpoint=self.failpoint,
             receipt_timeout=receipt_timeout,
             defer=self.backlog.defer,
+            may_decide=membership.holds if membership is not None else lambda: True,
         )
         self._active: dict[str, Transaction] = {}
         self._lock = threading.Lock()
@@ -92,13 +96,17 @@ class Coordinator:
         )
         self._watchdog.start()
         self.last_recovery: RecoveryReport | None = None
-        if recover_on_start:
-            try:
+        try:
+            if membership is not None:
+                membership.join()  # before recovery: no earlier incarnation still decides
+            if recover_on_start:
                 self.recover()
-            except BaseException:
-                self._closed.set()  # no thread outlives a coordinator that failed to start
-                self._executor.shutdown(wait=False)
-                raise
+        except BaseException:
+            self._closed.set()  # no thread outlives a coordinator that failed to start
+            self._executor.shutdown(wait=False)
+            if membership is not None:
+                membership.leave()
+            raise
 
     # -- transactions ---------------------------------------------------------
 
@@ -254,6 +262,8 @@ class Coordinator:
             interval = self.housekeeping_interval
             if interval is not None and now - last_chores >= interval:
                 last_chores = now
+                if self.membership is not None:
+                    self._contained(self.membership.keep)
                 self._contained(self.backlog.work)
 
     @staticmethod
@@ -336,6 +346,8 @@ class Coordinator:
         if self._broker is not None:
             self._broker.close()
         self.log.close()
+        if self.membership is not None:
+            self.membership.leave()
 
     def __enter__(self) -> Coordinator:
         return self

@@ -47,6 +47,9 @@ class DriverConfig:
     phase2_attempts: int = 3
     phase2_backoff: float = 0.05
     defer: Callable[[Transaction], None] = lambda tx: None  # phase 2 left for later
+    # Whether this coordinator may reach a commit point now: False once it lost its
+    # liveness lock (DESIGN §7: a peer may be fencing it). Asked right before each one.
+    may_decide: Callable[[], bool] = lambda: True
 
 
 class _Abort(Exception):
@@ -67,8 +70,10 @@ def commit(tx: Transaction, cfg: DriverConfig) -> Outcome:
             _check_votes_so_far(tx)
             writers, broker = _commit_read_only(tx)
             if len(writers) + (broker is not None) <= 1:
+                _check_liveness(tx, cfg)
                 return _commit_one_phase(tx, cfg, writers, broker)
             _prepare_all(tx, cfg, writers)
+            _check_liveness(tx, cfg)
             _reach_commit_point(tx, cfg, writers, broker)
         except _Abort as refusal:
             return abort(tx, cfg, str(refusal))
@@ -138,6 +143,16 @@ def _prepare_all(tx: Transaction, cfg: DriverConfig, writers: list[XABranch]) ->
         raise _Abort(f"phase 1 failed: {refusals[0]}")
     if time.monotonic() > tx.deadline:
         raise _Abort("the transaction exceeded its timeout during phase 1")
+
+
+def _check_liveness(tx: Transaction, cfg: DriverConfig) -> None:
+    """A coordinator that lost its liveness lock may be being fenced: it must not decide."""
+    if not cfg.may_decide():
+        tx.log.warning(events.LIVENESS_LOST)
+        raise _Abort(
+            "this coordinator lost its liveness lock (a peer may be recovering it); "
+            "it reaches no commit point until it holds the lock again"
+        )
 
 
 def _prepare_one(branch: XABranch, cfg: DriverConfig) -> None:

@@ -46,6 +46,12 @@ RECOVERY_RESOLVED = "tpc.recovery.resolved"
 RECOVERY_RESOLVE_FAILED = "tpc.recovery.resolve_failed"
 RECOVERY_FINISHED = "tpc.recovery.finished"
 
+# Many coordinators (DESIGN §7): liveness, and the recovery of dead peers.
+LIVENESS_LOST = "tpc.liveness.lost"
+PEER_DEAD = "tpc.peers.dead"
+PEER_RECOVERED = "tpc.peers.recovered"
+PEER_RECOVERY_FAILED = "tpc.peers.recovery_failed"
+
 # The decision log.
 LOG_TORN_HEADER_REINITIALISED = "tpc.log.torn_header_reinitialised"
 LOG_COMPACTION_FAILED = "tpc.log.compaction_failed"

@@ -8,7 +8,15 @@ import time
 from dataclasses import replace
 
 import psycopg
+import pytest
 
+from coordinator.coordinator import Coordinator
+from coordinator.errors import ConfigurationError, TransactionAborted
+from coordinator.log.memory import MemoryDecisionLog
+from coordinator.states import Outcome
+from coordinator.transaction import Transaction
+from participants.membership import PostgresMembership
+from participants.postgres import PostgresResource
 from scenarios import wiring
 from scenarios.config import Settings
 
@@ -44,3 +52,82 @@ def test_every_session_of_a_coordinator_carries_its_id_as_application_name(
     finally:
         coordinator.close()
     assert sessions_named(settings.pg_a, ident) == 0
+
+
+def pg_resources(settings: Settings, ident: str) -> list[PostgresResource]:
+    """Databases 'a' and 'b' whose sessions are named ``ident``."""
+    return [
+        PostgresResource("a", settings.pg_a, application_name=ident, pool_size=4),
+        PostgresResource("b", settings.pg_b, application_name=ident, pool_size=4),
+    ]
+
+
+def membership(settings: Settings, ident: str) -> PostgresMembership:
+    """The liveness lock of ``ident`` on 'a', fencing over 'a' and 'b'."""
+    databases = pg_resources(settings, ident)
+    return PostgresMembership(ident, databases[0], databases)
+
+
+def transfer_rows(tx: Transaction, tag: str) -> None:
+    """A write on each database (a scratch table), so both branches must prepare."""
+    for name in ("a", "b"):
+        tx.execute(name, "CREATE TABLE IF NOT EXISTS peers_probe (tag text)")
+        tx.execute(name, "INSERT INTO peers_probe VALUES (%s)", (tag,))
+
+
+def test_a_second_coordinator_with_a_live_id_is_refused(settings: Settings) -> None:
+    """Joining with an id whose lock a live coordinator holds raises, naming the id."""
+    ident = unique_id("dup")
+    first = membership(settings, ident)
+    first.join()
+    try:
+        with pytest.raises(ConfigurationError, match=ident):
+            membership(settings, ident).join()
+    finally:
+        first.leave()
+    second = membership(settings, ident)
+    second.join()  # free again once the first left
+    second.leave()
+
+
+def test_a_coordinator_that_lost_its_lock_reaches_no_commit_point_until_it_holds_it(
+    settings: Settings,
+) -> None:
+    """A fenced coordinator whose lock a peer holds commits nothing; after release it does."""
+    ident, other = unique_id("live"), unique_id("peer")
+    mine = membership(settings, ident)
+    coordinator = Coordinator(
+        ident,
+        MemoryDecisionLog(),
+        pg_resources(settings, ident),
+        None,
+        housekeeping_interval=None,
+        membership=mine,
+    )
+    peer = membership(settings, other)
+    peer.join()
+    try:
+        assert peer.claim(ident) is False  # alive: its lock is held
+        with coordinator.transaction() as tx:
+            transfer_rows(tx, "before")
+        peer.fence(ident, timeout=10)
+        assert sessions_named(settings.pg_a, ident) == 0
+        assert mine.holds() is False
+        assert peer.claim(ident) is True  # free: its owner's session is gone
+        with (
+            pytest.raises(TransactionAborted, match="liveness lock"),
+            coordinator.transaction() as tx,
+        ):
+            transfer_rows(tx, "while-fenced")
+        assert mine.keep() is False  # the peer holds it
+        peer.release(ident)
+        assert mine.keep() is True
+        with coordinator.transaction() as tx:
+            transfer_rows(tx, "after")
+        assert tx.outcome is Outcome.COMMITTED
+    finally:
+        coordinator.close()
+        peer.leave()
+    with psycopg.connect(settings.pg_a) as conn:
+        tags = {r[0] for r in conn.execute("SELECT tag FROM peers_probe").fetchall()}
+    assert {"before", "after"} <= tags and "while-fenced" not in tags
