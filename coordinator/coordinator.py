@@ -194,7 +194,8 @@ class Coordinator:
                 raise
         tx.finished(outcome)
         self.outcomes[outcome] += 1
-        if outcome is Outcome.IN_DOUBT and tx.broker is not None and tx.branches:
+        decided_by = tx.broker is not None or tx.decision_holder is not None
+        if outcome is Outcome.IN_DOUBT and decided_by and tx.branches:
             self.backlog.doubt(tx)
         if outcome is Outcome.ABORTED:
             for name, branch in tx.branches.items():

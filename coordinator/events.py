@@ -59,6 +59,8 @@ LOG_COMPACTION_FAILED = "tpc.log.compaction_failed"
 # Housekeeping of the broker's commit markers, and the watchdog's chores.
 MARKERS_REMOVED = "tpc.markers.removed"
 MARKERS_REMOVE_FAILED = "tpc.markers.remove_failed"
+DECISION_ROWS_REMOVED = "tpc.decision_rows.removed"
+DECISION_ROWS_REMOVE_FAILED = "tpc.decision_rows.remove_failed"
 HOUSEKEEPING_FAILED = "tpc.housekeeping.failed"
 
 

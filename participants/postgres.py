@@ -14,6 +14,7 @@ from psycopg import errors as pg_errors
 from psycopg import pq
 
 from coordinator.errors import (
+    CommitRefused,
     ConfigurationError,
     DuplicateGtrid,
     ParticipantError,
@@ -340,6 +341,12 @@ class PostgresBranch:
         try:
             self.conn.tpc_commit()
         except psycopg.Error as exc:
+            if not (self.conn.closed or self.conn.broken):  # the server answered: rolled back
+                self._finished = True
+                self.conn.close()  # psycopg may still believe it is in a tpc transaction
+                raise CommitRefused(
+                    f"one-phase COMMIT refused: {exc}", participant=self.name, gtrid=self._xid.gtrid
+                ) from exc
             raise ParticipantError(
                 f"one-phase COMMIT failed: {exc}", participant=self.name, gtrid=self._xid.gtrid
             ) from exc

@@ -7,6 +7,13 @@ Every component takes its connections from four settings::
     TWOPC_STOMP      host:port of the broker's STOMP connector
     TWOPC_OPENWIRE   host:port of the broker's OpenWire connector
 
+where the coordinator keeps its decisions (DESIGN §7)::
+
+    TWOPC_DECISIONS              file (default: $TWOPC_HOME/decisions.log) or postgres
+                                 (no local state: the markers, and decision rows in the
+                                 commit-markable database; liveness locks; peer recovery)
+    TWOPC_DECISION_PARTICIPANT   the commit-markable database in postgres mode: a (default) or b
+
 and how to talk to the broker::
 
     TWOPC_STOMP_USER, TWOPC_STOMP_PASSWORD   the broker login (unset: no login)
@@ -42,6 +49,10 @@ STOMP_PASSWORD = "TWOPC_STOMP_PASSWORD"
 STOMP_TLS = "TWOPC_STOMP_TLS"
 STOMP_CA = "TWOPC_STOMP_CA"
 STOMP_TLS_ADDRESS = "TWOPC_STOMP_TLS_ADDRESS"  # exported by 'twopc lab env', for reference
+DECISIONS = "TWOPC_DECISIONS"
+DECISION_MODES = ("file", "postgres")
+DECISION_PARTICIPANT = "TWOPC_DECISION_PARTICIPANT"
+DATABASE_NAMES = ("a", "b")
 DEFAULT_HOME = ".twopc"
 MASK = "********"
 
@@ -149,6 +160,8 @@ class Settings:
     stomp_password: str | None = field(default=None, repr=False)
     stomp_tls: bool = False
     stomp_ca: str | None = None
+    decisions: str = "file"
+    decision_participant: str = "a"
 
     def __repr__(self) -> str:
         password = None if self.stomp_password is None else MASK
@@ -157,7 +170,8 @@ class Settings:
             f"pg_b={redact_dsn(self.pg_b)!r}, stomp={self.stomp!r}, openwire={self.openwire!r}, "
             f"coordinator_id={self.coordinator_id!r}, stomp_user={self.stomp_user!r}, "
             f"stomp_password={password!r}, stomp_tls={self.stomp_tls!r}, "
-            f"stomp_ca={self.stomp_ca!r})"
+            f"stomp_ca={self.stomp_ca!r}, decisions={self.decisions!r}, "
+            f"decision_participant={self.decision_participant!r})"
         )
 
     __str__ = __repr__
@@ -189,6 +203,8 @@ class Settings:
             STOMP_PASSWORD: self.stomp_password or "",
             STOMP_TLS: "1" if self.stomp_tls else "0",
             STOMP_CA: self.stomp_ca or "",
+            DECISIONS: self.decisions,
+            DECISION_PARTICIPANT: self.decision_participant,
         }
 
     @classmethod
@@ -222,6 +238,17 @@ class Settings:
                 "a broker without login"
             )
         coordinator_id = validate_coordinator_id(pick("TWOPC_COORDINATOR_ID") or "twopc")
+        decisions = (pick(DECISIONS) or "file").strip().lower()
+        if decisions not in DECISION_MODES:
+            raise ConfigurationError(
+                f"{DECISIONS}={decisions!r} must be one of {', '.join(DECISION_MODES)}"
+            )
+        participant = (pick(DECISION_PARTICIPANT) or "a").strip().lower()
+        if participant not in DATABASE_NAMES:
+            raise ConfigurationError(
+                f"{DECISION_PARTICIPANT}={participant!r} must name a database: "
+                f"{' or '.join(DATABASE_NAMES)}"
+            )
         settings = cls(
             home=home,
             pg_a=str(values["TWOPC_PG_A"]),
@@ -233,6 +260,8 @@ class Settings:
             stomp_password=password,
             stomp_tls=tls,
             stomp_ca=ca,
+            decisions=decisions,
+            decision_participant=participant,
         )
         check_dsn(settings.pg_a, "TWOPC_PG_A")
         check_dsn(settings.pg_b, "TWOPC_PG_B")

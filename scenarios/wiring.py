@@ -12,9 +12,13 @@ from typing import Any
 
 from coordinator import failpoints
 from coordinator.coordinator import Coordinator
+from coordinator.log import DecisionLog
 from coordinator.log.file import FileDecisionLog, read_pending
+from coordinator.log.table import TableDecisionLog
 from coordinator.recovery import InDoubt, Recovery, RecoveryReport
 from participants.activemq import ActiveMQ
+from participants.decision_table import PostgresDecisionTable
+from participants.membership import PostgresMembership
 from participants.postgres import PostgresResource
 from participants.stomp_client import StompClient
 from scenarios.config import Settings
@@ -78,10 +82,11 @@ def open_coordinator(
     """
     settings = settings or Settings.load()
     failpoints.arm_from_env()
-    log = FileDecisionLog(settings.log_path)
     resources = databases(settings, pool_size=sessions + 8)
     mq = broker(settings, pool_size=sessions)
+    log: DecisionLog | None = None
     try:
+        log, membership = decision_log(settings, resources)
         return Coordinator(
             settings.coordinator_id,
             log,
@@ -89,14 +94,34 @@ def open_coordinator(
             mq,
             recover_on_start=recover,
             max_workers=max(sessions, 4),
+            membership=membership,
             **options,
         )
     except BaseException:
         for resource in resources:
             resource.close()
         mq.close()
-        log.close()
+        if log is not None:
+            log.close()
         raise
+
+
+def decision_log(
+    settings: Settings, resources: list[PostgresResource]
+) -> tuple[DecisionLog, PostgresMembership | None]:
+    """The decision log TWOPC_DECISIONS names, and in postgres mode the membership.
+
+    ``file``: ``$TWOPC_HOME/decisions.log``. ``postgres``: no local state (DESIGN
+    §7): decision rows in the commit-markable database (TWOPC_DECISION_PARTICIPANT),
+    where the liveness locks are too; fencing covers every database.
+    """
+    if settings.decisions == "file":
+        return FileDecisionLog(settings.log_path), None
+    home = next(r for r in resources if r.name == settings.decision_participant)
+    table = PostgresDecisionTable(home)
+    table.create()
+    membership = PostgresMembership(settings.coordinator_id, home, resources)
+    return TableDecisionLog(table), membership
 
 
 #: What the consuming coordinator's id adds to the settings' coordinator id.
@@ -142,12 +167,21 @@ def in_doubt(settings: Settings) -> list[InDoubt]:
     """What is in doubt and what recovery would do, read without fencing; changes nothing."""
     resources = databases(settings, pool_size=1)
     mq = broker(settings, pool_size=1)
+    table = None
     try:
-        pending = read_pending(settings.log_path)
-        report = Recovery(settings.coordinator_id, None, resources, mq, pending=pending).run(
-            dry_run=True
-        )
+        if settings.decisions == "postgres":  # no local log: the rows and markers tell
+            pending: dict[str, tuple[str, ...]] = {}
+            table = PostgresDecisionTable(
+                next(r for r in resources if r.name == settings.decision_participant)
+            )
+        else:
+            pending = read_pending(settings.log_path)
+        report = Recovery(
+            settings.coordinator_id, None, resources, mq, pending=pending, table=table
+        ).run(dry_run=True)
     finally:
+        if table is not None:
+            table.close()
         for resource in resources:
             resource.close()
         mq.close()

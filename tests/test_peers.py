@@ -3,19 +3,22 @@ fencing and peer recovery, against the real PostgreSQL and ActiveMQ of the lab."
 
 from __future__ import annotations
 
+import contextlib
 import os
 import time
 from dataclasses import replace
+from pathlib import Path
 
 import psycopg
 import pytest
 
+from coordinator import failpoints
 from coordinator.coordinator import Coordinator
-from coordinator.errors import ConfigurationError, TransactionAborted
+from coordinator.errors import ConfigurationError, CrashInjected, TransactionAborted
 from coordinator.log.memory import MemoryDecisionLog
 from coordinator.states import Outcome
 from coordinator.transaction import Transaction
-from participants.membership import PostgresMembership
+from participants.membership import PostgresMembership, end_sessions
 from participants.postgres import PostgresResource
 from scenarios import wiring
 from scenarios.config import Settings
@@ -131,3 +134,97 @@ def test_a_coordinator_that_lost_its_lock_reaches_no_commit_point_until_it_holds
     with psycopg.connect(settings.pg_a) as conn:
         tags = {r[0] for r in conn.execute("SELECT tag FROM peers_probe").fetchall()}
     assert {"before", "after"} <= tags and "while-fenced" not in tags
+
+
+def postgres_mode(settings: Settings, ident: str, home: Path) -> Settings:
+    """``settings`` for coordinator ``ident`` with TWOPC_DECISIONS=postgres and its own home."""
+    return replace(settings, coordinator_id=ident, decisions="postgres", home=home)
+
+
+def kill_sessions(settings: Settings, ident: str) -> None:
+    """What the death of coordinator ``ident``'s process does to its sessions: they end."""
+    for name, dsn in (("a", settings.pg_a), ("b", settings.pg_b)):
+        end_sessions(PostgresResource(name, dsn), ident, time.monotonic() + 10, spared=[])
+
+
+def prepared_gtrids(dsn: str, prefix: str) -> set[str]:
+    """gids in pg_prepared_xacts whose gtrid starts with ``prefix`` (psycopg's tpc recover)."""
+    with psycopg.connect(dsn, autocommit=True) as conn:
+        return {x.gtrid for x in conn.tpc_recover() if x.gtrid.startswith(prefix)}
+
+
+def probe_tags(dsn: str) -> set[str]:
+    with psycopg.connect(dsn) as conn:
+        conn.execute("CREATE TABLE IF NOT EXISTS peers_probe (tag text)")
+        return {r[0] for r in conn.execute("SELECT tag FROM peers_probe").fetchall()}
+
+
+def decision_rows(dsn: str, prefix: str) -> set[str]:
+    with psycopg.connect(dsn) as conn:
+        rows = conn.execute(
+            "SELECT gtrid FROM twopc_decisions WHERE starts_with(gtrid, %s)", (prefix,)
+        ).fetchall()
+    return {r[0] for r in rows}
+
+
+def test_postgres_mode_commits_a_database_only_transaction_by_its_decision_row(
+    settings: Settings, tmp_path: Path
+) -> None:
+    """No local file, no forced write: A commits one-phase with its row, B prepared first."""
+    ident = unique_id("cmr")
+    coordinator = wiring.open_coordinator(postgres_mode(settings, ident, tmp_path), sessions=2)
+    tag = f"cmr-{ident}"
+    try:
+        with coordinator.transaction() as tx:
+            transfer_rows(tx, tag)
+        assert tx.outcome is Outcome.COMMITTED
+        assert decision_rows(settings.pg_a, tx.gtrid) == {tx.gtrid}  # until END's batch
+        assert coordinator.log.forced_writes == 0
+    finally:
+        coordinator.close()
+    assert tag in probe_tags(settings.pg_a) and tag in probe_tags(settings.pg_b)
+    assert decision_rows(settings.pg_a, f"{ident}.") == set()  # END deleted it at close
+    assert list(tmp_path.iterdir()) == []
+
+
+@pytest.mark.parametrize(
+    ("crash_at", "committed"),
+    [
+        ("before_decision_row_commit", False),
+        ("after_decision_row_commit", True),
+    ],
+)
+def test_a_restarted_coordinator_decides_by_the_decision_row(
+    settings: Settings, tmp_path: Path, crash_at: str, committed: bool
+) -> None:
+    """Crash around A's one-phase commit, sessions gone: the next start commits B's prepared
+    branch if A holds the row, else rolls it back."""
+    ident = unique_id("cmr-crash")
+    mine = postgres_mode(settings, ident, tmp_path)
+    tag = f"{crash_at}-{ident}"
+    crashed = wiring.open_coordinator(mine, sessions=2, housekeeping_interval=None)
+    failpoints.arm(crash_at)
+    try:
+        tx = crashed.begin()
+        transfer_rows(tx, tag)
+        with pytest.raises(CrashInjected):
+            tx.commit()
+    finally:
+        failpoints.disarm()
+    assert prepared_gtrids(settings.pg_b, tx.gtrid) == {tx.gtrid}
+    kill_sessions(settings, ident)  # the process died
+    for branch in tx.branches.values():
+        branch.release()  # only its (dead) connection objects: closed, not left to the GC
+    restarted = wiring.open_coordinator(mine, sessions=2)
+    try:
+        report = restarted.last_recovery
+        assert report is not None
+        assert [(i.gtrid, i.decision_row) for i in report.items] == [(tx.gtrid, committed)]
+        assert prepared_gtrids(settings.pg_b, tx.gtrid) == set()
+        assert (tag in probe_tags(settings.pg_a)) is committed
+        assert (tag in probe_tags(settings.pg_b)) is committed
+        assert decision_rows(settings.pg_a, tx.gtrid) == set()
+    finally:
+        restarted.close()
+        with contextlib.suppress(Exception):
+            crashed.close()

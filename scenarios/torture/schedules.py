@@ -56,7 +56,12 @@ RECOVERY_FAILPOINTS = ("recovery_after_gather", "recovery_after_resolve_one")
 #: With a broker branch the transfer never forces a log write (the marker is the
 #: decision); recovery forces one when it decides from a marker alone.
 LOG_FAILPOINTS = ("log_torn_record", "log_unsynced_record")
-assert set(TRANSFER_FAILPOINTS + RECOVERY_FAILPOINTS + LOG_FAILPOINTS) == set(NAMES)
+#: Only a database-only transaction whose decision is a row (TWOPC_DECISIONS=postgres)
+#: passes these; a transfer always has its broker branch.
+DECISION_ROW_FAILPOINTS = ("before_decision_row_commit", "after_decision_row_commit")
+assert set(
+    TRANSFER_FAILPOINTS + RECOVERY_FAILPOINTS + LOG_FAILPOINTS + DECISION_ROW_FAILPOINTS
+) == set(NAMES)
 
 SERVICES = ("pg-a", "pg-b", "activemq")
 
