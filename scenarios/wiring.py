@@ -7,14 +7,17 @@ the overhead benchmark all take theirs from here.
 
 from __future__ import annotations
 
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
 from coordinator import failpoints
 from coordinator.coordinator import Coordinator
+from coordinator.errors import ConfigurationError
 from coordinator.log import DecisionLog
 from coordinator.log.file import FileDecisionLog, read_pending
 from coordinator.log.table import TableDecisionLog
+from coordinator.peers import PeerRecovery, owner
 from coordinator.recovery import InDoubt, Recovery, RecoveryReport
 from participants.activemq import ActiveMQ
 from participants.decision_table import PostgresDecisionTable
@@ -95,6 +98,7 @@ def open_coordinator(
             recover_on_start=recover,
             max_workers=max(sessions, 4),
             membership=membership,
+            peer_broker=lambda peer: broker(replace(settings, coordinator_id=peer), pool_size=1),
             **options,
         )
     except BaseException:
@@ -199,5 +203,32 @@ def recover(
     coordinator = open_coordinator(settings, recover=False, sessions=sessions)
     try:
         return coordinator.recover(fence_timeout=fence_timeout)
+    finally:
+        coordinator.close()
+
+
+def recover_dead(
+    settings: Settings | None = None, *, fence_timeout: float = 30.0
+) -> list[PeerRecovery]:
+    """``twopc recover --dead``: fence and recover every dead peer, from any machine.
+
+    Runs as a coordinator of its own (TWOPC_COORDINATOR_ID must not be a live
+    instance's), with TWOPC_DECISIONS=postgres. Besides prepared branches, the
+    owners of markers and of decision rows count: their leftovers are swept.
+    """
+    settings = settings or Settings.load()
+    if settings.decisions != "postgres":
+        raise ConfigurationError(
+            "'twopc recover --dead' needs TWOPC_DECISIONS=postgres: with a file log the "
+            "decisions of another coordinator are in its own file"
+        )
+    coordinator = open_coordinator(settings, recover=False, sessions=1, peer_interval=None)
+    try:
+        owning: set[str] = set()
+        if coordinator.broker is not None:
+            owning |= {owner(g) for g in coordinator.broker.markers()}
+        if coordinator.log.table is not None:
+            owning |= {owner(g) for g in coordinator.log.table.decided("")}
+        return coordinator.recover_dead_peers(also_owning=owning, fence_timeout=fence_timeout)
     finally:
         coordinator.close()

@@ -4,7 +4,11 @@ fencing and peer recovery, against the real PostgreSQL and ActiveMQ of the lab."
 from __future__ import annotations
 
 import contextlib
+import json
 import os
+import shutil
+import subprocess
+import sys
 import time
 from dataclasses import replace
 from pathlib import Path
@@ -228,3 +232,108 @@ def test_a_restarted_coordinator_decides_by_the_decision_row(
         restarted.close()
         with contextlib.suppress(Exception):
             crashed.close()
+
+
+def crash_in_flight(settings: Settings, ident: str, home: Path, crash_at: str) -> str:
+    """Coordinator ``ident`` crashes at ``crash_at`` in a database-only transaction and its
+    process dies (its sessions end); return the gtrid it left prepared in B."""
+    crashed = wiring.open_coordinator(
+        postgres_mode(settings, ident, home), sessions=2, housekeeping_interval=None
+    )
+    failpoints.arm(crash_at)
+    try:
+        tx = crashed.begin()
+        transfer_rows(tx, f"{crash_at}-{ident}")
+        with pytest.raises(CrashInjected):
+            tx.commit()
+    finally:
+        failpoints.disarm()
+    kill_sessions(settings, ident)
+    for branch in tx.branches.values():
+        branch.release()
+    with contextlib.suppress(Exception):
+        crashed.close()
+    assert prepared_gtrids(settings.pg_b, tx.gtrid) == {tx.gtrid}
+    return tx.gtrid
+
+
+@pytest.mark.parametrize(
+    ("crash_at", "committed"),
+    [("before_decision_row_commit", False), ("after_decision_row_commit", True)],
+)
+def test_a_live_coordinator_recovers_a_dead_peer_by_its_decision_row(
+    settings: Settings, tmp_path: Path, crash_at: str, committed: bool
+) -> None:
+    """A peer whose lock is free is fenced and recovered: row -> commit, none -> roll back."""
+    dead, live = unique_id("dead"), unique_id("live")
+    gtrid = crash_in_flight(settings, dead, tmp_path / "dead", crash_at)
+    coordinator = wiring.open_coordinator(
+        postgres_mode(settings, live, tmp_path / "live"), sessions=2, peer_interval=None
+    )
+    try:
+        done = coordinator.recover_dead_peers()
+    finally:
+        coordinator.close()
+    mine = [p for p in done if p.peer == dead]
+    assert len(mine) == 1 and mine[0].resolved, mine
+    assert mine[0].report is not None
+    assert [(i.gtrid, i.decision.value) for i in mine[0].report.items] == [
+        (gtrid, "commit" if committed else "rollback")
+    ]
+    assert prepared_gtrids(settings.pg_b, gtrid) == set()
+    tag = f"{crash_at}-{dead}"
+    assert (tag in probe_tags(settings.pg_a)) is committed
+    assert (tag in probe_tags(settings.pg_b)) is committed
+    assert decision_rows(settings.pg_a, gtrid) == set()
+
+
+def test_a_peer_holding_its_lock_is_left_alone(settings: Settings, tmp_path: Path) -> None:
+    """A live peer's prepared branch (its lock held) is not touched by another's recovery."""
+    alive, other = unique_id("alive"), unique_id("other")
+    owner = wiring.open_coordinator(
+        postgres_mode(settings, alive, tmp_path / "a"), sessions=2, housekeeping_interval=None
+    )
+    watcher = wiring.open_coordinator(
+        postgres_mode(settings, other, tmp_path / "b"), sessions=2, peer_interval=None
+    )
+    tx = owner.begin()
+    try:
+        transfer_rows(tx, f"alive-{alive}")
+        tx.branch("b").prepare()  # as phase 1 would: prepared, not yet decided
+        assert [p.peer for p in watcher.recover_dead_peers()] == []
+        assert prepared_gtrids(settings.pg_b, tx.gtrid) == {tx.gtrid}
+    finally:
+        tx.branch("b").rollback()
+        tx.rollback()
+        watcher.close()
+        owner.close()
+
+
+def test_twopc_recover_dead_works_from_a_machine_without_the_dead_instances_files(
+    settings: Settings, tmp_path: Path
+) -> None:
+    """`twopc recover --dead` with an empty home and an id of its own recovers the dead peer."""
+    dead = unique_id("gone")
+    gtrid = crash_in_flight(settings, dead, tmp_path / "dead", "after_decision_row_commit")
+    shutil.rmtree(tmp_path / "dead", ignore_errors=True)  # the machine is lost with its disk
+    env = {
+        **os.environ,
+        **settings.as_env(),
+        "TWOPC_HOME": str(tmp_path / "ops"),
+        "TWOPC_COORDINATOR_ID": unique_id("ops"),
+        "TWOPC_DECISIONS": "postgres",
+    }
+    result = subprocess.run(
+        [sys.executable, "-m", "scenarios.cli", "recover", "--dead", "--json"],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert result.returncode == 0, result.stderr
+    peers = {p["peer"]: p for p in json.loads(result.stdout)["peers"]}
+    assert peers[dead]["resolved"] is True
+    decisions = [t["decision"] for t in peers[dead]["recovery"]["transactions"]]
+    assert decisions == ["commit"]
+    assert prepared_gtrids(settings.pg_b, gtrid) == set()
+    assert f"after_decision_row_commit-{dead}" in probe_tags(settings.pg_b)
