@@ -7,6 +7,7 @@ import contextlib
 import json
 import os
 import shutil
+import signal
 import subprocess
 import sys
 import time
@@ -22,6 +23,7 @@ from coordinator.errors import ConfigurationError, CrashInjected, TransactionAbo
 from coordinator.log.memory import MemoryDecisionLog
 from coordinator.states import Outcome
 from coordinator.transaction import Transaction
+from coordinator.xid import FORMAT_ID
 from participants.membership import PostgresMembership, end_sessions
 from participants.postgres import PostgresResource
 from scenarios import wiring
@@ -337,3 +339,144 @@ def test_twopc_recover_dead_works_from_a_machine_without_the_dead_instances_file
     assert decisions == ["commit"]
     assert prepared_gtrids(settings.pg_b, gtrid) == set()
     assert f"after_decision_row_commit-{dead}" in probe_tags(settings.pg_b)
+
+
+def start_worker(
+    settings: Settings, ident: str, home: Path, outcomes: Path
+) -> subprocess.Popen[bytes]:
+    """A coordinator process running database-only transactions (scenarios/peers/worker.py)."""
+    env = {
+        **os.environ,
+        **postgres_mode(settings, ident, home).as_env(),
+        "TWOPC_COORDINATOR_ID": ident,
+    }
+    worker = subprocess.Popen(
+        [sys.executable, "-m", "scenarios.peers.worker", "--outcomes", str(outcomes)], env=env
+    )
+    deadline = time.monotonic() + 60
+    while not (outcomes.exists() and outcomes.read_text().count("\n") >= 3):
+        assert worker.poll() is None and time.monotonic() < deadline, "the worker did not start"
+        time.sleep(0.05)
+    return worker
+
+
+def stop_when_prepared(settings: Settings, worker: subprocess.Popen[bytes], prefix: str) -> str:
+    """SIGSTOP ``worker`` at a moment it has a branch prepared in B; return that gtrid."""
+    deadline = time.monotonic() + 60
+    while time.monotonic() < deadline:
+        os.kill(worker.pid, signal.SIGSTOP)
+        found = prepared_gtrids(settings.pg_b, prefix)
+        if found:
+            return sorted(found)[0]
+        os.kill(worker.pid, signal.SIGCONT)
+        time.sleep(0.01)
+    raise AssertionError("the worker never had a prepared branch in B")
+
+
+def tags_with(dsn: str, prefix: str) -> set[str]:
+    return {t for t in probe_tags(dsn) if t.startswith(prefix)}
+
+
+def test_a_sigkilled_peer_is_recovered_by_a_running_coordinator_within_30_s(
+    settings: Settings, tmp_path: Path
+) -> None:
+    """Killed with a branch prepared: a live coordinator's housekeeping resolves it unasked."""
+    probe_tags(settings.pg_a), probe_tags(settings.pg_b)  # the table exists on both
+    victim, live = unique_id("victim"), unique_id("keeper")
+    keeper = wiring.open_coordinator(
+        postgres_mode(settings, live, tmp_path / "keeper"), sessions=2, peer_interval=1.0
+    )
+    worker = start_worker(settings, victim, tmp_path / "victim", tmp_path / "outcomes")
+    try:
+        gtrid = stop_when_prepared(settings, worker, f"{victim}.")
+        worker.kill()
+        worker.wait()
+        killed = time.monotonic()
+        while prepared_gtrids(settings.pg_b, f"{victim}.") or prepared_gtrids(
+            settings.pg_a, f"{victim}."
+        ):
+            assert time.monotonic() - killed < 30, f"{gtrid} still prepared after 30 s"
+            time.sleep(0.2)
+        while not any(p.peer == victim and p.resolved for p in keeper.peer_recoveries):
+            assert time.monotonic() - killed < 30, "the keeper did not report the recovery"
+            time.sleep(0.1)
+    finally:
+        keeper.close()
+        if worker.poll() is None:
+            worker.kill()
+            worker.wait()
+    assert tags_with(settings.pg_a, f"{victim}.") == tags_with(settings.pg_b, f"{victim}.")
+
+
+def lock_holder(dsn: str, ident: str) -> int:
+    """The backend pid holding coordinator ``ident``'s liveness lock."""
+    with psycopg.connect(dsn, autocommit=True) as conn:
+        row = conn.execute(
+            "SELECT pid FROM pg_locks WHERE locktype = 'advisory' AND granted"
+            " AND classid::bigint = %s AND objid::int = hashtext(%s) AND objsubid = 2",
+            (FORMAT_ID, ident),
+        ).fetchone()
+    assert row is not None, f"nobody holds the lock of {ident}"
+    return int(row[0])
+
+
+def reported(outcomes: Path) -> dict[str, str]:
+    """gtrid -> the outcome the worker was told, from its outcome lines."""
+    lines = [json.loads(line) for line in outcomes.read_text().splitlines() if line]
+    return {r["gtrid"]: r["outcome"] for r in lines if "gtrid" in r}
+
+
+def test_a_paused_coordinator_fenced_by_a_peer_never_commits_after_it_wakes(
+    settings: Settings, tmp_path: Path
+) -> None:
+    """SIGSTOP with a branch prepared, its lock session lost, a peer fences and recovers it,
+    SIGCONT: that transaction ends as the peer decided, A and B agree, and it goes on."""
+    probe_tags(settings.pg_a), probe_tags(settings.pg_b)
+    zombie, live = unique_id("zombie"), unique_id("fencer")
+    prefix = f"{zombie}."
+    outcomes = tmp_path / "outcomes"
+    worker = start_worker(settings, zombie, tmp_path / "zombie", outcomes)
+    fencer = wiring.open_coordinator(
+        postgres_mode(settings, live, tmp_path / "fencer"), sessions=2, peer_interval=None
+    )
+    try:
+        gtrid = stop_when_prepared(settings, worker, prefix)
+        # The server loses the paused process's lock session (as a keepalive timeout would).
+        with psycopg.connect(settings.pg_a, autocommit=True) as admin:
+            admin.execute(
+                "SELECT pg_terminate_backend(%s, 5000)", (lock_holder(settings.pg_a, zombie),)
+            )
+        done = [p for p in fencer.recover_dead_peers() if p.peer == zombie]
+        assert len(done) == 1 and done[0].resolved and done[0].report is not None, done
+        decision = {i.gtrid: i.decision.value for i in done[0].report.items}[gtrid]
+        assert prepared_gtrids(settings.pg_b, gtrid) == set()
+        assert sessions_named(settings.pg_a, zombie) == sessions_named(settings.pg_b, zombie) == 0
+        before = set(reported(outcomes))
+        os.kill(worker.pid, signal.SIGCONT)
+        deadline = time.monotonic() + 30
+        while True:  # it decides its transaction, takes its lock again and commits anew
+            told = reported(outcomes)
+            later = [g for g, outcome in told.items() if g not in before and g != gtrid]
+            if gtrid in told and sum(told[g] == "committed" for g in later) >= 5:
+                break
+            assert time.monotonic() < deadline, "the zombie did not go on after waking"
+            time.sleep(0.1)
+        assert lock_holder(settings.pg_a, zombie) > 0
+        worker.kill()  # and dies for good: the fencer recovers what it left this time
+        worker.wait()
+        deadline = time.monotonic() + 30
+        while prepared_gtrids(settings.pg_b, prefix) or prepared_gtrids(settings.pg_a, prefix):
+            fencer.recover_dead_peers()
+            assert time.monotonic() < deadline
+            time.sleep(0.2)
+    finally:
+        if worker.poll() is None:
+            os.kill(worker.pid, signal.SIGCONT)
+            worker.kill()
+            worker.wait(timeout=30)
+        fencer.close()
+    told = reported(outcomes)[gtrid]
+    assert told == "committed" if decision == "commit" else told in ("aborted", "in-doubt")
+    assert (gtrid in tags_with(settings.pg_a, prefix)) is (decision == "commit")
+    assert (gtrid in tags_with(settings.pg_b, prefix)) is (decision == "commit")
+    assert tags_with(settings.pg_a, prefix) == tags_with(settings.pg_b, prefix)
