@@ -111,16 +111,17 @@ def open_coordinator(
 
 
 def decision_log(
-    settings: Settings, resources: list[PostgresResource]
+    settings: Settings, resources: list[PostgresResource], *, log_path: Path | None = None
 ) -> tuple[DecisionLog, PostgresMembership | None]:
     """The decision log TWOPC_DECISIONS names, and in postgres mode the membership.
 
     ``file``: ``$TWOPC_HOME/decisions.log``. ``postgres``: no local state (DESIGN
     §7): decision rows in the commit-markable database (TWOPC_DECISION_PARTICIPANT),
-    where the liveness locks are too; fencing covers every database.
+    where the liveness locks are too; fencing covers every database. ``log_path``
+    overrides the file's place (a coordinator beside the main one, e.g. a benchmark's).
     """
     if settings.decisions == "file":
-        return FileDecisionLog(settings.log_path), None
+        return FileDecisionLog(log_path or settings.log_path), None
     home = next(r for r in resources if r.name == settings.decision_participant)
     table = PostgresDecisionTable(home)
     table.create()
