@@ -28,6 +28,11 @@ from participants.membership import PostgresMembership, end_sessions
 from participants.postgres import PostgresResource
 from scenarios import wiring
 from scenarios.config import Settings
+from scenarios.lab.services import Lab
+from scenarios.torture.runner import Torture, peer_id
+from scenarios.torture.schedules import Fault, peer_schedules
+
+pytestmark = pytest.mark.lab
 
 
 def unique_id(stem: str) -> str:
@@ -480,3 +485,30 @@ def test_a_paused_coordinator_fenced_by_a_peer_never_commits_after_it_wakes(
     assert (gtrid in tags_with(settings.pg_a, prefix)) is (decision == "commit")
     assert (gtrid in tags_with(settings.pg_b, prefix)) is (decision == "commit")
     assert tags_with(settings.pg_a, prefix) == tags_with(settings.pg_b, prefix)
+
+
+PEER_SCHEDULES = {s.name: s for s in peer_schedules(0)}
+
+
+def test_peer_schedules_run_two_or_three_coordinators_and_kill_or_pause_the_first() -> None:
+    """The several-coordinator schedules: 2-3 children each, kills and pauses, unique names."""
+    assert {s.coordinators for s in PEER_SCHEDULES.values()} == {2, 3}
+    assert {Fault.FAILPOINT, Fault.COORDINATOR_KILL, Fault.PAUSE} <= {
+        s.fault for s in PEER_SCHEDULES.values()
+    }
+    assert all("coordinators (postgres)" in s.describe() for s in PEER_SCHEDULES.values())
+
+
+@pytest.mark.parametrize("name", ["peers x3 coordinator-kill", "peers x2 pause, resume"])
+def test_a_torture_schedule_of_several_coordinators_keeps_every_invariant(
+    settings: Settings, lab: Lab, name: str
+) -> None:
+    """Three coordinators, one SIGKILLed (or two, one paused): recovered, every invariant holds."""
+    with Torture(settings, lab=lab) as torture:
+        result = torture.run(PEER_SCHEDULES[name])
+    assert result.ok, result.problems
+    assert result.outcomes["committed"] > 0
+    assert result.notes.get("paused_recovery") in (None, "refused")
+    for index in range(PEER_SCHEDULES[name].coordinators):
+        assert prepared_gtrids(settings.pg_a, f"{peer_id(index)}.") == set()
+        assert prepared_gtrids(settings.pg_b, f"{peer_id(index)}.") == set()
