@@ -163,11 +163,17 @@ def _decision_carrier(
 
 
 def _prepare_all(tx: Transaction, cfg: DriverConfig, writers: list[XABranch]) -> None:
-    """Phase 1: prepare every XA writer in parallel; any NO vote or failure aborts."""
+    """Phase 1: prepare every XA writer at once; any NO vote or failure aborts.
+
+    PREPARE takes no new lock, so it may run on every branch at the same time;
+    the work itself never does (DESIGN §5: that deadlocks across databases).
+    """
     tx.move(TxState.PREPARING)
     tx.log.debug(events.PREPARE_STARTED, participants=[b.name for b in writers])
     with tx.timed("prepare"):
-        votes = run_parallel(cfg.executor, [partial(_prepare_one, b, cfg) for b in writers])
+        for branch in writers:
+            branch.send_prepare()
+        votes = run_each([partial(_prepare_one, b, cfg) for b in writers])
     refusals = [v for v in votes if isinstance(v, BaseException)]
     if refusals:
         raise _Abort(f"phase 1 failed: {refusals[0]}")
@@ -282,11 +288,11 @@ def _commit_marker(tx: Transaction, cfg: DriverConfig, broker: LastResourceSessi
 
 
 def _phase2(tx: Transaction, cfg: DriverConfig, writers: list[XABranch]) -> bool:
-    """COMMIT PREPARED everywhere, in parallel; False if some of it is left for later."""
+    """COMMIT PREPARED everywhere at once; False if some of it is left for later."""
     with tx.timed("phase2"):
-        results = run_parallel(
-            cfg.executor, [partial(_commit_prepared, tx, b, cfg) for b in writers]
-        )
+        for branch in writers:
+            branch.send_commit_prepared()
+        results = run_each([partial(_commit_prepared, tx, b, cfg) for b in writers])
     errors = [str(r) for r in results if isinstance(r, BaseException)]
     if errors:
         tx.log.warning(events.PHASE2_DEFERRED, errors=errors)
@@ -359,6 +365,22 @@ def _submit(executor: Executor, call: Callable[[], T]) -> Future[T]:
         except BaseException as exc:
             done.set_exception(exc)
         return done
+
+
+def run_each(calls: Sequence[Callable[[], T]]) -> list[T | BaseException]:
+    """Run ``calls`` one after the other on this thread; return results or exceptions.
+
+    An injected crash stops at once, as a real one would.
+    """
+    results: list[T | BaseException] = []
+    for call in calls:
+        try:
+            results.append(call())
+        except CrashInjected:
+            raise
+        except BaseException as exc:
+            results.append(exc)
+    return results
 
 
 def run_parallel(executor: Executor, calls: Sequence[Callable[[], T]]) -> list[T | BaseException]:

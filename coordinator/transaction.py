@@ -149,9 +149,7 @@ class Transaction:
         self._host.failpoint("after_begin")
         return branch
 
-    def execute(
-        self, name: str, query: Query, params: Params | None = None
-    ) -> psycopg.Cursor[Any]:
+    def execute(self, name: str, query: Query, params: Params | None = None) -> psycopg.Cursor[Any]:
         """Run one statement on branch ``name``; returns its psycopg cursor."""
         return self.branch(name).execute(query, params)
 

@@ -161,6 +161,9 @@ class FakeBranch:
         _raise_for(action, step, self.name, self._xid.gtrid)
         return action
 
+    def send_prepare(self) -> None:
+        """Nothing goes out ahead: :meth:`prepare` does the whole of phase 1."""
+
     def prepare(self) -> Vote:
         action = self._fault("prepare")
         if action == "no" or self.failure is not None:
@@ -185,6 +188,9 @@ class FakeBranch:
             raise ParticipantUnavailable(
                 "the answer to COMMIT was lost", participant=self.name, gtrid=self._xid.gtrid
             )
+
+    def send_commit_prepared(self) -> None:
+        """Nothing goes out ahead: :meth:`commit_prepared` does the whole of phase 2."""
 
     def commit_prepared(self) -> None:
         action = self._fault("commit_prepared")
