@@ -512,3 +512,22 @@ def test_a_torture_schedule_of_several_coordinators_keeps_every_invariant(
     for index in range(PEER_SCHEDULES[name].coordinators):
         assert prepared_gtrids(settings.pg_a, f"{peer_id(index)}.") == set()
         assert prepared_gtrids(settings.pg_b, f"{peer_id(index)}.") == set()
+
+
+def test_indoubt_in_postgres_mode_reads_the_decision_rows_and_changes_nothing(
+    settings: Settings, tmp_path: Path
+) -> None:
+    """`twopc indoubt`'s dry run shows a dead coordinator's row and its decision, unfenced."""
+    dead, live = unique_id("dry"), unique_id("dry-live")
+    gtrid = crash_in_flight(settings, dead, tmp_path / "dead", "after_decision_row_commit")
+    items = wiring.in_doubt(postgres_mode(settings, dead, tmp_path / "dead"))
+    assert [(i.gtrid, i.decision_row, i.decision.value) for i in items] == [(gtrid, True, "commit")]
+    assert prepared_gtrids(settings.pg_b, gtrid) == {gtrid}  # the dry run changed nothing
+    coordinator = wiring.open_coordinator(
+        postgres_mode(settings, live, tmp_path / "live"), sessions=2, peer_interval=None
+    )
+    try:
+        assert [p.resolved for p in coordinator.recover_dead_peers() if p.peer == dead] == [True]
+    finally:
+        coordinator.close()
+    assert prepared_gtrids(settings.pg_b, gtrid) == set()
