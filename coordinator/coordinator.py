@@ -13,7 +13,7 @@ from __future__ import annotations
 import threading
 import time
 from collections import Counter
-from collections.abc import Callable, Iterator, Mapping, Sequence
+from collections.abc import Callable, Collection, Iterator, Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
 from typing import Any
@@ -27,6 +27,7 @@ from coordinator.errors import (
     InvalidXid,
 )
 from coordinator.log import DecisionLog
+from coordinator.peers import Membership, PeerRecovery, recover_dead
 from coordinator.protocol import LastResource, XAResource
 from coordinator.recovery import Backlog, Recovery, RecoveryReport
 from coordinator.states import TERMINAL, Outcome, TxState
@@ -54,6 +55,9 @@ class Coordinator:
         recover_on_start: bool = True,
         marker_batch: int = 500,
         housekeeping_interval: float | None = 1.0,
+        membership: Membership | None = None,
+        peer_broker: Callable[[str], LastResource | None] | None = None,
+        peer_interval: float | None = 5.0,
     ) -> None:
         self.coordinator_id = validate_coordinator_id(coordinator_id)
         self.prefix = gtrid_prefix(coordinator_id)
@@ -65,6 +69,12 @@ class Coordinator:
                 raise ConfigurationError(f"two participants are named {resource.name!r}")
             self._resources[resource.name] = resource
         self._broker = broker
+        # Many coordinators (DESIGN §7): this one's liveness lock, the broker of a dead
+        # peer by its id (for fencing and its markers), and how often to look for one.
+        self.membership = membership
+        self._peer_broker = peer_broker or (lambda peer: None)
+        self.peer_interval = peer_interval
+        self.peer_recoveries: list[PeerRecovery] = []  # the latest ones, newest last
         self.timeout = timeout
         # Seconds between the watchdog's retries of deferred phase 2s, missed rollbacks
         # and in-doubt transactions; None leaves them to explicit calls (tests do).
@@ -79,6 +89,7 @@ class Coordinator:
             failpoint=self.failpoint,
             receipt_timeout=receipt_timeout,
             defer=self.backlog.defer,
+            may_decide=membership.holds if membership is not None else lambda: True,
         )
         self._active: dict[str, Transaction] = {}
         self._lock = threading.Lock()
@@ -94,13 +105,23 @@ class Coordinator:
         )
         self._watchdog.start()
         self.last_recovery: RecoveryReport | None = None
-        if recover_on_start:
-            try:
+        self._peer_watch: threading.Thread | None = None
+        try:
+            if membership is not None:
+                membership.join()  # before recovery: no earlier incarnation still decides
+            if recover_on_start:
                 self.recover()
-            except BaseException:
-                self._closed.set()  # no thread outlives a coordinator that failed to start
-                self._executor.shutdown(wait=False)
-                raise
+            if membership is not None and peer_interval is not None:
+                self._peer_watch = threading.Thread(
+                    target=self._watch_peers, name="twopc-peers", daemon=True
+                )
+                self._peer_watch.start()
+        except BaseException:
+            self._closed.set()  # no thread outlives a coordinator that failed to start
+            self._executor.shutdown(wait=False)
+            if membership is not None:
+                membership.leave()
+            raise
 
     # -- transactions ---------------------------------------------------------
 
@@ -193,7 +214,8 @@ class Coordinator:
                 raise
         tx.finished(outcome)
         self.outcomes[outcome] += 1
-        if outcome is Outcome.IN_DOUBT and tx.broker is not None and tx.branches:
+        decided_by = tx.broker is not None or tx.decision_holder is not None
+        if outcome is Outcome.IN_DOUBT and decided_by and tx.branches:
             self.backlog.doubt(tx)
         if outcome is Outcome.ABORTED:
             for name, branch in tx.branches.items():
@@ -266,7 +288,34 @@ class Coordinator:
             interval = self.housekeeping_interval
             if interval is not None and now - last_chores >= interval:
                 last_chores = now
+                if self.membership is not None:
+                    self._contained(self.membership.keep)
                 self._contained(self.backlog.work)
+
+    def _watch_peers(self) -> None:
+        """Every ``peer_interval`` seconds, recover the peers that died (DESIGN §7)."""
+        interval = self.peer_interval or 5.0
+        while not self._closed.wait(interval):
+            self._contained(self.recover_dead_peers)
+
+    def recover_dead_peers(
+        self, *, also_owning: Collection[str] = (), fence_timeout: float = 10.0
+    ) -> list[PeerRecovery]:
+        """Fence and recover every registered peer whose lock is free and that left
+        prepared branches (or owns ``also_owning``); empty without membership."""
+        if self.membership is None:
+            return []
+        done = recover_dead(
+            self.membership,
+            self.log,
+            list(self._resources.values()),
+            self._peer_broker,
+            also_owning=also_owning,
+            fence_timeout=fence_timeout,
+        )
+        if done:
+            self.peer_recoveries = (self.peer_recoveries + done)[-100:]
+        return done
 
     @staticmethod
     def _contained(chore: Callable[[], object]) -> None:
@@ -339,6 +388,8 @@ class Coordinator:
             self._closed.set()
             self._none_finishing.wait_for(lambda: self._finishing == 0, timeout=self.timeout)
         self._watchdog.join()
+        if self._peer_watch is not None:
+            self._peer_watch.join()
         self.backlog.work()
         self.sweep_markers()
         self.log.flush()
@@ -348,6 +399,8 @@ class Coordinator:
         if self._broker is not None:
             self._broker.close()
         self.log.close()
+        if self.membership is not None:
+            self.membership.leave()
 
     def __enter__(self) -> Coordinator:
         return self

@@ -2,9 +2,11 @@
 
 Presumed abort (DESIGN §2): nothing is logged for an abort; the commit point
 is the broker's COMMIT of the transaction carrying the commit marker, or,
-without a broker writer, the forced COMMIT record in the decision log. The
-failpoints around the commit point are the driver's: a participant only calls
-the callbacks it is handed.
+without a broker writer, the forced COMMIT record in the decision log -- or,
+when the log keeps its decisions in a participant's table (DESIGN §7), that
+participant's one-phase commit of its branch carrying the decision row, after
+every other branch prepared. The failpoints around the commit point are the
+driver's: a participant only calls the callbacks it is handed.
 """
 
 from __future__ import annotations
@@ -47,6 +49,9 @@ class DriverConfig:
     phase2_attempts: int = 3
     phase2_backoff: float = 0.05
     defer: Callable[[Transaction], None] = lambda tx: None  # phase 2 left for later
+    # Whether this coordinator may reach a commit point now: False once it lost its
+    # liveness lock (DESIGN §7: a peer may be fencing it). Asked right before each one.
+    may_decide: Callable[[], bool] = lambda: True
 
 
 class _Abort(Exception):
@@ -65,11 +70,13 @@ def commit(tx: Transaction, cfg: DriverConfig) -> Outcome:
     with bound_contextvars(gtrid=tx.gtrid):
         try:
             _check_votes_so_far(tx)
-            writers, broker = _commit_read_only(tx)
-            if len(writers) + (broker is not None) <= 1:
+            writers, broker, carrier = _commit_read_only(tx, cfg)
+            if carrier is None and len(writers) + (broker is not None) <= 1:
+                _check_liveness(tx, cfg)
                 return _commit_one_phase(tx, cfg, writers, broker)
             _prepare_all(tx, cfg, writers)
-            _reach_commit_point(tx, cfg, writers, broker)
+            _check_liveness(tx, cfg)
+            _reach_commit_point(tx, cfg, writers, broker, carrier)
         except _Abort as refusal:
             return abort(tx, cfg, str(refusal))
         except _Doubt as doubt:
@@ -111,20 +118,48 @@ def _check_votes_so_far(tx: Transaction) -> None:
         raise _Abort(f"participant {failed[0].name!r} voted NO: {failed[0].failure}")
 
 
-def _commit_read_only(tx: Transaction) -> tuple[list[XABranch], LastResourceSession | None]:
-    """Commit the branches that wrote nothing (they leave the protocol); return the writers."""
+def _commit_read_only(
+    tx: Transaction, cfg: DriverConfig
+) -> tuple[list[XABranch], LastResourceSession | None, XABranch | None]:
+    """Commit the branches that wrote nothing (they leave the protocol); return the
+    writers to prepare, the broker's session if it has work, and the branch that
+    carries the decision row when the decision is a row (else None)."""
     writers: list[XABranch] = []
+    idle: list[XABranch] = []
     with tx.timed("prepare"):
         for branch in tx.branches.values():
-            if branch.read_only():
+            (idle if branch.read_only() else writers).append(branch)
+        broker = tx.broker if tx.broker is not None and tx.broker.has_work else None
+        carrier = _decision_carrier(tx, cfg, writers, idle, broker)
+        for branch in idle:
+            if branch is not carrier:
                 branch.commit_one_phase()
                 tx.log.debug(events.PREPARE_VOTED, participant=branch.name, vote="read-only")
-            else:
-                writers.append(branch)
-    broker = tx.broker if tx.broker is not None and tx.broker.has_work else None
     if tx.broker is not None and broker is None:
         tx.broker.abort()  # nothing was sent: nothing to commit
-    return writers, broker
+    return [b for b in writers if b is not carrier], broker, carrier
+
+
+def _decision_carrier(
+    tx: Transaction,
+    cfg: DriverConfig,
+    writers: list[XABranch],
+    idle: list[XABranch],
+    broker: LastResourceSession | None,
+) -> XABranch | None:
+    """The commit-markable participant's branch, when the decision will be its row.
+
+    Only without a broker writer (the marker decides then), with a decision table,
+    and with two writers or more (one commits one-phase alone). A transaction that
+    did not touch that participant gets a branch there for the row only.
+    """
+    table = cfg.log.table
+    if table is None or broker is not None or len(writers) < 2:
+        return None
+    for branch in (*writers, *idle):
+        if branch.name == table.participant:
+            return branch
+    return tx.branch(table.participant)
 
 
 def _prepare_all(tx: Transaction, cfg: DriverConfig, writers: list[XABranch]) -> None:
@@ -146,6 +181,16 @@ def _prepare_all(tx: Transaction, cfg: DriverConfig, writers: list[XABranch]) ->
         raise _Abort("the transaction exceeded its timeout during phase 1")
 
 
+def _check_liveness(tx: Transaction, cfg: DriverConfig) -> None:
+    """A coordinator that lost its liveness lock may be being fenced: it must not decide."""
+    if not cfg.may_decide():
+        tx.log.warning(events.LIVENESS_LOST)
+        raise _Abort(
+            "this coordinator lost its liveness lock (a peer may be recovering it); "
+            "it reaches no commit point until it holds the lock again"
+        )
+
+
 def _prepare_one(branch: XABranch, cfg: DriverConfig) -> None:
     branch.prepare()
     cfg.failpoint("after_prepare")
@@ -156,8 +201,10 @@ def _reach_commit_point(
     cfg: DriverConfig,
     writers: list[XABranch],
     broker: LastResourceSession | None,
+    carrier: XABranch | None,
 ) -> None:
-    """The decision becomes durable: the broker's marker commit, or a forced log record."""
+    """The decision becomes durable: the broker's marker commit, the commit of the
+    branch carrying the decision row, or a forced log record."""
     tx.move(TxState.COMMITTING)
     prepared = [b.name for b in writers]
     if broker is not None:
@@ -170,6 +217,12 @@ def _reach_commit_point(
             cfg.log.log_commit(
                 tx.gtrid, commit_record_participants(prepared, broker.name), force=False
             )
+    elif carrier is not None:
+        tx.log.debug(events.COMMIT_POINT_STARTED, via="decision-row", participant=carrier.name)
+        with tx.timed("commit_point"):
+            _commit_decision_row(tx, cfg, carrier)
+        tx.decided(by_marker=False)
+        tx.log.debug(events.COMMIT_POINT_REACHED, via="decision-row")
     else:
         tx.log.debug(events.COMMIT_POINT_STARTED, via="decision-log")
         with tx.timed("decision_log"):
@@ -180,7 +233,37 @@ def _reach_commit_point(
                 raise
         tx.decided(by_marker=False)
         tx.log.debug(events.COMMIT_POINT_REACHED, via="decision-log")
-    tx.log.debug(events.DECISION_LOGGED, participants=prepared, forced=broker is None)
+    tx.log.debug(
+        events.DECISION_LOGGED, participants=prepared, forced=broker is None and carrier is None
+    )
+
+
+def _commit_decision_row(tx: Transaction, cfg: DriverConfig, carrier: XABranch) -> None:
+    """The row ``(gtrid)`` goes into the carrier's own branch, which commits one-phase.
+
+    A failed INSERT or a refused commit decided nothing (abort); a commit with no
+    answer is in doubt: only the row, read once that session is gone, tells. The
+    commit is never retried on another session (a fenced zombie must not decide).
+    """
+    table = cfg.log.table
+    assert table is not None
+    try:
+        table.mark(carrier, tx.gtrid)
+    except Exception as exc:  # whatever the database said: nothing is committed
+        raise _Abort(
+            f"participant {carrier.name!r} could not take the decision row: {exc}"
+        ) from exc
+    tx.carries_decision(carrier.name)
+    cfg.failpoint("before_decision_row_commit")
+    try:
+        carrier.commit_one_phase()
+    except CommitRefused as exc:
+        tx.log.warning(events.COMMIT_POINT_REFUSED, participant=carrier.name, error=str(exc))
+        raise _Abort(f"participant {carrier.name!r} refused the commit: {exc}") from exc
+    except ParticipantError as exc:
+        tx.log.warning(events.COMMIT_POINT_UNKNOWN, participant=carrier.name, error=str(exc))
+        raise _Doubt(f"no answer to the commit of the decision row ({exc})") from exc
+    cfg.failpoint("after_decision_row_commit")
 
 
 def _commit_marker(tx: Transaction, cfg: DriverConfig, broker: LastResourceSession) -> None:

@@ -46,6 +46,12 @@ RECOVERY_RESOLVED = "tpc.recovery.resolved"
 RECOVERY_RESOLVE_FAILED = "tpc.recovery.resolve_failed"
 RECOVERY_FINISHED = "tpc.recovery.finished"
 
+# Many coordinators (DESIGN §7): liveness, and the recovery of dead peers.
+LIVENESS_LOST = "tpc.liveness.lost"
+PEER_DEAD = "tpc.peers.dead"
+PEER_RECOVERED = "tpc.peers.recovered"
+PEER_RECOVERY_FAILED = "tpc.peers.recovery_failed"
+
 # The decision log.
 LOG_TORN_HEADER_REINITIALISED = "tpc.log.torn_header_reinitialised"
 LOG_COMPACTION_FAILED = "tpc.log.compaction_failed"
@@ -53,6 +59,8 @@ LOG_COMPACTION_FAILED = "tpc.log.compaction_failed"
 # Housekeeping of the broker's commit markers, and the watchdog's chores.
 MARKERS_REMOVED = "tpc.markers.removed"
 MARKERS_REMOVE_FAILED = "tpc.markers.remove_failed"
+DECISION_ROWS_REMOVED = "tpc.decision_rows.removed"
+DECISION_ROWS_REMOVE_FAILED = "tpc.decision_rows.remove_failed"
 HOUSEKEEPING_FAILED = "tpc.housekeeping.failed"
 
 # An observer (metrics, tracing) of finished transactions raised; the transaction is unaffected.

@@ -28,6 +28,8 @@ NAMES: tuple[str, ...] = (
     "after_prepare",  # after each XA branch prepared (hit once per branch)
     "before_broker_commit",  # marker sent, COMMIT not yet sent
     "after_broker_commit",  # COMMIT sent, receipt not yet seen
+    "before_decision_row_commit",  # decision row inserted in its branch, not yet committed
+    "after_decision_row_commit",  # the branch carrying the decision row committed
     "log_torn_record",  # half a decision record written, then the crash
     "log_unsynced_record",  # whole record written, not yet fsync'd
     "after_decision",  # decision durable, phase 2 not started

@@ -1,7 +1,7 @@
 """Recovery: every unresolved gtrid, from what is known of it, to one decision and its acts.
 
-One rule decides (:func:`decide`, presumed abort: COMMIT logged or marker
-present -> commit; otherwise roll back) and one function acts on a decision
+One rule decides (:func:`decide`, presumed abort: COMMIT logged, marker
+present or decision row present -> commit; otherwise roll back) and one function acts on a decision
 (:func:`resolve`). Everything that resolves a transaction goes through them:
 
 * :class:`Recovery` -- the full scan, in the manner of Narayana's recovery
@@ -29,7 +29,7 @@ from typing import Any
 
 from coordinator import events, failpoints
 from coordinator.errors import ConfigurationError, TwoPhaseCommitError
-from coordinator.log import DecisionLog, commit_record_participants
+from coordinator.log import DecisionLog, DecisionTable, commit_record_participants
 from coordinator.protocol import LastResource, XAResource
 from coordinator.states import TxState
 from coordinator.transaction import Transaction
@@ -43,9 +43,14 @@ class Decision(enum.Enum):
     ROLLBACK = "rollback"
 
 
-def decide(logged_commit: bool, marker: bool) -> Decision:
-    """Presumed abort: commit only what the log or the broker's marker says was decided."""
-    return Decision.COMMIT if logged_commit or marker else Decision.ROLLBACK
+def decide(logged_commit: bool, marker: bool, decision_row: bool = False) -> Decision:
+    """Presumed abort: commit only what the log, the broker's marker or the decision row
+    in the commit-markable participant says was decided.
+
+    A marker or a row counts only once its writer was fenced (its commit may be in
+    flight until then): the callers read them after fencing, never before.
+    """
+    return Decision.COMMIT if logged_commit or marker or decision_row else Decision.ROLLBACK
 
 
 @dataclass
@@ -56,13 +61,14 @@ class InDoubt:
     logged_commit: bool
     prepared: dict[str, datetime | None] = field(default_factory=dict)  # where -> since
     marker: bool | None = None  # None: not read (every gtrid's COMMIT was logged)
+    decision_row: bool | None = None  # None: not read (no decision table, or logged)
     decision: Decision = Decision.ROLLBACK
     done: list[str] = field(default_factory=list)  # "a: committed", "b: already gone", ...
     error: str | None = None
 
     def decided(self) -> InDoubt:
         """Set :attr:`decision` from what is known; return self."""
-        self.decision = decide(self.logged_commit, bool(self.marker))
+        self.decision = decide(self.logged_commit, bool(self.marker), bool(self.decision_row))
         return self
 
     def age_seconds(self, now: datetime | None = None) -> float | None:
@@ -80,6 +86,7 @@ class InDoubt:
             "prepared_in": sorted(self.prepared),
             "logged_commit": self.logged_commit,
             "marker": self.marker,
+            "decision_row": self.decision_row,
             "decision": self.decision.value,
             "done": self.done,
             "error": self.error,
@@ -97,7 +104,9 @@ def resolve(
     """Act on ``item.decision``: COMMIT or ROLLBACK PREPARED every branch, by xid.
 
     A commit decided by a marker is logged (forced) before anything is acted
-    on, since the marker may be swept later; END follows the last commit.
+    on, since the marker may be swept later; END follows the last commit. A log
+    that keeps no records (its decisions are rows, :attr:`DecisionLog.table`)
+    logs nothing: the marker or the row stays until END.
     Raises TwoPhaseCommitError (naming participant and gtrid) when a branch
     cannot be resolved now; a later pass finishes it.
     """
@@ -109,7 +118,7 @@ def resolve(
                 "coordinator was not given; configure it and run 'twopc recover' again"
             )
     if item.decision is Decision.COMMIT:
-        if not item.logged_commit:
+        if not item.logged_commit and log.table is None:
             participants = commit_record_participants(names, marker_holder)
             log.log_commit(item.gtrid, participants, force=True)
             item.logged_commit = True
@@ -174,9 +183,12 @@ class Recovery:
         broker: LastResource | None,
         *,
         pending: Mapping[str, tuple[str, ...]] | None = None,
+        table: DecisionTable | None = None,
     ) -> None:
         self.prefix = gtrid_prefix(coordinator_id)
         self.log = log
+        # Where decision rows are (DESIGN §7): read after fencing, like the markers.
+        self.table = table if table is not None or log is None else log.table
         if pending is None:
             pending = log.pending() if log is not None else {}
         self.pending = dict(pending)
@@ -202,6 +214,10 @@ class Recovery:
             markers = self.broker.markers()
             for item in items.values():
                 item.marker = item.gtrid in markers
+        if self.table is not None and any(not i.logged_commit for i in items.values()):
+            rows = self.table.decided(self.prefix)
+            for item in items.values():
+                item.decision_row = item.gtrid in rows
         for item in items.values():
             self.events.info(events.RECOVERY_FOUND, **item.decided().as_dict())
         return sorted(items.values(), key=lambda i: i.gtrid), fenced
@@ -237,6 +253,7 @@ class Recovery:
                 committed_with_marker.append(item.gtrid)
         log.flush()
         orphans = self._remove_markers(committed_with_marker, items)
+        self._remove_rows(items)
         report = RecoveryReport(items, fenced, time.monotonic() - started, orphans)
         self.events.info(
             events.RECOVERY_FINISHED,
@@ -246,6 +263,19 @@ class Recovery:
             seconds=round(report.seconds, 3),
         )
         return report
+
+    def _remove_rows(self, items: list[InDoubt]) -> int:
+        """Decision rows of this coordinator whose transactions are resolved: every branch
+        of a gtrid with a row was prepared before the row committed, and none is left."""
+        if self.table is None:
+            return 0
+        open_gtrids = {i.gtrid for i in items if i.error is not None}
+        stale = self.table.decided(self.prefix) - open_gtrids
+        if not stale:
+            return 0
+        removed = self.table.forget(stale)
+        self.events.info(events.DECISION_ROWS_REMOVED, count=removed)
+        return removed
 
     def _remove_markers(self, committed: list[str], items: list[InDoubt]) -> int:
         """Markers of what was just resolved, and orphans of transactions long ended."""
@@ -270,8 +300,9 @@ class Backlog:
 
     * deferred: COMMITTED, phase 2 unfinished (a participant failed): commit by xid, END;
     * missed rollbacks: aborted, a branch that may be prepared was unreachable: roll back;
-    * in doubt: the broker's COMMIT got no answer: settle the session, read the marker,
-      decide;
+    * in doubt: the commit point got no answer (the broker's COMMIT, or the commit of
+      the branch carrying the decision row): settle that session, read the marker or
+      the row, decide;
     * ended with a marker: done, the marker waits to be swept in a batch.
 
     Thread-safe; the watchdog calls :meth:`work` every housekeeping interval.
@@ -373,21 +404,34 @@ class Backlog:
         return done
 
     def resolve_in_doubt(self, timeout: float = 10.0) -> int:
-        """Decide transactions whose broker COMMIT got no answer, by their marker.
+        """Decide transactions whose commit point got no answer, by their marker or row.
 
-        The session is fenced first (its client-id re-registered), so its COMMIT
-        has been processed or discarded and the marker queue is final for it.
-        Transactions that cannot be decided yet stay for the next attempt.
+        The session that carried the commit is fenced first (the broker session's
+        client-id re-registered, or the database session that carried the decision
+        row ended), so its COMMIT has been processed or discarded and the marker or
+        row is final. Transactions that cannot be decided yet stay for the next attempt.
         """
         with self._lock:
             pending, self._in_doubt = self._in_doubt, []
-        if not pending or self._broker is None:
+        if not pending:
             return 0
+        table = self._log.table
+        by_row = [tx for tx in pending if tx.decision_holder is not None]
+        by_marker = [tx for tx in pending if tx.decision_holder is None]
+        rows: set[str] = set()
+        markers: set[str] = set()
         try:
-            for tx in pending:
-                assert tx.broker is not None
-                self._broker.settle(tx.broker, timeout)
-            markers = self._broker.markers()
+            for tx in by_row:
+                assert table is not None
+                table.settle(tx.gtrid, timeout)
+                rows |= table.decided(tx.gtrid)
+            if by_marker:
+                if self._broker is None:
+                    raise ConfigurationError("an in-doubt marker commit needs the broker")
+                for tx in by_marker:
+                    assert tx.broker is not None
+                    self._broker.settle(tx.broker, timeout)
+                markers = self._broker.markers()
         except Exception as exc:  # kept for the next round, whatever failed
             events.get_logger().warning(events.RECOVERY_RESOLVE_FAILED, error=str(exc))
             with self._lock:
@@ -395,19 +439,22 @@ class Backlog:
             return 0
         resolved = 0
         for tx in pending:
+            row = tx.decision_holder is not None
             item = InDoubt(
                 tx.gtrid,
                 logged_commit=False,
-                prepared=dict.fromkeys(tx.branches),
-                marker=tx.gtrid in markers,
+                prepared={name: None for name in tx.branches if name != tx.decision_holder},
+                marker=None if row else tx.gtrid in markers,
+                decision_row=tx.gtrid in rows if row else None,
             )
             if not self._resolve(item.decided()):
                 self.doubt(tx)
                 continue
             if item.decision is Decision.COMMIT:
-                tx.decided(by_marker=True)
+                tx.decided(by_marker=not row)
                 tx.move(TxState.COMPLETED)
-                self.ended(tx.gtrid)
+                if not row:
+                    self.ended(tx.gtrid)
             else:
                 tx.abandon_because(tx.reason)
                 tx.move(TxState.ABORTED)

@@ -66,6 +66,8 @@ class Transaction:
         self.broker: LastResourceSession | None = None
         self.messages_sent = 0
         self.marker_sent = False
+        # The participant whose branch carries the decision row (DESIGN §7), once written.
+        self.decision_holder: str | None = None
         self.timings: dict[str, float] = {}  # phase name -> seconds (for the benchmark)
         self._lock = threading.Lock()  # guards branch creation against the watchdog
         self.log = events.get_logger(gtrid=gtrid)
@@ -96,6 +98,10 @@ class Transaction:
         """The decision to commit is durable (the broker's marker, or the log)."""
         self.move(TxState.COMMITTED)
         self.marker_sent = self.marker_sent or by_marker
+
+    def carries_decision(self, participant: str) -> None:
+        """The decision row was written in ``participant``'s branch (not yet committed)."""
+        self.decision_holder = participant
 
     def finished(self, outcome: Outcome) -> None:
         """Record what the caller is told."""

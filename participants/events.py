@@ -29,3 +29,10 @@ STOMP_DROP_FAILED = "stomp.drop.failed"
 PG_ADMIN_RECONNECT = "postgres.admin.reconnect"
 PG_POOLED_LOST = "postgres.pooled.lost"
 PG_ROLLBACK_FAILED = "postgres.rollback.failed"
+
+# Membership: liveness locks and fencing on the commit-markable database
+# (participants.membership).
+PEER_LOCK_TAKEN = "peers.lock.taken"
+PEER_LOCK_LOST = "peers.lock.lost"
+PEER_LOCK_RELEASED = "peers.lock.released"
+PEER_FENCED = "peers.fenced"

@@ -10,6 +10,11 @@ armed per step with :meth:`FakeResource.fail` / :meth:`FakeBroker.fail`:
 * ``"crash-after"``  the call takes effect, then CrashInjected
 * broker commit only: ``"refuse"`` (ERROR: CommitRefused, nothing committed),
   ``"lost-committed"`` (committed, but OutcomeUnknown), ``"lost-not-committed"``
+* a branch's ``commit_one_phase``: ``"refuse"`` (CommitRefused, nothing committed),
+  ``"lost-committed"`` (committed, but the answer lost: ParticipantUnavailable)
+
+:class:`FakeDecisionTable` keeps decision rows in a fake database: a row is
+there once the branch it was written in committed.
 """
 
 from __future__ import annotations
@@ -44,6 +49,7 @@ class FakeStore:
     messages: list[tuple[str, str, dict[str, str]]] = field(default_factory=list)  # broker
     acked: list[str] = field(default_factory=list)  # broker: ack ids consumed by a commit
     live_holder: bool = False  # broker: a paused coordinator still holds its client-ids
+    forgotten_rows: set[str] = field(default_factory=set)  # decision rows deleted
     lock: threading.Lock = field(default_factory=threading.Lock)
 
 
@@ -171,10 +177,17 @@ class FakeBranch:
         return Vote.YES
 
     def commit_one_phase(self) -> None:
-        self._fault("commit_one_phase")
+        action = self._fault("commit_one_phase")
+        if action == "refuse":
+            self.state = "rolled back"
+            raise CommitRefused("COMMIT refused", participant=self.name, gtrid=self._xid.gtrid)
         with self.resource.store.lock:
             self.resource.store.committed[self._xid.gtrid] = list(self.ops)
         self.state = "committed"
+        if action == "lost-committed":
+            raise ParticipantUnavailable(
+                "the answer to COMMIT was lost", participant=self.name, gtrid=self._xid.gtrid
+            )
 
     def send_commit_prepared(self) -> None:
         """Nothing goes out ahead: :meth:`commit_prepared` does the whole of phase 2."""
@@ -304,4 +317,49 @@ class FakeBrokerSession:
         self.pending_acks = []
 
     def release(self) -> None:
+        pass
+
+
+#: The operation a decision row is in a fake branch.
+DECISION_ROW = "decision-row"
+
+
+class FakeDecisionTable:
+    """Decision rows in fake database ``resource`` (a DecisionTable): a gtrid has a row
+    when a branch of it that ran :meth:`mark` committed, until :meth:`forget`."""
+
+    def __init__(self, resource: FakeResource) -> None:
+        self.resource = resource
+        self.settled: list[str] = []
+
+    @property
+    def participant(self) -> str:
+        return self.resource.name
+
+    def mark(self, branch: Any, gtrid: str) -> None:
+        _raise_for(self.resource.faults.take("mark"), "mark", self.participant, gtrid)
+        branch.execute(DECISION_ROW)
+
+    def decided(self, gtrid_prefix: str) -> set[str]:
+        store = self.resource.store
+        with store.lock:
+            return {
+                gtrid
+                for gtrid, ops in store.committed.items()
+                if gtrid.startswith(gtrid_prefix)
+                and DECISION_ROW in ops
+                and gtrid not in store.forgotten_rows
+            }
+
+    def settle(self, gtrid: str, timeout: float) -> None:
+        _raise_for(self.resource.faults.take("settle"), "settle", self.participant, gtrid)
+        self.settled.append(gtrid)
+
+    def forget(self, gtrids: Collection[str]) -> int:
+        present = self.decided("") & set(gtrids)
+        with self.resource.store.lock:
+            self.resource.store.forgotten_rows |= present
+        return len(present)
+
+    def close(self) -> None:
         pass

@@ -26,6 +26,7 @@ from psycopg import errors as pg_errors
 from psycopg import generators, pq
 
 from coordinator.errors import (
+    CommitRefused,
     ConfigurationError,
     DuplicateGtrid,
     ParticipantError,
@@ -132,6 +133,7 @@ class PostgresResource:
         setting: str | None = None,
         pool_size: int = 40,
         connect_timeout: float = 5.0,
+        application_name: str | None = None,
     ) -> None:
         self._name = name
         self._pool: ConnectionPoolLike | None = None
@@ -149,6 +151,9 @@ class PostgresResource:
                 f"PostgreSQL {name!r}: expected a connection string, a "
                 f"psycopg_pool.ConnectionPool or a connection factory, got {type(dsn).__name__}"
             )
+        # Every session says whose it is (the coordinator id), so that a peer can end
+        # them all when it fences this coordinator (DESIGN §7).
+        self.application_name = application_name
         self.setting = setting or f"TWOPC_PG_{name.upper()}"
         self.pool_size = pool_size
         self.connect_timeout = connect_timeout
@@ -171,7 +176,10 @@ class PostgresResource:
         """A new connection; the first one checks that the server can prepare."""
         try:
             conn = psycopg.connect(
-                self.dsn, autocommit=autocommit, connect_timeout=int(self.connect_timeout)
+                self.dsn,
+                autocommit=autocommit,
+                connect_timeout=int(self.connect_timeout),
+                application_name=self.application_name,  # None: libpq's default
             )
         except psycopg.OperationalError as exc:
             raise ParticipantUnavailable(
@@ -498,6 +506,12 @@ class PostgresBranch:
         try:
             self.conn.commit()
         except psycopg.Error as exc:
+            if not (self.conn.closed or self.conn.broken):  # the server answered: rolled back
+                self._finished = True
+                self.conn.close()  # psycopg may still believe it is in a tpc transaction
+                raise CommitRefused(
+                    f"one-phase COMMIT refused: {exc}", participant=self.name, gtrid=self._xid.gtrid
+                ) from exc
             raise ParticipantError(
                 f"one-phase COMMIT failed: {exc}", participant=self.name, gtrid=self._xid.gtrid
             ) from exc

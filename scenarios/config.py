@@ -7,6 +7,13 @@ Every component takes its connections from four settings::
     TWOPC_STOMP      host:port of the broker's STOMP connector
     TWOPC_OPENWIRE   host:port of the broker's OpenWire connector
 
+where the coordinator keeps its decisions (DESIGN §7)::
+
+    TWOPC_DECISIONS              file (default: $TWOPC_HOME/decisions.log) or postgres
+                                 (no local state: the markers, and decision rows in the
+                                 commit-markable database; liveness locks; peer recovery)
+    TWOPC_DECISION_PARTICIPANT   the commit-markable database in postgres mode: a (default) or b
+
 and how to talk to the broker::
 
     TWOPC_STOMP_USER, TWOPC_STOMP_PASSWORD   the broker login (unset: no login)
@@ -49,6 +56,10 @@ STOMP_CA = "TWOPC_STOMP_CA"
 STOMP_TLS_ADDRESS = "TWOPC_STOMP_TLS_ADDRESS"  # exported by 'twopc lab env', for reference
 BROKER_CONFIG = "TWOPC_BROKER_CONFIG"
 METRICS_PORT = "TWOPC_METRICS_PORT"
+DECISIONS = "TWOPC_DECISIONS"
+DECISION_MODES = ("file", "postgres")
+DECISION_PARTICIPANT = "TWOPC_DECISION_PARTICIPANT"
+DATABASE_NAMES = ("a", "b")
 DEFAULT_HOME = ".twopc"
 MASK = "********"
 
@@ -167,6 +178,8 @@ class Settings:
     stomp_ca: str | None = None
     broker_config: str | None = None
     metrics_port: int | None = None
+    decisions: str = "file"
+    decision_participant: str = "a"
 
     def __repr__(self) -> str:
         password = None if self.stomp_password is None else MASK
@@ -176,7 +189,8 @@ class Settings:
             f"coordinator_id={self.coordinator_id!r}, stomp_user={self.stomp_user!r}, "
             f"stomp_password={password!r}, stomp_tls={self.stomp_tls!r}, "
             f"stomp_ca={self.stomp_ca!r}, broker_config={self.broker_config!r}, "
-            f"metrics_port={self.metrics_port!r})"
+            f"metrics_port={self.metrics_port!r}, decisions={self.decisions!r}, "
+            f"decision_participant={self.decision_participant!r})"
         )
 
     __str__ = __repr__
@@ -210,6 +224,8 @@ class Settings:
             STOMP_CA: self.stomp_ca or "",
             BROKER_CONFIG: self.broker_config or "",
             METRICS_PORT: "" if self.metrics_port is None else str(self.metrics_port),
+            DECISIONS: self.decisions,
+            DECISION_PARTICIPANT: self.decision_participant,
         }
 
     @classmethod
@@ -251,6 +267,17 @@ class Settings:
                 "a broker without login"
             )
         coordinator_id = validate_coordinator_id(pick("TWOPC_COORDINATOR_ID") or "twopc")
+        decisions = (pick(DECISIONS) or "file").strip().lower()
+        if decisions not in DECISION_MODES:
+            raise ConfigurationError(
+                f"{DECISIONS}={decisions!r} must be one of {', '.join(DECISION_MODES)}"
+            )
+        participant = (pick(DECISION_PARTICIPANT) or "a").strip().lower()
+        if participant not in DATABASE_NAMES:
+            raise ConfigurationError(
+                f"{DECISION_PARTICIPANT}={participant!r} must name a database: "
+                f"{' or '.join(DATABASE_NAMES)}"
+            )
         settings = cls(
             home=home,
             pg_a=str(values["TWOPC_PG_A"]),
@@ -264,6 +291,8 @@ class Settings:
             stomp_ca=ca,
             broker_config=broker_config,
             metrics_port=parse_port(pick(METRICS_PORT), METRICS_PORT),
+            decisions=decisions,
+            decision_participant=participant,
         )
         check_dsn(settings.pg_a, "TWOPC_PG_A")
         check_dsn(settings.pg_b, "TWOPC_PG_B")

@@ -8,24 +8,40 @@ the overhead benchmark all take theirs from here.
 from __future__ import annotations
 
 from collections.abc import Callable
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
 from coordinator import failpoints
 from coordinator.coordinator import Coordinator
+from coordinator.errors import ConfigurationError
+from coordinator.log import DecisionLog
 from coordinator.log.file import FileDecisionLog, read_pending
+from coordinator.log.table import TableDecisionLog
+from coordinator.peers import PeerRecovery, owner
 from coordinator.recovery import InDoubt, Recovery, RecoveryReport
 from participants.activemq import ActiveMQ
+from participants.decision_table import PostgresDecisionTable
+from participants.membership import PostgresMembership
 from participants.postgres import PostgresResource
 from participants.stomp_client import StompClient
 from scenarios.config import Settings
 
 
 def databases(settings: Settings, *, pool_size: int) -> list[PostgresResource]:
-    """Databases A and B as the resources 'a' and 'b'; each keeps ``pool_size`` idle sessions."""
+    """Databases A and B as the resources 'a' and 'b'; each keeps ``pool_size`` idle sessions.
+
+    Every session they open carries the coordinator id as its ``application_name``.
+    """
     return [
-        PostgresResource("a", settings.pg_a, setting="TWOPC_PG_A", pool_size=pool_size),
-        PostgresResource("b", settings.pg_b, setting="TWOPC_PG_B", pool_size=pool_size),
+        PostgresResource(
+            name,
+            dsn,
+            setting=f"TWOPC_PG_{name.upper()}",
+            pool_size=pool_size,
+            application_name=settings.coordinator_id,
+        )
+        for name, dsn in (("a", settings.pg_a), ("b", settings.pg_b))
     ]
 
 
@@ -84,10 +100,11 @@ def open_coordinator(
     """
     settings = settings or Settings.load()
     failpoints.arm_from_env()
-    log = FileDecisionLog(settings.log_path)
     resources = databases(settings, pool_size=sessions + 8)
     mq = broker(settings, pool_size=sessions)
+    log: DecisionLog | None = None
     try:
+        log, membership = decision_log(settings, resources)
         return _observed(
             Coordinator(
                 settings.coordinator_id,
@@ -96,6 +113,10 @@ def open_coordinator(
                 mq,
                 recover_on_start=recover,
                 max_workers=max(sessions, 4),
+                membership=membership,
+                peer_broker=lambda peer: broker(
+                    replace(settings, coordinator_id=peer), pool_size=1
+                ),
                 **options,
             )
         )
@@ -103,8 +124,28 @@ def open_coordinator(
         for resource in resources:
             resource.close()
         mq.close()
-        log.close()
+        if log is not None:
+            log.close()
         raise
+
+
+def decision_log(
+    settings: Settings, resources: list[PostgresResource], *, log_path: Path | None = None
+) -> tuple[DecisionLog, PostgresMembership | None]:
+    """The decision log TWOPC_DECISIONS names, and in postgres mode the membership.
+
+    ``file``: ``$TWOPC_HOME/decisions.log``. ``postgres``: no local state (DESIGN
+    §7): decision rows in the commit-markable database (TWOPC_DECISION_PARTICIPANT),
+    where the liveness locks are too; fencing covers every database. ``log_path``
+    overrides the file's place (a coordinator beside the main one, e.g. a benchmark's).
+    """
+    if settings.decisions == "file":
+        return FileDecisionLog(log_path or settings.log_path), None
+    home = next(r for r in resources if r.name == settings.decision_participant)
+    table = PostgresDecisionTable(home)
+    table.create()
+    membership = PostgresMembership(settings.coordinator_id, home, resources)
+    return TableDecisionLog(table), membership
 
 
 #: What the consuming coordinator's id adds to the settings' coordinator id.
@@ -130,7 +171,9 @@ def open_consuming_coordinator(
     failpoints.arm_from_env()
     coordinator_id = consumer_coordinator_id(settings)
     log = FileDecisionLog(consumer_log_path(settings))
-    b = PostgresResource("b", settings.pg_b, setting="TWOPC_PG_B", pool_size=2)
+    b = PostgresResource(
+        "b", settings.pg_b, setting="TWOPC_PG_B", pool_size=2, application_name=coordinator_id
+    )
     mq = ActiveMQ(settings.stomp, coordinator_id, pool_size=1, **settings.stomp_options())
     try:
         coordinator = Coordinator(
@@ -148,12 +191,21 @@ def in_doubt(settings: Settings) -> list[InDoubt]:
     """What is in doubt and what recovery would do, read without fencing; changes nothing."""
     resources = databases(settings, pool_size=1)
     mq = broker(settings, pool_size=1)
+    table = None
     try:
-        pending = read_pending(settings.log_path)
-        report = Recovery(settings.coordinator_id, None, resources, mq, pending=pending).run(
-            dry_run=True
-        )
+        if settings.decisions == "postgres":  # no local log: the rows and markers tell
+            pending: dict[str, tuple[str, ...]] = {}
+            table = PostgresDecisionTable(
+                next(r for r in resources if r.name == settings.decision_participant)
+            )
+        else:
+            pending = read_pending(settings.log_path)
+        report = Recovery(
+            settings.coordinator_id, None, resources, mq, pending=pending, table=table
+        ).run(dry_run=True)
     finally:
+        if table is not None:
+            table.close()
         for resource in resources:
             resource.close()
         mq.close()
@@ -174,5 +226,32 @@ def recover(
     coordinator = open_coordinator(settings, recover=False, sessions=sessions)
     try:
         return coordinator.recover(fence_timeout=fence_timeout)
+    finally:
+        coordinator.close()
+
+
+def recover_dead(
+    settings: Settings | None = None, *, fence_timeout: float = 30.0
+) -> list[PeerRecovery]:
+    """``twopc recover --dead``: fence and recover every dead peer, from any machine.
+
+    Runs as a coordinator of its own (TWOPC_COORDINATOR_ID must not be a live
+    instance's), with TWOPC_DECISIONS=postgres. Besides prepared branches, the
+    owners of markers and of decision rows count: their leftovers are swept.
+    """
+    settings = settings or Settings.load()
+    if settings.decisions != "postgres":
+        raise ConfigurationError(
+            "'twopc recover --dead' needs TWOPC_DECISIONS=postgres: with a file log the "
+            "decisions of another coordinator are in its own file"
+        )
+    coordinator = open_coordinator(settings, recover=False, sessions=1, peer_interval=None)
+    try:
+        owning: set[str] = set()
+        if coordinator.broker is not None:
+            owning |= {owner(g) for g in coordinator.broker.markers()}
+        if coordinator.log.table is not None:
+            owning |= {owner(g) for g in coordinator.log.table.decided("")}
+        return coordinator.recover_dead_peers(also_owning=owning, fence_timeout=fence_timeout)
     finally:
         coordinator.close()

@@ -1,15 +1,19 @@
 """The decision log: what the coordinator decided, durable before anyone is told.
 
 Implementations: :class:`~coordinator.log.file.FileDecisionLog` (a file, with
-group commit) and :class:`~coordinator.log.memory.MemoryDecisionLog` (tests).
+group commit), :class:`~coordinator.log.memory.MemoryDecisionLog` (tests) and
+:class:`~coordinator.log.table.TableDecisionLog` (no local state: the decisions
+are the broker's markers and the rows of a :class:`DecisionTable`, DESIGN §7).
 Tools that only look at a log (``twopc indoubt``, the torture's checks) read it
 with :func:`~coordinator.log.file.read_pending`, which takes no lock.
 """
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Sequence
+from collections.abc import Collection, Iterable, Sequence
 from typing import Protocol
+
+from coordinator.protocol import XABranch
 
 
 def commit_record_participants(
@@ -24,6 +28,47 @@ def commit_record_participants(
     """
     names = sorted(set(prepared))
     return (*names, last_resource) if last_resource is not None else tuple(names)
+
+
+class DecisionTable(Protocol):
+    """Decisions held by a participant: the commit-markable resource (DESIGN §7).
+
+    A row ``(gtrid)`` in the table means COMMIT. Without a broker writer, the
+    driver writes it with :meth:`mark` inside that participant's own branch,
+    prepares every other branch first and then commits that branch one-phase:
+    that commit is the commit point. The rows of a coordinator are final only
+    once its sessions are fenced (its one-phase commit may still be in flight):
+    :meth:`decided` is read by recovery after fencing, and by the background
+    after :meth:`settle`.
+    """
+
+    @property
+    def participant(self) -> str:
+        """The name of the XA participant that holds the table."""
+        ...
+
+    def mark(self, branch: XABranch, gtrid: str) -> None:
+        """INSERT ``gtrid``'s row inside ``branch`` (committed with it, or never).
+        Raises what the branch raises."""
+        ...
+
+    def decided(self, gtrid_prefix: str) -> set[str]:
+        """The gtrids starting with ``gtrid_prefix`` that have a row. Raises ParticipantError."""
+        ...
+
+    def settle(self, gtrid: str, timeout: float) -> None:
+        """End the session that carried ``gtrid``'s one-phase commit, if it is still there,
+        and wait until it is gone: then :meth:`decided` is final for ``gtrid``.
+        Raises ParticipantError when that cannot be known within ``timeout``."""
+        ...
+
+    def forget(self, gtrids: Collection[str]) -> int:
+        """Delete the rows of ended transactions; return how many. Raises ParticipantError."""
+        ...
+
+    def close(self) -> None:
+        """Close the table's own session. Never raises."""
+        ...
 
 
 class DecisionLog(Protocol):
@@ -50,6 +95,11 @@ class DecisionLog(Protocol):
     @property
     def forced_writes(self) -> int:
         """How many fsyncs the log has done since it was opened."""
+        ...
+
+    @property
+    def table(self) -> DecisionTable | None:
+        """Where a participant holds the decisions (commit-markable resource), or None."""
         ...
 
     def close(self) -> None: ...

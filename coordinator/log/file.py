@@ -33,6 +33,7 @@ from types import TracebackType
 
 from coordinator import events, failpoints
 from coordinator.errors import CrashInjected, DecisionLogError, DecisionLogLocked, FsyncFailed
+from coordinator.log import DecisionTable
 from coordinator.log import format as fmt
 
 DEFAULT_COMPACT_THRESHOLD = 4 * 1024 * 1024
@@ -51,6 +52,8 @@ class FileDecisionLog:
     ``fsync`` is what makes the file durable: ``os.fsync``, ``os.fdatasync``,
     or a test's stand-in.
     """
+
+    table: DecisionTable | None = None  # decisions are records of this log
 
     def __init__(
         self,

@@ -23,6 +23,7 @@ against the presumed-abort figures (DESIGN §3).
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import itertools
 import os
 import queue
@@ -40,7 +41,7 @@ from rich.progress import Progress
 
 from coordinator.coordinator import Coordinator
 from coordinator.errors import ParticipantError, TransactionAborted, TransactionInDoubt
-from coordinator.log.file import FileDecisionLog
+from coordinator.log import DecisionLog
 from coordinator.transaction import Transaction
 from coordinator.xid import gtrid_prefix
 from scenarios.bench import floor, measure, peer
@@ -57,7 +58,7 @@ from scenarios.transfer.model import (
     TYPE_HEADER,
     Transfer,
 )
-from scenarios.wiring import databases, open_coordinator
+from scenarios.wiring import databases, decision_log, open_coordinator
 
 #: The coordinator id of the two-database coordinator (its own log and gtrids).
 DB_ONLY_COORDINATOR = "benchdb"
@@ -138,15 +139,25 @@ class PhaseSplit:
 class CoordinatorContender:
     """twopc's coordinator making the transfer: A, B and the message, or A and B only."""
 
-    def __init__(self, settings: Settings, *, concurrency: int, broker: bool = True) -> None:
+    def __init__(
+        self,
+        settings: Settings,
+        *,
+        concurrency: int,
+        broker: bool = True,
+        name: str | None = None,
+        coordinator_id: str = "",
+    ) -> None:
         self.broker = broker
-        self.name = "coordinator" if broker else "coordinator-db"
+        self.name = name or ("coordinator" if broker else "coordinator-db")
         self.split = PhaseSplit()
         self.by_outcome: dict[str, dict[str, int]] = {}
         if broker:
             self.coordinator = open_coordinator(settings, sessions=max(concurrency, 1))
         else:
-            self.coordinator = db_only_coordinator(settings, concurrency=concurrency)
+            self.coordinator = db_only_coordinator(
+                settings, concurrency=concurrency, coordinator_id=coordinator_id
+            )
         self.prefix = gtrid_prefix(self.coordinator.coordinator_id)
         self._lock = threading.Lock()
 
@@ -181,18 +192,31 @@ class CoordinatorContender:
         self.coordinator.close()
 
 
-def db_only_coordinator(settings: Settings, *, concurrency: int) -> Coordinator:
-    """A coordinator over A and B with no broker: its decision record is forced (fsync)."""
-    log = FileDecisionLog(settings.home / "bench-db-decisions.log")
+def db_only_coordinator(
+    settings: Settings, *, concurrency: int, coordinator_id: str = ""
+) -> Coordinator:
+    """A coordinator over A and B with no broker. With the file log (TWOPC_DECISIONS=file)
+    its decision record is forced (fsync); in postgres mode its decision is a row in A."""
+    settings = dataclasses.replace(settings, coordinator_id=coordinator_id or DB_ONLY_COORDINATOR)
     resources = databases(settings, pool_size=concurrency + 8)
+    log: DecisionLog | None = None
     try:
+        log, membership = decision_log(
+            settings, resources, log_path=settings.home / "bench-db-decisions.log"
+        )
         return Coordinator(
-            DB_ONLY_COORDINATOR, log, resources, None, max_workers=max(concurrency, 4)
+            settings.coordinator_id,
+            log,
+            resources,
+            None,
+            max_workers=max(concurrency, 4),
+            membership=membership,
         )
     except BaseException:
         for resource in resources:
             resource.close()
-        log.close()
+        if log is not None:
+            log.close()
         raise
 
 

@@ -75,8 +75,16 @@ def progress_bars() -> Progress:
     help="Measure 'twopc consumer --mode inbox' against '--mode 2pc': latency per message, "
     "throughput, WAL bytes per message on B.",
 )
+@click.option(
+    "--decisions",
+    is_flag=True,
+    help="Measure TWOPC_DECISIONS=file against postgres, with and without the broker: "
+    "latency, throughput, forced log writes and WAL flushes per commit.",
+)
 @click.option("--json", "as_json", is_flag=True, help="Print the results as JSON on stdout.")
-def bench(overhead: bool, quick: bool, out: Path, consumers: bool, as_json: bool) -> None:
+def bench(
+    overhead: bool, quick: bool, out: Path, consumers: bool, decisions: bool, as_json: bool
+) -> None:
     """Measure every transfer strategy (or, with --overhead, the coordinator's own cost).
 
     Runs on the lab (or whatever TWOPC_PG_A/B and TWOPC_STOMP point at) and
@@ -88,7 +96,9 @@ def bench(overhead: bool, quick: bool, out: Path, consumers: bool, as_json: bool
     settings = Settings.load()
     command = invoked_command()
     out.mkdir(parents=True, exist_ok=True)
-    if consumers:
+    if decisions:
+        result = _run_decisions(settings, quick=quick, out=out, command=command, show=not as_json)
+    elif consumers:
         result = _run_consumers(settings, quick=quick, out=out, command=command, show=not as_json)
     elif overhead:
         result = _run_overhead(settings, quick=quick, out=out, command=command, show=not as_json)
@@ -144,4 +154,28 @@ def _run_consumers(
         console = Console()
         console.print(Markdown(markdown))
         console.print(f"written: {out / 'consumers.md'}, consumers.json")
+    return result
+
+
+#: ``--decisions``: (interleaved rounds, per round, throughput seconds, cost transactions).
+DECISIONS_PLAN = {False: (30, 20, 6.0, 300), True: (8, 10, 2.0, 60)}
+
+
+def _run_decisions(
+    settings: Any, *, quick: bool, out: Path, command: str, show: bool
+) -> dict[str, Any]:
+    from scenarios.bench import decisions
+
+    rounds, per_round, seconds, cost_count = DECISIONS_PLAN[quick]
+    result = decisions.compare(
+        settings, rounds=rounds, per_round=per_round, seconds=seconds, cost_count=cost_count
+    )
+    result["command"] = command
+    (out / "decisions.json").write_text(json.dumps(result, indent=2))
+    markdown = decisions.render_markdown(result, command)
+    (out / "decisions.md").write_text(markdown)
+    if show:
+        console = Console()
+        console.print(Markdown(markdown))
+        console.print(f"written: {out / 'decisions.md'}, decisions.json")
     return result

@@ -158,8 +158,21 @@ def _print_recovery(items: list[Any], as_json: bool, extra: dict[str, Any]) -> N
     show_default=True,
     help="Seconds to wait for a dead coordinator's broker sessions to be released.",
 )
-def recover(as_json: bool, fence_timeout: float) -> None:
-    """Resolve every in-doubt transaction of this coordinator and say what was done."""
+@click.option(
+    "--dead",
+    is_flag=True,
+    help="Recover the other coordinators that died (TWOPC_DECISIONS=postgres): those whose "
+    "liveness lock is free but that left prepared branches, markers or decision rows.",
+)
+def recover(as_json: bool, fence_timeout: float, dead: bool) -> None:
+    """Resolve every in-doubt transaction of this coordinator and say what was done.
+
+    With --dead, fence and recover dead peers instead (from any machine: nothing of
+    theirs but PostgreSQL and the broker is needed).
+    """
+    if dead:
+        _recover_dead(as_json, fence_timeout)
+        return
     from scenarios.wiring import recover as run_recovery
 
     report = run_recovery(fence_timeout=fence_timeout)
@@ -174,6 +187,24 @@ def recover(as_json: bool, fence_timeout: float) -> None:
         },
     )
     if not report.resolved:
+        sys.exit(1)
+
+
+def _recover_dead(as_json: bool, fence_timeout: float) -> None:
+    from scenarios.wiring import recover_dead
+
+    done = recover_dead(_settings(), fence_timeout=fence_timeout)
+    if as_json:
+        click.echo(json.dumps({"peers": [p.as_dict() for p in done]}, indent=2))
+    elif not done:
+        console.print("no dead coordinator left anything behind")
+    for peer in done if not as_json else []:
+        console.rule(f"coordinator {peer.peer}: {peer.seconds:.3f} s")
+        if peer.report is None:
+            console.print(f"not recovered: {peer.error}")
+            continue
+        _print_recovery(peer.report.items, False, {"resolved": peer.report.resolved})
+    if not all(p.resolved for p in done):
         sys.exit(1)
 
 

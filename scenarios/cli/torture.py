@@ -48,6 +48,13 @@ from rich.table import Table
     show_default=True,
     help="Recreate the tables and empty the queue first.",
 )
+@click.option(
+    "--peers/--no-peers",
+    default=True,
+    show_default=True,
+    help="With the matrix: schedules of two or three coordinators in postgres mode, the "
+    "first killed or paused, recovered by 'twopc recover --dead'.",
+)
 @click.option("--fail-fast", is_flag=True, help="Stop at the first schedule that fails.")
 @click.option(
     "--results",
@@ -64,6 +71,7 @@ def torture(
     concurrency: int,
     accounts: int,
     reset: bool,
+    peers: bool,
     fail_fast: bool,
     results: Path | None,
 ) -> None:
@@ -97,6 +105,8 @@ def torture(
     plan: list[plans.Schedule] = []
     if matrix:
         plan += plans.matrix(seed, count=count, concurrency=concurrency)
+        if peers:
+            plan += plans.peer_schedules(seed, count=count, concurrency=concurrency)
     plan += plans.random_schedules(schedules, seed, lab=lab is not None)
     plan = [s for s in plan if lab is not None or not s.fault.needs_lab]
     if not plan:

@@ -7,7 +7,9 @@ through a :class:`~scenarios.lab.proxy.FaultProxy` cut, the child paused or
 killed). After the child is gone and every fault healed, ``twopc recover
 --json`` runs until it reports everything resolved (each pass counted and
 timed), and the :class:`~scenarios.torture.ledger.Ledger` checks the
-invariants on the real services.
+invariants on the real services. A schedule with several coordinators runs
+one child per coordinator (postgres mode, ids :func:`peer_id`) and recovers
+with ``twopc recover --dead``.
 """
 
 from __future__ import annotations
@@ -22,7 +24,7 @@ import sys
 import tempfile
 import time
 from collections import Counter
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -39,11 +41,19 @@ from scenarios.lab.services import Lab
 from scenarios.torture.ledger import Check, Ledger
 from scenarios.torture.schedules import Fault, Schedule
 from scenarios.transfer import model as scenario
+from scenarios.transfer.invariants import markers_of, prepared_of
 from scenarios.wiring import open_coordinator
 
 MAX_RECOVERY_PASSES = 6
 TWOPC = [sys.executable, "-m", "scenarios.cli"]
 CHILD = [sys.executable, "-m", "scenarios.torture.child"]
+#: The coordinator id 'twopc recover --dead' runs as in several-coordinator schedules.
+RECOVERER_ID = "torture-recoverer"
+
+
+def peer_id(index: int) -> str:
+    """The coordinator id of child ``index`` in a schedule with several coordinators."""
+    return f"torture-peer{index}"
 
 
 # -- results -------------------------------------------------------------------------
@@ -251,45 +261,77 @@ class Torture:
             for proxy in self._targets(schedule):
                 proxy.delay(schedule.duration)
         killed = hung = False
+        peers = schedule.coordinators > 1
+        paths = [outcomes_path] + [
+            outcomes_path.with_suffix(f".{i}.jsonl") for i in range(1, schedule.coordinators)
+        ]
+        for path in paths[1:]:
+            path.unlink(missing_ok=True)
+        children: list[subprocess.Popen[bytes]] = []
         with open(stderr_path, "wb") as stderr:
-            child = subprocess.Popen(
-                [
-                    *CHILD,
-                    "--count",
-                    str(schedule.count),
-                    "--concurrency",
-                    str(schedule.concurrency),
-                    "--accounts",
-                    str(self.accounts),
-                    "--seed",
-                    str(schedule.seed),
-                    "--outcomes",
-                    str(outcomes_path),
-                ],
-                env=self._child_env(schedule),
-                stdin=subprocess.DEVNULL,
-                stdout=subprocess.DEVNULL,
-                stderr=stderr,
-            )
+            for index, path in enumerate(paths):
+                children.append(
+                    subprocess.Popen(
+                        [
+                            *CHILD,
+                            "--count",
+                            str(schedule.count),
+                            "--concurrency",
+                            str(schedule.concurrency),
+                            "--accounts",
+                            str(self.accounts),
+                            "--seed",
+                            str(schedule.seed + index),
+                            "--outcomes",
+                            str(path),
+                        ],
+                        env=self._child_env(
+                            schedule,
+                            failpoints=None if index == 0 else "",
+                            coordinator=index if peers else None,
+                        ),
+                        stdin=subprocess.DEVNULL,
+                        stdout=subprocess.DEVNULL,
+                        stderr=stderr,
+                    )
+                )
+        child = children[0]  # the one the fault hits
         try:
             if self._wait_outcomes(child, outcomes_path, 0):
                 killed = self._inject(schedule, child, outcomes_path, notes)
-            try:
-                child.wait(timeout=self.child_deadline)
-            except subprocess.TimeoutExpired:
-                hung = True
+            deadline = time.monotonic() + self.child_deadline
+            for each in children:
+                try:
+                    each.wait(timeout=max(0.0, deadline - time.monotonic()))
+                except subprocess.TimeoutExpired:
+                    hung = True
         finally:
-            if child.poll() is None:
-                killed = True
-                child.kill()
-                child.wait(timeout=30)
+            for index, each in enumerate(children):
+                if each.poll() is None:
+                    killed = killed or index == 0
+                    each.kill()
+                    each.wait(timeout=30)
             notes["batch_seconds"] = round(time.monotonic() - started, 3)
             self._heal_all()
-        outcomes, errors, reported = _read_outcomes(outcomes_path)
+        outcomes: Counter[str] = Counter()
+        errors: list[str] = []
+        reported: dict[str, str] = {}
+        for path in paths:
+            counts, errs, told = _read_outcomes(path)
+            outcomes.update(counts)
+            errors += errs
+            reported.update(told)
+        if peers:
+            notes["survivors_exit"] = [each.returncode for each in children[1:]]
         if child.returncode not in (0, -signal.SIGKILL):
             notes["child_stderr"] = _tail(stderr_path)
-        recovery = self.recover(schedule.recovery_failpoints)
+        recovery = self.recover(schedule.recovery_failpoints, dead=peers)
         check = self.ledger.check(reported)
+        if peers:  # the ledger looks at the main coordinator's gtrids; these are the children's
+            for index in range(schedule.coordinators):
+                theirs = replace(self.settings, coordinator_id=peer_id(index))
+                check.prepared_left += prepared_of(theirs)
+                check.markers_left += len(markers_of(theirs))
         result = ScheduleResult(
             schedule=schedule,
             exit_code=child.returncode,
@@ -311,8 +353,13 @@ class Torture:
         )
         return result
 
-    def _child_env(self, schedule: Schedule, *, failpoints: str | None = None) -> dict[str, str]:
-        env = {**os.environ, **self.settings.as_env()}
+    def _child_env(
+        self, schedule: Schedule, *, failpoints: str | None = None, coordinator: int | None = None
+    ) -> dict[str, str]:
+        settings = self.settings
+        if coordinator is not None:
+            settings = replace(settings, coordinator_id=peer_id(coordinator), decisions="postgres")
+        env = {**os.environ, **settings.as_env()}
         armed = schedule.failpoints if failpoints is None else failpoints
         env.update(failpoint_env(armed))
         if schedule.fault.via_proxy:
@@ -412,6 +459,12 @@ class Torture:
                 if not stopped:
                     # It died first (an armed failpoint's own SIGKILL): no pause to test.
                     notes["paused_recovery"] = "child died before it stopped"
+                elif s.coordinators > 1:
+                    # Its liveness lock is held: no peer may fence or recover it now.
+                    attempt = self._recover_pass("", fence_timeout=2.0, dead=True)
+                    taken = {p["peer"] for p in (attempt.report or {}).get("peers", [])}
+                    notes["paused_recovery"] = "ran" if peer_id(0) in taken else "refused"
+                    notes["paused_recovery_error"] = attempt.error
                 elif self._log_lock_free():
                     # Stopped after it closed its log (the batch had just ended): the
                     # lock is rightly free, so this pause proves nothing either way.
@@ -451,12 +504,15 @@ class Torture:
 
     # -- recovery ----------------------------------------------------------------------
 
-    def recover(self, failpoints: str = "") -> RecoveryRun:
-        """``twopc recover`` until resolved (``failpoints`` armed in the first pass only)."""
+    def recover(self, failpoints: str = "", *, dead: bool = False) -> RecoveryRun:
+        """``twopc recover`` (``--dead``: of the dead peers) until resolved (``failpoints``
+        armed in the first pass only)."""
         run = RecoveryRun()
         started = time.monotonic()
         while len(run.passes) < MAX_RECOVERY_PASSES:
-            attempt = self._recover_pass(failpoints if not run.passes else "", self.fence_timeout)
+            attempt = self._recover_pass(
+                failpoints if not run.passes else "", self.fence_timeout, dead=dead
+            )
             run.passes.append(attempt)
             for item in (attempt.report or {}).get("transactions", []):
                 if item.get("error") is None:
@@ -468,12 +524,24 @@ class Torture:
         run.seconds = time.monotonic() - started
         return run
 
-    def _recover_pass(self, failpoints: str, fence_timeout: float) -> RecoveryPass:
-        env = {**os.environ, **self.settings.as_env()}
+    def _recover_pass(
+        self, failpoints: str, fence_timeout: float, *, dead: bool = False
+    ) -> RecoveryPass:
+        settings = self.settings
+        if dead:
+            settings = replace(settings, coordinator_id=RECOVERER_ID, decisions="postgres")
+        env = {**os.environ, **settings.as_env()}
         env.update(failpoint_env(failpoints))
         started = time.monotonic()
         done = subprocess.run(
-            [*TWOPC, "recover", "--json", "--fence-timeout", str(fence_timeout)],
+            [
+                *TWOPC,
+                "recover",
+                "--json",
+                "--fence-timeout",
+                str(fence_timeout),
+                *(["--dead"] if dead else []),
+            ],
             env=env,
             capture_output=True,
             text=True,
@@ -485,11 +553,25 @@ class Torture:
         if done.returncode in (0, 1):
             with contextlib.suppress(ValueError):
                 report = json.loads(done.stdout)
+            if dead and report is not None:
+                report = _dead_report(report)
         error = ""
         if done.returncode not in (0, -signal.SIGKILL):
             lines = (done.stderr or done.stdout).strip().splitlines()
             error = lines[-1][:300] if lines else f"exit status {done.returncode}"
         return RecoveryPass(done.returncode, seconds, report, error)
+
+
+def _dead_report(output: dict[str, Any]) -> dict[str, Any]:
+    """``twopc recover --dead --json`` as one recovery report: every peer's transactions."""
+    peers = output.get("peers", [])
+    recoveries = [p.get("recovery") or {} for p in peers]
+    return {
+        "peers": peers,
+        "resolved": all(p.get("resolved") for p in peers),
+        "seconds": sum(float(p.get("seconds", 0.0)) for p in peers),
+        "transactions": [t for r in recoveries for t in r.get("transactions", [])],
+    }
 
 
 def _wait_stopped(pid: int, timeout: float = 2.0) -> bool:

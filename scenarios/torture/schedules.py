@@ -27,6 +27,14 @@ pause              SIGSTOP of the child; recovery meanwhile must be refused (the
 Any schedule may also arm failpoints in the child (``failpoints``) and in the
 first recovery pass (``recovery_failpoints``).
 
+A schedule with ``coordinators`` 2 or 3 runs that many children at once, each
+a coordinator with its own id in postgres mode (TWOPC_DECISIONS=postgres, no
+local state); the fault and the failpoints hit the first one only, the others
+go on (and may recover it: they look for dead peers every few seconds), and
+recovery is ``twopc recover --dead`` from a coordinator id of its own. While
+the first child is paused, that recovery must leave it alone (its liveness
+lock is held). :func:`peer_schedules` are these.
+
 :func:`matrix` is every failpoint a transfer or its recovery passes, as a
 kill, plus each fault kind; :func:`random_schedules` draws combinations.
 """
@@ -56,7 +64,12 @@ RECOVERY_FAILPOINTS = ("recovery_after_gather", "recovery_after_resolve_one")
 #: With a broker branch the transfer never forces a log write (the marker is the
 #: decision); recovery forces one when it decides from a marker alone.
 LOG_FAILPOINTS = ("log_torn_record", "log_unsynced_record")
-assert set(TRANSFER_FAILPOINTS + RECOVERY_FAILPOINTS + LOG_FAILPOINTS) == set(NAMES)
+#: Only a database-only transaction whose decision is a row (TWOPC_DECISIONS=postgres)
+#: passes these; a transfer always has its broker branch.
+DECISION_ROW_FAILPOINTS = ("before_decision_row_commit", "after_decision_row_commit")
+assert set(
+    TRANSFER_FAILPOINTS + RECOVERY_FAILPOINTS + LOG_FAILPOINTS + DECISION_ROW_FAILPOINTS
+) == set(NAMES)
 
 SERVICES = ("pg-a", "pg-b", "activemq")
 
@@ -99,9 +112,12 @@ class Schedule:
     at: float = 0.0  # ... then this many seconds
     duration: float = 0.0
     variant: str = ""
+    coordinators: int = 1  # > 1: that many children in postgres mode; the fault hits the first
 
     def describe(self) -> str:
         parts = [self.fault.value]
+        if self.coordinators > 1:
+            parts.insert(0, f"{self.coordinators} coordinators (postgres),")
         if self.target:
             parts.append(self.target)
         if self.variant:
@@ -282,3 +298,53 @@ def random_schedules(n: int, seed: int = 0, *, lab: bool = True) -> list[Schedul
     """``n`` random schedules, reproducible from ``seed``."""
     rng = random.Random(f"random-schedules-{seed}")
     return [random_schedule(rng, i + 1, lab=lab) for i in range(n)]
+
+
+def peer_schedules(seed: int = 0, *, count: int = 60, concurrency: int = 8) -> list[Schedule]:
+    """Two or three coordinators in postgres mode; the first is killed or paused mid-batch."""
+    rng = random.Random(seed ^ 0x5EE2)
+    timed_count = max(count, 150)
+
+    def kill_at(name: str, coordinators: int) -> Schedule:
+        return Schedule(
+            f"peers x{coordinators} kill@{name}",
+            Fault.FAILPOINT,
+            count=count,
+            concurrency=concurrency,
+            seed=rng.randrange(1 << 30),
+            failpoints=f"{name}=kill@{_hit(rng, name, count)}",
+            coordinators=coordinators,
+        )
+
+    def timed(name: str, fault: Fault, coordinators: int, variant: str = "") -> Schedule:
+        return Schedule(
+            name,
+            fault,
+            count=timed_count,
+            concurrency=concurrency,
+            seed=rng.randrange(1 << 30),
+            after=rng.randint(0, timed_count // 3),
+            at=round(rng.uniform(0.0, 0.3), 3),
+            variant=variant,
+            coordinators=coordinators,
+        )
+
+    return [
+        kill_at("after_prepare", 3),
+        kill_at("after_broker_commit", 2),
+        kill_at("after_decision", 3),
+        kill_at("after_commit_prepared", 2),
+        Schedule(
+            "peers x3 kill@recovery_after_resolve_one",
+            Fault.FAILPOINT,
+            count=count,
+            concurrency=concurrency,
+            seed=rng.randrange(1 << 30),
+            failpoints=f"after_decision=kill@{_hit(rng, 'after_decision', count)}",
+            recovery_failpoints="recovery_after_resolve_one=kill",
+            coordinators=3,
+        ),
+        timed("peers x3 coordinator-kill", Fault.COORDINATOR_KILL, 3),
+        timed("peers x2 pause, resume", Fault.PAUSE, 2, "resume"),
+        timed("peers x3 pause, kill", Fault.PAUSE, 3, "kill"),
+    ]

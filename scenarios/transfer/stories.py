@@ -13,7 +13,7 @@ import threading
 import time
 from collections import Counter
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 import psycopg
 from psycopg import errors as pg_errors
@@ -483,6 +483,106 @@ def consumer_2pc_dies_after_prepare(settings: Settings) -> Story:
     return story
 
 
+#: The coordinator ids of the three-coordinators story's workers.
+PEER_WORKERS = ("peer-worker-1", "peer-worker-2", "peer-worker-3")
+
+
+def _worker(
+    settings: Settings, ident: str, count: int, failpoints: str = "", concurrency: int = 4
+) -> subprocess.Popen[bytes]:
+    """``twopc transfer`` as one of several workers: postgres mode, coordinator id ``ident``."""
+    env = {
+        **os.environ,
+        **replace(settings, coordinator_id=ident, decisions="postgres").as_env(),
+        **failpoint_env(failpoints),
+    }
+    return subprocess.Popen(
+        [
+            sys.executable,
+            "-m",
+            "scenarios.cli",
+            "transfer",
+            "--count",
+            str(count),
+            "--concurrency",
+            str(concurrency),
+            "--no-check",
+            "--json",
+        ],
+        env=env,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
+
+
+def _prepared_with(settings: Settings, prefix: str) -> int:
+    return sum(
+        1
+        for dsn in (settings.pg_a, settings.pg_b)
+        for gid in _prepared_gtrids(dsn)
+        if gid.startswith(prefix)
+    )
+
+
+def _prepared_gtrids(dsn: str) -> list[str]:
+    with psycopg.connect(dsn) as conn:
+        return [x.gtrid for x in conn.tpc_recover()]
+
+
+def three_coordinators_one_killed(settings: Settings) -> Story:
+    """Three coordinators on one lab; one is SIGKILLed entering phase 2, the others recover it."""
+    story = Story("three-coordinators-one-killed")
+    before = gather_evidence(settings)
+    victim = PEER_WORKERS[1]
+    # after_decision: the marker is committed, phase 2 has not begun, so both branches of
+    # that transfer are prepared (the two COMMIT PREPAREDs run in parallel: a kill after
+    # the first rarely finds the second still undone). Three more transfers are in flight.
+    workers = {
+        ident: _worker(settings, ident, 100, "after_decision=kill@21")
+        if ident == victim
+        else _worker(settings, ident, 400)  # still running when their peer check comes
+        for ident in PEER_WORKERS
+    }
+    story.say(
+        f"{', '.join(PEER_WORKERS)} run transfers, 4 at a time (TWOPC_DECISIONS=postgres); "
+        f"{victim} dies at the start of phase 2 of its 21st"
+    )
+    code = workers[victim].wait(timeout=300)
+    killed = time.monotonic()
+    left = _prepared_with(settings, f"{victim}.")
+    story.expect(
+        code == -9 and left >= 1,
+        f"{victim} was killed (exit {code}) with {left} branches still prepared",
+    )
+    while _prepared_with(settings, f"{victim}.") and time.monotonic() - killed < 30:
+        time.sleep(0.1)
+    resolved_after = time.monotonic() - killed
+    story.expect(
+        _prepared_with(settings, f"{victim}.") == 0,
+        f"the survivors' peer check resolved them {resolved_after:.1f} s after the kill, "
+        "with no command run by hand",
+    )
+    for ident in PEER_WORKERS:
+        if ident == victim:
+            continue
+        code = workers[ident].wait(timeout=300)
+        story.expect(code == 0, f"{ident} finished its transfers (exit {code})")
+    after = gather_evidence(settings)
+    new_violations = set(after.atomicity_violations) - set(before.atomicity_violations)
+    story.expect(
+        after.total_now == before.total_now,
+        f"money conserved: A + B held {before.total_now} before and {after.total_now} after",
+    )
+    story.expect(
+        not new_violations,
+        f"evidence: {len(new_violations)} new transfers in one place and not the other "
+        "(A, B, /queue/transfers.completed)",
+    )
+    leftover = sum(_prepared_with(settings, f"{ident}.") for ident in PEER_WORKERS)
+    story.expect(leftover == 0, f"pg_prepared_xacts: {leftover} branches of the workers left")
+    return story
+
+
 STORIES: dict[str, Callable[[Settings], Story]] = {
     "happy": happy,
     "no-vote": no_vote,
@@ -493,6 +593,7 @@ STORIES: dict[str, Callable[[Settings], Story]] = {
     "thread-pool-dies-with-work-queued": thread_pool_dies_with_work_queued,
     "batch-rerun-after-crash": batch_rerun_after_crash,
     "consumer-2pc-dies-after-prepare": consumer_2pc_dies_after_prepare,
+    "three-coordinators-one-killed": three_coordinators_one_killed,
 }
 
 
