@@ -16,6 +16,7 @@ from collections import Counter
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
+from functools import partial
 from typing import Any
 
 from coordinator import driver, events, failpoints
@@ -187,7 +188,8 @@ class Coordinator:
         tx.finished(outcome)
         self.outcomes[outcome] += 1
         if outcome is Outcome.IN_DOUBT and tx.broker is not None and tx.branches:
-            self.backlog.doubt(tx)
+            if self._broker is not None:
+                self.backlog.doubt(tx, partial(self._broker.settle, tx.broker))
         if outcome is Outcome.ABORTED:
             for name, branch in tx.branches.items():
                 if branch.left_prepared:

@@ -25,14 +25,13 @@ import time
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
-from typing import Any
+from typing import Any, Protocol
 
 from coordinator import events, failpoints
 from coordinator.errors import ConfigurationError, TwoPhaseCommitError
 from coordinator.log import DecisionLog, commit_record_participants
 from coordinator.protocol import LastResource, XAResource
 from coordinator.states import TxState
-from coordinator.transaction import Transaction
 from coordinator.xid import FORMAT_ID, Xid, gtrid_prefix
 
 
@@ -265,6 +264,28 @@ class Recovery:
 # -- what a running coordinator left behind -------------------------------------------------
 
 
+class Unfinished(Protocol):
+    """What the backlog needs of a transaction (sync or asyncio) it finishes."""
+
+    @property
+    def gtrid(self) -> str: ...
+
+    @property
+    def branches(self) -> Mapping[str, object]: ...
+
+    @property
+    def marker_sent(self) -> bool: ...
+
+    @property
+    def reason(self) -> str: ...
+
+    def move(self, target: TxState) -> None: ...
+
+    def decided(self, *, by_marker: bool) -> None: ...
+
+    def abandon_because(self, reason: str) -> None: ...
+
+
 class Backlog:
     """Transactions of a running coordinator that its commit sequence could not finish.
 
@@ -290,14 +311,15 @@ class Backlog:
         self._broker = broker
         self.marker_batch = marker_batch
         self._lock = threading.Lock()
-        self._deferred: list[Transaction] = []
+        self._deferred: list[Unfinished] = []
         self._missed_rollbacks: list[tuple[str, Xid]] = []
-        self._in_doubt: list[Transaction] = []
+        # each with how to settle its broker session (see LastResource.settle)
+        self._in_doubt: list[tuple[Unfinished, Callable[[float], None]]] = []
         self._ended_with_marker: list[str] = []
 
     # -- filled by the coordinator ---------------------------------------------------
 
-    def defer(self, tx: Transaction) -> None:
+    def defer(self, tx: Unfinished) -> None:
         """``tx`` is committed but some branch is still prepared."""
         with self._lock:
             self._deferred.append(tx)
@@ -307,10 +329,10 @@ class Backlog:
         with self._lock:
             self._missed_rollbacks.append((name, xid))
 
-    def doubt(self, tx: Transaction) -> None:
-        """``tx``'s commit point got no answer."""
+    def doubt(self, tx: Unfinished, settle: Callable[[float], None]) -> None:
+        """``tx``'s commit point got no answer; ``settle(timeout)`` fences its broker session."""
         with self._lock:
-            self._in_doubt.append(tx)
+            self._in_doubt.append((tx, settle))
 
     def ended(self, gtrid: str) -> bool:
         """``gtrid`` ended and its marker may go; True when a batch is due."""
@@ -322,13 +344,13 @@ class Backlog:
         """True while ``gtrid`` may still have a marker on the queue (not reusable yet)."""
         with self._lock:
             return gtrid in self._ended_with_marker or any(
-                tx.gtrid == gtrid for tx in self._in_doubt
+                tx.gtrid == gtrid for tx, _ in self._in_doubt
             )
 
     @property
     def in_doubt(self) -> list[str]:
         with self._lock:
-            return [tx.gtrid for tx in self._in_doubt]
+            return [tx.gtrid for tx, _ in self._in_doubt]
 
     def forget_in_doubt(self) -> None:
         """A full recovery pass is about to fence and decide these too."""
@@ -384,9 +406,8 @@ class Backlog:
         if not pending or self._broker is None:
             return 0
         try:
-            for tx in pending:
-                assert tx.broker is not None
-                self._broker.settle(tx.broker, timeout)
+            for _, settle in pending:
+                settle(timeout)
             markers = self._broker.markers()
         except Exception as exc:  # kept for the next round, whatever failed
             events.get_logger().warning(events.RECOVERY_RESOLVE_FAILED, error=str(exc))
@@ -394,7 +415,7 @@ class Backlog:
                 self._in_doubt.extend(pending)
             return 0
         resolved = 0
-        for tx in pending:
+        for tx, settle in pending:
             item = InDoubt(
                 tx.gtrid,
                 logged_commit=False,
@@ -402,7 +423,7 @@ class Backlog:
                 marker=tx.gtrid in markers,
             )
             if not self._resolve(item.decided()):
-                self.doubt(tx)
+                self.doubt(tx, settle)
                 continue
             if item.decision is Decision.COMMIT:
                 tx.decided(by_marker=True)
