@@ -17,7 +17,7 @@ from collections.abc import Callable, Iterator, Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
 from functools import partial
-from typing import Any
+from typing import Any, TypeVar
 
 from coordinator import driver, events, failpoints
 from coordinator.errors import (
@@ -28,11 +28,38 @@ from coordinator.errors import (
     InvalidXid,
 )
 from coordinator.log import DecisionLog
-from coordinator.protocol import LastResource, XAResource
+from coordinator.protocol import AsyncXAResource, LastResource, XAResource
 from coordinator.recovery import Backlog, Recovery, RecoveryReport
 from coordinator.states import TERMINAL, Outcome, TxState
 from coordinator.transaction import Transaction
 from coordinator.xid import gtrid_prefix, new_gtrid, validate_coordinator_id, validate_id
+
+R = TypeVar("R", XAResource, AsyncXAResource)
+
+
+def by_name(resources: Sequence[R]) -> dict[str, R]:
+    """The participants by name; ConfigurationError for a bad or repeated name."""
+    named: dict[str, R] = {}
+    for resource in resources:
+        validate_id("participant name", resource.name)
+        if resource.name in named:
+            raise ConfigurationError(f"two participants are named {resource.name!r}")
+        named[resource.name] = resource
+    return named
+
+
+def gtrid_for(coordinator_id: str, gtrid: str | None) -> str:
+    """A new gtrid, or ``gtrid`` checked to carry the coordinator's prefix (InvalidXid)."""
+    if gtrid is None:
+        return new_gtrid(coordinator_id)
+    validate_id("gtrid", gtrid)
+    prefix = gtrid_prefix(coordinator_id)
+    if not gtrid.startswith(prefix):
+        raise InvalidXid(
+            f"gtrid {gtrid!r} must start with {prefix!r} so that this "
+            "coordinator's recovery can find it"
+        )
+    return gtrid
 
 
 class Coordinator:
@@ -59,12 +86,7 @@ class Coordinator:
         self.coordinator_id = validate_coordinator_id(coordinator_id)
         self.prefix = gtrid_prefix(coordinator_id)
         self.log = log
-        self._resources: dict[str, XAResource] = {}
-        for resource in resources:
-            validate_id("participant name", resource.name)
-            if resource.name in self._resources:
-                raise ConfigurationError(f"two participants are named {resource.name!r}")
-            self._resources[resource.name] = resource
+        self._resources: dict[str, XAResource] = by_name(resources)
         self._broker = broker
         self.timeout = timeout
         # Seconds between the watchdog's retries of deferred phase 2s, missed rollbacks
@@ -116,15 +138,7 @@ class Coordinator:
         """Start a global transaction; ``gtrid`` must carry this coordinator's prefix."""
         if self._closed.is_set():
             raise InvalidTransition("cannot begin a transaction: the coordinator is closed")
-        if gtrid is None:
-            gtrid = new_gtrid(self.coordinator_id)
-        else:
-            validate_id("gtrid", gtrid)
-            if not gtrid.startswith(self.prefix):
-                raise InvalidXid(
-                    f"gtrid {gtrid!r} must start with {self.prefix!r} so that this "
-                    "coordinator's recovery can find it"
-                )
+        gtrid = gtrid_for(self.coordinator_id, gtrid)
         tx = Transaction(self, gtrid, self.timeout if timeout is None else timeout)
         with self._lock:
             taken = gtrid in self._active or self.backlog.holds(gtrid)
@@ -187,9 +201,9 @@ class Coordinator:
                 raise
         tx.finished(outcome)
         self.outcomes[outcome] += 1
-        if outcome is Outcome.IN_DOUBT and tx.broker is not None and tx.branches:
-            if self._broker is not None:
-                self.backlog.doubt(tx, partial(self._broker.settle, tx.broker))
+        in_doubt = outcome is Outcome.IN_DOUBT and tx.branches
+        if in_doubt and tx.broker is not None and self._broker is not None:
+            self.backlog.doubt(tx, partial(self._broker.settle, tx.broker))
         if outcome is Outcome.ABORTED:
             for name, branch in tx.branches.items():
                 if branch.left_prepared:
