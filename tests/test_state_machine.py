@@ -58,7 +58,10 @@ from coordinator.errors import (
 from coordinator.log.memory import MemoryDecisionLog
 from coordinator.states import Outcome
 from coordinator.transaction import Transaction
+from coordinator.aio import AsyncCoordinator
+from participants.aio.fake import AsyncFakeBroker, AsyncFakeResource
 from participants.fake import FakeBroker, FakeResource, FakeStore
+from tests.aio_portal import BlockingCoordinator, Portal
 
 COORDINATOR_ID = "t1"
 PREFIX = COORDINATOR_ID + "."
@@ -305,17 +308,21 @@ class CommitUnderCrashes(RuleBasedStateMachine):
         self.resources = {r.name: r for r in resources}
         # recover_on_start=False and recover() below is what the constructor does; done
         # in two steps so a crash inside recovery leaves an object whose threads we stop.
-        self.coordinator = Coordinator(
-            self.prefix[:-1],
-            self.log,
-            resources,
-            self.broker,
-            recover_on_start=False,
-            housekeeping_interval=None,  # the housekeeping rule runs the chores: reproducible
-        )
+        self.coordinator = self._new_coordinator(resources, self.broker)
         self.coordinator.config.phase2_backoff = 0.0
         self.state = "up"
         self._recover()
+
+    def _new_coordinator(self, resources: list[Any], broker: Any) -> Any:
+        """A coordinator of the API under test (the asyncio subclass below swaps it)."""
+        return Coordinator(
+            self.prefix[:-1],
+            self.log,
+            resources,
+            broker,
+            recover_on_start=False,
+            housekeeping_interval=None,  # the housekeeping rule runs the chores: reproducible
+        )
 
     @precondition(lambda self: self.state == "up")
     @rule(how=st.sampled_from(["close", "process", "machine"]))
@@ -521,6 +528,35 @@ class CommitUnderCrashes(RuleBasedStateMachine):
 
 CommitUnderCrashes.TestCase.settings = PROFILES[PROFILE]
 TestCommitUnderCrashes = CommitUnderCrashes.TestCase
+
+
+class AsyncCommitUnderCrashes(CommitUnderCrashes):
+    """The same rules and invariants, run against coordinator.aio.AsyncCoordinator."""
+
+    def _new_coordinator(self, resources: list[Any], broker: Any) -> Any:
+        self.portal = getattr(self, "portal", None) or Portal()
+        coordinator = AsyncCoordinator(
+            self.prefix[:-1],
+            self.log,
+            [AsyncFakeResource(r) for r in resources],
+            AsyncFakeBroker(broker),
+            recover_on_start=False,
+            housekeeping_interval=None,
+        )
+        return BlockingCoordinator(self.portal, coordinator)
+
+    def _bury(self) -> None:
+        assert self.coordinator is not None
+        self.coordinator.bury()
+
+    def teardown(self) -> None:
+        super().teardown()
+        if getattr(self, "portal", None) is not None:
+            self.portal.close()
+
+
+AsyncCommitUnderCrashes.TestCase.settings = PROFILES[PROFILE]
+TestAsyncCommitUnderCrashes = AsyncCommitUnderCrashes.TestCase
 
 
 # -- minimal reproductions of known bugs ----------------------------------------------------------
