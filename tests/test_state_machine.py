@@ -48,6 +48,7 @@ from hypothesis.stateful import (
 )
 
 from coordinator import failpoints
+from coordinator.aio import AsyncCoordinator
 from coordinator.coordinator import Coordinator
 from coordinator.errors import (
     CrashInjected,
@@ -58,7 +59,6 @@ from coordinator.errors import (
 from coordinator.log.memory import MemoryDecisionLog
 from coordinator.states import Outcome
 from coordinator.transaction import Transaction
-from coordinator.aio import AsyncCoordinator
 from participants.aio.fake import AsyncFakeBroker, AsyncFakeResource
 from participants.fake import FakeBroker, FakeResource, FakeStore
 from tests.aio_portal import BlockingCoordinator, Portal

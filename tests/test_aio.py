@@ -1,0 +1,190 @@
+"""The asyncio API on the real lab: commit, abort, crash and recovery, the ASGI example."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import secrets
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+from typing import Any
+
+import psycopg
+import pytest
+
+from coordinator import FileDecisionLog, TransactionAborted
+from coordinator.aio import AsyncCoordinator
+from coordinator.failpoints import failpoint_env
+from participants.aio.postgres import AsyncPostgresResource
+from scenarios.config import Settings
+from tests.asgi_client import AsgiClient
+
+ROOT = Path(__file__).resolve().parent.parent
+EXAMPLES = ROOT / "docs" / "examples"
+SCHEMA = "CREATE TABLE IF NOT EXISTS {table} (id text PRIMARY KEY, amount integer NOT NULL)"
+
+
+def test_generated_sync_modules_are_current() -> None:
+    """coordinator/driver.py and coordinator/transaction.py are what scripts/unasync.py makes."""
+    done = subprocess.run(
+        [sys.executable, "scripts/unasync.py", "--check"],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        check=False,
+    )
+    assert done.returncode == 0, done.stdout + done.stderr
+
+
+def rows(dsn: str, table: str, key: str) -> list[tuple[Any, ...]]:
+    with psycopg.connect(dsn) as conn:
+        return conn.execute(f"SELECT id, amount FROM {table} WHERE id = %s", (key,)).fetchall()
+
+
+def prepared(dsn: str, prefix: str) -> list[str]:
+    with psycopg.connect(dsn, autocommit=True) as conn:
+        return [x.gtrid for x in conn.tpc_recover() if x.gtrid.startswith(prefix)]
+
+
+def coordinator_over(settings: Settings, log: Path, cid: str) -> AsyncCoordinator:
+    return AsyncCoordinator(
+        cid,
+        FileDecisionLog(str(log)),
+        [AsyncPostgresResource("a", settings.pg_a), AsyncPostgresResource("b", settings.pg_b)],
+    )
+
+
+def example_app(coordinator: AsyncCoordinator) -> Any:
+    sys.path.insert(0, str(EXAMPLES))
+    try:
+        import asgi_app  # type: ignore[import-not-found]
+    finally:
+        sys.path.remove(str(EXAMPLES))
+    return asgi_app.create_app(coordinator)
+
+
+@pytest.mark.lab
+def test_asgi_example_commits_and_aborts_on_the_lab(settings: Settings, tmp_path: Path) -> None:
+    """The ASGI example commits an order in both databases, and a duplicate aborts in both."""
+    cid = f"aio{secrets.token_hex(3)}"
+    order = {"id": f"o-{secrets.token_hex(4)}", "amount": 5}
+
+    async def scenario() -> list[tuple[int, Any]]:
+        coordinator = coordinator_over(settings, tmp_path / "decisions.log", cid)
+        async with AsgiClient(example_app(coordinator)) as client:
+            first = await client.post("/orders", order)
+            again = await client.post("/orders", order)  # duplicate key in a: votes NO
+        return [first, again]
+
+    (status, body), (dup_status, dup_body) = asyncio.run(scenario())
+    assert status == 201 and body["outcome"] == "committed"
+    assert dup_status == 409 and dup_body["outcome"] == "aborted"
+    assert rows(settings.pg_a, "orders", order["id"]) == [(order["id"], 5)]
+    assert rows(settings.pg_b, "stock_moves", order["id"]) == [(order["id"], -5)]
+    assert prepared(settings.pg_a, cid + ".") == [] and prepared(settings.pg_b, cid + ".") == []
+
+
+@pytest.mark.lab
+def test_exception_in_the_block_rolls_back_both_branches(
+    settings: Settings, tmp_path: Path
+) -> None:
+    """An exception inside ``async with coordinator.transaction()`` leaves nothing anywhere."""
+    cid = f"aio{secrets.token_hex(3)}"
+    key = f"x-{secrets.token_hex(4)}"
+
+    async def scenario() -> None:
+        coordinator = coordinator_over(settings, tmp_path / "decisions.log", cid)
+        async with coordinator:
+            async with coordinator.transaction() as tx:
+                await tx.execute("a", SCHEMA.format(table="orders"))
+                await tx.execute("b", SCHEMA.format(table="stock_moves"))
+            with pytest.raises(RuntimeError, match="changed my mind"):
+                async with coordinator.transaction() as tx:
+                    await tx.execute("a", "INSERT INTO orders VALUES (%s, 1)", (key,))
+                    await tx.execute("b", "INSERT INTO stock_moves VALUES (%s, -1)", (key,))
+                    raise RuntimeError("changed my mind")
+            with pytest.raises(TransactionAborted, match="voted NO"):
+                async with coordinator.transaction() as tx:
+                    await tx.execute("b", "INSERT INTO stock_moves VALUES (%s, -1)", (key,))
+                    with pytest.raises(psycopg.errors.DivisionByZero):
+                        await tx.execute("a", "SELECT 1 / 0")
+            assert coordinator.stats()["aborted"] == 2
+
+    asyncio.run(scenario())
+    assert (
+        rows(settings.pg_a, "orders", key) == [] and rows(settings.pg_b, "stock_moves", key) == []
+    )
+
+
+SERVICE = textwrap.dedent(
+    """
+    import asyncio, os, sys
+    sys.path[:0] = [os.environ["EXAMPLES"], os.environ["ROOT"]]
+    from coordinator import FileDecisionLog, failpoints
+    from coordinator.aio import AsyncCoordinator
+    from participants.aio.postgres import AsyncPostgresResource
+    from tests.asgi_client import AsgiClient
+    import asgi_app
+
+    async def main():
+        failpoints.arm_from_env()  # as twopc's own processes do (scenarios/wiring.py)
+        coordinator = AsyncCoordinator(
+            os.environ["CID"],
+            FileDecisionLog(os.environ["ORDERS_LOG"]),
+            [AsyncPostgresResource("a", os.environ["ORDERS_PG_A"]),
+             AsyncPostgresResource("b", os.environ["ORDERS_PG_B"])],
+        )
+        async with AsgiClient(asgi_app.create_app(coordinator)) as client:
+            print(await client.post("/orders", {"id": os.environ["ORDER"], "amount": 7}))
+
+    asyncio.run(main())
+    """
+)
+
+
+@pytest.mark.lab
+@pytest.mark.parametrize(
+    # The app's start-up transaction (its schema, on a and b) passes each failpoint first.
+    ("failpoint", "committed"),
+    [("after_prepare=kill@4", False), ("after_decision=kill@2", True)],
+)
+def test_service_killed_mid_commit_is_recovered_at_restart(
+    settings: Settings, tmp_path: Path, failpoint: str, committed: bool
+) -> None:
+    """The ASGI service SIGKILLed after prepare (before the decision) or after the decision:
+    at restart, recovery rolls back or commits both branches, and nothing stays prepared."""
+    cid = f"aio{secrets.token_hex(3)}"
+    order = f"k-{secrets.token_hex(4)}"
+    log = tmp_path / "decisions.log"
+    env = {
+        **os.environ,
+        **failpoint_env(failpoint),
+        "EXAMPLES": str(EXAMPLES),
+        "ROOT": str(ROOT),
+        "CID": cid,
+        "ORDER": order,
+        "ORDERS_LOG": str(log),
+        "ORDERS_PG_A": settings.pg_a,
+        "ORDERS_PG_B": settings.pg_b,
+    }
+    done = subprocess.run(
+        [sys.executable, "-c", SERVICE], env=env, capture_output=True, text=True, timeout=120
+    )
+    assert done.returncode == -9, done.stdout + done.stderr  # killed by its failpoint
+    assert len(prepared(settings.pg_a, cid + ".")) == 1
+    assert len(prepared(settings.pg_b, cid + ".")) == 1
+
+    async def restart() -> Any:
+        coordinator = coordinator_over(settings, log, cid)
+        async with coordinator:
+            return coordinator.last_recovery
+
+    report = asyncio.run(restart())
+    assert report is not None and report.resolved and len(report.items) == 1
+    assert prepared(settings.pg_a, cid + ".") == [] and prepared(settings.pg_b, cid + ".") == []
+    expected_a = [(order, 7)] if committed else []
+    expected_b = [(order, -7)] if committed else []
+    assert rows(settings.pg_a, "orders", order) == expected_a
+    assert rows(settings.pg_b, "stock_moves", order) == expected_b
