@@ -56,8 +56,8 @@ class Blocking:
         return call
 
     def __setattr__(self, name: str, value: Any) -> None:
-        if name.startswith("_"):
-            object.__setattr__(self, name, value)
+        if name.startswith("_") or callable(value):
+            object.__setattr__(self, name, value)  # private, or a sync call put in its place
         else:
             setattr(self._target, name, value)
 

@@ -14,9 +14,12 @@ from coordinator.errors import PrepareFailed
 from coordinator.protocol import LastResource, XAResource
 from coordinator.states import Vote
 from coordinator.xid import FORMAT_ID, Xid
+from participants.aio.fake import AsyncFakeResource
+from participants.aio.postgres import AsyncPostgresResource
 from participants.fake import FakeBroker, FakeResource
 from participants.postgres import PostgresResource
 from scenarios.config import Settings
+from tests.aio_portal import Blocking, Portal
 
 
 class XAHarness(Protocol):
@@ -64,17 +67,59 @@ class PostgresHarness:
             )
 
 
-@pytest.fixture(params=["fake", pytest.param("postgres", marks=pytest.mark.lab)])
+@dataclass
+class BlockingHarness:
+    """An asyncio resource's harness: the suite's sync calls go through a portal."""
+
+    inner: Any
+    resource: Any
+    portal: Portal
+
+    def write(self, branch: Any, key: str) -> None:
+        self.inner.write(branch, key)
+
+    def fail(self, branch: Any) -> None:
+        self.inner.fail(branch)
+
+    def visible(self, key: str) -> bool:
+        return bool(self.inner.visible(key))
+
+
+@pytest.fixture(
+    params=[
+        "fake",
+        "fake-asyncio",
+        pytest.param("postgres", marks=pytest.mark.lab),
+        pytest.param("postgres-asyncio", marks=pytest.mark.lab),
+    ]
+)
 def xa(request: pytest.FixtureRequest) -> Iterator[XAHarness]:
-    if request.param == "fake":
-        yield FakeHarness(FakeResource("a"))
+    if request.param.startswith("fake"):
+        harness: Any = FakeHarness(FakeResource("a"))
+    else:
+        settings: Settings = request.getfixturevalue("settings")
+        with psycopg.connect(settings.pg_a, autocommit=True) as conn:
+            conn.execute("CREATE TABLE IF NOT EXISTS conformance (k text PRIMARY KEY)")
+        harness = PostgresHarness(PostgresResource("a", settings.pg_a))
+    if not request.param.endswith("asyncio"):
+        yield harness
+        harness.resource.close()
         return
-    settings: Settings = request.getfixturevalue("settings")
-    with psycopg.connect(settings.pg_a, autocommit=True) as conn:
-        conn.execute("CREATE TABLE IF NOT EXISTS conformance (k text PRIMARY KEY)")
-    resource = PostgresResource("a", settings.pg_a)
-    yield PostgresHarness(resource)
-    resource.close()
+    # The same checks on the asyncio resource: begin and the branch's calls are awaited
+    # through the portal; recover and the by-xid calls are its sync recovery view's.
+    portal = Portal()
+    if isinstance(harness, FakeHarness):
+        aio: Any = AsyncFakeResource(harness.resource)
+    else:
+        aio = AsyncPostgresResource("a", harness.resource.dsn)
+    resource = Blocking(portal, aio)
+    recovery = aio.recovery_resource()
+    resource.recover = recovery.recover
+    resource.commit_recovered = recovery.commit_recovered
+    resource.rollback_recovered = recovery.rollback_recovered
+    yield BlockingHarness(harness, resource, portal)
+    portal.run(aio.close())
+    portal.close()
 
 
 def new_xid() -> Xid:
