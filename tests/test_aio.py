@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import json
 import os
 import secrets
 import subprocess
@@ -17,9 +18,11 @@ import pytest
 from coordinator import FileDecisionLog, TransactionAborted
 from coordinator.aio import AsyncCoordinator
 from coordinator.failpoints import failpoint_env
+from participants.aio.activemq import AsyncActiveMQ
 from participants.aio.postgres import AsyncPostgresResource
 from scenarios.config import Settings
 from tests.asgi_client import AsgiClient
+from tests.conftest import open_stomp_client
 
 ROOT = Path(__file__).resolve().parent.parent
 EXAMPLES = ROOT / "docs" / "examples"
@@ -49,10 +52,12 @@ def prepared(dsn: str, prefix: str) -> list[str]:
 
 
 def coordinator_over(settings: Settings, log: Path, cid: str) -> AsyncCoordinator:
+    """An AsyncCoordinator over the lab's two databases and its broker."""
     return AsyncCoordinator(
         cid,
         FileDecisionLog(str(log)),
         [AsyncPostgresResource("a", settings.pg_a), AsyncPostgresResource("b", settings.pg_b)],
+        AsyncActiveMQ(settings.stomp, cid, **settings.stomp_options()),
     )
 
 
@@ -67,7 +72,8 @@ def example_app(coordinator: AsyncCoordinator) -> Any:
 
 @pytest.mark.lab
 def test_asgi_example_commits_and_aborts_on_the_lab(settings: Settings, tmp_path: Path) -> None:
-    """The ASGI example commits an order in both databases, and a duplicate aborts in both."""
+    """The ASGI example commits an order in both databases and its event on the broker;
+    a duplicate aborts everywhere."""
     cid = f"aio{secrets.token_hex(3)}"
     order = {"id": f"o-{secrets.token_hex(4)}", "amount": 5}
 
@@ -84,6 +90,9 @@ def test_asgi_example_commits_and_aborts_on_the_lab(settings: Settings, tmp_path
     assert rows(settings.pg_a, "orders", order["id"]) == [(order["id"], 5)]
     assert rows(settings.pg_b, "stock_moves", order["id"]) == [(order["id"], -5)]
     assert prepared(settings.pg_a, cid + ".") == [] and prepared(settings.pg_b, cid + ".") == []
+    with open_stomp_client(settings.stomp) as client:
+        events = [m for m in client.browse("/queue/orders") if order["id"] in m.body]
+    assert [json.loads(m.body) for m in events] == [order]  # the committed one only
 
 
 @pytest.mark.lab
@@ -121,21 +130,19 @@ def test_exception_in_the_block_rolls_back_both_branches(
 SERVICE = textwrap.dedent(
     """
     import asyncio, os, sys
+    from pathlib import Path
     sys.path[:0] = [os.environ["EXAMPLES"], os.environ["ROOT"]]
-    from coordinator import FileDecisionLog, failpoints
-    from coordinator.aio import AsyncCoordinator
-    from participants.aio.postgres import AsyncPostgresResource
+    from coordinator import failpoints
+    from scenarios.config import Settings
     from tests.asgi_client import AsgiClient
+from tests.conftest import open_stomp_client
+    from tests.test_aio import coordinator_over
     import asgi_app
 
     async def main():
         failpoints.arm_from_env()  # as twopc's own processes do (scenarios/wiring.py)
-        coordinator = AsyncCoordinator(
-            os.environ["CID"],
-            FileDecisionLog(os.environ["ORDERS_LOG"]),
-            [AsyncPostgresResource("a", os.environ["ORDERS_PG_A"]),
-             AsyncPostgresResource("b", os.environ["ORDERS_PG_B"])],
-        )
+        log = Path(os.environ["ORDERS_LOG"])
+        coordinator = coordinator_over(Settings.load(), log, os.environ["CID"])
         async with AsgiClient(asgi_app.create_app(coordinator)) as client:
             print(await client.post("/orders", {"id": os.environ["ORDER"], "amount": 7}))
 
@@ -148,13 +155,18 @@ SERVICE = textwrap.dedent(
 @pytest.mark.parametrize(
     # The app's start-up transaction (its schema, on a and b) passes each failpoint first.
     ("failpoint", "committed"),
-    [("after_prepare=kill@4", False), ("after_decision=kill@2", True)],
+    [
+        ("after_prepare=kill@4", False),
+        ("before_broker_commit=kill", False),
+        ("after_broker_commit=kill", True),  # the COMMIT frame was written: the marker is in
+        ("after_decision=kill@2", True),
+    ],
 )
 def test_service_killed_mid_commit_is_recovered_at_restart(
     settings: Settings, tmp_path: Path, failpoint: str, committed: bool
 ) -> None:
-    """The ASGI service SIGKILLed after prepare (before the decision) or after the decision:
-    at restart, recovery rolls back or commits both branches, and nothing stays prepared."""
+    """The ASGI service SIGKILLed around its commit point (the broker's marker) is recovered
+    at restart: rolled back before the broker's COMMIT, committed after it; none prepared."""
     cid = f"aio{secrets.token_hex(3)}"
     order = f"k-{secrets.token_hex(4)}"
     log = tmp_path / "decisions.log"
@@ -166,8 +178,6 @@ def test_service_killed_mid_commit_is_recovered_at_restart(
         "CID": cid,
         "ORDER": order,
         "ORDERS_LOG": str(log),
-        "ORDERS_PG_A": settings.pg_a,
-        "ORDERS_PG_B": settings.pg_b,
     }
     done = subprocess.run(
         [sys.executable, "-c", SERVICE], env=env, capture_output=True, text=True, timeout=120
