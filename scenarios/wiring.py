@@ -15,6 +15,8 @@ from coordinator.coordinator import Coordinator
 from coordinator.log.file import FileDecisionLog, read_pending
 from coordinator.recovery import InDoubt, Recovery, RecoveryReport
 from participants.activemq import ActiveMQ
+from participants.aio.activemq import AsyncActiveMQ
+from participants.aio.postgres import AsyncPostgresResource
 from participants.postgres import PostgresResource
 from participants.stomp_client import StompClient
 from scenarios.config import Settings
@@ -28,11 +30,29 @@ def databases(settings: Settings, *, pool_size: int) -> list[PostgresResource]:
     ]
 
 
-def broker(settings: Settings, *, pool_size: int) -> ActiveMQ:
-    """The broker as the last resource 'mq', with ``pool_size`` STOMP sessions."""
+def broker(settings: Settings, *, pool_size: int, coordinator_id: str | None = None) -> ActiveMQ:
+    """The broker as the last resource 'mq', with ``pool_size`` STOMP sessions (client-ids of
+    ``coordinator_id``, by default the settings')."""
     return ActiveMQ(
-        settings.stomp, settings.coordinator_id, pool_size=pool_size, **settings.stomp_options()
+        settings.stomp,
+        coordinator_id or settings.coordinator_id,
+        pool_size=pool_size,
+        **settings.stomp_options(),
     )
+
+
+def async_participants(
+    settings: Settings, coordinator_id: str, *, pool_size: int
+) -> tuple[list[AsyncPostgresResource], AsyncActiveMQ]:
+    """Databases 'a' and 'b' and the broker 'mq' as asyncio participants (coordinator.aio)."""
+    resources = [
+        AsyncPostgresResource("a", settings.pg_a, setting="TWOPC_PG_A", pool_size=pool_size),
+        AsyncPostgresResource("b", settings.pg_b, setting="TWOPC_PG_B", pool_size=pool_size),
+    ]
+    mq = AsyncActiveMQ(
+        settings.stomp, coordinator_id, pool_size=pool_size, **settings.stomp_options()
+    )
+    return resources, mq
 
 
 def open_stomp(

@@ -179,6 +179,9 @@ BRANCH_SHAPES = st.sampled_from([1, 2, 1, None, 0])
 
 def bury(coordinator: Coordinator) -> None:
     """The process is gone: stop its threads, without any of close()'s clean-up."""
+    if isinstance(coordinator, BlockingCoordinator):
+        coordinator.bury()
+        return
     coordinator._closed.set()
     coordinator._executor.shutdown(wait=True)
 
@@ -530,29 +533,38 @@ CommitUnderCrashes.TestCase.settings = PROFILES[PROFILE]
 TestCommitUnderCrashes = CommitUnderCrashes.TestCase
 
 
-class AsyncCommitUnderCrashes(CommitUnderCrashes):
-    """The same rules and invariants, run against coordinator.aio.AsyncCoordinator."""
+class AsyncAPI:
+    """Mixin: the machine's coordinator is coordinator.aio.AsyncCoordinator, run from the
+    sync rules through a portal (tests/aio_portal.py); same rules, same invariants."""
+
+    portal: Portal | None = None
 
     def _new_coordinator(self, resources: list[Any], broker: Any) -> Any:
-        self.portal = getattr(self, "portal", None) or Portal()
+        if self.portal is None:
+            self.portal = Portal()
+        if isinstance(broker, FakeBroker):  # the fakes behind the asyncio protocols
+            resources = [AsyncFakeResource(r) for r in resources]
+            broker = AsyncFakeBroker(broker)
         coordinator = AsyncCoordinator(
-            self.prefix[:-1],
-            self.log,
-            [AsyncFakeResource(r) for r in resources],
-            AsyncFakeBroker(broker),
+            self.prefix[:-1],  # type: ignore[attr-defined]
+            self.log,  # type: ignore[attr-defined]
+            resources,
+            broker,
             recover_on_start=False,
             housekeeping_interval=None,
         )
         return BlockingCoordinator(self.portal, coordinator)
 
-    def _bury(self) -> None:
-        assert self.coordinator is not None
-        self.coordinator.bury()
-
     def teardown(self) -> None:
-        super().teardown()
-        if getattr(self, "portal", None) is not None:
-            self.portal.close()
+        try:
+            super().teardown()  # type: ignore[misc]
+        finally:
+            if self.portal is not None:
+                self.portal.close()
+
+
+class AsyncCommitUnderCrashes(AsyncAPI, CommitUnderCrashes):
+    """The same rules and invariants, run against coordinator.aio.AsyncCoordinator."""
 
 
 AsyncCommitUnderCrashes.TestCase.settings = PROFILES[PROFILE]
