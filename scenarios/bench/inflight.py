@@ -199,5 +199,32 @@ def run(inflight: int = 1000, gate: int = 48) -> list[dict[str, Any]]:
     return results
 
 
+def render_markdown(results: list[dict[str, Any]], command: str) -> str:
+    """The side-by-side table."""
+    lines = [
+        f"## {results[0]['inflight']:,} transactions in flight: threads against asyncio tasks",
+        "",
+        f"`{command}`: every transaction open at once, then A, B and one message each "
+        f"behind a gate of {results[0]['gate']} (participant pools of that size).",
+        "",
+        "| mode | RSS before | RSS in flight | per transaction | peak RSS | threads "
+        "| committed | commits/s |",
+        "|---|---:|---:|---:|---:|---:|---:|---:|",
+    ]
+    for r in results:
+        lines.append(
+            f"| {r['mode']} | {r['rss_before_mib']} MiB | {r['rss_in_flight_mib']} MiB "
+            f"| {r['rss_per_transaction_kib']} KiB | {r['rss_peak_mib']} MiB "
+            f"| {r['threads_in_flight']} | {r['committed']} | {r['commits_per_second']} |"
+        )
+    failed = [r for r in results if r["errors"] or r["other_outcomes"]]
+    for r in failed:
+        lines.append(
+            f"\n{r['mode']}: {r['errors']} errors, {r['other_outcomes']} not committed "
+            f"(first: {r['first_error']})"
+        )
+    return "\n".join(lines) + "\n"
+
+
 if __name__ == "__main__":
     print(json.dumps(run_mode(sys.argv[1], int(sys.argv[2]), int(sys.argv[3]))))

@@ -75,8 +75,16 @@ def progress_bars() -> Progress:
     help="Measure 'twopc consumer --mode inbox' against '--mode 2pc': latency per message, "
     "throughput, WAL bytes per message on B.",
 )
+@click.option(
+    "--inflight",
+    is_flag=True,
+    help="Measure 1,000 transactions in flight (200 with --quick): the sync coordinator with "
+    "a thread each against the asyncio coordinator with a task each (RSS, commits/s).",
+)
 @click.option("--json", "as_json", is_flag=True, help="Print the results as JSON on stdout.")
-def bench(overhead: bool, quick: bool, out: Path, consumers: bool, as_json: bool) -> None:
+def bench(
+    overhead: bool, quick: bool, out: Path, consumers: bool, inflight: bool, as_json: bool
+) -> None:
     """Measure every transfer strategy (or, with --overhead, the coordinator's own cost).
 
     Runs on the lab (or whatever TWOPC_PG_A/B and TWOPC_STOMP point at) and
@@ -88,7 +96,9 @@ def bench(overhead: bool, quick: bool, out: Path, consumers: bool, as_json: bool
     settings = Settings.load()
     command = invoked_command()
     out.mkdir(parents=True, exist_ok=True)
-    if consumers:
+    if inflight:
+        result = _run_inflight(quick=quick, out=out, command=command, show=not as_json)
+    elif consumers:
         result = _run_consumers(settings, quick=quick, out=out, command=command, show=not as_json)
     elif overhead:
         result = _run_overhead(settings, quick=quick, out=out, command=command, show=not as_json)
@@ -144,4 +154,23 @@ def _run_consumers(
         console = Console()
         console.print(Markdown(markdown))
         console.print(f"written: {out / 'consumers.md'}, consumers.json")
+    return result
+
+
+#: ``--inflight``: transactions in flight, normal and quick.
+INFLIGHT_COUNTS = {False: 1_000, True: 200}
+
+
+def _run_inflight(*, quick: bool, out: Path, command: str, show: bool) -> dict[str, Any]:
+    from scenarios.bench import inflight
+
+    results = inflight.run(INFLIGHT_COUNTS[quick])
+    markdown = inflight.render_markdown(results, command)
+    (out / "inflight.md").write_text(markdown)
+    result: dict[str, Any] = {"command": command, "inflight": results}
+    (out / "inflight.json").write_text(json.dumps(result, indent=2))
+    if show:
+        console = Console()
+        console.print(Markdown(markdown))
+        console.print(f"written: {out / 'inflight.md'}, inflight.json")
     return result
