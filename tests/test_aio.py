@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import json
 import os
+import re
 import secrets
 import subprocess
 import sys
@@ -135,7 +136,6 @@ SERVICE = textwrap.dedent(
     from coordinator import failpoints
     from scenarios.config import Settings
     from tests.asgi_client import AsgiClient
-from tests.conftest import open_stomp_client
     from tests.test_aio import coordinator_over
     import asgi_app
 
@@ -198,3 +198,57 @@ def test_service_killed_mid_commit_is_recovered_at_restart(
     expected_b = [(order, -7)] if committed else []
     assert rows(settings.pg_a, "orders", order) == expected_a
     assert rows(settings.pg_b, "stock_moves", order) == expected_b
+
+
+EMBED = EXAMPLES / "aio_embed.py"
+
+
+def test_readme_shows_the_asyncio_example_as_it_runs() -> None:
+    """README's 'asyncio' section holds docs/examples/aio_embed.py verbatim."""
+    readme = (ROOT / "README.md").read_text()
+    section = readme.split("\n## asyncio\n", 1)[1].split("\n## ", 1)[0]
+    blocks = re.findall(r"```python\n(.*?)```", section, flags=re.S)
+    assert EMBED.read_text() in blocks
+
+
+@pytest.mark.slow
+def test_asyncio_examples_pass_mypy_strict() -> None:
+    """The asyncio examples type-check under mypy --strict against the installed packages."""
+    done = subprocess.run(
+        [
+            *(sys.executable, "-m", "mypy", "--strict", "--no-incremental"),
+            *(str(EMBED), str(EXAMPLES / "asgi_app.py")),
+        ],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert done.returncode == 0, done.stdout + done.stderr
+
+
+@pytest.mark.lab
+def test_asyncio_example_commits_atomically_on_the_lab(settings: Settings, tmp_path: Path) -> None:
+    """The README's asyncio example commits its rows in both databases and its message."""
+    env = {**os.environ, **settings.as_env()}
+    done = subprocess.run(
+        [sys.executable, str(EMBED)],
+        cwd=tmp_path,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=120,
+        check=False,
+    )
+    assert done.returncode == 0, done.stdout + done.stderr
+    match = re.fullmatch(r"order ([0-9a-f]{32}): committed as (ashop\.[0-9a-f]+)\n", done.stdout)
+    assert match, done.stdout
+    order = match.group(1)
+    for dsn, amount in ((settings.pg_a, -10), (settings.pg_b, 10)):
+        with psycopg.connect(dsn) as conn:
+            row = conn.execute("SELECT amount FROM shop_ledger WHERE id = %s", (order,)).fetchone()
+        assert row == (amount,)
+    with open_stomp_client(settings.stomp) as client:
+        messages = client.browse("/queue/shop.orders", idle_timeout=5.0)
+    assert [m.headers.get("order-id") for m in messages].count(order) == 1
+    assert (tmp_path / "ashop-decisions.log").exists()
