@@ -36,6 +36,7 @@ class ParticipantError(TwoPhaseCommitError):
     def __init__(self, message: str, *, participant: str, gtrid: str | None = None) -> None:
         where = f"participant {participant!r}" + (f", gtrid {gtrid}" if gtrid else "")
         super().__init__(f"{message} ({where})")
+        self.detail = message  # without the participant and gtrid
         self.participant = participant
         self.gtrid = gtrid
 

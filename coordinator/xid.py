@@ -83,4 +83,3 @@ def gtrid_prefix(coordinator_id: str) -> str:
 def new_gtrid(coordinator_id: str) -> str:
     """A fresh gtrid owned by ``coordinator_id``: its prefix plus 96 random bits."""
     return gtrid_prefix(coordinator_id) + secrets.token_hex(12)
-

@@ -5,6 +5,12 @@ commits last and its COMMIT is the commit point. Inside the broker transaction
 the coordinator SENDs a *commit marker* (header ``gtrid``) to the marker queue;
 after a crash, a marker on the queue means "committed".
 
+Group commit: a session keeps its SENDs until its commit point. Sessions that
+reach it while another commit is running wait, and then share one broker
+transaction (:meth:`ActiveMQ._commit_members`): all their messages, one marker
+whose ``gtrid`` header names every one of them (comma-separated), one COMMIT
+and one RECEIPT. A single session commits at once, alone, as before.
+
 Sessions live in a pool of long-lived STOMP connections. Slot ``i`` always
 CONNECTs with client-id ``twopc-<coordinator id>-<i>``, and ActiveMQ refuses a
 second live connection with a client-id it still holds: :meth:`ActiveMQ.fence`
@@ -12,7 +18,7 @@ CONNECTs with the client-id of every slot a pool may have (``MAX_POOL_SIZE``),
 and once it gets them all, the broker has finished with every frame a dead
 session sent, so the marker queue is final.
 
-BEGIN is sent lazily, with the first SEND (or with the marker): a session
+BEGIN is sent at the commit point (or with a session's first ACK): a session
 that sends nothing costs no frame at all, and aborting it sends nothing.
 
 A session whose connection is in an unknown state (no answer in time, an
@@ -25,7 +31,7 @@ from __future__ import annotations
 import enum
 import threading
 import time
-from collections.abc import Callable, Collection, Mapping
+from collections.abc import Callable, Collection, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -33,6 +39,7 @@ from coordinator import events
 from coordinator.errors import (
     CommitRefused,
     ConfigurationError,
+    DuplicateGtrid,
     HeuristicMixed,
     InvalidTransition,
     OutcomeUnknown,
@@ -42,14 +49,45 @@ from coordinator.errors import (
 from coordinator.protocol import LastResourceSession, no_callback
 from coordinator.xid import validate_coordinator_id, validate_id
 from participants import events as ev
-from participants.stomp_client import ClientIdInUse, StompClient, Subscription, parse_address
+from participants.group_commit import GroupCommit, Outcomes
+from participants.stomp_client import (
+    ClientIdInUse,
+    Message,
+    StompClient,
+    Subscription,
+    check_destination,
+    parse_address,
+)
 
 MARKER_QUEUE = "/queue/twopc.markers"
+
+#: The marker's header naming the gtrids it commits (several for a group commit).
+MARKER_HEADER = "gtrid"
+MARKER_SEPARATOR = ","
+
+
+def marker_gtrids(headers: Mapping[str, str]) -> list[str]:
+    """The gtrids a commit marker's headers name (a group commit names several)."""
+    value = headers.get(MARKER_HEADER, "")
+    return [gtrid for gtrid in value.split(MARKER_SEPARATOR) if gtrid]
+
+
+def _run_callbacks(members: Sequence[_Member], which: str) -> dict[int, BaseException]:
+    """Run each member's ``which`` callback; the exceptions they raised, by position."""
+    raised: dict[int, BaseException] = {}
+    for i, member in enumerate(members):
+        try:
+            getattr(member, which)()
+        except BaseException as exc:  # a failpoint's simulated crash, for that member only
+            raised[i] = exc
+    return raised
+
 
 #: The largest pool. fence() takes over this many client-ids whatever its own
 #: pool size, so that recovery with a small pool still fences every session a
 #: crashed coordinator with a large pool may have had.
 MAX_POOL_SIZE = 64
+
 
 class CommitNotSent(CommitRefused, ParticipantUnavailable):
     """The connection was lost before the COMMIT frame was written: nothing was committed."""
@@ -91,8 +129,27 @@ class _State(enum.Enum):
     RELEASED = "released"
 
 
+@dataclass
+class _Member:
+    """One session's part in a group commit."""
+
+    session: ActiveMQSession
+    timeout: float
+    marker: bool
+    before_commit: Callable[[], None]
+    commit_sent: Callable[[], None]
+
+
 class ActiveMQSession:
-    """The broker transaction of one gtrid on one pooled connection (a LastResourceSession)."""
+    """The broker transaction of one gtrid on one pooled connection (a LastResourceSession).
+
+    SENDs are kept until the commit point: there they go out, with the marker,
+    in the broker transaction of a group commit (:meth:`ActiveMQ.commit_group`),
+    which may carry the messages of other sessions committing at the same
+    moment. A session that ACKs a delivered message must commit on the
+    connection the message came on, so its first ACK sends its messages so far
+    and from then on it works, and commits, alone on its own connection.
+    """
 
     def __init__(self, resource: ActiveMQ, slot: _Slot, client: StompClient, gtrid: str) -> None:
         self._resource = resource
@@ -101,10 +158,13 @@ class ActiveMQSession:
         self._gtrid = gtrid
         self._state = _State.ACTIVE
         self._begun = False
+        self._solo = False  # True once an ACK tied the transaction to this connection
+        self._outbox: list[tuple[str, str, dict[str, str]]] = []
         self._sent = 0
         self._acked = 0
         self._healthy = True
         self._errors_before = client.error_count
+        self.committed_by: _Slot = slot  # the slot whose COMMIT decided this session
         self._log = resource._log.bind(gtrid=gtrid, slot=slot.index)
 
     @property
@@ -122,16 +182,14 @@ class ActiveMQSession:
         return self._sent + self._acked > 0
 
     def send(self, destination: str, body: str, headers: Mapping[str, str] | None = None) -> None:
-        """SEND a persistent message inside the transaction (fire-and-forget: no receipt)."""
+        """SEND a persistent message inside the transaction (it goes out at the commit point;
+        no receipt: an ERROR for it refuses the COMMIT)."""
         self._require(_State.ACTIVE, "send")
-        try:
-            self._begin_once()
-            self._client.send(
-                destination, body, headers, transaction=self._gtrid, gtrid=self._gtrid
-            )
-        except ParticipantError:
-            self._healthy = False
-            raise
+        check_destination(destination)
+        if self._solo:
+            self._transmit(destination, body, dict(headers or {}))
+        else:
+            self._outbox.append((destination, body, dict(headers or {})))
         self._sent += 1
         self._log.debug(ev.MQ_SENT, destination=destination)
 
@@ -145,7 +203,7 @@ class ActiveMQSession:
         """
         self._require(_State.ACTIVE, "ack")
         try:
-            self._begin_once()
+            self._go_solo()
             self._client.request(
                 "ACK",
                 {"id": ack_id, "transaction": self._gtrid},
@@ -166,7 +224,7 @@ class ActiveMQSession:
         before_commit: Callable[[], None] = no_callback,
         commit_sent: Callable[[], None] = no_callback,
     ) -> None:
-        """The commit point: SEND the marker, COMMIT, wait for the RECEIPT.
+        """The commit point: SEND the messages and the marker, COMMIT, wait for the RECEIPT.
 
         CommitRefused: the broker answered with an ERROR (or the connection was
         lost before the COMMIT went out): nothing was committed. OutcomeUnknown:
@@ -179,17 +237,18 @@ class ActiveMQSession:
                 f"cannot commit the marker of {gtrid}: broker session {self._gtrid} is "
                 f"{self._state.value}"
             )
-        self._commit(timeout, marker=True, before_commit=before_commit, commit_sent=commit_sent)
+        self._commit(_Member(self, timeout, True, before_commit, commit_sent))
 
     def commit(self, timeout: float) -> None:
         """One-phase COMMIT, without marker; with nothing sent it sends nothing."""
-        self._commit(timeout, marker=False, before_commit=no_callback, commit_sent=no_callback)
+        self._commit(_Member(self, timeout, False, no_callback, no_callback))
 
     def abort(self) -> None:
         """ABORT the transaction (waiting for the receipt); never raises."""
         if self._state is not _State.ACTIVE:
             return
         self._state = _State.ABORTED
+        self._outbox.clear()
         if not self._begun:
             return
         if not self._client.alive:
@@ -215,83 +274,41 @@ class ActiveMQSession:
         self._state = _State.RELEASED
         self._resource._release(self._slot, healthy=self._healthy)
 
-    def _commit(
-        self,
-        timeout: float,
-        *,
-        marker: bool,
-        before_commit: Callable[[], None],
-        commit_sent: Callable[[], None],
-    ) -> None:
+    # -- the commit ------------------------------------------------------------------
+
+    def _commit(self, member: _Member) -> None:
         self._require(_State.ACTIVE, "commit")
-        if not marker and not self._begun:
+        if not member.marker and not self._begun and not self._outbox:
             self._state = _State.COMMITTED  # read-only: no transaction was ever begun
             return
-        try:
-            self._begin_once()
-            if marker:
-                self._client.send(
-                    self._resource.marker_queue,
-                    "",
-                    {"gtrid": self._gtrid},
-                    transaction=self._gtrid,
-                    gtrid=self._gtrid,
-                )
-        except ParticipantUnavailable as exc:
-            self._fail(_State.ABORTED)
-            raise CommitNotSent(
-                f"the connection to the broker at {self._resource.address} was lost before "
-                "the COMMIT was sent: nothing was committed",
-                participant=self.name,
-                gtrid=self._gtrid,
-            ) from exc
-        refused = self._client.errors_since(self._errors_before)
-        if refused:
-            self.abort()
-            self._fail(_State.ABORTED)
-            raise CommitRefused(
-                f"the broker refused a frame of the transaction ({refused[0]}); "
-                "it was aborted instead of committed",
-                participant=self.name,
-                gtrid=self._gtrid,
-            )
-        self._state = _State.COMMITTING
-        before_commit()
-        try:
-            self._client.commit(self._gtrid, timeout, gtrid=self._gtrid, after_send=commit_sent)
-        except CommitRefused as exc:
-            self._fail(_State.ABORTED)
-            self._log.warning(ev.MQ_COMMIT_REFUSED, error=str(exc))
-            raise
-        except OutcomeUnknown as exc:
-            self._fail(_State.IN_DOUBT)
-            self._log.warning(ev.MQ_COMMIT_UNKNOWN, error=str(exc))
-            raise
-        except ParticipantUnavailable as exc:
-            self._fail(_State.ABORTED)
-            raise CommitNotSent(
-                f"the connection to the broker at {self._resource.address} was lost before "
-                "the whole COMMIT was sent: nothing was committed",
-                participant=self.name,
-                gtrid=self._gtrid,
-            ) from exc
-        self._state = _State.COMMITTED
-        late = self._client.errors_since(self._errors_before)
-        if late:
-            # An ERROR for a SEND without receipt arrived after the COMMIT had gone
-            # out: the broker committed the transaction without that message.
-            self._healthy = False
-            raise HeuristicMixed(
-                f"the broker committed the transaction but refused a message in it ({late[0]})",
-                participant=self.name,
-                gtrid=self._gtrid,
-            )
-        self._log.debug(ev.MQ_COMMITTED, marker=marker, messages=self._sent, acks=self._acked)
+        if self._solo:
+            self._resource.commit_alone(member)
+        else:
+            self._resource.group_commit.submit(member)
 
-    def _begin_once(self) -> None:
-        if not self._begun:
+    def _go_solo(self) -> None:
+        """Tie the transaction to this connection: BEGIN, then the messages kept so far."""
+        if self._solo:
+            return
+        self._solo = True
+        try:
             self._client.begin(self._gtrid, gtrid=self._gtrid)
-            self._begun = True
+        except ParticipantError:
+            self._healthy = False
+            raise
+        self._begun = True
+        outbox, self._outbox = self._outbox, []
+        for destination, body, headers in outbox:
+            self._transmit(destination, body, headers)
+
+    def _transmit(self, destination: str, body: str, headers: dict[str, str]) -> None:
+        try:
+            self._client.send(
+                destination, body, headers, transaction=self._gtrid, gtrid=self._gtrid
+            )
+        except ParticipantError:
+            self._healthy = False
+            raise
 
     def _fail(self, state: _State) -> None:
         self._state = state
@@ -350,6 +367,10 @@ class ActiveMQ:
         self._cond = threading.Condition()
         self._closed = False
         self._log: Any = events.get_logger(participant=name)
+        #: Sessions reaching their commit point together share one broker transaction.
+        self.group_commit: GroupCommit[_Member] = GroupCommit(self._commit_members)
+        self._kept_for_group: set[str] = set()  # ended, but their group's marker stays
+        self._sweeping = threading.Lock()
 
     @property
     def name(self) -> str:
@@ -363,6 +384,12 @@ class ActiveMQ:
     def begin(self, gtrid: str) -> ActiveMQSession:
         """A session for ``gtrid`` (BEGIN goes out with its first frame). ParticipantUnavailable."""
         validate_id("gtrid", gtrid)
+        with self._cond:
+            if gtrid in self._kept_for_group:
+                raise DuplicateGtrid(
+                    f"gtrid {gtrid} is still named by a commit marker on {self.marker_queue} "
+                    "(its group commit's other transactions have not ended yet)"
+                )
         slot = self._acquire(gtrid)
         try:
             client = self._ready_client(slot)
@@ -370,6 +397,173 @@ class ActiveMQ:
             self._put_back(slot)
             raise
         return ActiveMQSession(self, slot, client, gtrid)
+
+    # -- the commit point -------------------------------------------------------------
+
+    def commit_alone(self, member: _Member) -> None:
+        """Commit a session tied to its own connection (it ACKed a message) by itself."""
+        outcome = self._commit_members([member])[0]
+        if outcome is not None:
+            raise outcome
+
+    def _commit_members(self, members: Sequence[_Member]) -> Outcomes:
+        """One broker transaction for every member: their messages, one marker naming
+        the gtrids that asked for one, one COMMIT and one RECEIPT; an outcome per member.
+
+        The transaction runs on the first member's connection; the others' connections
+        carried nothing. A refusal aborts every member, which is a correct outcome for
+        each; no answer leaves every member in doubt, and its marker decides them all.
+        """
+        carrier = members[0].session
+        client = carrier._client
+        txid = carrier.gtrid
+        errors_before = carrier._errors_before  # what the carrier's connection sent since
+        for member in members:
+            member.session.committed_by = carrier._slot
+        try:
+            if not carrier._begun:
+                client.begin(txid, gtrid=txid)
+                carrier._begun = True
+            for member in members:
+                session = member.session
+                for destination, body, headers in session._outbox:
+                    client.send(destination, body, headers, transaction=txid, gtrid=session.gtrid)
+                session._outbox = []
+            marked = [m.session.gtrid for m in members if m.marker]
+            if marked:
+                client.send(
+                    self.marker_queue,
+                    "",
+                    {MARKER_HEADER: MARKER_SEPARATOR.join(marked)},
+                    transaction=txid,
+                    gtrid=txid,
+                )
+        except ParticipantUnavailable as exc:
+            return self._end_members(
+                members,
+                _State.ABORTED,
+                lambda gtrid: CommitNotSent(
+                    f"the connection to the broker at {self.address} was lost before the "
+                    "COMMIT was sent: nothing was committed",
+                    participant=self.name,
+                    gtrid=gtrid,
+                ),
+                cause=exc,
+            )
+        refused = client.errors_since(errors_before)
+        if refused:
+            carrier.abort()
+            return self._end_members(
+                members,
+                _State.ABORTED,
+                lambda gtrid: CommitRefused(
+                    f"the broker refused a frame of the transaction ({refused[0]}); "
+                    "it was aborted instead of committed",
+                    participant=self.name,
+                    gtrid=gtrid,
+                ),
+            )
+        for member in members:
+            member.session._state = _State.COMMITTING
+        crashed = _run_callbacks(members, "before_commit")
+        if crashed:  # a failpoint fired: that member's process "died" before the COMMIT
+            carrier._state = _State.ACTIVE
+            carrier.abort()
+            outcomes = self._end_members(
+                [m for i, m in enumerate(members) if i not in crashed],
+                _State.ABORTED,
+                lambda gtrid: CommitNotSent(
+                    "the group commit stopped before its COMMIT: nothing was committed",
+                    participant=self.name,
+                    gtrid=gtrid,
+                ),
+            )
+            survivors = iter(outcomes)
+            carrier._healthy = False
+            return [crashed[i] if i in crashed else next(survivors) for i in range(len(members))]
+        after: dict[int, BaseException] = {}
+        try:
+            client.commit(
+                txid,
+                members[0].timeout,
+                gtrid=txid,
+                after_send=lambda: after.update(_run_callbacks(members, "commit_sent")),
+            )
+        except CommitRefused as exc:
+            why = exc.detail
+            outcomes = self._end_members(
+                members,
+                _State.ABORTED,
+                lambda gtrid: CommitRefused(why, participant=self.name, gtrid=gtrid),
+            )
+        except OutcomeUnknown as exc:
+            why = exc.detail
+            outcomes = self._end_members(
+                members,
+                _State.IN_DOUBT,
+                lambda gtrid: OutcomeUnknown(why, participant=self.name, gtrid=gtrid),
+            )
+        except ParticipantUnavailable as exc:
+            outcomes = self._end_members(
+                members,
+                _State.ABORTED,
+                lambda gtrid: CommitNotSent(
+                    f"the connection to the broker at {self.address} was lost before the "
+                    "whole COMMIT was sent: nothing was committed",
+                    participant=self.name,
+                    gtrid=gtrid,
+                ),
+                cause=exc,
+            )
+        else:
+            outcomes = self._committed(members, client.errors_since(errors_before))
+        return [after.get(i, outcome) for i, outcome in enumerate(outcomes)]
+
+    def _committed(self, members: Sequence[_Member], late: list[str]) -> Outcomes:
+        """The RECEIPT came: every member is committed (heuristically, if an ERROR came late)."""
+        for member in members:
+            member.session._state = _State.COMMITTED
+        if late:
+            # An ERROR for a SEND without receipt arrived after the COMMIT had gone
+            # out: the broker committed the transaction without that message.
+            members[0].session._healthy = False
+            return [
+                HeuristicMixed(
+                    f"the broker committed the transaction but refused a message in it ({late[0]})",
+                    participant=self.name,
+                    gtrid=m.session.gtrid,
+                )
+                for m in members
+            ]
+        for member in members:
+            session = member.session
+            session._log.debug(
+                ev.MQ_COMMITTED,
+                marker=member.marker,
+                messages=session._sent,
+                acks=session._acked,
+                group=len(members),
+            )
+        return [None] * len(members)
+
+    def _end_members(
+        self,
+        members: Sequence[_Member],
+        state: _State,
+        error: Callable[[str], BaseException],
+        *,
+        cause: BaseException | None = None,
+    ) -> Outcomes:
+        """Every member ends in ``state`` with its own copy of the error."""
+        event = ev.MQ_COMMIT_UNKNOWN if state is _State.IN_DOUBT else ev.MQ_COMMIT_REFUSED
+        outcomes: Outcomes = []
+        for member in members:
+            member.session._fail(state)
+            exc = error(member.session.gtrid)
+            exc.__cause__ = cause
+            member.session._log.warning(event, error=str(exc), group=len(members))
+            outcomes.append(exc)
+        return outcomes
 
     def subscribe(self, destination: str, *, prefetch: int = 1) -> Subscription:
         """SUBSCRIBE (``client-individual``) on the connection of this broker's one session.
@@ -443,7 +637,7 @@ class ActiveMQ:
         """
         if not isinstance(session, ActiveMQSession):
             raise InvalidTransition(f"{session!r} is not a session of this broker")
-        slot = session._slot
+        slot = session.committed_by
         deadline = time.monotonic() + timeout
         with self._cond:
             while slot not in self._free:
@@ -478,45 +672,62 @@ class ActiveMQ:
                 idle_timeout=self.receipt_timeout,
                 receipt_timeout=self.receipt_timeout,
             )
-        return {gtrid for message in found if (gtrid := message.headers.get("gtrid"))}
+        return {gtrid for message in found for gtrid in marker_gtrids(message.headers)}
 
     def remove_markers(self, gtrids: Collection[str]) -> int:
-        """Consume the markers of ``gtrids`` and leave every other marker; return how many.
+        """Consume the markers of ``gtrids`` and leave every other marker; return how many
+        of ``gtrids`` no longer have one.
 
         A browse says where the wanted markers sit; a client-individual
         subscription with a prefetch reaching the last of them receives them in
         queue order; only wanted ones (and browse sentinels) are ACKed; the
         UNSUBSCRIBE receipt proves the ACKs were processed, and the unacked
         markers go back to the queue. Markers beyond a browse the broker cut
-        short stay for a later call.
+        short stay for a later call. A group commit's marker goes only once every
+        gtrid it names has been asked for: until then this resource keeps the
+        gtrids asked so far, and a later call that completes the group removes it.
         """
-        wanted = set(gtrids)
+        with self._sweeping:  # one sweep at a time: each reads and rewrites the kept set
+            return self._remove_markers(set(gtrids))
+
+    def _remove_markers(self, asked: set[str]) -> int:
+        with self._cond:
+            wanted = asked | self._kept_for_group
         if not wanted:
             return 0
+
+        def removable(message: Message) -> bool:
+            named = marker_gtrids(message.headers)
+            return bool(named) and wanted.issuperset(named)
+
         with self._plain_client() as client:
             queued = client.browse(self.marker_queue, idle_timeout=self.receipt_timeout)
-            positions = [i for i, m in enumerate(queued) if m.headers.get("gtrid") in wanted]
-            if not positions:
-                return 0
-            subscription = client.subscribe(
-                self.marker_queue,
-                ack="client-individual",
-                prefetch=positions[-1] + 1,
-                timeout=self.receipt_timeout,
-            )
-            removed = 0
-            while removed < len(positions):
-                message = subscription.get(self.receipt_timeout)
-                if message is None:
-                    break  # someone else consumed the rest meanwhile
-                if message.headers.get("gtrid") in wanted:
-                    client.ack(message)
-                    removed += 1
-                elif message.is_sentinel:
-                    client.ack(message)
-            subscription.unsubscribe(timeout=self.receipt_timeout)
-        self._log.info(ev.MQ_MARKERS_REMOVED, count=removed, asked=len(wanted))
-        return removed
+            kept = {g for m in queued if not removable(m) for g in marker_gtrids(m.headers)}
+            positions = [i for i, m in enumerate(queued) if removable(m)]
+            gone: set[str] = set()
+            if positions:
+                subscription = client.subscribe(
+                    self.marker_queue,
+                    ack="client-individual",
+                    prefetch=positions[-1] + 1,
+                    timeout=self.receipt_timeout,
+                )
+                removed = 0
+                while removed < len(positions):
+                    message = subscription.get(self.receipt_timeout)
+                    if message is None:
+                        break  # someone else consumed the rest meanwhile
+                    if removable(message):
+                        client.ack(message)
+                        gone.update(marker_gtrids(message.headers))
+                        removed += 1
+                    elif message.is_sentinel:
+                        client.ack(message)
+                subscription.unsubscribe(timeout=self.receipt_timeout)
+        with self._cond:
+            self._kept_for_group = (wanted & kept) - gone
+        self._log.info(ev.MQ_MARKERS_REMOVED, count=len(gone), asked=len(wanted))
+        return len(gone)
 
     def close(self) -> None:
         """Close the idle sessions; sessions still in use are dropped when released."""

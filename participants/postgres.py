@@ -30,6 +30,7 @@ def _log() -> Any:
     # Looked up at each use, so that the application's later structlog set-up applies.
     return get_logger(component="postgres")
 
+
 T = TypeVar("T")
 
 # Command tags that mean the statement changed data: the branch then needs a

@@ -74,7 +74,7 @@ UNAVAILABLE_HINT = "run 'twopc lab up', or check TWOPC_STOMP"
 #: What a user can do when the broker refuses the login.
 LOGIN_HINT = (
     "set TWOPC_STOMP_USER and TWOPC_STOMP_PASSWORD to a user the broker knows "
-    "(for the lab: eval \"$(twopc lab env)\")"
+    '(for the lab: eval "$(twopc lab env)")'
 )
 
 #: Destinations a SEND may name. ActiveMQ drops the whole connection for some
@@ -92,6 +92,14 @@ SENTINEL_HEADER = "twopc-browse-sentinel"
 def _log() -> Any:
     # Looked up at each use, so that the application's later structlog set-up applies.
     return get_logger(component="stomp")
+
+
+def check_destination(destination: str) -> None:
+    """ConfigurationError unless ``destination`` is ``/queue/<name>`` or ``/topic/<name>``."""
+    if not destination.startswith(DESTINATION_PREFIXES) or destination.endswith("/"):
+        raise ConfigurationError(
+            f"STOMP destination {destination!r} must be /queue/<name> or /topic/<name>"
+        )
 
 
 def parse_address(address: str) -> tuple[str, int]:
@@ -374,7 +382,7 @@ class StompClient:
                 raise ConfigurationError(
                     f"the certificate file to trust for the broker, {ca_file!r}, does not "
                     "exist: set TWOPC_STOMP_CA to the broker's certificate in PEM (for the "
-                    "lab: eval \"$(twopc lab env)\")"
+                    'lab: eval "$(twopc lab env)")'
                 )
             self._conn.set_ssl(for_hosts=[self._host_port], ca_certs=ca_file)
         self._conn.set_listener("twopc", _Listener(self))
@@ -471,10 +479,7 @@ class StompClient:
         is then stored); without it the SEND is fire-and-forget and an ERROR for
         it shows up only in :meth:`errors_since`.
         """
-        if not destination.startswith(DESTINATION_PREFIXES) or destination.endswith("/"):
-            raise ConfigurationError(
-                f"STOMP destination {destination!r} must be /queue/<name> or /topic/<name>"
-            )
+        check_destination(destination)
         frame_headers = dict(headers or {})
         frame_headers["destination"] = destination
         frame_headers["persistent"] = "true"

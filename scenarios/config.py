@@ -114,8 +114,7 @@ def check_dsn(value: str, setting: str) -> None:
     for port in str(info.get("port") or "").split(","):
         if port and not (port.strip().isdigit() and 0 < int(port) < 65536):
             raise ConfigurationError(
-                f"{setting} has port {port!r}, not a TCP port number (1-65535); "
-                f"set it to {example}"
+                f"{setting} has port {port!r}, not a TCP port number (1-65535); set it to {example}"
             )
 
 

@@ -24,6 +24,7 @@ from coordinator import failpoints
 from coordinator.errors import (
     CommitRefused,
     CrashInjected,
+    DuplicateGtrid,
     InvalidTransition,
     OutcomeUnknown,
     ParticipantUnavailable,
@@ -141,11 +142,13 @@ def test_error_frame_on_commit_is_commit_refused(mq: ActiveMQ, queue_name: str) 
     gtrid = unique("t.")
     session = mq.begin(gtrid)
     session.send(queue_name, "x")
-    # End the broker transaction behind the session's back: the COMMIT then names
-    # a transaction the broker does not know, and it answers with an ERROR frame.
-    session._client.abort(gtrid, timeout=5.0)
+    # End the broker transaction behind the session's back, once its frames went
+    # out: the COMMIT then names a transaction the broker does not know, and it
+    # answers with an ERROR frame.
     with pytest.raises(CommitRefused, match="Invalid transaction id") as raised:
-        session.commit_with_marker(gtrid, timeout=5.0)
+        session.commit_with_marker(
+            gtrid, timeout=5.0, before_commit=lambda: session._client.abort(gtrid, timeout=5.0)
+        )
     assert raised.value.gtrid == gtrid
     assert raised.value.participant == "mq"
     session.release()
@@ -201,7 +204,9 @@ def test_refused_send_aborts_instead_of_committing_the_rest(
     assert isinstance(session, LastResourceSession)
     session.send(queue_name, "kept only if all is kept")
     # A SEND the broker answers with an ERROR while keeping the connection (and the
-    # transaction) open; send() refuses such destinations, so write the frame raw.
+    # transaction) open; send() refuses such destinations, so write the frame raw,
+    # once the transaction is begun on the session's connection.
+    session._go_solo()
     headers = {"destination": "/remote-temp-queue/ID:gone", "transaction": gtrid}
     session._client.request("SEND", headers, "x", what="SEND")
     time.sleep(0.5)  # let the ERROR arrive before the commit
@@ -225,6 +230,58 @@ def test_concurrent_transactions_share_the_pool(
     assert len(gtrids) == 80
     assert mq.markers() == gtrids
     assert {m.headers["transfer-id"] for m in browse(stomp_addr, queue_name)} == gtrids
+
+
+def test_sessions_committing_together_share_one_broker_transaction(
+    stomp_addr: str, queue_name: str
+) -> None:
+    """Sessions reaching the commit point together share a COMMIT; each message and marker lands."""
+    resource = ActiveMQ(
+        stomp_addr,
+        unique("t"),
+        pool_size=8,
+        marker_queue=unique("/queue/test.markers."),
+        **stomp_login(),
+    )
+    try:
+
+        def work(_: int) -> list[str]:
+            return [commit_one(resource, queue_name) for _ in range(15)]
+
+        with ThreadPoolExecutor(8) as pool:
+            gtrids = {g for batch in pool.map(work, range(8)) for g in batch}
+        group = resource.group_commit
+        assert group.items == 120
+        assert group.batches < group.items  # some commits carried several transactions
+        assert resource.markers() == gtrids
+        shared = [
+            m
+            for m in browse(stomp_addr, resource.marker_queue)
+            if "," in m.headers.get("gtrid", "")
+        ]
+        assert shared, "no marker names more than one gtrid"
+        assert {m.headers["transfer-id"] for m in browse(stomp_addr, queue_name)} == gtrids
+    finally:
+        resource.close()
+
+
+def test_a_shared_marker_goes_only_when_every_gtrid_it_names_ended(
+    mq: ActiveMQ, stomp_addr: str
+) -> None:
+    """A group's marker stays until all its gtrids were asked for; none is reusable meanwhile."""
+    with open_stomp_client(stomp_addr) as client:
+        client.begin("fill")
+        client.send(mq.marker_queue, "", {"gtrid": "g.1,g.2"}, transaction="fill")
+        client.send(mq.marker_queue, "", {"gtrid": "g.3"}, transaction="fill")
+        client.commit("fill", timeout=5.0)
+    assert mq.markers() == {"g.1", "g.2", "g.3"}
+    assert mq.remove_markers(["g.1", "g.3"]) == 1
+    assert mq.markers() == {"g.1", "g.2"}
+    with pytest.raises(DuplicateGtrid, match=r"g\.1 is still named"):
+        mq.begin("g.1")
+    assert mq.remove_markers(["g.2"]) == 2  # g.1 was asked before: the marker goes now
+    assert mq.markers() == set()
+    mq.begin("g.1").release()
 
 
 def test_client_commit_of_unknown_transaction_is_commit_refused(stomp_addr: str) -> None:

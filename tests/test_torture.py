@@ -191,9 +191,7 @@ def test_a_connection_lost_during_the_work_makes_the_transfer_abort(torture: Tor
     """A's session dies between BEGIN and the debit (a reset, a restart): the transfer ABORTs."""
     settings = torture.settings
     dsn = psycopg.conninfo.make_conninfo(settings.pg_a, application_name="torture-repro")
-    coordinator = open_coordinator(
-        dataclasses.replace(settings, pg_a=dsn), sessions=1
-    )
+    coordinator = open_coordinator(dataclasses.replace(settings, pg_a=dsn), sessions=1)
     fired: list[str] = []
 
     def kill_a_session(name: str) -> None:  # the coordinator's own failpoint hook

@@ -556,9 +556,7 @@ def render_markdown(data: Mapping[str, Any], parts: Sequence[Section]) -> str:
         lines.append("| " + " | ".join(part.headers) + " |")
         lines.append(
             "|"
-            + "".join(
-                " :--- |" if _text(part, i) else " ---: |" for i in range(len(part.headers))
-            )
+            + "".join(" :--- |" if _text(part, i) else " ---: |" for i in range(len(part.headers)))
         )
         for row in part.rows:
             lines.append("| " + " | ".join(c.replace("|", "/") for c in row) + " |")
@@ -580,6 +578,7 @@ def render_html(data: Mapping[str, Any], parts: Sequence[Section]) -> str:
     ]
     for part in parts:
         body.append(f"<h2>{e(part.title)}</h2>")
+
         def cls(i: int, part: Section = part) -> str:
             return " class=text" if _text(part, i) else ""
 

@@ -44,7 +44,6 @@ CHUNK = 64 * 1024
 CONTROL_TIMEOUT = 10.0
 
 
-
 class Mode(enum.Enum):
     """What the proxy does with traffic."""
 

@@ -127,9 +127,7 @@ def resolve_ports(home: Path, env: Mapping[str, str]) -> Ports:
         pg_b=_env_port(env, PG_B.port_setting, recorded.get("pg_b", PG_B.default_port)),
         stomp=_env_port(env, BROKER.port_setting, recorded.get("stomp", BROKER.default_port)),
         openwire=_env_port(env, OPENWIRE_SETTING, recorded.get("openwire", OPENWIRE_DEFAULT)),
-        stomp_tls=_env_port(
-            env, STOMP_TLS_SETTING, recorded.get("stomp_tls", STOMP_TLS_DEFAULT)
-        ),
+        stomp_tls=_env_port(env, STOMP_TLS_SETTING, recorded.get("stomp_tls", STOMP_TLS_DEFAULT)),
     )
 
 
@@ -175,9 +173,7 @@ def write_private(path: Path, text: str) -> None:
     tmp.replace(path)
 
 
-def lab_settings(
-    home: Path, env: Mapping[str, str], *, tls: bool | None = None
-) -> dict[str, str]:
+def lab_settings(home: Path, env: Mapping[str, str], *, tls: bool | None = None) -> dict[str, str]:
     """The connection settings that point at the lab in ``home``.
 
     The four addresses; ``TWOPC_STOMP_TLS_ADDRESS`` (the TLS connector); once

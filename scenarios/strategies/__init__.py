@@ -162,7 +162,5 @@ def run_transfers(
         strategy.close()
     if check:
         inbox = strategy.relay_mode is not None
-        output["invariants"] = gather_evidence(
-            settings, inbox=inbox, consumer=consumer
-        ).as_dict()
+        output["invariants"] = gather_evidence(settings, inbox=inbox, consumer=consumer).as_dict()
     return output

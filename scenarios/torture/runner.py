@@ -46,7 +46,6 @@ TWOPC = [sys.executable, "-m", "scenarios.cli"]
 CHILD = [sys.executable, "-m", "scenarios.torture.child"]
 
 
-
 # -- results -------------------------------------------------------------------------
 
 

@@ -34,7 +34,7 @@ from typing import Any
 import psycopg
 
 from coordinator.xid import FORMAT_ID, gtrid_prefix
-from participants.activemq import MARKER_QUEUE
+from participants.activemq import MARKER_QUEUE, marker_gtrids
 from scenarios.config import Settings
 from scenarios.outbox.deadletter import dead_letter_queue
 from scenarios.transfer.model import CREDIT_QUEUE, EVENT_QUEUE, TRANSFER_COMPLETED, TYPE_HEADER
@@ -228,7 +228,9 @@ def markers_of(settings: Settings) -> set[str]:
     """gtrids of this coordinator's commit markers on the broker's marker queue."""
     with open_stomp(settings) as client:
         gtrids = {
-            m.headers.get("gtrid", "") for m in client.browse(MARKER_QUEUE, idle_timeout=10.0)
+            g
+            for m in client.browse(MARKER_QUEUE, idle_timeout=10.0)
+            for g in marker_gtrids(m.headers)
         }
     prefix = gtrid_prefix(settings.coordinator_id)
     return {g for g in gtrids if g.startswith(prefix)}
