@@ -16,11 +16,15 @@ from typing import Any
 import psycopg
 import pytest
 
-from coordinator import FileDecisionLog, TransactionAborted
+from coordinator import FileDecisionLog, TransactionAborted, TransactionTimeout
 from coordinator.aio import AsyncCoordinator
 from coordinator.failpoints import failpoint_env
+from coordinator.log.memory import MemoryDecisionLog
+from coordinator.states import TxState
 from participants.aio.activemq import AsyncActiveMQ
+from participants.aio.fake import AsyncFakeBroker, AsyncFakeResource
 from participants.aio.postgres import AsyncPostgresResource
+from participants.fake import FakeBroker, FakeResource, FakeStore
 from scenarios.config import Settings
 from tests.asgi_client import AsgiClient
 from tests.conftest import open_stomp_client
@@ -252,3 +256,89 @@ def test_asyncio_example_commits_atomically_on_the_lab(settings: Settings, tmp_p
         messages = client.browse("/queue/shop.orders", idle_timeout=5.0)
     assert [m.headers.get("order-id") for m in messages].count(order) == 1
     assert (tmp_path / "ashop-decisions.log").exists()
+
+
+@pytest.mark.lab
+def test_bench_inflight_commits_every_transaction_with_threads_and_with_tasks(
+    settings: Settings, tmp_path: Path
+) -> None:
+    """twopc bench --inflight --quick commits all 200 transactions in both modes, with a
+    thread per transaction in flight for the sync coordinator and none for asyncio."""
+    done = subprocess.run(
+        [
+            *(sys.executable, "-m", "scenarios.cli", "bench", "--inflight", "--quick"),
+            *("--json", "--out", str(tmp_path)),
+        ],
+        cwd=ROOT,
+        env={**os.environ, **settings.as_env()},
+        capture_output=True,
+        text=True,
+        timeout=300,
+        check=False,
+    )
+    assert done.returncode == 0, done.stderr[-3000:]
+    by_mode = {r["mode"]: r for r in json.loads(done.stdout)["inflight"]}
+    threads, tasks = by_mode["threads"], by_mode["asyncio"]
+    assert threads["committed"] == tasks["committed"] == 200
+    assert threads["errors"] == tasks["errors"] == 0
+    assert threads["threads_in_flight"] >= 200 > tasks["threads_in_flight"]
+    rows = (tmp_path / "inflight.md").read_text().splitlines()
+    assert [r.split(" |")[0] for r in rows if r.startswith("| ")][1:] == ["| threads", "| asyncio"]
+
+
+def fake_coordinator(timeout: float = 30.0) -> tuple[AsyncCoordinator, FakeStore]:
+    store = FakeStore()
+    resources = [AsyncFakeResource(FakeResource(n, store)) for n in ("a", "b")]
+    coordinator = AsyncCoordinator(
+        "t1", MemoryDecisionLog(), resources, AsyncFakeBroker(FakeBroker("mq")), timeout=timeout
+    )
+    return coordinator, store
+
+
+def test_watchdog_times_out_a_transaction_that_outlives_its_deadline() -> None:
+    """The asyncio watchdog marks a late transaction timed out; its work is then refused
+    and leaving the block raises TransactionTimeout, with nothing committed."""
+
+    async def scenario() -> AsyncCoordinator:
+        coordinator, _ = fake_coordinator(timeout=0.2)
+        async with coordinator:
+            with pytest.raises(TransactionTimeout, match="exceeded its timeout"):
+                async with coordinator.transaction() as tx:
+                    await tx.execute("a", "debit")
+                    await asyncio.sleep(0.6)  # the watchdog wakes every 0.2 s
+                    await tx.execute("b", "credit")
+            assert tx.timed_out and tx.state is TxState.ABORTED
+        return coordinator
+
+    coordinator = asyncio.run(scenario())
+    assert coordinator.stats()["aborted"] == 1 and coordinator.stats()["committed"] == 0
+
+
+def test_cancelled_task_rolls_its_transaction_back() -> None:
+    """A task cancelled inside the block rolls the transaction back, then is cancelled."""
+
+    async def scenario() -> tuple[AsyncCoordinator, FakeStore, str]:
+        coordinator, store = fake_coordinator()
+        async with coordinator:
+            entered = asyncio.Event()
+            gtrid = ""
+
+            async def request() -> None:
+                nonlocal gtrid
+                async with coordinator.transaction() as tx:
+                    gtrid = tx.gtrid
+                    await tx.execute("a", "debit")
+                    entered.set()
+                    await asyncio.sleep(10)
+
+            task = asyncio.create_task(request())
+            await entered.wait()
+            task.cancel()
+            with pytest.raises(asyncio.CancelledError):
+                await task
+            assert coordinator.active == []
+        return coordinator, store, gtrid
+
+    coordinator, store, gtrid = asyncio.run(scenario())
+    assert coordinator.stats()["aborted"] == 1
+    assert gtrid not in store.committed and not store.prepared

@@ -22,7 +22,7 @@ from __future__ import annotations
 import asyncio
 import time
 from collections import Counter
-from collections.abc import AsyncIterator, Callable, Mapping, Sequence
+from collections.abc import AsyncIterator, Awaitable, Callable, Mapping, Sequence
 from contextlib import asynccontextmanager, suppress
 from typing import Any
 
@@ -285,11 +285,23 @@ class AsyncCoordinator:
             for tx in late:
                 tx.log.warning(events.TIMEOUT, seconds=round(now - tx.started, 3))
                 for branch in tx.time_out():
-                    await branch.cancel()
+                    await self._contained_async(branch.cancel)
             interval = self.housekeeping_interval
             if interval is not None and now - last_chores >= interval:
                 last_chores = now
                 await asyncio.to_thread(self._contained, self.backlog.work)
+
+    async def _contained_async(self, step: Callable[[], Awaitable[object]]) -> None:
+        """Await a watchdog step; an unexpected error is logged, never ends the watchdog."""
+        try:
+            await step()
+        except Exception as exc:
+            events.get_logger().error(
+                events.HOUSEKEEPING_FAILED,
+                chore=getattr(step, "__name__", repr(step)),
+                error=f"{type(exc).__name__}: {exc}",
+                exc_info=True,
+            )
 
     @staticmethod
     def _contained(chore: Callable[[], object]) -> None:
