@@ -33,11 +33,11 @@ from coordinator.errors import (
 )
 from coordinator.log import commit_record_participants
 from coordinator.protocol import LastResourceSession, XABranch
-from coordinator.runtime import DriverConfig, run_parallel
+from coordinator.runtime import DriverConfig, run_each, run_parallel
 from coordinator.states import Outcome, TxState
 from coordinator.transaction import Transaction
 
-__all__ = ["DriverConfig", "abort", "commit", "run_parallel"]
+__all__ = ["DriverConfig", "abort", "commit", "run_each", "run_parallel"]
 
 
 class _Abort(Exception):
@@ -121,11 +121,17 @@ def _commit_read_only(
 
 
 def _prepare_all(tx: Transaction, cfg: DriverConfig, writers: list[XABranch]) -> None:
-    """Phase 1: prepare every XA writer in parallel; any NO vote or failure aborts."""
+    """Phase 1: prepare every XA writer at once; any NO vote or failure aborts.
+
+    PREPARE takes no new lock, so it may run on every branch at the same time;
+    the work itself never does (DESIGN §5: that deadlocks across databases).
+    """
     tx.move(TxState.PREPARING)
     tx.log.debug(events.PREPARE_STARTED, participants=[b.name for b in writers])
     with tx.timed("prepare"):
-        votes = cfg.run_parallel([partial(_prepare_one, b, cfg) for b in writers])
+        for branch in writers:
+            branch.send_prepare()
+        votes = cfg.run_each([partial(_prepare_one, b, cfg) for b in writers])
     refusals = [v for v in votes if isinstance(v, BaseException)]
     if refusals:
         raise _Abort(f"phase 1 failed: {refusals[0]}")
@@ -190,9 +196,11 @@ def _commit_marker(tx: Transaction, cfg: DriverConfig, broker: LastResourceSessi
 
 
 def _phase2(tx: Transaction, cfg: DriverConfig, writers: list[XABranch]) -> bool:
-    """COMMIT PREPARED everywhere, in parallel; False if some of it is left for later."""
+    """COMMIT PREPARED everywhere at once; False if some of it is left for later."""
     with tx.timed("phase2"):
-        results = cfg.run_parallel([partial(_commit_prepared, tx, b, cfg) for b in writers])
+        for branch in writers:
+            branch.send_commit_prepared()
+        results = cfg.run_each([partial(_commit_prepared, tx, b, cfg) for b in writers])
     errors = [str(r) for r in results if isinstance(r, BaseException)]
     if errors:
         tx.log.warning(events.PHASE2_DEFERRED, errors=errors)

@@ -7,9 +7,16 @@ participants through these protocols only; nothing is looked up by
 **XA resources** (PostgreSQL). Each transaction gets one :class:`XABranch`
 from :meth:`XAResource.begin`. Call order on a branch::
 
-    begin -> execute* -> read_only -> prepare -> commit_prepared | rollback
+    begin -> execute* -> read_only -> [send_prepare] -> prepare
+          -> [send_commit_prepared] -> commit_prepared | rollback
     begin -> execute* -> read_only -> commit_one_phase | rollback     # one-phase path
     ... -> release                                                    # always, last
+
+* ``send_prepare`` / ``send_commit_prepared`` only send the command and never
+  raise (a failure to send shows in the call that follows); the next
+  ``prepare`` / ``commit_prepared`` waits for its answer. The driver sends to
+  every branch before it waits on any, so the branches work at once on one
+  thread. A branch may do nothing in them and all the work in the next call.
 
 * ``execute`` may raise anything the database raises (the caller's SQL is
   theirs); the branch then records :attr:`XABranch.failure` and votes NO.
@@ -110,12 +117,20 @@ class XABranch(Protocol):
         """True when the branch wrote nothing (it then commits one-phase, early)."""
         ...
 
+    def send_prepare(self) -> None:
+        """Start phase 1 without waiting for the vote (see :meth:`prepare`). Never raises."""
+        ...
+
     def prepare(self) -> Vote:
         """Phase 1: YES, or PrepareFailed for a NO vote (the branch is rolled back)."""
         ...
 
     def commit_one_phase(self) -> None:
         """Commit without prepare (single writer or read-only). Raises ParticipantError."""
+        ...
+
+    def send_commit_prepared(self) -> None:
+        """Start phase 2 without waiting (see :meth:`commit_prepared`). Never raises."""
         ...
 
     def commit_prepared(self) -> None:
@@ -279,9 +294,18 @@ class AsyncXABranch(Protocol):
 
     async def read_only(self) -> bool: ...
 
+    def send_prepare(self) -> None:
+        """As :meth:`XABranch.send_prepare`; never raises. An asyncio branch may do nothing
+        here: the driver awaits every branch's ``prepare`` at once."""
+        ...
+
     async def prepare(self) -> Vote: ...
 
     async def commit_one_phase(self) -> None: ...
+
+    def send_commit_prepared(self) -> None:
+        """As :meth:`XABranch.send_commit_prepared`; never raises (may do nothing)."""
+        ...
 
     async def commit_prepared(self) -> None: ...
 

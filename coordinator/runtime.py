@@ -36,6 +36,11 @@ class DriverConfig:
         """Run ``calls`` at once on the executor; return results or exceptions."""
         return run_parallel(self.executor, calls)
 
+    def run_each(self, calls: Sequence[Callable[[], T]]) -> list[T | BaseException]:
+        """Wait for each branch's answer, one after the other on this thread (the driver
+        sent every branch its command first, so the branches work at once)."""
+        return run_each(calls)
+
     def log_commit(self, gtrid: str, participants: Sequence[str], *, force: bool) -> None:
         """Write the COMMIT record (forced: durable on return)."""
         self.log.log_commit(gtrid, participants, force=force)
@@ -58,6 +63,22 @@ def _submit(executor: Executor, call: Callable[[], T]) -> Future[T]:
         except BaseException as exc:
             done.set_exception(exc)
         return done
+
+
+def run_each(calls: Sequence[Callable[[], T]]) -> list[T | BaseException]:
+    """Run ``calls`` one after the other on this thread; return results or exceptions.
+
+    An injected crash stops at once, as a real one would.
+    """
+    results: list[T | BaseException] = []
+    for call in calls:
+        try:
+            results.append(call())
+        except CrashInjected:
+            raise
+        except BaseException as exc:
+            results.append(exc)
+    return results
 
 
 def run_parallel(executor: Executor, calls: Sequence[Callable[[], T]]) -> list[T | BaseException]:

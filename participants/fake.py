@@ -155,6 +155,9 @@ class FakeBranch:
         _raise_for(action, step, self.name, self._xid.gtrid)
         return action
 
+    def send_prepare(self) -> None:
+        """Nothing goes out ahead: :meth:`prepare` does the whole of phase 1."""
+
     def prepare(self) -> Vote:
         action = self._fault("prepare")
         if action == "no" or self.failure is not None:
@@ -172,6 +175,9 @@ class FakeBranch:
         with self.resource.store.lock:
             self.resource.store.committed[self._xid.gtrid] = list(self.ops)
         self.state = "committed"
+
+    def send_commit_prepared(self) -> None:
+        """Nothing goes out ahead: :meth:`commit_prepared` does the whole of phase 2."""
 
     def commit_prepared(self) -> None:
         action = self._fault("commit_prepared")

@@ -1,4 +1,4 @@
-"""PostgreSQL as an XA participant: psycopg's tpc_* API over a small connection pool."""
+"""PostgreSQL as an XA participant: PREPARE TRANSACTION over a small connection pool."""
 
 from __future__ import annotations
 
@@ -11,7 +11,7 @@ from typing import Any, LiteralString, TypeVar
 
 import psycopg
 from psycopg import errors as pg_errors
-from psycopg import pq
+from psycopg import generators, pq
 
 from coordinator.errors import (
     ConfigurationError,
@@ -60,6 +60,36 @@ def describe_dsn(dsn: str) -> str:
     except psycopg.ProgrammingError:
         return "(unparsable connection string)"
     return f"{info.get('host', 'localhost')}:{info.get('port', 5432)}/{info.get('dbname', '')}"
+
+
+def gid_of(xid: Xid) -> str:
+    """The transaction id PostgreSQL knows the branch by: psycopg's encoding of the Xid,
+    which ``tpc_recover`` decodes (only digits, letters, ``_``, ``+``, ``/`` and ``=``)."""
+    return str(psycopg.Xid(xid.format_id, xid.gtrid, xid.bqual))
+
+
+def send_command(conn: psycopg.Connection[Any], command: bytes) -> None:
+    """Send ``command`` without waiting for its answer (:func:`receive_answer` waits).
+
+    The branch's own commands (BEGIN, PREPARE TRANSACTION, COMMIT/ROLLBACK
+    PREPARED) go to libpq directly: several connections then work at once from
+    one thread, with no SQL composition on the hot path.
+    """
+    conn.pgconn.send_query(command)
+
+
+def receive_answer(conn: psycopg.Connection[Any]) -> None:
+    """Wait for the answer to the command sent last; raise the server's error as psycopg's."""
+    results = conn.wait(generators.execute(conn.pgconn))
+    for result in results:
+        if result.status == pq.ExecStatus.FATAL_ERROR:
+            raise pg_errors.error_from_result(result, encoding=conn.info.encoding)
+
+
+def run_command(conn: psycopg.Connection[Any], command: bytes) -> None:
+    """Send ``command`` and wait for its answer."""
+    send_command(conn, command)
+    receive_answer(conn)
 
 
 class PostgresResource:
@@ -174,7 +204,7 @@ class PostgresResource:
         while True:
             conn, kept = self._acquire()
             try:
-                conn.tpc_begin(conn.xid(xid.format_id, xid.gtrid, xid.bqual))
+                run_command(conn, b"BEGIN")
             except psycopg.Error as exc:
                 lost = conn.broken
                 conn.close()
@@ -248,12 +278,24 @@ class PostgresResource:
 
 
 class PostgresBranch:
-    """One branch: a pooled connection inside ``tpc_begin(xid)``."""
+    """One branch: a pooled connection inside a transaction that will be prepared as ``xid``.
+
+    ``send_prepare`` and ``send_commit_prepared`` only send the command; the
+    next ``prepare`` / ``commit_prepared`` waits for its answer. The driver sends
+    to every branch first and then waits, so that all of them prepare (and
+    commit) at once, on one thread.
+    """
 
     def __init__(self, resource: PostgresResource, conn: psycopg.Connection[Any], xid: Xid) -> None:
         self.resource = resource
         self.conn = conn
         self._xid = xid
+        gid = gid_of(xid).encode()
+        self._prepare_command = b"PREPARE TRANSACTION '" + gid + b"'"
+        self._commit_command = b"COMMIT PREPARED '" + gid + b"'"
+        self._rollback_command = b"ROLLBACK PREPARED '" + gid + b"'"
+        self._in_flight: bytes | None = None  # a command sent, its answer not yet read
+        self._send_error: psycopg.Error | None = None
         self._wrote = False
         self._prepared = False
         self._maybe_prepared = False  # PREPARE was sent: the server may hold the branch
@@ -295,6 +337,38 @@ class PostgresBranch:
     def _in_error(self) -> bool:
         return self.conn.info.transaction_status == pq.TransactionStatus.INERROR
 
+    # -- commands sent now, answered later ---------------------------------------------
+
+    def _send(self, command: bytes) -> None:
+        """Send ``command``; a failure to send is kept for the wait that follows."""
+        if self._in_flight is not None or self._send_error is not None:
+            return
+        try:
+            send_command(self.conn, command)
+        except psycopg.Error as exc:
+            self._send_error = exc
+            return
+        self._in_flight = command
+
+    def _run(self, command: bytes) -> None:
+        """Wait for ``command`` if it was sent already, else send it and wait."""
+        if self._send_error is not None:
+            error, self._send_error = self._send_error, None
+            raise error
+        if self._in_flight == command:
+            self._in_flight = None
+            receive_answer(self.conn)
+            return
+        run_command(self.conn, command)
+
+    # -- phase 1 -----------------------------------------------------------------------
+
+    def send_prepare(self) -> None:
+        """Send PREPARE TRANSACTION now; :meth:`prepare` reads the vote."""
+        if self.failure is None and not self._in_error():
+            self._maybe_prepared = True
+            self._send(self._prepare_command)
+
     def prepare(self) -> Vote:
         gtrid = self._xid.gtrid
         if self.failure is not None or self._in_error():
@@ -305,7 +379,7 @@ class PostgresBranch:
             )
         self._maybe_prepared = True
         try:
-            self.conn.tpc_prepare()
+            self._run(self._prepare_command)
         except psycopg.Error as exc:
             self._after_failed_prepare()
             if isinstance(exc, pg_errors.DuplicateObject):  # 42710: gid already in use
@@ -327,20 +401,27 @@ class PostgresBranch:
             return
         self._maybe_prepared = False
         self._finished = True
-        self.conn.close()  # psycopg still believes it is in a prepared transaction
 
     def commit_one_phase(self) -> None:
         try:
-            self.conn.tpc_commit()
+            self.conn.commit()
         except psycopg.Error as exc:
             raise ParticipantError(
                 f"one-phase COMMIT failed: {exc}", participant=self.name, gtrid=self._xid.gtrid
             ) from exc
         self._finished = True
 
+    # -- phase 2 -----------------------------------------------------------------------
+
+    def send_commit_prepared(self) -> None:
+        """Send COMMIT PREPARED now; :meth:`commit_prepared` reads the answer."""
+        if not (self.conn.closed or self.conn.broken):
+            self._send(self._commit_command)
+
     def commit_prepared(self) -> None:
         """COMMIT PREPARED, on this connection or, if it broke, on a fresh one."""
         if self.conn.closed or self.conn.broken:
+            self._in_flight = self._send_error = None
             if not self.resource.commit_recovered(self._xid):
                 raise ParticipantError(
                     "COMMIT PREPARED found no prepared branch",
@@ -350,7 +431,7 @@ class PostgresBranch:
             self._finished = True
             return
         try:
-            self.conn.tpc_commit()
+            self._run(self._commit_command)
         except pg_errors.UndefinedObject as exc:
             raise ParticipantError(
                 "COMMIT PREPARED found no prepared branch",
@@ -368,12 +449,31 @@ class PostgresBranch:
         """True when a rollback could not reach a branch that may be prepared."""
         return self._maybe_prepared and not self._finished
 
+    def _read_in_flight(self) -> None:
+        """Read the answer to a command sent and never waited for (an interrupted sequence)."""
+        command, self._in_flight = self._in_flight, None
+        self._send_error = None
+        if command is None or self.conn.closed or self.conn.broken:
+            return
+        try:
+            receive_answer(self.conn)
+        except psycopg.Error:
+            return  # a failed PREPARE rolled the transaction back; a failed COMMIT left it
+        if command == self._prepare_command:
+            self._prepared = True
+        elif command == self._commit_command:
+            self._finished = True
+
     def rollback(self) -> None:
+        self._read_in_flight()
         if self._finished:
             return
         if not (self.conn.closed or self.conn.broken):
             try:
-                self.conn.tpc_rollback()
+                if self._prepared:
+                    run_command(self.conn, self._rollback_command)
+                else:
+                    self.conn.rollback()
             except psycopg.Error as exc:
                 if not (self.conn.closed or self.conn.broken):
                     self._warn_rollback(exc)

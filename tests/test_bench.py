@@ -110,8 +110,8 @@ TINY_OVERHEAD = overhead.Plan(
     rounds=2,
     per_round=4,
     seconds=0.4,
-    concurrencies=(1, 4),
-    throughput_of=("coordinator", "coordinator-db", "peer"),
+    concurrencies=(1, 8, 16),
+    throughput_of=("floor", "floor-seq", "coordinator", "coordinator-db", "peer"),
     outcome_checks=3,
 )
 
@@ -143,6 +143,7 @@ def test_bench_overhead_writes_measured_figures(
     assert list(contenders) == [
         "floor",
         "floor-marker",
+        "floor-seq",
         "coordinator",
         "floor-db",
         "coordinator-db",
@@ -155,7 +156,11 @@ def test_bench_overhead_writes_measured_figures(
         assert latency["count"] == 8 and 0 < latency["p50"] <= latency["max"], name
         assert row["cpu_ms_per_op"] > 0, name
     assert data["latency_c1"]["ratios"]["coordinator/floor"]["p50"] > 0
-    assert data["throughput"]["runs"]["coordinator"]["4"]["committed"] > 0
+    assert data["throughput"]["runs"]["coordinator"]["16"]["committed"] > 0
+    assert data["throughput"]["runs"]["floor-seq"]["16"]["committed"] > 0
+    named = {t["target"] for t in data["targets"]}
+    assert any("Python CPU per committed transfer" in t for t in named)
+    assert any("floor-seq" in t for t in named)
     by = data["by_outcome"]
     # Presumed abort: one forced write per commit without a broker, none otherwise.
     assert by["coordinator-db"]["commit"]["forced_log_writes_per_tx"] == 1.0

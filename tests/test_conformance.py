@@ -146,6 +146,37 @@ def test_prepare_then_commit_prepared_makes_the_write_visible(xa: XAHarness) -> 
     assert xa.visible(xid.gtrid)
 
 
+def test_sent_ahead_prepare_and_commit_give_the_same_result(xa: XAHarness) -> None:
+    """send_prepare then prepare, send_commit_prepared then commit_prepared: as the plain calls."""
+    first, second = new_xid(), new_xid()
+    branches = [xa.resource.begin(first), xa.resource.begin(second)]
+    for branch in branches:
+        xa.write(branch, branch.xid.gtrid)
+    for branch in branches:
+        branch.send_prepare()
+    assert [branch.prepare() for branch in branches] == [Vote.YES, Vote.YES]
+    assert {first, second} <= prepared(xa.resource)
+    for branch in branches:
+        branch.send_commit_prepared()
+    for branch in branches:
+        branch.commit_prepared()
+        branch.release()
+    assert not {first, second} & prepared(xa.resource)
+    assert xa.visible(first.gtrid) and xa.visible(second.gtrid)
+
+
+def test_rollback_with_a_prepare_sent_and_not_read_leaves_nothing(xa: XAHarness) -> None:
+    """A PREPARE sent ahead whose vote was never read is rolled back by rollback()."""
+    xid = new_xid()
+    branch = xa.resource.begin(xid)
+    xa.write(branch, xid.gtrid)
+    branch.send_prepare()
+    branch.rollback()
+    branch.release()
+    assert xid not in prepared(xa.resource)
+    assert not xa.visible(xid.gtrid)
+
+
 def test_prepared_branch_rolls_back(xa: XAHarness) -> None:
     """A prepared branch rolled back leaves nothing visible and nothing prepared."""
     xid = new_xid()

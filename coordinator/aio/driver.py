@@ -23,7 +23,7 @@ from functools import partial
 from structlog.contextvars import bound_contextvars
 
 from coordinator import events
-from coordinator.aio.runtime import AsyncDriverConfig, run_parallel
+from coordinator.aio.runtime import AsyncDriverConfig, run_each, run_parallel
 from coordinator.aio.transaction import AsyncTransaction
 from coordinator.errors import (
     CommitRefused,
@@ -36,7 +36,7 @@ from coordinator.log import commit_record_participants
 from coordinator.protocol import AsyncLastResourceSession, AsyncXABranch
 from coordinator.states import Outcome, TxState
 
-__all__ = ["AsyncDriverConfig", "abort", "commit", "run_parallel"]
+__all__ = ["AsyncDriverConfig", "abort", "commit", "run_each", "run_parallel"]
 
 
 class _Abort(Exception):
@@ -122,11 +122,17 @@ async def _commit_read_only(
 async def _prepare_all(
     tx: AsyncTransaction, cfg: AsyncDriverConfig, writers: list[AsyncXABranch]
 ) -> None:
-    """Phase 1: prepare every XA writer in parallel; any NO vote or failure aborts."""
+    """Phase 1: prepare every XA writer at once; any NO vote or failure aborts.
+
+    PREPARE takes no new lock, so it may run on every branch at the same time;
+    the work itself never does (DESIGN §5: that deadlocks across databases).
+    """
     tx.move(TxState.PREPARING)
     tx.log.debug(events.PREPARE_STARTED, participants=[b.name for b in writers])
     with tx.timed("prepare"):
-        votes = await cfg.run_parallel([partial(_prepare_one, b, cfg) for b in writers])
+        for branch in writers:
+            branch.send_prepare()
+        votes = await cfg.run_each([partial(_prepare_one, b, cfg) for b in writers])
     refusals = [v for v in votes if isinstance(v, BaseException)]
     if refusals:
         raise _Abort(f"phase 1 failed: {refusals[0]}")
@@ -199,9 +205,11 @@ async def _commit_marker(
 async def _phase2(
     tx: AsyncTransaction, cfg: AsyncDriverConfig, writers: list[AsyncXABranch]
 ) -> bool:
-    """COMMIT PREPARED everywhere, in parallel; False if some of it is left for later."""
+    """COMMIT PREPARED everywhere at once; False if some of it is left for later."""
     with tx.timed("phase2"):
-        results = await cfg.run_parallel([partial(_commit_prepared, tx, b, cfg) for b in writers])
+        for branch in writers:
+            branch.send_commit_prepared()
+        results = await cfg.run_each([partial(_commit_prepared, tx, b, cfg) for b in writers])
     errors = [str(r) for r in results if isinstance(r, BaseException)]
     if errors:
         tx.log.warning(events.PHASE2_DEFERRED, errors=errors)

@@ -36,6 +36,12 @@ class AsyncDriverConfig:
         """Run ``calls`` at once as tasks; return results or exceptions."""
         return await run_parallel(calls)
 
+    async def run_each(
+        self, calls: Sequence[Callable[[], Awaitable[T]]]
+    ) -> list[T | BaseException]:
+        """Wait for each branch's answer: as tasks, at once (one thread either way)."""
+        return await run_each(calls)
+
     async def log_commit(self, gtrid: str, participants: Sequence[str], *, force: bool) -> None:
         """Write the COMMIT record in a worker thread (forced: durable on return)."""
         await asyncio.to_thread(self.log.log_commit, gtrid, participants, force=force)
@@ -55,3 +61,9 @@ async def run_parallel(calls: Sequence[Callable[[], Awaitable[T]]]) -> list[T | 
         if isinstance(item, CrashInjected):
             raise item
     return results
+
+
+async def run_each(calls: Sequence[Callable[[], Awaitable[T]]]) -> list[T | BaseException]:
+    """The asyncio counterpart of :func:`coordinator.runtime.run_each`: the awaits overlap
+    on the event loop's one thread (the branches' answers arrive at once)."""
+    return await run_parallel(calls)

@@ -71,6 +71,12 @@ class AsyncFakeBranch:
     async def read_only(self) -> bool:
         return self.sync.read_only()
 
+    def send_prepare(self) -> None:
+        self.sync.send_prepare()
+
+    def send_commit_prepared(self) -> None:
+        self.sync.send_commit_prepared()
+
     async def prepare(self) -> Vote:
         await asyncio.sleep(0)
         return self.sync.prepare()

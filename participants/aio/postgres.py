@@ -181,6 +181,12 @@ class AsyncPostgresBranch:
         row = await cursor.fetchone()
         return bool(row and row[0])
 
+    def send_prepare(self) -> None:
+        """Nothing to send ahead: the driver awaits every branch's prepare at once."""
+
+    def send_commit_prepared(self) -> None:
+        """Nothing to send ahead: the driver awaits every branch's commit at once."""
+
     async def prepare(self) -> Vote:
         gtrid = self._xid.gtrid
         in_error = self.conn.info.transaction_status == pq.TransactionStatus.INERROR

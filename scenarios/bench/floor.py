@@ -17,6 +17,12 @@ Two decision styles:
   -> append the decision unsynced -> COMMIT PREPARED both.
 
 Without a broker (``broker=False``) the decision is always the fsync'd record.
+
+``sequential=True`` (``floor-seq``) is the plain hand-written 2PC a team would
+write first: each worker thread does the whole transfer on its own
+connections, one step after the other (prepare A, prepare B, the broker
+transaction with the marker, COMMIT PREPARED on A, then on B), with no helper
+thread. The issue's throughput target at concurrency 16 is measured against it.
 """
 
 from __future__ import annotations
@@ -78,10 +84,14 @@ class Floor:
         decision: Decision = "fsync",
         log_path: Path | None = None,
         receipt_timeout: float = 5.0,
+        sequential: bool = False,
     ) -> None:
         self.name = "floor" if decision == "fsync" else "floor-marker"
         if not broker:
             self.name = "floor-db"
+        if sequential:
+            self.name = "floor-seq"
+        self.sequential = sequential
         self.settings = settings
         self.broker = broker
         self.decision: Decision = decision if broker else "fsync"
@@ -131,9 +141,13 @@ class Floor:
             headers = {"transfer-id": t.transfer_id, TYPE_HEADER: TRANSFER_COMPLETED}
             lane.mq.send(EVENT_QUEUE, t.body(), headers, transaction=gtrid)
 
-        prepared_b = self._helper.submit(lane.b.tpc_prepare)
-        lane.a.tpc_prepare()
-        prepared_b.result()
+        if self.sequential:
+            lane.a.tpc_prepare()
+            lane.b.tpc_prepare()
+        else:
+            prepared_b = self._helper.submit(lane.b.tpc_prepare)
+            lane.a.tpc_prepare()
+            prepared_b.result()
 
         record = f"COMMIT {gtrid} a,b{',mq' if lane.mq else ''}\n".encode()
         if lane.mq is None:
@@ -146,9 +160,13 @@ class Floor:
             lane.mq.commit(gtrid, self.receipt_timeout)
             self._append(record, force=False)
 
-        committed_b = self._helper.submit(lane.b.tpc_commit)
-        lane.a.tpc_commit()
-        committed_b.result()
+        if self.sequential:
+            lane.a.tpc_commit()
+            lane.b.tpc_commit()
+        else:
+            committed_b = self._helper.submit(lane.b.tpc_commit)
+            lane.a.tpc_commit()
+            committed_b.result()
         return True
 
     def _append(self, record: bytes, *, force: bool) -> None:

@@ -447,6 +447,10 @@ def tree_cpu_seconds(root: int) -> float:
     return total
 
 
+#: The name under which ServiceCpu counts this process's own CPU.
+PYTHON_CPU = "python (twopc)"
+
+
 class ServiceCpu:
     """CPU seconds of named process trees (the lab's services) and of this process."""
 
@@ -454,7 +458,7 @@ class ServiceCpu:
         self.roots = dict(roots)
 
     def snapshot(self) -> dict[str, float]:
-        out = {"python (twopc)": time.process_time()}
+        out = {PYTHON_CPU: time.process_time()}
         for name, pid in self.roots.items():
             out[name] = tree_cpu_seconds(pid)
         return out
