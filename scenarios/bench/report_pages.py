@@ -108,6 +108,19 @@ def verdict(strategies: Mapping[str, Any], crashes: Mapping[str, Any]) -> list[d
                 "figures": "transfers committed per second by the client",
             }
         )
+    if best.get("2pc") and best.get("outbox-status"):
+        curve = {int(c): r["throughput_per_s"] for c, r in strategies["2pc"]["throughput"].items()}
+        rising = [curve[c] for c in sorted(curve) if c <= 8]
+        rows.append(
+            {
+                "finding": f"2PC's peak is {best['2pc'] / best['outbox-status']:.2f} x "
+                "outbox-status's (target >= 0.6); from concurrency 1 to 8 its throughput "
+                + ("rises" if rising == sorted(rising) else "does not rise steadily")
+                + ": "
+                + ", ".join(f"{c}: {curve[c]:.0f}/s" for c in sorted(curve) if c <= 8),
+                "figures": "the same run, closed loop",
+            }
+        )
     costs = {n: d.get("cost", {}) for n, d in strategies.items()}
     if costs:
         rows.append(
