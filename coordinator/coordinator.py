@@ -16,7 +16,8 @@ from collections import Counter
 from collections.abc import Callable, Collection, Iterator, Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
-from typing import Any
+from functools import partial
+from typing import Any, TypeVar
 
 from coordinator import driver, events, failpoints
 from coordinator.errors import (
@@ -28,11 +29,38 @@ from coordinator.errors import (
 )
 from coordinator.log import DecisionLog
 from coordinator.peers import Membership, PeerRecovery, recover_dead
-from coordinator.protocol import LastResource, XAResource
+from coordinator.protocol import AsyncXAResource, LastResource, XAResource
 from coordinator.recovery import Backlog, Recovery, RecoveryReport
 from coordinator.states import TERMINAL, Outcome, TxState
 from coordinator.transaction import Transaction
 from coordinator.xid import gtrid_prefix, new_gtrid, validate_coordinator_id, validate_id
+
+R = TypeVar("R", XAResource, AsyncXAResource)
+
+
+def by_name(resources: Sequence[R]) -> dict[str, R]:
+    """The participants by name; ConfigurationError for a bad or repeated name."""
+    named: dict[str, R] = {}
+    for resource in resources:
+        validate_id("participant name", resource.name)
+        if resource.name in named:
+            raise ConfigurationError(f"two participants are named {resource.name!r}")
+        named[resource.name] = resource
+    return named
+
+
+def gtrid_for(coordinator_id: str, gtrid: str | None) -> str:
+    """A new gtrid, or ``gtrid`` checked to carry the coordinator's prefix (InvalidXid)."""
+    if gtrid is None:
+        return new_gtrid(coordinator_id)
+    validate_id("gtrid", gtrid)
+    prefix = gtrid_prefix(coordinator_id)
+    if not gtrid.startswith(prefix):
+        raise InvalidXid(
+            f"gtrid {gtrid!r} must start with {prefix!r} so that this "
+            "coordinator's recovery can find it"
+        )
+    return gtrid
 
 
 class Coordinator:
@@ -62,12 +90,7 @@ class Coordinator:
         self.coordinator_id = validate_coordinator_id(coordinator_id)
         self.prefix = gtrid_prefix(coordinator_id)
         self.log = log
-        self._resources: dict[str, XAResource] = {}
-        for resource in resources:
-            validate_id("participant name", resource.name)
-            if resource.name in self._resources:
-                raise ConfigurationError(f"two participants are named {resource.name!r}")
-            self._resources[resource.name] = resource
+        self._resources: dict[str, XAResource] = by_name(resources)
         self._broker = broker
         # Many coordinators (DESIGN §7): this one's liveness lock, the broker of a dead
         # peer by its id (for fencing and its markers), and how often to look for one.
@@ -138,15 +161,7 @@ class Coordinator:
         """Start a global transaction; ``gtrid`` must carry this coordinator's prefix."""
         if self._closed.is_set():
             raise InvalidTransition("cannot begin a transaction: the coordinator is closed")
-        if gtrid is None:
-            gtrid = new_gtrid(self.coordinator_id)
-        else:
-            validate_id("gtrid", gtrid)
-            if not gtrid.startswith(self.prefix):
-                raise InvalidXid(
-                    f"gtrid {gtrid!r} must start with {self.prefix!r} so that this "
-                    "coordinator's recovery can find it"
-                )
+        gtrid = gtrid_for(self.coordinator_id, gtrid)
         tx = Transaction(self, gtrid, self.timeout if timeout is None else timeout)
         with self._lock:
             taken = gtrid in self._active or self.backlog.holds(gtrid)
@@ -214,9 +229,12 @@ class Coordinator:
                 raise
         tx.finished(outcome)
         self.outcomes[outcome] += 1
-        decided_by = tx.broker is not None or tx.decision_holder is not None
-        if outcome is Outcome.IN_DOUBT and decided_by and tx.branches:
-            self.backlog.doubt(tx)
+        in_doubt = outcome is Outcome.IN_DOUBT and tx.branches
+        table = self.log.table
+        if in_doubt and tx.decision_holder is not None and table is not None:
+            self.backlog.doubt(tx, partial(table.settle, tx.gtrid))
+        elif in_doubt and tx.broker is not None and self._broker is not None:
+            self.backlog.doubt(tx, partial(self._broker.settle, tx.broker))
         if outcome is Outcome.ABORTED:
             for name, branch in tx.branches.items():
                 if branch.left_prepared:

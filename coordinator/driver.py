@@ -1,3 +1,5 @@
+# Generated from coordinator/aio/driver.py by scripts/unasync.py: edit that file, then run
+# `python scripts/unasync.py` (tests/test_unasync.py checks this file is current).
 """The commit sequence of one global transaction: prepare -> commit point -> log -> phase 2.
 
 Presumed abort (DESIGN §2): nothing is logged for an abort; the commit point
@@ -7,51 +9,37 @@ when the log keeps its decisions in a participant's table (DESIGN §7), that
 participant's one-phase commit of its branch carrying the decision row, after
 every other branch prepared. The failpoints around the commit point are the
 driver's: a participant only calls the callbacks it is handed.
+
+The sequence is written once, for asyncio, in :mod:`coordinator.aio.driver`;
+``scripts/unasync.py`` generates the synchronous :mod:`coordinator.driver` from
+it (``async``/``await`` dropped, asyncio names mapped to their thread
+counterparts), and ``tests/test_unasync.py`` checks that the generated file is
+current. What differs between the two lives in :mod:`coordinator.aio.runtime`
+and :mod:`coordinator.runtime`, under the same names.
 """
 
 from __future__ import annotations
 
-import contextvars
 import time
-from collections.abc import Callable, Sequence
-from concurrent.futures import Executor, Future
-from dataclasses import dataclass
 from functools import partial
-from typing import TypeVar
 
 from structlog.contextvars import bound_contextvars
 
 from coordinator import events
 from coordinator.errors import (
     CommitRefused,
-    CrashInjected,
     HeuristicMixed,
     OutcomeUnknown,
     ParticipantError,
     TwoPhaseCommitError,
 )
-from coordinator.log import DecisionLog, commit_record_participants
+from coordinator.log import commit_record_participants
 from coordinator.protocol import LastResourceSession, XABranch
+from coordinator.runtime import DriverConfig, run_each, run_parallel
 from coordinator.states import Outcome, TxState
 from coordinator.transaction import Transaction
 
-T = TypeVar("T")
-
-
-@dataclass
-class DriverConfig:
-    """What the commit sequence needs from its coordinator."""
-
-    log: DecisionLog
-    executor: Executor
-    failpoint: Callable[[str], None]
-    receipt_timeout: float = 5.0
-    phase2_attempts: int = 3
-    phase2_backoff: float = 0.05
-    defer: Callable[[Transaction], None] = lambda tx: None  # phase 2 left for later
-    # Whether this coordinator may reach a commit point now: False once it lost its
-    # liveness lock (DESIGN §7: a peer may be fencing it). Asked right before each one.
-    may_decide: Callable[[], bool] = lambda: True
+__all__ = ["DriverConfig", "abort", "commit", "run_each", "run_parallel"]
 
 
 class _Abort(Exception):
@@ -97,7 +85,7 @@ def abort(tx: Transaction, cfg: DriverConfig, reason: str) -> Outcome:
         tx.log.info(events.ABORT, reason=reason)
         branches = list(tx.branches.values())
         if branches:
-            run_parallel(cfg.executor, [b.rollback for b in branches])
+            cfg.run_parallel([b.rollback for b in branches])
         if tx.broker is not None:
             tx.broker.abort()
         tx.move(TxState.ABORTED)
@@ -173,7 +161,7 @@ def _prepare_all(tx: Transaction, cfg: DriverConfig, writers: list[XABranch]) ->
     with tx.timed("prepare"):
         for branch in writers:
             branch.send_prepare()
-        votes = run_each([partial(_prepare_one, b, cfg) for b in writers])
+        votes = cfg.run_each([partial(_prepare_one, b, cfg) for b in writers])
     refusals = [v for v in votes if isinstance(v, BaseException)]
     if refusals:
         raise _Abort(f"phase 1 failed: {refusals[0]}")
@@ -214,9 +202,7 @@ def _reach_commit_point(
         tx.decided(by_marker=True)
         tx.log.debug(events.COMMIT_POINT_REACHED, via="broker-marker")
         with tx.timed("decision_log"):  # the marker is the decision: the record may be lazy
-            cfg.log.log_commit(
-                tx.gtrid, commit_record_participants(prepared, broker.name), force=False
-            )
+            cfg.log_commit(tx.gtrid, commit_record_participants(prepared, broker.name), force=False)
     elif carrier is not None:
         tx.log.debug(events.COMMIT_POINT_STARTED, via="decision-row", participant=carrier.name)
         with tx.timed("commit_point"):
@@ -227,7 +213,7 @@ def _reach_commit_point(
         tx.log.debug(events.COMMIT_POINT_STARTED, via="decision-log")
         with tx.timed("decision_log"):
             try:
-                cfg.log.log_commit(tx.gtrid, commit_record_participants(prepared, None), force=True)
+                cfg.log_commit(tx.gtrid, commit_record_participants(prepared, None), force=True)
             except TwoPhaseCommitError as exc:  # FsyncFailed is fatal: the caller must stop
                 tx.doubt_because(f"the decision log failed: {exc}")
                 raise
@@ -248,11 +234,13 @@ def _commit_decision_row(tx: Transaction, cfg: DriverConfig, carrier: XABranch) 
     table = cfg.log.table
     assert table is not None
     try:
-        table.mark(carrier, tx.gtrid)
+        cursor = carrier.execute(table.mark_query, (tx.gtrid,))
+        row = cursor.fetchone()
     except Exception as exc:  # whatever the database said: nothing is committed
         raise _Abort(
             f"participant {carrier.name!r} could not take the decision row: {exc}"
         ) from exc
+    table.marked(tx.gtrid, int(row[0]) if row else 0)
     tx.carries_decision(carrier.name)
     cfg.failpoint("before_decision_row_commit")
     try:
@@ -292,7 +280,7 @@ def _phase2(tx: Transaction, cfg: DriverConfig, writers: list[XABranch]) -> bool
     with tx.timed("phase2"):
         for branch in writers:
             branch.send_commit_prepared()
-        results = run_each([partial(_commit_prepared, tx, b, cfg) for b in writers])
+        results = cfg.run_each([partial(_commit_prepared, tx, b, cfg) for b in writers])
     errors = [str(r) for r in results if isinstance(r, BaseException)]
     if errors:
         tx.log.warning(events.PHASE2_DEFERRED, errors=errors)
@@ -318,7 +306,7 @@ def _commit_prepared(tx: Transaction, branch: XABranch, cfg: DriverConfig) -> No
 
 def _end(tx: Transaction, cfg: DriverConfig) -> None:
     cfg.failpoint("before_end")
-    cfg.log.log_end(tx.gtrid)
+    cfg.log_end(tx.gtrid)
     tx.move(TxState.COMPLETED)
     tx.log.debug(events.END)
 
@@ -347,58 +335,3 @@ def _commit_one_phase(
     tx.decided(by_marker=False)
     tx.move(TxState.COMPLETED)
     return Outcome.COMMITTED
-
-
-# -- running calls in parallel -----------------------------------------------------------
-
-
-def _submit(executor: Executor, call: Callable[[], T]) -> Future[T]:
-    """``call`` on the executor in a copy of this context (so the gtrid stays bound),
-    or here and now once the executor is shut down (a closed coordinator)."""
-    context = contextvars.copy_context()
-    try:
-        return executor.submit(context.run, call)
-    except RuntimeError:
-        done: Future[T] = Future()
-        try:
-            done.set_result(call())
-        except BaseException as exc:
-            done.set_exception(exc)
-        return done
-
-
-def run_each(calls: Sequence[Callable[[], T]]) -> list[T | BaseException]:
-    """Run ``calls`` one after the other on this thread; return results or exceptions.
-
-    An injected crash stops at once, as a real one would.
-    """
-    results: list[T | BaseException] = []
-    for call in calls:
-        try:
-            results.append(call())
-        except CrashInjected:
-            raise
-        except BaseException as exc:
-            results.append(exc)
-    return results
-
-
-def run_parallel(executor: Executor, calls: Sequence[Callable[[], T]]) -> list[T | BaseException]:
-    """Run ``calls`` at once (the last one on this thread); return results or exceptions."""
-    futures: list[Future[T]] = [_submit(executor, call) for call in calls[:-1]]
-    results: list[T | BaseException] = []
-    last: T | BaseException
-    try:
-        last = calls[-1]()
-    except BaseException as exc:
-        last = exc
-    for future in futures:
-        try:
-            results.append(future.result())
-        except BaseException as exc:
-            results.append(exc)
-    results.append(last)
-    for item in results:  # an injected crash on any thread is a crash of the process
-        if isinstance(item, CrashInjected):
-            raise item
-    return results

@@ -262,3 +262,135 @@ class LastResource(Protocol):
     def close(self) -> None:
         """Close every session. Never raises."""
         ...
+
+
+# -- the asyncio counterparts ---------------------------------------------------------------
+#
+# The same contract, with ``async def`` for every call that does I/O: call order,
+# which calls may raise and which must not are as documented above. Recovery and
+# the background retries stay synchronous and run in a worker thread, so each
+# asyncio resource also hands out a synchronous view of the same server for them.
+
+
+@runtime_checkable
+class AsyncXABranch(Protocol):
+    """:class:`XABranch` for asyncio: one XA branch on one ``psycopg.AsyncConnection``."""
+
+    @property
+    def name(self) -> str: ...
+
+    @property
+    def xid(self) -> Xid: ...
+
+    @property
+    def failure(self) -> BaseException | None: ...
+
+    @property
+    def left_prepared(self) -> bool: ...
+
+    async def execute(
+        self, query: Query, params: Params | None = None
+    ) -> psycopg.AsyncCursor[Any]: ...
+
+    async def read_only(self) -> bool: ...
+
+    def send_prepare(self) -> None:
+        """As :meth:`XABranch.send_prepare`; never raises. An asyncio branch may do nothing
+        here: the driver awaits every branch's ``prepare`` at once."""
+        ...
+
+    async def prepare(self) -> Vote: ...
+
+    async def commit_one_phase(self) -> None: ...
+
+    def send_commit_prepared(self) -> None:
+        """As :meth:`XABranch.send_commit_prepared`; never raises (may do nothing)."""
+        ...
+
+    async def commit_prepared(self) -> None: ...
+
+    async def rollback(self) -> None: ...
+
+    async def cancel(self) -> None: ...
+
+    async def release(self) -> None: ...
+
+
+@runtime_checkable
+class AsyncXAResource(Protocol):
+    """:class:`XAResource` for asyncio: hands out :class:`AsyncXABranch` es."""
+
+    @property
+    def name(self) -> str: ...
+
+    async def begin(self, xid: Xid) -> AsyncXABranch:
+        """Start branch ``xid``. Raises ParticipantUnavailable."""
+        ...
+
+    def recovery_resource(self) -> XAResource:
+        """The same database as a synchronous XAResource, for recovery and the backlog
+        (``recover``, ``commit_recovered``, ``rollback_recovered``), called in a worker
+        thread."""
+        ...
+
+    async def close(self) -> None:
+        """Close the idle connections. Never raises."""
+        ...
+
+
+@runtime_checkable
+class AsyncLastResourceSession(Protocol):
+    """:class:`LastResourceSession` for asyncio."""
+
+    @property
+    def name(self) -> str: ...
+
+    @property
+    def has_work(self) -> bool: ...
+
+    async def send(
+        self, destination: str, body: str, headers: Mapping[str, str] | None = None
+    ) -> None: ...
+
+    async def ack(self, ack_id: str) -> None: ...
+
+    async def commit_with_marker(
+        self,
+        gtrid: str,
+        timeout: float,
+        *,
+        before_commit: Callable[[], None] = no_callback,
+        commit_sent: Callable[[], None] = no_callback,
+    ) -> None: ...
+
+    async def commit(self, timeout: float) -> None: ...
+
+    async def abort(self) -> None: ...
+
+    async def release(self) -> None: ...
+
+
+@runtime_checkable
+class AsyncLastResource(Protocol):
+    """:class:`LastResource` for asyncio: sessions are asyncio, recovery is synchronous."""
+
+    @property
+    def name(self) -> str: ...
+
+    async def begin(self, gtrid: str) -> AsyncLastResourceSession:
+        """BEGIN a broker transaction for ``gtrid``. Raises ParticipantUnavailable."""
+        ...
+
+    async def settle(self, session: AsyncLastResourceSession, timeout: float) -> None:
+        """As :meth:`LastResource.settle`, for a session of this resource."""
+        ...
+
+    def recovery_broker(self) -> LastResource:
+        """The same broker as a synchronous LastResource for recovery and the backlog,
+        called in a worker thread. Its ``fence`` first closes this resource's idle
+        sessions, so that every client-id can be taken over; it begins no transaction."""
+        ...
+
+    async def close(self) -> None:
+        """Close every session. Never raises."""
+        ...

@@ -25,14 +25,13 @@ import time
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
-from typing import Any
+from typing import Any, Protocol
 
 from coordinator import events, failpoints
 from coordinator.errors import ConfigurationError, TwoPhaseCommitError
 from coordinator.log import DecisionLog, DecisionTable, commit_record_participants
 from coordinator.protocol import LastResource, XAResource
 from coordinator.states import TxState
-from coordinator.transaction import Transaction
 from coordinator.xid import FORMAT_ID, Xid, gtrid_prefix
 
 
@@ -295,6 +294,31 @@ class Recovery:
 # -- what a running coordinator left behind -------------------------------------------------
 
 
+class Unfinished(Protocol):
+    """What the backlog needs of a transaction (sync or asyncio) it finishes."""
+
+    @property
+    def gtrid(self) -> str: ...
+
+    @property
+    def branches(self) -> Mapping[str, object]: ...
+
+    @property
+    def marker_sent(self) -> bool: ...
+
+    @property
+    def reason(self) -> str: ...
+
+    def move(self, target: TxState) -> None: ...
+
+    def decided(self, *, by_marker: bool) -> None: ...
+
+    def abandon_because(self, reason: str) -> None: ...
+
+    @property
+    def decision_holder(self) -> str | None: ...
+
+
 class Backlog:
     """Transactions of a running coordinator that its commit sequence could not finish.
 
@@ -321,14 +345,16 @@ class Backlog:
         self._broker = broker
         self.marker_batch = marker_batch
         self._lock = threading.Lock()
-        self._deferred: list[Transaction] = []
+        self._deferred: list[Unfinished] = []
         self._missed_rollbacks: list[tuple[str, Xid]] = []
-        self._in_doubt: list[Transaction] = []
+        # each with how to settle the session that carried its commit (LastResource.settle,
+        # or DecisionTable.settle)
+        self._in_doubt: list[tuple[Unfinished, Callable[[float], None]]] = []
         self._ended_with_marker: set[str] = set()  # a set: holds() runs at every begin
 
     # -- filled by the coordinator ---------------------------------------------------
 
-    def defer(self, tx: Transaction) -> None:
+    def defer(self, tx: Unfinished) -> None:
         """``tx`` is committed but some branch is still prepared."""
         with self._lock:
             self._deferred.append(tx)
@@ -338,10 +364,10 @@ class Backlog:
         with self._lock:
             self._missed_rollbacks.append((name, xid))
 
-    def doubt(self, tx: Transaction) -> None:
-        """``tx``'s commit point got no answer."""
+    def doubt(self, tx: Unfinished, settle: Callable[[float], None]) -> None:
+        """``tx``'s commit point got no answer; ``settle(timeout)`` fences its broker session."""
         with self._lock:
-            self._in_doubt.append(tx)
+            self._in_doubt.append((tx, settle))
 
     def ended(self, gtrid: str) -> bool:
         """``gtrid`` ended and its marker may go; True when a batch is due."""
@@ -353,13 +379,13 @@ class Backlog:
         """True while ``gtrid`` may still have a marker on the queue (not reusable yet)."""
         with self._lock:
             return gtrid in self._ended_with_marker or any(
-                tx.gtrid == gtrid for tx in self._in_doubt
+                tx.gtrid == gtrid for tx, _ in self._in_doubt
             )
 
     @property
     def in_doubt(self) -> list[str]:
         with self._lock:
-            return [tx.gtrid for tx in self._in_doubt]
+            return [tx.gtrid for tx, _ in self._in_doubt]
 
     def forget_in_doubt(self) -> None:
         """A full recovery pass is about to fence and decide these too."""
@@ -416,21 +442,19 @@ class Backlog:
         if not pending:
             return 0
         table = self._log.table
-        by_row = [tx for tx in pending if tx.decision_holder is not None]
-        by_marker = [tx for tx in pending if tx.decision_holder is None]
+        by_row = [(tx, settle) for tx, settle in pending if tx.decision_holder is not None]
+        by_marker = [(tx, settle) for tx, settle in pending if tx.decision_holder is None]
         rows: set[str] = set()
         markers: set[str] = set()
         try:
-            for tx in by_row:
+            for _, settle in pending:
+                settle(timeout)
+            for tx, _ in by_row:
                 assert table is not None
-                table.settle(tx.gtrid, timeout)
                 rows |= table.decided(tx.gtrid)
             if by_marker:
                 if self._broker is None:
                     raise ConfigurationError("an in-doubt marker commit needs the broker")
-                for tx in by_marker:
-                    assert tx.broker is not None
-                    self._broker.settle(tx.broker, timeout)
                 markers = self._broker.markers()
         except Exception as exc:  # kept for the next round, whatever failed
             events.get_logger().warning(events.RECOVERY_RESOLVE_FAILED, error=str(exc))
@@ -438,7 +462,7 @@ class Backlog:
                 self._in_doubt.extend(pending)
             return 0
         resolved = 0
-        for tx in pending:
+        for tx, settle in pending:
             row = tx.decision_holder is not None
             item = InDoubt(
                 tx.gtrid,
@@ -448,7 +472,7 @@ class Backlog:
                 decision_row=tx.gtrid in rows if row else None,
             )
             if not self._resolve(item.decided()):
-                self.doubt(tx)
+                self.doubt(tx, settle)
                 continue
             if item.decision is Decision.COMMIT:
                 tx.decided(by_marker=not row)

@@ -1,18 +1,21 @@
+# Generated from coordinator/aio/transaction.py by scripts/unasync.py: edit that file, then run
+# `python scripts/unasync.py` (tests/test_unasync.py checks this file is current).
 """One global transaction as its user sees it: branches, broker sends, commit on exit.
 
-The transaction holds its own state; every change of it goes through its
-methods (:meth:`Transaction.move`, :meth:`Transaction.abandon_because`, ...),
-called by the user, the driver and recovery. It knows its coordinator only
-through :class:`TransactionHost`, so this module imports no coordinator.
+The transaction's state and every change of it live in
+:class:`~coordinator.transaction_state.TransactionState`; this module adds the
+work. It knows its coordinator only through :class:`TransactionHost`, so it
+imports no coordinator.
+
+The work API is written once, for asyncio, in :mod:`coordinator.aio.transaction`;
+``scripts/unasync.py`` generates the synchronous :mod:`coordinator.transaction`
+from it.
 """
 
 from __future__ import annotations
 
-import threading
-import time
-from collections.abc import Iterator, Mapping
-from contextlib import contextmanager
-from types import MappingProxyType, TracebackType
+from collections.abc import Mapping
+from types import TracebackType
 from typing import Any, Protocol
 
 import psycopg
@@ -26,8 +29,14 @@ from coordinator.errors import (
     TwoPhaseCommitError,
     UnknownParticipant,
 )
-from coordinator.protocol import LastResource, LastResourceSession, XABranch, XAResource
-from coordinator.states import Outcome, TxState, check_transition, require
+from coordinator.protocol import (
+    LastResource,
+    LastResourceSession,
+    XABranch,
+    XAResource,
+)
+from coordinator.states import Outcome, TxState, require
+from coordinator.transaction_state import TransactionState
 from coordinator.xid import Xid
 
 
@@ -45,7 +54,7 @@ class TransactionHost(Protocol):
     def failpoint(self, name: str) -> None: ...
 
 
-class Transaction:
+class Transaction(TransactionState[XABranch, LastResourceSession]):
     """A global transaction: hands out branches lazily, commits atomically.
 
     Use it as a context manager: leaving the block normally commits and raises
@@ -54,82 +63,8 @@ class Transaction:
     """
 
     def __init__(self, host: TransactionHost, gtrid: str, timeout: float) -> None:
+        super().__init__(gtrid, timeout)
         self._host = host
-        self.gtrid = gtrid
-        self.state = TxState.ACTIVE
-        self.outcome: Outcome | None = None
-        self.reason = ""
-        self.started = time.monotonic()
-        self.deadline = self.started + timeout
-        self.timed_out = False
-        self._branches: dict[str, XABranch] = {}
-        self.broker: LastResourceSession | None = None
-        self.messages_sent = 0
-        self.marker_sent = False
-        # The participant whose branch carries the decision row (DESIGN §7), once written.
-        self.decision_holder: str | None = None
-        self.timings: dict[str, float] = {}  # phase name -> seconds (for the benchmark)
-        self._lock = threading.Lock()  # guards branch creation against the watchdog
-        self.log = events.get_logger(gtrid=gtrid)
-        self.span = tracing.start_transaction(gtrid)  # None without OpenTelemetry
-
-    @property
-    def branches(self) -> Mapping[str, XABranch]:
-        """The XA branches begun so far, by participant name (read-only)."""
-        return MappingProxyType(self._branches)
-
-    # -- state: every change goes through these ------------------------------------
-
-    def move(self, target: TxState) -> None:
-        """Go to ``target`` if the transition table allows it."""
-        self.state = check_transition(self.state, target, gtrid=self.gtrid)
-
-    def abandon_because(self, reason: str) -> None:
-        """Start rolling back, keeping the first reason given."""
-        self.move(TxState.ABORTING)
-        self.reason = self.reason or reason
-
-    def doubt_because(self, reason: str) -> None:
-        """The commit point got no clear answer: recovery decides."""
-        self.move(TxState.IN_DOUBT)
-        self.reason = reason
-
-    def decided(self, *, by_marker: bool) -> None:
-        """The decision to commit is durable (the broker's marker, or the log)."""
-        self.move(TxState.COMMITTED)
-        self.marker_sent = self.marker_sent or by_marker
-
-    def carries_decision(self, participant: str) -> None:
-        """The decision row was written in ``participant``'s branch (not yet committed)."""
-        self.decision_holder = participant
-
-    def finished(self, outcome: Outcome) -> None:
-        """Record what the caller is told."""
-        self.outcome = outcome
-        tracing.end_transaction(self.span, outcome.value, self.reason)
-
-    def time_out(self) -> list[XABranch]:
-        """Mark the transaction as timed out; return the branches whose work to cancel."""
-        self.timed_out = True
-        with self._lock:
-            return list(self._branches.values())
-
-    @contextmanager
-    def timed(self, phase: str) -> Iterator[None]:
-        """Add the time spent in the block to ``timings[phase]`` (and trace it as a span)."""
-        start = time.perf_counter()
-        try:
-            with tracing.phase(self.span, phase):
-                yield
-        finally:
-            self.timings[phase] = self.timings.get(phase, 0.0) + time.perf_counter() - start
-
-    def _check_active(self) -> None:
-        if self.timed_out:
-            raise TransactionTimeout(
-                f"transaction {self.gtrid} exceeded its timeout and was rolled back"
-            )
-        require(self.state, TxState.ACTIVE, action="add work", gtrid=self.gtrid)
 
     # -- work -----------------------------------------------------------------
 
@@ -145,16 +80,16 @@ class Transaction:
             raise UnknownParticipant(
                 f"transaction {self.gtrid}: no participant named {name!r} (known: {known})"
             )
-        with self._lock:
-            branch = resource.begin(Xid.branch(self.gtrid, name))
-            self._branches[name] = branch
+        branch = resource.begin(Xid.branch(self.gtrid, name))
+        self._add_branch(name, branch)
         self.log.debug(events.BEGIN, participant=name)
         self._host.failpoint("after_begin")
         return branch
 
     def execute(self, name: str, query: Query, params: Params | None = None) -> psycopg.Cursor[Any]:
         """Run one statement on branch ``name``; returns its psycopg cursor."""
-        return self.branch(name).execute(query, params)
+        branch = self.branch(name)
+        return branch.execute(query, params)
 
     def send(self, destination: str, body: str, headers: Mapping[str, str] | None = None) -> None:
         """Send a persistent message inside the broker's transaction.
@@ -168,7 +103,8 @@ class Transaction:
 
     def ack(self, ack_id: str) -> None:
         """Acknowledge a received message inside the broker's transaction (consumed on commit)."""
-        self._broker_session().ack(ack_id)
+        session = self._broker_session()
+        session.ack(ack_id)
 
     def _broker_session(self) -> LastResourceSession:
         self._check_active()

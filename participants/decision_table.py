@@ -14,12 +14,11 @@ import contextlib
 import threading
 import time
 from collections.abc import Collection
-from typing import Any
+from typing import Any, LiteralString
 
 import psycopg
 
 from coordinator.errors import ParticipantError, ParticipantUnavailable
-from coordinator.protocol import XABranch
 from participants.postgres import PostgresResource
 
 DECISIONS_DDL = (
@@ -30,6 +29,12 @@ DECISIONS_DDL = (
 
 #: How many carrier pids are remembered for settle() (one per recent decision).
 _CARRIERS_KEPT = 10_000
+
+
+#: The decision row, written inside the carrying branch; the pid names its session.
+MARK_QUERY: LiteralString = (
+    "INSERT INTO twopc_decisions (gtrid) VALUES (%s) RETURNING pg_backend_pid()"
+)
 
 
 class PostgresDecisionTable:
@@ -49,16 +54,15 @@ class PostgresDecisionTable:
         """Create the table if it is missing. Raises ParticipantUnavailable."""
         self._run(DECISIONS_DDL)
 
-    def mark(self, branch: XABranch, gtrid: str) -> None:
-        cursor = branch.execute(
-            "INSERT INTO twopc_decisions (gtrid) VALUES (%s) RETURNING pg_backend_pid()",
-            (gtrid,),
-        )
-        row = cursor.fetchone()
+    @property
+    def mark_query(self) -> LiteralString:
+        return MARK_QUERY
+
+    def marked(self, gtrid: str, backend_pid: int) -> None:
         with self._lock:
             if len(self._carriers) >= _CARRIERS_KEPT:
                 self._carriers.pop(next(iter(self._carriers)))
-            self._carriers[gtrid] = int(row[0]) if row else 0
+            self._carriers[gtrid] = backend_pid
 
     def decided(self, gtrid_prefix: str) -> set[str]:
         pattern = gtrid_prefix.replace("\\", "\\\\").replace("%", "\\%").replace("_", "\\_") + "%"

@@ -23,7 +23,7 @@ import threading
 from collections.abc import Callable, Collection, Mapping
 from dataclasses import dataclass, field
 from datetime import datetime
-from typing import Any
+from typing import Any, LiteralString
 
 from coordinator.errors import (
     CommitRefused,
@@ -36,6 +36,13 @@ from coordinator.errors import (
 from coordinator.protocol import no_callback
 from coordinator.states import Vote
 from coordinator.xid import Xid
+
+
+class _NoRows:
+    """What a fake branch's execute returns: a cursor with no rows."""
+
+    def fetchone(self) -> None:
+        return None
 
 
 @dataclass
@@ -149,9 +156,12 @@ class FakeBranch:
         return self._xid
 
     def execute(self, op: object, params: object = None) -> Any:
-        """Record one write; a fake has no cursor to return (None)."""
+        """Record one write; returns a cursor with no rows. The decision row (DESIGN §7)
+        takes the resource's ``mark`` fault first."""
+        if op == DECISION_ROW:
+            _raise_for(self.resource.faults.take("mark"), "mark", self.name, self._xid.gtrid)
         self.ops.append(str(op))
-        return None
+        return _NoRows()
 
     def read_only(self) -> bool:
         return not self.ops and self.failure is None
@@ -321,12 +331,12 @@ class FakeBrokerSession:
 
 
 #: The operation a decision row is in a fake branch.
-DECISION_ROW = "decision-row"
+DECISION_ROW: LiteralString = "decision-row"
 
 
 class FakeDecisionTable:
     """Decision rows in fake database ``resource`` (a DecisionTable): a gtrid has a row
-    when a branch of it that ran :meth:`mark` committed, until :meth:`forget`."""
+    when a branch of it that ran :attr:`mark_query` committed, until :meth:`forget`."""
 
     def __init__(self, resource: FakeResource) -> None:
         self.resource = resource
@@ -336,9 +346,12 @@ class FakeDecisionTable:
     def participant(self) -> str:
         return self.resource.name
 
-    def mark(self, branch: Any, gtrid: str) -> None:
-        _raise_for(self.resource.faults.take("mark"), "mark", self.participant, gtrid)
-        branch.execute(DECISION_ROW)
+    @property
+    def mark_query(self) -> LiteralString:
+        return DECISION_ROW
+
+    def marked(self, gtrid: str, backend_pid: int) -> None:
+        """A fake session has no pid to keep."""
 
     def decided(self, gtrid_prefix: str) -> set[str]:
         store = self.resource.store

@@ -21,6 +21,8 @@ from coordinator.log.table import TableDecisionLog
 from coordinator.peers import PeerRecovery, owner
 from coordinator.recovery import InDoubt, Recovery, RecoveryReport
 from participants.activemq import ActiveMQ
+from participants.aio.activemq import AsyncActiveMQ
+from participants.aio.postgres import AsyncPostgresResource
 from participants.decision_table import PostgresDecisionTable
 from participants.membership import PostgresMembership
 from participants.postgres import PostgresResource
@@ -45,11 +47,29 @@ def databases(settings: Settings, *, pool_size: int) -> list[PostgresResource]:
     ]
 
 
-def broker(settings: Settings, *, pool_size: int) -> ActiveMQ:
-    """The broker as the last resource 'mq', with ``pool_size`` STOMP sessions."""
+def broker(settings: Settings, *, pool_size: int, coordinator_id: str | None = None) -> ActiveMQ:
+    """The broker as the last resource 'mq', with ``pool_size`` STOMP sessions (client-ids of
+    ``coordinator_id``, by default the settings')."""
     return ActiveMQ(
-        settings.stomp, settings.coordinator_id, pool_size=pool_size, **settings.stomp_options()
+        settings.stomp,
+        coordinator_id or settings.coordinator_id,
+        pool_size=pool_size,
+        **settings.stomp_options(),
     )
+
+
+def async_participants(
+    settings: Settings, coordinator_id: str, *, pool_size: int
+) -> tuple[list[AsyncPostgresResource], AsyncActiveMQ]:
+    """Databases 'a' and 'b' and the broker 'mq' as asyncio participants (coordinator.aio)."""
+    resources = [
+        AsyncPostgresResource("a", settings.pg_a, setting="TWOPC_PG_A", pool_size=pool_size),
+        AsyncPostgresResource("b", settings.pg_b, setting="TWOPC_PG_B", pool_size=pool_size),
+    ]
+    mq = AsyncActiveMQ(
+        settings.stomp, coordinator_id, pool_size=pool_size, **settings.stomp_options()
+    )
+    return resources, mq
 
 
 def open_stomp(

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import secrets
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -14,9 +15,12 @@ from coordinator.errors import PrepareFailed
 from coordinator.protocol import LastResource, XAResource
 from coordinator.states import Vote
 from coordinator.xid import FORMAT_ID, Xid
+from participants.aio.fake import AsyncFakeBroker, AsyncFakeResource
+from participants.aio.postgres import AsyncPostgresResource
 from participants.fake import FakeBroker, FakeResource
 from participants.postgres import PostgresResource
 from scenarios.config import Settings
+from tests.aio_portal import Blocking, Portal
 
 
 class XAHarness(Protocol):
@@ -64,17 +68,59 @@ class PostgresHarness:
             )
 
 
-@pytest.fixture(params=["fake", pytest.param("postgres", marks=pytest.mark.lab)])
+@dataclass
+class BlockingHarness:
+    """An asyncio resource's harness: the suite's sync calls go through a portal."""
+
+    inner: Any
+    resource: Any
+    portal: Portal
+
+    def write(self, branch: Any, key: str) -> None:
+        self.inner.write(branch, key)
+
+    def fail(self, branch: Any) -> None:
+        self.inner.fail(branch)
+
+    def visible(self, key: str) -> bool:
+        return bool(self.inner.visible(key))
+
+
+@pytest.fixture(
+    params=[
+        "fake",
+        "fake-asyncio",
+        pytest.param("postgres", marks=pytest.mark.lab),
+        pytest.param("postgres-asyncio", marks=pytest.mark.lab),
+    ]
+)
 def xa(request: pytest.FixtureRequest) -> Iterator[XAHarness]:
-    if request.param == "fake":
-        yield FakeHarness(FakeResource("a"))
+    if request.param.startswith("fake"):
+        harness: Any = FakeHarness(FakeResource("a"))
+    else:
+        settings: Settings = request.getfixturevalue("settings")
+        with psycopg.connect(settings.pg_a, autocommit=True) as conn:
+            conn.execute("CREATE TABLE IF NOT EXISTS conformance (k text PRIMARY KEY)")
+        harness = PostgresHarness(PostgresResource("a", settings.pg_a))
+    if not request.param.endswith("asyncio"):
+        yield harness
+        harness.resource.close()
         return
-    settings: Settings = request.getfixturevalue("settings")
-    with psycopg.connect(settings.pg_a, autocommit=True) as conn:
-        conn.execute("CREATE TABLE IF NOT EXISTS conformance (k text PRIMARY KEY)")
-    resource = PostgresResource("a", settings.pg_a)
-    yield PostgresHarness(resource)
-    resource.close()
+    # The same checks on the asyncio resource: begin and the branch's calls are awaited
+    # through the portal; recover and the by-xid calls are its sync recovery view's.
+    portal = Portal()
+    if isinstance(harness, FakeHarness):
+        aio: Any = AsyncFakeResource(harness.resource)
+    else:
+        aio = AsyncPostgresResource("a", harness.resource.dsn)
+    resource = Blocking(portal, aio)
+    recovery = aio.recovery_resource()
+    resource.recover = recovery.recover
+    resource.commit_recovered = recovery.commit_recovered
+    resource.rollback_recovered = recovery.rollback_recovered
+    yield BlockingHarness(harness, resource, portal)
+    portal.run(aio.close())
+    portal.close()
 
 
 def new_xid() -> Xid:
@@ -195,24 +241,59 @@ def test_one_phase_commit_of_a_writer(xa: XAHarness) -> None:
 # -- the last resource --------------------------------------------------------------
 
 
-@pytest.fixture(params=["fake", pytest.param("activemq", marks=pytest.mark.lab)])
+@pytest.fixture(
+    params=[
+        "fake",
+        "fake-asyncio",
+        pytest.param("activemq", marks=pytest.mark.lab),
+        pytest.param("activemq-asyncio", marks=pytest.mark.lab),
+    ]
+)
 def broker(request: pytest.FixtureRequest) -> Iterator[LastResource]:
-    if request.param == "fake":
-        yield FakeBroker("mq")
+    if request.param.startswith("fake"):
+        fake = FakeBroker("mq")
+        if request.param == "fake":
+            yield fake
+            return
+        yield from blocking_broker(AsyncFakeBroker(fake))
         return
     from participants.activemq import ActiveMQ
+    from participants.aio.activemq import AsyncActiveMQ
 
     settings: Settings = request.getfixturevalue("settings")
     queue = f"/queue/conformance.markers.{secrets.token_hex(4)}"
-    resource = ActiveMQ(
+    kind = AsyncActiveMQ if request.param.endswith("asyncio") else ActiveMQ
+    resource = kind(
         settings.stomp,
         f"conf-{secrets.token_hex(3)}",
         pool_size=2,
         marker_queue=queue,
         **settings.stomp_options(),
     )
-    yield resource
-    resource.close()
+    if isinstance(resource, ActiveMQ):
+        yield resource
+        resource.close()
+        return
+    yield from blocking_broker(resource)
+
+
+def blocking_broker(aio: Any) -> Iterator[Any]:
+    """An asyncio broker for the same checks: sessions through the portal, and the
+    recovery calls (fence, markers, remove_markers) on its recovery view, in a worker
+    thread while the loop runs (as the AsyncCoordinator calls them)."""
+    portal = Portal()
+
+    async def view() -> Any:
+        return aio.recovery_broker()
+
+    recovery = portal.run(view())
+    broker = Blocking(portal, aio)
+    for name in ("fence", "markers", "remove_markers"):
+        call = getattr(recovery, name)
+        setattr(broker, name, lambda *a, call=call: portal.run(asyncio.to_thread(call, *a)))
+    yield broker
+    portal.run(aio.close())
+    portal.close()
 
 
 def test_commit_with_marker_leaves_a_marker_until_removed(broker: LastResource) -> None:

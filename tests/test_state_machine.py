@@ -48,6 +48,7 @@ from hypothesis.stateful import (
 )
 
 from coordinator import failpoints
+from coordinator.aio import AsyncCoordinator
 from coordinator.coordinator import Coordinator
 from coordinator.errors import (
     CrashInjected,
@@ -58,7 +59,9 @@ from coordinator.errors import (
 from coordinator.log.memory import MemoryDecisionLog
 from coordinator.states import Outcome
 from coordinator.transaction import Transaction
+from participants.aio.fake import AsyncFakeBroker, AsyncFakeResource
 from participants.fake import FakeBroker, FakeResource, FakeStore
+from tests.aio_portal import BlockingCoordinator, Portal
 
 COORDINATOR_ID = "t1"
 PREFIX = COORDINATOR_ID + "."
@@ -176,6 +179,9 @@ BRANCH_SHAPES = st.sampled_from([1, 2, 1, None, 0])
 
 def bury(coordinator: Coordinator) -> None:
     """The process is gone: stop its threads, without any of close()'s clean-up."""
+    if isinstance(coordinator, BlockingCoordinator):
+        coordinator.bury()
+        return
     coordinator._closed.set()
     coordinator._executor.shutdown(wait=True)
 
@@ -305,17 +311,21 @@ class CommitUnderCrashes(RuleBasedStateMachine):
         self.resources = {r.name: r for r in resources}
         # recover_on_start=False and recover() below is what the constructor does; done
         # in two steps so a crash inside recovery leaves an object whose threads we stop.
-        self.coordinator = Coordinator(
-            self.prefix[:-1],
-            self.log,
-            resources,
-            self.broker,
-            recover_on_start=False,
-            housekeeping_interval=None,  # the housekeeping rule runs the chores: reproducible
-        )
+        self.coordinator = self._new_coordinator(resources, self.broker)
         self.coordinator.config.phase2_backoff = 0.0
         self.state = "up"
         self._recover()
+
+    def _new_coordinator(self, resources: list[Any], broker: Any) -> Any:
+        """A coordinator of the API under test (the asyncio subclass below swaps it)."""
+        return Coordinator(
+            self.prefix[:-1],
+            self.log,
+            resources,
+            broker,
+            recover_on_start=False,
+            housekeeping_interval=None,  # the housekeeping rule runs the chores: reproducible
+        )
 
     @precondition(lambda self: self.state == "up")
     @rule(how=st.sampled_from(["close", "process", "machine"]))
@@ -521,6 +531,44 @@ class CommitUnderCrashes(RuleBasedStateMachine):
 
 CommitUnderCrashes.TestCase.settings = PROFILES[PROFILE]
 TestCommitUnderCrashes = CommitUnderCrashes.TestCase
+
+
+class AsyncAPI:
+    """Mixin: the machine's coordinator is coordinator.aio.AsyncCoordinator, run from the
+    sync rules through a portal (tests/aio_portal.py); same rules, same invariants."""
+
+    portal: Portal | None = None
+
+    def _new_coordinator(self, resources: list[Any], broker: Any) -> Any:
+        if self.portal is None:
+            self.portal = Portal()
+        if isinstance(broker, FakeBroker):  # the fakes behind the asyncio protocols
+            resources = [AsyncFakeResource(r) for r in resources]
+            broker = AsyncFakeBroker(broker)
+        coordinator = AsyncCoordinator(
+            self.prefix[:-1],  # type: ignore[attr-defined]
+            self.log,  # type: ignore[attr-defined]
+            resources,
+            broker,
+            recover_on_start=False,
+            housekeeping_interval=None,
+        )
+        return BlockingCoordinator(self.portal, coordinator)
+
+    def teardown(self) -> None:
+        try:
+            super().teardown()  # type: ignore[misc]
+        finally:
+            if self.portal is not None:
+                self.portal.close()
+
+
+class AsyncCommitUnderCrashes(AsyncAPI, CommitUnderCrashes):
+    """The same rules and invariants, run against coordinator.aio.AsyncCoordinator."""
+
+
+AsyncCommitUnderCrashes.TestCase.settings = PROFILES[PROFILE]
+TestAsyncCommitUnderCrashes = AsyncCommitUnderCrashes.TestCase
 
 
 # -- minimal reproductions of known bugs ----------------------------------------------------------

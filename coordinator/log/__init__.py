@@ -11,9 +11,7 @@ with :func:`~coordinator.log.file.read_pending`, which takes no lock.
 from __future__ import annotations
 
 from collections.abc import Collection, Iterable, Sequence
-from typing import Protocol
-
-from coordinator.protocol import XABranch
+from typing import LiteralString, Protocol
 
 
 def commit_record_participants(
@@ -34,7 +32,7 @@ class DecisionTable(Protocol):
     """Decisions held by a participant: the commit-markable resource (DESIGN §7).
 
     A row ``(gtrid)`` in the table means COMMIT. Without a broker writer, the
-    driver writes it with :meth:`mark` inside that participant's own branch,
+    driver writes it with :attr:`mark_query` inside that participant's own branch,
     prepares every other branch first and then commits that branch one-phase:
     that commit is the commit point. The rows of a coordinator are final only
     once its sessions are fenced (its one-phase commit may still be in flight):
@@ -47,9 +45,15 @@ class DecisionTable(Protocol):
         """The name of the XA participant that holds the table."""
         ...
 
-    def mark(self, branch: XABranch, gtrid: str) -> None:
-        """INSERT ``gtrid``'s row inside ``branch`` (committed with it, or never).
-        Raises what the branch raises."""
+    @property
+    def mark_query(self) -> LiteralString:
+        """The statement the driver runs inside the carrying branch with ``(gtrid,)``:
+        it INSERTs the row (committed with the branch, or never) and returns the
+        session's backend pid, which :meth:`marked` keeps for :meth:`settle`."""
+        ...
+
+    def marked(self, gtrid: str, backend_pid: int) -> None:
+        """``gtrid``'s row was written on the session ``backend_pid`` (not committed yet)."""
         ...
 
     def decided(self, gtrid_prefix: str) -> set[str]:

@@ -81,9 +81,21 @@ def progress_bars() -> Progress:
     help="Measure TWOPC_DECISIONS=file against postgres, with and without the broker: "
     "latency, throughput, forced log writes and WAL flushes per commit.",
 )
+@click.option(
+    "--inflight",
+    is_flag=True,
+    help="Measure 1,000 transactions in flight (200 with --quick): the sync coordinator with "
+    "a thread each against the asyncio coordinator with a task each (RSS, commits/s).",
+)
 @click.option("--json", "as_json", is_flag=True, help="Print the results as JSON on stdout.")
 def bench(
-    overhead: bool, quick: bool, out: Path, consumers: bool, decisions: bool, as_json: bool
+    overhead: bool,
+    quick: bool,
+    out: Path,
+    consumers: bool,
+    decisions: bool,
+    inflight: bool,
+    as_json: bool,
 ) -> None:
     """Measure every transfer strategy (or, with --overhead, the coordinator's own cost).
 
@@ -98,6 +110,8 @@ def bench(
     out.mkdir(parents=True, exist_ok=True)
     if decisions:
         result = _run_decisions(settings, quick=quick, out=out, command=command, show=not as_json)
+    elif inflight:
+        result = _run_inflight(quick=quick, out=out, command=command, show=not as_json)
     elif consumers:
         result = _run_consumers(settings, quick=quick, out=out, command=command, show=not as_json)
     elif overhead:
@@ -178,4 +192,23 @@ def _run_decisions(
         console = Console()
         console.print(Markdown(markdown))
         console.print(f"written: {out / 'decisions.md'}, decisions.json")
+    return result
+
+
+#: ``--inflight``: transactions in flight, normal and quick.
+INFLIGHT_COUNTS = {False: 1_000, True: 200}
+
+
+def _run_inflight(*, quick: bool, out: Path, command: str, show: bool) -> dict[str, Any]:
+    from scenarios.bench import inflight
+
+    results = inflight.run(INFLIGHT_COUNTS[quick])
+    markdown = inflight.render_markdown(results, command)
+    (out / "inflight.md").write_text(markdown)
+    result: dict[str, Any] = {"command": command, "inflight": results}
+    (out / "inflight.json").write_text(json.dumps(result, indent=2))
+    if show:
+        console = Console()
+        console.print(Markdown(markdown))
+        console.print(f"written: {out / 'inflight.md'}, inflight.json")
     return result

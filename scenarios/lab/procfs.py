@@ -35,3 +35,14 @@ def cmdline(pid: int) -> bytes | None:
         return (PROC / str(pid) / "cmdline").read_bytes()
     except OSError:
         return None
+
+
+def status_numbers(pid: int | str, fields: tuple[str, ...]) -> dict[str, int]:
+    """The first number of each of ``fields`` in /proc/<pid>/status (``"self"``: this
+    process): kB for VmRSS and VmHWM, a count for Threads. Missing fields are left out."""
+    found: dict[str, int] = {}
+    for line in (PROC / str(pid) / "status").read_text().splitlines():
+        name, _, value = line.partition(":")
+        if name in fields and value.split():
+            found[name] = int(value.split()[0])
+    return found

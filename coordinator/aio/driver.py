@@ -1,0 +1,350 @@
+"""The commit sequence of one global transaction: prepare -> commit point -> log -> phase 2.
+
+Presumed abort (DESIGN §2): nothing is logged for an abort; the commit point
+is the broker's COMMIT of the transaction carrying the commit marker, or,
+without a broker writer, the forced COMMIT record in the decision log -- or,
+when the log keeps its decisions in a participant's table (DESIGN §7), that
+participant's one-phase commit of its branch carrying the decision row, after
+every other branch prepared. The failpoints around the commit point are the
+driver's: a participant only calls the callbacks it is handed.
+
+The sequence is written once, for asyncio, in :mod:`coordinator.aio.driver`;
+``scripts/unasync.py`` generates the synchronous :mod:`coordinator.driver` from
+it (``async``/``await`` dropped, asyncio names mapped to their thread
+counterparts), and ``tests/test_unasync.py`` checks that the generated file is
+current. What differs between the two lives in :mod:`coordinator.aio.runtime`
+and :mod:`coordinator.runtime`, under the same names.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from functools import partial
+
+from structlog.contextvars import bound_contextvars
+
+from coordinator import events
+from coordinator.aio.runtime import AsyncDriverConfig, run_each, run_parallel
+from coordinator.aio.transaction import AsyncTransaction
+from coordinator.errors import (
+    CommitRefused,
+    HeuristicMixed,
+    OutcomeUnknown,
+    ParticipantError,
+    TwoPhaseCommitError,
+)
+from coordinator.log import commit_record_participants
+from coordinator.protocol import AsyncLastResourceSession, AsyncXABranch
+from coordinator.states import Outcome, TxState
+
+__all__ = ["AsyncDriverConfig", "abort", "commit", "run_each", "run_parallel"]
+
+
+class _Abort(Exception):
+    """A step found that the transaction must roll back."""
+
+
+class _Doubt(Exception):
+    """The commit point got no clear answer: the outcome is unknown."""
+
+
+# -- the sequence ----------------------------------------------------------------------
+
+
+async def commit(tx: AsyncTransaction, cfg: AsyncDriverConfig) -> Outcome:
+    """Commit ``tx``; every exit path leaves it COMPLETED/COMMITTED, ABORTED or IN_DOUBT."""
+    with bound_contextvars(gtrid=tx.gtrid):
+        try:
+            _check_votes_so_far(tx)
+            writers, broker, carrier = await _commit_read_only(tx, cfg)
+            if carrier is None and len(writers) + (broker is not None) <= 1:
+                _check_liveness(tx, cfg)
+                return await _commit_one_phase(tx, cfg, writers, broker)
+            await _prepare_all(tx, cfg, writers)
+            _check_liveness(tx, cfg)
+            await _reach_commit_point(tx, cfg, writers, broker, carrier)
+        except _Abort as refusal:
+            return await abort(tx, cfg, str(refusal))
+        except _Doubt as doubt:
+            tx.doubt_because(str(doubt))
+            return Outcome.IN_DOUBT
+        cfg.failpoint("after_decision")
+        if not await _phase2(tx, cfg, writers):
+            cfg.defer(tx)
+            return Outcome.COMMITTED
+        await _end(tx, cfg)
+        return Outcome.COMMITTED
+
+
+async def abort(tx: AsyncTransaction, cfg: AsyncDriverConfig, reason: str) -> Outcome:
+    """Roll back every branch (active or prepared) and the broker; nothing is logged."""
+    with bound_contextvars(gtrid=tx.gtrid):
+        tx.abandon_because(reason)
+        tx.log.info(events.ABORT, reason=reason)
+        branches = list(tx.branches.values())
+        if branches:
+            await cfg.run_parallel([b.rollback for b in branches])
+        if tx.broker is not None:
+            await tx.broker.abort()
+        tx.move(TxState.ABORTED)
+        return Outcome.ABORTED
+
+
+# -- the steps ------------------------------------------------------------------------
+
+
+def _check_votes_so_far(tx: AsyncTransaction) -> None:
+    """A transaction past its deadline, or whose work failed somewhere, cannot commit."""
+    if tx.timed_out or time.monotonic() > tx.deadline:
+        raise _Abort("the transaction exceeded its timeout before its commit point")
+    failed = [b for b in tx.branches.values() if b.failure is not None]
+    for branch in failed:
+        tx.log.debug(events.PREPARE_VOTED, participant=branch.name, vote="no")
+    if failed:
+        raise _Abort(f"participant {failed[0].name!r} voted NO: {failed[0].failure}")
+
+
+async def _commit_read_only(
+    tx: AsyncTransaction, cfg: AsyncDriverConfig
+) -> tuple[list[AsyncXABranch], AsyncLastResourceSession | None, AsyncXABranch | None]:
+    """Commit the branches that wrote nothing (they leave the protocol); return the
+    writers to prepare, the broker's session if it has work, and the branch that
+    carries the decision row when the decision is a row (else None)."""
+    writers: list[AsyncXABranch] = []
+    idle: list[AsyncXABranch] = []
+    with tx.timed("prepare"):
+        for branch in tx.branches.values():
+            (idle if await branch.read_only() else writers).append(branch)
+        broker = tx.broker if tx.broker is not None and tx.broker.has_work else None
+        carrier = await _decision_carrier(tx, cfg, writers, idle, broker)
+        for branch in idle:
+            if branch is not carrier:
+                await branch.commit_one_phase()
+                tx.log.debug(events.PREPARE_VOTED, participant=branch.name, vote="read-only")
+    if tx.broker is not None and broker is None:
+        await tx.broker.abort()  # nothing was sent: nothing to commit
+    return [b for b in writers if b is not carrier], broker, carrier
+
+
+async def _decision_carrier(
+    tx: AsyncTransaction,
+    cfg: AsyncDriverConfig,
+    writers: list[AsyncXABranch],
+    idle: list[AsyncXABranch],
+    broker: AsyncLastResourceSession | None,
+) -> AsyncXABranch | None:
+    """The commit-markable participant's branch, when the decision will be its row.
+
+    Only without a broker writer (the marker decides then), with a decision table,
+    and with two writers or more (one commits one-phase alone). A transaction that
+    did not touch that participant gets a branch there for the row only.
+    """
+    table = cfg.log.table
+    if table is None or broker is not None or len(writers) < 2:
+        return None
+    for branch in (*writers, *idle):
+        if branch.name == table.participant:
+            return branch
+    return await tx.branch(table.participant)
+
+
+async def _prepare_all(
+    tx: AsyncTransaction, cfg: AsyncDriverConfig, writers: list[AsyncXABranch]
+) -> None:
+    """Phase 1: prepare every XA writer at once; any NO vote or failure aborts.
+
+    PREPARE takes no new lock, so it may run on every branch at the same time;
+    the work itself never does (DESIGN §5: that deadlocks across databases).
+    """
+    tx.move(TxState.PREPARING)
+    tx.log.debug(events.PREPARE_STARTED, participants=[b.name for b in writers])
+    with tx.timed("prepare"):
+        for branch in writers:
+            branch.send_prepare()
+        votes = await cfg.run_each([partial(_prepare_one, b, cfg) for b in writers])
+    refusals = [v for v in votes if isinstance(v, BaseException)]
+    if refusals:
+        raise _Abort(f"phase 1 failed: {refusals[0]}")
+    if time.monotonic() > tx.deadline:
+        raise _Abort("the transaction exceeded its timeout during phase 1")
+
+
+def _check_liveness(tx: AsyncTransaction, cfg: AsyncDriverConfig) -> None:
+    """A coordinator that lost its liveness lock may be being fenced: it must not decide."""
+    if not cfg.may_decide():
+        tx.log.warning(events.LIVENESS_LOST)
+        raise _Abort(
+            "this coordinator lost its liveness lock (a peer may be recovering it); "
+            "it reaches no commit point until it holds the lock again"
+        )
+
+
+async def _prepare_one(branch: AsyncXABranch, cfg: AsyncDriverConfig) -> None:
+    await branch.prepare()
+    cfg.failpoint("after_prepare")
+
+
+async def _reach_commit_point(
+    tx: AsyncTransaction,
+    cfg: AsyncDriverConfig,
+    writers: list[AsyncXABranch],
+    broker: AsyncLastResourceSession | None,
+    carrier: AsyncXABranch | None,
+) -> None:
+    """The decision becomes durable: the broker's marker commit, the commit of the
+    branch carrying the decision row, or a forced log record."""
+    tx.move(TxState.COMMITTING)
+    prepared = [b.name for b in writers]
+    if broker is not None:
+        tx.log.debug(events.COMMIT_POINT_STARTED, via="broker-marker", participant=broker.name)
+        with tx.timed("commit_point"):
+            await _commit_marker(tx, cfg, broker)
+        tx.decided(by_marker=True)
+        tx.log.debug(events.COMMIT_POINT_REACHED, via="broker-marker")
+        with tx.timed("decision_log"):  # the marker is the decision: the record may be lazy
+            await cfg.log_commit(
+                tx.gtrid, commit_record_participants(prepared, broker.name), force=False
+            )
+    elif carrier is not None:
+        tx.log.debug(events.COMMIT_POINT_STARTED, via="decision-row", participant=carrier.name)
+        with tx.timed("commit_point"):
+            await _commit_decision_row(tx, cfg, carrier)
+        tx.decided(by_marker=False)
+        tx.log.debug(events.COMMIT_POINT_REACHED, via="decision-row")
+    else:
+        tx.log.debug(events.COMMIT_POINT_STARTED, via="decision-log")
+        with tx.timed("decision_log"):
+            try:
+                await cfg.log_commit(
+                    tx.gtrid, commit_record_participants(prepared, None), force=True
+                )
+            except TwoPhaseCommitError as exc:  # FsyncFailed is fatal: the caller must stop
+                tx.doubt_because(f"the decision log failed: {exc}")
+                raise
+        tx.decided(by_marker=False)
+        tx.log.debug(events.COMMIT_POINT_REACHED, via="decision-log")
+    tx.log.debug(
+        events.DECISION_LOGGED, participants=prepared, forced=broker is None and carrier is None
+    )
+
+
+async def _commit_decision_row(
+    tx: AsyncTransaction, cfg: AsyncDriverConfig, carrier: AsyncXABranch
+) -> None:
+    """The row ``(gtrid)`` goes into the carrier's own branch, which commits one-phase.
+
+    A failed INSERT or a refused commit decided nothing (abort); a commit with no
+    answer is in doubt: only the row, read once that session is gone, tells. The
+    commit is never retried on another session (a fenced zombie must not decide).
+    """
+    table = cfg.log.table
+    assert table is not None
+    try:
+        cursor = await carrier.execute(table.mark_query, (tx.gtrid,))
+        row = await cursor.fetchone()
+    except Exception as exc:  # whatever the database said: nothing is committed
+        raise _Abort(
+            f"participant {carrier.name!r} could not take the decision row: {exc}"
+        ) from exc
+    table.marked(tx.gtrid, int(row[0]) if row else 0)
+    tx.carries_decision(carrier.name)
+    cfg.failpoint("before_decision_row_commit")
+    try:
+        await carrier.commit_one_phase()
+    except CommitRefused as exc:
+        tx.log.warning(events.COMMIT_POINT_REFUSED, participant=carrier.name, error=str(exc))
+        raise _Abort(f"participant {carrier.name!r} refused the commit: {exc}") from exc
+    except ParticipantError as exc:
+        tx.log.warning(events.COMMIT_POINT_UNKNOWN, participant=carrier.name, error=str(exc))
+        raise _Doubt(f"no answer to the commit of the decision row ({exc})") from exc
+    cfg.failpoint("after_decision_row_commit")
+
+
+async def _commit_marker(
+    tx: AsyncTransaction, cfg: AsyncDriverConfig, broker: AsyncLastResourceSession
+) -> None:
+    try:
+        await broker.commit_with_marker(
+            tx.gtrid,
+            cfg.receipt_timeout,
+            before_commit=partial(cfg.failpoint, "before_broker_commit"),
+            commit_sent=partial(cfg.failpoint, "after_broker_commit"),
+        )
+    except CommitRefused as exc:
+        tx.log.warning(events.COMMIT_POINT_REFUSED, participant=broker.name, error=str(exc))
+        raise _Abort(f"the broker refused the commit: {exc}") from exc
+    except HeuristicMixed as exc:
+        # The broker committed without one of the transaction's messages: whether the
+        # marker went in decides the databases, and only recovery can read it.
+        tx.log.warning(events.COMMIT_POINT_HEURISTIC, participant=broker.name, error=str(exc))
+        raise _Doubt(f"heuristic outcome at the broker's COMMIT ({exc})") from exc
+    except (OutcomeUnknown, ParticipantError) as exc:
+        tx.log.warning(events.COMMIT_POINT_UNKNOWN, participant=broker.name, error=str(exc))
+        raise _Doubt(f"no answer to the broker's COMMIT ({exc})") from exc
+
+
+async def _phase2(
+    tx: AsyncTransaction, cfg: AsyncDriverConfig, writers: list[AsyncXABranch]
+) -> bool:
+    """COMMIT PREPARED everywhere at once; False if some of it is left for later."""
+    with tx.timed("phase2"):
+        for branch in writers:
+            branch.send_commit_prepared()
+        results = await cfg.run_each([partial(_commit_prepared, tx, b, cfg) for b in writers])
+    errors = [str(r) for r in results if isinstance(r, BaseException)]
+    if errors:
+        tx.log.warning(events.PHASE2_DEFERRED, errors=errors)
+    return not errors
+
+
+async def _commit_prepared(
+    tx: AsyncTransaction, branch: AsyncXABranch, cfg: AsyncDriverConfig
+) -> None:
+    for attempt in range(1, cfg.phase2_attempts + 1):
+        try:
+            await branch.commit_prepared()
+        except ParticipantError as exc:
+            if attempt == cfg.phase2_attempts:
+                raise
+            tx.log.info(
+                events.PHASE2_RETRY, participant=branch.name, attempt=attempt, error=str(exc)
+            )
+            await asyncio.sleep(cfg.phase2_backoff * attempt)
+            continue
+        tx.log.debug(events.PHASE2_COMMITTED, participant=branch.name)
+        cfg.failpoint("after_commit_prepared")
+        return
+
+
+async def _end(tx: AsyncTransaction, cfg: AsyncDriverConfig) -> None:
+    cfg.failpoint("before_end")
+    await cfg.log_end(tx.gtrid)
+    tx.move(TxState.COMPLETED)
+    tx.log.debug(events.END)
+
+
+async def _commit_one_phase(
+    tx: AsyncTransaction,
+    cfg: AsyncDriverConfig,
+    writers: list[AsyncXABranch],
+    broker: AsyncLastResourceSession | None,
+) -> Outcome:
+    """Zero or one writer: no phase 1, no log; the writer's own commit decides."""
+    tx.move(TxState.COMMITTING)
+    try:
+        with tx.timed("commit_point"):
+            if broker is not None:
+                tx.log.debug(events.ONE_PHASE, participant=broker.name)
+                await broker.commit(cfg.receipt_timeout)
+            for branch in writers:
+                tx.log.debug(events.ONE_PHASE, participant=branch.name)
+                await branch.commit_one_phase()
+    except CommitRefused as exc:
+        raise _Abort(f"one-phase commit refused: {exc}") from exc
+    except ParticipantError as exc:
+        tx.log.warning(events.COMMIT_POINT_UNKNOWN, error=str(exc))
+        raise _Doubt(f"no answer to the one-phase commit of the only writer ({exc})") from exc
+    tx.decided(by_marker=False)
+    tx.move(TxState.COMPLETED)
+    return Outcome.COMMITTED

@@ -1,0 +1,159 @@
+"""One global transaction as its user sees it: branches, broker sends, commit on exit.
+
+The transaction's state and every change of it live in
+:class:`~coordinator.transaction_state.TransactionState`; this module adds the
+work. It knows its coordinator only through :class:`AsyncTransactionHost`, so it
+imports no coordinator.
+
+The work API is written once, for asyncio, in :mod:`coordinator.aio.transaction`;
+``scripts/unasync.py`` generates the synchronous :mod:`coordinator.transaction`
+from it.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from types import TracebackType
+from typing import Any, Protocol
+
+import psycopg
+from psycopg.abc import Params, Query
+
+from coordinator import events, tracing
+from coordinator.errors import (
+    TransactionAborted,
+    TransactionInDoubt,
+    TransactionTimeout,
+    TwoPhaseCommitError,
+    UnknownParticipant,
+)
+from coordinator.protocol import (
+    AsyncLastResource,
+    AsyncLastResourceSession,
+    AsyncXABranch,
+    AsyncXAResource,
+)
+from coordinator.states import Outcome, TxState, require
+from coordinator.transaction_state import TransactionState
+from coordinator.xid import Xid
+
+
+class AsyncTransactionHost(Protocol):
+    """What a transaction needs from the coordinator that runs it."""
+
+    @property
+    def resources(self) -> Mapping[str, AsyncXAResource]: ...
+
+    @property
+    def broker(self) -> AsyncLastResource | None: ...
+
+    async def finish(self, tx: AsyncTransaction, *, commit: bool) -> Outcome: ...
+
+    def failpoint(self, name: str) -> None: ...
+
+
+class AsyncTransaction(TransactionState[AsyncXABranch, AsyncLastResourceSession]):
+    """A global transaction: hands out branches lazily, commits atomically.
+
+    Use it as a context manager: leaving the block normally commits and raises
+    TransactionAborted or TransactionInDoubt unless the outcome is COMMITTED;
+    leaving it with an exception rolls everything back and lets it propagate.
+    """
+
+    def __init__(self, host: AsyncTransactionHost, gtrid: str, timeout: float) -> None:
+        super().__init__(gtrid, timeout)
+        self._host = host
+
+    # -- work -----------------------------------------------------------------
+
+    async def branch(self, name: str) -> AsyncXABranch:
+        """The branch on database ``name`` ('a', 'b', ...), begun on first use."""
+        self._check_active()
+        found = self._branches.get(name)
+        if found is not None:
+            return found
+        resource = self._host.resources.get(name)
+        if resource is None:
+            known = ", ".join(sorted(self._host.resources)) or "none"
+            raise UnknownParticipant(
+                f"transaction {self.gtrid}: no participant named {name!r} (known: {known})"
+            )
+        branch = await resource.begin(Xid.branch(self.gtrid, name))
+        self._add_branch(name, branch)
+        self.log.debug(events.BEGIN, participant=name)
+        self._host.failpoint("after_begin")
+        return branch
+
+    async def execute(
+        self, name: str, query: Query, params: Params | None = None
+    ) -> psycopg.AsyncCursor[Any]:
+        """Run one statement on branch ``name``; returns its psycopg cursor."""
+        branch = await self.branch(name)
+        return await branch.execute(query, params)
+
+    async def send(
+        self, destination: str, body: str, headers: Mapping[str, str] | None = None
+    ) -> None:
+        """Send a persistent message inside the broker's transaction.
+
+        The broker adds the ``gtrid`` header and, with tracing, ``traceparent``.
+        """
+        session = await self._broker_session()
+        with tracing.active(self.span):
+            await session.send(destination, body, headers)
+        self.messages_sent += 1
+
+    async def ack(self, ack_id: str) -> None:
+        """Acknowledge a received message inside the broker's transaction (consumed on commit)."""
+        session = await self._broker_session()
+        await session.ack(ack_id)
+
+    async def _broker_session(self) -> AsyncLastResourceSession:
+        self._check_active()
+        if self.broker is None:
+            broker = self._host.broker
+            if broker is None:
+                raise UnknownParticipant(
+                    f"transaction {self.gtrid}: this coordinator has no broker participant"
+                )
+            self.broker = await broker.begin(self.gtrid)
+            self.log.debug(events.BEGIN, participant=self.broker.name)
+        return self.broker
+
+    # -- ending ---------------------------------------------------------------
+
+    async def commit(self) -> Outcome:
+        """Run the commit protocol; return COMMITTED, ABORTED or IN_DOUBT (never a guess)."""
+        require(self.state, TxState.ACTIVE, action="commit", gtrid=self.gtrid)
+        return await self._host.finish(self, commit=True)
+
+    async def rollback(self, reason: str = "rolled back by the caller") -> Outcome:
+        """Roll back every branch and the broker's transaction."""
+        require(self.state, TxState.ACTIVE, action="roll back", gtrid=self.gtrid)
+        self.reason = reason
+        return await self._host.finish(self, commit=False)
+
+    async def __aenter__(self) -> AsyncTransaction:
+        return self
+
+    async def __aexit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        if exc_type is not None:
+            if self.state is TxState.ACTIVE and isinstance(exc, Exception):
+                await self.rollback(f"{exc_type.__name__} in the transaction's work: {exc}")
+            if self.timed_out and not isinstance(exc, TwoPhaseCommitError):
+                # The watchdog cancelled the running statement: say why it failed.
+                raise TransactionTimeout(
+                    f"transaction {self.gtrid} exceeded its timeout and was rolled back"
+                ) from exc
+            return
+        if self.state is TxState.ACTIVE:
+            await self.commit()
+        if self.outcome is Outcome.ABORTED:
+            raise TransactionAborted(self.gtrid, self.reason)
+        if self.outcome is Outcome.IN_DOUBT:
+            raise TransactionInDoubt(self.gtrid, self.reason)

@@ -1,0 +1,109 @@
+"""The state of one global transaction, free of I/O: shared by the sync and asyncio APIs.
+
+Every change of a transaction's state goes through these methods
+(:meth:`TransactionState.move`, :meth:`TransactionState.abandon_because`, ...),
+called by the user, the driver and recovery. The work API on top
+(:class:`~coordinator.transaction.Transaction`,
+:class:`~coordinator.aio.transaction.AsyncTransaction`) adds branches and sends.
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+from collections.abc import Iterator, Mapping
+from contextlib import contextmanager
+from types import MappingProxyType
+from typing import Generic, TypeVar
+
+from coordinator import events, tracing
+from coordinator.errors import TransactionTimeout
+from coordinator.states import Outcome, TxState, check_transition, require
+
+BranchT = TypeVar("BranchT")
+SessionT = TypeVar("SessionT")
+
+
+class TransactionState(Generic[BranchT, SessionT]):
+    """A global transaction's state, its branches so far and its broker session."""
+
+    def __init__(self, gtrid: str, timeout: float) -> None:
+        self.gtrid = gtrid
+        self.state = TxState.ACTIVE
+        self.outcome: Outcome | None = None
+        self.reason = ""
+        self.started = time.monotonic()
+        self.deadline = self.started + timeout
+        self.timed_out = False
+        self._branches: dict[str, BranchT] = {}
+        self.broker: SessionT | None = None
+        self.messages_sent = 0
+        self.marker_sent = False
+        # The participant whose branch carries the decision row (DESIGN §7), once written.
+        self.decision_holder: str | None = None
+        self.timings: dict[str, float] = {}  # phase name -> seconds (for the benchmark)
+        self._lock = threading.Lock()  # guards the branches against the watchdog
+        self.log = events.get_logger(gtrid=gtrid)
+        self.span = tracing.start_transaction(gtrid)  # None without OpenTelemetry
+
+    @property
+    def branches(self) -> Mapping[str, BranchT]:
+        """The XA branches begun so far, by participant name (read-only)."""
+        return MappingProxyType(self._branches)
+
+    # -- state: every change goes through these ------------------------------------
+
+    def move(self, target: TxState) -> None:
+        """Go to ``target`` if the transition table allows it."""
+        self.state = check_transition(self.state, target, gtrid=self.gtrid)
+
+    def abandon_because(self, reason: str) -> None:
+        """Start rolling back, keeping the first reason given."""
+        self.move(TxState.ABORTING)
+        self.reason = self.reason or reason
+
+    def doubt_because(self, reason: str) -> None:
+        """The commit point got no clear answer: recovery decides."""
+        self.move(TxState.IN_DOUBT)
+        self.reason = reason
+
+    def decided(self, *, by_marker: bool) -> None:
+        """The decision to commit is durable (the broker's marker, or the log)."""
+        self.move(TxState.COMMITTED)
+        self.marker_sent = self.marker_sent or by_marker
+
+    def carries_decision(self, participant: str) -> None:
+        """The decision row was written in ``participant``'s branch (not yet committed)."""
+        self.decision_holder = participant
+
+    def finished(self, outcome: Outcome) -> None:
+        """Record what the caller is told."""
+        self.outcome = outcome
+        tracing.end_transaction(self.span, outcome.value, self.reason)
+
+    def time_out(self) -> list[BranchT]:
+        """Mark the transaction as timed out; return the branches whose work to cancel."""
+        self.timed_out = True
+        with self._lock:
+            return list(self._branches.values())
+
+    @contextmanager
+    def timed(self, phase: str) -> Iterator[None]:
+        """Add the time spent in the block to ``timings[phase]`` (and trace it as a span)."""
+        start = time.perf_counter()
+        try:
+            with tracing.phase(self.span, phase):
+                yield
+        finally:
+            self.timings[phase] = self.timings.get(phase, 0.0) + time.perf_counter() - start
+
+    def _check_active(self) -> None:
+        if self.timed_out:
+            raise TransactionTimeout(
+                f"transaction {self.gtrid} exceeded its timeout and was rolled back"
+            )
+        require(self.state, TxState.ACTIVE, action="add work", gtrid=self.gtrid)
+
+    def _add_branch(self, name: str, branch: BranchT) -> None:
+        with self._lock:
+            self._branches[name] = branch

@@ -1,0 +1,1 @@
+"""asyncio participants: PostgreSQL on psycopg's AsyncConnection, ActiveMQ over asyncio STOMP."""

@@ -1,0 +1,388 @@
+"""An asyncio STOMP 1.2 connection for the last resource: frames, receipts with timeouts.
+
+The counterpart of :mod:`participants.stomp_client` for asyncio streams. The
+frames are stomp.py's (``stomp.utils.convert_frame`` writes them,
+``stomp.utils.parse_frame`` reads them, with its header escapes); the
+failures are the same twopc errors with the same words
+(:class:`~participants.stomp_client.ClientIdInUse`,
+:class:`~participants.stomp_client.BrokerRefused`, BrokerLoginRefused, ...).
+It carries what a broker transaction needs: CONNECT (client-id, login, TLS,
+TCP_NODELAY), BEGIN, SEND, ACK, COMMIT and ABORT with receipts, and ERROR
+frames that answer no request (a SEND without receipt), counted so that a
+COMMIT can refuse. Subscriptions, browsing and marker removal stay with the
+sync client, which recovery uses.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import itertools
+import socket
+from collections.abc import Callable, Mapping
+from typing import Any
+
+from stomp import utils as frames
+
+from coordinator.errors import (
+    CommitRefused,
+    ConfigurationError,
+    OutcomeUnknown,
+    ParticipantUnavailable,
+)
+from coordinator.events import get_logger
+from participants import events as ev
+from participants.stomp_client import (
+    DESTINATION_PREFIXES,
+    LOGIN_HINT,
+    UNAVAILABLE_HINT,
+    BrokerLoginRefused,
+    BrokerRefused,
+    ClientIdInUse,
+    _is_login_error,
+    parse_address,
+    tls_context,
+)
+
+_ESCAPES = str.maketrans(frames._HEADER_ESCAPES)
+
+
+def _log() -> Any:
+    return get_logger(component="stomp")
+
+
+def encode(command: str, headers: Mapping[str, str], body: str = "") -> bytes:
+    """One frame as bytes, by stomp.py's encoder, header values escaped (STOMP 1.2)."""
+    escaped = {key: str(value).translate(_ESCAPES) for key, value in headers.items()}
+    return b"".join(frames.convert_frame(frames.Frame(command, escaped, body)))
+
+
+class _NoAnswer(Exception):
+    """No RECEIPT and no ERROR: timeout or connection lost (translated by callers)."""
+
+
+class _Refused(Exception):
+    """An ERROR frame answered the request (translated by callers)."""
+
+
+class AsyncStompClient:
+    """One STOMP 1.2 connection over asyncio streams, opened by :meth:`open`."""
+
+    def __init__(self, address: str, *, participant: str, client_id: str | None) -> None:
+        self.address = address
+        self.participant = participant
+        self.client_id = client_id
+        self._reader: asyncio.StreamReader | None = None
+        self._writer: asyncio.StreamWriter | None = None
+        self._connected: asyncio.Future[frames.Frame] | None = None
+        self._pending: dict[str, asyncio.Future[str | None]] = {}
+        self._unsolicited: list[str] = []
+        self._ids = itertools.count(1)
+        self._lost = False
+        self._receiver: asyncio.Task[None] | None = None
+
+    @classmethod
+    async def open(
+        cls,
+        address: str,
+        *,
+        participant: str = "mq",
+        client_id: str | None = None,
+        connect_timeout: float = 5.0,
+        login: str | None = None,
+        passcode: str | None = None,
+        tls: bool = False,
+        ca_file: str | None = None,
+    ) -> AsyncStompClient:
+        """CONNECT to ``address``; ClientIdInUse, BrokerLoginRefused or ParticipantUnavailable."""
+        client = cls(address, participant=participant, client_id=client_id)
+        await client._connect(connect_timeout, login, passcode, tls, ca_file)
+        return client
+
+    # -- state ---------------------------------------------------------------
+
+    @property
+    def alive(self) -> bool:
+        """True while the connection is up (an ERROR frame does not end it; a drop does)."""
+        return self._writer is not None and not self._lost
+
+    @property
+    def error_count(self) -> int:
+        """How many ERROR frames came that answered no request (a SEND without receipt)."""
+        return len(self._unsolicited)
+
+    def errors_since(self, count: int) -> list[str]:
+        """The messages of the unanswered ERROR frames after the first ``count``."""
+        return self._unsolicited[count:]
+
+    def unavailable(self, reason: str, gtrid: str | None = None) -> ParticipantUnavailable:
+        return ParticipantUnavailable(
+            f"STOMP broker at {self.address}: {reason}; {UNAVAILABLE_HINT}",
+            participant=self.participant,
+            gtrid=gtrid,
+        )
+
+    # -- frames --------------------------------------------------------------
+
+    async def send(
+        self,
+        destination: str,
+        body: str,
+        headers: Mapping[str, str] | None = None,
+        *,
+        transaction: str | None = None,
+        receipt_timeout: float | None = None,
+        gtrid: str | None = None,
+    ) -> None:
+        """SEND a persistent message, inside ``transaction`` if given (as the sync client)."""
+        if not destination.startswith(DESTINATION_PREFIXES) or destination.endswith("/"):
+            raise ConfigurationError(
+                f"STOMP destination {destination!r} must be /queue/<name> or /topic/<name>"
+            )
+        frame_headers = dict(headers or {})
+        frame_headers["destination"] = destination
+        frame_headers["persistent"] = "true"
+        if transaction is not None:
+            frame_headers["transaction"] = transaction
+        if body:
+            frame_headers["content-length"] = str(len(body))
+        await self.request(
+            "SEND",
+            frame_headers,
+            body,
+            timeout=receipt_timeout,
+            what=f"SEND to {destination}",
+            gtrid=gtrid,
+        )
+
+    async def begin(self, transaction: str, *, gtrid: str | None = None) -> None:
+        """BEGIN ``transaction`` (no receipt: an ERROR would fail the COMMIT anyway)."""
+        await self.request("BEGIN", {"transaction": transaction}, what="BEGIN", gtrid=gtrid)
+
+    async def commit(
+        self,
+        transaction: str,
+        timeout: float,
+        *,
+        gtrid: str | None = None,
+        after_send: Callable[[], None] | None = None,
+    ) -> None:
+        """COMMIT and wait for the receipt; errors as :meth:`StompClient.commit`."""
+        headers = {"transaction": transaction}
+        answer = self._expect_receipt(headers)
+        await self._transmit("COMMIT", headers, "", gtrid)
+        if after_send is not None:
+            after_send()
+        try:
+            await self._wait(answer, timeout)
+        except _Refused as exc:
+            raise CommitRefused(
+                f"the broker refused the COMMIT: {exc}; nothing was committed",
+                participant=self.participant,
+                gtrid=gtrid,
+            ) from None
+        except _NoAnswer as exc:
+            raise OutcomeUnknown(
+                f"COMMIT sent to the STOMP broker at {self.address}, but {exc}; whether it "
+                "committed is known only after fencing ('twopc recover' resolves it)",
+                participant=self.participant,
+                gtrid=gtrid,
+            ) from None
+
+    async def abort(self, transaction: str, timeout: float, *, gtrid: str | None = None) -> None:
+        """ABORT ``transaction`` and wait for the receipt; raises ParticipantError on failure."""
+        await self.request(
+            "ABORT", {"transaction": transaction}, timeout=timeout, what="ABORT", gtrid=gtrid
+        )
+
+    async def request(
+        self,
+        command: str,
+        headers: dict[str, str],
+        body: str = "",
+        *,
+        timeout: float | None = None,
+        what: str,
+        gtrid: str | None = None,
+    ) -> None:
+        """Send one frame; with a ``timeout``, wait for its receipt (BrokerRefused on ERROR)."""
+        answer = self._expect_receipt(headers) if timeout is not None else None
+        await self._transmit(command, headers, body, gtrid)
+        if answer is None or timeout is None:
+            return
+        try:
+            await self._wait(answer, timeout)
+        except _Refused as exc:
+            raise BrokerRefused(what, str(exc), participant=self.participant, gtrid=gtrid) from None
+        except _NoAnswer as exc:
+            raise self.unavailable(f"{what}: {exc}", gtrid) from None
+
+    # -- closing -------------------------------------------------------------
+
+    async def close(self, timeout: float = 2.0) -> None:
+        """DISCONNECT, wait up to ``timeout`` for its receipt, then close. Never raises."""
+        if self.alive:
+            with contextlib.suppress(Exception):
+                await self.request("DISCONNECT", {}, timeout=timeout, what="DISCONNECT")
+                if self._receiver is not None:  # ActiveMQ closes the socket after the receipt
+                    await asyncio.wait({self._receiver}, timeout=timeout)
+        self.drop()
+
+    def drop(self) -> None:
+        """Close the socket now, without DISCONNECT (state unknown, or fencing). Never raises."""
+        if self._writer is not None:
+            with contextlib.suppress(Exception):
+                self._writer.close()
+        if self._receiver is not None and not self._receiver.done():
+            self._receiver.cancel()
+        self._on_lost()
+
+    # -- internals -----------------------------------------------------------
+
+    async def _connect(
+        self,
+        timeout: float,
+        login: str | None,
+        passcode: str | None,
+        tls: bool,
+        ca_file: str | None,
+    ) -> None:
+        host, port = parse_address(self.address)
+        context = tls_context(ca_file) if tls else None
+        try:
+            reader, writer = await asyncio.wait_for(
+                asyncio.open_connection(host, port, ssl=context), timeout
+            )
+        except (OSError, TimeoutError) as exc:
+            raise self.unavailable(
+                f"cannot connect ({str(exc) or 'connection refused or timed out'})"
+            ) from None
+        self._reader, self._writer = reader, writer
+        sock = writer.get_extra_info("socket")
+        if sock is not None:
+            # Nagle's algorithm would hold a COMMIT behind the broker's delayed ACK.
+            sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        self._connected = asyncio.get_running_loop().create_future()
+        self._receiver = asyncio.create_task(self._receive())
+        headers = {"accept-version": "1.2", "host": host}
+        if self.client_id:
+            headers["client-id"] = self.client_id
+        if login is not None:
+            headers["login"] = login
+            headers["passcode"] = passcode or ""
+        await self._transmit("CONNECT", headers, "", None)
+        try:
+            frame = await asyncio.wait_for(asyncio.shield(self._connected), timeout)
+        except (TimeoutError, _NoAnswer):
+            self.drop()
+            if self._lost and self.client_id:
+                # ActiveMQ answers a held client-id with an ERROR and closes the socket;
+                # the close can win the race with the ERROR frame.
+                raise ClientIdInUse(
+                    self.client_id,
+                    "the broker closed the connection during CONNECT",
+                    participant=self.participant,
+                ) from None
+            raise self.unavailable(f"no CONNECTED frame within {timeout:g} s") from None
+        if frame.cmd == "CONNECTED":
+            _log().debug(ev.STOMP_CONNECTED, address=self.address, client_id=self.client_id)
+            return
+        message = frame.headers.get("message", "")
+        body = frame.body.decode(errors="replace") if isinstance(frame.body, bytes) else ""
+        self.drop()
+        if "InvalidClientIDException" in body and self.client_id:
+            raise ClientIdInUse(self.client_id, message, participant=self.participant)
+        if _is_login_error(message, body):
+            raise BrokerLoginRefused(
+                f"the STOMP broker at {self.address} refused the login; {LOGIN_HINT}",
+                participant=self.participant,
+            )
+        raise BrokerRefused("CONNECT", message, participant=self.participant)
+
+    def _expect_receipt(self, headers: dict[str, str]) -> asyncio.Future[str | None]:
+        receipt_id = f"r-{next(self._ids)}"
+        headers["receipt"] = receipt_id
+        answer: asyncio.Future[str | None] = asyncio.get_running_loop().create_future()
+        self._pending[receipt_id] = answer
+        return answer
+
+    async def _transmit(
+        self, command: str, headers: dict[str, str], body: str, gtrid: str | None
+    ) -> None:
+        if self._lost or self._writer is None:
+            failure = f"cannot send {command}: the connection is closed"
+        else:
+            try:
+                self._writer.write(encode(command, headers, body))
+                await self._writer.drain()
+                return
+            except (OSError, RuntimeError) as exc:
+                self._on_lost()
+                failure = f"connection lost while sending {command} ({type(exc).__name__})"
+        self._pending.pop(headers.get("receipt", ""), None)
+        raise self.unavailable(failure, gtrid)
+
+    async def _wait(self, answer: asyncio.Future[str | None], timeout: float) -> None:
+        try:
+            error = await asyncio.wait_for(asyncio.shield(answer), timeout)
+        except TimeoutError:
+            for receipt_id, waiting in list(self._pending.items()):
+                if waiting is answer:
+                    del self._pending[receipt_id]
+            raise _NoAnswer(f"no answer came within {timeout:g} s") from None
+        except _NoAnswer:
+            raise
+        if error is not None:
+            raise _Refused(error)
+
+    async def _receive(self) -> None:
+        """The receiver task: one frame at a time, until the connection ends."""
+        assert self._reader is not None
+        try:
+            while True:
+                data = await self._reader.readuntil(b"\x00")
+                frame = frames.parse_frame(data[:-1])
+                if frame is not None:
+                    self._dispatch(frame)
+        except (asyncio.IncompleteReadError, OSError, asyncio.LimitOverrunError):
+            pass
+        finally:
+            self._on_lost()
+
+    def _dispatch(self, frame: frames.Frame) -> None:
+        if frame.cmd == "CONNECTED":
+            if self._connected is not None and not self._connected.done():
+                self._connected.set_result(frame)
+            return
+        receipt_id = frame.headers.get("receipt-id")
+        if frame.cmd == "RECEIPT":
+            self._answer(receipt_id, None)
+            return
+        if frame.cmd == "ERROR":
+            body = frame.body.decode(errors="replace") if isinstance(frame.body, bytes) else ""
+            message = frame.headers.get("message") or body.split("\n", 1)[0]
+            if self._connected is not None and not self._connected.done():
+                self._connected.set_result(frame)  # CONNECT refused
+                return
+            if not self._answer(receipt_id, message):
+                self._unsolicited.append(message)
+                _log().warning(ev.STOMP_ERROR, address=self.address, error=message)
+
+    def _answer(self, receipt_id: str | None, error: str | None) -> bool:
+        answer = self._pending.pop(receipt_id, None) if receipt_id is not None else None
+        if answer is None:
+            return False
+        if not answer.done():
+            answer.set_result(error)
+        return True
+
+    def _on_lost(self) -> None:
+        if self._lost:
+            return
+        self._lost = True
+        pending, self._pending = list(self._pending.values()), {}
+        for answer in pending:
+            if not answer.done():
+                answer.set_exception(_NoAnswer("the connection was lost before the answer came"))
+        if self._connected is not None and not self._connected.done():
+            self._connected.set_exception(_NoAnswer("the connection closed during CONNECT"))

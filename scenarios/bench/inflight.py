@@ -1,0 +1,230 @@
+"""``twopc bench --inflight``: 1,000 transactions in flight, threads against asyncio tasks.
+
+Each of ``inflight`` workers begins a global transaction and then waits, as
+work that waits on the network does (a call to another service), until all
+of them are in flight at once; then each writes one row to database A and
+one to B and sends one message, and commits (two prepared branches, the
+broker's marker as the commit point). The lab's PostgreSQL allows 200
+connections and 200 prepared transactions per database, and the broker pool
+at most 64 sessions, so the writing and committing part runs behind a gate of
+``gate`` workers at a time, with participant pools of that size: the
+thousand transactions are open together, the databases see at most ``gate``.
+
+* **threads**: the sync :class:`~coordinator.Coordinator`, one thread per
+  transaction (``threading.Thread``), the gate a ``threading.Semaphore``;
+* **asyncio**: :class:`~coordinator.aio.AsyncCoordinator`, one task per
+  transaction, the gate an ``asyncio.Semaphore``.
+
+Each mode runs in a fresh process of its own (so their memory does not mix),
+and reports the process's RSS before the workers start and when all of them
+are in flight (``/proc/self/status`` VmRSS), its peak (VmHWM), its thread
+count in flight, and the commits per second from the release to the last
+commit.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from pathlib import Path
+from typing import Any
+
+from coordinator.aio import AsyncCoordinator
+from coordinator.coordinator import Coordinator
+from coordinator.log.file import FileDecisionLog
+from coordinator.states import Outcome
+from scenarios.config import Settings
+from scenarios.lab.procfs import status_numbers
+from scenarios.wiring import async_participants, broker, databases
+
+MODES = ("threads", "asyncio")
+TABLE = "bench_inflight"
+QUEUE = "/queue/twopc.bench.inflight"
+SCHEMA = f"CREATE TABLE IF NOT EXISTS {TABLE} (gtrid text PRIMARY KEY, side text NOT NULL)"
+
+
+def _status() -> dict[str, int]:
+    return status_numbers("self", ("VmRSS", "VmHWM", "Threads"))
+
+
+def run_threads(settings: Settings, inflight: int, gate: int, home: Path) -> dict[str, Any]:
+    cid = f"bi{int(time.time()) % 100000}t"  # the bench's own gtrid prefix and client-ids
+    coordinator = Coordinator(
+        cid,
+        FileDecisionLog(home / "threads.log"),
+        databases(settings, pool_size=gate),
+        broker(settings, pool_size=gate, coordinator_id=cid),
+        max_workers=gate,
+        housekeeping_interval=None,
+    )
+    with coordinator.transaction() as tx:
+        tx.execute("a", SCHEMA)
+        tx.execute("b", SCHEMA)
+    before = _status()
+    release = threading.Event()
+    admitted = threading.Semaphore(gate)
+    begun = threading.Semaphore(0)
+    outcomes: list[Outcome] = []
+    errors: list[str] = []
+
+    def worker() -> None:
+        try:
+            tx = coordinator.begin()
+            begun.release()
+            release.wait()
+            with admitted:
+                tx.execute("a", f"INSERT INTO {TABLE} VALUES (%s, 'a')", (tx.gtrid,))
+                tx.execute("b", f"INSERT INTO {TABLE} VALUES (%s, 'b')", (tx.gtrid,))
+                tx.send(QUEUE, tx.gtrid, {"gtrid": tx.gtrid})
+                outcomes.append(tx.commit())
+        except Exception as exc:  # counted and reported: no worker dies silently
+            errors.append(f"{type(exc).__name__}: {exc}")
+
+    threads = [threading.Thread(target=worker, name=f"tx-{i}") for i in range(inflight)]
+    for thread in threads:
+        thread.start()
+    for _ in range(inflight):
+        begun.acquire()
+    in_flight = _status()
+    started = time.perf_counter()
+    release.set()
+    for thread in threads:
+        thread.join()
+    seconds = time.perf_counter() - started
+    coordinator.close()
+    return _result("threads", inflight, gate, before, in_flight, seconds, outcomes, errors)
+
+
+async def _run_asyncio(settings: Settings, inflight: int, gate: int, home: Path) -> dict[str, Any]:
+    cid = f"bi{int(time.time()) % 100000}a"
+    resources, mq = async_participants(settings, cid, pool_size=gate)
+    coordinator = AsyncCoordinator(
+        cid, FileDecisionLog(home / "asyncio.log"), resources, mq, housekeeping_interval=None
+    )
+    await coordinator.start()
+    async with coordinator.transaction() as tx:
+        await tx.execute("a", SCHEMA)
+        await tx.execute("b", SCHEMA)
+    before = _status()
+    release = asyncio.Event()
+    admitted = asyncio.Semaphore(gate)
+    begun = 0
+    all_begun = asyncio.Event()
+    outcomes: list[Outcome] = []
+    errors: list[str] = []
+
+    async def worker() -> None:
+        nonlocal begun
+        try:
+            tx = coordinator.begin()
+            begun += 1
+            if begun == inflight:
+                all_begun.set()
+            await release.wait()
+            async with admitted:
+                await tx.execute("a", f"INSERT INTO {TABLE} VALUES (%s, 'a')", (tx.gtrid,))
+                await tx.execute("b", f"INSERT INTO {TABLE} VALUES (%s, 'b')", (tx.gtrid,))
+                await tx.send(QUEUE, tx.gtrid, {"gtrid": tx.gtrid})
+                outcomes.append(await tx.commit())
+        except Exception as exc:  # counted and reported: no worker dies silently
+            errors.append(f"{type(exc).__name__}: {exc}")
+
+    tasks = [asyncio.create_task(worker(), name=f"tx-{i}") for i in range(inflight)]
+    await all_begun.wait()
+    in_flight = _status()
+    started = time.perf_counter()
+    release.set()
+    await asyncio.gather(*tasks)
+    seconds = time.perf_counter() - started
+    await coordinator.close()
+    return _result("asyncio", inflight, gate, before, in_flight, seconds, outcomes, errors)
+
+
+def _result(
+    mode: str,
+    inflight: int,
+    gate: int,
+    before: dict[str, int],
+    in_flight: dict[str, int],
+    seconds: float,
+    outcomes: list[Outcome],
+    errors: list[str],
+) -> dict[str, Any]:
+    committed = sum(o is Outcome.COMMITTED for o in outcomes)
+    return {
+        "mode": mode,
+        "inflight": inflight,
+        "gate": gate,
+        "rss_before_mib": round(before["VmRSS"] / 1024, 1),
+        "rss_in_flight_mib": round(in_flight["VmRSS"] / 1024, 1),
+        "rss_per_transaction_kib": round((in_flight["VmRSS"] - before["VmRSS"]) / inflight, 1),
+        "rss_peak_mib": round(_status()["VmHWM"] / 1024, 1),
+        "threads_in_flight": in_flight["Threads"],
+        "committed": committed,
+        "other_outcomes": len(outcomes) - committed,
+        "errors": len(errors),
+        "first_error": errors[0] if errors else None,
+        "seconds": round(seconds, 3),
+        "commits_per_second": round(committed / seconds, 1) if seconds else 0.0,
+    }
+
+
+def run_mode(mode: str, inflight: int, gate: int) -> dict[str, Any]:
+    """One mode in this process (the child's side)."""
+    settings = Settings.load()
+    with tempfile.TemporaryDirectory(prefix="twopc-inflight-") as home:
+        if mode == "threads":
+            return run_threads(settings, inflight, gate, Path(home))
+        return asyncio.run(_run_asyncio(settings, inflight, gate, Path(home)))
+
+
+def run(inflight: int = 1000, gate: int = 48) -> list[dict[str, Any]]:
+    """Both modes, each in a fresh process; their results."""
+    results = []
+    for mode in MODES:
+        done = subprocess.run(
+            [sys.executable, "-m", "scenarios.bench.inflight", mode, str(inflight), str(gate)],
+            capture_output=True,
+            text=True,
+            check=False,
+        )
+        if done.returncode != 0:
+            raise RuntimeError(f"the {mode} run failed: {done.stderr.strip()[-2000:]}")
+        results.append(json.loads(done.stdout.strip().splitlines()[-1]))
+    return results
+
+
+def render_markdown(results: list[dict[str, Any]], command: str) -> str:
+    """The side-by-side table."""
+    lines = [
+        f"## {results[0]['inflight']:,} transactions in flight: threads against asyncio tasks",
+        "",
+        f"`{command}`: every transaction open at once, then A, B and one message each "
+        f"behind a gate of {results[0]['gate']} (participant pools of that size).",
+        "",
+        "| mode | RSS before | RSS in flight | per transaction | peak RSS | threads "
+        "| committed | commits/s |",
+        "|---|---:|---:|---:|---:|---:|---:|---:|",
+    ]
+    for r in results:
+        lines.append(
+            f"| {r['mode']} | {r['rss_before_mib']} MiB | {r['rss_in_flight_mib']} MiB "
+            f"| {r['rss_per_transaction_kib']} KiB | {r['rss_peak_mib']} MiB "
+            f"| {r['threads_in_flight']} | {r['committed']} | {r['commits_per_second']} |"
+        )
+    failed = [r for r in results if r["errors"] or r["other_outcomes"]]
+    for r in failed:
+        lines.append(
+            f"\n{r['mode']}: {r['errors']} errors, {r['other_outcomes']} not committed "
+            f"(first: {r['first_error']})"
+        )
+    return "\n".join(lines) + "\n"
+
+
+if __name__ == "__main__":
+    print(json.dumps(run_mode(sys.argv[1], int(sys.argv[2]), int(sys.argv[3]))))
