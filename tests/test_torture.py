@@ -11,7 +11,6 @@ coordinator bugs the torture found, kept as regression tests.
 
 from __future__ import annotations
 
-import dataclasses
 import json
 import subprocess
 import sys
@@ -179,25 +178,27 @@ def _terminate_pid(dsn: str, pid: int) -> None:
         conn.execute("SELECT pg_terminate_backend(%s)", (pid,))
 
 
-def _terminate_application(dsn: str, name: str) -> None:
+def _terminate_in_transaction(dsn: str, name: str) -> int:
+    """End the sessions named ``name`` that are inside a transaction; return how many."""
     with psycopg.connect(dsn, autocommit=True) as conn:
-        conn.execute(
-            "SELECT pg_terminate_backend(pid) FROM pg_stat_activity WHERE application_name = %s",
+        rows = conn.execute(
+            "SELECT pg_terminate_backend(pid) FROM pg_stat_activity "
+            "WHERE application_name = %s AND state = 'idle in transaction'",
             (name,),
-        )
+        ).fetchall()
+    return len(rows)
 
 
 def test_a_connection_lost_during_the_work_makes_the_transfer_abort(torture: Torture) -> None:
     """A's session dies between BEGIN and the debit (a reset, a restart): the transfer ABORTs."""
     settings = torture.settings
-    dsn = psycopg.conninfo.make_conninfo(settings.pg_a, application_name="torture-repro")
-    coordinator = open_coordinator(dataclasses.replace(settings, pg_a=dsn), sessions=1)
-    fired: list[str] = []
+    coordinator = open_coordinator(settings, sessions=1)
+    fired: list[int] = []
 
     def kill_a_session(name: str) -> None:  # the coordinator's own failpoint hook
         if name == "after_begin" and not fired:
-            fired.append(name)
-            _terminate_application(settings.pg_a, "torture-repro")
+            # Every session of a coordinator carries its id as application_name.
+            fired.append(_terminate_in_transaction(settings.pg_a, coordinator.coordinator_id))
 
     coordinator.failpoint = kill_a_session  # type: ignore[method-assign]
     try:
@@ -205,7 +206,7 @@ def test_a_connection_lost_during_the_work_makes_the_transfer_abort(torture: Tor
         outcome, _ = transfer_2pc(coordinator, transfer)
     finally:
         coordinator.close()
-    assert fired and outcome is Outcome.ABORTED
+    assert fired == [1] and outcome is Outcome.ABORTED
 
 
 NO_VOTE_B = [
