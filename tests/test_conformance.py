@@ -10,6 +10,8 @@ from typing import Any, Protocol
 
 import psycopg
 import pytest
+from hypothesis import given
+from hypothesis import strategies as st
 
 from coordinator.errors import PrepareFailed
 from coordinator.protocol import LastResource, XAResource
@@ -18,7 +20,7 @@ from coordinator.xid import FORMAT_ID, Xid
 from participants.aio.fake import AsyncFakeBroker, AsyncFakeResource
 from participants.aio.postgres import AsyncPostgresResource
 from participants.fake import FakeBroker, FakeResource
-from participants.postgres import PostgresResource
+from participants.postgres import PostgresResource, gid_of
 from scenarios.config import Settings
 from tests.aio_portal import Blocking, Portal
 
@@ -121,6 +123,19 @@ def xa(request: pytest.FixtureRequest) -> Iterator[XAHarness]:
     yield BlockingHarness(harness, resource, portal)
     portal.run(aio.close())
     portal.close()
+
+
+@given(
+    gtrid=st.from_regex(r"[A-Za-z0-9._:-]{1,64}", fullmatch=True),
+    bqual=st.from_regex(r"[A-Za-z0-9._:-]{1,64}", fullmatch=True),
+)
+def test_the_branch_gid_is_psycopgs_encoding_of_the_xid(gtrid: str, bqual: str) -> None:
+    """gid_of(xid) is what psycopg (and tpc_recover) make of the same Xid, for any valid ids."""
+    xid = Xid(FORMAT_ID, gtrid, bqual)
+    gid = gid_of(xid)
+    assert gid == str(psycopg.Xid(FORMAT_ID, gtrid, bqual))
+    parsed = psycopg.Xid.from_string(gid)
+    assert (parsed.format_id, parsed.gtrid, parsed.bqual) == (FORMAT_ID, gtrid, bqual)
 
 
 def new_xid() -> Xid:
