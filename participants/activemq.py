@@ -500,19 +500,12 @@ class ActiveMQ:
                 gtrid=txid,
                 after_send=lambda: after.update(_run_callbacks(members, "commit_sent")),
             )
-        except CommitRefused as exc:
-            why = exc.detail
+        except (CommitRefused, OutcomeUnknown) as exc:  # each member gets one naming it
+            kind, why = type(exc), exc.detail
             outcomes = self._end_members(
                 members,
-                _State.ABORTED,
-                lambda gtrid: CommitRefused(why, participant=self.name, gtrid=gtrid),
-            )
-        except OutcomeUnknown as exc:
-            why = exc.detail
-            outcomes = self._end_members(
-                members,
-                _State.IN_DOUBT,
-                lambda gtrid: OutcomeUnknown(why, participant=self.name, gtrid=gtrid),
+                _State.IN_DOUBT if isinstance(exc, OutcomeUnknown) else _State.ABORTED,
+                lambda gtrid: kind(why, participant=self.name, gtrid=gtrid),
             )
         except ParticipantUnavailable as exc:
             outcomes = self._end_members(

@@ -31,6 +31,7 @@ import contextlib
 import os
 import queue
 import threading
+from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
@@ -141,13 +142,7 @@ class Floor:
             headers = {"transfer-id": t.transfer_id, TYPE_HEADER: TRANSFER_COMPLETED}
             lane.mq.send(EVENT_QUEUE, t.body(), headers, transaction=gtrid)
 
-        if self.sequential:
-            lane.a.tpc_prepare()
-            lane.b.tpc_prepare()
-        else:
-            prepared_b = self._helper.submit(lane.b.tpc_prepare)
-            lane.a.tpc_prepare()
-            prepared_b.result()
+        self._on_both(lane.a.tpc_prepare, lane.b.tpc_prepare)
 
         record = f"COMMIT {gtrid} a,b{',mq' if lane.mq else ''}\n".encode()
         if lane.mq is None:
@@ -160,14 +155,18 @@ class Floor:
             lane.mq.commit(gtrid, self.receipt_timeout)
             self._append(record, force=False)
 
-        if self.sequential:
-            lane.a.tpc_commit()
-            lane.b.tpc_commit()
-        else:
-            committed_b = self._helper.submit(lane.b.tpc_commit)
-            lane.a.tpc_commit()
-            committed_b.result()
+        self._on_both(lane.a.tpc_commit, lane.b.tpc_commit)
         return True
+
+    def _on_both(self, on_a: Callable[[], None], on_b: Callable[[], None]) -> None:
+        """A's step and B's: one after the other (floor-seq), or B's on the helper thread."""
+        if self.sequential:
+            on_a()
+            on_b()
+            return
+        done_b = self._helper.submit(on_b)
+        on_a()
+        done_b.result()
 
     def _append(self, record: bytes, *, force: bool) -> None:
         os.write(self._fd, record)
