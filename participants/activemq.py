@@ -144,7 +144,7 @@ class ActiveMQSession:
     """The broker transaction of one gtrid on one pooled connection (a LastResourceSession).
 
     SENDs are kept until the commit point: there they go out, with the marker,
-    in the broker transaction of a group commit (:meth:`ActiveMQ.commit_group`),
+    in the broker transaction of a group commit (:meth:`ActiveMQ._commit_members`),
     which may carry the messages of other sessions committing at the same
     moment. A session that ACKs a delivered message must commit on the
     connection the message came on, so its first ACK sends its messages so far

@@ -663,6 +663,8 @@ class StompClient:
         self._transmit(command, headers, body, gtrid)
         if pending is None or timeout is None:
             return
+        if self._corked is not None:  # an answer is awaited: what was kept must go now
+            self._uncork(gtrid)
         try:
             self._wait(pending, timeout)
         except _Refused as exc:
@@ -806,8 +808,9 @@ class StompClient:
     @contextlib.contextmanager
     def corked(self) -> Iterator[None]:
         """Keep the frames this thread writes in the block, and send them in one write:
-        with the next COMMIT (:meth:`commit`), or when the block ends. If the block
-        raises, the frames kept are dropped: none of them reached the broker.
+        with the next COMMIT (:meth:`commit`) or the next frame whose receipt is
+        awaited, or when the block ends. If the block raises, the frames kept are
+        dropped: none of them reached the broker.
 
         A transaction's BEGIN, SENDs, marker and COMMIT then cost one socket write
         and one TCP segment instead of one each.

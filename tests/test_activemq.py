@@ -313,6 +313,27 @@ def test_a_transaction_leaves_in_one_write_with_its_commit(
     assert len(browse(stomp_addr, queue_name)) == 2 and gtrid in mq.markers()
 
 
+def test_a_crash_before_the_commit_commits_nothing_and_waits_for_nothing(
+    mq: ActiveMQ, stomp_addr: str, queue_name: str
+) -> None:
+    """A failpoint firing before the COMMIT: its crash propagates at once, nothing commits."""
+    gtrid = unique("t.")
+    session = mq.begin(gtrid)
+    session.send(queue_name, "never")
+
+    def crash() -> None:
+        raise CrashInjected("failpoint before_broker_commit fired")
+
+    started = time.monotonic()
+    with pytest.raises(CrashInjected):
+        session.commit_with_marker(gtrid, timeout=5.0, before_commit=crash)
+    assert time.monotonic() - started < mq.receipt_timeout / 2
+    session.release()
+    assert browse(stomp_addr, queue_name) == [] and gtrid not in mq.markers()
+    commit_one(mq, queue_name, "after")  # the pool still works
+    assert [m.body for m in browse(stomp_addr, queue_name)] == ["after"]
+
+
 def test_frames_kept_in_a_cork_that_raises_never_reach_the_broker(
     stomp_addr: str, queue_name: str
 ) -> None:
