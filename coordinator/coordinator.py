@@ -49,6 +49,23 @@ def by_name(resources: Sequence[R]) -> dict[str, R]:
     return named
 
 
+def stats_of(
+    outcomes: Counter[Outcome], messages: Counter[str], forced_writes: int
+) -> dict[str, Any]:
+    """A coordinator's counters for reports (sync and asyncio alike): outcomes, forced
+    log writes, committed messages."""
+    committed = outcomes[Outcome.COMMITTED]
+    return {
+        "committed": committed,
+        "aborted": outcomes[Outcome.ABORTED],
+        "in_doubt": outcomes[Outcome.IN_DOUBT],
+        "forced_log_writes": forced_writes,
+        "forced_log_writes_per_commit": forced_writes / committed if committed else 0.0,
+        "business_messages": messages["business"],
+        "marker_messages": messages["marker"],
+    }
+
+
 def gtrid_for(coordinator_id: str, gtrid: str | None) -> str:
     """A new gtrid, or ``gtrid`` checked to carry the coordinator's prefix (InvalidXid)."""
     if gtrid is None:
@@ -376,18 +393,7 @@ class Coordinator:
 
     def stats(self) -> Mapping[str, Any]:
         """Counters for reports: outcomes, forced log writes, committed messages."""
-        committed = self.outcomes[Outcome.COMMITTED]
-        return {
-            "committed": committed,
-            "aborted": self.outcomes[Outcome.ABORTED],
-            "in_doubt": self.outcomes[Outcome.IN_DOUBT],
-            "forced_log_writes": self.log.forced_writes,
-            "forced_log_writes_per_commit": (
-                self.log.forced_writes / committed if committed else 0.0
-            ),
-            "business_messages": self.messages["business"],
-            "marker_messages": self.messages["marker"],
-        }
+        return stats_of(self.outcomes, self.messages, self.log.forced_writes)
 
     @property
     def active(self) -> list[str]:

@@ -29,7 +29,7 @@ from typing import Any
 from coordinator import events, failpoints
 from coordinator.aio import driver
 from coordinator.aio.transaction import AsyncTransaction
-from coordinator.coordinator import by_name, gtrid_for
+from coordinator.coordinator import by_name, gtrid_for, stats_of
 from coordinator.errors import CrashInjected, DuplicateGtrid, InvalidTransition
 from coordinator.log import DecisionLog
 from coordinator.protocol import AsyncLastResource, AsyncLastResourceSession, AsyncXAResource
@@ -337,18 +337,7 @@ class AsyncCoordinator:
 
     def stats(self) -> Mapping[str, Any]:
         """Counters for reports: outcomes, forced log writes, committed messages."""
-        committed = self.outcomes[Outcome.COMMITTED]
-        return {
-            "committed": committed,
-            "aborted": self.outcomes[Outcome.ABORTED],
-            "in_doubt": self.outcomes[Outcome.IN_DOUBT],
-            "forced_log_writes": self.log.forced_writes,
-            "forced_log_writes_per_commit": (
-                self.log.forced_writes / committed if committed else 0.0
-            ),
-            "business_messages": self.messages["business"],
-            "marker_messages": self.messages["marker"],
-        }
+        return stats_of(self.outcomes, self.messages, self.log.forced_writes)
 
     @property
     def active(self) -> list[str]:
