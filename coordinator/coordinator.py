@@ -109,7 +109,7 @@ class Coordinator:
         self.log = log
         self._resources: dict[str, XAResource] = by_name(resources)
         self._broker = broker
-        # Many coordinators (DESIGN §7): this one's liveness lock, the broker of a dead
+        # Many coordinators (docs/design.md §4): this one's liveness lock, the broker of a dead
         # peer by its id (for fencing and its markers), and how often to look for one.
         self.membership = membership
         self._peer_broker = peer_broker or (lambda peer: None)
@@ -328,7 +328,7 @@ class Coordinator:
                 self._contained(self.backlog.work)
 
     def _watch_peers(self) -> None:
-        """Every ``peer_interval`` seconds, recover the peers that died (DESIGN §7)."""
+        """Every ``peer_interval`` seconds, recover the peers that died (docs/design.md §4)."""
         interval = self.peer_interval or 5.0
         while not self._closed.wait(interval):
             self._contained(self.recover_dead_peers)

@@ -2,10 +2,10 @@
 # `python scripts/unasync.py` (tests/test_unasync.py checks this file is current).
 """The commit sequence of one global transaction: prepare -> commit point -> log -> phase 2.
 
-Presumed abort (DESIGN §2): nothing is logged for an abort; the commit point
+Presumed abort (docs/design.md §2): nothing is logged for an abort; the commit point
 is the broker's COMMIT of the transaction carrying the commit marker, or,
 without a broker writer, the forced COMMIT record in the decision log -- or,
-when the log keeps its decisions in a participant's table (DESIGN §7), that
+when the log keeps its decisions in a participant's table (docs/design.md §3), that
 participant's one-phase commit of its branch carrying the decision row, after
 every other branch prepared. The failpoints around the commit point are the
 driver's: a participant only calls the callbacks it is handed.
@@ -154,7 +154,7 @@ def _prepare_all(tx: Transaction, cfg: DriverConfig, writers: list[XABranch]) ->
     """Phase 1: prepare every XA writer at once; any NO vote or failure aborts.
 
     PREPARE takes no new lock, so it may run on every branch at the same time;
-    the work itself never does (DESIGN §5: that deadlocks across databases).
+    the work itself never does (docs/design.md §2: that deadlocks across databases).
     """
     tx.move(TxState.PREPARING)
     tx.log.debug(events.PREPARE_STARTED, participants=[b.name for b in writers])

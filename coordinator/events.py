@@ -46,7 +46,7 @@ RECOVERY_RESOLVED = "tpc.recovery.resolved"
 RECOVERY_RESOLVE_FAILED = "tpc.recovery.resolve_failed"
 RECOVERY_FINISHED = "tpc.recovery.finished"
 
-# Many coordinators (DESIGN §7): liveness, and the recovery of dead peers.
+# Many coordinators (docs/design.md §4): liveness, and the recovery of dead peers.
 LIVENESS_LOST = "tpc.liveness.lost"
 PEER_DEAD = "tpc.peers.dead"
 PEER_RECOVERED = "tpc.peers.recovered"

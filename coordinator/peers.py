@@ -1,4 +1,4 @@
-"""Many coordinators, no local state (DESIGN §7): liveness, and the recovery of dead peers.
+"""Many coordinators, no local state (docs/design.md §4): liveness, and the recovery of dead peers.
 
 :class:`Membership` is what the coordinator needs from wherever liveness is
 kept (PostgreSQL's advisory locks: ``participants.membership``). A running

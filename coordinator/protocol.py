@@ -47,7 +47,7 @@ the commit point. Call order on a session::
 * ``ack`` acknowledges, inside the transaction, a message delivered on the
   session's own connection (by its ack id): the message is consumed only if
   the transaction commits; after an ABORT, or if the connection dies first,
-  the broker keeps it (DESIGN §8). An ACK counts as work, like a SEND: a
+  the broker keeps it (docs/design.md §8). An ACK counts as work, like a SEND: a
   transaction that consumes a message and prepares a database branch reaches
   its commit point with the ACK and the marker in one broker COMMIT.
 * ``commit_with_marker`` sends the commit marker for the gtrid inside the

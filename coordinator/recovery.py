@@ -186,7 +186,7 @@ class Recovery:
     ) -> None:
         self.prefix = gtrid_prefix(coordinator_id)
         self.log = log
-        # Where decision rows are (DESIGN §7): read after fencing, like the markers.
+        # Where decision rows are (docs/design.md §5): read after fencing, like the markers.
         self.table = table if table is not None or log is None else log.table
         if pending is None:
             pending = log.pending() if log is not None else {}

@@ -39,7 +39,7 @@ class TransactionState(Generic[BranchT, SessionT]):
         self.broker: SessionT | None = None
         self.messages_sent = 0
         self.marker_sent = False
-        # The participant whose branch carries the decision row (DESIGN §7), once written.
+        # The participant whose branch carries the decision row (docs/design.md §3), once written.
         self.decision_holder: str | None = None
         self.timings: dict[str, float] = {}  # phase name -> seconds (for the benchmark)
         self._lock = threading.Lock()  # guards the branches against the watchdog

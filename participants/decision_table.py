@@ -1,6 +1,6 @@
 """PostgreSQL as the commit-markable resource: the decision table ``twopc_decisions``.
 
-DESIGN §7. A row ``(gtrid)`` means COMMIT. The driver inserts it inside the
+docs/design.md §3. A row ``(gtrid)`` means COMMIT. The driver inserts it inside the
 participant's own branch (:meth:`PostgresDecisionTable.mark`) and commits that
 branch one-phase after the others prepared, so the row and the participant's
 work commit together or not at all. The INSERT returns the backend pid that

@@ -156,7 +156,7 @@ class FakeBranch:
         return self._xid
 
     def execute(self, op: object, params: object = None) -> Any:
-        """Record one write; returns a cursor with no rows. The decision row (DESIGN §7)
+        """Record one write; returns a cursor with no rows. The decision row (docs/design.md §3)
         takes the resource's ``mark`` fault first."""
         if op == DECISION_ROW:
             _raise_for(self.resource.faults.take("mark"), "mark", self.name, self._xid.gtrid)

@@ -1,6 +1,6 @@
 """Which coordinators are alive, from PostgreSQL: one advisory lock per coordinator id.
 
-DESIGN §7. A running coordinator holds a session-level advisory lock keyed by
+docs/design.md §4. A running coordinator holds a session-level advisory lock keyed by
 its id on the commit-markable database; the server frees it when that session
 dies, so a free lock means its owner is gone. Coordinators that take part
 register their id in ``twopc_coordinators``: only registered ids are ever

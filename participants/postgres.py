@@ -157,7 +157,7 @@ class PostgresResource:
                 f"psycopg_pool.ConnectionPool or a connection factory, got {type(dsn).__name__}"
             )
         # Every session says whose it is (the coordinator id), so that a peer can end
-        # them all when it fences this coordinator (DESIGN §7).
+        # them all when it fences this coordinator (docs/design.md §4).
         self.application_name = application_name
         self.setting = setting or f"TWOPC_PG_{name.upper()}"
         self.pool_size = pool_size

@@ -7,7 +7,7 @@ Every component takes its connections from four settings::
     TWOPC_STOMP      host:port of the broker's STOMP connector
     TWOPC_OPENWIRE   host:port of the broker's OpenWire connector
 
-where the coordinator keeps its decisions (DESIGN §7)::
+where the coordinator keeps its decisions (docs/design.md §1)::
 
     TWOPC_DECISIONS              file (default: $TWOPC_HOME/decisions.log) or postgres
                                  (no local state: the markers, and decision rows in the

@@ -154,8 +154,8 @@ def decision_log(
 ) -> tuple[DecisionLog, PostgresMembership | None]:
     """The decision log TWOPC_DECISIONS names, and in postgres mode the membership.
 
-    ``file``: ``$TWOPC_HOME/decisions.log``. ``postgres``: no local state (DESIGN
-    §7): decision rows in the commit-markable database (TWOPC_DECISION_PARTICIPANT),
+    ``file``: ``$TWOPC_HOME/decisions.log``. ``postgres``: no local state (docs/design.md §4):
+    decision rows in the commit-markable database (TWOPC_DECISION_PARTICIPANT),
     where the liveness locks are too; fencing covers every database. ``log_path``
     overrides the file's place (a coordinator beside the main one, e.g. a benchmark's).
     """

@@ -1,4 +1,4 @@
-"""The commit-markable path (DESIGN §7) over fake participants: the decision is a row
+"""The commit-markable path (docs/design.md §3) over fake participants: the decision is a row
 committed one-phase in participant 'a''s own branch, after the others prepared."""
 
 from __future__ import annotations

@@ -1,5 +1,5 @@
-"""Many coordinators on one lab (DESIGN §7): application_name, liveness locks, decision rows,
-fencing and peer recovery, against the real PostgreSQL and ActiveMQ of the lab."""
+"""Many coordinators on one lab (docs/design.md §4): application_name, liveness locks,
+decision rows, fencing and peer recovery, against the real PostgreSQL and ActiveMQ of the lab."""
 
 from __future__ import annotations
 

@@ -30,7 +30,7 @@ class AsyncDriverConfig:
     phase2_backoff: float = 0.05
     defer: Callable[[AsyncTransaction], None] = lambda tx: None  # phase 2 left for later
     # Whether this coordinator may reach a commit point now: False once it lost its
-    # liveness lock (DESIGN §7: a peer may be fencing it). Asked right before each one.
+    # liveness lock (docs/design.md §4: a peer may be fencing it). Asked right before each one.
     may_decide: Callable[[], bool] = lambda: True
 
     async def run_parallel(

@@ -3,7 +3,7 @@
 Implementations: :class:`~coordinator.log.file.FileDecisionLog` (a file, with
 group commit), :class:`~coordinator.log.memory.MemoryDecisionLog` (tests) and
 :class:`~coordinator.log.table.TableDecisionLog` (no local state: the decisions
-are the broker's markers and the rows of a :class:`DecisionTable`, DESIGN §7).
+are the broker's markers and the rows of a :class:`DecisionTable`, docs/design.md §3).
 Tools that only look at a log (``twopc indoubt``, the torture's checks) read it
 with :func:`~coordinator.log.file.read_pending`, which takes no lock.
 """
@@ -29,7 +29,7 @@ def commit_record_participants(
 
 
 class DecisionTable(Protocol):
-    """Decisions held by a participant: the commit-markable resource (DESIGN §7).
+    """Decisions held by a participant: the commit-markable resource (docs/design.md §3).
 
     A row ``(gtrid)`` in the table means COMMIT. Without a broker writer, the
     driver writes it with :attr:`mark_query` inside that participant's own branch,

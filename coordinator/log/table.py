@@ -1,4 +1,4 @@
-"""TableDecisionLog: a decision log that keeps no local state (DESIGN §7).
+"""TableDecisionLog: a decision log that keeps no local state (docs/design.md §3).
 
 With a broker writer the commit marker is the decision: its COMMIT record
 (``force=False``) is not written anywhere. Without one, the driver's

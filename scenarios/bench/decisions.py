@@ -1,4 +1,4 @@
-"""The file log against postgres mode (DESIGN §7): ``twopc bench --decisions``.
+"""The file log against postgres mode (docs/design.md §3): ``twopc bench --decisions``.
 
 Four coordinators make the same transfer, two per mode of TWOPC_DECISIONS:
 

@@ -17,7 +17,7 @@ shared machine hits all of them alike); the ratios are computed per block too,
 which gives their spread. Throughput comes from closed-loop runs at 1, 8 and
 32 concurrent transfers, with the decision log's forced writes per commit.
 A last run checks the forced writes and messages per transaction by outcome
-against the presumed-abort figures (DESIGN §3).
+against the presumed-abort figures (docs/design.md §2).
 """
 
 from __future__ import annotations
@@ -553,7 +553,7 @@ def run_outcome_costs(
 
     commit: the transfer. abort: B credited and the message sent, then A's debit
     breaks its CHECK, so A votes NO. read-only: a SELECT on A and on B.
-    Expected (presumed abort, DESIGN §3): with the broker 0 forced writes for
+    Expected (presumed abort, docs/design.md §2): with the broker 0 forced writes for
     every outcome (the marker is the decision); without it 1 per commit, 0 per
     abort and per read-only transaction (at concurrency 1: no group commit).
     """

@@ -1,4 +1,4 @@
-"""A coordinator process running database-only transactions in postgres mode (DESIGN §7).
+"""A coordinator process running database-only transactions in postgres mode (docs/design.md §4).
 
 Each transaction inserts its gtrid as a tag into ``peers_probe`` on A and on B
 (so atomicity is: the same tags on both sides), and appends one line to

@@ -8,7 +8,7 @@ start. After each schedule's recovery, :meth:`Ledger.check`:
   would, deduplicating by the ``transfer-id`` header (an inbox keyed by
   transfer id); the queue stays short, so checks stay cheap;
 - checks the transfer's invariants (scenarios.transfer.invariants) with what
-  it consumed as the deliveries (DESIGN §6): every transfer id is in A, in B
+  it consumed as the deliveries (docs/design.md §9): every transfer id is in A, in B
   and delivered, or in none of them, with the same amount (atomicity); the
   money is conserved; nothing of ours is prepared; no marker is left;
 - and, on top of them: the decision log reopens with nothing pending; every

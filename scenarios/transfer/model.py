@@ -22,7 +22,7 @@ from scenarios.outbox.deadletter import dead_letter_queue
 from scenarios.transfer import schema
 from scenarios.wiring import open_stomp
 
-#: Each destination carries one kind of message (DESIGN §8). Events ("this happened"):
+#: Each destination carries one kind of message (docs/design.md §8). Events ("this happened"):
 #: 2PC and the naive dual write announce a transfer B already holds.
 EVENT_QUEUE = "/queue/transfers.completed"
 #: Commands ("do this"): the outbox and CDC relays carry the credit B must apply, which is
