@@ -7,12 +7,15 @@ from __future__ import annotations
 import asyncio
 import errno
 import os
+import re
 import stat
 import subprocess
+import sys
 from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 from typing import Any, Protocol
 
+import psycopg
 import pytest
 
 from coordinator.aio import AsyncCoordinator
@@ -30,8 +33,18 @@ from coordinator.log import DecisionLog
 from coordinator.log.file import LOCK_SUFFIX, REPLACEMENT_SUFFIX, FileDecisionLog, read_pending
 from coordinator.log.memory import MemoryDecisionLog
 from coordinator.states import Outcome, TxState
+from coordinator.xid import gtrid_prefix
 from participants.aio.fake import AsyncFakeBroker, AsyncFakeResource
+from participants.aio.postgres import AsyncPostgresResource
 from participants.fake import FakeBroker, FakeResource, FakeStore
+from participants.postgres import PostgresResource
+from scenarios.config import Settings
+from scenarios.transfer import model as scenario
+from scenarios.transfer.invariants import gather_evidence
+from scenarios.wiring import open_coordinator
+from tests.conftest import free_port
+
+TWOPC = [sys.executable, "-m", "scenarios.cli"]
 
 FULL = "cannot append to decision log /fake/decisions.log (ENOSPC: No space left on device)"
 
@@ -424,3 +437,75 @@ def test_full_disk_aborts_at_the_forced_record_naming_the_log_and_errno(
     assert world.transfer().outcome is Outcome.COMMITTED
     world.close()
     assert read_pending(path) == {}
+
+
+# -- on the lab ---------------------------------------------------------------------------
+
+
+def _prepared(settings: Settings) -> list[str]:
+    """The gtrids of this coordinator's prepared branches in A and B."""
+    found = []
+    for dsn in (settings.pg_a, settings.pg_b):
+        with psycopg.connect(dsn) as conn:
+            rows = conn.execute("SELECT gid FROM pg_prepared_xacts").fetchall()
+        found += [gid for (gid,) in rows if gtrid_prefix(settings.coordinator_id) in gid]
+    return found
+
+
+@pytest.mark.lab
+def test_transfer_on_a_full_disk_stops_with_one_line_and_a_summary(
+    settings: Settings, small_disk: Path
+) -> None:
+    """'twopc transfer --count 500' with its state folder on a full 64 KiB tmpfs exits 1
+    with its summary and one 'twopc: error:' line naming the log; nothing of it stays
+    prepared; once space is freed, recovery runs and every invariant holds."""
+    open_coordinator(settings).close()
+    scenario.reset(settings, accounts=100, balance=10_000)
+    home = small_disk / "home"
+    home.mkdir()
+    filler = fill(small_disk, leave=16 * 1024)
+    env = {**os.environ, "TWOPC_HOME": str(home)}
+    done = subprocess.run(
+        [*TWOPC, "transfer", "--count", "500"],
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=120,
+        check=False,
+    )
+    assert _prepared(settings) == []
+    assert re.search(r"2pc: \d+ committed, \d+ aborted, \d+ in doubt", done.stdout), done.stdout
+    errors = [line for line in done.stderr.splitlines() if line.startswith("twopc: error:")]
+    assert done.returncode == 1, done.stderr[-2000:]
+    assert len(errors) == 1 and str(home / "decisions.log") in errors[0], errors
+    assert "ENOSPC" in errors[0] and "Traceback" not in done.stderr
+    filler.unlink()
+    recovered = subprocess.run(
+        [*TWOPC, "recover"], capture_output=True, text=True, env=env, timeout=60, check=False
+    )
+    assert recovered.returncode == 0, recovered.stderr[-2000:]
+    evidence = gather_evidence(settings)
+    assert evidence.ok, evidence.as_dict()
+
+
+@pytest.mark.lab
+def test_start_with_a_database_down_releases_everything_then_a_retry_starts(
+    settings: Settings, tmp_path: Path
+) -> None:
+    """A coordinator (sync, then asyncio) whose start fails on an unreachable database
+    releases the log's lock: a retry in the same process on the same log starts."""
+    path = tmp_path / "decisions.log"
+    nobody = f"host=127.0.0.1 port={free_port()} user=twopc dbname=twopc connect_timeout=2"
+    with pytest.raises(ParticipantUnavailable):
+        Coordinator("t1", FileDecisionLog(path), [PostgresResource("a", nobody)])
+    Coordinator("t1", FileDecisionLog(path), [PostgresResource("a", settings.pg_a)]).close()
+
+    async def asyncio_twin() -> None:
+        down = AsyncCoordinator("t1", FileDecisionLog(path), [AsyncPostgresResource("a", nobody)])
+        with pytest.raises(ParticipantUnavailable):
+            await down.start()
+        retry = [AsyncPostgresResource("a", settings.pg_a)]
+        async with AsyncCoordinator("t1", FileDecisionLog(path), retry) as coordinator:
+            assert coordinator.active == []
+
+    asyncio.run(asyncio_twin())
