@@ -240,6 +240,31 @@ def test_forced_record_not_durable_is_in_doubt_until_the_reopened_log_decides(
         restarted.close()
 
 
+def test_transaction_reaching_a_log_that_already_failed_aborts(tmp_path: Path) -> None:
+    """A transaction begun before the log's fsync failed finds the log refusing before its
+    record is appended: nothing was decided, so it aborts and rolls everything back."""
+    disk = Disk()
+    a, b = FakeStore(), FakeStore()
+    coordinator = Coordinator(
+        "t1",
+        FileDecisionLog(tmp_path / "decisions.log", fsync=disk.fsync),
+        [FakeResource("a", a), FakeResource("b", b)],
+        housekeeping_interval=None,
+    )
+    late = coordinator.begin()
+    late.execute("a", "debit")
+    late.execute("b", "credit")
+    disk.broken = True
+    with pytest.raises(TransactionInDoubt), coordinator.transaction() as first:
+        first.execute("a", "debit")
+        first.execute("b", "credit")
+    assert late.commit() is Outcome.ABORTED
+    assert "fsync of decision log" in late.reason and isinstance(late.log_failure, FsyncFailed)
+    prepared = {xid.gtrid for xid in (*a.prepared, *b.prepared)}
+    assert prepared == {first.gtrid}  # only the one whose record may be durable
+    coordinator.close()
+
+
 # -- after the commit point: the lazy COMMIT record and END --------------------------------
 
 
