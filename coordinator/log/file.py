@@ -261,7 +261,7 @@ class FileDecisionLog:
             raise DecisionLogError(message) from exc
         raise DecisionLogError(
             f"cannot append to decision log {self.path} ({_describe(exc)}); the record was "
-            "not written: free space on its file system (or fix the error), then go on"
+            "not written: free space on its file system (or fix that error)"
         ) from exc
 
     # -- opening and compaction ----------------------------------------------------

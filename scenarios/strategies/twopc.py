@@ -81,11 +81,16 @@ def _stop_on_log_failure(
 ) -> None:
     """Raise DecisionLogFailing if the transfer met a log failure (its outcome stands:
     the coordinator left nothing prepared that it could finish)."""
-    if failure is not None:
-        raise DecisionLogFailing(
-            f"the decision log cannot be written, so the run stopped (transfer "
-            f"{transfer.transfer_id} {outcome.value}): {failure}"
-        ) from failure
+    if failure is None:
+        return
+    left = (
+        "its branches stay prepared until 'twopc recover' reopens the log"
+        if outcome is Outcome.IN_DOUBT
+        else "nothing of it is left prepared"
+    )
+    raise DecisionLogFailing(
+        f"{failure}; the run stopped there (that transfer {outcome.value}: {left})"
+    ) from failure
 
 
 class TwoPhaseCommitStrategy:
