@@ -66,6 +66,17 @@ def stats_of(
     }
 
 
+def released(step: Callable[[], object], what: str) -> None:
+    """One step of releasing a coordinator (its close, or a start that failed): a failure
+    is logged, never raised, so that every later step still runs."""
+    try:
+        step()
+    except Exception as exc:
+        events.get_logger().warning(
+            events.RELEASE_FAILED, what=what, error=f"{type(exc).__name__}: {exc}"
+        )
+
+
 def gtrid_for(coordinator_id: str, gtrid: str | None) -> str:
     """A new gtrid, or ``gtrid`` checked to carry the coordinator's prefix (InvalidXid)."""
     if gtrid is None:
@@ -104,11 +115,16 @@ class Coordinator:
         peer_broker: Callable[[str], LastResource | None] | None = None,
         peer_interval: float | None = 5.0,
     ) -> None:
-        self.coordinator_id = validate_coordinator_id(coordinator_id)
-        self.prefix = gtrid_prefix(coordinator_id)
         self.log = log
-        self._resources: dict[str, XAResource] = by_name(resources)
         self._broker = broker
+        try:
+            self.coordinator_id = validate_coordinator_id(coordinator_id)
+            self.prefix = gtrid_prefix(coordinator_id)
+            self._resources: dict[str, XAResource] = by_name(resources)
+        except BaseException:
+            self._resources = {r.name: r for r in resources}
+            self._release_all()  # the coordinator owns what it was given, even when refused
+            raise
         # Many coordinators (docs/design.md §4): this one's liveness lock, the broker of a dead
         # peer by its id (for fencing and its markers), and how often to look for one.
         self.membership = membership
@@ -156,11 +172,14 @@ class Coordinator:
                     target=self._watch_peers, name="twopc-peers", daemon=True
                 )
                 self._peer_watch.start()
-        except BaseException:
+        except BaseException as exc:
             self._closed.set()  # no thread outlives a coordinator that failed to start
+            self._watchdog.join()
             self._executor.shutdown(wait=False)
             if membership is not None:
                 membership.leave()
+            if not isinstance(exc, CrashInjected):  # a simulated death releases nothing
+                self._release_all()  # so that a retry in this process can start
             raise
 
     # -- transactions ---------------------------------------------------------
@@ -414,17 +433,22 @@ class Coordinator:
         self._watchdog.join()
         if self._peer_watch is not None:
             self._peer_watch.join()
-        self.backlog.work()
-        self.sweep_markers()
-        self.log.flush()
+        released(self.backlog.work, "the backlog")
+        released(self.sweep_markers, "the marker sweep")
+        released(self.log.flush, "the decision log's flush")  # an unusable log: logged
         self._executor.shutdown(wait=True)
-        for resource in self._resources.values():
-            resource.close()
-        if self._broker is not None:
-            self._broker.close()
-        self.log.close()
+        self._release_all()
         if self.membership is not None:
             self.membership.leave()
+
+    def _release_all(self) -> None:
+        """Close the participants, the broker and the log (its lock): the coordinator owns
+        them. Each step runs even if one before it failed."""
+        for name, resource in self._resources.items():
+            released(resource.close, f"participant {name!r}")
+        if self._broker is not None:
+            released(self._broker.close, f"participant {self._broker.name!r}")
+        released(self.log.close, "the decision log")
 
     def __enter__(self) -> Coordinator:
         return self

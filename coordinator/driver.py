@@ -28,10 +28,11 @@ from structlog.contextvars import bound_contextvars
 from coordinator import events
 from coordinator.errors import (
     CommitRefused,
+    DecisionLogError,
     HeuristicMixed,
     OutcomeUnknown,
     ParticipantError,
-    TwoPhaseCommitError,
+    RecordNotDurable,
 )
 from coordinator.log import commit_record_participants
 from coordinator.protocol import LastResourceSession, XABranch
@@ -71,8 +72,8 @@ def commit(tx: Transaction, cfg: DriverConfig) -> Outcome:
             tx.doubt_because(str(doubt))
             return Outcome.IN_DOUBT
         cfg.failpoint("after_decision")
-        if not _phase2(tx, cfg, writers):
-            cfg.defer(tx)
+        if not _phase2(tx, cfg, writers) or tx.log_failure is not None:
+            cfg.defer(tx)  # the backlog finishes it: phase 2, the missing COMMIT record, END
             return Outcome.COMMITTED
         _end(tx, cfg)
         return Outcome.COMMITTED
@@ -202,7 +203,12 @@ def _reach_commit_point(
         tx.decided(by_marker=True)
         tx.log.debug(events.COMMIT_POINT_REACHED, via="broker-marker")
         with tx.timed("decision_log"):  # the marker is the decision: the record may be lazy
-            cfg.log_commit(tx.gtrid, commit_record_participants(prepared, broker.name), force=False)
+            try:
+                cfg.log_commit(
+                    tx.gtrid, commit_record_participants(prepared, broker.name), force=False
+                )
+            except DecisionLogError as exc:  # decided all the same: the backlog writes it
+                _log_failed(tx, exc, "COMMIT")
     elif carrier is not None:
         tx.log.debug(events.COMMIT_POINT_STARTED, via="decision-row", participant=carrier.name)
         with tx.timed("commit_point"):
@@ -214,9 +220,12 @@ def _reach_commit_point(
         with tx.timed("decision_log"):
             try:
                 cfg.log_commit(tx.gtrid, commit_record_participants(prepared, None), force=True)
-            except TwoPhaseCommitError as exc:  # FsyncFailed is fatal: the caller must stop
-                tx.doubt_because(f"the decision log failed: {exc}")
-                raise
+            except RecordNotDurable as exc:  # written, maybe not durable: the reopened log tells
+                _log_failed(tx, exc, "COMMIT")
+                raise _Doubt(f"the COMMIT record may not be durable: {exc}") from exc
+            except DecisionLogError as exc:  # nothing of the record is in the log
+                _log_failed(tx, exc, "COMMIT")
+                raise _Abort(f"the decision log could not be written: {exc}") from exc
         tx.decided(by_marker=False)
         tx.log.debug(events.COMMIT_POINT_REACHED, via="decision-log")
     tx.log.debug(
@@ -306,9 +315,20 @@ def _commit_prepared(tx: Transaction, branch: XABranch, cfg: DriverConfig) -> No
 
 def _end(tx: Transaction, cfg: DriverConfig) -> None:
     cfg.failpoint("before_end")
-    cfg.log_end(tx.gtrid)
+    try:
+        cfg.log_end(tx.gtrid)
+    except DecisionLogError as exc:  # committed all the same: the backlog writes END later
+        _log_failed(tx, exc, "END")
+        cfg.defer(tx)
+        return
     tx.move(TxState.COMPLETED)
     tx.log.debug(events.END)
+
+
+def _log_failed(tx: Transaction, exc: DecisionLogError, record: str) -> None:
+    """Keep the first log failure on ``tx`` (its caller may stop on it) and say so."""
+    tx.log_failure = tx.log_failure or exc
+    tx.log.warning(events.LOG_WRITE_FAILED, record=record, error=str(exc))
 
 
 def _commit_one_phase(

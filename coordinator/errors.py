@@ -118,6 +118,15 @@ class FsyncFailed(DecisionLogError):
     """fsync of the decision log failed: fatal, the process must stop (a retry could lie)."""
 
 
+class RecordNotDurable(FsyncFailed):
+    """A forced record was written but the log failed before it was durable (its fsync).
+
+    Whether the record survives is unknown until the log is opened again: the
+    log refuses every later call, and the transaction stays in doubt until a
+    restart's recovery follows whatever the reopened file holds.
+    """
+
+
 class CrashInjected(BaseException):
     """Raised by an armed in-process failpoint: simulates the process dying at that step.
 

@@ -55,6 +55,9 @@ PEER_RECOVERY_FAILED = "tpc.peers.recovery_failed"
 # The decision log.
 LOG_TORN_HEADER_REINITIALISED = "tpc.log.torn_header_reinitialised"
 LOG_COMPACTION_FAILED = "tpc.log.compaction_failed"
+# A transaction's record could not be written (its outcome says what that meant), or
+# close() could not flush the log.
+LOG_WRITE_FAILED = "tpc.log.write_failed"
 
 # Housekeeping of the broker's commit markers, and the watchdog's chores.
 MARKERS_REMOVED = "tpc.markers.removed"
@@ -62,6 +65,8 @@ MARKERS_REMOVE_FAILED = "tpc.markers.remove_failed"
 DECISION_ROWS_REMOVED = "tpc.decision_rows.removed"
 DECISION_ROWS_REMOVE_FAILED = "tpc.decision_rows.remove_failed"
 HOUSEKEEPING_FAILED = "tpc.housekeeping.failed"
+# Closing a coordinator (or one that failed to start): a step that failed; the rest ran.
+RELEASE_FAILED = "tpc.release.failed"
 
 # An observer (metrics, tracing) of finished transactions raised; the transaction is unaffected.
 LISTENER_FAILED = "tpc.listener.failed"

@@ -401,12 +401,32 @@ class Backlog:
         self.resolve_in_doubt(settle_timeout)
 
     def retry_deferred(self) -> int:
-        """Finish phase 2 of committed transactions whose participants failed; return count."""
+        """Finish committed transactions whose phase 2 or log records are unfinished:
+        the COMMIT record first if it is missing (never END without it), phase 2, END.
+        Return how many are done."""
         with self._lock:
             pending, self._deferred = self._deferred, []
+        if not pending:
+            return 0
+        try:
+            logged = self._log.pending()
+        except TwoPhaseCommitError as exc:  # the log cannot even be read: next round
+            events.get_logger().warning(events.RECOVERY_RESOLVE_FAILED, error=str(exc))
+            with self._lock:
+                self._deferred.extend(pending)
+            return 0
         done = 0
         for tx in pending:
-            item = InDoubt(tx.gtrid, logged_commit=True, prepared=dict.fromkeys(tx.branches))
+            # A commit decided by the marker whose lazy record failed: resolve() writes
+            # the record (forced) before END, and the marker decides until then. Any
+            # other decision is already a record (forced) or a row.
+            missing = tx.marker_sent and self._log.table is None and tx.gtrid not in logged
+            item = InDoubt(
+                tx.gtrid,
+                logged_commit=not missing,
+                prepared=dict.fromkeys(tx.branches),
+                marker=True if missing else None,
+            )
             if not self._resolve(item.decided()):
                 self.defer(tx)
                 continue
@@ -493,8 +513,8 @@ class Backlog:
             batch, self._ended_with_marker = self._ended_with_marker, set()
         if not batch:
             return 0
-        self._log.flush()  # the END records first: a marker may go only once END is durable
         try:
+            self._log.flush()  # the END records first: a marker may go only once END is durable
             removed = self._broker.remove_markers(batch)
         except TwoPhaseCommitError as exc:
             events.get_logger().warning(events.MARKERS_REMOVE_FAILED, error=str(exc))

@@ -17,7 +17,7 @@ from types import MappingProxyType
 from typing import Generic, TypeVar
 
 from coordinator import events, tracing
-from coordinator.errors import TransactionTimeout
+from coordinator.errors import DecisionLogError, TransactionTimeout
 from coordinator.states import Outcome, TxState, check_transition, require
 
 BranchT = TypeVar("BranchT")
@@ -41,6 +41,10 @@ class TransactionState(Generic[BranchT, SessionT]):
         self.marker_sent = False
         # The participant whose branch carries the decision row (docs/design.md §3), once written.
         self.decision_holder: str | None = None
+        # The decision-log error this transaction met, if any: before the commit point it
+        # aborted it (or left it in doubt); after, the outcome stands and the backlog
+        # writes the missing records. A caller running many transactions stops on it.
+        self.log_failure: DecisionLogError | None = None
         self.timings: dict[str, float] = {}  # phase name -> seconds (for the benchmark)
         self._lock = threading.Lock()  # guards the branches against the watchdog
         self.log = events.get_logger(gtrid=gtrid)

@@ -29,7 +29,7 @@ from typing import Any
 from coordinator import events, failpoints
 from coordinator.aio import driver
 from coordinator.aio.transaction import AsyncTransaction
-from coordinator.coordinator import by_name, gtrid_for, stats_of
+from coordinator.coordinator import by_name, gtrid_for, released, stats_of
 from coordinator.errors import CrashInjected, DuplicateGtrid, InvalidTransition
 from coordinator.log import DecisionLog
 from coordinator.protocol import AsyncLastResource, AsyncLastResourceSession, AsyncXAResource
@@ -59,10 +59,16 @@ class AsyncCoordinator:
         marker_batch: int = 500,
         housekeeping_interval: float | None = 1.0,
     ) -> None:
-        self.coordinator_id = validate_coordinator_id(coordinator_id)
-        self.prefix = gtrid_prefix(coordinator_id)
         self.log = log
-        self._resources: dict[str, AsyncXAResource] = by_name(resources)
+        try:
+            self.coordinator_id = validate_coordinator_id(coordinator_id)
+            self.prefix = gtrid_prefix(coordinator_id)
+            self._resources: dict[str, AsyncXAResource] = by_name(resources)
+        except BaseException:
+            # The coordinator owns the log it was given, even when refused (the
+            # participants have not connected yet: closing them needs the event loop).
+            released(log.close, "the decision log")
+            raise
         self._broker = broker
         self.timeout = timeout
         self.receipt_timeout = receipt_timeout
@@ -99,8 +105,10 @@ class AsyncCoordinator:
         if self.recover_on_start:
             try:
                 await self.recover()
-            except BaseException:
+            except BaseException as exc:
                 self._closed = True
+                if not isinstance(exc, CrashInjected):  # a simulated death releases nothing
+                    await self._release_all()  # so that a retry in this process can start
                 raise
         self._watchdog = asyncio.create_task(self._watch_timeouts(), name="twopc-watchdog")
         return self
@@ -366,12 +374,28 @@ class AsyncCoordinator:
                 await self._watchdog
         if self._chores:
             await asyncio.wait(set(self._chores))
-        if self._backlog is not None:
-            await asyncio.to_thread(self._backlog.work)
-            await asyncio.to_thread(self._backlog.sweep_markers)
-        await asyncio.to_thread(self.log.flush)
-        for resource in self._resources.values():
-            await resource.close()
+        backlog = self._backlog
+        if backlog is not None:
+            await asyncio.to_thread(released, backlog.work, "the backlog")
+            await asyncio.to_thread(released, backlog.sweep_markers, "the marker sweep")
+        await asyncio.to_thread(released, self.log.flush, "the decision log's flush")
+        await self._release_all()
+
+    async def _release_all(self) -> None:
+        """Close the participants, the broker and the log (its lock): the coordinator owns
+        them. Each step runs even if one before it failed."""
+        for name, resource in self._resources.items():
+            await _released(resource.close, f"participant {name!r}")
         if self._broker is not None:
-            await self._broker.close()
-        await asyncio.to_thread(self.log.close)
+            await _released(self._broker.close, f"participant {self._broker.name!r}")
+        await asyncio.to_thread(released, self.log.close, "the decision log")
+
+
+async def _released(step: Callable[[], Awaitable[object]], what: str) -> None:
+    """:func:`~coordinator.coordinator.released` for a coroutine step."""
+    try:
+        await step()
+    except Exception as exc:
+        events.get_logger().warning(
+            events.RELEASE_FAILED, what=what, error=f"{type(exc).__name__}: {exc}"
+        )

@@ -29,10 +29,11 @@ from coordinator.aio.runtime import AsyncDriverConfig, run_each, run_parallel
 from coordinator.aio.transaction import AsyncTransaction
 from coordinator.errors import (
     CommitRefused,
+    DecisionLogError,
     HeuristicMixed,
     OutcomeUnknown,
     ParticipantError,
-    TwoPhaseCommitError,
+    RecordNotDurable,
 )
 from coordinator.log import commit_record_participants
 from coordinator.protocol import AsyncLastResourceSession, AsyncXABranch
@@ -70,8 +71,8 @@ async def commit(tx: AsyncTransaction, cfg: AsyncDriverConfig) -> Outcome:
             tx.doubt_because(str(doubt))
             return Outcome.IN_DOUBT
         cfg.failpoint("after_decision")
-        if not await _phase2(tx, cfg, writers):
-            cfg.defer(tx)
+        if not await _phase2(tx, cfg, writers) or tx.log_failure is not None:
+            cfg.defer(tx)  # the backlog finishes it: phase 2, the missing COMMIT record, END
             return Outcome.COMMITTED
         await _end(tx, cfg)
         return Outcome.COMMITTED
@@ -203,9 +204,12 @@ async def _reach_commit_point(
         tx.decided(by_marker=True)
         tx.log.debug(events.COMMIT_POINT_REACHED, via="broker-marker")
         with tx.timed("decision_log"):  # the marker is the decision: the record may be lazy
-            await cfg.log_commit(
-                tx.gtrid, commit_record_participants(prepared, broker.name), force=False
-            )
+            try:
+                await cfg.log_commit(
+                    tx.gtrid, commit_record_participants(prepared, broker.name), force=False
+                )
+            except DecisionLogError as exc:  # decided all the same: the backlog writes it
+                _log_failed(tx, exc, "COMMIT")
     elif carrier is not None:
         tx.log.debug(events.COMMIT_POINT_STARTED, via="decision-row", participant=carrier.name)
         with tx.timed("commit_point"):
@@ -219,9 +223,12 @@ async def _reach_commit_point(
                 await cfg.log_commit(
                     tx.gtrid, commit_record_participants(prepared, None), force=True
                 )
-            except TwoPhaseCommitError as exc:  # FsyncFailed is fatal: the caller must stop
-                tx.doubt_because(f"the decision log failed: {exc}")
-                raise
+            except RecordNotDurable as exc:  # written, maybe not durable: the reopened log tells
+                _log_failed(tx, exc, "COMMIT")
+                raise _Doubt(f"the COMMIT record may not be durable: {exc}") from exc
+            except DecisionLogError as exc:  # nothing of the record is in the log
+                _log_failed(tx, exc, "COMMIT")
+                raise _Abort(f"the decision log could not be written: {exc}") from exc
         tx.decided(by_marker=False)
         tx.log.debug(events.COMMIT_POINT_REACHED, via="decision-log")
     tx.log.debug(
@@ -319,9 +326,20 @@ async def _commit_prepared(
 
 async def _end(tx: AsyncTransaction, cfg: AsyncDriverConfig) -> None:
     cfg.failpoint("before_end")
-    await cfg.log_end(tx.gtrid)
+    try:
+        await cfg.log_end(tx.gtrid)
+    except DecisionLogError as exc:  # committed all the same: the backlog writes END later
+        _log_failed(tx, exc, "END")
+        cfg.defer(tx)
+        return
     tx.move(TxState.COMPLETED)
     tx.log.debug(events.END)
+
+
+def _log_failed(tx: AsyncTransaction, exc: DecisionLogError, record: str) -> None:
+    """Keep the first log failure on ``tx`` (its caller may stop on it) and say so."""
+    tx.log_failure = tx.log_failure or exc
+    tx.log.warning(events.LOG_WRITE_FAILED, record=record, error=str(exc))
 
 
 async def _commit_one_phase(

@@ -25,14 +25,22 @@ can report success for pages the kernel already dropped.
 from __future__ import annotations
 
 import contextlib
+import errno
 import fcntl
 import os
+import stat
 import threading
 from collections.abc import Callable, Iterator, Sequence
 from types import TracebackType
 
 from coordinator import events, failpoints
-from coordinator.errors import CrashInjected, DecisionLogError, DecisionLogLocked, FsyncFailed
+from coordinator.errors import (
+    CrashInjected,
+    DecisionLogError,
+    DecisionLogLocked,
+    FsyncFailed,
+    RecordNotDurable,
+)
 from coordinator.log import DecisionTable
 from coordinator.log import format as fmt
 
@@ -98,11 +106,17 @@ class FileDecisionLog:
             self._check_usable()
             lsn = self._append(data, may_tear=force)
             fmt.apply(self._pending, commit)
-            if force:
-                failpoints.hit("log_unsynced_record")
-            self._maybe_compact()
-            if force:
-                self._wait_durable(lsn)
+            try:
+                if force:
+                    failpoints.hit("log_unsynced_record")
+                self._maybe_compact()
+                if force:
+                    self._wait_durable(lsn)
+            except DecisionLogError as exc:  # the log is unusable now (see _force)
+                raise RecordNotDurable(
+                    f"the COMMIT record of {gtrid} was written to decision log {self.path} "
+                    f"but may not be durable: {exc}"
+                ) from exc
 
     def log_end(self, gtrid: str) -> None:
         """Append END(gtrid), lazily: durable with the next forced write or flush."""
@@ -172,7 +186,7 @@ class FileDecisionLog:
             message = (
                 f"fsync of decision log {self.path} failed ({exc}); the coordinator must stop "
                 "(a retried fsync can report success for lost data) and be restarted, "
-                "which reopens and checks the log"
+                "which reopens and checks the log and resolves what is in doubt"
             )
             self._mark_unusable(FsyncFailed, message)
             raise FsyncFailed(message) from exc
@@ -239,13 +253,15 @@ class FileDecisionLog:
             os.ftruncate(self._fd, start)
         except OSError:
             message = (
-                f"decision log {self.path}: an append failed ({exc}) and the partial record "
-                "could not be removed; restart the coordinator (reopening truncates it)"
+                f"decision log {self.path}: an append failed ({_describe(exc)}) and the "
+                "partial record could not be removed; restart the coordinator (reopening "
+                "truncates it)"
             )
             self._mark_unusable(DecisionLogError, message)
             raise DecisionLogError(message) from exc
         raise DecisionLogError(
-            f"cannot append to decision log {self.path} ({exc}); the record was not logged"
+            f"cannot append to decision log {self.path} ({_describe(exc)}); the record was "
+            "not written: free space on its file system (or fix that error)"
         ) from exc
 
     # -- opening and compaction ----------------------------------------------------
@@ -263,10 +279,11 @@ class FileDecisionLog:
 
     def _open_or_create(self) -> tuple[int, int, dict[str, tuple[str, ...]]]:
         """(fd for appending, file size, pending set) of the log, created if missing."""
-        with contextlib.suppress(FileNotFoundError):
-            os.unlink(self.path + REPLACEMENT_SUFFIX)  # interrupted replacement; PATH is whole
+        replacement = self.path + REPLACEMENT_SUFFIX
+        if _regular_or_missing(self.path, replacement, "its replacement"):
+            os.unlink(replacement)  # an interrupted replacement; PATH is whole
         try:
-            fd = os.open(self.path, os.O_RDWR | os.O_APPEND)
+            fd = _open_regular(self.path, self.path, "the log", os.O_RDWR | os.O_APPEND)
         except FileNotFoundError:
             return self._replace_with(fmt.HEADER), fmt.HEADER_SIZE, {}
         try:
@@ -299,7 +316,9 @@ class FileDecisionLog:
         point leaves either the old file or the new one, each complete.
         """
         replacement = self.path + REPLACEMENT_SUFFIX
-        fd = os.open(replacement, os.O_RDWR | os.O_CREAT | os.O_TRUNC | os.O_APPEND, FILE_MODE)
+        # O_EXCL: a new file of our own, never whatever took that name meanwhile
+        flags = os.O_RDWR | os.O_CREAT | os.O_EXCL | os.O_APPEND | os.O_NOFOLLOW
+        fd = os.open(replacement, flags, FILE_MODE)
         try:
             _write_all(fd, content)
             self._force(fd)
@@ -391,7 +410,7 @@ class FileDecisionLog:
 def _take_lock(path: str) -> int:
     """Lock ``path`` for this process (non-blocking) and record our pid; return the lock fd."""
     lock_path = path + LOCK_SUFFIX
-    fd = os.open(lock_path, os.O_RDWR | os.O_CREAT, FILE_MODE)
+    fd = _open_regular(path, lock_path, "its lock file", os.O_RDWR | os.O_CREAT)
     try:
         _tighten(fd)
         fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
@@ -412,10 +431,67 @@ def _take_lock(path: str) -> int:
     return fd
 
 
+def _open_regular(log_path: str, path: str, role: str, flags: int) -> int:
+    """Open ``path`` only if it is a regular file (or, with O_CREAT, missing).
+
+    Checked before anything touches it (lstat, so nothing is opened that is not
+    a regular file) and again on the opened fd (O_NOFOLLOW, fstat), so that a
+    name swapped in between is refused too. DecisionLogError otherwise.
+    """
+    _regular_or_missing(log_path, path, role)
+    fd = os.open(path, flags | os.O_NOFOLLOW, FILE_MODE)
+    try:
+        _require_regular(log_path, path, role, os.fstat(fd).st_mode)
+    except BaseException:
+        os.close(fd)
+        raise
+    return fd
+
+
+def _regular_or_missing(log_path: str, path: str, role: str) -> bool:
+    """True if ``path`` is a regular file, False if nothing is there; DecisionLogError
+    for anything else (a symbolic link, a device, a FIFO, a directory...)."""
+    try:
+        mode = os.lstat(path).st_mode
+    except FileNotFoundError:
+        return False
+    _require_regular(log_path, path, role, mode)
+    return True
+
+
+_KINDS = (
+    (stat.S_ISLNK, "a symbolic link"),
+    (stat.S_ISDIR, "a directory"),
+    (stat.S_ISCHR, "a character device"),
+    (stat.S_ISBLK, "a block device"),
+    (stat.S_ISFIFO, "a FIFO"),
+    (stat.S_ISSOCK, "a socket"),
+)
+
+
+def _require_regular(log_path: str, path: str, role: str, mode: int) -> None:
+    if stat.S_ISREG(mode):
+        return
+    kind = next((name for test, name in _KINDS if test(mode)), "not a file")
+    raise DecisionLogError(
+        f"cannot open decision log {log_path}: {role} {path} is {kind}, not a regular file. "
+        "The log only uses regular files (it creates them itself), so it left that one "
+        "untouched: point the log at a path of its own (TWOPC_HOME, or the path given to "
+        "FileDecisionLog)"
+    )
+
+
 def _tighten(fd: int) -> None:
     """Make a file created before with a wider mode (or another umask) owner-only."""
     if os.fstat(fd).st_mode & 0o777 & ~FILE_MODE:
         os.fchmod(fd, FILE_MODE)
+
+
+def _describe(exc: OSError) -> str:
+    """'ENOSPC: No space left on device' for an OSError with an errno, else its text."""
+    if exc.errno is None:
+        return str(exc)
+    return f"{errno.errorcode.get(exc.errno, exc.errno)}: {exc.strerror or os.strerror(exc.errno)}"
 
 
 def _write_all(fd: int, data: bytes) -> None:
@@ -480,7 +556,7 @@ def truncate_at(path: str | os.PathLike[str], offset: int) -> list[fmt.Entry]:
                 f"offset {offset} of {name} is inside a record; 'twopc log dump' shows where "
                 "each record starts"
             )
-        fd = os.open(name, os.O_WRONLY)
+        fd = _open_regular(name, name, "the log", os.O_WRONLY)
         try:
             os.ftruncate(fd, offset)
             os.fsync(fd)

@@ -314,6 +314,7 @@ def transfer(
 ) -> None:
     """Run transfers: debit A, credit B, announce on /queue/transfers.completed — atomically."""
     from scenarios.strategies import run_transfers
+    from scenarios.transfer.batch import BatchFailed
     from scenarios.transfer.model import DEFAULT_ACCOUNTS, plan, recover_and_reset
 
     settings = _settings()
@@ -340,6 +341,14 @@ def transfer(
                 pipeline_here=not no_pipeline,
                 consumer=consumer_mode,
             )
+        except BatchFailed as exc:  # the summary of what ran, then the one error line
+            if exc.result is not None:
+                stopped = {"strategy": strategy, **exc.result.as_dict(), "error": str(exc)}
+                if as_json:
+                    click.echo(json.dumps(stopped, indent=2))
+                else:
+                    _print_batch(stopped)
+            raise
         finally:
             if metrics is not None:
                 metrics.close()

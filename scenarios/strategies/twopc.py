@@ -12,6 +12,7 @@ from coordinator.coordinator import Coordinator
 from coordinator.errors import (
     ConfigurationError,
     CrashInjected,
+    DecisionLogError,
     ParticipantError,
     TransactionAborted,
     TransactionInDoubt,
@@ -41,8 +42,9 @@ def transfer_2pc(coordinator: Coordinator, transfer: Transfer) -> tuple[Outcome,
     and the reason names the account and the database.
     """
     gtrid = gtrid_prefix(coordinator.coordinator_id) + transfer.transfer_id
+    tx = coordinator.begin(gtrid)
     try:
-        with coordinator.transaction(gtrid) as tx:
+        with tx:
             try:
                 debited = tx.execute("a", DEBIT, transfer.debit()).rowcount
             except pg_errors.CheckViolation:
@@ -59,12 +61,36 @@ def transfer_2pc(coordinator: Coordinator, transfer: Transfer) -> tuple[Outcome,
     except MissingAccount as exc:  # raised in the work: everything was rolled back
         return Outcome.ABORTED, str(exc)
     except TransactionAborted as exc:
+        _stop_on_log_failure(tx.log_failure, transfer, Outcome.ABORTED)
         return Outcome.ABORTED, exc.reason
     except TransactionInDoubt as exc:
+        _stop_on_log_failure(tx.log_failure, transfer, Outcome.IN_DOUBT)
         return Outcome.IN_DOUBT, exc.reason
     except ParticipantError as exc:  # raised during the work: everything was rolled back
         return Outcome.ABORTED, str(exc)
+    _stop_on_log_failure(tx.log_failure, transfer, Outcome.COMMITTED)
     return Outcome.COMMITTED, ""
+
+
+class DecisionLogFailing(DecisionLogError):
+    """A transfer met a decision log that cannot be written: a run of transfers stops."""
+
+
+def _stop_on_log_failure(
+    failure: DecisionLogError | None, transfer: Transfer, outcome: Outcome
+) -> None:
+    """Raise DecisionLogFailing if the transfer met a log failure (its outcome stands:
+    the coordinator left nothing prepared that it could finish)."""
+    if failure is None:
+        return
+    left = (
+        "its branches stay prepared until 'twopc recover' reopens the log"
+        if outcome is Outcome.IN_DOUBT
+        else "nothing of it is left prepared"
+    )
+    raise DecisionLogFailing(
+        f"{failure}; the run stopped there (that transfer {outcome.value}: {left})"
+    ) from failure
 
 
 class TwoPhaseCommitStrategy:

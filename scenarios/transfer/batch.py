@@ -15,7 +15,12 @@ from scenarios.transfer.model import Transfer
 
 
 class BatchFailed(TwoPhaseCommitError):
-    """A transfer of the batch raised instead of returning an outcome; the batch stopped."""
+    """A transfer of the batch raised instead of returning an outcome; the batch stopped.
+
+    ``result`` holds what the batch did until then (for its summary).
+    """
+
+    result: BatchResult | None = None
 
 
 @dataclass
@@ -113,5 +118,6 @@ def run_batch(
         thread.join()
     result.seconds = time.perf_counter() - started
     if failures:
+        failures[0].result = result
         raise failures[0]
     return result
