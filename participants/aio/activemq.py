@@ -41,7 +41,8 @@ from participants.activemq import (
     client_id_for,
 )
 from participants.aio.stomp import AsyncStompClient
-from participants.stomp_client import ClientIdInUse, parse_address
+from participants.stomp_client import ClientIdInUse, check_destination, parse_address
+from participants.stomp_headers import message_headers
 
 T = TypeVar("T")
 
@@ -97,12 +98,16 @@ class AsyncActiveMQSession:
     async def send(
         self, destination: str, body: str, headers: Mapping[str, str] | None = None
     ) -> None:
-        """SEND a persistent message inside the transaction (no receipt)."""
+        """SEND a persistent message inside the transaction (no receipt), with the ``gtrid``
+        header and the trace context; InvalidHeader as :meth:`ActiveMQSession.send`.
+        """
         self._require(_State.ACTIVE, "send")
+        check_destination(destination)
+        stamped = message_headers(headers, gtrid=self._gtrid, participant=self.name)
         try:
             await self._begin_once()
             await self._client.send(
-                destination, body, headers, transaction=self._gtrid, gtrid=self._gtrid
+                destination, body, stamped, transaction=self._gtrid, gtrid=self._gtrid
             )
         except ParticipantError:
             self._healthy = False
