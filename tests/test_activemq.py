@@ -670,8 +670,11 @@ def test_a_bad_header_fails_only_its_own_send(
     """A refused header fails its send at once; the transaction's other messages commit."""
     other = unique("/queue/test.other.")
     sends = [(queue_name, "first", {}), (queue_name, "bad", bad), (queue_name, "second", {})]
-    gtrid, refused = broker.transaction(sends)
+    with capture_logs() as logs:
+        gtrid, refused = broker.transaction(sends)
     assert refused == list(bad)
+    [event] = [e for e in logs if e["event"] == "mq.send.refused"]
+    assert event["gtrid"] == gtrid and event["log_level"] == "warning"
     assert [m.body for m in browse(stomp_addr, queue_name)] == ["first", "second"]
     assert browse(stomp_addr, other) == []
     assert broker.sync.markers() == {gtrid}

@@ -42,7 +42,7 @@ from participants.activemq import (
 )
 from participants.aio.stomp import AsyncStompClient
 from participants.stomp_client import ClientIdInUse, check_destination, parse_address
-from participants.stomp_headers import message_headers
+from participants.stomp_headers import InvalidHeader, message_headers
 
 T = TypeVar("T")
 
@@ -103,7 +103,11 @@ class AsyncActiveMQSession:
         """
         self._require(_State.ACTIVE, "send")
         check_destination(destination)
-        stamped = message_headers(headers, gtrid=self._gtrid, participant=self.name)
+        try:
+            stamped = message_headers(headers, gtrid=self._gtrid, participant=self.name)
+        except InvalidHeader as exc:
+            self._log.warning(ev.MQ_SEND_REFUSED, destination=destination, error=exc.detail)
+            raise
         try:
             await self._begin_once()
             await self._client.send(
