@@ -178,13 +178,19 @@ def frame_headers(
     command: str, headers: Mapping[str, str], *, participant: str, gtrid: str | None = None
 ) -> dict[str, str]:
     """``headers`` as a ``command`` frame writes them: names and values escaped, except
-    in CONNECT; InvalidHeader for one no frame can carry (NUL, a lone surrogate).
+    in CONNECT; InvalidHeader for one no frame can carry (NUL, a lone surrogate, not a str).
     """
     if command in UNESCAPED_COMMANDS:
         return dict(headers)
     escaped: dict[str, str] = {}
     for name, value in headers.items():
-        if _SPECIAL.search(name) or _SPECIAL.search(value):
+        try:
+            special = _SPECIAL.search(name) or _SPECIAL.search(value)
+        except TypeError:  # not a str: stomp.py would have written its str()
+            why = f"a header name and value must be strings, not {type(name).__name__}"
+            why += f" and {type(value).__name__}"
+            raise InvalidHeader(name, why, participant=participant, gtrid=gtrid) from None
+        if special:
             if _UNCARRIABLE.search(name) or _UNCARRIABLE.search(value):
                 why = _uncarriable(name, value)
                 raise InvalidHeader(name, why, participant=participant, gtrid=gtrid)

@@ -148,9 +148,11 @@ def test_application_headers_are_kept_and_stamped_with_the_gtrid() -> None:
     assert message_headers(None, gtrid="g1", participant="mq") == {"gtrid": "g1"}
 
 
-def test_a_frame_never_carries_nul() -> None:
-    """Whoever builds the frame (a relay, a consumer), a NUL in a header is refused."""
+def test_a_frame_never_carries_what_it_cannot() -> None:
+    """Whoever builds the frame (a relay, a consumer), NUL or a non-str header is refused."""
     with pytest.raises(InvalidHeader, match="its value contains NUL"):
         frame_headers("SEND", {"k": "a\x00"}, participant="relay", gtrid="g2")
     with pytest.raises(InvalidHeader, match="'k\\\\x00' refused"):
         sync_frame({"k\x00": "v"})
+    with pytest.raises(InvalidHeader, match=r"'k' refused: .* must be strings, not str and int"):
+        frame_headers("SEND", {"k": 1}, participant="relay")  # type: ignore[dict-item]
