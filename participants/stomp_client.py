@@ -31,8 +31,11 @@ resource, the outbox relays and the consumers need:
   few hundred at a time).
 
 Every SEND is ``persistent:true``; a non-persistent message is lost when the
-broker is killed. Failures leave this module as coordinator.errors types naming
-the participant and, when the caller passes one, the gtrid.
+broker is killed. Frames are written with their header names and values
+escaped by :func:`participants.stomp_headers.frame_headers` (stomp.py escapes
+values only), past stomp.py's ``send_frame``. Failures leave this module as
+coordinator.errors types naming the participant and, when the caller passes
+one, the gtrid.
 
 Listener callbacks run on stomp.py's receiver thread; they only record and
 signal, never block.

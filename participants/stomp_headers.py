@@ -9,20 +9,20 @@ Escaping (STOMP 1.2, "Value Encoding"): in every frame but CONNECT and
 CONNECTED, a backslash, carriage return, line feed and colon are written as
 ``\\\\``, ``\\r``, ``\\n`` and ``\\c``, in header names as in values. stomp.py
 (9.0) escapes values only and leaves names alone, so a name with a line feed
-ended the header early and the broker read the rest as a header of its own
-(``x\\ndestination``), or dropped the connection. Our clients hand stomp.py
+(``x\\ndestination``) broke the frame and ActiveMQ dropped the connection, and
+a name with a colon arrived cut at the colon. Our clients hand stomp.py
 frames already escaped, past its ``send_frame``, so nothing is escaped twice;
 stomp.py's frame parser unescapes names and values, and so does ActiveMQ.
 
-What no frame can carry is refused, naming the header: NUL (it ends a frame)
-and lone surrogates (they have no UTF-8). A business message also refuses
-empty names, control characters in names (``x\ndestination`` is an attempt to
-set another header, whatever the escaping makes of it), names and values
-that are not strings, and the names the
-protocol owns (:data:`RESERVED`, :data:`RESERVED_PREFIXES`): the coordinator
-sets them itself, the broker sets them on delivery, or ActiveMQ parses them
-and drops the whole connection on a value it cannot parse -- and with it the
-broker transaction that a group commit shares with other sessions.
+What no frame can carry is refused, naming the header: NUL (it ends a frame),
+lone surrogates (they have no UTF-8) and what is not a string. A business
+message also refuses empty names, control characters in names
+(``x\\ndestination`` is an attempt to set another header, whatever the
+escaping makes of it), and the names the protocol owns (:data:`RESERVED`,
+:data:`RESERVED_PREFIXES`): the coordinator sets them itself, the broker sets
+them on delivery, or ActiveMQ parses them and drops the whole connection on a
+value it cannot parse -- and with it the broker transaction that a group
+commit shares with other sessions.
 """
 
 from __future__ import annotations
