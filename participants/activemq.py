@@ -58,7 +58,7 @@ from participants.stomp_client import (
     check_destination,
     parse_address,
 )
-from participants.stomp_headers import InvalidHeader, message_headers
+from participants.stomp_headers import InvalidMessage, message_headers
 
 MARKER_QUEUE = "/queue/twopc.markers"
 
@@ -194,8 +194,10 @@ class ActiveMQSession:
         self._require(_State.ACTIVE, "send")
         check_destination(destination)
         try:
-            stamped = message_headers(headers, gtrid=self._gtrid, participant=self.name)
-        except InvalidHeader as exc:
+            stamped = message_headers(
+                destination, body, headers, gtrid=self._gtrid, participant=self.name
+            )
+        except InvalidMessage as exc:
             self._log.warning(ev.MQ_SEND_REFUSED, destination=destination, error=exc.detail)
             raise
         if self._solo:

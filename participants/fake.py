@@ -286,7 +286,9 @@ class FakeBrokerSession:
 
     def send(self, destination: str, body: str, headers: Mapping[str, str] | None = None) -> None:
         """Keep the message, its headers checked and stamped as ActiveMQ's sessions do."""
-        stamped = message_headers(headers, gtrid=self.gtrid, participant=self.name)
+        stamped = message_headers(
+            destination, body, headers, gtrid=self.gtrid, participant=self.name
+        )
         self.pending.append((destination, body, stamped))
 
     def ack(self, ack_id: str) -> None:

@@ -15,7 +15,10 @@ frames already escaped, past its ``send_frame``, so nothing is escaped twice;
 stomp.py's frame parser unescapes names and values, and so does ActiveMQ.
 
 What no frame can carry is refused, naming the header: NUL (it ends a frame),
-lone surrogates (they have no UTF-8) and what is not a string. A business
+lone surrogates (they have no UTF-8: stomp.py would write ``?`` instead) and
+what is not a string. A body must be a string without lone surrogates (a
+non-str body failed only when the group commit wrote it, failing the whole
+group). A business
 message also refuses empty names, control characters in names
 (``x\\ndestination`` is an attempt to set another header, whatever the
 escaping makes of it), and the names the protocol owns (:data:`RESERVED`,
@@ -41,8 +44,12 @@ UNESCAPED_COMMANDS = frozenset({"CONNECT", "STOMP", "CONNECTED"})
 
 _ESCAPES = str.maketrans({"\\": "\\\\", "\r": "\\r", "\n": "\\n", ":": "\\c"})
 
-#: Characters no header can carry: NUL ends the frame; a lone surrogate has no UTF-8.
+#: Characters no header can carry: NUL ends the frame; a lone surrogate has no UTF-8
+#: (stomp.py would silently write "?").
 _UNCARRIABLE = re.compile("[\x00\ud800-\udfff]")
+
+#: What a body cannot carry (NUL can: the frame has a content-length).
+_SURROGATE = re.compile("[\ud800-\udfff]")
 
 #: What a business message's header name may not contain: control characters
 #: (a line break in a name is a header injection, never a name) and lone surrogates.
@@ -99,12 +106,16 @@ _PLAIN_NAME = re.compile(
 )
 
 
-class InvalidHeader(ParticipantError, ValueError):
-    """A header a STOMP frame cannot carry, or that a business message may not set.
+class InvalidMessage(ParticipantError, ValueError):
+    """A message ``send()`` refuses (a body or header no frame can carry, a reserved header).
 
-    Raised before anything is sent: the transaction is unaffected and may go on
-    (without that header) or roll back.
+    Raised before anything is kept or sent: the transaction is unaffected and
+    may go on without that message, or roll back.
     """
+
+
+class InvalidHeader(InvalidMessage):
+    """A header a STOMP frame cannot carry, or that a business message may not set."""
 
     def __init__(
         self, name: object, why: str, *, participant: str, gtrid: str | None = None
@@ -114,15 +125,33 @@ class InvalidHeader(ParticipantError, ValueError):
 
 
 def message_headers(
-    headers: Mapping[str, str] | None, *, gtrid: str, participant: str
+    destination: str,
+    body: str,
+    headers: Mapping[str, str] | None,
+    *,
+    gtrid: str,
+    participant: str,
 ) -> dict[str, str]:
     """The headers of a business message of ``gtrid``: the application's, checked, plus
     the ``gtrid`` header and, when tracing is on, the current trace context.
 
     InvalidHeader for a name or value that is not a string, an empty name, NUL
     or a lone surrogate, a reserved name, or a ``gtrid`` header naming another
-    transaction (the coordinator sets it to ``gtrid``).
+    transaction (the coordinator sets it to ``gtrid``); for a ``destination``
+    with NUL or a lone surrogate too. InvalidMessage for a ``body`` that is not
+    a string or has a lone surrogate (no UTF-8 for it). The destination's form
+    is ``participants.stomp_client.check_destination``'s to check.
     """
+    if not isinstance(body, str) or (not body.isascii() and _SURROGATE.search(body)):
+        why = (
+            "it contains a lone surrogate, which has no UTF-8 encoding"
+            if isinstance(body, str)
+            else f"it must be a string, not {type(body).__name__}"
+        )
+        raise InvalidMessage(f"message body refused: {why}", participant=participant, gtrid=gtrid)
+    if _UNCARRIABLE.search(destination):
+        why = _uncarriable("destination", destination)
+        raise InvalidHeader("destination", why, participant=participant, gtrid=gtrid)
     stamped: dict[str, str] = {}
     for name, value in (headers or {}).items():
         # The common case in one expression (this runs for every message); _refusal
@@ -135,9 +164,9 @@ def message_headers(
             and _PLAIN_NAME.match(name)
             and not _UNCARRIABLE.search(value)
         ):
-            why = _refusal(name, value, gtrid)
-            if why is not None:
-                raise InvalidHeader(name, why, participant=participant, gtrid=gtrid)
+            refusal = _refusal(name, value, gtrid)
+            if refusal is not None:
+                raise InvalidHeader(name, refusal, participant=participant, gtrid=gtrid)
         stamped[name] = value
     stamped[tracing.GTRID_HEADER] = gtrid
     tracing.inject(stamped)

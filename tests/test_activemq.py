@@ -35,7 +35,7 @@ from coordinator.protocol import LastResource, LastResourceSession
 from participants.activemq import MAX_POOL_SIZE, ActiveMQ, FenceRefused, client_id_for
 from participants.aio.activemq import AsyncActiveMQ
 from participants.stomp_client import ClientIdInUse
-from participants.stomp_headers import InvalidHeader
+from participants.stomp_headers import InvalidMessage
 from tests.conftest import open_stomp_client, stomp_login
 
 pytestmark = pytest.mark.lab
@@ -561,7 +561,7 @@ def test_socket_has_nodelay_and_commits_are_fast(mq: ActiveMQ, stomp_addr: str) 
 
 # -- headers (participants/stomp_headers.py) -------------------------------------------
 
-Send = tuple[str, str, dict[str, Any]]
+Send = tuple[str, Any, dict[str, Any]]
 
 
 class Broker:
@@ -577,7 +577,7 @@ class Broker:
 
     def transaction(self, sends: list[Send], *, commit: bool = True) -> tuple[str, list[str]]:
         """Send ``sends`` in one transaction, then commit (with marker) or abort it;
-        its gtrid and the header names each refused send named."""
+        its gtrid and the header names each refused send named ("body" for a body)."""
         gtrid = unique("t.")
         if self.api == "sync":
             return gtrid, sync_transaction(self.sync, gtrid, sends, commit)
@@ -596,9 +596,9 @@ def sync_transaction(mq: ActiveMQ, gtrid: str, sends: list[Send], commit: bool) 
         for destination, body, headers in sends:
             try:
                 session.send(destination, body, headers)
-            except InvalidHeader as exc:
+            except InvalidMessage as exc:
                 assert exc.gtrid == gtrid and exc.participant == mq.name
-                refused.append(str(exc.header))
+                refused.append(str(getattr(exc, "header", "body")))
         if commit:
             session.commit_with_marker(gtrid, timeout=5.0)
         else:
@@ -617,9 +617,9 @@ async def aio_transaction(
         for destination, body, headers in sends:
             try:
                 await session.send(destination, body, headers)
-            except InvalidHeader as exc:
+            except InvalidMessage as exc:
                 assert exc.gtrid == gtrid and exc.participant == mq.name
-                refused.append(str(exc.header))
+                refused.append(str(getattr(exc, "header", "body")))
         if commit:
             await session.commit_with_marker(gtrid, timeout=5.0)
         else:
@@ -680,6 +680,19 @@ def test_a_bad_header_fails_only_its_own_send(
     assert broker.sync.markers() == {gtrid}
 
 
+@pytest.mark.parametrize("body", ["caf\udce9", 7], ids=["lone-surrogate", "not-str"])
+def test_a_body_no_frame_can_carry_fails_only_its_own_send(
+    broker: Broker, stomp_addr: str, queue_name: str, body: Any
+) -> None:
+    """A body that is not a str or has a lone surrogate (stomp.py would write '?') fails
+    its send at once; the other messages commit."""
+    sends = [(queue_name, "first", {}), (queue_name, body, {}), (queue_name, "é", {})]
+    gtrid, refused = broker.transaction(sends)
+    assert refused == ["body"]
+    assert [m.body for m in browse(stomp_addr, queue_name)] == ["first", "é"]
+    assert broker.sync.markers() == {gtrid}
+
+
 def test_a_transaction_with_a_refused_header_rolls_back_cleanly(
     broker: Broker, stomp_addr: str, queue_name: str
 ) -> None:
@@ -693,22 +706,24 @@ def test_a_transaction_with_a_refused_header_rolls_back_cleanly(
     assert [m.body for m in browse(stomp_addr, queue_name)] == ["next"]
 
 
-BAD_HEADERS: list[dict[str, Any]] = [
-    {"x\ndestination": "/queue/other"},
-    {"x\r\n\r\nbody": "?"},
-    {"expires": "1"},
-    {"priority": "abc"},
-    {"AMQ_SCHEDULED_DELAY": "abc"},
-    {"k": "a\x00b"},
-    {"": "empty"},
-    {"persistent": "false"},
+BAD_MESSAGES: list[tuple[Any, dict[str, Any]]] = [
+    ("bad", {"x\ndestination": "/queue/other"}),
+    ("bad", {"x\r\n\r\nbody": "?"}),
+    ("bad", {"expires": "1"}),
+    ("bad", {"priority": "abc"}),
+    ("bad", {"AMQ_SCHEDULED_DELAY": "abc"}),
+    ("bad", {"k": "a\x00b"}),
+    ("bad", {"": "empty"}),
+    ("bad", {"persistent": "false"}),
+    ("caf\udce9", {}),
+    (7, {}),
 ]
 
 
 def test_bad_headers_never_touch_other_threads_group_commits(
     stomp_addr: str, queue_name: str
 ) -> None:
-    """One thread sends bad headers while seven commit under group commit: all of theirs commit."""
+    """One thread sends bad messages while seven commit under group commit: all of theirs commit."""
     resource = ActiveMQ(
         stomp_addr,
         unique("t"),
@@ -735,9 +750,10 @@ def test_bad_headers_never_touch_other_threads_group_commits(
             session = resource.begin(gtrid)
             try:
                 session.send(queue_name, "good", {"transfer-id": gtrid})
+                body, headers = BAD_MESSAGES[i % len(BAD_MESSAGES)]
                 try:
-                    session.send(other, "bad", BAD_HEADERS[i % len(BAD_HEADERS)])
-                except InvalidHeader:
+                    session.send(other, body, headers)
+                except InvalidMessage:
                     refused += 1
                 session.commit_with_marker(gtrid, timeout=5.0)
                 committed.append(gtrid)

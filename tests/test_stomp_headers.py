@@ -19,9 +19,12 @@ from participants.stomp_headers import (
     RESERVED,
     RESERVED_PREFIXES,
     InvalidHeader,
+    InvalidMessage,
     frame_headers,
     message_headers,
 )
+
+Q = "/queue/q"
 
 
 def sync_frame(headers: dict[str, str], body: str = "body") -> bytes:
@@ -80,7 +83,7 @@ def test_every_allowed_header_reads_back_exactly(headers: dict[str, str]) -> Non
     allowed = {
         k: v for k, v in headers.items() if k not in owned and not k.startswith(RESERVED_PREFIXES)
     }
-    stamped = message_headers(allowed, gtrid="g1", participant="mq")
+    stamped = message_headers(Q, "body", allowed, gtrid="g1", participant="mq")
     frame = encode("SEND", {**stamped, "destination": "/queue/q"}, "")
     assert parsed(frame) == {**stamped, "destination": "/queue/q"}
 
@@ -95,7 +98,7 @@ def test_connect_headers_are_not_escaped() -> None:
 def test_reserved_names_are_refused_with_the_reason(name: str) -> None:
     """Every header the protocol owns is refused, saying why and naming participant and gtrid."""
     with pytest.raises(InvalidHeader) as raised:
-        message_headers({name: "1"}, gtrid="g1", participant="mq")
+        message_headers(Q, "body", {name: "1"}, gtrid="g1", participant="mq")
     assert str(raised.value) == (
         f"header {name!r} refused: the protocol owns it: {RESERVED[name]} "
         "(participant 'mq', gtrid g1)"
@@ -107,14 +110,14 @@ def test_reserved_names_are_refused_with_the_reason(name: str) -> None:
 def test_expires_is_refused_because_a_committed_message_would_expire() -> None:
     """``expires`` is refused: it would send a committed message to ActiveMQ.DLQ."""
     with pytest.raises(InvalidHeader, match=r"'expires' refused: .*ActiveMQ\.DLQ"):
-        message_headers({"expires": "1"}, gtrid="g1", participant="mq")
+        message_headers(Q, "body", {"expires": "1"}, gtrid="g1", participant="mq")
 
 
 @pytest.mark.parametrize("name", ["JMSXGroupSeq", "JMSPriority", "AMQ_SCHEDULED_DELAY"])
 def test_names_activemq_parses_are_refused(name: str) -> None:
     """JMS* and AMQ_* names are refused: ActiveMQ drops the connection on a bad value."""
     with pytest.raises(InvalidHeader, match="drops the whole connection"):
-        message_headers({name: "abc"}, gtrid="g1", participant="mq")
+        message_headers(Q, "body", {name: "abc"}, gtrid="g1", participant="mq")
 
 
 @pytest.mark.parametrize(
@@ -136,7 +139,7 @@ def test_names_activemq_parses_are_refused(name: str) -> None:
 def test_uncarriable_headers_are_refused(headers: dict[object, object], why: str) -> None:
     """What a frame cannot carry, or would carry as another header, is refused by name."""
     with pytest.raises(InvalidHeader, match="refused: .*" + why) as raised:
-        message_headers(headers, gtrid="g1", participant="mq")  # type: ignore[arg-type]
+        message_headers(Q, "body", headers, gtrid="g1", participant="mq")  # type: ignore[arg-type]
     assert raised.value.header == next(iter(headers))
     assert "(participant 'mq', gtrid g1)" in str(raised.value)
 
@@ -144,8 +147,11 @@ def test_uncarriable_headers_are_refused(headers: dict[object, object], why: str
 def test_application_headers_are_kept_and_stamped_with_the_gtrid() -> None:
     """Application headers (``type``, names with a colon, line breaks in values) are kept."""
     headers = {"type": "transfer.credit", "x:y": "line\nbreak", "gtrid": "g1", "reply-to": "r"}
-    assert message_headers(headers, gtrid="g1", participant="mq") == {**headers, "gtrid": "g1"}
-    assert message_headers(None, gtrid="g1", participant="mq") == {"gtrid": "g1"}
+    assert message_headers(Q, "body", headers, gtrid="g1", participant="mq") == {
+        **headers,
+        "gtrid": "g1",
+    }
+    assert message_headers(Q, "body", None, gtrid="g1", participant="mq") == {"gtrid": "g1"}
 
 
 def test_a_frame_never_carries_what_it_cannot() -> None:
@@ -156,3 +162,30 @@ def test_a_frame_never_carries_what_it_cannot() -> None:
         sync_frame({"k\x00": "v"})
     with pytest.raises(InvalidHeader, match=r"'k' refused: .* must be strings, not str and int"):
         frame_headers("SEND", {"k": 1}, participant="relay")  # type: ignore[dict-item]
+
+
+@pytest.mark.parametrize(
+    ("body", "why"),
+    [
+        ("caf\udce9", "it contains a lone surrogate, which has no UTF-8 encoding"),
+        (b"bytes", "it must be a string, not bytes"),
+    ],
+)
+def test_a_body_no_frame_can_carry_is_refused(body: object, why: str) -> None:
+    """A body that is not a str, or has a lone surrogate, is refused before anything is sent."""
+    with pytest.raises(InvalidMessage) as raised:
+        message_headers(Q, body, {}, gtrid="g1", participant="mq")  # type: ignore[arg-type]
+    assert str(raised.value) == f"message body refused: {why} (participant 'mq', gtrid g1)"
+    assert not isinstance(raised.value, InvalidHeader)
+
+
+def test_a_destination_with_nul_is_refused() -> None:
+    """A destination with NUL is refused by send(), not when the frame is written."""
+    with pytest.raises(InvalidHeader, match="'destination' refused: its value contains NUL"):
+        message_headers("/queue/a\x00b", "", {}, gtrid="g1", participant="mq")
+
+
+def test_bodies_with_nul_or_any_unicode_are_kept() -> None:
+    """NUL (the frame has a content-length) and non-ASCII text are fine in a body."""
+    assert message_headers(Q, "a\x00b", {}, gtrid="g1", participant="mq") == {"gtrid": "g1"}
+    assert message_headers(Q, "débit 10 €", {}, gtrid="g1", participant="mq") == {"gtrid": "g1"}

@@ -42,7 +42,7 @@ from participants.activemq import (
 )
 from participants.aio.stomp import AsyncStompClient
 from participants.stomp_client import ClientIdInUse, check_destination, parse_address
-from participants.stomp_headers import InvalidHeader, message_headers
+from participants.stomp_headers import InvalidMessage, message_headers
 
 T = TypeVar("T")
 
@@ -104,8 +104,10 @@ class AsyncActiveMQSession:
         self._require(_State.ACTIVE, "send")
         check_destination(destination)
         try:
-            stamped = message_headers(headers, gtrid=self._gtrid, participant=self.name)
-        except InvalidHeader as exc:
+            stamped = message_headers(
+                destination, body, headers, gtrid=self._gtrid, participant=self.name
+            )
+        except InvalidMessage as exc:
             self._log.warning(ev.MQ_SEND_REFUSED, destination=destination, error=exc.detail)
             raise
         try:
