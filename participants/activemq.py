@@ -35,7 +35,7 @@ from collections.abc import Callable, Collection, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
-from coordinator import events, tracing
+from coordinator import events
 from coordinator.errors import (
     CommitRefused,
     ConfigurationError,
@@ -58,6 +58,7 @@ from participants.stomp_client import (
     check_destination,
     parse_address,
 )
+from participants.stomp_headers import InvalidMessage, message_headers
 
 MARKER_QUEUE = "/queue/twopc.markers"
 
@@ -187,11 +188,18 @@ class ActiveMQSession:
 
         The message carries the ``gtrid`` header and, when tracing is on, the
         current span's ``traceparent`` (coordinator.tracing), for its consumer.
+        InvalidHeader (nothing kept, the transaction unchanged) for a header the
+        protocol owns or a frame cannot carry (participants.stomp_headers).
         """
         self._require(_State.ACTIVE, "send")
         check_destination(destination)
-        stamped = {**(headers or {}), tracing.GTRID_HEADER: self._gtrid}
-        tracing.inject(stamped)
+        try:
+            stamped = message_headers(
+                destination, body, headers, gtrid=self._gtrid, participant=self.name
+            )
+        except InvalidMessage as exc:
+            self._log.warning(ev.MQ_SEND_REFUSED, destination=destination, error=exc.detail)
+            raise
         if self._solo:
             self._transmit(destination, body, stamped)
         else:

@@ -36,6 +36,7 @@ from coordinator.errors import (
 from coordinator.protocol import no_callback
 from coordinator.states import Vote
 from coordinator.xid import Xid
+from participants.stomp_headers import message_headers
 
 
 class _NoRows:
@@ -284,7 +285,11 @@ class FakeBrokerSession:
         return bool(self.pending or self.pending_acks)
 
     def send(self, destination: str, body: str, headers: Mapping[str, str] | None = None) -> None:
-        self.pending.append((destination, body, dict(headers or {})))
+        """Keep the message, its headers checked and stamped as ActiveMQ's sessions do."""
+        stamped = message_headers(
+            destination, body, headers, gtrid=self.gtrid, participant=self.name
+        )
+        self.pending.append((destination, body, stamped))
 
     def ack(self, ack_id: str) -> None:
         _raise_for(self.broker.faults.take("ack"), "ack", self.name, self.gtrid)

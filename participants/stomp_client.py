@@ -31,8 +31,11 @@ resource, the outbox relays and the consumers need:
   few hundred at a time).
 
 Every SEND is ``persistent:true``; a non-persistent message is lost when the
-broker is killed. Failures leave this module as coordinator.errors types naming
-the participant and, when the caller passes one, the gtrid.
+broker is killed. Frames are written with their header names and values
+escaped by :func:`participants.stomp_headers.frame_headers` (stomp.py escapes
+values only), past stomp.py's ``send_frame``. Failures leave this module as
+coordinator.errors types naming the participant and, when the caller passes
+one, the gtrid.
 
 Listener callbacks run on stomp.py's receiver thread; they only record and
 signal, never block.
@@ -65,6 +68,8 @@ from coordinator.errors import (
 )
 from coordinator.events import get_logger
 from participants import events as ev
+from participants.stomp_headers import SENTINEL_HEADER as SENTINEL_HEADER
+from participants.stomp_headers import InvalidHeader, frame_headers
 
 AckMode = Literal["auto", "client-individual"]
 
@@ -84,9 +89,6 @@ DESTINATION_PREFIXES = ("/queue/", "/topic/")
 
 #: Bytes read at once from a TLS socket.
 TLS_RECV_BYTES = 64 * 1024
-
-#: Header of the message :meth:`StompClient.browse_complete` appends to a queue.
-SENTINEL_HEADER = "twopc-browse-sentinel"
 
 
 def _log() -> Any:
@@ -845,11 +847,19 @@ class StompClient:
     def _transmit(
         self, command: str, headers: dict[str, str], body: str, gtrid: str | None
     ) -> None:
+        try:
+            # Escaped here, names too, and written past stomp.py's send_frame, which
+            # would escape the values a second time.
+            escaped = frame_headers(command, headers, participant=self.participant, gtrid=gtrid)
+        except InvalidHeader:
+            with self._lock:
+                self._pending.pop(headers.get("receipt", ""), None)
+            raise
         if self._lost:
             failure = f"cannot send {command}: the connection is closed"
         else:
             try:
-                self._conn.send_frame(command, headers, body)
+                self._conn.transport.transmit(stomp.utils.Frame(command, escaped, body))
                 return
             except (StompException, OSError) as exc:
                 self._on_lost()

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import os
 import signal
 import socket
@@ -28,10 +29,13 @@ from coordinator.errors import (
     InvalidTransition,
     OutcomeUnknown,
     ParticipantUnavailable,
+    TwoPhaseCommitError,
 )
 from coordinator.protocol import LastResource, LastResourceSession
 from participants.activemq import MAX_POOL_SIZE, ActiveMQ, FenceRefused, client_id_for
+from participants.aio.activemq import AsyncActiveMQ
 from participants.stomp_client import ClientIdInUse
+from participants.stomp_headers import InvalidMessage
 from tests.conftest import open_stomp_client, stomp_login
 
 pytestmark = pytest.mark.lab
@@ -553,3 +557,226 @@ def test_socket_has_nodelay_and_commits_are_fast(mq: ActiveMQ, stomp_addr: str) 
     median_ms = statistics.median(durations) * 1000
     print(f"marker + COMMIT with receipt: median {median_ms:.2f} ms over 50 commits")
     assert median_ms < 40
+
+
+# -- headers (participants/stomp_headers.py) -------------------------------------------
+
+Send = tuple[str, Any, dict[str, Any]]
+
+
+class Broker:
+    """One broker resource of either API, driven from the test's thread."""
+
+    def __init__(self, api: str, stomp_addr: str, pool_size: int = 2) -> None:
+        self.api = api
+        self.marker_queue = unique("/queue/test.markers.")
+        options: dict[str, Any] = {"pool_size": pool_size, "marker_queue": self.marker_queue}
+        self.sync = ActiveMQ(stomp_addr, unique("t"), **options, **stomp_login())
+        self._runner = asyncio.Runner()
+        self._aio = AsyncActiveMQ(stomp_addr, unique("t"), **options, **stomp_login())
+
+    def transaction(self, sends: list[Send], *, commit: bool = True) -> tuple[str, list[str]]:
+        """Send ``sends`` in one transaction, then commit (with marker) or abort it;
+        its gtrid and the header names each refused send named ("body" for a body)."""
+        gtrid = unique("t.")
+        if self.api == "sync":
+            return gtrid, sync_transaction(self.sync, gtrid, sends, commit)
+        return gtrid, self._runner.run(aio_transaction(self._aio, gtrid, sends, commit))
+
+    def close(self) -> None:
+        self._runner.run(self._aio.close())
+        self._runner.close()
+        self.sync.close()
+
+
+def sync_transaction(mq: ActiveMQ, gtrid: str, sends: list[Send], commit: bool) -> list[str]:
+    session = mq.begin(gtrid)
+    refused = []
+    try:
+        for destination, body, headers in sends:
+            try:
+                session.send(destination, body, headers)
+            except InvalidMessage as exc:
+                assert exc.gtrid == gtrid and exc.participant == mq.name
+                refused.append(str(getattr(exc, "header", "body")))
+        if commit:
+            session.commit_with_marker(gtrid, timeout=5.0)
+        else:
+            session.abort()
+    finally:
+        session.release()
+    return refused
+
+
+async def aio_transaction(
+    mq: AsyncActiveMQ, gtrid: str, sends: list[Send], commit: bool
+) -> list[str]:
+    session = await mq.begin(gtrid)
+    refused = []
+    try:
+        for destination, body, headers in sends:
+            try:
+                await session.send(destination, body, headers)
+            except InvalidMessage as exc:
+                assert exc.gtrid == gtrid and exc.participant == mq.name
+                refused.append(str(getattr(exc, "header", "body")))
+        if commit:
+            await session.commit_with_marker(gtrid, timeout=5.0)
+        else:
+            await session.abort()
+    finally:
+        await session.release()
+    return refused
+
+
+@pytest.fixture(params=["sync", "asyncio"])
+def broker(request: pytest.FixtureRequest, stomp_addr: str) -> Iterator[Broker]:
+    """The broker resource of the sync and of the asyncio API, in turn."""
+    resource = Broker(request.param, stomp_addr)
+    yield resource
+    resource.close()
+
+
+def test_a_header_name_with_a_colon_round_trips(
+    broker: Broker, stomp_addr: str, queue_name: str
+) -> None:
+    """Names with a colon or backslash and values with line breaks arrive exactly as sent."""
+    headers = {"x:y": "v:1\\2", "a\\b": "line\nbreak\r", "type": "transfer.credit"}
+    gtrid, refused = broker.transaction([(queue_name, "hello", headers)])
+    assert refused == []
+    with open_stomp_client(stomp_addr) as client:
+        message = client.subscribe(queue_name).get(timeout=5.0)
+    assert message is not None
+    assert {name: message.headers.get(name) for name in headers} == headers
+    assert message.headers["gtrid"] == gtrid
+    assert broker.sync.markers() == {gtrid}
+
+
+@pytest.mark.parametrize(
+    "bad",
+    [
+        {"x\ndestination": "/queue/other"},
+        {"expires": "1"},
+        {"priority": "abc"},
+        {"JMSXGroupSeq": "abc"},
+        {"k": "nul\x00"},
+        {"k": 7},
+    ],
+    ids=["injected-destination", "expires", "priority", "jms-name", "nul", "not-str"],
+)
+def test_a_bad_header_fails_only_its_own_send(
+    broker: Broker, stomp_addr: str, queue_name: str, bad: dict[str, Any]
+) -> None:
+    """A refused header fails its send at once; the transaction's other messages commit."""
+    other = unique("/queue/test.other.")
+    sends = [(queue_name, "first", {}), (queue_name, "bad", bad), (queue_name, "second", {})]
+    with capture_logs() as logs:
+        gtrid, refused = broker.transaction(sends)
+    assert refused == list(bad)
+    [event] = [e for e in logs if e["event"] == "mq.send.refused"]
+    assert event["gtrid"] == gtrid and event["log_level"] == "warning"
+    assert [m.body for m in browse(stomp_addr, queue_name)] == ["first", "second"]
+    assert browse(stomp_addr, other) == []
+    assert broker.sync.markers() == {gtrid}
+
+
+@pytest.mark.parametrize("body", ["caf\udce9", 7], ids=["lone-surrogate", "not-str"])
+def test_a_body_no_frame_can_carry_fails_only_its_own_send(
+    broker: Broker, stomp_addr: str, queue_name: str, body: Any
+) -> None:
+    """A body that is not a str or has a lone surrogate (stomp.py would write '?') fails
+    its send at once; the other messages commit."""
+    sends = [(queue_name, "first", {}), (queue_name, body, {}), (queue_name, "é", {})]
+    gtrid, refused = broker.transaction(sends)
+    assert refused == ["body"]
+    assert [m.body for m in browse(stomp_addr, queue_name)] == ["first", "é"]
+    assert broker.sync.markers() == {gtrid}
+
+
+def test_a_transaction_with_a_refused_header_rolls_back_cleanly(
+    broker: Broker, stomp_addr: str, queue_name: str
+) -> None:
+    """After a refused header the transaction may roll back: nothing of it is left."""
+    sends = [(queue_name, "first", {}), (queue_name, "bad", {"expires": "1"})]
+    gtrid, refused = broker.transaction(sends, commit=False)
+    assert refused == ["expires"]
+    assert browse(stomp_addr, queue_name) == []
+    assert gtrid not in broker.sync.markers()
+    _, refused = broker.transaction([(queue_name, "next", {})])  # the pool is healthy
+    assert [m.body for m in browse(stomp_addr, queue_name)] == ["next"]
+
+
+BAD_MESSAGES: list[tuple[Any, dict[str, Any]]] = [
+    ("bad", {"x\ndestination": "/queue/other"}),
+    ("bad", {"x\r\n\r\nbody": "?"}),
+    ("bad", {"expires": "1"}),
+    ("bad", {"priority": "abc"}),
+    ("bad", {"AMQ_SCHEDULED_DELAY": "abc"}),
+    ("bad", {"k": "a\x00b"}),
+    ("bad", {"": "empty"}),
+    ("bad", {"persistent": "false"}),
+    ("caf\udce9", {}),
+    (7, {}),
+]
+
+
+def test_bad_headers_never_touch_other_threads_group_commits(
+    stomp_addr: str, queue_name: str
+) -> None:
+    """One thread sends bad messages while seven commit under group commit: all of theirs commit."""
+    resource = ActiveMQ(
+        stomp_addr,
+        unique("t"),
+        pool_size=8,
+        marker_queue=unique("/queue/test.markers."),
+        **stomp_login(),
+    )
+    other = unique("/queue/test.other.")
+    failed: list[TwoPhaseCommitError] = []  # list.append is atomic: the threads share it
+
+    def well_formed(_: int) -> list[str]:
+        committed = []
+        for _ in range(40):
+            try:
+                committed.append(commit_one(resource, queue_name))
+            except TwoPhaseCommitError as exc:
+                failed.append(exc)
+        return committed
+
+    def hostile() -> tuple[list[str], int]:
+        committed, refused = [], 0
+        for i in range(40):
+            gtrid = unique("t.")
+            session = resource.begin(gtrid)
+            try:
+                session.send(queue_name, "good", {"transfer-id": gtrid})
+                body, headers = BAD_MESSAGES[i % len(BAD_MESSAGES)]
+                try:
+                    session.send(other, body, headers)
+                except InvalidMessage:
+                    refused += 1
+                session.commit_with_marker(gtrid, timeout=5.0)
+                committed.append(gtrid)
+            except TwoPhaseCommitError as exc:
+                failed.append(exc)
+            finally:
+                session.release()
+        return committed, refused
+
+    try:
+        with ThreadPoolExecutor(8) as pool:
+            hostile_run = pool.submit(hostile)
+            batches = list(pool.map(well_formed, range(7)))
+            hostile_gtrids, refused = hostile_run.result()
+        assert [type(exc).__name__ for exc in failed] == []
+        assert refused == 40
+        gtrids = {g for batch in batches for g in batch} | set(hostile_gtrids)
+        assert len(gtrids) == 320
+        group = resource.group_commit
+        assert group.items == 320
+        assert group.batches < group.items  # commits were shared
+        assert resource.markers() == gtrids  # every one committed, none in doubt
+        assert {m.headers["transfer-id"] for m in browse(stomp_addr, queue_name)} == gtrids
+        assert browse(stomp_addr, other) == []
+    finally:
+        resource.close()

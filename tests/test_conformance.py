@@ -21,6 +21,7 @@ from participants.aio.fake import AsyncFakeBroker, AsyncFakeResource
 from participants.aio.postgres import AsyncPostgresResource
 from participants.fake import FakeBroker, FakeResource
 from participants.postgres import PostgresResource, gid_of
+from participants.stomp_headers import InvalidHeader
 from scenarios.config import Settings
 from tests.aio_portal import Blocking, Portal
 
@@ -323,6 +324,19 @@ def test_commit_with_marker_leaves_a_marker_until_removed(broker: LastResource) 
     assert gtrid in broker.markers()
     assert broker.remove_markers([gtrid]) == 1
     assert gtrid not in broker.markers()
+
+
+def test_a_refused_header_fails_only_its_own_send(broker: LastResource) -> None:
+    """send() refuses a header the protocol owns at once; the session still commits the rest."""
+    gtrid = f"conf.{secrets.token_hex(6)}"
+    destination = f"/queue/conformance.{secrets.token_hex(4)}"
+    session = broker.begin(gtrid)
+    session.send(destination, "{}", {"k": "v"})
+    with pytest.raises(InvalidHeader, match=f"'expires' refused: .*gtrid {gtrid}"):
+        session.send(destination, "{}", {"expires": "1"})
+    session.commit_with_marker(gtrid, 5.0)
+    session.release()
+    assert gtrid in broker.markers()
 
 
 def test_abort_leaves_no_marker(broker: LastResource) -> None:

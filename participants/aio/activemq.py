@@ -41,7 +41,8 @@ from participants.activemq import (
     client_id_for,
 )
 from participants.aio.stomp import AsyncStompClient
-from participants.stomp_client import ClientIdInUse, parse_address
+from participants.stomp_client import ClientIdInUse, check_destination, parse_address
+from participants.stomp_headers import InvalidMessage, message_headers
 
 T = TypeVar("T")
 
@@ -97,12 +98,22 @@ class AsyncActiveMQSession:
     async def send(
         self, destination: str, body: str, headers: Mapping[str, str] | None = None
     ) -> None:
-        """SEND a persistent message inside the transaction (no receipt)."""
+        """SEND a persistent message inside the transaction (no receipt), with the ``gtrid``
+        header and the trace context; InvalidHeader as :meth:`ActiveMQSession.send`.
+        """
         self._require(_State.ACTIVE, "send")
+        check_destination(destination)
+        try:
+            stamped = message_headers(
+                destination, body, headers, gtrid=self._gtrid, participant=self.name
+            )
+        except InvalidMessage as exc:
+            self._log.warning(ev.MQ_SEND_REFUSED, destination=destination, error=exc.detail)
+            raise
         try:
             await self._begin_once()
             await self._client.send(
-                destination, body, headers, transaction=self._gtrid, gtrid=self._gtrid
+                destination, body, stamped, transaction=self._gtrid, gtrid=self._gtrid
             )
         except ParticipantError:
             self._healthy = False

@@ -2,7 +2,8 @@
 
 The counterpart of :mod:`participants.stomp_client` for asyncio streams. The
 frames are stomp.py's (``stomp.utils.convert_frame`` writes them,
-``stomp.utils.parse_frame`` reads them, with its header escapes); the
+``stomp.utils.parse_frame`` reads them, with its header escapes; names and
+values are escaped by :mod:`participants.stomp_headers`, as the sync client's are); the
 failures are the same twopc errors with the same words
 (:class:`~participants.stomp_client.ClientIdInUse`,
 :class:`~participants.stomp_client.BrokerRefused`, BrokerLoginRefused, ...).
@@ -26,34 +27,41 @@ from stomp import utils as frames
 
 from coordinator.errors import (
     CommitRefused,
-    ConfigurationError,
     OutcomeUnknown,
     ParticipantUnavailable,
 )
 from coordinator.events import get_logger
 from participants import events as ev
 from participants.stomp_client import (
-    DESTINATION_PREFIXES,
     LOGIN_HINT,
     UNAVAILABLE_HINT,
     BrokerLoginRefused,
     BrokerRefused,
     ClientIdInUse,
     _is_login_error,
+    check_destination,
     parse_address,
     tls_context,
 )
-
-_ESCAPES = str.maketrans(frames._HEADER_ESCAPES)
+from participants.stomp_headers import InvalidHeader, frame_headers
 
 
 def _log() -> Any:
     return get_logger(component="stomp")
 
 
-def encode(command: str, headers: Mapping[str, str], body: str = "") -> bytes:
-    """One frame as bytes, by stomp.py's encoder, header values escaped (STOMP 1.2)."""
-    escaped = {key: str(value).translate(_ESCAPES) for key, value in headers.items()}
+def encode(
+    command: str,
+    headers: Mapping[str, str],
+    body: str = "",
+    *,
+    participant: str = "mq",
+    gtrid: str | None = None,
+) -> bytes:
+    """One frame as bytes, by stomp.py's encoder, headers escaped as STOMP 1.2 wants
+    (:func:`~participants.stomp_headers.frame_headers`); InvalidHeader if one cannot be.
+    """
+    escaped = frame_headers(command, headers, participant=participant, gtrid=gtrid)
     return b"".join(frames.convert_frame(frames.Frame(command, escaped, body)))
 
 
@@ -135,10 +143,7 @@ class AsyncStompClient:
         gtrid: str | None = None,
     ) -> None:
         """SEND a persistent message, inside ``transaction`` if given (as the sync client)."""
-        if not destination.startswith(DESTINATION_PREFIXES) or destination.endswith("/"):
-            raise ConfigurationError(
-                f"STOMP destination {destination!r} must be /queue/<name> or /topic/<name>"
-            )
+        check_destination(destination)
         frame_headers = dict(headers or {})
         frame_headers["destination"] = destination
         frame_headers["persistent"] = "true"
@@ -309,11 +314,16 @@ class AsyncStompClient:
     async def _transmit(
         self, command: str, headers: dict[str, str], body: str, gtrid: str | None
     ) -> None:
+        try:
+            frame = encode(command, headers, body, participant=self.participant, gtrid=gtrid)
+        except InvalidHeader:
+            self._pending.pop(headers.get("receipt", ""), None)
+            raise
         if self._lost or self._writer is None:
             failure = f"cannot send {command}: the connection is closed"
         else:
             try:
-                self._writer.write(encode(command, headers, body))
+                self._writer.write(frame)
                 await self._writer.drain()
                 return
             except (OSError, RuntimeError) as exc:
