@@ -9,7 +9,10 @@ armed per step with :meth:`FakeResource.fail` / :meth:`FakeBroker.fail`:
 * ``"crash"``  the call raises CrashInjected before doing anything
 * ``"crash-after"``  the call takes effect, then CrashInjected
 * broker commit only: ``"refuse"`` (ERROR: CommitRefused, nothing committed),
-  ``"lost-committed"`` (committed, but OutcomeUnknown), ``"lost-not-committed"``
+  ``"lost-committed"`` (committed, but OutcomeUnknown), ``"lost-not-committed"``,
+  ``"in-flight"`` (the COMMIT went out but the broker has not processed it yet:
+  OutcomeUnknown, and nothing of it, marker included, is visible until the
+  session is fenced: :meth:`FakeBroker.fence` or :meth:`FakeBroker.settle`)
 * a branch's ``commit_one_phase``: ``"refuse"`` (CommitRefused, nothing committed),
   ``"lost-committed"`` (committed, but the answer lost: ParticipantUnavailable)
 
@@ -46,6 +49,21 @@ class _NoRows:
 
 
 @dataclass
+class InFlightCommit:
+    """A broker COMMIT sent on a connection the broker has not caught up with yet.
+
+    A real broker processes a connection's frames in order; a dead session's
+    COMMIT may still be on its way, and lands once the broker has read every
+    frame of that connection: at the latest when its client-id is taken over.
+    """
+
+    gtrid: str
+    messages: list[tuple[str, str, dict[str, str]]]
+    acks: list[str]
+    marker: str | None
+
+
+@dataclass
 class FakeStore:
     """What a fake server keeps across coordinator crashes."""
 
@@ -53,6 +71,7 @@ class FakeStore:
     prepared: dict[Xid, list[str]] = field(default_factory=dict)
     rolled_back: set[str] = field(default_factory=set)
     markers: set[str] = field(default_factory=set)
+    in_flight: list[InFlightCommit] = field(default_factory=list)  # broker: sent, unprocessed
     messages: list[tuple[str, str, dict[str, str]]] = field(default_factory=list)  # broker
     acked: list[str] = field(default_factory=list)  # broker: ack ids consumed by a commit
     live_holder: bool = False  # broker: a paused coordinator still holds its client-ids
@@ -247,9 +266,23 @@ class FakeBroker(_FakeServer):
             raise ParticipantError(
                 "a live coordinator still holds its client-ids", participant=self._name
             )
+        self._land_in_flight(None)
 
     def settle(self, session: object, timeout: float) -> None:
         _raise_for(self.faults.take("settle"), "settle", self._name, "")
+        self._land_in_flight(session.gtrid if isinstance(session, FakeBrokerSession) else None)
+
+    def _land_in_flight(self, gtrid: str | None) -> None:
+        """The broker processes the COMMITs in flight (of ``gtrid``'s session, or all):
+        a fenced session has nothing left on its way."""
+        with self.store.lock:
+            landing = [c for c in self.store.in_flight if gtrid is None or c.gtrid == gtrid]
+            for commit in landing:
+                self.store.in_flight.remove(commit)
+                self.store.messages.extend(commit.messages)
+                self.store.acked.extend(commit.acks)
+                if commit.marker is not None:
+                    self.store.markers.add(commit.marker)
 
     def markers(self) -> set[str]:
         _raise_for(self.faults.take("markers"), "markers", self._name, "")
@@ -290,13 +323,19 @@ class FakeBrokerSession:
         _raise_for(self.broker.faults.take("ack"), "ack", self.name, self.gtrid)
         self.pending_acks.append(ack_id)
 
-    def _commit(self, marker: str | None) -> None:
+    def _commit(self, marker: str | None) -> str | None:
+        """Commit; the armed action, which :meth:`_answer` turns into the caller's answer."""
         action = self.broker.faults.take("commit")
         _raise_for(action, "commit", self.name, self.gtrid)
         if action == "refuse":
             raise CommitRefused("ERROR frame", participant=self.name, gtrid=self.gtrid)
         if action == "lost-not-committed":
             raise OutcomeUnknown("no RECEIPT", participant=self.name, gtrid=self.gtrid)
+        if action == "in-flight":
+            commit = InFlightCommit(self.gtrid, list(self.pending), list(self.pending_acks), marker)
+            with self.broker.store.lock:
+                self.broker.store.in_flight.append(commit)
+            return action
         with self.broker.store.lock:
             self.broker.store.messages.extend(self.pending)
             self.broker.store.acked.extend(self.pending_acks)
@@ -306,6 +345,14 @@ class FakeBrokerSession:
             raise OutcomeUnknown("no RECEIPT", participant=self.name, gtrid=self.gtrid)
         if action == "crash-after":
             raise CrashInjected("fake broker: crash after commit")
+        return action
+
+    def _answer(self, action: str | None) -> None:
+        """The RECEIPT of a COMMIT that went out: none for one still in flight."""
+        if action == "in-flight":
+            raise OutcomeUnknown(
+                "no RECEIPT: the COMMIT is still in flight", participant=self.name, gtrid=self.gtrid
+            )
 
     def commit_with_marker(
         self,
@@ -316,11 +363,12 @@ class FakeBrokerSession:
         commit_sent: Callable[[], None] = no_callback,
     ) -> None:
         before_commit()
-        self._commit(gtrid)
-        commit_sent()  # committed; the receipt is "not yet seen"
+        action = self._commit(gtrid)
+        commit_sent()  # sent (committed, or in flight); the receipt is "not yet seen"
+        self._answer(action)
 
     def commit(self, timeout: float) -> None:
-        self._commit(None)
+        self._answer(self._commit(None))
 
     def abort(self) -> None:
         self.pending = []

@@ -1,0 +1,208 @@
+"""Fencing before reading the markers: a dead session's COMMIT still in flight decides commit.
+
+The marker queue is a safe commit point only once the session that sent the
+COMMIT is fenced: until the broker has processed every frame of that
+connection, a COMMIT carrying the marker may still land. The fake broker
+models that (its ``"in-flight"`` commit fault): the COMMIT went out, no
+RECEIPT came, and nothing of it is visible until the session is fenced
+(``fence``) or settled (``settle``). Every path that decides by the markers
+must fence first, or it rolls the databases back under a marker that lands
+a moment later: the recovery pass at start-up, the in-doubt backlog of a
+running coordinator, and the recovery of a dead peer. Each is run against
+the sync and the asyncio coordinator where both have it.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from typing import Any
+
+import pytest
+
+from coordinator import failpoints
+from coordinator.aio import AsyncCoordinator
+from coordinator.coordinator import Coordinator
+from coordinator.errors import CrashInjected
+from coordinator.log.memory import MemoryDecisionLog
+from coordinator.peers import recover_dead
+from coordinator.recovery import Decision
+from coordinator.states import Outcome
+from participants.aio.fake import AsyncFakeBroker, AsyncFakeResource
+from participants.fake import FakeBroker, FakeResource, FakeStore
+from tests.aio_portal import BlockingCoordinator, Portal
+from tests.test_state_machine import bury
+
+QUEUE = "/queue/transfers.completed"
+APIS = ("sync", "asyncio")
+
+
+class World:
+    """Databases a and b, a broker and a decision log that outlive every coordinator."""
+
+    def __init__(self, portal: Portal) -> None:
+        self.a, self.b, self.mq = FakeStore(), FakeStore(), FakeStore()
+        self.log = MemoryDecisionLog()
+        self.portal = portal
+        self.broker = FakeBroker("mq", self.mq)  # the latest process's broker client
+
+    def resources(self) -> list[FakeResource]:
+        return [FakeResource("a", self.a), FakeResource("b", self.b)]
+
+    def coordinator(self, ident: str, api: str, *, recover: bool) -> Any:
+        """A new process's coordinator over the same servers (recovering at start if asked)."""
+        self.broker = FakeBroker("mq", self.mq)
+        self.log = self.log.reopen()
+        if api == "sync":
+            return Coordinator(
+                ident,
+                self.log,
+                self.resources(),
+                self.broker,
+                recover_on_start=recover,
+                housekeeping_interval=None,
+                peer_interval=None,
+            )
+        coordinator = AsyncCoordinator(
+            ident,
+            self.log,
+            [AsyncFakeResource(r) for r in self.resources()],
+            AsyncFakeBroker(self.broker),
+            recover_on_start=recover,
+            housekeeping_interval=None,
+        )
+        return BlockingCoordinator(self.portal, coordinator)
+
+    def transfer_in_flight(self, coordinator: Any) -> tuple[str, Outcome]:
+        """Debit a, credit b, one message; the broker's COMMIT gets no RECEIPT and stays
+        unprocessed until its session is fenced."""
+        tx = coordinator.begin()
+        tx.execute("a", "debit")
+        tx.execute("b", "credit")
+        tx.send(QUEUE, "transfer")
+        self.broker.fail("commit", "in-flight")
+        return tx.gtrid, tx.commit()
+
+    def assert_committed_everywhere(self, gtrid: str) -> None:
+        """The transfer is in a, in b and on the queue, once; nothing is prepared or in flight."""
+        assert self.a.committed.get(gtrid) == ["debit"]
+        assert self.b.committed.get(gtrid) == ["credit"]
+        assert [body for _, body, _ in self.mq.messages] == ["transfer"]
+        assert not self.a.prepared and not self.b.prepared and not self.mq.in_flight
+        assert gtrid not in self.a.rolled_back | self.b.rolled_back
+
+
+@pytest.fixture
+def world() -> Iterator[World]:
+    """Fresh servers, no failpoint armed; the asyncio portal closed after the test."""
+    failpoints.disarm()
+    portal = Portal()
+    yield World(portal)
+    failpoints.disarm()
+    portal.close()
+
+
+def crash_with_commit_in_flight(world: World, ident: str, api: str) -> str:
+    """A coordinator sends the broker's COMMIT and dies before any answer; its gtrid."""
+    coordinator = world.coordinator(ident, api, recover=False)
+    failpoints.arm("after_broker_commit", "raise")
+    with pytest.raises(CrashInjected):
+        world.transfer_in_flight(coordinator)
+    bury(coordinator)
+    failpoints.disarm()
+    assert world.mq.in_flight and not world.mq.markers  # nothing of the COMMIT visible yet
+    return next(iter(world.a.prepared)).gtrid
+
+
+def test_the_fake_broker_shows_an_in_flight_commit_only_once_fenced(world: World) -> None:
+    """An unfenced read of the markers misses a COMMIT in flight; after fence() it is there."""
+    gtrid = crash_with_commit_in_flight(world, "t1", "sync")
+    broker = FakeBroker("mq", world.mq)
+    assert gtrid not in broker.markers()
+    broker.fence(1.0)
+    assert broker.markers() == {gtrid}
+    assert [body for _, body, _ in world.mq.messages] == ["transfer"]
+
+
+@pytest.mark.parametrize("api", APIS)
+def test_recovery_fences_the_broker_before_it_reads_the_markers(world: World, api: str) -> None:
+    """Recovery at start-up commits a transaction whose dead session's COMMIT was in flight."""
+    gtrid = crash_with_commit_in_flight(world, "t1", api)
+    coordinator = world.coordinator("t1", api, recover=True)
+    try:
+        report = coordinator.last_recovery
+        assert report is not None and report.fenced
+        assert [(i.gtrid, i.marker, i.decision) for i in report.items] == [
+            (gtrid, True, Decision.COMMIT)
+        ]
+        world.assert_committed_everywhere(gtrid)
+        assert world.mq.markers == set()  # swept by the pass that resolved it
+    finally:
+        coordinator.close()
+
+
+@pytest.mark.parametrize("api", APIS)
+def test_in_doubt_backlog_settles_the_session_before_it_reads_the_markers(
+    world: World, api: str
+) -> None:
+    """A running coordinator's in-doubt commit, its COMMIT in flight, is resolved as committed."""
+    coordinator = world.coordinator("t1", api, recover=False)
+    try:
+        gtrid, outcome = world.transfer_in_flight(coordinator)
+        assert outcome is Outcome.IN_DOUBT
+        assert world.mq.in_flight and not world.mq.markers  # nothing of the COMMIT visible yet
+        assert coordinator.resolve_in_doubt() == 1
+        world.assert_committed_everywhere(gtrid)
+        assert coordinator.in_doubt == []
+    finally:
+        coordinator.close()
+    assert world.mq.markers == set()  # swept on close
+
+
+class DeadPeer:
+    """Liveness of two coordinators: this one, and ``peer``, whose lock is free (it died)."""
+
+    def __init__(self, coordinator_id: str, peer: str) -> None:
+        self.coordinator_id = coordinator_id
+        self.peer = peer
+        self.fenced: list[str] = []
+
+    def join(self, *, fence_timeout: float = 30.0) -> None:
+        """Nothing to take: the lock is a flag here."""
+
+    def holds(self) -> bool:
+        return True
+
+    def keep(self) -> bool:
+        return True
+
+    def leave(self) -> None:
+        """Nothing to give back."""
+
+    def peers(self) -> list[str]:
+        return [self.coordinator_id, self.peer]
+
+    def claim(self, peer: str) -> bool:
+        return peer == self.peer
+
+    def release(self, peer: str) -> None:
+        """Nothing to give back."""
+
+    def fence(self, peer: str, timeout: float) -> None:
+        self.fenced.append(peer)
+
+
+def test_peer_recovery_fences_the_dead_peers_broker_before_it_reads_its_markers(
+    world: World,
+) -> None:
+    """A dead peer's transaction, its COMMIT in flight, is committed by the peer's recoverer."""
+    gtrid = crash_with_commit_in_flight(world, "p1", "sync")
+    membership = DeadPeer("t1", "p1")
+    done = recover_dead(
+        membership, MemoryDecisionLog(), world.resources(), lambda peer: FakeBroker("mq", world.mq)
+    )
+    assert [(d.peer, d.resolved) for d in done] == [("p1", True)]
+    assert membership.fenced == ["p1"]
+    report = done[0].report
+    assert report is not None and report.fenced
+    assert [(i.gtrid, i.decision) for i in report.items] == [(gtrid, Decision.COMMIT)]
+    world.assert_committed_everywhere(gtrid)
