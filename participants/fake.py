@@ -14,7 +14,9 @@ armed per step with :meth:`FakeResource.fail` / :meth:`FakeBroker.fail`:
   OutcomeUnknown, and nothing of it, marker included, is visible until the
   session is fenced: :meth:`FakeBroker.fence` or :meth:`FakeBroker.settle`)
 * a branch's ``commit_one_phase``: ``"refuse"`` (CommitRefused, nothing committed),
-  ``"lost-committed"`` (committed, but the answer lost: ParticipantUnavailable)
+  ``"lost-committed"`` (committed, but the answer lost: ParticipantUnavailable),
+  ``"in-flight"`` (no answer: ParticipantUnavailable, and the server commits only
+  when that session ends: :meth:`FakeDecisionTable.settle`)
 
 :class:`FakeDecisionTable` keeps decision rows in a fake database: a row is
 there once the branch it was written in committed.
@@ -76,6 +78,8 @@ class FakeStore:
     acked: list[str] = field(default_factory=list)  # broker: ack ids consumed by a commit
     live_holder: bool = False  # broker: a paused coordinator still holds its client-ids
     forgotten_rows: set[str] = field(default_factory=set)  # decision rows deleted
+    # database: one-phase commits sent, not processed while their session lives (gtrid -> ops)
+    unanswered_commits: dict[str, list[str]] = field(default_factory=dict)
     lock: threading.Lock = field(default_factory=threading.Lock)
 
 
@@ -210,6 +214,12 @@ class FakeBranch:
         if action == "refuse":
             self.state = "rolled back"
             raise CommitRefused("COMMIT refused", participant=self.name, gtrid=self._xid.gtrid)
+        if action == "in-flight":
+            with self.resource.store.lock:
+                self.resource.store.unanswered_commits[self._xid.gtrid] = list(self.ops)
+            raise ParticipantUnavailable(
+                "no answer to COMMIT: still in flight", participant=self.name, gtrid=self._xid.gtrid
+            )
         with self.resource.store.lock:
             self.resource.store.committed[self._xid.gtrid] = list(self.ops)
         self.state = "committed"
@@ -413,7 +423,13 @@ class FakeDecisionTable:
             }
 
     def settle(self, gtrid: str, timeout: float) -> None:
+        """End the session that carried ``gtrid``'s row: its commit in flight, if any, lands."""
         _raise_for(self.resource.faults.take("settle"), "settle", self.participant, gtrid)
+        store = self.resource.store
+        with store.lock:
+            ops = store.unanswered_commits.pop(gtrid, None)
+            if ops is not None:
+                store.committed[gtrid] = ops
         self.settled.append(gtrid)
 
     def forget(self, gtrids: Collection[str]) -> int:

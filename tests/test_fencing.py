@@ -22,13 +22,14 @@ import pytest
 from coordinator import failpoints
 from coordinator.aio import AsyncCoordinator
 from coordinator.coordinator import Coordinator
-from coordinator.errors import CrashInjected
+from coordinator.errors import CrashInjected, TransactionInDoubt
 from coordinator.log.memory import MemoryDecisionLog
+from coordinator.log.table import TableDecisionLog
 from coordinator.peers import recover_dead
 from coordinator.recovery import Decision
 from coordinator.states import Outcome
 from participants.aio.fake import AsyncFakeBroker, AsyncFakeResource
-from participants.fake import FakeBroker, FakeResource, FakeStore
+from participants.fake import DECISION_ROW, FakeBroker, FakeDecisionTable, FakeResource, FakeStore
 from tests.aio_portal import BlockingCoordinator, Portal
 from tests.test_state_machine import bury
 
@@ -206,3 +207,30 @@ def test_peer_recovery_fences_the_dead_peers_broker_before_it_reads_its_markers(
     assert report is not None and report.fenced
     assert [(i.gtrid, i.decision) for i in report.items] == [(gtrid, Decision.COMMIT)]
     world.assert_committed_everywhere(gtrid)
+
+
+def test_in_doubt_backlog_ends_the_carrier_session_before_it_reads_the_decision_row(
+    world: World,
+) -> None:
+    """The decision row's commit in flight when its answer was lost: resolved as committed."""
+    table = FakeDecisionTable(FakeResource("a", world.a))
+    coordinator = Coordinator(
+        "t1",
+        TableDecisionLog(table, end_batch=1),
+        [table.resource, FakeResource("b", world.b)],
+        recover_on_start=False,
+        housekeeping_interval=None,
+        peer_interval=None,
+    )
+    try:
+        table.resource.fail("commit_one_phase", "in-flight")
+        with pytest.raises(TransactionInDoubt), coordinator.transaction() as tx:
+            tx.execute("a", "debit")
+            tx.execute("b", "credit")
+        assert table.decided("") == set()  # nothing of the commit visible yet
+        assert coordinator.resolve_in_doubt() == 1
+        assert world.a.committed.get(tx.gtrid) == ["debit", DECISION_ROW]
+        assert world.b.committed.get(tx.gtrid) == ["credit"]
+        assert not world.b.prepared and not world.a.unanswered_commits
+    finally:
+        coordinator.close()
