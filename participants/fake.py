@@ -16,7 +16,7 @@ armed per step with :meth:`FakeResource.fail` / :meth:`FakeBroker.fail`:
 * a branch's ``commit_one_phase``: ``"refuse"`` (CommitRefused, nothing committed),
   ``"lost-committed"`` (committed, but the answer lost: ParticipantUnavailable),
   ``"in-flight"`` (no answer: ParticipantUnavailable, and the server commits only
-  when that session ends: :meth:`FakeDecisionTable.settle`)
+  when that session ends: :meth:`FakeResource.end_sessions`)
 
 :class:`FakeDecisionTable` keeps decision rows in a fake database: a row is
 there once the branch it was written in committed.
@@ -148,6 +148,13 @@ class FakeResource(_FakeServer):
         if action == "crash-after":
             raise CrashInjected(f"fake {self._name}: crash after {step}")
         return ops is not None
+
+    def end_sessions(self, gtrid_prefix: str) -> None:
+        """The sessions of the gtrids with this prefix end (they are fenced): the server
+        finishes what they sent, so a commit still in flight lands."""
+        with self.store.lock:
+            for gtrid in [g for g in self.store.unanswered_commits if g.startswith(gtrid_prefix)]:
+                self.store.committed[gtrid] = self.store.unanswered_commits.pop(gtrid)
 
     def commit_recovered(self, xid: Xid) -> bool:
         return self._finish(xid, True, "commit_recovered")
@@ -425,11 +432,7 @@ class FakeDecisionTable:
     def settle(self, gtrid: str, timeout: float) -> None:
         """End the session that carried ``gtrid``'s row: its commit in flight, if any, lands."""
         _raise_for(self.resource.faults.take("settle"), "settle", self.participant, gtrid)
-        store = self.resource.store
-        with store.lock:
-            ops = store.unanswered_commits.pop(gtrid, None)
-            if ops is not None:
-                store.committed[gtrid] = ops
+        self.resource.end_sessions(gtrid)
         self.settled.append(gtrid)
 
     def forget(self, gtrids: Collection[str]) -> int:

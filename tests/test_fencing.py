@@ -1,4 +1,4 @@
-"""Fencing before reading the markers: a dead session's COMMIT still in flight decides commit.
+"""Fencing before reading the decision: a dead session's commit still in flight decides commit.
 
 The marker queue is a safe commit point only once the session that sent the
 COMMIT is fenced: until the broker has processed every frame of that
@@ -10,6 +10,12 @@ must fence first, or it rolls the databases back under a marker that lands
 a moment later: the recovery pass at start-up, the in-doubt backlog of a
 running coordinator, and the recovery of a dead peer. Each is run against
 the sync and the asyncio coordinator where both have it.
+
+A decision row is the same (postgres mode): the commit of the branch carrying
+it may be in flight until its session ends (the fake database's ``"in-flight"``
+one-phase commit lands on ``FakeResource.end_sessions``). The backlog settles
+that session, a restarted coordinator joins (ending its earlier incarnation's
+sessions) and a peer's recoverer fences the peer, each before reading the rows.
 """
 
 from __future__ import annotations
@@ -28,6 +34,7 @@ from coordinator.log.table import TableDecisionLog
 from coordinator.peers import recover_dead
 from coordinator.recovery import Decision
 from coordinator.states import Outcome
+from coordinator.xid import gtrid_prefix
 from participants.aio.fake import AsyncFakeBroker, AsyncFakeResource
 from participants.fake import DECISION_ROW, FakeBroker, FakeDecisionTable, FakeResource, FakeStore
 from tests.aio_portal import BlockingCoordinator, Portal
@@ -159,16 +166,20 @@ def test_in_doubt_backlog_settles_the_session_before_it_reads_the_markers(
     assert world.mq.markers == set()  # swept on close
 
 
-class DeadPeer:
-    """Liveness of two coordinators: this one, and ``peer``, whose lock is free (it died)."""
+class Liveness:
+    """Liveness locks as flags; fencing a coordinator ends its sessions on ``databases``
+    (what PostgresMembership does with pg_terminate_backend), so their commits land."""
 
-    def __init__(self, coordinator_id: str, peer: str) -> None:
+    def __init__(
+        self, coordinator_id: str, databases: list[FakeResource], dead: tuple[str, ...] = ()
+    ) -> None:
         self.coordinator_id = coordinator_id
-        self.peer = peer
+        self.databases = databases
+        self.dead = dead
         self.fenced: list[str] = []
 
     def join(self, *, fence_timeout: float = 30.0) -> None:
-        """Nothing to take: the lock is a flag here."""
+        self.fence(self.coordinator_id, fence_timeout)  # an earlier incarnation's sessions
 
     def holds(self) -> bool:
         return True
@@ -180,15 +191,17 @@ class DeadPeer:
         """Nothing to give back."""
 
     def peers(self) -> list[str]:
-        return [self.coordinator_id, self.peer]
+        return [self.coordinator_id, *self.dead]
 
     def claim(self, peer: str) -> bool:
-        return peer == self.peer
+        return peer in self.dead
 
     def release(self, peer: str) -> None:
         """Nothing to give back."""
 
     def fence(self, peer: str, timeout: float) -> None:
+        for database in self.databases:
+            database.end_sessions(gtrid_prefix(peer))
         self.fenced.append(peer)
 
 
@@ -197,7 +210,7 @@ def test_peer_recovery_fences_the_dead_peers_broker_before_it_reads_its_markers(
 ) -> None:
     """A dead peer's transaction, its COMMIT in flight, is committed by the peer's recoverer."""
     gtrid = crash_with_commit_in_flight(world, "p1", "sync")
-    membership = DeadPeer("t1", "p1")
+    membership = Liveness("t1", world.resources(), dead=("p1",))
     done = recover_dead(
         membership, MemoryDecisionLog(), world.resources(), lambda peer: FakeBroker("mq", world.mq)
     )
@@ -209,28 +222,91 @@ def test_peer_recovery_fences_the_dead_peers_broker_before_it_reads_its_markers(
     world.assert_committed_everywhere(gtrid)
 
 
+def carrier_coordinator(world: World, ident: str, membership: Liveness | None = None) -> Any:
+    """A coordinator in postgres mode: no broker, decision rows in 'a' (recovering at start
+    when it has ``membership``, which it joins first)."""
+    table = FakeDecisionTable(FakeResource("a", world.a))
+    return Coordinator(
+        ident,
+        TableDecisionLog(table, end_batch=1),
+        [table.resource, FakeResource("b", world.b)],
+        recover_on_start=membership is not None,
+        housekeeping_interval=None,
+        membership=membership,
+        peer_interval=None,
+    )
+
+
+def row_commit_in_flight(coordinator: Any) -> str:
+    """Debit a, credit b; the commit of 'a', carrying the decision row, gets no answer and
+    lands only when its session ends. The gtrid, in doubt."""
+    coordinator.resources["a"].fail("commit_one_phase", "in-flight")
+    with pytest.raises(TransactionInDoubt), coordinator.transaction() as tx:
+        tx.execute("a", "debit")
+        tx.execute("b", "credit")
+    return str(tx.gtrid)
+
+
+def assert_row_committed_everywhere(world: World, gtrid: str) -> None:
+    """Debit and decision row in a, credit in b; nothing prepared or in flight."""
+    assert world.a.committed.get(gtrid) == ["debit", DECISION_ROW]
+    assert world.b.committed.get(gtrid) == ["credit"]
+    assert not world.b.prepared and not world.a.unanswered_commits
+    assert gtrid not in world.b.rolled_back
+
+
 def test_in_doubt_backlog_ends_the_carrier_session_before_it_reads_the_decision_row(
     world: World,
 ) -> None:
     """The decision row's commit in flight when its answer was lost: resolved as committed."""
-    table = FakeDecisionTable(FakeResource("a", world.a))
-    coordinator = Coordinator(
-        "t1",
-        TableDecisionLog(table, end_batch=1),
-        [table.resource, FakeResource("b", world.b)],
-        recover_on_start=False,
-        housekeeping_interval=None,
-        peer_interval=None,
-    )
+    coordinator = carrier_coordinator(world, "t1")
     try:
-        table.resource.fail("commit_one_phase", "in-flight")
-        with pytest.raises(TransactionInDoubt), coordinator.transaction() as tx:
-            tx.execute("a", "debit")
-            tx.execute("b", "credit")
-        assert table.decided("") == set()  # nothing of the commit visible yet
+        gtrid = row_commit_in_flight(coordinator)
+        assert gtrid not in world.a.committed  # nothing of the commit visible yet
         assert coordinator.resolve_in_doubt() == 1
-        assert world.a.committed.get(tx.gtrid) == ["debit", DECISION_ROW]
-        assert world.b.committed.get(tx.gtrid) == ["credit"]
-        assert not world.b.prepared and not world.a.unanswered_commits
+        assert_row_committed_everywhere(world, gtrid)
     finally:
         coordinator.close()
+
+
+def test_a_restart_ends_the_earlier_sessions_before_recovery_reads_the_decision_rows(
+    world: World,
+) -> None:
+    """A coordinator dies with its row's commit in flight; restarted, it commits the transaction."""
+    dead = carrier_coordinator(world, "t1")
+    gtrid = row_commit_in_flight(dead)
+    bury(dead)
+    assert gtrid not in world.a.committed
+    membership = Liveness("t1", [FakeResource("a", world.a)])
+    coordinator = carrier_coordinator(world, "t1", membership)
+    try:
+        report = coordinator.last_recovery
+        assert report is not None
+        assert [(i.gtrid, i.decision_row, i.decision) for i in report.items] == [
+            (gtrid, True, Decision.COMMIT)
+        ]
+        assert_row_committed_everywhere(world, gtrid)
+    finally:
+        coordinator.close()
+
+
+def test_peer_recovery_ends_the_dead_peers_sessions_before_it_reads_its_decision_rows(
+    world: World,
+) -> None:
+    """A dead peer's transaction, its row's commit in flight, is committed by its recoverer."""
+    dead = carrier_coordinator(world, "p1")
+    gtrid = row_commit_in_flight(dead)
+    bury(dead)
+    membership = Liveness("t1", [FakeResource("a", world.a)], dead=("p1",))
+    table = FakeDecisionTable(FakeResource("a", world.a))
+    done = recover_dead(
+        membership,
+        TableDecisionLog(table, end_batch=1),
+        [table.resource, FakeResource("b", world.b)],
+        lambda peer: None,
+    )
+    assert [(d.peer, d.resolved) for d in done] == [("p1", True)]
+    report = done[0].report
+    assert report is not None
+    assert [(i.gtrid, i.decision) for i in report.items] == [(gtrid, Decision.COMMIT)]
+    assert_row_committed_everywhere(world, gtrid)
