@@ -16,10 +16,16 @@ it may be in flight until its session ends (the fake database's ``"in-flight"``
 one-phase commit lands on ``FakeResource.end_sessions``). The backlog settles
 that session, a restarted coordinator joins (ending its earlier incarnation's
 sessions) and a peer's recoverer fences the peer, each before reading the rows.
+
+On the lab: what the fake assumes of ActiveMQ, that a dead connection's work is
+all undone or applied once its client-id can be taken over.
 """
 
 from __future__ import annotations
 
+import os
+import subprocess
+import sys
 from collections.abc import Iterator
 from typing import Any
 
@@ -35,10 +41,17 @@ from coordinator.peers import recover_dead
 from coordinator.recovery import Decision
 from coordinator.states import Outcome
 from coordinator.xid import gtrid_prefix
+from participants.activemq import client_id_for
 from participants.aio.fake import AsyncFakeBroker, AsyncFakeResource
 from participants.fake import DECISION_ROW, FakeBroker, FakeDecisionTable, FakeResource, FakeStore
+from scenarios.config import Settings
+from scenarios.transfer import model as scenario
+from scenarios.transfer.stories import fence_broker_sessions
 from tests.aio_portal import BlockingCoordinator, Portal
+from tests.test_dead_letters import browse, credit, private_queue, put
 from tests.test_state_machine import bury
+
+__all__ = ["private_queue"]  # the fixture, imported for the lab test
 
 QUEUE = "/queue/transfers.completed"
 APIS = ("sync", "asyncio")
@@ -310,3 +323,45 @@ def test_peer_recovery_ends_the_dead_peers_sessions_before_it_reads_its_decision
     assert report is not None
     assert [(i.gtrid, i.decision) for i in report.items] == [(gtrid, Decision.COMMIT)]
     assert_row_committed_everywhere(world, gtrid)
+
+
+#: A process that takes the one message of a queue, ACKs it in a transaction it never ends,
+#: says so, and waits to be killed.
+HOLDER = """
+import sys
+from scenarios.config import Settings
+from scenarios.wiring import open_stomp
+client = open_stomp(Settings.load(), client_id=sys.argv[2])
+message = client.subscribe(sys.argv[1], ack="client-individual", prefetch=1).get(10)
+client.begin("held")
+client.request("ACK", {"id": message.ack_id, "transaction": "held"}, timeout=5, what="ACK")
+print("acked", flush=True)
+sys.stdin.read()
+"""
+
+
+@pytest.mark.lab
+def test_activemq_a_killed_sessions_open_ack_is_undone_once_its_client_id_is_taken_over(
+    settings: Settings, private_queue: str
+) -> None:
+    """SIGKILL holding an ACK in an open transaction: once fenced, a browse shows the message."""
+    client_id = client_id_for("fence-probe", 0)
+    env = {**os.environ, **settings.as_env()}
+    for attempt in range(5):  # the broker's lag after the kill varies: give it several chances
+        put(settings, private_queue, [credit(f"held-{attempt}")])
+        with subprocess.Popen(
+            [sys.executable, "-c", HOLDER, private_queue, client_id],
+            stdin=subprocess.PIPE,
+            stdout=subprocess.PIPE,
+            env=env,
+            text=True,
+        ) as holder:
+            try:
+                assert holder.stdout is not None and holder.stdout.readline() == "acked\n"
+                assert browse(settings, private_queue) == []  # ACKed, transaction open: hidden
+            finally:
+                holder.kill()  # SIGKILL; leaving the block closes the pipes and reaps it
+        fence_broker_sessions(settings, "fence-probe", timeout=10.0)
+        seen = [m.headers["transfer-id"] for m in browse(settings, private_queue)]
+        assert seen == [f"held-{attempt}"]
+        scenario.drain(settings, private_queue)
