@@ -1,6 +1,7 @@
 # The two commands: `make demo` (set up what is missing, run the demo on the lab)
 # and `make test` (set up what is missing, run the tests on the lab).
-.PHONY: setup demo test lint lab-down
+# `make unit` is the fast tier: ruff, mypy and every test that needs no lab.
+.PHONY: setup demo test unit lint lab-down
 
 setup:
 	@bash scripts/setup.sh
@@ -12,6 +13,11 @@ test: setup
 	.venv/bin/ruff check .
 	.venv/bin/mypy
 	.venv/bin/python -m pytest
+
+unit: setup
+	.venv/bin/ruff check .
+	.venv/bin/mypy
+	.venv/bin/python -m pytest -m "not lab"
 
 lab-down:
 	.venv/bin/twopc lab down

@@ -9,9 +9,14 @@ armed per step with :meth:`FakeResource.fail` / :meth:`FakeBroker.fail`:
 * ``"crash"``  the call raises CrashInjected before doing anything
 * ``"crash-after"``  the call takes effect, then CrashInjected
 * broker commit only: ``"refuse"`` (ERROR: CommitRefused, nothing committed),
-  ``"lost-committed"`` (committed, but OutcomeUnknown), ``"lost-not-committed"``
+  ``"lost-committed"`` (committed, but OutcomeUnknown), ``"lost-not-committed"``,
+  ``"in-flight"`` (the COMMIT went out but the broker has not processed it yet:
+  OutcomeUnknown, and nothing of it, marker included, is visible until the
+  session is fenced: :meth:`FakeBroker.fence` or :meth:`FakeBroker.settle`)
 * a branch's ``commit_one_phase``: ``"refuse"`` (CommitRefused, nothing committed),
-  ``"lost-committed"`` (committed, but the answer lost: ParticipantUnavailable)
+  ``"lost-committed"`` (committed, but the answer lost: ParticipantUnavailable),
+  ``"in-flight"`` (no answer: ParticipantUnavailable, and the server commits only
+  when that session ends: :meth:`FakeResource.end_sessions`)
 
 :class:`FakeDecisionTable` keeps decision rows in a fake database: a row is
 there once the branch it was written in committed.
@@ -47,6 +52,21 @@ class _NoRows:
 
 
 @dataclass
+class InFlightCommit:
+    """A broker COMMIT sent on a connection the broker has not caught up with yet.
+
+    A real broker processes a connection's frames in order; a dead session's
+    COMMIT may still be on its way, and lands once the broker has read every
+    frame of that connection: at the latest when its client-id is taken over.
+    """
+
+    gtrid: str
+    messages: list[tuple[str, str, dict[str, str]]]
+    acks: list[str]
+    marker: str | None
+
+
+@dataclass
 class FakeStore:
     """What a fake server keeps across coordinator crashes."""
 
@@ -54,10 +74,13 @@ class FakeStore:
     prepared: dict[Xid, list[str]] = field(default_factory=dict)
     rolled_back: set[str] = field(default_factory=set)
     markers: set[str] = field(default_factory=set)
+    in_flight: list[InFlightCommit] = field(default_factory=list)  # broker: sent, unprocessed
     messages: list[tuple[str, str, dict[str, str]]] = field(default_factory=list)  # broker
     acked: list[str] = field(default_factory=list)  # broker: ack ids consumed by a commit
     live_holder: bool = False  # broker: a paused coordinator still holds its client-ids
     forgotten_rows: set[str] = field(default_factory=set)  # decision rows deleted
+    # database: one-phase commits sent, not processed while their session lives (gtrid -> ops)
+    unanswered_commits: dict[str, list[str]] = field(default_factory=dict)
     lock: threading.Lock = field(default_factory=threading.Lock)
 
 
@@ -127,6 +150,13 @@ class FakeResource(_FakeServer):
             raise CrashInjected(f"fake {self._name}: crash after {step}")
         return ops is not None
 
+    def end_sessions(self, gtrid_prefix: str) -> None:
+        """The sessions of the gtrids with this prefix end (they are fenced): the server
+        finishes what they sent, so a commit still in flight lands."""
+        with self.store.lock:
+            for gtrid in [g for g in self.store.unanswered_commits if g.startswith(gtrid_prefix)]:
+                self.store.committed[gtrid] = self.store.unanswered_commits.pop(gtrid)
+
     def commit_recovered(self, xid: Xid) -> bool:
         return self._finish(xid, True, "commit_recovered")
 
@@ -192,6 +222,12 @@ class FakeBranch:
         if action == "refuse":
             self.state = "rolled back"
             raise CommitRefused("COMMIT refused", participant=self.name, gtrid=self._xid.gtrid)
+        if action == "in-flight":
+            with self.resource.store.lock:
+                self.resource.store.unanswered_commits[self._xid.gtrid] = list(self.ops)
+            raise ParticipantUnavailable(
+                "no answer to COMMIT: still in flight", participant=self.name, gtrid=self._xid.gtrid
+            )
         with self.resource.store.lock:
             self.resource.store.committed[self._xid.gtrid] = list(self.ops)
         self.state = "committed"
@@ -248,9 +284,23 @@ class FakeBroker(_FakeServer):
             raise ParticipantError(
                 "a live coordinator still holds its client-ids", participant=self._name
             )
+        self._land_in_flight(None)
 
     def settle(self, session: object, timeout: float) -> None:
         _raise_for(self.faults.take("settle"), "settle", self._name, "")
+        self._land_in_flight(session.gtrid if isinstance(session, FakeBrokerSession) else None)
+
+    def _land_in_flight(self, gtrid: str | None) -> None:
+        """The broker processes the COMMITs in flight (of ``gtrid``'s session, or all):
+        a fenced session has nothing left on its way."""
+        with self.store.lock:
+            landing = [c for c in self.store.in_flight if gtrid is None or c.gtrid == gtrid]
+            for commit in landing:
+                self.store.in_flight.remove(commit)
+                self.store.messages.extend(commit.messages)
+                self.store.acked.extend(commit.acks)
+                if commit.marker is not None:
+                    self.store.markers.add(commit.marker)
 
     def markers(self) -> set[str]:
         _raise_for(self.faults.take("markers"), "markers", self._name, "")
@@ -295,13 +345,19 @@ class FakeBrokerSession:
         _raise_for(self.broker.faults.take("ack"), "ack", self.name, self.gtrid)
         self.pending_acks.append(ack_id)
 
-    def _commit(self, marker: str | None) -> None:
+    def _commit(self, marker: str | None) -> str | None:
+        """Commit; the armed action, which :meth:`_answer` turns into the caller's answer."""
         action = self.broker.faults.take("commit")
         _raise_for(action, "commit", self.name, self.gtrid)
         if action == "refuse":
             raise CommitRefused("ERROR frame", participant=self.name, gtrid=self.gtrid)
         if action == "lost-not-committed":
             raise OutcomeUnknown("no RECEIPT", participant=self.name, gtrid=self.gtrid)
+        if action == "in-flight":
+            commit = InFlightCommit(self.gtrid, list(self.pending), list(self.pending_acks), marker)
+            with self.broker.store.lock:
+                self.broker.store.in_flight.append(commit)
+            return action
         with self.broker.store.lock:
             self.broker.store.messages.extend(self.pending)
             self.broker.store.acked.extend(self.pending_acks)
@@ -311,6 +367,14 @@ class FakeBrokerSession:
             raise OutcomeUnknown("no RECEIPT", participant=self.name, gtrid=self.gtrid)
         if action == "crash-after":
             raise CrashInjected("fake broker: crash after commit")
+        return action
+
+    def _answer(self, action: str | None) -> None:
+        """The RECEIPT of a COMMIT that went out: none for one still in flight."""
+        if action == "in-flight":
+            raise OutcomeUnknown(
+                "no RECEIPT: the COMMIT is still in flight", participant=self.name, gtrid=self.gtrid
+            )
 
     def commit_with_marker(
         self,
@@ -321,11 +385,12 @@ class FakeBrokerSession:
         commit_sent: Callable[[], None] = no_callback,
     ) -> None:
         before_commit()
-        self._commit(gtrid)
-        commit_sent()  # committed; the receipt is "not yet seen"
+        action = self._commit(gtrid)
+        commit_sent()  # sent (committed, or in flight); the receipt is "not yet seen"
+        self._answer(action)
 
     def commit(self, timeout: float) -> None:
-        self._commit(None)
+        self._answer(self._commit(None))
 
     def abort(self) -> None:
         self.pending = []
@@ -370,7 +435,9 @@ class FakeDecisionTable:
             }
 
     def settle(self, gtrid: str, timeout: float) -> None:
+        """End the session that carried ``gtrid``'s row: its commit in flight, if any, lands."""
         _raise_for(self.resource.faults.take("settle"), "settle", self.participant, gtrid)
+        self.resource.end_sessions(gtrid)
         self.settled.append(gtrid)
 
     def forget(self, gtrids: Collection[str]) -> int:

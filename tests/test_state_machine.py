@@ -136,7 +136,15 @@ DATABASE_FAULTS = [
     ("rollback_recovered", "error", 1),
     ("rollback_recovered", "crash", 1),
 ]
-BROKER_ACTIONS = ("refuse", "lost-committed", "lost-not-committed", "error", "crash", "crash-after")
+BROKER_ACTIONS = (
+    "refuse",
+    "lost-committed",
+    "lost-not-committed",
+    "in-flight",
+    "error",
+    "crash",
+    "crash-after",
+)
 RECOVERY_FAILPOINTS = ("recovery_after_gather", "recovery_after_resolve_one")
 FAULTS = st.sampled_from(
     [

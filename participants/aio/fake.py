@@ -115,6 +115,8 @@ class AsyncFakeBroker:
         return AsyncFakeBrokerSession(self.sync.begin(gtrid))
 
     async def settle(self, session: object, timeout: float) -> None:
+        if isinstance(session, AsyncFakeBrokerSession):
+            session = session.sync
         self.sync.settle(session, timeout)
 
     def recovery_broker(self) -> LastResource:

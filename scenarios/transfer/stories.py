@@ -27,7 +27,7 @@ from scenarios.log_setup import configure as configure_logging
 from scenarios.strategies.twopc import transfer_2pc
 from scenarios.transfer import model as scenario
 from scenarios.transfer.invariants import gather_evidence
-from scenarios.wiring import open_coordinator, open_stomp
+from scenarios.wiring import broker, open_coordinator, open_stomp
 from scenarios.wiring import recover as run_recovery
 
 
@@ -309,6 +309,16 @@ def scenario_queued(settings: Settings) -> Counter[str]:
     return queued_transfer_ids(settings, scenario.CREDIT_QUEUE)
 
 
+def fence_broker_sessions(settings: Settings, coordinator_id: str, timeout: float = 30.0) -> None:
+    """Take over every broker client-id of ``coordinator_id``: on return the broker has
+    processed the end of its dead connections (their open transactions rolled back)."""
+    mq = broker(settings, pool_size=1, coordinator_id=coordinator_id)
+    try:
+        mq.fence(timeout)
+    finally:
+        mq.close()
+
+
 def _child_env(settings: Settings, setting: str, value: str) -> dict[str, str]:
     return {**os.environ, **settings.as_env(), setting: value}
 
@@ -447,6 +457,12 @@ def consumer_2pc_dies_after_prepare(settings: Settings) -> Story:
         "'twopc consumer --mode 2pc' received it, credited B in an XA branch, ACKed it in the "
         "broker transaction, PREPAREd B, and was SIGKILLed before the commit point",
     )
+    # A browse does not show a message ACKed in an open transaction: it is back on the queue
+    # only once the broker has processed the end of the dead connection, some time after
+    # the process is gone. Taking over the dead consumer's client-ids (as its recovery will)
+    # proves the broker has; only then does the queue say what the crash left.
+    fence_broker_sessions(settings, consumer_coordinator_id(settings))
+    story.say("its broker sessions fenced: the broker has let go of the dead connection")
     story.expect(
         (b_prepared(), balance(settings.pg_b, t.target) - b_before, on_queue()) == (1, 0, 1),
         f"after the crash: B pg_prepared_xacts {b_prepared()} entry (the credit, invisible), "
