@@ -41,6 +41,8 @@ class TransactionState(Generic[BranchT, SessionT]):
         self.marker_sent = False
         # The participant whose branch carries the decision row (DESIGN §7), once written.
         self.decision_holder: str | None = None
+        # The participants whose work committed on its own (Outcome.HEURISTIC_MIXED).
+        self.heuristic: tuple[str, ...] = ()
         self.timings: dict[str, float] = {}  # phase name -> seconds (for the benchmark)
         self._lock = threading.Lock()  # guards the branches against the watchdog
         self.log = events.get_logger(gtrid=gtrid)
