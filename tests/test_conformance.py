@@ -379,6 +379,13 @@ def server_prepared(pg: Any) -> set[str]:
         return {str(r[0]) for r in conn.execute("SELECT gid FROM pg_prepared_xacts").fetchall()}
 
 
+def remove_prepared(pg: Any, gid: str) -> None:
+    """ROLLBACK PREPARED ``gid`` if the server holds it."""
+    with psycopg.connect(pg.resource.dsn, autocommit=True) as conn:
+        if gid in server_prepared(pg):
+            conn.execute(psycopg.sql.SQL("ROLLBACK PREPARED {}").format(psycopg.sql.Literal(gid)))
+
+
 def test_rollback_in_the_work_breaks_the_branch(pg: Any) -> None:
     """ROLLBACK as work: execute raises PrepareFailed naming the participant, the gtrid and
     ROLLBACK; later statements are refused unrun; prepare votes NO; nothing is left."""
@@ -434,13 +441,16 @@ def test_prepare_transaction_in_the_work_is_rolled_back(pg: Any) -> None:
     foreign = f"conf-foreign-{secrets.token_hex(4)}"
     branch = pg.resource.begin(xid)
     pg.write(branch, xid.gtrid)
-    with pytest.raises(PrepareFailed, match=f"'{foreign}' it left was rolled back"):
-        branch.execute(f"PREPARE TRANSACTION '{foreign}'")
-    with pytest.raises(PrepareFailed):
-        branch.prepare()
-    branch.release()
-    assert foreign not in server_prepared(pg)
-    assert xid not in prepared(pg.resource) and not pg.visible(xid.gtrid)
+    try:
+        with pytest.raises(PrepareFailed, match=f"'{foreign}' it left was rolled back"):
+            branch.execute(f"PREPARE TRANSACTION '{foreign}'")
+        with pytest.raises(PrepareFailed):
+            branch.prepare()
+        branch.release()
+        assert foreign not in server_prepared(pg)
+        assert xid not in prepared(pg.resource) and not pg.visible(xid.gtrid)
+    finally:
+        remove_prepared(pg, foreign)  # what a failed check would leave behind
 
 
 def test_an_unreadable_prepared_gid_is_named_with_how_to_remove_it(pg: Any) -> None:
@@ -456,9 +466,7 @@ def test_an_unreadable_prepared_gid_is_named_with_how_to_remove_it(pg: Any) -> N
         branch.release()
         assert foreign in server_prepared(pg)
     finally:
-        with psycopg.connect(pg.resource.dsn, autocommit=True) as conn:
-            if foreign in server_prepared(pg):
-                conn.execute(f"ROLLBACK PREPARED '{foreign}'")
+        remove_prepared(pg, foreign)
 
 
 def test_prepare_of_a_transaction_ended_around_execute_votes_no(pg: Any) -> None:

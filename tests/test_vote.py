@@ -11,6 +11,7 @@ from typing import Any
 
 import psycopg
 import pytest
+from psycopg import sql
 
 from coordinator import Coordinator, FileDecisionLog, HeuristicMixed, Outcome
 from coordinator.aio import AsyncCoordinator
@@ -36,6 +37,12 @@ def count(dsn: str, key: str) -> int:
 def prepared_gids(dsn: str) -> set[str]:
     with psycopg.connect(dsn, autocommit=True) as conn:
         return {str(r[0]) for r in conn.execute("SELECT gid FROM pg_prepared_xacts").fetchall()}
+
+
+def remove_prepared(dsn: str, gid: str) -> None:
+    with psycopg.connect(dsn, autocommit=True) as conn:
+        if gid in prepared_gids(dsn):
+            conn.execute(sql.SQL("ROLLBACK PREPARED {}").format(sql.Literal(gid)))
 
 
 @pytest.fixture
@@ -136,20 +143,23 @@ def test_prepare_transaction_in_a_branch_is_rolled_back(
     foreign = f"vote-foreign-{secrets.token_hex(4)}"
     tx = coordinator.begin()
     tx.execute("a", INSERT, (tx.gtrid, -1))
-    with pytest.raises(PrepareFailed, match=r"PREPARE TRANSACTION.*rolled back"):
-        tx.execute("a", f"PREPARE TRANSACTION '{foreign}'")
-    tx.execute("b", INSERT, (tx.gtrid, 1))
-    assert tx.commit() is Outcome.ABORTED
-    assert (count(settings.pg_a, tx.gtrid), count(settings.pg_b, tx.gtrid)) == (0, 0)
-    assert_nothing_prepared(settings, tx.gtrid, foreign)
+    try:
+        with pytest.raises(PrepareFailed, match=r"PREPARE TRANSACTION.*rolled back"):
+            tx.execute("a", f"PREPARE TRANSACTION '{foreign}'")
+        tx.execute("b", INSERT, (tx.gtrid, 1))
+        assert tx.commit() is Outcome.ABORTED
+        assert (count(settings.pg_a, tx.gtrid), count(settings.pg_b, tx.gtrid)) == (0, 0)
+        assert_nothing_prepared(settings, tx.gtrid, foreign)
+    finally:
+        remove_prepared(settings.pg_a, foreign)  # what a failed check would leave behind
 
 
 @pytest.mark.lab
 def test_the_block_raises_heuristic_mixed_when_a_branch_committed(
     settings: Settings, ledger: str
 ) -> None:
-    """`with coordinator.transaction()` whose work ran COMMIT and caught the error: leaving
-    the block raises HeuristicMixed naming the participant and the gtrid."""
+    """A transaction used as a `with` block whose work ran COMMIT (as END) and caught the
+    error: leaving the block raises HeuristicMixed naming the participant and the gtrid."""
     resources = [PostgresResource("a", settings.pg_a), PostgresResource("b", settings.pg_b)]
     cid = f"vote-{secrets.token_hex(3)}"
     with Coordinator(cid, MemoryDecisionLog(), resources) as c:
