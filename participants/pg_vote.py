@@ -7,13 +7,14 @@ outside a transaction with a WARNING only, under the command tag ROLLBACK. So
 the branches (:mod:`participants.postgres`, :mod:`participants.aio.postgres`)
 read, after every statement and after PREPARE, the command tag and the
 connection's transaction status that libpq already holds (no round trip) and
-ask these functions what they mean.
+ask these functions what they mean. After a statement, :func:`in_progress` is the
+hot path; :func:`ended_by` runs only when it says no.
 """
 
 from __future__ import annotations
 
 import re
-from collections.abc import Callable
+from collections.abc import Sequence
 
 from psycopg import pq, sql
 from psycopg.abc import AdaptContext
@@ -33,24 +34,34 @@ def _name(status: int) -> str:
     return pq.TransactionStatus(status).name
 
 
-def ended_by(tag: str, status: int, statement: Callable[[], str]) -> str | None:
-    """The kind of statement that ended the branch's transaction, or None if it did not.
+def in_progress(tag: str, status: int) -> bool:
+    """The hot-path test after each statement: True when it surely left the branch's
+    transaction in progress (libpq's status INTRANS, a tag that ends nothing). One
+    comparison and one prefix test; otherwise ask :func:`ended_by`."""
+    return status == _IN_PROGRESS and not tag.startswith(_ENDING_TAGS)
 
-    ``tag`` is the statement's command tag, ``status`` the connection's transaction
-    status after it (libpq's ``pq.TransactionStatus`` value), ``statement`` gives its
-    text (read only for a ROLLBACK tag inside a transaction). Fast when nothing ended:
-    one status comparison, one prefix test.
+
+def ended_by(tags: Sequence[str], status: int, statement: str) -> str | None:
+    """The kind of statement that ended the branch's transaction, or None if none did.
+
+    ``tags`` are the command tags of the statement's results (a string of several
+    statements has one each), ``status`` the connection's transaction status after
+    them (libpq's ``pq.TransactionStatus`` value), ``statement`` their text: only
+    the text tells ROLLBACK TO SAVEPOINT (the transaction goes on) from ROLLBACK AND
+    CHAIN, which both answer ROLLBACK inside a transaction.
     """
-    if status == _IN_PROGRESS and not tag.startswith(_ENDING_TAGS):
-        return None
-    for kind in _ENDING_TAGS:
-        if tag.startswith(kind):
+    for tag in tags:
+        for kind in _ENDING_TAGS:
+            if not tag.startswith(kind):
+                continue
             if status != _IN_PROGRESS:
                 return kind
-            if kind == "ROLLBACK" and not _AND_CHAIN.search(statement()):
-                return None  # ROLLBACK TO SAVEPOINT: the transaction goes on
+            if kind == "ROLLBACK" and not _AND_CHAIN.search(statement):
+                return None  # ROLLBACK TO SAVEPOINT
             return f"{kind} AND CHAIN"  # ended, and a new transaction began
-    return f"a statement that ended the transaction (command tag {tag or 'none'})"
+    if status == _IN_PROGRESS:
+        return None
+    return f"a statement that ended the transaction (command tags {', '.join(tags) or 'none'})"
 
 
 def statement_text(query: object, context: AdaptContext) -> str:

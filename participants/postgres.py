@@ -43,6 +43,7 @@ from participants.pg_vote import (
     ended_by,
     foreign_gid,
     foreign_outcome,
+    in_progress,
     quote_gid,
     statement_text,
     wrong_commit_answer,
@@ -124,6 +125,21 @@ def run_command(conn: psycopg.Connection[Any], command: bytes) -> str:
     """Send ``command`` and wait for its answer (its command tag)."""
     send_command(conn, command)
     return receive_answer(conn)
+
+
+def result_tags(cursor: psycopg.Cursor[Any]) -> list[str]:
+    """The command tag of every result of the cursor's last execute (a string of several
+    statements has one each), leaving the cursor on its first result, as execute did."""
+    tags: list[str] = []
+    while True:
+        try:
+            cursor.set_result(len(tags))
+        except IndexError:
+            break
+        tags.append(cursor.statusmessage or "")
+    if len(tags) > 1:
+        cursor.set_result(0)
+    return tags
 
 
 class ConnectionPoolLike(Protocol):
@@ -453,11 +469,12 @@ class PostgresBranch:
                 ) from exc
             raise  # the caller's SQL failed: theirs to handle; the branch will vote NO
         tag = cursor.statusmessage or ""
-        kind = ended_by(
-            tag, self.conn.pgconn.transaction_status, lambda: statement_text(query, self.conn)
-        )
-        if kind is not None:
-            raise self._end(kind, query)
+        status = self.conn.pgconn.transaction_status
+        if not in_progress(tag, status):
+            tags = result_tags(cursor)
+            kind = ended_by(tags, status, statement_text(query, self.conn))
+            if kind is not None:
+                raise self._end(kind, query)
         if not self._wrote and tag.startswith(_WRITE_TAGS):
             self._wrote = True
         return cursor

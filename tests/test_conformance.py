@@ -403,10 +403,11 @@ def test_rollback_in_the_work_breaks_the_branch(pg: Any) -> None:
     assert xid not in prepared(pg.resource) and not pg.visible(xid.gtrid)
 
 
-@pytest.mark.parametrize("statement", ["COMMIT", "END", "COMMIT AND CHAIN"])
+@pytest.mark.parametrize("statement", ["COMMIT", "END", "COMMIT AND CHAIN", "SELECT 1; COMMIT"])
 def test_commit_in_the_work_is_heuristic_mixed(pg: Any, statement: str) -> None:
-    """COMMIT (or END, or COMMIT AND CHAIN) as work: execute raises HeuristicMixed naming
-    the participant and the gtrid; prepare votes NO; the work is committed, not prepared."""
+    """COMMIT (or END, COMMIT AND CHAIN, or COMMIT after another statement in one string)
+    as work: execute raises HeuristicMixed naming the participant and the gtrid; prepare
+    votes NO; the work is committed, not prepared."""
     xid = new_xid()
     branch = pg.resource.begin(xid)
     pg.write(branch, xid.gtrid)

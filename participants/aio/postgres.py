@@ -34,6 +34,7 @@ from participants.pg_vote import (
     ended_by,
     foreign_gid,
     foreign_outcome,
+    in_progress,
     quote_gid,
     statement_text,
     wrong_commit_answer,
@@ -54,6 +55,21 @@ async def run_command(conn: psycopg.AsyncConnection[Any], command: bytes) -> str
     the server's error (the asyncio twin of :func:`participants.postgres.run_command`)."""
     conn.pgconn.send_query(command)
     return answer_of(await conn.wait(generators.execute(conn.pgconn)), conn.info.encoding)
+
+
+async def result_tags(cursor: psycopg.AsyncCursor[Any]) -> list[str]:
+    """The command tag of every result of the cursor's last execute, leaving the cursor on
+    its first result (the asyncio twin of :func:`participants.postgres.result_tags`)."""
+    tags: list[str] = []
+    while True:
+        try:
+            await cursor.set_result(len(tags))
+        except IndexError:
+            break
+        tags.append(cursor.statusmessage or "")
+    if len(tags) > 1:
+        await cursor.set_result(0)
+    return tags
 
 
 class AsyncPostgresResource:
@@ -209,11 +225,12 @@ class AsyncPostgresBranch:
                 ) from exc
             raise
         tag = cursor.statusmessage or ""
-        kind = ended_by(
-            tag, self.conn.pgconn.transaction_status, lambda: statement_text(query, self.conn)
-        )
-        if kind is not None:
-            raise await self._end(kind, query)
+        status = self.conn.pgconn.transaction_status
+        if not in_progress(tag, status):
+            tags = await result_tags(cursor)
+            kind = ended_by(tags, status, statement_text(query, self.conn))
+            if kind is not None:
+                raise await self._end(kind, query)
         if not self._wrote and tag.startswith(_WRITE_TAGS):
             self._wrote = True
         return cursor
