@@ -165,11 +165,12 @@ def wrong_commit_answer(
     as a commit (command tag COMMIT, the session idle after it); else the refusal to raise.
 
     PostgreSQL answers COMMIT outside a transaction with a WARNING and the tag COMMIT, so
-    the status ``before`` it counts too: a branch no longer in progress is not sent one.
+    the status ``before`` it counts too (a branch that is idle is not sent one: ``tag``
+    is then empty), and a failed transaction answers ROLLBACK.
     """
     if before == _IN_PROGRESS and tag == "COMMIT" and after == pq.TransactionStatus.IDLE:
         return None
-    answer = f"answered {tag or 'nothing'}" if before == _IN_PROGRESS else "not sent"
+    answer = f"answered {tag}" if tag else "not sent"
     return CommitRefused(
         f"one-phase COMMIT {answer} (transaction status {_name(before)} before, "
         f"{_name(after)} after): the branch's transaction had failed or already ended "

@@ -316,8 +316,9 @@ class AsyncPostgresBranch:
     async def commit_one_phase(self) -> None:
         before = self.conn.pgconn.transaction_status
         try:
-            in_progress = before == pq.TransactionStatus.INTRANS
-            tag = await run_command(self.conn, b"COMMIT") if in_progress else ""
+            # Outside a transaction PostgreSQL answers COMMIT with a WARNING: not sent.
+            ended = before == pq.TransactionStatus.IDLE
+            tag = "" if ended else await run_command(self.conn, b"COMMIT")
         except psycopg.Error as exc:
             if not self._lost():  # the server answered: rolled back
                 self._finished = True
