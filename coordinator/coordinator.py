@@ -271,7 +271,7 @@ class Coordinator:
             self.backlog.doubt(tx, partial(table.settle, tx.gtrid))
         elif in_doubt and tx.broker is not None and self._broker is not None:
             self.backlog.doubt(tx, partial(self._broker.settle, tx.broker))
-        if outcome is Outcome.ABORTED:
+        if outcome in (Outcome.ABORTED, Outcome.HEURISTIC_MIXED):
             for name, branch in tx.branches.items():
                 if branch.left_prepared:
                     self.backlog.missed_rollback(name, branch.xid)

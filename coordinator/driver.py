@@ -90,7 +90,23 @@ def abort(tx: Transaction, cfg: DriverConfig, reason: str) -> Outcome:
         if tx.broker is not None:
             tx.broker.abort()
         tx.move(TxState.ABORTED)
+        return _aborted(tx)
+
+
+def _aborted(tx: Transaction) -> Outcome:
+    """ABORTED, or HEURISTIC_MIXED when a branch's work had committed on its own (its
+    failure is HeuristicMixed: a COMMIT inside the branch), which no rollback undoes."""
+    committed = tuple(b.name for b in tx.branches.values() if isinstance(b.failure, HeuristicMixed))
+    if not committed:
         return Outcome.ABORTED
+    tx.heuristic = committed
+    names = ", ".join(repr(name) for name in committed)
+    tx.reason = (
+        f"heuristic outcome: rolled back, but the work of participant {names} had committed "
+        f"on its own (a COMMIT inside the branch) and stays committed; {tx.reason}"
+    )
+    tx.log.warning(events.HEURISTIC, participants=list(committed))
+    return Outcome.HEURISTIC_MIXED
 
 
 # -- the steps ------------------------------------------------------------------------

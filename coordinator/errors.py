@@ -58,7 +58,9 @@ class OutcomeUnknown(ParticipantError):
 
 
 class HeuristicMixed(ParticipantError):
-    """A participant's recorded outcome contradicts the decision (never expected)."""
+    """A participant's outcome contradicts the decision: the broker committed without a
+    message of the transaction, or a branch's work committed on its own (a COMMIT inside
+    the branch) in a transaction that can then only roll back."""
 
 
 class TransactionTimeout(TwoPhaseCommitError):

@@ -36,6 +36,7 @@ PHASE2_RETRY = "tpc.phase2.retry"
 PHASE2_DEFERRED = "tpc.phase2.deferred"
 END = "tpc.end"
 ABORT = "tpc.abort"
+HEURISTIC = "tpc.abort.heuristic"  # rolled back, but some branch's work had committed alone
 TIMEOUT = "tpc.timeout"
 
 # Recovery: the start-up scan, 'twopc recover', 'twopc indoubt' and the background.

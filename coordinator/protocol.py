@@ -20,9 +20,14 @@ from :meth:`XAResource.begin`. Call order on a branch::
 
 * ``execute`` may raise anything the database raises (the caller's SQL is
   theirs); the branch then records :attr:`XABranch.failure` and votes NO.
-* ``prepare`` returns YES and raises :class:`~coordinator.errors.PrepareFailed`
-  for a NO vote; the branch is then rolled back (or will be, by the server,
-  when its session ends).
+  Work that ends the branch's own transaction (COMMIT, ROLLBACK, PREPARE
+  TRANSACTION inside it) breaks the branch: that call and every later one
+  raise a ParticipantError without running anything, and the failure is
+  :class:`~coordinator.errors.HeuristicMixed` when that work committed (the
+  driver then reports ``Outcome.HEURISTIC_MIXED``, not ABORTED).
+* ``prepare`` returns YES only when the database prepared this branch, and
+  raises :class:`~coordinator.errors.PrepareFailed` for a NO vote; the branch
+  is then rolled back (or will be, by the server, when its session ends).
 * ``commit_one_phase`` raises ParticipantError when the commit got no clear
   answer: for the only writer that makes the outcome unknown.
 * ``commit_prepared`` may raise ParticipantError (a lost connection): the driver

@@ -21,6 +21,10 @@ class Outcome(enum.Enum):
     COMMITTED = "committed"
     ABORTED = "aborted"
     IN_DOUBT = "in-doubt"
+    #: Rolled back, but the work of some participants (``Transaction.heuristic``) had
+    #: committed on its own before: a COMMIT run inside their branch. Their databases
+    #: hold that work and the others do not; only a person can reconcile them.
+    HEURISTIC_MIXED = "heuristic-mixed"
 
 
 class TxState(enum.Enum):

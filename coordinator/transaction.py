@@ -23,6 +23,7 @@ from psycopg.abc import Params, Query
 
 from coordinator import events, tracing
 from coordinator.errors import (
+    HeuristicMixed,
     TransactionAborted,
     TransactionInDoubt,
     TransactionTimeout,
@@ -58,8 +59,9 @@ class Transaction(TransactionState[XABranch, LastResourceSession]):
     """A global transaction: hands out branches lazily, commits atomically.
 
     Use it as a context manager: leaving the block normally commits and raises
-    TransactionAborted or TransactionInDoubt unless the outcome is COMMITTED;
-    leaving it with an exception rolls everything back and lets it propagate.
+    TransactionAborted, TransactionInDoubt or (a branch's work committed on its own)
+    HeuristicMixed unless the outcome is COMMITTED; leaving it with an exception rolls
+    everything back and lets it propagate.
     """
 
     def __init__(self, host: TransactionHost, gtrid: str, timeout: float) -> None:
@@ -155,3 +157,5 @@ class Transaction(TransactionState[XABranch, LastResourceSession]):
             raise TransactionAborted(self.gtrid, self.reason)
         if self.outcome is Outcome.IN_DOUBT:
             raise TransactionInDoubt(self.gtrid, self.reason)
+        if self.outcome is Outcome.HEURISTIC_MIXED:
+            raise HeuristicMixed(self.reason, participant=self.heuristic[0], gtrid=self.gtrid)

@@ -45,6 +45,8 @@ class TransactionState(Generic[BranchT, SessionT]):
         # aborted it (or left it in doubt); after, the outcome stands and the backlog
         # writes the missing records. A caller running many transactions stops on it.
         self.log_failure: DecisionLogError | None = None
+        # The participants whose work committed on its own (Outcome.HEURISTIC_MIXED).
+        self.heuristic: tuple[str, ...] = ()
         self.timings: dict[str, float] = {}  # phase name -> seconds (for the benchmark)
         self._lock = threading.Lock()  # guards the branches against the watchdog
         self.log = events.get_logger(gtrid=gtrid)

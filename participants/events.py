@@ -30,6 +30,7 @@ STOMP_DROP_FAILED = "stomp.drop.failed"
 PG_ADMIN_RECONNECT = "postgres.admin.reconnect"
 PG_POOLED_LOST = "postgres.pooled.lost"
 PG_ROLLBACK_FAILED = "postgres.rollback.failed"
+PG_BRANCH_ENDED = "postgres.branch.ended"  # the work ran COMMIT/ROLLBACK/PREPARE in a branch
 
 # Membership: liveness locks and fencing on the commit-markable database
 # (participants.membership).

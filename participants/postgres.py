@@ -38,6 +38,17 @@ from coordinator.events import get_logger
 from coordinator.states import Vote
 from coordinator.xid import Xid
 from participants import events as ev
+from participants.pg_vote import (
+    branch_ended,
+    ended_by,
+    foreign_gid,
+    foreign_outcome,
+    in_progress,
+    quote_gid,
+    statement_text,
+    wrong_commit_answer,
+    wrong_prepare_answer,
+)
 
 
 def _log() -> Any:
@@ -96,18 +107,39 @@ def send_command(conn: psycopg.Connection[Any], command: bytes) -> None:
     conn.pgconn.send_query(command)
 
 
-def receive_answer(conn: psycopg.Connection[Any]) -> None:
-    """Wait for the answer to the command sent last; raise the server's error as psycopg's."""
-    results = conn.wait(generators.execute(conn.pgconn))
+def answer_of(results: list[pq.abc.PGresult], encoding: str) -> str:
+    """The command tag of the last result (what the server did); raise its error as psycopg's."""
     for result in results:
         if result.status == pq.ExecStatus.FATAL_ERROR:
-            raise pg_errors.error_from_result(result, encoding=conn.info.encoding)
+            raise pg_errors.error_from_result(result, encoding=encoding)
+    status = results[-1].command_status if results else None
+    return status.decode() if status else ""
 
 
-def run_command(conn: psycopg.Connection[Any], command: bytes) -> None:
-    """Send ``command`` and wait for its answer."""
+def receive_answer(conn: psycopg.Connection[Any]) -> str:
+    """Wait for the answer to the command sent last: its command tag, or the server's error."""
+    return answer_of(conn.wait(generators.execute(conn.pgconn)), conn.info.encoding)
+
+
+def run_command(conn: psycopg.Connection[Any], command: bytes) -> str:
+    """Send ``command`` and wait for its answer (its command tag)."""
     send_command(conn, command)
-    receive_answer(conn)
+    return receive_answer(conn)
+
+
+def result_tags(cursor: psycopg.Cursor[Any]) -> list[str]:
+    """The command tag of every result of the cursor's last execute (a string of several
+    statements has one each), leaving the cursor on its first result, as execute did."""
+    tags: list[str] = []
+    while True:
+        try:
+            cursor.set_result(len(tags))
+        except IndexError:
+            break
+        tags.append(cursor.statusmessage or "")
+    if len(tags) > 1:
+        cursor.set_result(0)
+    return tags
 
 
 class ConnectionPoolLike(Protocol):
@@ -406,6 +438,7 @@ class PostgresBranch:
         self._maybe_prepared = False  # PREPARE was sent: the server may hold the branch
         self._finished = False
         self.failure: BaseException | None = None
+        self._ended: ParticipantError | None = None  # the work ended the transaction
 
     @property
     def name(self) -> str:
@@ -416,7 +449,14 @@ class PostgresBranch:
         return self._xid
 
     def execute(self, query: LiteralString | Any, params: Any = None) -> psycopg.Cursor[Any]:
-        """Run one statement in the branch; a failure makes the branch vote NO."""
+        """Run one statement in the branch; a failure makes the branch vote NO.
+
+        Work that ended the branch's transaction (COMMIT, ROLLBACK, PREPARE
+        TRANSACTION) raises :func:`~participants.pg_vote.branch_ended`'s error, and
+        so does every later call: nothing runs outside the branch.
+        """
+        if self._ended is not None:
+            raise self._ended
         try:
             cursor = self.conn.execute(query, params)
         except psycopg.Error as exc:
@@ -428,13 +468,51 @@ class PostgresBranch:
                     gtrid=self._xid.gtrid,
                 ) from exc
             raise  # the caller's SQL failed: theirs to handle; the branch will vote NO
-        if not self._wrote and (cursor.statusmessage or "").startswith(_WRITE_TAGS):
+        tag = cursor.statusmessage or ""
+        status = self.conn.pgconn.transaction_status
+        if not in_progress(tag, status):
+            tags = result_tags(cursor)
+            kind = ended_by(tags, status, statement_text(query, self.conn))
+            if kind is not None:
+                raise self._end(kind, query)
+        if not self._wrote and tag.startswith(_WRITE_TAGS):
             self._wrote = True
         return cursor
+
+    def _end(self, kind: str, query: Any) -> ParticipantError:
+        """The work ended the branch's transaction with ``kind``: the branch is broken.
+
+        A PREPARE TRANSACTION of the work's own left its work prepared under another
+        gid, which recovery never sees: it is rolled back here, by that gid.
+        """
+        foreign = None
+        if kind == "PREPARE TRANSACTION":
+            gid = foreign_gid(statement_text(query, self.conn))
+            error = None
+            if gid is not None:
+                try:
+                    run_command(self.conn, b"ROLLBACK PREPARED " + quote_gid(gid))
+                except psycopg.Error as exc:
+                    error = str(exc).strip()
+            foreign = foreign_outcome(gid, error, describe_dsn(self.resource.dsn))
+        self._ended = branch_ended(
+            kind, participant=self.name, gtrid=self._xid.gtrid, foreign=foreign
+        )
+        self.failure = self._ended
+        _log().warning(
+            ev.PG_BRANCH_ENDED,
+            participant=self.name,
+            gtrid=self._xid.gtrid,
+            statement=kind,
+            error=self._ended.detail,
+        )
+        return self._ended
 
     def read_only(self) -> bool:
         if self._wrote or self.failure is not None:
             return False
+        if self.conn.pgconn.transaction_status != pq.TransactionStatus.INTRANS:
+            return False  # ended outside execute: prepare reads what the server says
         # SELECT can call functions that write: ask the server whether an xid exists.
         row = self.conn.execute("SELECT pg_current_xact_id_if_assigned() IS NULL").fetchone()
         return bool(row and row[0])
@@ -455,16 +533,20 @@ class PostgresBranch:
             return
         self._in_flight = command
 
-    def _run(self, command: bytes) -> None:
-        """Wait for ``command`` if it was sent already, else send it and wait."""
+    def _run(self, command: bytes) -> str:
+        """Wait for ``command`` if it was sent already, else send it and wait: its tag."""
         if self._send_error is not None:
             error, self._send_error = self._send_error, None
             raise error
         if self._in_flight == command:
             self._in_flight = None
-            receive_answer(self.conn)
-            return
-        run_command(self.conn, command)
+            return receive_answer(self.conn)
+        return run_command(self.conn, command)
+
+    def _wrong_prepare_answer(self, tag: str) -> PrepareFailed | None:
+        return wrong_prepare_answer(
+            tag, self.conn.pgconn.transaction_status, participant=self.name, gtrid=self._xid.gtrid
+        )
 
     # -- phase 1 -----------------------------------------------------------------------
 
@@ -484,7 +566,7 @@ class PostgresBranch:
             )
         self._maybe_prepared = True
         try:
-            self._run(self._prepare_command)
+            tag = self._run(self._prepare_command)
         except psycopg.Error as exc:
             self._after_failed_prepare()
             if isinstance(exc, pg_errors.DuplicateObject):  # 42710: gid already in use
@@ -495,6 +577,12 @@ class PostgresBranch:
             raise PrepareFailed(
                 f"PREPARE TRANSACTION failed: {exc}", participant=self.name, gtrid=gtrid
             ) from exc
+        wrong = self._wrong_prepare_answer(tag)
+        if wrong is not None:  # nothing is prepared under the branch's gid
+            self._maybe_prepared = False
+            self.failure = wrong
+            self.rollback()
+            raise wrong
         self._prepared = True
         return Vote.YES
 
@@ -508,8 +596,11 @@ class PostgresBranch:
         self._finished = True
 
     def commit_one_phase(self) -> None:
+        before = self.conn.pgconn.transaction_status
         try:
-            self.conn.commit()
+            # Outside a transaction PostgreSQL answers COMMIT with a WARNING: not sent.
+            ended = before == pq.TransactionStatus.IDLE
+            tag = "" if ended else run_command(self.conn, b"COMMIT")
         except psycopg.Error as exc:
             if not (self.conn.closed or self.conn.broken):  # the server answered: rolled back
                 self._finished = True
@@ -520,6 +611,16 @@ class PostgresBranch:
             raise ParticipantError(
                 f"one-phase COMMIT failed: {exc}", participant=self.name, gtrid=self._xid.gtrid
             ) from exc
+        refused = wrong_commit_answer(
+            tag,
+            before,
+            self.conn.pgconn.transaction_status,
+            participant=self.name,
+            gtrid=self._xid.gtrid,
+        )
+        if refused is not None:
+            self.rollback()
+            raise refused
         self._finished = True
 
     # -- phase 2 -----------------------------------------------------------------------
@@ -567,11 +668,11 @@ class PostgresBranch:
         if command is None or self.conn.closed or self.conn.broken:
             return
         try:
-            receive_answer(self.conn)
+            tag = receive_answer(self.conn)
         except psycopg.Error:
             return  # a failed PREPARE rolled the transaction back; a failed COMMIT left it
         if command == self._prepare_command:
-            self._prepared = True
+            self._prepared = self._wrong_prepare_answer(tag) is None
         elif command == self._commit_command:
             self._finished = True
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import secrets
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -13,7 +14,7 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from coordinator.errors import PrepareFailed
+from coordinator.errors import CommitRefused, HeuristicMixed, ParticipantError, PrepareFailed
 from coordinator.protocol import LastResource, XAResource
 from coordinator.states import Vote
 from coordinator.xid import FORMAT_ID, Xid
@@ -70,6 +71,10 @@ class PostgresHarness:
                 is not None
             )
 
+    def on_connection(self, branch: Any, statement: str) -> None:
+        """Run ``statement`` on the branch's connection itself, around ``execute``."""
+        branch.conn.execute(statement)
+
 
 @dataclass
 class BlockingHarness:
@@ -88,6 +93,9 @@ class BlockingHarness:
     def visible(self, key: str) -> bool:
         return bool(self.inner.visible(key))
 
+    def on_connection(self, branch: Any, statement: str) -> None:
+        self.portal.run(branch.conn.execute(statement))
+
 
 @pytest.fixture(
     params=[
@@ -98,6 +106,22 @@ class BlockingHarness:
     ]
 )
 def xa(request: pytest.FixtureRequest) -> Iterator[XAHarness]:
+    yield from harness_for(request)
+
+
+@pytest.fixture(
+    params=[
+        pytest.param("postgres", marks=pytest.mark.lab),
+        pytest.param("postgres-asyncio", marks=pytest.mark.lab),
+    ]
+)
+def pg(request: pytest.FixtureRequest) -> Iterator[Any]:
+    """Every PostgreSQL participant (sync and asyncio), for the checks of what SQL did."""
+    yield from harness_for(request)
+
+
+def harness_for(request: pytest.FixtureRequest) -> Iterator[Any]:
+    """The harness for ``request.param``: a fake or PostgreSQL, sync or asyncio."""
     if request.param.startswith("fake"):
         harness: Any = FakeHarness(FakeResource("a"))
     else:
@@ -358,3 +382,149 @@ def test_fence_succeeds_when_no_other_process_holds_the_sessions(broker: LastRes
     session.commit_with_marker(gtrid, 5.0)
     session.release()
     assert gtrid in broker.markers()
+
+
+# -- PostgreSQL: work that ends its own branch, and the answers to PREPARE and COMMIT ------
+
+
+def server_prepared(pg: Any) -> set[str]:
+    """Every gid in pg_prepared_xacts, ours or not."""
+    with psycopg.connect(pg.resource.dsn, autocommit=True) as conn:
+        return {str(r[0]) for r in conn.execute("SELECT gid FROM pg_prepared_xacts").fetchall()}
+
+
+def remove_prepared(pg: Any, gid: str) -> None:
+    """ROLLBACK PREPARED ``gid`` if the server holds it."""
+    with psycopg.connect(pg.resource.dsn, autocommit=True) as conn:
+        if gid in server_prepared(pg):
+            conn.execute(psycopg.sql.SQL("ROLLBACK PREPARED {}").format(psycopg.sql.Literal(gid)))
+
+
+def test_rollback_in_the_work_breaks_the_branch(pg: Any) -> None:
+    """ROLLBACK as work: execute raises PrepareFailed naming the participant, the gtrid and
+    ROLLBACK; later statements are refused unrun; prepare votes NO; nothing is left."""
+    xid = new_xid()
+    branch = pg.resource.begin(xid)
+    pg.write(branch, xid.gtrid)
+    with pytest.raises(PrepareFailed, match=f"ROLLBACK.*participant 'a', gtrid {xid.gtrid}"):
+        branch.execute("ROLLBACK")
+    with pytest.raises(PrepareFailed, match="ROLLBACK"):
+        pg.write(branch, xid.gtrid)  # would run in a new transaction of psycopg's
+    assert isinstance(branch.failure, PrepareFailed) and branch.read_only() is False
+    with pytest.raises(PrepareFailed):
+        branch.prepare()
+    branch.release()
+    assert xid not in prepared(pg.resource) and not pg.visible(xid.gtrid)
+
+
+@pytest.mark.parametrize("statement", ["COMMIT", "END", "COMMIT AND CHAIN", "SELECT 1; COMMIT"])
+def test_commit_in_the_work_is_heuristic_mixed(pg: Any, statement: str) -> None:
+    """COMMIT (or END, COMMIT AND CHAIN, or COMMIT after another statement in one string)
+    as work: execute raises HeuristicMixed naming the participant and the gtrid; prepare
+    votes NO; the work is committed, not prepared."""
+    xid = new_xid()
+    branch = pg.resource.begin(xid)
+    pg.write(branch, xid.gtrid)
+    with pytest.raises(HeuristicMixed, match="COMMIT") as ended:
+        branch.execute(statement)
+    assert (ended.value.participant, ended.value.gtrid) == ("a", xid.gtrid)
+    assert isinstance(branch.failure, HeuristicMixed)
+    with pytest.raises(PrepareFailed):
+        branch.prepare()
+    branch.release()
+    assert xid not in prepared(pg.resource) and pg.visible(xid.gtrid)
+
+
+def test_rollback_to_savepoint_keeps_the_branch(pg: Any) -> None:
+    """ROLLBACK TO SAVEPOINT answers ROLLBACK inside the transaction: the branch goes on
+    and prepares YES."""
+    xid = new_xid()
+    branch = pg.resource.begin(xid)
+    branch.execute("SAVEPOINT s")
+    branch.execute("ROLLBACK TO SAVEPOINT s")
+    pg.write(branch, xid.gtrid)
+    assert branch.prepare() is Vote.YES
+    branch.commit_prepared()
+    branch.release()
+    assert pg.visible(xid.gtrid)
+
+
+def test_prepare_transaction_in_the_work_is_rolled_back(pg: Any) -> None:
+    """PREPARE TRANSACTION 'x' as work: that prepared transaction is rolled back by its gid,
+    execute says so, and neither 'x' nor the branch is left prepared."""
+    xid = new_xid()
+    foreign = f"conf-foreign-{secrets.token_hex(4)}"
+    branch = pg.resource.begin(xid)
+    pg.write(branch, xid.gtrid)
+    try:
+        with pytest.raises(PrepareFailed, match=f"'{foreign}' it left was rolled back"):
+            branch.execute(f"PREPARE TRANSACTION '{foreign}'")
+        with pytest.raises(PrepareFailed):
+            branch.prepare()
+        branch.release()
+        assert foreign not in server_prepared(pg)
+        assert xid not in prepared(pg.resource) and not pg.visible(xid.gtrid)
+    finally:
+        remove_prepared(pg, foreign)  # what a failed check would leave behind
+
+
+def test_an_unreadable_prepared_gid_is_named_with_how_to_remove_it(pg: Any) -> None:
+    """PREPARE TRANSACTION with a gid the branch cannot read (an E'' literal): the error
+    says to find it in pg_prepared_xacts and remove it with ROLLBACK PREPARED."""
+    xid = new_xid()
+    foreign = f"conf-escaped-{secrets.token_hex(4)}"
+    branch = pg.resource.begin(xid)
+    pg.write(branch, xid.gtrid)
+    try:
+        with pytest.raises(PrepareFailed, match=r"pg_prepared_xacts.*ROLLBACK PREPARED"):
+            branch.execute(f"PREPARE TRANSACTION E'{foreign}'")
+        branch.release()
+        assert foreign in server_prepared(pg)
+    finally:
+        remove_prepared(pg, foreign)
+
+
+def test_prepare_of_a_transaction_ended_around_execute_votes_no(pg: Any) -> None:
+    """The branch's transaction ended on its connection directly: PostgreSQL answers the
+    PREPARE with ROLLBACK (and a WARNING), which is a NO vote naming that answer."""
+    xid = new_xid()
+    branch = pg.resource.begin(xid)
+    pg.write(branch, xid.gtrid)
+    pg.on_connection(branch, "ROLLBACK")
+    assert branch.read_only() is False
+    with pytest.raises(PrepareFailed, match=r"answered .* with ROLLBACK") as vote:
+        branch.prepare()
+    assert (vote.value.participant, vote.value.gtrid) == ("a", xid.gtrid)
+    branch.release()
+    assert xid not in prepared(pg.resource) and not pg.visible(xid.gtrid)
+
+
+def test_sent_ahead_prepare_of_an_ended_transaction_votes_no(pg: Any) -> None:
+    """The same with the PREPARE sent ahead (send_prepare, then prepare)."""
+    xid = new_xid()
+    branch = pg.resource.begin(xid)
+    pg.write(branch, xid.gtrid)
+    pg.on_connection(branch, "ROLLBACK")
+    branch.send_prepare()
+    with pytest.raises(PrepareFailed, match="ROLLBACK"):
+        branch.prepare()
+    branch.release()
+    assert xid not in prepared(pg.resource)
+
+
+@pytest.mark.parametrize("ended_by", ["ROLLBACK", "SELECT 1 / 0"])
+def test_one_phase_commit_of_an_ended_or_failed_transaction_is_refused(
+    pg: Any, ended_by: str
+) -> None:
+    """A one-phase COMMIT of a transaction ended or failed on the connection directly is
+    refused (PostgreSQL would answer COMMIT with a WARNING, or ROLLBACK): nothing commits."""
+    xid = new_xid()
+    branch = pg.resource.begin(xid)
+    pg.write(branch, xid.gtrid)
+    with contextlib.suppress(psycopg.Error):
+        pg.on_connection(branch, ended_by)
+    with pytest.raises(CommitRefused, match="one-phase COMMIT") as refused:
+        branch.commit_one_phase()
+    assert isinstance(refused.value, ParticipantError) and refused.value.gtrid == xid.gtrid
+    branch.release()
+    assert not pg.visible(xid.gtrid)

@@ -211,7 +211,7 @@ class AsyncCoordinator:
         in_doubt = outcome is Outcome.IN_DOUBT and tx.branches
         if in_doubt and tx.broker is not None and self._broker is not None:
             self.backlog.doubt(tx, self._settler(self._broker, tx.broker))
-        if outcome is Outcome.ABORTED:
+        if outcome in (Outcome.ABORTED, Outcome.HEURISTIC_MIXED):
             for name, branch in tx.branches.items():
                 if branch.left_prepared:
                     self.backlog.missed_rollback(name, branch.xid)

@@ -21,6 +21,7 @@ from psycopg.abc import Params, Query
 
 from coordinator import events, tracing
 from coordinator.errors import (
+    HeuristicMixed,
     TransactionAborted,
     TransactionInDoubt,
     TransactionTimeout,
@@ -56,8 +57,9 @@ class AsyncTransaction(TransactionState[AsyncXABranch, AsyncLastResourceSession]
     """A global transaction: hands out branches lazily, commits atomically.
 
     Use it as a context manager: leaving the block normally commits and raises
-    TransactionAborted or TransactionInDoubt unless the outcome is COMMITTED;
-    leaving it with an exception rolls everything back and lets it propagate.
+    TransactionAborted, TransactionInDoubt or (a branch's work committed on its own)
+    HeuristicMixed unless the outcome is COMMITTED; leaving it with an exception rolls
+    everything back and lets it propagate.
     """
 
     def __init__(self, host: AsyncTransactionHost, gtrid: str, timeout: float) -> None:
@@ -157,3 +159,5 @@ class AsyncTransaction(TransactionState[AsyncXABranch, AsyncLastResourceSession]
             raise TransactionAborted(self.gtrid, self.reason)
         if self.outcome is Outcome.IN_DOUBT:
             raise TransactionInDoubt(self.gtrid, self.reason)
+        if self.outcome is Outcome.HEURISTIC_MIXED:
+            raise HeuristicMixed(self.reason, participant=self.heuristic[0], gtrid=self.gtrid)

@@ -1,7 +1,9 @@
-"""PostgreSQL as an asyncio XA participant: psycopg's AsyncConnection tpc_* API over a small pool.
+"""PostgreSQL as an asyncio XA participant: PREPARE TRANSACTION over a small AsyncConnection pool.
 
 The asyncio counterpart of :mod:`participants.postgres`, with the same call
-order, votes and errors. Recovery and the background retries use the sync
+order, commands (BEGIN, PREPARE TRANSACTION, COMMIT/ROLLBACK PREPARED sent to
+libpq directly), checks of their answers (:mod:`participants.pg_vote`), votes and
+errors. Recovery and the background retries use the sync
 :class:`~participants.postgres.PostgresResource` on the same database
 (:meth:`AsyncPostgresResource.recovery_resource`), in a worker thread.
 """
@@ -14,9 +16,10 @@ from typing import Any, LiteralString
 
 import psycopg
 from psycopg import errors as pg_errors
-from psycopg import pq
+from psycopg import generators, pq
 
 from coordinator.errors import (
+    CommitRefused,
     DuplicateGtrid,
     ParticipantError,
     ParticipantUnavailable,
@@ -26,7 +29,47 @@ from coordinator.protocol import XAResource
 from coordinator.states import Vote
 from coordinator.xid import Xid
 from participants import events as ev
-from participants.postgres import _WRITE_TAGS, PostgresResource, _log, describe_dsn
+from participants.pg_vote import (
+    branch_ended,
+    ended_by,
+    foreign_gid,
+    foreign_outcome,
+    in_progress,
+    quote_gid,
+    statement_text,
+    wrong_commit_answer,
+    wrong_prepare_answer,
+)
+from participants.postgres import (
+    _WRITE_TAGS,
+    PostgresResource,
+    _log,
+    answer_of,
+    describe_dsn,
+    gid_of,
+)
+
+
+async def run_command(conn: psycopg.AsyncConnection[Any], command: bytes) -> str:
+    """Send ``command`` to libpq directly and wait for its answer: its command tag, or
+    the server's error (the asyncio twin of :func:`participants.postgres.run_command`)."""
+    conn.pgconn.send_query(command)
+    return answer_of(await conn.wait(generators.execute(conn.pgconn)), conn.info.encoding)
+
+
+async def result_tags(cursor: psycopg.AsyncCursor[Any]) -> list[str]:
+    """The command tag of every result of the cursor's last execute, leaving the cursor on
+    its first result (the asyncio twin of :func:`participants.postgres.result_tags`)."""
+    tags: list[str] = []
+    while True:
+        try:
+            await cursor.set_result(len(tags))
+        except IndexError:
+            break
+        tags.append(cursor.statusmessage or "")
+    if len(tags) > 1:
+        await cursor.set_result(0)
+    return tags
 
 
 class AsyncPostgresResource:
@@ -99,7 +142,7 @@ class AsyncPostgresResource:
         while True:
             conn, kept = await self._acquire()
             try:
-                await conn.tpc_begin(conn.xid(xid.format_id, xid.gtrid, xid.bqual))
+                await run_command(conn, b"BEGIN")
             except psycopg.Error as exc:
                 lost = conn.broken
                 await conn.close()
@@ -130,7 +173,8 @@ class AsyncPostgresResource:
 
 
 class AsyncPostgresBranch:
-    """One branch: a pooled AsyncConnection inside ``tpc_begin(xid)``."""
+    """One branch: a pooled AsyncConnection inside a transaction that will be prepared as
+    ``xid``."""
 
     def __init__(
         self, resource: AsyncPostgresResource, conn: psycopg.AsyncConnection[Any], xid: Xid
@@ -138,11 +182,16 @@ class AsyncPostgresBranch:
         self.resource = resource
         self.conn = conn
         self._xid = xid
+        gid = gid_of(xid).encode()
+        self._prepare_command = b"PREPARE TRANSACTION '" + gid + b"'"
+        self._commit_command = b"COMMIT PREPARED '" + gid + b"'"
+        self._rollback_command = b"ROLLBACK PREPARED '" + gid + b"'"
         self._wrote = False
         self._prepared = False
         self._maybe_prepared = False  # PREPARE was sent: the server may hold the branch
         self._finished = False
         self.failure: BaseException | None = None
+        self._ended: ParticipantError | None = None  # the work ended the transaction
 
     @property
     def name(self) -> str:
@@ -158,7 +207,12 @@ class AsyncPostgresBranch:
     async def execute(
         self, query: LiteralString | Any, params: Any = None
     ) -> psycopg.AsyncCursor[Any]:
-        """Run one statement in the branch; a failure makes the branch vote NO."""
+        """Run one statement in the branch; a failure makes the branch vote NO.
+
+        Work that ended the branch's transaction breaks it, as in the sync branch.
+        """
+        if self._ended is not None:
+            raise self._ended
         try:
             cursor = await self.conn.execute(query, params)
         except psycopg.Error as exc:
@@ -170,13 +224,48 @@ class AsyncPostgresBranch:
                     gtrid=self._xid.gtrid,
                 ) from exc
             raise
-        if not self._wrote and (cursor.statusmessage or "").startswith(_WRITE_TAGS):
+        tag = cursor.statusmessage or ""
+        status = self.conn.pgconn.transaction_status
+        if not in_progress(tag, status):
+            tags = await result_tags(cursor)
+            kind = ended_by(tags, status, statement_text(query, self.conn))
+            if kind is not None:
+                raise await self._end(kind, query)
+        if not self._wrote and tag.startswith(_WRITE_TAGS):
             self._wrote = True
         return cursor
+
+    async def _end(self, kind: str, query: Any) -> ParticipantError:
+        """The work ended the branch's transaction with ``kind``: the branch is broken (a
+        PREPARE TRANSACTION of the work's own is rolled back by its gid)."""
+        foreign = None
+        if kind == "PREPARE TRANSACTION":
+            gid = foreign_gid(statement_text(query, self.conn))
+            error = None
+            if gid is not None:
+                try:
+                    await run_command(self.conn, b"ROLLBACK PREPARED " + quote_gid(gid))
+                except psycopg.Error as exc:
+                    error = str(exc).strip()
+            foreign = foreign_outcome(gid, error, describe_dsn(self.resource.dsn))
+        self._ended = branch_ended(
+            kind, participant=self.name, gtrid=self._xid.gtrid, foreign=foreign
+        )
+        self.failure = self._ended
+        _log().warning(
+            ev.PG_BRANCH_ENDED,
+            participant=self.name,
+            gtrid=self._xid.gtrid,
+            statement=kind,
+            error=self._ended.detail,
+        )
+        return self._ended
 
     async def read_only(self) -> bool:
         if self._wrote or self.failure is not None:
             return False
+        if self.conn.pgconn.transaction_status != pq.TransactionStatus.INTRANS:
+            return False  # ended outside execute: prepare reads what the server says
         cursor = await self.conn.execute("SELECT pg_current_xact_id_if_assigned() IS NULL")
         row = await cursor.fetchone()
         return bool(row and row[0])
@@ -198,14 +287,13 @@ class AsyncPostgresBranch:
             )
         self._maybe_prepared = True
         try:
-            await self.conn.tpc_prepare()
+            tag = await run_command(self.conn, self._prepare_command)
         except psycopg.Error as exc:
             if self._lost():
                 await self.rollback()
-            else:
+            else:  # the server answered: it rolled the transaction back
                 self._maybe_prepared = False
                 self._finished = True
-                await self.conn.close()  # psycopg still believes it is in a prepared transaction
             if isinstance(exc, pg_errors.DuplicateObject):
                 raise DuplicateGtrid(
                     f"gtrid {gtrid} is already prepared in PostgreSQL {self.name!r}; "
@@ -214,16 +302,42 @@ class AsyncPostgresBranch:
             raise PrepareFailed(
                 f"PREPARE TRANSACTION failed: {exc}", participant=self.name, gtrid=gtrid
             ) from exc
+        wrong = wrong_prepare_answer(
+            tag, self.conn.pgconn.transaction_status, participant=self.name, gtrid=gtrid
+        )
+        if wrong is not None:  # nothing is prepared under the branch's gid
+            self._maybe_prepared = False
+            self.failure = wrong
+            await self.rollback()
+            raise wrong
         self._prepared = True
         return Vote.YES
 
     async def commit_one_phase(self) -> None:
+        before = self.conn.pgconn.transaction_status
         try:
-            await self.conn.tpc_commit()
+            # Outside a transaction PostgreSQL answers COMMIT with a WARNING: not sent.
+            ended = before == pq.TransactionStatus.IDLE
+            tag = "" if ended else await run_command(self.conn, b"COMMIT")
         except psycopg.Error as exc:
+            if not self._lost():  # the server answered: rolled back
+                self._finished = True
+                raise CommitRefused(
+                    f"one-phase COMMIT refused: {exc}", participant=self.name, gtrid=self._xid.gtrid
+                ) from exc
             raise ParticipantError(
                 f"one-phase COMMIT failed: {exc}", participant=self.name, gtrid=self._xid.gtrid
             ) from exc
+        refused = wrong_commit_answer(
+            tag,
+            before,
+            self.conn.pgconn.transaction_status,
+            participant=self.name,
+            gtrid=self._xid.gtrid,
+        )
+        if refused is not None:
+            await self.rollback()
+            raise refused
         self._finished = True
 
     async def commit_prepared(self) -> None:
@@ -238,7 +352,7 @@ class AsyncPostgresBranch:
             self._finished = True
             return
         try:
-            await self.conn.tpc_commit()
+            await run_command(self.conn, self._commit_command)
         except pg_errors.UndefinedObject as exc:
             raise ParticipantError(
                 "COMMIT PREPARED found no prepared branch",
@@ -260,7 +374,10 @@ class AsyncPostgresBranch:
             return
         if not self._lost():
             try:
-                await self.conn.tpc_rollback()
+                if self._prepared:
+                    await run_command(self.conn, self._rollback_command)
+                else:
+                    await self.conn.rollback()
             except psycopg.Error as exc:
                 if not self._lost():
                     self._warn_rollback(exc)
