@@ -9,11 +9,13 @@ from __future__ import annotations
 import os
 import subprocess
 import sys
+import tempfile
 import threading
 import time
 from collections import Counter
 from collections.abc import Callable
 from dataclasses import dataclass, field, replace
+from pathlib import Path
 
 import psycopg
 from psycopg import errors as pg_errors
@@ -512,23 +514,35 @@ def _worker(
         **replace(settings, coordinator_id=ident, decisions="postgres").as_env(),
         **failpoint_env(failpoints),
     }
-    return subprocess.Popen(
-        [
-            sys.executable,
-            "-m",
-            "scenarios.cli",
-            "transfer",
-            "--count",
-            str(count),
-            "--concurrency",
-            str(concurrency),
-            "--no-check",
-            "--json",
-        ],
-        env=env,
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.DEVNULL,
-    )
+    with _stderr_of(ident).open("wb") as stderr:  # the child keeps its own copy
+        return subprocess.Popen(
+            [
+                sys.executable,
+                "-m",
+                "scenarios.cli",
+                "transfer",
+                "--count",
+                str(count),
+                "--concurrency",
+                str(concurrency),
+                "--no-check",
+                "--json",
+            ],
+            env=env,
+            stdout=subprocess.DEVNULL,
+            stderr=stderr,
+        )
+
+
+def _stderr_of(ident: str) -> Path:
+    """Where the worker ``ident`` of this process writes its stderr."""
+    return Path(tempfile.gettempdir()) / f"twopc-story-{os.getpid()}-{ident}.stderr"
+
+
+def _last_error(ident: str) -> str:
+    """The last line the finished worker ``ident`` wrote to stderr (why it stopped), or ''."""
+    lines = _stderr_of(ident).read_text(errors="replace").strip().splitlines()
+    return f": {lines[-1]}" if lines else ""
 
 
 def _prepared_with(settings: Settings, prefix: str) -> int:
@@ -568,7 +582,8 @@ def three_coordinators_one_killed(settings: Settings) -> Story:
     left = _prepared_with(settings, f"{victim}.")
     story.expect(
         code == -9 and left >= 1,
-        f"{victim} was killed (exit {code}) with {left} branches still prepared",
+        f"{victim} was killed (exit {code}) with {left} branches still prepared"
+        + ("" if code == -9 else _last_error(victim)),
     )
     while _prepared_with(settings, f"{victim}.") and time.monotonic() - killed < 30:
         time.sleep(0.1)
@@ -582,7 +597,8 @@ def three_coordinators_one_killed(settings: Settings) -> Story:
         if ident == victim:
             continue
         code = workers[ident].wait(timeout=300)
-        story.expect(code == 0, f"{ident} finished its transfers (exit {code})")
+        why = "" if code == 0 else _last_error(ident)
+        story.expect(code == 0, f"{ident} finished its transfers (exit {code}){why}")
     after = gather_evidence(settings)
     new_violations = set(after.atomicity_violations) - set(before.atomicity_violations)
     story.expect(
@@ -596,6 +612,8 @@ def three_coordinators_one_killed(settings: Settings) -> Story:
     )
     leftover = sum(_prepared_with(settings, f"{ident}.") for ident in PEER_WORKERS)
     story.expect(leftover == 0, f"pg_prepared_xacts: {leftover} branches of the workers left")
+    for ident in PEER_WORKERS:
+        _stderr_of(ident).unlink(missing_ok=True)
     return story
 
 
