@@ -59,6 +59,7 @@ def stats_of(
         "committed": committed,
         "aborted": outcomes[Outcome.ABORTED],
         "in_doubt": outcomes[Outcome.IN_DOUBT],
+        "heuristic_mixed": outcomes[Outcome.HEURISTIC_MIXED],
         "forced_log_writes": forced_writes,
         "forced_log_writes_per_commit": forced_writes / committed if committed else 0.0,
         "business_messages": messages["business"],

@@ -205,7 +205,8 @@ def test_the_async_block_rolls_back_with_a_heuristic_outcome(
 @pytest.mark.parametrize("api", ["sync", "asyncio"])
 def test_a_branch_failed_with_heuristic_mixed_makes_the_outcome_heuristic(api: str) -> None:
     """The driver turns an abort whose branch failed with HeuristicMixed into
-    HEURISTIC_MIXED naming that participant; the other branches are rolled back."""
+    HEURISTIC_MIXED naming that participant, counted apart from aborts; the other branches
+    are rolled back."""
     a, b = FakeResource("a"), FakeResource("b")
     if api == "sync":
         coordinator: Any = Coordinator("vote-fake", MemoryDecisionLog(), [a, b])
@@ -224,6 +225,8 @@ def test_a_branch_failed_with_heuristic_mixed_makes_the_outcome_heuristic(api: s
         assert tx.commit() is Outcome.HEURISTIC_MIXED
         assert tx.heuristic == ("a",) and "participant 'a'" in tx.reason
         assert tx.gtrid in b.store.rolled_back and not b.store.committed
+        stats = coordinator.stats()
+        assert (stats["heuristic_mixed"], stats["aborted"]) == (1, 0)
     finally:
         if portal is None:
             coordinator.close()

@@ -385,6 +385,11 @@ def _print_batch(output: dict[str, Any]) -> None:
         f"{output['aborted']} aborted, {output['in_doubt']} in doubt "
         f"in {output['seconds']:.2f} s ({output['throughput_per_s']}/s)"
     )
+    if output.get("heuristic_mixed"):
+        console.print(
+            f"[red]{output['heuristic_mixed']} heuristic-mixed[/]: a branch's work committed "
+            "on its own (see abort reasons)"
+        )
     if lat:
         console.print("latency ms: " + ", ".join(f"{k} {v:.2f}" for k, v in lat.items()))
     if output.get("abort_reasons"):

@@ -13,6 +13,7 @@ from coordinator.errors import (
     ConfigurationError,
     CrashInjected,
     DecisionLogError,
+    HeuristicMixed,
     ParticipantError,
     TransactionAborted,
     TransactionInDoubt,
@@ -66,6 +67,8 @@ def transfer_2pc(coordinator: Coordinator, transfer: Transfer) -> tuple[Outcome,
     except TransactionInDoubt as exc:
         _stop_on_log_failure(tx.log_failure, transfer, Outcome.IN_DOUBT)
         return Outcome.IN_DOUBT, exc.reason
+    except HeuristicMixed as exc:  # a branch's work committed on its own: not an abort
+        return Outcome.HEURISTIC_MIXED, str(exc)
     except ParticipantError as exc:  # raised during the work: everything was rolled back
         return Outcome.ABORTED, str(exc)
     _stop_on_log_failure(tx.log_failure, transfer, Outcome.COMMITTED)

@@ -40,6 +40,7 @@ class BatchResult:
             "committed": self.outcomes["committed"],
             "aborted": self.outcomes["aborted"],
             "in_doubt": self.outcomes["in-doubt"],
+            "heuristic_mixed": self.outcomes["heuristic-mixed"],
             "seconds": round(self.seconds, 3),
             "throughput_per_s": round(self.outcomes["committed"] / self.seconds, 1)
             if self.seconds
