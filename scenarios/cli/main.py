@@ -19,6 +19,7 @@ from scenarios.cli import log as cli_log
 from scenarios.cli import outbox as cli_outbox
 from scenarios.cli import torture as cli_torture
 from scenarios.cli.errors import EXIT_IN_DOUBT, EXIT_RUNTIME_ERROR, explain
+from scenarios.cli.stopping import finish_run, stop_on_signals
 from scenarios.config import home_dir
 from scenarios.log_setup import configure as configure_logging
 
@@ -319,38 +320,46 @@ def transfer(
     settings = _settings()
     if concurrency < 1:
         raise click.BadParameter("must be at least 1", param_hint="--concurrency")
-    if do_reset:
-        accounts = accounts or DEFAULT_ACCOUNTS
-        recover_and_reset(settings, accounts=accounts, balance=balance)
-        if not as_json:
-            console.print(f"reset: {accounts} accounts of {balance} in A and in B, queue empty")
-    output: dict[str, Any] = {"strategy": strategy}
-    if count:
-        accounts = _plan_accounts(settings, accounts)
-        transfers = plan(count, accounts=accounts, seed=seed)
-        metrics = cli_outbox.serve_metrics(settings)  # a long run is watched like a worker
-        try:
-            output = run_transfers(
-                settings,
-                strategy,
-                transfers,
-                concurrency=concurrency,
-                check=check,
-                converge_timeout=converge_timeout,
-                pipeline_here=not no_pipeline,
-                consumer=consumer_mode,
-            )
-        finally:
-            if metrics is not None:
-                metrics.close()
-    if as_json:
-        click.echo(json.dumps(output, indent=2))
-    elif count:
-        _print_batch(output)
+    with stop_on_signals() as stop:
+        if do_reset:
+            accounts = accounts or DEFAULT_ACCOUNTS
+            recover_and_reset(settings, accounts=accounts, balance=balance)
+            if not as_json:
+                console.print(f"reset: {accounts} accounts of {balance} in A and in B, queue empty")
+        output: dict[str, Any] = {"strategy": strategy}
+        if count and not stop.is_set():
+            accounts = _plan_accounts(settings, accounts)
+            transfers = plan(count, accounts=accounts, seed=seed)
+            metrics = cli_outbox.serve_metrics(settings)  # a long run is watched like a worker
+            try:
+                output = run_transfers(
+                    settings,
+                    strategy,
+                    transfers,
+                    concurrency=concurrency,
+                    check=check,
+                    converge_timeout=converge_timeout,
+                    pipeline_here=not no_pipeline,
+                    consumer=consumer_mode,
+                    stop=stop,
+                )
+            finally:
+                if metrics is not None:
+                    metrics.close()
+        if stop.is_set():
+            output["stopped"] = stop.describe()
+
+        def summary() -> None:
+            if as_json:
+                click.echo(json.dumps(output, indent=2))
+            elif "committed" in output:
+                _print_batch(output)
+
+        finish_run(stop, summary)
     if count and output.get("convergence_error"):
         click.echo(f"twopc: error: {output['convergence_error']}", err=True)
         sys.exit(1)
-    if check and count and not output["invariants"]["ok"]:
+    if count and output.get("invariants") and not output["invariants"]["ok"]:
         sys.exit(1)
 
 
@@ -380,6 +389,13 @@ def _print_batch(output: dict[str, Any]) -> None:
         console.print("latency ms: " + ", ".join(f"{k} {v:.2f}" for k, v in lat.items()))
     if output.get("abort_reasons"):
         console.print(f"abort reasons: {output['abort_reasons']}")
+    if output.get("stopped"):
+        console.print(
+            f"{output['stopped']}: the transfers in hand finished, "
+            f"{output.get('not_started', 0)} not started"
+        )
+    if output.get("checks_skipped"):
+        console.print(f"checks skipped: {output['checks_skipped']}")
     inv = output.get("invariants")
     if inv:
         verdict = "[green]all hold[/]" if inv["ok"] else "[red]VIOLATED[/]"

@@ -10,6 +10,7 @@ runs.
 
 from __future__ import annotations
 
+import threading
 from collections.abc import Callable, Sequence
 from typing import Any
 
@@ -100,6 +101,7 @@ def run_transfers(
     converge_timeout: float = 120.0,
     pipeline_here: bool = True,
     consumer: str = "inbox",
+    stop: threading.Event | None = None,
 ) -> dict[str, Any]:
     """Run ``transfers`` with strategy ``name``; the result as ``twopc transfer`` prints it.
 
@@ -113,6 +115,10 @@ def run_transfers(
     elsewhere (``twopc relay``, ``twopc consumer --mode <consumer>``) and the checks
     wait up to ``converge_timeout`` for the convergence they bring about; if it does
     not come, ``convergence_error`` says what is missing and what to start.
+
+    ``stop`` set (SIGTERM, SIGINT: scenarios.cli.stopping): the transfers in hand
+    finish, no more start (``not_started``), B's convergence is not waited for,
+    and an asynchronous strategy's checks are left out (``checks_skipped``).
     """
     from scenarios.outbox import pipeline
 
@@ -123,7 +129,7 @@ def run_transfers(
         running = pipeline.for_strategy(settings, strategy).start()
     output: dict[str, Any] = {"strategy": name}
     try:
-        result = run_batch(transfers, strategy.run_one, concurrency=concurrency)
+        result = run_batch(transfers, strategy.run_one, concurrency=concurrency, stop=stop)
         output.update(result.as_dict())
         drain = getattr(strategy, "drain", None)
         if drain is not None:  # the pool's work, the caller did not wait for
@@ -144,23 +150,31 @@ def run_transfers(
                 timeout=converge_timeout,
                 check=running.check if running is not None else None,
                 consumer=consumer,
+                stop=stop,
             )
             latencies = pipeline.convergence_latencies(settings, strategy.committed_at, consumer)
             output["convergence_ms"] = percentiles(list(latencies.values()))
             output["not_converged"] = len(missing)
-            if missing and running is None:
+            if missing and running is None and not stopped(stop):
                 output["convergence_error"] = (
                     f"{len(missing)} of {len(ids)} transfers (e.g. {min(missing)}) were not "
                     f"credited in B within {converge_timeout:g} s: with --no-pipeline, run "
                     f"{converge_commands(strategy, consumer)} elsewhere"
                 )
-            if running is not None and running.fanout:
+            if running is not None and running.fanout and not stopped(stop):
                 output["fanout"] = fanout_report(settings, strategy.committed_at, running)
     finally:
         if running is not None:
             running.stop()
         strategy.close()
-    if check:
-        inbox = strategy.relay_mode is not None
+    inbox = strategy.relay_mode is not None
+    if check and inbox and stopped(stop):
+        output["checks_skipped"] = "the run was stopped before B converged"
+    elif check:
         output["invariants"] = gather_evidence(settings, inbox=inbox, consumer=consumer).as_dict()
     return output
+
+
+def stopped(stop: threading.Event | None) -> bool:
+    """True once the run was told to stop."""
+    return stop is not None and stop.is_set()

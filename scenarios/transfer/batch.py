@@ -26,6 +26,7 @@ class BatchResult:
     latencies_ms: list[float] = field(default_factory=list)  # committed transfers only
     reasons: Counter[str] = field(default_factory=Counter)
     seconds: float = 0.0
+    not_started: int = 0  # transfers left when the run was stopped
 
     def percentiles(self) -> dict[str, float]:
         return percentiles(self.latencies_ms)
@@ -41,6 +42,7 @@ class BatchResult:
             else 0.0,
             "latency_ms": self.percentiles(),
             "abort_reasons": dict(self.reasons.most_common(5)),
+            "not_started": self.not_started,
         }
 
 
@@ -68,21 +70,28 @@ def run_batch(
     *,
     concurrency: int,
     on_done: Callable[[], None] | None = None,
+    stop: threading.Event | None = None,
 ) -> BatchResult:
     """Run ``transfers`` on ``concurrency`` threads; collect outcomes and latencies.
 
     ``run_one`` returns an outcome; if it raises instead, the other threads finish
     the transfer in hand and take no more, and BatchFailed names the transfer.
+    Once ``stop`` is set the threads likewise finish the transfer in hand (it
+    commits or rolls back) and take no more; ``not_started`` counts the rest.
     """
     result = BatchResult()
     lock = threading.Lock()
     cursor = iter(transfers)
+    started_count = 0
     failures: list[BatchFailed] = []
 
     def worker() -> None:
+        nonlocal started_count
         while True:
             with lock:
-                transfer = None if failures else next(cursor, None)
+                stopped = bool(failures) or (stop is not None and stop.is_set())
+                transfer = None if stopped else next(cursor, None)
+                started_count += transfer is not None
             if transfer is None:
                 return
             start = time.perf_counter()
@@ -112,6 +121,7 @@ def run_batch(
     for thread in threads:
         thread.join()
     result.seconds = time.perf_counter() - started
+    result.not_started = len(transfers) - started_count
     if failures:
         raise failures[0]
     return result
