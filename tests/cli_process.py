@@ -71,6 +71,4 @@ def prepared_left(*dsns: str) -> int:
 
 def lock_waiters(dsn: str) -> int:
     """Sessions of ``dsn``'s server waiting for a row lock."""
-    return count_rows(
-        dsn, "SELECT count(*) FROM pg_stat_activity WHERE wait_event_type = 'Lock'"
-    )
+    return count_rows(dsn, "SELECT count(*) FROM pg_stat_activity WHERE wait_event_type = 'Lock'")

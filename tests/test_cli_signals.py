@@ -66,9 +66,7 @@ def test_a_signalled_transfer_finishes_the_transfers_in_hand_and_prints_its_summ
     signum: signal.Signals,
 ) -> None:
     """The transfers in flight commit, no others start, the summary prints, exit 128+signal."""
-    run = Running(
-        env, tmp_path, "transfer", "--count", "1000", "--concurrency", str(CONCURRENCY)
-    )
+    run = Running(env, tmp_path, "transfer", "--count", "1000", "--concurrency", str(CONCURRENCY))
     in_flight(settings, run)
     run.signal(signum)
     run.wait_for(lambda: told_to_stop(run), "the child's word that it is stopping")
@@ -88,9 +86,7 @@ def test_a_second_signal_stops_the_transfer_at_once(
     settings: Settings, env: dict[str, str], tmp_path: Path, accounts_locked: psycopg.Connection
 ) -> None:
     """A second SIGTERM while transfers are still in hand ends the process at once with 143."""
-    run = Running(
-        env, tmp_path, "transfer", "--count", "1000", "--concurrency", str(CONCURRENCY)
-    )
+    run = Running(env, tmp_path, "transfer", "--count", "1000", "--concurrency", str(CONCURRENCY))
     in_flight(settings, run)
     run.signal(signal.SIGTERM)
     run.wait_for(lambda: told_to_stop(run), "the child's word that it is stopping")
@@ -129,4 +125,70 @@ def test_a_signalled_outbox_transfer_stops_its_pipeline_and_skips_the_checks(
     assert "checks skipped: the run was stopped before B converged" in run.stdout, run.stdout
     assert "twopc: stopped by SIGTERM" in run.stderr, run.stderr
     assert "Traceback" not in run.stderr, run.stderr
+    assert prepared_left(settings.pg_a, settings.pg_b) == 0
+
+
+def test_a_signalled_scenario_run_finishes_the_scenario_in_hand_and_stops(
+    settings: Settings, env: dict[str, str], tmp_path: Path
+) -> None:
+    """'twopc scenario run all' stops after the scenario in hand, says how many ran, exits 143."""
+    run = Running(env, tmp_path, "scenario", "run", "all")
+    run.wait_for(lambda: "happy" in run.stdout, "the first scenario's verdict")
+    run.signal(signal.SIGTERM)
+    status = run.finish()
+    assert status == 143, run.stdout + run.stderr
+    assert "scenarios run" in run.stdout, run.stdout
+    assert "twopc: stopped by SIGTERM" in run.stderr, run.stderr
+    assert "Traceback" not in run.stderr, run.stderr
+    assert prepared_left(settings.pg_a, settings.pg_b) == 0
+
+
+def test_a_signalled_torture_finishes_the_schedule_in_hand_and_prints_its_table(
+    settings: Settings, env: dict[str, str], tmp_path: Path
+) -> None:
+    """'twopc torture' ends the schedule in hand (with recovery), prints its table, exits 143."""
+    results = tmp_path / "results.jsonl"
+    run = Running(
+        env,
+        tmp_path,
+        "torture",
+        "--no-matrix",
+        "--schedules",
+        "20",
+        "--count",
+        "20",
+        "--concurrency",
+        "2",
+        "--accounts",
+        "100",
+        "--results",
+        str(results),
+    )
+    run.wait_for(lambda: results.exists() and results.read_text().strip() != "", "a schedule")
+    run.signal(signal.SIGTERM)
+    status = run.finish(timeout=300)
+    assert status == 143, run.stdout + run.stderr
+    assert "twopc torture" in run.stdout, run.stdout
+    assert "twopc: stopped by SIGTERM" in run.stderr, run.stderr
+    assert "Traceback" not in run.stderr, run.stderr
+    assert len(results.read_text().splitlines()) < 20
+    assert prepared_left(settings.pg_a, settings.pg_b) == 0
+
+
+def test_a_signalled_bench_finishes_the_operations_in_hand_and_writes_no_report(
+    settings: Settings, env: dict[str, str], tmp_path: Path
+) -> None:
+    """'twopc bench --quick' stops once its transfers in hand end: no report, exit 143."""
+    out = tmp_path / "report"
+    run = Running(env, tmp_path, "bench", "--quick", "--out", str(out))
+    run.wait_for(
+        lambda: count_rows(settings.pg_a, "SELECT count(*) FROM transfers") >= 20,
+        "the benchmark's transfers in A",
+    )
+    run.signal(signal.SIGTERM)
+    status = run.finish()
+    assert status == 143, run.stdout + run.stderr
+    assert "twopc: stopped by SIGTERM" in run.stderr, run.stderr
+    assert "Traceback" not in run.stderr, run.stderr
+    assert not (out / "report.md").exists()
     assert prepared_left(settings.pg_a, settings.pg_b) == 0

@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import shlex
 import sys
+import threading
 from typing import Any
 
 import click
@@ -19,7 +20,7 @@ from scenarios.cli import log as cli_log
 from scenarios.cli import outbox as cli_outbox
 from scenarios.cli import torture as cli_torture
 from scenarios.cli.errors import EXIT_IN_DOUBT, EXIT_RUNTIME_ERROR, explain
-from scenarios.cli.stopping import finish_run, stop_on_signals
+from scenarios.cli.stopping import RunStopped, exit_stopped, finish_run, stop_on_signals
 from scenarios.config import home_dir
 from scenarios.log_setup import configure as configure_logging
 
@@ -30,12 +31,16 @@ class TwopcGroup(click.Group):
     """Turns what a user can cause into one clear line and exit status 1, not a traceback.
 
     Usage errors stay click's (exit status 2); scenarios.cli.errors says which
-    errors are the user's and words them.
+    errors are the user's and words them. A run that gave up at a checkpoint
+    after SIGTERM or SIGINT says so and exits 128 + the signal
+    (scenarios.cli.stopping).
     """
 
     def invoke(self, ctx: click.Context) -> Any:
         try:
             return super().invoke(ctx)
+        except RunStopped as stopped:  # work that gave up at a checkpoint: no summary to print
+            exit_stopped(stopped.stop)
         except (click.exceptions.ClickException, click.exceptions.Exit, click.exceptions.Abort):
             raise
         except Exception as exc:
@@ -437,16 +442,36 @@ def _run_story(name: str) -> bool:
 @scenario.command("run")
 @click.argument("name")
 def scenario_run(name: str) -> None:
-    """Run scenario NAME ('all' runs every one)."""
+    """Run scenario NAME ('all' runs every one).
+
+    SIGTERM or SIGINT: the scenario in hand runs to its end, no other starts,
+    exit 143/130.
+    """
     from scenarios.transfer.stories import STORIES
 
     names = list(STORIES) if name == "all" else [name]
     unknown = [n for n in names if n not in STORIES]
     if unknown:
         raise click.BadParameter(f"unknown scenario {unknown[0]!r}; see 'twopc scenario list'")
-    results = [_run_story(n) for n in names]
-    if not all(results):
+    with stop_on_signals() as stop:
+        results = _run_stories(names, stop)
+
+        def summary() -> None:
+            console.print(f"{len(results)} of {len(names)} scenarios run")
+
+        finish_run(stop, summary if stop.is_set() else None)
+    if not all(results.values()):
         sys.exit(1)
+
+
+def _run_stories(names: list[str], stop: threading.Event) -> dict[str, bool]:
+    """Each scenario of ``names`` in turn, until ``stop``: name -> whether it kept its promise."""
+    results: dict[str, bool] = {}
+    for name in names:
+        if stop.is_set():
+            break
+        results[name] = _run_story(name)
+    return results
 
 
 @main.command()
@@ -460,35 +485,50 @@ def scenario_run(name: str) -> None:
 )
 @click.pass_context
 def demo(ctx: click.Context, count: int, concurrency: int, bench: bool) -> None:
-    """Bring the lab up, set up the schema, run the scenarios, a batch and a quick benchmark."""
+    """Bring the lab up, set up the schema, run the scenarios, a batch and a quick benchmark.
+
+    SIGTERM or SIGINT: the step in hand (a scenario, the transfers in hand of the
+    batch) finishes, the summary of what ran prints, exit 143/130.
+    """
     from scenarios.strategies import run_transfers
     from scenarios.transfer.model import plan, recover_and_reset
     from scenarios.transfer.stories import STORIES
 
-    console.rule("twopc demo: the lab")
-    _print_status(_lab().up(), False)
-    settings = _settings()
-    recover_and_reset(settings, accounts=100, balance=10_000)
-    console.print("schema reset: 100 accounts of 10000 in A and in B; the transfer queues empty")
-    console.rule("scenarios")
-    results = {name: _run_story(name) for name in STORIES}
-    console.rule(f"a batch: {count} transfers at concurrency {concurrency}")
-    # The batch is checked on its own: stories of other strategies leave transfers whose
-    # messages went elsewhere (a topic, a dead-letter queue) or, by design, were lost.
-    recover_and_reset(settings, accounts=100, balance=10_000)
-    transfers = plan(count, accounts=100, seed=1)
-    output = run_transfers(settings, "2pc", transfers, concurrency=concurrency)
-    _print_batch(output)
-    console.rule("summary")
-    for name, ok in results.items():
-        console.print(f"  {name:34} {'ok' if ok else 'FAILED'}")
-    ok = all(results.values()) and output["invariants"]["ok"]
-    console.print("[green]every promise held[/]" if ok else "[red]something failed[/]")
-    if not ok:
-        sys.exit(1)
-    if bench:
-        console.rule("twopc bench --quick: 2PC against the outbox, CDC and naive dual write")
-        ctx.invoke(cli_bench.bench, quick=True)
+    with stop_on_signals() as stop:
+        console.rule("twopc demo: the lab")
+        _print_status(_lab().up(), False)
+        settings = _settings()
+        recover_and_reset(settings, accounts=100, balance=10_000)
+        console.print(
+            "schema reset: 100 accounts of 10000 in A and in B; the transfer queues empty"
+        )
+        console.rule("scenarios")
+        results = _run_stories(list(STORIES), stop)
+        output: dict[str, Any] = {}
+        if not stop.is_set():
+            console.rule(f"a batch: {count} transfers at concurrency {concurrency}")
+            # The batch is checked on its own: stories of other strategies leave transfers
+            # whose messages went elsewhere (a topic, a dead-letter queue) or, by design,
+            # were lost.
+            recover_and_reset(settings, accounts=100, balance=10_000)
+            transfers = plan(count, accounts=100, seed=1)
+            output = run_transfers(settings, "2pc", transfers, concurrency=concurrency, stop=stop)
+            _print_batch(output)
+        ok = all(results.values()) and output.get("invariants", {}).get("ok", False)
+
+        def summary() -> None:
+            console.rule("summary")
+            for name, story_ok in results.items():
+                console.print(f"  {name:34} {'ok' if story_ok else 'FAILED'}")
+            if stop.is_set():
+                console.print(f"{len(results)} of {len(STORIES)} scenarios run")
+            else:
+                console.print("[green]every promise held[/]" if ok else "[red]something failed[/]")
+
+        finish_run(stop, summary, status=0 if ok else 1)
+        if bench:
+            console.rule("twopc bench --quick: 2PC against the outbox, CDC and naive dual write")
+            ctx.invoke(cli_bench.bench, quick=True)
 
 
 # -- the commands of the other cli modules -------------------------------------

@@ -6,7 +6,12 @@ One mechanism for every command that runs until it is done or told to stop
 
     with stop_on_signals() as stop:       # a RunStop: a threading.Event with a reason
         work(stop)                        # takes no new work once stop is set
-    finish_run(stop, print_summary)       # the summary, one line, the exit status
+        finish_run(stop, print_summary)   # the summary, one line, the exit status
+
+Work that is not handed the stop (a benchmark's measuring threads) asks
+:func:`stop_requested` between operations and calls :func:`checkpoint` where
+it can give up: that raises :class:`RunStopped`, which ``twopc`` turns into
+the same line and exit status (scenarios.cli.main.TwopcGroup).
 
 The first SIGTERM or SIGINT sets the stop: the work in hand finishes (a
 transaction commits or rolls back; nothing of the run stays prepared), no new
@@ -88,6 +93,29 @@ class RunStop(threading.Event):
         return self.reason if self.error else f"stopped by {self.reason}"
 
 
+class RunStopped(BaseException):  # like KeyboardInterrupt: past any `except Exception`
+    """Raised by :func:`checkpoint` once the run was told to stop: the work gives up here."""
+
+    def __init__(self, stop: RunStop) -> None:
+        super().__init__(stop.describe())
+        self.stop = stop
+
+
+#: The stop of the command running in this process (set inside stop_on_signals).
+_current: RunStop | None = None
+
+
+def stop_requested() -> bool:
+    """True once the running command was told to stop (a signal or a fatal error)."""
+    return _current is not None and _current.is_set()
+
+
+def checkpoint() -> None:
+    """Raise RunStopped if the running command was told to stop; a place to give up safely."""
+    if _current is not None and _current.is_set():
+        raise RunStopped(_current)
+
+
 @contextmanager
 def stop_on_signals(stop: RunStop | None = None) -> Iterator[RunStop]:
     """SIGTERM and SIGINT set ``stop`` (a new RunStop by default) while the block runs.
@@ -97,6 +125,7 @@ def stop_on_signals(stop: RunStop | None = None) -> Iterator[RunStop]:
     can install handlers; elsewhere (a test calling the command in a thread)
     the stop is returned without them.
     """
+    global _current
     stop = stop if stop is not None else RunStop()
     if threading.current_thread() is not threading.main_thread():
         yield stop
@@ -114,9 +143,11 @@ def stop_on_signals(stop: RunStop | None = None) -> Iterator[RunStop]:
         os._exit(signal_status(signum))
 
     previous = {signum: signal.signal(signum, handler) for signum in STOP_SIGNALS}
+    outer, _current = _current, stop
     try:
         yield stop
     finally:
+        _current = outer
         for signum, old in previous.items():
             signal.signal(signum, old)
 
