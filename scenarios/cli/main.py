@@ -319,7 +319,7 @@ def transfer(
     converge_timeout: float,
 ) -> None:
     """Run transfers: debit A, credit B, announce on /queue/transfers.completed — atomically."""
-    from scenarios.strategies import run_transfers
+    from scenarios.strategies import RunFailed, run_transfers
     from scenarios.transfer.model import DEFAULT_ACCOUNTS, plan, recover_and_reset
 
     settings = _settings()
@@ -348,11 +348,14 @@ def transfer(
                     consumer=consumer_mode,
                     stop=stop,
                 )
+            except RunFailed as failed:  # the results so far print, then the one line
+                output = failed.output
+                stop.fail(_explained(failed.__cause__ or failed))
             finally:
                 if metrics is not None:
                     metrics.close()
         if stop.is_set():
-            output["stopped"] = stop.describe()
+            output["error" if stop.error else "stopped"] = stop.describe()
 
         def summary() -> None:
             if as_json:
@@ -366,6 +369,14 @@ def transfer(
         sys.exit(1)
     if count and output.get("invariants") and not output["invariants"]["ok"]:
         sys.exit(1)
+
+
+def _explained(exc: BaseException) -> str:
+    """The one line for ``exc`` (scenarios.cli.errors); a bug is raised again (a traceback)."""
+    message = explain(exc)
+    if message is None:
+        raise exc
+    return message
 
 
 def _plan_accounts(settings: Any, given: int | None) -> int:

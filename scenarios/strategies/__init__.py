@@ -14,7 +14,7 @@ import threading
 from collections.abc import Callable, Sequence
 from typing import Any
 
-from coordinator.errors import ConfigurationError
+from coordinator.errors import ConfigurationError, TwoPhaseCommitError
 from scenarios.config import Settings
 from scenarios.strategies.base import Strategy
 from scenarios.strategies.batch import BatchStrategy
@@ -27,7 +27,25 @@ from scenarios.transfer.batch import percentiles, run_batch
 from scenarios.transfer.invariants import gather_evidence
 from scenarios.transfer.model import Transfer
 
-__all__ = ["STRATEGIES", "Strategy", "TwoPhaseCommitStrategy", "new_strategy", "run_transfers"]
+__all__ = [
+    "STRATEGIES",
+    "RunFailed",
+    "Strategy",
+    "TwoPhaseCommitStrategy",
+    "new_strategy",
+    "run_transfers",
+]
+
+
+class RunFailed(TwoPhaseCommitError):
+    """The transfers ran, then what followed (convergence, the checks) raised: its cause.
+
+    ``output`` holds the results gathered so far, for the command to print.
+    """
+
+    def __init__(self, output: dict[str, Any]) -> None:
+        super().__init__("the run's checks failed")
+        self.output = output
 
 
 STRATEGIES: dict[str, Callable[[], Strategy]] = {
@@ -163,6 +181,10 @@ def run_transfers(
                 )
             if running is not None and running.fanout and not stopped(stop):
                 output["fanout"] = fanout_report(settings, strategy.committed_at, running)
+    except Exception as exc:
+        if "committed" not in output:  # the transfers themselves did not run
+            raise
+        raise RunFailed(output) from exc
     finally:
         if running is not None:
             running.stop()
@@ -171,7 +193,11 @@ def run_transfers(
     if check and inbox and stopped(stop):
         output["checks_skipped"] = "the run was stopped before B converged"
     elif check:
-        output["invariants"] = gather_evidence(settings, inbox=inbox, consumer=consumer).as_dict()
+        try:
+            evidence = gather_evidence(settings, inbox=inbox, consumer=consumer)
+        except Exception as exc:
+            raise RunFailed(output) from exc
+        output["invariants"] = evidence.as_dict()
     return output
 
 

@@ -17,6 +17,10 @@ from scenarios.transfer.model import Transfer
 class BatchFailed(TwoPhaseCommitError):
     """A transfer of the batch raised instead of returning an outcome; the batch stopped."""
 
+    def __init__(self, message: str, *, transfer_id: str = "") -> None:
+        super().__init__(message)
+        self.transfer_id = transfer_id
+
 
 @dataclass
 class BatchResult:
@@ -99,7 +103,10 @@ def run_batch(
                 outcome, reason = run_one(transfer)
             except Exception as exc:  # raised in the caller's thread, not lost with this one
                 error = " ".join(f"{type(exc).__name__}: {exc}".split())
-                failed = BatchFailed(f"transfer {transfer.transfer_id} raised {error}")
+                failed = BatchFailed(
+                    f"transfer {transfer.transfer_id} raised {error}",
+                    transfer_id=transfer.transfer_id,
+                )
                 failed.__cause__ = exc
                 with lock:
                     failures.append(failed)

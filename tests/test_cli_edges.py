@@ -1,0 +1,87 @@
+"""The CLI's smaller edges: what a run that meets a broken lab says and prints.
+
+A dropped table mid-way, a database that stops answering, a CA file that is not
+PEM, ``--no-check`` with ``--no-pipeline``: each reaches the user as the run's
+results (when there are any) and one line naming the setting and what to do.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Iterator
+from pathlib import Path
+
+import psycopg
+import pytest
+
+from scenarios.config import Settings
+from scenarios.lab.proxy import FaultProxy
+from scenarios.transfer.model import recover_and_reset
+from tests.cli_process import Running, count_rows
+from tests.test_cli_errors import RESET_HINT, assert_one_line_error, twopc
+
+pytestmark = pytest.mark.lab
+
+
+@pytest.fixture
+def env(settings: Settings, tmp_path: Path) -> Iterator[dict[str, str]]:
+    """The lab's settings, a state folder of the test's own; tables reset before and after."""
+    recover_and_reset(settings, accounts=100, balance=10_000)
+    home = tmp_path / "home"
+    home.mkdir(mode=0o700)
+    base = {k: v for k, v in os.environ.items() if k != "TWOPC_LOG_LEVEL"}
+    yield {**base, **settings.as_env(), "TWOPC_HOME": str(home), "PYTHONUNBUFFERED": "1"}
+    recover_and_reset(settings, accounts=100, balance=10_000)
+
+
+def test_a_transfer_that_meets_a_dropped_table_says_to_reset(
+    settings: Settings, env: dict[str, str]
+) -> None:
+    """A table dropped after the command's own check: one line naming the database and the reset."""
+    with psycopg.connect(settings.pg_a, autocommit=True) as conn:
+        conn.execute("DROP TABLE transfers")
+    done = twopc(env, "transfer", "--count", "5", "--accounts", "100")
+    assert_one_line_error(done, 1, "database a", "TWOPC_PG_A", "transfers", RESET_HINT)
+
+
+@pytest.fixture
+def b_through_proxy(
+    settings: Settings, env: dict[str, str]
+) -> Iterator[tuple[FaultProxy, dict[str, str]]]:
+    """A fault proxy in front of database B, and ``env`` pointing TWOPC_PG_B at it."""
+    info = psycopg.conninfo.conninfo_to_dict(settings.pg_b)
+    with FaultProxy(f"{info['host']}:{info['port']}", name="pg-b") as proxy:
+        dsn = psycopg.conninfo.make_conninfo(
+            settings.pg_b, host="127.0.0.1", port=proxy.port, connect_timeout=2
+        )
+        yield proxy, {**env, "TWOPC_PG_B": dsn}
+        proxy.heal(reset=True)
+
+
+def test_a_database_that_stops_answering_names_it_and_the_run_still_prints_its_results(
+    settings: Settings, b_through_proxy: tuple[FaultProxy, dict[str, str]], tmp_path: Path
+) -> None:
+    """B blackholed mid-run: the batch's results print, then one line naming B and its setting."""
+    proxy, env = b_through_proxy
+    run = Running(
+        env,
+        tmp_path,
+        "transfer",
+        "--strategy",
+        "outbox-status",
+        "--no-pipeline",
+        "--count",
+        "100",
+        "--concurrency",
+        "2",
+    )
+    run.wait_for(lambda: count_rows(settings.pg_a, "SELECT count(*) FROM outbox") >= 1, "A rows")
+    proxy.blackhole()  # the writers only use A from here; the checks must reach B
+    status = run.finish()
+    assert status == 1, run.stdout + run.stderr
+    assert "outbox-status: 100 committed" in run.stdout, run.stdout
+    lines = [line for line in run.stderr.splitlines() if line.startswith("twopc: error: ")]
+    assert len(lines) == 1, run.stderr
+    for word in ("cannot connect to database b", "TWOPC_PG_B", "timeout", "twopc lab up"):
+        assert word in lines[0], lines[0]
+    assert "Traceback" not in run.stderr, run.stderr
