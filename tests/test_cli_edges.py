@@ -7,6 +7,7 @@ results (when there are any) and one line naming the setting and what to do.
 
 from __future__ import annotations
 
+import asyncio
 import os
 from collections.abc import Iterator
 from pathlib import Path
@@ -14,8 +15,12 @@ from pathlib import Path
 import psycopg
 import pytest
 
+from coordinator.errors import ConfigurationError
+from participants.aio.stomp import AsyncStompClient
+from participants.stomp_client import StompClient
 from scenarios.config import Settings
 from scenarios.lab.proxy import FaultProxy
+from scenarios.lab.services import Lab
 from scenarios.transfer.model import recover_and_reset
 from tests.cli_process import Running, count_rows
 from tests.test_cli_errors import RESET_HINT, assert_one_line_error, twopc
@@ -85,3 +90,48 @@ def test_a_database_that_stops_answering_names_it_and_the_run_still_prints_its_r
     for word in ("cannot connect to database b", "TWOPC_PG_B", "timeout", "twopc lab up"):
         assert word in lines[0], lines[0]
     assert "Traceback" not in run.stderr, run.stderr
+
+
+# -- a certificate file that is not PEM -------------------------------------------------------
+
+
+NOT_PEM_WORDS = ("TWOPC_STOMP_CA=", "no certificate in PEM", "twopc lab env")
+
+
+@pytest.fixture
+def not_pem(tmp_path: Path) -> str:
+    """A file that exists but holds no certificate."""
+    path = tmp_path / "not-a-certificate.pem"
+    path.write_text("this is not a certificate\n")
+    return str(path)
+
+
+def test_a_ca_file_that_is_not_pem_stops_the_cli_with_one_line_naming_the_setting(
+    env: dict[str, str], lab: Lab, not_pem: str
+) -> None:
+    """TWOPC_STOMP_CA pointing at a non-PEM file: exit 1, one line naming the setting."""
+    tls = {
+        "TWOPC_STOMP": f"127.0.0.1:{lab.ports.stomp_tls}",
+        "TWOPC_STOMP_TLS": "1",
+        "TWOPC_STOMP_CA": not_pem,
+    }
+    done = twopc({**env, **tls}, "transfer", "--count", "1", "--accounts", "100")
+    assert_one_line_error(done, 1, *NOT_PEM_WORDS)
+
+
+def test_a_ca_file_that_is_not_pem_is_a_configuration_error_in_the_sync_and_asyncio_clients(
+    lab: Lab, not_pem: str
+) -> None:
+    """StompClient and AsyncStompClient refuse a non-PEM CA file naming TWOPC_STOMP_CA."""
+    address = f"127.0.0.1:{lab.ports.stomp_tls}"
+    with pytest.raises(ConfigurationError) as sync_error:
+        StompClient.open(address, tls=True, ca_file=not_pem, connect_timeout=2.0)
+
+    async def open_async() -> None:
+        await AsyncStompClient.open(address, tls=True, ca_file=not_pem, connect_timeout=2.0)
+
+    with pytest.raises(ConfigurationError) as async_error:
+        asyncio.run(open_async())
+    for error in (sync_error, async_error):
+        for word in NOT_PEM_WORDS:
+            assert word in str(error.value)
