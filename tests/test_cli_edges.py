@@ -8,6 +8,7 @@ results (when there are any) and one line naming the setting and what to do.
 from __future__ import annotations
 
 import asyncio
+import json
 import os
 from collections.abc import Iterator
 from pathlib import Path
@@ -135,3 +136,24 @@ def test_a_ca_file_that_is_not_pem_is_a_configuration_error_in_the_sync_and_asyn
     for error in (sync_error, async_error):
         for word in NOT_PEM_WORDS:
             assert word in str(error.value)
+
+
+def test_no_check_with_no_pipeline_does_not_wait_for_b(env: dict[str, str]) -> None:
+    """--no-check --no-pipeline ends once A has its writes: no wait for B, no error, exit 0."""
+    done = twopc(
+        env,
+        "transfer",
+        "--strategy",
+        "outbox-status",
+        "--no-pipeline",
+        "--no-check",
+        "--count",
+        "5",
+        "--converge-timeout",
+        "30",
+        "--json",
+    )
+    assert done.returncode == 0, done.stdout + done.stderr
+    output = json.loads(done.stdout)
+    assert output["committed"] == 5
+    assert "not_converged" not in output and "invariants" not in output

@@ -287,7 +287,7 @@ def indoubt(as_json: bool) -> None:
     is_flag=True,
     help="Only write: start no relay, consumer or batch job here (they run elsewhere: "
     "'twopc relay' and 'twopc consumer', 'twopc fanout', 'twopc batch'); the checks wait "
-    "for the convergence they bring about.",
+    "for the convergence they bring about (with --no-check nothing waits for B).",
 )
 @click.option(
     "--consumer-mode",

@@ -132,7 +132,8 @@ def run_transfers(
     ``pipeline_here`` False (``--no-pipeline``): only write; relays and consumers run
     elsewhere (``twopc relay``, ``twopc consumer --mode <consumer>``) and the checks
     wait up to ``converge_timeout`` for the convergence they bring about; if it does
-    not come, ``convergence_error`` says what is missing and what to start.
+    not come, ``convergence_error`` says what is missing and what to start. With
+    ``check`` False as well, nothing waits for B: the run ends when A has its writes.
 
     ``stop`` set (SIGTERM, SIGINT: scenarios.cli.stopping): the transfers in hand
     finish, no more start (``not_started``), B's convergence is not waited for,
@@ -160,7 +161,7 @@ def run_transfers(
             ]
             output["convergence_ms"] = percentiles(lags)
         output.update(strategy.stats())
-        if strategy.relay_mode is not None:
+        if strategy.relay_mode is not None and (check or running is not None):
             ids = set(strategy.committed_at)
             missing = pipeline.wait_converged(
                 settings,
