@@ -22,7 +22,9 @@ from participants.stomp_client import StompClient
 from scenarios.config import Settings
 from scenarios.lab.proxy import FaultProxy
 from scenarios.lab.services import Lab
-from scenarios.transfer.model import recover_and_reset
+from scenarios.outbox.deadletter import dead_letter_queue
+from scenarios.transfer.model import CREDIT_QUEUE, drain, recover_and_reset
+from scenarios.wiring import open_stomp
 from tests.cli_process import Running, count_rows
 from tests.test_cli_errors import RESET_HINT, assert_one_line_error, twopc
 
@@ -157,3 +159,25 @@ def test_no_check_with_no_pipeline_does_not_wait_for_b(env: dict[str, str]) -> N
     output = json.loads(done.stdout)
     assert output["committed"] == 5
     assert "not_converged" not in output and "invariants" not in output
+
+
+# -- browsing the dead letters ------------------------------------------------------------------
+
+
+def test_outbox_failed_leaves_no_browse_sentinel_on_the_dead_letter_queue(
+    settings: Settings, env: dict[str, str]
+) -> None:
+    """Listing the dead letters twice leaves the queue as it was: the letters, no sentinel."""
+    dlq = dead_letter_queue(CREDIT_QUEUE)
+    drain(settings, dlq)
+    with open_stomp(settings) as client:
+        client.send(dlq, "{}", {"transfer-id": "dead-1"}, receipt_timeout=5)
+    for _ in range(2):
+        listed = twopc(env, "outbox", "failed", "--json")
+        assert listed.returncode == 0, listed.stderr
+        assert [d["transfer_id"] for d in json.loads(listed.stdout)["dead_letters"]] == ["dead-1"]
+    with open_stomp(settings) as client:
+        left = client.browse(dlq)
+    assert [m.headers.get("transfer-id") for m in left] == ["dead-1"]
+    assert not any(m.is_sentinel for m in left)
+    drain(settings, dlq)
