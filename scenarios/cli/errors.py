@@ -3,9 +3,11 @@
 ``twopc`` exits 0 when the command did what it was asked, 1 on a runtime
 error (a service down, the schema missing, a wrong setting), 2 on a usage
 error (click's UsageError and BadParameter: a wrong option or argument), and
-``twopc indoubt`` exits 3 when it found something in doubt. Nothing a user
-can cause prints a traceback; a message names the database (its setting and
-host:port/dbname, never the password) and says what to run next.
+``twopc indoubt`` exits 3 when it found something in doubt; a long-running
+command stopped by SIGINT or SIGTERM exits 130 or 143 (scenarios.cli.stopping).
+Nothing a user can cause prints a traceback; a message names the database
+(its setting and host:port/dbname, never the password) and says what to run
+next.
 """
 
 from __future__ import annotations
