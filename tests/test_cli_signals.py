@@ -17,8 +17,10 @@ import psycopg
 import pytest
 
 from scenarios.config import Settings
-from scenarios.transfer.model import recover_and_reset
+from scenarios.lab.services import Lab
+from scenarios.transfer.model import CREDIT_QUEUE, drain, recover_and_reset
 from tests.cli_process import Running, count_rows, lock_waiters, prepared_left
+from tests.test_dead_letters import credit, put
 
 pytestmark = pytest.mark.lab
 
@@ -192,3 +194,39 @@ def test_a_signalled_bench_finishes_the_operations_in_hand_and_writes_no_report(
     assert "Traceback" not in run.stderr, run.stderr
     assert not (out / "report.md").exists()
     assert prepared_left(settings.pg_a, settings.pg_b) == 0
+
+
+def test_a_signalled_demo_finishes_the_scenario_in_hand_and_prints_its_summary(
+    settings: Settings, env: dict[str, str], tmp_path: Path, lab: Lab
+) -> None:
+    """'twopc demo' stops after the scenario in hand: the summary of those run, no bench, 143."""
+    demo_env = {**env, "TWOPC_HOME": str(lab.home)}  # its 'lab up' finds the running lab
+    run = Running(demo_env, tmp_path, "demo", "--count", "50")
+    run.wait_for(lambda: "happy" in run.stdout, "the first scenario's verdict")
+    run.signal(signal.SIGTERM)
+    status = run.finish()
+    assert status == 143, run.stdout + run.stderr
+    assert "summary" in run.stdout and "scenarios run" in run.stdout, run.stdout
+    assert "twopc bench" not in run.stdout, run.stdout
+    assert "twopc: stopped by SIGTERM" in run.stderr, run.stderr
+    assert "Traceback" not in run.stderr, run.stderr
+    assert prepared_left(settings.pg_a, settings.pg_b) == 0
+
+
+def test_a_signalled_2pc_consumer_ends_its_transaction_in_hand_and_exits_0(
+    settings: Settings, env: dict[str, str], tmp_path: Path
+) -> None:
+    """'twopc consumer --mode 2pc' keeps its contract: SIGTERM ends it with 0 and its counts."""
+    put(settings, CREDIT_QUEUE, [credit(f"sig-{i:04d}", "acc-00001", 1) for i in range(2000)])
+    run = Running(env, tmp_path, "consumer", "--mode", "2pc")
+    run.wait_for(
+        lambda: count_rows(settings.pg_b, "SELECT count(*) FROM transfers") >= 20,
+        "credits applied in B",
+    )
+    run.signal(signal.SIGTERM)
+    status = run.finish()
+    assert status == 0, run.stdout + run.stderr
+    assert "applied" in run.stdout, run.stdout
+    assert "Traceback" not in run.stderr, run.stderr
+    assert prepared_left(settings.pg_a, settings.pg_b) == 0
+    drain(settings, CREDIT_QUEUE)
