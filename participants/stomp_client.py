@@ -156,7 +156,14 @@ def tls_context(ca_file: str | None) -> ssl.SSLContext:
     """The client context stomp.py builds: verify the chain and the host name."""
     context = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)  # CERT_REQUIRED, check_hostname
     if ca_file:
-        context.load_verify_locations(ca_file)
+        try:
+            context.load_verify_locations(ca_file)
+        except ssl.SSLError as exc:
+            raise ConfigurationError(
+                f"TWOPC_STOMP_CA={ca_file} holds no certificate in PEM ({exc.reason or exc}): "
+                "set TWOPC_STOMP_CA to the broker's certificate in PEM (for the lab: "
+                'eval "$(twopc lab env)")'
+            ) from None
     else:
         context.load_default_certs()
     return context
@@ -386,6 +393,7 @@ class StompClient:
                     "exist: set TWOPC_STOMP_CA to the broker's certificate in PEM (for the "
                     'lab: eval "$(twopc lab env)")'
                 )
+            tls_context(ca_file)  # a file that is not PEM: ConfigurationError before connecting
             self._conn.set_ssl(for_hosts=[self._host_port], ca_certs=ca_file)
         self._conn.set_listener("twopc", _Listener(self))
         # Frames written while corked are kept and leave in one write (see corked()).

@@ -378,6 +378,14 @@ def state_folder_check(path: Path, mode: int | None, owner: int | None, uid: int
     shown = f"TWOPC_HOME={path} (mode {stat.S_IMODE(mode):04o}, owner uid {owner})"
     if not stat.S_ISDIR(mode):
         return _finding(name, f"{shown} is not a folder", "set TWOPC_HOME to a folder")
+    if mode & stat.S_ISVTX and mode & stat.S_IWOTH:  # /tmp and its like: not ours to chmod
+        return _finding(
+            name,
+            f"{shown} is a shared folder every user can create files in: another user "
+            "could put a decision log or lock there first",
+            "set TWOPC_HOME to a private folder of this user, e.g. "
+            f"mkdir -p -m 700 {path / 'twopc'} && export TWOPC_HOME={path / 'twopc'}",
+        )
     if owner != uid:
         return _finding(
             name,

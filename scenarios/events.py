@@ -62,3 +62,4 @@ SCHEDULE_FINISHED = "torture.schedule.finished"
 
 # Long-running commands (scenarios.cli).
 SHUTDOWN_REQUESTED = "shutdown.requested"
+SHUTDOWN_FORCED = "shutdown.forced"  # a second signal: the process ends at once

@@ -180,6 +180,15 @@ def test_state_folder_findings() -> None:
     assert not doctor.state_folder_check(home, folder | 0o700, 1000, 1000).failed
 
 
+@pytest.mark.parametrize("owner", [0, 1000], ids=["root's", "this user's"])
+def test_a_shared_sticky_state_folder_is_told_to_move_not_to_chmod(owner: int) -> None:
+    """TWOPC_HOME=/tmp (sticky, world-writable): advise a private folder, never chmod or chown."""
+    shared = doctor.state_folder_check(Path("/tmp"), stat.S_IFDIR | 0o1777, owner, 1000)
+    assert shared.failed
+    assert "chmod" not in shared.fix and "chown" not in shared.fix
+    assert "mkdir -p -m 700 /tmp/twopc" in shared.fix and "TWOPC_HOME=/tmp/twopc" in shared.fix
+
+
 @pytest.mark.lab
 def test_doctor_passes_on_the_lab(lab: Lab) -> None:
     """'twopc doctor' on the lab exits 0 with every check ok, the broker's XML read."""

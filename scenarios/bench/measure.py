@@ -32,6 +32,7 @@ from typing import Any, TextIO
 
 from hdrh.histogram import HdrHistogram
 
+from scenarios.cli.stopping import checkpoint, stop_requested
 from scenarios.lab import procfs
 
 #: One unit of work: called with its index, returns True when it committed.
@@ -178,6 +179,8 @@ def closed_loop(
             with lock:
                 if next_index >= limit or time.perf_counter() >= deadline or errors:
                     return
+                if stop_requested():  # SIGTERM/SIGINT: the op in hand finished
+                    return
                 index = next_index
                 next_index += 1
             if not _measure(op, index, time.perf_counter(), result, lock, errors, tick):
@@ -252,7 +255,7 @@ def open_loop(
         nonlocal next_index
         while True:
             with lock:
-                if next_index >= total or errors:
+                if next_index >= total or errors or stop_requested():
                     return
                 index = next_index
                 next_index += 1
@@ -358,6 +361,7 @@ def _run_threads(target: Callable[[], None], count: int, name: str) -> None:
         thread.start()
     for thread in threads:
         thread.join()
+    checkpoint()  # stopped: give the measurement up, its operations are done
 
 
 # -- repeated runs -------------------------------------------------------------------

@@ -15,6 +15,7 @@ from rich.markdown import Markdown
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
 from coordinator.errors import ConfigurationError
+from scenarios.cli.stopping import stop_on_signals
 
 DEFAULT_OUT = "twopc-report"
 
@@ -100,7 +101,8 @@ def bench(
     """Measure every transfer strategy (or, with --overhead, the coordinator's own cost).
 
     Runs on the lab (or whatever TWOPC_PG_A/B and TWOPC_STOMP point at) and
-    resets the scenario's tables first. Progress goes to stderr.
+    resets the scenario's tables first. Progress goes to stderr. SIGTERM or
+    SIGINT: the operations in hand finish, no report is written, exit 143/130.
     """
     from scenarios.config import Settings
 
@@ -108,25 +110,32 @@ def bench(
     settings = Settings.load()
     command = invoked_command()
     out.mkdir(parents=True, exist_ok=True)
-    if decisions:
-        result = _run_decisions(settings, quick=quick, out=out, command=command, show=not as_json)
-    elif inflight:
-        result = _run_inflight(quick=quick, out=out, command=command, show=not as_json)
-    elif consumers:
-        result = _run_consumers(settings, quick=quick, out=out, command=command, show=not as_json)
-    elif overhead:
-        result = _run_overhead(settings, quick=quick, out=out, command=command, show=not as_json)
-    else:
-        from scenarios.bench import report as strategy_report
-
-        with progress_bars() as progress:
-            result = strategy_report.run_report(
-                settings, quick=quick, out=out, command=command, progress=progress
+    with stop_on_signals():  # a measurement in hand finishes; no report is written
+        if decisions:
+            result = _run_decisions(
+                settings, quick=quick, out=out, command=command, show=not as_json
             )
-        if not as_json:
-            Console().print(f"report: {out / 'report.html'} and {out / 'report.md'}")
-    if as_json:
-        click.echo(json.dumps(result, indent=2, default=str))
+        elif inflight:
+            result = _run_inflight(quick=quick, out=out, command=command, show=not as_json)
+        elif consumers:
+            result = _run_consumers(
+                settings, quick=quick, out=out, command=command, show=not as_json
+            )
+        elif overhead:
+            result = _run_overhead(
+                settings, quick=quick, out=out, command=command, show=not as_json
+            )
+        else:
+            from scenarios.bench import report as strategy_report
+
+            with progress_bars() as progress:
+                result = strategy_report.run_report(
+                    settings, quick=quick, out=out, command=command, progress=progress
+                )
+            if not as_json:
+                Console().print(f"report: {out / 'report.html'} and {out / 'report.md'}")
+        if as_json:
+            click.echo(json.dumps(result, indent=2, default=str))
 
 
 def _run_overhead(

@@ -3,9 +3,11 @@
 ``twopc`` exits 0 when the command did what it was asked, 1 on a runtime
 error (a service down, the schema missing, a wrong setting), 2 on a usage
 error (click's UsageError and BadParameter: a wrong option or argument), and
-``twopc indoubt`` exits 3 when it found something in doubt. Nothing a user
-can cause prints a traceback; a message names the database (its setting and
-host:port/dbname, never the password) and says what to run next.
+``twopc indoubt`` exits 3 when it found something in doubt; a long-running
+command stopped by SIGINT or SIGTERM exits 130 or 143 (scenarios.cli.stopping).
+Nothing a user can cause prints a traceback; a message names the database
+(its setting and host:port/dbname, never the password) and says what to run
+next.
 """
 
 from __future__ import annotations
@@ -17,6 +19,7 @@ from psycopg import errors as pg_errors
 
 from coordinator.errors import TwoPhaseCommitError
 from participants.postgres import describe_dsn
+from scenarios.transfer.batch import BatchFailed
 
 #: Exit statuses of every twopc command (see the module docstring).
 EXIT_OK = 0
@@ -26,6 +29,9 @@ EXIT_IN_DOUBT = 3
 
 #: What to run when the scenario's tables are missing or out of date.
 RESET_HINT = "run 'twopc transfer --reset' to create the transfer scenario's tables"
+
+#: Seconds a probe waits for a database to answer (to name the one that did not).
+PROBE_TIMEOUT = 3
 
 _SCHEMA_ERRORS = (pg_errors.UndefinedTable, pg_errors.UndefinedColumn)
 _SECRETS = (
@@ -43,6 +49,9 @@ def redact(text: str) -> str:
 
 def explain(exc: BaseException) -> str | None:
     """The one-line message for an error a user can cause, or None for a bug (a traceback)."""
+    if isinstance(exc, BatchFailed) and isinstance(exc.__cause__, psycopg.Error):
+        # what the transfer met, worded as if the command had met it (e.g. the reset hint)
+        return redact(f"transfer {exc.transfer_id}: {_explain_database_error(exc.__cause__)}")
     if isinstance(exc, TwoPhaseCommitError):
         return redact(str(exc))
     if isinstance(exc, psycopg.Error):
@@ -60,8 +69,13 @@ def _explain_database_error(exc: psycopg.Error) -> str:
         if exc.pgconn is None:  # the session is gone: find the database that lacks the table
             where = _database_lacking(exc) or where
         return f"{where}: {reason}: {RESET_HINT}"
-    if isinstance(exc, psycopg.OperationalError) and reason.startswith(
-        ("connection failed", "connection is bad")
+    if isinstance(exc, pg_errors.ConnectionTimeout):
+        if exc.pgconn is None:  # no session to ask: find the database that does not answer
+            where, setting = _database_not_answering() or (where, setting)
+        reason = f"{reason} (no answer within its connect_timeout)"
+    if isinstance(exc, pg_errors.ConnectionTimeout) or (
+        isinstance(exc, psycopg.OperationalError)
+        and reason.startswith(("connection failed", "connection is bad"))
     ):
         return f"cannot connect to {where}: {reason}; run 'twopc lab up' or check {setting}"
     return f"{where}: {type(exc).__name__}: {reason}"
@@ -115,6 +129,17 @@ def _database_lacking(exc: psycopg.Error) -> str | None:
             continue
         if row and row[0]:
             return f"database {name} ({setting}, {describe_dsn(dsn)})"
+    return None
+
+
+def _database_not_answering() -> tuple[str, str] | None:
+    """('database b (TWOPC_PG_B, host:port/db)', 'TWOPC_PG_B') for the first that cannot connect."""
+    for name, setting, dsn in _databases():
+        try:
+            with psycopg.connect(dsn, connect_timeout=PROBE_TIMEOUT):
+                continue
+        except psycopg.Error:
+            return f"database {name} ({setting}, {describe_dsn(dsn)})", setting
     return None
 
 

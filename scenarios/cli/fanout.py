@@ -10,12 +10,8 @@ from __future__ import annotations
 
 import click
 
-from scenarios.cli.outbox import (
-    _configure_logs,
-    _print_consumer_stats,
-    _settings,
-    _stop_on_signals,
-)
+from scenarios.cli.outbox import _configure_logs, _print_consumer_stats, _settings
+from scenarios.cli.stopping import stop_on_signals
 
 
 @click.command()
@@ -43,9 +39,9 @@ def fanout(name: str, delay: float | None, log_json: bool) -> None:
     settings = _settings()
     worker = make_consumer(settings, name, delay=delay)
     ensure_queues(settings, [name])
-    stop = _stop_on_signals()
     try:
-        worker.run(stop)
+        with stop_on_signals() as stop:
+            worker.run(stop)
     except ConsumerFailed as exc:
         _print_consumer_stats(worker.stats.as_dict())
         click.echo(f"twopc: error: {exc}", err=True)

@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import shlex
 import sys
+import threading
 from typing import Any
 
 import click
@@ -19,6 +20,7 @@ from scenarios.cli import log as cli_log
 from scenarios.cli import outbox as cli_outbox
 from scenarios.cli import torture as cli_torture
 from scenarios.cli.errors import EXIT_IN_DOUBT, EXIT_RUNTIME_ERROR, explain
+from scenarios.cli.stopping import RunStopped, exit_stopped, finish_run, stop_on_signals
 from scenarios.config import home_dir
 from scenarios.log_setup import configure as configure_logging
 
@@ -29,12 +31,16 @@ class TwopcGroup(click.Group):
     """Turns what a user can cause into one clear line and exit status 1, not a traceback.
 
     Usage errors stay click's (exit status 2); scenarios.cli.errors says which
-    errors are the user's and words them.
+    errors are the user's and words them. A run that gave up at a checkpoint
+    after SIGTERM or SIGINT says so and exits 128 + the signal
+    (scenarios.cli.stopping).
     """
 
     def invoke(self, ctx: click.Context) -> Any:
         try:
             return super().invoke(ctx)
+        except RunStopped as stopped:  # work that gave up at a checkpoint: no summary to print
+            exit_stopped(stopped.stop)
         except (click.exceptions.ClickException, click.exceptions.Exit, click.exceptions.Abort):
             raise
         except Exception as exc:
@@ -281,7 +287,7 @@ def indoubt(as_json: bool) -> None:
     is_flag=True,
     help="Only write: start no relay, consumer or batch job here (they run elsewhere: "
     "'twopc relay' and 'twopc consumer', 'twopc fanout', 'twopc batch'); the checks wait "
-    "for the convergence they bring about.",
+    "for the convergence they bring about (with --no-check nothing waits for B).",
 )
 @click.option(
     "--consumer-mode",
@@ -313,54 +319,70 @@ def transfer(
     converge_timeout: float,
 ) -> None:
     """Run transfers: debit A, credit B, announce on /queue/transfers.completed — atomically."""
-    from scenarios.strategies import run_transfers
+    from scenarios.strategies import RunFailed, run_transfers
     from scenarios.transfer.batch import BatchFailed
     from scenarios.transfer.model import DEFAULT_ACCOUNTS, plan, recover_and_reset
 
     settings = _settings()
     if concurrency < 1:
         raise click.BadParameter("must be at least 1", param_hint="--concurrency")
-    if do_reset:
-        accounts = accounts or DEFAULT_ACCOUNTS
-        recover_and_reset(settings, accounts=accounts, balance=balance)
-        if not as_json:
-            console.print(f"reset: {accounts} accounts of {balance} in A and in B, queue empty")
-    output: dict[str, Any] = {"strategy": strategy}
-    if count:
-        accounts = _plan_accounts(settings, accounts)
-        transfers = plan(count, accounts=accounts, seed=seed)
-        metrics = cli_outbox.serve_metrics(settings)  # a long run is watched like a worker
-        try:
-            output = run_transfers(
-                settings,
-                strategy,
-                transfers,
-                concurrency=concurrency,
-                check=check,
-                converge_timeout=converge_timeout,
-                pipeline_here=not no_pipeline,
-                consumer=consumer_mode,
-            )
-        except BatchFailed as exc:  # the summary of what ran, then the one error line
-            if exc.result is not None:
-                stopped = {"strategy": strategy, **exc.result.as_dict(), "error": str(exc)}
-                if as_json:
-                    click.echo(json.dumps(stopped, indent=2))
-                else:
-                    _print_batch(stopped)
-            raise
-        finally:
-            if metrics is not None:
-                metrics.close()
-    if as_json:
-        click.echo(json.dumps(output, indent=2))
-    elif count:
-        _print_batch(output)
+    with stop_on_signals() as stop:
+        if do_reset:
+            accounts = accounts or DEFAULT_ACCOUNTS
+            recover_and_reset(settings, accounts=accounts, balance=balance)
+            if not as_json:
+                console.print(f"reset: {accounts} accounts of {balance} in A and in B, queue empty")
+        output: dict[str, Any] = {"strategy": strategy}
+        if count and not stop.is_set():
+            accounts = _plan_accounts(settings, accounts)
+            transfers = plan(count, accounts=accounts, seed=seed)
+            metrics = cli_outbox.serve_metrics(settings)  # a long run is watched like a worker
+            try:
+                output = run_transfers(
+                    settings,
+                    strategy,
+                    transfers,
+                    concurrency=concurrency,
+                    check=check,
+                    converge_timeout=converge_timeout,
+                    pipeline_here=not no_pipeline,
+                    consumer=consumer_mode,
+                    stop=stop,
+                )
+            except RunFailed as failed:  # the results so far print, then the one line
+                output = failed.output
+                stop.fail(_explained(failed.__cause__ or failed))
+            except BatchFailed as failed:  # a transfer raised: what ran, then the one line
+                if failed.result is None:
+                    raise
+                output = {"strategy": strategy, **failed.result.as_dict()}
+                stop.fail(_explained(failed))
+            finally:
+                if metrics is not None:
+                    metrics.close()
+        if stop.is_set():
+            output["error" if stop.error else "stopped"] = stop.describe()
+
+        def summary() -> None:
+            if as_json:
+                click.echo(json.dumps(output, indent=2))
+            elif "committed" in output:
+                _print_batch(output)
+
+        finish_run(stop, summary)
     if count and output.get("convergence_error"):
         click.echo(f"twopc: error: {output['convergence_error']}", err=True)
         sys.exit(1)
-    if check and count and not output["invariants"]["ok"]:
+    if count and output.get("invariants") and not output["invariants"]["ok"]:
         sys.exit(1)
+
+
+def _explained(exc: BaseException) -> str:
+    """The one line for ``exc`` (scenarios.cli.errors); a bug is raised again (a traceback)."""
+    message = explain(exc)
+    if message is None:
+        raise exc
+    return message
 
 
 def _plan_accounts(settings: Any, given: int | None) -> int:
@@ -394,6 +416,13 @@ def _print_batch(output: dict[str, Any]) -> None:
         console.print("latency ms: " + ", ".join(f"{k} {v:.2f}" for k, v in lat.items()))
     if output.get("abort_reasons"):
         console.print(f"abort reasons: {output['abort_reasons']}")
+    if output.get("stopped"):
+        console.print(
+            f"{output['stopped']}: the transfers in hand finished, "
+            f"{output.get('not_started', 0)} not started"
+        )
+    if output.get("checks_skipped"):
+        console.print(f"checks skipped: {output['checks_skipped']}")
     inv = output.get("invariants")
     if inv:
         verdict = "[green]all hold[/]" if inv["ok"] else "[red]VIOLATED[/]"
@@ -435,16 +464,36 @@ def _run_story(name: str) -> bool:
 @scenario.command("run")
 @click.argument("name")
 def scenario_run(name: str) -> None:
-    """Run scenario NAME ('all' runs every one)."""
+    """Run scenario NAME ('all' runs every one).
+
+    SIGTERM or SIGINT: the scenario in hand runs to its end, no other starts,
+    exit 143/130.
+    """
     from scenarios.transfer.stories import STORIES
 
     names = list(STORIES) if name == "all" else [name]
     unknown = [n for n in names if n not in STORIES]
     if unknown:
         raise click.BadParameter(f"unknown scenario {unknown[0]!r}; see 'twopc scenario list'")
-    results = [_run_story(n) for n in names]
-    if not all(results):
+    with stop_on_signals() as stop:
+        results = _run_stories(names, stop)
+
+        def summary() -> None:
+            console.print(f"{len(results)} of {len(names)} scenarios run")
+
+        finish_run(stop, summary if stop.is_set() else None)
+    if not all(results.values()):
         sys.exit(1)
+
+
+def _run_stories(names: list[str], stop: threading.Event) -> dict[str, bool]:
+    """Each scenario of ``names`` in turn, until ``stop``: name -> whether it kept its promise."""
+    results: dict[str, bool] = {}
+    for name in names:
+        if stop.is_set():
+            break
+        results[name] = _run_story(name)
+    return results
 
 
 @main.command()
@@ -458,35 +507,50 @@ def scenario_run(name: str) -> None:
 )
 @click.pass_context
 def demo(ctx: click.Context, count: int, concurrency: int, bench: bool) -> None:
-    """Bring the lab up, set up the schema, run the scenarios, a batch and a quick benchmark."""
+    """Bring the lab up, set up the schema, run the scenarios, a batch and a quick benchmark.
+
+    SIGTERM or SIGINT: the step in hand (a scenario, the transfers in hand of the
+    batch) finishes, the summary of what ran prints, exit 143/130.
+    """
     from scenarios.strategies import run_transfers
     from scenarios.transfer.model import plan, recover_and_reset
     from scenarios.transfer.stories import STORIES
 
-    console.rule("twopc demo: the lab")
-    _print_status(_lab().up(), False)
-    settings = _settings()
-    recover_and_reset(settings, accounts=100, balance=10_000)
-    console.print("schema reset: 100 accounts of 10000 in A and in B; the transfer queues empty")
-    console.rule("scenarios")
-    results = {name: _run_story(name) for name in STORIES}
-    console.rule(f"a batch: {count} transfers at concurrency {concurrency}")
-    # The batch is checked on its own: stories of other strategies leave transfers whose
-    # messages went elsewhere (a topic, a dead-letter queue) or, by design, were lost.
-    recover_and_reset(settings, accounts=100, balance=10_000)
-    transfers = plan(count, accounts=100, seed=1)
-    output = run_transfers(settings, "2pc", transfers, concurrency=concurrency)
-    _print_batch(output)
-    console.rule("summary")
-    for name, ok in results.items():
-        console.print(f"  {name:34} {'ok' if ok else 'FAILED'}")
-    ok = all(results.values()) and output["invariants"]["ok"]
-    console.print("[green]every promise held[/]" if ok else "[red]something failed[/]")
-    if not ok:
-        sys.exit(1)
-    if bench:
-        console.rule("twopc bench --quick: 2PC against the outbox, CDC and naive dual write")
-        ctx.invoke(cli_bench.bench, quick=True)
+    with stop_on_signals() as stop:
+        console.rule("twopc demo: the lab")
+        _print_status(_lab().up(), False)
+        settings = _settings()
+        recover_and_reset(settings, accounts=100, balance=10_000)
+        console.print(
+            "schema reset: 100 accounts of 10000 in A and in B; the transfer queues empty"
+        )
+        console.rule("scenarios")
+        results = _run_stories(list(STORIES), stop)
+        output: dict[str, Any] = {}
+        if not stop.is_set():
+            console.rule(f"a batch: {count} transfers at concurrency {concurrency}")
+            # The batch is checked on its own: stories of other strategies leave transfers
+            # whose messages went elsewhere (a topic, a dead-letter queue) or, by design,
+            # were lost.
+            recover_and_reset(settings, accounts=100, balance=10_000)
+            transfers = plan(count, accounts=100, seed=1)
+            output = run_transfers(settings, "2pc", transfers, concurrency=concurrency, stop=stop)
+            _print_batch(output)
+        ok = all(results.values()) and output.get("invariants", {}).get("ok", False)
+
+        def summary() -> None:
+            console.rule("summary")
+            for name, story_ok in results.items():
+                console.print(f"  {name:34} {'ok' if story_ok else 'FAILED'}")
+            if stop.is_set():
+                console.print(f"{len(results)} of {len(STORIES)} scenarios run")
+            else:
+                console.print("[green]every promise held[/]" if ok else "[red]something failed[/]")
+
+        finish_run(stop, summary, status=0 if ok else 1)
+        if bench:
+            console.rule("twopc bench --quick: 2PC against the outbox, CDC and naive dual write")
+            ctx.invoke(cli_bench.bench, quick=True)
 
 
 # -- the commands of the other cli modules -------------------------------------

@@ -2,7 +2,8 @@
 
 The relay and the consumer are long-lived: they run until SIGTERM or SIGINT,
 finish the batch in hand (or roll it back), log what they did and exit 0 (the
-consumer prints its counts, dead letters included). An error they cannot work
+consumer prints its counts, dead letters included); a second signal stops
+them at once (scenarios.cli.stopping). An error they cannot work
 around stops them with one line and exit status 1.
 Their logs are structlog events on stderr (``--log-json`` for JSON lines;
 level from TWOPC_LOG_LEVEL, INFO by default).
@@ -12,18 +13,14 @@ from __future__ import annotations
 
 import json
 import os
-import signal
-import threading
-from types import FrameType
 from typing import Any
 
 import click
 from rich.console import Console
 from rich.table import Table
 
-from coordinator import events
 from coordinator.errors import ConfigurationError
-from scenarios import events as ev
+from scenarios.cli.stopping import finish_run, stop_on_signals
 from scenarios.log_setup import configure as configure_logging
 
 console = Console()
@@ -33,19 +30,6 @@ def _settings() -> Any:
     from scenarios.config import Settings
 
     return Settings.load()
-
-
-def _stop_on_signals() -> threading.Event:
-    """An event set by SIGTERM or SIGINT, for a clean shutdown."""
-    stop = threading.Event()
-
-    def handler(signum: int, frame: FrameType | None) -> None:
-        events.get_logger(component="cli").info(ev.SHUTDOWN_REQUESTED, signal=signum)
-        stop.set()
-
-    signal.signal(signal.SIGTERM, handler)
-    signal.signal(signal.SIGINT, handler)
-    return stop
 
 
 def serve_metrics(settings: Any) -> Any:
@@ -115,14 +99,14 @@ def relay(
         retry=retry,
         name=name or f"{mode}-{os.getpid()}",
     )
-    stop = _stop_on_signals()
     settings = _settings()
     worker = make_relay(mode, settings, config)  # type: ignore[arg-type]
     metrics = serve_metrics(settings)
     if metrics is not None:
         metrics.watch_relay(worker)
     try:
-        worker.run(stop)
+        with stop_on_signals() as stop:
+            worker.run(stop)
     finally:
         if metrics is not None:
             metrics.close()
@@ -171,7 +155,6 @@ def consumer(
                 param_hint="--max-attempts",
             )
         max_attempts = int(setting)
-    stop = _stop_on_signals()
     settings = _settings()
     worker: Any
     if mode == "2pc":
@@ -186,7 +169,8 @@ def consumer(
     if metrics is not None:
         metrics.watch_consumer(worker)
     try:
-        worker.run(stop)
+        with stop_on_signals() as stop:
+            worker.run(stop)
     except ConsumerFailed as exc:
         _print_consumer_stats(worker.stats.as_dict())
         click.echo(f"twopc: error: {exc}", err=True)
@@ -236,7 +220,8 @@ def batch(interval: float, chunk: int, once: bool, log_json: bool) -> None:
             finally:
                 job.close()
         else:
-            job.run(_stop_on_signals())
+            with stop_on_signals() as stop:
+                job.run(stop)
     except (BatchFailed, psycopg.Error) as exc:
         click.echo(f"twopc: error: {' '.join(str(exc).split())}", err=True)
         raise SystemExit(1) from None
@@ -346,24 +331,33 @@ def _print_failures(failures: list[Any]) -> None:
 @click.argument("transfer_ids", nargs=-1)
 @click.option("--json", "as_json", is_flag=True, help="Print JSON.")
 def outbox_retry(transfer_ids: tuple[str, ...], as_json: bool) -> None:
-    """Send the failure log's messages again (all, or the TRANSFER_IDS given)."""
+    """Send the failure log's messages again (all, or the TRANSFER_IDS given).
+
+    SIGTERM or SIGINT: the batch in hand is sent (or not) and recorded, no other
+    is taken, the counts print, exit 143/130.
+    """
     from scenarios.outbox.failures import retry_failures
     from scenarios.outbox.relay import StompPublisher
 
     settings = _settings()
     publisher = StompPublisher(settings)
-    try:
-        report = retry_failures(settings.pg_a, publisher.publish, transfer_ids or None)
-    finally:
-        publisher.close()
-    if as_json:
-        click.echo(json.dumps(report.as_dict(), indent=2))
-    else:
-        console.print(f"sent again: {len(report.sent)}, still failing: {len(report.failed)}")
-        if report.error:
-            console.print(f"last error: {report.error}")
-    if report.failed:
-        raise SystemExit(1)
+    with stop_on_signals() as stop:
+        try:
+            report = retry_failures(
+                settings.pg_a, publisher.publish, transfer_ids or None, stop=stop
+            )
+        finally:
+            publisher.close()
+
+        def summary() -> None:
+            if as_json:
+                click.echo(json.dumps(report.as_dict(), indent=2))
+                return
+            console.print(f"sent again: {len(report.sent)}, still failing: {len(report.failed)}")
+            if report.error:
+                console.print(f"last error: {report.error}")
+
+        finish_run(stop, summary, status=1 if report.failed else 0)
 
 
 @outbox.command("requeue")

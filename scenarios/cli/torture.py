@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import sys
 import time
 from pathlib import Path
 from typing import Any
@@ -12,6 +11,8 @@ import click
 from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 from rich.table import Table
+
+from scenarios.cli.stopping import RunStop, finish_run, stop_on_signals
 
 
 @click.command("torture")
@@ -84,11 +85,13 @@ def torture(
     followed by 'twopc recover' until resolved and a check of A, B, the queue,
     pg_prepared_xacts, the markers and the decision log. Exit status 1 if any
     invariant failed. Needs the lab ('twopc lab up'); it resets its tables.
+    SIGTERM or SIGINT: the schedule in hand runs to its end (recovery and
+    checks), the table of the schedules run prints, exit 143/130.
     """
     from scenarios.config import Settings
     from scenarios.torture import schedules as plans
     from scenarios.torture.report import rows, summary
-    from scenarios.torture.runner import ScheduleResult, Torture, lab_for
+    from scenarios.torture.runner import lab_for
 
     if schedules < 0 or count < 1 or concurrency < 1 or accounts < 1:
         raise click.BadParameter(
@@ -112,8 +115,42 @@ def torture(
     if not plan:
         raise click.UsageError("nothing to run: give --schedules N or leave --matrix on")
 
-    done: list[ScheduleResult] = []
     started = time.monotonic()
+    with stop_on_signals() as stop:
+        done = _run_plan(settings, lab, plan, accounts, reset, fail_fast, results, as_json, stop)
+        seconds = time.monotonic() - started
+
+        def print_report() -> None:
+            if as_json:
+                click.echo(json.dumps(report, indent=2))
+            else:
+                _print_table(rows(done, seconds), report)
+
+        report = summary(done, seconds)
+        if stop.is_set():
+            report["stopped"] = f"{stop.describe()} after {len(done)} of {len(plan)} schedules"
+        finish_run(stop, print_report, status=0 if report["ok"] else 1)
+
+
+def _run_plan(
+    settings: Any,
+    lab: Any,
+    plan: list[Any],
+    accounts: int,
+    reset: bool,
+    fail_fast: bool,
+    results: Path | None,
+    as_json: bool,
+    stop: RunStop,
+) -> list[Any]:
+    """Run the schedules of ``plan`` in order until the end, a failure (fail_fast) or ``stop``.
+
+    A schedule in hand when ``stop`` is set runs to its end (recovery and checks included).
+    """
+    from scenarios.torture.runner import Torture
+
+    err = Console(stderr=True)
+    done: list[Any] = []
     sink = results.open("a") if results is not None else None
     try:
         with (
@@ -130,6 +167,8 @@ def torture(
         ):
             task = progress.add_task("", total=len(plan), failed=0)
             for schedule in plan:
+                if stop.is_set():
+                    break
                 progress.update(task, description=schedule.name)
                 result = runner.run(schedule)
                 done.append(result)
@@ -146,14 +185,7 @@ def torture(
     finally:
         if sink is not None:
             sink.close()
-    seconds = time.monotonic() - started
-    report = summary(done, seconds)
-    if as_json:
-        click.echo(json.dumps(report, indent=2))
-    else:
-        _print_table(rows(done, seconds), report)
-    if not report["ok"]:
-        sys.exit(1)
+    return done
 
 
 def _print_table(table_rows: list[Any], report: dict[str, Any]) -> None:

@@ -212,12 +212,36 @@ class DeadLetter:
 
 
 def list_dead_letters(client: StompClient, destination: str) -> list[DeadLetter]:
-    """Every message on ``destination``'s dead-letter queue, oldest first (a full browse)."""
-    return [
-        DeadLetter.of(m)
-        for m in client.browse_complete(dead_letter_queue(destination))
-        if not m.is_sentinel
-    ]
+    """Every message on ``destination``'s dead-letter queue, oldest first (a full browse).
+
+    The browse leaves a sentinel at the queue's tail; it is taken off again (with
+    any an earlier browse left), so that listing leaves the queue as it was.
+    """
+    dlq = dead_letter_queue(destination)
+    letters = [DeadLetter.of(m) for m in client.browse_complete(dlq) if not m.is_sentinel]
+    drop_sentinels(client, dlq)
+    return letters
+
+
+def drop_sentinels(
+    client: StompClient, queue: str, *, idle_timeout: float = 0.5, receipt_timeout: float = 10.0
+) -> int:
+    """Take the browse sentinels off ``queue``; every other message stays. Returns how many.
+
+    Consumes the queue to its end (until nothing comes for ``idle_timeout``) and
+    ACKs only the sentinels; the others go back to the queue, in their order,
+    when the subscription ends.
+    """
+    subscription = client.subscribe(queue, ack="client-individual", prefetch=1000)
+    dropped = 0
+    try:
+        while (message := subscription.get(idle_timeout)) is not None:
+            if message.is_sentinel:
+                client.ack(message, receipt_timeout=receipt_timeout)
+                dropped += 1
+    finally:
+        subscription.unsubscribe(timeout=receipt_timeout)
+    return dropped
 
 
 @dataclass

@@ -248,17 +248,21 @@ def retry_failures(
     transfer_ids: Sequence[str] | None = None,
     *,
     batch_size: int = 500,
+    stop: threading.Event | None = None,
 ) -> RetryReport:
     """Send the failure log's unsent messages again (all, or ``transfer_ids``), batch by batch.
 
     Rows are locked while they are sent (FOR UPDATE SKIP LOCKED), so two retries
     running at once do not send a message twice; a batch that fails again keeps
-    its rows, with the attempt counted and the new error.
+    its rows, with the attempt counted and the new error. Once ``stop`` is set
+    the batch in hand is finished and no other is taken.
     """
     report = RetryReport([], [])
     done: set[str] = set()
     with psycopg.connect(dsn) as conn:
         while True:
+            if stop is not None and stop.is_set():
+                return report
             rows = conn.execute(
                 f"SELECT {_FAILURE_COLUMNS} FROM outbox_failures "
                 "WHERE resent_at IS NULL "

@@ -297,8 +297,11 @@ def wait_converged(
     interval: float = 0.05,
     check: Callable[[], None] | None = None,
     consumer: str = "inbox",
+    stop: threading.Event | None = None,
 ) -> set[str]:
     """Wait until B's inbox holds ``ids`` (default: every transfer in A); return what is missing.
+
+    ``stop`` set (a stopped run): stop waiting and return what is missing then.
 
     ``consumer`` "2pc": B's ``transfers`` table instead (a consumer in 2pc mode keeps
     no inbox; B holds the transfer exactly when its message was consumed).
@@ -309,6 +312,7 @@ def wait_converged(
     """
     wanted = set(ids) if ids is not None else set(transfer_amounts(settings.pg_a))
     deadline = time.monotonic() + timeout
+    pause = stop if stop is not None else threading.Event()
     with psycopg.connect(settings.pg_b, autocommit=True) as conn:
         while True:
             missing = wanted - {
@@ -323,7 +327,8 @@ def wait_converged(
                 return missing
             if check is not None:
                 check()
-            time.sleep(interval)
+            if pause.wait(interval):
+                return missing
             if ids is None:  # A may still be committing: take its newest rows too
                 wanted |= transfer_amounts(settings.pg_a).keys()
 

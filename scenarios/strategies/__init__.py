@@ -10,10 +10,11 @@ runs.
 
 from __future__ import annotations
 
+import threading
 from collections.abc import Callable, Sequence
 from typing import Any
 
-from coordinator.errors import ConfigurationError
+from coordinator.errors import ConfigurationError, TwoPhaseCommitError
 from scenarios.config import Settings
 from scenarios.strategies.base import Strategy
 from scenarios.strategies.batch import BatchStrategy
@@ -26,7 +27,25 @@ from scenarios.transfer.batch import percentiles, run_batch
 from scenarios.transfer.invariants import gather_evidence
 from scenarios.transfer.model import Transfer
 
-__all__ = ["STRATEGIES", "Strategy", "TwoPhaseCommitStrategy", "new_strategy", "run_transfers"]
+__all__ = [
+    "STRATEGIES",
+    "RunFailed",
+    "Strategy",
+    "TwoPhaseCommitStrategy",
+    "new_strategy",
+    "run_transfers",
+]
+
+
+class RunFailed(TwoPhaseCommitError):
+    """The transfers ran, then what followed (convergence, the checks) raised: its cause.
+
+    ``output`` holds the results gathered so far, for the command to print.
+    """
+
+    def __init__(self, output: dict[str, Any]) -> None:
+        super().__init__("the run's checks failed")
+        self.output = output
 
 
 STRATEGIES: dict[str, Callable[[], Strategy]] = {
@@ -100,6 +119,7 @@ def run_transfers(
     converge_timeout: float = 120.0,
     pipeline_here: bool = True,
     consumer: str = "inbox",
+    stop: threading.Event | None = None,
 ) -> dict[str, Any]:
     """Run ``transfers`` with strategy ``name``; the result as ``twopc transfer`` prints it.
 
@@ -112,7 +132,12 @@ def run_transfers(
     ``pipeline_here`` False (``--no-pipeline``): only write; relays and consumers run
     elsewhere (``twopc relay``, ``twopc consumer --mode <consumer>``) and the checks
     wait up to ``converge_timeout`` for the convergence they bring about; if it does
-    not come, ``convergence_error`` says what is missing and what to start.
+    not come, ``convergence_error`` says what is missing and what to start. With
+    ``check`` False as well, nothing waits for B: the run ends when A has its writes.
+
+    ``stop`` set (SIGTERM, SIGINT: scenarios.cli.stopping): the transfers in hand
+    finish, no more start (``not_started``), B's convergence is not waited for,
+    and an asynchronous strategy's checks are left out (``checks_skipped``).
     """
     from scenarios.outbox import pipeline
 
@@ -123,7 +148,7 @@ def run_transfers(
         running = pipeline.for_strategy(settings, strategy).start()
     output: dict[str, Any] = {"strategy": name}
     try:
-        result = run_batch(transfers, strategy.run_one, concurrency=concurrency)
+        result = run_batch(transfers, strategy.run_one, concurrency=concurrency, stop=stop)
         output.update(result.as_dict())
         drain = getattr(strategy, "drain", None)
         if drain is not None:  # the pool's work, the caller did not wait for
@@ -136,7 +161,7 @@ def run_transfers(
             ]
             output["convergence_ms"] = percentiles(lags)
         output.update(strategy.stats())
-        if strategy.relay_mode is not None:
+        if strategy.relay_mode is not None and (check or running is not None):
             ids = set(strategy.committed_at)
             missing = pipeline.wait_converged(
                 settings,
@@ -144,23 +169,39 @@ def run_transfers(
                 timeout=converge_timeout,
                 check=running.check if running is not None else None,
                 consumer=consumer,
+                stop=stop,
             )
             latencies = pipeline.convergence_latencies(settings, strategy.committed_at, consumer)
             output["convergence_ms"] = percentiles(list(latencies.values()))
             output["not_converged"] = len(missing)
-            if missing and running is None:
+            if missing and running is None and not stopped(stop):
                 output["convergence_error"] = (
                     f"{len(missing)} of {len(ids)} transfers (e.g. {min(missing)}) were not "
                     f"credited in B within {converge_timeout:g} s: with --no-pipeline, run "
                     f"{converge_commands(strategy, consumer)} elsewhere"
                 )
-            if running is not None and running.fanout:
+            if running is not None and running.fanout and not stopped(stop):
                 output["fanout"] = fanout_report(settings, strategy.committed_at, running)
+    except Exception as exc:
+        if "committed" not in output:  # the transfers themselves did not run
+            raise
+        raise RunFailed(output) from exc
     finally:
         if running is not None:
             running.stop()
         strategy.close()
-    if check:
-        inbox = strategy.relay_mode is not None
-        output["invariants"] = gather_evidence(settings, inbox=inbox, consumer=consumer).as_dict()
+    inbox = strategy.relay_mode is not None
+    if check and inbox and stopped(stop):
+        output["checks_skipped"] = "the run was stopped before B converged"
+    elif check:
+        try:
+            evidence = gather_evidence(settings, inbox=inbox, consumer=consumer)
+        except Exception as exc:
+            raise RunFailed(output) from exc
+        output["invariants"] = evidence.as_dict()
     return output
+
+
+def stopped(stop: threading.Event | None) -> bool:
+    """True once the run was told to stop."""
+    return stop is not None and stop.is_set()

@@ -22,6 +22,10 @@ class BatchFailed(TwoPhaseCommitError):
 
     result: BatchResult | None = None
 
+    def __init__(self, message: str, *, transfer_id: str = "") -> None:
+        super().__init__(message)
+        self.transfer_id = transfer_id
+
 
 @dataclass
 class BatchResult:
@@ -31,6 +35,7 @@ class BatchResult:
     latencies_ms: list[float] = field(default_factory=list)  # committed transfers only
     reasons: Counter[str] = field(default_factory=Counter)
     seconds: float = 0.0
+    not_started: int = 0  # transfers left when the run was stopped
 
     def percentiles(self) -> dict[str, float]:
         return percentiles(self.latencies_ms)
@@ -47,6 +52,7 @@ class BatchResult:
             else 0.0,
             "latency_ms": self.percentiles(),
             "abort_reasons": dict(self.reasons.most_common(5)),
+            "not_started": self.not_started,
         }
 
 
@@ -74,21 +80,28 @@ def run_batch(
     *,
     concurrency: int,
     on_done: Callable[[], None] | None = None,
+    stop: threading.Event | None = None,
 ) -> BatchResult:
     """Run ``transfers`` on ``concurrency`` threads; collect outcomes and latencies.
 
     ``run_one`` returns an outcome; if it raises instead, the other threads finish
     the transfer in hand and take no more, and BatchFailed names the transfer.
+    Once ``stop`` is set the threads likewise finish the transfer in hand (it
+    commits or rolls back) and take no more; ``not_started`` counts the rest.
     """
     result = BatchResult()
     lock = threading.Lock()
     cursor = iter(transfers)
+    started_count = 0
     failures: list[BatchFailed] = []
 
     def worker() -> None:
+        nonlocal started_count
         while True:
             with lock:
-                transfer = None if failures else next(cursor, None)
+                stopped = bool(failures) or (stop is not None and stop.is_set())
+                transfer = None if stopped else next(cursor, None)
+                started_count += transfer is not None
             if transfer is None:
                 return
             start = time.perf_counter()
@@ -96,7 +109,10 @@ def run_batch(
                 outcome, reason = run_one(transfer)
             except Exception as exc:  # raised in the caller's thread, not lost with this one
                 error = " ".join(f"{type(exc).__name__}: {exc}".split())
-                failed = BatchFailed(f"transfer {transfer.transfer_id} raised {error}")
+                failed = BatchFailed(
+                    f"transfer {transfer.transfer_id} raised {error}",
+                    transfer_id=transfer.transfer_id,
+                )
                 failed.__cause__ = exc
                 with lock:
                     failures.append(failed)
@@ -118,6 +134,7 @@ def run_batch(
     for thread in threads:
         thread.join()
     result.seconds = time.perf_counter() - started
+    result.not_started = len(transfers) - started_count
     if failures:
         failures[0].result = result
         raise failures[0]

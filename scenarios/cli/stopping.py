@@ -1,0 +1,182 @@
+"""How a long-running ``twopc`` command stops early: on SIGTERM or SIGINT, or on a fatal error.
+
+One mechanism for every command that runs until it is done or told to stop
+(``twopc transfer``, ``demo``, ``scenario run``, ``bench``, ``torture``,
+``relay``, ``consumer``, ``fanout``, ``batch``, ``outbox retry``)::
+
+    with stop_on_signals() as stop:       # a RunStop: a threading.Event with a reason
+        work(stop)                        # takes no new work once stop is set
+        finish_run(stop, print_summary)   # the summary, one line, the exit status
+
+Work that is not handed the stop (a benchmark's measuring threads) asks
+:func:`stop_requested` between operations and calls :func:`checkpoint` where
+it can give up: that raises :class:`RunStopped`, which ``twopc`` turns into
+the same line and exit status (scenarios.cli.main.TwopcGroup).
+
+The first SIGTERM or SIGINT sets the stop: the work in hand finishes (a
+transaction commits or rolls back; nothing of the run stays prepared), no new
+work starts, the summary prints, and the command exits ``128 + signal``
+(143 for SIGTERM, 130 for SIGINT). The services (relay, consumer, fanout,
+batch) exit 0 instead: being stopped is how they end. A second signal stops
+at once with that status, as the default action would: whatever was in flight
+is left to ``twopc recover``.
+
+A fatal error (e.g. a decision log that cannot be written) goes through the
+same path: :meth:`RunStop.fail` stops the run the same way, and
+:func:`finish_run` prints the summary and one ``twopc: error:`` line and
+exits :data:`~scenarios.cli.errors.EXIT_RUNTIME_ERROR`.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import sys
+import threading
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from types import FrameType
+from typing import NoReturn
+
+from coordinator import events
+from scenarios import events as ev
+from scenarios.cli.errors import EXIT_RUNTIME_ERROR
+
+#: The signals that stop a run.
+STOP_SIGNALS = (signal.SIGTERM, signal.SIGINT)
+
+
+def signal_status(signum: int) -> int:
+    """The exit status of a run stopped by ``signum``: 128 + its number (143, 130)."""
+    return 128 + signum
+
+
+class RunStop(threading.Event):
+    """Set when the run must stop; says why (``reason``) and with what exit status.
+
+    A ``threading.Event``: what a worker's ``run(stop)`` waits on. The first
+    request wins; later ones change nothing.
+    """
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.reason = ""
+        self.status = 0
+        self.error = False
+        self.signum: int | None = None
+        self._lock = threading.Lock()
+
+    def request(self, reason: str, status: int, *, error: bool = False) -> bool:
+        """Stop the run because of ``reason``, to exit ``status``; False if already stopping."""
+        with self._lock:
+            if self.is_set():
+                return False
+            self.reason, self.status, self.error = reason, status, error
+            self.set()
+        return True
+
+    def by_signal(self, signum: int) -> bool:
+        """Stop because signal ``signum`` arrived (exit 128 + signum)."""
+        first = self.request(signal.Signals(signum).name, signal_status(signum))
+        if first:
+            self.signum = signum
+        return first
+
+    def fail(self, message: str) -> bool:
+        """Stop because of a fatal error: ``message`` is the one line the command prints."""
+        return self.request(message, EXIT_RUNTIME_ERROR, error=True)
+
+    def describe(self) -> str:
+        """'stopped by SIGTERM' or the fatal error; empty when not stopped."""
+        if not self.is_set():
+            return ""
+        return self.reason if self.error else f"stopped by {self.reason}"
+
+
+class RunStopped(BaseException):  # like KeyboardInterrupt: past any `except Exception`
+    """Raised by :func:`checkpoint` once the run was told to stop: the work gives up here."""
+
+    def __init__(self, stop: RunStop) -> None:
+        super().__init__(stop.describe())
+        self.stop = stop
+
+
+#: The stop of the command running in this process (set inside stop_on_signals).
+_current: RunStop | None = None
+
+
+def stop_requested() -> bool:
+    """True once the running command was told to stop (a signal or a fatal error)."""
+    return _current is not None and _current.is_set()
+
+
+def checkpoint() -> None:
+    """Raise RunStopped if the running command was told to stop; a place to give up safely."""
+    if _current is not None and _current.is_set():
+        raise RunStopped(_current)
+
+
+@contextmanager
+def stop_on_signals(stop: RunStop | None = None) -> Iterator[RunStop]:
+    """SIGTERM and SIGINT set ``stop`` (a new RunStop by default) while the block runs.
+
+    A second signal ends the process at once with 128 + its number. The
+    previous handlers are restored when the block ends. Only the main thread
+    can install handlers; elsewhere (a test calling the command in a thread)
+    the stop is returned without them.
+    """
+    global _current
+    stop = stop if stop is not None else RunStop()
+    if threading.current_thread() is not threading.main_thread():
+        yield stop
+        return
+    log = events.get_logger(component="cli")
+
+    def handler(signum: int, frame: FrameType | None) -> None:
+        name = signal.Signals(signum).name
+        if stop.by_signal(signum):
+            log.info(ev.SHUTDOWN_REQUESTED, signal=name)
+            _say(f"{name}: finishing the work in hand; {name} again stops at once")
+            return
+        log.warning(ev.SHUTDOWN_FORCED, signal=name)
+        _say(f"{name} again: stopping at once; 'twopc recover' resolves what was in flight")
+        os._exit(signal_status(signum))
+
+    previous = {signum: signal.signal(signum, handler) for signum in STOP_SIGNALS}
+    outer, _current = _current, stop
+    try:
+        yield stop
+    finally:
+        _current = outer
+        for signum, old in previous.items():
+            signal.signal(signum, old)
+
+
+def _say(line: str) -> None:
+    """One line on stderr from a signal handler (unbuffered: no lock a handler could meet)."""
+    os.write(2, f"twopc: {line}\n".encode())
+
+
+def finish_run(
+    stop: RunStop, summary: Callable[[], None] | None = None, *, status: int = 0
+) -> None:
+    """Print ``summary``; then, if the run was stopped, say why and exit with its status.
+
+    Returns (having printed the summary) when the run was not stopped, for the
+    command to finish normally; ``status`` nonzero exits with it instead.
+    """
+    if summary is not None:
+        summary()
+    if stop.is_set():
+        exit_stopped(stop)
+    if status:
+        sys.exit(status)
+
+
+def exit_stopped(stop: RunStop) -> NoReturn:
+    """The one line about why the run stopped, on stderr, and its exit status."""
+    if stop.error:
+        print(f"twopc: error: {stop.reason}", file=sys.stderr, flush=True)
+    else:
+        print(f"twopc: {stop.describe()}", file=sys.stderr, flush=True)
+    sys.exit(stop.status)

@@ -1,0 +1,74 @@
+"""The real ``twopc`` CLI in a child process that a test signals while it runs."""
+
+from __future__ import annotations
+
+import signal
+import subprocess
+import sys
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+import psycopg
+
+TWOPC = [sys.executable, "-m", "scenarios.cli"]
+
+
+class Running:
+    """A ``twopc`` child whose stdout and stderr go to files the test reads while it runs."""
+
+    def __init__(self, env: dict[str, str], folder: Path, *args: str) -> None:
+        self.out_path = folder / "stdout"
+        self.err_path = folder / "stderr"
+        with self.out_path.open("w") as out, self.err_path.open("w") as err:
+            self.process = subprocess.Popen([*TWOPC, *args], stdout=out, stderr=err, env=env)
+
+    @property
+    def stdout(self) -> str:
+        return self.out_path.read_text()
+
+    @property
+    def stderr(self) -> str:
+        return self.err_path.read_text()
+
+    def wait_for(self, condition: Callable[[], bool], what: str, timeout: float = 60.0) -> None:
+        """Poll ``condition`` until it holds; fail naming ``what`` if the child ends first."""
+        deadline = time.monotonic() + timeout
+        while not condition():
+            if self.process.poll() is not None:
+                raise AssertionError(
+                    f"twopc ended ({self.process.returncode}) before {what}:\n"
+                    f"{self.stdout}\n{self.stderr}"
+                )
+            if time.monotonic() > deadline:
+                self.process.kill()
+                raise AssertionError(f"no {what} within {timeout} s:\n{self.stderr}")
+            time.sleep(0.05)
+
+    def signal(self, signum: signal.Signals) -> None:
+        self.process.send_signal(signum)
+
+    def finish(self, timeout: float = 120.0) -> int:
+        """The exit status, once the child ended."""
+        try:
+            return self.process.wait(timeout)
+        except subprocess.TimeoutExpired:
+            self.process.kill()
+            raise
+
+
+def count_rows(dsn: str, query: str) -> int:
+    """The one integer ``query`` returns on ``dsn``."""
+    with psycopg.connect(dsn, autocommit=True) as conn:
+        row = conn.execute(query).fetchone()
+    return int(row[0]) if row else 0
+
+
+def prepared_left(*dsns: str) -> int:
+    """Prepared transactions on every one of ``dsns`` (pg_prepared_xacts)."""
+    return sum(count_rows(dsn, "SELECT count(*) FROM pg_prepared_xacts") for dsn in dsns)
+
+
+def lock_waiters(dsn: str) -> int:
+    """Sessions of ``dsn``'s server waiting for a row lock."""
+    return count_rows(dsn, "SELECT count(*) FROM pg_stat_activity WHERE wait_event_type = 'Lock'")

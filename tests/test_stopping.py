@@ -1,0 +1,60 @@
+"""The one stop mechanism of long-running commands: who asked first, the status, the summary."""
+
+from __future__ import annotations
+
+import signal
+
+import pytest
+
+from scenarios.cli import stopping
+from scenarios.cli.stopping import RunStop, RunStopped, finish_run, stop_on_signals
+
+
+def test_the_first_request_wins_and_sets_the_status() -> None:
+    """A signal then a fatal error: the signal's reason and 128 + its number stay."""
+    stop = RunStop()
+    assert stop.by_signal(signal.SIGTERM)
+    assert not stop.fail("the decision log cannot be written")
+    assert (stop.status, stop.error, stop.describe()) == (143, False, "stopped by SIGTERM")
+
+
+def test_a_fatal_error_exits_1_after_the_summary(capsys: pytest.CaptureFixture[str]) -> None:
+    """fail(): the summary prints, then one 'twopc: error:' line, exit status 1."""
+    stop = RunStop()
+    stop.fail("the decision log cannot be written")
+    with pytest.raises(SystemExit) as exited:
+        finish_run(stop, lambda: print("the summary"))
+    out, err = capsys.readouterr()
+    assert exited.value.code == 1
+    assert out == "the summary\n"
+    assert err == "twopc: error: the decision log cannot be written\n"
+
+
+def test_a_run_not_stopped_prints_its_summary_and_returns(
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    """Not stopped and no status: finish_run prints the summary and the command goes on."""
+    finish_run(RunStop(), lambda: print("the summary"))
+    assert capsys.readouterr().out == "the summary\n"
+
+
+def test_a_checkpoint_raises_only_inside_a_stopped_run() -> None:
+    """checkpoint() is silent outside stop_on_signals and before a stop; then RunStopped."""
+    stopping.checkpoint()
+    with stop_on_signals() as stop:
+        stopping.checkpoint()
+        assert not stopping.stop_requested()
+        stop.by_signal(signal.SIGINT)
+        assert stopping.stop_requested()
+        with pytest.raises(RunStopped) as stopped:
+            stopping.checkpoint()
+        assert stopped.value.stop.status == 130
+    assert not stopping.stop_requested()
+
+
+def test_the_handlers_are_restored_after_the_block() -> None:
+    """SIGTERM's and SIGINT's handlers are the previous ones again once the block ends."""
+    before = {s: signal.getsignal(s) for s in stopping.STOP_SIGNALS}
+    with stop_on_signals():
+        assert all(signal.getsignal(s) is not before[s] for s in stopping.STOP_SIGNALS)
+    assert {s: signal.getsignal(s) for s in stopping.STOP_SIGNALS} == before
