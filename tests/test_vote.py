@@ -47,7 +47,10 @@ def remove_prepared(dsn: str, gid: str) -> None:
 
 @pytest.fixture
 def ledger(settings: Settings) -> str:
-    """The table the tests write, in A and in B."""
+    """The table the tests write, in A and in B (made here if missing)."""
+    for dsn in (settings.pg_a, settings.pg_b):
+        with psycopg.connect(dsn, autocommit=True) as conn:
+            conn.execute(f"CREATE TABLE IF NOT EXISTS {TABLE} (id text NOT NULL, amount int)")
     return TABLE
 
 
