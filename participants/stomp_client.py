@@ -65,6 +65,9 @@ from coordinator.errors import (
 )
 from coordinator.events import get_logger
 from participants import events as ev
+from participants import stomp_log
+
+stomp_log.install()  # stomp.py logs CONNECT frames at DEBUG: never with the passcode
 
 AckMode = Literal["auto", "client-individual"]
 

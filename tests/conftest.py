@@ -31,6 +31,7 @@ from scenarios.lab.services import (
     PG_B,
     STOMP_TLS_SETTING,
     Lab,
+    pg_dsn,
     postgres_bindir,
 )
 from scenarios.log_setup import configure as configure_logging
@@ -157,7 +158,7 @@ def server_without_prepared_transactions(lab: Lab) -> Iterator[str]:
         start_new_session=True,
         **run_as,
     )
-    dsn = f"host=127.0.0.1 port={port} user=twopc dbname=postgres connect_timeout=2"
+    dsn = pg_dsn(port, home, dbname="postgres", timeout=2)
     deadline = time.monotonic() + 30
     while True:
         try:
