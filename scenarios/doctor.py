@@ -162,6 +162,7 @@ def database_login_check(database: str, setting: str, dsn: str, error: str | Non
 
 
 OWN_SERVERS_DOC = "docs/own-servers.md"
+NO_PASSFILE = "/nonexistent/.pgpass"  # a passfile libpq finds absent, quietly (/dev/null: warns)
 
 
 def superuser_check(database: str, setting: str, role: str, superuser: bool) -> Check:
@@ -516,7 +517,7 @@ def _password_check(database: str, setting: str, dsn: str, conn: psycopg.Connect
             "apart in pg_hba_file_rules",
         )
     # The same login with no password at all: none given, none from PGPASSWORD or a passfile.
-    info.update(password="", passfile=os.devnull, connect_timeout="5")
+    info.update(password="", passfile=NO_PASSFILE, connect_timeout="5")
     try:
         psycopg.connect(**info).close()  # type: ignore[arg-type]
     except psycopg.OperationalError as exc:
