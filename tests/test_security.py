@@ -21,6 +21,7 @@ from pathlib import Path
 
 import psycopg
 import pytest
+import structlog
 from psycopg import errors as pg_errors
 
 from coordinator.errors import ConfigurationError
@@ -348,8 +349,8 @@ def test_no_secret_in_any_log_line_at_debug(
     handler = logging.StreamHandler(captured)
     handler.setFormatter(logging.Formatter("%(name)s %(levelname)s %(message)s"))
     root = logging.getLogger()
-    before = root.level
-    configure_logging("DEBUG")
+    before = root.level, logging.getLogger("stomp.py").level, structlog.get_config()
+    configure_logging("DEBUG")  # its output goes to this test's captured stderr
     logging.getLogger("stomp.py").setLevel(logging.NOTSET)  # as the root logger says
     root.addHandler(handler)
     root.setLevel(logging.DEBUG)
@@ -367,8 +368,9 @@ def test_no_secret_in_any_log_line_at_debug(
         errors.append(str(unreachable.value))
     finally:
         root.removeHandler(handler)
-        root.setLevel(before)
-        configure_logging()
+        root.setLevel(before[0])
+        logging.getLogger("stomp.py").setLevel(before[1])
+        structlog.configure(**before[2])  # not this test's stderr, closed once it ends
     assert tx.outcome is Outcome.COMMITTED
     out, err = capfd.readouterr()
     text = "\n".join([captured.getvalue(), out, err, *errors])
