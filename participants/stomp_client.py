@@ -68,8 +68,11 @@ from coordinator.errors import (
 )
 from coordinator.events import get_logger
 from participants import events as ev
+from participants import stomp_log
 from participants.stomp_headers import SENTINEL_HEADER as SENTINEL_HEADER
 from participants.stomp_headers import InvalidHeader, frame_headers
+
+stomp_log.install()  # stomp.py logs CONNECT frames at DEBUG: never with the passcode
 
 AckMode = Literal["auto", "client-individual"]
 

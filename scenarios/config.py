@@ -20,6 +20,12 @@ and how to talk to the broker::
     TWOPC_STOMP_TLS                          1: STOMP over TLS, the certificate verified
     TWOPC_STOMP_CA                           the certificate (PEM) to trust with TLS
 
+The lab's connection strings name its libpq password file (``passfile=``), so
+no PostgreSQL password is in them; ``twopc lab env`` also exports it as
+``PGPASSFILE`` for ``psql``. Your own servers' strings may do the same, or
+rely on ``PGPASSFILE``/``~/.pgpass`` (a ``password=`` in a string is masked
+wherever twopc shows one, but is visible to whoever reads the environment).
+
 and, for operations::
 
     TWOPC_BROKER_CONFIG   the broker's activemq.xml, which 'twopc doctor' reads
@@ -54,6 +60,7 @@ STOMP_PASSWORD = "TWOPC_STOMP_PASSWORD"
 STOMP_TLS = "TWOPC_STOMP_TLS"
 STOMP_CA = "TWOPC_STOMP_CA"
 STOMP_TLS_ADDRESS = "TWOPC_STOMP_TLS_ADDRESS"  # exported by 'twopc lab env', for reference
+PGPASSFILE = "PGPASSFILE"  # libpq's password file; 'twopc lab env' exports the lab's
 BROKER_CONFIG = "TWOPC_BROKER_CONFIG"
 METRICS_PORT = "TWOPC_METRICS_PORT"
 DECISIONS = "TWOPC_DECISIONS"

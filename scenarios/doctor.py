@@ -17,6 +17,11 @@ What is checked, and why twopc needs it:
   a browse the broker cuts short is refused rather than trusted;
 * link stealing off on the STOMP connectors: fencing relies on the broker
   refusing a second connection with a client-id a live one holds;
+* no ``trust`` on each database (a login with no password at all is refused;
+  a superuser reads ``pg_hba_file_rules`` instead; over a Unix socket, where
+  peer and trust look alike, it says it cannot check), and the role twopc
+  logs in as is no superuser: with either, any local user or anyone with the
+  password runs shell commands as the server (``COPY ... TO PROGRAM``);
 * clock skew between this host and each PostgreSQL: the age of a prepared
   branch (``twopc indoubt``, the metrics) is PostgreSQL's ``prepared`` time
   against this host's clock;
@@ -33,7 +38,7 @@ import secrets
 import stat
 import time
 import xml.etree.ElementTree as ET
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -154,6 +159,62 @@ def database_login_check(database: str, setting: str, dsn: str, error: str | Non
         f"check {setting}: host, port, user, dbname, password (or ~/.pgpass) and "
         "pg_hba.conf; for the lab run 'twopc lab up'",
     )
+
+
+OWN_SERVERS_DOC = "docs/own-servers.md"
+NO_PASSFILE = "/nonexistent/.pgpass"  # a passfile libpq finds absent, quietly (/dev/null: warns)
+
+
+def superuser_check(database: str, setting: str, role: str, superuser: bool) -> Check:
+    """Whether the role twopc logs in as is a superuser (it needs not be, and should not)."""
+    name = f"superuser ({database})"
+    detail = f"database {database} ({setting}): role {role!r} is "
+    if not superuser:
+        return _ok(name, detail + "not a superuser")
+    return _finding(
+        name,
+        detail + "a superuser: whoever logs in as it runs shell commands as the server's OS "
+        "user (COPY ... TO PROGRAM) and reads every database",
+        f"connect as a role without SUPERUSER that owns twopc's tables and holds REPLICATION "
+        f"(CDC), CREATEDB (tests) and pg_signal_backend (fencing); see {OWN_SERVERS_DOC}",
+    )
+
+
+def password_required_check(
+    database: str,
+    setting: str,
+    dsn: str,
+    let_in: bool | None,
+    *,
+    reason: str = "",
+    trust_rules: Sequence[str] = (),
+) -> Check:
+    """Whether the server asks for a password: ``let_in`` is what a login attempt without
+    any password did (None: the attempt could not tell, ``reason`` says why); with
+    ``trust_rules`` (pg_hba.conf's, when the role may read them) those are the evidence."""
+    name = f"password required ({database})"
+    where = f"database {database} ({setting}, {describe_dsn(dsn)})"
+    fix = (
+        "replace 'trust' by 'scram-sha-256' in pg_hba.conf (host and local lines), give "
+        "the roles passwords, and reload PostgreSQL (SELECT pg_reload_conf()); twopc then "
+        "reads its password from the connection string, PGPASSFILE or ~/.pgpass"
+    )
+    if trust_rules:
+        return _finding(
+            name,
+            f"{where}: pg_hba.conf trusts without a password: {'; '.join(trust_rules)}",
+            fix,
+        )
+    if let_in is None:
+        return Check(name, Status.SKIPPED, f"{where}: cannot check ({reason})")
+    if let_in:
+        return _finding(
+            name,
+            f"{where} let this role in without any password (trust): every local user "
+            "can log in as it",
+            fix,
+        )
+    return _ok(name, f"{where} asks for a password")
 
 
 def broker_login_check(address: str, error: str | None) -> Check:
@@ -412,7 +473,7 @@ def _first_line(exc: BaseException) -> str:
     return redact(lines[-1] if lines else type(exc).__name__)
 
 
-def _database_checks(
+def database_checks(
     database: str, setting: str, dsn: str, concurrency: int, max_skew: float
 ) -> list[Check]:
     try:
@@ -430,7 +491,49 @@ def _database_checks(
         if database == "a":
             checks.append(wal_level_check(database, setting, row[2]))
         checks.append(clock_skew_check(database, setting, _skew(conn), max_skew))
+        role = conn.execute(
+            "SELECT current_user::text, rolsuper FROM pg_roles WHERE rolname = current_user"
+        ).fetchone()
+        assert role is not None
+        checks.append(superuser_check(database, setting, role[0], bool(role[1])))
+        checks.append(_password_check(database, setting, dsn, conn))
     return checks
+
+
+def _password_check(database: str, setting: str, dsn: str, conn: psycopg.Connection[Any]) -> Check:
+    """pg_hba.conf's trust rules if this role may read them, else a login with no password."""
+    try:
+        rows = conn.execute(
+            "SELECT line_number, type, database::text, user_name::text, address"
+            " FROM pg_hba_file_rules WHERE auth_method = 'trust' AND error IS NULL"
+        ).fetchall()
+    except psycopg.errors.InsufficientPrivilege:
+        pass  # only superusers (and whom they grant it) read pg_hba_file_rules
+    else:
+        rules = [f"line {r[0]}: {r[1]} {r[2]} {r[3]} {r[4] or ''}".strip() for r in rows]
+        return password_required_check(database, setting, dsn, bool(rules), trust_rules=rules)
+    info = psycopg.conninfo.conninfo_to_dict(dsn)
+    host = str(info.get("host") or "")
+    if not host or host.startswith("/") or host.startswith("@"):
+        return password_required_check(
+            database,
+            setting,
+            dsn,
+            None,
+            reason="twopc connects over a Unix socket, where peer authentication (safe) and "
+            "trust (not) both let a login in without a password; a superuser can tell them "
+            "apart in pg_hba_file_rules",
+        )
+    # The same login with no password at all: none given, none from PGPASSWORD or a passfile.
+    info.update(password="", passfile=NO_PASSFILE, connect_timeout="5")
+    try:
+        psycopg.connect(**info).close()  # type: ignore[arg-type]
+    except psycopg.OperationalError as exc:
+        text = str(exc)
+        if "password" in text or "authentication" in text:
+            return password_required_check(database, setting, dsn, False)
+        return password_required_check(database, setting, dsn, None, reason=_first_line(exc))
+    return password_required_check(database, setting, dsn, True)
 
 
 def _skew(conn: psycopg.Connection[Any]) -> float:
@@ -488,8 +591,8 @@ def run_checks(
     """Every check against the servers and files ``settings`` name, in a fixed order."""
     steps: Iterable[Callable[[], list[Check]]] = (
         lambda: [_state_folder(settings.home)],
-        lambda: _database_checks("a", "TWOPC_PG_A", settings.pg_a, concurrency, max_skew),
-        lambda: _database_checks("b", "TWOPC_PG_B", settings.pg_b, concurrency, max_skew),
+        lambda: database_checks("a", "TWOPC_PG_A", settings.pg_a, concurrency, max_skew),
+        lambda: database_checks("b", "TWOPC_PG_B", settings.pg_b, concurrency, max_skew),
         lambda: _broker_checks(settings),
         lambda: broker_config_checks(settings.broker_config),
     )

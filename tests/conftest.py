@@ -15,6 +15,7 @@ import subprocess
 import tempfile
 import time
 from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -31,6 +32,8 @@ from scenarios.lab.services import (
     PG_B,
     STOMP_TLS_SETTING,
     Lab,
+    admin_connect,
+    pg_dsn,
     postgres_bindir,
 )
 from scenarios.log_setup import configure as configure_logging
@@ -129,45 +132,62 @@ def broker_control(lab: Lab) -> Iterator[BrokerControl]:
     lab.start_service("activemq")
 
 
-@pytest.fixture
-def server_without_prepared_transactions(lab: Lab) -> Iterator[str]:
-    """A real PostgreSQL started with max_prepared_transactions = 0 (as a user's may be)."""
-    home = Path(tempfile.mkdtemp(prefix="twopc-mpt0-", dir="/tmp"))
+@contextmanager
+def spare_postgres(*options: str, hba: str | None = None) -> Iterator[Lab]:
+    """A PostgreSQL of its own (cluster A of a lab in a temporary home) started with the
+    server ``options`` and, if given, ``hba`` as its pg_hba.conf; stopped afterwards."""
+    home = Path(tempfile.mkdtemp(prefix="twopc-spare-pg-", dir="/tmp"))
     home.chmod(0o755)
-    port = free_port()
     env = {
         **os.environ,
         "TWOPC_HOME": str(home),
-        "TWOPC_LAB_PG_A_PORT": str(port),
+        "TWOPC_LAB_PG_A_PORT": str(free_port()),
         "TWOPC_LAB_PG_B_PORT": str(free_port()),
         "TWOPC_LAB_STOMP_PORT": str(free_port()),
         "TWOPC_LAB_OPENWIRE_PORT": str(free_port()),
     }
-    zero = Lab(home, env)
+    spare = Lab(home, env)
     assert postgres_bindir()
-    zero.start_service("pg-a")  # initdb and a first start, then the same cluster with 0:
-    zero.stop_service("pg-a")
+    spare.start_service("pg-a")  # initdb, the roles, then the same cluster as asked:
+    spare.stop_service("pg-a")
     data = home / "pg-a" / "data"
-    user = zero._lab_user()
+    if hba is not None:
+        (data / "pg_hba.conf").write_text(hba)
+    user = spare._lab_user()
     run_as = {"user": user.pw_uid, "group": user.pw_gid, "extra_groups": []} if user else {}
     server = subprocess.Popen(
-        [str(postgres_bindir() / "postgres"), "-D", str(data), "-c", "max_prepared_transactions=0"],
+        [str(postgres_bindir() / "postgres"), "-D", str(data), *options],
         stdout=subprocess.DEVNULL,
         stderr=subprocess.DEVNULL,
         start_new_session=True,
         **run_as,
     )
-    dsn = f"host=127.0.0.1 port={port} user=twopc dbname=postgres connect_timeout=2"
     deadline = time.monotonic() + 30
     while True:
         try:
-            psycopg.connect(dsn).close()
+            admin_connect(spare.ports.pg_a, spare.credentials().pg_admin_password).close()
             break
         except psycopg.OperationalError:
             if time.monotonic() > deadline:
                 raise
             time.sleep(0.2)
-    yield dsn
-    server.send_signal(signal.SIGINT)
-    server.wait(timeout=30)
-    shutil.rmtree(home, ignore_errors=True)
+    try:
+        yield spare
+    finally:
+        server.send_signal(signal.SIGINT)
+        server.wait(timeout=30)
+        shutil.rmtree(home, ignore_errors=True)
+
+
+@pytest.fixture
+def server_without_prepared_transactions(lab: Lab) -> Iterator[str]:
+    """A real PostgreSQL started with max_prepared_transactions = 0 (as a user's may be)."""
+    with spare_postgres("-c", "max_prepared_transactions=0") as spare:
+        yield pg_dsn(spare.ports.pg_a, spare.home, dbname="postgres", timeout=2)
+
+
+@pytest.fixture
+def trusting_server(lab: Lab) -> Iterator[Lab]:
+    """A real PostgreSQL whose pg_hba.conf trusts every connection from 127.0.0.1."""
+    with spare_postgres(hba="host all all 127.0.0.1/32 trust\n") as spare:
+        yield spare

@@ -1,5 +1,6 @@
 """twopc doctor: each check's finding names the fix; the command passes on the lab and fails,
-naming the fix, on a PostgreSQL without prepared transactions."""
+naming the fix, on a PostgreSQL without prepared transactions, or trusting, or logged in to
+as a superuser."""
 
 from __future__ import annotations
 
@@ -14,7 +15,7 @@ import pytest
 
 from scenarios import doctor
 from scenarios.doctor import Status
-from scenarios.lab.services import ACTIVEMQ_XML, Lab
+from scenarios.lab.services import ACTIVEMQ_XML, DB_ADMIN, Lab, pg_dsn
 
 TWOPC = [sys.executable, "-m", "scenarios.cli"]
 
@@ -200,7 +201,13 @@ def test_doctor_passes_on_the_lab(lab: Lab) -> None:
     assert report["ok"] is True
     statuses = {c["check"]: c["status"] for c in report["checks"]}
     assert set(statuses.values()) == {"ok"}
-    for name in ("max_prepared_transactions (a)", "broker journal sync", "link stealing (broker)"):
+    for name in (
+        "max_prepared_transactions (a)",
+        "broker journal sync",
+        "link stealing (broker)",
+        "superuser (a)",
+        "password required (b)",
+    ):
         assert name in statuses
 
 
@@ -219,3 +226,61 @@ def test_doctor_fails_naming_the_fix_without_prepared_transactions(
     assert "set max_prepared_transactions = 64" in lines[at + 1]
     assert any(line.startswith("ok   max_prepared_transactions (b)") for line in lines)
     assert "finding(s)" in lines[-1]
+
+
+def test_superuser_role_is_a_finding_naming_the_rights_to_give_instead() -> None:
+    """A superuser login is a finding that says which rights a plain role needs instead."""
+    check = doctor.superuser_check("a", "TWOPC_PG_A", "postgres", True)
+    assert check.failed and "COPY ... TO PROGRAM" in check.detail
+    assert "REPLICATION" in check.fix and "pg_signal_backend" in check.fix
+    assert not doctor.superuser_check("a", "TWOPC_PG_A", "twopc", False).failed
+
+
+def test_password_check_verdicts() -> None:
+    """Let in without a password, or trust rules seen: finding; asked for one: ok; else skip."""
+    dsn = "host=db port=5 dbname=x password=hunter2"
+    let_in = doctor.password_required_check("a", "TWOPC_PG_A", dsn, True)
+    assert let_in.failed and "trust" in let_in.detail and "scram-sha-256" in let_in.fix
+    rules = doctor.password_required_check(
+        "a", "TWOPC_PG_A", dsn, True, trust_rules=["line 3: host all all 127.0.0.1/32"]
+    )
+    assert rules.failed and "line 3" in rules.detail
+    assert doctor.password_required_check("a", "TWOPC_PG_A", dsn, False).status is Status.OK
+    unknown = doctor.password_required_check("a", "TWOPC_PG_A", dsn, None, reason="socket")
+    assert unknown.status is Status.SKIPPED and "cannot check (socket)" in unknown.detail
+    for check in (let_in, rules, unknown):
+        assert "hunter2" not in check.detail + check.fix
+
+
+@pytest.mark.lab
+def test_doctor_flags_trust_and_a_superuser_login(trusting_server: Lab) -> None:
+    """Against a trusting PostgreSQL logged in to as its superuser, doctor exits 1 with both
+    findings for that database (pg_hba.conf's trust rule named) and their fixes."""
+    port = trusting_server.ports.pg_a
+    dsn = f"host=127.0.0.1 port={port} user={DB_ADMIN} dbname=postgres connect_timeout=2"
+    env = {**os.environ, "TWOPC_PG_A": dsn}
+    result = subprocess.run(
+        [*TWOPC, "doctor", "--json"], capture_output=True, text=True, env=env, check=False
+    )
+    assert result.returncode == 1, result.stdout + result.stderr
+    checks = {c["check"]: c for c in json.loads(result.stdout)["checks"]}
+    assert checks["superuser (a)"]["status"] == "FAIL"
+    assert "pg_signal_backend" in checks["superuser (a)"]["fix"]
+    trust = checks["password required (a)"]
+    assert trust["status"] == "FAIL" and "127.0.0.1" in trust["detail"]
+    assert "scram-sha-256" in trust["fix"]
+    assert checks["superuser (b)"]["status"] == "ok"
+    assert checks["password required (b)"]["status"] == "ok"
+
+
+@pytest.mark.lab
+def test_doctor_finds_trust_by_a_login_without_password_as_a_plain_role(
+    trusting_server: Lab,
+) -> None:
+    """As twopc (no superuser, so no pg_hba_file_rules), a login with no password gets in:
+    a finding; the lab's own server, asking for a password, is ok."""
+    plain = pg_dsn(trusting_server.ports.pg_a, trusting_server.home, dbname="postgres")
+    checks = {c.name: c for c in doctor.database_checks("a", "TWOPC_PG_A", plain, 1, 5.0)}
+    assert checks["password required (a)"].failed
+    assert "without any password" in checks["password required (a)"].detail
+    assert not checks["superuser (a)"].failed

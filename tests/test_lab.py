@@ -14,7 +14,14 @@ from pathlib import Path
 
 import pytest
 
-from scenarios.lab.services import Lab, LabError, pg_answers, processes_of, stomp_connect_ok
+from scenarios.lab.services import (
+    PASSFILE,
+    Lab,
+    LabError,
+    pg_answers,
+    processes_of,
+    stomp_connect_ok,
+)
 from tests.conftest import free_port
 
 pytestmark = pytest.mark.lab
@@ -47,7 +54,7 @@ def test_up_restarts_a_killed_service(lab: Lab, service: str) -> None:
             "127.0.0.1", lab.ports.stomp, login=login.stomp_user, passcode=login.stomp_password
         )
     else:
-        assert pg_answers(lab.ports.pg_a)
+        assert pg_answers(lab.ports.pg_a, lab.credentials().pg_admin_password)
 
 
 def test_status_json_lists_three_services_up(lab: Lab) -> None:
@@ -76,6 +83,21 @@ def test_env_output_is_usable_by_eval(lab: Lab) -> None:
     ).stdout.split()
     assert int(out[0]) >= 100
     assert out[1] == f"127.0.0.1:{lab.ports.stomp}"
+
+
+def test_psql_reaches_the_lab_with_what_lab_env_exports(lab: Lab) -> None:
+    """After eval "$(twopc lab env)", psql logs in by PGPASSFILE; no password in the strings."""
+    script = (
+        f'eval "$({" ".join(TWOPC)} lab env)" && '
+        f'psql -w -h 127.0.0.1 -p {lab.ports.pg_a} -U twopc -d twopc -Atc "SELECT current_user" '
+        '&& psql -w "$TWOPC_PG_B" -Atc "SELECT current_user" && echo "$TWOPC_PG_A"'
+    )
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("TWOPC_PG", "PGPASS"))}
+    out = subprocess.run(
+        ["bash", "-c", script], capture_output=True, text=True, check=True, env=env
+    ).stdout.splitlines()
+    assert out[:2] == ["twopc", "twopc"]
+    assert "password" not in out[2] and f"passfile={lab.home / PASSFILE}" in out[2]
 
 
 @pytest.fixture
@@ -147,10 +169,16 @@ def test_up_upgrades_a_running_lab_without_credentials(spare_home: Path) -> None
     lab.up()
     old = lab.credentials()
     broker_pid = pids(lab)["activemq"]
-    (spare_home / "credentials.json").unlink()  # as a state folder from before the login
+    # As a state folder from before the broker's login: only the clusters' passwords.
+    kept = json.loads((spare_home / "credentials.json").read_text())
+    for name in ("stomp_user", "stomp_password", "keystore_password"):
+        del kept[name]
+    (spare_home / "credentials.json").write_text(json.dumps(kept))
     statuses = {s.name: s for s in lab.up()}
     new = lab.credentials()
     assert new.stomp_user != old.stomp_user and new.stomp_password != old.stomp_password
+    assert new.pg_admin_password == old.pg_admin_password
+    assert [s.state for s in statuses.values()] == ["up", "up", "up"]
     assert statuses["activemq"].pid not in (None, broker_pid)
     assert statuses["activemq"].state == "up"
     assert ((spare_home / "credentials.json").stat().st_mode & 0o777) == 0o600
@@ -160,3 +188,31 @@ def test_up_upgrades_a_running_lab_without_credentials(spare_home: Path) -> None
         "127.0.0.1", stomp, login=old.stomp_user, passcode=old.stomp_password
     )
     assert stomp_connect_ok("127.0.0.1", stomp, login=new.stomp_user, passcode=new.stomp_password)
+
+
+def test_credentials_from_before_the_postgres_passwords_are_completed(spare_home: Path) -> None:
+    """An older credentials.json keeps its broker login and gains the clusters' passwords."""
+    old = {"stomp_user": "twopc-abc", "stomp_password": "p" * 20, "keystore_password": "k" * 20}
+    (spare_home / "credentials.json").write_text(json.dumps(old))
+    credentials = Lab(spare_home, spare_env(spare_home)).credentials()
+    assert (credentials.stomp_user, credentials.stomp_password) == ("twopc-abc", "p" * 20)
+    assert len({credentials.pg_password, credentials.pg_admin_password}) == 2
+    assert json.loads((spare_home / "credentials.json").read_text())["pg_password"]
+    passfile = spare_home / PASSFILE
+    assert (passfile.stat().st_mode & 0o777) == 0o600
+    assert f"127.0.0.1:*:*:twopc:{credentials.pg_password}" in passfile.read_text()
+
+
+def test_up_refuses_a_cluster_an_older_lab_made_with_trust(spare_home: Path) -> None:
+    """A cluster whose pg_hba.conf trusts is refused, saying what to run; nothing starts."""
+    data = spare_home / "pg-a" / "data"
+    data.mkdir(parents=True)
+    (data / "PG_VERSION").write_text("15\n")
+    (data / "pg_hba.conf").write_text("host all all 127.0.0.1/32 trust\n")
+    with pytest.raises(LabError) as info:
+        Lab(spare_home, spare_env(spare_home)).up()
+    message = str(info.value)
+    assert "without a password" in message and "superuser" in message
+    assert "twopc lab down" in message and f"rm -rf {spare_home / 'pg-a'}" in message
+    assert "twopc lab up" in message
+    assert list(processes_of(spare_home)) == []

@@ -1,11 +1,16 @@
-"""Security on the lab: the broker login, STOMP over TLS, private files, no secret in output."""
+"""Security on the lab: the logins, STOMP over TLS, private files, no secret in output or logs,
+PostgreSQL without trust or a superuser for twopc, the broker not running as root."""
 
 from __future__ import annotations
 
 import dataclasses
 import grp
+import io
+import logging
 import os
+import pwd
 import secrets
+import shutil
 import ssl
 import stat
 import subprocess
@@ -14,7 +19,10 @@ import time
 import uuid
 from pathlib import Path
 
+import psycopg
 import pytest
+import structlog
+from psycopg import errors as pg_errors
 
 from coordinator.errors import ConfigurationError
 from coordinator.states import Outcome
@@ -24,13 +32,17 @@ from scenarios.lab.services import (
     ACTIVEMQ_HOME,
     CERTIFICATE,
     CREDENTIALS_FILE,
+    DB_ADMIN,
     LAB_USER,
+    PASSFILE,
     Lab,
     LabError,
     activemq_jar,
     java_binary,
     make_self_signed,
+    trusting_rules,
 )
+from scenarios.log_setup import configure as configure_logging
 from scenarios.wiring import open_coordinator, open_stomp
 
 pytestmark = pytest.mark.lab
@@ -292,7 +304,7 @@ def test_settings_repr_shows_no_password() -> None:
 
 def test_no_password_in_any_output(settings: Settings, lab: Lab) -> None:
     """Passwords from TWOPC_PG_A/B and TWOPC_STOMP_PASSWORD appear in no output of twopc."""
-    pg_secret = f"pg-{secrets.token_hex(8)}"  # the lab trusts local users: it is never checked
+    pg_secret = lab.credentials().pg_password  # the right one, in the strings themselves
     env = {
         **os.environ,
         "TWOPC_PG_A": f"{settings.pg_a} password={pg_secret}",
@@ -319,3 +331,127 @@ def test_no_password_in_any_output(settings: Settings, lab: Lab) -> None:
     assert transfer.returncode == 0, transfer.stderr
     assert '"committed": 5' in transfer.stdout
     assert "tpc." in transfer.stderr  # the DEBUG events were there to be searched
+
+
+def test_no_secret_in_any_log_line_at_debug(
+    settings: Settings, lab: Lab, capfd: pytest.CaptureFixture[str]
+) -> None:
+    """With the root logger and twopc's events at DEBUG, no log line carries a lab password."""
+    credentials = lab.credentials()
+    passwords = [
+        credentials.stomp_password,
+        credentials.keystore_password,
+        credentials.pg_password,
+        credentials.pg_reader_password,
+        credentials.pg_admin_password,
+    ]
+    captured = io.StringIO()
+    handler = logging.StreamHandler(captured)
+    handler.setFormatter(logging.Formatter("%(name)s %(levelname)s %(message)s"))
+    root = logging.getLogger()
+    before = root.level, logging.getLogger("stomp.py").level, structlog.get_config()
+    configure_logging("DEBUG")  # its output goes to this test's captured stderr
+    logging.getLogger("stomp.py").setLevel(logging.NOTSET)  # as the root logger says
+    root.addHandler(handler)
+    root.setLevel(logging.DEBUG)
+    errors = []
+    try:
+        lab.up()  # the lab's own logins (its superuser's) and status
+        with open_coordinator(settings, sessions=1) as coordinator, coordinator.transaction() as tx:
+            tx.send(QUEUE, uuid.uuid4().hex, {"test": "log-secrets"})
+        with pytest.raises(BrokerLoginRefused) as refused:
+            open_stomp(dataclasses.replace(settings, stomp_password=f"x{passwords[0]}"))
+        errors.append(str(refused.value))
+        with_password = f"{settings.pg_a} password={credentials.pg_password} dbname=nowhere"
+        with pytest.raises(Exception) as unreachable:
+            open_coordinator(dataclasses.replace(settings, pg_a=with_password), sessions=1)
+        errors.append(str(unreachable.value))
+    finally:
+        root.removeHandler(handler)
+        root.setLevel(before[0])
+        logging.getLogger("stomp.py").setLevel(before[1])
+        structlog.configure(**before[2])  # not this test's stderr, closed once it ends
+    assert tx.outcome is Outcome.COMMITTED
+    out, err = capfd.readouterr()
+    text = "\n".join([captured.getvalue(), out, err, *errors])
+    assert "sending frame" in text and "CONNECT" in text  # stomp.py's DEBUG lines were there
+    assert "tpc." in text  # and twopc's DEBUG events
+    for password in passwords:
+        assert password not in text
+
+
+# -- PostgreSQL: passwords for everyone, no superuser for twopc -------------------------
+
+
+def test_the_clusters_let_no_connection_in_without_a_password(lab: Lab) -> None:
+    """pg_hba.conf has no trust rule, and a session without the passfile is refused."""
+    for service in ("pg-a", "pg-b"):
+        hba = lab.home / service / "data" / "pg_hba.conf"
+        assert trusting_rules(hba) == []
+        assert "scram-sha-256" in hba.read_text()
+    for user in ("twopc", DB_ADMIN):
+        dsn = f"host=127.0.0.1 port={lab.ports.pg_a} user={user} dbname=postgres"
+        with pytest.raises(psycopg.OperationalError, match="password"):
+            psycopg.connect(dsn, passfile="/nonexistent", connect_timeout=5).close()
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="switching to user nobody needs root")
+def test_another_os_user_cannot_connect_to_the_labs_postgres(lab: Lab) -> None:
+    """User nobody's psql, as twopc or the lab's superuser, is asked for a password and refused."""
+    psql = shutil.which("psql")
+    assert psql is not None
+    address = ["-h", "127.0.0.1", "-p", str(lab.ports.pg_a), "-d", "postgres"]
+    for user in ("twopc", DB_ADMIN):
+        result = subprocess.run(
+            ["runuser", "-u", "nobody", "--", psql, "-w", *address, "-U", user, "-c", "SELECT 1"],
+            capture_output=True,
+            text=True,
+            env={"PATH": os.environ["PATH"], "PGPASSFILE": str(lab.home / PASSFILE)},
+            check=False,
+        )
+        assert result.returncode == 2, result.stdout
+        assert "no password supplied" in result.stderr
+
+
+def test_twopc_is_no_superuser_and_cannot_run_programs(settings: Settings) -> None:
+    """The coordinator's role is no superuser: COPY ... TO PROGRAM is permission denied."""
+    for dsn in (settings.pg_a, settings.pg_b):
+        with psycopg.connect(dsn, autocommit=True) as conn:
+            row = conn.execute(
+                "SELECT rolsuper FROM pg_roles WHERE rolname = current_user"
+            ).fetchone()
+            assert row == (False,)
+            with pytest.raises(pg_errors.InsufficientPrivilege, match="external program"):
+                conn.execute("COPY (SELECT 1) TO PROGRAM 'id'")
+
+
+def test_twopc_holds_what_fencing_and_cdc_need(settings: Settings) -> None:
+    """twopc ends another twopc session, and makes, reads, advances and drops a logical slot."""
+    slot = f"security_{uuid.uuid4().hex[:8]}"
+    with psycopg.connect(settings.pg_a, autocommit=True) as victim:
+        pid = victim.info.backend_pid
+        with psycopg.connect(settings.pg_a, autocommit=True) as conn:
+            assert conn.execute("SELECT pg_terminate_backend(%s, 5000)", (pid,)).fetchone() == (
+                True,
+            )
+            conn.execute("SELECT pg_create_logical_replication_slot(%s, 'test_decoding')", (slot,))
+            try:
+                conn.execute("SELECT * FROM pg_logical_slot_peek_changes(%s, NULL, 10)", (slot,))
+                conn.execute(
+                    "SELECT pg_replication_slot_advance(%s, pg_current_wal_lsn())", (slot,)
+                )
+            finally:
+                conn.execute("SELECT pg_drop_replication_slot(%s)", (slot,))
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="the lab switches users only when run as root")
+def test_broker_runs_as_the_lab_user_not_root(lab: Lab) -> None:
+    """The ActiveMQ JVM's real and effective uid are the lab user's, and it owns its files."""
+    pid = {s.name: s.pid for s in lab.status()}["activemq"]
+    assert pid is not None
+    status = Path(f"/proc/{pid}/status").read_text().splitlines()
+    uids = next(line for line in status if line.startswith("Uid:")).split()[1:]
+    lab_uid = pwd.getpwnam(LAB_USER).pw_uid
+    assert [int(u) for u in uids] == [lab_uid] * 4  # real, effective, saved, filesystem
+    for path in ("activemq", "activemq/data", "activemq/conf/activemq.xml", "activemq/broker.p12"):
+        assert (lab.home / path).stat().st_uid == lab_uid

@@ -3,7 +3,12 @@
 Everything lives in the state folder (``TWOPC_HOME``, default ``./.twopc``)::
 
     lab.json                 ports chosen at the first ``up``
-    credentials.json         the broker's user and password, the keystore password (0600)
+    credentials.json         the broker's user and password, the keystore password, and
+                             the PostgreSQL passwords (twopc, twopc_batch_reader, and
+                             the lab's own superuser twopc_admin) (0600)
+    pgpass                   libpq password file for twopc and twopc_batch_reader (0600);
+                             the lab's connection strings name it (``passfile=``) and
+                             ``twopc lab env`` exports it as ``PGPASSFILE``
     pg-a/data, pg-b/data     the clusters (owned by an unprivileged user when run as root)
     pg-a/server.log, ...     their logs
     activemq/conf            broker configuration (STOMP, STOMP+TLS and OpenWire, each
@@ -14,10 +19,17 @@ Everything lives in the state folder (``TWOPC_HOME``, default ``./.twopc``)::
     run/<service>.json       pid and process start time of what ``up`` started
 
 The state folder is 0700, the activemq folder too, and credentials.json 0600.
-When twopc runs as root, PostgreSQL runs as ``twopc-lab`` and must traverse
-the state folder to reach its clusters: the folder is then 0710 with group
-``twopc-lab`` -- that user may pass through it, nobody else may even do that,
-and only root reads or lists it. The clusters' folders belong to ``twopc-lab``.
+When twopc runs as root, PostgreSQL and the broker run as ``twopc-lab`` and must
+traverse the state folder to reach their files: the folder is then 0710 with
+group ``twopc-lab`` -- that user may pass through it, nobody else may even do
+that, and only root reads or lists it. The clusters' folders and the activemq
+folder belong to ``twopc-lab``; credentials.json and pgpass stay root's.
+
+Every connection to the clusters authenticates with a password (SCRAM, host
+and local): nobody else on the machine gets in. ``twopc`` is no superuser: it
+owns the ``twopc`` database and holds what the coordinator, the relays and CDC
+need (REPLICATION, CREATEDB, pg_signal_backend). initdb and the roles are the
+work of ``twopc_admin``, a superuser only the lab itself logs in as.
 
 ``up`` is idempotent and restarts what died (stale pid files are recognised by
 the process start time); ``down`` stops exactly the processes it recorded.
@@ -40,15 +52,17 @@ import stat
 import subprocess
 import time
 from collections.abc import Iterator, Mapping
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, fields, replace
 from pathlib import Path
 from typing import Any
 
 import psycopg
+from psycopg import sql
 
 from coordinator.errors import TwoPhaseCommitError
 from scenarios.config import (
     BROKER_CONFIG,
+    PGPASSFILE,
     STOMP_CA,
     STOMP_PASSWORD,
     STOMP_TLS,
@@ -59,9 +73,12 @@ from scenarios.config import (
 )
 from scenarios.lab import procfs
 
-LAB_USER = "twopc-lab"  # the unprivileged user PostgreSQL runs as when twopc runs as root
+LAB_USER = "twopc-lab"  # the unprivileged user the services run as when twopc runs as root
 DB_USER = "twopc"
 DB_NAME = "twopc"
+DB_ADMIN = "twopc_admin"  # the clusters' superuser: initdb, roles, databases; the lab only
+READER_USER = "twopc_batch_reader"  # the batch job's read-only role (scenarios.transfer.schema)
+PASSFILE = "pgpass"
 ACTIVEMQ_JAR = Path("/usr/share/activemq/bin/activemq.jar")
 ACTIVEMQ_HOME = Path("/usr/share/activemq")
 
@@ -133,36 +150,82 @@ def resolve_ports(home: Path, env: Mapping[str, str]) -> Ports:
     )
 
 
-def pg_dsn(port: int) -> str:
-    return f"host=127.0.0.1 port={port} user={DB_USER} dbname={DB_NAME} connect_timeout=5"
+def pg_dsn(port: int, home: Path, *, dbname: str = DB_NAME, timeout: int = 5) -> str:
+    """The lab's connection string as ``twopc``: the password comes from the lab's
+    passfile (never in the string itself, so never in ps, logs or messages)."""
+    return psycopg.conninfo.make_conninfo(
+        host="127.0.0.1",
+        port=str(port),
+        user=DB_USER,
+        dbname=dbname,
+        passfile=str(home / PASSFILE),
+        connect_timeout=str(timeout),
+    )
+
+
+def _password() -> str:
+    return secrets.token_urlsafe(24)
 
 
 @dataclass(frozen=True)
 class Credentials:
-    """The secrets ``up`` generates: the broker's one user, and the keystore's password."""
+    """The secrets ``up`` generates: the broker's one user, the keystore's password, and
+    the PostgreSQL roles' passwords (``twopc``, the batch reader, the lab's superuser)."""
 
-    stomp_user: str
-    stomp_password: str = field(repr=False)
-    keystore_password: str = field(repr=False)
+    stomp_user: str = ""
+    stomp_password: str = field(default="", repr=False)
+    keystore_password: str = field(default="", repr=False)
+    pg_password: str = field(default="", repr=False)
+    pg_reader_password: str = field(default="", repr=False)
+    pg_admin_password: str = field(default="", repr=False)
 
-    @classmethod
-    def generate(cls) -> Credentials:
-        return cls(
-            stomp_user=f"twopc-{secrets.token_hex(3)}",
-            stomp_password=secrets.token_urlsafe(24),
-            keystore_password=secrets.token_urlsafe(24),
+    @property
+    def has_broker_login(self) -> bool:
+        return bool(self.stomp_user and self.stomp_password and self.keystore_password)
+
+    def completed(self) -> Credentials:
+        """These credentials with whatever is missing generated (an older lab's file lacks
+        the PostgreSQL passwords, or the broker's login: that is made anew as a whole)."""
+        broker = (
+            self
+            if self.has_broker_login
+            else replace(
+                self,
+                stomp_user=f"twopc-{secrets.token_hex(3)}",
+                stomp_password=_password(),
+                keystore_password=_password(),
+            )
+        )
+        return replace(
+            broker,
+            pg_password=self.pg_password or _password(),
+            pg_reader_password=self.pg_reader_password or _password(),
+            pg_admin_password=self.pg_admin_password or _password(),
         )
 
 
 def read_credentials(home: Path) -> Credentials | None:
-    """The lab's credentials, or None before the first ``up`` (or from an older lab)."""
+    """The lab's credentials, or None before the first ``up``.
+
+    What an older lab's file lacks is empty (``up`` adds it).
+    """
     try:
         data = json.loads((home / CREDENTIALS_FILE).read_text())
-        return Credentials(
-            str(data["stomp_user"]), str(data["stomp_password"]), str(data["keystore_password"])
-        )
-    except (OSError, ValueError, KeyError, TypeError):
+        names = [f.name for f in fields(Credentials)]
+        return Credentials(**{name: str(data.get(name) or "") for name in names})
+    except (OSError, ValueError, TypeError, AttributeError):
         return None
+
+
+def passfile_text(credentials: Credentials) -> str:
+    """The libpq password file: the lab's two client roles on 127.0.0.1, any port/database."""
+    return "".join(
+        f"127.0.0.1:*:*:{user}:{password}\n"
+        for user, password in (
+            (DB_USER, credentials.pg_password),
+            (READER_USER, credentials.pg_reader_password),
+        )
+    )
 
 
 def write_private(path: Path, text: str) -> None:
@@ -179,8 +242,9 @@ def lab_settings(home: Path, env: Mapping[str, str], *, tls: bool | None = None)
     """The connection settings that point at the lab in ``home``.
 
     The four addresses; ``TWOPC_STOMP_TLS_ADDRESS`` (the TLS connector); once
-    ``up`` made them, the login (``TWOPC_STOMP_USER``, ``TWOPC_STOMP_PASSWORD``)
-    and the certificate to trust (``TWOPC_STOMP_CA``). With ``tls`` (default:
+    ``up`` made them, the login (``TWOPC_STOMP_USER``, ``TWOPC_STOMP_PASSWORD``),
+    the certificate to trust (``TWOPC_STOMP_CA``) and the PostgreSQL password
+    file (``PGPASSFILE``, which the two connection strings also name). With ``tls`` (default:
     ``TWOPC_STOMP_TLS`` of ``env``), ``TWOPC_STOMP`` is the TLS connector.
     """
     if tls is None:
@@ -188,8 +252,8 @@ def lab_settings(home: Path, env: Mapping[str, str], *, tls: bool | None = None)
     ports = resolve_ports(home, env)
     tls_address = f"127.0.0.1:{ports.stomp_tls}"
     values = {
-        "TWOPC_PG_A": pg_dsn(ports.pg_a),
-        "TWOPC_PG_B": pg_dsn(ports.pg_b),
+        "TWOPC_PG_A": pg_dsn(ports.pg_a, home),
+        "TWOPC_PG_B": pg_dsn(ports.pg_b, home),
         "TWOPC_STOMP": tls_address if tls else f"127.0.0.1:{ports.stomp}",
         "TWOPC_OPENWIRE": f"127.0.0.1:{ports.openwire}",
         STOMP_TLS_ADDRESS: tls_address,
@@ -200,6 +264,8 @@ def lab_settings(home: Path, env: Mapping[str, str], *, tls: bool | None = None)
     if credentials is not None:
         values[STOMP_USER] = credentials.stomp_user
         values[STOMP_PASSWORD] = credentials.stomp_password
+    if (home / PASSFILE).exists():  # for psql and other libpq clients: psql -h 127.0.0.1 ...
+        values[PGPASSFILE] = str(home / PASSFILE)
     if (home / CERTIFICATE).exists():
         values[STOMP_CA] = str(home / CERTIFICATE)
     if (home / BROKER_XML).exists():
@@ -278,15 +344,34 @@ def stomp_connect_ok(
         return False
 
 
-def pg_answers(port: int) -> bool:
-    """True when the server on ``port`` runs SQL (asked in the always-present 'postgres')."""
-    dsn = f"host=127.0.0.1 port={port} user={DB_USER} dbname=postgres connect_timeout=2"
+def admin_connect(port: int, password: str, *, timeout: int = 2) -> psycopg.Connection[Any]:
+    """An autocommit session as the lab's superuser, in the always-present 'postgres'.
+
+    The password goes to libpq as a keyword: it is in no connection string that a
+    message or a log could show.
+    """
+    dsn = f"host=127.0.0.1 port={port} user={DB_ADMIN} dbname=postgres connect_timeout={timeout}"
+    return psycopg.connect(dsn, password=password, autocommit=True)
+
+
+def pg_answers(port: int, admin_password: str) -> bool:
+    """True when the server on ``port`` runs SQL for the lab's superuser."""
     try:
-        with psycopg.connect(dsn) as c:
+        with admin_connect(port, admin_password) as c:
             c.execute("SELECT 1")
         return True
     except psycopg.Error:
         return False
+
+
+def trusting_rules(hba: Path) -> list[str]:
+    """The lines of a pg_hba.conf that let a connection in without a password."""
+    try:
+        lines = hba.read_text().splitlines()
+    except OSError:
+        return []
+    rules = [line.split("#", 1)[0].split() for line in lines]
+    return [" ".join(rule) for rule in rules if "trust" in rule]
 
 
 # -- binaries ----------------------------------------------------------------
@@ -532,6 +617,8 @@ class Lab:
         whose configuration changed.
         """
         self._prepare_home()
+        for service in (PG_A, PG_B):
+            self._refuse_trusting_cluster(service)
         self.run_dir.mkdir(exist_ok=True)
         if self._write_broker_files() and self._running(BROKER):
             self._stop(BROKER, timeout=60)  # started with an older configuration
@@ -586,6 +673,8 @@ class Lab:
             self._check_ports_free([service])
             self._start(service)
         self._wait_ready(service, time.monotonic() + timeout)
+        if service is not BROKER:
+            self._ensure_roles(service)
 
     # -- helpers ----------------------------------------------------------
 
@@ -622,19 +711,33 @@ class Lab:
             ) from exc
 
     def credentials(self) -> Credentials:
-        """The lab's credentials, generated (0600) if the state folder has none yet."""
+        """The lab's credentials, generated (0600) if the state folder has none yet.
+
+        A file from before the PostgreSQL passwords gets them added (the broker's
+        login is kept). The passfile is (re)written from them.
+        """
         existing = read_credentials(self.home)
         path = self.home / CREDENTIALS_FILE
-        if existing is not None:
-            if path.stat().st_mode & 0o077:
-                path.chmod(0o600)
-            return existing
-        created = Credentials.generate()
-        # A keystore left from other credentials cannot be opened with the new password.
-        for leftover in (KEYSTORE, CERTIFICATE):
-            (self.home / leftover).unlink(missing_ok=True)
-        write_private(path, json.dumps(asdict(created), indent=2) + "\n")
-        return created
+        if not (existing and existing.pg_admin_password):
+            self._refuse_unreachable_clusters()
+        credentials = (existing or Credentials()).completed()
+        if existing is None or not existing.has_broker_login:
+            # A keystore left from other credentials cannot be opened with the new password.
+            for leftover in (KEYSTORE, CERTIFICATE):
+                (self.home / leftover).unlink(missing_ok=True)
+        if credentials != existing:
+            write_private(path, json.dumps(asdict(credentials), indent=2) + "\n")
+        elif path.stat().st_mode & 0o077:
+            path.chmod(0o600)
+        passfile = self.home / PASSFILE
+        text = passfile_text(credentials)
+        try:
+            current = passfile.read_text() if not passfile.stat().st_mode & 0o077 else None
+        except OSError:
+            current = None
+        if current != text:
+            write_private(passfile, text)
+        return credentials
 
     def _write_broker_files(self) -> bool:
         """Credentials, keystore, certificate and activemq.xml; True if the XML changed."""
@@ -683,8 +786,8 @@ class Lab:
         return record is not None and record.alive()
 
     def _answers(self, service: Service) -> bool:
+        credentials = read_credentials(self.home)
         if service is BROKER:
-            credentials = read_credentials(self.home)
             return stomp_connect_ok(
                 "127.0.0.1",
                 self.ports.stomp,
@@ -692,7 +795,9 @@ class Lab:
                 login=credentials.stomp_user if credentials else None,
                 passcode=credentials.stomp_password if credentials else None,
             )
-        return pg_answers(self.ports.of(service))
+        if credentials is None or not credentials.pg_admin_password:
+            return False
+        return pg_answers(self.ports.of(service), credentials.pg_admin_password)
 
     def _check_ports_free(self, services: list[Service]) -> None:
         checks: list[tuple[int, str, str]] = [
@@ -808,30 +913,12 @@ class Lab:
         run_as: dict[str, Any] = (
             {"user": user.pw_uid, "group": user.pw_gid, "extra_groups": []} if user else {}
         )
+        credentials = self.credentials()
         if not (data / "PG_VERSION").exists():
             if data.exists():
                 shutil.rmtree(data)  # a half-made cluster from an interrupted initdb
-            result = subprocess.run(
-                [
-                    str(bindir / "initdb"),
-                    "-D",
-                    str(data),
-                    "-U",
-                    DB_USER,
-                    "--auth=trust",
-                    "-E",
-                    "UTF8",
-                    "--locale=C",
-                    "--no-instructions",
-                ],
-                capture_output=True,
-                text=True,
-                cwd=base,
-                check=False,
-                **run_as,
-            )
-            if result.returncode != 0:
-                raise LabError(f"initdb for {service.label} failed:\n{result.stderr.strip()}")
+            self._initdb(service, bindir, run_as, credentials.pg_admin_password)
+        self._refuse_trusting_cluster(service)
         conf = data / "postgresql.auto.conf"
         conf.write_text(PG_CONF.format(port=self.ports.of(service)))
         if user is not None:
@@ -854,16 +941,117 @@ class Lab:
         _STARTED.append(proc)
         self._write_pid(service, proc.pid)
 
+    def _initdb(
+        self, service: Service, bindir: Path, run_as: Mapping[str, Any], password: str
+    ) -> None:
+        """A new cluster whose superuser is the lab's own, every login by password (SCRAM)."""
+        base = self._pg_dir(service)
+        pwfile = base / ".initdb-password"
+        write_private(pwfile, password + "\n")  # read by initdb: not on its command line
+        if run_as:
+            os.chown(pwfile, run_as["user"], run_as["group"])
+        try:
+            result = subprocess.run(
+                [
+                    str(bindir / "initdb"),
+                    "-D",
+                    str(base / "data"),
+                    "-U",
+                    DB_ADMIN,
+                    f"--pwfile={pwfile}",
+                    "--auth=scram-sha-256",  # host and local alike: no trust, no peer
+                    "-E",
+                    "UTF8",
+                    "--locale=C",
+                    "--no-instructions",
+                ],
+                capture_output=True,
+                text=True,
+                cwd=base,
+                check=False,
+                **run_as,
+            )
+        finally:
+            pwfile.unlink(missing_ok=True)
+        if result.returncode != 0:
+            raise LabError(f"initdb for {service.label} failed:\n{result.stderr.strip()}")
+
+    def _refuse_unreachable_clusters(self) -> None:
+        """Clusters whose superuser's password is lost with credentials.json are refused."""
+        for service in (PG_A, PG_B):
+            data = self._pg_dir(service) / "data"
+            if (data / "PG_VERSION").exists() and not trusting_rules(data / "pg_hba.conf"):
+                raise LabError(
+                    f"{self.home / CREDENTIALS_FILE} has no password for the superuser of "
+                    f"{service.label}'s cluster in {data}, which asks for one: the lab cannot "
+                    f"log in to it. Run 'twopc lab down', then 'rm -rf {self._pg_dir(PG_A)} "
+                    f"{self._pg_dir(PG_B)}', then 'twopc lab up' to make new clusters"
+                )
+
+    def _refuse_trusting_cluster(self, service: Service) -> None:
+        """An older lab's cluster (trust, ``twopc`` a superuser) cannot be fixed in place."""
+        data = self._pg_dir(service) / "data"
+        if (data / "PG_VERSION").exists() and trusting_rules(data / "pg_hba.conf"):
+            raise LabError(
+                f"{service.label}'s cluster in {data} was made by an older lab: it lets every "
+                f"local connection in without a password and its '{DB_USER}' is a superuser, "
+                "which cannot be changed in place. Its data is the lab's test data: run "
+                f"'twopc lab down', then 'rm -rf {self._pg_dir(PG_A)} {self._pg_dir(PG_B)}', "
+                "then 'twopc lab up' to make new clusters with passwords"
+            )
+
     def _ensure_databases(self) -> None:
         for service in (PG_A, PG_B):
-            port = self.ports.of(service)
-            dsn = pg_dsn(port).replace(f"dbname={DB_NAME}", "dbname=postgres")
-            with psycopg.connect(dsn, autocommit=True) as conn:
+            self._ensure_roles(service)
+
+    def _ensure_roles(self, service: Service) -> None:
+        """``twopc`` (no superuser; what twopc needs), the batch reader, the database.
+
+        Run as the lab's superuser at every start: passwords follow credentials.json.
+        The passwords reach the server as SCRAM verifiers made here, never in clear.
+        """
+        credentials = self.credentials()
+        with admin_connect(self.ports.of(service), credentials.pg_admin_password) as conn:
+
+            def verifier(user: str, password: str) -> sql.Literal:
+                hashed = conn.pgconn.encrypt_password(
+                    password.encode(), user.encode(), b"scram-sha-256"
+                )
+                return sql.Literal(hashed.decode())
+
+            roles = (
+                (DB_USER, credentials.pg_password, "NOSUPERUSER REPLICATION CREATEDB"),
+                (READER_USER, credentials.pg_reader_password, "NOSUPERUSER"),
+            )
+            for user, password, attributes in roles:
                 exists = conn.execute(
-                    "SELECT 1 FROM pg_database WHERE datname = %s", (DB_NAME,)
+                    "SELECT 1 FROM pg_roles WHERE rolname = %s", (user,)
                 ).fetchone()
-                if not exists:
-                    conn.execute(f"CREATE DATABASE {DB_NAME}")
+                verb = sql.SQL("ALTER" if exists else "CREATE")
+                conn.execute(
+                    sql.SQL("{} ROLE {} WITH LOGIN {} PASSWORD {}").format(
+                        verb,
+                        sql.Identifier(user),
+                        sql.SQL(attributes),
+                        verifier(user, password),
+                    )
+                )
+            # Fencing ends a dead peer's sessions (pg_terminate_backend).
+            conn.execute(sql.SQL("GRANT pg_signal_backend TO {}").format(sql.Identifier(DB_USER)))
+            conn.execute(
+                sql.SQL("ALTER ROLE {} SET default_transaction_read_only = on").format(
+                    sql.Identifier(READER_USER)
+                )
+            )
+            exists = conn.execute(
+                "SELECT 1 FROM pg_database WHERE datname = %s", (DB_NAME,)
+            ).fetchone()
+            if not exists:
+                conn.execute(
+                    sql.SQL("CREATE DATABASE {} OWNER {}").format(
+                        sql.Identifier(DB_NAME), sql.Identifier(DB_USER)
+                    )
+                )
 
     # ActiveMQ
 
@@ -876,6 +1064,11 @@ class Lab:
         self._write_broker_files()
         data.mkdir(parents=True, exist_ok=True)
         (conf / "log4j.properties").write_text(LOG4J_PROPERTIES.format(log=base / "activemq.log"))
+        user = self._lab_user()
+        run_as: dict[str, Any] = {}
+        if user is not None:  # the JVM runs as the lab user, never as root
+            _chown_tree(base, user)
+            run_as = {"user": user.pw_uid, "group": user.pw_gid, "extra_groups": []}
         command = [
             java,
             "-Xms64m",
@@ -900,6 +1093,7 @@ class Lab:
                 stderr=log,
                 cwd=base,
                 start_new_session=True,
+                **run_as,
             )
         finally:
             log.close()
@@ -960,6 +1154,14 @@ class Lab:
             time.sleep(0.05)
         self._pid_file(service).unlink(missing_ok=True)
         return True
+
+
+def _chown_tree(root: Path, user: pwd.struct_passwd) -> None:
+    """Give ``root`` and everything under it to ``user`` (what is theirs already is skipped)."""
+    for path in [root, *root.rglob("*")]:
+        info = path.lstat()
+        if (info.st_uid, info.st_gid) != (user.pw_uid, user.pw_gid):
+            os.lchown(path, user.pw_uid, user.pw_gid)
 
 
 def processes_of(home: Path) -> Iterator[int]:

@@ -123,8 +123,8 @@ AUDIT = [
 
 
 #: The role the batch job reads A as: SELECT on batch_export only, and every transaction
-#: read-only by default (the chapter's "open the database read-only"). The lab trusts
-#: local connections, so the role has no password here; a real A would give it one.
+#: read-only by default (the chapter's "open the database read-only"). The lab makes
+#: it (with a password in its passfile); elsewhere the reset makes it, without one.
 BATCH_READER = "twopc_batch_reader"
 
 # Database A: what the batch strategy's writer records beside the debit, for the batch
@@ -146,10 +146,10 @@ BATCH_A = [
     f"""DO $$ BEGIN
         IF NOT EXISTS (SELECT FROM pg_roles WHERE rolname = '{BATCH_READER}') THEN
             CREATE ROLE {BATCH_READER} LOGIN;
+            ALTER ROLE {BATCH_READER} SET default_transaction_read_only = on;
         END IF;
     EXCEPTION WHEN duplicate_object OR unique_violation THEN NULL;
     END $$""",
-    f"ALTER ROLE {BATCH_READER} SET default_transaction_read_only = on",
     f"REVOKE ALL ON ALL TABLES IN SCHEMA public FROM {BATCH_READER}",
     f"GRANT USAGE ON SCHEMA public TO {BATCH_READER}",
     f"GRANT SELECT ON batch_export TO {BATCH_READER}",
