@@ -40,7 +40,7 @@ import psycopg
 import pytest
 from hypothesis import HealthCheck, event, settings
 from hypothesis import strategies as st
-from hypothesis.stateful import run_state_machine_as_test
+from hypothesis.stateful import initialize, run_state_machine_as_test
 
 from coordinator import failpoints
 from coordinator.log.file import FileDecisionLog
@@ -249,6 +249,13 @@ class LabCommitUnderCrashes(CommitUnderCrashes):
         }
         super().__init__()
         self.log = self._open_log()
+
+    @initialize()
+    def first_start(self) -> None:
+        """The first coordinator; its first transfer has its broker sessions cut by the
+        broker before its COMMIT, so that every run meets that cut whatever it draws."""
+        super().first_start()
+        self.transfer(1, 1, True, Fault("mq", "before_broker_commit", "cut"))
 
     # -- the hooks of CommitUnderCrashes ---------------------------------------------
 
