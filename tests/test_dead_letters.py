@@ -10,6 +10,7 @@ pass through.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import subprocess
@@ -353,13 +354,18 @@ def test_a_consumer_that_cannot_go_on_stops_the_transfer_command_with_one_line(
         assert time.monotonic() - started < 60, "the command waited for a dead consumer"
 
         pipeline = Pipeline(settings, "status").start()
-        put(settings, scenario.CREDIT_QUEUE, [credit("no-inbox")])
-        wait_for(lambda: bool(pipeline.failures()), 30, "the consumer's failure")
-        with pytest.raises(WorkerFailed, match="consumer-0 stopped: ConsumerFailed"):
-            pipeline.check()
-        assert pipeline.alive()[0] is False
-        with pytest.raises(WorkerFailed, match="UndefinedTable"):
-            pipeline.stop()
+        try:
+            put(settings, scenario.CREDIT_QUEUE, [credit("no-inbox")])
+            wait_for(lambda: bool(pipeline.failures()), 30, "the consumer's failure")
+            with pytest.raises(WorkerFailed, match="consumer-0 stopped: ConsumerFailed"):
+                pipeline.check()
+            # The error is kept just before the thread returns: wait for its end.
+            wait_for(lambda: not pipeline.alive()[0], 10, "the consumer thread's end")
+            with pytest.raises(WorkerFailed, match="UndefinedTable"):
+                pipeline.stop()
+        finally:
+            with contextlib.suppress(WorkerFailed):
+                pipeline.stop()  # the relay too: a relay left running takes later tests' rows
     finally:
         fresh(settings)
 

@@ -336,7 +336,9 @@ def test_broker_down_fills_the_failure_log_and_outbox_retry_delivers(
         run_writers(settings, new_strategy(strategy_name), 30, concurrency=4)
         wait_for(lambda: len(list_failures(settings.pg_a)) == 30, 30, "the failure log")
         relay = pipeline.relay_workers()[0].runner
-        assert relay is not None and relay.stats.failed == 30  # type: ignore[union-attr]
+        assert relay is not None
+        # The relay counts a batch just after it logged its failure: wait for the count.
+        wait_for(lambda: relay.stats.failed == 30, 5, "30 failures counted by the relay")  # type: ignore[union-attr]
         listed = subprocess.run(
             [sys.executable, "-m", "scenarios.cli", "outbox", "failed", "--json"],
             capture_output=True,
