@@ -178,6 +178,18 @@ def test_lazy_records_become_durable_with_the_next_forced_write(tmp_path: Path) 
         assert b"tx-lazy" in disk.durable and b"tx-old" in disk.durable
 
 
+def test_opening_makes_what_it_read_durable_before_anyone_acts_on_it(tmp_path: Path) -> None:
+    """Records a dead process wrote but never synced are synced by the next open."""
+    path = tmp_path / "decisions.log"
+    dead = FileDecisionLog(path, fsync=Disk().fsync)
+    dead.log_commit("tx-unsynced", ["pg-a", "pg-b"], force=False)  # in the page cache only
+    dead.abandon()
+    disk = Disk()
+    with FileDecisionLog(path, fsync=disk.fsync) as log:
+        assert log.pending() == {"tx-unsynced": ("pg-a", "pg-b")}
+        assert b"tx-unsynced" in disk.durable  # synced before pending() could be acted on
+
+
 # -- torn tails and corruption --------------------------------------------------------
 
 

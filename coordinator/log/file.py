@@ -298,7 +298,11 @@ class FileDecisionLog:
                     dropped_bytes=len(data) - found.end,
                 )
                 os.ftruncate(fd, found.end)
-                self._force(fd)
+            # Recovery acts on what this reads, so it must be durable first: a process
+            # that died leaves its unforced records in the page cache, and a power loss
+            # after this restart would drop a COMMIT that recovery had already carried
+            # out in one branch (docs/design.md §6, "Opening the log").
+            self._force(fd)
         except BaseException:
             os.close(fd)
             raise
