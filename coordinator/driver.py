@@ -26,6 +26,7 @@ from functools import partial
 from structlog.contextvars import bound_contextvars
 
 from coordinator import events
+from coordinator.compat import sleep
 from coordinator.errors import (
     CommitRefused,
     DecisionLogError,
@@ -322,7 +323,7 @@ def _commit_prepared(tx: Transaction, branch: XABranch, cfg: DriverConfig) -> No
             tx.log.info(
                 events.PHASE2_RETRY, participant=branch.name, attempt=attempt, error=str(exc)
             )
-            time.sleep(cfg.phase2_backoff * attempt)
+            sleep(cfg.phase2_backoff * attempt)
             continue
         tx.log.debug(events.PHASE2_COMMITTED, participant=branch.name)
         cfg.failpoint("after_commit_prepared")

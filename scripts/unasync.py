@@ -1,11 +1,22 @@
 """Generate the synchronous modules from their asyncio source (httpcore's unasync approach).
 
-The commit sequence and the transaction's work API are written once, for
-asyncio, in ``coordinator/aio/``; this script writes their synchronous
-counterparts by dropping ``async``/``await`` and mapping asyncio names to
-their thread counterparts. ``tests/test_unasync.py`` fails when a generated
-file is not current. Run ``python scripts/unasync.py`` after editing a source
-(``--check`` only reports).
+Every module that exists for threads and for asyncio is written once, for
+asyncio; this script writes its synchronous counterpart by dropping
+``async``/``await`` and mapping the asyncio names to their thread counterparts.
+The names that differ at run time live in :mod:`coordinator.compat` (as
+psycopg's ``_acompat.py``): an ``A``-prefixed name there is the asyncio one,
+the same name without the prefix its thread counterpart.
+
+The generator is strict, so that a source and its output cannot drift apart
+unnoticed:
+
+- a substitution that no source uses is an error (a renamed class would
+  otherwise leave a stale rule behind, or a rule would silently stop applying);
+- its output is formatted by the ruff version pinned in ``pyproject.toml``
+  and by no other: with another one installed it refuses to run;
+- ``tests/test_unasync.py`` fails while any generated file is not current.
+
+Run ``python scripts/unasync.py`` after editing a source (``--check`` only reports).
 """
 
 from __future__ import annotations
@@ -13,6 +24,7 @@ from __future__ import annotations
 import re
 import subprocess
 import sys
+from collections import Counter
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -35,7 +47,6 @@ NAMES = {
     "AsyncCursor": "Cursor",
     "__aenter__": "__enter__",
     "__aexit__": "__exit__",
-    "asyncio.sleep": "time.sleep",
 }
 
 #: Modules imported from: the asyncio one -> the synchronous one (import lines only).
@@ -43,15 +54,20 @@ MODULES = {
     "coordinator.aio.runtime": "coordinator.runtime",
     "coordinator.aio.transaction": "coordinator.transaction",
 }
+# ``from coordinator.compat import ...`` stays as it is: the shim defines both names.
 
 #: Syntax replacements (regular expressions), applied after the names.
-SYNTAX = [
-    (r"\basync def\b", "def"),
-    (r"\basync with\b", "with"),
-    (r"\basync for\b", "for"),
-    (r"\bawait ", ""),
-    (r"^import asyncio\n", ""),
-]
+SYNTAX = {
+    r"\basync def\b": "def",
+    r"\bawait ": "",
+}
+
+#: The runtime shim: its asyncio names and their thread twins.
+COMPAT_MODULE = ROOT / "coordinator" / "compat.py"
+
+
+class GeneratorError(Exception):
+    """The sources and the rules do not fit: a rule unused, the wrong formatter."""
 
 
 def header(source: str) -> str:
@@ -61,15 +77,69 @@ def header(source: str) -> str:
     )
 
 
-def unasync(text: str) -> str:
-    """The synchronous text of an asyncio module (before formatting)."""
-    for old, new in NAMES.items():
-        text = re.sub(rf"(?<!\w){re.escape(old)}\b", new, text)
-    for old, new in MODULES.items():
-        text = re.sub(rf"^from {re.escape(old)} import", f"from {new} import", text, flags=re.M)
-    for pattern, new in SYNTAX:
-        text = re.sub(pattern, new, text, flags=re.MULTILINE)
-    return text
+def compat_names() -> dict[str, str]:
+    """The shim's pairs: ``ALock`` -> ``Lock``, ``aspawn`` -> ``spawn``, for each
+    asyncio name it defines whose thread twin it defines too."""
+    text = COMPAT_MODULE.read_text()
+    defined = set(re.findall(r"^(?:class |def |async def )?([A-Za-z]\w*)\b", text, flags=re.M))
+    return {
+        name: name[1:]
+        for name in sorted(defined)
+        if name[0] in "Aa" and name[1:] in defined and name[1:2].isalpha()
+    }
+
+
+class Unasync:
+    """The rules, applied to any number of sources, counting which of them applied."""
+
+    def __init__(self) -> None:
+        self.used: Counter[str] = Counter()
+        self.compat = compat_names()
+
+    def _sub(self, rule: str, pattern: str, new: str, text: str, flags: int = 0) -> str:
+        text, count = re.subn(pattern, new, text, flags=flags)
+        self.used[rule] += count
+        return text
+
+    def unasync(self, text: str) -> str:
+        """The synchronous text of an asyncio module (before formatting)."""
+        for old, new in NAMES.items():
+            text = self._sub(old, rf"(?<!\w){re.escape(old)}\b", new, text)
+        for old, new in MODULES.items():
+            text = self._sub(
+                old, rf"^from {re.escape(old)} import", f"from {new} import", text, re.M
+            )
+        for old, new in self.compat.items():
+            text = self._sub(old, rf"(?<![\w.]){re.escape(old)}\b", new, text)
+        for pattern, new in SYNTAX.items():
+            text = self._sub(pattern, pattern, new, text, re.M)
+        return text
+
+    def unused(self) -> list[str]:
+        """The rules that changed nothing in any source."""
+        rules = [*NAMES, *MODULES, *self.compat, *SYNTAX]
+        return [rule for rule in rules if not self.used[rule]]
+
+
+def pinned_ruff() -> str:
+    """The ruff version pyproject.toml pins (``ruff==X.Y.Z``)."""
+    match = re.search(r'"ruff==([\w.]+)"', (ROOT / "pyproject.toml").read_text())
+    if match is None:
+        raise GeneratorError('pyproject.toml must pin the formatter: "ruff==X.Y.Z" in dev')
+    return match.group(1)
+
+
+def check_ruff() -> None:
+    """Refuse to format with any ruff but the pinned one: the output would differ."""
+    done = subprocess.run(
+        [sys.executable, "-m", "ruff", "--version"], capture_output=True, text=True, check=False
+    )
+    found = done.stdout.split()[-1] if done.returncode == 0 and done.stdout else "none"
+    if found != pinned_ruff():
+        raise GeneratorError(
+            f"the generated files are formatted by ruff {pinned_ruff()} (pyproject.toml); this "
+            f"environment has ruff {found}: run `make setup` (or pip install ruff=={pinned_ruff()})"
+        )
 
 
 def _ruff(args: list[str], text: str, filename: str) -> str:
@@ -82,22 +152,40 @@ def _ruff(args: list[str], text: str, filename: str) -> str:
         check=False,
     )
     if done.returncode not in (0, 1) or not done.stdout:
-        raise RuntimeError(f"ruff {' '.join(args)} failed on {filename}: {done.stderr}")
+        raise GeneratorError(f"ruff {' '.join(args)} failed on {filename}: {done.stderr}")
     return done.stdout
 
 
-def generate(source: str, target: str) -> str:
+def generate(rules: Unasync, source: str, target: str) -> str:
     """The generated text of ``target`` from ``source``: unasynced, imports sorted, formatted."""
-    text = header(source) + unasync((ROOT / source).read_text())
+    text = header(source) + rules.unasync((ROOT / source).read_text())
     text = _ruff(["check", "--fix", "--select", "I,F401", "--quiet", "--exit-zero"], text, target)
     return _ruff(["format", "--quiet"], text, target)
 
 
+def generate_all() -> dict[str, str]:
+    """Every target's text; raises GeneratorError if a rule went unused."""
+    check_ruff()
+    rules = Unasync()
+    texts = {target: generate(rules, source, target) for source, target in FILES.items()}
+    unused = rules.unused()
+    if unused:
+        raise GeneratorError(
+            "substitutions that no source uses (remove them from scripts/unasync.py): "
+            + ", ".join(unused)
+        )
+    return texts
+
+
 def main(argv: list[str]) -> int:
     check = "--check" in argv
+    try:
+        texts = generate_all()
+    except GeneratorError as exc:
+        print(f"unasync: error: {exc}", file=sys.stderr)
+        return 2
     stale = []
-    for source, target in FILES.items():
-        text = generate(source, target)
+    for target, text in texts.items():
         path = ROOT / target
         if path.exists() and path.read_text() == text:
             continue

@@ -34,18 +34,6 @@ EXAMPLES = ROOT / "docs" / "examples"
 SCHEMA = "CREATE TABLE IF NOT EXISTS {table} (id text PRIMARY KEY, amount integer NOT NULL)"
 
 
-def test_generated_sync_modules_are_current() -> None:
-    """coordinator/driver.py and coordinator/transaction.py are what scripts/unasync.py makes."""
-    done = subprocess.run(
-        [sys.executable, "scripts/unasync.py", "--check"],
-        cwd=ROOT,
-        capture_output=True,
-        text=True,
-        check=False,
-    )
-    assert done.returncode == 0, done.stdout + done.stderr
-
-
 def rows(dsn: str, table: str, key: str) -> list[tuple[Any, ...]]:
     with psycopg.connect(dsn) as conn:
         return conn.execute(f"SELECT id, amount FROM {table} WHERE id = %s", (key,)).fetchall()

@@ -18,7 +18,6 @@ and :mod:`coordinator.runtime`, under the same names.
 
 from __future__ import annotations
 
-import asyncio
 import time
 from functools import partial
 
@@ -27,6 +26,7 @@ from structlog.contextvars import bound_contextvars
 from coordinator import events
 from coordinator.aio.runtime import AsyncDriverConfig, run_each, run_parallel
 from coordinator.aio.transaction import AsyncTransaction
+from coordinator.compat import asleep
 from coordinator.errors import (
     CommitRefused,
     DecisionLogError,
@@ -333,7 +333,7 @@ async def _commit_prepared(
             tx.log.info(
                 events.PHASE2_RETRY, participant=branch.name, attempt=attempt, error=str(exc)
             )
-            await asyncio.sleep(cfg.phase2_backoff * attempt)
+            await asleep(cfg.phase2_backoff * attempt)
             continue
         tx.log.debug(events.PHASE2_COMMITTED, participant=branch.name)
         cfg.failpoint("after_commit_prepared")
