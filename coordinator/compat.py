@@ -11,8 +11,13 @@ thread one, and the generator maps the first to the second (as psycopg's
 from __future__ import annotations
 
 import asyncio
+import threading
 import time
 
 #: Wait ``seconds`` without blocking the loop / the thread.
 asleep = asyncio.sleep
 sleep = time.sleep
+
+#: A lock shared by the tasks / the threads that use one resource.
+ALock = asyncio.Lock
+Lock = threading.Lock
