@@ -35,7 +35,7 @@ import psycopg
 from psycopg import errors as pg_errors
 from psycopg import generators, pq
 
-from coordinator.compat import Lock
+from coordinator.compat import Lock, matches_api
 from coordinator.errors import (
     CommitRefused,
     ConfigurationError,
@@ -188,6 +188,11 @@ class PostgresResource:
         if isinstance(dsn, str):
             self.dsn = dsn
         elif hasattr(dsn, "getconn") and hasattr(dsn, "putconn"):
+            if not matches_api(dsn.getconn):
+                raise ConfigurationError(
+                    f"PostgreSQL {name!r}: {type(dsn).__name__} is a pool of the other API; "
+                    "PostgresResource takes a psycopg_pool.ConnectionPool"
+                )
             self._pool = dsn  # type: ignore[assignment]
             self.dsn = str(getattr(dsn, "conninfo", ""))
         elif callable(dsn):

@@ -13,6 +13,7 @@ import psycopg
 import pytest
 from hypothesis import given
 from hypothesis import strategies as st
+from psycopg_pool import AsyncConnectionPool, ConnectionPool
 
 from coordinator.errors import CommitRefused, HeuristicMixed, ParticipantError, PrepareFailed
 from coordinator.protocol import LastResource, XAResource
@@ -97,56 +98,77 @@ class BlockingHarness:
         self.portal.run(branch.conn.execute(statement))
 
 
+#: The PostgreSQL participants: sync and asyncio, over a connection string and over the
+#: application's pool (psycopg_pool.ConnectionPool / AsyncConnectionPool).
+POSTGRES_PARAMS = [
+    pytest.param(kind, marks=pytest.mark.lab)
+    for kind in ("postgres", "postgres-asyncio", "postgres-pool", "postgres-asyncio-pool")
+]
+
+
 @pytest.fixture(
     params=[
         "fake",
         "fake-asyncio",
-        pytest.param("postgres", marks=pytest.mark.lab),
-        pytest.param("postgres-asyncio", marks=pytest.mark.lab),
+        *POSTGRES_PARAMS,
     ]
 )
 def xa(request: pytest.FixtureRequest) -> Iterator[XAHarness]:
     yield from harness_for(request)
 
 
-@pytest.fixture(
-    params=[
-        pytest.param("postgres", marks=pytest.mark.lab),
-        pytest.param("postgres-asyncio", marks=pytest.mark.lab),
-    ]
-)
+@pytest.fixture(params=POSTGRES_PARAMS)
 def pg(request: pytest.FixtureRequest) -> Iterator[Any]:
     """Every PostgreSQL participant (sync and asyncio), for the checks of what SQL did."""
     yield from harness_for(request)
 
 
+#: The size of the application's pool in the pool variants: two branches at once and
+#: the recovery calls' borrowed connection fit.
+POOL_SIZE = 4
+
+
 def harness_for(request: pytest.FixtureRequest) -> Iterator[Any]:
-    """The harness for ``request.param``: a fake or PostgreSQL, sync or asyncio."""
-    if request.param.startswith("fake"):
+    """The harness for ``request.param``: a fake or PostgreSQL, sync or asyncio, over a
+    connection string or the application's pool."""
+    pooled = request.param.endswith("-pool")
+    kind = request.param.removesuffix("-pool")
+    if kind.startswith("fake"):
         harness: Any = FakeHarness(FakeResource("a"))
     else:
         settings: Settings = request.getfixturevalue("settings")
         with psycopg.connect(settings.pg_a, autocommit=True) as conn:
             conn.execute("CREATE TABLE IF NOT EXISTS conformance (k text PRIMARY KEY)")
         harness = PostgresHarness(PostgresResource("a", settings.pg_a))
-    if not request.param.endswith("asyncio"):
-        yield harness
-        harness.resource.close()
+    if not kind.endswith("asyncio"):
+        if not pooled:
+            yield harness
+            harness.resource.close()
+            return
+        with ConnectionPool(harness.resource.dsn, max_size=POOL_SIZE) as pool:
+            yield PostgresHarness(PostgresResource("a", pool))
         return
-    # The same checks on the asyncio resource: begin and the branch's calls are awaited
-    # through the portal; recover and the by-xid calls are its sync recovery view's.
+    # The same checks on the asyncio resource: every call of the resource and of its
+    # branches (recover and the by-xid calls included) is awaited through the portal.
     portal = Portal()
+    async_pool: AsyncConnectionPool[Any] | None = None
     if isinstance(harness, FakeHarness):
         aio: Any = AsyncFakeResource(harness.resource)
+        recovery = aio.recovery_resource()
+        resource = Blocking(portal, aio)
+        resource.recover = recovery.recover
+        resource.commit_recovered = recovery.commit_recovered
+        resource.rollback_recovered = recovery.rollback_recovered
+    elif pooled:
+        async_pool = AsyncConnectionPool(harness.resource.dsn, max_size=POOL_SIZE, open=False)
+        portal.run(async_pool.open())
+        resource = Blocking(portal, AsyncPostgresResource("a", async_pool))
     else:
-        aio = AsyncPostgresResource("a", harness.resource.dsn)
-    resource = Blocking(portal, aio)
-    recovery = aio.recovery_resource()
-    resource.recover = recovery.recover
-    resource.commit_recovered = recovery.commit_recovered
-    resource.rollback_recovered = recovery.rollback_recovered
+        resource = Blocking(portal, AsyncPostgresResource("a", harness.resource.dsn))
     yield BlockingHarness(harness, resource, portal)
-    portal.run(aio.close())
+    portal.run(resource._target.close())
+    if async_pool is not None:
+        portal.run(async_pool.close())
     portal.close()
 
 

@@ -34,7 +34,7 @@ import psycopg
 from psycopg import errors as pg_errors
 from psycopg import generators, pq
 
-from coordinator.compat import ALock
+from coordinator.compat import ALock, amatches_api
 from coordinator.errors import (
     CommitRefused,
     ConfigurationError,
@@ -192,6 +192,11 @@ class AsyncPostgresResource:
         if isinstance(dsn, str):
             self.dsn = dsn
         elif hasattr(dsn, "getconn") and hasattr(dsn, "putconn"):
+            if not amatches_api(dsn.getconn):
+                raise ConfigurationError(
+                    f"PostgreSQL {name!r}: {type(dsn).__name__} is a pool of the other API; "
+                    "AsyncPostgresResource takes a psycopg_pool.AsyncConnectionPool"
+                )
             self._pool = dsn  # type: ignore[assignment]
             self.dsn = str(getattr(dsn, "conninfo", ""))
         elif callable(dsn):
