@@ -15,7 +15,13 @@ from hypothesis import given
 from hypothesis import strategies as st
 from psycopg_pool import AsyncConnectionPool, ConnectionPool
 
-from coordinator.errors import CommitRefused, HeuristicMixed, ParticipantError, PrepareFailed
+from coordinator.errors import (
+    CommitRefused,
+    HeuristicMixed,
+    InvalidTransition,
+    ParticipantError,
+    PrepareFailed,
+)
 from coordinator.protocol import LastResource, XAResource
 from coordinator.states import Vote
 from coordinator.xid import FORMAT_ID, Xid
@@ -550,3 +556,62 @@ def test_one_phase_commit_of_an_ended_or_failed_transaction_is_refused(
     assert isinstance(refused.value, ParticipantError) and refused.value.gtrid == xid.gtrid
     branch.release()
     assert not pg.visible(xid.gtrid)
+
+
+def sessions_named(dsn: str, application_name: str) -> int:
+    """How many sessions of the server carry ``application_name``."""
+    with psycopg.connect(dsn, autocommit=True) as conn:
+        row = conn.execute(
+            "SELECT count(*) FROM pg_stat_activity WHERE application_name = %s",
+            (application_name,),
+        ).fetchone()
+    return int(row[0]) if row else 0
+
+
+@pytest.mark.lab
+@pytest.mark.parametrize("api", ["sync", "asyncio"])
+def test_every_session_of_the_resource_carries_its_application_name(
+    settings: Settings, api: str
+) -> None:
+    """The branch's session and recovery's carry the resource's application_name, so that
+    fencing by that name (docs/design.md §4) ends them all, on both APIs."""
+    app = f"conf-app-{secrets.token_hex(4)}"
+    xid = new_xid()
+    if api == "sync":
+        resource = PostgresResource("a", settings.pg_a, application_name=app)
+        branch = resource.begin(xid)
+        resource.recover(FORMAT_ID, "conf.")
+        named = sessions_named(settings.pg_a, app)
+        branch.rollback()
+        branch.release()
+        resource.close()
+        assert named == 2  # the branch's and recovery's
+        return
+
+    async def scenario() -> int:
+        resource = AsyncPostgresResource("a", settings.pg_a, application_name=app)
+        branch = await resource.begin(xid)
+        await resource.recover(FORMAT_ID, "conf.")
+        await asyncio.to_thread(resource.recovery_resource().recover, FORMAT_ID, "conf.")
+        named = await asyncio.to_thread(sessions_named, settings.pg_a, app)
+        await branch.rollback()
+        await branch.release()
+        await resource.close()
+        return named
+
+    # The branch's, its own recovery connection and its recovery view's (worker threads).
+    assert asyncio.run(scenario()) == 3
+
+
+def test_recovery_view_of_a_pooled_asyncio_resource_refuses_the_loops_own_thread() -> None:
+    """Recovery's view of an AsyncPostgresResource over a pool runs its calls on the loop,
+    from a worker thread; called on the loop's own thread it raises instead of waiting
+    for a loop it blocks."""
+
+    async def scenario() -> None:
+        pool: AsyncConnectionPool[Any] = AsyncConnectionPool("dbname=none", open=False)
+        view = AsyncPostgresResource("a", pool).recovery_resource()
+        with pytest.raises(InvalidTransition, match="worker thread"):
+            view.recover(FORMAT_ID, "conf.")
+
+    asyncio.run(scenario())
