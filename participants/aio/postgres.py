@@ -449,8 +449,9 @@ class AsyncPostgresResource:
         From a connection string it is a :class:`~participants.postgres.PostgresResource`
         with its own recovery connection, as the sync resource has. From a pool or a
         factory, whose connections belong to the event loop, its calls run this
-        resource's on the loop (called in this loop's task, once it runs), so every
-        connection still comes from them.
+        resource's own on the loop, so every connection still comes from them: ask for
+        it on the loop (the AsyncCoordinator does when it starts), and call it from
+        worker threads while the loop runs.
         """
         if self._recovery_view is None:
             if self._pool is None and self._factory is None:
