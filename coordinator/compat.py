@@ -11,8 +11,24 @@ thread one, and the generator maps the first to the second (as psycopg's
 from __future__ import annotations
 
 import asyncio
+import inspect
+import threading
 import time
 
 #: Wait ``seconds`` without blocking the loop / the thread.
 asleep = asyncio.sleep
 sleep = time.sleep
+
+#: A lock shared by the tasks / the threads that use one resource.
+ALock = asyncio.Lock
+Lock = threading.Lock
+
+
+def amatches_api(call: object) -> bool:
+    """True when ``call`` is made for this API: a coroutine function under asyncio."""
+    return inspect.iscoroutinefunction(call)
+
+
+def matches_api(call: object) -> bool:
+    """True when ``call`` is made for this API: a plain function under threads."""
+    return callable(call) and not inspect.iscoroutinefunction(call)

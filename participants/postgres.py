@@ -1,4 +1,11 @@
+# Generated from participants/aio/postgres.py by scripts/unasync.py: edit that file, then run
+# `python scripts/unasync.py` (tests/test_unasync.py checks this file is current).
 """PostgreSQL as an XA participant: PREPARE TRANSACTION over a small connection pool.
+
+Written once: ``participants/aio/postgres.py`` is the source and
+``scripts/unasync.py`` generates ``participants/postgres.py`` from it, so the
+asyncio and the thread resources have the same sources of connections,
+commands, checks, votes and errors.
 
 The connections come from one of three sources, given as ``PostgresResource``'s
 second argument:
@@ -10,13 +17,15 @@ second argument:
   opens none and keeps none idle, so it never holds more than the pool allows;
 * a connection factory (a callable returning a new ``psycopg.Connection``):
   called wherever the resource would open a connection itself.
+
+The branch's own commands (BEGIN, PREPARE TRANSACTION, COMMIT/ROLLBACK
+PREPARED) are composed once per branch and go to libpq directly; their
+answers are checked by :mod:`participants.pg_vote` (docs/design.md §2).
 """
 
 from __future__ import annotations
 
 import contextlib
-import queue
-import threading
 from base64 import b64encode
 from collections.abc import Callable
 from datetime import datetime
@@ -26,6 +35,7 @@ import psycopg
 from psycopg import errors as pg_errors
 from psycopg import generators, pq
 
+from coordinator.compat import Lock, matches_api
 from coordinator.errors import (
     CommitRefused,
     ConfigurationError,
@@ -102,7 +112,7 @@ def send_command(conn: psycopg.Connection[Any], command: bytes) -> None:
 
     The branch's own commands (BEGIN, PREPARE TRANSACTION, COMMIT/ROLLBACK
     PREPARED) go to libpq directly: several connections then work at once from
-    one thread, with no SQL composition on the hot path.
+    one thread (or task), with no SQL composition on the hot path.
     """
     conn.pgconn.send_query(command)
 
@@ -155,7 +165,7 @@ class ConnectionPoolLike(Protocol):
     def putconn(self, conn: psycopg.Connection[Any]) -> None: ...
 
 
-#: Where a PostgresResource takes its connections from (see the module docstring).
+#: Where the resource takes its connections from (see the module docstring).
 ConnectionSource = str | ConnectionPoolLike | Callable[[], psycopg.Connection[Any]]
 
 
@@ -178,6 +188,11 @@ class PostgresResource:
         if isinstance(dsn, str):
             self.dsn = dsn
         elif hasattr(dsn, "getconn") and hasattr(dsn, "putconn"):
+            if not matches_api(dsn.getconn):
+                raise ConfigurationError(
+                    f"PostgreSQL {name!r}: {type(dsn).__name__} is a pool of the other API; "
+                    "PostgresResource takes a psycopg_pool.ConnectionPool"
+                )
             self._pool = dsn  # type: ignore[assignment]
             self.dsn = str(getattr(dsn, "conninfo", ""))
         elif callable(dsn):
@@ -186,7 +201,8 @@ class PostgresResource:
         else:
             raise ConfigurationError(
                 f"PostgreSQL {name!r}: expected a connection string, a "
-                f"psycopg_pool.ConnectionPool or a connection factory, got {type(dsn).__name__}"
+                "psycopg_pool.ConnectionPool or a connection factory, "
+                f"got {type(dsn).__name__}"
             )
         # Every session says whose it is (the coordinator id), so that a peer can end
         # them all when it fences this coordinator (docs/design.md §4).
@@ -194,10 +210,10 @@ class PostgresResource:
         self.setting = setting or f"TWOPC_PG_{name.upper()}"
         self.pool_size = pool_size
         self.connect_timeout = connect_timeout
-        self._idle: queue.LifoQueue[psycopg.Connection[Any]] = queue.LifoQueue()
+        self._idle: list[psycopg.Connection[Any]] = []  # the last released on top
         self._checked = False
         self._admin: psycopg.Connection[Any] | None = None
-        self._admin_lock = threading.Lock()
+        self._admin_lock = Lock()
         self._closed = False  # connections released after close() are closed, not kept
 
     @property
@@ -212,7 +228,7 @@ class PostgresResource:
     def connect(self, *, autocommit: bool = False) -> psycopg.Connection[Any]:
         """A new connection; the first one checks that the server can prepare."""
         try:
-            conn = psycopg.connect(
+            conn = psycopg.Connection.connect(
                 self.dsn,
                 autocommit=autocommit,
                 connect_timeout=int(self.connect_timeout),
@@ -230,7 +246,8 @@ class PostgresResource:
         return conn
 
     def _check_server(self, conn: psycopg.Connection[Any]) -> None:
-        row = conn.execute("SELECT current_setting('max_prepared_transactions')::int").fetchone()
+        cursor = conn.execute("SELECT current_setting('max_prepared_transactions')::int")
+        row = cursor.fetchone()
         conn.rollback()
         if row is None or row[0] == 0:
             conn.close()
@@ -259,7 +276,7 @@ class PostgresResource:
             ) from exc
         try:
             if conn.autocommit != autocommit:
-                conn.autocommit = autocommit
+                conn.set_autocommit(autocommit)
             if not self._checked:
                 self._check_server(conn)
         except BaseException:
@@ -273,8 +290,8 @@ class PostgresResource:
             return self._given(autocommit=False), True  # the pool's may have gone stale
         while True:
             try:
-                conn = self._idle.get_nowait()
-            except queue.Empty:
+                conn = self._idle.pop()
+            except IndexError:
                 if self._factory is not None:
                     return self._given(autocommit=False), False
                 return self.connect(), False
@@ -286,11 +303,11 @@ class PostgresResource:
         healthy = not conn.closed and conn.info.transaction_status == pq.TransactionStatus.IDLE
         if self._pool is not None:  # back to the application's pool, as it lent it
             if healthy:
-                conn.autocommit = bool((self._pool.kwargs or {}).get("autocommit", False))
+                conn.set_autocommit(bool((self._pool.kwargs or {}).get("autocommit", False)))
             self._pool.putconn(conn)  # the pool replaces a closed or broken one
             return
-        if healthy and not self._closed and self._idle.qsize() < self.pool_size:
-            self._idle.put(conn)
+        if healthy and not self._closed and len(self._idle) < self.pool_size:
+            self._idle.append(conn)
         else:
             conn.close()
 
@@ -405,9 +422,10 @@ class PostgresResource:
         self._closed = True
         while True:
             try:
-                self._idle.get_nowait().close()
-            except queue.Empty:
+                conn = self._idle.pop()
+            except IndexError:
                 break
+            conn.close()
         with self._admin_lock:
             if self._admin is not None:
                 self._admin.close()
@@ -420,7 +438,7 @@ class PostgresBranch:
     ``send_prepare`` and ``send_commit_prepared`` only send the command; the
     next ``prepare`` / ``commit_prepared`` waits for its answer. The driver sends
     to every branch first and then waits, so that all of them prepare (and
-    commit) at once, on one thread.
+    commit) at once, on one thread (or task).
     """
 
     def __init__(self, resource: PostgresResource, conn: psycopg.Connection[Any], xid: Xid) -> None:
@@ -514,7 +532,8 @@ class PostgresBranch:
         if self.conn.pgconn.transaction_status != pq.TransactionStatus.INTRANS:
             return False  # ended outside execute: prepare reads what the server says
         # SELECT can call functions that write: ask the server whether an xid exists.
-        row = self.conn.execute("SELECT pg_current_xact_id_if_assigned() IS NULL").fetchone()
+        cursor = self.conn.execute("SELECT pg_current_xact_id_if_assigned() IS NULL")
+        row = cursor.fetchone()
         return bool(row and row[0])
 
     def _in_error(self) -> bool:
@@ -715,7 +734,8 @@ class PostgresBranch:
         )
 
     def cancel(self) -> None:
-        """Cancel the statement running now (from another thread: the timeout watchdog)."""
+        """Cancel the statement running now (the timeout watchdog; from another thread in a
+        thread coordinator)."""
         with contextlib.suppress(psycopg.Error):
             self.conn.cancel_safe(timeout=2.0)
 

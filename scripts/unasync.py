@@ -33,6 +33,7 @@ ROOT = Path(__file__).resolve().parent.parent
 FILES = {
     "coordinator/aio/driver.py": "coordinator/driver.py",
     "coordinator/aio/transaction.py": "coordinator/transaction.py",
+    "participants/aio/postgres.py": "participants/postgres.py",
 }
 
 #: Whole-word replacements, in order.
@@ -45,6 +46,12 @@ NAMES = {
     "AsyncTransaction": "Transaction",
     "AsyncDriverConfig": "DriverConfig",
     "AsyncCursor": "Cursor",
+    "AsyncPostgresResource": "PostgresResource",
+    "AsyncPostgresBranch": "PostgresBranch",
+    "AsyncConnectionPoolLike": "ConnectionPoolLike",
+    "AsyncConnectionPool": "ConnectionPool",
+    "AsyncConnectionSource": "ConnectionSource",
+    "AsyncConnection": "Connection",
     "__aenter__": "__enter__",
     "__aexit__": "__exit__",
 }
@@ -58,6 +65,12 @@ MODULES = {
 
 #: Syntax replacements (regular expressions), applied after the names.
 SYNTAX = {
+    # What only the asyncio module has (a view for code that runs in worker threads),
+    # between a "# unasync: asyncio only" line and a "# unasync: end" line.
+    r"(?s)^[ \t]*# unasync: asyncio only\n.*?^[ \t]*# unasync: end\n": "",
+    r"\basync with\b": "with",
+    # Awaitable[X] -> X (one level of brackets inside): a callable's awaited result.
+    r"\bAwaitable\[((?:[^\[\]]|\[[^\[\]]*\])*)\]": r"\1",
     r"\basync def\b": "def",
     r"\bawait ": "",
 }

@@ -13,8 +13,15 @@ import psycopg
 import pytest
 from hypothesis import given
 from hypothesis import strategies as st
+from psycopg_pool import AsyncConnectionPool, ConnectionPool
 
-from coordinator.errors import CommitRefused, HeuristicMixed, ParticipantError, PrepareFailed
+from coordinator.errors import (
+    CommitRefused,
+    HeuristicMixed,
+    InvalidTransition,
+    ParticipantError,
+    PrepareFailed,
+)
 from coordinator.protocol import LastResource, XAResource
 from coordinator.states import Vote
 from coordinator.xid import FORMAT_ID, Xid
@@ -97,56 +104,77 @@ class BlockingHarness:
         self.portal.run(branch.conn.execute(statement))
 
 
+#: The PostgreSQL participants: sync and asyncio, over a connection string and over the
+#: application's pool (psycopg_pool.ConnectionPool / AsyncConnectionPool).
+POSTGRES_PARAMS = [
+    pytest.param(kind, marks=pytest.mark.lab)
+    for kind in ("postgres", "postgres-asyncio", "postgres-pool", "postgres-asyncio-pool")
+]
+
+
 @pytest.fixture(
     params=[
         "fake",
         "fake-asyncio",
-        pytest.param("postgres", marks=pytest.mark.lab),
-        pytest.param("postgres-asyncio", marks=pytest.mark.lab),
+        *POSTGRES_PARAMS,
     ]
 )
 def xa(request: pytest.FixtureRequest) -> Iterator[XAHarness]:
     yield from harness_for(request)
 
 
-@pytest.fixture(
-    params=[
-        pytest.param("postgres", marks=pytest.mark.lab),
-        pytest.param("postgres-asyncio", marks=pytest.mark.lab),
-    ]
-)
+@pytest.fixture(params=POSTGRES_PARAMS)
 def pg(request: pytest.FixtureRequest) -> Iterator[Any]:
     """Every PostgreSQL participant (sync and asyncio), for the checks of what SQL did."""
     yield from harness_for(request)
 
 
+#: The size of the application's pool in the pool variants: two branches at once and
+#: the recovery calls' borrowed connection fit.
+POOL_SIZE = 4
+
+
 def harness_for(request: pytest.FixtureRequest) -> Iterator[Any]:
-    """The harness for ``request.param``: a fake or PostgreSQL, sync or asyncio."""
-    if request.param.startswith("fake"):
+    """The harness for ``request.param``: a fake or PostgreSQL, sync or asyncio, over a
+    connection string or the application's pool."""
+    pooled = request.param.endswith("-pool")
+    kind = request.param.removesuffix("-pool")
+    if kind.startswith("fake"):
         harness: Any = FakeHarness(FakeResource("a"))
     else:
         settings: Settings = request.getfixturevalue("settings")
         with psycopg.connect(settings.pg_a, autocommit=True) as conn:
             conn.execute("CREATE TABLE IF NOT EXISTS conformance (k text PRIMARY KEY)")
         harness = PostgresHarness(PostgresResource("a", settings.pg_a))
-    if not request.param.endswith("asyncio"):
-        yield harness
-        harness.resource.close()
+    if not kind.endswith("asyncio"):
+        if not pooled:
+            yield harness
+            harness.resource.close()
+            return
+        with ConnectionPool(harness.resource.dsn, max_size=POOL_SIZE) as pool:
+            yield PostgresHarness(PostgresResource("a", pool))
         return
-    # The same checks on the asyncio resource: begin and the branch's calls are awaited
-    # through the portal; recover and the by-xid calls are its sync recovery view's.
+    # The same checks on the asyncio resource: every call of the resource and of its
+    # branches (recover and the by-xid calls included) is awaited through the portal.
     portal = Portal()
+    async_pool: AsyncConnectionPool[Any] | None = None
     if isinstance(harness, FakeHarness):
         aio: Any = AsyncFakeResource(harness.resource)
+        recovery = aio.recovery_resource()
+        resource = Blocking(portal, aio)
+        resource.recover = recovery.recover
+        resource.commit_recovered = recovery.commit_recovered
+        resource.rollback_recovered = recovery.rollback_recovered
+    elif pooled:
+        async_pool = AsyncConnectionPool(harness.resource.dsn, max_size=POOL_SIZE, open=False)
+        portal.run(async_pool.open())
+        resource = Blocking(portal, AsyncPostgresResource("a", async_pool))
     else:
-        aio = AsyncPostgresResource("a", harness.resource.dsn)
-    resource = Blocking(portal, aio)
-    recovery = aio.recovery_resource()
-    resource.recover = recovery.recover
-    resource.commit_recovered = recovery.commit_recovered
-    resource.rollback_recovered = recovery.rollback_recovered
+        resource = Blocking(portal, AsyncPostgresResource("a", harness.resource.dsn))
     yield BlockingHarness(harness, resource, portal)
-    portal.run(aio.close())
+    portal.run(resource._target.close())
+    if async_pool is not None:
+        portal.run(async_pool.close())
     portal.close()
 
 
@@ -528,3 +556,62 @@ def test_one_phase_commit_of_an_ended_or_failed_transaction_is_refused(
     assert isinstance(refused.value, ParticipantError) and refused.value.gtrid == xid.gtrid
     branch.release()
     assert not pg.visible(xid.gtrid)
+
+
+def sessions_named(dsn: str, application_name: str) -> int:
+    """How many sessions of the server carry ``application_name``."""
+    with psycopg.connect(dsn, autocommit=True) as conn:
+        row = conn.execute(
+            "SELECT count(*) FROM pg_stat_activity WHERE application_name = %s",
+            (application_name,),
+        ).fetchone()
+    return int(row[0]) if row else 0
+
+
+@pytest.mark.lab
+@pytest.mark.parametrize("api", ["sync", "asyncio"])
+def test_every_session_of_the_resource_carries_its_application_name(
+    settings: Settings, api: str
+) -> None:
+    """The branch's session and recovery's carry the resource's application_name, so that
+    fencing by that name (docs/design.md §4) ends them all, on both APIs."""
+    app = f"conf-app-{secrets.token_hex(4)}"
+    xid = new_xid()
+    if api == "sync":
+        resource = PostgresResource("a", settings.pg_a, application_name=app)
+        branch = resource.begin(xid)
+        resource.recover(FORMAT_ID, "conf.")
+        named = sessions_named(settings.pg_a, app)
+        branch.rollback()
+        branch.release()
+        resource.close()
+        assert named == 2  # the branch's and recovery's
+        return
+
+    async def scenario() -> int:
+        resource = AsyncPostgresResource("a", settings.pg_a, application_name=app)
+        branch = await resource.begin(xid)
+        await resource.recover(FORMAT_ID, "conf.")
+        await asyncio.to_thread(resource.recovery_resource().recover, FORMAT_ID, "conf.")
+        named = await asyncio.to_thread(sessions_named, settings.pg_a, app)
+        await branch.rollback()
+        await branch.release()
+        await resource.close()
+        return named
+
+    # The branch's, its own recovery connection and its recovery view's (worker threads).
+    assert asyncio.run(scenario()) == 3
+
+
+def test_recovery_view_of_a_pooled_asyncio_resource_refuses_the_loops_own_thread() -> None:
+    """Recovery's view of an AsyncPostgresResource over a pool runs its calls on the loop,
+    from a worker thread; called on the loop's own thread it raises instead of waiting
+    for a loop it blocks."""
+
+    async def scenario() -> None:
+        pool: AsyncConnectionPool[Any] = AsyncConnectionPool("dbname=none", open=False)
+        view = AsyncPostgresResource("a", pool).recovery_resource()
+        with pytest.raises(InvalidTransition, match="worker thread"):
+            view.recover(FORMAT_ID, "conf.")
+
+    asyncio.run(scenario())

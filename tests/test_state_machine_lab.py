@@ -162,8 +162,8 @@ class TrackedAsyncPostgres(AsyncPostgresResource):
         super().__init__(*args, **kwargs)
         self.opened: list[psycopg.AsyncConnection[Any]] = []
 
-    async def _connect(self) -> psycopg.AsyncConnection[Any]:
-        conn = await super()._connect()
+    async def connect(self, *, autocommit: bool = False) -> psycopg.AsyncConnection[Any]:
+        conn = await super().connect(autocommit=autocommit)
         self.opened.append(conn)
         return conn
 

@@ -10,7 +10,10 @@ import signal
 import subprocess
 import sys
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
+from typing import Any
 
 import psycopg
 import pytest
@@ -23,6 +26,7 @@ from coordinator.errors import (
 )
 from coordinator.states import Outcome, Vote
 from coordinator.xid import FORMAT_ID, Xid
+from participants.aio.postgres import AsyncPostgresResource
 from participants.postgres import PostgresResource
 from scenarios.config import Settings
 from scenarios.lab.services import Lab
@@ -32,6 +36,7 @@ from scenarios.transfer.batch import run_batch
 from scenarios.transfer.invariants import gather_evidence
 from scenarios.transfer.stories import STORIES
 from scenarios.wiring import open_coordinator
+from tests.aio_portal import Blocking, Portal
 from tests.conftest import end_sessions, free_port
 
 pytestmark = pytest.mark.lab
@@ -226,10 +231,31 @@ def test_rollback_on_error_in_work_leaves_nothing(fresh: Settings) -> None:
     assert not {"err-1", "err-2"} & (evidence.in_a | evidence.in_b | set(evidence.on_queue))
 
 
-def test_sessions_the_server_ended_are_replaced_by_begin_and_recovery(settings: Settings) -> None:
-    """Idle pooled and recovery sessions ended by the server are replaced; nothing fails."""
+@contextmanager
+def postgres_resource(api: str, name: str, source: str) -> Iterator[Any]:
+    """A PostgresResource, or an AsyncPostgresResource whose calls block through a portal."""
+    if api == "sync":
+        yield PostgresResource(name, source)
+        return
+    portal = Portal()
+    try:
+        yield Blocking(portal, AsyncPostgresResource(name, source))
+    finally:
+        portal.close()
+
+
+@pytest.mark.parametrize("api", ["sync", "asyncio"])
+def test_sessions_the_server_ended_are_replaced_by_begin_and_recovery(
+    settings: Settings, api: str
+) -> None:
+    """Idle pooled and recovery sessions ended by the server are replaced; nothing fails
+    (the sync and the asyncio resource)."""
     app = f"twopc-test-{os.getpid()}-{time.monotonic_ns()}"
-    resource = PostgresResource("a", f"{settings.pg_a} application_name={app}")
+    with postgres_resource(api, "a", f"{settings.pg_a} application_name={app}") as resource:
+        sessions_are_replaced(settings, resource, app)
+
+
+def sessions_are_replaced(settings: Settings, resource: Any, app: str) -> None:
     prefix = f"ended{os.getpid()}."
     first = resource.begin(Xid.branch(f"{prefix}1", "a"))
     first.execute("CREATE TABLE IF NOT EXISTS ended_probe (x int)")  # a write: it is prepared
@@ -251,12 +277,16 @@ def test_sessions_the_server_ended_are_replaced_by_begin_and_recovery(settings: 
     resource.close()
 
 
+@pytest.mark.parametrize("api", ["sync", "asyncio"])
 def test_max_prepared_transactions_zero_is_refused_with_the_reason(
-    server_without_prepared_transactions: str,
+    server_without_prepared_transactions: str, api: str
 ) -> None:
-    """A server with max_prepared_transactions = 0 gets a clear error saying why 2PC needs it."""
-    resource = PostgresResource("a", server_without_prepared_transactions)
-    with pytest.raises(ConfigurationError, match="max_prepared_transactions = 0") as info:
+    """A server with max_prepared_transactions = 0 gets a clear error saying why 2PC needs it
+    (the sync and the asyncio resource)."""
+    with (
+        postgres_resource(api, "a", server_without_prepared_transactions) as resource,
+        pytest.raises(ConfigurationError, match="max_prepared_transactions = 0") as info,
+    ):
         resource.connect()
     assert "PREPARE TRANSACTION" in str(info.value)
 

@@ -68,3 +68,22 @@ def test_another_formatter_version_is_refused(
     monkeypatch.setattr(generator, "pinned_ruff", lambda: "0.0.1")
     with pytest.raises(generator.GeneratorError, match=r"ruff 0\.0\.1 .*make setup"):
         generator.check_ruff()
+
+
+def test_asyncio_only_blocks_awaited_results_and_async_with_are_unasynced(
+    generator: ModuleType,
+) -> None:
+    """Lines between ``# unasync: asyncio only`` and ``# unasync: end`` are left out,
+    ``Awaitable[X]`` becomes ``X`` and ``async with`` becomes ``with``."""
+    source = (
+        "async def f(g: Callable[[], Awaitable[list[int]]]) -> None:\n"
+        "    async with lock:\n"
+        "        await g()\n"
+        "    # unasync: asyncio only\n"
+        "    loop_only()\n"
+        "    # unasync: end\n"
+        "    done()\n"
+    )
+    assert generator.Unasync().unasync(source) == (
+        "def f(g: Callable[[], list[int]]) -> None:\n    with lock:\n        g()\n    done()\n"
+    )

@@ -1,34 +1,55 @@
-"""PostgreSQL as an asyncio XA participant: PREPARE TRANSACTION over a small AsyncConnection pool.
+"""PostgreSQL as an XA participant: PREPARE TRANSACTION over a small connection pool.
 
-The asyncio counterpart of :mod:`participants.postgres`, with the same call
-order, commands (BEGIN, PREPARE TRANSACTION, COMMIT/ROLLBACK PREPARED sent to
-libpq directly), checks of their answers (:mod:`participants.pg_vote`), votes and
-errors. Recovery and the background retries use the sync
-:class:`~participants.postgres.PostgresResource` on the same database
-(:meth:`AsyncPostgresResource.recovery_resource`), in a worker thread.
+Written once: ``participants/aio/postgres.py`` is the source and
+``scripts/unasync.py`` generates ``participants/postgres.py`` from it, so the
+asyncio and the thread resources have the same sources of connections,
+commands, checks, votes and errors.
+
+The connections come from one of three sources, given as ``AsyncPostgresResource``'s
+second argument:
+
+* a libpq connection string: the resource opens its own connections and keeps
+  up to ``pool_size`` idle ones, plus one autocommit connection for recovery;
+* a ``psycopg_pool.AsyncConnectionPool`` (the application's): every connection,
+  the recovery one included, is borrowed from it and given back; the resource
+  opens none and keeps none idle, so it never holds more than the pool allows;
+* a connection factory (a callable returning a new ``psycopg.AsyncConnection``):
+  called wherever the resource would open a connection itself.
+
+The branch's own commands (BEGIN, PREPARE TRANSACTION, COMMIT/ROLLBACK
+PREPARED) are composed once per branch and go to libpq directly; their
+answers are checked by :mod:`participants.pg_vote` (docs/design.md §2).
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
-from typing import Any, LiteralString
+from base64 import b64encode
+from collections.abc import Awaitable, Callable, Coroutine
+from datetime import datetime
+from typing import Any, LiteralString, Protocol, TypeVar
 
 import psycopg
 from psycopg import errors as pg_errors
 from psycopg import generators, pq
 
+from coordinator.compat import ALock, amatches_api
 from coordinator.errors import (
     CommitRefused,
+    ConfigurationError,
     DuplicateGtrid,
+    InvalidTransition,
     ParticipantError,
     ParticipantUnavailable,
     PrepareFailed,
 )
+from coordinator.events import get_logger
 from coordinator.protocol import XAResource
 from coordinator.states import Vote
 from coordinator.xid import Xid
 from participants import events as ev
+from participants import postgres as sync_postgres
 from participants.pg_vote import (
     branch_ended,
     ended_by,
@@ -40,26 +61,87 @@ from participants.pg_vote import (
     wrong_commit_answer,
     wrong_prepare_answer,
 )
-from participants.postgres import (
-    _WRITE_TAGS,
-    PostgresResource,
-    _log,
-    answer_of,
-    describe_dsn,
-    gid_of,
+
+
+def _log() -> Any:
+    # Looked up at each use, so that the application's later structlog set-up applies.
+    return get_logger(component="postgres")
+
+
+T = TypeVar("T")
+
+# Command tags that mean the statement changed data: the branch then needs a
+# real prepare. Anything else (SELECT, SHOW, ...) is checked with one query at
+# commit time, because a SELECT can call a function that writes.
+_WRITE_TAGS = (
+    "INSERT",
+    "UPDATE",
+    "DELETE",
+    "MERGE",
+    "COPY",
+    "CREATE",
+    "ALTER",
+    "DROP",
+    "TRUNCATE",
+    "GRANT",
+    "REVOKE",
+    "COMMENT",
+    "LOCK",
 )
 
 
-async def run_command(conn: psycopg.AsyncConnection[Any], command: bytes) -> str:
-    """Send ``command`` to libpq directly and wait for its answer: its command tag, or
-    the server's error (the asyncio twin of :func:`participants.postgres.run_command`)."""
+def describe_dsn(dsn: str) -> str:
+    """host:port/dbname of a connection string, for messages (never the password)."""
+    try:
+        info = psycopg.conninfo.conninfo_to_dict(dsn)
+    except psycopg.ProgrammingError:
+        return "(unparsable connection string)"
+    return f"{info.get('host', 'localhost')}:{info.get('port', 5432)}/{info.get('dbname', '')}"
+
+
+def gid_of(xid: Xid) -> str:
+    """The transaction id PostgreSQL knows the branch by: psycopg's (and JDBC's) encoding
+    of the Xid, ``<format id>_<base64 gtrid>_<base64 bqual>``, which ``tpc_recover``
+    decodes. Built here rather than through ``psycopg.Xid``, which validates and
+    allocates on the hot path (tests/test_conformance.py checks the two agree)."""
+    gtrid = b64encode(xid.gtrid.encode()).decode()
+    bqual = b64encode(xid.bqual.encode()).decode()
+    return f"{xid.format_id}_{gtrid}_{bqual}"
+
+
+def send_command(conn: psycopg.AsyncConnection[Any], command: bytes) -> None:
+    """Send ``command`` without waiting for its answer (:func:`receive_answer` waits).
+
+    The branch's own commands (BEGIN, PREPARE TRANSACTION, COMMIT/ROLLBACK
+    PREPARED) go to libpq directly: several connections then work at once from
+    one thread (or task), with no SQL composition on the hot path.
+    """
     conn.pgconn.send_query(command)
+
+
+def answer_of(results: list[pq.abc.PGresult], encoding: str) -> str:
+    """The command tag of the last result (what the server did); raise its error as psycopg's."""
+    for result in results:
+        if result.status == pq.ExecStatus.FATAL_ERROR:
+            raise pg_errors.error_from_result(result, encoding=encoding)
+    status = results[-1].command_status if results else None
+    return status.decode() if status else ""
+
+
+async def receive_answer(conn: psycopg.AsyncConnection[Any]) -> str:
+    """Wait for the answer to the command sent last: its command tag, or the server's error."""
     return answer_of(await conn.wait(generators.execute(conn.pgconn)), conn.info.encoding)
 
 
+async def run_command(conn: psycopg.AsyncConnection[Any], command: bytes) -> str:
+    """Send ``command`` and wait for its answer (its command tag)."""
+    send_command(conn, command)
+    return await receive_answer(conn)
+
+
 async def result_tags(cursor: psycopg.AsyncCursor[Any]) -> list[str]:
-    """The command tag of every result of the cursor's last execute, leaving the cursor on
-    its first result (the asyncio twin of :func:`participants.postgres.result_tags`)."""
+    """The command tag of every result of the cursor's last execute (a string of several
+    statements has one each), leaving the cursor on its first result, as execute did."""
     tags: list[str] = []
     while True:
         try:
@@ -72,30 +154,71 @@ async def result_tags(cursor: psycopg.AsyncCursor[Any]) -> list[str]:
     return tags
 
 
+class AsyncConnectionPoolLike(Protocol):
+    """What AsyncPostgresResource uses of a ``psycopg_pool.AsyncConnectionPool``."""
+
+    conninfo: str
+
+    @property
+    def kwargs(self) -> dict[str, Any] | None: ...
+
+    async def getconn(self, timeout: float | None = None) -> psycopg.AsyncConnection[Any]: ...
+
+    async def putconn(self, conn: psycopg.AsyncConnection[Any]) -> None: ...
+
+
+#: Where the resource takes its connections from (see the module docstring).
+AsyncConnectionSource = (
+    str | AsyncConnectionPoolLike | Callable[[], Awaitable[psycopg.AsyncConnection[Any]]]
+)
+
+
 class AsyncPostgresResource:
     """One PostgreSQL database taking part in global transactions (an AsyncXAResource)."""
 
     def __init__(
         self,
         name: str,
-        dsn: str,
+        dsn: AsyncConnectionSource,
         *,
         setting: str | None = None,
         pool_size: int = 40,
         connect_timeout: float = 5.0,
+        application_name: str | None = None,
     ) -> None:
         self._name = name
-        self.dsn = dsn
+        self._pool: AsyncConnectionPoolLike | None = None
+        self._factory: Callable[[], Awaitable[psycopg.AsyncConnection[Any]]] | None = None
+        if isinstance(dsn, str):
+            self.dsn = dsn
+        elif hasattr(dsn, "getconn") and hasattr(dsn, "putconn"):
+            if not amatches_api(dsn.getconn):
+                raise ConfigurationError(
+                    f"PostgreSQL {name!r}: {type(dsn).__name__} is a pool of the other API; "
+                    "AsyncPostgresResource takes a psycopg_pool.AsyncConnectionPool"
+                )
+            self._pool = dsn  # type: ignore[assignment]
+            self.dsn = str(getattr(dsn, "conninfo", ""))
+        elif callable(dsn):
+            self._factory = dsn
+            self.dsn = ""
+        else:
+            raise ConfigurationError(
+                f"PostgreSQL {name!r}: expected a connection string, a "
+                "psycopg_pool.AsyncConnectionPool or a connection factory, "
+                f"got {type(dsn).__name__}"
+            )
+        # Every session says whose it is (the coordinator id), so that a peer can end
+        # them all when it fences this coordinator (docs/design.md §4).
+        self.application_name = application_name
+        self.setting = setting or f"TWOPC_PG_{name.upper()}"
         self.pool_size = pool_size
         self.connect_timeout = connect_timeout
-        # The sync resource on the same database: recovery's connection, and the one
-        # place that words connection failures and checks max_prepared_transactions.
-        self._sync = PostgresResource(
-            name, dsn, setting=setting, pool_size=0, connect_timeout=connect_timeout
-        )
-        self._idle: list[psycopg.AsyncConnection[Any]] = []
+        self._idle: list[psycopg.AsyncConnection[Any]] = []  # the last released on top
         self._checked = False
-        self._closed = False
+        self._admin: psycopg.AsyncConnection[Any] | None = None
+        self._admin_lock = ALock()
+        self._closed = False  # connections released after close() are closed, not kept
 
     @property
     def name(self) -> str:
@@ -104,39 +227,135 @@ class AsyncPostgresResource:
     def __repr__(self) -> str:
         return f"AsyncPostgresResource({self._name!r}, {describe_dsn(self.dsn)})"
 
-    def recovery_resource(self) -> XAResource:
-        return self._sync
+    # -- connections: the one place that opens them ---------------------------
 
-    async def _connect(self) -> psycopg.AsyncConnection[Any]:
-        if not self._checked:
-            # The first connection checks that the server can prepare, as the sync one does.
-            await asyncio.to_thread(lambda: self._sync.connect().close())
-            self._checked = True
+    async def connect(self, *, autocommit: bool = False) -> psycopg.AsyncConnection[Any]:
+        """A new connection; the first one checks that the server can prepare."""
         try:
-            return await psycopg.AsyncConnection.connect(
-                self.dsn, connect_timeout=int(self.connect_timeout)
+            conn = await psycopg.AsyncConnection.connect(
+                self.dsn,
+                autocommit=autocommit,
+                connect_timeout=int(self.connect_timeout),
+                application_name=self.application_name,  # None: libpq's default
             )
         except psycopg.OperationalError as exc:
             raise ParticipantUnavailable(
-                f"cannot reach PostgreSQL at {describe_dsn(self.dsn)}: {exc}. "
-                f"Start the lab with 'twopc lab up' or check {self._sync.setting}",
+                f"cannot reach PostgreSQL at {describe_dsn(self.dsn)}: "
+                f"{str(exc).strip().splitlines()[-1] if str(exc).strip() else exc!r}. "
+                f"Start the lab with 'twopc lab up' or check {self.setting}",
                 participant=self._name,
             ) from exc
+        if not self._checked:
+            await self._check_server(conn)
+        return conn
+
+    async def _check_server(self, conn: psycopg.AsyncConnection[Any]) -> None:
+        cursor = await conn.execute("SELECT current_setting('max_prepared_transactions')::int")
+        row = await cursor.fetchone()
+        await conn.rollback()
+        if row is None or row[0] == 0:
+            await conn.close()
+            raise ConfigurationError(
+                f"PostgreSQL {self._name!r} at {describe_dsn(self.dsn)} has "
+                "max_prepared_transactions = 0, so it cannot PREPARE TRANSACTION and cannot "
+                "take part in two-phase commit. Set max_prepared_transactions (at least the "
+                "number of concurrent transactions, e.g. 100) in postgresql.conf and restart it"
+            )
+        self._checked = True
+
+    async def _given(self, *, autocommit: bool) -> psycopg.AsyncConnection[Any]:
+        """A connection from the application's pool or factory, checked like connect()'s."""
+        where = "the connection pool" if self._pool is not None else "the connection factory"
+        try:
+            if self._pool is not None:
+                conn = await self._pool.getconn()
+            else:
+                assert self._factory is not None
+                conn = await self._factory()
+        except psycopg.OperationalError as exc:  # psycopg_pool.PoolTimeout included
+            raise ParticipantUnavailable(
+                f"cannot get a connection to PostgreSQL from {where}: "
+                f"{str(exc).strip() or type(exc).__name__}",
+                participant=self._name,
+            ) from exc
+        try:
+            if conn.autocommit != autocommit:
+                await conn.set_autocommit(autocommit)
+            if not self._checked:
+                await self._check_server(conn)
+        except BaseException:
+            await self._release(conn)
+            raise
+        return conn
 
     async def _acquire(self) -> tuple[psycopg.AsyncConnection[Any], bool]:
-        while self._idle:
-            conn = self._idle.pop()
+        """A connection, and whether it was kept in the pool (rather than opened now)."""
+        if self._pool is not None:
+            return await self._given(autocommit=False), True  # the pool's may have gone stale
+        while True:
+            try:
+                conn = self._idle.pop()
+            except IndexError:
+                if self._factory is not None:
+                    return await self._given(autocommit=False), False
+                return await self.connect(), False
             if not conn.closed and conn.info.transaction_status == pq.TransactionStatus.IDLE:
                 return conn, True
             await conn.close()
-        return await self._connect(), False
 
     async def _release(self, conn: psycopg.AsyncConnection[Any]) -> None:
         healthy = not conn.closed and conn.info.transaction_status == pq.TransactionStatus.IDLE
+        if self._pool is not None:  # back to the application's pool, as it lent it
+            if healthy:
+                await conn.set_autocommit(bool((self._pool.kwargs or {}).get("autocommit", False)))
+            await self._pool.putconn(conn)  # the pool replaces a closed or broken one
+            return
         if healthy and not self._closed and len(self._idle) < self.pool_size:
             self._idle.append(conn)
         else:
             await conn.close()
+
+    async def _on_admin(self, work: Callable[[psycopg.AsyncConnection[Any]], Awaitable[T]]) -> T:
+        """Run ``work`` on the one autocommit connection recovery uses for this database.
+
+        That connection is kept between calls, so the server may have ended it
+        meanwhile (a restart, an administrator): if a kept connection turns out
+        lost, ``work`` runs once more on a new one. ``work`` is idempotent (list,
+        COMMIT PREPARED or ROLLBACK PREPARED by gid), so a repeat is harmless.
+        """
+        if self._pool is not None:  # borrowed for this call only: no connection is kept
+            for attempt in (1, 2):
+                borrowed = await self._given(autocommit=True)
+                try:
+                    return await work(borrowed)
+                except psycopg.OperationalError:
+                    if not borrowed.broken or attempt == 2:
+                        raise
+                    _log().info(ev.PG_ADMIN_RECONNECT, participant=self._name)
+                finally:
+                    await self._release(borrowed)
+        async with self._admin_lock:
+            while True:
+                kept = self._admin is not None and not self._admin.closed
+                if not kept:
+                    if self._factory is not None:
+                        self._admin = await self._given(autocommit=True)
+                    else:
+                        self._admin = await self.connect(autocommit=True)
+                conn = self._admin
+                assert conn is not None
+                try:
+                    return await work(conn)
+                except psycopg.OperationalError:
+                    if not conn.broken:
+                        raise  # a statement failed; the connection itself is fine
+                    await conn.close()
+                    self._admin = None
+                    if not kept:
+                        raise
+                    _log().info(ev.PG_ADMIN_RECONNECT, participant=self._name)
+
+    # -- XAResource ------------------------------------------------------------
 
     async def begin(self, xid: Xid) -> AsyncPostgresBranch:
         while True:
@@ -146,7 +365,10 @@ class AsyncPostgresResource:
             except psycopg.Error as exc:
                 lost = conn.broken
                 await conn.close()
+                await self._release(conn)  # a pool's slot is given back (and refilled)
                 if kept and lost:
+                    # An idle connection the server ended meanwhile (a restart, an
+                    # administrator): BEGIN never ran there. Take the next one.
                     _log().info(ev.PG_POOLED_LOST, participant=self._name, gtrid=xid.gtrid)
                     continue
                 raise ParticipantUnavailable(
@@ -154,27 +376,108 @@ class AsyncPostgresResource:
                 ) from exc
             return AsyncPostgresBranch(self, conn, xid)
 
+    async def recover(self, format_id: int, gtrid_prefix: str) -> dict[Xid, datetime | None]:
+        """This database's prepared branches with ``format_id`` and the prefix -> prepared at."""
+
+        async def listing(conn: psycopg.AsyncConnection[Any]) -> tuple[list[psycopg.Xid], str]:
+            return await conn.tpc_recover(), conn.info.dbname
+
+        try:
+            found, dbname = await self._on_admin(listing)
+        except psycopg.Error as exc:
+            raise ParticipantUnavailable(
+                f"cannot list prepared transactions: {exc}", participant=self._name
+            ) from exc
+        result: dict[Xid, datetime | None] = {}
+        for x in found:
+            if x.format_id != format_id or not x.gtrid.startswith(gtrid_prefix):
+                continue
+            if x.database not in (None, dbname):
+                continue  # prepared in another database of the same server
+            result[Xid(x.format_id, x.gtrid, x.bqual or "")] = x.prepared
+        return result
+
+    async def _finish_recovered(self, xid: Xid, action: str) -> bool:
+        async def finish(conn: psycopg.AsyncConnection[Any]) -> None:
+            pg_xid = conn.xid(xid.format_id, xid.gtrid, xid.bqual)
+            if action == "commit":
+                await conn.tpc_commit(pg_xid)
+            else:
+                await conn.tpc_rollback(pg_xid)
+
+        try:
+            await self._on_admin(finish)
+        except pg_errors.UndefinedObject:  # 42704: no prepared transaction with that gid
+            return False
+        except psycopg.Error as exc:
+            raise ParticipantUnavailable(
+                f"{action.upper()} PREPARED failed: {exc}", participant=self._name, gtrid=xid.gtrid
+            ) from exc
+        return True
+
     async def commit_recovered(self, xid: Xid) -> bool:
-        """COMMIT PREPARED by xid on recovery's connection (in a worker thread)."""
-        return await asyncio.to_thread(self._sync.commit_recovered, xid)
+        return await self._finish_recovered(xid, "commit")
 
     async def rollback_recovered(self, xid: Xid) -> bool:
-        """ROLLBACK PREPARED by xid on recovery's connection (in a worker thread)."""
-        return await asyncio.to_thread(self._sync.rollback_recovered, xid)
+        return await self._finish_recovered(xid, "rollback")
 
     async def close(self) -> None:
         """Close the idle connections; those in use are closed when released."""
         self._closed = True
-        idle, self._idle = self._idle, []
-        for conn in idle:
-            with contextlib.suppress(Exception):
-                await conn.close()
-        await asyncio.to_thread(self._sync.close)
+        while True:
+            try:
+                conn = self._idle.pop()
+            except IndexError:
+                break
+            await conn.close()
+        async with self._admin_lock:
+            if self._admin is not None:
+                await self._admin.close()
+                self._admin = None
+        # unasync: asyncio only
+        if self._recovery_view is not None:
+            await asyncio.to_thread(self._recovery_view.close)
+        # unasync: end
+
+    # unasync: asyncio only
+    _recovery_view: sync_postgres.PostgresResource | _LoopRecovery | None = None
+
+    def recovery_resource(self) -> XAResource:
+        """The same database as a synchronous XAResource, for recovery and the backlog,
+        which call it in a worker thread (always the same object).
+
+        From a connection string it is a :class:`~participants.postgres.PostgresResource`
+        with its own recovery connection, as the sync resource has. From a pool or a
+        factory, whose connections belong to the event loop, its calls run this
+        resource's own on the loop, so every connection still comes from them: ask for
+        it on the loop (the AsyncCoordinator does when it starts), and call it from
+        worker threads while the loop runs.
+        """
+        if self._recovery_view is None:
+            if self._pool is None and self._factory is None:
+                self._recovery_view = sync_postgres.PostgresResource(
+                    self._name,
+                    self.dsn,
+                    setting=self.setting,
+                    pool_size=0,
+                    connect_timeout=self.connect_timeout,
+                    application_name=self.application_name,
+                )
+            else:
+                self._recovery_view = _LoopRecovery(self, asyncio.get_running_loop())
+        return self._recovery_view
+
+    # unasync: end
 
 
 class AsyncPostgresBranch:
-    """One branch: a pooled AsyncConnection inside a transaction that will be prepared as
-    ``xid``."""
+    """One branch: a pooled connection inside a transaction that will be prepared as ``xid``.
+
+    ``send_prepare`` and ``send_commit_prepared`` only send the command; the
+    next ``prepare`` / ``commit_prepared`` waits for its answer. The driver sends
+    to every branch first and then waits, so that all of them prepare (and
+    commit) at once, on one thread (or task).
+    """
 
     def __init__(
         self, resource: AsyncPostgresResource, conn: psycopg.AsyncConnection[Any], xid: Xid
@@ -186,6 +489,8 @@ class AsyncPostgresBranch:
         self._prepare_command = b"PREPARE TRANSACTION '" + gid + b"'"
         self._commit_command = b"COMMIT PREPARED '" + gid + b"'"
         self._rollback_command = b"ROLLBACK PREPARED '" + gid + b"'"
+        self._in_flight: bytes | None = None  # a command sent, its answer not yet read
+        self._send_error: psycopg.Error | None = None
         self._wrote = False
         self._prepared = False
         self._maybe_prepared = False  # PREPARE was sent: the server may hold the branch
@@ -201,15 +506,14 @@ class AsyncPostgresBranch:
     def xid(self) -> Xid:
         return self._xid
 
-    def _lost(self) -> bool:
-        return self.conn.closed or self.conn.broken
-
     async def execute(
         self, query: LiteralString | Any, params: Any = None
     ) -> psycopg.AsyncCursor[Any]:
         """Run one statement in the branch; a failure makes the branch vote NO.
 
-        Work that ended the branch's transaction breaks it, as in the sync branch.
+        Work that ended the branch's transaction (COMMIT, ROLLBACK, PREPARE
+        TRANSACTION) raises :func:`~participants.pg_vote.branch_ended`'s error, and
+        so does every later call: nothing runs outside the branch.
         """
         if self._ended is not None:
             raise self._ended
@@ -217,13 +521,13 @@ class AsyncPostgresBranch:
             cursor = await self.conn.execute(query, params)
         except psycopg.Error as exc:
             self.failure = exc
-            if self._lost():
+            if self.conn.closed or self.conn.broken:
                 raise ParticipantUnavailable(
                     f"the session was lost during the work: {exc}",
                     participant=self.name,
                     gtrid=self._xid.gtrid,
                 ) from exc
-            raise
+            raise  # the caller's SQL failed: theirs to handle; the branch will vote NO
         tag = cursor.statusmessage or ""
         status = self.conn.pgconn.transaction_status
         if not in_progress(tag, status):
@@ -236,8 +540,11 @@ class AsyncPostgresBranch:
         return cursor
 
     async def _end(self, kind: str, query: Any) -> ParticipantError:
-        """The work ended the branch's transaction with ``kind``: the branch is broken (a
-        PREPARE TRANSACTION of the work's own is rolled back by its gid)."""
+        """The work ended the branch's transaction with ``kind``: the branch is broken.
+
+        A PREPARE TRANSACTION of the work's own left its work prepared under another
+        gid, which recovery never sees: it is rolled back here, by that gid.
+        """
         foreign = None
         if kind == "PREPARE TRANSACTION":
             gid = foreign_gid(statement_text(query, self.conn))
@@ -266,20 +573,53 @@ class AsyncPostgresBranch:
             return False
         if self.conn.pgconn.transaction_status != pq.TransactionStatus.INTRANS:
             return False  # ended outside execute: prepare reads what the server says
+        # SELECT can call functions that write: ask the server whether an xid exists.
         cursor = await self.conn.execute("SELECT pg_current_xact_id_if_assigned() IS NULL")
         row = await cursor.fetchone()
         return bool(row and row[0])
 
-    def send_prepare(self) -> None:
-        """Nothing to send ahead: the driver awaits every branch's prepare at once."""
+    def _in_error(self) -> bool:
+        return self.conn.info.transaction_status == pq.TransactionStatus.INERROR
 
-    def send_commit_prepared(self) -> None:
-        """Nothing to send ahead: the driver awaits every branch's commit at once."""
+    # -- commands sent now, answered later ---------------------------------------------
+
+    def _send(self, command: bytes) -> None:
+        """Send ``command``; a failure to send is kept for the wait that follows."""
+        if self._in_flight is not None or self._send_error is not None:
+            return
+        try:
+            send_command(self.conn, command)
+        except psycopg.Error as exc:
+            self._send_error = exc
+            return
+        self._in_flight = command
+
+    async def _run(self, command: bytes) -> str:
+        """Wait for ``command`` if it was sent already, else send it and wait: its tag."""
+        if self._send_error is not None:
+            error, self._send_error = self._send_error, None
+            raise error
+        if self._in_flight == command:
+            self._in_flight = None
+            return await receive_answer(self.conn)
+        return await run_command(self.conn, command)
+
+    def _wrong_prepare_answer(self, tag: str) -> PrepareFailed | None:
+        return wrong_prepare_answer(
+            tag, self.conn.pgconn.transaction_status, participant=self.name, gtrid=self._xid.gtrid
+        )
+
+    # -- phase 1 -----------------------------------------------------------------------
+
+    def send_prepare(self) -> None:
+        """Send PREPARE TRANSACTION now; :meth:`prepare` reads the vote."""
+        if self.failure is None and not self._in_error():
+            self._maybe_prepared = True
+            self._send(self._prepare_command)
 
     async def prepare(self) -> Vote:
         gtrid = self._xid.gtrid
-        in_error = self.conn.info.transaction_status == pq.TransactionStatus.INERROR
-        if self.failure is not None or in_error:
+        if self.failure is not None or self._in_error():
             reason = self.failure or "the transaction is in an aborted state"
             await self.rollback()
             raise PrepareFailed(
@@ -287,14 +627,10 @@ class AsyncPostgresBranch:
             )
         self._maybe_prepared = True
         try:
-            tag = await run_command(self.conn, self._prepare_command)
+            tag = await self._run(self._prepare_command)
         except psycopg.Error as exc:
-            if self._lost():
-                await self.rollback()
-            else:  # the server answered: it rolled the transaction back
-                self._maybe_prepared = False
-                self._finished = True
-            if isinstance(exc, pg_errors.DuplicateObject):
+            await self._after_failed_prepare()
+            if isinstance(exc, pg_errors.DuplicateObject):  # 42710: gid already in use
                 raise DuplicateGtrid(
                     f"gtrid {gtrid} is already prepared in PostgreSQL {self.name!r}; "
                     "use a new gtrid, or run 'twopc recover' if it was left by a crash"
@@ -302,9 +638,7 @@ class AsyncPostgresBranch:
             raise PrepareFailed(
                 f"PREPARE TRANSACTION failed: {exc}", participant=self.name, gtrid=gtrid
             ) from exc
-        wrong = wrong_prepare_answer(
-            tag, self.conn.pgconn.transaction_status, participant=self.name, gtrid=gtrid
-        )
+        wrong = self._wrong_prepare_answer(tag)
         if wrong is not None:  # nothing is prepared under the branch's gid
             self._maybe_prepared = False
             self.failure = wrong
@@ -313,6 +647,15 @@ class AsyncPostgresBranch:
         self._prepared = True
         return Vote.YES
 
+    async def _after_failed_prepare(self) -> None:
+        """PREPARE raised. On a live session the server has rolled the transaction back;
+        on a lost one it may have prepared it first, and rollback() resolves it by xid."""
+        if self.conn.closed or self.conn.broken:
+            await self.rollback()
+            return
+        self._maybe_prepared = False
+        self._finished = True
+
     async def commit_one_phase(self) -> None:
         before = self.conn.pgconn.transaction_status
         try:
@@ -320,8 +663,9 @@ class AsyncPostgresBranch:
             ended = before == pq.TransactionStatus.IDLE
             tag = "" if ended else await run_command(self.conn, b"COMMIT")
         except psycopg.Error as exc:
-            if not self._lost():  # the server answered: rolled back
+            if not (self.conn.closed or self.conn.broken):  # the server answered: rolled back
                 self._finished = True
+                await self.conn.close()  # psycopg may still believe it is in a tpc transaction
                 raise CommitRefused(
                     f"one-phase COMMIT refused: {exc}", participant=self.name, gtrid=self._xid.gtrid
                 ) from exc
@@ -340,9 +684,17 @@ class AsyncPostgresBranch:
             raise refused
         self._finished = True
 
+    # -- phase 2 -----------------------------------------------------------------------
+
+    def send_commit_prepared(self) -> None:
+        """Send COMMIT PREPARED now; :meth:`commit_prepared` reads the answer."""
+        if not (self.conn.closed or self.conn.broken):
+            self._send(self._commit_command)
+
     async def commit_prepared(self) -> None:
-        """COMMIT PREPARED, on this connection or, if it broke, by xid on another."""
-        if self._lost():
+        """COMMIT PREPARED, on this connection or, if it broke, on a fresh one."""
+        if self.conn.closed or self.conn.broken:
+            self._in_flight = self._send_error = None
             if not await self.resource.commit_recovered(self._xid):
                 raise ParticipantError(
                     "COMMIT PREPARED found no prepared branch",
@@ -352,7 +704,7 @@ class AsyncPostgresBranch:
             self._finished = True
             return
         try:
-            await run_command(self.conn, self._commit_command)
+            await self._run(self._commit_command)
         except pg_errors.UndefinedObject as exc:
             raise ParticipantError(
                 "COMMIT PREPARED found no prepared branch",
@@ -367,24 +719,43 @@ class AsyncPostgresBranch:
 
     @property
     def left_prepared(self) -> bool:
+        """True when a rollback could not reach a branch that may be prepared."""
         return self._maybe_prepared and not self._finished
 
+    async def _read_in_flight(self) -> None:
+        """Read the answer to a command sent and never waited for (an interrupted sequence)."""
+        command, self._in_flight = self._in_flight, None
+        self._send_error = None
+        if command is None or self.conn.closed or self.conn.broken:
+            return
+        try:
+            tag = await receive_answer(self.conn)
+        except psycopg.Error:
+            return  # a failed PREPARE rolled the transaction back; a failed COMMIT left it
+        if command == self._prepare_command:
+            self._prepared = self._wrong_prepare_answer(tag) is None
+        elif command == self._commit_command:
+            self._finished = True
+
     async def rollback(self) -> None:
+        await self._read_in_flight()
         if self._finished:
             return
-        if not self._lost():
+        if not (self.conn.closed or self.conn.broken):
             try:
                 if self._prepared:
                     await run_command(self.conn, self._rollback_command)
                 else:
                     await self.conn.rollback()
             except psycopg.Error as exc:
-                if not self._lost():
+                if not (self.conn.closed or self.conn.broken):
                     self._warn_rollback(exc)
                     return
             else:
                 self._finished = True
                 return
+        # The session is gone. An active branch died with it; a prepared one lives on
+        # in the server and is rolled back by xid on another connection.
         if not self._maybe_prepared:
             self._finished = True
             return
@@ -405,7 +776,8 @@ class AsyncPostgresBranch:
         )
 
     async def cancel(self) -> None:
-        """Cancel the statement running now (the timeout watchdog)."""
+        """Cancel the statement running now (the timeout watchdog; from another thread in a
+        thread coordinator)."""
         with contextlib.suppress(psycopg.Error):
             await self.conn.cancel_safe(timeout=2.0)
 
@@ -414,6 +786,58 @@ class AsyncPostgresBranch:
             if not self._finished and not self._prepared:
                 await self.rollback()
             if self._prepared and not self._finished:
-                await self.conn.close()  # phase 2 deferred: the prepared branch lives on
+                # Phase 2 was deferred to recovery: the prepared transaction lives on
+                # in the server without this session, which is simply closed.
+                await self.conn.close()
+                await self.resource._release(self.conn)  # a pool's slot is given back
             else:
                 await self.resource._release(self.conn)
+
+
+# unasync: asyncio only
+class _LoopRecovery:
+    """An AsyncPostgresResource over a pool or a factory, seen by recovery and the backlog
+    (a sync XAResource). Called in a worker thread while the event loop runs: each call
+    runs the resource's own on the loop, on a connection from the pool or factory."""
+
+    def __init__(self, resource: AsyncPostgresResource, loop: asyncio.AbstractEventLoop) -> None:
+        self._resource = resource
+        self._loop = loop
+
+    @property
+    def name(self) -> str:
+        return self._resource.name
+
+    def _on_loop(self, coro: Coroutine[Any, Any, T]) -> T:
+        try:
+            running: asyncio.AbstractEventLoop | None = asyncio.get_running_loop()
+        except RuntimeError:
+            running = None
+        if running is self._loop:  # waiting here would stop the loop that must run it
+            coro.close()
+            raise InvalidTransition(
+                f"recovery's view of PostgreSQL {self.name!r} is called from a worker "
+                "thread; on the event loop, await the AsyncPostgresResource itself"
+            )
+        return asyncio.run_coroutine_threadsafe(coro, self._loop).result()
+
+    def begin(self, xid: Xid) -> Any:
+        raise InvalidTransition(
+            f"cannot begin {xid.gtrid} on recovery's view of PostgreSQL {self.name!r}: "
+            "branches begin on the AsyncPostgresResource"
+        )
+
+    def recover(self, format_id: int, gtrid_prefix: str) -> dict[Xid, datetime | None]:
+        return self._on_loop(self._resource.recover(format_id, gtrid_prefix))
+
+    def commit_recovered(self, xid: Xid) -> bool:
+        return self._on_loop(self._resource.commit_recovered(xid))
+
+    def rollback_recovered(self, xid: Xid) -> bool:
+        return self._on_loop(self._resource.rollback_recovered(xid))
+
+    def close(self) -> None:
+        """Nothing of its own to close: the AsyncPostgresResource closes its connections."""
+
+
+# unasync: end
