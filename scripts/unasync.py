@@ -31,6 +31,7 @@ ROOT = Path(__file__).resolve().parent.parent
 
 #: asyncio source -> generated synchronous module.
 FILES = {
+    "coordinator/aio/coordinator.py": "coordinator/coordinator.py",
     "coordinator/aio/driver.py": "coordinator/driver.py",
     "coordinator/aio/transaction.py": "coordinator/transaction.py",
 }
@@ -42,15 +43,19 @@ NAMES = {
     "AsyncLastResourceSession": "LastResourceSession",
     "AsyncLastResource": "LastResource",
     "AsyncTransactionHost": "TransactionHost",
+    "AsyncCoordinator": "Coordinator",
     "AsyncTransaction": "Transaction",
     "AsyncDriverConfig": "DriverConfig",
     "AsyncCursor": "Cursor",
+    "AsyncIterator": "Iterator",
+    "asynccontextmanager": "contextmanager",
     "__aenter__": "__enter__",
     "__aexit__": "__exit__",
 }
 
 #: Modules imported from: the asyncio one -> the synchronous one (import lines only).
 MODULES = {
+    "coordinator.aio": "coordinator",
     "coordinator.aio.runtime": "coordinator.runtime",
     "coordinator.aio.transaction": "coordinator.transaction",
 }
@@ -60,6 +65,8 @@ MODULES = {
 SYNTAX = {
     r"\basync def\b": "def",
     r"\bawait ": "",
+    r"\basync with\b": "with",
+    r"\bAwaitable\[(\w+)\]": r"\1",
 }
 
 #: The runtime shim: its asyncio names and their thread twins.
