@@ -10,7 +10,7 @@ liveness check, listeners, the backlog (docs/design.md §2).
 The walk of one gtrid: ``begin`` makes a transaction; its work runs on the
 participants' branches; ``finish`` hands it to the commit sequence (the
 driver); whatever that could not finish goes to the
-:class:`~coordinator.recovery.Backlog`, and a crash leaves it to
+:class:`~coordinator.backlog.Backlog`, and a crash leaves it to
 :class:`~coordinator.recovery.Recovery` at the next start. Recovery, the
 backlog and the decision log are synchronous: over asyncio participants they
 use each one's synchronous view of the same server, in a worker thread.
@@ -36,6 +36,7 @@ from typing import Any, Protocol, TypeVar
 from coordinator import events, failpoints
 from coordinator.aio import driver
 from coordinator.aio.transaction import AsyncTransaction
+from coordinator.backlog import Backlog, Resolved, Unfinished
 from coordinator.compat import (
     ACancelled,
     AEvent,
@@ -61,7 +62,7 @@ from coordinator.errors import (
 from coordinator.log import DecisionLog
 from coordinator.peers import Membership, PeerRecovery, recover_dead
 from coordinator.protocol import AsyncLastResource, AsyncXAResource, LastResource
-from coordinator.recovery import Backlog, Recovery, RecoveryReport
+from coordinator.recovery import Recovery, RecoveryReport
 from coordinator.states import TERMINAL, Outcome, TxState
 from coordinator.xid import gtrid_prefix, new_gtrid, validate_coordinator_id, validate_id
 
@@ -72,6 +73,9 @@ class _Named(Protocol):
 
 
 N = TypeVar("N", bound=_Named)
+
+#: Told of each finished transaction and of what the backlog resolved later.
+Listener = Callable[[AsyncTransaction | Resolved, Outcome], None]
 
 
 def by_name(resources: Sequence[N]) -> dict[str, N]:
@@ -194,22 +198,27 @@ class AsyncCoordinator:
         self._recovery_resources = {n: arecovery_view(r) for n, r in self._resources.items()}
         self._recovery_broker = arecovery_broker(broker)
         self.backlog = Backlog(
-            self._recovery_resources, log, self._recovery_broker, marker_batch=marker_batch
+            self._recovery_resources,
+            log,
+            self._recovery_broker,
+            marker_batch=marker_batch,
+            report=self._report_resolved,
         )
         self.config = driver.AsyncDriverConfig(
             log=log,
             executor=self._executor,
             failpoint=self.failpoint,
             receipt_timeout=receipt_timeout,
-            defer=self.backlog.defer,
+            defer=self._defer,
             may_decide=membership.holds if membership is not None else lambda: True,
         )
         self._active: dict[str, AsyncTransaction] = {}
         self._lock = threading.Lock()  # never held across an await
         self.outcomes: Counter[Outcome] = Counter()
         self.messages: Counter[str] = Counter()  # "business" / "marker", committed only
-        # Called with each finished transaction and its outcome (metrics, tracing).
-        self._listeners: list[Callable[[AsyncTransaction, Outcome], None]] = []
+        # Called with each finished transaction and its outcome, and with what the backlog
+        # resolved later (metrics, tracing).
+        self._listeners: list[Listener] = []
         self._closed = AEvent()
         self._finishing = 0  # commit or rollback sequences running now (guarded by _lock)
         self._none_finishing = AEvent()
@@ -294,10 +303,25 @@ class AsyncCoordinator:
             self._active[gtrid] = tx
         return tx
 
-    def add_listener(self, listener: Callable[[AsyncTransaction, Outcome], None]) -> None:
+    def add_listener(self, listener: Listener) -> None:
         """Call ``listener(tx, outcome)`` after each transaction finishes (where it
-        finished, after the outcome is final). A listener that raises is logged, not fatal."""
+        finished, after the outcome is final), and ``listener(resolved, resolved.outcome)``
+        with a :class:`~coordinator.backlog.Resolved` when the backlog later finishes or
+        decides a transaction whose caller was told IN_DOUBT, or COMMITTED with phase 2
+        unfinished (in a worker thread). A listener that raises is logged, not fatal."""
         self._listeners.append(listener)
+
+    def _tell_listeners(self, finished: AsyncTransaction | Resolved, outcome: Outcome) -> None:
+        for listener in self._listeners:
+            try:
+                listener(finished, outcome)
+            except Exception as exc:  # an observer never changes what happened
+                events.get_logger(gtrid=finished.gtrid).warning(
+                    events.LISTENER_FAILED, listener=repr(listener), error=str(exc)
+                )
+
+    def _report_resolved(self, resolved: Resolved) -> None:
+        self._tell_listeners(resolved, resolved.outcome)
 
     @property
     def resources(self) -> Mapping[str, AsyncXAResource]:
@@ -366,9 +390,9 @@ class AsyncCoordinator:
         in_doubt = outcome is Outcome.IN_DOUBT and tx.branches
         table = self.log.table
         if in_doubt and tx.decision_holder is not None and table is not None:
-            self.backlog.doubt(tx, partial(table.settle, tx.gtrid))
+            self.backlog.doubt(Unfinished.of(tx), partial(table.settle, tx.gtrid))
         elif in_doubt and tx.broker is not None and self._broker is not None:
-            self.backlog.doubt(tx, afrom_thread(self._broker.settle, tx.broker))
+            self.backlog.doubt(Unfinished.of(tx), afrom_thread(self._broker.settle, tx.broker))
         if outcome in (Outcome.ABORTED, Outcome.HEURISTIC_MIXED):
             for name, branch in tx.branches.items():
                 if branch.left_prepared:
@@ -377,12 +401,12 @@ class AsyncCoordinator:
             self.messages["business"] += tx.messages_sent
             self.messages["marker"] += tx.marker_sent
         await self._forget(tx)
-        for listener in self._listeners:
-            try:
-                listener(tx, outcome)
-            except Exception as exc:  # an observer never changes what happened
-                tx.log.warning(events.LISTENER_FAILED, listener=repr(listener), error=str(exc))
+        self._tell_listeners(tx, outcome)
         return outcome
+
+    def _defer(self, tx: AsyncTransaction) -> None:
+        """Phase 2 of committed ``tx`` is unfinished: the backlog finishes it."""
+        self.backlog.defer(Unfinished.of(tx))
 
     async def _forget(self, tx: AsyncTransaction) -> None:
         for branch in tx.branches.values():

@@ -37,7 +37,7 @@ from coordinator.errors import (
 )
 from coordinator.log import commit_record_participants
 from coordinator.protocol import AsyncLastResourceSession, AsyncXABranch
-from coordinator.states import Outcome, TxState
+from coordinator.states import Outcome, TxEvent
 
 __all__ = ["AsyncDriverConfig", "abort", "commit", "run_each", "run_parallel"]
 
@@ -88,7 +88,7 @@ async def abort(tx: AsyncTransaction, cfg: AsyncDriverConfig, reason: str) -> Ou
             await cfg.run_parallel([b.rollback for b in branches])
         if tx.broker is not None:
             await tx.broker.abort()
-        tx.move(TxState.ABORTED)
+        tx.handle(TxEvent.ROLLED_BACK)
         return _aborted(tx)
 
 
@@ -174,7 +174,7 @@ async def _prepare_all(
     PREPARE takes no new lock, so it may run on every branch at the same time;
     the work itself never does (docs/design.md §2: that deadlocks across databases).
     """
-    tx.move(TxState.PREPARING)
+    tx.handle(TxEvent.PREPARE)
     tx.log.debug(events.PREPARE_STARTED, participants=[b.name for b in writers])
     with tx.timed("prepare"):
         for branch in writers:
@@ -211,7 +211,7 @@ async def _reach_commit_point(
 ) -> None:
     """The decision becomes durable: the broker's marker commit, the commit of the
     branch carrying the decision row, or a forced log record."""
-    tx.move(TxState.COMMITTING)
+    tx.handle(TxEvent.REACH_COMMIT_POINT)
     prepared = [b.name for b in writers]
     if broker is not None:
         tx.log.debug(events.COMMIT_POINT_STARTED, via="broker-marker", participant=broker.name)
@@ -348,7 +348,7 @@ async def _end(tx: AsyncTransaction, cfg: AsyncDriverConfig) -> None:
         _log_failed(tx, exc, "END")
         cfg.defer(tx)
         return
-    tx.move(TxState.COMPLETED)
+    tx.handle(TxEvent.END)
     tx.log.debug(events.END)
 
 
@@ -365,7 +365,7 @@ async def _commit_one_phase(
     broker: AsyncLastResourceSession | None,
 ) -> Outcome:
     """Zero or one writer: no phase 1, no log; the writer's own commit decides."""
-    tx.move(TxState.COMMITTING)
+    tx.handle(TxEvent.REACH_COMMIT_POINT)
     try:
         with tx.timed("commit_point"):
             if broker is not None:
@@ -380,5 +380,5 @@ async def _commit_one_phase(
         tx.log.warning(events.COMMIT_POINT_UNKNOWN, error=str(exc))
         raise _Doubt(f"no answer to the one-phase commit of the only writer ({exc})") from exc
     tx.decided(by_marker=False)
-    tx.move(TxState.COMPLETED)
+    tx.handle(TxEvent.END)
     return Outcome.COMMITTED
