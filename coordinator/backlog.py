@@ -20,7 +20,7 @@ from typing import Protocol
 from coordinator import events
 from coordinator.errors import ConfigurationError, TwoPhaseCommitError
 from coordinator.log import DecisionLog
-from coordinator.protocol import LastResource, XAResource
+from coordinator.protocol import DecisionHolder, LastResource, XAResource
 from coordinator.recovery import Decision, InDoubt, evidence, resolve
 from coordinator.states import Outcome
 from coordinator.xid import Xid
@@ -100,18 +100,20 @@ class Backlog:
         broker: LastResource | None,
         *,
         marker_batch: int = 500,
+        decision_holder: DecisionHolder | None = None,
         report: Callable[[Resolved], None] = _nothing_resolved,
     ) -> None:
         self._resources = resources
         self._log = log
         self._broker = broker
+        self._holder = decision_holder
         self.marker_batch = marker_batch
         self._report = report
         self._lock = threading.Lock()
         self._deferred: list[Unfinished] = []
         self._missed_rollbacks: list[tuple[str, Xid]] = []
         # each with how to settle the session that carried its commit (LastResource.settle,
-        # or DecisionTable.settle)
+        # or DecisionHolder.settle)
         self._in_doubt: list[tuple[Unfinished, Callable[[float], None]]] = []
         self._ended_with_marker: set[str] = set()  # a set: holds() runs at every begin
 
@@ -184,7 +186,7 @@ class Backlog:
             # A commit decided by the marker whose lazy record failed: resolve() writes
             # the record (forced) before END, and the marker decides until then. Any
             # other decision is already a record (forced) or a row.
-            missing = tx.marker_sent and self._log.table is None and tx.gtrid not in logged
+            missing = tx.marker_sent and self._holder is None and tx.gtrid not in logged
             item = evidence(
                 tx.gtrid,
                 dict.fromkeys(tx.branches),
@@ -225,7 +227,7 @@ class Backlog:
             pending, self._in_doubt = self._in_doubt, []
         if not pending:
             return 0
-        table = self._log.table
+        table = self._holder
         by_row = [tx for tx, _ in pending if tx.decision_holder is not None]
         rows: set[str] = set()
         markers: set[str] = set()
@@ -291,7 +293,14 @@ class Backlog:
         """
         holder = self._broker.name if self._broker is not None and item.marker else None
         try:
-            resolve(item, self._resources, self._log, marker_holder=holder, failpoint=_no_failpoint)
+            resolve(
+                item,
+                self._resources,
+                self._log,
+                marker_holder=holder,
+                rows_decide=self._holder is not None,
+                failpoint=_no_failpoint,
+            )
         except Exception as exc:
             events.get_logger(gtrid=item.gtrid).warning(
                 events.RECOVERY_RESOLVE_FAILED,

@@ -32,8 +32,8 @@ from typing import Any
 
 from coordinator import events, failpoints
 from coordinator.errors import ConfigurationError, TwoPhaseCommitError
-from coordinator.log import DecisionLog, DecisionTable, commit_record_participants
-from coordinator.protocol import LastResource, XAResource
+from coordinator.log import DecisionLog, commit_record_participants
+from coordinator.protocol import DecisionHolder, LastResource, XAResource
 from coordinator.xid import FORMAT_ID, Xid, gtrid_prefix
 
 
@@ -123,14 +123,16 @@ def resolve(
     log: DecisionLog,
     *,
     marker_holder: str | None,
+    rows_decide: bool = False,
     failpoint: Callable[[str], None] = failpoints.hit,
 ) -> None:
     """Act on ``item.decision``: COMMIT or ROLLBACK PREPARED every branch, by xid.
 
     A commit decided by a marker is logged (forced) before anything is acted
-    on, since the marker may be swept later; END follows the last commit. A log
-    that keeps no records (its decisions are rows, :attr:`DecisionLog.table`)
-    logs nothing: the marker or the row stays until END.
+    on, since the marker may be swept later; END follows the last commit. When
+    the decisions are rows (``rows_decide``: the coordinator has a decision holder,
+    and its log keeps no records) nothing is logged: the marker or the row stays
+    until END.
     Raises TwoPhaseCommitError (naming participant and gtrid) when a branch
     cannot be resolved now; a later pass finishes it.
     """
@@ -142,7 +144,7 @@ def resolve(
                 "coordinator was not given; configure it and run 'twopc recover' again"
             )
     if item.decision is Decision.COMMIT:
-        if not item.logged_commit and log.table is None:
+        if not item.logged_commit and not rows_decide:
             participants = commit_record_participants(names, marker_holder)
             log.log_commit(item.gtrid, participants, force=True)
             item.logged_commit = True
@@ -203,12 +205,12 @@ class Recovery:
         broker: LastResource | None,
         *,
         pending: Mapping[str, tuple[str, ...]] | None = None,
-        table: DecisionTable | None = None,
+        decision_holder: DecisionHolder | None = None,
     ) -> None:
         self.prefix = gtrid_prefix(coordinator_id)
         self.log = log
         # Where decision rows are (docs/design.md §5): read after fencing, like the markers.
-        self.table = table if table is not None or log is None else log.table
+        self.table = decision_holder
         if pending is None:
             pending = log.pending() if log is not None else {}
         self.pending = dict(pending)
@@ -268,7 +270,13 @@ class Recovery:
         for item in items:
             holder = self.broker.name if self.broker is not None and item.marker else None
             try:
-                resolve(item, self.resources, log, marker_holder=holder)
+                resolve(
+                    item,
+                    self.resources,
+                    log,
+                    marker_holder=holder,
+                    rows_decide=self.table is not None,
+                )
             except TwoPhaseCommitError as exc:
                 item.error = str(exc)
                 self.events.warning(

@@ -47,6 +47,7 @@ NAMES = {
     "AsyncTransaction": "Transaction",
     "AsyncDriverConfig": "DriverConfig",
     "AsyncCursor": "Cursor",
+    "amark": "mark",
     "AsyncIterator": "Iterator",
     "asynccontextmanager": "contextmanager",
     "__aenter__": "__enter__",

@@ -87,6 +87,7 @@ def test_an_unanswered_decision_row_commit_is_resolved_by_the_backlog_without_a_
         [AsyncPostgresResource("a", via_proxy), AsyncPostgresResource("b", settings.pg_b)],
         housekeeping_interval=0.1,
         membership=membership,
+        decision_holder=table,
         peer_interval=None,
     )
     tag = f"{ident}-{committed}"

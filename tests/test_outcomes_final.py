@@ -68,8 +68,9 @@ class Servers:
         store = FakeStore()
         self.res = {name: FakeResource(name, store) for name in ("a", "b")}
         self.broker = FakeBroker("mq") if broker else None
+        self.holder = None if broker else FakeDecisionTable(self.res["a"])
         self.log: DecisionLog = (
-            MemoryDecisionLog() if broker else TableDecisionLog(FakeDecisionTable(self.res["a"]))
+            MemoryDecisionLog() if self.holder is None else TableDecisionLog(self.holder)
         )
         where, step, action = fault
         server: Any = self.broker if where == "mq" else self.res[where]
@@ -98,6 +99,7 @@ def test_a_thread_transaction_never_changes_after_the_caller_has_it(story: str) 
         list(servers.res.values()),
         servers.broker,
         housekeeping_interval=None,
+        decision_holder=servers.holder,
     )
     coordinator.add_listener(servers.listen)
     try:
@@ -130,6 +132,7 @@ def test_an_asyncio_transaction_never_changes_after_the_caller_has_it(story: str
         [AsyncFakeResource(r) for r in servers.res.values()],
         AsyncFakeBroker(servers.broker) if servers.broker is not None else None,
         housekeeping_interval=None,
+        decision_holder=servers.holder,
     )
     coordinator.add_listener(servers.listen)
 

@@ -60,8 +60,14 @@ from coordinator.errors import (
     InvalidXid,
 )
 from coordinator.log import DecisionLog
-from coordinator.peers import Membership, PeerRecovery, recover_dead
-from coordinator.protocol import AsyncLastResource, AsyncXAResource, LastResource
+from coordinator.peers import PeerRecovery, recover_dead
+from coordinator.protocol import (
+    AsyncLastResource,
+    AsyncXAResource,
+    DecisionHolder,
+    LastResource,
+    Membership,
+)
 from coordinator.recovery import Recovery, RecoveryReport
 from coordinator.states import TERMINAL, Outcome, TxState
 from coordinator.xid import gtrid_prefix, new_gtrid, validate_coordinator_id, validate_id
@@ -164,6 +170,7 @@ class AsyncCoordinator:
         marker_batch: int = 500,
         housekeeping_interval: float | None = 1.0,
         membership: Membership | None = None,
+        decision_holder: DecisionHolder | None = None,
         peer_broker: Callable[[str], LastResource | None] | None = None,
         peer_interval: float | None = 5.0,
     ) -> None:
@@ -178,6 +185,9 @@ class AsyncCoordinator:
             self._resources = {r.name: r for r in resources}
             arelease_refused(self._release_all, partial(released, log.close, "the decision log"))
             raise
+        # The participant that holds the decisions as rows, if any (docs/design.md §3): a
+        # role this coordinator is given; its decision log then keeps no records.
+        self.decision_holder = decision_holder
         # Many coordinators (docs/design.md §4): this one's liveness lock, the broker of a dead
         # peer by its id (for fencing and its markers), and how often to look for one.
         self.membership = membership
@@ -202,6 +212,7 @@ class AsyncCoordinator:
             log,
             self._recovery_broker,
             marker_batch=marker_batch,
+            decision_holder=decision_holder,
             report=self._report_resolved,
         )
         self.config = driver.AsyncDriverConfig(
@@ -210,6 +221,7 @@ class AsyncCoordinator:
             failpoint=self.failpoint,
             receipt_timeout=receipt_timeout,
             defer=self._defer,
+            decision_holder=decision_holder,
             may_decide=membership.holds if membership is not None else lambda: True,
         )
         self._active: dict[str, AsyncTransaction] = {}
@@ -388,7 +400,7 @@ class AsyncCoordinator:
         tx.finished(outcome)
         self.outcomes[outcome] += 1
         in_doubt = outcome is Outcome.IN_DOUBT and tx.branches
-        table = self.log.table
+        table = self.decision_holder
         if in_doubt and tx.decision_holder is not None and table is not None:
             self.backlog.doubt(Unfinished.of(tx), partial(table.settle, tx.gtrid))
         elif in_doubt and tx.broker is not None and self._broker is not None:
@@ -488,6 +500,7 @@ class AsyncCoordinator:
             self.log,
             list(self._recovery_resources.values()),
             self._peer_broker,
+            decision_holder=self.decision_holder,
             also_owning=also_owning,
             fence_timeout=fence_timeout,
         )
@@ -543,6 +556,7 @@ class AsyncCoordinator:
             self.log,
             list(self._recovery_resources.values()),
             self._recovery_broker,
+            decision_holder=self.decision_holder,
         )
         report = await ato_thread(recovery.run, fence_timeout=fence_timeout)
         self.last_recovery = report

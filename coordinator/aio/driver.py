@@ -3,7 +3,7 @@
 Presumed abort (docs/design.md §2): nothing is logged for an abort; the commit point
 is the broker's COMMIT of the transaction carrying the commit marker, or,
 without a broker writer, the forced COMMIT record in the decision log -- or,
-when the log keeps its decisions in a participant's table (docs/design.md §3), that
+when the coordinator has a decision holder (docs/design.md §3), that
 participant's one-phase commit of its branch carrying the decision row, after
 every other branch prepared. The failpoints around the commit point are the
 driver's: a participant only calls the callbacks it is handed.
@@ -153,11 +153,11 @@ async def _decision_carrier(
 ) -> AsyncXABranch | None:
     """The commit-markable participant's branch, when the decision will be its row.
 
-    Only without a broker writer (the marker decides then), with a decision table,
+    Only without a broker writer (the marker decides then), with a decision holder,
     and with two writers or more (one commits one-phase alone). A transaction that
     did not touch that participant gets a branch there for the row only.
     """
-    table = cfg.log.table
+    table = cfg.decision_holder
     if table is None or broker is not None or len(writers) < 2:
         return None
     for branch in (*writers, *idle):
@@ -261,16 +261,14 @@ async def _commit_decision_row(
     answer is in doubt: only the row, read once that session is gone, tells. The
     commit is never retried on another session (a fenced zombie must not decide).
     """
-    table = cfg.log.table
-    assert table is not None
+    holder = cfg.decision_holder
+    assert holder is not None
     try:
-        cursor = await carrier.execute(table.mark_query, (tx.gtrid,))
-        row = await cursor.fetchone()
+        await holder.amark(carrier, tx.gtrid)
     except Exception as exc:  # whatever the database said: nothing is committed
         raise _Abort(
             f"participant {carrier.name!r} could not take the decision row: {exc}"
         ) from exc
-    table.marked(tx.gtrid, int(row[0]) if row else 0)
     tx.carries_decision(carrier.name)
     cfg.failpoint("before_decision_row_commit")
     try:
