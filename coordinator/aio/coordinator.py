@@ -152,8 +152,8 @@ class AsyncCoordinator:
 
     One coordinator per decision log. Starting it runs recovery first (unless
     told not to), so that what a crashed predecessor left prepared is resolved.
-    The asyncio coordinator starts when awaited (``async with``, or
-    :meth:`start` then :meth:`close`); the thread one as it is made.
+    An asyncio coordinator starts when its block is entered (or on :meth:`start`;
+    recovery and its tasks need the running loop); a thread one as it is made.
     """
 
     def __init__(
