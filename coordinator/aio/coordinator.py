@@ -203,18 +203,12 @@ class AsyncCoordinator:
         self._executor = ThreadPoolExecutor(
             max_workers=max_workers, thread_name_prefix="twopc-phase"
         )
+        self.marker_batch = marker_batch
         # Recovery and the backlog are synchronous: they see each participant through its
-        # synchronous view (the participant itself, for a synchronous one).
+        # synchronous view (the participant itself, for a synchronous one), taken at start.
         self._recovery_resources = {n: arecovery_view(r) for n, r in self._resources.items()}
-        self._recovery_broker = arecovery_broker(broker)
-        self.backlog = Backlog(
-            self._recovery_resources,
-            log,
-            self._recovery_broker,
-            marker_batch=marker_batch,
-            decision_holder=decision_holder,
-            report=self._report_resolved,
-        )
+        self._recovery_broker: LastResource | None = None
+        self._backlog: Backlog | None = None
         self.config = driver.AsyncDriverConfig(
             log=log,
             executor=self._executor,
@@ -252,6 +246,16 @@ class AsyncCoordinator:
         if self._started:
             return self
         self._started = True
+        # The broker's view needs the running loop (an asyncio broker lends it its sessions).
+        self._recovery_broker = arecovery_broker(self._broker)
+        self._backlog = Backlog(
+            self._recovery_resources,
+            self.log,
+            self._recovery_broker,
+            marker_batch=self.marker_batch,
+            decision_holder=self.decision_holder,
+            report=self._report_resolved,
+        )
         membership = self.membership
         try:
             if membership is not None:
@@ -270,6 +274,13 @@ class AsyncCoordinator:
         if membership is not None and self.peer_interval is not None:
             self._peer_watch = aspawn(self._watch_peers, "twopc-peers")
         return self
+
+    @property
+    def backlog(self) -> Backlog:
+        """What the commit sequence could not finish (see :mod:`coordinator.backlog`)."""
+        if self._backlog is None:
+            raise InvalidTransition("the coordinator is not started: call start() first")
+        return self._backlog
 
     async def __aenter__(self) -> AsyncCoordinator:
         return await self.start()
@@ -592,8 +603,10 @@ class AsyncCoordinator:
         await await_event(self._none_finishing, self.timeout)
         await ajoin(self._watchdog)
         await ajoin(self._peer_watch)
-        await ato_thread(released, self.backlog.work, "the backlog")
-        await ato_thread(released, self.backlog.sweep_markers, "the marker sweep")
+        backlog = self._backlog
+        if backlog is not None:  # None: never started
+            await ato_thread(released, backlog.work, "the backlog")
+            await ato_thread(released, backlog.sweep_markers, "the marker sweep")
         await ato_thread(released, self.log.flush, "the decision log's flush")
         await ato_thread(self._executor.shutdown, True)
         await self._release_all()
