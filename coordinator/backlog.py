@@ -39,7 +39,7 @@ class _Finished(Protocol):
     def marker_sent(self) -> bool: ...
 
     @property
-    def decision_holder(self) -> str | None: ...
+    def decision_carrier(self) -> str | None: ...
 
 
 @dataclass(frozen=True)
@@ -49,12 +49,12 @@ class Unfinished:
     gtrid: str
     branches: tuple[str, ...]  # the XA participants with a branch, by name
     marker_sent: bool  # the broker's COMMIT carried its marker
-    decision_holder: str | None  # the participant whose branch carried the decision row
+    decision_carrier: str | None  # the participant whose branch carried the decision row
 
     @classmethod
     def of(cls, tx: _Finished) -> Unfinished:
         """The backlog's record of ``tx``, taken when the commit sequence hands it over."""
-        return cls(tx.gtrid, tuple(tx.branches), tx.marker_sent, tx.decision_holder)
+        return cls(tx.gtrid, tuple(tx.branches), tx.marker_sent, tx.decision_carrier)
 
 
 @dataclass(frozen=True)
@@ -228,7 +228,7 @@ class Backlog:
         if not pending:
             return 0
         table = self._holder
-        by_row = [tx for tx, _ in pending if tx.decision_holder is not None]
+        by_row = [tx for tx, _ in pending if tx.decision_carrier is not None]
         rows: set[str] = set()
         markers: set[str] = set()
         try:
@@ -249,10 +249,10 @@ class Backlog:
             return 0
         resolved = 0
         for tx, settle in pending:
-            row = tx.decision_holder is not None
+            row = tx.decision_carrier is not None
             item = evidence(
                 tx.gtrid,
-                {name: None for name in tx.branches if name != tx.decision_holder},
+                {name: None for name in tx.branches if name != tx.decision_carrier},
                 logged_commit=False,
                 markers=None if row else markers,
                 rows=rows if row else None,

@@ -409,9 +409,9 @@ class Coordinator:
         tx.finished(outcome)
         self.outcomes[outcome] += 1
         in_doubt = outcome is Outcome.IN_DOUBT and tx.branches
-        table = self.decision_holder
-        if in_doubt and tx.decision_holder is not None and table is not None:
-            self.backlog.doubt(Unfinished.of(tx), partial(table.settle, tx.gtrid))
+        holder = self.decision_holder
+        if in_doubt and tx.decision_carrier is not None and holder is not None:
+            self.backlog.doubt(Unfinished.of(tx), partial(holder.settle, tx.gtrid))
         elif in_doubt and tx.broker is not None and self._broker is not None:
             self.backlog.doubt(Unfinished.of(tx), from_thread(self._broker.settle, tx.broker))
         if outcome in (Outcome.ABORTED, Outcome.HEURISTIC_MIXED):

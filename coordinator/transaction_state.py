@@ -40,7 +40,7 @@ class TransactionState(Generic[BranchT, SessionT]):
         self.messages_sent = 0
         self.marker_sent = False
         # The participant whose branch carries the decision row (docs/design.md §3), once written.
-        self.decision_holder: str | None = None
+        self.decision_carrier: str | None = None
         # The decision-log error this transaction met, if any: before the commit point it
         # aborted it (or left it in doubt); after, the outcome stands and the backlog
         # writes the missing records. A caller running many transactions stops on it.
@@ -81,7 +81,7 @@ class TransactionState(Generic[BranchT, SessionT]):
 
     def carries_decision(self, participant: str) -> None:
         """The decision row was written in ``participant``'s branch (not yet committed)."""
-        self.decision_holder = participant
+        self.decision_carrier = participant
 
     def finished(self, outcome: Outcome) -> None:
         """Record what the caller is told."""
