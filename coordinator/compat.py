@@ -11,9 +11,16 @@ thread one, and the generator maps the first to the second (as psycopg's
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import functools
 import inspect
 import threading
 import time
+from collections.abc import Awaitable, Callable, Coroutine
+from typing import TYPE_CHECKING, Any, TypeVar
+
+if TYPE_CHECKING:
+    from coordinator.protocol import AsyncLastResource, AsyncXAResource, LastResource, XAResource
 
 #: Wait ``seconds`` without blocking the loop / the thread.
 asleep = asyncio.sleep
@@ -32,3 +39,156 @@ def amatches_api(call: object) -> bool:
 def matches_api(call: object) -> bool:
     """True when ``call`` is made for this API: a plain function under threads."""
     return callable(call) and not inspect.iscoroutinefunction(call)
+
+
+# -- the coordinator's background work and its hand-offs (coordinator/aio/coordinator.py) --
+
+T = TypeVar("T")
+
+#: A flag the background work watches (a coordinator closing).
+AEvent = asyncio.Event
+Event = threading.Event
+
+
+async def await_event(event: asyncio.Event, timeout: float | None) -> bool:
+    """Wait until ``event`` is set or ``timeout`` passes; True if it is set."""
+    with contextlib.suppress(TimeoutError):
+        await asyncio.wait_for(event.wait(), timeout)
+    return event.is_set()
+
+
+def wait_event(event: threading.Event, timeout: float | None) -> bool:
+    """Wait until ``event`` is set or ``timeout`` passes; True if it is set."""
+    return event.wait(timeout)
+
+
+def aspawn(loop: Callable[[], Coroutine[Any, Any, None]], name: str) -> asyncio.Task[None]:
+    """Run the background ``loop`` as a task."""
+    return asyncio.create_task(loop(), name=name)
+
+
+def spawn(loop: Callable[[], None], name: str) -> threading.Thread:
+    """Run the background ``loop`` on a daemon thread."""
+    thread = threading.Thread(target=loop, name=name, daemon=True)
+    thread.start()
+    return thread
+
+
+async def ajoin(task: asyncio.Task[None] | None) -> None:
+    """Wait for a background task that was told to stop (or cancelled) to end."""
+    if task is not None:
+        with contextlib.suppress(asyncio.CancelledError):
+            await task
+
+
+def join(thread: threading.Thread | None) -> None:
+    """Wait for a background thread that was told to stop to end."""
+    if thread is not None and thread is not threading.current_thread():
+        thread.join()
+
+
+def acancel(task: asyncio.Task[None] | None) -> None:
+    """Stop a background task now (a process that died runs nothing more)."""
+    if task is not None:
+        task.cancel()
+
+
+def cancel(thread: threading.Thread | None) -> None:
+    """A thread cannot be stopped from outside: it sees the flag it watches at its next wake."""
+
+
+async def ato_thread(call: Callable[..., T], /, *args: Any, **kwargs: Any) -> T:
+    """Run a blocking ``call`` (recovery, the backlog, a log write) in a worker thread."""
+    return await asyncio.to_thread(call, *args, **kwargs)
+
+
+def to_thread(call: Callable[..., T], /, *args: Any, **kwargs: Any) -> T:
+    """Run a blocking ``call`` here: this is a thread already."""
+    return call(*args, **kwargs)
+
+
+_shielded: set[asyncio.Future[Any]] = set()
+
+
+async def ashield(step: Coroutine[Any, Any, T]) -> T:
+    """Run ``step`` to its end even if the awaiting task is cancelled (a commit sequence
+    is never stopped half way); the caller gets CancelledError, the step goes on."""
+    task = asyncio.ensure_future(step)
+    _shielded.add(task)
+    task.add_done_callback(_shielded.discard)
+    return await asyncio.shield(task)
+
+
+def shield(result: T) -> T:
+    """A thread is never cancelled: the step has already run to its end."""
+    return result
+
+
+#: Raised in a task that is cancelled; a thread never is, so nothing raises its twin.
+ACancelled = asyncio.CancelledError
+
+
+class Cancelled(BaseException):
+    """Never raised: the thread counterpart of a cancelled task."""
+
+
+def afrom_thread(
+    step: Callable[..., Coroutine[Any, Any, None]], *args: Any
+) -> Callable[[float], None]:
+    """``step(*args, timeout)`` as a blocking call a worker thread can make: it runs on
+    this event loop (the backlog settles an asyncio broker session this way)."""
+    loop = asyncio.get_running_loop()
+
+    def call(timeout: float) -> None:
+        asyncio.run_coroutine_threadsafe(step(*args, timeout), loop).result()
+
+    return call
+
+
+def from_thread(step: Callable[..., None], *args: Any) -> Callable[[float], None]:
+    """``step(*args, timeout)`` as a blocking call (it is one already)."""
+    return functools.partial(step, *args)
+
+
+def arecovery_view(resource: AsyncXAResource) -> XAResource:
+    """The synchronous view of an asyncio resource that recovery and the backlog use
+    (in a worker thread)."""
+    return resource.recovery_resource()
+
+
+def recovery_view(resource: XAResource) -> XAResource:
+    """Recovery and the backlog use a synchronous resource as it is."""
+    return resource
+
+
+def arecovery_broker(broker: AsyncLastResource | None) -> LastResource | None:
+    """The synchronous view of an asyncio broker for recovery and the backlog."""
+    return broker.recovery_broker() if broker is not None else None
+
+
+def recovery_broker(broker: LastResource | None) -> LastResource | None:
+    """Recovery and the backlog use a synchronous broker as it is."""
+    return broker
+
+
+def arelease_refused(
+    release_all: Callable[[], Awaitable[None]], close_log: Callable[[], None]
+) -> None:
+    """A coordinator refused at construction closes its decision log only: its asyncio
+    participants have not connected yet, and closing them needs the event loop."""
+    close_log()
+
+
+def release_refused(release_all: Callable[[], None], close_log: Callable[[], None]) -> None:
+    """A coordinator refused at construction closes everything it was given."""
+    release_all()
+
+
+def astart_in_init(start: Callable[[], Awaitable[object]]) -> None:
+    """An asyncio coordinator starts when awaited (``async with``, ``await start()``):
+    recovery and its tasks need the running loop."""
+
+
+def start_in_init(start: Callable[[], object]) -> None:
+    """A thread coordinator starts as it is made (recovery first, then its threads)."""
+    start()

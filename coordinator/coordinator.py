@@ -1,11 +1,27 @@
-"""The coordinator: owns the participants, the decision log and the threads; runs transactions.
+# Generated from coordinator/aio/coordinator.py by scripts/unasync.py: edit that file, then run
+# `python scripts/unasync.py` (tests/test_unasync.py checks this file is current).
+"""The coordinator: owns the participants, the decision log and the background work; runs
+transactions.
 
-The walk of one gtrid: :meth:`Coordinator.begin` makes a
-:class:`~coordinator.transaction.Transaction`; its work runs on the
-participants' branches; :meth:`Coordinator.finish` hands it to the commit
-sequence (:mod:`coordinator.driver`); whatever that could not finish goes to
-the :class:`~coordinator.recovery.Backlog`, and a crash leaves it to
-:class:`~coordinator.recovery.Recovery` at the next start.
+Written once, for asyncio (``coordinator/aio/coordinator.py``); the thread
+coordinator (``coordinator/coordinator.py``) is generated from it by
+``scripts/unasync.py``, and what differs between tasks and threads is in
+:mod:`coordinator.compat`. Both have the same members: membership and the
+liveness check, listeners, the backlog (docs/design.md §2).
+
+The walk of one gtrid: ``begin`` makes a transaction; its work runs on the
+participants' branches; ``finish`` hands it to the commit sequence (the
+driver); whatever that could not finish goes to the
+:class:`~coordinator.backlog.Backlog`, and a crash leaves it to
+:class:`~coordinator.recovery.Recovery` at the next start. Recovery, the
+backlog and the decision log are synchronous: over asyncio participants they
+use each one's synchronous view of the same server, in a worker thread.
+
+Usage::
+
+    with Coordinator("orders", log, [resource_a, resource_b]) as coordinator:
+        with coordinator.transaction() as tx:
+            tx.execute("a", "INSERT ...")
 """
 
 from __future__ import annotations
@@ -17,9 +33,25 @@ from collections.abc import Callable, Collection, Iterator, Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
 from functools import partial
-from typing import Any, TypeVar
+from typing import Any, Protocol, TypeVar
 
 from coordinator import driver, events, failpoints
+from coordinator.backlog import Backlog, Resolved, Unfinished
+from coordinator.compat import (
+    Cancelled,
+    Event,
+    cancel,
+    from_thread,
+    join,
+    recovery_broker,
+    recovery_view,
+    release_refused,
+    shield,
+    spawn,
+    start_in_init,
+    to_thread,
+    wait_event,
+)
 from coordinator.errors import (
     ConfigurationError,
     CrashInjected,
@@ -28,19 +60,33 @@ from coordinator.errors import (
     InvalidXid,
 )
 from coordinator.log import DecisionLog
-from coordinator.peers import Membership, PeerRecovery, recover_dead
-from coordinator.protocol import AsyncXAResource, LastResource, XAResource
-from coordinator.recovery import Backlog, Recovery, RecoveryReport
+from coordinator.peers import PeerRecovery, recover_dead
+from coordinator.protocol import (
+    DecisionHolder,
+    LastResource,
+    Membership,
+    XAResource,
+)
+from coordinator.recovery import Recovery, RecoveryReport
 from coordinator.states import TERMINAL, Outcome, TxState
 from coordinator.transaction import Transaction
 from coordinator.xid import gtrid_prefix, new_gtrid, validate_coordinator_id, validate_id
 
-R = TypeVar("R", XAResource, AsyncXAResource)
+
+class _Named(Protocol):
+    @property
+    def name(self) -> str: ...
 
 
-def by_name(resources: Sequence[R]) -> dict[str, R]:
+N = TypeVar("N", bound=_Named)
+
+#: Told of each finished transaction and of what the backlog resolved later.
+Listener = Callable[[Transaction | Resolved, Outcome], None]
+
+
+def by_name(resources: Sequence[N]) -> dict[str, N]:
     """The participants by name; ConfigurationError for a bad or repeated name."""
-    named: dict[str, R] = {}
+    named: dict[str, N] = {}
     for resource in resources:
         validate_id("participant name", resource.name)
         if resource.name in named:
@@ -52,8 +98,7 @@ def by_name(resources: Sequence[R]) -> dict[str, R]:
 def stats_of(
     outcomes: Counter[Outcome], messages: Counter[str], forced_writes: int
 ) -> dict[str, Any]:
-    """A coordinator's counters for reports (sync and asyncio alike): outcomes, forced
-    log writes, committed messages."""
+    """A coordinator's counters for reports: outcomes, forced log writes, committed messages."""
     committed = outcomes[Outcome.COMMITTED]
     return {
         "committed": committed,
@@ -70,6 +115,16 @@ def stats_of(
 def released(step: Callable[[], object], what: str) -> None:
     """One step of releasing a coordinator (its close, or a start that failed): a failure
     is logged, never raised, so that every later step still runs."""
+    try:
+        step()
+    except Exception as exc:
+        events.get_logger().warning(
+            events.RELEASE_FAILED, what=what, error=f"{type(exc).__name__}: {exc}"
+        )
+
+
+def _released(step: Callable[[], object], what: str) -> None:
+    """:func:`released` for a participant's close."""
     try:
         step()
     except Exception as exc:
@@ -95,8 +150,10 @@ def gtrid_for(coordinator_id: str, gtrid: str | None) -> str:
 class Coordinator:
     """Runs global transactions over XA resources and at most one last resource (a broker).
 
-    One coordinator per decision log. On start it runs recovery (unless told not
-    to), so that what a crashed predecessor left prepared is resolved first.
+    One coordinator per decision log. Starting it runs recovery first (unless
+    told not to), so that what a crashed predecessor left prepared is resolved.
+    An asyncio coordinator starts when its block is entered (or on :meth:`start`;
+    recovery and its tasks need the running loop); a thread one as it is made.
     """
 
     def __init__(
@@ -113,6 +170,7 @@ class Coordinator:
         marker_batch: int = 500,
         housekeeping_interval: float | None = 1.0,
         membership: Membership | None = None,
+        decision_holder: DecisionHolder | None = None,
         peer_broker: Callable[[str], LastResource | None] | None = None,
         peer_interval: float | None = 5.0,
     ) -> None:
@@ -123,9 +181,13 @@ class Coordinator:
             self.prefix = gtrid_prefix(coordinator_id)
             self._resources: dict[str, XAResource] = by_name(resources)
         except BaseException:
+            # The coordinator owns what it was given, even when refused.
             self._resources = {r.name: r for r in resources}
-            self._release_all()  # the coordinator owns what it was given, even when refused
+            release_refused(self._release_all, partial(released, log.close, "the decision log"))
             raise
+        # The participant that holds the decisions as rows, if any (docs/design.md §3): a
+        # role this coordinator is given; its decision log then keeps no records.
+        self.decision_holder = decision_holder
         # Many coordinators (docs/design.md §4): this one's liveness lock, the broker of a dead
         # peer by its id (for fencing and its markers), and how often to look for one.
         self.membership = membership
@@ -133,55 +195,98 @@ class Coordinator:
         self.peer_interval = peer_interval
         self.peer_recoveries: list[PeerRecovery] = []  # the latest ones, newest last
         self.timeout = timeout
+        self.receipt_timeout = receipt_timeout
+        self.recover_on_start = recover_on_start
         # Seconds between the watchdog's retries of deferred phase 2s, missed rollbacks
         # and in-doubt transactions; None leaves them to explicit calls (tests do).
         self.housekeeping_interval = housekeeping_interval
         self._executor = ThreadPoolExecutor(
             max_workers=max_workers, thread_name_prefix="twopc-phase"
         )
-        self.backlog = Backlog(self._resources, log, broker, marker_batch=marker_batch)
+        self.marker_batch = marker_batch
+        # Recovery and the backlog are synchronous: they see each participant through its
+        # synchronous view (the participant itself, for a synchronous one), taken at start.
+        self._recovery_resources = {n: recovery_view(r) for n, r in self._resources.items()}
+        self._recovery_broker: LastResource | None = None
+        self._backlog: Backlog | None = None
         self.config = driver.DriverConfig(
             log=log,
             executor=self._executor,
             failpoint=self.failpoint,
             receipt_timeout=receipt_timeout,
-            defer=self.backlog.defer,
+            defer=self._defer,
+            decision_holder=decision_holder,
             may_decide=membership.holds if membership is not None else lambda: True,
         )
         self._active: dict[str, Transaction] = {}
-        self._lock = threading.Lock()
+        self._lock = threading.Lock()  # never held across an await
         self.outcomes: Counter[Outcome] = Counter()
         self.messages: Counter[str] = Counter()  # "business" / "marker", committed only
-        # Called with each finished transaction and its outcome (metrics, tracing).
-        self._listeners: list[Callable[[Transaction, Outcome], None]] = []
-        self._closed = threading.Event()
+        # Called with each finished transaction and its outcome, and with what the backlog
+        # resolved later (metrics, tracing).
+        self._listeners: list[Listener] = []
+        self._closed = Event()
         self._finishing = 0  # commit or rollback sequences running now (guarded by _lock)
-        self._none_finishing = threading.Condition(self._lock)
-        self._watchdog = threading.Thread(
-            target=self._watch_timeouts, name="twopc-watchdog", daemon=True
-        )
-        self._watchdog.start()
+        self._none_finishing = Event()
+        self._none_finishing.set()
+        self._started = False
+        self._watchdog: Any = None  # the timeout and housekeeping loop (a task / a thread)
+        self._peer_watch: Any = None  # the loop that recovers dead peers
         self.last_recovery: RecoveryReport | None = None
-        self._peer_watch: threading.Thread | None = None
+        start_in_init(self.start)
+
+    # -- starting and stopping --------------------------------------------------------
+
+    def start(self) -> Coordinator:
+        """Join the membership, recover (unless told not to), then start the background work.
+
+        A start that fails releases everything (but a simulated death), so that a
+        retry in this process can start.
+        """
+        if self._started:
+            return self
+        self._started = True
+        # The broker's view needs the running loop (an asyncio broker lends it its sessions).
+        self._recovery_broker = recovery_broker(self._broker)
+        self._backlog = Backlog(
+            self._recovery_resources,
+            self.log,
+            self._recovery_broker,
+            marker_batch=self.marker_batch,
+            decision_holder=self.decision_holder,
+            report=self._report_resolved,
+        )
+        membership = self.membership
         try:
             if membership is not None:
-                membership.join()  # before recovery: no earlier incarnation still decides
-            if recover_on_start:
+                to_thread(membership.join)  # before recovery: no earlier incarnation
+            if self.recover_on_start:
                 self.recover()
-            if membership is not None and peer_interval is not None:
-                self._peer_watch = threading.Thread(
-                    target=self._watch_peers, name="twopc-peers", daemon=True
-                )
-                self._peer_watch.start()
         except BaseException as exc:
-            self._closed.set()  # no thread outlives a coordinator that failed to start
-            self._watchdog.join()
-            self._executor.shutdown(wait=False)
+            self._closed.set()
+            to_thread(self._executor.shutdown, False)
             if membership is not None:
-                membership.leave()
+                to_thread(membership.leave)
             if not isinstance(exc, CrashInjected):  # a simulated death releases nothing
-                self._release_all()  # so that a retry in this process can start
+                self._release_all()
             raise
+        self._watchdog = spawn(self._watch_timeouts, "twopc-watchdog")
+        if membership is not None and self.peer_interval is not None:
+            self._peer_watch = spawn(self._watch_peers, "twopc-peers")
+        return self
+
+    @property
+    def backlog(self) -> Backlog:
+        """What the commit sequence could not finish (see :mod:`coordinator.backlog`)."""
+        if self._backlog is None:
+            raise InvalidTransition("the coordinator is not started: call start() first")
+        return self._backlog
+
+    def __enter__(self) -> Coordinator:
+        return self.start()
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
 
     # -- transactions ---------------------------------------------------------
 
@@ -189,15 +294,27 @@ class Coordinator:
     def transaction(
         self, gtrid: str | None = None, *, timeout: float | None = None
     ) -> Iterator[Transaction]:
-        """A new global transaction; commits when the block ends (see Transaction)."""
+        """A new global transaction; commits when the block ends (see Transaction).
+
+        With asyncio, a task cancelled inside the block rolls the transaction
+        back (the rollback itself is shielded from the cancellation) before the
+        cancellation goes on.
+        """
         tx = self.begin(gtrid, timeout=timeout)
         with tx:
-            yield tx
+            try:
+                yield tx
+            except Cancelled:
+                if tx.state is TxState.ACTIVE:
+                    shield(tx.rollback("the task was cancelled"))
+                raise
 
     def begin(self, gtrid: str | None = None, *, timeout: float | None = None) -> Transaction:
         """Start a global transaction; ``gtrid`` must carry this coordinator's prefix."""
         if self._closed.is_set():
             raise InvalidTransition("cannot begin a transaction: the coordinator is closed")
+        if not self._started:
+            raise InvalidTransition("the coordinator is not started: call start() first")
         gtrid = gtrid_for(self.coordinator_id, gtrid)
         tx = Transaction(self, gtrid, self.timeout if timeout is None else timeout)
         with self._lock:
@@ -209,10 +326,25 @@ class Coordinator:
             self._active[gtrid] = tx
         return tx
 
-    def add_listener(self, listener: Callable[[Transaction, Outcome], None]) -> None:
-        """Call ``listener(tx, outcome)`` after each transaction finishes (on the caller's
-        thread, after the outcome is final). A listener that raises is logged, not fatal."""
+    def add_listener(self, listener: Listener) -> None:
+        """Call ``listener(tx, outcome)`` after each transaction finishes (where it
+        finished, after the outcome is final), and ``listener(resolved, resolved.outcome)``
+        with a :class:`~coordinator.backlog.Resolved` when the backlog later finishes or
+        decides a transaction whose caller was told IN_DOUBT, or COMMITTED with phase 2
+        unfinished (in a worker thread). A listener that raises is logged, not fatal."""
         self._listeners.append(listener)
+
+    def _tell_listeners(self, finished: Transaction | Resolved, outcome: Outcome) -> None:
+        for listener in self._listeners:
+            try:
+                listener(finished, outcome)
+            except Exception as exc:  # an observer never changes what happened
+                events.get_logger(gtrid=finished.gtrid).warning(
+                    events.LISTENER_FAILED, listener=repr(listener), error=str(exc)
+                )
+
+    def _report_resolved(self, resolved: Resolved) -> None:
+        self._tell_listeners(resolved, resolved.outcome)
 
     @property
     def resources(self) -> Mapping[str, XAResource]:
@@ -227,25 +359,35 @@ class Coordinator:
     def finish(self, tx: Transaction, *, commit: bool) -> Outcome:
         """Run the commit (or rollback) sequence; called by Transaction.commit/rollback.
 
-        After close() has begun, a transaction that was still open is rolled
-        back instead of committed (its reason says so): its decision could no
-        longer be logged.
+        The sequence runs to its end even if the caller's task is cancelled (the
+        caller gets CancelledError; the outcome is the one the sequence reaches).
+        After close() has begun, a transaction that was still open is rolled back
+        instead of committed (its reason says so): its decision could no longer be
+        logged.
         """
         with self._lock:
             closed = self._closed.is_set()
             if not closed:
                 self._finishing += 1
+                self._none_finishing.clear()
         reason = tx.reason
         if closed and commit:
             commit = False
             reason = "the coordinator was closed before this transaction committed"
+        counted = not closed
+        return shield(self._finish_counted(tx, commit=commit, reason=reason, counted=counted))
+
+    def _finish_counted(
+        self, tx: Transaction, *, commit: bool, reason: str, counted: bool
+    ) -> Outcome:
         try:
             return self._finish(tx, commit=commit, reason=reason)
         finally:
-            if not closed:
+            if counted:
                 with self._lock:
                     self._finishing -= 1
-                    self._none_finishing.notify_all()
+                    if self._finishing == 0:
+                        self._none_finishing.set()
 
     def _finish(self, tx: Transaction, *, commit: bool, reason: str) -> Outcome:
         try:
@@ -267,11 +409,11 @@ class Coordinator:
         tx.finished(outcome)
         self.outcomes[outcome] += 1
         in_doubt = outcome is Outcome.IN_DOUBT and tx.branches
-        table = self.log.table
-        if in_doubt and tx.decision_holder is not None and table is not None:
-            self.backlog.doubt(tx, partial(table.settle, tx.gtrid))
+        holder = self.decision_holder
+        if in_doubt and tx.decision_carrier is not None and holder is not None:
+            self.backlog.doubt(Unfinished.of(tx), partial(holder.settle, tx.gtrid))
         elif in_doubt and tx.broker is not None and self._broker is not None:
-            self.backlog.doubt(tx, partial(self._broker.settle, tx.broker))
+            self.backlog.doubt(Unfinished.of(tx), from_thread(self._broker.settle, tx.broker))
         if outcome in (Outcome.ABORTED, Outcome.HEURISTIC_MIXED):
             for name, branch in tx.branches.items():
                 if branch.left_prepared:
@@ -280,12 +422,12 @@ class Coordinator:
             self.messages["business"] += tx.messages_sent
             self.messages["marker"] += tx.marker_sent
         self._forget(tx)
-        for listener in self._listeners:
-            try:
-                listener(tx, outcome)
-            except Exception as exc:  # an observer never changes what happened
-                tx.log.warning(events.LISTENER_FAILED, listener=repr(listener), error=str(exc))
+        self._tell_listeners(tx, outcome)
         return outcome
+
+    def _defer(self, tx: Transaction) -> None:
+        """Phase 2 of committed ``tx`` is unfinished: the backlog finishes it."""
+        self.backlog.defer(Unfinished.of(tx))
 
     def _forget(self, tx: Transaction) -> None:
         for branch in tx.branches.values():
@@ -296,7 +438,8 @@ class Coordinator:
             self._active.pop(tx.gtrid, None)
         ended = tx.state is TxState.COMPLETED and tx.marker_sent
         if ended and self.backlog.ended(tx.gtrid) and not self._closed.is_set():
-            self._executor.submit(self._contained, self.sweep_markers)  # close() sweeps the rest
+            # close() sweeps the rest
+            self._executor.submit(self._contained, self.backlog.sweep_markers)
 
     def failpoint(self, name: str) -> None:
         failpoints.hit(name)
@@ -305,19 +448,19 @@ class Coordinator:
 
     def sweep_markers(self) -> int:
         """Remove the commit markers of transactions that ended (in batches)."""
-        return self.backlog.sweep_markers()
+        return to_thread(self.backlog.sweep_markers)
 
     def retry_deferred(self) -> int:
         """Finish phase 2 of committed transactions whose participants failed; return count."""
-        return self.backlog.retry_deferred()
+        return to_thread(self.backlog.retry_deferred)
 
     def retry_rollbacks(self) -> int:
         """Roll back, by xid, prepared branches of aborted transactions whose session died."""
-        return self.backlog.retry_rollbacks()
+        return to_thread(self.backlog.retry_rollbacks)
 
     def resolve_in_doubt(self, timeout: float = 10.0) -> int:
-        """Decide transactions whose broker COMMIT got no answer, by their marker."""
-        return self.backlog.resolve_in_doubt(timeout)
+        """Decide transactions whose commit point got no answer, by their marker or row."""
+        return to_thread(self.backlog.resolve_in_doubt, timeout)
 
     @property
     def in_doubt(self) -> list[str]:
@@ -326,9 +469,9 @@ class Coordinator:
 
     def _watch_timeouts(self) -> None:
         """Cancel the statements of transactions that outlive their deadline; every
-        ``housekeeping_interval``, work off the backlog."""
+        ``housekeeping_interval``, keep the liveness lock and work off the backlog."""
         last_chores = time.monotonic()
-        while not self._closed.wait(0.2):
+        while not wait_event(self._closed, 0.2):
             now = time.monotonic()
             with self._lock:
                 late = [
@@ -339,19 +482,19 @@ class Coordinator:
             for tx in late:
                 tx.log.warning(events.TIMEOUT, seconds=round(now - tx.started, 3))
                 for branch in tx.time_out():
-                    branch.cancel()
+                    self._contained_step(branch.cancel)
             interval = self.housekeeping_interval
             if interval is not None and now - last_chores >= interval:
                 last_chores = now
                 if self.membership is not None:
-                    self._contained(self.membership.keep)
-                self._contained(self.backlog.work)
+                    to_thread(self._contained, self.membership.keep)
+                to_thread(self._contained, self.backlog.work)
 
     def _watch_peers(self) -> None:
         """Every ``peer_interval`` seconds, recover the peers that died (docs/design.md §4)."""
         interval = self.peer_interval or 5.0
-        while not self._closed.wait(interval):
-            self._contained(self.recover_dead_peers)
+        while not wait_event(self._closed, interval):
+            self._contained_step(self.recover_dead_peers)
 
     def recover_dead_peers(
         self, *, also_owning: Collection[str] = (), fence_timeout: float = 10.0
@@ -360,11 +503,13 @@ class Coordinator:
         prepared branches (or owns ``also_owning``); empty without membership."""
         if self.membership is None:
             return []
-        done = recover_dead(
+        done = to_thread(
+            recover_dead,
             self.membership,
             self.log,
-            list(self._resources.values()),
+            list(self._recovery_resources.values()),
             self._peer_broker,
+            decision_holder=self.decision_holder,
             also_owning=also_owning,
             fence_timeout=fence_timeout,
         )
@@ -372,9 +517,21 @@ class Coordinator:
             self.peer_recoveries = (self.peer_recoveries + done)[-100:]
         return done
 
+    def _contained_step(self, step: Callable[[], object]) -> None:
+        """Run a watchdog step; an unexpected error is logged, never ends the watchdog."""
+        try:
+            step()
+        except Exception as exc:
+            events.get_logger().error(
+                events.HOUSEKEEPING_FAILED,
+                chore=getattr(step, "__name__", repr(step)),
+                error=f"{type(exc).__name__}: {exc}",
+                exc_info=True,
+            )
+
     @staticmethod
     def _contained(chore: Callable[[], object]) -> None:
-        """Run a background chore; an unexpected error is logged, never kills the thread.
+        """Run a background chore (in a worker thread); an unexpected error is logged.
 
         The chore's own failures (a participant down) are retried by the next
         round already; this catches the rest, so the watchdog keeps enforcing
@@ -403,9 +560,14 @@ class Coordinator:
                 "transactions are running"
             )
         self.backlog.forget_in_doubt()  # a full pass fences and decides these too
-        report = Recovery(
-            self.coordinator_id, self.log, list(self._resources.values()), self._broker
-        ).run(fence_timeout=fence_timeout)
+        recovery = Recovery(
+            self.coordinator_id,
+            self.log,
+            list(self._recovery_resources.values()),
+            self._recovery_broker,
+            decision_holder=self.decision_holder,
+        )
+        report = to_thread(recovery.run, fence_timeout=fence_timeout)
         self.last_recovery = report
         return report
 
@@ -420,8 +582,14 @@ class Coordinator:
         with self._lock:
             return [g for g, tx in self._active.items() if tx.state not in TERMINAL]
 
+    def stop_without_cleanup(self) -> None:
+        """The process is gone (tests): stop the background work, clean nothing up."""
+        self._closed.set()
+        cancel(self._watchdog)
+        cancel(self._peer_watch)
+
     def close(self) -> None:
-        """Finish housekeeping and release connections, threads and the log's lock.
+        """Finish housekeeping and release connections, workers and the log's lock.
 
         Commits already running finish first (up to ``timeout`` seconds); a
         transaction still open is rolled back when its owner ends it.
@@ -430,29 +598,24 @@ class Coordinator:
             if self._closed.is_set():
                 return
             self._closed.set()
-            self._none_finishing.wait_for(lambda: self._finishing == 0, timeout=self.timeout)
-        self._watchdog.join()
-        if self._peer_watch is not None:
-            self._peer_watch.join()
-        released(self.backlog.work, "the backlog")
-        released(self.sweep_markers, "the marker sweep")
-        released(self.log.flush, "the decision log's flush")  # an unusable log: logged
-        self._executor.shutdown(wait=True)
+        wait_event(self._none_finishing, self.timeout)
+        join(self._watchdog)
+        join(self._peer_watch)
+        backlog = self._backlog
+        if backlog is not None:  # None: never started
+            to_thread(released, backlog.work, "the backlog")
+            to_thread(released, backlog.sweep_markers, "the marker sweep")
+        to_thread(released, self.log.flush, "the decision log's flush")
+        to_thread(self._executor.shutdown, True)
         self._release_all()
         if self.membership is not None:
-            self.membership.leave()
+            to_thread(self.membership.leave)
 
     def _release_all(self) -> None:
         """Close the participants, the broker and the log (its lock): the coordinator owns
         them. Each step runs even if one before it failed."""
         for name, resource in self._resources.items():
-            released(resource.close, f"participant {name!r}")
+            _released(resource.close, f"participant {name!r}")
         if self._broker is not None:
-            released(self._broker.close, f"participant {self._broker.name!r}")
-        released(self.log.close, "the decision log")
-
-    def __enter__(self) -> Coordinator:
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self.close()
+            _released(self._broker.close, f"participant {self._broker.name!r}")
+        to_thread(released, self.log.close, "the decision log")

@@ -1,9 +1,9 @@
 """Many coordinators, no local state (docs/design.md §4): liveness, and the recovery of dead peers.
 
-:class:`Membership` is what the coordinator needs from wherever liveness is
+:class:`~coordinator.protocol.Membership` is what the coordinator needs from wherever liveness is
 kept (PostgreSQL's advisory locks: ``participants.membership``). A running
 coordinator holds its own lock; one that lost it reaches no new commit point
-(the driver asks :meth:`Membership.holds` right before). A peer whose lock is
+(the driver asks ``Membership.holds`` right before). A peer whose lock is
 free but that left prepared branches is dead: :func:`recover_dead` takes its
 lock, fences it (its sessions end; its broker client-ids are taken over by
 recovery) and decides each of its gtrids with the one rule,
@@ -15,55 +15,14 @@ from __future__ import annotations
 import time
 from collections.abc import Callable, Collection, Sequence
 from dataclasses import dataclass
-from typing import Any, Protocol
+from typing import Any
 
 from coordinator import events
 from coordinator.errors import TwoPhaseCommitError
 from coordinator.log import DecisionLog
-from coordinator.protocol import LastResource, XAResource
+from coordinator.protocol import DecisionHolder, LastResource, Membership, XAResource
 from coordinator.recovery import Recovery, RecoveryReport
 from coordinator.xid import FORMAT_ID
-
-
-class Membership(Protocol):
-    """Liveness of the coordinators sharing the participants; every call names its own."""
-
-    @property
-    def coordinator_id(self) -> str: ...
-
-    def join(self, *, fence_timeout: float = 30.0) -> None:
-        """Take this coordinator's lock (and end an earlier incarnation's sessions).
-        Raises ConfigurationError when a live coordinator holds it."""
-        ...
-
-    def holds(self) -> bool:
-        """True while this coordinator holds its lock. Cheap: asked before each commit point."""
-        ...
-
-    def keep(self) -> bool:
-        """Take the lock again if it was lost; True when held. Never raises."""
-        ...
-
-    def leave(self) -> None:
-        """Release the lock. Never raises."""
-        ...
-
-    def peers(self) -> list[str]:
-        """The other coordinator ids that take part (raises ParticipantError)."""
-        ...
-
-    def claim(self, peer: str) -> bool:
-        """Take ``peer``'s lock; False when it is held (the peer is alive)."""
-        ...
-
-    def release(self, peer: str) -> None:
-        """Give ``peer``'s lock back. Never raises."""
-        ...
-
-    def fence(self, peer: str, timeout: float) -> None:
-        """End every database session of ``peer`` and wait until they are gone.
-        Raises ParticipantError when that cannot be seen within ``timeout``."""
-        ...
 
 
 @dataclass
@@ -108,16 +67,18 @@ def recover_dead(
     resources: Sequence[XAResource],
     broker_for: Callable[[str], LastResource | None],
     *,
+    decision_holder: DecisionHolder | None = None,
     also_owning: Collection[str] = (),
     fence_timeout: float = 30.0,
 ) -> list[PeerRecovery]:
     """Recover every registered peer whose lock is free and that left prepared branches.
 
-    ``also_owning`` adds ids that own something else (markers, decision rows), for
-    ``twopc recover --dead``. For each dead peer: take its lock, fence it (its
-    database sessions end; the broker's client-ids are taken over by the
-    recovery pass), decide each gtrid with :func:`coordinator.recovery.decide`,
-    act, release the lock. A peer whose lock is held is alive and left alone.
+    ``decision_holder`` is where the peers' decision rows are. ``also_owning`` adds
+    ids that own something else (markers, decision rows), for ``twopc recover
+    --dead``. For each dead peer: take its lock, fence it (its database sessions
+    end; the broker's client-ids are taken over by the recovery pass), decide each
+    gtrid with :func:`coordinator.recovery.decide`, act, release the lock. A peer
+    whose lock is held is alive and left alone.
     Raises ParticipantError only when the peers or prepared branches cannot be listed.
     """
     peers = membership.peers()
@@ -130,7 +91,11 @@ def recover_dead(
             continue
         if not membership.claim(peer):
             continue  # alive: its own coordinator finishes what it started
-        results.append(_recover_one(membership, peer, log, resources, broker_for, fence_timeout))
+        results.append(
+            _recover_one(
+                membership, peer, log, resources, broker_for, decision_holder, fence_timeout
+            )
+        )
     return results
 
 
@@ -140,6 +105,7 @@ def _recover_one(
     log: DecisionLog,
     resources: Sequence[XAResource],
     broker_for: Callable[[str], LastResource | None],
+    decision_holder: DecisionHolder | None,
     fence_timeout: float,
 ) -> PeerRecovery:
     """Fence and recover ``peer``, whose lock this coordinator holds; release it."""
@@ -151,9 +117,9 @@ def _recover_one(
         broker = broker_for(peer)
         try:
             # A peer's decisions are never records of this coordinator's log: pending={}.
-            report = Recovery(peer, log, resources, broker, pending={}).run(
-                fence_timeout=fence_timeout
-            )
+            report = Recovery(
+                peer, log, resources, broker, pending={}, decision_holder=decision_holder
+            ).run(fence_timeout=fence_timeout)
         finally:
             if broker is not None:
                 broker.close()

@@ -1,4 +1,13 @@
-"""The participant contract, written once: everything the coordinator calls, in which order.
+"""The participant contract, in one file: everything the coordinator calls, in which order.
+
+It holds, for threads and for asyncio: the XA resource and its branch, the last
+resource and its session, the decision holder (a participant that keeps the
+decisions as rows, a role the coordinator is given), the membership (liveness
+of the coordinators sharing the participants), the recovery view (the
+resource-level calls recovery and the backlog make, synchronous), and what a
+transaction needs of its coordinator. It names no database driver's types: a
+statement and its parameters are the participant's own (psycopg's, for
+PostgreSQL), a cursor is anything that fetches.
 
 The driver (the commit sequence), the coordinator and recovery call
 participants through these protocols only; nothing is looked up by
@@ -39,10 +48,12 @@ from :meth:`XAResource.begin`. Call order on a branch::
   time before ``release``; it must not raise.
 * ``release`` is always called last and must not raise.
 
-Resource-level calls, used by recovery and by the background retries:
+**The recovery view.** Resource-level calls, used by recovery and by the
+background retries, always synchronous (run in a worker thread under asyncio):
 ``recover`` lists the prepared branches with their age; ``commit_recovered`` /
 ``rollback_recovered`` resolve one by xid and return False when it is already
-gone (they raise ParticipantError when the database cannot be reached).
+gone (they raise ParticipantError when the database cannot be reached). An
+asyncio resource hands out its synchronous view (``recovery_resource``).
 
 **One last resource** (ActiveMQ over STOMP). It cannot prepare; its commit is
 the commit point. Call order on a session::
@@ -71,19 +82,58 @@ every session of this coordinator so that no COMMIT is in flight; ``settle``
 does the same for one session whose COMMIT got no answer; ``markers`` reads
 the marker queue with a full browse; ``remove_markers`` consumes the markers
 of ended transactions.
+
+**The decision holder** (docs/design.md §3). Without a broker writer, the
+decision can be a row ``(gtrid)`` in a table of one XA participant: the driver
+has the holder :meth:`~DecisionHolder.mark` the row inside that participant's
+own branch, prepares every other branch, then commits that branch one-phase:
+that commit is the commit point. Call order::
+
+    mark (in the carrying branch) -> [commit_one_phase of that branch]
+    settle (its commit got no answer) -> decided           # the backlog
+    decided (after fencing)                                # recovery
+    forget (rows of ended transactions) ; close
+
+**Membership** (docs/design.md §4): each coordinator holds a liveness lock; one
+that lost it reaches no new commit point (``holds`` is asked right before
+each one); a peer whose lock is free is dead, and is claimed, fenced and
+recovered.
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable, Collection, Mapping
 from datetime import datetime
-from typing import Any, Protocol, runtime_checkable
+from typing import TYPE_CHECKING, Any, Protocol, runtime_checkable
 
-import psycopg
-from psycopg.abc import Params, Query
-
-from coordinator.states import Vote
+from coordinator.states import Outcome, Vote
 from coordinator.xid import Xid
+
+if TYPE_CHECKING:
+    from coordinator.aio.transaction import AsyncTransaction
+    from coordinator.transaction import Transaction
+
+
+class Cursor(Protocol):
+    """What a branch's ``execute`` returns: the statement's rows (psycopg's cursor is one)."""
+
+    @property
+    def rowcount(self) -> int: ...
+
+    def fetchone(self) -> Any: ...
+
+    def fetchall(self) -> list[Any]: ...
+
+
+class AsyncCursor(Protocol):
+    """:class:`Cursor` for asyncio (psycopg's ``AsyncCursor`` is one)."""
+
+    @property
+    def rowcount(self) -> int: ...
+
+    async def fetchone(self) -> Any: ...
+
+    async def fetchall(self) -> list[Any]: ...
 
 
 def no_callback() -> None:
@@ -114,8 +164,9 @@ class XABranch(Protocol):
         """True when a rollback could not reach a branch that may be prepared."""
         ...
 
-    def execute(self, query: Query, params: Params | None = None) -> psycopg.Cursor[Any]:
-        """Run one statement in the branch and return its cursor."""
+    def execute(self, query: Any, params: Any = None) -> Cursor:
+        """Run one statement (the participant's own kind: psycopg's query and parameters
+        for PostgreSQL) in the branch and return its cursor."""
         ...
 
     def read_only(self) -> bool:
@@ -279,7 +330,7 @@ class LastResource(Protocol):
 
 @runtime_checkable
 class AsyncXABranch(Protocol):
-    """:class:`XABranch` for asyncio: one XA branch on one ``psycopg.AsyncConnection``."""
+    """:class:`XABranch` for asyncio: one XA branch on one asyncio connection."""
 
     @property
     def name(self) -> str: ...
@@ -293,9 +344,7 @@ class AsyncXABranch(Protocol):
     @property
     def left_prepared(self) -> bool: ...
 
-    async def execute(
-        self, query: Query, params: Params | None = None
-    ) -> psycopg.AsyncCursor[Any]: ...
+    async def execute(self, query: Any, params: Any = None) -> AsyncCursor: ...
 
     async def read_only(self) -> bool: ...
 
@@ -399,3 +448,128 @@ class AsyncLastResource(Protocol):
     async def close(self) -> None:
         """Close every session. Never raises."""
         ...
+
+
+# -- the decision holder ------------------------------------------------------------------
+
+
+@runtime_checkable
+class DecisionHolder(Protocol):
+    """Decisions held by a participant, as rows of its table: the commit-markable resource
+    (docs/design.md §3). A row ``(gtrid)`` means COMMIT.
+
+    The rows of a coordinator are final only once its sessions are fenced (its
+    one-phase commit may still be in flight): :meth:`decided` is read by recovery
+    after fencing, and by the backlog after :meth:`settle`.
+    """
+
+    @property
+    def participant(self) -> str:
+        """The name of the XA participant that holds the table."""
+        ...
+
+    def mark(self, branch: XABranch, gtrid: str) -> None:
+        """Write ``gtrid``'s row inside ``branch`` (the holder's own participant): it
+        commits with the branch, or never. Remembers the session, for :meth:`settle`.
+        Raises whatever the database raised (nothing is decided then)."""
+        ...
+
+    async def amark(self, branch: AsyncXABranch, gtrid: str) -> None:
+        """:meth:`mark` inside an asyncio branch."""
+        ...
+
+    def decided(self, gtrid_prefix: str) -> set[str]:
+        """The gtrids starting with ``gtrid_prefix`` that have a row. Raises ParticipantError."""
+        ...
+
+    def settle(self, gtrid: str, timeout: float) -> None:
+        """End the session that carried ``gtrid``'s one-phase commit, if it is still there,
+        and wait until it is gone: then :meth:`decided` is final for ``gtrid``.
+        Raises ParticipantError when that cannot be known within ``timeout``."""
+        ...
+
+    def forget(self, gtrids: Collection[str]) -> int:
+        """Delete the rows of ended transactions; return how many. Raises ParticipantError."""
+        ...
+
+    def close(self) -> None:
+        """Close the holder's own session. Never raises."""
+        ...
+
+
+# -- membership ---------------------------------------------------------------------------
+
+
+class Membership(Protocol):
+    """Liveness of the coordinators sharing the participants; every call names its own."""
+
+    @property
+    def coordinator_id(self) -> str: ...
+
+    def join(self, *, fence_timeout: float = 30.0) -> None:
+        """Take this coordinator's lock (and end an earlier incarnation's sessions).
+        Raises ConfigurationError when a live coordinator holds it."""
+        ...
+
+    def holds(self) -> bool:
+        """True while this coordinator holds its lock. Cheap: asked before each commit point."""
+        ...
+
+    def keep(self) -> bool:
+        """Take the lock again if it was lost; True when held. Never raises."""
+        ...
+
+    def leave(self) -> None:
+        """Release the lock. Never raises."""
+        ...
+
+    def peers(self) -> list[str]:
+        """The other coordinator ids that take part (raises ParticipantError)."""
+        ...
+
+    def claim(self, peer: str) -> bool:
+        """Take ``peer``'s lock; False when it is held (the peer is alive)."""
+        ...
+
+    def release(self, peer: str) -> None:
+        """Give ``peer``'s lock back. Never raises."""
+        ...
+
+    def fence(self, peer: str, timeout: float) -> None:
+        """End every database session of ``peer`` and wait until they are gone.
+        Raises ParticipantError when that cannot be seen within ``timeout``."""
+        ...
+
+
+# -- what a transaction needs of its coordinator ------------------------------------------
+
+
+class TransactionHost(Protocol):
+    """What a :class:`~coordinator.transaction.Transaction` needs from its coordinator."""
+
+    @property
+    def resources(self) -> Mapping[str, XAResource]: ...
+
+    @property
+    def broker(self) -> LastResource | None: ...
+
+    def finish(self, tx: Transaction, *, commit: bool) -> Outcome:
+        """Run the commit (or rollback) sequence; return the outcome."""
+        ...
+
+    def failpoint(self, name: str) -> None: ...
+
+
+class AsyncTransactionHost(Protocol):
+    """What an :class:`~coordinator.aio.transaction.AsyncTransaction` needs from its
+    coordinator."""
+
+    @property
+    def resources(self) -> Mapping[str, AsyncXAResource]: ...
+
+    @property
+    def broker(self) -> AsyncLastResource | None: ...
+
+    async def finish(self, tx: AsyncTransaction, *, commit: bool) -> Outcome: ...
+
+    def failpoint(self, name: str) -> None: ...

@@ -10,9 +10,13 @@ present or decision row present -> commit; otherwise roll back) and one function
   queue is final, decide, act, record END. It runs at start-up and for
   ``twopc recover``; ``twopc indoubt`` runs the same scan as a dry run, over a
   log read without its lock and without fencing.
-* :class:`Backlog` -- what a running coordinator's commit sequence could not
-  finish: a deferred phase 2, a rollback that missed a prepared branch, a
-  commit point with no answer. The watchdog works it off in the background.
+* :class:`~coordinator.backlog.Backlog` -- what a running coordinator's commit
+  sequence could not finish: a deferred phase 2, a rollback that missed a
+  prepared branch, a commit point with no answer. The watchdog works it off in
+  the background.
+
+What is known of one gtrid becomes an :class:`InDoubt` in one place,
+:func:`evidence`.
 
 Idempotent; may itself crash at any step (failpoints ``recovery_*``).
 """
@@ -20,18 +24,16 @@ Idempotent; may itself crash at any step (failpoints ``recovery_*``).
 from __future__ import annotations
 
 import enum
-import threading
 import time
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Collection, Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
-from typing import Any, Protocol
+from typing import Any
 
 from coordinator import events, failpoints
 from coordinator.errors import ConfigurationError, TwoPhaseCommitError
-from coordinator.log import DecisionLog, DecisionTable, commit_record_participants
-from coordinator.protocol import LastResource, XAResource
-from coordinator.states import TxState
+from coordinator.log import DecisionLog, commit_record_participants
+from coordinator.protocol import DecisionHolder, LastResource, XAResource
 from coordinator.xid import FORMAT_ID, Xid, gtrid_prefix
 
 
@@ -92,20 +94,45 @@ class InDoubt:
         }
 
 
+def evidence(
+    gtrid: str,
+    prepared: Mapping[str, datetime | None],
+    *,
+    logged_commit: bool,
+    markers: Collection[str] | None = None,
+    rows: Collection[str] | None = None,
+) -> InDoubt:
+    """Everything known of ``gtrid``, decided: the one place an :class:`InDoubt` is made.
+
+    ``prepared``: where it is (or may be) prepared, and since when; ``logged_commit``:
+    the log holds its COMMIT; ``markers`` / ``rows``: the broker's markers and the
+    decision rows, read after fencing, or None when they were not read.
+    """
+    return InDoubt(
+        gtrid,
+        logged_commit=logged_commit,
+        prepared=dict(prepared),
+        marker=None if markers is None else gtrid in markers,
+        decision_row=None if rows is None else gtrid in rows,
+    ).decided()
+
+
 def resolve(
     item: InDoubt,
     resources: Mapping[str, XAResource],
     log: DecisionLog,
     *,
     marker_holder: str | None,
+    rows_decide: bool = False,
     failpoint: Callable[[str], None] = failpoints.hit,
 ) -> None:
     """Act on ``item.decision``: COMMIT or ROLLBACK PREPARED every branch, by xid.
 
     A commit decided by a marker is logged (forced) before anything is acted
-    on, since the marker may be swept later; END follows the last commit. A log
-    that keeps no records (its decisions are rows, :attr:`DecisionLog.table`)
-    logs nothing: the marker or the row stays until END.
+    on, since the marker may be swept later; END follows the last commit. When
+    the decisions are rows (``rows_decide``: the coordinator has a decision holder,
+    and its log keeps no records) nothing is logged: the marker or the row stays
+    until END.
     Raises TwoPhaseCommitError (naming participant and gtrid) when a branch
     cannot be resolved now; a later pass finishes it.
     """
@@ -117,7 +144,7 @@ def resolve(
                 "coordinator was not given; configure it and run 'twopc recover' again"
             )
     if item.decision is Decision.COMMIT:
-        if not item.logged_commit and log.table is None:
+        if not item.logged_commit and not rows_decide:
             participants = commit_record_participants(names, marker_holder)
             log.log_commit(item.gtrid, participants, force=True)
             item.logged_commit = True
@@ -134,10 +161,6 @@ def resolve(
     events.get_logger(gtrid=item.gtrid).info(
         events.RECOVERY_RESOLVED, decision=item.decision.value, done=item.done
     )
-
-
-def _no_failpoint(name: str) -> None:
-    """The background's resolutions pass no recovery failpoint."""
 
 
 # -- the full scan --------------------------------------------------------------------
@@ -182,12 +205,12 @@ class Recovery:
         broker: LastResource | None,
         *,
         pending: Mapping[str, tuple[str, ...]] | None = None,
-        table: DecisionTable | None = None,
+        decision_holder: DecisionHolder | None = None,
     ) -> None:
         self.prefix = gtrid_prefix(coordinator_id)
         self.log = log
         # Where decision rows are (docs/design.md §5): read after fencing, like the markers.
-        self.table = table if table is not None or log is None else log.table
+        self.table = decision_holder
         if pending is None:
             pending = log.pending() if log is not None else {}
         self.pending = dict(pending)
@@ -197,29 +220,35 @@ class Recovery:
 
     def gather(self, *, fence: bool, fence_timeout: float = 30.0) -> tuple[list[InDoubt], bool]:
         """Everything in doubt, decided but not acted on; whether the broker was fenced."""
-        items: dict[str, InDoubt] = {
-            gtrid: InDoubt(gtrid, logged_commit=True) for gtrid in self.pending
-        }
+        prepared: dict[str, dict[str, datetime | None]] = {g: {} for g in self.pending}
         for name, resource in self.resources.items():
             for xid, since in resource.recover(FORMAT_ID, self.prefix).items():
-                item = items.setdefault(xid.gtrid, InDoubt(xid.gtrid, logged_commit=False))
-                item.prepared[name] = since
+                prepared.setdefault(xid.gtrid, {})[name] = since
+        unlogged = any(gtrid not in self.pending for gtrid in prepared)
         fenced = False
-        if self.broker is not None and any(not i.logged_commit for i in items.values()):
+        markers: set[str] | None = None
+        rows: set[str] | None = None
+        if self.broker is not None and unlogged:
             if fence:
                 self.broker.fence(fence_timeout)
                 fenced = True
                 self.events.info(events.RECOVERY_FENCED, participant=self.broker.name)
             markers = self.broker.markers()
-            for item in items.values():
-                item.marker = item.gtrid in markers
-        if self.table is not None and any(not i.logged_commit for i in items.values()):
+        if self.table is not None and unlogged:
             rows = self.table.decided(self.prefix)
-            for item in items.values():
-                item.decision_row = item.gtrid in rows
-        for item in items.values():
-            self.events.info(events.RECOVERY_FOUND, **item.decided().as_dict())
-        return sorted(items.values(), key=lambda i: i.gtrid), fenced
+        items = [
+            evidence(
+                gtrid,
+                where,
+                logged_commit=gtrid in self.pending,
+                markers=markers,
+                rows=rows,
+            )
+            for gtrid, where in sorted(prepared.items())
+        ]
+        for item in items:
+            self.events.info(events.RECOVERY_FOUND, **item.as_dict())
+        return items, fenced
 
     def run(self, *, fence_timeout: float = 30.0, dry_run: bool = False) -> RecoveryReport:
         """Gather, decide and act; record END for what was committed.
@@ -241,7 +270,13 @@ class Recovery:
         for item in items:
             holder = self.broker.name if self.broker is not None and item.marker else None
             try:
-                resolve(item, self.resources, log, marker_holder=holder)
+                resolve(
+                    item,
+                    self.resources,
+                    log,
+                    marker_holder=holder,
+                    rows_decide=self.table is not None,
+                )
             except TwoPhaseCommitError as exc:
                 item.error = str(exc)
                 self.events.warning(
@@ -289,256 +324,3 @@ class Recovery:
         removed = self.broker.remove_markers(stale)
         self.events.info(events.MARKERS_REMOVED, count=removed)
         return removed
-
-
-# -- what a running coordinator left behind -------------------------------------------------
-
-
-class Unfinished(Protocol):
-    """What the backlog needs of a transaction (sync or asyncio) it finishes."""
-
-    @property
-    def gtrid(self) -> str: ...
-
-    @property
-    def branches(self) -> Mapping[str, object]: ...
-
-    @property
-    def marker_sent(self) -> bool: ...
-
-    @property
-    def reason(self) -> str: ...
-
-    def move(self, target: TxState) -> None: ...
-
-    def decided(self, *, by_marker: bool) -> None: ...
-
-    def abandon_because(self, reason: str) -> None: ...
-
-    @property
-    def decision_holder(self) -> str | None: ...
-
-
-class Backlog:
-    """Transactions of a running coordinator that its commit sequence could not finish.
-
-    * deferred: COMMITTED, phase 2 unfinished (a participant failed): commit by xid, END;
-    * missed rollbacks: aborted, a branch that may be prepared was unreachable: roll back;
-    * in doubt: the commit point got no answer (the broker's COMMIT, or the commit of
-      the branch carrying the decision row): settle that session, read the marker or
-      the row, decide;
-    * ended with a marker: done, the marker waits to be swept in a batch.
-
-    Thread-safe; the watchdog calls :meth:`work` every housekeeping interval.
-    """
-
-    def __init__(
-        self,
-        resources: Mapping[str, XAResource],
-        log: DecisionLog,
-        broker: LastResource | None,
-        *,
-        marker_batch: int = 500,
-    ) -> None:
-        self._resources = resources
-        self._log = log
-        self._broker = broker
-        self.marker_batch = marker_batch
-        self._lock = threading.Lock()
-        self._deferred: list[Unfinished] = []
-        self._missed_rollbacks: list[tuple[str, Xid]] = []
-        # each with how to settle the session that carried its commit (LastResource.settle,
-        # or DecisionTable.settle)
-        self._in_doubt: list[tuple[Unfinished, Callable[[float], None]]] = []
-        self._ended_with_marker: set[str] = set()  # a set: holds() runs at every begin
-
-    # -- filled by the coordinator ---------------------------------------------------
-
-    def defer(self, tx: Unfinished) -> None:
-        """``tx`` is committed but some branch is still prepared."""
-        with self._lock:
-            self._deferred.append(tx)
-
-    def missed_rollback(self, name: str, xid: Xid) -> None:
-        """An aborted branch may still be prepared in ``name``."""
-        with self._lock:
-            self._missed_rollbacks.append((name, xid))
-
-    def doubt(self, tx: Unfinished, settle: Callable[[float], None]) -> None:
-        """``tx``'s commit point got no answer; ``settle(timeout)`` fences its broker session."""
-        with self._lock:
-            self._in_doubt.append((tx, settle))
-
-    def ended(self, gtrid: str) -> bool:
-        """``gtrid`` ended and its marker may go; True when a batch is due."""
-        with self._lock:
-            self._ended_with_marker.add(gtrid)
-            return len(self._ended_with_marker) >= self.marker_batch
-
-    def holds(self, gtrid: str) -> bool:
-        """True while ``gtrid`` may still have a marker on the queue (not reusable yet)."""
-        with self._lock:
-            return gtrid in self._ended_with_marker or any(
-                tx.gtrid == gtrid for tx, _ in self._in_doubt
-            )
-
-    @property
-    def in_doubt(self) -> list[str]:
-        with self._lock:
-            return [tx.gtrid for tx, _ in self._in_doubt]
-
-    def forget_in_doubt(self) -> None:
-        """A full recovery pass is about to fence and decide these too."""
-        with self._lock:
-            self._in_doubt.clear()
-
-    # -- worked off in the background ------------------------------------------------
-
-    def work(self, settle_timeout: float = 10.0) -> None:
-        """One round of every chore."""
-        self.retry_deferred()
-        self.retry_rollbacks()
-        self.resolve_in_doubt(settle_timeout)
-
-    def retry_deferred(self) -> int:
-        """Finish committed transactions whose phase 2 or log records are unfinished:
-        the COMMIT record first if it is missing (never END without it), phase 2, END.
-        Return how many are done."""
-        with self._lock:
-            pending, self._deferred = self._deferred, []
-        if not pending:
-            return 0
-        try:
-            logged = self._log.pending()
-        except TwoPhaseCommitError as exc:  # the log cannot even be read: next round
-            events.get_logger().warning(events.RECOVERY_RESOLVE_FAILED, error=str(exc))
-            with self._lock:
-                self._deferred.extend(pending)
-            return 0
-        done = 0
-        for tx in pending:
-            # A commit decided by the marker whose lazy record failed: resolve() writes
-            # the record (forced) before END, and the marker decides until then. Any
-            # other decision is already a record (forced) or a row.
-            missing = tx.marker_sent and self._log.table is None and tx.gtrid not in logged
-            item = InDoubt(
-                tx.gtrid,
-                logged_commit=not missing,
-                prepared=dict.fromkeys(tx.branches),
-                marker=True if missing else None,
-            )
-            if not self._resolve(item.decided()):
-                self.defer(tx)
-                continue
-            tx.move(TxState.COMPLETED)
-            if tx.marker_sent:
-                self.ended(tx.gtrid)
-            done += 1
-        return done
-
-    def retry_rollbacks(self) -> int:
-        """Roll back, by xid, prepared branches of aborted transactions whose session died."""
-        with self._lock:
-            pending, self._missed_rollbacks = self._missed_rollbacks, []
-        done = 0
-        for name, xid in pending:
-            item = InDoubt(xid.gtrid, logged_commit=False, prepared={name: None}, marker=False)
-            if not self._resolve(item.decided()):
-                self.missed_rollback(name, xid)
-                continue
-            done += 1
-        return done
-
-    def resolve_in_doubt(self, timeout: float = 10.0) -> int:
-        """Decide transactions whose commit point got no answer, by their marker or row.
-
-        The session that carried the commit is fenced first (the broker session's
-        client-id re-registered, or the database session that carried the decision
-        row ended), so its COMMIT has been processed or discarded and the marker or
-        row is final. Transactions that cannot be decided yet stay for the next attempt.
-        """
-        with self._lock:
-            pending, self._in_doubt = self._in_doubt, []
-        if not pending:
-            return 0
-        table = self._log.table
-        by_row = [(tx, settle) for tx, settle in pending if tx.decision_holder is not None]
-        by_marker = [(tx, settle) for tx, settle in pending if tx.decision_holder is None]
-        rows: set[str] = set()
-        markers: set[str] = set()
-        try:
-            for _, settle in pending:
-                settle(timeout)
-            for tx, _ in by_row:
-                assert table is not None
-                rows |= table.decided(tx.gtrid)
-            if by_marker:
-                if self._broker is None:
-                    raise ConfigurationError("an in-doubt marker commit needs the broker")
-                markers = self._broker.markers()
-        except Exception as exc:  # kept for the next round, whatever failed
-            events.get_logger().warning(events.RECOVERY_RESOLVE_FAILED, error=str(exc))
-            with self._lock:
-                self._in_doubt.extend(pending)
-            return 0
-        resolved = 0
-        for tx, settle in pending:
-            row = tx.decision_holder is not None
-            item = InDoubt(
-                tx.gtrid,
-                logged_commit=False,
-                prepared={name: None for name in tx.branches if name != tx.decision_holder},
-                marker=None if row else tx.gtrid in markers,
-                decision_row=tx.gtrid in rows if row else None,
-            )
-            if not self._resolve(item.decided()):
-                self.doubt(tx, settle)
-                continue
-            if item.decision is Decision.COMMIT:
-                tx.decided(by_marker=not row)
-                tx.move(TxState.COMPLETED)
-                if not row:
-                    self.ended(tx.gtrid)
-            else:
-                tx.abandon_because(tx.reason)
-                tx.move(TxState.ABORTED)
-            resolved += 1
-        return resolved
-
-    def sweep_markers(self) -> int:
-        """Remove the commit markers of transactions that ended (in batches)."""
-        if self._broker is None:
-            return 0
-        with self._lock:
-            batch, self._ended_with_marker = self._ended_with_marker, set()
-        if not batch:
-            return 0
-        try:
-            self._log.flush()  # the END records first: a marker may go only once END is durable
-            removed = self._broker.remove_markers(batch)
-        except TwoPhaseCommitError as exc:
-            events.get_logger().warning(events.MARKERS_REMOVE_FAILED, error=str(exc))
-            with self._lock:
-                self._ended_with_marker.update(batch)
-            return 0
-        events.get_logger().debug(events.MARKERS_REMOVED, count=removed)
-        return removed
-
-    def _resolve(self, item: InDoubt) -> bool:
-        """Resolve ``item``; False (logged) if it must wait for the next round.
-
-        Any error keeps the item: a participant that is down, but also an
-        unexpected one (a bug), which is logged with its traceback.
-        """
-        holder = self._broker.name if self._broker is not None and item.marker else None
-        try:
-            resolve(item, self._resources, self._log, marker_holder=holder, failpoint=_no_failpoint)
-        except Exception as exc:
-            events.get_logger(gtrid=item.gtrid).warning(
-                events.RECOVERY_RESOLVE_FAILED,
-                decision=item.decision.value,
-                error=str(exc) if isinstance(exc, TwoPhaseCommitError) else repr(exc),
-                exc_info=not isinstance(exc, TwoPhaseCommitError),
-            )
-            return False
-        return True

@@ -15,6 +15,7 @@ from typing import TypeVar
 
 from coordinator.errors import CrashInjected
 from coordinator.log import DecisionLog
+from coordinator.protocol import DecisionHolder
 from coordinator.transaction import Transaction
 
 T = TypeVar("T")
@@ -31,6 +32,9 @@ class DriverConfig:
     phase2_attempts: int = 3
     phase2_backoff: float = 0.05
     defer: Callable[[Transaction], None] = lambda tx: None  # phase 2 left for later
+    # The participant that holds the decisions as rows, if the coordinator was given one
+    # (docs/design.md §3): without a broker writer, its branch carries the decision row.
+    decision_holder: DecisionHolder | None = None
     # Whether this coordinator may reach a commit point now: False once it lost its
     # liveness lock (docs/design.md §4: a peer may be fencing it). Asked right before each one.
     may_decide: Callable[[], bool] = lambda: True

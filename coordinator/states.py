@@ -1,4 +1,4 @@
-"""Transaction states, votes and outcomes, and the one table of allowed transitions (no I/O)."""
+"""Transaction states, events, votes and outcomes, and the one table of transitions (no I/O)."""
 
 from __future__ import annotations
 
@@ -8,11 +8,10 @@ from coordinator.errors import InvalidTransition
 
 
 class Vote(enum.Enum):
-    """A participant's answer to prepare."""
+    """A participant's answer to prepare: YES is the only answer; a NO vote is
+    :class:`~coordinator.errors.PrepareFailed`, raised."""
 
     YES = "yes"
-    NO = "no"
-    READ_ONLY = "read-only"
 
 
 class Outcome(enum.Enum):
@@ -40,29 +39,55 @@ class TxState(enum.Enum):
     COMPLETED = "completed"  # phase 2 done everywhere, END recorded
 
 
-#: The allowed transitions. ACTIVE -> COMMITTING is the one-phase path
-#: (read-only or single-writer transactions skip phase 1).
-TRANSITIONS: dict[TxState, frozenset[TxState]] = {
-    TxState.ACTIVE: frozenset({TxState.PREPARING, TxState.COMMITTING, TxState.ABORTING}),
-    TxState.PREPARING: frozenset({TxState.COMMITTING, TxState.ABORTING}),
-    TxState.COMMITTING: frozenset({TxState.COMMITTED, TxState.ABORTING, TxState.IN_DOUBT}),
-    TxState.COMMITTED: frozenset({TxState.COMPLETED}),
-    TxState.ABORTING: frozenset({TxState.ABORTED}),
-    TxState.IN_DOUBT: frozenset({TxState.COMMITTED, TxState.ABORTING}),
-    TxState.ABORTED: frozenset(),
-    TxState.COMPLETED: frozenset(),
+class TxEvent(enum.Enum):
+    """What happens to a global transaction; :data:`TRANSITIONS` says where each leads."""
+
+    PREPARE = "prepare"  # phase 1 is sent to the XA branches
+    REACH_COMMIT_POINT = "reach the commit point"  # the broker's COMMIT, the row or the record
+    DECIDE = "decide"  # the decision to commit is durable
+    LOSE_ANSWER = "lose the answer"  # the commit point got no clear answer
+    ABANDON = "roll back"  # rolling back begins (the caller, a NO vote, a refusal)
+    ROLLED_BACK = "finish rolling back"  # every branch rolled back (or presumed so)
+    END = "end"  # phase 2 done everywhere, END recorded
+
+
+#: The one table of transitions, as h11's: state -> event -> next state. An event
+#: not listed for a state is refused (InvalidTransition). ACTIVE -> COMMITTING is the
+#: one-phase path (read-only or single-writer transactions skip phase 1). IN_DOUBT ends
+#: the transaction's own story: what its gtrid became is decided later, by the backlog
+#: or recovery (docs/design.md §5), and reported to the coordinator's listeners; the
+#: caller's transaction never changes after the caller has its outcome.
+TRANSITIONS: dict[TxState, dict[TxEvent, TxState]] = {
+    TxState.ACTIVE: {
+        TxEvent.PREPARE: TxState.PREPARING,
+        TxEvent.REACH_COMMIT_POINT: TxState.COMMITTING,
+        TxEvent.ABANDON: TxState.ABORTING,
+    },
+    TxState.PREPARING: {
+        TxEvent.REACH_COMMIT_POINT: TxState.COMMITTING,
+        TxEvent.ABANDON: TxState.ABORTING,
+    },
+    TxState.COMMITTING: {
+        TxEvent.DECIDE: TxState.COMMITTED,
+        TxEvent.ABANDON: TxState.ABORTING,
+        TxEvent.LOSE_ANSWER: TxState.IN_DOUBT,
+    },
+    TxState.COMMITTED: {TxEvent.END: TxState.COMPLETED},
+    TxState.ABORTING: {TxEvent.ROLLED_BACK: TxState.ABORTED},
+    TxState.IN_DOUBT: {},
+    TxState.ABORTED: {},
+    TxState.COMPLETED: {},
 }
 
 TERMINAL: frozenset[TxState] = frozenset(s for s, nxt in TRANSITIONS.items() if not nxt)
 
 
-def check_transition(current: TxState, target: TxState, *, gtrid: str = "?") -> TxState:
-    """Return ``target`` if ``current -> target`` is allowed, else raise InvalidTransition."""
-    if target not in TRANSITIONS[current]:
-        raise InvalidTransition(
-            f"cannot go from {current.value} to {target.value}: transaction {gtrid} is "
-            f"{current.value}"
-        )
+def next_state(current: TxState, event: TxEvent, *, gtrid: str = "?") -> TxState:
+    """Where ``event`` takes a transaction in state ``current``; InvalidTransition if
+    the table does not allow it."""
+    target = TRANSITIONS[current].get(event)
+    if target is None:
+        raise InvalidTransition(f"cannot {event.value}: transaction {gtrid} is {current.value}")
     return target
 
 

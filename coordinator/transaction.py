@@ -4,7 +4,8 @@
 
 The transaction's state and every change of it live in
 :class:`~coordinator.transaction_state.TransactionState`; this module adds the
-work. It knows its coordinator only through :class:`TransactionHost`, so it
+work. It knows its coordinator only through
+:class:`~coordinator.protocol.TransactionHost`, so it
 imports no coordinator.
 
 The work API is written once, for asyncio, in :mod:`coordinator.aio.transaction`;
@@ -16,10 +17,7 @@ from __future__ import annotations
 
 from collections.abc import Mapping
 from types import TracebackType
-from typing import Any, Protocol
-
-import psycopg
-from psycopg.abc import Params, Query
+from typing import Any
 
 from coordinator import events, tracing
 from coordinator.errors import (
@@ -31,28 +29,14 @@ from coordinator.errors import (
     UnknownParticipant,
 )
 from coordinator.protocol import (
-    LastResource,
+    Cursor,
     LastResourceSession,
+    TransactionHost,
     XABranch,
-    XAResource,
 )
 from coordinator.states import Outcome, TxState, require
 from coordinator.transaction_state import TransactionState
 from coordinator.xid import Xid
-
-
-class TransactionHost(Protocol):
-    """What a transaction needs from the coordinator that runs it."""
-
-    @property
-    def resources(self) -> Mapping[str, XAResource]: ...
-
-    @property
-    def broker(self) -> LastResource | None: ...
-
-    def finish(self, tx: Transaction, *, commit: bool) -> Outcome: ...
-
-    def failpoint(self, name: str) -> None: ...
 
 
 class Transaction(TransactionState[XABranch, LastResourceSession]):
@@ -88,8 +72,9 @@ class Transaction(TransactionState[XABranch, LastResourceSession]):
         self._host.failpoint("after_begin")
         return branch
 
-    def execute(self, name: str, query: Query, params: Params | None = None) -> psycopg.Cursor[Any]:
-        """Run one statement on branch ``name``; returns its psycopg cursor."""
+    def execute(self, name: str, query: Any, params: Any = None) -> Cursor:
+        """Run one statement on branch ``name`` (psycopg's query and parameters for
+        PostgreSQL); returns its cursor."""
         branch = self.branch(name)
         return branch.execute(query, params)
 

@@ -1,7 +1,7 @@
 """The state of one global transaction, free of I/O: shared by the sync and asyncio APIs.
 
 Every change of a transaction's state goes through these methods
-(:meth:`TransactionState.move`, :meth:`TransactionState.abandon_because`, ...),
+(:meth:`TransactionState.handle`, :meth:`TransactionState.abandon_because`, ...),
 called by the user, the driver and recovery. The work API on top
 (:class:`~coordinator.transaction.Transaction`,
 :class:`~coordinator.aio.transaction.AsyncTransaction`) adds branches and sends.
@@ -18,7 +18,7 @@ from typing import Generic, TypeVar
 
 from coordinator import events, tracing
 from coordinator.errors import DecisionLogError, TransactionTimeout
-from coordinator.states import Outcome, TxState, check_transition, require
+from coordinator.states import Outcome, TxEvent, TxState, next_state, require
 
 BranchT = TypeVar("BranchT")
 SessionT = TypeVar("SessionT")
@@ -40,7 +40,7 @@ class TransactionState(Generic[BranchT, SessionT]):
         self.messages_sent = 0
         self.marker_sent = False
         # The participant whose branch carries the decision row (docs/design.md §3), once written.
-        self.decision_holder: str | None = None
+        self.decision_carrier: str | None = None
         # The decision-log error this transaction met, if any: before the commit point it
         # aborted it (or left it in doubt); after, the outcome stands and the backlog
         # writes the missing records. A caller running many transactions stops on it.
@@ -59,28 +59,29 @@ class TransactionState(Generic[BranchT, SessionT]):
 
     # -- state: every change goes through these ------------------------------------
 
-    def move(self, target: TxState) -> None:
-        """Go to ``target`` if the transition table allows it."""
-        self.state = check_transition(self.state, target, gtrid=self.gtrid)
+    def handle(self, event: TxEvent) -> None:
+        """Take the transition the table (:data:`~coordinator.states.TRANSITIONS`) gives
+        ``event`` from the current state; InvalidTransition if there is none."""
+        self.state = next_state(self.state, event, gtrid=self.gtrid)
 
     def abandon_because(self, reason: str) -> None:
         """Start rolling back, keeping the first reason given."""
-        self.move(TxState.ABORTING)
+        self.handle(TxEvent.ABANDON)
         self.reason = self.reason or reason
 
     def doubt_because(self, reason: str) -> None:
-        """The commit point got no clear answer: recovery decides."""
-        self.move(TxState.IN_DOUBT)
+        """The commit point got no clear answer: the backlog or recovery decides."""
+        self.handle(TxEvent.LOSE_ANSWER)
         self.reason = reason
 
     def decided(self, *, by_marker: bool) -> None:
         """The decision to commit is durable (the broker's marker, or the log)."""
-        self.move(TxState.COMMITTED)
+        self.handle(TxEvent.DECIDE)
         self.marker_sent = self.marker_sent or by_marker
 
     def carries_decision(self, participant: str) -> None:
         """The decision row was written in ``participant``'s branch (not yet committed)."""
-        self.decision_holder = participant
+        self.decision_carrier = participant
 
     def finished(self, outcome: Outcome) -> None:
         """Record what the caller is told."""

@@ -19,6 +19,7 @@ from typing import Any, LiteralString
 import psycopg
 
 from coordinator.errors import ParticipantError, ParticipantUnavailable
+from coordinator.protocol import AsyncXABranch, XABranch
 from participants.postgres import PostgresResource
 
 DECISIONS_DDL = (
@@ -38,7 +39,8 @@ MARK_QUERY: LiteralString = (
 
 
 class PostgresDecisionTable:
-    """The decision rows in database ``resource`` (a DecisionTable)."""
+    """The decision rows in database ``resource``: a coordinator's
+    :class:`~coordinator.protocol.DecisionHolder`."""
 
     def __init__(self, resource: PostgresResource) -> None:
         self.resource = resource
@@ -54,11 +56,17 @@ class PostgresDecisionTable:
         """Create the table if it is missing. Raises ParticipantUnavailable."""
         self._run(DECISIONS_DDL)
 
-    @property
-    def mark_query(self) -> LiteralString:
-        return MARK_QUERY
+    def mark(self, branch: XABranch, gtrid: str) -> None:
+        """INSERT ``gtrid``'s row inside ``branch`` and keep the session's pid for settle()."""
+        row = branch.execute(MARK_QUERY, (gtrid,)).fetchone()
+        self._marked(gtrid, int(row[0]) if row else 0)
 
-    def marked(self, gtrid: str, backend_pid: int) -> None:
+    async def amark(self, branch: AsyncXABranch, gtrid: str) -> None:
+        """:meth:`mark` inside an asyncio branch."""
+        row = await (await branch.execute(MARK_QUERY, (gtrid,))).fetchone()
+        self._marked(gtrid, int(row[0]) if row else 0)
+
+    def _marked(self, gtrid: str, backend_pid: int) -> None:
         with self._lock:
             if len(self._carriers) >= _CARRIERS_KEPT:
                 self._carriers.pop(next(iter(self._carriers)))

@@ -38,7 +38,7 @@ from coordinator.errors import (
     ParticipantUnavailable,
     PrepareFailed,
 )
-from coordinator.protocol import no_callback
+from coordinator.protocol import AsyncXABranch, XABranch, no_callback
 from coordinator.states import Vote
 from coordinator.xid import Xid
 from participants.stomp_headers import message_headers
@@ -405,8 +405,8 @@ DECISION_ROW: LiteralString = "decision-row"
 
 
 class FakeDecisionTable:
-    """Decision rows in fake database ``resource`` (a DecisionTable): a gtrid has a row
-    when a branch of it that ran :attr:`mark_query` committed, until :meth:`forget`."""
+    """Decision rows in fake database ``resource`` (a DecisionHolder): a gtrid has a row
+    when a branch of it that was marked (:meth:`mark`) committed, until :meth:`forget`."""
 
     def __init__(self, resource: FakeResource) -> None:
         self.resource = resource
@@ -416,12 +416,13 @@ class FakeDecisionTable:
     def participant(self) -> str:
         return self.resource.name
 
-    @property
-    def mark_query(self) -> LiteralString:
-        return DECISION_ROW
+    def mark(self, branch: XABranch, gtrid: str) -> None:
+        """The row, as an operation of ``branch`` (a fake session has no pid to keep)."""
+        branch.execute(DECISION_ROW, (gtrid,))
 
-    def marked(self, gtrid: str, backend_pid: int) -> None:
-        """A fake session has no pid to keep."""
+    async def amark(self, branch: AsyncXABranch, gtrid: str) -> None:
+        """:meth:`mark` inside an asyncio branch."""
+        await branch.execute(DECISION_ROW, (gtrid,))
 
     def decided(self, gtrid_prefix: str) -> set[str]:
         store = self.resource.store

@@ -32,6 +32,7 @@ from prometheus_client import CollectorRegistry, Counter, Histogram, start_http_
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
 from prometheus_client.registry import Collector
 
+from coordinator.backlog import Resolved
 from coordinator.coordinator import Coordinator
 from coordinator.errors import ConfigurationError, TwoPhaseCommitError
 from coordinator.states import Outcome
@@ -102,7 +103,9 @@ class TransactionMetrics:
         for outcome in Outcome:  # every outcome shows, at 0 until it happens
             self.transactions.labels(cid, outcome.value)
 
-        def finished(tx: Transaction, outcome: Outcome) -> None:
+        def finished(tx: Transaction | Resolved, outcome: Outcome) -> None:
+            if isinstance(tx, Resolved):
+                return  # resolved later by the backlog: counted when its caller was told
             self.transactions.labels(cid, outcome.value).inc()
             for phase, seconds in tx.timings.items():
                 self.phases.labels(cid, phase).observe(seconds)

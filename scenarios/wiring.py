@@ -124,7 +124,7 @@ def open_coordinator(
     mq = broker(settings, pool_size=sessions)
     log: DecisionLog | None = None
     try:
-        log, membership = decision_log(settings, resources)
+        log, holder, membership = decision_log(settings, resources)
         return _observed(
             Coordinator(
                 settings.coordinator_id,
@@ -134,6 +134,7 @@ def open_coordinator(
                 recover_on_start=recover,
                 max_workers=max(sessions, 4),
                 membership=membership,
+                decision_holder=holder,
                 peer_broker=lambda peer: broker(
                     replace(settings, coordinator_id=peer), pool_size=1
                 ),
@@ -151,8 +152,9 @@ def open_coordinator(
 
 def decision_log(
     settings: Settings, resources: list[PostgresResource], *, log_path: Path | None = None
-) -> tuple[DecisionLog, PostgresMembership | None]:
-    """The decision log TWOPC_DECISIONS names, and in postgres mode the membership.
+) -> tuple[DecisionLog, PostgresDecisionTable | None, PostgresMembership | None]:
+    """The decision log TWOPC_DECISIONS names, and in postgres mode the decision holder
+    (the coordinator's role, not the log's) and the membership.
 
     ``file``: ``$TWOPC_HOME/decisions.log``. ``postgres``: no local state (docs/design.md §4):
     decision rows in the commit-markable database (TWOPC_DECISION_PARTICIPANT),
@@ -160,12 +162,12 @@ def decision_log(
     overrides the file's place (a coordinator beside the main one, e.g. a benchmark's).
     """
     if settings.decisions == "file":
-        return FileDecisionLog(log_path or settings.log_path), None
+        return FileDecisionLog(log_path or settings.log_path), None, None
     home = next(r for r in resources if r.name == settings.decision_participant)
     table = PostgresDecisionTable(home)
     table.create()
     membership = PostgresMembership(settings.coordinator_id, home, resources)
-    return TableDecisionLog(table), membership
+    return TableDecisionLog(table), table, membership
 
 
 #: What the consuming coordinator's id adds to the settings' coordinator id.
@@ -221,7 +223,7 @@ def in_doubt(settings: Settings) -> list[InDoubt]:
         else:
             pending = read_pending(settings.log_path)
         report = Recovery(
-            settings.coordinator_id, None, resources, mq, pending=pending, table=table
+            settings.coordinator_id, None, resources, mq, pending=pending, decision_holder=table
         ).run(dry_run=True)
     finally:
         if table is not None:
@@ -270,8 +272,8 @@ def recover_dead(
         owning: set[str] = set()
         if coordinator.broker is not None:
             owning |= {owner(g) for g in coordinator.broker.markers()}
-        if coordinator.log.table is not None:
-            owning |= {owner(g) for g in coordinator.log.table.decided("")}
+        if coordinator.decision_holder is not None:
+            owning |= {owner(g) for g in coordinator.decision_holder.decided("")}
         return coordinator.recover_dead_peers(also_owning=owning, fence_timeout=fence_timeout)
     finally:
         coordinator.close()

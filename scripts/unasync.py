@@ -31,6 +31,7 @@ ROOT = Path(__file__).resolve().parent.parent
 
 #: asyncio source -> generated synchronous module.
 FILES = {
+    "coordinator/aio/coordinator.py": "coordinator/coordinator.py",
     "coordinator/aio/driver.py": "coordinator/driver.py",
     "coordinator/aio/transaction.py": "coordinator/transaction.py",
     "participants/aio/postgres.py": "participants/postgres.py",
@@ -43,6 +44,7 @@ NAMES = {
     "AsyncLastResourceSession": "LastResourceSession",
     "AsyncLastResource": "LastResource",
     "AsyncTransactionHost": "TransactionHost",
+    "AsyncCoordinator": "Coordinator",
     "AsyncTransaction": "Transaction",
     "AsyncDriverConfig": "DriverConfig",
     "AsyncCursor": "Cursor",
@@ -52,12 +54,16 @@ NAMES = {
     "AsyncConnectionPool": "ConnectionPool",
     "AsyncConnectionSource": "ConnectionSource",
     "AsyncConnection": "Connection",
+    "amark": "mark",
+    "AsyncIterator": "Iterator",
+    "asynccontextmanager": "contextmanager",
     "__aenter__": "__enter__",
     "__aexit__": "__exit__",
 }
 
 #: Modules imported from: the asyncio one -> the synchronous one (import lines only).
 MODULES = {
+    "coordinator.aio": "coordinator",
     "coordinator.aio.runtime": "coordinator.runtime",
     "coordinator.aio.transaction": "coordinator.transaction",
 }

@@ -76,6 +76,7 @@ class World:
             recover_on_start=recover,
             housekeeping_interval=None,
             membership=self.membership,
+            decision_holder=self.table,
         )  # type: ignore[arg-type]
 
 

@@ -243,6 +243,7 @@ def carrier_coordinator(world: World, ident: str, membership: Liveness | None = 
         ident,
         TableDecisionLog(table, end_batch=1),
         [table.resource, FakeResource("b", world.b)],
+        decision_holder=table,
         recover_on_start=membership is not None,
         housekeeping_interval=None,
         membership=membership,
@@ -317,6 +318,7 @@ def test_peer_recovery_ends_the_dead_peers_sessions_before_it_reads_its_decision
         TableDecisionLog(table, end_batch=1),
         [table.resource, FakeResource("b", world.b)],
         lambda peer: None,
+        decision_holder=table,
     )
     assert [(d.peer, d.resolved) for d in done] == [("p1", True)]
     report = done[0].report

@@ -3,7 +3,7 @@
 Presumed abort (docs/design.md §2): nothing is logged for an abort; the commit point
 is the broker's COMMIT of the transaction carrying the commit marker, or,
 without a broker writer, the forced COMMIT record in the decision log -- or,
-when the log keeps its decisions in a participant's table (docs/design.md §3), that
+when the coordinator has a decision holder (docs/design.md §3), that
 participant's one-phase commit of its branch carrying the decision row, after
 every other branch prepared. The failpoints around the commit point are the
 driver's: a participant only calls the callbacks it is handed.
@@ -37,7 +37,7 @@ from coordinator.errors import (
 )
 from coordinator.log import commit_record_participants
 from coordinator.protocol import AsyncLastResourceSession, AsyncXABranch
-from coordinator.states import Outcome, TxState
+from coordinator.states import Outcome, TxEvent
 
 __all__ = ["AsyncDriverConfig", "abort", "commit", "run_each", "run_parallel"]
 
@@ -88,7 +88,7 @@ async def abort(tx: AsyncTransaction, cfg: AsyncDriverConfig, reason: str) -> Ou
             await cfg.run_parallel([b.rollback for b in branches])
         if tx.broker is not None:
             await tx.broker.abort()
-        tx.move(TxState.ABORTED)
+        tx.handle(TxEvent.ROLLED_BACK)
         return _aborted(tx)
 
 
@@ -153,11 +153,11 @@ async def _decision_carrier(
 ) -> AsyncXABranch | None:
     """The commit-markable participant's branch, when the decision will be its row.
 
-    Only without a broker writer (the marker decides then), with a decision table,
+    Only without a broker writer (the marker decides then), with a decision holder,
     and with two writers or more (one commits one-phase alone). A transaction that
     did not touch that participant gets a branch there for the row only.
     """
-    table = cfg.log.table
+    table = cfg.decision_holder
     if table is None or broker is not None or len(writers) < 2:
         return None
     for branch in (*writers, *idle):
@@ -174,7 +174,7 @@ async def _prepare_all(
     PREPARE takes no new lock, so it may run on every branch at the same time;
     the work itself never does (docs/design.md §2: that deadlocks across databases).
     """
-    tx.move(TxState.PREPARING)
+    tx.handle(TxEvent.PREPARE)
     tx.log.debug(events.PREPARE_STARTED, participants=[b.name for b in writers])
     with tx.timed("prepare"):
         for branch in writers:
@@ -211,7 +211,7 @@ async def _reach_commit_point(
 ) -> None:
     """The decision becomes durable: the broker's marker commit, the commit of the
     branch carrying the decision row, or a forced log record."""
-    tx.move(TxState.COMMITTING)
+    tx.handle(TxEvent.REACH_COMMIT_POINT)
     prepared = [b.name for b in writers]
     if broker is not None:
         tx.log.debug(events.COMMIT_POINT_STARTED, via="broker-marker", participant=broker.name)
@@ -261,16 +261,14 @@ async def _commit_decision_row(
     answer is in doubt: only the row, read once that session is gone, tells. The
     commit is never retried on another session (a fenced zombie must not decide).
     """
-    table = cfg.log.table
-    assert table is not None
+    holder = cfg.decision_holder
+    assert holder is not None
     try:
-        cursor = await carrier.execute(table.mark_query, (tx.gtrid,))
-        row = await cursor.fetchone()
+        await holder.amark(carrier, tx.gtrid)
     except Exception as exc:  # whatever the database said: nothing is committed
         raise _Abort(
             f"participant {carrier.name!r} could not take the decision row: {exc}"
         ) from exc
-    table.marked(tx.gtrid, int(row[0]) if row else 0)
     tx.carries_decision(carrier.name)
     cfg.failpoint("before_decision_row_commit")
     try:
@@ -348,7 +346,7 @@ async def _end(tx: AsyncTransaction, cfg: AsyncDriverConfig) -> None:
         _log_failed(tx, exc, "END")
         cfg.defer(tx)
         return
-    tx.move(TxState.COMPLETED)
+    tx.handle(TxEvent.END)
     tx.log.debug(events.END)
 
 
@@ -365,7 +363,7 @@ async def _commit_one_phase(
     broker: AsyncLastResourceSession | None,
 ) -> Outcome:
     """Zero or one writer: no phase 1, no log; the writer's own commit decides."""
-    tx.move(TxState.COMMITTING)
+    tx.handle(TxEvent.REACH_COMMIT_POINT)
     try:
         with tx.timed("commit_point"):
             if broker is not None:
@@ -380,5 +378,5 @@ async def _commit_one_phase(
         tx.log.warning(events.COMMIT_POINT_UNKNOWN, error=str(exc))
         raise _Doubt(f"no answer to the one-phase commit of the only writer ({exc})") from exc
     tx.decided(by_marker=False)
-    tx.move(TxState.COMPLETED)
+    tx.handle(TxEvent.END)
     return Outcome.COMMITTED

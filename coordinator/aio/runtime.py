@@ -8,13 +8,16 @@ thread, so that a forced write does not stop the event loop.
 from __future__ import annotations
 
 import asyncio
+import contextvars
 from collections.abc import Awaitable, Callable, Sequence
+from concurrent.futures import Executor
 from dataclasses import dataclass
 from typing import TypeVar
 
 from coordinator.aio.transaction import AsyncTransaction
 from coordinator.errors import CrashInjected
 from coordinator.log import DecisionLog
+from coordinator.protocol import DecisionHolder
 
 T = TypeVar("T")
 
@@ -24,11 +27,16 @@ class AsyncDriverConfig:
     """What the asyncio commit sequence needs from its coordinator."""
 
     log: DecisionLog
+    # The coordinator's worker threads: the decision log's writes run on them.
+    executor: Executor
     failpoint: Callable[[str], None]
     receipt_timeout: float = 5.0
     phase2_attempts: int = 3
     phase2_backoff: float = 0.05
     defer: Callable[[AsyncTransaction], None] = lambda tx: None  # phase 2 left for later
+    # The participant that holds the decisions as rows, if the coordinator was given one
+    # (docs/design.md §3): without a broker writer, its branch carries the decision row.
+    decision_holder: DecisionHolder | None = None
     # Whether this coordinator may reach a commit point now: False once it lost its
     # liveness lock (docs/design.md §4: a peer may be fencing it). Asked right before each one.
     may_decide: Callable[[], bool] = lambda: True
@@ -47,11 +55,23 @@ class AsyncDriverConfig:
 
     async def log_commit(self, gtrid: str, participants: Sequence[str], *, force: bool) -> None:
         """Write the COMMIT record in a worker thread (forced: durable on return)."""
-        await asyncio.to_thread(self.log.log_commit, gtrid, participants, force=force)
+        await self._in_worker(lambda: self.log.log_commit(gtrid, participants, force=force))
 
     async def log_end(self, gtrid: str) -> None:
         """Write the END record in a worker thread (lazily)."""
-        await asyncio.to_thread(self.log.log_end, gtrid)
+        await self._in_worker(lambda: self.log.log_end(gtrid))
+
+    async def _in_worker(self, call: Callable[[], None]) -> None:
+        """``call`` on one of the executor's threads in a copy of this context (so the
+        gtrid stays bound), or on the loop's default one once the executor is shut down
+        (a closed coordinator)."""
+        context = contextvars.copy_context()
+        try:
+            future = self.executor.submit(context.run, call)
+        except RuntimeError:
+            await asyncio.to_thread(call)
+            return
+        await asyncio.wrap_future(future)
 
 
 async def run_parallel(calls: Sequence[Callable[[], Awaitable[T]]]) -> list[T | BaseException]:

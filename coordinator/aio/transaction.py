@@ -2,7 +2,8 @@
 
 The transaction's state and every change of it live in
 :class:`~coordinator.transaction_state.TransactionState`; this module adds the
-work. It knows its coordinator only through :class:`AsyncTransactionHost`, so it
+work. It knows its coordinator only through
+:class:`~coordinator.protocol.AsyncTransactionHost`, so it
 imports no coordinator.
 
 The work API is written once, for asyncio, in :mod:`coordinator.aio.transaction`;
@@ -14,10 +15,7 @@ from __future__ import annotations
 
 from collections.abc import Mapping
 from types import TracebackType
-from typing import Any, Protocol
-
-import psycopg
-from psycopg.abc import Params, Query
+from typing import Any
 
 from coordinator import events, tracing
 from coordinator.errors import (
@@ -29,28 +27,14 @@ from coordinator.errors import (
     UnknownParticipant,
 )
 from coordinator.protocol import (
-    AsyncLastResource,
+    AsyncCursor,
     AsyncLastResourceSession,
+    AsyncTransactionHost,
     AsyncXABranch,
-    AsyncXAResource,
 )
 from coordinator.states import Outcome, TxState, require
 from coordinator.transaction_state import TransactionState
 from coordinator.xid import Xid
-
-
-class AsyncTransactionHost(Protocol):
-    """What a transaction needs from the coordinator that runs it."""
-
-    @property
-    def resources(self) -> Mapping[str, AsyncXAResource]: ...
-
-    @property
-    def broker(self) -> AsyncLastResource | None: ...
-
-    async def finish(self, tx: AsyncTransaction, *, commit: bool) -> Outcome: ...
-
-    def failpoint(self, name: str) -> None: ...
 
 
 class AsyncTransaction(TransactionState[AsyncXABranch, AsyncLastResourceSession]):
@@ -86,10 +70,9 @@ class AsyncTransaction(TransactionState[AsyncXABranch, AsyncLastResourceSession]
         self._host.failpoint("after_begin")
         return branch
 
-    async def execute(
-        self, name: str, query: Query, params: Params | None = None
-    ) -> psycopg.AsyncCursor[Any]:
-        """Run one statement on branch ``name``; returns its psycopg cursor."""
+    async def execute(self, name: str, query: Any, params: Any = None) -> AsyncCursor:
+        """Run one statement on branch ``name`` (psycopg's query and parameters for
+        PostgreSQL); returns its cursor."""
         branch = await self.branch(name)
         return await branch.execute(query, params)
 

@@ -41,7 +41,6 @@ from coordinator.errors import (
     FsyncFailed,
     RecordNotDurable,
 )
-from coordinator.log import DecisionTable
 from coordinator.log import format as fmt
 
 DEFAULT_COMPACT_THRESHOLD = 4 * 1024 * 1024
@@ -60,8 +59,6 @@ class FileDecisionLog:
     ``fsync`` is what makes the file durable: ``os.fsync``, ``os.fdatasync``,
     or a test's stand-in.
     """
-
-    table: DecisionTable | None = None  # decisions are records of this log
 
     def __init__(
         self,

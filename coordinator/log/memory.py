@@ -16,14 +16,11 @@ from collections.abc import Iterable, Sequence
 
 from coordinator import failpoints
 from coordinator.errors import CrashInjected, DecisionLogError
-from coordinator.log import DecisionTable
 from coordinator.log import format as fmt
 
 
 class MemoryDecisionLog:
     """A DecisionLog whose 'disk' is a list; ``records`` start out durable."""
-
-    table: DecisionTable | None = None  # decisions are records of this log
 
     def __init__(self, records: Iterable[fmt.Record] = ()) -> None:
         self._records = list(records)

@@ -17,22 +17,19 @@ from collections.abc import Sequence
 
 from coordinator import events
 from coordinator.errors import DecisionLogError, TwoPhaseCommitError
-from coordinator.log import DecisionTable
+from coordinator.protocol import DecisionHolder
 
 
 class TableDecisionLog:
-    """A DecisionLog over a :class:`~coordinator.log.DecisionTable`; ``end_batch`` ENDs
+    """A DecisionLog over the rows of a :class:`~coordinator.protocol.DecisionHolder` (the
+    one the coordinator is given to hold its decisions); ``end_batch`` ENDs
     delete their rows in one statement."""
 
-    def __init__(self, table: DecisionTable, *, end_batch: int = 500) -> None:
+    def __init__(self, table: DecisionHolder, *, end_batch: int = 500) -> None:
         self._table = table
         self.end_batch = end_batch
         self._ended: list[str] = []
         self._lock = threading.Lock()
-
-    @property
-    def table(self) -> DecisionTable:
-        return self._table
 
     def log_commit(self, gtrid: str, participants: Sequence[str], *, force: bool) -> None:
         """A lazy COMMIT (the marker decided) is nothing; a forced one is refused."""

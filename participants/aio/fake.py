@@ -38,6 +38,16 @@ class AsyncFakeResource:
         self.sync.close()
 
 
+class _AsyncCursor:
+    """A fake branch's cursor, fetched from with ``await`` as an asyncio cursor is."""
+
+    def __init__(self, sync: Any) -> None:
+        self.sync = sync
+
+    async def fetchone(self) -> Any:
+        return self.sync.fetchone()
+
+
 class AsyncFakeBranch:
     """A :class:`FakeBranch` as an AsyncXABranch."""
 
@@ -66,7 +76,7 @@ class AsyncFakeBranch:
 
     async def execute(self, op: object, params: object = None) -> Any:
         await asyncio.sleep(0)
-        return self.sync.execute(op, params)
+        return _AsyncCursor(self.sync.execute(op, params))
 
     async def read_only(self) -> bool:
         return self.sync.read_only()

@@ -201,7 +201,7 @@ def db_only_coordinator(
     resources = databases(settings, pool_size=concurrency + 8)
     log: DecisionLog | None = None
     try:
-        log, membership = decision_log(
+        log, holder, membership = decision_log(
             settings, resources, log_path=settings.home / "bench-db-decisions.log"
         )
         return Coordinator(
@@ -211,6 +211,7 @@ def db_only_coordinator(
             None,
             max_workers=max(concurrency, 4),
             membership=membership,
+            decision_holder=holder,
         )
     except BaseException:
         for resource in resources:
