@@ -10,8 +10,9 @@ failures are the same twopc errors with the same words
 It carries what a broker transaction needs: CONNECT (client-id, login, TLS,
 TCP_NODELAY), BEGIN, SEND, ACK, COMMIT and ABORT with receipts, and ERROR
 frames that answer no request (a SEND without receipt), counted so that a
-COMMIT can refuse. Subscriptions, browsing and marker removal stay with the
-sync client, which recovery uses.
+COMMIT can refuse; corked writes (a transaction's frames in one write with
+its COMMIT); subscriptions read with :meth:`AsyncSubscription.get`, ACKs, and
+queue browses (:meth:`AsyncStompClient.browse_complete`), as the sync client.
 """
 
 from __future__ import annotations
@@ -20,7 +21,8 @@ import asyncio
 import contextlib
 import itertools
 import socket
-from collections.abc import Callable, Mapping
+import uuid
+from collections.abc import AsyncIterator, Callable, Mapping
 from typing import Any
 
 from stomp import utils as frames
@@ -34,10 +36,14 @@ from coordinator.events import get_logger
 from participants import events as ev
 from participants.stomp_client import (
     LOGIN_HINT,
+    SENTINEL_HEADER,
     UNAVAILABLE_HINT,
+    AckMode,
     BrokerLoginRefused,
     BrokerRefused,
+    BrowseIncomplete,
     ClientIdInUse,
+    Message,
     _is_login_error,
     check_destination,
     parse_address,
@@ -73,6 +79,47 @@ class _Refused(Exception):
     """An ERROR frame answered the request (translated by callers)."""
 
 
+class _ConnectionLost:
+    """Queued to subscriptions when the connection drops."""
+
+
+_LOST = _ConnectionLost()
+
+
+class AsyncSubscription:
+    """One SUBSCRIBE: its MESSAGE frames arrive in a queue read by :meth:`get`."""
+
+    def __init__(self, client: AsyncStompClient, sub_id: str, destination: str) -> None:
+        self.client = client
+        self.id = sub_id
+        self.destination = destination
+        self._queue: asyncio.Queue[Message | _ConnectionLost] = asyncio.Queue()
+
+    async def get(self, timeout: float) -> Message | None:
+        """The next message, or None after ``timeout`` seconds; ParticipantUnavailable if lost."""
+        try:
+            item = await asyncio.wait_for(self._queue.get(), timeout)
+        except TimeoutError:
+            return None
+        if isinstance(item, _ConnectionLost):
+            self._queue.put_nowait(item)  # every later get() fails the same way
+            raise self.client.unavailable(f"connection lost while reading {self.destination}")
+        return item
+
+    async def unsubscribe(self, timeout: float | None = None) -> None:
+        """UNSUBSCRIBE; with a ``timeout``, wait for the receipt (all earlier ACKs processed)."""
+        await self.client.request(
+            "UNSUBSCRIBE", {"id": self.id}, timeout=timeout, what=f"UNSUBSCRIBE {self.destination}"
+        )
+        self.client._subscriptions.pop(self.id, None)
+
+    def _deliver(self, message: Message) -> None:
+        self._queue.put_nowait(message)
+
+    def _lost(self) -> None:
+        self._queue.put_nowait(_LOST)
+
+
 class AsyncStompClient:
     """One STOMP 1.2 connection over asyncio streams, opened by :meth:`open`."""
 
@@ -88,6 +135,10 @@ class AsyncStompClient:
         self._ids = itertools.count(1)
         self._lost = False
         self._receiver: asyncio.Task[None] | None = None
+        self._subscriptions: dict[str, AsyncSubscription] = {}
+        # Frames kept by corked(): written in one write with the COMMIT.
+        self._corked: list[bytes] | None = None
+        self._corked_by: asyncio.Task[Any] | None = None
 
     @classmethod
     async def open(
@@ -176,6 +227,12 @@ class AsyncStompClient:
         headers = {"transaction": transaction}
         answer = self._expect_receipt(headers)
         await self._transmit("COMMIT", headers, "", gtrid)
+        if self._corked is not None:
+            try:
+                await self._uncork(gtrid)
+            except ParticipantUnavailable:
+                self._pending.pop(headers["receipt"], None)
+                raise
         if after_send is not None:
             after_send()
         try:
@@ -215,12 +272,103 @@ class AsyncStompClient:
         await self._transmit(command, headers, body, gtrid)
         if answer is None or timeout is None:
             return
+        if self._corked is not None:  # an answer is awaited: what was kept must go now
+            await self._uncork(gtrid)
         try:
             await self._wait(answer, timeout)
         except _Refused as exc:
             raise BrokerRefused(what, str(exc), participant=self.participant, gtrid=gtrid) from None
         except _NoAnswer as exc:
             raise self.unavailable(f"{what}: {exc}", gtrid) from None
+
+    async def subscribe(
+        self,
+        destination: str,
+        *,
+        ack: AckMode = "auto",
+        prefetch: int | None = None,
+        headers: Mapping[str, str] | None = None,
+        timeout: float | None = 5.0,
+    ) -> AsyncSubscription:
+        """SUBSCRIBE to ``destination``; waits for the receipt so a refusal raises here.
+
+        ``prefetch`` is ActiveMQ's ``activemq.prefetchSize``; read the messages
+        with :meth:`AsyncSubscription.get`.
+        """
+        sub_id = f"sub-{next(self._ids)}"
+        subscription = AsyncSubscription(self, sub_id, destination)
+        frame_headers = dict(headers or {})
+        frame_headers.update({"destination": destination, "id": sub_id, "ack": ack})
+        if prefetch is not None:
+            frame_headers["activemq.prefetchSize"] = str(prefetch)
+        self._subscriptions[sub_id] = subscription
+        try:
+            await self.request(
+                "SUBSCRIBE", frame_headers, timeout=timeout, what=f"SUBSCRIBE to {destination}"
+            )
+        except BaseException:
+            self._subscriptions.pop(sub_id, None)
+            raise
+        return subscription
+
+    async def ack(self, message: Message, *, receipt_timeout: float | None = None) -> None:
+        """ACK ``message`` (client and client-individual modes)."""
+        await self.request("ACK", {"id": message.ack_id}, timeout=receipt_timeout, what="ACK")
+
+    async def browse(
+        self, destination: str, *, idle_timeout: float = 10.0, prefetch: int = 1000
+    ) -> list[Message]:
+        """The messages a browser may see on queue ``destination``, in queue order, unconsumed
+        (cut short at the broker's ``maxBrowsePageSize``, as :meth:`StompClient.browse`)."""
+        subscription = await self.subscribe(
+            destination, prefetch=prefetch, headers={"browser": "true"}, timeout=idle_timeout
+        )
+        found: list[Message] = []
+        while True:
+            message = await subscription.get(idle_timeout)
+            if message is None:
+                raise self.unavailable(
+                    f"the browse of {destination} stopped after {len(found)} messages: "
+                    f"nothing came for {idle_timeout:g} s"
+                )
+            if message.is_browse_end:
+                break
+            found.append(message)
+        self._subscriptions.pop(subscription.id, None)
+        return found
+
+    async def browse_complete(
+        self, destination: str, *, idle_timeout: float = 10.0, receipt_timeout: float = 5.0
+    ) -> list[Message]:
+        """Every message on queue ``destination`` (sentinels left out); BrowseIncomplete if cut
+        (a sentinel stored at the tail first, as :meth:`StompClient.browse_complete`)."""
+        token = uuid.uuid4().hex
+        await self.send(destination, "", {SENTINEL_HEADER: token}, receipt_timeout=receipt_timeout)
+        found = await self.browse(destination, idle_timeout=idle_timeout)
+        if not any(message.headers.get(SENTINEL_HEADER) == token for message in found):
+            raise BrowseIncomplete(destination, len(found), participant=self.participant)
+        return [message for message in found if not message.is_sentinel]
+
+    @contextlib.asynccontextmanager
+    async def corked(self) -> AsyncIterator[None]:
+        """Keep the frames this task writes in the block, and send them in one write: with
+        the next COMMIT or the next frame whose receipt is awaited, or when the block ends.
+        If the block raises, the frames kept are dropped: none reached the broker.
+        """
+        self._corked, self._corked_by = [], asyncio.current_task()
+        try:
+            yield
+        except BaseException:
+            self._corked = self._corked_by = None
+            raise
+        await self._uncork(None)
+
+    async def _uncork(self, gtrid: str | None) -> None:
+        """Send the frames kept so far in one write (ParticipantUnavailable if it fails)."""
+        kept, self._corked, self._corked_by = self._corked, None, None
+        if not kept:
+            return
+        await self._write(b"".join(kept), f"{len(kept)} frames", gtrid)
 
     # -- closing -------------------------------------------------------------
 
@@ -241,6 +389,12 @@ class AsyncStompClient:
         if self._receiver is not None and not self._receiver.done():
             self._receiver.cancel()
         self._on_lost()
+
+    async def __aenter__(self) -> AsyncStompClient:
+        return self
+
+    async def __aexit__(self, *exc_info: object) -> None:
+        await self.close()
 
     # -- internals -----------------------------------------------------------
 
@@ -319,18 +473,26 @@ class AsyncStompClient:
         except InvalidHeader:
             self._pending.pop(headers.get("receipt", ""), None)
             raise
+        if self._corked is not None and self._corked_by is asyncio.current_task():
+            self._corked.append(frame)
+            return
+        try:
+            await self._write(frame, command, gtrid)
+        except ParticipantUnavailable:
+            self._pending.pop(headers.get("receipt", ""), None)
+            raise
+
+    async def _write(self, data: bytes, what: str, gtrid: str | None) -> None:
         if self._lost or self._writer is None:
-            failure = f"cannot send {command}: the connection is closed"
-        else:
-            try:
-                self._writer.write(frame)
-                await self._writer.drain()
-                return
-            except (OSError, RuntimeError) as exc:
-                self._on_lost()
-                failure = f"connection lost while sending {command} ({type(exc).__name__})"
-        self._pending.pop(headers.get("receipt", ""), None)
-        raise self.unavailable(failure, gtrid)
+            raise self.unavailable(f"cannot send {what}: the connection is closed", gtrid)
+        try:
+            self._writer.write(data)
+            await self._writer.drain()
+        except (OSError, RuntimeError) as exc:
+            self._on_lost()
+            raise self.unavailable(
+                f"connection lost while sending {what} ({type(exc).__name__})", gtrid
+            ) from None
 
     async def _wait(self, answer: asyncio.Future[str | None], timeout: float) -> None:
         try:
@@ -365,6 +527,12 @@ class AsyncStompClient:
                 self._connected.set_result(frame)
             return
         receipt_id = frame.headers.get("receipt-id")
+        if frame.cmd == "MESSAGE":
+            body = frame.body.decode(errors="replace") if isinstance(frame.body, bytes) else ""
+            subscription = self._subscriptions.get(frame.headers.get("subscription", ""))
+            if subscription is not None:
+                subscription._deliver(Message(dict(frame.headers), body or ""))
+            return
         if frame.cmd == "RECEIPT":
             self._answer(receipt_id, None)
             return
@@ -394,5 +562,7 @@ class AsyncStompClient:
         for answer in pending:
             if not answer.done():
                 answer.set_exception(_NoAnswer("the connection was lost before the answer came"))
+        for subscription in self._subscriptions.values():
+            subscription._lost()
         if self._connected is not None and not self._connected.done():
             self._connected.set_exception(_NoAnswer("the connection closed during CONNECT"))
