@@ -1,74 +1,58 @@
-"""An asyncio STOMP 1.2 connection for the last resource: frames, receipts with timeouts.
+"""An asyncio STOMP 1.2 connection for the last resource: the protocol core over streams.
 
-The counterpart of :mod:`participants.stomp_client` for asyncio streams. The
-frames are stomp.py's (``stomp.utils.convert_frame`` writes them,
-``stomp.utils.parse_frame`` reads them, with its header escapes; names and
-values are escaped by :mod:`participants.stomp_headers`, as the sync client's are); the
-failures are the same twopc errors with the same words
-(:class:`~participants.stomp_client.ClientIdInUse`,
-:class:`~participants.stomp_client.BrokerRefused`, BrokerLoginRefused, ...).
-It carries what a broker transaction needs: CONNECT (client-id, login, TLS,
-TCP_NODELAY), BEGIN, SEND, ACK, COMMIT and ABORT with receipts, and ERROR
-frames that answer no request (a SEND without receipt), counted so that a
-COMMIT can refuse; corked writes (a transaction's frames in one write with
-its COMMIT); subscriptions read with :meth:`AsyncSubscription.get`, ACKs, and
-queue browses (:meth:`AsyncStompClient.browse_complete`), as the sync client.
+The counterpart of :mod:`participants.stomp_client` for asyncio streams. What
+STOMP says (frames and their escapes, receipts, which ERROR answers what, the
+refusal of CONNECT, heart-beats) is :class:`~participants.stomp_core.StompProtocol`'s;
+this module moves its bytes and waits: CONNECT (client-id, login, TLS,
+TCP_NODELAY), BEGIN, SEND, ACK, COMMIT and ABORT with receipts awaited up to
+a timeout, ERROR frames that answer no request counted so that a COMMIT can
+refuse, corked writes (a transaction's frames in one write with its COMMIT),
+subscriptions read with :meth:`AsyncSubscription.get`, and queue browses
+(:meth:`AsyncStompClient.browse_complete`). The failures are the same twopc
+errors with the same words as the sync client's.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
-import itertools
 import socket
 import uuid
 from collections.abc import AsyncIterator, Callable, Mapping
 from typing import Any
 
-from stomp import utils as frames
-
-from coordinator.errors import (
-    CommitRefused,
-    OutcomeUnknown,
-    ParticipantUnavailable,
-)
+from coordinator.errors import CommitRefused, OutcomeUnknown, ParticipantUnavailable
 from coordinator.events import get_logger
 from participants import events as ev
-from participants.stomp_client import (
-    LOGIN_HINT,
+from participants.stomp_client import AckMode, tls_context
+from participants.stomp_core import (
     SENTINEL_HEADER,
     UNAVAILABLE_HINT,
-    AckMode,
-    BrokerLoginRefused,
+    Answer,
     BrokerRefused,
     BrowseIncomplete,
     ClientIdInUse,
+    Connected,
+    ConnectRefused,
+    Event,
     Message,
-    _is_login_error,
+    MessageReceived,
+    StompProtocol,
+    StompProtocolError,
+    UnansweredError,
     check_destination,
+    encode,
     parse_address,
-    tls_context,
 )
-from participants.stomp_headers import InvalidHeader, frame_headers
+
+__all__ = ["AsyncStompClient", "AsyncSubscription", "encode"]
+
+#: Bytes read at once from the stream.
+READ_BYTES = 64 * 1024
 
 
 def _log() -> Any:
     return get_logger(component="stomp")
-
-
-def encode(
-    command: str,
-    headers: Mapping[str, str],
-    body: str = "",
-    *,
-    participant: str = "mq",
-    gtrid: str | None = None,
-) -> bytes:
-    """One frame as bytes, by stomp.py's encoder, headers escaped as STOMP 1.2 wants
-    (:func:`~participants.stomp_headers.frame_headers`); InvalidHeader if one cannot be.
-    """
-    escaped = frame_headers(command, headers, participant=participant, gtrid=gtrid)
-    return b"".join(frames.convert_frame(frames.Frame(command, escaped, body)))
 
 
 class _NoAnswer(Exception):
@@ -123,16 +107,25 @@ class AsyncSubscription:
 class AsyncStompClient:
     """One STOMP 1.2 connection over asyncio streams, opened by :meth:`open`."""
 
-    def __init__(self, address: str, *, participant: str, client_id: str | None) -> None:
+    def __init__(
+        self,
+        address: str,
+        *,
+        participant: str,
+        client_id: str | None,
+        login: str | None = None,
+        passcode: str | None = None,
+    ) -> None:
         self.address = address
         self.participant = participant
         self.client_id = client_id
+        self._protocol = StompProtocol(
+            address, participant=participant, client_id=client_id, login=login, passcode=passcode
+        )
         self._reader: asyncio.StreamReader | None = None
         self._writer: asyncio.StreamWriter | None = None
-        self._connected: asyncio.Future[frames.Frame] | None = None
+        self._connected: asyncio.Future[Connected | ConnectRefused] | None = None
         self._pending: dict[str, asyncio.Future[str | None]] = {}
-        self._unsolicited: list[str] = []
-        self._ids = itertools.count(1)
         self._lost = False
         self._receiver: asyncio.Task[None] | None = None
         self._subscriptions: dict[str, AsyncSubscription] = {}
@@ -154,8 +147,10 @@ class AsyncStompClient:
         ca_file: str | None = None,
     ) -> AsyncStompClient:
         """CONNECT to ``address``; ClientIdInUse, BrokerLoginRefused or ParticipantUnavailable."""
-        client = cls(address, participant=participant, client_id=client_id)
-        await client._connect(connect_timeout, login, passcode, tls, ca_file)
+        client = cls(
+            address, participant=participant, client_id=client_id, login=login, passcode=passcode
+        )
+        await client._connect(connect_timeout, tls, ca_file)
         return client
 
     # -- state ---------------------------------------------------------------
@@ -168,11 +163,11 @@ class AsyncStompClient:
     @property
     def error_count(self) -> int:
         """How many ERROR frames came that answered no request (a SEND without receipt)."""
-        return len(self._unsolicited)
+        return self._protocol.error_count
 
     def errors_since(self, count: int) -> list[str]:
         """The messages of the unanswered ERROR frames after the first ``count``."""
-        return self._unsolicited[count:]
+        return self._protocol.errors_since(count)
 
     def unavailable(self, reason: str, gtrid: str | None = None) -> ParticipantUnavailable:
         return ParticipantUnavailable(
@@ -224,19 +219,20 @@ class AsyncStompClient:
         after_send: Callable[[], None] | None = None,
     ) -> None:
         """COMMIT and wait for the receipt; errors as :meth:`StompClient.commit`."""
-        headers = {"transaction": transaction}
-        answer = self._expect_receipt(headers)
-        await self._transmit("COMMIT", headers, "", gtrid)
+        receipt_id, answer = await self._transmit(
+            "COMMIT", {"transaction": transaction}, "", gtrid, receipt=True
+        )
+        assert receipt_id is not None and answer is not None
         if self._corked is not None:
             try:
                 await self._uncork(gtrid)
             except ParticipantUnavailable:
-                self._pending.pop(headers["receipt"], None)
+                self._give_up(receipt_id)
                 raise
         if after_send is not None:
             after_send()
         try:
-            await self._wait(answer, timeout)
+            await self._wait(receipt_id, answer, timeout)
         except _Refused as exc:
             raise CommitRefused(
                 f"the broker refused the COMMIT: {exc}; nothing was committed",
@@ -268,14 +264,15 @@ class AsyncStompClient:
         gtrid: str | None = None,
     ) -> None:
         """Send one frame; with a ``timeout``, wait for its receipt (BrokerRefused on ERROR)."""
-        answer = self._expect_receipt(headers) if timeout is not None else None
-        await self._transmit(command, headers, body, gtrid)
-        if answer is None or timeout is None:
+        receipt_id, answer = await self._transmit(
+            command, headers, body, gtrid, receipt=timeout is not None
+        )
+        if receipt_id is None or answer is None or timeout is None:
             return
         if self._corked is not None:  # an answer is awaited: what was kept must go now
             await self._uncork(gtrid)
         try:
-            await self._wait(answer, timeout)
+            await self._wait(receipt_id, answer, timeout)
         except _Refused as exc:
             raise BrokerRefused(what, str(exc), participant=self.participant, gtrid=gtrid) from None
         except _NoAnswer as exc:
@@ -295,7 +292,7 @@ class AsyncStompClient:
         ``prefetch`` is ActiveMQ's ``activemq.prefetchSize``; read the messages
         with :meth:`AsyncSubscription.get`.
         """
-        sub_id = f"sub-{next(self._ids)}"
+        sub_id = self._protocol.next_id("sub")
         subscription = AsyncSubscription(self, sub_id, destination)
         frame_headers = dict(headers or {})
         frame_headers.update({"destination": destination, "id": sub_id, "ack": ack})
@@ -363,13 +360,6 @@ class AsyncStompClient:
             raise
         await self._uncork(None)
 
-    async def _uncork(self, gtrid: str | None) -> None:
-        """Send the frames kept so far in one write (ParticipantUnavailable if it fails)."""
-        kept, self._corked, self._corked_by = self._corked, None, None
-        if not kept:
-            return
-        await self._write(b"".join(kept), f"{len(kept)} frames", gtrid)
-
     # -- closing -------------------------------------------------------------
 
     async def close(self, timeout: float = 2.0) -> None:
@@ -398,14 +388,7 @@ class AsyncStompClient:
 
     # -- internals -----------------------------------------------------------
 
-    async def _connect(
-        self,
-        timeout: float,
-        login: str | None,
-        passcode: str | None,
-        tls: bool,
-        ca_file: str | None,
-    ) -> None:
+    async def _connect(self, timeout: float, tls: bool, ca_file: str | None) -> None:
         host, port = parse_address(self.address)
         context = tls_context(ca_file) if tls else None
         try:
@@ -423,15 +406,9 @@ class AsyncStompClient:
             sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
         self._connected = asyncio.get_running_loop().create_future()
         self._receiver = asyncio.create_task(self._receive())
-        headers = {"accept-version": "1.2", "host": host}
-        if self.client_id:
-            headers["client-id"] = self.client_id
-        if login is not None:
-            headers["login"] = login
-            headers["passcode"] = passcode or ""
-        await self._transmit("CONNECT", headers, "", None)
+        await self._write(self._protocol.connect().data, "CONNECT", None)
         try:
-            frame = await asyncio.wait_for(asyncio.shield(self._connected), timeout)
+            answer = await asyncio.wait_for(asyncio.shield(self._connected), timeout)
         except (TimeoutError, _NoAnswer):
             self.drop()
             if self._lost and self.client_id:
@@ -443,44 +420,44 @@ class AsyncStompClient:
                     participant=self.participant,
                 ) from None
             raise self.unavailable(f"no CONNECTED frame within {timeout:g} s") from None
-        if frame.cmd == "CONNECTED":
+        if isinstance(answer, Connected):
             _log().debug(ev.STOMP_CONNECTED, address=self.address, client_id=self.client_id)
             return
-        message = frame.headers.get("message", "")
-        body = frame.body.decode(errors="replace") if isinstance(frame.body, bytes) else ""
         self.drop()
-        if "InvalidClientIDException" in body and self.client_id:
-            raise ClientIdInUse(self.client_id, message, participant=self.participant)
-        if _is_login_error(message, body):
-            raise BrokerLoginRefused(
-                f"the STOMP broker at {self.address} refused the login; {LOGIN_HINT}",
-                participant=self.participant,
-            )
-        raise BrokerRefused("CONNECT", message, participant=self.participant)
-
-    def _expect_receipt(self, headers: dict[str, str]) -> asyncio.Future[str | None]:
-        receipt_id = f"r-{next(self._ids)}"
-        headers["receipt"] = receipt_id
-        answer: asyncio.Future[str | None] = asyncio.get_running_loop().create_future()
-        self._pending[receipt_id] = answer
-        return answer
+        raise answer.error
 
     async def _transmit(
-        self, command: str, headers: dict[str, str], body: str, gtrid: str | None
-    ) -> None:
-        try:
-            frame = encode(command, headers, body, participant=self.participant, gtrid=gtrid)
-        except InvalidHeader:
-            self._pending.pop(headers.get("receipt", ""), None)
-            raise
+        self,
+        command: str,
+        headers: Mapping[str, str],
+        body: str,
+        gtrid: str | None,
+        *,
+        receipt: bool = False,
+    ) -> tuple[str | None, asyncio.Future[str | None] | None]:
+        """Write one frame (or keep it, corked); its receipt id and the answer's future."""
+        out = self._protocol.frame(command, headers, body, receipt=receipt, gtrid=gtrid)
+        answer: asyncio.Future[str | None] | None = None
+        if out.receipt_id is not None:
+            answer = asyncio.get_running_loop().create_future()
+            self._pending[out.receipt_id] = answer
         if self._corked is not None and self._corked_by is asyncio.current_task():
-            self._corked.append(frame)
-            return
+            self._corked.append(out.data)
+            return out.receipt_id, answer
         try:
-            await self._write(frame, command, gtrid)
+            await self._write(out.data, command, gtrid)
         except ParticipantUnavailable:
-            self._pending.pop(headers.get("receipt", ""), None)
+            if out.receipt_id is not None:
+                self._give_up(out.receipt_id)
             raise
+        return out.receipt_id, answer
+
+    async def _uncork(self, gtrid: str | None) -> None:
+        """Send the frames kept so far in one write (ParticipantUnavailable if it fails)."""
+        kept, self._corked, self._corked_by = self._corked, None, None
+        if not kept:
+            return
+        await self._write(b"".join(kept), f"{len(kept)} frames", gtrid)
 
     async def _write(self, data: bytes, what: str, gtrid: str | None) -> None:
         if self._lost or self._writer is None:
@@ -494,70 +471,59 @@ class AsyncStompClient:
                 f"connection lost while sending {what} ({type(exc).__name__})", gtrid
             ) from None
 
-    async def _wait(self, answer: asyncio.Future[str | None], timeout: float) -> None:
+    def _give_up(self, receipt_id: str) -> None:
+        """Nobody waits for ``receipt_id`` any more."""
+        self._pending.pop(receipt_id, None)
+        self._protocol.forget(receipt_id)
+
+    async def _wait(
+        self, receipt_id: str, answer: asyncio.Future[str | None], timeout: float
+    ) -> None:
         try:
             error = await asyncio.wait_for(asyncio.shield(answer), timeout)
         except TimeoutError:
-            for receipt_id, waiting in list(self._pending.items()):
-                if waiting is answer:
-                    del self._pending[receipt_id]
+            self._give_up(receipt_id)
             raise _NoAnswer(f"no answer came within {timeout:g} s") from None
-        except _NoAnswer:
-            raise
         if error is not None:
             raise _Refused(error)
 
     async def _receive(self) -> None:
-        """The receiver task: one frame at a time, until the connection ends."""
+        """The receiver task: bytes to the protocol core, its events to their waiters."""
         assert self._reader is not None
         try:
             while True:
-                data = await self._reader.readuntil(b"\x00")
-                frame = frames.parse_frame(data[:-1])
-                if frame is not None:
-                    self._dispatch(frame)
-        except (asyncio.IncompleteReadError, OSError, asyncio.LimitOverrunError):
-            pass
+                data = await self._reader.read(READ_BYTES)
+                for event in self._protocol.receive_data(data):
+                    self._dispatch(event)
+                if not data:
+                    return
+        except OSError:
+            pass  # the connection is gone: its waiters learn it below
+        except StompProtocolError as exc:
+            _log().warning(ev.STOMP_ERROR, address=self.address, error=str(exc))
         finally:
             self._on_lost()
 
-    def _dispatch(self, frame: frames.Frame) -> None:
-        if frame.cmd == "CONNECTED":
+    def _dispatch(self, event: Event) -> None:
+        if isinstance(event, Connected | ConnectRefused):
             if self._connected is not None and not self._connected.done():
-                self._connected.set_result(frame)
-            return
-        receipt_id = frame.headers.get("receipt-id")
-        if frame.cmd == "MESSAGE":
-            body = frame.body.decode(errors="replace") if isinstance(frame.body, bytes) else ""
-            subscription = self._subscriptions.get(frame.headers.get("subscription", ""))
+                self._connected.set_result(event)
+        elif isinstance(event, Answer):
+            answer = self._pending.pop(event.receipt_id, None)
+            if answer is not None and not answer.done():
+                answer.set_result(event.error)
+        elif isinstance(event, UnansweredError):
+            _log().warning(ev.STOMP_ERROR, address=self.address, error=event.message)
+        elif isinstance(event, MessageReceived):
+            subscription = self._subscriptions.get(event.subscription)
             if subscription is not None:
-                subscription._deliver(Message(dict(frame.headers), body or ""))
-            return
-        if frame.cmd == "RECEIPT":
-            self._answer(receipt_id, None)
-            return
-        if frame.cmd == "ERROR":
-            body = frame.body.decode(errors="replace") if isinstance(frame.body, bytes) else ""
-            message = frame.headers.get("message") or body.split("\n", 1)[0]
-            if self._connected is not None and not self._connected.done():
-                self._connected.set_result(frame)  # CONNECT refused
-                return
-            if not self._answer(receipt_id, message):
-                self._unsolicited.append(message)
-                _log().warning(ev.STOMP_ERROR, address=self.address, error=message)
-
-    def _answer(self, receipt_id: str | None, error: str | None) -> bool:
-        answer = self._pending.pop(receipt_id, None) if receipt_id is not None else None
-        if answer is None:
-            return False
-        if not answer.done():
-            answer.set_result(error)
-        return True
+                subscription._deliver(event.message)
 
     def _on_lost(self) -> None:
         if self._lost:
             return
         self._lost = True
+        self._protocol.connection_lost()
         pending, self._pending = list(self._pending.values()), {}
         for answer in pending:
             if not answer.done():
