@@ -55,7 +55,6 @@ import queue
 import socket
 import ssl
 import threading
-import uuid
 from collections.abc import Callable, Iterator, Mapping
 from typing import Any, Literal
 
@@ -63,11 +62,8 @@ import stomp
 from stomp.exception import StompException
 
 from coordinator.errors import (
-    CommitRefused,
     ConfigurationError,
-    OutcomeUnknown,
     ParticipantError,
-    ParticipantUnavailable,
 )
 from coordinator.events import get_logger
 from participants import events as ev
@@ -87,12 +83,15 @@ from participants.stomp_core import (
     ConnectRefused,
     Message,
     MessageReceived,
+    NoAnswer,
+    Refused,
     StompProtocol,
     UnansweredError,
     check_destination,
     parse_address,
 )
 from participants.stomp_headers import SENTINEL_HEADER as SENTINEL_HEADER
+from participants.stomp_ops import StompOperations, Waiter
 
 __all__ = [
     "DESTINATION_PREFIXES",
@@ -185,14 +184,6 @@ class _ConnectionLost:
 _LOST = _ConnectionLost()
 
 
-class _NoAnswer(Exception):
-    """No RECEIPT and no ERROR: timeout or connection lost. Internal; translated by callers."""
-
-
-class _Refused(Exception):
-    """An ERROR frame answered the request. Internal; translated by callers."""
-
-
 class Subscription:
     """One SUBSCRIBE: MESSAGE frames arrive in a queue (``get``) unless a callback took them."""
 
@@ -266,7 +257,7 @@ class _Listener(stomp.ConnectionListener):  # type: ignore[misc]
         self.client._on_lost()
 
 
-class StompClient:
+class StompClient(StompOperations):
     """One STOMP 1.2 connection to the broker, opened by :meth:`open`."""
 
     def __init__(
@@ -395,102 +386,6 @@ class StompClient:
         with self._lock:
             return self._protocol.errors_since(count)
 
-    def unavailable(self, reason: str, gtrid: str | None = None) -> ParticipantUnavailable:
-        """A ParticipantUnavailable naming the broker address and what to do."""
-        return ParticipantUnavailable(
-            f"STOMP broker at {self.address}: {reason}; {UNAVAILABLE_HINT}",
-            participant=self.participant,
-            gtrid=gtrid,
-        )
-
-    # -- frames --------------------------------------------------------------
-
-    def send(
-        self,
-        destination: str,
-        body: str,
-        headers: Mapping[str, str] | None = None,
-        *,
-        transaction: str | None = None,
-        receipt_timeout: float | None = None,
-        gtrid: str | None = None,
-    ) -> None:
-        """SEND a persistent message, inside ``transaction`` if given.
-
-        With ``receipt_timeout`` the broker's RECEIPT is awaited (the message
-        is then stored); without it the SEND is fire-and-forget and an ERROR for
-        it shows up only in :meth:`errors_since`.
-        """
-        check_destination(destination)
-        frame_headers = dict(headers or {})
-        frame_headers["destination"] = destination
-        frame_headers["persistent"] = "true"
-        if transaction is not None:
-            # stomp.py's send() has no transaction parameter: it is a plain header.
-            frame_headers["transaction"] = transaction
-        if body:
-            # stomp.py recomputes it from the encoded body; its presence is what counts.
-            frame_headers["content-length"] = str(len(body))
-        self.request(
-            "SEND",
-            frame_headers,
-            body,
-            timeout=receipt_timeout,
-            what=f"SEND to {destination}",
-            gtrid=gtrid,
-        )
-
-    def begin(self, transaction: str, *, gtrid: str | None = None) -> None:
-        """BEGIN ``transaction`` (no receipt: an ERROR would fail the COMMIT anyway)."""
-        self.request("BEGIN", {"transaction": transaction}, what="BEGIN", gtrid=gtrid)
-
-    def commit(
-        self,
-        transaction: str,
-        timeout: float,
-        *,
-        gtrid: str | None = None,
-        after_send: Callable[[], None] | None = None,
-    ) -> None:
-        """COMMIT ``transaction`` and wait for the receipt; ``after_send`` runs in between.
-
-        RECEIPT: committed. ERROR: CommitRefused, nothing was committed. No answer
-        within ``timeout``, or the connection dropped after the COMMIT was written:
-        OutcomeUnknown. If the COMMIT frame could not be written whole:
-        ParticipantUnavailable (a broker never commits on a partial frame).
-        """
-        pending = self._transmit("COMMIT", {"transaction": transaction}, "", gtrid, receipt=True)
-        assert pending is not None
-        if self._corked is not None:
-            try:
-                self._uncork(gtrid)
-            except ParticipantUnavailable:
-                self._give_up(pending)
-                raise
-        if after_send is not None:
-            after_send()
-        try:
-            self._wait(pending, timeout)
-        except _Refused as exc:
-            raise CommitRefused(
-                f"the broker refused the COMMIT: {exc}; nothing was committed",
-                participant=self.participant,
-                gtrid=gtrid,
-            ) from None
-        except _NoAnswer as exc:
-            raise OutcomeUnknown(
-                f"COMMIT sent to the STOMP broker at {self.address}, but {exc}; whether it "
-                "committed is known only after fencing ('twopc recover' resolves it)",
-                participant=self.participant,
-                gtrid=gtrid,
-            ) from None
-
-    def abort(self, transaction: str, timeout: float, *, gtrid: str | None = None) -> None:
-        """ABORT ``transaction`` and wait for the receipt; raises ParticipantError on failure."""
-        self.request(
-            "ABORT", {"transaction": transaction}, timeout=timeout, what="ABORT", gtrid=gtrid
-        )
-
     def subscribe(
         self,
         destination: str,
@@ -529,83 +424,6 @@ class StompClient:
                 self._subscriptions.pop(sub_id, None)
             raise
         return subscription
-
-    def ack(self, message: Message, *, receipt_timeout: float | None = None) -> None:
-        """ACK ``message`` (client and client-individual modes)."""
-        self.request("ACK", {"id": message.ack_id}, timeout=receipt_timeout, what="ACK")
-
-    def browse(
-        self, destination: str, *, idle_timeout: float = 10.0, prefetch: int = 1000
-    ) -> list[Message]:
-        """The messages a browser may see on queue ``destination``, in queue order, unconsumed.
-
-        ActiveMQ ends a browse after the destination policy's ``maxBrowsePageSize``
-        messages (400 by default once any policyEntry matches the queue) with the
-        same ``browser:end`` as a finished one: when a missing message matters, use
-        :meth:`browse_complete`. ParticipantUnavailable if nothing (not even the
-        end of the browse) came for ``idle_timeout`` seconds.
-        """
-        subscription = self.subscribe(
-            destination, prefetch=prefetch, headers={"browser": "true"}, timeout=idle_timeout
-        )
-        found: list[Message] = []
-        while True:
-            message = subscription.get(idle_timeout)
-            if message is None:
-                raise self.unavailable(
-                    f"the browse of {destination} stopped after {len(found)} messages: "
-                    f"nothing came for {idle_timeout:g} s"
-                )
-            if message.is_browse_end:
-                break
-            found.append(message)
-        with self._lock:
-            self._subscriptions.pop(subscription.id, None)
-        return found
-
-    def browse_complete(
-        self, destination: str, *, idle_timeout: float = 10.0, receipt_timeout: float = 5.0
-    ) -> list[Message]:
-        """Every message on queue ``destination`` (sentinels left out); BrowseIncomplete if cut.
-
-        A sentinel message is stored at the tail of the queue first: the browse
-        is complete when it reaches that sentinel. Sentinels stay on the queue;
-        every browse leaves them out, and whoever consumes the queue drops them.
-        """
-        token = uuid.uuid4().hex
-        self.send(destination, "", {SENTINEL_HEADER: token}, receipt_timeout=receipt_timeout)
-        found = self.browse(destination, idle_timeout=idle_timeout)
-        if not any(message.headers.get(SENTINEL_HEADER) == token for message in found):
-            raise BrowseIncomplete(destination, len(found), participant=self.participant)
-        return [message for message in found if not message.is_sentinel]
-
-    def request(
-        self,
-        command: str,
-        headers: dict[str, str],
-        body: str = "",
-        *,
-        timeout: float | None = None,
-        what: str,
-        gtrid: str | None = None,
-    ) -> None:
-        """Send one frame; with a ``timeout``, wait for its receipt.
-
-        BrokerRefused if the broker answered with an ERROR; ParticipantUnavailable
-        if the frame could not be written or no answer came (the connection's
-        state is then unknown: drop it).
-        """
-        pending = self._transmit(command, headers, body, gtrid, receipt=timeout is not None)
-        if pending is None or timeout is None:
-            return
-        if self._corked is not None:  # an answer is awaited: what was kept must go now
-            self._uncork(gtrid)
-        try:
-            self._wait(pending, timeout)
-        except _Refused as exc:
-            raise BrokerRefused(what, str(exc), participant=self.participant, gtrid=gtrid) from None
-        except _NoAnswer as exc:
-            raise self.unavailable(f"{what}: {exc}", gtrid) from None
 
     # -- closing -------------------------------------------------------------
 
@@ -757,7 +575,7 @@ class StompClient:
         gtrid: str | None,
         *,
         receipt: bool = False,
-    ) -> _Pending | None:
+    ) -> Waiter | None:
         """Write one frame (kept if this thread corked); with ``receipt``, its waiter.
 
         InvalidHeader (nothing sent, nothing awaited) if a header cannot be carried.
@@ -782,20 +600,30 @@ class StompClient:
             self._give_up(pending)
         raise self.unavailable(failure, gtrid)
 
-    def _give_up(self, pending: _Pending) -> None:
-        """Nobody waits for ``pending`` any more: a late ERROR for it counts as unanswered."""
+    def _give_up(self, waiter: Waiter) -> None:
+        """Nobody waits for ``waiter`` any more: a late ERROR for it counts as unanswered."""
         with self._lock:
-            self._pending.pop(pending.receipt_id, None)
-            self._protocol.forget(pending.receipt_id)
+            self._pending.pop(waiter.receipt_id, None)
+            self._protocol.forget(waiter.receipt_id)
 
-    def _wait(self, pending: _Pending, timeout: float) -> None:
-        if not pending.done.wait(timeout):
-            self._give_up(pending)
-            raise _NoAnswer(f"no answer came within {timeout:g} s")
-        if pending.error is not None:
-            raise _Refused(pending.error)
-        if pending.lost:
-            raise _NoAnswer("the connection was lost before the answer came")
+    def _wait(self, waiter: Waiter, timeout: float) -> None:
+        assert isinstance(waiter, _Pending)
+        if not waiter.done.wait(timeout):
+            self._give_up(waiter)
+            raise NoAnswer(f"no answer came within {timeout:g} s")
+        if waiter.error is not None:
+            raise Refused(waiter.error)
+        if waiter.lost:
+            raise NoAnswer("the connection was lost before the answer came")
+
+    def _read(
+        self, destination: str, *, prefetch: int, headers: Mapping[str, str], timeout: float
+    ) -> Subscription:
+        return self.subscribe(destination, prefetch=prefetch, headers=headers, timeout=timeout)
+
+    def _forget_subscription(self, sub_id: str) -> None:
+        with self._lock:
+            self._subscriptions.pop(sub_id, None)
 
     # -- called on the receiver thread ---------------------------------------
 

@@ -130,6 +130,14 @@ class BrowseIncomplete(ParticipantError):
         self.seen = seen
 
 
+class NoAnswer(Exception):
+    """No RECEIPT and no ERROR: timeout or connection lost. Internal: the clients word it."""
+
+
+class Refused(Exception):
+    """An ERROR frame answered the request. Internal: the clients word it."""
+
+
 class StompProtocolError(ParticipantError):
     """The bytes from the broker are not STOMP, or a frame was asked for in the wrong state."""
 

@@ -33,6 +33,7 @@ ROOT = Path(__file__).resolve().parent.parent
 FILES = {
     "coordinator/aio/driver.py": "coordinator/driver.py",
     "coordinator/aio/transaction.py": "coordinator/transaction.py",
+    "participants/aio/stomp_ops.py": "participants/stomp_ops.py",
     "participants/aio/group_commit.py": "participants/group_commit.py",
     "participants/aio/marker_queue.py": "participants/marker_queue.py",
     "participants/aio/mq_session.py": "participants/mq_session.py",
@@ -53,6 +54,7 @@ NAMES = {
     "AsyncActiveMQ": "ActiveMQ",
     "AsyncGroupCommit": "GroupCommit",
     "AsyncStompClient": "StompClient",
+    "AsyncStompOperations": "StompOperations",
     "AsyncSubscription": "Subscription",
     "__aenter__": "__enter__",
     "__aexit__": "__exit__",

@@ -17,30 +17,28 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import socket
-import uuid
-from collections.abc import AsyncIterator, Callable, Mapping
+from collections.abc import AsyncIterator, Mapping
+from dataclasses import dataclass
 from typing import Any
 
-from coordinator.errors import CommitRefused, OutcomeUnknown, ParticipantUnavailable
+from coordinator.errors import ParticipantUnavailable
 from coordinator.events import get_logger
 from participants import events as ev
+from participants.aio.stomp_ops import AsyncStompOperations, Waiter
 from participants.stomp_client import AckMode, tls_context
 from participants.stomp_core import (
-    SENTINEL_HEADER,
-    UNAVAILABLE_HINT,
     Answer,
-    BrokerRefused,
-    BrowseIncomplete,
     ClientIdInUse,
     Connected,
     ConnectRefused,
     Event,
     Message,
     MessageReceived,
+    NoAnswer,
+    Refused,
     StompProtocol,
     StompProtocolError,
     UnansweredError,
-    check_destination,
     encode,
     parse_address,
 )
@@ -53,14 +51,6 @@ READ_BYTES = 64 * 1024
 
 def _log() -> Any:
     return get_logger(component="stomp")
-
-
-class _NoAnswer(Exception):
-    """No RECEIPT and no ERROR: timeout or connection lost (translated by callers)."""
-
-
-class _Refused(Exception):
-    """An ERROR frame answered the request (translated by callers)."""
 
 
 class _ConnectionLost:
@@ -104,7 +94,15 @@ class AsyncSubscription:
         self._queue.put_nowait(_LOST)
 
 
-class AsyncStompClient:
+@dataclass(frozen=True, slots=True)
+class _Waiter:
+    """An awaited receipt: its id and the future its answer settles."""
+
+    receipt_id: str
+    answer: asyncio.Future[str | None]
+
+
+class AsyncStompClient(AsyncStompOperations):
     """One STOMP 1.2 connection over asyncio streams, opened by :meth:`open`."""
 
     def __init__(
@@ -169,114 +167,7 @@ class AsyncStompClient:
         """The messages of the unanswered ERROR frames after the first ``count``."""
         return self._protocol.errors_since(count)
 
-    def unavailable(self, reason: str, gtrid: str | None = None) -> ParticipantUnavailable:
-        return ParticipantUnavailable(
-            f"STOMP broker at {self.address}: {reason}; {UNAVAILABLE_HINT}",
-            participant=self.participant,
-            gtrid=gtrid,
-        )
-
     # -- frames --------------------------------------------------------------
-
-    async def send(
-        self,
-        destination: str,
-        body: str,
-        headers: Mapping[str, str] | None = None,
-        *,
-        transaction: str | None = None,
-        receipt_timeout: float | None = None,
-        gtrid: str | None = None,
-    ) -> None:
-        """SEND a persistent message, inside ``transaction`` if given (as the sync client)."""
-        check_destination(destination)
-        frame_headers = dict(headers or {})
-        frame_headers["destination"] = destination
-        frame_headers["persistent"] = "true"
-        if transaction is not None:
-            frame_headers["transaction"] = transaction
-        if body:
-            frame_headers["content-length"] = str(len(body))
-        await self.request(
-            "SEND",
-            frame_headers,
-            body,
-            timeout=receipt_timeout,
-            what=f"SEND to {destination}",
-            gtrid=gtrid,
-        )
-
-    async def begin(self, transaction: str, *, gtrid: str | None = None) -> None:
-        """BEGIN ``transaction`` (no receipt: an ERROR would fail the COMMIT anyway)."""
-        await self.request("BEGIN", {"transaction": transaction}, what="BEGIN", gtrid=gtrid)
-
-    async def commit(
-        self,
-        transaction: str,
-        timeout: float,
-        *,
-        gtrid: str | None = None,
-        after_send: Callable[[], None] | None = None,
-    ) -> None:
-        """COMMIT and wait for the receipt; errors as :meth:`StompClient.commit`."""
-        receipt_id, answer = await self._transmit(
-            "COMMIT", {"transaction": transaction}, "", gtrid, receipt=True
-        )
-        assert receipt_id is not None and answer is not None
-        if self._corked is not None:
-            try:
-                await self._uncork(gtrid)
-            except ParticipantUnavailable:
-                self._give_up(receipt_id)
-                raise
-        if after_send is not None:
-            after_send()
-        try:
-            await self._wait(receipt_id, answer, timeout)
-        except _Refused as exc:
-            raise CommitRefused(
-                f"the broker refused the COMMIT: {exc}; nothing was committed",
-                participant=self.participant,
-                gtrid=gtrid,
-            ) from None
-        except _NoAnswer as exc:
-            raise OutcomeUnknown(
-                f"COMMIT sent to the STOMP broker at {self.address}, but {exc}; whether it "
-                "committed is known only after fencing ('twopc recover' resolves it)",
-                participant=self.participant,
-                gtrid=gtrid,
-            ) from None
-
-    async def abort(self, transaction: str, timeout: float, *, gtrid: str | None = None) -> None:
-        """ABORT ``transaction`` and wait for the receipt; raises ParticipantError on failure."""
-        await self.request(
-            "ABORT", {"transaction": transaction}, timeout=timeout, what="ABORT", gtrid=gtrid
-        )
-
-    async def request(
-        self,
-        command: str,
-        headers: dict[str, str],
-        body: str = "",
-        *,
-        timeout: float | None = None,
-        what: str,
-        gtrid: str | None = None,
-    ) -> None:
-        """Send one frame; with a ``timeout``, wait for its receipt (BrokerRefused on ERROR)."""
-        receipt_id, answer = await self._transmit(
-            command, headers, body, gtrid, receipt=timeout is not None
-        )
-        if receipt_id is None or answer is None or timeout is None:
-            return
-        if self._corked is not None:  # an answer is awaited: what was kept must go now
-            await self._uncork(gtrid)
-        try:
-            await self._wait(receipt_id, answer, timeout)
-        except _Refused as exc:
-            raise BrokerRefused(what, str(exc), participant=self.participant, gtrid=gtrid) from None
-        except _NoAnswer as exc:
-            raise self.unavailable(f"{what}: {exc}", gtrid) from None
 
     async def subscribe(
         self,
@@ -307,44 +198,6 @@ class AsyncStompClient:
             self._subscriptions.pop(sub_id, None)
             raise
         return subscription
-
-    async def ack(self, message: Message, *, receipt_timeout: float | None = None) -> None:
-        """ACK ``message`` (client and client-individual modes)."""
-        await self.request("ACK", {"id": message.ack_id}, timeout=receipt_timeout, what="ACK")
-
-    async def browse(
-        self, destination: str, *, idle_timeout: float = 10.0, prefetch: int = 1000
-    ) -> list[Message]:
-        """The messages a browser may see on queue ``destination``, in queue order, unconsumed
-        (cut short at the broker's ``maxBrowsePageSize``, as :meth:`StompClient.browse`)."""
-        subscription = await self.subscribe(
-            destination, prefetch=prefetch, headers={"browser": "true"}, timeout=idle_timeout
-        )
-        found: list[Message] = []
-        while True:
-            message = await subscription.get(idle_timeout)
-            if message is None:
-                raise self.unavailable(
-                    f"the browse of {destination} stopped after {len(found)} messages: "
-                    f"nothing came for {idle_timeout:g} s"
-                )
-            if message.is_browse_end:
-                break
-            found.append(message)
-        self._subscriptions.pop(subscription.id, None)
-        return found
-
-    async def browse_complete(
-        self, destination: str, *, idle_timeout: float = 10.0, receipt_timeout: float = 5.0
-    ) -> list[Message]:
-        """Every message on queue ``destination`` (sentinels left out); BrowseIncomplete if cut
-        (a sentinel stored at the tail first, as :meth:`StompClient.browse_complete`)."""
-        token = uuid.uuid4().hex
-        await self.send(destination, "", {SENTINEL_HEADER: token}, receipt_timeout=receipt_timeout)
-        found = await self.browse(destination, idle_timeout=idle_timeout)
-        if not any(message.headers.get(SENTINEL_HEADER) == token for message in found):
-            raise BrowseIncomplete(destination, len(found), participant=self.participant)
-        return [message for message in found if not message.is_sentinel]
 
     @contextlib.asynccontextmanager
     async def corked(self) -> AsyncIterator[None]:
@@ -409,7 +262,7 @@ class AsyncStompClient:
         await self._write(self._protocol.connect().data, "CONNECT", None)
         try:
             answer = await asyncio.wait_for(asyncio.shield(self._connected), timeout)
-        except (TimeoutError, _NoAnswer):
+        except (TimeoutError, NoAnswer):
             self.drop()
             if self._lost and self.client_id:
                 # ActiveMQ answers a held client-id with an ERROR and closes the socket;
@@ -434,23 +287,33 @@ class AsyncStompClient:
         gtrid: str | None,
         *,
         receipt: bool = False,
-    ) -> tuple[str | None, asyncio.Future[str | None] | None]:
-        """Write one frame (or keep it, corked); its receipt id and the answer's future."""
+    ) -> Waiter | None:
+        """Write one frame (or keep it, corked); with ``receipt``, the waiter of its answer."""
         out = self._protocol.frame(command, headers, body, receipt=receipt, gtrid=gtrid)
-        answer: asyncio.Future[str | None] | None = None
+        waiter = None
         if out.receipt_id is not None:
-            answer = asyncio.get_running_loop().create_future()
-            self._pending[out.receipt_id] = answer
+            waiter = _Waiter(out.receipt_id, asyncio.get_running_loop().create_future())
+            self._pending[out.receipt_id] = waiter.answer
         if self._corked is not None and self._corked_by is asyncio.current_task():
             self._corked.append(out.data)
-            return out.receipt_id, answer
+            return waiter
         try:
             await self._write(out.data, command, gtrid)
         except ParticipantUnavailable:
-            if out.receipt_id is not None:
-                self._give_up(out.receipt_id)
+            if waiter is not None:
+                self._give_up(waiter)
             raise
-        return out.receipt_id, answer
+        return waiter
+
+    async def _read(
+        self, destination: str, *, prefetch: int, headers: Mapping[str, str], timeout: float
+    ) -> AsyncSubscription:
+        return await self.subscribe(
+            destination, prefetch=prefetch, headers=headers, timeout=timeout
+        )
+
+    def _forget_subscription(self, sub_id: str) -> None:
+        self._subscriptions.pop(sub_id, None)
 
     async def _uncork(self, gtrid: str | None) -> None:
         """Send the frames kept so far in one write (ParticipantUnavailable if it fails)."""
@@ -471,21 +334,20 @@ class AsyncStompClient:
                 f"connection lost while sending {what} ({type(exc).__name__})", gtrid
             ) from None
 
-    def _give_up(self, receipt_id: str) -> None:
-        """Nobody waits for ``receipt_id`` any more."""
-        self._pending.pop(receipt_id, None)
-        self._protocol.forget(receipt_id)
+    def _give_up(self, waiter: Waiter) -> None:
+        """Nobody waits for ``waiter``'s receipt any more."""
+        self._pending.pop(waiter.receipt_id, None)
+        self._protocol.forget(waiter.receipt_id)
 
-    async def _wait(
-        self, receipt_id: str, answer: asyncio.Future[str | None], timeout: float
-    ) -> None:
+    async def _wait(self, waiter: Waiter, timeout: float) -> None:
+        assert isinstance(waiter, _Waiter)
         try:
-            error = await asyncio.wait_for(asyncio.shield(answer), timeout)
+            error = await asyncio.wait_for(asyncio.shield(waiter.answer), timeout)
         except TimeoutError:
-            self._give_up(receipt_id)
-            raise _NoAnswer(f"no answer came within {timeout:g} s") from None
+            self._give_up(waiter)
+            raise NoAnswer(f"no answer came within {timeout:g} s") from None
         if error is not None:
-            raise _Refused(error)
+            raise Refused(error)
 
     async def _receive(self) -> None:
         """The receiver task: bytes to the protocol core, its events to their waiters."""
@@ -527,8 +389,8 @@ class AsyncStompClient:
         pending, self._pending = list(self._pending.values()), {}
         for answer in pending:
             if not answer.done():
-                answer.set_exception(_NoAnswer("the connection was lost before the answer came"))
+                answer.set_exception(NoAnswer("the connection was lost before the answer came"))
         for subscription in self._subscriptions.values():
             subscription._lost()
         if self._connected is not None and not self._connected.done():
-            self._connected.set_exception(_NoAnswer("the connection closed during CONNECT"))
+            self._connected.set_exception(NoAnswer("the connection closed during CONNECT"))
