@@ -192,3 +192,22 @@ def astart_in_init(start: Callable[[], Awaitable[object]]) -> None:
 def start_in_init(start: Callable[[], object]) -> None:
     """A thread coordinator starts as it is made (recovery first, then its threads)."""
     start()
+
+
+#: A condition variable (``with``/``async with`` it; wait with :func:`acond_wait`).
+ACondition = asyncio.Condition
+Condition = threading.Condition
+
+
+async def acond_wait(cond: asyncio.Condition, timeout: float) -> bool:
+    """Wait, holding ``cond``, until notified or ``timeout`` seconds passed (then False)."""
+    try:
+        await asyncio.wait_for(cond.wait(), timeout)
+    except TimeoutError:
+        return False
+    return True
+
+
+def cond_wait(cond: threading.Condition, timeout: float) -> bool:
+    """Wait, holding ``cond``, until notified or ``timeout`` seconds passed (then False)."""
+    return cond.wait(timeout)

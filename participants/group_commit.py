@@ -1,3 +1,5 @@
+# Generated from participants/aio/group_commit.py by scripts/unasync.py: edit that file, then run
+# `python scripts/unasync.py` (tests/test_unasync.py checks this file is current).
 """Group commit: callers that arrive while one commit runs share the next one.
 
 The classic leader/follower scheme (as the decision log shares its fsyncs):
@@ -10,14 +12,18 @@ with no load, nothing changes.
 The batch function gets every queued item and returns one result per item:
 ``None`` for success or the exception that item's caller must see, so that
 each member of a group can fail with an error naming its own gtrid.
+
+Written once, for asyncio tasks; ``scripts/unasync.py`` generates the thread
+version, :mod:`participants.group_commit`.
 """
 
 from __future__ import annotations
 
-import threading
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Generic, TypeVar
+
+from coordinator.compat import Condition
 
 I = TypeVar("I")  # noqa: E741 - the conventional name of an item type variable
 
@@ -32,11 +38,11 @@ class _Entry(Generic[I]):
 
 
 class GroupCommit(Generic[I]):
-    """Runs ``commit_batch`` for groups of items submitted from many threads."""
+    """Runs ``commit_batch`` for groups of items submitted by many callers."""
 
     def __init__(self, commit_batch: Callable[[Sequence[I]], Outcomes]) -> None:
         self._commit_batch = commit_batch
-        self._cond = threading.Condition()
+        self._cond = Condition()
         self._queue: list[_Entry[I]] = []
         self._running = False
         self.batches = 0  # commits run (for tests and the benchmark)

@@ -1,9 +1,14 @@
-"""The one place that opens STOMP connections: receipts with timeouts, errors as twopc errors.
+"""The one place that opens blocking STOMP connections: receipts with timeouts, errors as
+twopc errors.
 
-stomp.py supplies frames and a receiver thread, but no safe way to wait: its
-``WaitingListener`` waits forever and ignores ERROR frames and disconnects.
-:class:`StompClient` wraps one ``stomp.Connection12`` and adds what the last
-resource, the outbox relays and the consumers need:
+What STOMP says -- frames and their escapes, receipt ids, which ERROR answers
+which request, why CONNECT was refused -- is the protocol core's
+(:class:`participants.stomp_core.StompProtocol`, shared with the asyncio client
+:mod:`participants.aio.stomp`). This module moves its frames over stomp.py's
+transport and receiver thread, and waits. stomp.py has no safe way to wait:
+its ``WaitingListener`` waits forever and ignores ERROR frames and
+disconnects. :class:`StompClient` wraps one ``stomp.Connection12`` and adds
+what the last resource, the outbox relays and the consumers need:
 
 * TCP_NODELAY on the socket. stomp.py leaves Nagle's algorithm on, and a COMMIT
   sent right after a SEND then waits for the broker's delayed ACK: 45 ms per
@@ -45,50 +50,72 @@ from __future__ import annotations
 
 import contextlib
 import functools
-import itertools
 import os
 import queue
 import socket
 import ssl
 import threading
-import uuid
 from collections.abc import Callable, Iterator, Mapping
-from dataclasses import dataclass
 from typing import Any, Literal
 
 import stomp
 from stomp.exception import StompException
 
 from coordinator.errors import (
-    CommitRefused,
     ConfigurationError,
-    OutcomeUnknown,
     ParticipantError,
-    ParticipantUnavailable,
 )
 from coordinator.events import get_logger
 from participants import events as ev
 from participants import stomp_log
+from participants.stomp_core import (
+    DESTINATION_PREFIXES,
+    LOGIN_HINT,
+    UNAVAILABLE_HINT,
+    Answer,
+    BrokerLoginRefused,
+    BrokerRefused,
+    BrokerSecurityError,
+    BrokerTlsRefused,
+    BrowseIncomplete,
+    ClientIdInUse,
+    Connected,
+    ConnectRefused,
+    Message,
+    MessageReceived,
+    NoAnswer,
+    Refused,
+    StompProtocol,
+    UnansweredError,
+    check_destination,
+    parse_address,
+)
 from participants.stomp_headers import SENTINEL_HEADER as SENTINEL_HEADER
-from participants.stomp_headers import InvalidHeader, frame_headers
+from participants.stomp_ops import StompOperations, Waiter
+
+__all__ = [
+    "DESTINATION_PREFIXES",
+    "LOGIN_HINT",
+    "SENTINEL_HEADER",
+    "UNAVAILABLE_HINT",
+    "AckMode",
+    "BrokerLoginRefused",
+    "BrokerRefused",
+    "BrokerSecurityError",
+    "BrokerTlsRefused",
+    "BrowseIncomplete",
+    "ClientIdInUse",
+    "Message",
+    "StompClient",
+    "Subscription",
+    "check_destination",
+    "parse_address",
+    "tls_context",
+]
 
 stomp_log.install()  # stomp.py logs CONNECT frames at DEBUG: never with the passcode
 
 AckMode = Literal["auto", "client-individual"]
-
-#: What a user can do when the broker cannot be reached.
-UNAVAILABLE_HINT = "run 'twopc lab up', or check TWOPC_STOMP"
-
-#: What a user can do when the broker refuses the login.
-LOGIN_HINT = (
-    "set TWOPC_STOMP_USER and TWOPC_STOMP_PASSWORD to a user the broker knows "
-    '(for the lab: eval "$(twopc lab env)")'
-)
-
-#: Destinations a SEND may name. ActiveMQ drops the whole connection for some
-#: malformed names ("/queue/") and, worse, answers others with an ERROR while
-#: the rest of the transaction still commits, so they are refused here.
-DESTINATION_PREFIXES = ("/queue/", "/topic/")
 
 #: Bytes read at once from a TLS socket.
 TLS_RECV_BYTES = 64 * 1024
@@ -97,62 +124,6 @@ TLS_RECV_BYTES = 64 * 1024
 def _log() -> Any:
     # Looked up at each use, so that the application's later structlog set-up applies.
     return get_logger(component="stomp")
-
-
-def check_destination(destination: str) -> None:
-    """ConfigurationError unless ``destination`` is ``/queue/<name>`` or ``/topic/<name>``."""
-    if not destination.startswith(DESTINATION_PREFIXES) or destination.endswith("/"):
-        raise ConfigurationError(
-            f"STOMP destination {destination!r} must be /queue/<name> or /topic/<name>"
-        )
-
-
-def parse_address(address: str) -> tuple[str, int]:
-    """Split ``"host:port"`` into its parts; ConfigurationError if it is not one."""
-    host, sep, port = address.rpartition(":")
-    if not sep or not host or not port.isdigit():
-        raise ConfigurationError(
-            f"STOMP address {address!r} must be host:port, such as 127.0.0.1:61613 "
-            "(set TWOPC_STOMP)"
-        )
-    return host, int(port)
-
-
-class ClientIdInUse(ParticipantUnavailable):
-    """The broker refused CONNECT: another live connection holds the same client-id."""
-
-    def __init__(self, client_id: str, broker_message: str, *, participant: str) -> None:
-        super().__init__(
-            f"the broker refused client-id {client_id!r}: another connection still holds it "
-            f"({broker_message})",
-            participant=participant,
-        )
-        self.client_id = client_id
-
-
-class BrokerSecurityError(ConfigurationError):
-    """The broker refused our credentials or we refused its certificate: fix the settings.
-
-    A ConfigurationError, not a ParticipantUnavailable: retrying cannot help.
-    """
-
-    def __init__(self, message: str, *, participant: str) -> None:
-        super().__init__(f"{message} (participant {participant!r})")
-        self.participant = participant
-
-
-class BrokerLoginRefused(BrokerSecurityError):
-    """The broker refused CONNECT's login and passcode (wrong, or missing)."""
-
-
-class BrokerTlsRefused(BrokerSecurityError):
-    """The TLS handshake failed: the broker's certificate is not trusted, or no TLS there."""
-
-
-def _is_login_error(message: str, body: str) -> bool:
-    """True for ActiveMQ's answer to a CONNECT with a wrong or missing login."""
-    text = f"{message}\n{body}"
-    return "SecurityException" in text or "password is invalid" in text
 
 
 def tls_context(ca_file: str | None) -> ssl.SSLContext:
@@ -194,67 +165,13 @@ def _tls_receive(transport: Any) -> bytes | None:
     return data
 
 
-class BrokerRefused(ParticipantError):
-    """The broker answered a request with an ERROR frame; carries the broker's message."""
-
-    def __init__(
-        self, what: str, broker_message: str, *, participant: str, gtrid: str | None = None
-    ) -> None:
-        super().__init__(
-            f"the broker refused {what}: {broker_message}", participant=participant, gtrid=gtrid
-        )
-        self.broker_message = broker_message
-
-
-class BrowseIncomplete(ParticipantError):
-    """The broker ended a browse before the end of the queue (its maxBrowsePageSize)."""
-
-    def __init__(self, destination: str, seen: int, *, participant: str) -> None:
-        super().__init__(
-            f"the broker ended the browse of {destination} after {seen} messages, before the "
-            "end of the queue: its destination policy caps browsing (maxBrowsePageSize, 400 "
-            "by default once a policyEntry matches the queue). Raise maxBrowsePageSize above "
-            "the queue's depth in activemq.xml",
-            participant=participant,
-        )
-        self.destination = destination
-        self.seen = seen
-
-
-@dataclass(frozen=True, slots=True)
-class Message:
-    """One MESSAGE frame: its headers and its text body."""
-
-    headers: Mapping[str, str]
-    body: str
-
-    @property
-    def message_id(self) -> str:
-        """The broker's message id."""
-        return self.headers.get("message-id", "")
-
-    @property
-    def ack_id(self) -> str:
-        """The id an ACK must name (STOMP 1.2 ``ack`` header; client ack modes only)."""
-        return self.headers.get("ack", "")
-
-    @property
-    def is_sentinel(self) -> bool:
-        """True for a message :meth:`StompClient.browse_complete` left on a queue."""
-        return SENTINEL_HEADER in self.headers
-
-    @property
-    def is_browse_end(self) -> bool:
-        """True for the MESSAGE that ends an ActiveMQ browse."""
-        return self.headers.get("browser") == "end"
-
-
 class _Pending:
     """A receipt the broker owes us; set by the receiver thread."""
 
-    __slots__ = ("done", "error", "lost")
+    __slots__ = ("done", "error", "lost", "receipt_id")
 
-    def __init__(self) -> None:
+    def __init__(self, receipt_id: str) -> None:
+        self.receipt_id = receipt_id
         self.done = threading.Event()
         self.error: str | None = None
         self.lost = False
@@ -265,14 +182,6 @@ class _ConnectionLost:
 
 
 _LOST = _ConnectionLost()
-
-
-class _NoAnswer(Exception):
-    """No RECEIPT and no ERROR: timeout or connection lost. Internal; translated by callers."""
-
-
-class _Refused(Exception):
-    """An ERROR frame answered the request. Internal; translated by callers."""
 
 
 class Subscription:
@@ -323,7 +232,7 @@ class Subscription:
 
 
 class _Listener(stomp.ConnectionListener):  # type: ignore[misc]
-    """Runs on stomp.py's receiver thread: routes frames to waiters and subscriptions."""
+    """Runs on stomp.py's receiver thread: hands each frame to the client's protocol core."""
 
     def __init__(self, client: StompClient) -> None:
         self.client = client
@@ -332,26 +241,23 @@ class _Listener(stomp.ConnectionListener):  # type: ignore[misc]
         self.client._set_nodelay()
 
     def on_connected(self, frame: Any) -> None:
-        self.client._established = True
-        self.client._ready.set()
+        self.client._on_frame(frame)
 
     def on_receipt(self, frame: Any) -> None:
-        self.client._answer(frame.headers.get("receipt-id"), None)
+        self.client._on_frame(frame)
 
     def on_error(self, frame: Any) -> None:
-        message = frame.headers.get("message") or str(frame.body).split("\n", 1)[0]
-        if not self.client._answer(frame.headers.get("receipt-id"), message):
-            self.client._unsolicited_error(message, str(frame.body))
+        self.client._on_frame(frame)
 
     def on_message(self, frame: Any) -> None:
-        self.client._deliver(Message(dict(frame.headers), str(frame.body or "")))
+        self.client._on_frame(frame)
 
     def on_disconnected(self) -> None:
         self.client._peer_closed.set()
         self.client._on_lost()
 
 
-class StompClient:
+class StompClient(StompOperations):
     """One STOMP 1.2 connection to the broker, opened by :meth:`open`."""
 
     def __init__(
@@ -398,6 +304,16 @@ class StompClient:
                 )
             tls_context(ca_file)  # a file that is not PEM: ConfigurationError before connecting
             self._conn.set_ssl(for_hosts=[self._host_port], ca_certs=ca_file)
+        # What STOMP says (frames, receipts, errors, CONNECT's refusal) is the core's;
+        # stomp.py's transport and receiver thread move the bytes.
+        self._protocol = StompProtocol(
+            address,
+            participant=participant,
+            client_id=client_id,
+            login=login,
+            passcode=passcode,
+            heartbeats=heartbeats,
+        )
         self._conn.set_listener("twopc", _Listener(self))
         # Frames written while corked are kept and leave in one write (see corked()).
         self._write = self._conn.transport.send
@@ -406,14 +322,12 @@ class StompClient:
         self._corked_by: int | None = None  # the thread that corked (heartbeats go through)
         self._ready = threading.Event()  # CONNECTED, an ERROR instead, or the socket closed
         self._established = False
-        self._connect_error: tuple[str, str] | None = None
+        self._connect_error: ConnectRefused | None = None
         self._lost = False
         self._peer_closed = threading.Event()  # stomp.py's receiver saw the socket close
         self._lock = threading.Lock()
         self._pending: dict[str, _Pending] = {}
         self._subscriptions: dict[str, Subscription] = {}
-        self._ids = itertools.count(1)
-        self._unsolicited: list[str] = []
 
     @classmethod
     def open(
@@ -464,110 +378,13 @@ class StompClient:
     @property
     def error_count(self) -> int:
         """How many ERROR frames came that answered no request (a SEND without receipt)."""
-        return len(self._unsolicited)
+        with self._lock:
+            return self._protocol.error_count
 
     def errors_since(self, count: int) -> list[str]:
         """The messages of the unanswered ERROR frames after the first ``count``."""
         with self._lock:
-            return self._unsolicited[count:]
-
-    def unavailable(self, reason: str, gtrid: str | None = None) -> ParticipantUnavailable:
-        """A ParticipantUnavailable naming the broker address and what to do."""
-        return ParticipantUnavailable(
-            f"STOMP broker at {self.address}: {reason}; {UNAVAILABLE_HINT}",
-            participant=self.participant,
-            gtrid=gtrid,
-        )
-
-    # -- frames --------------------------------------------------------------
-
-    def send(
-        self,
-        destination: str,
-        body: str,
-        headers: Mapping[str, str] | None = None,
-        *,
-        transaction: str | None = None,
-        receipt_timeout: float | None = None,
-        gtrid: str | None = None,
-    ) -> None:
-        """SEND a persistent message, inside ``transaction`` if given.
-
-        With ``receipt_timeout`` the broker's RECEIPT is awaited (the message
-        is then stored); without it the SEND is fire-and-forget and an ERROR for
-        it shows up only in :meth:`errors_since`.
-        """
-        check_destination(destination)
-        frame_headers = dict(headers or {})
-        frame_headers["destination"] = destination
-        frame_headers["persistent"] = "true"
-        if transaction is not None:
-            # stomp.py's send() has no transaction parameter: it is a plain header.
-            frame_headers["transaction"] = transaction
-        if body:
-            # stomp.py recomputes it from the encoded body; its presence is what counts.
-            frame_headers["content-length"] = str(len(body))
-        self.request(
-            "SEND",
-            frame_headers,
-            body,
-            timeout=receipt_timeout,
-            what=f"SEND to {destination}",
-            gtrid=gtrid,
-        )
-
-    def begin(self, transaction: str, *, gtrid: str | None = None) -> None:
-        """BEGIN ``transaction`` (no receipt: an ERROR would fail the COMMIT anyway)."""
-        self.request("BEGIN", {"transaction": transaction}, what="BEGIN", gtrid=gtrid)
-
-    def commit(
-        self,
-        transaction: str,
-        timeout: float,
-        *,
-        gtrid: str | None = None,
-        after_send: Callable[[], None] | None = None,
-    ) -> None:
-        """COMMIT ``transaction`` and wait for the receipt; ``after_send`` runs in between.
-
-        RECEIPT: committed. ERROR: CommitRefused, nothing was committed. No answer
-        within ``timeout``, or the connection dropped after the COMMIT was written:
-        OutcomeUnknown. If the COMMIT frame could not be written whole:
-        ParticipantUnavailable (a broker never commits on a partial frame).
-        """
-        headers = {"transaction": transaction}
-        pending = self._expect_receipt(headers)
-        self._transmit("COMMIT", headers, "", gtrid)
-        if self._corked is not None:
-            try:
-                self._uncork(gtrid)
-            except ParticipantUnavailable:
-                with self._lock:
-                    self._pending.pop(headers["receipt"], None)
-                raise
-        if after_send is not None:
-            after_send()
-        try:
-            self._wait(pending, timeout)
-        except _Refused as exc:
-            raise CommitRefused(
-                f"the broker refused the COMMIT: {exc}; nothing was committed",
-                participant=self.participant,
-                gtrid=gtrid,
-            ) from None
-        except _NoAnswer as exc:
-            raise OutcomeUnknown(
-                f"COMMIT sent to the STOMP broker at {self.address}, but {exc}; whether it "
-                "committed is known only after fencing ('twopc recover' resolves it)",
-                participant=self.participant,
-                gtrid=gtrid,
-            ) from None
-
-    def abort(self, transaction: str, timeout: float, *, gtrid: str | None = None) -> None:
-        """ABORT ``transaction`` and wait for the receipt; raises ParticipantError on failure."""
-        self.request(
-            "ABORT", {"transaction": transaction}, timeout=timeout, what="ABORT", gtrid=gtrid
-        )
+            return self._protocol.errors_since(count)
 
     def subscribe(
         self,
@@ -587,7 +404,8 @@ class StompClient:
         and must not block (its exceptions are logged and dropped); without it,
         read with :meth:`Subscription.get`.
         """
-        sub_id = f"sub-{next(self._ids)}"
+        with self._lock:
+            sub_id = self._protocol.next_id("sub")
         subscription = Subscription(self, sub_id, destination, on_message)
         frame_headers = dict(headers or {})
         frame_headers.update({"destination": destination, "id": sub_id, "ack": ack})
@@ -606,84 +424,6 @@ class StompClient:
                 self._subscriptions.pop(sub_id, None)
             raise
         return subscription
-
-    def ack(self, message: Message, *, receipt_timeout: float | None = None) -> None:
-        """ACK ``message`` (client and client-individual modes)."""
-        self.request("ACK", {"id": message.ack_id}, timeout=receipt_timeout, what="ACK")
-
-    def browse(
-        self, destination: str, *, idle_timeout: float = 10.0, prefetch: int = 1000
-    ) -> list[Message]:
-        """The messages a browser may see on queue ``destination``, in queue order, unconsumed.
-
-        ActiveMQ ends a browse after the destination policy's ``maxBrowsePageSize``
-        messages (400 by default once any policyEntry matches the queue) with the
-        same ``browser:end`` as a finished one: when a missing message matters, use
-        :meth:`browse_complete`. ParticipantUnavailable if nothing (not even the
-        end of the browse) came for ``idle_timeout`` seconds.
-        """
-        subscription = self.subscribe(
-            destination, prefetch=prefetch, headers={"browser": "true"}, timeout=idle_timeout
-        )
-        found: list[Message] = []
-        while True:
-            message = subscription.get(idle_timeout)
-            if message is None:
-                raise self.unavailable(
-                    f"the browse of {destination} stopped after {len(found)} messages: "
-                    f"nothing came for {idle_timeout:g} s"
-                )
-            if message.is_browse_end:
-                break
-            found.append(message)
-        with self._lock:
-            self._subscriptions.pop(subscription.id, None)
-        return found
-
-    def browse_complete(
-        self, destination: str, *, idle_timeout: float = 10.0, receipt_timeout: float = 5.0
-    ) -> list[Message]:
-        """Every message on queue ``destination`` (sentinels left out); BrowseIncomplete if cut.
-
-        A sentinel message is stored at the tail of the queue first: the browse
-        is complete when it reaches that sentinel. Sentinels stay on the queue;
-        every browse leaves them out, and whoever consumes the queue drops them.
-        """
-        token = uuid.uuid4().hex
-        self.send(destination, "", {SENTINEL_HEADER: token}, receipt_timeout=receipt_timeout)
-        found = self.browse(destination, idle_timeout=idle_timeout)
-        if not any(message.headers.get(SENTINEL_HEADER) == token for message in found):
-            raise BrowseIncomplete(destination, len(found), participant=self.participant)
-        return [message for message in found if not message.is_sentinel]
-
-    def request(
-        self,
-        command: str,
-        headers: dict[str, str],
-        body: str = "",
-        *,
-        timeout: float | None = None,
-        what: str,
-        gtrid: str | None = None,
-    ) -> None:
-        """Send one frame; with a ``timeout``, wait for its receipt.
-
-        BrokerRefused if the broker answered with an ERROR; ParticipantUnavailable
-        if the frame could not be written or no answer came (the connection's
-        state is then unknown: drop it).
-        """
-        pending = self._expect_receipt(headers) if timeout is not None else None
-        self._transmit(command, headers, body, gtrid)
-        if pending is None or timeout is None:
-            return
-        if self._corked is not None:  # an answer is awaited: what was kept must go now
-            self._uncork(gtrid)
-        try:
-            self._wait(pending, timeout)
-        except _Refused as exc:
-            raise BrokerRefused(what, str(exc), participant=self.participant, gtrid=gtrid) from None
-        except _NoAnswer as exc:
-            raise self.unavailable(f"{what}: {exc}", gtrid) from None
 
     # -- closing -------------------------------------------------------------
 
@@ -714,12 +454,11 @@ class StompClient:
 
     def _connect(self) -> None:
         """Open the socket, send CONNECT, wait for CONNECTED; translate every failure."""
-        headers = {"client-id": self.client_id} if self.client_id else {}
-        if self._login is not None:
-            headers["login"] = self._login
-            headers["passcode"] = self._passcode or ""
         try:
-            self._conn.connect(headers=headers, with_connect_command=True, wait=False)
+            self._conn.transport.start()
+            with self._lock:
+                connect = self._protocol.connect()
+            self._conn.transport.transmit(connect.frame)
         except (StompException, OSError) as exc:
             self.drop()
             if self.tls:
@@ -730,14 +469,9 @@ class StompClient:
             ) from None
         self._ready.wait(self._connect_timeout)
         if self._connect_error is not None:
-            message, body = self._connect_error
             self._peer_closed.wait(1.0)  # ActiveMQ closes the socket after this ERROR
             self.drop()
-            if "InvalidClientIDException" in body and self.client_id:
-                raise ClientIdInUse(self.client_id, message, participant=self.participant)
-            if _is_login_error(message, body):
-                raise self._login_refused()
-            raise BrokerRefused("CONNECT", message, participant=self.participant)
+            raise self._connect_error.error  # a held client-id, a refused login, other
         if not self.alive:
             self.drop()
             if self._lost and self.client_id:
@@ -755,19 +489,6 @@ class StompClient:
                 else "the connection closed during CONNECT"
             )
         _log().debug(ev.STOMP_CONNECTED, address=self.address, client_id=self.client_id)
-
-    def _login_refused(self) -> BrokerLoginRefused:
-        """The error for a refused login: names the settings, never the password."""
-        if self._login is None:
-            what = "requires a login and none was given"
-        elif not self._passcode:
-            what = f"refused user {self._login!r} without a password"
-        else:
-            what = f"refused the login of user {self._login!r}: wrong user name or password"
-        return BrokerLoginRefused(
-            f"the STOMP broker at {self.address} {what}; {LOGIN_HINT}",
-            participant=self.participant,
-        )
 
     def _raise_tls_failure(self) -> None:
         """Find out why the TLS connection failed (stomp.py only logs it) and raise that.
@@ -809,15 +530,6 @@ class StompClient:
         if sock is not None:
             sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
 
-    def _expect_receipt(self, headers: dict[str, str]) -> _Pending:
-        """Add a ``receipt`` header to the frame and register its waiter."""
-        receipt_id = f"r-{next(self._ids)}"
-        headers["receipt"] = receipt_id
-        pending = _Pending()
-        with self._lock:
-            self._pending[receipt_id] = pending
-        return pending
-
     @contextlib.contextmanager
     def corked(self) -> Iterator[None]:
         """Keep the frames this thread writes in the block, and send them in one write:
@@ -856,75 +568,97 @@ class StompClient:
             ) from None
 
     def _transmit(
-        self, command: str, headers: dict[str, str], body: str, gtrid: str | None
-    ) -> None:
-        try:
-            # Escaped here, names too, and written past stomp.py's send_frame, which
-            # would escape the values a second time.
-            escaped = frame_headers(command, headers, participant=self.participant, gtrid=gtrid)
-        except InvalidHeader:
-            with self._lock:
-                self._pending.pop(headers.get("receipt", ""), None)
-            raise
+        self,
+        command: str,
+        headers: Mapping[str, str],
+        body: str,
+        gtrid: str | None,
+        *,
+        receipt: bool = False,
+    ) -> Waiter | None:
+        """Write one frame (kept if this thread corked); with ``receipt``, its waiter.
+
+        InvalidHeader (nothing sent, nothing awaited) if a header cannot be carried.
+        """
+        with self._lock:
+            out = self._protocol.frame(command, headers, body, receipt=receipt, gtrid=gtrid)
+            pending = None
+            if out.receipt_id is not None:
+                pending = self._pending[out.receipt_id] = _Pending(out.receipt_id)
         if self._lost:
             failure = f"cannot send {command}: the connection is closed"
         else:
             try:
-                self._conn.transport.transmit(stomp.utils.Frame(command, escaped, body))
-                return
+                # Escaped by the core, names too, and written past stomp.py's send_frame,
+                # which would escape the values a second time.
+                self._conn.transport.transmit(out.frame)
+                return pending
             except (StompException, OSError) as exc:
                 self._on_lost()
                 failure = f"connection lost while sending {command} ({type(exc).__name__})"
-        with self._lock:
-            self._pending.pop(headers.get("receipt", ""), None)
+        if pending is not None:
+            self._give_up(pending)
         raise self.unavailable(failure, gtrid)
 
-    def _wait(self, pending: _Pending, timeout: float) -> None:
-        if not pending.done.wait(timeout):
-            with self._lock:
-                for receipt_id, waiting in list(self._pending.items()):
-                    if waiting is pending:
-                        del self._pending[receipt_id]
-            raise _NoAnswer(f"no answer came within {timeout:g} s")
-        if pending.error is not None:
-            raise _Refused(pending.error)
-        if pending.lost:
-            raise _NoAnswer("the connection was lost before the answer came")
+    def _give_up(self, waiter: Waiter) -> None:
+        """Nobody waits for ``waiter`` any more: a late ERROR for it counts as unanswered."""
+        with self._lock:
+            self._pending.pop(waiter.receipt_id, None)
+            self._protocol.forget(waiter.receipt_id)
+
+    def _wait(self, waiter: Waiter, timeout: float) -> None:
+        assert isinstance(waiter, _Pending)
+        if not waiter.done.wait(timeout):
+            self._give_up(waiter)
+            raise NoAnswer(f"no answer came within {timeout:g} s")
+        if waiter.error is not None:
+            raise Refused(waiter.error)
+        if waiter.lost:
+            raise NoAnswer("the connection was lost before the answer came")
+
+    def _read(
+        self, destination: str, *, prefetch: int, headers: Mapping[str, str], timeout: float
+    ) -> Subscription:
+        return self.subscribe(destination, prefetch=prefetch, headers=headers, timeout=timeout)
+
+    def _forget_subscription(self, sub_id: str) -> None:
+        with self._lock:
+            self._subscriptions.pop(sub_id, None)
 
     # -- called on the receiver thread ---------------------------------------
 
-    def _answer(self, receipt_id: str | None, error: str | None) -> bool:
-        """Wake the waiter of ``receipt_id``; False if nobody waits for it."""
-        if receipt_id is None:
-            return False
+    def _on_frame(self, frame: Any) -> None:
+        """One frame from stomp.py's receiver: the core says what it is; wake whom it concerns."""
         with self._lock:
-            pending = self._pending.pop(receipt_id, None)
-        if pending is None:
-            return False
-        pending.error = error
-        pending.done.set()
-        return True
-
-    def _unsolicited_error(self, message: str, body: str) -> None:
-        if not self._established:
-            self._connect_error = (message, body)
+            event = self._protocol.receive_frame(frame)
+            pending = (
+                self._pending.pop(event.receipt_id, None) if isinstance(event, Answer) else None
+            )
+            subscription = (
+                self._subscriptions.get(event.subscription)
+                if isinstance(event, MessageReceived)
+                else None
+            )
+        if isinstance(event, Connected):
+            self._established = True
             self._ready.set()
-            return
-        with self._lock:
-            self._unsolicited.append(message)
-        _log().warning(ev.STOMP_ERROR, address=self.address, error=message)
-
-    def _deliver(self, message: Message) -> None:
-        with self._lock:
-            subscription = self._subscriptions.get(message.headers.get("subscription", ""))
-        if subscription is not None:
-            subscription._deliver(message)
+        elif isinstance(event, ConnectRefused):
+            self._connect_error = event
+            self._ready.set()
+        elif isinstance(event, Answer) and pending is not None:
+            pending.error = event.error
+            pending.done.set()
+        elif isinstance(event, UnansweredError):
+            _log().warning(ev.STOMP_ERROR, address=self.address, error=event.message)
+        elif isinstance(event, MessageReceived) and subscription is not None:
+            subscription._deliver(event.message)
 
     def _on_lost(self) -> None:
         with self._lock:
             if self._lost:
                 return
             self._lost = True
+            self._protocol.connection_lost()
             pending, self._pending = list(self._pending.values()), {}
             subscriptions = list(self._subscriptions.values())
         for waiting in pending:

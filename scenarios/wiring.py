@@ -13,6 +13,7 @@ from pathlib import Path
 from typing import Any
 
 from coordinator import failpoints
+from coordinator.aio.coordinator import AsyncCoordinator
 from coordinator.coordinator import Coordinator
 from coordinator.errors import ConfigurationError
 from coordinator.log import DecisionLog
@@ -207,6 +208,21 @@ def open_consuming_coordinator(
         log.close()
         raise
     return _observed(coordinator), mq
+
+
+def open_consuming_async_coordinator(
+    settings: Settings, *, recover: bool = True
+) -> tuple[AsyncCoordinator, AsyncActiveMQ]:
+    """:func:`open_consuming_coordinator` for asyncio: the same coordinator id, decision log,
+    database 'b' and one broker session (AsyncActiveMQ.subscribe); start it with
+    ``await coordinator.start()`` (recovery runs then)."""
+    failpoints.arm_from_env()
+    coordinator_id = consumer_coordinator_id(settings)
+    log = FileDecisionLog(consumer_log_path(settings))
+    b = AsyncPostgresResource("b", settings.pg_b, setting="TWOPC_PG_B", pool_size=2)
+    mq = AsyncActiveMQ(settings.stomp, coordinator_id, pool_size=1, **settings.stomp_options())
+    coordinator = AsyncCoordinator(coordinator_id, log, [b], mq, recover_on_start=recover)
+    return coordinator, mq
 
 
 def in_doubt(settings: Settings) -> list[InDoubt]:

@@ -35,6 +35,11 @@ FILES = {
     "coordinator/aio/driver.py": "coordinator/driver.py",
     "coordinator/aio/transaction.py": "coordinator/transaction.py",
     "participants/aio/postgres.py": "participants/postgres.py",
+    "participants/aio/stomp_ops.py": "participants/stomp_ops.py",
+    "participants/aio/group_commit.py": "participants/group_commit.py",
+    "participants/aio/marker_queue.py": "participants/marker_queue.py",
+    "participants/aio/mq_session.py": "participants/mq_session.py",
+    "participants/aio/activemq.py": "participants/activemq.py",
 }
 
 #: Whole-word replacements, in order.
@@ -57,15 +62,28 @@ NAMES = {
     "amark": "mark",
     "AsyncIterator": "Iterator",
     "asynccontextmanager": "contextmanager",
+    "AsyncActiveMQSession": "ActiveMQSession",
+    "AsyncActiveMQ": "ActiveMQ",
+    "AsyncGroupCommit": "GroupCommit",
+    "AsyncStompClient": "StompClient",
+    "AsyncStompOperations": "StompOperations",
+    "AsyncSubscription": "Subscription",
     "__aenter__": "__enter__",
     "__aexit__": "__exit__",
 }
 
-#: Modules imported from: the asyncio one -> the synchronous one (import lines only).
+#: Modules imported from: the asyncio one -> the synchronous one (import lines only,
+#: indented ones too: an import under ``if TYPE_CHECKING:``).
 MODULES = {
     "coordinator.aio": "coordinator",
     "coordinator.aio.runtime": "coordinator.runtime",
     "coordinator.aio.transaction": "coordinator.transaction",
+    "participants.aio.activemq": "participants.activemq",
+    "participants.aio.mq_session": "participants.mq_session",
+    "participants.aio.group_commit": "participants.group_commit",
+    "participants.aio.marker_queue": "participants.marker_queue",
+    "participants.aio.recovery_view": "participants.recovery_view",
+    "participants.aio.stomp": "participants.stomp_client",
 }
 # ``from coordinator.compat import ...`` stays as it is: the shim defines both names.
 
@@ -126,7 +144,7 @@ class Unasync:
             text = self._sub(old, rf"(?<!\w){re.escape(old)}\b", new, text)
         for old, new in MODULES.items():
             text = self._sub(
-                old, rf"^from {re.escape(old)} import", f"from {new} import", text, re.M
+                old, rf"^([ \t]*)from {re.escape(old)} import", rf"\1from {new} import", text, re.M
             )
         for old, new in self.compat.items():
             text = self._sub(old, rf"(?<![\w.]){re.escape(old)}\b", new, text)

@@ -157,10 +157,20 @@ def test_2pc_consumer_credits_once_absorbs_duplicates_and_dead_letters_poison(
     assert "acc-99999" in letter.headers[REASON_HEADER]
 
 
-def run_consumer_cli(settings: Settings, env: dict[str, str]) -> subprocess.Popen[str]:
-    """``twopc consumer --mode 2pc`` as a process of its own."""
+def run_consumer_cli(
+    settings: Settings, env: dict[str, str], api: str = "sync"
+) -> subprocess.Popen[str]:
+    """``twopc consumer --mode 2pc`` (``--asyncio`` for that API) as a process of its own."""
     return subprocess.Popen(
-        [sys.executable, "-m", "scenarios.cli", "consumer", "--mode", "2pc"],
+        [
+            sys.executable,
+            "-m",
+            "scenarios.cli",
+            "consumer",
+            "--mode",
+            "2pc",
+            *(["--asyncio"] if api == "asyncio" else []),
+        ],
         env={**os.environ, **settings.as_env(), "TWOPC_LOG_LEVEL": "WARNING", **env},
         stdout=subprocess.PIPE,
         stderr=subprocess.PIPE,
@@ -178,16 +188,18 @@ CRASHES = {
 
 
 @pytest.mark.lab
+@pytest.mark.parametrize("api", ["sync", "asyncio"])
 @pytest.mark.parametrize("point", list(CRASHES))
 def test_a_2pc_consumer_killed_at_each_step_applies_every_credit_exactly_once(
-    settings: Settings, clean: None, point: str
+    settings: Settings, clean: None, point: str, api: str
 ) -> None:
-    """SIGKILL at the step, restart: each credit applied once, nothing prepared, nothing lost."""
+    """SIGKILL at the step, restart: each credit applied once, nothing prepared, nothing lost
+    (the consumer on threads and on asyncio)."""
     count = 6
     messages = [credit(f"k-{i}", f"acc-{i:05d}", 1 + i) for i in range(count)]
     put(settings, CREDIT_QUEUE, messages)
     before, _, _ = b_state(settings)
-    killed = run_consumer_cli(settings, {CONSUMER_CRASH_SETTING: "", **CRASHES[point]})
+    killed = run_consumer_cli(settings, {CONSUMER_CRASH_SETTING: "", **CRASHES[point]}, api)
     try:
         _, err = killed.communicate(timeout=60)
     finally:
@@ -195,7 +207,7 @@ def test_a_2pc_consumer_killed_at_each_step_applies_every_credit_exactly_once(
     assert killed.returncode == -signal.SIGKILL, err
     _, ids, prepared = b_state(settings)
     assert len(ids) in (2, 3)  # the first two committed; the third is in flight
-    restarted = run_consumer_cli(settings, {CONSUMER_CRASH_SETTING: "", **failpoint_env(None)})
+    restarted = run_consumer_cli(settings, {CONSUMER_CRASH_SETTING: "", **failpoint_env(None)}, api)
     try:
         wait_for(
             lambda: len(b_state(settings)[1]) == count and not browse(settings, CREDIT_QUEUE),

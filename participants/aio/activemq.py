@@ -1,287 +1,91 @@
-"""ActiveMQ as the asyncio last resource: the same transaction, marker, receipts and fencing.
+"""ActiveMQ over STOMP as the last resource: transaction, commit marker, receipts, fencing.
 
-The counterpart of :mod:`participants.activemq` on
-:class:`~participants.aio.stomp.AsyncStompClient`: a pool of sessions with the
-same fixed client-ids (``client_id_for``), BEGIN sent lazily with the first
-frame, the commit marker on the same marker queue, and a session whose state
-is unknown dropped when released. Recovery stays synchronous:
-:meth:`AsyncActiveMQ.recovery_broker` is a :class:`~coordinator.protocol.LastResource`
-that fences with the sync :class:`~participants.activemq.ActiveMQ` (after closing
-this pool's idle sessions, so every client-id can be taken over) and reads and
-trims the marker queue with it; it is called in a worker thread.
+STOMP has BEGIN/COMMIT/ABORT and no PREPARE, so the broker cannot vote: it
+commits last and its COMMIT is the commit point. Inside the broker transaction
+the coordinator SENDs a *commit marker* (header ``gtrid``) to the marker queue;
+after a crash, a marker on the queue means "committed" (docs/design.md §5).
+
+Group commit: a session keeps its SENDs until its commit point. Sessions that
+reach it while another commit is running wait, and then share one broker
+transaction (:meth:`AsyncActiveMQ._commit_members`): all their messages, one marker
+whose ``gtrid`` header names every one of them (comma-separated), one COMMIT
+and one RECEIPT. A single session commits at once, alone, as before.
+
+Sessions live in a pool of long-lived STOMP connections. Slot ``i`` always
+CONNECTs with client-id ``twopc-<coordinator id>-<i>``, and ActiveMQ refuses a
+second live connection with a client-id it still holds: :meth:`AsyncActiveMQ.fence`
+CONNECTs with the client-id of every slot a pool may have (``MAX_POOL_SIZE``),
+and once it gets them all, the broker has finished with every frame a dead
+session sent, so the marker queue is final.
+
+BEGIN is sent at the commit point (or with a session's first ACK): a session
+that sends nothing costs no frame at all, and aborting it sends nothing.
+
+A session whose connection is in an unknown state (no answer in time, an
+ERROR frame, a dropped socket, a simulated crash) is dropped when released,
+never reused.
+
+Written once, for asyncio, in :mod:`participants.aio.activemq`;
+``scripts/unasync.py`` generates the thread version, :mod:`participants.activemq`,
+from it. The session is in ``mq_session``, the reading and trimming of
+the marker queue in ``marker_queue``, beside each.
 """
 
 from __future__ import annotations
 
-import asyncio
-import enum
 import time
-from collections.abc import Callable, Collection, Coroutine, Mapping
-from typing import Any, TypeVar
+from collections.abc import Callable, Collection, Sequence
+from typing import Any
 
 from coordinator import events
+from coordinator.compat import ACondition, ALock, acond_wait, asleep
 from coordinator.errors import (
     CommitRefused,
     ConfigurationError,
+    DuplicateGtrid,
     HeuristicMixed,
     InvalidTransition,
     OutcomeUnknown,
     ParticipantError,
     ParticipantUnavailable,
 )
-from coordinator.protocol import AsyncLastResourceSession, LastResourceSession, no_callback
+from coordinator.protocol import AsyncLastResourceSession, LastResource
 from coordinator.xid import validate_coordinator_id, validate_id
 from participants import events as ev
-from participants.activemq import (
+from participants.activemq_base import (
+    MARKER_HEADER,
     MARKER_QUEUE,
+    MARKER_SEPARATOR,
     MAX_POOL_SIZE,
-    ActiveMQ,
     CommitNotSent,
     FenceRefused,
+    SessionState,
     client_id_for,
+    marker_gtrids,
 )
-from participants.aio.stomp import AsyncStompClient
-from participants.stomp_client import ClientIdInUse, check_destination, parse_address
-from participants.stomp_headers import InvalidMessage, message_headers
+from participants.aio.group_commit import AsyncGroupCommit, Outcomes
+from participants.aio.marker_queue import consume_markers, read_markers
+from participants.aio.mq_session import AsyncActiveMQSession, Member, Slot, run_callbacks
+from participants.aio.recovery_view import recovery_view
+from participants.aio.stomp import AsyncStompClient, AsyncSubscription
+from participants.stomp_client import ClientIdInUse, parse_address
 
-T = TypeVar("T")
-
-
-class _Slot:
-    """One place in the pool: a fixed client-id and, when connected, its connection."""
-
-    def __init__(self, index: int, client_id: str) -> None:
-        self.index = index
-        self.client_id = client_id
-        self.client: AsyncStompClient | None = None
-
-
-class _State(enum.Enum):
-    ACTIVE = "active"
-    COMMITTING = "committing"
-    COMMITTED = "committed"
-    ABORTED = "aborted"
-    IN_DOUBT = "in doubt"
-    RELEASED = "released"
-
-
-class AsyncActiveMQSession:
-    """The broker transaction of one gtrid on one pooled connection."""
-
-    def __init__(
-        self, resource: AsyncActiveMQ, slot: _Slot, client: AsyncStompClient, gtrid: str
-    ) -> None:
-        self._resource = resource
-        self._slot = slot
-        self._client = client
-        self._gtrid = gtrid
-        self._state = _State.ACTIVE
-        self._begun = False
-        self._sent = 0
-        self._acked = 0
-        self._healthy = True
-        self._errors_before = client.error_count
-        self._log = resource._log.bind(gtrid=gtrid, slot=slot.index)
-
-    @property
-    def name(self) -> str:
-        return self._resource.name
-
-    @property
-    def gtrid(self) -> str:
-        return self._gtrid
-
-    @property
-    def has_work(self) -> bool:
-        return self._sent + self._acked > 0
-
-    async def send(
-        self, destination: str, body: str, headers: Mapping[str, str] | None = None
-    ) -> None:
-        """SEND a persistent message inside the transaction (no receipt), with the ``gtrid``
-        header and the trace context; InvalidHeader as :meth:`ActiveMQSession.send`.
-        """
-        self._require(_State.ACTIVE, "send")
-        check_destination(destination)
-        try:
-            stamped = message_headers(
-                destination, body, headers, gtrid=self._gtrid, participant=self.name
-            )
-        except InvalidMessage as exc:
-            self._log.warning(ev.MQ_SEND_REFUSED, destination=destination, error=exc.detail)
-            raise
-        try:
-            await self._begin_once()
-            await self._client.send(
-                destination, body, stamped, transaction=self._gtrid, gtrid=self._gtrid
-            )
-        except ParticipantError:
-            self._healthy = False
-            raise
-        self._sent += 1
-        self._log.debug(ev.MQ_SENT, destination=destination)
-
-    async def ack(self, ack_id: str) -> None:
-        """ACK inside the transaction a message delivered on this session's connection."""
-        self._require(_State.ACTIVE, "ack")
-        try:
-            await self._begin_once()
-            await self._client.request(
-                "ACK",
-                {"id": ack_id, "transaction": self._gtrid},
-                what=f"ACK of {ack_id}",
-                gtrid=self._gtrid,
-            )
-        except ParticipantError:
-            self._healthy = False
-            raise
-        self._acked += 1
-        self._log.debug(ev.MQ_ACKED, ack_id=ack_id)
-
-    async def commit_with_marker(
-        self,
-        gtrid: str,
-        timeout: float,
-        *,
-        before_commit: Callable[[], None] = no_callback,
-        commit_sent: Callable[[], None] = no_callback,
-    ) -> None:
-        """The commit point: SEND the marker, COMMIT, wait for the RECEIPT."""
-        if gtrid != self._gtrid:
-            raise InvalidTransition(
-                f"cannot commit the marker of {gtrid}: broker session {self._gtrid} is "
-                f"{self._state.value}"
-            )
-        await self._commit(
-            timeout, marker=True, before_commit=before_commit, commit_sent=commit_sent
-        )
-
-    async def commit(self, timeout: float) -> None:
-        """One-phase COMMIT, without marker; with nothing sent it sends nothing."""
-        await self._commit(
-            timeout, marker=False, before_commit=no_callback, commit_sent=no_callback
-        )
-
-    async def abort(self) -> None:
-        """ABORT the transaction (waiting for the receipt); never raises."""
-        if self._state is not _State.ACTIVE:
-            return
-        self._state = _State.ABORTED
-        if not self._begun:
-            return
-        if not self._client.alive:
-            self._healthy = False
-            return
-        try:
-            await self._client.abort(self._gtrid, self._resource.receipt_timeout, gtrid=self._gtrid)
-        except ParticipantError as exc:
-            self._healthy = False
-            self._log.warning(ev.MQ_ABORT_FAILED, error=str(exc))
-            return
-        self._log.debug(ev.MQ_ABORTED)
-
-    async def release(self) -> None:
-        """Return the connection to the pool, or drop it if its state is unknown."""
-        if self._state is _State.RELEASED:
-            return
-        if self._state is _State.ACTIVE:
-            await self.abort()
-        if self._state in (_State.COMMITTING, _State.IN_DOUBT):
-            self._healthy = False
-        self._state = _State.RELEASED
-        await self._resource._release(self._slot, healthy=self._healthy)
-
-    async def _commit(
-        self,
-        timeout: float,
-        *,
-        marker: bool,
-        before_commit: Callable[[], None],
-        commit_sent: Callable[[], None],
-    ) -> None:
-        self._require(_State.ACTIVE, "commit")
-        if not marker and not self._begun:
-            self._state = _State.COMMITTED
-            return
-        try:
-            await self._begin_once()
-            if marker:
-                await self._client.send(
-                    self._resource.marker_queue,
-                    "",
-                    {"gtrid": self._gtrid},
-                    transaction=self._gtrid,
-                    gtrid=self._gtrid,
-                )
-        except ParticipantUnavailable as exc:
-            self._fail(_State.ABORTED)
-            raise CommitNotSent(
-                f"the connection to the broker at {self._resource.address} was lost before "
-                "the COMMIT was sent: nothing was committed",
-                participant=self.name,
-                gtrid=self._gtrid,
-            ) from exc
-        refused = self._client.errors_since(self._errors_before)
-        if refused:
-            await self.abort()
-            self._fail(_State.ABORTED)
-            raise CommitRefused(
-                f"the broker refused a frame of the transaction ({refused[0]}); "
-                "it was aborted instead of committed",
-                participant=self.name,
-                gtrid=self._gtrid,
-            )
-        self._state = _State.COMMITTING
-        before_commit()
-        try:
-            await self._client.commit(
-                self._gtrid, timeout, gtrid=self._gtrid, after_send=commit_sent
-            )
-        except CommitRefused as exc:
-            self._fail(_State.ABORTED)
-            self._log.warning(ev.MQ_COMMIT_REFUSED, error=str(exc))
-            raise
-        except OutcomeUnknown as exc:
-            self._fail(_State.IN_DOUBT)
-            self._log.warning(ev.MQ_COMMIT_UNKNOWN, error=str(exc))
-            raise
-        except ParticipantUnavailable as exc:
-            self._fail(_State.ABORTED)
-            raise CommitNotSent(
-                f"the connection to the broker at {self._resource.address} was lost before "
-                "the whole COMMIT was sent: nothing was committed",
-                participant=self.name,
-                gtrid=self._gtrid,
-            ) from exc
-        self._state = _State.COMMITTED
-        late = self._client.errors_since(self._errors_before)
-        if late:
-            self._healthy = False
-            raise HeuristicMixed(
-                f"the broker committed the transaction but refused a message in it ({late[0]})",
-                participant=self.name,
-                gtrid=self._gtrid,
-            )
-        self._log.debug(ev.MQ_COMMITTED, marker=marker, messages=self._sent, acks=self._acked)
-
-    async def _begin_once(self) -> None:
-        if not self._begun:
-            await self._client.begin(self._gtrid, gtrid=self._gtrid)
-            self._begun = True
-
-    def _fail(self, state: _State) -> None:
-        self._state = state
-        self._healthy = False
-
-    def _require(self, state: _State, action: str) -> None:
-        if self._state is not state:
-            raise InvalidTransition(
-                f"cannot {action}: broker transaction {self._gtrid} is {self._state.value}"
-            )
+__all__ = [
+    "MARKER_HEADER",
+    "MARKER_QUEUE",
+    "MARKER_SEPARATOR",
+    "MAX_POOL_SIZE",
+    "AsyncActiveMQ",
+    "AsyncActiveMQSession",
+    "CommitNotSent",
+    "FenceRefused",
+    "client_id_for",
+    "marker_gtrids",
+]
 
 
 class AsyncActiveMQ:
-    """The ActiveMQ last resource for asyncio: a pool of sessions with fixed client-ids."""
+    """The ActiveMQ last resource: a pool of STOMP sessions with fixed client-ids."""
 
     def __init__(
         self,
@@ -299,12 +103,17 @@ class AsyncActiveMQ:
         tls: bool = False,
         ca_file: str | None = None,
     ) -> None:
+        """``login``/``passcode``: the broker's credentials (None: no login); ``tls``:
+        connect over TLS, verifying the broker against ``ca_file`` (None: system CAs).
+        """
         parse_address(stomp_addr)
         validate_coordinator_id(coordinator_id)
         if not 1 <= pool_size <= MAX_POOL_SIZE:
             raise ConfigurationError(
                 f"broker pool size must be between 1 and {MAX_POOL_SIZE}, not {pool_size}"
             )
+        if not marker_queue.startswith("/queue/"):
+            raise ConfigurationError(f"marker queue {marker_queue!r} must be a /queue/<name>")
         self.address = stomp_addr
         self.coordinator_id = coordinator_id
         self.receipt_timeout = receipt_timeout
@@ -312,40 +121,38 @@ class AsyncActiveMQ:
         self._name = name
         self._connect_timeout = connect_timeout
         self._acquire_timeout = acquire_timeout
-        self._options: dict[str, Any] = {
-            "login": login,
-            "passcode": passcode,
-            "tls": tls,
-            "ca_file": ca_file,
-        }
-        # The sync resource over the same broker: reads and trims the marker queue for
-        # recovery (its connections carry no client-id); it never begins a transaction.
-        self._sync = self._sync_resource()
-        self._slots = [_Slot(i, client_id_for(coordinator_id, i)) for i in range(pool_size)]
-        self._free = list(reversed(self._slots))
-        self._cond = asyncio.Condition()
+        self._login = login
+        self._passcode = passcode
+        self._tls = tls
+        self._ca_file = ca_file
+        self._slots = [Slot(i, client_id_for(coordinator_id, i)) for i in range(pool_size)]
+        self._free = list(reversed(self._slots))  # a stack: warm low slots are reused first
+        self._cond = ACondition()
         self._closed = False
         self._log: Any = events.get_logger(participant=name)
+        #: Sessions reaching their commit point together share one broker transaction.
+        self.group_commit: AsyncGroupCommit[Member] = AsyncGroupCommit(self._commit_members)
+        self._kept_for_group: set[str] = set()  # ended, but their group's marker stays
+        self._sweeping = ALock()
 
     @property
     def name(self) -> str:
         return self._name
 
-    def _sync_resource(self) -> ActiveMQ:
-        return ActiveMQ(
-            self.address,
-            self.coordinator_id,
-            name=self._name,
-            pool_size=1,
-            receipt_timeout=self.receipt_timeout,
-            marker_queue=self.marker_queue,
-            connect_timeout=self._connect_timeout,
-            **self._options,
-        )
+    @property
+    def client_ids(self) -> list[str]:
+        """Every client-id this coordinator's sessions connect with."""
+        return [slot.client_id for slot in self._slots]
 
     async def begin(self, gtrid: str) -> AsyncActiveMQSession:
-        """A session for ``gtrid`` (BEGIN goes out with its first frame)."""
+        """A session for ``gtrid`` (BEGIN goes out with its first frame). ParticipantUnavailable."""
         validate_id("gtrid", gtrid)
+        async with self._cond:
+            if gtrid in self._kept_for_group:
+                raise DuplicateGtrid(
+                    f"gtrid {gtrid} is still named by a commit marker on {self.marker_queue} "
+                    "(its group commit's other transactions have not ended yet)"
+                )
         slot = await self._acquire(gtrid)
         try:
             client = await self._ready_client(slot)
@@ -354,11 +161,252 @@ class AsyncActiveMQ:
             raise
         return AsyncActiveMQSession(self, slot, client, gtrid)
 
+    def recovery_broker(self) -> LastResource:
+        """This broker as recovery and the backlog see it: a (sync) LastResource."""
+        return recovery_view(self)
+
+    # -- the commit point -------------------------------------------------------------
+
+    async def commit_alone(self, member: Member) -> None:
+        """Commit a session tied to its own connection (it ACKed a message) by itself."""
+        outcome = (await self._commit_members([member]))[0]
+        if outcome is not None:
+            raise outcome
+
+    async def _commit_members(self, members: Sequence[Member]) -> Outcomes:
+        """One broker transaction for every member: their messages, one marker naming
+        the gtrids that asked for one, one COMMIT and one RECEIPT; an outcome per member.
+
+        The transaction runs on the first member's connection; the others' connections
+        carried nothing. Its frames leave in one write, with the COMMIT. A refusal
+        aborts every member, which is a correct outcome for each; no answer leaves
+        every member in doubt, and its marker decides them all.
+        """
+        async with members[0].session._client.corked():
+            return await self._commit_transaction(members)
+
+    async def _commit_transaction(self, members: Sequence[Member]) -> Outcomes:
+        carrier = members[0].session
+        client = carrier._client
+        txid = carrier.gtrid
+        errors_before = carrier._errors_before  # what the carrier's connection sent since
+        for member in members:
+            member.session.committed_by = carrier._slot
+        try:
+            if not carrier._begun:
+                await client.begin(txid, gtrid=txid)
+                carrier._begun = True
+            for member in members:
+                session = member.session
+                for destination, body, headers in session._outbox:
+                    await client.send(
+                        destination, body, headers, transaction=txid, gtrid=session.gtrid
+                    )
+                session._outbox = []
+            marked = [m.session.gtrid for m in members if m.marker]
+            if marked:
+                await client.send(
+                    self.marker_queue,
+                    "",
+                    {MARKER_HEADER: MARKER_SEPARATOR.join(marked)},
+                    transaction=txid,
+                    gtrid=txid,
+                )
+        except ParticipantUnavailable as exc:
+            return self._end_members(
+                members,
+                SessionState.ABORTED,
+                lambda gtrid: CommitNotSent(
+                    f"the connection to the broker at {self.address} was lost before the "
+                    "COMMIT was sent: nothing was committed",
+                    participant=self.name,
+                    gtrid=gtrid,
+                ),
+                cause=exc,
+            )
+        refused = client.errors_since(errors_before)
+        if refused:
+            await carrier.abort()
+            return self._end_members(
+                members,
+                SessionState.ABORTED,
+                lambda gtrid: CommitRefused(
+                    f"the broker refused a frame of the transaction ({refused[0]}); "
+                    "it was aborted instead of committed",
+                    participant=self.name,
+                    gtrid=gtrid,
+                ),
+            )
+        for member in members:
+            member.session._state = SessionState.COMMITTING
+        crashed = run_callbacks(members, "before_commit")
+        if crashed:  # a failpoint fired: that member's process "died" before the COMMIT
+            carrier._state = SessionState.ACTIVE
+            await carrier.abort()
+            outcomes = self._end_members(
+                [m for i, m in enumerate(members) if i not in crashed],
+                SessionState.ABORTED,
+                lambda gtrid: CommitNotSent(
+                    "the group commit stopped before its COMMIT: nothing was committed",
+                    participant=self.name,
+                    gtrid=gtrid,
+                ),
+            )
+            survivors = iter(outcomes)
+            carrier._healthy = False
+            return [crashed[i] if i in crashed else next(survivors) for i in range(len(members))]
+        after: dict[int, BaseException] = {}
+        try:
+            await client.commit(
+                txid,
+                members[0].timeout,
+                gtrid=txid,
+                after_send=lambda: after.update(run_callbacks(members, "commit_sent")),
+            )
+        except (CommitRefused, OutcomeUnknown) as exc:  # each member gets one naming it
+            kind, why = type(exc), exc.detail
+            outcomes = self._end_members(
+                members,
+                SessionState.IN_DOUBT if isinstance(exc, OutcomeUnknown) else SessionState.ABORTED,
+                lambda gtrid: kind(why, participant=self.name, gtrid=gtrid),
+            )
+        except ParticipantUnavailable as exc:
+            outcomes = self._end_members(
+                members,
+                SessionState.ABORTED,
+                lambda gtrid: CommitNotSent(
+                    f"the connection to the broker at {self.address} was lost before the "
+                    "whole COMMIT was sent: nothing was committed",
+                    participant=self.name,
+                    gtrid=gtrid,
+                ),
+                cause=exc,
+            )
+        else:
+            outcomes = self._committed(members, client.errors_since(errors_before))
+        return [after.get(i, outcome) for i, outcome in enumerate(outcomes)]
+
+    def _committed(self, members: Sequence[Member], late: list[str]) -> Outcomes:
+        """The RECEIPT came: every member is committed (heuristically, if an ERROR came late)."""
+        for member in members:
+            member.session._state = SessionState.COMMITTED
+        if late:
+            # An ERROR for a SEND without receipt arrived after the COMMIT had gone
+            # out: the broker committed the transaction without that message.
+            members[0].session._healthy = False
+            return [
+                HeuristicMixed(
+                    f"the broker committed the transaction but refused a message in it ({late[0]})",
+                    participant=self.name,
+                    gtrid=m.session.gtrid,
+                )
+                for m in members
+            ]
+        for member in members:
+            session = member.session
+            session._log.debug(
+                ev.MQ_COMMITTED,
+                marker=member.marker,
+                messages=session._sent,
+                acks=session._acked,
+                group=len(members),
+            )
+        return [None] * len(members)
+
+    def _end_members(
+        self,
+        members: Sequence[Member],
+        state: SessionState,
+        error: Callable[[str], BaseException],
+        *,
+        cause: BaseException | None = None,
+    ) -> Outcomes:
+        """Every member ends in ``state`` with its own copy of the error."""
+        event = ev.MQ_COMMIT_UNKNOWN if state is SessionState.IN_DOUBT else ev.MQ_COMMIT_REFUSED
+        outcomes: Outcomes = []
+        for member in members:
+            member.session._fail(state)
+            exc = error(member.session.gtrid)
+            exc.__cause__ = cause
+            member.session._log.warning(event, error=str(exc), group=len(members))
+            outcomes.append(exc)
+        return outcomes
+
+    # -- consuming, fencing, recovery ----------------------------------------------
+
+    async def subscribe(self, destination: str, *, prefetch: int = 1) -> AsyncSubscription:
+        """SUBSCRIBE (``client-individual``) on the connection of this broker's one session.
+
+        For a coordinator that consumes inside its transactions: the pool must
+        have a single session, so that every transaction's
+        :meth:`AsyncActiveMQSession.ack` goes out on the connection the message
+        was delivered on. If a session is dropped (its state unknown), the
+        subscription reports the connection lost and the caller subscribes
+        again; unacknowledged messages go back to the queue.
+        """
+        if len(self._slots) != 1:
+            raise ConfigurationError(
+                f"a consuming broker needs a pool of one session, not {len(self._slots)}: "
+                "an ACK must go out on the connection its message was delivered on"
+            )
+        slot = await self._acquire(f"subscribe to {destination}")
+        try:
+            client = await self._ready_client(slot)
+            subscription = await client.subscribe(
+                destination,
+                ack="client-individual",
+                prefetch=prefetch,
+                timeout=self.receipt_timeout,
+            )
+        except BaseException:
+            await self._release(slot, healthy=False)
+            raise
+        await self._put_back(slot)
+        return subscription
+
+    async def fence(self, timeout: float) -> None:
+        """CONNECT with every client-id of this coordinator, so no earlier COMMIT is in flight.
+
+        Our own pooled connections are closed first (they hold client-ids);
+        while the broker still holds one for a dead connection, CONNECT is
+        retried until ``timeout``. All ``MAX_POOL_SIZE`` client-ids are taken
+        over, whatever this pool's size; the pool keeps the connections of its
+        own slots. FenceRefused if a live connection still holds a client-id.
+        """
+        deadline = time.monotonic() + timeout
+        self._log.info(ev.MQ_FENCE_STARTED, client_ids=MAX_POOL_SIZE, timeout=timeout)
+        slots = await self._take_all(deadline)
+        try:
+            for slot in slots:
+                if slot.client is not None:
+                    await slot.client.close(self.receipt_timeout)
+                    slot.client = None
+            for index in range(MAX_POOL_SIZE):
+                client_id = client_id_for(self.coordinator_id, index)
+                try:
+                    client = await self._connect(client_id, deadline - time.monotonic())
+                except ClientIdInUse as exc:
+                    self._log.warning(ev.MQ_FENCE_REFUSED, client_id=client_id, error=str(exc))
+                    raise FenceRefused(client_id, timeout, participant=self.name) from exc
+                if index < len(self._slots):
+                    self._slots[index].client = client
+                else:
+                    await client.close(self.receipt_timeout)
+        finally:
+            for slot in slots:
+                await self._put_back(slot)
+        self._log.info(ev.MQ_FENCE_DONE, client_ids=MAX_POOL_SIZE)
+
     async def settle(self, session: AsyncLastResourceSession, timeout: float) -> None:
-        """Re-register the client-id of ``session``'s slot, so its last COMMIT is final."""
+        """Re-register the client-id of ``session``'s slot, so its last COMMIT is final.
+
+        The session was dropped when its COMMIT got no answer; the broker keeps
+        the dead connection's client-id until it has processed every frame that
+        connection sent. Connecting with that client-id again proves it has.
+        """
         if not isinstance(session, AsyncActiveMQSession):
             raise InvalidTransition(f"{session!r} is not a session of this broker")
-        slot = session._slot
+        slot = session.committed_by
         deadline = time.monotonic() + timeout
         async with self._cond:
             while slot not in self._free:
@@ -369,10 +417,7 @@ class AsyncActiveMQ:
                         participant=self.name,
                         gtrid=session.gtrid,
                     )
-                try:
-                    await asyncio.wait_for(self._cond.wait(), remaining)
-                except TimeoutError:
-                    continue
+                await acond_wait(self._cond, remaining)
             self._free.remove(slot)
         try:
             if slot.client is None or not slot.client.alive:
@@ -384,17 +429,37 @@ class AsyncActiveMQ:
         finally:
             await self._put_back(slot)
 
-    def recovery_broker(self) -> _RecoveryBroker:
-        return _RecoveryBroker(self, asyncio.get_running_loop())
+    async def markers(self) -> set[str]:
+        """The gtrids whose commit marker is on the marker queue (a full browse, no selector).
 
-    async def close_idle(self) -> None:
-        """DISCONNECT every idle session (their client-ids become free)."""
-        async with self._cond:
-            idle = list(self._free)
-        for slot in idle:
-            if slot.client is not None:
-                await slot.client.close(self.receipt_timeout)
-                slot.client = None
+        BrowseIncomplete if the broker cut the browse short (its maxBrowsePageSize):
+        an incomplete list would make recovery roll back committed transactions.
+        """
+        async with await self._plain_client() as client:
+            return await read_markers(client, self.marker_queue, self.receipt_timeout)
+
+    async def remove_markers(self, gtrids: Collection[str]) -> int:
+        """Consume the markers of ``gtrids`` and leave every other marker; return how many
+        of ``gtrids`` no longer have one.
+
+        A group commit's marker goes only once every gtrid it names has been
+        asked for: until then this resource keeps the gtrids asked so far, and
+        a later call that completes the group removes it
+        (:func:`~participants.aio.marker_queue.consume_markers`).
+        """
+        async with self._sweeping:  # one sweep at a time: each reads and rewrites the kept set
+            async with self._cond:
+                wanted = set(gtrids) | self._kept_for_group
+            if not wanted:
+                return 0
+            async with await self._plain_client() as client:
+                gone, kept = await consume_markers(
+                    client, self.marker_queue, wanted, self.receipt_timeout
+                )
+            async with self._cond:
+                self._kept_for_group = kept
+            self._log.info(ev.MQ_MARKERS_REMOVED, count=len(gone), asked=len(wanted))
+            return len(gone)
 
     async def close(self) -> None:
         """Close the idle sessions; sessions still in use are dropped when released."""
@@ -406,11 +471,10 @@ class AsyncActiveMQ:
             if slot.client is not None:
                 await slot.client.close(self.receipt_timeout)
                 slot.client = None
-        await asyncio.to_thread(self._sync.close)
 
     # -- the pool --------------------------------------------------------------
 
-    async def _acquire(self, gtrid: str) -> _Slot:
+    async def _acquire(self, gtrid: str) -> Slot:
         deadline = time.monotonic() + self._acquire_timeout
         async with self._cond:
             while not self._free:
@@ -426,30 +490,43 @@ class AsyncActiveMQ:
                         participant=self.name,
                         gtrid=gtrid,
                     )
-                try:
-                    await asyncio.wait_for(self._cond.wait(), remaining)
-                except TimeoutError:
-                    continue
+                await acond_wait(self._cond, remaining)
             if self._closed:
                 raise ParticipantUnavailable(
                     "the broker resource is closed", participant=self.name, gtrid=gtrid
                 )
             return self._free.pop()
 
-    async def _release(self, slot: _Slot, *, healthy: bool) -> None:
+    async def _take_all(self, deadline: float) -> list[Slot]:
+        async with self._cond:
+            while len(self._free) < len(self._slots):
+                remaining = deadline - time.monotonic()
+                if remaining <= 0:
+                    busy = sorted(set(self.client_ids) - {s.client_id for s in self._free})
+                    raise ParticipantError(
+                        f"cannot fence: broker sessions {', '.join(busy)} are in use by running "
+                        "transactions of this process",
+                        participant=self.name,
+                    )
+                await acond_wait(self._cond, remaining)
+            taken, self._free = self._free, []
+            return taken
+
+    async def _release(self, slot: Slot, *, healthy: bool) -> None:
         if (not healthy or self._closed) and slot.client is not None:
             self._log.debug(ev.MQ_SESSION_DROPPED, client_id=slot.client_id, healthy=healthy)
             slot.client.drop()
             slot.client = None
         await self._put_back(slot)
 
-    async def _put_back(self, slot: _Slot) -> None:
+    async def _put_back(self, slot: Slot) -> None:
         async with self._cond:
             if not self._closed:
                 self._free.append(slot)
             self._cond.notify()
 
-    async def _ready_client(self, slot: _Slot) -> AsyncStompClient:
+    async def _ready_client(self, slot: Slot) -> AsyncStompClient:
+        """The slot's connection, reconnecting it if it was dropped or died while idle."""
         if slot.client is not None and slot.client.alive:
             return slot.client
         if slot.client is not None:
@@ -459,73 +536,39 @@ class AsyncActiveMQ:
         return slot.client
 
     async def _connect(self, client_id: str, timeout: float) -> AsyncStompClient:
-        """CONNECT with ``client_id``, retrying while the broker still holds it."""
+        """CONNECT with ``client_id``, retrying until ``timeout`` while the broker still holds it.
+
+        The broker keeps a dropped connection's client-id until it has processed
+        every frame that connection sent: seconds, sometimes.
+        """
         deadline = time.monotonic() + timeout
         delay = 0.05
         while True:
             try:
-                client = await AsyncStompClient.open(
-                    self.address,
-                    participant=self.name,
-                    client_id=client_id,
-                    connect_timeout=self._connect_timeout,
-                    **self._options,
-                )
+                client = await self._open(client_id)
             except ClientIdInUse as exc:
                 remaining = deadline - time.monotonic()
                 if remaining <= 0:
                     raise
                 self._log.debug(ev.MQ_FENCE_RETRY, client_id=client_id, error=exc.args[0])
-                await asyncio.sleep(min(delay, remaining))
+                await asleep(min(delay, remaining))
                 delay = min(delay * 2, 0.5)
                 continue
             self._log.debug(ev.MQ_CONNECTED, client_id=client_id, address=self.address)
             return client
 
+    async def _plain_client(self) -> AsyncStompClient:
+        """A connection without client-id, for reading and trimming the marker queue."""
+        return await self._open(None)
 
-class _RecoveryBroker:
-    """An AsyncActiveMQ seen by recovery and the backlog (a sync LastResource).
-
-    Called in a worker thread while the event loop runs: what touches the
-    asyncio pool runs on the loop, the rest on the sync ActiveMQ.
-    """
-
-    def __init__(self, broker: AsyncActiveMQ, loop: asyncio.AbstractEventLoop) -> None:
-        self._broker = broker
-        self._loop = loop
-
-    @property
-    def name(self) -> str:
-        return self._broker.name
-
-    def _on_loop(self, coro: Coroutine[Any, Any, T]) -> T:
-        return asyncio.run_coroutine_threadsafe(coro, self._loop).result()
-
-    def begin(self, gtrid: str) -> LastResourceSession:
-        raise InvalidTransition(
-            f"cannot begin {gtrid} on recovery's view of broker {self.name!r}: "
-            "transactions begin on the AsyncActiveMQ"
+    async def _open(self, client_id: str | None) -> AsyncStompClient:
+        return await AsyncStompClient.open(
+            self.address,
+            participant=self.name,
+            client_id=client_id,
+            connect_timeout=self._connect_timeout,
+            login=self._login,
+            passcode=self._passcode,
+            tls=self._tls,
+            ca_file=self._ca_file,
         )
-
-    def fence(self, timeout: float) -> None:
-        """Close the pool's idle sessions, then fence every client-id with the sync resource."""
-        self._on_loop(self._broker.close_idle())
-        fencer = self._broker._sync_resource()
-        try:
-            fencer.fence(timeout)
-        finally:
-            fencer.close()  # DISCONNECT: the pool's slots may take their client-ids again
-
-    def settle(self, session: object, timeout: float) -> None:
-        if not isinstance(session, AsyncActiveMQSession):
-            raise InvalidTransition(f"{session!r} is not a session of broker {self.name!r}")
-        self._on_loop(self._broker.settle(session, timeout))
-
-    def markers(self) -> set[str]:
-        return self._broker._sync.markers()
-
-    def remove_markers(self, gtrids: Collection[str]) -> int:
-        return self._broker._sync.remove_markers(gtrids)
-
-    def close(self) -> None:
-        """Nothing of its own to close: the AsyncActiveMQ closes the sync resource."""

@@ -1,93 +1,135 @@
-"""An asyncio STOMP 1.2 connection for the last resource: frames, receipts with timeouts.
+"""An asyncio STOMP 1.2 connection for the last resource: the protocol core over streams.
 
-The counterpart of :mod:`participants.stomp_client` for asyncio streams. The
-frames are stomp.py's (``stomp.utils.convert_frame`` writes them,
-``stomp.utils.parse_frame`` reads them, with its header escapes; names and
-values are escaped by :mod:`participants.stomp_headers`, as the sync client's are); the
-failures are the same twopc errors with the same words
-(:class:`~participants.stomp_client.ClientIdInUse`,
-:class:`~participants.stomp_client.BrokerRefused`, BrokerLoginRefused, ...).
-It carries what a broker transaction needs: CONNECT (client-id, login, TLS,
-TCP_NODELAY), BEGIN, SEND, ACK, COMMIT and ABORT with receipts, and ERROR
-frames that answer no request (a SEND without receipt), counted so that a
-COMMIT can refuse. Subscriptions, browsing and marker removal stay with the
-sync client, which recovery uses.
+The counterpart of :mod:`participants.stomp_client` for asyncio streams. What
+STOMP says (frames and their escapes, receipts, which ERROR answers what, the
+refusal of CONNECT, heart-beats) is :class:`~participants.stomp_core.StompProtocol`'s;
+this module moves its bytes and waits: CONNECT (client-id, login, TLS,
+TCP_NODELAY), BEGIN, SEND, ACK, COMMIT and ABORT with receipts awaited up to
+a timeout, ERROR frames that answer no request counted so that a COMMIT can
+refuse, corked writes (a transaction's frames in one write with its COMMIT),
+subscriptions read with :meth:`AsyncSubscription.get`, and queue browses
+(:meth:`AsyncStompClient.browse_complete`). The failures are the same twopc
+errors with the same words as the sync client's.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
-import itertools
 import socket
-from collections.abc import Callable, Mapping
+from collections.abc import AsyncIterator, Mapping
+from dataclasses import dataclass
 from typing import Any
 
-from stomp import utils as frames
-
-from coordinator.errors import (
-    CommitRefused,
-    OutcomeUnknown,
-    ParticipantUnavailable,
-)
+from coordinator.errors import ParticipantUnavailable
 from coordinator.events import get_logger
 from participants import events as ev
-from participants.stomp_client import (
-    LOGIN_HINT,
-    UNAVAILABLE_HINT,
-    BrokerLoginRefused,
-    BrokerRefused,
+from participants.aio.stomp_ops import AsyncStompOperations, Waiter
+from participants.stomp_client import AckMode, tls_context
+from participants.stomp_core import (
+    Answer,
     ClientIdInUse,
-    _is_login_error,
-    check_destination,
+    Connected,
+    ConnectRefused,
+    Event,
+    Message,
+    MessageReceived,
+    NoAnswer,
+    Refused,
+    StompProtocol,
+    StompProtocolError,
+    UnansweredError,
+    encode,
     parse_address,
-    tls_context,
 )
-from participants.stomp_headers import InvalidHeader, frame_headers
+
+__all__ = ["AsyncStompClient", "AsyncSubscription", "encode"]
+
+#: Bytes read at once from the stream.
+READ_BYTES = 64 * 1024
 
 
 def _log() -> Any:
     return get_logger(component="stomp")
 
 
-def encode(
-    command: str,
-    headers: Mapping[str, str],
-    body: str = "",
-    *,
-    participant: str = "mq",
-    gtrid: str | None = None,
-) -> bytes:
-    """One frame as bytes, by stomp.py's encoder, headers escaped as STOMP 1.2 wants
-    (:func:`~participants.stomp_headers.frame_headers`); InvalidHeader if one cannot be.
-    """
-    escaped = frame_headers(command, headers, participant=participant, gtrid=gtrid)
-    return b"".join(frames.convert_frame(frames.Frame(command, escaped, body)))
+class _ConnectionLost:
+    """Queued to subscriptions when the connection drops."""
 
 
-class _NoAnswer(Exception):
-    """No RECEIPT and no ERROR: timeout or connection lost (translated by callers)."""
+_LOST = _ConnectionLost()
 
 
-class _Refused(Exception):
-    """An ERROR frame answered the request (translated by callers)."""
+class AsyncSubscription:
+    """One SUBSCRIBE: its MESSAGE frames arrive in a queue read by :meth:`get`."""
+
+    def __init__(self, client: AsyncStompClient, sub_id: str, destination: str) -> None:
+        self.client = client
+        self.id = sub_id
+        self.destination = destination
+        self._queue: asyncio.Queue[Message | _ConnectionLost] = asyncio.Queue()
+
+    async def get(self, timeout: float) -> Message | None:
+        """The next message, or None after ``timeout`` seconds; ParticipantUnavailable if lost."""
+        try:
+            item = await asyncio.wait_for(self._queue.get(), timeout)
+        except TimeoutError:
+            return None
+        if isinstance(item, _ConnectionLost):
+            self._queue.put_nowait(item)  # every later get() fails the same way
+            raise self.client.unavailable(f"connection lost while reading {self.destination}")
+        return item
+
+    async def unsubscribe(self, timeout: float | None = None) -> None:
+        """UNSUBSCRIBE; with a ``timeout``, wait for the receipt (all earlier ACKs processed)."""
+        await self.client.request(
+            "UNSUBSCRIBE", {"id": self.id}, timeout=timeout, what=f"UNSUBSCRIBE {self.destination}"
+        )
+        self.client._subscriptions.pop(self.id, None)
+
+    def _deliver(self, message: Message) -> None:
+        self._queue.put_nowait(message)
+
+    def _lost(self) -> None:
+        self._queue.put_nowait(_LOST)
 
 
-class AsyncStompClient:
+@dataclass(frozen=True, slots=True)
+class _Waiter:
+    """An awaited receipt: its id and the future its answer settles."""
+
+    receipt_id: str
+    answer: asyncio.Future[str | None]
+
+
+class AsyncStompClient(AsyncStompOperations):
     """One STOMP 1.2 connection over asyncio streams, opened by :meth:`open`."""
 
-    def __init__(self, address: str, *, participant: str, client_id: str | None) -> None:
+    def __init__(
+        self,
+        address: str,
+        *,
+        participant: str,
+        client_id: str | None,
+        login: str | None = None,
+        passcode: str | None = None,
+    ) -> None:
         self.address = address
         self.participant = participant
         self.client_id = client_id
+        self._protocol = StompProtocol(
+            address, participant=participant, client_id=client_id, login=login, passcode=passcode
+        )
         self._reader: asyncio.StreamReader | None = None
         self._writer: asyncio.StreamWriter | None = None
-        self._connected: asyncio.Future[frames.Frame] | None = None
+        self._connected: asyncio.Future[Connected | ConnectRefused] | None = None
         self._pending: dict[str, asyncio.Future[str | None]] = {}
-        self._unsolicited: list[str] = []
-        self._ids = itertools.count(1)
         self._lost = False
         self._receiver: asyncio.Task[None] | None = None
+        self._subscriptions: dict[str, AsyncSubscription] = {}
+        # Frames kept by corked(): written in one write with the COMMIT.
+        self._corked: list[bytes] | None = None
+        self._corked_by: asyncio.Task[Any] | None = None
 
     @classmethod
     async def open(
@@ -103,8 +145,10 @@ class AsyncStompClient:
         ca_file: str | None = None,
     ) -> AsyncStompClient:
         """CONNECT to ``address``; ClientIdInUse, BrokerLoginRefused or ParticipantUnavailable."""
-        client = cls(address, participant=participant, client_id=client_id)
-        await client._connect(connect_timeout, login, passcode, tls, ca_file)
+        client = cls(
+            address, participant=participant, client_id=client_id, login=login, passcode=passcode
+        )
+        await client._connect(connect_timeout, tls, ca_file)
         return client
 
     # -- state ---------------------------------------------------------------
@@ -117,110 +161,57 @@ class AsyncStompClient:
     @property
     def error_count(self) -> int:
         """How many ERROR frames came that answered no request (a SEND without receipt)."""
-        return len(self._unsolicited)
+        return self._protocol.error_count
 
     def errors_since(self, count: int) -> list[str]:
         """The messages of the unanswered ERROR frames after the first ``count``."""
-        return self._unsolicited[count:]
-
-    def unavailable(self, reason: str, gtrid: str | None = None) -> ParticipantUnavailable:
-        return ParticipantUnavailable(
-            f"STOMP broker at {self.address}: {reason}; {UNAVAILABLE_HINT}",
-            participant=self.participant,
-            gtrid=gtrid,
-        )
+        return self._protocol.errors_since(count)
 
     # -- frames --------------------------------------------------------------
 
-    async def send(
+    async def subscribe(
         self,
         destination: str,
-        body: str,
+        *,
+        ack: AckMode = "auto",
+        prefetch: int | None = None,
         headers: Mapping[str, str] | None = None,
-        *,
-        transaction: str | None = None,
-        receipt_timeout: float | None = None,
-        gtrid: str | None = None,
-    ) -> None:
-        """SEND a persistent message, inside ``transaction`` if given (as the sync client)."""
-        check_destination(destination)
+        timeout: float | None = 5.0,
+    ) -> AsyncSubscription:
+        """SUBSCRIBE to ``destination``; waits for the receipt so a refusal raises here.
+
+        ``prefetch`` is ActiveMQ's ``activemq.prefetchSize``; read the messages
+        with :meth:`AsyncSubscription.get`.
+        """
+        sub_id = self._protocol.next_id("sub")
+        subscription = AsyncSubscription(self, sub_id, destination)
         frame_headers = dict(headers or {})
-        frame_headers["destination"] = destination
-        frame_headers["persistent"] = "true"
-        if transaction is not None:
-            frame_headers["transaction"] = transaction
-        if body:
-            frame_headers["content-length"] = str(len(body))
-        await self.request(
-            "SEND",
-            frame_headers,
-            body,
-            timeout=receipt_timeout,
-            what=f"SEND to {destination}",
-            gtrid=gtrid,
-        )
-
-    async def begin(self, transaction: str, *, gtrid: str | None = None) -> None:
-        """BEGIN ``transaction`` (no receipt: an ERROR would fail the COMMIT anyway)."""
-        await self.request("BEGIN", {"transaction": transaction}, what="BEGIN", gtrid=gtrid)
-
-    async def commit(
-        self,
-        transaction: str,
-        timeout: float,
-        *,
-        gtrid: str | None = None,
-        after_send: Callable[[], None] | None = None,
-    ) -> None:
-        """COMMIT and wait for the receipt; errors as :meth:`StompClient.commit`."""
-        headers = {"transaction": transaction}
-        answer = self._expect_receipt(headers)
-        await self._transmit("COMMIT", headers, "", gtrid)
-        if after_send is not None:
-            after_send()
+        frame_headers.update({"destination": destination, "id": sub_id, "ack": ack})
+        if prefetch is not None:
+            frame_headers["activemq.prefetchSize"] = str(prefetch)
+        self._subscriptions[sub_id] = subscription
         try:
-            await self._wait(answer, timeout)
-        except _Refused as exc:
-            raise CommitRefused(
-                f"the broker refused the COMMIT: {exc}; nothing was committed",
-                participant=self.participant,
-                gtrid=gtrid,
-            ) from None
-        except _NoAnswer as exc:
-            raise OutcomeUnknown(
-                f"COMMIT sent to the STOMP broker at {self.address}, but {exc}; whether it "
-                "committed is known only after fencing ('twopc recover' resolves it)",
-                participant=self.participant,
-                gtrid=gtrid,
-            ) from None
+            await self.request(
+                "SUBSCRIBE", frame_headers, timeout=timeout, what=f"SUBSCRIBE to {destination}"
+            )
+        except BaseException:
+            self._subscriptions.pop(sub_id, None)
+            raise
+        return subscription
 
-    async def abort(self, transaction: str, timeout: float, *, gtrid: str | None = None) -> None:
-        """ABORT ``transaction`` and wait for the receipt; raises ParticipantError on failure."""
-        await self.request(
-            "ABORT", {"transaction": transaction}, timeout=timeout, what="ABORT", gtrid=gtrid
-        )
-
-    async def request(
-        self,
-        command: str,
-        headers: dict[str, str],
-        body: str = "",
-        *,
-        timeout: float | None = None,
-        what: str,
-        gtrid: str | None = None,
-    ) -> None:
-        """Send one frame; with a ``timeout``, wait for its receipt (BrokerRefused on ERROR)."""
-        answer = self._expect_receipt(headers) if timeout is not None else None
-        await self._transmit(command, headers, body, gtrid)
-        if answer is None or timeout is None:
-            return
+    @contextlib.asynccontextmanager
+    async def corked(self) -> AsyncIterator[None]:
+        """Keep the frames this task writes in the block, and send them in one write: with
+        the next COMMIT or the next frame whose receipt is awaited, or when the block ends.
+        If the block raises, the frames kept are dropped: none reached the broker.
+        """
+        self._corked, self._corked_by = [], asyncio.current_task()
         try:
-            await self._wait(answer, timeout)
-        except _Refused as exc:
-            raise BrokerRefused(what, str(exc), participant=self.participant, gtrid=gtrid) from None
-        except _NoAnswer as exc:
-            raise self.unavailable(f"{what}: {exc}", gtrid) from None
+            yield
+        except BaseException:
+            self._corked = self._corked_by = None
+            raise
+        await self._uncork(None)
 
     # -- closing -------------------------------------------------------------
 
@@ -242,16 +233,15 @@ class AsyncStompClient:
             self._receiver.cancel()
         self._on_lost()
 
+    async def __aenter__(self) -> AsyncStompClient:
+        return self
+
+    async def __aexit__(self, *exc_info: object) -> None:
+        await self.close()
+
     # -- internals -----------------------------------------------------------
 
-    async def _connect(
-        self,
-        timeout: float,
-        login: str | None,
-        passcode: str | None,
-        tls: bool,
-        ca_file: str | None,
-    ) -> None:
+    async def _connect(self, timeout: float, tls: bool, ca_file: str | None) -> None:
         host, port = parse_address(self.address)
         context = tls_context(ca_file) if tls else None
         try:
@@ -269,16 +259,10 @@ class AsyncStompClient:
             sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
         self._connected = asyncio.get_running_loop().create_future()
         self._receiver = asyncio.create_task(self._receive())
-        headers = {"accept-version": "1.2", "host": host}
-        if self.client_id:
-            headers["client-id"] = self.client_id
-        if login is not None:
-            headers["login"] = login
-            headers["passcode"] = passcode or ""
-        await self._transmit("CONNECT", headers, "", None)
+        await self._write(self._protocol.connect().data, "CONNECT", None)
         try:
-            frame = await asyncio.wait_for(asyncio.shield(self._connected), timeout)
-        except (TimeoutError, _NoAnswer):
+            answer = await asyncio.wait_for(asyncio.shield(self._connected), timeout)
+        except (TimeoutError, NoAnswer):
             self.drop()
             if self._lost and self.client_id:
                 # ActiveMQ answers a held client-id with an ERROR and closes the socket;
@@ -289,110 +273,124 @@ class AsyncStompClient:
                     participant=self.participant,
                 ) from None
             raise self.unavailable(f"no CONNECTED frame within {timeout:g} s") from None
-        if frame.cmd == "CONNECTED":
+        if isinstance(answer, Connected):
             _log().debug(ev.STOMP_CONNECTED, address=self.address, client_id=self.client_id)
             return
-        message = frame.headers.get("message", "")
-        body = frame.body.decode(errors="replace") if isinstance(frame.body, bytes) else ""
         self.drop()
-        if "InvalidClientIDException" in body and self.client_id:
-            raise ClientIdInUse(self.client_id, message, participant=self.participant)
-        if _is_login_error(message, body):
-            raise BrokerLoginRefused(
-                f"the STOMP broker at {self.address} refused the login; {LOGIN_HINT}",
-                participant=self.participant,
-            )
-        raise BrokerRefused("CONNECT", message, participant=self.participant)
-
-    def _expect_receipt(self, headers: dict[str, str]) -> asyncio.Future[str | None]:
-        receipt_id = f"r-{next(self._ids)}"
-        headers["receipt"] = receipt_id
-        answer: asyncio.Future[str | None] = asyncio.get_running_loop().create_future()
-        self._pending[receipt_id] = answer
-        return answer
+        raise answer.error
 
     async def _transmit(
-        self, command: str, headers: dict[str, str], body: str, gtrid: str | None
-    ) -> None:
+        self,
+        command: str,
+        headers: Mapping[str, str],
+        body: str,
+        gtrid: str | None,
+        *,
+        receipt: bool = False,
+    ) -> Waiter | None:
+        """Write one frame (or keep it, corked); with ``receipt``, the waiter of its answer."""
+        out = self._protocol.frame(command, headers, body, receipt=receipt, gtrid=gtrid)
+        waiter = None
+        if out.receipt_id is not None:
+            waiter = _Waiter(out.receipt_id, asyncio.get_running_loop().create_future())
+            self._pending[out.receipt_id] = waiter.answer
+        if self._corked is not None and self._corked_by is asyncio.current_task():
+            self._corked.append(out.data)
+            return waiter
         try:
-            frame = encode(command, headers, body, participant=self.participant, gtrid=gtrid)
-        except InvalidHeader:
-            self._pending.pop(headers.get("receipt", ""), None)
+            await self._write(out.data, command, gtrid)
+        except ParticipantUnavailable:
+            if waiter is not None:
+                self._give_up(waiter)
             raise
-        if self._lost or self._writer is None:
-            failure = f"cannot send {command}: the connection is closed"
-        else:
-            try:
-                self._writer.write(frame)
-                await self._writer.drain()
-                return
-            except (OSError, RuntimeError) as exc:
-                self._on_lost()
-                failure = f"connection lost while sending {command} ({type(exc).__name__})"
-        self._pending.pop(headers.get("receipt", ""), None)
-        raise self.unavailable(failure, gtrid)
+        return waiter
 
-    async def _wait(self, answer: asyncio.Future[str | None], timeout: float) -> None:
+    async def _read(
+        self, destination: str, *, prefetch: int, headers: Mapping[str, str], timeout: float
+    ) -> AsyncSubscription:
+        return await self.subscribe(
+            destination, prefetch=prefetch, headers=headers, timeout=timeout
+        )
+
+    def _forget_subscription(self, sub_id: str) -> None:
+        self._subscriptions.pop(sub_id, None)
+
+    async def _uncork(self, gtrid: str | None) -> None:
+        """Send the frames kept so far in one write (ParticipantUnavailable if it fails)."""
+        kept, self._corked, self._corked_by = self._corked, None, None
+        if not kept:
+            return
+        await self._write(b"".join(kept), f"{len(kept)} frames", gtrid)
+
+    async def _write(self, data: bytes, what: str, gtrid: str | None) -> None:
+        if self._lost or self._writer is None:
+            raise self.unavailable(f"cannot send {what}: the connection is closed", gtrid)
         try:
-            error = await asyncio.wait_for(asyncio.shield(answer), timeout)
+            self._writer.write(data)
+            await self._writer.drain()
+        except (OSError, RuntimeError) as exc:
+            self._on_lost()
+            raise self.unavailable(
+                f"connection lost while sending {what} ({type(exc).__name__})", gtrid
+            ) from None
+
+    def _give_up(self, waiter: Waiter) -> None:
+        """Nobody waits for ``waiter``'s receipt any more."""
+        self._pending.pop(waiter.receipt_id, None)
+        self._protocol.forget(waiter.receipt_id)
+
+    async def _wait(self, waiter: Waiter, timeout: float) -> None:
+        assert isinstance(waiter, _Waiter)
+        try:
+            error = await asyncio.wait_for(asyncio.shield(waiter.answer), timeout)
         except TimeoutError:
-            for receipt_id, waiting in list(self._pending.items()):
-                if waiting is answer:
-                    del self._pending[receipt_id]
-            raise _NoAnswer(f"no answer came within {timeout:g} s") from None
-        except _NoAnswer:
-            raise
+            self._give_up(waiter)
+            raise NoAnswer(f"no answer came within {timeout:g} s") from None
         if error is not None:
-            raise _Refused(error)
+            raise Refused(error)
 
     async def _receive(self) -> None:
-        """The receiver task: one frame at a time, until the connection ends."""
+        """The receiver task: bytes to the protocol core, its events to their waiters."""
         assert self._reader is not None
         try:
             while True:
-                data = await self._reader.readuntil(b"\x00")
-                frame = frames.parse_frame(data[:-1])
-                if frame is not None:
-                    self._dispatch(frame)
-        except (asyncio.IncompleteReadError, OSError, asyncio.LimitOverrunError):
-            pass
+                data = await self._reader.read(READ_BYTES)
+                for event in self._protocol.receive_data(data):
+                    self._dispatch(event)
+                if not data:
+                    return
+        except OSError:
+            pass  # the connection is gone: its waiters learn it below
+        except StompProtocolError as exc:
+            _log().warning(ev.STOMP_ERROR, address=self.address, error=str(exc))
         finally:
             self._on_lost()
 
-    def _dispatch(self, frame: frames.Frame) -> None:
-        if frame.cmd == "CONNECTED":
+    def _dispatch(self, event: Event) -> None:
+        if isinstance(event, Connected | ConnectRefused):
             if self._connected is not None and not self._connected.done():
-                self._connected.set_result(frame)
-            return
-        receipt_id = frame.headers.get("receipt-id")
-        if frame.cmd == "RECEIPT":
-            self._answer(receipt_id, None)
-            return
-        if frame.cmd == "ERROR":
-            body = frame.body.decode(errors="replace") if isinstance(frame.body, bytes) else ""
-            message = frame.headers.get("message") or body.split("\n", 1)[0]
-            if self._connected is not None and not self._connected.done():
-                self._connected.set_result(frame)  # CONNECT refused
-                return
-            if not self._answer(receipt_id, message):
-                self._unsolicited.append(message)
-                _log().warning(ev.STOMP_ERROR, address=self.address, error=message)
-
-    def _answer(self, receipt_id: str | None, error: str | None) -> bool:
-        answer = self._pending.pop(receipt_id, None) if receipt_id is not None else None
-        if answer is None:
-            return False
-        if not answer.done():
-            answer.set_result(error)
-        return True
+                self._connected.set_result(event)
+        elif isinstance(event, Answer):
+            answer = self._pending.pop(event.receipt_id, None)
+            if answer is not None and not answer.done():
+                answer.set_result(event.error)
+        elif isinstance(event, UnansweredError):
+            _log().warning(ev.STOMP_ERROR, address=self.address, error=event.message)
+        elif isinstance(event, MessageReceived):
+            subscription = self._subscriptions.get(event.subscription)
+            if subscription is not None:
+                subscription._deliver(event.message)
 
     def _on_lost(self) -> None:
         if self._lost:
             return
         self._lost = True
+        self._protocol.connection_lost()
         pending, self._pending = list(self._pending.values()), {}
         for answer in pending:
             if not answer.done():
-                answer.set_exception(_NoAnswer("the connection was lost before the answer came"))
+                answer.set_exception(NoAnswer("the connection was lost before the answer came"))
+        for subscription in self._subscriptions.values():
+            subscription._lost()
         if self._connected is not None and not self._connected.done():
-            self._connected.set_exception(_NoAnswer("the connection closed during CONNECT"))
+            self._connected.set_exception(NoAnswer("the connection closed during CONNECT"))

@@ -130,9 +130,20 @@ def relay(
     help="Tries at a message that fails transiently before it is dead-lettered "
     "[default: TWOPC_CONSUMER_MAX_ATTEMPTS or 6].",
 )
+@click.option(
+    "--asyncio",
+    "use_asyncio",
+    is_flag=True,
+    help="With --mode 2pc: run on asyncio (AsyncCoordinator, AsyncActiveMQ) instead of threads.",
+)
 @click.option("--log-json", is_flag=True, help="Log JSON lines.")
 def consumer(
-    mode: str, prefetch: int, batch_size: int, max_attempts: int | None, log_json: bool
+    mode: str,
+    prefetch: int,
+    batch_size: int,
+    max_attempts: int | None,
+    use_asyncio: bool,
+    log_json: bool,
 ) -> None:
     """Credit B from /queue/transfers.credit, exactly once in effect, until SIGTERM.
 
@@ -147,6 +158,8 @@ def consumer(
     )
 
     _configure_logs(log_json)
+    if use_asyncio and mode != "2pc":
+        raise click.BadParameter("--asyncio runs the 2pc consumer only", param_hint="--asyncio")
     if max_attempts is None:
         setting = os.environ.get(MAX_ATTEMPTS_SETTING) or str(DEFAULT_MAX_ATTEMPTS)
         if not setting.isdigit() or int(setting) < 1:
@@ -157,7 +170,11 @@ def consumer(
         max_attempts = int(setting)
     settings = _settings()
     worker: Any
-    if mode == "2pc":
+    if mode == "2pc" and use_asyncio:
+        from scenarios.outbox.consumer_2pc_aio import AsyncTwoPhaseConsumer
+
+        worker = AsyncTwoPhaseConsumer(settings, max_attempts=max_attempts)
+    elif mode == "2pc":
         from scenarios.outbox.consumer_2pc import TwoPhaseConsumer
 
         worker = TwoPhaseConsumer(settings, max_attempts=max_attempts)

@@ -220,41 +220,47 @@ class TwoPhaseConsumer:
             ) from exc
         outcome = tx.commit()
         if outcome is Outcome.COMMITTED:
-            self._deliveries.pop(message.message_id, None)
-            if duplicate:
-                self.stats.duplicates += 1
-            else:
-                self.stats.applied += 1
-                self.stats.latencies.append(time.perf_counter() - started)
-            self.stats.batches += 1
-            self.log.debug(
-                ev.CONSUMER_2PC_APPLIED,
-                transfer_id=item.transfer_id,
-                gtrid=tx.gtrid,
-                duplicate=duplicate,
-            )
+            self._applied(message, item.transfer_id, tx.gtrid, duplicate, started)
         elif outcome is Outcome.IN_DOUBT:
-            # The coordinator resolves it (marker or not); the session was dropped, so
-            # the message is either consumed with B committed, or back on the queue.
-            self.stats.in_doubt += 1
-            self.log.warning(
-                ev.CONSUMER_2PC_IN_DOUBT,
-                transfer_id=item.transfer_id,
-                gtrid=tx.gtrid,
-                reason=tx.reason,
-            )
+            self._left_in_doubt(item.transfer_id, tx.gtrid, tx.reason)
         else:
             self._redeliver(subscription, tx.gtrid, item.transfer_id, tx.reason or "aborted")
 
-    def _redeliver(
-        self, subscription: Subscription, gtrid: str, transfer_id: str, reason: str
+    def _applied(
+        self, message: Message, transfer_id: str, gtrid: str, duplicate: bool, started: float
     ) -> None:
-        """Drop the connection: the broker puts the unacknowledged message back."""
+        """The transaction committed: the message is consumed, B holds the transfer."""
+        self._deliveries.pop(message.message_id, None)
+        if duplicate:
+            self.stats.duplicates += 1
+        else:
+            self.stats.applied += 1
+            self.stats.latencies.append(time.perf_counter() - started)
+        self.stats.batches += 1
+        self.log.debug(
+            ev.CONSUMER_2PC_APPLIED, transfer_id=transfer_id, gtrid=gtrid, duplicate=duplicate
+        )
+
+    def _left_in_doubt(self, transfer_id: str, gtrid: str, reason: str | None) -> None:
+        """The coordinator resolves it (marker or not); the session was dropped, so the
+        message is either consumed with B committed, or back on the queue."""
+        self.stats.in_doubt += 1
+        self.log.warning(
+            ev.CONSUMER_2PC_IN_DOUBT, transfer_id=transfer_id, gtrid=gtrid, reason=reason
+        )
+
+    def _count_abort(self, gtrid: str, transfer_id: str, reason: str) -> None:
         self.stats.aborted += 1
         self.stats.retries += 1
         self.log.warning(
             ev.CONSUMER_2PC_ABORTED, transfer_id=transfer_id, gtrid=gtrid, reason=one_line(reason)
         )
+
+    def _redeliver(
+        self, subscription: Subscription, gtrid: str, transfer_id: str, reason: str
+    ) -> None:
+        """Drop the connection: the broker puts the unacknowledged message back."""
+        self._count_abort(gtrid, transfer_id, reason)
         subscription.client.drop()
         raise _Transient(f"transfer {transfer_id} (gtrid {gtrid}) did not commit: {reason}")
 
@@ -263,6 +269,11 @@ class TwoPhaseConsumer:
     ) -> None:
         rejection = Rejection(message, reason, attempts)
         dead_letter(subscription.client, [rejection], destination=self.destination)
+        self._dead_lettered(rejection, message, reason, attempts)
+
+    def _dead_lettered(
+        self, rejection: Rejection, message: Message, reason: str, attempts: int
+    ) -> None:
         self._deliveries.pop(message.message_id, None)
         self.stats.rejected += 1
         self.stats.dead_lettered += 1

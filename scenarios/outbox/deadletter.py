@@ -35,6 +35,7 @@ from typing import Any
 
 from coordinator.errors import ConfigurationError, ParticipantError
 from coordinator.events import get_logger
+from participants.aio.stomp import AsyncStompClient
 from participants.stomp_client import Message, StompClient
 from scenarios import events as ev
 
@@ -140,20 +141,10 @@ def dead_letter(
                 timeout=receipt_timeout,
                 what=f"ACK of {message.message_id}",
             )
-            headers = application_headers(message)
-            headers.update(
-                {
-                    REASON_HEADER: one_line(rejection.reason),
-                    DESTINATION_HEADER: destination,
-                    ATTEMPTS_HEADER: str(rejection.attempts),
-                    AT_HEADER: at,
-                    MESSAGE_ID_HEADER: message.message_id,
-                }
-            )
             client.send(
                 dlq,
                 message.body,
-                headers,
+                dead_letter_headers(rejection, destination, at),
                 transaction=transaction,
                 receipt_timeout=receipt_timeout,
             )
@@ -163,6 +154,59 @@ def dead_letter(
                 client.abort(transaction, receipt_timeout)
         raise
     client.commit(transaction, receipt_timeout)
+
+
+async def dead_letter_async(
+    client: AsyncStompClient,
+    rejections: Sequence[Rejection],
+    *,
+    destination: str,
+    receipt_timeout: float = 10.0,
+) -> None:
+    """:func:`dead_letter` on an asyncio connection (the one the messages came on)."""
+    if not rejections:
+        return
+    dlq = dead_letter_queue(destination)
+    transaction = f"dlq-{secrets.token_hex(8)}"
+    at = datetime.now(UTC).isoformat(timespec="milliseconds")
+    await client.begin(transaction)
+    try:
+        for rejection in rejections:
+            message = rejection.message
+            await client.request(
+                "ACK",
+                {"id": message.ack_id, "transaction": transaction},
+                timeout=receipt_timeout,
+                what=f"ACK of {message.message_id}",
+            )
+            await client.send(
+                dlq,
+                message.body,
+                dead_letter_headers(rejection, destination, at),
+                transaction=transaction,
+                receipt_timeout=receipt_timeout,
+            )
+    except ParticipantError:
+        if client.alive:  # otherwise the broker aborts it when the connection is dropped
+            with contextlib.suppress(ParticipantError):
+                await client.abort(transaction, receipt_timeout)
+        raise
+    await client.commit(transaction, receipt_timeout)
+
+
+def dead_letter_headers(rejection: Rejection, destination: str, at: str) -> dict[str, str]:
+    """The headers of a rejected message's copy: its own, and why, whence, when."""
+    headers = application_headers(rejection.message)
+    headers.update(
+        {
+            REASON_HEADER: one_line(rejection.reason),
+            DESTINATION_HEADER: destination,
+            ATTEMPTS_HEADER: str(rejection.attempts),
+            AT_HEADER: at,
+            MESSAGE_ID_HEADER: rejection.message.message_id,
+        }
+    )
+    return headers
 
 
 # -- reading and requeueing ---------------------------------------------------------------

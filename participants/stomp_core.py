@@ -1,0 +1,514 @@
+"""The STOMP 1.2 protocol of the last resource with no I/O: bytes in, events out (as h11).
+
+:class:`StompProtocol` holds one connection's state and nothing else: it turns
+the frames a client wants to send into bytes (headers escaped by
+:mod:`participants.stomp_headers`, a receipt id when an answer is awaited), and
+the bytes that arrive, cut anywhere, into events: the CONNECTED frame or the
+ERROR that refused CONNECT, the answer (RECEIPT or ERROR) to a request whose
+receipt is awaited, an ERROR that answers no request (a SEND without receipt:
+counted, so that a COMMIT can refuse), a MESSAGE, a heart-beat. It keeps which
+receipts are awaited, which transactions are open, the heart-beats agreed,
+and where the connection stands. The blocking client
+(:mod:`participants.stomp_client`) and the asyncio one
+(:mod:`participants.aio.stomp`) only move bytes and wait.
+
+stomp.py's frame code stays underneath: ``stomp.utils.parse_frame`` reads a
+whole frame once this module found where it ends (its ``content-length``, or
+the NUL), ``stomp.utils.convert_frame`` writes one. The errors both clients
+raise, with the words a user acts on, are here too.
+"""
+
+from __future__ import annotations
+
+import enum
+import itertools
+import re
+from collections.abc import Mapping
+from dataclasses import dataclass
+
+from stomp import utils as frames
+
+from coordinator.errors import ConfigurationError, ParticipantError, ParticipantUnavailable
+from participants.stomp_headers import SENTINEL_HEADER as SENTINEL_HEADER
+from participants.stomp_headers import frame_headers
+
+#: What a user can do when the broker cannot be reached.
+UNAVAILABLE_HINT = "run 'twopc lab up', or check TWOPC_STOMP"
+
+#: What a user can do when the broker refuses the login.
+LOGIN_HINT = (
+    "set TWOPC_STOMP_USER and TWOPC_STOMP_PASSWORD to a user the broker knows "
+    '(for the lab: eval "$(twopc lab env)")'
+)
+
+#: Destinations a SEND may name. ActiveMQ drops the whole connection for some
+#: malformed names ("/queue/") and, worse, answers others with an ERROR while
+#: the rest of the transaction still commits, so they are refused here.
+DESTINATION_PREFIXES = ("/queue/", "/topic/")
+
+_CONTENT_LENGTH = re.compile(rb"^content-length:(\d+)\r?$", re.M)
+_PREAMBLE_END = re.compile(rb"\r?\n\r?\n")
+
+
+def check_destination(destination: str) -> None:
+    """ConfigurationError unless ``destination`` is ``/queue/<name>`` or ``/topic/<name>``."""
+    if not destination.startswith(DESTINATION_PREFIXES) or destination.endswith("/"):
+        raise ConfigurationError(
+            f"STOMP destination {destination!r} must be /queue/<name> or /topic/<name>"
+        )
+
+
+def parse_address(address: str) -> tuple[str, int]:
+    """Split ``"host:port"`` into its parts; ConfigurationError if it is not one."""
+    host, sep, port = address.rpartition(":")
+    if not sep or not host or not port.isdigit():
+        raise ConfigurationError(
+            f"STOMP address {address!r} must be host:port, such as 127.0.0.1:61613 "
+            "(set TWOPC_STOMP)"
+        )
+    return host, int(port)
+
+
+# -- the errors ----------------------------------------------------------------------
+
+
+class ClientIdInUse(ParticipantUnavailable):
+    """The broker refused CONNECT: another live connection holds the same client-id."""
+
+    def __init__(self, client_id: str, broker_message: str, *, participant: str) -> None:
+        super().__init__(
+            f"the broker refused client-id {client_id!r}: another connection still holds it "
+            f"({broker_message})",
+            participant=participant,
+        )
+        self.client_id = client_id
+
+
+class BrokerSecurityError(ConfigurationError):
+    """The broker refused our credentials or we refused its certificate: fix the settings.
+
+    A ConfigurationError, not a ParticipantUnavailable: retrying cannot help.
+    """
+
+    def __init__(self, message: str, *, participant: str) -> None:
+        super().__init__(f"{message} (participant {participant!r})")
+        self.participant = participant
+
+
+class BrokerLoginRefused(BrokerSecurityError):
+    """The broker refused CONNECT's login and passcode (wrong, or missing)."""
+
+
+class BrokerTlsRefused(BrokerSecurityError):
+    """The TLS handshake failed: the broker's certificate is not trusted, or no TLS there."""
+
+
+class BrokerRefused(ParticipantError):
+    """The broker answered a request with an ERROR frame; carries the broker's message."""
+
+    def __init__(
+        self, what: str, broker_message: str, *, participant: str, gtrid: str | None = None
+    ) -> None:
+        super().__init__(
+            f"the broker refused {what}: {broker_message}", participant=participant, gtrid=gtrid
+        )
+        self.broker_message = broker_message
+
+
+class BrowseIncomplete(ParticipantError):
+    """The broker ended a browse before the end of the queue (its maxBrowsePageSize)."""
+
+    def __init__(self, destination: str, seen: int, *, participant: str) -> None:
+        super().__init__(
+            f"the broker ended the browse of {destination} after {seen} messages, before the "
+            "end of the queue: its destination policy caps browsing (maxBrowsePageSize, 400 "
+            "by default once a policyEntry matches the queue). Raise maxBrowsePageSize above "
+            "the queue's depth in activemq.xml",
+            participant=participant,
+        )
+        self.destination = destination
+        self.seen = seen
+
+
+class NoAnswer(Exception):
+    """No RECEIPT and no ERROR: timeout or connection lost. Internal: the clients word it."""
+
+
+class Refused(Exception):
+    """An ERROR frame answered the request. Internal: the clients word it."""
+
+
+class StompProtocolError(ParticipantError):
+    """The bytes from the broker are not STOMP, or a frame was asked for in the wrong state."""
+
+
+def is_login_error(message: str, body: str) -> bool:
+    """True for ActiveMQ's answer to a CONNECT with a wrong or missing login."""
+    text = f"{message}\n{body}"
+    return "SecurityException" in text or "password is invalid" in text
+
+
+def login_refused(
+    address: str, login: str | None, passcode: str | None, *, participant: str
+) -> BrokerLoginRefused:
+    """The error for a refused login: names the settings, never the password."""
+    if login is None:
+        what = "requires a login and none was given"
+    elif not passcode:
+        what = f"refused user {login!r} without a password"
+    else:
+        what = f"refused the login of user {login!r}: wrong user name or password"
+    return BrokerLoginRefused(
+        f"the STOMP broker at {address} {what}; {LOGIN_HINT}", participant=participant
+    )
+
+
+# -- messages and events -----------------------------------------------------------
+
+
+@dataclass(frozen=True, slots=True)
+class Message:
+    """One MESSAGE frame: its headers and its text body."""
+
+    headers: Mapping[str, str]
+    body: str
+
+    @property
+    def message_id(self) -> str:
+        """The broker's message id."""
+        return self.headers.get("message-id", "")
+
+    @property
+    def ack_id(self) -> str:
+        """The id an ACK must name (STOMP 1.2 ``ack`` header; client ack modes only)."""
+        return self.headers.get("ack", "")
+
+    @property
+    def is_sentinel(self) -> bool:
+        """True for a message :meth:`StompClient.browse_complete` left on a queue."""
+        return SENTINEL_HEADER in self.headers
+
+    @property
+    def is_browse_end(self) -> bool:
+        """True for the MESSAGE that ends an ActiveMQ browse."""
+        return self.headers.get("browser") == "end"
+
+
+@dataclass(frozen=True, slots=True)
+class Connected:
+    """CONNECTED: the connection is up, with the heart-beats agreed."""
+
+    heartbeats: tuple[int, int]
+
+
+@dataclass(frozen=True, slots=True)
+class ConnectRefused:
+    """An ERROR answered CONNECT; ``error`` says why (client-id held, login, other)."""
+
+    message: str
+    body: str
+    error: ParticipantError | ConfigurationError
+
+
+@dataclass(frozen=True, slots=True)
+class Answer:
+    """The answer to a request whose receipt was awaited: RECEIPT (``error`` None) or ERROR."""
+
+    receipt_id: str
+    error: str | None
+
+
+@dataclass(frozen=True, slots=True)
+class UnansweredError:
+    """An ERROR that answers no awaited request (a SEND without receipt, a late one)."""
+
+    message: str
+
+
+@dataclass(frozen=True, slots=True)
+class MessageReceived:
+    """A MESSAGE for subscription ``subscription``."""
+
+    subscription: str
+    message: Message
+
+
+@dataclass(frozen=True, slots=True)
+class Heartbeat:
+    """An end-of-line between frames: the broker is alive."""
+
+
+@dataclass(frozen=True, slots=True)
+class ConnectionClosed:
+    """The broker closed the connection (end of stream)."""
+
+
+Event = (
+    Connected
+    | ConnectRefused
+    | Answer
+    | UnansweredError
+    | MessageReceived
+    | Heartbeat
+    | ConnectionClosed
+)
+
+
+class State(enum.Enum):
+    """Where a connection stands."""
+
+    IDLE = "idle"  # nothing sent yet
+    CONNECTING = "connecting"  # CONNECT sent, no answer yet
+    CONNECTED = "connected"
+    CLOSED = "closed"  # refused, lost, or closed: nothing more is sent or read
+
+
+@dataclass(frozen=True, slots=True)
+class Outgoing:
+    """One frame to send: its bytes, the same frame for stomp.py's transport (headers
+    escaped), and the receipt id to wait for (None: no answer awaited)."""
+
+    data: bytes
+    frame: frames.Frame
+    receipt_id: str | None
+
+
+def escaped_frame(
+    command: str,
+    headers: Mapping[str, str],
+    body: str = "",
+    *,
+    participant: str = "mq",
+    gtrid: str | None = None,
+) -> frames.Frame:
+    """One frame, its headers escaped as STOMP 1.2 wants
+    (:func:`~participants.stomp_headers.frame_headers`); InvalidHeader if one cannot be."""
+    escaped = frame_headers(command, headers, participant=participant, gtrid=gtrid)
+    return frames.Frame(command, escaped, body)
+
+
+def encode(
+    command: str,
+    headers: Mapping[str, str],
+    body: str = "",
+    *,
+    participant: str = "mq",
+    gtrid: str | None = None,
+) -> bytes:
+    """One frame as bytes, by stomp.py's encoder, headers escaped (:func:`escaped_frame`)."""
+    frame = escaped_frame(command, headers, body, participant=participant, gtrid=gtrid)
+    return b"".join(frames.convert_frame(frame))
+
+
+class StompProtocol:
+    """One STOMP 1.2 connection's state, without I/O: frames to bytes and bytes to events."""
+
+    def __init__(
+        self,
+        address: str,
+        *,
+        participant: str = "mq",
+        client_id: str | None = None,
+        login: str | None = None,
+        passcode: str | None = None,
+        heartbeats: tuple[int, int] = (0, 0),
+    ) -> None:
+        self.address = address
+        self.participant = participant
+        self.client_id = client_id
+        self._login = login
+        self._passcode = passcode
+        self._heartbeats = heartbeats
+        self.state = State.IDLE
+        #: The heart-beats agreed in CONNECTED: (we send every, the broker sends every) ms.
+        self.heartbeats = (0, 0)
+        #: Transactions begun and not yet committed or aborted.
+        self.transactions: set[str] = set()
+        self._buffer = bytearray()
+        self._ids = itertools.count(1)
+        self._awaited: set[str] = set()
+        self._unanswered: list[str] = []
+
+    # -- what the connection knows -----------------------------------------------
+
+    @property
+    def error_count(self) -> int:
+        """How many ERROR frames came that answered no request (a SEND without receipt)."""
+        return len(self._unanswered)
+
+    def errors_since(self, count: int) -> list[str]:
+        """The messages of the unanswered ERROR frames after the first ``count``."""
+        return self._unanswered[count:]
+
+    def next_id(self, prefix: str) -> str:
+        """A fresh id on this connection (subscriptions: ``sub-<n>``)."""
+        return f"{prefix}-{next(self._ids)}"
+
+    # -- frames out ----------------------------------------------------------------
+
+    def connect(self) -> Outgoing:
+        """The CONNECT frame (client-id, login); the connection is then CONNECTING."""
+        if self.state is not State.IDLE:
+            raise StompProtocolError(
+                f"cannot CONNECT: the connection is {self.state.value}",
+                participant=self.participant,
+            )
+        host, _ = parse_address(self.address)
+        headers = {"accept-version": "1.2", "host": host}
+        if self._heartbeats != (0, 0):
+            headers["heart-beat"] = f"{self._heartbeats[0]},{self._heartbeats[1]}"
+        if self.client_id:
+            headers["client-id"] = self.client_id
+        if self._login is not None:
+            headers["login"] = self._login
+            headers["passcode"] = self._passcode or ""
+        self.state = State.CONNECTING
+        frame = escaped_frame("CONNECT", headers, participant=self.participant)
+        return Outgoing(b"".join(frames.convert_frame(frame)), frame, None)
+
+    def frame(
+        self,
+        command: str,
+        headers: Mapping[str, str],
+        body: str = "",
+        *,
+        receipt: bool = False,
+        gtrid: str | None = None,
+    ) -> Outgoing:
+        """The bytes of one frame; with ``receipt``, a ``receipt`` header whose answer is awaited.
+
+        InvalidHeader (nothing recorded) if a header cannot be carried. BEGIN,
+        COMMIT and ABORT keep :attr:`transactions` current.
+        """
+        sent = dict(headers)
+        receipt_id = f"r-{next(self._ids)}" if receipt else None
+        if receipt_id is not None:
+            sent["receipt"] = receipt_id
+        frame = escaped_frame(command, sent, body, participant=self.participant, gtrid=gtrid)
+        data = b"".join(frames.convert_frame(frame))
+        if receipt_id is not None:
+            self._awaited.add(receipt_id)
+        transaction = sent.get("transaction")
+        if transaction is not None:
+            if command == "BEGIN":
+                self.transactions.add(transaction)
+            elif command in ("COMMIT", "ABORT"):
+                self.transactions.discard(transaction)
+        return Outgoing(data, frame, receipt_id)
+
+    def heartbeat(self) -> bytes:
+        """What to send when ``heartbeats[0]`` ms passed with nothing sent: one end-of-line."""
+        return b"\n"
+
+    def forget(self, receipt_id: str) -> None:
+        """Its waiter gave up: an answer that still comes counts as an unanswered ERROR."""
+        self._awaited.discard(receipt_id)
+
+    def connection_lost(self) -> list[str]:
+        """The connection ended: CLOSED; the receipts still awaited (they never come)."""
+        self.state = State.CLOSED
+        awaited, self._awaited = sorted(self._awaited), set()
+        return awaited
+
+    # -- bytes in ------------------------------------------------------------------
+
+    def receive_data(self, data: bytes) -> list[Event]:
+        """The events in ``data`` (any cut of the stream); ``b""`` is the end of the stream."""
+        if not data:
+            self.connection_lost()
+            return [ConnectionClosed()]
+        self._buffer += data
+        found: list[Event] = []
+        while True:
+            event = self._next_event()
+            if event is None:
+                return found
+            found.append(event)
+
+    def receive_frame(self, frame: frames.Frame) -> Event | None:
+        """The event of one frame already cut and parsed (by stomp.py's receiver)."""
+        body = (
+            frame.body.decode(errors="replace")
+            if isinstance(frame.body, bytes)
+            else str(frame.body or "")
+        )
+        headers: dict[str, str] = dict(frame.headers)
+        if frame.cmd == "CONNECTED":
+            self.state = State.CONNECTED
+            self.heartbeats = self._agree(headers.get("heart-beat", "0,0"))
+            return Connected(self.heartbeats)
+        if frame.cmd == "MESSAGE":
+            return MessageReceived(headers.get("subscription", ""), Message(headers, body))
+        receipt_id = headers.get("receipt-id")
+        if frame.cmd == "RECEIPT":
+            if receipt_id is None or receipt_id not in self._awaited:
+                return None  # a waiter that gave up: nothing to say
+            self._awaited.discard(receipt_id)
+            return Answer(receipt_id, None)
+        if frame.cmd == "ERROR":
+            message = headers.get("message") or body.split("\n", 1)[0]
+            if self.state is State.CONNECTING:
+                self.state = State.CLOSED  # ActiveMQ closes the socket after it
+                return ConnectRefused(message, body, self._refusal(message, body))
+            if receipt_id is not None and receipt_id in self._awaited:
+                self._awaited.discard(receipt_id)
+                return Answer(receipt_id, message)
+            self._unanswered.append(message)
+            return UnansweredError(message)
+        raise StompProtocolError(
+            f"the broker at {self.address} sent an unknown frame {frame.cmd!r}",
+            participant=self.participant,
+        )
+
+    def _next_event(self) -> Event | None:
+        buffer = self._buffer
+        if buffer[:1] == b"\n" or buffer[:2] == b"\r\n":
+            del buffer[: 1 if buffer[:1] == b"\n" else 2]
+            return Heartbeat()
+        if buffer[:1] == b"\r":
+            return None  # the rest of a CRLF heart-beat is still to come
+        preamble = _PREAMBLE_END.search(buffer)
+        if preamble is None:
+            return None
+        length = _CONTENT_LENGTH.search(buffer, 0, preamble.start())
+        if length is not None:
+            end = preamble.end() + int(length.group(1))
+            if len(buffer) <= end:
+                return None
+            if buffer[end] != 0:
+                raise StompProtocolError(
+                    f"a frame from the broker at {self.address} does not end where its "
+                    "content-length says",
+                    participant=self.participant,
+                )
+        else:
+            end = buffer.find(b"\x00", preamble.end())
+            if end < 0:
+                return None
+        raw = bytes(buffer[:end])
+        del buffer[: end + 1]
+        frame = frames.parse_frame(raw)
+        if frame is None:
+            return None
+        return self.receive_frame(frame)
+
+    def _agree(self, offered: str) -> tuple[int, int]:
+        """STOMP 1.2 §heart-beating: each side at the larger of what one offers and the
+        other wants, or not at all if either says 0."""
+        try:
+            broker_sends, broker_wants = (int(x) for x in offered.split(",", 1))
+        except ValueError:
+            return (0, 0)
+        we_send, we_want = self._heartbeats
+        send = max(we_send, broker_wants) if we_send and broker_wants else 0
+        expect = max(we_want, broker_sends) if we_want and broker_sends else 0
+        return (send, expect)
+
+    def _refusal(self, message: str, body: str) -> ParticipantError | ConfigurationError:
+        if "InvalidClientIDException" in body and self.client_id:
+            return ClientIdInUse(self.client_id, message, participant=self.participant)
+        if is_login_error(message, body):
+            return login_refused(
+                self.address, self._login, self._passcode, participant=self.participant
+            )
+        return BrokerRefused("CONNECT", message, participant=self.participant)
