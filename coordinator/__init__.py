@@ -14,6 +14,8 @@ The public API. Build a coordinator from participants of your choosing::
     )
 """
 
+from importlib.metadata import PackageNotFoundError, version
+
 from coordinator.coordinator import Coordinator
 from coordinator.errors import (
     CommitRefused,
@@ -45,6 +47,11 @@ from coordinator.recovery import Decision, InDoubt, Recovery, RecoveryReport
 from coordinator.states import Outcome, TxState, Vote
 from coordinator.transaction import Transaction
 from coordinator.xid import FORMAT_ID, Xid
+
+try:
+    __version__ = version("twopc-coordinator")
+except PackageNotFoundError:  # a source tree that was never installed
+    __version__ = "0+unknown"
 
 __all__ = [
     "FORMAT_ID",
@@ -85,5 +92,6 @@ __all__ = [
     "XABranch",
     "XAResource",
     "Xid",
+    "__version__",
     "read_pending",
 ]

@@ -38,9 +38,11 @@ if ! "$python" -c 'import sys; sys.exit(sys.version_info < (3, 11))'; then
 fi
 [ -x .venv/bin/python ] || "$python" -m venv .venv
 stamp=.venv/.twopc-installed
-want=$(sha256sum pyproject.toml | cut -d' ' -f1)
+want=$(cat pyproject.toml constraints.txt | sha256sum | cut -d' ' -f1)
 if [ "$(cat "$stamp" 2>/dev/null)" != "$want" ]; then
   echo "setup: installing twopc and its dependencies into .venv"
-  .venv/bin/python -m pip install -q --disable-pip-version-check -e '.[dev,bench,metrics,tracing,pool]'
+  # The versions the project is tested with: constraints.txt (README: "Dependencies").
+  .venv/bin/python -m pip install -q --disable-pip-version-check -c constraints.txt \
+    -e '.[cli,binary,dev,bench,metrics,tracing,pool]'
   echo "$want" > "$stamp"
 fi

@@ -16,7 +16,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-from crc32c import crc32c
+from google_crc32c import value as crc32c
 
 from coordinator import failpoints
 from coordinator.coordinator import Coordinator

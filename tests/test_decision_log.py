@@ -15,7 +15,7 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import pytest
-from crc32c import crc32c
+from google_crc32c import value as crc32c
 
 from coordinator import failpoints
 from coordinator.errors import (

@@ -52,7 +52,7 @@ from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from enum import IntEnum
 
-from crc32c import crc32c
+import google_crc32c
 
 from coordinator.errors import DecisionLogCorrupt, UnloggableRecord
 
@@ -70,6 +70,12 @@ RECORD_OVERHEAD = _FRAME_HEAD.size + _U32.size
 #: Larger lengths are damage, not data: a checkpoint of a million pending
 #: transactions stays far below this.
 MAX_PAYLOAD = 1 << 28
+
+
+def crc32c(data: bytes | memoryview) -> int:
+    """CRC-32C (Castagnoli) of ``data``, as the record's last four bytes hold it."""
+    checksum: int = google_crc32c.value(bytes(data))
+    return checksum
 
 
 class RecordType(IntEnum):

@@ -1,5 +1,5 @@
 """``python -m scenarios.cli``: the ``twopc`` command."""
 
-from scenarios.cli.main import main
+from scenarios.cli import run
 
-main()
+run()

@@ -12,6 +12,7 @@ import click
 from rich.console import Console
 from rich.table import Table
 
+from coordinator import __version__
 from coordinator.errors import ConfigurationError
 from scenarios.cli import bench as cli_bench
 from scenarios.cli import doctor as cli_doctor
@@ -51,7 +52,8 @@ class TwopcGroup(click.Group):
             sys.exit(EXIT_RUNTIME_ERROR)
 
 
-@click.group(cls=TwopcGroup)
+@click.group(cls=TwopcGroup, context_settings={"help_option_names": ["-h", "--help"]})
+@click.version_option(__version__, "-V", "--version", prog_name="twopc")
 def main() -> None:
     """twopc: a durable two-phase-commit coordinator for PostgreSQL and ActiveMQ."""
     configure_logging()
