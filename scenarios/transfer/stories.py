@@ -209,9 +209,7 @@ def broker_down_at_commit_point(settings: Settings) -> Story:
     coordinator = open_coordinator(settings, sessions=2)
     try:
         tx = coordinator.begin(gtrid_prefix(settings.coordinator_id) + t.transfer_id)
-        tx.execute(
-            "a", scenario.DEBIT, {"amount": t.amount, "account": t.source, "tid": t.transfer_id}
-        )
+        tx.execute("a", scenario.DEBIT_TO, t.debit())
         tx.execute(
             "b", scenario.CREDIT, {"amount": t.amount, "account": t.target, "tid": t.transfer_id}
         )
