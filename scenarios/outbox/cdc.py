@@ -83,6 +83,16 @@ def ensure_publication(conn: psycopg.Connection) -> None:
             conn.execute(f"CREATE PUBLICATION {CDC_PUBLICATION} FOR TABLE {', '.join(CDC_TABLES)}")
 
 
+def set_destination(dsn: str, destination: str) -> None:
+    """Where the CDC relay publishes the credits it decodes from now on (relay_positions)."""
+    with psycopg.connect(dsn, autocommit=True) as conn:
+        conn.execute(
+            "UPDATE relay_positions SET destination = %s, updated_at = clock_timestamp() "
+            "WHERE name = 'cdc' AND destination IS DISTINCT FROM %s",
+            (destination, destination),
+        )
+
+
 def drop_slot(dsn: str, slot: str = CDC_SLOT) -> None:
     """Drop the slot if it exists (it holds back WAL while it lives)."""
     with psycopg.connect(dsn, autocommit=True) as conn:

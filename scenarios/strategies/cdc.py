@@ -19,22 +19,10 @@ from __future__ import annotations
 
 from collections.abc import Callable
 
-import psycopg
-
 from scenarios.config import Settings
-from scenarios.outbox.cdc import ensure_slot
+from scenarios.outbox.cdc import ensure_slot, set_destination
 from scenarios.strategies.outbox import LocalCommitWriter
 from scenarios.transfer.model import CREDIT_QUEUE
-
-
-def set_cdc_destination(dsn: str, destination: str) -> None:
-    """Where the CDC relay publishes the credits it decodes from now on."""
-    with psycopg.connect(dsn, autocommit=True) as conn:
-        conn.execute(
-            "UPDATE relay_positions SET destination = %s, updated_at = clock_timestamp() "
-            "WHERE name = 'cdc'",
-            (destination,),
-        )
 
 
 class CdcStrategy(LocalCommitWriter):
@@ -54,7 +42,7 @@ class CdcStrategy(LocalCommitWriter):
 
     def prepare(self, settings: Settings, *, concurrency: int = 8) -> None:
         ensure_slot(settings.pg_a)
-        set_cdc_destination(settings.pg_a, self.destination)
+        set_destination(settings.pg_a, self.destination)
         super().prepare(settings, concurrency=concurrency)
 
 
