@@ -21,7 +21,6 @@ never *why*.
 from __future__ import annotations
 
 import contextlib
-from collections.abc import Sequence
 from dataclasses import dataclass
 
 import psycopg
@@ -204,8 +203,3 @@ def _show(value: Value) -> str:
     if value is UNCHANGED_TOAST:
         return "(unchanged)"
     return repr(value.decode() if isinstance(value, bytes) else value)
-
-
-def messages_of(transactions: Sequence[Transaction], destination: str) -> list[OutMessage]:
-    """Every credit command of ``transactions``, in commit order."""
-    return [m for t in transactions for m in explain(t, destination).credits]
