@@ -5,8 +5,9 @@ slot's plugin (pgoutput, not test_decoding), 16 writers committing out of
 start order, a CDC relay SIGKILLed between publishing and recording (its
 replay absorbed by the consumer), two CDC relays at once (one decodes, the
 other takes over when the first is killed), and a balance changed with no
-transfer (decoded, not sent: no reason comes with it). The decoder's own
-tests, with no database, are in tests/test_pgoutput.py.
+transfer (decoded, not sent: no reason comes with it), and the decoder on
+the bytes PostgreSQL really sends. The decoder's tests with no database are
+in tests/test_pgoutput.py.
 """
 
 from __future__ import annotations
@@ -16,6 +17,7 @@ import re
 import signal
 import threading
 import time
+import uuid
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -25,7 +27,13 @@ import pytest
 from scenarios.config import Settings
 from scenarios.outbox.cdc import drop_slot, slot_plugin
 from scenarios.outbox.consumer import inbox_counts
-from scenarios.outbox.pgoutput import lsn_value
+from scenarios.outbox.pgoutput import (
+    UNCHANGED_TOAST,
+    RowChange,
+    TableTruncate,
+    TransactionAssembler,
+    lsn_value,
+)
 from scenarios.outbox.pipeline import Pipeline
 from scenarios.outbox.relay import CDC_LOCK, LOCK_CLASS, RELAY_CRASH_SETTING, CdcRelay
 from scenarios.strategies import cdc as cdc_strategy
@@ -276,3 +284,55 @@ def test_two_cdc_relays_one_decodes_and_the_other_takes_over(
         writers.join()
         assert_exactly_once(settings)
         assert pipeline.alive().count(False) == 1
+
+
+@pytest.mark.lab
+def test_pgoutput_bytes_from_postgresql_decode_every_row_message_and_column_kind(
+    settings: Settings,
+) -> None:
+    """Real pgoutput output: insert, update (NULL, unchanged TOAST), key change, delete,
+    truncate."""
+    suffix = uuid.uuid4().hex[:8]
+    table, publication, slot = f"cdc_probe_{suffix}", f"cdc_probe_{suffix}", f"probe_{suffix}"
+    big = "(SELECT string_agg(md5(i::text), '') FROM generate_series(1, 400) i)"
+    with psycopg.connect(settings.pg_a, autocommit=True) as conn:
+        conn.execute(f"CREATE TABLE {table} (id int PRIMARY KEY, note text, big text)")
+        conn.execute(f"CREATE PUBLICATION {publication} FOR TABLE {table}")
+        conn.execute("SELECT pg_create_logical_replication_slot(%s, 'pgoutput')", (slot,))
+        try:
+            conn.execute(f"INSERT INTO {table} VALUES (1, NULL, {big})")
+            conn.execute(f"UPDATE {table} SET note = 'it''s' WHERE id = 1")
+            conn.execute(f"UPDATE {table} SET id = 2 WHERE id = 1")
+            with conn.transaction():
+                conn.execute(f"DELETE FROM {table} WHERE id = 2")
+                conn.execute(f"INSERT INTO {table} VALUES (3, 'x', 'small')")
+            conn.execute(f"TRUNCATE {table}")
+            rows = conn.execute(
+                "SELECT data FROM pg_logical_slot_peek_binary_changes(%s, NULL, NULL, "
+                "'proto_version', '1', 'publication_names', %s)",
+                (slot, publication),
+            ).fetchall()
+        finally:
+            conn.execute("SELECT pg_drop_replication_slot(%s)", (slot,))
+            conn.execute(f"DROP PUBLICATION {publication}")
+            conn.execute(f"DROP TABLE {table}")
+    inserted, noted, rekeyed, replaced, truncated = TransactionAssembler().feed(
+        [bytes(row[0]) for row in rows]
+    )
+    name = f"public.{table}"
+    (insert,) = inserted.changes
+    assert isinstance(insert, RowChange) and insert.operation == "insert"
+    assert insert.table == name and insert.new["id"] == "1" and insert.new["note"] is None
+    assert isinstance(insert.new["big"], str) and len(insert.new["big"]) == 400 * 32
+    (update,) = noted.changes
+    assert update == RowChange(
+        "update", name, {"id": "1", "note": "it's", "big": UNCHANGED_TOAST}, {}
+    ), "an UPDATE that kept the key sends no old row, and not the TOASTed value"
+    (moved,) = rekeyed.changes
+    assert isinstance(moved, RowChange)
+    assert moved.new["id"] == "2" and moved.old == {"id": "1", "note": None, "big": None}
+    deleted, added = replaced.changes
+    assert deleted == RowChange("delete", name, {}, {"id": "2", "note": None, "big": None})
+    assert added == RowChange("insert", name, {"id": "3", "note": "x", "big": "small"}, {})
+    assert truncated.changes == [TableTruncate((name,), cascade=False, restart_identity=False)]
+    assert inserted.end_lsn < noted.end_lsn < truncated.end_lsn
