@@ -142,7 +142,7 @@ class Explained:
 def explain(transaction: Transaction, destination: str) -> Explained:
     """The credit commands of a committed transaction on A's business tables.
 
-    The transfer writer's transaction is one debit (scenarios.transfer.model.DEBIT):
+    The transfer writer's transaction is one debit (scenarios.transfer.model.DEBIT_TO):
     an UPDATE of the source account, then an INSERT into ``transfers`` naming
     the account to credit in B (``counterparty``). So each ``transfers`` insert
     with a counterparty is a credit, from the account updated just before it.
