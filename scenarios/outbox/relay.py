@@ -49,8 +49,9 @@ Modes:
     consumer deduplicates. Changes no transfer explains (a balance corrected
     by hand) are logged and counted, never sent: the WAL says what changed,
     not why. One relay decodes at a time (an advisory lock); others wait as
-    hot standbys. The relay polls the slot every ``poll_interval``: nothing
-    on A notifies it, since the writer adds nothing to its transaction.
+    hot standbys. Nothing on A notifies the relay (the writer adds nothing to
+    its transaction): it watches A's WAL insert position every
+    ``WAL_WATCH_INTERVAL`` and peeks when it moved, or every ``poll_interval``.
 """
 
 from __future__ import annotations
@@ -91,6 +92,9 @@ CHANNEL = "twopc_outbox"
 #: First key of the relays' advisory locks (the second is the partition, or CDC_LOCK).
 LOCK_CLASS = 0x74706331
 CDC_LOCK = 1000
+
+#: Seconds between two looks at A's WAL position while the CDC relay waits for work.
+WAL_WATCH_INTERVAL = 0.02
 
 #: Environment variable arming a relay crash: ``after-publish=kill@3`` SIGKILLs the
 #: relay on its third batch, after the broker took it and before it was recorded.
@@ -505,6 +509,26 @@ class CdcRelay(Relay):
             "SELECT pg_replication_slot_advance(%s, %s::pg_lsn)", (self.slot, last_lsn)
         )
         return len(batch) or len(transactions)
+
+    def _wait_for_work(self) -> None:
+        """Sleep until A's WAL moves (checked every WAL_WATCH_INTERVAL), the poll, or shutdown.
+
+        Nothing on A notifies the relay (the writer adds nothing to its
+        transaction), and a peek decodes the slot from its position, so the relay
+        watches the cheap WAL insert position instead and peeks once it moved.
+        """
+        if not self._leader:  # a standby only tries the lock again, every poll_interval
+            self._stop.wait(self.config.poll_interval)
+            return
+        deadline = time.monotonic() + self.config.poll_interval
+        start = self._wal_position()
+        while not self._stop.wait(min(WAL_WATCH_INTERVAL, self.config.poll_interval)):
+            if time.monotonic() >= deadline or self._wal_position() != start:
+                return
+
+    def _wal_position(self) -> str:
+        row = self.conn.execute("SELECT pg_current_wal_insert_lsn()::text").fetchone()
+        return str(row[0]) if row else ""
 
     def _lead(self) -> bool:
         """Hold the CDC advisory lock: only one relay decodes the slot at a time."""
