@@ -53,7 +53,7 @@ def audit_rows(settings: Settings, name: str) -> dict[str, int]:
 
 def committed_ids(settings: Settings) -> set[str]:
     with psycopg.connect(settings.pg_a) as conn:
-        return {row[0] for row in conn.execute("SELECT transfer_id FROM cdc_events")}
+        return {row[0] for row in conn.execute("SELECT transfer_id FROM transfers")}
 
 
 def test_consumer_queue_follows_the_virtual_topic_naming() -> None:

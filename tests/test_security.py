@@ -434,9 +434,13 @@ def test_twopc_holds_what_fencing_and_cdc_need(settings: Settings) -> None:
             assert conn.execute("SELECT pg_terminate_backend(%s, 5000)", (pid,)).fetchone() == (
                 True,
             )
-            conn.execute("SELECT pg_create_logical_replication_slot(%s, 'test_decoding')", (slot,))
+            conn.execute("SELECT pg_create_logical_replication_slot(%s, 'pgoutput')", (slot,))
             try:
-                conn.execute("SELECT * FROM pg_logical_slot_peek_changes(%s, NULL, 10)", (slot,))
+                conn.execute(
+                    "SELECT * FROM pg_logical_slot_peek_binary_changes(%s, NULL, 10, "
+                    "'proto_version', '1', 'publication_names', 'twopc_cdc')",
+                    (slot,),
+                )
                 conn.execute(
                     "SELECT pg_replication_slot_advance(%s, pg_current_wal_lsn())", (slot,)
                 )

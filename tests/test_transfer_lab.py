@@ -329,7 +329,7 @@ def test_paused_broker_at_commit_point_is_in_doubt_then_resolved(fresh: Settings
     t = scenario.Transfer("paused-1", scenario.account_id(0), scenario.account_id(1), 5)
     try:
         tx = coordinator.begin(f"{fresh.coordinator_id}.paused-1")
-        tx.execute("a", scenario.DEBIT, {"amount": 5, "account": t.source, "tid": t.transfer_id})
+        tx.execute("a", scenario.DEBIT_TO, t.debit())
         tx.execute("b", scenario.CREDIT, {"amount": 5, "account": t.target, "tid": t.transfer_id})
         tx.send(scenario.EVENT_QUEUE, t.body(), {"transfer-id": t.transfer_id})
         lab.kill("activemq", signal.SIGSTOP)

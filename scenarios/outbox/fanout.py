@@ -1,8 +1,9 @@
 """CDC fan-out: A's changes published once to a virtual topic, read by consumers at their own pace.
 
-The ``cdc-fanout`` writer (scenarios.strategies.cdc) records each transfer in
-``cdc_events`` with the destination :data:`TOPIC`; the CDC relay decodes it
-from the WAL and publishes it there once. :data:`TOPIC` is an ActiveMQ 5
+The ``cdc-fanout`` writer (scenarios.strategies.cdc) debits A like ``cdc`` and
+sets the CDC relay's destination to :data:`TOPIC`; the relay decodes each
+committed transfer from A's business rows in the WAL and publishes it there
+once. :data:`TOPIC` is an ActiveMQ 5
 *virtual topic*: the broker's default virtual destination interceptor (no
 configuration needed: the lab's activemq.xml declares no interceptors, so the
 default ``VirtualTopic.>`` one applies) copies every message sent to

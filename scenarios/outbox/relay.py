@@ -35,15 +35,23 @@ Modes:
     from the same position twice.
 
 ``cdc``
-    Logical decoding through the SQL functions (psycopg has no replication
-    protocol): ``pg_logical_slot_peek_changes`` on the ``twopc_cdc`` slot
-    (test_decoding), publish the cdc_events inserts of whole committed
-    transactions, record the last commit LSN in ``relay_positions``, then
-    ``pg_replication_slot_advance``. Peek, not get: get would consume the
-    changes before they are published. A replay after a crash (the slot's
-    position is written at checkpoints, so it can go back) is skipped up to
-    the recorded LSN, and anything else the consumer deduplicates. One relay
-    decodes at a time (an advisory lock); others wait as hot standbys.
+    Logical decoding of A's business tables (``transfers``, ``accounts``)
+    through pgoutput and the SQL functions (psycopg has no replication
+    protocol; docs/design.md §8 says why this is not psycopg2's):
+    ``pg_logical_slot_peek_binary_changes`` on the ``twopc_cdc`` slot,
+    decoded by scenarios.outbox.pgoutput; each committed transfer becomes its
+    credit command (scenarios.outbox.cdc.explain), published to the
+    destination recorded in ``relay_positions``; then the last commit's end
+    LSN is recorded there, then ``pg_replication_slot_advance``. Peek, not
+    get: get would consume the changes before they are published. A replay
+    after a crash (the slot's position is written at checkpoints, so it can
+    go back) is skipped up to the recorded LSN, and anything else the
+    consumer deduplicates. Changes no transfer explains (a balance corrected
+    by hand) are logged and counted, never sent: the WAL says what changed,
+    not why. One relay decodes at a time (an advisory lock); others wait as
+    hot standbys. Nothing on A notifies the relay (the writer adds nothing to
+    its transaction): it watches A's WAL insert position every
+    ``WAL_WATCH_INTERVAL`` and peeks when it moved, or every ``poll_interval``.
 """
 
 from __future__ import annotations
@@ -64,7 +72,7 @@ from coordinator.events import get_logger
 from participants.stomp_client import StompClient
 from scenarios import events as ev
 from scenarios.config import Settings
-from scenarios.outbox.cdc import ensure_slot, parse_insert
+from scenarios.outbox.cdc import describe, ensure_slot, explain, peek
 from scenarios.outbox.failures import (
     Disposition,
     OutMessage,
@@ -72,8 +80,9 @@ from scenarios.outbox.failures import (
     deliver,
     record_failures,
 )
+from scenarios.outbox.pgoutput import lsn_text, lsn_value
 from scenarios.strategies.base import RELAY_MODES, CrashPlan, RelayMode
-from scenarios.transfer.model import CREDIT_COMMAND, TYPE_HEADER
+from scenarios.transfer.model import CREDIT_COMMAND, CREDIT_QUEUE, TYPE_HEADER
 from scenarios.transfer.schema import CDC_SLOT, LAST_ID_PARTITIONS
 from scenarios.wiring import open_stomp
 
@@ -83,6 +92,9 @@ CHANNEL = "twopc_outbox"
 #: First key of the relays' advisory locks (the second is the partition, or CDC_LOCK).
 LOCK_CLASS = 0x74706331
 CDC_LOCK = 1000
+
+#: Seconds between two looks at A's WAL position while the CDC relay waits for work.
+WAL_WATCH_INTERVAL = 0.02
 
 #: Environment variable arming a relay crash: ``after-publish=kill@3`` SIGKILLs the
 #: relay on its third batch, after the broker took it and before it was recorded.
@@ -166,6 +178,7 @@ class RelayStats:
     ignored: int = 0
     batches: int = 0
     replays_skipped: int = 0
+    unexplained: int = 0  # CDC: decoded changes that are no transfer (logged, not sent)
 
     def as_dict(self) -> dict[str, int]:
         return dict(self.__dict__)
@@ -421,16 +434,11 @@ class LastIdRelay(Relay):
 # -- CDC ------------------------------------------------------------------------------
 
 
-@dataclass
-class _DecodedTransaction:
-    commit_lsn: str
-    messages: list[OutMessage]
-
-
 class CdcRelay(Relay):
-    """Peek -> publish -> record -> advance, on the logical replication slot."""
+    """Peek -> publish -> record -> advance, on the pgoutput slot of A's business tables."""
 
     mode: RelayMode = "cdc"
+    listens = False  # nothing on A notifies: the writer adds nothing to its transaction
 
     def __init__(self, *args: Any, slot: str = CDC_SLOT, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
@@ -447,15 +455,16 @@ class CdcRelay(Relay):
         if not self._lead():
             return 0
         recorded = self.conn.execute(
-            "SELECT lsn::text FROM relay_positions WHERE name = 'cdc'"
+            "SELECT lsn::text, destination FROM relay_positions WHERE name = 'cdc'"
         ).fetchone()
-        recorded_lsn = _lsn(recorded[0]) if recorded and recorded[0] else None
+        if recorded is None:
+            raise TwoPhaseCommitError(
+                "relay_positions has no row 'cdc': run 'twopc transfer --reset' first"
+            )
+        recorded_lsn = lsn_value(recorded[0]) if recorded[0] else None
+        destination = recorded[1] or CREDIT_QUEUE
         try:
-            rows = self.conn.execute(
-                "SELECT lsn::text, data FROM pg_logical_slot_peek_changes(%s, NULL, %s, "
-                "'skip-empty-xacts', '1')",
-                (self.slot, self.config.batch_size * 5),
-            ).fetchall()
+            transactions = peek(self.conn, self.slot, changes=self.config.batch_size * 5)
         except pg_errors.UndefinedObject:
             if ensure_slot(self.settings.pg_a, self.slot):
                 self.log.warning(
@@ -464,17 +473,24 @@ class CdcRelay(Relay):
                     note="changes committed before now were not decoded",
                 )
             return 0
-        transactions = self._decode(rows)
         if not transactions:
             return 0
-        last_lsn = transactions[-1].commit_lsn
-        fresh = [
-            t for t in transactions if recorded_lsn is None or _lsn(t.commit_lsn) > recorded_lsn
-        ]
-        self.stats.replays_skipped += sum(len(t.messages) for t in transactions) - sum(
-            len(t.messages) for t in fresh
-        )
-        batch = [m for t in fresh for m in t.messages]
+        last_lsn = lsn_text(transactions[-1].end_lsn)
+        batch: list[OutMessage] = []
+        for transaction in transactions:
+            explained = explain(transaction, destination)
+            if recorded_lsn is not None and transaction.end_lsn <= recorded_lsn:
+                self.stats.replays_skipped += len(explained.credits)
+                continue
+            batch += explained.credits
+            for change in explained.unexplained:
+                self.stats.unexplained += 1
+                self.log.info(
+                    ev.RELAY_CDC_UNEXPLAINED,
+                    change=describe(change),
+                    xid=transaction.xid,
+                    lsn=lsn_text(transaction.end_lsn),
+                )
         if batch:
             disposition, attempts, error = self._deliver(batch)
             with self.conn.transaction():
@@ -487,12 +503,32 @@ class CdcRelay(Relay):
                     " WHERE name = 'cdc'",
                     (last_lsn,),
                 )
-        # Only transactions without events left (our own position updates among them):
-        # advancing past them needs no record, and recording would make new ones.
+        # Transactions without credits (corrections, other writers) need no record to be
+        # advanced past; recording would only write more rows to A.
         self.conn.execute(
             "SELECT pg_replication_slot_advance(%s, %s::pg_lsn)", (self.slot, last_lsn)
         )
         return len(batch) or len(transactions)
+
+    def _wait_for_work(self) -> None:
+        """Sleep until A's WAL moves (checked every WAL_WATCH_INTERVAL), the poll, or shutdown.
+
+        Nothing on A notifies the relay (the writer adds nothing to its
+        transaction), and a peek decodes the slot from its position, so the relay
+        watches the cheap WAL insert position instead and peeks once it moved.
+        """
+        if not self._leader:  # a standby only tries the lock again, every poll_interval
+            self._stop.wait(self.config.poll_interval)
+            return
+        deadline = time.monotonic() + self.config.poll_interval
+        start = self._wal_position()
+        while not self._stop.wait(min(WAL_WATCH_INTERVAL, self.config.poll_interval)):
+            if time.monotonic() >= deadline or self._wal_position() != start:
+                return
+
+    def _wal_position(self) -> str:
+        row = self.conn.execute("SELECT pg_current_wal_insert_lsn()::text").fetchone()
+        return str(row[0]) if row else ""
 
     def _lead(self) -> bool:
         """Hold the CDC advisory lock: only one relay decodes the slot at a time."""
@@ -508,34 +544,6 @@ class CdcRelay(Relay):
                 self._standby_logged = True
                 self.log.info(ev.RELAY_CDC_STANDBY, note="another relay decodes the slot")
         return self._leader
-
-    def _decode(self, rows: Sequence[tuple[Any, str]]) -> list[_DecodedTransaction]:
-        """Whole transactions from test_decoding lines (a peek ends on a commit)."""
-        done: list[_DecodedTransaction] = []
-        messages: list[OutMessage] = []
-        for lsn, data in rows:
-            if data.startswith("BEGIN"):
-                messages = []
-            elif data.startswith("COMMIT"):
-                done.append(_DecodedTransaction(str(lsn), messages))
-                messages = []
-            else:
-                columns = parse_insert(data)
-                if columns is not None:
-                    messages.append(
-                        OutMessage(
-                            str(columns.get("transfer_id")),
-                            str(columns.get("destination")),
-                            str(columns.get("body")),
-                        )
-                    )
-        return done
-
-
-def _lsn(text: str) -> int:
-    """'16/B374D848' as a number, to compare positions."""
-    high, _, low = text.partition("/")
-    return (int(high, 16) << 32) + int(low, 16)
 
 
 RELAYS: dict[RelayMode, type[Relay]] = {

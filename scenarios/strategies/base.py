@@ -34,7 +34,7 @@ from coordinator.errors import ConfigurationError, ParticipantUnavailable
 from coordinator.states import Outcome
 from scenarios.config import Settings
 from scenarios.transfer.model import (
-    DEBIT,
+    DEBIT_TO,
     MissingAccount,
     Transfer,
     account_ids,
@@ -162,7 +162,7 @@ def commit_debit(pool: ConnectionPool, transfer: Transfer) -> str | None:
     """
     with pool.connection() as conn:
         try:
-            require_applied(conn.execute(DEBIT, transfer.debit()).rowcount, transfer.source, "a")
+            require_applied(conn.execute(DEBIT_TO, transfer.debit()).rowcount, transfer.source, "a")
         except MissingAccount as exc:
             conn.rollback()
             return str(exc)

@@ -1,14 +1,18 @@
-"""The CDC strategy: A's local commit writes a cdc_events row that the CDC relay reads from the WAL.
+"""The CDC strategy: A's local commit is the debit alone; the CDC relay reads it from the WAL.
 
-The writer is the outbox writer with another table: nobody reads
-``cdc_events`` with SQL. The CDC relay (scenarios.outbox.relay) decodes its
-inserts from the logical replication slot ``twopc_cdc``, so the slot must
-exist before the first write: prepare() creates it with
-:func:`scenarios.outbox.cdc.ensure_slot`.
+The writer runs the business transaction and nothing else (the grep test in
+tests/test_cdc.py holds it to that): the debit of the source account and A's
+``transfers`` row, which names the account to credit in B. The CDC relay
+(scenarios.outbox.relay) decodes those rows from the logical replication slot
+``twopc_cdc`` (pgoutput, publication ``twopc_cdc``) and turns each committed
+transfer into the credit command (scenarios.outbox.cdc.explain). The slot
+must exist before the first write: prepare() creates it with
+:func:`scenarios.outbox.cdc.ensure_slot`, and tells the relay where to
+publish (``relay_positions.destination``).
 
-``cdc-fanout`` writes the same rows with the virtual topic
-``/topic/VirtualTopic.transfers`` as destination: the relay publishes each
-change once and every consumer queue gets a copy (scenarios.outbox.fanout).
+``cdc-fanout`` has the relay publish to the virtual topic
+``/topic/VirtualTopic.transfers`` instead: each change once, and every
+consumer queue gets a copy (scenarios.outbox.fanout).
 """
 
 from __future__ import annotations
@@ -16,26 +20,29 @@ from __future__ import annotations
 from collections.abc import Callable
 
 from scenarios.config import Settings
-from scenarios.outbox.cdc import ensure_slot
+from scenarios.outbox.cdc import ensure_slot, set_destination
 from scenarios.strategies.outbox import LocalCommitWriter
-
-CDC_INSERT = (
-    "INSERT INTO cdc_events (transfer_id, destination, body) "
-    "VALUES (%(tid)s, %(destination)s, %(body)s)"
-)
+from scenarios.transfer.model import CREDIT_QUEUE
 
 
 class CdcStrategy(LocalCommitWriter):
-    """A local commit in A; the CDC relay turns the committed insert into the message."""
+    """A local commit in A; the CDC relay turns the committed rows into the message."""
 
     #: The consumers of a fan-out (none: the one consumer of /queue/transfers.credit).
     fanout: tuple[str, ...] = ()
 
-    def __init__(self, *, before_commit: Callable[[], None] | None = None) -> None:
-        super().__init__("cdc", "cdc", CDC_INSERT, before_commit=before_commit)
+    def __init__(
+        self,
+        *,
+        before_commit: Callable[[], None] | None = None,
+        name: str = "cdc",
+        destination: str = CREDIT_QUEUE,
+    ) -> None:
+        super().__init__(name, "cdc", None, destination=destination, before_commit=before_commit)
 
     def prepare(self, settings: Settings, *, concurrency: int = 8) -> None:
         ensure_slot(settings.pg_a)
+        set_destination(settings.pg_a, self.destination)
         super().prepare(settings, concurrency=concurrency)
 
 
@@ -46,14 +53,7 @@ class CdcFanoutStrategy(CdcStrategy):
     def __init__(self, *, before_commit: Callable[[], None] | None = None) -> None:
         from scenarios.outbox import fanout  # it imports the consumer, which imports us
 
-        LocalCommitWriter.__init__(
-            self,
-            "cdc-fanout",
-            "cdc",
-            CDC_INSERT,
-            destination=fanout.TOPIC,
-            before_commit=before_commit,
-        )
+        super().__init__(before_commit=before_commit, name="cdc-fanout", destination=fanout.TOPIC)
         self.fanout = fanout.CONSUMERS
 
     def prepare(self, settings: Settings, *, concurrency: int = 8) -> None:

@@ -35,7 +35,7 @@ from scenarios.strategies.base import (
 )
 from scenarios.transfer.model import (
     CREDIT_QUEUE,
-    DEBIT,
+    DEBIT_TO,
     MissingAccount,
     Transfer,
     require_applied,
@@ -50,6 +50,9 @@ OUTBOX_INSERT = (
 class LocalCommitWriter:
     """Debit A and record the message in a table of A, in one local transaction.
 
+    With no ``insert`` (CDC) the debit is the whole transaction: the relay reads
+    the business rows themselves.
+
     ``before_commit`` runs after the writes and before COMMIT (tests use it to
     hold transactions open, so that they commit out of id order).
     """
@@ -60,7 +63,7 @@ class LocalCommitWriter:
         self,
         name: str,
         relay_mode: RelayMode,
-        insert: str,
+        insert: str | None,
         *,
         status: str | None = None,
         destination: str = CREDIT_QUEUE,
@@ -94,19 +97,20 @@ class LocalCommitWriter:
         with self._pool.connection() as conn:
             try:
                 with conn.cursor() as cur:
-                    cur.execute(DEBIT, transfer.debit())
+                    cur.execute(DEBIT_TO, transfer.debit())
                     require_applied(cur.rowcount, transfer.source, "a")
-                    cur.execute(
-                        self._insert,
-                        {
-                            "tid": transfer.transfer_id,
-                            "destination": self.destination,
-                            "body": transfer.body(),
-                            "status": self._status,
-                            "target": transfer.target,
-                            "amount": transfer.amount,
-                        },
-                    )
+                    if self._insert is not None:  # None: the debit is the whole transaction
+                        cur.execute(
+                            self._insert,
+                            {
+                                "tid": transfer.transfer_id,
+                                "destination": self.destination,
+                                "body": transfer.body(),
+                                "status": self._status,
+                                "target": transfer.target,
+                                "amount": transfer.amount,
+                            },
+                        )
             except MissingAccount as exc:
                 conn.rollback()
                 return Outcome.ABORTED, str(exc)

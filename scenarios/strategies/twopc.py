@@ -24,7 +24,7 @@ from scenarios.config import Settings
 from scenarios.strategies.base import CrashAction, RelayMode
 from scenarios.transfer.model import (
     CREDIT,
-    DEBIT,
+    DEBIT_TO,
     EVENT_QUEUE,
     TRANSFER_COMPLETED,
     TYPE_HEADER,
@@ -47,7 +47,7 @@ def transfer_2pc(coordinator: Coordinator, transfer: Transfer) -> tuple[Outcome,
     try:
         with tx:
             try:
-                debited = tx.execute("a", DEBIT, transfer.debit()).rowcount
+                debited = tx.execute("a", DEBIT_TO, transfer.debit()).rowcount
             except pg_errors.CheckViolation:
                 pass  # the branch remembers the failure and votes NO at prepare
             else:

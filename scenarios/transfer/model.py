@@ -35,6 +35,16 @@ TYPE_HEADER = "type"
 TRANSFER_COMPLETED = "transfer.completed"
 CREDIT_COMMAND = "transfer.credit"
 
+#: A's side of a transfer: the source account debited, and the transfer recorded with the
+#: account it pays in B (``counterparty``): a complete record of the business fact, and
+#: all that CDC reads from A (scenarios.outbox.cdc). Every strategy debits with it.
+DEBIT_TO = (
+    "WITH debited AS (UPDATE accounts SET balance = balance - %(amount)s "
+    "WHERE id = %(account)s RETURNING id) "
+    "INSERT INTO transfers (transfer_id, amount, counterparty) "
+    "SELECT %(tid)s, %(amount)s, %(counterparty)s FROM debited"
+)
+#: DEBIT_TO without the counterparty, for callers that pass only amount, account and tid.
 DEBIT = (
     "WITH debited AS (UPDATE accounts SET balance = balance - %(amount)s "
     "WHERE id = %(account)s RETURNING id) "
@@ -96,8 +106,13 @@ class Transfer:
         )
 
     def debit(self) -> dict[str, object]:
-        """The parameters of DEBIT for this transfer (database A)."""
-        return {"amount": self.amount, "account": self.source, "tid": self.transfer_id}
+        """The parameters of DEBIT_TO for this transfer (database A)."""
+        return {
+            "amount": self.amount,
+            "account": self.source,
+            "tid": self.transfer_id,
+            "counterparty": self.target,
+        }
 
     def credit(self) -> dict[str, object]:
         """The parameters of CREDIT for this transfer (database B)."""

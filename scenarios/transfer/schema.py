@@ -10,9 +10,13 @@ BUSINESS = [
         id text PRIMARY KEY,
         balance bigint NOT NULL CHECK (balance >= 0)
     )""",
+    # counterparty: the account on the other side. A's debit records the account it
+    # pays in B (a transfer that did not say whom it paid would be a poor record);
+    # B's credit leaves it empty.
     """CREATE TABLE transfers (
         transfer_id text PRIMARY KEY,
         amount bigint NOT NULL,
+        counterparty text,
         created_at timestamptz NOT NULL DEFAULT now()
     )""",
 ]
@@ -24,18 +28,26 @@ META = [
     "CREATE TABLE scenario_meta (key text PRIMARY KEY, value bigint NOT NULL)",
 ]
 
-#: The logical replication slot the CDC relay reads A's changes from (test_decoding).
+#: The logical replication slot the CDC relay reads A's changes from (pgoutput).
 CDC_SLOT = "twopc_cdc"
+#: The publication that says which of A's tables pgoutput decodes: the business tables.
+CDC_PUBLICATION = "twopc_cdc"
+CDC_TABLES = ("transfers", "accounts")
 
 #: How many partitions the last-id relays share out (one recorded position each).
 LAST_ID_PARTITIONS = 4
 
-# Database A: what the outbox and CDC strategies write beside the business tables.
-# The slot is dropped on reset (it would hold back WAL forever when nothing reads
-# it); the CDC strategy creates it again before its first write.
+# Database A: what the outbox strategies write beside the business tables, and what the
+# relays keep. The CDC strategy writes nothing here: its relay decodes the business
+# tables. The slot is dropped on reset (it would hold back WAL forever when nothing
+# reads it); the CDC strategy creates it again before its first write, after the
+# publication (pgoutput looks the publication up as of each change it decodes).
 OUTBOX = [
     f"SELECT pg_drop_replication_slot(slot_name) FROM pg_replication_slots "
     f"WHERE slot_name = '{CDC_SLOT}'",
+    f"DROP PUBLICATION IF EXISTS {CDC_PUBLICATION}",
+    f"CREATE PUBLICATION {CDC_PUBLICATION} FOR TABLE {', '.join(CDC_TABLES)}",
+    # cdc_events: what the CDC writer once wrote for its relay; dropped where it lingers.
     "DROP TABLE IF EXISTS outbox, cdc_events, outbox_failures, relay_positions",
     # status: 'pending' until the status relay sends it; NULL for rows the last-id
     # relay tracks by position instead. txid orders rows by the writer's transaction,
@@ -53,14 +65,6 @@ OUTBOX = [
     )""",
     "CREATE INDEX outbox_pending ON outbox (id) WHERE status = 'pending'",
     "CREATE INDEX outbox_commit_order ON outbox (part, txid, id) WHERE status IS NULL",
-    # Read by nobody in SQL: the CDC relay sees its inserts in the WAL.
-    """CREATE TABLE cdc_events (
-        id bigserial PRIMARY KEY,
-        transfer_id text NOT NULL UNIQUE,
-        destination text NOT NULL,
-        body text NOT NULL,
-        created_at timestamptz NOT NULL DEFAULT clock_timestamp()
-    )""",
     # The failure log: messages a relay gave up on, for 'twopc outbox retry'.
     """CREATE TABLE outbox_failures (
         transfer_id text PRIMARY KEY,
@@ -73,11 +77,14 @@ OUTBOX = [
         resent_at timestamptz
     )""",
     # Where each position-tracking relay got to: last-id partitions and the CDC slot.
+    # destination: where the CDC relay publishes (set by the CDC strategy's prepare;
+    # NULL means the credit queue).
     """CREATE TABLE relay_positions (
         name text PRIMARY KEY,
         last_txid xid8,
         last_id bigint,
         lsn pg_lsn,
+        destination text,
         updated_at timestamptz NOT NULL DEFAULT clock_timestamp()
     )""",
     f"INSERT INTO relay_positions (name, last_txid, last_id) "
@@ -88,8 +95,6 @@ OUTBOX = [
     """CREATE OR REPLACE FUNCTION outbox_notify() RETURNS trigger LANGUAGE plpgsql AS $$
     BEGIN PERFORM pg_notify('twopc_outbox', ''); RETURN NULL; END $$""",
     "CREATE TRIGGER outbox_notify AFTER INSERT ON outbox "
-    "FOR EACH STATEMENT EXECUTE FUNCTION outbox_notify()",
-    "CREATE TRIGGER cdc_events_notify AFTER INSERT ON cdc_events "
     "FOR EACH STATEMENT EXECUTE FUNCTION outbox_notify()",
 ]
 

@@ -16,6 +16,7 @@ from collections import Counter
 from collections.abc import Callable
 from dataclasses import dataclass, field, replace
 from pathlib import Path
+from typing import Any
 
 import psycopg
 from psycopg import errors as pg_errors
@@ -209,9 +210,7 @@ def broker_down_at_commit_point(settings: Settings) -> Story:
     coordinator = open_coordinator(settings, sessions=2)
     try:
         tx = coordinator.begin(gtrid_prefix(settings.coordinator_id) + t.transfer_id)
-        tx.execute(
-            "a", scenario.DEBIT, {"amount": t.amount, "account": t.source, "tid": t.transfer_id}
-        )
+        tx.execute("a", scenario.DEBIT_TO, t.debit())
         tx.execute(
             "b", scenario.CREDIT, {"amount": t.amount, "account": t.target, "tid": t.transfer_id}
         )
@@ -302,6 +301,76 @@ def slow_cdc_consumer(settings: Settings) -> Story:
         "evidence: no effect twice in B (inbox and audit_log rows unique per consumer)",
     )
     return story
+
+
+def cdc_change_without_reason(settings: Settings) -> Story:
+    """CDC of A's business rows: a transfer arrives with its reason, a balance corrected by
+    hand only as a changed column."""
+    from scenarios.outbox.cdc import describe as describe_change
+    from scenarios.outbox.cdc import explain, peek
+    from scenarios.outbox.pipeline import Pipeline, wait_converged
+    from scenarios.outbox.relay import CdcRelay
+    from scenarios.strategies.cdc import CdcStrategy
+
+    story = Story("cdc-change-without-reason")
+    strategy = CdcStrategy()
+    strategy.prepare(settings, concurrency=1)
+    t = new_transfer(amount=25, source=2, target=5)
+    fee_from, fee_to = scenario.account_id(3), scenario.account_id(4)
+    try:
+        outcome, _ = strategy.run_one(t)
+    finally:
+        strategy.close()
+    story.expect(
+        outcome is Outcome.COMMITTED,
+        f"the CDC writer commits transfer {t.transfer_id} on A: the debit and the transfers "
+        "row, nothing else",
+    )
+    with psycopg.connect(settings.pg_a) as conn:
+        row = conn.execute("SELECT pg_current_xact_id()").fetchone()
+        xid = str(row[0]) if row else ""
+        conn.execute("UPDATE accounts SET balance = balance - 7 WHERE id = %s", (fee_from,))
+        conn.execute("UPDATE accounts SET balance = balance + 7 WHERE id = %s", (fee_to,))
+    story.say(
+        f"then someone moves 7 from {fee_from} to {fee_to} by hand on A (a fee refunded? a "
+        "fraud reversed? an error fixed? only the person knows)"
+    )
+    with psycopg.connect(settings.pg_a, autocommit=True) as conn:
+        decoded = peek(conn)
+    ours = [x for x in decoded if str(x.xid) == xid or _credits_of(x, t.transfer_id)]
+    unexplained = 0
+    for transaction in ours:
+        explained = explain(transaction, scenario.CREDIT_QUEUE)
+        for credit in explained.credits:
+            story.say(f"decoded: a transfers row -> credit {credit.transfer_id}: {credit.body}")
+        for change in explained.unexplained:
+            unexplained += 1
+            story.say(f"decoded: {describe_change(change)} -- and no reason")
+    story.expect(
+        unexplained == 2,
+        "evidence: the correction arrives as two balance changes: that the columns changed, "
+        "not why "
+        "(like a password column: changed by its owner, or by an attacker?)",
+    )
+    with Pipeline(settings, "cdc") as running:
+        missing = wait_converged(settings, {t.transfer_id}, timeout=60, check=running.check)
+        story.expect(not missing, f"the relay sends the transfer; B credits {t.target} once")
+        relay = running.relay_workers()[0].runner
+        counted = isinstance(relay, CdcRelay) and relay.stats.unexplained >= 2
+        story.expect(
+            counted,
+            "the relay counts the correction's changes as unexplained and sends nothing for "
+            "them: no consumer could tell a refund from a reversal",
+        )
+    return story
+
+
+def _credits_of(transaction: Any, transfer_id: str) -> bool:
+    """Whether a decoded transaction is the credit of ``transfer_id``."""
+    from scenarios.outbox.cdc import explain
+
+    credits = explain(transaction, scenario.CREDIT_QUEUE).credits
+    return any(c.transfer_id == transfer_id for c in credits)
 
 
 def scenario_queued(settings: Settings) -> Counter[str]:
@@ -624,6 +693,7 @@ STORIES: dict[str, Callable[[Settings], Story]] = {
     "broker-down-at-commit-point": broker_down_at_commit_point,
     "postgres-restart-while-prepared": postgres_restart_while_prepared,
     "slow-cdc-consumer": slow_cdc_consumer,
+    "cdc-change-without-reason": cdc_change_without_reason,
     "thread-pool-dies-with-work-queued": thread_pool_dies_with_work_queued,
     "batch-rerun-after-crash": batch_rerun_after_crash,
     "consumer-2pc-dies-after-prepare": consumer_2pc_dies_after_prepare,
