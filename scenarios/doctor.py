@@ -48,7 +48,8 @@ import psycopg
 from coordinator.errors import TwoPhaseCommitError
 from participants.activemq import MARKER_QUEUE
 from participants.postgres import describe_dsn
-from scenarios.config import BROKER_CONFIG, Settings
+from scenarios.config import Settings
+from scenarios.config_values import BROKER_CONFIG
 
 #: ActiveMQ's maxBrowsePageSize when a policyEntry matches the queue without setting it.
 DEFAULT_BROWSE_PAGE = 400

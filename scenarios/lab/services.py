@@ -60,7 +60,7 @@ import psycopg
 from psycopg import sql
 
 from coordinator.errors import TwoPhaseCommitError
-from scenarios.config import (
+from scenarios.config_values import (
     BROKER_CONFIG,
     PGPASSFILE,
     STOMP_CA,

@@ -64,6 +64,7 @@ from coordinator.events import get_logger
 from participants.stomp_client import StompClient
 from scenarios import events as ev
 from scenarios.config import Settings
+from scenarios.crash_plan import CrashPlan
 from scenarios.outbox.cdc import ensure_slot, parse_insert
 from scenarios.outbox.failures import (
     Disposition,
@@ -72,7 +73,7 @@ from scenarios.outbox.failures import (
     deliver,
     record_failures,
 )
-from scenarios.strategies.base import RELAY_MODES, CrashPlan, RelayMode
+from scenarios.outbox.relay_modes import RELAY_MODES, RelayMode
 from scenarios.transfer.model import CREDIT_COMMAND, TYPE_HEADER
 from scenarios.transfer.schema import CDC_SLOT, LAST_ID_PARTITIONS
 from scenarios.wiring import open_stomp

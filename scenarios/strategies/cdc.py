@@ -17,6 +17,8 @@ from collections.abc import Callable
 
 from scenarios.config import Settings
 from scenarios.outbox.cdc import ensure_slot
+from scenarios.outbox.fanout import ensure_queues
+from scenarios.outbox.fanout_queues import CONSUMERS, TOPIC
 from scenarios.strategies.outbox import LocalCommitWriter
 
 CDC_INSERT = (
@@ -44,20 +46,16 @@ class CdcFanoutStrategy(CdcStrategy):
     their own queue (scenarios.outbox.fanout)."""
 
     def __init__(self, *, before_commit: Callable[[], None] | None = None) -> None:
-        from scenarios.outbox import fanout  # it imports the consumer, which imports us
-
         LocalCommitWriter.__init__(
             self,
             "cdc-fanout",
             "cdc",
             CDC_INSERT,
-            destination=fanout.TOPIC,
+            destination=TOPIC,
             before_commit=before_commit,
         )
-        self.fanout = fanout.CONSUMERS
+        self.fanout = CONSUMERS
 
     def prepare(self, settings: Settings, *, concurrency: int = 8) -> None:
-        from scenarios.outbox.fanout import ensure_queues
-
         ensure_queues(settings, self.fanout)  # a queue created later misses what came before
         super().prepare(settings, concurrency=concurrency)

@@ -327,7 +327,7 @@ def _child_env(settings: Settings, setting: str, value: str) -> dict[str, str]:
 
 def thread_pool_dies_with_work_queued(settings: Settings) -> Story:
     """Fire-and-forget on a thread pool: the process dies with credits queued, and they are lost."""
-    from scenarios.strategies.base import CRASH_SETTING
+    from scenarios.crash_plan import CRASH_SETTING
 
     story = Story("thread-pool-dies-with-work-queued")
     before = gather_evidence(settings)
