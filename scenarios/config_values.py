@@ -113,3 +113,16 @@ def read_config_file(path: Path) -> dict[str, str]:
             raise ConfigurationError(f"{path}:{number}: expected NAME=value, got {raw!r}")
         values[name.strip().removeprefix("export ").strip()] = value.strip().strip("'\"")
     return values
+
+
+_PASSWORDS = (
+    (re.compile(r"(password\s*=\s*)('(?:[^'\\]|\\.)*'|\S+)", re.IGNORECASE), r"\1***"),
+    (re.compile(r"(://[^:/@\s]*:)[^@\s]*@"), r"\1***@"),
+)
+
+
+def redact(text: str) -> str:
+    """``text`` with every password of a libpq keyword string or URI replaced by ``***``."""
+    for pattern, replacement in _PASSWORDS:
+        text = pattern.sub(replacement, text)
+    return text

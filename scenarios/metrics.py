@@ -41,7 +41,7 @@ from participants.activemq import MARKER_QUEUE
 from scenarios import wiring
 from scenarios.config import Settings
 from scenarios.config_values import METRICS_PORT
-from scenarios.outbox.deadletter import dead_letter_queue
+from scenarios.transfer.destinations import dead_letter_queue
 from scenarios.transfer.model import CREDIT_QUEUE
 from scenarios.transfer.schema import CDC_SLOT
 

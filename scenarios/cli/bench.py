@@ -15,7 +15,7 @@ from rich.markdown import Markdown
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
 from coordinator.errors import ConfigurationError
-from scenarios.cli.stopping import stop_on_signals
+from scenarios.stopping import stop_on_signals
 
 DEFAULT_OUT = "twopc-report"
 

@@ -55,22 +55,22 @@ from scenarios.outbox.consumer import (
     _Stopped,
     kind_problem,
 )
-from scenarios.outbox.fanout_queues import (  # the fan-out's names, re-exported here
+from scenarios.transfer.destinations import (  # the fan-out's names, re-exported here
     AUDIT as AUDIT,
 )
-from scenarios.outbox.fanout_queues import (
+from scenarios.transfer.destinations import (
     CONSUMERS as CONSUMERS,
 )
-from scenarios.outbox.fanout_queues import (
+from scenarios.transfer.destinations import (
     CREDIT as CREDIT,
 )
-from scenarios.outbox.fanout_queues import (
+from scenarios.transfer.destinations import (
     SLOW as SLOW,
 )
-from scenarios.outbox.fanout_queues import (
+from scenarios.transfer.destinations import (
     TOPIC as TOPIC,
 )
-from scenarios.outbox.fanout_queues import (
+from scenarios.transfer.destinations import (
     consumer_queue as consumer_queue,
 )
 from scenarios.transfer.model import TYPE_HEADER

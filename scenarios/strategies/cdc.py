@@ -18,8 +18,8 @@ from collections.abc import Callable
 from scenarios.config import Settings
 from scenarios.outbox.cdc import ensure_slot
 from scenarios.outbox.fanout import ensure_queues
-from scenarios.outbox.fanout_queues import CONSUMERS, TOPIC
 from scenarios.strategies.outbox import LocalCommitWriter
+from scenarios.transfer.destinations import CONSUMERS, TOPIC
 
 CDC_INSERT = (
     "INSERT INTO cdc_events (transfer_id, destination, body) "

@@ -18,9 +18,8 @@ import psycopg
 
 from coordinator.errors import TwoPhaseCommitError
 from scenarios.config import Settings
-from scenarios.outbox.deadletter import dead_letter_queue
-from scenarios.outbox.fanout_queues import CONSUMERS, consumer_queue
 from scenarios.transfer import schema
+from scenarios.transfer.destinations import CONSUMERS, consumer_queue, dead_letter_queue
 from scenarios.wiring import open_stomp
 
 #: Each destination carries one kind of message (docs/design.md §8). Events ("this happened"):

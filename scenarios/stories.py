@@ -95,7 +95,7 @@ def run_child(t: scenario.Transfer, failpoints: str) -> int:
         [
             sys.executable,
             "-m",
-            "scenarios.transfer.stories",
+            "scenarios.stories",
             "one",
             t.transfer_id,
             t.source,
@@ -637,9 +637,9 @@ def describe(name: str) -> str:
 
 
 def _child(argv: list[str]) -> None:
-    """``python -m scenarios.transfer.stories one ID SOURCE TARGET AMOUNT``: one transfer."""
+    """``python -m scenarios.stories one ID SOURCE TARGET AMOUNT``: one transfer."""
     if len(argv) != 5 or argv[0] != "one":
-        raise SystemExit("usage: python -m scenarios.transfer.stories one ID SOURCE TARGET AMOUNT")
+        raise SystemExit("usage: python -m scenarios.stories one ID SOURCE TARGET AMOUNT")
     configure_logging()
     t = scenario.Transfer(argv[1], argv[2], argv[3], int(argv[4]))
     outcome, _ = one_transfer(Settings.load(), t)
