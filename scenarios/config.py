@@ -71,7 +71,7 @@ from scenarios.config_values import (
     read_config_file,
     redact_dsn,
 )
-from scenarios.lab.services import lab_settings  # the lab's values are only the defaults
+from scenarios.lab.settings import lab_settings  # the lab's values are only the defaults
 
 
 class StompOptions(TypedDict):

@@ -25,17 +25,11 @@ import pytest
 
 from participants.stomp_client import StompClient
 from scenarios.config import Settings, StompOptions
-from scenarios.lab.services import (
-    BROKER,
-    OPENWIRE_SETTING,
-    PG_A,
-    PG_B,
-    STOMP_TLS_SETTING,
-    Lab,
-    admin_connect,
-    pg_dsn,
-    postgres_bindir,
-)
+from scenarios.lab.credentials import pg_dsn
+from scenarios.lab.ports import BROKER, OPENWIRE_SETTING, PG_A, PG_B, STOMP_TLS_SETTING
+from scenarios.lab.probes import admin_connect
+from scenarios.lab.services import Lab
+from scenarios.lab.software import postgres_bindir
 from scenarios.log_setup import configure as configure_logging
 
 

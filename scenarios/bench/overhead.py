@@ -48,7 +48,8 @@ from scenarios.bench import floor, measure, peer
 from scenarios.bench.floor import Floor
 from scenarios.bench.peer import Peer
 from scenarios.config import Settings
-from scenarios.lab.services import BROKER, Lab
+from scenarios.lab.ports import BROKER
+from scenarios.lab.services import Lab
 from scenarios.transfer import model as scenario
 from scenarios.transfer.model import (
     CREDIT,
