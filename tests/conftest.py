@@ -31,11 +31,19 @@ from scenarios.lab.probes import admin_connect
 from scenarios.lab.services import Lab
 from scenarios.lab.software import postgres_bindir
 from scenarios.log_setup import configure as configure_logging
+from tests.cli_process import reap_children
 
 
 def pytest_configure(config: pytest.Config) -> None:
     """Tests log as twopc's own processes do (WARNING and up, to stderr)."""
     configure_logging()
+
+
+@pytest.fixture(autouse=True)
+def reap_cli_children() -> Iterator[None]:
+    """A ``twopc`` child a test left running (it failed before waiting) is ended and reaped."""
+    yield
+    reap_children()
 
 
 def free_port() -> int:
