@@ -26,6 +26,7 @@ import pytest
 from participants.stomp_client import StompClient
 from scenarios.config import Settings, StompOptions
 from scenarios.lab.credentials import pg_dsn
+from scenarios.lab.lab_user import lab_user
 from scenarios.lab.ports import BROKER, OPENWIRE_SETTING, PG_A, PG_B, STOMP_TLS_SETTING
 from scenarios.lab.probes import admin_connect
 from scenarios.lab.services import Lab
@@ -155,7 +156,7 @@ def spare_postgres(*options: str, hba: str | None = None) -> Iterator[Lab]:
     data = home / "pg-a" / "data"
     if hba is not None:
         (data / "pg_hba.conf").write_text(hba)
-    user = spare._lab_user()
+    user = lab_user()
     run_as = {"user": user.pw_uid, "group": user.pw_gid, "extra_groups": []} if user else {}
     server = subprocess.Popen(
         [str(postgres_bindir() / "postgres"), "-D", str(data), *options],

@@ -4,8 +4,9 @@ Everything lives in the state folder (``TWOPC_HOME``, default ``./.twopc``),
 laid out as scenarios.lab.layout says. The lab's parts, one module each: its
 services and ports (ports), secrets and roles (credentials), the settings it
 offers scenarios.config (settings), checks of what runs and answers (probes),
-the software it runs (software) and the configuration files it writes
-(templates).
+the software it runs (software), the configuration files it writes
+(templates), a PostgreSQL cluster's initdb, roles and database (clusters), and
+the account the services run as when twopc runs as root (lab_user).
 
 Every connection to the clusters authenticates with a password (SCRAM, host
 and local): nobody else on the machine gets in. ``twopc`` is no superuser: it
@@ -23,7 +24,6 @@ import contextlib
 import html
 import json
 import os
-import pwd
 import shutil
 import signal
 import stat
@@ -34,20 +34,17 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
-from psycopg import sql
-
 from scenarios.config_values import STOMP_TLS, parse_flag, read_config_file
+from scenarios.lab.clusters import ensure_roles, initdb
 from scenarios.lab.credentials import (
-    DB_ADMIN,
-    DB_NAME,
     DB_USER,
-    READER_USER,
     Credentials,
     passfile_text,
     read_credentials,
     write_private,
 )
 from scenarios.lab.errors import LabError
+from scenarios.lab.lab_user import check_reachable, chown_tree, lab_user
 from scenarios.lab.layout import (
     BROKER_XML,
     CERTIFICATE,
@@ -68,7 +65,6 @@ from scenarios.lab.ports import (
 )
 from scenarios.lab.probes import (
     PidRecord,
-    admin_connect,
     pg_answers,
     port_free,
     process_start_time,
@@ -84,9 +80,6 @@ from scenarios.lab.software import (
     postgres_bindir,
 )
 from scenarios.lab.templates import ACTIVEMQ_XML, LOG4J_PROPERTIES, PG_CONF
-
-LAB_USER = "twopc-lab"  # the unprivileged user the services run as when twopc runs as root
-
 
 # -- processes ---------------------------------------------------------------
 
@@ -208,7 +201,7 @@ class Lab:
             self._start(service)
         self._wait_ready(service, time.monotonic() + timeout)
         if service is not BROKER:
-            self._ensure_roles(service)
+            ensure_roles(self.ports.of(service), self.credentials())
 
     # -- helpers ----------------------------------------------------------
 
@@ -232,7 +225,7 @@ class Lab:
                     )
             else:
                 self.home.mkdir(parents=True, mode=HOME_MODE)
-            user = self._lab_user()
+            user = lab_user()
             if user is None:
                 self.home.chmod(HOME_MODE)
             else:
@@ -401,49 +394,15 @@ class Lab:
     def _pg_dir(self, service: Service) -> Path:
         return self.home / service.name
 
-    def _lab_user(self) -> pwd.struct_passwd | None:
-        """None when not root; else the unprivileged user the clusters run as."""
-        if os.geteuid() != 0:
-            return None
-        try:
-            return pwd.getpwnam(LAB_USER)
-        except KeyError:
-            useradd = shutil.which("useradd") or "/usr/sbin/useradd"
-            subprocess.run(
-                [
-                    useradd,
-                    "--system",
-                    "--user-group",  # its own group: the one the state folder lets through
-                    "--no-create-home",
-                    "--shell",
-                    "/usr/sbin/nologin",
-                    LAB_USER,
-                ],
-                check=True,
-                capture_output=True,
-            )
-            return pwd.getpwnam(LAB_USER)
-
-    def _check_reachable(self, user: pwd.struct_passwd, path: Path) -> None:
-        probe = subprocess.run(
-            ["test", "-x", str(path)], user=user.pw_uid, group=user.pw_gid, check=False
-        )
-        if probe.returncode != 0:
-            raise LabError(
-                f"PostgreSQL refuses to run as root, so the lab runs it as '{LAB_USER}', "
-                f"who cannot reach {path}. Set TWOPC_HOME to a folder every user can "
-                "traverse (e.g. /var/tmp/twopc) or make its parents world-executable."
-            )
-
     def _start_postgres(self, service: Service) -> None:
         bindir = postgres_bindir()
         base = self._pg_dir(service)
         data = base / "data"
-        user = self._lab_user()
+        user = lab_user()
         base.mkdir(parents=True, exist_ok=True)
         if user is not None:
             os.chown(base, user.pw_uid, user.pw_gid)
-            self._check_reachable(user, base)
+            check_reachable(user, base)
         run_as: dict[str, Any] = (
             {"user": user.pw_uid, "group": user.pw_gid, "extra_groups": []} if user else {}
         )
@@ -451,7 +410,7 @@ class Lab:
         if not (data / "PG_VERSION").exists():
             if data.exists():
                 shutil.rmtree(data)  # a half-made cluster from an interrupted initdb
-            self._initdb(service, bindir, run_as, credentials.pg_admin_password)
+            initdb(service, base, bindir, run_as, credentials.pg_admin_password)
         self._refuse_trusting_cluster(service)
         conf = data / "postgresql.auto.conf"
         conf.write_text(PG_CONF.format(port=self.ports.of(service)))
@@ -474,41 +433,6 @@ class Lab:
             log.close()
         _STARTED.append(proc)
         self._write_pid(service, proc.pid)
-
-    def _initdb(
-        self, service: Service, bindir: Path, run_as: Mapping[str, Any], password: str
-    ) -> None:
-        """A new cluster whose superuser is the lab's own, every login by password (SCRAM)."""
-        base = self._pg_dir(service)
-        pwfile = base / ".initdb-password"
-        write_private(pwfile, password + "\n")  # read by initdb: not on its command line
-        if run_as:
-            os.chown(pwfile, run_as["user"], run_as["group"])
-        try:
-            result = subprocess.run(
-                [
-                    str(bindir / "initdb"),
-                    "-D",
-                    str(base / "data"),
-                    "-U",
-                    DB_ADMIN,
-                    f"--pwfile={pwfile}",
-                    "--auth=scram-sha-256",  # host and local alike: no trust, no peer
-                    "-E",
-                    "UTF8",
-                    "--locale=C",
-                    "--no-instructions",
-                ],
-                capture_output=True,
-                text=True,
-                cwd=base,
-                check=False,
-                **run_as,
-            )
-        finally:
-            pwfile.unlink(missing_ok=True)
-        if result.returncode != 0:
-            raise LabError(f"initdb for {service.label} failed:\n{result.stderr.strip()}")
 
     def _refuse_unreachable_clusters(self) -> None:
         """Clusters whose superuser's password is lost with credentials.json are refused."""
@@ -536,56 +460,7 @@ class Lab:
 
     def _ensure_databases(self) -> None:
         for service in (PG_A, PG_B):
-            self._ensure_roles(service)
-
-    def _ensure_roles(self, service: Service) -> None:
-        """``twopc`` (no superuser; what twopc needs), the batch reader, the database.
-
-        Run as the lab's superuser at every start: passwords follow credentials.json.
-        The passwords reach the server as SCRAM verifiers made here, never in clear.
-        """
-        credentials = self.credentials()
-        with admin_connect(self.ports.of(service), credentials.pg_admin_password) as conn:
-
-            def verifier(user: str, password: str) -> sql.Literal:
-                hashed = conn.pgconn.encrypt_password(
-                    password.encode(), user.encode(), b"scram-sha-256"
-                )
-                return sql.Literal(hashed.decode())
-
-            roles = (
-                (DB_USER, credentials.pg_password, "NOSUPERUSER REPLICATION CREATEDB"),
-                (READER_USER, credentials.pg_reader_password, "NOSUPERUSER"),
-            )
-            for user, password, attributes in roles:
-                exists = conn.execute(
-                    "SELECT 1 FROM pg_roles WHERE rolname = %s", (user,)
-                ).fetchone()
-                verb = sql.SQL("ALTER" if exists else "CREATE")
-                conn.execute(
-                    sql.SQL("{} ROLE {} WITH LOGIN {} PASSWORD {}").format(
-                        verb,
-                        sql.Identifier(user),
-                        sql.SQL(attributes),
-                        verifier(user, password),
-                    )
-                )
-            # Fencing ends a dead peer's sessions (pg_terminate_backend).
-            conn.execute(sql.SQL("GRANT pg_signal_backend TO {}").format(sql.Identifier(DB_USER)))
-            conn.execute(
-                sql.SQL("ALTER ROLE {} SET default_transaction_read_only = on").format(
-                    sql.Identifier(READER_USER)
-                )
-            )
-            exists = conn.execute(
-                "SELECT 1 FROM pg_database WHERE datname = %s", (DB_NAME,)
-            ).fetchone()
-            if not exists:
-                conn.execute(
-                    sql.SQL("CREATE DATABASE {} OWNER {}").format(
-                        sql.Identifier(DB_NAME), sql.Identifier(DB_USER)
-                    )
-                )
+            ensure_roles(self.ports.of(service), self.credentials())
 
     # ActiveMQ
 
@@ -598,10 +473,10 @@ class Lab:
         self._write_broker_files()
         data.mkdir(parents=True, exist_ok=True)
         (conf / "log4j.properties").write_text(LOG4J_PROPERTIES.format(log=base / "activemq.log"))
-        user = self._lab_user()
+        user = lab_user()
         run_as: dict[str, Any] = {}
         if user is not None:  # the JVM runs as the lab user, never as root
-            _chown_tree(base, user)
+            chown_tree(base, user)
             run_as = {"user": user.pw_uid, "group": user.pw_gid, "extra_groups": []}
         command = [
             java,
@@ -688,11 +563,3 @@ class Lab:
             time.sleep(0.05)
         self._pid_file(service).unlink(missing_ok=True)
         return True
-
-
-def _chown_tree(root: Path, user: pwd.struct_passwd) -> None:
-    """Give ``root`` and everything under it to ``user`` (what is theirs already is skipped)."""
-    for path in [root, *root.rglob("*")]:
-        info = path.lstat()
-        if (info.st_uid, info.st_gid) != (user.pw_uid, user.pw_gid):
-            os.lchown(path, user.pw_uid, user.pw_gid)
