@@ -20,6 +20,7 @@ the process start time); ``down`` stops exactly the processes it recorded.
 
 from __future__ import annotations
 
+import atexit
 import contextlib
 import html
 import json
@@ -87,6 +88,16 @@ from scenarios.lab.templates import ACTIVEMQ_XML, LOG4J_PROPERTIES, PG_CONF
 # kept here so that they are not collected (and warned about) while this
 # process runs; zombies are reaped by probes.process_start_time.
 _STARTED: list[subprocess.Popen[bytes]] = []
+
+
+@atexit.register
+def _leave_the_services_running() -> None:
+    """At exit the services this process started keep running, by design: their Popen
+    objects are let go without Popen's "still running" ResourceWarning."""
+    for proc in _STARTED:
+        if proc.poll() is None:
+            proc.returncode = 0  # detached on purpose; never waited for by this process
+    _STARTED.clear()
 
 
 @dataclass
