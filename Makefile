@@ -1,6 +1,7 @@
 # The two commands: `make demo` (set up what is missing, run the demo on the lab)
 # and `make test` (set up what is missing, run the tests on the lab).
-# `make unit` is the fast tier: ruff, mypy and every test that needs no lab.
+# `make unit` is the fast tier: ruff, mypy, the layering (lint-imports) and every test
+# that needs no lab.
 .PHONY: setup demo test unit lint lab-down
 
 setup:
@@ -12,11 +13,13 @@ demo: setup
 test: setup
 	.venv/bin/ruff check .
 	.venv/bin/mypy
+	.venv/bin/lint-imports --no-cache
 	.venv/bin/python -m pytest
 
 unit: setup
 	.venv/bin/ruff check .
 	.venv/bin/mypy
+	.venv/bin/lint-imports --no-cache
 	.venv/bin/python -m pytest -m "not lab"
 
 lab-down:

@@ -104,14 +104,10 @@ from __future__ import annotations
 
 from collections.abc import Callable, Collection, Mapping
 from datetime import datetime
-from typing import TYPE_CHECKING, Any, Protocol, runtime_checkable
+from typing import Any, Protocol, runtime_checkable
 
-from coordinator.states import Outcome, Vote
+from coordinator.states import Vote
 from coordinator.xid import Xid
-
-if TYPE_CHECKING:
-    from coordinator.aio.transaction import AsyncTransaction
-    from coordinator.transaction import Transaction
 
 
 class Cursor(Protocol):
@@ -539,37 +535,3 @@ class Membership(Protocol):
         """End every database session of ``peer`` and wait until they are gone.
         Raises ParticipantError when that cannot be seen within ``timeout``."""
         ...
-
-
-# -- what a transaction needs of its coordinator ------------------------------------------
-
-
-class TransactionHost(Protocol):
-    """What a :class:`~coordinator.transaction.Transaction` needs from its coordinator."""
-
-    @property
-    def resources(self) -> Mapping[str, XAResource]: ...
-
-    @property
-    def broker(self) -> LastResource | None: ...
-
-    def finish(self, tx: Transaction, *, commit: bool) -> Outcome:
-        """Run the commit (or rollback) sequence; return the outcome."""
-        ...
-
-    def failpoint(self, name: str) -> None: ...
-
-
-class AsyncTransactionHost(Protocol):
-    """What an :class:`~coordinator.aio.transaction.AsyncTransaction` needs from its
-    coordinator."""
-
-    @property
-    def resources(self) -> Mapping[str, AsyncXAResource]: ...
-
-    @property
-    def broker(self) -> AsyncLastResource | None: ...
-
-    async def finish(self, tx: AsyncTransaction, *, commit: bool) -> Outcome: ...
-
-    def failpoint(self, name: str) -> None: ...

@@ -5,8 +5,7 @@
 The transaction's state and every change of it live in
 :class:`~coordinator.transaction_state.TransactionState`; this module adds the
 work. It knows its coordinator only through
-:class:`~coordinator.protocol.TransactionHost`, so it
-imports no coordinator.
+:class:`TransactionHost`, so it imports no coordinator.
 
 The work API is written once, for asyncio, in :mod:`coordinator.aio.transaction`;
 ``scripts/unasync.py`` generates the synchronous :mod:`coordinator.transaction`
@@ -17,7 +16,7 @@ from __future__ import annotations
 
 from collections.abc import Mapping
 from types import TracebackType
-from typing import Any
+from typing import Any, Protocol
 
 from coordinator import events, tracing
 from coordinator.errors import (
@@ -30,13 +29,30 @@ from coordinator.errors import (
 )
 from coordinator.protocol import (
     Cursor,
+    LastResource,
     LastResourceSession,
-    TransactionHost,
     XABranch,
+    XAResource,
 )
 from coordinator.states import Outcome, TxState, require
 from coordinator.transaction_state import TransactionState
 from coordinator.xid import Xid
+
+
+class TransactionHost(Protocol):
+    """What a transaction needs from its coordinator."""
+
+    @property
+    def resources(self) -> Mapping[str, XAResource]: ...
+
+    @property
+    def broker(self) -> LastResource | None: ...
+
+    def finish(self, tx: Transaction, *, commit: bool) -> Outcome:
+        """Run the commit (or rollback) sequence; return the outcome."""
+        ...
+
+    def failpoint(self, name: str) -> None: ...
 
 
 class Transaction(TransactionState[XABranch, LastResourceSession]):

@@ -12,17 +12,15 @@ from __future__ import annotations
 
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
-from typing import TYPE_CHECKING
+from typing import Any, Protocol
 
 from coordinator.errors import InvalidTransition, ParticipantError
 from coordinator.protocol import no_callback
 from participants import events as ev
 from participants.activemq_base import SessionState
+from participants.group_commit import GroupCommit
 from participants.stomp_client import StompClient, check_destination
 from participants.stomp_headers import InvalidMessage, message_headers
-
-if TYPE_CHECKING:
-    from participants.activemq import ActiveMQ
 
 
 @dataclass
@@ -56,6 +54,21 @@ def run_callbacks(members: Sequence[Member], which: str) -> dict[int, BaseExcept
     return raised
 
 
+class SessionHome(Protocol):
+    """What a session needs of the broker whose pool it came from (ActiveMQ)."""
+
+    _log: Any
+    receipt_timeout: float
+    group_commit: GroupCommit[Member]
+
+    @property
+    def name(self) -> str: ...
+
+    def commit_alone(self, member: Member) -> None: ...
+
+    def _release(self, slot: Slot, *, healthy: bool) -> None: ...
+
+
 class ActiveMQSession:
     """The broker transaction of one gtrid on one pooled connection (a LastResourceSession).
 
@@ -67,7 +80,7 @@ class ActiveMQSession:
     commits, alone on its own connection.
     """
 
-    def __init__(self, resource: ActiveMQ, slot: Slot, client: StompClient, gtrid: str) -> None:
+    def __init__(self, resource: SessionHome, slot: Slot, client: StompClient, gtrid: str) -> None:
         self._resource = resource
         self._slot = slot
         self._client = client

@@ -6,14 +6,9 @@ recovery's worker thread on the event loop; with threads there is nothing to do.
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING
-
 from coordinator.protocol import LastResource
 
-if TYPE_CHECKING:
-    from participants.activemq import ActiveMQ
 
-
-def recovery_view(broker: ActiveMQ) -> LastResource:
+def recovery_view(broker: LastResource) -> LastResource:
     """``broker`` itself: recovery calls it from any thread."""
     return broker

@@ -42,36 +42,36 @@ No secret appears in a Settings' repr: passwords are masked.
 from __future__ import annotations
 
 import os
-import re
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TypedDict
 
-import psycopg
-
 from coordinator.errors import ConfigurationError
 from coordinator.xid import validate_coordinator_id
-from participants.stomp_client import parse_address
-
-SETTING_NAMES = ("TWOPC_PG_A", "TWOPC_PG_B", "TWOPC_STOMP", "TWOPC_OPENWIRE")
-STOMP_USER = "TWOPC_STOMP_USER"
-STOMP_PASSWORD = "TWOPC_STOMP_PASSWORD"
-STOMP_TLS = "TWOPC_STOMP_TLS"
-STOMP_CA = "TWOPC_STOMP_CA"
-STOMP_TLS_ADDRESS = "TWOPC_STOMP_TLS_ADDRESS"  # exported by 'twopc lab env', for reference
-PGPASSFILE = "PGPASSFILE"  # libpq's password file; 'twopc lab env' exports the lab's
-BROKER_CONFIG = "TWOPC_BROKER_CONFIG"
-METRICS_PORT = "TWOPC_METRICS_PORT"
-DECISIONS = "TWOPC_DECISIONS"
-DECISION_MODES = ("file", "postgres")
-DECISION_PARTICIPANT = "TWOPC_DECISION_PARTICIPANT"
-DATABASE_NAMES = ("a", "b")
-DEFAULT_HOME = ".twopc"
-MASK = "********"
-
-_TRUE = ("1", "true", "yes", "on")
-_FALSE = ("", "0", "false", "no", "off")
+from scenarios.config_values import (
+    BROKER_CONFIG,
+    DATABASE_NAMES,
+    DECISION_MODES,
+    DECISION_PARTICIPANT,
+    DECISIONS,
+    DEFAULT_HOME,
+    MASK,
+    METRICS_PORT,
+    SETTING_NAMES,
+    STOMP_CA,
+    STOMP_PASSWORD,
+    STOMP_TLS,
+    STOMP_TLS_ADDRESS,
+    STOMP_USER,
+    check_dsn,
+    parse_flag,
+    parse_host_port,
+    parse_port,
+    read_config_file,
+    redact_dsn,
+)
+from scenarios.lab.settings import lab_settings  # the lab's values are only the defaults
 
 
 class StompOptions(TypedDict):
@@ -83,90 +83,10 @@ class StompOptions(TypedDict):
     ca_file: str | None
 
 
-def parse_flag(value: str | None, setting: str) -> bool:
-    """A yes/no setting (1/0, true/false, yes/no, on/off); ConfigurationError naming it."""
-    text = (value or "").strip().lower()
-    if text in _TRUE:
-        return True
-    if text in _FALSE:
-        return False
-    raise ConfigurationError(f"{setting}={value!r} must be 1 or 0")
-
-
-def redact_dsn(dsn: str) -> str:
-    """A libpq connection string (key=value or URI) with its password masked."""
-    try:
-        info = psycopg.conninfo.conninfo_to_dict(dsn)
-    except psycopg.ProgrammingError:
-        return "(unparsable connection string)"
-    if "password" in info:
-        info["password"] = MASK
-    return psycopg.conninfo.make_conninfo("", **info)
-
-
 def home_dir(env: Mapping[str, str] | None = None) -> Path:
     """The state folder: ``TWOPC_HOME`` or ``./.twopc``, as an absolute path."""
     env = os.environ if env is None else env
     return Path(env.get("TWOPC_HOME") or DEFAULT_HOME).resolve()
-
-
-def parse_host_port(value: str, setting: str) -> tuple[str, int]:
-    """Split ``host:port`` as the STOMP client does; ConfigurationError naming ``setting``."""
-    try:
-        host, port = parse_address(value)
-    except ConfigurationError:
-        host, port = "", 0
-    if not 0 < port < 65536:
-        raise ConfigurationError(f"{setting}={value!r} must look like host:port (127.0.0.1:26613)")
-    return host, port
-
-
-def parse_port(value: str | None, setting: str) -> int | None:
-    """A TCP port number setting (unset or empty: None); ConfigurationError naming it."""
-    text = (value or "").strip()
-    if not text:
-        return None
-    if not (text.isdigit() and 0 < int(text) < 65536):
-        raise ConfigurationError(f"{setting}={value!r} must be a TCP port number (1-65535)")
-    return int(text)
-
-
-def check_dsn(value: str, setting: str) -> None:
-    """A libpq connection string libpq can parse, with numeric ports; else ConfigurationError.
-
-    The message names ``setting`` and never repeats the password.
-    """
-    example = "e.g. 'host=127.0.0.1 port=5432 dbname=postgres'"
-    try:
-        info = psycopg.conninfo.conninfo_to_dict(value)
-    except psycopg.ProgrammingError as exc:
-        reason = str(exc).strip().splitlines()[0] if str(exc).strip() else "unparsable"
-        if "password" in value.lower() or "@" in value:  # libpq quotes what it could not read
-            reason = re.sub(r'"[^"]*"', '"..."', reason)
-        raise ConfigurationError(
-            f"{setting} is not a libpq connection string ({reason}); set it to {example}"
-        ) from None
-    for port in str(info.get("port") or "").split(","):
-        if port and not (port.strip().isdigit() and 0 < int(port) < 65536):
-            raise ConfigurationError(
-                f"{setting} has port {port!r}, not a TCP port number (1-65535); set it to {example}"
-            )
-
-
-def read_config_file(path: Path) -> dict[str, str]:
-    """``NAME=value`` lines of ``path`` (missing file: empty)."""
-    if not path.exists():
-        return {}
-    values: dict[str, str] = {}
-    for number, raw in enumerate(path.read_text().splitlines(), 1):
-        line = raw.strip()
-        if not line or line.startswith("#"):
-            continue
-        name, sep, value = line.partition("=")
-        if not sep:
-            raise ConfigurationError(f"{path}:{number}: expected NAME=value, got {raw!r}")
-        values[name.strip().removeprefix("export ").strip()] = value.strip().strip("'\"")
-    return values
 
 
 @dataclass(frozen=True)
@@ -256,8 +176,6 @@ class Settings:
             or ca is None
             or broker_config is None
         ):
-            from scenarios.lab.services import lab_settings  # the lab is only the default
-
             lab = lab_settings(home, env, tls=tls)
             values = {name: values[name] or lab[name] for name in SETTING_NAMES}
             # The lab's secrets go to the lab's broker only, never to another address.

@@ -48,7 +48,8 @@ import psycopg
 from coordinator.errors import TwoPhaseCommitError
 from participants.activemq import MARKER_QUEUE
 from participants.postgres import describe_dsn
-from scenarios.config import BROKER_CONFIG, Settings
+from scenarios.config import Settings
+from scenarios.config_values import BROKER_CONFIG, redact
 
 #: ActiveMQ's maxBrowsePageSize when a policyEntry matches the queue without setting it.
 DEFAULT_BROWSE_PAGE = 400
@@ -467,8 +468,6 @@ def state_folder_check(path: Path, mode: int | None, owner: int | None, uid: int
 
 
 def _first_line(exc: BaseException) -> str:
-    from scenarios.cli.errors import redact
-
     lines = [line.strip() for line in str(exc).strip().splitlines() if line.strip()]
     return redact(lines[-1] if lines else type(exc).__name__)
 

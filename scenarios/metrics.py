@@ -40,8 +40,9 @@ from coordinator.transaction import Transaction
 from coordinator.xid import FORMAT_ID
 from participants.activemq import MARKER_QUEUE
 from scenarios import wiring
-from scenarios.config import METRICS_PORT, Settings
-from scenarios.outbox.deadletter import dead_letter_queue
+from scenarios.config import Settings
+from scenarios.config_values import METRICS_PORT
+from scenarios.transfer.destinations import dead_letter_queue
 from scenarios.transfer.model import CREDIT_QUEUE
 from scenarios.transfer.schema import CDC_SLOT
 

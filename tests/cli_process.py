@@ -13,6 +13,9 @@ import psycopg
 
 TWOPC = [sys.executable, "-m", "scenarios.cli"]
 
+#: Children started and not yet reaped: reap_children() ends them after each test.
+_LIVE: list[Running] = []
+
 
 class Running:
     """A ``twopc`` child whose stdout and stderr go to files the test reads while it runs."""
@@ -22,6 +25,7 @@ class Running:
         self.err_path = folder / "stderr"
         with self.out_path.open("w") as out, self.err_path.open("w") as err:
             self.process = subprocess.Popen([*TWOPC, *args], stdout=out, stderr=err, env=env)
+        _LIVE.append(self)
 
     @property
     def stdout(self) -> str:
@@ -41,7 +45,7 @@ class Running:
                     f"{self.stdout}\n{self.stderr}"
                 )
             if time.monotonic() > deadline:
-                self.process.kill()
+                self.reap()
                 raise AssertionError(f"no {what} within {timeout} s:\n{self.stderr}")
             time.sleep(0.05)
 
@@ -53,8 +57,22 @@ class Running:
         try:
             return self.process.wait(timeout)
         except subprocess.TimeoutExpired:
-            self.process.kill()
+            self.reap()
             raise
+
+    def reap(self) -> None:
+        """SIGKILL the child if it still runs, and wait for its end (no zombie, no warning)."""
+        if self.process.poll() is None:
+            self.process.kill()
+        self.process.wait()
+        if self in _LIVE:
+            _LIVE.remove(self)
+
+
+def reap_children() -> None:
+    """End and reap every child a test started and left running (a failed test's)."""
+    while _LIVE:
+        _LIVE[0].reap()
 
 
 def count_rows(dsn: str, query: str) -> int:

@@ -25,23 +25,26 @@ import pytest
 
 from participants.stomp_client import StompClient
 from scenarios.config import Settings, StompOptions
-from scenarios.lab.services import (
-    BROKER,
-    OPENWIRE_SETTING,
-    PG_A,
-    PG_B,
-    STOMP_TLS_SETTING,
-    Lab,
-    admin_connect,
-    pg_dsn,
-    postgres_bindir,
-)
+from scenarios.lab.credentials import pg_dsn
+from scenarios.lab.lab_user import lab_user
+from scenarios.lab.ports import BROKER, OPENWIRE_SETTING, PG_A, PG_B, STOMP_TLS_SETTING
+from scenarios.lab.probes import admin_connect
+from scenarios.lab.services import Lab
+from scenarios.lab.software import postgres_bindir
 from scenarios.log_setup import configure as configure_logging
+from tests.cli_process import reap_children
 
 
 def pytest_configure(config: pytest.Config) -> None:
     """Tests log as twopc's own processes do (WARNING and up, to stderr)."""
     configure_logging()
+
+
+@pytest.fixture(autouse=True)
+def reap_cli_children() -> Iterator[None]:
+    """A ``twopc`` child a test left running (it failed before waiting) is ended and reaped."""
+    yield
+    reap_children()
 
 
 def free_port() -> int:
@@ -153,7 +156,7 @@ def spare_postgres(*options: str, hba: str | None = None) -> Iterator[Lab]:
     data = home / "pg-a" / "data"
     if hba is not None:
         (data / "pg_hba.conf").write_text(hba)
-    user = spare._lab_user()
+    user = lab_user()
     run_as = {"user": user.pw_uid, "group": user.pw_gid, "extra_groups": []} if user else {}
     server = subprocess.Popen(
         [str(postgres_bindir() / "postgres"), "-D", str(data), *options],

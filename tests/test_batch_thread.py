@@ -20,6 +20,7 @@ from psycopg import errors as pg_errors
 
 from coordinator.states import Outcome
 from scenarios.config import Settings
+from scenarios.crash_plan import CRASH_SETTING
 from scenarios.outbox.batchjob import (
     BATCH_CRASH_SETTING,
     BatchConfig,
@@ -29,7 +30,6 @@ from scenarios.outbox.batchjob import (
 )
 from scenarios.outbox.pipeline import Pipeline
 from scenarios.outbox.relay import RelayConfig
-from scenarios.strategies.base import CRASH_SETTING
 from scenarios.strategies.batch import BatchStrategy
 from scenarios.strategies.thread import ThreadStrategy, ThreadSyncStrategy
 from scenarios.transfer import model as scenario

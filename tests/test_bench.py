@@ -316,7 +316,7 @@ def test_the_core_commands_import_nothing_of_the_bench_extra() -> None:
         "import sys\n"
         "from click.testing import CliRunner\n"
         "import scenarios.cli.main, scenarios.wiring, scenarios.strategies\n"
-        "import scenarios.outbox.pipeline, scenarios.transfer.stories, scenarios.lab.services\n"
+        "import scenarios.outbox.pipeline, scenarios.stories, scenarios.lab.services\n"
         "import scenarios.torture.runner, scenarios.torture.report\n"
         "for name in ('lab', 'recover', 'indoubt', 'transfer', 'scenario', 'bench', 'torture'):\n"
         "    args = [name, '--help']\n"

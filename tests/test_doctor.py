@@ -15,7 +15,9 @@ import pytest
 
 from scenarios import doctor
 from scenarios.doctor import Status
-from scenarios.lab.services import ACTIVEMQ_XML, DB_ADMIN, Lab, pg_dsn
+from scenarios.lab.credentials import DB_ADMIN, pg_dsn
+from scenarios.lab.services import Lab
+from scenarios.lab.templates import ACTIVEMQ_XML
 
 TWOPC = [sys.executable, "-m", "scenarios.cli"]
 

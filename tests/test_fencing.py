@@ -45,8 +45,8 @@ from participants.activemq import client_id_for
 from participants.aio.fake import AsyncFakeBroker, AsyncFakeResource
 from participants.fake import DECISION_ROW, FakeBroker, FakeDecisionTable, FakeResource, FakeStore
 from scenarios.config import Settings
+from scenarios.stories import fence_broker_sessions
 from scenarios.transfer import model as scenario
-from scenarios.transfer.stories import fence_broker_sessions
 from tests.aio_portal import BlockingCoordinator, Portal
 from tests.test_dead_letters import browse, credit, private_queue, put
 from tests.test_state_machine import bury

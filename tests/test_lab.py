@@ -14,14 +14,10 @@ from pathlib import Path
 
 import pytest
 
-from scenarios.lab.services import (
-    PASSFILE,
-    Lab,
-    LabError,
-    pg_answers,
-    processes_of,
-    stomp_connect_ok,
-)
+from scenarios.lab.errors import LabError
+from scenarios.lab.layout import PASSFILE
+from scenarios.lab.probes import pg_answers, processes_of, stomp_connect_ok
+from scenarios.lab.services import Lab
 from tests.conftest import free_port
 
 pytestmark = pytest.mark.lab

@@ -24,6 +24,7 @@ from coordinator.errors import ConfigurationError, ParticipantUnavailable
 from coordinator.states import Outcome
 from participants.stomp_client import Message
 from scenarios.config import Settings
+from scenarios.crash_plan import CRASH_SETTING, CrashPlan
 from scenarios.outbox.consumer import CONSUMER_CRASH_SETTING, apply, inbox_counts
 from scenarios.outbox.failures import (
     Disposition,
@@ -35,8 +36,9 @@ from scenarios.outbox.failures import (
 )
 from scenarios.outbox.pipeline import Pipeline, convergence_latencies, wait_converged
 from scenarios.outbox.relay import RELAY_CRASH_SETTING, RelayConfig
+from scenarios.outbox.relay_modes import RelayMode
 from scenarios.strategies import STRATEGIES, new_strategy
-from scenarios.strategies.base import CRASH_SETTING, CrashPlan, RelayMode, Strategy
+from scenarios.strategies.base import Strategy
 from scenarios.strategies.outbox import OutboxLastIdStrategy, OutboxStatusStrategy
 from scenarios.transfer import invariants
 from scenarios.transfer import model as scenario

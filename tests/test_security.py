@@ -28,20 +28,13 @@ from coordinator.errors import ConfigurationError
 from coordinator.states import Outcome
 from participants.stomp_client import BrokerLoginRefused, BrokerTlsRefused, StompClient
 from scenarios.config import Settings
-from scenarios.lab.services import (
-    ACTIVEMQ_HOME,
-    CERTIFICATE,
-    CREDENTIALS_FILE,
-    DB_ADMIN,
-    LAB_USER,
-    PASSFILE,
-    Lab,
-    LabError,
-    activemq_jar,
-    java_binary,
-    make_self_signed,
-    trusting_rules,
-)
+from scenarios.lab.credentials import DB_ADMIN
+from scenarios.lab.errors import LabError
+from scenarios.lab.lab_user import LAB_USER
+from scenarios.lab.layout import CERTIFICATE, CREDENTIALS_FILE, PASSFILE
+from scenarios.lab.probes import trusting_rules
+from scenarios.lab.services import Lab
+from scenarios.lab.software import ACTIVEMQ_HOME, activemq_jar, java_binary, make_self_signed
 from scenarios.log_setup import configure as configure_logging
 from scenarios.wiring import open_coordinator, open_stomp
 

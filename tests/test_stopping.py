@@ -6,8 +6,8 @@ import signal
 
 import pytest
 
-from scenarios.cli import stopping
-from scenarios.cli.stopping import RunStop, RunStopped, finish_run, stop_on_signals
+from scenarios import stopping
+from scenarios.stopping import RunStop, RunStopped, finish_run, stop_on_signals
 
 
 def test_the_first_request_wins_and_sets_the_status() -> None:

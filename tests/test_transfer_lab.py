@@ -30,11 +30,11 @@ from participants.aio.postgres import AsyncPostgresResource
 from participants.postgres import PostgresResource
 from scenarios.config import Settings
 from scenarios.lab.services import Lab
+from scenarios.stories import STORIES
 from scenarios.strategies.twopc import transfer_2pc
 from scenarios.transfer import model as scenario
 from scenarios.transfer.batch import run_batch
 from scenarios.transfer.invariants import gather_evidence
-from scenarios.transfer.stories import STORIES
 from scenarios.wiring import open_coordinator
 from tests.aio_portal import Blocking, Portal
 from tests.conftest import end_sessions, free_port
@@ -294,7 +294,7 @@ def test_max_prepared_transactions_zero_is_refused_with_the_reason(
 def test_indoubt_lists_without_changing_and_recover_resolves(fresh: Settings) -> None:
     """'twopc indoubt' shows a branch left prepared by a killed coordinator (exit 3); 'recover'
     ends it, and 'indoubt' then exits 0."""
-    from scenarios.transfer.stories import prepared_gids, run_child
+    from scenarios.stories import prepared_gids, run_child
 
     t = scenario.Transfer("doubt-1", scenario.account_id(0), scenario.account_id(1), 5)
     gtrid = f"{fresh.coordinator_id}.doubt-1"

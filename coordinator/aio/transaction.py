@@ -3,8 +3,7 @@
 The transaction's state and every change of it live in
 :class:`~coordinator.transaction_state.TransactionState`; this module adds the
 work. It knows its coordinator only through
-:class:`~coordinator.protocol.AsyncTransactionHost`, so it
-imports no coordinator.
+:class:`AsyncTransactionHost`, so it imports no coordinator.
 
 The work API is written once, for asyncio, in :mod:`coordinator.aio.transaction`;
 ``scripts/unasync.py`` generates the synchronous :mod:`coordinator.transaction`
@@ -15,7 +14,7 @@ from __future__ import annotations
 
 from collections.abc import Mapping
 from types import TracebackType
-from typing import Any
+from typing import Any, Protocol
 
 from coordinator import events, tracing
 from coordinator.errors import (
@@ -28,13 +27,30 @@ from coordinator.errors import (
 )
 from coordinator.protocol import (
     AsyncCursor,
+    AsyncLastResource,
     AsyncLastResourceSession,
-    AsyncTransactionHost,
     AsyncXABranch,
+    AsyncXAResource,
 )
 from coordinator.states import Outcome, TxState, require
 from coordinator.transaction_state import TransactionState
 from coordinator.xid import Xid
+
+
+class AsyncTransactionHost(Protocol):
+    """What a transaction needs from its coordinator."""
+
+    @property
+    def resources(self) -> Mapping[str, AsyncXAResource]: ...
+
+    @property
+    def broker(self) -> AsyncLastResource | None: ...
+
+    async def finish(self, tx: AsyncTransaction, *, commit: bool) -> Outcome:
+        """Run the commit (or rollback) sequence; return the outcome."""
+        ...
+
+    def failpoint(self, name: str) -> None: ...
 
 
 class AsyncTransaction(TransactionState[AsyncXABranch, AsyncLastResourceSession]):

@@ -10,18 +10,16 @@ from __future__ import annotations
 
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
-from typing import TYPE_CHECKING
+from typing import Any, Protocol
 
 from coordinator.errors import InvalidTransition, ParticipantError
 from coordinator.protocol import no_callback
 from participants import events as ev
 from participants.activemq_base import SessionState
+from participants.aio.group_commit import AsyncGroupCommit
 from participants.aio.stomp import AsyncStompClient
 from participants.stomp_client import check_destination
 from participants.stomp_headers import InvalidMessage, message_headers
-
-if TYPE_CHECKING:
-    from participants.aio.activemq import AsyncActiveMQ
 
 
 @dataclass
@@ -55,6 +53,21 @@ def run_callbacks(members: Sequence[Member], which: str) -> dict[int, BaseExcept
     return raised
 
 
+class AsyncSessionHome(Protocol):
+    """What a session needs of the broker whose pool it came from (AsyncActiveMQ)."""
+
+    _log: Any
+    receipt_timeout: float
+    group_commit: AsyncGroupCommit[Member]
+
+    @property
+    def name(self) -> str: ...
+
+    async def commit_alone(self, member: Member) -> None: ...
+
+    async def _release(self, slot: Slot, *, healthy: bool) -> None: ...
+
+
 class AsyncActiveMQSession:
     """The broker transaction of one gtrid on one pooled connection (a LastResourceSession).
 
@@ -67,7 +80,7 @@ class AsyncActiveMQSession:
     """
 
     def __init__(
-        self, resource: AsyncActiveMQ, slot: Slot, client: AsyncStompClient, gtrid: str
+        self, resource: AsyncSessionHome, slot: Slot, client: AsyncStompClient, gtrid: str
     ) -> None:
         self._resource = resource
         self._slot = slot

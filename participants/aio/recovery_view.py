@@ -9,18 +9,30 @@ from __future__ import annotations
 
 import asyncio
 from collections.abc import Collection, Coroutine
-from typing import TYPE_CHECKING, Any, TypeVar
+from typing import Any, Protocol, TypeVar
 
 from coordinator.errors import InvalidTransition
 from coordinator.protocol import AsyncLastResourceSession, LastResource, LastResourceSession
 
-if TYPE_CHECKING:
-    from participants.aio.activemq import AsyncActiveMQ
-
 T = TypeVar("T")
 
 
-def recovery_view(broker: AsyncActiveMQ) -> LastResource:
+class AsyncRecoverableBroker(Protocol):
+    """What recovery calls on an asyncio broker (AsyncActiveMQ is one)."""
+
+    @property
+    def name(self) -> str: ...
+
+    async def fence(self, timeout: float) -> None: ...
+
+    async def settle(self, session: AsyncLastResourceSession, timeout: float) -> None: ...
+
+    async def markers(self) -> set[str]: ...
+
+    async def remove_markers(self, gtrids: Collection[str]) -> int: ...
+
+
+def recovery_view(broker: AsyncRecoverableBroker) -> LastResource:
     """``broker`` for recovery's worker thread, its calls run on the running loop."""
     return _RecoveryBroker(broker, asyncio.get_running_loop())
 
@@ -28,7 +40,7 @@ def recovery_view(broker: AsyncActiveMQ) -> LastResource:
 class _RecoveryBroker:
     """Runs each call of recovery's worker thread on the broker's event loop."""
 
-    def __init__(self, broker: AsyncActiveMQ, loop: asyncio.AbstractEventLoop) -> None:
+    def __init__(self, broker: AsyncRecoverableBroker, loop: asyncio.AbstractEventLoop) -> None:
         self._broker = broker
         self._loop = loop
 

@@ -25,7 +25,7 @@ from typing import Any
 import psycopg
 
 from scenarios.bench import measure
-from scenarios.bench.overhead import (
+from scenarios.bench.contenders import (
     CoordinatorContender,
     TransferSource,
     op_of,

@@ -32,8 +32,8 @@ from typing import Any, TextIO
 
 from hdrh.histogram import HdrHistogram
 
-from scenarios.cli.stopping import checkpoint, stop_requested
 from scenarios.lab import procfs
+from scenarios.stopping import checkpoint, stop_requested
 
 #: One unit of work: called with its index, returns True when it committed.
 Op = Callable[[int], bool]

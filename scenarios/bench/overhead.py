@@ -23,281 +23,43 @@ against the presumed-abort figures (docs/design.md §2).
 from __future__ import annotations
 
 import contextlib
-import dataclasses
-import itertools
 import os
-import queue
 import random
-import threading
 import time
-from collections.abc import Callable, Iterator, Mapping
-from contextlib import contextmanager
-from dataclasses import dataclass, field
-from typing import Any, Protocol
+from collections.abc import Mapping
+from dataclasses import dataclass
+from typing import Any
 
-import psycopg
 from psycopg import errors as pg_errors
 from rich.progress import Progress
 
-from coordinator.coordinator import Coordinator
-from coordinator.errors import ParticipantError, TransactionAborted, TransactionInDoubt
-from coordinator.log import DecisionLog
-from coordinator.transaction import Transaction
-from coordinator.xid import gtrid_prefix
-from scenarios.bench import floor, measure, peer
-from scenarios.bench.floor import Floor
-from scenarios.bench.peer import Peer
+from coordinator.errors import TransactionAborted, TransactionInDoubt
+from scenarios.bench import measure
+from scenarios.bench.contenders import (
+    BALANCE,
+    Contender,
+    CoordinatorContender,
+    PhaseSplit,
+    TransferSource,
+    contenders,
+    op_of,
+    prepare_lab,
+)
+from scenarios.bench.server_costs import service_cpu, wal_bytes
 from scenarios.config import Settings
-from scenarios.lab.services import BROKER, Lab
-from scenarios.transfer import model as scenario
+from scenarios.lab.ports import BROKER
 from scenarios.transfer.model import (
     CREDIT,
     DEBIT,
     EVENT_QUEUE,
     TRANSFER_COMPLETED,
     TYPE_HEADER,
-    Transfer,
 )
-from scenarios.wiring import databases, decision_log, open_coordinator
-
-#: The coordinator id of the two-database coordinator (its own log and gtrids).
-DB_ONLY_COORDINATOR = "benchdb"
-#: Phases of Transaction.timings, in protocol order; "work" is the rest of the total.
-PHASES = ("work", "prepare", "commit_point", "decision_log", "phase2")
-
-ACCOUNTS = 10_000
-BALANCE = 1_000_000_000
-
-
-class Contender(Protocol):
-    """One way to run the transfer work in the benchmark."""
-
-    name: str
-
-    def run_one(self, t: Transfer) -> bool: ...
-
-    def close(self) -> None: ...
-
-
-# -- the transfers ------------------------------------------------------------------
-
-
-class TransferSource:
-    """Endless unique transfers between random accounts (thread-safe)."""
-
-    def __init__(self, *, accounts: int = ACCOUNTS, seed: int = 1) -> None:
-        self.accounts = accounts
-        self.run_id = scenario.new_run_id()
-        self._rng = random.Random(seed)
-        self._ids = itertools.count()
-        self._lock = threading.Lock()
-
-    def next(self) -> Transfer:
-        with self._lock:
-            n = next(self._ids)
-            source, target = self._rng.randrange(self.accounts), self._rng.randrange(self.accounts)
-            amount = self._rng.randint(1, 100)
-        return Transfer(
-            f"{self.run_id}-{n:07d}",
-            scenario.account_id(source),
-            scenario.account_id(target),
-            amount,
-        )
-
 
 # -- contenders: the coordinator ----------------------------------------------------
 
 
-@dataclass
-class PhaseSplit:
-    """Per-phase latencies of committed 2PC transactions (Transaction.timings).
-
-    Recording only keeps the figures (a list append, safe across threads under
-    the GIL); the histograms are built when asked, so that the measurement
-    adds next to nothing to the coordinator's own time per transaction.
-    """
-
-    samples: list[tuple[float, dict[str, float]]] = field(default_factory=list)
-
-    def record(self, tx: Transaction, total: float) -> None:
-        self.samples.append((total, tx.timings))
-
-    @property
-    def phases(self) -> dict[str, measure.Latencies]:
-        out = {p: measure.Latencies(p) for p in PHASES}
-        for total, timings in list(self.samples):
-            out["work"].record(max(total - sum(timings.values()), 0.0))
-            for phase in PHASES[1:]:
-                if phase in timings:
-                    out[phase].record(timings[phase])
-        return out
-
-    def summary(self) -> dict[str, dict[str, float]]:
-        return {name: lat.summary() for name, lat in self.phases.items() if lat.count}
-
-
-class CoordinatorContender:
-    """twopc's coordinator making the transfer: A, B and the message, or A and B only."""
-
-    def __init__(
-        self,
-        settings: Settings,
-        *,
-        concurrency: int,
-        broker: bool = True,
-        name: str | None = None,
-        coordinator_id: str = "",
-    ) -> None:
-        self.broker = broker
-        self.name = name or ("coordinator" if broker else "coordinator-db")
-        self.split = PhaseSplit()
-        self.by_outcome: dict[str, dict[str, int]] = {}
-        if broker:
-            self.coordinator = open_coordinator(settings, sessions=max(concurrency, 1))
-        else:
-            self.coordinator = db_only_coordinator(
-                settings, concurrency=concurrency, coordinator_id=coordinator_id
-            )
-        self.prefix = gtrid_prefix(self.coordinator.coordinator_id)
-        self._lock = threading.Lock()
-
-    def run_one(self, t: Transfer) -> bool:
-        start = time.perf_counter()
-        tx = self.coordinator.begin(self.prefix + t.transfer_id)
-        params = {"amount": t.amount, "tid": t.transfer_id}
-        try:
-            with tx:
-                try:
-                    tx.branch("a").execute(DEBIT, {**params, "account": t.source})
-                except pg_errors.CheckViolation:
-                    pass  # the branch votes NO at prepare
-                else:
-                    tx.execute("b", CREDIT, {**params, "account": t.target})
-                    if self.broker:
-                        tx.send(
-                            EVENT_QUEUE,
-                            t.body(),
-                            {"transfer-id": t.transfer_id, TYPE_HEADER: TRANSFER_COMPLETED},
-                        )
-        except (TransactionAborted, TransactionInDoubt, ParticipantError):
-            return False
-        self.split.record(tx, time.perf_counter() - start)
-        return True
-
-    @property
-    def forced_writes(self) -> int:
-        return int(self.coordinator.log.forced_writes)
-
-    def close(self) -> None:
-        self.coordinator.close()
-
-
-def db_only_coordinator(
-    settings: Settings, *, concurrency: int, coordinator_id: str = ""
-) -> Coordinator:
-    """A coordinator over A and B with no broker. With the file log (TWOPC_DECISIONS=file)
-    its decision record is forced (fsync); in postgres mode its decision is a row in A."""
-    settings = dataclasses.replace(settings, coordinator_id=coordinator_id or DB_ONLY_COORDINATOR)
-    resources = databases(settings, pool_size=concurrency + 8)
-    log: DecisionLog | None = None
-    try:
-        log, holder, membership = decision_log(
-            settings, resources, log_path=settings.home / "bench-db-decisions.log"
-        )
-        return Coordinator(
-            settings.coordinator_id,
-            log,
-            resources,
-            None,
-            max_workers=max(concurrency, 4),
-            membership=membership,
-            decision_holder=holder,
-        )
-    except BaseException:
-        for resource in resources:
-            resource.close()
-        if log is not None:
-            log.close()
-        raise
-
-
 # -- contenders: the floor, the peer, and local commits ----------------------------
-
-
-class _Adapter:
-    """A Floor or a Peer as a Contender."""
-
-    def __init__(self, inner: Floor | Peer) -> None:
-        self.inner = inner
-        self.name = inner.name
-
-    def run_one(self, t: Transfer) -> bool:
-        return self.inner.run_one(t)
-
-    def close(self) -> None:
-        self.inner.close()
-
-
-class LocalCommit:
-    """The debit alone in one local transaction on A; with ``outbox``, plus an outbox row."""
-
-    def __init__(self, settings: Settings, *, concurrency: int, outbox: bool = False) -> None:
-        self.name = "outbox-commit" if outbox else "local-commit"
-        self.outbox = outbox
-        self._pool: queue.LifoQueue[psycopg.Connection[Any]] = queue.LifoQueue()
-        for _ in range(concurrency):
-            self._pool.put(psycopg.connect(settings.pg_a))
-
-    @contextmanager
-    def _connection(self) -> Iterator[psycopg.Connection[Any]]:
-        conn = self._pool.get()
-        try:
-            yield conn
-        finally:
-            self._pool.put(conn)
-
-    def run_one(self, t: Transfer) -> bool:
-        with self._connection() as conn:
-            try:
-                conn.execute(DEBIT, {"amount": t.amount, "account": t.source, "tid": t.transfer_id})
-                if self.outbox:
-                    conn.execute(
-                        "INSERT INTO outbox (transfer_id, destination, body, status) "
-                        "VALUES (%s, %s, %s, 'pending')",
-                        (t.transfer_id, EVENT_QUEUE, t.body()),
-                    )
-            except pg_errors.CheckViolation:
-                conn.rollback()
-                return False
-            conn.commit()
-        return True
-
-    def close(self) -> None:
-        while True:
-            try:
-                self._pool.get_nowait().close()
-            except queue.Empty:
-                return
-
-
-Factory = Callable[[int], Contender]
-
-
-def contenders(settings: Settings) -> dict[str, Factory]:
-    """Every contender of the overhead benchmark: name -> factory(concurrency)."""
-    return {
-        "floor": lambda c: _Adapter(Floor(settings, concurrency=c)),
-        "floor-marker": lambda c: _Adapter(Floor(settings, concurrency=c, decision="marker")),
-        "floor-seq": lambda c: _Adapter(
-            Floor(settings, concurrency=c, decision="marker", sequential=True)
-        ),
-        "coordinator": lambda c: CoordinatorContender(settings, concurrency=c),
-        "floor-db": lambda c: _Adapter(Floor(settings, concurrency=c, broker=False)),
-        "coordinator-db": lambda c: CoordinatorContender(settings, concurrency=c, broker=False),
-        "peer": lambda c: _Adapter(Peer(settings, concurrency=c)),
-        "local-commit": lambda c: LocalCommit(settings, concurrency=c),
-        "outbox-commit": lambda c: LocalCommit(settings, concurrency=c, outbox=True),
-    }
 
 
 #: Contenders whose throughput is measured at every concurrency (the floors stay at 1
@@ -337,51 +99,7 @@ class Plan:
         return cls(30, 40, 6.0, (1, 8, 16, 32), THROUGHPUT_FULL, 50, slices=6)
 
 
-# -- costs read from the servers -----------------------------------------------------
-
-
-def wal_bytes(settings: Settings) -> dict[str, int]:
-    """The WAL insert position of A and B, in bytes: deltas are the WAL written in between.
-
-    Not pg_stat_wal.wal_bytes, although it counts the same bytes: backends
-    report into it at most once a second (an idle one even later), so a delta
-    taken right after a run misses part of it. The insert position is exact.
-    """
-    out = {}
-    for name, dsn in (("a", settings.pg_a), ("b", settings.pg_b)):
-        with psycopg.connect(dsn) as conn:
-            row = conn.execute(
-                "SELECT pg_wal_lsn_diff(pg_current_wal_insert_lsn(), '0/0')::bigint"
-            ).fetchone()
-            out[name] = int(row[0]) if row else 0
-    return out
-
-
-def service_cpu(settings: Settings) -> measure.ServiceCpu:
-    """CPU accounting of the lab's services when they run on this machine (else none)."""
-    try:
-        statuses = Lab(settings.home).status()
-    except Exception:  # not an embedded lab: the servers are elsewhere
-        return measure.ServiceCpu({})
-    return measure.ServiceCpu({s.label: s.pid for s in statuses if s.pid is not None})
-
-
-def prepare_lab(settings: Settings, *, accounts: int = ACCOUNTS) -> None:
-    """Resolve leftovers of earlier runs, then reset the tables with ample balances."""
-    open_coordinator(settings).close()  # recovery of the main coordinator
-    db_only_coordinator(settings, concurrency=1).close()  # ... and of the benchmark's own
-    floor.roll_back_leftovers(settings)  # ... and what an interrupted run left prepared
-    floor.drain_markers(settings)
-    peer.roll_back_leftovers(settings)
-    scenario.reset(settings, accounts=accounts, balance=BALANCE)
-
-
 # -- the benchmark -------------------------------------------------------------------
-
-
-def op_of(contender: Contender, source: TransferSource) -> measure.Op:
-    """The contender's transfer of the next transfer of ``source``, as a measure.Op."""
-    return lambda _i: contender.run_one(source.next())
 
 
 def _tick(progress: Progress | None, description: str, total: float) -> tuple[Any, Any]:
@@ -719,125 +437,3 @@ def targets(latency: Mapping[str, Any], throughput: Mapping[str, Any]) -> list[d
 
 def _le(value: float | None, bound: float) -> bool | None:
     return None if value is None else value <= bound
-
-
-# -- output ---------------------------------------------------------------------------
-
-
-def _fmt(value: Any, digits: int = 2) -> str:
-    if value is None:
-        return "-"
-    if isinstance(value, float):
-        return f"{value:.{digits}f}"
-    return str(value)
-
-
-def render_markdown(result: Mapping[str, Any], command: str) -> str:
-    """The overhead benchmark's figures as a Markdown page."""
-    lat = result["latency_c1"]
-    lines = [
-        "# twopc overhead benchmark",
-        "",
-        f"Command: `{command}` ({result['seconds']} s; load average before "
-        f"{_fmt(result['load_average']['before'][0])}, after "
-        f"{_fmt(result['load_average']['after'][0])} on {os.cpu_count()} cores).",
-        "",
-        "## Latency at concurrency 1 (interleaved blocks), ms",
-        "",
-        "| contender | n | p50 | p90 | p99 | p99.9 | max | CPU ms/tx |",
-        "| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: |",
-    ]
-    for name, row in lat["contenders"].items():
-        ms = row["latency_ms"]
-        lines.append(
-            f"| {name} | {ms.get('count', 0)} | "
-            + " | ".join(_fmt(ms.get(k)) for k in ("p50", "p90", "p99", "p99.9", "max"))
-            + f" | {_fmt(row['cpu_ms_per_op'])} |"
-        )
-    lines += [
-        "",
-        "## Ratios at concurrency 1",
-        "",
-        "| ratio | p50 | p99 | added at p50 (ms) | per-block p50 ratio: median [min-max] |",
-        "| --- | ---: | ---: | ---: | --- |",
-    ]
-    for name, r in lat["ratios"].items():
-        pb = r["per_block_p50"]
-        lines.append(
-            f"| {name} | {_fmt(r['p50'])} | {_fmt(r['p99'])} | {_fmt(r['p50_added_ms'])} | "
-            f"{_fmt(pb.get('median'))} [{_fmt(pb.get('min'))}-{_fmt(pb.get('max'))}] |"
-        )
-    lines += ["", "## 2PC phases of the coordinator (p50 / p99, ms)", ""]
-    lines += ["| coordinator | " + " | ".join(PHASES) + " |"]
-    lines += ["| --- |" + " ---: |" * len(PHASES)]
-    for name, phases in lat["phases"].items():
-        cells = [
-            f"{_fmt(phases.get(p, {}).get('p50'))} / {_fmt(phases.get(p, {}).get('p99'))}"
-            for p in PHASES
-        ]
-        lines.append(f"| {name} | " + " | ".join(cells) + " |")
-    lines += [
-        "",
-        "## Throughput (closed loop)",
-        "",
-        "| contender | concurrency | tx/s | p50 ms | p99 ms | forced log writes/commit | "
-        "CPU ms/tx by process |",
-        "| --- | ---: | ---: | ---: | ---: | ---: | --- |",
-    ]
-    for name, by_c in result["throughput"]["runs"].items():
-        for c, row in by_c.items():
-            cpu = ", ".join(
-                f"{k} {v:.2f}" for k, v in row.get("cpu_ms_per_op_by_process", {}).items()
-            )
-            lines.append(
-                f"| {name} | {c} | {_fmt(row['throughput_per_s'], 0)} | "
-                f"{_fmt(row['latency_ms'].get('p50'))} | {_fmt(row['latency_ms'].get('p99'))} | "
-                f"{_fmt(row.get('forced_log_writes_per_commit'), 3)} | {cpu} |"
-            )
-    lines += [
-        "",
-        "## Forced decision-log writes and messages per transaction, by outcome (concurrency 1)",
-        "",
-        "| coordinator | outcome | forced writes/tx | business msgs/tx | marker msgs/tx |",
-        "| --- | --- | ---: | ---: | ---: |",
-    ]
-    for name, kinds in result["by_outcome"].items():
-        for kind, row in kinds.items():
-            lines.append(
-                f"| {name} | {kind} | {_fmt(row['forced_log_writes_per_tx'], 3)} | "
-                f"{_fmt(row['business_messages_per_tx'])} | {_fmt(row['marker_messages_per_tx'])} |"
-            )
-    lines += _against_sequential(result["throughput"]["runs"])
-    lines += ["", "## Targets", "", "| target | measured | met |", "| --- | ---: | --- |"]
-    for t in result["targets"]:
-        met = {True: "yes", False: "**no**", None: "-"}[t["met"]]
-        lines.append(f"| {t['target']} | {_fmt(t['measured'], 3)} | {met} |")
-    return "\n".join(lines) + "\n"
-
-
-def _against_sequential(runs: Mapping[str, Mapping[str, Any]]) -> list[str]:
-    """Throughput of the coordinator against the plain sequential 2PC at each concurrency,
-    with the CPU each process spends per transfer (the machine's ceiling on 2 cores)."""
-    plain, ours = runs.get("floor-seq", {}), runs.get("coordinator", {})
-    shared = [c for c in ours if c in plain]
-    if not shared:
-        return []
-    lines = [
-        "",
-        "## The coordinator against a plain sequential 2PC (floor-seq)",
-        "",
-        "| concurrency | floor-seq tx/s | coordinator tx/s | ratio | "
-        "CPU ms/tx floor-seq | CPU ms/tx coordinator |",
-        "| ---: | ---: | ---: | ---: | --- | --- |",
-    ]
-    for c in shared:
-        ratio = measure.ratio(ours[c]["throughput_per_s"], plain[c]["throughput_per_s"])
-        cpu = [
-            ", ".join(f"{k} {v:.2f}" for k, v in row.get("cpu_ms_per_op_by_process", {}).items())
-            for row in (plain[c], ours[c])
-        ]
-        lines.append(
-            f"| {c} | {_fmt(plain[c]['throughput_per_s'], 0)} | "
-            f"{_fmt(ours[c]['throughput_per_s'], 0)} | {_fmt(ratio)} | {cpu[0]} | {cpu[1]} |"
-        )
-    return lines

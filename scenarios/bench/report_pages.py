@@ -12,7 +12,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from scenarios.bench.overhead import PHASES
+from scenarios.bench.contenders import PHASES
 
 # -- one look per strategy -------------------------------------------------------------------
 

@@ -15,7 +15,7 @@ from rich.markdown import Markdown
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
 from coordinator.errors import ConfigurationError
-from scenarios.cli.stopping import stop_on_signals
+from scenarios.stopping import stop_on_signals
 
 DEFAULT_OUT = "twopc-report"
 
@@ -141,7 +141,7 @@ def bench(
 def _run_overhead(
     settings: Any, *, quick: bool, out: Path, command: str, show: bool
 ) -> dict[str, Any]:
-    from scenarios.bench import measure, overhead
+    from scenarios.bench import measure, overhead, overhead_markdown
 
     with progress_bars() as progress:
         result = overhead.run(settings, quick=quick, progress=progress)
@@ -149,7 +149,7 @@ def _run_overhead(
     result["command"] = command
     measure.write_histogram_log(out / "overhead.hlog", results, comment=command)
     (out / "overhead.json").write_text(json.dumps(result, indent=2, default=str))
-    markdown = overhead.render_markdown(result, command)
+    markdown = overhead_markdown.render_markdown(result, command)
     (out / "overhead.md").write_text(markdown)
     if show:
         console = Console()

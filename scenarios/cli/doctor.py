@@ -7,8 +7,8 @@ import sys
 
 import click
 
-from scenarios.cli.errors import EXIT_RUNTIME_ERROR
 from scenarios.doctor import DEFAULT_MAX_SKEW, Status, run_checks
+from scenarios.exit_status import EXIT_RUNTIME_ERROR
 from scenarios.wiring import DEFAULT_SESSIONS
 
 

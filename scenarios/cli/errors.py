@@ -4,7 +4,7 @@
 error (a service down, the schema missing, a wrong setting), 2 on a usage
 error (click's UsageError and BadParameter: a wrong option or argument), and
 ``twopc indoubt`` exits 3 when it found something in doubt; a long-running
-command stopped by SIGINT or SIGTERM exits 130 or 143 (scenarios.cli.stopping).
+command stopped by SIGINT or SIGTERM exits 130 or 143 (scenarios.stopping).
 Nothing a user can cause prints a traceback; a message names the database
 (its setting and host:port/dbname, never the password) and says what to run
 next.
@@ -19,13 +19,8 @@ from psycopg import errors as pg_errors
 
 from coordinator.errors import TwoPhaseCommitError
 from participants.postgres import describe_dsn
+from scenarios.config_values import redact as redact
 from scenarios.transfer.batch import BatchFailed
-
-#: Exit statuses of every twopc command (see the module docstring).
-EXIT_OK = 0
-EXIT_RUNTIME_ERROR = 1
-EXIT_USAGE_ERROR = 2
-EXIT_IN_DOUBT = 3
 
 #: What to run when the scenario's tables are missing or out of date.
 RESET_HINT = "run 'twopc transfer --reset' to create the transfer scenario's tables"
@@ -34,17 +29,6 @@ RESET_HINT = "run 'twopc transfer --reset' to create the transfer scenario's tab
 PROBE_TIMEOUT = 3
 
 _SCHEMA_ERRORS = (pg_errors.UndefinedTable, pg_errors.UndefinedColumn)
-_SECRETS = (
-    (re.compile(r"(password\s*=\s*)('(?:[^'\\]|\\.)*'|\S+)", re.IGNORECASE), r"\1***"),
-    (re.compile(r"(://[^:/@\s]*:)[^@\s]*@"), r"\1***@"),
-)
-
-
-def redact(text: str) -> str:
-    """``text`` with every password of a libpq keyword string or URI replaced by ``***``."""
-    for pattern, replacement in _SECRETS:
-        text = pattern.sub(replacement, text)
-    return text
 
 
 def explain(exc: BaseException) -> str | None:

@@ -11,7 +11,7 @@ from __future__ import annotations
 import click
 
 from scenarios.cli.outbox import _configure_logs, _print_consumer_stats, _settings
-from scenarios.cli.stopping import stop_on_signals
+from scenarios.stopping import stop_on_signals
 
 
 @click.command()

@@ -20,10 +20,11 @@ from scenarios.cli import fanout as cli_fanout
 from scenarios.cli import log as cli_log
 from scenarios.cli import outbox as cli_outbox
 from scenarios.cli import torture as cli_torture
-from scenarios.cli.errors import EXIT_IN_DOUBT, EXIT_RUNTIME_ERROR, explain
-from scenarios.cli.stopping import RunStopped, exit_stopped, finish_run, stop_on_signals
+from scenarios.cli.errors import explain
 from scenarios.config import home_dir
+from scenarios.exit_status import EXIT_IN_DOUBT, EXIT_RUNTIME_ERROR
 from scenarios.log_setup import configure as configure_logging
+from scenarios.stopping import RunStopped, exit_stopped, finish_run, stop_on_signals
 
 console = Console()
 
@@ -34,7 +35,7 @@ class TwopcGroup(click.Group):
     Usage errors stay click's (exit status 2); scenarios.cli.errors says which
     errors are the user's and words them. A run that gave up at a checkpoint
     after SIGTERM or SIGINT says so and exits 128 + the signal
-    (scenarios.cli.stopping).
+    (scenarios.stopping).
     """
 
     def invoke(self, ctx: click.Context) -> Any:
@@ -446,14 +447,14 @@ def scenario() -> None:
 @scenario.command("list")
 def scenario_list() -> None:
     """Name and describe every scenario."""
-    from scenarios.transfer.stories import STORIES, describe
+    from scenarios.stories import STORIES, describe
 
     for name in STORIES:
         click.echo(f"{name:34} {describe(name)}")
 
 
 def _run_story(name: str) -> bool:
-    from scenarios.transfer.stories import STORIES
+    from scenarios.stories import STORIES
 
     story = STORIES[name](_settings())
     colour = "green" if story.ok else "red"
@@ -471,7 +472,7 @@ def scenario_run(name: str) -> None:
     SIGTERM or SIGINT: the scenario in hand runs to its end, no other starts,
     exit 143/130.
     """
-    from scenarios.transfer.stories import STORIES
+    from scenarios.stories import STORIES
 
     names = list(STORIES) if name == "all" else [name]
     unknown = [n for n in names if n not in STORIES]
@@ -514,9 +515,9 @@ def demo(ctx: click.Context, count: int, concurrency: int, bench: bool) -> None:
     SIGTERM or SIGINT: the step in hand (a scenario, the transfers in hand of the
     batch) finishes, the summary of what ran prints, exit 143/130.
     """
+    from scenarios.stories import STORIES
     from scenarios.strategies import run_transfers
     from scenarios.transfer.model import plan, recover_and_reset
-    from scenarios.transfer.stories import STORIES
 
     with stop_on_signals() as stop:
         console.rule("twopc demo: the lab")

@@ -3,7 +3,7 @@
 The relay and the consumer are long-lived: they run until SIGTERM or SIGINT,
 finish the batch in hand (or roll it back), log what they did and exit 0 (the
 consumer prints its counts, dead letters included); a second signal stops
-them at once (scenarios.cli.stopping). An error they cannot work
+them at once (scenarios.stopping). An error they cannot work
 around stops them with one line and exit status 1.
 Their logs are structlog events on stderr (``--log-json`` for JSON lines;
 level from TWOPC_LOG_LEVEL, INFO by default).
@@ -20,8 +20,8 @@ from rich.console import Console
 from rich.table import Table
 
 from coordinator.errors import ConfigurationError
-from scenarios.cli.stopping import finish_run, stop_on_signals
 from scenarios.log_setup import configure as configure_logging
+from scenarios.stopping import finish_run, stop_on_signals
 
 console = Console()
 

@@ -12,7 +12,7 @@ from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 from rich.table import Table
 
-from scenarios.cli.stopping import RunStop, finish_run, stop_on_signals
+from scenarios.stopping import RunStop, finish_run, stop_on_signals
 
 
 @click.command("torture")

@@ -36,7 +36,7 @@ from typing import Any, TypeVar
 
 from coordinator.events import get_logger
 from scenarios import events as ev
-from scenarios.config import parse_host_port
+from scenarios.config_values import parse_host_port
 
 T = TypeVar("T")
 

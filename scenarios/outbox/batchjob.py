@@ -48,8 +48,8 @@ from coordinator.errors import TwoPhaseCommitError
 from coordinator.events import get_logger
 from scenarios import events as ev
 from scenarios.config import Settings
+from scenarios.crash_plan import CrashPlan
 from scenarios.outbox.consumer import APPLIED, REJECTED
-from scenarios.strategies.base import CrashPlan
 from scenarios.transfer.model import CREDIT
 from scenarios.transfer.schema import BATCH_READER
 

@@ -49,8 +49,8 @@ from coordinator.events import get_logger
 from participants.stomp_client import Message, StompClient, Subscription
 from scenarios import events as ev
 from scenarios.config import Settings
+from scenarios.crash_plan import CrashPlan
 from scenarios.outbox.deadletter import Rejection, dead_letter, dead_letter_queue, one_line
-from scenarios.strategies.base import CrashPlan
 from scenarios.transfer.model import (
     CREDIT,
     CREDIT_COMMAND,

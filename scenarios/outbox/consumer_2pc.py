@@ -44,6 +44,7 @@ from coordinator.states import Outcome
 from participants.stomp_client import Message, Subscription
 from scenarios import events as ev
 from scenarios.config import Settings
+from scenarios.crash_plan import CrashPlan
 from scenarios.outbox.consumer import (
     CONSUMER_CRASH_POINTS,
     CONSUMER_CRASH_SETTING,
@@ -56,7 +57,6 @@ from scenarios.outbox.consumer import (
     parse,
 )
 from scenarios.outbox.deadletter import Rejection, dead_letter, dead_letter_queue, one_line
-from scenarios.strategies.base import CrashPlan
 from scenarios.transfer.model import CREDIT, CREDIT_QUEUE, MissingAccount, require_applied
 from scenarios.wiring import open_consuming_coordinator
 

@@ -33,14 +33,14 @@ from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from typing import Any
 
-from coordinator.errors import ConfigurationError, ParticipantError
+from coordinator.errors import ParticipantError
 from coordinator.events import get_logger
 from participants.aio.stomp import AsyncStompClient
 from participants.stomp_client import Message, StompClient
 from scenarios import events as ev
-
-QUEUE_PREFIX = "/queue/"
-DLQ_PREFIX = "/queue/DLQ."
+from scenarios.transfer.destinations import DLQ_PREFIX as DLQ_PREFIX
+from scenarios.transfer.destinations import QUEUE_PREFIX as QUEUE_PREFIX
+from scenarios.transfer.destinations import dead_letter_queue as dead_letter_queue
 
 REASON_HEADER = "twopc-dlq-reason"
 DESTINATION_HEADER = "twopc-dlq-destination"
@@ -71,17 +71,6 @@ BROKER_HEADERS = frozenset(
 
 #: Longest reason kept in a header (an exception's text can be long).
 MAX_REASON = 500
-
-
-def dead_letter_queue(destination: str) -> str:
-    """``/queue/DLQ.<name>`` for the queue ``/queue/<name>``."""
-    name = destination.removeprefix(QUEUE_PREFIX)
-    if name == destination or not name or destination.startswith(DLQ_PREFIX):
-        raise ConfigurationError(
-            f"no dead-letter queue for {destination!r}: it must be a /queue/<name> "
-            "that is not itself a dead-letter queue"
-        )
-    return DLQ_PREFIX + name
 
 
 def one_line(text: str, limit: int = MAX_REASON) -> str:

@@ -56,15 +56,26 @@ from scenarios.outbox.consumer import (
     _Stopped,
     kind_problem,
 )
-from scenarios.transfer.model import TYPE_HEADER, drain
+from scenarios.transfer.destinations import (  # the fan-out's names, re-exported here
+    AUDIT as AUDIT,
+)
+from scenarios.transfer.destinations import (
+    CONSUMERS as CONSUMERS,
+)
+from scenarios.transfer.destinations import (
+    CREDIT as CREDIT,
+)
+from scenarios.transfer.destinations import (
+    SLOW as SLOW,
+)
+from scenarios.transfer.destinations import (
+    TOPIC as TOPIC,
+)
+from scenarios.transfer.destinations import (
+    consumer_queue as consumer_queue,
+)
+from scenarios.transfer.model import TYPE_HEADER
 from scenarios.wiring import open_stomp
-
-#: The virtual topic the CDC relay publishes the fan-out's messages to.
-TOPIC = "/topic/VirtualTopic.transfers"
-
-#: The fan-out's consumers, each with its own queue.
-CREDIT, AUDIT, SLOW = "credit", "audit", "slow"
-CONSUMERS: tuple[str, ...] = (CREDIT, AUDIT, SLOW)
 
 #: Seconds the slow consumer waits before each message.
 SLOW_DELAY_SETTING = "TWOPC_FANOUT_SLOW_DELAY"
@@ -76,15 +87,6 @@ AUDIT_INSERT = (
     "ON CONFLICT (consumer, transfer_id) DO UPDATE SET duplicates = audit_log.duplicates + 1 "
     "RETURNING (xmax = 0)"  # true for a fresh insert, false when the row was there
 )
-
-
-def consumer_queue(name: str) -> str:
-    """``/queue/Consumer.<name>.VirtualTopic.transfers``: where consumer ``name`` reads."""
-    if not name or not name.replace("-", "").replace("_", "").isalnum():
-        raise ConfigurationError(
-            f"fan-out consumer name {name!r}: use letters, digits, '-' and '_' only"
-        )
-    return f"/queue/Consumer.{name}.{TOPIC.removeprefix('/topic/')}"
 
 
 def slow_delay() -> float:
@@ -109,11 +111,6 @@ def ensure_queues(settings: Settings, names: Iterable[str] = CONSUMERS) -> None:
             client.subscribe(consumer_queue(name), ack="client-individual", prefetch=1).unsubscribe(
                 timeout=5.0
             )
-
-
-def drain_consumer_queues(settings: Settings, names: Iterable[str] = CONSUMERS) -> int:
-    """Drop every message on the consumer queues (a reset); creates them too."""
-    return sum(drain(settings, consumer_queue(name)) for name in names)
 
 
 class AuditConsumer(Consumer):

@@ -42,7 +42,7 @@ from scenarios.outbox.batchjob import BatchConfig, BatchJob
 from scenarios.outbox.consumer import Consumer
 from scenarios.outbox.deadletter import one_line
 from scenarios.outbox.relay import Relay, RelayConfig, make_relay
-from scenarios.strategies.base import RelayMode
+from scenarios.outbox.relay_modes import RelayMode
 from scenarios.transfer.invariants import transfer_amounts
 
 

@@ -72,6 +72,7 @@ from coordinator.events import get_logger
 from participants.stomp_client import StompClient
 from scenarios import events as ev
 from scenarios.config import Settings
+from scenarios.crash_plan import CrashPlan
 from scenarios.outbox.cdc import describe, ensure_slot, explain, peek
 from scenarios.outbox.failures import (
     Disposition,
@@ -81,7 +82,7 @@ from scenarios.outbox.failures import (
     record_failures,
 )
 from scenarios.outbox.pgoutput import lsn_text, lsn_value
-from scenarios.strategies.base import RELAY_MODES, CrashPlan, RelayMode
+from scenarios.outbox.relay_modes import RELAY_MODES, RelayMode
 from scenarios.transfer.model import CREDIT_COMMAND, CREDIT_QUEUE, TYPE_HEADER
 from scenarios.transfer.schema import CDC_SLOT, LAST_ID_PARTITIONS
 from scenarios.wiring import open_stomp

@@ -135,7 +135,7 @@ def run_transfers(
     not come, ``convergence_error`` says what is missing and what to start. With
     ``check`` False as well, nothing waits for B: the run ends when A has its writes.
 
-    ``stop`` set (SIGTERM, SIGINT: scenarios.cli.stopping): the transfers in hand
+    ``stop`` set (SIGTERM, SIGINT: scenarios.stopping): the transfers in hand
     finish, no more start (``not_started``), B's convergence is not waited for,
     and an asynchronous strategy's checks are left out (``checks_skipped``).
     """

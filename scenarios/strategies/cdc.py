@@ -21,7 +21,9 @@ from collections.abc import Callable
 
 from scenarios.config import Settings
 from scenarios.outbox.cdc import ensure_slot, set_destination
+from scenarios.outbox.fanout import ensure_queues
 from scenarios.strategies.outbox import LocalCommitWriter
+from scenarios.transfer.destinations import CONSUMERS, TOPIC
 from scenarios.transfer.model import CREDIT_QUEUE
 
 
@@ -51,13 +53,9 @@ class CdcFanoutStrategy(CdcStrategy):
     their own queue (scenarios.outbox.fanout)."""
 
     def __init__(self, *, before_commit: Callable[[], None] | None = None) -> None:
-        from scenarios.outbox import fanout  # it imports the consumer, which imports us
-
-        super().__init__(before_commit=before_commit, name="cdc-fanout", destination=fanout.TOPIC)
-        self.fanout = fanout.CONSUMERS
+        super().__init__(before_commit=before_commit, name="cdc-fanout", destination=TOPIC)
+        self.fanout = CONSUMERS
 
     def prepare(self, settings: Settings, *, concurrency: int = 8) -> None:
-        from scenarios.outbox.fanout import ensure_queues
-
         ensure_queues(settings, self.fanout)  # a queue created later misses what came before
         super().prepare(settings, concurrency=concurrency)

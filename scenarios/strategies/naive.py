@@ -21,11 +21,10 @@ from coordinator.errors import ParticipantError
 from coordinator.states import Outcome
 from participants.stomp_client import StompClient
 from scenarios.config import Settings
+from scenarios.crash_plan import CrashAction, CrashPlan
+from scenarios.outbox.relay_modes import RelayMode
 from scenarios.strategies.base import (
     ConnectionPool,
-    CrashAction,
-    CrashPlan,
-    RelayMode,
     accounts_of,
     commit_debit,
     crashed,

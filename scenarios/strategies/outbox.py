@@ -25,11 +25,10 @@ from psycopg import errors as pg_errors
 
 from coordinator.states import Outcome
 from scenarios.config import Settings
+from scenarios.crash_plan import CrashAction, CrashPlan
+from scenarios.outbox.relay_modes import RelayMode
 from scenarios.strategies.base import (
     ConnectionPool,
-    CrashAction,
-    CrashPlan,
-    RelayMode,
     accounts_of,
     crashed,
 )

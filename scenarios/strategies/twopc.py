@@ -21,7 +21,8 @@ from coordinator.errors import (
 from coordinator.states import Outcome
 from coordinator.xid import gtrid_prefix
 from scenarios.config import Settings
-from scenarios.strategies.base import CrashAction, RelayMode
+from scenarios.crash_plan import CrashAction
+from scenarios.outbox.relay_modes import RelayMode
 from scenarios.transfer.model import (
     CREDIT,
     DEBIT_TO,

@@ -36,7 +36,7 @@ import psycopg
 from coordinator.xid import FORMAT_ID, gtrid_prefix
 from participants.activemq import MARKER_QUEUE, marker_gtrids
 from scenarios.config import Settings
-from scenarios.outbox.deadletter import dead_letter_queue
+from scenarios.transfer.destinations import dead_letter_queue
 from scenarios.transfer.model import CREDIT_QUEUE, EVENT_QUEUE, TRANSFER_COMPLETED, TYPE_HEADER
 from scenarios.wiring import databases, open_stomp
 

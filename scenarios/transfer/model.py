@@ -18,8 +18,8 @@ import psycopg
 
 from coordinator.errors import TwoPhaseCommitError
 from scenarios.config import Settings
-from scenarios.outbox.deadletter import dead_letter_queue
 from scenarios.transfer import schema
+from scenarios.transfer.destinations import CONSUMERS, consumer_queue, dead_letter_queue
 from scenarios.wiring import open_stomp
 
 #: Each destination carries one kind of message (docs/design.md §8). Events ("this happened"):
@@ -180,9 +180,8 @@ def reset(settings: Settings, *, accounts: int = DEFAULT_ACCOUNTS, balance: int 
     for queue in (EVENT_QUEUE, CREDIT_QUEUE):
         drain(settings, queue)
         drain(settings, dead_letter_queue(queue))  # letters of the transfers just dropped
-    from scenarios.outbox.fanout import drain_consumer_queues
-
-    drain_consumer_queues(settings)  # the CDC fan-out's queues (subscribing creates them)
+    for name in CONSUMERS:
+        drain(settings, consumer_queue(name))  # the CDC fan-out's queues (subscribing creates them)
 
 
 def stored_accounts(settings: Settings) -> int | None:

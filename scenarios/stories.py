@@ -96,7 +96,7 @@ def run_child(t: scenario.Transfer, failpoints: str) -> int:
         [
             sys.executable,
             "-m",
-            "scenarios.transfer.stories",
+            "scenarios.stories",
             "one",
             t.transfer_id,
             t.source,
@@ -396,7 +396,7 @@ def _child_env(settings: Settings, setting: str, value: str) -> dict[str, str]:
 
 def thread_pool_dies_with_work_queued(settings: Settings) -> Story:
     """Fire-and-forget on a thread pool: the process dies with credits queued, and they are lost."""
-    from scenarios.strategies.base import CRASH_SETTING
+    from scenarios.crash_plan import CRASH_SETTING
 
     story = Story("thread-pool-dies-with-work-queued")
     before = gather_evidence(settings)
@@ -707,9 +707,9 @@ def describe(name: str) -> str:
 
 
 def _child(argv: list[str]) -> None:
-    """``python -m scenarios.transfer.stories one ID SOURCE TARGET AMOUNT``: one transfer."""
+    """``python -m scenarios.stories one ID SOURCE TARGET AMOUNT``: one transfer."""
     if len(argv) != 5 or argv[0] != "one":
-        raise SystemExit("usage: python -m scenarios.transfer.stories one ID SOURCE TARGET AMOUNT")
+        raise SystemExit("usage: python -m scenarios.stories one ID SOURCE TARGET AMOUNT")
     configure_logging()
     t = scenario.Transfer(argv[1], argv[2], argv[3], int(argv[4]))
     outcome, _ = one_transfer(Settings.load(), t)

@@ -24,7 +24,7 @@ is left to ``twopc recover``.
 A fatal error (e.g. a decision log that cannot be written) goes through the
 same path: :meth:`RunStop.fail` stops the run the same way, and
 :func:`finish_run` prints the summary and one ``twopc: error:`` line and
-exits :data:`~scenarios.cli.errors.EXIT_RUNTIME_ERROR`.
+exits :data:`~scenarios.exit_status.EXIT_RUNTIME_ERROR`.
 """
 
 from __future__ import annotations
@@ -40,7 +40,7 @@ from typing import NoReturn
 
 from coordinator import events
 from scenarios import events as ev
-from scenarios.cli.errors import EXIT_RUNTIME_ERROR
+from scenarios.exit_status import EXIT_RUNTIME_ERROR
 
 #: The signals that stop a run.
 STOP_SIGNALS = (signal.SIGTERM, signal.SIGINT)

@@ -1,0 +1,80 @@
+"""The configuration files the lab writes: the broker's activemq.xml and log4j.properties,
+and the lines it adds to each cluster's postgresql.conf.
+"""
+
+from __future__ import annotations
+
+ACTIVEMQ_XML = """<beans xmlns="http://www.springframework.org/schema/beans"
+  xmlns:xsi="http://www.w3.org/2001/XMLSchema-instance"
+  xsi:schemaLocation="http://www.springframework.org/schema/beans
+    http://www.springframework.org/schema/beans/spring-beans-2.0.xsd
+    http://activemq.apache.org/schema/core
+    http://activemq.apache.org/schema/core/activemq-core.xsd">
+  <bean class="org.springframework.beans.factory.config.PropertyPlaceholderConfigurer"/>
+  <broker xmlns="http://activemq.apache.org/schema/core" brokerName="twopc-lab"
+          useJmx="false" persistent="true" dataDirectory="{data}">
+    <destinationPolicy>
+      <policyMap><policyEntries>
+        <!-- a browse returns at most maxBrowsePageSize messages (default 400) -->
+        <policyEntry queue=">" producerFlowControl="false" maxBrowsePageSize="1000000"/>
+      </policyEntries></policyMap>
+    </destinationPolicy>
+    <persistenceAdapter>
+      <!-- journalDiskSyncStrategy="always": a COMMIT receipt means the journal is on disk -->
+      <kahaDB directory="{data}/kahadb" journalDiskSyncStrategy="always"/>
+    </persistenceAdapter>
+    <systemUsage><systemUsage>
+      <storeUsage><storeUsage limit="4 gb"/></storeUsage>
+      <tempUsage><tempUsage limit="1 gb"/></tempUsage>
+    </systemUsage></systemUsage>
+    <plugins>
+      <!-- every connector, OpenWire included, and the broker's own vm:// connections
+           need this login: there is no anonymous access -->
+      <simpleAuthenticationPlugin anonymousAccessAllowed="false">
+        <users>
+          <authenticationUser username="{user}" password="{password}" groups="users,admins"/>
+        </users>
+      </simpleAuthenticationPlugin>
+    </plugins>
+    <sslContext>
+      <sslContext keyStore="{keystore}" keyStorePassword="{keystore_password}"
+                  keyStoreType="PKCS12"/>
+    </sslContext>
+    <transportConnectors>
+      <transportConnector name="openwire" uri="tcp://127.0.0.1:{openwire}"/>
+      <transportConnector name="stomp" uri="stomp://127.0.0.1:{stomp}"/>
+      <transportConnector name="stomp+ssl" uri="stomp+ssl://127.0.0.1:{stomp_tls}"/>
+    </transportConnectors>
+  </broker>
+</beans>
+"""
+
+LOG4J_PROPERTIES = """log4j.rootLogger=INFO, file
+log4j.logger.org.apache.activemq.spring=WARN
+log4j.logger.org.springframework=WARN
+log4j.logger.org.apache.xbean=WARN
+log4j.appender.file=org.apache.log4j.RollingFileAppender
+log4j.appender.file.File={log}
+log4j.appender.file.MaxFileSize=10MB
+log4j.appender.file.MaxBackupIndex=2
+log4j.appender.file.layout=org.apache.log4j.PatternLayout
+log4j.appender.file.layout.ConversionPattern=%d %-5p [%t] %c - %m%n
+"""
+
+PG_CONF = """
+# twopc lab settings
+listen_addresses = '127.0.0.1'
+port = {port}
+unix_socket_directories = ''
+max_connections = 200
+max_prepared_transactions = 200
+wal_level = logical
+max_replication_slots = 10
+max_wal_senders = 10
+fsync = on
+synchronous_commit = on
+full_page_writes = on
+shared_buffers = 128MB
+logging_collector = off
+log_min_messages = warning
+"""
