@@ -32,11 +32,20 @@ and, for operations::
     TWOPC_METRICS_PORT    long-running commands serve Prometheus /metrics on this port
 
 Each comes from the environment first, then from the config file
-(``TWOPC_CONFIG``, default ``$TWOPC_HOME/twopc.conf``; ``NAME=value`` lines,
-``#`` comments), then from the embedded lab (its recorded ports, and its
-credentials and certificate -- those only when ``TWOPC_STOMP`` is the lab's
-broker). Pointing twopc at your own servers is a matter of setting these.
-No secret appears in a Settings' repr: passwords are masked.
+(``TWOPC_CONFIG``, default ``$TWOPC_HOME/twopc.conf``), read as a dotenv file
+by python-dotenv: ``NAME=value`` lines, ``export NAME=value``, single or double
+quotes (inner quotes kept), ``#`` comments on their own line or after an
+unquoted value, no ``${...}`` expansion. docs/configuration.md lists every
+setting.
+
+The settings fail closed: the four connection settings are given all together
+or not at all. With none of them given, the embedded lab supplies them -- only
+when its state folder (``$TWOPC_HOME/lab.json``, made by ``twopc lab up``)
+exists; then the lab also supplies the broker's login, its certificate and its
+activemq.xml where those are not given, and ``Settings.lab`` names the folder
+(the commands say so on stderr). Anything else is a ConfigurationError naming
+the settings that are missing: some connection settings without the others, or
+none and no lab. No secret appears in a Settings' repr: passwords are masked.
 """
 
 from __future__ import annotations
@@ -68,6 +77,8 @@ DECISION_MODES = ("file", "postgres")
 DECISION_PARTICIPANT = "TWOPC_DECISION_PARTICIPANT"
 DATABASE_NAMES = ("a", "b")
 DEFAULT_HOME = ".twopc"
+LOG_FILE = "decisions.log"  # the file decision log, in the state folder
+LAB_STATE = "lab.json"  # what 'twopc lab up' records in the state folder: the lab is there
 MASK = "********"
 
 _TRUE = ("1", "true", "yes", "on")
@@ -154,19 +165,47 @@ def check_dsn(value: str, setting: str) -> None:
 
 
 def read_config_file(path: Path) -> dict[str, str]:
-    """``NAME=value`` lines of ``path`` (missing file: empty)."""
+    """The settings of the dotenv file ``path`` (missing file: empty).
+
+    python-dotenv parses it (quotes, comments, ``export``), without expanding
+    ``${...}``; a line it cannot parse, or a name without ``=value``, is a
+    ConfigurationError naming the file and the line.
+    """
     if not path.exists():
         return {}
+    from dotenv.parser import parse_stream
+
     values: dict[str, str] = {}
-    for number, raw in enumerate(path.read_text().splitlines(), 1):
-        line = raw.strip()
-        if not line or line.startswith("#"):
-            continue
-        name, sep, value = line.partition("=")
-        if not sep:
-            raise ConfigurationError(f"{path}:{number}: expected NAME=value, got {raw!r}")
-        values[name.strip().removeprefix("export ").strip()] = value.strip().strip("'\"")
+    with path.open(encoding="utf-8") as stream:
+        for binding in parse_stream(stream):
+            line = binding.original.line
+            text = binding.original.string.strip()
+            if binding.error or (binding.key is not None and binding.value is None):
+                raise ConfigurationError(f"{path}:{line}: expected NAME=value, got {text!r}")
+            if binding.key is not None and binding.value is not None:
+                values[binding.key] = binding.value
     return values
+
+
+def lab_home(home: Path) -> Path | None:
+    """``home`` if it holds a lab's state (``twopc lab up`` ran there), else None."""
+    return home if (home / LAB_STATE).is_file() else None
+
+
+def missing_settings(given: Mapping[str, str | None], home: Path) -> ConfigurationError:
+    """The error for connection settings that are not all given (and no lab to give them)."""
+    missing = [name for name in SETTING_NAMES if not given.get(name)]
+    if len(missing) < len(SETTING_NAMES):
+        present = [name for name in SETTING_NAMES if given.get(name)]
+        return ConfigurationError(
+            f"{', '.join(missing)} not set (only {', '.join(present)} "
+            f"{'is' if len(present) == 1 else 'are'}): set all four "
+            "connection settings, or none of them to use the lab (docs/configuration.md)"
+        )
+    return ConfigurationError(
+        f"{', '.join(missing)} not set and no lab in {home} (TWOPC_HOME): set them to your "
+        "servers (docs/configuration.md), or run 'twopc lab up' to make a lab there"
+    )
 
 
 @dataclass(frozen=True)
@@ -187,6 +226,7 @@ class Settings:
     metrics_port: int | None = None
     decisions: str = "file"
     decision_participant: str = "a"
+    lab: Path | None = None  # the lab's state folder, when the lab supplied the settings
 
     def __repr__(self) -> str:
         password = None if self.stomp_password is None else MASK
@@ -197,7 +237,8 @@ class Settings:
             f"stomp_password={password!r}, stomp_tls={self.stomp_tls!r}, "
             f"stomp_ca={self.stomp_ca!r}, broker_config={self.broker_config!r}, "
             f"metrics_port={self.metrics_port!r}, decisions={self.decisions!r}, "
-            f"decision_participant={self.decision_participant!r})"
+            f"decision_participant={self.decision_participant!r}, "
+            f"lab={None if self.lab is None else str(self.lab)!r})"
         )
 
     __str__ = __repr__
@@ -214,7 +255,7 @@ class Settings:
     @property
     def log_path(self) -> Path:
         """The coordinator's decision log."""
-        return self.home / "decisions.log"
+        return self.home / LOG_FILE
 
     def as_env(self) -> dict[str, str]:
         """The settings as environment variables (for child processes and ``twopc lab env``)."""
@@ -237,7 +278,7 @@ class Settings:
 
     @classmethod
     def load(cls, env: Mapping[str, str] | None = None) -> Settings:
-        """Environment, then config file, then the lab's recorded ports."""
+        """Environment, then config file; the lab only when no connection setting is given."""
         env = os.environ if env is None else env
         home = home_dir(env)
         config_path = Path(env.get("TWOPC_CONFIG") or home / "twopc.conf")
@@ -250,24 +291,21 @@ class Settings:
         tls = parse_flag(pick(STOMP_TLS), STOMP_TLS)
         user, password, ca = pick(STOMP_USER), pick(STOMP_PASSWORD), pick(STOMP_CA)
         broker_config = pick(BROKER_CONFIG)
-        if (
-            any(v is None for v in values.values())
-            or user is password is None
-            or ca is None
-            or broker_config is None
-        ):
+        lab = None
+        if not all(values.values()):
+            lab = lab_home(home) if not any(values.values()) else None
+            if lab is None:
+                raise missing_settings(values, home)
             from scenarios.lab.services import lab_settings  # the lab is only the default
 
-            lab = lab_settings(home, env, tls=tls)
-            values = {name: values[name] or lab[name] for name in SETTING_NAMES}
-            # The lab's secrets go to the lab's broker only, never to another address.
-            if values["TWOPC_STOMP"] in (lab["TWOPC_STOMP"], lab[STOMP_TLS_ADDRESS]):
-                if user is password is None:
-                    user, password = lab.get(STOMP_USER), lab.get(STOMP_PASSWORD)
-                if ca is None and values["TWOPC_STOMP"] == lab[STOMP_TLS_ADDRESS]:
-                    ca = lab.get(STOMP_CA)
-                if broker_config is None:
-                    broker_config = lab.get(BROKER_CONFIG)
+            supplied = lab_settings(home, env, tls=tls)
+            values = {name: supplied[name] for name in SETTING_NAMES}
+            if user is password is None:
+                user, password = supplied.get(STOMP_USER), supplied.get(STOMP_PASSWORD)
+            if ca is None and tls:
+                ca = supplied.get(STOMP_CA)
+            if broker_config is None:
+                broker_config = supplied.get(BROKER_CONFIG)
         if password is not None and user is None:
             raise ConfigurationError(
                 f"{STOMP_PASSWORD} is set but {STOMP_USER} is not: set both, or neither for "
@@ -300,6 +338,7 @@ class Settings:
             metrics_port=parse_port(pick(METRICS_PORT), METRICS_PORT),
             decisions=decisions,
             decision_participant=participant,
+            lab=lab,
         )
         check_dsn(settings.pg_a, "TWOPC_PG_A")
         check_dsn(settings.pg_b, "TWOPC_PG_B")

@@ -104,10 +104,10 @@ def bench(
     resets the scenario's tables first. Progress goes to stderr. SIGTERM or
     SIGINT: the operations in hand finish, no report is written, exit 143/130.
     """
-    from scenarios.config import Settings
+    from scenarios.cli.settings import load_settings
 
     require_bench_extra()
-    settings = Settings.load()
+    settings = load_settings()
     command = invoked_command()
     out.mkdir(parents=True, exist_ok=True)
     with stop_on_signals():  # a measurement in hand finishes; no report is written

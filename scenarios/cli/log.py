@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import sys
+from pathlib import Path
 from typing import Any
 
 import click
@@ -17,14 +18,14 @@ from rich.table import Table
 
 from coordinator.log import format as fmt
 from coordinator.log.file import read_entries, truncate_at
+from scenarios.config import LOG_FILE, home_dir
 
 console = Console()
 
 
-def _log_path() -> Any:
-    from scenarios.config import Settings
-
-    return Settings.load().log_path
+def _log_path() -> Path:
+    """The decision log in the state folder: no connection setting is needed to read it."""
+    return home_dir() / LOG_FILE
 
 
 def _describe(entry: fmt.Entry) -> dict[str, Any]:

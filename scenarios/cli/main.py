@@ -118,9 +118,9 @@ def lab_env() -> None:
 
 
 def _settings() -> Any:
-    from scenarios.config import Settings
+    from scenarios.cli.settings import load_settings
 
-    return Settings.load()
+    return load_settings()
 
 
 def _print_recovery(items: list[Any], as_json: bool, extra: dict[str, Any]) -> None:
@@ -183,7 +183,7 @@ def recover(as_json: bool, fence_timeout: float, dead: bool) -> None:
         return
     from scenarios.wiring import recover as run_recovery
 
-    report = run_recovery(fence_timeout=fence_timeout)
+    report = run_recovery(_settings(), fence_timeout=fence_timeout)
     _print_recovery(
         report.items,
         as_json,

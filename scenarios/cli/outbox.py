@@ -27,9 +27,9 @@ console = Console()
 
 
 def _settings() -> Any:
-    from scenarios.config import Settings
+    from scenarios.cli.settings import load_settings
 
-    return Settings.load()
+    return load_settings()
 
 
 def serve_metrics(settings: Any) -> Any:

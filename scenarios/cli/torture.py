@@ -12,6 +12,7 @@ from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 from rich.table import Table
 
+from scenarios.cli.settings import load_settings
 from scenarios.cli.stopping import RunStop, finish_run, stop_on_signals
 
 
@@ -88,7 +89,6 @@ def torture(
     SIGTERM or SIGINT: the schedule in hand runs to its end (recovery and
     checks), the table of the schedules run prints, exit 143/130.
     """
-    from scenarios.config import Settings
     from scenarios.torture import schedules as plans
     from scenarios.torture.report import rows, summary
     from scenarios.torture.runner import lab_for
@@ -98,7 +98,7 @@ def torture(
             "--schedules must be >= 0; --count, --concurrency, --accounts >= 1"
         )
     err = Console(stderr=True)
-    settings = Settings.load()
+    settings = load_settings()
     lab = lab_for(settings)
     if lab is None:
         err.print(
