@@ -305,7 +305,7 @@ def test_bench_without_its_extra_says_in_one_line_what_to_install(
     assert outcome.exit_code == 1
     assert outcome.stderr == (
         "twopc: error: twopc bench needs the bench extra (hdrhistogram missing): "
-        "pip install 'twopc[bench]'\n"
+        "pip install 'twopc-coordinator[bench]'\n"
     )
     assert not out.exists()
 

@@ -29,7 +29,7 @@ from scenarios.cli.stopping import stop_on_signals
     help="Seconds the slow consumer waits before each message "
     "[default: TWOPC_FANOUT_SLOW_DELAY or 0.02].",
 )
-@click.option("--log-json", is_flag=True, help="Log JSON lines.")
+@click.option("--log-json", is_flag=True, hidden=True, help="Deprecated: TWOPC_LOG_FORMAT=json.")
 def fanout(name: str, delay: float | None, log_json: bool) -> None:
     """Consume the CDC fan-out as consumer NAME, idempotently, until SIGTERM."""
     from scenarios.outbox.consumer import ConsumerFailed
