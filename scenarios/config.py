@@ -30,6 +30,7 @@ and, for operations::
 
     TWOPC_BROKER_CONFIG   the broker's activemq.xml, which 'twopc doctor' reads
     TWOPC_METRICS_PORT    long-running commands serve Prometheus /metrics on this port
+    TWOPC_METRICS_ADDRESS the address /metrics listens on (default 127.0.0.1; 0.0.0.0: all)
 
 Each comes from the environment first, then from the config file
 (``TWOPC_CONFIG``, default ``$TWOPC_HOME/twopc.conf``), read as a dotenv file
@@ -72,6 +73,8 @@ STOMP_TLS_ADDRESS = "TWOPC_STOMP_TLS_ADDRESS"  # exported by 'twopc lab env', fo
 PGPASSFILE = "PGPASSFILE"  # libpq's password file; 'twopc lab env' exports the lab's
 BROKER_CONFIG = "TWOPC_BROKER_CONFIG"
 METRICS_PORT = "TWOPC_METRICS_PORT"
+METRICS_ADDRESS = "TWOPC_METRICS_ADDRESS"
+DEFAULT_METRICS_ADDRESS = "127.0.0.1"  # this host only, unless the operator says otherwise
 DECISIONS = "TWOPC_DECISIONS"
 DECISION_MODES = ("file", "postgres")
 DECISION_PARTICIPANT = "TWOPC_DECISION_PARTICIPANT"
@@ -140,6 +143,19 @@ def parse_port(value: str | None, setting: str) -> int | None:
     if not (text.isdigit() and 0 < int(text) < 65536):
         raise ConfigurationError(f"{setting}={value!r} must be a TCP port number (1-65535)")
     return int(text)
+
+
+def parse_address_setting(value: str | None, setting: str) -> str:
+    """A host name or IP address to listen on (unset or empty: 127.0.0.1); no port, no spaces."""
+    text = (value or "").strip()
+    if not text:
+        return DEFAULT_METRICS_ADDRESS
+    if any(c.isspace() for c in text) or text.count(":") == 1:
+        raise ConfigurationError(
+            f"{setting}={value!r} must be a host name or IP address without a port "
+            f"(127.0.0.1, 0.0.0.0 for every interface, ::1); the port is {METRICS_PORT}"
+        )
+    return text
 
 
 def check_dsn(value: str, setting: str) -> None:
@@ -224,6 +240,7 @@ class Settings:
     stomp_ca: str | None = None
     broker_config: str | None = None
     metrics_port: int | None = None
+    metrics_address: str = DEFAULT_METRICS_ADDRESS
     decisions: str = "file"
     decision_participant: str = "a"
     lab: Path | None = None  # the lab's state folder, when the lab supplied the settings
@@ -236,7 +253,8 @@ class Settings:
             f"coordinator_id={self.coordinator_id!r}, stomp_user={self.stomp_user!r}, "
             f"stomp_password={password!r}, stomp_tls={self.stomp_tls!r}, "
             f"stomp_ca={self.stomp_ca!r}, broker_config={self.broker_config!r}, "
-            f"metrics_port={self.metrics_port!r}, decisions={self.decisions!r}, "
+            f"metrics_port={self.metrics_port!r}, metrics_address={self.metrics_address!r}, "
+            f"decisions={self.decisions!r}, "
             f"decision_participant={self.decision_participant!r}, "
             f"lab={None if self.lab is None else str(self.lab)!r})"
         )
@@ -272,6 +290,7 @@ class Settings:
             STOMP_CA: self.stomp_ca or "",
             BROKER_CONFIG: self.broker_config or "",
             METRICS_PORT: "" if self.metrics_port is None else str(self.metrics_port),
+            METRICS_ADDRESS: self.metrics_address,
             DECISIONS: self.decisions,
             DECISION_PARTICIPANT: self.decision_participant,
         }
@@ -336,6 +355,7 @@ class Settings:
             stomp_ca=ca,
             broker_config=broker_config,
             metrics_port=parse_port(pick(METRICS_PORT), METRICS_PORT),
+            metrics_address=parse_address_setting(pick(METRICS_ADDRESS), METRICS_ADDRESS),
             decisions=decisions,
             decision_participant=participant,
             lab=lab,
