@@ -161,9 +161,15 @@ def relay(
     help="Tries at a message that fails transiently before it is dead-lettered "
     "[default: TWOPC_CONSUMER_MAX_ATTEMPTS or 6].",
 )
+@click.option("--json", "as_json", is_flag=True, help="Print the counts as JSON at the end.")
 @click.option("--log-json", is_flag=True, hidden=True, help="Deprecated: TWOPC_LOG_FORMAT=json.")
 def consumer(
-    mode: str, prefetch: int, batch_size: int, max_attempts: int | None, log_json: bool
+    mode: str,
+    prefetch: int,
+    batch_size: int,
+    max_attempts: int | None,
+    as_json: bool,
+    log_json: bool,
 ) -> None:
     """Credit B from /queue/transfers.credit, exactly once in effect, until SIGTERM.
 
@@ -203,13 +209,13 @@ def consumer(
         with stop_on_signals() as stop:
             worker.run(stop)
     except ConsumerFailed as exc:
-        _print_consumer_stats(worker.stats.as_dict())
+        _print_consumer_stats(worker.stats.as_dict(), as_json)
         click.echo(f"twopc: error: {exc}", err=True)
         raise SystemExit(1) from None
     finally:
         if metrics is not None:
             metrics.close()
-    _print_consumer_stats(worker.stats.as_dict())
+    _print_consumer_stats(worker.stats.as_dict(), as_json)
 
 
 @click.command()
@@ -228,8 +234,9 @@ def consumer(
     help="Rows copied per B transaction.",
 )
 @click.option("--once", is_flag=True, help="Run once (copy everything committed) and exit.")
+@click.option("--json", "as_json", is_flag=True, help="Print the counts as JSON at the end.")
 @click.option("--log-json", is_flag=True, hidden=True, help="Deprecated: TWOPC_LOG_FORMAT=json.")
-def batch(interval: float, chunk: int, once: bool, log_json: bool) -> None:
+def batch(interval: float, chunk: int, once: bool, as_json: bool, log_json: bool) -> None:
     """Copy A's committed debits to B as credits, every --interval seconds, until SIGTERM.
 
     Reads A as the read-only role twopc_batch_reader ('twopc transfer --reset'
@@ -256,10 +263,17 @@ def batch(interval: float, chunk: int, once: bool, log_json: bool) -> None:
     except (BatchFailed, psycopg.Error) as exc:
         click.echo(f"twopc: error: {' '.join(str(exc).split())}", err=True)
         raise SystemExit(1) from None
+    if as_json:
+        click.echo(json.dumps(job.stats.as_dict(), indent=2))
+        return
     console.print(", ".join(f"{key} {value}" for key, value in job.stats.as_dict().items()))
 
 
-def _print_consumer_stats(stats: dict[str, int]) -> None:
+def _print_consumer_stats(stats: dict[str, int], as_json: bool = False) -> None:
+    """A consumer's counts at its end: one line (and what to run for dead letters), or JSON."""
+    if as_json:
+        click.echo(json.dumps(stats, indent=2))
+        return
     console.print(", ".join(f"{key.replace('_', ' ')} {value}" for key, value in stats.items()))
     if stats.get("dead_lettered"):
         console.print(
