@@ -252,6 +252,13 @@ def test_an_unknown_command_is_one_error_line_after_the_usage() -> None:
     assert len(error_lines(done.stderr)) == 1 and "no-such-command" in done.stderr
 
 
+def test_a_bare_group_prints_its_help_not_an_error() -> None:
+    """'twopc lab' with no subcommand: its help, as click prints it, and no error line."""
+    done = CliRunner().invoke(main, ["lab"])
+    assert "Commands:" in done.output and "up" in done.output
+    assert error_lines(done.stderr) == []
+
+
 # -- progress, logging, completion ---------------------------------------------------------
 
 

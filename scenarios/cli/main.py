@@ -46,6 +46,9 @@ class TwopcGroup(click.Group):
         kwargs["standalone_mode"] = False
         try:
             status = super().main(*args, **kwargs)
+        except click.exceptions.NoArgsIsHelpError as exc:  # a bare group: its help, as click
+            exc.show()
+            sys.exit(exc.exit_code)
         except click.UsageError as exc:
             _show_usage_error(exc)
             sys.exit(exc.exit_code)
