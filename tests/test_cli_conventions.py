@@ -307,3 +307,28 @@ def test_shell_completion_is_documented_and_works() -> None:
     doc = (ROOT / "docs" / "configuration.md").read_text()
     assert "_TWOPC_COMPLETE=bash_source twopc" in doc
     assert "_TWOPC_COMPLETE=zsh_source twopc" in doc
+
+
+# -- on the lab ----------------------------------------------------------------------------
+
+
+@pytest.mark.lab
+def test_lab_up_json_leaves_stdout_to_the_json_and_draws_no_bar_off_a_terminal(
+    lab: Any,
+) -> None:
+    """'twopc lab up --json' through pipes: stdout parses as JSON, stderr holds no progress."""
+    done = twopc(dict(os.environ), "lab", "up", "--json")
+    assert done.returncode == 0, done.stderr
+    assert {s["state"] for s in json.loads(done.stdout)} == {"up"}
+    assert "━" not in done.stderr and "lab up:" not in done.stderr
+
+
+@pytest.mark.lab
+def test_scenario_run_json_reports_the_story(lab: Any) -> None:
+    """'twopc scenario run happy --json': the scenario's name, verdict and lines as JSON."""
+    done = twopc(dict(os.environ), "scenario", "run", "happy", "--json")
+    assert done.returncode == 0, done.stderr
+    ran = json.loads(done.stdout)
+    assert ran["ok"] is True
+    assert [s["name"] for s in ran["scenarios"]] == ["happy"]
+    assert ran["scenarios"][0]["lines"]
