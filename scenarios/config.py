@@ -30,13 +30,23 @@ and, for operations::
 
     TWOPC_BROKER_CONFIG   the broker's activemq.xml, which 'twopc doctor' reads
     TWOPC_METRICS_PORT    long-running commands serve Prometheus /metrics on this port
+    TWOPC_METRICS_ADDRESS the address /metrics listens on (default 127.0.0.1; 0.0.0.0: all)
 
 Each comes from the environment first, then from the config file
-(``TWOPC_CONFIG``, default ``$TWOPC_HOME/twopc.conf``; ``NAME=value`` lines,
-``#`` comments), then from the embedded lab (its recorded ports, and its
-credentials and certificate -- those only when ``TWOPC_STOMP`` is the lab's
-broker). Pointing twopc at your own servers is a matter of setting these.
-No secret appears in a Settings' repr: passwords are masked.
+(``TWOPC_CONFIG``, default ``$TWOPC_HOME/twopc.conf``), read as a dotenv file
+by python-dotenv: ``NAME=value`` lines, ``export NAME=value``, single or double
+quotes (inner quotes kept), ``#`` comments on their own line or after an
+unquoted value, no ``${...}`` expansion. docs/configuration.md lists every
+setting.
+
+The settings fail closed: the four connection settings are given all together
+or not at all. With none of them given, the embedded lab supplies them -- only
+when its state folder (``$TWOPC_HOME/lab.json``, made by ``twopc lab up``)
+exists; then the lab also supplies the broker's login, its certificate and its
+activemq.xml where those are not given, and ``Settings.lab`` names the folder
+(the commands say so on stderr). Anything else is a ConfigurationError naming
+the settings that are missing: some connection settings without the others, or
+none and no lab. No secret appears in a Settings' repr: passwords are masked.
 """
 
 from __future__ import annotations
@@ -56,15 +66,18 @@ from scenarios.config_values import (
     DECISION_PARTICIPANT,
     DECISIONS,
     DEFAULT_HOME,
+    DEFAULT_METRICS_ADDRESS,
+    LAB_STATE,
     MASK,
+    METRICS_ADDRESS,
     METRICS_PORT,
     SETTING_NAMES,
     STOMP_CA,
     STOMP_PASSWORD,
     STOMP_TLS,
-    STOMP_TLS_ADDRESS,
     STOMP_USER,
     check_dsn,
+    parse_address_setting,
     parse_flag,
     parse_host_port,
     parse_port,
@@ -72,6 +85,8 @@ from scenarios.config_values import (
     redact_dsn,
 )
 from scenarios.lab.settings import lab_settings  # the lab's values are only the defaults
+
+LOG_FILE = "decisions.log"  # the file decision log, in the state folder
 
 
 class StompOptions(TypedDict):
@@ -87,6 +102,27 @@ def home_dir(env: Mapping[str, str] | None = None) -> Path:
     """The state folder: ``TWOPC_HOME`` or ``./.twopc``, as an absolute path."""
     env = os.environ if env is None else env
     return Path(env.get("TWOPC_HOME") or DEFAULT_HOME).resolve()
+
+
+def lab_home(home: Path) -> Path | None:
+    """``home`` if it holds a lab's state (``twopc lab up`` ran there), else None."""
+    return home if (home / LAB_STATE).is_file() else None
+
+
+def missing_settings(given: Mapping[str, str | None], home: Path) -> ConfigurationError:
+    """The error for connection settings that are not all given (and no lab to give them)."""
+    missing = [name for name in SETTING_NAMES if not given.get(name)]
+    if len(missing) < len(SETTING_NAMES):
+        present = [name for name in SETTING_NAMES if given.get(name)]
+        return ConfigurationError(
+            f"{', '.join(missing)} not set (only {', '.join(present)} "
+            f"{'is' if len(present) == 1 else 'are'}): set all four "
+            "connection settings, or none of them to use the lab (docs/configuration.md)"
+        )
+    return ConfigurationError(
+        f"{', '.join(missing)} not set and no lab in {home} (TWOPC_HOME): set them to your "
+        "servers (docs/configuration.md), or run 'twopc lab up' to make a lab there"
+    )
 
 
 @dataclass(frozen=True)
@@ -105,8 +141,10 @@ class Settings:
     stomp_ca: str | None = None
     broker_config: str | None = None
     metrics_port: int | None = None
+    metrics_address: str = DEFAULT_METRICS_ADDRESS
     decisions: str = "file"
     decision_participant: str = "a"
+    lab: Path | None = None  # the lab's state folder, when the lab supplied the settings
 
     def __repr__(self) -> str:
         password = None if self.stomp_password is None else MASK
@@ -116,8 +154,10 @@ class Settings:
             f"coordinator_id={self.coordinator_id!r}, stomp_user={self.stomp_user!r}, "
             f"stomp_password={password!r}, stomp_tls={self.stomp_tls!r}, "
             f"stomp_ca={self.stomp_ca!r}, broker_config={self.broker_config!r}, "
-            f"metrics_port={self.metrics_port!r}, decisions={self.decisions!r}, "
-            f"decision_participant={self.decision_participant!r})"
+            f"metrics_port={self.metrics_port!r}, metrics_address={self.metrics_address!r}, "
+            f"decisions={self.decisions!r}, "
+            f"decision_participant={self.decision_participant!r}, "
+            f"lab={None if self.lab is None else str(self.lab)!r})"
         )
 
     __str__ = __repr__
@@ -134,7 +174,7 @@ class Settings:
     @property
     def log_path(self) -> Path:
         """The coordinator's decision log."""
-        return self.home / "decisions.log"
+        return self.home / LOG_FILE
 
     def as_env(self) -> dict[str, str]:
         """The settings as environment variables (for child processes and ``twopc lab env``)."""
@@ -151,13 +191,14 @@ class Settings:
             STOMP_CA: self.stomp_ca or "",
             BROKER_CONFIG: self.broker_config or "",
             METRICS_PORT: "" if self.metrics_port is None else str(self.metrics_port),
+            METRICS_ADDRESS: self.metrics_address,
             DECISIONS: self.decisions,
             DECISION_PARTICIPANT: self.decision_participant,
         }
 
     @classmethod
     def load(cls, env: Mapping[str, str] | None = None) -> Settings:
-        """Environment, then config file, then the lab's recorded ports."""
+        """Environment, then config file; the lab only when no connection setting is given."""
         env = os.environ if env is None else env
         home = home_dir(env)
         config_path = Path(env.get("TWOPC_CONFIG") or home / "twopc.conf")
@@ -170,22 +211,19 @@ class Settings:
         tls = parse_flag(pick(STOMP_TLS), STOMP_TLS)
         user, password, ca = pick(STOMP_USER), pick(STOMP_PASSWORD), pick(STOMP_CA)
         broker_config = pick(BROKER_CONFIG)
-        if (
-            any(v is None for v in values.values())
-            or user is password is None
-            or ca is None
-            or broker_config is None
-        ):
-            lab = lab_settings(home, env, tls=tls)
-            values = {name: values[name] or lab[name] for name in SETTING_NAMES}
-            # The lab's secrets go to the lab's broker only, never to another address.
-            if values["TWOPC_STOMP"] in (lab["TWOPC_STOMP"], lab[STOMP_TLS_ADDRESS]):
-                if user is password is None:
-                    user, password = lab.get(STOMP_USER), lab.get(STOMP_PASSWORD)
-                if ca is None and values["TWOPC_STOMP"] == lab[STOMP_TLS_ADDRESS]:
-                    ca = lab.get(STOMP_CA)
-                if broker_config is None:
-                    broker_config = lab.get(BROKER_CONFIG)
+        lab = None
+        if not all(values.values()):
+            lab = lab_home(home) if not any(values.values()) else None
+            if lab is None:
+                raise missing_settings(values, home)
+            supplied = lab_settings(home, env, tls=tls)
+            values = {name: supplied[name] for name in SETTING_NAMES}
+            if user is password is None:
+                user, password = supplied.get(STOMP_USER), supplied.get(STOMP_PASSWORD)
+            if ca is None and tls:
+                ca = supplied.get(STOMP_CA)
+            if broker_config is None:
+                broker_config = supplied.get(BROKER_CONFIG)
         if password is not None and user is None:
             raise ConfigurationError(
                 f"{STOMP_PASSWORD} is set but {STOMP_USER} is not: set both, or neither for "
@@ -216,8 +254,10 @@ class Settings:
             stomp_ca=ca,
             broker_config=broker_config,
             metrics_port=parse_port(pick(METRICS_PORT), METRICS_PORT),
+            metrics_address=parse_address_setting(pick(METRICS_ADDRESS), METRICS_ADDRESS),
             decisions=decisions,
             decision_participant=participant,
+            lab=lab,
         )
         check_dsn(settings.pg_a, "TWOPC_PG_A")
         check_dsn(settings.pg_b, "TWOPC_PG_B")

@@ -24,6 +24,9 @@ STOMP_TLS_ADDRESS = "TWOPC_STOMP_TLS_ADDRESS"  # exported by 'twopc lab env', fo
 PGPASSFILE = "PGPASSFILE"  # libpq's password file; 'twopc lab env' exports the lab's
 BROKER_CONFIG = "TWOPC_BROKER_CONFIG"
 METRICS_PORT = "TWOPC_METRICS_PORT"
+METRICS_ADDRESS = "TWOPC_METRICS_ADDRESS"
+DEFAULT_METRICS_ADDRESS = "127.0.0.1"  # this host only, unless the operator says otherwise
+LAB_STATE = "lab.json"  # what 'twopc lab up' records in the state folder: the lab is there
 DECISIONS = "TWOPC_DECISIONS"
 DECISION_MODES = ("file", "postgres")
 DECISION_PARTICIPANT = "TWOPC_DECISION_PARTICIPANT"
@@ -77,6 +80,19 @@ def parse_port(value: str | None, setting: str) -> int | None:
     return int(text)
 
 
+def parse_address_setting(value: str | None, setting: str) -> str:
+    """A host name or IP address to listen on (unset or empty: 127.0.0.1); no port, no spaces."""
+    text = (value or "").strip()
+    if not text:
+        return DEFAULT_METRICS_ADDRESS
+    if any(c.isspace() for c in text) or text.count(":") == 1:
+        raise ConfigurationError(
+            f"{setting}={value!r} must be a host name or IP address without a port "
+            f"(127.0.0.1, 0.0.0.0 for every interface, ::1); the port is {METRICS_PORT}"
+        )
+    return text
+
+
 def check_dsn(value: str, setting: str) -> None:
     """A libpq connection string libpq can parse, with numeric ports; else ConfigurationError.
 
@@ -100,18 +116,25 @@ def check_dsn(value: str, setting: str) -> None:
 
 
 def read_config_file(path: Path) -> dict[str, str]:
-    """``NAME=value`` lines of ``path`` (missing file: empty)."""
+    """The settings of the dotenv file ``path`` (missing file: empty).
+
+    python-dotenv parses it (quotes, comments, ``export``), without expanding
+    ``${...}``; a line it cannot parse, or a name without ``=value``, is a
+    ConfigurationError naming the file and the line.
+    """
     if not path.exists():
         return {}
+    from dotenv.parser import parse_stream
+
     values: dict[str, str] = {}
-    for number, raw in enumerate(path.read_text().splitlines(), 1):
-        line = raw.strip()
-        if not line or line.startswith("#"):
-            continue
-        name, sep, value = line.partition("=")
-        if not sep:
-            raise ConfigurationError(f"{path}:{number}: expected NAME=value, got {raw!r}")
-        values[name.strip().removeprefix("export ").strip()] = value.strip().strip("'\"")
+    with path.open(encoding="utf-8") as stream:
+        for binding in parse_stream(stream):
+            line = binding.original.line
+            text = binding.original.string.strip()
+            if binding.error or (binding.key is not None and binding.value is None):
+                raise ConfigurationError(f"{path}:{line}: expected NAME=value, got {text!r}")
+            if binding.key is not None and binding.value is not None:
+                values[binding.key] = binding.value
     return values
 
 

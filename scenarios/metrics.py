@@ -14,8 +14,9 @@ Two kinds of figures:
 
 The coordinator core does not import this module; :func:`serve` hooks every
 coordinator :mod:`scenarios.wiring` opens in this process. Long-running
-commands call :func:`serve_if_asked`, which serves when ``TWOPC_METRICS_PORT``
-is set.
+commands serve it when ``TWOPC_METRICS_PORT`` is set, on
+``TWOPC_METRICS_ADDRESS`` (default 127.0.0.1: this host only; 0.0.0.0 for every
+interface).
 """
 
 from __future__ import annotations
@@ -41,7 +42,7 @@ from coordinator.xid import FORMAT_ID
 from participants.activemq import MARKER_QUEUE
 from scenarios import wiring
 from scenarios.config import Settings
-from scenarios.config_values import METRICS_PORT
+from scenarios.config_values import METRICS_ADDRESS, METRICS_PORT
 from scenarios.transfer.destinations import dead_letter_queue
 from scenarios.transfer.model import CREDIT_QUEUE
 from scenarios.transfer.schema import CDC_SLOT
@@ -306,6 +307,7 @@ class MetricsServer:
     transactions: TransactionMetrics
     port: int
     _stop: Callable[[], None]
+    address: str = "127.0.0.1"  # where it listens (TWOPC_METRICS_ADDRESS)
 
     def watch_relay(self, relay: Any) -> None:
         self.registry.register(
@@ -335,8 +337,13 @@ class MetricsServer:
         self._stop()
 
 
-def serve(settings: Settings, port: int, *, address: str = "0.0.0.0") -> MetricsServer:
-    """Serve /metrics on ``port`` (0: a free one) and count every coordinator opened here."""
+def serve(settings: Settings, port: int, *, address: str | None = None) -> MetricsServer:
+    """Serve /metrics on ``port`` (0: a free one) and count every coordinator opened here.
+
+    It listens on ``address``, by default the settings' ``TWOPC_METRICS_ADDRESS``
+    (127.0.0.1 unless set: only this host can scrape it).
+    """
+    address = settings.metrics_address if address is None else address
     registry = CollectorRegistry()
     transactions = TransactionMetrics(registry)
     registry.register(ServerCollector(settings))
@@ -344,8 +351,8 @@ def serve(settings: Settings, port: int, *, address: str = "0.0.0.0") -> Metrics
         server, thread = start_http_server(port, addr=address, registry=registry)
     except OSError as exc:
         raise ConfigurationError(
-            f"cannot serve metrics on port {port} ({METRICS_PORT}): {exc.strerror or exc}; "
-            f"set {METRICS_PORT} to a free port"
+            f"cannot serve metrics on {address} port {port} ({METRICS_ADDRESS}, "
+            f"{METRICS_PORT}): {exc.strerror or exc}; set {METRICS_PORT} to a free port"
         ) from exc
 
     def stop() -> None:
@@ -354,4 +361,6 @@ def serve(settings: Settings, port: int, *, address: str = "0.0.0.0") -> Metrics
         thread.join(5)
 
     wiring.COORDINATOR_OBSERVERS.append(transactions.observe)
-    return MetricsServer(registry, transactions, int(server.server_port), stop)
+    return MetricsServer(
+        registry, transactions, int(server.server_port), stop, address=str(server.server_address[0])
+    )

@@ -134,9 +134,9 @@ TINY_REPORT = report.ReportPlan(
 def test_bench_overhead_writes_measured_figures(
     lab: object, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    """twopc bench --overhead: every contender measured, R* counts by outcome, files written."""
+    """twopc bench overhead: every contender measured, R* counts by outcome, files written."""
     monkeypatch.setattr(overhead.Plan, "for_mode", classmethod(lambda cls, quick: TINY_OVERHEAD))
-    outcome = CliRunner().invoke(main, ["bench", "--overhead", "--quick", "--out", str(tmp_path)])
+    outcome = CliRunner().invoke(main, ["bench", "overhead", "--quick", "--out", str(tmp_path)])
     assert outcome.exit_code == 0, outcome.output
     data = json.loads((tmp_path / "overhead.json").read_text())
     contenders = data["latency_c1"]["contenders"]
@@ -305,7 +305,7 @@ def test_bench_without_its_extra_says_in_one_line_what_to_install(
     assert outcome.exit_code == 1
     assert outcome.stderr == (
         "twopc: error: twopc bench needs the bench extra (hdrhistogram missing): "
-        "pip install 'twopc[bench]'\n"
+        "pip install 'twopc-coordinator[bench]'\n"
     )
     assert not out.exists()
 
@@ -333,11 +333,11 @@ def test_the_core_commands_import_nothing_of_the_bench_extra() -> None:
 def test_bench_consumers_measures_both_modes_side_by_side(
     lab: object, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    """twopc bench --consumers: inbox and 2pc measured side by side, files written."""
+    """twopc bench consumers: inbox and 2pc measured side by side, files written."""
     from scenarios.cli import bench as bench_cli
 
     monkeypatch.setitem(bench_cli.CONSUMER_COUNTS, True, (20, 3))
-    outcome = CliRunner().invoke(main, ["bench", "--consumers", "--quick", "--out", str(tmp_path)])
+    outcome = CliRunner().invoke(main, ["bench", "consumers", "--quick", "--out", str(tmp_path)])
     assert outcome.exit_code == 0, outcome.output
     rows = json.loads((tmp_path / "consumers.json").read_text())["consumers"]
     assert [r["mode"] for r in rows] == ["inbox", "2pc"]

@@ -66,12 +66,20 @@ def test_consumer_queue_follows_the_virtual_topic_naming() -> None:
         fanout.consumer_queue("")
 
 
-def test_every_fanout_consumer_takes_the_same_kind_and_refuses_the_others() -> None:
+def test_every_fanout_consumer_takes_the_same_kind_and_refuses_the_others(tmp_path: Path) -> None:
     """credit, audit and slow accept what the relay publishes and refuse other kinds alike."""
     from participants.stomp_client import Message
     from scenarios.transfer.model import CREDIT_COMMAND, TRANSFER_COMPLETED, TYPE_HEADER
 
-    settings = Settings.load()
+    settings = Settings.load(  # nothing is connected to: any complete settings do
+        {
+            "TWOPC_HOME": str(tmp_path),
+            "TWOPC_PG_A": "host=127.0.0.1 port=5432 dbname=a",
+            "TWOPC_PG_B": "host=127.0.0.1 port=5432 dbname=b",
+            "TWOPC_STOMP": "127.0.0.1:61613",
+            "TWOPC_OPENWIRE": "127.0.0.1:61616",
+        }
+    )
     consumers = [fanout.make_consumer(settings, name, delay=0) for name in fanout.CONSUMERS]
     relayed = Message({"transfer-id": "t-1", TYPE_HEADER: CREDIT_COMMAND}, "{}")
     others = [

@@ -27,7 +27,7 @@ from psycopg import errors as pg_errors
 from coordinator.errors import ConfigurationError
 from coordinator.states import Outcome
 from participants.stomp_client import BrokerLoginRefused, BrokerTlsRefused, StompClient
-from scenarios.config import Settings
+from scenarios.config import SETTING_NAMES, Settings
 from scenarios.lab.credentials import DB_ADMIN
 from scenarios.lab.errors import LabError
 from scenarios.lab.lab_user import LAB_USER
@@ -197,11 +197,8 @@ def test_tls_connection_sees_the_broker_close_it(settings: Settings, lab: Lab) -
 
 def test_tls_settings_from_the_environment_point_at_the_tls_connector(lab: Lab) -> None:
     """TWOPC_STOMP_TLS=1 with the lab's defaults: TLS address, the lab's certificate, the login."""
-    env = {
-        k: v
-        for k, v in os.environ.items()
-        if k not in ("TWOPC_STOMP", "TWOPC_STOMP_CA", "TWOPC_STOMP_USER", "TWOPC_STOMP_PASSWORD")
-    }
+    given = ("TWOPC_STOMP_CA", "TWOPC_STOMP_USER", "TWOPC_STOMP_PASSWORD", *SETTING_NAMES)
+    env = {k: v for k, v in os.environ.items() if k not in given}
     env["TWOPC_STOMP_TLS"] = "1"
     loaded = Settings.load(env)
     assert loaded.stomp == f"127.0.0.1:{lab.ports.stomp_tls}"

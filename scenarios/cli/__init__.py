@@ -23,4 +23,4 @@ def run() -> None:
         raise SystemExit(2) from None
     from scenarios.cli.main import main
 
-    main()
+    main(prog_name="twopc")  # also under 'python -m scenarios.cli': completion's _TWOPC_COMPLETE

@@ -1,4 +1,4 @@
-"""``twopc bench``: the strategies' comparison report, or the coordinator's overhead benchmark."""
+"""``twopc bench [strategies|overhead|consumers|inflight|decisions]``: the measurements."""
 
 from __future__ import annotations
 
@@ -6,15 +6,16 @@ import importlib
 import json
 import shlex
 import sys
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 import click
 from rich.console import Console
 from rich.markdown import Markdown
-from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
 from coordinator.errors import ConfigurationError
+from scenarios.cli.progress import progress_bars, working
 from scenarios.stopping import stop_on_signals
 
 DEFAULT_OUT = "twopc-report"
@@ -34,7 +35,7 @@ def require_bench_extra() -> None:
     if missing:
         raise ConfigurationError(
             f"twopc bench needs the bench extra ({', '.join(missing)} missing): "
-            "pip install 'twopc[bench]'"
+            "pip install 'twopc-coordinator[bench]'"
         )
 
 
@@ -43,88 +44,132 @@ def invoked_command() -> str:
     return shlex.join(["twopc", *sys.argv[1:]])
 
 
-def progress_bars() -> Progress:
-    """Progress bars on stderr, so that ``--json`` leaves stdout clean."""
-    return Progress(
-        TextColumn("{task.description}"),
-        BarColumn(),
-        MofNCompleteColumn(),
-        TimeElapsedColumn(),
-        console=Console(stderr=True),
-        transient=False,
+#: The bench modes, in the order ``twopc bench -h`` lists them: name -> what it measures.
+MODES = {
+    "strategies": "Every transfer strategy compared: latency, convergence, cost, crash behaviour.",
+    "overhead": "The coordinator against a hand-written 2PC, SQLAlchemy and local commits.",
+    "consumers": "'twopc consumer --mode inbox' against '--mode 2pc': latency per message, "
+    "throughput, WAL bytes per message on B.",
+    "inflight": "1,000 transactions in flight (200 with --quick): the sync coordinator with a "
+    "thread each against the asyncio coordinator with a task each (RSS, commits/s).",
+    "decisions": "TWOPC_DECISIONS=file against postgres, with and without the broker: latency, "
+    "throughput, forced log writes and WAL flushes per commit.",
+}
+
+
+F = TypeVar("F", bound=Callable[..., Any])
+
+
+def _common(command: F) -> F:
+    """--quick, --out and --json, shared by 'twopc bench' and each of its subcommands."""
+    command = click.option(
+        "--json", "as_json", is_flag=True, help="Print the results as JSON on stdout."
+    )(command)
+    command = click.option(
+        "--out",
+        "out",
+        type=click.Path(file_okay=False, path_type=Path),
+        default=DEFAULT_OUT,
+        show_default=True,
+        help="Folder for the report, plots, raw data and histogram logs.",
+    )(command)
+    return click.option("--quick", is_flag=True, help="A short run (under two minutes).")(command)
+
+
+def _deprecated_flag(name: str) -> Callable[[F], F]:
+    return click.option(
+        f"--{name}",
+        "deprecated_modes",
+        flag_value=name,
+        multiple=True,
+        hidden=True,
+        help=f"Deprecated: 'twopc bench {name}'.",
     )
 
 
-@click.command("bench")
-@click.option(
-    "--overhead",
-    is_flag=True,
-    help="Measure the coordinator against a hand-written 2PC, SQLAlchemy and local commits.",
-)
-@click.option("--quick", is_flag=True, help="A short run (under two minutes).")
-@click.option(
-    "--out",
-    "out",
-    type=click.Path(file_okay=False, path_type=Path),
-    default=DEFAULT_OUT,
-    show_default=True,
-    help="Folder for the report, plots, raw data and histogram logs.",
-)
-@click.option(
-    "--consumers",
-    is_flag=True,
-    help="Measure 'twopc consumer --mode inbox' against '--mode 2pc': latency per message, "
-    "throughput, WAL bytes per message on B.",
-)
-@click.option(
-    "--decisions",
-    is_flag=True,
-    help="Measure TWOPC_DECISIONS=file against postgres, with and without the broker: "
-    "latency, throughput, forced log writes and WAL flushes per commit.",
-)
-@click.option(
-    "--inflight",
-    is_flag=True,
-    help="Measure 1,000 transactions in flight (200 with --quick): the sync coordinator with "
-    "a thread each against the asyncio coordinator with a task each (RSS, commits/s).",
-)
-@click.option("--json", "as_json", is_flag=True, help="Print the results as JSON on stdout.")
+@click.group("bench", invoke_without_command=True)
+@_common
+@_deprecated_flag("overhead")
+@_deprecated_flag("consumers")
+@_deprecated_flag("inflight")
+@_deprecated_flag("decisions")
+@click.pass_context
 def bench(
-    overhead: bool,
+    ctx: click.Context,
     quick: bool,
     out: Path,
-    consumers: bool,
-    decisions: bool,
-    inflight: bool,
     as_json: bool,
+    deprecated_modes: tuple[str, ...],
 ) -> None:
-    """Measure every transfer strategy (or, with --overhead, the coordinator's own cost).
+    """Measure: bare, every transfer strategy (as 'twopc bench strategies').
 
     Runs on the lab (or whatever TWOPC_PG_A/B and TWOPC_STOMP point at) and
-    resets the scenario's tables first. Progress goes to stderr. SIGTERM or
-    SIGINT: the operations in hand finish, no report is written, exit 143/130.
+    resets the scenario's tables first. Progress goes to stderr (on a
+    terminal). SIGTERM or SIGINT: the operations in hand finish, no report is
+    written, exit 143/130. The flags --overhead, --consumers, --inflight and
+    --decisions of earlier versions still work and say which subcommand
+    replaces them.
     """
-    from scenarios.config import Settings
+    modes = list(dict.fromkeys(deprecated_modes))
+    if len(modes) > 1:
+        flags = " and ".join(f"--{m}" for m in modes)
+        raise click.UsageError(f"{flags} are two bench modes: run one subcommand at a time")
+    if modes and ctx.invoked_subcommand is not None:
+        raise click.UsageError(
+            f"--{modes[0]} and the subcommand {ctx.invoked_subcommand!r} name two modes"
+        )
+    if ctx.invoked_subcommand is not None:
+        ctx.obj = {"quick": quick, "out": out, "as_json": as_json}
+        return
+    mode = modes[0] if modes else "strategies"
+    if modes:
+        click.echo(f"twopc: warning: --{mode} is deprecated: use 'twopc bench {mode}'", err=True)
+    run_mode(mode, quick=quick, out=out, as_json=as_json)
+
+
+def _subcommand(mode: str) -> None:
+    @bench.command(mode, help=MODES[mode])
+    @_common
+    @click.pass_context
+    def command(ctx: click.Context, quick: bool, out: Path, as_json: bool) -> None:
+        given = ctx.obj or {}  # 'twopc bench --quick overhead' is 'twopc bench overhead --quick'
+        run_mode(
+            mode,
+            quick=quick or given.get("quick", False),
+            out=out if out != Path(DEFAULT_OUT) else given.get("out", out),
+            as_json=as_json or given.get("as_json", False),
+        )
+
+
+for _mode in MODES:
+    _subcommand(_mode)
+
+
+def run_mode(
+    mode: str, *, quick: bool, out: Path, as_json: bool, printed: bool = True
+) -> dict[str, Any]:
+    """Run bench ``mode`` (a key of MODES) and write its files to ``out``.
+
+    The result is printed (as JSON with ``as_json``) unless ``printed`` is False.
+    """
+    from scenarios.cli.settings import load_settings
 
     require_bench_extra()
-    settings = Settings.load()
+    settings = load_settings()
     command = invoked_command()
     out.mkdir(parents=True, exist_ok=True)
     with stop_on_signals():  # a measurement in hand finishes; no report is written
-        if decisions:
-            result = _run_decisions(
-                settings, quick=quick, out=out, command=command, show=not as_json
-            )
-        elif inflight:
-            result = _run_inflight(quick=quick, out=out, command=command, show=not as_json)
-        elif consumers:
-            result = _run_consumers(
-                settings, quick=quick, out=out, command=command, show=not as_json
-            )
-        elif overhead:
-            result = _run_overhead(
-                settings, quick=quick, out=out, command=command, show=not as_json
-            )
+        if mode == "decisions":
+            with working("bench decisions: file against postgres"):
+                result = _run_decisions(settings, quick=quick, out=out, command=command)
+        elif mode == "inflight":
+            with working("bench inflight: threads against tasks"):
+                result = _run_inflight(quick=quick, out=out, command=command)
+        elif mode == "consumers":
+            with working("bench consumers: inbox against 2pc"):
+                result = _run_consumers(settings, quick=quick, out=out, command=command)
+        elif mode == "overhead":
+            result = _run_overhead(settings, quick=quick, out=out, command=command)
         else:
             from scenarios.bench import report as strategy_report
 
@@ -132,15 +177,20 @@ def bench(
                 result = strategy_report.run_report(
                     settings, quick=quick, out=out, command=command, progress=progress
                 )
-            if not as_json:
-                Console().print(f"report: {out / 'report.html'} and {out / 'report.md'}")
-        if as_json:
+        if not printed:
+            pass
+        elif as_json:
             click.echo(json.dumps(result, indent=2, default=str))
+        elif mode == "strategies":
+            Console().print(f"report: {out / 'report.html'} and {out / 'report.md'}")
+        else:
+            console = Console()
+            console.print(Markdown((out / f"{mode}.md").read_text()))
+            console.print(f"written: {out / (mode + '.md')}, {mode}.json")
+    return result
 
 
-def _run_overhead(
-    settings: Any, *, quick: bool, out: Path, command: str, show: bool
-) -> dict[str, Any]:
+def _run_overhead(settings: Any, *, quick: bool, out: Path, command: str) -> dict[str, Any]:
     from scenarios.bench import measure, overhead, overhead_markdown
 
     with progress_bars() as progress:
@@ -151,10 +201,6 @@ def _run_overhead(
     (out / "overhead.json").write_text(json.dumps(result, indent=2, default=str))
     markdown = overhead_markdown.render_markdown(result, command)
     (out / "overhead.md").write_text(markdown)
-    if show:
-        console = Console()
-        console.print(Markdown(markdown))
-        console.print(f"written: {out / 'overhead.md'}, overhead.json, overhead.hlog")
     return result
 
 
@@ -162,9 +208,7 @@ def _run_overhead(
 CONSUMER_COUNTS = {False: (2_000, 200), True: (300, 30)}
 
 
-def _run_consumers(
-    settings: Any, *, quick: bool, out: Path, command: str, show: bool
-) -> dict[str, Any]:
+def _run_consumers(settings: Any, *, quick: bool, out: Path, command: str) -> dict[str, Any]:
     from scenarios.bench import consumers
 
     count, latency_count = CONSUMER_COUNTS[quick]
@@ -173,10 +217,6 @@ def _run_consumers(
     (out / "consumers.md").write_text(markdown)
     result: dict[str, Any] = {"command": command, "consumers": results}
     (out / "consumers.json").write_text(json.dumps(result, indent=2))
-    if show:
-        console = Console()
-        console.print(Markdown(markdown))
-        console.print(f"written: {out / 'consumers.md'}, consumers.json")
     return result
 
 
@@ -184,9 +224,7 @@ def _run_consumers(
 DECISIONS_PLAN = {False: (30, 20, 6.0, 300), True: (8, 10, 2.0, 60)}
 
 
-def _run_decisions(
-    settings: Any, *, quick: bool, out: Path, command: str, show: bool
-) -> dict[str, Any]:
+def _run_decisions(settings: Any, *, quick: bool, out: Path, command: str) -> dict[str, Any]:
     from scenarios.bench import decisions
 
     rounds, per_round, seconds, cost_count = DECISIONS_PLAN[quick]
@@ -197,10 +235,6 @@ def _run_decisions(
     (out / "decisions.json").write_text(json.dumps(result, indent=2))
     markdown = decisions.render_markdown(result, command)
     (out / "decisions.md").write_text(markdown)
-    if show:
-        console = Console()
-        console.print(Markdown(markdown))
-        console.print(f"written: {out / 'decisions.md'}, decisions.json")
     return result
 
 
@@ -208,7 +242,7 @@ def _run_decisions(
 INFLIGHT_COUNTS = {False: 1_000, True: 200}
 
 
-def _run_inflight(*, quick: bool, out: Path, command: str, show: bool) -> dict[str, Any]:
+def _run_inflight(*, quick: bool, out: Path, command: str) -> dict[str, Any]:
     from scenarios.bench import inflight
 
     results = inflight.run(INFLIGHT_COUNTS[quick])
@@ -216,8 +250,4 @@ def _run_inflight(*, quick: bool, out: Path, command: str, show: bool) -> dict[s
     (out / "inflight.md").write_text(markdown)
     result: dict[str, Any] = {"command": command, "inflight": results}
     (out / "inflight.json").write_text(json.dumps(result, indent=2))
-    if show:
-        console = Console()
-        console.print(Markdown(markdown))
-        console.print(f"written: {out / 'inflight.md'}, inflight.json")
     return result

@@ -34,9 +34,9 @@ def doctor(concurrency: int, max_skew: float, as_json: bool) -> None:
     Each finding says what to change. The broker's activemq.xml is read from
     TWOPC_BROKER_CONFIG (the lab's own by default).
     """
-    from scenarios.config import Settings
+    from scenarios.cli.settings import load_settings
 
-    checks = run_checks(Settings.load(), concurrency=concurrency, max_skew=max_skew)
+    checks = run_checks(load_settings(), concurrency=concurrency, max_skew=max_skew)
     findings = [c for c in checks if c.failed]
     if as_json:
         click.echo(

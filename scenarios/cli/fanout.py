@@ -29,8 +29,9 @@ from scenarios.stopping import stop_on_signals
     help="Seconds the slow consumer waits before each message "
     "[default: TWOPC_FANOUT_SLOW_DELAY or 0.02].",
 )
-@click.option("--log-json", is_flag=True, help="Log JSON lines.")
-def fanout(name: str, delay: float | None, log_json: bool) -> None:
+@click.option("--json", "as_json", is_flag=True, help="Print the counts as JSON at the end.")
+@click.option("--log-json", is_flag=True, hidden=True, help="Deprecated: TWOPC_LOG_FORMAT=json.")
+def fanout(name: str, delay: float | None, as_json: bool, log_json: bool) -> None:
     """Consume the CDC fan-out as consumer NAME, idempotently, until SIGTERM."""
     from scenarios.outbox.consumer import ConsumerFailed
     from scenarios.outbox.fanout import ensure_queues, make_consumer
@@ -43,7 +44,7 @@ def fanout(name: str, delay: float | None, log_json: bool) -> None:
         with stop_on_signals() as stop:
             worker.run(stop)
     except ConsumerFailed as exc:
-        _print_consumer_stats(worker.stats.as_dict())
+        _print_consumer_stats(worker.stats.as_dict(), as_json)
         click.echo(f"twopc: error: {exc}", err=True)
         raise SystemExit(1) from None
-    _print_consumer_stats(worker.stats.as_dict())
+    _print_consumer_stats(worker.stats.as_dict(), as_json)

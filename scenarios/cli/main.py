@@ -6,6 +6,7 @@ import json
 import shlex
 import sys
 import threading
+from pathlib import Path
 from typing import Any
 
 import click
@@ -21,6 +22,7 @@ from scenarios.cli import log as cli_log
 from scenarios.cli import outbox as cli_outbox
 from scenarios.cli import torture as cli_torture
 from scenarios.cli.errors import explain
+from scenarios.cli.progress import progress_bars, working
 from scenarios.config import home_dir
 from scenarios.exit_status import EXIT_IN_DOUBT, EXIT_RUNTIME_ERROR
 from scenarios.log_setup import configure as configure_logging
@@ -30,13 +32,34 @@ console = Console()
 
 
 class TwopcGroup(click.Group):
-    """Turns what a user can cause into one clear line and exit status 1, not a traceback.
+    """Turns what a user can cause into one ``twopc: error:`` line, never a traceback.
 
-    Usage errors stay click's (exit status 2); scenarios.cli.errors says which
-    errors are the user's and words them. A run that gave up at a checkpoint
-    after SIGTERM or SIGINT says so and exits 128 + the signal
-    (scenarios.stopping).
+    A usage error (a wrong option, argument or command) prints the usage, the
+    hint to ``-h`` and the line, exit status 2; click's other errors and what
+    scenarios.cli.errors recognises as the user's print the line, exit status 1.
+    A run that gave up at a checkpoint after SIGTERM or SIGINT says so and exits
+    128 + the signal (scenarios.stopping).
     """
+
+    def main(self, *args: Any, **kwargs: Any) -> Any:
+        if kwargs.get("standalone_mode", True) is False:
+            return super().main(*args, **kwargs)
+        kwargs["standalone_mode"] = False
+        try:
+            status = super().main(*args, **kwargs)
+        except click.exceptions.NoArgsIsHelpError as exc:  # a bare group: its help, as click
+            exc.show()
+            sys.exit(exc.exit_code)
+        except click.UsageError as exc:
+            _show_usage_error(exc)
+            sys.exit(exc.exit_code)
+        except click.ClickException as exc:
+            click.echo(f"twopc: error: {exc.format_message()}", err=True)
+            sys.exit(exc.exit_code)
+        except click.Abort:
+            click.echo("twopc: error: aborted", err=True)
+            sys.exit(EXIT_RUNTIME_ERROR)
+        sys.exit(status if isinstance(status, int) else 0)
 
     def invoke(self, ctx: click.Context) -> Any:
         try:
@@ -53,10 +76,25 @@ class TwopcGroup(click.Group):
             sys.exit(EXIT_RUNTIME_ERROR)
 
 
+def _show_usage_error(exc: click.UsageError) -> None:
+    """Click's usage and hint, then the error as the one ``twopc: error:`` line."""
+    ctx = exc.ctx
+    if ctx is not None:
+        hint = ""
+        if ctx.command.get_help_option(ctx) is not None:
+            hint = f"Try '{ctx.command_path} -h' for help.\n"
+        click.echo(f"{ctx.get_usage()}\n{hint}", err=True, color=ctx.color)
+    click.echo(f"twopc: error: {exc.format_message()}", err=True)
+
+
 @click.group(cls=TwopcGroup, context_settings={"help_option_names": ["-h", "--help"]})
 @click.version_option(__version__, "-V", "--version", prog_name="twopc")
 def main() -> None:
-    """twopc: a durable two-phase-commit coordinator for PostgreSQL and ActiveMQ."""
+    """twopc: a durable two-phase-commit coordinator for PostgreSQL and ActiveMQ.
+
+    Logs go to stderr as set by TWOPC_LOG_LEVEL and TWOPC_LOG_FORMAT (json for
+    JSON lines), for every command. Shell completion: see docs/configuration.md.
+    """
     configure_logging()
 
 
@@ -91,13 +129,19 @@ def _print_status(statuses: list[Any], as_json: bool) -> None:
 @click.option("--json", "as_json", is_flag=True, help="Print the status as JSON.")
 def lab_up(as_json: bool) -> None:
     """Start what is not running and wait until every service answers (idempotent)."""
-    _print_status(_lab().up(), as_json)
+    with working("lab up: starting PostgreSQL A and B and ActiveMQ"):
+        statuses = _lab().up()
+    _print_status(statuses, as_json)
 
 
 @lab.command("down")
-def lab_down() -> None:
+@click.option("--json", "as_json", is_flag=True, help="Print what was stopped as JSON.")
+def lab_down(as_json: bool) -> None:
     """Stop exactly the processes 'up' started."""
     stopped = _lab().down()
+    if as_json:
+        click.echo(json.dumps({"stopped": list(stopped)}, indent=2))
+        return
     click.echo("stopped: " + (", ".join(stopped) if stopped else "nothing was running"))
 
 
@@ -119,9 +163,9 @@ def lab_env() -> None:
 
 
 def _settings() -> Any:
-    from scenarios.config import Settings
+    from scenarios.cli.settings import load_settings
 
-    return Settings.load()
+    return load_settings()
 
 
 def _print_recovery(items: list[Any], as_json: bool, extra: dict[str, Any]) -> None:
@@ -163,6 +207,7 @@ def _print_recovery(items: list[Any], as_json: bool, extra: dict[str, Any]) -> N
 @click.option("--json", "as_json", is_flag=True, help="Print the report as JSON.")
 @click.option(
     "--fence-timeout",
+    type=click.FloatRange(min=0),
     default=30.0,
     show_default=True,
     help="Seconds to wait for a dead coordinator's broker sessions to be released.",
@@ -184,7 +229,7 @@ def recover(as_json: bool, fence_timeout: float, dead: bool) -> None:
         return
     from scenarios.wiring import recover as run_recovery
 
-    report = run_recovery(fence_timeout=fence_timeout)
+    report = run_recovery(_settings(), fence_timeout=fence_timeout)
     _print_recovery(
         report.items,
         as_json,
@@ -255,9 +300,23 @@ def indoubt(as_json: bool) -> None:
     help="Accounts per database [default: with --reset 100, else the count the last reset "
     "stored; transfers to accounts beyond it abort].",
 )
-@click.option("--balance", default=10_000, show_default=True, help="Starting balance.")
-@click.option("--count", default=0, show_default=True, help="Transfers to run.")
-@click.option("--concurrency", default=8, show_default=True, help="Concurrent transfers.")
+@click.option(
+    "--balance",
+    type=click.IntRange(min=0),
+    default=10_000,
+    show_default=True,
+    help="Starting balance.",
+)
+@click.option(
+    "--count", type=click.IntRange(min=0), default=0, show_default=True, help="Transfers to run."
+)
+@click.option(
+    "--concurrency",
+    type=click.IntRange(min=1),
+    default=8,
+    show_default=True,
+    help="Concurrent transfers.",
+)
 @click.option("--seed", type=int, default=None, help="Seed for accounts and amounts.")
 @click.option(
     "--strategy",
@@ -321,14 +380,18 @@ def transfer(
     consumer_mode: str,
     converge_timeout: float,
 ) -> None:
-    """Run transfers: debit A, credit B, announce on /queue/transfers.completed — atomically."""
+    """Run transfers: debit A, credit B, announce on /queue/transfers.completed — atomically.
+
+    Give --count N, --reset, or both (reset first). A progress bar shows on
+    stderr when it is a terminal.
+    """
     from scenarios.strategies import RunFailed, run_transfers
     from scenarios.transfer.batch import BatchFailed
     from scenarios.transfer.model import DEFAULT_ACCOUNTS, plan, recover_and_reset
 
+    if not count and not do_reset:
+        raise click.UsageError("nothing to do: give --count N (transfers to run), --reset, or both")
     settings = _settings()
-    if concurrency < 1:
-        raise click.BadParameter("must be at least 1", param_hint="--concurrency")
     with stop_on_signals() as stop:
         if do_reset:
             accounts = accounts or DEFAULT_ACCOUNTS
@@ -341,17 +404,20 @@ def transfer(
             transfers = plan(count, accounts=accounts, seed=seed)
             metrics = cli_outbox.serve_metrics(settings)  # a long run is watched like a worker
             try:
-                output = run_transfers(
-                    settings,
-                    strategy,
-                    transfers,
-                    concurrency=concurrency,
-                    check=check,
-                    converge_timeout=converge_timeout,
-                    pipeline_here=not no_pipeline,
-                    consumer=consumer_mode,
-                    stop=stop,
-                )
+                with progress_bars(transient=True) as progress:
+                    task = progress.add_task(f"transfer ({strategy})", total=len(transfers))
+                    output = run_transfers(
+                        settings,
+                        strategy,
+                        transfers,
+                        concurrency=concurrency,
+                        check=check,
+                        converge_timeout=converge_timeout,
+                        pipeline_here=not no_pipeline,
+                        consumer=consumer_mode,
+                        stop=stop,
+                        on_done=lambda: progress.advance(task),
+                    )
             except RunFailed as failed:  # the results so far print, then the one line
                 output = failed.output
                 stop.fail(_explained(failed.__cause__ or failed))
@@ -445,28 +511,36 @@ def scenario() -> None:
 
 
 @scenario.command("list")
-def scenario_list() -> None:
+@click.option("--json", "as_json", is_flag=True, help="Print the scenarios as JSON.")
+def scenario_list(as_json: bool) -> None:
     """Name and describe every scenario."""
     from scenarios.stories import STORIES, describe
 
+    if as_json:
+        listed = [{"name": name, "description": describe(name)} for name in STORIES]
+        click.echo(json.dumps(listed, indent=2))
+        return
     for name in STORIES:
         click.echo(f"{name:34} {describe(name)}")
 
 
-def _run_story(name: str) -> bool:
+def _run_story(name: str, shown: Console | None) -> dict[str, Any]:
+    """Scenario ``name``: its name, whether it kept its promise, its lines (shown on ``shown``)."""
     from scenarios.stories import STORIES
 
     story = STORIES[name](_settings())
-    colour = "green" if story.ok else "red"
-    console.print(f"[bold]{name}[/] [{colour}]{'as promised' if story.ok else 'FAILED'}[/]")
-    for line in story.lines:
-        console.print(f"  {line}", highlight=False)
-    return story.ok
+    if shown is not None:
+        colour = "green" if story.ok else "red"
+        shown.print(f"[bold]{name}[/] [{colour}]{'as promised' if story.ok else 'FAILED'}[/]")
+        for line in story.lines:
+            shown.print(f"  {line}", highlight=False)
+    return {"name": name, "ok": story.ok, "lines": list(story.lines)}
 
 
 @scenario.command("run")
 @click.argument("name")
-def scenario_run(name: str) -> None:
+@click.option("--json", "as_json", is_flag=True, help="Print each scenario's result as JSON.")
+def scenario_run(name: str, as_json: bool) -> None:
     """Run scenario NAME ('all' runs every one).
 
     SIGTERM or SIGINT: the scenario in hand runs to its end, no other starts,
@@ -479,37 +553,63 @@ def scenario_run(name: str) -> None:
     if unknown:
         raise click.BadParameter(f"unknown scenario {unknown[0]!r}; see 'twopc scenario list'")
     with stop_on_signals() as stop:
-        results = _run_stories(names, stop)
+        results = _run_stories(names, stop, None if as_json else console)
 
         def summary() -> None:
-            console.print(f"{len(results)} of {len(names)} scenarios run")
+            if as_json:
+                ran = {"scenarios": results, "ok": all(r["ok"] for r in results)}
+                if stop.is_set():
+                    ran["stopped"] = f"{len(results)} of {len(names)} scenarios run"
+                click.echo(json.dumps(ran, indent=2))
+            elif stop.is_set():
+                console.print(f"{len(results)} of {len(names)} scenarios run")
 
-        finish_run(stop, summary if stop.is_set() else None)
-    if not all(results.values()):
+        finish_run(stop, summary)
+    if not all(r["ok"] for r in results):
         sys.exit(1)
 
 
-def _run_stories(names: list[str], stop: threading.Event) -> dict[str, bool]:
-    """Each scenario of ``names`` in turn, until ``stop``: name -> whether it kept its promise."""
-    results: dict[str, bool] = {}
+def _run_stories(
+    names: list[str], stop: threading.Event, shown: Console | None
+) -> list[dict[str, Any]]:
+    """Each scenario of ``names`` in turn, until ``stop`` (scenarios.cli.main._run_story)."""
+    results: list[dict[str, Any]] = []
     for name in names:
         if stop.is_set():
             break
-        results[name] = _run_story(name)
+        results.append(_run_story(name, shown))
     return results
 
 
 @main.command()
-@click.option("--count", default=500, show_default=True, help="Transfers in the batch.")
-@click.option("--concurrency", default=8, show_default=True)
+@click.option(
+    "--count",
+    type=click.IntRange(min=1),
+    default=500,
+    show_default=True,
+    help="Transfers in the batch.",
+)
+@click.option(
+    "--concurrency",
+    type=click.IntRange(min=1),
+    default=8,
+    show_default=True,
+    help="Concurrent transfers of the batch.",
+)
 @click.option(
     "--bench/--no-bench",
     default=True,
     show_default=True,
     help="End with 'twopc bench --quick' (about two minutes).",
 )
-@click.pass_context
-def demo(ctx: click.Context, count: int, concurrency: int, bench: bool) -> None:
+@click.option(
+    "--json",
+    "as_json",
+    is_flag=True,
+    help="Print the results (lab, scenarios, batch, bench) as one JSON document on stdout; "
+    "the narration goes to stderr.",
+)
+def demo(count: int, concurrency: int, bench: bool, as_json: bool) -> None:
     """Bring the lab up, set up the schema, run the scenarios, a batch and a quick benchmark.
 
     SIGTERM or SIGINT: the step in hand (a scenario, the transfers in hand of the
@@ -519,41 +619,69 @@ def demo(ctx: click.Context, count: int, concurrency: int, bench: bool) -> None:
     from scenarios.strategies import run_transfers
     from scenarios.transfer.model import plan, recover_and_reset
 
+    shown = Console(stderr=True) if as_json else console
+    report: dict[str, Any] = {}
     with stop_on_signals() as stop:
-        console.rule("twopc demo: the lab")
-        _print_status(_lab().up(), False)
+        shown.rule("twopc demo: the lab")
+        with working("lab up: starting PostgreSQL A and B and ActiveMQ"):
+            statuses = _lab().up()
+        report["lab"] = [s.__dict__ for s in statuses]
+        if not as_json:
+            _print_status(statuses, False)
         settings = _settings()
         recover_and_reset(settings, accounts=100, balance=10_000)
-        console.print(
-            "schema reset: 100 accounts of 10000 in A and in B; the transfer queues empty"
-        )
-        console.rule("scenarios")
-        results = _run_stories(list(STORIES), stop)
+        shown.print("schema reset: 100 accounts of 10000 in A and in B; the transfer queues empty")
+        shown.rule("scenarios")
+        results = _run_stories(list(STORIES), stop, shown)
+        report["scenarios"] = results
         output: dict[str, Any] = {}
         if not stop.is_set():
-            console.rule(f"a batch: {count} transfers at concurrency {concurrency}")
+            shown.rule(f"a batch: {count} transfers at concurrency {concurrency}")
             # The batch is checked on its own: stories of other strategies leave transfers
             # whose messages went elsewhere (a topic, a dead-letter queue) or, by design,
             # were lost.
             recover_and_reset(settings, accounts=100, balance=10_000)
             transfers = plan(count, accounts=100, seed=1)
-            output = run_transfers(settings, "2pc", transfers, concurrency=concurrency, stop=stop)
-            _print_batch(output)
-        ok = all(results.values()) and output.get("invariants", {}).get("ok", False)
+            with progress_bars(transient=True) as progress:
+                task = progress.add_task("demo batch (2pc)", total=len(transfers))
+                output = run_transfers(
+                    settings,
+                    "2pc",
+                    transfers,
+                    concurrency=concurrency,
+                    stop=stop,
+                    on_done=lambda: progress.advance(task),
+                )
+            report["batch"] = output
+            if not as_json:
+                _print_batch(output)
+        ok = all(r["ok"] for r in results) and output.get("invariants", {}).get("ok", False)
+        report["ok"] = ok
 
         def summary() -> None:
-            console.rule("summary")
-            for name, story_ok in results.items():
-                console.print(f"  {name:34} {'ok' if story_ok else 'FAILED'}")
             if stop.is_set():
-                console.print(f"{len(results)} of {len(STORIES)} scenarios run")
+                report["stopped"] = f"{len(results)} of {len(STORIES)} scenarios run"
+            if as_json:
+                if not bench or stop.is_set() or not ok:
+                    click.echo(json.dumps(report, indent=2, default=str))
+                return
+            console.rule("summary")
+            for story in results:
+                console.print(f"  {story['name']:34} {'ok' if story['ok'] else 'FAILED'}")
+            if stop.is_set():
+                console.print(report["stopped"])
             else:
                 console.print("[green]every promise held[/]" if ok else "[red]something failed[/]")
 
         finish_run(stop, summary, status=0 if ok else 1)
         if bench:
-            console.rule("twopc bench --quick: 2PC against the outbox, CDC and naive dual write")
-            ctx.invoke(cli_bench.bench, quick=True)
+            shown.rule("twopc bench --quick: 2PC against the outbox, CDC and naive dual write")
+            out = Path(cli_bench.DEFAULT_OUT)
+            report["bench"] = cli_bench.run_mode(
+                "strategies", quick=True, out=out, as_json=False, printed=not as_json
+            )
+            if as_json:
+                click.echo(json.dumps(report, indent=2, default=str))
 
 
 # -- the commands of the other cli modules -------------------------------------

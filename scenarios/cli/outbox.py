@@ -5,8 +5,9 @@ finish the batch in hand (or roll it back), log what they did and exit 0 (the
 consumer prints its counts, dead letters included); a second signal stops
 them at once (scenarios.stopping). An error they cannot work
 around stops them with one line and exit status 1.
-Their logs are structlog events on stderr (``--log-json`` for JSON lines;
-level from TWOPC_LOG_LEVEL, INFO by default).
+Their logs are structlog events on stderr (``TWOPC_LOG_FORMAT=json`` for JSON
+lines, as for every command; level from TWOPC_LOG_LEVEL, INFO by default here).
+The ``--log-json`` flag of earlier versions still works, and says so.
 """
 
 from __future__ import annotations
@@ -27,9 +28,9 @@ console = Console()
 
 
 def _settings() -> Any:
-    from scenarios.config import Settings
+    from scenarios.cli.settings import load_settings
 
-    return Settings.load()
+    return load_settings()
 
 
 def serve_metrics(settings: Any) -> Any:
@@ -41,12 +42,15 @@ def serve_metrics(settings: Any) -> Any:
     except ImportError as exc:
         raise ConfigurationError(
             f"TWOPC_METRICS_PORT is set but {exc.name or 'prometheus_client'} is not "
-            "installed: pip install 'twopc[metrics]'"
+            "installed: pip install 'twopc-coordinator[metrics]'"
         ) from exc
     return serve(settings, settings.metrics_port)
 
 
 def _configure_logs(log_json: bool) -> None:
+    """A worker's logging: INFO unless TWOPC_LOG_LEVEL says otherwise; JSON as TWOPC_LOG_FORMAT."""
+    if log_json:
+        click.echo("twopc: warning: --log-json is deprecated: set TWOPC_LOG_FORMAT=json", err=True)
     configure_logging(os.environ.get("TWOPC_LOG_LEVEL", "INFO"), json=log_json or None)
 
 
@@ -57,9 +61,16 @@ def _configure_logs(log_json: bool) -> None:
     required=True,
     help="How sent rows are tracked: a status column, the last id sent, or the WAL (CDC).",
 )
-@click.option("--batch-size", default=200, show_default=True, help="Messages per broker commit.")
+@click.option(
+    "--batch-size",
+    type=click.IntRange(min=1),
+    default=200,
+    show_default=True,
+    help="Messages per broker commit.",
+)
 @click.option(
     "--poll-interval",
+    type=click.FloatRange(min=0, min_open=True),
     default=1.0,
     show_default=True,
     help="Seconds between polls when no NOTIFY wakes the relay.",
@@ -71,10 +82,20 @@ def _configure_logs(log_json: bool) -> None:
     help="When the broker fails: drop, retry forever, or retry then log "
     "[default: TWOPC_OUTBOX_POLICY or failure-log].",
 )
-@click.option("--max-attempts", type=int, default=None, help="Attempts before the failure log.")
-@click.option("--backoff", type=float, default=None, help="First retry delay in seconds.")
+@click.option(
+    "--max-attempts",
+    type=click.IntRange(min=1),
+    default=None,
+    help="Attempts before the failure log [default: TWOPC_OUTBOX_MAX_ATTEMPTS or 5].",
+)
+@click.option(
+    "--backoff",
+    type=click.FloatRange(min=0, min_open=True),
+    default=None,
+    help="First retry delay in seconds [default: TWOPC_OUTBOX_BACKOFF or 0.2].",
+)
 @click.option("--name", default="", help="The relay's name in the logs.")
-@click.option("--log-json", is_flag=True, help="Log JSON lines.")
+@click.option("--log-json", is_flag=True, hidden=True, help="Deprecated: TWOPC_LOG_FORMAT=json.")
 def relay(
     mode: str,
     batch_size: int,
@@ -90,8 +111,6 @@ def relay(
     from scenarios.outbox.relay import RelayConfig, make_relay
 
     _configure_logs(log_json)
-    if batch_size < 1 or poll_interval <= 0:
-        raise click.BadParameter("--batch-size must be >= 1 and --poll-interval > 0")
     retry = RetrySettings.from_env(policy=policy, max_attempts=max_attempts, first_delay=backoff)
     config = RelayConfig(
         batch_size=batch_size,
@@ -121,8 +140,20 @@ def relay(
     help="inbox: one local B transaction per batch, duplicates absorbed by B's inbox table; "
     "2pc: each message in a global transaction (B's XA branch, the ACK in the broker's).",
 )
-@click.option("--prefetch", default=500, show_default=True, help="Unacknowledged messages held.")
-@click.option("--batch-size", default=200, show_default=True, help="Messages per B commit.")
+@click.option(
+    "--prefetch",
+    type=click.IntRange(min=1),
+    default=500,
+    show_default=True,
+    help="Unacknowledged messages held.",
+)
+@click.option(
+    "--batch-size",
+    type=click.IntRange(min=1),
+    default=200,
+    show_default=True,
+    help="Messages per B commit.",
+)
 @click.option(
     "--max-attempts",
     type=click.IntRange(min=1),
@@ -136,13 +167,15 @@ def relay(
     is_flag=True,
     help="With --mode 2pc: run on asyncio (AsyncCoordinator, AsyncActiveMQ) instead of threads.",
 )
-@click.option("--log-json", is_flag=True, help="Log JSON lines.")
+@click.option("--json", "as_json", is_flag=True, help="Print the counts as JSON at the end.")
+@click.option("--log-json", is_flag=True, hidden=True, help="Deprecated: TWOPC_LOG_FORMAT=json.")
 def consumer(
     mode: str,
     prefetch: int,
     batch_size: int,
     max_attempts: int | None,
     use_asyncio: bool,
+    as_json: bool,
     log_json: bool,
 ) -> None:
     """Credit B from /queue/transfers.credit, exactly once in effect, until SIGTERM.
@@ -189,13 +222,13 @@ def consumer(
         with stop_on_signals() as stop:
             worker.run(stop)
     except ConsumerFailed as exc:
-        _print_consumer_stats(worker.stats.as_dict())
+        _print_consumer_stats(worker.stats.as_dict(), as_json)
         click.echo(f"twopc: error: {exc}", err=True)
         raise SystemExit(1) from None
     finally:
         if metrics is not None:
             metrics.close()
-    _print_consumer_stats(worker.stats.as_dict())
+    _print_consumer_stats(worker.stats.as_dict(), as_json)
 
 
 @click.command()
@@ -214,8 +247,9 @@ def consumer(
     help="Rows copied per B transaction.",
 )
 @click.option("--once", is_flag=True, help="Run once (copy everything committed) and exit.")
-@click.option("--log-json", is_flag=True, help="Log JSON lines.")
-def batch(interval: float, chunk: int, once: bool, log_json: bool) -> None:
+@click.option("--json", "as_json", is_flag=True, help="Print the counts as JSON at the end.")
+@click.option("--log-json", is_flag=True, hidden=True, help="Deprecated: TWOPC_LOG_FORMAT=json.")
+def batch(interval: float, chunk: int, once: bool, as_json: bool, log_json: bool) -> None:
     """Copy A's committed debits to B as credits, every --interval seconds, until SIGTERM.
 
     Reads A as the read-only role twopc_batch_reader ('twopc transfer --reset'
@@ -242,10 +276,17 @@ def batch(interval: float, chunk: int, once: bool, log_json: bool) -> None:
     except (BatchFailed, psycopg.Error) as exc:
         click.echo(f"twopc: error: {' '.join(str(exc).split())}", err=True)
         raise SystemExit(1) from None
+    if as_json:
+        click.echo(json.dumps(job.stats.as_dict(), indent=2))
+        return
     console.print(", ".join(f"{key} {value}" for key, value in job.stats.as_dict().items()))
 
 
-def _print_consumer_stats(stats: dict[str, int]) -> None:
+def _print_consumer_stats(stats: dict[str, int], as_json: bool = False) -> None:
+    """A consumer's counts at its end: one line (and what to run for dead letters), or JSON."""
+    if as_json:
+        click.echo(json.dumps(stats, indent=2))
+        return
     console.print(", ".join(f"{key.replace('_', ' ')} {value}" for key, value in stats.items()))
     if stats.get("dead_lettered"):
         console.print(

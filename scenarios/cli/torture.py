@@ -9,15 +9,18 @@ from typing import Any
 
 import click
 from rich.console import Console
-from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+from rich.progress import BarColumn, MofNCompleteColumn, TextColumn, TimeElapsedColumn
 from rich.table import Table
 
+from scenarios.cli.progress import progress_bars
+from scenarios.cli.settings import load_settings
 from scenarios.stopping import RunStop, finish_run, stop_on_signals
 
 
 @click.command("torture")
 @click.option(
     "--schedules",
+    type=click.IntRange(min=0),
     default=100,
     show_default=True,
     help="Random schedules to run after the matrix.",
@@ -32,13 +35,21 @@ from scenarios.stopping import RunStop, finish_run, stop_on_signals
 )
 @click.option(
     "--count",
+    type=click.IntRange(min=1),
     default=60,
     show_default=True,
     help="Transfers per failpoint schedule (timed faults run at least 150).",
 )
-@click.option("--concurrency", default=8, show_default=True, help="Concurrent transfers.")
+@click.option(
+    "--concurrency",
+    type=click.IntRange(min=1),
+    default=8,
+    show_default=True,
+    help="Concurrent transfers.",
+)
 @click.option(
     "--accounts",
+    type=click.IntRange(min=1),
     default=1000,
     show_default=True,
     help="Accounts per database (fewer: more lock contention, slower batches).",
@@ -88,17 +99,12 @@ def torture(
     SIGTERM or SIGINT: the schedule in hand runs to its end (recovery and
     checks), the table of the schedules run prints, exit 143/130.
     """
-    from scenarios.config import Settings
     from scenarios.torture import schedules as plans
     from scenarios.torture.report import rows, summary
     from scenarios.torture.runner import lab_for
 
-    if schedules < 0 or count < 1 or concurrency < 1 or accounts < 1:
-        raise click.BadParameter(
-            "--schedules must be >= 0; --count, --concurrency, --accounts >= 1"
-        )
     err = Console(stderr=True)
-    settings = Settings.load()
+    settings = load_settings()
     lab = lab_for(settings)
     if lab is None:
         err.print(
@@ -155,13 +161,12 @@ def _run_plan(
     try:
         with (
             Torture(settings, lab=lab, accounts=accounts, reset=reset) as runner,
-            Progress(
+            progress_bars(
                 TextColumn("[bold]torture[/]"),
                 BarColumn(),
                 MofNCompleteColumn(),
                 TimeElapsedColumn(),
                 TextColumn("{task.fields[failed]} failed  {task.description}"),
-                console=err,
                 transient=as_json,
             ) as progress,
         ):

@@ -120,6 +120,7 @@ def run_transfers(
     pipeline_here: bool = True,
     consumer: str = "inbox",
     stop: threading.Event | None = None,
+    on_done: Callable[[], None] | None = None,
 ) -> dict[str, Any]:
     """Run ``transfers`` with strategy ``name``; the result as ``twopc transfer`` prints it.
 
@@ -138,6 +139,7 @@ def run_transfers(
     ``stop`` set (SIGTERM, SIGINT: scenarios.stopping): the transfers in hand
     finish, no more start (``not_started``), B's convergence is not waited for,
     and an asynchronous strategy's checks are left out (``checks_skipped``).
+    ``on_done`` is called after each transfer (a progress bar).
     """
     from scenarios.outbox import pipeline
 
@@ -148,7 +150,9 @@ def run_transfers(
         running = pipeline.for_strategy(settings, strategy).start()
     output: dict[str, Any] = {"strategy": name}
     try:
-        result = run_batch(transfers, strategy.run_one, concurrency=concurrency, stop=stop)
+        result = run_batch(
+            transfers, strategy.run_one, concurrency=concurrency, on_done=on_done, stop=stop
+        )
         output.update(result.as_dict())
         drain = getattr(strategy, "drain", None)
         if drain is not None:  # the pool's work, the caller did not wait for
