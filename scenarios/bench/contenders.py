@@ -32,7 +32,7 @@ from scenarios.config import Settings
 from scenarios.transfer import model as scenario
 from scenarios.transfer.model import (
     CREDIT,
-    DEBIT,
+    DEBIT_TO,
     EVENT_QUEUE,
     TRANSFER_COMPLETED,
     TYPE_HEADER,
@@ -143,7 +143,9 @@ class CoordinatorContender:
         try:
             with tx:
                 try:
-                    tx.branch("a").execute(DEBIT, {**params, "account": t.source})
+                    tx.branch("a").execute(
+                        DEBIT_TO, {**params, "account": t.source, "counterparty": t.target}
+                    )
                 except pg_errors.CheckViolation:
                     pass  # the branch votes NO at prepare
                 else:
@@ -231,7 +233,15 @@ class LocalCommit:
     def run_one(self, t: Transfer) -> bool:
         with self._connection() as conn:
             try:
-                conn.execute(DEBIT, {"amount": t.amount, "account": t.source, "tid": t.transfer_id})
+                conn.execute(
+                    DEBIT_TO,
+                    {
+                        "amount": t.amount,
+                        "account": t.source,
+                        "tid": t.transfer_id,
+                        "counterparty": t.target,
+                    },
+                )
                 if self.outbox:
                     conn.execute(
                         "INSERT INTO outbox (transfer_id, destination, body, status) "

@@ -44,7 +44,7 @@ from participants.stomp_client import StompClient
 from scenarios.config import Settings
 from scenarios.transfer.model import (
     CREDIT,
-    DEBIT,
+    DEBIT_TO,
     EVENT_QUEUE,
     TRANSFER_COMPLETED,
     TYPE_HEADER,
@@ -131,7 +131,7 @@ class Floor:
         params = {"amount": t.amount, "tid": t.transfer_id}
         lane.a.tpc_begin(xa)
         try:
-            lane.a.execute(DEBIT, {**params, "account": t.source})
+            lane.a.execute(DEBIT_TO, {**params, "account": t.source, "counterparty": t.target})
         except pg_errors.CheckViolation:
             lane.a.tpc_rollback()
             return False

@@ -50,7 +50,7 @@ from scenarios.config import Settings
 from scenarios.lab.ports import BROKER
 from scenarios.transfer.model import (
     CREDIT,
-    DEBIT,
+    DEBIT_TO,
     EVENT_QUEUE,
     TRANSFER_COMPLETED,
     TYPE_HEADER,
@@ -316,7 +316,13 @@ def _outcome_cost(
                     amount = BALANCE * 10 if kind == "abort" else t.amount
                     with contextlib.suppress(pg_errors.CheckViolation):  # A votes NO
                         tx.branch("a").execute(
-                            DEBIT, {**params, "amount": amount, "account": t.source}
+                            DEBIT_TO,
+                            {
+                                **params,
+                                "amount": amount,
+                                "account": t.source,
+                                "counterparty": t.target,
+                            },
                         )
         except (TransactionAborted, TransactionInDoubt):
             pass

@@ -22,7 +22,7 @@ from sqlalchemy.orm import Session
 from sqlalchemy.pool import QueuePool
 
 from scenarios.config import Settings
-from scenarios.transfer.model import CREDIT, DEBIT, Transfer
+from scenarios.transfer.model import CREDIT, DEBIT_TO, Transfer
 
 #: SQLAlchemy's gids ("_sa_" + 32 hex digits, sqlalchemy.engine.default.create_xid).
 SQLALCHEMY_GID_PREFIX = "_sa_"
@@ -33,7 +33,7 @@ def _named(sql: str) -> Any:
     return text(re.sub(r"%\((\w+)\)s", r":\1", sql))
 
 
-_DEBIT = _named(DEBIT)
+_DEBIT = _named(DEBIT_TO)
 _CREDIT = _named(CREDIT)
 
 
@@ -53,7 +53,9 @@ class Peer:
         with Session(twophase=True) as session:
             try:
                 session.execute(
-                    _DEBIT, {**params, "account": t.source}, bind_arguments={"bind": self.engine_a}
+                    _DEBIT,
+                    {**params, "account": t.source, "counterparty": t.target},
+                    bind_arguments={"bind": self.engine_a},
                 )
             except exc.IntegrityError:  # the CHECK (balance >= 0): A refuses the debit
                 session.rollback()

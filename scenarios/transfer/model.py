@@ -44,12 +44,6 @@ DEBIT_TO = (
     "INSERT INTO transfers (transfer_id, amount, counterparty) "
     "SELECT %(tid)s, %(amount)s, %(counterparty)s FROM debited"
 )
-#: DEBIT_TO without the counterparty, for callers that pass only amount, account and tid.
-DEBIT = (
-    "WITH debited AS (UPDATE accounts SET balance = balance - %(amount)s "
-    "WHERE id = %(account)s RETURNING id) "
-    "INSERT INTO transfers (transfer_id, amount) SELECT %(tid)s, %(amount)s FROM debited"
-)
 CREDIT = (
     "WITH credited AS (UPDATE accounts SET balance = balance + %(amount)s "
     "WHERE id = %(account)s RETURNING id) "
