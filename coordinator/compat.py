@@ -15,6 +15,7 @@ import contextlib
 import contextvars
 import functools
 import inspect
+import queue
 import threading
 import time
 from collections.abc import Awaitable, Callable, Coroutine, Sequence
@@ -312,3 +313,51 @@ def _raise_crash(results: Sequence[object]) -> None:
     for item in results:
         if isinstance(item, CrashInjected):
             raise item
+
+
+# -- a STOMP client's state and its receiver (participants/aio/stomp_ops.py) --
+
+
+class AStateLock:
+    """Guards a client's state shared with its receiver: under asyncio the receiver is a
+    task on the same thread and no step holding it awaits, so there is nothing to lock."""
+
+    def __enter__(self) -> None:
+        return None
+
+    def __exit__(self, *exc_info: object) -> None:
+        return None
+
+
+#: Guards a client's state shared with its receiver thread.
+StateLock = threading.Lock
+
+#: A queue the receiver fills and a reader empties (a subscription's messages).
+AQueue = asyncio.Queue
+Queue = queue.SimpleQueue
+
+
+async def aqueue_get(items: asyncio.Queue[T], timeout: float) -> T | None:
+    """The next item, or None after ``timeout`` seconds."""
+    try:
+        return await asyncio.wait_for(items.get(), timeout)
+    except TimeoutError:
+        return None
+
+
+def queue_get(items: queue.SimpleQueue[T], timeout: float) -> T | None:
+    """The next item, or None after ``timeout`` seconds."""
+    try:
+        return items.get(timeout=timeout)
+    except queue.Empty:
+        return None
+
+
+def acurrent_worker() -> object:
+    """Who is running: the current task (a corked write belongs to it)."""
+    return asyncio.current_task()
+
+
+def current_worker() -> object:
+    """Who is running: the current thread (a corked write belongs to it)."""
+    return threading.get_ident()

@@ -35,8 +35,9 @@ from typing import Any
 
 from coordinator.errors import ConfigurationError, ParticipantError
 from coordinator.events import get_logger
-from participants.aio.stomp import AsyncStompClient
+from participants.aio.stomp_ops import AsyncStompOperations
 from participants.stomp_client import Message, StompClient
+from participants.stomp_ops import StompOperations
 from scenarios import events as ev
 
 QUEUE_PREFIX = "/queue/"
@@ -113,7 +114,7 @@ class Rejection:
 
 
 def dead_letter(
-    client: StompClient,
+    client: StompOperations,
     rejections: Sequence[Rejection],
     *,
     destination: str,
@@ -157,7 +158,7 @@ def dead_letter(
 
 
 async def dead_letter_async(
-    client: AsyncStompClient,
+    client: AsyncStompOperations,
     rejections: Sequence[Rejection],
     *,
     destination: str,
