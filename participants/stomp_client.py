@@ -314,9 +314,7 @@ class StompClient(StompOperations):
             if self.tls:
                 self._raise_tls_failure()
             # stomp.py logs the socket error and raises a bare ConnectFailedException.
-            raise self.unavailable(
-                f"cannot connect ({str(exc) or 'connection refused or timed out'})"
-            ) from None
+            raise self._cannot_connect(exc) from None
         self._ready.wait(self._connect_timeout)
         if self._connect_error is not None:
             self._closed_by_peer.wait(1.0)  # ActiveMQ closes the socket after this ERROR
@@ -324,21 +322,12 @@ class StompClient(StompOperations):
             raise self._connect_error.error  # a held client-id, a refused login, other
         if not self.alive:
             self.drop()
-            if self._lost and self.client_id:
-                # ActiveMQ answers a held client-id with an ERROR and closes the socket;
-                # the close can win the race with the ERROR frame. Either way the id is
-                # not ours yet, and fencing may retry (it succeeds only on CONNECTED).
-                raise ClientIdInUse(
-                    self.client_id,
-                    "the broker closed the connection during CONNECT",
-                    participant=self.participant,
-                )
-            raise self.unavailable(
+            raise self._no_connected(
                 f"no CONNECTED frame within {self._connect_timeout:g} s"
                 if not self._lost
                 else "the connection closed during CONNECT"
             )
-        _log().debug(ev.STOMP_CONNECTED, address=self.address, client_id=self.client_id)
+        self._log_connected()
 
     def _raise_tls_failure(self) -> None:
         """Find out why the TLS connection failed (stomp.py only logs it) and raise that.

@@ -28,7 +28,6 @@ from participants import events as ev
 from participants.aio.stomp_ops import AsyncStompOperations, AsyncSubscription, Waiter, _log
 from participants.stomp_client import tls_context
 from participants.stomp_core import (
-    ClientIdInUse,
     Connected,
     ConnectRefused,
     NoAnswer,
@@ -102,9 +101,7 @@ class AsyncStompClient(AsyncStompOperations):
                 asyncio.open_connection(host, port, ssl=context), timeout
             )
         except (OSError, TimeoutError) as exc:
-            raise self.unavailable(
-                f"cannot connect ({str(exc) or 'connection refused or timed out'})"
-            ) from None
+            raise self._cannot_connect(exc) from None
         self._reader, self._writer = reader, writer
         sock = writer.get_extra_info("socket")
         if sock is not None:
@@ -117,17 +114,9 @@ class AsyncStompClient(AsyncStompOperations):
             answer = await asyncio.wait_for(asyncio.shield(self._connected), timeout)
         except (TimeoutError, NoAnswer):
             self.drop()
-            if self._lost and self.client_id:
-                # ActiveMQ answers a held client-id with an ERROR and closes the socket;
-                # the close can win the race with the ERROR frame.
-                raise ClientIdInUse(
-                    self.client_id,
-                    "the broker closed the connection during CONNECT",
-                    participant=self.participant,
-                ) from None
-            raise self.unavailable(f"no CONNECTED frame within {timeout:g} s") from None
+            raise self._no_connected(f"no CONNECTED frame within {timeout:g} s") from None
         if isinstance(answer, Connected):
-            _log().debug(ev.STOMP_CONNECTED, address=self.address, client_id=self.client_id)
+            self._log_connected()
             return
         self.drop()
         raise answer.error

@@ -36,6 +36,7 @@ from participants.stomp_core import (
     Answer,
     BrokerRefused,
     BrowseIncomplete,
+    ClientIdInUse,
     Connected,
     ConnectRefused,
     Event,
@@ -314,6 +315,30 @@ class AsyncStompOperations:
         self._wake_lost(pending)
         for subscription in subscriptions:
             subscription._lost()
+
+    # -- connecting ------------------------------------------------------------------
+
+    def _cannot_connect(self, exc: BaseException) -> ParticipantUnavailable:
+        """The socket could not be opened (or CONNECT written) to the broker."""
+        return self.unavailable(f"cannot connect ({str(exc) or 'connection refused or timed out'})")
+
+    def _no_connected(self, reason: str) -> ParticipantUnavailable:
+        """No CONNECTED came: a held client-id if the broker closed the socket, else ``reason``.
+
+        ActiveMQ answers a held client-id with an ERROR and closes the socket; the
+        close can win the race with the ERROR frame. Either way the id is not ours
+        yet, and fencing may retry (it succeeds only on CONNECTED).
+        """
+        if self._lost and self.client_id:
+            return ClientIdInUse(
+                self.client_id,
+                "the broker closed the connection during CONNECT",
+                participant=self.participant,
+            )
+        return self.unavailable(reason)
+
+    def _log_connected(self) -> None:
+        _log().debug(ev.STOMP_CONNECTED, address=self.address, client_id=self.client_id)
 
     # -- what the transport provides -------------------------------------------------
 
