@@ -6,7 +6,7 @@ which request, why CONNECT was refused -- is the protocol core's
 (:class:`participants.stomp_core.StompProtocol`, shared with the asyncio client
 :mod:`participants.aio.stomp`); the requests and the connection's state
 (subscriptions, corked writes, receipts awaited, ERROR counts, closing) are
-:class:`participants.stomp_ops.StompOperations`', generated from the asyncio
+:class:`participants.stomp_ops.StompOperations`'s, generated from the asyncio
 source. This module moves the frames over stomp.py's transport and receiver
 thread, and wakes the threads waiting. stomp.py has no safe way to wait:
 its ``WaitingListener`` waits forever and ignores ERROR frames and
