@@ -12,12 +12,17 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import contextvars
 import functools
 import inspect
+import queue
 import threading
 import time
-from collections.abc import Awaitable, Callable, Coroutine
+from collections.abc import Awaitable, Callable, Coroutine, Sequence
+from concurrent.futures import Executor, Future
 from typing import TYPE_CHECKING, Any, TypeVar
+
+from coordinator.errors import CrashInjected
 
 if TYPE_CHECKING:
     from coordinator.protocol import AsyncLastResource, AsyncXAResource, LastResource, XAResource
@@ -211,3 +216,148 @@ async def acond_wait(cond: asyncio.Condition, timeout: float) -> bool:
 def cond_wait(cond: threading.Condition, timeout: float) -> bool:
     """Wait, holding ``cond``, until notified or ``timeout`` seconds passed (then False)."""
     return cond.wait(timeout)
+
+
+# -- the commit sequence's parallel calls and log writes (coordinator/aio/runtime.py) --
+
+
+async def arun_parallel(
+    executor: Executor, calls: Sequence[Callable[[], Awaitable[T]]]
+) -> list[T | BaseException]:
+    """Await ``calls`` concurrently as tasks (each copies this context, so the gtrid stays
+    bound); return results or exceptions, re-raising an injected crash."""
+    results: list[T | BaseException] = await asyncio.gather(
+        *(call() for call in calls), return_exceptions=True
+    )
+    _raise_crash(results)
+    return results
+
+
+def run_parallel(executor: Executor, calls: Sequence[Callable[[], T]]) -> list[T | BaseException]:
+    """Run ``calls`` at once on the executor (the last one on this thread); return results
+    or exceptions, re-raising an injected crash."""
+    futures: list[Future[T]] = [_submit(executor, call) for call in calls[:-1]]
+    results: list[T | BaseException] = []
+    last: T | BaseException
+    try:
+        last = calls[-1]()
+    except BaseException as exc:
+        last = exc
+    for future in futures:
+        try:
+            results.append(future.result())
+        except BaseException as exc:
+            results.append(exc)
+    results.append(last)
+    _raise_crash(results)
+    return results
+
+
+async def arun_each(
+    executor: Executor, calls: Sequence[Callable[[], Awaitable[T]]]
+) -> list[T | BaseException]:
+    """Wait for each call's answer: as tasks, at once (the awaits overlap on the loop's
+    one thread, so the branches' answers arrive together)."""
+    return await arun_parallel(executor, calls)
+
+
+def run_each(executor: Executor, calls: Sequence[Callable[[], T]]) -> list[T | BaseException]:
+    """Run ``calls`` one after the other on this thread (the driver sent every branch its
+    command first, so the branches work at once); an injected crash stops at once."""
+    results: list[T | BaseException] = []
+    for call in calls:
+        try:
+            results.append(call())
+        except CrashInjected:
+            raise
+        except BaseException as exc:
+            results.append(exc)
+    return results
+
+
+async def ain_worker(executor: Executor, call: Callable[[], None]) -> None:
+    """Run the blocking ``call`` (a decision log write) on one of the executor's threads in
+    a copy of this context, so the loop goes on; on the loop's default one once the
+    executor is shut down (a closed coordinator)."""
+    context = contextvars.copy_context()
+    try:
+        future = executor.submit(context.run, call)
+    except RuntimeError:
+        await asyncio.to_thread(call)
+        return
+    await asyncio.wrap_future(future)
+
+
+def in_worker(executor: Executor, call: Callable[[], None]) -> None:
+    """Run the blocking ``call`` here: this is a thread already."""
+    call()
+
+
+def _submit(executor: Executor, call: Callable[[], T]) -> Future[T]:
+    """``call`` on the executor in a copy of this context (so the gtrid stays bound),
+    or here and now once the executor is shut down (a closed coordinator)."""
+    context = contextvars.copy_context()
+    try:
+        return executor.submit(context.run, call)
+    except RuntimeError:
+        done: Future[T] = Future()
+        try:
+            done.set_result(call())
+        except BaseException as exc:
+            done.set_exception(exc)
+        return done
+
+
+def _raise_crash(results: Sequence[object]) -> None:
+    """An injected crash in any task or thread is a crash of the process."""
+    for item in results:
+        if isinstance(item, CrashInjected):
+            raise item
+
+
+# -- a STOMP client's state and its receiver (participants/aio/stomp_ops.py) --
+
+
+class AStateLock:
+    """Guards a client's state shared with its receiver: under asyncio the receiver is a
+    task on the same thread and no step holding it awaits, so there is nothing to lock."""
+
+    def __enter__(self) -> None:
+        return None
+
+    def __exit__(self, *exc_info: object) -> None:
+        return None
+
+
+#: Guards a client's state shared with its receiver thread.
+StateLock = threading.Lock
+
+#: A queue the receiver fills and a reader empties (a subscription's messages).
+AQueue = asyncio.Queue
+Queue = queue.SimpleQueue
+
+
+async def aqueue_get(items: asyncio.Queue[T], timeout: float) -> T | None:
+    """The next item, or None after ``timeout`` seconds."""
+    try:
+        return await asyncio.wait_for(items.get(), timeout)
+    except TimeoutError:
+        return None
+
+
+def queue_get(items: queue.SimpleQueue[T], timeout: float) -> T | None:
+    """The next item, or None after ``timeout`` seconds."""
+    try:
+        return items.get(timeout=timeout)
+    except queue.Empty:
+        return None
+
+
+def acurrent_worker() -> object:
+    """Who is running: the current task (a corked write belongs to it)."""
+    return asyncio.current_task()
+
+
+def current_worker() -> object:
+    """Who is running: the current thread (a corked write belongs to it)."""
+    return threading.get_ident()

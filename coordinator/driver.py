@@ -14,8 +14,8 @@ The sequence is written once, for asyncio, in :mod:`coordinator.aio.driver`;
 ``scripts/unasync.py`` generates the synchronous :mod:`coordinator.driver` from
 it (``async``/``await`` dropped, asyncio names mapped to their thread
 counterparts), and ``tests/test_unasync.py`` checks that the generated file is
-current. What differs between the two lives in :mod:`coordinator.aio.runtime`
-and :mod:`coordinator.runtime`, under the same names.
+current. What differs between the two is in :mod:`coordinator.compat`, used through
+:mod:`coordinator.aio.runtime` (the source of :mod:`coordinator.runtime`).
 """
 
 from __future__ import annotations
@@ -37,11 +37,11 @@ from coordinator.errors import (
 )
 from coordinator.log import commit_record_participants
 from coordinator.protocol import LastResourceSession, XABranch
-from coordinator.runtime import DriverConfig, run_each, run_parallel
+from coordinator.runtime import DriverConfig
 from coordinator.states import Outcome, TxEvent
 from coordinator.transaction import Transaction
 
-__all__ = ["DriverConfig", "abort", "commit", "run_each", "run_parallel"]
+__all__ = ["DriverConfig", "abort", "commit"]
 
 
 class _Abort(Exception):

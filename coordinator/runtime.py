@@ -1,19 +1,22 @@
-"""What the synchronous commit sequence runs on: its configuration and parallel calls on threads.
+# Generated from coordinator/aio/runtime.py by scripts/unasync.py: edit that file, then run
+# `python scripts/unasync.py` (tests/test_unasync.py checks this file is current).
+"""What the commit sequence runs on: its configuration, parallel calls and log writes.
 
-:mod:`coordinator.driver` is generated from :mod:`coordinator.aio.driver`; the
-few things that differ between threads and asyncio live here and in
-:mod:`coordinator.aio.runtime`, under the same names.
+The source of :mod:`coordinator.runtime` (``scripts/unasync.py``). What differs
+between tasks and threads is in :mod:`coordinator.compat`: parallel calls are
+tasks gathered here and the executor's threads there; the decision log is
+synchronous (a file and fsync), so under asyncio its writes run in a worker
+thread and a forced write does not stop the event loop.
 """
 
 from __future__ import annotations
 
-import contextvars
 from collections.abc import Callable, Sequence
-from concurrent.futures import Executor, Future
+from concurrent.futures import Executor
 from dataclasses import dataclass
 from typing import TypeVar
 
-from coordinator.errors import CrashInjected
+from coordinator.compat import in_worker, run_each, run_parallel
 from coordinator.log import DecisionLog
 from coordinator.protocol import DecisionHolder
 from coordinator.transaction import Transaction
@@ -26,6 +29,7 @@ class DriverConfig:
     """What the commit sequence needs from its coordinator."""
 
     log: DecisionLog
+    # The coordinator's worker threads: parallel calls (threads) or log writes (asyncio).
     executor: Executor
     failpoint: Callable[[str], None]
     receipt_timeout: float = 5.0
@@ -40,70 +44,17 @@ class DriverConfig:
     may_decide: Callable[[], bool] = lambda: True
 
     def run_parallel(self, calls: Sequence[Callable[[], T]]) -> list[T | BaseException]:
-        """Run ``calls`` at once on the executor; return results or exceptions."""
+        """Run ``calls`` at once; return results or exceptions."""
         return run_parallel(self.executor, calls)
 
     def run_each(self, calls: Sequence[Callable[[], T]]) -> list[T | BaseException]:
-        """Wait for each branch's answer, one after the other on this thread (the driver
-        sent every branch its command first, so the branches work at once)."""
-        return run_each(calls)
+        """Wait for each branch's answer (the driver sent every branch its command first)."""
+        return run_each(self.executor, calls)
 
     def log_commit(self, gtrid: str, participants: Sequence[str], *, force: bool) -> None:
         """Write the COMMIT record (forced: durable on return)."""
-        self.log.log_commit(gtrid, participants, force=force)
+        in_worker(self.executor, lambda: self.log.log_commit(gtrid, participants, force=force))
 
     def log_end(self, gtrid: str) -> None:
         """Write the END record (lazily)."""
-        self.log.log_end(gtrid)
-
-
-def _submit(executor: Executor, call: Callable[[], T]) -> Future[T]:
-    """``call`` on the executor in a copy of this context (so the gtrid stays bound),
-    or here and now once the executor is shut down (a closed coordinator)."""
-    context = contextvars.copy_context()
-    try:
-        return executor.submit(context.run, call)
-    except RuntimeError:
-        done: Future[T] = Future()
-        try:
-            done.set_result(call())
-        except BaseException as exc:
-            done.set_exception(exc)
-        return done
-
-
-def run_each(calls: Sequence[Callable[[], T]]) -> list[T | BaseException]:
-    """Run ``calls`` one after the other on this thread; return results or exceptions.
-
-    An injected crash stops at once, as a real one would.
-    """
-    results: list[T | BaseException] = []
-    for call in calls:
-        try:
-            results.append(call())
-        except CrashInjected:
-            raise
-        except BaseException as exc:
-            results.append(exc)
-    return results
-
-
-def run_parallel(executor: Executor, calls: Sequence[Callable[[], T]]) -> list[T | BaseException]:
-    """Run ``calls`` at once (the last one on this thread); return results or exceptions."""
-    futures: list[Future[T]] = [_submit(executor, call) for call in calls[:-1]]
-    results: list[T | BaseException] = []
-    last: T | BaseException
-    try:
-        last = calls[-1]()
-    except BaseException as exc:
-        last = exc
-    for future in futures:
-        try:
-            results.append(future.result())
-        except BaseException as exc:
-            results.append(exc)
-    results.append(last)
-    for item in results:  # an injected crash on any thread is a crash of the process
-        if isinstance(item, CrashInjected):
-            raise item
-    return results
+        in_worker(self.executor, lambda: self.log.log_end(gtrid))

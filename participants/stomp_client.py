@@ -4,8 +4,11 @@ twopc errors.
 What STOMP says -- frames and their escapes, receipt ids, which ERROR answers
 which request, why CONNECT was refused -- is the protocol core's
 (:class:`participants.stomp_core.StompProtocol`, shared with the asyncio client
-:mod:`participants.aio.stomp`). This module moves its frames over stomp.py's
-transport and receiver thread, and waits. stomp.py has no safe way to wait:
+:mod:`participants.aio.stomp`); the requests and the connection's state
+(subscriptions, corked writes, receipts awaited, ERROR counts, closing) are
+:class:`participants.stomp_ops.StompOperations`'s, generated from the asyncio
+source. This module moves the frames over stomp.py's transport and receiver
+thread, and wakes the threads waiting. stomp.py has no safe way to wait:
 its ``WaitingListener`` waits forever and ignores ERROR frames and
 disconnects. :class:`StompClient` wraps one ``stomp.Connection12`` and adds
 what the last resource, the outbox relays and the consumers need:
@@ -48,31 +51,24 @@ signal, never block.
 
 from __future__ import annotations
 
-import contextlib
 import functools
 import os
-import queue
 import socket
 import ssl
 import threading
-from collections.abc import Callable, Iterator, Mapping
-from typing import Any, Literal
+from collections.abc import Mapping
+from typing import Any
 
 import stomp
 from stomp.exception import StompException
 
-from coordinator.errors import (
-    ConfigurationError,
-    ParticipantError,
-)
-from coordinator.events import get_logger
+from coordinator.errors import ConfigurationError
 from participants import events as ev
 from participants import stomp_log
 from participants.stomp_core import (
     DESTINATION_PREFIXES,
     LOGIN_HINT,
     UNAVAILABLE_HINT,
-    Answer,
     BrokerLoginRefused,
     BrokerRefused,
     BrokerSecurityError,
@@ -82,16 +78,13 @@ from participants.stomp_core import (
     Connected,
     ConnectRefused,
     Message,
-    MessageReceived,
     NoAnswer,
     Refused,
-    StompProtocol,
-    UnansweredError,
     check_destination,
     parse_address,
 )
 from participants.stomp_headers import SENTINEL_HEADER as SENTINEL_HEADER
-from participants.stomp_ops import StompOperations, Waiter
+from participants.stomp_ops import AckMode, StompOperations, Subscription, Waiter, _log
 
 __all__ = [
     "DESTINATION_PREFIXES",
@@ -115,15 +108,8 @@ __all__ = [
 
 stomp_log.install()  # stomp.py logs CONNECT frames at DEBUG: never with the passcode
 
-AckMode = Literal["auto", "client-individual"]
-
 #: Bytes read at once from a TLS socket.
 TLS_RECV_BYTES = 64 * 1024
-
-
-def _log() -> Any:
-    # Looked up at each use, so that the application's later structlog set-up applies.
-    return get_logger(component="stomp")
 
 
 def tls_context(ca_file: str | None) -> ssl.SSLContext:
@@ -177,60 +163,6 @@ class _Pending:
         self.lost = False
 
 
-class _ConnectionLost:
-    """Queued to subscriptions when the connection drops."""
-
-
-_LOST = _ConnectionLost()
-
-
-class Subscription:
-    """One SUBSCRIBE: MESSAGE frames arrive in a queue (``get``) unless a callback took them."""
-
-    def __init__(
-        self,
-        client: StompClient,
-        sub_id: str,
-        destination: str,
-        on_message: Callable[[Message], None] | None,
-    ) -> None:
-        self.client = client
-        self.id = sub_id
-        self.destination = destination
-        self._on_message = on_message
-        self._queue: queue.SimpleQueue[Message | _ConnectionLost] = queue.SimpleQueue()
-
-    def get(self, timeout: float) -> Message | None:
-        """The next message, or None after ``timeout`` seconds; ParticipantUnavailable if lost."""
-        try:
-            item = self._queue.get(timeout=timeout)
-        except queue.Empty:
-            return None
-        if isinstance(item, _ConnectionLost):
-            self._queue.put(item)  # every later get() fails the same way
-            raise self.client.unavailable(f"connection lost while reading {self.destination}")
-        return item
-
-    def unsubscribe(self, timeout: float | None = None) -> None:
-        """UNSUBSCRIBE; with a ``timeout``, wait for the receipt (all earlier ACKs processed)."""
-        self.client.request(
-            "UNSUBSCRIBE", {"id": self.id}, timeout=timeout, what=f"UNSUBSCRIBE {self.destination}"
-        )
-
-    def _deliver(self, message: Message) -> None:
-        if self._on_message is None:
-            self._queue.put(message)
-            return
-        try:
-            self._on_message(message)
-        except Exception as exc:
-            # An exception escaping into stomp.py's receiver loop closes the socket.
-            _log().error(ev.STOMP_CALLBACK_FAILED, destination=self.destination, error=repr(exc))
-
-    def _lost(self) -> None:
-        self._queue.put(_LOST)
-
-
 class _Listener(stomp.ConnectionListener):  # type: ignore[misc]
     """Runs on stomp.py's receiver thread: hands each frame to the client's protocol core."""
 
@@ -253,7 +185,7 @@ class _Listener(stomp.ConnectionListener):  # type: ignore[misc]
         self.client._on_frame(frame)
 
     def on_disconnected(self) -> None:
-        self.client._peer_closed.set()
+        self.client._closed_by_peer.set()
         self.client._on_lost()
 
 
@@ -279,9 +211,14 @@ class StompClient(StompOperations):
         ``tls``: speak TLS to ``address``, verifying the broker's certificate
         against ``ca_file`` (None: the system's trusted CAs).
         """
-        self.address = address
-        self.participant = participant
-        self.client_id = client_id
+        super().__init__(
+            address,
+            participant=participant,
+            client_id=client_id,
+            login=login,
+            passcode=passcode,
+            heartbeats=heartbeats,
+        )
         self._host_port = parse_address(address)
         self._connect_timeout = connect_timeout
         self._login = login
@@ -304,30 +241,14 @@ class StompClient(StompOperations):
                 )
             tls_context(ca_file)  # a file that is not PEM: ConfigurationError before connecting
             self._conn.set_ssl(for_hosts=[self._host_port], ca_certs=ca_file)
-        # What STOMP says (frames, receipts, errors, CONNECT's refusal) is the core's;
-        # stomp.py's transport and receiver thread move the bytes.
-        self._protocol = StompProtocol(
-            address,
-            participant=participant,
-            client_id=client_id,
-            login=login,
-            passcode=passcode,
-            heartbeats=heartbeats,
-        )
         self._conn.set_listener("twopc", _Listener(self))
-        # Frames written while corked are kept and leave in one write (see corked()).
+        # Frames written while corked are kept (heartbeats from stomp.py's thread go through).
         self._write = self._conn.transport.send
         self._conn.transport.send = self._send_or_keep
-        self._corked: list[bytes] | None = None
-        self._corked_by: int | None = None  # the thread that corked (heartbeats go through)
         self._ready = threading.Event()  # CONNECTED, an ERROR instead, or the socket closed
-        self._established = False
+        self._connected_ok = False
         self._connect_error: ConnectRefused | None = None
-        self._lost = False
-        self._peer_closed = threading.Event()  # stomp.py's receiver saw the socket close
-        self._lock = threading.Lock()
-        self._pending: dict[str, _Pending] = {}
-        self._subscriptions: dict[str, Subscription] = {}
+        self._closed_by_peer = threading.Event()  # stomp.py's receiver saw the socket close
 
     @classmethod
     def open(
@@ -365,90 +286,19 @@ class StompClient(StompOperations):
     # -- state ---------------------------------------------------------------
 
     @property
-    def alive(self) -> bool:
-        """True while the connection is up (an ERROR frame does not end it; a drop does)."""
-        return self._established and not self._lost
-
-    @property
     def tcp_socket(self) -> socket.socket | None:
         """The TCP socket (for diagnostics: tests read its options)."""
         sock: socket.socket | None = self._conn.transport.socket
         return sock
 
-    @property
-    def error_count(self) -> int:
-        """How many ERROR frames came that answered no request (a SEND without receipt)."""
-        with self._lock:
-            return self._protocol.error_count
-
-    def errors_since(self, count: int) -> list[str]:
-        """The messages of the unanswered ERROR frames after the first ``count``."""
-        with self._lock:
-            return self._protocol.errors_since(count)
-
-    def subscribe(
-        self,
-        destination: str,
-        *,
-        ack: AckMode = "auto",
-        prefetch: int | None = None,
-        selector: str | None = None,
-        headers: Mapping[str, str] | None = None,
-        on_message: Callable[[Message], None] | None = None,
-        timeout: float | None = 5.0,
-    ) -> Subscription:
-        """SUBSCRIBE to ``destination``; waits for the receipt so a refusal raises here.
-
-        ``prefetch`` is ActiveMQ's ``activemq.prefetchSize`` (how many unacked
-        messages the broker pushes). ``on_message`` runs on the receiver thread
-        and must not block (its exceptions are logged and dropped); without it,
-        read with :meth:`Subscription.get`.
-        """
-        with self._lock:
-            sub_id = self._protocol.next_id("sub")
-        subscription = Subscription(self, sub_id, destination, on_message)
-        frame_headers = dict(headers or {})
-        frame_headers.update({"destination": destination, "id": sub_id, "ack": ack})
-        if prefetch is not None:
-            frame_headers["activemq.prefetchSize"] = str(prefetch)
-        if selector is not None:
-            frame_headers["selector"] = selector
-        with self._lock:
-            self._subscriptions[sub_id] = subscription
-        try:
-            self.request(
-                "SUBSCRIBE", frame_headers, timeout=timeout, what=f"SUBSCRIBE to {destination}"
-            )
-        except BaseException:
-            with self._lock:
-                self._subscriptions.pop(sub_id, None)
-            raise
-        return subscription
-
-    # -- closing -------------------------------------------------------------
-
-    def close(self, timeout: float = 2.0) -> None:
-        """DISCONNECT, wait up to ``timeout`` for its receipt, then close. Never raises."""
-        if self.alive:
-            with contextlib.suppress(ParticipantError):
-                self.request("DISCONNECT", {}, timeout=timeout, what="DISCONNECT")
-                self._peer_closed.wait(timeout)  # ActiveMQ closes the socket after the receipt
-        self.drop()
-
     def drop(self) -> None:
         """Close the socket now, without DISCONNECT (state unknown, or fencing). Never raises."""
         try:
-            if not self._peer_closed.is_set():
+            if not self._closed_by_peer.is_set():
                 self._conn.transport.disconnect_socket()
         except Exception as exc:  # best effort: the connection is being thrown away
             _log().debug(ev.STOMP_DROP_FAILED, address=self.address, error=repr(exc))
         self._on_lost()
-
-    def __enter__(self) -> StompClient:
-        return self
-
-    def __exit__(self, *exc_info: object) -> None:
-        self.close()
 
     # -- internals -----------------------------------------------------------
 
@@ -464,31 +314,20 @@ class StompClient(StompOperations):
             if self.tls:
                 self._raise_tls_failure()
             # stomp.py logs the socket error and raises a bare ConnectFailedException.
-            raise self.unavailable(
-                f"cannot connect ({str(exc) or 'connection refused or timed out'})"
-            ) from None
+            raise self._cannot_connect(exc) from None
         self._ready.wait(self._connect_timeout)
         if self._connect_error is not None:
-            self._peer_closed.wait(1.0)  # ActiveMQ closes the socket after this ERROR
+            self._closed_by_peer.wait(1.0)  # ActiveMQ closes the socket after this ERROR
             self.drop()
             raise self._connect_error.error  # a held client-id, a refused login, other
         if not self.alive:
             self.drop()
-            if self._lost and self.client_id:
-                # ActiveMQ answers a held client-id with an ERROR and closes the socket;
-                # the close can win the race with the ERROR frame. Either way the id is
-                # not ours yet, and fencing may retry (it succeeds only on CONNECTED).
-                raise ClientIdInUse(
-                    self.client_id,
-                    "the broker closed the connection during CONNECT",
-                    participant=self.participant,
-                )
-            raise self.unavailable(
+            raise self._no_connected(
                 f"no CONNECTED frame within {self._connect_timeout:g} s"
                 if not self._lost
                 else "the connection closed during CONNECT"
             )
-        _log().debug(ev.STOMP_CONNECTED, address=self.address, client_id=self.client_id)
+        self._log_connected()
 
     def _raise_tls_failure(self) -> None:
         """Find out why the TLS connection failed (stomp.py only logs it) and raise that.
@@ -530,42 +369,12 @@ class StompClient(StompOperations):
         if sock is not None:
             sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
 
-    @contextlib.contextmanager
-    def corked(self) -> Iterator[None]:
-        """Keep the frames this thread writes in the block, and send them in one write:
-        with the next COMMIT (:meth:`commit`) or the next frame whose receipt is
-        awaited, or when the block ends. If the block raises, the frames kept are
-        dropped: none of them reached the broker.
-
-        A transaction's BEGIN, SENDs, marker and COMMIT then cost one socket write
-        and one TCP segment instead of one each.
-        """
-        self._corked, self._corked_by = [], threading.get_ident()
-        try:
-            yield
-        except BaseException:
-            self._corked = self._corked_by = None
-            raise
-        self._uncork(None)
-
     def _send_or_keep(self, encoded_frame: bytes) -> None:
-        if self._corked is not None and self._corked_by == threading.get_ident():
+        if self._keeps():
+            assert self._corked is not None
             self._corked.append(encoded_frame)
         else:
             self._write(encoded_frame)
-
-    def _uncork(self, gtrid: str | None) -> None:
-        """Send the frames kept so far in one write (ParticipantUnavailable if it fails)."""
-        kept, self._corked, self._corked_by = self._corked, None, None
-        if not kept:
-            return
-        try:
-            self._write(b"".join(kept))
-        except (StompException, OSError) as exc:
-            self._on_lost()
-            raise self.unavailable(
-                f"connection lost while sending {len(kept)} frames ({type(exc).__name__})", gtrid
-            ) from None
 
     def _transmit(
         self,
@@ -600,12 +409,6 @@ class StompClient(StompOperations):
             self._give_up(pending)
         raise self.unavailable(failure, gtrid)
 
-    def _give_up(self, waiter: Waiter) -> None:
-        """Nobody waits for ``waiter`` any more: a late ERROR for it counts as unanswered."""
-        with self._lock:
-            self._pending.pop(waiter.receipt_id, None)
-            self._protocol.forget(waiter.receipt_id)
-
     def _wait(self, waiter: Waiter, timeout: float) -> None:
         assert isinstance(waiter, _Pending)
         if not waiter.done.wait(timeout):
@@ -616,54 +419,40 @@ class StompClient(StompOperations):
         if waiter.lost:
             raise NoAnswer("the connection was lost before the answer came")
 
-    def _read(
-        self, destination: str, *, prefetch: int, headers: Mapping[str, str], timeout: float
-    ) -> Subscription:
-        return self.subscribe(destination, prefetch=prefetch, headers=headers, timeout=timeout)
+    def _established(self) -> bool:
+        return self._connected_ok
 
-    def _forget_subscription(self, sub_id: str) -> None:
-        with self._lock:
-            self._subscriptions.pop(sub_id, None)
+    def _flush(self, data: bytes, what: str, gtrid: str | None) -> None:
+        try:
+            self._write(data)
+        except (StompException, OSError) as exc:
+            self._on_lost()
+            raise self.unavailable(
+                f"connection lost while sending {what} ({type(exc).__name__})", gtrid
+            ) from None
+
+    def _peer_closed(self, timeout: float) -> None:
+        self._closed_by_peer.wait(timeout)
 
     # -- called on the receiver thread ---------------------------------------
 
     def _on_frame(self, frame: Any) -> None:
         """One frame from stomp.py's receiver: the core says what it is; wake whom it concerns."""
-        with self._lock:
-            event = self._protocol.receive_frame(frame)
-            pending = (
-                self._pending.pop(event.receipt_id, None) if isinstance(event, Answer) else None
-            )
-            subscription = (
-                self._subscriptions.get(event.subscription)
-                if isinstance(event, MessageReceived)
-                else None
-            )
-        if isinstance(event, Connected):
-            self._established = True
-            self._ready.set()
-        elif isinstance(event, ConnectRefused):
-            self._connect_error = event
-            self._ready.set()
-        elif isinstance(event, Answer) and pending is not None:
-            pending.error = event.error
-            pending.done.set()
-        elif isinstance(event, UnansweredError):
-            _log().warning(ev.STOMP_ERROR, address=self.address, error=event.message)
-        elif isinstance(event, MessageReceived) and subscription is not None:
-            subscription._deliver(event.message)
+        self._receive(lambda: [self._protocol.receive_frame(frame)])
 
-    def _on_lost(self) -> None:
-        with self._lock:
-            if self._lost:
-                return
-            self._lost = True
-            self._protocol.connection_lost()
-            pending, self._pending = list(self._pending.values()), {}
-            subscriptions = list(self._subscriptions.values())
+    def _connect_answered(self, event: Connected | ConnectRefused) -> None:
+        if isinstance(event, Connected):
+            self._connected_ok = True
+        else:
+            self._connect_error = event
+        self._ready.set()
+
+    def _answered(self, waiter: _Pending, error: str | None) -> None:
+        waiter.error = error
+        waiter.done.set()
+
+    def _wake_lost(self, pending: list[_Pending]) -> None:
         for waiting in pending:
             waiting.lost = True
             waiting.done.set()
-        for subscription in subscriptions:
-            subscription._lost()
         self._ready.set()  # wakes a CONNECT still waiting

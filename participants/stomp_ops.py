@@ -6,30 +6,64 @@ ABORT, ACK, and queue browses, with their answers awaited and their failures wor
 The protocol core (:mod:`participants.stomp_core`) says what the frames are;
 a transport (the blocking client of :mod:`participants.stomp_client`, the
 asyncio one of :mod:`participants.aio.stomp`) writes them, reads the answers,
-and provides what this class calls: ``_transmit`` (a frame out, kept if
-corked, with a waiter when its receipt is awaited), ``_uncork``, ``_wait``,
-``_give_up``, ``_read`` and ``_forget_subscription``. Written
-once, for asyncio; ``scripts/unasync.py`` generates the thread version,
-:mod:`participants.stomp_ops`.
+and provides what this class calls (the end of the class): ``_transmit`` (a
+frame out, kept if corked, with a waiter when its receipt is awaited),
+``_flush`` (the kept frames in one write), ``_wait`` for a receipt, how CONNECT,
+an answer and a dropped connection wake their waiters, and ``drop``.
+Everything else about a connection is here: subscriptions and their queues,
+corked writes, the receipts awaited, ERROR frames counted, closing, and what
+the receiver does with each event of the core. Written once, for asyncio;
+``scripts/unasync.py`` generates the thread version, :mod:`participants.stomp_ops`.
 """
 
 from __future__ import annotations
 
+import contextlib
 import uuid
-from collections.abc import Callable, Mapping
-from typing import Protocol
+from collections.abc import Callable, Iterator, Mapping, Sequence
+from typing import Any, Literal, Protocol, Self
 
+from coordinator.compat import (
+    Queue,
+    StateLock,
+    current_worker,
+    queue_get,
+)
 from coordinator.errors import CommitRefused, OutcomeUnknown, ParticipantUnavailable
+from coordinator.events import get_logger
+from participants import events as ev
 from participants.stomp_core import (
     SENTINEL_HEADER,
     UNAVAILABLE_HINT,
+    Answer,
     BrokerRefused,
     BrowseIncomplete,
+    ClientIdInUse,
+    Connected,
+    ConnectRefused,
+    Event,
     Message,
+    MessageReceived,
     NoAnswer,
     Refused,
+    StompProtocol,
+    UnansweredError,
     check_destination,
 )
+
+AckMode = Literal["auto", "client-individual"]
+
+
+def _log() -> Any:
+    # Looked up at each use, so that the application's later structlog set-up applies.
+    return get_logger(component="stomp")
+
+
+class _ConnectionLost:
+    """Queued to subscriptions when the connection drops."""
+
+
+_LOST = _ConnectionLost()
 
 
 class Waiter(Protocol):
@@ -39,23 +73,302 @@ class Waiter(Protocol):
     def receipt_id(self) -> str: ...
 
 
-class Reader(Protocol):
-    """A transport's subscription, read one message at a time."""
+class Subscription:
+    """One SUBSCRIBE: MESSAGE frames arrive in a queue (``get``) unless a callback took them."""
 
-    @property
-    def id(self) -> str: ...
+    def __init__(
+        self,
+        client: StompOperations,
+        sub_id: str,
+        destination: str,
+        on_message: Callable[[Message], None] | None = None,
+    ) -> None:
+        self.client = client
+        self.id = sub_id
+        self.destination = destination
+        self._on_message = on_message
+        self._queue: Queue[Message | _ConnectionLost] = Queue()
 
-    def get(self, timeout: float) -> Message | None: ...
+    def get(self, timeout: float) -> Message | None:
+        """The next message, or None after ``timeout`` seconds; ParticipantUnavailable if lost."""
+        item = queue_get(self._queue, timeout)
+        if isinstance(item, _ConnectionLost):
+            self._queue.put_nowait(item)  # every later get() fails the same way
+            raise self.client.unavailable(f"connection lost while reading {self.destination}")
+        return item
+
+    def unsubscribe(self, timeout: float | None = None) -> None:
+        """UNSUBSCRIBE; with a ``timeout``, wait for the receipt (all earlier ACKs processed)."""
+        self.client.request(
+            "UNSUBSCRIBE", {"id": self.id}, timeout=timeout, what=f"UNSUBSCRIBE {self.destination}"
+        )
+        self.client._forget_subscription(self.id)
+
+    def _deliver(self, message: Message) -> None:
+        if self._on_message is None:
+            self._queue.put_nowait(message)
+            return
+        try:
+            self._on_message(message)
+        except Exception as exc:
+            # An exception escaping into the receiver would end it (and the connection).
+            _log().error(ev.STOMP_CALLBACK_FAILED, destination=self.destination, error=repr(exc))
+
+    def _lost(self) -> None:
+        self._queue.put_nowait(_LOST)
 
 
 class StompOperations:
-    """SEND, transactions, ACK and browses on a STOMP connection (a transport's base)."""
+    """A STOMP connection's state and requests (a transport's base): subscriptions, corked
+    writes, receipts awaited, ERROR frames counted, closing; SEND, transactions, ACK and
+    browses."""
 
-    address: str
-    participant: str
-    _corked: list[bytes] | None
+    def __init__(
+        self,
+        address: str,
+        *,
+        participant: str,
+        client_id: str | None,
+        login: str | None = None,
+        passcode: str | None = None,
+        heartbeats: tuple[int, int] = (0, 0),
+    ) -> None:
+        self.address = address
+        self.participant = participant
+        self.client_id = client_id
+        # What STOMP says (frames, receipts, errors, CONNECT's refusal) is the core's;
+        # the transport moves the bytes (docs/design.md §5).
+        self._protocol = StompProtocol(
+            address,
+            participant=participant,
+            client_id=client_id,
+            login=login,
+            passcode=passcode,
+            heartbeats=heartbeats,
+        )
+        # The core, the receipts awaited and the subscriptions, shared with the receiver.
+        self._lock = StateLock()
+        self._pending: dict[str, Any] = {}  # receipt id -> the transport's waiter
+        self._subscriptions: dict[str, Subscription] = {}
+        self._lost = False
+        # Frames written while corked are kept and leave in one write (see corked()).
+        self._corked: list[bytes] | None = None
+        self._corked_by: object = None  # who corked: the task, or the thread
+
+    # -- state -----------------------------------------------------------------------
+
+    @property
+    def alive(self) -> bool:
+        """True while the connection is up (an ERROR frame does not end it; a drop does)."""
+        return self._established() and not self._lost
+
+    @property
+    def error_count(self) -> int:
+        """How many ERROR frames came that answered no request (a SEND without receipt)."""
+        with self._lock:
+            return self._protocol.error_count
+
+    def errors_since(self, count: int) -> list[str]:
+        """The messages of the unanswered ERROR frames after the first ``count``."""
+        with self._lock:
+            return self._protocol.errors_since(count)
+
+    # -- subscriptions and corked writes ---------------------------------------------
+
+    def subscribe(
+        self,
+        destination: str,
+        *,
+        ack: AckMode = "auto",
+        prefetch: int | None = None,
+        selector: str | None = None,
+        headers: Mapping[str, str] | None = None,
+        on_message: Callable[[Message], None] | None = None,
+        timeout: float | None = 5.0,
+    ) -> Subscription:
+        """SUBSCRIBE to ``destination``; waits for the receipt so a refusal raises here.
+
+        ``prefetch`` is ActiveMQ's ``activemq.prefetchSize`` (how many unacked
+        messages the broker pushes). ``on_message`` runs on the receiver and
+        must not block (its exceptions are logged and dropped); without it,
+        read with :meth:`Subscription.get`.
+        """
+        with self._lock:
+            sub_id = self._protocol.next_id("sub")
+        subscription = Subscription(self, sub_id, destination, on_message)
+        frame_headers = dict(headers or {})
+        frame_headers.update({"destination": destination, "id": sub_id, "ack": ack})
+        if prefetch is not None:
+            frame_headers["activemq.prefetchSize"] = str(prefetch)
+        if selector is not None:
+            frame_headers["selector"] = selector
+        with self._lock:
+            self._subscriptions[sub_id] = subscription
+        try:
+            self.request(
+                "SUBSCRIBE", frame_headers, timeout=timeout, what=f"SUBSCRIBE to {destination}"
+            )
+        except BaseException:
+            self._forget_subscription(sub_id)
+            raise
+        return subscription
+
+    def _forget_subscription(self, sub_id: str) -> None:
+        with self._lock:
+            self._subscriptions.pop(sub_id, None)
+
+    def _read(
+        self, destination: str, *, prefetch: int, headers: Mapping[str, str], timeout: float
+    ) -> Subscription:
+        """SUBSCRIBE for a browse."""
+        return self.subscribe(destination, prefetch=prefetch, headers=headers, timeout=timeout)
+
+    @contextlib.contextmanager
+    def corked(self) -> Iterator[None]:
+        """Keep the frames this task (thread) writes in the block, and send them in one
+        write: with the next COMMIT (:meth:`commit`) or the next frame whose receipt is
+        awaited, or when the block ends. If the block raises, the frames kept are
+        dropped: none of them reached the broker.
+
+        A transaction's BEGIN, SENDs, marker and COMMIT then cost one socket write
+        and one TCP segment instead of one each.
+        """
+        self._corked, self._corked_by = [], current_worker()
+        try:
+            yield
+        except BaseException:
+            self._corked = self._corked_by = None
+            raise
+        self._uncork(None)
+
+    def _keeps(self) -> bool:
+        """True when a frame written now is kept: the writer corked."""
+        return self._corked is not None and self._corked_by == current_worker()
+
+    def _uncork(self, gtrid: str | None) -> None:
+        """Send the frames kept so far in one write (ParticipantUnavailable if it fails)."""
+        kept, self._corked, self._corked_by = self._corked, None, None
+        if not kept:
+            return
+        self._flush(b"".join(kept), f"{len(kept)} frames", gtrid)
+
+    # -- closing ---------------------------------------------------------------------
+
+    def close(self, timeout: float = 2.0) -> None:
+        """DISCONNECT, wait up to ``timeout`` for its receipt, then close. Never raises."""
+        if self.alive:
+            with contextlib.suppress(Exception):
+                self.request("DISCONNECT", {}, timeout=timeout, what="DISCONNECT")
+                # ActiveMQ closes the socket after the receipt.
+                self._peer_closed(timeout)
+        self.drop()
+
+    def __enter__(self) -> Self:
+        return self
+
+    def __exit__(self, *exc_info: object) -> None:
+        self.close()
+
+    # -- the receiver's side ---------------------------------------------------------
+
+    def _give_up(self, waiter: Waiter) -> None:
+        """Nobody waits for ``waiter`` any more: a late ERROR for it counts as unanswered."""
+        with self._lock:
+            self._pending.pop(waiter.receipt_id, None)
+            self._protocol.forget(waiter.receipt_id)
+
+    def _receive(self, read: Callable[[], Sequence[Event | None]]) -> None:
+        """Events from the core (``read`` turns bytes or a frame into them, under the lock,
+        with the receipts and subscriptions they concern): wake whom each concerns."""
+        with self._lock:
+            routed = [
+                (
+                    event,
+                    self._pending.pop(event.receipt_id, None)
+                    if isinstance(event, Answer)
+                    else None,
+                    self._subscriptions.get(event.subscription)
+                    if isinstance(event, MessageReceived)
+                    else None,
+                )
+                for event in read()
+            ]
+        for event, waiter, subscription in routed:
+            if isinstance(event, Connected | ConnectRefused):
+                self._connect_answered(event)
+            elif isinstance(event, Answer) and waiter is not None:
+                self._answered(waiter, event.error)
+            elif isinstance(event, UnansweredError):
+                _log().warning(ev.STOMP_ERROR, address=self.address, error=event.message)
+            elif isinstance(event, MessageReceived) and subscription is not None:
+                subscription._deliver(event.message)
+
+    def _on_lost(self) -> None:
+        """The connection is gone: every waiter and every subscription learns it, once."""
+        with self._lock:
+            if self._lost:
+                return
+            self._lost = True
+            self._protocol.connection_lost()
+            pending, self._pending = list(self._pending.values()), {}
+            subscriptions = list(self._subscriptions.values())
+        self._wake_lost(pending)
+        for subscription in subscriptions:
+            subscription._lost()
+
+    # -- connecting ------------------------------------------------------------------
+
+    def _cannot_connect(self, exc: BaseException) -> ParticipantUnavailable:
+        """The socket could not be opened (or CONNECT written) to the broker."""
+        return self.unavailable(f"cannot connect ({str(exc) or 'connection refused or timed out'})")
+
+    def _no_connected(self, reason: str) -> ParticipantUnavailable:
+        """No CONNECTED came: a held client-id if the broker closed the socket, else ``reason``.
+
+        ActiveMQ answers a held client-id with an ERROR and closes the socket; the
+        close can win the race with the ERROR frame. Either way the id is not ours
+        yet, and fencing may retry (it succeeds only on CONNECTED).
+        """
+        if self._lost and self.client_id:
+            return ClientIdInUse(
+                self.client_id,
+                "the broker closed the connection during CONNECT",
+                participant=self.participant,
+            )
+        return self.unavailable(reason)
+
+    def _log_connected(self) -> None:
+        _log().debug(ev.STOMP_CONNECTED, address=self.address, client_id=self.client_id)
 
     # -- what the transport provides -------------------------------------------------
+
+    def _established(self) -> bool:
+        """True once CONNECTED came on an open connection."""
+        raise NotImplementedError
+
+    def drop(self) -> None:
+        """Close the socket now, without DISCONNECT (state unknown, or fencing). Never raises."""
+        raise NotImplementedError
+
+    def _peer_closed(self, timeout: float) -> None:
+        """Wait up to ``timeout`` for the broker to close the connection."""
+        raise NotImplementedError
+
+    def _flush(self, data: bytes, what: str, gtrid: str | None) -> None:
+        """Write ``data`` (kept frames) in one write; ParticipantUnavailable if it fails."""
+        raise NotImplementedError
+
+    def _connect_answered(self, event: Connected | ConnectRefused) -> None:
+        """CONNECTED or its refusal came: wake the CONNECT waiting for it."""
+        raise NotImplementedError
+
+    def _answered(self, waiter: Any, error: str | None) -> None:
+        """The RECEIPT (``error`` None) or ERROR answering ``waiter`` came: wake it."""
+        raise NotImplementedError
+
+    def _wake_lost(self, pending: list[Any]) -> None:
+        """The connection dropped: wake the ``pending`` waiters and a CONNECT still waiting."""
+        raise NotImplementedError
 
     def _transmit(
         self,
@@ -68,23 +381,8 @@ class StompOperations:
     ) -> Waiter | None:
         raise NotImplementedError
 
-    def _uncork(self, gtrid: str | None) -> None:
-        raise NotImplementedError
-
     def _wait(self, waiter: Waiter, timeout: float) -> None:
         """Return once the RECEIPT came; NoAnswer (timeout, lost) or Refused (ERROR)."""
-        raise NotImplementedError
-
-    def _give_up(self, waiter: Waiter) -> None:
-        raise NotImplementedError
-
-    def _read(
-        self, destination: str, *, prefetch: int, headers: Mapping[str, str], timeout: float
-    ) -> Reader:
-        """SUBSCRIBE for a browse."""
-        raise NotImplementedError
-
-    def _forget_subscription(self, sub_id: str) -> None:
         raise NotImplementedError
 
     # -- requests --------------------------------------------------------------------

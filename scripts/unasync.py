@@ -33,6 +33,7 @@ ROOT = Path(__file__).resolve().parent.parent
 FILES = {
     "coordinator/aio/coordinator.py": "coordinator/coordinator.py",
     "coordinator/aio/driver.py": "coordinator/driver.py",
+    "coordinator/aio/runtime.py": "coordinator/runtime.py",
     "coordinator/aio/transaction.py": "coordinator/transaction.py",
     "participants/aio/postgres.py": "participants/postgres.py",
     "participants/aio/stomp_ops.py": "participants/stomp_ops.py",

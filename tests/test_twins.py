@@ -11,7 +11,6 @@ ROOT = Path(__file__).resolve().parent.parent
 
 #: An asyncio module and its synchronous twin, where neither is generated from the other.
 HAND_WRITTEN_PAIRS = {
-    "coordinator/aio/runtime.py": "coordinator/runtime.py",
     "participants/aio/fake.py": "participants/fake.py",
     "participants/aio/recovery_view.py": "participants/recovery_view.py",
     "participants/aio/stomp.py": "participants/stomp_client.py",

@@ -12,8 +12,8 @@ The sequence is written once, for asyncio, in :mod:`coordinator.aio.driver`;
 ``scripts/unasync.py`` generates the synchronous :mod:`coordinator.driver` from
 it (``async``/``await`` dropped, asyncio names mapped to their thread
 counterparts), and ``tests/test_unasync.py`` checks that the generated file is
-current. What differs between the two lives in :mod:`coordinator.aio.runtime`
-and :mod:`coordinator.runtime`, under the same names.
+current. What differs between the two is in :mod:`coordinator.compat`, used through
+:mod:`coordinator.aio.runtime` (the source of :mod:`coordinator.runtime`).
 """
 
 from __future__ import annotations
@@ -24,7 +24,7 @@ from functools import partial
 from structlog.contextvars import bound_contextvars
 
 from coordinator import events
-from coordinator.aio.runtime import AsyncDriverConfig, run_each, run_parallel
+from coordinator.aio.runtime import AsyncDriverConfig
 from coordinator.aio.transaction import AsyncTransaction
 from coordinator.compat import asleep
 from coordinator.errors import (
@@ -39,7 +39,7 @@ from coordinator.log import commit_record_participants
 from coordinator.protocol import AsyncLastResourceSession, AsyncXABranch
 from coordinator.states import Outcome, TxEvent
 
-__all__ = ["AsyncDriverConfig", "abort", "commit", "run_each", "run_parallel"]
+__all__ = ["AsyncDriverConfig", "abort", "commit"]
 
 
 class _Abort(Exception):

@@ -1,21 +1,21 @@
-"""What the asyncio commit sequence runs on: its configuration and parallel calls as tasks.
+"""What the commit sequence runs on: its configuration, parallel calls and log writes.
 
-The counterpart of :mod:`coordinator.runtime`, under the same names. The
-decision log is synchronous (a file and fsync): its writes run in a worker
-thread, so that a forced write does not stop the event loop.
+The source of :mod:`coordinator.runtime` (``scripts/unasync.py``). What differs
+between tasks and threads is in :mod:`coordinator.compat`: parallel calls are
+tasks gathered here and the executor's threads there; the decision log is
+synchronous (a file and fsync), so under asyncio its writes run in a worker
+thread and a forced write does not stop the event loop.
 """
 
 from __future__ import annotations
 
-import asyncio
-import contextvars
 from collections.abc import Awaitable, Callable, Sequence
 from concurrent.futures import Executor
 from dataclasses import dataclass
 from typing import TypeVar
 
 from coordinator.aio.transaction import AsyncTransaction
-from coordinator.errors import CrashInjected
+from coordinator.compat import ain_worker, arun_each, arun_parallel
 from coordinator.log import DecisionLog
 from coordinator.protocol import DecisionHolder
 
@@ -24,10 +24,10 @@ T = TypeVar("T")
 
 @dataclass
 class AsyncDriverConfig:
-    """What the asyncio commit sequence needs from its coordinator."""
+    """What the commit sequence needs from its coordinator."""
 
     log: DecisionLog
-    # The coordinator's worker threads: the decision log's writes run on them.
+    # The coordinator's worker threads: parallel calls (threads) or log writes (asyncio).
     executor: Executor
     failpoint: Callable[[str], None]
     receipt_timeout: float = 5.0
@@ -44,49 +44,21 @@ class AsyncDriverConfig:
     async def run_parallel(
         self, calls: Sequence[Callable[[], Awaitable[T]]]
     ) -> list[T | BaseException]:
-        """Run ``calls`` at once as tasks; return results or exceptions."""
-        return await run_parallel(calls)
+        """Run ``calls`` at once; return results or exceptions."""
+        return await arun_parallel(self.executor, calls)
 
     async def run_each(
         self, calls: Sequence[Callable[[], Awaitable[T]]]
     ) -> list[T | BaseException]:
-        """Wait for each branch's answer: as tasks, at once (one thread either way)."""
-        return await run_each(calls)
+        """Wait for each branch's answer (the driver sent every branch its command first)."""
+        return await arun_each(self.executor, calls)
 
     async def log_commit(self, gtrid: str, participants: Sequence[str], *, force: bool) -> None:
-        """Write the COMMIT record in a worker thread (forced: durable on return)."""
-        await self._in_worker(lambda: self.log.log_commit(gtrid, participants, force=force))
+        """Write the COMMIT record (forced: durable on return)."""
+        await ain_worker(
+            self.executor, lambda: self.log.log_commit(gtrid, participants, force=force)
+        )
 
     async def log_end(self, gtrid: str) -> None:
-        """Write the END record in a worker thread (lazily)."""
-        await self._in_worker(lambda: self.log.log_end(gtrid))
-
-    async def _in_worker(self, call: Callable[[], None]) -> None:
-        """``call`` on one of the executor's threads in a copy of this context (so the
-        gtrid stays bound), or on the loop's default one once the executor is shut down
-        (a closed coordinator)."""
-        context = contextvars.copy_context()
-        try:
-            future = self.executor.submit(context.run, call)
-        except RuntimeError:
-            await asyncio.to_thread(call)
-            return
-        await asyncio.wrap_future(future)
-
-
-async def run_parallel(calls: Sequence[Callable[[], Awaitable[T]]]) -> list[T | BaseException]:
-    """Await ``calls`` concurrently (each task copies this context, so the gtrid stays
-    bound); return results or exceptions, re-raising an injected crash."""
-    results: list[T | BaseException] = await asyncio.gather(
-        *(call() for call in calls), return_exceptions=True
-    )
-    for item in results:  # an injected crash in any task is a crash of the process
-        if isinstance(item, CrashInjected):
-            raise item
-    return results
-
-
-async def run_each(calls: Sequence[Callable[[], Awaitable[T]]]) -> list[T | BaseException]:
-    """The asyncio counterpart of :func:`coordinator.runtime.run_each`: the awaits overlap
-    on the event loop's one thread (the branches' answers arrive at once)."""
-    return await run_parallel(calls)
+        """Write the END record (lazily)."""
+        await ain_worker(self.executor, lambda: self.log.log_end(gtrid))

@@ -1,128 +1,124 @@
 """The fault-injecting fakes (:mod:`participants.fake`) behind the asyncio protocols.
 
-Each call yields to the event loop once, then runs the sync fake's step, so
-faults armed on the sync fake (``fail``) act here unchanged, and recovery uses
-the sync fake itself over the same store.
+Each asyncio fake wraps its sync fake and forwards every call to it: a step
+that does work on the "server" yields to the event loop once first, then runs
+the sync fake's step. Faults armed on the sync fake (``fail``) act here
+unchanged, and recovery uses the sync fake itself over the same store. The
+calls, their arguments and their faults are written once, in the sync fakes.
 """
 
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Coroutine
 from typing import Any
 
-from coordinator.protocol import LastResource, XAResource, no_callback
-from coordinator.states import Vote
-from coordinator.xid import Xid
+from coordinator.protocol import LastResource, XAResource
 from participants.fake import FakeBranch, FakeBroker, FakeBrokerSession, FakeResource
 
 
-class AsyncFakeResource:
-    """A :class:`FakeResource` as an AsyncXAResource."""
+def _step(
+    name: str, *, yields: bool = True, wrap: Callable[[Any], Any] | None = None
+) -> Callable[..., Coroutine[Any, Any, Any]]:
+    """A coroutine method that runs the sync fake's ``name`` (after one yield to the loop
+    when ``yields``), its result wrapped by ``wrap``."""
 
-    def __init__(self, sync: FakeResource) -> None:
-        self.sync = sync
+    async def step(self: _Wrapper, *args: Any, **kwargs: Any) -> Any:
+        if yields:
+            await asyncio.sleep(0)
+        result = getattr(self.sync, name)(*args, **kwargs)
+        return wrap(result) if wrap is not None else result
 
-    @property
-    def name(self) -> str:
-        return self.sync.name
-
-    async def begin(self, xid: Xid) -> AsyncFakeBranch:
-        await asyncio.sleep(0)
-        return AsyncFakeBranch(self.sync.begin(xid))
-
-    def recovery_resource(self) -> XAResource:
-        return self.sync
-
-    async def close(self) -> None:
-        self.sync.close()
+    step.__name__ = name
+    return step
 
 
-class _AsyncCursor:
-    """A fake branch's cursor, fetched from with ``await`` as an asyncio cursor is."""
+def _forward(name: str) -> Callable[..., Any]:
+    """A plain method that runs the sync fake's ``name`` (a send that waits for nothing)."""
+
+    def call(self: _Wrapper, *args: Any, **kwargs: Any) -> Any:
+        return getattr(self.sync, name)(*args, **kwargs)
+
+    call.__name__ = name
+    return call
+
+
+def _attribute(name: str, *, settable: bool = False) -> Any:
+    """The sync fake's attribute ``name``, read (and written when ``settable``) through."""
+
+    def get(self: _Wrapper) -> Any:
+        return getattr(self.sync, name)
+
+    def put(self: _Wrapper, value: Any) -> None:
+        setattr(self.sync, name, value)
+
+    return property(get, put if settable else None)
+
+
+class _Wrapper:
+    """An asyncio fake: the sync fake it forwards to, and its name."""
+
+    name = _attribute("name")
 
     def __init__(self, sync: Any) -> None:
         self.sync = sync
 
-    async def fetchone(self) -> Any:
-        return self.sync.fetchone()
+
+class _AsyncCursor(_Wrapper):
+    """A fake branch's cursor, fetched from with ``await`` as an asyncio cursor is."""
+
+    fetchone = _step("fetchone", yields=False)
 
 
-class AsyncFakeBranch:
+class AsyncFakeBranch(_Wrapper):
     """A :class:`FakeBranch` as an AsyncXABranch."""
 
-    def __init__(self, sync: FakeBranch) -> None:
-        self.sync = sync
-
-    @property
-    def name(self) -> str:
-        return self.sync.name
-
-    @property
-    def xid(self) -> Xid:
-        return self.sync.xid
-
-    @property
-    def failure(self) -> BaseException | None:
-        return self.sync.failure
-
-    @failure.setter
-    def failure(self, value: BaseException | None) -> None:
-        self.sync.failure = value
-
-    @property
-    def left_prepared(self) -> bool:
-        return self.sync.left_prepared
-
-    async def execute(self, op: object, params: object = None) -> Any:
-        await asyncio.sleep(0)
-        return _AsyncCursor(self.sync.execute(op, params))
-
-    async def read_only(self) -> bool:
-        return self.sync.read_only()
-
-    def send_prepare(self) -> None:
-        self.sync.send_prepare()
-
-    def send_commit_prepared(self) -> None:
-        self.sync.send_commit_prepared()
-
-    async def prepare(self) -> Vote:
-        await asyncio.sleep(0)
-        return self.sync.prepare()
-
-    async def commit_one_phase(self) -> None:
-        await asyncio.sleep(0)
-        self.sync.commit_one_phase()
-
-    async def commit_prepared(self) -> None:
-        await asyncio.sleep(0)
-        self.sync.commit_prepared()
-
-    async def rollback(self) -> None:
-        await asyncio.sleep(0)
-        self.sync.rollback()
-
-    async def cancel(self) -> None:
-        self.sync.cancel()
-
-    async def release(self) -> None:
-        self.sync.release()
+    sync: FakeBranch
+    xid = _attribute("xid")
+    failure = _attribute("failure", settable=True)
+    left_prepared = _attribute("left_prepared")
+    execute = _step("execute", wrap=_AsyncCursor)
+    read_only = _step("read_only", yields=False)
+    send_prepare = _forward("send_prepare")
+    send_commit_prepared = _forward("send_commit_prepared")
+    prepare = _step("prepare")
+    commit_one_phase = _step("commit_one_phase")
+    commit_prepared = _step("commit_prepared")
+    rollback = _step("rollback")
+    cancel = _step("cancel", yields=False)
+    release = _step("release", yields=False)
 
 
-class AsyncFakeBroker:
-    """A :class:`FakeBroker` as an AsyncLastResource."""
+class AsyncFakeResource(_Wrapper):
+    """A :class:`FakeResource` as an AsyncXAResource."""
 
-    def __init__(self, sync: FakeBroker) -> None:
-        self.sync = sync
+    sync: FakeResource
+    begin = _step("begin", wrap=AsyncFakeBranch)
+    close = _step("close", yields=False)
 
-    @property
-    def name(self) -> str:
-        return self.sync.name
+    def recovery_resource(self) -> XAResource:
+        return self.sync
 
-    async def begin(self, gtrid: str) -> AsyncFakeBrokerSession:
-        await asyncio.sleep(0)
-        return AsyncFakeBrokerSession(self.sync.begin(gtrid))
+
+class AsyncFakeBrokerSession(_Wrapper):
+    """A :class:`FakeBrokerSession` as an AsyncLastResourceSession."""
+
+    sync: FakeBrokerSession
+    has_work = _attribute("has_work")
+    send = _step("send")
+    ack = _step("ack", yields=False)
+    commit_with_marker = _step("commit_with_marker")
+    commit = _step("commit")
+    abort = _step("abort", yields=False)
+    release = _step("release", yields=False)
+
+
+class AsyncFakeBroker(_Wrapper):
+    """A :class:`FakeBroker` as an AsyncLastResource: sessions are settled as their sync fake."""
+
+    sync: FakeBroker
+    begin = _step("begin", wrap=AsyncFakeBrokerSession)
+    close = _step("close", yields=False)
 
     async def settle(self, session: object, timeout: float) -> None:
         if isinstance(session, AsyncFakeBrokerSession):
@@ -131,53 +127,3 @@ class AsyncFakeBroker:
 
     def recovery_broker(self) -> LastResource:
         return self.sync
-
-    async def close(self) -> None:
-        self.sync.close()
-
-
-class AsyncFakeBrokerSession:
-    """A :class:`FakeBrokerSession` as an AsyncLastResourceSession."""
-
-    def __init__(self, sync: FakeBrokerSession) -> None:
-        self.sync = sync
-
-    @property
-    def name(self) -> str:
-        return self.sync.name
-
-    @property
-    def has_work(self) -> bool:
-        return self.sync.has_work
-
-    async def send(
-        self, destination: str, body: str, headers: Mapping[str, str] | None = None
-    ) -> None:
-        await asyncio.sleep(0)
-        self.sync.send(destination, body, headers)
-
-    async def ack(self, ack_id: str) -> None:
-        self.sync.ack(ack_id)
-
-    async def commit_with_marker(
-        self,
-        gtrid: str,
-        timeout: float,
-        *,
-        before_commit: Callable[[], None] = no_callback,
-        commit_sent: Callable[[], None] = no_callback,
-    ) -> None:
-        await asyncio.sleep(0)
-        self.sync.commit_with_marker(
-            gtrid, timeout, before_commit=before_commit, commit_sent=commit_sent
-        )
-
-    async def commit(self, timeout: float) -> None:
-        await asyncio.sleep(0)
-        self.sync.commit(timeout)
-
-    async def abort(self) -> None:
-        self.sync.abort()
-
-    async def release(self) -> None:
-        self.sync.release()

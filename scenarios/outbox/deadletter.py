@@ -35,8 +35,9 @@ from typing import Any
 
 from coordinator.errors import ParticipantError
 from coordinator.events import get_logger
-from participants.aio.stomp import AsyncStompClient
+from participants.aio.stomp_ops import AsyncStompOperations
 from participants.stomp_client import Message, StompClient
+from participants.stomp_ops import StompOperations
 from scenarios import events as ev
 from scenarios.transfer.destinations import DLQ_PREFIX as DLQ_PREFIX
 from scenarios.transfer.destinations import QUEUE_PREFIX as QUEUE_PREFIX
@@ -102,7 +103,7 @@ class Rejection:
 
 
 def dead_letter(
-    client: StompClient,
+    client: StompOperations,
     rejections: Sequence[Rejection],
     *,
     destination: str,
@@ -146,7 +147,7 @@ def dead_letter(
 
 
 async def dead_letter_async(
-    client: AsyncStompClient,
+    client: AsyncStompOperations,
     rejections: Sequence[Rejection],
     *,
     destination: str,
