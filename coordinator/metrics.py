@@ -161,7 +161,7 @@ class TransactionMetrics:
         self.resolved = Counter(
             "twopc_resolved",
             "Transactions the backlog finished or decided after their caller had the "
-            "outcome 'was' (in_doubt, or committed with phase 2 unfinished), by outcome.",
+            "outcome 'was' (in-doubt, or committed with phase 2 unfinished), by outcome.",
             ["coordinator", "was", "outcome"],
             registry=registry,
         )
