@@ -25,7 +25,7 @@ from coordinator.aio import AsyncCoordinator
 from coordinator.backlog import Resolved
 from coordinator.coordinator import Coordinator
 from coordinator.errors import TransactionInDoubt
-from coordinator.metrics import Readings, TransactionMetrics
+from coordinator.metrics import PreparedCapacity, Readings, TransactionMetrics
 from coordinator.xid import Xid
 from participants.aio.fake import AsyncFakeBroker, AsyncFakeResource
 from participants.postgres import PostgresResource
@@ -319,3 +319,38 @@ def test_metrics_port_setting_is_read_and_checked(tmp_path: Path) -> None:
     for bad in ("http", "0", "70000"):
         with pytest.raises(ConfigurationError, match="TWOPC_METRICS_PORT"):
             Settings.load({**env, "TWOPC_METRICS_PORT": bad})
+
+
+@pytest.mark.lab
+@pytest.mark.parametrize("source", ["dsn", "pool"])
+def test_prepared_capacity_of_an_asyncio_resource_is_read_off_the_loop(
+    settings: Settings, source: str
+) -> None:
+    """An AsyncPostgresResource's synchronous view (over a DSN, or over a pool whose reads
+    run on the loop) reports the server's max_prepared_transactions and its prepared count
+    to the collector's thread."""
+    from psycopg_pool import AsyncConnectionPool
+
+    from participants.aio.postgres import AsyncPostgresResource
+
+    async def scenario() -> PreparedCapacity:
+        if source == "dsn":
+            resource = AsyncPostgresResource("b", settings.pg_b)
+            view = resource.recovery_resource()
+            try:
+                return await asyncio.to_thread(view.prepared_capacity)  # type: ignore[attr-defined]
+            finally:
+                await resource.close()
+                view.close()
+        async with AsyncConnectionPool(settings.pg_b, min_size=1, max_size=2, open=False) as pool:
+            resource = AsyncPostgresResource("b", pool)
+            view = resource.recovery_resource()
+            try:
+                return await asyncio.to_thread(view.prepared_capacity)  # type: ignore[attr-defined]
+            finally:
+                await resource.close()
+
+    capacity = asyncio.run(scenario())
+    assert capacity.max_prepared == 200
+    assert 0 <= capacity.prepared <= capacity.max_prepared
+    assert capacity.now.tzinfo is not None
