@@ -354,3 +354,20 @@ def test_prepared_capacity_of_an_asyncio_resource_is_read_off_the_loop(
     assert capacity.max_prepared == 200
     assert 0 <= capacity.prepared <= capacity.max_prepared
     assert capacity.now.tzinfo is not None
+
+
+def test_a_participant_that_cannot_be_read_shows_as_down() -> None:
+    """A database the scrape cannot reach is twopc_source_up 0 and its figures are left
+    out; the scrape itself still answers."""
+    registry = CollectorRegistry()
+    collector = TransactionMetrics(registry)
+    unreachable = PostgresResource(
+        "x", f"host=127.0.0.1 port={free_port()} dbname=x", pool_size=0, connect_timeout=1.0
+    )
+    collector.watch([unreachable])
+    try:
+        assert sample(registry, "twopc_source_up", source="database x") == 0
+        assert sample(registry, "twopc_prepared_branches", database="x") is None
+        assert sample(registry, "twopc_in_doubt_transactions") == 0
+    finally:
+        unreachable.close()
