@@ -35,7 +35,7 @@ from contextlib import contextmanager
 from functools import partial
 from typing import Any, Protocol, TypeVar
 
-from coordinator import driver, events, failpoints
+from coordinator import driver, events, failpoints, protocol
 from coordinator.backlog import Backlog, Resolved, Unfinished
 from coordinator.compat import (
     Cancelled,
@@ -355,6 +355,22 @@ class Coordinator:
     def broker(self) -> LastResource | None:
         """The last resource, if any."""
         return self._broker
+
+    @property
+    def recovery_resources(self) -> Mapping[str, protocol.XAResource]:
+        """The XA participants by name as recovery, the backlog and metrics read them: each
+        one's synchronous view (the participant itself, for a synchronous one)."""
+        return self._recovery_resources
+
+    @property
+    def recovery_broker(self) -> LastResource | None:
+        """The last resource's synchronous view; None without one, or before start."""
+        return self._recovery_broker
+
+    @property
+    def closed(self) -> bool:
+        """Whether :meth:`close` (or a simulated death) has stopped this coordinator."""
+        return self._closed.is_set()
 
     def finish(self, tx: Transaction, *, commit: bool) -> Outcome:
         """Run the commit (or rollback) sequence; called by Transaction.commit/rollback.

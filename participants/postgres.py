@@ -45,6 +45,7 @@ from coordinator.errors import (
     PrepareFailed,
 )
 from coordinator.events import get_logger
+from coordinator.metrics import PreparedCapacity
 from coordinator.states import Vote
 from coordinator.xid import Xid
 from participants import events as ev
@@ -392,6 +393,25 @@ class PostgresResource:
                 continue  # prepared in another database of the same server
             result[Xid(x.format_id, x.gtrid, x.bqual or "")] = x.prepared
         return result
+
+    def prepared_capacity(self) -> PreparedCapacity:
+        """The server's ``max_prepared_transactions``, the prepared transactions it holds
+        (of any format, in any database) and its clock, for metrics."""
+
+        def reading(conn: psycopg.Connection[Any]) -> Any:
+            cursor = conn.execute(
+                "SELECT current_setting('max_prepared_transactions')::int,"
+                " (SELECT count(*) FROM pg_prepared_xacts)::int, clock_timestamp()"
+            )
+            return cursor.fetchone()
+
+        try:
+            max_prepared, prepared, now = self._on_admin(reading)
+        except psycopg.Error as exc:
+            raise ParticipantUnavailable(
+                f"cannot read max_prepared_transactions: {exc}", participant=self._name
+            ) from exc
+        return PreparedCapacity(max_prepared, prepared, now)
 
     def _finish_recovered(self, xid: Xid, action: str) -> bool:
         def finish(conn: psycopg.Connection[Any]) -> None:

@@ -56,3 +56,16 @@ def test_api_example_runs(settings: Settings, tmp_path: Path, title: str, code: 
     )
     assert done.returncode == 0, done.stdout + done.stderr
     assert done.stdout.strip(), f"{title}: printed nothing"
+
+
+def test_metrics_examples_use_only_the_library_for_both_coordinators() -> None:
+    """The metrics section's examples import nothing from scenarios, and there is one for
+    the thread Coordinator and one for the AsyncCoordinator (both run in
+    test_api_example_runs)."""
+    codes = [code for title, code in examples() if title.startswith("Metrics")]
+    assert codes
+    for code in codes:
+        assert not re.search(r"^\s*(from|import) scenarios\b", code, flags=re.M), code
+        assert "from coordinator.metrics import TransactionMetrics" in code
+    assert any("Coordinator(" in c and "AsyncCoordinator" not in c for c in codes)
+    assert any("AsyncCoordinator(" in c for c in codes)

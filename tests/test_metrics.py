@@ -3,6 +3,7 @@ served on /metrics by 'twopc consumer' with TWOPC_METRICS_PORT; the alert rules 
 
 from __future__ import annotations
 
+import asyncio
 import os
 import re
 import signal
@@ -12,13 +13,21 @@ import time
 import urllib.request
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import psycopg
 import pytest
 import yaml
+from prometheus_client import CollectorRegistry
 from prometheus_client.parser import text_string_to_metric_families
 
+from coordinator.aio import AsyncCoordinator
+from coordinator.backlog import Resolved
+from coordinator.coordinator import Coordinator
+from coordinator.errors import TransactionInDoubt
+from coordinator.metrics import PreparedCapacity, Readings, TransactionMetrics
 from coordinator.xid import Xid
+from participants.aio.fake import AsyncFakeBroker, AsyncFakeResource
 from participants.postgres import PostgresResource
 from scenarios import metrics
 from scenarios.config import Settings
@@ -27,6 +36,7 @@ from scenarios.outbox.relay import StompPublisher
 from scenarios.transfer import model as scenario
 from scenarios.wiring import COORDINATOR_OBSERVERS, open_coordinator
 from tests.conftest import free_port
+from tests.test_outcomes_final import STORIES, Servers
 
 TWOPC = [sys.executable, "-m", "scenarios.cli"]
 ALERTS = Path(__file__).resolve().parent.parent / "docs" / "alerts.yml"
@@ -107,7 +117,9 @@ def test_prepared_branches_their_age_headroom_and_in_doubt_are_read_live(
 ) -> None:
     """A branch left prepared shows in the prepared count, the oldest age, the headroom and
     (past the in-doubt age) the in-doubt count; resolved, the figures go back."""
-    collector = metrics.ServerCollector(settings, in_doubt_after=0.2)
+    collector = TransactionMetrics(CollectorRegistry(), in_doubt_after=0.2)
+    watched = [PostgresResource("a", settings.pg_a), PostgresResource("b", settings.pg_b)]
+    collector.watch(watched, metrics.MarkerQueue(settings))
     before = collector.read().gauges
     resource = PostgresResource("a", settings.pg_a)
     xid = Xid.branch(f"{settings.coordinator_id}.metrics-{os.getpid()}", "a")
@@ -122,6 +134,8 @@ def test_prepared_branches_their_age_headroom_and_in_doubt_are_read_live(
         assert resource.rollback_recovered(xid)
         resource.close()
     after = collector.read().gauges
+    for watched_resource in watched:
+        watched_resource.close()
 
     def a(gauges: dict[str, list[tuple[dict[str, str], float]]], name: str) -> float:
         return next(v for labels, v in gauges[name] if labels.get("database") == "a")
@@ -132,6 +146,110 @@ def test_prepared_branches_their_age_headroom_and_in_doubt_are_read_live(
     assert a(during.gauges, "twopc_prepared_headroom") == a(before, "twopc_prepared_headroom") - 1
     assert during.gauges["twopc_in_doubt_transactions"][0][1] >= 1
     assert a(after, "twopc_prepared_branches") == a(before, "twopc_prepared_branches")
+
+
+def sample(registry: CollectorRegistry, name: str, **labels: str) -> float | None:
+    return registry.get_sample_value(name, labels)
+
+
+class KeepsListener:
+    """A coordinator as the collector sees it, keeping the listener the collector adds."""
+
+    def __init__(self, coordinator: Any) -> None:
+        self.coordinator = coordinator
+        self.listener: Any = None
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self.coordinator, name)
+
+    def add_listener(self, listener: Any) -> None:
+        self.listener = listener
+        self.coordinator.add_listener(listener)
+
+
+@pytest.mark.parametrize("api", ["thread", "asyncio"])
+def test_library_collector_counts_what_the_backlog_resolved_once(api: str) -> None:
+    """Either coordinator feeds the library collector: a commit point with no receipt
+    counts as in-doubt, its later resolution once under twopc_resolved_total (a repeat
+    report is not counted again), and the fakes' prepared branches are read at scrape."""
+    fault, broker, told, resolved, chore = STORIES["marker, committed, no receipt"]
+    servers = Servers(fault, broker)
+    registry = CollectorRegistry()
+    collector = TransactionMetrics(registry)
+    heard: list[Resolved] = []
+    if api == "thread":
+        coordinator: Any = Coordinator(
+            "t1",
+            servers.log,
+            list(servers.res.values()),
+            servers.broker,
+            housekeeping_interval=None,
+        )
+        collector.observe(seen := KeepsListener(coordinator))
+        coordinator.add_listener(lambda r, _: heard.append(r) if isinstance(r, Resolved) else None)
+        try:
+            with pytest.raises(TransactionInDoubt), coordinator.transaction() as tx:
+                tx.execute("a", "debit")
+                tx.execute("b", "credit")
+                tx.send("/queue/transfers", "{}")
+            assert getattr(coordinator, chore)() == 1
+            readings = collector.read()
+        finally:
+            coordinator.close()
+    else:
+        coordinator = AsyncCoordinator(
+            "t1",
+            servers.log,
+            [AsyncFakeResource(r) for r in servers.res.values()],
+            AsyncFakeBroker(servers.broker) if servers.broker is not None else None,
+            housekeeping_interval=None,
+        )
+        collector.observe(seen := KeepsListener(coordinator))
+        coordinator.add_listener(lambda r, _: heard.append(r) if isinstance(r, Resolved) else None)
+
+        async def scenario() -> Readings:
+            async with coordinator:
+                with pytest.raises(TransactionInDoubt):
+                    async with coordinator.transaction() as tx:
+                        await tx.execute("a", "debit")
+                        await tx.execute("b", "credit")
+                        await tx.send("/queue/transfers", "{}")
+                assert await getattr(coordinator, chore)() == 1
+                return await asyncio.to_thread(collector.read)
+
+        readings = asyncio.run(scenario())
+    seen.listener(heard[0], heard[0].outcome)  # the collector told the same resolution again
+    assert (
+        sample(registry, "twopc_transactions_total", coordinator="t1", outcome=told[0].value) == 1
+    )
+    assert sample(registry, "twopc_transactions_total", coordinator="t1", outcome="committed") == 0
+    assert (
+        sample(
+            registry,
+            "twopc_resolved_total",
+            coordinator="t1",
+            was=told[0].value,
+            outcome=resolved.value,
+        )
+        == 1
+    )
+    assert readings.up == {"database a": True, "database b": True, "broker": True}
+    assert {labels["database"] for labels, _ in readings.gauges["twopc_prepared_branches"]} == {
+        "a",
+        "b",
+    }
+
+
+def test_library_metrics_import_no_scenario_and_no_prometheus_until_used() -> None:
+    """coordinator.metrics imports prometheus-client only when a collector is made, and no
+    scenario or participant module at all."""
+    code = (
+        "import sys, coordinator.metrics; "
+        "loaded = [m for m in sys.modules if m.split('.')[0] in "
+        "('prometheus_client', 'scenarios', 'participants')]; "
+        "assert not loaded, loaded"
+    )
+    subprocess.run([sys.executable, "-c", code], check=True)
 
 
 def wait_for(check: object, timeout: float = 30.0) -> None:
@@ -215,3 +333,55 @@ def test_metrics_port_setting_is_read_and_checked(tmp_path: Path) -> None:
     for bad in ("http", "0", "70000"):
         with pytest.raises(ConfigurationError, match="TWOPC_METRICS_PORT"):
             Settings.load({**env, "TWOPC_METRICS_PORT": bad})
+
+
+@pytest.mark.lab
+@pytest.mark.parametrize("source", ["dsn", "pool"])
+def test_prepared_capacity_of_an_asyncio_resource_is_read_off_the_loop(
+    settings: Settings, source: str
+) -> None:
+    """An AsyncPostgresResource's synchronous view (over a DSN, or over a pool whose reads
+    run on the loop) reports the server's max_prepared_transactions and its prepared count
+    to the collector's thread."""
+    from psycopg_pool import AsyncConnectionPool
+
+    from participants.aio.postgres import AsyncPostgresResource
+
+    async def scenario() -> PreparedCapacity:
+        if source == "dsn":
+            resource = AsyncPostgresResource("b", settings.pg_b)
+            view = resource.recovery_resource()
+            try:
+                return await asyncio.to_thread(view.prepared_capacity)  # type: ignore[attr-defined]
+            finally:
+                await resource.close()
+                view.close()
+        async with AsyncConnectionPool(settings.pg_b, min_size=1, max_size=2, open=False) as pool:
+            resource = AsyncPostgresResource("b", pool)
+            view = resource.recovery_resource()
+            try:
+                return await asyncio.to_thread(view.prepared_capacity)  # type: ignore[attr-defined]
+            finally:
+                await resource.close()
+
+    capacity = asyncio.run(scenario())
+    assert capacity.max_prepared == 200
+    assert 0 <= capacity.prepared <= capacity.max_prepared
+    assert capacity.now.tzinfo is not None
+
+
+def test_a_participant_that_cannot_be_read_shows_as_down() -> None:
+    """A database the scrape cannot reach is twopc_source_up 0 and its figures are left
+    out; the scrape itself still answers."""
+    registry = CollectorRegistry()
+    collector = TransactionMetrics(registry)
+    unreachable = PostgresResource(
+        "x", f"host=127.0.0.1 port={free_port()} dbname=x", pool_size=0, connect_timeout=1.0
+    )
+    collector.watch([unreachable])
+    try:
+        assert sample(registry, "twopc_source_up", source="database x") == 0
+        assert sample(registry, "twopc_prepared_branches", database="x") is None
+        assert sample(registry, "twopc_in_doubt_transactions") == 0
+    finally:
+        unreachable.close()

@@ -33,7 +33,7 @@ from contextlib import asynccontextmanager
 from functools import partial
 from typing import Any, Protocol, TypeVar
 
-from coordinator import events, failpoints
+from coordinator import events, failpoints, protocol
 from coordinator.aio import driver
 from coordinator.aio.transaction import AsyncTransaction
 from coordinator.backlog import Backlog, Resolved, Unfinished
@@ -355,6 +355,22 @@ class AsyncCoordinator:
     def broker(self) -> AsyncLastResource | None:
         """The last resource, if any."""
         return self._broker
+
+    @property
+    def recovery_resources(self) -> Mapping[str, protocol.XAResource]:
+        """The XA participants by name as recovery, the backlog and metrics read them: each
+        one's synchronous view (the participant itself, for a synchronous one)."""
+        return self._recovery_resources
+
+    @property
+    def recovery_broker(self) -> LastResource | None:
+        """The last resource's synchronous view; None without one, or before start."""
+        return self._recovery_broker
+
+    @property
+    def closed(self) -> bool:
+        """Whether :meth:`close` (or a simulated death) has stopped this coordinator."""
+        return self._closed.is_set()
 
     async def finish(self, tx: AsyncTransaction, *, commit: bool) -> Outcome:
         """Run the commit (or rollback) sequence; called by AsyncTransaction.commit/rollback.

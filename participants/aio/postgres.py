@@ -45,6 +45,7 @@ from coordinator.errors import (
     PrepareFailed,
 )
 from coordinator.events import get_logger
+from coordinator.metrics import PreparedCapacity
 from coordinator.protocol import XAResource
 from coordinator.states import Vote
 from coordinator.xid import Xid
@@ -396,6 +397,25 @@ class AsyncPostgresResource:
                 continue  # prepared in another database of the same server
             result[Xid(x.format_id, x.gtrid, x.bqual or "")] = x.prepared
         return result
+
+    async def prepared_capacity(self) -> PreparedCapacity:
+        """The server's ``max_prepared_transactions``, the prepared transactions it holds
+        (of any format, in any database) and its clock, for metrics."""
+
+        async def reading(conn: psycopg.AsyncConnection[Any]) -> Any:
+            cursor = await conn.execute(
+                "SELECT current_setting('max_prepared_transactions')::int,"
+                " (SELECT count(*) FROM pg_prepared_xacts)::int, clock_timestamp()"
+            )
+            return await cursor.fetchone()
+
+        try:
+            max_prepared, prepared, now = await self._on_admin(reading)
+        except psycopg.Error as exc:
+            raise ParticipantUnavailable(
+                f"cannot read max_prepared_transactions: {exc}", participant=self._name
+            ) from exc
+        return PreparedCapacity(max_prepared, prepared, now)
 
     async def _finish_recovered(self, xid: Xid, action: str) -> bool:
         async def finish(conn: psycopg.AsyncConnection[Any]) -> None:
@@ -829,6 +849,9 @@ class _LoopRecovery:
 
     def recover(self, format_id: int, gtrid_prefix: str) -> dict[Xid, datetime | None]:
         return self._on_loop(self._resource.recover(format_id, gtrid_prefix))
+
+    def prepared_capacity(self) -> PreparedCapacity:
+        return self._on_loop(self._resource.prepared_capacity())
 
     def commit_recovered(self, xid: Xid) -> bool:
         return self._on_loop(self._resource.commit_recovered(xid))
