@@ -1,4 +1,4 @@
-"""twopc inside someone else's application: public API, typing, logging left alone, README."""
+"""twopc inside someone else's application: public API, typing, logging left alone, docs/api.md."""
 
 from __future__ import annotations
 
