@@ -4,7 +4,8 @@ the docs name in code spans exists.
 A link is ``[text](target)`` outside fenced code: its file must exist (relative to the
 document), and its ``#anchor``, in the same document or another Markdown file, must be a
 heading there (GitHub's anchors). A code span such as ```scenarios/wiring.py``` naming a
-file under one of the repository's folders must name a file or folder that exists.
+file under one of the repository's folders must name a file or folder that exists. A
+comment pointing to a README section, ``(README: Layout)``, must name one the README has.
 """
 
 from __future__ import annotations
@@ -12,7 +13,7 @@ from __future__ import annotations
 import re
 from pathlib import Path
 
-from tests.test_design_refs import anchor
+from tests.test_design_refs import anchor, repository_files
 
 ROOT = Path(__file__).resolve().parent.parent
 DOCS = [ROOT / "README.md", ROOT / "CHANGELOG.md", *sorted((ROOT / "docs").glob("*.md"))]
@@ -22,6 +23,8 @@ LINK = re.compile(r"\[[^\]]*\]\(([^)\s]+)\)")
 #: A code span that names a path in the repository, e.g. `coordinator/aio/driver.py`.
 PATH_SPAN = re.compile(r"`((?:coordinator|participants|scenarios|tests|docs|scripts)/[\w./-]*)`")
 EXTERNAL = ("http://", "https://", "mailto:")
+#: A comment's pointer to a README section: ``(README: Layout)``, ``(README: "Dependencies")``.
+README_SECTION = re.compile(r"\(README: \"?([A-Z][\w ]*?)\"?\)")
 
 
 def prose(text: str) -> str:
@@ -77,6 +80,19 @@ def test_every_named_repository_path_exists() -> None:
     """Every repository path the README, the changelog and docs/ name in code spans exists."""
     missing = [problem for doc in DOCS for problem in missing_paths(doc)]
     assert not missing, missing
+
+
+def test_every_pointer_to_a_readme_section_names_one() -> None:
+    """A source, setting or script that says '(README: Section)' names a heading the README has."""
+    sections = headings(ROOT / "README.md")
+    pointers = [
+        (shown(path), m.group(1))
+        for path in repository_files()
+        if path != Path(__file__).resolve()
+        for m in README_SECTION.finditer(path.read_text(errors="replace"))
+    ]
+    assert pointers, "pyproject.toml and scripts/setup.sh point to README sections"
+    assert not [p for p in pointers if anchor(p[1]) not in sections], (pointers, sections)
 
 
 def test_the_check_sees_a_dangling_link_and_path(tmp_path: Path) -> None:
