@@ -2,7 +2,7 @@
 # and `make test` (set up what is missing, run the tests on the lab).
 # `make unit` is the fast tier: ruff, mypy, the layering (lint-imports) and every test
 # that needs no lab.
-.PHONY: setup demo test unit lint lab-down
+.PHONY: setup demo test unit lint lab-down apidocs
 
 setup:
 	@bash scripts/setup.sh
@@ -24,3 +24,7 @@ unit: setup
 
 lab-down:
 	.venv/bin/twopc lab down
+
+# The library's API reference, from its docstrings (pdoc): build/apidocs/index.html.
+apidocs: setup
+	.venv/bin/python scripts/apidocs.py build/apidocs

@@ -1,6 +1,7 @@
 """twopc's engine: the two-phase-commit coordinator, its decision log and its recovery.
 
-The public API. Build a coordinator from participants of your choosing::
+The public API, with ``participants`` (``scenarios`` is the tool's, not the
+library's). Build a coordinator from participants of your choosing::
 
     from coordinator import Coordinator, FileDecisionLog
     from participants.activemq import ActiveMQ

@@ -104,8 +104,8 @@ class DecisionLogCorrupt(DecisionLogError):
             "Records after it cannot be trusted, so the coordinator refuses to start. "
             "Keep a copy of the file, look at it with 'twopc log dump', and once you know "
             "what the records after the damage decided, cut it there with "
-            f"'twopc log truncate --at {offset} --i-know' (see the README's 'The decision "
-            "log' section)."
+            f"'twopc log truncate --at {offset} --i-know' (see docs/operations.md, 'The "
+            "decision log')."
         )
         self.path = path
         self.offset = offset

@@ -195,10 +195,10 @@ def test_service_killed_mid_commit_is_recovered_at_restart(
 EMBED = EXAMPLES / "aio_embed.py"
 
 
-def test_readme_shows_the_asyncio_example_as_it_runs() -> None:
-    """README's 'asyncio' section holds docs/examples/aio_embed.py verbatim."""
-    readme = (ROOT / "README.md").read_text()
-    section = readme.split("\n## asyncio\n", 1)[1].split("\n## ", 1)[0]
+def test_api_doc_shows_the_asyncio_example_as_it_runs() -> None:
+    """docs/api.md's asyncio section holds docs/examples/aio_embed.py verbatim."""
+    guide = (ROOT / "docs" / "api.md").read_text()
+    section = guide.split("\n## asyncio: AsyncCoordinator\n", 1)[1].split("\n## ", 1)[0]
     blocks = re.findall(r"```python\n(.*?)```", section, flags=re.S)
     assert EMBED.read_text() in blocks
 
@@ -221,7 +221,7 @@ def test_asyncio_examples_pass_mypy_strict() -> None:
 
 @pytest.mark.lab
 def test_asyncio_example_commits_atomically_on_the_lab(settings: Settings, tmp_path: Path) -> None:
-    """The README's asyncio example commits its rows in both databases and its message."""
+    """The asyncio example (docs/api.md) commits its rows in both databases and its message."""
     env = {**os.environ, **settings.as_env()}
     done = subprocess.run(
         [sys.executable, str(EMBED)],

@@ -628,7 +628,7 @@ def test_corrupt_log_message_tells_the_operator_what_to_do(tmp_path: Path) -> No
         ". Records after it cannot be trusted, so the coordinator refuses to start. "
         "Keep a copy of the file, look at it with 'twopc log dump', and once you know what "
         "the records after the damage decided, cut it there with "
-        "'twopc log truncate --at 36 --i-know' (see the README's 'The decision log' section)."
+        "'twopc log truncate --at 36 --i-know' (see docs/operations.md, 'The decision log')."
     )
 
 

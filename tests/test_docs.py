@@ -27,9 +27,19 @@ def examples() -> list[tuple[str, str]]:
 
 
 def test_api_doc_has_an_example_per_topic() -> None:
-    """docs/api.md has runnable examples for the transaction, pools, ORM, metrics, tracing."""
+    """docs/api.md has runnable examples for the transaction, embedding, pools, ORM, asyncio,
+    several coordinators, metrics and tracing."""
     titles = [title for title, _ in examples()]
-    for topic in ("A global transaction", "pool", "ORM", "Metrics", "Tracing"):
+    for topic in (
+        "A global transaction",
+        "Embedding",
+        "pool",
+        "ORM",
+        "AsyncCoordinator",
+        "Several coordinators",
+        "Metrics",
+        "Tracing",
+    ):
         assert any(topic in title for title in titles), (topic, titles)
 
 

@@ -1,4 +1,4 @@
-"""The README's repair of a damaged decision log works in the order it gives.
+"""The operations guide's repair of a damaged decision log works in the order it gives.
 
 Every ``twopc`` command the repair paragraph names before the cut runs on a
 damaged log; ``twopc indoubt`` (which refuses one) comes only after the cut,
@@ -22,10 +22,10 @@ COMMANDS = re.compile(r"`(twopc [a-z -]+?)`")
 
 
 def repair_paragraph() -> str:
-    """The README's paragraph on a log damaged in the middle."""
-    readme = (ROOT / "README.md").read_text()
-    start = readme.index("If the log is damaged in the middle")
-    return readme[start : readme.index("\n\n", start)]
+    """docs/operations.md's paragraph on a log damaged in the middle."""
+    guide = (ROOT / "docs" / "operations.md").read_text()
+    start = guide.index("If the log is damaged in the middle")
+    return guide[start : guide.index("\n\n", start)]
 
 
 def commands_before_the_cut(paragraph: str) -> list[str]:
