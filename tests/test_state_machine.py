@@ -75,6 +75,9 @@ PROFILES = {
 PROFILE = os.environ.get("TWOPC_HYPOTHESIS_PROFILE", "default")
 if PROFILE not in PROFILES:
     raise ValueError(f"TWOPC_HYPOTHESIS_PROFILE={PROFILE!r}; known profiles: {sorted(PROFILES)}")
+# The long profile's 5,000 examples take minutes per machine on a loaded 2-core host:
+# more than the suite's per-test timeout, which is for the default profile.
+pytestmark = pytest.mark.timeout(3600 if PROFILE == "long" else 300)
 
 
 class Told(enum.Enum):
