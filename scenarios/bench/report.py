@@ -13,7 +13,8 @@ journal synced on every commit, persistent messages):
 - cost per transfer: WAL bytes (the WAL insert position of A and B), decision-log
   forced writes, messages;
 - anomalies under injected crashes, once everything has converged;
-- for 2PC, the latency split by phase (a coordinator doing the same work).
+- for 2PC, the latency split by phase (a coordinator doing the same work);
+- the further parts of scenarios.bench.parts, each a section of its own.
 
 It writes report.md, report.html, PNG plots, data.json (all figures) and
 histograms.hlog (every HDR histogram, HdrHistogram log format); the pages
@@ -32,7 +33,7 @@ from typing import Any
 
 from rich.progress import Progress
 
-from scenarios.bench import measure
+from scenarios.bench import measure, parts
 from scenarios.bench import report_pages as pages
 from scenarios.bench.crash_anomalies import crash_anomalies
 from scenarios.bench.machine import machine_info
@@ -105,6 +106,10 @@ def run_report(
         from scenarios.bench import consumers
 
         data["consumers"] = consumers.compare(settings, count=count, latency_count=latency_count)
+        reset_lab(settings)
+    data["parts"] = {}
+    for name in plan.parts:
+        data["parts"][name] = parts.part(name).run(settings, quick=quick)
         reset_lab(settings)
     data["verdict"] = pages.verdict(data["strategies"], data["crashes"])
     data["load_after"] = list(os.getloadavg())

@@ -8,11 +8,12 @@ from __future__ import annotations
 
 import html
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from scenarios.bench import parts as bench_parts
 from scenarios.bench.contenders import PHASES
+from scenarios.bench.section import Section
 
 # -- one look per strategy -------------------------------------------------------------------
 
@@ -320,18 +321,6 @@ def _save(fig: Any, out: Path, name: str) -> str:
 # -- rendering -------------------------------------------------------------------------------
 
 
-@dataclass
-class Section:
-    """A titled table (and optionally a plot) of the report."""
-
-    title: str
-    headers: list[str]
-    rows: list[list[str]]
-    note: str = ""
-    plot: str | None = None
-    text_columns: tuple[int, ...] = (0,)  # left-aligned; the other columns are figures
-
-
 def _text(part: Section, column: int) -> bool:
     return column in part.text_columns
 
@@ -529,6 +518,8 @@ def sections(data: Mapping[str, Any], plots: Mapping[str, str]) -> list[Section]
                 "this section alone.",
             )
         )
+    for name, result in (data.get("parts") or {}).items():
+        out += bench_parts.part(name).sections(result)
     machine = data["machine"]
     out.append(
         Section(
@@ -565,18 +556,31 @@ def render_markdown(data: Mapping[str, Any], parts: Sequence[Section]) -> str:
         "Raw data: [data.json](data.json), HDR histograms: [histograms.hlog](histograms.hlog).",
     ]
     for part in parts:
-        lines += ["", f"## {part.title}", ""]
-        lines.append("| " + " | ".join(part.headers) + " |")
-        lines.append(
-            "|"
-            + "".join(" :--- |" if _text(part, i) else " ---: |" for i in range(len(part.headers)))
-        )
-        for row in part.rows:
-            lines.append("| " + " | ".join(c.replace("|", "/") for c in row) + " |")
-        if part.note:
-            lines += ["", part.note]
-        if part.plot:
-            lines += ["", f"![{part.title}]({part.plot})"]
+        lines += section_markdown(part)
+    return "\n".join(lines) + "\n"
+
+
+def section_markdown(part: Section) -> list[str]:
+    """One section as Markdown lines: its heading, table, note and plot."""
+    lines = ["", f"## {part.title}", ""]
+    lines.append("| " + " | ".join(part.headers) + " |")
+    lines.append(
+        "|" + "".join(" :--- |" if _text(part, i) else " ---: |" for i in range(len(part.headers)))
+    )
+    for row in part.rows:
+        lines.append("| " + " | ".join(c.replace("|", "/") for c in row) + " |")
+    if part.note:
+        lines += ["", part.note]
+    if part.plot:
+        lines += ["", f"![{part.title}]({part.plot})"]
+    return lines
+
+
+def part_markdown(name: str, result: Mapping[str, Any], command: str) -> str:
+    """``twopc bench NAME`` of a further part (scenarios.bench.parts): its sections alone."""
+    lines = [f"# twopc bench {name}", "", f"Command: `{command}`"]
+    for section in bench_parts.part(name).sections(result):
+        lines += section_markdown(section)
     return "\n".join(lines) + "\n"
 
 

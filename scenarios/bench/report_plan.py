@@ -4,6 +4,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from scenarios.bench.parts import names
+
 #: Crash points of the 2PC strategy that the report kills a child process at.
 TWO_PC_CRASHES_QUICK = ("after_prepare", "after_broker_commit")
 TWO_PC_CRASHES_FULL = (
@@ -33,6 +35,9 @@ class ReportPlan:
     #: The consume side (scenarios.bench.consumers): messages for the throughput and for
     #: the latency of each consumer mode; (0, 0) leaves the section out.
     consumer_counts: tuple[int, int] = (300, 30)
+    #: The further parts (scenarios.bench.parts) the report runs, by name; each runs its
+    #: quick measurement when the report is quick.
+    parts: tuple[str, ...] = ()
 
     @classmethod
     def for_mode(cls, quick: bool) -> ReportPlan:
@@ -48,6 +53,7 @@ class ReportPlan:
                 crash_every=5,
                 two_pc_crashes=TWO_PC_CRASHES_QUICK,
                 phase_count=60,
+                parts=names(),
             )
         return cls(
             latency_count=300,
@@ -62,4 +68,5 @@ class ReportPlan:
             phase_count=400,
             slices=4,
             consumer_counts=(2_000, 200),
+            parts=names(),
         )

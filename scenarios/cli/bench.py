@@ -15,6 +15,7 @@ from rich.console import Console
 from rich.markdown import Markdown
 
 from coordinator.errors import ConfigurationError
+from scenarios.bench.parts import PARTS, names, part
 from scenarios.cli.progress import progress_bars, working
 from scenarios.stopping import stop_on_signals
 
@@ -143,6 +144,9 @@ def _subcommand(mode: str) -> None:
 
 for _mode in MODES:
     _subcommand(_mode)
+for _part in PARTS:
+    MODES[_part.name] = _part.help
+    _subcommand(_part.name)
 
 
 def run_mode(
@@ -170,6 +174,9 @@ def run_mode(
                 result = _run_consumers(settings, quick=quick, out=out, command=command)
         elif mode == "overhead":
             result = _run_overhead(settings, quick=quick, out=out, command=command)
+        elif mode in names():
+            with working(f"bench {mode}"):
+                result = _run_part(settings, mode, quick=quick, out=out, command=command)
         else:
             from scenarios.bench import report as strategy_report
 
@@ -201,6 +208,17 @@ def _run_overhead(settings: Any, *, quick: bool, out: Path, command: str) -> dic
     (out / "overhead.json").write_text(json.dumps(result, indent=2, default=str))
     markdown = overhead_markdown.render_markdown(result, command)
     (out / "overhead.md").write_text(markdown)
+    return result
+
+
+def _run_part(settings: Any, name: str, *, quick: bool, out: Path, command: str) -> dict[str, Any]:
+    """A further part of the report (scenarios.bench.parts), run alone."""
+    from scenarios.bench.report_pages import part_markdown
+
+    result = part(name).run(settings, quick=quick)
+    result["command"] = command
+    (out / f"{name}.json").write_text(json.dumps(result, indent=2, default=str))
+    (out / f"{name}.md").write_text(part_markdown(name, result, command))
     return result
 
 
