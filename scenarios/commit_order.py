@@ -70,7 +70,9 @@ def run(dsn: str, *, pairs: int = 5) -> CommitOrderResult:
     account = f"ord-cdc-{run_id}"
     with psycopg.connect(dsn, autocommit=True) as reader:
         _ensure_schema(reader)
-        # Temporary: dropped when this session ends, whatever happens.
+        # Making a slot waits for the transactions running now to end (a prepared one
+        # too, which could wait for ever). Temporary: dropped when this session ends.
+        reader.execute("SET statement_timeout = '30s'")
         reader.execute("SELECT pg_create_logical_replication_slot(%s, 'pgoutput', true)", (slot,))
         with psycopg.connect(dsn) as first, psycopg.connect(dsn) as second:
             insert = f"INSERT INTO {TABLE} (run, account, seq, started) VALUES (%s, %s, %s, %s)"

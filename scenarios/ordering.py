@@ -264,6 +264,8 @@ def run_case(
         seconds = time.monotonic() - start
     finally:
         stop.set()
+        with progress.changed:
+            progress.changed.notify_all()  # a consumer holding a credit lets go at once
         for thread in threads:
             thread.join(10)
         for client in clients:
