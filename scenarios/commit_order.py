@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import contextlib
 import secrets
+from collections.abc import Iterable
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
@@ -93,8 +94,8 @@ def run(dsn: str, *, pairs: int = 5) -> CommitOrderResult:
     decoded = [credit for t in transactions for credit in _credits(t, run_id)]
     return CommitOrderResult(
         transactions=len(transactions),
-        commit_order_violations=_overtaken(seq for seq, _, _ in decoded),
-        start_order_inversions=_overtaken(started for _, started, _ in decoded),
+        commit_order_violations=out_of_order(seq for seq, _, _ in decoded),
+        start_order_inversions=out_of_order(started for _, started, _ in decoded),
         decoded=decoded,
     )
 
@@ -107,7 +108,7 @@ def _credits(transaction: Transaction, run_id: str) -> list[tuple[int, int, int]
     ]
 
 
-def _overtaken(order: Any) -> int:
+def out_of_order(order: Iterable[int]) -> int:
     """How many items come after a greater one: those delivered out of this order."""
     count, highest = 0, None
     for value in order:
