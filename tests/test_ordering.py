@@ -9,6 +9,8 @@ import pytest
 from scenarios import commit_order, flow_control, ordering
 from scenarios.bench import parts, report_pages
 from scenarios.config import Settings
+from scenarios.transfer import model as scenario
+from scenarios.wiring import open_stomp
 
 pytestmark = pytest.mark.lab
 
@@ -76,3 +78,35 @@ def test_the_parts_run_quick_and_render_their_sections(settings: Settings, name:
         assert slow["backlog"] < slow["messages"]  # the memory limit bounds what waits
         stalled = {s["flow_control"]: s for s in result["stalled"]}
         assert stalled[True]["receipted_while_stalled"] < stalled[False]["receipted_while_stalled"]
+
+
+def test_a_group_stays_with_its_consumer_and_moves_on_whole_when_that_consumer_goes(
+    settings: Settings,
+) -> None:
+    """A group's messages wait for their consumer while another is idle; when it goes, the
+    other consumer takes the group over, the unacknowledged message first."""
+    queue = f"/queue/ordering.takeover.{scenario.new_run_id()}"
+    group = {ordering.GROUP_HEADER: "acc-takeover"}
+    with (
+        open_stomp(settings, participant="group-owner") as first,
+        open_stomp(settings, participant="group-producer") as producer,
+    ):
+        owned = first.subscribe(queue, ack="client-individual", prefetch=1)
+        producer.send(queue, "1", group, receipt_timeout=10.0)
+        message = owned.get(10.0)
+        assert message is not None and message.body == "1"
+        first.ack(message)
+        with open_stomp(settings, participant="group-heir") as second:
+            heir = second.subscribe(queue, ack="client-individual", prefetch=10)
+            for n in range(2, 6):
+                producer.send(queue, str(n), group, receipt_timeout=10.0)
+            held = owned.get(10.0)
+            assert held is not None and held.body == "2"  # the group's owner, though busy
+            first.close()  # gone with 2 unacknowledged: the group moves to the other consumer
+            bodies = []
+            for _ in range(4):
+                taken = heir.get(10.0)
+                assert taken is not None
+                bodies.append(taken.body)
+                second.ack(taken)
+    assert bodies == ["2", "3", "4", "5"]
