@@ -13,8 +13,12 @@ CREDITS, ACCOUNTS = 10, 4
 
 
 def credits_keep_their_order(settings: Settings) -> Story:
-    """Credits to one account, sent in order: one consumer keeps the order, competing
-    consumers lose it, message groups keep it again; CDC delivers in commit order."""
+    """Credits in order: kept by one consumer, lost by competing ones, kept by groups and CDC.
+
+    Credits to one account are sent in order; one consumer applies them in that order,
+    competing consumers do not, ActiveMQ's message groups do again; CDC delivers
+    transactions in commit order.
+    """
     story = Story("credits-keep-their-order")
     total = CREDITS * ACCOUNTS
     story.say(
@@ -68,8 +72,10 @@ def credits_keep_their_order(settings: Settings) -> Story:
 
 
 def slow_consumer_holds_producer(settings: Settings) -> Story:
-    """Producer flow control on: a stalled consumer stops its producer's sends; off (the
-    lab's default), the backlog grows in the broker instead."""
+    """Producer flow control on: a slow or stalled consumer holds up its producer.
+
+    With flow control off (the lab's default) the backlog grows in the broker instead.
+    """
     story = Story("slow-consumer-holds-producer")
     story.say(
         f"queues {FLOW_LIMITED_PREFIX}* have producerFlowControl on and a memory limit of "
