@@ -49,7 +49,18 @@ class Part:
 
 
 #: The parts, in report order.
-PARTS: tuple[Part, ...] = ()
+PARTS: tuple[Part, ...] = (
+    Part(
+        "ordering",
+        "Per-account order of credits: one consumer, competing consumers, message groups, CDC.",
+        "ordering",
+    ),
+    Part(
+        "flow-control",
+        "The push model: producer send latency with a fast and a slow consumer.",
+        "flow_control",
+    ),
+)
 
 
 def part(name: str) -> Part:

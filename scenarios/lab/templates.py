@@ -4,6 +4,13 @@ and the lines it adds to each cluster's postgresql.conf.
 
 from __future__ import annotations
 
+#: The queues under this prefix have producer flow control on and a small memory limit
+#: (the rest of the lab's queues have it off): where scenarios.flow_control shows a slow
+#: consumer holding up its producers.
+FLOW_LIMITED_PREFIX = "flow.limited."
+#: The memory limit of each flow-limited queue: its pending messages held in memory.
+FLOW_LIMITED_MEMORY = "64 kb"
+
 ACTIVEMQ_XML = """<beans xmlns="http://www.springframework.org/schema/beans"
   xmlns:xsi="http://www.w3.org/2001/XMLSchema-instance"
   xsi:schemaLocation="http://www.springframework.org/schema/beans
@@ -17,6 +24,14 @@ ACTIVEMQ_XML = """<beans xmlns="http://www.springframework.org/schema/beans"
       <policyMap><policyEntries>
         <!-- a browse returns at most maxBrowsePageSize messages (default 400) -->
         <policyEntry queue=">" producerFlowControl="false" maxBrowsePageSize="1000000"/>
+        <!-- the push model's danger, shown on these queues alone (scenarios.flow_control):
+             producer flow control on and a small memory limit, every pending message
+             held in memory (vmQueueCursor), so a slow consumer blocks the producers'
+             sends. ActiveMQ applies the matching entry whose name sorts last: this one. -->
+        <policyEntry queue="{flow_prefix}>" producerFlowControl="true" memoryLimit="{flow_memory}"
+                     maxBrowsePageSize="1000000">
+          <pendingQueuePolicy><vmQueueCursor/></pendingQueuePolicy>
+        </policyEntry>
       </policyEntries></policyMap>
     </destinationPolicy>
     <persistenceAdapter>
@@ -47,7 +62,7 @@ ACTIVEMQ_XML = """<beans xmlns="http://www.springframework.org/schema/beans"
     </transportConnectors>
   </broker>
 </beans>
-"""
+""".replace("{flow_prefix}", FLOW_LIMITED_PREFIX).replace("{flow_memory}", FLOW_LIMITED_MEMORY)
 
 LOG4J_PROPERTIES = """log4j.rootLogger=INFO, file
 log4j.logger.org.apache.activemq.spring=WARN
