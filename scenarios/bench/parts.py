@@ -49,7 +49,9 @@ class Part:
 
 
 #: The parts, in report order.
-PARTS: tuple[Part, ...] = ()
+PARTS: tuple[Part, ...] = (
+    Part("threads", "A new thread per task, a fixed pool and asyncio tasks.", "threads"),
+)
 
 
 def part(name: str) -> Part:
