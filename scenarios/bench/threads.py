@@ -99,8 +99,8 @@ def run_fixed_pool(tasks: int) -> tuple[_Recorder, float]:
     rec = _Recorder(tasks)
     with ThreadPoolExecutor(POOL_THREADS, thread_name_prefix="bench-pool") as pool:
         warm = threading.Barrier(POOL_THREADS)  # every pool thread exists before the burst
-        for future in [pool.submit(warm.wait) for _ in range(POOL_THREADS)]:
-            future.result()
+        for warming in [pool.submit(warm.wait) for _ in range(POOL_THREADS)]:
+            warming.result()
 
         def task(index: int, handed: float) -> None:
             time.sleep(IO_SECONDS)
@@ -114,8 +114,8 @@ def run_fixed_pool(tasks: int) -> tuple[_Recorder, float]:
             futures.append(pool.submit(task, i, handed))
             rec.start_s.append(time.perf_counter() - handed)
         rec.sample_threads()
-        for future in futures:
-            future.result()
+        for done in futures:
+            done.result()
         seconds = time.perf_counter() - started
     return rec, seconds
 
