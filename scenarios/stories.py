@@ -27,6 +27,7 @@ from coordinator.xid import gtrid_prefix
 from scenarios.config import Settings, home_dir
 from scenarios.lab.services import Lab
 from scenarios.log_setup import configure as configure_logging
+from scenarios.stories_pools import pool_queue_full
 from scenarios.story_kit import (
     Story,
     balance,
@@ -606,6 +607,7 @@ STORIES: dict[str, Callable[[Settings], Story]] = {
     "batch-rerun-after-crash": batch_rerun_after_crash,
     "consumer-2pc-dies-after-prepare": consumer_2pc_dies_after_prepare,
     "three-coordinators-one-killed": three_coordinators_one_killed,
+    "pool-queue-full": pool_queue_full,
 }
 
 
