@@ -51,7 +51,7 @@ def pool_queue_full(settings: Settings) -> Story:
     )
     story.expect(
         results == list(range(BURST)) and stats.completed == BURST and stats.rejected == 0,
-        f"{stats.completed} of {BURST} tasks ran, none refused",
+        f"evidence: {stats.completed} of {BURST} tasks ran, none refused",
     )
 
     refused: list[PoolFull] = []
@@ -71,8 +71,8 @@ def pool_queue_full(settings: Settings) -> Story:
     story.expect(stats.rejected > 0, "the full queue refused work instead of growing")
     story.expect(
         len(refused) == stats.rejected and len(ran) + len(refused) == BURST,
-        f"every task is accounted for: {len(ran)} ran + {len(refused)} refused to the caller "
-        f"= {BURST} handed out; none lost silently",
+        f"evidence: every task is accounted for: {len(ran)} ran + {len(refused)} refused "
+        f"to the caller = {BURST} handed out; none lost silently",
     )
     story.expect(
         stats.completed == stats.submitted and stats.failed == 0,
