@@ -51,6 +51,7 @@ class Part:
 #: The parts, in report order.
 PARTS: tuple[Part, ...] = (
     Part("threads", "A new thread per task, a fixed pool and asyncio tasks.", "threads"),
+    Part("polling", "The outbox relay's polling interval: B's lag against A's load.", "polling"),
 )
 
 
