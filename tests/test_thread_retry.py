@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import subprocess
 import sys
@@ -82,15 +83,18 @@ def test_retries_left_by_a_killed_process_are_run_by_the_next(
     assert len(lost) == 4
     assert pending == lost  # nothing lost silently: every missing credit has its retry in A
 
-    strategy = ThreadSyncStrategy()
-    strategy.prepare(settings, concurrency=1)
-    try:
-        strategy.drain(60)
-        stats = strategy.stats()
-    finally:
-        strategy.close()
-    assert stats["retries_resumed"] == 4 and stats["retried"] == 4
-    assert all(status == "done" for status, _, _ in retries(settings).values())
+    env.pop(CRASH_SETTING)
+    later = subprocess.run(
+        [sys.executable, "-m", "scenarios.cli", "retries", "--json"],
+        env=env,
+        capture_output=True,
+        timeout=120,
+        check=True,
+    )
+    report = json.loads(later.stdout)
+    assert (report["resumed"], report["retried_now"]) == (4, 4)
+    assert report["counts"] == {"pending": 0, "done": 4, "dead": 0}
+    assert report["not_done"] == []
     evidence = gather_evidence(settings)
     assert evidence.in_a == evidence.in_b
     assert evidence.ok

@@ -277,3 +277,29 @@ class Retrier:
             "dead_letters": self.stats.dead,
             "retries_resumed": self.stats.resumed,
         }
+
+
+@dataclass(frozen=True)
+class RetryRecord:
+    """One row of A's credit_retries."""
+
+    transfer_id: str
+    status: str
+    attempts: int
+    last_error: str
+    updated_at: str
+
+    def as_dict(self) -> dict[str, Any]:
+        return dict(self.__dict__)
+
+
+def list_retries(dsn: str, *, status: str | None = None) -> list[RetryRecord]:
+    """The rows of A's credit_retries (of one ``status``, or all), oldest first."""
+    with psycopg.connect(dsn) as conn:
+        rows = conn.execute(
+            "SELECT transfer_id, status, attempts, last_error, updated_at::text "
+            "FROM credit_retries WHERE %(status)s::text IS NULL OR status = %(status)s "
+            "ORDER BY created_at",
+            {"status": status},
+        ).fetchall()
+    return [RetryRecord(*row) for row in rows]
