@@ -14,6 +14,7 @@ import click
 import pytest
 from click.testing import CliRunner
 
+from scenarios.bench import parts as bench_parts
 from scenarios.cli import bench as cli_bench
 from scenarios.cli.main import main
 from tests.test_bad_input import BAD_CRC, E1, ENCODED_R2, R1, with_crc, write_log
@@ -140,13 +141,14 @@ def modes_run(monkeypatch: pytest.MonkeyPatch) -> list[tuple[str, dict[str, Any]
 def test_bench_modes_are_subcommands_and_bare_bench_runs_strategies(
     modes_run: list[tuple[str, dict[str, Any]]],
 ) -> None:
-    """'twopc bench MODE' for each of the five modes; a bare 'twopc bench --quick' is strategies."""
+    """'twopc bench MODE' for each mode and part; a bare 'twopc bench --quick' is strategies."""
     assert set(cli_bench.bench.commands) == {
         "strategies",
         "overhead",
         "consumers",
         "inflight",
         "decisions",
+        *bench_parts.names(),
     }
     for mode in cli_bench.bench.commands:
         assert CliRunner().invoke(main, ["bench", mode, "--quick"]).exit_code == 0
