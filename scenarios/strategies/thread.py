@@ -207,6 +207,7 @@ class ThreadSyncStrategy(ThreadStrategy):
         self._crashes = CrashPlan(self.name, (*self.crash_points, *RETRY_CRASH_POINTS))
         self.retry_policy = RetryPolicy()
         self._retrier: Retrier | None = None
+        self._retried: dict[str, Any] = {}
 
     def prepare(self, settings: Settings, *, concurrency: int = 8) -> None:
         super().prepare(settings, concurrency=concurrency)
@@ -259,10 +260,12 @@ class ThreadSyncStrategy(ThreadStrategy):
             self._retrier.wait_settled(timeout)
 
     def stats(self) -> dict[str, Any]:
-        return self._retrier.as_dict() if self._retrier is not None else {}
+        """The retrier's counts (those of the last one, after close)."""
+        return self._retrier.as_dict() if self._retrier is not None else self._retried
 
     def close(self) -> None:
         retrier, self._retrier = self._retrier, None
         if retrier is not None:
             retrier.stop()  # what is still pending stays in A for the next process
+            self._retried = retrier.as_dict()
         super().close()
