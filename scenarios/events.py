@@ -41,6 +41,14 @@ BATCH_FAILED = "batch.failed"
 THREAD_TASK_FAILED = "thread.task.failed"
 THREAD_WORK_DROPPED = "thread.work.dropped"
 
+# thread-sync's asynchronous retry (scenarios.strategies.thread_retry).
+THREAD_RETRY_SCHEDULED = "thread.retry.scheduled"
+THREAD_RETRY_RESUMED = "thread.retry.resumed"
+THREAD_RETRY_DONE = "thread.retry.done"
+THREAD_RETRY_FAILED = "thread.retry.failed"
+THREAD_RETRY_DEAD = "thread.retry.dead"
+THREAD_RETRY_DATABASE_LOST = "thread.retry.database.lost"
+
 # The consumer inside a global transaction (scenarios.outbox.consumer_2pc).
 CONSUMER_2PC_APPLIED = "consumer.2pc.applied"
 CONSUMER_2PC_ABORTED = "consumer.2pc.aborted"

@@ -28,6 +28,7 @@ from scenarios.config import Settings, home_dir
 from scenarios.lab.services import Lab
 from scenarios.log_setup import configure as configure_logging
 from scenarios.stories_ordering import credits_keep_their_order, slow_consumer_holds_producer
+from scenarios.stories_pools import pool_queue_full
 from scenarios.story_kit import (
     Story,
     balance,
@@ -609,6 +610,7 @@ STORIES: dict[str, Callable[[Settings], Story]] = {
     "three-coordinators-one-killed": three_coordinators_one_killed,
     "credits-keep-their-order": credits_keep_their_order,
     "slow-consumer-holds-producer": slow_consumer_holds_producer,
+    "pool-queue-full": pool_queue_full,
 }
 
 

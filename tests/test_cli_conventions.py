@@ -141,8 +141,7 @@ def modes_run(monkeypatch: pytest.MonkeyPatch) -> list[tuple[str, dict[str, Any]
 def test_bench_modes_are_subcommands_and_bare_bench_runs_strategies(
     modes_run: list[tuple[str, dict[str, Any]]],
 ) -> None:
-    """'twopc bench MODE' for each of the five modes and each further part (scenarios.bench.parts);
-    a bare 'twopc bench --quick' is strategies."""
+    """'twopc bench MODE' for each mode and part; a bare 'twopc bench --quick' is strategies."""
     assert set(cli_bench.bench.commands) == {
         "strategies",
         "overhead",

@@ -47,6 +47,9 @@ def _crash_in_process(
     transfers = scenario.plan(plan.crash_transfers, accounts=ACCOUNTS, seed=seed)
     try:
         batch = run_batch(transfers, strategy.run_one, concurrency=4)
+        drain = getattr(strategy, "drain", None)
+        if drain is not None:  # the pool's queue; thread-sync's retries, done or dead-lettered
+            drain(60.0)
     finally:
         strategy.close()  # the thread pool runs what is still queued first
     unseen = strategy.stats()  # the thread pool's errors nobody heard of, work dropped
@@ -60,6 +63,11 @@ def _crash_in_process(
         how += f"; {unseen['unseen_errors']} errors in the pool never reached the caller"
     if unseen.get("work_dropped"):
         how += f"; {unseen['work_dropped']} queued transfers died with the process"
+    if unseen.get("retries_scheduled"):
+        how += (
+            f"; {unseen['retries_scheduled']} failures retried asynchronously: "
+            f"{unseen['retried']} done, {unseen['dead_letters']} dead letters"
+        )
     return {
         "how": how,
         "transfers": len(transfers),
@@ -68,7 +76,11 @@ def _crash_in_process(
         "not_converged": len(missing),
         "anomalies": len(found),
         "examples": found[:5],
-        **{k: v for k, v in unseen.items() if k in ("unseen_errors", "work_dropped")},
+        **{
+            k: v
+            for k, v in unseen.items()
+            if k in ("unseen_errors", "work_dropped", "retried", "dead_letters")
+        },
     }
 
 

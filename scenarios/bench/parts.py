@@ -60,6 +60,8 @@ PARTS: tuple[Part, ...] = (
         "The push model: producer send latency with a fast and a slow consumer.",
         "flow_control",
     ),
+    Part("threads", "A new thread per task, a fixed pool and asyncio tasks.", "threads"),
+    Part("polling", "The outbox relay's polling interval: B's lag against A's load.", "polling"),
 )
 
 

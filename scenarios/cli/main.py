@@ -20,6 +20,7 @@ from scenarios.cli import doctor as cli_doctor
 from scenarios.cli import fanout as cli_fanout
 from scenarios.cli import log as cli_log
 from scenarios.cli import outbox as cli_outbox
+from scenarios.cli import retries as cli_retries
 from scenarios.cli import torture as cli_torture
 from scenarios.cli.errors import explain
 from scenarios.cli.progress import progress_bars, working
@@ -695,3 +696,4 @@ main.add_command(cli_bench.bench)
 main.add_command(cli_torture.torture)
 main.add_command(cli_log.log)
 main.add_command(cli_doctor.doctor)
+main.add_command(cli_retries.retries)

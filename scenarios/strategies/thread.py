@@ -13,7 +13,10 @@ are submitted to a bounded ``ThreadPoolExecutor`` and the caller is told
 
 ``thread-sync``: the same steps, run on the caller's thread before run_one
 returns, so a failure of the credit or the send is the caller's outcome
-(IN_DOUBT, with the reason) instead of a log line nobody reads.
+(IN_DOUBT, with the reason) instead of a log line nobody reads; and, the
+remedy's second half, the failed work is recorded in A and run again
+asynchronously, with backoff, until done or dead-lettered
+(scenarios.strategies.thread_retry, which says what a crash does to it).
 
 Crash points: ``credit-fails`` makes the credit raise (in the pool, or on the
 caller's thread for ``thread-sync``); ``process-dies-with-queue`` (``thread``
@@ -34,13 +37,19 @@ from coordinator.events import get_logger
 from coordinator.states import Outcome
 from scenarios import events as ev
 from scenarios.config import Settings
+from scenarios.crash_plan import CrashPlan
 from scenarios.strategies.base import commit_debit, crashed
 from scenarios.strategies.naive import NaiveStrategy
+from scenarios.strategies.thread_retry import Retrier, RetryPolicy
 from scenarios.transfer.model import CREDIT, MissingAccount, Transfer
 
 #: Threads of the pool, and how much work may wait for one before submit blocks.
 POOL_THREADS = 4
 POOL_QUEUE = 64
+#: thread-sync's retrier's crash points: ``retry-scheduled`` is passed once a retry is
+#: recorded in A (``kill`` there leaves it pending for the next process), ``retry-fails``
+#: makes a retry's work raise.
+RETRY_CRASH_POINTS = ("retry-scheduled", "retry-fails")
 
 
 class CreditFailed(TwoPhaseCommitError):
@@ -185,8 +194,78 @@ class ThreadStrategy(NaiveStrategy):
 
 
 class ThreadSyncStrategy(ThreadStrategy):
-    """The remedy: the pool's work on the caller's thread, its failure the caller's outcome."""
+    """The remedy: the pool's work on the caller's thread, its failure the caller's outcome,
+    and the failed work run again asynchronously (scenarios.strategies.thread_retry)."""
 
     name = "thread-sync"
     crash_points: tuple[str, ...] = ("credit-fails",)
     synchronous = True
+
+    def __init__(self) -> None:
+        super().__init__()
+        # The retrier's crash points: armed like the writer's, not part of the report's list.
+        self._crashes = CrashPlan(self.name, (*self.crash_points, *RETRY_CRASH_POINTS))
+        self.retry_policy = RetryPolicy()
+        self._retrier: Retrier | None = None
+        self._retried: dict[str, Any] = {}
+
+    def prepare(self, settings: Settings, *, concurrency: int = 8) -> None:
+        super().prepare(settings, concurrency=concurrency)
+        self._retrier = Retrier(settings, self._redo, self.retry_policy, name=self.name).start()
+
+    def _run_here(self, work: _Work) -> tuple[Outcome, str]:
+        """The failure is the caller's outcome, and a retry is recorded in A before it hears."""
+        try:
+            work()
+        except (CreditFailed, ParticipantError, psycopg.Error) as exc:
+            error = f"{type(exc).__name__}: {exc}"
+            return Outcome.IN_DOUBT, f"A committed, {error}; {self._schedule(work.transfer, error)}"
+        self.committed_at[work.transfer.transfer_id] = time.time()
+        return Outcome.COMMITTED, ""
+
+    def _schedule(self, transfer: Transfer, error: str) -> str:
+        """Record the retry; what the caller is told about it."""
+        assert self._a is not None and self._retrier is not None  # prepare() ran
+        try:
+            with self._a.connection() as conn:
+                self._retrier.schedule(conn, transfer, error)
+        except (ParticipantError, psycopg.Error) as exc:
+            return f"no retry recorded ({type(exc).__name__}: {exc}): reconcile it by hand"
+        if self._crashes.hit("retry-scheduled"):
+            return "retry scheduled, then the process died (crash injected)"
+        attempts = self.retry_policy.max_attempts
+        return f"retry scheduled in A's credit_retries ({attempts} attempts in all)"
+
+    def _redo(self, transfer: Transfer) -> None:
+        """The retry's work: credit B unless it already holds the transfer, then send."""
+        if self._crashes.hit("retry-fails"):
+            raise CreditFailed(f"retry of {transfer.transfer_id} failed (injected)")
+        assert self._b is not None  # the retrier runs between prepare() and close()
+        with self._b.connection() as conn:
+            known = conn.execute(
+                "SELECT 1 FROM transfers WHERE transfer_id = %s", (transfer.transfer_id,)
+            ).fetchone()
+            if known is None:
+                credited = conn.execute(CREDIT, transfer.credit()).rowcount
+                if credited != 1:
+                    conn.rollback()
+                    raise CreditFailed(str(MissingAccount(transfer.target, "b")))
+            conn.commit()
+        self._send(transfer)
+        self.converged_at[transfer.transfer_id] = time.time()
+
+    def drain(self, timeout: float = 60.0) -> None:
+        """Wait until every recorded retry is done or dead (or ``timeout``)."""
+        if self._retrier is not None:
+            self._retrier.wait_settled(timeout)
+
+    def stats(self) -> dict[str, Any]:
+        """The retrier's counts (those of the last one, after close)."""
+        return self._retrier.as_dict() if self._retrier is not None else self._retried
+
+    def close(self) -> None:
+        retrier, self._retrier = self._retrier, None
+        if retrier is not None:
+            retrier.stop()  # what is still pending stays in A for the next process
+            self._retried = retrier.as_dict()
+        super().close()

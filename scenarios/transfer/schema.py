@@ -175,5 +175,24 @@ BATCH_B = [
     "INSERT INTO batch_positions (name) VALUES ('batch')",
 ]
 
-SCHEMA_A = [*BUSINESS, *META, *OUTBOX, *BATCH_A]
+# Database A: thread-sync's retries (scenarios.strategies.thread_retry): work that failed on
+# the caller's thread, recorded before the caller hears, run again until done or dead.
+THREAD_A = [
+    "DROP TABLE IF EXISTS credit_retries",
+    """CREATE TABLE credit_retries (
+        transfer_id text PRIMARY KEY,
+        source text NOT NULL,
+        target text NOT NULL,
+        amount bigint NOT NULL,
+        attempts integer NOT NULL,
+        status text NOT NULL CHECK (status IN ('pending', 'done', 'dead')),
+        next_at timestamptz NOT NULL,
+        last_error text NOT NULL,
+        created_at timestamptz NOT NULL DEFAULT clock_timestamp(),
+        updated_at timestamptz NOT NULL DEFAULT clock_timestamp()
+    )""",
+    "CREATE INDEX credit_retries_due ON credit_retries (next_at) WHERE status = 'pending'",
+]
+
+SCHEMA_A = [*BUSINESS, *META, *OUTBOX, *BATCH_A, *THREAD_A]
 SCHEMA_B = [*BUSINESS, *INBOX, *AUDIT, *BATCH_B]
