@@ -27,6 +27,7 @@ from coordinator.xid import gtrid_prefix
 from scenarios.config import Settings, home_dir
 from scenarios.lab.services import Lab
 from scenarios.log_setup import configure as configure_logging
+from scenarios.stories_events import send_before_commit, transfer_refused_event
 from scenarios.story_kit import (
     Story,
     balance,
@@ -602,6 +603,8 @@ STORIES: dict[str, Callable[[Settings], Story]] = {
     "batch-rerun-after-crash": batch_rerun_after_crash,
     "consumer-2pc-dies-after-prepare": consumer_2pc_dies_after_prepare,
     "three-coordinators-one-killed": three_coordinators_one_killed,
+    "send-before-commit": send_before_commit,
+    "transfer-refused-event": transfer_refused_event,
 }
 
 
