@@ -49,7 +49,9 @@ class Part:
 
 
 #: The parts, in report order.
-PARTS: tuple[Part, ...] = ()
+PARTS: tuple[Part, ...] = (
+    Part("fanout", "The fan-out: the credit command's receiver and the event consumers.", "fanout"),
+)
 
 
 def part(name: str) -> Part:
