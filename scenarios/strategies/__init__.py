@@ -105,9 +105,9 @@ def converge_commands(strategy: Any, consumer: str) -> str:
         return "'twopc batch'"
     relay = f"'twopc relay --mode {strategy.relay_mode}'"
     fanout: tuple[str, ...] = tuple(getattr(strategy, "fanout", ()))
-    if fanout:
+    if fanout:  # B's credit is the command's consumer; the events have their own
         consumers = ", ".join(f"'twopc fanout --consumer {name}'" for name in fanout)
-        return f"{relay} and {consumers}"
+        return f"{relay}, 'twopc consumer --mode {consumer}' and {consumers}"
     return f"{relay} and 'twopc consumer --mode {consumer}'"
 
 
