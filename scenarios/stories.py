@@ -27,6 +27,7 @@ from coordinator.xid import gtrid_prefix
 from scenarios.config import Settings, home_dir
 from scenarios.lab.services import Lab
 from scenarios.log_setup import configure as configure_logging
+from scenarios.stories_events import send_before_commit, transfer_refused_event
 from scenarios.stories_ordering import credits_keep_their_order, slow_consumer_holds_producer
 from scenarios.stories_pools import pool_queue_full
 from scenarios.story_kit import (
@@ -124,11 +125,7 @@ def broker_down_at_commit_point(settings: Settings) -> Story:
         tx.execute(
             "b", scenario.CREDIT, {"amount": t.amount, "account": t.target, "tid": t.transfer_id}
         )
-        tx.send(
-            scenario.EVENT_QUEUE,
-            t.body(),
-            {"transfer-id": t.transfer_id, scenario.TYPE_HEADER: scenario.TRANSFER_COMPLETED},
-        )
+        tx.send(scenario.EVENT_TOPIC, t.body(), t.headers(scenario.TRANSFER_COMPLETED))
         pid = lab.kill("activemq")
         story.say(f"work done; the broker (pid {pid}) is killed before the commit")
         outcome = tx.commit()
@@ -176,9 +173,9 @@ def slow_cdc_consumer(settings: Settings) -> Story:
     strategy.prepare(settings, concurrency=4)
     transfers = [new_transfer(amount=1) for _ in range(30)]
     story.say(
-        f"30 transfers commit on A; the CDC relay publishes each once to {fanout.TOPIC}, "
-        f"copied to the queues of {', '.join(fanout.CONSUMERS)} (the slow one waits 0.1 s "
-        "before each message)"
+        f"30 transfers commit on A; the CDC relay sends each one's credit command to B's one "
+        f"queue and its transfer.completed event once to {fanout.TOPIC}, copied to the queues "
+        f"of {', '.join(fanout.CONSUMERS)} (the slow one waits 0.1 s before each message)"
     )
     try:
         with Pipeline(settings, "cdc", fanout=fanout.CONSUMERS, slow_delay=0.1) as running:
@@ -203,7 +200,7 @@ def slow_cdc_consumer(settings: Settings) -> Story:
     finally:
         strategy.close()
     lags = fanout.fanout_lags(settings, strategy.committed_at)
-    for name in fanout.CONSUMERS:
+    for name in fanout.WATCHED:
         p = percentiles(list(lags[name].values()))
         story.say(f"{name} lag from A's commit: p50 {p['p50']:.0f} ms, p99 {p['p99']:.0f} ms")
     story.expect(
@@ -587,7 +584,7 @@ def three_coordinators_one_killed(settings: Settings) -> Story:
     story.expect(
         not new_violations,
         f"evidence: {len(new_violations)} new transfers in one place and not the other "
-        "(A, B, /queue/transfers.completed)",
+        "(A, B, the transfer.completed events)",
     )
     leftover = sum(_prepared_with(settings, f"{ident}.") for ident in PEER_WORKERS)
     story.expect(leftover == 0, f"pg_prepared_xacts: {leftover} branches of the workers left")
@@ -611,6 +608,8 @@ STORIES: dict[str, Callable[[Settings], Story]] = {
     "credits-keep-their-order": credits_keep_their_order,
     "slow-consumer-holds-producer": slow_consumer_holds_producer,
     "pool-queue-full": pool_queue_full,
+    "send-before-commit": send_before_commit,
+    "transfer-refused-event": transfer_refused_event,
 }
 
 

@@ -57,7 +57,8 @@ def prepared_gids(dsn: str, gtrid: str) -> int:
 
 
 def evidence(story: Story, settings: Settings, t: scenario.Transfer, *, committed: bool) -> None:
-    """Read A, B, the queue and the prepared branches for ``t``; say what they hold."""
+    """Read A, B, the events (the ledger's queue of the events' topic) and the prepared
+    branches for ``t``; say what they hold."""
     gtrid = gtrid_prefix(settings.coordinator_id) + t.transfer_id
     found = gather_evidence(settings)
     in_a, in_b = int(t.transfer_id in found.in_a), int(t.transfer_id in found.in_b)
@@ -67,7 +68,7 @@ def evidence(story: Story, settings: Settings, t: scenario.Transfer, *, committe
     story.expect(
         (in_a, in_b, queued, prepared) == (want, want, want, 0),
         f"evidence: A.transfers {in_a} row, B.transfers {in_b} row, "
-        f"/queue/transfers.completed {queued} message, pg_prepared_xacts {prepared} entries",
+        f"transfer.completed events {queued}, pg_prepared_xacts {prepared} entries",
     )
 
 

@@ -308,7 +308,7 @@ def test_no_pipeline_error_names_what_each_strategy_needs_started() -> None:
     )
     assert converge_commands(new_strategy("batch"), "inbox") == "'twopc batch'"
     fanout = converge_commands(new_strategy("cdc-fanout"), "inbox")
-    assert fanout.startswith("'twopc relay --mode cdc' and 'twopc fanout --consumer credit'")
+    assert fanout.startswith("'twopc relay --mode cdc', 'twopc consumer --mode inbox' and ")
     assert "'twopc fanout --consumer slow'" in fanout
 
 

@@ -44,6 +44,7 @@ from scenarios.strategies import run_transfers
 from scenarios.transfer import invariants
 from scenarios.transfer import model as scenario
 from scenarios.transfer.batch import BatchFailed, run_batch
+from scenarios.transfer.destinations import LEDGER_QUEUE
 from scenarios.transfer.invariants import gather_evidence
 from scenarios.transfer.model import CREDIT_COMMAND, TRANSFER_COMPLETED, TYPE_HEADER
 from tests.conftest import open_stomp_client
@@ -119,7 +120,8 @@ class Running:
 
 @pytest.mark.lab
 def test_2pc_announcements_then_an_outbox_run_every_invariant_holds(settings: Settings) -> None:
-    """2PC's 50 events stay on their own queue, untouched; the outbox run after them converges."""
+    """2PC's 50 events stay on the ledger's queue of the events' topic, untouched; the outbox
+    run after them converges."""
     assert cli("transfer", "--reset", "--accounts", "100", "--count", "0").returncode == 0
     first = cli("transfer", "--count", "50", "--seed", "3")
     assert first.returncode == 0, first.stderr
@@ -129,7 +131,7 @@ def test_2pc_announcements_then_an_outbox_run_every_invariant_holds(settings: Se
     found = json.loads(second.stdout)["invariants"]
     assert found["ok"] and found["atomicity_violations"] == 0
     assert found["inbox_rows"] == 200 and found["dead_lettered"] == 0
-    events = browse(settings, scenario.EVENT_QUEUE)
+    events = browse(settings, LEDGER_QUEUE)
     assert len(events) == 50
     assert {m.headers[TYPE_HEADER] for m in events} == {TRANSFER_COMPLETED}
     assert browse(settings, dead_letter_queue(scenario.CREDIT_QUEUE)) == []
@@ -430,6 +432,6 @@ def test_every_strategy_and_stray_messages_on_one_lab_every_invariant_holds(
     }
     assert stray_ids <= {d.transfer_id for d in letters}
     assert {d.transfer_id for d in letters} == stray_ids  # 2PC's events are not on this queue
-    # 2PC's events are on /queue/transfers.completed: one per transfer it committed
+    # 2PC's events are on the ledger's queue of the events' topic: one per transfer committed
     assert len(evidence.announced) == 15 - outputs[0]["aborted"]
     assert evidence.dead_letters == len(letters) == len(stray_ids)

@@ -1,6 +1,7 @@
-"""The CDC fan-out on the real lab: one publication to a virtual topic, three consumers.
+"""The CDC fan-out on the real lab: B's credit as a command, the event once to a virtual topic.
 
-The credit, audit and slow consumers each read their own queue of
+The credit consumer reads the commands of /queue/transfers.credit; the audit,
+notification and slow consumers each read the events from their own queue of
 /topic/VirtualTopic.transfers: the slow one lags while the others converge,
 then catches up with nothing lost and no effect twice; a consumer SIGKILLed
 and restarted resumes from its queue.
@@ -51,6 +52,12 @@ def audit_rows(settings: Settings, name: str) -> dict[str, int]:
         }
 
 
+def audit_kinds(settings: Settings) -> set[str]:
+    """The message types the event consumers recorded in audit_log."""
+    with psycopg.connect(settings.pg_b) as conn:
+        return {row[0] for row in conn.execute("SELECT DISTINCT kind FROM audit_log")}
+
+
 def committed_ids(settings: Settings) -> set[str]:
     with psycopg.connect(settings.pg_a) as conn:
         return {row[0] for row in conn.execute("SELECT transfer_id FROM transfers")}
@@ -66,10 +73,16 @@ def test_consumer_queue_follows_the_virtual_topic_naming() -> None:
         fanout.consumer_queue("")
 
 
-def test_every_fanout_consumer_takes_the_same_kind_and_refuses_the_others(tmp_path: Path) -> None:
-    """credit, audit and slow accept what the relay publishes and refuse other kinds alike."""
+def test_every_event_consumer_takes_events_and_refuses_the_others(tmp_path: Path) -> None:
+    """audit, notification and slow take the transfer events and refuse a command (and any
+    other kind) alike; credit and ledger are not event consumers."""
     from participants.stomp_client import Message
-    from scenarios.transfer.model import CREDIT_COMMAND, TRANSFER_COMPLETED, TYPE_HEADER
+    from scenarios.transfer.model import (
+        CREDIT_COMMAND,
+        TRANSFER_COMPLETED,
+        TRANSFER_REFUSED,
+        TYPE_HEADER,
+    )
 
     settings = Settings.load(  # nothing is connected to: any complete settings do
         {
@@ -81,23 +94,31 @@ def test_every_fanout_consumer_takes_the_same_kind_and_refuses_the_others(tmp_pa
         }
     )
     consumers = [fanout.make_consumer(settings, name, delay=0) for name in fanout.CONSUMERS]
-    relayed = Message({"transfer-id": "t-1", TYPE_HEADER: CREDIT_COMMAND}, "{}")
+    events = [
+        Message({"transfer-id": "t-1", TYPE_HEADER: TRANSFER_COMPLETED}, "{}"),
+        Message({"transfer-id": "t-5", TYPE_HEADER: TRANSFER_REFUSED}, "{}"),
+    ]
     others = [
-        Message({"transfer-id": "t-2", TYPE_HEADER: TRANSFER_COMPLETED}, "{}"),
+        Message({"transfer-id": "t-2", TYPE_HEADER: CREDIT_COMMAND}, "{}"),
         Message({"transfer-id": "t-3"}, "{}"),
         Message({"transfer-id": "t-4", TYPE_HEADER: "hello"}, "{}"),
-        Message({TYPE_HEADER: CREDIT_COMMAND}, "{}"),
+        Message({TYPE_HEADER: TRANSFER_COMPLETED}, "{}"),
     ]
     for consumer in consumers:
-        assert consumer.problem_of(relayed) == "", consumer.name
+        assert [consumer.problem_of(m) for m in events] == ["", ""], consumer.name
         reasons = [consumer.problem_of(m) for m in others]
         assert all(reasons), consumer.name
         assert reasons == [consumers[0].problem_of(m) for m in others], consumer.name
+        assert "is a command" in reasons[0], consumer.name
+    for name in (fanout.CREDIT, fanout.LEDGER):
+        with pytest.raises(ConfigurationError, match=name):
+            fanout.make_consumer(settings, name)
 
 
 @pytest.mark.lab
 def test_slow_consumer_lags_alone_and_catches_up_with_nothing_lost(settings: Settings) -> None:
-    """The slow consumer lags while credit and audit converge; then all hold every event once."""
+    """The slow consumer lags while credit and audit converge; then all hold every event once;
+    the event consumers processed events, the credit consumer commands."""
     fresh(settings)
     strategy = CdcFanoutStrategy()
     count = 120
@@ -114,9 +135,10 @@ def test_slow_consumer_lags_alone_and_catches_up_with_nothing_lost(settings: Set
         assert behind < count, "the slow consumer was not behind when the others had converged"
         missing = fanout.wait_all(settings, ids, timeout=60, check=pipeline.check)
         assert not any(missing.values()), f"lost: {missing}"
-    for name in (fanout.AUDIT, fanout.SLOW):
+    for name in fanout.CONSUMERS:
         rows = audit_rows(settings, name)
         assert set(rows) == ids, f"{name} did not process every event exactly once"
+    assert audit_kinds(settings) == {"transfer.completed"}
     assert fanout.duplicate_effects(settings) == 0
     assert_exactly_once(settings)
     lags = fanout.fanout_lags(settings, strategy.committed_at)
@@ -157,7 +179,7 @@ def test_fanout_consumer_killed_and_restarted_resumes_from_its_queue(
         assert not any(fanout.wait_all(settings, everything, timeout=60).values())
     finally:
         codes = pipeline.stop()
-    assert codes == [0, 0, 0, 0], "SIGTERM must end the consumers and the relay cleanly"
+    assert codes == [0] * 5, "SIGTERM must end the four consumers and the relay cleanly"
     assert set(audit_rows(settings, fanout.AUDIT)) == everything
     assert fanout.duplicate_effects(settings) == 0
     assert_exactly_once(settings)
@@ -176,7 +198,11 @@ def test_transfer_cdc_fanout_reports_each_consumers_lag(settings: Settings) -> N
     assert output["invariants"]["ok"], output["invariants"]
     report = output["fanout"]
     assert report["duplicate_effects"] == 0
-    assert set(report["consumers"]) == set(fanout.CONSUMERS)
+    assert set(report["consumers"]) == set(fanout.WATCHED)
+    assert {n: c["kind"] for n, c in report["consumers"].items()} == {
+        fanout.CREDIT: "command",
+        **{name: "event" for name in fanout.CONSUMERS},
+    }
     for name, figures in report["consumers"].items():
         assert figures["not_processed"] == 0, name
         assert {"p50", "p99"} <= set(figures["lag_ms"]), name

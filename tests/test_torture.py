@@ -122,8 +122,8 @@ def test_checks_catch_each_kind_of_violation(torture: Torture, settings: Setting
     with open_stomp_client(settings.stomp) as client:
         body = json.dumps({"transfer_id": copied})
         for _ in range(2):  # one message twice, and one the inbox cannot key
-            client.send(scenario.EVENT_QUEUE, body, {"transfer-id": copied}, receipt_timeout=5)
-        client.send(scenario.EVENT_QUEUE, "{}", {}, receipt_timeout=5)
+            client.send(scenario.EVENT_TOPIC, body, {"transfer-id": copied}, receipt_timeout=5)
+        client.send(scenario.EVENT_TOPIC, "{}", {}, receipt_timeout=5)
     try:
         check = ledger.check({orphan: "aborted", copied: "committed"})
         assert orphan in check.atomicity_violations and copied in check.atomicity_violations

@@ -42,6 +42,7 @@ from tests.conftest import end_sessions, free_port
 pytestmark = pytest.mark.lab
 
 TWOPC = [sys.executable, "-m", "scenarios.cli"]
+COMPLETED = {scenario.TYPE_HEADER: scenario.TRANSFER_COMPLETED}
 ACCOUNTS = 50
 
 
@@ -219,12 +220,12 @@ def test_rollback_on_error_in_work_leaves_nothing(fresh: Settings) -> None:
         with pytest.raises(RuntimeError), coordinator.transaction() as tx:
             tx.execute("a", "INSERT INTO transfers (transfer_id, amount) VALUES ('err-1', 1)")
             tx.execute("b", "INSERT INTO transfers (transfer_id, amount) VALUES ('err-1', 1)")
-            tx.send(scenario.EVENT_QUEUE, "{}", {"transfer-id": "err-1"})
+            tx.send(scenario.EVENT_TOPIC, "{}", {"transfer-id": "err-1", **COMPLETED})
             raise RuntimeError("the caller changed its mind")
         with pytest.raises(TransactionTimeout), coordinator.transaction(timeout=0.2) as tx:
             tx.execute("a", "SELECT pg_sleep(0.5)")
             tx.execute("b", "INSERT INTO transfers (transfer_id, amount) VALUES ('err-2', 1)")
-            tx.send(scenario.EVENT_QUEUE, "{}", {"transfer-id": "err-2"})
+            tx.send(scenario.EVENT_TOPIC, "{}", {"transfer-id": "err-2", **COMPLETED})
     finally:
         coordinator.close()
     evidence = gather_evidence(fresh)
@@ -331,7 +332,7 @@ def test_paused_broker_at_commit_point_is_in_doubt_then_resolved(fresh: Settings
         tx = coordinator.begin(f"{fresh.coordinator_id}.paused-1")
         tx.execute("a", scenario.DEBIT_TO, t.debit())
         tx.execute("b", scenario.CREDIT, {"amount": 5, "account": t.target, "tid": t.transfer_id})
-        tx.send(scenario.EVENT_QUEUE, t.body(), {"transfer-id": t.transfer_id})
+        tx.send(scenario.EVENT_TOPIC, t.body(), t.headers(scenario.TRANSFER_COMPLETED))
         lab.kill("activemq", signal.SIGSTOP)
         try:
             outcome = tx.commit()

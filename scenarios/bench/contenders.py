@@ -33,7 +33,7 @@ from scenarios.transfer import model as scenario
 from scenarios.transfer.model import (
     CREDIT,
     DEBIT_TO,
-    EVENT_QUEUE,
+    EVENT_TOPIC,
     TRANSFER_COMPLETED,
     TYPE_HEADER,
     Transfer,
@@ -152,7 +152,7 @@ class CoordinatorContender:
                     tx.execute("b", CREDIT, {**params, "account": t.target})
                     if self.broker:
                         tx.send(
-                            EVENT_QUEUE,
+                            EVENT_TOPIC,
                             t.body(),
                             {"transfer-id": t.transfer_id, TYPE_HEADER: TRANSFER_COMPLETED},
                         )
@@ -246,7 +246,7 @@ class LocalCommit:
                     conn.execute(
                         "INSERT INTO outbox (transfer_id, destination, body, status) "
                         "VALUES (%s, %s, %s, 'pending')",
-                        (t.transfer_id, EVENT_QUEUE, t.body()),
+                        (t.transfer_id, scenario.CREDIT_QUEUE, t.body()),
                     )
             except pg_errors.CheckViolation:
                 conn.rollback()

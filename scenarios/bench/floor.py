@@ -45,7 +45,7 @@ from scenarios.config import Settings
 from scenarios.transfer.model import (
     CREDIT,
     DEBIT_TO,
-    EVENT_QUEUE,
+    EVENT_TOPIC,
     TRANSFER_COMPLETED,
     TYPE_HEADER,
     Transfer,
@@ -140,7 +140,7 @@ class Floor:
         if lane.mq is not None:
             lane.mq.begin(gtrid)
             headers = {"transfer-id": t.transfer_id, TYPE_HEADER: TRANSFER_COMPLETED}
-            lane.mq.send(EVENT_QUEUE, t.body(), headers, transaction=gtrid)
+            lane.mq.send(EVENT_TOPIC, t.body(), headers, transaction=gtrid)
 
         self._on_both(lane.a.tpc_prepare, lane.b.tpc_prepare)
 

@@ -51,7 +51,7 @@ from scenarios.lab.ports import BROKER
 from scenarios.transfer.model import (
     CREDIT,
     DEBIT_TO,
-    EVENT_QUEUE,
+    EVENT_TOPIC,
     TRANSFER_COMPLETED,
     TYPE_HEADER,
 )
@@ -309,7 +309,7 @@ def _outcome_cost(
                     tx.execute("b", CREDIT, {**params, "account": t.target})
                     if broker:
                         tx.send(
-                            EVENT_QUEUE,
+                            EVENT_TOPIC,
                             t.body(),
                             {"transfer-id": t.transfer_id, TYPE_HEADER: TRANSFER_COMPLETED},
                         )

@@ -62,6 +62,7 @@ PARTS: tuple[Part, ...] = (
     ),
     Part("threads", "A new thread per task, a fixed pool and asyncio tasks.", "threads"),
     Part("polling", "The outbox relay's polling interval: B's lag against A's load.", "polling"),
+    Part("fanout", "The fan-out: the credit command's receiver and the event consumers.", "fanout"),
 )
 
 

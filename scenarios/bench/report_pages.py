@@ -26,6 +26,7 @@ STYLES: dict[str, tuple[str, str]] = {
     "cdc": ("#2ca02c", "-"),
     "cdc-fanout": ("#2ca02c", "--"),
     "naive": ("#d62728", "-"),
+    "naive-send-first": ("#d62728", "--"),
     "batch": ("#9467bd", "-"),
     "thread": ("#8c564b", "-"),
     "thread-sync": ("#8c564b", "--"),

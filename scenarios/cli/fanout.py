@@ -1,9 +1,10 @@
-"""``twopc fanout``: one consumer of the CDC fan-out, on its own queue of the virtual topic.
+"""``twopc fanout``: one consumer of the transfer events, on its own queue of the virtual topic.
 
 ``twopc transfer --strategy cdc-fanout`` runs the whole fan-out in one process
-(the CDC relay and the credit, audit and slow consumers) and reports each
-consumer's lag; this command runs one consumer apart, until SIGTERM or SIGINT,
-e.g. to kill it and start it again: it resumes from its queue.
+(the CDC relay, the credit command's consumer and the audit, notification and
+slow event consumers) and reports each one's lag; this command runs one event
+consumer apart, until SIGTERM or SIGINT, e.g. to kill it and start it again: it
+resumes from its queue. B's credit is a command with one receiver: 'twopc consumer'.
 """
 
 from __future__ import annotations
@@ -19,8 +20,8 @@ from scenarios.stopping import stop_on_signals
     "--consumer",
     "name",
     required=True,
-    help="credit (credits B), slow (a slow audit log) or any other name (an audit log); "
-    "it reads /queue/Consumer.<name>.VirtualTopic.transfers.",
+    help="slow (a slow audit log) or any other name but credit and ledger (an audit log: "
+    "audit, notification); it reads the events on /queue/Consumer.<name>.VirtualTopic.transfers.",
 )
 @click.option(
     "--delay",
@@ -32,7 +33,7 @@ from scenarios.stopping import stop_on_signals
 @click.option("--json", "as_json", is_flag=True, help="Print the counts as JSON at the end.")
 @click.option("--log-json", is_flag=True, hidden=True, help="Deprecated: TWOPC_LOG_FORMAT=json.")
 def fanout(name: str, delay: float | None, as_json: bool, log_json: bool) -> None:
-    """Consume the CDC fan-out as consumer NAME, idempotently, until SIGTERM."""
+    """Consume the transfer events as consumer NAME, idempotently, until SIGTERM."""
     from scenarios.outbox.consumer import ConsumerFailed
     from scenarios.outbox.fanout import ensure_queues, make_consumer
 

@@ -331,6 +331,7 @@ def indoubt(as_json: bool) -> None:
             "cdc",
             "cdc-fanout",
             "naive",
+            "naive-send-first",
             "batch",
             "thread",
             "thread-sync",
@@ -381,7 +382,7 @@ def transfer(
     consumer_mode: str,
     converge_timeout: float,
 ) -> None:
-    """Run transfers: debit A, credit B, announce on /queue/transfers.completed — atomically.
+    """Run transfers: debit A, credit B, publish a transfer.completed event — atomically.
 
     Give --count N, --reset, or both (reset first). A progress bar shows on
     stderr when it is a terminal.

@@ -36,6 +36,7 @@ from scenarios.outbox.pgoutput import (
     TransactionAssembler,
     Value,
 )
+from scenarios.transfer.destinations import recorded_destinations
 from scenarios.transfer.model import Transfer
 from scenarios.transfer.schema import CDC_PUBLICATION, CDC_SLOT, CDC_TABLES
 
@@ -140,7 +141,10 @@ class Explained:
 
 
 def explain(transaction: Transaction, destination: str) -> Explained:
-    """The credit commands of a committed transaction on A's business tables.
+    """The messages of a committed transaction on A's business tables: per transfer, one to
+    each of ``destination``'s destinations (one, or several comma-separated: the CDC
+    fan-out's credit queue and events' topic; the relay gives each the kind its destination
+    carries, scenarios.transfer.model.relayed_type).
 
     The transfer writer's transaction is one debit (scenarios.transfer.model.DEBIT_TO):
     an UPDATE of the source account, then an INSERT into ``transfers`` naming
@@ -170,7 +174,10 @@ def explain(transaction: Transaction, destination: str) -> Explained:
                 str(_text(change.new.get("counterparty"))),
                 int(str(_text(change.new.get("amount")))),
             )
-            credits.append(OutMessage(transfer.transfer_id, destination, transfer.body()))
+            credits += [
+                OutMessage(transfer.transfer_id, to, transfer.body())
+                for to in recorded_destinations(destination)
+            ]
             debited = None
             continue
         if debited is not None:  # an account update no transfer followed

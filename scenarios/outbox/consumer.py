@@ -15,8 +15,11 @@ A message the consumer cannot apply never stops it, nor the good messages of
 its batch:
 
 * it takes only commands: a message whose ``type`` header is missing or is not
-  ``transfer.credit`` (2PC's ``transfer.completed`` announcement says B is
-  already credited), or that has no ``transfer-id``, is rejected unread;
+  ``transfer.credit`` (an event such as ``transfer.completed`` says what
+  happened, for whoever is interested: it asks this receiver for nothing), or
+  that has no ``transfer-id``, is rejected unread. The event consumers of the
+  fan-out (scenarios.outbox.fanout) check the other way round
+  (:func:`event_problem`): a command that came through a topic is rejected;
 * a malformed body, a credit to an account B does not have, or one that
   violates a constraint of B (a transfer id B already holds) is rejected, and
   the rest of the batch is applied again without it: nothing of it is
@@ -55,7 +58,7 @@ from scenarios.transfer.model import (
     CREDIT,
     CREDIT_COMMAND,
     CREDIT_QUEUE,
-    TRANSFER_COMPLETED,
+    EVENT_TYPES,
     TYPE_HEADER,
     MissingAccount,
     require_applied,
@@ -134,13 +137,32 @@ def kind_problem(message: Message) -> str:
     kind = message.headers.get(TYPE_HEADER)
     if kind is None:
         return f"{REJECTED}no {TYPE_HEADER} header (the consumer takes {CREDIT_COMMAND})"
-    if kind == TRANSFER_COMPLETED:
+    if kind in EVENT_TYPES:
         return (
-            f"{REJECTED}{TYPE_HEADER} {kind} is an event (B already holds the transfer), "
-            f"not a {CREDIT_COMMAND} command"
+            f"{REJECTED}{TYPE_HEADER} {kind} is an event (it says what happened, for whoever "
+            f"is interested), not a {CREDIT_COMMAND} command: events go to a topic"
         )
     if kind != CREDIT_COMMAND:
         return f"{REJECTED}unknown {TYPE_HEADER} {one_line(kind, 80)!r} (expected {CREDIT_COMMAND})"
+    if not message.headers.get("transfer-id"):
+        return f"{REJECTED}no transfer-id header"
+    return ""
+
+
+def event_problem(message: Message, takes: frozenset[str] = EVENT_TYPES) -> str:
+    """Why an event consumer (on a queue of a virtual topic) does not take ``message``; empty
+    if it does: an event of a type in ``takes`` with a ``transfer-id``."""
+    kind = message.headers.get(TYPE_HEADER)
+    expected = " or ".join(sorted(takes))
+    if kind is None:
+        return f"{REJECTED}no {TYPE_HEADER} header (this consumer takes {expected} events)"
+    if kind == CREDIT_COMMAND:
+        return (
+            f"{REJECTED}{TYPE_HEADER} {kind} is a command (it has one receiver, on its own "
+            f"queue), published to a topic: commands are never broadcast"
+        )
+    if kind not in takes:
+        return f"{REJECTED}unknown {TYPE_HEADER} {one_line(kind, 80)!r} (expected {expected})"
     if not message.headers.get("transfer-id"):
         return f"{REJECTED}no transfer-id header"
     return ""

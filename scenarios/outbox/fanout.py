@@ -1,14 +1,20 @@
-"""CDC fan-out: A's changes published once to a virtual topic, read by consumers at their own pace.
+"""The events' fan-out: each transfer event published once to a virtual topic, read by many
+consumers at their own pace.
 
-The ``cdc-fanout`` writer (scenarios.strategies.cdc) debits A like ``cdc`` and
-sets the CDC relay's destination to :data:`TOPIC`; the relay decodes each
-committed transfer from A's business rows in the WAL and publishes it there
-once. :data:`TOPIC` is an ActiveMQ 5
-*virtual topic*: the broker's default virtual destination interceptor (no
-configuration needed: the lab's activemq.xml declares no interceptors, so the
-default ``VirtualTopic.>`` one applies) copies every message sent to
+Events ("this happened") suit many consumers; a command ("do this") has one
+receiver (docs/design.md §8). So the transfer events, ``transfer.completed``
+and ``transfer.refused``, go to :data:`TOPIC`, an ActiveMQ 5 *virtual topic*:
+2PC, the naive dual write and the thread pool publish there, and so does the
+CDC relay of ``cdc-fanout`` (scenarios.strategies.cdc), which decodes each
+transfer A committed and publishes its event there and its credit command to
+B's one queue, ``/queue/transfers.credit``, in one broker transaction. The
+broker's default virtual destination interceptor (no configuration needed:
+the lab's activemq.xml declares no interceptors, so the default
+``VirtualTopic.>`` one applies) copies every message sent to
 ``/topic/VirtualTopic.transfers`` into each queue named
-``/queue/Consumer.<name>.VirtualTopic.transfers`` that exists at that moment.
+``/queue/Consumer.<name>.VirtualTopic.transfers`` that exists at that moment,
+and only when the sender's transaction commits (tests/test_fanout.py checks
+both on the lab).
 
 So each consumer has a durable queue of its own, and its position is that
 queue, kept by the broker:
@@ -17,23 +23,30 @@ queue, kept by the broker:
   acknowledged is redelivered, and it is idempotent);
 * a slow consumer's backlog grows in its own queue only. The lab's queues have
   ``producerFlowControl="false"``, so a long queue spills to the store rather
-  than blocking the relay's send, which would hold up every consumer;
+  than blocking the senders, which would hold up every consumer;
 * a queue that does not exist yet receives nothing: :func:`ensure_queues`
   creates them (a SUBSCRIBE creates a queue) before the first write.
 
-The consumers (:data:`CONSUMERS`):
+The event consumers (:data:`CONSUMERS`), each writing B's ``audit_log`` under
+its own name, keyed by (consumer, transfer id): a redelivery only counts a
+duplicate. They take ``transfer.completed`` and ``transfer.refused`` events
+and dead-letter anything else, a command first of all
+(scenarios.outbox.consumer.event_problem):
 
-``credit``
-    The outbox consumer (scenarios.outbox.consumer) on its own queue: credits
-    B exactly once in effect through the inbox.
 ``audit``
-    Writes every message to B's ``audit_log``, keyed by (consumer, transfer
-    id): a redelivery only counts a duplicate.
+    Records every event.
+``notification``
+    The same, standing for the service that tells the account holders.
 ``slow``
-    The audit log again, one message at a time, waiting :data:`SLOW_DELAY_SETTING`
-    seconds (default :data:`DEFAULT_SLOW_DELAY`) before each.
+    One message at a time, waiting :data:`SLOW_DELAY_SETTING` seconds (default
+    :data:`DEFAULT_SLOW_DELAY`) before each.
 
-Each consumer's lag is measured from the client's commit on A to its
+The ledger's queue (``Consumer.ledger...``) has no consumer here: the invariant
+checks browse it, and the crash torture consumes it (scenarios.torture.ledger).
+
+B's credit is the command's: :data:`CREDIT` names its one receiver, the inbox
+consumer on ``/queue/transfers.credit``, where the consumers' progress is
+compared. Each consumer's lag is measured from the client's commit on A to its
 processing (``inbox.applied_at`` or ``audit_log.processed_at``):
 :func:`fanout_lags`.
 """
@@ -54,7 +67,7 @@ from scenarios.outbox.consumer import (
     DUPLICATE,
     Consumer,
     _Stopped,
-    kind_problem,
+    event_problem,
 )
 from scenarios.transfer.destinations import (  # the fan-out's names, re-exported here
     AUDIT as AUDIT,
@@ -64,6 +77,15 @@ from scenarios.transfer.destinations import (
 )
 from scenarios.transfer.destinations import (
     CREDIT as CREDIT,
+)
+from scenarios.transfer.destinations import (
+    EVENT_QUEUES as EVENT_QUEUES,
+)
+from scenarios.transfer.destinations import (
+    LEDGER as LEDGER,
+)
+from scenarios.transfer.destinations import (
+    NOTIFICATION as NOTIFICATION,
 )
 from scenarios.transfer.destinations import (
     SLOW as SLOW,
@@ -76,6 +98,9 @@ from scenarios.transfer.destinations import (
 )
 from scenarios.transfer.model import TYPE_HEADER
 from scenarios.wiring import open_stomp
+
+#: Whose progress the fan-out watches: the credit command's receiver, then the event consumers.
+WATCHED: tuple[str, ...] = (CREDIT, *CONSUMERS)
 
 #: Seconds the slow consumer waits before each message.
 SLOW_DELAY_SETTING = "TWOPC_FANOUT_SLOW_DELAY"
@@ -101,8 +126,9 @@ def slow_delay() -> float:
     return delay
 
 
-def ensure_queues(settings: Settings, names: Iterable[str] = CONSUMERS) -> None:
-    """Create each consumer's queue (a SUBSCRIBE creates it), so that none misses a message.
+def ensure_queues(settings: Settings, names: Iterable[str] = EVENT_QUEUES) -> None:
+    """Create each consumer's queue of the events' topic (a SUBSCRIBE creates it), so that
+    none misses an event; by default the ledger's and the event consumers'.
 
     The UNSUBSCRIBE's receipt says the broker has processed the SUBSCRIBE.
     """
@@ -114,7 +140,7 @@ def ensure_queues(settings: Settings, names: Iterable[str] = CONSUMERS) -> None:
 
 
 class AuditConsumer(Consumer):
-    """Writes every message with a transfer id to B's audit_log, once per (consumer, transfer)."""
+    """Writes every transfer event to B's audit_log, once per (consumer, transfer)."""
 
     def __init__(
         self, settings: Settings, name: str = AUDIT, *, prefetch: int = 500, batch_size: int = 200
@@ -128,10 +154,9 @@ class AuditConsumer(Consumer):
         )
 
     def problem_of(self, message: Message) -> str:
-        """The kind the credit consumer takes, checked alike: what the relay publishes to the
-        topic is ``type: transfer.credit``; anything else (an event, no kind, an unknown kind,
-        no transfer id) is dead-lettered by every fan-out consumer."""
-        return kind_problem(message)
+        """Events only (``transfer.completed``, ``transfer.refused``): a command that came
+        through the topic, no kind, an unknown kind or no transfer id is dead-lettered."""
+        return event_problem(message)
 
     def apply_batch(self, db: psycopg.Connection, messages: Sequence[Message]) -> list[str]:
         outcomes: list[str] = []
@@ -166,9 +191,20 @@ class SlowConsumer(AuditConsumer):
 
 
 def make_consumer(settings: Settings, name: str, *, delay: float | None = None) -> Consumer:
-    """The fan-out consumer called ``name``: credit, slow, or (any other name) an audit log."""
+    """The event consumer called ``name``: slow, or (any other name) an audit log.
+
+    ``credit`` and ``ledger`` are refused: B's credit is a command with one receiver
+    (``twopc consumer``), and the ledger's queue is the checks' (docs/design.md §8).
+    """
     if name == CREDIT:
-        return Consumer(settings, destination=consumer_queue(name), name=name)
+        raise ConfigurationError(
+            "consumer 'credit': B's credit is a command on /queue/transfers.credit with one "
+            "receiver, not an event: run 'twopc consumer'"
+        )
+    if name == LEDGER:
+        raise ConfigurationError(
+            "consumer 'ledger': its queue is read by the invariant checks; pick another name"
+        )
     if name == SLOW:
         return SlowConsumer(settings, name, delay=slow_delay() if delay is None else delay)
     return AuditConsumer(settings, name)
@@ -197,7 +233,7 @@ def _processed(conn: psycopg.Connection, name: str, ids: list[str]) -> list[tupl
 def wait_all(
     settings: Settings,
     ids: Iterable[str],
-    names: Iterable[str] = CONSUMERS,
+    names: Iterable[str] = WATCHED,
     *,
     timeout: float = 60.0,
     check: Callable[[], None] | None = None,
@@ -219,7 +255,7 @@ def wait_all(
 
 
 def processed_counts(
-    settings: Settings, ids: Iterable[str], names: Iterable[str] = CONSUMERS
+    settings: Settings, ids: Iterable[str], names: Iterable[str] = WATCHED
 ) -> dict[str, int]:
     """How many of ``ids`` each consumer has processed so far."""
     wanted = list(set(ids))
@@ -228,7 +264,7 @@ def processed_counts(
 
 
 def fanout_lags(
-    settings: Settings, committed_at: Mapping[str, float], names: Iterable[str] = CONSUMERS
+    settings: Settings, committed_at: Mapping[str, float], names: Iterable[str] = WATCHED
 ) -> dict[str, dict[str, float]]:
     """consumer -> transfer id -> ms from the client's commit on A to the consumer's processing."""
     ids = list(committed_at)

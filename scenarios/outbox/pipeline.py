@@ -79,8 +79,9 @@ def _run_contained(worker: _Worker, name: str) -> None:
 class Pipeline:
     """``relays`` relays of ``mode`` plus one consumer, started by :meth:`start`.
 
-    With ``fanout`` (consumer names, scenarios.outbox.fanout), one consumer per
-    name instead, each on its own queue of the virtual topic.
+    With ``fanout`` (event consumer names, scenarios.outbox.fanout), one consumer
+    per name as well, each on its own queue of the events' virtual topic; the
+    credit consumer comes after them (index ``len(fanout)``).
     """
 
     settings: Settings
@@ -90,7 +91,7 @@ class Pipeline:
     config: RelayConfig = field(default_factory=RelayConfig)
     env: Mapping[str, str] = field(default_factory=dict)  # extra environment for processes
     log_dir: str | None = None  # where child processes write their logs (default: discard)
-    fanout: tuple[str, ...] = ()  # the fan-out's consumers, by name (empty: transfers.credit)
+    fanout: tuple[str, ...] = ()  # the fan-out's event consumers, by name, besides the credit
     slow_delay: float | None = None  # the slow fan-out consumer's delay (None: the setting)
     workers: list[_Worker] = field(default_factory=list)
 
@@ -103,7 +104,7 @@ class Pipeline:
         if self.mode == "batch":
             self.workers = [self._start("batch", 0)]
             return self
-        consumers = len(self.fanout) or 1
+        consumers = len(self.fanout) + 1
         self.workers = [self._start("consumer", i) for i in range(consumers)]
         self.workers += [self._start("relay", i) for i in range(self.relays)]
         return self
@@ -113,7 +114,7 @@ class Pipeline:
             return _Worker(kind, process=self._spawn(kind, index))
         stop = threading.Event()
         runner: Relay | Consumer | BatchJob
-        if kind == "consumer" and self.fanout:
+        if kind == "consumer" and index < len(self.fanout):
             from scenarios.outbox.fanout import make_consumer
 
             runner = make_consumer(self.settings, self.fanout[index], delay=self.slow_delay)
@@ -147,7 +148,7 @@ class Pipeline:
     def command(self, kind: str, index: int = 0) -> list[str]:
         """The command line of a relay or consumer child process."""
         base = [sys.executable, "-m", "scenarios.cli"]
-        if kind == "consumer" and self.fanout:
+        if kind == "consumer" and index < len(self.fanout):
             delay = [] if self.slow_delay is None else ["--delay", str(self.slow_delay)]
             return [*base, "fanout", "--consumer", self.fanout[index], *delay]
         if kind == "consumer":

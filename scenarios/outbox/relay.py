@@ -83,7 +83,7 @@ from scenarios.outbox.failures import (
 )
 from scenarios.outbox.pgoutput import lsn_text, lsn_value
 from scenarios.outbox.relay_modes import RELAY_MODES, RelayMode
-from scenarios.transfer.model import CREDIT_COMMAND, CREDIT_QUEUE, TYPE_HEADER
+from scenarios.transfer.model import CREDIT_QUEUE, TYPE_HEADER, relayed_type
 from scenarios.transfer.schema import CDC_SLOT, LAST_ID_PARTITIONS
 from scenarios.wiring import open_stomp
 
@@ -116,7 +116,9 @@ class StompPublisher:
     def publish(self, messages: Sequence[OutMessage]) -> None:
         """SEND every message (persistent) and COMMIT with a receipt; raises ParticipantError.
 
-        Each message is a command to credit B (``type: transfer.credit``).
+        Each message gets the kind its destination carries: on a queue the command to
+        credit B (``type: transfer.credit``), on the events' topic the event that A
+        committed the transfer (``transfer.completed``; the CDC fan-out).
 
         After any failure the outcome of the batch is unknown: the connection is
         dropped and the caller sends the whole batch again (duplicates are fine).
@@ -134,7 +136,10 @@ class StompPublisher:
                 client.send(
                     message.destination,
                     message.body,
-                    {"transfer-id": message.transfer_id, TYPE_HEADER: CREDIT_COMMAND},
+                    {
+                        "transfer-id": message.transfer_id,
+                        TYPE_HEADER: relayed_type(message.destination),
+                    },
                     transaction=transaction,
                 )
             client.commit(transaction, self.receipt_timeout)

@@ -1,5 +1,5 @@
 """The transfer strategies by name: 2PC, the two outboxes, CDC, the batch job, the thread pool
-(and its synchronous remedy) and the naive dual write.
+(and its synchronous remedy), the naive dual write and its variant that sends before commit.
 
 ``STRATEGIES`` maps each name to a factory of a fresh :class:`Strategy`
 (see scenarios.strategies.base for the protocol, one module per strategy, and
@@ -19,7 +19,7 @@ from scenarios.config import Settings
 from scenarios.strategies.base import Strategy
 from scenarios.strategies.batch import BatchStrategy
 from scenarios.strategies.cdc import CdcFanoutStrategy, CdcStrategy
-from scenarios.strategies.naive import NaiveStrategy
+from scenarios.strategies.naive import NaiveSendFirstStrategy, NaiveStrategy
 from scenarios.strategies.outbox import OutboxLastIdStrategy, OutboxStatusStrategy
 from scenarios.strategies.thread import ThreadStrategy, ThreadSyncStrategy
 from scenarios.strategies.twopc import TwoPhaseCommitStrategy
@@ -55,6 +55,7 @@ STRATEGIES: dict[str, Callable[[], Strategy]] = {
     "cdc": CdcStrategy,
     "cdc-fanout": CdcFanoutStrategy,
     "naive": NaiveStrategy,
+    "naive-send-first": NaiveSendFirstStrategy,
     "batch": BatchStrategy,
     "thread": ThreadStrategy,
     "thread-sync": ThreadSyncStrategy,
@@ -74,25 +75,26 @@ def new_strategy(name: str) -> Strategy:
 def fanout_report(
     settings: Settings, committed_at: dict[str, float], running: Any, timeout: float = 120.0
 ) -> dict[str, Any]:
-    """Per fan-out consumer: its lag (ms from A's commit to its processing) once all caught up.
+    """Per consumer of the fan-out: the credit command's receiver, then each event consumer,
+    with its lag (ms from A's commit to its processing) once all caught up.
 
     Also how far each consumer had got when the credit consumer had converged:
     the slow one behind, the others done.
     """
     from scenarios.outbox import fanout
 
-    when_credited = fanout.processed_counts(settings, committed_at, running.fanout)
-    missing = fanout.wait_all(
-        settings, committed_at, running.fanout, timeout=timeout, check=running.check
-    )
-    lags = fanout.fanout_lags(settings, committed_at, running.fanout)
+    names = (fanout.CREDIT, *running.fanout)
+    when_credited = fanout.processed_counts(settings, committed_at, names)
+    missing = fanout.wait_all(settings, committed_at, names, timeout=timeout, check=running.check)
+    lags = fanout.fanout_lags(settings, committed_at, names)
     consumers = {
         name: {
+            "kind": "command" if name == fanout.CREDIT else "event",
             "lag_ms": percentiles(list(lags[name].values())),
             "processed_when_b_converged": when_credited[name],
             "not_processed": len(missing[name]),
         }
-        for name in running.fanout
+        for name in names
     }
     return {"consumers": consumers, "duplicate_effects": fanout.duplicate_effects(settings)}
 
@@ -103,9 +105,9 @@ def converge_commands(strategy: Any, consumer: str) -> str:
         return "'twopc batch'"
     relay = f"'twopc relay --mode {strategy.relay_mode}'"
     fanout: tuple[str, ...] = tuple(getattr(strategy, "fanout", ()))
-    if fanout:
+    if fanout:  # B's credit is the command's consumer; the events have their own
         consumers = ", ".join(f"'twopc fanout --consumer {name}'" for name in fanout)
-        return f"{relay} and {consumers}"
+        return f"{relay}, 'twopc consumer --mode {consumer}' and {consumers}"
     return f"{relay} and 'twopc consumer --mode {consumer}'"
 
 

@@ -1,7 +1,8 @@
 """What every transfer strategy shares: the Strategy protocol, a connection pool, injected crashes.
 
-A strategy makes one transfer (debit in A, credit in B, one message on
-/queue/transfers.completed or /queue/transfers.credit) with its own guarantee. Its life cycle::
+A strategy makes one transfer (debit in A, credit in B, one message: a
+``transfer.completed`` event on the events' virtual topic, or a credit command on
+/queue/transfers.credit) with its own guarantee. Its life cycle::
 
     strategy = new_strategy("outbox-status")   # scenarios.strategies
     strategy.prepare(settings, concurrency=16)  # opens what run_one needs
@@ -79,6 +80,10 @@ class Strategy(Protocol):
         """Release everything prepare opened (idempotent)."""
 
 
+#: The abort reason of a transfer A refused for lack of funds.
+INSUFFICIENT_FUNDS = "insufficient funds in A"
+
+
 def commit_debit(pool: ConnectionPool, transfer: Transfer) -> str | None:
     """Debit A in its own local transaction and commit; the reason it was refused, or None.
 
@@ -93,7 +98,7 @@ def commit_debit(pool: ConnectionPool, transfer: Transfer) -> str | None:
             return str(exc)
         except pg_errors.CheckViolation:
             conn.rollback()
-            return "insufficient funds in A"
+            return INSUFFICIENT_FUNDS
         conn.commit()
     return None
 

@@ -10,9 +10,11 @@ must exist before the first write: prepare() creates it with
 :func:`scenarios.outbox.cdc.ensure_slot`, and tells the relay where to
 publish (``relay_positions.destination``).
 
-``cdc-fanout`` has the relay publish to the virtual topic
-``/topic/VirtualTopic.transfers`` instead: each change once, and every
-consumer queue gets a copy (scenarios.outbox.fanout).
+``cdc-fanout`` has the relay publish two messages per transfer, in one broker
+transaction: the credit command to B's one queue, as ``cdc`` does, and the
+``transfer.completed`` event to the virtual topic ``/topic/VirtualTopic.transfers``,
+of which every event consumer's queue gets a copy (scenarios.outbox.fanout).
+Commands have one receiver; events suit many consumers.
 """
 
 from __future__ import annotations
@@ -23,14 +25,14 @@ from scenarios.config import Settings
 from scenarios.outbox.cdc import ensure_slot, set_destination
 from scenarios.outbox.fanout import ensure_queues
 from scenarios.strategies.outbox import LocalCommitWriter
-from scenarios.transfer.destinations import CONSUMERS, TOPIC
+from scenarios.transfer.destinations import CONSUMERS, EVENT_QUEUES, TOPIC
 from scenarios.transfer.model import CREDIT_QUEUE
 
 
 class CdcStrategy(LocalCommitWriter):
     """A local commit in A; the CDC relay turns the committed rows into the message."""
 
-    #: The consumers of a fan-out (none: the one consumer of /queue/transfers.credit).
+    #: The event consumers of a fan-out, besides the credit command's one receiver (none).
     fanout: tuple[str, ...] = ()
 
     def __init__(
@@ -49,13 +51,18 @@ class CdcStrategy(LocalCommitWriter):
 
 
 class CdcFanoutStrategy(CdcStrategy):
-    """CDC published once to the virtual topic; credit, audit and slow consumers each read
-    their own queue (scenarios.outbox.fanout)."""
+    """CDC's credit command to B's one queue, and its event once to the virtual topic, which
+    the audit, notification and slow consumers each read from their own queue
+    (scenarios.outbox.fanout)."""
 
     def __init__(self, *, before_commit: Callable[[], None] | None = None) -> None:
-        super().__init__(before_commit=before_commit, name="cdc-fanout", destination=TOPIC)
+        super().__init__(
+            before_commit=before_commit,
+            name="cdc-fanout",
+            destination=f"{CREDIT_QUEUE},{TOPIC}",
+        )
         self.fanout = CONSUMERS
 
     def prepare(self, settings: Settings, *, concurrency: int = 8) -> None:
-        ensure_queues(settings, self.fanout)  # a queue created later misses what came before
+        ensure_queues(settings, EVENT_QUEUES)  # a queue created later misses the events before
         super().prepare(settings, concurrency=concurrency)

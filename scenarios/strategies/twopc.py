@@ -23,12 +23,13 @@ from coordinator.xid import gtrid_prefix
 from scenarios.config import Settings
 from scenarios.crash_plan import CrashAction
 from scenarios.outbox.relay_modes import RelayMode
+from scenarios.transfer.destinations import EVENT_QUEUES
 from scenarios.transfer.model import (
     CREDIT,
     DEBIT_TO,
-    EVENT_QUEUE,
+    EVENT_TOPIC,
     TRANSFER_COMPLETED,
-    TYPE_HEADER,
+    TRANSFER_REFUSED,
     MissingAccount,
     Transfer,
     require_applied,
@@ -39,31 +40,35 @@ from scenarios.wiring import open_coordinator
 def transfer_2pc(coordinator: Coordinator, transfer: Transfer) -> tuple[Outcome, str]:
     """One transfer as one global transaction.
 
-    Insufficient funds in A is a NO vote at prepare; an account missing in A or
-    B (its UPDATE touched no row) rolls the transaction back during the work,
-    and the reason names the account and the database.
+    The ``transfer.completed`` event goes to the events' virtual topic inside the
+    transaction: it is published if and only if A and B commit.
+
+    Insufficient funds in A is a NO vote at prepare; once the transaction has
+    aborted, the refusal is published as a ``transfer.refused`` event
+    (:func:`announce_refusal`). An account missing in A or B (its UPDATE touched
+    no row) rolls the transaction back during the work, and the reason names
+    the account and the database.
     """
     gtrid = gtrid_prefix(coordinator.coordinator_id) + transfer.transfer_id
     tx = coordinator.begin(gtrid)
+    refused = False
     try:
         with tx:
             try:
                 debited = tx.execute("a", DEBIT_TO, transfer.debit()).rowcount
             except pg_errors.CheckViolation:
-                pass  # the branch remembers the failure and votes NO at prepare
+                refused = True  # the branch remembers the failure and votes NO at prepare
             else:
                 require_applied(debited, transfer.source, "a")
                 credited = tx.execute("b", CREDIT, transfer.credit()).rowcount
                 require_applied(credited, transfer.target, "b")
-                tx.send(
-                    EVENT_QUEUE,
-                    transfer.body(),
-                    {"transfer-id": transfer.transfer_id, TYPE_HEADER: TRANSFER_COMPLETED},
-                )
+                tx.send(EVENT_TOPIC, transfer.body(), transfer.headers(TRANSFER_COMPLETED))
     except MissingAccount as exc:  # raised in the work: everything was rolled back
         return Outcome.ABORTED, str(exc)
     except TransactionAborted as exc:
         _stop_on_log_failure(tx.log_failure, transfer, Outcome.ABORTED)
+        if refused:
+            return Outcome.ABORTED, exc.reason + announce_refusal(coordinator, transfer)
         return Outcome.ABORTED, exc.reason
     except TransactionInDoubt as exc:
         _stop_on_log_failure(tx.log_failure, transfer, Outcome.IN_DOUBT)
@@ -74,6 +79,22 @@ def transfer_2pc(coordinator: Coordinator, transfer: Transfer) -> tuple[Outcome,
         return Outcome.ABORTED, str(exc)
     _stop_on_log_failure(tx.log_failure, transfer, Outcome.COMMITTED)
     return Outcome.COMMITTED, ""
+
+
+def announce_refusal(coordinator: Coordinator, transfer: Transfer) -> str:
+    """Publish the ``transfer.refused`` event of a transfer A refused for lack of funds.
+
+    A transaction of its own, after the transfer's aborted (the broker its only
+    writer: one COMMIT, no marker). The event records a fact and changes no state,
+    so a broker that cannot take it costs the event only. Returns what to add to
+    the abort reason: "" once published, else why not.
+    """
+    try:
+        with coordinator.begin() as tx:
+            tx.send(EVENT_TOPIC, transfer.body(), transfer.headers(TRANSFER_REFUSED))
+    except (TransactionAborted, TransactionInDoubt, ParticipantError) as exc:
+        return f" ({TRANSFER_REFUSED} not published: {exc})"
+    return ""
 
 
 class DecisionLogFailing(DecisionLogError):
@@ -115,7 +136,10 @@ class TwoPhaseCommitStrategy:
         self.coordinator: Coordinator | None = None
 
     def prepare(self, settings: Settings, *, concurrency: int = 8) -> None:
+        from scenarios.outbox.fanout import ensure_queues
+
         self.close()
+        ensure_queues(settings, EVENT_QUEUES)  # a queue created later misses the events before
         self.coordinator = open_coordinator(settings, sessions=max(concurrency, 1))
 
     def arm_crash(self, point: str, *, every: int = 1, action: CrashAction = "abandon") -> None:

@@ -4,9 +4,12 @@ The torture never resets between schedules: transfer ids are unique per run
 and money is conserved, so the invariants hold over *everything* since the
 start. After each schedule's recovery, :meth:`Ledger.check`:
 
-- consumes every message on ``/queue/transfers.completed`` as the business consumer
-  would, deduplicating by the ``transfer-id`` header (an inbox keyed by
-  transfer id); the queue stays short, so checks stay cheap;
+- consumes every event on its queue of the events' virtual topic
+  (``/queue/Consumer.ledger.VirtualTopic.transfers``, created before the first
+  transfer) as the business consumer would, deduplicating by the
+  ``transfer-id`` header (an inbox keyed by transfer id); a
+  ``transfer.refused`` event delivers nothing; the queue stays short, so
+  checks stay cheap;
 - checks the transfer's invariants (scenarios.transfer.invariants) with what
   it consumed as the deliveries (docs/design.md §9): every transfer id is in A, in B
   and delivered, or in none of them, with the same amount (atomicity); the
@@ -32,8 +35,9 @@ from coordinator.log.file import read_pending
 from participants.activemq import MARKER_QUEUE
 from participants.stomp_client import SENTINEL_HEADER, Message
 from scenarios.config import Settings
+from scenarios.transfer.destinations import LEDGER_QUEUE as QUEUE
 from scenarios.transfer.invariants import gather_evidence
-from scenarios.transfer.model import EVENT_QUEUE as QUEUE
+from scenarios.transfer.model import TRANSFER_REFUSED, TYPE_HEADER
 from scenarios.wiring import open_stomp
 
 DRAIN_TIMEOUT = 30.0
@@ -131,7 +135,7 @@ class Ledger:
     # -- the business consumer ------------------------------------------------------
 
     def drain(self) -> tuple[int, int]:
-        """Consume the whole transfers queue; return (messages delivered, undeduplicable extras).
+        """Consume the ledger's whole queue; return (messages delivered, undeduplicable extras).
 
         A sentinel is stored at the tail first; with no producer running, the
         queue is drained when the sentinel comes back (no idle timeout to guess).
@@ -152,6 +156,8 @@ class Ledger:
                     if message.headers.get(SENTINEL_HEADER) == token:
                         break
                     continue
+                if message.headers.get(TYPE_HEADER) == TRANSFER_REFUSED:
+                    continue  # a fact with nothing to deliver: A refused, nothing happened
                 delivered += 1
                 key = self._dedup_key(message)
                 if key is None:

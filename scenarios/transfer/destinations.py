@@ -1,9 +1,12 @@
-"""Broker destinations the transfer scenario names: a queue's dead-letter queue, and the
-CDC fan-out's virtual topic, its consumers and the queue each reads.
+"""Broker destinations the transfer scenario names: the events' virtual topic, its consumers
+and the queue each reads, the kind each destination carries, and a queue's dead-letter queue.
 
-See scenarios.outbox.deadletter for what goes to a dead-letter queue, and
-scenarios.outbox.fanout for how the broker copies the topic's messages into each
-consumer's queue.
+Events ("this happened", many consumers) are published to the virtual topic
+:data:`TOPIC`; the broker copies each into every queue
+``/queue/Consumer.<name>.VirtualTopic.transfers`` that exists at that moment.
+Commands ("do this", one receiver) go to the one queue of their receiver
+(``/queue/transfers.credit``). See docs/design.md §8, scenarios.outbox.deadletter
+for what goes to a dead-letter queue, and scenarios.outbox.fanout for the consumers.
 """
 
 from __future__ import annotations
@@ -11,6 +14,7 @@ from __future__ import annotations
 from coordinator.errors import ConfigurationError
 
 QUEUE_PREFIX = "/queue/"
+TOPIC_PREFIX = "/topic/"
 DLQ_PREFIX = "/queue/DLQ."
 
 
@@ -25,12 +29,24 @@ def dead_letter_queue(destination: str) -> str:
     return DLQ_PREFIX + name
 
 
-#: The virtual topic the CDC relay publishes the fan-out's messages to.
+#: The virtual topic of the transfer events (``transfer.completed``, ``transfer.refused``):
+#: 2PC, the naive dual write, the thread pool and the CDC fan-out's relay publish there.
 TOPIC = "/topic/VirtualTopic.transfers"
 
-#: The fan-out's consumers, each with its own queue.
-CREDIT, AUDIT, SLOW = "credit", "audit", "slow"
-CONSUMERS: tuple[str, ...] = (CREDIT, AUDIT, SLOW)
+#: The fan-out's event consumers, each with its own queue of TOPIC and its own pace.
+AUDIT, NOTIFICATION, SLOW = "audit", "notification", "slow"
+CONSUMERS: tuple[str, ...] = (AUDIT, NOTIFICATION, SLOW)
+
+#: The credit command's one receiver (the inbox consumer on /queue/transfers.credit), named
+#: beside the event consumers where their progress is compared (scenarios.outbox.fanout).
+CREDIT = "credit"
+
+#: The queue of TOPIC the invariant checks read (a browse) and the crash torture consumes
+#: (its ledger): every event once. Created with the others before the first event.
+LEDGER = "ledger"
+
+#: Every queue of TOPIC the scenario creates before its first write.
+EVENT_QUEUES: tuple[str, ...] = (LEDGER, *CONSUMERS)
 
 
 def consumer_queue(name: str) -> str:
@@ -39,4 +55,25 @@ def consumer_queue(name: str) -> str:
         raise ConfigurationError(
             f"fan-out consumer name {name!r}: use letters, digits, '-' and '_' only"
         )
-    return f"/queue/Consumer.{name}.{TOPIC.removeprefix('/topic/')}"
+    return f"{QUEUE_PREFIX}Consumer.{name}.{TOPIC.removeprefix(TOPIC_PREFIX)}"
+
+
+#: The queue the invariant checks read the events from.
+LEDGER_QUEUE = consumer_queue(LEDGER)
+
+
+def carries_events(destination: str) -> bool:
+    """Whether ``destination`` carries events: a topic, or a consumer queue of a virtual topic.
+
+    Every other queue carries the commands of its one receiver.
+    """
+    if destination.startswith(TOPIC_PREFIX):
+        return True
+    name = destination.removeprefix(QUEUE_PREFIX)
+    return name != destination and name.startswith("Consumer.") and ".VirtualTopic." in name
+
+
+def recorded_destinations(recorded: str) -> list[str]:
+    """The destinations of a relay's recorded destination: one, or several comma-separated
+    (the CDC fan-out: the credit command's queue and the events' topic)."""
+    return [d.strip() for d in recorded.split(",") if d.strip()]

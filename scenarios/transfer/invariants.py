@@ -1,4 +1,4 @@
-"""The transfer's invariants: one checker that reads A, B and the queue and says what holds.
+"""The transfer's invariants: one checker that reads A, B and the events and says what holds.
 
 For every strategy, after everything has settled:
 
@@ -7,21 +7,28 @@ For every strategy, after everything has settled:
 - conservation: the sum of A's and B's balances is what the reset put there
   (``scenario_meta.total`` in A);
 - no duplicates: no transfer was delivered twice;
+- a refusal is a fact: a transfer announced ``transfer.refused`` is in neither A
+  nor B, and no ``transfer.completed`` event announces it;
 - nothing of this coordinator is left prepared in PostgreSQL, and no commit
   marker is left on the broker (reported; not part of ``ok``).
 
-*Delivered* means an event (``type: transfer.completed``) on
-``/queue/transfers.completed`` for the synchronous strategies (2PC, the naive
-dual write, the thread pool), and an applied row of B's inbox for the
-asynchronous ones (outbox, CDC, batch), whose consumer takes the credit
-commands off ``/queue/transfers.credit``. A caller that consumes the queue
-itself (the torture's ledger) passes what it consumed instead.
+*Delivered* means a ``transfer.completed`` event for the synchronous strategies
+(2PC, the naive dual write, the thread pool), read from the ledger's queue of
+the events' virtual topic (``/queue/Consumer.ledger.VirtualTopic.transfers``,
+created before the first event, which nothing but the torture's ledger
+consumes), and an applied row of B's inbox for the asynchronous ones (outbox,
+CDC, batch), whose consumer takes the credit commands off
+``/queue/transfers.credit``. A caller that consumes the ledger's queue itself
+(the torture's ledger) passes what it consumed instead.
 
-On a lab where both kinds ran, the synchronous strategies' events stay on their
-own queue (the credit consumer never sees them), so the asynchronous check also
-counts an event as the delivery of its transfer, wherever it is: on the event
-queue, on its dead-letter queue, or dead-lettered by the credit consumer (an
-event sent to the credit queue by mistake is refused as one).
+On a lab where both kinds ran, the synchronous strategies' events are on the
+ledger's queue (the credit consumer never sees them), so the asynchronous check
+also counts a completed event as the delivery of its transfer, wherever it is:
+on the ledger's queue, or dead-lettered by the credit consumer (an event sent to
+the credit queue by mistake is refused as one). The CDC fan-out's relay
+publishes the completed events of transfers the inbox also holds, at least once
+(a relay replays after a crash; each event consumer deduplicates): only a
+transfer without an inbox row is held to one event.
 """
 
 from __future__ import annotations
@@ -36,8 +43,13 @@ import psycopg
 from coordinator.xid import FORMAT_ID, gtrid_prefix
 from participants.activemq import MARKER_QUEUE, marker_gtrids
 from scenarios.config import Settings
-from scenarios.transfer.destinations import dead_letter_queue
-from scenarios.transfer.model import CREDIT_QUEUE, EVENT_QUEUE, TRANSFER_COMPLETED, TYPE_HEADER
+from scenarios.transfer.destinations import LEDGER_QUEUE, dead_letter_queue
+from scenarios.transfer.model import (
+    CREDIT_QUEUE,
+    TRANSFER_COMPLETED,
+    TRANSFER_REFUSED,
+    TYPE_HEADER,
+)
 from scenarios.wiring import databases, open_stomp
 
 
@@ -49,8 +61,9 @@ class Evidence:
     total_now: int
     amounts_a: dict[str, int]  # transfer id -> amount, A's transfers table
     amounts_b: dict[str, int]  # transfer id -> amount, B's transfers table
-    #: transfer id -> messages on the strategy's queue (the events' for 2PC, naive and thread,
-    #: the credit commands' with ``inbox``), or what the caller consumed itself.
+    #: transfer id -> messages on the strategy's queue (the completed events on the ledger's
+    #: queue for 2PC, naive and thread; the credit commands with ``inbox``), or what the
+    #: caller consumed itself.
     on_queue: Counter[str]
     prepared: list[str]  # "<db>:<gtrid>" of this coordinator's prepared branches
     markers: set[str]  # gtrids of this coordinator's commit markers left on the broker
@@ -61,6 +74,8 @@ class Evidence:
     #: With ``inbox``: transfer id -> announcements (events) on the queue or dead-lettered.
     announced: Counter[str] = field(default_factory=Counter)
     dead_letters: int = 0  # with ``inbox``: what the credit consumer dead-lettered
+    #: transfer id -> ``transfer.refused`` events on the ledger's queue.
+    refused: Counter[str] = field(default_factory=Counter)
 
     @property
     def in_a(self) -> set[str]:
@@ -89,9 +104,15 @@ class Evidence:
     @property
     def duplicates(self) -> list[str]:
         """Transfer ids delivered more than once (an inbox absorbs its duplicates: none)."""
-        if self.inbox is not None:
-            return sorted(t for t, n in self.announced.items() if n > 1)
+        if self.inbox is not None:  # the inbox's own transfers: their events are at least once
+            return sorted(t for t, n in self.announced.items() if n > 1 and t not in self.inbox)
         return sorted(t for t, n in self.on_queue.items() if n > 1)
+
+    @property
+    def refused_but_done(self) -> list[str]:
+        """Transfer ids announced refused that are in A or B, or announced completed."""
+        done = self.in_a | self.in_b | self.delivered
+        return sorted(t for t in self.refused if t in done)
 
     @property
     def lost_messages(self) -> list[str]:
@@ -111,12 +132,13 @@ class Evidence:
             self.money_conserved
             and not self.atomicity_violations
             and not self.duplicates
+            and not self.refused_but_done
             and not self.prepared
         )
 
     def anomalies(self) -> list[str]:
         """Ids where A, B and the queue (or inbox) disagree, and ``"money"`` if not conserved."""
-        found = self.atomicity_violations + self.duplicates
+        found = self.atomicity_violations + self.duplicates + self.refused_but_done
         return found + ([] if self.money_conserved else ["money"])
 
     def as_dict(self) -> dict[str, Any]:
@@ -139,6 +161,8 @@ class Evidence:
             {
                 "atomicity_violations": len(self.atomicity_violations),
                 "duplicate_messages": len(self.duplicates),
+                "refused_events": sum(self.refused.values()),
+                "refused_but_done": len(self.refused_but_done),
                 "prepared_left": self.prepared,
                 "markers_left": len(self.markers),
                 "ok": self.ok,
@@ -187,26 +211,47 @@ def expected_total(settings: Settings) -> int:
     return int(row[0]) if row else 0
 
 
-def queued_transfer_ids(settings: Settings, destination: str = EVENT_QUEUE) -> Counter[str]:
-    """transfer-id header -> number of messages with it on the queue (a full browse)."""
+def queued_transfer_ids(
+    settings: Settings, destination: str = LEDGER_QUEUE, kind: str | None = None
+) -> Counter[str]:
+    """transfer-id header -> number of messages with it on the queue (a full browse); with
+    ``kind``, only the messages of that ``type``."""
     with open_stomp(settings) as client:
         messages = client.browse(destination, idle_timeout=10.0)
-    return Counter(m.headers.get("transfer-id", "?") for m in messages)
+    return Counter(
+        m.headers.get("transfer-id", "?")
+        for m in messages
+        if kind is None or m.headers.get(TYPE_HEADER) == kind
+    )
+
+
+def ledger_events(settings: Settings) -> tuple[Counter[str], Counter[str]]:
+    """Transfer id -> ``transfer.completed`` events, and -> ``transfer.refused`` events, on the
+    ledger's queue of the events' topic (one full browse)."""
+    with open_stomp(settings) as client:
+        messages = client.browse(LEDGER_QUEUE, idle_timeout=10.0)
+    completed: Counter[str] = Counter()
+    refused: Counter[str] = Counter()
+    for m in messages:
+        kind = m.headers.get(TYPE_HEADER)
+        if kind in (TRANSFER_COMPLETED, TRANSFER_REFUSED):
+            found = completed if kind == TRANSFER_COMPLETED else refused
+            found[m.headers.get("transfer-id", "?")] += 1
+    return completed, refused
 
 
 def announcements(
-    settings: Settings, destination: str = EVENT_QUEUE, consumed: str = CREDIT_QUEUE
+    settings: Settings, destination: str = LEDGER_QUEUE, consumed: str = CREDIT_QUEUE
 ) -> tuple[Counter[str], int]:
-    """Transfer id -> announcements (events) on ``destination``, on its dead-letter queue or
-    dead-lettered by the consumer of ``consumed`` (an event sent there by mistake), and how
-    many messages the consumer of ``consumed`` dead-lettered (three full browses)."""
+    """Transfer id -> completed events on ``destination`` or dead-lettered by the consumer of
+    ``consumed`` (an event sent there by mistake), and how many messages the consumer of
+    ``consumed`` dead-lettered (two full browses)."""
     with open_stomp(settings) as client:
         queued = client.browse(destination, idle_timeout=10.0)
-        dead_events = client.browse(dead_letter_queue(destination), idle_timeout=10.0)
         dead = client.browse(dead_letter_queue(consumed), idle_timeout=10.0)
     found = Counter(
         m.headers.get("transfer-id", "?")
-        for m in (*queued, *dead_events, *dead)
+        for m in (*queued, *dead)
         if m.headers.get(TYPE_HEADER) == TRANSFER_COMPLETED
     )
     return found, sum(1 for m in dead if not m.is_sentinel)
@@ -243,28 +288,33 @@ def gather_evidence(
     delivered: Counter[str] | None = None,
     consumer: str = "inbox",
 ) -> Evidence:
-    """Read A, B, the queue, the prepared branches and the markers into one :class:`Evidence`.
+    """Read A, B, the events, the prepared branches and the markers into one :class:`Evidence`.
 
     ``inbox``: the strategy is asynchronous; read B's inbox, the outbox backlog,
     the failure log and the dead-letter queue too, and count an applied inbox
-    row, or an announcement on the queue or dead-lettered, as the delivery.
-    ``delivered``: what the caller consumed from the queue itself; then the
-    queue is not browsed. ``consumer`` "2pc": the credits were consumed in global
+    row, or a completed event on the ledger's queue or dead-lettered, as the
+    delivery. ``delivered``: the completed events the caller consumed from the
+    ledger's queue itself; then the queue is not browsed (nor its refusals read).
+    ``consumer`` "2pc": the credits were consumed in global
     transactions that keep no inbox: a transfer B holds is one whose message was
     consumed with it (same commit), and counts as an applied inbox row.
     """
+    refused: Counter[str] = Counter()
+    if delivered is not None:
+        on_queue = delivered
+    elif inbox:
+        on_queue = queued_transfer_ids(settings, CREDIT_QUEUE)
+    else:
+        on_queue, refused = ledger_events(settings)
     evidence = Evidence(
         total_expected=expected_total(settings),
         total_now=balance_sum(settings.pg_a) + balance_sum(settings.pg_b),
         amounts_a=transfer_amounts(settings.pg_a),
         amounts_b=transfer_amounts(settings.pg_b),
-        on_queue=(
-            queued_transfer_ids(settings, CREDIT_QUEUE if inbox else EVENT_QUEUE)
-            if delivered is None
-            else delivered
-        ),
+        on_queue=on_queue,
         prepared=prepared_of(settings),
         markers=markers_of(settings),
+        refused=refused,
     )
     if inbox:
         with psycopg.connect(settings.pg_a) as conn:

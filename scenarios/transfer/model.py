@@ -19,21 +19,41 @@ import psycopg
 from coordinator.errors import TwoPhaseCommitError
 from scenarios.config import Settings
 from scenarios.transfer import schema
-from scenarios.transfer.destinations import CONSUMERS, consumer_queue, dead_letter_queue
+from scenarios.transfer.destinations import (
+    EVENT_QUEUES,
+    TOPIC,
+    carries_events,
+    consumer_queue,
+    dead_letter_queue,
+)
 from scenarios.wiring import open_stomp
 
-#: Each destination carries one kind of message (docs/design.md §8). Events ("this happened"):
-#: 2PC and the naive dual write announce a transfer B already holds.
-EVENT_QUEUE = "/queue/transfers.completed"
-#: Commands ("do this"): the outbox and CDC relays carry the credit B must apply, which is
-#: all the consumers (inbox and 2pc mode) take.
+#: Each destination carries one kind of message (docs/design.md §8). Events ("this happened",
+#: for whoever is interested): published to the virtual topic, read by many consumers, each
+#: from its own queue (scenarios.transfer.destinations).
+EVENT_TOPIC = TOPIC
+#: Commands ("do this", for one receiver): the outbox and CDC relays carry the credit B must
+#: apply to its one queue, which is all the credit consumers (inbox and 2pc mode) take.
 CREDIT_QUEUE = "/queue/transfers.credit"
 
-#: Every message names its kind in this header: TRANSFER_COMPLETED on EVENT_QUEUE,
-#: CREDIT_COMMAND on CREDIT_QUEUE. A consumer dead-letters a kind it does not take.
+#: Every message names its type in this header. A consumer dead-letters a kind it does not
+#: take: a command that came through a topic, an event sent to a command queue.
 TYPE_HEADER = "type"
+#: Event: the transfer is decided and committed (for 2PC and the naive dual write, B holds
+#: the credit; for the CDC fan-out, A committed it and B's credit is a command on its way).
 TRANSFER_COMPLETED = "transfer.completed"
+#: Event: A refused the transfer for lack of funds. A fact with no state changed anywhere.
+TRANSFER_REFUSED = "transfer.refused"
+EVENT_TYPES: frozenset[str] = frozenset({TRANSFER_COMPLETED, TRANSFER_REFUSED})
+#: Command: credit B with this transfer (once).
 CREDIT_COMMAND = "transfer.credit"
+
+
+def relayed_type(destination: str) -> str:
+    """The type of a transfer a relay publishes to ``destination``: on an events destination
+    (the virtual topic) the event that A committed it, on a queue the credit command."""
+    return TRANSFER_COMPLETED if carries_events(destination) else CREDIT_COMMAND
+
 
 #: A's side of a transfer: the source account debited, and the transfer recorded with the
 #: account it pays in B (``counterparty``): a complete record of the business fact, and
@@ -87,6 +107,10 @@ class Transfer:
     source: str  # account in A
     target: str  # account in B
     amount: int
+
+    def headers(self, kind: str) -> dict[str, str]:
+        """The headers of this transfer's message of type ``kind``."""
+        return {"transfer-id": self.transfer_id, TYPE_HEADER: kind}
 
     def body(self) -> str:
         return json.dumps(
@@ -171,11 +195,11 @@ def reset(settings: Settings, *, accounts: int = DEFAULT_ACCOUNTS, balance: int 
                     "INSERT INTO scenario_meta (key, value) VALUES ('total', %s), ('accounts', %s)",
                     (2 * accounts * balance, accounts),
                 )
-    for queue in (EVENT_QUEUE, CREDIT_QUEUE):
-        drain(settings, queue)
-        drain(settings, dead_letter_queue(queue))  # letters of the transfers just dropped
-    for name in CONSUMERS:
-        drain(settings, consumer_queue(name))  # the CDC fan-out's queues (subscribing creates them)
+    drain(settings, CREDIT_QUEUE)
+    drain(settings, dead_letter_queue(CREDIT_QUEUE))  # letters of the transfers just dropped
+    for name in EVENT_QUEUES:
+        # The event topic's queues: subscribing creates them, so that none misses an event.
+        drain(settings, consumer_queue(name))
 
 
 def stored_accounts(settings: Settings) -> int | None:
