@@ -375,7 +375,7 @@ def _print_failures(failures: list[Any]) -> None:
         table.add_column(column)
     for f in failures:
         table.add_row(
-            f.transfer_id,
+            f.key,
             f.source,
             str(f.attempts),
             f.failed_at.strftime("%H:%M:%S"),

@@ -9,21 +9,9 @@ consumer's queue.
 from __future__ import annotations
 
 from coordinator.errors import ConfigurationError
-
-QUEUE_PREFIX = "/queue/"
-DLQ_PREFIX = "/queue/DLQ."
-
-
-def dead_letter_queue(destination: str) -> str:
-    """``/queue/DLQ.<name>`` for the queue ``/queue/<name>``."""
-    name = destination.removeprefix(QUEUE_PREFIX)
-    if name == destination or not name or destination.startswith(DLQ_PREFIX):
-        raise ConfigurationError(
-            f"no dead-letter queue for {destination!r}: it must be a /queue/<name> "
-            "that is not itself a dead-letter queue"
-        )
-    return DLQ_PREFIX + name
-
+from outbox.rejection import DLQ_PREFIX as DLQ_PREFIX
+from outbox.rejection import QUEUE_PREFIX as QUEUE_PREFIX
+from outbox.rejection import dead_letter_queue as dead_letter_queue
 
 #: The virtual topic the CDC relay publishes the fan-out's messages to.
 TOPIC = "/topic/VirtualTopic.transfers"
