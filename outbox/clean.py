@@ -98,3 +98,23 @@ def clean(
     if report.deleted:
         get_logger(component="outbox", source=source).info(ev.OUTBOX_CLEANED, **report.as_dict())
     return report
+
+
+_UNITS = {"ms": 0.001, "s": 1.0, "m": 60.0, "h": 3600.0, "d": 86400.0}
+
+
+def parse_duration(text: str) -> float:
+    """Seconds in ``text``: a number with an optional unit, ``ms``, ``s``, ``m``, ``h`` or ``d``
+    (``90``, ``30s``, ``10m``, ``1.5h``, ``7d``)."""
+    value = text.strip().lower()
+    unit = next((u for u in ("ms", "s", "m", "h", "d") if value.endswith(u)), "")
+    number = value[: len(value) - len(unit)] if unit else value
+    try:
+        seconds = float(number) * _UNITS.get(unit, 1.0)
+    except ValueError:
+        raise ValueError(
+            f"duration {text!r}: a number with an optional unit (ms, s, m, h, d), e.g. 10m"
+        ) from None
+    if seconds < 0 or seconds != seconds or seconds == float("inf"):
+        raise ValueError(f"duration {text!r} must be a finite number of seconds >= 0")
+    return seconds
