@@ -72,15 +72,16 @@ class StompPublisher:
     """Publishes a batch of messages in one broker transaction; reconnects after a failure.
 
     ``connect`` opens a STOMP connection (``StompClient.open(...)``). Each message
-    goes out with ``default_headers``, its own headers, and its key in the
-    ``key_header``.
+    goes out with ``default_headers`` and its own headers (a relay puts the key
+    there, under ``Tables.key_header``); with ``key_header`` set, the key is
+    added under that name too.
     """
 
     def __init__(
         self,
         connect: Callable[[], StompClient],
         *,
-        key_header: str = Tables.key_header,
+        key_header: str | None = None,
         default_headers: Mapping[str, str] | None = None,
         receipt_timeout: float = 10.0,
     ) -> None:
@@ -108,7 +109,8 @@ class StompPublisher:
             client.begin(transaction)
             for message in messages:
                 headers = {**self.default_headers, **message.headers}
-                headers[self.key_header] = message.key
+                if self.key_header:
+                    headers[self.key_header] = message.key
                 client.send(message.destination, message.body, headers, transaction=transaction)
             client.commit(transaction, self.receipt_timeout)
             refused = client.errors_since(errors_before)
@@ -346,11 +348,13 @@ class Relay:
             tables=self.tables,
         )
 
-
-def _message(
-    key: str, destination: str, headers: Mapping[str, str] | None, body: str
-) -> OutboxMessage:
-    return OutboxMessage(key, destination, body, dict(headers or {}))
+    def _message(
+        self, key: str, destination: str, headers: Mapping[str, str] | None, body: str
+    ) -> OutboxMessage:
+        """A row as the relay publishes it: its headers and its key under ``key_header``."""
+        return OutboxMessage(
+            key, destination, body, {**(headers or {}), self.tables.key_header: key}
+        )
 
 
 # -- status column --------------------------------------------------------------------
@@ -372,7 +376,7 @@ class StatusRelay(Relay):
             if not rows:
                 return 0
             ids = [row[0] for row in rows]
-            batch = [_message(row[1], row[2], row[3], row[4]) for row in rows]
+            batch = [self._message(row[1], row[2], row[3], row[4]) for row in rows]
             disposition, attempts, error = self._deliver(batch)
             if disposition is Disposition.FAILED:
                 self._record_failures(batch, attempts, error)
@@ -483,7 +487,7 @@ class LastIdRelay(Relay):
         ).fetchall()
         if not rows:
             return 0
-        batch = [_message(row[2], self.destination or row[3], row[4], row[5]) for row in rows]
+        batch = [self._message(row[2], self.destination or row[3], row[4], row[5]) for row in rows]
         disposition, attempts, error = self._deliver(batch)
         last_id, last_txid = rows[-1][0], rows[-1][1]
         with self.conn.transaction():
