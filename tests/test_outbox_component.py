@@ -69,7 +69,7 @@ def test_tables_refuse_names_that_are_not_identifiers(field: str) -> None:
     from coordinator.errors import ConfigurationError
 
     with pytest.raises(ConfigurationError, match=field):
-        Tables(**{field: "outbox; DROP TABLE x"})  # type: ignore[arg-type]
+        Tables(**{field: "outbox; DROP TABLE x"})
 
 
 def test_writer_row_refuses_a_status_no_relay_reads() -> None:
@@ -158,6 +158,10 @@ class Received:
             self._client.ack(message)
         return self.keys
 
+    def holds(self, count: int) -> Callable[[], bool]:
+        """A condition: ``count`` different keys have arrived."""
+        return lambda: len(self.take()) == count
+
 
 class Running:
     """A relay on a thread of its own, until stop()."""
@@ -218,17 +222,17 @@ def test_independent_last_id_relays_each_deliver_every_message_once(
         received = {name: Received(client, q, tables.key_header) for name, q in queues.items()}
         audit, mail = relay("audit"), relay("mail")
         try:
-            for name in queues:
-                wait_for(lambda n=name: len(received[n].take()) == 30, 30, f"{name}: 30 keys")
+            for receiver in received.values():
+                wait_for(receiver.holds(30), 30, "30 keys on each queue")
             mail.stop()
             write_messages(settings, tables, later, None)
-            wait_for(lambda: len(received["audit"].take()) == 50, 30, "audit: 50 keys")
+            wait_for(received["audit"].holds(50), 30, "audit: 50 keys")
             # mail lags 20 behind: clean-up deletes only what both relays have passed.
             with psycopg.connect(settings.pg_a, autocommit=True) as conn:
                 assert clean(conn, tables=tables, batch_size=4).deleted == 30
             assert outbox_rows(settings, tables) == 20
             mail = relay("mail")  # a new process would do the same: its positions are in A
-            wait_for(lambda: len(received["mail"].take()) == 50, 30, "mail: 50 keys")
+            wait_for(received["mail"].holds(50), 30, "mail: 50 keys")
         finally:
             audit.stop()
             mail.stop()
@@ -261,7 +265,7 @@ def test_status_relay_with_retain_deletes_what_it_sent(
         )
         try:
             write_messages(settings, tables, [f"s-{n}" for n in range(12)], "pending")
-            wait_for(lambda: len(received.take()) == 12, 30, "12 messages")
+            wait_for(received.holds(12), 30, "12 messages")
             wait_for(lambda: outbox_rows(settings, tables) == 0, 30, "the relay's clean-up")
         finally:
             running.stop()

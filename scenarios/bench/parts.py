@@ -49,7 +49,13 @@ class Part:
 
 
 #: The parts, in report order.
-PARTS: tuple[Part, ...] = ()
+PARTS: tuple[Part, ...] = (
+    Part(
+        "outbox-size",
+        "The outbox table's size under a long run, with and without clean-up.",
+        "outbox_size",
+    ),
+)
 
 
 def part(name: str) -> Part:
