@@ -1,6 +1,6 @@
 # Generated from outbox/aio/deadletter.py by scripts/unasync.py: edit that file, then run
 # `python scripts/unasync.py` (tests/test_unasync.py checks this file is current).
-"""Move messages the consumer cannot apply to their dead-letter queue (asyncio source).
+"""Move messages the consumer cannot apply to their dead-letter queue.
 
 The move is one STOMP transaction: the ACK of the original and the SEND of
 its copy commit together, so a crash in between leaves the original on its

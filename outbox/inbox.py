@@ -1,7 +1,6 @@
 # Generated from outbox/aio/inbox.py by scripts/unasync.py: edit that file, then run
 # `python scripts/unasync.py` (tests/test_unasync.py checks this file is current).
-"""The idempotent receiver: apply a message once, in the same transaction as its inbox row
-(asyncio source).
+"""The idempotent receiver: apply a message once, in the same transaction as its inbox row.
 
 A relay delivers at least once (it can die after publishing and before
 recording that it did), and the broker redelivers what was not acknowledged.

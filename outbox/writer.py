@@ -1,6 +1,6 @@
 # Generated from outbox/aio/writer.py by scripts/unasync.py: edit that file, then run
 # `python scripts/unasync.py` (tests/test_unasync.py checks this file is current).
-"""The writer: add a message to the application's own transaction (asyncio source).
+"""The writer: add a message to the application's own transaction.
 
 The message commits or rolls back with the application's writes, because it
 is one more row written on the same connection, in the same transaction: no

@@ -275,3 +275,64 @@ def test_status_relay_with_retain_deletes_what_it_sent(
     with psycopg.connect(settings.pg_a, autocommit=True) as conn:
         assert clean(conn, tables=tables).deleted == 0
     assert outbox_rows(settings, tables) == 3
+
+
+@pytest.mark.lab
+@pytest.mark.slow
+def test_outbox_clean_command_deletes_relayed_transfers_and_keeps_pending(
+    settings: Settings,
+) -> None:
+    """'twopc outbox clean' on the transfer scenario's outbox deletes what the status relay
+    sent, in batches, and keeps the rows no relay has sent yet."""
+    from scenarios.outbox.pipeline import Pipeline
+    from scenarios.strategies.outbox import OutboxStatusStrategy
+    from tests.test_outbox import assert_exactly_once, fast_config, fresh, run_writers
+
+    fresh(settings)
+    with Pipeline(settings, "status", config=fast_config()):
+        run_writers(settings, OutboxStatusStrategy(), 20, concurrency=4)
+        assert_exactly_once(settings)
+
+    def clean_command(*args: str) -> dict[str, int]:
+        done = subprocess.run(
+            [sys.executable, "-m", "scenarios.cli", "outbox", "clean", "--json", *args],
+            env=settings.as_env() | {"PATH": "/usr/bin:/bin"},
+            capture_output=True,
+            text=True,
+            timeout=60,
+            check=False,
+        )
+        assert done.returncode == 0, done.stderr
+        return dict(json.loads(done.stdout))
+
+    assert clean_command("--batch", "7") == {"deleted": 20, "batches": 3, "rows_left": 0}
+    run_writers(settings, OutboxStatusStrategy(), 5, concurrency=1)  # no relay runs now
+    assert clean_command("--older-than", "0s") == {"deleted": 0, "batches": 1, "rows_left": 5}
+
+
+@pytest.mark.lab
+@pytest.mark.slow
+def test_outbox_size_part_measures_each_arm(settings: Settings) -> None:
+    """'twopc bench outbox-size' in miniature: every arm writes and relays; only the arms
+    with clean-up delete, never more than was written; the section shows each arm."""
+    from scenarios.bench import outbox_size
+
+    result = {
+        "params": {"seconds": 2.0, "rate": 200.0, "retain": 0.5},
+        "per_transaction": outbox_size.PER_TRANSACTION,
+        "arms": {
+            arm: outbox_size._run_arm(settings, arm, seconds=2.0, rate=200.0, retain=0.5)
+            for arm in outbox_size.ARMS
+        },
+    }
+    for arm, figures in result["arms"].items():
+        assert figures["written"] > 0, arm
+        assert 0 < figures["relayed"] <= figures["written"], arm
+        assert figures["deleted"] <= figures["relayed"], arm
+        assert figures["max_rows"] >= figures["final_rows"] >= 0, arm
+        assert figures["samples"], arm
+    assert result["arms"]["no clean-up"]["deleted"] == 0
+    assert result["arms"]["relay --retain"]["deleted"] > 0
+    assert result["arms"]["twopc outbox clean"]["deleted"] > 0
+    (section,) = outbox_size.sections(result)
+    assert [row[0] for row in section.rows] == list(outbox_size.ARMS)

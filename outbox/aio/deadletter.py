@@ -1,4 +1,4 @@
-"""Move messages the consumer cannot apply to their dead-letter queue (asyncio source).
+"""Move messages the consumer cannot apply to their dead-letter queue.
 
 The move is one STOMP transaction: the ACK of the original and the SEND of
 its copy commit together, so a crash in between leaves the original on its

@@ -1,5 +1,4 @@
-"""The idempotent receiver: apply a message once, in the same transaction as its inbox row
-(asyncio source).
+"""The idempotent receiver: apply a message once, in the same transaction as its inbox row.
 
 A relay delivers at least once (it can die after publishing and before
 recording that it did), and the broker redelivers what was not acknowledged.

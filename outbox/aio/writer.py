@@ -1,4 +1,4 @@
-"""The writer: add a message to the application's own transaction (asyncio source).
+"""The writer: add a message to the application's own transaction.
 
 The message commits or rolls back with the application's writes, because it
 is one more row written on the same connection, in the same transaction: no
