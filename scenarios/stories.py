@@ -250,7 +250,7 @@ def cdc_change_without_reason(settings: Settings) -> Story:
     for transaction in ours:
         explained = explain(transaction, scenario.CREDIT_QUEUE)
         for credit in explained.credits:
-            story.say(f"decoded: a transfers row -> credit {credit.key}: {credit.body}")
+            story.say(f"decoded: a transfers row -> credit {credit.transfer_id}: {credit.body}")
         for change in explained.unexplained:
             unexplained += 1
             story.say(f"decoded: {describe_change(change)} -- and no reason")
@@ -278,7 +278,7 @@ def _credits_of(transaction: Any, transfer_id: str) -> bool:
     from scenarios.outbox.cdc import explain
 
     credits = explain(transaction, scenario.CREDIT_QUEUE).credits
-    return any(c.key == transfer_id for c in credits)
+    return any(c.transfer_id == transfer_id for c in credits)
 
 
 def scenario_queued(settings: Settings) -> Counter[str]:

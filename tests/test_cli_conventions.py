@@ -140,13 +140,17 @@ def modes_run(monkeypatch: pytest.MonkeyPatch) -> list[tuple[str, dict[str, Any]
 def test_bench_modes_are_subcommands_and_bare_bench_runs_strategies(
     modes_run: list[tuple[str, dict[str, Any]]],
 ) -> None:
-    """'twopc bench MODE' for each of the five modes; a bare 'twopc bench --quick' is strategies."""
+    """'twopc bench MODE' for each of the five modes and each report part (scenarios.bench.parts);
+    a bare 'twopc bench --quick' is strategies."""
+    from scenarios.bench.parts import names as part_names
+
     assert set(cli_bench.bench.commands) == {
         "strategies",
         "overhead",
         "consumers",
         "inflight",
         "decisions",
+        *part_names(),
     }
     for mode in cli_bench.bench.commands:
         assert CliRunner().invoke(main, ["bench", mode, "--quick"]).exit_code == 0

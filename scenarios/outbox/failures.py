@@ -25,8 +25,14 @@ from outbox.failures import deliver as deliver
 from outbox.message import OutboxMessage
 from scenarios.transfer.schema import TABLES
 
-#: One message a relay publishes: (transfer id, destination, JSON body[, headers]).
-OutMessage = OutboxMessage
+
+class OutMessage(OutboxMessage):
+    """One message a relay publishes: (transfer id, destination, JSON body[, headers])."""
+
+    @property
+    def transfer_id(self) -> str:
+        """The transfer id: the message's key."""
+        return self.key
 
 
 def list_failures(dsn: str, *, include_resent: bool = False) -> list[FailedMessage]:
