@@ -336,3 +336,47 @@ def test_outbox_size_part_measures_each_arm(settings: Settings) -> None:
     assert result["arms"]["twopc outbox clean"]["deleted"] > 0
     (section,) = outbox_size.sections(result)
     assert [row[0] for row in section.rows] == list(outbox_size.ARMS)
+
+
+@pytest.mark.lab
+@pytest.mark.slow
+def test_twopc_relay_position_and_destination_start_independent_relays(
+    settings: Settings, stomp_addr: str
+) -> None:
+    """'twopc relay --mode last-id --position NAME --destination QUEUE', twice: each queue
+    receives every transfer the outbox-last-id writer recorded, once."""
+    from scenarios.strategies.outbox import OutboxLastIdStrategy
+    from scenarios.transfer.schema import TABLES
+    from tests.test_outbox import fresh, run_writers
+
+    fresh(settings)
+    run_writers(settings, OutboxLastIdStrategy(), 15, concurrency=4)
+    with psycopg.connect(settings.pg_a) as conn:
+        written = {row[0] for row in conn.execute("SELECT transfer_id FROM outbox")}
+    run = secrets.token_hex(3)
+    relay = [sys.executable, "-m", "scenarios.cli", "relay", "--mode", "last-id"]
+    queues = {name: f"/queue/cli{run}.{name}" for name in ("audit", "mail")}
+    env = settings.as_env() | {"PATH": "/usr/bin:/bin"}
+    with open_stomp_client(stomp_addr) as client:
+        received = {n: Received(client, q, TABLES.key_header) for n, q in queues.items()}
+        relays = [
+            subprocess.Popen(
+                [*relay, "--poll-interval", "0.2", "--position", name, "--destination", queue],
+                env=env,
+                stdout=subprocess.DEVNULL,
+                stderr=subprocess.DEVNULL,
+            )
+            for name, queue in queues.items()
+        ]
+        try:
+            for receiver in received.values():
+                wait_for(receiver.holds(len(written)), 60, "every transfer on each queue")
+        finally:
+            for process in relays:
+                process.terminate()
+            assert [process.wait(30) for process in relays] == [0, 0]
+        for name, receiver in received.items():
+            keys = receiver.take(idle=1.0)
+            assert set(keys) == written, name
+            assert max(keys.values()) == 1, f"{name} received a transfer twice"
+    assert {"audit:0", "mail:0"} <= set(positions(settings, TABLES))
