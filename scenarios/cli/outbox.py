@@ -169,6 +169,10 @@ def relay(
     )
     if mode != "last-id" and (position or destination):
         raise click.BadParameter("--position and --destination are last-id options")
+    if mode == "cdc" and retain is not None:
+        raise click.BadParameter(
+            "the CDC relay writes no outbox rows to clean", param_hint="--retain"
+        )
     settings = _settings()
     worker = make_relay(
         mode,  # type: ignore[arg-type]
