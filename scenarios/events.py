@@ -4,21 +4,23 @@ in ``participants.events``."""
 
 from __future__ import annotations
 
-# Relays (scenarios.outbox.relay, scenarios.outbox.failures).
-RELAY_STARTED = "relay.started"
-RELAY_STOPPED = "relay.stopped"
-RELAY_BATCH = "relay.batch"
-RELAY_IGNORED = "relay.ignored"
-RELAY_DATABASE_LOST = "relay.database.lost"
+# Relays: the outbox component's (outbox.events), and the CDC relay's
+# (scenarios.outbox.relay).
+from outbox.events import OUTBOX_FAILURES_RESENT as OUTBOX_FAILURES_RESENT
+from outbox.events import RELAY_BATCH as RELAY_BATCH
+from outbox.events import RELAY_DATABASE_LOST as RELAY_DATABASE_LOST
+from outbox.events import RELAY_FAILED as RELAY_FAILED
+from outbox.events import RELAY_FAILURE_LOGGED as RELAY_FAILURE_LOGGED
+from outbox.events import RELAY_IGNORED as RELAY_IGNORED
+from outbox.events import RELAY_PUBLISH_FAILED as RELAY_PUBLISH_FAILED
+from outbox.events import RELAY_PUBLISH_RECOVERED as RELAY_PUBLISH_RECOVERED
+from outbox.events import RELAY_STARTED as RELAY_STARTED
+from outbox.events import RELAY_STOPPED as RELAY_STOPPED
+
 RELAY_CDC_LEADING = "relay.cdc.leading"
 RELAY_CDC_STANDBY = "relay.cdc.standby"
 RELAY_CDC_SLOT_CREATED = "relay.cdc.slot_created"
 RELAY_CDC_UNEXPLAINED = "relay.cdc.unexplained"
-RELAY_PUBLISH_RECOVERED = "relay.publish.recovered"
-RELAY_PUBLISH_FAILED = "relay.publish.failed"
-RELAY_FAILURE_LOGGED = "relay.failure_logged"
-RELAY_FAILED = "relay.failed"
-OUTBOX_FAILURES_RESENT = "outbox.failures.resent"
 
 # The outbox consumer (scenarios.outbox.consumer).
 CONSUMER_STARTED = "consumer.started"

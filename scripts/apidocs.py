@@ -1,6 +1,6 @@
 """Build the library's API reference from its docstrings with pdoc.
 
-Every module of the library's two packages, ``coordinator`` and ``participants``,
+Every module of the library's packages, ``coordinator``, ``participants`` and ``outbox``,
 gets a page (pdoc's own walk follows a package's ``__all__`` and would leave most
 of ``coordinator``'s modules out). The docstrings are reStructuredText. ``make apidocs`` runs this
 into ``build/apidocs/``; ``tests/test_apidocs.py`` builds into a temporary folder
@@ -21,7 +21,7 @@ import pdoc.doc
 import pdoc.render
 
 #: The library's public packages (``scenarios`` is the tool's, and is left out).
-PACKAGES = ("coordinator", "participants")
+PACKAGES = ("coordinator", "participants", "outbox")
 ROOT = Path(__file__).resolve().parent.parent
 
 

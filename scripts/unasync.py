@@ -41,6 +41,9 @@ FILES = {
     "participants/aio/marker_queue.py": "participants/marker_queue.py",
     "participants/aio/mq_session.py": "participants/mq_session.py",
     "participants/aio/activemq.py": "participants/activemq.py",
+    "outbox/aio/writer.py": "outbox/writer.py",
+    "outbox/aio/deadletter.py": "outbox/deadletter.py",
+    "outbox/aio/inbox.py": "outbox/inbox.py",
 }
 
 #: Whole-word replacements, in order.
@@ -85,6 +88,7 @@ MODULES = {
     "participants.aio.marker_queue": "participants.marker_queue",
     "participants.aio.recovery_view": "participants.recovery_view",
     "participants.aio.stomp": "participants.stomp_client",
+    "participants.aio.stomp_ops": "participants.stomp_ops",
 }
 # ``from coordinator.compat import ...`` stays as it is: the shim defines both names.
 

@@ -17,7 +17,7 @@ import pytest
 
 ROOT = Path(__file__).resolve().parent.parent
 SCRIPT = ROOT / "scripts" / "apidocs.py"
-PACKAGES = ("coordinator", "participants")
+PACKAGES = ("coordinator", "participants", "outbox")
 DOCSTRING = re.compile(r'<div class="docstring">(.*?)</div>', re.S)
 #: What pdoc leaves of a role it could not resolve: ``:name:`` before the code it wraps.
 UNRENDERED = re.compile(r":[\w:]+:<code>")
@@ -60,7 +60,8 @@ def problems(output: Path, root: Path, packages: tuple[str, ...]) -> list[str]:
 
 @pytest.mark.slow
 def test_the_api_reference_builds_for_every_library_module(tmp_path: Path) -> None:
-    """pdoc builds a page for every module of coordinator and participants, every role rendered."""
+    """pdoc builds a page for every module of coordinator, participants and outbox, every role
+    rendered."""
     done = build(tmp_path / "apidocs")
     assert done.returncode == 0, done.stdout + done.stderr
     assert (tmp_path / "apidocs" / "index.html").exists()

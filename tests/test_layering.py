@@ -11,11 +11,12 @@ from pathlib import Path
 import pytest
 
 ROOT = Path(__file__).resolve().parent.parent
-PACKAGES = ("coordinator", "participants", "scenarios")
+PACKAGES = ("coordinator", "participants", "outbox", "scenarios")
 LINT_IMPORTS = Path(sys.executable).with_name("lint-imports")
 
 ENGINE = "The engine imports no participant and no scenario; participants import no scenario"
 LAB = "The lab imports no transfer, outbox or strategy code"
+OUTBOX = "The outbox component imports no scenario: a team uses it without the transfer scenario"
 SIBLINGS = "No package imports, through others, a sibling that imports it"
 MODULES = "No module imports, through others, a module that imports it"
 
@@ -69,7 +70,9 @@ def test_the_layering_contracts_hold() -> None:
     """Every contract of pyproject.toml holds on the code as it is."""
     done = lint_imports(ROOT)
     assert done.returncode == 0, done.stdout + done.stderr
-    assert verdicts(done.stdout) == {name: "KEPT" for name in (ENGINE, LAB, SIBLINGS, MODULES)}
+    assert verdicts(done.stdout) == {
+        name: "KEPT" for name in (ENGINE, LAB, SIBLINGS, MODULES, OUTBOX)
+    }
 
 
 @pytest.mark.parametrize(
@@ -82,6 +85,8 @@ def test_the_layering_contracts_hold() -> None:
         ("scenarios.lab.proxy", "scenarios.strategies.base", {LAB}),
         ("scenarios.transfer.model", "scenarios.stories", {SIBLINGS, MODULES}),
         ("scenarios.strategies.base", "scenarios.strategies", {MODULES}),
+        ("outbox.clean", "scenarios.config", {OUTBOX}),
+        ("participants.fake", "outbox.tables", {OUTBOX}),
     ],
 )
 def test_a_planted_violation_breaks_its_contract(

@@ -63,6 +63,11 @@ PARTS: tuple[Part, ...] = (
     Part("threads", "A new thread per task, a fixed pool and asyncio tasks.", "threads"),
     Part("polling", "The outbox relay's polling interval: B's lag against A's load.", "polling"),
     Part("fanout", "The fan-out: the credit command's receiver and the event consumers.", "fanout"),
+    Part(
+        "outbox-size",
+        "The outbox table's size under a long run, with and without clean-up.",
+        "outbox_size",
+    ),
 )
 
 

@@ -27,6 +27,24 @@ from scenarios.stopping import finish_run, stop_on_signals
 console = Console()
 
 
+class Duration(click.ParamType[float]):
+    """A duration: a number of seconds, or with a unit (ms, s, m, h, d)."""
+
+    name = "duration"
+
+    def convert(
+        self, value: Any, param: click.Parameter | None, ctx: click.Context | None
+    ) -> float:
+        from outbox.clean import parse_duration
+
+        if isinstance(value, float):
+            return value
+        try:
+            return parse_duration(str(value))
+        except ValueError as exc:
+            self.fail(str(exc), param, ctx)
+
+
 def _settings() -> Any:
     from scenarios.cli.settings import load_settings
 
@@ -95,6 +113,28 @@ def _configure_logs(log_json: bool) -> None:
     help="First retry delay in seconds [default: TWOPC_OUTBOX_BACKOFF or 0.2].",
 )
 @click.option("--name", default="", help="The relay's name in the logs.")
+@click.option(
+    "--retain",
+    type=Duration(),
+    default=None,
+    metavar="DURATION",
+    help="Delete outbox rows relayed longer ago than this (30s, 10m, 1h, 7d), in batches, "
+    "never past any last-id relay's position [default: keep every row].",
+)
+@click.option(
+    "--position",
+    default=None,
+    metavar="NAME",
+    help="last-id: the name this relay keeps its positions under; a relay of another name "
+    "is independent of it (its own positions, every message) [default: last-id, the "
+    "strategy's competing relays].",
+)
+@click.option(
+    "--destination",
+    default=None,
+    metavar="QUEUE",
+    help="last-id: publish every message here instead of its row's destination.",
+)
 @click.option("--log-json", is_flag=True, hidden=True, help="Deprecated: TWOPC_LOG_FORMAT=json.")
 def relay(
     mode: str,
@@ -104,9 +144,17 @@ def relay(
     max_attempts: int | None,
     backoff: float | None,
     name: str,
+    retain: float | None,
+    position: str | None,
+    destination: str | None,
     log_json: bool,
 ) -> None:
-    """Publish what A committed to /queue/transfers.credit, until SIGTERM."""
+    """Publish what A committed to /queue/transfers.credit, until SIGTERM.
+
+    Last-id relays of one --position name share the outbox's partitions; relays
+    of different names each read every message, from their own positions, to
+    their own --destination (independent relays, docs/outbox.md).
+    """
     from scenarios.outbox.failures import RetrySettings
     from scenarios.outbox.relay import RelayConfig, make_relay
 
@@ -117,9 +165,22 @@ def relay(
         poll_interval=poll_interval,
         retry=retry,
         name=name or f"{mode}-{os.getpid()}",
+        retain=retain,
     )
+    if mode != "last-id" and (position or destination):
+        raise click.BadParameter("--position and --destination are last-id options")
+    if mode == "cdc" and retain is not None:
+        raise click.BadParameter(
+            "the CDC relay writes no outbox rows to clean", param_hint="--retain"
+        )
     settings = _settings()
-    worker = make_relay(mode, settings, config)  # type: ignore[arg-type]
+    worker = make_relay(
+        mode,  # type: ignore[arg-type]
+        settings,
+        config,
+        position=position,
+        destination=destination,
+    )
     metrics = serve_metrics(settings)
     if metrics is not None:
         metrics.watch_relay(worker)
@@ -375,7 +436,7 @@ def _print_failures(failures: list[Any]) -> None:
         table.add_column(column)
     for f in failures:
         table.add_row(
-            f.transfer_id,
+            f.key,
             f.source,
             str(f.attempts),
             f.failed_at.strftime("%H:%M:%S"),
@@ -448,3 +509,51 @@ def outbox_requeue(transfer_ids: tuple[str, ...], as_json: bool) -> None:
             console.print(f"no dead letter for: {', '.join(report.not_found)}")
     if report.not_found:
         raise SystemExit(1)
+
+
+@outbox.command("clean")
+@click.option(
+    "--older-than",
+    type=Duration(),
+    default="0s",
+    show_default=True,
+    metavar="DURATION",
+    help="Keep rows relayed (or, last-id, written) less than this long ago (30s, 10m, 1h, 7d).",
+)
+@click.option(
+    "--batch",
+    type=click.IntRange(min=1),
+    default=1000,
+    show_default=True,
+    help="Rows per DELETE (each batch is its own short transaction).",
+)
+@click.option("--json", "as_json", is_flag=True, help="Print JSON.")
+def outbox_clean(older_than: float, batch: int, as_json: bool) -> None:
+    """Delete relayed outbox rows on A, in batches.
+
+    A status relay's rows go once sent, failed (the failure log keeps them) or
+    ignored; a last-id row once every last-id relay's position has passed it,
+    so the lowest position bounds what is deleted. Pending rows and rows a
+    relay has yet to send stay. SIGTERM or SIGINT stops after the batch in hand.
+    """
+    import psycopg
+
+    from outbox.clean import clean
+    from scenarios.transfer.schema import TABLES
+
+    settings = _settings()
+    with stop_on_signals() as stop, psycopg.connect(settings.pg_a, autocommit=True) as conn:
+        report = clean(conn, older_than=older_than, batch_size=batch, tables=TABLES, stop=stop)
+        row = conn.execute(f"SELECT count(*) FROM {TABLES.outbox}").fetchone()
+        left = int(row[0]) if row else 0
+
+        def summary() -> None:
+            if as_json:
+                click.echo(json.dumps({**report.as_dict(), "rows_left": left}, indent=2))
+                return
+            console.print(
+                f"deleted {report.deleted} relayed outbox rows in {report.batches} batches; "
+                f"{left} rows left"
+            )
+
+        finish_run(stop, summary)

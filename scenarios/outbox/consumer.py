@@ -63,6 +63,7 @@ from scenarios.transfer.model import (
     MissingAccount,
     require_applied,
 )
+from scenarios.transfer.schema import TABLES
 from scenarios.wiring import open_stomp
 
 #: Environment variable arming a consumer crash: ``after-b-commit=kill@3`` SIGKILLs the
@@ -75,11 +76,8 @@ CONSUMER_CRASH_POINTS = ("after-b-commit", "after-receipt")
 MAX_ATTEMPTS_SETTING = "TWOPC_CONSUMER_MAX_ATTEMPTS"
 DEFAULT_MAX_ATTEMPTS = 6
 
-INBOX_INSERT = (
-    "INSERT INTO inbox (transfer_id, message_id, outcome) VALUES (%s, %s, %s) "
-    "ON CONFLICT (transfer_id) DO UPDATE SET duplicates = inbox.duplicates + 1 "
-    "RETURNING (xmax = 0)"  # true for a fresh insert, false when the row was there
-)
+#: The outbox component's inbox row (outbox.tables.Tables.inbox_insert), keyed by transfer id.
+INBOX_INSERT = TABLES.inbox_insert()
 
 APPLIED = "applied"
 DUPLICATE = "duplicate"

@@ -3,19 +3,17 @@
 A message the consumer cannot apply (a malformed body, a missing or invalid
 header, a kind it does not take, a constraint of B it violates, an account B
 does not have, or a transient failure that outlasted its retries) goes from
-``/queue/<name>`` to ``/queue/DLQ.<name>``. The move is one STOMP transaction:
-the ACK of the original and the SEND of its copy commit together, so a crash
-in between leaves the original on its queue (redelivered) and no copy; the
-COMMIT's receipt says both happened.
+``/queue/<name>`` to ``/queue/DLQ.<name>``. The move is the outbox
+component's (:mod:`outbox.deadletter`, written once for asyncio in
+:mod:`outbox.aio.deadletter` and generated for threads): one STOMP
+transaction in which the ACK of the original and the SEND of its copy commit
+together, so a crash in between leaves the original on its queue
+(redelivered) and no copy; the COMMIT's receipt says both happened. The
+copy's headers are :mod:`outbox.rejection`'s (``twopc-dlq-reason``,
+``-destination``, ``-attempts``, ``-at``, ``-message-id``).
 
-The copy keeps the body and the application headers (``transfer-id``,
-``type``) and adds:
-
-* ``twopc-dlq-reason``: why it could not be applied (one line);
-* ``twopc-dlq-destination``: where it came from;
-* ``twopc-dlq-attempts``: how many times applying it was tried;
-* ``twopc-dlq-at``: when it was dead-lettered (UTC, ISO 8601);
-* ``twopc-dlq-message-id``: the broker's id of the original.
+:func:`dead_letter` (threads) and :func:`dead_letter_async` (asyncio) keep
+their names here for the consumers that call them.
 
 :func:`list_dead_letters` browses a dead-letter queue (``twopc outbox
 failed``); :func:`requeue` sends messages back to their original destination
@@ -25,178 +23,35 @@ transaction per message.
 
 from __future__ import annotations
 
-import contextlib
 import secrets
 import time
-from collections.abc import Collection, Sequence
+from collections.abc import Collection
 from dataclasses import dataclass, field
-from datetime import UTC, datetime
 from typing import Any
 
 from coordinator.errors import ParticipantError
 from coordinator.events import get_logger
-from participants.aio.stomp_ops import AsyncStompOperations
+from outbox.aio.deadletter import dead_letter as dead_letter_async
+from outbox.deadletter import dead_letter
+from outbox.rejection import AT_HEADER as AT_HEADER
+from outbox.rejection import ATTEMPTS_HEADER as ATTEMPTS_HEADER
+from outbox.rejection import BROKER_HEADERS as BROKER_HEADERS
+from outbox.rejection import DESTINATION_HEADER as DESTINATION_HEADER
+from outbox.rejection import DLQ_HEADERS as DLQ_HEADERS
+from outbox.rejection import MAX_REASON as MAX_REASON
+from outbox.rejection import MESSAGE_ID_HEADER as MESSAGE_ID_HEADER
+from outbox.rejection import REASON_HEADER as REASON_HEADER
+from outbox.rejection import Rejection as Rejection
+from outbox.rejection import application_headers as application_headers
+from outbox.rejection import dead_letter_headers as dead_letter_headers
+from outbox.rejection import one_line as one_line
 from participants.stomp_client import Message, StompClient
-from participants.stomp_ops import StompOperations
 from scenarios import events as ev
 from scenarios.transfer.destinations import DLQ_PREFIX as DLQ_PREFIX
 from scenarios.transfer.destinations import QUEUE_PREFIX as QUEUE_PREFIX
 from scenarios.transfer.destinations import dead_letter_queue as dead_letter_queue
 
-REASON_HEADER = "twopc-dlq-reason"
-DESTINATION_HEADER = "twopc-dlq-destination"
-ATTEMPTS_HEADER = "twopc-dlq-attempts"
-AT_HEADER = "twopc-dlq-at"
-MESSAGE_ID_HEADER = "twopc-dlq-message-id"
-DLQ_HEADERS = (REASON_HEADER, DESTINATION_HEADER, ATTEMPTS_HEADER, AT_HEADER, MESSAGE_ID_HEADER)
-
-#: Headers the broker sets on a delivered MESSAGE (or the client sets per frame): a copy
-#: gets fresh ones from its own SEND.
-BROKER_HEADERS = frozenset(
-    {
-        "ack",
-        "content-length",
-        "content-type",
-        "destination",
-        "expires",
-        "message-id",
-        "persistent",
-        "priority",
-        "receipt",
-        "redelivered",
-        "subscription",
-        "timestamp",
-        "transaction",
-    }
-)
-
-#: Longest reason kept in a header (an exception's text can be long).
-MAX_REASON = 500
-
-
-def one_line(text: str, limit: int = MAX_REASON) -> str:
-    """``text`` on one line (headers and log lines), cut to ``limit`` characters."""
-    flat = " ".join(text.split())
-    return flat if len(flat) <= limit else flat[: limit - 3] + "..."
-
-
-def application_headers(message: Message) -> dict[str, str]:
-    """The headers a copy of ``message`` keeps: neither the broker's nor a dead letter's."""
-    return {
-        key: value
-        for key, value in message.headers.items()
-        if key not in BROKER_HEADERS and key not in DLQ_HEADERS
-    }
-
-
-@dataclass(frozen=True)
-class Rejection:
-    """A message the consumer gives up on, why, and after how many attempts."""
-
-    message: Message
-    reason: str
-    attempts: int = 1
-
-    @property
-    def transfer_id(self) -> str:
-        return self.message.headers.get("transfer-id", "")
-
-
-def dead_letter(
-    client: StompOperations,
-    rejections: Sequence[Rejection],
-    *,
-    destination: str,
-    receipt_timeout: float = 10.0,
-) -> None:
-    """Move ``rejections`` (delivered from ``destination``) to its dead-letter queue.
-
-    One STOMP transaction: each original's ACK and its copy's SEND, each with a
-    receipt so that a refused frame aborts the whole transaction, then COMMIT.
-    Raises ParticipantError if the move did not certainly happen; the caller
-    drops the connection, and the originals come back (redelivered).
-    """
-    if not rejections:
-        return
-    dlq = dead_letter_queue(destination)
-    transaction = f"dlq-{secrets.token_hex(8)}"
-    at = datetime.now(UTC).isoformat(timespec="milliseconds")
-    client.begin(transaction)
-    try:
-        for rejection in rejections:
-            message = rejection.message
-            client.request(
-                "ACK",
-                {"id": message.ack_id, "transaction": transaction},
-                timeout=receipt_timeout,
-                what=f"ACK of {message.message_id}",
-            )
-            client.send(
-                dlq,
-                message.body,
-                dead_letter_headers(rejection, destination, at),
-                transaction=transaction,
-                receipt_timeout=receipt_timeout,
-            )
-    except ParticipantError:
-        if client.alive:  # otherwise the broker aborts it when the connection is dropped
-            with contextlib.suppress(ParticipantError):
-                client.abort(transaction, receipt_timeout)
-        raise
-    client.commit(transaction, receipt_timeout)
-
-
-async def dead_letter_async(
-    client: AsyncStompOperations,
-    rejections: Sequence[Rejection],
-    *,
-    destination: str,
-    receipt_timeout: float = 10.0,
-) -> None:
-    """:func:`dead_letter` on an asyncio connection (the one the messages came on)."""
-    if not rejections:
-        return
-    dlq = dead_letter_queue(destination)
-    transaction = f"dlq-{secrets.token_hex(8)}"
-    at = datetime.now(UTC).isoformat(timespec="milliseconds")
-    await client.begin(transaction)
-    try:
-        for rejection in rejections:
-            message = rejection.message
-            await client.request(
-                "ACK",
-                {"id": message.ack_id, "transaction": transaction},
-                timeout=receipt_timeout,
-                what=f"ACK of {message.message_id}",
-            )
-            await client.send(
-                dlq,
-                message.body,
-                dead_letter_headers(rejection, destination, at),
-                transaction=transaction,
-                receipt_timeout=receipt_timeout,
-            )
-    except ParticipantError:
-        if client.alive:  # otherwise the broker aborts it when the connection is dropped
-            with contextlib.suppress(ParticipantError):
-                await client.abort(transaction, receipt_timeout)
-        raise
-    await client.commit(transaction, receipt_timeout)
-
-
-def dead_letter_headers(rejection: Rejection, destination: str, at: str) -> dict[str, str]:
-    """The headers of a rejected message's copy: its own, and why, whence, when."""
-    headers = application_headers(rejection.message)
-    headers.update(
-        {
-            REASON_HEADER: one_line(rejection.reason),
-            DESTINATION_HEADER: destination,
-            ATTEMPTS_HEADER: str(rejection.attempts),
-            AT_HEADER: at,
-            MESSAGE_ID_HEADER: rejection.message.message_id,
-        }
-    )
-    return headers
+__all__ = ["dead_letter", "dead_letter_async"]
 
 
 # -- reading and requeueing ---------------------------------------------------------------

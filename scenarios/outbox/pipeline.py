@@ -178,6 +178,7 @@ class Pipeline:
             str(retry.max_attempts),
             "--backoff",
             str(retry.first_delay),
+            *([] if self.config.retain is None else ["--retain", str(self.config.retain)]),
         ]
 
     def _spawn(self, kind: str, index: int) -> subprocess.Popen[bytes]:

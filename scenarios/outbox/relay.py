@@ -1,38 +1,14 @@
-"""The relays: read what A committed for the broker, publish it to /queue/transfers.credit.
+"""The transfer scenario's relays: the outbox component's, and the CDC relay.
 
-Delivery is at least once in every mode (a relay can die after publishing and
-before recording that it did); the consumer's inbox makes the effect exactly
-once. Each batch goes to the broker in one STOMP transaction, so one receipt
-covers it.
-
-Modes:
-
-``status``
-    Rows with ``status = 'pending'``, taken with ``FOR UPDATE SKIP LOCKED`` so
-    that any number of relays share the table, published, then set to
-    ``'sent'`` in the same transaction. A relay sleeps on LISTEN (the outbox's
-    insert trigger NOTIFYs at commit) with a fallback poll.
-
-``last-id``
-    The relay remembers how far it got instead of marking rows. "The last id"
-    alone is a trap: ids come from a sequence in allocation order, while rows
-    become visible in commit order, so a row with a lower id can commit after
-    a higher one has been sent and be skipped forever. Here the position is
-    the pair (writer's transaction id, row id), and only rows written by
-    transactions older than the oldest one still running are read::
-
-        txid < pg_snapshot_xmin(pg_current_snapshot())
-
-    Proof that nothing is skipped: every transaction with an id below that
-    horizon has ended, so the set of rows below it is final and visible to
-    the statement; reading them in (txid, id) order and recording the last
-    pair sent means every row ordered before the position was read. A row
-    written later has a txid at or above the horizon: it is read on a later
-    round, after the position, in order. The rows are split into
-    ``LAST_ID_PARTITIONS`` partitions (``id % n``), each with its own
-    position; a relay works a partition only while it holds that partition's
-    advisory lock, so several relays share the partitions and never send
-    from the same position twice.
+The ``status`` and ``last-id`` relays are the outbox component's
+(:mod:`outbox.relay`, which explains both modes and why last-id reads only
+below the oldest running transaction), run on the transfer scenario's tables
+(keyed by transfer id, ``LAST_ID_PARTITIONS`` partitions) with a crash point
+for the tests. Messages go out as credit commands (``type: transfer.credit``)
+unless their row says otherwise. The last-id relays the ``outbox-last-id``
+strategy runs share the name ``last-id`` and compete for its partitions;
+``twopc relay --mode last-id --name NAME --destination QUEUE`` starts an
+independent one, with its own positions (docs/outbox.md).
 
 ``cdc``
     Logical decoding of A's business tables (``transfers``, ``accounts``)
@@ -56,41 +32,32 @@ Modes:
 
 from __future__ import annotations
 
-import itertools
-import secrets
-import threading
 import time
-from collections.abc import Sequence
-from dataclasses import dataclass, field
 from typing import Any
 
-import psycopg
 from psycopg import errors as pg_errors
 
-from coordinator.errors import ConfigurationError, ParticipantError, TwoPhaseCommitError
-from coordinator.events import get_logger
-from participants.stomp_client import StompClient
+from coordinator.errors import ConfigurationError, TwoPhaseCommitError
+from outbox import relay as component
+from outbox.message import OutboxMessage
+from outbox.relay import RelayConfig as RelayConfig
+from outbox.relay import RelayFailed as RelayFailed
+from outbox.relay import RelayStats as RelayStats
 from scenarios import events as ev
 from scenarios.config import Settings
 from scenarios.crash_plan import CrashPlan
 from scenarios.outbox.cdc import describe, ensure_slot, explain, peek
-from scenarios.outbox.failures import (
-    Disposition,
-    OutMessage,
-    RetrySettings,
-    deliver,
-    record_failures,
-)
+from scenarios.outbox.failures import Disposition, OutMessage
 from scenarios.outbox.pgoutput import lsn_text, lsn_value
 from scenarios.outbox.relay_modes import RELAY_MODES, RelayMode
-from scenarios.transfer.model import CREDIT_QUEUE, TYPE_HEADER, relayed_type
-from scenarios.transfer.schema import CDC_SLOT, LAST_ID_PARTITIONS
+from scenarios.transfer.model import CREDIT_COMMAND, CREDIT_QUEUE, TYPE_HEADER, relayed_type
+from scenarios.transfer.schema import CDC_SLOT, LAST_ID_PARTITIONS, TABLES
 from scenarios.wiring import open_stomp
 
 #: The channel the outbox triggers NOTIFY on.
-CHANNEL = "twopc_outbox"
+CHANNEL = TABLES.channel
 
-#: First key of the relays' advisory locks (the second is the partition, or CDC_LOCK).
+#: The CDC relays' advisory lock (one decodes the slot at a time).
 LOCK_CLASS = 0x74706331
 CDC_LOCK = 1000
 
@@ -102,107 +69,35 @@ WAL_WATCH_INTERVAL = 0.02
 RELAY_CRASH_SETTING = "TWOPC_RELAY_CRASH"
 RELAY_CRASH_POINTS = ("after-publish",)
 
+#: The name the last-id relays of the outbox-last-id strategy share their positions under.
+LAST_ID_POSITION = "last-id"
 
-class StompPublisher:
-    """Publishes a batch of messages in one broker transaction; reconnects after a failure."""
+
+class StompPublisher(component.StompPublisher):
+    """The component's publisher on the settings' broker: credit commands keyed by transfer id."""
 
     def __init__(self, settings: Settings, *, receipt_timeout: float = 10.0) -> None:
+        super().__init__(
+            lambda: open_stomp(settings, participant="relay-broker"),
+            key_header=TABLES.key_header,
+            default_headers={TYPE_HEADER: CREDIT_COMMAND},
+            receipt_timeout=receipt_timeout,
+        )
         self.settings = settings
         self.address = settings.stomp
-        self.receipt_timeout = receipt_timeout
-        self._client: StompClient | None = None
-        self.messages_sent = 0
 
-    def publish(self, messages: Sequence[OutMessage]) -> None:
-        """SEND every message (persistent) and COMMIT with a receipt; raises ParticipantError.
-
-        Each message gets the kind its destination carries: on a queue the command to
+    def headers_for(self, message: OutboxMessage) -> dict[str, str]:
+        """Each message gets the kind its destination carries: on a queue the command to
         credit B (``type: transfer.credit``), on the events' topic the event that A
-        committed the transfer (``transfer.completed``; the CDC fan-out).
-
-        After any failure the outcome of the batch is unknown: the connection is
-        dropped and the caller sends the whole batch again (duplicates are fine).
-        """
-        if not messages:
-            return
-        client = self._client
-        if client is None or not client.alive:
-            client = self._client = open_stomp(self.settings, participant="relay-broker")
-        transaction = f"relay-{secrets.token_hex(8)}"
-        errors_before = client.error_count
-        try:
-            client.begin(transaction)
-            for message in messages:
-                client.send(
-                    message.destination,
-                    message.body,
-                    {
-                        "transfer-id": message.transfer_id,
-                        TYPE_HEADER: relayed_type(message.destination),
-                    },
-                    transaction=transaction,
-                )
-            client.commit(transaction, self.receipt_timeout)
-            refused = client.errors_since(errors_before)
-            if refused:
-                raise ParticipantError(
-                    f"the broker refused part of the batch: {refused[0]}",
-                    participant="relay-broker",
-                )
-        except TwoPhaseCommitError:
-            self.drop()
-            raise
-        self.messages_sent += len(messages)
-
-    def drop(self) -> None:
-        if self._client is not None:
-            self._client.drop()
-            self._client = None
-
-    def close(self) -> None:
-        if self._client is not None:
-            self._client.close()
-            self._client = None
+        committed the transfer (``transfer.completed``; the CDC fan-out)."""
+        return {
+            **super().headers_for(message),
+            TYPE_HEADER: relayed_type(message.destination),
+        }
 
 
-@dataclass
-class RelayConfig:
-    """How a relay batches, sleeps and handles failures."""
-
-    batch_size: int = 200
-    poll_interval: float = 1.0  # fallback poll when no NOTIFY comes (cdc: between peeks)
-    retry: RetrySettings = field(default_factory=RetrySettings)
-    name: str = ""  # shows in the logs; defaults to mode-pid
-
-
-@dataclass
-class RelayStats:
-    """What a relay did since it started."""
-
-    sent: int = 0
-    failed: int = 0
-    ignored: int = 0
-    batches: int = 0
-    replays_skipped: int = 0
-    unexplained: int = 0  # CDC: decoded changes that are no transfer (logged, not sent)
-
-    def as_dict(self) -> dict[str, int]:
-        return dict(self.__dict__)
-
-
-class _Stopped(Exception):
-    """Shutdown was asked in the middle of a batch: roll back, record nothing."""
-
-
-class RelayFailed(TwoPhaseCommitError):
-    """The relay met an error it cannot work around (A without its tables, a bug) and stopped."""
-
-
-class Relay:
-    """The loop every mode shares: pump batches until none is left, then wait for work."""
-
-    mode: RelayMode = "status"
-    listens = True  # whether NOTIFY wakes this mode
+class _ScenarioRelay(component.Relay):
+    """A component relay with the scenario's settings, crash point and hints."""
 
     def __init__(
         self,
@@ -210,231 +105,59 @@ class Relay:
         config: RelayConfig | None = None,
         *,
         publisher: StompPublisher | None = None,
+        **options: Any,
     ) -> None:
         self.settings = settings
-        self.config = config or RelayConfig()
-        self.publisher = publisher or StompPublisher(settings)
-        self.name = self.config.name or f"{self.mode}-{secrets.token_hex(2)}"
-        self.stats = RelayStats()
         self.crashes = CrashPlan(f"relay {self.mode}", RELAY_CRASH_POINTS)
-        self.log = get_logger(component="relay", mode=self.mode, relay=self.name)
-        self._stop = threading.Event()
-        self._conn: psycopg.Connection | None = None
-        self._listen: psycopg.Connection | None = None
-
-    # -- the loop ------------------------------------------------------------------
-
-    def run(self, stop: threading.Event | None = None) -> RelayStats:
-        """Relay until ``stop`` is set; survives A and the broker going away and coming back.
-
-        Any other error stops it as RelayFailed, one line that says what happened.
-        """
-        self._stop = stop or threading.Event()
-        self.crashes.arm_from_env(RELAY_CRASH_SETTING)
-        self.log.info(ev.RELAY_STARTED, policy=self.config.retry.policy.value)
-        failures = 0
-        try:
-            while not self._stop.is_set():
-                try:
-                    self._connect()
-                    while not self._stop.is_set():
-                        if self.pump_once() == 0:
-                            self._wait_for_work()
-                        failures = 0
-                except _Stopped:
-                    break
-                except (psycopg.OperationalError, psycopg.InterfaceError) as exc:
-                    failures += 1
-                    self.log.warning(
-                        ev.RELAY_DATABASE_LOST, error=str(exc).strip(), attempt=failures
-                    )
-                    self._disconnect()
-                    self._stop.wait(self.config.retry.delay(min(failures, 6)))
-        except Exception as exc:
-            hint = (
-                "; run 'twopc transfer --reset' to create the tables"
-                if isinstance(exc, pg_errors.UndefinedTable)
-                else ""
-            )
-            error = " ".join(f"{type(exc).__name__}: {exc}".split())
-            failed = RelayFailed(f"relay {self.name} stopped: {error}{hint}")
-            self.log.error(ev.RELAY_FAILED, error=str(failed))
-            raise failed from exc
-        finally:
-            self._disconnect()
-            self.publisher.close()
-            self.log.info(ev.RELAY_STOPPED, **self.stats.as_dict())
-        return self.stats
-
-    def pump_once(self) -> int:
-        """Handle one batch; return how many messages it held (0: nothing to do)."""
-        raise NotImplementedError
-
-    def _connect(self) -> None:
-        # The name shows in pg_stat_activity: which relay holds which advisory lock.
-        name = f"twopc relay {self.name}"[:63]
-        if self._conn is None or self._conn.closed:
-            self._conn = psycopg.connect(self.settings.pg_a, autocommit=True, application_name=name)
-        if self.listens and (self._listen is None or self._listen.closed):
-            self._listen = psycopg.connect(
-                self.settings.pg_a, autocommit=True, application_name=name
-            )
-            self._listen.execute(f"LISTEN {CHANNEL}")
-
-    def _disconnect(self) -> None:
-        for conn in (self._conn, self._listen):
-            if conn is not None:
-                conn.close()
-        self._conn = self._listen = None
-
-    @property
-    def conn(self) -> psycopg.Connection:
-        if self._conn is None:
-            raise RuntimeError("the relay is not connected")
-        return self._conn
-
-    def _wait_for_work(self) -> None:
-        """Sleep until a NOTIFY, the fallback poll, or shutdown (checked every 0.25 s)."""
-        deadline = time.monotonic() + self.config.poll_interval
-        while not self._stop.is_set():
-            left = deadline - time.monotonic()
-            if left <= 0:
-                return
-            if self._listen is None:
-                self._stop.wait(min(left, 0.25))
-                continue
-            woke = False
-            for _ in self._listen.notifies(timeout=min(left, 0.25), stop_after=1):
-                woke = True
-            if woke:
-                return
-
-    def _deliver(self, batch: Sequence[OutMessage]) -> tuple[Disposition, int, str]:
-        disposition, attempts, error = deliver(
-            self.publisher.publish, batch, self.config.retry, self._stop, source=self.mode
+        super().__init__(
+            settings.pg_a, publisher or StompPublisher(settings), config, tables=TABLES, **options
         )
-        if disposition is Disposition.STOPPED:
-            raise _Stopped()
-        if disposition is Disposition.SENT and self.crashes.hit("after-publish"):
-            raise _Stopped()  # abandon: as if the process died before recording
-        self.stats.batches += 1
-        if disposition is Disposition.SENT:
-            self.stats.sent += len(batch)
-        elif disposition is Disposition.FAILED:
-            self.stats.failed += len(batch)
-        else:
-            self.stats.ignored += len(batch)
-            self.log.warning(ev.RELAY_IGNORED, messages=len(batch), error=error)
-        self.log.debug(ev.RELAY_BATCH, messages=len(batch), outcome=disposition.value)
-        return disposition, attempts, error
+
+    def run(self, stop: Any = None) -> RelayStats:
+        self.crashes.arm_from_env(RELAY_CRASH_SETTING)
+        return super().run(stop)
+
+    def abandon_after_publish(self) -> bool:
+        return self.crashes.hit("after-publish")
+
+    def failure_hint(self, exc: Exception) -> str:
+        if isinstance(exc, pg_errors.UndefinedTable):
+            return "; run 'twopc transfer --reset' to create the tables"
+        return ""
 
 
-# -- status column --------------------------------------------------------------------
+# The scenario's relays put their own class first, so that its __init__ runs.
+Relay = _ScenarioRelay
 
 
-class StatusRelay(Relay):
+class StatusRelay(_ScenarioRelay, component.StatusRelay):
     """Sends ``pending`` rows and marks them ``sent``; shares the table with other relays."""
 
     mode: RelayMode = "status"
 
-    def pump_once(self) -> int:
-        with self.conn.transaction():
-            rows = self.conn.execute(
-                "SELECT id, transfer_id, destination, body FROM outbox "
-                "WHERE status = 'pending' ORDER BY id LIMIT %s FOR UPDATE SKIP LOCKED",
-                (self.config.batch_size,),
-            ).fetchall()
-            if not rows:
-                return 0
-            ids = [row[0] for row in rows]
-            batch = [OutMessage(row[1], row[2], row[3]) for row in rows]
-            disposition, attempts, error = self._deliver(batch)
-            if disposition is Disposition.FAILED:
-                record_failures(self.conn, batch, source=self.mode, attempts=attempts, error=error)
-            status = {Disposition.SENT: "sent", Disposition.FAILED: "failed"}.get(
-                disposition, "ignored"
-            )
-            self.conn.execute(
-                "UPDATE outbox SET status = %s, sent_at = clock_timestamp() WHERE id = ANY(%s)",
-                (status, ids),
-            )
-        return len(rows)
 
-
-# -- last sent id ---------------------------------------------------------------------
-
-
-class LastIdRelay(Relay):
-    """Remembers (txid, id) of the last row sent, per partition; reads only below the horizon."""
+class LastIdRelay(_ScenarioRelay, component.LastIdRelay):
+    """Last-id positions per partition; ``position`` names them (default: the strategy's)."""
 
     mode: RelayMode = "last-id"
 
-    def __init__(self, *args: Any, **kwargs: Any) -> None:
-        super().__init__(*args, **kwargs)
-        self._order = itertools.cycle(range(LAST_ID_PARTITIONS))
-
-    def pump_once(self) -> int:
-        handled = 0
-        start = next(self._order)  # start elsewhere each round: relays spread out
-        for step in range(LAST_ID_PARTITIONS):
-            partition = (start + step) % LAST_ID_PARTITIONS
-            locked = self.conn.execute(
-                "SELECT pg_try_advisory_lock(%s, %s)", (LOCK_CLASS, partition)
-            ).fetchone()
-            if not (locked and locked[0]):
-                continue  # another relay works this partition now
-            try:
-                handled += self._pump_partition(partition)
-            finally:
-                if not self.conn.closed:
-                    self.conn.execute("SELECT pg_advisory_unlock(%s, %s)", (LOCK_CLASS, partition))
-        return handled
-
-    def _pump_partition(self, partition: int) -> int:
-        name = f"last-id:{partition}"
-        position = self.conn.execute(
-            "SELECT last_txid, last_id FROM relay_positions WHERE name = %s", (name,)
-        ).fetchone()
-        if position is None:
-            raise TwoPhaseCommitError(
-                f"relay_positions has no row {name!r}: run 'twopc transfer --reset' first"
-            )
-        # The horizon is an InitPlan: computed once, from the statement's own snapshot.
-        rows = self.conn.execute(
-            "SELECT id, txid, transfer_id, destination, body FROM outbox "
-            "WHERE part = %(part)s AND status IS NULL "
-            "AND txid < (SELECT pg_snapshot_xmin(pg_current_snapshot())) "
-            "AND (txid, id) > (%(txid)s::xid8, %(id)s::bigint) "
-            "ORDER BY txid, id LIMIT %(limit)s",
-            {
-                "part": partition,
-                "txid": str(position[0]),
-                "id": position[1],
-                "limit": self.config.batch_size,
-            },
-        ).fetchall()
-        if not rows:
-            return 0
-        batch = [OutMessage(row[2], row[3], row[4]) for row in rows]
-        disposition, attempts, error = self._deliver(batch)
-        last_id, last_txid = rows[-1][0], rows[-1][1]
-        with self.conn.transaction():
-            if disposition is not Disposition.SENT:
-                ids = [row[0] for row in rows]
-                if disposition is Disposition.FAILED:
-                    record_failures(
-                        self.conn, batch, source=self.mode, attempts=attempts, error=error
-                    )
-                self.conn.execute(
-                    "UPDATE outbox SET status = %s WHERE id = ANY(%s)",
-                    (disposition.value, ids),
-                )
-            self.conn.execute(
-                "UPDATE relay_positions SET last_txid = %s::xid8, last_id = %s, "
-                "updated_at = clock_timestamp() WHERE name = %s",
-                (str(last_txid), last_id, name),
-            )
-        return len(rows)
+    def __init__(
+        self,
+        settings: Settings,
+        config: RelayConfig | None = None,
+        *,
+        publisher: StompPublisher | None = None,
+        position: str = LAST_ID_POSITION,
+        destination: str | None = None,
+    ) -> None:
+        super().__init__(
+            settings,
+            config,
+            publisher=publisher,
+            position=position,
+            partitions=LAST_ID_PARTITIONS,
+            destination=destination,
+        )
 
 
 # -- CDC ------------------------------------------------------------------------------
@@ -501,9 +224,7 @@ class CdcRelay(Relay):
             disposition, attempts, error = self._deliver(batch)
             with self.conn.transaction():
                 if disposition is Disposition.FAILED:
-                    record_failures(
-                        self.conn, batch, source=self.mode, attempts=attempts, error=error
-                    )
+                    self._record_failures(batch, attempts, error)
                 self.conn.execute(
                     "UPDATE relay_positions SET lsn = %s::pg_lsn, updated_at = clock_timestamp()"
                     " WHERE name = 'cdc'",
@@ -552,7 +273,7 @@ class CdcRelay(Relay):
         return self._leader
 
 
-RELAYS: dict[RelayMode, type[Relay]] = {
+RELAYS: dict[RelayMode, type[_ScenarioRelay]] = {
     "status": StatusRelay,
     "last-id": LastIdRelay,
     "cdc": CdcRelay,
@@ -565,8 +286,25 @@ def make_relay(
     config: RelayConfig | None = None,
     *,
     publisher: StompPublisher | None = None,
-) -> Relay:
-    """A relay of ``mode`` ('status', 'last-id' or 'cdc')."""
+    position: str | None = None,
+    destination: str | None = None,
+) -> _ScenarioRelay:
+    """A relay of ``mode`` ('status', 'last-id' or 'cdc').
+
+    Last-id only: ``position``, the name of an independent relay's positions
+    (default: the strategy's shared ``last-id``), and ``destination``, where it
+    publishes every message (default: each row's own).
+    """
     if mode not in RELAYS:
         raise ConfigurationError(f"unknown relay mode {mode!r}; one of {', '.join(RELAY_MODES)}")
-    return RELAYS[mode](settings, config, publisher=publisher)
+    if mode != "last-id":
+        if position or destination:
+            raise ConfigurationError("a position name and a destination are last-id options")
+        return RELAYS[mode](settings, config, publisher=publisher)
+    return LastIdRelay(
+        settings,
+        config,
+        publisher=publisher,
+        position=position or LAST_ID_POSITION,
+        destination=destination,
+    )

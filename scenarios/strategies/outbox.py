@@ -7,7 +7,8 @@ Two ways to mark what the relay has sent (scenarios.outbox.relay):
 * ``outbox-last-id``: the row is written with no status; the last-id relay
   remembers how far it got instead (per partition, in ``relay_positions``).
 
-Nothing here writes to B or the broker: a relay publishes the row and the
+Both write through the outbox component's writer (outbox.writer), the row
+keyed by transfer id. Nothing here writes to B or the broker: a relay publishes the row and the
 consumer (scenarios.outbox.consumer) credits B. The writer reads B's account
 ids once, at prepare, so that a transfer to an account B does not have is
 refused before A is debited (the consumer could only dead-letter it, after A
@@ -24,6 +25,8 @@ import psycopg
 from psycopg import errors as pg_errors
 
 from coordinator.states import Outcome
+from outbox.message import OutboxMessage
+from outbox.writer import write
 from scenarios.config import Settings
 from scenarios.crash_plan import CrashAction, CrashPlan
 from scenarios.outbox.relay_modes import RelayMode
@@ -33,17 +36,15 @@ from scenarios.strategies.base import (
     crashed,
 )
 from scenarios.transfer.model import (
+    CREDIT_COMMAND,
     CREDIT_QUEUE,
     DEBIT_TO,
+    TYPE_HEADER,
     MissingAccount,
     Transfer,
     require_applied,
 )
-
-OUTBOX_INSERT = (
-    "INSERT INTO outbox (transfer_id, destination, body, status) "
-    "VALUES (%(tid)s, %(destination)s, %(body)s, %(status)s)"
-)
+from scenarios.transfer.schema import TABLES
 
 
 class LocalCommitWriter:
@@ -98,18 +99,7 @@ class LocalCommitWriter:
                 with conn.cursor() as cur:
                     cur.execute(DEBIT_TO, transfer.debit())
                     require_applied(cur.rowcount, transfer.source, "a")
-                    if self._insert is not None:  # None: the debit is the whole transaction
-                        cur.execute(
-                            self._insert,
-                            {
-                                "tid": transfer.transfer_id,
-                                "destination": self.destination,
-                                "body": transfer.body(),
-                                "status": self._status,
-                                "target": transfer.target,
-                                "amount": transfer.amount,
-                            },
-                        )
+                    self.record(conn, cur, transfer)
             except MissingAccount as exc:
                 conn.rollback()
                 return Outcome.ABORTED, str(exc)
@@ -132,6 +122,22 @@ class LocalCommitWriter:
             return crashed("after-commit")
         return Outcome.COMMITTED, ""
 
+    def record(self, conn: psycopg.Connection, cur: psycopg.Cursor, transfer: Transfer) -> None:
+        """Write what the relay or job reads, in the debit's transaction (None: nothing)."""
+        if self._insert is None:  # None: the debit is the whole transaction
+            return
+        cur.execute(
+            self._insert,
+            {
+                "tid": transfer.transfer_id,
+                "destination": self.destination,
+                "body": transfer.body(),
+                "status": self._status,
+                "target": transfer.target,
+                "amount": transfer.amount,
+            },
+        )
+
     def stats(self) -> dict[str, Any]:
         return {}
 
@@ -141,23 +147,37 @@ class LocalCommitWriter:
             self._pool = None
 
 
-class OutboxStatusStrategy(LocalCommitWriter):
+class OutboxWriter(LocalCommitWriter):
+    """The outbox component's writer (outbox.writer.write) adds the credit command to the
+    debit's transaction: what a team that picks the outbox would ship."""
+
+    def record(self, conn: psycopg.Connection, cur: psycopg.Cursor, transfer: Transfer) -> None:
+        message = OutboxMessage(
+            transfer.transfer_id,
+            self.destination,
+            transfer.body(),
+            {TYPE_HEADER: CREDIT_COMMAND},
+        )
+        write(conn, message, tables=TABLES, status="pending" if self._status else None)
+
+
+class OutboxStatusStrategy(OutboxWriter):
     """Outbox rows marked by a status column; any number of status relays share them."""
 
     def __init__(self, *, before_commit: Callable[[], None] | None = None) -> None:
         super().__init__(
             "outbox-status",
             "status",
-            OUTBOX_INSERT,
+            None,
             status="pending",
             before_commit=before_commit,
         )
 
 
-class OutboxLastIdStrategy(LocalCommitWriter):
+class OutboxLastIdStrategy(OutboxWriter):
     """Outbox rows tracked by the last-id relays' recorded positions."""
 
     def __init__(self, *, before_commit: Callable[[], None] | None = None) -> None:
         super().__init__(
-            "outbox-last-id", "last-id", OUTBOX_INSERT, status=None, before_commit=before_commit
+            "outbox-last-id", "last-id", None, status=None, before_commit=before_commit
         )

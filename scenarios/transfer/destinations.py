@@ -12,21 +12,11 @@ for what goes to a dead-letter queue, and scenarios.outbox.fanout for the consum
 from __future__ import annotations
 
 from coordinator.errors import ConfigurationError
+from outbox.rejection import DLQ_PREFIX as DLQ_PREFIX
+from outbox.rejection import QUEUE_PREFIX as QUEUE_PREFIX
+from outbox.rejection import dead_letter_queue as dead_letter_queue
 
-QUEUE_PREFIX = "/queue/"
 TOPIC_PREFIX = "/topic/"
-DLQ_PREFIX = "/queue/DLQ."
-
-
-def dead_letter_queue(destination: str) -> str:
-    """``/queue/DLQ.<name>`` for the queue ``/queue/<name>``."""
-    name = destination.removeprefix(QUEUE_PREFIX)
-    if name == destination or not name or destination.startswith(DLQ_PREFIX):
-        raise ConfigurationError(
-            f"no dead-letter queue for {destination!r}: it must be a /queue/<name> "
-            "that is not itself a dead-letter queue"
-        )
-    return DLQ_PREFIX + name
 
 
 #: The virtual topic of the transfer events (``transfer.completed``, ``transfer.refused``):

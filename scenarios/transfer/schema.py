@@ -2,6 +2,12 @@
 
 from __future__ import annotations
 
+from outbox.tables import Tables
+
+#: The outbox component's tables as the transfer scenario names them: keyed by transfer
+#: id (the ``transfer-id`` header), NOTIFY on ``twopc_outbox``.
+TABLES = Tables(key="transfer_id", key_header="transfer-id", channel="twopc_outbox")
+
 # Both databases: the business tables (names fixed: tests, reports and users rely on them).
 BUSINESS = [
     "DROP TABLE IF EXISTS transfers",
@@ -49,65 +55,21 @@ OUTBOX = [
     f"CREATE PUBLICATION {CDC_PUBLICATION} FOR TABLE {', '.join(CDC_TABLES)}",
     # cdc_events: what the CDC writer once wrote for its relay; dropped where it lingers.
     "DROP TABLE IF EXISTS outbox, cdc_events, outbox_failures, relay_positions",
-    # status: 'pending' until the status relay sends it; NULL for rows the last-id
-    # relay tracks by position instead. txid orders rows by the writer's transaction,
-    # which is what lets the last-id relay prove it skips nothing.
-    f"""CREATE TABLE outbox (
-        id bigserial PRIMARY KEY,
-        txid xid8 NOT NULL DEFAULT pg_current_xact_id(),
-        part smallint GENERATED ALWAYS AS (id % {LAST_ID_PARTITIONS}) STORED,
-        transfer_id text NOT NULL UNIQUE,
-        destination text NOT NULL,
-        body text NOT NULL,
-        status text CHECK (status IN ('pending', 'sent', 'failed', 'ignored')),
-        created_at timestamptz NOT NULL DEFAULT clock_timestamp(),
-        sent_at timestamptz
-    )""",
-    "CREATE INDEX outbox_pending ON outbox (id) WHERE status = 'pending'",
-    "CREATE INDEX outbox_commit_order ON outbox (part, txid, id) WHERE status IS NULL",
-    # The failure log: messages a relay gave up on, for 'twopc outbox retry'.
-    """CREATE TABLE outbox_failures (
-        transfer_id text PRIMARY KEY,
-        source text NOT NULL,
-        destination text NOT NULL,
-        body text NOT NULL,
-        attempts integer NOT NULL,
-        last_error text NOT NULL,
-        failed_at timestamptz NOT NULL DEFAULT clock_timestamp(),
-        resent_at timestamptz
-    )""",
-    # Where each position-tracking relay got to: last-id partitions and the CDC slot.
-    # destination: where the CDC relay publishes (set by the CDC strategy's prepare;
-    # NULL means the credit queue).
-    """CREATE TABLE relay_positions (
-        name text PRIMARY KEY,
-        last_txid xid8,
-        last_id bigint,
-        lsn pg_lsn,
-        destination text,
-        updated_at timestamptz NOT NULL DEFAULT clock_timestamp()
-    )""",
-    f"INSERT INTO relay_positions (name, last_txid, last_id) "
-    f"SELECT 'last-id:' || p, '0', 0 FROM generate_series(0, {LAST_ID_PARTITIONS - 1}) p",
+    # The outbox component's tables (outbox.tables): the outbox, the failure log and
+    # the relays' positions, keyed by transfer id, the insert trigger that NOTIFYs.
+    *TABLES.schema_a(partitions=LAST_ID_PARTITIONS),
+    # The positions of the last-id relays the outbox-last-id strategy runs (a relay
+    # makes its own when missing) and of the CDC relay. destination: where the CDC
+    # relay publishes (set by the CDC strategy's prepare; NULL means the credit queue).
+    f"INSERT INTO relay_positions (name, last_txid, last_id, part) "
+    f"SELECT 'last-id:' || p, '0', 0, p FROM generate_series(0, {LAST_ID_PARTITIONS - 1}) p",
     "INSERT INTO relay_positions (name) VALUES ('cdc')",
-    # Wake sleeping relays at commit; NOTIFY with the same payload is sent once per
-    # transaction, so a statement-level trigger costs one notification per transfer.
-    """CREATE OR REPLACE FUNCTION outbox_notify() RETURNS trigger LANGUAGE plpgsql AS $$
-    BEGIN PERFORM pg_notify('twopc_outbox', ''); RETURN NULL; END $$""",
-    "CREATE TRIGGER outbox_notify AFTER INSERT ON outbox "
-    "FOR EACH STATEMENT EXECUTE FUNCTION outbox_notify()",
 ]
 
 # Database B: the consumer's inbox, one row per transfer id ever applied.
 INBOX = [
     "DROP TABLE IF EXISTS inbox",
-    """CREATE TABLE inbox (
-        transfer_id text PRIMARY KEY,
-        message_id text NOT NULL,
-        outcome text NOT NULL,
-        duplicates integer NOT NULL DEFAULT 0,
-        applied_at timestamptz NOT NULL DEFAULT clock_timestamp()
-    )""",
+    *TABLES.schema_b(),
 ]
 
 # Database B: the CDC fan-out's audit log and slow consumer (scenarios.outbox.fanout), one
