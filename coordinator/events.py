@@ -2,7 +2,8 @@
 
 Every protocol step emits one of these, with the gtrid bound through
 ``structlog.contextvars`` (the driver binds it for the whole commit sequence
-and copies the context into its phase threads). Per-step events are DEBUG;
+and copies the context into its phase threads). Per-step events are DEBUG, and
+cost no call when DEBUG is filtered (:func:`enabled`, asked once per transaction);
 recovery's findings and decisions INFO; failures WARNING, under a name that
 says they failed. Participants add their own names (``participants.events``).
 
@@ -71,6 +72,18 @@ RELEASE_FAILED = "tpc.release.failed"
 
 # An observer (metrics, tracing) of finished transactions raised; the transaction is unaffected.
 LISTENER_FAILED = "tpc.listener.failed"
+
+
+def enabled(logger: Any, level: int = logging.DEBUG) -> bool:
+    """Whether ``logger`` (from :func:`get_logger`) passes events of ``level``.
+
+    Asked once per transaction or broker session, when its logger is bound, so that
+    an event whose level is filtered costs no call on the commit path: the step
+    tests the answer (``if tx.debug: tx.log.debug(...)``). A logger that cannot
+    say (not a filtering bound logger) passes everything.
+    """
+    is_enabled_for = getattr(logger, "is_enabled_for", None)
+    return True if is_enabled_for is None else bool(is_enabled_for(level))
 
 
 def get_logger(**bound: Any) -> Any:

@@ -50,7 +50,9 @@ class TransactionState(Generic[BranchT, SessionT]):
         self.timings: dict[str, float] = {}  # phase name -> seconds (for the benchmark)
         self._lock = threading.Lock()  # guards the branches against the watchdog
         self.log = events.get_logger(gtrid=gtrid)
-        self.span = tracing.start_transaction(gtrid)  # None without OpenTelemetry
+        # Whether DEBUG events pass: per-step events are emitted only then (a flag test each).
+        self.debug = events.enabled(self.log)
+        self.span = tracing.start_transaction(gtrid)  # None unless a provider was seen
 
     @property
     def branches(self) -> Mapping[str, BranchT]:

@@ -304,13 +304,14 @@ class AsyncActiveMQ:
             ]
         for member in members:
             session = member.session
-            session._log.debug(
-                ev.MQ_COMMITTED,
-                marker=member.marker,
-                messages=session._sent,
-                acks=session._acked,
-                group=len(members),
-            )
+            if session._debug:
+                session._log.debug(
+                    ev.MQ_COMMITTED,
+                    marker=member.marker,
+                    messages=session._sent,
+                    acks=session._acked,
+                    group=len(members),
+                )
         return [None] * len(members)
 
     def _end_members(
