@@ -19,7 +19,7 @@ application does, as it does for logging, before it makes its coordinator.
 Whether a tracer provider is set is decided once, when a coordinator is made
 (:func:`decide`); until then, and without one, twopc makes no transaction or
 phase spans and injects no headers: a transaction pays one flag test
-(docs/design.md §2, "Tracing").
+(docs/design.md §2).
 """
 
 from __future__ import annotations

@@ -32,7 +32,13 @@ from coordinator.errors import (
     TwoPhaseCommitError,
 )
 from coordinator.protocol import LastResource, LastResourceSession
-from participants.activemq import MAX_POOL_SIZE, ActiveMQ, FenceRefused, client_id_for
+from participants.activemq import (
+    MAX_POOL_SIZE,
+    ActiveMQ,
+    FenceRefused,
+    client_id_for,
+    marker_queue_for,
+)
 from participants.aio.activemq import AsyncActiveMQ
 from participants.stomp_client import ClientIdInUse
 from participants.stomp_headers import InvalidMessage
@@ -780,3 +786,59 @@ def test_bad_headers_never_touch_other_threads_group_commits(
         assert browse(stomp_addr, other) == []
     finally:
         resource.close()
+
+
+def test_each_coordinator_has_a_marker_queue_of_its_own(stomp_addr: str) -> None:
+    """A coordinator's markers go to /queue/twopc.markers.<its id>: another coordinator's
+    sweep neither sees them nor takes the browse sentinel the first one left there."""
+    first, second = (
+        ActiveMQ(stomp_addr, unique("q"), pool_size=1, shared_marker_queue=None, **stomp_login())
+        for _ in range(2)
+    )
+    try:
+        assert first.marker_queue == marker_queue_for(first.coordinator_id)
+        assert first.marker_queue == f"/queue/twopc.markers.{first.coordinator_id}"
+        mine = commit_one(first, unique("/queue/test."))
+        theirs = commit_one(second, unique("/queue/test."))
+        assert first.markers() == {mine}  # leaves its browse sentinel on its queue
+        assert second.markers() == {theirs}
+        assert second.remove_markers([theirs, mine]) == 1
+        assert sum(m.is_sentinel for m in browse(stomp_addr, first.marker_queue)) == 1
+        assert first.markers() == {mine}
+        assert first.remove_markers([mine]) == 1
+        assert browse(stomp_addr, first.marker_queue) == []  # its sentinels went with it
+        assert browse(stomp_addr, second.marker_queue) == []
+    finally:
+        first.close()
+        second.close()
+
+
+def test_markers_left_on_the_shared_queue_count_until_the_sweep_removes_them(
+    stomp_addr: str,
+) -> None:
+    """A coordinator's markers on the queue every coordinator shared before count as its
+    markers; removing them leaves the other coordinators' markers there, and once none of
+    its own is left the shared queue is no longer read."""
+    shared = unique("/queue/test.shared.")
+    cid, other = unique("m"), unique("o")
+    fill_markers(stomp_addr, shared, [f"{cid}.1", f"{other}.1", f"{cid}.2,{cid}.3"])
+    mq = ActiveMQ(
+        stomp_addr,
+        cid,
+        pool_size=1,
+        marker_queue=unique("/queue/test.markers."),
+        shared_marker_queue=shared,
+        **stomp_login(),
+    )
+    try:
+        mine = commit_one(mq, unique("/queue/test."))
+        ours = {f"{cid}.1", f"{cid}.2", f"{cid}.3"}
+        assert mq.markers() == {mine, *ours}
+        assert mq.remove_markers(ours) == 3
+        assert [m.headers.get("gtrid") for m in browse(stomp_addr, shared)] == [f"{other}.1"]
+        assert mq.markers() == {mine}  # read once more: none of ours, sentinel dropped
+        assert [m.headers.get("gtrid") for m in browse(stomp_addr, shared)] == [f"{other}.1"]
+        fill_markers(stomp_addr, shared, [f"{cid}.4"])  # never written there in practice
+        assert mq.markers() == {mine}  # not read again
+    finally:
+        mq.close()
