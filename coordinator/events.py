@@ -91,10 +91,23 @@ def get_logger(**bound: Any) -> Any:
 
     Call it where the event is emitted (or when the emitting object is made),
     not at import: the application configures structlog after its imports.
+    A transaction asks for one when it begins: the logger structlog builds is
+    kept while the configuration stays the same object for object (a new
+    ``structlog.configure``, or ``capture_logs``, builds the next one), so that
+    each call costs a ``bind``, not the building of a logger.
     """
-    if structlog.is_configured():
-        return structlog.get_logger("twopc").bind(**bound)
-    return _UNCONFIGURED.bind(**bound)
+    global _BUILT
+    if not structlog.is_configured():
+        return _UNCONFIGURED.bind(**bound)
+    config = tuple(structlog.get_config().values())
+    built = _BUILT
+    if built is None or not all(a is b for a, b in zip(built[0], config, strict=True)):
+        built = _BUILT = (config, structlog.get_logger("twopc").bind())
+    return built[1].bind(**bound) if bound else built[1]
+
+
+#: The configuration twopc's logger was last built from, and that logger (get_logger).
+_BUILT: tuple[tuple[object, ...], Any] | None = None
 
 
 _UNCONFIGURED = structlog.wrap_logger(
