@@ -110,6 +110,8 @@ def get_logger(**bound: Any) -> Any:
 _BUILT: tuple[tuple[object, ...], Any] | None = None
 
 
+# Built here, once (bind() turns structlog's lazy proxy into the logger), so that a
+# transaction's logger is one bind of it.
 _UNCONFIGURED = structlog.wrap_logger(
     structlog.PrintLogger(sys.stderr),
     processors=[
@@ -119,4 +121,4 @@ _UNCONFIGURED = structlog.wrap_logger(
         structlog.dev.ConsoleRenderer(colors=False),
     ],
     wrapper_class=structlog.make_filtering_bound_logger(logging.WARNING),
-)
+).bind()
