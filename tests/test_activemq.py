@@ -14,10 +14,12 @@ import time
 import uuid
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
+from dataclasses import replace
 from functools import partial
 from pathlib import Path
 from typing import Any
 
+import psycopg
 import pytest
 from structlog.testing import capture_logs
 
@@ -32,16 +34,21 @@ from coordinator.errors import (
     TwoPhaseCommitError,
 )
 from coordinator.protocol import LastResource, LastResourceSession
+from coordinator.xid import Xid
 from participants.activemq import (
     MAX_POOL_SIZE,
+    SHARED_MARKER_QUEUE,
     ActiveMQ,
     FenceRefused,
     client_id_for,
     marker_queue_for,
 )
 from participants.aio.activemq import AsyncActiveMQ
+from participants.postgres import PostgresResource
 from participants.stomp_client import ClientIdInUse
 from participants.stomp_headers import InvalidMessage
+from scenarios.config import Settings
+from scenarios.wiring import open_coordinator
 from tests.conftest import open_stomp_client, stomp_login
 
 pytestmark = pytest.mark.lab
@@ -842,3 +849,37 @@ def test_markers_left_on_the_shared_queue_count_until_the_sweep_removes_them(
         assert mq.markers() == {mine}  # not read again
     finally:
         mq.close()
+
+
+def test_recovery_commits_by_a_marker_an_earlier_version_left_on_the_shared_queue(
+    settings: Settings, tmp_path: Path
+) -> None:
+    """A branch prepared before the queue per coordinator, its marker on /queue/twopc.markers,
+    is committed by the next start's recovery, which then removes that marker."""
+    ident = unique("old")
+    gtrid = f"{ident}.{uuid.uuid4().hex[:24]}"
+    a = PostgresResource("a", settings.pg_a, pool_size=1)
+    try:
+        branch = a.begin(Xid.branch(gtrid, "a"))
+        branch.execute("CREATE TABLE IF NOT EXISTS shared_marker_probe (tag text)")
+        branch.execute("INSERT INTO shared_marker_probe VALUES (%s)", (gtrid,))
+        branch.send_prepare()
+        branch.prepare()
+        branch.release()
+    finally:
+        a.close()
+    fill_markers(settings.stomp, SHARED_MARKER_QUEUE, [gtrid])
+    coordinator = open_coordinator(replace(settings, coordinator_id=ident, home=tmp_path))
+    try:
+        report = coordinator.last_recovery
+        assert report is not None
+        assert [(i.gtrid, i.marker, i.decision.value) for i in report.items] == [
+            (gtrid, True, "commit")
+        ]
+    finally:
+        coordinator.close()
+    with psycopg.connect(settings.pg_a) as conn:
+        found = conn.execute("SELECT count(*) FROM shared_marker_probe WHERE tag = %s", (gtrid,))
+        assert found.fetchone() == (1,)
+    left = browse(settings.stomp, SHARED_MARKER_QUEUE)
+    assert gtrid not in {g for m in left for g in m.headers.get("gtrid", "").split(",")}
