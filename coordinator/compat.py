@@ -256,9 +256,19 @@ def run_parallel(executor: Executor, calls: Sequence[Callable[[], T]]) -> list[T
 async def arun_each(
     executor: Executor, calls: Sequence[Callable[[], Awaitable[T]]]
 ) -> list[T | BaseException]:
-    """Wait for each call's answer: as tasks, at once (the awaits overlap on the loop's
-    one thread, so the branches' answers arrive together)."""
-    return await arun_parallel(executor, calls)
+    """Wait for each call's answer, one after the other, in this task: the driver sent
+    every branch its command first, so the answers arrive together whatever the order
+    they are read in, and no task or gather is made per step; an injected crash stops
+    at once."""
+    results: list[T | BaseException] = []
+    for call in calls:
+        try:
+            results.append(await call())
+        except CrashInjected:
+            raise
+        except BaseException as exc:
+            results.append(exc)
+    return results
 
 
 def run_each(executor: Executor, calls: Sequence[Callable[[], T]]) -> list[T | BaseException]:

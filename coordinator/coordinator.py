@@ -35,7 +35,7 @@ from contextlib import contextmanager
 from functools import partial
 from typing import Any, Protocol, TypeVar
 
-from coordinator import driver, events, failpoints, protocol
+from coordinator import driver, events, failpoints, protocol, tracing
 from coordinator.backlog import Backlog, Resolved, Unfinished
 from coordinator.compat import (
     Cancelled,
@@ -176,6 +176,7 @@ class Coordinator:
     ) -> None:
         self.log = log
         self._broker = broker
+        tracing.decide()  # once, not per transaction: is a tracer provider set?
         try:
             self.coordinator_id = validate_coordinator_id(coordinator_id)
             self.prefix = gtrid_prefix(coordinator_id)

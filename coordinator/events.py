@@ -2,7 +2,8 @@
 
 Every protocol step emits one of these, with the gtrid bound through
 ``structlog.contextvars`` (the driver binds it for the whole commit sequence
-and copies the context into its phase threads). Per-step events are DEBUG;
+and copies the context into its phase threads). Per-step events are DEBUG, and
+cost no call when DEBUG is filtered (:func:`enabled`, asked once per transaction);
 recovery's findings and decisions INFO; failures WARNING, under a name that
 says they failed. Participants add their own names (``participants.events``).
 
@@ -73,17 +74,44 @@ RELEASE_FAILED = "tpc.release.failed"
 LISTENER_FAILED = "tpc.listener.failed"
 
 
+def enabled(logger: Any, level: int = logging.DEBUG) -> bool:
+    """Whether ``logger`` (from :func:`get_logger`) passes events of ``level``.
+
+    Asked once per transaction or broker session, when its logger is bound, so that
+    an event whose level is filtered costs no call on the commit path: the step
+    tests the answer (``if tx.debug: tx.log.debug(...)``). A logger that cannot
+    say (not a filtering bound logger) passes everything.
+    """
+    is_enabled_for = getattr(logger, "is_enabled_for", None)
+    return True if is_enabled_for is None else bool(is_enabled_for(level))
+
+
 def get_logger(**bound: Any) -> Any:
     """twopc's structlog logger with ``bound`` values, as the application configured structlog.
 
     Call it where the event is emitted (or when the emitting object is made),
     not at import: the application configures structlog after its imports.
+    A transaction asks for one when it begins: the logger structlog builds is
+    kept while the configuration stays the same object for object (a new
+    ``structlog.configure``, or ``capture_logs``, builds the next one), so that
+    each call costs a ``bind``, not the building of a logger.
     """
-    if structlog.is_configured():
-        return structlog.get_logger("twopc").bind(**bound)
-    return _UNCONFIGURED.bind(**bound)
+    global _BUILT
+    if not structlog.is_configured():
+        return _UNCONFIGURED.bind(**bound)
+    config = tuple(structlog.get_config().values())
+    built = _BUILT
+    if built is None or not all(a is b for a, b in zip(built[0], config, strict=True)):
+        built = _BUILT = (config, structlog.get_logger("twopc").bind())
+    return built[1].bind(**bound) if bound else built[1]
 
 
+#: The configuration twopc's logger was last built from, and that logger (get_logger).
+_BUILT: tuple[tuple[object, ...], Any] | None = None
+
+
+# Built here, once (bind() turns structlog's lazy proxy into the logger), so that a
+# transaction's logger is one bind of it.
 _UNCONFIGURED = structlog.wrap_logger(
     structlog.PrintLogger(sys.stderr),
     processors=[
@@ -93,4 +121,4 @@ _UNCONFIGURED = structlog.wrap_logger(
         structlog.dev.ConsoleRenderer(colors=False),
     ],
     wrapper_class=structlog.make_filtering_bound_logger(logging.WARNING),
-)
+).bind()

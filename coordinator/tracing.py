@@ -15,9 +15,11 @@ it, twopc records:
   (:func:`continued`, :func:`continue_each`).
 
 twopc never configures OpenTelemetry (no provider, no exporter): the
-application does, as it does for logging. Until it sets a tracer provider,
-twopc makes no transaction or phase spans at all: one type check per
-transaction is what the API costs then.
+application does, as it does for logging, before it makes its coordinator.
+Whether a tracer provider is set is decided once, when a coordinator is made
+(:func:`decide`); until then, and without one, twopc makes no transaction or
+phase spans and injects no headers: a transaction pays one flag test
+(docs/design.md §2).
 """
 
 from __future__ import annotations
@@ -34,6 +36,9 @@ else:
     ENABLED = True
 
 TRACER_NAME = "twopc"
+#: Whether transactions record spans: set by :func:`decide` (a coordinator, when it is made).
+#: Once a provider is set it cannot be unset (OpenTelemetry sets it once per process).
+RECORDING = False
 #: The header every business message carries with its global transaction id.
 GTRID_HEADER = "gtrid"
 
@@ -42,10 +47,23 @@ def _tracer() -> Any:
     return trace.get_tracer(TRACER_NAME)
 
 
+def decide() -> bool:
+    """Whether the application has set a tracer provider: asked once, when a coordinator
+    is made, rather than per transaction; the answer is :data:`RECORDING`.
+
+    A provider set after the coordinator was made is seen by the next coordinator made.
+    """
+    global RECORDING
+    RECORDING = RECORDING or (
+        ENABLED and not isinstance(trace.get_tracer_provider(), trace.ProxyTracerProvider)
+    )
+    return RECORDING
+
+
 def start_transaction(gtrid: str) -> Any:
     """A started ``twopc.transaction`` span for ``gtrid``; None without OpenTelemetry, or
-    while the application has set no tracer provider (the spans would record nothing)."""
-    if not ENABLED or isinstance(trace.get_tracer_provider(), trace.ProxyTracerProvider):
+    while no coordinator has seen a tracer provider (the spans would record nothing)."""
+    if not (ENABLED and RECORDING):
         return None
     return _tracer().start_span("twopc.transaction", attributes={"twopc.gtrid": gtrid})
 
@@ -75,8 +93,9 @@ def active(span: Any) -> Any:
 
 
 def inject(headers: MutableMapping[str, str]) -> None:
-    """Add ``traceparent`` (and ``tracestate``) of the current span to ``headers``."""
-    if ENABLED:
+    """Add ``traceparent`` (and ``tracestate``) of the current span to ``headers``; nothing
+    while no tracer provider was seen (:func:`decide`)."""
+    if ENABLED and RECORDING:
         propagate.inject(headers)
 
 

@@ -84,7 +84,8 @@ class Transaction(TransactionState[XABranch, LastResourceSession]):
             )
         branch = resource.begin(Xid.branch(self.gtrid, name))
         self._add_branch(name, branch)
-        self.log.debug(events.BEGIN, participant=name)
+        if self.debug:
+            self.log.debug(events.BEGIN, participant=name)
         self._host.failpoint("after_begin")
         return branch
 
@@ -118,7 +119,8 @@ class Transaction(TransactionState[XABranch, LastResourceSession]):
                     f"transaction {self.gtrid}: this coordinator has no broker participant"
                 )
             self.broker = broker.begin(self.gtrid)
-            self.log.debug(events.BEGIN, participant=self.broker.name)
+            if self.debug:
+                self.log.debug(events.BEGIN, participant=self.broker.name)
         return self.broker
 
     # -- ending ---------------------------------------------------------------

@@ -12,7 +12,7 @@ from __future__ import annotations
 import threading
 import time
 from collections.abc import Iterator, Mapping
-from contextlib import contextmanager
+from contextlib import AbstractContextManager, contextmanager
 from types import MappingProxyType
 from typing import Generic, TypeVar
 
@@ -50,7 +50,9 @@ class TransactionState(Generic[BranchT, SessionT]):
         self.timings: dict[str, float] = {}  # phase name -> seconds (for the benchmark)
         self._lock = threading.Lock()  # guards the branches against the watchdog
         self.log = events.get_logger(gtrid=gtrid)
-        self.span = tracing.start_transaction(gtrid)  # None without OpenTelemetry
+        # Whether DEBUG events pass: per-step events are emitted only then (a flag test each).
+        self.debug = events.enabled(self.log)
+        self.span = tracing.start_transaction(gtrid)  # None unless a provider was seen
 
     @property
     def branches(self) -> Mapping[str, BranchT]:
@@ -94,15 +96,16 @@ class TransactionState(Generic[BranchT, SessionT]):
         with self._lock:
             return list(self._branches.values())
 
-    @contextmanager
-    def timed(self, phase: str) -> Iterator[None]:
+    def timed(self, phase: str) -> AbstractContextManager[None]:
         """Add the time spent in the block to ``timings[phase]`` (and trace it as a span)."""
-        start = time.perf_counter()
-        try:
-            with tracing.phase(self.span, phase):
-                yield
-        finally:
-            self.timings[phase] = self.timings.get(phase, 0.0) + time.perf_counter() - start
+        if self.span is not None:
+            return self._timed_and_traced(phase)
+        return _PhaseTimer(self.timings, phase)
+
+    @contextmanager
+    def _timed_and_traced(self, phase: str) -> Iterator[None]:
+        with _PhaseTimer(self.timings, phase), tracing.phase(self.span, phase):
+            yield
 
     def _check_active(self) -> None:
         if self.timed_out:
@@ -114,3 +117,22 @@ class TransactionState(Generic[BranchT, SessionT]):
     def _add_branch(self, name: str, branch: BranchT) -> None:
         with self._lock:
             self._branches[name] = branch
+
+
+class _PhaseTimer:
+    """Adds the time spent in its block to ``timings[phase]``: a plain class, since it runs
+    for every phase of every transaction (a generator-based context manager costs more)."""
+
+    __slots__ = ("_phase", "_start", "_timings")
+
+    def __init__(self, timings: dict[str, float], phase: str) -> None:
+        self._timings = timings
+        self._phase = phase
+        self._start = 0.0
+
+    def __enter__(self) -> None:
+        self._start = time.perf_counter()
+
+    def __exit__(self, *exc: object) -> None:
+        timings, phase = self._timings, self._phase
+        timings[phase] = timings.get(phase, 0.0) + time.perf_counter() - self._start

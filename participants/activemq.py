@@ -27,6 +27,11 @@ A session whose connection is in an unknown state (no answer in time, an
 ERROR frame, a dropped socket, a simulated crash) is dropped when released,
 never reused.
 
+Each coordinator's markers go to a queue of its own (``/queue/twopc.markers.<id>``,
+:func:`~participants.activemq_base.marker_queue_for`); the queue they all shared
+before, ``/queue/twopc.markers``, is still read (and trimmed) by recovery for this
+coordinator's markers until none is left there (docs/design.md §3).
+
 Written once, for asyncio, in :mod:`participants.aio.activemq`;
 ``scripts/unasync.py`` generates the thread version, :mod:`participants.activemq`,
 from it. The session is in ``mq_session``, the reading and trimming of
@@ -56,32 +61,36 @@ from coordinator.xid import validate_coordinator_id, validate_id
 from participants import events as ev
 from participants.activemq_base import (
     MARKER_HEADER,
-    MARKER_QUEUE,
+    MARKER_QUEUE_PREFIX,
     MARKER_SEPARATOR,
     MAX_POOL_SIZE,
+    SHARED_MARKER_QUEUE,
     CommitNotSent,
     FenceRefused,
     SessionState,
     client_id_for,
     marker_gtrids,
+    marker_queue_for,
 )
 from participants.group_commit import GroupCommit, Outcomes
-from participants.marker_queue import consume_markers, read_markers
+from participants.marker_queue import consume_markers, consume_own_markers, read_markers
 from participants.mq_session import ActiveMQSession, Member, Slot, run_callbacks
 from participants.recovery_view import recovery_view
 from participants.stomp_client import ClientIdInUse, StompClient, Subscription, parse_address
 
 __all__ = [
     "MARKER_HEADER",
-    "MARKER_QUEUE",
+    "MARKER_QUEUE_PREFIX",
     "MARKER_SEPARATOR",
     "MAX_POOL_SIZE",
+    "SHARED_MARKER_QUEUE",
     "ActiveMQ",
     "ActiveMQSession",
     "CommitNotSent",
     "FenceRefused",
     "client_id_for",
     "marker_gtrids",
+    "marker_queue_for",
 ]
 
 
@@ -96,7 +105,8 @@ class ActiveMQ:
         name: str = "mq",
         pool_size: int = 8,
         receipt_timeout: float = 5.0,
-        marker_queue: str = MARKER_QUEUE,
+        marker_queue: str | None = None,
+        shared_marker_queue: str | None = SHARED_MARKER_QUEUE,
         connect_timeout: float = 5.0,
         acquire_timeout: float = 30.0,
         login: str | None = None,
@@ -106,7 +116,13 @@ class ActiveMQ:
     ) -> None:
         """``login``/``passcode``: the broker's credentials (None: no login); ``tls``:
         connect over TLS, verifying the broker against ``ca_file`` (None: system CAs).
+        ``marker_queue``: where this coordinator's markers go (by default its own,
+        ``/queue/twopc.markers.<coordinator id>``); ``shared_marker_queue``: the queue
+        every coordinator's markers went to before, read and trimmed for this
+        coordinator's markers until none is left (None: never read).
         """
+        if marker_queue is None:
+            marker_queue = marker_queue_for(coordinator_id)
         parse_address(stomp_addr)
         validate_coordinator_id(coordinator_id)
         if not 1 <= pool_size <= MAX_POOL_SIZE:
@@ -119,6 +135,11 @@ class ActiveMQ:
         self.coordinator_id = coordinator_id
         self.receipt_timeout = receipt_timeout
         self.marker_queue = marker_queue
+        self.shared_marker_queue = shared_marker_queue
+        # What the shared queue held of this coordinator's markers when last read: None
+        # (not read yet), True (some: the sweep trims it too) or False (none: it is never
+        # written again, so it is not read again).
+        self._shared_holds_ours: bool | None = None if shared_marker_queue else False
         self._name = name
         self._connect_timeout = connect_timeout
         self._acquire_timeout = acquire_timeout
@@ -303,13 +324,14 @@ class ActiveMQ:
             ]
         for member in members:
             session = member.session
-            session._log.debug(
-                ev.MQ_COMMITTED,
-                marker=member.marker,
-                messages=session._sent,
-                acks=session._acked,
-                group=len(members),
-            )
+            if session._debug:
+                session._log.debug(
+                    ev.MQ_COMMITTED,
+                    marker=member.marker,
+                    messages=session._sent,
+                    acks=session._acked,
+                    group=len(members),
+                )
         return [None] * len(members)
 
     def _end_members(
@@ -429,13 +451,32 @@ class ActiveMQ:
             self._put_back(slot)
 
     def markers(self) -> set[str]:
-        """The gtrids whose commit marker is on the marker queue (a full browse, no selector).
+        """The gtrids whose commit marker is on this coordinator's marker queue (a full
+        browse, no selector), and those of its markers still on the shared queue.
 
-        BrowseIncomplete if the broker cut the browse short (its maxBrowsePageSize):
+        BrowseIncomplete if the broker cut a browse short (its maxBrowsePageSize):
         an incomplete list would make recovery roll back committed transactions.
         """
         with self._plain_client() as client:
-            return read_markers(client, self.marker_queue, self.receipt_timeout)
+            found = read_markers(client, self.marker_queue, self.receipt_timeout)
+            return found | self._shared_markers(client)
+
+    def _shared_markers(self, client: StompClient) -> set[str]:
+        """This coordinator's markers on the queue every coordinator shared before.
+
+        Read until none is left: once a browse finds none, the browse sentinels it
+        left there are dropped and the queue is not read again by this resource.
+        """
+        queue = self.shared_marker_queue
+        if self._shared_holds_ours is False or queue is None:
+            return set()
+        prefix = f"{self.coordinator_id}."
+        found = read_markers(client, queue, self.receipt_timeout)
+        ours = {g for g in found if g.startswith(prefix)}
+        if not ours:
+            consume_markers(client, queue, set(), self.receipt_timeout)
+        self._shared_holds_ours = bool(ours)
+        return ours
 
     def remove_markers(self, gtrids: Collection[str]) -> int:
         """Consume the markers of ``gtrids`` and leave every other marker; return how many
@@ -444,7 +485,8 @@ class ActiveMQ:
         A group commit's marker goes only once every gtrid it names has been
         asked for: until then this resource keeps the gtrids asked so far, and
         a later call that completes the group removes it
-        (:func:`~participants.aio.marker_queue.consume_markers`).
+        (:func:`~participants.aio.marker_queue.consume_own_markers`). This
+        coordinator's markers still on the shared queue go too.
         """
         with self._sweeping:  # one sweep at a time: each reads and rewrites the kept set
             with self._cond:
@@ -452,9 +494,15 @@ class ActiveMQ:
             if not wanted:
                 return 0
             with self._plain_client() as client:
-                gone, kept = consume_markers(
+                gone, kept = consume_own_markers(
                     client, self.marker_queue, wanted, self.receipt_timeout
                 )
+                if self._shared_holds_ours and self.shared_marker_queue is not None:
+                    shared_gone, shared_kept = consume_markers(
+                        client, self.shared_marker_queue, wanted - gone, self.receipt_timeout
+                    )
+                    gone |= shared_gone
+                    kept = (kept | shared_kept) - gone
             with self._cond:
                 self._kept_for_group = kept
             self._log.info(ev.MQ_MARKERS_REMOVED, count=len(gone), asked=len(wanted))

@@ -14,7 +14,15 @@ from collections.abc import Mapping
 
 from coordinator.errors import CommitRefused, ParticipantError, ParticipantUnavailable
 
-MARKER_QUEUE = "/queue/twopc.markers"
+#: Each coordinator's commit markers go to a queue of its own, ``<prefix><coordinator id>``
+#: (:func:`marker_queue_for`): its sweep consumes the queue instead of browsing every
+#: coordinator's markers, and no one else's sweep touches its browse sentinels.
+MARKER_QUEUE_PREFIX = "/queue/twopc.markers."
+
+#: Where every coordinator's markers went before each had a queue of its own. Never written
+#: now; recovery still reads a coordinator's markers there and removes them once it has
+#: acted on them, so that markers left by an earlier version are not lost (docs/design.md §3).
+SHARED_MARKER_QUEUE = "/queue/twopc.markers"
 
 #: The marker's header naming the gtrids it commits (several for a group commit).
 MARKER_HEADER = "gtrid"
@@ -30,6 +38,11 @@ def marker_gtrids(headers: Mapping[str, str]) -> list[str]:
     """The gtrids a commit marker's headers name (a group commit names several)."""
     value = headers.get(MARKER_HEADER, "")
     return [gtrid for gtrid in value.split(MARKER_SEPARATOR) if gtrid]
+
+
+def marker_queue_for(coordinator_id: str) -> str:
+    """The queue of ``coordinator_id``'s commit markers."""
+    return MARKER_QUEUE_PREFIX + coordinator_id
 
 
 def client_id_for(coordinator_id: str, slot: int) -> str:

@@ -1,18 +1,28 @@
 # Generated from participants/aio/marker_queue.py by scripts/unasync.py: edit that file, then run
 # `python scripts/unasync.py` (tests/test_unasync.py checks this file is current).
-"""The commit-marker queue read and trimmed over one STOMP connection (docs/design.md §5).
+"""The commit-marker queues read and trimmed over one STOMP connection (docs/design.md §3, §5).
 
 Recovery reads which gtrids have a marker (a full browse) and removes the
-markers of the transactions it has finished. Written once, for asyncio;
-``scripts/unasync.py`` generates the thread version, :mod:`participants.marker_queue`.
+markers of the transactions it has finished; the sweep removes the markers of
+ended transactions. A coordinator's own queue holds its markers only, so the
+sweep consumes it from the head to a sentinel of its own
+(:func:`consume_own_markers`); the queue every coordinator shared before is
+read by a browse and trimmed only at the positions the browse found
+(:func:`consume_markers`). Written once, for asyncio; ``scripts/unasync.py``
+generates the thread version, :mod:`participants.marker_queue`.
 """
 
 from __future__ import annotations
 
+import uuid
 from collections.abc import Set as AbstractSet
 
 from participants.activemq_base import marker_gtrids
-from participants.stomp_client import Message, StompClient
+from participants.stomp_client import SENTINEL_HEADER, Message, StompClient
+
+#: How many markers that stay (their transactions not ended) a sweep looks past; beyond
+#: them the rest of the queue waits for the next sweep.
+STAYING_WINDOW = 2000
 
 
 def read_markers(client: StompClient, queue: str, timeout: float) -> set[str]:
@@ -34,8 +44,8 @@ def consume_markers(
     named by a marker that stays (a group commit's marker naming a gtrid not
     yet wanted). A browse says where the wanted markers sit; a
     client-individual subscription with a prefetch reaching the last of them
-    receives them in queue order; only wanted ones (and browse sentinels) are
-    ACKed; the UNSUBSCRIBE receipt proves the ACKs were processed, and the
+    (or the last browse sentinel) receives them in queue order; only wanted ones
+    and browse sentinels are ACKed; the UNSUBSCRIBE receipt proves the ACKs were processed, and the
     unacked markers go back to the queue. Markers beyond a browse the broker
     cut short stay for a later call.
     """
@@ -46,7 +56,7 @@ def consume_markers(
 
     queued = client.browse(queue, idle_timeout=timeout)
     kept = {g for m in queued if not removable(m) for g in marker_gtrids(m.headers)}
-    positions = [i for i, m in enumerate(queued) if removable(m)]
+    positions = [i for i, m in enumerate(queued) if removable(m) or m.is_sentinel]
     gone: set[str] = set()
     if positions:
         subscription = client.subscribe(
@@ -63,5 +73,49 @@ def consume_markers(
                 removed += 1
             elif message.is_sentinel:
                 client.ack(message)
+                removed += 1
         subscription.unsubscribe(timeout=timeout)
+    return gone, (set(wanted) & kept) - gone
+
+
+def consume_own_markers(
+    client: StompClient, queue: str, wanted: AbstractSet[str], timeout: float
+) -> tuple[set[str], set[str]]:
+    """Consume the markers on this coordinator's own ``queue`` whose every gtrid is in
+    ``wanted``; leave the others. Returns what :func:`consume_markers` returns.
+
+    No browse: a sentinel of this call's own is stored at the tail, and a
+    client-individual subscription receives the queue in order up to it. Only
+    wanted markers and sentinels are ACKed; the UNSUBSCRIBE receipt proves the
+    ACKs were processed, and the unacked markers go back to the queue. The
+    queue is this coordinator's alone, so no other sweep takes the sentinel
+    away; a sweep that stops early (more than :data:`STAYING_WINDOW` markers
+    staying ahead of it) leaves the rest for a later call.
+    """
+    token = uuid.uuid4().hex
+    client.send(queue, "", {SENTINEL_HEADER: token}, receipt_timeout=timeout)
+    subscription = client.subscribe(
+        queue,
+        ack="client-individual",
+        prefetch=len(wanted) + STAYING_WINDOW,
+        timeout=timeout,
+    )
+    gone: set[str] = set()
+    kept: set[str] = set()
+    while True:
+        message = subscription.get(timeout)
+        if message is None:
+            break  # the window is full of markers that stay: the rest waits
+        if message.is_sentinel:
+            client.ack(message)
+            if message.headers.get(SENTINEL_HEADER) == token:
+                break
+            continue
+        named = marker_gtrids(message.headers)
+        if named and all(g in wanted for g in named):
+            client.ack(message)
+            gone.update(named)
+        else:
+            kept.update(named)
+    subscription.unsubscribe(timeout=timeout)
     return gone, (set(wanted) & kept) - gone

@@ -169,7 +169,8 @@ def message_headers(
                 raise InvalidHeader(name, refusal, participant=participant, gtrid=gtrid)
         stamped[name] = value
     stamped[tracing.GTRID_HEADER] = gtrid
-    tracing.inject(stamped)
+    if tracing.RECORDING:  # decided once, when the coordinator was made: no call without it
+        tracing.inject(stamped)
     return stamped
 
 

@@ -46,7 +46,7 @@ from typing import Any
 import psycopg
 
 from coordinator.errors import TwoPhaseCommitError
-from participants.activemq import MARKER_QUEUE
+from participants.activemq import MARKER_QUEUE_PREFIX
 from participants.postgres import describe_dsn
 from scenarios.config import Settings
 from scenarios.config_values import BROKER_CONFIG, redact
@@ -298,8 +298,11 @@ def _destination_matches(pattern: str, name: str) -> bool:
     return len(parts) == len(names)
 
 
-def browse_page_check(root: ET.Element, where: str, queue: str = MARKER_QUEUE) -> Check:
-    """The marker queue's maxBrowsePageSize: recovery must browse every marker."""
+def browse_page_check(
+    root: ET.Element, where: str, queue: str = MARKER_QUEUE_PREFIX + "twopc"
+) -> Check:
+    """The marker queues' maxBrowsePageSize: recovery must browse every marker (a
+    coordinator's queue is ``/queue/twopc.markers.<coordinator id>``)."""
     name = "maxBrowsePageSize"
     queue_name = queue.removeprefix("/queue/")
     matching = [
@@ -386,7 +389,10 @@ def marker_browse_check(address: str, error: str | None, markers: int) -> Check:
     """The live test: a full browse of the marker queue."""
     name = "marker browse (broker)"
     if error is None:
-        return _ok(name, f"the broker at {address} browsed all {markers} markers on {MARKER_QUEUE}")
+        return _ok(
+            name,
+            f"the broker at {address} browsed all {markers} markers on {MARKER_QUEUE_PREFIX}<id>",
+        )
     return _finding(
         name,
         f"the broker at {address}: {error}",

@@ -30,7 +30,7 @@ from prometheus_client.registry import Collector
 from coordinator import metrics as library
 from coordinator.errors import ConfigurationError, TwoPhaseCommitError
 from coordinator.metrics import Readings, TransactionMetrics, gauge_families
-from participants.activemq import MARKER_QUEUE
+from participants.activemq import marker_queue_for
 from participants.marker_queue import read_markers
 from participants.postgres import PostgresResource
 from scenarios import wiring
@@ -67,13 +67,14 @@ _HELP = {
 
 
 class MarkerQueue:
-    """The lab broker's marker queue, browsed over a short-lived STOMP connection (for a
-    process that opens no coordinator: the library reads its markers)."""
+    """The coordinator's marker queue on the lab broker, browsed over a short-lived STOMP
+    connection (for a process that opens no coordinator: the library reads its markers)."""
 
     name = "broker"
 
-    def __init__(self, settings: Settings, queue: str = MARKER_QUEUE) -> None:
-        self.settings, self.queue = settings, queue
+    def __init__(self, settings: Settings, queue: str | None = None) -> None:
+        self.settings = settings
+        self.queue = queue or marker_queue_for(settings.coordinator_id)
 
     def markers(self) -> set[str]:
         with wiring.open_stomp(self.settings, participant="metrics") as client:

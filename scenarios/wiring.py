@@ -275,7 +275,8 @@ def recover_dead(
 
     Runs as a coordinator of its own (TWOPC_COORDINATOR_ID must not be a live
     instance's), with TWOPC_DECISIONS=postgres. Besides prepared branches, the
-    owners of markers and of decision rows count: their leftovers are swept.
+    registered peers that left markers (on their own marker queues) and the owners
+    of decision rows count: their leftovers are swept.
     """
     settings = settings or Settings.load()
     if settings.decisions != "postgres":
@@ -286,10 +287,22 @@ def recover_dead(
     coordinator = open_coordinator(settings, recover=False, sessions=1, peer_interval=None)
     try:
         owning: set[str] = set()
-        if coordinator.broker is not None:
-            owning |= {owner(g) for g in coordinator.broker.markers()}
+        if coordinator.broker is not None and coordinator.membership is not None:
+            # Each peer's markers are on its own queue (its shared-queue ones read too).
+            for peer in coordinator.membership.peers():
+                if peer != settings.coordinator_id and _has_markers(settings, peer):
+                    owning.add(peer)
         if coordinator.decision_holder is not None:
             owning |= {owner(g) for g in coordinator.decision_holder.decided("")}
         return coordinator.recover_dead_peers(also_owning=owning, fence_timeout=fence_timeout)
     finally:
         coordinator.close()
+
+
+def _has_markers(settings: Settings, coordinator_id: str) -> bool:
+    """Whether ``coordinator_id`` left commit markers (read without fencing)."""
+    mq = broker(settings, pool_size=1, coordinator_id=coordinator_id)
+    try:
+        return bool(mq.markers())
+    finally:
+        mq.close()

@@ -14,10 +14,12 @@ import time
 import uuid
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
+from dataclasses import replace
 from functools import partial
 from pathlib import Path
 from typing import Any
 
+import psycopg
 import pytest
 from structlog.testing import capture_logs
 
@@ -32,10 +34,21 @@ from coordinator.errors import (
     TwoPhaseCommitError,
 )
 from coordinator.protocol import LastResource, LastResourceSession
-from participants.activemq import MAX_POOL_SIZE, ActiveMQ, FenceRefused, client_id_for
+from coordinator.xid import Xid
+from participants.activemq import (
+    MAX_POOL_SIZE,
+    SHARED_MARKER_QUEUE,
+    ActiveMQ,
+    FenceRefused,
+    client_id_for,
+    marker_queue_for,
+)
 from participants.aio.activemq import AsyncActiveMQ
+from participants.postgres import PostgresResource
 from participants.stomp_client import ClientIdInUse
 from participants.stomp_headers import InvalidMessage
+from scenarios.config import Settings
+from scenarios.wiring import open_coordinator
 from tests.conftest import open_stomp_client, stomp_login
 
 pytestmark = pytest.mark.lab
@@ -780,3 +793,93 @@ def test_bad_headers_never_touch_other_threads_group_commits(
         assert browse(stomp_addr, other) == []
     finally:
         resource.close()
+
+
+def test_each_coordinator_has_a_marker_queue_of_its_own(stomp_addr: str) -> None:
+    """A coordinator's markers go to /queue/twopc.markers.<its id>: another coordinator's
+    sweep neither sees them nor takes the browse sentinel the first one left there."""
+    first, second = (
+        ActiveMQ(stomp_addr, unique("q"), pool_size=1, shared_marker_queue=None, **stomp_login())
+        for _ in range(2)
+    )
+    try:
+        assert first.marker_queue == marker_queue_for(first.coordinator_id)
+        assert first.marker_queue == f"/queue/twopc.markers.{first.coordinator_id}"
+        mine = commit_one(first, unique("/queue/test."))
+        theirs = commit_one(second, unique("/queue/test."))
+        assert first.markers() == {mine}  # leaves its browse sentinel on its queue
+        assert second.markers() == {theirs}
+        assert second.remove_markers([theirs, mine]) == 1
+        assert sum(m.is_sentinel for m in browse(stomp_addr, first.marker_queue)) == 1
+        assert first.markers() == {mine}
+        assert first.remove_markers([mine]) == 1
+        assert browse(stomp_addr, first.marker_queue) == []  # its sentinels went with it
+        assert browse(stomp_addr, second.marker_queue) == []
+    finally:
+        first.close()
+        second.close()
+
+
+def test_markers_left_on_the_shared_queue_count_until_the_sweep_removes_them(
+    stomp_addr: str,
+) -> None:
+    """A coordinator's markers on the queue every coordinator shared before count as its
+    markers; removing them leaves the other coordinators' markers there, and once none of
+    its own is left the shared queue is no longer read."""
+    shared = unique("/queue/test.shared.")
+    cid, other = unique("m"), unique("o")
+    fill_markers(stomp_addr, shared, [f"{cid}.1", f"{other}.1", f"{cid}.2,{cid}.3"])
+    mq = ActiveMQ(
+        stomp_addr,
+        cid,
+        pool_size=1,
+        marker_queue=unique("/queue/test.markers."),
+        shared_marker_queue=shared,
+        **stomp_login(),
+    )
+    try:
+        mine = commit_one(mq, unique("/queue/test."))
+        ours = {f"{cid}.1", f"{cid}.2", f"{cid}.3"}
+        assert mq.markers() == {mine, *ours}
+        assert mq.remove_markers(ours) == 3
+        assert [m.headers.get("gtrid") for m in browse(stomp_addr, shared)] == [f"{other}.1"]
+        assert mq.markers() == {mine}  # read once more: none of ours, sentinel dropped
+        assert [m.headers.get("gtrid") for m in browse(stomp_addr, shared)] == [f"{other}.1"]
+        fill_markers(stomp_addr, shared, [f"{cid}.4"])  # never written there in practice
+        assert mq.markers() == {mine}  # not read again
+    finally:
+        mq.close()
+
+
+def test_recovery_commits_by_a_marker_an_earlier_version_left_on_the_shared_queue(
+    settings: Settings, tmp_path: Path
+) -> None:
+    """A branch prepared before the queue per coordinator, its marker on /queue/twopc.markers,
+    is committed by the next start's recovery, which then removes that marker."""
+    ident = unique("old")
+    gtrid = f"{ident}.{uuid.uuid4().hex[:24]}"
+    a = PostgresResource("a", settings.pg_a, pool_size=1)
+    try:
+        branch = a.begin(Xid.branch(gtrid, "a"))
+        branch.execute("CREATE TABLE IF NOT EXISTS shared_marker_probe (tag text)")
+        branch.execute("INSERT INTO shared_marker_probe VALUES (%s)", (gtrid,))
+        branch.send_prepare()
+        branch.prepare()
+        branch.release()
+    finally:
+        a.close()
+    fill_markers(settings.stomp, SHARED_MARKER_QUEUE, [gtrid])
+    coordinator = open_coordinator(replace(settings, coordinator_id=ident, home=tmp_path))
+    try:
+        report = coordinator.last_recovery
+        assert report is not None
+        assert [(i.gtrid, i.marker, i.decision.value) for i in report.items] == [
+            (gtrid, True, "commit")
+        ]
+    finally:
+        coordinator.close()
+    with psycopg.connect(settings.pg_a) as conn:
+        found = conn.execute("SELECT count(*) FROM shared_marker_probe WHERE tag = %s", (gtrid,))
+        assert found.fetchone() == (1,)
+    left = browse(settings.stomp, SHARED_MARKER_QUEUE)
+    assert gtrid not in {g for m in left for g in m.headers.get("gtrid", "").split(",")}

@@ -250,8 +250,9 @@ def test_asyncio_example_commits_atomically_on_the_lab(settings: Settings, tmp_p
 def test_bench_inflight_commits_every_transaction_with_threads_and_with_tasks(
     settings: Settings, tmp_path: Path
 ) -> None:
-    """twopc bench --inflight --quick commits all 200 transactions in both modes, with a
-    thread per transaction in flight for the sync coordinator and none for asyncio."""
+    """twopc bench --inflight --quick commits all 200 transactions in every mode, with a
+    thread per transaction in flight for the sync coordinator and none for asyncio (in one
+    process or split over two, each its own coordinator)."""
     done = subprocess.run(
         [
             *(sys.executable, "-m", "scenarios.cli", "bench", "--inflight", "--quick"),
@@ -266,12 +267,17 @@ def test_bench_inflight_commits_every_transaction_with_threads_and_with_tasks(
     )
     assert done.returncode == 0, done.stderr[-3000:]
     by_mode = {r["mode"]: r for r in json.loads(done.stdout)["inflight"]}
-    threads, tasks = by_mode["threads"], by_mode["asyncio"]
-    assert threads["committed"] == tasks["committed"] == 200
-    assert threads["errors"] == tasks["errors"] == 0
+    threads, tasks, split = by_mode["threads"], by_mode["asyncio"], by_mode["asyncio-2"]
+    assert threads["committed"] == tasks["committed"] == split["committed"] == 200
+    assert threads["errors"] == tasks["errors"] == split["errors"] == 0
     assert threads["threads_in_flight"] >= 200 > tasks["threads_in_flight"]
+    assert split["inflight"] == 200 > split["threads_in_flight"]
     rows = (tmp_path / "inflight.md").read_text().splitlines()
-    assert [r.split(" |")[0] for r in rows if r.startswith("| ")][1:] == ["| threads", "| asyncio"]
+    assert [r.split(" |")[0] for r in rows if r.startswith("| ")][1:] == [
+        "| threads",
+        "| asyncio",
+        "| asyncio-2",
+    ]
 
 
 def fake_coordinator(timeout: float = 30.0) -> tuple[AsyncCoordinator, FakeStore]:

@@ -124,8 +124,8 @@ def test_browse_page_default_or_small_is_a_finding() -> None:
 
 
 def test_the_most_specific_policy_entry_decides_the_browse_page() -> None:
-    """A specific entry for the marker queue wins over a wildcard one."""
-    policies = GOOD_POLICY + '<policyEntry queue="twopc.markers" maxBrowsePageSize="400"/>'
+    """A specific entry for the marker queues (twopc.markers.<id>) wins over a wildcard one."""
+    policies = GOOD_POLICY + '<policyEntry queue="twopc.markers.>" maxBrowsePageSize="400"/>'
     assert doctor.browse_page_check(broker_xml(policies=policies), "x.xml").failed
     assert not doctor.browse_page_check(broker_xml(policies=GOOD_POLICY), "x.xml").failed
 

@@ -419,3 +419,41 @@ def test_an_unexpected_error_in_a_chore_leaves_the_watchdog_running(world: World
     assert failed and failed[0]["error"] == "RuntimeError: a bug in a chore"
     assert world.b.prepared == {} and tx.gtrid in world.b.committed and rounds >= 2
     coord.close()
+
+
+def test_a_filtered_debug_event_costs_the_commit_path_no_call(
+    world: World, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """With DEBUG filtered, the transaction and the commit sequence call no logger's debug:
+    whether it passes is asked once, when the transaction's logger is bound."""
+    calls: list[str] = []
+    real_get_logger = events.get_logger
+
+    class Spy:
+        def __init__(self, inner: object) -> None:
+            self._inner = inner
+
+        def is_enabled_for(self, level: int) -> bool:
+            return bool(self._inner.is_enabled_for(level))  # type: ignore[attr-defined]
+
+        def bind(self, **bound: object) -> Spy:
+            return Spy(self._inner.bind(**bound))  # type: ignore[attr-defined]
+
+        def debug(self, event: str, **kw: object) -> None:
+            calls.append(event)
+
+        def __getattr__(self, name: str) -> object:
+            return getattr(self._inner, name)
+
+    configure_logging("WARNING")
+    monkeypatch.setattr(events, "get_logger", lambda **bound: Spy(real_get_logger(**bound)))
+    coord = world.coordinator()
+    with coord.transaction() as tx:
+        transfer()(tx)
+    assert tx.outcome is Outcome.COMMITTED
+    assert calls == []
+    configure_logging("DEBUG")
+    with coord.transaction() as tx:
+        transfer()(tx)
+    assert events.BEGIN in calls and events.END in calls  # the spy does see them when asked
+    configure_logging()

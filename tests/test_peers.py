@@ -24,6 +24,7 @@ from coordinator.log.memory import MemoryDecisionLog
 from coordinator.states import Outcome
 from coordinator.transaction import Transaction
 from coordinator.xid import FORMAT_ID
+from participants.activemq import marker_queue_for
 from participants.membership import PostgresMembership, end_sessions
 from participants.postgres import PostgresResource
 from scenarios import wiring
@@ -292,6 +293,57 @@ def test_a_live_coordinator_recovers_a_dead_peer_by_its_decision_row(
     assert (tag in probe_tags(settings.pg_a)) is committed
     assert (tag in probe_tags(settings.pg_b)) is committed
     assert decision_rows(settings.pg_a, gtrid) == set()
+
+
+@pytest.mark.parametrize(
+    ("crash_at", "committed"), [("before_broker_commit", False), ("after_broker_commit", True)]
+)
+def test_a_live_coordinator_recovers_a_dead_peer_by_the_marker_on_the_peers_own_queue(
+    settings: Settings, tmp_path: Path, crash_at: str, committed: bool
+) -> None:
+    """A dead peer's marker is on its own queue (/queue/twopc.markers.<peer id>): the
+    recoverer reads it there and commits, or finds none and rolls back; the marker goes."""
+    dead, live = unique_id("mdead"), unique_id("mlive")
+    crashed = wiring.open_coordinator(
+        postgres_mode(settings, dead, tmp_path / "dead"), sessions=2, housekeeping_interval=None
+    )
+    failpoints.arm(crash_at)
+    try:
+        tx = crashed.begin()
+        transfer_rows(tx, f"{crash_at}-{dead}")
+        tx.send(f"/queue/test.peers.{dead}", "{}")
+        with pytest.raises(CrashInjected):
+            tx.commit()
+    finally:
+        failpoints.disarm()
+    kill_sessions(settings, dead)  # the process died: its sessions end, its sockets close
+    for branch in tx.branches.values():
+        branch.release()
+    assert tx.broker is not None
+    tx.broker.release()
+    with contextlib.suppress(Exception):
+        crashed.close()
+    assert prepared_gtrids(settings.pg_b, tx.gtrid) == {tx.gtrid}
+    coordinator = wiring.open_coordinator(
+        postgres_mode(settings, live, tmp_path / "live"), sessions=2, peer_interval=None
+    )
+    try:
+        done = coordinator.recover_dead_peers()
+    finally:
+        coordinator.close()
+    mine = [p for p in done if p.peer == dead]
+    assert len(mine) == 1 and mine[0].resolved, mine
+    assert mine[0].report is not None
+    assert [(i.gtrid, i.marker, i.decision.value) for i in mine[0].report.items] == [
+        (tx.gtrid, committed, "commit" if committed else "rollback")
+    ]
+    assert prepared_gtrids(settings.pg_b, tx.gtrid) == set()
+    tag = f"{crash_at}-{dead}"
+    assert (tag in probe_tags(settings.pg_a)) is committed
+    assert (tag in probe_tags(settings.pg_b)) is committed
+    with wiring.open_stomp(settings) as client:
+        left = client.browse(marker_queue_for(dead), idle_timeout=5.0)
+    assert [m for m in left if not m.is_sentinel] == []
 
 
 def test_a_peer_holding_its_lock_is_left_alone(settings: Settings, tmp_path: Path) -> None:

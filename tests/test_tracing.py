@@ -21,6 +21,7 @@ from scenarios.transfer import model as scenario
 from scenarios.transfer.model import CREDIT_QUEUE
 from scenarios.wiring import open_coordinator
 from tests.test_dead_letters import Running, browse, credit, private_queue, put
+from tests.test_driver import World, transfer
 from tests.test_outbox import fresh, wait_for
 
 __all__ = ["private_queue"]  # the fixture, imported for this module's tests
@@ -154,3 +155,30 @@ def test_without_opentelemetry_every_call_is_a_no_op(monkeypatch: pytest.MonkeyP
     assert tracing.continue_each("twopc.consume", [{"traceparent": "00-1-2-01"}]) == []
     with tracing.continued("twopc.consume", {}) as span, tracing.phase(None, "prepare"):
         assert span is None
+
+
+def test_without_a_tracer_provider_a_transaction_asks_opentelemetry_nothing(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """Without a provider, the coordinator asks for one once, when it is made; its
+    transactions then call neither get_tracer_provider nor propagate.inject."""
+    asked: list[str] = []
+
+    def no_provider() -> trace.TracerProvider:
+        asked.append("get_tracer_provider")
+        return trace.ProxyTracerProvider()
+
+    def inject(*args: object, **kwargs: object) -> None:
+        asked.append("inject")
+
+    monkeypatch.setattr(tracing, "RECORDING", False)
+    monkeypatch.setattr(tracing.trace, "get_tracer_provider", no_provider)
+    monkeypatch.setattr(tracing.propagate, "inject", inject)
+    world = World()
+    coordinator = world.coordinator()
+    for _ in range(5):
+        with coordinator.transaction() as tx:
+            transfer()(tx)
+    coordinator.close()
+    assert asked == ["get_tracer_provider"]
+    assert tx.span is None

@@ -33,7 +33,7 @@ from contextlib import asynccontextmanager
 from functools import partial
 from typing import Any, Protocol, TypeVar
 
-from coordinator import events, failpoints, protocol
+from coordinator import events, failpoints, protocol, tracing
 from coordinator.aio import driver
 from coordinator.aio.transaction import AsyncTransaction
 from coordinator.backlog import Backlog, Resolved, Unfinished
@@ -176,6 +176,7 @@ class AsyncCoordinator:
     ) -> None:
         self.log = log
         self._broker = broker
+        tracing.decide()  # once, not per transaction: is a tracer provider set?
         try:
             self.coordinator_id = validate_coordinator_id(coordinator_id)
             self.prefix = gtrid_prefix(coordinator_id)

@@ -117,7 +117,8 @@ def _check_votes_so_far(tx: AsyncTransaction) -> None:
         raise _Abort("the transaction exceeded its timeout before its commit point")
     failed = [b for b in tx.branches.values() if b.failure is not None]
     for branch in failed:
-        tx.log.debug(events.PREPARE_VOTED, participant=branch.name, vote="no")
+        if tx.debug:
+            tx.log.debug(events.PREPARE_VOTED, participant=branch.name, vote="no")
     if failed:
         raise _Abort(f"participant {failed[0].name!r} voted NO: {failed[0].failure}")
 
@@ -138,7 +139,8 @@ async def _commit_read_only(
         for branch in idle:
             if branch is not carrier:
                 await branch.commit_one_phase()
-                tx.log.debug(events.PREPARE_VOTED, participant=branch.name, vote="read-only")
+                if tx.debug:
+                    tx.log.debug(events.PREPARE_VOTED, participant=branch.name, vote="read-only")
     if tx.broker is not None and broker is None:
         await tx.broker.abort()  # nothing was sent: nothing to commit
     return [b for b in writers if b is not carrier], broker, carrier
@@ -175,7 +177,8 @@ async def _prepare_all(
     the work itself never does (docs/design.md §2: that deadlocks across databases).
     """
     tx.handle(TxEvent.PREPARE)
-    tx.log.debug(events.PREPARE_STARTED, participants=[b.name for b in writers])
+    if tx.debug:
+        tx.log.debug(events.PREPARE_STARTED, participants=[b.name for b in writers])
     with tx.timed("prepare"):
         for branch in writers:
             branch.send_prepare()
@@ -214,11 +217,13 @@ async def _reach_commit_point(
     tx.handle(TxEvent.REACH_COMMIT_POINT)
     prepared = [b.name for b in writers]
     if broker is not None:
-        tx.log.debug(events.COMMIT_POINT_STARTED, via="broker-marker", participant=broker.name)
+        if tx.debug:
+            tx.log.debug(events.COMMIT_POINT_STARTED, via="broker-marker", participant=broker.name)
         with tx.timed("commit_point"):
             await _commit_marker(tx, cfg, broker)
         tx.decided(by_marker=True)
-        tx.log.debug(events.COMMIT_POINT_REACHED, via="broker-marker")
+        if tx.debug:
+            tx.log.debug(events.COMMIT_POINT_REACHED, via="broker-marker")
         with tx.timed("decision_log"):  # the marker is the decision: the record may be lazy
             try:
                 await cfg.log_commit(
@@ -227,13 +232,16 @@ async def _reach_commit_point(
             except DecisionLogError as exc:  # decided all the same: the backlog writes it
                 _log_failed(tx, exc, "COMMIT")
     elif carrier is not None:
-        tx.log.debug(events.COMMIT_POINT_STARTED, via="decision-row", participant=carrier.name)
+        if tx.debug:
+            tx.log.debug(events.COMMIT_POINT_STARTED, via="decision-row", participant=carrier.name)
         with tx.timed("commit_point"):
             await _commit_decision_row(tx, cfg, carrier)
         tx.decided(by_marker=False)
-        tx.log.debug(events.COMMIT_POINT_REACHED, via="decision-row")
+        if tx.debug:
+            tx.log.debug(events.COMMIT_POINT_REACHED, via="decision-row")
     else:
-        tx.log.debug(events.COMMIT_POINT_STARTED, via="decision-log")
+        if tx.debug:
+            tx.log.debug(events.COMMIT_POINT_STARTED, via="decision-log")
         with tx.timed("decision_log"):
             try:
                 await cfg.log_commit(
@@ -246,10 +254,12 @@ async def _reach_commit_point(
                 _log_failed(tx, exc, "COMMIT")
                 raise _Abort(f"the decision log could not be written: {exc}") from exc
         tx.decided(by_marker=False)
-        tx.log.debug(events.COMMIT_POINT_REACHED, via="decision-log")
-    tx.log.debug(
-        events.DECISION_LOGGED, participants=prepared, forced=broker is None and carrier is None
-    )
+        if tx.debug:
+            tx.log.debug(events.COMMIT_POINT_REACHED, via="decision-log")
+    if tx.debug:
+        tx.log.debug(
+            events.DECISION_LOGGED, participants=prepared, forced=broker is None and carrier is None
+        )
 
 
 async def _commit_decision_row(
@@ -333,7 +343,8 @@ async def _commit_prepared(
             )
             await asleep(cfg.phase2_backoff * attempt)
             continue
-        tx.log.debug(events.PHASE2_COMMITTED, participant=branch.name)
+        if tx.debug:
+            tx.log.debug(events.PHASE2_COMMITTED, participant=branch.name)
         cfg.failpoint("after_commit_prepared")
         return
 
@@ -347,7 +358,8 @@ async def _end(tx: AsyncTransaction, cfg: AsyncDriverConfig) -> None:
         cfg.defer(tx)
         return
     tx.handle(TxEvent.END)
-    tx.log.debug(events.END)
+    if tx.debug:
+        tx.log.debug(events.END)
 
 
 def _log_failed(tx: AsyncTransaction, exc: DecisionLogError, record: str) -> None:
@@ -367,10 +379,12 @@ async def _commit_one_phase(
     try:
         with tx.timed("commit_point"):
             if broker is not None:
-                tx.log.debug(events.ONE_PHASE, participant=broker.name)
+                if tx.debug:
+                    tx.log.debug(events.ONE_PHASE, participant=broker.name)
                 await broker.commit(cfg.receipt_timeout)
             for branch in writers:
-                tx.log.debug(events.ONE_PHASE, participant=branch.name)
+                if tx.debug:
+                    tx.log.debug(events.ONE_PHASE, participant=branch.name)
                 await branch.commit_one_phase()
     except CommitRefused as exc:
         raise _Abort(f"one-phase commit refused: {exc}") from exc

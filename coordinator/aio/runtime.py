@@ -54,11 +54,16 @@ class AsyncDriverConfig:
         return await arun_each(self.executor, calls)
 
     async def log_commit(self, gtrid: str, participants: Sequence[str], *, force: bool) -> None:
-        """Write the COMMIT record (forced: durable on return)."""
+        """Write the COMMIT record (forced: durable on return, in a worker thread; lazy:
+        in place, see :meth:`log_end`)."""
+        if not force:
+            self.log.log_commit(gtrid, participants, force=False)
+            return
         await ain_worker(
-            self.executor, lambda: self.log.log_commit(gtrid, participants, force=force)
+            self.executor, lambda: self.log.log_commit(gtrid, participants, force=True)
         )
 
     async def log_end(self, gtrid: str) -> None:
-        """Write the END record (lazily)."""
-        await ain_worker(self.executor, lambda: self.log.log_end(gtrid))
+        """Write the END record (lazily), in place: a lazy record is one write to the page
+        cache, cheaper than the hop to a worker thread and back (docs/design.md §2)."""
+        self.log.log_end(gtrid)

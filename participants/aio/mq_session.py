@@ -12,6 +12,7 @@ from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any, Protocol
 
+from coordinator import events
 from coordinator.errors import InvalidTransition, ParticipantError
 from coordinator.protocol import no_callback
 from participants import events as ev
@@ -96,6 +97,7 @@ class AsyncActiveMQSession:
         self._errors_before = client.error_count
         self.committed_by: Slot = slot  # the slot whose COMMIT decided this session
         self._log = resource._log.bind(gtrid=gtrid, slot=slot.index)
+        self._debug = events.enabled(self._log)  # per-step events only when DEBUG passes
 
     @property
     def name(self) -> str:
@@ -136,7 +138,8 @@ class AsyncActiveMQSession:
         else:
             self._outbox.append((destination, body, stamped))
         self._sent += 1
-        self._log.debug(ev.MQ_SENT, destination=destination)
+        if self._debug:
+            self._log.debug(ev.MQ_SENT, destination=destination)
 
     async def ack(self, ack_id: str) -> None:
         """ACK inside the transaction a message delivered on this session's connection
@@ -159,7 +162,8 @@ class AsyncActiveMQSession:
             self._healthy = False
             raise
         self._acked += 1
-        self._log.debug(ev.MQ_ACKED, ack_id=ack_id)
+        if self._debug:
+            self._log.debug(ev.MQ_ACKED, ack_id=ack_id)
 
     async def commit_with_marker(
         self,
@@ -206,7 +210,8 @@ class AsyncActiveMQSession:
             self._healthy = False
             self._log.warning(ev.MQ_ABORT_FAILED, error=str(exc))
             return
-        self._log.debug(ev.MQ_ABORTED)
+        if self._debug:
+            self._log.debug(ev.MQ_ABORTED)
 
     async def release(self) -> None:
         """Return the connection to the pool, or drop it if its state is unknown. Never raises."""

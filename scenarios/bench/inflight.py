@@ -13,7 +13,13 @@ thousand transactions are open together, the databases see at most ``gate``.
 * **threads**: the sync :class:`~coordinator.Coordinator`, one thread per
   transaction (``threading.Thread``), the gate a ``threading.Semaphore``;
 * **asyncio**: :class:`~coordinator.aio.AsyncCoordinator`, one task per
-  transaction, the gate an ``asyncio.Semaphore``.
+  transaction, the gate an ``asyncio.Semaphore``;
+* **asyncio-2**: the same in-flight count and gate split over two processes,
+  each an asyncio coordinator with its own coordinator id (its own gtrids,
+  client-ids, marker queue and decision log): one event loop per core. Both
+  release their transactions together (a barrier of files); commits per
+  second are counted from the first release to the last commit, memory and
+  threads summed.
 
 Each mode runs in a fresh process of its own (so their memory does not mix),
 and reports the process's RSS before the workers start and when all of them
@@ -42,7 +48,9 @@ from scenarios.config import Settings
 from scenarios.lab.procfs import status_numbers
 from scenarios.wiring import async_participants, broker, databases
 
-MODES = ("threads", "asyncio")
+MODES = ("threads", "asyncio", "asyncio-2")
+#: The processes of the asyncio-2 mode.
+PROCESSES = 2
 TABLE = "bench_inflight"
 QUEUE = "/queue/twopc.bench.inflight"
 SCHEMA = f"CREATE TABLE IF NOT EXISTS {TABLE} (gtrid text PRIMARY KEY, side text NOT NULL)"
@@ -100,8 +108,15 @@ def run_threads(settings: Settings, inflight: int, gate: int, home: Path) -> dic
     return _result("threads", inflight, gate, before, in_flight, seconds, outcomes, errors)
 
 
-async def _run_asyncio(settings: Settings, inflight: int, gate: int, home: Path) -> dict[str, Any]:
-    cid = f"bi{int(time.time()) % 100000}a"
+async def _run_asyncio(
+    settings: Settings,
+    inflight: int,
+    gate: int,
+    home: Path,
+    barrier: Path | None = None,
+    part: int = 0,
+) -> dict[str, Any]:
+    cid = f"bi{int(time.time()) % 100000}a{part}"
     resources, mq = async_participants(settings, cid, pool_size=gate)
     coordinator = AsyncCoordinator(
         cid, FileDecisionLog(home / "asyncio.log"), resources, mq, housekeeping_interval=None
@@ -137,12 +152,24 @@ async def _run_asyncio(settings: Settings, inflight: int, gate: int, home: Path)
     tasks = [asyncio.create_task(worker(), name=f"tx-{i}") for i in range(inflight)]
     await all_begun.wait()
     in_flight = _status()
+    if barrier is not None:
+        await _all_ready(barrier, part)
+    started_at = time.time()
     started = time.perf_counter()
     release.set()
     await asyncio.gather(*tasks)
     seconds = time.perf_counter() - started
+    ended_at = time.time()
     await coordinator.close()
-    return _result("asyncio", inflight, gate, before, in_flight, seconds, outcomes, errors)
+    result = _result("asyncio", inflight, gate, before, in_flight, seconds, outcomes, errors)
+    return {**result, "started_at": started_at, "ended_at": ended_at}
+
+
+async def _all_ready(barrier: Path, part: int) -> None:
+    """Say this process has every transaction in flight; wait until every process has."""
+    (barrier / f"ready-{part}").touch()
+    while len(list(barrier.glob("ready-*"))) < PROCESSES:
+        await asyncio.sleep(0.001)
 
 
 def _result(
@@ -174,28 +201,75 @@ def _result(
     }
 
 
-def run_mode(mode: str, inflight: int, gate: int) -> dict[str, Any]:
-    """One mode in this process (the child's side)."""
+def run_mode(
+    mode: str, inflight: int, gate: int, barrier: str | None = None, part: int = 0
+) -> dict[str, Any]:
+    """One mode in this process (the child's side); ``barrier``: a folder where the
+    processes of the asyncio-2 mode meet before they release their transactions."""
     settings = Settings.load()
     with tempfile.TemporaryDirectory(prefix="twopc-inflight-") as home:
         if mode == "threads":
             return run_threads(settings, inflight, gate, Path(home))
-        return asyncio.run(_run_asyncio(settings, inflight, gate, Path(home)))
+        shared = Path(barrier) if barrier else None
+        return asyncio.run(_run_asyncio(settings, inflight, gate, Path(home), shared, part))
+
+
+def _child(*args: str) -> subprocess.Popen[str]:
+    return subprocess.Popen(
+        [sys.executable, "-m", "scenarios.bench.inflight", *args],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+
+
+def _answer(mode: str, child: subprocess.Popen[str]) -> dict[str, Any]:
+    out, err = child.communicate()
+    if child.returncode != 0:
+        raise RuntimeError(f"the {mode} run failed: {err.strip()[-2000:]}")
+    answer: dict[str, Any] = json.loads(out.strip().splitlines()[-1])
+    return answer
+
+
+def _split(inflight: int, gate: int) -> dict[str, Any]:
+    """The asyncio-2 mode: two processes with half the transactions and gate each."""
+    with tempfile.TemporaryDirectory(prefix="twopc-inflight-barrier-") as barrier:
+        children = [
+            _child("asyncio", str(inflight // PROCESSES), str(gate // PROCESSES), barrier, str(i))
+            for i in range(PROCESSES)
+        ]
+        parts = [_answer("asyncio-2", child) for child in children]
+    seconds = max(p["ended_at"] for p in parts) - min(p["started_at"] for p in parts)
+    committed = sum(p["committed"] for p in parts)
+    errors = [p["first_error"] for p in parts if p["first_error"]]
+    total = {key: sum(p[key] for p in parts) for key in ("rss_before_mib", "rss_in_flight_mib")}
+    return {
+        "mode": "asyncio-2",
+        "inflight": sum(p["inflight"] for p in parts),
+        "gate": sum(p["gate"] for p in parts),
+        **{key: round(value, 1) for key, value in total.items()},
+        "rss_per_transaction_kib": round(
+            1024 * (total["rss_in_flight_mib"] - total["rss_before_mib"]) / inflight, 1
+        ),
+        "rss_peak_mib": round(sum(p["rss_peak_mib"] for p in parts), 1),
+        "threads_in_flight": sum(p["threads_in_flight"] for p in parts),
+        "committed": committed,
+        "other_outcomes": sum(p["other_outcomes"] for p in parts),
+        "errors": sum(p["errors"] for p in parts),
+        "first_error": errors[0] if errors else None,
+        "seconds": round(seconds, 3),
+        "commits_per_second": round(committed / seconds, 1) if seconds else 0.0,
+    }
 
 
 def run(inflight: int = 1000, gate: int = 48) -> list[dict[str, Any]]:
-    """Both modes, each in a fresh process; their results."""
+    """Every mode, each in fresh processes of its own; their results."""
     results = []
     for mode in MODES:
-        done = subprocess.run(
-            [sys.executable, "-m", "scenarios.bench.inflight", mode, str(inflight), str(gate)],
-            capture_output=True,
-            text=True,
-            check=False,
-        )
-        if done.returncode != 0:
-            raise RuntimeError(f"the {mode} run failed: {done.stderr.strip()[-2000:]}")
-        results.append(json.loads(done.stdout.strip().splitlines()[-1]))
+        if mode == "asyncio-2":
+            results.append(_split(inflight, gate))
+        else:
+            results.append(_answer(mode, _child(mode, str(inflight), str(gate))))
     return results
 
 
@@ -205,7 +279,8 @@ def render_markdown(results: list[dict[str, Any]], command: str) -> str:
         f"## {results[0]['inflight']:,} transactions in flight: threads against asyncio tasks",
         "",
         f"`{command}`: every transaction open at once, then A, B and one message each "
-        f"behind a gate of {results[0]['gate']} (participant pools of that size).",
+        f"behind a gate of {results[0]['gate']} (participant pools of that size); "
+        "asyncio-2 splits both over two processes, each its own coordinator.",
         "",
         "| mode | RSS before | RSS in flight | per transaction | peak RSS | threads "
         "| committed | commits/s |",
@@ -227,4 +302,5 @@ def render_markdown(results: list[dict[str, Any]], command: str) -> str:
 
 
 if __name__ == "__main__":
-    print(json.dumps(run_mode(sys.argv[1], int(sys.argv[2]), int(sys.argv[3]))))
+    barrier, part = (sys.argv[4], int(sys.argv[5])) if len(sys.argv) > 5 else (None, 0)
+    print(json.dumps(run_mode(sys.argv[1], int(sys.argv[2]), int(sys.argv[3]), barrier, part)))

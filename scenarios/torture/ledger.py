@@ -32,7 +32,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from coordinator.log.file import read_pending
-from participants.activemq import MARKER_QUEUE
+from participants.activemq import MARKER_QUEUE_PREFIX
 from participants.stomp_client import SENTINEL_HEADER, Message
 from scenarios.config import Settings
 from scenarios.transfer.destinations import LEDGER_QUEUE as QUEUE
@@ -78,7 +78,7 @@ class Check:
         if self.prepared_left:
             found.append(f"prepared transactions left: {_some(self.prepared_left)}")
         if self.markers_left:
-            found.append(f"{self.markers_left} commit markers left on {MARKER_QUEUE}")
+            found.append(f"{self.markers_left} commit markers left on {MARKER_QUEUE_PREFIX}<id>")
         if self.lost_messages:
             found.append(f"messages lost for {_some(self.lost_messages)}")
         if self.duplicates_after_dedup:

@@ -41,7 +41,7 @@ from typing import Any
 import psycopg
 
 from coordinator.xid import FORMAT_ID, gtrid_prefix
-from participants.activemq import MARKER_QUEUE, marker_gtrids
+from participants.activemq import SHARED_MARKER_QUEUE, marker_gtrids, marker_queue_for
 from scenarios.config import Settings
 from scenarios.transfer.destinations import LEDGER_QUEUE, dead_letter_queue
 from scenarios.transfer.model import (
@@ -270,11 +270,14 @@ def prepared_of(settings: Settings) -> list[str]:
 
 
 def markers_of(settings: Settings) -> set[str]:
-    """gtrids of this coordinator's commit markers on the broker's marker queue."""
+    """gtrids of this coordinator's commit markers: on its own marker queue, and on the
+    queue every coordinator shared before (docs/design.md §3)."""
+    queues = (marker_queue_for(settings.coordinator_id), SHARED_MARKER_QUEUE)
     with open_stomp(settings) as client:
         gtrids = {
             g
-            for m in client.browse(MARKER_QUEUE, idle_timeout=10.0)
+            for queue in queues
+            for m in client.browse(queue, idle_timeout=10.0)
             for g in marker_gtrids(m.headers)
         }
     prefix = gtrid_prefix(settings.coordinator_id)
