@@ -54,6 +54,7 @@ NAMES = {
     "AsyncTransaction": "Transaction",
     "AsyncDriverConfig": "DriverConfig",
     "AsyncCursor": "Cursor",
+    "AsyncClientCursor": "ClientCursor",
     "AsyncPostgresResource": "PostgresResource",
     "AsyncPostgresBranch": "PostgresBranch",
     "AsyncConnectionPoolLike": "ConnectionPoolLike",
