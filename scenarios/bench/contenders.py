@@ -25,6 +25,7 @@ from coordinator.errors import ParticipantError, TransactionAborted, Transaction
 from coordinator.log import DecisionLog
 from coordinator.transaction import Transaction
 from coordinator.xid import gtrid_prefix
+from participants.postgres import PostgresBranch
 from scenarios.bench import floor, measure, peer
 from scenarios.bench.floor import Floor
 from scenarios.bench.peer import Peer
@@ -149,7 +150,10 @@ class CoordinatorContender:
                 except pg_errors.CheckViolation:
                     pass  # the branch votes NO at prepare
                 else:
-                    tx.execute("b", CREDIT, {**params, "account": t.target})
+                    # B's work goes out with B's PREPARE (pipelined), after A's answer.
+                    b = tx.branch("b")
+                    assert isinstance(b, PostgresBranch)
+                    b.defer(CREDIT, {**params, "account": t.target})
                     if self.broker:
                         tx.send(
                             EVENT_QUEUE,
@@ -272,6 +276,9 @@ def contenders(settings: Settings) -> dict[str, Factory]:
         "floor-marker": lambda c: _Adapter(Floor(settings, concurrency=c, decision="marker")),
         "floor-seq": lambda c: _Adapter(
             Floor(settings, concurrency=c, decision="marker", sequential=True)
+        ),
+        "floor-at-once": lambda c: _Adapter(
+            Floor(settings, concurrency=c, decision="marker", at_once=True)
         ),
         "coordinator": lambda c: CoordinatorContender(settings, concurrency=c),
         "floor-db": lambda c: _Adapter(Floor(settings, concurrency=c, broker=False)),
