@@ -123,8 +123,10 @@ class CoordinatorContender:
         broker: bool = True,
         name: str | None = None,
         coordinator_id: str = "",
+        pipelined: bool = True,
     ) -> None:
         self.broker = broker
+        self.pipelined = pipelined  # False: B's credit by execute, waiting for its answer
         self.name = name or ("coordinator" if broker else "coordinator-db")
         self.split = PhaseSplit()
         self.by_outcome: dict[str, dict[str, int]] = {}
@@ -151,9 +153,12 @@ class CoordinatorContender:
                     pass  # the branch votes NO at prepare
                 else:
                     # B's work goes out with B's PREPARE (pipelined), after A's answer.
-                    b = tx.branch("b")
-                    assert isinstance(b, PostgresBranch)
-                    b.defer(CREDIT, {**params, "account": t.target})
+                    if self.pipelined:
+                        b = tx.branch("b")
+                        assert isinstance(b, PostgresBranch)
+                        b.defer(CREDIT, {**params, "account": t.target})
+                    else:
+                        tx.execute("b", CREDIT, {**params, "account": t.target})
                     if self.broker:
                         tx.send(
                             EVENT_QUEUE,
