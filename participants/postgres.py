@@ -103,6 +103,27 @@ _WRITE_TAGS = (
 )
 
 
+#: The branch's BEGIN: the first statement of its first pipeline (docs/design.md §2).
+BEGIN = b"BEGIN"
+
+
+def still_open(conn: psycopg.Connection[Any]) -> bool:
+    """Whether an idle connection's server side is still there, read without waiting.
+
+    A session the server ended while the connection sat idle (a restart, an
+    administrator, a fencing peer) has sent its FATAL error and closed the socket:
+    reading what arrived finds the end of the stream. Nothing is sent.
+    """
+    pgconn = conn.pgconn
+    try:
+        pgconn.consume_input()  # the error the server sent, if it did
+        pgconn.is_busy()  # parses it
+        pgconn.consume_input()  # then the end of the stream
+    except psycopg.OperationalError:
+        return False
+    return pgconn.status == pq.ConnStatus.OK
+
+
 def describe_dsn(dsn: str) -> str:
     """host:port/dbname of a connection string, for messages (never the password)."""
     try:
@@ -299,20 +320,28 @@ class PostgresResource:
             raise
         return conn
 
-    def _acquire(self) -> tuple[psycopg.Connection[Any], bool]:
-        """A connection, and whether it was kept in the pool (rather than opened now)."""
-        if self._pool is not None:
-            return self._given(autocommit=False), True  # the pool's may have gone stale
+    def _acquire(self, xid: Xid) -> psycopg.Connection[Any]:
+        """A connection for ``xid``'s branch: a kept one whose session the server ended
+        meanwhile is closed and the next one taken (its BEGIN goes with the branch's
+        first statements, too late to find that out then)."""
         while True:
-            try:
-                conn = self._idle.pop()
-            except IndexError:
-                if self._factory is not None:
-                    return self._given(autocommit=False), False
-                return self.connect(), False
-            if not conn.closed and conn.info.transaction_status == pq.TransactionStatus.IDLE:
-                return conn, True
+            if self._pool is not None:
+                conn = self._given(autocommit=False)  # the pool's may have gone stale
+            else:
+                try:
+                    conn = self._idle.pop()
+                except IndexError:
+                    if self._factory is not None:
+                        return self._given(autocommit=False)
+                    return self.connect()
+            idle = not conn.closed and conn.info.transaction_status == pq.TransactionStatus.IDLE
+            if idle and still_open(conn):
+                return conn
+            if idle:
+                _log().info(ev.PG_POOLED_LOST, participant=self._name, gtrid=xid.gtrid)
             conn.close()
+            if self._pool is not None:
+                self._release(conn)  # the pool replaces a closed one
 
     def _release(self, conn: psycopg.Connection[Any]) -> None:
         healthy = not conn.closed and conn.info.transaction_status == pq.TransactionStatus.IDLE
@@ -369,23 +398,9 @@ class PostgresResource:
     # -- XAResource ------------------------------------------------------------
 
     def begin(self, xid: Xid) -> PostgresBranch:
-        while True:
-            conn, kept = self._acquire()
-            try:
-                run_command(conn, b"BEGIN")
-            except psycopg.Error as exc:
-                lost = conn.broken
-                conn.close()
-                self._release(conn)  # a pool's slot is given back (and refilled)
-                if kept and lost:
-                    # An idle connection the server ended meanwhile (a restart, an
-                    # administrator): BEGIN never ran there. Take the next one.
-                    _log().info(ev.PG_POOLED_LOST, participant=self._name, gtrid=xid.gtrid)
-                    continue
-                raise ParticipantUnavailable(
-                    f"cannot begin the branch: {exc}", participant=self._name, gtrid=xid.gtrid
-                ) from exc
-            return PostgresBranch(self, conn, xid)
+        """The branch on a connection; its BEGIN is not sent yet: it goes first in the
+        branch's first pipeline (docs/design.md §2, "Pipelined work")."""
+        return PostgresBranch(self, self._acquire(xid), xid)
 
     def recover(self, format_id: int, gtrid_prefix: str) -> dict[Xid, datetime | None]:
         """This database's prepared branches with ``format_id`` and the prefix -> prepared at."""
@@ -493,7 +508,7 @@ class PostgresBranch:
         self._rollback_command = b"ROLLBACK PREPARED '" + gid + b"'"
         self._in_flight: bytes | None = None  # a command sent, its answer not yet read
         self._send_error: psycopg.Error | None = None
-        self._deferred: list[bytes] = []  # statements of defer(), not sent yet
+        self._deferred: list[bytes] = [BEGIN]  # BEGIN, then defer()'s, not sent yet
         self._pipelined = 0  # work statements sent in pipeline mode, their answers unread
         self._composer: psycopg.ClientCursor[Any] | None = None
         self._wrote = False
@@ -665,9 +680,12 @@ class PostgresBranch:
         return self._ended
 
     def read_only(self) -> bool:
-        if self._wrote or self.failure is not None or self._deferred:
-            # Deferred work is prepared unread: asking would cost the round trip it saves.
+        if self._wrote or self.failure is not None:
             return False
+        if self._deferred:
+            # Nothing sent yet is read-only; deferred work is prepared unread (asking would
+            # cost the round trip that deferring saves).
+            return self._deferred == [BEGIN]
         if self.conn.pgconn.transaction_status != pq.TransactionStatus.INTRANS:
             return False  # ended outside execute: prepare reads what the server says
         # SELECT can call functions that write: ask the server whether an xid exists.
@@ -781,7 +799,13 @@ class PostgresBranch:
         self._finished = True
 
     def commit_one_phase(self) -> None:
+        if self._deferred == [BEGIN]:  # nothing was sent: nothing to commit
+            self._deferred.clear()
+            self._finished = True
+            return
         before = self.conn.pgconn.transaction_status
+        if self._deferred[:1] == [BEGIN]:
+            before = pq.TransactionStatus.INTRANS  # BEGIN goes with the COMMIT
         try:
             # Outside a transaction PostgreSQL answers COMMIT with a WARNING: not sent.
             ended = before == pq.TransactionStatus.IDLE

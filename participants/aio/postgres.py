@@ -104,6 +104,27 @@ _WRITE_TAGS = (
 )
 
 
+#: The branch's BEGIN: the first statement of its first pipeline (docs/design.md §2).
+BEGIN = b"BEGIN"
+
+
+def still_open(conn: psycopg.AsyncConnection[Any]) -> bool:
+    """Whether an idle connection's server side is still there, read without waiting.
+
+    A session the server ended while the connection sat idle (a restart, an
+    administrator, a fencing peer) has sent its FATAL error and closed the socket:
+    reading what arrived finds the end of the stream. Nothing is sent.
+    """
+    pgconn = conn.pgconn
+    try:
+        pgconn.consume_input()  # the error the server sent, if it did
+        pgconn.is_busy()  # parses it
+        pgconn.consume_input()  # then the end of the stream
+    except psycopg.OperationalError:
+        return False
+    return pgconn.status == pq.ConnStatus.OK
+
+
 def describe_dsn(dsn: str) -> str:
     """host:port/dbname of a connection string, for messages (never the password)."""
     try:
@@ -302,20 +323,28 @@ class AsyncPostgresResource:
             raise
         return conn
 
-    async def _acquire(self) -> tuple[psycopg.AsyncConnection[Any], bool]:
-        """A connection, and whether it was kept in the pool (rather than opened now)."""
-        if self._pool is not None:
-            return await self._given(autocommit=False), True  # the pool's may have gone stale
+    async def _acquire(self, xid: Xid) -> psycopg.AsyncConnection[Any]:
+        """A connection for ``xid``'s branch: a kept one whose session the server ended
+        meanwhile is closed and the next one taken (its BEGIN goes with the branch's
+        first statements, too late to find that out then)."""
         while True:
-            try:
-                conn = self._idle.pop()
-            except IndexError:
-                if self._factory is not None:
-                    return await self._given(autocommit=False), False
-                return await self.connect(), False
-            if not conn.closed and conn.info.transaction_status == pq.TransactionStatus.IDLE:
-                return conn, True
+            if self._pool is not None:
+                conn = await self._given(autocommit=False)  # the pool's may have gone stale
+            else:
+                try:
+                    conn = self._idle.pop()
+                except IndexError:
+                    if self._factory is not None:
+                        return await self._given(autocommit=False)
+                    return await self.connect()
+            idle = not conn.closed and conn.info.transaction_status == pq.TransactionStatus.IDLE
+            if idle and still_open(conn):
+                return conn
+            if idle:
+                _log().info(ev.PG_POOLED_LOST, participant=self._name, gtrid=xid.gtrid)
             await conn.close()
+            if self._pool is not None:
+                await self._release(conn)  # the pool replaces a closed one
 
     async def _release(self, conn: psycopg.AsyncConnection[Any]) -> None:
         healthy = not conn.closed and conn.info.transaction_status == pq.TransactionStatus.IDLE
@@ -372,23 +401,9 @@ class AsyncPostgresResource:
     # -- XAResource ------------------------------------------------------------
 
     async def begin(self, xid: Xid) -> AsyncPostgresBranch:
-        while True:
-            conn, kept = await self._acquire()
-            try:
-                await run_command(conn, b"BEGIN")
-            except psycopg.Error as exc:
-                lost = conn.broken
-                await conn.close()
-                await self._release(conn)  # a pool's slot is given back (and refilled)
-                if kept and lost:
-                    # An idle connection the server ended meanwhile (a restart, an
-                    # administrator): BEGIN never ran there. Take the next one.
-                    _log().info(ev.PG_POOLED_LOST, participant=self._name, gtrid=xid.gtrid)
-                    continue
-                raise ParticipantUnavailable(
-                    f"cannot begin the branch: {exc}", participant=self._name, gtrid=xid.gtrid
-                ) from exc
-            return AsyncPostgresBranch(self, conn, xid)
+        """The branch on a connection; its BEGIN is not sent yet: it goes first in the
+        branch's first pipeline (docs/design.md §2, "Pipelined work")."""
+        return AsyncPostgresBranch(self, await self._acquire(xid), xid)
 
     async def recover(self, format_id: int, gtrid_prefix: str) -> dict[Xid, datetime | None]:
         """This database's prepared branches with ``format_id`` and the prefix -> prepared at."""
@@ -532,7 +547,7 @@ class AsyncPostgresBranch:
         self._rollback_command = b"ROLLBACK PREPARED '" + gid + b"'"
         self._in_flight: bytes | None = None  # a command sent, its answer not yet read
         self._send_error: psycopg.Error | None = None
-        self._deferred: list[bytes] = []  # statements of defer(), not sent yet
+        self._deferred: list[bytes] = [BEGIN]  # BEGIN, then defer()'s, not sent yet
         self._pipelined = 0  # work statements sent in pipeline mode, their answers unread
         self._composer: psycopg.AsyncClientCursor[Any] | None = None
         self._wrote = False
@@ -706,9 +721,12 @@ class AsyncPostgresBranch:
         return self._ended
 
     async def read_only(self) -> bool:
-        if self._wrote or self.failure is not None or self._deferred:
-            # Deferred work is prepared unread: asking would cost the round trip it saves.
+        if self._wrote or self.failure is not None:
             return False
+        if self._deferred:
+            # Nothing sent yet is read-only; deferred work is prepared unread (asking would
+            # cost the round trip that deferring saves).
+            return self._deferred == [BEGIN]
         if self.conn.pgconn.transaction_status != pq.TransactionStatus.INTRANS:
             return False  # ended outside execute: prepare reads what the server says
         # SELECT can call functions that write: ask the server whether an xid exists.
@@ -822,7 +840,13 @@ class AsyncPostgresBranch:
         self._finished = True
 
     async def commit_one_phase(self) -> None:
+        if self._deferred == [BEGIN]:  # nothing was sent: nothing to commit
+            self._deferred.clear()
+            self._finished = True
+            return
         before = self.conn.pgconn.transaction_status
+        if self._deferred[:1] == [BEGIN]:
+            before = pq.TransactionStatus.INTRANS  # BEGIN goes with the COMMIT
         try:
             # Outside a transaction PostgreSQL answers COMMIT with a WARNING: not sent.
             ended = before == pq.TransactionStatus.IDLE

@@ -126,7 +126,7 @@ class CoordinatorContender:
         pipelined: bool = True,
     ) -> None:
         self.broker = broker
-        self.pipelined = pipelined  # False: B's credit by execute, waiting for its answer
+        self.pipelined = pipelined  # False: the work by execute, waiting for each answer
         self.name = name or ("coordinator" if broker else "coordinator-db")
         self.split = PhaseSplit()
         self.by_outcome: dict[str, dict[str, int]] = {}
@@ -145,14 +145,19 @@ class CoordinatorContender:
         params = {"amount": t.amount, "tid": t.transfer_id}
         try:
             with tx:
+                debit = {**params, "account": t.source, "counterparty": t.target}
                 try:
-                    tx.branch("a").execute(
-                        DEBIT_TO, {**params, "account": t.source, "counterparty": t.target}
-                    )
+                    if self.pipelined:  # BEGIN and the debit in one round trip, then A's answer
+                        a = tx.branch("a")
+                        assert isinstance(a, PostgresBranch)
+                        a.defer(DEBIT_TO, debit)
+                        a.flush()
+                    else:
+                        tx.branch("a").execute(DEBIT_TO, debit)
                 except pg_errors.CheckViolation:
                     pass  # the branch votes NO at prepare
                 else:
-                    # B's work goes out with B's PREPARE (pipelined), after A's answer.
+                    # BEGIN and B's credit go out with B's PREPARE, after A's answer.
                     if self.pipelined:
                         b = tx.branch("b")
                         assert isinstance(b, PostgresBranch)
