@@ -13,8 +13,8 @@ from coordinator import Outcome
 from coordinator.errors import InvalidTransition
 from scenarios.config import Settings
 from tests.test_vote import INSERT, TABLE, assert_nothing_prepared, count
-from tests.test_vote import coordinator as coordinator  # noqa: F401 (the fixture)
-from tests.test_vote import ledger as ledger  # noqa: F401 (the fixture)
+from tests.test_vote import coordinator as coordinator
+from tests.test_vote import ledger as ledger
 
 #: A statement that fails in the server: NULL into the NOT NULL id.
 FAILING = f"INSERT INTO {TABLE} VALUES (NULL, %s)"
