@@ -9,21 +9,19 @@ consumers) and puts every figure beside its target.
 
 from __future__ import annotations
 
+import time
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from typing import Any, TypeVar
 
 from coordinator.states import Outcome
-from scenarios.bench import consumers, contenders, inflight, measure
+from scenarios.bench import consumers, contenders, measure
+from scenarios.bench.inflight import run as inflight_run
 from scenarios.config import Settings
 from scenarios.strategies import STRATEGIES
 
 T = TypeVar("T")
 
-#: Transactions in flight (the asyncio and threads run), and consumer messages
-#: (throughput, latency), in a full run and a quick one.
-INFLIGHT = {False: 1_000, True: 200}
-CONSUMER_MESSAGES = {False: (2_000, 200), True: (300, 30)}
 OUTBOX = "outbox-status"
 CONCURRENCY = 16
 
@@ -86,14 +84,26 @@ def outbox_throughput(settings: Settings, *, seconds: float) -> dict[str, Any]:
     return run.as_dict()
 
 
-def measure_extra(settings: Settings, *, quick: bool, seconds: float) -> dict[str, Any]:
-    """What the overhead benchmark does not measure itself, one after the other."""
-    count, latency_count = CONSUMER_MESSAGES[quick]
-    return {
-        "outbox_status_c16": outbox_throughput(settings, seconds=seconds),
-        "inflight": inflight.run(INFLIGHT[quick]),
-        "consumers": consumers.compare(settings, count=count, latency_count=latency_count),
-    }
+def measure_extra(
+    settings: Settings, *, seconds: float, inflight: int, consumer_messages: tuple[int, int]
+) -> dict[str, Any]:
+    """What the overhead benchmark does not measure itself, one after the other: the
+    outbox-status strategy for ``seconds``, ``inflight`` transactions in flight, and the
+    consumers over ``consumer_messages`` (throughput, latency) messages."""
+    count, latency_count = consumer_messages
+    out: dict[str, Any] = {"seconds": {}}
+    for key, measurement in (
+        ("outbox_status_c16", lambda: outbox_throughput(settings, seconds=seconds)),
+        ("inflight", lambda: inflight_run(inflight)),
+        (
+            "consumers",
+            lambda: consumers.compare(settings, count=count, latency_count=latency_count),
+        ),
+    ):
+        started = time.perf_counter()
+        out[key] = measurement()
+        out["seconds"][key] = round(time.perf_counter() - started, 1)
+    return out
 
 
 def rows(
