@@ -104,7 +104,7 @@ class Plan:
     @classmethod
     def for_mode(cls, quick: bool) -> Plan:
         if quick:
-            return cls(8, 15, 1.5, (1, 8, 16, 32), THROUGHPUT_QUICK, 10, 3, 200, (300, 30))
+            return cls(8, 15, 1.5, (1, 8, 16, 32), THROUGHPUT_QUICK, 10, 3, 200, (200, 20))
         return cls(30, 40, 6.0, (1, 8, 16, 32), THROUGHPUT_FULL, 50, 6, 1_000, (2_000, 200))
 
 
