@@ -57,6 +57,7 @@ NAMES = {
     "AsyncTransaction": "Transaction",
     "AsyncDriverConfig": "DriverConfig",
     "AsyncCursor": "Cursor",
+    "AsyncClientCursor": "ClientCursor",
     "AsyncPostgresResource": "PostgresResource",
     "AsyncPostgresBranch": "PostgresBranch",
     "AsyncConnectionPoolLike": "ConnectionPoolLike",

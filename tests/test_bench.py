@@ -144,6 +144,7 @@ def test_bench_overhead_writes_measured_figures(
         "floor",
         "floor-marker",
         "floor-seq",
+        "floor-at-once",
         "coordinator",
         "floor-db",
         "coordinator-db",
@@ -170,6 +171,11 @@ def test_bench_overhead_writes_measured_figures(
     assert by["coordinator"]["commit"]["forced_log_writes_per_tx"] == 0.0
     assert by["coordinator"]["commit"]["marker_messages_per_tx"] == 1.0
     assert all(t["measured"] is not None for t in data["targets"])
+    rows = data["performance_targets"]
+    assert len(rows) == 7 and all(row["measured"] is not None for row in rows), rows
+    assert all(row["met"] in (True, False) and row["target"] for row in rows), rows
+    assert data["latency_c1"]["ratios"]["coordinator/floor-at-once"]["p50"] > 0
+    assert "| figure | measured | target | met? |" in (tmp_path / "overhead.md").read_text()
     assert (tmp_path / "overhead.md").read_text().startswith("# twopc overhead benchmark")
     assert "Tag=coordinator/interleaved/c1," in (tmp_path / "overhead.hlog").read_text()
 

@@ -19,12 +19,18 @@ second argument:
 The branch's own commands (BEGIN, PREPARE TRANSACTION, COMMIT/ROLLBACK
 PREPARED) are composed once per branch and go to libpq directly; their
 answers are checked by :mod:`participants.pg_vote` (docs/design.md §2).
+
+Work given to a branch's ``defer`` is not sent at once: it goes out in libpq's
+pipeline mode with the branch's next command (its PREPARE TRANSACTION, or its
+one-phase COMMIT) or at ``flush``, in one round trip, and its answers are read
+before the vote (docs/design.md §2, "Pipelined work").
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+import re
 from base64 import b64encode
 from collections.abc import Awaitable, Callable, Coroutine
 from datetime import datetime
@@ -63,6 +69,13 @@ from participants.pg_vote import (
     wrong_prepare_answer,
 )
 
+#: Statements ``defer`` refuses: they end (or begin) the branch's transaction, which
+#: ``execute`` detects from their answers, while a pipeline would run on past them.
+_TRANSACTION_CONTROL = re.compile(
+    r"\s*(COMMIT|END|ROLLBACK|ABORT|BEGIN|START\s+TRANSACTION|PREPARE\s+TRANSACTION)\b",
+    re.IGNORECASE,
+)
+
 
 def _log() -> Any:
     # Looked up at each use, so that the application's later structlog set-up applies.
@@ -89,6 +102,27 @@ _WRITE_TAGS = (
     "COMMENT",
     "LOCK",
 )
+
+
+#: The branch's BEGIN: the first statement of its first pipeline (docs/design.md §2).
+BEGIN = b"BEGIN"
+
+
+def still_open(conn: psycopg.AsyncConnection[Any]) -> bool:
+    """Whether an idle connection's server side is still there, read without waiting.
+
+    A session the server ended while the connection sat idle (a restart, an
+    administrator, a fencing peer) has sent its FATAL error and closed the socket:
+    reading what arrived finds the end of the stream. Nothing is sent.
+    """
+    pgconn = conn.pgconn
+    try:
+        pgconn.consume_input()  # the error the server sent, if it did
+        pgconn.is_busy()  # parses it
+        pgconn.consume_input()  # then the end of the stream
+    except psycopg.OperationalError:
+        return False
+    return pgconn.status == pq.ConnStatus.OK
 
 
 def describe_dsn(dsn: str) -> str:
@@ -289,20 +323,28 @@ class AsyncPostgresResource:
             raise
         return conn
 
-    async def _acquire(self) -> tuple[psycopg.AsyncConnection[Any], bool]:
-        """A connection, and whether it was kept in the pool (rather than opened now)."""
-        if self._pool is not None:
-            return await self._given(autocommit=False), True  # the pool's may have gone stale
+    async def _acquire(self, xid: Xid) -> psycopg.AsyncConnection[Any]:
+        """A connection for ``xid``'s branch: a kept one whose session the server ended
+        meanwhile is closed and the next one taken (its BEGIN goes with the branch's
+        first statements, too late to find that out then)."""
         while True:
-            try:
-                conn = self._idle.pop()
-            except IndexError:
-                if self._factory is not None:
-                    return await self._given(autocommit=False), False
-                return await self.connect(), False
-            if not conn.closed and conn.info.transaction_status == pq.TransactionStatus.IDLE:
-                return conn, True
+            if self._pool is not None:
+                conn = await self._given(autocommit=False)  # the pool's may have gone stale
+            else:
+                try:
+                    conn = self._idle.pop()
+                except IndexError:
+                    if self._factory is not None:
+                        return await self._given(autocommit=False)
+                    return await self.connect()
+            idle = not conn.closed and conn.info.transaction_status == pq.TransactionStatus.IDLE
+            if idle and still_open(conn):
+                return conn
+            if idle:
+                _log().info(ev.PG_POOLED_LOST, participant=self._name, gtrid=xid.gtrid)
             await conn.close()
+            if self._pool is not None:
+                await self._release(conn)  # the pool replaces a closed one
 
     async def _release(self, conn: psycopg.AsyncConnection[Any]) -> None:
         healthy = not conn.closed and conn.info.transaction_status == pq.TransactionStatus.IDLE
@@ -359,23 +401,9 @@ class AsyncPostgresResource:
     # -- XAResource ------------------------------------------------------------
 
     async def begin(self, xid: Xid) -> AsyncPostgresBranch:
-        while True:
-            conn, kept = await self._acquire()
-            try:
-                await run_command(conn, b"BEGIN")
-            except psycopg.Error as exc:
-                lost = conn.broken
-                await conn.close()
-                await self._release(conn)  # a pool's slot is given back (and refilled)
-                if kept and lost:
-                    # An idle connection the server ended meanwhile (a restart, an
-                    # administrator): BEGIN never ran there. Take the next one.
-                    _log().info(ev.PG_POOLED_LOST, participant=self._name, gtrid=xid.gtrid)
-                    continue
-                raise ParticipantUnavailable(
-                    f"cannot begin the branch: {exc}", participant=self._name, gtrid=xid.gtrid
-                ) from exc
-            return AsyncPostgresBranch(self, conn, xid)
+        """The branch on a connection; its BEGIN is not sent yet: it goes first in the
+        branch's first pipeline (docs/design.md §2, "Pipelined work")."""
+        return AsyncPostgresBranch(self, await self._acquire(xid), xid)
 
     async def recover(self, format_id: int, gtrid_prefix: str) -> dict[Xid, datetime | None]:
         """This database's prepared branches with ``format_id`` and the prefix -> prepared at."""
@@ -490,6 +518,14 @@ class AsyncPostgresResource:
     # unasync: end
 
 
+class _WorkFailed(Exception):
+    """A deferred statement sent with a command failed: the command did not run."""
+
+    def __init__(self, error: psycopg.Error) -> None:
+        super().__init__(str(error))
+        self.error = error
+
+
 class AsyncPostgresBranch:
     """One branch: a pooled connection inside a transaction that will be prepared as ``xid``.
 
@@ -511,6 +547,9 @@ class AsyncPostgresBranch:
         self._rollback_command = b"ROLLBACK PREPARED '" + gid + b"'"
         self._in_flight: bytes | None = None  # a command sent, its answer not yet read
         self._send_error: psycopg.Error | None = None
+        self._deferred: list[bytes] = [BEGIN]  # BEGIN, then defer()'s, not sent yet
+        self._pipelined = 0  # work statements sent in pipeline mode, their answers unread
+        self._composer: psycopg.AsyncClientCursor[Any] | None = None
         self._wrote = False
         self._prepared = False
         self._maybe_prepared = False  # PREPARE was sent: the server may hold the branch
@@ -537,6 +576,8 @@ class AsyncPostgresBranch:
         """
         if self._ended is not None:
             raise self._ended
+        if self._deferred:
+            await self.flush()  # in order: the deferred statements ran before this one
         try:
             cursor = await self.conn.execute(query, params)
         except psycopg.Error as exc:
@@ -558,6 +599,97 @@ class AsyncPostgresBranch:
         if not self._wrote and tag.startswith(_WRITE_TAGS):
             self._wrote = True
         return cursor
+
+    # -- work sent without waiting for each answer (docs/design.md §2) ---------------
+
+    def defer(self, query: LiteralString | Any, params: Any = None) -> None:
+        """Queue one statement whose result the caller does not need: it is sent, in
+        libpq's pipeline mode, with the branch's next command (its PREPARE TRANSACTION
+        or one-phase COMMIT), with the next :meth:`execute`, or at :meth:`flush`, and
+        nothing waits for its answer until then.
+
+        Its parameters are bound here, on the client side. A failure of the
+        statement shows when its answer is read: at :meth:`flush` or
+        :meth:`execute` it is raised, at prepare the branch votes NO naming it.
+        One statement per call; transaction control (COMMIT, ROLLBACK, BEGIN,
+        PREPARE TRANSACTION) is refused: run it with :meth:`execute`.
+        """
+        if self._ended is not None:
+            raise self._ended
+        if self._composer is None:
+            self._composer = psycopg.AsyncClientCursor(self.conn)
+        text = self._composer.mogrify(query, params)
+        if _TRANSACTION_CONTROL.match(text):
+            raise InvalidTransition(
+                f"PostgreSQL {self.name!r}, transaction {self._xid.gtrid}: defer() takes the "
+                f"branch's work, not transaction control ({text.split(None, 1)[0].upper()}); "
+                "run it with execute()"
+            )
+        self._deferred.append(text.encode(self.conn.info.encoding))
+
+    async def flush(self) -> None:
+        """Send the deferred statements now (one round trip) and wait for their answers;
+        raise the first one's error (the branch then votes NO).
+
+        A caller working on several branches flushes one before the next branch's
+        work, so that each branch's locks are taken in the order of the branches
+        (docs/design.md §2: work on two databases at once can deadlock).
+        """
+        if not self._deferred:
+            return
+        try:
+            self._send_pipeline(None)
+            await self._read_pipeline()
+        except psycopg.Error as exc:
+            self.failure = self.failure or exc
+            if self.conn.closed or self.conn.broken:
+                raise ParticipantUnavailable(
+                    f"the session was lost during the work: {exc}",
+                    participant=self.name,
+                    gtrid=self._xid.gtrid,
+                ) from exc
+            raise  # the caller's SQL failed: theirs to handle; the branch will vote NO
+
+    def _send_pipeline(self, command: bytes | None) -> None:
+        """Send the deferred statements, then ``command`` if given, then a Sync, in
+        libpq's pipeline mode, without waiting for any answer."""
+        statements, self._deferred = self._deferred, []
+        pgconn = self.conn.pgconn
+        pgconn.enter_pipeline_mode()
+        for statement in statements:
+            pgconn.send_query_params(statement, None)
+        if command is not None:
+            pgconn.send_query_params(command, None)
+        pgconn.pipeline_sync()
+        self._pipelined = len(statements)
+
+    async def _read_pipeline(self) -> list[pq.abc.PGresult]:
+        """Read the answers to the pipeline sent last: the work's (the first error is
+        kept as the branch's failure and raised), then the command's results, if a
+        command went with it, then the Sync's."""
+        count, self._pipelined = self._pipelined, 0
+        command = self._in_flight is not None
+        pgconn = self.conn.pgconn
+        try:
+            await self.conn.wait(generators.send(pgconn))
+            work = [await self.conn.wait(generators.fetch_many(pgconn)) for _ in range(count)]
+            answer = await self.conn.wait(generators.fetch_many(pgconn)) if command else []
+            await self.conn.wait(generators.fetch_many(pgconn))  # the Sync's
+            pgconn.exit_pipeline_mode()
+        except psycopg.Error as exc:
+            self.failure = self.failure or exc
+            raise
+        encoding = self.conn.info.encoding
+        for results in work:
+            for result in results:
+                if result.status == pq.ExecStatus.FATAL_ERROR:
+                    error = pg_errors.error_from_result(result, encoding=encoding)
+                    self.failure = error
+                    raise error
+            tag = results[-1].command_status if results else None
+            if tag and not self._wrote and tag.decode().startswith(_WRITE_TAGS):
+                self._wrote = True
+        return answer
 
     async def _end(self, kind: str, query: Any) -> ParticipantError:
         """The work ended the branch's transaction with ``kind``: the branch is broken.
@@ -591,6 +723,10 @@ class AsyncPostgresBranch:
     async def read_only(self) -> bool:
         if self._wrote or self.failure is not None:
             return False
+        if self._deferred:
+            # Nothing sent yet is read-only; deferred work is prepared unread (asking would
+            # cost the round trip that deferring saves).
+            return self._deferred == [BEGIN]
         if self.conn.pgconn.transaction_status != pq.TransactionStatus.INTRANS:
             return False  # ended outside execute: prepare reads what the server says
         # SELECT can call functions that write: ask the server whether an xid exists.
@@ -604,25 +740,44 @@ class AsyncPostgresBranch:
     # -- commands sent now, answered later ---------------------------------------------
 
     def _send(self, command: bytes) -> None:
-        """Send ``command``; a failure to send is kept for the wait that follows."""
+        """Send ``command`` (after the deferred work, in one pipeline); a failure to send
+        is kept for the wait that follows."""
         if self._in_flight is not None or self._send_error is not None:
             return
         try:
-            send_command(self.conn, command)
+            if self._deferred:
+                self._send_pipeline(command)
+            else:
+                send_command(self.conn, command)
         except psycopg.Error as exc:
             self._send_error = exc
             return
         self._in_flight = command
 
     async def _run(self, command: bytes) -> str:
-        """Wait for ``command`` if it was sent already, else send it and wait: its tag."""
+        """Wait for ``command`` if it was sent already, else send it and wait: its tag.
+
+        Deferred work sent with it is read first: its failure raises
+        :class:`_WorkFailed`, and the command was not run."""
+        if self._in_flight is None and self._send_error is None:
+            self._send(command)
         if self._send_error is not None:
             error, self._send_error = self._send_error, None
             raise error
-        if self._in_flight == command:
+        if self._in_flight != command:
+            return await run_command(self.conn, command)
+        if self.conn.pgconn.pipeline_status == pq.PipelineStatus.OFF:
             self._in_flight = None
             return await receive_answer(self.conn)
-        return await run_command(self.conn, command)
+        try:
+            answer = await self._read_pipeline()
+        except psycopg.Error as exc:
+            self._in_flight = None
+            if self.conn.closed or self.conn.broken:
+                raise
+            raise _WorkFailed(exc) from exc
+        self._in_flight = None
+        return answer_of(answer, self.conn.info.encoding)
 
     def _wrong_prepare_answer(self, tag: str) -> PrepareFailed | None:
         return wrong_prepare_answer(
@@ -648,6 +803,14 @@ class AsyncPostgresBranch:
         self._maybe_prepared = True
         try:
             tag = await self._run(self._prepare_command)
+        except _WorkFailed as failed:  # PREPARE was skipped: the transaction is aborted
+            self._maybe_prepared = False
+            await self.rollback()
+            raise PrepareFailed(
+                f"voted NO: the branch's work failed: {failed.error}",
+                participant=self.name,
+                gtrid=gtrid,
+            ) from failed.error
         except psycopg.Error as exc:
             await self._after_failed_prepare()
             if isinstance(exc, pg_errors.DuplicateObject):  # 42710: gid already in use
@@ -677,11 +840,24 @@ class AsyncPostgresBranch:
         self._finished = True
 
     async def commit_one_phase(self) -> None:
+        if self._deferred == [BEGIN]:  # nothing was sent: nothing to commit
+            self._deferred.clear()
+            self._finished = True
+            return
         before = self.conn.pgconn.transaction_status
+        if self._deferred[:1] == [BEGIN]:
+            before = pq.TransactionStatus.INTRANS  # BEGIN goes with the COMMIT
         try:
             # Outside a transaction PostgreSQL answers COMMIT with a WARNING: not sent.
             ended = before == pq.TransactionStatus.IDLE
-            tag = "" if ended else await run_command(self.conn, b"COMMIT")
+            tag = "" if ended else await self._run(b"COMMIT")
+        except _WorkFailed as failed:  # COMMIT was skipped: the transaction is aborted
+            await self.rollback()
+            raise CommitRefused(
+                f"one-phase COMMIT refused: the branch's work failed: {failed.error}",
+                participant=self.name,
+                gtrid=self._xid.gtrid,
+            ) from failed.error
         except psycopg.Error as exc:
             if not (self.conn.closed or self.conn.broken):  # the server answered: rolled back
                 self._finished = True
@@ -744,14 +920,23 @@ class AsyncPostgresBranch:
 
     async def _read_in_flight(self) -> None:
         """Read the answer to a command sent and never waited for (an interrupted sequence)."""
-        command, self._in_flight = self._in_flight, None
+        self._deferred.clear()  # never sent: nothing of it ran
+        command = self._in_flight
         self._send_error = None
-        if command is None or self.conn.closed or self.conn.broken:
+        if command is None and not self._pipelined:
+            return
+        if self.conn.closed or self.conn.broken:
+            self._in_flight, self._pipelined = None, 0
             return
         try:
-            tag = await receive_answer(self.conn)
+            if self.conn.pgconn.pipeline_status != pq.PipelineStatus.OFF:
+                tag = answer_of(await self._read_pipeline(), self.conn.info.encoding)
+            else:
+                tag = await receive_answer(self.conn)
         except psycopg.Error:
             return  # a failed PREPARE rolled the transaction back; a failed COMMIT left it
+        finally:
+            self._in_flight, self._pipelined = None, 0
         if command == self._prepare_command:
             self._prepared = self._wrong_prepare_answer(tag) is None
         elif command == self._commit_command:

@@ -25,6 +25,7 @@ from coordinator.errors import ParticipantError, TransactionAborted, Transaction
 from coordinator.log import DecisionLog
 from coordinator.transaction import Transaction
 from coordinator.xid import gtrid_prefix
+from participants.postgres import PostgresBranch
 from scenarios.bench import floor, measure, peer
 from scenarios.bench.floor import Floor
 from scenarios.bench.peer import Peer
@@ -122,8 +123,10 @@ class CoordinatorContender:
         broker: bool = True,
         name: str | None = None,
         coordinator_id: str = "",
+        pipelined: bool = True,
     ) -> None:
         self.broker = broker
+        self.pipelined = pipelined  # False: the work by execute, waiting for each answer
         self.name = name or ("coordinator" if broker else "coordinator-db")
         self.split = PhaseSplit()
         self.by_outcome: dict[str, dict[str, int]] = {}
@@ -142,14 +145,25 @@ class CoordinatorContender:
         params = {"amount": t.amount, "tid": t.transfer_id}
         try:
             with tx:
+                debit = {**params, "account": t.source, "counterparty": t.target}
                 try:
-                    tx.branch("a").execute(
-                        DEBIT_TO, {**params, "account": t.source, "counterparty": t.target}
-                    )
+                    if self.pipelined:  # BEGIN and the debit in one round trip, then A's answer
+                        a = tx.branch("a")
+                        assert isinstance(a, PostgresBranch)
+                        a.defer(DEBIT_TO, debit)
+                        a.flush()
+                    else:
+                        tx.branch("a").execute(DEBIT_TO, debit)
                 except pg_errors.CheckViolation:
                     pass  # the branch votes NO at prepare
                 else:
-                    tx.execute("b", CREDIT, {**params, "account": t.target})
+                    # BEGIN and B's credit go out with B's PREPARE, after A's answer.
+                    if self.pipelined:
+                        b = tx.branch("b")
+                        assert isinstance(b, PostgresBranch)
+                        b.defer(CREDIT, {**params, "account": t.target})
+                    else:
+                        tx.execute("b", CREDIT, {**params, "account": t.target})
                     if self.broker:
                         tx.send(
                             EVENT_TOPIC,
@@ -272,6 +286,9 @@ def contenders(settings: Settings) -> dict[str, Factory]:
         "floor-marker": lambda c: _Adapter(Floor(settings, concurrency=c, decision="marker")),
         "floor-seq": lambda c: _Adapter(
             Floor(settings, concurrency=c, decision="marker", sequential=True)
+        ),
+        "floor-at-once": lambda c: _Adapter(
+            Floor(settings, concurrency=c, decision="marker", at_once=True)
         ),
         "coordinator": lambda c: CoordinatorContender(settings, concurrency=c),
         "floor-db": lambda c: _Adapter(Floor(settings, concurrency=c, broker=False)),

@@ -27,6 +27,7 @@ def render_markdown(result: Mapping[str, Any], command: str) -> str:
         f"Command: `{command}` ({result['seconds']} s; load average before "
         f"{_fmt(result['load_average']['before'][0])}, after "
         f"{_fmt(result['load_average']['after'][0])} on {os.cpu_count()} cores).",
+        *_performance_targets(result.get("performance_targets", [])),
         "",
         "## Latency at concurrency 1 (interleaved blocks), ms",
         "",
@@ -99,6 +100,26 @@ def render_markdown(result: Mapping[str, Any], command: str) -> str:
         met = {True: "yes", False: "**no**", None: "-"}[t["met"]]
         lines.append(f"| {t['target']} | {_fmt(t['measured'], 3)} | {met} |")
     return "\n".join(lines) + "\n"
+
+
+def _performance_targets(rows: list[Mapping[str, Any]]) -> list[str]:
+    """The performance targets, each with its figure from this run."""
+    if not rows:
+        return []
+    lines = [
+        "",
+        "## Performance targets",
+        "",
+        "| figure | measured | target | met? | from |",
+        "| --- | ---: | --- | --- | --- |",
+    ]
+    for row in rows:
+        met = {True: "yes", False: "**no**", None: "-"}[row["met"]]
+        lines.append(
+            f"| {row['figure']} | {_fmt(row['measured'], 3)} | {row['target']} | {met} | "
+            f"{row['from']} |"
+        )
+    return lines
 
 
 def _against_sequential(runs: Mapping[str, Mapping[str, Any]]) -> list[str]:

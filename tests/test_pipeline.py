@@ -1,0 +1,119 @@
+"""Work deferred on a PostgreSQL branch goes out in pipeline mode with the branch's PREPARE
+(sync and asyncio): it commits like executed work, and a failing statement is a NO vote
+naming the participant and the gtrid, with nothing committed and nothing left prepared."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import psycopg
+import pytest
+
+from coordinator import Outcome
+from coordinator.errors import InvalidTransition
+from scenarios.config import Settings
+from tests.test_vote import INSERT, TABLE, assert_nothing_prepared, count
+from tests.test_vote import coordinator as coordinator
+from tests.test_vote import ledger as ledger
+
+#: A statement that fails in the server: NULL into the NOT NULL id.
+FAILING = f"INSERT INTO {TABLE} VALUES (NULL, %s)"
+
+
+@pytest.mark.lab
+def test_deferred_work_commits_with_the_prepare(coordinator: Any, settings: Settings) -> None:
+    """Statements deferred on A and B are sent with their PREPARE and commit: both rows are
+    there, and nothing stays prepared."""
+    tx = coordinator.begin()
+    tx.branch("a").defer(INSERT, (tx.gtrid, 1))
+    tx.branch("a").defer(INSERT, (tx.gtrid, 2))
+    tx.branch("b").defer(INSERT, (tx.gtrid, 3))
+    assert tx.commit() is Outcome.COMMITTED
+    assert (count(settings.pg_a, tx.gtrid), count(settings.pg_b, tx.gtrid)) == (2, 1)
+    assert_nothing_prepared(settings, tx.gtrid)
+
+
+@pytest.mark.lab
+def test_a_failure_in_the_middle_of_deferred_work_is_a_no_vote(
+    coordinator: Any, settings: Settings
+) -> None:
+    """A constraint violation between two deferred statements on B: B votes NO naming 'b' and
+    the gtrid with the server's error; neither A's work nor B's first row commits."""
+    tx = coordinator.begin()
+    tx.execute("a", INSERT, (tx.gtrid, 1))
+    b = tx.branch("b")
+    b.defer(INSERT, (tx.gtrid, 1))
+    b.defer(FAILING, (2,))
+    b.defer(INSERT, (tx.gtrid, 3))
+    assert tx.commit() is Outcome.ABORTED
+    assert "'b'" in tx.reason and tx.gtrid in tx.reason and "not-null" in tx.reason
+    assert (count(settings.pg_a, tx.gtrid), count(settings.pg_b, tx.gtrid)) == (0, 0)
+    assert_nothing_prepared(settings, tx.gtrid)
+
+
+@pytest.mark.lab
+def test_a_statement_after_a_failed_flush_is_refused_and_the_branch_votes_no(
+    coordinator: Any, settings: Settings
+) -> None:
+    """flush() raises the failed deferred statement's error; a statement after it fails (the
+    transaction is aborted), and the outcome is ABORTED with nothing committed."""
+    tx = coordinator.begin()
+    a = tx.branch("a")
+    a.defer(FAILING, (1,))
+    with pytest.raises(psycopg.errors.NotNullViolation):
+        a.flush()
+    with pytest.raises(psycopg.errors.InFailedSqlTransaction):
+        a.execute(INSERT, (tx.gtrid, 2))
+    tx.execute("b", INSERT, (tx.gtrid, 3))
+    assert tx.commit() is Outcome.ABORTED
+    assert "'a'" in tx.reason
+    assert (count(settings.pg_a, tx.gtrid), count(settings.pg_b, tx.gtrid)) == (0, 0)
+    assert_nothing_prepared(settings, tx.gtrid)
+
+
+@pytest.mark.lab
+def test_execute_after_deferred_work_runs_it_first_and_raises_its_error(
+    coordinator: Any, settings: Settings
+) -> None:
+    """execute() sends the deferred statements before its own: their failure is raised there,
+    and the transaction aborts."""
+    tx = coordinator.begin()
+    b = tx.branch("b")
+    b.defer(FAILING, (1,))
+    with pytest.raises(psycopg.errors.NotNullViolation):
+        b.execute(INSERT, (tx.gtrid, 2))
+    assert tx.commit() is Outcome.ABORTED
+    assert count(settings.pg_b, tx.gtrid) == 0
+    assert_nothing_prepared(settings, tx.gtrid)
+
+
+@pytest.mark.lab
+def test_deferred_work_on_the_only_writer_commits_one_phase(
+    coordinator: Any, settings: Settings
+) -> None:
+    """One branch with deferred work commits one-phase with its COMMIT in the pipeline; a
+    deferred failure there refuses the commit and nothing is written."""
+    good = coordinator.begin()
+    good.branch("a").defer(INSERT, (good.gtrid, 1))
+    assert good.commit() is Outcome.COMMITTED
+    assert count(settings.pg_a, good.gtrid) == 1
+    bad = coordinator.begin()
+    bad.branch("a").defer(INSERT, (bad.gtrid, 1))
+    bad.branch("a").defer(FAILING, (2,))
+    assert bad.commit() is Outcome.ABORTED
+    assert "'a'" in bad.reason and "not-null" in bad.reason
+    assert count(settings.pg_a, bad.gtrid) == 0
+
+
+@pytest.mark.lab
+def test_defer_refuses_transaction_control(coordinator: Any, settings: Settings) -> None:
+    """defer("COMMIT") raises at once, naming the participant and the gtrid; the transaction
+    goes on and commits its other work."""
+    tx = coordinator.begin()
+    with pytest.raises(InvalidTransition, match="'a'") as refused:
+        tx.branch("a").defer("commit")
+    assert tx.gtrid in str(refused.value)
+    tx.branch("a").defer(INSERT, (tx.gtrid, 1))
+    tx.execute("b", INSERT, (tx.gtrid, 2))
+    assert tx.commit() is Outcome.COMMITTED
+    assert (count(settings.pg_a, tx.gtrid), count(settings.pg_b, tx.gtrid)) == (1, 1)
