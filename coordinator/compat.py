@@ -361,3 +361,16 @@ def acurrent_worker() -> object:
 def current_worker() -> object:
     """Who is running: the current thread (a corked write belongs to it)."""
     return threading.get_ident()
+
+
+# -- a process's main loop (scenarios/outbox/consumer_2pc_aio.py) --
+
+
+def arun_main(main: Callable[..., Coroutine[Any, Any, T]], /, *args: Any) -> T:
+    """Run ``main(*args)`` to its end on an event loop of its own (a process's main work)."""
+    return asyncio.run(main(*args))
+
+
+def run_main(main: Callable[..., T], /, *args: Any) -> T:
+    """Run ``main(*args)`` to its end on this thread."""
+    return main(*args)

@@ -17,6 +17,12 @@ What is checked, and why twopc needs it:
   a browse the broker cuts short is refused rather than trusted;
 * link stealing off on the STOMP connectors: fencing relies on the broker
   refusing a second connection with a client-id a live one holds;
+* ``transport.tcpNoDelay=true`` on the STOMP connectors: with Nagle's
+  algorithm on, a frame the broker writes right after another (a RECEIPT, then
+  the next MESSAGE) waits for the client's delayed ACK, about 40 ms, which
+  bounds the 2pc consumer to some 25 transactions a second. Read in the
+  activemq.xml when it is given, and measured live: two receipt-requested
+  frames written back to back, the gap between their receipts;
 * no ``trust`` on each database (a login with no password at all is refused;
   a superuser reads ``pg_hba_file_rules`` instead; over a Unix socket, where
   peer and trust look alike, it says it cannot check), and the role twopc
@@ -31,11 +37,13 @@ What is checked, and why twopc needs it:
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import enum
 import os
 import secrets
 import stat
+import statistics
 import time
 import xml.etree.ElementTree as ET
 from collections.abc import Callable, Iterable, Sequence
@@ -58,6 +66,12 @@ DEFAULT_BROWSE_PAGE = 400
 MIN_BROWSE_PAGE = 10_000
 #: The clock skew doctor accepts between this host and a database, in seconds.
 DEFAULT_MAX_SKEW = 1.0
+#: The gap doctor accepts between two receipts the broker sends back to back (ms): with
+#: Nagle's algorithm on its connector the second waits for this host's delayed ACK
+#: (40 ms or more on Linux); without, it follows at once (well under a millisecond).
+MAX_RECEIPT_GAP_MS = 20.0
+#: Receipt pairs the live tcpNoDelay probe measures (their median gap is judged).
+RECEIPT_PAIRS = 5
 
 
 class Status(enum.Enum):
@@ -366,6 +380,54 @@ def link_stealing_config_check(root: ET.Element, where: str) -> Check:
     )
 
 
+def _stomp_connectors(root: ET.Element) -> list[tuple[str, str]]:
+    """Each STOMP transportConnector's name (or URI) and URI."""
+    return [
+        (connector.get("name") or connector.get("uri") or "", connector.get("uri") or "")
+        for connector in _elements(root, "transportConnector")
+        if connector.get("uri", "").lower().startswith("stomp")
+    ]
+
+
+def stomp_nodelay_config_check(root: ET.Element, where: str) -> Check:
+    """Every STOMP connector must turn Nagle's algorithm off (``transport.tcpNoDelay=true``)."""
+    name = "STOMP tcpNoDelay (config)"
+    missing = [
+        shown
+        for shown, uri in _stomp_connectors(root)
+        if "transport.tcpnodelay=true" not in uri.lower().replace(" ", "")
+    ]
+    if not missing:
+        return _ok(name, f"{where}: every STOMP connector sets transport.tcpNoDelay=true")
+    return _finding(
+        name,
+        f"{where}: connector {', '.join(missing)} leaves Nagle's algorithm on: a frame the "
+        "broker writes right after another (a RECEIPT, then the next MESSAGE) waits for the "
+        "client's delayed ACK, about 40 ms, on every 2pc consumer transaction",
+        f"add ?transport.tcpNoDelay=true to those connectors' uri in {where} and restart "
+        "the broker",
+    )
+
+
+def stomp_nodelay_probe_check(address: str, gap_ms: float) -> Check:
+    """The live test: the median gap (ms) between two receipts the broker sent back to back."""
+    name = "STOMP tcpNoDelay (broker)"
+    detail = (
+        f"the broker at {address} sent the second of two receipts {gap_ms:.1f} ms after the "
+        f"first (median of {RECEIPT_PAIRS} pairs)"
+    )
+    if gap_ms <= MAX_RECEIPT_GAP_MS:
+        return _ok(name, detail)
+    return _finding(
+        name,
+        detail + f", more than {MAX_RECEIPT_GAP_MS:g} ms: its STOMP connector leaves Nagle's "
+        "algorithm on, so each frame it writes right after another waits for this host's "
+        "delayed ACK",
+        "add ?transport.tcpNoDelay=true to the uri of the broker's STOMP transportConnector "
+        "(activemq.xml) and restart the broker",
+    )
+
+
 def link_stealing_probe_check(address: str, second_connected: bool) -> Check:
     """The live test: a second CONNECT with a client-id a live connection holds."""
     name = "link stealing (broker)"
@@ -397,7 +459,12 @@ def marker_browse_check(address: str, error: str | None, markers: int) -> Check:
 
 def broker_config_checks(path: str | None) -> list[Check]:
     """The checks of the broker's activemq.xml at ``path`` (TWOPC_BROKER_CONFIG)."""
-    names = ("broker journal sync", "maxBrowsePageSize", "link stealing (config)")
+    names = (
+        "broker journal sync",
+        "maxBrowsePageSize",
+        "link stealing (config)",
+        "STOMP tcpNoDelay (config)",
+    )
     if not path:
         return [
             Check(
@@ -422,6 +489,7 @@ def broker_config_checks(path: str | None) -> list[Check]:
         journal_sync_check(root, path),
         browse_page_check(root, path),
         link_stealing_config_check(root, path),
+        stomp_nodelay_config_check(root, path),
     ]
 
 
@@ -566,6 +634,16 @@ def _broker_checks(settings: Settings) -> list[Check]:
     finally:
         with contextlib.suppress(Exception):
             first.close()
+    try:
+        checks.append(stomp_nodelay_probe_check(settings.stomp, receipt_gap(settings)))
+    except TwoPhaseCommitError as exc:
+        checks.append(
+            Check(
+                "STOMP tcpNoDelay (broker)",
+                Status.SKIPPED,
+                f"the broker at {settings.stomp}: cannot measure ({_first_line(exc)})",
+            )
+        )
     mq = ActiveMQ(settings.stomp, settings.coordinator_id, pool_size=1, **settings.stomp_options())
     try:
         checks.append(marker_browse_check(settings.stomp, None, len(mq.markers())))
@@ -574,6 +652,51 @@ def _broker_checks(settings: Settings) -> list[Check]:
     finally:
         mq.close()
     return checks
+
+
+def receipt_gap(
+    settings: Settings, *, address: str | None = None, pairs: int = RECEIPT_PAIRS
+) -> float:
+    """The median gap (ms) between the receipts of two ABORTs written back to back (each of
+    a transaction just begun, so nothing changes on the broker); :func:`_receipt_gaps`."""
+    return statistics.median(asyncio.run(_receipt_gaps(settings, address or settings.stomp, pairs)))
+
+
+#: Request-answer exchanges before each pair: a host that answers a segment at once is
+#: "interactive" to Linux, which then delays its ACKs (as a consumer's host does).
+WARM_UP = 3
+
+
+async def _receipt_gaps(settings: Settings, address: str, pairs: int) -> list[float]:
+    """For each pair: a few quick exchanges (so that this host delays its ACKs, as it does
+    under a consumer's steady traffic), then two receipt-requested ABORTs at once, and the
+    time between their receipts. With Nagle's algorithm on the broker's side, the second
+    receipt waits until the first is acknowledged."""
+    from participants.aio.stomp import AsyncStompClient
+
+    client = await AsyncStompClient.open(address, participant="doctor", **settings.stomp_options())
+    arrived: list[float] = []
+
+    async def abort(transaction: str) -> None:
+        await client.abort(transaction, 5.0)
+        arrived.append(time.perf_counter())
+
+    gaps = []
+    try:
+        for _ in range(pairs):
+            for _ in range(WARM_UP):
+                warm = f"twopc-doctor-{secrets.token_hex(4)}"
+                await client.begin(warm)
+                await client.abort(warm, 5.0)
+            transactions = [f"twopc-doctor-{secrets.token_hex(4)}" for _ in range(2)]
+            for transaction in transactions:
+                await client.begin(transaction)
+            arrived.clear()
+            await asyncio.gather(*(abort(t) for t in transactions))
+            gaps.append((max(arrived) - min(arrived)) * 1000)
+    finally:
+        await client.close()
+    return gaps
 
 
 def _state_folder(home: Path) -> Check:
