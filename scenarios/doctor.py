@@ -37,7 +37,6 @@ What is checked, and why twopc needs it:
 
 from __future__ import annotations
 
-import asyncio
 import contextlib
 import enum
 import os
@@ -58,6 +57,7 @@ from participants.activemq import MARKER_QUEUE
 from participants.postgres import describe_dsn
 from scenarios.config import Settings
 from scenarios.config_values import BROKER_CONFIG, redact
+from scenarios.stomp_probe import receipt_gaps
 
 #: ActiveMQ's maxBrowsePageSize when a policyEntry matches the queue without setting it.
 DEFAULT_BROWSE_PAGE = 400
@@ -654,49 +654,11 @@ def _broker_checks(settings: Settings) -> list[Check]:
     return checks
 
 
-def receipt_gap(
-    settings: Settings, *, address: str | None = None, pairs: int = RECEIPT_PAIRS
-) -> float:
-    """The median gap (ms) between the receipts of two ABORTs written back to back (each of
-    a transaction just begun, so nothing changes on the broker); :func:`_receipt_gaps`."""
-    return statistics.median(asyncio.run(_receipt_gaps(settings, address or settings.stomp, pairs)))
-
-
-#: Request-answer exchanges before each pair: a host that answers a segment at once is
-#: "interactive" to Linux, which then delays its ACKs (as a consumer's host does).
-WARM_UP = 3
-
-
-async def _receipt_gaps(settings: Settings, address: str, pairs: int) -> list[float]:
-    """For each pair: a few quick exchanges (so that this host delays its ACKs, as it does
-    under a consumer's steady traffic), then two receipt-requested ABORTs at once, and the
-    time between their receipts. With Nagle's algorithm on the broker's side, the second
-    receipt waits until the first is acknowledged."""
-    from participants.aio.stomp import AsyncStompClient
-
-    client = await AsyncStompClient.open(address, participant="doctor", **settings.stomp_options())
-    arrived: list[float] = []
-
-    async def abort(transaction: str) -> None:
-        await client.abort(transaction, 5.0)
-        arrived.append(time.perf_counter())
-
-    gaps = []
-    try:
-        for _ in range(pairs):
-            for _ in range(WARM_UP):
-                warm = f"twopc-doctor-{secrets.token_hex(4)}"
-                await client.begin(warm)
-                await client.abort(warm, 5.0)
-            transactions = [f"twopc-doctor-{secrets.token_hex(4)}" for _ in range(2)]
-            for transaction in transactions:
-                await client.begin(transaction)
-            arrived.clear()
-            await asyncio.gather(*(abort(t) for t in transactions))
-            gaps.append((max(arrived) - min(arrived)) * 1000)
-    finally:
-        await client.close()
-    return gaps
+def receipt_gap(settings: Settings, *, address: str | None = None) -> float:
+    """The median gap (ms) between two receipts the broker wrote back to back
+    (scenarios.stomp_probe), over RECEIPT_PAIRS pairs."""
+    gaps = receipt_gaps(address or settings.stomp, pairs=RECEIPT_PAIRS, **settings.stomp_options())
+    return statistics.median(gaps)
 
 
 def _state_folder(home: Path) -> Check:
