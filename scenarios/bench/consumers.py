@@ -38,6 +38,8 @@ MAX_COUNT = 5_000
 MAX_LATENCY_COUNT = 500
 ACCOUNTS = 100
 WAIT_TIMEOUT = 120.0
+#: A point of the batch-size curve stores at most this many batches' worth of messages.
+CURVE_BATCHES = 100
 
 
 class _Running:
@@ -175,9 +177,9 @@ def measure_mode(
 def batch_curve(
     settings: Settings, sizes: tuple[int, ...], *, count: int, mode: str = "2pc"
 ) -> list[dict[str, Any]]:
-    """The 2pc consumer's throughput from a stored backlog of ``count`` commands, for each
-    batch size (``--batch-size``, at the default ``--max-wait``): where the default comes
-    from."""
+    """The 2pc consumer's throughput from a stored backlog of ``count`` commands (at most
+    CURVE_BATCHES batches' worth), for each batch size (``--batch-size``, at the default
+    ``--max-wait``): where the default comes from."""
     if not 1 <= count <= MAX_COUNT or not sizes or min(sizes) < 1:
         raise ConfigurationError(
             f"consumer batch curve: 1..{MAX_COUNT} messages (not {count}) and batch sizes "
@@ -187,20 +189,21 @@ def batch_curve(
     for size in sizes:
         scenario.recover_and_reset(settings, accounts=ACCOUNTS)
         prefix = f"bench-curve-{size}"
+        messages = min(count, CURVE_BATCHES * size)  # small batches are slow: fewer of them
         with psycopg.connect(settings.pg_b, autocommit=True) as conn:
-            _store_backlog(settings, prefix, count)
+            _store_backlog(settings, prefix, messages)
             running = _Running(settings, mode, batch_size=size)
             try:
-                seconds, wal_bytes = _drain_backlog(conn, running, prefix, count)
+                seconds, wal_bytes = _drain_backlog(conn, running, prefix, messages)
             finally:
                 running.stop()
         points.append(
             {
                 "mode": mode,
                 "batch_size": size,
-                "count": count,
-                "throughput_per_s": round(count / seconds, 1) if seconds else 0.0,
-                "wal_bytes_per_message": round(wal_bytes / count, 1),
+                "count": messages,
+                "throughput_per_s": round(messages / seconds, 1) if seconds else 0.0,
+                "wal_bytes_per_message": round(wal_bytes / messages, 1),
             }
         )
     scenario.recover_and_reset(settings, accounts=ACCOUNTS)

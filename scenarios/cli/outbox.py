@@ -151,8 +151,7 @@ def relay(
     "--batch-size",
     type=click.IntRange(min=1),
     default=None,
-    help="Messages per B commit (inbox), per global transaction (2pc) "
-    "[default: 200 inbox, 100 2pc].",
+    help="Messages per B commit (inbox), per global transaction (2pc) [default: 200].",
 )
 @click.option(
     "--max-wait",
