@@ -19,6 +19,7 @@ side-by-side reading, not a soak.
 
 from __future__ import annotations
 
+import statistics
 import threading
 import time
 from collections.abc import Callable
@@ -208,6 +209,49 @@ def batch_curve(
         )
     scenario.recover_and_reset(settings, accounts=ACCOUNTS)
     return points
+
+
+def throughput(settings: Settings, mode: str, *, count: int) -> float:
+    """Messages per second of the consumer in ``mode`` through a stored backlog of ``count``."""
+    scenario.recover_and_reset(settings, accounts=ACCOUNTS)
+    prefix = f"bench-{mode}-r"
+    with psycopg.connect(settings.pg_b, autocommit=True) as conn:
+        _store_backlog(settings, prefix, count)
+        running = _Running(settings, mode)
+        try:
+            seconds, _ = _drain_backlog(conn, running, prefix, count)
+        finally:
+            running.stop()
+    return round(count / seconds, 1) if seconds else 0.0
+
+
+def interleaved(settings: Settings, *, rounds: int, count: int) -> list[dict[str, float]]:
+    """``rounds`` more throughput readings of each mode, one mode after the other in each
+    round (so that a change in the machine's load falls on both)."""
+    readings = [
+        {mode: throughput(settings, mode, count=count) for mode in MODES} for _ in range(rounds)
+    ]
+    scenario.recover_and_reset(settings, accounts=ACCOUNTS)
+    return readings
+
+
+def ratio_of_medians(readings: list[dict[str, float]]) -> float:
+    """The median 2pc msg/s over the median inbox msg/s of interleaved readings."""
+    inbox = statistics.median(r["inbox"] for r in readings)
+    return round(statistics.median(r["2pc"] for r in readings) / inbox, 3) if inbox else 0.0
+
+
+def render_rounds(readings: list[dict[str, float]]) -> str:
+    """Each round's throughputs and their ratio, and the ratio of the medians."""
+    lines = [
+        "| round | inbox msg/s | 2pc msg/s | 2pc ÷ inbox |",
+        "| ---: | ---: | ---: | ---: |",
+    ]
+    for index, r in enumerate(readings, 1):
+        share = round(r["2pc"] / r["inbox"], 3) if r["inbox"] else 0.0
+        lines.append(f"| {index} | {r['inbox']} | {r['2pc']} | {share} |")
+    lines += ["", f"Ratio of the medians: **{ratio_of_medians(readings)}**"]
+    return "\n".join(lines) + "\n"
 
 
 def ratio(results: list[dict[str, Any]]) -> float:
