@@ -225,7 +225,7 @@ def _run_part(settings: Any, name: str, *, quick: bool, out: Path, command: str)
 #: ``--consumers``: (messages for the throughput, messages for the latency), normal and quick.
 CONSUMER_COUNTS = {False: (2_000, 200), True: (300, 30)}
 #: ``--consumers``: the 2pc consumer's batch sizes measured (messages each), normal and quick.
-CONSUMER_CURVE = {False: ((1, 10, 50, 100, 200, 500), 2_000), True: ((1, 100), 300)}
+CONSUMER_CURVE = {False: ((1, 10, 50, 100, 200, 500), 2_000), True: ((10,), 300)}
 #: ``--consumers``: interleaved throughput rounds after the first (normal and quick).
 CONSUMER_ROUNDS = {False: 2, True: 0}
 
