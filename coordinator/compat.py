@@ -339,6 +339,8 @@ Queue = queue.SimpleQueue
 
 async def aqueue_get(items: asyncio.Queue[T], timeout: float) -> T | None:
     """The next item, or None after ``timeout`` seconds."""
+    with contextlib.suppress(asyncio.QueueEmpty):
+        return items.get_nowait()  # wait_for with a timeout of 0 never takes it (3.11)
     try:
         return await asyncio.wait_for(items.get(), timeout)
     except TimeoutError:

@@ -7,6 +7,7 @@ Also the two ActiveMQ behaviours the consumer relies on, shown against the real 
 
 from __future__ import annotations
 
+import asyncio
 import json
 import os
 import signal
@@ -18,6 +19,7 @@ from collections.abc import Iterator
 import psycopg
 import pytest
 
+from coordinator.compat import aqueue_get
 from coordinator.coordinator import Coordinator
 from coordinator.failpoints import failpoint_env
 from coordinator.log.memory import MemoryDecisionLog
@@ -124,6 +126,18 @@ def test_an_ack_is_broker_work_committed_with_the_marker_or_dropped_by_an_abort(
         tx.ack("ack-2")
         tx.rollback()
         assert broker.store.acked == ["ack-1"]
+
+
+def test_a_queued_message_is_taken_even_when_no_time_is_left_to_wait() -> None:
+    """An asyncio subscription's queue hands out a waiting item with a timeout of 0 (the end
+    of a batch's --max-wait), which asyncio.wait_for alone never does on Python 3.11."""
+
+    async def take() -> list[int | None]:
+        items: asyncio.Queue[int] = asyncio.Queue()
+        items.put_nowait(7)
+        return [await aqueue_get(items, 0), await aqueue_get(items, 0)]
+
+    assert asyncio.run(take()) == [7, None]
 
 
 # -- the consumer on the lab -----------------------------------------------------------
