@@ -42,9 +42,10 @@ from scenarios.transfer.model import CREDIT_QUEUE, MissingAccount
 ALREADY_CREDITED = "SELECT transfer_id FROM transfers WHERE transfer_id = ANY(%s)"
 
 #: The credits of a batch in one statement (B's part of the inbox consumer's work, without
-#: the inbox): the accounts locked in id order (so that two consumers never deadlock), each
-#: credited its batch's sum, a ``transfers`` row per credit. It returns the transfer ids
-#: credited: a credit to an account B does not have writes nothing and is not returned.
+#: the inbox): the accounts locked in id order before any is updated (the sums read every
+#: locked row first), so that two consumers do not deadlock; each account credited its
+#: batch's sum, a ``transfers`` row per credit. It returns the transfer ids credited: a
+#: credit to an account B does not have writes nothing and is not returned.
 CREDIT_BATCH = """
 WITH items AS (
     SELECT * FROM unnest(%(tids)s::text[], %(accounts)s::text[], %(amounts)s::bigint[])
