@@ -349,6 +349,8 @@ Queue = queue.SimpleQueue
 
 async def aqueue_get(items: asyncio.Queue[T], timeout: float) -> T | None:
     """The next item, or None after ``timeout`` seconds."""
+    with contextlib.suppress(asyncio.QueueEmpty):
+        return items.get_nowait()  # wait_for with a timeout of 0 never takes it (3.11)
     try:
         return await asyncio.wait_for(items.get(), timeout)
     except TimeoutError:
@@ -371,3 +373,16 @@ def acurrent_worker() -> object:
 def current_worker() -> object:
     """Who is running: the current thread (a corked write belongs to it)."""
     return threading.get_ident()
+
+
+# -- a process's main loop (scenarios/outbox/consumer_2pc_aio.py) --
+
+
+def arun_main(main: Callable[..., Coroutine[Any, Any, T]], /, *args: Any) -> T:
+    """Run ``main(*args)`` to its end on an event loop of its own (a process's main work)."""
+    return asyncio.run(main(*args))
+
+
+def run_main(main: Callable[..., T], /, *args: Any) -> T:
+    """Run ``main(*args)`` to its end on this thread."""
+    return main(*args)

@@ -17,6 +17,12 @@ What is checked, and why twopc needs it:
   a browse the broker cuts short is refused rather than trusted;
 * link stealing off on the STOMP connectors: fencing relies on the broker
   refusing a second connection with a client-id a live one holds;
+* ``transport.tcpNoDelay=true`` on the STOMP connectors: with Nagle's
+  algorithm on, a frame the broker writes right after another (a RECEIPT, then
+  the next MESSAGE) waits for the client's delayed ACK, about 40 ms, which
+  bounds the 2pc consumer to some 25 transactions a second. Read in the
+  activemq.xml when it is given, and measured live: two receipt-requested
+  frames written back to back, the gap between their receipts;
 * no ``trust`` on each database (a login with no password at all is refused;
   a superuser reads ``pg_hba_file_rules`` instead; over a Unix socket, where
   peer and trust look alike, it says it cannot check), and the role twopc
@@ -36,6 +42,7 @@ import enum
 import os
 import secrets
 import stat
+import statistics
 import time
 import xml.etree.ElementTree as ET
 from collections.abc import Callable, Iterable, Sequence
@@ -50,6 +57,7 @@ from participants.activemq import MARKER_QUEUE_PREFIX
 from participants.postgres import describe_dsn
 from scenarios.config import Settings
 from scenarios.config_values import BROKER_CONFIG, redact
+from scenarios.stomp_probe import receipt_gaps
 
 #: ActiveMQ's maxBrowsePageSize when a policyEntry matches the queue without setting it.
 DEFAULT_BROWSE_PAGE = 400
@@ -58,6 +66,12 @@ DEFAULT_BROWSE_PAGE = 400
 MIN_BROWSE_PAGE = 10_000
 #: The clock skew doctor accepts between this host and a database, in seconds.
 DEFAULT_MAX_SKEW = 1.0
+#: The gap doctor accepts between two receipts the broker sends back to back (ms): with
+#: Nagle's algorithm on its connector the second waits for this host's delayed ACK
+#: (40 ms or more on Linux); without, it follows at once (well under a millisecond).
+MAX_RECEIPT_GAP_MS = 20.0
+#: Receipt pairs the live tcpNoDelay probe measures (their median gap is judged).
+RECEIPT_PAIRS = 5
 
 
 class Status(enum.Enum):
@@ -369,6 +383,54 @@ def link_stealing_config_check(root: ET.Element, where: str) -> Check:
     )
 
 
+def _stomp_connectors(root: ET.Element) -> list[tuple[str, str]]:
+    """Each STOMP transportConnector's name (or URI) and URI."""
+    return [
+        (connector.get("name") or connector.get("uri") or "", connector.get("uri") or "")
+        for connector in _elements(root, "transportConnector")
+        if connector.get("uri", "").lower().startswith("stomp")
+    ]
+
+
+def stomp_nodelay_config_check(root: ET.Element, where: str) -> Check:
+    """Every STOMP connector must turn Nagle's algorithm off (``transport.tcpNoDelay=true``)."""
+    name = "STOMP tcpNoDelay (config)"
+    missing = [
+        shown
+        for shown, uri in _stomp_connectors(root)
+        if "transport.tcpnodelay=true" not in uri.lower().replace(" ", "")
+    ]
+    if not missing:
+        return _ok(name, f"{where}: every STOMP connector sets transport.tcpNoDelay=true")
+    return _finding(
+        name,
+        f"{where}: connector {', '.join(missing)} leaves Nagle's algorithm on: a frame the "
+        "broker writes right after another (a RECEIPT, then the next MESSAGE) waits for the "
+        "client's delayed ACK, about 40 ms, on every 2pc consumer transaction",
+        f"add ?transport.tcpNoDelay=true to those connectors' uri in {where} and restart "
+        "the broker",
+    )
+
+
+def stomp_nodelay_probe_check(address: str, gap_ms: float) -> Check:
+    """The live test: the median gap (ms) between two receipts the broker sent back to back."""
+    name = "STOMP tcpNoDelay (broker)"
+    detail = (
+        f"the broker at {address} sent the second of two receipts {gap_ms:.1f} ms after the "
+        f"first (median of {RECEIPT_PAIRS} pairs)"
+    )
+    if gap_ms <= MAX_RECEIPT_GAP_MS:
+        return _ok(name, detail)
+    return _finding(
+        name,
+        detail + f", more than {MAX_RECEIPT_GAP_MS:g} ms: its STOMP connector leaves Nagle's "
+        "algorithm on, so each frame it writes right after another waits for this host's "
+        "delayed ACK",
+        "add ?transport.tcpNoDelay=true to the uri of the broker's STOMP transportConnector "
+        "(activemq.xml) and restart the broker",
+    )
+
+
 def link_stealing_probe_check(address: str, second_connected: bool) -> Check:
     """The live test: a second CONNECT with a client-id a live connection holds."""
     name = "link stealing (broker)"
@@ -403,7 +465,12 @@ def marker_browse_check(address: str, error: str | None, markers: int) -> Check:
 
 def broker_config_checks(path: str | None) -> list[Check]:
     """The checks of the broker's activemq.xml at ``path`` (TWOPC_BROKER_CONFIG)."""
-    names = ("broker journal sync", "maxBrowsePageSize", "link stealing (config)")
+    names = (
+        "broker journal sync",
+        "maxBrowsePageSize",
+        "link stealing (config)",
+        "STOMP tcpNoDelay (config)",
+    )
     if not path:
         return [
             Check(
@@ -428,6 +495,7 @@ def broker_config_checks(path: str | None) -> list[Check]:
         journal_sync_check(root, path),
         browse_page_check(root, path),
         link_stealing_config_check(root, path),
+        stomp_nodelay_config_check(root, path),
     ]
 
 
@@ -572,6 +640,16 @@ def _broker_checks(settings: Settings) -> list[Check]:
     finally:
         with contextlib.suppress(Exception):
             first.close()
+    try:
+        checks.append(stomp_nodelay_probe_check(settings.stomp, receipt_gap(settings)))
+    except TwoPhaseCommitError as exc:
+        checks.append(
+            Check(
+                "STOMP tcpNoDelay (broker)",
+                Status.SKIPPED,
+                f"the broker at {settings.stomp}: cannot measure ({_first_line(exc)})",
+            )
+        )
     mq = ActiveMQ(settings.stomp, settings.coordinator_id, pool_size=1, **settings.stomp_options())
     try:
         checks.append(marker_browse_check(settings.stomp, None, len(mq.markers())))
@@ -580,6 +658,13 @@ def _broker_checks(settings: Settings) -> list[Check]:
     finally:
         mq.close()
     return checks
+
+
+def receipt_gap(settings: Settings, *, address: str | None = None) -> float:
+    """The median gap (ms) between two receipts the broker wrote back to back
+    (scenarios.stomp_probe), over RECEIPT_PAIRS pairs."""
+    gaps = receipt_gaps(address or settings.stomp, pairs=RECEIPT_PAIRS, **settings.stomp_options())
+    return statistics.median(gaps)
 
 
 def _state_folder(home: Path) -> Check:

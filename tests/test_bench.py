@@ -339,13 +339,26 @@ def test_the_core_commands_import_nothing_of_the_bench_extra() -> None:
 def test_bench_consumers_measures_both_modes_side_by_side(
     lab: object, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    """twopc bench consumers: inbox and 2pc measured side by side, files written."""
+    """twopc bench consumers: inbox and 2pc measured side by side, the 2pc consumer's
+    throughput per batch size (and on asyncio), files written."""
     from scenarios.cli import bench as bench_cli
+    from scenarios.outbox.consumer_2pc_batch import DEFAULT_BATCH_SIZE
 
     monkeypatch.setitem(bench_cli.CONSUMER_COUNTS, True, (20, 3))
+    monkeypatch.setitem(bench_cli.CONSUMER_CURVE, True, ((1, 5), 10))
     outcome = CliRunner().invoke(main, ["bench", "consumers", "--quick", "--out", str(tmp_path)])
     assert outcome.exit_code == 0, outcome.output
-    rows = json.loads((tmp_path / "consumers.json").read_text())["consumers"]
+    result = json.loads((tmp_path / "consumers.json").read_text())
+    curve = result["batch_curve"]
+    assert [(p["mode"], p["batch_size"]) for p in curve] == [
+        ("2pc", 1),
+        ("2pc", 5),
+        ("2pc-asyncio", DEFAULT_BATCH_SIZE),
+    ]
+    assert [p["count"] for p in curve] == [10, 10, 10]
+    assert all(p["throughput_per_s"] > 0 for p in curve) and result["ratio_2pc_to_inbox"] > 0
+    assert len(result["rounds"]) == 1 and result["ratio_of_medians"] == result["ratio_2pc_to_inbox"]
+    rows = result["consumers"]
     assert [r["mode"] for r in rows] == ["inbox", "2pc"]
     for row in rows:
         assert row["count"] == 20 and row["throughput_per_s"] > 0, row

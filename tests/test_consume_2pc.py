@@ -7,6 +7,7 @@ Also the two ActiveMQ behaviours the consumer relies on, shown against the real 
 
 from __future__ import annotations
 
+import asyncio
 import json
 import os
 import signal
@@ -18,6 +19,7 @@ from collections.abc import Iterator
 import psycopg
 import pytest
 
+from coordinator.compat import aqueue_get
 from coordinator.coordinator import Coordinator
 from coordinator.failpoints import failpoint_env
 from coordinator.log.memory import MemoryDecisionLog
@@ -25,6 +27,7 @@ from participants.fake import FakeBroker, FakeResource
 from scenarios.config import Settings
 from scenarios.outbox.consumer import CONSUMER_CRASH_SETTING
 from scenarios.outbox.consumer_2pc import TwoPhaseConsumer
+from scenarios.outbox.consumer_2pc_aio import AsyncTwoPhaseConsumer
 from scenarios.outbox.deadletter import REASON_HEADER, dead_letter_queue
 from scenarios.transfer import model as scenario
 from scenarios.transfer.model import CREDIT_QUEUE
@@ -125,6 +128,18 @@ def test_an_ack_is_broker_work_committed_with_the_marker_or_dropped_by_an_abort(
         assert broker.store.acked == ["ack-1"]
 
 
+def test_a_queued_message_is_taken_even_when_no_time_is_left_to_wait() -> None:
+    """An asyncio subscription's queue hands out a waiting item with a timeout of 0 (the end
+    of a batch's --max-wait), which asyncio.wait_for alone never does on Python 3.11."""
+
+    async def take() -> list[int | None]:
+        items: asyncio.Queue[int] = asyncio.Queue()
+        items.put_nowait(7)
+        return [await aqueue_get(items, 0), await aqueue_get(items, 0)]
+
+    assert asyncio.run(take()) == [7, None]
+
+
 # -- the consumer on the lab -----------------------------------------------------------
 
 
@@ -157,8 +172,70 @@ def test_2pc_consumer_credits_once_absorbs_duplicates_and_dead_letters_poison(
     assert "acc-99999" in letter.headers[REASON_HEADER]
 
 
+CONSUMERS = {"sync": TwoPhaseConsumer, "asyncio": AsyncTwoPhaseConsumer}
+
+
+@pytest.mark.lab
+@pytest.mark.parametrize("api", list(CONSUMERS))
+def test_2pc_consumer_applies_a_batch_in_one_global_transaction(
+    settings: Settings, clean: None, api: str
+) -> None:
+    """Messages queued together are credited in one global transaction (one marker, one
+    PREPARE on B), on threads and on asyncio."""
+    messages = [credit(f"batch-{i}", f"acc-{i:05d}", 3 + i) for i in range(5)]
+    put(settings, CREDIT_QUEUE, messages)
+    before, _, _ = b_state(settings)
+    consumer = CONSUMERS[api](settings, batch_size=5, max_wait=5.0)
+    with Running(consumer):  # type: ignore[arg-type]
+        wait_for(lambda: consumer.stats.applied == 5, 30, "five credits")
+    after, ids, prepared = b_state(settings)
+    assert consumer.stats.batches == 1 and consumer.stats.aborted == 0
+    assert ids == sorted(f"batch-{i}" for i in range(5)) and prepared == 0
+    for i in range(5):
+        assert after[f"acc-{i:05d}"] - before[f"acc-{i:05d}"] == 3 + i
+    assert browse(settings, CREDIT_QUEUE) == []
+
+
+@pytest.mark.lab
+@pytest.mark.parametrize("api", list(CONSUMERS))
+def test_poison_in_a_batch_is_dead_lettered_and_the_rest_of_the_batch_committed(
+    settings: Settings, clean: None, api: str
+) -> None:
+    """A credit to a missing account and one B refuses (bigint overflow, which fails the
+    batch's statement) go to the dead-letter queue; the batch's other credits commit once."""
+    huge = 2**62
+    good = [credit(f"ok-{i}", f"acc-{i:05d}", 10 + i) for i in range(3)]
+    poison = [
+        credit("huge-1", "acc-00007", huge),  # fits in B's bigint balance
+        credit("huge-2", "acc-00007", huge),  # the second one to the same account does not
+        credit("poor", "acc-99999", 5),  # no such account in B
+    ]
+    put(settings, CREDIT_QUEUE, [*good[:2], *poison, good[2]])
+    before, _, _ = b_state(settings)
+    consumer = CONSUMERS[api](settings, batch_size=6, max_wait=5.0)
+    with Running(consumer):  # type: ignore[arg-type]
+        wait_for(
+            lambda: consumer.stats.applied == 4 and consumer.stats.dead_lettered == 2,
+            30,
+            "four credits and two dead letters",
+        )
+    after, ids, prepared = b_state(settings)
+    assert ids == ["huge-1", "ok-0", "ok-1", "ok-2"] and prepared == 0
+    for i in range(3):
+        assert after[f"acc-{i:05d}"] - before[f"acc-{i:05d}"] == 10 + i
+    assert after["acc-00007"] - before["acc-00007"] == huge
+    assert consumer.stats.aborted == 0 and consumer.stats.reconnects == 0
+    assert browse(settings, CREDIT_QUEUE) == []
+    letters = {
+        m.headers["transfer-id"]: m.headers[REASON_HEADER]
+        for m in browse(settings, dead_letter_queue(CREDIT_QUEUE))
+    }
+    assert sorted(letters) == ["huge-2", "poor"]
+    assert "acc-99999" in letters["poor"] and "out of range" in letters["huge-2"]
+
+
 def run_consumer_cli(
-    settings: Settings, env: dict[str, str], api: str = "sync"
+    settings: Settings, env: dict[str, str], api: str = "sync", *options: str
 ) -> subprocess.Popen[str]:
     """``twopc consumer --mode 2pc`` (``--asyncio`` for that API) as a process of its own."""
     return subprocess.Popen(
@@ -170,6 +247,7 @@ def run_consumer_cli(
             "--mode",
             "2pc",
             *(["--asyncio"] if api == "asyncio" else []),
+            *options,
         ],
         env={**os.environ, **settings.as_env(), "TWOPC_LOG_LEVEL": "WARNING", **env},
         stdout=subprocess.PIPE,
@@ -179,12 +257,15 @@ def run_consumer_cli(
 
 
 CRASHES = {
-    "after-receipt": {CONSUMER_CRASH_SETTING: "after-receipt=kill@3", **failpoint_env(None)},
-    "after-prepare": failpoint_env("after_prepare=kill@3"),
-    "before-broker-commit": failpoint_env("before_broker_commit=kill@3"),
-    "after-broker-commit": failpoint_env("after_broker_commit=kill@3"),
-    "before-b-commit": failpoint_env("after_decision=kill@3"),
+    "after-receipt": {CONSUMER_CRASH_SETTING: "after-receipt=kill@2", **failpoint_env(None)},
+    "after-prepare": failpoint_env("after_prepare=kill@2"),
+    "before-broker-commit": failpoint_env("before_broker_commit=kill@2"),
+    "after-broker-commit": failpoint_env("after_broker_commit=kill@2"),
+    "before-b-commit": failpoint_env("after_decision=kill@2"),
 }
+
+#: Batches of three: the six credits queued make two, the second killed mid-way.
+BATCHES = ("--batch-size", "3", "--max-wait", "5000")
 
 
 @pytest.mark.lab
@@ -193,21 +274,24 @@ CRASHES = {
 def test_a_2pc_consumer_killed_at_each_step_applies_every_credit_exactly_once(
     settings: Settings, clean: None, point: str, api: str
 ) -> None:
-    """SIGKILL at the step, restart: each credit applied once, nothing prepared, nothing lost
-    (the consumer on threads and on asyncio)."""
+    """SIGKILL at the step of a batch's transaction, restart: each credit applied once,
+    nothing prepared, nothing lost (the consumer on threads and on asyncio)."""
     count = 6
     messages = [credit(f"k-{i}", f"acc-{i:05d}", 1 + i) for i in range(count)]
     put(settings, CREDIT_QUEUE, messages)
     before, _, _ = b_state(settings)
-    killed = run_consumer_cli(settings, {CONSUMER_CRASH_SETTING: "", **CRASHES[point]}, api)
+    crash = {CONSUMER_CRASH_SETTING: "", **CRASHES[point]}
+    killed = run_consumer_cli(settings, crash, api, *BATCHES)
     try:
         _, err = killed.communicate(timeout=60)
     finally:
         killed.kill()
     assert killed.returncode == -signal.SIGKILL, err
     _, ids, prepared = b_state(settings)
-    assert len(ids) in (2, 3)  # the first two committed; the third is in flight
-    restarted = run_consumer_cli(settings, {CONSUMER_CRASH_SETTING: "", **failpoint_env(None)}, api)
+    assert len(ids) in (3, 6)  # the first batch committed; the second is in flight
+    restarted = run_consumer_cli(
+        settings, {CONSUMER_CRASH_SETTING: "", **failpoint_env(None)}, api, *BATCHES
+    )
     try:
         wait_for(
             lambda: len(b_state(settings)[1]) == count and not browse(settings, CREDIT_QUEUE),

@@ -4,11 +4,15 @@ as a superuser."""
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
+import socket
 import stat
+import statistics
 import subprocess
 import sys
+import threading
 from pathlib import Path
 
 import pytest
@@ -18,6 +22,7 @@ from scenarios.doctor import Status
 from scenarios.lab.credentials import DB_ADMIN, pg_dsn
 from scenarios.lab.services import Lab
 from scenarios.lab.templates import ACTIVEMQ_XML
+from scenarios.stomp_probe import receipt_gaps
 
 TWOPC = [sys.executable, "-m", "scenarios.cli"]
 
@@ -147,12 +152,76 @@ def test_link_stealing_seen_live_is_a_finding() -> None:
     assert not doctor.link_stealing_probe_check("mq:1", False).failed
 
 
+def test_a_stomp_connector_without_tcp_nodelay_is_a_finding() -> None:
+    """A STOMP connector without transport.tcpNoDelay=true is a finding naming the ~40 ms
+    and the URI option; with it, ok."""
+    check = doctor.stomp_nodelay_config_check(broker_xml(), "x.xml")
+    assert check.failed and "stomp" in check.detail and "40 ms" in check.detail
+    assert "?transport.tcpNoDelay=true" in check.fix and "x.xml" in check.fix
+    fixed = broker_xml(uri="?transport.tcpNoDelay=true")
+    assert not doctor.stomp_nodelay_config_check(fixed, "x.xml").failed
+
+
+def test_receipts_held_apart_are_a_finding_naming_nagle() -> None:
+    """A second receipt held past MAX_RECEIPT_GAP_MS is a finding whose fix is tcpNoDelay."""
+    check = doctor.stomp_nodelay_probe_check("mq:1", 41.7)
+    assert check.failed and "Nagle" in check.detail and "tcpNoDelay=true" in check.fix
+    assert not doctor.stomp_nodelay_probe_check("mq:1", 0.4).failed
+
+
+class NagleResponder:
+    """A TCP server speaking just enough STOMP (CONNECTED, RECEIPT) with Nagle's algorithm
+    on, as a broker without tcpNoDelay: each RECEIPT is its own write."""
+
+    def __init__(self) -> None:
+        self.server = socket.create_server(("127.0.0.1", 0))
+        self.address = f"127.0.0.1:{self.server.getsockname()[1]}"
+        threading.Thread(target=self._serve, daemon=True).start()
+
+    def _serve(self) -> None:
+        with contextlib.suppress(OSError):
+            while True:
+                conn, _ = self.server.accept()
+                threading.Thread(target=self._answer, args=(conn,), daemon=True).start()
+
+    @staticmethod
+    def _answer(conn: socket.socket) -> None:
+        conn.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 0)
+        pending = b""
+        with conn, contextlib.suppress(OSError):
+            while data := conn.recv(65536):
+                *frames, pending = (pending + data).split(b"\0")
+                for frame in frames:
+                    head = frame.lstrip(b"\r\n").split(b"\n\n")[0].decode().split("\n")
+                    headers = dict(line.split(":", 1) for line in head[1:] if ":" in line)
+                    if head[0] == "CONNECT":
+                        conn.sendall(b"CONNECTED\nversion:1.2\n\n\0")
+                    elif "receipt" in headers:
+                        conn.sendall(f"RECEIPT\nreceipt-id:{headers['receipt']}\n\n\0".encode())
+
+    def close(self) -> None:
+        self.server.close()
+
+
+def test_the_live_probe_sees_a_connector_that_holds_its_second_receipt() -> None:
+    """Against a STOMP server with Nagle's algorithm on, the live check is a finding (the
+    second of two receipts waits for this host's delayed ACK; the lab's broker, with
+    tcpNoDelay, passes in test_doctor_passes_on_the_lab)."""
+    responder = NagleResponder()
+    try:
+        gaps = receipt_gaps(responder.address, pairs=doctor.RECEIPT_PAIRS)
+    finally:
+        responder.close()
+    check = doctor.stomp_nodelay_probe_check(responder.address, statistics.median(gaps))
+    assert check.failed and "Nagle" in check.detail
+
+
 def test_lab_broker_configuration_passes_every_config_check(tmp_path: Path) -> None:
-    """The lab's own activemq.xml template passes the three configuration checks."""
+    """The lab's own activemq.xml template passes the four configuration checks."""
     path = tmp_path / "activemq.xml"
     path.write_text(ACTIVEMQ_XML)
     checks = doctor.broker_config_checks(str(path))
-    assert [c.status for c in checks] == [Status.OK] * 3
+    assert [c.status for c in checks] == [Status.OK] * 4
 
 
 def test_unset_broker_config_is_skipped_and_says_which_setting() -> None:

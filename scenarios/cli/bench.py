@@ -224,16 +224,43 @@ def _run_part(settings: Any, name: str, *, quick: bool, out: Path, command: str)
 
 #: ``--consumers``: (messages for the throughput, messages for the latency), normal and quick.
 CONSUMER_COUNTS = {False: (2_000, 200), True: (300, 30)}
+#: ``--consumers``: the 2pc consumer's batch sizes measured (messages each), normal and quick.
+CONSUMER_CURVE = {False: ((1, 10, 50, 100, 200, 500), 2_000), True: ((10,), 300)}
+#: ``--consumers``: interleaved throughput rounds after the first (normal and quick).
+CONSUMER_ROUNDS = {False: 2, True: 0}
 
 
 def _run_consumers(settings: Any, *, quick: bool, out: Path, command: str) -> dict[str, Any]:
     from scenarios.bench import consumers
+    from scenarios.outbox.consumer_2pc_batch import DEFAULT_BATCH_SIZE
 
     count, latency_count = CONSUMER_COUNTS[quick]
     results = consumers.compare(settings, count=count, latency_count=latency_count)
-    markdown = consumers.render_markdown(results, command)
+    by_mode = {r["mode"]: r["throughput_per_s"] for r in results}
+    more = consumers.interleaved(settings, rounds=CONSUMER_ROUNDS[quick], count=count)
+    readings = [by_mode, *more]
+    sizes, curve_count = CONSUMER_CURVE[quick]
+    curve = consumers.batch_curve(settings, sizes, count=curve_count)
+    curve += consumers.batch_curve(
+        settings, (DEFAULT_BATCH_SIZE,), count=curve_count, mode="2pc-asyncio"
+    )
+    markdown = (
+        consumers.render_markdown(results, command)
+        + "\nThroughput, interleaved rounds (the first is the table above's):\n\n"
+        + consumers.render_rounds(readings)
+        + "\nThe 2pc consumer's throughput by batch size (a stored backlog, the default "
+        + "--max-wait):\n\n"
+        + consumers.render_curve(curve)
+    )
     (out / "consumers.md").write_text(markdown)
-    result: dict[str, Any] = {"command": command, "consumers": results}
+    result: dict[str, Any] = {
+        "command": command,
+        "consumers": results,
+        "ratio_2pc_to_inbox": consumers.ratio(results),
+        "rounds": readings,
+        "ratio_of_medians": consumers.ratio_of_medians(readings),
+        "batch_curve": curve,
+    }
     (out / "consumers.json").write_text(json.dumps(result, indent=2))
     return result
 

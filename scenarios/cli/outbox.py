@@ -211,9 +211,16 @@ def relay(
 @click.option(
     "--batch-size",
     type=click.IntRange(min=1),
-    default=200,
-    show_default=True,
-    help="Messages per B commit.",
+    default=None,
+    help="Messages per B commit (inbox), per global transaction (2pc) [default: 200].",
+)
+@click.option(
+    "--max-wait",
+    type=click.FloatRange(min=0),
+    default=None,
+    metavar="MS",
+    help="With --mode 2pc: milliseconds a batch waits for more messages after its first "
+    "[default: 2].",
 )
 @click.option(
     "--max-attempts",
@@ -233,7 +240,8 @@ def relay(
 def consumer(
     mode: str,
     prefetch: int,
-    batch_size: int,
+    batch_size: int | None,
+    max_wait: float | None,
     max_attempts: int | None,
     use_asyncio: bool,
     as_json: bool,
@@ -254,6 +262,11 @@ def consumer(
     _configure_logs(log_json)
     if use_asyncio and mode != "2pc":
         raise click.BadParameter("--asyncio runs the 2pc consumer only", param_hint="--asyncio")
+    if max_wait is not None and mode != "2pc":
+        raise click.BadParameter(
+            "--max-wait applies to --mode 2pc (the inbox consumer takes what has arrived)",
+            param_hint="--max-wait",
+        )
     if max_attempts is None:
         setting = os.environ.get(MAX_ATTEMPTS_SETTING) or str(DEFAULT_MAX_ATTEMPTS)
         if not setting.isdigit() or int(setting) < 1:
@@ -264,17 +277,26 @@ def consumer(
         max_attempts = int(setting)
     settings = _settings()
     worker: Any
+    if mode == "2pc":
+        from scenarios.outbox.consumer_2pc_batch import DEFAULT_BATCH_SIZE, DEFAULT_MAX_WAIT
+
+        batching: dict[str, Any] = {
+            "batch_size": batch_size or DEFAULT_BATCH_SIZE,
+            "max_wait": DEFAULT_MAX_WAIT if max_wait is None else max_wait / 1000,
+            "prefetch": prefetch,
+            "max_attempts": max_attempts,
+        }
     if mode == "2pc" and use_asyncio:
         from scenarios.outbox.consumer_2pc_aio import AsyncTwoPhaseConsumer
 
-        worker = AsyncTwoPhaseConsumer(settings, max_attempts=max_attempts)
+        worker = AsyncTwoPhaseConsumer(settings, **batching)
     elif mode == "2pc":
         from scenarios.outbox.consumer_2pc import TwoPhaseConsumer
 
-        worker = TwoPhaseConsumer(settings, max_attempts=max_attempts)
+        worker = TwoPhaseConsumer(settings, **batching)
     else:
         worker = Consumer(
-            settings, prefetch=prefetch, batch_size=batch_size, max_attempts=max_attempts
+            settings, prefetch=prefetch, batch_size=batch_size or 200, max_attempts=max_attempts
         )
     metrics = serve_metrics(settings)
     if metrics is not None:

@@ -68,7 +68,7 @@ from scenarios.wiring import open_stomp
 
 #: Environment variable arming a consumer crash: ``after-b-commit=kill@3`` SIGKILLs the
 #: consumer after its third B commit, before the acknowledgements; ``after-receipt``
-#: (2pc mode) after a message arrived, before its transaction began.
+#: (2pc mode) after a batch of messages arrived, before its transaction began.
 CONSUMER_CRASH_SETTING = "TWOPC_CONSUMER_CRASH"
 CONSUMER_CRASH_POINTS = ("after-b-commit", "after-receipt")
 

@@ -1,141 +1,133 @@
-"""The consumer inside a global transaction (``twopc consumer --mode 2pc``): no inbox table.
+# Generated from scenarios/outbox/consumer_2pc_aio.py by scripts/unasync.py:
+# edit that file, then run
+# `python scripts/unasync.py` (tests/test_unasync.py checks this file is current).
+"""The consumer inside a global transaction (``twopc consumer --mode 2pc [--asyncio]``): no inbox.
 
-Each credit command is taken off the queue and applied in one global
-transaction of a coordinator of its own (scenarios.wiring.open_consuming_coordinator):
+Written once, for asyncio (``scenarios/outbox/consumer_2pc_aio.py``), from
+which ``scripts/unasync.py`` generates the thread version
+(``scenarios/outbox/consumer_2pc.py``). Both share the coordinator id and
+decision log of scenarios.wiring.open_consuming_coordinator, so either one
+recovers what the other left when it died.
 
-1. the message arrives on a ``client-individual`` subscription of the
-   coordinator's one broker session;
-2. the credit runs on B in an XA branch (with a check that B does not hold
-   the transfer already: a relay's duplicate is acknowledged and credits
-   nothing);
-3. the message's ACK goes out inside the broker transaction
-   (``Transaction.ack``);
+Credit commands are applied in batches, each in one global transaction
+(docs/design.md §8):
+
+1. up to ``batch_size`` messages are taken off a ``client-individual``
+   subscription of the coordinator's one broker session, waiting at most
+   ``max_wait`` after the first for the others;
+2. their credits run on B in one XA branch, sorted by target account, after
+   one query for the transfers B holds already (a relay's duplicate is
+   acknowledged and credits nothing);
+3. every message's ACK goes out inside the broker transaction;
 4. the coordinator commits: PREPARE on B, then the broker's COMMIT carrying
-   the ACK and the commit marker (the commit point), then COMMIT PREPARED.
+   the ACKs and one commit marker naming the batch's gtrid (the commit point),
+   then COMMIT PREPARED.
 
-A crash before the broker's COMMIT leaves the message on the queue (the
-broker drops an uncommitted ACK with its connection) and B's branch, if
+A crash before the broker's COMMIT leaves the messages on the queue (the
+broker drops uncommitted ACKs with their connection) and B's branch, if
 prepared, without a marker: recovery rolls it back. A crash after it leaves
-the message consumed and the marker on the marker queue: recovery commits B.
+the messages consumed and the marker on the marker queue: recovery commits B.
 The consumer runs its coordinator's recovery when it starts.
 
-Poison messages (another ``type``, a malformed body, a missing account, a
-constraint of B) go to the dead-letter queue, as in the inbox consumer. A
-transaction that aborts for another reason (B unreachable, a refused
-COMMIT) drops the connection, so that the message comes back; after
-``max_attempts`` deliveries it is dead-lettered.
+Poison messages never hold a batch back. One rejected unread (another
+``type``, a malformed body) is dead-lettered as in the inbox consumer; one B
+refuses (a missing account, a constraint of B) rolls its batch's transaction
+back before any ACK went out, is dead-lettered, and the rest of the batch is
+applied again without it. A transaction that aborts for another reason (B
+unreachable, a refused COMMIT) drops the connection, so that its messages come
+back; each of them is then tried in a transaction of its own, and after
+``max_attempts`` tries it is dead-lettered.
 """
 
 from __future__ import annotations
 
 import threading
 import time
-from collections import Counter
-from dataclasses import dataclass, field
 
 import psycopg
 
-from coordinator import tracing
-from coordinator.coordinator import Coordinator
+from coordinator import Coordinator, tracing
+from coordinator.compat import run_main, sleep
 from coordinator.errors import ParticipantError, TwoPhaseCommitError
-from coordinator.events import get_logger
-from coordinator.recovery import Decision
 from coordinator.states import Outcome
+from coordinator.transaction import Transaction
 from participants.stomp_client import Message, Subscription
 from scenarios import events as ev
-from scenarios.config import Settings
-from scenarios.crash_plan import CrashPlan
-from scenarios.outbox.consumer import (
-    CONSUMER_CRASH_POINTS,
-    CONSUMER_CRASH_SETTING,
-    DEFAULT_MAX_ATTEMPTS,
-    REJECTED,
-    ConsumerFailed,
-    ConsumerStats,
-    check_retries,
-    kind_problem,
-    parse,
+from scenarios.outbox.consumer import CONSUMER_CRASH_SETTING, ConsumerFailed, _Parsed
+from scenarios.outbox.consumer_2pc_batch import (
+    ALREADY_CREDITED,
+    CREDIT_BATCH,
+    REFUSALS,
+    Batch,
+    Consumer2pcStats,
+    Redeliver,
+    TwoPhaseConsumerBase,
+    credit_batch,
+    credit_order,
+    item_credit,
+    refusal_reason,
 )
-from scenarios.outbox.deadletter import Rejection, dead_letter, dead_letter_queue, one_line
-from scenarios.transfer.model import CREDIT, CREDIT_QUEUE, MissingAccount, require_applied
+from scenarios.outbox.deadletter import dead_letter, one_line
+from scenarios.transfer.model import CREDIT, MissingAccount
 from scenarios.wiring import open_consuming_coordinator
 
-#: B already holds the transfer: the command is a duplicate (a relay's retry or replay).
-ALREADY_CREDITED = "SELECT 1 FROM transfers WHERE transfer_id = %s"
+#: How often the consumer looks at its stop event while it waits for a message.
+POLL = 0.25
 
 
-@dataclass
-class Consumer2pcStats(ConsumerStats):
-    """What a consumer in 2pc mode did: the inbox consumer's counts and the outcomes."""
-
-    aborted: int = 0  # transactions rolled back (the message went back to the queue)
-    in_doubt: int = 0  # left to the coordinator's recovery
-    latencies: list[float] = field(default_factory=list, repr=False)  # s per applied message
-
-    def as_dict(self) -> dict[str, int]:
-        return {k: v for k, v in self.__dict__.items() if isinstance(v, int)}
+class _Split(Exception):
+    """B refused the credits of a batch in one statement: rolled back, to be applied one
+    statement per credit to find which one it refuses."""
 
 
-class _Transient(Exception):
-    """The transaction did not commit for a reason that is not the message's: redeliver."""
+class _Refused(Exception):
+    """B refused one credit of a batch: its transaction was rolled back."""
+
+    def __init__(self, item: _Parsed, reason: str) -> None:
+        super().__init__(reason)
+        self.item = item
+        self.reason = reason
 
 
-class TwoPhaseConsumer:
-    """Applies credit commands to B inside global transactions until stopped."""
-
-    def __init__(
-        self,
-        settings: Settings,
-        *,
-        destination: str = CREDIT_QUEUE,
-        name: str = "consumer-2pc",
-        max_attempts: int = DEFAULT_MAX_ATTEMPTS,
-        retry_delay: float = 0.2,
-        max_delay: float = 5.0,
-    ) -> None:
-        check_retries(max_attempts, retry_delay, max_delay)
-        self.settings = settings
-        self.destination = destination
-        self.dead_letter_queue = dead_letter_queue(destination)
-        self.max_attempts = max_attempts
-        self.retry_delay = retry_delay
-        self.max_delay = max_delay
-        self.stats = Consumer2pcStats()
-        self.crashes = CrashPlan("consumer", CONSUMER_CRASH_POINTS)
-        self.log = get_logger(component="consumer", consumer=name, mode="2pc")
-        self.recovered: dict[str, int] = {}
-        self._deliveries: Counter[str] = Counter()  # message id -> deliveries seen
+class TwoPhaseConsumer(TwoPhaseConsumerBase):
+    """Applies credit commands to B in batches, each in one global transaction, until stopped."""
 
     def run(self, stop: threading.Event | None = None) -> Consumer2pcStats:
-        """Consume until ``stop`` is set (checked every 0.25 s); ConsumerFailed if it cannot."""
-        stop = stop or threading.Event()
+        """Consume until ``stop`` is set (looked at every 0.25 s); ConsumerFailed if it cannot."""
+        return run_main(self.consume, stop or threading.Event())
+
+    def consume(self, stop: threading.Event) -> Consumer2pcStats:
+        """Consume until ``stop`` is set (looked at every 0.25 s)."""
         self.crashes.arm_from_env(CONSUMER_CRASH_SETTING)
         coordinator, broker = open_consuming_coordinator(self.settings)
-        report = coordinator.last_recovery
-        if report is not None:
-            self.recovered = {
-                "committed": sum(i.decision is Decision.COMMIT for i in report.items),
-                "rolled_back": sum(i.decision is Decision.ROLLBACK for i in report.items),
-            }
-            self.log.info(ev.CONSUMER_2PC_RECOVERED, **self.recovered)
-        self.log.info(ev.CONSUMER_STARTED, destination=self.destination, mode="2pc")
+        coordinator.start()
+        self._report_recovery(coordinator.last_recovery)
+        self.log.info(
+            ev.CONSUMER_STARTED,
+            destination=self.destination,
+            mode="2pc",
+            batch_size=self.batch_size,
+            max_wait_ms=self.max_wait * 1000,
+        )
         failures = 0
         try:
             while not stop.is_set():
                 try:
-                    subscription = broker.subscribe(self.destination, prefetch=1)
+                    subscription = broker.subscribe(self.destination, prefetch=self.prefetch)
                     failures = 0
                     while not stop.is_set():
-                        message = subscription.get(0.25)
-                        if message is not None:
-                            self.handle(coordinator, subscription, message)
-                except (ParticipantError, psycopg.OperationalError, _Transient) as exc:
+                        messages = self._take(subscription)
+                        if messages:
+                            self.handle(coordinator, subscription, messages)
+                except (ParticipantError, psycopg.OperationalError, Redeliver) as exc:
                     failures += 1
                     self.stats.reconnects += 1
                     self.log.warning(
                         ev.CONSUMER_CONNECTION_LOST, error=one_line(str(exc)), attempt=failures
                     )
-                    stop.wait(self._delay(failures))
+                    deadline = time.monotonic() + self._delay(failures)
+                    while not stop.is_set() and time.monotonic() < deadline:
+                        sleep(min(POLL, deadline - time.monotonic()))
         except ConsumerFailed as exc:
             self.log.error(ev.CONSUMER_FAILED, error=str(exc))
             raise
@@ -148,145 +140,167 @@ class TwoPhaseConsumer:
             self.log.info(ev.CONSUMER_STOPPED, **self.stats.as_dict())
         return self.stats
 
-    def _delay(self, attempt: int) -> float:
-        return float(min(self.max_delay, self.retry_delay * 2 ** (min(attempt, 10) - 1)))
+    def _take(self, subscription: Subscription) -> list[Message]:
+        """The next batch: the first message (waiting up to POLL), then what comes within
+        ``max_wait``, up to ``batch_size``."""
+        first = subscription.get(POLL)
+        if first is None:
+            return []
+        messages = [first]
+        deadline = time.monotonic() + self.max_wait
+        while len(messages) < self.batch_size:
+            more = subscription.get(max(0.0, deadline - time.monotonic()))
+            if more is None:
+                break
+            messages.append(more)
+        return messages
 
     def handle(
-        self, coordinator: Coordinator, subscription: Subscription, message: Message
+        self,
+        coordinator: Coordinator,
+        subscription: Subscription,
+        messages: list[Message],
     ) -> None:
-        """Apply one message in one global transaction, or dead-letter it.
+        """Apply a batch in one global transaction, dead-letter what cannot be applied.
 
-        With tracing, the message's span continues its sender's trace and the
-        global transaction that applies it is a child of that span.
+        With tracing, each message's span continues its sender's trace, and the
+        global transaction is a child of the first message's span.
         """
-        with tracing.continued(
-            "twopc.consume",
-            message.headers,
-            **{"twopc.consumer": "consumer-2pc", "messaging.destination": self.destination},
-        ):
-            self._handle(coordinator, subscription, message)
-
-    def _handle(
-        self, coordinator: Coordinator, subscription: Subscription, message: Message
-    ) -> None:
-        started = time.perf_counter()
-        if message.is_sentinel:  # left by a browse of the queue: consumed, nothing applied
-            with coordinator.transaction() as tx:
-                tx.ack(message.ack_id)
-            return
-        problem = kind_problem(message) or parse(message).problem
-        if problem:
-            self._dead_letter(subscription, message, problem.removeprefix(REJECTED), 1)
-            return
-        self._deliveries[message.message_id] += 1
-        attempts = self._deliveries[message.message_id]
-        if attempts > self.max_attempts:
-            reason = f"gave up after {attempts - 1} attempts (its transaction never committed)"
-            self._dead_letter(subscription, message, reason, attempts - 1)
-            return
-        self.crashes.hit("after-receipt")
-        item = parse(message)
-        tx = coordinator.begin()
-        duplicate = False
+        attributes = {"twopc.consumer": "consumer-2pc", "messaging.destination": self.destination}
+        spans = tracing.continue_each(
+            "twopc.consume", (m.headers for m in messages[1:]), **attributes
+        )
         try:
-            b = tx.branch("b")
-            duplicate = b.execute(ALREADY_CREDITED, (item.transfer_id,)).fetchone() is not None
-            if not duplicate:
-                cursor = b.execute(CREDIT, item_credit(item.transfer_id, item.target, item.amount))
-                require_applied(cursor.rowcount, item.target, "b")
-            tx.ack(message.ack_id)
-        except (MissingAccount, psycopg.IntegrityError, psycopg.DataError) as exc:
-            tx.rollback(f"transfer {item.transfer_id} refused by B: {exc}")
-            reason = (
-                f"{exc} (transfer {item.transfer_id})"
-                if isinstance(exc, MissingAccount)
-                else f"refused by B: {one_line(str(exc), 200)}"
-            )
-            self._dead_letter(subscription, message, reason, attempts)
-            return
+            with tracing.continued("twopc.consume", messages[0].headers, **attributes):
+                self._handle(coordinator, subscription, self._sort(messages))
+        finally:
+            tracing.end_all(spans)
+
+    def _handle(self, coordinator: Coordinator, subscription: Subscription, batch: Batch) -> None:
+        if batch.commands or batch.sentinels:
+            self.crashes.hit("after-receipt")
+        # The batch, then each command that failed before in a transaction of its own.
+        groups = [(batch.commands, batch.sentinels), *(([item], []) for item in batch.alone)]
+        for items, sentinels in groups:
+            one_by_one = len(items) == 1
+            while items or sentinels:
+                try:
+                    missing = self._apply(
+                        coordinator, subscription, items, sentinels, batch.taken_at, one_by_one
+                    )
+                except _Split:
+                    one_by_one = True  # find the credit B refuses: one statement each
+                    continue
+                except _Refused as refused:
+                    items = [item for item in items if item is not refused.item]
+                    batch.rejections.append(self._rejection(refused.item, refused.reason))
+                    continue
+                batch.rejections += [
+                    self._rejection(item, refusal_reason(MissingAccount(item.target, "b"), item))
+                    for item in missing
+                ]
+                break
+        if batch.rejections:
+            dead_letter(subscription.client, batch.rejections, destination=self.destination)
+            self._dead_lettered(batch.rejections)
+
+    def _apply(
+        self,
+        coordinator: Coordinator,
+        subscription: Subscription,
+        items: list[_Parsed],
+        sentinels: list[Message],
+        started: float,
+        one_by_one: bool,
+    ) -> list[_Parsed]:
+        """One global transaction: the credits of ``items`` on B, the ACKs in the broker's
+        transaction, then the commit; the items whose account B does not have (nothing
+        written for them, not ACKed). _Split or _Refused (rolled back, nothing ACKed) if B
+        refuses a credit; Redeliver (the connection dropped) if it does not commit."""
+        self._attempting(items)
+        tx = coordinator.begin()
+        duplicates: set[str] = set()
+        missing: list[_Parsed] = []
+        refused: set[str] = set()
+        try:
+            if items:
+                duplicates, missing = self._credit(tx, items, one_by_one)
+            # BEGIN and every ACK in one write (sent when the block ends).
+            refused = {item.message.message_id for item in missing}
+            with subscription.client.corked():
+                for message in sentinels:  # left by a browse: consumed, nothing applied
+                    tx.ack(message.ack_id)
+                for item in items:
+                    if item.message.message_id not in refused:
+                        tx.ack(item.message.ack_id)
+        except (_Split, _Refused) as exc:
+            tx.rollback(f"{_what(items)}: {exc}")
+            raise
         except (psycopg.OperationalError, psycopg.InterfaceError, ParticipantError) as exc:
-            tx.rollback(f"transfer {item.transfer_id}: {exc}")
-            self._redeliver(subscription, tx.gtrid, item.transfer_id, str(exc))
+            tx.rollback(f"{_what(items)}: {exc}")
+            subscription.client.drop()
+            raise self._aborted(items, tx.gtrid, str(exc)) from exc
         except TwoPhaseCommitError as exc:
-            tx.rollback(f"transfer {item.transfer_id}: {exc}")
+            tx.rollback(f"{_what(items)}: {exc}")
             raise ConsumerFailed(
-                f"the consumer stopped: transfer {item.transfer_id} (gtrid {tx.gtrid}): {exc}"
+                f"the consumer stopped: {_what(items)} (gtrid {tx.gtrid}): {exc}"
             ) from exc
         except psycopg.Error as exc:
-            tx.rollback(f"transfer {item.transfer_id}: {exc}")
+            tx.rollback(f"{_what(items)}: {exc}")
             raise ConsumerFailed(
-                f"the consumer stopped: applying transfer {item.transfer_id} to B in gtrid "
-                f"{tx.gtrid} failed with {type(exc).__name__}: {one_line(str(exc), 300)}"
+                f"the consumer stopped: applying {_what(items)} to B in gtrid {tx.gtrid} failed "
+                f"with {type(exc).__name__}: {one_line(str(exc), 300)}"
             ) from exc
         outcome = tx.commit()
+        applied = [item for item in items if item.message.message_id not in refused]
         if outcome is Outcome.COMMITTED:
-            self._applied(message, item.transfer_id, tx.gtrid, duplicate, started)
-        elif outcome is Outcome.IN_DOUBT:
-            self._left_in_doubt(item.transfer_id, tx.gtrid, tx.reason)
-        else:
-            self._redeliver(subscription, tx.gtrid, item.transfer_id, tx.reason or "aborted")
-
-    def _applied(
-        self, message: Message, transfer_id: str, gtrid: str, duplicate: bool, started: float
-    ) -> None:
-        """The transaction committed: the message is consumed, B holds the transfer."""
-        self._deliveries.pop(message.message_id, None)
-        if duplicate:
-            self.stats.duplicates += 1
-        else:
-            self.stats.applied += 1
-            self.stats.latencies.append(time.perf_counter() - started)
-        self.stats.batches += 1
-        self.log.debug(
-            ev.CONSUMER_2PC_APPLIED, transfer_id=transfer_id, gtrid=gtrid, duplicate=duplicate
-        )
-
-    def _left_in_doubt(self, transfer_id: str, gtrid: str, reason: str | None) -> None:
-        """The coordinator resolves it (marker or not); the session was dropped, so the
-        message is either consumed with B committed, or back on the queue."""
-        self.stats.in_doubt += 1
-        self.log.warning(
-            ev.CONSUMER_2PC_IN_DOUBT, transfer_id=transfer_id, gtrid=gtrid, reason=reason
-        )
-
-    def _count_abort(self, gtrid: str, transfer_id: str, reason: str) -> None:
-        self.stats.aborted += 1
-        self.stats.retries += 1
-        self.log.warning(
-            ev.CONSUMER_2PC_ABORTED, transfer_id=transfer_id, gtrid=gtrid, reason=one_line(reason)
-        )
-
-    def _redeliver(
-        self, subscription: Subscription, gtrid: str, transfer_id: str, reason: str
-    ) -> None:
-        """Drop the connection: the broker puts the unacknowledged message back."""
-        self._count_abort(gtrid, transfer_id, reason)
+            self._applied(applied, duplicates, tx.gtrid, started)
+            return missing
+        if outcome is Outcome.IN_DOUBT:
+            self._left_in_doubt(applied, tx.gtrid, tx.reason)
+            return []  # consumed with B committed, or back on the queue
         subscription.client.drop()
-        raise _Transient(f"transfer {transfer_id} (gtrid {gtrid}) did not commit: {reason}")
+        raise self._aborted(items, tx.gtrid, tx.reason or "aborted")
 
-    def _dead_letter(
-        self, subscription: Subscription, message: Message, reason: str, attempts: int
-    ) -> None:
-        rejection = Rejection(message, reason, attempts)
-        dead_letter(subscription.client, [rejection], destination=self.destination)
-        self._dead_lettered(rejection, message, reason, attempts)
+    def _credit(
+        self, tx: Transaction, items: list[_Parsed], one_by_one: bool
+    ) -> tuple[set[str], list[_Parsed]]:
+        """Credit B in the transaction's branch: the message ids of the duplicates (B held
+        their transfer already, or the batch had it twice) and the items whose account B
+        does not have. _Split (all in one statement) or _Refused (one by one) if B refuses
+        a credit: the branch then votes NO."""
+        b = tx.branch("b")
+        found = b.execute(ALREADY_CREDITED, ([item.transfer_id for item in items],))
+        held = {row[0] for row in found.fetchall()}
+        duplicates: set[str] = set()
+        todo: list[_Parsed] = []
+        for item in credit_order(items):
+            if item.transfer_id in held:
+                duplicates.add(item.message.message_id)
+            else:
+                held.add(item.transfer_id)
+                todo.append(item)
+        credited: set[str] = set()
+        if todo and not one_by_one:
+            try:
+                cursor = b.execute(CREDIT_BATCH, credit_batch(todo))
+            except REFUSALS as exc:
+                raise _Split(one_line(str(exc), 200)) from exc
+            credited = {row[0] for row in cursor.fetchall()}
+        for item in todo if one_by_one else []:
+            try:
+                cursor = b.execute(CREDIT, item_credit(item))
+            except REFUSALS as exc:
+                raise _Refused(item, refusal_reason(exc, item)) from exc
+            if cursor.rowcount == 1:
+                credited.add(item.transfer_id)
+        return duplicates, [item for item in todo if item.transfer_id not in credited]
 
-    def _dead_lettered(
-        self, rejection: Rejection, message: Message, reason: str, attempts: int
-    ) -> None:
-        self._deliveries.pop(message.message_id, None)
-        self.stats.rejected += 1
-        self.stats.dead_lettered += 1
-        self.log.error(
-            ev.CONSUMER_DEAD_LETTERED,
-            transfer_id=rejection.transfer_id,
-            message_id=message.message_id,
-            reason=reason,
-            attempts=attempts,
-            dead_letter_queue=self.dead_letter_queue,
-        )
 
-
-def item_credit(transfer_id: str, target: str, amount: int) -> dict[str, object]:
-    """The parameters of CREDIT."""
-    return {"amount": amount, "account": target, "tid": transfer_id}
+def _what(items: list[_Parsed]) -> str:
+    """'transfer t-1' or '3 transfers (t-1, ...)', for errors."""
+    if len(items) == 1:
+        return f"transfer {items[0].transfer_id}"
+    if not items:
+        return "browse sentinels"
+    return f"{len(items)} transfers ({items[0].transfer_id}, ...)"
