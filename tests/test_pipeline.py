@@ -4,6 +4,7 @@ naming the participant and the gtrid, with nothing committed and nothing left pr
 
 from __future__ import annotations
 
+import inspect
 from typing import Any
 
 import psycopg
@@ -117,3 +118,37 @@ def test_defer_refuses_transaction_control(coordinator: Any, settings: Settings)
     tx.execute("b", INSERT, (tx.gtrid, 2))
     assert tx.commit() is Outcome.COMMITTED
     assert (count(settings.pg_a, tx.gtrid), count(settings.pg_b, tx.gtrid)) == (1, 1)
+
+
+def _on_conn(coordinator: Any, branch: Any, query: str, params: Any) -> None:
+    """Run ``query`` on the branch's own connection, as an ORM does (awaited under asyncio)."""
+    result = branch.conn.execute(query, params)
+    if inspect.isawaitable(result):
+        coordinator._portal.run(result)
+
+
+@pytest.mark.lab
+def test_work_on_the_branch_connection_itself_commits(coordinator: Any, settings: Settings) -> None:
+    """B's only work goes through its branch's connection (as an ORM's does): B is not taken
+    for read-only, it prepares and commits with A."""
+    tx = coordinator.begin()
+    tx.execute("a", INSERT, (tx.gtrid, 1))
+    _on_conn(coordinator, tx.branch("b"), INSERT, (tx.gtrid, 2))
+    assert tx.commit() is Outcome.COMMITTED
+    assert (count(settings.pg_a, tx.gtrid), count(settings.pg_b, tx.gtrid)) == (1, 1)
+    assert_nothing_prepared(settings, tx.gtrid)
+
+
+@pytest.mark.lab
+def test_a_failure_on_the_branch_connection_itself_is_a_no_vote(
+    coordinator: Any, settings: Settings
+) -> None:
+    """B's work fails on its branch's connection: B votes NO and A's work does not commit."""
+    tx = coordinator.begin()
+    tx.execute("a", INSERT, (tx.gtrid, 1))
+    with pytest.raises(psycopg.errors.NotNullViolation):
+        _on_conn(coordinator, tx.branch("b"), FAILING, (2,))
+    assert tx.commit() is Outcome.ABORTED
+    assert "'b'" in tx.reason and tx.gtrid in tx.reason
+    assert (count(settings.pg_a, tx.gtrid), count(settings.pg_b, tx.gtrid)) == (0, 0)
+    assert_nothing_prepared(settings, tx.gtrid)

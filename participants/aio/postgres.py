@@ -635,6 +635,7 @@ class AsyncPostgresBranch:
         work, so that each branch's locks are taken in the order of the branches
         (docs/design.md §2: work on two databases at once can deadlock).
         """
+        self._begun_on_conn()
         if not self._deferred:
             return
         try:
@@ -650,9 +651,22 @@ class AsyncPostgresBranch:
                 ) from exc
             raise  # the caller's SQL failed: theirs to handle; the branch will vote NO
 
+    def _begun_on_conn(self) -> None:
+        """Work run on :attr:`conn` itself (an ORM's) made psycopg begin the transaction:
+        the BEGIN still queued is then not needed, and the branch is not empty.
+
+        Without this a branch whose only work went through ``conn`` would count as
+        read-only and be released unprepared, its work rolled back, or its failure
+        (an aborted transaction) never voted NO."""
+        if self._deferred[:1] == [BEGIN] and (
+            self.conn.pgconn.transaction_status != pq.TransactionStatus.IDLE
+        ):
+            del self._deferred[0]
+
     def _send_pipeline(self, command: bytes | None) -> None:
         """Send the deferred statements, then ``command`` if given, then a Sync, in
         libpq's pipeline mode, without waiting for any answer."""
+        self._begun_on_conn()
         statements, self._deferred = self._deferred, []
         pgconn = self.conn.pgconn
         pgconn.enter_pipeline_mode()
@@ -721,6 +735,7 @@ class AsyncPostgresBranch:
         return self._ended
 
     async def read_only(self) -> bool:
+        self._begun_on_conn()
         if self._wrote or self.failure is not None:
             return False
         if self._deferred:
@@ -840,6 +855,7 @@ class AsyncPostgresBranch:
         self._finished = True
 
     async def commit_one_phase(self) -> None:
+        self._begun_on_conn()
         if self._deferred == [BEGIN]:  # nothing was sent: nothing to commit
             self._deferred.clear()
             self._finished = True
