@@ -12,11 +12,12 @@ from __future__ import annotations
 
 import contextlib
 import secrets
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from datetime import UTC, datetime
 
 from coordinator.errors import ParticipantError
 from outbox.rejection import Rejection, dead_letter_headers, dead_letter_queue
+from participants.stomp_core import Message
 from participants.stomp_ops import StompOperations
 
 
@@ -43,16 +44,10 @@ def dead_letter(
     client.begin(transaction)
     try:
         for rejection in rejections:
-            message = rejection.message
-            client.request(
-                "ACK",
-                {"id": message.ack_id, "transaction": transaction},
-                timeout=receipt_timeout,
-                what=f"ACK of {message.message_id}",
-            )
-            client.send(
+            move(
+                client,
+                rejection.message,
                 dlq,
-                message.body,
                 dead_letter_headers(rejection, destination, at),
                 transaction=transaction,
                 receipt_timeout=receipt_timeout,
@@ -63,3 +58,25 @@ def dead_letter(
                 client.abort(transaction, receipt_timeout)
         raise
     client.commit(transaction, receipt_timeout)
+
+
+def move(
+    client: StompOperations,
+    message: Message,
+    target: str,
+    headers: Mapping[str, str],
+    *,
+    transaction: str,
+    receipt_timeout: float,
+) -> None:
+    """In ``transaction``: ACK ``message`` and SEND its body to ``target`` with ``headers``,
+    each with a receipt, so that a refused frame aborts the whole transaction."""
+    client.request(
+        "ACK",
+        {"id": message.ack_id, "transaction": transaction},
+        timeout=receipt_timeout,
+        what=f"ACK of {message.message_id}",
+    )
+    client.send(
+        target, message.body, headers, transaction=transaction, receipt_timeout=receipt_timeout
+    )

@@ -10,12 +10,13 @@ from __future__ import annotations
 
 import contextlib
 import secrets
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from datetime import UTC, datetime
 
 from coordinator.errors import ParticipantError
 from outbox.rejection import Rejection, dead_letter_headers, dead_letter_queue
 from participants.aio.stomp_ops import AsyncStompOperations
+from participants.stomp_core import Message
 
 
 async def dead_letter(
@@ -41,16 +42,10 @@ async def dead_letter(
     await client.begin(transaction)
     try:
         for rejection in rejections:
-            message = rejection.message
-            await client.request(
-                "ACK",
-                {"id": message.ack_id, "transaction": transaction},
-                timeout=receipt_timeout,
-                what=f"ACK of {message.message_id}",
-            )
-            await client.send(
+            await move(
+                client,
+                rejection.message,
                 dlq,
-                message.body,
                 dead_letter_headers(rejection, destination, at),
                 transaction=transaction,
                 receipt_timeout=receipt_timeout,
@@ -61,3 +56,25 @@ async def dead_letter(
                 await client.abort(transaction, receipt_timeout)
         raise
     await client.commit(transaction, receipt_timeout)
+
+
+async def move(
+    client: AsyncStompOperations,
+    message: Message,
+    target: str,
+    headers: Mapping[str, str],
+    *,
+    transaction: str,
+    receipt_timeout: float,
+) -> None:
+    """In ``transaction``: ACK ``message`` and SEND its body to ``target`` with ``headers``,
+    each with a receipt, so that a refused frame aborts the whole transaction."""
+    await client.request(
+        "ACK",
+        {"id": message.ack_id, "transaction": transaction},
+        timeout=receipt_timeout,
+        what=f"ACK of {message.message_id}",
+    )
+    await client.send(
+        target, message.body, headers, transaction=transaction, receipt_timeout=receipt_timeout
+    )

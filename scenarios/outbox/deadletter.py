@@ -32,7 +32,7 @@ from typing import Any
 from coordinator.errors import ParticipantError
 from coordinator.events import get_logger
 from outbox.aio.deadletter import dead_letter as dead_letter_async
-from outbox.deadletter import dead_letter
+from outbox.deadletter import dead_letter, move
 from outbox.rejection import AT_HEADER as AT_HEADER
 from outbox.rejection import ATTEMPTS_HEADER as ATTEMPTS_HEADER
 from outbox.rejection import BROKER_HEADERS as BROKER_HEADERS
@@ -182,15 +182,10 @@ def requeue(
         target = letter.destination or destination
         transaction = f"requeue-{secrets.token_hex(8)}"
         client.begin(transaction)
-        client.request(
-            "ACK",
-            {"id": message.ack_id, "transaction": transaction},
-            timeout=receipt_timeout,
-            what=f"ACK of {message.message_id}",
-        )
-        client.send(
+        move(
+            client,
+            message,
             target,
-            message.body,
             application_headers(message),
             transaction=transaction,
             receipt_timeout=receipt_timeout,
