@@ -658,8 +658,9 @@ class AsyncPostgresBranch:
         Without this a branch whose only work went through ``conn`` would count as
         read-only and be released unprepared, its work rolled back, or its failure
         (an aborted transaction) never voted NO."""
-        if self._deferred[:1] == [BEGIN] and (
-            self.conn.pgconn.transaction_status != pq.TransactionStatus.IDLE
+        if self._deferred[:1] == [BEGIN] and self.conn.pgconn.transaction_status in (
+            pq.TransactionStatus.INTRANS,
+            pq.TransactionStatus.INERROR,
         ):
             del self._deferred[0]
 
