@@ -38,7 +38,7 @@ from typing import Any
 
 import psycopg
 
-from coordinator.errors import ConfigurationError, ParticipantError, TwoPhaseCommitError
+from coordinator.errors import ConfigurationError
 from coordinator.events import get_logger
 from scenarios import events as ev
 from scenarios.config import Settings
@@ -212,7 +212,7 @@ class Retrier:
             attempt = attempts + 1
             try:
                 self.redo(Transfer(tid, source, target, int(amount)))
-            except (TwoPhaseCommitError, ParticipantError, psycopg.Error) as exc:
+            except Exception as exc:  # any failure of the work is an attempt: retried, then dead
                 self._failed(conn, tid, attempt, f"{type(exc).__name__}: {exc}")
                 return True
             conn.execute(
