@@ -64,7 +64,7 @@ def commit(tx: Transaction, cfg: DriverConfig) -> Outcome:
             if carrier is None and len(writers) + (broker is not None) <= 1:
                 _check_liveness(tx, cfg)
                 return _commit_one_phase(tx, cfg, writers, broker)
-            _prepare_all(tx, cfg, writers)
+            _prepare_all(tx, cfg, writers, broker)
             _check_liveness(tx, cfg)
             _reach_commit_point(tx, cfg, writers, broker, carrier)
         except _Abort as refusal:
@@ -170,11 +170,17 @@ def _decision_carrier(
     return tx.branch(table.participant)
 
 
-def _prepare_all(tx: Transaction, cfg: DriverConfig, writers: list[XABranch]) -> None:
+def _prepare_all(
+    tx: Transaction,
+    cfg: DriverConfig,
+    writers: list[XABranch],
+    broker: LastResourceSession | None,
+) -> None:
     """Phase 1: prepare every XA writer at once; any NO vote or failure aborts.
 
     PREPARE takes no new lock, so it may run on every branch at the same time;
     the work itself never does (docs/design.md §2: that deadlocks across databases).
+    The broker may send its messages meanwhile, ahead of the commit point.
     """
     tx.handle(TxEvent.PREPARE)
     if tx.debug:
@@ -182,6 +188,8 @@ def _prepare_all(tx: Transaction, cfg: DriverConfig, writers: list[XABranch]) ->
     with tx.timed("prepare"):
         for branch in writers:
             branch.send_prepare()
+        if broker is not None:
+            broker.send_ahead()
         votes = cfg.run_each([partial(_prepare_one, b, cfg) for b in writers])
     refusals = [v for v in votes if isinstance(v, BaseException)]
     if refusals:

@@ -254,6 +254,12 @@ class LastResourceSession(Protocol):
         on this session's connection). Raises ParticipantError."""
         ...
 
+    def send_ahead(self) -> None:
+        """Phase 1 has begun: the session may send what it kept (BEGIN and its messages)
+        now, while the databases prepare, so that its commit point carries less. Never
+        raises: a connection lost here fails the commit point as not sent."""
+        ...
+
     def commit_with_marker(
         self,
         gtrid: str,
@@ -403,6 +409,8 @@ class AsyncLastResourceSession(Protocol):
     ) -> None: ...
 
     async def ack(self, ack_id: str) -> None: ...
+
+    async def send_ahead(self) -> None: ...
 
     async def commit_with_marker(
         self,

@@ -6,6 +6,7 @@ from __future__ import annotations
 # ActiveMQ, the last resource (participants.activemq).
 MQ_CONNECTED = "mq.connected"
 MQ_SENT = "mq.send"
+MQ_SENT_AHEAD = "mq.send.ahead"  # BEGIN and the messages sent while the databases prepare
 MQ_SEND_REFUSED = "mq.send.refused"  # a header the message may not carry; nothing sent
 MQ_ACKED = "mq.ack"
 MQ_COMMITTED = "mq.commit.committed"

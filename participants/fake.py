@@ -345,6 +345,9 @@ class FakeBrokerSession:
         _raise_for(self.broker.faults.take("ack"), "ack", self.name, self.gtrid)
         self.pending_acks.append(ack_id)
 
+    def send_ahead(self) -> None:
+        """Nothing to do: the fake's messages are applied at its commit only."""
+
     def _commit(self, marker: str | None) -> str | None:
         """Commit; the armed action, which :meth:`_answer` turns into the caller's answer."""
         action = self.broker.faults.take("commit")

@@ -330,6 +330,81 @@ def test_a_transaction_leaves_in_one_write_with_its_commit(
     assert len(browse(stomp_addr, queue_name)) == 2 and gtrid in mq.markers()
 
 
+def frame_commands(write: bytes) -> list[bytes]:
+    """The commands of the STOMP frames in one write."""
+    frames = [frame.lstrip(b"\n") for frame in write.split(b"\x00") if frame.strip()]
+    return [frame.split(b"\n", 1)[0] for frame in frames]
+
+
+def test_a_session_alone_sends_its_messages_ahead_of_the_commit_point(
+    mq: ActiveMQ, stomp_addr: str, queue_name: str
+) -> None:
+    """With no other session lent, send_ahead writes BEGIN and the messages at once (not
+    delivered yet); the commit point then writes only the marker and the COMMIT."""
+    gtrid = unique("t.")
+    session = mq.begin(gtrid)
+    client = session._client
+    writes: list[bytes] = []
+    write = client._write
+    client._write = lambda data: (writes.append(data), write(data))[1]
+    try:
+        session.send(queue_name, "one")
+        session.send(queue_name, "two")
+        session.send_ahead()
+        assert [frame_commands(w) for w in writes] == [[b"BEGIN", b"SEND", b"SEND"]]
+        assert browse(stomp_addr, queue_name) == []  # inside the open transaction
+        session.commit_with_marker(gtrid, timeout=5.0)
+    finally:
+        client._write = write
+        session.release()
+    assert frame_commands(writes[1]) == [b"SEND", b"COMMIT"] and len(writes) == 2
+    assert [m.body for m in browse(stomp_addr, queue_name)] == ["one", "two"]
+    assert gtrid in mq.markers()
+
+
+def test_a_session_sends_nothing_ahead_while_another_is_lent(
+    mq: ActiveMQ, stomp_addr: str, queue_name: str
+) -> None:
+    """With a second session lent, send_ahead writes nothing: the messages wait for the
+    group commit, and BEGIN, the SENDs, the marker and the COMMIT leave in one write."""
+    gtrid = unique("t.")
+    other = mq.begin(unique("t."))
+    session = mq.begin(gtrid)
+    client = session._client
+    writes: list[bytes] = []
+    write = client._write
+    client._write = lambda data: (writes.append(data), write(data))[1]
+    try:
+        session.send(queue_name, "one")
+        session.send_ahead()
+        assert writes == []
+        session.commit_with_marker(gtrid, timeout=5.0)
+    finally:
+        client._write = write
+        session.release()
+        other.release()
+    assert [frame_commands(w) for w in writes] == [[b"BEGIN", b"SEND", b"SEND", b"COMMIT"]]
+    assert [m.body for m in browse(stomp_addr, queue_name)] == ["one"]
+
+
+def test_messages_sent_ahead_are_dropped_when_the_transaction_aborts(
+    mq: ActiveMQ, stomp_addr: str, queue_name: str
+) -> None:
+    """A transaction that sent its messages ahead and then aborts (a NO vote in phase 1):
+    the broker delivers none of them and holds no marker."""
+    gtrid = unique("t.")
+    session = mq.begin(gtrid)
+    try:
+        session.send(queue_name, "never")
+        session.send_ahead()
+        session.abort()
+    finally:
+        session.release()
+    assert browse(stomp_addr, queue_name) == []
+    assert gtrid not in mq.markers()
+    assert commit_one(mq, queue_name, "later") in mq.markers()  # the connection is reused
+
+
 def test_a_crash_before_the_commit_commits_nothing_and_waits_for_nothing(
     mq: ActiveMQ, stomp_addr: str, queue_name: str
 ) -> None:

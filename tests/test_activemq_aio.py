@@ -17,7 +17,14 @@ from participants.activemq import MAX_POOL_SIZE, client_id_for
 from participants.aio.activemq import AsyncActiveMQ, FenceRefused
 from participants.aio.stomp import AsyncStompClient
 from tests.conftest import open_stomp_client, stomp_login
-from tests.test_activemq import browse, fill_markers, start_holder, stop_child, unique
+from tests.test_activemq import (
+    browse,
+    fill_markers,
+    frame_commands,
+    start_holder,
+    stop_child,
+    unique,
+)
 
 pytestmark = pytest.mark.lab
 
@@ -111,6 +118,74 @@ def test_asyncio_transaction_leaves_in_one_write_with_its_commit(stomp_addr: str
         b"COMMIT",
     ]
     assert len(browse(stomp_addr, queue)) == 2 and gtrid in markers
+
+
+def test_asyncio_session_alone_sends_its_messages_ahead_of_the_commit_point(
+    stomp_addr: str,
+) -> None:
+    """With no other session lent, an asyncio session's send_ahead writes BEGIN and the
+    messages at once (not delivered yet); the commit point writes only the marker and
+    the COMMIT."""
+    queue = unique("/queue/test.")
+    writes: list[bytes] = []
+
+    async def main() -> tuple[str, set[str], list[bytes], list[Any]]:
+        mq = resource(stomp_addr)
+        gtrid = unique("t.")
+        try:
+            session = await mq.begin(gtrid)
+            client: Any = session._client
+            write = client._write
+
+            async def recorded(data: bytes, *args: Any) -> None:
+                writes.append(data)
+                await write(data, *args)
+
+            client._write = recorded
+            try:
+                await session.send(queue, "one")
+                await session.send(queue, "two")
+                await session.send_ahead()
+                ahead = list(writes)
+                seen = await asyncio.to_thread(browse, stomp_addr, queue)
+                await session.commit_with_marker(gtrid, timeout=5.0)
+            finally:
+                client._write = write
+                await session.release()
+            return gtrid, await mq.markers(), ahead, seen
+        finally:
+            await mq.close()
+
+    gtrid, markers, ahead, seen = asyncio.run(main())
+    assert [frame_commands(w) for w in ahead] == [[b"BEGIN", b"SEND", b"SEND"]] and seen == []
+    assert frame_commands(writes[1]) == [b"SEND", b"COMMIT"] and len(writes) == 2
+    assert [m.body for m in browse(stomp_addr, queue)] == ["one", "two"] and gtrid in markers
+
+
+def test_asyncio_messages_sent_ahead_are_dropped_when_the_transaction_aborts(
+    stomp_addr: str,
+) -> None:
+    """An asyncio transaction that sent its messages ahead and then aborts: the broker
+    delivers none of them and holds no marker."""
+    queue = unique("/queue/test.")
+
+    async def main() -> tuple[str, set[str]]:
+        mq = resource(stomp_addr)
+        gtrid = unique("t.")
+        try:
+            session = await mq.begin(gtrid)
+            try:
+                await session.send(queue, "never")
+                await session.send_ahead()
+                await session.abort()
+            finally:
+                await session.release()
+            return gtrid, await mq.markers()
+        finally:
+            await mq.close()
+
+    gtrid, markers = asyncio.run(main())
+    assert browse(stomp_addr, queue) == [] and gtrid not in markers
 
 
 def test_asyncio_subscriber_consumes_inside_its_transactions(stomp_addr: str) -> None:

@@ -62,7 +62,7 @@ async def commit(tx: AsyncTransaction, cfg: AsyncDriverConfig) -> Outcome:
             if carrier is None and len(writers) + (broker is not None) <= 1:
                 _check_liveness(tx, cfg)
                 return await _commit_one_phase(tx, cfg, writers, broker)
-            await _prepare_all(tx, cfg, writers)
+            await _prepare_all(tx, cfg, writers, broker)
             _check_liveness(tx, cfg)
             await _reach_commit_point(tx, cfg, writers, broker, carrier)
         except _Abort as refusal:
@@ -169,12 +169,16 @@ async def _decision_carrier(
 
 
 async def _prepare_all(
-    tx: AsyncTransaction, cfg: AsyncDriverConfig, writers: list[AsyncXABranch]
+    tx: AsyncTransaction,
+    cfg: AsyncDriverConfig,
+    writers: list[AsyncXABranch],
+    broker: AsyncLastResourceSession | None,
 ) -> None:
     """Phase 1: prepare every XA writer at once; any NO vote or failure aborts.
 
     PREPARE takes no new lock, so it may run on every branch at the same time;
     the work itself never does (docs/design.md §2: that deadlocks across databases).
+    The broker may send its messages meanwhile, ahead of the commit point.
     """
     tx.handle(TxEvent.PREPARE)
     if tx.debug:
@@ -182,6 +186,8 @@ async def _prepare_all(
     with tx.timed("prepare"):
         for branch in writers:
             branch.send_prepare()
+        if broker is not None:
+            await broker.send_ahead()
         votes = await cfg.run_each([partial(_prepare_one, b, cfg) for b in writers])
     refusals = [v for v in votes if isinstance(v, BaseException)]
     if refusals:

@@ -182,6 +182,11 @@ class AsyncActiveMQ:
             raise
         return AsyncActiveMQSession(self, slot, client, gtrid)
 
+    def lends_one(self) -> bool:
+        """Whether exactly one session of the pool is lent (no other transaction of this
+        coordinator holds one): a group commit could then carry nobody else."""
+        return len(self._free) == len(self._slots) - 1
+
     def recovery_broker(self) -> LastResource:
         """This broker as recovery and the backlog see it: a (sync) LastResource."""
         return recovery_view(self)

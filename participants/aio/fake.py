@@ -107,6 +107,7 @@ class AsyncFakeBrokerSession(_Wrapper):
     has_work = _attribute("has_work")
     send = _step("send")
     ack = _step("ack", yields=False)
+    send_ahead = _step("send_ahead", yields=False)
     commit_with_marker = _step("commit_with_marker")
     commit = _step("commit")
     abort = _step("abort", yields=False)

@@ -66,6 +66,8 @@ class AsyncSessionHome(Protocol):
 
     async def commit_alone(self, member: Member) -> None: ...
 
+    def lends_one(self) -> bool: ...
+
     async def _release(self, slot: Slot, *, healthy: bool) -> None: ...
 
 
@@ -164,6 +166,25 @@ class AsyncActiveMQSession:
         self._acked += 1
         if self._debug:
             self._log.debug(ev.MQ_ACKED, ack_id=ack_id)
+
+    async def send_ahead(self) -> None:
+        """Phase 1 has begun: when no other session of the pool is lent (no group commit
+        could carry this transaction with others), BEGIN and the messages kept so far
+        go out now in one write, while the databases prepare, and the transaction
+        commits alone on this connection: its commit point sends only the marker and
+        the COMMIT (docs/design.md §2). Never raises: a connection lost here is lost
+        for the commit point too, which then fails as not sent."""
+        if self._solo or not self._outbox or self._state is not SessionState.ACTIVE:
+            return
+        if not self._resource.lends_one():
+            return  # others are committing too: the group commit carries the messages
+        try:
+            async with self._client.corked():
+                await self._go_solo()
+        except ParticipantError:
+            return  # marked unhealthy; the commit point meets the same connection
+        if self._debug:
+            self._log.debug(ev.MQ_SENT_AHEAD, messages=self._sent)
 
     async def commit_with_marker(
         self,
