@@ -34,9 +34,9 @@ _BRANCHES_LOCK = threading.Lock()
 class TransactionState(Generic[BranchT, SessionT]):
     """A global transaction's state, its branches so far and its broker session."""
 
-    # A transaction in flight holds only what it needs until it does some work
-    # (docs/design.md §2): no __dict__; its logger is bound, and its branch and phase
-    # dicts are made, on first use.
+    # A coordinator may have thousands of transactions begun and waiting: each holds
+    # only what it needs until it does some work. No __dict__; its logger is bound, and
+    # its branch and phase dicts are made, on first use.
     __slots__ = (
         "_branches",
         "_log",

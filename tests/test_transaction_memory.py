@@ -1,8 +1,8 @@
 """What a transaction holds while in flight: its dicts and its logger made on first use.
 
-A coordinator can have thousands of transactions begun and waiting (docs/design.md §2);
-each holds its identity and state, and makes its branch and phase dicts and binds its
-logger only when it first needs them. Without a lab: fake participants.
+A coordinator can have thousands of transactions begun and waiting; each holds its
+identity and state, and makes its branch and phase dicts and binds its logger only
+when it first needs them. Without a lab: fake participants.
 """
 
 from __future__ import annotations
