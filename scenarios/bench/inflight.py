@@ -62,6 +62,8 @@ from scenarios.wiring import async_participants, broker, databases
 MODES = ("threads", "asyncio", "asyncio-2")
 #: The processes of the asyncio-2 mode.
 PROCESSES = 2
+#: How long one of them waits for the other to have its transactions in flight.
+BARRIER_SECONDS = 120.0
 TABLE = "bench_inflight"
 QUEUE = "/queue/twopc.bench.inflight"
 SCHEMA = f"CREATE TABLE IF NOT EXISTS {TABLE} (gtrid text PRIMARY KEY, side text NOT NULL)"
@@ -246,9 +248,16 @@ async def _begin_tasks(
 
 
 async def _all_ready(barrier: Path, part: int) -> None:
-    """Say this process has every transaction in flight; wait until every process has."""
+    """Say this process has every transaction in flight; wait until every process has (a
+    process that failed before never will: give up after ``BARRIER_SECONDS``)."""
     (barrier / f"ready-{part}").touch()
+    deadline = time.monotonic() + BARRIER_SECONDS
     while len(list(barrier.glob("ready-*"))) < PROCESSES:
+        if time.monotonic() > deadline:
+            raise RuntimeError(
+                f"asyncio-2: the other process did not have its transactions in flight "
+                f"within {BARRIER_SECONDS:.0f} s"
+            )
         await asyncio.sleep(0.001)
 
 
@@ -303,12 +312,17 @@ def _child(*args: str) -> subprocess.Popen[str]:
     )
 
 
-def _answer(mode: str, child: subprocess.Popen[str]) -> dict[str, Any]:
-    out, err = child.communicate()
-    if child.returncode != 0:
-        raise RuntimeError(f"the {mode} run failed: {err.strip()[-2000:]}")
-    answer: dict[str, Any] = json.loads(out.strip().splitlines()[-1])
-    return answer
+def _answers(mode: str, children: list[subprocess.Popen[str]]) -> list[dict[str, Any]]:
+    """Each child's result, once all have ended; every failed child's error if any failed."""
+    ended = [child.communicate() for child in children]
+    failed = [
+        err.strip()[-2000:]
+        for child, (_, err) in zip(children, ended, strict=True)
+        if child.returncode
+    ]
+    if failed:
+        raise RuntimeError(f"the {mode} run failed: " + "\n".join(failed))
+    return [json.loads(out.strip().splitlines()[-1]) for out, _ in ended]
 
 
 def _split(inflight: int, gate: int) -> dict[str, Any]:
@@ -318,7 +332,7 @@ def _split(inflight: int, gate: int) -> dict[str, Any]:
             _child("asyncio", str(inflight // PROCESSES), str(gate // PROCESSES), barrier, str(i))
             for i in range(PROCESSES)
         ]
-        parts = [_answer("asyncio-2", child) for child in children]
+        parts = _answers("asyncio-2", children)
     seconds = max(p["ended_at"] for p in parts) - min(p["started_at"] for p in parts)
     committed = sum(p["committed"] for p in parts)
     errors = [p["first_error"] for p in parts if p["first_error"]]
@@ -352,7 +366,7 @@ def run(inflight: int = 1000, gate: int = 48) -> list[dict[str, Any]]:
         if mode == "asyncio-2":
             results.append(_split(inflight, gate))
         else:
-            results.append(_answer(mode, _child(mode, str(inflight), str(gate))))
+            results.extend(_answers(mode, [_child(mode, str(inflight), str(gate))]))
     return results
 
 
