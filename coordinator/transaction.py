@@ -64,6 +64,8 @@ class Transaction(TransactionState[XABranch, LastResourceSession]):
     everything back and lets it propagate.
     """
 
+    __slots__ = ("_host",)
+
     def __init__(self, host: TransactionHost, gtrid: str, timeout: float) -> None:
         super().__init__(gtrid, timeout)
         self._host = host

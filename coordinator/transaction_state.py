@@ -14,7 +14,7 @@ import time
 from collections.abc import Iterator, Mapping
 from contextlib import AbstractContextManager, contextmanager
 from types import MappingProxyType
-from typing import Generic, TypeVar
+from typing import Any, Generic, TypeVar
 
 from coordinator import events, tracing
 from coordinator.errors import DecisionLogError, TransactionTimeout
@@ -23,9 +23,40 @@ from coordinator.states import Outcome, TxEvent, TxState, next_state, require
 BranchT = TypeVar("BranchT")
 SessionT = TypeVar("SessionT")
 
+#: The branches of a transaction that has none yet: shared, read-only; the first one
+#: added makes the transaction a dict of its own.
+_NONE_YET: Mapping[str, Any] = MappingProxyType({})
+#: Guards every transaction's branches against the watchdog: held for a dict insert
+#: or copy, never across I/O, so one for the process rather than one per transaction.
+_BRANCHES_LOCK = threading.Lock()
+
 
 class TransactionState(Generic[BranchT, SessionT]):
     """A global transaction's state, its branches so far and its broker session."""
+
+    # A coordinator may have thousands of transactions begun and waiting: each holds
+    # only what it needs until it does some work. No __dict__; its logger is bound, and
+    # its branch and phase dicts are made, on first use.
+    __slots__ = (
+        "_branches",
+        "_log",
+        "_timings",
+        "broker",
+        "debug",
+        "decision_carrier",
+        "gtrid",
+        "heuristic",
+        "log_failure",
+        "marker_sent",
+        "messages_sent",
+        "outcome",
+        "reason",
+        "span",
+        "started",
+        "state",
+        "timed_out",
+        "timeout",
+    )
 
     def __init__(self, gtrid: str, timeout: float) -> None:
         self.gtrid = gtrid
@@ -33,9 +64,9 @@ class TransactionState(Generic[BranchT, SessionT]):
         self.outcome: Outcome | None = None
         self.reason = ""
         self.started = time.monotonic()
-        self.deadline = self.started + timeout
+        self.timeout = timeout
         self.timed_out = False
-        self._branches: dict[str, BranchT] = {}
+        self._branches: Mapping[str, BranchT] = _NONE_YET
         self.broker: SessionT | None = None
         self.messages_sent = 0
         self.marker_sent = False
@@ -47,12 +78,31 @@ class TransactionState(Generic[BranchT, SessionT]):
         self.log_failure: DecisionLogError | None = None
         # The participants whose work committed on its own (Outcome.HEURISTIC_MIXED).
         self.heuristic: tuple[str, ...] = ()
-        self.timings: dict[str, float] = {}  # phase name -> seconds (for the benchmark)
-        self._lock = threading.Lock()  # guards the branches against the watchdog
-        self.log = events.get_logger(gtrid=gtrid)
-        # Whether DEBUG events pass: per-step events are emitted only then (a flag test each).
-        self.debug = events.enabled(self.log)
+        self._timings: dict[str, float] | None = None  # made by the first phase timed
+        self._log: Any = None  # bound with the gtrid on first use (see log)
+        # Whether DEBUG events pass: per-step events are emitted only then (a flag test
+        # each). Binding does not change a logger's level, so the unbound one answers.
+        self.debug = events.enabled(events.get_logger())
         self.span = tracing.start_transaction(gtrid)  # None unless a provider was seen
+
+    @property
+    def deadline(self) -> float:
+        """When the watchdog rolls the transaction back (``time.monotonic()`` seconds)."""
+        return self.started + self.timeout
+
+    @property
+    def timings(self) -> dict[str, float]:
+        """Seconds per phase name (for the benchmark); a new empty dict until a phase is timed."""
+        timings = self._timings
+        return {} if timings is None else timings
+
+    @property
+    def log(self) -> Any:
+        """The transaction's structlog logger, the gtrid bound (bound on first use)."""
+        log = self._log
+        if log is None:
+            log = self._log = events.get_logger(gtrid=self.gtrid)
+        return log
 
     @property
     def branches(self) -> Mapping[str, BranchT]:
@@ -93,18 +143,18 @@ class TransactionState(Generic[BranchT, SessionT]):
     def time_out(self) -> list[BranchT]:
         """Mark the transaction as timed out; return the branches whose work to cancel."""
         self.timed_out = True
-        with self._lock:
+        with _BRANCHES_LOCK:
             return list(self._branches.values())
 
     def timed(self, phase: str) -> AbstractContextManager[None]:
         """Add the time spent in the block to ``timings[phase]`` (and trace it as a span)."""
         if self.span is not None:
             return self._timed_and_traced(phase)
-        return _PhaseTimer(self.timings, phase)
+        return _PhaseTimer(self, phase)
 
     @contextmanager
     def _timed_and_traced(self, phase: str) -> Iterator[None]:
-        with _PhaseTimer(self.timings, phase), tracing.phase(self.span, phase):
+        with _PhaseTimer(self, phase), tracing.phase(self.span, phase):
             yield
 
     def _check_active(self) -> None:
@@ -115,18 +165,29 @@ class TransactionState(Generic[BranchT, SessionT]):
         require(self.state, TxState.ACTIVE, action="add work", gtrid=self.gtrid)
 
     def _add_branch(self, name: str, branch: BranchT) -> None:
-        with self._lock:
-            self._branches[name] = branch
+        with _BRANCHES_LOCK:
+            branches = self._branches
+            if isinstance(branches, dict):
+                branches[name] = branch
+            else:
+                self._branches = {name: branch}
+
+    def _add_time(self, phase: str, seconds: float) -> None:
+        timings = self._timings
+        if timings is None:
+            self._timings = {phase: seconds}
+        else:
+            timings[phase] = timings.get(phase, 0.0) + seconds
 
 
 class _PhaseTimer:
     """Adds the time spent in its block to ``timings[phase]``: a plain class, since it runs
     for every phase of every transaction (a generator-based context manager costs more)."""
 
-    __slots__ = ("_phase", "_start", "_timings")
+    __slots__ = ("_phase", "_start", "_tx")
 
-    def __init__(self, timings: dict[str, float], phase: str) -> None:
-        self._timings = timings
+    def __init__(self, tx: TransactionState[Any, Any], phase: str) -> None:
+        self._tx = tx
         self._phase = phase
         self._start = 0.0
 
@@ -134,5 +195,4 @@ class _PhaseTimer:
         self._start = time.perf_counter()
 
     def __exit__(self, *exc: object) -> None:
-        timings, phase = self._timings, self._phase
-        timings[phase] = timings.get(phase, 0.0) + time.perf_counter() - self._start
+        self._tx._add_time(self._phase, time.perf_counter() - self._start)

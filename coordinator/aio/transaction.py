@@ -62,6 +62,8 @@ class AsyncTransaction(TransactionState[AsyncXABranch, AsyncLastResourceSession]
     everything back and lets it propagate.
     """
 
+    __slots__ = ("_host",)
+
     def __init__(self, host: AsyncTransactionHost, gtrid: str, timeout: float) -> None:
         super().__init__(gtrid, timeout)
         self._host = host

@@ -26,17 +26,28 @@ and reports the process's RSS before the workers start and when all of them
 are in flight (``/proc/self/status`` VmRSS), its peak (VmHWM), its thread
 count in flight, and the commits per second from the release to the last
 commit.
+
+RSS moves by whole pages, and what a worker frees goes back to the allocator,
+not always to the system, so its figure per transaction carries some noise.
+Beside it, each mode reports the Python heap one transaction in flight holds,
+exactly (``tracemalloc``): after the measured run, the same workers begin
+their transactions again with tracing on, the bytes still allocated once all
+are in flight are read, and each then rolls back. Tracing is off while RSS is
+read (it costs memory of its own), and a thread's stack is not on the heap:
+for threads the heap figure is the Python objects only.
 """
 
 from __future__ import annotations
 
 import asyncio
+import gc
 import json
 import subprocess
 import sys
 import tempfile
 import threading
 import time
+import tracemalloc
 from pathlib import Path
 from typing import Any
 
@@ -51,6 +62,8 @@ from scenarios.wiring import async_participants, broker, databases
 MODES = ("threads", "asyncio", "asyncio-2")
 #: The processes of the asyncio-2 mode.
 PROCESSES = 2
+#: How long one of them waits for the other to have its transactions in flight.
+BARRIER_SECONDS = 120.0
 TABLE = "bench_inflight"
 QUEUE = "/queue/twopc.bench.inflight"
 SCHEMA = f"CREATE TABLE IF NOT EXISTS {TABLE} (gtrid text PRIMARY KEY, side text NOT NULL)"
@@ -74,17 +87,54 @@ def run_threads(settings: Settings, inflight: int, gate: int, home: Path) -> dic
         tx.execute("a", SCHEMA)
         tx.execute("b", SCHEMA)
     before = _status()
-    release = threading.Event()
-    admitted = threading.Semaphore(gate)
-    begun = threading.Semaphore(0)
     outcomes: list[Outcome] = []
     errors: list[str] = []
+    release = threading.Event()
+    threads = _begin_threads(coordinator, inflight, gate, release, outcomes, errors)
+    in_flight = _status()
+    started = time.perf_counter()
+    release.set()
+    for thread in threads:
+        thread.join()
+    seconds = time.perf_counter() - started
+    result = _result("threads", inflight, gate, before, in_flight, seconds, outcomes, errors)
+    release = threading.Event()
+    gc.collect()
+    tracemalloc.start()
+    try:
+        threads = _begin_threads(coordinator, inflight, 0, release, [], errors)
+        held = tracemalloc.get_traced_memory()[0]
+    finally:
+        tracemalloc.stop()
+    release.set()
+    for thread in threads:
+        thread.join()
+    coordinator.close()
+    return {**result, **_heap_figure(held, inflight, errors)}
+
+
+def _begin_threads(
+    coordinator: Coordinator,
+    inflight: int,
+    gate: int,
+    release: threading.Event,
+    outcomes: list[Outcome],
+    errors: list[str],
+) -> list[threading.Thread]:
+    """Start ``inflight`` workers; return once each has begun its transaction. On
+    ``release`` each does its work behind a gate of ``gate`` and commits, or with
+    ``gate`` 0 (the traced pass) rolls back."""
+    admitted = threading.Semaphore(gate)
+    begun = threading.Semaphore(0)
 
     def worker() -> None:
         try:
             tx = coordinator.begin()
             begun.release()
             release.wait()
+            if not gate:
+                tx.rollback("the traced pass ends")
+                return
             with admitted:
                 tx.execute("a", f"INSERT INTO {TABLE} VALUES (%s, 'a')", (tx.gtrid,))
                 tx.execute("b", f"INSERT INTO {TABLE} VALUES (%s, 'b')", (tx.gtrid,))
@@ -98,14 +148,17 @@ def run_threads(settings: Settings, inflight: int, gate: int, home: Path) -> dic
         thread.start()
     for _ in range(inflight):
         begun.acquire()
-    in_flight = _status()
-    started = time.perf_counter()
-    release.set()
-    for thread in threads:
-        thread.join()
-    seconds = time.perf_counter() - started
-    coordinator.close()
-    return _result("threads", inflight, gate, before, in_flight, seconds, outcomes, errors)
+    return threads
+
+
+def _heap_figure(held: int, inflight: int, errors: list[str]) -> dict[str, Any]:
+    """The traced pass's figure: Python heap bytes held per transaction in flight (and the
+    errors of both passes)."""
+    return {
+        "heap_per_transaction_kib": round(held / inflight / 1024, 2),
+        "errors": len(errors),
+        "first_error": errors[0] if errors else None,
+    }
 
 
 async def _run_asyncio(
@@ -126,12 +179,49 @@ async def _run_asyncio(
         await tx.execute("a", SCHEMA)
         await tx.execute("b", SCHEMA)
     before = _status()
+    outcomes: list[Outcome] = []
+    errors: list[str] = []
     release = asyncio.Event()
+    tasks = await _begin_tasks(coordinator, inflight, gate, release, outcomes, errors)
+    in_flight = _status()
+    if barrier is not None:
+        await _all_ready(barrier, part)
+    started_at = time.time()
+    started = time.perf_counter()
+    release.set()
+    await asyncio.gather(*tasks)
+    seconds = time.perf_counter() - started
+    ended_at = time.time()
+    result = _result("asyncio", inflight, gate, before, in_flight, seconds, outcomes, errors)
+    release = asyncio.Event()
+    gc.collect()
+    tracemalloc.start()
+    try:
+        tasks = await _begin_tasks(coordinator, inflight, 0, release, [], errors)
+        held = tracemalloc.get_traced_memory()[0]
+    finally:
+        tracemalloc.stop()
+    release.set()
+    await asyncio.gather(*tasks)
+    await coordinator.close()
+    heap = _heap_figure(held, inflight, errors)
+    return {**result, **heap, "started_at": started_at, "ended_at": ended_at}
+
+
+async def _begin_tasks(
+    coordinator: AsyncCoordinator,
+    inflight: int,
+    gate: int,
+    release: asyncio.Event,
+    outcomes: list[Outcome],
+    errors: list[str],
+) -> list[asyncio.Task[None]]:
+    """Start ``inflight`` workers; return once each has begun its transaction. On
+    ``release`` each does its work behind a gate of ``gate`` and commits, or with
+    ``gate`` 0 (the traced pass) rolls back."""
     admitted = asyncio.Semaphore(gate)
     begun = 0
     all_begun = asyncio.Event()
-    outcomes: list[Outcome] = []
-    errors: list[str] = []
 
     async def worker() -> None:
         nonlocal begun
@@ -141,6 +231,9 @@ async def _run_asyncio(
             if begun == inflight:
                 all_begun.set()
             await release.wait()
+            if not gate:
+                await tx.rollback("the traced pass ends")
+                return
             async with admitted:
                 await tx.execute("a", f"INSERT INTO {TABLE} VALUES (%s, 'a')", (tx.gtrid,))
                 await tx.execute("b", f"INSERT INTO {TABLE} VALUES (%s, 'b')", (tx.gtrid,))
@@ -151,24 +244,20 @@ async def _run_asyncio(
 
     tasks = [asyncio.create_task(worker(), name=f"tx-{i}") for i in range(inflight)]
     await all_begun.wait()
-    in_flight = _status()
-    if barrier is not None:
-        await _all_ready(barrier, part)
-    started_at = time.time()
-    started = time.perf_counter()
-    release.set()
-    await asyncio.gather(*tasks)
-    seconds = time.perf_counter() - started
-    ended_at = time.time()
-    await coordinator.close()
-    result = _result("asyncio", inflight, gate, before, in_flight, seconds, outcomes, errors)
-    return {**result, "started_at": started_at, "ended_at": ended_at}
+    return tasks
 
 
 async def _all_ready(barrier: Path, part: int) -> None:
-    """Say this process has every transaction in flight; wait until every process has."""
+    """Say this process has every transaction in flight; wait until every process has (a
+    process that failed before never will: give up after ``BARRIER_SECONDS``)."""
     (barrier / f"ready-{part}").touch()
+    deadline = time.monotonic() + BARRIER_SECONDS
     while len(list(barrier.glob("ready-*"))) < PROCESSES:
+        if time.monotonic() > deadline:
+            raise RuntimeError(
+                f"asyncio-2: the other process did not have its transactions in flight "
+                f"within {BARRIER_SECONDS:.0f} s"
+            )
         await asyncio.sleep(0.001)
 
 
@@ -223,12 +312,17 @@ def _child(*args: str) -> subprocess.Popen[str]:
     )
 
 
-def _answer(mode: str, child: subprocess.Popen[str]) -> dict[str, Any]:
-    out, err = child.communicate()
-    if child.returncode != 0:
-        raise RuntimeError(f"the {mode} run failed: {err.strip()[-2000:]}")
-    answer: dict[str, Any] = json.loads(out.strip().splitlines()[-1])
-    return answer
+def _answers(mode: str, children: list[subprocess.Popen[str]]) -> list[dict[str, Any]]:
+    """Each child's result, once all have ended; every failed child's error if any failed."""
+    ended = [child.communicate() for child in children]
+    failed = [
+        err.strip()[-2000:]
+        for child, (_, err) in zip(children, ended, strict=True)
+        if child.returncode
+    ]
+    if failed:
+        raise RuntimeError(f"the {mode} run failed: " + "\n".join(failed))
+    return [json.loads(out.strip().splitlines()[-1]) for out, _ in ended]
 
 
 def _split(inflight: int, gate: int) -> dict[str, Any]:
@@ -238,7 +332,7 @@ def _split(inflight: int, gate: int) -> dict[str, Any]:
             _child("asyncio", str(inflight // PROCESSES), str(gate // PROCESSES), barrier, str(i))
             for i in range(PROCESSES)
         ]
-        parts = [_answer("asyncio-2", child) for child in children]
+        parts = _answers("asyncio-2", children)
     seconds = max(p["ended_at"] for p in parts) - min(p["started_at"] for p in parts)
     committed = sum(p["committed"] for p in parts)
     errors = [p["first_error"] for p in parts if p["first_error"]]
@@ -250,6 +344,9 @@ def _split(inflight: int, gate: int) -> dict[str, Any]:
         **{key: round(value, 1) for key, value in total.items()},
         "rss_per_transaction_kib": round(
             1024 * (total["rss_in_flight_mib"] - total["rss_before_mib"]) / inflight, 1
+        ),
+        "heap_per_transaction_kib": round(
+            sum(p["heap_per_transaction_kib"] * p["inflight"] for p in parts) / inflight, 2
         ),
         "rss_peak_mib": round(sum(p["rss_peak_mib"] for p in parts), 1),
         "threads_in_flight": sum(p["threads_in_flight"] for p in parts),
@@ -269,7 +366,7 @@ def run(inflight: int = 1000, gate: int = 48) -> list[dict[str, Any]]:
         if mode == "asyncio-2":
             results.append(_split(inflight, gate))
         else:
-            results.append(_answer(mode, _child(mode, str(inflight), str(gate))))
+            results.extend(_answers(mode, [_child(mode, str(inflight), str(gate))]))
     return results
 
 
@@ -280,16 +377,19 @@ def render_markdown(results: list[dict[str, Any]], command: str) -> str:
         "",
         f"`{command}`: every transaction open at once, then A, B and one message each "
         f"behind a gate of {results[0]['gate']} (participant pools of that size); "
-        "asyncio-2 splits both over two processes, each its own coordinator.",
+        "asyncio-2 splits both over two processes, each its own coordinator. "
+        "Heap per transaction: the Python heap one holds in flight (tracemalloc, in a "
+        "second pass that rolls back; a thread's stack is not on it).",
         "",
-        "| mode | RSS before | RSS in flight | per transaction | peak RSS | threads "
-        "| committed | commits/s |",
-        "|---|---:|---:|---:|---:|---:|---:|---:|",
+        "| mode | RSS before | RSS in flight | per transaction | heap per transaction "
+        "| peak RSS | threads | committed | commits/s |",
+        "|---|---:|---:|---:|---:|---:|---:|---:|---:|",
     ]
     for r in results:
         lines.append(
             f"| {r['mode']} | {r['rss_before_mib']} MiB | {r['rss_in_flight_mib']} MiB "
-            f"| {r['rss_per_transaction_kib']} KiB | {r['rss_peak_mib']} MiB "
+            f"| {r['rss_per_transaction_kib']} KiB | {r['heap_per_transaction_kib']} KiB "
+            f"| {r['rss_peak_mib']} MiB "
             f"| {r['threads_in_flight']} | {r['committed']} | {r['commits_per_second']} |"
         )
     failed = [r for r in results if r["errors"] or r["other_outcomes"]]
