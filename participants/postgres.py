@@ -660,7 +660,8 @@ class PostgresBranch:
         command = self._in_flight is not None
         pgconn = self.conn.pgconn
         try:
-            self.conn.wait(generators.send(pgconn))
+            if pgconn.flush():  # the Sync flushed all unless the socket was full
+                self.conn.wait(generators.send(pgconn))
             work = [self.conn.wait(generators.fetch_many(pgconn)) for _ in range(count)]
             answer = self.conn.wait(generators.fetch_many(pgconn)) if command else []
             self.conn.wait(generators.fetch_many(pgconn))  # the Sync's

@@ -178,3 +178,19 @@ def test_defer_refuses_each_transaction_control(coordinator: Any, control: str) 
     with pytest.raises(InvalidTransition, match=f"transaction control \\({word}\\)"):
         tx.branch("a").defer(control)
     tx.rollback()
+
+
+@pytest.mark.lab
+def test_deferred_work_larger_than_the_socket_buffer_commits(
+    coordinator: Any, settings: Settings
+) -> None:
+    """Deferred statements of several megabytes (more than a socket takes at once) are all
+    sent and commit with the PREPARE."""
+    tx = coordinator.begin()
+    big = "x" * (4 << 20)
+    tx.branch("a").defer(f"INSERT INTO {TABLE} VALUES (%s, length(%s))", (tx.gtrid, big))
+    tx.branch("b").defer(f"INSERT INTO {TABLE} VALUES (%s, length(%s))", (tx.gtrid, big))
+    tx.branch("b").defer(INSERT, (tx.gtrid, 2))
+    assert tx.commit() is Outcome.COMMITTED
+    assert (count(settings.pg_a, tx.gtrid), count(settings.pg_b, tx.gtrid)) == (1, 2)
+    assert_nothing_prepared(settings, tx.gtrid)

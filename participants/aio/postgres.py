@@ -701,7 +701,8 @@ class AsyncPostgresBranch:
         command = self._in_flight is not None
         pgconn = self.conn.pgconn
         try:
-            await self.conn.wait(generators.send(pgconn))
+            if pgconn.flush():  # the Sync flushed all unless the socket was full
+                await self.conn.wait(generators.send(pgconn))
             work = [await self.conn.wait(generators.fetch_many(pgconn)) for _ in range(count)]
             answer = await self.conn.wait(generators.fetch_many(pgconn)) if command else []
             await self.conn.wait(generators.fetch_many(pgconn))  # the Sync's
