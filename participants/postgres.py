@@ -38,8 +38,9 @@ from datetime import datetime
 from typing import Any, LiteralString, Protocol, TypeVar
 
 import psycopg
+from psycopg import adapt, generators, pq
 from psycopg import errors as pg_errors
-from psycopg import generators, pq
+from psycopg._queries import PostgresClientQuery
 
 from coordinator.compat import Lock, matches_api
 from coordinator.errors import (
@@ -71,7 +72,7 @@ from participants.pg_vote import (
 #: Statements ``defer`` refuses: they end (or begin) the branch's transaction, which
 #: ``execute`` detects from their answers, while a pipeline would run on past them.
 _TRANSACTION_CONTROL = re.compile(
-    r"\s*(COMMIT|END|ROLLBACK|ABORT|BEGIN|START\s+TRANSACTION|PREPARE\s+TRANSACTION)\b",
+    rb"\s*(COMMIT|END|ROLLBACK|ABORT|BEGIN|START\s+TRANSACTION|PREPARE\s+TRANSACTION)\b",
     re.IGNORECASE,
 )
 
@@ -153,18 +154,35 @@ def send_command(conn: psycopg.Connection[Any], command: bytes) -> None:
     conn.pgconn.send_query(command)
 
 
-def answer_of(results: list[pq.abc.PGresult], encoding: str) -> str:
-    """The command tag of the last result (what the server did); raise its error as psycopg's."""
+def bind(conn: psycopg.Connection[Any], query: Any, params: Any) -> bytes:
+    """``query`` with ``params`` merged into it, in the connection's encoding: what
+    ``ClientCursor.mogrify`` returns (the same adaptation of every type, ``%s`` and
+    ``%(name)s`` placeholders, the same errors), without a cursor made and its text
+    decoded and encoded again for each statement (tests/test_pg_bind.py checks the two
+    agree)."""
+    bound = PostgresClientQuery(adapt.Transformer(conn))
+    bound.convert(query, params)
+    return bound.query
+
+
+def raise_failed(results: list[pq.abc.PGresult], conn: psycopg.Connection[Any]) -> None:
+    """Raise the first failed result's error as psycopg's (the connection's encoding is
+    looked up only then)."""
     for result in results:
         if result.status == pq.ExecStatus.FATAL_ERROR:
-            raise pg_errors.error_from_result(result, encoding=encoding)
+            raise pg_errors.error_from_result(result, encoding=conn.info.encoding)
+
+
+def answer_of(results: list[pq.abc.PGresult], conn: psycopg.Connection[Any]) -> str:
+    """The command tag of the last result (what the server did); raise its error as psycopg's."""
+    raise_failed(results, conn)
     status = results[-1].command_status if results else None
     return status.decode() if status else ""
 
 
 def receive_answer(conn: psycopg.Connection[Any]) -> str:
     """Wait for the answer to the command sent last: its command tag, or the server's error."""
-    return answer_of(conn.wait(generators.execute(conn.pgconn)), conn.info.encoding)
+    return answer_of(conn.wait(generators.execute(conn.pgconn)), conn)
 
 
 def run_command(conn: psycopg.Connection[Any], command: bytes) -> str:
@@ -334,7 +352,7 @@ class PostgresResource:
                     if self._factory is not None:
                         return self._given(autocommit=False)
                     return self.connect()
-            idle = not conn.closed and conn.info.transaction_status == pq.TransactionStatus.IDLE
+            idle = conn.pgconn.transaction_status == pq.TransactionStatus.IDLE  # not closed
             if idle and still_open(conn):
                 return conn
             if idle:
@@ -344,7 +362,7 @@ class PostgresResource:
                 self._release(conn)  # the pool replaces a closed one
 
     def _release(self, conn: psycopg.Connection[Any]) -> None:
-        healthy = not conn.closed and conn.info.transaction_status == pq.TransactionStatus.IDLE
+        healthy = conn.pgconn.transaction_status == pq.TransactionStatus.IDLE  # not closed
         if self._pool is not None:  # back to the application's pool, as it lent it
             if healthy:
                 conn.set_autocommit(bool((self._pool.kwargs or {}).get("autocommit", False)))
@@ -510,7 +528,6 @@ class PostgresBranch:
         self._send_error: psycopg.Error | None = None
         self._deferred: list[bytes] = [BEGIN]  # BEGIN, then defer()'s, not sent yet
         self._pipelined = 0  # work statements sent in pipeline mode, their answers unread
-        self._composer: psycopg.ClientCursor[Any] | None = None
         self._wrote = False
         self._prepared = False
         self._maybe_prepared = False  # PREPARE was sent: the server may hold the branch
@@ -541,12 +558,7 @@ class PostgresBranch:
             cursor = self.conn.execute(query, params)
         except psycopg.Error as exc:
             self.failure = exc
-            if self.conn.closed or self.conn.broken:
-                raise ParticipantUnavailable(
-                    f"the session was lost during the work: {exc}",
-                    participant=self.name,
-                    gtrid=self._xid.gtrid,
-                ) from exc
+            self._raise_if_lost(exc)
             raise  # the caller's SQL failed: theirs to handle; the branch will vote NO
         tag = cursor.statusmessage or ""
         status = self.conn.pgconn.transaction_status
@@ -575,16 +587,14 @@ class PostgresBranch:
         """
         if self._ended is not None:
             raise self._ended
-        if self._composer is None:
-            self._composer = psycopg.ClientCursor(self.conn)
-        text = self._composer.mogrify(query, params)
-        if _TRANSACTION_CONTROL.match(text):
+        statement = bind(self.conn, query, params)
+        if _TRANSACTION_CONTROL.match(statement):
+            word = statement.split(None, 1)[0].decode(errors="replace").upper()
             raise InvalidTransition(
                 f"PostgreSQL {self.name!r}, transaction {self._xid.gtrid}: defer() takes the "
-                f"branch's work, not transaction control ({text.split(None, 1)[0].upper()}); "
-                "run it with execute()"
+                f"branch's work, not transaction control ({word}); run it with execute()"
             )
-        self._deferred.append(text.encode(self.conn.info.encoding))
+        self._deferred.append(statement)
 
     def flush(self) -> None:
         """Send the deferred statements now (one round trip) and wait for their answers;
@@ -602,13 +612,18 @@ class PostgresBranch:
             self._read_pipeline()
         except psycopg.Error as exc:
             self.failure = self.failure or exc
-            if self.conn.closed or self.conn.broken:
-                raise ParticipantUnavailable(
-                    f"the session was lost during the work: {exc}",
-                    participant=self.name,
-                    gtrid=self._xid.gtrid,
-                ) from exc
+            self._raise_if_lost(exc)
             raise  # the caller's SQL failed: theirs to handle; the branch will vote NO
+
+    def _raise_if_lost(self, exc: psycopg.Error) -> None:
+        """The work failed because the session is gone (not because of its SQL): raise
+        :class:`~coordinator.errors.ParticipantUnavailable` from ``exc``."""
+        if self.conn.closed or self.conn.broken:
+            raise ParticipantUnavailable(
+                f"the session was lost during the work: {exc}",
+                participant=self.name,
+                gtrid=self._xid.gtrid,
+            ) from exc
 
     def _begun_on_conn(self) -> None:
         """Work run on :attr:`conn` itself (an ORM's) made psycopg begin the transaction:
@@ -645,7 +660,8 @@ class PostgresBranch:
         command = self._in_flight is not None
         pgconn = self.conn.pgconn
         try:
-            self.conn.wait(generators.send(pgconn))
+            if pgconn.flush():  # the Sync flushed all unless the socket was full
+                self.conn.wait(generators.send(pgconn))
             work = [self.conn.wait(generators.fetch_many(pgconn)) for _ in range(count)]
             answer = self.conn.wait(generators.fetch_many(pgconn)) if command else []
             self.conn.wait(generators.fetch_many(pgconn))  # the Sync's
@@ -653,13 +669,12 @@ class PostgresBranch:
         except psycopg.Error as exc:
             self.failure = self.failure or exc
             raise
-        encoding = self.conn.info.encoding
         for results in work:
-            for result in results:
-                if result.status == pq.ExecStatus.FATAL_ERROR:
-                    error = pg_errors.error_from_result(result, encoding=encoding)
-                    self.failure = error
-                    raise error
+            try:
+                raise_failed(results, self.conn)
+            except psycopg.Error as error:
+                self.failure = error
+                raise
             tag = results[-1].command_status if results else None
             if tag and not self._wrote and tag.decode().startswith(_WRITE_TAGS):
                 self._wrote = True
@@ -710,7 +725,7 @@ class PostgresBranch:
         return bool(row and row[0])
 
     def _in_error(self) -> bool:
-        return self.conn.info.transaction_status == pq.TransactionStatus.INERROR
+        return self.conn.pgconn.transaction_status == pq.TransactionStatus.INERROR
 
     # -- commands sent now, answered later ---------------------------------------------
 
@@ -752,7 +767,7 @@ class PostgresBranch:
                 raise
             raise _WorkFailed(exc) from exc
         self._in_flight = None
-        return answer_of(answer, self.conn.info.encoding)
+        return answer_of(answer, self.conn)
 
     def _wrong_prepare_answer(self, tag: str) -> PrepareFailed | None:
         return wrong_prepare_answer(
@@ -906,7 +921,7 @@ class PostgresBranch:
             return
         try:
             if self.conn.pgconn.pipeline_status != pq.PipelineStatus.OFF:
-                tag = answer_of(self._read_pipeline(), self.conn.info.encoding)
+                tag = answer_of(self._read_pipeline(), self.conn)
             else:
                 tag = receive_answer(self.conn)
         except psycopg.Error:

@@ -58,7 +58,6 @@ NAMES = {
     "AsyncTransaction": "Transaction",
     "AsyncDriverConfig": "DriverConfig",
     "AsyncCursor": "Cursor",
-    "AsyncClientCursor": "ClientCursor",
     "AsyncPostgresResource": "PostgresResource",
     "AsyncPostgresBranch": "PostgresBranch",
     "AsyncConnectionPoolLike": "ConnectionPoolLike",

@@ -30,7 +30,7 @@ import fcntl
 import os
 import stat
 import threading
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Sequence
 from types import TracebackType
 
 from coordinator import events, failpoints
@@ -70,8 +70,11 @@ class FileDecisionLog:
         self.path = os.fspath(path)
         self._fsync = fsync
         self._threshold = compact_threshold_bytes
-        # Guards all state below; followers of a group commit wait on it.
-        self._cond = threading.Condition(threading.Lock())
+        # Guards all state below; followers of a group commit wait on it. The appends take
+        # the lock itself (a C-level with), the same lock the condition waits with.
+        self._mutex = threading.Lock()
+        self._cond = threading.Condition(self._mutex)
+        self._crash_guard = _CrashGuard(self)
         self._unusable: tuple[type[DecisionLogError], str] | None = None
         self._forced_writes = 0
         self._written_lsn = 0  # bytes appended since open (survives compaction, unlike offsets)
@@ -99,7 +102,7 @@ class FileDecisionLog:
         """Append COMMIT(gtrid, participants); with ``force``, return once it is durable."""
         commit = fmt.Commit(gtrid, tuple(participants))
         data = fmt.encode(commit)
-        with self._cond, self._dies_on_crash():
+        with self._mutex, self._crash_guard:
             self._check_usable()
             lsn = self._append(data, may_tear=force)
             fmt.apply(self._pending, commit)
@@ -119,7 +122,7 @@ class FileDecisionLog:
         """Append END(gtrid), lazily: durable with the next forced write or flush."""
         end = fmt.End(gtrid)
         data = fmt.encode(end)
-        with self._cond, self._dies_on_crash():
+        with self._mutex, self._crash_guard:
             self._check_usable()
             self._append(data, may_tear=False)
             fmt.apply(self._pending, end)
@@ -127,7 +130,7 @@ class FileDecisionLog:
 
     def flush(self) -> None:
         """Make everything appended so far durable."""
-        with self._cond, self._dies_on_crash():
+        with self._mutex, self._crash_guard:
             self._check_usable()
             self._wait_durable(self._written_lsn)
 
@@ -236,7 +239,9 @@ class FileDecisionLog:
                 failpoints.hit("log_torn_record")
                 _write_all(self._fd, data[half:])
             else:
-                _write_all(self._fd, data)
+                written = os.write(self._fd, data)
+                if written < len(data):  # the kernel wrote less: the rest follows
+                    _write_all(self._fd, data[written:])
         except OSError as exc:
             self._undo_append(start, exc)
         self._size += len(data)
@@ -385,15 +390,6 @@ class FileDecisionLog:
         if self._unusable is None:  # the first cause is the one to report
             self._unusable = (error, message)
 
-    @contextlib.contextmanager
-    def _dies_on_crash(self) -> Iterator[None]:
-        """On an injected crash, drop the files as a dead process would, lock included."""
-        try:
-            yield
-        except CrashInjected:
-            self._abandon("was abandoned by an injected crash")
-            raise
-
     def _abandon(self, why: str) -> None:
         """Unusable from now on; the files closed without a flush (lock held)."""
         self._mark_unusable(DecisionLogError, f"decision log {self.path} {why}; open it again")
@@ -480,6 +476,26 @@ def _require_regular(log_path: str, path: str, role: str, mode: int) -> None:
         "untouched: point the log at a path of its own (TWOPC_HOME, or the path given to "
         "FileDecisionLog)"
     )
+
+
+class _CrashGuard:
+    """On an injected crash inside it, the log drops its files as a dead process would,
+    lock included. One per log, made once: entering it costs no generator per record."""
+
+    def __init__(self, log: FileDecisionLog) -> None:
+        self._log = log
+
+    def __enter__(self) -> None:
+        return None
+
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        if exc_type is not None and issubclass(exc_type, CrashInjected):
+            self._log._abandon("was abandoned by an injected crash")
 
 
 def _tighten(fd: int) -> None:

@@ -47,6 +47,7 @@ offset 0.
 
 from __future__ import annotations
 
+import functools
 import struct
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
@@ -141,12 +142,21 @@ def _str(value: str, what: str) -> bytes:
     return _U16.pack(len(raw)) + raw
 
 
+@functools.lru_cache(maxsize=256)
+def _participants(names: tuple[str, ...]) -> bytes:
+    """The u16 count and the names of a COMMIT payload. A coordinator names the same few
+    participants in every record: they are encoded once per set, not once per record."""
+    return _U16.pack(len(names)) + b"".join(_str(name, "participant name") for name in names)
+
+
 def _commit_payload(commit: Commit) -> bytes:
     if len(commit.participants) > 0xFFFF:
         raise UnloggableRecord(f"transaction {commit.gtrid} has too many participants")
-    parts = [_str(commit.gtrid, "gtrid"), _U16.pack(len(commit.participants))]
-    parts += (_str(name, "participant name") for name in commit.participants)
-    return b"".join(parts)
+    return _str(commit.gtrid, "gtrid") + _participants(commit.participants)
+
+
+#: The CRC-32C of each type byte alone: a record's CRC extends it over the payload.
+_TYPE_CRC = {rtype: crc32c(bytes([rtype])) for rtype in RecordType}
 
 
 def encode(record: Record) -> bytes:
@@ -160,8 +170,8 @@ def encode(record: Record) -> bytes:
         rtype, payload = RecordType.CHECKPOINT, _U32.pack(len(record.pending)) + body
     if len(payload) > MAX_PAYLOAD:
         raise UnloggableRecord(f"{rtype.name} record of {len(payload)} bytes exceeds {MAX_PAYLOAD}")
-    typed = bytes([rtype]) + payload
-    return _U32.pack(len(payload)) + typed + _U32.pack(crc32c(typed))
+    crc: int = google_crc32c.extend(_TYPE_CRC[rtype], payload)
+    return _FRAME_HEAD.pack(len(payload), rtype) + payload + _U32.pack(crc)
 
 
 # -- scanning -----------------------------------------------------------------
