@@ -44,6 +44,12 @@ UNESCAPED_COMMANDS = frozenset({"CONNECT", "STOMP", "CONNECTED"})
 
 _ESCAPES = str.maketrans({"\\": "\\\\", "\r": "\\r", "\n": "\\n", ":": "\\c"})
 
+#: The escapes STOMP 1.2 defines, and what each stands for; any other is a fatal error.
+_UNESCAPES = {"\\\\": "\\", "\\r": "\r", "\\n": "\n", "\\c": ":"}
+
+#: A backslash and what follows it (nothing, at the end of the text).
+_ESCAPE_SEQUENCE = re.compile(r"\\(?:.|\Z)", re.S)
+
 #: Characters no header can carry: NUL ends the frame; a lone surrogate has no UTF-8
 #: (stomp.py would silently write "?").
 _UNCARRIABLE = re.compile("[\x00\ud800-\udfff]")
@@ -202,6 +208,32 @@ def _refusal(name: object, value: object, gtrid: str) -> str | None:
 def _uncarriable(name: str, value: str) -> str:
     where = "its name" if _UNCARRIABLE.search(name) else "its value"
     return f"{where} contains NUL or a lone surrogate, which no STOMP frame can carry"
+
+
+class UndefinedEscape(ValueError):
+    """A header of a received frame holds an escape STOMP 1.2 does not define."""
+
+
+def _unescaped(match: re.Match[str]) -> str:
+    sequence = match.group(0)
+    try:
+        return _UNESCAPES[sequence]
+    except KeyError:
+        raise UndefinedEscape(
+            f"undefined escape {sequence!r} (STOMP 1.2 defines only \\r \\n \\c \\\\, and "
+            "calls any other a fatal protocol error)"
+        ) from None
+
+
+def unescape(text: str) -> str:
+    """A received header name or value as it was before :func:`frame_headers` escaped it.
+
+    UndefinedEscape for a backslash followed by anything but ``r``, ``n``, ``c``
+    or a backslash, or ending the text. A text without a backslash is returned as is.
+    """
+    if "\\" not in text:
+        return text
+    return _ESCAPE_SEQUENCE.sub(_unescaped, text)
 
 
 def frame_headers(
