@@ -221,6 +221,11 @@ class _Listener(stomp.ConnectionListener):  # type: ignore[misc]
     def on_connecting(self, host_and_port: tuple[str, int]) -> None:
         self.client._set_nodelay()
 
+    def on_connected(self, frame: Any) -> None:
+        """stomp.py read the CONNECTED :func:`_read_into_core` handed it: CONNECT is done
+        (stomp.py's transport and heart-beats are set up before the opener goes on)."""
+        self.client._ready.set()
+
     def on_heartbeat(self) -> None:
         """Every chunk read reaches stomp.py as a heart-beat; the core has read it already."""
 
@@ -480,10 +485,10 @@ class StompClient(StompOperations):
 
     def _connect_answered(self, event: Connected | ConnectRefused) -> None:
         if isinstance(event, Connected):
-            self._agreed = event.heartbeats
+            self._agreed = event.heartbeats  # stomp.py is told next; _Listener then wakes us
             self._connected_ok = True
-        else:
-            self._connect_error = event
+            return
+        self._connect_error = event
         self._ready.set()
 
     def _answered(self, waiter: _Pending, error: str | None) -> None:
