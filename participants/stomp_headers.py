@@ -44,11 +44,11 @@ UNESCAPED_COMMANDS = frozenset({"CONNECT", "STOMP", "CONNECTED"})
 
 _ESCAPES = str.maketrans({"\\": "\\\\", "\r": "\\r", "\n": "\\n", ":": "\\c"})
 
-#: The escapes STOMP 1.2 defines, and what each stands for; any other is a fatal error.
-_UNESCAPES = {"\\\\": "\\", "\\r": "\r", "\\n": "\n", "\\c": ":"}
+#: A text whose every backslash starts one of the escapes STOMP 1.2 defines.
+_WELL_ESCAPED = re.compile(r"(?:[^\\]|\\[\\rnc])*", re.S)
 
-#: A backslash and what follows it (nothing, at the end of the text).
-_ESCAPE_SEQUENCE = re.compile(r"\\(?:.|\Z)", re.S)
+#: The first escape STOMP 1.2 does not define (a backslash ending the text is one).
+_UNDEFINED_ESCAPE = re.compile(r"(?:[^\\]|\\[\\rnc])*(\\(?:.|\Z))", re.S)
 
 #: Characters no header can carry: NUL ends the frame; a lone surrogate has no UTF-8
 #: (stomp.py would silently write "?").
@@ -214,17 +214,6 @@ class UndefinedEscape(ValueError):
     """A header of a received frame holds an escape STOMP 1.2 does not define."""
 
 
-def _unescaped(match: re.Match[str]) -> str:
-    sequence = match.group(0)
-    try:
-        return _UNESCAPES[sequence]
-    except KeyError:
-        raise UndefinedEscape(
-            f"undefined escape {sequence!r} (STOMP 1.2 defines only \\r \\n \\c \\\\, and "
-            "calls any other a fatal protocol error)"
-        ) from None
-
-
 def unescape(text: str) -> str:
     """A received header name or value as it was before :func:`frame_headers` escaped it.
 
@@ -233,7 +222,19 @@ def unescape(text: str) -> str:
     """
     if "\\" not in text:
         return text
-    return _ESCAPE_SEQUENCE.sub(_unescaped, text)
+    if not _WELL_ESCAPED.fullmatch(text):
+        undefined = _UNDEFINED_ESCAPE.match(text)
+        sequence = undefined.group(1) if undefined else text
+        raise UndefinedEscape(
+            f"undefined escape {sequence!r} (STOMP 1.2 defines only \\r \\n \\c \\\\, and "
+            "calls any other a fatal protocol error)"
+        )
+    # Escaped backslashes first, pairing from the left as a reader does: what is
+    # between them holds only \r, \n and \c.
+    return "\\".join(
+        part.replace("\\c", ":").replace("\\n", "\n").replace("\\r", "\r")
+        for part in text.split("\\\\")
+    )
 
 
 def frame_headers(
