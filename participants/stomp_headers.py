@@ -12,7 +12,8 @@ CONNECTED, a backslash, carriage return, line feed and colon are written as
 (``x\\ndestination``) broke the frame and ActiveMQ dropped the connection, and
 a name with a colon arrived cut at the colon. Our clients hand stomp.py
 frames already escaped, past its ``send_frame``, so nothing is escaped twice;
-stomp.py's frame parser unescapes names and values, and so does ActiveMQ.
+:func:`unescape` undoes it for the frames received (``participants.stomp_frames``),
+refusing the escapes STOMP 1.2 does not define, and ActiveMQ does the same.
 
 What no frame can carry is refused, naming the header: NUL (it ends a frame),
 lone surrogates (they have no UTF-8: stomp.py would write ``?`` instead) and
