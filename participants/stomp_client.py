@@ -8,7 +8,11 @@ which request, why CONNECT was refused -- is the protocol core's
 (subscriptions, corked writes, receipts awaited, ERROR counts, closing) are
 :class:`participants.stomp_ops.StompOperations`'s, generated from the asyncio
 source. This module moves the frames over stomp.py's transport and receiver
-thread, and wakes the threads waiting. stomp.py has no safe way to wait:
+thread, and wakes the threads waiting. The bytes that thread reads go
+straight to the core, which cuts and parses them with twopc's own frame reader
+(:mod:`participants.stomp_frames`), as the asyncio client's do: stomp.py
+parses no frame and dispatches none to listeners but CONNECTED
+(:func:`_read_into_core`). stomp.py has no safe way to wait:
 its ``WaitingListener`` waits forever and ignores ERROR frames and
 disconnects. :class:`StompClient` wraps one ``stomp.Connection12`` and adds
 what the last resource, the outbox relays and the consumers need:
@@ -45,8 +49,8 @@ values only), past stomp.py's ``send_frame``. Failures leave this module as
 coordinator.errors types naming the participant and, when the caller passes
 one, the gtrid.
 
-Listener callbacks run on stomp.py's receiver thread; they only record and
-signal, never block.
+The core's events are handled on stomp.py's receiver thread; their handlers
+only record and signal, never block.
 """
 
 from __future__ import annotations
@@ -80,6 +84,7 @@ from participants.stomp_core import (
     Message,
     NoAnswer,
     Refused,
+    StompProtocolError,
     check_destination,
     parse_address,
 )
@@ -151,6 +156,49 @@ def _tls_receive(transport: Any) -> bytes | None:
     return data
 
 
+#: What stomp.py's receiver loop is handed instead of the bytes the core read: one
+#: end-of-line, which it takes for a heart-beat (a sign of life for its heart-beat listener).
+_READ_BY_CORE = b"\n"
+
+
+def _read_into_core(transport: Any, client: StompClient) -> None:
+    """Make stomp.py's receiver thread hand every chunk it reads to ``client``'s core.
+
+    The bytes go to ``StompProtocol.receive_data`` (the one path from bytes to
+    events, shared with the asyncio client), and their events wake the waiters
+    there, on the receiver thread. stomp.py sees one end-of-line per chunk, and
+    once a CONNECTED frame built from the heart-beats the core agreed, so that
+    its transport counts as connected and its heart-beat thread runs.
+
+    The one place that relies on stomp.py's internals (stomp.py 9; checked by
+    tests/test_stomp_transport.py, which fails if an upgrade changes them): its
+    receiver loop reads through the transport's ``receive`` (an instance
+    attribute wins over the method), takes a chunk that is exactly one
+    end-of-line, read into an empty buffer, for a heart-beat without parsing
+    anything, and takes an empty read for the end of the stream.
+    """
+    read = transport.receive  # stomp.py's, or _tls_receive over TLS
+
+    def receive() -> bytes | None:
+        data: bytes | None = read()
+        if not data:
+            return data  # end of stream, or (TLS) no whole record yet: stomp.py's to handle
+        try:
+            client._receive(functools.partial(client._protocol.receive_data, data))
+        except StompProtocolError as exc:
+            _log().warning(ev.STOMP_ERROR, address=client.address, error=str(exc))
+            transport.running = False  # the stream cannot go on: end the receiver loop
+            return b""
+        agreed, client._agreed = client._agreed, None
+        if agreed is not None:
+            # stomp.py computes its heart-beats from the broker's offer and its own
+            # request: offering what the core agreed, crossed, gives the same pair.
+            return b"CONNECTED\nversion:1.2\nheart-beat:%d,%d\n\n\x00" % (agreed[1], agreed[0])
+        return _READ_BY_CORE
+
+    transport.receive = receive
+
+
 class _Pending:
     """A receipt the broker owes us; set by the receiver thread."""
 
@@ -164,7 +212,8 @@ class _Pending:
 
 
 class _Listener(stomp.ConnectionListener):  # type: ignore[misc]
-    """Runs on stomp.py's receiver thread: hands each frame to the client's protocol core."""
+    """Runs on stomp.py's receiver thread: the socket's opening and closing (the frames
+    go to the core before stomp.py sees them: :func:`_read_into_core`)."""
 
     def __init__(self, client: StompClient) -> None:
         self.client = client
@@ -173,16 +222,12 @@ class _Listener(stomp.ConnectionListener):  # type: ignore[misc]
         self.client._set_nodelay()
 
     def on_connected(self, frame: Any) -> None:
-        self.client._on_frame(frame)
+        """stomp.py read the CONNECTED :func:`_read_into_core` handed it: CONNECT is done
+        (stomp.py's transport and heart-beats are set up before the opener goes on)."""
+        self.client._ready.set()
 
-    def on_receipt(self, frame: Any) -> None:
-        self.client._on_frame(frame)
-
-    def on_error(self, frame: Any) -> None:
-        self.client._on_frame(frame)
-
-    def on_message(self, frame: Any) -> None:
-        self.client._on_frame(frame)
+    def on_heartbeat(self) -> None:
+        """Every chunk read reaches stomp.py as a heart-beat; the core has read it already."""
 
     def on_disconnected(self) -> None:
         self.client._closed_by_peer.set()
@@ -241,6 +286,8 @@ class StompClient(StompOperations):
                 )
             tls_context(ca_file)  # a file that is not PEM: ConfigurationError before connecting
             self._conn.set_ssl(for_hosts=[self._host_port], ca_certs=ca_file)
+        self._agreed: tuple[int, int] | None = None  # CONNECTED read, not yet told stomp.py
+        _read_into_core(self._conn.transport, self)
         self._conn.set_listener("twopc", _Listener(self))
         # Frames written while corked are kept (heartbeats from stomp.py's thread go through).
         self._write = self._conn.transport.send
@@ -434,17 +481,14 @@ class StompClient(StompOperations):
     def _peer_closed(self, timeout: float) -> None:
         self._closed_by_peer.wait(timeout)
 
-    # -- called on the receiver thread ---------------------------------------
-
-    def _on_frame(self, frame: Any) -> None:
-        """One frame from stomp.py's receiver: the core says what it is; wake whom it concerns."""
-        self._receive(lambda: [self._protocol.receive_frame(frame)])
+    # -- called on the receiver thread (through _read_into_core) -------------
 
     def _connect_answered(self, event: Connected | ConnectRefused) -> None:
         if isinstance(event, Connected):
+            self._agreed = event.heartbeats  # stomp.py is told next; _Listener then wakes us
             self._connected_ok = True
-        else:
-            self._connect_error = event
+            return
+        self._connect_error = event
         self._ready.set()
 
     def _answered(self, waiter: _Pending, error: str | None) -> None:

@@ -12,23 +12,23 @@ and where the connection stands. The blocking client
 (:mod:`participants.stomp_client`) and the asyncio one
 (:mod:`participants.aio.stomp`) only move bytes and wait.
 
-stomp.py's frame code stays underneath: ``stomp.utils.parse_frame`` reads a
-whole frame once this module found where it ends (its ``content-length``, or
-the NUL), ``stomp.utils.convert_frame`` writes one. The errors both clients
-raise, with the words a user acts on, are here too.
+Received bytes are cut and parsed by :class:`participants.stomp_frames.FrameReader`
+(twopc's own STOMP 1.2 parser: escapes, content-length, CRLF, heart-beats),
+for both clients; frames out are written by ``stomp.utils.convert_frame``.
+The errors both clients raise, with the words a user acts on, are here too.
 """
 
 from __future__ import annotations
 
 import enum
 import itertools
-import re
 from collections.abc import Mapping
 from dataclasses import dataclass
 
 from stomp import utils as frames
 
 from coordinator.errors import ConfigurationError, ParticipantError, ParticipantUnavailable
+from participants.stomp_frames import HEARTBEAT, FrameReader, MalformedFrame, ReceivedFrame
 from participants.stomp_headers import SENTINEL_HEADER as SENTINEL_HEADER
 from participants.stomp_headers import frame_headers
 
@@ -45,9 +45,6 @@ LOGIN_HINT = (
 #: malformed names ("/queue/") and, worse, answers others with an ERROR while
 #: the rest of the transaction still commits, so they are refused here.
 DESTINATION_PREFIXES = ("/queue/", "/topic/")
-
-_CONTENT_LENGTH = re.compile(rb"^content-length:(\d+)\r?$", re.M)
-_PREAMBLE_END = re.compile(rb"\r?\n\r?\n")
 
 
 def check_destination(destination: str) -> None:
@@ -324,7 +321,7 @@ class StompProtocol:
         self.heartbeats = (0, 0)
         #: Transactions begun and not yet committed or aborted.
         self.transactions: set[str] = set()
-        self._buffer = bytearray()
+        self._reader = FrameReader()
         self._ids = itertools.count(1)
         self._awaited: set[str] = set()
         self._unanswered: list[str] = []
@@ -413,39 +410,53 @@ class StompProtocol:
     # -- bytes in ------------------------------------------------------------------
 
     def receive_data(self, data: bytes) -> list[Event]:
-        """The events in ``data`` (any cut of the stream); ``b""`` is the end of the stream."""
+        """The events in ``data`` (any cut of the stream); ``b""`` is the end of the stream.
+
+        StompProtocolError if the bytes are not STOMP 1.2 (the connection cannot go on).
+        """
         if not data:
             self.connection_lost()
             return [ConnectionClosed()]
-        self._buffer += data
+        reader = self._reader
+        reader.feed(data)
         found: list[Event] = []
         while True:
-            event = self._next_event()
-            if event is None:
+            try:
+                item = reader.next()
+            except MalformedFrame as exc:
+                raise StompProtocolError(
+                    f"the broker at {self.address} sent bytes that are not STOMP 1.2: {exc}",
+                    participant=self.participant,
+                ) from None
+            if item is None:
                 return found
-            found.append(event)
+            if item is HEARTBEAT:
+                found.append(Heartbeat())
+                continue
+            assert isinstance(item, ReceivedFrame)
+            event = self.receive_frame(item)
+            if event is not None:  # a RECEIPT nobody awaits any more says nothing
+                found.append(event)
 
-    def receive_frame(self, frame: frames.Frame) -> Event | None:
-        """The event of one frame already cut and parsed (by stomp.py's receiver)."""
-        body = (
-            frame.body.decode(errors="replace")
-            if isinstance(frame.body, bytes)
-            else str(frame.body or "")
-        )
-        headers: dict[str, str] = dict(frame.headers)
-        if frame.cmd == "CONNECTED":
-            self.state = State.CONNECTED
-            self.heartbeats = self._agree(headers.get("heart-beat", "0,0"))
-            return Connected(self.heartbeats)
-        if frame.cmd == "MESSAGE":
+    def receive_frame(self, frame: ReceivedFrame) -> Event | None:
+        """The event of one frame already cut and parsed; None if it concerns nobody."""
+        headers = frame.headers
+        command = frame.command
+        if command == "MESSAGE":
+            body = frame.body.decode(errors="replace")
             return MessageReceived(headers.get("subscription", ""), Message(headers, body))
         receipt_id = headers.get("receipt-id")
-        if frame.cmd == "RECEIPT":
+        if command == "RECEIPT":
             if receipt_id is None or receipt_id not in self._awaited:
                 return None  # a waiter that gave up: nothing to say
             self._awaited.discard(receipt_id)
             return Answer(receipt_id, None)
-        if frame.cmd == "ERROR":
+        if command == "CONNECTED":
+            self.state = State.CONNECTED
+            self.heartbeats = self._agree(headers.get("heart-beat", "0,0"))
+            return Connected(self.heartbeats)
+        if command == "ERROR":
+            body = frame.body.decode(errors="replace")
             message = headers.get("message") or body.split("\n", 1)[0]
             if self.state is State.CONNECTING:
                 self.state = State.CLOSED  # ActiveMQ closes the socket after it
@@ -456,41 +467,9 @@ class StompProtocol:
             self._unanswered.append(message)
             return UnansweredError(message)
         raise StompProtocolError(
-            f"the broker at {self.address} sent an unknown frame {frame.cmd!r}",
+            f"the broker at {self.address} sent an unknown frame {command!r}",
             participant=self.participant,
         )
-
-    def _next_event(self) -> Event | None:
-        buffer = self._buffer
-        if buffer[:1] == b"\n" or buffer[:2] == b"\r\n":
-            del buffer[: 1 if buffer[:1] == b"\n" else 2]
-            return Heartbeat()
-        if buffer[:1] == b"\r":
-            return None  # the rest of a CRLF heart-beat is still to come
-        preamble = _PREAMBLE_END.search(buffer)
-        if preamble is None:
-            return None
-        length = _CONTENT_LENGTH.search(buffer, 0, preamble.start())
-        if length is not None:
-            end = preamble.end() + int(length.group(1))
-            if len(buffer) <= end:
-                return None
-            if buffer[end] != 0:
-                raise StompProtocolError(
-                    f"a frame from the broker at {self.address} does not end where its "
-                    "content-length says",
-                    participant=self.participant,
-                )
-        else:
-            end = buffer.find(b"\x00", preamble.end())
-            if end < 0:
-                return None
-        raw = bytes(buffer[:end])
-        del buffer[: end + 1]
-        frame = frames.parse_frame(raw)
-        if frame is None:
-            return None
-        return self.receive_frame(frame)
 
     def _agree(self, offered: str) -> tuple[int, int]:
         """STOMP 1.2 §heart-beating: each side at the larger of what one offers and the

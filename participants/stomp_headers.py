@@ -12,7 +12,8 @@ CONNECTED, a backslash, carriage return, line feed and colon are written as
 (``x\\ndestination``) broke the frame and ActiveMQ dropped the connection, and
 a name with a colon arrived cut at the colon. Our clients hand stomp.py
 frames already escaped, past its ``send_frame``, so nothing is escaped twice;
-stomp.py's frame parser unescapes names and values, and so does ActiveMQ.
+:func:`unescape` undoes it for the frames received (``participants.stomp_frames``),
+refusing the escapes STOMP 1.2 does not define, and ActiveMQ does the same.
 
 What no frame can carry is refused, naming the header: NUL (it ends a frame),
 lone surrogates (they have no UTF-8: stomp.py would write ``?`` instead) and
@@ -43,6 +44,12 @@ SENTINEL_HEADER = "twopc-browse-sentinel"
 UNESCAPED_COMMANDS = frozenset({"CONNECT", "STOMP", "CONNECTED"})
 
 _ESCAPES = str.maketrans({"\\": "\\\\", "\r": "\\r", "\n": "\\n", ":": "\\c"})
+
+#: A text whose every backslash starts one of the escapes STOMP 1.2 defines.
+_WELL_ESCAPED = re.compile(r"(?:[^\\]|\\[\\rnc])*", re.S)
+
+#: The first escape STOMP 1.2 does not define (a backslash ending the text is one).
+_UNDEFINED_ESCAPE = re.compile(r"(?:[^\\]|\\[\\rnc])*(\\(?:.|\Z))", re.S)
 
 #: Characters no header can carry: NUL ends the frame; a lone surrogate has no UTF-8
 #: (stomp.py would silently write "?").
@@ -202,6 +209,33 @@ def _refusal(name: object, value: object, gtrid: str) -> str | None:
 def _uncarriable(name: str, value: str) -> str:
     where = "its name" if _UNCARRIABLE.search(name) else "its value"
     return f"{where} contains NUL or a lone surrogate, which no STOMP frame can carry"
+
+
+class UndefinedEscape(ValueError):
+    """A header of a received frame holds an escape STOMP 1.2 does not define."""
+
+
+def unescape(text: str) -> str:
+    """A received header name or value as it was before :func:`frame_headers` escaped it.
+
+    UndefinedEscape for a backslash followed by anything but ``r``, ``n``, ``c``
+    or a backslash, or ending the text. A text without a backslash is returned as is.
+    """
+    if "\\" not in text:
+        return text
+    if not _WELL_ESCAPED.fullmatch(text):
+        undefined = _UNDEFINED_ESCAPE.match(text)
+        sequence = undefined.group(1) if undefined else text
+        raise UndefinedEscape(
+            f"undefined escape {sequence!r} (STOMP 1.2 defines only \\r \\n \\c \\\\, and "
+            "calls any other a fatal protocol error)"
+        )
+    # Escaped backslashes first, pairing from the left as a reader does: what is
+    # between them holds only \r, \n and \c.
+    return "\\".join(
+        part.replace("\\c", ":").replace("\\n", "\n").replace("\\r", "\r")
+        for part in text.split("\\\\")
+    )
 
 
 def frame_headers(
