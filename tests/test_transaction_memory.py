@@ -10,9 +10,12 @@ from __future__ import annotations
 import asyncio
 import gc
 import tracemalloc
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from typing import Any
 
+import pytest
+
+from coordinator import tracing
 from coordinator.aio import AsyncCoordinator
 from coordinator.coordinator import Coordinator
 from coordinator.log.memory import MemoryDecisionLog
@@ -24,6 +27,16 @@ IN_FLIGHT = 200
 #: Python heap bytes one begun transaction may hold: its object (no __dict__), its gtrid,
 #: its start time and its entry among the coordinator's active ones (about 320).
 HEAP_LIMIT = 512
+
+
+@pytest.fixture(autouse=True)
+def no_tracer_provider(monkeypatch: pytest.MonkeyPatch) -> Iterator[None]:
+    """The figures are for a process without a tracer provider (another test may have set
+    one for the whole process): with one, each transaction carries its span, by design."""
+    monkeypatch.setattr(tracing, "ENABLED", False)
+    yield
+    monkeypatch.undo()
+    tracing.decide()
 
 
 def held_per_transaction(begin: Callable[[], object]) -> float:
