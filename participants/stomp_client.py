@@ -479,7 +479,9 @@ class StompClient(StompOperations):
             ) from None
 
     def _peer_closed(self, timeout: float) -> None:
-        self._closed_by_peer.wait(timeout)
+        """The DISCONNECT receipt came: the broker is done with the connection, and the
+        drop() that follows closes it now, as stomp.py did on that receipt when it still
+        read the frames (waiting for the broker to close it delays a process's exit)."""
 
     # -- called on the receiver thread (through _read_into_core) -------------
 
