@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import os
 import signal
 import socket
@@ -304,26 +305,39 @@ def test_a_shared_marker_goes_only_when_every_gtrid_it_names_ended(
     mq.begin("g.1").release()
 
 
+def frame_commands(write: bytes) -> list[bytes]:
+    """The commands of the STOMP frames in one write."""
+    frames = [frame.lstrip(b"\n") for frame in write.split(b"\x00") if frame.strip()]
+    return [frame.split(b"\n", 1)[0] for frame in frames]
+
+
+@contextlib.contextmanager
+def recorded_writes(client: Any) -> Iterator[list[bytes]]:
+    """Every write ``client`` makes to its socket inside the block, in order."""
+    writes: list[bytes] = []
+    write = client._write
+    client._write = lambda data: (writes.append(data), write(data))[1]
+    try:
+        yield writes
+    finally:
+        client._write = write
+
+
 def test_a_transaction_leaves_in_one_write_with_its_commit(
     mq: ActiveMQ, stomp_addr: str, queue_name: str
 ) -> None:
     """BEGIN, the SENDs, the marker and the COMMIT of a session go to the socket in one write."""
     gtrid = unique("t.")
     session = mq.begin(gtrid)
-    client = session._client
-    writes: list[bytes] = []
-    write = client._write
-    client._write = lambda data: (writes.append(data), write(data))[1]
-    try:
-        session.send(queue_name, "one")
-        session.send(queue_name, "two")
-        session.commit_with_marker(gtrid, timeout=5.0)
-    finally:
-        client._write = write
-        session.release()
+    with recorded_writes(session._client) as writes:
+        try:
+            session.send(queue_name, "one")
+            session.send(queue_name, "two")
+            session.commit_with_marker(gtrid, timeout=5.0)
+        finally:
+            session.release()
     assert len(writes) == 1
-    frames = [frame.lstrip(b"\n") for frame in writes[0].split(b"\x00") if frame.strip()]
-    assert [frame.split(b"\n", 1)[0] for frame in frames] == [
+    assert frame_commands(writes[0]) == [
         b"BEGIN",
         b"SEND",
         b"SEND",
@@ -333,12 +347,6 @@ def test_a_transaction_leaves_in_one_write_with_its_commit(
     assert len(browse(stomp_addr, queue_name)) == 2 and gtrid in mq.markers()
 
 
-def frame_commands(write: bytes) -> list[bytes]:
-    """The commands of the STOMP frames in one write."""
-    frames = [frame.lstrip(b"\n") for frame in write.split(b"\x00") if frame.strip()]
-    return [frame.split(b"\n", 1)[0] for frame in frames]
-
-
 def test_a_session_alone_sends_its_messages_ahead_of_the_commit_point(
     mq: ActiveMQ, stomp_addr: str, queue_name: str
 ) -> None:
@@ -346,20 +354,16 @@ def test_a_session_alone_sends_its_messages_ahead_of_the_commit_point(
     delivered yet); the commit point then writes only the marker and the COMMIT."""
     gtrid = unique("t.")
     session = mq.begin(gtrid)
-    client = session._client
-    writes: list[bytes] = []
-    write = client._write
-    client._write = lambda data: (writes.append(data), write(data))[1]
-    try:
-        session.send(queue_name, "one")
-        session.send(queue_name, "two")
-        session.send_ahead()
-        assert [frame_commands(w) for w in writes] == [[b"BEGIN", b"SEND", b"SEND"]]
-        assert browse(stomp_addr, queue_name) == []  # inside the open transaction
-        session.commit_with_marker(gtrid, timeout=5.0)
-    finally:
-        client._write = write
-        session.release()
+    with recorded_writes(session._client) as writes:
+        try:
+            session.send(queue_name, "one")
+            session.send(queue_name, "two")
+            session.send_ahead()
+            assert [frame_commands(w) for w in writes] == [[b"BEGIN", b"SEND", b"SEND"]]
+            assert browse(stomp_addr, queue_name) == []  # inside the open transaction
+            session.commit_with_marker(gtrid, timeout=5.0)
+        finally:
+            session.release()
     assert frame_commands(writes[1]) == [b"SEND", b"COMMIT"] and len(writes) == 2
     assert [m.body for m in browse(stomp_addr, queue_name)] == ["one", "two"]
     assert gtrid in mq.markers()
@@ -373,19 +377,15 @@ def test_a_session_sends_nothing_ahead_while_another_is_lent(
     gtrid = unique("t.")
     other = mq.begin(unique("t."))
     session = mq.begin(gtrid)
-    client = session._client
-    writes: list[bytes] = []
-    write = client._write
-    client._write = lambda data: (writes.append(data), write(data))[1]
-    try:
-        session.send(queue_name, "one")
-        session.send_ahead()
-        assert writes == []
-        session.commit_with_marker(gtrid, timeout=5.0)
-    finally:
-        client._write = write
-        session.release()
-        other.release()
+    with recorded_writes(session._client) as writes:
+        try:
+            session.send(queue_name, "one")
+            session.send_ahead()
+            assert writes == []
+            session.commit_with_marker(gtrid, timeout=5.0)
+        finally:
+            session.release()
+            other.release()
     assert [frame_commands(w) for w in writes] == [[b"BEGIN", b"SEND", b"SEND", b"COMMIT"]]
     assert [m.body for m in browse(stomp_addr, queue_name)] == ["one"]
 

@@ -78,6 +78,19 @@ def test_asyncio_sessions_committing_together_share_one_broker_transaction(
     assert {m.headers["transfer-id"] for m in browse(stomp_addr, queue)} == gtrids
 
 
+def record_writes(client: Any, writes: list[bytes]) -> Any:
+    """Make ``client`` append every write to its socket to ``writes``; returns the original
+    write, to put back."""
+    write = client._write
+
+    async def recorded(data: bytes, *args: Any) -> None:
+        writes.append(data)
+        await write(data, *args)
+
+    client._write = recorded
+    return write
+
+
 def test_asyncio_transaction_leaves_in_one_write_with_its_commit(stomp_addr: str) -> None:
     """BEGIN, the SENDs, the marker and the COMMIT of an asyncio session go out in one write."""
     queue = unique("/queue/test.")
@@ -88,13 +101,7 @@ def test_asyncio_transaction_leaves_in_one_write_with_its_commit(stomp_addr: str
         gtrid = unique("t.")
         session = await mq.begin(gtrid)
         client: Any = session._client
-        write = client._write
-
-        async def recorded(data: bytes, *args: Any) -> None:
-            writes.append(data)
-            await write(data, *args)
-
-        client._write = recorded
+        write = record_writes(client, writes)
         try:
             await session.send(queue, "one")
             await session.send(queue, "two")
@@ -109,8 +116,7 @@ def test_asyncio_transaction_leaves_in_one_write_with_its_commit(stomp_addr: str
 
     gtrid, markers = asyncio.run(main())
     assert len(writes) == 1
-    frames = [frame.lstrip(b"\n") for frame in writes[0].split(b"\x00") if frame.strip()]
-    assert [frame.split(b"\n", 1)[0] for frame in frames] == [
+    assert frame_commands(writes[0]) == [
         b"BEGIN",
         b"SEND",
         b"SEND",
@@ -135,13 +141,7 @@ def test_asyncio_session_alone_sends_its_messages_ahead_of_the_commit_point(
         try:
             session = await mq.begin(gtrid)
             client: Any = session._client
-            write = client._write
-
-            async def recorded(data: bytes, *args: Any) -> None:
-                writes.append(data)
-                await write(data, *args)
-
-            client._write = recorded
+            write = record_writes(client, writes)
             try:
                 await session.send(queue, "one")
                 await session.send(queue, "two")
