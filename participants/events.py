@@ -26,6 +26,7 @@ STOMP_CONNECTED = "stomp.connected"
 STOMP_ERROR = "stomp.error"
 STOMP_CALLBACK_FAILED = "stomp.callback.failed"
 STOMP_DROP_FAILED = "stomp.drop.failed"
+STOMP_BROWSE_RETRIED = "stomp.browse.retried"  # a browse ended before its sentinel: tried again
 
 # PostgreSQL, the XA resource (participants.postgres).
 PG_ADMIN_RECONNECT = "postgres.admin.reconnect"

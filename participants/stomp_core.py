@@ -22,6 +22,8 @@ from __future__ import annotations
 
 import enum
 import itertools
+import time
+import uuid
 from collections.abc import Mapping
 from dataclasses import dataclass
 
@@ -112,15 +114,28 @@ class BrokerRefused(ParticipantError):
         self.broker_message = broker_message
 
 
-class BrowseIncomplete(ParticipantError):
-    """The broker ended a browse before the end of the queue (its maxBrowsePageSize)."""
+#: A browse sentinel younger than this may belong to a browse still running (on any
+#: coordinator sharing the queue): a sweep of a shared queue leaves it. Far above any
+#: browse's idle timeout, and above the clock skew between hosts.
+SENTINEL_LEFTOVER_AFTER = 300.0
 
-    def __init__(self, destination: str, seen: int, *, participant: str) -> None:
+
+def sentinel_token() -> str:
+    """A new browse sentinel's token: its wall-clock time in ms, a dash, a random part."""
+    return f"{time.time_ns() // 1_000_000}-{uuid.uuid4().hex}"
+
+
+class BrowseIncomplete(ParticipantError):
+    """The broker ended every browse tried before the end of the queue (its maxBrowsePageSize)."""
+
+    def __init__(self, destination: str, seen: int, *, participant: str, tries: int = 1) -> None:
+        tried = "" if tries == 1 else f" (the last of {tries} browses, each with its sentinel)"
         super().__init__(
             f"the broker ended the browse of {destination} after {seen} messages, before the "
-            "end of the queue: its destination policy caps browsing (maxBrowsePageSize, 400 "
-            "by default once a policyEntry matches the queue). Raise maxBrowsePageSize above "
-            "the queue's depth in activemq.xml",
+            f"end of the queue{tried}: its destination policy caps browsing "
+            "(maxBrowsePageSize, 400 by default once a policyEntry matches the queue). Raise "
+            "maxBrowsePageSize above the queue's depth in activemq.xml ('twopc doctor' "
+            "checks it)",
             participant=participant,
         )
         self.destination = destination
@@ -184,6 +199,24 @@ class Message:
     def is_sentinel(self) -> bool:
         """True for a message :meth:`StompClient.browse_complete` left on a queue."""
         return SENTINEL_HEADER in self.headers
+
+    def sentinel_age(self, now: float) -> float | None:
+        """Seconds since this browse sentinel was written (wall clock ``now``); None if
+        it is no sentinel. A sentinel without its time (written by an older twopc) is
+        infinitely old."""
+        token = self.headers.get(SENTINEL_HEADER)
+        if token is None:
+            return None
+        written, _, rest = token.partition("-")
+        if not rest or not written.isdigit():
+            return float("inf")
+        return now - int(written) / 1000.0
+
+    def is_leftover_sentinel(self, now: float) -> bool:
+        """True for a browse sentinel older than :data:`SENTINEL_LEFTOVER_AFTER`: the
+        browse that wrote it ended long ago, so a sweep of a shared queue may drop it."""
+        age = self.sentinel_age(now)
+        return age is not None and age > SENTINEL_LEFTOVER_AFTER
 
     @property
     def is_browse_end(self) -> bool:

@@ -36,6 +36,7 @@ from coordinator.errors import (
 )
 from coordinator.protocol import LastResource, LastResourceSession
 from coordinator.xid import Xid
+from participants import stomp_core
 from participants.activemq import (
     MAX_POOL_SIZE,
     SHARED_MARKER_QUEUE,
@@ -45,9 +46,13 @@ from participants.activemq import (
     marker_queue_for,
 )
 from participants.aio.activemq import AsyncActiveMQ
+from participants.aio.stomp import AsyncStompClient
+from participants.aio.stomp_ops import AsyncStompOperations
 from participants.postgres import PostgresResource
-from participants.stomp_client import ClientIdInUse
+from participants.stomp_client import SENTINEL_HEADER, ClientIdInUse
+from participants.stomp_core import BrowseIncomplete
 from participants.stomp_headers import InvalidMessage
+from participants.stomp_ops import StompOperations
 from scenarios.config import Settings
 from scenarios.wiring import open_coordinator
 from tests.conftest import open_stomp_client, stomp_login
@@ -902,11 +907,14 @@ def test_each_coordinator_has_a_marker_queue_of_its_own(stomp_addr: str) -> None
 
 
 def test_markers_left_on_the_shared_queue_count_until_the_sweep_removes_them(
-    stomp_addr: str,
+    stomp_addr: str, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     """A coordinator's markers on the queue every coordinator shared before count as its
     markers; removing them leaves the other coordinators' markers there, and once none of
     its own is left the shared queue is no longer read."""
+    # The browse sentinels left here count as left over at once (a real one waits for
+    # SENTINEL_LEFTOVER_AFTER: see the test below).
+    monkeypatch.setattr(stomp_core, "SENTINEL_LEFTOVER_AFTER", 0.0)
     shared = unique("/queue/test.shared.")
     cid, other = unique("m"), unique("o")
     fill_markers(stomp_addr, shared, [f"{cid}.1", f"{other}.1", f"{cid}.2,{cid}.3"])
@@ -930,6 +938,89 @@ def test_markers_left_on_the_shared_queue_count_until_the_sweep_removes_them(
         assert mq.markers() == {mine}  # not read again
     finally:
         mq.close()
+
+
+def test_a_sweep_of_the_shared_queue_leaves_the_sentinel_of_a_browse_still_running(
+    stomp_addr: str,
+) -> None:
+    """A coordinator starting up drops only left-over browse sentinels from the shared
+    queue: a young one may be another coordinator's browse in progress, which would end
+    without it (BrowseIncomplete) if it went."""
+    shared = unique("/queue/test.shared.")
+    young = stomp_core.sentinel_token()
+    old = f"{time.time_ns() // 1_000_000 - 3_600_000}-{uuid.uuid4().hex}"  # an hour ago
+    earlier_version = uuid.uuid4().hex  # a token without its time
+    with open_stomp_client(stomp_addr) as client:
+        for token in (old, young, earlier_version):
+            client.send(shared, "", {SENTINEL_HEADER: token}, receipt_timeout=5.0)
+    mq = ActiveMQ(
+        stomp_addr,
+        unique("m"),
+        pool_size=1,
+        marker_queue=unique("/queue/test.markers."),
+        shared_marker_queue=shared,
+        **stomp_login(),
+    )
+    try:
+        assert mq.markers() == set()  # none of its own there: it sweeps the shared queue
+    finally:
+        mq.close()
+    left = [m.headers[SENTINEL_HEADER] for m in browse(stomp_addr, shared)]
+    assert young in left
+    assert old not in left
+    assert earlier_version not in left
+
+
+@pytest.mark.parametrize("api", ["sync", "asyncio"])
+def test_a_browse_that_misses_its_sentinel_is_tried_again_with_a_new_one(
+    stomp_addr: str, monkeypatch: pytest.MonkeyPatch, api: str
+) -> None:
+    """browse_complete tries again when a browse ended before its sentinel (another
+    sweep held the queue a moment); BrowseIncomplete names the tries once all missed."""
+    queue = unique("/queue/test.browse.")
+    fill_markers(stomp_addr, queue, ["b.1", "b.2"])
+    empty = [0]  # how many browses are still to come back empty
+
+    def emptied(found: list[Any]) -> list[Any]:
+        if empty[0] > 0:
+            empty[0] -= 1
+            return []
+        return found
+
+    real = StompOperations.browse if api == "sync" else AsyncStompOperations.browse
+    if api == "sync":
+        monkeypatch.setattr(
+            StompOperations, "browse", lambda self, *a, **k: emptied(real(self, *a, **k))
+        )
+    else:
+
+        async def abrowse(self: Any, *args: Any, **kwargs: Any) -> list[Any]:
+            return emptied(await real(self, *args, **kwargs))
+
+        monkeypatch.setattr(AsyncStompOperations, "browse", abrowse)
+
+    def browse_complete(tries: int) -> list[str]:
+        if api == "sync":
+            with open_stomp_client(stomp_addr) as client:
+                found = client.browse_complete(queue, tries=tries)
+        else:
+
+            async def main() -> list[Any]:
+                async with await AsyncStompClient.open(stomp_addr, **stomp_login()) as client:
+                    return await client.browse_complete(queue, tries=tries)
+
+            found = asyncio.run(main())
+        return [m.headers["gtrid"] for m in found]
+
+    empty[0] = 2
+    with capture_logs() as logs:
+        assert browse_complete(3) == ["b.1", "b.2"]
+    assert empty[0] == 0
+    assert [e["attempt"] for e in logs if e["event"] == "stomp.browse.retried"] == [1, 2]
+    empty[0] = 3
+    with pytest.raises(BrowseIncomplete, match=r"the last of 3 browses"):
+        browse_complete(3)
+    assert empty[0] == 0
 
 
 def test_recovery_commits_by_a_marker_an_earlier_version_left_on_the_shared_queue(

@@ -8,6 +8,8 @@ from hypothesis import strategies as st
 
 from participants.stomp_client import BrokerLoginRefused, BrokerRefused, ClientIdInUse
 from participants.stomp_core import (
+    SENTINEL_HEADER,
+    SENTINEL_LEFTOVER_AFTER,
     Answer,
     Connected,
     ConnectionClosed,
@@ -19,6 +21,7 @@ from participants.stomp_core import (
     StompProtocol,
     StompProtocolError,
     UnansweredError,
+    sentinel_token,
 )
 
 
@@ -241,3 +244,18 @@ def test_a_body_longer_than_its_content_length_is_a_protocol_error() -> None:
     protocol = connected()
     with pytest.raises(StompProtocolError, match="content-length"):
         protocol.receive_data(frame("MESSAGE", {"content-length": "2"}, b"abc"))
+
+
+def test_a_browse_sentinel_is_left_over_only_once_older_than_any_browse() -> None:
+    """A sentinel's token carries its time: young ones stay, old and timeless ones are left over."""
+    token = sentinel_token()
+    written = int(token.partition("-")[0]) / 1000.0
+    young = Message({SENTINEL_HEADER: token}, "")
+    assert young.sentinel_age(written + 1.0) == pytest.approx(1.0)
+    assert not young.is_leftover_sentinel(written + 1.0)
+    assert young.is_leftover_sentinel(written + SENTINEL_LEFTOVER_AFTER + 1.0)
+    timeless = Message({SENTINEL_HEADER: "0f3a9c"}, "")  # an earlier version's token
+    assert timeless.is_leftover_sentinel(written)
+    plain = Message({"gtrid": "c.1"}, "")
+    assert plain.sentinel_age(written) is None
+    assert not plain.is_leftover_sentinel(written + 1e9)

@@ -12,12 +12,13 @@ generates the thread version, :mod:`participants.marker_queue`.
 
 from __future__ import annotations
 
-import uuid
+import time
 from collections.abc import Set as AbstractSet
 
 from participants.activemq_base import marker_gtrids
 from participants.aio.stomp import AsyncStompClient
 from participants.stomp_client import SENTINEL_HEADER, Message
+from participants.stomp_core import sentinel_token
 
 #: How many markers that stay (their transactions not ended) a sweep looks past; beyond
 #: them the rest of the queue waits for the next sweep.
@@ -43,19 +44,22 @@ async def consume_markers(
     named by a marker that stays (a group commit's marker naming a gtrid not
     yet wanted). A browse says where the wanted markers sit; a
     client-individual subscription with a prefetch reaching the last of them
-    (or the last browse sentinel) receives them in queue order; only wanted ones
-    and browse sentinels are ACKed; the UNSUBSCRIBE receipt proves the ACKs were processed, and the
-    unacked markers go back to the queue. Markers beyond a browse the broker
-    cut short stay for a later call.
+    (or the last leftover browse sentinel) receives them in queue order; only
+    wanted ones and leftover sentinels are ACKed (a younger sentinel may be a
+    browse another coordinator is still running: see
+    :data:`~participants.stomp_core.SENTINEL_LEFTOVER_AFTER`); the UNSUBSCRIBE
+    receipt proves the ACKs were processed, and the unacked markers go back to
+    the queue. Markers beyond a browse the broker cut short stay for a later call.
     """
 
     def removable(message: Message) -> bool:
         named = marker_gtrids(message.headers)
         return bool(named) and set(named) <= wanted
 
+    now = time.time()
     queued = await client.browse(queue, idle_timeout=timeout)
     kept = {g for m in queued if not removable(m) for g in marker_gtrids(m.headers)}
-    positions = [i for i, m in enumerate(queued) if removable(m) or m.is_sentinel]
+    positions = [i for i, m in enumerate(queued) if removable(m) or m.is_leftover_sentinel(now)]
     gone: set[str] = set()
     if positions:
         subscription = await client.subscribe(
@@ -70,7 +74,7 @@ async def consume_markers(
                 await client.ack(message)
                 gone.update(marker_gtrids(message.headers))
                 removed += 1
-            elif message.is_sentinel:
+            elif message.is_leftover_sentinel(now):
                 await client.ack(message)
                 removed += 1
         await subscription.unsubscribe(timeout=timeout)
@@ -91,7 +95,7 @@ async def consume_own_markers(
     away; a sweep that stops early (more than :data:`STAYING_WINDOW` markers
     staying ahead of it) leaves the rest for a later call.
     """
-    token = uuid.uuid4().hex
+    token = sentinel_token()
     await client.send(queue, "", {SENTINEL_HEADER: token}, receipt_timeout=timeout)
     subscription = await client.subscribe(
         queue,

@@ -17,7 +17,6 @@ the receiver does with each event of the core. Written once, for asyncio;
 from __future__ import annotations
 
 import contextlib
-import uuid
 from collections.abc import AsyncIterator, Callable, Mapping, Sequence
 from typing import Any, Literal, Protocol, Self
 
@@ -26,6 +25,7 @@ from coordinator.compat import (
     AStateLock,
     acurrent_worker,
     aqueue_get,
+    asleep,
 )
 from coordinator.errors import CommitRefused, OutcomeUnknown, ParticipantUnavailable
 from coordinator.events import get_logger
@@ -47,6 +47,7 @@ from participants.stomp_core import (
     StompProtocol,
     UnansweredError,
     check_destination,
+    sentinel_token,
 )
 
 AckMode = Literal["auto", "client-individual"]
@@ -542,17 +543,42 @@ class AsyncStompOperations:
         return found
 
     async def browse_complete(
-        self, destination: str, *, idle_timeout: float = 10.0, receipt_timeout: float = 5.0
+        self,
+        destination: str,
+        *,
+        idle_timeout: float = 10.0,
+        receipt_timeout: float = 5.0,
+        tries: int = 3,
     ) -> list[Message]:
         """Every message on queue ``destination`` (sentinels left out); BrowseIncomplete if cut.
 
         A sentinel message is stored at the tail of the queue first: the browse
         is complete when it reaches that sentinel. Sentinels stay on the queue;
-        every browse leaves them out, and whoever consumes the queue drops them.
+        every browse leaves them out, and a sweep of the queue drops those
+        left over (:meth:`Message.is_leftover_sentinel`). A browse that missed
+        its sentinel is tried again with a new one, ``tries`` in all: another
+        coordinator's sweep holds the messages it receives until it
+        unsubscribes, and a browse right after a restart may end before the
+        broker paged the queue in.
         """
-        token = uuid.uuid4().hex
-        await self.send(destination, "", {SENTINEL_HEADER: token}, receipt_timeout=receipt_timeout)
-        found = await self.browse(destination, idle_timeout=idle_timeout)
-        if not any(message.headers.get(SENTINEL_HEADER) == token for message in found):
-            raise BrowseIncomplete(destination, len(found), participant=self.participant)
+        for attempt in range(tries):
+            if attempt:
+                await asleep(0.1 * attempt)
+            token = sentinel_token()
+            await self.send(
+                destination, "", {SENTINEL_HEADER: token}, receipt_timeout=receipt_timeout
+            )
+            found = await self.browse(destination, idle_timeout=idle_timeout)
+            if any(message.headers.get(SENTINEL_HEADER) == token for message in found):
+                break
+            _log().warning(
+                ev.STOMP_BROWSE_RETRIED,
+                destination=destination,
+                seen=len(found),
+                attempt=attempt + 1,
+            )
+        else:
+            raise BrowseIncomplete(
+                destination, len(found), participant=self.participant, tries=tries
+            )
         return [message for message in found if not message.is_sentinel]

@@ -25,7 +25,6 @@ from __future__ import annotations
 
 import json
 import time
-import uuid
 from collections import Counter
 from collections.abc import Mapping
 from dataclasses import dataclass, field
@@ -34,6 +33,7 @@ from typing import Any
 from coordinator.log.file import read_pending
 from participants.activemq import MARKER_QUEUE_PREFIX
 from participants.stomp_client import SENTINEL_HEADER, Message
+from participants.stomp_core import sentinel_token
 from scenarios.config import Settings
 from scenarios.transfer.destinations import LEDGER_QUEUE as QUEUE
 from scenarios.transfer.invariants import gather_evidence
@@ -140,7 +140,7 @@ class Ledger:
         A sentinel is stored at the tail first; with no producer running, the
         queue is drained when the sentinel comes back (no idle timeout to guess).
         """
-        token = uuid.uuid4().hex
+        token = sentinel_token()
         delivered = undeduplicable = 0
         with open_stomp(self.settings) as client:
             client.send(QUEUE, "", {SENTINEL_HEADER: token}, receipt_timeout=10.0)
