@@ -41,8 +41,8 @@ from scenarios.story_kit import (
     run_child,
 )
 from scenarios.transfer import model as scenario
-from scenarios.transfer.invariants import gather_evidence
-from scenarios.wiring import broker, open_coordinator, open_stomp
+from scenarios.transfer.invariants import Evidence, gather_evidence
+from scenarios.wiring import broker, open_coordinator, open_stomp, recover_dead
 
 # -- the stories -----------------------------------------------------------------
 
@@ -552,6 +552,21 @@ def three_coordinators_one_killed(settings: Settings) -> Story:
         else _worker(settings, ident, 400)  # still running when their peer check comes
         for ident in PEER_WORKERS
     }
+    try:
+        _three_coordinators_evidence(settings, story, workers, victim, before)
+    finally:
+        _leave_no_worker_behind(settings, story, workers)
+    return story
+
+
+def _three_coordinators_evidence(
+    settings: Settings,
+    story: Story,
+    workers: dict[str, subprocess.Popen[bytes]],
+    victim: str,
+    before: Evidence,
+) -> None:
+    """What the three-coordinators story expects, from the kill to the evidence."""
     story.say(
         f"{', '.join(PEER_WORKERS)} run transfers, 4 at a time (TWOPC_DECISIONS=postgres); "
         f"{victim} dies at the start of phase 2 of its 21st"
@@ -591,9 +606,33 @@ def three_coordinators_one_killed(settings: Settings) -> Story:
     )
     leftover = sum(_prepared_with(settings, f"{ident}.") for ident in PEER_WORKERS)
     story.expect(leftover == 0, f"pg_prepared_xacts: {leftover} branches of the workers left")
+
+
+def _leave_no_worker_behind(
+    settings: Settings, story: Story, workers: dict[str, subprocess.Popen[bytes]]
+) -> None:
+    """Stop the workers still running; if the story failed with branches still
+    prepared, resolve them as an operator would (``twopc recover --dead``), so that
+    the lab stays usable. The story's verdict was taken before."""
+    for process in workers.values():
+        if process.poll() is None:
+            process.kill()
+            process.wait(timeout=30)
     for ident in PEER_WORKERS:
         _stderr_of(ident).unlink(missing_ok=True)
-    return story
+    if sum(_prepared_with(settings, f"{ident}.") for ident in PEER_WORKERS):
+        try:
+            done = recover_dead(
+                replace(settings, coordinator_id="peer-story-cleanup", decisions="postgres")
+            )
+        except Exception as exc:  # the story's verdict stands; say why the lab is left so
+            story.say(f"cleaning up: 'twopc recover --dead' failed: {exc}")
+            return
+        left = sum(_prepared_with(settings, f"{ident}.") for ident in PEER_WORKERS)
+        story.say(
+            f"cleaning up: 'twopc recover --dead' recovered {len(done)} workers; "
+            f"{left} branches still prepared"
+        )
 
 
 STORIES: dict[str, Callable[[Settings], Story]] = {
