@@ -14,7 +14,7 @@ test: setup
 	.venv/bin/ruff check .
 	.venv/bin/mypy
 	.venv/bin/lint-imports --no-cache
-	.venv/bin/python -m pytest
+	.venv/bin/python -m pytest || { code=$$?; .venv/bin/python scripts/crash_report.py; exit $$code; }
 
 unit: setup
 	.venv/bin/ruff check .

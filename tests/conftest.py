@@ -7,6 +7,7 @@ test runs (it is then left up).
 
 from __future__ import annotations
 
+import faulthandler
 import os
 import shutil
 import signal
@@ -34,10 +35,29 @@ from scenarios.lab.software import postgres_bindir
 from scenarios.log_setup import configure as configure_logging
 from tests.cli_process import reap_children
 
+#: Where a fatal error's tracebacks (a SIGSEGV or SIGABRT in a C extension) go, each
+#: after the id of the test that was running: ``make test`` prints the crash from it
+#: when the run fails (scripts/crash_report.py), since only the end of a long log is read.
+CRASH_FILE = Path(__file__).resolve().parents[1] / "build" / "test-crash.txt"
+_crash_file: list[Any] = []
 
+
+@pytest.hookimpl(trylast=True)  # after pytest's faulthandler plugin, which writes to stderr
 def pytest_configure(config: pytest.Config) -> None:
-    """Tests log as twopc's own processes do (WARNING and up, to stderr)."""
+    """Tests log as twopc's own processes do (WARNING and up, to stderr); a fatal error's
+    tracebacks go to CRASH_FILE."""
     configure_logging()
+    CRASH_FILE.parent.mkdir(exist_ok=True)
+    crash = CRASH_FILE.open("w")  # open for the whole run: faulthandler writes to its fd
+    faulthandler.enable(file=crash, all_threads=True)
+    _crash_file.append(crash)
+
+
+def pytest_runtest_logstart(nodeid: str) -> None:
+    """Note in CRASH_FILE which test runs, so that a crash names it."""
+    if _crash_file:
+        _crash_file[0].write(f"running {nodeid}\n")
+        _crash_file[0].flush()
 
 
 @pytest.fixture(autouse=True)
