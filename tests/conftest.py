@@ -53,6 +53,13 @@ def pytest_configure(config: pytest.Config) -> None:
     _crash_file.append(crash)
 
 
+def pytest_unconfigure(config: pytest.Config) -> None:
+    """The run ended without a fatal error: faulthandler off, CRASH_FILE closed."""
+    if _crash_file:
+        faulthandler.disable()
+        _crash_file.pop().close()
+
+
 def pytest_runtest_logstart(nodeid: str) -> None:
     """Note in CRASH_FILE which test runs, so that a crash names it."""
     if _crash_file:
