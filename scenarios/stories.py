@@ -619,6 +619,9 @@ def _leave_no_worker_behind(
             process.kill()
             process.wait(timeout=30)
     for ident in PEER_WORKERS:
+        if not story.ok:  # what each worker logged (WARNING and up) says why
+            for line in _stderr_of(ident).read_text(errors="replace").splitlines()[-5:]:
+                story.say(f"{ident} logged: {line[:300]}")
         _stderr_of(ident).unlink(missing_ok=True)
     if sum(_prepared_with(settings, f"{ident}.") for ident in PEER_WORKERS):
         try:
