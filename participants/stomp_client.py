@@ -55,6 +55,7 @@ only record and signal, never block.
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import os
 import socket
@@ -115,6 +116,8 @@ stomp_log.install()  # stomp.py logs CONNECT frames at DEBUG: never with the pas
 
 #: Bytes read at once from a TLS socket.
 TLS_RECV_BYTES = 64 * 1024
+#: How long drop() waits for stomp.py's receiver thread to close the socket it shut down.
+RECEIVER_EXIT_WAIT = 2.0
 
 
 def tls_context(ca_file: str | None) -> ssl.SSLContext:
@@ -339,10 +342,30 @@ class StompClient(StompOperations):
         return sock
 
     def drop(self) -> None:
-        """Close the socket now, without DISCONNECT (state unknown, or fencing). Never raises."""
+        """Close the socket now, without DISCONNECT (state unknown, or fencing). Never raises.
+
+        While stomp.py's receiver thread runs, it alone closes the socket: a TLS
+        shutdown here while it closes the same socket there aborts the process in
+        OpenSSL (and a plain socket closed twice may close a reused descriptor).
+        So a TCP shutdown, which touches no TLS state, ends its read, and it
+        closes the socket and reports the disconnect; only without a running
+        receiver is the socket closed here.
+        """
+        transport = self._conn.transport
+        receiver = getattr(transport, "io_thread", None)
         try:
-            if not self._closed_by_peer.is_set():
-                self._conn.transport.disconnect_socket()
+            if self._closed_by_peer.is_set() or transport.socket is None:
+                pass
+            elif (
+                receiver is not None
+                and receiver.is_alive()
+                and receiver is not threading.current_thread()
+            ):
+                with contextlib.suppress(OSError):  # the peer may have closed it already
+                    socket.socket.shutdown(transport.socket, socket.SHUT_RDWR)
+                receiver.join(RECEIVER_EXIT_WAIT)
+            else:
+                transport.disconnect_socket()
         except Exception as exc:  # best effort: the connection is being thrown away
             _log().debug(ev.STOMP_DROP_FAILED, address=self.address, error=repr(exc))
         self._on_lost()
@@ -480,8 +503,8 @@ class StompClient(StompOperations):
 
     def _peer_closed(self, timeout: float) -> None:
         """The DISCONNECT receipt came: the broker is done with the connection, and the
-        drop() that follows closes it now, as stomp.py did on that receipt when it still
-        read the frames (waiting for the broker to close it delays a process's exit)."""
+        drop() that follows ends it now (waiting for the broker to close it delays a
+        process's exit)."""
 
     # -- called on the receiver thread (through _read_into_core) -------------
 

@@ -15,6 +15,7 @@ import ssl
 import stat
 import subprocess
 import sys
+import threading
 import time
 import uuid
 from pathlib import Path
@@ -192,6 +193,36 @@ def test_tls_connection_sees_the_broker_close_it(settings: Settings, lab: Lab) -
     started = time.monotonic()
     client.close(timeout=2.0)  # DISCONNECT, then wait for the broker to close the socket
     assert time.monotonic() - started < 1.0
+    assert not client.alive
+
+
+@pytest.mark.parametrize("ending", ["close", "drop"])
+def test_only_the_receiver_thread_closes_a_tls_socket(
+    settings: Settings, lab: Lab, monkeypatch: pytest.MonkeyPatch, ending: str
+) -> None:
+    """Closing or dropping a TLS client never shuts TLS down or closes the socket from the
+    caller's thread while stomp.py's receiver runs (two threads at once abort in OpenSSL)."""
+    client = open_stomp(tls_settings(settings, lab))
+    transport = client._conn.transport
+    receiver = transport.io_thread
+    closed_by: list[str] = []
+    sock = client.tcp_socket
+    assert isinstance(sock, ssl.SSLSocket)
+    for name in ("close", "unwrap"):
+        real = getattr(sock, name)
+
+        def recording(*args: object, _real: object = real, _name: str = name) -> object:
+            closed_by.append(f"{_name} on {threading.current_thread().name}")
+            return _real(*args)  # type: ignore[operator]
+
+        monkeypatch.setattr(sock, name, recording)
+    caller = threading.current_thread().name
+    if ending == "close":
+        client.close(timeout=2.0)
+    else:
+        client.drop()
+    assert not receiver.is_alive()
+    assert closed_by and all(not c.endswith(f" on {caller}") for c in closed_by), closed_by
     assert not client.alive
 
 
