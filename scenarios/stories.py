@@ -7,6 +7,7 @@ Each returns its lines and whether what it showed is what 2PC promises.
 from __future__ import annotations
 
 import os
+import signal
 import subprocess
 import sys
 import tempfile
@@ -27,6 +28,7 @@ from coordinator.xid import gtrid_prefix
 from scenarios.config import Settings, home_dir
 from scenarios.lab.services import Lab
 from scenarios.log_setup import configure as configure_logging
+from scenarios.stopping import signal_status
 from scenarios.stories_events import send_before_commit, transfer_refused_event
 from scenarios.stories_ordering import credits_keep_their_order, slow_consumer_holds_producer
 from scenarios.stories_pools import pool_queue_full
@@ -483,6 +485,13 @@ def consumer_2pc_dies_after_prepare(settings: Settings) -> Story:
 #: The coordinator ids of the three-coordinators story's workers.
 PEER_WORKERS = ("peer-worker-1", "peer-worker-2", "peer-worker-3")
 
+#: The transfers a surviving worker is given: far more than it runs before the story
+#: stops it (about 50 a second here), and few enough to plan in a moment.
+SURVIVOR_TRANSFERS = 20_000
+
+#: How ``twopc transfer`` exits when SIGTERM stops it (scenarios.stopping).
+STOPPED_BY_SIGTERM = signal_status(signal.SIGTERM)
+
 
 def _worker(
     settings: Settings, ident: str, count: int, failpoints: str = "", concurrency: int = 4
@@ -546,10 +555,12 @@ def three_coordinators_one_killed(settings: Settings) -> Story:
     # after_decision: the marker is committed, phase 2 has not begun, so both branches of
     # that transfer are prepared (the two COMMIT PREPAREDs run in parallel: a kill after
     # the first rarely finds the second still undone). Three more transfers are in flight.
+    # The survivors run until the story stops them: a count they could finish before
+    # their peer check comes (every 5 s) would make the story a race.
     workers = {
         ident: _worker(settings, ident, 100, "after_decision=kill@21")
         if ident == victim
-        else _worker(settings, ident, 400)  # still running when their peer check comes
+        else _worker(settings, ident, SURVIVOR_TRANSFERS)
         for ident in PEER_WORKERS
     }
     try:
@@ -582,17 +593,22 @@ def _three_coordinators_evidence(
     while _prepared_with(settings, f"{victim}.") and time.monotonic() - killed < 30:
         time.sleep(0.1)
     resolved_after = time.monotonic() - killed
+    survivors = [ident for ident in PEER_WORKERS if ident != victim]
+    running = [ident for ident in survivors if workers[ident].poll() is None]
     story.expect(
-        _prepared_with(settings, f"{victim}.") == 0,
+        _prepared_with(settings, f"{victim}.") == 0 and running == survivors,
         f"the survivors' peer check resolved them {resolved_after:.1f} s after the kill, "
-        "with no command run by hand",
+        f"with no command run by hand (survivors still running: {', '.join(running) or 'none'})",
     )
-    for ident in PEER_WORKERS:
-        if ident == victim:
-            continue
+    for ident in survivors:
+        workers[ident].send_signal(signal.SIGTERM)
+    for ident in survivors:
         code = workers[ident].wait(timeout=300)
-        why = "" if code == 0 else _last_error(ident)
-        story.expect(code == 0, f"{ident} finished its transfers (exit {code}){why}")
+        why = "" if code == STOPPED_BY_SIGTERM else _last_error(ident)
+        story.expect(
+            code == STOPPED_BY_SIGTERM,
+            f"{ident} stopped on SIGTERM, its transfers in hand finished (exit {code}){why}",
+        )
     after = gather_evidence(settings)
     new_violations = set(after.atomicity_violations) - set(before.atomicity_violations)
     story.expect(
