@@ -14,11 +14,20 @@ from click.testing import CliRunner
 from hdrh.histogram import HdrHistogram
 
 from coordinator.errors import ConfigurationError
-from scenarios.bench import measure, overhead, report
+from scenarios.bench import measure, overhead, performance_targets, report
 from scenarios.cli.main import main
 from tests.browser import open_page
 
 # -- the measuring code, no services -----------------------------------------------------
+
+
+def test_cpu_target_shows_the_hand_written_2pcs_of_the_same_run() -> None:
+    """The CPU row names floor-seq's and floor's CPU at concurrency 8 when the run has them."""
+    at8 = {"8": {"cpu_ms_per_op_by_process": {measure.PYTHON_CPU: 1.25}}}
+    assert performance_targets._hand_written_cpu({"floor-seq": at8, "floor": at8}) == (
+        "hand-written, same run: floor-seq 1.250 ms, floor 1.250 ms"
+    )
+    assert performance_targets._hand_written_cpu({"floor-seq": {"16": {}}}) == ""
 
 
 def test_latencies_read_percentiles_back_in_milliseconds() -> None:
@@ -174,6 +183,8 @@ def test_bench_overhead_writes_measured_figures(
     rows = data["performance_targets"]
     assert len(rows) == 7 and all(row["measured"] is not None for row in rows), rows
     assert all(row["met"] in (True, False) and row["target"] for row in rows), rows
+    cpu = next(row for row in rows if row["figure"].startswith("Python CPU"))
+    assert cpu["from"].startswith("hand-written, same run: floor-seq "), cpu
     assert data["latency_c1"]["ratios"]["coordinator/floor-at-once"]["p50"] > 0
     assert "| figure | measured | target | met? |" in (tmp_path / "overhead.md").read_text()
     assert (tmp_path / "overhead.md").read_text().startswith("# twopc overhead benchmark")

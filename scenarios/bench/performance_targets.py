@@ -185,7 +185,7 @@ def rows(
         (
             PYTHON_CPU,
             of(lambda: coordinator["8"]["cpu_ms_per_op_by_process"][measure.PYTHON_CPU]),
-            "",
+            _hand_written_cpu(runs),
         ),
     ]
     return [
@@ -198,3 +198,19 @@ def rows(
         }
         for target, value, detail in measured
     ]
+
+
+#: The hand-written 2PCs whose CPU per transfer is shown beside the coordinator's.
+HAND_WRITTEN = ("floor-seq", "floor")
+
+
+def _hand_written_cpu(runs: Mapping[str, Any]) -> str:
+    """The Python CPU per transfer of the hand-written 2PCs at concurrency 8, from the same
+    run: what the same transfers cost with no framework (``floor-seq``: the plain
+    sequential one; ``floor``: prepares and commits on a helper thread)."""
+    found = [
+        f"{name} {runs[name]['8']['cpu_ms_per_op_by_process'][measure.PYTHON_CPU]:.3f} ms"
+        for name in HAND_WRITTEN
+        if measure.PYTHON_CPU in runs.get(name, {}).get("8", {}).get("cpu_ms_per_op_by_process", {})
+    ]
+    return f"hand-written, same run: {', '.join(found)}" if found else ""
