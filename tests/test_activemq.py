@@ -46,8 +46,10 @@ from participants.activemq import (
     marker_queue_for,
 )
 from participants.aio.activemq import AsyncActiveMQ
+from participants.aio.marker_queue import consume_markers as aconsume_markers
 from participants.aio.stomp import AsyncStompClient
 from participants.aio.stomp_ops import AsyncStompOperations
+from participants.marker_queue import consume_markers
 from participants.postgres import PostgresResource
 from participants.stomp_client import SENTINEL_HEADER, ClientIdInUse
 from participants.stomp_core import BrowseIncomplete
@@ -969,6 +971,41 @@ def test_a_sweep_of_the_shared_queue_leaves_the_sentinel_of_a_browse_still_runni
     assert young in left
     assert old not in left
     assert earlier_version not in left
+
+
+@pytest.mark.parametrize("api", ["sync", "asyncio"])
+def test_a_sweep_takes_what_it_browsed_though_the_broker_delivers_in_another_order(
+    stomp_addr: str, api: str
+) -> None:
+    """A message a closed consumer gave back is delivered after another one given back
+    first, though the browse shows it ahead: the sweep still takes the left-over sentinel
+    it browsed, and leaves the young one."""
+    queue = unique("/queue/test.shared.")
+    old = f"{time.time_ns() // 1_000_000 - 3_600_000}-{uuid.uuid4().hex}"  # an hour ago
+    young = stomp_core.sentinel_token()
+    with open_stomp_client(stomp_addr) as first, open_stomp_client(stomp_addr) as second:
+        for token in (old, young):
+            first.send(queue, "", {SENTINEL_HEADER: token}, receipt_timeout=5.0)
+        # Each consumer holds one sentinel unacked; the second gives its one back first.
+        held_old = first.subscribe(queue, ack="client-individual", prefetch=1, timeout=5.0)
+        assert (held_old.get(5.0) or pytest.fail("no message")).headers[SENTINEL_HEADER] == old
+        held_young = second.subscribe(queue, ack="client-individual", prefetch=1, timeout=5.0)
+        assert (held_young.get(5.0) or pytest.fail("no message")).headers[SENTINEL_HEADER] == young
+        held_young.unsubscribe(timeout=5.0)
+        held_old.unsubscribe(timeout=5.0)
+    assert [m.headers[SENTINEL_HEADER] for m in browse(stomp_addr, queue)] == [old, young]
+    if api == "sync":
+        with open_stomp_client(stomp_addr) as client:
+            result = consume_markers(client, queue, set(), 2.0)
+    else:
+
+        async def main() -> tuple[set[str], set[str]]:
+            async with await AsyncStompClient.open(stomp_addr, **stomp_login()) as client:
+                return await aconsume_markers(client, queue, set(), 2.0)
+
+        result = asyncio.run(main())
+    assert result == (set(), set())
+    assert [m.headers[SENTINEL_HEADER] for m in browse(stomp_addr, queue)] == [young]
 
 
 @pytest.mark.parametrize("api", ["sync", "asyncio"])

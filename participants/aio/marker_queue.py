@@ -42,14 +42,17 @@ async def consume_markers(
 
     Returns the gtrids whose markers went, and the gtrids of ``wanted`` still
     named by a marker that stays (a group commit's marker naming a gtrid not
-    yet wanted). A browse says where the wanted markers sit; a
-    client-individual subscription with a prefetch reaching the last of them
-    (or the last leftover browse sentinel) receives them in queue order; only
-    wanted ones and leftover sentinels are ACKed (a younger sentinel may be a
-    browse another coordinator is still running: see
-    :data:`~participants.stomp_core.SENTINEL_LEFTOVER_AFTER`); the UNSUBSCRIBE
-    receipt proves the ACKs were processed, and the unacked markers go back to
-    the queue. Markers beyond a browse the broker cut short stay for a later call.
+    yet wanted). A browse names the messages to take: the wanted markers and
+    the leftover browse sentinels (a younger sentinel may be a browse another
+    coordinator is still running: see
+    :data:`~participants.stomp_core.SENTINEL_LEFTOVER_AFTER`). A
+    client-individual subscription whose prefetch holds the whole browse
+    receives until it has seen each of them: the broker does not deliver in
+    the browse's order (a message a closed consumer gave back is delivered
+    after others), so a window cut at the last of them could fill with
+    messages that stay. Only those named are ACKed; the UNSUBSCRIBE receipt
+    proves the ACKs were processed, and the unacked messages go back to the
+    queue. Markers beyond a browse the broker cut short stay for a later call.
     """
 
     def removable(message: Message) -> bool:
@@ -59,24 +62,22 @@ async def consume_markers(
     now = time.time()
     queued = await client.browse(queue, idle_timeout=timeout)
     kept = {g for m in queued if not removable(m) for g in marker_gtrids(m.headers)}
-    positions = [i for i, m in enumerate(queued) if removable(m) or m.is_leftover_sentinel(now)]
+    to_take = {m.message_id for m in queued if removable(m) or m.is_leftover_sentinel(now)}
     gone: set[str] = set()
-    if positions:
+    if to_take:
         subscription = await client.subscribe(
-            queue, ack="client-individual", prefetch=positions[-1] + 1, timeout=timeout
+            queue, ack="client-individual", prefetch=len(queued), timeout=timeout
         )
-        removed = 0
-        while removed < len(positions):
+        while to_take:
             message = await subscription.get(timeout)
             if message is None:
                 break  # someone else consumed the rest meanwhile
+            to_take.discard(message.message_id)
             if removable(message):
                 await client.ack(message)
                 gone.update(marker_gtrids(message.headers))
-                removed += 1
             elif message.is_leftover_sentinel(now):
                 await client.ack(message)
-                removed += 1
         await subscription.unsubscribe(timeout=timeout)
     return gone, (set(wanted) & kept) - gone
 
