@@ -20,6 +20,7 @@ import psycopg
 
 from coordinator.errors import ParticipantError, ParticipantUnavailable
 from coordinator.protocol import AsyncXABranch, XABranch
+from participants.pg_schema import create_table
 from participants.postgres import PostgresResource
 
 DECISIONS_DDL = (
@@ -54,7 +55,13 @@ class PostgresDecisionTable:
 
     def create(self) -> None:
         """Create the table if it is missing. Raises ParticipantUnavailable."""
-        self._run(DECISIONS_DDL)
+        with self._lock:
+            try:
+                self._open_session()
+            except psycopg.Error as exc:
+                raise ParticipantUnavailable(
+                    f"cannot create the decision table: {exc}", participant=self.participant
+                ) from exc
 
     def mark(self, branch: XABranch, gtrid: str) -> None:
         """INSERT ``gtrid``'s row inside ``branch`` and keep the session's pid for settle()."""
@@ -127,15 +134,12 @@ class PostgresDecisionTable:
         """
         with self._lock:
             for attempt in (1, 2):
-                if self._session is None or self._session.closed:
-                    self._session = self.resource.connect(autocommit=True)
-                    self._session.execute(DECISIONS_DDL)
-                session = self._session
                 try:
-                    cursor = session.execute(query, params)
+                    cursor = self._open_session().execute(query, params)
                     return cursor.fetchall() if cursor.description else []
                 except psycopg.OperationalError as exc:
-                    if session.broken and attempt == 1:
+                    session = self._session
+                    if session is not None and session.broken and attempt == 1:
                         session.close()  # a kept session the server ended: once more
                         continue
                     raise ParticipantUnavailable(
@@ -146,3 +150,15 @@ class PostgresDecisionTable:
                         f"decision table query failed: {exc}", participant=self.participant
                     ) from exc
         raise AssertionError("unreachable")
+
+    def _open_session(self) -> psycopg.Connection[Any]:
+        """The kept session, opened (and the table created, if missing) when there is none."""
+        if self._session is None or self._session.closed:
+            session = self.resource.connect(autocommit=True)
+            try:
+                create_table(session, DECISIONS_DDL, "twopc_decisions")
+            except BaseException:
+                session.close()
+                raise
+            self._session = session
+        return self._session

@@ -32,6 +32,7 @@ from coordinator.errors import (
 from coordinator.events import get_logger
 from coordinator.xid import FORMAT_ID, validate_coordinator_id
 from participants import events as ev
+from participants.pg_schema import create_table
 from participants.postgres import PostgresResource
 
 #: The advisory lock's first key: keeps the coordinators' locks apart from the
@@ -83,7 +84,7 @@ class PostgresMembership:
             self._open_session()
             session = self._session
             assert session is not None
-            self._run(session, REGISTRY_DDL)
+            self._create_registry(session)
             self._run(
                 session,
                 "INSERT INTO twopc_coordinators (coordinator_id) VALUES (%s)"
@@ -210,6 +211,14 @@ class PostgresMembership:
             )
         assert self._session is not None
         return self._session
+
+    def _create_registry(self, session: psycopg.Connection[Any]) -> None:
+        try:
+            create_table(session, REGISTRY_DDL, "twopc_coordinators")
+        except psycopg.Error as exc:
+            raise ParticipantUnavailable(
+                f"cannot create the coordinators' registry: {exc}", participant=self.home.name
+            ) from exc
 
     def _try_lock(self, session: psycopg.Connection[Any], coordinator_id: str) -> bool:
         rows = self._run(

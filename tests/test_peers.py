@@ -10,12 +10,15 @@ import shutil
 import signal
 import subprocess
 import sys
+import threading
 import time
+from collections.abc import Iterator
 from dataclasses import replace
 from pathlib import Path
 
 import psycopg
 import pytest
+from psycopg import sql
 
 from coordinator import failpoints
 from coordinator.coordinator import Coordinator
@@ -25,6 +28,7 @@ from coordinator.states import Outcome
 from coordinator.transaction import Transaction
 from coordinator.xid import FORMAT_ID
 from participants.activemq import marker_queue_for
+from participants.decision_table import PostgresDecisionTable
 from participants.membership import PostgresMembership, end_sessions
 from participants.postgres import PostgresResource
 from scenarios import wiring
@@ -88,6 +92,60 @@ def transfer_rows(tx: Transaction, tag: str) -> None:
     for name in ("a", "b"):
         tx.execute(name, "CREATE TABLE IF NOT EXISTS peers_probe (tag text)")
         tx.execute(name, "INSERT INTO peers_probe VALUES (%s)", (tag,))
+
+
+@pytest.fixture
+def new_database(settings: Settings) -> Iterator[str]:
+    """A database of its own on A's server, where no coordinator table exists yet."""
+    name = f"twopc_new_{os.getpid()}"
+    statements = [
+        sql.SQL("DROP DATABASE IF EXISTS {} WITH (FORCE)").format(sql.Identifier(name)),
+        sql.SQL("CREATE DATABASE {}").format(sql.Identifier(name)),
+    ]
+    with psycopg.connect(settings.pg_a, autocommit=True) as admin:
+        for statement in statements:
+            admin.execute(statement)
+    yield psycopg.conninfo.make_conninfo(settings.pg_a, dbname=name)
+    with psycopg.connect(settings.pg_a, autocommit=True) as admin:
+        admin.execute(statements[0])
+
+
+def test_coordinators_starting_together_on_a_new_database_all_join(new_database: str) -> None:
+    """Six coordinators that start at once where neither of their tables exists all join:
+    CREATE TABLE IF NOT EXISTS run concurrently fails on PostgreSQL's catalog."""
+    starting = 6
+    together = threading.Barrier(starting)
+    failures: list[str] = []
+    joined: list[PostgresMembership] = []
+
+    def start(ident: str) -> None:
+        home = PostgresResource("a", new_database, application_name=ident, pool_size=1)
+        member = PostgresMembership(ident, home, [home])
+        decisions = PostgresDecisionTable(home)
+        together.wait()
+        try:
+            member.join()
+            decisions.create()
+            joined.append(member)
+        except Exception as exc:
+            failures.append(f"{ident}: {exc}")
+        finally:
+            decisions.close()
+
+    threads = [threading.Thread(target=start, args=(f"together-{n}",)) for n in range(starting)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(60)
+    try:
+        assert failures == []
+        everyone = {f"together-{n}" for n in range(starting)}
+        assert {member.coordinator_id for member in joined} == everyone
+        for member in joined:
+            assert set(member.peers()) == everyone - {member.coordinator_id}
+    finally:
+        for member in joined:
+            member.leave()
 
 
 def test_a_second_coordinator_with_a_live_id_is_refused(settings: Settings) -> None:

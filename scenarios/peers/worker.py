@@ -11,15 +11,13 @@ Each transaction inserts its gtrid as a tag into ``peers_probe`` on A and on B
 from __future__ import annotations
 
 import argparse
-import contextlib
 import json
 import os
 import time
 
-import psycopg
-
 from coordinator.errors import TwoPhaseCommitError
 from coordinator.protocol import XAResource
+from participants.pg_schema import create_table
 from participants.postgres import PostgresResource
 from scenarios.config import Settings
 from scenarios.log_setup import configure as configure_logging
@@ -29,14 +27,11 @@ PROBE_DDL = "CREATE TABLE IF NOT EXISTS peers_probe (tag text)"
 
 
 def create_probe_table(resource: XAResource) -> None:
-    """``peers_probe`` in the resource's database (several workers may race: one wins)."""
+    """``peers_probe`` in the resource's database (several workers start at once)."""
     if not isinstance(resource, PostgresResource):
         return
-    with (
-        resource.connect(autocommit=True) as conn,
-        contextlib.suppress(psycopg.errors.UniqueViolation),
-    ):
-        conn.execute(PROBE_DDL)
+    with resource.connect(autocommit=True) as conn:
+        create_table(conn, PROBE_DDL, "peers_probe")
 
 
 def main() -> int:
