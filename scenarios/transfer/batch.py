@@ -56,6 +56,15 @@ class BatchResult:
         }
 
 
+def reason_key(reason: str, transfer_id: str) -> str:
+    """How an abort reason is counted: its first line (PostgreSQL's DETAIL, which quotes
+    the row, is left out) without the transfer's own id, so that the transfers refused
+    for one cause count together, and the cause (a participant's vote, the error its
+    work met) still shows."""
+    first = reason.strip().splitlines()[0] if reason.strip() else reason
+    return first.replace(transfer_id, "…")[:160]
+
+
 def percentiles(values: Sequence[float]) -> dict[str, float]:
     """p50, p90, p99, p99.9 and max of ``values`` (nearest rank)."""
     if not values:
@@ -123,7 +132,7 @@ def run_batch(
                 if outcome is Outcome.COMMITTED:
                     result.latencies_ms.append(elapsed)
                 elif reason:
-                    result.reasons[reason.split(":")[0][:80]] += 1
+                    result.reasons[reason_key(reason, transfer.transfer_id)] += 1
             if on_done is not None:
                 on_done()
 
