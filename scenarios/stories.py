@@ -6,6 +6,7 @@ Each returns its lines and whether what it showed is what 2PC promises.
 
 from __future__ import annotations
 
+import json
 import os
 import signal
 import subprocess
@@ -494,15 +495,25 @@ STOPPED_BY_SIGTERM = signal_status(signal.SIGTERM)
 
 
 def _worker(
-    settings: Settings, ident: str, count: int, failpoints: str = "", concurrency: int = 4
+    settings: Settings,
+    ident: str,
+    count: int,
+    failpoints: str = "",
+    *,
+    accounts: int | None = None,
+    concurrency: int = 4,
 ) -> subprocess.Popen[bytes]:
-    """``twopc transfer`` as one of several workers: postgres mode, coordinator id ``ident``."""
+    """``twopc transfer`` as one of several workers: postgres mode, coordinator id ``ident``,
+    over the first ``accounts`` accounts (all the last reset made when None)."""
     env = {
         **os.environ,
         **replace(settings, coordinator_id=ident, decisions="postgres").as_env(),
         **failpoint_env(failpoints),
     }
-    with _stderr_of(ident).open("wb") as stderr:  # the child keeps its own copy
+    with (  # the child keeps its own copies
+        _output_of(ident, "stdout").open("wb") as stdout,
+        _output_of(ident, "stderr").open("wb") as stderr,
+    ):
         return subprocess.Popen(
             [
                 sys.executable,
@@ -515,22 +526,33 @@ def _worker(
                 str(concurrency),
                 "--no-check",
                 "--json",
+                *([] if accounts is None else ["--accounts", str(accounts)]),
             ],
             env=env,
-            stdout=subprocess.DEVNULL,
+            stdout=stdout,
             stderr=stderr,
         )
 
 
-def _stderr_of(ident: str) -> Path:
-    """Where the worker ``ident`` of this process writes its stderr."""
-    return Path(tempfile.gettempdir()) / f"twopc-story-{os.getpid()}-{ident}.stderr"
+def _output_of(ident: str, stream: str) -> Path:
+    """Where the worker ``ident`` of this process writes its ``stream`` (stdout, stderr)."""
+    return Path(tempfile.gettempdir()) / f"twopc-story-{os.getpid()}-{ident}.{stream}"
 
 
 def _last_error(ident: str) -> str:
-    """The last line the finished worker ``ident`` wrote to stderr (why it stopped), or ''."""
-    lines = _stderr_of(ident).read_text(errors="replace").strip().splitlines()
-    return f": {lines[-1]}" if lines else ""
+    """Why the finished worker ``ident`` stopped: the last line it wrote to stderr, and
+    what its run reported (``--json`` on stdout), or ''."""
+    lines = _output_of(ident, "stderr").read_text(errors="replace").strip().splitlines()
+    why = f": {lines[-1]}" if lines else ""
+    try:
+        run = json.loads(_output_of(ident, "stdout").read_text(errors="replace"))
+    except ValueError:
+        return why
+    return why + (
+        f" (its run: {run.get('committed')} committed, {run.get('aborted')} aborted, "
+        f"{run.get('in_doubt')} in doubt, {run.get('not_started')} not started; "
+        f"abort reasons {run.get('abort_reasons')})"
+    )
 
 
 def _prepared_with(settings: Settings, prefix: str) -> int:
@@ -556,11 +578,15 @@ def three_coordinators_one_killed(settings: Settings) -> Story:
     # that transfer are prepared (the two COMMIT PREPAREDs run in parallel: a kill after
     # the first rarely finds the second still undone). Three more transfers are in flight.
     # The survivors run until the story stops them: a count they could finish before
-    # their peer check comes (every 5 s) would make the story a race.
+    # their peer check comes (every 5 s) would make the story a race. Money only goes
+    # from A to B, so they pay from the first half of the accounts only: however late
+    # the victim starts, the accounts it also pays from (the second half) still hold
+    # what its transfers need, and it reaches its 21st commit.
+    accounts = scenario.stored_accounts(settings) or scenario.DEFAULT_ACCOUNTS
     workers = {
         ident: _worker(settings, ident, 100, "after_decision=kill@21")
         if ident == victim
-        else _worker(settings, ident, SURVIVOR_TRANSFERS)
+        else _worker(settings, ident, SURVIVOR_TRANSFERS, accounts=max(1, accounts // 2))
         for ident in PEER_WORKERS
     }
     try:
@@ -579,8 +605,9 @@ def _three_coordinators_evidence(
 ) -> None:
     """What the three-coordinators story expects, from the kill to the evidence."""
     story.say(
-        f"{', '.join(PEER_WORKERS)} run transfers, 4 at a time (TWOPC_DECISIONS=postgres); "
-        f"{victim} dies at the start of phase 2 of its 21st"
+        f"{', '.join(PEER_WORKERS)} run transfers, 4 at a time (TWOPC_DECISIONS=postgres; "
+        f"the survivors pay from the first half of the accounts); {victim} dies at the "
+        "start of phase 2 of its 21st"
     )
     code = workers[victim].wait(timeout=300)
     killed = time.monotonic()
@@ -636,9 +663,10 @@ def _leave_no_worker_behind(
             process.wait(timeout=30)
     for ident in PEER_WORKERS:
         if not story.ok:  # what each worker logged (WARNING and up) says why
-            for line in _stderr_of(ident).read_text(errors="replace").splitlines()[-5:]:
+            for line in _output_of(ident, "stderr").read_text(errors="replace").splitlines()[-5:]:
                 story.say(f"{ident} logged: {line[:300]}")
-        _stderr_of(ident).unlink(missing_ok=True)
+        for stream in ("stdout", "stderr"):
+            _output_of(ident, stream).unlink(missing_ok=True)
     if sum(_prepared_with(settings, f"{ident}.") for ident in PEER_WORKERS):
         try:
             done = recover_dead(
