@@ -22,7 +22,9 @@ def test_only_the_thread_per_task_mode_grows_a_thread_per_task() -> None:
     tasks = threads.run_mode("asyncio", 40)
     assert per_task["threads_added"] > 0
     assert pool["threads_added"] <= threads.POOL_THREADS
-    assert tasks["threads_added"] == 0
+    # <= 0: a thread of the pool just shut down may still be exiting when the count is taken
+    # (the benchmark runs each mode in a process of its own; this test runs them in one)
+    assert tasks["threads_added"] <= 0
 
 
 def test_the_part_renders_a_row_per_mode() -> None:
