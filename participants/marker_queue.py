@@ -21,6 +21,10 @@ from participants.activemq_base import marker_gtrids
 from participants.stomp_client import SENTINEL_HEADER, Message, StompClient
 from participants.stomp_core import sentinel_token
 
+#: How long a sweep of the shared queue waits for a message before it browses again to
+#: see whether what it is after is still there (another sweep may have taken it).
+RECHECK_AFTER = 0.2
+
 #: How many markers that stay (their transactions not ended) a sweep looks past; beyond
 #: them the rest of the queue waits for the next sweep.
 STAYING_WINDOW = 2000
@@ -51,7 +55,9 @@ def consume_markers(
     receives until it has seen each of them: the broker does not deliver in
     the browse's order (a message a closed consumer gave back is delivered
     after others), so a window cut at the last of them could fill with
-    messages that stay. Only those named are ACKed; the UNSUBSCRIBE receipt
+    messages that stay. When nothing comes for :data:`RECHECK_AFTER`, a browse tells
+    whether the rest is still on the queue; what another sweep took is not waited
+    for. Only those named are ACKed; the UNSUBSCRIBE receipt
     proves the ACKs were processed, and the unacked messages go back to the
     queue. Markers beyond a browse the broker cut short stay for a later call.
     """
@@ -69,10 +75,19 @@ def consume_markers(
         subscription = client.subscribe(
             queue, ack="client-individual", prefetch=len(queued), timeout=timeout
         )
+        quiet_until = time.monotonic() + timeout  # the wait for the next message ends here
         while to_take:
-            message = subscription.get(timeout)
+            left = quiet_until - time.monotonic()
+            message = subscription.get(max(0.0, min(RECHECK_AFTER, left)))
             if message is None:
-                break  # someone else consumed the rest meanwhile
+                if left <= RECHECK_AFTER:
+                    break
+                # Nothing came: another sweep may have taken the rest (two coordinators
+                # starting together both take the left-over sentinels). Wait on only for
+                # what is still on the queue.
+                to_take &= {m.message_id for m in client.browse(queue, idle_timeout=timeout)}
+                continue
+            quiet_until = time.monotonic() + timeout
             to_take.discard(message.message_id)
             if removable(message):
                 client.ack(message)

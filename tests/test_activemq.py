@@ -11,6 +11,7 @@ import statistics
 import subprocess
 import sys
 import textwrap
+import threading
 import time
 import uuid
 from collections.abc import Iterator
@@ -1006,6 +1007,42 @@ def test_a_sweep_takes_what_it_browsed_though_the_broker_delivers_in_another_ord
         result = asyncio.run(main())
     assert result == (set(), set())
     assert [m.headers[SENTINEL_HEADER] for m in browse(stomp_addr, queue)] == [young]
+
+
+@pytest.mark.parametrize("api", ["sync", "asyncio"])
+def test_two_sweeps_at_once_do_not_wait_for_what_the_other_took(stomp_addr: str, api: str) -> None:
+    """Two coordinators starting together both sweep the left-over sentinels of the
+    shared queue: both sweeps end long before their timeout (120 s here), and every
+    left-over is gone. The one that lost the race used to wait its whole timeout."""
+    queue = unique("/queue/test.shared.")
+    hour_ago = time.time_ns() // 1_000_000 - 3_600_000
+    with open_stomp_client(stomp_addr) as client:
+        for _ in range(20):
+            token = f"{hour_ago}-{uuid.uuid4().hex}"
+            client.send(queue, "", {SENTINEL_HEADER: token}, receipt_timeout=5.0)
+    if api == "sync":
+        together = threading.Barrier(2)
+
+        def sweep() -> tuple[set[str], set[str]]:
+            with open_stomp_client(stomp_addr) as client:
+                together.wait()
+                return consume_markers(client, queue, set(), 120.0)
+
+        with ThreadPoolExecutor(2) as pool:
+            sweeps = [pool.submit(sweep) for _ in range(2)]
+            results = [future.result(timeout=30) for future in sweeps]
+    else:
+
+        async def asweep() -> tuple[set[str], set[str]]:
+            async with await AsyncStompClient.open(stomp_addr, **stomp_login()) as client:
+                return await aconsume_markers(client, queue, set(), 120.0)
+
+        async def main() -> list[tuple[set[str], set[str]]]:
+            return list(await asyncio.wait_for(asyncio.gather(asweep(), asweep()), 30))
+
+        results = asyncio.run(main())
+    assert results == [(set(), set()), (set(), set())]
+    assert browse(stomp_addr, queue) == []
 
 
 @pytest.mark.parametrize("api", ["sync", "asyncio"])
