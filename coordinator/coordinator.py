@@ -489,23 +489,31 @@ class Coordinator:
         ``housekeeping_interval``, keep the liveness lock and work off the backlog."""
         last_chores = time.monotonic()
         while not wait_event(self._closed, 0.2):
+            self._contained_step(self._time_out_late)
             now = time.monotonic()
-            with self._lock:
-                late = [
-                    tx
-                    for tx in self._active.values()
-                    if tx.state is TxState.ACTIVE and now > tx.deadline and not tx.timed_out
-                ]
-            for tx in late:
-                tx.log.warning(events.TIMEOUT, seconds=round(now - tx.started, 3))
-                for branch in tx.time_out():
-                    self._contained_step(branch.cancel)
             interval = self.housekeeping_interval
             if interval is not None and now - last_chores >= interval:
                 last_chores = now
                 if self.membership is not None:
                     to_thread(self._contained, self.membership.keep)
                 to_thread(self._contained, self.backlog.work)
+
+    def _time_out_late(self) -> None:
+        """Mark the transactions past their deadline timed out and cancel their work."""
+        now = time.monotonic()
+        with self._lock:
+            late = [
+                tx
+                for tx in self._active.values()
+                if tx.state is TxState.ACTIVE and now > tx.deadline and not tx.timed_out
+            ]
+        for tx in late:
+            branches = tx.time_out()  # marked before it is logged (docs/design.md §2)
+            events.log_contained(
+                events.TIMEOUT, level="warning", logger=tx.log, seconds=round(now - tx.started, 3)
+            )
+            for branch in branches:
+                self._contained_step(branch.cancel)
 
     def _watch_peers(self) -> None:
         """Every ``peer_interval`` seconds, recover the peers that died (docs/design.md §4)."""
@@ -535,11 +543,12 @@ class Coordinator:
         return done
 
     def _contained_step(self, step: Callable[[], object]) -> None:
-        """Run a watchdog step; an unexpected error is logged, never ends the watchdog."""
+        """Run a watchdog step; an unexpected error is logged, never ends the watchdog
+        (nor does a log call that fails: :func:`~coordinator.events.log_contained`)."""
         try:
             step()
         except Exception as exc:
-            events.get_logger().error(
+            events.log_contained(
                 events.HOUSEKEEPING_FAILED,
                 chore=getattr(step, "__name__", repr(step)),
                 error=f"{type(exc).__name__}: {exc}",
@@ -557,7 +566,7 @@ class Coordinator:
         try:
             chore()
         except Exception as exc:
-            events.get_logger().error(
+            events.log_contained(
                 events.HOUSEKEEPING_FAILED,
                 chore=getattr(chore, "__name__", repr(chore)),
                 error=f"{type(exc).__name__}: {exc}",

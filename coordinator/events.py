@@ -15,6 +15,7 @@ level to stdout; the global configuration is left untouched either way.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import sys
 from typing import Any
@@ -106,6 +107,45 @@ def get_logger(**bound: Any) -> Any:
     return built[1].bind(**bound) if bound else built[1]
 
 
+def log_contained(event: str, *, level: str = "error", logger: Any = None, **fields: Any) -> None:
+    """Emit ``event`` from work that must go on whatever logging does: never raises.
+
+    The watchdog, the peer check and the backlog's chores log their failures and
+    timeouts through this (docs/design.md §5, "The in-doubt backlog"). A log call
+    there that raised (an application's processor with a bug, a stream that went
+    away) would end the loop, and with it the timeouts of the transactions still
+    running and the recovery of their branches. What cannot be logged is written
+    to stderr in one line, or dropped if stderr is gone too.
+    """
+    try:
+        getattr(logger if logger is not None else get_logger(), level)(event, **fields)
+    except Exception as exc:
+        shown = {k: v for k, v in fields.items() if k != "exc_info"}
+        with contextlib.suppress(Exception):
+            print(
+                f"twopc: {event} {shown} could not be logged: {type(exc).__name__}: {exc}",
+                file=sys.stderr,
+                flush=True,
+            )
+
+
+class StderrLogger(structlog.PrintLogger):
+    """structlog's PrintLogger, except that a line which cannot be written is dropped.
+
+    stderr can go away under a running process (``twopc transfer 2>&1 | head``: the
+    reader exits, every later write raises BrokenPipeError). A log call must not raise
+    then: in the coordinator's watchdog or peer check it would end the thread, and
+    transactions would wait on their locks with nothing left to time them out.
+    """
+
+    def msg(self, message: str) -> None:
+        with contextlib.suppress(OSError, ValueError):  # a broken pipe, a closed file
+            super().msg(message)
+
+    log = debug = info = warn = warning = msg
+    fatal = failure = err = error = critical = exception = msg
+
+
 #: The configuration twopc's logger was last built from, and that logger (get_logger).
 _BUILT: tuple[tuple[object, ...], Any] | None = None
 
@@ -113,7 +153,7 @@ _BUILT: tuple[tuple[object, ...], Any] | None = None
 # Built here, once (bind() turns structlog's lazy proxy into the logger), so that a
 # transaction's logger is one bind of it.
 _UNCONFIGURED = structlog.wrap_logger(
-    structlog.PrintLogger(sys.stderr),
+    StderrLogger(sys.stderr),
     processors=[
         structlog.contextvars.merge_contextvars,
         structlog.processors.add_log_level,

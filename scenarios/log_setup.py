@@ -6,7 +6,6 @@ application embedding it keeps its own structlog and stdlib set-up.
 
 from __future__ import annotations
 
-import contextlib
 import logging
 import os
 import sys
@@ -15,26 +14,10 @@ from typing import Any
 import structlog
 
 from coordinator.errors import ConfigurationError
+from coordinator.events import StderrLogger
 
 #: The values TWOPC_LOG_LEVEL takes (any case).
 LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL")
-
-
-class StderrLogger(structlog.PrintLogger):
-    """structlog's PrintLogger, except that a line which cannot be written is dropped.
-
-    stderr can go away under a running process (``twopc transfer 2>&1 | head``: the
-    reader exits, every later write raises BrokenPipeError). A log call must not raise
-    then: in the coordinator's watchdog or peer check it would end the thread, and
-    transactions would wait on their locks with nothing left to time them out.
-    """
-
-    def msg(self, message: str) -> None:
-        with contextlib.suppress(OSError, ValueError):  # a broken pipe, a closed file
-            super().msg(message)
-
-    log = debug = info = warn = warning = msg
-    fatal = failure = err = error = critical = exception = msg
 
 
 def configure(level: str | None = None, *, json: bool | None = None) -> None:

@@ -23,7 +23,9 @@ from typing import Any
 
 import psycopg
 import pytest
+import structlog
 
+from coordinator import events
 from participants.stomp_client import StompClient
 from scenarios.config import Settings, StompOptions
 from scenarios.lab.credentials import pg_dsn
@@ -115,6 +117,31 @@ class BrokerControl:
 
     def start(self) -> None:
         self.lab.start_service("activemq")
+
+
+@pytest.fixture
+def logging_that_raises() -> Iterator[list[str]]:
+    """structlog configured so that the watchdog's events (a timeout, a failed chore) raise
+    BrokenPipeError, as an application's logging to a stream that went away would; the
+    list collects the events that raised. The configuration is put back afterwards."""
+    raised: list[str] = []
+    failing = {events.TIMEOUT, events.HOUSEKEEPING_FAILED}
+
+    def break_on_watchdog_events(_: object, __: str, event_dict: dict[str, Any]) -> Any:
+        if event_dict["event"] in failing:
+            raised.append(event_dict["event"])
+            raise BrokenPipeError(32, "Broken pipe")
+        raise structlog.DropEvent
+
+    was_configured, config = structlog.is_configured(), structlog.get_config()
+    structlog.configure(processors=[break_on_watchdog_events])
+    try:
+        yield raised
+    finally:
+        if was_configured:
+            structlog.configure(**config)
+        else:
+            structlog.reset_defaults()
 
 
 @pytest.fixture(scope="session")

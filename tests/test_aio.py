@@ -16,7 +16,7 @@ from typing import Any
 import psycopg
 import pytest
 
-from coordinator import FileDecisionLog, TransactionAborted, TransactionTimeout
+from coordinator import FileDecisionLog, TransactionAborted, TransactionTimeout, events
 from coordinator.aio import AsyncCoordinator
 from coordinator.failpoints import failpoint_env
 from coordinator.log.memory import MemoryDecisionLog
@@ -336,3 +336,56 @@ def test_cancelled_task_rolls_its_transaction_back() -> None:
     coordinator, store, gtrid = asyncio.run(scenario())
     assert coordinator.stats()["aborted"] == 1
     assert gtrid not in store.committed and not store.prepared
+
+
+def test_logging_that_raises_does_not_end_the_watchdog(logging_that_raises: list[str]) -> None:
+    """With every log call of the asyncio watchdog raising, late transactions are still
+    timed out and a chore that failed is still retried by the next round."""
+    store = FakeStore()
+    b = FakeResource("b", store)
+    b.fail("commit_prepared", "error", times=3)  # phase 2 of b is deferred
+    resources = [AsyncFakeResource(FakeResource("a", store)), AsyncFakeResource(b)]
+    coordinator = AsyncCoordinator(
+        "t1",
+        MemoryDecisionLog(),
+        resources,
+        AsyncFakeBroker(FakeBroker("mq")),
+        timeout=0.3,
+        housekeeping_interval=0.2,
+    )
+    rounds = 0
+
+    async def scenario() -> str:
+        async with coordinator:
+            work = coordinator.backlog.work
+
+            def first_round_breaks(settle_timeout: float = 10.0) -> None:
+                nonlocal rounds
+                rounds += 1
+                if rounds == 1:
+                    raise RuntimeError("a bug in a chore")
+                work(settle_timeout)
+
+            coordinator.backlog.work = first_round_breaks  # type: ignore[method-assign]
+            async with coordinator.transaction() as tx:
+                await tx.execute("a", "debit")
+                await tx.execute("b", "credit")
+            for _ in range(2):  # the second shows the watchdog outlived the first's log call
+                with pytest.raises(TransactionTimeout):
+                    async with coordinator.transaction() as late:
+                        await late.execute("a", "debit")
+                        for _ in range(100):
+                            if late.timed_out:
+                                break
+                            await asyncio.sleep(0.05)
+                        await late.execute("b", "credit")
+            for _ in range(100):
+                if not store.prepared:
+                    break
+                await asyncio.sleep(0.05)
+        return tx.gtrid
+
+    gtrid = asyncio.run(scenario())
+    assert not store.prepared and gtrid in store.committed and rounds >= 2
+    assert logging_that_raises.count(events.TIMEOUT) == 2
+    assert events.HOUSEKEEPING_FAILED in logging_that_raises

@@ -421,6 +421,42 @@ def test_an_unexpected_error_in_a_chore_leaves_the_watchdog_running(world: World
     coord.close()
 
 
+def test_logging_that_raises_does_not_end_the_watchdog(
+    world: World, logging_that_raises: list[str]
+) -> None:
+    """With every log call of the watchdog raising, late transactions are still timed out
+    and a chore that failed is still retried by the next round."""
+    coord = world.coordinator(timeout=0.3, housekeeping_interval=0.2)
+    world.rb.fail("commit_prepared", "error", times=3)  # phase 2 of b is deferred
+    rounds = 0
+    work = coord.backlog.work
+
+    def first_round_breaks(settle_timeout: float = 10.0) -> None:
+        nonlocal rounds
+        rounds += 1
+        if rounds == 1:
+            raise RuntimeError("a bug in a chore")
+        work(settle_timeout)
+
+    coord.backlog.work = first_round_breaks  # type: ignore[method-assign]
+    with coord.transaction() as tx:
+        transfer()(tx)
+    for _ in range(2):  # the second shows the watchdog outlived the first one's log call
+        with pytest.raises(TransactionAborted, match="timeout"), coord.transaction() as late:
+            late.execute("a", "debit")
+            deadline = time.monotonic() + 5.0
+            while not late.timed_out and time.monotonic() < deadline:
+                time.sleep(0.05)
+        assert late.timed_out
+    deadline = time.monotonic() + 5.0
+    while world.b.prepared and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert world.b.prepared == {} and tx.gtrid in world.b.committed and rounds >= 2
+    assert logging_that_raises.count(events.TIMEOUT) == 2
+    assert events.HOUSEKEEPING_FAILED in logging_that_raises
+    coord.close()
+
+
 def test_a_filtered_debug_event_costs_the_commit_path_no_call(
     world: World, monkeypatch: pytest.MonkeyPatch
 ) -> None:

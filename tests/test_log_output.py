@@ -10,8 +10,8 @@ import sys
 
 import pytest
 
+from coordinator.events import StderrLogger
 from scenarios.config import Settings
-from scenarios.log_setup import StderrLogger
 from scenarios.transfer import model as scenario
 
 TWOPC = [sys.executable, "-m", "scenarios.cli"]

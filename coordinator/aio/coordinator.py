@@ -491,23 +491,31 @@ class AsyncCoordinator:
         ``housekeeping_interval``, keep the liveness lock and work off the backlog."""
         last_chores = time.monotonic()
         while not await await_event(self._closed, 0.2):
+            await self._contained_step(self._time_out_late)
             now = time.monotonic()
-            with self._lock:
-                late = [
-                    tx
-                    for tx in self._active.values()
-                    if tx.state is TxState.ACTIVE and now > tx.deadline and not tx.timed_out
-                ]
-            for tx in late:
-                tx.log.warning(events.TIMEOUT, seconds=round(now - tx.started, 3))
-                for branch in tx.time_out():
-                    await self._contained_step(branch.cancel)
             interval = self.housekeeping_interval
             if interval is not None and now - last_chores >= interval:
                 last_chores = now
                 if self.membership is not None:
                     await ato_thread(self._contained, self.membership.keep)
                 await ato_thread(self._contained, self.backlog.work)
+
+    async def _time_out_late(self) -> None:
+        """Mark the transactions past their deadline timed out and cancel their work."""
+        now = time.monotonic()
+        with self._lock:
+            late = [
+                tx
+                for tx in self._active.values()
+                if tx.state is TxState.ACTIVE and now > tx.deadline and not tx.timed_out
+            ]
+        for tx in late:
+            branches = tx.time_out()  # marked before it is logged (docs/design.md §2)
+            events.log_contained(
+                events.TIMEOUT, level="warning", logger=tx.log, seconds=round(now - tx.started, 3)
+            )
+            for branch in branches:
+                await self._contained_step(branch.cancel)
 
     async def _watch_peers(self) -> None:
         """Every ``peer_interval`` seconds, recover the peers that died (docs/design.md §4)."""
@@ -537,11 +545,12 @@ class AsyncCoordinator:
         return done
 
     async def _contained_step(self, step: Callable[[], Awaitable[object]]) -> None:
-        """Run a watchdog step; an unexpected error is logged, never ends the watchdog."""
+        """Run a watchdog step; an unexpected error is logged, never ends the watchdog
+        (nor does a log call that fails: :func:`~coordinator.events.log_contained`)."""
         try:
             await step()
         except Exception as exc:
-            events.get_logger().error(
+            events.log_contained(
                 events.HOUSEKEEPING_FAILED,
                 chore=getattr(step, "__name__", repr(step)),
                 error=f"{type(exc).__name__}: {exc}",
@@ -559,7 +568,7 @@ class AsyncCoordinator:
         try:
             chore()
         except Exception as exc:
-            events.get_logger().error(
+            events.log_contained(
                 events.HOUSEKEEPING_FAILED,
                 chore=getattr(chore, "__name__", repr(chore)),
                 error=f"{type(exc).__name__}: {exc}",
