@@ -27,6 +27,7 @@ from participants.aio.postgres import AsyncPostgresResource
 from participants.fake import FakeBroker, FakeResource, FakeStore
 from scenarios.config import Settings
 from tests.asgi_client import AsgiClient
+from tests.chores import FirstRoundBreaks
 from tests.conftest import open_stomp_client
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -353,20 +354,10 @@ def test_logging_that_raises_does_not_end_the_watchdog(logging_that_raises: list
         timeout=0.3,
         housekeeping_interval=0.2,
     )
-    rounds = 0
 
-    async def scenario() -> str:
+    async def scenario() -> tuple[str, int]:
         async with coordinator:
-            work = coordinator.backlog.work
-
-            def first_round_breaks(settle_timeout: float = 10.0) -> None:
-                nonlocal rounds
-                rounds += 1
-                if rounds == 1:
-                    raise RuntimeError("a bug in a chore")
-                work(settle_timeout)
-
-            coordinator.backlog.work = first_round_breaks  # type: ignore[method-assign]
+            breaks = FirstRoundBreaks(coordinator.backlog)
             async with coordinator.transaction() as tx:
                 await tx.execute("a", "debit")
                 await tx.execute("b", "credit")
@@ -383,9 +374,9 @@ def test_logging_that_raises_does_not_end_the_watchdog(logging_that_raises: list
                 if not store.prepared:
                     break
                 await asyncio.sleep(0.05)
-        return tx.gtrid
+        return tx.gtrid, breaks.rounds
 
-    gtrid = asyncio.run(scenario())
+    gtrid, rounds = asyncio.run(scenario())
     assert not store.prepared and gtrid in store.committed and rounds >= 2
     assert logging_that_raises.count(events.TIMEOUT) == 2
     assert events.HOUSEKEEPING_FAILED in logging_that_raises

@@ -25,6 +25,7 @@ from coordinator.states import Outcome
 from coordinator.xid import Xid
 from participants.fake import FakeBroker, FakeResource, FakeStore
 from scenarios.log_setup import configure as configure_logging
+from tests.chores import FirstRoundBreaks
 
 
 class World:
@@ -398,17 +399,7 @@ def test_an_unexpected_error_in_a_chore_leaves_the_watchdog_running(world: World
     and its next round does the work."""
     coord = world.coordinator(housekeeping_interval=0.2)
     world.rb.fail("commit_prepared", "error", times=3)  # phase 2 of b is deferred
-    rounds = 0
-    work = coord.backlog.work
-
-    def first_round_breaks(settle_timeout: float = 10.0) -> None:
-        nonlocal rounds
-        rounds += 1
-        if rounds == 1:
-            raise RuntimeError("a bug in a chore")
-        work(settle_timeout)
-
-    coord.backlog.work = first_round_breaks  # type: ignore[method-assign]
+    breaks = FirstRoundBreaks(coord.backlog)
     with structlog.testing.capture_logs() as logs:
         with coord.transaction() as tx:
             transfer()(tx)
@@ -417,7 +408,7 @@ def test_an_unexpected_error_in_a_chore_leaves_the_watchdog_running(world: World
             time.sleep(0.05)
     failed = [e for e in logs if e["event"] == events.HOUSEKEEPING_FAILED]
     assert failed and failed[0]["error"] == "RuntimeError: a bug in a chore"
-    assert world.b.prepared == {} and tx.gtrid in world.b.committed and rounds >= 2
+    assert world.b.prepared == {} and tx.gtrid in world.b.committed and breaks.rounds >= 2
     coord.close()
 
 
@@ -428,17 +419,7 @@ def test_logging_that_raises_does_not_end_the_watchdog(
     and a chore that failed is still retried by the next round."""
     coord = world.coordinator(timeout=0.3, housekeeping_interval=0.2)
     world.rb.fail("commit_prepared", "error", times=3)  # phase 2 of b is deferred
-    rounds = 0
-    work = coord.backlog.work
-
-    def first_round_breaks(settle_timeout: float = 10.0) -> None:
-        nonlocal rounds
-        rounds += 1
-        if rounds == 1:
-            raise RuntimeError("a bug in a chore")
-        work(settle_timeout)
-
-    coord.backlog.work = first_round_breaks  # type: ignore[method-assign]
+    breaks = FirstRoundBreaks(coord.backlog)
     with coord.transaction() as tx:
         transfer()(tx)
     for _ in range(2):  # the second shows the watchdog outlived the first one's log call
@@ -451,7 +432,7 @@ def test_logging_that_raises_does_not_end_the_watchdog(
     deadline = time.monotonic() + 5.0
     while world.b.prepared and time.monotonic() < deadline:
         time.sleep(0.05)
-    assert world.b.prepared == {} and tx.gtrid in world.b.committed and rounds >= 2
+    assert world.b.prepared == {} and tx.gtrid in world.b.committed and breaks.rounds >= 2
     assert logging_that_raises.count(events.TIMEOUT) == 2
     assert events.HOUSEKEEPING_FAILED in logging_that_raises
     coord.close()
