@@ -378,7 +378,7 @@ class StompClient(StompOperations):
             self._conn.transport.start()
             with self._lock:
                 connect = self._protocol.connect()
-            self._conn.transport.transmit(connect.frame)
+            self._conn.transport.send(connect.data)
         except (StompException, OSError) as exc:
             self.drop()
             if self.tls:
@@ -468,9 +468,10 @@ class StompClient(StompOperations):
             failure = f"cannot send {command}: the connection is closed"
         else:
             try:
-                # Escaped by the core, names too, and written past stomp.py's send_frame,
-                # which would escape the values a second time.
-                self._conn.transport.transmit(out.frame)
+                # Written by the core, its headers escaped (names too), past stomp.py's
+                # send_frame and transmit, which would escape the values a second time
+                # and write the frame again.
+                self._send_or_keep(out.data)
                 return pending
             except (StompException, OSError) as exc:
                 self._on_lost()

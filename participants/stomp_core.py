@@ -14,7 +14,7 @@ and where the connection stands. The blocking client
 
 Received bytes are cut and parsed by :class:`participants.stomp_frames.FrameReader`
 (twopc's own STOMP 1.2 parser: escapes, content-length, CRLF, heart-beats),
-for both clients; frames out are written by ``stomp.utils.convert_frame``.
+for both clients; frames out are written by :func:`participants.stomp_frames.encode_frame`.
 The errors both clients raise, with the words a user acts on, are here too.
 """
 
@@ -27,10 +27,14 @@ import uuid
 from collections.abc import Mapping
 from dataclasses import dataclass
 
-from stomp import utils as frames
-
 from coordinator.errors import ConfigurationError, ParticipantError, ParticipantUnavailable
-from participants.stomp_frames import HEARTBEAT, FrameReader, MalformedFrame, ReceivedFrame
+from participants.stomp_frames import (
+    HEARTBEAT,
+    FrameReader,
+    MalformedFrame,
+    ReceivedFrame,
+    encode_frame,
+)
 from participants.stomp_headers import SENTINEL_HEADER as SENTINEL_HEADER
 from participants.stomp_headers import frame_headers
 
@@ -295,26 +299,10 @@ class State(enum.Enum):
 
 @dataclass(frozen=True, slots=True)
 class Outgoing:
-    """One frame to send: its bytes, the same frame for stomp.py's transport (headers
-    escaped), and the receipt id to wait for (None: no answer awaited)."""
+    """One frame to send: its bytes, and the receipt id to wait for (None: no answer awaited)."""
 
     data: bytes
-    frame: frames.Frame
     receipt_id: str | None
-
-
-def escaped_frame(
-    command: str,
-    headers: Mapping[str, str],
-    body: str = "",
-    *,
-    participant: str = "mq",
-    gtrid: str | None = None,
-) -> frames.Frame:
-    """One frame, its headers escaped as STOMP 1.2 wants
-    (:func:`~participants.stomp_headers.frame_headers`); InvalidHeader if one cannot be."""
-    escaped = frame_headers(command, headers, participant=participant, gtrid=gtrid)
-    return frames.Frame(command, escaped, body)
 
 
 def encode(
@@ -325,9 +313,10 @@ def encode(
     participant: str = "mq",
     gtrid: str | None = None,
 ) -> bytes:
-    """One frame as bytes, by stomp.py's encoder, headers escaped (:func:`escaped_frame`)."""
-    frame = escaped_frame(command, headers, body, participant=participant, gtrid=gtrid)
-    return b"".join(frames.convert_frame(frame))
+    """One frame as bytes, its headers escaped as STOMP 1.2 wants
+    (:func:`~participants.stomp_headers.frame_headers`); InvalidHeader if one cannot be."""
+    escaped = frame_headers(command, headers, participant=participant, gtrid=gtrid)
+    return encode_frame(command, escaped, body)
 
 
 class StompProtocol:
@@ -393,8 +382,7 @@ class StompProtocol:
             headers["login"] = self._login
             headers["passcode"] = self._passcode or ""
         self.state = State.CONNECTING
-        frame = escaped_frame("CONNECT", headers, participant=self.participant)
-        return Outgoing(b"".join(frames.convert_frame(frame)), frame, None)
+        return Outgoing(encode("CONNECT", headers, participant=self.participant), None)
 
     def frame(
         self,
@@ -414,8 +402,7 @@ class StompProtocol:
         receipt_id = f"r-{next(self._ids)}" if receipt else None
         if receipt_id is not None:
             sent["receipt"] = receipt_id
-        frame = escaped_frame(command, sent, body, participant=self.participant, gtrid=gtrid)
-        data = b"".join(frames.convert_frame(frame))
+        data = encode(command, sent, body, participant=self.participant, gtrid=gtrid)
         if receipt_id is not None:
             self._awaited.add(receipt_id)
         transaction = sent.get("transaction")
@@ -424,7 +411,7 @@ class StompProtocol:
                 self.transactions.add(transaction)
             elif command in ("COMMIT", "ABORT"):
                 self.transactions.discard(transaction)
-        return Outgoing(data, frame, receipt_id)
+        return Outgoing(data, receipt_id)
 
     def heartbeat(self) -> bytes:
         """What to send when ``heartbeats[0]`` ms passed with nothing sent: one end-of-line."""

@@ -1,4 +1,5 @@
-"""STOMP 1.2 frames from bytes: where each frame ends, its command, headers and body.
+"""STOMP 1.2 frames from bytes, and to bytes: where each frame ends, its command, headers
+and body; :func:`encode_frame` writes one.
 
 :class:`FrameReader` is fed the bytes of a connection, cut anywhere, and
 hands back whole frames (:class:`ReceivedFrame`) and heart-beats, in order.
@@ -23,14 +24,35 @@ What STOMP 1.2 says, and what is done with it:
   body longer than its ``content-length``: :class:`MalformedFrame`, never a
   guess.
 
+Frames out (:func:`encode_frame`) are written as stomp.py's ``convert_frame`` writes
+them, byte for byte (``tests/test_stomp_frames.py`` checks it), in one join and one
+encode instead of an encode per line.
+
 Nothing here does I/O or knows the connection; the core words the errors.
 """
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from typing import Final, NamedTuple
 
 from participants.stomp_headers import UNESCAPED_COMMANDS, UndefinedEscape, unescape
+
+
+def encode_frame(command: str, headers: Mapping[str, str], body: str = "") -> bytes:
+    """One frame's bytes: ``command``, ``headers`` as given (escaped already) sorted by
+    name, a blank line, ``body`` in UTF-8 and a NUL. A ``content-length`` header present
+    is set to the body's length in octets when there is a body. What UTF-8 cannot carry
+    becomes ``?``, as in stomp.py (the clients check headers and bodies before).
+    """
+    data = body.encode("utf-8", errors="replace")
+    lines = [command, "\n"]
+    for name, value in sorted(headers.items()):
+        if name == "content-length" and data:
+            value = str(len(data))
+        lines += (name, ":", value, "\n")
+    lines.append("\n")
+    return "".join(lines).encode("utf-8", errors="replace") + data + b"\x00"
 
 
 class MalformedFrame(ValueError):

@@ -16,6 +16,7 @@ from participants.stomp_frames import (
     FrameReader,
     MalformedFrame,
     ReceivedFrame,
+    encode_frame,
     parse_head,
 )
 from participants.stomp_headers import UndefinedEscape, unescape
@@ -101,6 +102,23 @@ def test_the_reader_agrees_with_stomp_py_on_valid_frames(sent: tuple[bytes, Rece
     theirs = stomp_utils.parse_frame(data[:-1])  # stomp.py's transport cuts the NUL off
     assert isinstance(ours, ReceivedFrame)
     assert (ours.command, ours.headers, ours.body) == (theirs.cmd, theirs.headers, theirs.body)
+
+
+@given(
+    _COMMANDS,
+    st.dictionaries(_NAMES, _HEADER_TEXT, max_size=5),
+    st.one_of(st.none(), _HEADER_TEXT),
+    st.text(alphabet=st.one_of(st.characters(), st.sampled_from("\ud800\udfff\x00")), max_size=20),
+)
+def test_frames_are_written_as_stomp_py_writes_them(
+    command: str, headers: dict[str, str], length: str | None, body: str
+) -> None:
+    """encode_frame writes the bytes stomp.utils.convert_frame writes for the same frame
+    (sorted headers, a content-length set from the body, lone surrogates as '?')."""
+    if length is not None:
+        headers["content-length"] = length
+    theirs = b"".join(stomp_utils.convert_frame(stomp_utils.Frame(command, dict(headers), body)))
+    assert encode_frame(command, headers, body) == theirs
 
 
 def test_the_first_of_repeated_headers_wins() -> None:
