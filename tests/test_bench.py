@@ -30,6 +30,26 @@ def test_cpu_target_shows_the_hand_written_2pcs_of_the_same_run() -> None:
     assert performance_targets._hand_written_cpu({"floor-seq": {"16": {}}}) == ""
 
 
+def test_the_in_flight_figure_is_the_round_with_the_median_ratio() -> None:
+    """Of three rounds, the one whose asyncio / threads ratio is the median is reported,
+    with every round's commits/s, and the target row shows each round's ratio."""
+
+    def round_of(asyncio: float, threads: float) -> list[dict[str, object]]:
+        return [
+            {"mode": "threads", "commits_per_second": threads, "rss_per_transaction_kib": 16.0},
+            {"mode": "asyncio", "commits_per_second": asyncio, "rss_per_transaction_kib": 1.5},
+        ]
+
+    rounds = [round_of(600.0, 600.0), round_of(900.0, 450.0), round_of(800.0, 500.0)]
+    chosen = {r["mode"]: r for r in performance_targets.median_round(rounds)}
+    assert chosen["asyncio"]["commits_per_second"] == 800.0  # ratios 1.0, 2.0, 1.6
+    assert chosen["threads"]["commits_per_second_rounds"] == [600.0, 450.0, 500.0]
+    detail = performance_targets._inflight_detail(chosen, 1000)
+    assert detail == (
+        "1000 in flight: 800.0 / 500.0 commits/s (median of 3 rounds: 1.00, 2.00, 1.60)"
+    )
+
+
 def test_latencies_read_percentiles_back_in_milliseconds() -> None:
     """1..1000 ms recorded: p50 ~500 ms, p99 ~990 ms, max ~1000 ms (3 significant digits)."""
     lat = measure.Latencies("x")
