@@ -13,8 +13,6 @@ What is checked, and why twopc needs it:
 * ``wal_level = logical`` on database A: the CDC strategies decode A's WAL;
 * the broker's journal sync (KahaDB): a COMMIT receipt must mean the commit
   marker is on disk, since the marker is the commit point;
-* the broker's memory limit for pending messages: without one, messages nobody
-  consumes fill its heap until it dies of OutOfMemoryError;
 * ``maxBrowsePageSize`` of the marker queue: recovery browses every marker, and
   a browse the broker cuts short is refused rather than trusted;
 * link stealing off on the STOMP connectors: fencing relies on the broker
@@ -303,34 +301,6 @@ def journal_sync_check(root: ET.Element, where: str) -> Check:
     return _ok(name, f"{where}: no <kahaDB> override: ActiveMQ's default KahaDB syncs always")
 
 
-def memory_limit_check(root: ET.Element, where: str) -> Check:
-    """The broker's memory for pending messages must be bounded: a ``<systemUsage>``
-    without ``<memoryUsage>`` leaves it unlimited (ActiveMQ then logs "parent limit=0"),
-    so messages nobody consumes stay in the heap until the broker dies of OutOfMemoryError
-    and every transaction's COMMIT fails. Without ``<systemUsage>`` ActiveMQ's default
-    (70 % of the heap) applies."""
-    name = "broker memory limit"
-    usages = _elements(root, "systemUsage")
-    if not usages:
-        return _ok(name, f"{where}: no <systemUsage>: ActiveMQ's default memory limit applies")
-    limits = [
-        e
-        for e in _elements(root, "memoryUsage")
-        if e.get("limit") is not None or e.get("percentOfJvmHeap") is not None
-    ]
-    if limits:
-        shown = limits[0].get("limit") or f"{limits[0].get('percentOfJvmHeap')} % of the heap"
-        return _ok(name, f"{where}: the broker holds at most {shown} of pending messages")
-    return _finding(
-        name,
-        f"{where}: <systemUsage> sets no <memoryUsage>, so the broker's memory for pending "
-        "messages is unlimited: messages nobody consumes fill its heap until it dies of "
-        "OutOfMemoryError, and every COMMIT then fails",
-        f'add <memoryUsage><memoryUsage percentOfJvmHeap="50"/></memoryUsage> to the '
-        f"<systemUsage> in {where} and restart the broker",
-    )
-
-
 def _destination_matches(pattern: str, name: str) -> bool:
     """ActiveMQ's destination wildcards: ``>`` the rest, ``*`` one segment, ``.`` a separator."""
     parts, names = pattern.split("."), name.split(".")
@@ -500,7 +470,6 @@ def broker_config_checks(path: str | None) -> list[Check]:
         "maxBrowsePageSize",
         "link stealing (config)",
         "STOMP tcpNoDelay (config)",
-        "broker memory limit",
     )
     if not path:
         return [
@@ -527,7 +496,6 @@ def broker_config_checks(path: str | None) -> list[Check]:
         browse_page_check(root, path),
         link_stealing_config_check(root, path),
         stomp_nodelay_config_check(root, path),
-        memory_limit_check(root, path),
     ]
 
 

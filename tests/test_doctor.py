@@ -216,27 +216,12 @@ def test_the_live_probe_sees_a_connector_that_holds_its_second_receipt() -> None
     assert check.failed and "Nagle" in check.detail
 
 
-def test_system_usage_without_a_memory_limit_is_a_finding() -> None:
-    """A <systemUsage> without <memoryUsage> (unlimited: the heap fills) is a finding with
-    the element to add; a limit, a share of the heap, or no <systemUsage> at all is ok."""
-    store = "<storeUsage><storeUsage limit='4 gb'/></storeUsage>"
-    xml = f"<beans><broker><systemUsage><systemUsage>{store}</systemUsage></systemUsage></broker>"
-    xml += "</beans>"
-    check = doctor.memory_limit_check(doctor.parse_broker_config(xml), "x.xml")
-    assert check.failed and "OutOfMemoryError" in check.detail
-    assert 'percentOfJvmHeap="50"' in check.fix and "restart the broker" in check.fix
-    for usage in ('percentOfJvmHeap="50"', 'limit="256 mb"'):
-        bounded = xml.replace(store, f"<memoryUsage><memoryUsage {usage}/></memoryUsage>{store}")
-        assert not doctor.memory_limit_check(doctor.parse_broker_config(bounded), "x.xml").failed
-    assert not doctor.memory_limit_check(broker_xml(), "x.xml").failed
-
-
 def test_lab_broker_configuration_passes_every_config_check(tmp_path: Path) -> None:
-    """The lab's own activemq.xml template passes the five configuration checks."""
+    """The lab's own activemq.xml template passes the four configuration checks."""
     path = tmp_path / "activemq.xml"
     path.write_text(ACTIVEMQ_XML)
     checks = doctor.broker_config_checks(str(path))
-    assert [c.status for c in checks] == [Status.OK] * 5
+    assert [c.status for c in checks] == [Status.OK] * 4
 
 
 def test_unset_broker_config_is_skipped_and_says_which_setting() -> None:

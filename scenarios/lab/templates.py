@@ -38,12 +38,7 @@ ACTIVEMQ_XML = """<beans xmlns="http://www.springframework.org/schema/beans"
       <!-- journalDiskSyncStrategy="always": a COMMIT receipt means the journal is on disk -->
       <kahaDB directory="{data}/kahadb" journalDiskSyncStrategy="always"/>
     </persistenceAdapter>
-    <!-- memoryUsage: what the broker may hold of pending messages in its heap; past it,
-         a queue's cursor reads them from the store. A systemUsage without it leaves that
-         unlimited, and a few hundred thousand messages nobody consumes end the broker
-         with OutOfMemoryError (-Xmx512m). -->
     <systemUsage><systemUsage>
-      <memoryUsage><memoryUsage percentOfJvmHeap="50"/></memoryUsage>
       <storeUsage><storeUsage limit="4 gb"/></storeUsage>
       <tempUsage><tempUsage limit="1 gb"/></tempUsage>
     </systemUsage></systemUsage>
