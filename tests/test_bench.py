@@ -163,10 +163,23 @@ TINY_REPORT = report.ReportPlan(
 def test_bench_overhead_writes_measured_figures(
     lab: object, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    """twopc bench overhead: every contender measured, R* counts by outcome, files written."""
+    """twopc bench overhead: every contender measured, R* counts by outcome, files written;
+    the events each part of the run sent are drained before the next part starts."""
     monkeypatch.setattr(overhead.Plan, "for_mode", classmethod(lambda cls, quick: TINY_OVERHEAD))
+    drained: list[int] = []
+    real_drain = overhead.drain_events
+
+    def counted_drain(settings: object) -> int:
+        drained.append(real_drain(settings))  # type: ignore[arg-type]
+        return drained[-1]
+
+    monkeypatch.setattr(overhead, "drain_events", counted_drain)
     outcome = CliRunner().invoke(main, ["bench", "overhead", "--quick", "--out", str(tmp_path)])
     assert outcome.exit_code == 0, outcome.output
+    # After the latency run, then each throughput contender (floor, floor-seq, coordinator
+    # send an event per transfer; coordinator-db and peer none), then the outcome costs.
+    assert len(drained) == 2 + len(TINY_OVERHEAD.throughput_of), drained
+    assert all(n > 0 for n in drained[:4]) and drained[4:6] == [0, 0], drained
     data = json.loads((tmp_path / "overhead.json").read_text())
     contenders = data["latency_c1"]["contenders"]
     assert list(contenders) == [

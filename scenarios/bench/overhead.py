@@ -59,6 +59,7 @@ from scenarios.transfer.model import (
     EVENT_TOPIC,
     TRANSFER_COMPLETED,
     TYPE_HEADER,
+    drain_events,
 )
 
 # -- contenders: the coordinator ----------------------------------------------------
@@ -248,6 +249,8 @@ def run_throughput(
                         progress.advance(task)
         finally:
             contender.close()
+            # Each contender finds the broker as the first did: its events drained.
+            drain_events(settings)
         for concurrency, runs in slices.items():
             result = measure.merge_blocks(name, runs)
             row = result.as_dict()
@@ -369,9 +372,11 @@ def run(
     source = TransferSource()
     wal_before = wal_bytes(settings)
     latency = run_latency(settings, plan, source, progress)
+    drain_events(settings)
     throughput = run_throughput(settings, plan, source, progress)
     outcome_costs = run_outcome_costs(settings, plan, source)
     wal_after = wal_bytes(settings)
+    drain_events(settings)
     extra = performance_targets.measure_extra(
         settings,
         seconds=plan.seconds,
