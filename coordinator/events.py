@@ -111,7 +111,7 @@ def log_contained(event: str, *, level: str = "error", logger: Any = None, **fie
     """Emit ``event`` from work that must go on whatever logging does: never raises.
 
     The watchdog, the peer check and the backlog's chores log their failures and
-    timeouts through this (docs/design.md §5, "The in-doubt backlog"). A log call
+    timeouts through this (docs/design.md §2, the watchdog). A log call
     there that raised (an application's processor with a bug, a stream that went
     away) would end the loop, and with it the timeouts of the transactions still
     running and the recovery of their branches. What cannot be logged is written
