@@ -15,6 +15,8 @@ What is checked, and why twopc needs it:
   marker is on disk, since the marker is the commit point;
 * ``maxBrowsePageSize`` of the marker queue: recovery browses every marker, and
   a browse the broker cuts short is refused rather than trusted;
+* a ``memoryLimit`` for each queue: a backlog nobody consumes must not fill the
+  broker's heap, nor the memory every other queue pages its messages into;
 * link stealing off on the STOMP connectors: fencing relies on the broker
   refusing a second connection with a client-id a live one holds;
 * ``transport.tcpNoDelay=true`` on the STOMP connectors: with Nagle's
@@ -312,13 +314,9 @@ def _destination_matches(pattern: str, name: str) -> bool:
     return len(parts) == len(names)
 
 
-def browse_page_check(
-    root: ET.Element, where: str, queue: str = MARKER_QUEUE_PREFIX + "twopc"
-) -> Check:
-    """The marker queues' maxBrowsePageSize: recovery must browse every marker (a
-    coordinator's queue is ``/queue/twopc.markers.<coordinator id>``)."""
-    name = "maxBrowsePageSize"
-    queue_name = queue.removeprefix("/queue/")
+def _queue_policy(root: ET.Element, queue_name: str) -> ET.Element | None:
+    """The policyEntry ActiveMQ applies to queue ``queue_name``, if any matches: the most
+    specific one (fewest wildcards, then the longest pattern)."""
     matching = [
         entry
         for entry in _elements(root, "policyEntry")
@@ -326,6 +324,25 @@ def browse_page_check(
         and _destination_matches(str(entry.get("queue")), queue_name)
     ]
     if not matching:
+        return None
+    return min(
+        matching,
+        key=lambda e: (
+            str(e.get("queue")).count(">") + str(e.get("queue")).count("*"),
+            -len(str(e.get("queue"))),
+        ),
+    )
+
+
+def browse_page_check(
+    root: ET.Element, where: str, queue: str = MARKER_QUEUE_PREFIX + "twopc"
+) -> Check:
+    """The marker queues' maxBrowsePageSize: recovery must browse every marker (a
+    coordinator's queue is ``/queue/twopc.markers.<coordinator id>``)."""
+    name = "maxBrowsePageSize"
+    queue_name = queue.removeprefix("/queue/")
+    entry = _queue_policy(root, queue_name)
+    if entry is None:
         return _finding(
             name,
             f"{where}: no policyEntry matches queue {queue_name}, so a browse stops after "
@@ -333,14 +350,6 @@ def browse_page_check(
             f'add <policyEntry queue=">" maxBrowsePageSize="1000000"/> (or at least '
             f"{MIN_BROWSE_PAGE}) to the destinationPolicy in {where} and restart the broker",
         )
-    # ActiveMQ applies the most specific entry: fewest wildcards, then the longest pattern.
-    entry = min(
-        matching,
-        key=lambda e: (
-            str(e.get("queue")).count(">") + str(e.get("queue")).count("*"),
-            -len(str(e.get("queue"))),
-        ),
-    )
     value = entry.get("maxBrowsePageSize", str(DEFAULT_BROWSE_PAGE))
     try:
         size = int(value)
@@ -357,6 +366,43 @@ def browse_page_check(
         detail + f": recovery cannot see markers beyond the first {value}",
         f'set maxBrowsePageSize="1000000" (at least {MIN_BROWSE_PAGE}) on that policyEntry '
         f"in {where} and restart the broker",
+    )
+
+
+def queue_memory_check(
+    root: ET.Element, where: str, queue: str = MARKER_QUEUE_PREFIX + "twopc"
+) -> Check:
+    """Each queue's cache of pending messages must be bounded (``memoryLimit`` on its
+    policyEntry): without one, a queue nobody consumes keeps every message in the heap
+    until the broker dies of OutOfMemoryError; with only the broker's shared limit, such
+    a queue fills it and no other queue can page its messages in, the marker queue that
+    recovery browses included."""
+    name = "queue memory limit"
+    queue_name = queue.removeprefix("/queue/")
+    entry = _queue_policy(root, queue_name)
+    fix = (
+        f'set memoryLimit="32 mb" on the policyEntry matching the queues (queue=">") in '
+        f"{where} and restart the broker"
+    )
+    if entry is None or entry.get("memoryLimit") is None:
+        which = (
+            "no policyEntry matches"
+            if entry is None
+            else (f'policyEntry queue="{entry.get("queue")}" sets no memoryLimit for')
+        )
+        return _finding(
+            name,
+            f"{where}: {which} queue {queue_name}: a queue's pending messages are cached "
+            "in the heap up to the broker's shared limit (none, if <systemUsage> sets no "
+            "<memoryUsage>), so a backlog nobody consumes ends the broker with "
+            "OutOfMemoryError, or fills the shared limit so that recovery's browse of the "
+            "markers sees nothing",
+            fix,
+        )
+    return _ok(
+        name,
+        f'{where}: policyEntry queue="{entry.get("queue")}" caches at most '
+        f"{entry.get('memoryLimit')} of each queue's pending messages",
     )
 
 
@@ -470,6 +516,7 @@ def broker_config_checks(path: str | None) -> list[Check]:
         "maxBrowsePageSize",
         "link stealing (config)",
         "STOMP tcpNoDelay (config)",
+        "queue memory limit",
     )
     if not path:
         return [
@@ -496,6 +543,7 @@ def broker_config_checks(path: str | None) -> list[Check]:
         browse_page_check(root, path),
         link_stealing_config_check(root, path),
         stomp_nodelay_config_check(root, path),
+        queue_memory_check(root, path),
     ]
 
 

@@ -216,12 +216,31 @@ def test_the_live_probe_sees_a_connector_that_holds_its_second_receipt() -> None
     assert check.failed and "Nagle" in check.detail
 
 
+def test_a_queue_without_a_memory_limit_is_a_finding() -> None:
+    """A queue policy without memoryLimit, or no policy at all, is a finding with the
+    attribute to set; a memoryLimit on the entry that applies to the queues is ok, and
+    the most specific entry is the one read."""
+    check = doctor.queue_memory_check(broker_xml(policies=GOOD_POLICY), "x.xml")
+    assert (
+        check.failed
+        and "OutOfMemoryError" in check.detail
+        and "sets no memoryLimit" in check.detail
+    )
+    assert 'memoryLimit="32 mb"' in check.fix and "restart the broker" in check.fix
+    assert doctor.queue_memory_check(broker_xml(), "x.xml").failed
+    bounded = GOOD_POLICY.replace("/>", ' memoryLimit="32 mb"/>')
+    check = doctor.queue_memory_check(broker_xml(policies=bounded), "x.xml")
+    assert not check.failed and "32 mb" in check.detail
+    markers_unbounded = bounded + '<policyEntry queue="twopc.markers.>"/>'
+    assert doctor.queue_memory_check(broker_xml(policies=markers_unbounded), "x.xml").failed
+
+
 def test_lab_broker_configuration_passes_every_config_check(tmp_path: Path) -> None:
-    """The lab's own activemq.xml template passes the four configuration checks."""
+    """The lab's own activemq.xml template passes the five configuration checks."""
     path = tmp_path / "activemq.xml"
     path.write_text(ACTIVEMQ_XML)
     checks = doctor.broker_config_checks(str(path))
-    assert [c.status for c in checks] == [Status.OK] * 4
+    assert [c.status for c in checks] == [Status.OK] * 5
 
 
 def test_unset_broker_config_is_skipped_and_says_which_setting() -> None:

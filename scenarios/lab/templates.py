@@ -10,8 +10,12 @@ from __future__ import annotations
 FLOW_LIMITED_PREFIX = "flow.limited."
 #: The memory limit of each flow-limited queue: its pending messages held in memory.
 FLOW_LIMITED_MEMORY = "64 kb"
+#: The memory limit of every other queue: the part of its pending messages it caches in
+#: the heap (-Xmx512m); the rest wait in the store.
+QUEUE_MEMORY = "32 mb"
 
-ACTIVEMQ_XML = """<beans xmlns="http://www.springframework.org/schema/beans"
+ACTIVEMQ_XML = (
+    """<beans xmlns="http://www.springframework.org/schema/beans"
   xmlns:xsi="http://www.w3.org/2001/XMLSchema-instance"
   xsi:schemaLocation="http://www.springframework.org/schema/beans
     http://www.springframework.org/schema/beans/spring-beans-2.0.xsd
@@ -22,8 +26,15 @@ ACTIVEMQ_XML = """<beans xmlns="http://www.springframework.org/schema/beans"
           useJmx="false" persistent="true" dataDirectory="{data}">
     <destinationPolicy>
       <policyMap><policyEntries>
-        <!-- a browse returns at most maxBrowsePageSize messages (default 400) -->
-        <policyEntry queue=">" producerFlowControl="false" maxBrowsePageSize="1000000"/>
+        <!-- a browse returns at most maxBrowsePageSize messages (default 400).
+             memoryLimit: each queue caches at most this much of its pending messages in
+             the heap; the rest stay in the store and are paged in as consumers take
+             them. Without it the cache has no bound (the broker's own memory limit is
+             unset, so that no queue's backlog can stop another from paging in), and a
+             backlog of a few hundred thousand messages ends the broker with
+             OutOfMemoryError. -->
+        <policyEntry queue=">" producerFlowControl="false" maxBrowsePageSize="1000000"
+                     memoryLimit="{queue_memory}"/>
         <!-- the push model's danger, shown on these queues alone (scenarios.flow_control):
              producer flow control on and a small memory limit, every pending message
              held in memory (vmQueueCursor), so a slow consumer blocks the producers'
@@ -65,7 +76,10 @@ ACTIVEMQ_XML = """<beans xmlns="http://www.springframework.org/schema/beans"
     </transportConnectors>
   </broker>
 </beans>
-""".replace("{flow_prefix}", FLOW_LIMITED_PREFIX).replace("{flow_memory}", FLOW_LIMITED_MEMORY)
+""".replace("{flow_prefix}", FLOW_LIMITED_PREFIX)
+    .replace("{flow_memory}", FLOW_LIMITED_MEMORY)
+    .replace("{queue_memory}", QUEUE_MEMORY)
+)
 
 LOG4J_PROPERTIES = """log4j.rootLogger=INFO, file
 log4j.logger.org.apache.activemq.spring=WARN

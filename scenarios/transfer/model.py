@@ -204,8 +204,9 @@ def drain_events(settings: Settings) -> int:
     """Empty the event topic's queues (subscribing creates them, so that none misses an
     event); return how many messages were dropped.
 
-    Nothing consumes them in a benchmark, and the lab's broker holds every pending
-    message in its heap: some 270,000 end it with OutOfMemoryError (docs/benchmarks.md).
+    Nothing consumes them in a benchmark: drained, each contender finds the broker as
+    the first one did (the lab's broker caches up to 32 mb of each queue's backlog in its
+    heap and pages the rest from its store; docs/own-servers.md).
     """
     return sum(drain(settings, consumer_queue(name)) for name in EVENT_QUEUES)
 
