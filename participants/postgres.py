@@ -550,8 +550,7 @@ class PostgresBranch:
         TRANSACTION) raises :func:`~participants.pg_vote.branch_ended`'s error, and
         so does every later call: nothing runs outside the branch.
         """
-        if self._ended is not None:
-            raise self._ended
+        self._check_takes_work()
         if self._deferred:
             self.flush()  # in order: the deferred statements ran before this one
         try:
@@ -585,8 +584,7 @@ class PostgresBranch:
         One statement per call; transaction control (COMMIT, ROLLBACK, BEGIN,
         PREPARE TRANSACTION) is refused: run it with :meth:`execute`.
         """
-        if self._ended is not None:
-            raise self._ended
+        self._check_takes_work()
         statement = bind(self.conn, query, params)
         if _TRANSACTION_CONTROL.match(statement):
             word = statement.split(None, 1)[0].decode(errors="replace").upper()
@@ -604,6 +602,7 @@ class PostgresBranch:
         work, so that each branch's locks are taken in the order of the branches
         (docs/design.md §2: work on two databases at once can deadlock).
         """
+        self._check_takes_work()
         self._begun_on_conn()
         if not self._deferred:
             return
@@ -614,6 +613,39 @@ class PostgresBranch:
             self.failure = self.failure or exc
             self._raise_if_lost(exc)
             raise  # the caller's SQL failed: theirs to handle; the branch will vote NO
+
+    def prepare_now(self) -> None:
+        """End the branch's work and prepare it now: the deferred statements and its
+        PREPARE TRANSACTION go in one round trip, and the vote is read here. Phase 1
+        then waits for the other branches only (docs/design.md §2, "Prepared early").
+
+        For work done one branch after the other: A's work and A's PREPARE in one
+        round trip, then B's, where :meth:`flush` costs A one round trip more. A NO
+        vote raises :class:`~coordinator.errors.PrepareFailed` naming the participant
+        and the gtrid (the work's own error, e.g. a CheckViolation, as its cause), and
+        the transaction then rolls back. The branch takes no more work. Held locks
+        stay held while it is prepared; a crash before the commit point leaves it to
+        recovery, which rolls it back (presumed abort). A branch that must carry the
+        coordinator's decision row (TWOPC_DECISIONS=postgres with no broker in the
+        transaction) cannot take it once prepared: that transaction rolls back.
+        """
+        self._check_takes_work()
+        try:
+            self.prepare()
+        except BaseException as exc:
+            self.failure = self.failure or exc
+            raise
+        _log().debug(ev.PG_PREPARED_EARLY, participant=self.name, gtrid=self._xid.gtrid)
+
+    def _check_takes_work(self) -> None:
+        """Refuse work after the branch's transaction ended, or after it was prepared."""
+        if self._ended is not None:
+            raise self._ended
+        if self._maybe_prepared or self._prepared:
+            raise InvalidTransition(
+                f"PostgreSQL {self.name!r}, transaction {self._xid.gtrid}: the branch is "
+                "prepared (prepare_now()) and takes no more work"
+            )
 
     def _raise_if_lost(self, exc: psycopg.Error) -> None:
         """The work failed because the session is gone (not because of its SQL): raise
@@ -710,6 +742,8 @@ class PostgresBranch:
         return self._ended
 
     def read_only(self) -> bool:
+        if self._prepared:
+            return False  # prepared early: it holds a prepared transaction
         self._begun_on_conn()
         if self._wrote or self.failure is not None:
             return False
@@ -778,11 +812,15 @@ class PostgresBranch:
 
     def send_prepare(self) -> None:
         """Send PREPARE TRANSACTION now; :meth:`prepare` reads the vote."""
+        if self._prepared:
+            return  # prepared early (prepare_now)
         if self.failure is None and not self._in_error():
             self._maybe_prepared = True
             self._send(self._prepare_command)
 
     def prepare(self) -> Vote:
+        if self._prepared:
+            return Vote.YES  # prepared early (prepare_now): its vote was read then
         gtrid = self._xid.gtrid
         if self.failure is not None or self._in_error():
             reason = self.failure or "the transaction is in an aborted state"
@@ -830,6 +868,9 @@ class PostgresBranch:
         self._finished = True
 
     def commit_one_phase(self) -> None:
+        if self._prepared:  # prepared early (prepare_now): the only writer commits it
+            self.commit_prepared()
+            return
         self._begun_on_conn()
         if self._deferred == [BEGIN]:  # nothing was sent: nothing to commit
             self._deferred.clear()

@@ -1,6 +1,7 @@
 """Work deferred on a PostgreSQL branch goes out in pipeline mode with the branch's PREPARE
-(sync and asyncio): it commits like executed work, and a failing statement is a NO vote
-naming the participant and the gtrid, with nothing committed and nothing left prepared."""
+(sync and asyncio), at phase 1 or early (prepare_now): it commits like executed work, and a
+failing statement is a NO vote naming the participant and the gtrid, with nothing committed
+and nothing left prepared."""
 
 from __future__ import annotations
 
@@ -11,9 +12,18 @@ import psycopg
 import pytest
 
 from coordinator import Outcome
-from coordinator.errors import InvalidTransition
+from coordinator.errors import InvalidTransition, PrepareFailed
+from coordinator.xid import Xid
+from participants.postgres import gid_of
 from scenarios.config import Settings
-from tests.test_vote import INSERT, TABLE, assert_nothing_prepared, count
+from tests.test_vote import (
+    INSERT,
+    TABLE,
+    assert_nothing_prepared,
+    count,
+    gtrid_of_gid,
+    prepared_gids,
+)
 from tests.test_vote import coordinator as coordinator
 from tests.test_vote import ledger as ledger
 
@@ -151,4 +161,89 @@ def test_a_failure_on_the_branch_connection_itself_is_a_no_vote(
     assert tx.commit() is Outcome.ABORTED
     assert "'b'" in tx.reason and tx.gtrid in tx.reason
     assert (count(settings.pg_a, tx.gtrid), count(settings.pg_b, tx.gtrid)) == (0, 0)
+    assert_nothing_prepared(settings, tx.gtrid)
+
+
+# -- a branch prepared early (prepare_now) ----------------------------------------------
+
+
+@pytest.mark.lab
+def test_a_branch_prepared_early_is_prepared_before_the_commit_and_commits(
+    coordinator: Any, settings: Settings
+) -> None:
+    """prepare_now() sends A's deferred work with its PREPARE: A's branch is prepared in the
+    server before the commit (the check of prepared branches sees it), then A and B commit
+    and nothing stays prepared."""
+    tx = coordinator.begin()
+    a = tx.branch("a")
+    a.defer(INSERT, (tx.gtrid, 1))
+    a.prepare_now()
+    assert gtrid_of_gid(gid_of(Xid.branch(tx.gtrid, "a"))) == tx.gtrid
+    assert tx.gtrid in {gtrid_of_gid(g) for g in prepared_gids(settings.pg_a)}
+    with pytest.raises(AssertionError):
+        assert_nothing_prepared(settings, tx.gtrid)
+    tx.branch("b").defer(INSERT, (tx.gtrid, 2))
+    assert tx.commit() is Outcome.COMMITTED
+    assert (count(settings.pg_a, tx.gtrid), count(settings.pg_b, tx.gtrid)) == (1, 1)
+    assert_nothing_prepared(settings, tx.gtrid)
+
+
+@pytest.mark.lab
+def test_a_failure_prepared_early_raises_a_no_vote_naming_the_branch(
+    coordinator: Any, settings: Settings
+) -> None:
+    """A deferred statement that fails at prepare_now() raises PrepareFailed naming 'a' and
+    the gtrid, with the server's error as its cause; the transaction aborts with nothing
+    committed or prepared."""
+    tx = coordinator.begin()
+    a = tx.branch("a")
+    a.defer(INSERT, (tx.gtrid, 1))
+    a.defer(FAILING, (2,))
+    with pytest.raises(PrepareFailed) as refused:
+        a.prepare_now()
+    assert "'a'" in str(refused.value) and tx.gtrid in str(refused.value)
+    assert isinstance(refused.value.__cause__, psycopg.errors.NotNullViolation)
+    tx.branch("b").defer(INSERT, (tx.gtrid, 3))
+    assert tx.commit() is Outcome.ABORTED
+    assert "'a'" in tx.reason
+    assert (count(settings.pg_a, tx.gtrid), count(settings.pg_b, tx.gtrid)) == (0, 0)
+    assert_nothing_prepared(settings, tx.gtrid)
+
+
+@pytest.mark.lab
+def test_a_branch_prepared_early_takes_no_more_work_and_rolls_back(
+    coordinator: Any, settings: Settings
+) -> None:
+    """After prepare_now(), execute, defer, flush and a second prepare_now() on A raise
+    InvalidTransition naming 'a' and the gtrid; a rollback then rolls A's prepared branch
+    back (ROLLBACK PREPARED): nothing committed, nothing prepared."""
+    tx = coordinator.begin()
+    a = tx.branch("a")
+    a.defer(INSERT, (tx.gtrid, 1))
+    a.prepare_now()
+    for step in (
+        lambda: a.execute(INSERT, (tx.gtrid, 2)),
+        lambda: a.defer(INSERT, (tx.gtrid, 3)),
+        a.flush,
+        a.prepare_now,
+    ):
+        with pytest.raises(InvalidTransition, match="'a'") as refused:
+            step()
+        assert tx.gtrid in str(refused.value) and "prepare_now" in str(refused.value)
+    tx.execute("b", INSERT, (tx.gtrid, 4))
+    assert tx.rollback() is Outcome.ABORTED
+    assert (count(settings.pg_a, tx.gtrid), count(settings.pg_b, tx.gtrid)) == (0, 0)
+    assert_nothing_prepared(settings, tx.gtrid)
+
+
+@pytest.mark.lab
+def test_the_only_writer_prepared_early_commits(coordinator: Any, settings: Settings) -> None:
+    """A alone, prepared early: its one-phase commit is its COMMIT PREPARED; the row is
+    there and nothing stays prepared."""
+    tx = coordinator.begin()
+    a = tx.branch("a")
+    a.defer(INSERT, (tx.gtrid, 1))
+    a.prepare_now()
+    assert tx.commit() is Outcome.COMMITTED
+    assert count(settings.pg_a, tx.gtrid) == 1
     assert_nothing_prepared(settings, tx.gtrid)

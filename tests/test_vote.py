@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import secrets
+from base64 import b64decode
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -77,10 +78,22 @@ def coordinator(request: pytest.FixtureRequest, ledger: str, tmp_path: Path) -> 
     portal.close()
 
 
-def assert_nothing_prepared(settings: Settings, *gids: str) -> None:
+def assert_nothing_prepared(settings: Settings, *gtrids: str) -> None:
+    """No branch of ``gtrids`` is prepared in A or B (a gid holds its gtrid in base64)."""
     for dsn in (settings.pg_a, settings.pg_b):
-        left = prepared_gids(dsn)
-        assert not {g for g in left if any(part in g for part in gids)}, left
+        left = {gtrid_of_gid(g) for g in prepared_gids(dsn)}
+        assert not left & set(gtrids), left
+
+
+def gtrid_of_gid(gid: str) -> str | None:
+    """The gtrid of a gid that participants.postgres.gid_of wrote, else None."""
+    parts = gid.split("_")
+    if len(parts) != 3:
+        return None
+    try:
+        return b64decode(parts[1], validate=True).decode()
+    except (ValueError, UnicodeDecodeError):
+        return None
 
 
 @pytest.mark.lab

@@ -127,6 +127,9 @@ class CoordinatorContender:
     ) -> None:
         self.broker = broker
         self.pipelined = pipelined  # False: the work by execute, waiting for each answer
+        # A's work and A's PREPARE in one round trip (prepare_now), unless A must carry
+        # the decision row: the postgres decisions with no broker in the transaction.
+        self.prepare_a_early = pipelined and (broker or settings.decisions == "file")
         self.name = name or ("coordinator" if broker else "coordinator-db")
         self.split = PhaseSplit()
         self.by_outcome: dict[str, dict[str, int]] = {}
@@ -151,7 +154,10 @@ class CoordinatorContender:
                         a = tx.branch("a")
                         assert isinstance(a, PostgresBranch)
                         a.defer(DEBIT_TO, debit)
-                        a.flush()
+                        if self.prepare_a_early:  # an overdraft: PrepareFailed, rolled back
+                            a.prepare_now()
+                        else:
+                            a.flush()
                     else:
                         tx.branch("a").execute(DEBIT_TO, debit)
                 except pg_errors.CheckViolation:
