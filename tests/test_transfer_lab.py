@@ -75,6 +75,26 @@ def test_thousand_transfers_at_concurrency_8_keep_every_invariant(fresh: Setting
     assert stats["marker_messages"] == result.outcomes["committed"]
 
 
+def test_transfers_with_a_prepared_early_keep_every_invariant(fresh: Settings) -> None:
+    """300 transfers with A prepared as soon as its debit is checked (prepare_now): money
+    conserved, ids in A iff in B iff one message, nothing left prepared."""
+    coordinator = open_coordinator(fresh, sessions=8)
+    try:
+        plan = scenario.plan(300, accounts=ACCOUNTS, seed=5)
+        result = run_batch(
+            plan, lambda t: transfer_2pc(coordinator, t, prepare_a_early=True), concurrency=8
+        )
+    finally:
+        coordinator.close()
+    assert sum(result.outcomes.values()) == 300
+    assert result.outcomes["committed"] > 0 and result.outcomes["in-doubt"] == 0
+    evidence = gather_evidence(fresh)
+    assert evidence.total_now == evidence.total_expected == 2 * ACCOUNTS * 1_000
+    assert evidence.atomicity_violations == [] and evidence.duplicates == []
+    assert len(evidence.in_a) == result.outcomes["committed"]
+    assert evidence.prepared == [] and evidence.markers == set()
+
+
 def test_transfers_on_the_same_rows_never_deadlock_across_the_databases(fresh: Settings) -> None:
     """Hot rows in A and B, 8 threads: the work runs in written order, so every transfer commits.
 

@@ -20,6 +20,7 @@ from coordinator.errors import (
 )
 from coordinator.states import Outcome
 from coordinator.xid import gtrid_prefix
+from participants.postgres import PostgresBranch
 from scenarios.config import Settings
 from scenarios.crash_plan import CrashAction
 from scenarios.outbox.relay_modes import RelayMode
@@ -37,8 +38,14 @@ from scenarios.transfer.model import (
 from scenarios.wiring import open_coordinator
 
 
-def transfer_2pc(coordinator: Coordinator, transfer: Transfer) -> tuple[Outcome, str]:
+def transfer_2pc(
+    coordinator: Coordinator, transfer: Transfer, *, prepare_a_early: bool = False
+) -> tuple[Outcome, str]:
     """One transfer as one global transaction.
+
+    ``prepare_a_early``: A's branch is prepared as soon as its debit is checked
+    (``prepare_now``), before B's credit runs; the crash torture runs half of its
+    transfers this way.
 
     The ``transfer.completed`` event goes to the events' virtual topic inside the
     transaction: it is published if and only if A and B commit.
@@ -60,6 +67,10 @@ def transfer_2pc(coordinator: Coordinator, transfer: Transfer) -> tuple[Outcome,
                 refused = True  # the branch remembers the failure and votes NO at prepare
             else:
                 require_applied(debited, transfer.source, "a")
+                if prepare_a_early:
+                    a = tx.branch("a")
+                    assert isinstance(a, PostgresBranch)
+                    a.prepare_now()  # a NO vote: PrepareFailed, the work rolled back
                 credited = tx.execute("b", CREDIT, transfer.credit()).rowcount
                 require_applied(credited, transfer.target, "b")
                 tx.send(EVENT_TOPIC, transfer.body(), transfer.headers(TRANSFER_COMPLETED))

@@ -1,9 +1,10 @@
 """The process the crash torture kills: a transfer batch that logs each outcome as it is told.
 
-It runs exactly what ``twopc transfer --count N --concurrency C`` runs (the
+It runs what ``twopc transfer --count N --concurrency C`` runs (the
 coordinator from :func:`scenarios.wiring.open_coordinator`, failpoints armed
 from ``TWOPC_FAILPOINTS``, :func:`scenarios.strategies.twopc.transfer_2pc` on
-:func:`scenarios.transfer.batch.run_batch`), and appends one JSON line per transfer
+:func:`scenarios.transfer.batch.run_batch`), half of the transfers with A
+prepared early (:func:`early`), and appends one JSON line per transfer
 to ``--outcomes`` the moment its caller is told the outcome. Each line is
 one ``write`` to a file opened with O_APPEND, so what a process reported
 before it was killed survives it: the torture then checks that every
@@ -24,6 +25,7 @@ import argparse
 import json
 import os
 import time
+import zlib
 from typing import Any
 
 from coordinator.states import Outcome
@@ -42,6 +44,12 @@ def _writer(path: str) -> Any:
         os.write(fd, (json.dumps(record, separators=(",", ":")) + "\n").encode())
 
     return write
+
+
+def early(transfer: scenario.Transfer) -> bool:
+    """Whether ``transfer`` prepares A early (prepare_now): half of them, the same ones
+    in every run of a plan."""
+    return zlib.crc32(transfer.transfer_id.encode()) % 2 == 1
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -66,7 +74,7 @@ def main(argv: list[str] | None = None) -> int:
 
         def run_one(t: scenario.Transfer) -> tuple[Outcome, str]:
             try:
-                outcome, reason = transfer_2pc(coordinator, t)
+                outcome, reason = transfer_2pc(coordinator, t, prepare_a_early=early(t))
             except Exception as exc:  # an error the caller did not expect: record it
                 write({"id": t.transfer_id, "outcome": "error", "error": repr(exc)[:300]})
                 return Outcome.IN_DOUBT, f"unexpected {type(exc).__name__}"
