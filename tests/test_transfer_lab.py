@@ -54,6 +54,18 @@ def fresh(settings: Settings) -> Settings:
     return settings
 
 
+def _assert_batch_kept_every_invariant(settings: Settings, result: Any, count: int) -> None:
+    """Every transfer told an outcome, none in doubt; money conserved; ids in A iff in B
+    iff one message; nothing prepared, no marker left."""
+    assert sum(result.outcomes.values()) == count
+    assert result.outcomes["committed"] > 0 and result.outcomes["in-doubt"] == 0
+    evidence = gather_evidence(settings)
+    assert evidence.total_now == evidence.total_expected == 2 * ACCOUNTS * 1_000
+    assert evidence.atomicity_violations == [] and evidence.duplicates == []
+    assert len(evidence.in_a) == result.outcomes["committed"]
+    assert evidence.prepared == [] and evidence.markers == set()
+
+
 def test_thousand_transfers_at_concurrency_8_keep_every_invariant(fresh: Settings) -> None:
     """1,000 transfers: money conserved; ids in A iff in B iff one message; nothing prepared."""
     coordinator = open_coordinator(fresh, sessions=8)
@@ -63,13 +75,7 @@ def test_thousand_transfers_at_concurrency_8_keep_every_invariant(fresh: Setting
         stats = coordinator.stats()
     finally:
         coordinator.close()
-    assert sum(result.outcomes.values()) == 1000
-    assert result.outcomes["committed"] > 0 and result.outcomes["in-doubt"] == 0
-    evidence = gather_evidence(fresh)
-    assert evidence.total_now == evidence.total_expected == 2 * ACCOUNTS * 1_000
-    assert evidence.atomicity_violations == [] and evidence.duplicates == []
-    assert len(evidence.in_a) == result.outcomes["committed"]
-    assert evidence.prepared == [] and evidence.markers == set()
+    _assert_batch_kept_every_invariant(fresh, result, 1000)
     # Presumed abort with the broker as commit point: no forced log write per commit.
     assert stats["forced_log_writes"] <= 2
     assert stats["marker_messages"] == result.outcomes["committed"]
@@ -86,13 +92,7 @@ def test_transfers_with_a_prepared_early_keep_every_invariant(fresh: Settings) -
         )
     finally:
         coordinator.close()
-    assert sum(result.outcomes.values()) == 300
-    assert result.outcomes["committed"] > 0 and result.outcomes["in-doubt"] == 0
-    evidence = gather_evidence(fresh)
-    assert evidence.total_now == evidence.total_expected == 2 * ACCOUNTS * 1_000
-    assert evidence.atomicity_violations == [] and evidence.duplicates == []
-    assert len(evidence.in_a) == result.outcomes["committed"]
-    assert evidence.prepared == [] and evidence.markers == set()
+    _assert_batch_kept_every_invariant(fresh, result, 300)
 
 
 def test_transfers_on_the_same_rows_never_deadlock_across_the_databases(fresh: Settings) -> None:
