@@ -50,7 +50,7 @@ def test_transfers_finish_when_the_reader_of_stderr_goes_away(settings: Settings
     finally:
         run.kill()
         run.stdout.close()
-    assert code == 0
+    assert code == 0, f"exit status {code}; stdout: {out[-2000:]!r}"  # 120: a flush at exit
     output = json.loads(out)
     assert (output["committed"], output["in_doubt"], output["not_started"]) == (400, 0, 0)
     assert output["invariants"]["ok"], output["invariants"]
