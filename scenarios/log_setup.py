@@ -6,8 +6,10 @@ application embedding it keeps its own structlog and stdlib set-up.
 
 from __future__ import annotations
 
+import atexit
 import logging
 import os
+import select
 import sys
 from typing import Any
 
@@ -55,3 +57,38 @@ def configure(level: str | None = None, *, json: bool | None = None) -> None:
         logger_factory=lambda *_: StderrLogger(sys.stderr),
         cache_logger_on_first_use=False,
     )
+    atexit.unregister(silence_stderr_if_gone)  # once, however often this runs
+    atexit.register(silence_stderr_if_gone)
+
+
+def silence_stderr_if_gone() -> None:
+    """At exit, a stderr whose reader went away (``twopc transfer 2>&1 | head``) takes
+    /dev/null instead.
+
+    StderrLogger drops the lines it cannot write, but what stays in stderr's buffer
+    (with buffered stdio: no PYTHONUNBUFFERED) makes the interpreter's last flush
+    fail, and the process exits with status 120 after its work was done.
+    """
+    try:
+        fd = sys.stderr.fileno()
+    except (AttributeError, OSError, ValueError):  # replaced or closed: nothing to flush
+        return
+    if not _reader_gone(fd):
+        return
+    devnull = os.open(os.devnull, os.O_WRONLY)
+    try:
+        os.dup2(devnull, fd)
+    finally:
+        os.close(devnull)
+
+
+def _reader_gone(fd: int) -> bool:
+    """Whether the pipe or socket ``fd`` writes to lost its reader: poll reports an error
+    or a hang-up on it (a file or a terminal reports neither)."""
+    poller = select.poll()
+    poller.register(fd, select.POLLOUT)
+    try:
+        events = poller.poll(0)
+    except OSError:
+        return False
+    return any(mask & (select.POLLERR | select.POLLHUP) for _, mask in events)
