@@ -59,6 +59,7 @@ from participants.activemq import MARKER_QUEUE_PREFIX
 from participants.postgres import describe_dsn
 from scenarios.config import Settings
 from scenarios.config_values import BROKER_CONFIG, redact
+from scenarios.lab.templates import QUEUE_MEMORY
 from scenarios.stomp_probe import receipt_gaps
 
 #: ActiveMQ's maxBrowsePageSize when a policyEntry matches the queue without setting it.
@@ -381,7 +382,7 @@ def queue_memory_check(
     queue_name = queue.removeprefix("/queue/")
     entry = _queue_policy(root, queue_name)
     fix = (
-        f'set memoryLimit="32 mb" on the policyEntry matching the queues (queue=">") in '
+        f'set memoryLimit="{QUEUE_MEMORY}" on the policyEntry matching the queues (queue=">") in '
         f"{where} and restart the broker"
     )
     if entry is None or entry.get("memoryLimit") is None:

@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import asyncio
 import secrets
-from base64 import b64decode
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -85,15 +84,10 @@ def assert_nothing_prepared(settings: Settings, *gtrids: str) -> None:
         assert not left & set(gtrids), left
 
 
-def gtrid_of_gid(gid: str) -> str | None:
-    """The gtrid of a gid that participants.postgres.gid_of wrote, else None."""
-    parts = gid.split("_")
-    if len(parts) != 3:
-        return None
-    try:
-        return b64decode(parts[1], validate=True).decode()
-    except (ValueError, UnicodeDecodeError):
-        return None
+def gtrid_of_gid(gid: str) -> str:
+    """The gtrid in a PostgreSQL gid, as psycopg's ``tpc_recover`` reads it (recovery's
+    own reading; a gid twopc did not write is its own gtrid)."""
+    return str(psycopg.Xid.from_string(gid).gtrid)
 
 
 @pytest.mark.lab
