@@ -183,8 +183,12 @@ def _prepare_all(
     The broker may send its messages meanwhile, ahead of the commit point.
     """
     tx.handle(TxEvent.PREPARE)
-    if tx.debug:
-        tx.log.debug(events.PREPARE_STARTED, participants=[b.name for b in writers])
+    if tx.debug:  # a branch that may be prepared before phase 1 was prepared early
+        tx.log.debug(
+            events.PREPARE_STARTED,
+            participants=[b.name for b in writers],
+            prepared_early=[b.name for b in writers if b.left_prepared],
+        )
     with tx.timed("prepare"):
         for branch in writers:
             branch.send_prepare()

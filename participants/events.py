@@ -33,7 +33,6 @@ PG_ADMIN_RECONNECT = "postgres.admin.reconnect"
 PG_POOLED_LOST = "postgres.pooled.lost"
 PG_ROLLBACK_FAILED = "postgres.rollback.failed"
 PG_BRANCH_ENDED = "postgres.branch.ended"  # the work ran COMMIT/ROLLBACK/PREPARE in a branch
-PG_PREPARED_EARLY = "postgres.branch.prepared_early"  # prepare_now(): work and PREPARE at once
 
 # Membership: liveness locks and fencing on the commit-markable database
 # (participants.membership).

@@ -635,7 +635,6 @@ class PostgresBranch:
         except BaseException as exc:
             self.failure = self.failure or exc
             raise
-        _log().debug(ev.PG_PREPARED_EARLY, participant=self.name, gtrid=self._xid.gtrid)
 
     def _check_takes_work(self) -> None:
         """Refuse work after the branch's transaction ended, or after it was prepared."""

@@ -10,12 +10,14 @@ from typing import Any
 
 import psycopg
 import pytest
+from structlog.testing import capture_logs
 
-from coordinator import Outcome
+from coordinator import Outcome, events
 from coordinator.errors import InvalidTransition, PrepareFailed
 from coordinator.xid import Xid
 from participants.postgres import gid_of
 from scenarios.config import Settings
+from scenarios.log_setup import configure as configure_logging
 from tests.test_vote import (
     INSERT,
     TABLE,
@@ -172,18 +174,25 @@ def test_a_branch_prepared_early_is_prepared_before_the_commit_and_commits(
     coordinator: Any, settings: Settings
 ) -> None:
     """prepare_now() sends A's deferred work with its PREPARE: A's branch is prepared in the
-    server before the commit (the check of prepared branches sees it), then A and B commit
-    and nothing stays prepared."""
-    tx = coordinator.begin()
-    a = tx.branch("a")
-    a.defer(INSERT, (tx.gtrid, 1))
-    a.prepare_now()
-    assert gtrid_of_gid(gid_of(Xid.branch(tx.gtrid, "a"))) == tx.gtrid
-    assert tx.gtrid in {gtrid_of_gid(g) for g in prepared_gids(settings.pg_a)}
-    with pytest.raises(AssertionError):
-        assert_nothing_prepared(settings, tx.gtrid)
-    tx.branch("b").defer(INSERT, (tx.gtrid, 2))
-    assert tx.commit() is Outcome.COMMITTED
+    server before the commit (the check of prepared branches sees it), phase 1's event names
+    it as prepared early, then A and B commit and nothing stays prepared."""
+    configure_logging("DEBUG")  # per-step events pass: the transaction asks at its begin
+    try:
+        with capture_logs() as logs:
+            tx = coordinator.begin()
+            a = tx.branch("a")
+            a.defer(INSERT, (tx.gtrid, 1))
+            a.prepare_now()
+            assert gtrid_of_gid(gid_of(Xid.branch(tx.gtrid, "a"))) == tx.gtrid
+            assert tx.gtrid in {gtrid_of_gid(g) for g in prepared_gids(settings.pg_a)}
+            with pytest.raises(AssertionError):
+                assert_nothing_prepared(settings, tx.gtrid)
+            tx.branch("b").defer(INSERT, (tx.gtrid, 2))
+            assert tx.commit() is Outcome.COMMITTED
+    finally:
+        configure_logging()
+    started = [e for e in logs if e["event"] == events.PREPARE_STARTED]
+    assert [(e["participants"], e["prepared_early"]) for e in started] == [(["a", "b"], ["a"])]
     assert (count(settings.pg_a, tx.gtrid), count(settings.pg_b, tx.gtrid)) == (1, 1)
     assert_nothing_prepared(settings, tx.gtrid)
 

@@ -676,7 +676,6 @@ class AsyncPostgresBranch:
         except BaseException as exc:
             self.failure = self.failure or exc
             raise
-        _log().debug(ev.PG_PREPARED_EARLY, participant=self.name, gtrid=self._xid.gtrid)
 
     def _check_takes_work(self) -> None:
         """Refuse work after the branch's transaction ended, or after it was prepared."""
