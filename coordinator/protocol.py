@@ -202,6 +202,16 @@ class XABranch(Protocol):
         ...
 
 
+class WorkEnding(Protocol):
+    """A branch whose work can be ended before phase 1 (PostgreSQL's): see
+    :meth:`coordinator.transaction.Transaction.end_work`."""
+
+    def end_work(self, *, prepare: bool) -> None:
+        """The branch takes no more work: its deferred work runs now, and with ``prepare``
+        its PREPARE too. A failure of the work raises PrepareFailed (it will vote NO)."""
+        ...
+
+
 @runtime_checkable
 class XAResource(Protocol):
     """A database that can prepare: hands out branches and resolves prepared ones."""
@@ -370,6 +380,12 @@ class AsyncXABranch(Protocol):
     async def cancel(self) -> None: ...
 
     async def release(self) -> None: ...
+
+
+class AsyncWorkEnding(Protocol):
+    """:class:`WorkEnding` for asyncio."""
+
+    async def end_work(self, *, prepare: bool) -> None: ...
 
 
 @runtime_checkable

@@ -532,6 +532,7 @@ class PostgresBranch:
         self._prepared = False
         self._maybe_prepared = False  # PREPARE was sent: the server may hold the branch
         self._finished = False
+        self._work_done = False  # end_work(): the branch takes no more work
         self.failure: BaseException | None = None
         self._ended: ParticipantError | None = None  # the work ended the transaction
 
@@ -635,15 +636,41 @@ class PostgresBranch:
         except BaseException as exc:
             self.failure = self.failure or exc
             raise
+        finally:
+            self._work_done = True  # a NO vote too: the branch is rolled back
+
+    def end_work(self, *, prepare: bool) -> None:
+        """End the branch's work: with ``prepare``, :meth:`prepare_now`; without, the
+        deferred statements go now (:meth:`flush`) and the PREPARE waits for phase 1,
+        where it runs beside the other branches'. Either way the branch takes no more
+        work, and a failure of its work raises :class:`~coordinator.errors.PrepareFailed`
+        naming the participant and the gtrid, the server's error as its cause (the
+        branch votes NO). :meth:`coordinator.aio.transaction.Transaction.end_work`
+        chooses ``prepare`` (docs/design.md §2, "Prepared early").
+        """
+        if prepare:
+            self.prepare_now()
+            return
+        try:
+            self.flush()
+        except psycopg.Error as exc:
+            raise PrepareFailed(
+                f"voted NO: the branch's work failed: {exc}",
+                participant=self.name,
+                gtrid=self._xid.gtrid,
+            ) from exc
+        finally:
+            self._work_done = True
 
     def _check_takes_work(self) -> None:
-        """Refuse work after the branch's transaction ended, or after it was prepared."""
+        """Refuse work after the branch's transaction ended, or after its work was ended
+        (end_work) or it was prepared (prepare_now)."""
         if self._ended is not None:
             raise self._ended
-        if self._maybe_prepared or self._prepared:
+        if self._work_done or self._maybe_prepared or self._prepared:
             raise InvalidTransition(
-                f"PostgreSQL {self.name!r}, transaction {self._xid.gtrid}: the branch is "
-                "prepared (prepare_now()) and takes no more work"
+                f"PostgreSQL {self.name!r}, transaction {self._xid.gtrid}: the branch's work "
+                "was ended (end_work() or prepare_now()) and it takes no more work"
             )
 
     def _raise_if_lost(self, exc: psycopg.Error) -> None:

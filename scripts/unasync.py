@@ -50,6 +50,7 @@ FILES = {
 #: Whole-word replacements, in order.
 NAMES = {
     "AsyncXABranch": "XABranch",
+    "AsyncWorkEnding": "WorkEnding",
     "AsyncXAResource": "XAResource",
     "AsyncLastResourceSession": "LastResourceSession",
     "AsyncLastResource": "LastResource",

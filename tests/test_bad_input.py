@@ -352,6 +352,18 @@ def test_send_without_a_broker_is_refused(coordinator: Coordinator) -> None:
     tx.rollback()
 
 
+def test_ending_the_work_of_a_branch_that_cannot_is_refused(coordinator: Coordinator) -> None:
+    """end_work on a branch that cannot end its work before phase 1 (a fake database here;
+    PostgreSQL's can) raises InvalidTransition naming the participant and the gtrid, and the
+    transaction still commits its work."""
+    tx = coordinator.begin()
+    tx.execute("a", "debit")
+    message = rf"^transaction {re.escape(tx.gtrid)}: participant 'a' cannot end its work"
+    with pytest.raises(InvalidTransition, match=message):
+        tx.end_work("a")
+    assert tx.commit() is Outcome.COMMITTED
+
+
 def test_work_after_commit_is_refused(coordinator: Coordinator) -> None:
     """A finished transaction takes no more work and cannot be ended twice: InvalidTransition."""
     tx = coordinator.begin()

@@ -93,6 +93,22 @@ def test_decide_commits_on_a_decision_row_alone() -> None:
     assert decide(False, False, False) is Decision.ROLLBACK
 
 
+def test_a_branch_prepares_early_only_beside_others_and_never_on_the_decision_holder(
+    world: World,
+) -> None:
+    """prepares_early (end_work's choice): no while one transaction is in flight; yes for 'b'
+    once two are; never for 'a', which holds the decision rows."""
+    coord = world.coordinator()
+    first = coord.begin()
+    assert [coord.prepares_early(name) for name in ("a", "b")] == [False, False]
+    second = coord.begin()
+    assert [coord.prepares_early(name) for name in ("a", "b")] == [False, True]
+    for tx in (first, second):
+        tx.rollback()
+    assert coord.prepares_early("b") is False
+    coord.close()
+
+
 def test_the_carrier_commits_one_phase_with_its_row_after_the_others_prepared(
     world: World,
 ) -> None:

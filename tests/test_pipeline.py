@@ -256,3 +256,75 @@ def test_the_only_writer_prepared_early_commits(coordinator: Any, settings: Sett
     assert tx.commit() is Outcome.COMMITTED
     assert count(settings.pg_a, tx.gtrid) == 1
     assert_nothing_prepared(settings, tx.gtrid)
+
+
+# -- a branch whose work is ended (end_work): prepared now or at phase 1 ----------------
+
+
+@pytest.mark.lab
+def test_ending_the_work_alone_leaves_the_prepare_to_phase_1(
+    coordinator: Any, settings: Settings
+) -> None:
+    """With no other transaction in flight, end_work('a') sends A's work and reads its answer
+    but leaves A's PREPARE to phase 1 (nothing prepared before the commit); A and B then
+    commit and nothing stays prepared."""
+    tx = coordinator.begin()
+    tx.branch("a").defer(INSERT, (tx.gtrid, 1))
+    tx.end_work("a")
+    assert_nothing_prepared(settings, tx.gtrid)
+    tx.branch("b").defer(INSERT, (tx.gtrid, 2))
+    assert tx.commit() is Outcome.COMMITTED
+    assert (count(settings.pg_a, tx.gtrid), count(settings.pg_b, tx.gtrid)) == (1, 1)
+    assert_nothing_prepared(settings, tx.gtrid)
+
+
+@pytest.mark.lab
+def test_ending_the_work_beside_other_transactions_prepares_now(
+    coordinator: Any, settings: Settings
+) -> None:
+    """With another transaction in flight on the coordinator, end_work('a') prepares A at
+    once (its gid is in the server before the commit); both transactions then commit and
+    nothing stays prepared."""
+    other = coordinator.begin()
+    tx = coordinator.begin()
+    tx.branch("a").defer(INSERT, (tx.gtrid, 1))
+    tx.end_work("a")
+    assert tx.gtrid in {gtrid_of_gid(g) for g in prepared_gids(settings.pg_a)}
+    tx.branch("b").defer(INSERT, (tx.gtrid, 2))
+    other.execute("b", INSERT, (other.gtrid, 3))
+    assert tx.commit() is Outcome.COMMITTED
+    assert other.commit() is Outcome.COMMITTED
+    assert (count(settings.pg_a, tx.gtrid), count(settings.pg_b, tx.gtrid)) == (1, 1)
+    assert count(settings.pg_b, other.gtrid) == 1
+    assert_nothing_prepared(settings, tx.gtrid, other.gtrid)
+
+
+@pytest.mark.lab
+@pytest.mark.parametrize("others", [0, 1], ids=["alone", "beside-another"])
+def test_a_failure_at_end_work_raises_a_no_vote_and_takes_no_more_work(
+    coordinator: Any, settings: Settings, others: int
+) -> None:
+    """A deferred statement that fails at end_work('a') raises PrepareFailed naming 'a' and
+    the gtrid, the server's error as its cause, whether A was to prepare now or at phase 1;
+    later work on A raises InvalidTransition naming 'a', the gtrid and end_work; the
+    transaction aborts with nothing committed or prepared."""
+    beside = [coordinator.begin() for _ in range(others)]
+    tx = coordinator.begin()
+    a = tx.branch("a")
+    a.defer(INSERT, (tx.gtrid, 1))
+    a.defer(FAILING, (2,))
+    with pytest.raises(PrepareFailed) as refused:
+        tx.end_work("a")
+    assert "'a'" in str(refused.value) and tx.gtrid in str(refused.value)
+    assert isinstance(refused.value.__cause__, psycopg.errors.NotNullViolation)
+    for step in (lambda: a.defer(INSERT, (tx.gtrid, 3)), a.flush, lambda: tx.end_work("a")):
+        with pytest.raises(InvalidTransition, match="'a'") as again:
+            step()
+        assert tx.gtrid in str(again.value) and "end_work" in str(again.value)
+    tx.branch("b").defer(INSERT, (tx.gtrid, 4))
+    assert tx.commit() is Outcome.ABORTED
+    assert "'a'" in tx.reason
+    assert (count(settings.pg_a, tx.gtrid), count(settings.pg_b, tx.gtrid)) == (0, 0)
+    assert_nothing_prepared(settings, tx.gtrid)
+    for other in beside:
+        assert other.rollback() is Outcome.ABORTED

@@ -82,13 +82,14 @@ def test_thousand_transfers_at_concurrency_8_keep_every_invariant(fresh: Setting
 
 
 def test_transfers_with_a_prepared_early_keep_every_invariant(fresh: Settings) -> None:
-    """300 transfers with A prepared as soon as its debit is checked (prepare_now): money
-    conserved, ids in A iff in B iff one message, nothing left prepared."""
+    """300 transfers, 8 at a time, with A's work ended as soon as its debit is checked
+    (end_work: A prepared then, beside other transfers): money conserved, ids in A iff in B
+    iff one message, nothing left prepared."""
     coordinator = open_coordinator(fresh, sessions=8)
     try:
         plan = scenario.plan(300, accounts=ACCOUNTS, seed=5)
         result = run_batch(
-            plan, lambda t: transfer_2pc(coordinator, t, prepare_a_early=True), concurrency=8
+            plan, lambda t: transfer_2pc(coordinator, t, end_a_work=True), concurrency=8
         )
     finally:
         coordinator.close()

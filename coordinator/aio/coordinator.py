@@ -460,6 +460,16 @@ class AsyncCoordinator:
             # close() sweeps the rest
             self._executor.submit(self._contained, self.backlog.sweep_markers)
 
+    def prepares_early(self, participant: str) -> bool:
+        """A branch whose work is ended prepares now when other transactions are in flight
+        here (the CPU of a round trip saved counts then), and never on the participant
+        that holds the decision rows: the commit point may put its row into that branch
+        (docs/design.md §3). The count is read without the lock: a hint."""
+        holder = self.decision_holder
+        if holder is not None and holder.participant == participant:
+            return False
+        return len(self._active) > 1
+
     def failpoint(self, name: str) -> None:
         failpoints.hit(name)
 

@@ -14,11 +14,12 @@ from __future__ import annotations
 
 from collections.abc import Mapping
 from types import TracebackType
-from typing import Any, Protocol
+from typing import Any, Protocol, cast
 
 from coordinator import events, tracing
 from coordinator.errors import (
     HeuristicMixed,
+    InvalidTransition,
     TransactionAborted,
     TransactionInDoubt,
     TransactionTimeout,
@@ -29,6 +30,7 @@ from coordinator.protocol import (
     AsyncCursor,
     AsyncLastResource,
     AsyncLastResourceSession,
+    AsyncWorkEnding,
     AsyncXABranch,
     AsyncXAResource,
 )
@@ -51,6 +53,11 @@ class AsyncTransactionHost(Protocol):
         ...
 
     def failpoint(self, name: str) -> None: ...
+
+    def prepares_early(self, participant: str) -> bool:
+        """Whether a branch on ``participant`` whose work is ended should prepare now
+        (:meth:`AsyncTransaction.end_work`)."""
+        ...
 
 
 class AsyncTransaction(TransactionState[AsyncXABranch, AsyncLastResourceSession]):
@@ -94,6 +101,28 @@ class AsyncTransaction(TransactionState[AsyncXABranch, AsyncLastResourceSession]
         PostgreSQL); returns its cursor."""
         branch = await self.branch(name)
         return await branch.execute(query, params)
+
+    async def end_work(self, name: str) -> None:
+        """Branch ``name`` takes no more work: its deferred statements go now, and a
+        failure of its work raises PrepareFailed here, naming the participant and the
+        gtrid (the transaction then rolls back).
+
+        The coordinator chooses when its PREPARE goes (docs/design.md §2, "Prepared
+        early"). With other transactions in flight, in the same round trip as the work
+        (``prepare_now``): a round trip and its CPU less per transaction, which is what
+        counts when the transactions share the CPU. Alone, at phase 1, beside the other
+        branches' work: its wait for the WAL overlaps theirs, which is what counts for
+        one transaction's latency. Work done one branch after the other calls this on
+        each branch but the last. A PostgreSQL branch only (others raise
+        InvalidTransition).
+        """
+        branch = await self.branch(name)
+        if getattr(branch, "end_work", None) is None:  # isinstance on a Protocol: 3.7 us
+            raise InvalidTransition(
+                f"transaction {self.gtrid}: participant {name!r} cannot end its work "
+                "before phase 1 (end_work() takes a PostgreSQL branch)"
+            )
+        await cast(AsyncWorkEnding, branch).end_work(prepare=self._host.prepares_early(name))
 
     async def send(
         self, destination: str, body: str, headers: Mapping[str, str] | None = None

@@ -127,9 +127,6 @@ class CoordinatorContender:
     ) -> None:
         self.broker = broker
         self.pipelined = pipelined  # False: the work by execute, waiting for each answer
-        # A's work and A's PREPARE in one round trip (prepare_now), unless A must carry
-        # the decision row: the postgres decisions with no broker in the transaction.
-        self.prepare_a_early = pipelined and (broker or settings.decisions == "file")
         self.name = name or ("coordinator" if broker else "coordinator-db")
         self.split = PhaseSplit()
         self.by_outcome: dict[str, dict[str, int]] = {}
@@ -150,18 +147,18 @@ class CoordinatorContender:
             with tx:
                 debit = {**params, "account": t.source, "counterparty": t.target}
                 try:
-                    if self.pipelined:  # BEGIN and the debit in one round trip, then A's answer
+                    if self.pipelined:
+                        # BEGIN and the debit in one round trip, then A's answer; with other
+                        # transfers in flight A's PREPARE goes with them (end_work). An
+                        # overdraft raises PrepareFailed: the transfer is rolled back.
                         a = tx.branch("a")
                         assert isinstance(a, PostgresBranch)
                         a.defer(DEBIT_TO, debit)
-                        if self.prepare_a_early:  # an overdraft: PrepareFailed, rolled back
-                            a.prepare_now()
-                        else:
-                            a.flush()
+                        tx.end_work("a")
                     else:
                         tx.branch("a").execute(DEBIT_TO, debit)
                 except pg_errors.CheckViolation:
-                    pass  # the branch votes NO at prepare
+                    pass  # executed: the branch votes NO at prepare
                 else:
                     # BEGIN and B's credit go out with B's PREPARE, after A's answer.
                     if self.pipelined:

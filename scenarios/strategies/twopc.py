@@ -20,7 +20,6 @@ from coordinator.errors import (
 )
 from coordinator.states import Outcome
 from coordinator.xid import gtrid_prefix
-from participants.postgres import PostgresBranch
 from scenarios.config import Settings
 from scenarios.crash_plan import CrashAction
 from scenarios.outbox.relay_modes import RelayMode
@@ -39,13 +38,13 @@ from scenarios.wiring import open_coordinator
 
 
 def transfer_2pc(
-    coordinator: Coordinator, transfer: Transfer, *, prepare_a_early: bool = False
+    coordinator: Coordinator, transfer: Transfer, *, end_a_work: bool = False
 ) -> tuple[Outcome, str]:
     """One transfer as one global transaction.
 
-    ``prepare_a_early``: A's branch is prepared as soon as its debit is checked
-    (``prepare_now``), before B's credit runs; the crash torture runs half of its
-    transfers this way.
+    ``end_a_work``: A's work is ended as soon as its debit is checked
+    (``Transaction.end_work``), before B's credit runs: with other transfers in flight
+    A is prepared then; the crash torture runs half of its transfers this way.
 
     The ``transfer.completed`` event goes to the events' virtual topic inside the
     transaction: it is published if and only if A and B commit.
@@ -67,10 +66,8 @@ def transfer_2pc(
                 refused = True  # the branch remembers the failure and votes NO at prepare
             else:
                 require_applied(debited, transfer.source, "a")
-                if prepare_a_early:
-                    a = tx.branch("a")
-                    assert isinstance(a, PostgresBranch)
-                    a.prepare_now()  # a NO vote: PrepareFailed, the work rolled back
+                if end_a_work:
+                    tx.end_work("a")  # a NO vote: PrepareFailed, the work rolled back
                 credited = tx.execute("b", CREDIT, transfer.credit()).rowcount
                 require_applied(credited, transfer.target, "b")
                 tx.send(EVENT_TOPIC, transfer.body(), transfer.headers(TRANSFER_COMPLETED))

@@ -47,8 +47,8 @@ def _writer(path: str) -> Any:
 
 
 def early(transfer: scenario.Transfer) -> bool:
-    """Whether ``transfer`` prepares A early (prepare_now): half of them, the same ones
-    in every run of a plan."""
+    """Whether ``transfer`` ends A's work before B's (end_work: A prepared then when other
+    transfers are in flight): half of them, the same ones in every run of a plan."""
     return zlib.crc32(transfer.transfer_id.encode()) % 2 == 1
 
 
@@ -74,7 +74,7 @@ def main(argv: list[str] | None = None) -> int:
 
         def run_one(t: scenario.Transfer) -> tuple[Outcome, str]:
             try:
-                outcome, reason = transfer_2pc(coordinator, t, prepare_a_early=early(t))
+                outcome, reason = transfer_2pc(coordinator, t, end_a_work=early(t))
             except Exception as exc:  # an error the caller did not expect: record it
                 write({"id": t.transfer_id, "outcome": "error", "error": repr(exc)[:300]})
                 return Outcome.IN_DOUBT, f"unexpected {type(exc).__name__}"
