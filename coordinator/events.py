@@ -24,6 +24,7 @@ import structlog
 
 # The commit sequence, in protocol order.
 BEGIN = "tpc.begin"
+WORK_ENDED = "tpc.work.ended"  # Transaction.end_work: prepared now, or at phase 1
 PREPARE_STARTED = "tpc.prepare.started"
 PREPARE_VOTED = "tpc.prepare.voted"
 ONE_PHASE = "tpc.one_phase.commit"

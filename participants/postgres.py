@@ -646,7 +646,9 @@ class PostgresBranch:
         work, and a failure of its work raises :class:`~coordinator.errors.PrepareFailed`
         naming the participant and the gtrid, the server's error as its cause (the
         branch votes NO). :meth:`coordinator.aio.transaction.Transaction.end_work`
-        chooses ``prepare`` (docs/design.md §2, "Prepared early").
+        chooses ``prepare`` (docs/design.md §2, "Ending the work: now or at phase 1").
+        Work that failed before (an ``execute`` whose error the caller caught) raises
+        here too, as :meth:`prepare` would.
         """
         if prepare:
             self.prepare_now()
@@ -661,6 +663,13 @@ class PostgresBranch:
             ) from exc
         finally:
             self._work_done = True
+        if self.failure is not None or self._in_error():
+            reason = self.failure or "the transaction is in an aborted state"
+            raise PrepareFailed(
+                f"voted NO: the branch's work failed: {reason}",
+                participant=self.name,
+                gtrid=self._xid.gtrid,
+            ) from self.failure
 
     def _check_takes_work(self) -> None:
         """Refuse work after the branch's transaction ended, or after its work was ended
@@ -853,7 +862,7 @@ class PostgresBranch:
             self.rollback()
             raise PrepareFailed(
                 f"voted NO: the branch's work failed: {reason}", participant=self.name, gtrid=gtrid
-            )
+            ) from self.failure
         self._maybe_prepared = True
         try:
             tag = self._run(self._prepare_command)

@@ -230,3 +230,14 @@ def test_only_errors_a_user_can_cause_are_explained() -> None:
     )
     assert explain(psycopg.OperationalError("connection failed: refused")) is not None
     assert explain(RuntimeError("a bug")) is None
+
+
+def test_a_lock_timeout_says_what_holds_the_lock_and_what_to_run() -> None:
+    """A statement cancelled by lock_timeout (LockNotAvailable) is one line that names the
+    likely holder, a transaction a killed run left prepared, and twopc indoubt / recover /
+    recover --dead."""
+    line = explain(psycopg.errors.LockNotAvailable("canceling statement due to lock timeout"))
+    assert line is not None
+    assert line.startswith("PostgreSQL: canceling statement due to lock timeout: ")
+    for command in ("'twopc indoubt'", "'twopc recover'", "'twopc recover --dead'"):
+        assert command in line

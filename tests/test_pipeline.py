@@ -266,11 +266,18 @@ def test_ending_the_work_alone_leaves_the_prepare_to_phase_1(
     coordinator: Any, settings: Settings
 ) -> None:
     """With no other transaction in flight, end_work('a') sends A's work and reads its answer
-    but leaves A's PREPARE to phase 1 (nothing prepared before the commit); A and B then
-    commit and nothing stays prepared."""
-    tx = coordinator.begin()
-    tx.branch("a").defer(INSERT, (tx.gtrid, 1))
-    tx.end_work("a")
+    but leaves A's PREPARE to phase 1 (nothing prepared before the commit; its DEBUG event
+    says prepare_now False); A and B then commit and nothing stays prepared."""
+    configure_logging("DEBUG")  # per-step events pass: the transaction asks at its begin
+    try:
+        with capture_logs() as logs:
+            tx = coordinator.begin()
+            tx.branch("a").defer(INSERT, (tx.gtrid, 1))
+            tx.end_work("a")
+    finally:
+        configure_logging()
+    ended = [e for e in logs if e["event"] == events.WORK_ENDED]
+    assert [(e["participant"], e["prepare_now"]) for e in ended] == [("a", False)]
     assert_nothing_prepared(settings, tx.gtrid)
     tx.branch("b").defer(INSERT, (tx.gtrid, 2))
     assert tx.commit() is Outcome.COMMITTED
@@ -283,12 +290,19 @@ def test_ending_the_work_beside_other_transactions_prepares_now(
     coordinator: Any, settings: Settings
 ) -> None:
     """With another transaction in flight on the coordinator, end_work('a') prepares A at
-    once (its gid is in the server before the commit); both transactions then commit and
-    nothing stays prepared."""
-    other = coordinator.begin()
-    tx = coordinator.begin()
-    tx.branch("a").defer(INSERT, (tx.gtrid, 1))
-    tx.end_work("a")
+    once (its gid is in the server before the commit; its DEBUG event says prepare_now
+    True); both transactions then commit and nothing stays prepared."""
+    configure_logging("DEBUG")
+    try:
+        with capture_logs() as logs:
+            other = coordinator.begin()
+            tx = coordinator.begin()
+            tx.branch("a").defer(INSERT, (tx.gtrid, 1))
+            tx.end_work("a")
+    finally:
+        configure_logging()
+    ended = [e for e in logs if e["event"] == events.WORK_ENDED]
+    assert [(e["participant"], e["prepare_now"]) for e in ended] == [("a", True)]
     assert tx.gtrid in {gtrid_of_gid(g) for g in prepared_gids(settings.pg_a)}
     tx.branch("b").defer(INSERT, (tx.gtrid, 2))
     other.execute("b", INSERT, (other.gtrid, 3))
@@ -324,6 +338,30 @@ def test_a_failure_at_end_work_raises_a_no_vote_and_takes_no_more_work(
     tx.branch("b").defer(INSERT, (tx.gtrid, 4))
     assert tx.commit() is Outcome.ABORTED
     assert "'a'" in tx.reason
+    assert (count(settings.pg_a, tx.gtrid), count(settings.pg_b, tx.gtrid)) == (0, 0)
+    assert_nothing_prepared(settings, tx.gtrid)
+    for other in beside:
+        assert other.rollback() is Outcome.ABORTED
+
+
+@pytest.mark.lab
+@pytest.mark.parametrize("others", [0, 1], ids=["alone", "beside-another"])
+def test_work_that_failed_before_end_work_raises_there(
+    coordinator: Any, settings: Settings, others: int
+) -> None:
+    """An execute on A that failed (its error caught by the caller) makes end_work('a') raise
+    PrepareFailed naming 'a' and the gtrid, the server's error as its cause, whether A was to
+    prepare now or at phase 1; the transaction aborts with nothing committed or prepared."""
+    beside = [coordinator.begin() for _ in range(others)]
+    tx = coordinator.begin()
+    tx.execute("b", INSERT, (tx.gtrid, 1))
+    with pytest.raises(psycopg.errors.NotNullViolation):
+        tx.execute("a", FAILING, (2,))
+    with pytest.raises(PrepareFailed) as refused:
+        tx.end_work("a")
+    assert "'a'" in str(refused.value) and tx.gtrid in str(refused.value)
+    assert isinstance(refused.value.__cause__, psycopg.errors.NotNullViolation)
+    assert tx.commit() is Outcome.ABORTED
     assert (count(settings.pg_a, tx.gtrid), count(settings.pg_b, tx.gtrid)) == (0, 0)
     assert_nothing_prepared(settings, tx.gtrid)
     for other in beside:

@@ -107,14 +107,15 @@ class AsyncTransaction(TransactionState[AsyncXABranch, AsyncLastResourceSession]
         failure of its work raises PrepareFailed here, naming the participant and the
         gtrid (the transaction then rolls back).
 
-        The coordinator chooses when its PREPARE goes (docs/design.md §2, "Prepared
-        early"). With other transactions in flight, in the same round trip as the work
-        (``prepare_now``): a round trip and its CPU less per transaction, which is what
-        counts when the transactions share the CPU. Alone, at phase 1, beside the other
-        branches' work: its wait for the WAL overlaps theirs, which is what counts for
-        one transaction's latency. Work done one branch after the other calls this on
-        each branch but the last. A PostgreSQL branch only (others raise
-        InvalidTransition).
+        The coordinator chooses when its PREPARE goes (docs/design.md §2, "Ending the
+        work: now or at phase 1"). With other transactions in flight, in the same round
+        trip as the work (``prepare_now``): a round trip and its CPU less per
+        transaction, which is what counts when the transactions share the CPU. Alone,
+        at phase 1, beside the other branches' work: its wait for the WAL overlaps
+        theirs, which is what counts for one transaction's latency. Work done one
+        branch after the other calls this on each branch but the last. The DEBUG event
+        ``tpc.work.ended`` says which (``prepare_now``). A PostgreSQL branch only
+        (others raise InvalidTransition).
         """
         branch = await self.branch(name)
         if getattr(branch, "end_work", None) is None:  # isinstance on a Protocol: 3.7 us
@@ -122,7 +123,10 @@ class AsyncTransaction(TransactionState[AsyncXABranch, AsyncLastResourceSession]
                 f"transaction {self.gtrid}: participant {name!r} cannot end its work "
                 "before phase 1 (end_work() takes a PostgreSQL branch)"
             )
-        await cast(AsyncWorkEnding, branch).end_work(prepare=self._host.prepares_early(name))
+        early = self._host.prepares_early(name)
+        if self.debug:
+            self.log.debug(events.WORK_ENDED, participant=name, prepare_now=early)
+        await cast(AsyncWorkEnding, branch).end_work(prepare=early)
 
     async def send(
         self, destination: str, body: str, headers: Mapping[str, str] | None = None

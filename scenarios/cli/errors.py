@@ -25,6 +25,13 @@ from scenarios.transfer.batch import BatchFailed
 #: What to run when the scenario's tables are missing or out of date.
 RESET_HINT = "run 'twopc transfer --reset' to create the transfer scenario's tables"
 
+#: What to run when a statement timed out waiting for a lock (lock_timeout).
+LOCK_HINT = (
+    "a lock is held, most likely by a transaction prepared by a run that was killed: "
+    "'twopc indoubt' lists this coordinator's, 'twopc recover' resolves them, and "
+    "'twopc recover --dead' (TWOPC_DECISIONS=postgres) those of coordinators that are gone"
+)
+
 #: Seconds a probe waits for a database to answer (to name the one that did not).
 PROBE_TIMEOUT = 3
 
@@ -53,6 +60,8 @@ def _explain_database_error(exc: psycopg.Error) -> str:
         if exc.pgconn is None:  # the session is gone: find the database that lacks the table
             where = _database_lacking(exc) or where
         return f"{where}: {reason}: {RESET_HINT}"
+    if isinstance(exc, pg_errors.LockNotAvailable):
+        return f"{where}: {reason}: {LOCK_HINT}"
     if isinstance(exc, pg_errors.ConnectionTimeout):
         if exc.pgconn is None:  # no session to ask: find the database that does not answer
             where, setting = _database_not_answering() or (where, setting)

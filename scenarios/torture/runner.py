@@ -30,6 +30,7 @@ from typing import Any
 
 import psycopg
 
+from coordinator.errors import TwoPhaseCommitError
 from coordinator.events import get_logger
 from coordinator.failpoints import failpoint_env
 from coordinator.log.file import LOCK_SUFFIX
@@ -49,6 +50,10 @@ TWOPC = [sys.executable, "-m", "scenarios.cli"]
 CHILD = [sys.executable, "-m", "scenarios.torture.child"]
 #: The coordinator id 'twopc recover --dead' runs as in several-coordinator schedules.
 RECOVERER_ID = "torture-recoverer"
+
+
+class TortureSetupFailed(TwoPhaseCommitError):
+    """The torture could not start from a clean lab; the message says what to run."""
 
 
 def peer_id(index: int) -> str:
@@ -214,11 +219,35 @@ class Torture:
         for name, upstream in upstreams.items():
             self.proxies[name] = FaultProxy(upstream, name=name).start()
         open_coordinator(self.settings, sessions=2).close()  # recovery: prepared rows hold locks
+        if self._prepared_gids():  # a killed run's peers left theirs: recover the dead
+            self.recover(dead=True)
+            left = self._prepared_gids()
+            if left:
+                shown = ", ".join(left[:3]) + (
+                    f" and {len(left) - 3} more" if len(left) > 3 else ""
+                )
+                raise TortureSetupFailed(
+                    f"transactions prepared by an earlier run hold locks in A or B ({shown}), "
+                    "and neither 'twopc recover' nor 'twopc recover --dead' "
+                    "(TWOPC_DECISIONS=postgres) resolved them; a transaction of no live or "
+                    "registered twopc coordinator is resolved by hand, with COMMIT PREPARED or "
+                    "ROLLBACK PREPARED '<gid>' in that database"
+                )
         if self.reset:
             scenario.reset(self.settings, accounts=self.accounts, balance=self.balance)
         else:
             self.ledger.drain()  # what is queued now was delivered before this run
         return self
+
+    def _prepared_gids(self) -> list[str]:
+        """'<db>: <gtrid> (gid <gid>)' of every transaction prepared in A or B, of any
+        coordinator (a gid twopc did not write is its own gtrid)."""
+        found = []
+        for name, dsn in (("a", self.settings.pg_a), ("b", self.settings.pg_b)):
+            with psycopg.connect(dsn) as conn:
+                rows = conn.execute("SELECT gid FROM pg_prepared_xacts ORDER BY gid").fetchall()
+            found += [f"{name}: {psycopg.Xid.from_string(g).gtrid} (gid {g})" for (g,) in rows]
+        return found
 
     def close(self) -> None:
         """Heal everything, bring stopped services back, stop the proxies."""
