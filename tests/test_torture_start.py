@@ -33,13 +33,12 @@ os._exit(9)
 """
 
 
-def prepared(settings: Settings) -> int:
-    """How many transactions are prepared in A and B."""
+def prepared(settings: Settings, *gtrids: str) -> int:
+    """How many branches of ``gtrids`` are prepared in A and B."""
     total = 0
     for dsn in (settings.pg_a, settings.pg_b):
-        with psycopg.connect(dsn) as conn:
-            row = conn.execute("SELECT count(*) FROM pg_prepared_xacts").fetchone()
-        total += row[0] if row else 0
+        with psycopg.connect(dsn, autocommit=True) as conn:
+            total += sum(1 for xid in conn.tpc_recover() if xid.gtrid in gtrids)
     return total
 
 
@@ -53,27 +52,41 @@ def test_a_killed_peers_prepared_branch_is_recovered_before_the_reset(settings: 
     env = {**os.environ, **peer.as_env(), "GTRID": gtrid}
     done = subprocess.run([sys.executable, "-c", KILLED_PEER], env=env, timeout=120, check=False)
     assert done.returncode == 9
-    assert prepared(settings) == 1
+    assert prepared(settings, gtrid) == 1
     with Torture(settings, accounts=10):
-        assert prepared(settings) == 0
+        assert prepared(settings, gtrid) == 0
 
 
 def test_a_prepared_branch_no_recovery_resolves_stops_the_start(settings: Settings) -> None:
-    """A branch prepared under a coordinator that never registered: the start raises
-    TortureSetupFailed naming its gtrid and what to run, and leaves it prepared."""
+    """A branch prepared on an account row under a coordinator that never registered: the
+    start's reset times out on its lock, and the start raises TortureSetupFailed naming its
+    gtrid and what to run; a prepared branch on another table does not stop the start."""
+    with Torture(settings, accounts=10):  # the tables reset, whatever an earlier test left
+        pass
     gtrid = f"gone-{secrets.token_hex(3)}.{secrets.token_hex(6)}-000002"
-    conn = psycopg.connect(settings.pg_a)
-    conn.tpc_begin(conn.xid(FORMAT_ID, gtrid, "a"))
-    conn.execute("SELECT 1")
-    conn.tpc_prepare()
-    conn.close()  # the branch stays prepared
+    elsewhere = f"gone-{secrets.token_hex(3)}.{secrets.token_hex(6)}-000003"
+    for xid_gtrid, statement in (
+        (gtrid, "UPDATE accounts SET balance = balance WHERE id = 'acc-00000'"),
+        (elsewhere, "SELECT 1"),
+    ):
+        conn = psycopg.connect(settings.pg_a)
+        conn.tpc_begin(conn.xid(FORMAT_ID, xid_gtrid, "a"))
+        conn.execute(statement)
+        conn.tpc_prepare()
+        conn.close()  # the branch stays prepared
     try:
         with pytest.raises(TortureSetupFailed) as refused:
             Torture(settings, accounts=10).__enter__()
         message = str(refused.value)
         assert f"a: {gtrid}" in message and "'twopc recover --dead'" in message
         assert "ROLLBACK PREPARED" in message
-    finally:
         with psycopg.connect(settings.pg_a, autocommit=True) as conn:
             conn.tpc_rollback(conn.xid(FORMAT_ID, gtrid, "a"))
-    assert prepared(settings) == 0
+        with Torture(settings, accounts=10):  # only the branch on another table is left
+            assert prepared(settings, gtrid, elsewhere) == 1
+    finally:
+        with psycopg.connect(settings.pg_a, autocommit=True) as conn:
+            for xid in conn.tpc_recover():
+                if xid.gtrid in (gtrid, elsewhere):
+                    conn.tpc_rollback(xid)
+    assert prepared(settings, gtrid, elsewhere) == 0

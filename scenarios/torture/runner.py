@@ -221,23 +221,26 @@ class Torture:
         open_coordinator(self.settings, sessions=2).close()  # recovery: prepared rows hold locks
         if self._prepared_gids():  # a killed run's peers left theirs: recover the dead
             self.recover(dead=True)
-            left = self._prepared_gids()
-            if left:
-                shown = ", ".join(left[:3]) + (
-                    f" and {len(left) - 3} more" if len(left) > 3 else ""
-                )
-                raise TortureSetupFailed(
-                    f"transactions prepared by an earlier run hold locks in A or B ({shown}), "
-                    "and neither 'twopc recover' nor 'twopc recover --dead' "
-                    "(TWOPC_DECISIONS=postgres) resolved them; a transaction of no live or "
-                    "registered twopc coordinator is resolved by hand, with COMMIT PREPARED or "
-                    "ROLLBACK PREPARED '<gid>' in that database"
-                )
         if self.reset:
-            scenario.reset(self.settings, accounts=self.accounts, balance=self.balance)
+            try:
+                scenario.reset(self.settings, accounts=self.accounts, balance=self.balance)
+            except psycopg.errors.LockNotAvailable as exc:
+                raise self._locked_out() from exc
         else:
             self.ledger.drain()  # what is queued now was delivered before this run
         return self
+
+    def _locked_out(self) -> TortureSetupFailed:
+        """The reset waited too long for a lock: name what is still prepared in A and B."""
+        left = self._prepared_gids()
+        shown = ", ".join(left[:3]) + (f" and {len(left) - 3} more" if len(left) > 3 else "")
+        return TortureSetupFailed(
+            f"the reset of the tables timed out waiting for a lock; prepared in A or B: "
+            f"{shown or 'nothing'}. Neither 'twopc recover' nor 'twopc recover --dead' "
+            "(TWOPC_DECISIONS=postgres) resolved these; a transaction of no live or "
+            "registered twopc coordinator is resolved by hand, with COMMIT PREPARED or "
+            "ROLLBACK PREPARED '<gid>' in that database"
+        )
 
     def _prepared_gids(self) -> list[str]:
         """'<db>: <gtrid> (gid <gid>)' of every transaction prepared in A or B, of any
