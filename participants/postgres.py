@@ -656,20 +656,21 @@ class PostgresBranch:
         try:
             self.flush()
         except psycopg.Error as exc:
-            raise PrepareFailed(
-                f"voted NO: the branch's work failed: {exc}",
-                participant=self.name,
-                gtrid=self._xid.gtrid,
-            ) from exc
+            raise self._no_vote(exc) from exc
         finally:
             self._work_done = True
         if self.failure is not None or self._in_error():
-            reason = self.failure or "the transaction is in an aborted state"
-            raise PrepareFailed(
-                f"voted NO: the branch's work failed: {reason}",
-                participant=self.name,
-                gtrid=self._xid.gtrid,
-            ) from self.failure
+            raise self._no_vote(self.failure) from self.failure
+
+    def _no_vote(self, failure: BaseException | None) -> PrepareFailed:
+        """The NO vote of a branch whose work failed (``failure``, or None: the server
+        says its transaction is aborted), naming the participant and the gtrid."""
+        reason = failure or "the transaction is in an aborted state"
+        return PrepareFailed(
+            f"voted NO: the branch's work failed: {reason}",
+            participant=self.name,
+            gtrid=self._xid.gtrid,
+        )
 
     def _check_takes_work(self) -> None:
         """Refuse work after the branch's transaction ended, or after its work was ended
@@ -858,22 +859,15 @@ class PostgresBranch:
             return Vote.YES  # prepared early (prepare_now): its vote was read then
         gtrid = self._xid.gtrid
         if self.failure is not None or self._in_error():
-            reason = self.failure or "the transaction is in an aborted state"
             self.rollback()
-            raise PrepareFailed(
-                f"voted NO: the branch's work failed: {reason}", participant=self.name, gtrid=gtrid
-            ) from self.failure
+            raise self._no_vote(self.failure) from self.failure
         self._maybe_prepared = True
         try:
             tag = self._run(self._prepare_command)
         except _WorkFailed as failed:  # PREPARE was skipped: the transaction is aborted
             self._maybe_prepared = False
             self.rollback()
-            raise PrepareFailed(
-                f"voted NO: the branch's work failed: {failed.error}",
-                participant=self.name,
-                gtrid=gtrid,
-            ) from failed.error
+            raise self._no_vote(failed.error) from failed.error
         except psycopg.Error as exc:
             self._after_failed_prepare()
             if isinstance(exc, pg_errors.DuplicateObject):  # 42710: gid already in use
