@@ -113,6 +113,9 @@ class Retrier:
         self.log = get_logger(component="retrier", strategy=name)
         self._stop = threading.Event()
         self._wake = threading.Event()
+        # Held while a retry is claimed, done and counted: its row reads 'done' once the
+        # database commits, before the count moves (wait_settled waits for both).
+        self._claiming = threading.Lock()
         self._conn: psycopg.Connection | None = None
         self._thread: threading.Thread | None = None
 
@@ -203,6 +206,10 @@ class Retrier:
 
     def _claim_one(self) -> bool:
         """Run one due retry; False when none is due."""
+        with self._claiming:
+            return self._claim_and_count()
+
+    def _claim_and_count(self) -> bool:
         conn = self._connection()
         with conn.transaction():
             row = conn.execute(CLAIM).fetchone()
@@ -264,7 +271,10 @@ class Retrier:
                     "SELECT count(*) FROM credit_retries WHERE status = 'pending'"
                 ).fetchone()
                 left = int(row[0]) if row else 0
-                if not left or time.monotonic() >= deadline:
+                if not left:
+                    with self._claiming:  # the last retry's count, after its commit
+                        return 0
+                if time.monotonic() >= deadline:
                     return left
                 self._wake.set()
                 time.sleep(0.05)
