@@ -66,8 +66,21 @@ def b_through_proxy(
         proxy.heal(reset=True)
 
 
+@pytest.mark.parametrize(
+    "after",
+    [
+        # while the writers run: the convergence wait's connection to B times out
+        "SELECT count(*) >= 1 FROM outbox",
+        # once A has every write: the wait is polling B on an open connection
+        "SELECT count(*) >= 100 FROM transfers",
+    ],
+    ids=["during the writes", "during the convergence wait"],
+)
 def test_a_database_that_stops_answering_names_it_and_the_run_still_prints_its_results(
-    settings: Settings, b_through_proxy: tuple[FaultProxy, dict[str, str]], tmp_path: Path
+    settings: Settings,
+    b_through_proxy: tuple[FaultProxy, dict[str, str]],
+    tmp_path: Path,
+    after: str,
 ) -> None:
     """B blackholed mid-run: the batch's results print, then one line naming B and its setting."""
     proxy, env = b_through_proxy
@@ -83,7 +96,7 @@ def test_a_database_that_stops_answering_names_it_and_the_run_still_prints_its_r
         "--concurrency",
         "2",
     )
-    run.wait_for(lambda: count_rows(settings.pg_a, "SELECT count(*) FROM outbox") >= 1, "A rows")
+    run.wait_for(lambda: count_rows(settings.pg_a, after) == 1, "A rows")
     proxy.blackhole()  # the writers only use A from here; the checks must reach B
     status = run.finish()
     assert status == 1, run.stdout + run.stderr

@@ -37,6 +37,7 @@ import psycopg
 from coordinator.errors import TwoPhaseCommitError
 from coordinator.events import get_logger
 from scenarios import events as ev
+from scenarios.answer_deadline import ANSWER_TIMEOUT, answered_within
 from scenarios.config import Settings
 from scenarios.outbox.batchjob import BatchConfig, BatchJob
 from scenarios.outbox.consumer import Consumer
@@ -300,6 +301,7 @@ def wait_converged(
     check: Callable[[], None] | None = None,
     consumer: str = "inbox",
     stop: threading.Event | None = None,
+    answer_timeout: float = ANSWER_TIMEOUT,
 ) -> set[str]:
     """Wait until B's inbox holds ``ids`` (default: every transfer in A); return what is missing.
 
@@ -311,20 +313,25 @@ def wait_converged(
     An empty set means converged: each of those transfers is credited in B and
     its message was consumed. ``check`` runs between polls (a Pipeline's
     :meth:`~Pipeline.check`: stop waiting for a consumer that has died).
+
+    A poll of B without an answer within ``answer_timeout`` seconds raises
+    ``psycopg.errors.ConnectionTimeout`` (scenarios.answer_deadline): B stopped
+    answering, and the wait says so instead of hanging.
     """
     wanted = set(ids) if ids is not None else set(transfer_amounts(settings.pg_a))
     deadline = time.monotonic() + timeout
     pause = stop if stop is not None else threading.Event()
     with psycopg.connect(settings.pg_b, autocommit=True) as conn:
         while True:
-            missing = wanted - {
-                row[0]
-                for row in conn.execute(
-                    f"SELECT transfer_id FROM {_applied_table(consumer)} "
-                    "WHERE transfer_id = ANY(%s)",
-                    (list(wanted),),
-                )
-            }
+            with answered_within(conn, answer_timeout):  # B stopped answering: say so
+                missing = wanted - {
+                    row[0]
+                    for row in conn.execute(
+                        f"SELECT transfer_id FROM {_applied_table(consumer)} "
+                        "WHERE transfer_id = ANY(%s)",
+                        (list(wanted),),
+                    )
+                }
             if not missing or time.monotonic() >= deadline:
                 return missing
             if check is not None:

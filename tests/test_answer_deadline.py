@@ -1,0 +1,99 @@
+"""A query on an open connection to a database that stops answering ends with an error naming it.
+
+Database B sits behind a fault proxy; its blackhole holds every byte, as a
+network partition does, so a query already sent never gets its answer.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import time
+from collections.abc import Iterator
+
+import psycopg
+import pytest
+from psycopg import errors as pg_errors
+
+from scenarios.answer_deadline import QUERY_TIMEOUT, answered_within
+from scenarios.cli.errors import explain
+from scenarios.config import Settings
+from scenarios.lab.proxy import FaultProxy
+from scenarios.outbox.pipeline import wait_converged
+
+pytestmark = pytest.mark.lab
+
+
+@pytest.fixture
+def b_proxy(settings: Settings) -> Iterator[tuple[FaultProxy, str]]:
+    """A fault proxy in front of database B, and a connection string through it."""
+    info = psycopg.conninfo.conninfo_to_dict(settings.pg_b)
+    with FaultProxy(f"{info['host']}:{info['port']}", name="pg-b") as proxy:
+        dsn = psycopg.conninfo.make_conninfo(
+            settings.pg_b, host="127.0.0.1", port=proxy.port, connect_timeout=2
+        )
+        yield proxy, dsn
+        proxy.heal(reset=True)
+
+
+def test_a_query_without_an_answer_raises_connection_timeout(
+    b_proxy: tuple[FaultProxy, str],
+) -> None:
+    """Blackholed after connecting: the query raises ConnectionTimeout, caused by the shut socket."""
+    proxy, dsn = b_proxy
+    with psycopg.connect(dsn, autocommit=True) as conn:
+        proxy.blackhole()
+        with pytest.raises(pg_errors.ConnectionTimeout) as raised, answered_within(conn, 0.5):
+            conn.execute("SELECT 1")
+    assert str(raised.value).startswith(f"{QUERY_TIMEOUT}: no answer within 0.5 s")
+    assert isinstance(raised.value.__cause__, psycopg.OperationalError)
+
+
+def test_a_query_that_answers_leaves_the_connection_usable_after_the_bound(
+    b_proxy: tuple[FaultProxy, str],
+) -> None:
+    """The bound passes after the block ended: the connection still answers, nothing was shut."""
+    _, dsn = b_proxy
+    with psycopg.connect(dsn, autocommit=True) as conn:
+        with answered_within(conn, 0.2):
+            assert conn.execute("SELECT 1").fetchone() == (1,)
+        time.sleep(0.5)
+        assert conn.execute("SELECT 2").fetchone() == (2,)
+
+
+def test_an_error_of_the_query_itself_passes_through(b_proxy: tuple[FaultProxy, str]) -> None:
+    """A statement that fails within the bound raises its own error, not ConnectionTimeout."""
+    _, dsn = b_proxy
+    with (
+        psycopg.connect(dsn, autocommit=True) as conn,
+        pytest.raises(pg_errors.UndefinedTable),
+        answered_within(conn, 5.0),
+    ):
+        conn.execute("SELECT * FROM no_such_table")
+
+
+def test_the_convergence_wait_names_b_when_b_stops_answering_mid_wait(
+    settings: Settings, b_proxy: tuple[FaultProxy, str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """B blackholed between two polls: the wait raises, and the CLI's line names B and lab up."""
+    proxy, dsn = b_proxy
+    monkeypatch.setenv("TWOPC_PG_B", dsn)  # the CLI's probe finds B behind the proxy
+    through_proxy = dataclasses.replace(settings, pg_b=dsn)
+    polls: list[int] = []
+
+    def blackhole_after_first_poll() -> None:
+        polls.append(1)
+        proxy.blackhole()
+
+    with pytest.raises(pg_errors.ConnectionTimeout) as raised:
+        wait_converged(
+            through_proxy,
+            {"never-committed"},
+            timeout=60.0,
+            check=blackhole_after_first_poll,
+            answer_timeout=1.0,
+        )
+    assert polls == [1]
+    line = explain(raised.value)
+    assert line is not None
+    for word in ("cannot connect to database b", "TWOPC_PG_B", QUERY_TIMEOUT, "twopc lab up"):
+        assert word in line, line
