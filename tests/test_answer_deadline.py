@@ -38,7 +38,7 @@ def b_proxy(settings: Settings) -> Iterator[tuple[FaultProxy, str]]:
 def test_a_query_without_an_answer_raises_connection_timeout(
     b_proxy: tuple[FaultProxy, str],
 ) -> None:
-    """Blackholed after connecting: the query raises ConnectionTimeout, caused by the shut socket."""
+    """Blackholed once connected: the query raises ConnectionTimeout, caused by the shut socket."""
     proxy, dsn = b_proxy
     with psycopg.connect(dsn, autocommit=True) as conn:
         proxy.blackhole()
