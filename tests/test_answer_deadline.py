@@ -54,9 +54,9 @@ def test_a_query_that_answers_leaves_the_connection_usable_after_the_bound(
     """The bound passes after the block ended: the connection still answers, nothing was shut."""
     _, dsn = b_proxy
     with psycopg.connect(dsn, autocommit=True) as conn:
-        with answered_within(conn, 0.2):
+        with answered_within(conn, 3.0):  # seconds: a loaded machine's query is slow
             assert conn.execute("SELECT 1").fetchone() == (1,)
-        time.sleep(0.5)
+        time.sleep(3.3)
         assert conn.execute("SELECT 2").fetchone() == (2,)
 
 
@@ -90,7 +90,7 @@ def test_the_convergence_wait_names_b_when_b_stops_answering_mid_wait(
             {"never-committed"},
             timeout=60.0,
             check=blackhole_after_first_poll,
-            answer_timeout=1.0,
+            answer_timeout=5.0,  # the first poll answers within it on a loaded machine
         )
     assert polls == [1]
     line = explain(raised.value)
