@@ -77,7 +77,7 @@ def test_the_convergence_wait_names_b_when_b_stops_answering_mid_wait(
 ) -> None:
     """B blackholed between two polls: the wait raises, and the CLI's line names B and lab up."""
     proxy, dsn = b_proxy
-    recover_and_reset(settings, accounts=10, balance=100)  # B's inbox, which the wait reads
+    recover_and_reset(settings)  # the scenario's tables (B's inbox, which the wait reads)
     monkeypatch.setenv("TWOPC_PG_B", dsn)  # the CLI's probe finds B behind the proxy
     through_proxy = dataclasses.replace(settings, pg_b=dsn)
     polls: list[int] = []
