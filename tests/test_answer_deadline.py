@@ -6,6 +6,7 @@ network partition does, so a query already sent never gets its answer.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import time
 from collections.abc import Iterator
@@ -24,16 +25,23 @@ from scenarios.transfer.model import recover_and_reset
 pytestmark = pytest.mark.lab
 
 
+@contextlib.contextmanager
+def proxied(dsn: str, name: str) -> Iterator[tuple[FaultProxy, str]]:
+    """A fault proxy in front of the database of ``dsn``, and a connection string through it."""
+    info = psycopg.conninfo.conninfo_to_dict(dsn)
+    with FaultProxy(f"{info['host']}:{info['port']}", name=name) as proxy:
+        through = psycopg.conninfo.make_conninfo(
+            dsn, host="127.0.0.1", port=proxy.port, connect_timeout=2
+        )
+        yield proxy, through
+        proxy.heal(reset=True)
+
+
 @pytest.fixture
 def b_proxy(settings: Settings) -> Iterator[tuple[FaultProxy, str]]:
     """A fault proxy in front of database B, and a connection string through it."""
-    info = psycopg.conninfo.conninfo_to_dict(settings.pg_b)
-    with FaultProxy(f"{info['host']}:{info['port']}", name="pg-b") as proxy:
-        dsn = psycopg.conninfo.make_conninfo(
-            settings.pg_b, host="127.0.0.1", port=proxy.port, connect_timeout=2
-        )
-        yield proxy, dsn
-        proxy.heal(reset=True)
+    with proxied(settings.pg_b, "pg-b") as proxy_and_dsn:
+        yield proxy_and_dsn
 
 
 def test_a_query_without_an_answer_raises_connection_timeout(
@@ -98,4 +106,36 @@ def test_the_convergence_wait_names_b_when_b_stops_answering_mid_wait(
     line = explain(raised.value)
     assert line is not None
     for word in ("cannot connect to database b", "TWOPC_PG_B", QUERY_TIMEOUT, "twopc lab up"):
+        assert word in line, line
+
+
+def test_the_convergence_wait_names_a_when_a_stops_answering_mid_wait(
+    settings: Settings, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """No ids given, A blackholed between two polls: the wait raises, the CLI's line names A."""
+    recover_and_reset(settings)  # the scenario's tables (A's transfers, B's inbox)
+    with psycopg.connect(settings.pg_a, autocommit=True) as conn:  # one B never credits
+        conn.execute("INSERT INTO transfers (transfer_id, amount) VALUES ('never-credited', 1)")
+    try:
+        with proxied(settings.pg_a, "pg-a") as (proxy, dsn):
+            monkeypatch.setenv("TWOPC_PG_A", dsn)  # the CLI's probe finds A behind the proxy
+            polls: list[int] = []
+
+            def blackhole_after_first_poll() -> None:
+                polls.append(1)
+                proxy.blackhole()
+
+            with pytest.raises(pg_errors.ConnectionTimeout) as raised:
+                wait_converged(
+                    dataclasses.replace(settings, pg_a=dsn),
+                    timeout=60.0,
+                    check=blackhole_after_first_poll,
+                    answer_timeout=5.0,  # the first poll answers within it on a loaded machine
+                )
+            assert polls == [1]
+            line = explain(raised.value)
+    finally:
+        recover_and_reset(settings)  # the transfer without its debit goes
+    assert line is not None
+    for word in ("cannot connect to database a", "TWOPC_PG_A", QUERY_TIMEOUT, "twopc lab up"):
         assert word in line, line

@@ -22,6 +22,7 @@ the worker.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import signal
 import subprocess
@@ -44,7 +45,6 @@ from scenarios.outbox.consumer import Consumer
 from scenarios.outbox.deadletter import one_line
 from scenarios.outbox.relay import Relay, RelayConfig, make_relay
 from scenarios.outbox.relay_modes import RelayMode
-from scenarios.transfer.invariants import transfer_amounts
 
 
 class WorkerFailed(TwoPhaseCommitError):
@@ -314,15 +314,22 @@ def wait_converged(
     its message was consumed. ``check`` runs between polls (a Pipeline's
     :meth:`~Pipeline.check`: stop waiting for a consumer that has died).
 
-    A poll of B without an answer within ``answer_timeout`` seconds raises
-    ``psycopg.errors.ConnectionTimeout`` (scenarios.answer_deadline): B stopped
-    answering, and the wait says so instead of hanging.
+    A poll of A or B without an answer within ``answer_timeout`` seconds raises
+    ``psycopg.errors.ConnectionTimeout`` (scenarios.answer_deadline): the
+    database stopped answering, and the wait says so instead of hanging.
     """
-    wanted = set(ids) if ids is not None else set(transfer_amounts(settings.pg_a))
     deadline = time.monotonic() + timeout
     pause = stop if stop is not None else threading.Event()
-    with psycopg.connect(settings.pg_b, autocommit=True) as conn:
+    with contextlib.ExitStack() as open_connections:
+        conn = open_connections.enter_context(psycopg.connect(settings.pg_b, autocommit=True))
+        a = None  # A's connection, when A's transfers are what is wanted
+        if ids is None:
+            a = open_connections.enter_context(psycopg.connect(settings.pg_a, autocommit=True))
+        wanted = set(ids) if ids is not None else set()
         while True:
+            if a is not None:  # A may still be committing: take its newest rows too
+                with answered_within(a, answer_timeout):  # A stopped answering: say so
+                    wanted |= {row[0] for row in a.execute("SELECT transfer_id FROM transfers")}
             with answered_within(conn, answer_timeout):  # B stopped answering: say so
                 missing = wanted - {
                     row[0]
@@ -338,8 +345,6 @@ def wait_converged(
                 check()
             if pause.wait(interval):
                 return missing
-            if ids is None:  # A may still be committing: take its newest rows too
-                wanted |= transfer_amounts(settings.pg_a).keys()
 
 
 def _applied_table(consumer: str) -> str:
