@@ -80,14 +80,10 @@ def test_an_error_of_the_query_itself_passes_through(b_proxy: tuple[FaultProxy, 
         conn.execute("SELECT * FROM no_such_table")
 
 
-def test_the_convergence_wait_names_b_when_b_stops_answering_mid_wait(
-    settings: Settings, b_proxy: tuple[FaultProxy, str], monkeypatch: pytest.MonkeyPatch
-) -> None:
-    """B blackholed between two polls: the wait raises, and the CLI's line names B and lab up."""
-    proxy, dsn = b_proxy
-    recover_and_reset(settings)  # the scenario's tables (B's inbox, which the wait reads)
-    monkeypatch.setenv("TWOPC_PG_B", dsn)  # the CLI's probe finds B behind the proxy
-    through_proxy = dataclasses.replace(settings, pg_b=dsn)
+def line_when_blackholed_mid_wait(
+    settings: Settings, proxy: FaultProxy, ids: set[str] | None
+) -> str | None:
+    """The CLI's line for the wait's error, the proxy blackholed after its first poll."""
     polls: list[int] = []
 
     def blackhole_after_first_poll() -> None:
@@ -96,14 +92,25 @@ def test_the_convergence_wait_names_b_when_b_stops_answering_mid_wait(
 
     with pytest.raises(pg_errors.ConnectionTimeout) as raised:
         wait_converged(
-            through_proxy,
-            {"never-committed"},
+            settings,
+            ids,
             timeout=60.0,
             check=blackhole_after_first_poll,
             answer_timeout=5.0,  # the first poll answers within it on a loaded machine
         )
     assert polls == [1]
-    line = explain(raised.value)
+    return explain(raised.value)
+
+
+def test_the_convergence_wait_names_b_when_b_stops_answering_mid_wait(
+    settings: Settings, b_proxy: tuple[FaultProxy, str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """B blackholed between two polls: the wait raises, and the CLI's line names B and lab up."""
+    proxy, dsn = b_proxy
+    recover_and_reset(settings)  # the scenario's tables (B's inbox, which the wait reads)
+    monkeypatch.setenv("TWOPC_PG_B", dsn)  # the CLI's probe finds B behind the proxy
+    through_proxy = dataclasses.replace(settings, pg_b=dsn)
+    line = line_when_blackholed_mid_wait(through_proxy, proxy, {"never-committed"})
     assert line is not None
     for word in ("cannot connect to database b", "TWOPC_PG_B", QUERY_TIMEOUT, "twopc lab up"):
         assert word in line, line
@@ -119,21 +126,8 @@ def test_the_convergence_wait_names_a_when_a_stops_answering_mid_wait(
     try:
         with proxied(settings.pg_a, "pg-a") as (proxy, dsn):
             monkeypatch.setenv("TWOPC_PG_A", dsn)  # the CLI's probe finds A behind the proxy
-            polls: list[int] = []
-
-            def blackhole_after_first_poll() -> None:
-                polls.append(1)
-                proxy.blackhole()
-
-            with pytest.raises(pg_errors.ConnectionTimeout) as raised:
-                wait_converged(
-                    dataclasses.replace(settings, pg_a=dsn),
-                    timeout=60.0,
-                    check=blackhole_after_first_poll,
-                    answer_timeout=5.0,  # the first poll answers within it on a loaded machine
-                )
-            assert polls == [1]
-            line = explain(raised.value)
+            through_proxy = dataclasses.replace(settings, pg_a=dsn)
+            line = line_when_blackholed_mid_wait(through_proxy, proxy, None)
     finally:
         recover_and_reset(settings)  # the transfer without its debit goes
     assert line is not None
