@@ -9,9 +9,9 @@ hang the command instead of saying which database stopped answering.
 :func:`answered_within` gives the statements run inside it ``seconds`` to come
 back. When they do not, it shuts the connection's socket down; libpq then sees
 the connection closed and the statement raises, and :func:`answered_within`
-raises :class:`psycopg.errors.ConnectionTimeout` in its place (the CLI names
-the database that does not answer, its setting and ``twopc lab up``). The
-connection is broken afterwards: the caller closes it.
+raises :class:`QueryTimeout` (a :class:`psycopg.errors.ConnectionTimeout`) in
+its place (the CLI names the database that does not answer, its setting and
+``twopc lab up``). The connection is broken afterwards: the caller closes it.
 """
 
 from __future__ import annotations
@@ -26,11 +26,15 @@ from typing import Any
 import psycopg
 from psycopg import errors as pg_errors
 
-#: How the error's message starts (the CLI tells it from a connect_timeout).
+#: How the error's message starts.
 QUERY_TIMEOUT = "query timeout"
 
 #: Seconds a poll's query waits for its answer: far above a healthy query's milliseconds.
 ANSWER_TIMEOUT = 10.0
+
+
+class QueryTimeout(pg_errors.ConnectionTimeout):
+    """A query on an open connection got no answer in time (not a connect_timeout)."""
 
 
 @contextlib.contextmanager
@@ -62,7 +66,7 @@ def answered_within(conn: psycopg.Connection[Any], seconds: float) -> Iterator[N
         with lock:
             expired = state["expired"]
         if expired:
-            raise pg_errors.ConnectionTimeout(
+            raise QueryTimeout(
                 f"{QUERY_TIMEOUT}: no answer within {seconds:g} s on a connection that was open"
             ) from exc
         raise

@@ -15,7 +15,7 @@ import psycopg
 import pytest
 from psycopg import errors as pg_errors
 
-from scenarios.answer_deadline import QUERY_TIMEOUT, answered_within
+from scenarios.answer_deadline import QUERY_TIMEOUT, QueryTimeout, answered_within
 from scenarios.cli.errors import explain
 from scenarios.config import Settings
 from scenarios.lab.proxy import FaultProxy
@@ -54,6 +54,7 @@ def test_a_query_without_an_answer_raises_connection_timeout(
         with pytest.raises(pg_errors.ConnectionTimeout) as raised, answered_within(conn, 0.5):
             conn.execute("SELECT 1")
     assert str(raised.value).startswith(f"{QUERY_TIMEOUT}: no answer within 0.5 s")
+    assert isinstance(raised.value, QueryTimeout)
     assert isinstance(raised.value.__cause__, psycopg.OperationalError)
 
 

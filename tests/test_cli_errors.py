@@ -15,6 +15,8 @@ import psycopg
 import pytest
 
 from coordinator.errors import ConfigurationError
+from scenarios.answer_deadline import QueryTimeout
+from scenarios.cli import errors as cli_errors
 from scenarios.cli.errors import explain, redact
 from scenarios.config import Settings
 from scenarios.log_setup import configure as configure_logging
@@ -241,3 +243,21 @@ def test_a_lock_timeout_says_what_holds_the_lock_and_what_to_run() -> None:
     assert line.startswith("PostgreSQL: canceling statement due to lock timeout: ")
     for command in ("'twopc indoubt'", "'twopc recover'", "'twopc recover --dead'"):
         assert command in line
+
+
+def test_a_query_timeout_is_not_worded_as_a_connect_timeout(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """QueryTimeout (a query on an open connection) is told from a connect timeout by its
+    type: only the connect timeout's line adds 'no answer within its connect_timeout'."""
+    monkeypatch.setattr(cli_errors, "_database_not_answering", lambda: None)
+    query = explain(QueryTimeout("no answer within 10 s on a connection that was open"))
+    connect = explain(psycopg.errors.ConnectionTimeout("connection timeout expired"))
+    assert query == (
+        "cannot connect to PostgreSQL: no answer within 10 s on a connection that was open; "
+        "run 'twopc lab up' or check TWOPC_PG_A and TWOPC_PG_B"
+    )
+    assert connect == (
+        "cannot connect to PostgreSQL: connection timeout expired (no answer within its "
+        "connect_timeout); run 'twopc lab up' or check TWOPC_PG_A and TWOPC_PG_B"
+    )

@@ -19,7 +19,7 @@ from psycopg import errors as pg_errors
 
 from coordinator.errors import TwoPhaseCommitError
 from participants.postgres import describe_dsn
-from scenarios.answer_deadline import QUERY_TIMEOUT
+from scenarios.answer_deadline import QueryTimeout
 from scenarios.config_values import redact as redact
 from scenarios.transfer.batch import BatchFailed
 
@@ -66,7 +66,7 @@ def _explain_database_error(exc: psycopg.Error) -> str:
     if isinstance(exc, pg_errors.ConnectionTimeout):
         if exc.pgconn is None:  # no session to ask: find the database that does not answer
             where, setting = _database_not_answering() or (where, setting)
-        if not reason.startswith(QUERY_TIMEOUT):  # else: a query on an open connection
+        if not isinstance(exc, QueryTimeout):  # else: a query on an open connection
             reason = f"{reason} (no answer within its connect_timeout)"
     if isinstance(exc, pg_errors.ConnectionTimeout) or (
         isinstance(exc, psycopg.OperationalError)

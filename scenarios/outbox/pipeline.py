@@ -315,7 +315,7 @@ def wait_converged(
     :meth:`~Pipeline.check`: stop waiting for a consumer that has died).
 
     A poll of A or B without an answer within ``answer_timeout`` seconds raises
-    ``psycopg.errors.ConnectionTimeout`` (scenarios.answer_deadline): the
+    :class:`~scenarios.answer_deadline.QueryTimeout` (a ConnectionTimeout): the
     database stopped answering, and the wait says so instead of hanging.
     """
     deadline = time.monotonic() + timeout
