@@ -45,6 +45,7 @@ from scenarios.outbox.consumer import Consumer
 from scenarios.outbox.deadletter import one_line
 from scenarios.outbox.relay import Relay, RelayConfig, make_relay
 from scenarios.outbox.relay_modes import RelayMode
+from scenarios.transfer.invariants import amounts_on
 
 
 class WorkerFailed(TwoPhaseCommitError):
@@ -325,18 +326,21 @@ def wait_converged(
         a = None  # A's connection, when A's transfers are what is wanted
         if ids is None:
             a = open_connections.enter_context(psycopg.connect(settings.pg_a, autocommit=True))
-        wanted = set(ids) if ids is not None else set()
+        missing = set(ids) if ids is not None else set()
+        seen: set[str] = set()  # every id wanted so far; B is asked only for the missing
         while True:
             if a is not None:  # A may still be committing: take its newest rows too
                 with answered_within(a, answer_timeout):  # A stopped answering: say so
-                    wanted |= {row[0] for row in a.execute("SELECT transfer_id FROM transfers")}
+                    newest = amounts_on(a).keys() - seen
+                seen |= newest
+                missing |= newest
             with answered_within(conn, answer_timeout):  # B stopped answering: say so
-                missing = wanted - {
+                missing -= {
                     row[0]
                     for row in conn.execute(
                         f"SELECT transfer_id FROM {_applied_table(consumer)} "
                         "WHERE transfer_id = ANY(%s)",
-                        (list(wanted),),
+                        (list(missing),),
                     )
                 }
             if not missing or time.monotonic() >= deadline:

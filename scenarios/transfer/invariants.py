@@ -193,9 +193,13 @@ def atomicity_violations(
 def transfer_amounts(dsn: str) -> dict[str, int]:
     """transfer id -> amount of every row in the database's ``transfers`` table."""
     with psycopg.connect(dsn) as conn:
-        return {
-            row[0]: int(row[1]) for row in conn.execute("SELECT transfer_id, amount FROM transfers")
-        }
+        return amounts_on(conn)
+
+
+def amounts_on(conn: psycopg.Connection[Any]) -> dict[str, int]:
+    """:func:`transfer_amounts` read on an open connection."""
+    rows = conn.execute("SELECT transfer_id, amount FROM transfers")
+    return {row[0]: int(row[1]) for row in rows}
 
 
 def balance_sum(dsn: str) -> int:
