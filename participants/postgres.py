@@ -38,9 +38,8 @@ from datetime import datetime
 from typing import Any, LiteralString, Protocol, TypeVar
 
 import psycopg
-from psycopg import adapt, generators, pq
 from psycopg import errors as pg_errors
-from psycopg._queries import PostgresClientQuery
+from psycopg import generators, pq
 
 from coordinator.compat import Lock, matches_api
 from coordinator.errors import (
@@ -57,6 +56,14 @@ from coordinator.metrics import PreparedCapacity
 from coordinator.states import Vote
 from coordinator.xid import Xid
 from participants import events as ev
+from participants.pg_statements import (
+    UNKNOWN_STATEMENT,
+    Deferred,
+    Key,
+    Prepared,
+    convert,
+    prepared_on,
+)
 from participants.pg_vote import (
     branch_ended,
     ended_by,
@@ -154,15 +161,9 @@ def send_command(conn: psycopg.Connection[Any], command: bytes) -> None:
     conn.pgconn.send_query(command)
 
 
-def bind(conn: psycopg.Connection[Any], query: Any, params: Any) -> bytes:
-    """``query`` with ``params`` merged into it, in the connection's encoding: what
-    ``ClientCursor.mogrify`` returns (the same adaptation of every type, ``%s`` and
-    ``%(name)s`` placeholders, the same errors), without a cursor made and its text
-    decoded and encoded again for each statement (tests/test_pg_bind.py checks the two
-    agree)."""
-    bound = PostgresClientQuery(adapt.Transformer(conn))
-    bound.convert(query, params)
-    return bound.query
+def succeeded(results: list[pq.abc.PGresult]) -> bool:
+    """The command succeeded (a Parse, or a statement with no rows)."""
+    return bool(results) and results[-1].status == pq.ExecStatus.COMMAND_OK
 
 
 def raise_failed(results: list[pq.abc.PGresult], conn: psycopg.Connection[Any]) -> None:
@@ -235,6 +236,7 @@ class PostgresResource:
         pool_size: int = 40,
         connect_timeout: float = 5.0,
         application_name: str | None = None,
+        prepare_threshold: int | None = 5,
     ) -> None:
         self._name = name
         self._pool: ConnectionPoolLike | None = None
@@ -264,6 +266,10 @@ class PostgresResource:
         self.setting = setting or f"TWOPC_PG_{name.upper()}"
         self.pool_size = pool_size
         self.connect_timeout = connect_timeout
+        # psycopg's setting, for the connections opened here: the uses of a deferred
+        # statement on a connection before it is prepared on the server; None: never
+        # (behind PgBouncer in transaction mode, say). docs/design.md §2.
+        self.prepare_threshold = prepare_threshold
         self._idle: list[psycopg.Connection[Any]] = []  # the last released on top
         self._checked = False
         self._admin: psycopg.Connection[Any] | None = None
@@ -287,6 +293,7 @@ class PostgresResource:
                 autocommit=autocommit,
                 connect_timeout=int(self.connect_timeout),
                 application_name=self.application_name,  # None: libpq's default
+                prepare_threshold=self.prepare_threshold,
             )
         except psycopg.OperationalError as exc:
             raise ParticipantUnavailable(
@@ -360,6 +367,12 @@ class PostgresResource:
             conn.close()
             if self._pool is not None:
                 self._release(conn)  # the pool replaces a closed one
+
+    def prepared_statements(self, conn: psycopg.Connection[Any]) -> Prepared | None:
+        """The record of the statements branches prepared on ``conn``; None where they
+        prepare none: a connection of the application's pool, whose reset (DISCARD ALL)
+        the resource would not see, or one whose ``prepare_threshold`` is None."""
+        return None if self._pool is not None else prepared_on(conn)
 
     def _release(self, conn: psycopg.Connection[Any]) -> None:
         healthy = conn.pgconn.transaction_status == pq.TransactionStatus.IDLE  # not closed
@@ -526,8 +539,11 @@ class PostgresBranch:
         self._rollback_command = b"ROLLBACK PREPARED '" + gid + b"'"
         self._in_flight: bytes | None = None  # a command sent, its answer not yet read
         self._send_error: psycopg.Error | None = None
-        self._deferred: list[bytes] = [BEGIN]  # BEGIN, then defer()'s, not sent yet
-        self._pipelined = 0  # work statements sent in pipeline mode, their answers unread
+        self._deferred: list[bytes | Deferred] = [BEGIN]  # BEGIN, then defer()'s, not sent yet
+        # What was sent in pipeline mode, its answers unread: per answer, the key of a
+        # statement prepared there (its Parse's answer) or None (a statement's).
+        self._pipelined: list[Key | None] = []
+        self._statements = resource.prepared_statements(conn)
         self._wrote = False
         self._prepared = False
         self._maybe_prepared = False  # PREPARE was sent: the server may hold the branch
@@ -579,16 +595,19 @@ class PostgresBranch:
         or one-phase COMMIT), with the next :meth:`execute`, or at :meth:`flush`, and
         nothing waits for its answer until then.
 
-        Its parameters are bound here, on the client side. A failure of the
-        statement shows when its answer is read: at :meth:`flush` or
-        :meth:`execute` it is raised, at prepare the branch votes NO naming it.
-        One statement per call; transaction control (COMMIT, ROLLBACK, BEGIN,
-        PREPARE TRANSACTION) is refused: run it with :meth:`execute`.
+        Its parameters are converted here, as ``Cursor.execute`` converts them (a
+        wrong call raises psycopg's error at once), and bound by the server; a
+        statement deferred often is prepared on the server (docs/design.md §2,
+        "Prepared statements"). A failure of the statement shows when its answer
+        is read: at :meth:`flush` or :meth:`execute` it is raised, at prepare the
+        branch votes NO naming it. One statement per call; transaction control
+        (COMMIT, ROLLBACK, BEGIN, PREPARE TRANSACTION) is refused: run it with
+        :meth:`execute`.
         """
         self._check_takes_work()
-        statement = bind(self.conn, query, params)
-        if _TRANSACTION_CONTROL.match(statement):
-            word = statement.split(None, 1)[0].decode(errors="replace").upper()
+        statement = convert(self.conn, query, params)
+        if _TRANSACTION_CONTROL.match(statement.query):
+            word = statement.query.split(None, 1)[0].decode(errors="replace").upper()
             raise InvalidTransition(
                 f"PostgreSQL {self.name!r}, transaction {self._xid.gtrid}: defer() takes the "
                 f"branch's work, not transaction control ({word}); run it with execute()"
@@ -713,36 +732,71 @@ class PostgresBranch:
         statements, self._deferred = self._deferred, []
         pgconn = self.conn.pgconn
         pgconn.enter_pipeline_mode()
+        sent: list[Key | None] = []
         for statement in statements:
-            pgconn.send_query_params(statement, None)
+            if isinstance(statement, bytes):
+                pgconn.send_query_params(statement, None)
+            else:
+                self._send_deferred(statement, sent)
+            sent.append(None)
         if command is not None:
             pgconn.send_query_params(command, None)
         pgconn.pipeline_sync()
-        self._pipelined = len(statements)
+        self._pipelined = sent
+
+    def _send_deferred(self, statement: Deferred, sent: list[Key | None]) -> None:
+        """Send a deferred statement: by its name if it is prepared on the connection,
+        after its Parse if it is due to be (that answer's key added to ``sent``), else
+        unnamed, as ``Cursor.execute`` sends it."""
+        pgconn = self.conn.pgconn
+        key = statement.key
+        name, parse = (None, False) if self._statements is None else self._statements.name_for(key)
+        if name is None:
+            pgconn.send_query_params(
+                statement.query,
+                statement.params,
+                param_types=statement.types,
+                param_formats=statement.formats,
+            )
+            return
+        if parse:
+            pgconn.send_prepare(name, statement.query, param_types=statement.types)
+            sent.append(key)
+        pgconn.send_query_prepared(name, statement.params, param_formats=statement.formats)
 
     def _read_pipeline(self) -> list[pq.abc.PGresult]:
         """Read the answers to the pipeline sent last: the work's (the first error is
         kept as the branch's failure and raised), then the command's results, if a
         command went with it, then the Sync's."""
-        count, self._pipelined = self._pipelined, 0
+        sent, self._pipelined = self._pipelined, []
         command = self._in_flight is not None
         pgconn = self.conn.pgconn
         try:
             if pgconn.flush():  # the Sync flushed all unless the socket was full
                 self.conn.wait(generators.send(pgconn))
-            work = [self.conn.wait(generators.fetch_many(pgconn)) for _ in range(count)]
+            work = [self.conn.wait(generators.fetch_many(pgconn)) for _ in sent]
             answer = self.conn.wait(generators.fetch_many(pgconn)) if command else []
             self.conn.wait(generators.fetch_many(pgconn))  # the Sync's
             pgconn.exit_pipeline_mode()
         except psycopg.Error as exc:
             self.failure = self.failure or exc
+            if self._statements is not None:
+                self._statements.forget()  # which Parse ran is unknown
             raise
-        for results in work:
+        if self._statements is not None:
+            for parsed, results in zip(sent, work, strict=True):
+                if parsed is not None and not succeeded(results):
+                    self._statements.failed(parsed)  # it failed, or an error skipped it
+        for parsed, results in zip(sent, work, strict=True):
             try:
                 raise_failed(results, self.conn)
             except psycopg.Error as error:
                 self.failure = error
+                if error.sqlstate == UNKNOWN_STATEMENT and self._statements is not None:
+                    self._statements.forget()  # the work dropped them (DEALLOCATE ALL)
                 raise
+            if parsed is not None:
+                continue  # a Parse's answer: not the work's
             tag = results[-1].command_status if results else None
             if tag and not self._wrote and tag.decode().startswith(_WRITE_TAGS):
                 self._wrote = True
@@ -987,7 +1041,7 @@ class PostgresBranch:
         if command is None and not self._pipelined:
             return
         if self.conn.closed or self.conn.broken:
-            self._in_flight, self._pipelined = None, 0
+            self._in_flight, self._pipelined = None, []
             return
         try:
             if self.conn.pgconn.pipeline_status != pq.PipelineStatus.OFF:
@@ -997,7 +1051,7 @@ class PostgresBranch:
         except psycopg.Error:
             return  # a failed PREPARE rolled the transaction back; a failed COMMIT left it
         finally:
-            self._in_flight, self._pipelined = None, 0
+            self._in_flight, self._pipelined = None, []
         if command == self._prepare_command:
             self._prepared = self._wrong_prepare_answer(tag) is None
         elif command == self._commit_command:

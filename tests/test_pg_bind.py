@@ -1,11 +1,10 @@
-"""A deferred statement is bound on the client as ``ClientCursor.mogrify`` binds it (sync and
-asyncio): the same bytes for every parameter type and placeholder style, in the connection's
-encoding, and the same errors; deferred work with each style commits, a bad one fails as
-before."""
+"""A deferred statement is converted as ``Cursor.execute`` converts it and bound by the server
+(sync and asyncio): the same statement, parameters, types and formats for every parameter type
+and placeholder style, in the connection's encoding, and the same errors; deferred work with
+each type and style commits, a bad one fails as before."""
 
 from __future__ import annotations
 
-import asyncio
 import datetime as dt
 import uuid
 from collections.abc import Iterator
@@ -14,13 +13,12 @@ from typing import Any
 
 import psycopg
 import pytest
-from psycopg import sql
+from psycopg import generators, pq, sql
 from psycopg.types.json import Json, Jsonb
 
 from coordinator import Outcome
 from coordinator.errors import InvalidTransition
-from participants import postgres as sync_postgres
-from participants.aio import postgres as aio_postgres
+from participants import pg_statements
 from scenarios.config import Settings
 from tests.test_vote import INSERT, TABLE, assert_nothing_prepared, count
 from tests.test_vote import coordinator as coordinator
@@ -71,59 +69,78 @@ def conn(request: pytest.FixtureRequest, settings: Settings) -> Iterator[psycopg
         yield connection
 
 
-def _mogrified(conn: psycopg.Connection[Any], query: Any, params: Any) -> bytes:
-    return psycopg.ClientCursor(conn).mogrify(query, params).encode(conn.info.encoding)
-
-
-def _aio_bind(settings: Settings, encoding: str, query: Any, params: Any) -> bytes:
-    async def run() -> bytes:
-        async with await psycopg.AsyncConnection.connect(settings.pg_a) as aconn:
-            await aconn.execute(f"SET client_encoding TO {encoding}")
-            return aio_postgres.bind(aconn, query, params)
-
-    return asyncio.run(run())
-
-
 def _latin1_safe(params: Any) -> bool:
     values = params.values() if isinstance(params, dict) else (params or ())
     return all(not isinstance(v, str) or v.isascii() for v in values)
 
 
+def _row(result: pq.abc.PGresult) -> list[bytes | None]:
+    """The first row of ``result`` as the server sent it."""
+    return [result.get_value(0, column) for column in range(result.nfields)]
+
+
 @pytest.mark.lab
 @pytest.mark.parametrize(("query", "params"), CASES)
-def test_bind_is_mogrify(conn: psycopg.Connection[Any], query: Any, params: Any) -> None:
-    """bind() gives mogrify's bytes in the connection's encoding, for each type and style."""
+def test_converted_statement_returns_what_execute_returns(
+    conn: psycopg.Connection[Any], query: Any, params: Any
+) -> None:
+    """The converted statement, bound by the server, returns the row Cursor.execute returns
+    (the server's own text of every value) or the same error, for each type and style, in
+    the connection's encoding."""
     if conn.info.encoding != "utf-8" and not _latin1_safe(params):
         pytest.skip("text outside LATIN1")
-    assert sync_postgres.bind(conn, query, params) == _mogrified(conn, query, params)
-
-
-@pytest.mark.lab
-def test_asyncio_bind_is_mogrify(settings: Settings) -> None:
-    """The asyncio bind() gives mogrify's bytes too, in UTF-8 and in LATIN1."""
-    with psycopg.connect(settings.pg_a) as plain:
-        for query, params in CASES:
-            assert _aio_bind(settings, "UTF8", query, params) == _mogrified(plain, query, params)
-        plain.execute("SET client_encoding TO LATIN1")
-        query, params = "SELECT %s", ("café",)
-        assert _aio_bind(settings, "LATIN1", query, params) == "SELECT 'café'".encode("latin1")
+    try:
+        cursor = conn.execute(query, params)
+    except psycopg.Error as exc:  # "my table" does not exist: the same error is expected
+        expected: Any = exc.sqlstate
+    else:
+        assert cursor.pgresult is not None
+        expected = _row(cursor.pgresult)
+    conn.rollback()
+    statement = pg_statements.convert(conn, query, params)
+    conn.pgconn.send_query_params(
+        statement.query, statement.params, statement.types, statement.formats
+    )
+    (result,) = conn.wait(generators.fetch_many(conn.pgconn))
+    if isinstance(expected, str):
+        assert result.error_field(pq.DiagnosticField.SQLSTATE) == expected.encode()
+    else:
+        assert result.status == pq.ExecStatus.TUPLES_OK, result.error_message
+        assert _row(result) == expected
 
 
 @pytest.mark.lab
 @pytest.mark.parametrize(("query", "params"), BAD)
-def test_bind_refuses_what_mogrify_refuses(
+def test_convert_refuses_what_execute_refuses(
     conn: psycopg.Connection[Any], query: Any, params: Any
 ) -> None:
-    """A wrong call raises mogrify's error, of the same type and with the same words."""
+    """A wrong call raises Cursor.execute's error, of the same type and with the same words,
+    before anything is sent."""
     try:
-        _mogrified(conn, query, params)
-    except Exception as exc:
+        conn.execute(query, params)
+    except psycopg.Error as exc:
         expected = exc
     else:
-        pytest.fail("mogrify took a wrong call")
+        pytest.fail("execute took a wrong call")
+    conn.rollback()
     with pytest.raises(type(expected)) as got:
-        sync_postgres.bind(conn, query, params)
+        pg_statements.convert(conn, query, params)
     assert str(got.value) == str(expected)
+
+
+#: The cases the server runs (the composed ones name a table and a column that do not exist).
+RUNNABLE = [(query, params) for query, params in CASES if not isinstance(query, sql.Composed)]
+
+
+@pytest.mark.lab
+@pytest.mark.parametrize(("query", "params"), RUNNABLE)
+def test_each_type_deferred_commits(coordinator: Any, query: Any, params: Any) -> None:
+    """A deferred statement with each parameter type and style runs in the branch, bound by
+    the server, and the transaction commits."""
+    tx = coordinator.begin()
+    tx.branch("a").defer(query, params)
+    tx.branch("a").defer(INSERT, (tx.gtrid, 1))
+    assert tx.commit() is Outcome.COMMITTED, tx.reason
 
 
 @pytest.mark.lab
