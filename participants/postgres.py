@@ -733,15 +733,20 @@ class PostgresBranch:
         pgconn = self.conn.pgconn
         pgconn.enter_pipeline_mode()
         sent: list[Key | None] = []
-        for statement in statements:
-            if isinstance(statement, bytes):
-                pgconn.send_query_params(statement, None)
-            else:
-                self._send_deferred(statement, sent)
-            sent.append(None)
-        if command is not None:
-            pgconn.send_query_params(command, None)
-        pgconn.pipeline_sync()
+        try:
+            for statement in statements:
+                if isinstance(statement, bytes):
+                    pgconn.send_query_params(statement, None)
+                else:
+                    self._send_deferred(statement, sent)
+                sent.append(None)
+            if command is not None:
+                pgconn.send_query_params(command, None)
+            pgconn.pipeline_sync()
+        except BaseException:
+            if self._statements is not None:
+                self._statements.forget()  # a Parse recorded may not have gone out
+            raise
         self._pipelined = sent
 
     def _send_deferred(self, statement: Deferred, sent: list[Key | None]) -> None:

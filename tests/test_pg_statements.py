@@ -118,12 +118,9 @@ def make(request: pytest.FixtureRequest, ledger: str, tmp_path: Path) -> Iterato
 def _on_conn(coordinator: Any, branch: Any, query: str) -> list[tuple[Any, ...]]:
     """The rows of ``query`` run on the branch's own connection (awaited under asyncio)."""
 
-    def read(cursor: Any) -> Any:
-        return cursor.fetchall()
-
     result = branch.conn.execute(query)
     if not inspect.isawaitable(result):
-        return list(read(result))
+        return list(result.fetchall())
 
     async def fetch() -> Any:
         return await (await result).fetchall()
