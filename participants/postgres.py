@@ -25,7 +25,9 @@ answers are checked by :mod:`participants.pg_vote` (docs/design.md §2).
 Work given to a branch's ``defer`` is not sent at once: it goes out in libpq's
 pipeline mode with the branch's next command (its PREPARE TRANSACTION, or its
 one-phase COMMIT) or at ``flush``, in one round trip, and its answers are read
-before the vote (docs/design.md §2, "Pipelined work").
+before the vote (docs/design.md §2, "Pipelined work"). It is bound by the
+server, and a statement deferred often is prepared there
+(:mod:`participants.pg_statements`; ``prepare_threshold``).
 """
 
 from __future__ import annotations
