@@ -117,7 +117,6 @@ def make(request: pytest.FixtureRequest, ledger: str, tmp_path: Path) -> Iterato
 
 def _on_conn(coordinator: Any, branch: Any, query: str) -> list[tuple[Any, ...]]:
     """The rows of ``query`` run on the branch's own connection (awaited under asyncio)."""
-
     result = branch.conn.execute(query)
     if not inspect.isawaitable(result):
         return list(result.fetchall())
