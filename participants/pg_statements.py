@@ -30,8 +30,6 @@ from psycopg.abc import AdaptContext
 
 #: The prefix of the statement names the branches prepare (psycopg's own are ``_pg3_``).
 NAME_PREFIX = b"_twopc_"
-#: SQLSTATE 26000, invalid_sql_statement_name: the server knows no statement by that name.
-UNKNOWN_STATEMENT = "26000"
 
 Key = tuple[bytes, tuple[int, ...]]
 

@@ -59,7 +59,6 @@ from coordinator.states import Vote
 from coordinator.xid import Xid
 from participants import events as ev
 from participants.pg_statements import (
-    UNKNOWN_STATEMENT,
     Deferred,
     Key,
     Prepared,
@@ -799,7 +798,8 @@ class PostgresBranch:
                 raise_failed(results, self.conn)
             except psycopg.Error as error:
                 self.failure = error
-                if error.sqlstate == UNKNOWN_STATEMENT and self._statements is not None:
+                unknown = isinstance(error, pg_errors.InvalidSqlStatementName)  # 26000
+                if unknown and self._statements is not None:
                     self._statements.forget()  # the work dropped them (DEALLOCATE ALL)
                 raise
             if parsed is not None:

@@ -60,7 +60,6 @@ from coordinator.xid import Xid
 from participants import events as ev
 from participants import postgres as sync_postgres
 from participants.pg_statements import (
-    UNKNOWN_STATEMENT,
     Deferred,
     Key,
     Prepared,
@@ -840,7 +839,8 @@ class AsyncPostgresBranch:
                 raise_failed(results, self.conn)
             except psycopg.Error as error:
                 self.failure = error
-                if error.sqlstate == UNKNOWN_STATEMENT and self._statements is not None:
+                unknown = isinstance(error, pg_errors.InvalidSqlStatementName)  # 26000
+                if unknown and self._statements is not None:
                     self._statements.forget()  # the work dropped them (DEALLOCATE ALL)
                 raise
             if parsed is not None:
