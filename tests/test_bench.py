@@ -14,7 +14,7 @@ from click.testing import CliRunner
 from hdrh.histogram import HdrHistogram
 
 from coordinator.errors import ConfigurationError
-from scenarios.bench import measure, overhead, performance_targets, report
+from scenarios.bench import measure, overhead, performance_targets, report, side_by_side
 from scenarios.cli.main import main
 from tests.browser import open_page
 
@@ -131,6 +131,36 @@ def test_spread_and_ratio_summarise_repeated_runs() -> None:
     }
     assert measure.ratio(3.0, 2.0) == 1.5
     assert measure.ratio(1.0, 0.0) is None
+
+
+def test_side_by_side_ratios_are_ratios_of_the_medians_with_each_rounds_ratio() -> None:
+    """The throughput ratios at 16 divide the coordinator's median throughput by each other
+    contender's, keep every round's own ratio, and the target rows show both."""
+    rounds = [
+        {"coordinator": 800.0, "floor-seq": 640.0, "outbox-status": 1000.0},
+        {"coordinator": 600.0, "floor-seq": 600.0, "outbox-status": 1200.0},
+        {"coordinator": 900.0, "floor-seq": 700.0, "outbox-status": 1100.0},
+    ]
+    side = {"rounds": rounds, **side_by_side.summarise(rounds)}
+    assert side["throughput_per_s"] == {
+        "coordinator": 800.0,
+        "floor-seq": 640.0,
+        "outbox-status": 1100.0,
+    }
+    assert side["ratios"]["coordinator/floor-seq"] == {
+        "median": 1.25,
+        "rounds": [1.25, 1.0, 1.286],
+    }
+    assert side["ratios"]["coordinator/outbox-status"]["median"] == 0.727
+    rows = performance_targets.rows({"ratios": {}}, {"runs": {}}, {"side_by_side_c16": side})
+    by_figure = {row["figure"]: row for row in rows}
+    outbox = by_figure[performance_targets.OUTBOX_RATIO.figure]
+    assert (outbox["measured"], outbox["met"]) == (0.727, True)
+    assert outbox["from"] == (
+        "800.0 / 1100.0 /s, medians of 3 rounds side by side (each round: 0.80, 0.50, 0.82)"
+    )
+    sequential = by_figure[performance_targets.SEQUENTIAL.figure]
+    assert (sequential["measured"], sequential["met"]) == (1.25, True)
 
 
 # -- tiny real runs on the lab -------------------------------------------------------------

@@ -21,7 +21,8 @@ which gives their spread. Throughput comes from closed-loop runs at 1, 8 and
 A last run checks the forced writes and messages per transaction by outcome
 against the presumed-abort figures (docs/design.md §2). Then
 :mod:`scenarios.bench.performance_targets` measures what is left of the
-performance targets (the outbox-status strategy, transactions in flight, the
+performance targets (the coordinator, ``floor-seq`` and the outbox-status
+strategy at concurrency 16 side by side, transactions in flight, the
 consumers) and puts each target beside its figure from this one run.
 """
 
@@ -97,6 +98,7 @@ class Plan:
     throughput_of: tuple[str, ...]
     outcome_checks: int  # transactions per outcome in the R* check
     slices: int = 1  # the throughput runs alternate concurrencies in this many slices
+    # ... and the side-by-side run at 16 has this many rounds of seconds / 2 each
     # The measurements beside (scenarios.bench.performance_targets); the defaults are
     # the smallest that give every figure.
     inflight: int = 20  # transactions in flight, threads and asyncio
@@ -379,7 +381,8 @@ def run(
     drain_events(settings)
     extra = performance_targets.measure_extra(
         settings,
-        seconds=plan.seconds,
+        rounds=plan.slices,
+        seconds=plan.seconds / 2,
         inflight=plan.inflight,
         consumer_messages=plan.consumer_messages,
     )

@@ -1,10 +1,11 @@
 """The performance targets, each with the figure of one ``twopc bench overhead`` run.
 
-The overhead benchmark's own runs give the latency ratio at concurrency 1, the
-throughput ratio at concurrency 16 and the Python CPU per transfer; this module
-adds the measurements it does not make (the outbox-status strategy at
-concurrency 16, transactions in flight under threads and asyncio, the two
-consumers) and puts every figure beside its target.
+The overhead benchmark's own runs give the latency ratio at concurrency 1 and
+the Python CPU per transfer; this module adds the measurements it does not
+make (the coordinator against ``floor-seq`` and the outbox-status strategy at
+concurrency 16, side by side in :mod:`scenarios.bench.side_by_side`;
+transactions in flight under threads and asyncio; the two consumers) and puts
+every figure beside its target.
 """
 
 from __future__ import annotations
@@ -14,16 +15,11 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from typing import Any, TypeVar
 
-from coordinator.states import Outcome
-from scenarios.bench import consumers, contenders, measure
+from scenarios.bench import consumers, measure, side_by_side
 from scenarios.bench.inflight import run as inflight_run
 from scenarios.config import Settings
-from scenarios.strategies import STRATEGIES
 
 T = TypeVar("T")
-
-OUTBOX = "outbox-status"
-CONCURRENCY = 16
 
 
 @dataclass(frozen=True)
@@ -61,29 +57,6 @@ INFLIGHT_MEMORY = Target("RSS per transaction in flight: asyncio / threads", 0.1
 PYTHON_CPU = Target("Python CPU ms per committed transfer at concurrency 8", 0.7, True)
 
 
-def outbox_throughput(settings: Settings, *, seconds: float) -> dict[str, Any]:
-    """The outbox-status strategy's transfers at concurrency 16, its relay and consumer
-    running in their own processes as deployed (``twopc bench strategies`` does the same)."""
-    from scenarios.outbox import pipeline
-
-    strategy: Any = STRATEGIES[OUTBOX]()
-    strategy.prepare(settings, concurrency=CONCURRENCY)
-    running = pipeline.for_strategy(settings, strategy, processes=True).start()
-    source = contenders.TransferSource(seed=22)
-
-    def op(_index: int) -> bool:
-        outcome, _ = strategy.run_one(source.next())
-        return bool(outcome is Outcome.COMMITTED)
-
-    try:
-        measure.closed_loop(OUTBOX, op, concurrency=CONCURRENCY, count=2 * CONCURRENCY)
-        run = measure.closed_loop(OUTBOX, op, concurrency=CONCURRENCY, duration=seconds)
-    finally:
-        running.stop()
-        strategy.close()
-    return run.as_dict()
-
-
 #: Rounds of the in-flight measurement. One round runs each mode for about two
 #: seconds, so its asyncio / threads ratio swings with whatever else the machine does
 #: then (0.99 in one full run, 1.7 to 1.9 alone, the same day); the figure is the
@@ -109,16 +82,25 @@ def median_round(rounds: list[list[dict[str, Any]]]) -> list[dict[str, Any]]:
 
 
 def measure_extra(
-    settings: Settings, *, seconds: float, inflight: int, consumer_messages: tuple[int, int]
+    settings: Settings,
+    *,
+    rounds: int,
+    seconds: float,
+    inflight: int,
+    consumer_messages: tuple[int, int],
 ) -> dict[str, Any]:
     """What the overhead benchmark does not measure itself, one after the other: the
-    outbox-status strategy for ``seconds``, ``inflight`` transactions in flight (the
-    median of :data:`INFLIGHT_ROUNDS` rounds), and the consumers over
+    coordinator, ``floor-seq`` and the outbox-status strategy at concurrency 16 side by
+    side (``rounds`` rounds of a ``seconds`` block each), ``inflight`` transactions in
+    flight (the median of :data:`INFLIGHT_ROUNDS` rounds), and the consumers over
     ``consumer_messages`` (throughput, latency) messages."""
     count, latency_count = consumer_messages
     out: dict[str, Any] = {"seconds": {}}
     for key, measurement in (
-        ("outbox_status_c16", lambda: outbox_throughput(settings, seconds=seconds)),
+        (
+            "side_by_side_c16",
+            lambda: side_by_side.run(settings, rounds=rounds, seconds=seconds),
+        ),
         (
             "inflight",
             lambda: median_round([inflight_run(inflight) for _ in range(INFLIGHT_ROUNDS)]),
@@ -140,7 +122,7 @@ def rows(
     """Every target with its measured figure and whether it is met (None: not measured)."""
     runs = throughput["runs"]
     coordinator = runs.get("coordinator", {})
-    c16 = coordinator.get(str(CONCURRENCY), {}).get("throughput_per_s")
+    side = extra.get("side_by_side_c16", {})
     by_mode = {r["mode"]: r for r in extra.get("consumers", [])}
     flight: dict[str, dict[str, Any]] = {r["mode"]: r for r in extra.get("inflight", [])}
     count = next(iter(flight.values()), {}).get("inflight")
@@ -170,14 +152,13 @@ def rows(
         (LATENCY, latency["ratios"].get("coordinator/floor-at-once", {}).get("p50"), ""),
         (
             SEQUENTIAL,
-            of(lambda: measure.ratio(c16, runs["floor-seq"][str(CONCURRENCY)]["throughput_per_s"])),
-            of(lambda: f"{c16} / {runs['floor-seq'][str(CONCURRENCY)]['throughput_per_s']} /s")
-            or "",
+            of(lambda: side["ratios"][f"coordinator/{side_by_side.FLOOR_SEQ}"]["median"]),
+            of(lambda: _side_by_side_detail(side, side_by_side.FLOOR_SEQ)) or "",
         ),
         (
             OUTBOX_RATIO,
-            of(lambda: measure.ratio(c16, extra["outbox_status_c16"]["throughput_per_s"])),
-            of(lambda: f"{c16} / {extra['outbox_status_c16']['throughput_per_s']} /s") or "",
+            of(lambda: side["ratios"][f"coordinator/{side_by_side.OUTBOX}"]["median"]),
+            of(lambda: _side_by_side_detail(side, side_by_side.OUTBOX)) or "",
         ),
         (
             INFLIGHT_RATE,
@@ -220,6 +201,16 @@ def rows(
         }
         for target, value, detail in measured
     ]
+
+
+def _side_by_side_detail(side: Mapping[str, Any], other: str) -> str:
+    """The median throughputs behind a side-by-side ratio, and every round's ratio."""
+    tput = side["throughput_per_s"]
+    rounds = ", ".join(f"{r:.2f}" for r in side["ratios"][f"coordinator/{other}"]["rounds"])
+    return (
+        f"{tput['coordinator']} / {tput[other]} /s, medians of {len(side['rounds'])} rounds "
+        f"side by side (each round: {rounds})"
+    )
 
 
 def _inflight_detail(flight: Mapping[str, Mapping[str, Any]], count: int | None) -> str:

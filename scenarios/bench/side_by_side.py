@@ -1,0 +1,134 @@
+"""The throughput ratios at concurrency 16, measured side by side.
+
+The coordinator, the plain sequential 2PC (``floor-seq``) and the
+outbox-status strategy run in turn, a block of each per round, the order
+rotated every round, so that a machine that slows down or speeds up between
+minutes (a shared one does, by up to half) weighs on all three alike. Each
+ratio is the ratio of the medians of the rounds' throughputs; every round's
+ratio is kept beside it to show the spread.
+
+The outbox-status strategy runs with its relay and consumer in their own
+processes, as deployed. After each of its blocks the run waits until the
+consumer has applied every transfer the block committed, so that the relay's
+and the consumer's catch-up does not land in the next contender's block.
+"""
+
+from __future__ import annotations
+
+import statistics
+from collections.abc import Callable, Mapping, Sequence
+from typing import Any
+
+from coordinator.states import Outcome
+from scenarios.bench import contenders, measure
+from scenarios.bench.contenders import Contender, TransferSource
+from scenarios.config import Settings
+from scenarios.strategies import STRATEGIES
+from scenarios.transfer.model import drain_events
+
+OUTBOX = "outbox-status"
+COORDINATOR = "coordinator"
+FLOOR_SEQ = "floor-seq"
+#: The contenders, in the first round's order.
+NAMES = (COORDINATOR, FLOOR_SEQ, OUTBOX)
+CONCURRENCY = 16
+#: How long the run waits for the outbox's consumer to apply a block's transfers.
+CONVERGE_TIMEOUT = 120.0
+
+
+class NotConverged(RuntimeError):
+    """The outbox's consumer did not apply a block's transfers in time."""
+
+
+def summarise(rounds: Sequence[Mapping[str, float]]) -> dict[str, Any]:
+    """Each contender's median throughput over ``rounds``, and the coordinator's ratio to
+    each other contender: the ratio of the medians, with every round's own ratio."""
+    medians = {name: statistics.median(r[name] for r in rounds) for name in rounds[0]}
+    ratios = {}
+    for other in medians:
+        if other == COORDINATOR:
+            continue
+        ratios[f"{COORDINATOR}/{other}"] = {
+            "median": measure.ratio(medians[COORDINATOR], medians[other]),
+            "rounds": [measure.ratio(r[COORDINATOR], r[other]) for r in rounds],
+        }
+    return {"throughput_per_s": medians, "ratios": ratios}
+
+
+def run(
+    settings: Settings, *, rounds: int, seconds: float, source: TransferSource | None = None
+) -> dict[str, Any]:
+    """``rounds`` rounds of a ``seconds`` block of each contender at concurrency 16."""
+    from scenarios.outbox import pipeline
+
+    source = source or TransferSource(seed=22)
+    strategy: Any = STRATEGIES[OUTBOX]()
+    strategy.prepare(settings, concurrency=CONCURRENCY)
+    running = pipeline.for_strategy(settings, strategy, processes=True).start()
+    opened: list[Contender] = []
+    try:
+        factories = contenders.contenders(settings)
+        for name in (COORDINATOR, FLOOR_SEQ):
+            opened.append(factories[name](CONCURRENCY))
+        committed: list[str] = []
+
+        def outbox_op(_index: int) -> bool:
+            transfer = source.next()
+            outcome, _ = strategy.run_one(transfer)
+            if outcome is Outcome.COMMITTED:
+                committed.append(transfer.transfer_id)
+                return True
+            return False
+
+        ops: dict[str, measure.Op] = {c.name: contenders.op_of(c, source) for c in opened}
+        ops[OUTBOX] = outbox_op
+
+        def after(name: str) -> None:
+            if name != OUTBOX:
+                return
+            missing = pipeline.wait_converged(
+                settings, set(committed), timeout=CONVERGE_TIMEOUT, check=running.check
+            )
+            if missing:
+                raise NotConverged(
+                    f"the outbox's consumer applied {len(committed) - len(missing)} of the "
+                    f"{len(committed)} transfers of a block within {CONVERGE_TIMEOUT:.0f} s"
+                )
+            committed.clear()
+
+        # Warm every connection, and the outbox's relay and consumer, before the clock.
+        for name in NAMES:
+            measure.closed_loop(name, ops[name], concurrency=CONCURRENCY, count=2 * CONCURRENCY)
+            after(name)
+        measured = _rounds(ops, after, rounds=rounds, seconds=seconds)
+    finally:
+        running.stop()
+        strategy.close()
+        for contender in opened:
+            contender.close()
+        drain_events(settings)
+    return {
+        "concurrency": CONCURRENCY,
+        "seconds_per_block": seconds,
+        "rounds": measured,
+        **summarise(measured),
+    }
+
+
+def _rounds(
+    ops: Mapping[str, measure.Op],
+    after: Callable[[str], None],
+    *,
+    rounds: int,
+    seconds: float,
+) -> list[dict[str, float]]:
+    measured = []
+    for index in range(rounds):
+        order = NAMES[index % len(NAMES) :] + NAMES[: index % len(NAMES)]
+        row = {}
+        for name in order:
+            result = measure.closed_loop(name, ops[name], concurrency=CONCURRENCY, duration=seconds)
+            row[name] = round(result.committed / result.seconds, 1) if result.seconds else 0.0
+            after(name)
+        measured.append({name: row[name] for name in NAMES})
+    return measured
