@@ -19,6 +19,7 @@ import statistics
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
+from coordinator.errors import TwoPhaseCommitError
 from coordinator.states import Outcome
 from scenarios.bench import contenders, measure
 from scenarios.bench.contenders import Contender, TransferSource
@@ -36,7 +37,7 @@ CONCURRENCY = 16
 CONVERGE_TIMEOUT = 120.0
 
 
-class NotConverged(RuntimeError):
+class NotConverged(TwoPhaseCommitError):
     """The outbox's consumer did not apply a block's transfers in time."""
 
 
@@ -55,13 +56,11 @@ def summarise(rounds: Sequence[Mapping[str, float]]) -> dict[str, Any]:
     return {"throughput_per_s": medians, "ratios": ratios}
 
 
-def run(
-    settings: Settings, *, rounds: int, seconds: float, source: TransferSource | None = None
-) -> dict[str, Any]:
+def run(settings: Settings, *, rounds: int, seconds: float) -> dict[str, Any]:
     """``rounds`` rounds of a ``seconds`` block of each contender at concurrency 16."""
     from scenarios.outbox import pipeline
 
-    source = source or TransferSource(seed=22)
+    source = TransferSource(seed=22)
     strategy: Any = STRATEGIES[OUTBOX]()
     strategy.prepare(settings, concurrency=CONCURRENCY)
     running = pipeline.for_strategy(settings, strategy, processes=True).start()
@@ -92,7 +91,9 @@ def run(
             if missing:
                 raise NotConverged(
                     f"the outbox's consumer applied {len(committed) - len(missing)} of the "
-                    f"{len(committed)} transfers of a block within {CONVERGE_TIMEOUT:.0f} s"
+                    f"{len(committed)} transfers of a block within {CONVERGE_TIMEOUT:.0f} s; "
+                    "the relay or the consumer is stuck: 'twopc doctor' checks the broker, "
+                    "then run the benchmark again"
                 )
             committed.clear()
 
@@ -122,6 +123,7 @@ def _rounds(
     rounds: int,
     seconds: float,
 ) -> list[dict[str, float]]:
+    """Each round's throughput of every contender, the order rotated by one each round."""
     measured = []
     for index in range(rounds):
         order = NAMES[index % len(NAMES) :] + NAMES[: index % len(NAMES)]
