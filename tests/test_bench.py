@@ -141,6 +141,9 @@ def test_side_by_side_ratios_are_ratios_of_the_medians_with_each_rounds_ratio() 
         {"coordinator": 600.0, "floor-seq": 600.0, "outbox-status": 1200.0},
         {"coordinator": 900.0, "floor-seq": 700.0, "outbox-status": 1100.0},
     ]
+    two = [{**rounds[0], "outbox-status": 1000.1}, {**rounds[0], "outbox-status": 1000.2}]
+    # the median of two is their mean, 1000.1500000000001 in floating point: shown rounded
+    assert side_by_side.summarise(two)["throughput_per_s"]["outbox-status"] == 1000.2
     side = {"rounds": rounds, **side_by_side.summarise(rounds)}
     assert side["throughput_per_s"] == {
         "coordinator": 800.0,

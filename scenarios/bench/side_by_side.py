@@ -44,7 +44,7 @@ class NotConverged(TwoPhaseCommitError):
 def summarise(rounds: Sequence[Mapping[str, float]]) -> dict[str, Any]:
     """Each contender's median throughput over ``rounds``, and the coordinator's ratio to
     each other contender: the ratio of the medians, with every round's own ratio."""
-    medians = {name: statistics.median(r[name] for r in rounds) for name in rounds[0]}
+    medians = {name: round(statistics.median(r[name] for r in rounds), 1) for name in rounds[0]}
     ratios = {}
     for other in medians:
         if other == COORDINATOR:
