@@ -19,7 +19,6 @@ side-by-side reading, not a soak.
 
 from __future__ import annotations
 
-import statistics
 import threading
 import time
 from collections.abc import Callable
@@ -29,6 +28,7 @@ from typing import Any
 import psycopg
 
 from coordinator.errors import ConfigurationError
+from scenarios.bench import measure
 from scenarios.config import Settings
 from scenarios.transfer import model as scenario
 from scenarios.transfer.batch import percentiles
@@ -237,8 +237,7 @@ def interleaved(settings: Settings, *, rounds: int, count: int) -> list[dict[str
 
 def ratio_of_medians(readings: list[dict[str, float]]) -> float:
     """The median 2pc msg/s over the median inbox msg/s of interleaved readings."""
-    inbox = statistics.median(r["inbox"] for r in readings)
-    return round(statistics.median(r["2pc"] for r in readings) / inbox, 3) if inbox else 0.0
+    return measure.ratio_of_medians(readings, "2pc", "inbox") or 0.0
 
 
 def render_rounds(readings: list[dict[str, float]]) -> str:

@@ -396,6 +396,17 @@ def ratio(numerator: float, denominator: float) -> float | None:
     return round(numerator / denominator, 3)
 
 
+def ratio_of_medians(
+    readings: Sequence[Mapping[str, float]], numerator: str, denominator: str
+) -> float | None:
+    """The median of ``numerator`` over the median of ``denominator`` across interleaved
+    readings (one mapping of figures per round), as :func:`ratio` gives it."""
+    return ratio(
+        statistics.median(r[numerator] for r in readings),
+        statistics.median(r[denominator] for r in readings),
+    )
+
+
 # -- histogram logs ------------------------------------------------------------------
 
 

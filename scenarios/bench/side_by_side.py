@@ -44,16 +44,19 @@ class NotConverged(TwoPhaseCommitError):
 def summarise(rounds: Sequence[Mapping[str, float]]) -> dict[str, Any]:
     """Each contender's median throughput over ``rounds``, and the coordinator's ratio to
     each other contender: the ratio of the medians, with every round's own ratio."""
-    medians = {name: round(statistics.median(r[name] for r in rounds), 1) for name in rounds[0]}
-    ratios = {}
-    for other in medians:
-        if other == COORDINATOR:
-            continue
-        ratios[f"{COORDINATOR}/{other}"] = {
-            "median": measure.ratio(medians[COORDINATOR], medians[other]),
-            "rounds": [measure.ratio(r[COORDINATOR], r[other]) for r in rounds],
-        }
-    return {"throughput_per_s": medians, "ratios": ratios}
+    return {
+        "throughput_per_s": {
+            name: round(statistics.median(r[name] for r in rounds), 1) for name in rounds[0]
+        },
+        "ratios": {
+            f"{COORDINATOR}/{other}": {
+                "median": measure.ratio_of_medians(rounds, COORDINATOR, other),
+                "rounds": [measure.ratio(r[COORDINATOR], r[other]) for r in rounds],
+            }
+            for other in rounds[0]
+            if other != COORDINATOR
+        },
+    }
 
 
 def run(settings: Settings, *, rounds: int, seconds: float) -> dict[str, Any]:
@@ -64,11 +67,11 @@ def run(settings: Settings, *, rounds: int, seconds: float) -> dict[str, Any]:
     strategy: Any = STRATEGIES[OUTBOX]()
     strategy.prepare(settings, concurrency=CONCURRENCY)
     running = pipeline.for_strategy(settings, strategy, processes=True).start()
-    opened: list[Contender] = []
+    opened: dict[str, Contender] = {}
     try:
         factories = contenders.contenders(settings)
         for name in (COORDINATOR, FLOOR_SEQ):
-            opened.append(factories[name](CONCURRENCY))
+            opened[name] = factories[name](CONCURRENCY)
         committed: list[str] = []
 
         def outbox_op(_index: int) -> bool:
@@ -79,7 +82,7 @@ def run(settings: Settings, *, rounds: int, seconds: float) -> dict[str, Any]:
                 return True
             return False
 
-        ops: dict[str, measure.Op] = {c.name: contenders.op_of(c, source) for c in opened}
+        ops = {name: contenders.op_of(c, source) for name, c in opened.items()}
         ops[OUTBOX] = outbox_op
 
         def after(name: str) -> None:
@@ -105,7 +108,7 @@ def run(settings: Settings, *, rounds: int, seconds: float) -> dict[str, Any]:
     finally:
         running.stop()
         strategy.close()
-        for contender in opened:
+        for contender in opened.values():
             contender.close()
         drain_events(settings)
     return {
@@ -130,7 +133,7 @@ def _rounds(
         row = {}
         for name in order:
             result = measure.closed_loop(name, ops[name], concurrency=CONCURRENCY, duration=seconds)
-            row[name] = round(result.committed / result.seconds, 1) if result.seconds else 0.0
+            row[name] = round(result.throughput, 1)
             after(name)
         measured.append({name: row[name] for name in NAMES})
     return measured
