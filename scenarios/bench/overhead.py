@@ -98,7 +98,7 @@ class Plan:
     throughput_of: tuple[str, ...]
     outcome_checks: int  # transactions per outcome in the R* check
     slices: int = 1  # the throughput runs alternate concurrencies in this many slices
-    # ... and the side-by-side run at 16 has this many rounds of seconds / 2 each
+    # ... and the side-by-side run (16, then CPU at 8) this many rounds of seconds / 2 blocks
     # The measurements beside (scenarios.bench.performance_targets); the defaults are
     # the smallest that give every figure.
     inflight: int = 20  # transactions in flight, threads and asyncio
@@ -397,7 +397,7 @@ def run(
         "throughput": throughput,
         "by_outcome": outcome_costs,
         "targets": targets(latency, throughput),
-        "performance_targets": performance_targets.rows(latency, throughput, extra),
+        "performance_targets": performance_targets.rows(latency, extra),
         "measured_beside": extra,
         "load_average": {"before": load_before, "after": os.getloadavg()},
         "wal_bytes_total": {k: wal_after[k] - wal_before[k] for k in wal_after},
@@ -405,12 +405,15 @@ def run(
     }
 
 
-PYTHON_CPU = measure.PYTHON_CPU
 BROKER_CPU = BROKER.label  # ServiceCpu names each service's CPU by its label
 
 
 def targets(latency: Mapping[str, Any], throughput: Mapping[str, Any]) -> list[dict[str, Any]]:
-    """The coordinator's cost targets, each with the measured figure and whether it is met."""
+    """The coordinator's cost targets, each with the measured figure and whether it is met.
+
+    The performance targets (its throughput against ``floor-seq`` at 16, its Python CPU
+    per transfer at 8, ...) are not repeated here: :mod:`scenarios.bench.performance_targets`
+    puts each beside its figure, measured side by side."""
     ratios = latency["ratios"]
     runs = throughput["runs"]
     out: list[dict[str, Any]] = []
@@ -424,24 +427,11 @@ def targets(latency: Mapping[str, Any], throughput: Mapping[str, Any]) -> list[d
     add("(stricter) coordinator <= 1.00 x floor-marker at p50", marker, _le(marker, 1.00))
     coordinator = runs.get("coordinator", {})
     at8 = coordinator.get("8", {}).get("cpu_ms_per_op_by_process", {})
-    if at8:
-        python = at8.get(PYTHON_CPU)
-        add(
-            "Python CPU per committed transfer at concurrency 8 <= 1.0 ms", python, _le(python, 1.0)
-        )
     floor_at8 = runs.get("floor", {}).get("8", {}).get("cpu_ms_per_op_by_process", {})
     if at8 and floor_at8 and BROKER_CPU in at8 and BROKER_CPU in floor_at8:
         broker = measure.ratio(at8[BROKER_CPU], floor_at8[BROKER_CPU])
         add(
             "ActiveMQ CPU per transfer at concurrency 8 <= 1.00 x floor's", broker, _le(broker, 1.0)
-        )
-    sequential = runs.get("floor-seq", {}).get("16", {}).get("throughput_per_s")
-    if sequential and "16" in coordinator:
-        ahead = measure.ratio(coordinator["16"]["throughput_per_s"], sequential)
-        add(
-            "throughput at concurrency 16: coordinator >= 1.1 x floor-seq (plain sequential 2PC)",
-            ahead,
-            None if ahead is None else ahead >= 1.1,
         )
     peer = ratios.get("coordinator-db/peer", {}).get("p50")
     add("p50 two-database work: coordinator-db <= peer (SQLAlchemy)", peer, _le(peer, 1.0))

@@ -1,11 +1,11 @@
 """The performance targets, each with the figure of one ``twopc bench overhead`` run.
 
-The overhead benchmark's own runs give the latency ratio at concurrency 1 and
-the Python CPU per transfer; this module adds the measurements it does not
-make (the coordinator against ``floor-seq`` and the outbox-status strategy at
-concurrency 16, side by side in :mod:`scenarios.bench.side_by_side`;
-transactions in flight under threads and asyncio; the two consumers) and puts
-every figure beside its target.
+The overhead benchmark's own runs give the latency ratio at concurrency 1;
+this module adds the measurements it does not make (the coordinator against
+``floor-seq`` and the outbox-status strategy at concurrency 16, and the
+coordinator's and ``floor-seq``'s CPU per transfer at 8, side by side in
+:mod:`scenarios.bench.side_by_side`; transactions in flight under threads and
+asyncio; the two consumers) and puts every figure beside its target.
 """
 
 from __future__ import annotations
@@ -90,15 +90,16 @@ def measure_extra(
     consumer_messages: tuple[int, int],
 ) -> dict[str, Any]:
     """What the overhead benchmark does not measure itself, one after the other: the
-    coordinator, ``floor-seq`` and the outbox-status strategy at concurrency 16 side by
-    side (``rounds`` rounds of a ``seconds`` block each), ``inflight`` transactions in
-    flight (the median of :data:`INFLIGHT_ROUNDS` rounds), and the consumers over
-    ``consumer_messages`` (throughput, latency) messages."""
+    coordinator, ``floor-seq`` and the outbox-status strategy at concurrency 16 and the
+    first two's CPU per transfer at 8, side by side (``rounds`` rounds of a ``seconds``
+    block each; ``side_by_side_c16`` and ``cpu_side_by_side_c8``), ``inflight``
+    transactions in flight (the median of :data:`INFLIGHT_ROUNDS` rounds), and the
+    consumers over ``consumer_messages`` (throughput, latency) messages."""
     count, latency_count = consumer_messages
     out: dict[str, Any] = {"seconds": {}}
     for key, measurement in (
         (
-            "side_by_side_c16",
+            "side_by_side",
             lambda: side_by_side.run(settings, rounds=rounds, seconds=seconds),
         ),
         (
@@ -113,16 +114,15 @@ def measure_extra(
         started = time.perf_counter()
         out[key] = measurement()
         out["seconds"][key] = round(time.perf_counter() - started, 1)
+    side = out.pop("side_by_side")
+    out["side_by_side_c16"], out["cpu_side_by_side_c8"] = side["throughput_c16"], side["cpu_c8"]
     return out
 
 
-def rows(
-    latency: Mapping[str, Any], throughput: Mapping[str, Any], extra: Mapping[str, Any]
-) -> list[dict[str, Any]]:
+def rows(latency: Mapping[str, Any], extra: Mapping[str, Any]) -> list[dict[str, Any]]:
     """Every target with its measured figure and whether it is met (None: not measured)."""
-    runs = throughput["runs"]
-    coordinator = runs.get("coordinator", {})
     side = extra.get("side_by_side_c16", {})
+    cpu = extra.get("cpu_side_by_side_c8", {})
     by_mode = {r["mode"]: r for r in extra.get("consumers", [])}
     flight: dict[str, dict[str, Any]] = {r["mode"]: r for r in extra.get("inflight", [])}
     count = next(iter(flight.values()), {}).get("inflight")
@@ -187,8 +187,8 @@ def rows(
         ),
         (
             PYTHON_CPU,
-            of(lambda: coordinator["8"]["cpu_ms_per_op_by_process"][measure.PYTHON_CPU]),
-            _hand_written_cpu(runs),
+            of(lambda: cpu["cpu_ms_per_transfer"][side_by_side.COORDINATOR][measure.PYTHON_CPU]),
+            of(lambda: _cpu_detail(cpu)) or "",
         ),
     ]
     return [
@@ -233,17 +233,19 @@ def _inflight_detail(flight: Mapping[str, Mapping[str, Any]], count: int | None)
     return detail
 
 
-#: The hand-written 2PCs whose CPU per transfer is shown beside the coordinator's.
-HAND_WRITTEN = ("floor-seq", "floor")
-
-
-def _hand_written_cpu(runs: Mapping[str, Any]) -> str:
-    """The Python CPU per transfer of the hand-written 2PCs at concurrency 8, from the same
-    run: what the same transfers cost with no framework (``floor-seq``: the plain
-    sequential one; ``floor``: prepares and commits on a helper thread)."""
-    found = [
-        f"{name} {runs[name]['8']['cpu_ms_per_op_by_process'][measure.PYTHON_CPU]:.3f} ms"
-        for name in HAND_WRITTEN
-        if measure.PYTHON_CPU in runs.get(name, {}).get("8", {}).get("cpu_ms_per_op_by_process", {})
-    ]
-    return f"hand-written, same run: {', '.join(found)}" if found else ""
+def _cpu_detail(cpu: Mapping[str, Any]) -> str:
+    """The hand-written 2PC's Python CPU per transfer measured beside the coordinator's,
+    and every round's pair."""
+    python = measure.PYTHON_CPU
+    coordinator, floor_seq = side_by_side.COORDINATOR, side_by_side.FLOOR_SEQ
+    pairs = ", ".join(
+        f"{r[coordinator][python]:.3f} / {r[floor_seq][python]:.3f}"
+        for r in cpu["rounds"]
+        if python in r[coordinator] and python in r[floor_seq]
+    )
+    return (
+        f"hand-written, same run: {floor_seq} "
+        f"{cpu['cpu_ms_per_transfer'][floor_seq][python]:.3f} ms; medians of "
+        f"{len(cpu['rounds'])} rounds side by side (each round, coordinator / {floor_seq}: "
+        f"{pairs} ms)"
+    )

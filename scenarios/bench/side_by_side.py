@@ -1,4 +1,4 @@
-"""The throughput ratios at concurrency 16, measured side by side.
+"""The throughput ratios at concurrency 16 and the CPU per transfer at 8, measured side by side.
 
 The coordinator, the plain sequential 2PC (``floor-seq``) and the
 outbox-status strategy run in turn, a block of each per round, the order
@@ -6,6 +6,12 @@ rotated every round, so that a machine that slows down or speeds up between
 minutes (a shared one does, by up to half) weighs on all three alike. Each
 ratio is the ratio of the medians of the rounds' throughputs; every round's
 ratio is kept beside it to show the spread.
+
+Each round then runs the coordinator and ``floor-seq`` at concurrency 8, one
+block each in alternating order, and takes the CPU each process spent per
+committed transfer in each block (this process: the Python CPU). The figure
+is each contender's median over the rounds, so the coordinator's CPU is
+compared with the hand-written 2PC's measured in the same minutes.
 
 The outbox-status strategy runs with its relay and consumer in their own
 processes, as deployed. After each of its blocks the run waits until the
@@ -23,6 +29,7 @@ from coordinator.errors import TwoPhaseCommitError
 from coordinator.states import Outcome
 from scenarios.bench import contenders, measure
 from scenarios.bench.contenders import Contender, TransferSource
+from scenarios.bench.server_costs import service_cpu
 from scenarios.config import Settings
 from scenarios.strategies import STRATEGIES
 from scenarios.transfer.model import drain_events
@@ -33,6 +40,9 @@ FLOOR_SEQ = "floor-seq"
 #: The contenders, in the first round's order.
 NAMES = (COORDINATOR, FLOOR_SEQ, OUTBOX)
 CONCURRENCY = 16
+#: Where the CPU per transfer is measured, and of which contenders (first round's order).
+CPU_CONCURRENCY = 8
+CPU_NAMES = (COORDINATOR, FLOOR_SEQ)
 #: How long the run waits for the outbox's consumer to apply a block's transfers.
 CONVERGE_TIMEOUT = 120.0
 
@@ -59,8 +69,23 @@ def summarise(rounds: Sequence[Mapping[str, float]]) -> dict[str, Any]:
     }
 
 
+def summarise_cpu(rounds: Sequence[Mapping[str, Mapping[str, float]]]) -> dict[str, Any]:
+    """Each contender's median CPU ms per committed transfer over ``rounds``, by process
+    (a block that committed nothing has no figures, and is left out)."""
+    out: dict[str, dict[str, float]] = {}
+    for name in rounds[0]:
+        by_process: dict[str, list[float]] = {}
+        for r in rounds:
+            for process, ms in r[name].items():
+                by_process.setdefault(process, []).append(ms)
+        out[name] = {p: round(statistics.median(v), 3) for p, v in by_process.items()}
+    return out
+
+
 def run(settings: Settings, *, rounds: int, seconds: float) -> dict[str, Any]:
-    """``rounds`` rounds of a ``seconds`` block of each contender at concurrency 16."""
+    """``rounds`` rounds of a ``seconds`` block of each contender at concurrency 16, and of
+    the coordinator and ``floor-seq`` at 8; the throughputs under ``throughput_c16``, the
+    CPU per transfer under ``cpu_c8``."""
     from scenarios.outbox import pipeline
 
     source = TransferSource(seed=22)
@@ -104,7 +129,7 @@ def run(settings: Settings, *, rounds: int, seconds: float) -> dict[str, Any]:
         for name in NAMES:
             measure.closed_loop(name, ops[name], concurrency=CONCURRENCY, count=2 * CONCURRENCY)
             after(name)
-        measured = _rounds(ops, after, rounds=rounds, seconds=seconds)
+        measured, costs = _rounds(ops, after, service_cpu(settings), rounds=rounds, seconds=seconds)
     finally:
         running.stop()
         strategy.close()
@@ -112,28 +137,51 @@ def run(settings: Settings, *, rounds: int, seconds: float) -> dict[str, Any]:
             contender.close()
         drain_events(settings)
     return {
-        "concurrency": CONCURRENCY,
-        "seconds_per_block": seconds,
-        "rounds": measured,
-        **summarise(measured),
+        "throughput_c16": {
+            "concurrency": CONCURRENCY,
+            "seconds_per_block": seconds,
+            "rounds": measured,
+            **summarise(measured),
+        },
+        "cpu_c8": {
+            "concurrency": CPU_CONCURRENCY,
+            "seconds_per_block": seconds,
+            "rounds": costs,
+            "cpu_ms_per_transfer": summarise_cpu(costs),
+        },
     }
 
 
 def _rounds(
     ops: Mapping[str, measure.Op],
     after: Callable[[str], None],
+    cpu: measure.ServiceCpu,
     *,
     rounds: int,
     seconds: float,
-) -> list[dict[str, float]]:
-    """Each round's throughput of every contender, the order rotated by one each round."""
-    measured = []
+) -> tuple[list[dict[str, float]], list[dict[str, dict[str, float]]]]:
+    """Each round's throughput of every contender at 16, then the CPU per transfer of
+    each of :data:`CPU_NAMES` at 8 by process; the order rotated by one each round."""
+    measured, costs = [], []
     for index in range(rounds):
-        order = NAMES[index % len(NAMES) :] + NAMES[: index % len(NAMES)]
         row = {}
-        for name in order:
+        for name in _rotated(NAMES, index):
             result = measure.closed_loop(name, ops[name], concurrency=CONCURRENCY, duration=seconds)
             row[name] = round(result.throughput, 1)
             after(name)
         measured.append({name: row[name] for name in NAMES})
-    return measured
+        spent = {}
+        for name in _rotated(CPU_NAMES, index):
+            before = cpu.snapshot()
+            result = measure.closed_loop(
+                name, ops[name], concurrency=CPU_CONCURRENCY, duration=seconds
+            )
+            spent[name] = measure.ServiceCpu.per_op_ms(before, cpu.snapshot(), result.committed)
+        costs.append({name: spent[name] for name in CPU_NAMES})
+    return measured, costs
+
+
+def _rotated(names: Sequence[str], index: int) -> Sequence[str]:
+    """``names`` rotated left by ``index``."""
+    shift = index % len(names)
+    return [*names[shift:], *names[:shift]]
