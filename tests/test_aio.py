@@ -25,6 +25,7 @@ from participants.aio.activemq import AsyncActiveMQ
 from participants.aio.fake import AsyncFakeBroker, AsyncFakeResource
 from participants.aio.postgres import AsyncPostgresResource
 from participants.fake import FakeBroker, FakeResource, FakeStore
+from scenarios.bench import inflight
 from scenarios.config import Settings
 from tests.asgi_client import AsgiClient
 from tests.chores import FirstRoundBreaks
@@ -253,7 +254,8 @@ def test_bench_inflight_commits_every_transaction_with_threads_and_with_tasks(
 ) -> None:
     """twopc bench --inflight --quick commits all 200 transactions in every mode, with a
     thread per transaction in flight for the sync coordinator and none for asyncio (in one
-    process or split over two, each its own coordinator)."""
+    process or split over two, each its own coordinator), and leaves none of the messages
+    they sent on the broker."""
     done = subprocess.run(
         [
             *(sys.executable, "-m", "scenarios.cli", "bench", "--inflight", "--quick"),
@@ -273,6 +275,8 @@ def test_bench_inflight_commits_every_transaction_with_threads_and_with_tasks(
     assert threads["errors"] == tasks["errors"] == split["errors"] == 0
     assert threads["threads_in_flight"] >= 200 > tasks["threads_in_flight"]
     assert split["inflight"] == 200 > split["threads_in_flight"]
+    with open_stomp_client(settings.stomp) as client:
+        assert client.browse(inflight.QUEUE, idle_timeout=2.0) == []  # nothing left behind
     rows = (tmp_path / "inflight.md").read_text().splitlines()
     assert [r.split(" |")[0] for r in rows if r.startswith("| ")][1:] == [
         "| threads",
