@@ -21,15 +21,6 @@ from tests.browser import open_page
 # -- the measuring code, no services -----------------------------------------------------
 
 
-def test_cpu_target_shows_the_hand_written_2pcs_of_the_same_run() -> None:
-    """The CPU row names floor-seq's and floor's CPU at concurrency 8 when the run has them."""
-    at8 = {"8": {"cpu_ms_per_op_by_process": {measure.PYTHON_CPU: 1.25}}}
-    assert performance_targets._hand_written_cpu({"floor-seq": at8, "floor": at8}) == (
-        "hand-written, same run: floor-seq 1.250 ms, floor 1.250 ms"
-    )
-    assert performance_targets._hand_written_cpu({"floor-seq": {"16": {}}}) == ""
-
-
 def test_the_in_flight_figure_is_the_round_with_the_median_ratio() -> None:
     """Of three rounds, the one whose asyncio / threads ratio is the median is reported,
     with every round's commits/s, and the target row shows each round's ratio."""
@@ -168,7 +159,8 @@ def test_side_by_side_ratios_are_ratios_of_the_medians_with_each_rounds_ratio() 
 
 def test_cpu_per_transfer_at_8_is_the_median_of_rounds_beside_floor_seqs() -> None:
     """The Python CPU target takes the coordinator's median CPU per transfer over the rounds
-    at 8, by process; its row shows floor-seq's median and every round's pair."""
+    at 8, by process; its row shows floor-seq's median and every round's pair, and is
+    empty in a run without them."""
     python = measure.PYTHON_CPU
     rounds = [
         {"coordinator": {python: 0.9, "ActiveMQ": 0.5}, "floor-seq": {python: 0.8}},
@@ -190,6 +182,15 @@ def test_cpu_per_transfer_at_8_is_the_median_of_rounds_beside_floor_seqs() -> No
         "hand-written, same run: floor-seq 0.850 ms; medians of 4 rounds side by side "
         "(each round, coordinator / floor-seq: 0.900 / 0.800, 0.600 / 0.700, 0.700 / 0.900 ms)"
     )
+    # a run without the side-by-side figures has neither
+    unmeasured = {r["figure"]: r for r in performance_targets.rows({"ratios": {}}, {})}
+    assert unmeasured[performance_targets.PYTHON_CPU.figure] == {
+        "figure": performance_targets.PYTHON_CPU.figure,
+        "measured": None,
+        "target": "<= 0.7",
+        "met": None,
+        "from": "",
+    }
 
 
 # -- tiny real runs on the lab -------------------------------------------------------------
