@@ -33,6 +33,9 @@ What is checked, and why twopc needs it:
 * clock skew between this host and each PostgreSQL: the age of a prepared
   branch (``twopc indoubt``, the metrics) is PostgreSQL's ``prepared`` time
   against this host's clock;
+* the broker stores a persistent message (a SEND with a receipt, then the
+  message consumed again): a broker whose store is full holds every producer,
+  so no transaction reaches its commit point and no relay publishes;
 * the state folder (``TWOPC_HOME``): it holds the decision log and secrets, so
   it must belong to this user and be writable by nobody else.
 """
@@ -75,6 +78,10 @@ DEFAULT_MAX_SKEW = 1.0
 MAX_RECEIPT_GAP_MS = 20.0
 #: Receipt pairs the live tcpNoDelay probe measures (their median gap is judged).
 RECEIPT_PAIRS = 5
+#: Where the live check stores one persistent message, and takes it back.
+DOCTOR_QUEUE = "/queue/twopc.doctor"
+#: How long it waits for the broker's RECEIPT of that SEND, in seconds.
+PERSISTENT_SEND_TIMEOUT = 5.0
 
 
 class Status(enum.Enum):
@@ -510,6 +517,20 @@ def marker_browse_check(address: str, error: str | None, markers: int) -> Check:
     )
 
 
+def persistent_send_check(address: str, error: str | None) -> Check:
+    """The live test: the broker stores one persistent message and answers its SEND."""
+    name = "persistent send (broker)"
+    if error is None:
+        return _ok(name, f"the broker at {address} stored a persistent message on {DOCTOR_QUEUE}")
+    return _finding(
+        name,
+        f"the broker at {address} did not store a persistent message on {DOCTOR_QUEUE}: {error}",
+        "a broker whose store is full (its log says 'Persistent store is Full') holds "
+        "every producer: consume or purge the queues that nothing reads (a benchmark's, a "
+        "dead-letter queue), or raise storeUsage in activemq.xml and restart the broker",
+    )
+
+
 def broker_config_checks(path: str | None) -> list[Check]:
     """The checks of the broker's activemq.xml at ``path`` (TWOPC_BROKER_CONFIG)."""
     names = (
@@ -699,6 +720,7 @@ def _broker_checks(settings: Settings) -> list[Check]:
                 f"the broker at {settings.stomp}: cannot measure ({_first_line(exc)})",
             )
         )
+    checks.append(persistent_send_check(settings.stomp, _store_one(settings)))
     mq = ActiveMQ(settings.stomp, settings.coordinator_id, pool_size=1, **settings.stomp_options())
     try:
         checks.append(marker_browse_check(settings.stomp, None, len(mq.markers())))
@@ -707,6 +729,20 @@ def _broker_checks(settings: Settings) -> list[Check]:
     finally:
         mq.close()
     return checks
+
+
+def _store_one(settings: Settings) -> str | None:
+    """SEND one persistent message with a receipt, then consume it; None, or what failed."""
+    from scenarios.transfer.model import drain
+    from scenarios.wiring import open_stomp
+
+    try:
+        with open_stomp(settings) as client:
+            client.send(DOCTOR_QUEUE, "twopc doctor", receipt_timeout=PERSISTENT_SEND_TIMEOUT)
+    except TwoPhaseCommitError as exc:
+        return _first_line(exc)
+    drain(settings, DOCTOR_QUEUE)
+    return None
 
 
 def receipt_gap(settings: Settings, *, address: str | None = None) -> float:

@@ -18,6 +18,7 @@ from pathlib import Path
 import pytest
 
 from scenarios import doctor
+from scenarios.config import Settings
 from scenarios.doctor import Status
 from scenarios.lab.credentials import DB_ADMIN, pg_dsn
 from scenarios.lab.services import Lab
@@ -171,9 +172,11 @@ def test_receipts_held_apart_are_a_finding_naming_nagle() -> None:
 
 class NagleResponder:
     """A TCP server speaking just enough STOMP (CONNECTED, RECEIPT) with Nagle's algorithm
-    on, as a broker without tcpNoDelay: each RECEIPT is its own write."""
+    on, as a broker without tcpNoDelay: each RECEIPT is its own write. The receipts of the
+    commands in ``hold`` never come, as from a broker whose full store holds producers."""
 
-    def __init__(self) -> None:
+    def __init__(self, hold: tuple[str, ...] = ()) -> None:
+        self.hold = hold
         self.server = socket.create_server(("127.0.0.1", 0))
         self.address = f"127.0.0.1:{self.server.getsockname()[1]}"
         threading.Thread(target=self._serve, daemon=True).start()
@@ -184,8 +187,7 @@ class NagleResponder:
                 conn, _ = self.server.accept()
                 threading.Thread(target=self._answer, args=(conn,), daemon=True).start()
 
-    @staticmethod
-    def _answer(conn: socket.socket) -> None:
+    def _answer(self, conn: socket.socket) -> None:
         conn.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 0)
         pending = b""
         with conn, contextlib.suppress(OSError):
@@ -196,7 +198,7 @@ class NagleResponder:
                     headers = dict(line.split(":", 1) for line in head[1:] if ":" in line)
                     if head[0] == "CONNECT":
                         conn.sendall(b"CONNECTED\nversion:1.2\n\n\0")
-                    elif "receipt" in headers:
+                    elif "receipt" in headers and head[0] not in self.hold:
                         conn.sendall(f"RECEIPT\nreceipt-id:{headers['receipt']}\n\n\0".encode())
 
     def close(self) -> None:
@@ -214,6 +216,26 @@ def test_the_live_probe_sees_a_connector_that_holds_its_second_receipt() -> None
         responder.close()
     check = doctor.stomp_nodelay_probe_check(responder.address, statistics.median(gaps))
     assert check.failed and "Nagle" in check.detail
+
+
+def test_a_broker_that_does_not_store_a_persistent_message_is_a_finding_naming_its_store(
+    monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
+    """A persistent SEND the broker never answers (a full store holds every producer) is a
+    finding whose fix names the store; the lab's broker, which stores it, passes in
+    test_doctor_passes_on_the_lab."""
+    monkeypatch.setattr(doctor, "PERSISTENT_SEND_TIMEOUT", 0.5)
+    responder = NagleResponder(hold=("SEND",))
+    try:
+        settings = Settings(tmp_path, "postgresql://a", "postgresql://b", responder.address, "")
+        error = doctor._store_one(settings)
+    finally:
+        responder.close()
+    assert error is not None and "SEND to /queue/twopc.doctor" in error, error
+    check = doctor.persistent_send_check(responder.address, error)
+    assert check.failed and responder.address in check.detail and error in check.detail
+    assert "Persistent store is Full" in check.fix and "storeUsage" in check.fix
+    assert not doctor.persistent_send_check("mq:1", None).failed
 
 
 def test_a_queue_without_a_memory_limit_is_a_finding() -> None:
@@ -294,6 +316,7 @@ def test_doctor_passes_on_the_lab(lab: Lab) -> None:
     for name in (
         "max_prepared_transactions (a)",
         "broker journal sync",
+        "persistent send (broker)",
         "link stealing (broker)",
         "superuser (a)",
         "password required (b)",
