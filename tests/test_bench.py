@@ -281,7 +281,7 @@ def test_bench_overhead_writes_measured_figures(
     assert cpu["from"].startswith("hand-written, same run: floor-seq "), cpu
     side_cpu = data["measured_beside"]["cpu_side_by_side_c8"]
     assert len(side_cpu["rounds"]) == TINY_OVERHEAD.slices, side_cpu
-    assert cpu["measured"] == side_cpu["cpu_ms_per_transfer"]["coordinator"]["python (twopc)"] > 0
+    assert cpu["measured"] == side_cpu["cpu_ms_per_transfer"]["coordinator"][measure.PYTHON_CPU] > 0
     assert data["latency_c1"]["ratios"]["coordinator/floor-at-once"]["p50"] > 0
     assert "| figure | measured | target | met? |" in (tmp_path / "overhead.md").read_text()
     assert (tmp_path / "overhead.md").read_text().startswith("# twopc overhead benchmark")
