@@ -157,6 +157,25 @@ def test_side_by_side_ratios_are_ratios_of_the_medians_with_each_rounds_ratio() 
     assert (sequential["measured"], sequential["met"]) == (1.25, True)
 
 
+def test_outbox_row_shows_the_like_for_like_ratio_beside_the_targets_figure() -> None:
+    """With outbox-status+event measured, the outbox target keeps its figure (the ratio to
+    outbox-status) and its detail adds the ratio to the outbox that publishes the event."""
+    rounds = [
+        {"coordinator": 800.0, "outbox-status": 1000.0, "outbox-status+event": 900.0},
+        {"coordinator": 600.0, "outbox-status": 1200.0, "outbox-status+event": 800.0},
+        {"coordinator": 900.0, "outbox-status": 1100.0, "outbox-status+event": 1000.0},
+    ]
+    side = {"rounds": rounds, **side_by_side.summarise(rounds)}
+    rows = performance_targets.rows({"ratios": {}}, {"side_by_side_c16": side})
+    outbox = next(r for r in rows if r["figure"] == performance_targets.OUTBOX_RATIO.figure)
+    assert (outbox["measured"], outbox["met"]) == (0.727, True)
+    assert outbox["from"] == (
+        "800.0 / 1100.0 /s, medians of 3 rounds side by side (each round: 0.80, 0.50, 0.82); "
+        "like for like, against outbox-status+event (the event published too): 0.889, "
+        "800.0 / 900.0 /s, medians of 3 rounds side by side (each round: 0.89, 0.75, 0.90)"
+    )
+
+
 def test_cpu_per_transfer_at_8_is_the_median_of_rounds_beside_floor_seqs() -> None:
     """The Python CPU target takes the coordinator's median CPU per transfer over the rounds
     at 8, by process; its row shows floor-seq's median and every round's pair, and is
@@ -279,6 +298,11 @@ def test_bench_overhead_writes_measured_figures(
     assert all(row["met"] in (True, False) and row["target"] for row in rows), rows
     cpu = next(row for row in rows if row["figure"].startswith("Python CPU"))
     assert cpu["from"].startswith("hand-written, same run: floor-seq "), cpu
+    side_c16 = data["measured_beside"]["side_by_side_c16"]
+    assert side_c16["throughput_per_s"]["outbox-status+event"] > 0, side_c16
+    outbox = next(row for row in rows if row["figure"] == performance_targets.OUTBOX_RATIO.figure)
+    like_for_like = "; like for like, against outbox-status+event (the event published too): "
+    assert like_for_like in outbox["from"], outbox
     side_cpu = data["measured_beside"]["cpu_side_by_side_c8"]
     assert len(side_cpu["rounds"]) == TINY_OVERHEAD.slices, side_cpu
     assert cpu["measured"] == side_cpu["cpu_ms_per_transfer"]["coordinator"][measure.PYTHON_CPU] > 0

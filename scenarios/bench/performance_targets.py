@@ -158,7 +158,7 @@ def rows(latency: Mapping[str, Any], extra: Mapping[str, Any]) -> list[dict[str,
         (
             OUTBOX_RATIO,
             of(lambda: side["ratios"][f"coordinator/{side_by_side.OUTBOX}"]["median"]),
-            of(lambda: _side_by_side_detail(side, side_by_side.OUTBOX)) or "",
+            of(lambda: _outbox_detail(side)) or "",
         ),
         (
             INFLIGHT_RATE,
@@ -210,6 +210,19 @@ def _side_by_side_detail(side: Mapping[str, Any], other: str) -> str:
     return (
         f"{tput['coordinator']} / {tput[other]} /s, medians of {len(side['rounds'])} rounds "
         f"side by side (each round: {rounds})"
+    )
+
+
+def _outbox_detail(side: Mapping[str, Any]) -> str:
+    """The outbox ratio's detail, and beside it the like-for-like ratio (not a target): to
+    outbox-status publishing the coordinator's event too, when the run measured it."""
+    detail = _side_by_side_detail(side, side_by_side.OUTBOX)
+    like = side["ratios"].get(f"coordinator/{side_by_side.OUTBOX_EVENT}")
+    if like is None:
+        return detail
+    return (
+        f"{detail}; like for like, against {side_by_side.OUTBOX_EVENT} (the event published "
+        f"too): {like['median']:.3f}, {_side_by_side_detail(side, side_by_side.OUTBOX_EVENT)}"
     )
 
 

@@ -1,9 +1,9 @@
 """The throughput ratios at concurrency 16 and the CPU per transfer at 8, measured side by side.
 
-The coordinator, the plain sequential 2PC (``floor-seq``) and the
-outbox-status strategy run in turn, a block of each per round, the order
-rotated every round, so that a machine that slows down or speeds up between
-minutes (a shared one does, by up to half) weighs on all three alike. Each
+The coordinator, the plain sequential 2PC (``floor-seq``), the outbox-status
+strategy and ``outbox-status+event`` run in turn, a block of each per round,
+the order rotated every round, so that a machine that slows down or speeds up
+between minutes (a shared one does, by up to half) weighs on all of them alike. Each
 ratio is the ratio of the medians of the rounds' throughputs; every round's
 ratio is kept beside it to show the spread.
 
@@ -14,9 +14,17 @@ is each contender's median over the rounds, so the coordinator's CPU is
 compared with the hand-written 2PC's measured in the same minutes.
 
 The outbox-status strategy runs with its relay and consumer in their own
-processes, as deployed. After each of its blocks the run waits until the
+processes, as deployed. After each block of an outbox the run waits until the
 consumer has applied every transfer the block committed, so that the relay's
 and the consumer's catch-up does not land in the next contender's block.
+
+outbox-status sends one message, the credit command, to one queue. The
+coordinator credits B itself and publishes the ``transfer.completed`` event,
+which the broker copies into every consumer queue of the events' virtual topic
+(four in the lab). ``outbox-status+event`` (:class:`OutboxWithEvent`) writes
+that event too, so that the event reaches the same consumers under both: the
+like-for-like comparison. The target stays the ratio to outbox-status as the
+strategy runs.
 """
 
 from __future__ import annotations
@@ -25,20 +33,34 @@ import statistics
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
+import psycopg
+
 from coordinator.errors import TwoPhaseCommitError
 from coordinator.states import Outcome
+from outbox.message import OutboxMessage
+from outbox.writer import write
 from scenarios.bench import contenders, measure
 from scenarios.bench.contenders import Contender, TransferSource
 from scenarios.bench.server_costs import service_cpu
 from scenarios.config import Settings
-from scenarios.strategies import STRATEGIES
-from scenarios.transfer.model import drain_events
+from scenarios.strategies.outbox import OutboxStatusStrategy
+from scenarios.transfer.model import (
+    EVENT_TOPIC,
+    TRANSFER_COMPLETED,
+    TYPE_HEADER,
+    Transfer,
+    drain_events,
+)
+from scenarios.transfer.schema import TABLES
 
 OUTBOX = "outbox-status"
+OUTBOX_EVENT = "outbox-status+event"
 COORDINATOR = "coordinator"
 FLOOR_SEQ = "floor-seq"
 #: The contenders, in the first round's order.
-NAMES = (COORDINATOR, FLOOR_SEQ, OUTBOX)
+NAMES = (COORDINATOR, FLOOR_SEQ, OUTBOX, OUTBOX_EVENT)
+#: The contenders whose relay and consumer finish a block's transfers after it.
+OUTBOXES = (OUTBOX, OUTBOX_EVENT)
 CONCURRENCY = 16
 #: Where the CPU per transfer is measured, and of which contenders (first round's order).
 CPU_CONCURRENCY = 8
@@ -49,6 +71,23 @@ CONVERGE_TIMEOUT = 120.0
 
 class NotConverged(TwoPhaseCommitError):
     """The outbox's consumer did not apply a block's transfers in time."""
+
+
+class OutboxWithEvent(OutboxStatusStrategy):
+    """outbox-status that also writes the coordinator's ``transfer.completed`` event for the
+    events' virtual topic: a second outbox row in the debit's transaction, which the status
+    relay publishes beside the credit command. The outbox's key names one message, so the
+    event's is the transfer id followed by ``/transfer.completed``."""
+
+    def record(self, conn: psycopg.Connection, cur: psycopg.Cursor, transfer: Transfer) -> None:
+        super().record(conn, cur, transfer)
+        event = OutboxMessage(
+            f"{transfer.transfer_id}/{TRANSFER_COMPLETED}",
+            EVENT_TOPIC,
+            transfer.body(),
+            {TYPE_HEADER: TRANSFER_COMPLETED},
+        )
+        write(conn, event, tables=TABLES, status="pending")
 
 
 def summarise(rounds: Sequence[Mapping[str, float]]) -> dict[str, Any]:
@@ -89,9 +128,11 @@ def run(settings: Settings, *, rounds: int, seconds: float) -> dict[str, Any]:
     from scenarios.outbox import pipeline
 
     source = TransferSource(seed=22)
-    strategy: Any = STRATEGIES[OUTBOX]()
-    strategy.prepare(settings, concurrency=CONCURRENCY)
-    running = pipeline.for_strategy(settings, strategy, processes=True).start()
+    outboxes = {OUTBOX: OutboxStatusStrategy(), OUTBOX_EVENT: OutboxWithEvent()}
+    for strategy in outboxes.values():
+        strategy.prepare(settings, concurrency=CONCURRENCY)
+    # One status relay publishes every pending row, whatever its destination.
+    running = pipeline.for_strategy(settings, outboxes[OUTBOX], processes=True).start()
     opened: dict[str, Contender] = {}
     try:
         factories = contenders.contenders(settings)
@@ -99,19 +140,22 @@ def run(settings: Settings, *, rounds: int, seconds: float) -> dict[str, Any]:
             opened[name] = factories[name](CONCURRENCY)
         committed: list[str] = []
 
-        def outbox_op(_index: int) -> bool:
-            transfer = source.next()
-            outcome, _ = strategy.run_one(transfer)
-            if outcome is Outcome.COMMITTED:
-                committed.append(transfer.transfer_id)
-                return True
-            return False
+        def outbox_op(strategy: OutboxStatusStrategy) -> measure.Op:
+            def op(_index: int) -> bool:
+                transfer = source.next()
+                outcome, _ = strategy.run_one(transfer)
+                if outcome is Outcome.COMMITTED:
+                    committed.append(transfer.transfer_id)
+                    return True
+                return False
+
+            return op
 
         ops = {name: contenders.op_of(c, source) for name, c in opened.items()}
-        ops[OUTBOX] = outbox_op
+        ops.update({name: outbox_op(strategy) for name, strategy in outboxes.items()})
 
         def after(name: str) -> None:
-            if name != OUTBOX:
+            if name not in OUTBOXES:
                 return
             missing = pipeline.wait_converged(
                 settings, set(committed), timeout=CONVERGE_TIMEOUT, check=running.check
@@ -132,7 +176,8 @@ def run(settings: Settings, *, rounds: int, seconds: float) -> dict[str, Any]:
         measured, costs = _rounds(ops, after, service_cpu(settings), rounds=rounds, seconds=seconds)
     finally:
         running.stop()
-        strategy.close()
+        for strategy in outboxes.values():
+            strategy.close()
         for contender in opened.values():
             contender.close()
         drain_events(settings)
