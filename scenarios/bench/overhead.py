@@ -21,9 +21,10 @@ which gives their spread. Throughput comes from closed-loop runs at 1, 8 and
 A last run checks the forced writes and messages per transaction by outcome
 against the presumed-abort figures (docs/design.md §2). Then
 :mod:`scenarios.bench.performance_targets` measures what is left of the
-performance targets (the coordinator, ``floor-seq`` and the outbox-status
-strategy at concurrency 16 side by side, transactions in flight, the
-consumers) and puts each target beside its figure from this one run.
+performance targets (the coordinator, ``floor-seq``, the outbox-status
+strategy and the outbox that publishes the event too at concurrency 16 side by
+side, transactions in flight, the consumers) and puts each target beside its
+figure from this one run.
 """
 
 from __future__ import annotations

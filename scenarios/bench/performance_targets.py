@@ -2,7 +2,8 @@
 
 The overhead benchmark's own runs give the latency ratio at concurrency 1;
 this module adds the measurements it does not make (the coordinator against
-``floor-seq`` and the outbox-status strategy at concurrency 16, and the
+``floor-seq`` and the outbox-status strategy at concurrency 16, the outbox that
+publishes the coordinator's event too beside them, shown but not a target, and the
 coordinator's and ``floor-seq``'s CPU per transfer at 8, side by side in
 :mod:`scenarios.bench.side_by_side`; transactions in flight under threads and
 asyncio; the two consumers) and puts every figure beside its target.
@@ -90,8 +91,8 @@ def measure_extra(
     consumer_messages: tuple[int, int],
 ) -> dict[str, Any]:
     """What the overhead benchmark does not measure itself, one after the other: the
-    coordinator, ``floor-seq`` and the outbox-status strategy at concurrency 16 and the
-    first two's CPU per transfer at 8, side by side (``rounds`` rounds of a ``seconds``
+    side_by_side contenders at concurrency 16 and the coordinator's and ``floor-seq``'s
+    CPU per transfer at 8, side by side (``rounds`` rounds of a ``seconds``
     block each; ``side_by_side_c16`` and ``cpu_side_by_side_c8``), ``inflight``
     transactions in flight (the median of :data:`INFLIGHT_ROUNDS` rounds), and the
     consumers over ``consumer_messages`` (throughput, latency) messages."""
