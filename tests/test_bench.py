@@ -15,6 +15,7 @@ from hdrh.histogram import HdrHistogram
 
 from coordinator.errors import ConfigurationError
 from scenarios.bench import measure, overhead, performance_targets, report, side_by_side
+from scenarios.bench.overhead_markdown import _side_by_side_cpu
 from scenarios.cli.main import main
 from tests.browser import open_page
 
@@ -176,6 +177,26 @@ def test_outbox_row_shows_the_like_for_like_ratio_beside_the_targets_figure() ->
     )
 
 
+def test_side_by_side_cpu_at_16_is_a_table_of_each_contenders_processes_and_their_sum() -> None:
+    """The overhead page shows each side-by-side contender's throughput at 16 and its CPU
+    per transfer by process (a process it did not use shows '-'), summed; no table without
+    the figures."""
+    side = {
+        "throughput_per_s": {"coordinator": 980.4, "outbox-status": 1491.2},
+        "cpu_ms_per_transfer": {
+            "coordinator": {"python (twopc)": 0.6, "ActiveMQ (STOMP)": 0.4},
+            "outbox-status": {"python (twopc)": 0.3, "outbox relay": 0.125},
+        },
+    }
+    assert _side_by_side_cpu(side)[-4:] == [
+        "| contender | tx/s | python (twopc) | ActiveMQ (STOMP) | outbox relay | all |",
+        "| --- | ---: | ---: | ---: | ---: | ---: |",
+        "| coordinator | 980 | 0.600 | 0.400 | - | 1.000 |",
+        "| outbox-status | 1491 | 0.300 | - | 0.125 | 0.425 |",
+    ]
+    assert _side_by_side_cpu({}) == []
+
+
 def test_cpu_per_transfer_at_8_is_the_median_of_rounds_beside_floor_seqs() -> None:
     """The Python CPU target takes the coordinator's median CPU per transfer over the rounds
     at 8, by process; its row shows floor-seq's median and every round's pair, and is
@@ -303,11 +324,18 @@ def test_bench_overhead_writes_measured_figures(
     outbox = next(row for row in rows if row["figure"] == performance_targets.OUTBOX_RATIO.figure)
     like_for_like = "; like for like, against outbox-status+event (the event published too): "
     assert like_for_like in outbox["from"], outbox
+    c16_cpu = side_c16["cpu_ms_per_transfer"]
+    assert c16_cpu["coordinator"][measure.PYTHON_CPU] > 0, c16_cpu
+    assert c16_cpu["outbox-status+event"]["outbox relay"] > 0, c16_cpu
+    assert c16_cpu["outbox-status+event"]["outbox consumer"] > 0, c16_cpu
     side_cpu = data["measured_beside"]["cpu_side_by_side_c8"]
     assert len(side_cpu["rounds"]) == TINY_OVERHEAD.slices, side_cpu
     assert cpu["measured"] == side_cpu["cpu_ms_per_transfer"]["coordinator"][measure.PYTHON_CPU] > 0
     assert data["latency_c1"]["ratios"]["coordinator/floor-at-once"]["p50"] > 0
     assert "| figure | measured | target | met? |" in (tmp_path / "overhead.md").read_text()
+    assert "## Side by side at concurrency 16: CPU ms per transfer by process" in (
+        (tmp_path / "overhead.md").read_text()
+    )
     assert (tmp_path / "overhead.md").read_text().startswith("# twopc overhead benchmark")
     assert "Tag=coordinator/interleaved/c1," in (tmp_path / "overhead.hlog").read_text()
 

@@ -28,6 +28,7 @@ def render_markdown(result: Mapping[str, Any], command: str) -> str:
         f"{_fmt(result['load_average']['before'][0])}, after "
         f"{_fmt(result['load_average']['after'][0])} on {os.cpu_count()} cores).",
         *_performance_targets(result.get("performance_targets", [])),
+        *_side_by_side_cpu(result.get("measured_beside", {}).get("side_by_side_c16", {})),
         "",
         "## Latency at concurrency 1 (interleaved blocks), ms",
         "",
@@ -118,6 +119,30 @@ def _performance_targets(rows: list[Mapping[str, Any]]) -> list[str]:
         lines.append(
             f"| {row['figure']} | {_fmt(row['measured'], 3)} | {row['target']} | {met} | "
             f"{row['from']} |"
+        )
+    return lines
+
+
+def _side_by_side_cpu(side: Mapping[str, Any]) -> list[str]:
+    """Each side-by-side contender's throughput at 16 and the CPU per transfer each process
+    spent, with their sum: what a transfer costs the whole machine."""
+    by_name: Mapping[str, Mapping[str, float]] = side.get("cpu_ms_per_transfer", {})
+    if not by_name:
+        return []
+    processes = list(dict.fromkeys(p for costs in by_name.values() for p in costs))
+    lines = [
+        "",
+        "## Side by side at concurrency 16: CPU ms per transfer by process (medians of the rounds)",
+        "",
+        "| contender | tx/s | " + " | ".join(processes) + " | all |",
+        "| --- | ---: |" + " ---: |" * (len(processes) + 1),
+    ]
+    for name, costs in by_name.items():
+        cells = [_fmt(costs.get(p), 3) for p in processes]
+        lines.append(
+            f"| {name} | {_fmt(side['throughput_per_s'].get(name), 0)} | "
+            + " | ".join(cells)
+            + f" | {_fmt(sum(costs.values()), 3)} |"
         )
     return lines
 

@@ -31,7 +31,7 @@ from __future__ import annotations
 
 import statistics
 from collections.abc import Callable, Mapping, Sequence
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import psycopg
 
@@ -52,6 +52,9 @@ from scenarios.transfer.model import (
     drain_events,
 )
 from scenarios.transfer.schema import TABLES
+
+if TYPE_CHECKING:
+    from scenarios.outbox.pipeline import Pipeline
 
 OUTBOX = "outbox-status"
 OUTBOX_EVENT = "outbox-status+event"
@@ -123,8 +126,8 @@ def summarise_cpu(rounds: Sequence[Mapping[str, Mapping[str, float]]]) -> dict[s
 
 def run(settings: Settings, *, rounds: int, seconds: float) -> dict[str, Any]:
     """``rounds`` rounds of a ``seconds`` block of each contender at concurrency 16, and of
-    the coordinator and ``floor-seq`` at 8; the throughputs under ``throughput_c16``, the
-    CPU per transfer under ``cpu_c8``."""
+    the coordinator and ``floor-seq`` at 8; the throughputs and each process's CPU per
+    transfer at 16 under ``throughput_c16``, the CPU per transfer at 8 under ``cpu_c8``."""
     from scenarios.outbox import pipeline
 
     # Subscribing creates the event topic's queues: every contender that publishes the
@@ -176,7 +179,9 @@ def run(settings: Settings, *, rounds: int, seconds: float) -> dict[str, Any]:
         for name in NAMES:
             measure.closed_loop(name, ops[name], concurrency=CONCURRENCY, count=2 * CONCURRENCY)
             after(name)
-        measured, costs = _rounds(ops, after, service_cpu(settings), rounds=rounds, seconds=seconds)
+        measured, costs_c16, costs = _rounds(
+            ops, after, _with_outbox(service_cpu(settings), running), rounds=rounds, seconds=seconds
+        )
     finally:
         running.stop()
         for strategy in outboxes.values():
@@ -190,6 +195,8 @@ def run(settings: Settings, *, rounds: int, seconds: float) -> dict[str, Any]:
             "seconds_per_block": seconds,
             "rounds": measured,
             **summarise(measured),
+            "cpu_rounds": costs_c16,
+            "cpu_ms_per_transfer": summarise_cpu(costs_c16),
         },
         "cpu_c8": {
             "concurrency": CPU_CONCURRENCY,
@@ -200,6 +207,16 @@ def run(settings: Settings, *, rounds: int, seconds: float) -> dict[str, Any]:
     }
 
 
+def _with_outbox(cpu: measure.ServiceCpu, running: Pipeline) -> measure.ServiceCpu:
+    """``cpu``'s processes and the outbox's relay and consumer (one of each), each counted
+    as its own process tree."""
+    roots = dict(cpu.roots)
+    for worker in running.workers:
+        if worker.process is not None:
+            roots[f"outbox {worker.kind}"] = worker.process.pid
+    return measure.ServiceCpu(roots)
+
+
 def _rounds(
     ops: Mapping[str, measure.Op],
     after: Callable[[str], None],
@@ -207,17 +224,24 @@ def _rounds(
     *,
     rounds: int,
     seconds: float,
-) -> tuple[list[dict[str, float]], list[dict[str, dict[str, float]]]]:
-    """Each round's throughput of every contender at 16, then the CPU per transfer of
-    each of :data:`CPU_NAMES` at 8 by process; the order rotated by one each round."""
-    measured, costs = [], []
+) -> tuple[
+    list[dict[str, float]], list[dict[str, dict[str, float]]], list[dict[str, dict[str, float]]]
+]:
+    """Each round's throughput of every contender at 16 and the CPU per transfer each
+    process spent on its block (an outbox's until its consumer has caught up, so that the
+    relay's and the consumer's work counts), then the CPU per transfer of each of
+    :data:`CPU_NAMES` at 8 by process; the order rotated by one each round."""
+    measured, costs_c16, costs = [], [], []
     for index in range(rounds):
-        row = {}
+        row, spent_c16 = {}, {}
         for name in _rotated(NAMES, index):
+            before = cpu.snapshot()
             result = measure.closed_loop(name, ops[name], concurrency=CONCURRENCY, duration=seconds)
             row[name] = round(result.throughput, 1)
             after(name)
+            spent_c16[name] = measure.ServiceCpu.per_op_ms(before, cpu.snapshot(), result.committed)
         measured.append({name: row[name] for name in NAMES})
+        costs_c16.append({name: spent_c16[name] for name in NAMES})
         spent = {}
         for name in _rotated(CPU_NAMES, index):
             before = cpu.snapshot()
@@ -226,7 +250,7 @@ def _rounds(
             )
             spent[name] = measure.ServiceCpu.per_op_ms(before, cpu.snapshot(), result.committed)
         costs.append({name: spent[name] for name in CPU_NAMES})
-    return measured, costs
+    return measured, costs_c16, costs
 
 
 def _rotated(names: Sequence[str], index: int) -> Sequence[str]:
