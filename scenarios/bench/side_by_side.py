@@ -33,12 +33,9 @@ import statistics
 from collections.abc import Callable, Mapping, Sequence
 from typing import TYPE_CHECKING, Any
 
-import psycopg
-
 from coordinator.errors import TwoPhaseCommitError
 from coordinator.states import Outcome
 from outbox.message import OutboxMessage
-from outbox.writer import write
 from scenarios.bench import contenders, measure
 from scenarios.bench.contenders import Contender, TransferSource
 from scenarios.bench.server_costs import service_cpu
@@ -51,7 +48,6 @@ from scenarios.transfer.model import (
     Transfer,
     drain_events,
 )
-from scenarios.transfer.schema import TABLES
 
 if TYPE_CHECKING:
     from scenarios.outbox.pipeline import Pipeline
@@ -78,19 +74,18 @@ class NotConverged(TwoPhaseCommitError):
 
 class OutboxWithEvent(OutboxStatusStrategy):
     """outbox-status that also writes the coordinator's ``transfer.completed`` event for the
-    events' virtual topic: a second outbox row in the debit's transaction, which the status
-    relay publishes beside the credit command. The outbox's key names one message, so the
-    event's is the transfer id followed by ``/transfer.completed``."""
+    events' virtual topic: a second outbox row, written with the credit command in one
+    round trip, which the status relay publishes beside it. The outbox's key names one
+    message, so the event's is the transfer id followed by ``/transfer.completed``."""
 
-    def record(self, conn: psycopg.Connection, cur: psycopg.Cursor, transfer: Transfer) -> None:
-        super().record(conn, cur, transfer)
+    def messages(self, transfer: Transfer) -> list[OutboxMessage]:
         event = OutboxMessage(
             f"{transfer.transfer_id}/{TRANSFER_COMPLETED}",
             EVENT_TOPIC,
             transfer.body(),
             {TYPE_HEADER: TRANSFER_COMPLETED},
         )
-        write(conn, event, tables=TABLES, status="pending")
+        return [*super().messages(transfer), event]
 
 
 def summarise(rounds: Sequence[Mapping[str, float]]) -> dict[str, Any]:

@@ -151,14 +151,25 @@ class OutboxWriter(LocalCommitWriter):
     """The outbox component's writer (outbox.writer.write) adds the credit command to the
     debit's transaction: what a team that picks the outbox would ship."""
 
+    def messages(self, transfer: Transfer) -> list[OutboxMessage]:
+        """What ``transfer``'s transaction adds to the outbox: its credit command."""
+        return [
+            OutboxMessage(
+                transfer.transfer_id,
+                self.destination,
+                transfer.body(),
+                {TYPE_HEADER: CREDIT_COMMAND},
+            )
+        ]
+
     def record(self, conn: psycopg.Connection, cur: psycopg.Cursor, transfer: Transfer) -> None:
-        message = OutboxMessage(
-            transfer.transfer_id,
-            self.destination,
-            transfer.body(),
-            {TYPE_HEADER: CREDIT_COMMAND},
+        """Every message of :meth:`messages` in one write (one round trip)."""
+        write(
+            conn,
+            self.messages(transfer),
+            tables=TABLES,
+            status="pending" if self._status else None,
         )
-        write(conn, message, tables=TABLES, status="pending" if self._status else None)
 
 
 class OutboxStatusStrategy(OutboxWriter):
