@@ -464,10 +464,16 @@ def tree_cpu_seconds(root: int) -> float:
 
 #: The name under which ServiceCpu counts this process's own CPU.
 PYTHON_CPU = "python (twopc)"
+#: The name under which ServiceCpu counts the busy time of every CPU of the machine:
+#: the named processes, the kernel's work charged to none of them, and whatever else
+#: runs on the machine (other tenants of a shared one).
+MACHINE_CPU = "the whole machine"
 
 
 class ServiceCpu:
-    """CPU seconds of named process trees (the lab's services) and of this process."""
+    """CPU seconds of named process trees (the lab's services), of this process, and of
+    the whole machine (:data:`MACHINE_CPU`, not one of the processes: never add it to
+    their sum)."""
 
     def __init__(self, roots: Mapping[str, int]) -> None:
         self.roots = dict(roots)
@@ -476,6 +482,7 @@ class ServiceCpu:
         out = {PYTHON_CPU: time.process_time()}
         for name, pid in self.roots.items():
             out[name] = tree_cpu_seconds(pid)
+        out[MACHINE_CPU] = procfs.busy_seconds()
         return out
 
     @staticmethod

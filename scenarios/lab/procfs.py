@@ -1,11 +1,13 @@
-"""Reading /proc: the live pids and a process's stat fields (Linux only)."""
+"""Reading /proc: the live pids, a process's stat fields and the CPUs' busy time (Linux only)."""
 
 from __future__ import annotations
 
+import os
 from collections.abc import Iterator
 from pathlib import Path
 
 PROC = Path("/proc")
+_TICKS = os.sysconf("SC_CLK_TCK")
 
 
 def pids() -> Iterator[int]:
@@ -27,6 +29,17 @@ def stat_fields(pid: int) -> list[str] | None:
     except OSError:
         return None
     return text.rsplit(")", 1)[1].split()
+
+
+def busy_seconds() -> float:
+    """CPU seconds every CPU of the machine has spent busy since boot, whoever ran.
+
+    The first line of /proc/stat: user, nice, system, idle, iowait, irq, softirq,
+    steal, ... in clock ticks; busy is everything but idle and iowait (guest time is
+    counted in user already, so the guest columns are left out)."""
+    with (PROC / "stat").open() as stat:
+        ticks = [int(t) for t in stat.readline().split()[1:9]]
+    return (sum(ticks) - ticks[3] - ticks[4]) / _TICKS
 
 
 def cmdline(pid: int) -> bytes | None:
