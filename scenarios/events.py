@@ -74,3 +74,4 @@ SCHEDULE_FINISHED = "torture.schedule.finished"
 # Long-running commands (scenarios.cli).
 SHUTDOWN_REQUESTED = "shutdown.requested"
 SHUTDOWN_FORCED = "shutdown.forced"  # a second signal: the process ends at once
+SHUTDOWN_PARENT_GONE = "shutdown.parent_gone"  # TWOPC_STOP_WITH_PARENT's process ended

@@ -21,6 +21,12 @@ batch) exit 0 instead: being stopped is how they end. A second signal stops
 at once with that status, as the default action would: whatever was in flight
 is left to ``twopc recover``.
 
+A process started by another with ``TWOPC_STOP_WITH_PARENT`` set to that
+process's pid (a pipeline's relays and consumers, scenarios.outbox.pipeline)
+also stops, as on SIGTERM, once that process is gone, however it ended: killed
+with SIGKILL, it could not stop them itself, and they would run on, unowned,
+taking their share of the next run's rows and messages.
+
 A fatal error (e.g. a decision log that cannot be written) goes through the
 same path: :meth:`RunStop.fail` stops the run the same way, and
 :func:`finish_run` prints the summary and one ``twopc: error:`` line and
@@ -39,11 +45,16 @@ from types import FrameType
 from typing import NoReturn
 
 from coordinator import events
+from coordinator.errors import ConfigurationError
 from scenarios import events as ev
 from scenarios.exit_status import EXIT_RUNTIME_ERROR
 
 #: The signals that stop a run.
 STOP_SIGNALS = (signal.SIGTERM, signal.SIGINT)
+#: The setting naming the process whose end stops this one (its parent's pid).
+STOP_WITH_PARENT = "TWOPC_STOP_WITH_PARENT"
+#: Seconds between two looks at whether that parent is still there.
+PARENT_POLL = 0.5
 
 
 def signal_status(signum: int) -> int:
@@ -142,7 +153,12 @@ def stop_on_signals(stop: RunStop | None = None) -> Iterator[RunStop]:
         _say(f"{name} again: stopping at once; 'twopc recover' resolves what was in flight")
         os._exit(signal_status(signum))
 
+    parent = _parent_to_follow()  # a bad value is refused before any handler changes
     previous = {signum: signal.signal(signum, handler) for signum in STOP_SIGNALS}
+    if parent is not None:
+        threading.Thread(
+            target=_follow_parent, args=(stop, parent), name="twopc-parent-watch", daemon=True
+        ).start()
     outer, _current = _current, stop
     try:
         yield stop
@@ -150,6 +166,37 @@ def stop_on_signals(stop: RunStop | None = None) -> Iterator[RunStop]:
         _current = outer
         for signum, old in previous.items():
             signal.signal(signum, old)
+
+
+#: The parent to stop with (None: none), once read from the environment.
+_parent: int | None = None
+_parent_read = False
+
+
+def _parent_to_follow() -> int | None:
+    """The pid in ``TWOPC_STOP_WITH_PARENT``, read once and taken out of the environment,
+    so that this process's own children do not inherit a parent that is not theirs."""
+    global _parent, _parent_read
+    if not _parent_read:
+        value = os.environ.pop(STOP_WITH_PARENT, "").strip()
+        if value and not value.isdigit():
+            raise ConfigurationError(
+                f"{STOP_WITH_PARENT}={value!r} is not a process id: unset it (twopc sets it "
+                "for the relays and consumers it starts)"
+            )
+        _parent, _parent_read = (int(value) if value else None), True
+    return _parent
+
+
+def _follow_parent(stop: RunStop, parent: int) -> None:
+    """Stop the run, as on SIGTERM, once ``parent`` is no longer this process's parent."""
+    while not stop.wait(PARENT_POLL):
+        if os.getppid() != parent:
+            reason = f"the end of its parent process {parent}"
+            if stop.request(reason, signal_status(signal.SIGTERM)):
+                events.get_logger(component="cli").warning(ev.SHUTDOWN_PARENT_GONE, parent=parent)
+                _say(f"process {parent}, which started this one, is gone: finishing")
+            return
 
 
 def _say(line: str) -> None:

@@ -9,7 +9,9 @@ writer crashes (the naive dual write shows anomalies, the outbox none).
 
 from __future__ import annotations
 
+import os
 import random
+import signal
 import subprocess
 import sys
 import threading
@@ -25,6 +27,7 @@ from coordinator.states import Outcome
 from participants.stomp_client import Message
 from scenarios.config import Settings
 from scenarios.crash_plan import CRASH_SETTING, CrashPlan
+from scenarios.lab import procfs
 from scenarios.outbox.consumer import CONSUMER_CRASH_SETTING, apply, inbox_counts
 from scenarios.outbox.failures import (
     Disposition,
@@ -281,6 +284,57 @@ def test_relay_killed_from_outside_mid_stream_is_restarted(settings: Settings) -
         pipeline.restart("relay")
         writers.join()
         assert_exactly_once(settings)
+
+
+#: Starts a pipeline of processes, prints its workers' pids, then waits to be killed.
+STARTER = """
+import sys
+from scenarios.config import Settings
+from scenarios.outbox.pipeline import Pipeline
+pipeline = Pipeline(Settings.load(), "status", processes=True).start()
+print(" ".join(str(w.process.pid) for w in pipeline.workers), flush=True)
+sys.stdin.readline()
+"""
+
+
+def running(pid: int) -> bool:
+    """``pid`` is a live process (neither gone nor a zombie left for its new parent)."""
+    fields = procfs.stat_fields(pid)
+    return fields is not None and fields[0] != "Z"
+
+
+@pytest.mark.lab
+def test_a_pipelines_workers_stop_once_the_process_that_started_them_is_killed(
+    settings: Settings,
+) -> None:
+    """SIGKILL of a process running a pipeline of processes: its relay and consumer, told
+    its pid (TWOPC_STOP_WITH_PARENT), stop on their own instead of running on unowned."""
+    pids: list[int] = []
+    with subprocess.Popen(
+        [sys.executable, "-c", STARTER],
+        stdin=subprocess.PIPE,
+        stdout=subprocess.PIPE,
+        text=True,
+        env={**os.environ, **settings.as_env()},
+        cwd=Path(__file__).resolve().parent.parent,
+    ) as starter:
+        assert starter.stdout is not None
+        pids = [int(pid) for pid in starter.stdout.readline().split()]
+        try:
+            assert len(pids) == 2, pids  # the consumer, the relay
+            for pid in pids:
+                environ = Path(f"/proc/{pid}/environ").read_bytes().split(b"\0")
+                assert f"TWOPC_STOP_WITH_PARENT={starter.pid}".encode() in environ, pid
+            time.sleep(1.0)  # both up and working
+            assert all(running(pid) for pid in pids), pids
+            starter.kill()
+            starter.wait(10)
+            wait_for(lambda: not any(running(pid) for pid in pids), 20, "the workers to stop")
+        finally:
+            starter.kill()
+            for pid in pids:
+                if running(pid):
+                    os.kill(pid, signal.SIGKILL)
 
 
 @pytest.mark.lab

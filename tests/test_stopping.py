@@ -3,11 +3,18 @@
 from __future__ import annotations
 
 import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
 
 import pytest
 
+from coordinator.errors import ConfigurationError
 from scenarios import stopping
 from scenarios.stopping import RunStop, RunStopped, finish_run, stop_on_signals
+
+ROOT = Path(__file__).resolve().parent.parent
 
 
 def test_the_first_request_wins_and_sets_the_status() -> None:
@@ -58,3 +65,51 @@ def test_the_handlers_are_restored_after_the_block() -> None:
     with stop_on_signals():
         assert all(signal.getsignal(s) is not before[s] for s in stopping.STOP_SIGNALS)
     assert {s: signal.getsignal(s) for s in stopping.STOP_SIGNALS} == before
+
+
+CHILD = """
+import sys
+from scenarios.stopping import stop_on_signals
+with stop_on_signals() as stop:
+    stopped = stop.wait(60)
+with open(sys.argv[1] + ".part", "w") as out:
+    out.write(f"{stopped} {stop.status} {stop.describe()}")
+import os
+os.replace(sys.argv[1] + ".part", sys.argv[1])
+"""
+
+PARENT = """
+import os, signal, subprocess, sys
+env = dict(os.environ, TWOPC_STOP_WITH_PARENT=str(os.getpid()))
+subprocess.Popen([sys.executable, "-c", sys.argv[1], sys.argv[2]], env=env)
+os.kill(os.getpid(), signal.SIGKILL)
+"""
+
+
+def test_a_child_stops_as_on_sigterm_once_the_process_that_started_it_is_killed(
+    tmp_path: Path,
+) -> None:
+    """A command started with TWOPC_STOP_WITH_PARENT (as a pipeline starts its relays and
+    consumers) stops, as on SIGTERM, once that process is gone, even killed with SIGKILL."""
+    said = tmp_path / "child.txt"
+    parent = subprocess.run([sys.executable, "-c", PARENT, CHILD, str(said)], cwd=ROOT, check=False)
+    assert parent.returncode == -signal.SIGKILL
+    deadline = time.monotonic() + 20
+    while not said.exists() and time.monotonic() < deadline:
+        time.sleep(0.05)
+    stopped, status, why = said.read_text().split(" ", 2)
+    assert (stopped, status) == ("True", "143"), why
+    assert why.startswith("stopped by the end of its parent process "), why
+
+
+def test_a_parent_that_is_not_a_pid_is_refused(monkeypatch: pytest.MonkeyPatch) -> None:
+    """TWOPC_STOP_WITH_PARENT set to anything but a pid: a clear error naming it."""
+    monkeypatch.setenv(stopping.STOP_WITH_PARENT, "1; rm -rf /")
+    monkeypatch.setattr(stopping, "_parent_read", False)
+    before = signal.getsignal(signal.SIGTERM)
+    with (
+        pytest.raises(ConfigurationError, match=r"TWOPC_STOP_WITH_PARENT=.* is not a process id"),
+        stop_on_signals(),
+    ):
+        pass
+    assert signal.getsignal(signal.SIGTERM) is before  # refused before any handler changed

@@ -38,6 +38,7 @@ import psycopg
 from coordinator.errors import TwoPhaseCommitError
 from coordinator.events import get_logger
 from scenarios import events as ev
+from scenarios import stopping
 from scenarios.answer_deadline import ANSWER_TIMEOUT, answered_within
 from scenarios.config import Settings
 from scenarios.outbox.batchjob import BatchConfig, BatchJob
@@ -184,7 +185,13 @@ class Pipeline:
         ]
 
     def _spawn(self, kind: str, index: int) -> subprocess.Popen[bytes]:
-        env = {**os.environ, **self.settings.as_env(), **self.env}
+        # The child stops once this process is gone, even killed with SIGKILL.
+        env = {
+            **os.environ,
+            **self.settings.as_env(),
+            **self.env,
+            stopping.STOP_WITH_PARENT: str(os.getpid()),
+        }
         out: Any = subprocess.DEVNULL
         if self.log_dir:
             out = open(os.path.join(self.log_dir, f"{kind}-{index}.log"), "ab")  # noqa: SIM115
