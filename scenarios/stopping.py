@@ -35,6 +35,7 @@ exits :data:`~scenarios.exit_status.EXIT_RUNTIME_ERROR`.
 
 from __future__ import annotations
 
+import functools
 import os
 import signal
 import sys
@@ -168,24 +169,17 @@ def stop_on_signals(stop: RunStop | None = None) -> Iterator[RunStop]:
             signal.signal(signum, old)
 
 
-#: The parent to stop with (None: none), once read from the environment.
-_parent: int | None = None
-_parent_read = False
-
-
+@functools.cache
 def _parent_to_follow() -> int | None:
     """The pid in ``TWOPC_STOP_WITH_PARENT``, read once and taken out of the environment,
     so that this process's own children do not inherit a parent that is not theirs."""
-    global _parent, _parent_read
-    if not _parent_read:
-        value = os.environ.pop(STOP_WITH_PARENT, "").strip()
-        if value and not value.isdigit():
-            raise ConfigurationError(
-                f"{STOP_WITH_PARENT}={value!r} is not a process id: unset it (twopc sets it "
-                "for the relays and consumers it starts)"
-            )
-        _parent, _parent_read = (int(value) if value else None), True
-    return _parent
+    value = os.environ.pop(STOP_WITH_PARENT, "").strip()
+    if value and not value.isdigit():
+        raise ConfigurationError(
+            f"{STOP_WITH_PARENT}={value!r} is not a process id: unset it (twopc sets it "
+            "for the relays and consumers it starts)"
+        )
+    return int(value) if value else None
 
 
 def _follow_parent(stop: RunStop, parent: int) -> None:

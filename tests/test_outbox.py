@@ -27,7 +27,7 @@ from coordinator.states import Outcome
 from participants.stomp_client import Message
 from scenarios.config import Settings
 from scenarios.crash_plan import CRASH_SETTING, CrashPlan
-from scenarios.lab import procfs
+from scenarios.lab.probes import process_start_time
 from scenarios.outbox.consumer import CONSUMER_CRASH_SETTING, apply, inbox_counts
 from scenarios.outbox.failures import (
     Disposition,
@@ -297,12 +297,6 @@ sys.stdin.readline()
 """
 
 
-def running(pid: int) -> bool:
-    """``pid`` is a live process (neither gone nor a zombie left for its new parent)."""
-    fields = procfs.stat_fields(pid)
-    return fields is not None and fields[0] != "Z"
-
-
 @pytest.mark.lab
 def test_a_pipelines_workers_stop_once_the_process_that_started_them_is_killed(
     settings: Settings,
@@ -326,14 +320,18 @@ def test_a_pipelines_workers_stop_once_the_process_that_started_them_is_killed(
                 environ = Path(f"/proc/{pid}/environ").read_bytes().split(b"\0")
                 assert f"TWOPC_STOP_WITH_PARENT={starter.pid}".encode() in environ, pid
             time.sleep(1.0)  # both up and working
-            assert all(running(pid) for pid in pids), pids
+            assert all(process_start_time(pid) is not None for pid in pids), pids
             starter.kill()
             starter.wait(10)
-            wait_for(lambda: not any(running(pid) for pid in pids), 20, "the workers to stop")
+            wait_for(
+                lambda: all(process_start_time(pid) is None for pid in pids),
+                20,
+                "the workers to stop",
+            )
         finally:
             starter.kill()
             for pid in pids:
-                if running(pid):
+                if process_start_time(pid) is not None:
                     os.kill(pid, signal.SIGKILL)
 
 

@@ -105,11 +105,16 @@ def test_a_child_stops_as_on_sigterm_once_the_process_that_started_it_is_killed(
 def test_a_parent_that_is_not_a_pid_is_refused(monkeypatch: pytest.MonkeyPatch) -> None:
     """TWOPC_STOP_WITH_PARENT set to anything but a pid: a clear error naming it."""
     monkeypatch.setenv(stopping.STOP_WITH_PARENT, "1; rm -rf /")
-    monkeypatch.setattr(stopping, "_parent_read", False)
+    stopping._parent_to_follow.cache_clear()  # read again, as in a new process
     before = signal.getsignal(signal.SIGTERM)
-    with (
-        pytest.raises(ConfigurationError, match=r"TWOPC_STOP_WITH_PARENT=.* is not a process id"),
-        stop_on_signals(),
-    ):
-        pass
+    try:
+        with (
+            pytest.raises(
+                ConfigurationError, match=r"TWOPC_STOP_WITH_PARENT=.* is not a process id"
+            ),
+            stop_on_signals(),
+        ):
+            pass
+    finally:
+        stopping._parent_to_follow.cache_clear()
     assert signal.getsignal(signal.SIGTERM) is before  # refused before any handler changed

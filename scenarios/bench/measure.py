@@ -20,7 +20,6 @@ when it committed; only committed operations are recorded in the histogram.
 from __future__ import annotations
 
 import math
-import os
 import random
 import statistics
 import threading
@@ -437,8 +436,6 @@ def _write_log(out: TextIO, results: Iterable[RunResult], comment: str) -> None:
 
 # -- CPU of the services -------------------------------------------------------------
 
-_TICKS = os.sysconf("SC_CLK_TCK")
-
 
 def tree_cpu_seconds(root: int) -> float:
     """CPU seconds used by ``root``, its live descendants and the children it reaped."""
@@ -451,9 +448,9 @@ def tree_cpu_seconds(root: int) -> float:
         ppid = int(fields[1])
         children.setdefault(ppid, []).append(pid)
         # utime, stime (fields 14, 15 of stat; 0-based 11, 12 after the name)
-        own[pid] = (int(fields[11]) + int(fields[12])) / _TICKS
+        own[pid] = (int(fields[11]) + int(fields[12])) / procfs.TICKS
         if pid == root:
-            own[pid] += (int(fields[13]) + int(fields[14])) / _TICKS  # cutime, cstime
+            own[pid] += (int(fields[13]) + int(fields[14])) / procfs.TICKS  # cutime, cstime
     total, stack = 0.0, [root]
     while stack:
         pid = stack.pop()

@@ -30,7 +30,6 @@ with the fallback poll of :data:`LISTEN_FALLBACK` seconds.
 
 from __future__ import annotations
 
-import os
 import threading
 import time
 from collections.abc import Mapping
@@ -42,7 +41,7 @@ import psycopg
 
 from scenarios.bench.section import Section
 from scenarios.config import Settings
-from scenarios.lab.procfs import stat_fields
+from scenarios.lab.procfs import TICKS, stat_fields
 from scenarios.outbox.consumer import Consumer
 from scenarios.outbox.pipeline import convergence_latencies, wait_converged
 from scenarios.outbox.relay import RelayConfig, StatusRelay
@@ -100,7 +99,7 @@ def _cpu_seconds(pid: int) -> float | None:
         fields = stat_fields(pid)
         if fields is None:
             return None
-        return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+        return (int(fields[11]) + int(fields[12])) / TICKS
 
 
 def _backend_cpu(settings: Settings, relay: str) -> float | None:

@@ -7,7 +7,8 @@ from collections.abc import Iterator
 from pathlib import Path
 
 PROC = Path("/proc")
-_TICKS = os.sysconf("SC_CLK_TCK")
+#: Clock ticks per second: the unit of /proc/stat and of a process's utime and stime.
+TICKS = os.sysconf("SC_CLK_TCK")
 
 
 def pids() -> Iterator[int]:
@@ -39,7 +40,7 @@ def busy_seconds() -> float:
     counted in user already, so the guest columns are left out)."""
     with (PROC / "stat").open() as stat:
         ticks = [int(t) for t in stat.readline().split()[1:9]]
-    return (sum(ticks) - ticks[3] - ticks[4]) / _TICKS
+    return (sum(ticks) - ticks[3] - ticks[4]) / TICKS
 
 
 def cmdline(pid: int) -> bytes | None:
