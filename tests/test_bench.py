@@ -177,6 +177,31 @@ def test_outbox_row_shows_the_like_for_like_ratio_beside_the_targets_figure() ->
     )
 
 
+def test_outbox_row_shows_the_coordinator_without_its_broker_against_outbox_status() -> None:
+    """With coordinator-db measured, the outbox target keeps the coordinator's figure and its
+    detail adds coordinator-db against outbox-status (neither publishes an event)."""
+    rounds = [
+        {"coordinator": 800.0, "outbox-status": 1000.0, "coordinator-db": 1000.0},
+        {"coordinator": 600.0, "outbox-status": 1200.0, "coordinator-db": 1080.0},
+        {"coordinator": 900.0, "outbox-status": 1100.0, "coordinator-db": 1210.0},
+    ]
+    side = {"rounds": rounds, **side_by_side.summarise(rounds)}
+    assert side["ratios"]["coordinator-db/outbox-status"] == {
+        "median": 0.982,
+        "rounds": [1.0, 0.9, 1.1],
+    }
+    assert "outbox-status/coordinator-db" not in side["ratios"]
+    rows = performance_targets.rows({"ratios": {}}, {"side_by_side_c16": side})
+    outbox = next(r for r in rows if r["figure"] == performance_targets.OUTBOX_RATIO.figure)
+    assert (outbox["measured"], outbox["met"]) == (0.727, True)
+    assert outbox["from"] == (
+        "800.0 / 1100.0 /s, medians of 3 rounds side by side (each round: 0.80, 0.50, 0.82); "
+        "like for like without the event, coordinator-db (A and B, no broker) against "
+        "outbox-status: 0.982, 1080.0 / 1100.0 /s, medians of 3 rounds side by side "
+        "(each round: 1.00, 0.90, 1.10)"
+    )
+
+
 def test_side_by_side_cpu_at_16_is_a_table_of_each_contenders_processes_and_their_sum() -> None:
     """The overhead page shows each side-by-side contender's throughput at 16 and its CPU
     per transfer by process (a process it did not use shows '-'), summed, and what the
@@ -346,6 +371,9 @@ def test_bench_overhead_writes_measured_figures(
     outbox = next(row for row in rows if row["figure"] == performance_targets.OUTBOX_RATIO.figure)
     like_for_like = "; like for like, against outbox-status+event (the event published too): "
     assert like_for_like in outbox["from"], outbox
+    assert side_c16["throughput_per_s"]["coordinator-db"] > 0, side_c16
+    assert side_c16["ratios"]["coordinator-db/outbox-status"]["median"] > 0, side_c16
+    assert "; like for like without the event, coordinator-db " in outbox["from"], outbox
     c16_cpu = side_c16["cpu_ms_per_transfer"]
     assert c16_cpu["coordinator"][measure.PYTHON_CPU] > 0, c16_cpu
     assert c16_cpu["outbox-status+event"]["outbox relay"] > 0, c16_cpu

@@ -204,27 +204,42 @@ def rows(latency: Mapping[str, Any], extra: Mapping[str, Any]) -> list[dict[str,
     ]
 
 
-def _side_by_side_detail(side: Mapping[str, Any], other: str) -> str:
+def _side_by_side_detail(
+    side: Mapping[str, Any], other: str, ours: str = side_by_side.COORDINATOR
+) -> str:
     """The median throughputs behind a side-by-side ratio, and every round's ratio."""
     tput = side["throughput_per_s"]
-    rounds = ", ".join(f"{r:.2f}" for r in side["ratios"][f"coordinator/{other}"]["rounds"])
+    rounds = ", ".join(f"{r:.2f}" for r in side["ratios"][f"{ours}/{other}"]["rounds"])
     return (
-        f"{tput['coordinator']} / {tput[other]} /s, medians of {len(side['rounds'])} rounds "
+        f"{tput[ours]} / {tput[other]} /s, medians of {len(side['rounds'])} rounds "
         f"side by side (each round: {rounds})"
     )
 
 
 def _outbox_detail(side: Mapping[str, Any]) -> str:
-    """The outbox ratio's detail, and beside it the like-for-like ratio (not a target): to
-    outbox-status publishing the coordinator's event too, when the run measured it."""
-    detail = _side_by_side_detail(side, side_by_side.OUTBOX)
-    like = side["ratios"].get(f"coordinator/{side_by_side.OUTBOX_EVENT}")
-    if like is None:
-        return detail
-    return (
-        f"{detail}; like for like, against {side_by_side.OUTBOX_EVENT} (the event published "
-        f"too): {like['median']:.3f}, {_side_by_side_detail(side, side_by_side.OUTBOX_EVENT)}"
+    """The outbox ratio's detail, and beside it the like-for-like ratios (not targets), when
+    the run measured them: the coordinator against outbox-status publishing its event too,
+    and the coordinator without its broker branch against outbox-status, neither of which
+    publishes an event."""
+    outbox, with_event, without = (
+        side_by_side.OUTBOX,
+        side_by_side.OUTBOX_EVENT,
+        side_by_side.COORDINATOR_DB,
     )
+    detail = _side_by_side_detail(side, outbox)
+    like = side["ratios"].get(f"{side_by_side.COORDINATOR}/{with_event}")
+    if like is not None:
+        detail += (
+            f"; like for like, against {with_event} (the event published too): "
+            f"{like['median']:.3f}, {_side_by_side_detail(side, with_event)}"
+        )
+    bare = side["ratios"].get(f"{without}/{outbox}")
+    if bare is not None:
+        detail += (
+            f"; like for like without the event, {without} (A and B, no broker) against "
+            f"{outbox}: {bare['median']:.3f}, {_side_by_side_detail(side, outbox, without)}"
+        )
+    return detail
 
 
 def _inflight_detail(flight: Mapping[str, Mapping[str, Any]], count: int | None) -> str:

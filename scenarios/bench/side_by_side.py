@@ -23,8 +23,11 @@ coordinator credits B itself and publishes the ``transfer.completed`` event,
 which the broker copies into every consumer queue of the events' virtual topic
 (four in the lab). ``outbox-status+event`` (:class:`OutboxWithEvent`) writes
 that event too, so that the event reaches the same consumers under both: the
-like-for-like comparison. The target stays the ratio to outbox-status as the
-strategy runs.
+like-for-like comparison. ``coordinator-db`` is the other one: the coordinator
+over A and B with no broker branch (:func:`~scenarios.bench.contenders.db_only_coordinator`),
+which, like outbox-status, debits A and credits B and publishes nothing, B's credit
+inside the global transaction instead of behind a relay and a consumer. The target
+stays the ratio of the coordinator to outbox-status as the strategy runs.
 """
 
 from __future__ import annotations
@@ -55,9 +58,13 @@ if TYPE_CHECKING:
 OUTBOX = "outbox-status"
 OUTBOX_EVENT = "outbox-status+event"
 COORDINATOR = "coordinator"
+COORDINATOR_DB = "coordinator-db"
 FLOOR_SEQ = "floor-seq"
 #: The contenders, in the first round's order.
-NAMES = (COORDINATOR, FLOOR_SEQ, OUTBOX, OUTBOX_EVENT)
+NAMES = (COORDINATOR, FLOOR_SEQ, OUTBOX, OUTBOX_EVENT, COORDINATOR_DB)
+#: The ratios summarised beside the coordinator's to every other contender: the
+#: coordinator without its broker branch against the outbox that sends no event either.
+BESIDE = ((COORDINATOR_DB, OUTBOX),)
 #: The contenders whose relay and consumer finish a block's transfers after it.
 OUTBOXES = (OUTBOX, OUTBOX_EVENT)
 CONCURRENCY = 16
@@ -89,19 +96,22 @@ class OutboxWithEvent(OutboxStatusStrategy):
 
 
 def summarise(rounds: Sequence[Mapping[str, float]]) -> dict[str, Any]:
-    """Each contender's median throughput over ``rounds``, and the coordinator's ratio to
-    each other contender: the ratio of the medians, with every round's own ratio."""
+    """Each contender's median throughput over ``rounds``, the coordinator's ratio to each
+    other contender, and the pairs of :data:`BESIDE` that were measured: the ratio of the
+    medians, with every round's own ratio."""
+    names = list(rounds[0])
+    pairs = [(COORDINATOR, other) for other in names if other != COORDINATOR]
+    pairs += [(ours, other) for ours, other in BESIDE if ours in names and other in names]
     return {
         "throughput_per_s": {
-            name: round(statistics.median(r[name] for r in rounds), 1) for name in rounds[0]
+            name: round(statistics.median(r[name] for r in rounds), 1) for name in names
         },
         "ratios": {
-            f"{COORDINATOR}/{other}": {
-                "median": measure.ratio_of_medians(rounds, COORDINATOR, other),
-                "rounds": [measure.ratio(r[COORDINATOR], r[other]) for r in rounds],
+            f"{ours}/{other}": {
+                "median": measure.ratio_of_medians(rounds, ours, other),
+                "rounds": [measure.ratio(r[ours], r[other]) for r in rounds],
             }
-            for other in rounds[0]
-            if other != COORDINATOR
+            for ours, other in pairs
         },
     }
 
@@ -137,7 +147,7 @@ def run(settings: Settings, *, rounds: int, seconds: float) -> dict[str, Any]:
     opened: dict[str, Contender] = {}
     try:
         factories = contenders.contenders(settings)
-        for name in (COORDINATOR, FLOOR_SEQ):
+        for name in (COORDINATOR, FLOOR_SEQ, COORDINATOR_DB):
             opened[name] = factories[name](CONCURRENCY)
         committed: list[str] = []
 
