@@ -1,7 +1,8 @@
 """The throughput ratios at concurrency 16 and the CPU per transfer at 8, measured side by side.
 
 The coordinator, the plain sequential 2PC (``floor-seq``), the outbox-status
-strategy and ``outbox-status+event`` run in turn, a block of each per round,
+strategy, ``outbox-status+event`` and ``coordinator-db`` run in turn, a block of
+each per round,
 the order rotated every round, so that a machine that slows down or speeds up
 between minutes (a shared one does, by up to half) weighs on all of them alike. Each
 ratio is the ratio of the medians of the rounds' throughputs; every round's
