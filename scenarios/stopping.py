@@ -21,6 +21,11 @@ batch) exit 0 instead: being stopped is how they end. A second signal stops
 at once with that status, as the default action would: whatever was in flight
 is left to ``twopc recover``.
 
+SIGUSR1 stops nothing: it writes every thread's stack to stderr (Python's
+``faulthandler``, from the signal itself, so that it answers even while the
+main thread is blocked inside a C call), for a command that seems stuck to be
+looked at before it is killed.
+
 A process started by another with ``TWOPC_STOP_WITH_PARENT`` set to that
 process's pid (a pipeline's relays and consumers, scenarios.outbox.pipeline)
 also stops, as on SIGTERM, once that process is gone, however it ended: killed
@@ -35,6 +40,7 @@ exits :data:`~scenarios.exit_status.EXIT_RUNTIME_ERROR`.
 
 from __future__ import annotations
 
+import faulthandler
 import functools
 import os
 import signal
@@ -52,6 +58,8 @@ from scenarios.exit_status import EXIT_RUNTIME_ERROR
 
 #: The signals that stop a run.
 STOP_SIGNALS = (signal.SIGTERM, signal.SIGINT)
+#: The signal that writes every thread's stack to stderr and stops nothing.
+DUMP_SIGNAL = signal.SIGUSR1
 #: The setting naming the process whose end stops this one (its parent's pid).
 STOP_WITH_PARENT = "TWOPC_STOP_WITH_PARENT"
 #: Seconds between two looks at whether that parent is still there.
@@ -132,7 +140,8 @@ def checkpoint() -> None:
 def stop_on_signals(stop: RunStop | None = None) -> Iterator[RunStop]:
     """SIGTERM and SIGINT set ``stop`` (a new RunStop by default) while the block runs.
 
-    A second signal ends the process at once with 128 + its number. The
+    A second signal ends the process at once with 128 + its number. While the block
+    runs, :data:`DUMP_SIGNAL` writes every thread's stack to stderr. The
     previous handlers are restored when the block ends. Only the main thread
     can install handlers; elsewhere (a test calling the command in a thread)
     the stop is returned without them.
@@ -156,6 +165,7 @@ def stop_on_signals(stop: RunStop | None = None) -> Iterator[RunStop]:
 
     parent = _parent_to_follow()  # a bad value is refused before any handler changes
     previous = {signum: signal.signal(signum, handler) for signum in STOP_SIGNALS}
+    faulthandler.register(DUMP_SIGNAL, file=sys.stderr, all_threads=True)
     if parent is not None:
         threading.Thread(
             target=_follow_parent, args=(stop, parent), name="twopc-parent-watch", daemon=True
@@ -165,6 +175,7 @@ def stop_on_signals(stop: RunStop | None = None) -> Iterator[RunStop]:
         yield stop
     finally:
         _current = outer
+        faulthandler.unregister(DUMP_SIGNAL)
         for signum, old in previous.items():
             signal.signal(signum, old)
 

@@ -8,6 +8,7 @@ import sys
 import time
 from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import psycopg
 
@@ -67,6 +68,24 @@ class Running:
         self.process.wait()
         if self in _LIVE:
             _LIVE.remove(self)
+
+
+def stopped(process: subprocess.Popen[Any], timeout: float = 30.0) -> tuple[Any, Any]:
+    """The stdout and stderr of a child told to stop, once it has ended. One that has not
+    within ``timeout`` is asked for its threads' stacks (SIGUSR1: scenarios/stopping.py),
+    then killed, so that the tests after it do not meet it; the failure shows the stacks."""
+    try:
+        return process.communicate(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        process.send_signal(signal.SIGUSR1)
+        time.sleep(1.0)
+        process.kill()
+        err = process.communicate()[1]
+        text = err.decode(errors="replace") if isinstance(err, bytes) else err
+        raise AssertionError(
+            f"{process.args} did not stop within {timeout} s of being told to; its stderr, "
+            f"with every thread's stack:\n{text}"
+        ) from None
 
 
 def reap_children() -> None:

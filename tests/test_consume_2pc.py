@@ -31,6 +31,7 @@ from scenarios.outbox.consumer_2pc_aio import AsyncTwoPhaseConsumer
 from scenarios.outbox.deadletter import REASON_HEADER, dead_letter_queue
 from scenarios.transfer import model as scenario
 from scenarios.transfer.model import CREDIT_QUEUE
+from tests.cli_process import stopped
 from tests.conftest import open_stomp_client
 from tests.test_dead_letters import Running, browse, credit, private_queue, put
 from tests.test_outbox import fresh, wait_for
@@ -301,7 +302,7 @@ def test_a_2pc_consumer_killed_at_each_step_applies_every_credit_exactly_once(
         time.sleep(0.5)
     finally:
         restarted.send_signal(signal.SIGTERM)
-        out, err = restarted.communicate(30)
+        out, err = stopped(restarted)
     assert restarted.returncode == 0, err
     after, ids, prepared = b_state(settings)
     assert ids == sorted(f"k-{i}" for i in range(count))
@@ -373,7 +374,7 @@ def test_no_pipeline_only_writes_and_its_checks_wait_for_a_separate_2pc_consumer
         for process in (relay, consumer):
             process.send_signal(signal.SIGTERM)
         relay.wait(30)
-        consumer.communicate(timeout=30)
+        stopped(consumer)
     assert together.returncode == 0, together.stderr
     out = json.loads(together.stdout)
     assert out["not_converged"] == 0 and out["invariants"]["ok"]

@@ -35,6 +35,7 @@ from scenarios.outbox.failures import OutMessage
 from scenarios.outbox.relay import StompPublisher
 from scenarios.transfer import model as scenario
 from scenarios.wiring import COORDINATOR_OBSERVERS, open_coordinator
+from tests.cli_process import stopped
 from tests.conftest import free_port
 from tests.test_outcomes_final import STORIES, Servers
 
@@ -306,7 +307,7 @@ def test_consumer_serves_live_metrics(settings: Settings) -> None:
         after = scrape(port)
     finally:
         consumer.send_signal(signal.SIGTERM)
-        output = consumer.communicate(timeout=30)[0].decode()
+        output = stopped(consumer)[0].decode()
     assert consumer.returncode == 0, output
     for source in ("database a", "database b", "broker"):
         assert value(after, "twopc_source_up", source=source) == 1

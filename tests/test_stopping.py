@@ -67,6 +67,41 @@ def test_the_handlers_are_restored_after_the_block() -> None:
     assert {s: signal.getsignal(s) for s in stopping.STOP_SIGNALS} == before
 
 
+DUMPING = """
+import time
+from scenarios.stopping import stop_on_signals
+with stop_on_signals() as stop:
+    print("ready", flush=True)
+    while not stop.is_set():
+        time.sleep(0.05)
+print("stopped", stop.status, flush=True)
+"""
+
+
+def test_sigusr1_writes_every_threads_stack_to_stderr_and_stops_nothing() -> None:
+    """SIGUSR1 during a run: every thread's stack on stderr; the run goes on until SIGTERM."""
+    child = subprocess.Popen(
+        [sys.executable, "-c", DUMPING],
+        cwd=ROOT,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    try:
+        assert child.stdout is not None and child.stdout.readline() == "ready\n"
+        child.send_signal(stopping.DUMP_SIGNAL)
+        time.sleep(0.5)
+        assert child.poll() is None  # still running
+        child.send_signal(signal.SIGTERM)
+        out, err = child.communicate(timeout=30)
+    finally:
+        if child.poll() is None:
+            child.kill()
+            child.communicate()
+    assert out == "stopped 143\n"
+    assert "(most recent call first):" in err and 'File "<string>", line 7' in err, err
+
+
 CHILD = """
 import sys
 from scenarios.stopping import stop_on_signals
