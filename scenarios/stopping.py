@@ -165,7 +165,9 @@ def stop_on_signals(stop: RunStop | None = None) -> Iterator[RunStop]:
 
     parent = _parent_to_follow()  # a bad value is refused before any handler changes
     previous = {signum: signal.signal(signum, handler) for signum in STOP_SIGNALS}
-    faulthandler.register(DUMP_SIGNAL, file=sys.stderr, all_threads=True)
+    dump_to = _stderr_fd()
+    if dump_to is not None:
+        faulthandler.register(DUMP_SIGNAL, file=dump_to, all_threads=True)
     if parent is not None:
         threading.Thread(
             target=_follow_parent, args=(stop, parent), name="twopc-parent-watch", daemon=True
@@ -175,9 +177,20 @@ def stop_on_signals(stop: RunStop | None = None) -> Iterator[RunStop]:
         yield stop
     finally:
         _current = outer
-        faulthandler.unregister(DUMP_SIGNAL)
+        if dump_to is not None:
+            faulthandler.unregister(DUMP_SIGNAL)
         for signum, old in previous.items():
             signal.signal(signum, old)
+
+
+def _stderr_fd() -> int | None:
+    """The file descriptor under ``sys.stderr``; None when it has none (a test's captured
+    stream, e.g. click's CliRunner): the stacks then have nowhere to go, and SIGUSR1 keeps
+    whatever it did before."""
+    try:
+        return sys.stderr.fileno()
+    except (AttributeError, OSError, ValueError):  # io.UnsupportedOperation is both
+        return None
 
 
 @functools.cache

@@ -8,7 +8,9 @@ import sys
 import time
 from pathlib import Path
 
+import click
 import pytest
+from click.testing import CliRunner
 
 from coordinator.errors import ConfigurationError
 from scenarios import stopping
@@ -100,6 +102,21 @@ def test_sigusr1_writes_every_threads_stack_to_stderr_and_stops_nothing() -> Non
             child.communicate()
     assert out == "stopped 143\n"
     assert "(most recent call first):" in err and 'File "<string>", line 7' in err, err
+
+
+def test_a_run_whose_stderr_has_no_file_still_stops_on_signals() -> None:
+    """stderr replaced by a stream without a file descriptor (click's CliRunner): the block
+    runs, with its stop handlers, and without the stack dump."""
+    runner = CliRunner()
+
+    @click.command()
+    def command() -> None:
+        with stop_on_signals() as stop:
+            assert signal.getsignal(signal.SIGTERM) not in (signal.SIG_DFL, signal.SIG_IGN)
+            click.echo(f"inside, stopped: {stop.is_set()}")
+
+    done = runner.invoke(command, [])
+    assert (done.exit_code, done.output) == (0, "inside, stopped: False\n"), done.exception
 
 
 CHILD = """
