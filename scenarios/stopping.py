@@ -140,8 +140,8 @@ def checkpoint() -> None:
 def stop_on_signals(stop: RunStop | None = None) -> Iterator[RunStop]:
     """SIGTERM and SIGINT set ``stop`` (a new RunStop by default) while the block runs.
 
-    A second signal ends the process at once with 128 + its number. While the block
-    runs, :data:`DUMP_SIGNAL` writes every thread's stack to stderr. The
+    A second signal ends the process at once with 128 + its number. While the
+    outermost block runs, :data:`DUMP_SIGNAL` writes every thread's stack to stderr. The
     previous handlers are restored when the block ends. Only the main thread
     can install handlers; elsewhere (a test calling the command in a thread)
     the stop is returned without them.
@@ -165,7 +165,8 @@ def stop_on_signals(stop: RunStop | None = None) -> Iterator[RunStop]:
 
     parent = _parent_to_follow()  # a bad value is refused before any handler changes
     previous = {signum: signal.signal(signum, handler) for signum in STOP_SIGNALS}
-    dump_to = _stderr_fd()
+    # The outermost block only: an inner one's end must not take the dump from the outer.
+    dump_to = _stderr_fd() if _current is None else None
     if dump_to is not None:
         faulthandler.register(DUMP_SIGNAL, file=dump_to, all_threads=True)
     if parent is not None:

@@ -73,6 +73,8 @@ DUMPING = """
 import time
 from scenarios.stopping import stop_on_signals
 with stop_on_signals() as stop:
+    with stop_on_signals():  # an inner block (a command run by another) has come and gone
+        pass
     print("ready", flush=True)
     while not stop.is_set():
         time.sleep(0.05)
@@ -81,7 +83,8 @@ print("stopped", stop.status, flush=True)
 
 
 def test_sigusr1_writes_every_threads_stack_to_stderr_and_stops_nothing() -> None:
-    """SIGUSR1 during a run: every thread's stack on stderr; the run goes on until SIGTERM."""
+    """SIGUSR1 during a run, after an inner block has ended: every thread's stack on
+    stderr; the run goes on until SIGTERM."""
     child = subprocess.Popen(
         [sys.executable, "-c", DUMPING],
         cwd=ROOT,
@@ -101,7 +104,7 @@ def test_sigusr1_writes_every_threads_stack_to_stderr_and_stops_nothing() -> Non
             child.kill()
             child.communicate()
     assert out == "stopped 143\n"
-    assert "(most recent call first):" in err and 'File "<string>", line 7' in err, err
+    assert "(most recent call first):" in err and 'File "<string>", line 9' in err, err
 
 
 def test_a_run_whose_stderr_has_no_file_still_stops_on_signals() -> None:
