@@ -8,6 +8,7 @@ import sys
 import threading
 import time
 from pathlib import Path
+from typing import Any
 
 import pytest
 from click.testing import CliRunner
@@ -158,6 +159,13 @@ def test_side_by_side_ratios_are_ratios_of_the_medians_with_each_rounds_ratio() 
     assert (sequential["measured"], sequential["met"]) == (1.25, True)
 
 
+def _outbox_row(rounds: list[dict[str, float]]) -> dict[str, Any]:
+    """The outbox target's row of the targets, from side-by-side ``rounds``."""
+    side = {"rounds": rounds, **side_by_side.summarise(rounds)}
+    rows = performance_targets.rows({"ratios": {}}, {"side_by_side_c16": side})
+    return next(r for r in rows if r["figure"] == performance_targets.OUTBOX_RATIO.figure)
+
+
 def test_outbox_row_shows_the_like_for_like_ratio_beside_the_targets_figure() -> None:
     """With outbox-status+event measured, the outbox target keeps its figure (the ratio to
     outbox-status) and its detail adds the ratio to the outbox that publishes the event."""
@@ -166,9 +174,7 @@ def test_outbox_row_shows_the_like_for_like_ratio_beside_the_targets_figure() ->
         {"coordinator": 600.0, "outbox-status": 1200.0, "outbox-status+event": 800.0},
         {"coordinator": 900.0, "outbox-status": 1100.0, "outbox-status+event": 1000.0},
     ]
-    side = {"rounds": rounds, **side_by_side.summarise(rounds)}
-    rows = performance_targets.rows({"ratios": {}}, {"side_by_side_c16": side})
-    outbox = next(r for r in rows if r["figure"] == performance_targets.OUTBOX_RATIO.figure)
+    outbox = _outbox_row(rounds)
     assert (outbox["measured"], outbox["met"]) == (0.727, True)
     assert outbox["from"] == (
         "800.0 / 1100.0 /s, medians of 3 rounds side by side (each round: 0.80, 0.50, 0.82); "
@@ -185,14 +191,10 @@ def test_outbox_row_shows_the_coordinator_without_its_broker_against_outbox_stat
         {"coordinator": 600.0, "outbox-status": 1200.0, "coordinator-db": 1080.0},
         {"coordinator": 900.0, "outbox-status": 1100.0, "coordinator-db": 1210.0},
     ]
-    side = {"rounds": rounds, **side_by_side.summarise(rounds)}
-    assert side["ratios"]["coordinator-db/outbox-status"] == {
-        "median": 0.982,
-        "rounds": [1.0, 0.9, 1.1],
-    }
-    assert "outbox-status/coordinator-db" not in side["ratios"]
-    rows = performance_targets.rows({"ratios": {}}, {"side_by_side_c16": side})
-    outbox = next(r for r in rows if r["figure"] == performance_targets.OUTBOX_RATIO.figure)
+    ratios = side_by_side.summarise(rounds)["ratios"]
+    assert ratios["coordinator-db/outbox-status"] == {"median": 0.982, "rounds": [1.0, 0.9, 1.1]}
+    assert "outbox-status/coordinator-db" not in ratios
+    outbox = _outbox_row(rounds)
     assert (outbox["measured"], outbox["met"]) == (0.727, True)
     assert outbox["from"] == (
         "800.0 / 1100.0 /s, medians of 3 rounds side by side (each round: 0.80, 0.50, 0.82); "

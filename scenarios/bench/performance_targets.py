@@ -216,29 +216,35 @@ def _side_by_side_detail(
     )
 
 
-def _outbox_detail(side: Mapping[str, Any]) -> str:
-    """The outbox ratio's detail, and beside it the like-for-like ratios (not targets), when
-    the run measured them: the coordinator against outbox-status publishing its event too,
-    and the coordinator without its broker branch against outbox-status, neither of which
-    publishes an event."""
-    outbox, with_event, without = (
-        side_by_side.OUTBOX,
+#: The like-for-like ratios shown beside the outbox target's figure (not targets), each as
+#: (ours, theirs, what the clause calls it).
+LIKE_FOR_LIKE = (
+    (
+        side_by_side.COORDINATOR,
         side_by_side.OUTBOX_EVENT,
+        f"like for like, against {side_by_side.OUTBOX_EVENT} (the event published too)",
+    ),
+    (
         side_by_side.COORDINATOR_DB,
-    )
-    detail = _side_by_side_detail(side, outbox)
-    like = side["ratios"].get(f"{side_by_side.COORDINATOR}/{with_event}")
-    if like is not None:
-        detail += (
-            f"; like for like, against {with_event} (the event published too): "
-            f"{like['median']:.3f}, {_side_by_side_detail(side, with_event)}"
-        )
-    bare = side["ratios"].get(f"{without}/{outbox}")
-    if bare is not None:
-        detail += (
-            f"; like for like without the event, {without} (A and B, no broker) against "
-            f"{outbox}: {bare['median']:.3f}, {_side_by_side_detail(side, outbox, without)}"
-        )
+        side_by_side.OUTBOX,
+        f"like for like without the event, {side_by_side.COORDINATOR_DB} (A and B, no "
+        f"broker) against {side_by_side.OUTBOX}",
+    ),
+)
+
+
+def _outbox_detail(side: Mapping[str, Any]) -> str:
+    """The outbox ratio's detail, and beside it each ratio of :data:`LIKE_FOR_LIKE` the run
+    measured: the coordinator against outbox-status publishing its event too, and the
+    coordinator without its broker branch against outbox-status, neither of which
+    publishes an event."""
+    detail = _side_by_side_detail(side, side_by_side.OUTBOX)
+    for ours, theirs, called in LIKE_FOR_LIKE:
+        ratio = side["ratios"].get(f"{ours}/{theirs}")
+        if ratio is not None:
+            detail += (
+                f"; {called}: {ratio['median']:.3f}, {_side_by_side_detail(side, theirs, ours)}"
+            )
     return detail
 
 

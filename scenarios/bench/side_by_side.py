@@ -2,11 +2,10 @@
 
 The coordinator, the plain sequential 2PC (``floor-seq``), the outbox-status
 strategy, ``outbox-status+event`` and ``coordinator-db`` run in turn, a block of
-each per round,
-the order rotated every round, so that a machine that slows down or speeds up
-between minutes (a shared one does, by up to half) weighs on all of them alike. Each
-ratio is the ratio of the medians of the rounds' throughputs; every round's
-ratio is kept beside it to show the spread.
+each per round, the order rotated every round, so that a machine that slows down
+or speeds up between minutes (a shared one does, by up to half) weighs on all of
+them alike. Each ratio is the ratio of the medians of the rounds' throughputs;
+every round's ratio is kept beside it to show the spread.
 
 Each round then runs the coordinator and ``floor-seq`` at concurrency 8, one
 block each in alternating order, and takes the CPU each process spent per
