@@ -40,6 +40,7 @@ exits :data:`~scenarios.exit_status.EXIT_RUNTIME_ERROR`.
 
 from __future__ import annotations
 
+import contextlib
 import faulthandler
 import functools
 import os
@@ -64,6 +65,8 @@ DUMP_SIGNAL = signal.SIGUSR1
 STOP_WITH_PARENT = "TWOPC_STOP_WITH_PARENT"
 #: Seconds between two looks at whether that parent is still there.
 PARENT_POLL = 0.5
+#: What a block's end writes to its signal watcher's pipe (no signal has the number 0).
+_END = 0
 
 
 def signal_status(signum: int) -> int:
@@ -151,20 +154,9 @@ def stop_on_signals(stop: RunStop | None = None) -> Iterator[RunStop]:
     if threading.current_thread() is not threading.main_thread():
         yield stop
         return
-    log = events.get_logger(component="cli")
-
-    def handler(signum: int, frame: FrameType | None) -> None:
-        name = signal.Signals(signum).name
-        if stop.by_signal(signum):
-            log.info(ev.SHUTDOWN_REQUESTED, signal=name)
-            _say(f"{name}: finishing the work in hand; {name} again stops at once")
-            return
-        log.warning(ev.SHUTDOWN_FORCED, signal=name)
-        _say(f"{name} again: stopping at once; 'twopc recover' resolves what was in flight")
-        os._exit(signal_status(signum))
-
     parent = _parent_to_follow()  # a bad value is refused before any handler changes
-    previous = {signum: signal.signal(signum, handler) for signum in STOP_SIGNALS}
+    watcher = _SignalWatcher(stop)
+    previous = {signum: signal.signal(signum, watcher.handler) for signum in STOP_SIGNALS}
     # The outermost block only: an inner one's end must not take the dump from the outer.
     dump_to = _stderr_fd() if _current is None else None
     if dump_to is not None:
@@ -182,6 +174,62 @@ def stop_on_signals(stop: RunStop | None = None) -> Iterator[RunStop]:
             faulthandler.unregister(DUMP_SIGNAL)
         for signum, old in previous.items():
             signal.signal(signum, old)
+        watcher.close()
+
+
+class _SignalWatcher:
+    """Acts on the stop signals of one stop_on_signals block, in a thread of its own.
+
+    A signal runs its Python handler in the main thread, between two of that thread's
+    steps, which may hold any lock: inside ``stop.wait()``, the Event's; inside a log
+    call, the handler's or the stream's. A handler that took one of those locks would
+    wait for itself for ever, and a second signal could no longer stop the process. So
+    :meth:`handler` takes none: it writes the signal's number to a pipe, and the
+    thread reading that pipe stops the run, logs and says so.
+    """
+
+    def __init__(self, stop: RunStop) -> None:
+        self._read, self._write = os.pipe()
+        os.set_blocking(self._write, False)
+        self._thread = threading.Thread(
+            target=self._run, args=(stop,), name="twopc-signals", daemon=True
+        )
+        self._thread.start()
+
+    def handler(self, signum: int, frame: FrameType | None) -> None:
+        """The signal handler: passes ``signum`` on, and nothing else."""
+        with contextlib.suppress(BlockingIOError):  # full: the signals in it stop the run
+            os.write(self._write, bytes((signum,)))
+
+    def _run(self, stop: RunStop) -> None:
+        while data := os.read(self._read, 64):
+            for signum in data:
+                if signum == _END:
+                    return
+                _on_stop_signal(stop, signum)
+
+    def close(self) -> None:
+        """Act on the signals passed on so far, then end the thread (the handlers are
+        the previous ones again by now)."""
+        os.set_blocking(self._write, True)
+        os.write(self._write, bytes((_END,)))
+        self._thread.join()
+        os.close(self._write)
+        os.close(self._read)
+
+
+def _on_stop_signal(stop: RunStop, signum: int) -> None:
+    """The first stop signal stops the run; a second one ends the process at once. Nothing
+    here raises: the watcher must live to see the second."""
+    log = events.get_logger(component="cli")
+    name = signal.Signals(signum).name
+    if stop.by_signal(signum):
+        events.log_contained(ev.SHUTDOWN_REQUESTED, level="info", logger=log, signal=name)
+        _say(f"{name}: finishing the work in hand; {name} again stops at once")
+        return
+    events.log_contained(ev.SHUTDOWN_FORCED, level="warning", logger=log, signal=name)
+    _say(f"{name} again: stopping at once; 'twopc recover' resolves what was in flight")
+    os._exit(signal_status(signum))
 
 
 def _stderr_fd() -> int | None:
@@ -219,8 +267,10 @@ def _follow_parent(stop: RunStop, parent: int) -> None:
 
 
 def _say(line: str) -> None:
-    """One line on stderr from a signal handler (unbuffered: no lock a handler could meet)."""
-    os.write(2, f"twopc: {line}\n".encode())
+    """One line on stderr, unbuffered (a stream's lock may be held); dropped if stderr is
+    gone."""
+    with contextlib.suppress(OSError):
+        os.write(2, f"twopc: {line}\n".encode())
 
 
 def finish_run(

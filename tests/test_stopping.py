@@ -104,7 +104,10 @@ def test_sigusr1_writes_every_threads_stack_to_stderr_and_stops_nothing() -> Non
             child.kill()
             child.communicate()
     assert out == "stopped 143\n"
-    assert "(most recent call first):" in err and 'File "<string>", line 9' in err, err
+    # Every thread: the main one in the child's own code (which line depends on when the
+    # signal came, on a loaded machine), and the thread that acts on the stop signals.
+    assert err.count("(most recent call first):") == 2, err
+    assert 'File "<string>", line ' in err and "in _run" in err, err
 
 
 def test_a_run_whose_stderr_has_no_file_still_stops_on_signals() -> None:
@@ -120,6 +123,46 @@ def test_a_run_whose_stderr_has_no_file_still_stops_on_signals() -> None:
 
     done = runner.invoke(command, [])
     assert (done.exit_code, done.output) == (0, "inside, stopped: False\n"), done.exception
+
+
+HOLDING = """
+import os, signal, sys, time
+from scenarios.stopping import stop_on_signals
+with stop_on_signals() as stop:
+    with {lock}:  # the main thread holds a lock a stop takes when the signal comes
+        os.kill(os.getpid(), signal.SIGTERM)
+        time.sleep(0.5)  # the handler runs here, in this thread
+    stopped = stop.wait(10)
+print("stopped", stopped, stop.status, flush=True)
+"""
+
+
+@pytest.mark.parametrize(
+    "lock",
+    [
+        pytest.param("stop._cond", id="inside-stop.wait"),  # threading.Event's own lock
+        pytest.param("stop._lock", id="inside-stop.fail"),  # RunStop.request's
+    ],
+)
+def test_a_signal_that_comes_while_the_main_thread_holds_the_stops_lock_still_stops(
+    lock: str,
+) -> None:
+    """SIGTERM while the main thread holds the lock that setting the stop takes: the run
+    stops once it lets go (the handler takes no lock, so it cannot wait for itself)."""
+    child = subprocess.Popen(
+        [sys.executable, "-c", HOLDING.format(lock=lock)],
+        cwd=ROOT,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    try:
+        out, err = child.communicate(timeout=30)
+    except subprocess.TimeoutExpired:
+        child.kill()
+        out, err = child.communicate()
+    assert (child.returncode, out) == (0, "stopped True 143\n"), err
+    assert "SIGTERM: finishing the work in hand" in err
 
 
 CHILD = """
