@@ -6,7 +6,7 @@ import signal
 import subprocess
 import sys
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from pathlib import Path
 from typing import Any
 
@@ -86,6 +86,19 @@ def stopped(process: subprocess.Popen[Any], timeout: float = 30.0) -> tuple[Any,
             f"{process.args} did not stop within {timeout} s of being told to; its stderr, "
             f"with every thread's stack:\n{text}"
         ) from None
+
+
+def all_stopped(processes: Iterable[subprocess.Popen[Any]]) -> None:
+    """:func:`stopped` for each child told to stop: every one has ended (killed if it had
+    to be) before the failure of any is raised, with the stacks of each that had not."""
+    failures = []
+    for process in processes:
+        try:
+            stopped(process)
+        except AssertionError as exc:
+            failures.append(str(exc))
+    if failures:
+        raise AssertionError("\n\n".join(failures))
 
 
 def reap_children() -> None:

@@ -31,7 +31,7 @@ from scenarios.outbox.consumer_2pc_aio import AsyncTwoPhaseConsumer
 from scenarios.outbox.deadletter import REASON_HEADER, dead_letter_queue
 from scenarios.transfer import model as scenario
 from scenarios.transfer.model import CREDIT_QUEUE
-from tests.cli_process import stopped
+from tests.cli_process import all_stopped, stopped
 from tests.conftest import open_stomp_client
 from tests.test_dead_letters import Running, browse, credit, private_queue, put
 from tests.test_outbox import fresh, wait_for
@@ -354,7 +354,7 @@ def test_no_pipeline_only_writes_and_its_checks_wait_for_a_separate_2pc_consumer
         [sys.executable, "-m", "scenarios.cli", "relay", "--mode", "status"],
         env={**os.environ, **settings.as_env(), "TWOPC_LOG_LEVEL": "WARNING"},
         stdout=subprocess.DEVNULL,
-        stderr=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,  # its stacks, should it not stop (stopped())
     )
     consumer = run_consumer_cli(settings, {CONSUMER_CRASH_SETTING: "", **failpoint_env(None)})
     try:
@@ -373,8 +373,7 @@ def test_no_pipeline_only_writes_and_its_checks_wait_for_a_separate_2pc_consumer
     finally:
         for process in (relay, consumer):
             process.send_signal(signal.SIGTERM)
-        relay.wait(30)
-        stopped(consumer)
+        all_stopped((relay, consumer))
     assert together.returncode == 0, together.stderr
     out = json.loads(together.stdout)
     assert out["not_converged"] == 0 and out["invariants"]["ok"]

@@ -23,6 +23,7 @@ from outbox.relay import LastIdRelay, RelayConfig, StatusRelay, StompPublisher
 from outbox.writer import row_of, write
 from participants.stomp_client import StompClient
 from scenarios.config import Settings
+from tests.cli_process import all_stopped
 from tests.conftest import open_stomp_client
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -374,7 +375,8 @@ def test_twopc_relay_position_and_destination_start_independent_relays(
         finally:
             for process in relays:
                 process.terminate()
-            assert [process.wait(30) for process in relays] == [0, 0]
+            all_stopped(relays)
+            assert [process.returncode for process in relays] == [0, 0]
         for name, receiver in received.items():
             keys = receiver.take(idle=1.0)
             assert set(keys) == written, name
