@@ -15,6 +15,7 @@ from click.testing import CliRunner
 from coordinator.errors import ConfigurationError
 from scenarios import stopping
 from scenarios.stopping import RunStop, RunStopped, finish_run, stop_on_signals
+from tests.cli_process import stopped
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -126,7 +127,7 @@ def test_a_run_whose_stderr_has_no_file_still_stops_on_signals() -> None:
 
 
 HOLDING = """
-import os, signal, sys, time
+import os, signal, time
 from scenarios.stopping import stop_on_signals
 with stop_on_signals() as stop:
     with {lock}:  # the main thread holds a lock a stop takes when the signal comes
@@ -156,11 +157,7 @@ def test_a_signal_that_comes_while_the_main_thread_holds_the_stops_lock_still_st
         stderr=subprocess.PIPE,
         text=True,
     )
-    try:
-        out, err = child.communicate(timeout=30)
-    except subprocess.TimeoutExpired:
-        child.kill()
-        out, err = child.communicate()
+    out, err = stopped(child)  # hung: its stacks, then killed
     assert (child.returncode, out) == (0, "stopped True 143\n"), err
     assert "SIGTERM: finishing the work in hand" in err
 
