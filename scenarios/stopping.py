@@ -65,8 +65,6 @@ DUMP_SIGNAL = signal.SIGUSR1
 STOP_WITH_PARENT = "TWOPC_STOP_WITH_PARENT"
 #: Seconds between two looks at whether that parent is still there.
 PARENT_POLL = 0.5
-#: What a block's end writes to its signal watcher's pipe (no signal has the number 0).
-_END = 0
 
 
 def signal_status(signum: int) -> int:
@@ -202,19 +200,15 @@ class _SignalWatcher:
             os.write(self._write, bytes((signum,)))
 
     def _run(self, stop: RunStop) -> None:
-        while data := os.read(self._read, 64):
+        while data := os.read(self._read, 64):  # b"" once close() has closed the writing end
             for signum in data:
-                if signum == _END:
-                    return
                 _on_stop_signal(stop, signum)
 
     def close(self) -> None:
-        """Act on the signals passed on so far, then end the thread (the handlers are
-        the previous ones again by now)."""
-        os.set_blocking(self._write, True)
-        os.write(self._write, bytes((_END,)))
-        self._thread.join()
+        """Act on the signals passed on so far, then end the thread. The handlers are the
+        previous ones again by now, so nothing writes to the pipe any more."""
         os.close(self._write)
+        self._thread.join()
         os.close(self._read)
 
 
