@@ -43,6 +43,8 @@ pytestmark = pytest.mark.lab
 
 TWOPC = [sys.executable, "-m", "scenarios.cli"]
 QUEUE = "/queue/test.security"
+#: The queue the OpenWire producer sends to (an OpenWire name, then the STOMP one).
+OPENWIRE_QUEUE = "test.security.openwire"
 
 
 def mode(path: Path) -> int:
@@ -134,8 +136,9 @@ def test_lab_env_exports_the_login_it_generated(lab: Lab) -> None:
         assert client.alive
 
 
-def openwire_producer(lab: Lab, tmp_path: Path, *login: str) -> str:
-    """Run ActiveMQ's own 'producer' command (an OpenWire client) once; its output."""
+def openwire_producer(lab: Lab, tmp_path: Path, *options: str) -> str:
+    """Run ActiveMQ's own 'producer' command (an OpenWire client) once, with ``options``
+    (the login, the body); its output."""
     command = [
         java_binary(),
         f"-Dactivemq.home={ACTIVEMQ_HOME}",
@@ -146,29 +149,40 @@ def openwire_producer(lab: Lab, tmp_path: Path, *login: str) -> str:
         "--brokerUrl",
         f"tcp://127.0.0.1:{lab.ports.openwire}",
         "--destination",
-        "queue://test.security.openwire",
+        f"queue://{OPENWIRE_QUEUE}",
         "--messageCount",
         "1",
-        *login,
+        *options,
     ]
     result = subprocess.run(command, capture_output=True, text=True, timeout=60, check=False)
     return result.stdout + result.stderr
 
 
-def test_openwire_connector_requires_the_login_too(lab: Lab, tmp_path: Path) -> None:
-    """An OpenWire client without the login is refused; with it, it sends."""
+def test_openwire_connector_requires_the_login_too(
+    settings: Settings, lab: Lab, tmp_path: Path
+) -> None:
+    """An OpenWire client without the login is refused; with it, its message is queued."""
     refused = openwire_producer(lab, tmp_path)
     assert "JMSSecurityException" in refused and "password is invalid" in refused
     credentials = lab.credentials()
+    body = uuid.uuid4().hex
     sent = openwire_producer(
         lab,
         tmp_path,
+        "--message",
+        body,
         "--user",
         credentials.stomp_user,
         "--password",
         credentials.stomp_password,
     )
-    assert "Exception" not in sent, sent
+    assert "JMSSecurityException" not in sent, sent
+    # The send is persistent, so synchronous: the message is stored once it returns. What
+    # the tool does after it, closing its producer, is not the login's concern: that close
+    # has failed on a connection already gone ("Cannot send, channel has already failed").
+    with open_stomp(settings) as client:
+        queued = [m.body for m in client.browse(f"/queue/{OPENWIRE_QUEUE}", idle_timeout=2.0)]
+    assert body in queued, sent
 
 
 # -- TLS -------------------------------------------------------------------------
