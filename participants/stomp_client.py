@@ -61,7 +61,6 @@ import os
 import socket
 import ssl
 import threading
-from collections.abc import Mapping
 from typing import Any
 
 import stomp
@@ -446,39 +445,8 @@ class StompClient(StompOperations):
         else:
             self._write(encoded_frame)
 
-    def _transmit(
-        self,
-        command: str,
-        headers: Mapping[str, str],
-        body: str,
-        gtrid: str | None,
-        *,
-        receipt: bool = False,
-    ) -> Waiter | None:
-        """Write one frame (kept if this thread corked); with ``receipt``, its waiter.
-
-        InvalidHeader (nothing sent, nothing awaited) if a header cannot be carried.
-        """
-        with self._lock:
-            out = self._protocol.frame(command, headers, body, receipt=receipt, gtrid=gtrid)
-            pending = None
-            if out.receipt_id is not None:
-                pending = self._pending[out.receipt_id] = _Pending(out.receipt_id)
-        if self._lost:
-            failure = f"cannot send {command}: the connection is closed"
-        else:
-            try:
-                # Written by the core, its headers escaped (names too), past stomp.py's
-                # send_frame and transmit, which would escape the values a second time
-                # and write the frame again.
-                self._send_or_keep(out.data)
-                return pending
-            except (StompException, OSError) as exc:
-                self._on_lost()
-                failure = f"connection lost while sending {command} ({type(exc).__name__})"
-        if pending is not None:
-            self._give_up(pending)
-        raise self.unavailable(failure, gtrid)
+    def _waiter(self, receipt_id: str) -> _Pending:
+        return _Pending(receipt_id)
 
     def _wait(self, waiter: Waiter, timeout: float) -> None:
         assert isinstance(waiter, _Pending)
@@ -494,6 +462,11 @@ class StompClient(StompOperations):
         return self._connected_ok
 
     def _flush(self, data: bytes, what: str, gtrid: str | None) -> None:
+        if self._lost:
+            raise self.unavailable(f"cannot send {what}: the connection is closed", gtrid)
+        # Written by the core, its headers escaped (names too), past stomp.py's
+        # send_frame and transmit, which would escape the values a second time and
+        # write the frame again.
         try:
             self._write(data)
         except (StompException, OSError) as exc:

@@ -246,6 +246,40 @@ class StompOperations:
         """True when a frame written now is kept: the writer corked."""
         return self._corked is not None and self._corked_by == current_worker()
 
+    def _transmit(
+        self,
+        command: str,
+        headers: Mapping[str, str],
+        body: str,
+        gtrid: str | None,
+        *,
+        receipt: bool = False,
+    ) -> Waiter | None:
+        """Write one frame, or keep it if this task (thread) corked; with ``receipt``, the
+        waiter of its answer. InvalidHeader (nothing sent, nothing awaited) if a header
+        cannot be carried.
+
+        A frame is kept even once the connection is lost: the write that flushes
+        the cork fails, in the step that sends it (a COMMIT's), so no frame is
+        left over to fail the block's end instead.
+        """
+        with self._lock:
+            out = self._protocol.frame(command, headers, body, receipt=receipt, gtrid=gtrid)
+            waiter = None
+            if out.receipt_id is not None:
+                waiter = self._pending[out.receipt_id] = self._waiter(out.receipt_id)
+        if self._keeps():
+            assert self._corked is not None
+            self._corked.append(out.data)
+            return waiter
+        try:
+            self._flush(out.data, command, gtrid)
+        except ParticipantUnavailable:
+            if waiter is not None:
+                self._give_up(waiter)
+            raise
+        return waiter
+
     def _uncork(self, gtrid: str | None) -> None:
         """Send the frames kept so far in one write (ParticipantUnavailable if it fails)."""
         kept, self._corked, self._corked_by = self._corked, None, None
@@ -356,7 +390,8 @@ class StompOperations:
         raise NotImplementedError
 
     def _flush(self, data: bytes, what: str, gtrid: str | None) -> None:
-        """Write ``data`` (kept frames) in one write; ParticipantUnavailable if it fails."""
+        """Write ``data`` (one frame, or the frames kept) in one write; ParticipantUnavailable
+        if it fails or the connection is lost already."""
         raise NotImplementedError
 
     def _connect_answered(self, event: Connected | ConnectRefused) -> None:
@@ -371,15 +406,8 @@ class StompOperations:
         """The connection dropped: wake the ``pending`` waiters and a CONNECT still waiting."""
         raise NotImplementedError
 
-    def _transmit(
-        self,
-        command: str,
-        headers: Mapping[str, str],
-        body: str,
-        gtrid: str | None,
-        *,
-        receipt: bool = False,
-    ) -> Waiter | None:
+    def _waiter(self, receipt_id: str) -> Waiter:
+        """A new waiter for the answer to receipt ``receipt_id`` (not yet registered)."""
         raise NotImplementedError
 
     def _wait(self, waiter: Waiter, timeout: float) -> None:

@@ -42,6 +42,7 @@ from participants.activemq import (
     MAX_POOL_SIZE,
     SHARED_MARKER_QUEUE,
     ActiveMQ,
+    CommitNotSent,
     FenceRefused,
     client_id_for,
     marker_queue_for,
@@ -685,6 +686,16 @@ class Broker:
             return gtrid, sync_transaction(self.sync, gtrid, sends, commit)
         return gtrid, self._runner.run(aio_transaction(self._aio, gtrid, sends, commit))
 
+    def commit_on_a_lost_connection(self, destination: str, *, ahead: bool) -> Exception:
+        """Send one message (ahead of the commit point, or kept for the group commit), lose
+        the connection just before the COMMIT, and return what the commit raised."""
+        gtrid = unique("t.")
+        if self.api == "sync":
+            return sync_commit_on_a_lost_connection(self.sync, gtrid, destination, ahead)
+        return self._runner.run(
+            aio_commit_on_a_lost_connection(self._aio, gtrid, destination, ahead)
+        )
+
     def close(self) -> None:
         self._runner.run(self._aio.close())
         self._runner.close()
@@ -729,6 +740,36 @@ async def aio_transaction(
     finally:
         await session.release()
     return refused
+
+
+def sync_commit_on_a_lost_connection(
+    mq: ActiveMQ, gtrid: str, destination: str, ahead: bool
+) -> Exception:
+    session = mq.begin(gtrid)
+    try:
+        session.send(destination, "never")
+        if ahead:
+            session.send_ahead()
+        with pytest.raises(TwoPhaseCommitError) as raised:
+            session.commit_with_marker(gtrid, timeout=5.0, before_commit=session._client.drop)
+    finally:
+        session.release()
+    return raised.value
+
+
+async def aio_commit_on_a_lost_connection(
+    mq: AsyncActiveMQ, gtrid: str, destination: str, ahead: bool
+) -> Exception:
+    session = await mq.begin(gtrid)
+    try:
+        await session.send(destination, "never")
+        if ahead:
+            await session.send_ahead()
+        with pytest.raises(TwoPhaseCommitError) as raised:
+            await session.commit_with_marker(gtrid, timeout=5.0, before_commit=session._client.drop)
+    finally:
+        await session.release()
+    return raised.value
 
 
 @pytest.fixture(params=["sync", "asyncio"])
@@ -806,6 +847,21 @@ def test_a_transaction_with_a_refused_header_rolls_back_cleanly(
     assert gtrid not in broker.sync.markers()
     _, refused = broker.transaction([(queue_name, "next", {})])  # the pool is healthy
     assert [m.body for m in browse(stomp_addr, queue_name)] == ["next"]
+
+
+@pytest.mark.parametrize("ahead", [False, True], ids=["group-commit", "sent-ahead"])
+def test_a_connection_lost_before_the_commit_frame_is_commit_not_sent(
+    broker: Broker, stomp_addr: str, queue_name: str, ahead: bool
+) -> None:
+    """The connection lost just before the COMMIT frame: CommitNotSent (a refusal, so the
+    coordinator aborts), never a doubt; nothing committed; the pool still commits."""
+    raised = broker.commit_on_a_lost_connection(queue_name, ahead=ahead)
+    assert isinstance(raised, CommitNotSent), repr(raised)
+    assert "nothing was committed" in str(raised)
+    assert browse(stomp_addr, queue_name) == []
+    gtrid, _ = broker.transaction([(queue_name, "next", {})])
+    assert [m.body for m in browse(stomp_addr, queue_name)] == ["next"]
+    assert broker.sync.markers() == {gtrid}  # the lost one left no marker
 
 
 BAD_MESSAGES: list[tuple[Any, dict[str, Any]]] = [

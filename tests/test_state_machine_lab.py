@@ -60,6 +60,7 @@ from tests.test_state_machine import (
     CommitUnderCrashes,
     Fault,
     Seen,
+    Told,
 )
 
 pytestmark = pytest.mark.lab
@@ -253,9 +254,11 @@ class LabCommitUnderCrashes(CommitUnderCrashes):
     @initialize()
     def first_start(self) -> None:
         """The first coordinator; its first transfer has its broker sessions cut by the
-        broker before its COMMIT, so that every run meets that cut whatever it draws."""
+        broker before its COMMIT, so that every run meets that cut whatever it draws.
+        Nothing was committed and the coordinator knows it: its caller is told ABORTED."""
         super().first_start()
         self.transfer(1, 1, True, Fault("mq", "before_broker_commit", "cut"))
+        assert [entry.told for entry in self.model.values()] == [Told.ABORTED]
 
     # -- the hooks of CommitUnderCrashes ---------------------------------------------
 

@@ -20,10 +20,8 @@ import asyncio
 import contextlib
 import functools
 import socket
-from collections.abc import Mapping
 from dataclasses import dataclass
 
-from coordinator.errors import ParticipantUnavailable
 from participants import events as ev
 from participants.aio.stomp_ops import AsyncStompOperations, AsyncSubscription, Waiter, _log
 from participants.stomp_client import tls_context
@@ -121,32 +119,8 @@ class AsyncStompClient(AsyncStompOperations):
         self.drop()
         raise answer.error
 
-    async def _transmit(
-        self,
-        command: str,
-        headers: Mapping[str, str],
-        body: str,
-        gtrid: str | None,
-        *,
-        receipt: bool = False,
-    ) -> Waiter | None:
-        """Write one frame (or keep it, corked); with ``receipt``, the waiter of its answer."""
-        out = self._protocol.frame(command, headers, body, receipt=receipt, gtrid=gtrid)
-        waiter = None
-        if out.receipt_id is not None:
-            waiter = _Waiter(out.receipt_id, asyncio.get_running_loop().create_future())
-            self._pending[out.receipt_id] = waiter
-        if self._keeps():
-            assert self._corked is not None
-            self._corked.append(out.data)
-            return waiter
-        try:
-            await self._write(out.data, command, gtrid)
-        except ParticipantUnavailable:
-            if waiter is not None:
-                self._give_up(waiter)
-            raise
-        return waiter
+    def _waiter(self, receipt_id: str) -> _Waiter:
+        return _Waiter(receipt_id, asyncio.get_running_loop().create_future())
 
     async def _flush(self, data: bytes, what: str, gtrid: str | None) -> None:
         await self._write(data, what, gtrid)
