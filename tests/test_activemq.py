@@ -59,6 +59,7 @@ from participants.stomp_headers import InvalidMessage
 from participants.stomp_ops import StompOperations
 from scenarios.config import Settings
 from scenarios.wiring import open_coordinator
+from tests.aio_portal import Blocking
 from tests.conftest import open_stomp_client, stomp_login
 
 pytestmark = pytest.mark.lab
@@ -689,12 +690,8 @@ class Broker:
     def commit_on_a_lost_connection(self, destination: str, *, ahead: bool) -> Exception:
         """Send one message (ahead of the commit point, or kept for the group commit), lose
         the connection just before the COMMIT, and return what the commit raised."""
-        gtrid = unique("t.")
-        if self.api == "sync":
-            return sync_commit_on_a_lost_connection(self.sync, gtrid, destination, ahead)
-        return self._runner.run(
-            aio_commit_on_a_lost_connection(self._aio, gtrid, destination, ahead)
-        )
+        resource = self.sync if self.api == "sync" else Blocking(self._runner, self._aio)
+        return commit_on_a_lost_connection(resource, unique("t."), destination, ahead)
 
     def close(self) -> None:
         self._runner.run(self._aio.close())
@@ -742,9 +739,7 @@ async def aio_transaction(
     return refused
 
 
-def sync_commit_on_a_lost_connection(
-    mq: ActiveMQ, gtrid: str, destination: str, ahead: bool
-) -> Exception:
+def commit_on_a_lost_connection(mq: Any, gtrid: str, destination: str, ahead: bool) -> Exception:
     session = mq.begin(gtrid)
     try:
         session.send(destination, "never")
@@ -754,21 +749,6 @@ def sync_commit_on_a_lost_connection(
             session.commit_with_marker(gtrid, timeout=5.0, before_commit=session._client.drop)
     finally:
         session.release()
-    return raised.value
-
-
-async def aio_commit_on_a_lost_connection(
-    mq: AsyncActiveMQ, gtrid: str, destination: str, ahead: bool
-) -> Exception:
-    session = await mq.begin(gtrid)
-    try:
-        await session.send(destination, "never")
-        if ahead:
-            await session.send_ahead()
-        with pytest.raises(TwoPhaseCommitError) as raised:
-            await session.commit_with_marker(gtrid, timeout=5.0, before_commit=session._client.drop)
-    finally:
-        await session.release()
     return raised.value
 
 
