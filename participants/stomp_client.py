@@ -291,9 +291,9 @@ class StompClient(StompOperations):
         self._agreed: tuple[int, int] | None = None  # CONNECTED read, not yet told stomp.py
         _read_into_core(self._conn.transport, self)
         self._conn.set_listener("twopc", _Listener(self))
-        # Frames written while corked are kept (heartbeats from stomp.py's thread go through).
+        # Every write of ours, kept frames flushed included (stomp.py's heart-beats go
+        # through its own transmit).
         self._write = self._conn.transport.send
-        self._conn.transport.send = self._send_or_keep
         self._ready = threading.Event()  # CONNECTED, an ERROR instead, or the socket closed
         self._connected_ok = False
         self._connect_error: ConnectRefused | None = None
@@ -377,7 +377,7 @@ class StompClient(StompOperations):
             self._conn.transport.start()
             with self._lock:
                 connect = self._protocol.connect()
-            self._conn.transport.send(connect.data)
+            self._write(connect.data)
         except (StompException, OSError) as exc:
             self.drop()
             if self.tls:
@@ -437,13 +437,6 @@ class StompClient(StompOperations):
         sock = self.tcp_socket
         if sock is not None:
             sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-
-    def _send_or_keep(self, encoded_frame: bytes) -> None:
-        if self._keeps():
-            assert self._corked is not None
-            self._corked.append(encoded_frame)
-        else:
-            self._write(encoded_frame)
 
     def _waiter(self, receipt_id: str) -> _Pending:
         return _Pending(receipt_id)
