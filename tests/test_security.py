@@ -43,8 +43,6 @@ pytestmark = pytest.mark.lab
 
 TWOPC = [sys.executable, "-m", "scenarios.cli"]
 QUEUE = "/queue/test.security"
-#: The queue the OpenWire producer sends to (an OpenWire name, then the STOMP one).
-OPENWIRE_QUEUE = "test.security.openwire"
 
 
 def mode(path: Path) -> int:
@@ -136,9 +134,9 @@ def test_lab_env_exports_the_login_it_generated(lab: Lab) -> None:
         assert client.alive
 
 
-def openwire_producer(lab: Lab, tmp_path: Path, *options: str) -> str:
-    """Run ActiveMQ's own 'producer' command (an OpenWire client) once, with ``options``
-    (the login, the body); its output."""
+def openwire_producer(lab: Lab, tmp_path: Path, queue: str, *options: str) -> str:
+    """Run ActiveMQ's own 'producer' command (an OpenWire client) once, sending to
+    ``queue`` with ``options`` (the login, the body); its output."""
     command = [
         java_binary(),
         f"-Dactivemq.home={ACTIVEMQ_HOME}",
@@ -149,7 +147,7 @@ def openwire_producer(lab: Lab, tmp_path: Path, *options: str) -> str:
         "--brokerUrl",
         f"tcp://127.0.0.1:{lab.ports.openwire}",
         "--destination",
-        f"queue://{OPENWIRE_QUEUE}",
+        f"queue://{queue}",
         "--messageCount",
         "1",
         *options,
@@ -162,13 +160,15 @@ def test_openwire_connector_requires_the_login_too(
     settings: Settings, lab: Lab, tmp_path: Path
 ) -> None:
     """An OpenWire client without the login is refused; with it, its message is queued."""
-    refused = openwire_producer(lab, tmp_path)
+    queue = f"test.security.openwire.{uuid.uuid4().hex[:12]}"  # this run's alone
+    refused = openwire_producer(lab, tmp_path, queue)
     assert "JMSSecurityException" in refused and "password is invalid" in refused
     credentials = lab.credentials()
     body = uuid.uuid4().hex
     sent = openwire_producer(
         lab,
         tmp_path,
+        queue,
         "--message",
         body,
         "--user",
@@ -181,8 +181,8 @@ def test_openwire_connector_requires_the_login_too(
     # the tool does after it, closing its producer, is not the login's concern: that close
     # has failed on a connection already gone ("Cannot send, channel has already failed").
     with open_stomp(settings) as client:
-        queued = [m.body for m in client.browse(f"/queue/{OPENWIRE_QUEUE}", idle_timeout=2.0)]
-    assert body in queued, sent
+        queued = [m.body for m in client.browse(f"/queue/{queue}", idle_timeout=2.0)]
+    assert queued == [body], sent
 
 
 # -- TLS -------------------------------------------------------------------------
