@@ -17,7 +17,7 @@ from coordinator.failpoints import failpoint_env
 from coordinator.states import Outcome
 from coordinator.xid import gtrid_prefix
 from scenarios.config import Settings
-from scenarios.strategies.twopc import transfer_2pc
+from scenarios.strategies.transfer_2pc import transfer_2pc
 from scenarios.transfer import model as scenario
 from scenarios.transfer.invariants import gather_evidence
 from scenarios.wiring import open_coordinator

@@ -62,10 +62,18 @@ def broker(settings: Settings, *, pool_size: int, coordinator_id: str | None = N
 def async_participants(
     settings: Settings, coordinator_id: str, *, pool_size: int
 ) -> tuple[list[AsyncPostgresResource], AsyncActiveMQ]:
-    """Databases 'a' and 'b' and the broker 'mq' as asyncio participants (coordinator.aio)."""
+    """Databases 'a' and 'b' and the broker 'mq' as asyncio participants (coordinator.aio);
+    every database session carries ``coordinator_id`` as its ``application_name``, as
+    :func:`databases` does (fencing ends a coordinator's sessions by it)."""
     resources = [
-        AsyncPostgresResource("a", settings.pg_a, setting="TWOPC_PG_A", pool_size=pool_size),
-        AsyncPostgresResource("b", settings.pg_b, setting="TWOPC_PG_B", pool_size=pool_size),
+        AsyncPostgresResource(
+            name,
+            dsn,
+            setting=f"TWOPC_PG_{name.upper()}",
+            pool_size=pool_size,
+            application_name=coordinator_id,
+        )
+        for name, dsn in (("a", settings.pg_a), ("b", settings.pg_b))
     ]
     mq = AsyncActiveMQ(
         settings.stomp, coordinator_id, pool_size=pool_size, **settings.stomp_options()
@@ -151,6 +159,45 @@ def open_coordinator(
         raise
 
 
+def open_async_coordinator(
+    settings: Settings | None = None,
+    *,
+    recover: bool = True,
+    sessions: int = DEFAULT_SESSIONS,
+    **options: Any,
+) -> AsyncCoordinator:
+    """:func:`open_coordinator` for asyncio: databases 'a' and 'b' and the broker 'mq' as
+    asyncio participants, the coordinator id and decision-log file of the settings; start
+    it with ``await coordinator.start()`` (recovery runs then, unless ``recover`` is False).
+
+    Decisions in a file only: with TWOPC_DECISIONS=postgres it raises ConfigurationError
+    (the decision rows and the membership need sessions of their own, which this
+    coordinator would not close).
+    """
+    settings = settings or Settings.load()
+    if settings.decisions != "file":
+        raise ConfigurationError(
+            f"TWOPC_DECISIONS={settings.decisions}: the asyncio coordinator of the scenarios "
+            "keeps its decisions in a file; set TWOPC_DECISIONS=file, or run on threads"
+        )
+    failpoints.arm_from_env()
+    log = FileDecisionLog(settings.log_path)  # first: a log locked by another process stops here
+    try:
+        resources, mq = async_participants(settings, settings.coordinator_id, pool_size=sessions)
+        return AsyncCoordinator(
+            settings.coordinator_id,
+            log,
+            resources,
+            mq,
+            recover_on_start=recover,
+            max_workers=max(sessions, 4),
+            **options,
+        )
+    except BaseException:
+        log.close()
+        raise
+
+
 def decision_log(
     settings: Settings, resources: list[PostgresResource], *, log_path: Path | None = None
 ) -> tuple[DecisionLog, PostgresDecisionTable | None, PostgresMembership | None]:
@@ -219,7 +266,9 @@ def open_consuming_async_coordinator(
     failpoints.arm_from_env()
     coordinator_id = consumer_coordinator_id(settings)
     log = FileDecisionLog(consumer_log_path(settings))
-    b = AsyncPostgresResource("b", settings.pg_b, setting="TWOPC_PG_B", pool_size=2)
+    b = AsyncPostgresResource(
+        "b", settings.pg_b, setting="TWOPC_PG_B", pool_size=2, application_name=coordinator_id
+    )
     mq = AsyncActiveMQ(settings.stomp, coordinator_id, pool_size=1, **settings.stomp_options())
     coordinator = AsyncCoordinator(coordinator_id, log, [b], mq, recover_on_start=recover)
     return coordinator, mq

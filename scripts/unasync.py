@@ -45,6 +45,7 @@ FILES = {
     "outbox/aio/deadletter.py": "outbox/deadletter.py",
     "outbox/aio/inbox.py": "outbox/inbox.py",
     "scenarios/outbox/consumer_2pc_aio.py": "scenarios/outbox/consumer_2pc.py",
+    "scenarios/strategies/transfer_2pc_aio.py": "scenarios/strategies/transfer_2pc.py",
 }
 
 #: Whole-word replacements, in order.

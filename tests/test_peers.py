@@ -3,6 +3,7 @@ decision rows, fencing and peer recovery, against the real PostgreSQL and Active
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import json
 import os
@@ -71,6 +72,32 @@ def test_every_session_of_a_coordinator_carries_its_id_as_application_name(
     finally:
         coordinator.close()
     assert sessions_named(settings.pg_a, ident) == 0
+
+
+def test_every_session_of_an_asyncio_coordinator_carries_its_id_as_application_name(
+    settings: Settings,
+) -> None:
+    """The asyncio coordinator the settings open names its sessions of both databases too."""
+    ident = unique_id("appname-aio")
+    coordinator = wiring.open_async_coordinator(replace(settings, coordinator_id=ident), sessions=2)
+
+    async def scenario() -> list[int]:
+        async with coordinator, coordinator.transaction() as tx:
+            await tx.execute("a", "SELECT 1")
+            await tx.execute("b", "SELECT 1")
+            return [sessions_named(dsn, ident) for dsn in (settings.pg_a, settings.pg_b)]
+
+    named = asyncio.run(scenario())
+    assert named[0] >= 1 and named[1] >= 1, named
+    assert sessions_named(settings.pg_a, ident) == 0
+
+
+def test_the_asyncio_coordinator_of_the_settings_refuses_decisions_in_postgres(
+    settings: Settings,
+) -> None:
+    """open_async_coordinator keeps decisions in a file; TWOPC_DECISIONS=postgres is refused."""
+    with pytest.raises(ConfigurationError, match="TWOPC_DECISIONS=file"):
+        wiring.open_async_coordinator(replace(settings, decisions="postgres"))
 
 
 def pg_resources(settings: Settings, ident: str) -> list[PostgresResource]:

@@ -31,7 +31,7 @@ from participants.postgres import PostgresResource
 from scenarios.config import Settings
 from scenarios.lab.services import Lab
 from scenarios.stories import STORIES
-from scenarios.strategies.twopc import transfer_2pc
+from scenarios.strategies.transfer_2pc import transfer_2pc
 from scenarios.transfer import model as scenario
 from scenarios.transfer.batch import run_batch
 from scenarios.transfer.invariants import gather_evidence

@@ -67,6 +67,15 @@ from scenarios.stopping import RunStop, finish_run, stop_on_signals
     help="With the matrix: schedules of two or three coordinators in postgres mode, the "
     "first killed or paused, recovered by 'twopc recover --dead'.",
 )
+@click.option(
+    "--api",
+    type=click.Choice(["threads", "asyncio"]),
+    default="threads",
+    show_default=True,
+    help="The coordinator the killed child runs: Coordinator on threads, or "
+    "AsyncCoordinator on asyncio (decisions in a file: the schedules of several "
+    "coordinators are left out).",
+)
 @click.option("--fail-fast", is_flag=True, help="Stop at the first schedule that fails.")
 @click.option(
     "--results",
@@ -84,6 +93,7 @@ def torture(
     accounts: int,
     reset: bool,
     peers: bool,
+    api: str,
     fail_fast: bool,
     results: Path | None,
 ) -> None:
@@ -97,7 +107,8 @@ def torture(
     pg_prepared_xacts, the markers and the decision log. Exit status 1 if any
     invariant failed. Needs the lab ('twopc lab up'); it resets its tables.
     SIGTERM or SIGINT: the schedule in hand runs to its end (recovery and
-    checks), the table of the schedules run prints, exit 143/130.
+    checks), the table of the schedules run prints, exit 143/130. With --api
+    asyncio the killed child runs the asyncio coordinator.
     """
     from scenarios.torture import schedules as plans
     from scenarios.torture.report import rows, summary
@@ -114,8 +125,13 @@ def torture(
     plan: list[plans.Schedule] = []
     if matrix:
         plan += plans.matrix(seed, count=count, concurrency=concurrency)
-        if peers:
+        if peers and api == "threads":
             plan += plans.peer_schedules(seed, count=count, concurrency=concurrency)
+        elif peers:
+            err.print(
+                "[yellow]--api asyncio: the schedules of several coordinators (postgres mode) "
+                "are left out; they run with --api threads[/]"
+            )
     plan += plans.random_schedules(schedules, seed, lab=lab is not None)
     plan = [s for s in plan if lab is not None or not s.fault.needs_lab]
     if not plan:
@@ -123,7 +139,9 @@ def torture(
 
     started = time.monotonic()
     with stop_on_signals() as stop:
-        done = _run_plan(settings, lab, plan, accounts, reset, fail_fast, results, as_json, stop)
+        done = _run_plan(
+            settings, lab, plan, accounts, reset, api, fail_fast, results, as_json, stop
+        )
         seconds = time.monotonic() - started
 
         def print_report() -> None:
@@ -132,7 +150,7 @@ def torture(
             else:
                 _print_table(rows(done, seconds), report)
 
-        report = summary(done, seconds)
+        report = {"api": api, **summary(done, seconds)}
         if stop.is_set():
             report["stopped"] = f"{stop.describe()} after {len(done)} of {len(plan)} schedules"
         finish_run(stop, print_report, status=0 if report["ok"] else 1)
@@ -144,6 +162,7 @@ def _run_plan(
     plan: list[Any],
     accounts: int,
     reset: bool,
+    api: str,
     fail_fast: bool,
     results: Path | None,
     as_json: bool,
@@ -160,7 +179,7 @@ def _run_plan(
     sink = results.open("a") if results is not None else None
     try:
         with (
-            Torture(settings, lab=lab, accounts=accounts, reset=reset) as runner,
+            Torture(settings, lab=lab, accounts=accounts, reset=reset, api=api) as runner,
             progress_bars(
                 TextColumn("[bold]torture[/]"),
                 BarColumn(),
@@ -178,7 +197,7 @@ def _run_plan(
                 result = runner.run(schedule)
                 done.append(result)
                 if sink is not None:
-                    sink.write(json.dumps(result.as_dict()) + "\n")
+                    sink.write(json.dumps({"api": api, **result.as_dict()}) + "\n")
                     sink.flush()
                 if not result.ok:
                     err.print(f"[red]{schedule.name}[/] ({schedule.describe()}):")
@@ -195,7 +214,7 @@ def _run_plan(
 
 def _print_table(table_rows: list[Any], report: dict[str, Any]) -> None:
     console = Console()
-    table = Table(title="twopc torture")
+    table = Table(title=f"twopc torture (the coordinator on {report['api']})")
     table.add_column("figure")
     table.add_column("value", justify="right")
     for row in table_rows:

@@ -1,7 +1,8 @@
 """The crash torture's runner: one schedule's batch, its fault, recovery until resolved, the check.
 
 :class:`Torture` runs a :class:`~scenarios.torture.schedules.Schedule`: the batch
-in a child process (:mod:`scenarios.torture.child`), the schedule's fault
+in a child process (:mod:`scenarios.torture.child`, its coordinator on threads or,
+with ``api="asyncio"``, on asyncio), the schedule's fault
 injected while it runs (the lab's services stopped or killed, the traffic
 through a :class:`~scenarios.lab.proxy.FaultProxy` cut, the child paused or
 killed). After the child is gone and every fault healed, ``twopc recover
@@ -39,6 +40,7 @@ from scenarios.config import Settings
 from scenarios.lab import procfs
 from scenarios.lab.proxy import FaultProxy
 from scenarios.lab.services import Lab
+from scenarios.torture.child import APIS
 from scenarios.torture.ledger import Check, Ledger
 from scenarios.torture.schedules import Fault, Schedule
 from scenarios.transfer import model as scenario
@@ -189,8 +191,12 @@ class Torture:
         fence_timeout: float = 30.0,
         workdir: Path | None = None,
         reset: bool = True,
+        api: str = "threads",
     ) -> None:
+        if api not in APIS:
+            raise ValueError(f"api must be one of {', '.join(APIS)}, not {api!r}")
         self.settings = settings
+        self.api = api  # the children's coordinator: threads or asyncio
         self.reset = reset
         self.lab = lab
         self.accounts = accounts
@@ -283,8 +289,15 @@ class Torture:
                 f"schedule {schedule.name} stops services, which needs the embedded lab "
                 "('twopc lab up' with TWOPC_HOME pointing at it)"
             )
+        if schedule.coordinators > 1 and self.api != "threads":
+            raise ValueError(
+                f"schedule {schedule.name} runs several coordinators in postgres mode, which "
+                "the torture's children run on threads only (api='threads')"
+            )
         started = time.monotonic()
-        self._log.info(ev.SCHEDULE_STARTED, schedule=schedule.name, describe=schedule.describe())
+        self._log.info(
+            ev.SCHEDULE_STARTED, schedule=schedule.name, describe=schedule.describe(), api=self.api
+        )
         outcomes_path = self.workdir / f"{schedule.name.replace(' ', '_')}.jsonl"
         outcomes_path.unlink(missing_ok=True)
         stderr_path = outcomes_path.with_suffix(".stderr")
@@ -316,6 +329,8 @@ class Torture:
                             str(schedule.seed + index),
                             "--outcomes",
                             str(path),
+                            "--api",
+                            self.api,
                         ],
                         env=self._child_env(
                             schedule,
