@@ -5,7 +5,9 @@ SIGKILL of a real ``twopc`` process, and each real fault kind is injected
 once (coordinator SIGKILL, PostgreSQL A and B stopped in immediate mode, the
 broker SIGKILLed, connections reset / blackholed / delayed through the proxy,
 the coordinator paused); after ``twopc recover`` the invariants are checked
-on PostgreSQL and ActiveMQ themselves. The last tests are reproductions of
+on PostgreSQL and ActiveMQ themselves. The asyncio coordinator is killed at
+every failpoint of the transfer and by four of the fault kinds (``--api
+asyncio``). The last tests are reproductions of
 coordinator bugs the torture found, kept as regression tests.
 """
 

@@ -15,6 +15,7 @@ from rich.table import Table
 from scenarios.cli.progress import progress_bars
 from scenarios.cli.settings import load_settings
 from scenarios.stopping import RunStop, finish_run, stop_on_signals
+from scenarios.torture import APIS
 
 
 @click.command("torture")
@@ -69,7 +70,7 @@ from scenarios.stopping import RunStop, finish_run, stop_on_signals
 )
 @click.option(
     "--api",
-    type=click.Choice(["threads", "asyncio"]),
+    type=click.Choice(APIS),
     default="threads",
     show_default=True,
     help="The coordinator the killed child runs: Coordinator on threads, or "

@@ -37,17 +37,15 @@ from scenarios.config import Settings
 from scenarios.log_setup import configure as configure_logging
 from scenarios.strategies import transfer_2pc_aio
 from scenarios.strategies.transfer_2pc import transfer_2pc
+from scenarios.torture import APIS
 from scenarios.transfer import model as scenario
 from scenarios.transfer.batch import run_batch
 from scenarios.wiring import open_async_coordinator, open_coordinator
 
-#: The APIs a child can run the transfers on.
-APIS = ("threads", "asyncio")
-
 Writer = Callable[[dict[str, Any]], None]
 
 
-def _writer(path: str) -> Any:
+def _writer(path: str) -> Writer:
     fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o644)
 
     def write(record: dict[str, Any]) -> None:

@@ -40,7 +40,7 @@ from scenarios.config import Settings
 from scenarios.lab import procfs
 from scenarios.lab.proxy import FaultProxy
 from scenarios.lab.services import Lab
-from scenarios.torture.child import APIS
+from scenarios.torture import APIS
 from scenarios.torture.ledger import Check, Ledger
 from scenarios.torture.schedules import Fault, Schedule
 from scenarios.transfer import model as scenario
