@@ -378,6 +378,9 @@ class StompClient(StompOperations):
             with self._lock:
                 connect = self._protocol.connect()
             self._write(connect.data)
+        except StompProtocolError:  # the receiver read the reset first: no CONNECT to send
+            self.drop()
+            raise self._closed_as_it_opened("nothing was sent") from None
         except (StompException, OSError) as exc:
             self.drop()
             if self.tls:

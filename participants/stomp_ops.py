@@ -357,6 +357,12 @@ class StompOperations:
         """The socket could not be opened (or CONNECT written) to the broker."""
         return self.unavailable(f"cannot connect ({str(exc) or 'connection refused or timed out'})")
 
+    def _closed_as_it_opened(self, detail: str) -> ParticipantUnavailable:
+        """The broker's end reset the connection before CONNECT could go out."""
+        return self.unavailable(
+            f"cannot connect (the connection closed as soon as it opened: {detail})"
+        )
+
     def _no_connected(self, reason: str) -> ParticipantUnavailable:
         """No CONNECTED came: a held client-id if the broker closed the socket, else ``reason``.
 

@@ -100,11 +100,15 @@ class AsyncStompClient(AsyncStompOperations):
             )
         except (OSError, TimeoutError) as exc:
             raise self._cannot_connect(exc) from None
-        self._reader, self._writer = reader, writer
         sock = writer.get_extra_info("socket")
-        if sock is not None:
-            # Nagle's algorithm would hold a COMMIT behind the broker's delayed ACK.
-            sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        try:
+            if sock is not None:
+                # Nagle's algorithm would hold a COMMIT behind the broker's delayed ACK.
+                sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        except OSError as exc:  # reset as it opened: the transport has let the socket go
+            writer.close()
+            raise self._closed_as_it_opened(str(exc)) from None
+        self._reader, self._writer = reader, writer
         self._connected = asyncio.get_running_loop().create_future()
         self._receiver = asyncio.create_task(self._receive_loop())
         await self._write(self._protocol.connect().data, "CONNECT", None)

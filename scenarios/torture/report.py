@@ -66,6 +66,7 @@ def rows(results: Sequence[ScheduleResult], seconds: float) -> list[Row]:
     log_bad = sum(bool(c.log_pending or c.log_error) for c in checks)
     unresolved = sum(not r.recovery.resolved for r in results)
     hung = sum(r.hung for r in results)
+    errors_to_callers = sum(len(r.errors) for r in results)
     paused_ran = sum(r.notes.get("paused_recovery") == "ran" for r in results)
     return [
         Row("schedules", "schedules run", len(results)),
@@ -165,7 +166,9 @@ def rows(results: Sequence[ScheduleResult], seconds: float) -> list[Row]:
         Row(
             "errors_to_callers",
             "exceptions instead of an outcome",
-            sum(len(r.errors) for r in results),
+            errors_to_callers,
+            errors_to_callers > 0,
+            True,
         ),
         Row("seconds", "torture time, s", round(seconds, 1)),
     ]

@@ -146,6 +146,11 @@ class ScheduleResult:
                 f"recovery did not resolve everything in {len(self.recovery.passes)} passes"
                 + (f": {last}" if last else "")
             )
+        if self.errors:
+            found.append(
+                f"{len(self.errors)} caller(s) got an exception instead of an outcome "
+                f"(the first: {self.errors[0]})"
+            )
         if self.hung:
             found.append("the batch did not finish in time after every fault had healed")
         if self.notes.get("paused_recovery") == "ran":
