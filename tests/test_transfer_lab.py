@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import dataclasses
 import json
 import os
@@ -31,11 +32,12 @@ from participants.postgres import PostgresResource
 from scenarios.config import Settings
 from scenarios.lab.services import Lab
 from scenarios.stories import STORIES
+from scenarios.strategies import transfer_2pc_aio
 from scenarios.strategies.transfer_2pc import transfer_2pc
 from scenarios.transfer import model as scenario
 from scenarios.transfer.batch import run_batch
 from scenarios.transfer.invariants import gather_evidence
-from scenarios.wiring import open_coordinator
+from scenarios.wiring import open_async_coordinator, open_coordinator
 from tests.aio_portal import Blocking, Portal
 from tests.conftest import end_sessions, free_port
 
@@ -176,6 +178,35 @@ def test_scenario_scripts_keep_their_promises(fresh: Settings, name: str) -> Non
     story = STORIES[name](fresh)
     assert story.ok, "\n".join(story.lines)
     assert any(line.startswith("evidence:") for line in story.lines)
+
+
+@pytest.mark.parametrize("api", ["threads", "asyncio"])
+def test_a_transfer_that_outlives_its_timeout_is_told_aborted(fresh: Settings, api: str) -> None:
+    """A debit blocked past the transaction's timeout (its row locked by another session):
+    the watchdog rolls the transfer back and it is told ABORTED, not an exception, on both
+    APIs; nothing of it is visible."""
+    t = scenario.Transfer(f"late-{api}", scenario.account_id(0), scenario.account_id(1), 5)
+
+    async def on_asyncio() -> tuple[Outcome, str]:
+        async with open_async_coordinator(fresh, sessions=2, timeout=1.0) as coordinator:
+            return await transfer_2pc_aio.transfer_2pc(coordinator, t)
+
+    with psycopg.connect(fresh.pg_a) as holder:  # holds the source's row until the end
+        holder.execute("SELECT 1 FROM accounts WHERE id = %s FOR UPDATE", (t.source,))
+        if api == "asyncio":
+            outcome, reason = asyncio.run(on_asyncio())
+        else:
+            coordinator = open_coordinator(fresh, sessions=2, timeout=1.0)
+            try:
+                outcome, reason = transfer_2pc(coordinator, t)
+            finally:
+                coordinator.close()
+        holder.rollback()
+    assert outcome is Outcome.ABORTED, reason
+    assert "exceeded its timeout" in reason
+    evidence = gather_evidence(fresh)
+    assert t.transfer_id not in evidence.in_a | evidence.in_b | set(evidence.on_queue)
+    assert evidence.prepared == [] and evidence.total_now == evidence.total_expected
 
 
 def test_unreachable_database_is_a_clear_error_and_commits_nothing(fresh: Settings) -> None:

@@ -17,6 +17,7 @@ from coordinator.errors import (
     ParticipantError,
     TransactionAborted,
     TransactionInDoubt,
+    TransactionTimeout,
 )
 from coordinator.states import Outcome
 from coordinator.xid import gtrid_prefix
@@ -49,7 +50,8 @@ async def transfer_2pc(
     aborted, the refusal is published as a ``transfer.refused`` event
     (:func:`announce_refusal`). An account missing in A or B (its UPDATE touched
     no row) rolls the transaction back during the work, and the reason names
-    the account and the database.
+    the account and the database. Work that outlives the transaction's timeout
+    is rolled back by the coordinator's watchdog (``TransactionTimeout``): aborted.
     """
     gtrid = gtrid_prefix(coordinator.coordinator_id) + transfer.transfer_id
     tx = coordinator.begin(gtrid)
@@ -77,6 +79,8 @@ async def transfer_2pc(
     except TransactionInDoubt as exc:
         stop_on_log_failure(tx.log_failure, transfer, Outcome.IN_DOUBT)
         return Outcome.IN_DOUBT, exc.reason
+    except TransactionTimeout as exc:  # the watchdog rolled the work back, before any vote
+        return Outcome.ABORTED, str(exc)
     except HeuristicMixed as exc:  # a branch's work committed on its own: not an abort
         return Outcome.HEURISTIC_MIXED, str(exc)
     except ParticipantError as exc:  # raised during the work: everything was rolled back
