@@ -5,9 +5,8 @@ SIGKILL of a real ``twopc`` process, and each real fault kind is injected
 once (coordinator SIGKILL, PostgreSQL A and B stopped in immediate mode, the
 broker SIGKILLed, connections reset / blackholed / delayed through the proxy,
 the coordinator paused); after ``twopc recover`` the invariants are checked
-on PostgreSQL and ActiveMQ themselves. The asyncio coordinator is killed at
-every failpoint of the transfer and by four of the fault kinds (``--api
-asyncio``). The last tests are reproductions of
+on PostgreSQL and ActiveMQ themselves (the asyncio coordinator's:
+tests/test_torture_aio.py). The last tests are reproductions of
 coordinator bugs the torture found, kept as regression tests.
 """
 
@@ -55,29 +54,12 @@ pytestmark = pytest.mark.lab
 TWOPC_TORTURE = [sys.executable, "-m", "scenarios.cli", "torture"]
 MATRIX = matrix(seed=4)
 RANDOM = random_schedules(3, seed=4)
-#: What the asyncio coordinator is crashed with: every failpoint of the transfer as a kill,
-#: the coordinator killed mid-batch, and the broker killed, its connections reset, the
-#: coordinator paused then killed, under it.
-AIO_FAULTS = {Fault.COORDINATOR_KILL, Fault.BROKER_KILL, Fault.NET_RESET, Fault.PAUSE}
-AIO_MATRIX = [
-    s
-    for s in matrix(seed=5)
-    if (s.fault is Fault.FAILPOINT and not s.recovery_failpoints and "log_" not in s.failpoints)
-    or (s.fault in AIO_FAULTS and s.variant != "resume")
-]
 
 
 @pytest.fixture(scope="module")
 def torture(lab: Lab, settings: Settings) -> Iterator[Torture]:
     """A torture runner on the lab: proxies up, tables reset, ledger empty."""
     with Torture(settings, lab=lab) as runner:
-        yield runner
-
-
-@pytest.fixture(scope="module")
-def torture_aio(lab: Lab, settings: Settings) -> Iterator[Torture]:
-    """A torture runner whose children run the asyncio coordinator."""
-    with Torture(settings, lab=lab, api="asyncio") as runner:
         yield runner
 
 
@@ -111,40 +93,6 @@ def test_matrix_schedule_keeps_every_invariant(torture: Torture, schedule: Sched
         assert result.notes["connections_reset"] > 0
     if schedule.fault not in (Fault.FAILPOINT, Fault.NET_DELAY):
         assert result.notes["alive_at_fault"], "the fault came after the batch had finished"
-
-
-def test_the_asyncio_matrix_kills_at_every_failpoint_of_the_transfer() -> None:
-    """The asyncio coordinator is killed at each of the transfer's failpoints, and by each
-    of the chosen faults."""
-    armed = " ".join(s.failpoints for s in AIO_MATRIX)
-    for name in TRANSFER_FAILPOINTS:
-        assert f"{name}=kill" in armed, name
-    assert {s.fault for s in AIO_MATRIX} > AIO_FAULTS
-
-
-@pytest.mark.slow
-@pytest.mark.parametrize("schedule", AIO_MATRIX, ids=[s.name for s in AIO_MATRIX])
-def test_the_asyncio_coordinator_keeps_every_invariant_when_killed(
-    torture_aio: Torture, schedule: Schedule
-) -> None:
-    """The child's AsyncCoordinator killed or its services failed, then 'twopc recover':
-    atomic, conserved, nothing prepared, no marker left, as on threads."""
-    result = torture_aio.run(schedule)
-    assert result.ok, result.problems
-    assert result.recovery.resolved
-    assert result.outcomes["committed"] > 0, result.outcomes
-    if schedule.fault is Fault.FAILPOINT:
-        assert result.failpoint_fired, f"{schedule.failpoints} did not fire"
-    else:
-        assert result.notes["alive_at_fault"], "the fault came after the batch had finished"
-    if schedule.fault is Fault.PAUSE:
-        assert result.notes["paused_recovery"] == "refused"
-
-
-def test_several_coordinators_are_refused_on_asyncio(torture_aio: Torture) -> None:
-    """A schedule of several coordinators (postgres mode) is refused with api='asyncio'."""
-    with pytest.raises(ValueError, match="threads only"):
-        torture_aio.run(Schedule("peers", Fault.COORDINATOR_KILL, coordinators=2))
 
 
 @pytest.mark.slow
