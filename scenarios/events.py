@@ -62,6 +62,7 @@ DEAD_LETTERS_REQUEUED = "outbox.dead_letters.requeued"
 
 # Relay and consumer threads of one process (scenarios.outbox.pipeline).
 PIPELINE_WORKER_FAILED = "pipeline.worker.failed"
+PIPELINE_WORKER_KILLED = "pipeline.worker.killed"
 
 # The fault proxy (scenarios.lab.proxy).
 PROXY_STARTED = "proxy.started"

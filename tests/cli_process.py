@@ -12,6 +12,8 @@ from typing import Any
 
 import psycopg
 
+from scenarios.outbox.pipeline import Pipeline
+
 TWOPC = [sys.executable, "-m", "scenarios.cli"]
 
 #: Children started and not yet reaped: reap_children() ends them after each test.
@@ -99,6 +101,19 @@ def all_stopped(processes: Iterable[subprocess.Popen[Any]]) -> None:
             failures.append(str(exc))
     if failures:
         raise AssertionError("\n\n".join(failures))
+
+
+def stop_report(pipeline: Pipeline, lines: int = 80) -> str:
+    """Why the pipeline's last stop was not clean: each child it had to kill, with the end
+    of its log (the threads' stacks it wrote before SIGKILL); empty if it killed none."""
+    parts = []
+    for name, line in pipeline.stuck.items():
+        parts.append(line)
+        log = pipeline.log_path(name)
+        if log and Path(log).exists():
+            tail = Path(log).read_text(errors="replace").splitlines()[-lines:]
+            parts.append("\n".join(tail))
+    return "\n".join(parts)
 
 
 def reap_children() -> None:

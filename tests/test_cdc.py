@@ -41,6 +41,7 @@ from scenarios.strategies.cdc import CdcStrategy
 from scenarios.transfer import model as scenario
 from scenarios.transfer.batch import run_batch
 from scenarios.transfer.schema import CDC_SLOT
+from tests.cli_process import stop_report
 from tests.test_outbox import (
     ACCOUNTS,
     assert_exactly_once,
@@ -246,7 +247,9 @@ def test_cdc_relay_killed_after_publishing_replays_and_is_absorbed(
         assert_exactly_once(settings)
     finally:
         codes = pipeline.stop()
-    assert codes == [0, 0], "SIGTERM must end the consumer and the relay cleanly"
+    assert codes == [0, 0], "SIGTERM must end the consumer and the relay cleanly: " + stop_report(
+        pipeline
+    )
     assert inbox_counts(settings.pg_b)["duplicates"] > 0, "the replay never arrived"
 
 

@@ -24,6 +24,7 @@ from scenarios.outbox.pipeline import Pipeline, wait_converged
 from scenarios.strategies import run_transfers
 from scenarios.strategies.cdc import CdcFanoutStrategy
 from scenarios.transfer import model as scenario
+from tests.cli_process import stop_report
 from tests.test_outbox import (
     ACCOUNTS,
     assert_exactly_once,
@@ -179,7 +180,9 @@ def test_fanout_consumer_killed_and_restarted_resumes_from_its_queue(
         assert not any(fanout.wait_all(settings, everything, timeout=60).values())
     finally:
         codes = pipeline.stop()
-    assert codes == [0] * 5, "SIGTERM must end the four consumers and the relay cleanly"
+    assert codes == [0] * 5, (
+        "SIGTERM must end the four consumers and the relay cleanly: " + stop_report(pipeline)
+    )
     assert set(audit_rows(settings, fanout.AUDIT)) == everything
     assert fanout.duplicate_effects(settings) == 0
     assert_exactly_once(settings)

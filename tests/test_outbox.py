@@ -47,6 +47,7 @@ from scenarios.transfer import invariants
 from scenarios.transfer import model as scenario
 from scenarios.transfer.batch import BatchResult, run_batch
 from scenarios.transfer.invariants import anomalies, gather_evidence
+from tests.cli_process import stop_report
 from tests.conftest import BrokerControl
 
 ACCOUNTS = 50
@@ -266,7 +267,9 @@ def test_relay_killed_after_publishing_is_restarted_without_loss(
         assert_exactly_once(settings)
     finally:
         codes = pipeline.stop()
-    assert codes == [0, 0], "SIGTERM must end the consumer and the relay cleanly"
+    assert codes == [0, 0], "SIGTERM must end the consumer and the relay cleanly: " + stop_report(
+        pipeline
+    )
     assert inbox_counts(settings.pg_b)["duplicates"] > 0, "the replayed batch never arrived"
 
 

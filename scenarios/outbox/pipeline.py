@@ -17,7 +17,10 @@ A relay or consumer thread that stops on an error it cannot contain does not
 die silently: the error is logged (``pipeline.worker.failed``) and kept, and
 :meth:`Pipeline.check` (which :func:`wait_converged` calls when given it) and
 :meth:`Pipeline.stop` raise it as :class:`WorkerFailed`, one line that names
-the worker.
+the worker. A child process that has not ended within the stop's timeout is
+asked for its threads' stacks (SIGUSR1, scenarios.stopping), which go to its
+log, then killed; ``pipeline.worker.killed`` says so and :attr:`Pipeline.stuck`
+keeps a line about it, so that a stop that hangs can be read afterwards.
 """
 
 from __future__ import annotations
@@ -48,6 +51,9 @@ from scenarios.outbox.relay import Relay, RelayConfig, make_relay
 from scenarios.outbox.relay_modes import RelayMode
 from scenarios.transfer.invariants import amounts_on
 
+#: How long a child that did not stop is given to write its threads' stacks before SIGKILL.
+STACKS_WAIT = 1.0
+
 
 class WorkerFailed(TwoPhaseCommitError):
     """A relay or consumer thread of the pipeline stopped on an error."""
@@ -58,6 +64,7 @@ class _Worker:
     """One relay or consumer: a thread with its stop event, or a child process."""
 
     kind: str  # "relay" or "consumer"
+    name: str = ""  # kind-index, e.g. "consumer-1" (its log is <log_dir>/<name>.log)
     thread: threading.Thread | None = None
     stop: threading.Event | None = None
     process: subprocess.Popen[bytes] | None = None
@@ -97,6 +104,9 @@ class Pipeline:
     fanout: tuple[str, ...] = ()  # the fan-out's event consumers, by name, besides the credit
     slow_delay: float | None = None  # the slow fan-out consumer's delay (None: the setting)
     workers: list[_Worker] = field(default_factory=list)
+    #: Each child the last :meth:`stop` had to kill (by name): what happened, and where
+    #: its stacks are.
+    stuck: dict[str, str] = field(default_factory=dict)
 
     def start(self) -> Pipeline:
         """Start the consumers and the relays; returns self (use as a context manager).
@@ -113,8 +123,9 @@ class Pipeline:
         return self
 
     def _start(self, kind: str, index: int) -> _Worker:
+        name = f"{kind}-{index}"
         if self.processes:
-            return _Worker(kind, process=self._spawn(kind, index))
+            return _Worker(kind, name, process=self._spawn(kind, index))
         stop = threading.Event()
         runner: Relay | Consumer | BatchJob
         if kind == "consumer" and index < len(self.fanout):
@@ -140,8 +151,7 @@ class Pipeline:
                 name=f"{self.mode}-{index}",
             )
             runner = make_relay(self.mode, self.settings, config)
-        worker = _Worker(kind, stop=stop, runner=runner)
-        name = f"{kind}-{index}"
+        worker = _Worker(kind, name, stop=stop, runner=runner)
         worker.thread = threading.Thread(
             target=_run_contained, args=(worker, name), name=name, daemon=True
         )
@@ -193,13 +203,18 @@ class Pipeline:
             stopping.STOP_WITH_PARENT: str(os.getpid()),
         }
         out: Any = subprocess.DEVNULL
-        if self.log_dir:
-            out = open(os.path.join(self.log_dir, f"{kind}-{index}.log"), "ab")  # noqa: SIM115
+        log = self.log_path(f"{kind}-{index}")
+        if log:
+            out = open(log, "ab")  # noqa: SIM115
         try:
             return subprocess.Popen(self.command(kind, index), env=env, stdout=out, stderr=out)
         finally:
             if out is not subprocess.DEVNULL:
                 out.close()
+
+    def log_path(self, name: str) -> str | None:
+        """Where the child process ``name`` (e.g. ``consumer-1``) writes; None without a log_dir."""
+        return os.path.join(self.log_dir, f"{name}.log") if self.log_dir else None
 
     # -- faults ------------------------------------------------------------------------
 
@@ -250,8 +265,11 @@ class Pipeline:
         """Ask everything to stop (SIGTERM / stop event) and wait; returns exit codes.
 
         A thread's code is 0, 1 if it stopped on an error (then WorkerFailed is
-        raised once everything has stopped), or None if it is still running.
+        raised once everything has stopped), or None if it is still running. A child
+        still running at ``timeout`` is killed (its code -9), after writing its threads'
+        stacks to its log: see :attr:`stuck`.
         """
+        self.stuck = {}
         for worker in self.workers:
             if worker.stop is not None:
                 worker.stop.set()
@@ -268,10 +286,27 @@ class Pipeline:
                 try:
                     codes.append(worker.process.wait(left))
                 except subprocess.TimeoutExpired:
-                    worker.process.kill()
-                    codes.append(worker.process.wait(5))
+                    codes.append(self._kill_stuck(worker, worker.process, timeout))
         self.check()
         return codes
+
+    def _kill_stuck(self, worker: _Worker, process: subprocess.Popen[bytes], timeout: float) -> int:
+        """SIGKILL a child that did not stop, once it has written its threads' stacks."""
+        process.send_signal(stopping.DUMP_SIGNAL)
+        with contextlib.suppress(subprocess.TimeoutExpired):
+            process.wait(STACKS_WAIT)  # written at once, from the signal; it does not end it
+        process.kill()
+        code = process.wait(5)
+        log = self.log_path(worker.name)
+        where = f"its threads' stacks are in {log}" if log else "start it with a log_dir to see why"
+        self.stuck[worker.name] = (
+            f"{worker.name} (pid {process.pid}) had not stopped {timeout:g} s after SIGTERM "
+            f"and was killed; {where}"
+        )
+        get_logger(component="pipeline").warning(
+            ev.PIPELINE_WORKER_KILLED, worker=worker.name, pid=process.pid, waited=timeout, log=log
+        )
+        return code
 
     def __enter__(self) -> Pipeline:
         return self.start()
