@@ -35,7 +35,8 @@ coordinator's markers until none is left there (docs/design.md §3).
 Written once, for asyncio, in :mod:`participants.aio.activemq`;
 ``scripts/unasync.py`` generates the thread version, :mod:`participants.activemq`,
 from it. The session is in ``mq_session``, the reading and trimming of
-the marker queue in ``marker_queue``, beside each.
+the marker queue in ``marker_queue``, the pool of sessions in ``session_pool``,
+beside each.
 """
 
 from __future__ import annotations
@@ -45,7 +46,7 @@ from collections.abc import Callable, Collection, Sequence
 from typing import Any
 
 from coordinator import events
-from coordinator.compat import Condition, Lock, cond_wait, sleep
+from coordinator.compat import Lock, sleep
 from coordinator.errors import (
     CommitRefused,
     ConfigurationError,
@@ -53,7 +54,6 @@ from coordinator.errors import (
     HeuristicMixed,
     InvalidTransition,
     OutcomeUnknown,
-    ParticipantError,
     ParticipantUnavailable,
 )
 from coordinator.protocol import LastResource, LastResourceSession
@@ -76,6 +76,7 @@ from participants.group_commit import GroupCommit, Outcomes
 from participants.marker_queue import consume_markers, consume_own_markers, read_markers
 from participants.mq_session import ActiveMQSession, Member, Slot, run_callbacks
 from participants.recovery_view import recovery_view
+from participants.session_pool import SessionPool
 from participants.stomp_client import ClientIdInUse, StompClient, Subscription, parse_address
 
 __all__ = [
@@ -148,13 +149,12 @@ class ActiveMQ:
         self._tls = tls
         self._ca_file = ca_file
         self._slots = [Slot(i, client_id_for(coordinator_id, i)) for i in range(pool_size)]
-        self._free = list(reversed(self._slots))  # a stack: warm low slots are reused first
-        self._cond = Condition()
-        self._closed = False
+        self._pool = SessionPool(self._slots, name)
         self._log: Any = events.get_logger(participant=name)
         #: Sessions reaching their commit point together share one broker transaction.
         self.group_commit: GroupCommit[Member] = GroupCommit(self._commit_members)
         self._kept_for_group: set[str] = set()  # ended, but their group's marker stays
+        self._groups = Lock()  # guards _kept_for_group
         self._sweeping = Lock()
 
     @property
@@ -169,24 +169,24 @@ class ActiveMQ:
     def begin(self, gtrid: str) -> ActiveMQSession:
         """A session for ``gtrid`` (BEGIN goes out with its first frame). ParticipantUnavailable."""
         validate_id("gtrid", gtrid)
-        with self._cond:
+        with self._groups:
             if gtrid in self._kept_for_group:
                 raise DuplicateGtrid(
                     f"gtrid {gtrid} is still named by a commit marker on {self.marker_queue} "
                     "(its group commit's other transactions have not ended yet)"
                 )
-        slot = self._acquire(gtrid)
+        slot = self._pool.acquire(self._acquire_timeout, gtrid)
         try:
             client = self._ready_client(slot)
         except BaseException:
-            self._put_back(slot)
+            self._pool.put_back(slot)
             raise
         return ActiveMQSession(self, slot, client, gtrid)
 
     def lends_one(self) -> bool:
         """Whether exactly one session of the pool is lent (no other transaction of this
         coordinator holds one): a group commit could then carry nobody else."""
-        return len(self._free) == len(self._slots) - 1
+        return self._pool.lends_one()
 
     def recovery_broker(self) -> LastResource:
         """This broker as recovery and the backlog see it: a (sync) LastResource."""
@@ -375,7 +375,7 @@ class ActiveMQ:
                 f"a consuming broker needs a pool of one session, not {len(self._slots)}: "
                 "an ACK must go out on the connection its message was delivered on"
             )
-        slot = self._acquire(f"subscribe to {destination}")
+        slot = self._pool.acquire(self._acquire_timeout, f"subscribe to {destination}")
         try:
             client = self._ready_client(slot)
             subscription = client.subscribe(
@@ -387,7 +387,7 @@ class ActiveMQ:
         except BaseException:
             self._release(slot, healthy=False)
             raise
-        self._put_back(slot)
+        self._pool.put_back(slot)
         return subscription
 
     def fence(self, timeout: float) -> None:
@@ -401,7 +401,7 @@ class ActiveMQ:
         """
         deadline = time.monotonic() + timeout
         self._log.info(ev.MQ_FENCE_STARTED, client_ids=MAX_POOL_SIZE, timeout=timeout)
-        slots = self._take_all(deadline)
+        slots = self._pool.take_all(deadline)
         try:
             for slot in slots:
                 if slot.client is not None:
@@ -420,7 +420,7 @@ class ActiveMQ:
                     client.close(self.receipt_timeout)
         finally:
             for slot in slots:
-                self._put_back(slot)
+                self._pool.put_back(slot)
         self._log.info(ev.MQ_FENCE_DONE, client_ids=MAX_POOL_SIZE)
 
     def settle(self, session: LastResourceSession, timeout: float) -> None:
@@ -434,17 +434,7 @@ class ActiveMQ:
             raise InvalidTransition(f"{session!r} is not a session of this broker")
         slot = session.committed_by
         deadline = time.monotonic() + timeout
-        with self._cond:
-            while slot not in self._free:
-                remaining = deadline - time.monotonic()
-                if remaining <= 0 or self._closed:
-                    raise ParticipantError(
-                        f"cannot settle client-id {slot.client_id}: its slot stayed busy",
-                        participant=self.name,
-                        gtrid=session.gtrid,
-                    )
-                cond_wait(self._cond, remaining)
-            self._free.remove(slot)
+        self._pool.take(slot, deadline, session.gtrid)  # lent to nobody else meanwhile
         try:
             if slot.client is None or not slot.client.alive:
                 if slot.client is not None:
@@ -453,7 +443,7 @@ class ActiveMQ:
         except ClientIdInUse as exc:
             raise FenceRefused(slot.client_id, timeout, participant=self.name) from exc
         finally:
-            self._put_back(slot)
+            self._pool.put_back(slot)
 
     def markers(self) -> set[str]:
         """The gtrids whose commit marker is on this coordinator's marker queue (a full
@@ -494,7 +484,7 @@ class ActiveMQ:
         coordinator's markers still on the shared queue go too.
         """
         with self._sweeping:  # one sweep at a time: each reads and rewrites the kept set
-            with self._cond:
+            with self._groups:
                 wanted = set(gtrids) | self._kept_for_group
             if not wanted:
                 return 0
@@ -508,74 +498,26 @@ class ActiveMQ:
                     )
                     gone |= shared_gone
                     kept = (kept | shared_kept) - gone
-            with self._cond:
+            with self._groups:
                 self._kept_for_group = kept
             self._log.info(ev.MQ_MARKERS_REMOVED, count=len(gone), asked=len(wanted))
             return len(gone)
 
     def close(self) -> None:
         """Close the idle sessions; sessions still in use are dropped when released."""
-        with self._cond:
-            self._closed = True
-            idle, self._free = self._free, []
-            self._cond.notify_all()
-        for slot in idle:
+        for slot in self._pool.close():
             if slot.client is not None:
                 slot.client.close(self.receipt_timeout)
                 slot.client = None
 
-    # -- the pool --------------------------------------------------------------
-
-    def _acquire(self, gtrid: str) -> Slot:
-        deadline = time.monotonic() + self._acquire_timeout
-        with self._cond:
-            while not self._free:
-                remaining = deadline - time.monotonic()
-                if self._closed or remaining <= 0:
-                    why = (
-                        "is closed"
-                        if self._closed
-                        else f"stayed busy for {self._acquire_timeout:g} s"
-                    )
-                    raise ParticipantUnavailable(
-                        f"every one of the {len(self._slots)} broker sessions {why}",
-                        participant=self.name,
-                        gtrid=gtrid,
-                    )
-                cond_wait(self._cond, remaining)
-            if self._closed:
-                raise ParticipantUnavailable(
-                    "the broker resource is closed", participant=self.name, gtrid=gtrid
-                )
-            return self._free.pop()
-
-    def _take_all(self, deadline: float) -> list[Slot]:
-        with self._cond:
-            while len(self._free) < len(self._slots):
-                remaining = deadline - time.monotonic()
-                if remaining <= 0:
-                    busy = sorted(set(self.client_ids) - {s.client_id for s in self._free})
-                    raise ParticipantError(
-                        f"cannot fence: broker sessions {', '.join(busy)} are in use by running "
-                        "transactions of this process",
-                        participant=self.name,
-                    )
-                cond_wait(self._cond, remaining)
-            taken, self._free = self._free, []
-            return taken
+    # -- the pool (participants.aio.session_pool) ------------------------------
 
     def _release(self, slot: Slot, *, healthy: bool) -> None:
-        if (not healthy or self._closed) and slot.client is not None:
+        if (not healthy or self._pool.closed) and slot.client is not None:
             self._log.debug(ev.MQ_SESSION_DROPPED, client_id=slot.client_id, healthy=healthy)
             slot.client.drop()
             slot.client = None
-        self._put_back(slot)
-
-    def _put_back(self, slot: Slot) -> None:
-        with self._cond:
-            if not self._closed:
-                self._free.append(slot)
-            self._cond.notify()
+        self._pool.put_back(slot)
 
     def _ready_client(self, slot: Slot) -> StompClient:
         """The slot's connection, reconnecting it if it was dropped or died while idle."""

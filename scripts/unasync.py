@@ -41,6 +41,7 @@ FILES = {
     "participants/aio/marker_queue.py": "participants/marker_queue.py",
     "participants/aio/mq_session.py": "participants/mq_session.py",
     "participants/aio/activemq.py": "participants/activemq.py",
+    "participants/aio/session_pool.py": "participants/session_pool.py",
     "outbox/aio/writer.py": "outbox/writer.py",
     "outbox/aio/deadletter.py": "outbox/deadletter.py",
     "outbox/aio/inbox.py": "outbox/inbox.py",
@@ -72,6 +73,7 @@ NAMES = {
     "AsyncActiveMQSession": "ActiveMQSession",
     "AsyncSessionHome": "SessionHome",
     "AsyncActiveMQ": "ActiveMQ",
+    "AsyncSessionPool": "SessionPool",
     "AsyncGroupCommit": "GroupCommit",
     "AsyncStompClient": "StompClient",
     "AsyncStompOperations": "StompOperations",
@@ -93,6 +95,7 @@ MODULES = {
     "participants.aio.group_commit": "participants.group_commit",
     "participants.aio.marker_queue": "participants.marker_queue",
     "participants.aio.recovery_view": "participants.recovery_view",
+    "participants.aio.session_pool": "participants.session_pool",
     "participants.aio.stomp": "participants.stomp_client",
     "participants.aio.stomp_ops": "participants.stomp_ops",
 }

@@ -33,7 +33,8 @@ coordinator's markers until none is left there (docs/design.md §3).
 Written once, for asyncio, in :mod:`participants.aio.activemq`;
 ``scripts/unasync.py`` generates the thread version, :mod:`participants.activemq`,
 from it. The session is in ``mq_session``, the reading and trimming of
-the marker queue in ``marker_queue``, beside each.
+the marker queue in ``marker_queue``, the pool of sessions in ``session_pool``,
+beside each.
 """
 
 from __future__ import annotations
@@ -43,7 +44,7 @@ from collections.abc import Callable, Collection, Sequence
 from typing import Any
 
 from coordinator import events
-from coordinator.compat import ACondition, ALock, acond_wait, asleep
+from coordinator.compat import ALock, asleep
 from coordinator.errors import (
     CommitRefused,
     ConfigurationError,
@@ -51,7 +52,6 @@ from coordinator.errors import (
     HeuristicMixed,
     InvalidTransition,
     OutcomeUnknown,
-    ParticipantError,
     ParticipantUnavailable,
 )
 from coordinator.protocol import AsyncLastResourceSession, LastResource
@@ -74,6 +74,7 @@ from participants.aio.group_commit import AsyncGroupCommit, Outcomes
 from participants.aio.marker_queue import consume_markers, consume_own_markers, read_markers
 from participants.aio.mq_session import AsyncActiveMQSession, Member, Slot, run_callbacks
 from participants.aio.recovery_view import recovery_view
+from participants.aio.session_pool import AsyncSessionPool
 from participants.aio.stomp import AsyncStompClient, AsyncSubscription
 from participants.stomp_client import ClientIdInUse, parse_address
 
@@ -147,13 +148,12 @@ class AsyncActiveMQ:
         self._tls = tls
         self._ca_file = ca_file
         self._slots = [Slot(i, client_id_for(coordinator_id, i)) for i in range(pool_size)]
-        self._free = list(reversed(self._slots))  # a stack: warm low slots are reused first
-        self._cond = ACondition()
-        self._closed = False
+        self._pool = AsyncSessionPool(self._slots, name)
         self._log: Any = events.get_logger(participant=name)
         #: Sessions reaching their commit point together share one broker transaction.
         self.group_commit: AsyncGroupCommit[Member] = AsyncGroupCommit(self._commit_members)
         self._kept_for_group: set[str] = set()  # ended, but their group's marker stays
+        self._groups = ALock()  # guards _kept_for_group
         self._sweeping = ALock()
 
     @property
@@ -168,24 +168,24 @@ class AsyncActiveMQ:
     async def begin(self, gtrid: str) -> AsyncActiveMQSession:
         """A session for ``gtrid`` (BEGIN goes out with its first frame). ParticipantUnavailable."""
         validate_id("gtrid", gtrid)
-        async with self._cond:
+        async with self._groups:
             if gtrid in self._kept_for_group:
                 raise DuplicateGtrid(
                     f"gtrid {gtrid} is still named by a commit marker on {self.marker_queue} "
                     "(its group commit's other transactions have not ended yet)"
                 )
-        slot = await self._acquire(gtrid)
+        slot = await self._pool.acquire(self._acquire_timeout, gtrid)
         try:
             client = await self._ready_client(slot)
         except BaseException:
-            await self._put_back(slot)
+            await self._pool.put_back(slot)
             raise
         return AsyncActiveMQSession(self, slot, client, gtrid)
 
     def lends_one(self) -> bool:
         """Whether exactly one session of the pool is lent (no other transaction of this
         coordinator holds one): a group commit could then carry nobody else."""
-        return len(self._free) == len(self._slots) - 1
+        return self._pool.lends_one()
 
     def recovery_broker(self) -> LastResource:
         """This broker as recovery and the backlog see it: a (sync) LastResource."""
@@ -376,7 +376,7 @@ class AsyncActiveMQ:
                 f"a consuming broker needs a pool of one session, not {len(self._slots)}: "
                 "an ACK must go out on the connection its message was delivered on"
             )
-        slot = await self._acquire(f"subscribe to {destination}")
+        slot = await self._pool.acquire(self._acquire_timeout, f"subscribe to {destination}")
         try:
             client = await self._ready_client(slot)
             subscription = await client.subscribe(
@@ -388,7 +388,7 @@ class AsyncActiveMQ:
         except BaseException:
             await self._release(slot, healthy=False)
             raise
-        await self._put_back(slot)
+        await self._pool.put_back(slot)
         return subscription
 
     async def fence(self, timeout: float) -> None:
@@ -402,7 +402,7 @@ class AsyncActiveMQ:
         """
         deadline = time.monotonic() + timeout
         self._log.info(ev.MQ_FENCE_STARTED, client_ids=MAX_POOL_SIZE, timeout=timeout)
-        slots = await self._take_all(deadline)
+        slots = await self._pool.take_all(deadline)
         try:
             for slot in slots:
                 if slot.client is not None:
@@ -421,7 +421,7 @@ class AsyncActiveMQ:
                     await client.close(self.receipt_timeout)
         finally:
             for slot in slots:
-                await self._put_back(slot)
+                await self._pool.put_back(slot)
         self._log.info(ev.MQ_FENCE_DONE, client_ids=MAX_POOL_SIZE)
 
     async def settle(self, session: AsyncLastResourceSession, timeout: float) -> None:
@@ -435,17 +435,7 @@ class AsyncActiveMQ:
             raise InvalidTransition(f"{session!r} is not a session of this broker")
         slot = session.committed_by
         deadline = time.monotonic() + timeout
-        async with self._cond:
-            while slot not in self._free:
-                remaining = deadline - time.monotonic()
-                if remaining <= 0 or self._closed:
-                    raise ParticipantError(
-                        f"cannot settle client-id {slot.client_id}: its slot stayed busy",
-                        participant=self.name,
-                        gtrid=session.gtrid,
-                    )
-                await acond_wait(self._cond, remaining)
-            self._free.remove(slot)
+        await self._pool.take(slot, deadline, session.gtrid)  # lent to nobody else meanwhile
         try:
             if slot.client is None or not slot.client.alive:
                 if slot.client is not None:
@@ -454,7 +444,7 @@ class AsyncActiveMQ:
         except ClientIdInUse as exc:
             raise FenceRefused(slot.client_id, timeout, participant=self.name) from exc
         finally:
-            await self._put_back(slot)
+            await self._pool.put_back(slot)
 
     async def markers(self) -> set[str]:
         """The gtrids whose commit marker is on this coordinator's marker queue (a full
@@ -495,7 +485,7 @@ class AsyncActiveMQ:
         coordinator's markers still on the shared queue go too.
         """
         async with self._sweeping:  # one sweep at a time: each reads and rewrites the kept set
-            async with self._cond:
+            async with self._groups:
                 wanted = set(gtrids) | self._kept_for_group
             if not wanted:
                 return 0
@@ -509,74 +499,26 @@ class AsyncActiveMQ:
                     )
                     gone |= shared_gone
                     kept = (kept | shared_kept) - gone
-            async with self._cond:
+            async with self._groups:
                 self._kept_for_group = kept
             self._log.info(ev.MQ_MARKERS_REMOVED, count=len(gone), asked=len(wanted))
             return len(gone)
 
     async def close(self) -> None:
         """Close the idle sessions; sessions still in use are dropped when released."""
-        async with self._cond:
-            self._closed = True
-            idle, self._free = self._free, []
-            self._cond.notify_all()
-        for slot in idle:
+        for slot in await self._pool.close():
             if slot.client is not None:
                 await slot.client.close(self.receipt_timeout)
                 slot.client = None
 
-    # -- the pool --------------------------------------------------------------
-
-    async def _acquire(self, gtrid: str) -> Slot:
-        deadline = time.monotonic() + self._acquire_timeout
-        async with self._cond:
-            while not self._free:
-                remaining = deadline - time.monotonic()
-                if self._closed or remaining <= 0:
-                    why = (
-                        "is closed"
-                        if self._closed
-                        else f"stayed busy for {self._acquire_timeout:g} s"
-                    )
-                    raise ParticipantUnavailable(
-                        f"every one of the {len(self._slots)} broker sessions {why}",
-                        participant=self.name,
-                        gtrid=gtrid,
-                    )
-                await acond_wait(self._cond, remaining)
-            if self._closed:
-                raise ParticipantUnavailable(
-                    "the broker resource is closed", participant=self.name, gtrid=gtrid
-                )
-            return self._free.pop()
-
-    async def _take_all(self, deadline: float) -> list[Slot]:
-        async with self._cond:
-            while len(self._free) < len(self._slots):
-                remaining = deadline - time.monotonic()
-                if remaining <= 0:
-                    busy = sorted(set(self.client_ids) - {s.client_id for s in self._free})
-                    raise ParticipantError(
-                        f"cannot fence: broker sessions {', '.join(busy)} are in use by running "
-                        "transactions of this process",
-                        participant=self.name,
-                    )
-                await acond_wait(self._cond, remaining)
-            taken, self._free = self._free, []
-            return taken
+    # -- the pool (participants.aio.session_pool) ------------------------------
 
     async def _release(self, slot: Slot, *, healthy: bool) -> None:
-        if (not healthy or self._closed) and slot.client is not None:
+        if (not healthy or self._pool.closed) and slot.client is not None:
             self._log.debug(ev.MQ_SESSION_DROPPED, client_id=slot.client_id, healthy=healthy)
             slot.client.drop()
             slot.client = None
-        await self._put_back(slot)
-
-    async def _put_back(self, slot: Slot) -> None:
-        async with self._cond:
-            if not self._closed:
-                self._free.append(slot)
-            self._cond.notify()
+        await self._pool.put_back(slot)
 
     async def _ready_client(self, slot: Slot) -> AsyncStompClient:
         """The slot's connection, reconnecting it if it was dropped or died while idle."""
