@@ -144,8 +144,8 @@ def test_checks_catch_each_kind_of_violation(torture: Torture, settings: Setting
 
 
 def test_summary_is_not_ok_when_a_schedule_broke_an_invariant(torture: Torture) -> None:
-    """The figures flag a failed invariant (an exception told to a caller is one), and the
-    CLI's exit status follows 'ok'."""
+    """The figures flag a failed invariant (an exception told to a caller is one, a child
+    that died of an error another), and the CLI's exit status follows 'ok'."""
     result = torture.run(Schedule("no fault", Fault.FAILPOINT, count=5, concurrency=1))
     assert summary([result], 1.0)["ok"]
     broken = replace(result, check=replace(result.check, prepared_left=["a:twopc.x"]))
@@ -158,6 +158,12 @@ def test_summary_is_not_ok_when_a_schedule_broke_an_invariant(torture: Torture) 
     assert not report["ok"]
     assert report["figures"]["errors_to_callers"] == 1
     assert "exception instead of an outcome" in report["failed_schedules"][0]["problems"][0]
+    crashed = replace(result, exit_code=1, notes={"child_stderr": "NameError: name 'x'\n"})
+    report = summary([result, crashed], 2.0)
+    assert not report["ok"]
+    assert report["failed_schedules"][0]["problems"] == [
+        "the child exited with 1, neither finished nor killed (its last line: NameError: name 'x')"
+    ]
 
 
 @pytest.mark.slow

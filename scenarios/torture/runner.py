@@ -151,6 +151,12 @@ class ScheduleResult:
                 f"{len(self.errors)} caller(s) got an exception instead of an outcome "
                 f"(the first: {self.errors[0]})"
             )
+        if self.exit_code not in (0, -signal.SIGKILL):
+            stderr = str(self.notes.get("child_stderr", "")).strip().splitlines()
+            found.append(
+                f"the child exited with {self.exit_code}, neither finished nor killed"
+                + (f" (its last line: {stderr[-1].strip()})" if stderr else "")
+            )
         if self.hung:
             found.append("the batch did not finish in time after every fault had healed")
         if self.notes.get("paused_recovery") == "ran":
