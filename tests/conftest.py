@@ -9,9 +9,9 @@ from __future__ import annotations
 
 import faulthandler
 import os
+import random
 import shutil
 import signal
-import socket
 import subprocess
 import tempfile
 import time
@@ -30,8 +30,18 @@ from participants.stomp_client import StompClient
 from scenarios.config import Settings, StompOptions
 from scenarios.lab.credentials import pg_dsn
 from scenarios.lab.lab_user import lab_user
-from scenarios.lab.ports import BROKER, OPENWIRE_SETTING, PG_A, PG_B, STOMP_TLS_SETTING
-from scenarios.lab.probes import admin_connect
+from scenarios.lab.ports import (
+    BROKER,
+    OPENWIRE_DEFAULT,
+    OPENWIRE_SETTING,
+    PG_A,
+    PG_B,
+    SERVICES,
+    STOMP_TLS_DEFAULT,
+    STOMP_TLS_SETTING,
+    ephemeral_range,
+)
+from scenarios.lab.probes import admin_connect, port_free
 from scenarios.lab.services import Lab
 from scenarios.lab.software import postgres_bindir
 from scenarios.log_setup import configure as configure_logging
@@ -76,11 +86,24 @@ def reap_cli_children() -> Iterator[None]:
     reap_children()
 
 
+#: Ports free_port() has handed out in this session (each once).
+_HANDED_OUT: set[int] = set()
+
+
 def free_port() -> int:
-    """A port nothing listens on right now."""
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
+    """A port nothing listens on right now, below the kernel's range for outgoing
+    connections: a lab service restarted on it (a broker kill, a stopped PostgreSQL)
+    cannot find it taken as the local port of some client's connection."""
+    low, _ = ephemeral_range()
+    first = min(20000, low // 2)
+    defaults = {s.default_port for s in SERVICES} | {OPENWIRE_DEFAULT, STOMP_TLS_DEFAULT}
+    for _ in range(1000):
+        port = random.randrange(first, low)
+        if port in _HANDED_OUT or port in defaults or not port_free(port):
+            continue
+        _HANDED_OUT.add(port)
+        return port
+    raise RuntimeError(f"no free port between {first} and {low}")
 
 
 def end_sessions(dsn: str, pids: list[int]) -> int:

@@ -16,6 +16,7 @@ import pytest
 
 from scenarios.lab.errors import LabError
 from scenarios.lab.layout import PASSFILE
+from scenarios.lab.ports import ephemeral_hint, ephemeral_range
 from scenarios.lab.probes import pg_answers, processes_of, stomp_connect_ok
 from scenarios.lab.services import Lab
 from tests.conftest import free_port
@@ -131,6 +132,29 @@ def test_port_clash_is_a_clear_error_and_starts_nothing(spare_home: Path) -> Non
     message = str(info.value)
     assert f"port {taken}" in message
     assert "TWOPC_LAB_STOMP_PORT" in message
+    assert list(processes_of(spare_home)) == []
+
+
+def test_a_port_held_by_a_client_connection_is_refused_with_the_reason(
+    spare_home: Path,
+) -> None:
+    """A service port in the kernel's range for outgoing connections, held as some client's
+    local port: 'up' refuses, saying so and which ports cannot be taken that way."""
+    low, high = ephemeral_range()
+    with socket.socket() as server, socket.socket() as client:
+        server.bind(("127.0.0.1", 0))
+        server.listen()
+        client.connect(server.getsockname())
+        held = client.getsockname()[1]  # the kernel's pick, in its ephemeral range
+        assert low <= held <= high
+        lab = Lab(spare_home, spare_env(spare_home, pg_b=held))
+        with pytest.raises(LabError) as info:
+            lab.up()
+    message = str(info.value)
+    assert f"port {held} for PostgreSQL B is already in use" in message
+    assert f"in the kernel's range for outgoing connections ({low}-{high})" in message
+    assert f"a port below {low} cannot be taken that way" in message
+    assert ephemeral_hint(low - 1) == ""
     assert list(processes_of(spare_home)) == []
 
 

@@ -31,6 +31,32 @@ STOMP_TLS_DEFAULT = 26614
 SERVICES = (PG_A, PG_B, BROKER)
 
 
+#: Where the kernel takes the local port of an outgoing connection, and Linux's default.
+EPHEMERAL_RANGE_FILE = Path("/proc/sys/net/ipv4/ip_local_port_range")
+EPHEMERAL_DEFAULT = (32768, 60999)
+
+
+def ephemeral_range() -> tuple[int, int]:
+    """The kernel's range of local ports for outgoing connections (low, high)."""
+    with contextlib.suppress(OSError, ValueError):
+        low, high = EPHEMERAL_RANGE_FILE.read_text().split()
+        return int(low), int(high)
+    return EPHEMERAL_DEFAULT
+
+
+def ephemeral_hint(port: int) -> str:
+    """Why ``port`` may be taken while its service is down, if it is in the ephemeral
+    range: any outgoing connection can be given it as its local port, and the service
+    cannot listen on it again until that connection ends. Empty outside the range."""
+    low, high = ephemeral_range()
+    if not low <= port <= high:
+        return ""
+    return (
+        f"; port {port} is in the kernel's range for outgoing connections ({low}-{high}), "
+        f"so a client connection may hold it: a port below {low} cannot be taken that way"
+    )
+
+
 @dataclass(frozen=True)
 class Ports:
     pg_a: int

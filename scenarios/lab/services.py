@@ -62,6 +62,7 @@ from scenarios.lab.ports import (
     SERVICES,
     STOMP_TLS_SETTING,
     Service,
+    ephemeral_hint,
     resolve_ports,
 )
 from scenarios.lab.probes import (
@@ -356,6 +357,7 @@ class Lab:
                 raise LabError(
                     f"port {port} for {label} is already in use by another program; "
                     f"set {setting} to a free port (then 'twopc lab up'), or stop that program"
+                    + ephemeral_hint(port)
                 )
 
     def _port_released(self, port: int, services: list[Service]) -> bool:
