@@ -161,6 +161,7 @@ def test_summary_is_not_ok_when_a_schedule_broke_an_invariant(torture: Torture) 
     crashed = replace(result, exit_code=1, notes={"child_stderr": "NameError: name 'x'\n"})
     report = summary([result, crashed], 2.0)
     assert not report["ok"]
+    assert report["figures"]["children_died"] == 1
     assert report["failed_schedules"][0]["problems"] == [
         "the child exited with 1, neither finished nor killed (its last line: NameError: name 'x')"
     ]

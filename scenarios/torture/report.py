@@ -67,6 +67,7 @@ def rows(results: Sequence[ScheduleResult], seconds: float) -> list[Row]:
     unresolved = sum(not r.recovery.resolved for r in results)
     hung = sum(r.hung for r in results)
     errors_to_callers = sum(len(r.errors) for r in results)
+    died = sum(r.died_of_an_error for r in results)
     paused_ran = sum(r.notes.get("paused_recovery") == "ran" for r in results)
     return [
         Row("schedules", "schedules run", len(results)),
@@ -170,6 +171,7 @@ def rows(results: Sequence[ScheduleResult], seconds: float) -> list[Row]:
             errors_to_callers > 0,
             True,
         ),
+        Row("children_died", "children that died of an error", died, died > 0, True),
         Row("seconds", "torture time, s", round(seconds, 1)),
     ]
 
@@ -178,7 +180,7 @@ def summary(results: Sequence[ScheduleResult], seconds: float) -> dict[str, Any]
     """The figures as a dict (``--json``), with the failing schedules and their problems."""
     table = rows(results, seconds)
     return {
-        "ok": not any(row.failed for row in table),
+        "ok": not any(row.failed for row in table) and all(r.ok for r in results),
         "figures": {row.key: row.value for row in table},
         "failed_schedules": [
             {"name": r.schedule.name, "describe": r.schedule.describe(), "problems": r.problems}

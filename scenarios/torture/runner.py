@@ -138,6 +138,11 @@ class ScheduleResult:
         return self.exit_code == -signal.SIGKILL and not self.killed_by_torture
 
     @property
+    def died_of_an_error(self) -> bool:
+        """The child neither finished its batch (exit 0) nor was killed (SIGKILL)."""
+        return self.exit_code not in (0, -signal.SIGKILL)
+
+    @property
     def problems(self) -> list[str]:
         found = list(self.check.problems())
         if not self.recovery.resolved:
@@ -151,7 +156,7 @@ class ScheduleResult:
                 f"{len(self.errors)} caller(s) got an exception instead of an outcome "
                 f"(the first: {self.errors[0]})"
             )
-        if self.exit_code not in (0, -signal.SIGKILL):
+        if self.died_of_an_error:
             stderr = str(self.notes.get("child_stderr", "")).strip().splitlines()
             found.append(
                 f"the child exited with {self.exit_code}, neither finished nor killed"
