@@ -9,6 +9,7 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import replace
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -110,6 +111,12 @@ def _observed(coordinator: Coordinator) -> Coordinator:
     return coordinator
 
 
+def peer_broker(settings: Settings, peer: str) -> ActiveMQ:
+    """The broker as dead peer ``peer`` saw it (its client-ids): to fence it and read its
+    markers."""
+    return broker(replace(settings, coordinator_id=peer), pool_size=1)
+
+
 #: The broker sessions of a coordinator, so the most transactions it runs at once.
 DEFAULT_SESSIONS = 32
 
@@ -144,9 +151,7 @@ def open_coordinator(
                 max_workers=max(sessions, 4),
                 membership=membership,
                 decision_holder=holder,
-                peer_broker=lambda peer: broker(
-                    replace(settings, coordinator_id=peer), pool_size=1
-                ),
+                peer_broker=partial(peer_broker, settings),
                 **options,
             )
         )
@@ -167,21 +172,20 @@ def open_async_coordinator(
     **options: Any,
 ) -> AsyncCoordinator:
     """:func:`open_coordinator` for asyncio: databases 'a' and 'b' and the broker 'mq' as
-    asyncio participants, the coordinator id and decision-log file of the settings; start
-    it with ``await coordinator.start()`` (recovery runs then, unless ``recover`` is False).
+    asyncio participants, the decisions where TWOPC_DECISIONS says; start it with
+    ``await coordinator.start()`` (recovery runs then, unless ``recover`` is False).
 
-    Decisions in a file only: with TWOPC_DECISIONS=postgres it raises ConfigurationError
-    (the decision rows and the membership need sessions of their own, which this
-    coordinator would not close).
+    With TWOPC_DECISIONS=postgres the decision table, the membership and the brokers of
+    dead peers are the synchronous ones (the coordinator runs them on its threads). They
+    take sessions of their own only while they work (the table and the liveness lock
+    one each, closed by the coordinator's close), over databases of their own that keep
+    no idle session.
     """
     settings = settings or Settings.load()
-    if settings.decisions != "file":
-        raise ConfigurationError(
-            f"TWOPC_DECISIONS={settings.decisions}: the asyncio coordinator of the scenarios "
-            "keeps its decisions in a file; set TWOPC_DECISIONS=file, or run on threads"
-        )
     failpoints.arm_from_env()
-    log = FileDecisionLog(settings.log_path)  # first: a log locked by another process stops here
+    # First: a log file locked by another process, or a database that cannot keep the
+    # decisions, stops here.
+    log, holder, membership = decision_log(settings, databases(settings, pool_size=0))
     try:
         resources, mq = async_participants(settings, settings.coordinator_id, pool_size=sessions)
         return AsyncCoordinator(
@@ -191,6 +195,9 @@ def open_async_coordinator(
             mq,
             recover_on_start=recover,
             max_workers=max(sessions, 4),
+            membership=membership,
+            decision_holder=holder,
+            peer_broker=partial(peer_broker, settings),
             **options,
         )
     except BaseException:

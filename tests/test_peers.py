@@ -92,12 +92,31 @@ def test_every_session_of_an_asyncio_coordinator_carries_its_id_as_application_n
     assert sessions_named(settings.pg_a, ident) == 0
 
 
-def test_the_asyncio_coordinator_of_the_settings_refuses_decisions_in_postgres(
-    settings: Settings,
+def test_the_asyncio_coordinator_of_the_settings_keeps_its_decisions_in_postgres(
+    settings: Settings, tmp_path: Path
 ) -> None:
-    """open_async_coordinator keeps decisions in a file; TWOPC_DECISIONS=postgres is refused."""
-    with pytest.raises(ConfigurationError, match="TWOPC_DECISIONS=file"):
-        wiring.open_async_coordinator(replace(settings, decisions="postgres"))
+    """TWOPC_DECISIONS=postgres on asyncio: no decision log file; the decision row commits
+    the transaction, END deletes it, and close leaves no session and no lock behind."""
+    probe_tags(settings.pg_a), probe_tags(settings.pg_b)
+    ident = unique_id("aio-pg")
+    mine = postgres_mode(settings, ident, tmp_path)
+    coordinator = wiring.open_async_coordinator(mine, sessions=2)
+    tag = f"{ident}.row"
+
+    async def scenario() -> tuple[Outcome | None, list[str], bool]:
+        async with coordinator:
+            held = lock_holder(settings.pg_a, ident) > 0
+            async with coordinator.transaction() as tx:
+                for name in ("a", "b"):
+                    await tx.execute(name, "INSERT INTO peers_probe VALUES (%s)", (tag,))
+            return tx.outcome, coordinator.in_doubt, held
+
+    outcome, in_doubt, held = asyncio.run(scenario())
+    assert (outcome, in_doubt, held) == (Outcome.COMMITTED, [], True)
+    assert tag in probe_tags(settings.pg_a) and tag in probe_tags(settings.pg_b)
+    assert decision_rows(settings.pg_a, f"{ident}.") == set()  # END deleted the row
+    assert not mine.log_path.exists()
+    assert sessions_named(settings.pg_a, ident) == sessions_named(settings.pg_b, ident) == 0
 
 
 def pg_resources(settings: Settings, ident: str) -> list[PostgresResource]:
@@ -547,6 +566,39 @@ def test_a_sigkilled_peer_is_recovered_by_a_running_coordinator_within_30_s(
         if worker.poll() is None:
             worker.kill()
             worker.wait()
+    assert tags_with(settings.pg_a, f"{victim}.") == tags_with(settings.pg_b, f"{victim}.")
+
+
+def test_a_sigkilled_peer_is_recovered_by_a_running_asyncio_coordinator_within_30_s(
+    settings: Settings, tmp_path: Path
+) -> None:
+    """The same on asyncio: the keeper's peer watch (a task) fences and resolves it unasked."""
+    probe_tags(settings.pg_a), probe_tags(settings.pg_b)
+    victim, live = unique_id("victim-aio"), unique_id("keeper-aio")
+    keeper = wiring.open_async_coordinator(
+        postgres_mode(settings, live, tmp_path / "keeper"), sessions=2, peer_interval=1.0
+    )
+
+    async def scenario() -> str:
+        async with keeper:
+            worker = start_worker(settings, victim, tmp_path / "victim", tmp_path / "outcomes")
+            try:
+                gtrid = stop_when_prepared(settings, worker, f"{victim}.")
+                worker.kill()
+                worker.wait()
+            finally:
+                if worker.poll() is None:
+                    worker.kill()
+                    worker.wait()
+            killed = time.monotonic()
+            while not any(p.peer == victim and p.resolved for p in keeper.peer_recoveries):
+                assert time.monotonic() - killed < 30, f"{gtrid}'s coordinator not recovered"
+                await asyncio.sleep(0.1)
+            return gtrid
+
+    gtrid = asyncio.run(scenario())
+    assert prepared_gtrids(settings.pg_a, f"{victim}.") == set(), gtrid
+    assert prepared_gtrids(settings.pg_b, f"{victim}.") == set(), gtrid
     assert tags_with(settings.pg_a, f"{victim}.") == tags_with(settings.pg_b, f"{victim}.")
 
 

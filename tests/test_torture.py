@@ -145,7 +145,8 @@ def test_checks_catch_each_kind_of_violation(torture: Torture, settings: Setting
 
 def test_summary_is_not_ok_when_a_schedule_broke_an_invariant(torture: Torture) -> None:
     """The figures flag a failed invariant (an exception told to a caller is one, a child
-    that died of an error another), and the CLI's exit status follows 'ok'."""
+    that died of an error another, the fault's or another coordinator's), and the CLI's exit
+    status follows 'ok'."""
     result = torture.run(Schedule("no fault", Fault.FAILPOINT, count=5, concurrency=1))
     assert summary([result], 1.0)["ok"]
     broken = replace(result, check=replace(result.check, prepared_left=["a:twopc.x"]))
@@ -165,6 +166,14 @@ def test_summary_is_not_ok_when_a_schedule_broke_an_invariant(torture: Torture) 
     assert report["failed_schedules"][0]["problems"] == [
         "the child exited with 1, neither finished nor killed (its last line: NameError: name 'x')"
     ]
+    peers_crashed = replace(result, notes={"survivors_exit": [0, 1, -9]})
+    report = summary([result, peers_crashed], 2.0)
+    assert not report["ok"]
+    assert report["figures"]["children_died"] == 1
+    assert (
+        "other coordinators' children exited with [1]"
+        in (report["failed_schedules"][0]["problems"][0])
+    )
 
 
 @pytest.mark.slow

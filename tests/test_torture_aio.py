@@ -3,7 +3,9 @@
 The child the torture kills runs ``AsyncCoordinator``: it is killed at every
 failpoint of the transfer and by a coordinator kill, a broker kill,
 connections reset and a pause then a kill; after ``twopc recover`` the
-invariants are checked on PostgreSQL and ActiveMQ themselves. A module of its
+invariants are checked on PostgreSQL and ActiveMQ themselves. Two or three of
+them in postgres mode, the first killed or paused, are recovered by their
+peers and ``twopc recover --dead``. A module of its
 own: its runner resets the tables and keeps its own ledger, so it must not
 run while tests/test_torture.py's runner holds one.
 """
@@ -11,13 +13,21 @@ run while tests/test_torture.py's runner holds one.
 from __future__ import annotations
 
 from collections.abc import Iterator
+from dataclasses import replace
 
 import pytest
 
 from scenarios.config import Settings
 from scenarios.lab.services import Lab
-from scenarios.torture.runner import Torture
-from scenarios.torture.schedules import TRANSFER_FAILPOINTS, Fault, Schedule, matrix
+from scenarios.torture.runner import Torture, peer_id
+from scenarios.torture.schedules import (
+    TRANSFER_FAILPOINTS,
+    Fault,
+    Schedule,
+    matrix,
+    peer_schedules,
+)
+from scenarios.transfer.invariants import prepared_of
 
 pytestmark = pytest.mark.lab
 
@@ -31,6 +41,7 @@ AIO_MATRIX = [
     if (s.fault is Fault.FAILPOINT and not s.recovery_failpoints and "log_" not in s.failpoints)
     or (s.fault in AIO_FAULTS and s.variant != "resume")
 ]
+PEER_SCHEDULES = {s.name: s for s in peer_schedules(seed=5)}
 
 
 @pytest.fixture(scope="module")
@@ -68,7 +79,20 @@ def test_the_asyncio_coordinator_keeps_every_invariant_when_killed(
         assert result.notes["paused_recovery"] == "refused"
 
 
-def test_several_coordinators_are_refused_on_asyncio(torture_aio: Torture) -> None:
-    """A schedule of several coordinators (postgres mode) is refused with api='asyncio'."""
-    with pytest.raises(ValueError, match="threads only"):
-        torture_aio.run(Schedule("peers", Fault.COORDINATOR_KILL, coordinators=2))
+@pytest.mark.parametrize(
+    "name", ["peers x3 coordinator-kill", "peers x2 pause, resume", "peers x3 kill@after_decision"]
+)
+def test_several_asyncio_coordinators_keep_every_invariant_when_the_first_dies(
+    torture_aio: Torture, name: str
+) -> None:
+    """Two or three asyncio coordinators in postgres mode, the first SIGKILLed (at a kill
+    or a failpoint) or paused: recovered by their peers and 'twopc recover --dead'."""
+    schedule = PEER_SCHEDULES[name]
+    result = torture_aio.run(schedule)
+    assert result.ok, result.problems
+    assert result.outcomes["committed"] > 0, result.outcomes
+    assert result.notes["survivors_exit"] == [0] * (schedule.coordinators - 1)
+    for index in range(schedule.coordinators):
+        assert prepared_of(replace(torture_aio.settings, coordinator_id=peer_id(index))) == []
+    if schedule.fault is Fault.FAILPOINT:
+        assert result.failpoint_fired, f"{schedule.failpoints} did not fire"

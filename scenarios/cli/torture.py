@@ -73,9 +73,8 @@ from scenarios.torture import APIS
     type=click.Choice(APIS),
     default="threads",
     show_default=True,
-    help="The coordinator the killed child runs: Coordinator on threads, or "
-    "AsyncCoordinator on asyncio (decisions in a file: the schedules of several "
-    "coordinators are left out).",
+    help="The coordinator every child runs: Coordinator on threads, or AsyncCoordinator "
+    "on asyncio (the schedules of several coordinators too, in postgres mode).",
 )
 @click.option("--fail-fast", is_flag=True, help="Stop at the first schedule that fails.")
 @click.option(
@@ -126,13 +125,8 @@ def torture(
     plan: list[plans.Schedule] = []
     if matrix:
         plan += plans.matrix(seed, count=count, concurrency=concurrency)
-        if peers and api == "threads":
+        if peers:
             plan += plans.peer_schedules(seed, count=count, concurrency=concurrency)
-        elif peers:
-            err.print(
-                "[yellow]--api asyncio: the schedules of several coordinators (postgres mode) "
-                "are left out; they run with --api threads[/]"
-            )
     plan += plans.random_schedules(schedules, seed, lab=lab is not None)
     plan = [s for s in plan if lab is not None or not s.fault.needs_lab]
     if not plan:

@@ -67,7 +67,7 @@ def rows(results: Sequence[ScheduleResult], seconds: float) -> list[Row]:
     unresolved = sum(not r.recovery.resolved for r in results)
     hung = sum(r.hung for r in results)
     errors_to_callers = sum(len(r.errors) for r in results)
-    died = sum(r.died_of_an_error for r in results)
+    died = sum(r.died_of_an_error + len(r.survivors_died) for r in results)
     paused_ran = sum(r.notes.get("paused_recovery") == "ran" for r in results)
     return [
         Row("schedules", "schedules run", len(results)),

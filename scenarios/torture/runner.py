@@ -65,6 +65,10 @@ def peer_id(index: int) -> str:
 
 # -- results -------------------------------------------------------------------------
 
+#: How a child ends when nothing went wrong with it: its batch finished (0), or the fault,
+#: a failpoint or the torture killed it.
+_ENDED = (0, -signal.SIGKILL)
+
 
 @dataclass
 class RecoveryPass:
@@ -140,7 +144,13 @@ class ScheduleResult:
     @property
     def died_of_an_error(self) -> bool:
         """The child neither finished its batch (exit 0) nor was killed (SIGKILL)."""
-        return self.exit_code not in (0, -signal.SIGKILL)
+        return self.exit_code not in _ENDED
+
+    @property
+    def survivors_died(self) -> list[int]:
+        """The exit codes of the other coordinators' children (several coordinators) that
+        died of an error: the fault never hits them, so they finish or are killed as hung."""
+        return [code for code in self.notes.get("survivors_exit", []) if code not in _ENDED]
 
     @property
     def problems(self) -> list[str]:
@@ -161,6 +171,11 @@ class ScheduleResult:
             found.append(
                 f"the child exited with {self.exit_code}, neither finished nor killed"
                 + (f" (its last line: {stderr[-1].strip()})" if stderr else "")
+            )
+        if self.survivors_died:
+            found.append(
+                f"other coordinators' children exited with {self.survivors_died}, neither "
+                "finished nor killed (their stderr is the schedule's)"
             )
         if self.hung:
             found.append("the batch did not finish in time after every fault had healed")
@@ -304,11 +319,6 @@ class Torture:
             raise ValueError(
                 f"schedule {schedule.name} stops services, which needs the embedded lab "
                 "('twopc lab up' with TWOPC_HOME pointing at it)"
-            )
-        if schedule.coordinators > 1 and self.api != "threads":
-            raise ValueError(
-                f"schedule {schedule.name} runs several coordinators in postgres mode, which "
-                "the torture's children run on threads only (api='threads')"
             )
         started = time.monotonic()
         self._log.info(
