@@ -10,6 +10,7 @@ import secrets
 import subprocess
 import sys
 import textwrap
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -249,20 +250,21 @@ def test_asyncio_example_commits_atomically_on_the_lab(settings: Settings, tmp_p
 
 
 @pytest.mark.lab
+@pytest.mark.parametrize("decisions", ["file", "postgres"])
 def test_bench_inflight_commits_every_transaction_with_threads_and_with_tasks(
-    settings: Settings, tmp_path: Path
+    settings: Settings, tmp_path: Path, decisions: str
 ) -> None:
     """twopc bench --inflight --quick commits all 200 transactions in every mode, with a
     thread per transaction in flight for the sync coordinator and none for asyncio (in one
-    process or split over two, each its own coordinator), and leaves none of the messages
-    they sent on the broker."""
+    process or split over two, each its own coordinator), its decisions where
+    TWOPC_DECISIONS says, and leaves none of the messages they sent on the broker."""
     done = subprocess.run(
         [
             *(sys.executable, "-m", "scenarios.cli", "bench", "--inflight", "--quick"),
             *("--json", "--out", str(tmp_path)),
         ],
         cwd=ROOT,
-        env={**os.environ, **settings.as_env()},
+        env={**os.environ, **replace(settings, decisions=decisions).as_env()},
         capture_output=True,
         text=True,
         timeout=300,
@@ -275,6 +277,7 @@ def test_bench_inflight_commits_every_transaction_with_threads_and_with_tasks(
     assert threads["errors"] == tasks["errors"] == split["errors"] == 0
     assert threads["threads_in_flight"] >= 200 > tasks["threads_in_flight"]
     assert split["inflight"] == 200 > split["threads_in_flight"]
+    assert {r["decisions"] for r in by_mode.values()} == {decisions}
     with open_stomp_client(settings.stomp) as client:
         assert client.browse(inflight.QUEUE, idle_timeout=2.0) == []  # nothing left behind
     rows = (tmp_path / "inflight.md").read_text().splitlines()

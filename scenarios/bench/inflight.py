@@ -21,6 +21,10 @@ thousand transactions are open together, the databases see at most ``gate``.
   second are counted from the first release to the last commit, memory and
   threads summed.
 
+Each coordinator keeps its decisions where TWOPC_DECISIONS says: in a file of its own
+(``file``), or (``postgres``) as decision rows in database A, holding a liveness lock
+there, as coordinators that can recover each other do.
+
 Each mode runs in a fresh process of its own (so their memory does not mix),
 and reports the process's RSS before the workers start and when all of them
 are in flight (``/proc/self/status`` VmRSS), its peak (VmHWM), its thread
@@ -48,17 +52,17 @@ import tempfile
 import threading
 import time
 import tracemalloc
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
 from coordinator.aio import AsyncCoordinator
 from coordinator.coordinator import Coordinator
-from coordinator.log.file import FileDecisionLog
 from coordinator.states import Outcome
 from scenarios.config import Settings
 from scenarios.lab.procfs import status_numbers
 from scenarios.transfer.model import drain
-from scenarios.wiring import async_participants, broker, databases
+from scenarios.wiring import async_participants, broker, databases, decision_log
 
 MODES = ("threads", "asyncio", "asyncio-2")
 #: The processes of the asyncio-2 mode.
@@ -74,15 +78,29 @@ def _status() -> dict[str, int]:
     return status_numbers("self", ("VmRSS", "VmHWM", "Threads"))
 
 
+def _decisions(settings: Settings, cid: str, log_path: Path) -> dict[str, Any]:
+    """Where coordinator ``cid`` keeps its decisions, as TWOPC_DECISIONS says: its own file
+    ``log_path``, or (postgres) the decision table and a liveness lock of its own; as
+    keyword arguments of the coordinator (its log first)."""
+    mine = replace(settings, coordinator_id=cid)
+    log, holder, membership = decision_log(mine, databases(mine, pool_size=0), log_path=log_path)
+    return {
+        "log": log,
+        "decision_holder": holder,
+        "membership": membership,
+        "peer_interval": None,  # the bench's coordinators do not look after each other
+    }
+
+
 def run_threads(settings: Settings, inflight: int, gate: int, home: Path) -> dict[str, Any]:
     cid = f"bi{int(time.time()) % 100000}t"  # the bench's own gtrid prefix and client-ids
     coordinator = Coordinator(
         cid,
-        FileDecisionLog(home / "threads.log"),
-        databases(settings, pool_size=gate),
-        broker(settings, pool_size=gate, coordinator_id=cid),
+        resources=databases(replace(settings, coordinator_id=cid), pool_size=gate),
+        broker=broker(settings, pool_size=gate, coordinator_id=cid),
         max_workers=gate,
         housekeeping_interval=None,
+        **_decisions(settings, cid, home / "threads.log"),
     )
     with coordinator.transaction() as tx:
         tx.execute("a", SCHEMA)
@@ -173,7 +191,11 @@ async def _run_asyncio(
     cid = f"bi{int(time.time()) % 100000}a{part}"
     resources, mq = async_participants(settings, cid, pool_size=gate)
     coordinator = AsyncCoordinator(
-        cid, FileDecisionLog(home / "asyncio.log"), resources, mq, housekeeping_interval=None
+        cid,
+        resources=resources,
+        broker=mq,
+        housekeeping_interval=None,
+        **_decisions(settings, cid, home / f"asyncio-{part}.log"),
     )
     await coordinator.start()
     async with coordinator.transaction() as tx:
@@ -299,9 +321,11 @@ def run_mode(
     settings = Settings.load()
     with tempfile.TemporaryDirectory(prefix="twopc-inflight-") as home:
         if mode == "threads":
-            return run_threads(settings, inflight, gate, Path(home))
-        shared = Path(barrier) if barrier else None
-        return asyncio.run(_run_asyncio(settings, inflight, gate, Path(home), shared, part))
+            result = run_threads(settings, inflight, gate, Path(home))
+        else:
+            shared = Path(barrier) if barrier else None
+            result = asyncio.run(_run_asyncio(settings, inflight, gate, Path(home), shared, part))
+    return {**result, "decisions": settings.decisions}
 
 
 def _child(*args: str) -> subprocess.Popen[str]:
@@ -340,6 +364,7 @@ def _split(inflight: int, gate: int) -> dict[str, Any]:
     total = {key: sum(p[key] for p in parts) for key in ("rss_before_mib", "rss_in_flight_mib")}
     return {
         "mode": "asyncio-2",
+        "decisions": parts[0]["decisions"],
         "inflight": sum(p["inflight"] for p in parts),
         "gate": sum(p["gate"] for p in parts),
         **{key: round(value, 1) for key, value in total.items()},
@@ -379,6 +404,14 @@ def run(inflight: int = 1000, gate: int = 48) -> list[dict[str, Any]]:
     return results
 
 
+#: Where the coordinators kept their decisions (TWOPC_DECISIONS), in the table's words.
+_KEPT = {
+    "file": "in a file of each coordinator's own",
+    "postgres": "in PostgreSQL (TWOPC_DECISIONS=postgres: each coordinator its decision rows "
+    "and liveness lock)",
+}
+
+
 def render_markdown(results: list[dict[str, Any]], command: str) -> str:
     """The side-by-side table."""
     lines = [
@@ -387,6 +420,7 @@ def render_markdown(results: list[dict[str, Any]], command: str) -> str:
         f"`{command}`: every transaction open at once, then A, B and one message each "
         f"behind a gate of {results[0]['gate']} (participant pools of that size); "
         "asyncio-2 splits both over two processes, each its own coordinator. "
+        f"Decisions {_KEPT[results[0].get('decisions', 'file')]}. "
         "Heap per transaction: the Python heap one holds in flight (tracemalloc, in a "
         "second pass that rolls back; a thread's stack is not on it).",
         "",

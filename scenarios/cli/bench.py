@@ -52,7 +52,8 @@ MODES = {
     "consumers": "'twopc consumer --mode inbox' against '--mode 2pc': latency per message, "
     "throughput, WAL bytes per message on B.",
     "inflight": "1,000 transactions in flight (200 with --quick): the sync coordinator with a "
-    "thread each against the asyncio coordinator with a task each (RSS, commits/s).",
+    "thread each against the asyncio coordinator with a task each, in one process or two "
+    "(RSS, commits/s); decisions where TWOPC_DECISIONS says.",
     "decisions": "TWOPC_DECISIONS=file against postgres, with and without the broker: latency, "
     "throughput, forced log writes and WAL flushes per commit.",
 }
