@@ -81,7 +81,7 @@ def _status() -> dict[str, int]:
 def _decisions(settings: Settings, cid: str, log_path: Path) -> dict[str, Any]:
     """Where coordinator ``cid`` keeps its decisions, as TWOPC_DECISIONS says: its own file
     ``log_path``, or (postgres) the decision table and a liveness lock of its own; as
-    keyword arguments of the coordinator (its log first)."""
+    keyword arguments of the coordinator."""
     mine = replace(settings, coordinator_id=cid)
     log, holder, membership = decision_log(mine, databases(mine, pool_size=0), log_path=log_path)
     return {
