@@ -87,6 +87,9 @@ from scenarios.config_values import (
 from scenarios.lab.settings import lab_settings  # the lab's values are only the defaults
 
 LOG_FILE = "decisions.log"  # the file decision log, in the state folder
+#: The coordinator's APIs a scenario can run on (``--api``): Coordinator on threads, or
+#: AsyncCoordinator on asyncio.
+APIS = ("threads", "asyncio")
 
 
 class StompOptions(TypedDict):

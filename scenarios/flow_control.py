@@ -27,7 +27,7 @@ from participants.stomp_ops import Subscription
 from scenarios.config import Settings
 from scenarios.lab.templates import FLOW_LIMITED_MEMORY, FLOW_LIMITED_PREFIX
 from scenarios.transfer import model as scenario
-from scenarios.transfer.batch import percentiles
+from scenarios.transfer.results import percentiles
 from scenarios.wiring import open_stomp
 
 #: The body of each message (a credit command's size).

@@ -169,7 +169,8 @@ def slow_cdc_consumer(settings: Settings) -> Story:
     from scenarios.outbox import fanout
     from scenarios.outbox.pipeline import Pipeline, wait_converged
     from scenarios.strategies.cdc import CdcFanoutStrategy
-    from scenarios.transfer.batch import percentiles, run_batch
+    from scenarios.transfer.batch import run_batch
+    from scenarios.transfer.results import percentiles
 
     story = Story("slow-cdc-consumer")
     strategy = CdcFanoutStrategy()

@@ -11,7 +11,7 @@ from collections.abc import Callable
 from dataclasses import replace
 from functools import partial
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 from coordinator import failpoints
 from coordinator.aio.coordinator import AsyncCoordinator
@@ -101,11 +101,14 @@ def open_stomp(
     )
 
 
-#: Called with every coordinator opened here (scenarios.metrics counts its transactions).
-COORDINATOR_OBSERVERS: list[Callable[[Coordinator], None]] = []
+#: Called with every coordinator opened here, on threads or asyncio (scenarios.metrics
+#: counts its transactions).
+COORDINATOR_OBSERVERS: list[Callable[[Coordinator | AsyncCoordinator], None]] = []
+
+AnyCoordinator = TypeVar("AnyCoordinator", Coordinator, AsyncCoordinator)
 
 
-def _observed(coordinator: Coordinator) -> Coordinator:
+def _observed(coordinator: AnyCoordinator) -> AnyCoordinator:
     for observe in COORDINATOR_OBSERVERS:
         observe(coordinator)
     return coordinator
@@ -188,17 +191,19 @@ def open_async_coordinator(
     log, holder, membership = decision_log(settings, databases(settings, pool_size=0))
     try:
         resources, mq = async_participants(settings, settings.coordinator_id, pool_size=sessions)
-        return AsyncCoordinator(
-            settings.coordinator_id,
-            log,
-            resources,
-            mq,
-            recover_on_start=recover,
-            max_workers=max(sessions, 4),
-            membership=membership,
-            decision_holder=holder,
-            peer_broker=partial(peer_broker, settings),
-            **options,
+        return _observed(
+            AsyncCoordinator(
+                settings.coordinator_id,
+                log,
+                resources,
+                mq,
+                recover_on_start=recover,
+                max_workers=max(sessions, 4),
+                membership=membership,
+                decision_holder=holder,
+                peer_broker=partial(peer_broker, settings),
+                **options,
+            )
         )
     except BaseException:
         log.close()

@@ -47,6 +47,7 @@ FILES = {
     "outbox/aio/inbox.py": "outbox/inbox.py",
     "scenarios/outbox/consumer_2pc_aio.py": "scenarios/outbox/consumer_2pc.py",
     "scenarios/strategies/transfer_2pc_aio.py": "scenarios/strategies/transfer_2pc.py",
+    "scenarios/transfer/batch_aio.py": "scenarios/transfer/batch.py",
 }
 
 #: Whole-word replacements, in order.

@@ -85,6 +85,7 @@ def no_schema(settings: Settings, tmp_path: Path) -> Iterator[dict[str, str]]:
         ("transfer", "--count", "5"),
         ("transfer", "--count", "5", "--accounts", "10"),
         ("transfer", "--count", "5", "--strategy", "outbox-status"),
+        ("transfer", "--count", "5", "--api", "asyncio"),
         ("scenario", "run", "all"),
         ("outbox", "failed"),
         ("outbox", "retry"),
@@ -109,10 +110,23 @@ def test_commands_on_a_lab_without_the_schema_say_to_reset(
         (("transfer", "--concurrency", "0"), "--concurrency"),
         (("transfer", "--accounts", "0"), "--accounts"),
         (("transfer", "--strategy", "bogus"), "--strategy"),
+        (("transfer", "--count", "5", "--api", "bogus"), "--api"),
+        (
+            ("transfer", "--count", "5", "--strategy", "naive", "--api", "asyncio"),
+            "2pc strategy only",
+        ),
         (("scenario", "run", "no-such-story"), "no-such-story"),
         (("no-such-command",), "no-such-command"),
     ],
-    ids=["concurrency 0", "accounts 0", "unknown strategy", "unknown scenario", "unknown command"],
+    ids=[
+        "concurrency 0",
+        "accounts 0",
+        "unknown strategy",
+        "unknown api",
+        "asyncio for a strategy without it",
+        "unknown scenario",
+        "unknown command",
+    ],
 )
 def test_usage_errors_exit_2(
     settings: Settings, tmp_path: Path, args: tuple[str, ...], word: str

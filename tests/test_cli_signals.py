@@ -59,16 +59,32 @@ def told_to_stop(run: Running) -> bool:
     return "finishing the work in hand" in run.stderr
 
 
-@pytest.mark.parametrize("signum", [signal.SIGTERM, signal.SIGINT], ids=["SIGTERM", "SIGINT"])
+@pytest.mark.parametrize(
+    ("signum", "api"),
+    [
+        (signal.SIGTERM, "threads"),
+        (signal.SIGINT, "threads"),
+        (signal.SIGTERM, "asyncio"),
+        (signal.SIGINT, "asyncio"),
+    ],
+    ids=["SIGTERM", "SIGINT", "SIGTERM asyncio", "SIGINT asyncio"],
+)
 def test_a_signalled_transfer_finishes_the_transfers_in_hand_and_prints_its_summary(
     settings: Settings,
     env: dict[str, str],
     tmp_path: Path,
     accounts_locked: psycopg.Connection,
     signum: signal.Signals,
+    api: str,
 ) -> None:
-    """The transfers in flight commit, no others start, the summary prints, exit 128+signal."""
-    run = Running(env, tmp_path, "transfer", "--count", "1000", "--concurrency", str(CONCURRENCY))
+    """The transfers in flight commit, no others start, the summary prints, exit 128+signal
+    (the threads' transfers, or the asyncio coordinator's tasks)."""
+    run = Running(
+        env,
+        tmp_path,
+        "transfer",
+        *("--count", "1000", "--concurrency", str(CONCURRENCY), "--api", api),
+    )
     in_flight(settings, run)
     run.signal(signum)
     run.wait_for(lambda: told_to_stop(run), "the child's word that it is stopping")

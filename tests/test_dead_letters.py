@@ -43,10 +43,11 @@ from scenarios.outbox.pipeline import Pipeline, WorkerFailed
 from scenarios.strategies import run_transfers
 from scenarios.transfer import invariants
 from scenarios.transfer import model as scenario
-from scenarios.transfer.batch import BatchFailed, run_batch
+from scenarios.transfer.batch import run_batch
 from scenarios.transfer.destinations import LEDGER_QUEUE
 from scenarios.transfer.invariants import gather_evidence
 from scenarios.transfer.model import CREDIT_COMMAND, TRANSFER_COMPLETED, TYPE_HEADER
+from scenarios.transfer.results import BatchFailed
 from tests.conftest import open_stomp_client
 from tests.test_outbox import ACCOUNTS, fresh, wait_for
 

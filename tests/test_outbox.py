@@ -45,8 +45,9 @@ from scenarios.strategies.base import Strategy
 from scenarios.strategies.outbox import OutboxLastIdStrategy, OutboxStatusStrategy
 from scenarios.transfer import invariants
 from scenarios.transfer import model as scenario
-from scenarios.transfer.batch import BatchResult, run_batch
+from scenarios.transfer.batch import run_batch
 from scenarios.transfer.invariants import anomalies, gather_evidence
+from scenarios.transfer.results import BatchResult
 from tests.cli_process import stop_report
 from tests.conftest import BrokerControl
 

@@ -31,7 +31,7 @@ from coordinator.errors import ConfigurationError
 from scenarios.bench import measure
 from scenarios.config import Settings
 from scenarios.transfer import model as scenario
-from scenarios.transfer.batch import percentiles
+from scenarios.transfer.results import percentiles
 from scenarios.wiring import open_stomp
 
 MODES: tuple[str, ...] = ("inbox", "2pc")

@@ -47,7 +47,7 @@ from scenarios.outbox.pipeline import convergence_latencies, wait_converged
 from scenarios.outbox.relay import RelayConfig, StatusRelay
 from scenarios.strategies import new_strategy
 from scenarios.transfer import model as scenario
-from scenarios.transfer.batch import percentiles
+from scenarios.transfer.results import percentiles
 
 #: The fallback poll of the LISTEN/NOTIFY relay (the relay's own default).
 LISTEN_FALLBACK = RelayConfig().poll_interval

@@ -21,7 +21,7 @@ from coordinator.errors import TwoPhaseCommitError
 from participants.postgres import describe_dsn
 from scenarios.answer_deadline import QueryTimeout
 from scenarios.config_values import redact as redact
-from scenarios.transfer.batch import BatchFailed
+from scenarios.transfer.results import BatchFailed
 
 #: What to run when the scenario's tables are missing or out of date.
 RESET_HINT = "run 'twopc transfer --reset' to create the transfer scenario's tables"

@@ -24,7 +24,7 @@ from scenarios.cli import retries as cli_retries
 from scenarios.cli import torture as cli_torture
 from scenarios.cli.errors import explain
 from scenarios.cli.progress import progress_bars, working
-from scenarios.config import home_dir
+from scenarios.config import APIS, home_dir
 from scenarios.exit_status import EXIT_IN_DOUBT, EXIT_RUNTIME_ERROR
 from scenarios.log_setup import configure as configure_logging
 from scenarios.stopping import RunStopped, exit_stopped, finish_run, stop_on_signals
@@ -339,6 +339,14 @@ def indoubt(as_json: bool) -> None:
     ),
     help="How the transfer is made atomic (non-2pc: see scenarios.strategies).",
 )
+@click.option(
+    "--api",
+    type=click.Choice(APIS),
+    default="threads",
+    show_default=True,
+    help="The coordinator the 2pc strategy runs on: Coordinator with --concurrency threads, "
+    "or AsyncCoordinator with --concurrency tasks on one event loop.",
+)
 @click.option("--json", "as_json", is_flag=True, help="Print the result as JSON.")
 @click.option(
     "--check/--no-check",
@@ -376,6 +384,7 @@ def transfer(
     concurrency: int,
     seed: int | None,
     strategy: str,
+    api: str,
     as_json: bool,
     check: bool,
     no_pipeline: bool,
@@ -388,11 +397,17 @@ def transfer(
     stderr when it is a terminal.
     """
     from scenarios.strategies import RunFailed, run_transfers
-    from scenarios.transfer.batch import BatchFailed
+    from scenarios.strategies.twopc_aio import require_asyncio_version
     from scenarios.transfer.model import DEFAULT_ACCOUNTS, plan, recover_and_reset
+    from scenarios.transfer.results import BatchFailed
 
     if not count and not do_reset:
         raise click.UsageError("nothing to do: give --count N (transfers to run), --reset, or both")
+    if api == "asyncio":
+        try:
+            require_asyncio_version(strategy)
+        except ConfigurationError as exc:
+            raise click.UsageError(str(exc)) from None
     settings = _settings()
     with stop_on_signals() as stop:
         if do_reset:
@@ -400,7 +415,7 @@ def transfer(
             recover_and_reset(settings, accounts=accounts, balance=balance)
             if not as_json:
                 console.print(f"reset: {accounts} accounts of {balance} in A and in B, queue empty")
-        output: dict[str, Any] = {"strategy": strategy}
+        output: dict[str, Any] = {"strategy": strategy, "api": api}
         if count and not stop.is_set():
             accounts = _plan_accounts(settings, accounts)
             transfers = plan(count, accounts=accounts, seed=seed)
@@ -412,6 +427,7 @@ def transfer(
                         settings,
                         strategy,
                         transfers,
+                        api=api,
                         concurrency=concurrency,
                         check=check,
                         converge_timeout=converge_timeout,
@@ -426,7 +442,7 @@ def transfer(
             except BatchFailed as failed:  # a transfer raised: what ran, then the one line
                 if failed.result is None:
                     raise
-                output = {"strategy": strategy, **failed.result.as_dict()}
+                output = {"strategy": strategy, "api": api, **failed.result.as_dict()}
                 stop.fail(_explained(failed))
             finally:
                 if metrics is not None:
@@ -473,8 +489,9 @@ def _plan_accounts(settings: Any, given: int | None) -> int:
 
 def _print_batch(output: dict[str, Any]) -> None:
     lat = output.get("latency_ms", {})
+    on = " (asyncio)" if output.get("api") == "asyncio" else ""
     console.print(
-        f"[bold]{output['strategy']}[/]: {output['committed']} committed, "
+        f"[bold]{output['strategy']}{on}[/]: {output['committed']} committed, "
         f"{output['aborted']} aborted, {output['in_doubt']} in doubt "
         f"in {output['seconds']:.2f} s ({output['throughput_per_s']}/s)"
     )

@@ -14,8 +14,8 @@ from rich.table import Table
 
 from scenarios.cli.progress import progress_bars
 from scenarios.cli.settings import load_settings
+from scenarios.config import APIS
 from scenarios.stopping import RunStop, finish_run, stop_on_signals
-from scenarios.torture import APIS
 
 
 @click.command("torture")

@@ -28,7 +28,7 @@ import psycopg
 
 from scenarios.config import Settings
 from scenarios.log_setup import configure as configure_logging
-from scenarios.transfer.batch import percentiles
+from scenarios.transfer.results import percentiles
 from scenarios.wiring import open_coordinator
 
 

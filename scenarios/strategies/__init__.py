@@ -23,9 +23,11 @@ from scenarios.strategies.naive import NaiveSendFirstStrategy, NaiveStrategy
 from scenarios.strategies.outbox import OutboxLastIdStrategy, OutboxStatusStrategy
 from scenarios.strategies.thread import ThreadStrategy, ThreadSyncStrategy
 from scenarios.strategies.twopc import TwoPhaseCommitStrategy
-from scenarios.transfer.batch import percentiles, run_batch
+from scenarios.strategies.twopc_aio import AsyncTwoPhaseCommitStrategy, require_asyncio_version
+from scenarios.transfer.batch import run_batch
 from scenarios.transfer.invariants import gather_evidence
 from scenarios.transfer.model import Transfer
+from scenarios.transfer.results import percentiles
 
 __all__ = [
     "STRATEGIES",
@@ -123,8 +125,13 @@ def run_transfers(
     consumer: str = "inbox",
     stop: threading.Event | None = None,
     on_done: Callable[[], None] | None = None,
+    api: str = "threads",
 ) -> dict[str, Any]:
     """Run ``transfers`` with strategy ``name``; the result as ``twopc transfer`` prints it.
+
+    ``api`` "asyncio" (2pc only): the asyncio coordinator runs the batch, its transfers as
+    tasks on one event loop (scenarios.strategies.twopc_aio); "threads": ``concurrency``
+    threads call the strategy's ``run_one``.
 
     An asynchronous strategy gets one relay and the consumer in this process
     for the run (relays already running elsewhere share the work), or the
@@ -145,16 +152,26 @@ def run_transfers(
     """
     from scenarios.outbox import pipeline
 
-    strategy = new_strategy(name)
+    strategy: Strategy | AsyncTwoPhaseCommitStrategy
+    if api == "asyncio":
+        require_asyncio_version(name)
+        strategy = AsyncTwoPhaseCommitStrategy()
+    else:
+        strategy = new_strategy(name)
     strategy.prepare(settings, concurrency=concurrency)
     running = None
     if strategy.relay_mode is not None and pipeline_here:
         running = pipeline.for_strategy(settings, strategy).start()
-    output: dict[str, Any] = {"strategy": name}
+    output: dict[str, Any] = {"strategy": name, "api": api}
     try:
-        result = run_batch(
-            transfers, strategy.run_one, concurrency=concurrency, on_done=on_done, stop=stop
-        )
+        if isinstance(strategy, AsyncTwoPhaseCommitStrategy):
+            result = strategy.run_batch(
+                transfers, concurrency=concurrency, on_done=on_done, stop=stop
+            )
+        else:
+            result = run_batch(
+                transfers, strategy.run_one, concurrency=concurrency, on_done=on_done, stop=stop
+            )
         output.update(result.as_dict())
         drain = getattr(strategy, "drain", None)
         if drain is not None:  # the pool's work, the caller did not wait for

@@ -5,7 +5,7 @@ coordinator from :func:`scenarios.wiring.open_coordinator`, failpoints armed
 from ``TWOPC_FAILPOINTS``, :func:`scenarios.strategies.transfer_2pc.transfer_2pc`
 on :func:`scenarios.transfer.batch.run_batch`), or with ``--api asyncio`` the
 same on asyncio (:func:`scenarios.wiring.open_async_coordinator`, the asyncio
-source of that transfer, C tasks at a time), half of the transfers with A
+sources of that transfer and of the batch, C tasks at a time), half of the transfers with A
 prepared early (:func:`early`), and appends one JSON line per transfer
 to ``--outcomes`` the moment its caller is told the outcome. Each line is
 one ``write`` to a file opened with O_APPEND, so what a process reported
@@ -33,11 +33,11 @@ from collections.abc import Callable
 from typing import Any
 
 from coordinator.states import Outcome
-from scenarios.config import Settings
+from scenarios.config import APIS, Settings
 from scenarios.log_setup import configure as configure_logging
 from scenarios.strategies import transfer_2pc_aio
 from scenarios.strategies.transfer_2pc import transfer_2pc
-from scenarios.torture import APIS
+from scenarios.transfer import batch_aio
 from scenarios.transfer import model as scenario
 from scenarios.transfer.batch import run_batch
 from scenarios.wiring import open_async_coordinator, open_coordinator
@@ -95,20 +95,19 @@ async def _run_asyncio(args: argparse.Namespace, write: Writer, started: float) 
     write({"ready": round(time.monotonic() - started, 3)})
     try:
         plan = scenario.plan(args.count, accounts=args.accounts, seed=args.seed, run_id=args.run_id)
-        gate = asyncio.Semaphore(args.concurrency)
 
-        async def run_one(t: scenario.Transfer) -> None:
-            async with gate:
-                try:
-                    outcome, _ = await transfer_2pc_aio.transfer_2pc(
-                        coordinator, t, end_a_work=early(t)
-                    )
-                except Exception as exc:
-                    _unexpected(write, t, exc)
-                    return
-                _told(write, t, outcome)
+        async def run_one(t: scenario.Transfer) -> tuple[Outcome, str]:
+            try:
+                outcome, reason = await transfer_2pc_aio.transfer_2pc(
+                    coordinator, t, end_a_work=early(t)
+                )
+            except Exception as exc:
+                _unexpected(write, t, exc)
+                return Outcome.IN_DOUBT, f"unexpected {type(exc).__name__}"
+            _told(write, t, outcome)
+            return outcome, reason
 
-        await asyncio.gather(*(run_one(t) for t in plan))
+        await batch_aio.run_batch(plan, run_one, concurrency=args.concurrency)
     finally:
         await coordinator.close()
 

@@ -8,7 +8,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from scenarios.torture.runner import ScheduleResult
-from scenarios.transfer.batch import percentiles
+from scenarios.transfer.results import percentiles
 
 
 @dataclass(frozen=True)

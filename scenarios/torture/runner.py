@@ -36,11 +36,10 @@ from coordinator.events import get_logger
 from coordinator.failpoints import failpoint_env
 from coordinator.log.file import LOCK_SUFFIX
 from scenarios import events as ev
-from scenarios.config import Settings
+from scenarios.config import APIS, Settings
 from scenarios.lab import procfs
 from scenarios.lab.proxy import FaultProxy
 from scenarios.lab.services import Lab
-from scenarios.torture import APIS
 from scenarios.torture.ledger import Check, Ledger
 from scenarios.torture.schedules import Fault, Schedule
 from scenarios.transfer import model as scenario
