@@ -130,16 +130,19 @@ def sentinel_token() -> str:
 
 
 class BrowseIncomplete(ParticipantError):
-    """The broker ended every browse tried before the end of the queue (its maxBrowsePageSize)."""
+    """The broker ended every browse tried before the end of the queue: its destination
+    policy's maxBrowsePageSize, or the messages it holds in memory for the queue."""
 
     def __init__(self, destination: str, seen: int, *, participant: str, tries: int = 1) -> None:
         tried = "" if tries == 1 else f" (the last of {tries} browses, each with its sentinel)"
         super().__init__(
             f"the broker ended the browse of {destination} after {seen} messages, before the "
             f"end of the queue{tried}: its destination policy caps browsing "
-            "(maxBrowsePageSize, 400 by default once a policyEntry matches the queue). Raise "
-            "maxBrowsePageSize above the queue's depth in activemq.xml ('twopc doctor' "
-            "checks it)",
+            "(maxBrowsePageSize, 400 by default once a policyEntry matches the queue), and a "
+            "browse sees only the messages the broker holds in memory for the queue (its "
+            "memoryLimit). Raise maxBrowsePageSize above the queue's depth in activemq.xml "
+            "('twopc doctor' checks it), or consume the queue down below what its memory "
+            "holds",
             participant=participant,
         )
         self.destination = destination

@@ -32,6 +32,7 @@ from coordinator.errors import (
     DuplicateGtrid,
     InvalidTransition,
     OutcomeUnknown,
+    ParticipantError,
     ParticipantUnavailable,
     TwoPhaseCommitError,
 )
@@ -58,7 +59,9 @@ from participants.stomp_core import BrowseIncomplete
 from participants.stomp_headers import InvalidMessage
 from participants.stomp_ops import StompOperations
 from scenarios.config import Settings
-from scenarios.wiring import open_coordinator
+from scenarios.transfer.invariants import every_message
+from scenarios.transfer.model import drain
+from scenarios.wiring import open_coordinator, open_stomp
 from tests.aio_portal import Blocking
 from tests.conftest import open_stomp_client, stomp_login
 
@@ -1165,3 +1168,28 @@ def test_recovery_commits_by_a_marker_an_earlier_version_left_on_the_shared_queu
         assert found.fetchone() == (1,)
     left = browse(settings.stomp, SHARED_MARKER_QUEUE)
     assert gtrid not in {g for m in left for g in m.headers.get("gtrid", "").split(",")}
+
+
+def test_a_browse_of_a_queue_deeper_than_the_brokers_memory_ends_early_and_says_so(
+    settings: Settings,
+) -> None:
+    """A browse sees only what the broker holds in memory (the lab's 32 MB a queue): a plain
+    browse ends early as if complete, browse_complete raises BrowseIncomplete naming the
+    memory limit, and the scenario's checks refuse to count on it, saying to empty the queue."""
+    queue = unique("/queue/test.deep.")
+    body = "x" * 65_536
+    count = 700  # 45 MB: more than the queue's 32 MB in memory
+    try:
+        with open_stomp(settings) as client:
+            for i in range(count):
+                receipt = 5.0 if i == count - 1 else None
+                client.send(queue, body, {"n": str(i)}, receipt_timeout=receipt)
+            seen = len(client.browse(queue, idle_timeout=10.0))
+            assert 0 < seen < count
+            with pytest.raises(BrowseIncomplete, match="memoryLimit"):
+                client.browse_complete(queue)
+            with pytest.raises(ParticipantError, match="twopc transfer --reset") as err:
+                every_message(client, queue)
+        assert not isinstance(err.value, BrowseIncomplete)
+    finally:
+        assert drain(settings, queue) >= count

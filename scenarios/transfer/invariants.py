@@ -40,8 +40,11 @@ from typing import Any
 
 import psycopg
 
+from coordinator.errors import ParticipantError
 from coordinator.xid import FORMAT_ID, gtrid_prefix
 from participants.activemq import SHARED_MARKER_QUEUE, marker_gtrids, marker_queue_for
+from participants.stomp_client import Message, StompClient
+from participants.stomp_core import BrowseIncomplete
 from scenarios.config import Settings
 from scenarios.transfer.destinations import LEDGER_QUEUE, dead_letter_queue
 from scenarios.transfer.model import (
@@ -225,15 +228,34 @@ def queued_transfer_ids(
     return Counter(
         m.headers.get("transfer-id", "?")
         for m in messages
-        if kind is None or m.headers.get(TYPE_HEADER) == kind
+        if not m.is_sentinel and (kind is None or m.headers.get(TYPE_HEADER) == kind)
     )
+
+
+def every_message(client: StompClient, destination: str) -> list[Message]:
+    """Every message on ``destination``, a queue nobody consumes while the checks run (the
+    ledger's, a dead-letter queue); ParticipantError if the broker would not show them all.
+
+    A plain browse may end early and look complete: a browse sees only the messages the
+    broker holds in memory (the queue's memory limit, 32 MB in the lab: about 20,000
+    events). Counting on such a browse, the checks would report every event past it as
+    lost."""
+    try:
+        return client.browse_complete(destination, idle_timeout=10.0)
+    except BrowseIncomplete as exc:
+        raise ParticipantError(
+            f"{exc.detail}. The checks count every message on that queue, and cannot: empty "
+            "it ('twopc transfer --reset' empties the scenario's queues), or run without the "
+            "checks (--no-check)",
+            participant=exc.participant,
+        ) from exc
 
 
 def ledger_events(settings: Settings) -> tuple[Counter[str], Counter[str]]:
     """Transfer id -> ``transfer.completed`` events, and -> ``transfer.refused`` events, on the
-    ledger's queue of the events' topic (one full browse)."""
+    ledger's queue of the events' topic (every message on it)."""
     with open_stomp(settings) as client:
-        messages = client.browse(LEDGER_QUEUE, idle_timeout=10.0)
+        messages = every_message(client, LEDGER_QUEUE)
     completed: Counter[str] = Counter()
     refused: Counter[str] = Counter()
     for m in messages:
@@ -249,16 +271,16 @@ def announcements(
 ) -> tuple[Counter[str], int]:
     """Transfer id -> completed events on ``destination`` or dead-lettered by the consumer of
     ``consumed`` (an event sent there by mistake), and how many messages the consumer of
-    ``consumed`` dead-lettered (two full browses)."""
+    ``consumed`` dead-lettered (every message on both)."""
     with open_stomp(settings) as client:
-        queued = client.browse(destination, idle_timeout=10.0)
-        dead = client.browse(dead_letter_queue(consumed), idle_timeout=10.0)
+        queued = every_message(client, destination)
+        dead = every_message(client, dead_letter_queue(consumed))
     found = Counter(
         m.headers.get("transfer-id", "?")
         for m in (*queued, *dead)
         if m.headers.get(TYPE_HEADER) == TRANSFER_COMPLETED
     )
-    return found, sum(1 for m in dead if not m.is_sentinel)
+    return found, len(dead)
 
 
 def prepared_of(settings: Settings) -> list[str]:
