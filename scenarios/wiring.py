@@ -150,12 +150,7 @@ def open_coordinator(
                 log,
                 resources,
                 mq,
-                recover_on_start=recover,
-                max_workers=max(sessions, 4),
-                membership=membership,
-                decision_holder=holder,
-                peer_broker=partial(peer_broker, settings),
-                **options,
+                **_coordinator_options(settings, recover, sessions, holder, membership, options),
             )
         )
     except BaseException:
@@ -165,6 +160,25 @@ def open_coordinator(
         if log is not None:
             log.close()
         raise
+
+
+def _coordinator_options(
+    settings: Settings,
+    recover: bool,
+    sessions: int,
+    holder: PostgresDecisionTable | None,
+    membership: PostgresMembership | None,
+    options: dict[str, Any],
+) -> dict[str, Any]:
+    """The keywords both coordinators of the settings take, beside their participants."""
+    return {
+        "recover_on_start": recover,
+        "max_workers": max(sessions, 4),
+        "membership": membership,
+        "decision_holder": holder,
+        "peer_broker": partial(peer_broker, settings),
+        **options,
+    }
 
 
 def open_async_coordinator(
@@ -197,12 +211,7 @@ def open_async_coordinator(
                 log,
                 resources,
                 mq,
-                recover_on_start=recover,
-                max_workers=max(sessions, 4),
-                membership=membership,
-                decision_holder=holder,
-                peer_broker=partial(peer_broker, settings),
-                **options,
+                **_coordinator_options(settings, recover, sessions, holder, membership, options),
             )
         )
     except BaseException:
