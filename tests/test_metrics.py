@@ -34,7 +34,7 @@ from scenarios.config import Settings
 from scenarios.outbox.failures import OutMessage
 from scenarios.outbox.relay import StompPublisher
 from scenarios.transfer import model as scenario
-from scenarios.wiring import COORDINATOR_OBSERVERS, open_coordinator
+from scenarios.wiring import COORDINATOR_OBSERVERS, open_async_coordinator, open_coordinator
 from tests.cli_process import stopped
 from tests.conftest import free_port
 from tests.test_outcomes_final import STORIES, Servers
@@ -110,6 +110,37 @@ def test_transactions_phases_and_forced_writes_are_counted(
     forced = value(samples, "twopc_decision_log_forced_writes_total", coordinator=cid)
     assert forced >= 3
     assert server.transactions.observe not in COORDINATOR_OBSERVERS  # close() unhooks
+
+
+@pytest.mark.lab
+def test_an_asyncio_coordinator_from_wiring_is_counted_too(
+    settings: Settings, probe_tables: str
+) -> None:
+    """The asyncio coordinator open_async_coordinator opens is observed as the threaded one
+    is: its commits, aborts and phases, scraped while it runs (its participants read from
+    the scrape's thread, off the event loop)."""
+    server = metrics.serve(settings, 0, address="127.0.0.1")
+
+    async def run() -> dict[tuple[str, tuple[tuple[str, str], ...]], float]:
+        async with open_async_coordinator(settings, sessions=2) as coordinator:
+            for _ in range(3):
+                async with coordinator.transaction() as tx:
+                    await tx.execute("a", "INSERT INTO metrics_probe VALUES (1)")
+                    await tx.execute("b", "INSERT INTO metrics_probe VALUES (1)")
+            tx = coordinator.begin()
+            await tx.execute("a", "INSERT INTO metrics_probe VALUES (2)")
+            await tx.rollback()
+            return await asyncio.to_thread(scrape, server.port)
+
+    try:
+        samples = asyncio.run(run())
+    finally:
+        server.close()
+    cid = settings.coordinator_id
+    assert value(samples, "twopc_transactions_total", coordinator=cid, outcome="committed") == 3
+    assert value(samples, "twopc_transactions_total", coordinator=cid, outcome="aborted") == 1
+    assert value(samples, "twopc_phase_seconds_count", coordinator=cid, phase="prepare") == 3
+    assert value(samples, "twopc_source_up", source="database a") == 1
 
 
 @pytest.mark.lab
