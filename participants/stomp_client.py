@@ -164,10 +164,10 @@ def _send(transport: Any, data: bytes) -> None:
     Over TCP the caller's thread writes, under stomp.py's socket lock. Over TLS
     the frames go to stomp.py's send queue, which its I/O thread writes: that
     thread reads the same TLS connection, and OpenSSL does not allow one
-    connection to read in one thread while another writes. A write from the
-    caller's thread while the I/O thread read the broker's session ticket, just
-    after the handshake, failed that read, and the connection was taken for
-    closed during CONNECT (about 3 opens in 200 on the lab).
+    connection to be read in one thread while another writes it. Written from
+    the caller's thread, 1 to 3 opens in 100 on the lab failed with "the
+    connection closed during CONNECT": the broker had received a record it
+    could not decrypt ("Tag mismatch!" in its log) and closed the connection.
     """
     if transport.blocking:
         transport.send(data)

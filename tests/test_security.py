@@ -236,8 +236,8 @@ def test_tls_frames_are_written_by_the_io_thread_alone(
 
 
 def test_tls_client_connects_every_time(settings: Settings, lab: Lab) -> None:
-    """A TLS client opened 100 times in a row connects and sends every time (a CONNECT
-    written while the I/O thread read the session ticket lost about 3 opens in 100)."""
+    """A TLS client opened 100 times in a row connects and sends every time (written from
+    the caller's thread while the I/O thread read, 1 to 3 opens in 100 failed)."""
     secure = tls_settings(settings, lab)
     for _ in range(100):
         client = open_stomp(secure)
