@@ -158,16 +158,18 @@ def _tls_receive(transport: Any) -> bytes | None:
     return data
 
 
-def _send(transport: Any, data: bytes) -> None:
-    """Write ``data`` (whole frames) as stomp.py's ``transmit`` does.
+def _send_tls(transport: Any, data: bytes) -> None:
+    """Write ``data`` (whole frames) to a TLS connection as stomp.py's ``transmit`` does:
+    through its send queue, which its I/O thread writes.
 
-    Over TCP the caller's thread writes, under stomp.py's socket lock. Over TLS
-    the frames go to stomp.py's send queue, which its I/O thread writes: that
-    thread reads the same TLS connection, and OpenSSL does not allow one
+    That thread reads the same TLS connection, and OpenSSL does not allow one
     connection to be read in one thread while another writes it. Written from
     the caller's thread, 1 to 3 opens in 100 on the lab failed with "the
     connection closed during CONNECT": the broker had received a record it
     could not decrypt ("Tag mismatch!" in its log) and closed the connection.
+    (Over TCP the caller's thread writes, under stomp.py's socket lock.) While
+    stomp.py closes the connection its transport is blocking again, and writes
+    itself.
     """
     if transport.blocking:
         transport.send(data)
@@ -313,7 +315,8 @@ class StompClient(StompOperations):
         self._conn.set_listener("twopc", _Listener(self))
         # Every write of ours, kept frames flushed included (stomp.py's heart-beats go
         # through its own transmit).
-        self._write = functools.partial(_send, self._conn.transport)
+        transport = self._conn.transport
+        self._write = functools.partial(_send_tls, transport) if tls else transport.send
         self._ready = threading.Event()  # CONNECTED, an ERROR instead, or the socket closed
         self._connected_ok = False
         self._connect_error: ConnectRefused | None = None
