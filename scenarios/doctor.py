@@ -59,7 +59,7 @@ import psycopg
 
 from coordinator.errors import TwoPhaseCommitError
 from participants.activemq import MARKER_QUEUE_PREFIX
-from participants.postgres import describe_dsn
+from participants.pg_commands import describe_dsn
 from scenarios.config import Settings
 from scenarios.config_values import BROKER_CONFIG, redact
 from scenarios.lab.templates import QUEUE_MEMORY

@@ -28,7 +28,8 @@ from coordinator.xid import FORMAT_ID, Xid
 from participants.aio.fake import AsyncFakeBroker, AsyncFakeResource
 from participants.aio.postgres import AsyncPostgresResource
 from participants.fake import FakeBroker, FakeResource
-from participants.postgres import PostgresResource, gid_of
+from participants.pg_commands import gid_of
+from participants.postgres import PostgresResource
 from participants.stomp_headers import InvalidHeader
 from scenarios.config import Settings
 from tests.aio_portal import Blocking, Portal

@@ -15,7 +15,7 @@ from structlog.testing import capture_logs
 from coordinator import Outcome, events
 from coordinator.errors import InvalidTransition, PrepareFailed
 from coordinator.xid import Xid
-from participants.postgres import gid_of
+from participants.pg_commands import gid_of
 from scenarios.config import Settings
 from scenarios.log_setup import configure as configure_logging
 from tests.test_vote import (

@@ -25,7 +25,7 @@ from coordinator.errors import ParticipantError, TransactionAborted, Transaction
 from coordinator.log import DecisionLog
 from coordinator.transaction import Transaction
 from coordinator.xid import gtrid_prefix
-from participants.postgres import PostgresBranch
+from participants.pg_branch import PostgresBranch
 from scenarios.bench import floor, measure, peer
 from scenarios.bench.floor import Floor
 from scenarios.bench.peer import Peer

@@ -18,7 +18,7 @@ import psycopg
 from psycopg import errors as pg_errors
 
 from coordinator.errors import TwoPhaseCommitError
-from participants.postgres import describe_dsn
+from participants.pg_commands import describe_dsn
 from scenarios.answer_deadline import QueryTimeout
 from scenarios.config_values import redact as redact
 from scenarios.transfer.results import BatchFailed
