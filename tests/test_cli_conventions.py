@@ -17,6 +17,8 @@ from click.testing import CliRunner
 from scenarios.bench import parts as bench_parts
 from scenarios.cli import bench as cli_bench
 from scenarios.cli.main import main
+from scenarios.config import Settings
+from scenarios.transfer.model import recover_and_reset
 from tests.test_bad_input import BAD_CRC, E1, ENCODED_R2, R1, with_crc, write_log
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -326,8 +328,9 @@ def test_lab_up_json_leaves_stdout_to_the_json_and_draws_no_bar_off_a_terminal(
 
 
 @pytest.mark.lab
-def test_scenario_run_json_reports_the_story(lab: Any) -> None:
+def test_scenario_run_json_reports_the_story(settings: Settings) -> None:
     """'twopc scenario run happy --json': the scenario's name, verdict and lines as JSON."""
+    recover_and_reset(settings, accounts=100, balance=10_000)  # the story's tables, on any lab
     done = twopc(dict(os.environ), "scenario", "run", "happy", "--json")
     assert done.returncode == 0, done.stderr
     ran = json.loads(done.stdout)

@@ -194,7 +194,7 @@ def test_policy_setting_is_read_from_the_environment() -> None:
 
 def test_registry_names_match_the_cli_choice() -> None:
     """Every strategy in the registry is offered by 'twopc transfer --strategy'."""
-    from scenarios.cli.main import transfer
+    from scenarios.cli.transfer import transfer
 
     option = next(p for p in transfer.params if p.name == "strategy")
     assert sorted(option.type.choices) == sorted(STRATEGIES)  # type: ignore[attr-defined]
