@@ -3,7 +3,9 @@
 The branch's own commands (BEGIN, PREPARE TRANSACTION, COMMIT/ROLLBACK
 PREPARED) are composed once per branch and go to libpq directly, with no SQL
 composition on the hot path; the branch's gid is built here (docs/design.md
-§1). What an answer *means* for the vote is :mod:`participants.pg_vote`'s.
+§1). What an answer *means* for the vote is :mod:`participants.pg_vote`'s. The
+resource and the branch share the rest of this module too: the participant's
+logger, and how a connection string is named in a message.
 
 Written once, for asyncio: ``participants/aio/pg_commands.py`` is the source and
 ``scripts/unasync.py`` generates ``participants/pg_commands.py`` from it.
