@@ -206,8 +206,9 @@ def test_outbox_row_shows_the_coordinator_without_its_broker_against_outbox_stat
 
 def test_side_by_side_cpu_at_16_is_a_table_of_each_contenders_processes_and_their_sum() -> None:
     """The overhead page shows each side-by-side contender's throughput at 16 and its CPU
-    per transfer by process (a process it did not use shows '-'), summed, and what the
-    whole machine spent besides ('-' unmeasured); no table without the figures."""
+    per transfer by process (a process it did not use shows '-'), summed, what the
+    whole machine spent besides ('-' unmeasured) and the cores the sum kept busy at that
+    throughput; no table without the figures."""
     side = {
         "throughput_per_s": {"coordinator": 980.4, "outbox-status": 1491.2},
         "cpu_ms_per_transfer": {
@@ -221,10 +222,10 @@ def test_side_by_side_cpu_at_16_is_a_table_of_each_contenders_processes_and_thei
     }
     assert _side_by_side_cpu(side)[-4:] == [
         "| contender | tx/s | python (twopc) | ActiveMQ (STOMP) | outbox relay | all "
-        "| elsewhere on the machine |",
-        "| --- | ---: | ---: | ---: | ---: | ---: | ---: |",
-        "| coordinator | 980 | 0.600 | 0.400 | - | 1.000 | 0.250 |",
-        "| outbox-status | 1491 | 0.300 | - | 0.125 | 0.425 | - |",
+        "| elsewhere on the machine | cores busy |",
+        "| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: |",
+        "| coordinator | 980 | 0.600 | 0.400 | - | 1.000 | 0.250 | 0.98 |",
+        "| outbox-status | 1491 | 0.300 | - | 0.125 | 0.425 | - | 0.63 |",
     ]
     assert _side_by_side_cpu({}) == []
 

@@ -125,9 +125,12 @@ def _performance_targets(rows: list[Mapping[str, Any]]) -> list[str]:
 
 def _side_by_side_cpu(side: Mapping[str, Any]) -> list[str]:
     """Each side-by-side contender's throughput at 16 and the CPU per transfer each process
-    spent, with their sum (what a transfer costs the lab), and what the machine's CPUs
+    spent, with their sum (what a transfer costs the lab), what the machine's CPUs
     spent besides (the machine's median less that sum): the kernel's work charged to no
-    process, and whatever else ran on the machine meanwhile."""
+    process, and whatever else ran on the machine meanwhile, and the cores the lab kept
+    busy (that sum times the throughput). A contender's throughput is its cores busy over
+    its CPU per transfer: the two columns say whether it is slower because each transfer
+    costs more or because it leaves the machine idle while its transfers wait."""
     by_name: Mapping[str, Mapping[str, float]] = side.get("cpu_ms_per_transfer", {})
     if not by_name:
         return []
@@ -137,17 +140,22 @@ def _side_by_side_cpu(side: Mapping[str, Any]) -> list[str]:
         "",
         "## Side by side at concurrency 16: CPU ms per transfer by process (medians of the rounds)",
         "",
-        "| contender | tx/s | " + " | ".join(processes) + " | all | elsewhere on the machine |",
-        "| --- | ---: |" + " ---: |" * (len(processes) + 2),
+        "| contender | tx/s | "
+        + " | ".join(processes)
+        + " | all | elsewhere on the machine | cores busy |",
+        "| --- | ---: |" + " ---: |" * (len(processes) + 3),
     ]
     for name, costs in by_name.items():
         cells = [_fmt(costs.get(p), 3) for p in processes]
         lab = sum(costs.get(p, 0.0) for p in processes)
         machine = costs.get(measure.MACHINE_CPU)
+        throughput = side["throughput_per_s"].get(name)
+        busy = None if throughput is None else lab * throughput / 1000
         lines.append(
-            f"| {name} | {_fmt(side['throughput_per_s'].get(name), 0)} | "
+            f"| {name} | {_fmt(throughput, 0)} | "
             + " | ".join(cells)
-            + f" | {_fmt(lab, 3)} | {_fmt(None if machine is None else machine - lab, 3)} |"
+            + f" | {_fmt(lab, 3)} | {_fmt(None if machine is None else machine - lab, 3)} | "
+            f"{_fmt(busy, 2)} |"
         )
     return lines
 
