@@ -29,7 +29,7 @@ from coordinator.errors import ConfigurationError
 from coordinator.states import Outcome
 from participants.stomp_client import BrokerLoginRefused, BrokerTlsRefused, StompClient
 from scenarios.config import SETTING_NAMES, Settings
-from scenarios.lab.credentials import DB_ADMIN
+from scenarios.lab.credentials import DB_ADMIN, Credentials
 from scenarios.lab.errors import LabError
 from scenarios.lab.lab_user import LAB_USER
 from scenarios.lab.layout import CERTIFICATE, CREDENTIALS_FILE, PASSFILE
@@ -354,6 +354,20 @@ def test_a_shared_folder_is_refused_as_state_folder() -> None:
 
 
 # -- no secret in any output -------------------------------------------------------
+
+
+def test_generated_passwords_are_letters_and_digits_only() -> None:
+    """Every secret the lab generates is hex, so no tool reads one as an option or syntax."""
+    for _ in range(200):
+        made = Credentials().completed()
+        for password in (
+            made.stomp_password,
+            made.keystore_password,
+            made.pg_password,
+            made.pg_reader_password,
+            made.pg_admin_password,
+        ):
+            assert len(password) == 48 and all(c in "0123456789abcdef" for c in password)
 
 
 def test_settings_repr_shows_no_password() -> None:

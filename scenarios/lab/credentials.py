@@ -34,7 +34,9 @@ def pg_dsn(port: int, home: Path, *, dbname: str = DB_NAME, timeout: int = 5) ->
 
 
 def _password() -> str:
-    return secrets.token_urlsafe(24)
+    """192 random bits in hex: no character a command line, a URL or a passfile reads as
+    syntax (a URL-safe token may begin with '-', which activemq's tools take for an option)."""
+    return secrets.token_hex(24)
 
 
 @dataclass(frozen=True)

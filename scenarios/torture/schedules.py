@@ -200,11 +200,13 @@ def matrix(seed: int = 0, *, count: int = 60, concurrency: int = 8) -> list[Sche
     # A running coordinator forces a log write too: when it decides its own in-doubt
     # transactions from their markers. A broker partition longer than the receipt
     # timeout (5 s) makes COMMITs in doubt; once healed, the child decides -- and dies.
+    # The partition must find transfers in flight: with 150, one began 0.166 s after the
+    # 16th outcome, when the batch was closing, and nothing was in doubt (TIMED_COUNT).
     out += [
         Schedule(
             f"kill@{name} (in the transfer)",
             Fault.NET_BLACKHOLE,
-            count=max(count, 150),
+            count=max(count, TIMED_COUNT),
             concurrency=concurrency,
             seed=rng.randrange(1 << 30),
             failpoints=f"{name}=kill",
