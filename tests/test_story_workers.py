@@ -7,7 +7,7 @@ from collections.abc import Iterator
 
 import pytest
 
-from scenarios.stories import _last_error, _output_of
+from scenarios.stories_peers import _last_error, _output_of
 
 IDENT = "story-worker-test"
 
