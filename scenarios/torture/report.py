@@ -7,7 +7,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
-from scenarios.torture.runner import ScheduleResult
+from scenarios.torture.results import ScheduleResult
 from scenarios.transfer.results import percentiles
 
 
