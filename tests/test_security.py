@@ -356,7 +356,7 @@ def test_a_shared_folder_is_refused_as_state_folder() -> None:
 # -- no secret in any output -------------------------------------------------------
 
 
-def test_generated_passwords_are_letters_and_digits_only() -> None:
+def test_generated_passwords_are_hex() -> None:
     """Every secret the lab generates is hex, so no tool reads one as an option or syntax."""
     for _ in range(200):
         made = Credentials().completed()
