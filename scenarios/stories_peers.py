@@ -18,14 +18,12 @@ import time
 from dataclasses import replace
 from pathlib import Path
 
-import psycopg
-
 from coordinator.failpoints import failpoint_env
 from scenarios.config import Settings
 from scenarios.stopping import signal_status
 from scenarios.story_kit import Story
 from scenarios.transfer import model as scenario
-from scenarios.transfer.invariants import Evidence, gather_evidence
+from scenarios.transfer.invariants import Evidence, gather_evidence, prepared_of
 from scenarios.wiring import recover_dead
 
 #: The coordinator ids of the three-coordinators story's workers.
@@ -100,18 +98,9 @@ def _last_error(ident: str) -> str:
     )
 
 
-def _prepared_with(settings: Settings, prefix: str) -> int:
-    return sum(
-        1
-        for dsn in (settings.pg_a, settings.pg_b)
-        for gid in _prepared_gtrids(dsn)
-        if gid.startswith(prefix)
-    )
-
-
-def _prepared_gtrids(dsn: str) -> list[str]:
-    with psycopg.connect(dsn) as conn:
-        return [x.gtrid for x in conn.tpc_recover()]
+def _prepared_of(settings: Settings, ident: str) -> int:
+    """How many branches of the worker ``ident``'s gtrids are prepared in A and B."""
+    return len(prepared_of(replace(settings, coordinator_id=ident)))
 
 
 def three_coordinators_one_killed(settings: Settings) -> Story:
@@ -156,19 +145,19 @@ def _three_coordinators_evidence(
     )
     code = workers[victim].wait(timeout=300)
     killed = time.monotonic()
-    left = _prepared_with(settings, f"{victim}.")
+    left = _prepared_of(settings, victim)
     story.expect(
         code == -9 and left >= 1,
         f"{victim} was killed (exit {code}) with {left} branches still prepared"
         + ("" if code == -9 else _last_error(victim)),
     )
-    while _prepared_with(settings, f"{victim}.") and time.monotonic() - killed < 30:
+    while _prepared_of(settings, victim) and time.monotonic() - killed < 30:
         time.sleep(0.1)
     resolved_after = time.monotonic() - killed
     survivors = [ident for ident in PEER_WORKERS if ident != victim]
     running = [ident for ident in survivors if workers[ident].poll() is None]
     story.expect(
-        _prepared_with(settings, f"{victim}.") == 0 and running == survivors,
+        _prepared_of(settings, victim) == 0 and running == survivors,
         f"the survivors' peer check resolved them {resolved_after:.1f} s after the kill, "
         f"with no command run by hand (survivors still running: {', '.join(running) or 'none'})",
     )
@@ -192,7 +181,7 @@ def _three_coordinators_evidence(
         f"evidence: {len(new_violations)} new transfers in one place and not the other "
         "(A, B, the transfer.completed events)",
     )
-    leftover = sum(_prepared_with(settings, f"{ident}.") for ident in PEER_WORKERS)
+    leftover = sum(_prepared_of(settings, ident) for ident in PEER_WORKERS)
     story.expect(leftover == 0, f"pg_prepared_xacts: {leftover} branches of the workers left")
 
 
@@ -212,7 +201,7 @@ def _leave_no_worker_behind(
                 story.say(f"{ident} logged: {line[:300]}")
         for stream in ("stdout", "stderr"):
             _output_of(ident, stream).unlink(missing_ok=True)
-    if sum(_prepared_with(settings, f"{ident}.") for ident in PEER_WORKERS):
+    if sum(_prepared_of(settings, ident) for ident in PEER_WORKERS):
         try:
             done = recover_dead(
                 replace(settings, coordinator_id="peer-story-cleanup", decisions="postgres")
@@ -220,7 +209,7 @@ def _leave_no_worker_behind(
         except Exception as exc:  # the story's verdict stands; say why the lab is left so
             story.say(f"cleaning up: 'twopc recover --dead' failed: {exc}")
             return
-        left = sum(_prepared_with(settings, f"{ident}.") for ident in PEER_WORKERS)
+        left = sum(_prepared_of(settings, ident) for ident in PEER_WORKERS)
         story.say(
             f"cleaning up: 'twopc recover --dead' recovered {len(done)} workers; "
             f"{left} branches still prepared"
