@@ -63,6 +63,7 @@ from scenarios.transfer.invariants import every_message
 from scenarios.transfer.model import drain
 from scenarios.wiring import open_coordinator, open_stomp
 from tests.aio_portal import Blocking
+from tests.broker_queues import empty_queues, fresh_queue, named_queues
 from tests.conftest import open_stomp_client, stomp_login
 
 pytestmark = pytest.mark.lab
@@ -82,7 +83,7 @@ def browse(stomp_addr: str, destination: str) -> list[Any]:
 @pytest.fixture
 def queue_name() -> str:
     """A queue no other test uses."""
-    return unique("/queue/test.")
+    return fresh_queue()
 
 
 @pytest.fixture(autouse=True)
@@ -99,7 +100,7 @@ def mq(stomp_addr: str) -> Iterator[ActiveMQ]:
         unique("t"),
         pool_size=2,
         receipt_timeout=5.0,
-        marker_queue=unique("/queue/test.markers."),
+        marker_queue=fresh_queue("markers"),
         **stomp_login(),
     )
     yield resource
@@ -274,7 +275,7 @@ def test_sessions_committing_together_share_one_broker_transaction(
         stomp_addr,
         unique("t"),
         pool_size=8,
-        marker_queue=unique("/queue/test.markers."),
+        marker_queue=fresh_queue("markers"),
         **stomp_login(),
     )
     try:
@@ -615,7 +616,7 @@ def test_markers_finds_a_marker_deep_in_the_queue(mq: ActiveMQ, stomp_addr: str)
     """markers() browses the whole queue: a marker behind 1,200 others is found."""
     fillers = [f"f.{i}" for i in range(1200)]
     fill_markers(stomp_addr, mq.marker_queue, fillers)
-    gtrid = commit_one(mq, unique("/queue/test."))
+    gtrid = commit_one(mq, fresh_queue())
     assert mq.markers() == {*fillers, gtrid}
 
 
@@ -640,7 +641,7 @@ def test_browse_sentinels_are_left_out_and_cleaned_up(mq: ActiveMQ, stomp_addr: 
     fill_markers(stomp_addr, mq.marker_queue, ["a.1", "a.2"])
     assert mq.markers() == {"a.1", "a.2"}
     assert mq.markers() == {"a.1", "a.2"}
-    later = commit_one(mq, unique("/queue/test."))
+    later = commit_one(mq, fresh_queue())
     assert sum(m.is_sentinel for m in browse(stomp_addr, mq.marker_queue)) == 2
     assert mq.remove_markers([later]) == 1
     assert [m.headers["gtrid"] for m in browse(stomp_addr, mq.marker_queue)] == ["a.1", "a.2"]
@@ -651,7 +652,7 @@ def test_socket_has_nodelay_and_commits_are_fast(mq: ActiveMQ, stomp_addr: str) 
     with open_stomp_client(stomp_addr) as client:
         assert client.tcp_socket is not None
         assert client.tcp_socket.getsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY) != 0
-    destination = unique("/queue/test.")
+    destination = fresh_queue()
     durations = []
     for _ in range(50):
         gtrid = unique("t.")
@@ -676,7 +677,7 @@ class Broker:
 
     def __init__(self, api: str, stomp_addr: str, pool_size: int = 2) -> None:
         self.api = api
-        self.marker_queue = unique("/queue/test.markers.")
+        self.marker_queue = fresh_queue("markers")
         options: dict[str, Any] = {"pool_size": pool_size, "marker_queue": self.marker_queue}
         self.sync = ActiveMQ(stomp_addr, unique("t"), **options, **stomp_login())
         self._runner = asyncio.Runner()
@@ -794,7 +795,7 @@ def test_a_bad_header_fails_only_its_own_send(
     broker: Broker, stomp_addr: str, queue_name: str, bad: dict[str, Any]
 ) -> None:
     """A refused header fails its send at once; the transaction's other messages commit."""
-    other = unique("/queue/test.other.")
+    other = fresh_queue("other")
     sends = [(queue_name, "first", {}), (queue_name, "bad", bad), (queue_name, "second", {})]
     with capture_logs() as logs:
         gtrid, refused = broker.transaction(sends)
@@ -869,10 +870,10 @@ def test_bad_headers_never_touch_other_threads_group_commits(
         stomp_addr,
         unique("t"),
         pool_size=8,
-        marker_queue=unique("/queue/test.markers."),
+        marker_queue=fresh_queue("markers"),
         **stomp_login(),
     )
-    other = unique("/queue/test.other.")
+    other = fresh_queue("other")
     failed: list[TwoPhaseCommitError] = []  # list.append is atomic: the threads share it
 
     def well_formed(_: int) -> list[str]:
@@ -933,8 +934,8 @@ def test_each_coordinator_has_a_marker_queue_of_its_own(stomp_addr: str) -> None
     try:
         assert first.marker_queue == marker_queue_for(first.coordinator_id)
         assert first.marker_queue == f"/queue/twopc.markers.{first.coordinator_id}"
-        mine = commit_one(first, unique("/queue/test."))
-        theirs = commit_one(second, unique("/queue/test."))
+        mine = commit_one(first, fresh_queue())
+        theirs = commit_one(second, fresh_queue())
         assert first.markers() == {mine}  # leaves its browse sentinel on its queue
         assert second.markers() == {theirs}
         assert second.remove_markers([theirs, mine]) == 1
@@ -957,19 +958,19 @@ def test_markers_left_on_the_shared_queue_count_until_the_sweep_removes_them(
     # The browse sentinels left here count as left over at once (a real one waits for
     # SENTINEL_LEFTOVER_AFTER: see the test below).
     monkeypatch.setattr(stomp_core, "SENTINEL_LEFTOVER_AFTER", 0.0)
-    shared = unique("/queue/test.shared.")
+    shared = fresh_queue("shared")
     cid, other = unique("m"), unique("o")
     fill_markers(stomp_addr, shared, [f"{cid}.1", f"{other}.1", f"{cid}.2,{cid}.3"])
     mq = ActiveMQ(
         stomp_addr,
         cid,
         pool_size=1,
-        marker_queue=unique("/queue/test.markers."),
+        marker_queue=fresh_queue("markers"),
         shared_marker_queue=shared,
         **stomp_login(),
     )
     try:
-        mine = commit_one(mq, unique("/queue/test."))
+        mine = commit_one(mq, fresh_queue())
         ours = {f"{cid}.1", f"{cid}.2", f"{cid}.3"}
         assert mq.markers() == {mine, *ours}
         assert mq.remove_markers(ours) == 3
@@ -988,7 +989,7 @@ def test_a_sweep_of_the_shared_queue_leaves_the_sentinel_of_a_browse_still_runni
     """A coordinator starting up drops only left-over browse sentinels from the shared
     queue: a young one may be another coordinator's browse in progress, which would end
     without it (BrowseIncomplete) if it went."""
-    shared = unique("/queue/test.shared.")
+    shared = fresh_queue("shared")
     young = stomp_core.sentinel_token()
     old = f"{time.time_ns() // 1_000_000 - 3_600_000}-{uuid.uuid4().hex}"  # an hour ago
     earlier_version = uuid.uuid4().hex  # a token without its time
@@ -999,7 +1000,7 @@ def test_a_sweep_of_the_shared_queue_leaves_the_sentinel_of_a_browse_still_runni
         stomp_addr,
         unique("m"),
         pool_size=1,
-        marker_queue=unique("/queue/test.markers."),
+        marker_queue=fresh_queue("markers"),
         shared_marker_queue=shared,
         **stomp_login(),
     )
@@ -1020,7 +1021,7 @@ def test_a_sweep_takes_what_it_browsed_though_the_broker_delivers_in_another_ord
     """A message a closed consumer gave back is delivered after another one given back
     first, though the browse shows it ahead: the sweep still takes the left-over sentinel
     it browsed, and leaves the young one."""
-    queue = unique("/queue/test.shared.")
+    queue = fresh_queue("shared")
     old = f"{time.time_ns() // 1_000_000 - 3_600_000}-{uuid.uuid4().hex}"  # an hour ago
     young = stomp_core.sentinel_token()
     with open_stomp_client(stomp_addr) as first, open_stomp_client(stomp_addr) as second:
@@ -1053,7 +1054,7 @@ def test_two_sweeps_at_once_do_not_wait_for_what_the_other_took(stomp_addr: str,
     """Two coordinators starting together both sweep the left-over sentinels of the
     shared queue: both sweeps end long before their timeout (120 s here), and every
     left-over is gone. The one that lost the race used to wait its whole timeout."""
-    queue = unique("/queue/test.shared.")
+    queue = fresh_queue("shared")
     hour_ago = time.time_ns() // 1_000_000 - 3_600_000
     with open_stomp_client(stomp_addr) as client:
         for _ in range(20):
@@ -1090,7 +1091,7 @@ def test_a_browse_that_misses_its_sentinel_is_tried_again_with_a_new_one(
 ) -> None:
     """browse_complete tries again when a browse ended before its sentinel (another
     sweep held the queue a moment); BrowseIncomplete names the tries once all missed."""
-    queue = unique("/queue/test.browse.")
+    queue = fresh_queue("browse")
     fill_markers(stomp_addr, queue, ["b.1", "b.2"])
     empty = [0]  # how many browses are still to come back empty
 
@@ -1176,7 +1177,7 @@ def test_a_browse_of_a_queue_deeper_than_the_brokers_memory_ends_early_and_says_
     """A browse sees only what the broker holds in memory (the lab's 32 MB a queue): a plain
     browse ends early as if complete, browse_complete raises BrowseIncomplete naming the
     memory limit, and the scenario's checks refuse to count on it, saying to empty the queue."""
-    queue = unique("/queue/test.deep.")
+    queue = fresh_queue("deep")
     body = "x" * 65_536
     count = 700  # 45 MB: more than the queue's 32 MB in memory
     try:
@@ -1193,3 +1194,16 @@ def test_a_browse_of_a_queue_deeper_than_the_brokers_memory_ends_early_and_says_
         assert not isinstance(err.value, BrowseIncomplete)
     finally:
         assert drain(settings, queue) >= count
+
+
+def test_the_tests_queues_are_emptied_for_the_broker_to_remove(stomp_addr: str) -> None:
+    """empty_queues consumes what fresh queues hold, all at once, and counts it."""
+    first, second = fresh_queue(), fresh_queue("other")
+    assert {first, second} <= set(named_queues())
+    with open_stomp_client(stomp_addr) as client:
+        for n in range(3):
+            client.send(first, f"m{n}", receipt_timeout=5.0)
+        client.send(second, "m", receipt_timeout=5.0)
+        assert empty_queues(client, [first, second], idle=0.5) == 4
+        assert client.browse(first, idle_timeout=1.0) == []
+        assert client.browse(second, idle_timeout=1.0) == []

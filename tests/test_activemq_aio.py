@@ -16,6 +16,7 @@ from coordinator.errors import DuplicateGtrid
 from participants.activemq import MAX_POOL_SIZE, client_id_for
 from participants.aio.activemq import AsyncActiveMQ, FenceRefused
 from participants.aio.stomp import AsyncStompClient
+from tests.broker_queues import fresh_queue
 from tests.conftest import open_stomp_client, stomp_login
 from tests.test_activemq import (
     browse,
@@ -35,7 +36,7 @@ def resource(stomp_addr: str, pool_size: int = 2) -> AsyncActiveMQ:
         unique("t"),
         pool_size=pool_size,
         receipt_timeout=5.0,
-        marker_queue=unique("/queue/test.markers."),
+        marker_queue=fresh_queue("markers"),
         **stomp_login(),
     )
 
@@ -55,7 +56,7 @@ def test_asyncio_sessions_committing_together_share_one_broker_transaction(
     stomp_addr: str,
 ) -> None:
     """Tasks reaching the commit point together share a COMMIT; each message and marker lands."""
-    queue = unique("/queue/test.")
+    queue = fresh_queue()
 
     async def main() -> tuple[set[str], Any, set[str]]:
         mq = resource(stomp_addr, pool_size=8)
@@ -93,7 +94,7 @@ def record_writes(client: Any, writes: list[bytes]) -> Any:
 
 def test_asyncio_transaction_leaves_in_one_write_with_its_commit(stomp_addr: str) -> None:
     """BEGIN, the SENDs, the marker and the COMMIT of an asyncio session go out in one write."""
-    queue = unique("/queue/test.")
+    queue = fresh_queue()
     writes: list[bytes] = []
 
     async def main() -> tuple[str, set[str]]:
@@ -132,7 +133,7 @@ def test_asyncio_session_alone_sends_its_messages_ahead_of_the_commit_point(
     """With no other session lent, an asyncio session's send_ahead writes BEGIN and the
     messages at once (not delivered yet); the commit point writes only the marker and
     the COMMIT."""
-    queue = unique("/queue/test.")
+    queue = fresh_queue()
     writes: list[bytes] = []
 
     async def main() -> tuple[str, set[str], list[bytes], list[Any]]:
@@ -167,7 +168,7 @@ def test_asyncio_messages_sent_ahead_are_dropped_when_the_transaction_aborts(
 ) -> None:
     """An asyncio transaction that sent its messages ahead and then aborts: the broker
     delivers none of them and holds no marker."""
-    queue = unique("/queue/test.")
+    queue = fresh_queue()
 
     async def main() -> tuple[str, set[str]]:
         mq = resource(stomp_addr)
@@ -191,7 +192,7 @@ def test_asyncio_messages_sent_ahead_are_dropped_when_the_transaction_aborts(
 def test_asyncio_subscriber_consumes_inside_its_transactions(stomp_addr: str) -> None:
     """An asyncio broker of one session subscribes; an ACK commits with the transaction's
     SEND, and an aborted transaction's message comes back once the connection closes."""
-    source, sink = unique("/queue/test.in."), unique("/queue/test.out.")
+    source, sink = fresh_queue("in"), fresh_queue("out")
     with open_stomp_client(stomp_addr) as client:
         for body in ("first", "second"):
             client.send(source, body, receipt_timeout=5.0)
@@ -227,7 +228,7 @@ def test_asyncio_subscriber_consumes_inside_its_transactions(stomp_addr: str) ->
 
 def test_asyncio_browse_complete_sees_past_the_broker_page(stomp_addr: str) -> None:
     """The asyncio client's complete browse finds a marker behind 1,200 others."""
-    queue = unique("/queue/test.markers.")
+    queue = fresh_queue("markers")
     fillers = [f"f.{i}" for i in range(1200)]
     fill_markers(stomp_addr, queue, fillers)
 
@@ -277,7 +278,7 @@ def test_asyncio_fence_covers_client_ids_beyond_its_own_pool(stomp_addr: str) ->
             finally:
                 stop_child(child)
             await mq.fence(timeout=10.0)
-            await commit_one(mq, unique("/queue/test."))  # the fenced pool still works
+            await commit_one(mq, fresh_queue())  # the fenced pool still works
         finally:
             await mq.close()
 

@@ -33,6 +33,7 @@ from participants.postgres import PostgresResource
 from participants.stomp_headers import InvalidHeader
 from scenarios.config import Settings
 from tests.aio_portal import Blocking, Portal
+from tests.broker_queues import fresh_queue
 
 
 class XAHarness(Protocol):
@@ -330,7 +331,7 @@ def broker(request: pytest.FixtureRequest) -> Iterator[LastResource]:
     from participants.aio.activemq import AsyncActiveMQ
 
     settings: Settings = request.getfixturevalue("settings")
-    queue = f"/queue/conformance.markers.{secrets.token_hex(4)}"
+    queue = fresh_queue("conformance.markers")
     kind = AsyncActiveMQ if request.param.endswith("asyncio") else ActiveMQ
     resource = kind(
         settings.stomp,
@@ -370,7 +371,7 @@ def test_commit_with_marker_leaves_a_marker_until_removed(broker: LastResource) 
     gtrid = f"conf.{secrets.token_hex(6)}"
     session = broker.begin(gtrid)
     assert session.has_work is False
-    session.send(f"/queue/conformance.{secrets.token_hex(4)}", "{}", {"k": "v"})
+    session.send(fresh_queue("conformance"), "{}", {"k": "v"})
     assert session.has_work is True
     session.commit_with_marker(gtrid, 5.0)
     session.release()
@@ -382,7 +383,7 @@ def test_commit_with_marker_leaves_a_marker_until_removed(broker: LastResource) 
 def test_a_refused_header_fails_only_its_own_send(broker: LastResource) -> None:
     """send() refuses a header the protocol owns at once; the session still commits the rest."""
     gtrid = f"conf.{secrets.token_hex(6)}"
-    destination = f"/queue/conformance.{secrets.token_hex(4)}"
+    destination = fresh_queue("conformance")
     session = broker.begin(gtrid)
     session.send(destination, "{}", {"k": "v"})
     with pytest.raises(InvalidHeader, match=f"'expires' refused: .*gtrid {gtrid}"):
@@ -396,7 +397,7 @@ def test_abort_leaves_no_marker(broker: LastResource) -> None:
     """An aborted broker transaction leaves no marker."""
     gtrid = f"conf.{secrets.token_hex(6)}"
     session = broker.begin(gtrid)
-    session.send(f"/queue/conformance.{secrets.token_hex(4)}", "{}", None)
+    session.send(fresh_queue("conformance"), "{}", None)
     session.abort()
     session.release()
     assert gtrid not in broker.markers()
@@ -407,7 +408,7 @@ def test_fence_succeeds_when_no_other_process_holds_the_sessions(broker: LastRes
     broker.fence(10.0)
     gtrid = f"conf.{secrets.token_hex(6)}"
     session = broker.begin(gtrid)
-    session.send(f"/queue/conformance.{secrets.token_hex(4)}", "{}", None)
+    session.send(fresh_queue("conformance"), "{}", None)
     session.commit_with_marker(gtrid, 5.0)
     session.release()
     assert gtrid in broker.markers()

@@ -22,7 +22,13 @@ from scenarios.config import Settings
 from scenarios.doctor import Status, broker, broker_config, database, state_folder
 from scenarios.lab.credentials import DB_ADMIN, pg_dsn
 from scenarios.lab.services import Lab
-from scenarios.lab.templates import ACTIVEMQ_XML
+from scenarios.lab.templates import (
+    ACTIVEMQ_XML,
+    QUEUE_MEMORY,
+    QUEUE_PURGE_PERIOD_MS,
+    TEST_QUEUE_IDLE_MS,
+    TEST_QUEUE_PREFIX,
+)
 from scenarios.stomp_probe import receipt_gaps
 
 TWOPC = [sys.executable, "-m", "scenarios.cli"]
@@ -265,6 +271,27 @@ def test_lab_broker_configuration_passes_every_config_check(tmp_path: Path) -> N
     path.write_text(ACTIVEMQ_XML)
     checks = broker_config.broker_config_checks(str(path))
     assert [c.status for c in checks] == [Status.OK] * 5
+
+
+def test_lab_broker_removes_idle_empty_queues_of_the_tests_alone() -> None:
+    """The lab's broker removes idle empty test queues, as the doctor reads its policy; no other."""
+    root = ET.fromstring(ACTIVEMQ_XML)
+    removed = broker_config._queue_policy(root, f"{TEST_QUEUE_PREFIX}sm.markers.0a1b")
+    assert removed is not None and removed.get("gcInactiveDestinations") == "true"
+    assert removed.get("inactiveTimeoutBeforeGC") == str(TEST_QUEUE_IDLE_MS)
+    # otherwise as every queue: the doctor's browse and memory checks hold for it too
+    assert removed.get("maxBrowsePageSize") == "1000000"
+    assert removed.get("memoryLimit") == QUEUE_MEMORY
+    for kept in (
+        "twopc.markers.twopc",
+        "Consumer.audit.VirtualTopic.transfers",
+        "transfers.credit",
+    ):
+        policy = broker_config._queue_policy(root, kept)
+        assert policy is not None and policy.get("gcInactiveDestinations") is None, kept
+    broker_element = root.find("{http://activemq.apache.org/schema/core}broker")
+    assert broker_element is not None
+    assert broker_element.get("schedulePeriodForDestinationPurge") == str(QUEUE_PURGE_PERIOD_MS)
 
 
 def test_unset_broker_config_is_skipped_and_says_which_setting() -> None:

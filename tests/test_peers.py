@@ -37,6 +37,7 @@ from scenarios.config import Settings
 from scenarios.lab.services import Lab
 from scenarios.torture.runner import Torture, peer_id
 from scenarios.torture.schedules import Fault, peer_schedules
+from tests.broker_queues import fresh_queue
 
 pytestmark = pytest.mark.lab
 
@@ -415,7 +416,7 @@ def test_a_live_coordinator_recovers_a_dead_peer_by_the_marker_on_the_peers_own_
     try:
         tx = crashed.begin()
         transfer_rows(tx, f"{crash_at}-{dead}")
-        tx.send(f"/queue/test.peers.{dead}", "{}")
+        tx.send(fresh_queue("peers"), "{}")
         with pytest.raises(CrashInjected):
             tx.commit()
     finally:

@@ -38,6 +38,7 @@ from scenarios.lab.services import Lab
 from scenarios.lab.software import ACTIVEMQ_HOME, activemq_jar, java_binary, make_self_signed
 from scenarios.log_setup import configure as configure_logging
 from scenarios.wiring import open_coordinator, open_stomp
+from tests.broker_queues import fresh_queue
 
 pytestmark = pytest.mark.lab
 
@@ -160,7 +161,7 @@ def test_openwire_connector_requires_the_login_too(
     settings: Settings, lab: Lab, tmp_path: Path
 ) -> None:
     """An OpenWire client without the login is refused; with it, its message is queued."""
-    queue = f"test.security.openwire.{uuid.uuid4().hex[:12]}"  # this run's alone
+    queue = fresh_queue("security.openwire").removeprefix("/queue/")  # this run's alone
     refused = openwire_producer(lab, tmp_path, queue)
     assert "JMSSecurityException" in refused and "password is invalid" in refused
     credentials = lab.credentials()

@@ -53,6 +53,7 @@ from participants.aio.stomp import AsyncStompClient
 from participants.postgres import PostgresResource
 from participants.stomp_client import StompClient
 from scenarios.config import Settings
+from tests.broker_queues import fresh_queue
 from tests.conftest import end_sessions, open_stomp_client, stomp_login
 from tests.test_state_machine import (
     DIED,
@@ -241,8 +242,8 @@ class LabCommitUnderCrashes(CommitUnderCrashes):
         self.lab = lab
         coordinator_id = f"sm{RUN}{next(_machines)}"
         self.prefix = coordinator_id + "."
-        self.queue = f"/queue/twopc.sm.{coordinator_id}"
-        self.marker_queue = f"/queue/twopc.sm.markers.{coordinator_id}"
+        self.queue = fresh_queue("sm")
+        self.marker_queue = fresh_queue("sm.markers")
         self.disk = Disk(directory / f"{coordinator_id}.log")
         self.checkers = {
             "a": psycopg.connect(lab.pg_a, autocommit=True),

@@ -13,6 +13,15 @@ FLOW_LIMITED_MEMORY = "64 kb"
 #: The memory limit of every other queue: the part of its pending messages it caches in
 #: the heap (-Xmx512m); the rest wait in the store.
 QUEUE_MEMORY = "32 mb"
+#: The tests' queues: each test, or each example of a property-based test, names its own
+#: under this prefix, and the suite drains them when it ends (tests/conftest.py). The lab's
+#: broker removes such a queue once it has held no message and had no consumer for
+#: TEST_QUEUE_IDLE_MS: a lab that serves many runs does not pile them up in its heap. No
+#: other queue is removed (an event topic's consumer queue must outlive a quiet spell).
+TEST_QUEUE_PREFIX = "test."
+TEST_QUEUE_IDLE_MS = 300_000
+#: How often the broker looks for such queues to remove.
+QUEUE_PURGE_PERIOD_MS = 60_000
 
 ACTIVEMQ_XML = (
     """<beans xmlns="http://www.springframework.org/schema/beans"
@@ -23,7 +32,8 @@ ACTIVEMQ_XML = (
     http://activemq.apache.org/schema/core/activemq-core.xsd">
   <bean class="org.springframework.beans.factory.config.PropertyPlaceholderConfigurer"/>
   <broker xmlns="http://activemq.apache.org/schema/core" brokerName="twopc-lab"
-          useJmx="false" persistent="true" dataDirectory="{data}">
+          useJmx="false" persistent="true" dataDirectory="{data}"
+          schedulePeriodForDestinationPurge="{purge_period}">
     <destinationPolicy>
       <policyMap><policyEntries>
         <!-- a browse returns at most maxBrowsePageSize messages (default 400).
@@ -43,6 +53,12 @@ ACTIVEMQ_XML = (
                      maxBrowsePageSize="1000000">
           <pendingQueuePolicy><vmQueueCursor/></pendingQueuePolicy>
         </policyEntry>
+        <!-- the tests' queues: as queue=">" does, and each is removed once empty and
+             unused for inactiveTimeoutBeforeGC ms (a send, a consumer or a message
+             keeps it) -->
+        <policyEntry queue="{test_prefix}>" producerFlowControl="false"
+                     maxBrowsePageSize="1000000" memoryLimit="{queue_memory}"
+                     gcInactiveDestinations="true" inactiveTimeoutBeforeGC="{test_idle}"/>
       </policyEntries></policyMap>
     </destinationPolicy>
     <persistenceAdapter>
@@ -79,6 +95,9 @@ ACTIVEMQ_XML = (
 """.replace("{flow_prefix}", FLOW_LIMITED_PREFIX)
     .replace("{flow_memory}", FLOW_LIMITED_MEMORY)
     .replace("{queue_memory}", QUEUE_MEMORY)
+    .replace("{test_prefix}", TEST_QUEUE_PREFIX)
+    .replace("{test_idle}", str(TEST_QUEUE_IDLE_MS))
+    .replace("{purge_period}", str(QUEUE_PURGE_PERIOD_MS))
 )
 
 LOG4J_PROPERTIES = """log4j.rootLogger=INFO, file
