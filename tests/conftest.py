@@ -45,7 +45,8 @@ from scenarios.lab.probes import admin_connect, port_free
 from scenarios.lab.services import Lab
 from scenarios.lab.software import postgres_bindir
 from scenarios.log_setup import configure as configure_logging
-from tests.broker_queues import empty_queues, named_queues
+from scenarios.transfer.model import drain
+from tests.broker_queues import named_queues
 from tests.cli_process import reap_children
 
 #: Where a fatal error's tracebacks (a SIGSEGV or SIGABRT in a C extension) go, each
@@ -191,8 +192,7 @@ def lab() -> Iterator[Lab]:
     if reuse:
         # The lab outlives the session: empty this session's queues, so that its broker
         # removes them (tests/broker_queues.py).
-        with open_stomp_client(Settings.load().stomp) as client:
-            empty_queues(client, named_queues())
+        drain(Settings.load(), *named_queues())
     else:
         the_lab.down()
         shutil.rmtree(home, ignore_errors=True)

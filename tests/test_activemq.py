@@ -63,7 +63,7 @@ from scenarios.transfer.invariants import every_message
 from scenarios.transfer.model import drain
 from scenarios.wiring import open_coordinator, open_stomp
 from tests.aio_portal import Blocking
-from tests.broker_queues import empty_queues, fresh_queue, named_queues
+from tests.broker_queues import fresh_queue, named_queues
 from tests.conftest import open_stomp_client, stomp_login
 
 pytestmark = pytest.mark.lab
@@ -1196,14 +1196,16 @@ def test_a_browse_of_a_queue_deeper_than_the_brokers_memory_ends_early_and_says_
         assert drain(settings, queue) >= count
 
 
-def test_the_tests_queues_are_emptied_for_the_broker_to_remove(stomp_addr: str) -> None:
-    """empty_queues consumes what fresh queues hold, all at once, and counts it."""
+def test_drain_empties_several_queues_at_once_and_counts_what_it_dropped(
+    stomp_addr: str, settings: Settings
+) -> None:
+    """drain() consumes what the tests' fresh queues hold, all at once, and counts it."""
     first, second = fresh_queue(), fresh_queue("other")
     assert {first, second} <= set(named_queues())
     with open_stomp_client(stomp_addr) as client:
         for n in range(3):
             client.send(first, f"m{n}", receipt_timeout=5.0)
         client.send(second, "m", receipt_timeout=5.0)
-        assert empty_queues(client, [first, second], idle=0.5) == 4
+        assert drain(settings, first, second, idle=0.5) == 4
         assert client.browse(first, idle_timeout=1.0) == []
         assert client.browse(second, idle_timeout=1.0) == []

@@ -17,6 +17,7 @@ from dataclasses import dataclass
 import psycopg
 
 from coordinator.errors import TwoPhaseCommitError
+from participants.stomp_core import Message
 from scenarios.config import Settings
 from scenarios.transfer import schema
 from scenarios.transfer.destinations import (
@@ -195,8 +196,8 @@ def reset(settings: Settings, *, accounts: int = DEFAULT_ACCOUNTS, balance: int 
                     "INSERT INTO scenario_meta (key, value) VALUES ('total', %s), ('accounts', %s)",
                     (2 * accounts * balance, accounts),
                 )
-    drain(settings, CREDIT_QUEUE)
-    drain(settings, dead_letter_queue(CREDIT_QUEUE))  # letters of the transfers just dropped
+    # the credits, and the letters of the transfers just dropped
+    drain(settings, CREDIT_QUEUE, dead_letter_queue(CREDIT_QUEUE))
     drain_events(settings)
 
 
@@ -208,7 +209,7 @@ def drain_events(settings: Settings) -> int:
     the first one did (the lab's broker caches up to 32 mb of each queue's backlog in its
     heap and pages the rest from its store; docs/own-servers.md).
     """
-    return sum(drain(settings, consumer_queue(name)) for name in EVENT_QUEUES)
+    return drain(settings, *(consumer_queue(name) for name in EVENT_QUEUES))
 
 
 def stored_accounts(settings: Settings) -> int | None:
@@ -234,12 +235,26 @@ def recover_and_reset(
     reset(settings, accounts=accounts, balance=balance)
 
 
-def drain(settings: Settings, destination: str) -> int:
-    """Consume and drop every message on ``destination``; return how many."""
+def drain(settings: Settings, *destinations: str, idle: float = 1.0) -> int:
+    """Consume and drop every message on ``destinations``; return how many.
+
+    One subscription per destination, all at once on one connection: their messages
+    flow in together, and the drain ends once none has come for ``idle`` seconds.
+    """
+    received = [0]  # counted by the connection's receiver alone
+
+    def count(_: Message) -> None:
+        received[0] += 1
+
     with open_stomp(settings) as client:
-        subscription = client.subscribe(destination, ack="auto", prefetch=1000)
-        count = 0
-        while subscription.get(1.0) is not None:
-            count += 1
-        subscription.unsubscribe(timeout=5.0)
-    return count
+        subscriptions = [
+            client.subscribe(destination, ack="auto", prefetch=1000, on_message=count)
+            for destination in destinations
+        ]
+        seen = -1
+        while seen != received[0]:
+            seen = received[0]
+            time.sleep(idle)
+        for subscription in subscriptions:
+            subscription.unsubscribe(timeout=5.0)  # the receipt: every message acked
+    return received[0]
