@@ -14,10 +14,11 @@ FLOW_LIMITED_MEMORY = "64 kb"
 #: the heap (-Xmx512m); the rest wait in the store.
 QUEUE_MEMORY = "32 mb"
 #: The tests' queues: each test, or each example of a property-based test, names its own
-#: under this prefix, and the suite drains them when it ends (tests/conftest.py). The lab's
-#: broker removes such a queue once it has held no message and had no consumer for
-#: TEST_QUEUE_IDLE_MS: a lab that serves many runs does not pile them up in its heap. No
-#: other queue is removed (an event topic's consumer queue must outlive a quiet spell).
+#: under this prefix, and a test session on a lab that outlives it empties them at its end
+#: (tests/conftest.py). The lab's broker removes such a queue once it has held no message
+#: and had no consumer for TEST_QUEUE_IDLE_MS: a lab that serves many runs does not pile
+#: them up in its heap. No other queue is removed (an event topic's consumer queue must
+#: outlive a quiet spell, or the events sent meanwhile go nowhere).
 TEST_QUEUE_PREFIX = "test."
 TEST_QUEUE_IDLE_MS = 300_000
 #: How often the broker looks for such queues to remove.
