@@ -17,7 +17,6 @@ import subprocess
 import sys
 import threading
 import time
-import uuid
 from collections.abc import Iterator, Sequence
 from typing import Any
 
@@ -48,6 +47,7 @@ from scenarios.transfer.destinations import LEDGER_QUEUE
 from scenarios.transfer.invariants import gather_evidence
 from scenarios.transfer.model import CREDIT_COMMAND, TRANSFER_COMPLETED, TYPE_HEADER
 from scenarios.transfer.results import BatchFailed
+from tests.broker_queues import fresh_queue
 from tests.conftest import open_stomp_client
 from tests.test_outbox import ACCOUNTS, fresh, wait_for
 
@@ -86,10 +86,9 @@ def browse(settings: Settings, destination: str) -> list[Message]:
 @pytest.fixture
 def private_queue(settings: Settings) -> Iterator[str]:
     """A queue of this test alone, and its dead letters dropped afterwards."""
-    name = f"/queue/test.{uuid.uuid4().hex[:8]}"
+    name = fresh_queue()
     yield name
-    scenario.drain(settings, name)
-    scenario.drain(settings, dead_letter_queue(name))
+    scenario.drain(settings, name, dead_letter_queue(name))
 
 
 class Running:
