@@ -20,6 +20,8 @@ import psycopg
 
 from coordinator.errors import ParticipantError, ParticipantUnavailable
 from coordinator.protocol import AsyncXABranch, XABranch
+from participants.aio.pg_branch import AsyncPostgresBranch
+from participants.pg_branch import PostgresBranch
 from participants.pg_schema import create_table
 from participants.postgres import PostgresResource
 
@@ -64,13 +66,19 @@ class PostgresDecisionTable:
                 ) from exc
 
     def mark(self, branch: XABranch, gtrid: str) -> None:
-        """INSERT ``gtrid``'s row inside ``branch`` and keep the session's pid for settle()."""
-        row = branch.execute(MARK_QUERY, (gtrid,)).fetchone()
+        """INSERT ``gtrid``'s row inside ``branch`` and keep the session's pid for settle().
+
+        A PostgreSQL branch takes it by ``carry_decision``: also once the caller ended
+        the branch's work (``Transaction.end_work``, which never prepares this branch
+        early)."""
+        run = branch.carry_decision if isinstance(branch, PostgresBranch) else branch.execute
+        row = run(MARK_QUERY, (gtrid,)).fetchone()
         self._marked(gtrid, int(row[0]) if row else 0)
 
     async def amark(self, branch: AsyncXABranch, gtrid: str) -> None:
         """:meth:`mark` inside an asyncio branch."""
-        row = await (await branch.execute(MARK_QUERY, (gtrid,))).fetchone()
+        run = branch.carry_decision if isinstance(branch, AsyncPostgresBranch) else branch.execute
+        row = await (await run(MARK_QUERY, (gtrid,))).fetchone()
         self._marked(gtrid, int(row[0]) if row else 0)
 
     def _marked(self, gtrid: str, backend_pid: int) -> None:

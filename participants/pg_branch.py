@@ -173,8 +173,26 @@ class PostgresBranch:
         so does every later call: nothing runs outside the branch.
         """
         self._check_takes_work()
+        return self._execute(query, params)
+
+    def carry_decision(self, query: LiteralString | Any, params: Any = None) -> psycopg.Cursor[Any]:
+        """Run the coordinator's decision row in the branch (docs/design.md §3), as
+        :meth:`execute` runs a statement, also once the caller ended the branch's work
+        (:meth:`end_work` without prepare): the caller's work is over, the coordinator's
+        is not. Refused (InvalidTransition) once the branch is prepared or may be: a
+        prepared branch takes no row."""
+        if self._ended is not None:
+            raise self._ended
+        if self._maybe_prepared or self._prepared:
+            raise InvalidTransition(
+                f"PostgreSQL {self.name!r}, transaction {self._xid.gtrid}: the branch is "
+                "prepared and cannot take the coordinator's decision row"
+            )
+        return self._execute(query, params)
+
+    def _execute(self, query: LiteralString | Any, params: Any = None) -> psycopg.Cursor[Any]:
         if self._deferred:
-            self.flush()  # in order: the deferred statements ran before this one
+            self._flush()  # in order: the deferred statements ran before this one
         try:
             cursor = self.conn.execute(query, params)
         except psycopg.Error as exc:
@@ -228,6 +246,9 @@ class PostgresBranch:
         (docs/design.md §2: work on two databases at once can deadlock).
         """
         self._check_takes_work()
+        self._flush()
+
+    def _flush(self) -> None:
         self._begun_on_conn()
         if not self._deferred:
             return

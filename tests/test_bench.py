@@ -583,6 +583,29 @@ def test_bench_consumers_measures_both_modes_side_by_side(
     assert "| `--mode 2pc` | 20 |" in (tmp_path / "consumers.md").read_text()
 
 
+@pytest.mark.lab
+def test_bench_decisions_commits_every_transfer_in_each_mode(
+    lab: object, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """twopc bench decisions: the four coordinators (with and without the broker, the file
+    log and postgres mode) commit every transfer, A's work ended before B's; only the file
+    log of a coordinator without the broker forces a write per commit."""
+    from scenarios.cli import bench as bench_cli
+
+    monkeypatch.setitem(bench_cli.DECISIONS_PLAN, True, (2, 3, 0.3, 5))
+    outcome = CliRunner().invoke(main, ["bench", "decisions", "--quick", "--out", str(tmp_path)])
+    assert outcome.exit_code == 0, outcome.output
+    result = json.loads((tmp_path / "decisions.json").read_text())
+    modes = ["broker/file", "broker/postgres", "db/file", "db/postgres"]
+    latency = result["latency_ms_concurrency_1"]
+    assert [m for m, row in latency.items() if row["count"] == 6] == modes, latency
+    assert all(result["throughput_concurrency_8"][m]["per_s"] > 0 for m in modes), result
+    costs = result["costs_per_commit"]
+    assert [costs[m]["committed"] for m in modes] == [5, 5, 5, 5], costs
+    forced = [costs[m]["forced_log_writes_per_commit"] for m in modes]
+    assert forced == [0.0, 0.0, 1.0, 0.0], costs
+
+
 def test_bench_consumers_refuses_unbounded_counts() -> None:
     """The consumer bench takes bounded counts only, and says which in one line."""
     from scenarios.bench import consumers

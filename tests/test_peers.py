@@ -23,14 +23,21 @@ from psycopg import sql
 
 from coordinator import failpoints
 from coordinator.coordinator import Coordinator
-from coordinator.errors import ConfigurationError, CrashInjected, TransactionAborted
+from coordinator.errors import (
+    ConfigurationError,
+    CrashInjected,
+    InvalidTransition,
+    TransactionAborted,
+)
 from coordinator.log.memory import MemoryDecisionLog
 from coordinator.states import Outcome
 from coordinator.transaction import Transaction
 from coordinator.xid import FORMAT_ID
 from participants.activemq import marker_queue_for
+from participants.aio.pg_branch import AsyncPostgresBranch
 from participants.decision_table import PostgresDecisionTable
 from participants.membership import PostgresMembership, end_sessions
+from participants.pg_branch import PostgresBranch
 from participants.postgres import PostgresResource
 from scenarios import wiring
 from scenarios.config import Settings
@@ -302,6 +309,89 @@ def test_postgres_mode_commits_a_database_only_transaction_by_its_decision_row(
     assert tag in probe_tags(settings.pg_a) and tag in probe_tags(settings.pg_b)
     assert decision_rows(settings.pg_a, f"{ident}.") == set()  # END deleted it at close
     assert list(tmp_path.iterdir()) == []
+
+
+def test_postgres_mode_puts_the_decision_row_into_a_branch_whose_work_was_ended(
+    settings: Settings, tmp_path: Path
+) -> None:
+    """end_work on A, the decision participant, with another transaction in flight: A is
+    not prepared early, and the transaction commits by the row the coordinator puts there."""
+    ident = unique_id("cmr-ended")
+    coordinator = wiring.open_coordinator(postgres_mode(settings, ident, tmp_path), sessions=3)
+    tag = f"cmr-ended-{ident}"
+    probe_tags(settings.pg_a), probe_tags(settings.pg_b)
+    try:
+        beside = coordinator.begin()  # in flight: end_work would prepare any other branch
+        with coordinator.transaction() as tx:
+            a = tx.branch("a")
+            assert isinstance(a, PostgresBranch)
+            a.defer("INSERT INTO peers_probe VALUES (%s)", (tag,))
+            tx.end_work("a")
+            assert prepared_gtrids(settings.pg_a, tx.gtrid) == set()
+            with pytest.raises(InvalidTransition, match="takes no more work"):
+                tx.execute("a", "SELECT 1")  # the caller's work is over all the same
+            tx.execute("b", "INSERT INTO peers_probe VALUES (%s)", (tag,))
+        beside.rollback()
+        assert tx.outcome is Outcome.COMMITTED
+        assert decision_rows(settings.pg_a, tx.gtrid) == {tx.gtrid}  # until END's batch
+    finally:
+        coordinator.close()
+    assert tag in probe_tags(settings.pg_a) and tag in probe_tags(settings.pg_b)
+
+
+def test_the_asyncio_coordinator_puts_the_decision_row_into_a_branch_whose_work_was_ended(
+    settings: Settings, tmp_path: Path
+) -> None:
+    """The same on asyncio: end_work on A in postgres mode, then B's work; the
+    transaction commits by its decision row in A."""
+    ident = unique_id("aio-ended")
+    coordinator = wiring.open_async_coordinator(
+        postgres_mode(settings, ident, tmp_path), sessions=3
+    )
+    tag = f"aio-ended-{ident}"
+    probe_tags(settings.pg_a), probe_tags(settings.pg_b)
+
+    async def scenario() -> tuple[Outcome | None, set[str]]:
+        async with coordinator:
+            beside = coordinator.begin()
+            async with coordinator.transaction() as tx:
+                a = await tx.branch("a")
+                assert isinstance(a, AsyncPostgresBranch)
+                a.defer("INSERT INTO peers_probe VALUES (%s)", (tag,))
+                await tx.end_work("a")
+                await tx.execute("b", "INSERT INTO peers_probe VALUES (%s)", (tag,))
+            rows = decision_rows(settings.pg_a, tx.gtrid)
+            await beside.rollback()
+            return tx.outcome, rows
+
+    outcome, rows = asyncio.run(scenario())
+    assert outcome is Outcome.COMMITTED and len(rows) == 1
+    assert tag in probe_tags(settings.pg_a) and tag in probe_tags(settings.pg_b)
+
+
+def test_postgres_mode_rolls_back_when_the_decision_participant_was_prepared_by_the_caller(
+    settings: Settings, tmp_path: Path
+) -> None:
+    """prepare_now() on A, the decision participant: A cannot take the row, so the
+    transaction rolls back naming why, and neither database keeps the work or a prepared
+    branch."""
+    ident = unique_id("cmr-prep")
+    coordinator = wiring.open_coordinator(postgres_mode(settings, ident, tmp_path), sessions=2)
+    tag = f"cmr-prep-{ident}"
+    probe_tags(settings.pg_a), probe_tags(settings.pg_b)
+    try:
+        refused = pytest.raises(TransactionAborted, match="cannot take the coordinator's decision")
+        with refused, coordinator.transaction() as tx:
+            a = tx.branch("a")
+            assert isinstance(a, PostgresBranch)
+            a.defer("INSERT INTO peers_probe VALUES (%s)", (tag,))
+            a.prepare_now()
+            tx.execute("b", "INSERT INTO peers_probe VALUES (%s)", (tag,))
+    finally:
+        coordinator.close()
+    assert tag not in probe_tags(settings.pg_a) and tag not in probe_tags(settings.pg_b)
+    assert prepared_gtrids(settings.pg_a, f"{ident}.") == set()
+    assert prepared_gtrids(settings.pg_b, f"{ident}.") == set()
 
 
 @pytest.mark.parametrize(

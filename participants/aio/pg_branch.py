@@ -175,8 +175,30 @@ class AsyncPostgresBranch:
         so does every later call: nothing runs outside the branch.
         """
         self._check_takes_work()
+        return await self._execute(query, params)
+
+    async def carry_decision(
+        self, query: LiteralString | Any, params: Any = None
+    ) -> psycopg.AsyncCursor[Any]:
+        """Run the coordinator's decision row in the branch (docs/design.md §3), as
+        :meth:`execute` runs a statement, also once the caller ended the branch's work
+        (:meth:`end_work` without prepare): the caller's work is over, the coordinator's
+        is not. Refused (InvalidTransition) once the branch is prepared or may be: a
+        prepared branch takes no row."""
+        if self._ended is not None:
+            raise self._ended
+        if self._maybe_prepared or self._prepared:
+            raise InvalidTransition(
+                f"PostgreSQL {self.name!r}, transaction {self._xid.gtrid}: the branch is "
+                "prepared and cannot take the coordinator's decision row"
+            )
+        return await self._execute(query, params)
+
+    async def _execute(
+        self, query: LiteralString | Any, params: Any = None
+    ) -> psycopg.AsyncCursor[Any]:
         if self._deferred:
-            await self.flush()  # in order: the deferred statements ran before this one
+            await self._flush()  # in order: the deferred statements ran before this one
         try:
             cursor = await self.conn.execute(query, params)
         except psycopg.Error as exc:
@@ -230,6 +252,9 @@ class AsyncPostgresBranch:
         (docs/design.md §2: work on two databases at once can deadlock).
         """
         self._check_takes_work()
+        await self._flush()
+
+    async def _flush(self) -> None:
         self._begun_on_conn()
         if not self._deferred:
             return
