@@ -14,7 +14,7 @@ import contextlib
 import threading
 import time
 from collections.abc import Collection
-from typing import Any, LiteralString
+from typing import Any, LiteralString, cast
 
 import psycopg
 
@@ -68,17 +68,16 @@ class PostgresDecisionTable:
     def mark(self, branch: XABranch, gtrid: str) -> None:
         """INSERT ``gtrid``'s row inside ``branch`` and keep the session's pid for settle().
 
-        A PostgreSQL branch takes it by ``carry_decision``: also once the caller ended
-        the branch's work (``Transaction.end_work``, which never prepares this branch
-        early)."""
-        run = branch.carry_decision if isinstance(branch, PostgresBranch) else branch.execute
-        row = run(MARK_QUERY, (gtrid,)).fetchone()
+        ``branch`` is the holder's own participant's, a PostgreSQL branch: it takes the
+        row by ``carry_decision``, also once the caller ended the branch's work
+        (``Transaction.end_work``, which never prepares this branch early)."""
+        row = cast(PostgresBranch, branch).carry_decision(MARK_QUERY, (gtrid,)).fetchone()
         self._marked(gtrid, int(row[0]) if row else 0)
 
     async def amark(self, branch: AsyncXABranch, gtrid: str) -> None:
         """:meth:`mark` inside an asyncio branch."""
-        run = branch.carry_decision if isinstance(branch, AsyncPostgresBranch) else branch.execute
-        row = await (await run(MARK_QUERY, (gtrid,))).fetchone()
+        carrier = cast(AsyncPostgresBranch, branch)
+        row = await (await carrier.carry_decision(MARK_QUERY, (gtrid,))).fetchone()
         self._marked(gtrid, int(row[0]) if row else 0)
 
     def _marked(self, gtrid: str, backend_pid: int) -> None:
