@@ -39,6 +39,7 @@ from coordinator.errors import (
     TransactionTimeout,
     TwoPhaseCommitError,
     UnknownParticipant,
+    WrongRowCount,
 )
 from coordinator.log import DecisionLog
 from coordinator.log.file import FileDecisionLog, read_pending
@@ -90,6 +91,7 @@ __all__ = [
     "TxState",
     "UnknownParticipant",
     "Vote",
+    "WrongRowCount",
     "XABranch",
     "XAResource",
     "Xid",

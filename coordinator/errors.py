@@ -49,6 +49,30 @@ class PrepareFailed(ParticipantError):
     """A participant voted NO or failed to prepare: the transaction aborts."""
 
 
+class WrongRowCount(ParticipantError):
+    """A deferred statement given a required row count (``defer(..., rows=N)``) touched
+    another number of rows: the branch's work failed, and the branch votes NO."""
+
+    def __init__(
+        self,
+        statement: str,
+        *,
+        required: int,
+        touched: int | None,
+        participant: str,
+        gtrid: str | None = None,
+    ) -> None:
+        count = "no row count" if touched is None else f"{touched} row(s)"
+        super().__init__(
+            f"the statement must touch {required} row(s) and its answer says {count}: {statement}",
+            participant=participant,
+            gtrid=gtrid,
+        )
+        self.statement = statement
+        self.required = required
+        self.touched = touched
+
+
 class CommitRefused(ParticipantError):
     """The last resource refused the commit (ERROR frame): the transaction aborts."""
 

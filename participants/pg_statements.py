@@ -43,6 +43,7 @@ class Deferred:
     params: Sequence[Any] | None
     types: tuple[int, ...]
     formats: Sequence[pq.Format] | None
+    rows: int | None = None  # the row count its answer must give (``defer(..., rows=)``)
 
     @property
     def key(self) -> Key:
@@ -51,13 +52,14 @@ class Deferred:
         return (self.query, self.types)
 
 
-def convert(context: AdaptContext, query: Any, params: Any) -> Deferred:
+def convert(context: AdaptContext, query: Any, params: Any, rows: int | None = None) -> Deferred:
     """``query`` with ``params`` converted as ``Cursor.execute`` converts them: the same
-    placeholders, adaptation of every type and errors (raised here)."""
+    placeholders, adaptation of every type and errors (raised here); ``rows``, the row
+    count its answer must give, if any."""
     converted = PostgresQuery(adapt.Transformer(context))
     converted.convert(query, params)
     return Deferred(
-        converted.query, converted.params, tuple(converted.types), converted.formats or None
+        converted.query, converted.params, tuple(converted.types), converted.formats or None, rows
     )
 
 

@@ -33,6 +33,7 @@ from coordinator.errors import (
     ParticipantError,
     ParticipantUnavailable,
     PrepareFailed,
+    WrongRowCount,
 )
 from coordinator.states import Vote
 from coordinator.xid import Xid
@@ -116,11 +117,16 @@ class AsyncBranchHome(Protocol):
 
 
 class _WorkFailed(Exception):
-    """A deferred statement sent with a command failed: the command did not run."""
+    """The deferred work sent with a command failed. An error of its SQL skipped the
+    command; a wrong row count (``defer(..., rows=)``) did not, and ``ran`` is then the
+    command's answer."""
 
-    def __init__(self, error: psycopg.Error) -> None:
+    def __init__(
+        self, error: psycopg.Error | WrongRowCount, ran: list[pq.abc.PGresult] | None = None
+    ) -> None:
         super().__init__(str(error))
         self.error = error
+        self.ran = ran
 
 
 class AsyncPostgresBranch:
@@ -148,6 +154,9 @@ class AsyncPostgresBranch:
         # What was sent in pipeline mode, its answers unread: per answer, the key of a
         # statement prepared there (its Parse's answer) or None (a statement's).
         self._pipelined: list[Key | None] = []
+        # Of those answers, the ones whose row count is checked: (index, rows, statement).
+        self._counted: list[tuple[int, int, bytes]] = []
+        self._counts_deferred = False  # a deferred statement not sent yet has rows=
         self._statements = resource.prepared_statements(conn)
         self._wrote = False
         self._prepared = False
@@ -218,11 +227,23 @@ class AsyncPostgresBranch:
 
     # -- work sent without waiting for each answer (docs/design.md §2) ---------------
 
-    def defer(self, query: LiteralString | Any, params: Any = None) -> None:
+    def defer(
+        self, query: LiteralString | Any, params: Any = None, *, rows: int | None = None
+    ) -> None:
         """Queue one statement whose result the caller does not need: it is sent, in
         libpq's pipeline mode, with the branch's next command (its PREPARE TRANSACTION
         or one-phase COMMIT), with the next :meth:`execute`, or at :meth:`flush`, and
         nothing waits for its answer until then.
+
+        ``rows``: the number of rows the statement must touch (its answer's row count,
+        as ``Cursor.rowcount``), e.g. 1 for an UPDATE of one account that must exist.
+        Another count is the statement's failure, as an error of its SQL is:
+        :class:`~coordinator.errors.WrongRowCount` (naming the participant, the gtrid
+        and the statement) raised at :meth:`flush`, or the branch's NO vote at
+        prepare. Unlike an SQL error it does not stop what was sent after it: a
+        PREPARE TRANSACTION that went with it is rolled back (ROLLBACK PREPARED), and
+        a one-phase COMMIT waits for the counts to be read (docs/design.md §2, "Row
+        counts of deferred work").
 
         Its parameters are converted here, as ``Cursor.execute`` converts them (a
         wrong call raises psycopg's error at once), and bound by the server; a
@@ -234,13 +255,15 @@ class AsyncPostgresBranch:
         :meth:`execute`.
         """
         self._check_takes_work()
-        statement = convert(self.conn, query, params)
+        statement = convert(self.conn, query, params, rows)
         if _TRANSACTION_CONTROL.match(statement.query):
             word = statement.query.split(None, 1)[0].decode(errors="replace").upper()
             raise InvalidTransition(
                 f"PostgreSQL {self.name!r}, transaction {self._xid.gtrid}: defer() takes the "
                 f"branch's work, not transaction control ({word}); run it with execute()"
             )
+        if rows is not None:
+            self._counts_deferred = True
         self._deferred.append(statement)
 
     async def flush(self) -> None:
@@ -260,11 +283,13 @@ class AsyncPostgresBranch:
             return
         try:
             self._send_pipeline(None)
-            await self._read_pipeline()
+            _, miscount = await self._read_pipeline()
         except psycopg.Error as exc:
             self.failure = self.failure or exc
             self._raise_if_lost(exc)
             raise  # the caller's SQL failed: theirs to handle; the branch will vote NO
+        if miscount is not None:
+            raise miscount  # as an SQL error: the caller's to handle; the branch votes NO
 
     async def prepare_now(self) -> None:
         """End the branch's work and prepare it now: the deferred statements and its
@@ -306,7 +331,7 @@ class AsyncPostgresBranch:
             return
         try:
             await self.flush()
-        except psycopg.Error as exc:
+        except (psycopg.Error, WrongRowCount) as exc:
             raise self._no_vote(exc) from exc
         finally:
             self._work_done = True
@@ -362,15 +387,19 @@ class AsyncPostgresBranch:
         libpq's pipeline mode, without waiting for any answer."""
         self._begun_on_conn()
         statements, self._deferred = self._deferred, []
+        self._counts_deferred = False
         pgconn = self.conn.pgconn
         pgconn.enter_pipeline_mode()
         sent: list[Key | None] = []
+        counted: list[tuple[int, int, bytes]] = []
         try:
             for statement in statements:
                 if isinstance(statement, bytes):
                     pgconn.send_query_params(statement, None)
                 else:
                     self._send_deferred(statement, sent)
+                    if statement.rows is not None:
+                        counted.append((len(sent), statement.rows, statement.query))
                 sent.append(None)
             if command is not None:
                 pgconn.send_query_params(command, None)
@@ -380,6 +409,7 @@ class AsyncPostgresBranch:
                 self._statements.forget()  # a Parse recorded may not have gone out
             raise
         self._pipelined = sent
+        self._counted = counted
 
     def _send_deferred(self, statement: Deferred, sent: list[Key | None]) -> None:
         """Send a deferred statement: by its name if it is prepared on the connection,
@@ -401,11 +431,16 @@ class AsyncPostgresBranch:
             sent.append(key)
         pgconn.send_query_prepared(name, statement.params, param_formats=statement.formats)
 
-    async def _read_pipeline(self) -> list[pq.abc.PGresult]:
-        """Read the answers to the pipeline sent last: the work's (the first error is
-        kept as the branch's failure and raised), then the command's results, if a
-        command went with it, then the Sync's."""
+    async def _read_pipeline(self) -> tuple[list[pq.abc.PGresult], WrongRowCount | None]:
+        """Read the answers to the pipeline sent last: the work's, then the command's
+        results, if a command went with it, then the Sync's; return the command's results
+        and the first wrong row count (``defer(..., rows=)``), or None.
+
+        The work's first SQL error is kept as the branch's failure and raised: the server
+        skipped what followed it, the command too. A wrong row count is kept as the
+        branch's failure and returned, not raised: what followed it ran."""
         sent, self._pipelined = self._pipelined, []
+        counted, self._counted = self._counted, []
         command = self._in_flight is not None
         pgconn = self.conn.pgconn
         try:
@@ -438,7 +473,26 @@ class AsyncPostgresBranch:
             tag = results[-1].command_status if results else None
             if tag and not self._wrote and tag.decode().startswith(_WRITE_TAGS):
                 self._wrote = True
-        return answer
+        return answer, self._miscount(counted, work)
+
+    def _miscount(
+        self, counted: list[tuple[int, int, bytes]], work: list[list[pq.abc.PGresult]]
+    ) -> WrongRowCount | None:
+        """The first statement in ``counted`` whose answer in ``work`` gives another row
+        count than its ``rows`` (kept as the branch's failure), or None."""
+        for index, rows, query in counted:
+            results = work[index]
+            touched = results[-1].command_tuples if results else None
+            if touched != rows:
+                self.failure = WrongRowCount(
+                    query.decode(errors="replace"),
+                    required=rows,
+                    touched=touched,
+                    participant=self.name,
+                    gtrid=self._xid.gtrid,
+                )
+                return self.failure
+        return None
 
     async def _end(self, kind: str, query: Any) -> ParticipantError:
         """The work ended the branch's transaction with ``kind``: the branch is broken.
@@ -522,13 +576,15 @@ class AsyncPostgresBranch:
             self._in_flight = None
             return await receive_answer(self.conn)
         try:
-            answer = await self._read_pipeline()
+            answer, miscount = await self._read_pipeline()
         except psycopg.Error as exc:
             self._in_flight = None
             if self.conn.closed or self.conn.broken:
                 raise
             raise _WorkFailed(exc) from exc
         self._in_flight = None
+        if miscount is not None:
+            raise _WorkFailed(miscount, ran=answer) from miscount
         return answer_of(answer, self.conn)
 
     def _wrong_prepare_answer(self, tag: str) -> PrepareFailed | None:
@@ -556,8 +612,12 @@ class AsyncPostgresBranch:
         self._maybe_prepared = True
         try:
             tag = await self._run(self._prepare_command)
-        except _WorkFailed as failed:  # PREPARE was skipped: the transaction is aborted
-            self._maybe_prepared = False
+        except _WorkFailed as failed:
+            # An SQL error skipped the PREPARE: the transaction is aborted. A wrong row
+            # count did not: the PREPARE's answer says whether the branch is prepared,
+            # and rollback() then rolls it back by its gid.
+            self._prepared = failed.ran is not None and self._prepared_by(failed.ran)
+            self._maybe_prepared = self._prepared
             await self.rollback()
             raise self._no_vote(failed.error) from failed.error
         except psycopg.Error as exc:
@@ -578,6 +638,15 @@ class AsyncPostgresBranch:
             raise wrong
         self._prepared = True
         return Vote.YES
+
+    def _prepared_by(self, answer: list[pq.abc.PGresult]) -> bool:
+        """Whether ``answer``, the server's to the branch's PREPARE TRANSACTION, says
+        the branch is prepared."""
+        try:
+            tag = answer_of(answer, self.conn)
+        except psycopg.Error:
+            return False  # PREPARE failed: the server rolled the transaction back
+        return self._wrong_prepare_answer(tag) is None
 
     async def _after_failed_prepare(self) -> None:
         """PREPARE raised. On a live session the server has rolled the transaction back;
@@ -601,6 +670,8 @@ class AsyncPostgresBranch:
         if self._deferred[:1] == [BEGIN]:
             before = pq.TransactionStatus.INTRANS  # BEGIN goes with the COMMIT
         try:
+            if self._counts_deferred:
+                await self._flush_counted()  # a COMMIT sent with them would not wait
             # Outside a transaction PostgreSQL answers COMMIT with a WARNING: not sent.
             ended = before == pq.TransactionStatus.IDLE
             tag = "" if ended else await self._run(b"COMMIT")
@@ -632,6 +703,18 @@ class AsyncPostgresBranch:
             await self.rollback()
             raise refused
         self._finished = True
+
+    async def _flush_counted(self) -> None:
+        """Send the deferred work and read its answers, as :meth:`flush` does, before a
+        one-phase COMMIT: a wrong row count must stop that COMMIT, which an SQL error in
+        the same pipeline would skip but a count read after it would not. Its failure
+        raises :class:`_WorkFailed`."""
+        try:
+            await self._flush()
+        except (psycopg.Error, WrongRowCount) as exc:
+            if self.conn.closed or self.conn.broken:
+                raise
+            raise _WorkFailed(exc) from exc
 
     # -- phase 2 -----------------------------------------------------------------------
 
@@ -683,7 +766,8 @@ class AsyncPostgresBranch:
             return
         try:
             if self.conn.pgconn.pipeline_status != pq.PipelineStatus.OFF:
-                tag = answer_of(await self._read_pipeline(), self.conn)
+                answer, _ = await self._read_pipeline()  # a wrong count is the failure
+                tag = answer_of(answer, self.conn)
             else:
                 tag = await receive_answer(self.conn)
         except psycopg.Error:

@@ -18,12 +18,16 @@ from coordinator import Coordinator
 from coordinator.errors import (
     HeuristicMixed,
     ParticipantError,
+    PrepareFailed,
     TransactionAborted,
     TransactionInDoubt,
     TransactionTimeout,
+    WrongRowCount,
 )
 from coordinator.states import Outcome
+from coordinator.transaction import Transaction
 from coordinator.xid import gtrid_prefix
+from participants.pg_branch import PostgresBranch
 from scenarios.strategies.log_failure import stop_on_log_failure
 from scenarios.transfer.model import (
     CREDIT,
@@ -33,7 +37,6 @@ from scenarios.transfer.model import (
     TRANSFER_REFUSED,
     MissingAccount,
     Transfer,
-    require_applied,
 )
 
 
@@ -42,38 +45,49 @@ def transfer_2pc(
 ) -> tuple[Outcome, str]:
     """One transfer as one global transaction.
 
-    ``end_a_work``: A's work is ended as soon as its debit is checked
-    (``Transaction.end_work``), before B's credit runs: with other transfers in flight
-    A is prepared then; the crash torture runs half of its transfers this way.
+    A's debit goes with A's BEGIN in one round trip (``defer`` then ``flush``), and B's
+    credit with B's BEGIN in one more, once A's answer is in: every transfer takes A's
+    locks before B's (work on two databases at once can deadlock). A and B then
+    prepare side by side at phase 1. ``end_a_work`` ends A's work before B's credit
+    (``Transaction.end_work``: with other transfers in flight A is prepared then, one
+    round trip more); the crash torture runs half of its transfers that way. No
+    PREPARE goes in one pipeline with the work: work that waits for a row lock when
+    its process dies would be prepared by the server after the process is gone, and
+    maybe after recovery looked (docs/design.md §2, "Row counts of deferred work").
 
     The ``transfer.completed`` event goes to the events' virtual topic inside the
     transaction: it is published if and only if A and B commit.
 
-    Insufficient funds in A is a NO vote at prepare; once the transaction has
-    aborted, the refusal is published as a ``transfer.refused`` event
-    (:func:`announce_refusal`). An account missing in A or B (its UPDATE touched
-    no row) rolls the transaction back during the work, and the reason names
-    the account and the database. Work that outlives the transaction's timeout
-    is rolled back by the coordinator's watchdog (``TransactionTimeout``): aborted.
+    Each UPDATE must touch its account's one row (``defer(..., rows=1)``): an account
+    missing in A or B rolls the transaction back during the work, and the reason
+    names the account and the database. Insufficient funds in A is a NO vote; once
+    the transaction has aborted, the refusal is published as a ``transfer.refused``
+    event (:func:`announce_refusal`). Work that outlives the transaction's timeout is
+    rolled back by the coordinator's watchdog (``TransactionTimeout``): aborted.
     """
     gtrid = gtrid_prefix(coordinator.coordinator_id) + transfer.transfer_id
     tx = coordinator.begin(gtrid)
     refused = False
     try:
         with tx:
+            a = postgres_branch(tx, "a")
+            a.defer(DEBIT_TO, transfer.debit(), rows=1)
             try:
-                debit = tx.execute("a", DEBIT_TO, transfer.debit())
-            except pg_errors.CheckViolation:
-                refused = True  # the branch remembers the failure and votes NO at prepare
-            else:
-                require_applied(debit.rowcount, transfer.source, "a")
+                a.flush()
                 if end_a_work:
-                    tx.end_work("a")  # a NO vote: PrepareFailed, the work rolled back
-                credit = tx.execute("b", CREDIT, transfer.credit())
-                require_applied(credit.rowcount, transfer.target, "b")
+                    tx.end_work("a")
+            except (pg_errors.CheckViolation, PrepareFailed):
+                if not isinstance(a.failure, pg_errors.CheckViolation):
+                    raise
+                refused = True  # the branch votes NO: B's work is not sent
+            else:
+                b = postgres_branch(tx, "b")
+                b.defer(CREDIT, transfer.credit(), rows=1)
+                b.flush()
                 tx.send(EVENT_TOPIC, transfer.body(), transfer.headers(TRANSFER_COMPLETED))
-    except MissingAccount as exc:  # raised in the work: everything was rolled back
-        return Outcome.ABORTED, str(exc)
+    except WrongRowCount as exc:  # raised in the work: everything was rolled back
+        account = transfer.source if exc.participant == "a" else transfer.target
+        return Outcome.ABORTED, str(MissingAccount(account, exc.participant))
     except TransactionAborted as exc:
         stop_on_log_failure(tx.log_failure, transfer, Outcome.ABORTED)
         if refused:
@@ -90,6 +104,17 @@ def transfer_2pc(
         return Outcome.ABORTED, str(exc)
     stop_on_log_failure(tx.log_failure, transfer, Outcome.COMMITTED)
     return Outcome.COMMITTED, ""
+
+
+def postgres_branch(tx: Transaction, name: str) -> PostgresBranch:
+    """Branch ``name`` of ``tx``, which must be PostgreSQL's (its work is deferred)."""
+    branch = tx.branch(name)
+    if not isinstance(branch, PostgresBranch):
+        raise TypeError(
+            f"transaction {tx.gtrid}: participant {name!r} is {type(branch).__name__}, "
+            "not a PostgreSQL branch: the transfer defers its work"
+        )
+    return branch
 
 
 def announce_refusal(coordinator: Coordinator, transfer: Transfer) -> str:
