@@ -45,6 +45,7 @@ TIMEOUT = "tpc.timeout"
 # Recovery: the start-up scan, 'twopc recover', 'twopc indoubt' and the background.
 RECOVERY_STARTED = "tpc.recovery.started"
 RECOVERY_FENCED = "tpc.recovery.fenced"
+RECOVERY_SESSIONS_ENDED = "tpc.recovery.sessions_ended"
 RECOVERY_FOUND = "tpc.recovery.found"
 RECOVERY_RESOLVED = "tpc.recovery.resolved"
 RECOVERY_RESOLVE_FAILED = "tpc.recovery.resolve_failed"

@@ -207,6 +207,7 @@ class Recovery:
         pending: Mapping[str, tuple[str, ...]] | None = None,
         decision_holder: DecisionHolder | None = None,
     ) -> None:
+        self.coordinator_id = coordinator_id
         self.prefix = gtrid_prefix(coordinator_id)
         self.log = log
         # Where decision rows are (docs/design.md §5): read after fencing, like the markers.
@@ -219,7 +220,13 @@ class Recovery:
         self.events = events.get_logger(component="recovery")
 
     def gather(self, *, fence: bool, fence_timeout: float = 30.0) -> tuple[list[InDoubt], bool]:
-        """Everything in doubt, decided but not acted on; whether the broker was fenced."""
+        """Everything in doubt, decided but not acted on; whether the broker was fenced.
+
+        With ``fence``, the coordinator's busy database sessions are ended first
+        (:meth:`end_busy_sessions`), so that nothing a dead process of it sent can be
+        prepared after the listing."""
+        if fence:
+            self.end_busy_sessions(fence_timeout)
         prepared: dict[str, dict[str, datetime | None]] = {g: {} for g in self.pending}
         for name, resource in self.resources.items():
             for xid, since in resource.recover(FORMAT_ID, self.prefix).items():
@@ -249,6 +256,24 @@ class Recovery:
         for item in items:
             self.events.info(events.RECOVERY_FOUND, **item.as_dict())
         return items, fenced
+
+    def end_busy_sessions(self, timeout: float) -> None:
+        """End the sessions named by this coordinator's id that are busy on each database
+        whose resource can (``end_busy_sessions``: PostgreSQL's), before the listing.
+
+        A process of this coordinator that died may have left work running in a
+        database: waiting for a row lock, with its PREPARE sent behind it in one
+        pipeline, it is prepared once the lock is freed, after the listing. Its
+        sessions carry the coordinator's id as their ``application_name`` (a resource
+        given one); this process's own are idle while it recovers (docs/design.md §5,
+        "Work a dead process left running")."""
+        for name, resource in self.resources.items():
+            ending = getattr(resource, "end_busy_sessions", None)
+            if ending is None:
+                continue
+            ended = ending(self.coordinator_id, timeout)
+            if ended:
+                self.events.info(events.RECOVERY_SESSIONS_ENDED, participant=name, sessions=ended)
 
     def run(self, *, fence_timeout: float = 30.0, dry_run: bool = False) -> RecoveryReport:
         """Gather, decide and act; record END for what was committed.

@@ -159,10 +159,14 @@ class TransactionState(Generic[BranchT, SessionT]):
 
     def _check_active(self) -> None:
         if self.timed_out:
-            raise TransactionTimeout(
-                f"transaction {self.gtrid} exceeded its timeout and was rolled back"
-            )
+            raise self.timeout_error()
         require(self.state, TxState.ACTIVE, action="add work", gtrid=self.gtrid)
+
+    def timeout_error(self) -> TransactionTimeout:
+        """What the work of a transaction the watchdog rolled back raises."""
+        return TransactionTimeout(
+            f"transaction {self.gtrid} exceeded its timeout and was rolled back"
+        )
 
     def _add_branch(self, name: str, branch: BranchT) -> None:
         with _BRANCHES_LOCK:

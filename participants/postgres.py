@@ -25,6 +25,7 @@ it sends libpq itself are in :mod:`participants.aio.pg_commands`.
 
 from __future__ import annotations
 
+import time
 from collections.abc import Callable
 from datetime import datetime
 from typing import Any, Protocol, TypeVar
@@ -33,9 +34,10 @@ import psycopg
 from psycopg import errors as pg_errors
 from psycopg import pq
 
-from coordinator.compat import Lock, matches_api
+from coordinator.compat import Lock, matches_api, sleep
 from coordinator.errors import (
     ConfigurationError,
+    ParticipantError,
     ParticipantUnavailable,
 )
 from coordinator.metrics import PreparedCapacity
@@ -46,6 +48,13 @@ from participants.pg_commands import describe_dsn, log
 from participants.pg_statements import Prepared, prepared_on
 
 T = TypeVar("T")
+
+#: Ends the busy client sessions named %s, but the one asking: (pid, ended) per session.
+_END_BUSY_SESSIONS = (
+    "SELECT pid, pg_terminate_backend(pid) FROM pg_stat_activity"
+    " WHERE application_name = %s AND backend_type = 'client backend'"
+    " AND state IS DISTINCT FROM 'idle' AND pid <> pg_backend_pid()"
+)
 
 
 def still_open(conn: psycopg.Connection[Any]) -> bool:
@@ -311,6 +320,46 @@ class PostgresResource:
                 continue  # prepared in another database of the same server
             result[Xid(x.format_id, x.gtrid, x.bqual or "")] = x.prepared
         return result
+
+    def end_busy_sessions(self, application_name: str, timeout: float) -> int:
+        """End this database's sessions named ``application_name`` that are busy (a query
+        running or waiting, or a transaction open), but the one asking, and wait until
+        none is left; return how many were ended.
+
+        Recovery calls it with its coordinator's id before it lists the prepared branches
+        (docs/design.md §5, "Work a dead process left running"): a process of that
+        coordinator that died may have left work in the server that still runs once the
+        lock it waits for is freed, and a PREPARE sent with it would then be prepared
+        after recovery looked. An idle session does nothing more, and this process's own
+        are idle while it recovers. Raises ParticipantError naming the database when
+        some are still busy after ``timeout`` seconds.
+        """
+
+        def ending(conn: psycopg.Connection[Any]) -> list[Any]:
+            cursor = conn.execute(_END_BUSY_SESSIONS, (application_name,))
+            return cursor.fetchall()
+
+        deadline = time.monotonic() + timeout
+        ended = 0
+        while True:
+            try:
+                rows = self._on_admin(ending)
+            except psycopg.Error as exc:
+                raise ParticipantUnavailable(
+                    f"cannot end the busy sessions of coordinator {application_name!r}: {exc}",
+                    participant=self._name,
+                ) from exc
+            if not rows:
+                return ended
+            ended += sum(1 for _, killed in rows if killed)
+            if time.monotonic() > deadline:
+                raise ParticipantError(
+                    f"{len(rows)} sessions of coordinator {application_name!r} are still busy "
+                    f"on PostgreSQL {self._name!r} after {timeout:g} s; nothing was decided: "
+                    "run 'twopc recover' again",
+                    participant=self._name,
+                )
+            sleep(0.05)
 
     def prepared_capacity(self) -> PreparedCapacity:
         """The server's ``max_prepared_transactions``, the prepared transactions it holds

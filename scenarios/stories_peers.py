@@ -99,8 +99,9 @@ def _last_error(ident: str) -> str:
 
 
 def _prepared_of(settings: Settings, ident: str) -> int:
-    """How many branches of the worker ``ident``'s gtrids are prepared in A and B."""
-    return len(prepared_of(replace(settings, coordinator_id=ident)))
+    """How many branches of the worker ``ident``'s gtrids are prepared in A and B (read on
+    sessions of the story's own, which the survivors' fencing of ``ident`` leaves alone)."""
+    return len(prepared_of(settings, owner=ident))
 
 
 def three_coordinators_one_killed(settings: Settings) -> Story:

@@ -20,9 +20,9 @@ from coordinator import events, tracing
 from coordinator.errors import (
     HeuristicMixed,
     InvalidTransition,
+    PrepareFailed,
     TransactionAborted,
     TransactionInDoubt,
-    TransactionTimeout,
     TwoPhaseCommitError,
     UnknownParticipant,
 )
@@ -105,7 +105,8 @@ class AsyncTransaction(TransactionState[AsyncXABranch, AsyncLastResourceSession]
     async def end_work(self, name: str) -> None:
         """Branch ``name`` takes no more work: its deferred statements go now, and a
         failure of its work raises PrepareFailed here, naming the participant and the
-        gtrid (the transaction then rolls back).
+        gtrid (the transaction then rolls back); TransactionTimeout instead when the
+        watchdog cancelled that work, the NO vote as its cause.
 
         The coordinator chooses when its PREPARE goes (docs/design.md §2, "Ending the
         work: now or at phase 1"). With other transactions in flight, in the same round
@@ -126,7 +127,12 @@ class AsyncTransaction(TransactionState[AsyncXABranch, AsyncLastResourceSession]
         early = self._host.prepares_early(name)
         if self.debug:
             self.log.debug(events.WORK_ENDED, participant=name, prepare_now=early)
-        await cast(AsyncWorkEnding, branch).end_work(prepare=early)
+        try:
+            await cast(AsyncWorkEnding, branch).end_work(prepare=early)
+        except PrepareFailed as exc:
+            if self.timed_out:  # the NO vote of the statement the watchdog cancelled
+                raise self.timeout_error() from exc
+            raise
 
     async def send(
         self, destination: str, body: str, headers: Mapping[str, str] | None = None
@@ -185,9 +191,7 @@ class AsyncTransaction(TransactionState[AsyncXABranch, AsyncLastResourceSession]
                 await self.rollback(f"{exc_type.__name__} in the transaction's work: {exc}")
             if self.timed_out and not isinstance(exc, TwoPhaseCommitError):
                 # The watchdog cancelled the running statement: say why it failed.
-                raise TransactionTimeout(
-                    f"transaction {self.gtrid} exceeded its timeout and was rolled back"
-                ) from exc
+                raise self.timeout_error() from exc
             return
         if self.state is TxState.ACTIVE:
             await self.commit()

@@ -283,9 +283,11 @@ def announcements(
     return found, len(dead)
 
 
-def prepared_of(settings: Settings) -> list[str]:
-    """'<db>:<gtrid>' of every prepared transaction this coordinator owns, in A and B."""
-    prefix = gtrid_prefix(settings.coordinator_id)
+def prepared_of(settings: Settings, owner: str | None = None) -> list[str]:
+    """'<db>:<gtrid>' of every prepared transaction this coordinator (or coordinator
+    ``owner``) owns, in A and B; read on sessions named by this coordinator's id, so that
+    a peer fencing ``owner`` (or the recovery of ``owner``) does not end them."""
+    prefix = gtrid_prefix(owner or settings.coordinator_id)
     found = []
     for resource in databases(settings, pool_size=1):
         try:
