@@ -259,7 +259,7 @@ class Recovery:
 
     def end_busy_sessions(self, timeout: float) -> None:
         """End the sessions named by this coordinator's id that are busy on each database
-        whose resource can (``end_busy_sessions``: PostgreSQL's), before the listing.
+        whose resource can (``end_sessions_named``: PostgreSQL's), before the listing.
 
         A process of this coordinator that died may have left work running in a
         database: waiting for a row lock, with its PREPARE sent behind it in one
@@ -267,11 +267,12 @@ class Recovery:
         sessions carry the coordinator's id as their ``application_name`` (a resource
         given one); this process's own are idle while it recovers (docs/design.md §5,
         "Work a dead process left running")."""
+        deadline = time.monotonic() + timeout
         for name, resource in self.resources.items():
-            ending = getattr(resource, "end_busy_sessions", None)
+            ending = getattr(resource, "end_sessions_named", None)
             if ending is None:
                 continue
-            ended = ending(self.coordinator_id, timeout)
+            ended = ending(self.coordinator_id, deadline, busy_only=True)
             if ended:
                 self.events.info(events.RECOVERY_SESSIONS_ENDED, participant=name, sessions=ended)
 

@@ -173,8 +173,8 @@ class PostgresMembership:
             spared = [] if session is None or session.closed else [session.info.backend_pid]
         ended = 0
         for database in self.databases:
-            ended += end_sessions(
-                database, peer, deadline, spared=spared if database is self.home else []
+            ended += database.end_sessions_named(
+                peer, deadline, spared=spared if database is self.home else ()
             )
         self._log.info(ev.PEER_FENCED, peer=peer, sessions_ended=ended)
 
@@ -238,35 +238,3 @@ class PostgresMembership:
             raise ParticipantUnavailable(
                 f"membership query failed: {exc}", participant=self.home.name
             ) from exc
-
-
-def end_sessions(
-    database: PostgresResource, application_name: str, deadline: float, *, spared: list[int]
-) -> int:
-    """pg_terminate_backend every session named ``application_name`` (but ``spared`` and
-    the one asking) and wait until pg_stat_activity shows none; return how many were ended."""
-    try:
-        with database.connect(autocommit=True) as admin:
-            ended = 0
-            while True:
-                rows = admin.execute(
-                    "SELECT pid, pg_terminate_backend(pid) FROM pg_stat_activity"
-                    " WHERE application_name = %s AND pid <> pg_backend_pid()"
-                    " AND pid <> ALL(%s::int[])",
-                    (application_name, spared),
-                ).fetchall()
-                if not rows:
-                    return ended
-                ended += sum(1 for _, killed in rows if killed)
-                if time.monotonic() > deadline:
-                    raise ParticipantError(
-                        f"{len(rows)} sessions of coordinator {application_name!r} are still "
-                        f"open on PostgreSQL {database.name!r} after fencing; nothing of "
-                        "theirs was decided: run 'twopc recover --dead' again",
-                        participant=database.name,
-                    )
-                time.sleep(0.05)
-    except psycopg.Error as exc:
-        raise ParticipantUnavailable(
-            f"cannot fence coordinator {application_name!r}: {exc}", participant=database.name
-        ) from exc

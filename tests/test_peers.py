@@ -36,7 +36,7 @@ from coordinator.xid import FORMAT_ID
 from participants.activemq import marker_queue_for
 from participants.aio.pg_branch import AsyncPostgresBranch
 from participants.decision_table import PostgresDecisionTable
-from participants.membership import PostgresMembership, end_sessions
+from participants.membership import PostgresMembership
 from participants.pg_branch import PostgresBranch
 from participants.postgres import PostgresResource
 from scenarios import wiring
@@ -268,7 +268,11 @@ def postgres_mode(settings: Settings, ident: str, home: Path) -> Settings:
 def kill_sessions(settings: Settings, ident: str) -> None:
     """What the death of coordinator ``ident``'s process does to its sessions: they end."""
     for name, dsn in (("a", settings.pg_a), ("b", settings.pg_b)):
-        end_sessions(PostgresResource(name, dsn), ident, time.monotonic() + 10, spared=[])
+        resource = PostgresResource(name, dsn)
+        try:
+            resource.end_sessions_named(ident, time.monotonic() + 10)
+        finally:
+            resource.close()
 
 
 def prepared_gtrids(dsn: str, prefix: str) -> set[str]:

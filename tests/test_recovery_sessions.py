@@ -4,6 +4,7 @@ with what, and not in a dry run."""
 
 from __future__ import annotations
 
+import time
 from datetime import datetime
 
 import structlog
@@ -23,9 +24,13 @@ class EndingResource(FakeResource):
         super().__init__(name)
         self.ended = ended
         self.calls: list[tuple[str, object]] = []
+        self.deadlines: list[float] = []  # seconds left at each call
 
-    def end_busy_sessions(self, application_name: str, timeout: float) -> int:
-        self.calls.append(("end", (application_name, timeout)))
+    def end_sessions_named(
+        self, application_name: str, deadline: float, *, busy_only: bool = False
+    ) -> int:
+        self.calls.append(("end", (application_name, busy_only)))
+        self.deadlines.append(deadline - time.monotonic())
         return self.ended
 
     def recover(self, format_id: int, gtrid_prefix: str) -> dict[Xid, datetime | None]:
@@ -35,7 +40,7 @@ class EndingResource(FakeResource):
 
 def test_recovery_ends_the_busy_sessions_of_its_coordinator_before_it_lists() -> None:
     """Each resource that can is asked to end the sessions named by the coordinator's id,
-    with the fence timeout, before its prepared branches are listed; a resource that
+    busy ones only, by the fence timeout, before its prepared branches are listed; a resource that
     cannot (a plain fake) is listed as before; the event names the ones that ended some."""
     a, b, plain = EndingResource("a", 2), EndingResource("b", 0), FakeResource("c")
     configure_logging("INFO")  # the suite's default level filters recovery's events out
@@ -44,8 +49,9 @@ def test_recovery_ends_the_busy_sessions_of_its_coordinator_before_it_lists() ->
             Recovery("coord-1", MemoryDecisionLog(), [a, b, plain], None).run(fence_timeout=7.0)
     finally:
         configure_logging()
-    assert a.calls == [("end", ("coord-1", 7.0)), ("list", "coord-1.")]
-    assert b.calls == [("end", ("coord-1", 7.0)), ("list", "coord-1.")]
+    assert a.calls == [("end", ("coord-1", True)), ("list", "coord-1.")]
+    assert b.calls == [("end", ("coord-1", True)), ("list", "coord-1.")]
+    assert all(6.0 < left <= 7.0 for left in a.deadlines + b.deadlines)
     ended = [e for e in logs if e["event"] == events.RECOVERY_SESSIONS_ENDED]
     assert [(e["participant"], e["sessions"]) for e in ended] == [("a", 2)]
 

@@ -25,7 +25,7 @@ from __future__ import annotations
 
 import asyncio
 import time
-from collections.abc import Awaitable, Callable, Coroutine
+from collections.abc import Awaitable, Callable, Coroutine, Sequence
 from datetime import datetime
 from typing import Any, Protocol, TypeVar
 
@@ -51,11 +51,12 @@ from participants.pg_statements import Prepared, prepared_on
 
 T = TypeVar("T")
 
-#: Ends the busy client sessions named %s, but the one asking: (pid, ended) per session.
-_END_BUSY_SESSIONS = (
+#: Ends the sessions named %s, but those in %s and the one asking, and only the busy client
+#: sessions if %s: (pid, ended) per session.
+_END_SESSIONS = (
     "SELECT pid, pg_terminate_backend(pid) FROM pg_stat_activity"
-    " WHERE application_name = %s AND backend_type = 'client backend'"
-    " AND state IS DISTINCT FROM 'idle' AND pid <> pg_backend_pid()"
+    " WHERE application_name = %s AND pid <> pg_backend_pid() AND pid <> ALL(%s::int[])"
+    " AND (NOT %s OR (backend_type = 'client backend' AND state IS DISTINCT FROM 'idle'))"
 )
 
 
@@ -257,14 +258,26 @@ class AsyncPostgresResource:
         else:
             await conn.close()
 
-    async def _on_admin(self, work: Callable[[psycopg.AsyncConnection[Any]], Awaitable[T]]) -> T:
+    async def _on_admin(
+        self, work: Callable[[psycopg.AsyncConnection[Any]], Awaitable[T]], *, keep: bool = True
+    ) -> T:
         """Run ``work`` on the one autocommit connection recovery uses for this database.
 
         That connection is kept between calls, so the server may have ended it
         meanwhile (a restart, an administrator): if a kept connection turns out
         lost, ``work`` runs once more on a new one. ``work`` is idempotent (list,
         COMMIT PREPARED or ROLLBACK PREPARED by gid), so a repeat is harmless.
+        Without ``keep``, when none is kept, ``work`` runs on a connection opened for
+        this call only (a resource that keeps no idle session, as the membership's).
         """
+        if not keep and self._pool is None:
+            async with self._admin_lock:
+                if self._admin is None or self._admin.closed:
+                    once = await self._open_admin()
+                    try:
+                        return await work(once)
+                    finally:
+                        await once.close()
         if self._pool is not None:  # borrowed for this call only: no connection is kept
             for attempt in (1, 2):
                 borrowed = await self._given(autocommit=True)
@@ -280,10 +293,7 @@ class AsyncPostgresResource:
             while True:
                 kept = self._admin is not None and not self._admin.closed
                 if not kept:
-                    if self._factory is not None:
-                        self._admin = await self._given(autocommit=True)
-                    else:
-                        self._admin = await self.connect(autocommit=True)
+                    self._admin = await self._open_admin()
                 conn = self._admin
                 assert conn is not None
                 try:
@@ -296,6 +306,12 @@ class AsyncPostgresResource:
                     if not kept:
                         raise
                     log().info(ev.PG_ADMIN_RECONNECT, participant=self._name)
+
+    async def _open_admin(self) -> psycopg.AsyncConnection[Any]:
+        """A new autocommit connection for recovery's work: from the factory, if given."""
+        if self._factory is not None:
+            return await self._given(autocommit=True)
+        return await self.connect(autocommit=True)
 
     # -- XAResource ------------------------------------------------------------
 
@@ -325,32 +341,40 @@ class AsyncPostgresResource:
             result[Xid(x.format_id, x.gtrid, x.bqual or "")] = x.prepared
         return result
 
-    async def end_busy_sessions(self, application_name: str, timeout: float) -> int:
-        """End this database's sessions named ``application_name`` that are busy (a query
-        running or waiting, or a transaction open), but the one asking, and wait until
-        none is left; return how many were ended.
+    async def end_sessions_named(
+        self,
+        application_name: str,
+        deadline: float,
+        *,
+        spared: Sequence[int] = (),
+        busy_only: bool = False,
+    ) -> int:
+        """End this database's sessions named ``application_name`` (``pg_terminate_backend``;
+        but ``spared`` and the one asking) and wait until ``pg_stat_activity`` shows none;
+        return how many were ended. With ``busy_only``, only the busy ones: a query running
+        or waiting, or a transaction open.
 
-        Recovery calls it with its coordinator's id before it lists the prepared branches
-        (docs/design.md §5, "Work a dead process left running"): a process of that
-        coordinator that died may have left work in the server that still runs once the
-        lock it waits for is freed, and a PREPARE sent with it would then be prepared
-        after recovery looked. An idle session does nothing more, and this process's own
-        are idle while it recovers. Raises ParticipantError naming the database when
-        some are still busy after ``timeout`` seconds.
+        Fencing a dead peer ends all of its sessions (docs/design.md §4). Recovery ends
+        the busy ones of its own coordinator before it lists the prepared branches (§5,
+        "Work a dead process left running"): a process of it that died may have left work
+        that still runs, a PREPARE behind it, once a lock it waits for is freed, while an
+        idle session does nothing more, and this process's own are idle while it
+        recovers. Raises ParticipantError naming the database when some are still there
+        at ``deadline`` (``time.monotonic()``).
         """
+        params = (application_name, list(spared), busy_only)
 
         async def ending(conn: psycopg.AsyncConnection[Any]) -> list[Any]:
-            cursor = await conn.execute(_END_BUSY_SESSIONS, (application_name,))
+            cursor = await conn.execute(_END_SESSIONS, params)
             return await cursor.fetchall()
 
-        deadline = time.monotonic() + timeout
         ended = 0
         while True:
             try:
-                rows = await self._on_admin(ending)
+                rows = await self._on_admin(ending, keep=False)
             except psycopg.Error as exc:
                 raise ParticipantUnavailable(
-                    f"cannot end the busy sessions of coordinator {application_name!r}: {exc}",
+                    f"cannot end the sessions of coordinator {application_name!r}: {exc}",
                     participant=self._name,
                 ) from exc
             if not rows:
@@ -358,9 +382,10 @@ class AsyncPostgresResource:
             ended += sum(1 for _, killed in rows if killed)
             if time.monotonic() > deadline:
                 raise ParticipantError(
-                    f"{len(rows)} sessions of coordinator {application_name!r} are still busy "
-                    f"on PostgreSQL {self._name!r} after {timeout:g} s; nothing was decided: "
-                    "run 'twopc recover' again",
+                    f"{len(rows)} sessions of coordinator {application_name!r} are still "
+                    f"{'busy' if busy_only else 'open'} on PostgreSQL {self._name!r} after "
+                    "fencing; nothing of theirs was decided: run the recovery again "
+                    "('twopc recover', or 'twopc recover --dead' for a dead peer)",
                     participant=self._name,
                 )
             await asleep(0.05)
@@ -496,8 +521,19 @@ class _LoopRecovery:
     def prepared_capacity(self) -> PreparedCapacity:
         return self._on_loop(self._resource.prepared_capacity())
 
-    def end_busy_sessions(self, application_name: str, timeout: float) -> int:
-        return self._on_loop(self._resource.end_busy_sessions(application_name, timeout))
+    def end_sessions_named(
+        self,
+        application_name: str,
+        deadline: float,
+        *,
+        spared: Sequence[int] = (),
+        busy_only: bool = False,
+    ) -> int:
+        return self._on_loop(
+            self._resource.end_sessions_named(
+                application_name, deadline, spared=spared, busy_only=busy_only
+            )
+        )
 
     def commit_recovered(self, xid: Xid) -> bool:
         return self._on_loop(self._resource.commit_recovered(xid))
