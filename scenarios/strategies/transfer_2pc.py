@@ -18,7 +18,6 @@ from coordinator import Coordinator
 from coordinator.errors import (
     HeuristicMixed,
     ParticipantError,
-    PrepareFailed,
     TransactionAborted,
     TransactionInDoubt,
     TransactionTimeout,
@@ -77,9 +76,7 @@ def transfer_2pc(
                 a.flush()
                 if end_a_work:
                     tx.end_work("a")
-            except (pg_errors.CheckViolation, PrepareFailed):
-                if not isinstance(a.failure, pg_errors.CheckViolation):
-                    raise
+            except pg_errors.CheckViolation:  # raised by the flush: insufficient funds
                 refused = True  # the branch votes NO: B's work is not sent
             else:
                 b = postgres_branch(tx, "b")

@@ -16,7 +16,6 @@ from coordinator.aio.transaction import AsyncTransaction
 from coordinator.errors import (
     HeuristicMixed,
     ParticipantError,
-    PrepareFailed,
     TransactionAborted,
     TransactionInDoubt,
     TransactionTimeout,
@@ -74,9 +73,7 @@ async def transfer_2pc(
                 await a.flush()
                 if end_a_work:
                     await tx.end_work("a")
-            except (pg_errors.CheckViolation, PrepareFailed):
-                if not isinstance(a.failure, pg_errors.CheckViolation):
-                    raise
+            except pg_errors.CheckViolation:  # raised by the flush: insufficient funds
                 refused = True  # the branch votes NO: B's work is not sent
             else:
                 b = await postgres_branch(tx, "b")
