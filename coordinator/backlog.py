@@ -111,7 +111,7 @@ class Backlog:
         self._report = report
         self._lock = threading.Lock()
         self._deferred: list[Unfinished] = []
-        self._missed_rollbacks: list[tuple[str, Xid]] = []
+        self._missed_rollbacks: list[tuple[str, Xid, int | None]] = []
         # each with how to settle the session that carried its commit (LastResource.settle,
         # or DecisionHolder.settle)
         self._in_doubt: list[tuple[Unfinished, Callable[[float], None]]] = []
@@ -124,10 +124,12 @@ class Backlog:
         with self._lock:
             self._deferred.append(tx)
 
-    def missed_rollback(self, name: str, xid: Xid) -> None:
-        """An aborted branch may still be prepared in ``name``."""
+    def missed_rollback(self, name: str, xid: Xid, *, lost_session: int | None = None) -> None:
+        """An aborted branch may still be prepared in ``name``; ``lost_session``: the
+        backend pid of its lost session, whose PREPARE may still run there, to be ended
+        first (docs/design.md §2, "A PREPARE behind work that waits")."""
         with self._lock:
-            self._missed_rollbacks.append((name, xid))
+            self._missed_rollbacks.append((name, xid, lost_session))
 
     def doubt(self, tx: Unfinished, settle: Callable[[float], None]) -> None:
         """``tx``'s commit point got no answer; ``settle(timeout)`` fences the session that
@@ -207,13 +209,31 @@ class Backlog:
         with self._lock:
             pending, self._missed_rollbacks = self._missed_rollbacks, []
         done = 0
-        for name, xid in pending:
+        for name, xid, lost in pending:
+            if lost is not None and not self._end_lost_session(name, xid, lost):
+                self.missed_rollback(name, xid, lost_session=lost)
+                continue
             item = evidence(xid.gtrid, {name: None}, logged_commit=False, markers=())
             if not self._resolve(item):
                 self.missed_rollback(name, xid)
                 continue
             done += 1
         return done
+
+    def _end_lost_session(self, name: str, xid: Xid, backend_pid: int) -> bool:
+        """End the lost session ``backend_pid`` of ``xid``'s branch in ``name``, where its
+        resource can (PostgreSQL's); False (logged) if it must wait for the next round."""
+        ending = getattr(self._resources.get(name), "end_lost_session", None)
+        if ending is None:
+            return True
+        try:
+            ending(backend_pid, xid)
+        except TwoPhaseCommitError as exc:
+            events.get_logger(gtrid=xid.gtrid).warning(
+                events.RECOVERY_RESOLVE_FAILED, decision=Decision.ROLLBACK.value, error=str(exc)
+            )
+            return False
+        return True
 
     def resolve_in_doubt(self, timeout: float = 10.0) -> int:
         """Decide transactions whose commit point got no answer, by their marker or row.

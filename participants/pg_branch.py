@@ -115,6 +115,8 @@ class BranchHome(Protocol):
 
     def rollback_recovered(self, xid: Xid) -> bool: ...
 
+    def end_lost_session(self, backend_pid: int, xid: Xid) -> None: ...
+
     def _release(self, conn: psycopg.Connection[Any]) -> None: ...
 
 
@@ -144,6 +146,10 @@ class PostgresBranch:
         self.resource = resource
         self.conn = conn
         self._xid = xid
+        self._backend_pid = conn.pgconn.backend_pid  # the server's side, if the session is lost
+        # The backend pid of the session, lost with a PREPARE maybe still to run there,
+        # until its end is seen: the backlog ends it before it retries the rollback.
+        self.lost_session: int | None = None
         gid = gid_of(xid).encode()
         self._prepare_command = b"PREPARE TRANSACTION '" + gid + b"'"
         self._commit_command = b"COMMIT PREPARED '" + gid + b"'"
@@ -791,11 +797,17 @@ class PostgresBranch:
                 self._finished = True
                 return
         # The session is gone. An active branch died with it; a prepared one lives on
-        # in the server and is rolled back by xid on another connection.
+        # in the server and is rolled back by xid on another connection. The server's
+        # side of the session is ended first: a PREPARE sent behind work that waits for
+        # a lock would run once it is freed, after the rollback found nothing
+        # (docs/design.md §2, "A PREPARE behind work that waits").
         if not self._maybe_prepared:
             self._finished = True
             return
+        self.lost_session = self._backend_pid
         try:
+            self.resource.end_lost_session(self._backend_pid, self._xid)
+            self.lost_session = None
             self.resource.rollback_recovered(self._xid)
         except ParticipantError as exc:
             self._warn_rollback(exc)  # left_prepared stays True: the coordinator retries

@@ -56,6 +56,15 @@ _END_SESSIONS = (
     " WHERE application_name = %s AND pid <> pg_backend_pid() AND pid <> ALL(%s::int[])"
     " AND (NOT %s OR (backend_type = 'client backend' AND state IS DISTINCT FROM 'idle'))"
 )
+#: Ends the client session of backend pid %s in this database, unless it is the one asking:
+#: (pid, ended), or no row once it is gone.
+_END_BACKEND = (
+    "SELECT pid, pg_terminate_backend(pid) FROM pg_stat_activity"
+    " WHERE pid = %s AND pid <> pg_backend_pid() AND datname = current_database()"
+    " AND backend_type = 'client backend'"
+)
+#: How long a branch waits for the server's side of its lost session to end (seconds).
+LOST_SESSION_TIMEOUT = 10.0
 
 
 def still_open(conn: psycopg.Connection[Any]) -> bool:
@@ -356,10 +365,61 @@ class PostgresResource:
         recovers. Raises ParticipantError naming the database when some are still there
         at ``deadline`` (``time.monotonic()``).
         """
-        params = (application_name, list(spared), busy_only)
+        coordinator = f"coordinator {application_name!r}"
+        return self._end_until_gone(
+            _END_SESSIONS,
+            (application_name, list(spared), busy_only),
+            deadline,
+            cannot=f"cannot end the sessions of {coordinator}",
+            still=lambda n: (
+                f"{n} sessions of {coordinator} are still {'busy' if busy_only else 'open'} "
+                f"on PostgreSQL {self._name!r} after fencing; nothing of theirs was decided: "
+                "run the recovery again ('twopc recover', or 'twopc recover --dead' for a "
+                "dead peer)"
+            ),
+        )
+
+    def end_lost_session(self, backend_pid: int, xid: Xid) -> None:
+        """End the server's side of branch ``xid``'s session, which its coordinator lost
+        (``backend_pid``), and wait until ``pg_stat_activity`` no longer shows it.
+
+        The server runs what it received whether or not the client is still there: work
+        that waits for a row lock runs once the lock is freed, and a PREPARE sent behind
+        it then prepares the branch, after the coordinator rolled it back by its gid and
+        found nothing (docs/design.md §2, "A PREPARE behind work that waits"). Once that
+        session has ended, the branch is prepared now or never. Raises ParticipantError
+        naming the database and the gtrid when it cannot be ended in
+        :data:`LOST_SESSION_TIMEOUT`: the rollback by gid waits for the next attempt.
+        """
+        self._end_until_gone(
+            _END_BACKEND,
+            (backend_pid,),
+            time.monotonic() + LOST_SESSION_TIMEOUT,
+            cannot=f"cannot end the lost session (backend pid {backend_pid})",
+            still=lambda _: (
+                f"the lost session (backend pid {backend_pid}) is still there on PostgreSQL "
+                f"{self._name!r}: its PREPARE may still run; the rollback is tried again"
+            ),
+            gtrid=xid.gtrid,
+        )
+
+    def _end_until_gone(
+        self,
+        query: str,
+        params: tuple[Any, ...],
+        deadline: float,
+        *,
+        cannot: str,
+        still: Callable[[int], str],
+        gtrid: str | None = None,
+    ) -> int:
+        """Run ``query`` (``pg_terminate_backend`` on the sessions it finds, a row (pid,
+        ended) each) until it finds none; return how many it ended. ``cannot`` and
+        ``still(n)`` say what failed, the server unreachable or ``n`` sessions left at
+        ``deadline`` (``time.monotonic()``)."""
 
         def ending(conn: psycopg.Connection[Any]) -> list[Any]:
-            cursor = conn.execute(_END_SESSIONS, params)
+            cursor = conn.execute(query, params)
             return cursor.fetchall()
 
         ended = 0
@@ -368,20 +428,13 @@ class PostgresResource:
                 rows = self._on_admin(ending, keep=False)
             except psycopg.Error as exc:
                 raise ParticipantUnavailable(
-                    f"cannot end the sessions of coordinator {application_name!r}: {exc}",
-                    participant=self._name,
+                    f"{cannot}: {exc}", participant=self._name, gtrid=gtrid
                 ) from exc
             if not rows:
                 return ended
             ended += sum(1 for _, killed in rows if killed)
             if time.monotonic() > deadline:
-                raise ParticipantError(
-                    f"{len(rows)} sessions of coordinator {application_name!r} are still "
-                    f"{'busy' if busy_only else 'open'} on PostgreSQL {self._name!r} after "
-                    "fencing; nothing of theirs was decided: run the recovery again "
-                    "('twopc recover', or 'twopc recover --dead' for a dead peer)",
-                    participant=self._name,
-                )
+                raise ParticipantError(still(len(rows)), participant=self._name, gtrid=gtrid)
             sleep(0.05)
 
     def prepared_capacity(self) -> PreparedCapacity:

@@ -1,13 +1,17 @@
-"""Work a dead coordinator process left waiting in the server (its work and its PREPARE in one
-pipeline, blocked on a row lock) is ended by the restarted coordinator's recovery before it
-looks, so that it is never prepared behind recovery's back: sync and asyncio."""
+"""Work left waiting in the server, its PREPARE behind it in one pipeline, blocked on a row
+lock, is never prepared behind the coordinator's back: a dead process's is ended by the
+restarted coordinator's recovery before it looks, and a live coordinator that lost the
+session ends it before it rolls the branch back by its gid. Sync and asyncio."""
 
 from __future__ import annotations
 
 import asyncio
+import os
 import secrets
+import socket
 import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
 
@@ -17,7 +21,10 @@ from psycopg import sql
 
 from coordinator import Coordinator, FileDecisionLog
 from coordinator.aio import AsyncCoordinator
+from coordinator.errors import PrepareFailed
+from participants.aio.pg_branch import AsyncPostgresBranch
 from participants.aio.postgres import AsyncPostgresResource
+from participants.pg_branch import PostgresBranch
 from participants.postgres import PostgresResource
 from scenarios.config import Settings
 from tests.test_vote import gtrid_of_gid, prepared_gids
@@ -54,6 +61,36 @@ def _waiting_on_a_lock(dsn: str, application_name: str) -> bool:
         return bool(row and row[0])
 
 
+def _table_with_row(dsn: str, key: str) -> None:
+    with psycopg.connect(dsn, autocommit=True) as conn:
+        conn.execute(f"CREATE TABLE IF NOT EXISTS {TABLE} (id text PRIMARY KEY, n int NOT NULL)")
+        conn.execute(f"INSERT INTO {TABLE} VALUES (%s, 0)", (key,))
+
+
+def _wait_until_waiting_on_a_lock(dsn: str, application_name: str) -> None:
+    deadline = time.monotonic() + 20
+    while not _waiting_on_a_lock(dsn, application_name):
+        assert time.monotonic() < deadline, "the work never waited for the lock"
+        time.sleep(0.05)
+
+
+def _cut(fileno: int) -> None:
+    """Lose a session on the client's side, as a connection reset does: the socket is shut
+    down under libpq, while the server's side waits for its lock and reads nothing."""
+    lost = socket.socket(fileno=os.dup(fileno))
+    lost.shutdown(socket.SHUT_RDWR)
+    lost.close()
+
+
+def _left_prepared_then_cleared(dsn: str, cid: str) -> set[str]:
+    """The gids of ``cid``'s prepared branches, rolled back so that they hold no lock."""
+    left = {g for g in prepared_gids(dsn) if gtrid_of_gid(g).startswith(cid)}
+    with psycopg.connect(dsn, autocommit=True) as conn:
+        for gid in left:
+            conn.execute(sql.SQL("ROLLBACK PREPARED {}").format(sql.Literal(gid)))
+    return left
+
+
 def _restart(api: str, cid: str, log: Path, settings: Settings) -> None:
     """Open the coordinator again on its log (its recovery runs), then close it."""
     if api == "sync":
@@ -87,9 +124,7 @@ def test_recovery_ends_the_work_a_killed_coordinator_left_waiting(
     cid = f"linger-{secrets.token_hex(3)}"
     key = cid
     log = tmp_path / "decisions.log"
-    with psycopg.connect(settings.pg_a, autocommit=True) as conn:
-        conn.execute(f"CREATE TABLE IF NOT EXISTS {TABLE} (id text PRIMARY KEY, n int NOT NULL)")
-        conn.execute(f"INSERT INTO {TABLE} VALUES (%s, 0)", (key,))
+    _table_with_row(settings.pg_a, key)
     with psycopg.connect(settings.pg_a) as holder:
         holder.execute(f"SELECT 1 FROM {TABLE} WHERE id = %s FOR UPDATE", (key,))
         child = subprocess.Popen(
@@ -112,11 +147,95 @@ def test_recovery_ends_the_work_a_killed_coordinator_left_waiting(
         _restart(api, cid, log, settings)
     # The holder's transaction ended (rolled back): the row's lock is free.
     time.sleep(0.5)
-    left = {g for g in prepared_gids(settings.pg_a) if gtrid_of_gid(g).startswith(cid)}
-    with psycopg.connect(settings.pg_a, autocommit=True) as conn:
-        for gid in left:  # what a failure left behind, so that it holds no lock
-            conn.execute(sql.SQL("ROLLBACK PREPARED {}").format(sql.Literal(gid)))
+    left = _left_prepared_then_cleared(settings.pg_a, cid)
     assert gtrid and not left
+    with psycopg.connect(settings.pg_a, autocommit=True) as conn:
+        row = conn.execute(f"SELECT n FROM {TABLE} WHERE id = %s", (key,)).fetchone()
+        assert row == (0,)
+        leftover = conn.execute(
+            "SELECT count(*) FROM pg_stat_activity WHERE application_name = %s", (cid,)
+        ).fetchone()
+        assert leftover == (0,)
+
+
+def _lose_session_while_waiting(api: str, cid: str, log: Path, settings: Settings, key: str) -> str:
+    """A live coordinator sends A's UPDATE and PREPARE in one pipeline (``prepare_now``) on
+    the locked row; once the server shows it waiting, the session is cut on the client's
+    side. Returns the error the transaction raised."""
+    update = f"UPDATE {TABLE} SET n = n + 1 WHERE id = %s"
+    if api == "sync":
+        resources = [
+            PostgresResource("a", settings.pg_a, application_name=cid),
+            PostgresResource("b", settings.pg_b, application_name=cid),
+        ]
+        with Coordinator(cid, FileDecisionLog(str(log)), resources) as coordinator:
+            tx = coordinator.begin()
+            a = tx.branch("a")
+            assert isinstance(a, PostgresBranch)
+            a.defer(update, (key,))
+            fileno = a.conn.fileno()
+
+            def cut() -> None:
+                _wait_until_waiting_on_a_lock(settings.pg_a, cid)
+                _cut(fileno)
+
+            cutter = threading.Thread(target=cut)
+            cutter.start()
+            try:
+                with pytest.raises(PrepareFailed) as failed, tx:
+                    a.prepare_now()
+            finally:
+                cutter.join()
+            return str(failed.value)
+
+    async def lose() -> str:
+        resources = [
+            AsyncPostgresResource("a", settings.pg_a, application_name=cid),
+            AsyncPostgresResource("b", settings.pg_b, application_name=cid),
+        ]
+        coordinator = AsyncCoordinator(cid, FileDecisionLog(str(log)), resources)
+        await coordinator.start()
+        try:
+            tx = coordinator.begin()
+            a = await tx.branch("a")
+            assert isinstance(a, AsyncPostgresBranch)
+            a.defer(update, (key,))
+            fileno = a.conn.fileno()
+
+            async def cut() -> None:
+                await asyncio.to_thread(_wait_until_waiting_on_a_lock, settings.pg_a, cid)
+                _cut(fileno)
+
+            cutter = asyncio.create_task(cut())
+            with pytest.raises(PrepareFailed) as failed:
+                async with tx:
+                    await a.prepare_now()
+            await cutter
+            return str(failed.value)
+        finally:
+            await coordinator.close()
+
+    return asyncio.run(lose())
+
+
+@pytest.mark.lab
+@pytest.mark.parametrize("api", ["sync", "asyncio"])
+def test_a_live_coordinator_ends_the_lost_session_its_prepare_waits_in(
+    settings: Settings, tmp_path: Path, api: str
+) -> None:
+    """A session lost while its UPDATE and PREPARE wait for a row lock: the coordinator ends
+    the server's side before it rolls the branch back by its gid, so once the lock is freed
+    nothing is prepared or updated (before, the server prepared the branch then)."""
+    cid = f"lost-{secrets.token_hex(3)}"
+    key = cid
+    _table_with_row(settings.pg_a, key)
+    with psycopg.connect(settings.pg_a) as holder:
+        holder.execute(f"SELECT 1 FROM {TABLE} WHERE id = %s FOR UPDATE", (key,))
+        error = _lose_session_while_waiting(api, cid, tmp_path / "decisions.log", settings, key)
+    # The holder's transaction ended (rolled back): the row's lock is free.
+    time.sleep(0.5)
+    assert not _left_prepared_then_cleared(settings.pg_a, cid)
+    assert "participant 'a'" in error and "PREPARE TRANSACTION failed" in error
     with psycopg.connect(settings.pg_a, autocommit=True) as conn:
         row = conn.execute(f"SELECT n FROM {TABLE} WHERE id = %s", (key,)).fetchone()
         assert row == (0,)

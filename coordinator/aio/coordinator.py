@@ -435,8 +435,9 @@ class AsyncCoordinator:
             self.backlog.doubt(Unfinished.of(tx), afrom_thread(self._broker.settle, tx.broker))
         if outcome in (Outcome.ABORTED, Outcome.HEURISTIC_MIXED):
             for name, branch in tx.branches.items():
-                if branch.left_prepared:
-                    self.backlog.missed_rollback(name, branch.xid)
+                if branch.left_prepared:  # PostgreSQL's may name a session to end first
+                    lost = getattr(branch, "lost_session", None)
+                    self.backlog.missed_rollback(name, branch.xid, lost_session=lost)
         if outcome is Outcome.COMMITTED:
             self.messages["business"] += tx.messages_sent
             self.messages["marker"] += tx.marker_sent

@@ -113,6 +113,8 @@ class AsyncBranchHome(Protocol):
 
     async def rollback_recovered(self, xid: Xid) -> bool: ...
 
+    async def end_lost_session(self, backend_pid: int, xid: Xid) -> None: ...
+
     async def _release(self, conn: psycopg.AsyncConnection[Any]) -> None: ...
 
 
@@ -144,6 +146,10 @@ class AsyncPostgresBranch:
         self.resource = resource
         self.conn = conn
         self._xid = xid
+        self._backend_pid = conn.pgconn.backend_pid  # the server's side, if the session is lost
+        # The backend pid of the session, lost with a PREPARE maybe still to run there,
+        # until its end is seen: the backlog ends it before it retries the rollback.
+        self.lost_session: int | None = None
         gid = gid_of(xid).encode()
         self._prepare_command = b"PREPARE TRANSACTION '" + gid + b"'"
         self._commit_command = b"COMMIT PREPARED '" + gid + b"'"
@@ -797,11 +803,17 @@ class AsyncPostgresBranch:
                 self._finished = True
                 return
         # The session is gone. An active branch died with it; a prepared one lives on
-        # in the server and is rolled back by xid on another connection.
+        # in the server and is rolled back by xid on another connection. The server's
+        # side of the session is ended first: a PREPARE sent behind work that waits for
+        # a lock would run once it is freed, after the rollback found nothing
+        # (docs/design.md §2, "A PREPARE behind work that waits").
         if not self._maybe_prepared:
             self._finished = True
             return
+        self.lost_session = self._backend_pid
         try:
+            await self.resource.end_lost_session(self._backend_pid, self._xid)
+            self.lost_session = None
             await self.resource.rollback_recovered(self._xid)
         except ParticipantError as exc:
             self._warn_rollback(exc)  # left_prepared stays True: the coordinator retries
