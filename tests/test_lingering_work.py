@@ -13,7 +13,9 @@ import subprocess
 import sys
 import threading
 import time
+from collections.abc import Callable
 from pathlib import Path
+from typing import TypeVar
 
 import psycopg
 import pytest
@@ -30,6 +32,7 @@ from scenarios.config import Settings
 from tests.test_vote import gtrid_of_gid, prepared_gids
 
 TABLE = "lingering_work"
+R = TypeVar("R")
 
 #: A coordinator process whose branch on A sends its UPDATE and its PREPARE in one pipeline
 #: (prepare_now) and waits there for the row lock the test holds.
@@ -59,6 +62,14 @@ def _waiting_on_a_lock(dsn: str, application_name: str) -> bool:
             (application_name,),
         ).fetchone()
         return bool(row and row[0])
+
+
+def _resources(make: Callable[..., R], settings: Settings, cid: str) -> list[R]:
+    """A and B, their sessions named by the coordinator's id, as recovery finds them."""
+    return [
+        make(name, dsn, application_name=cid)
+        for name, dsn in (("a", settings.pg_a), ("b", settings.pg_b))
+    ]
 
 
 def _table_with_row(dsn: str, key: str) -> None:
@@ -94,18 +105,12 @@ def _left_prepared_then_cleared(dsn: str, cid: str) -> set[str]:
 def _restart(api: str, cid: str, log: Path, settings: Settings) -> None:
     """Open the coordinator again on its log (its recovery runs), then close it."""
     if api == "sync":
-        resources = [
-            PostgresResource("a", settings.pg_a, application_name=cid),
-            PostgresResource("b", settings.pg_b, application_name=cid),
-        ]
+        resources = _resources(PostgresResource, settings, cid)
         Coordinator(cid, FileDecisionLog(str(log)), resources).close()
         return
 
     async def started() -> None:
-        resources = [
-            AsyncPostgresResource("a", settings.pg_a, application_name=cid),
-            AsyncPostgresResource("b", settings.pg_b, application_name=cid),
-        ]
+        resources = _resources(AsyncPostgresResource, settings, cid)
         coordinator = AsyncCoordinator(cid, FileDecisionLog(str(log)), resources)
         await coordinator.start()
         await coordinator.close()
@@ -164,10 +169,7 @@ def _lose_session_while_waiting(api: str, cid: str, log: Path, settings: Setting
     side. Returns the error the transaction raised."""
     update = f"UPDATE {TABLE} SET n = n + 1 WHERE id = %s"
     if api == "sync":
-        resources = [
-            PostgresResource("a", settings.pg_a, application_name=cid),
-            PostgresResource("b", settings.pg_b, application_name=cid),
-        ]
+        resources = _resources(PostgresResource, settings, cid)
         with Coordinator(cid, FileDecisionLog(str(log)), resources) as coordinator:
             tx = coordinator.begin()
             a = tx.branch("a")
@@ -189,10 +191,7 @@ def _lose_session_while_waiting(api: str, cid: str, log: Path, settings: Setting
             return str(failed.value)
 
     async def lose() -> str:
-        resources = [
-            AsyncPostgresResource("a", settings.pg_a, application_name=cid),
-            AsyncPostgresResource("b", settings.pg_b, application_name=cid),
-        ]
+        resources = _resources(AsyncPostgresResource, settings, cid)
         coordinator = AsyncCoordinator(cid, FileDecisionLog(str(log)), resources)
         await coordinator.start()
         try:
