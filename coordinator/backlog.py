@@ -111,7 +111,7 @@ class Backlog:
         self._report = report
         self._lock = threading.Lock()
         self._deferred: list[Unfinished] = []
-        self._missed_rollbacks: list[tuple[str, Xid, int | None]] = []
+        self._missed_rollbacks: list[tuple[str, Xid, object]] = []
         # each with how to settle the session that carried its commit (LastResource.settle,
         # or DecisionHolder.settle)
         self._in_doubt: list[tuple[Unfinished, Callable[[float], None]]] = []
@@ -124,10 +124,11 @@ class Backlog:
         with self._lock:
             self._deferred.append(tx)
 
-    def missed_rollback(self, name: str, xid: Xid, *, lost_session: int | None = None) -> None:
-        """An aborted branch may still be prepared in ``name``; ``lost_session``: the
-        backend pid of its lost session, whose PREPARE may still run there, to be ended
-        first (docs/design.md §2, "A PREPARE behind work that waits")."""
+    def missed_rollback(self, name: str, xid: Xid, *, lost_session: object = None) -> None:
+        """An aborted branch may still be prepared in ``name``; ``lost_session``: its lost
+        session, whose PREPARE may still run there, for the resource to end first
+        (PostgreSQL's ``end_lost_session``; docs/design.md §2, "A PREPARE behind work
+        that waits")."""
         with self._lock:
             self._missed_rollbacks.append((name, xid, lost_session))
 
@@ -220,14 +221,14 @@ class Backlog:
             done += 1
         return done
 
-    def _end_lost_session(self, name: str, xid: Xid, backend_pid: int) -> bool:
-        """End the lost session ``backend_pid`` of ``xid``'s branch in ``name``, where its
-        resource can (PostgreSQL's); False (logged) if it must wait for the next round."""
+    def _end_lost_session(self, name: str, xid: Xid, session: object) -> bool:
+        """End the lost ``session`` of ``xid``'s branch in ``name``, where its resource
+        can (PostgreSQL's); False (logged) if it must wait for the next round."""
         ending = getattr(self._resources.get(name), "end_lost_session", None)
         if ending is None:
             return True
         try:
-            ending(backend_pid, xid)
+            ending(session, xid)
         except TwoPhaseCommitError as exc:
             events.get_logger(gtrid=xid.gtrid).warning(
                 events.RECOVERY_RESOLVE_FAILED, decision=Decision.ROLLBACK.value, error=str(exc)

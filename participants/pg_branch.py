@@ -52,6 +52,7 @@ from participants.pg_commands import (
     send_command,
     succeeded,
 )
+from participants.pg_session import ServerSession
 from participants.pg_statements import (
     Deferred,
     Key,
@@ -115,7 +116,7 @@ class BranchHome(Protocol):
 
     def rollback_recovered(self, xid: Xid) -> bool: ...
 
-    def end_lost_session(self, backend_pid: int, xid: Xid) -> None: ...
+    def end_lost_session(self, session: ServerSession, xid: Xid) -> None: ...
 
     def _release(self, conn: psycopg.Connection[Any]) -> None: ...
 
@@ -146,10 +147,11 @@ class PostgresBranch:
         self.resource = resource
         self.conn = conn
         self._xid = xid
-        self._backend_pid = conn.pgconn.backend_pid  # the server's side, if the session is lost
-        # The backend pid of the session, lost with a PREPARE maybe still to run there,
-        # until its end is seen: the backlog ends it before it retries the rollback.
-        self.lost_session: int | None = None
+        pgconn = conn.pgconn  # the server's side, ended if the session is lost: as reported
+        self._server_side = (pgconn.backend_pid, pgconn.parameter_status(b"application_name"))
+        # The session, lost with a PREPARE maybe still to run there, until its end is
+        # seen: the backlog ends it before it retries the rollback.
+        self.lost_session: ServerSession | None = None
         gid = gid_of(xid).encode()
         self._prepare_command = b"PREPARE TRANSACTION '" + gid + b"'"
         self._commit_command = b"COMMIT PREPARED '" + gid + b"'"
@@ -804,9 +806,9 @@ class PostgresBranch:
         if not self._maybe_prepared:
             self._finished = True
             return
-        self.lost_session = self._backend_pid
+        self.lost_session = ServerSession.reported(*self._server_side)
         try:
-            self.resource.end_lost_session(self._backend_pid, self._xid)
+            self.resource.end_lost_session(self.lost_session, self._xid)
             self.lost_session = None
             self.resource.rollback_recovered(self._xid)
         except ParticipantError as exc:

@@ -45,6 +45,7 @@ from coordinator.xid import Xid
 from participants import events as ev
 from participants.pg_branch import PostgresBranch
 from participants.pg_commands import describe_dsn, log
+from participants.pg_session import ServerSession
 from participants.pg_statements import Prepared, prepared_on
 
 T = TypeVar("T")
@@ -56,12 +57,12 @@ _END_SESSIONS = (
     " WHERE application_name = %s AND pid <> pg_backend_pid() AND pid <> ALL(%s::int[])"
     " AND (NOT %s OR (backend_type = 'client backend' AND state IS DISTINCT FROM 'idle'))"
 )
-#: Ends the client session of backend pid %s in this database, unless it is the one asking:
-#: (pid, ended), or no row once it is gone.
+#: Ends the client session of backend pid %s named %s in this database, unless it is the one
+#: asking: (pid, ended), or no row once it is gone.
 _END_BACKEND = (
     "SELECT pid, pg_terminate_backend(pid) FROM pg_stat_activity"
-    " WHERE pid = %s AND pid <> pg_backend_pid() AND datname = current_database()"
-    " AND backend_type = 'client backend'"
+    " WHERE pid = %s AND application_name = %s AND pid <> pg_backend_pid()"
+    " AND datname = current_database() AND backend_type = 'client backend'"
 )
 #: How long a branch waits for the server's side of its lost session to end (seconds).
 LOST_SESSION_TIMEOUT = 10.0
@@ -379,9 +380,10 @@ class PostgresResource:
             ),
         )
 
-    def end_lost_session(self, backend_pid: int, xid: Xid) -> None:
+    def end_lost_session(self, session: ServerSession, xid: Xid) -> None:
         """End the server's side of branch ``xid``'s session, which its coordinator lost
-        (``backend_pid``), and wait until ``pg_stat_activity`` no longer shows it.
+        (``session``: its backend pid and name), and wait until ``pg_stat_activity`` no
+        longer shows it.
 
         The server runs what it received whether or not the client is still there: work
         that waits for a row lock runs once the lock is freed, and a PREPARE sent behind
@@ -393,11 +395,11 @@ class PostgresResource:
         """
         self._end_until_gone(
             _END_BACKEND,
-            (backend_pid,),
+            (session.pid, session.application_name),
             time.monotonic() + LOST_SESSION_TIMEOUT,
-            cannot=f"cannot end the lost session (backend pid {backend_pid})",
+            cannot=f"cannot end the lost session (backend pid {session.pid})",
             still=lambda _: (
-                f"the lost session (backend pid {backend_pid}) is still there on PostgreSQL "
+                f"the lost session (backend pid {session.pid}) is still there on PostgreSQL "
                 f"{self._name!r}: its PREPARE may still run; the rollback is tried again"
             ),
             gtrid=xid.gtrid,

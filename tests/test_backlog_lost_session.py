@@ -9,6 +9,7 @@ from coordinator.errors import ParticipantUnavailable
 from coordinator.log.memory import MemoryDecisionLog
 from coordinator.xid import Xid
 from participants.fake import FakeResource
+from participants.pg_session import ServerSession
 
 
 class SessionEndingResource(FakeResource):
@@ -20,8 +21,8 @@ class SessionEndingResource(FakeResource):
         self.failures = failures
         self.calls: list[tuple[str, object]] = []
 
-    def end_lost_session(self, backend_pid: int, xid: Xid) -> None:
-        self.calls.append(("end", backend_pid))
+    def end_lost_session(self, session: ServerSession, xid: Xid) -> None:
+        self.calls.append(("end", session.pid))
         if self.failures:
             self.failures -= 1
             raise ParticipantUnavailable("unreachable", participant=self.name, gtrid=xid.gtrid)
@@ -36,7 +37,7 @@ def test_the_lost_session_is_ended_before_the_rollback_is_retried() -> None:
     rolled back by its xid, and nothing is left for the next round."""
     a = SessionEndingResource("a")
     backlog = Backlog({"a": a}, MemoryDecisionLog(), None)
-    backlog.missed_rollback("a", Xid.branch("g-1", "a"), lost_session=4242)
+    backlog.missed_rollback("a", Xid.branch("g-1", "a"), lost_session=ServerSession(4242, "c1"))
     assert backlog.retry_rollbacks() == 1
     assert a.calls == [("end", 4242), ("rollback", "g-1")]
     assert backlog.retry_rollbacks() == 0
@@ -48,7 +49,7 @@ def test_a_session_that_cannot_be_ended_keeps_the_rollback_for_the_next_round() 
     nothing before the PREPARE runs); the next round ends it, then rolls back."""
     a = SessionEndingResource("a", failures=1)
     backlog = Backlog({"a": a}, MemoryDecisionLog(), None)
-    backlog.missed_rollback("a", Xid.branch("g-2", "a"), lost_session=77)
+    backlog.missed_rollback("a", Xid.branch("g-2", "a"), lost_session=ServerSession(77, "c1"))
     assert backlog.retry_rollbacks() == 0
     assert a.calls == [("end", 77)]
     assert backlog.retry_rollbacks() == 1
@@ -61,6 +62,6 @@ def test_without_a_lost_session_the_rollback_is_retried_at_once() -> None:
     a, plain = SessionEndingResource("a"), FakeResource("b")
     backlog = Backlog({"a": a, "b": plain}, MemoryDecisionLog(), None)
     backlog.missed_rollback("a", Xid.branch("g-3", "a"))
-    backlog.missed_rollback("b", Xid.branch("g-4", "b"), lost_session=5)
+    backlog.missed_rollback("b", Xid.branch("g-4", "b"), lost_session=ServerSession(5, "c1"))
     assert backlog.retry_rollbacks() == 2
     assert a.calls == [("rollback", "g-3")]

@@ -50,6 +50,7 @@ from participants.aio.pg_commands import (
     send_command,
     succeeded,
 )
+from participants.pg_session import ServerSession
 from participants.pg_statements import (
     Deferred,
     Key,
@@ -113,7 +114,7 @@ class AsyncBranchHome(Protocol):
 
     async def rollback_recovered(self, xid: Xid) -> bool: ...
 
-    async def end_lost_session(self, backend_pid: int, xid: Xid) -> None: ...
+    async def end_lost_session(self, session: ServerSession, xid: Xid) -> None: ...
 
     async def _release(self, conn: psycopg.AsyncConnection[Any]) -> None: ...
 
@@ -146,10 +147,11 @@ class AsyncPostgresBranch:
         self.resource = resource
         self.conn = conn
         self._xid = xid
-        self._backend_pid = conn.pgconn.backend_pid  # the server's side, if the session is lost
-        # The backend pid of the session, lost with a PREPARE maybe still to run there,
-        # until its end is seen: the backlog ends it before it retries the rollback.
-        self.lost_session: int | None = None
+        pgconn = conn.pgconn  # the server's side, ended if the session is lost: as reported
+        self._server_side = (pgconn.backend_pid, pgconn.parameter_status(b"application_name"))
+        # The session, lost with a PREPARE maybe still to run there, until its end is
+        # seen: the backlog ends it before it retries the rollback.
+        self.lost_session: ServerSession | None = None
         gid = gid_of(xid).encode()
         self._prepare_command = b"PREPARE TRANSACTION '" + gid + b"'"
         self._commit_command = b"COMMIT PREPARED '" + gid + b"'"
@@ -810,9 +812,9 @@ class AsyncPostgresBranch:
         if not self._maybe_prepared:
             self._finished = True
             return
-        self.lost_session = self._backend_pid
+        self.lost_session = ServerSession.reported(*self._server_side)
         try:
-            await self.resource.end_lost_session(self._backend_pid, self._xid)
+            await self.resource.end_lost_session(self.lost_session, self._xid)
             self.lost_session = None
             await self.resource.rollback_recovered(self._xid)
         except ParticipantError as exc:

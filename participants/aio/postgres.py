@@ -47,6 +47,7 @@ from participants import events as ev
 from participants import postgres as sync_postgres
 from participants.aio.pg_branch import AsyncPostgresBranch
 from participants.aio.pg_commands import describe_dsn, log
+from participants.pg_session import ServerSession
 from participants.pg_statements import Prepared, prepared_on
 
 T = TypeVar("T")
@@ -58,12 +59,12 @@ _END_SESSIONS = (
     " WHERE application_name = %s AND pid <> pg_backend_pid() AND pid <> ALL(%s::int[])"
     " AND (NOT %s OR (backend_type = 'client backend' AND state IS DISTINCT FROM 'idle'))"
 )
-#: Ends the client session of backend pid %s in this database, unless it is the one asking:
-#: (pid, ended), or no row once it is gone.
+#: Ends the client session of backend pid %s named %s in this database, unless it is the one
+#: asking: (pid, ended), or no row once it is gone.
 _END_BACKEND = (
     "SELECT pid, pg_terminate_backend(pid) FROM pg_stat_activity"
-    " WHERE pid = %s AND pid <> pg_backend_pid() AND datname = current_database()"
-    " AND backend_type = 'client backend'"
+    " WHERE pid = %s AND application_name = %s AND pid <> pg_backend_pid()"
+    " AND datname = current_database() AND backend_type = 'client backend'"
 )
 #: How long a branch waits for the server's side of its lost session to end (seconds).
 LOST_SESSION_TIMEOUT = 10.0
@@ -385,9 +386,10 @@ class AsyncPostgresResource:
             ),
         )
 
-    async def end_lost_session(self, backend_pid: int, xid: Xid) -> None:
+    async def end_lost_session(self, session: ServerSession, xid: Xid) -> None:
         """End the server's side of branch ``xid``'s session, which its coordinator lost
-        (``backend_pid``), and wait until ``pg_stat_activity`` no longer shows it.
+        (``session``: its backend pid and name), and wait until ``pg_stat_activity`` no
+        longer shows it.
 
         The server runs what it received whether or not the client is still there: work
         that waits for a row lock runs once the lock is freed, and a PREPARE sent behind
@@ -399,11 +401,11 @@ class AsyncPostgresResource:
         """
         await self._end_until_gone(
             _END_BACKEND,
-            (backend_pid,),
+            (session.pid, session.application_name),
             time.monotonic() + LOST_SESSION_TIMEOUT,
-            cannot=f"cannot end the lost session (backend pid {backend_pid})",
+            cannot=f"cannot end the lost session (backend pid {session.pid})",
             still=lambda _: (
-                f"the lost session (backend pid {backend_pid}) is still there on PostgreSQL "
+                f"the lost session (backend pid {session.pid}) is still there on PostgreSQL "
                 f"{self._name!r}: its PREPARE may still run; the rollback is tried again"
             ),
             gtrid=xid.gtrid,
@@ -588,8 +590,8 @@ class _LoopRecovery:
             )
         )
 
-    def end_lost_session(self, backend_pid: int, xid: Xid) -> None:
-        self._on_loop(self._resource.end_lost_session(backend_pid, xid))
+    def end_lost_session(self, session: ServerSession, xid: Xid) -> None:
+        self._on_loop(self._resource.end_lost_session(session, xid))
 
     def commit_recovered(self, xid: Xid) -> bool:
         return self._on_loop(self._resource.commit_recovered(xid))
