@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import socket
 import threading
 import time
 from collections.abc import Iterator
+from typing import Any
 
 import psycopg
 import pytest
@@ -216,6 +218,41 @@ def test_client_close_reaches_the_server(proxy: FaultProxy, echo: EchoServer) ->
     while proxy.open_connections and time.monotonic() < deadline:
         time.sleep(0.01)
     assert proxy.open_connections == 0
+
+
+def test_a_reset_while_the_proxy_connects_upstream_ends_that_connection_only(
+    proxy: FaultProxy, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A reset that comes while the proxy still connects to its service resets that client,
+    raises nothing on the proxy's loop, and the next connection passes."""
+    assert proxy._loop is not None
+    errors: list[dict[str, object]] = []
+    proxy._loop.call_soon_threadsafe(
+        proxy._loop.set_exception_handler, lambda _loop, context: errors.append(context)
+    )
+    opening = asyncio.open_connection
+
+    async def slow_open(*args: Any, **kwargs: Any) -> Any:
+        await asyncio.sleep(1.0)  # the service is slow to accept: the reset comes first
+        return await opening(*args, **kwargs)
+
+    monkeypatch.setattr(asyncio, "open_connection", slow_open)
+    with connect(proxy) as sock:
+        deadline = time.monotonic() + 5
+        while proxy.open_connections == 0:
+            assert time.monotonic() < deadline, "the proxy never took the connection"
+            time.sleep(0.01)
+        assert proxy.reset() == 1
+        try:
+            ended = sock.recv(10) == b""
+        except ConnectionError:
+            ended = True
+        assert ended
+    monkeypatch.undo()
+    time.sleep(1.2)  # past the slow connect had it not been cancelled
+    assert errors == []
+    with connect(proxy) as sock:
+        assert round_trip(sock) == b"ping"
 
 
 def test_upstream_down_is_a_reset_for_the_client() -> None:

@@ -283,15 +283,15 @@ class FaultProxy:
             if connection.done.is_set():
                 return  # reset while held
             try:
-                up_reader, up_writer = await self._until(
-                    connection, asyncio.open_connection(*self.upstream)
-                )
+                opened = await self._until(connection, asyncio.open_connection(*self.upstream))
             except OSError:
                 _rst(writer)  # the service is down: the client sees a refused connection
                 return
-            if connection.done.is_set():
-                up_writer.transport.abort()
+            if opened is None or connection.done.is_set():  # reset while it connected
+                if opened is not None:
+                    opened[1].transport.abort()
                 return
+            up_reader, up_writer = opened
             connection.upstream = up_writer
             queues: tuple[asyncio.Queue[Any], asyncio.Queue[Any]] = (
                 asyncio.Queue(),
@@ -313,8 +313,8 @@ class FaultProxy:
             self._connections.discard(connection)
 
     @staticmethod
-    async def _until(connection: _Connection, awaitable: Coroutine[Any, Any, T]) -> T:
-        """``awaitable``, unless the connection is reset first (then its result is None)."""
+    async def _until(connection: _Connection, awaitable: Coroutine[Any, Any, T]) -> T | None:
+        """``awaitable``, unless the connection is reset first (then None)."""
         task = asyncio.ensure_future(awaitable)
         ended = asyncio.ensure_future(connection.done.wait())
         await asyncio.wait({task, ended}, return_when=asyncio.FIRST_COMPLETED)
@@ -322,7 +322,7 @@ class FaultProxy:
         if not task.done():
             task.cancel()
             await asyncio.gather(task, return_exceptions=True)
-            return None  # type: ignore[return-value]  # callers check connection.done
+            return None
         return task.result()
 
     async def _read(
