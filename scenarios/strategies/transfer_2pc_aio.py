@@ -37,31 +37,29 @@ from scenarios.transfer.model import (
 
 
 async def transfer_2pc(
-    coordinator: AsyncCoordinator, transfer: Transfer, *, end_a_work: bool = True
+    coordinator: AsyncCoordinator, transfer: Transfer, *, end_a_work: bool = False
 ) -> tuple[Outcome, str]:
-    """One transfer as one global transaction, its work pipelined (docs/design.md §2).
+    """One transfer as one global transaction.
 
-    A's debit is deferred and goes with A's BEGIN in one round trip, and B's work waits
-    for its answer, so that every transfer takes A's locks before B's (work on two
-    databases at once can deadlock). ``end_a_work`` (the default) ends A's work there
-    (``Transaction.end_work``): with other transfers in flight A's PREPARE goes in the
-    same round trip. Without it A's work is flushed and A prepares at phase 1, beside
-    B; the crash torture runs half of its transfers each way. B's credit is deferred
-    and goes with B's BEGIN and PREPARE. Work left waiting for a lock, its PREPARE
-    behind it, is never prepared after the coordinator gave up on it: a lost session
-    is ended before the branch is rolled back, a stop at once ends the process's
-    sessions, and the recovery after a crash ends them before it looks (docs/design.md
-    §2, "A PREPARE behind work that waits").
+    A's debit goes with A's BEGIN in one round trip (``defer`` then ``flush``), and B's
+    credit with B's BEGIN in one more, once A's answer is in: every transfer takes A's
+    locks before B's (work on two databases at once can deadlock). A and B then
+    prepare side by side at phase 1. ``end_a_work`` ends A's work before B's credit
+    (``Transaction.end_work``: with other transfers in flight A is prepared then, one
+    round trip more); the crash torture runs half of its transfers that way. No
+    PREPARE goes in one pipeline with the work: sent behind the work, the torture's
+    connection resets hung a batch (docs/design.md §2, "A PREPARE behind work that
+    waits").
 
     The ``transfer.completed`` event goes to the events' virtual topic inside the
     transaction: it is published if and only if A and B commit.
 
     Each UPDATE must touch its account's one row (``defer(..., rows=1)``): an account
-    missing in A or B rolls the transaction back, and the reason names the account and
-    the database. Insufficient funds in A is a NO vote; once the transaction has
-    aborted, the refusal is published as a ``transfer.refused`` event
-    (:func:`announce_refusal`). Work that outlives the transaction's timeout is rolled
-    back by the coordinator's watchdog (``TransactionTimeout``): aborted.
+    missing in A or B rolls the transaction back during the work, and the reason
+    names the account and the database. Insufficient funds in A is a NO vote; once
+    the transaction has aborted, the refusal is published as a ``transfer.refused``
+    event (:func:`announce_refusal`). Work that outlives the transaction's timeout is
+    rolled back by the coordinator's watchdog (``TransactionTimeout``): aborted.
     """
     gtrid = gtrid_prefix(coordinator.coordinator_id) + transfer.transfer_id
     tx = coordinator.begin(gtrid)
@@ -71,29 +69,23 @@ async def transfer_2pc(
             a = await postgres_branch(tx, "a")
             a.defer(DEBIT_TO, transfer.debit(), rows=1)
             try:
+                await a.flush()
                 if end_a_work:
                     await tx.end_work("a")
-                else:
-                    await a.flush()
-            except (pg_errors.CheckViolation, ParticipantError):
-                if isinstance(a.failure, WrongRowCount):
-                    raise MissingAccount(transfer.source, "a") from None
-                if not isinstance(a.failure, pg_errors.CheckViolation):
-                    raise
+            except pg_errors.CheckViolation:  # raised by the flush: insufficient funds
                 refused = True  # the branch votes NO: B's work is not sent
             else:
                 b = await postgres_branch(tx, "b")
                 b.defer(CREDIT, transfer.credit(), rows=1)
+                await b.flush()
                 await tx.send(EVENT_TOPIC, transfer.body(), transfer.headers(TRANSFER_COMPLETED))
-    except MissingAccount as exc:  # raised in the work: everything was rolled back
-        return Outcome.ABORTED, str(exc)
+    except WrongRowCount as exc:  # raised in the work: everything was rolled back
+        account = transfer.source if exc.participant == "a" else transfer.target
+        return Outcome.ABORTED, str(MissingAccount(account, exc.participant))
     except TransactionAborted as exc:
         stop_on_log_failure(tx.log_failure, transfer, Outcome.ABORTED)
         if refused:
             return Outcome.ABORTED, exc.reason + await announce_refusal(coordinator, transfer)
-        b_failure = getattr(tx.branches.get("b"), "failure", None)
-        if isinstance(b_failure, WrongRowCount):  # B's credit, read with B's vote
-            return Outcome.ABORTED, str(MissingAccount(transfer.target, "b"))
         return Outcome.ABORTED, exc.reason
     except TransactionInDoubt as exc:
         stop_on_log_failure(tx.log_failure, transfer, Outcome.IN_DOUBT)
