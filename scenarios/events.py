@@ -76,5 +76,3 @@ SCHEDULE_FINISHED = "torture.schedule.finished"
 SHUTDOWN_REQUESTED = "shutdown.requested"
 SHUTDOWN_FORCED = "shutdown.forced"  # a second signal: the process ends at once
 SHUTDOWN_PARENT_GONE = "shutdown.parent_gone"  # TWOPC_STOP_WITH_PARENT's process ended
-SHUTDOWN_SESSIONS_ENDED = "shutdown.sessions_ended"  # a stop at once ended its sessions
-SHUTDOWN_SESSIONS_LEFT = "shutdown.sessions_left"  # ... or could not

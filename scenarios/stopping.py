@@ -19,11 +19,7 @@ work starts, the summary prints, and the command exits ``128 + signal``
 (143 for SIGTERM, 130 for SIGINT). The services (relay, consumer, fanout,
 batch) exit 0 instead: being stopped is how they end. A second signal stops
 at once with that status, as the default action would: whatever was in flight
-is left to ``twopc recover``. Before the process ends, the hooks given to
-:func:`on_stop_at_once` run: the coordinators opened from the settings end
-their database sessions there, so that no work the server still runs for this
-process (a PREPARE behind work that waits for a lock) prepares a branch after
-it (docs/design.md §2, "A PREPARE behind work that waits").
+is left to ``twopc recover``.
 
 SIGUSR1 stops nothing: it writes every thread's stack to stderr (Python's
 ``faulthandler``, from the signal itself, so that it answers even while the
@@ -51,7 +47,7 @@ import os
 import signal
 import sys
 import threading
-from collections.abc import Callable, Hashable, Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from types import FrameType
 from typing import NoReturn
@@ -128,15 +124,6 @@ class RunStopped(BaseException):  # like KeyboardInterrupt: past any `except Exc
 
 #: The stop of the command running in this process (set inside stop_on_signals).
 _current: RunStop | None = None
-#: What a stop at once runs before the process ends, by key (on_stop_at_once).
-_at_once: dict[Hashable, Callable[[], None]] = {}
-
-
-def on_stop_at_once(key: Hashable, hook: Callable[[], None]) -> None:
-    """Have a stop at once (a second signal) run ``hook`` before the process ends; once per
-    ``key``, the first hook given for it. A hook bounds its own time; what it raises is
-    logged, and the process ends anyway."""
-    _at_once.setdefault(key, hook)
 
 
 def stop_requested() -> bool:
@@ -236,13 +223,6 @@ def _on_stop_signal(stop: RunStop, signum: int) -> None:
         return
     events.log_contained(ev.SHUTDOWN_FORCED, level="warning", logger=log, signal=name)
     _say(f"{name} again: stopping at once; 'twopc recover' resolves what was in flight")
-    for hook in list(_at_once.values()):
-        try:
-            hook()
-        except Exception as exc:  # the process ends anyway; recovery ends what is left
-            events.log_contained(
-                ev.SHUTDOWN_SESSIONS_LEFT, level="warning", logger=log, error=str(exc)
-            )
     os._exit(signal_status(signum))
 
 

@@ -7,14 +7,13 @@ the overhead benchmark all take theirs from here.
 
 from __future__ import annotations
 
-import time
 from collections.abc import Callable
 from dataclasses import replace
 from functools import partial
 from pathlib import Path
 from typing import Any, TypeVar
 
-from coordinator import events, failpoints
+from coordinator import failpoints
 from coordinator.aio.coordinator import AsyncCoordinator
 from coordinator.coordinator import Coordinator
 from coordinator.errors import ConfigurationError
@@ -30,9 +29,7 @@ from participants.decision_table import PostgresDecisionTable
 from participants.membership import PostgresMembership
 from participants.postgres import PostgresResource
 from participants.stomp_client import StompClient
-from scenarios import events as ev
 from scenarios.config import Settings
-from scenarios.stopping import on_stop_at_once
 
 
 def databases(settings: Settings, *, pool_size: int) -> list[PostgresResource]:
@@ -117,31 +114,6 @@ def _observed(coordinator: AnyCoordinator) -> AnyCoordinator:
     return coordinator
 
 
-#: How long a stop at once may take to end a coordinator's sessions, both databases.
-AT_ONCE_TIMEOUT = 3.0
-
-
-def _end_sessions_at_once(settings: Settings) -> None:
-    """Have a stop at once end the database sessions of the coordinator of ``settings``
-    before the process ends (:func:`~scenarios.stopping.on_stop_at_once`): work it left
-    waiting for a lock, its PREPARE behind it, would be prepared once the lock is freed,
-    after the process is gone (docs/design.md §2, "A PREPARE behind work that waits")."""
-    cid = settings.coordinator_id
-
-    def end_sessions() -> None:
-        deadline = time.monotonic() + AT_ONCE_TIMEOUT
-        for database in databases(settings, pool_size=0):  # own connections: no lock shared
-            try:
-                ended = database.end_sessions_named(cid, deadline)
-            finally:
-                database.close()
-            events.get_logger(component="cli").info(
-                ev.SHUTDOWN_SESSIONS_ENDED, participant=database.name, sessions=ended
-            )
-
-    on_stop_at_once((cid, settings.pg_a, settings.pg_b), end_sessions)
-
-
 def peer_broker(settings: Settings, peer: str) -> ActiveMQ:
     """The broker as dead peer ``peer`` saw it (its client-ids): to fence it and read its
     markers."""
@@ -167,7 +139,6 @@ def open_coordinator(
     """
     settings = settings or Settings.load()
     failpoints.arm_from_env()
-    _end_sessions_at_once(settings)
     resources = databases(settings, pool_size=sessions + 8)
     mq = broker(settings, pool_size=sessions)
     log: DecisionLog | None = None
@@ -229,7 +200,6 @@ def open_async_coordinator(
     """
     settings = settings or Settings.load()
     failpoints.arm_from_env()
-    _end_sessions_at_once(settings)
     # First: a log file locked by another process, or a database that cannot keep the
     # decisions, stops here.
     log, holder, membership = decision_log(settings, databases(settings, pool_size=0))
