@@ -102,6 +102,17 @@ def _left_prepared_then_cleared(dsn: str, cid: str) -> set[str]:
     return left
 
 
+def _row_and_sessions(dsn: str, key: str, cid: str) -> tuple[int, int]:
+    """The row's count (0: untouched) and how many sessions ``cid`` still has."""
+    with psycopg.connect(dsn, autocommit=True) as conn:
+        row = conn.execute(f"SELECT n FROM {TABLE} WHERE id = %s", (key,)).fetchone()
+        sessions = conn.execute(
+            "SELECT count(*) FROM pg_stat_activity WHERE application_name = %s", (cid,)
+        ).fetchone()
+    assert row is not None and sessions is not None
+    return row[0], sessions[0]
+
+
 def _restart(api: str, cid: str, log: Path, settings: Settings) -> None:
     """Open the coordinator again on its log (its recovery runs), then close it."""
     if api == "sync":
@@ -154,13 +165,7 @@ def test_recovery_ends_the_work_a_killed_coordinator_left_waiting(
     time.sleep(0.5)
     left = _left_prepared_then_cleared(settings.pg_a, cid)
     assert gtrid and not left
-    with psycopg.connect(settings.pg_a, autocommit=True) as conn:
-        row = conn.execute(f"SELECT n FROM {TABLE} WHERE id = %s", (key,)).fetchone()
-        assert row == (0,)
-        leftover = conn.execute(
-            "SELECT count(*) FROM pg_stat_activity WHERE application_name = %s", (cid,)
-        ).fetchone()
-        assert leftover == (0,)
+    assert _row_and_sessions(settings.pg_a, key, cid) == (0, 0)
 
 
 def _lose_session_while_waiting(api: str, cid: str, log: Path, settings: Settings, key: str) -> str:
@@ -235,10 +240,4 @@ def test_a_live_coordinator_ends_the_lost_session_its_prepare_waits_in(
     time.sleep(0.5)
     assert not _left_prepared_then_cleared(settings.pg_a, cid)
     assert "participant 'a'" in error and "PREPARE TRANSACTION failed" in error
-    with psycopg.connect(settings.pg_a, autocommit=True) as conn:
-        row = conn.execute(f"SELECT n FROM {TABLE} WHERE id = %s", (key,)).fetchone()
-        assert row == (0,)
-        leftover = conn.execute(
-            "SELECT count(*) FROM pg_stat_activity WHERE application_name = %s", (cid,)
-        ).fetchone()
-        assert leftover == (0,)
+    assert _row_and_sessions(settings.pg_a, key, cid) == (0, 0)

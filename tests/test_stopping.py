@@ -213,27 +213,3 @@ def test_a_parent_that_is_not_a_pid_is_refused(monkeypatch: pytest.MonkeyPatch) 
     finally:
         stopping._parent_to_follow.cache_clear()
     assert signal.getsignal(signal.SIGTERM) is before  # refused before any handler changed
-
-
-def test_a_stop_at_once_runs_each_hook_once_then_ends_the_process(
-    monkeypatch: pytest.MonkeyPatch,
-) -> None:
-    """The second signal runs the at-once hooks (the first given per key; one that raises
-    does not keep the next from running), then ends the process with 128 + the signal."""
-    ran: list[str] = []
-    exits: list[int] = []
-    monkeypatch.setattr(stopping, "_at_once", {})
-    monkeypatch.setattr(stopping.os, "_exit", exits.append)
-
-    def failing() -> None:
-        ran.append("failing")
-        raise RuntimeError("the database is down")
-
-    stopping.on_stop_at_once("one", failing)
-    stopping.on_stop_at_once("one", lambda: ran.append("not this one: 'one' is taken"))
-    stopping.on_stop_at_once("two", lambda: ran.append("two"))
-    stop = RunStop()
-    stopping._on_stop_signal(stop, signal.SIGTERM)
-    assert (ran, exits) == ([], [])  # the first signal stops the run, nothing more
-    stopping._on_stop_signal(stop, signal.SIGTERM)
-    assert (ran, exits) == (["failing", "two"], [143])
