@@ -196,6 +196,9 @@ def _prepare_all(
             broker.send_ahead()
         votes = cfg.run_each([partial(_prepare_one, b, cfg) for b in writers])
     refusals = [v for v in votes if isinstance(v, BaseException)]
+    if tx.timed_out:  # the watchdog cancelled phase 1 (work deferred to it waited)
+        cause = f" (phase 1 failed: {refusals[0]})" if refusals else ""
+        raise _Abort("the transaction exceeded its timeout during phase 1" + cause)
     if refusals:
         raise _Abort(f"phase 1 failed: {refusals[0]}")
     if time.monotonic() > tx.deadline:

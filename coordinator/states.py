@@ -81,6 +81,13 @@ TRANSITIONS: dict[TxState, dict[TxEvent, TxState]] = {
 
 TERMINAL: frozenset[TxState] = frozenset(s for s, nxt in TRANSITIONS.items() if not nxt)
 
+#: Before the commit point: the work, and phase 1 (where deferred work goes out with the
+#: PREPARE and may wait for a lock). A failure there aborts, and the timeout watchdog
+#: cancels the statements of a transaction there past its deadline: it never reaches its
+#: commit point (the driver checks the deadline after phase 1), so what a cancel
+#: interrupts is only rolled back.
+BEFORE_COMMIT_POINT: frozenset[TxState] = frozenset({TxState.ACTIVE, TxState.PREPARING})
+
 
 def next_state(current: TxState, event: TxEvent, *, gtrid: str = "?") -> TxState:
     """Where ``event`` takes a transaction in state ``current``; InvalidTransition if

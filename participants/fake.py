@@ -6,6 +6,8 @@ armed per step with :meth:`FakeResource.fail` / :meth:`FakeBroker.fail`:
 
 * ``"error"``  the call raises ParticipantError (ParticipantUnavailable)
 * ``"no"``     prepare votes NO (PrepareFailed)
+* ``"wait"``   prepare waits, as work sent with the PREPARE waits for a lock, until
+  the branch's ``cancel`` (the timeout watchdog), then votes NO
 * ``"crash"``  the call raises CrashInjected before doing anything
 * ``"crash-after"``  the call takes effect, then CrashInjected
 * broker commit only: ``"refuse"`` (ERROR: CommitRefused, nothing committed),
@@ -82,6 +84,10 @@ class FakeStore:
     # database: one-phase commits sent, not processed while their session lives (gtrid -> ops)
     unanswered_commits: dict[str, list[str]] = field(default_factory=dict)
     lock: threading.Lock = field(default_factory=threading.Lock)
+
+
+#: How long a prepare armed with ``wait`` waits to be cancelled before it fails the test.
+CANCEL_WAIT = 10.0
 
 
 class _Faults:
@@ -177,6 +183,7 @@ class FakeBranch:
         self.failure: BaseException | None = None
         self.left_prepared = False
         self.state = "active"
+        self._cancelled = threading.Event()
 
     @property
     def name(self) -> str:
@@ -207,6 +214,15 @@ class FakeBranch:
 
     def prepare(self) -> Vote:
         action = self._fault("prepare")
+        if action == "wait":  # work sent with the PREPARE waits for a lock until cancelled
+            if not self._cancelled.wait(CANCEL_WAIT):
+                raise AssertionError(f"fake {self.name}: prepare waited, nothing cancelled it")
+            self.state = "rolled back"
+            raise PrepareFailed(
+                "canceling statement due to user request",
+                participant=self.name,
+                gtrid=self._xid.gtrid,
+            )
         if action == "no" or self.failure is not None:
             self.state = "rolled back"
             raise PrepareFailed("voted NO", participant=self.name, gtrid=self._xid.gtrid)
@@ -262,7 +278,8 @@ class FakeBranch:
         self.left_prepared = False
 
     def cancel(self) -> None:
-        """Nothing runs inside a fake branch: nothing to cancel."""
+        """End a ``wait`` armed at prepare (the only step of a fake that runs until cancelled)."""
+        self._cancelled.set()
 
     def release(self) -> None:
         pass

@@ -261,6 +261,20 @@ def test_timeout_before_commit_point_aborts(world: World) -> None:
     assert world.a.prepared == {} and world.a.committed == {}
 
 
+def test_the_watchdog_cancels_a_phase_1_that_outlives_the_timeout(world: World) -> None:
+    """A PREPARE that waits (work sent with it, behind a lock) past the deadline is cancelled
+    by the watchdog: the transaction aborts naming the timeout, and nothing is prepared."""
+    coord = world.coordinator(timeout=0.3)
+    world.ra.fail("prepare", "wait")
+    with pytest.raises(TransactionAborted) as info, coord.transaction() as tx:
+        transfer()(tx)
+    assert "exceeded its timeout during phase 1" in info.value.reason
+    assert "canceling statement" in info.value.reason
+    assert tx.timed_out and world.a.prepared == {} and world.b.prepared == {}
+    assert tx.gtrid not in world.a.committed and tx.gtrid not in world.b.committed
+    coord.close()
+
+
 def test_exception_in_work_rolls_back_and_propagates(world: World) -> None:
     """An error raised by the caller's work rolls everything back and is re-raised."""
     coord = world.coordinator()

@@ -1,7 +1,8 @@
 """Work left waiting in the server, its PREPARE behind it in one pipeline, blocked on a row
 lock, is never prepared behind the coordinator's back: a dead process's is ended by the
 restarted coordinator's recovery before it looks, and a live coordinator that lost the
-session ends it before it rolls the branch back by its gid. Sync and asyncio."""
+session ends it before it rolls the branch back by its gid. A live session's wait is
+bounded by the transaction's timeout, at phase 1 too. Sync and asyncio."""
 
 from __future__ import annotations
 
@@ -23,7 +24,7 @@ from psycopg import sql
 
 from coordinator import Coordinator, FileDecisionLog
 from coordinator.aio import AsyncCoordinator
-from coordinator.errors import PrepareFailed
+from coordinator.errors import PrepareFailed, TransactionAborted
 from participants.aio.pg_branch import AsyncPostgresBranch
 from participants.aio.postgres import AsyncPostgresResource
 from participants.pg_branch import PostgresBranch
@@ -241,3 +242,71 @@ def test_a_live_coordinator_ends_the_lost_session_its_prepare_waits_in(
     assert not _left_prepared_then_cleared(settings.pg_a, cid)
     assert "participant 'a'" in error and "PREPARE TRANSACTION failed" in error
     assert _row_and_sessions(settings.pg_a, key, cid) == (0, 0)
+
+
+def _commit_behind_the_lock(api: str, cid: str, log: Path, settings: Settings, key: str) -> str:
+    """A coordinator with a 1 s timeout defers A's UPDATE of the locked row (it goes with A's
+    PREPARE at phase 1) and updates B's. Returns the reason the transaction aborted with."""
+    update = f"UPDATE {TABLE} SET n = n + 1 WHERE id = %s"
+    if api == "sync":
+        resources = _resources(PostgresResource, settings, cid)
+        with Coordinator(cid, FileDecisionLog(str(log)), resources, timeout=1.0) as coordinator:
+            with pytest.raises(TransactionAborted) as aborted, coordinator.transaction() as tx:
+                a = tx.branch("a")
+                assert isinstance(a, PostgresBranch)
+                a.defer(update, (key,))
+                tx.execute("b", update, (key,))
+            return aborted.value.reason
+
+    async def commit() -> str:
+        resources = _resources(AsyncPostgresResource, settings, cid)
+        coordinator = AsyncCoordinator(cid, FileDecisionLog(str(log)), resources, timeout=1.0)
+        await coordinator.start()
+        try:
+            with pytest.raises(TransactionAborted) as aborted:
+                async with coordinator.begin() as tx:
+                    a = await tx.branch("a")
+                    assert isinstance(a, AsyncPostgresBranch)
+                    a.defer(update, (key,))
+                    await tx.execute("b", update, (key,))
+            return aborted.value.reason
+        finally:
+            await coordinator.close()
+
+    return asyncio.run(commit())
+
+
+@pytest.mark.lab
+@pytest.mark.parametrize("api", ["sync", "asyncio"])
+def test_the_timeout_cancels_deferred_work_that_waits_at_phase_1(
+    settings: Settings, tmp_path: Path, api: str
+) -> None:
+    """Deferred work that goes with its PREPARE at phase 1 and waits there for a row lock is
+    cancelled by the transaction's timeout while the lock is still held: the transaction
+    aborts naming the timeout, and neither database keeps anything (before, it waited for
+    as long as the lock was held)."""
+    cid = f"late-{secrets.token_hex(3)}"
+    key = cid
+    for dsn in (settings.pg_a, settings.pg_b):
+        _table_with_row(dsn, key)
+    outcome: dict[str, str] = {}
+    with psycopg.connect(settings.pg_a) as holder:
+        holder.execute(f"SELECT 1 FROM {TABLE} WHERE id = %s FOR UPDATE", (key,))
+        log = tmp_path / "decisions.log"
+        worker = threading.Thread(
+            target=lambda: outcome.update(
+                reason=_commit_behind_the_lock(api, cid, log, settings, key)
+            )
+        )
+        worker.start()
+        worker.join(30)
+        ended_while_locked = not worker.is_alive()
+    # The holder's transaction ended (rolled back): the row's lock is free.
+    worker.join(30)
+    assert ended_while_locked, "the transaction waited for the lock past its timeout"
+    assert "exceeded its timeout during phase 1" in outcome["reason"]
+    assert "participant 'a'" in outcome["reason"]
+    assert not _left_prepared_then_cleared(settings.pg_a, cid)
+    assert not _left_prepared_then_cleared(settings.pg_b, cid)
+    assert _row_and_sessions(settings.pg_a, key, cid) == (0, 0)
+    assert _row_and_sessions(settings.pg_b, key, cid) == (0, 0)

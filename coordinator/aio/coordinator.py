@@ -69,7 +69,7 @@ from coordinator.protocol import (
     Membership,
 )
 from coordinator.recovery import Recovery, RecoveryReport
-from coordinator.states import TERMINAL, Outcome, TxState
+from coordinator.states import BEFORE_COMMIT_POINT, TERMINAL, Outcome, TxState
 from coordinator.xid import gtrid_prefix, new_gtrid, validate_coordinator_id, validate_id
 
 
@@ -417,7 +417,7 @@ class AsyncCoordinator:
         except CrashInjected:
             raise  # a simulated death: no clean-up, exactly like a real one
         except Exception as exc:
-            if tx.state in (TxState.ACTIVE, TxState.PREPARING):
+            if tx.state in BEFORE_COMMIT_POINT:
                 outcome = await driver.abort(tx, self.config, f"{type(exc).__name__}: {exc}")
             elif tx.state is TxState.COMMITTING:
                 tx.doubt_because(f"{type(exc).__name__} at the commit point: {exc}")
@@ -512,13 +512,14 @@ class AsyncCoordinator:
                 await ato_thread(self._contained, self.backlog.work)
 
     async def _time_out_late(self) -> None:
-        """Mark the transactions past their deadline timed out and cancel their work."""
+        """Mark the transactions past their deadline timed out and cancel their work, or
+        their phase 1: work deferred to the PREPARE can wait there for a lock."""
         now = time.monotonic()
         with self._lock:
             late = [
                 tx
                 for tx in self._active.values()
-                if tx.state is TxState.ACTIVE and now > tx.deadline and not tx.timed_out
+                if tx.state in BEFORE_COMMIT_POINT and now > tx.deadline and not tx.timed_out
             ]
         for tx in late:
             branches = tx.time_out()  # marked before it is logged (docs/design.md §2)
