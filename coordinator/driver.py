@@ -205,6 +205,13 @@ def _prepare_all(
         raise _Abort("the transaction exceeded its timeout during phase 1")
 
 
+def _step_to_commit_point(tx: Transaction) -> None:
+    """The transaction is at its commit point from here, unless the watchdog timed it out
+    first (its deadline passed after the last check): then it aborts."""
+    if not tx.reach_commit_point():
+        raise _Abort("the transaction exceeded its timeout before its commit point")
+
+
 def _check_liveness(tx: Transaction, cfg: DriverConfig) -> None:
     """A coordinator that lost its liveness lock may be being fenced: it must not decide."""
     if not cfg.may_decide():
@@ -229,7 +236,7 @@ def _reach_commit_point(
 ) -> None:
     """The decision becomes durable: the broker's marker commit, the commit of the
     branch carrying the decision row, or a forced log record."""
-    tx.handle(TxEvent.REACH_COMMIT_POINT)
+    _step_to_commit_point(tx)
     prepared = [b.name for b in writers]
     if broker is not None:
         if tx.debug:
@@ -380,7 +387,7 @@ def _commit_one_phase(
     broker: LastResourceSession | None,
 ) -> Outcome:
     """Zero or one writer: no phase 1, no log; the writer's own commit decides."""
-    tx.handle(TxEvent.REACH_COMMIT_POINT)
+    _step_to_commit_point(tx)
     try:
         with tx.timed("commit_point"):
             if broker is not None:

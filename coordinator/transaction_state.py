@@ -18,7 +18,14 @@ from typing import Any, Generic, TypeVar
 
 from coordinator import events, tracing
 from coordinator.errors import DecisionLogError, TransactionTimeout
-from coordinator.states import Outcome, TxEvent, TxState, next_state, require
+from coordinator.states import (
+    BEFORE_COMMIT_POINT,
+    Outcome,
+    TxEvent,
+    TxState,
+    next_state,
+    require,
+)
 
 BranchT = TypeVar("BranchT")
 SessionT = TypeVar("SessionT")
@@ -26,8 +33,9 @@ SessionT = TypeVar("SessionT")
 #: The branches of a transaction that has none yet: shared, read-only; the first one
 #: added makes the transaction a dict of its own.
 _NONE_YET: Mapping[str, Any] = MappingProxyType({})
-#: Guards every transaction's branches against the watchdog: held for a dict insert
-#: or copy, never across I/O, so one for the process rather than one per transaction.
+#: Guards every transaction's branches, and its step to the commit point, against the
+#: watchdog: held for a dict insert or copy or a state's check, never across I/O, so one
+#: for the process rather than one per transaction.
 _BRANCHES_LOCK = threading.Lock()
 
 
@@ -141,10 +149,24 @@ class TransactionState(Generic[BranchT, SessionT]):
         tracing.end_transaction(self.span, outcome.value, self.reason)
 
     def time_out(self) -> list[BranchT]:
-        """Mark the transaction as timed out; return the branches whose work to cancel."""
-        self.timed_out = True
+        """Mark the transaction as timed out; return the branches whose work to cancel.
+        Nothing, and no mark, once it has stepped to its commit point: from there it
+        decides, and a cancel would only hit its phase 2."""
         with _BRANCHES_LOCK:
+            if self.state not in BEFORE_COMMIT_POINT:
+                return []
+            self.timed_out = True
             return list(self._branches.values())
+
+    def reach_commit_point(self) -> bool:
+        """Step to the commit point (REACH_COMMIT_POINT), unless the watchdog timed the
+        transaction out first: then False, and it must abort. One or the other, never
+        both (:meth:`time_out`)."""
+        with _BRANCHES_LOCK:
+            if self.timed_out:
+                return False
+            self.handle(TxEvent.REACH_COMMIT_POINT)
+            return True
 
     def timed(self, phase: str) -> AbstractContextManager[None]:
         """Add the time spent in the block to ``timings[phase]`` (and trace it as a span)."""

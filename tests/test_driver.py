@@ -21,7 +21,7 @@ from coordinator.errors import (
     UnknownParticipant,
 )
 from coordinator.log.memory import MemoryDecisionLog
-from coordinator.states import Outcome
+from coordinator.states import Outcome, TxEvent, TxState
 from coordinator.xid import Xid
 from participants.fake import FakeBroker, FakeResource, FakeStore
 from scenarios.log_setup import configure as configure_logging
@@ -272,6 +272,23 @@ def test_the_watchdog_cancels_a_phase_1_that_outlives_the_timeout(world: World) 
     assert "canceling statement" in info.value.reason
     assert tx.timed_out and world.a.prepared == {} and world.b.prepared == {}
     assert tx.gtrid not in world.a.committed and tx.gtrid not in world.b.committed
+    coord.close()
+
+
+def test_a_timed_out_transaction_and_its_commit_point_exclude_each_other(world: World) -> None:
+    """Marked timed out in phase 1, a transaction never steps to its commit point; once
+    there, the watchdog's mark is refused and it cancels nothing."""
+    coord = world.coordinator()
+    late, on_time = coord.begin(), coord.begin()
+    for tx in (late, on_time):
+        tx.execute("a", "debit")
+        tx.handle(TxEvent.PREPARE)
+    assert [b.name for b in late.time_out()] == ["a"] and late.timed_out
+    assert not late.reach_commit_point() and late.state is TxState.PREPARING
+    assert on_time.reach_commit_point() and on_time.state is TxState.COMMITTING
+    assert on_time.time_out() == [] and not on_time.timed_out
+    for tx in (late, on_time):
+        tx.branches["a"].rollback()
     coord.close()
 
 

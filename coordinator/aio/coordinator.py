@@ -523,6 +523,8 @@ class AsyncCoordinator:
             ]
         for tx in late:
             branches = tx.time_out()  # marked before it is logged (docs/design.md §2)
+            if not tx.timed_out:
+                continue  # it stepped to its commit point meanwhile: it decides
             events.log_contained(
                 events.TIMEOUT, level="warning", logger=tx.log, seconds=round(now - tx.started, 3)
             )
