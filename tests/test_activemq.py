@@ -756,12 +756,49 @@ def commit_on_a_lost_connection(mq: Any, gtrid: str, destination: str, ahead: bo
     return raised.value
 
 
+def settle_while_the_slot_is_lent(mq: Any, destination: str) -> str:
+    """Leave a COMMIT in doubt (its RECEIPT lost), let another transaction borrow the pool's
+    only slot (connecting it again), and settle the first while that one holds the slot.
+    Returns the in-doubt gtrid."""
+    gtrid = unique("t.")
+    session = mq.begin(gtrid)
+    session.send(destination, "maybe")
+    session._client._answered = lambda waiter, error: None
+    with pytest.raises(OutcomeUnknown):
+        session.commit_with_marker(gtrid, timeout=0.5)
+    session.release()
+    borrower = mq.begin(unique("t."))
+    try:
+        mq.settle(getattr(session, "_target", session), 5.0)
+    finally:
+        borrower.release()
+    return gtrid
+
+
 @pytest.fixture(params=["sync", "asyncio"])
 def broker(request: pytest.FixtureRequest, stomp_addr: str) -> Iterator[Broker]:
     """The broker resource of the sync and of the asyncio API, in turn."""
     resource = Broker(request.param, stomp_addr)
     yield resource
     resource.close()
+
+
+@pytest.mark.parametrize("api", ["sync", "asyncio"])
+def test_a_settle_does_not_wait_for_a_slot_connected_again_since(
+    stomp_addr: str, queue_name: str, api: str
+) -> None:
+    """An in-doubt COMMIT is settled while the next transaction holds its slot, which that
+    transaction connected again (proof that the broker is done with the old connection):
+    before, the settle waited for the slot and failed at its timeout, while that holder
+    could itself be waiting for the in-doubt transaction's row locks."""
+    resource = Broker(api, stomp_addr, pool_size=1)
+    try:
+        mq = resource.sync if api == "sync" else Blocking(resource._runner, resource._aio)
+        gtrid = settle_while_the_slot_is_lent(mq, queue_name)
+        assert gtrid in mq.markers()
+    finally:
+        resource.close()
+    assert [m.body for m in browse(stomp_addr, queue_name)] == ["maybe"]
 
 
 def test_a_header_name_with_a_colon_round_trips(

@@ -218,6 +218,7 @@ class AsyncActiveMQ:
         errors_before = carrier._errors_before  # what the carrier's connection sent since
         for member in members:
             member.session.committed_by = carrier._slot
+            member.session.committed_on = client
         try:
             if not carrier._begun:
                 await client.begin(txid, gtrid=txid)
@@ -430,10 +431,17 @@ class AsyncActiveMQ:
         The session was dropped when its COMMIT got no answer; the broker keeps
         the dead connection's client-id until it has processed every frame that
         connection sent. Connecting with that client-id again proves it has.
+
+        A slot already connected again since (the transaction that borrowed it next
+        connected it) has proved it: settled at once, the slot left to its borrower.
+        Waiting for that slot would wait for a transaction that may itself wait for
+        the in-doubt transaction's row locks (docs/design.md §5).
         """
         if not isinstance(session, AsyncActiveMQSession):
             raise InvalidTransition(f"{session!r} is not a session of this broker")
         slot = session.committed_by
+        if slot.client is not None and slot.client is not session.committed_on:
+            return  # a CONNECT with the client-id was accepted after the COMMIT went out
         deadline = time.monotonic() + timeout
         await self._pool.take(slot, deadline, session.gtrid)  # lent to nobody else meanwhile
         try:

@@ -98,6 +98,7 @@ class AsyncActiveMQSession:
         self._healthy = True
         self._errors_before = client.error_count
         self.committed_by: Slot = slot  # the slot whose COMMIT decided this session
+        self.committed_on = client  # ... and the connection that carried that COMMIT
         self._log = resource._log.bind(gtrid=gtrid, slot=slot.index)
         self._debug = events.enabled(self._log)  # per-step events only when DEBUG passes
 
