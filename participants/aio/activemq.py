@@ -435,7 +435,8 @@ class AsyncActiveMQ:
         A slot already connected again since (the transaction that borrowed it next
         connected it) has proved it: settled at once, the slot left to its borrower.
         Waiting for that slot would wait for a transaction that may itself wait for
-        the in-doubt transaction's row locks (docs/design.md §5).
+        the in-doubt transaction's row locks (docs/design.md §4, "The broker: client-id
+        takeover").
         """
         if not isinstance(session, AsyncActiveMQSession):
             raise InvalidTransition(f"{session!r} is not a session of this broker")
