@@ -263,11 +263,18 @@ def test_timeout_before_commit_point_aborts(world: World) -> None:
 
 def test_the_watchdog_cancels_a_phase_1_that_outlives_the_timeout(world: World) -> None:
     """A PREPARE that waits (work sent with it, behind a lock) past the deadline is cancelled
-    by the watchdog: the transaction aborts naming the timeout, and nothing is prepared."""
+    by the watchdog, which says so (tpc.timeout during phase 1): the transaction aborts
+    naming the timeout, and nothing is prepared."""
     coord = world.coordinator(timeout=0.3)
     world.ra.fail("prepare", "wait")
-    with pytest.raises(TransactionAborted) as info, coord.transaction() as tx:
+    with (
+        structlog.testing.capture_logs() as logs,
+        pytest.raises(TransactionAborted) as info,
+        coord.transaction() as tx,
+    ):
         transfer()(tx)
+    timeouts = [e for e in logs if e["event"] == events.TIMEOUT]
+    assert [(e["gtrid"], e["during"]) for e in timeouts] == [(tx.gtrid, "preparing")]
     assert "exceeded its timeout during phase 1" in info.value.reason
     assert "canceling statement" in info.value.reason
     assert tx.timed_out and world.a.prepared == {} and world.b.prepared == {}

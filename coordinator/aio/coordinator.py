@@ -526,7 +526,11 @@ class AsyncCoordinator:
             if not tx.timed_out:
                 continue  # it stepped to its commit point meanwhile: it decides
             events.log_contained(
-                events.TIMEOUT, level="warning", logger=tx.log, seconds=round(now - tx.started, 3)
+                events.TIMEOUT,
+                level="warning",
+                logger=tx.log,
+                seconds=round(now - tx.started, 3),
+                during=tx.state.value,  # "active" (the work) or "preparing" (phase 1)
             )
             for branch in branches:
                 await self._contained_step(branch.cancel)
