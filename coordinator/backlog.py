@@ -116,6 +116,7 @@ class Backlog:
         # or DecisionHolder.settle)
         self._in_doubt: list[tuple[Unfinished, Callable[[float], None]]] = []
         self._ended_with_marker: set[str] = set()  # a set: holds() runs at every begin
+        self._sweep_asked = False  # ended() asked for the sweep of the batch in hand
 
     # -- filled by the coordinator ---------------------------------------------------
 
@@ -139,10 +140,14 @@ class Backlog:
             self._in_doubt.append((tx, settle))
 
     def ended(self, gtrid: str) -> bool:
-        """``gtrid`` ended and its marker may go; True when a batch is due."""
+        """``gtrid`` ended and its marker may go; True when a batch is due: once per
+        batch, so that the transactions ending before the sweep takes it do not ask
+        for sweeps of their own (each one a flush of the log and a broker round)."""
         with self._lock:
             self._ended_with_marker.add(gtrid)
-            return len(self._ended_with_marker) >= self.marker_batch
+            due = len(self._ended_with_marker) >= self.marker_batch and not self._sweep_asked
+            self._sweep_asked = self._sweep_asked or due
+            return due
 
     def holds(self, gtrid: str) -> bool:
         """True while ``gtrid`` may still have a marker on the queue (not reusable yet)."""
@@ -293,6 +298,7 @@ class Backlog:
             return 0
         with self._lock:
             batch, self._ended_with_marker = self._ended_with_marker, set()
+            self._sweep_asked = False
         if not batch:
             return 0
         try:
