@@ -149,6 +149,12 @@ class Backlog:
             self._sweep_asked = self._sweep_asked or due
             return due
 
+    def _ended_here(self, gtrid: str) -> None:
+        """``gtrid``, resolved by the backlog, ended: its marker goes with the batch, swept
+        when the coordinator's next ended() finds it due (the backlog asks for no sweep)."""
+        with self._lock:
+            self._ended_with_marker.add(gtrid)
+
     def holds(self, gtrid: str) -> bool:
         """True while ``gtrid`` may still have a marker on the queue (not reusable yet)."""
         with self._lock:
@@ -205,7 +211,7 @@ class Backlog:
                 self.defer(tx)
                 continue
             if tx.marker_sent:
-                self.ended(tx.gtrid)
+                self._ended_here(tx.gtrid)
             self._resolved(item, was=Outcome.COMMITTED)
             done += 1
         return done
@@ -287,7 +293,7 @@ class Backlog:
                 self.doubt(tx, settle)
                 continue
             if item.decision is Decision.COMMIT and not row:
-                self.ended(tx.gtrid)
+                self._ended_here(tx.gtrid)
             self._resolved(item, was=Outcome.IN_DOUBT)
             resolved += 1
         return resolved

@@ -1,17 +1,18 @@
 """The backlog asks for one marker sweep per batch of ended transactions, on the fakes:
-not one per transaction that ends before the sweep takes the batch, and again after a
-sweep that failed."""
+not one per transaction that ends before the sweep takes the batch, again after a sweep
+that failed, and at the coordinator's next end when the backlog's own resolution made
+the batch due."""
 
 from __future__ import annotations
 
 from collections.abc import Collection
 from pathlib import Path
 
-from coordinator.backlog import Backlog
+from coordinator.backlog import Backlog, Unfinished
 from coordinator.errors import ParticipantUnavailable
 from coordinator.log.file import FileDecisionLog
 from coordinator.log.memory import MemoryDecisionLog
-from participants.fake import FakeBroker
+from participants.fake import FakeBroker, FakeResource
 
 
 class FlakyBroker(FakeBroker):
@@ -57,3 +58,14 @@ def test_a_failed_sweep_is_asked_for_again() -> None:
     assert backlog.ended("g-4") is True
     backlog.sweep_markers()
     assert not backlog.holds("g-1") and not backlog.holds("g-4")
+
+
+def test_a_batch_made_due_by_the_backlog_is_asked_for_at_the_next_end() -> None:
+    """A deferred phase 2 the backlog finishes fills the batch; it asks for no sweep of
+    its own (nobody would run it), so the coordinator's next end asks for it."""
+    backlog = Backlog({"a": FakeResource("a")}, MemoryDecisionLog(), FakeBroker(), marker_batch=2)
+    assert backlog.ended("g-1") is False
+    backlog.defer(Unfinished("g-2", ("a",), marker_sent=True, decision_carrier=None))
+    assert backlog.retry_deferred() == 1
+    assert backlog.holds("g-2")
+    assert backlog.ended("g-3") is True
