@@ -325,6 +325,7 @@ class FakeBroker(_FakeServer):
             return set(self.store.markers)
 
     def remove_markers(self, gtrids: Collection[str]) -> int:
+        _raise_for(self.faults.take("remove_markers"), "remove_markers", self._name, "")
         with self.store.lock:
             present = self.store.markers & set(gtrids)
             self.store.markers -= present

@@ -5,28 +5,12 @@ the batch due."""
 
 from __future__ import annotations
 
-from collections.abc import Collection
 from pathlib import Path
 
 from coordinator.backlog import Backlog, Unfinished
-from coordinator.errors import ParticipantUnavailable
 from coordinator.log.file import FileDecisionLog
 from coordinator.log.memory import MemoryDecisionLog
 from participants.fake import FakeBroker, FakeResource
-
-
-class FlakyBroker(FakeBroker):
-    """A fake broker whose marker removal fails the first ``failures`` times."""
-
-    def __init__(self, failures: int = 0) -> None:
-        super().__init__()
-        self.failures = failures
-
-    def remove_markers(self, gtrids: Collection[str]) -> int:
-        if self.failures:
-            self.failures -= 1
-            raise ParticipantUnavailable("unreachable", participant=self.name)
-        return super().remove_markers(gtrids)
 
 
 def test_one_sweep_is_asked_for_per_batch(tmp_path: Path) -> None:
@@ -51,7 +35,9 @@ def test_one_sweep_is_asked_for_per_batch(tmp_path: Path) -> None:
 
 def test_a_failed_sweep_is_asked_for_again() -> None:
     """A sweep whose marker removal failed keeps its batch, and the next end asks again."""
-    backlog = Backlog({}, MemoryDecisionLog(), FlakyBroker(failures=1), marker_batch=3)
+    broker = FakeBroker()
+    broker.fail("remove_markers", "error")
+    backlog = Backlog({}, MemoryDecisionLog(), broker, marker_batch=3)
     assert [backlog.ended(g) for g in ("g-1", "g-2", "g-3")] == [False, False, True]
     assert backlog.sweep_markers() == 0
     assert backlog.holds("g-1")
